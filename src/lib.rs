@@ -1,0 +1,1 @@
+//! llmproxy: an LLM inference load balancer that runs inside the proxy.

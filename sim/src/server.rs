@@ -1,0 +1,660 @@
+//! The simulated fleet: N OpenAI-compatible servers in one process, each with its own engine
+//! task that sleeps for every step's duration (wall-clock time, so latency is measurable from
+//! outside).
+
+use crate::engine::{Engine, EngineConfig, Usage};
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, Notify};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Number of model servers.
+    #[arg(long, default_value_t = 4)]
+    pub servers: usize,
+    /// Port of the first server; server i listens on base-port + i.
+    #[arg(long, default_value_t = 18000)]
+    pub base_port: u16,
+    /// Address to bind (keep it on loopback).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Model id served (requests for any model are accepted and echoed).
+    #[arg(long, default_value = "sim-llama-3-8b")]
+    pub model: String,
+    /// Output tokens when a request gives no max_tokens / max_completion_tokens.
+    #[arg(long, default_value_t = 128)]
+    pub default_max_tokens: usize,
+    /// KV cache capacity per server, in 16-token blocks.
+    #[arg(long, default_value_t = EngineConfig::default().num_gpu_blocks)]
+    pub num_gpu_blocks: usize,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = EngineConfig::default().block_size)]
+    pub block_size: usize,
+    /// Token budget of one step (chunked prefill).
+    #[arg(long, default_value_t = EngineConfig::default().max_num_batched_tokens)]
+    pub max_num_batched_tokens: usize,
+    /// Maximum running requests per server.
+    #[arg(long, default_value_t = EngineConfig::default().max_num_seqs)]
+    pub max_num_seqs: usize,
+    /// Maximum prompt + output tokens.
+    #[arg(long, default_value_t = EngineConfig::default().max_model_len)]
+    pub max_model_len: usize,
+    /// Step time constant part a, milliseconds.
+    #[arg(long, default_value_t = EngineConfig::default().step_base_s * 1e3)]
+    pub step_base_ms: f64,
+    /// Step time per computed prefill token b, microseconds.
+    #[arg(long, default_value_t = EngineConfig::default().prefill_token_s * 1e6)]
+    pub prefill_us_per_token: f64,
+    /// Step time per decoding request c, microseconds.
+    #[arg(long, default_value_t = EngineConfig::default().decode_seq_s * 1e6)]
+    pub decode_us_per_seq: f64,
+}
+
+impl ServeArgs {
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            block_size: self.block_size.max(1),
+            num_gpu_blocks: self.num_gpu_blocks.max(2),
+            max_num_batched_tokens: self.max_num_batched_tokens.max(1),
+            max_num_seqs: self.max_num_seqs.max(1),
+            max_model_len: self.max_model_len.max(2),
+            step_base_s: self.step_base_ms / 1e3,
+            prefill_token_s: self.prefill_us_per_token / 1e6,
+            decode_seq_s: self.decode_us_per_seq / 1e6,
+        }
+    }
+}
+
+enum Ev {
+    Token {
+        text: String,
+        finished: bool,
+        usage: Usage,
+    },
+}
+
+struct Inner {
+    engine: Engine,
+    subs: HashMap<u64, mpsc::UnboundedSender<Ev>>,
+    since: Instant,
+}
+
+pub struct Server {
+    pub name: String,
+    pub port: u16,
+    model: String,
+    default_max_tokens: usize,
+    inner: Mutex<Inner>,
+    notify: Notify,
+}
+
+impl Server {
+    pub fn new(name: String, port: u16, model: String, default_max_tokens: usize, cfg: EngineConfig) -> Self {
+        Server {
+            name,
+            port,
+            model,
+            default_max_tokens,
+            inner: Mutex::new(Inner {
+                engine: Engine::new(cfg),
+                subs: HashMap::new(),
+                since: Instant::now(),
+            }),
+            notify: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock would be a bug; keep serving rather than cascade.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn submit(&self, prompt: String, max_tokens: usize) -> Result<(u64, mpsc::UnboundedReceiver<Ev>), String> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = {
+            let mut g = self.lock();
+            let id = g.engine.submit(prompt, max_tokens).map_err(|e| e.to_string())?;
+            g.subs.insert(id, tx);
+            id
+        };
+        self.notify.notify_one();
+        Ok((id, rx))
+    }
+
+    /// The engine loop: plan a step, let its time pass, deliver its tokens.
+    pub async fn run_engine(self: Arc<Self>) {
+        let mut prev_end = Instant::now();
+        loop {
+            let step = {
+                let mut g = self.lock();
+                // Requests whose client went away stop consuming the engine.
+                let gone: Vec<u64> = g.subs.iter().filter(|(_, tx)| tx.is_closed()).map(|(id, _)| *id).collect();
+                for id in gone {
+                    g.subs.remove(&id);
+                    g.engine.abort(id);
+                }
+                g.engine.schedule()
+            };
+            let Some(step) = step else {
+                self.notify.notified().await;
+                continue;
+            };
+            // Back-to-back steps are timed from the previous deadline so that timer
+            // granularity does not accumulate.
+            let now = Instant::now();
+            let start = if now.saturating_duration_since(prev_end) < Duration::from_millis(2) { prev_end } else { now };
+            let end = start + Duration::from_secs_f64(step.duration_s);
+            tokio::time::sleep_until(end.into()).await;
+            prev_end = end;
+            let mut g = self.lock();
+            let ems = g.engine.complete(step);
+            let mut dead = Vec::new();
+            for em in ems {
+                if let Some(tx) = g.subs.get(&em.id) {
+                    let sent = tx.send(Ev::Token { text: em.text, finished: em.finished, usage: em.usage });
+                    if sent.is_err() && !em.finished {
+                        dead.push(em.id);
+                    }
+                }
+                if em.finished {
+                    g.subs.remove(&em.id);
+                }
+            }
+            for id in dead {
+                g.subs.remove(&id);
+                g.engine.abort(id);
+            }
+        }
+    }
+
+    pub fn stats(&self) -> Value {
+        let g = self.lock();
+        let c = g.engine.counters;
+        let elapsed = g.since.elapsed().as_secs_f64();
+        json!({
+            "name": self.name,
+            "port": self.port,
+            "requests": c.requests,
+            "finished": c.finished,
+            "aborted": c.aborted,
+            "rejected": c.rejected,
+            "preemptions": c.preemptions,
+            "prompt_tokens": c.prompt_tokens,
+            "cached_tokens": c.cached_tokens,
+            "hit_rate": ratio(c.cached_tokens as f64, c.prompt_tokens as f64),
+            "computed_prefill_tokens": c.computed_prefill_tokens,
+            "generation_tokens": c.generation_tokens,
+            "steps": c.steps,
+            "busy_s": c.busy_s,
+            "elapsed_s": elapsed,
+            "utilization": ratio(c.busy_s, elapsed),
+            "running": g.engine.num_running(),
+            "waiting": g.engine.num_waiting(),
+            "kv_usage": g.engine.kv_usage(),
+            "cached_blocks": g.engine.kv().cached_unused(),
+            "num_gpu_blocks": g.engine.config().num_gpu_blocks,
+            "evictions_total": g.engine.kv().evictions(),
+        })
+    }
+
+    fn reset(&self) {
+        let mut g = self.lock();
+        g.engine.reset();
+        g.since = Instant::now();
+    }
+
+    fn metrics(&self) -> String {
+        let g = self.lock();
+        let c = g.engine.counters;
+        let cfg = g.engine.config();
+        let m = &self.model;
+        let mut s = String::with_capacity(2048);
+        let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{model_name=\"{m}\",engine=\"0\"}} {value}");
+        };
+        metric("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", g.engine.num_running() as f64);
+        metric("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", g.engine.num_waiting() as f64);
+        metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", g.engine.kv_usage());
+        metric("vllm:gpu_cache_usage_perc", "gauge", "GPU KV-cache usage (legacy name). 1 means 100 percent usage.", g.engine.kv_usage());
+        metric("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in tokens.", c.prefix_queries as f64);
+        metric("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in tokens.", c.prefix_hits as f64);
+        metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", c.prompt_tokens as f64);
+        metric("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", c.generation_tokens as f64);
+        metric("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions.", c.preemptions as f64);
+        let _ = writeln!(
+            s,
+            "# HELP vllm:request_success_total Count of successfully processed requests.\n# TYPE vllm:request_success_total counter\nvllm:request_success_total{{model_name=\"{m}\",engine=\"0\",finished_reason=\"length\"}} {}",
+            c.finished
+        );
+        let _ = writeln!(
+            s,
+            "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{{block_size=\"{}\",cache_dtype=\"auto\",enable_prefix_caching=\"True\",engine=\"0\",gpu_memory_utilization=\"0.9\",num_cpu_blocks=\"0\",num_gpu_blocks=\"{}\"}} 1.0",
+            cfg.block_size, cfg.num_gpu_blocks
+        );
+        s
+    }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    server: Arc<Server>,
+    fleet: Arc<Vec<Arc<Server>>>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn error_response(status: StatusCode, message: &str) -> Response {
+    let kind = match status.as_u16() {
+        400 => "BadRequestError",
+        404 => "NotFoundError",
+        _ => "InternalServerError",
+    };
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": kind, "param": null, "code": status.as_u16()}})),
+    )
+        .into_response()
+}
+
+/// The chat template of the simulated model (ChatML-like). Multi-turn conversations render to
+/// strings that extend the previous turn's rendering, as real templates do.
+pub fn render_chat(messages: &[Value]) -> String {
+    let mut out = String::new();
+    for m in messages {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+        out.push_str("<|im_start|>");
+        out.push_str(role);
+        out.push('\n');
+        match m.get("content") {
+            Some(Value::String(s)) => out.push_str(s),
+            Some(Value::Array(parts)) => {
+                for p in parts {
+                    match p.get("text").and_then(Value::as_str) {
+                        Some(t) => out.push_str(t),
+                        None => out.push_str("<|media|>"),
+                    }
+                }
+            }
+            _ => {}
+        }
+        out.push_str("<|im_end|>\n");
+    }
+    out.push_str("<|im_start|>assistant\n");
+    out
+}
+
+fn completion_prompt(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(items) if !items.is_empty() => {
+            let mut out = String::new();
+            for it in items {
+                match it {
+                    Value::String(s) => out.push_str(s),
+                    // Token ids: one token each, rendered as CHARS_PER_TOKEN characters.
+                    Value::Number(n) => {
+                        let _ = write!(out, "{:04}", n.as_u64().unwrap_or(0) % 10_000);
+                    }
+                    _ => return None,
+                }
+            }
+            Some(out)
+        }
+        _ => None,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    Chat,
+    Completions,
+}
+
+async fn chat_completions(State(st): State<AppState>, body: Bytes) -> Response {
+    generate(st, body, Api::Chat).await
+}
+
+async fn completions(State(st): State<AppState>, body: Bytes) -> Response {
+    generate(st, body, Api::Completions).await
+}
+
+async fn generate(st: AppState, body: Bytes, api: Api) -> Response {
+    let req: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => return error_response(StatusCode::BAD_REQUEST, "request body must be a JSON object"),
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")),
+    };
+    let prompt = match api {
+        Api::Chat => match req.get("messages").and_then(Value::as_array) {
+            Some(msgs) if !msgs.is_empty() => render_chat(msgs),
+            _ => return error_response(StatusCode::BAD_REQUEST, "'messages' must be a non-empty array"),
+        },
+        Api::Completions => match req.get("prompt").and_then(completion_prompt) {
+            Some(p) => p,
+            None => return error_response(StatusCode::BAD_REQUEST, "'prompt' must be a string, an array of strings or token ids"),
+        },
+    };
+    let srv = &st.server;
+    let max_tokens = req
+        .get("max_completion_tokens")
+        .and_then(Value::as_u64)
+        .or_else(|| req.get("max_tokens").and_then(Value::as_u64))
+        .map(|n| n as usize)
+        .unwrap_or(srv.default_max_tokens);
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = req
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let model = req.get("model").and_then(Value::as_str).unwrap_or(&srv.model).to_string();
+    let (id, rx) = match srv.submit(prompt, max_tokens) {
+        Ok(x) => x,
+        Err(msg) => return error_response(StatusCode::BAD_REQUEST, &msg),
+    };
+    let (prefix, object, chunk_object) = match api {
+        Api::Chat => ("chatcmpl", "chat.completion", "chat.completion.chunk"),
+        Api::Completions => ("cmpl", "text_completion", "text_completion"),
+    };
+    let rid = format!("{prefix}-{}-{id}", srv.port);
+    let created = unix_now();
+    if stream {
+        let fmt = ChunkFmt { api, rid, created, model, object: chunk_object };
+        sse_response(rx, fmt, include_usage)
+    } else {
+        collect_response(rx, api, rid, created, model, object).await
+    }
+}
+
+struct ChunkFmt {
+    api: Api,
+    rid: String,
+    created: u64,
+    model: String,
+    object: &'static str,
+}
+
+impl ChunkFmt {
+    fn token(&self, text: &str, first: bool, finished: bool) -> String {
+        let finish = if finished { json!("length") } else { Value::Null };
+        let choice = match self.api {
+            Api::Chat => {
+                let delta = if first { json!({"role": "assistant", "content": text}) } else { json!({"content": text}) };
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+            Api::Completions => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}),
+        };
+        json!({"id": self.rid, "object": self.object, "created": self.created, "model": self.model, "choices": [choice]}).to_string()
+    }
+
+    fn usage(&self, u: &Usage) -> String {
+        json!({"id": self.rid, "object": self.object, "created": self.created, "model": self.model, "choices": [], "usage": usage_json(u)}).to_string()
+    }
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    })
+}
+
+struct SseState {
+    rx: mpsc::UnboundedReceiver<Ev>,
+    fmt: ChunkFmt,
+    include_usage: bool,
+    pending: VecDeque<String>,
+    first: bool,
+    done: bool,
+}
+
+fn sse_response(rx: mpsc::UnboundedReceiver<Ev>, fmt: ChunkFmt, include_usage: bool) -> Response {
+    let st = SseState { rx, fmt, include_usage, pending: VecDeque::new(), first: true, done: false };
+    let stream = futures_util::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(data) = st.pending.pop_front() {
+                return Some((Ok::<_, Infallible>(Event::default().data(data)), st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.rx.recv().await {
+                Some(Ev::Token { text, finished, usage }) => {
+                    st.pending.push_back(st.fmt.token(&text, st.first, finished));
+                    st.first = false;
+                    if finished {
+                        if st.include_usage {
+                            st.pending.push_back(st.fmt.usage(&usage));
+                        }
+                        st.pending.push_back("[DONE]".to_string());
+                        st.done = true;
+                    }
+                }
+                // The engine never drops a live subscriber; end the stream if it did.
+                None => st.done = true,
+            }
+        }
+    });
+    Sse::new(stream).into_response()
+}
+
+async fn collect_response(
+    mut rx: mpsc::UnboundedReceiver<Ev>,
+    api: Api,
+    rid: String,
+    created: u64,
+    model: String,
+    object: &str,
+) -> Response {
+    let mut text = String::new();
+    let mut usage = Usage::default();
+    let mut complete = false;
+    while let Some(Ev::Token { text: t, finished, usage: u }) = rx.recv().await {
+        text.push_str(&t);
+        usage = u;
+        if finished {
+            complete = true;
+            break;
+        }
+    }
+    if !complete {
+        return error_response(StatusCode::INTERNAL_SERVER_ERROR, "request aborted");
+    }
+    let choice = match api {
+        Api::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "length"}),
+        Api::Completions => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": "length"}),
+    };
+    Json(json!({"id": rid, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage_json(&usage)}))
+        .into_response()
+}
+
+async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn models(State(st): State<AppState>) -> Json<Value> {
+    let s = &st.server;
+    let max_len = s.lock().engine.config().max_model_len;
+    Json(json!({"object": "list", "data": [{"id": s.model, "object": "model", "created": unix_now(), "owned_by": "llmproxy-sim", "root": s.model, "parent": null, "max_model_len": max_len}]}))
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        st.server.metrics(),
+    )
+        .into_response()
+}
+
+async fn get_load(State(st): State<AppState>) -> Json<Value> {
+    let g = st.server.lock();
+    let (r, w) = (g.engine.num_running(), g.engine.num_waiting());
+    Json(json!([{"dp_rank": 0, "num_reqs": r + w, "num_waiting_reqs": w, "num_tokens": g.engine.tokens_in_flight()}]))
+}
+
+async fn sim_stats(State(st): State<AppState>) -> Json<Value> {
+    let servers: Vec<Value> = st.fleet.iter().map(|s| s.stats()).collect();
+    let sum = |k: &str| servers.iter().map(|s| s[k].as_f64().unwrap_or(0.0)).sum::<f64>();
+    let (p, c) = (sum("prompt_tokens"), sum("cached_tokens"));
+    let n = servers.len().max(1) as f64;
+    Json(json!({
+        "servers": servers,
+        "totals": {
+            "requests": sum("requests"),
+            "finished": sum("finished"),
+            "prompt_tokens": p,
+            "cached_tokens": c,
+            "hit_rate": ratio(c, p),
+            "generation_tokens": sum("generation_tokens"),
+            "utilization": sum("utilization") / n,
+            "running": sum("running"),
+            "waiting": sum("waiting"),
+        }
+    }))
+}
+
+async fn sim_reset(State(st): State<AppState>) -> Json<Value> {
+    for s in st.fleet.iter() {
+        s.reset();
+    }
+    Json(json!({"reset": st.fleet.len()}))
+}
+
+async fn flush_cache(State(st): State<AppState>) -> StatusCode {
+    st.server.lock().engine.flush_cache();
+    StatusCode::OK
+}
+
+async fn not_found(req: Request) -> Response {
+    error_response(StatusCode::NOT_FOUND, &format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+async fn served_by(State(name): State<HeaderValue>, mut resp: Response) -> Response {
+    resp.headers_mut().insert("x-served-by", name);
+    resp
+}
+
+fn app(server: Arc<Server>, fleet: Arc<Vec<Arc<Server>>>) -> Router {
+    let name = HeaderValue::from_str(&server.name).unwrap_or_else(|_| HeaderValue::from_static("sim"));
+    let st = AppState { server, fleet };
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
+        .route("/get_load", get(get_load))
+        .route("/sim/stats", get(sim_stats))
+        .route("/sim/reset", post(sim_reset))
+        .route("/flush_cache", post(flush_cache))
+        .route("/reset_prefix_cache", post(flush_cache))
+        // Everything else (/get_model_info, /get_server_info, */render, /tokenize, ...) is a
+        // fast 404, which both peer routers treat as "not supported".
+        .fallback(not_found)
+        .with_state(st)
+        .layer(axum::middleware::map_response_with_state(name, served_by))
+}
+
+/// Bind every server, start their engines, and serve until the process is stopped.
+pub async fn serve(args: ServeArgs) -> Result<(), String> {
+    if args.servers == 0 {
+        return Err("--servers must be at least 1".into());
+    }
+    let cfg = args.engine_config();
+    let mut listeners = Vec::new();
+    let mut fleet = Vec::new();
+    for i in 0..args.servers {
+        let port = args
+            .base_port
+            .checked_add(i as u16)
+            .ok_or_else(|| format!("port overflow: {} + {i}", args.base_port))?;
+        let addr = format!("{}:{port}", args.host);
+        let l = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|e| format!("cannot bind {addr}: {e}"))?;
+        let port = l.local_addr().map(|a| a.port()).unwrap_or(port);
+        listeners.push(l);
+        fleet.push(Arc::new(Server::new(
+            format!("{}:{port}", args.host),
+            port,
+            args.model.clone(),
+            args.default_max_tokens,
+            cfg.clone(),
+        )));
+    }
+    let fleet = Arc::new(fleet);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (l, s) in listeners.into_iter().zip(fleet.iter()) {
+        tokio::spawn(s.clone().run_engine());
+        let router = app(s.clone(), fleet.clone());
+        tasks.spawn(async move {
+            let l = l.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(l, router).await
+        });
+    }
+    println!(
+        "llmproxy-sim: {} servers on {}:{}-{} (model {}, {} blocks x {} tokens, step {}ms + {}us/prefill token + {}us/decoding request)",
+        args.servers,
+        args.host,
+        fleet[0].port,
+        fleet[fleet.len() - 1].port,
+        args.model,
+        cfg.num_gpu_blocks,
+        cfg.block_size,
+        args.step_base_ms,
+        args.prefill_us_per_token,
+        args.decode_us_per_seq
+    );
+    tokio::select! {
+        r = tasks.join_next() => match r {
+            Some(Ok(Err(e))) => Err(format!("server stopped: {e}")),
+            _ => Err("server stopped".into()),
+        },
+        _ = shutdown_signal() => Ok(()),
+    }
+}
+
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

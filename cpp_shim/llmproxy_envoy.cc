@@ -1,0 +1,705 @@
+// llmproxy Envoy shim: an HTTP filter for Envoy's dynamic-module ABI (Envoy >= 1.40) on top of
+// the llmproxy C ABI (include/llmproxy.h).
+//
+// Request path (inference requests only, as decided by llmproxy_router_should_intercept):
+//   request_headers  strip client-supplied routing headers, raise the buffer limit, hold the stream
+//   request_body     hold until end of stream; full body = Buffered + Received (see the 1.40 notes)
+//   pick             llmproxy_pick_async; PENDING resumes through the Envoy scheduler
+//   success          cluster header + clear_route_cache, set_upstream_override_host(ip:port, strict),
+//                    x-llmproxy-endpoint / x-llmproxy-scene headers, dynamic metadata "llmproxy"
+//   error            local reply with the library's HTTP status and JSON error body
+// Response path: first response body chunk -> llmproxy_request_first_token;
+//                stream_complete -> llmproxy_request_finish(response code, 0 when none).
+//
+// No C++ exception leaves a hook: every hook body runs inside guard().
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "envoy_dynamic_module_abi.h"
+#include "llmproxy.h"
+#include "llmproxy_envoy_internal.h"
+
+// Hook symbol names: plain for the dynamic module, "<prefix>envoy_dynamic_module_on_..." for the
+// static variant linked into a custom Envoy binary (compile with -DLLMPROXY_ENVOY_HOOK_PREFIX=llmproxy_).
+#define LLMPROXY_CAT2(a, b) a##b
+#define LLMPROXY_CAT(a, b) LLMPROXY_CAT2(a, b)
+#ifdef LLMPROXY_ENVOY_HOOK_PREFIX
+#define HOOK(name) LLMPROXY_CAT(LLMPROXY_ENVOY_HOOK_PREFIX, name)
+#else
+#define HOOK(name) name
+#endif
+#define LLMPROXY_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+using envoy_buf = envoy_dynamic_module_type_envoy_buffer;
+using module_buf = envoy_dynamic_module_type_module_buffer;
+using module_header = envoy_dynamic_module_type_module_http_header;
+
+constexpr uint64_t kResumeEvent = 1;
+// Status reported to llmproxy_request_finish when the request was never forwarded upstream
+// (client gone while we were still deciding): not an endpoint failure.
+constexpr uint32_t kNotForwardedStatus = 499;
+
+module_buf mb(const char *p, size_t n) { return module_buf{p, n}; }
+module_buf mb(const std::string &s) { return module_buf{s.data(), s.size()}; }
+
+void log_msg(int level, const std::string &msg) {
+  if (!envoy_dynamic_module_callback_log_enabled(level)) return;
+  std::string line = "llmproxy: " + msg;
+  envoy_dynamic_module_callback_log(level, mb(line));
+}
+
+std::string lower(std::string s) {
+  for (char &c : s)
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  return s;
+}
+
+bool starts_with(const std::string &s, const char *prefix) {
+  size_t n = std::strlen(prefix);
+  return s.size() >= n && s.compare(0, n, prefix) == 0;
+}
+
+// JSON string escaping for the few messages the shim writes itself.
+std::string json_escape(const std::string &s) {
+  std::string out;
+  out.reserve(s.size() + 8);
+  for (unsigned char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          out += buf;
+        } else {
+          out += static_cast<char>(c);
+        }
+    }
+  }
+  return out;
+}
+
+// OpenAI-style error body, the same shape as the library's llmproxy_request_error_body.
+std::string error_json(const char *type, const char *code, const std::string &message) {
+  return "{\"error\":{\"message\":\"" + json_escape(message) + "\",\"type\":\"" + type +
+         "\",\"param\":null,\"code\":\"" + code + "\"}}";
+}
+
+uint32_t status_to_http(llmproxy_status st) {
+  switch (st) {
+    case LLMPROXY_OK: return 200;
+    case LLMPROXY_BAD_REQUEST:
+    case LLMPROXY_INVALID_ARGUMENT: return 400;
+    case LLMPROXY_MODEL_NOT_FOUND: return 404;
+    case LLMPROXY_PAYLOAD_TOO_LARGE: return 413;
+    case LLMPROXY_NO_ENDPOINT: return 503;
+    default: return 500;
+  }
+}
+
+std::string req_str(const char *(*fn)(const llmproxy_request *, size_t *), const llmproxy_request *req) {
+  size_t len = 0;
+  const char *p = fn(req, &len);
+  return p ? std::string(p, len) : std::string();
+}
+
+struct FilterConfig {
+  llmproxy_router *router = nullptr;
+  uint64_t max_body = 0;
+  bool strict = true;
+  std::string cluster_header;  // lower case
+  std::string metrics_path = LLMPROXY_ENVOY_DEFAULT_METRICS_PATH;
+
+  // Shim counters, appended to the router's Prometheus text.
+  std::atomic<uint64_t> intercepted{0};
+  std::atomic<uint64_t> passthrough{0};
+  std::atomic<uint64_t> routed{0};
+  std::atomic<uint64_t> local_replies{0};
+  std::atomic<uint64_t> pending{0};
+  std::atomic<uint64_t> stripped_headers{0};
+  std::atomic<uint64_t> hook_exceptions{0};
+
+  ~FilterConfig() { llmproxy_router_free(router); }
+};
+
+// Shared between a filter (worker thread) and the library's pick callback (another thread).
+struct AsyncState {
+  std::mutex mu;
+  void *scheduler = nullptr;          // owned by the callback side once pick_async returned PENDING
+  llmproxy_request *result = nullptr; // delivered decision, not yet taken
+  bool delivered = false;
+  bool abandoned = false;             // the stream ended before the decision was applied
+};
+
+enum class Phase { Idle, Passthrough, Collecting, Pending, Routed, Replied };
+
+struct Filter {
+  FilterConfig *cfg;
+  Phase phase = Phase::Idle;
+  llmproxy_request *req = nullptr;
+  bool forwarded = false;  // decision applied and the request continued upstream
+  bool first_token = false;
+  uint32_t reply_status = 0;  // status of our own local reply, if any
+  std::shared_ptr<AsyncState> async;
+
+  explicit Filter(FilterConfig *c) : cfg(c) {}
+};
+
+FilterConfig *as_config(const void *p) { return const_cast<FilterConfig *>(static_cast<const FilterConfig *>(p)); }
+Filter *as_filter(const void *p) { return const_cast<Filter *>(static_cast<const Filter *>(p)); }
+
+template <typename T, typename F>
+T guard(const char *hook, FilterConfig *cfg, T fallback, F &&body) noexcept {
+  try {
+    return body();
+  } catch (const std::exception &e) {
+    if (cfg) cfg->hook_exceptions.fetch_add(1, std::memory_order_relaxed);
+    try {
+      log_msg(ENVOY_LOG_ERROR, std::string(hook) + ": exception: " + e.what());
+    } catch (...) {
+    }
+  } catch (...) {
+    if (cfg) cfg->hook_exceptions.fetch_add(1, std::memory_order_relaxed);
+    try {
+      log_msg(ENVOY_LOG_ERROR, std::string(hook) + ": unknown exception");
+    } catch (...) {
+    }
+  }
+  return fallback;
+}
+
+bool get_request_header(void *f, const char *name, std::string &out) {
+  envoy_buf result{nullptr, 0};
+  size_t count = 0;
+  if (!envoy_dynamic_module_callback_http_get_header(f, ENVOY_HEADER_REQUEST, mb(name, std::strlen(name)), &result, 0,
+                                                     &count) ||
+      result.ptr == nullptr) {
+    return false;
+  }
+  out.assign(result.ptr, result.length);
+  return true;
+}
+
+std::vector<envoy_dynamic_module_type_envoy_http_header> request_headers(void *f) {
+  std::vector<envoy_dynamic_module_type_envoy_http_header> headers(
+      envoy_dynamic_module_callback_http_get_headers_size(f, ENVOY_HEADER_REQUEST));
+  if (!headers.empty() && !envoy_dynamic_module_callback_http_get_headers(f, ENVOY_HEADER_REQUEST, headers.data())) {
+    headers.clear();
+  }
+  return headers;
+}
+
+bool is_routing_header(const FilterConfig &cfg, const std::string &lname) {
+  return starts_with(lname, "x-llmproxy-") || lname == "x-gateway-destination-endpoint" || lname == cfg.cluster_header;
+}
+
+// Removes every client-supplied routing header. Returns the number removed.
+size_t strip_routing_headers(void *f, FilterConfig &cfg) {
+  std::vector<std::string> doomed;
+  for (const auto &h : request_headers(f)) {
+    std::string lname = lower(std::string(h.key_ptr ? h.key_ptr : "", h.key_ptr ? h.key_length : 0));
+    if (is_routing_header(cfg, lname)) doomed.push_back(std::move(lname));
+  }
+  for (const auto &name : doomed) {
+    envoy_dynamic_module_callback_http_set_header(f, ENVOY_HEADER_REQUEST, mb(name), mb("", 0));
+  }
+  if (!doomed.empty()) cfg.stripped_headers.fetch_add(doomed.size(), std::memory_order_relaxed);
+  return doomed.size();
+}
+
+void append_chunks(void *f, int body_type, std::string &out) {
+  size_t n = envoy_dynamic_module_callback_http_get_body_chunks_size(f, body_type);
+  if (n == 0) return;
+  std::vector<envoy_buf> chunks(n);
+  if (!envoy_dynamic_module_callback_http_get_body_chunks(f, body_type, chunks.data())) return;
+  for (const auto &c : chunks)
+    if (c.ptr && c.length) out.append(c.ptr, c.length);
+}
+
+void send_local_reply(void *f, Filter &flt, uint32_t status, const std::string &body, const char *content_type,
+                      const char *details) {
+  module_header hdr{"content-type", std::strlen("content-type"), content_type, std::strlen(content_type)};
+  flt.phase = Phase::Replied;
+  flt.reply_status = status;
+  flt.cfg->local_replies.fetch_add(1, std::memory_order_relaxed);
+  envoy_dynamic_module_callback_http_send_response(f, status, &hdr, 1, mb(body), mb(details, std::strlen(details)));
+}
+
+void send_error(void *f, Filter &flt, uint32_t status, const std::string &body) {
+  send_local_reply(f, flt, status, body, "application/json", "llmproxy_error");
+}
+
+std::string metrics_text(FilterConfig &cfg) {
+  std::string text;
+  char *out = nullptr;
+  size_t len = 0;
+  if (llmproxy_router_metrics(cfg.router, &out, &len) == LLMPROXY_OK && out) {
+    text.assign(out, len);
+  }
+  llmproxy_string_free(out);
+  if (!text.empty() && text.back() != '\n') text += '\n';
+  auto line = [&text](const char *name, const char *type, const char *help, uint64_t v) {
+    text += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n" + name + " " +
+            std::to_string(v) + "\n";
+  };
+  line("llmproxy_envoy_in_flight", "gauge", "Requests picked and not yet finished (llmproxy_router_in_flight).",
+       llmproxy_router_in_flight(cfg.router));
+  line("llmproxy_envoy_intercepted_total", "counter", "Inference requests held for a pick.", cfg.intercepted.load());
+  line("llmproxy_envoy_passthrough_total", "counter", "Requests passed through untouched.", cfg.passthrough.load());
+  line("llmproxy_envoy_routed_total", "counter", "Requests forwarded to a picked endpoint.", cfg.routed.load());
+  line("llmproxy_envoy_local_replies_total", "counter", "Local replies sent by the shim.", cfg.local_replies.load());
+  line("llmproxy_envoy_pending_total", "counter", "Picks resumed through the Envoy scheduler.", cfg.pending.load());
+  line("llmproxy_envoy_stripped_headers_total", "counter", "Client-supplied routing headers removed.",
+       cfg.stripped_headers.load());
+  line("llmproxy_envoy_hook_exceptions_total", "counter", "C++ exceptions caught at a hook.",
+       cfg.hook_exceptions.load());
+  return text;
+}
+
+// Applies a pick result on the worker thread. Returns true when the request may continue upstream.
+bool apply_decision(void *f, Filter &flt, llmproxy_request *req) {
+  flt.req = req;
+  llmproxy_status st = llmproxy_request_status(req);
+  uint32_t http = llmproxy_request_http_status(req);
+  if (st != LLMPROXY_OK || http != 200) {
+    if (http < 400 || http > 599) http = status_to_http(st == LLMPROXY_OK ? LLMPROXY_INTERNAL : st);
+    std::string body = req_str(llmproxy_request_error_body, req);
+    if (body.empty()) body = error_json("server_error", "internal_error", "request could not be routed");
+    send_error(f, flt, http, body);
+    return false;
+  }
+  std::string endpoint = req_str(llmproxy_request_endpoint, req);
+  std::string cluster = req_str(llmproxy_request_cluster, req);
+  if (!cluster.empty()) {
+    envoy_dynamic_module_callback_http_set_header(f, ENVOY_HEADER_REQUEST, mb(flt.cfg->cluster_header), mb(cluster));
+    envoy_dynamic_module_callback_http_clear_route_cache(f);
+  }
+  if (endpoint.empty() ||
+      !envoy_dynamic_module_callback_http_set_upstream_override_host(f, mb(endpoint), flt.cfg->strict)) {
+    log_msg(ENVOY_LOG_ERROR, "endpoint \"" + endpoint + "\" is not a literal ip:port; refusing the request");
+    send_error(f, flt, 503, error_json("service_unavailable_error", "no_endpoint", "picked endpoint is not usable by Envoy: " + endpoint));
+    return false;
+  }
+  std::string scene = req_str(llmproxy_request_scene, req);
+  std::string model = req_str(llmproxy_request_model, req);
+  std::string backend = req_str(llmproxy_request_backend, req);
+  envoy_dynamic_module_callback_http_set_header(f, ENVOY_HEADER_REQUEST, mb("x-llmproxy-endpoint", 19), mb(endpoint));
+  if (!scene.empty()) {
+    envoy_dynamic_module_callback_http_set_header(f, ENVOY_HEADER_REQUEST, mb("x-llmproxy-scene", 16), mb(scene));
+  }
+  const module_buf ns = mb("llmproxy", 8);
+  const std::pair<const char *, const std::string *> meta[] = {
+      {"endpoint", &endpoint}, {"cluster", &cluster}, {"model", &model}, {"scene", &scene}, {"backend", &backend}};
+  for (const auto &kv : meta) {
+    if (kv.second->empty()) continue;
+    envoy_dynamic_module_callback_http_set_dynamic_metadata_string(f, ns, mb(kv.first, std::strlen(kv.first)),
+                                                                   mb(*kv.second));
+  }
+  flt.phase = Phase::Routed;
+  flt.forwarded = true;
+  flt.cfg->routed.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+// Called by the library on another thread when a PENDING pick is decided. Touches no filter or
+// Envoy stream object: it only hands the decision over and wakes the worker through the scheduler.
+void on_pick_done(void *user_data, llmproxy_request *req) noexcept {
+  try {
+    auto *holder = static_cast<std::shared_ptr<AsyncState> *>(user_data);
+    std::shared_ptr<AsyncState> st = std::move(*holder);
+    delete holder;
+    void *sched = nullptr;
+    bool orphan = false;
+    {
+      std::lock_guard<std::mutex> lock(st->mu);
+      sched = st->scheduler;
+      st->scheduler = nullptr;
+      if (st->abandoned) {
+        orphan = true;
+      } else {
+        st->result = req;
+        st->delivered = true;
+      }
+    }
+    if (orphan) llmproxy_request_finish(req, kNotForwardedStatus);
+    if (sched) {
+      if (!orphan) envoy_dynamic_module_callback_http_filter_scheduler_commit(sched, kResumeEvent);
+      envoy_dynamic_module_callback_http_filter_scheduler_delete(sched);
+    }
+  } catch (...) {
+    // Nothing sensible to do on a foreign thread; never let it unwind into the library.
+  }
+}
+
+enum class PickOutcome { Routed, Replied, Pending };
+
+PickOutcome do_pick(void *f, Filter &flt, const std::string &body) {
+  std::vector<envoy_dynamic_module_type_envoy_http_header> hdrs = request_headers(f);
+  std::vector<llmproxy_header> lh;
+  lh.reserve(hdrs.size());
+  for (const auto &h : hdrs) {
+    if (!h.key_ptr) continue;
+    lh.push_back(llmproxy_header{h.key_ptr, h.key_length, h.value_ptr ? h.value_ptr : "", h.value_ptr ? h.value_length : 0});
+  }
+  auto state = std::make_shared<AsyncState>();
+  state->scheduler = envoy_dynamic_module_callback_http_filter_scheduler_new(f);
+  auto *holder = new std::shared_ptr<AsyncState>(state);
+  llmproxy_request *req = nullptr;
+  llmproxy_status st =
+      llmproxy_pick_async(flt.cfg->router, lh.data(), lh.size(), reinterpret_cast<const uint8_t *>(body.data()),
+                          body.size(), on_pick_done, holder, &req);
+  if (st == LLMPROXY_PENDING) {
+    // The callback now owns holder and the scheduler.
+    flt.async = std::move(state);
+    flt.phase = Phase::Pending;
+    flt.cfg->pending.fetch_add(1, std::memory_order_relaxed);
+    return PickOutcome::Pending;
+  }
+  delete holder;
+  if (state->scheduler) envoy_dynamic_module_callback_http_filter_scheduler_delete(state->scheduler);
+  state->scheduler = nullptr;
+  if (req == nullptr) {
+    // Contract says *out is always set; be defensive anyway.
+    uint32_t http = status_to_http(st == LLMPROXY_OK ? LLMPROXY_INTERNAL : st);
+    send_error(f, flt, http, error_json("server_error", "internal_error", "pick failed without a decision"));
+    return PickOutcome::Replied;
+  }
+  return apply_decision(f, flt, req) ? PickOutcome::Routed : PickOutcome::Replied;
+}
+
+void reply_too_large(void *f, Filter &flt, uint64_t size, bool exact) {
+  send_error(f, flt, 413,
+             error_json("invalid_request_error", "request_too_large",
+                        "request body of " + std::string(exact ? "" : "more than ") +
+                            std::to_string(exact ? size : flt.cfg->max_body) + " bytes is larger than the limit of " +
+                            std::to_string(flt.cfg->max_body) + " bytes"));
+}
+
+// Finishes the request exactly once; `status` is what goes to llmproxy_request_finish.
+void finish_request(void *f, Filter &flt, bool from_complete) {
+  if (flt.async) {
+    llmproxy_request *orphan = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(flt.async->mu);
+      flt.async->abandoned = true;
+      if (flt.async->delivered && flt.async->result) {
+        orphan = flt.async->result;
+        flt.async->result = nullptr;
+      }
+    }
+    if (orphan) llmproxy_request_finish(orphan, kNotForwardedStatus);
+    flt.async.reset();
+  }
+  if (!flt.req) return;
+  uint32_t status = 0;
+  if (flt.forwarded) {
+    uint64_t code = 0;
+    if (from_complete && f &&
+        envoy_dynamic_module_callback_http_filter_get_attribute_int(f, ENVOY_ATTRIBUTE_RESPONSE_CODE, &code)) {
+      status = static_cast<uint32_t>(code);
+    }
+  } else {
+    // Never forwarded: our own 4xx reply is reported as is; anything else (our 5xx reply, a
+    // client gone while we were deciding) must not count as a failure of an endpoint.
+    status = (flt.reply_status >= 400 && flt.reply_status < 500) ? flt.reply_status : kNotForwardedStatus;
+  }
+  llmproxy_request *req = flt.req;
+  flt.req = nullptr;
+  llmproxy_request_finish(req, status);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Internal accessor for the fake-host tests.
+extern "C" llmproxy_router *llmproxy_envoy_config_router(const void *filter_config_module_ptr) {
+  return filter_config_module_ptr ? as_config(filter_config_module_ptr)->router : nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hooks.
+
+LLMPROXY_EXPORT const char *HOOK(envoy_dynamic_module_on_program_init)(void) { return LLMPROXY_ENVOY_ABI_VERSION; }
+
+LLMPROXY_EXPORT const void *HOOK(envoy_dynamic_module_on_http_filter_config_new)(void *filter_config_envoy_ptr,
+                                                                                envoy_buf name, envoy_buf config) {
+  (void)filter_config_envoy_ptr;
+  return guard<const void *>("config_new", nullptr, nullptr, [&]() -> const void * {
+    std::string fname(name.ptr ? name.ptr : "", name.ptr ? name.length : 0);
+    char err[1024];
+    err[0] = '\0';
+    llmproxy_router *router = nullptr;
+    const char *cfg_ptr = config.ptr ? config.ptr : "";
+    size_t cfg_len = config.ptr ? config.length : 0;
+    llmproxy_status st = llmproxy_router_new(cfg_ptr, cfg_len, &router, err, sizeof err);
+    if (st != LLMPROXY_OK || router == nullptr) {
+      err[sizeof err - 1] = '\0';
+      std::string msg = "filter \"" + fname + "\": invalid llmproxy config (status " + std::to_string(st) + "): " + err;
+      // Always visible: the config is about to be rejected.
+      envoy_dynamic_module_callback_log(ENVOY_LOG_ERROR, mb("llmproxy: " + msg));
+      llmproxy_router_free(router);
+      return nullptr;
+    }
+    auto cfg = std::make_unique<FilterConfig>();
+    cfg->router = router;
+    cfg->max_body = llmproxy_router_max_body_bytes(router);
+    cfg->strict = llmproxy_router_strict_override(router);
+    size_t hlen = 0;
+    const char *h = llmproxy_router_cluster_header(router, &hlen);
+    cfg->cluster_header = lower(h && hlen ? std::string(h, hlen) : std::string("x-llmproxy-cluster"));
+    log_msg(ENVOY_LOG_INFO, "filter \"" + fname + "\" configured (library " + llmproxy_version() +
+                                ", max_body_bytes " + std::to_string(cfg->max_body) + ", strict " +
+                                (cfg->strict ? "true" : "false") + ", cluster header " + cfg->cluster_header + ")");
+    return cfg.release();
+  });
+}
+
+LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_config_destroy)(const void *filter_config_module_ptr) {
+  guard<int>("config_destroy", nullptr, 0, [&] {
+    delete as_config(filter_config_module_ptr);
+    return 0;
+  });
+}
+
+LLMPROXY_EXPORT const void *HOOK(envoy_dynamic_module_on_http_filter_new)(const void *filter_config_module_ptr,
+                                                                         void *filter_envoy_ptr) {
+  (void)filter_envoy_ptr;
+  FilterConfig *cfg = as_config(filter_config_module_ptr);
+  return guard<const void *>("filter_new", cfg, nullptr, [&]() -> const void * {
+    if (!cfg) return nullptr;
+    return new Filter(cfg);
+  });
+}
+
+LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_destroy)(const void *filter_module_ptr) {
+  Filter *flt = as_filter(filter_module_ptr);
+  guard<int>("filter_destroy", flt ? flt->cfg : nullptr, 0, [&] {
+    if (!flt) return 0;
+    finish_request(nullptr, *flt, false);  // normally already done in stream_complete
+    delete flt;
+    return 0;
+  });
+}
+
+LLMPROXY_EXPORT int HOOK(envoy_dynamic_module_on_http_filter_request_headers)(void *f, const void *m,
+                                                                             bool end_of_stream) {
+  Filter *flt = as_filter(m);
+  if (!flt) return ENVOY_HEADERS_CONTINUE;
+  FilterConfig &cfg = *flt->cfg;
+  return guard<int>("request_headers", &cfg, ENVOY_HEADERS_CONTINUE, [&]() -> int {
+    std::string method, path;
+    get_request_header(f, ":method", method);
+    get_request_header(f, ":path", path);
+    std::string bare_path = path.substr(0, path.find('?'));
+
+    if (!cfg.metrics_path.empty() && method == "GET" && bare_path == cfg.metrics_path) {
+      send_local_reply(f, *flt, 200, metrics_text(cfg), "text/plain; version=0.0.4; charset=utf-8",
+                       "llmproxy_metrics");
+      return ENVOY_HEADERS_STOP_ITERATION;
+    }
+
+    // A client never chooses the endpoint or the cluster, on any request.
+    if (strip_routing_headers(f, cfg) > 0) envoy_dynamic_module_callback_http_clear_route_cache(f);
+
+    if (!llmproxy_router_should_intercept(cfg.router, method.data(), method.size(), path.data(), path.size())) {
+      flt->phase = Phase::Passthrough;
+      cfg.passthrough.fetch_add(1, std::memory_order_relaxed);
+      return ENVOY_HEADERS_CONTINUE;
+    }
+    cfg.intercepted.fetch_add(1, std::memory_order_relaxed);
+    flt->phase = Phase::Collecting;
+
+    std::string content_length;
+    if (get_request_header(f, "content-length", content_length)) {
+      char *end = nullptr;
+      unsigned long long n = std::strtoull(content_length.c_str(), &end, 10);
+      if (end && *end == '\0' && !content_length.empty() && n > cfg.max_body) {
+        reply_too_large(f, *flt, n, true);
+        return ENVOY_HEADERS_STOP_ITERATION;
+      }
+    }
+    if (end_of_stream) {
+      // No body at all: the library answers 400 for an empty body.
+      PickOutcome o = do_pick(f, *flt, std::string());
+      return o == PickOutcome::Routed ? ENVOY_HEADERS_CONTINUE : ENVOY_HEADERS_STOP_ITERATION;
+    }
+    if (envoy_dynamic_module_callback_http_get_buffer_limit(f) < cfg.max_body) {
+      envoy_dynamic_module_callback_http_set_buffer_limit(f, cfg.max_body);
+    }
+    return ENVOY_HEADERS_STOP_ITERATION;
+  });
+}
+
+LLMPROXY_EXPORT int HOOK(envoy_dynamic_module_on_http_filter_request_body)(void *f, const void *m,
+                                                                          bool end_of_stream) {
+  Filter *flt = as_filter(m);
+  if (!flt) return ENVOY_BODY_CONTINUE;
+  return guard<int>("request_body", flt->cfg, ENVOY_BODY_CONTINUE, [&]() -> int {
+    switch (flt->phase) {
+      case Phase::Collecting: break;
+      case Phase::Pending: return ENVOY_BODY_STOP_ITERATION_AND_BUFFER;
+      case Phase::Replied: return ENVOY_BODY_STOP_ITERATION_NO_BUFFER;
+      default: return ENVOY_BODY_CONTINUE;
+    }
+    const bool already_buffered = envoy_dynamic_module_callback_http_received_buffered_request_body(f);
+    uint64_t total = envoy_dynamic_module_callback_http_get_body_size(f, ENVOY_BODY_RECEIVED_REQUEST);
+    if (!already_buffered) total += envoy_dynamic_module_callback_http_get_body_size(f, ENVOY_BODY_BUFFERED_REQUEST);
+    if (total > flt->cfg->max_body) {
+      reply_too_large(f, *flt, total, false);
+      return ENVOY_BODY_STOP_ITERATION_NO_BUFFER;
+    }
+    if (!end_of_stream) return ENVOY_BODY_STOP_ITERATION_AND_BUFFER;
+    std::string body;
+    body.reserve(total);
+    if (!already_buffered) append_chunks(f, ENVOY_BODY_BUFFERED_REQUEST, body);
+    append_chunks(f, ENVOY_BODY_RECEIVED_REQUEST, body);
+    switch (do_pick(f, *flt, body)) {
+      case PickOutcome::Routed: return ENVOY_BODY_CONTINUE;
+      case PickOutcome::Pending: return ENVOY_BODY_STOP_ITERATION_AND_BUFFER;
+      case PickOutcome::Replied: break;
+    }
+    return ENVOY_BODY_STOP_ITERATION_NO_BUFFER;
+  });
+}
+
+LLMPROXY_EXPORT int HOOK(envoy_dynamic_module_on_http_filter_request_trailers)(void *f, const void *m) {
+  Filter *flt = as_filter(m);
+  if (!flt) return ENVOY_TRAILERS_CONTINUE;
+  return guard<int>("request_trailers", flt->cfg, ENVOY_TRAILERS_CONTINUE, [&]() -> int {
+    if (flt->phase == Phase::Pending || flt->phase == Phase::Replied) return ENVOY_TRAILERS_STOP_ITERATION;
+    if (flt->phase != Phase::Collecting) return ENVOY_TRAILERS_CONTINUE;
+    // Trailers end the stream: the whole body is in the buffer now.
+    std::string body;
+    append_chunks(f, ENVOY_BODY_BUFFERED_REQUEST, body);
+    if (body.size() > flt->cfg->max_body) {
+      reply_too_large(f, *flt, body.size(), true);
+      return ENVOY_TRAILERS_STOP_ITERATION;
+    }
+    return do_pick(f, *flt, body) == PickOutcome::Routed ? ENVOY_TRAILERS_CONTINUE : ENVOY_TRAILERS_STOP_ITERATION;
+  });
+}
+
+LLMPROXY_EXPORT int HOOK(envoy_dynamic_module_on_http_filter_response_headers)(void *f, const void *m,
+                                                                              bool end_of_stream) {
+  (void)f;
+  Filter *flt = as_filter(m);
+  if (!flt) return ENVOY_HEADERS_CONTINUE;
+  return guard<int>("response_headers", flt->cfg, ENVOY_HEADERS_CONTINUE, [&]() -> int {
+    if (end_of_stream && flt->req && flt->forwarded && !flt->first_token) {
+      // A response without a body is complete as far as prefill is concerned.
+      flt->first_token = true;
+      llmproxy_request_first_token(flt->req);
+    }
+    return ENVOY_HEADERS_CONTINUE;
+  });
+}
+
+LLMPROXY_EXPORT int HOOK(envoy_dynamic_module_on_http_filter_response_body)(void *f, const void *m,
+                                                                           bool end_of_stream) {
+  (void)f;
+  (void)end_of_stream;
+  Filter *flt = as_filter(m);
+  if (!flt) return ENVOY_BODY_CONTINUE;
+  return guard<int>("response_body", flt->cfg, ENVOY_BODY_CONTINUE, [&]() -> int {
+    if (flt->req && flt->forwarded && !flt->first_token) {
+      flt->first_token = true;
+      llmproxy_request_first_token(flt->req);
+    }
+    return ENVOY_BODY_CONTINUE;  // never buffer: SSE streams straight through
+  });
+}
+
+LLMPROXY_EXPORT int HOOK(envoy_dynamic_module_on_http_filter_response_trailers)(void *f, const void *m) {
+  (void)f;
+  (void)m;
+  return ENVOY_TRAILERS_CONTINUE;
+}
+
+LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_stream_complete)(void *f, const void *m) {
+  Filter *flt = as_filter(m);
+  if (!flt) return;
+  guard<int>("stream_complete", flt->cfg, 0, [&] {
+    finish_request(f, *flt, true);
+    return 0;
+  });
+}
+
+LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_scheduled)(void *f, const void *m, uint64_t event_id) {
+  Filter *flt = as_filter(m);
+  if (!flt) return;
+  guard<int>("scheduled", flt->cfg, 0, [&] {
+    if (event_id != kResumeEvent || flt->phase != Phase::Pending || !flt->async) return 0;
+    llmproxy_request *req = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(flt->async->mu);
+      if (flt->async->abandoned || !flt->async->delivered) return 0;
+      req = flt->async->result;
+      flt->async->result = nullptr;
+    }
+    flt->async.reset();
+    if (!req) return 0;
+    if (apply_decision(f, *flt, req)) envoy_dynamic_module_callback_http_filter_continue_decoding(f);
+    return 0;
+  });
+}
+
+LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_http_callout_done)(
+    void *f, const void *m, uint64_t callout_id, int result, envoy_dynamic_module_type_envoy_http_header *headers,
+    size_t headers_size, envoy_buf *body_chunks, size_t body_chunks_size) {
+  (void)f, (void)m, (void)callout_id, (void)result, (void)headers, (void)headers_size, (void)body_chunks,
+      (void)body_chunks_size;
+}
+
+LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_http_stream_headers)(
+    void *f, const void *m, uint64_t stream_id, envoy_dynamic_module_type_envoy_http_header *headers,
+    size_t headers_size, bool end_stream) {
+  (void)f, (void)m, (void)stream_id, (void)headers, (void)headers_size, (void)end_stream;
+}
+
+LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_http_stream_data)(void *f, const void *m,
+                                                                               uint64_t stream_id,
+                                                                               const envoy_buf *data,
+                                                                               size_t data_count, bool end_stream) {
+  (void)f, (void)m, (void)stream_id, (void)data, (void)data_count, (void)end_stream;
+}
+
+LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_http_stream_trailers)(
+    void *f, const void *m, uint64_t stream_id, envoy_dynamic_module_type_envoy_http_header *trailers,
+    size_t trailers_size) {
+  (void)f, (void)m, (void)stream_id, (void)trailers, (void)trailers_size;
+}
+
+LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_http_stream_complete)(void *f, const void *m,
+                                                                                   uint64_t stream_id) {
+  (void)f, (void)m, (void)stream_id;
+}
+
+LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_http_stream_reset)(void *f, const void *m,
+                                                                                uint64_t stream_id, int reason) {
+  (void)f, (void)m, (void)stream_id, (void)reason;
+}
+
+LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark)(
+    void *f, const void *m) {
+  (void)f, (void)m;
+}
+
+LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark)(
+    void *f, const void *m) {
+  (void)f, (void)m;
+}

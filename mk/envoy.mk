@@ -1,0 +1,61 @@
+# Envoy host: the C++ shim as an Envoy dynamic module, its tests, Bazel build and benchmark.
+#
+#   make envoy-module   build/libllmproxy_envoy.so (cpp_shim + build/libllmproxy.a)
+#   make test-envoy     fake-host unit tests of the shim + real Envoy end-to-end tests (pytest)
+#   make test-bazel     Bazel (Debian bazel-bootstrap, offline) build of the module + cc_test
+#   make bench-envoy    overhead benchmark: Envoy + module vs Envoy round robin (not in CI)
+
+CXX           ?= g++
+ENVOY_MODULE  := $(BUILD_DIR)/libllmproxy_envoy.so
+ENVOY_SHIM_SRC  := cpp_shim/llmproxy_envoy.cc
+ENVOY_SHIM_DEPS := $(ENVOY_SHIM_SRC) cpp_shim/envoy_dynamic_module_abi.h cpp_shim/llmproxy_envoy_internal.h \
+                   include/llmproxy.h
+ENVOY_CXXFLAGS  := -std=c++17 -O2 -g -fPIC -fvisibility=hidden -fvisibility-inlines-hidden \
+                   -Wall -Wextra -Werror -Iinclude -Icpp_shim
+# What a Rust staticlib needs from the system (rustc --print native-static-libs).
+ENVOY_RUST_LIBS := -lpthread -ldl -lm -lrt -lutil
+ENVOY_FAKE_HOST := $(BUILD_DIR)/envoy_fake_host
+ENVOY_TEST_ENV  := LLMPROXY_BUILD_DIR=$(abspath $(BUILD_DIR)) LLMPROXY_ENVOY=$(abspath $(VENV))/bin/envoy
+
+.PHONY: envoy-module test-envoy test-envoy-fake-host test-envoy-e2e test-bazel bench-envoy
+
+## envoy-module: the Envoy dynamic module (exports only the hook symbols)
+envoy-module: build
+	@$(MAKE) --no-print-directory $(ENVOY_MODULE)
+
+$(BUILD_DIR)/llmproxy_envoy.o: $(ENVOY_SHIM_DEPS)
+	@mkdir -p $(BUILD_DIR)
+	$(CXX) $(ENVOY_CXXFLAGS) -c $(ENVOY_SHIM_SRC) -o $@
+
+# Statically links libstdc++/libgcc so the module only needs libc on the Envoy host; the version
+# script hides everything but envoy_dynamic_module_on_*; debug info is stripped.
+$(ENVOY_MODULE): $(BUILD_DIR)/llmproxy_envoy.o $(BUILD_DIR)/libllmproxy.a cpp_shim/exports.map
+	$(CXX) -shared -o $@ $(BUILD_DIR)/llmproxy_envoy.o $(BUILD_DIR)/libllmproxy.a \
+	  -static-libstdc++ -static-libgcc -Wl,--version-script=cpp_shim/exports.map -Wl,--gc-sections \
+	  -Wl,-z,relro -Wl,-S $(ENVOY_RUST_LIBS)
+	@n=$$(nm -D --defined-only $@ | grep -vc ' envoy_dynamic_module_on_'); \
+	  if [ "$$n" != "0" ]; then echo "$@ exports symbols other than the hooks:"; nm -D --defined-only $@ | grep -v ' envoy_dynamic_module_on_'; exit 1; fi
+
+# Fake Envoy host (tests/envoy/fake_host): the shim object + real library, with ASan/UBSan, and
+# --wrap=llmproxy_pick_async so tests can drive the PENDING path.
+ENVOY_SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+$(ENVOY_FAKE_HOST): tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_DEPS) $(BUILD_DIR)/libllmproxy.a
+	$(CXX) -std=c++17 -O1 -g $(ENVOY_SAN) -Wall -Wextra -Werror -Iinclude -Icpp_shim \
+	  tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_SRC) $(BUILD_DIR)/libllmproxy.a \
+	  -Wl,--wrap=llmproxy_pick_async $(ENVOY_RUST_LIBS) -o $@
+
+test-envoy-fake-host: build
+	@$(MAKE) --no-print-directory $(ENVOY_FAKE_HOST)
+	ASAN_OPTIONS=detect_leaks=1 $(ENVOY_FAKE_HOST)
+
+# PyYAML reads the Istio EnvoyFilter example for `envoy --mode validate`.
+$(VENV)/.envoy-test-deps: $(VENV)/.installed
+	$(VENV_PY) -m pip install -q --disable-pip-version-check pyyaml
+	@touch $@
+
+test-envoy-e2e: venv envoy-module $(VENV)/.envoy-test-deps
+	$(ENVOY_TEST_ENV) $(VENV_PY) -m pytest -q -p no:cacheprovider tests/envoy
+
+## test-envoy: shim unit tests in a fake host, then real Envoy end-to-end tests
+test-envoy: venv envoy-module
+	@$(MAKE) --no-print-directory test-envoy-fake-host test-envoy-e2e

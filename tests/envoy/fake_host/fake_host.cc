@@ -1,0 +1,810 @@
+// Fake Envoy host: plays Envoy's side of the dynamic-module ABI (the callbacks the shim uses) so
+// the shim's logic can be unit-tested quickly, with the real llmproxy library behind it.
+//
+// Built with -Wl,--wrap=llmproxy_pick_async so a test can make the library's pick "PENDING" and
+// deliver the decision from another thread, exactly as the ABI allows.
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "envoy_dynamic_module_abi.h"
+#include "llmproxy.h"
+#include "llmproxy_envoy_internal.h"
+
+// ---- the hooks under test (plain names: this binary links the dynamic-module object) ----
+extern "C" {
+const char *envoy_dynamic_module_on_program_init(void);
+const void *envoy_dynamic_module_on_http_filter_config_new(void *, envoy_dynamic_module_type_envoy_buffer,
+                                                           envoy_dynamic_module_type_envoy_buffer);
+void envoy_dynamic_module_on_http_filter_config_destroy(const void *);
+const void *envoy_dynamic_module_on_http_filter_new(const void *, void *);
+void envoy_dynamic_module_on_http_filter_destroy(const void *);
+int envoy_dynamic_module_on_http_filter_request_headers(void *, const void *, bool);
+int envoy_dynamic_module_on_http_filter_request_body(void *, const void *, bool);
+int envoy_dynamic_module_on_http_filter_request_trailers(void *, const void *);
+int envoy_dynamic_module_on_http_filter_response_headers(void *, const void *, bool);
+int envoy_dynamic_module_on_http_filter_response_body(void *, const void *, bool);
+void envoy_dynamic_module_on_http_filter_stream_complete(void *, const void *);
+void envoy_dynamic_module_on_http_filter_scheduled(void *, const void *, uint64_t);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fake stream state (the `f` pointer handed to the shim is a FakeStream*).
+
+using Headers = std::vector<std::pair<std::string, std::string>>;
+
+struct FakeStream {
+  Headers req_headers;
+  std::vector<std::string> buffered;  // BufferedRequestBody chunks
+  std::vector<std::string> received;  // ReceivedRequestBody chunks (the current frame)
+  bool received_is_buffered = false;
+  uint64_t buffer_limit = 1 << 20;
+
+  // What the shim did.
+  int sent = 0;
+  uint32_t sent_status = 0;
+  std::string sent_body, sent_content_type, sent_details;
+  int override_calls = 0;
+  std::string override_host;
+  bool override_strict = false;
+  bool override_result = true;  // what set_upstream_override_host returns
+  std::map<std::string, std::string> metadata;  // "ns/key" -> value
+  int route_cache_cleared = 0;
+  int continue_decoding = 0;
+  bool has_response_code = false;
+  uint64_t response_code = 0;
+
+  // Fault injection.
+  bool throw_in_get_headers = false;
+
+  // Scheduler.
+  std::mutex mu;
+  std::vector<uint64_t> committed;
+  std::thread::id commit_thread;
+
+  std::string header(const std::string &name) const {
+    for (const auto &h : req_headers)
+      if (h.first == name) return h.second;
+    return std::string();
+  }
+  int header_count(const std::string &name) const {
+    int n = 0;
+    for (const auto &h : req_headers) n += h.first == name;
+    return n;
+  }
+};
+
+struct FakeScheduler {
+  FakeStream *stream;
+};
+
+std::atomic<int> g_schedulers_live{0};
+std::atomic<int> g_schedulers_created{0};
+std::mutex g_log_mu;
+std::vector<std::string> g_logs;
+
+FakeStream *S(void *f) { return static_cast<FakeStream *>(f); }
+std::string str(envoy_dynamic_module_type_module_buffer b) { return b.ptr ? std::string(b.ptr, b.length) : ""; }
+std::string lower(std::string s) {
+  for (char &c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+extern "C" {
+
+void envoy_dynamic_module_callback_log(int level, envoy_dynamic_module_type_module_buffer message) {
+  std::lock_guard<std::mutex> lock(g_log_mu);
+  g_logs.push_back(std::to_string(level) + " " + str(message));
+}
+bool envoy_dynamic_module_callback_log_enabled(int level) { return level >= ENVOY_LOG_DEBUG; }
+
+bool envoy_dynamic_module_callback_http_get_header(void *f, int header_type, envoy_dynamic_module_type_module_buffer key,
+                                                   envoy_dynamic_module_type_envoy_buffer *result, size_t index,
+                                                   size_t *optional_size) {
+  if (header_type != ENVOY_HEADER_REQUEST) return false;
+  std::string k = lower(str(key));
+  size_t seen = 0;
+  bool found = false;
+  for (const auto &h : S(f)->req_headers) {
+    if (h.first != k) continue;
+    if (seen == index) {
+      result->ptr = h.second.data();
+      result->length = h.second.size();
+      found = true;
+    }
+    ++seen;
+  }
+  if (optional_size) *optional_size = seen;
+  if (!found) {
+    result->ptr = nullptr;
+    result->length = 0;
+  }
+  return found;
+}
+
+size_t envoy_dynamic_module_callback_http_get_headers_size(void *f, int header_type) {
+  if (S(f)->throw_in_get_headers) throw std::runtime_error("injected fault in get_headers_size");
+  return header_type == ENVOY_HEADER_REQUEST ? S(f)->req_headers.size() : 0;
+}
+
+bool envoy_dynamic_module_callback_http_get_headers(void *f, int header_type,
+                                                    envoy_dynamic_module_type_envoy_http_header *out) {
+  if (header_type != ENVOY_HEADER_REQUEST) return false;
+  size_t i = 0;
+  for (const auto &h : S(f)->req_headers) {
+    out[i].key_ptr = h.first.data();
+    out[i].key_length = h.first.size();
+    out[i].value_ptr = h.second.data();
+    out[i].value_length = h.second.size();
+    ++i;
+  }
+  return true;
+}
+
+bool envoy_dynamic_module_callback_http_set_header(void *f, int header_type, envoy_dynamic_module_type_module_buffer key,
+                                                   envoy_dynamic_module_type_module_buffer value) {
+  if (header_type != ENVOY_HEADER_REQUEST) return false;
+  std::string k = lower(str(key));
+  Headers &hs = S(f)->req_headers;
+  Headers kept;
+  for (auto &h : hs)
+    if (h.first != k) kept.push_back(h);
+  if (value.length > 0) kept.emplace_back(k, str(value));
+  hs.swap(kept);
+  return true;
+}
+
+static const std::vector<std::string> &body_of(void *f, int body_type) {
+  static const std::vector<std::string> empty;
+  if (body_type == ENVOY_BODY_BUFFERED_REQUEST) return S(f)->buffered;
+  if (body_type == ENVOY_BODY_RECEIVED_REQUEST) return S(f)->received;
+  return empty;
+}
+
+size_t envoy_dynamic_module_callback_http_get_body_size(void *f, int body_type) {
+  size_t n = 0;
+  for (const auto &c : body_of(f, body_type)) n += c.size();
+  return n;
+}
+size_t envoy_dynamic_module_callback_http_get_body_chunks_size(void *f, int body_type) {
+  return body_of(f, body_type).size();
+}
+bool envoy_dynamic_module_callback_http_get_body_chunks(void *f, int body_type,
+                                                        envoy_dynamic_module_type_envoy_buffer *out) {
+  size_t i = 0;
+  for (const auto &c : body_of(f, body_type)) {
+    out[i].ptr = c.data();
+    out[i].length = c.size();
+    ++i;
+  }
+  return true;
+}
+bool envoy_dynamic_module_callback_http_received_buffered_request_body(void *f) { return S(f)->received_is_buffered; }
+
+void envoy_dynamic_module_callback_http_send_response(void *f, uint32_t status_code,
+                                                      envoy_dynamic_module_type_module_http_header *headers,
+                                                      size_t headers_size,
+                                                      envoy_dynamic_module_type_module_buffer body,
+                                                      envoy_dynamic_module_type_module_buffer details) {
+  FakeStream *s = S(f);
+  s->sent++;
+  s->sent_status = status_code;
+  s->sent_body = str(body);
+  s->sent_details = str(details);
+  for (size_t i = 0; i < headers_size; ++i) {
+    if (lower(std::string(headers[i].key_ptr, headers[i].key_length)) == "content-type") {
+      s->sent_content_type.assign(headers[i].value_ptr, headers[i].value_length);
+    }
+  }
+  // Like Envoy, a local reply ends the stream with that response code.
+  s->has_response_code = true;
+  s->response_code = status_code;
+}
+
+bool envoy_dynamic_module_callback_http_set_upstream_override_host(void *f, envoy_dynamic_module_type_module_buffer host,
+                                                                   bool strict) {
+  FakeStream *s = S(f);
+  s->override_calls++;
+  s->override_host = str(host);
+  s->override_strict = strict;
+  return s->override_result;
+}
+void envoy_dynamic_module_callback_http_set_dynamic_metadata_string(void *f, envoy_dynamic_module_type_module_buffer ns,
+                                                                    envoy_dynamic_module_type_module_buffer key,
+                                                                    envoy_dynamic_module_type_module_buffer value) {
+  S(f)->metadata[str(ns) + "/" + str(key)] = str(value);
+}
+bool envoy_dynamic_module_callback_http_filter_get_attribute_int(void *f, int attribute_id, uint64_t *result) {
+  if (attribute_id != ENVOY_ATTRIBUTE_RESPONSE_CODE || !S(f)->has_response_code) return false;
+  *result = S(f)->response_code;
+  return true;
+}
+void envoy_dynamic_module_callback_http_set_buffer_limit(void *f, uint64_t limit) { S(f)->buffer_limit = limit; }
+uint64_t envoy_dynamic_module_callback_http_get_buffer_limit(void *f) { return S(f)->buffer_limit; }
+void envoy_dynamic_module_callback_http_clear_route_cache(void *f) { S(f)->route_cache_cleared++; }
+
+void *envoy_dynamic_module_callback_http_filter_scheduler_new(void *f) {
+  g_schedulers_live++;
+  g_schedulers_created++;
+  return new FakeScheduler{S(f)};
+}
+void envoy_dynamic_module_callback_http_filter_scheduler_commit(void *sched, uint64_t event_id) {
+  FakeStream *s = static_cast<FakeScheduler *>(sched)->stream;
+  std::lock_guard<std::mutex> lock(s->mu);
+  s->committed.push_back(event_id);
+  s->commit_thread = std::this_thread::get_id();
+}
+void envoy_dynamic_module_callback_http_filter_scheduler_delete(void *sched) {
+  g_schedulers_live--;
+  delete static_cast<FakeScheduler *>(sched);
+}
+void envoy_dynamic_module_callback_http_filter_continue_decoding(void *f) { S(f)->continue_decoding++; }
+
+// ---- --wrap of the library's pick_async: optionally PENDING, decided on another thread ----
+llmproxy_status __real_llmproxy_pick_async(llmproxy_router *, const llmproxy_header *, size_t, const uint8_t *, size_t,
+                                           llmproxy_pick_callback, void *, llmproxy_request **);
+}  // extern "C"
+
+struct PendingMode {
+  bool enabled = false;
+  int delay_ms = 20;
+  std::vector<std::thread> threads;
+} g_pending;
+
+extern "C" llmproxy_status __wrap_llmproxy_pick_async(llmproxy_router *router, const llmproxy_header *headers,
+                                                      size_t n, const uint8_t *body, size_t body_len,
+                                                      llmproxy_pick_callback cb, void *user_data,
+                                                      llmproxy_request **out) {
+  if (!g_pending.enabled) return __real_llmproxy_pick_async(router, headers, n, body, body_len, cb, user_data, out);
+  // Copy the inputs (they are only lent for the call), decide later on a helper thread.
+  std::vector<std::pair<std::string, std::string>> hs;
+  for (size_t i = 0; i < n; ++i)
+    hs.emplace_back(std::string(headers[i].name, headers[i].name_len), std::string(headers[i].value, headers[i].value_len));
+  std::string b(reinterpret_cast<const char *>(body), body_len);
+  int delay = g_pending.delay_ms;
+  *out = nullptr;
+  g_pending.threads.emplace_back([router, hs, b, cb, user_data, delay] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(delay));
+    std::vector<llmproxy_header> lh;
+    for (const auto &h : hs) lh.push_back(llmproxy_header{h.first.data(), h.first.size(), h.second.data(), h.second.size()});
+    llmproxy_request *req = nullptr;
+    llmproxy_pick(router, lh.data(), lh.size(), reinterpret_cast<const uint8_t *>(b.data()), b.size(), &req);
+    cb(user_data, req);
+  });
+  return LLMPROXY_PENDING;
+}
+
+static void join_pending_threads() {
+  for (auto &t : g_pending.threads) t.join();
+  g_pending.threads.clear();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiny test harness.
+
+static int g_failed_checks = 0;
+static std::string g_current;
+
+#define CHECK(cond)                                                                       \
+  do {                                                                                    \
+    if (!(cond)) {                                                                        \
+      std::fprintf(stderr, "  %s:%d: %s: CHECK failed: %s\n", __FILE__, __LINE__,          \
+                   g_current.c_str(), #cond);                                             \
+      ++g_failed_checks;                                                                  \
+    }                                                                                     \
+  } while (0)
+#define CHECK_EQ(a, b)                                                                    \
+  do {                                                                                    \
+    auto _a = (a);                                                                        \
+    auto _b = (b);                                                                        \
+    if (!(_a == _b)) {                                                                    \
+      std::fprintf(stderr, "  %s:%d: %s: CHECK_EQ failed: %s == %s\n", __FILE__, __LINE__, \
+                   g_current.c_str(), #a, #b);                                            \
+      ++g_failed_checks;                                                                  \
+    }                                                                                     \
+  } while (0)
+
+static const char *kEndpointsA[] = {"127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"};
+
+static std::string config_json(const std::string &extra = "") {
+  return std::string(R"({"protocol":"openai","algorithm":"inference_lb",)") +
+         R"("model_mapping_rule":{"m-a":{"rules":[{"scene_name":"chat-a","cluster":"pool_a","backend":"vllm"}]},)" +
+         R"("m-b":{"rules":[{"scene_name":"chat-b","cluster":"pool_b","backend":"sglang"}]}},)" +
+         R"("clusters":{"pool_a":{"endpoints":["127.0.0.1:9001","127.0.0.1:9002","127.0.0.1:9003"]},)" +
+         R"("pool_b":{"endpoints":["127.0.0.1:9101"]}},)" + R"("max_body_bytes":4194304)" + extra + "}";
+}
+
+static const void *new_config(const std::string &json, const char *name = "llmproxy") {
+  return envoy_dynamic_module_on_http_filter_config_new(
+      nullptr, envoy_dynamic_module_type_envoy_buffer{name, std::strlen(name)},
+      envoy_dynamic_module_type_envoy_buffer{json.data(), json.size()});
+}
+
+static uint64_t in_flight(const void *cfg) { return llmproxy_router_in_flight(llmproxy_envoy_config_router(cfg)); }
+
+static Headers post_headers(const std::string &path = "/v1/chat/completions", Headers extra = {}) {
+  Headers h{{":method", "POST"}, {":path", path}, {":authority", "gw"}, {":scheme", "http"},
+            {"content-type", "application/json"}};
+  for (auto &e : extra) h.push_back(e);
+  return h;
+}
+
+static std::string chat(const std::string &model, const std::string &text, bool stream = false) {
+  return R"({"model":")" + model + R"(","stream":)" + (stream ? "true" : "false") +
+         R"(,"messages":[{"role":"user","content":")" + text + R"("}]})";
+}
+
+struct Stream {
+  FakeStream fs;
+  const void *m = nullptr;
+  explicit Stream(const void *cfg) { m = envoy_dynamic_module_on_http_filter_new(cfg, &fs); }
+  ~Stream() { envoy_dynamic_module_on_http_filter_destroy(m); }
+  int headers(bool eos = false) { return envoy_dynamic_module_on_http_filter_request_headers(&fs, m, eos); }
+  // Delivers one body frame: everything received before is moved to the buffer (as Envoy does
+  // when the filter returned StopIterationAndBuffer).
+  int body(const std::string &frame, bool eos) {
+    for (auto &r : fs.received) fs.buffered.push_back(r);
+    fs.received = {frame};
+    return envoy_dynamic_module_on_http_filter_request_body(&fs, m, eos);
+  }
+  int trailers() {
+    for (auto &r : fs.received) fs.buffered.push_back(r);
+    fs.received.clear();
+    return envoy_dynamic_module_on_http_filter_request_trailers(&fs, m);
+  }
+  void respond(uint32_t code, const std::string &chunk) {
+    fs.has_response_code = true;
+    fs.response_code = code;
+    envoy_dynamic_module_on_http_filter_response_headers(&fs, m, false);
+    envoy_dynamic_module_on_http_filter_response_body(&fs, m, false);
+    (void)chunk;
+  }
+  void complete() { envoy_dynamic_module_on_http_filter_stream_complete(&fs, m); }
+};
+
+static bool is_pool_a(const std::string &ep) {
+  for (const char *e : kEndpointsA)
+    if (ep == e) return true;
+  return false;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+
+static void test_program_init() { CHECK_EQ(std::string(envoy_dynamic_module_on_program_init()), std::string("v0.2.0")); }
+
+static void test_bad_config_rejected_with_message() {
+  size_t logs_before = g_logs.size();
+  const void *cfg = new_config(R"({"protocol":"openai","no_such_key":1})");
+  CHECK(cfg == nullptr);
+  bool logged = false;
+  for (size_t i = logs_before; i < g_logs.size(); ++i)
+    if (g_logs[i].find("invalid llmproxy config") != std::string::npos && g_logs[i].find("no_such_key") != std::string::npos)
+      logged = true;
+  CHECK(logged);
+  CHECK(new_config("{not json") == nullptr);
+  CHECK(new_config("") == nullptr);
+}
+
+static void test_passthrough_untouched_but_routing_headers_stripped(const void *cfg) {
+  Stream s(cfg);
+  s.fs.req_headers = {{":method", "GET"},
+                      {":path", "/v1/models"},
+                      {"accept", "application/json"},
+                      {"x-gateway-destination-endpoint", "10.0.0.9:8000"},
+                      {"x-llmproxy-cluster", "pool_b"},
+                      {"x-llmproxy-endpoint", "10.0.0.9:8000"}};
+  CHECK_EQ(s.headers(true), (int)ENVOY_HEADERS_CONTINUE);
+  CHECK_EQ(s.fs.header("accept"), std::string("application/json"));
+  CHECK_EQ(s.fs.header_count("x-gateway-destination-endpoint"), 0);
+  CHECK_EQ(s.fs.header_count("x-llmproxy-cluster"), 0);
+  CHECK_EQ(s.fs.header_count("x-llmproxy-endpoint"), 0);
+  CHECK(s.fs.route_cache_cleared >= 1);
+  CHECK_EQ(s.fs.override_calls, 0);
+  CHECK_EQ(s.fs.sent, 0);
+  CHECK_EQ(in_flight(cfg), 0u);
+  // GET on an inference path and POST elsewhere pass through too.
+  Stream g(cfg);
+  g.fs.req_headers = {{":method", "GET"}, {":path", "/v1/chat/completions"}};
+  CHECK_EQ(g.headers(true), (int)ENVOY_HEADERS_CONTINUE);
+  Stream e(cfg);
+  e.fs.req_headers = post_headers("/v1/embeddings");
+  CHECK_EQ(e.headers(false), (int)ENVOY_HEADERS_CONTINUE);
+  CHECK_EQ(e.body("{}", true), (int)ENVOY_BODY_CONTINUE);
+  CHECK_EQ(e.fs.override_calls, 0);
+}
+
+static void test_routed_full_lifecycle(const void *cfg) {
+  Stream s(cfg);
+  s.fs.req_headers = post_headers("/v1/chat/completions?x=1",
+                                  {{"x-gateway-destination-endpoint", "127.0.0.1:9003"},
+                                   {"X-LLMProxy-Endpoint", "127.0.0.1:9003"},
+                                   {"x-llmproxy-cluster", "pool_b"}});
+  std::string body = chat("m-a", "hello there, a prompt split across frames");
+  size_t cut = body.size() / 2;
+  CHECK_EQ(s.headers(false), (int)ENVOY_HEADERS_STOP_ITERATION);
+  CHECK_EQ(s.fs.buffer_limit, (uint64_t)4194304);  // raised to max_body_bytes
+  CHECK_EQ(s.body(body.substr(0, cut), false), (int)ENVOY_BODY_STOP_ITERATION_AND_BUFFER);
+  CHECK_EQ(s.fs.override_calls, 0);
+  // The last frame is only in Received; the first half only in Buffered.
+  CHECK_EQ(s.body(body.substr(cut), true), (int)ENVOY_BODY_CONTINUE);
+  CHECK_EQ(s.fs.sent, 0);
+  CHECK_EQ(s.fs.override_calls, 1);
+  CHECK(is_pool_a(s.fs.override_host));
+  CHECK(s.fs.override_strict);
+  CHECK_EQ(s.fs.header("x-llmproxy-cluster"), std::string("pool_a"));
+  CHECK_EQ(s.fs.header_count("x-llmproxy-cluster"), 1);
+  CHECK_EQ(s.fs.header("x-llmproxy-endpoint"), s.fs.override_host);
+  CHECK_EQ(s.fs.header_count("x-llmproxy-endpoint"), 1);
+  CHECK_EQ(s.fs.header("x-llmproxy-scene"), std::string("chat-a"));
+  CHECK_EQ(s.fs.header_count("x-gateway-destination-endpoint"), 0);
+  CHECK(s.fs.route_cache_cleared >= 1);
+  CHECK_EQ(s.fs.metadata["llmproxy/endpoint"], s.fs.override_host);
+  CHECK_EQ(s.fs.metadata["llmproxy/cluster"], std::string("pool_a"));
+  CHECK_EQ(s.fs.metadata["llmproxy/model"], std::string("m-a"));
+  CHECK_EQ(s.fs.metadata["llmproxy/scene"], std::string("chat-a"));
+  CHECK_EQ(s.fs.metadata["llmproxy/backend"], std::string("vllm"));
+  CHECK_EQ(in_flight(cfg), 1u);
+  s.respond(200, "data: {}\n\n");
+  CHECK_EQ(in_flight(cfg), 1u);
+  s.complete();
+  CHECK_EQ(in_flight(cfg), 0u);
+}
+
+static void test_second_model_other_cluster(const void *cfg) {
+  Stream s(cfg);
+  s.fs.req_headers = post_headers();
+  s.headers(false);
+  CHECK_EQ(s.body(chat("m-b", "x"), true), (int)ENVOY_BODY_CONTINUE);
+  CHECK_EQ(s.fs.override_host, std::string("127.0.0.1:9101"));
+  CHECK_EQ(s.fs.header("x-llmproxy-cluster"), std::string("pool_b"));
+  CHECK_EQ(s.fs.metadata["llmproxy/backend"], std::string("sglang"));
+  s.complete();
+  CHECK_EQ(in_flight(cfg), 0u);
+}
+
+static void test_body_already_buffered_by_earlier_filter(const void *cfg) {
+  Stream s(cfg);
+  s.fs.req_headers = post_headers();
+  s.headers(false);
+  std::string body = chat("m-a", "buffered elsewhere");
+  // An earlier filter buffered the body: Envoy hands it as Received and also reports it buffered.
+  s.fs.buffered = {body};
+  s.fs.received = {body};
+  s.fs.received_is_buffered = true;
+  CHECK_EQ(envoy_dynamic_module_on_http_filter_request_body(&s.fs, s.m, true), (int)ENVOY_BODY_CONTINUE);
+  CHECK_EQ(s.fs.sent, 0);
+  CHECK(is_pool_a(s.fs.override_host));
+  s.complete();
+}
+
+static void expect_error(const void *cfg, const std::string &body, uint32_t status, const char *code) {
+  Stream s(cfg);
+  s.fs.req_headers = post_headers();
+  s.headers(false);
+  CHECK_EQ(s.body(body, true), (int)ENVOY_BODY_STOP_ITERATION_NO_BUFFER);
+  CHECK_EQ(s.fs.sent, 1);
+  CHECK_EQ(s.fs.sent_status, status);
+  CHECK_EQ(s.fs.sent_content_type, std::string("application/json"));
+  CHECK(s.fs.sent_body.find("\"error\"") != std::string::npos);
+  CHECK(s.fs.sent_body.find(code) != std::string::npos);
+  CHECK_EQ(s.fs.override_calls, 0);
+  s.complete();
+  CHECK_EQ(in_flight(cfg), 0u);
+}
+
+static void test_errors(const void *cfg) {
+  expect_error(cfg, "{\"model\": ", 400, "invalid_request");
+  expect_error(cfg, chat("no-such-model", "hi"), 404, "model_not_found");
+}
+
+static void test_missing_body_is_400(const void *cfg) {
+  Stream s(cfg);
+  s.fs.req_headers = post_headers();
+  CHECK_EQ(s.headers(true), (int)ENVOY_HEADERS_STOP_ITERATION);
+  CHECK_EQ(s.fs.sent, 1);
+  CHECK_EQ(s.fs.sent_status, 400u);
+  CHECK_EQ(s.fs.sent_content_type, std::string("application/json"));
+  s.complete();
+  CHECK_EQ(in_flight(cfg), 0u);
+}
+
+static void test_too_large(const void *cfg) {
+  {  // declared by content-length: rejected before reading the body
+    Stream s(cfg);
+    s.fs.req_headers = post_headers("/v1/chat/completions", {{"content-length", "5000000"}});
+    CHECK_EQ(s.headers(false), (int)ENVOY_HEADERS_STOP_ITERATION);
+    CHECK_EQ(s.fs.sent_status, 413u);
+    CHECK(s.fs.sent_body.find("request_too_large") != std::string::npos);
+    CHECK_EQ(s.body("x", false), (int)ENVOY_BODY_STOP_ITERATION_NO_BUFFER);
+    s.complete();
+  }
+  {  // chunked: rejected as soon as the buffered + received size crosses the limit
+    Stream s(cfg);
+    s.fs.req_headers = post_headers();
+    s.headers(false);
+    std::string mb(1 << 20, 'a');
+    for (int i = 0; i < 4; ++i) CHECK_EQ(s.body(mb, false), (int)ENVOY_BODY_STOP_ITERATION_AND_BUFFER);
+    CHECK_EQ(s.fs.sent, 0);
+    CHECK_EQ(s.body("a", false), (int)ENVOY_BODY_STOP_ITERATION_NO_BUFFER);
+    CHECK_EQ(s.fs.sent_status, 413u);
+    CHECK_EQ(s.fs.sent_content_type, std::string("application/json"));
+    s.complete();
+  }
+  CHECK_EQ(in_flight(cfg), 0u);
+}
+
+static void test_large_prompt_ok(const void *cfg) {
+  Stream s(cfg);
+  s.fs.req_headers = post_headers();
+  s.headers(false);
+  std::string body = chat("m-a", std::string(2 * 1000 * 1000, 'p'));
+  // ~2 MB in 64 KiB frames.
+  size_t off = 0;
+  int last = -1;
+  while (off < body.size()) {
+    size_t n = std::min<size_t>(65536, body.size() - off);
+    last = s.body(body.substr(off, n), off + n == body.size());
+    off += n;
+  }
+  CHECK_EQ(last, (int)ENVOY_BODY_CONTINUE);
+  CHECK_EQ(s.fs.sent, 0);
+  CHECK(is_pool_a(s.fs.override_host));
+  s.complete();
+}
+
+static void test_trailers_end_the_body(const void *cfg) {
+  Stream s(cfg);
+  s.fs.req_headers = post_headers();
+  s.headers(false);
+  std::string body = chat("m-a", "with trailers");
+  CHECK_EQ(s.body(body, false), (int)ENVOY_BODY_STOP_ITERATION_AND_BUFFER);
+  CHECK_EQ(s.trailers(), (int)ENVOY_TRAILERS_CONTINUE);
+  CHECK(is_pool_a(s.fs.override_host));
+  s.complete();
+  CHECK_EQ(in_flight(cfg), 0u);
+}
+
+static void test_prefix_stickiness_through_shim(const void *cfg) {
+  std::string prefix(4096, 's');
+  std::string first;
+  for (int i = 0; i < 5; ++i) {
+    Stream s(cfg);
+    s.fs.req_headers = post_headers();
+    s.headers(false);
+    s.body(chat("m-a", prefix + " question " + std::to_string(i)), true);
+    if (i == 0) first = s.fs.override_host;
+    CHECK_EQ(s.fs.override_host, first);
+    s.respond(200, "{}");
+    s.complete();
+  }
+}
+
+static void test_metrics_surface(const void *cfg) {
+  Stream s(cfg);
+  s.fs.req_headers = {{":method", "GET"}, {":path", LLMPROXY_ENVOY_DEFAULT_METRICS_PATH}};
+  CHECK_EQ(s.headers(true), (int)ENVOY_HEADERS_STOP_ITERATION);
+  CHECK_EQ(s.fs.sent_status, 200u);
+  CHECK(s.fs.sent_content_type.find("text/plain") == 0);
+  CHECK(s.fs.sent_body.find("llmproxy_envoy_in_flight 0\n") != std::string::npos);
+  CHECK(s.fs.sent_body.find("llmproxy_envoy_routed_total") != std::string::npos);
+  s.complete();
+  // POST to the metrics path is not the metrics surface.
+  Stream p(cfg);
+  p.fs.req_headers = post_headers(LLMPROXY_ENVOY_DEFAULT_METRICS_PATH);
+  CHECK_EQ(p.headers(false), (int)ENVOY_HEADERS_CONTINUE);
+  CHECK_EQ(p.fs.sent, 0);
+}
+
+static void test_override_refused_is_503(const void *cfg) {
+  Stream s(cfg);
+  s.fs.override_result = false;
+  s.fs.req_headers = post_headers();
+  s.headers(false);
+  CHECK_EQ(s.body(chat("m-a", "x"), true), (int)ENVOY_BODY_STOP_ITERATION_NO_BUFFER);
+  CHECK_EQ(s.fs.sent_status, 503u);
+  CHECK_EQ(s.fs.sent_content_type, std::string("application/json"));
+  s.complete();
+  CHECK_EQ(in_flight(cfg), 0u);
+}
+
+static void test_reset_without_response_finishes(const void *cfg) {
+  Stream s(cfg);
+  s.fs.req_headers = post_headers();
+  s.headers(false);
+  s.body(chat("m-a", "reset"), true);
+  CHECK_EQ(in_flight(cfg), 1u);
+  s.complete();  // no response code: finish(0)
+  CHECK_EQ(in_flight(cfg), 0u);
+}
+
+static void test_destroy_without_complete_finishes(const void *cfg) {
+  {
+    Stream s(cfg);
+    s.fs.req_headers = post_headers();
+    s.headers(false);
+    s.body(chat("m-a", "destroyed"), true);
+    CHECK_EQ(in_flight(cfg), 1u);
+  }
+  CHECK_EQ(in_flight(cfg), 0u);
+}
+
+static bool wait_commit(FakeStream &fs, int ms) {
+  for (int i = 0; i < ms; ++i) {
+    {
+      std::lock_guard<std::mutex> lock(fs.mu);
+      if (!fs.committed.empty()) return true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return false;
+}
+
+static void test_pending_resumes_via_scheduler(const void *cfg) {
+  g_pending.enabled = true;
+  int live_before = g_schedulers_live.load();
+  {
+    Stream s(cfg);
+    s.fs.req_headers = post_headers();
+    s.headers(false);
+    CHECK_EQ(s.body(chat("m-a", "async"), true), (int)ENVOY_BODY_STOP_ITERATION_AND_BUFFER);
+    CHECK_EQ(s.fs.override_calls, 0);
+    CHECK(wait_commit(s.fs, 2000));
+    join_pending_threads();
+    {
+      std::lock_guard<std::mutex> lock(s.fs.mu);
+      CHECK_EQ(s.fs.committed.size(), (size_t)1);
+      CHECK(s.fs.commit_thread != std::this_thread::get_id());
+    }
+    CHECK_EQ(s.fs.override_calls, 0);  // nothing touched off the worker thread
+    envoy_dynamic_module_on_http_filter_scheduled(&s.fs, s.m, s.fs.committed[0]);
+    CHECK_EQ(s.fs.continue_decoding, 1);
+    CHECK(is_pool_a(s.fs.override_host));
+    CHECK_EQ(s.fs.header("x-llmproxy-cluster"), std::string("pool_a"));
+    CHECK_EQ(in_flight(cfg), 1u);
+    s.respond(200, "x");
+    s.complete();
+    CHECK_EQ(in_flight(cfg), 0u);
+  }
+  CHECK_EQ(g_schedulers_live.load(), live_before);
+  {  // pending error: local reply from on_scheduled, no continue
+    Stream s(cfg);
+    s.fs.req_headers = post_headers();
+    s.headers(false);
+    CHECK_EQ(s.body(chat("nope", "async"), true), (int)ENVOY_BODY_STOP_ITERATION_AND_BUFFER);
+    CHECK(wait_commit(s.fs, 2000));
+    join_pending_threads();
+    envoy_dynamic_module_on_http_filter_scheduled(&s.fs, s.m, s.fs.committed[0]);
+    CHECK_EQ(s.fs.sent_status, 404u);
+    CHECK_EQ(s.fs.continue_decoding, 0);
+    s.complete();
+  }
+  g_pending.enabled = false;
+  CHECK_EQ(in_flight(cfg), 0u);
+}
+
+static void test_pending_stream_gone_before_decision(const void *cfg) {
+  g_pending.enabled = true;
+  g_pending.delay_ms = 50;
+  int live_before = g_schedulers_live.load();
+  FakeStream *dangling = nullptr;
+  {
+    Stream s(cfg);
+    s.fs.req_headers = post_headers();
+    s.headers(false);
+    CHECK_EQ(s.body(chat("m-a", "abandoned"), true), (int)ENVOY_BODY_STOP_ITERATION_AND_BUFFER);
+    s.complete();
+    dangling = &s.fs;
+  }  // filter destroyed before the decision arrives
+  (void)dangling;
+  join_pending_threads();  // the callback ran after the stream died
+  CHECK_EQ(in_flight(cfg), 0u);
+  CHECK_EQ(g_schedulers_live.load(), live_before);
+  {  // decision delivered (committed) but the stream completes before on_scheduled runs
+    Stream s(cfg);
+    s.fs.req_headers = post_headers();
+    s.headers(false);
+    s.body(chat("m-a", "late"), true);
+    CHECK(wait_commit(s.fs, 2000));
+    join_pending_threads();
+    s.complete();
+    CHECK_EQ(in_flight(cfg), 0u);
+    envoy_dynamic_module_on_http_filter_scheduled(&s.fs, s.m, 1);  // stale event: ignored
+    CHECK_EQ(s.fs.override_calls, 0);
+    CHECK_EQ(s.fs.continue_decoding, 0);
+  }
+  g_pending.enabled = false;
+  g_pending.delay_ms = 20;
+  CHECK_EQ(g_schedulers_live.load(), live_before);
+}
+
+static void test_exceptions_do_not_escape(const void *cfg) {
+  Stream s(cfg);
+  s.fs.req_headers = post_headers();
+  s.fs.throw_in_get_headers = true;
+  int r = s.headers(false);  // must return normally
+  CHECK(r == ENVOY_HEADERS_CONTINUE || r == ENVOY_HEADERS_STOP_ITERATION);
+  s.fs.throw_in_get_headers = false;
+  s.complete();
+  Stream m(cfg);
+  m.fs.req_headers = {{":method", "GET"}, {":path", LLMPROXY_ENVOY_DEFAULT_METRICS_PATH}};
+  m.headers(true);
+  CHECK(m.fs.sent_body.find("llmproxy_envoy_hook_exceptions_total 0\n") == std::string::npos);
+}
+
+static void test_config_knobs() {
+  const void *cfg = new_config(config_json(R"(,"strict_endpoint_override":false,"cluster_header":"X-Route-Cluster")"));
+  CHECK(cfg != nullptr);
+  if (!cfg) return;
+  {
+    Stream s(cfg);
+    s.fs.req_headers = post_headers("/v1/chat/completions", {{"x-route-cluster", "evil"}});
+    s.headers(false);
+    s.body(chat("m-b", "knobs"), true);
+    CHECK(!s.fs.override_strict);
+    CHECK_EQ(s.fs.header("x-route-cluster"), std::string("pool_b"));
+    CHECK_EQ(s.fs.header_count("x-route-cluster"), 1);
+    s.complete();
+  }
+  envoy_dynamic_module_on_http_filter_config_destroy(cfg);
+}
+
+int main() {
+  struct T {
+    const char *name;
+    std::function<void(const void *)> fn;
+  };
+  const void *cfg = new_config(config_json());
+  if (!cfg) {
+    std::fprintf(stderr, "config_new failed for the test config:\n");
+    for (auto &l : g_logs) std::fprintf(stderr, "  %s\n", l.c_str());
+    std::printf("0 passed, 1 failed\n");
+    return 1;
+  }
+  std::vector<T> tests = {
+      {"program_init", [](const void *) { test_program_init(); }},
+      {"bad_config_rejected_with_message", [](const void *) { test_bad_config_rejected_with_message(); }},
+      {"passthrough_untouched_but_routing_headers_stripped", test_passthrough_untouched_but_routing_headers_stripped},
+      {"routed_full_lifecycle", test_routed_full_lifecycle},
+      {"second_model_other_cluster", test_second_model_other_cluster},
+      {"body_already_buffered_by_earlier_filter", test_body_already_buffered_by_earlier_filter},
+      {"errors_400_404", test_errors},
+      {"missing_body_is_400", test_missing_body_is_400},
+      {"too_large_413", test_too_large},
+      {"large_prompt_ok", test_large_prompt_ok},
+      {"trailers_end_the_body", test_trailers_end_the_body},
+      {"prefix_stickiness_through_shim", test_prefix_stickiness_through_shim},
+      {"metrics_surface", test_metrics_surface},
+      {"override_refused_is_503", test_override_refused_is_503},
+      {"reset_without_response_finishes", test_reset_without_response_finishes},
+      {"destroy_without_complete_finishes", test_destroy_without_complete_finishes},
+      {"pending_resumes_via_scheduler", test_pending_resumes_via_scheduler},
+      {"pending_stream_gone_before_decision", test_pending_stream_gone_before_decision},
+      {"exceptions_do_not_escape", test_exceptions_do_not_escape},
+      {"config_knobs", [](const void *) { test_config_knobs(); }},
+  };
+  int passed = 0, failed = 0;
+  for (auto &t : tests) {
+    g_current = t.name;
+    int before = g_failed_checks;
+    t.fn(cfg);
+    bool ok = g_failed_checks == before;
+    std::printf("%s %s\n", ok ? "PASS" : "FAIL", t.name);
+    (ok ? passed : failed)++;
+  }
+  CHECK_EQ(in_flight(cfg), 0u);
+  envoy_dynamic_module_on_http_filter_config_destroy(cfg);
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 && g_failed_checks == 0 ? 0 : 1;
+}

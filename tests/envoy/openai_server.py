@@ -1,0 +1,135 @@
+"""OpenAI-compatible test servers (Python stdlib only) for the Envoy end-to-end tests.
+
+One process serves several named servers, each on its own 127.0.0.1 port:
+
+    python openai_server.py a1=18001 a2=18002 ...
+
+Every response carries `x-served-by: <name>`. POST /v1/chat/completions and /v1/completions
+answer JSON, or Server-Sent Events when the body says "stream": true (events are flushed one
+by one, `x-test-chunk-delay-ms` apart, `x-test-chunks` of them). The JSON answer echoes what
+the server received (headers, body size, model) so tests can check what Envoy forwarded.
+GET /v1/models and /health answer too. Prints "READY" once every port listens.
+"""
+
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def make_handler(name):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "llmproxy-test"
+
+        def log_message(self, *args):  # keep the test output clean
+            pass
+
+        def _read_body(self):
+            if self.headers.get("transfer-encoding", "").lower() == "chunked":
+                data = bytearray()
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass
+                        return bytes(data)
+                    data += self.rfile.read(size)
+                    self.rfile.readline()
+            n = int(self.headers.get("content-length", "0") or 0)
+            return self.rfile.read(n) if n else b""
+
+        def _send_json(self, status, obj):
+            body = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.send_header("x-served-by", name)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            if self.path.startswith("/v1/models"):
+                self._send_json(200, {"object": "list", "data": [{"id": "m-a", "object": "model"}],
+                                      "served_by": name})
+            elif self.path.startswith("/health"):
+                self._send_json(200, {"status": "ok", "served_by": name})
+            else:
+                self._send_json(404, {"error": {"message": "not found"}, "served_by": name})
+
+        def do_POST(self):
+            raw = self._read_body()
+            if not self.path.startswith(("/v1/chat/completions", "/v1/completions", "/v1/embeddings")):
+                self._send_json(404, {"error": {"message": "not found"}, "served_by": name})
+                return
+            try:
+                req = json.loads(raw or b"{}")
+            except ValueError:
+                req = {}
+            model = req.get("model", "")
+            echo = {
+                "served_by": name,
+                "model": model,
+                "body_bytes": len(raw),
+                "received_headers": {k.lower(): v for k, v in self.headers.items()},
+            }
+            if req.get("stream"):
+                self._stream(model, echo)
+                return
+            self._send_json(200, {
+                "id": "cmpl-test", "object": "chat.completion", "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi from " + name},
+                             "finish_reason": "stop"}],
+                **echo,
+            })
+
+        def _stream(self, model, echo):
+            chunks = int(self.headers.get("x-test-chunks", "5"))
+            delay = int(self.headers.get("x-test-chunk-delay-ms", "0")) / 1000.0
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("cache-control", "no-cache")
+            self.send_header("transfer-encoding", "chunked")
+            self.send_header("x-served-by", name)
+            self.end_headers()
+
+            def write_event(payload):
+                data = ("data: " + payload + "\n\n").encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            for i in range(chunks):
+                event = {"id": "cmpl-test", "object": "chat.completion.chunk", "model": model,
+                         "choices": [{"index": 0, "delta": {"content": "tok%d " % i}}],
+                         "t": time.time()}
+                if i == 0:
+                    event.update(echo)
+                write_event(json.dumps(event))
+                if delay and i + 1 < chunks:
+                    time.sleep(delay)
+            write_event("[DONE]")
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+
+    return Handler
+
+
+def main(argv):
+    servers = []
+    for spec in argv:
+        name, port = spec.split("=")
+        srv = ThreadingHTTPServer(("127.0.0.1", int(port)), make_handler(name))
+        srv.daemon_threads = True
+        servers.append(srv)
+    for srv in servers:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    print("READY", flush=True)
+    try:
+        sys.stdin.read()  # run until the parent closes stdin or kills us
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

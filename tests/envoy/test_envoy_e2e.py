@@ -1,0 +1,286 @@
+"""End-to-end: real Envoy 1.40 + build/libllmproxy_envoy.so + OpenAI-compatible test servers."""
+
+import http.client
+import json
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import harness
+from conftest import MAX_BODY, POOLS
+
+CHAT = "/v1/chat/completions"
+
+
+def chat(model, text, stream=False, **extra):
+    body = {"model": model, "messages": [{"role": "system", "content": "You are a test."},
+                                         {"role": "user", "content": text}]}
+    if stream:
+        body["stream"] = True
+    body.update(extra)
+    return body
+
+
+def post(gw, body, headers=None, path=CHAT):
+    status, hdrs, data, secs = harness.request(gw.port, "POST", path, body, headers)
+    return status, hdrs, data, secs
+
+
+def metrics(gw):
+    status, _, data, _ = harness.request(gw.port, "GET", "/llmproxy/metrics")
+    assert status == 200
+    values = {}
+    for line in data.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def wait_in_flight_zero(gw, timeout=5.0):
+    deadline = time.time() + timeout
+    value = None
+    while time.time() < deadline:
+        value = metrics(gw)["llmproxy_envoy_in_flight"]
+        if value == 0:
+            return
+        time.sleep(0.05)
+    pytest.fail("in-flight did not return to 0 (last %s)" % value)
+
+
+def random_text(n, seed=None):
+    rnd = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "lambda", "zeta"]
+    out = []
+    size = 0
+    while size < n:
+        w = rnd.choice(words) + str(rnd.randint(0, 9999))
+        out.append(w)
+        size += len(w) + 1
+    return " ".join(out)[:n]
+
+
+def assert_our_error(status, hdrs, data, expected_status, code):
+    assert status == expected_status, data
+    assert hdrs.get("content-type") == "application/json"
+    err = json.loads(data)["error"]
+    assert err["code"] == code, err
+    assert err["message"]
+    assert "x-served-by" not in hdrs  # answered by the gateway, not a server
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_routed_request_reaches_pool_with_headers(gateway):
+    status, hdrs, data, _ = post(gateway, chat("m-a", "hello"))
+    assert status == 200, data
+    echo = json.loads(data)
+    assert echo["served_by"] in POOLS["pool_a"]
+    seen = echo["received_headers"]
+    assert seen["x-llmproxy-endpoint"] == gateway.servers.addr(echo["served_by"])
+    assert seen["x-llmproxy-scene"] == "chat-a"
+    assert seen["x-llmproxy-cluster"] == "pool_a"
+    status, _, data, _ = post(gateway, chat("m-b", "hello"))
+    assert status == 200
+    assert json.loads(data)["served_by"] in POOLS["pool_b"]
+
+
+def test_passthrough_is_untouched(gateway):
+    # Not an inference request: the route's default cluster and its own round robin serve it.
+    served = set()
+    for _ in range(6):
+        status, hdrs, data, _ = harness.request(gateway.port, "GET", "/v1/models",
+                                                headers={"x-llmproxy-cluster": "pool_b"})
+        assert status == 200
+        served.add(hdrs["x-served-by"])
+    assert served <= set(POOLS["pool_a"])  # the client-supplied cluster header was ignored
+    assert len(served) >= 2  # round robin of the cluster, not a forced endpoint
+    status, hdrs, _, _ = harness.request(gateway.port, "GET", "/health")
+    assert status == 200 and hdrs["x-served-by"] in POOLS["pool_a"]
+    status, hdrs, data, _ = post(gateway, {"model": "m-b", "input": "x"}, path="/v1/embeddings")
+    assert status == 200 and json.loads(data)["served_by"] in POOLS["pool_a"]
+
+
+def test_prefix_stickiness_and_spreading(gateway):
+    prefix = random_text(6000, seed=1)
+    first = None
+    for i in range(6):
+        status, _, data, _ = post(gateway, chat("m-a", prefix + " question number %d?" % i))
+        assert status == 200
+        served = json.loads(data)["served_by"]
+        first = first or served
+        assert served == first, "request %d with the shared prefix went to %s, not %s" % (i, served, first)
+    spread = set()
+    for i in range(15):
+        status, _, data, _ = post(gateway, chat("m-a", random_text(6000, seed=1000 + i)))
+        assert status == 200
+        spread.add(json.loads(data)["served_by"])
+    assert len(spread) >= 2, "distinct prefixes all went to %s" % spread
+
+
+def test_invalid_json_400(gateway):
+    status, hdrs, data, _ = post(gateway, b'{"model": "m-a", "messages": [')
+    assert_our_error(status, hdrs, data, 400, "invalid_request")
+
+
+def test_unknown_model_404(gateway):
+    status, hdrs, data, _ = post(gateway, chat("no-such-model", "hi"))
+    assert_our_error(status, hdrs, data, 404, "model_not_found")
+
+
+def test_missing_body_400(gateway):
+    status, hdrs, data, _ = post(gateway, None, headers={"content-length": "0"})
+    assert_our_error(status, hdrs, data, 400, "invalid_request")
+
+
+def test_body_over_limit_413(gateway):
+    big = chat("m-a", "x" * (MAX_BODY + 1000))
+    status, hdrs, data, _ = post(gateway, big)
+    assert_our_error(status, hdrs, data, 413, "request_too_large")
+
+
+def test_chunked_body_over_limit_413(gateway):
+    payload = json.dumps(chat("m-a", "y" * (MAX_BODY + 1000))).encode()
+
+    def chunks():
+        for i in range(0, len(payload), 256 * 1024):
+            yield payload[i:i + 256 * 1024]
+
+    c = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    try:
+        c.request("POST", CHAT, body=chunks(), headers={"content-type": "application/json"}, encode_chunked=True)
+        r = c.getresponse()
+        data = r.read()
+        assert_our_error(r.status, {k.lower(): v for k, v in r.getheaders()}, data, 413, "request_too_large")
+    except (BrokenPipeError, ConnectionResetError):
+        pytest.fail("connection reset instead of our 413")
+    finally:
+        c.close()
+
+
+def test_two_megabyte_prompt_succeeds(gateway):
+    body = json.dumps(chat("m-a", random_text(2 * 1000 * 1000, seed=7))).encode()
+    assert len(body) > 2_000_000  # above Envoy's default 1 MiB buffer limit
+    status, _, data, _ = post(gateway, body)
+    assert status == 200, data[:300]
+    echo = json.loads(data)
+    assert echo["body_bytes"] == len(body)  # the upstream got the whole body
+    assert echo["served_by"] in POOLS["pool_a"]
+
+
+def test_sse_streams_incrementally_and_finishes(gateway):
+    c = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    try:
+        t0 = time.perf_counter()
+        c.request("POST", CHAT, body=json.dumps(chat("m-b", "stream please", stream=True)),
+                  headers={"content-type": "application/json", "x-test-chunks": "5",
+                           "x-test-chunk-delay-ms": "250"})
+        r = c.getresponse()
+        assert r.status == 200
+        assert r.getheader("content-type") == "text/event-stream"
+        arrivals, events = [], []
+        while True:
+            line = r.readline()
+            if not line:
+                break
+            line = line.strip()
+            if line.startswith(b"data: "):
+                arrivals.append(time.perf_counter() - t0)
+                events.append(line[6:])
+                if line == b"data: [DONE]":
+                    break
+        assert events[-1] == b"[DONE]"
+        assert len(events) == 6
+        first = json.loads(events[0])
+        assert first["served_by"] in POOLS["pool_b"]
+        # Incremental: the first event arrived long before the last one was even written.
+        assert arrivals[-1] - arrivals[0] >= 0.8, arrivals
+        assert arrivals[0] < arrivals[-1] - 0.7, arrivals
+    finally:
+        c.close()
+    wait_in_flight_zero(gateway)
+
+
+def test_metrics_surface_in_flight_back_to_zero(gateway):
+    before = metrics(gateway)
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(lambda i: post(gateway, chat("m-a", "count %d" % i))[0], range(16)))
+    assert results == [200] * 16
+    wait_in_flight_zero(gateway)
+    after = metrics(gateway)
+    assert after["llmproxy_envoy_routed_total"] - before["llmproxy_envoy_routed_total"] >= 16
+    assert after["llmproxy_envoy_hook_exceptions_total"] == 0
+
+
+def test_client_routing_headers_are_ignored(gateway):
+    prefix = random_text(5000, seed=42)
+    status, _, data, _ = post(gateway, chat("m-a", prefix + " first"))
+    assert status == 200
+    home = json.loads(data)["served_by"]
+    other = next(n for n in POOLS["pool_a"] if n != home)
+    for i in range(5):
+        status, _, data, _ = post(gateway, chat("m-a", prefix + " again %d" % i), headers={
+            "x-gateway-destination-endpoint": gateway.servers.addr(other),
+            "x-llmproxy-endpoint": gateway.servers.addr(other),
+            "x-llmproxy-cluster": "pool_b",
+        })
+        assert status == 200
+        echo = json.loads(data)
+        assert echo["served_by"] == home
+        seen = echo["received_headers"]
+        assert "x-gateway-destination-endpoint" not in seen
+        assert seen["x-llmproxy-endpoint"] == gateway.servers.addr(home)
+        assert seen["x-llmproxy-cluster"] == "pool_a"
+
+
+def test_down_server_strict_503_then_avoided(gateway):
+    statuses = []
+    since_fail = 0
+    # The down endpoint is one of three; its failures eject it (library: 3 consecutive failures).
+    for i in range(120):
+        status, hdrs, data, secs = post(gateway, chat("m-d", random_text(300, seed=5000 + i)))
+        statuses.append(status)
+        since_fail = 0 if status == 503 else since_fail + 1
+        if status == 503:
+            assert secs < 1.5, "strict override to a down server took %.2fs" % secs
+            assert "x-served-by" not in hdrs
+        else:
+            assert status == 200, data
+            assert json.loads(data)["served_by"] in POOLS["pool_d"]
+        if 503 in statuses and since_fail >= 25:
+            break  # 25 successes in a row after the last failure
+    failures = statuses.count(503)
+    assert failures >= 1, "the down endpoint was never picked in %d requests" % len(statuses)
+    last_fail = len(statuses) - 1 - statuses[::-1].index(503)
+    tail = statuses[last_fail + 1:]
+    assert len(tail) >= 25 and all(s == 200 for s in tail), statuses
+    assert failures <= 10, statuses
+    wait_in_flight_zero(gateway)
+
+
+def test_200_concurrent_mixed_models(gateway):
+    def one(i):
+        model = "m-a" if i % 2 else "m-b"
+        stream = i % 5 == 0
+        text = random_text(2000, seed=i % 20) + " turn %d" % i
+        if stream:
+            status, hdrs, data, _ = post(gateway, chat(model, text, stream=True),
+                                         headers={"x-test-chunks": "3"})
+            ok = status == 200 and data.rstrip().endswith(b"data: [DONE]")
+            served = hdrs.get("x-served-by")
+        else:
+            status, hdrs, data, _ = post(gateway, chat(model, text))
+            ok = status == 200
+            served = json.loads(data).get("served_by") if ok else None
+        pool = POOLS["pool_a"] if model == "m-a" else POOLS["pool_b"]
+        return ok and served in pool, status, served
+
+    with ThreadPoolExecutor(50) as ex:
+        results = list(ex.map(one, range(200)))
+    bad = [r for r in results if not r[0]]
+    assert not bad, bad[:5]
+    wait_in_flight_zero(gateway)

@@ -1,0 +1,285 @@
+//! Endpoint selection: pure functions over a snapshot of candidate loads.
+//!
+//! `inference_lb` is the origin's scoring, kept exactly (see `docs/design.md`):
+//!
+//! ```text
+//! delta          = max(2, Qmax − Qmin)
+//! NormReqLoad    = (Q − Qmin) / delta
+//! NormPrefill    = L / max(1024, Lmax)
+//! W2eff          = W2 · ⌈delta / 5⌉          (the origin's code; its docs say W2·delta/5)
+//! score          = W1·CacheRatio − W2eff·NormReqLoad − W3·NormPrefill
+//! ```
+//!
+//! then one of the best `candidate_percent` % (at least one) is taken uniformly at random.
+//! Ties are broken at random, never by list order (the origin herded new prefixes onto its
+//! first host). Selection is O(n): a partial select, not a sort.
+
+use crate::config::LbParams;
+
+/// What the balancer knows about one candidate endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CandidateLoad {
+    /// Requests queued or running on the endpoint (Q).
+    pub in_flight: u64,
+    /// Prompt characters still in prefill on the endpoint (L).
+    pub prefill_chars: u64,
+    /// Share of the prompt's chunks the endpoint is known to hold, 0–1.
+    pub cache_ratio: f64,
+}
+
+/// Floor of the prefill normaliser (the origin's 1024).
+pub const PREFILL_FLOOR: u64 = 1024;
+
+/// Scores every candidate with the `inference_lb` formula (higher is better).
+pub fn scores(c: &[CandidateLoad], p: &LbParams) -> Vec<f64> {
+    if c.is_empty() {
+        return Vec::new();
+    }
+    let q_min = c.iter().map(|x| x.in_flight).min().unwrap_or(0);
+    let q_max = c.iter().map(|x| x.in_flight).max().unwrap_or(0);
+    let l_max = c
+        .iter()
+        .map(|x| x.prefill_chars)
+        .max()
+        .unwrap_or(0)
+        .max(PREFILL_FLOOR);
+    let delta = (q_max - q_min).max(2);
+    let w_request = p.request_load_weight * delta.div_ceil(5) as f64;
+    c.iter()
+        .map(|x| {
+            let cache = if p.cache_aware { x.cache_ratio } else { 0.0 };
+            let (req_load, prefill_load) = if p.load_aware {
+                (
+                    (x.in_flight - q_min) as f64 / delta as f64,
+                    x.prefill_chars as f64 / l_max as f64,
+                )
+            } else {
+                (0.0, 0.0)
+            };
+            p.cache_ratio_weight * cache
+                - w_request * req_load
+                - p.prefill_load_weight * prefill_load
+        })
+        .collect()
+}
+
+/// Number of candidates kept: ⌊n·percent/100⌋, at least one, at most n.
+pub fn candidate_count(n: usize, percent: f64) -> usize {
+    (((n as f64) * percent / 100.0).floor() as usize).clamp(1, n.max(1))
+}
+
+/// Picks an index with `inference_lb`. `candidates` must not be empty.
+pub fn inference_lb(candidates: &[CandidateLoad], p: &LbParams, rng: &mut fastrand::Rng) -> usize {
+    let s = scores(candidates, p);
+    let k = candidate_count(s.len(), p.candidate_percent);
+    pick_among_best(&s, k, rng)
+}
+
+/// Uniformly random among the `k` highest scores; ties broken at random.
+pub fn pick_among_best(scores: &[f64], k: usize, rng: &mut fastrand::Rng) -> usize {
+    assert!(!scores.is_empty(), "no candidates");
+    if k <= 1 {
+        // Argmax with reservoir sampling over ties.
+        let mut best = 0;
+        let mut ties = 1;
+        for i in 1..scores.len() {
+            if scores[i] > scores[best] {
+                best = i;
+                ties = 1;
+            } else if scores[i] == scores[best] {
+                ties += 1;
+                if rng.usize(..ties) == 0 {
+                    best = i;
+                }
+            }
+        }
+        return best;
+    }
+    let mut keyed: Vec<(f64, u32, usize)> = scores
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| (s, rng.u32(..), i))
+        .collect();
+    let k = k.min(keyed.len());
+    keyed.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    keyed[rng.usize(..k)].2
+}
+
+/// Uniformly random index below `n` (n > 0).
+pub fn random(n: usize, rng: &mut fastrand::Rng) -> usize {
+    rng.usize(..n)
+}
+
+/// Next round-robin index below `n` (n > 0) from a shared cursor.
+pub fn round_robin(cursor: &std::sync::atomic::AtomicUsize, n: usize) -> usize {
+    cursor.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n
+}
+
+/// Fewest in-flight requests; ties broken at random.
+pub fn least_request(candidates: &[CandidateLoad], rng: &mut fastrand::Rng) -> usize {
+    let s: Vec<f64> = candidates.iter().map(|c| -(c.in_flight as f64)).collect();
+    pick_among_best(&s, 1, rng)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn load(q: u64, l: u64, c: f64) -> CandidateLoad {
+        CandidateLoad {
+            in_flight: q,
+            prefill_chars: l,
+            cache_ratio: c,
+        }
+    }
+
+    #[test]
+    fn origin_worked_example_picks_b() {
+        // The origin design doc: A(q=8,L=4096,c=0) B(q=2,L=1024,c=.667) C(q=5,L=2048,c=.333).
+        let c = [
+            load(8, 4096, 0.0),
+            load(2, 1024, 0.667),
+            load(5, 2048, 0.333),
+        ];
+        let p = LbParams::default();
+        let s = scores(&c, &p);
+        // delta = 6, W2eff = 1·⌈6/5⌉ = 2, Lmax = 4096.
+        assert!((s[0] - (-5.0)).abs() < 1e-9, "{s:?}");
+        assert!((s[1] - (2.0 * 0.667 - 0.75)).abs() < 1e-9, "{s:?}");
+        assert!((s[2] - (2.0 * 0.333 - 1.0 - 1.5)).abs() < 1e-9, "{s:?}");
+        let mut rng = fastrand::Rng::with_seed(1);
+        for _ in 0..100 {
+            assert_eq!(inference_lb(&c, &p, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn dynamic_request_weight_grows_with_spread() {
+        let p = LbParams {
+            cache_aware: false,
+            prefill_load_weight: 0.0,
+            ..LbParams::default()
+        };
+        // delta = 11 → W2eff = 3; the most loaded scores −3.
+        let s = scores(&[load(0, 0, 0.0), load(11, 0, 0.0)], &p);
+        assert_eq!(s, vec![0.0, -3.0]);
+        // delta below 2 is floored at 2.
+        let s = scores(&[load(0, 0, 0.0), load(1, 0, 0.0)], &p);
+        assert_eq!(s, vec![0.0, -0.5]);
+    }
+
+    #[test]
+    fn prefill_floor_is_1024() {
+        let p = LbParams {
+            cache_aware: false,
+            request_load_weight: 0.0,
+            ..LbParams::default()
+        };
+        let s = scores(&[load(0, 512, 0.0), load(0, 0, 0.0)], &p);
+        assert_eq!(s, vec![-1.5, 0.0]);
+    }
+
+    #[test]
+    fn disabled_terms_drop_out() {
+        let c = [load(9, 9000, 0.0), load(0, 0, 1.0)];
+        let none = LbParams {
+            load_aware: false,
+            cache_aware: false,
+            ..LbParams::default()
+        };
+        assert_eq!(scores(&c, &none), vec![0.0, 0.0]);
+        let cache_only = LbParams {
+            load_aware: false,
+            ..LbParams::default()
+        };
+        assert_eq!(scores(&c, &cache_only), vec![0.0, 2.0]);
+    }
+
+    #[test]
+    fn candidate_count_is_at_least_one() {
+        assert_eq!(candidate_count(3, 10.0), 1);
+        assert_eq!(candidate_count(20, 10.0), 2);
+        assert_eq!(candidate_count(1000, 10.0), 100);
+        assert_eq!(candidate_count(5, 0.0), 1);
+        assert_eq!(candidate_count(5, 100.0), 5);
+    }
+
+    #[test]
+    fn ties_are_broken_at_random_not_by_order() {
+        let c = vec![CandidateLoad::default(); 4];
+        let p = LbParams::default();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut hits = [0u32; 4];
+        for _ in 0..4000 {
+            hits[inference_lb(&c, &p, &mut rng)] += 1;
+        }
+        for h in hits {
+            assert!((800..1200).contains(&h), "{hits:?}");
+        }
+    }
+
+    #[test]
+    fn top_k_draws_only_from_the_best() {
+        // 20 candidates, 10 % → 2; the two best are 3 and 17.
+        let mut c = vec![load(10, 0, 0.0); 20];
+        c[3] = load(0, 0, 0.0);
+        c[17] = load(0, 0, 0.0);
+        let p = LbParams::default();
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            seen.insert(inference_lb(&c, &p, &mut rng));
+        }
+        assert_eq!(seen, [3, 17].into_iter().collect());
+    }
+
+    #[test]
+    fn least_request_and_round_robin() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        assert_eq!(
+            least_request(
+                &[load(3, 0, 0.0), load(1, 0, 0.0), load(2, 0, 0.0)],
+                &mut rng
+            ),
+            1
+        );
+        let cur = std::sync::atomic::AtomicUsize::new(0);
+        let got: Vec<_> = (0..5).map(|_| round_robin(&cur, 3)).collect();
+        assert_eq!(got, vec![0, 1, 2, 0, 1]);
+    }
+
+    proptest! {
+        // Scores are invariant to adding the same load to every candidate's queue.
+        #[test]
+        fn request_load_is_relative(qs in proptest::collection::vec(0u64..100, 1..20), shift in 0u64..1000) {
+            let p = LbParams { prefill_load_weight: 0.0, cache_aware: false, ..LbParams::default() };
+            let a: Vec<_> = qs.iter().map(|&q| load(q, 0, 0.0)).collect();
+            let b: Vec<_> = qs.iter().map(|&q| load(q + shift, 0, 0.0)).collect();
+            prop_assert_eq!(scores(&a, &p), scores(&b, &p));
+        }
+
+        // More cache, less load, less prefill never lowers a score (monotonicity).
+        #[test]
+        fn monotone_in_each_term(q in 0u64..50, l in 0u64..10000, c in 0.0f64..1.0,
+                                 others in proptest::collection::vec((0u64..50, 0u64..10000, 0.0f64..1.0), 1..10)) {
+            let p = LbParams::default();
+            let mut set: Vec<_> = others.iter().map(|&(q, l, c)| load(q, l, c)).collect();
+            set.push(load(q, l, c));
+            let base = *scores(&set, &p).last().unwrap();
+            let n = set.len() - 1;
+            set[n] = load(q, l, (c + 0.1).min(1.0));
+            prop_assert!(*scores(&set, &p).last().unwrap() >= base);
+        }
+
+        // The pick is always one of the k best scores.
+        #[test]
+        fn pick_is_among_top_k(s in proptest::collection::vec(-10.0f64..10.0, 1..50), pct in 0.0f64..100.0, seed in any::<u64>()) {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let k = candidate_count(s.len(), pct);
+            let i = pick_among_best(&s, k, &mut rng);
+            let better = s.iter().filter(|&&x| x > s[i]).count();
+            prop_assert!(better < k);
+        }
+    }
+}

@@ -1,0 +1,844 @@
+//! Configuration: the origin's plugin config (aigw `llmproxy`) plus llmproxy's additions.
+//!
+//! This module owns parsing and validation. Input is JSON, either the bare object or Istio's
+//! TypedStruct shape `{"@type": "...", "value": {...}}`. Field names are the origin's proto
+//! snake_case names; the lowerCamelCase spellings that protojson accepts are aliases. Every
+//! validation error names the JSON path of the offending field and the reason.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+/// The backend protocol spoken by a rule's model servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// vLLM OpenAI-compatible server.
+    Vllm,
+    /// SGLang OpenAI-compatible server.
+    Sglang,
+    /// TensorRT-LLM `trtllm-serve` (OpenAI-compatible).
+    TensorRtLlm,
+    /// Triton Inference Server with the TensorRT-LLM backend.
+    Triton,
+}
+
+impl Backend {
+    /// All accepted backend names, for error messages.
+    pub const NAMES: &'static str = "vllm, sglang, tensorrt-llm, triton";
+
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "vllm" => Some(Self::Vllm),
+            "sglang" => Some(Self::Sglang),
+            "tensorrt-llm" => Some(Self::TensorRtLlm),
+            "triton" => Some(Self::Triton),
+            _ => None,
+        }
+    }
+
+    /// The config spelling of this backend.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vllm => "vllm",
+            Self::Sglang => "sglang",
+            Self::TensorRtLlm => "tensorrt-llm",
+            Self::Triton => "triton",
+        }
+    }
+}
+
+/// The endpoint selection algorithm (`algorithm` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Cache- and load-aware scoring (the origin's `inference_lb`).
+    InferenceLb,
+    /// Uniformly random.
+    Random,
+    /// Round robin per cluster.
+    RoundRobin,
+    /// Fewest in-flight requests, ties broken at random.
+    LeastRequest,
+}
+
+impl Algorithm {
+    /// All accepted algorithm names, for error messages.
+    pub const NAMES: &'static str = "inference_lb, random, round_robin, least_request";
+
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "inference_lb" => Some(Self::InferenceLb),
+            "random" => Some(Self::Random),
+            "round_robin" => Some(Self::RoundRobin),
+            "least_request" => Some(Self::LeastRequest),
+            _ => None,
+        }
+    }
+}
+
+/// One header condition of a rule: the request header `key` must equal `value` exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderMatch {
+    /// Header name, stored lower-case (matching is case-insensitive).
+    pub key: String,
+    /// Exact value.
+    pub value: String,
+}
+
+/// A subset selector of a rule (kept for LoRA and label routing).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subset {
+    /// Subset name.
+    pub name: String,
+    /// Endpoint labels that select the subset.
+    pub labels: BTreeMap<String, String>,
+    /// LoRA adapter name.
+    pub lora: String,
+}
+
+/// One routing rule of a model.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Scene name (free text, reported in logs and to the upstream).
+    pub scene_name: String,
+    /// Cluster the rule routes to; also the metadata-center cluster key.
+    pub cluster: String,
+    /// Backend protocol of the cluster's servers.
+    pub backend: Backend,
+    /// Header conditions; empty means this is the model's default rule.
+    pub headers: Vec<HeaderMatch>,
+    /// Route name (logged only).
+    pub route_name: String,
+    /// Subsets (label or LoRA selection).
+    pub subset: Vec<Subset>,
+}
+
+/// Per-model balancing parameters (`lb_mapping_rule[model]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LbParams {
+    /// Use load (in-flight requests, prefill) in the score.
+    pub load_aware: bool,
+    /// Use the prefix-cache match ratio in the score.
+    pub cache_aware: bool,
+    /// Share of candidates, best first, among which one is picked at random (0–100).
+    pub candidate_percent: f64,
+    /// W2: weight of the normalised request load.
+    pub request_load_weight: f64,
+    /// W3: weight of the normalised prefill load.
+    pub prefill_load_weight: f64,
+    /// W1: weight of the cache match ratio (`cache_radio_weight`, the origin's spelling).
+    pub cache_ratio_weight: f64,
+}
+
+impl Default for LbParams {
+    fn default() -> Self {
+        Self {
+            load_aware: true,
+            cache_aware: true,
+            candidate_percent: 10.0,
+            request_load_weight: 1.0,
+            prefill_load_weight: 3.0,
+            cache_ratio_weight: 2.0,
+        }
+    }
+}
+
+/// Passive health checking: endpoints that keep failing are left out for a while.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejection {
+    /// Consecutive failed requests (upstream 502/503/504, or no response) that eject an endpoint.
+    pub consecutive_failures: u32,
+    /// How long an ejected endpoint is left out, in milliseconds.
+    pub eject_ms: u64,
+}
+
+impl Default for Ejection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 3,
+            eject_ms: 10_000,
+        }
+    }
+}
+
+/// The validated configuration of a router.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Selection algorithm.
+    pub algorithm: Algorithm,
+    /// model → rules, sorted most specific first (stable by header count, descending).
+    pub models: BTreeMap<String, Vec<Rule>>,
+    /// model → balancing parameters; models without an entry use the defaults.
+    pub lb: HashMap<String, LbParams>,
+    /// cluster → static endpoints.
+    pub clusters: BTreeMap<String, Vec<SocketAddr>>,
+    /// Prefix hash chunk size in bytes of the canonical prompt.
+    pub hash_chunk_bytes: usize,
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: u64,
+    /// Paths whose POST requests go through pick.
+    pub intercept_paths: Vec<String>,
+    /// Hosts force the endpoint strictly (no fallback to the cluster's own balancing).
+    pub strict_endpoint_override: bool,
+    /// Request header a host sets to the chosen cluster for header-based routes.
+    pub cluster_header: String,
+    /// Capacity of the local prefix index, in chunk-hash entries.
+    pub prefix_index_capacity: usize,
+    /// Passive ejection of failing endpoints.
+    pub ejection: Ejection,
+    /// The origin's `log` block (accepted; llmproxy logs through its host).
+    pub log_enabled: bool,
+}
+
+/// Default `hash_chunk_bytes`.
+pub const DEFAULT_HASH_CHUNK_BYTES: usize = 512;
+/// Default `max_body_bytes` (8 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
+/// Default `prefix_index_capacity`.
+pub const DEFAULT_PREFIX_INDEX_CAPACITY: usize = 200_000;
+/// Default `cluster_header`.
+pub const DEFAULT_CLUSTER_HEADER: &str = "x-llmproxy-cluster";
+/// Default `intercept_paths`.
+pub const DEFAULT_INTERCEPT_PATHS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
+
+/// A configuration error: where (JSON path) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// JSON path of the offending field, e.g. `model_mapping_rule.m1.rules[0].backend`.
+    pub path: String,
+    /// Human-readable reason.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() || self.path == "." {
+            write!(f, "config: {}", self.reason)
+        } else {
+            write!(f, "config.{}: {}", self.path, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(path: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        path: path.into(),
+        reason: reason.into(),
+    }
+}
+
+// ---- raw serde shapes (field names as users write them) ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    protocol: Option<String>,
+    #[serde(default)]
+    algorithm: Option<String>,
+    #[serde(default, alias = "modelMappingRule")]
+    model_mapping_rule: BTreeMap<String, RawRules>,
+    #[serde(default, alias = "lbMappingRule")]
+    lb_mapping_rule: BTreeMap<String, RawLbConfig>,
+    #[serde(default)]
+    log: Option<RawLog>,
+    #[serde(default)]
+    clusters: BTreeMap<String, RawCluster>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    hash_chunk_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    max_body_bytes: Option<u64>,
+    #[serde(default)]
+    intercept_paths: Option<Vec<String>>,
+    #[serde(default)]
+    strict_endpoint_override: Option<bool>,
+    #[serde(default)]
+    cluster_header: Option<String>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    prefix_index_capacity: Option<u64>,
+    #[serde(default)]
+    ejection: Option<RawEjection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRules {
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    #[serde(default, alias = "sceneName")]
+    scene_name: String,
+    #[serde(default)]
+    cluster: String,
+    #[serde(default)]
+    backend: String,
+    #[serde(default)]
+    headers: Vec<RawHeader>,
+    #[serde(default, alias = "routeName")]
+    route_name: String,
+    #[serde(default)]
+    subset: Vec<RawSubset>,
+    /// Deprecated in the origin, accepted and ignored.
+    #[serde(default, deserialize_with = "lenient_i64")]
+    #[allow(dead_code)]
+    weight: Option<i64>,
+    /// Stored as "model version" by the origin, otherwise unused; accepted and ignored.
+    #[serde(default, alias = "chainName")]
+    #[allow(dead_code)]
+    chain_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeader {
+    key: String,
+    #[serde(default)]
+    value: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubset {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    lora: String,
+    #[serde(default, deserialize_with = "lenient_i64")]
+    #[allow(dead_code)]
+    weight: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLbConfig {
+    #[serde(default, alias = "loadAwareEnable")]
+    load_aware_enable: Option<bool>,
+    #[serde(default, alias = "cacheAwareEnable")]
+    cache_aware_enable: Option<bool>,
+    #[serde(default, alias = "candidatePercent", deserialize_with = "lenient_f64")]
+    candidate_percent: Option<f64>,
+    #[serde(default, alias = "requestLoadWeight", deserialize_with = "lenient_f64")]
+    request_load_weight: Option<f64>,
+    #[serde(default, alias = "prefillLoadWeight", deserialize_with = "lenient_f64")]
+    prefill_load_weight: Option<f64>,
+    #[serde(default, alias = "cacheRadioWeight", deserialize_with = "lenient_f64")]
+    cache_radio_weight: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default)]
+    #[allow(dead_code)]
+    path: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    #[serde(default)]
+    endpoints: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEjection {
+    #[serde(default, deserialize_with = "lenient_u64")]
+    consecutive_failures: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    eject_ms: Option<u64>,
+}
+
+/// Numbers may arrive as `10.0` (protobuf `Struct` holds doubles): accept integral floats.
+fn lenient_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<serde_json::Number>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => {
+            if let Some(v) = n.as_u64() {
+                return Ok(Some(v));
+            }
+            match n.as_f64() {
+                Some(f) if f >= 0.0 && f.fract() == 0.0 && f <= u64::MAX as f64 => {
+                    Ok(Some(f as u64))
+                }
+                _ => Err(de::Error::custom(format!(
+                    "expected a non-negative integer, got {n}"
+                ))),
+            }
+        }
+    }
+}
+
+fn lenient_i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    match Option::<serde_json::Number>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => match n.as_i64() {
+            Some(v) => Ok(Some(v)),
+            None => match n.as_f64() {
+                Some(f) if f.fract() == 0.0 => Ok(Some(f as i64)),
+                _ => Err(de::Error::custom(format!("expected an integer, got {n}"))),
+            },
+        },
+    }
+}
+
+fn lenient_f64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    Ok(Option::<serde_json::Number>::deserialize(d)?.and_then(|n| n.as_f64()))
+}
+
+impl Config {
+    /// Parses and validates a JSON config (bare object or Istio TypedStruct).
+    pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| err("", format!("invalid JSON: {e}")))?;
+        let (value, prefix) = unwrap_typed_struct(value)?;
+        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let reason = e.into_inner().to_string();
+            err(join_path(prefix, &path), reason)
+        })?;
+        validate(raw).map_err(|e| ConfigError {
+            path: join_path(prefix, &e.path),
+            reason: e.reason,
+        })
+    }
+
+    /// Balancing parameters of a model (defaults when it has no `lb_mapping_rule` entry).
+    pub fn lb_params(&self, model: &str) -> LbParams {
+        self.lb.get(model).copied().unwrap_or_default()
+    }
+}
+
+fn join_path(prefix: &str, path: &str) -> String {
+    match (prefix.is_empty(), path.is_empty() || path == ".") {
+        (true, _) => path.to_string(),
+        (false, true) => prefix.to_string(),
+        (false, false) => format!("{prefix}.{path}"),
+    }
+}
+
+/// Accepts `{"@type": ..., "value": {...}}` (Istio TypedStruct) as well as the bare object.
+fn unwrap_typed_struct(
+    value: serde_json::Value,
+) -> Result<(serde_json::Value, &'static str), ConfigError> {
+    match value {
+        serde_json::Value::Object(mut map) if map.contains_key("@type") => {
+            let value = map
+                .remove("value")
+                .ok_or_else(|| err("value", "TypedStruct without a \"value\" object"))?;
+            if let Some(extra) = map.keys().find(|k| *k != "@type" && *k != "type_url") {
+                return Err(err(extra.clone(), "unknown field next to \"@type\""));
+            }
+            if !value.is_object() {
+                return Err(err("value", "must be an object"));
+            }
+            Ok((value, "value"))
+        }
+        serde_json::Value::Object(_) => Ok((value, "")),
+        other => Err(err(
+            "",
+            format!("must be a JSON object, got {}", json_kind(&other)),
+        )),
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// True when `name` is a valid HTTP header field name (RFC 9110 token).
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    if let Some(p) = &raw.protocol {
+        if p != "openai" {
+            return Err(err(
+                "protocol",
+                format!("unsupported protocol {p:?} (expected \"openai\")"),
+            ));
+        }
+    }
+    let algorithm = match raw.algorithm.as_deref() {
+        None | Some("") => Algorithm::InferenceLb,
+        Some(name) => Algorithm::parse(name).ok_or_else(|| {
+            err(
+                "algorithm",
+                format!(
+                    "unknown algorithm {name:?} (expected one of {})",
+                    Algorithm::NAMES
+                ),
+            )
+        })?,
+    };
+
+    let mut models = BTreeMap::new();
+    for (model, rules) in raw.model_mapping_rule {
+        let base = format!("model_mapping_rule.{model}");
+        if model.is_empty() {
+            return Err(err(base, "model name must not be empty"));
+        }
+        if rules.rules.is_empty() {
+            return Err(err(format!("{base}.rules"), "must list at least one rule"));
+        }
+        let mut out = Vec::with_capacity(rules.rules.len());
+        for (i, r) in rules.rules.into_iter().enumerate() {
+            out.push(validate_rule(r, &format!("{base}.rules[{i}]"))?);
+        }
+        // Most specific first; stable so that equal header counts keep config order.
+        out.sort_by_key(|r| std::cmp::Reverse(r.headers.len()));
+        models.insert(model, out);
+    }
+
+    let mut lb = HashMap::new();
+    for (model, l) in raw.lb_mapping_rule {
+        let base = format!("lb_mapping_rule.{model}");
+        let d = LbParams::default();
+        let p = LbParams {
+            load_aware: l.load_aware_enable.unwrap_or(d.load_aware),
+            cache_aware: l.cache_aware_enable.unwrap_or(d.cache_aware),
+            candidate_percent: l.candidate_percent.unwrap_or(d.candidate_percent),
+            request_load_weight: l.request_load_weight.unwrap_or(d.request_load_weight),
+            prefill_load_weight: l.prefill_load_weight.unwrap_or(d.prefill_load_weight),
+            cache_ratio_weight: l.cache_radio_weight.unwrap_or(d.cache_ratio_weight),
+        };
+        if !(0.0..=100.0).contains(&p.candidate_percent) {
+            return Err(err(
+                format!("{base}.candidate_percent"),
+                format!("must be within 0–100, got {}", p.candidate_percent),
+            ));
+        }
+        for (name, w) in [
+            ("request_load_weight", p.request_load_weight),
+            ("prefill_load_weight", p.prefill_load_weight),
+            ("cache_radio_weight", p.cache_ratio_weight),
+        ] {
+            if !(w >= 0.0 && w.is_finite()) {
+                return Err(err(
+                    format!("{base}.{name}"),
+                    format!("must be a non-negative number, got {w}"),
+                ));
+            }
+        }
+        lb.insert(model, p);
+    }
+
+    let mut clusters = BTreeMap::new();
+    for (name, c) in raw.clusters {
+        let base = format!("clusters.{name}");
+        if name.is_empty() {
+            return Err(err(base, "cluster name must not be empty"));
+        }
+        let mut eps = Vec::with_capacity(c.endpoints.len());
+        for (i, e) in c.endpoints.iter().enumerate() {
+            eps.push(parse_endpoint(e).map_err(|r| err(format!("{base}.endpoints[{i}]"), r))?);
+        }
+        clusters.insert(name, eps);
+    }
+
+    let hash_chunk_bytes = raw
+        .hash_chunk_bytes
+        .unwrap_or(DEFAULT_HASH_CHUNK_BYTES as u64);
+    if !(16..=1 << 20).contains(&hash_chunk_bytes) {
+        return Err(err(
+            "hash_chunk_bytes",
+            format!("must be within 16–1048576, got {hash_chunk_bytes}"),
+        ));
+    }
+    let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    if !(1024..=1 << 30).contains(&max_body_bytes) {
+        return Err(err(
+            "max_body_bytes",
+            format!("must be within 1024–1073741824, got {max_body_bytes}"),
+        ));
+    }
+    let intercept_paths = match raw.intercept_paths {
+        None => DEFAULT_INTERCEPT_PATHS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        Some(paths) => {
+            for (i, p) in paths.iter().enumerate() {
+                if !p.starts_with('/') {
+                    return Err(err(
+                        format!("intercept_paths[{i}]"),
+                        format!("must start with '/', got {p:?}"),
+                    ));
+                }
+            }
+            paths
+        }
+    };
+    let cluster_header = raw
+        .cluster_header
+        .unwrap_or_else(|| DEFAULT_CLUSTER_HEADER.to_string())
+        .to_ascii_lowercase();
+    if !is_header_name(&cluster_header) {
+        return Err(err(
+            "cluster_header",
+            format!("not a valid header name: {cluster_header:?}"),
+        ));
+    }
+    let prefix_index_capacity = raw
+        .prefix_index_capacity
+        .unwrap_or(DEFAULT_PREFIX_INDEX_CAPACITY as u64);
+    if !(1..=100_000_000).contains(&prefix_index_capacity) {
+        return Err(err(
+            "prefix_index_capacity",
+            format!("must be within 1–100000000, got {prefix_index_capacity}"),
+        ));
+    }
+    let mut ejection = Ejection::default();
+    if let Some(e) = raw.ejection {
+        if let Some(n) = e.consecutive_failures {
+            ejection.consecutive_failures =
+                u32::try_from(n).map_err(|_| err("ejection.consecutive_failures", "too large"))?;
+        }
+        if let Some(ms) = e.eject_ms {
+            ejection.eject_ms = ms;
+        }
+    }
+
+    Ok(Config {
+        algorithm,
+        models,
+        lb,
+        clusters,
+        hash_chunk_bytes: hash_chunk_bytes as usize,
+        max_body_bytes,
+        intercept_paths,
+        strict_endpoint_override: raw.strict_endpoint_override.unwrap_or(true),
+        cluster_header,
+        prefix_index_capacity: prefix_index_capacity as usize,
+        ejection,
+        log_enabled: raw.log.map(|l| l.enabled).unwrap_or(false),
+    })
+}
+
+fn validate_rule(r: RawRule, base: &str) -> Result<Rule, ConfigError> {
+    if r.cluster.is_empty() || r.cluster.len() > 256 {
+        return Err(err(format!("{base}.cluster"), "required, 1–256 characters"));
+    }
+    let backend = Backend::parse(&r.backend).ok_or_else(|| {
+        err(
+            format!("{base}.backend"),
+            format!(
+                "unknown backend {:?} (expected one of {})",
+                r.backend,
+                Backend::NAMES
+            ),
+        )
+    })?;
+    if r.scene_name.len() > 128 {
+        return Err(err(
+            format!("{base}.scene_name"),
+            "longer than 128 characters",
+        ));
+    }
+    let mut headers = Vec::with_capacity(r.headers.len());
+    for (i, h) in r.headers.into_iter().enumerate() {
+        if !is_header_name(&h.key) || h.key.len() > 16 * 1024 {
+            return Err(err(
+                format!("{base}.headers[{i}].key"),
+                format!("not a valid header name: {:?}", h.key),
+            ));
+        }
+        if h.value.len() > 16 * 1024 {
+            return Err(err(
+                format!("{base}.headers[{i}].value"),
+                "longer than 16 KiB",
+            ));
+        }
+        headers.push(HeaderMatch {
+            key: h.key.to_ascii_lowercase(),
+            value: h.value,
+        });
+    }
+    Ok(Rule {
+        scene_name: r.scene_name,
+        cluster: r.cluster,
+        backend,
+        headers,
+        route_name: r.route_name,
+        subset: r
+            .subset
+            .into_iter()
+            .map(|s| Subset {
+                name: s.name,
+                labels: s.labels,
+                lora: s.lora,
+            })
+            .collect(),
+    })
+}
+
+/// Parses an endpoint `ip:port` (IPv6 as `[addr]:port`); hostnames are rejected.
+pub fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|_| format!("endpoint must be \"ip:port\" with a literal IP, got {s:?}"))?;
+    if addr.port() == 0 {
+        return Err(format!("endpoint port must not be 0, got {s:?}"));
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, String> {
+        Config::from_json(s.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    const BASIC: &str = r#"{
+        "protocol": "openai",
+        "model_mapping_rule": {
+            "m1": {"rules": [
+                {"cluster": "c-default", "backend": "vllm"},
+                {"cluster": "c-gray", "backend": "vllm", "headers": [{"key": "X-Env", "value": "gray"}]}
+            ]}
+        },
+        "lb_mapping_rule": {"m1": {"candidate_percent": 20}},
+        "clusters": {"c-default": {"endpoints": ["127.0.0.1:8001", "[::1]:8002"]}}
+    }"#;
+
+    #[test]
+    fn parses_basic_config_with_defaults() {
+        let c = parse(BASIC).unwrap();
+        assert_eq!(c.algorithm, Algorithm::InferenceLb);
+        let rules = &c.models["m1"];
+        // The rule with a header condition sorts first.
+        assert_eq!(rules[0].cluster, "c-gray");
+        assert_eq!(rules[0].headers[0].key, "x-env");
+        assert_eq!(rules[1].cluster, "c-default");
+        // Missing lb fields take the documented defaults, not zero.
+        let p = c.lb_params("m1");
+        assert_eq!(p.candidate_percent, 20.0);
+        assert_eq!(p.cache_ratio_weight, 2.0);
+        assert_eq!(p.request_load_weight, 1.0);
+        assert_eq!(p.prefill_load_weight, 3.0);
+        assert!(p.load_aware && p.cache_aware);
+        assert_eq!(c.lb_params("other"), LbParams::default());
+        assert_eq!(c.clusters["c-default"].len(), 2);
+        assert_eq!(c.hash_chunk_bytes, 512);
+        assert_eq!(c.max_body_bytes, 8 << 20);
+        assert!(c.strict_endpoint_override);
+    }
+
+    #[test]
+    fn accepts_typed_struct_and_camel_case() {
+        let s = r#"{"@type": "type.googleapis.com/udpa.type.v1.TypedStruct", "value": {
+            "protocol": "openai", "algorithm": "round_robin",
+            "modelMappingRule": {"m": {"rules": [{"cluster": "c", "backend": "sglang", "sceneName": "s"}]}},
+            "lbMappingRule": {"m": {"cacheRadioWeight": 4.0, "candidatePercent": 5}}
+        }}"#;
+        let c = parse(s).unwrap();
+        assert_eq!(c.algorithm, Algorithm::RoundRobin);
+        assert_eq!(c.models["m"][0].scene_name, "s");
+        assert_eq!(c.lb_params("m").cache_ratio_weight, 4.0);
+    }
+
+    #[test]
+    fn integral_floats_are_accepted_for_integers() {
+        let c = parse(r#"{"hash_chunk_bytes": 256.0, "max_body_bytes": 2048}"#).unwrap();
+        assert_eq!(c.hash_chunk_bytes, 256);
+        let e = parse(r#"{"hash_chunk_bytes": 256.5}"#).unwrap_err();
+        assert!(e.contains("hash_chunk_bytes"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_path_and_reason() {
+        let cases = [
+            (
+                r#"{"model_mapping_rule": {"m1": {"rules": [{"cluster": "c", "backend": "tgi"}]}}}"#,
+                "config.model_mapping_rule.m1.rules[0].backend: unknown backend \"tgi\"",
+            ),
+            (
+                r#"{"model_mapping_rule": {"m1": {"rules": [{"cluster": "c", "backend": "vllm", "bogus": 1}]}}}"#,
+                "config.model_mapping_rule.m1.rules[0].bogus: unknown field `bogus`",
+            ),
+            (
+                r#"{"lb_mapping_rule": {"m1": {"candidate_percent": 150}}}"#,
+                "config.lb_mapping_rule.m1.candidate_percent: must be within 0–100",
+            ),
+            (
+                r#"{"lb_mapping_rule": {"m1": {"request_load_weight": "high"}}}"#,
+                "config.lb_mapping_rule.m1.request_load_weight: invalid type",
+            ),
+            (
+                r#"{"clusters": {"c": {"endpoints": ["model-server:8000"]}}}"#,
+                "config.clusters.c.endpoints[0]: endpoint must be \"ip:port\"",
+            ),
+            (
+                r#"{"algorithm": "fastest"}"#,
+                "config.algorithm: unknown algorithm",
+            ),
+            (
+                r#"{"protocol": "grpc"}"#,
+                "config.protocol: unsupported protocol",
+            ),
+            (r#"[1, 2]"#, "config: must be a JSON object, got an array"),
+            (
+                r#"{"model_mapping_rule": {"m": {"rules": []}}}"#,
+                "config.model_mapping_rule.m.rules: must list at least one rule",
+            ),
+            (
+                r#"{"@type": "x", "value": {"unknown_top": 1}}"#,
+                "config.value.unknown_top: unknown field `unknown_top`",
+            ),
+            (
+                r#"{"model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "vllm", "headers": [{"key": "bad header", "value": "v"}]}]}}}"#,
+                "config.model_mapping_rule.m.rules[0].headers[0].key: not a valid header name",
+            ),
+            (
+                r#"{"model_mapping_rule": {"m": {"rules": [{"backend": "vllm"}]}}}"#,
+                "config.model_mapping_rule.m.rules[0].cluster: required",
+            ),
+            ("{not json", "config: invalid JSON"),
+        ];
+        for (input, want) in cases {
+            let got = parse(input).unwrap_err();
+            assert!(
+                got.starts_with(want),
+                "input {input}\n got: {got}\nwant: {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn rules_of_one_model_may_use_different_clusters_and_keep_order() {
+        let c = parse(
+            r#"{"model_mapping_rule": {"m": {"rules": [
+                {"cluster": "a", "backend": "vllm", "headers": [{"key": "x", "value": "1"}]},
+                {"cluster": "b", "backend": "sglang", "headers": [{"key": "y", "value": "1"}]},
+                {"cluster": "c", "backend": "vllm", "headers": [{"key": "x", "value": "1"}, {"key": "y", "value": "1"}]}
+            ]}}}"#,
+        )
+        .unwrap();
+        let order: Vec<_> = c.models["m"].iter().map(|r| r.cluster.as_str()).collect();
+        assert_eq!(order, ["c", "a", "b"]);
+    }
+}

@@ -1,0 +1,155 @@
+//! Prefix hashing of the canonical prompt.
+//!
+//! The prompt is cut into fixed-size chunks (`hash_chunk_bytes`, default 512). Hashes are
+//! cumulative: `hash[i]` covers bytes `[0, (i+1)·chunk)` (the last chunk may be short), so two
+//! prompts that share their first k full chunks share their first k hashes, and one hash
+//! names a whole prefix. One streaming xxh3-64 state is fed chunk after chunk and read after
+//! each, which makes the whole computation O(n). The state is seeded with the model name, so
+//! different models never share entries.
+
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+/// Incremental cumulative chunk hasher: feed the prompt in pieces, get one hash per chunk.
+pub struct PrefixHasher {
+    state: Xxh3,
+    chunk_bytes: usize,
+    filled: usize,
+    hashes: Vec<u64>,
+    chars: u64,
+}
+
+impl PrefixHasher {
+    /// Starts hashing a prompt of `model` with chunks of `chunk_bytes` bytes.
+    pub fn new(model: &str, chunk_bytes: usize) -> Self {
+        assert!(chunk_bytes > 0, "chunk_bytes must be positive");
+        Self {
+            state: Xxh3::with_seed(xxh3_64(model.as_bytes())),
+            chunk_bytes,
+            filled: 0,
+            hashes: Vec::new(),
+            chars: 0,
+        }
+    }
+
+    /// Appends `bytes` to the prompt.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        self.chars += count_utf8_chars(bytes);
+        while !bytes.is_empty() {
+            let take = (self.chunk_bytes - self.filled).min(bytes.len());
+            self.state.update(&bytes[..take]);
+            self.filled += take;
+            bytes = &bytes[take..];
+            if self.filled == self.chunk_bytes {
+                self.hashes.push(self.state.digest());
+                self.filled = 0;
+            }
+        }
+    }
+
+    /// Appends a string to the prompt.
+    pub fn feed_str(&mut self, s: &str) {
+        self.feed(s.as_bytes());
+    }
+
+    /// Finishes: the hash of every chunk, the last (short) one included, and the prompt's
+    /// length in characters.
+    pub fn finish(mut self) -> (Vec<u64>, u64) {
+        if self.filled > 0 {
+            self.hashes.push(self.state.digest());
+        }
+        (self.hashes, self.chars)
+    }
+}
+
+/// Number of UTF-8 characters in `bytes` (counts every byte that is not a continuation byte).
+fn count_utf8_chars(bytes: &[u8]) -> u64 {
+    bytes.iter().filter(|&&b| (b as i8) >= -0x40).count() as u64
+}
+
+/// Hashes a whole prompt at once (convenience for tests and tools).
+pub fn prefix_hashes(model: &str, prompt: &[u8], chunk_bytes: usize) -> Vec<u64> {
+    let mut h = PrefixHasher::new(model, chunk_bytes);
+    h.feed(prompt);
+    h.finish().0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn hash_i_covers_the_first_i_plus_one_chunks() {
+        let prompt: Vec<u8> = (0..1300u32).map(|i| (i % 251) as u8).collect();
+        let hashes = prefix_hashes("m", &prompt, 512);
+        assert_eq!(hashes.len(), 3);
+        let seed = xxh3_64(b"m");
+        for (i, end) in [512usize, 1024, 1300].into_iter().enumerate() {
+            let mut one = Xxh3::with_seed(seed);
+            one.update(&prompt[..end]);
+            assert_eq!(hashes[i], one.digest(), "chunk {i}");
+        }
+    }
+
+    #[test]
+    fn empty_prompt_has_no_hashes() {
+        assert!(prefix_hashes("m", b"", 512).is_empty());
+    }
+
+    #[test]
+    fn models_never_share_hashes() {
+        assert_ne!(
+            prefix_hashes("a", b"hello", 512),
+            prefix_hashes("b", b"hello", 512)
+        );
+    }
+
+    #[test]
+    fn counts_characters_not_bytes() {
+        let mut h = PrefixHasher::new("m", 4);
+        h.feed_str("héllo wörld ✓");
+        let (hashes, chars) = h.finish();
+        assert_eq!(chars, 13);
+        assert_eq!(hashes.len(), "héllo wörld ✓".len().div_ceil(4));
+    }
+
+    proptest! {
+        // A prompt that extends another shares all of the shorter one's full-chunk hashes.
+        #[test]
+        fn prefix_property(base in proptest::collection::vec(any::<u8>(), 0..3000),
+                           ext in proptest::collection::vec(any::<u8>(), 0..3000),
+                           chunk in 16usize..700) {
+            let short = prefix_hashes("m", &base, chunk);
+            let mut long_prompt = base.clone();
+            long_prompt.extend_from_slice(&ext);
+            let long = prefix_hashes("m", &long_prompt, chunk);
+            let full = base.len() / chunk;
+            prop_assert_eq!(&short[..full], &long[..full]);
+        }
+
+        // Feeding in arbitrary pieces gives the same hashes as feeding at once.
+        #[test]
+        fn piecewise_feeding_is_identical(data in proptest::collection::vec(any::<u8>(), 0..4000),
+                                          cuts in proptest::collection::vec(0usize..4000, 0..10)) {
+            let whole = prefix_hashes("m", &data, 100);
+            let mut h = PrefixHasher::new("m", 100);
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
+            cuts.sort();
+            let mut start = 0;
+            for c in cuts { h.feed(&data[start..c]); start = c; }
+            h.feed(&data[start..]);
+            prop_assert_eq!(h.finish().0, whole);
+        }
+
+        // A different byte inside the first chunk changes every hash.
+        #[test]
+        fn change_in_first_chunk_changes_all(data in proptest::collection::vec(any::<u8>(), 1..2000), pos in 0usize..64) {
+            let pos = pos % data.len().min(64);
+            let mut other = data.clone();
+            other[pos] ^= 1;
+            let a = prefix_hashes("m", &data, 64);
+            let b = prefix_hashes("m", &other, 64);
+            for (x, y) in a.iter().zip(b.iter()) { prop_assert_ne!(x, y); }
+        }
+    }
+}

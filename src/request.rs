@@ -1,0 +1,460 @@
+//! OpenAI request parsing: model, stream flag, and the canonical prompt.
+//!
+//! Two request kinds are understood: `/v1/chat/completions` (`messages`, with string content
+//! or content parts, of any role) and `/v1/completions` (`prompt`: a string or an array of
+//! strings). Only what routing needs is extracted; every other field is skipped without
+//! being copied.
+//!
+//! The prompt is not the raw JSON: it is a canonical rendering, so two clients that format
+//! the same conversation differently (key order, whitespace, escapes) hash the same. For chat:
+//! for every message `<|role|>\n`, then its text parts separated by `\n`, then the function
+//! name and arguments of each tool call, then `\n`. Non-text parts (images, audio) are not part
+//! of the prompt. For completions: the prompt string; several prompts are joined with `\n`.
+//! The rendering is streamed straight into the prefix hasher; it is never materialised.
+//!
+//! Prompt length, used for prefill-load accounting, is the number of characters of that
+//! rendering (tokens ≈ characters / 4 where a token estimate is reported).
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use crate::error::PickError;
+use crate::hashing::PrefixHasher;
+
+/// Which OpenAI endpoint a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    /// `/v1/chat/completions`
+    Chat,
+    /// `/v1/completions`
+    Completions,
+}
+
+impl RequestKind {
+    /// Kind named by a request path (query string ignored), if it is one we know.
+    pub fn from_path(path: &str) -> Option<Self> {
+        let path = path.split('?').next().unwrap_or(path);
+        match path.trim_end_matches('/') {
+            p if p.ends_with("/chat/completions") => Some(Self::Chat),
+            p if p.ends_with("/completions") => Some(Self::Completions),
+            _ => None,
+        }
+    }
+}
+
+/// What routing needs from a request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedRequest {
+    /// The `model` field.
+    pub model: String,
+    /// The `stream` flag (false when absent).
+    pub stream: bool,
+    /// Chat or completions.
+    pub kind: RequestKind,
+    /// Cumulative prefix hashes of the canonical prompt.
+    pub prefix_hashes: Vec<u64>,
+    /// Length of the canonical prompt in characters.
+    pub prompt_chars: u64,
+}
+
+#[derive(Deserialize)]
+struct Body<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(borrow, default)]
+    messages: Option<Vec<Message<'a>>>,
+    #[serde(borrow, default)]
+    prompt: Option<Prompt<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default)]
+    role: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    content: Content<'a>,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<ToolCall<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCall<'a> {
+    #[serde(borrow, default)]
+    function: Option<FunctionCall<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FunctionCall<'a> {
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Part<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+}
+
+/// Message content: absent/null, a string, or an array of parts.
+#[derive(Default)]
+enum Content<'a> {
+    #[default]
+    Empty,
+    Text(Cow<'a, str>),
+    Parts(Vec<Part<'a>>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Content<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, an array of content parts, or null")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Content::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Content::Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Content::Text(Cow::Owned(v)))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Content::Empty)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Content::Empty)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut parts = Vec::with_capacity(seq.size_hint().unwrap_or(1));
+                while let Some(p) = seq.next_element::<Part<'a>>()? {
+                    parts.push(p);
+                }
+                Ok(Content::Parts(parts))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// Completions prompt: a string or an array of strings.
+enum Prompt<'a> {
+    One(Cow<'a, str>),
+    Many(Vec<Cow<'a, str>>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Prompt<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Prompt<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Prompt::One(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Prompt::One(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Prompt::One(Cow::Owned(v)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut all = Vec::new();
+                while let Some(s) = seq.next_element::<Cow<'a, str>>()? {
+                    all.push(s);
+                }
+                Ok(Prompt::Many(all))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// Parses a request body. `kind` comes from the request path when the host knows it;
+/// otherwise the body decides (`messages` → chat, `prompt` → completions).
+pub fn parse(
+    body: &[u8],
+    kind: Option<RequestKind>,
+    chunk_bytes: usize,
+) -> Result<ParsedRequest, PickError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(PickError::bad_request(
+            "request body is empty: expected an OpenAI JSON request",
+            None,
+        ));
+    }
+    let parsed: Body = serde_json::from_slice(body)
+        .map_err(|e| PickError::bad_request(format!("invalid JSON body: {e}"), None))?;
+
+    let model = match parsed.model {
+        Some(m) if !m.is_empty() => m,
+        _ => {
+            return Err(PickError::bad_request(
+                "you must provide a model parameter",
+                Some("model"),
+            ))
+        }
+    };
+    let kind = match kind {
+        Some(k) => k,
+        None if parsed.messages.is_some() => RequestKind::Chat,
+        None if parsed.prompt.is_some() => RequestKind::Completions,
+        None => {
+            return Err(PickError::bad_request(
+                "request has neither messages nor prompt",
+                Some("messages"),
+            ))
+        }
+    };
+
+    let mut hasher = PrefixHasher::new(&model, chunk_bytes);
+    match kind {
+        RequestKind::Chat => {
+            let messages = parsed.messages.unwrap_or_default();
+            if messages.is_empty() {
+                return Err(PickError::bad_request(
+                    "messages must be a non-empty array",
+                    Some("messages"),
+                ));
+            }
+            for (i, m) in messages.iter().enumerate() {
+                render_message(&mut hasher, m, i)?;
+            }
+        }
+        RequestKind::Completions => match parsed.prompt {
+            None => {
+                return Err(PickError::bad_request(
+                    "you must provide a prompt parameter",
+                    Some("prompt"),
+                ))
+            }
+            Some(Prompt::One(p)) => hasher.feed_str(&p),
+            Some(Prompt::Many(ps)) => {
+                if ps.is_empty() {
+                    return Err(PickError::bad_request(
+                        "prompt must not be an empty array",
+                        Some("prompt"),
+                    ));
+                }
+                for (i, p) in ps.iter().enumerate() {
+                    if i > 0 {
+                        hasher.feed(b"\n");
+                    }
+                    hasher.feed_str(p);
+                }
+            }
+        },
+    }
+    let (prefix_hashes, prompt_chars) = hasher.finish();
+    Ok(ParsedRequest {
+        model: model.into_owned(),
+        stream: parsed.stream.unwrap_or(false),
+        kind,
+        prefix_hashes,
+        prompt_chars,
+    })
+}
+
+fn render_message(h: &mut PrefixHasher, m: &Message, index: usize) -> Result<(), PickError> {
+    let role = match m.role.as_deref() {
+        Some(r) if !r.is_empty() => r,
+        _ => {
+            return Err(PickError::bad_request(
+                format!("messages[{index}].role is required"),
+                Some("messages"),
+            ))
+        }
+    };
+    h.feed(b"<|");
+    h.feed_str(role);
+    h.feed(b"|>\n");
+    match &m.content {
+        Content::Empty => {}
+        Content::Text(t) => h.feed_str(t),
+        Content::Parts(parts) => {
+            let mut first = true;
+            for p in parts {
+                let is_text = matches!(p.kind.as_deref(), None | Some("text") | Some("input_text"));
+                if let (true, Some(t)) = (is_text, &p.text) {
+                    if !first {
+                        h.feed(b"\n");
+                    }
+                    h.feed_str(t);
+                    first = false;
+                }
+            }
+        }
+    }
+    for call in m.tool_calls.iter().flatten() {
+        if let Some(f) = &call.function {
+            h.feed(b"\n<|tool_call|>");
+            h.feed_str(f.name.as_deref().unwrap_or(""));
+            h.feed(b"\n");
+            h.feed_str(f.arguments.as_deref().unwrap_or(""));
+        }
+    }
+    h.feed(b"\n");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(body: &str) -> Result<ParsedRequest, PickError> {
+        parse(body.as_bytes(), None, 512)
+    }
+
+    #[test]
+    fn chat_with_string_content() {
+        let r = p(r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hello"}]}"#)
+            .unwrap();
+        assert_eq!(r.model, "m");
+        assert!(r.stream);
+        assert_eq!(r.kind, RequestKind::Chat);
+        // "<|user|>\nhello\n"
+        assert_eq!(r.prompt_chars, 15);
+        assert_eq!(r.prefix_hashes.len(), 1);
+    }
+
+    #[test]
+    fn canonical_rendering_ignores_json_formatting() {
+        let a = p(r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"a\nb"}]}"#).unwrap();
+        let b = p("{ \"messages\" : [ {\"content\": \"be brief\", \"role\": \"system\", \"name\": \"x\"},\n {\"content\": [{\"type\":\"text\",\"text\":\"a\\u000ab\"}], \"role\":\"user\"} ],\n \"model\": \"m\", \"temperature\": 0.3 }").unwrap();
+        assert_eq!(a.prefix_hashes, b.prefix_hashes);
+        assert_eq!(a.prompt_chars, b.prompt_chars);
+    }
+
+    #[test]
+    fn image_parts_do_not_count_and_roles_do() {
+        let with_image = p(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}},{"type":"text","text":"what is this"}]}]}"#).unwrap();
+        let text_only =
+            p(r#"{"model":"m","messages":[{"role":"user","content":"what is this"}]}"#).unwrap();
+        assert_eq!(with_image.prefix_hashes, text_only.prefix_hashes);
+        let as_system =
+            p(r#"{"model":"m","messages":[{"role":"system","content":"what is this"}]}"#).unwrap();
+        assert_ne!(as_system.prefix_hashes, text_only.prefix_hashes);
+    }
+
+    #[test]
+    fn tool_calls_and_tool_messages_are_part_of_the_prompt() {
+        let a = p(r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"get","arguments":"{\"x\":1}"}}]},{"role":"tool","tool_call_id":"1","content":"42"}]}"#).unwrap();
+        let b = p(r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"get","arguments":"{\"x\":2}"}}]},{"role":"tool","tool_call_id":"1","content":"42"}]}"#).unwrap();
+        assert_ne!(a.prefix_hashes, b.prefix_hashes);
+    }
+
+    #[test]
+    fn completions_string_and_array() {
+        let one = parse(
+            br#"{"model":"m","prompt":"once upon a time"}"#,
+            Some(RequestKind::Completions),
+            512,
+        )
+        .unwrap();
+        assert_eq!(one.kind, RequestKind::Completions);
+        assert_eq!(one.prompt_chars, 16);
+        let many = p(r#"{"model":"m","prompt":["once upon", "a time"]}"#).unwrap();
+        assert_eq!(many.kind, RequestKind::Completions);
+        assert_eq!(many.prompt_chars, 16);
+    }
+
+    #[test]
+    fn path_decides_the_kind() {
+        assert_eq!(
+            RequestKind::from_path("/v1/chat/completions?x=1"),
+            Some(RequestKind::Chat)
+        );
+        assert_eq!(
+            RequestKind::from_path("/v1/completions"),
+            Some(RequestKind::Completions)
+        );
+        assert_eq!(RequestKind::from_path("/v1/embeddings"), None);
+        // A chat body sent to /v1/completions lacks a prompt.
+        let e = parse(
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#,
+            Some(RequestKind::Completions),
+            512,
+        )
+        .unwrap_err();
+        assert_eq!(e.http_status(), 400);
+    }
+
+    #[test]
+    fn bad_requests_are_400_with_reason() {
+        let cases = [
+            ("", "request body is empty"),
+            ("   ", "request body is empty"),
+            ("{\"model\":", "invalid JSON body"),
+            ("[1,2]", "invalid JSON body"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}]}"#,
+                "you must provide a model parameter",
+            ),
+            (
+                r#"{"model":"","messages":[{"role":"user","content":"x"}]}"#,
+                "you must provide a model parameter",
+            ),
+            (
+                r#"{"model":7,"messages":[]}"#,
+                "invalid JSON body: invalid type: integer",
+            ),
+            (
+                r#"{"model":"m","messages":[]}"#,
+                "messages must be a non-empty array",
+            ),
+            (
+                r#"{"model":"m"}"#,
+                "request has neither messages nor prompt",
+            ),
+            (
+                r#"{"model":"m","messages":[{"content":"x"}]}"#,
+                "messages[0].role is required",
+            ),
+            (
+                r#"{"model":"m","stream":"yes","messages":[{"role":"user","content":"x"}]}"#,
+                "invalid JSON body: invalid type: string",
+            ),
+            (
+                r#"{"model":"m","prompt":[]}"#,
+                "prompt must not be an empty array",
+            ),
+            (r#"{"model":"m","prompt":42}"#, "invalid JSON body"),
+        ];
+        for (body, want) in cases {
+            let e = p(body).unwrap_err();
+            assert_eq!(e.http_status(), 400, "{body}");
+            assert!(e.to_string().starts_with(want), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_and_deep_nesting_are_rejected_cleanly() {
+        let mut body = br#"{"model":"m","messages":[{"role":"user","content":""#.to_vec();
+        body.extend_from_slice(&[0xff, 0xfe]);
+        body.extend_from_slice(br#""}]}"#);
+        assert_eq!(parse(&body, None, 512).unwrap_err().http_status(), 400);
+
+        let deep = format!(
+            "{{\"model\":\"m\",\"x\":{}{}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(
+            parse(deep.as_bytes(), None, 512).unwrap_err().http_status(),
+            400
+        );
+    }
+}

@@ -1,0 +1,984 @@
+//! The router: one per proxy filter config, shared by every worker thread.
+//!
+//! It owns the lifecycle of a request from the routing point of view:
+//! `pick` (parse → match rule → score → account) gives a [`PickedRequest`];
+//! [`PickedRequest::first_token`] releases the prefill load; [`PickedRequest::finish`]
+//! releases the request and feeds passive health. Dropping an unfinished request finishes it
+//! with "no response", so accounting can never leak from Rust code.
+//!
+//! Nothing here does I/O or waits on a lock held across work: endpoint sets are swapped with
+//! `arc-swap`, counters are atomics, the prefix index takes short shard locks.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+
+use crate::balancer::{self, CandidateLoad};
+use crate::config::{Algorithm, Config, ConfigError, Rule};
+use crate::error::PickError;
+use crate::metrics::{escape_label, header, RouterMetrics, PICK_OUTCOMES};
+use crate::request::{self, RequestKind};
+use crate::state::{Cluster, Endpoint, EndpointSet, PrefixIndex};
+
+/// A request header as the host hands it over (name matched case-insensitively).
+pub type HeaderRef<'a> = (&'a [u8], &'a [u8]);
+
+struct ModelRoute {
+    slot: usize,
+    rules: Vec<Arc<Rule>>,
+}
+
+pub(crate) struct RouterInner {
+    config: Config,
+    models: HashMap<String, ModelRoute>,
+    model_names: Vec<String>,
+    clusters: ArcSwap<HashMap<String, Arc<Cluster>>>,
+    index: PrefixIndex,
+    metrics: RouterMetrics,
+    epoch: Instant,
+    next_endpoint_id: AtomicU32,
+    in_flight: AtomicU64,
+    /// Serialises endpoint-set replacements (never taken on the request path).
+    update_lock: Mutex<()>,
+}
+
+/// A thread-safe router. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<RouterInner>,
+}
+
+impl Router {
+    /// Builds a router from a JSON config.
+    pub fn from_json(config: &[u8]) -> Result<Router, ConfigError> {
+        Ok(Router::new(Config::from_json(config)?))
+    }
+
+    /// Builds a router from a validated config.
+    pub fn new(config: Config) -> Router {
+        let mut models = HashMap::new();
+        let mut model_names = Vec::new();
+        for (slot, (name, rules)) in config.models.iter().enumerate() {
+            models.insert(
+                name.clone(),
+                ModelRoute {
+                    slot,
+                    rules: rules.iter().cloned().map(Arc::new).collect(),
+                },
+            );
+            model_names.push(name.clone());
+        }
+        let inner = Arc::new(RouterInner {
+            index: PrefixIndex::new(config.prefix_index_capacity),
+            models,
+            model_names,
+            clusters: ArcSwap::from_pointee(HashMap::new()),
+            metrics: RouterMetrics::default(),
+            epoch: Instant::now(),
+            next_endpoint_id: AtomicU32::new(1),
+            in_flight: AtomicU64::new(0),
+            update_lock: Mutex::new(()),
+            config,
+        });
+        let router = Router { inner };
+        let mut names: Vec<&str> = router
+            .inner
+            .config
+            .models
+            .values()
+            .flatten()
+            .map(|r| r.cluster.as_str())
+            .collect();
+        names.extend(router.inner.config.clusters.keys().map(String::as_str));
+        for name in names {
+            let addrs = router
+                .inner
+                .config
+                .clusters
+                .get(name)
+                .cloned()
+                .unwrap_or_default();
+            router.set_endpoints_internal(name, &addrs, false);
+        }
+        router
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Replaces the endpoints of `cluster` (created if unknown). Endpoints that stay keep
+    /// their load counters and cache knowledge.
+    pub fn set_endpoints(&self, cluster: &str, endpoints: &[SocketAddr]) {
+        self.set_endpoints_internal(cluster, endpoints, true);
+    }
+
+    fn set_endpoints_internal(&self, cluster: &str, endpoints: &[SocketAddr], count: bool) {
+        let inner = &self.inner;
+        let _guard = inner.update_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let existing = inner.clusters.load().get(cluster).cloned();
+        let c = match existing {
+            Some(c) => c,
+            None => {
+                let c = Arc::new(Cluster::new(cluster));
+                let mut map = HashMap::clone(&inner.clusters.load());
+                map.insert(cluster.to_string(), Arc::clone(&c));
+                inner.clusters.store(Arc::new(map));
+                c
+            }
+        };
+        let models = inner.model_names.len();
+        c.replace(endpoints, |addr| {
+            Endpoint::new(
+                inner.next_endpoint_id.fetch_add(1, Ordering::Relaxed),
+                addr,
+                models,
+            )
+        });
+        if count {
+            inner
+                .metrics
+                .endpoint_updates
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The current endpoints of a cluster, as `ip:port`.
+    pub fn endpoints(&self, cluster: &str) -> Vec<String> {
+        self.inner
+            .clusters
+            .load()
+            .get(cluster)
+            .map(|c| {
+                c.snapshot()
+                    .endpoints
+                    .iter()
+                    .map(|e| e.address.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Requests picked and not yet finished, across all endpoints.
+    pub fn in_flight(&self) -> u64 {
+        self.inner.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// True when a request with this method and path must go through `pick`.
+    pub fn should_intercept(&self, method: &[u8], path: &[u8]) -> bool {
+        if !method.eq_ignore_ascii_case(b"POST") {
+            return false;
+        }
+        let path = path.split(|&b| b == b'?').next().unwrap_or(path);
+        self.inner
+            .config
+            .intercept_paths
+            .iter()
+            .any(|p| p.as_bytes() == path)
+    }
+
+    /// Routes one request. Always returns a request handle; on error it carries the error.
+    pub fn pick(&self, headers: &[HeaderRef], body: &[u8]) -> PickedRequest {
+        let started = Instant::now();
+        let result = self.inner.route(headers, body);
+        let m = &self.inner.metrics;
+        match &result {
+            Ok(_) => m.count_pick("routed"),
+            Err(e) => m.count_pick(e.outcome()),
+        }
+        m.pick_duration.observe(started.elapsed().as_secs_f64());
+        PickedRequest {
+            router: Arc::clone(&self.inner),
+            result,
+            picked_at: started,
+            first_token_seen: false,
+            finished: false,
+        }
+    }
+
+    /// A handle for a request that failed before routing (used at the C ABI on panics).
+    pub fn failed_request(&self, error: PickError) -> PickedRequest {
+        self.inner.metrics.count_pick(error.outcome());
+        PickedRequest {
+            router: Arc::clone(&self.inner),
+            result: Err(error),
+            picked_at: Instant::now(),
+            first_token_seen: false,
+            finished: false,
+        }
+    }
+
+    /// Number of chunk hashes in the local prefix index.
+    pub fn prefix_index_len(&self) -> usize {
+        self.inner.index.len()
+    }
+
+    /// Renders every metric in Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        self.inner.render_metrics()
+    }
+}
+
+fn find_header<'a>(headers: &[HeaderRef<'a>], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, v)| *v)
+}
+
+fn match_rule<'r>(rules: &'r [Arc<Rule>], headers: &[HeaderRef]) -> Option<&'r Arc<Rule>> {
+    rules.iter().find(|r| {
+        r.headers
+            .iter()
+            .all(|h| find_header(headers, &h.key) == Some(h.value.as_bytes()))
+    })
+}
+
+/// The routing part of a picked request.
+struct Routed {
+    rule: Arc<Rule>,
+    cluster: Arc<Cluster>,
+    /// None after a retry found no other endpoint.
+    endpoint: Option<Arc<Endpoint>>,
+    tried: Vec<u32>,
+    model: String,
+    model_slot: usize,
+    stream: bool,
+    prompt_chars: u64,
+    prefix_hashes: Vec<u64>,
+    cache_ratio: f64,
+}
+
+impl RouterInner {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn route(&self, headers: &[HeaderRef], body: &[u8]) -> Result<Routed, PickError> {
+        let limit = self.config.max_body_bytes;
+        if body.len() as u64 > limit {
+            return Err(PickError::PayloadTooLarge {
+                size: body.len() as u64,
+                limit,
+            });
+        }
+        let kind = find_header(headers, ":path")
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .and_then(RequestKind::from_path);
+        let parsed = request::parse(body, kind, self.config.hash_chunk_bytes)?;
+        let route = self
+            .models
+            .get(&parsed.model)
+            .ok_or_else(|| PickError::ModelNotFound {
+                message: format!("the model `{}` does not exist", parsed.model),
+            })?;
+        let rule = match_rule(&route.rules, headers).ok_or_else(|| PickError::ModelNotFound {
+            message: format!(
+                "no routing rule of model `{}` matches the request headers",
+                parsed.model
+            ),
+        })?;
+        let cluster = self
+            .clusters
+            .load()
+            .get(&rule.cluster)
+            .cloned()
+            .ok_or_else(|| PickError::NoEndpoint {
+                cluster: rule.cluster.clone(),
+            })?;
+        let mut routed = Routed {
+            rule: Arc::clone(rule),
+            cluster,
+            endpoint: None,
+            tried: Vec::new(),
+            model_slot: route.slot,
+            model: parsed.model,
+            stream: parsed.stream,
+            prompt_chars: parsed.prompt_chars,
+            prefix_hashes: parsed.prefix_hashes,
+            cache_ratio: 0.0,
+        };
+        self.choose(&mut routed)?;
+        Ok(routed)
+    }
+
+    /// Chooses an endpoint for `r` among those not tried yet, and accounts it.
+    fn choose(&self, r: &mut Routed) -> Result<(), PickError> {
+        let set = r.cluster.snapshot();
+        let now = self.now_ms();
+        let untried = |e: &&Arc<Endpoint>| !r.tried.contains(&e.id);
+        let mut candidates: Vec<usize> = (0..set.endpoints.len())
+            .filter(|&i| untried(&&set.endpoints[i]) && !set.endpoints[i].is_ejected(now))
+            .collect();
+        if candidates.is_empty() {
+            // Every endpoint is ejected: fail open rather than refuse all traffic.
+            candidates = (0..set.endpoints.len())
+                .filter(|&i| untried(&&set.endpoints[i]))
+                .collect();
+        }
+        if candidates.is_empty() {
+            return Err(PickError::NoEndpoint {
+                cluster: r.cluster.name.clone(),
+            });
+        }
+        let params = self.config.lb_params(&r.model);
+        let mut rng = fastrand::Rng::new();
+        let use_index = self.config.algorithm == Algorithm::InferenceLb && params.cache_aware;
+        let depth = if use_index && !r.prefix_hashes.is_empty() {
+            self.index.matched_chunks(&r.prefix_hashes, &set)
+        } else {
+            vec![0; set.endpoints.len()]
+        };
+        let total_chunks = r.prefix_hashes.len().max(1) as f64;
+        let chosen = match self.config.algorithm {
+            Algorithm::InferenceLb => {
+                let loads = loads_of(&set, &candidates, &depth, total_chunks);
+                candidates[balancer::inference_lb(&loads, &params, &mut rng)]
+            }
+            Algorithm::Random => candidates[balancer::random(candidates.len(), &mut rng)],
+            Algorithm::RoundRobin => {
+                candidates[balancer::round_robin(&r.cluster.rr_cursor, candidates.len())]
+            }
+            Algorithm::LeastRequest => {
+                let loads = loads_of(&set, &candidates, &depth, total_chunks);
+                candidates[balancer::least_request(&loads, &mut rng)]
+            }
+        };
+        let endpoint = Arc::clone(&set.endpoints[chosen]);
+        endpoint.acquire(r.prompt_chars);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        if use_index {
+            self.index.record(&r.prefix_hashes, endpoint.id, now);
+        }
+        r.cache_ratio = depth[chosen] as f64 / total_chunks;
+        self.metrics.decision_cache_ratio.observe(r.cache_ratio);
+        self.metrics
+            .prompt_chars
+            .fetch_add(r.prompt_chars, Ordering::Relaxed);
+        self.metrics.cached_prompt_chars.fetch_add(
+            (r.prompt_chars as f64 * r.cache_ratio) as u64,
+            Ordering::Relaxed,
+        );
+        r.tried.push(endpoint.id);
+        r.endpoint = Some(endpoint);
+        Ok(())
+    }
+
+    fn render_metrics(&self) -> String {
+        let m = &self.metrics;
+        let mut out = String::with_capacity(4096);
+        header(
+            &mut out,
+            "llmproxy_picks_total",
+            "counter",
+            "Pick decisions by outcome.",
+        );
+        for (i, o) in PICK_OUTCOMES.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "llmproxy_picks_total{{outcome=\"{o}\"}} {}",
+                m.picks[i].load(Ordering::Relaxed)
+            );
+        }
+        header(
+            &mut out,
+            "llmproxy_in_flight_requests",
+            "gauge",
+            "Requests picked and not yet finished.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_in_flight_requests {}",
+            self.in_flight.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "llmproxy_finished_requests_total",
+            "counter",
+            "Finished requests by upstream status class (none = no upstream response).",
+        );
+        for (i, class) in ["none", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "llmproxy_finished_requests_total{{status=\"{class}\"}} {}",
+                m.finished[i].load(Ordering::Relaxed)
+            );
+        }
+        header(
+            &mut out,
+            "llmproxy_retries_total",
+            "counter",
+            "Re-picks after a failed upstream connection.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_retries_total {}",
+            m.retries.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "llmproxy_endpoint_updates_total",
+            "counter",
+            "Endpoint sets replaced through the API.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_endpoint_updates_total {}",
+            m.endpoint_updates.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "llmproxy_prompt_chars_total",
+            "counter",
+            "Prompt characters of routed requests.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_prompt_chars_total {}",
+            m.prompt_chars.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "llmproxy_cached_prompt_chars_total",
+            "counter",
+            "Prompt characters the chosen endpoint was expected to hold in its KV cache.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_cached_prompt_chars_total {}",
+            m.cached_prompt_chars.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "llmproxy_pick_duration_seconds",
+            "histogram",
+            "Time spent in pick: parse, hash, score, account.",
+        );
+        m.pick_duration
+            .render(&mut out, "llmproxy_pick_duration_seconds", "");
+        header(
+            &mut out,
+            "llmproxy_decision_cache_ratio",
+            "histogram",
+            "Prefix-cache match ratio of the chosen endpoint.",
+        );
+        m.decision_cache_ratio
+            .render(&mut out, "llmproxy_decision_cache_ratio", "");
+        header(
+            &mut out,
+            "llmproxy_prefix_index_entries",
+            "gauge",
+            "Chunk hashes in the local prefix index.",
+        );
+        let _ = writeln!(out, "llmproxy_prefix_index_entries {}", self.index.len());
+        header(
+            &mut out,
+            "llmproxy_prefix_index_evictions_total",
+            "counter",
+            "Prefix index entries evicted to stay within capacity.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_prefix_index_evictions_total {}",
+            self.index.evictions()
+        );
+
+        let clusters = self.clusters.load();
+        let mut names: Vec<&String> = clusters.keys().collect();
+        names.sort();
+        type Getter = fn(&Endpoint, u64) -> u64;
+        let families: [(&str, &str, &str, Getter); 6] = [
+            (
+                "llmproxy_endpoint_in_flight_requests",
+                "gauge",
+                "In-flight requests per endpoint.",
+                |e, _| e.in_flight(),
+            ),
+            (
+                "llmproxy_endpoint_prefill_chars",
+                "gauge",
+                "Prompt characters still in prefill per endpoint.",
+                |e, _| e.prefill_chars(),
+            ),
+            (
+                "llmproxy_endpoint_picks_total",
+                "counter",
+                "Picks per endpoint.",
+                |e, _| e.picks(),
+            ),
+            (
+                "llmproxy_endpoint_failures_total",
+                "counter",
+                "Failed requests (502/503/504) per endpoint.",
+                |e, _| e.failures(),
+            ),
+            (
+                "llmproxy_endpoint_ejections_total",
+                "counter",
+                "Passive-health ejections per endpoint.",
+                |e, _| e.ejections(),
+            ),
+            (
+                "llmproxy_endpoint_ejected",
+                "gauge",
+                "1 while the endpoint is ejected.",
+                |e, now| e.is_ejected(now) as u64,
+            ),
+        ];
+        let now = self.now_ms();
+        for (name, kind, help, get) in families {
+            header(&mut out, name, kind, help);
+            for c in &names {
+                for e in &clusters[*c].snapshot().endpoints {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{cluster=\"{}\",endpoint=\"{}\"}} {}",
+                        escape_label(c),
+                        e.address,
+                        get(e, now)
+                    );
+                }
+            }
+        }
+        header(
+            &mut out,
+            "llmproxy_time_to_first_token_seconds",
+            "histogram",
+            "Time from pick to first response byte, per model and endpoint.",
+        );
+        for c in &names {
+            for e in &clusters[*c].snapshot().endpoints {
+                for (slot, h) in e.ttft_histograms() {
+                    let labels = format!(
+                        "model=\"{}\",cluster=\"{}\",endpoint=\"{}\"",
+                        escape_label(&self.model_names[slot]),
+                        escape_label(c),
+                        e.address
+                    );
+                    h.render(&mut out, "llmproxy_time_to_first_token_seconds", &labels);
+                }
+            }
+        }
+        out
+    }
+}
+
+fn loads_of(
+    set: &EndpointSet,
+    candidates: &[usize],
+    depth: &[usize],
+    total_chunks: f64,
+) -> Vec<CandidateLoad> {
+    candidates
+        .iter()
+        .map(|&i| {
+            let e = &set.endpoints[i];
+            CandidateLoad {
+                in_flight: e.in_flight(),
+                prefill_chars: e.prefill_chars(),
+                cache_ratio: depth[i] as f64 / total_chunks,
+            }
+        })
+        .collect()
+}
+
+/// A request from pick to finish. Must be finished (or dropped) exactly once.
+pub struct PickedRequest {
+    router: Arc<RouterInner>,
+    result: Result<Routed, PickError>,
+    picked_at: Instant,
+    first_token_seen: bool,
+    finished: bool,
+}
+
+impl PickedRequest {
+    /// The error, when the request could not be routed.
+    pub fn error(&self) -> Option<&PickError> {
+        match &self.result {
+            Err(e) => Some(e),
+            Ok(_) => None,
+        }
+    }
+
+    /// HTTP status for the client: 200 when routed.
+    pub fn http_status(&self) -> u32 {
+        match &self.result {
+            Ok(r) if r.endpoint.is_some() => 200,
+            Ok(r) => PickError::NoEndpoint {
+                cluster: r.cluster.name.clone(),
+            }
+            .http_status(),
+            Err(e) => e.http_status(),
+        }
+    }
+
+    fn routed(&self) -> Option<&Routed> {
+        self.result.as_ref().ok()
+    }
+
+    /// Chosen endpoint `ip:port`.
+    pub fn endpoint(&self) -> Option<&str> {
+        self.routed()?.endpoint.as_ref().map(|e| e.address.as_str())
+    }
+
+    /// Cluster of the matched rule.
+    pub fn cluster(&self) -> Option<&str> {
+        self.routed().map(|r| r.cluster.name.as_str())
+    }
+
+    /// Backend of the matched rule.
+    pub fn backend(&self) -> Option<&'static str> {
+        self.routed().map(|r| r.rule.backend.as_str())
+    }
+
+    /// Requested model.
+    pub fn model(&self) -> Option<&str> {
+        self.routed().map(|r| r.model.as_str())
+    }
+
+    /// Scene name of the matched rule.
+    pub fn scene(&self) -> Option<&str> {
+        self.routed().map(|r| r.rule.scene_name.as_str())
+    }
+
+    /// The request's `stream` flag.
+    pub fn is_stream(&self) -> bool {
+        self.routed().is_some_and(|r| r.stream)
+    }
+
+    /// Prefix-cache match ratio of the chosen endpoint at decision time.
+    pub fn cache_ratio(&self) -> f64 {
+        self.routed().map_or(0.0, |r| r.cache_ratio)
+    }
+
+    /// Prompt length in characters.
+    pub fn prompt_chars(&self) -> u64 {
+        self.routed().map_or(0, |r| r.prompt_chars)
+    }
+
+    /// OpenAI error JSON when not routed.
+    pub fn error_body(&self) -> Option<String> {
+        match &self.result {
+            Err(e) => Some(e.to_json()),
+            Ok(r) if r.endpoint.is_none() => Some(
+                PickError::NoEndpoint {
+                    cluster: r.cluster.name.clone(),
+                }
+                .to_json(),
+            ),
+            Ok(_) => None,
+        }
+    }
+
+    /// Re-picks another endpoint after a connect failure; the failed one is not tried again
+    /// and counts one failure. Accounting moves to the new endpoint.
+    pub fn retry(&mut self) -> Result<(), PickError> {
+        let router = Arc::clone(&self.router);
+        let first_token_seen = self.first_token_seen;
+        let Ok(r) = &mut self.result else {
+            return Err(self.error().cloned().unwrap_or(PickError::Internal {
+                message: "retry of an unrouted request".into(),
+            }));
+        };
+        if let Some(old) = r.endpoint.take() {
+            if !first_token_seen {
+                old.release_prefill(r.prompt_chars);
+            }
+            old.release_request();
+            router.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let ej = router.config.ejection;
+            old.record_failure(router.now_ms(), ej.consecutive_failures, ej.eject_ms);
+        }
+        router.metrics.retries.fetch_add(1, Ordering::Relaxed);
+        self.first_token_seen = false;
+        self.picked_at = Instant::now();
+        router.choose(r)
+    }
+
+    /// The first response byte arrived: prefill is over. Idempotent.
+    pub fn first_token(&mut self) {
+        if self.first_token_seen || self.finished {
+            return;
+        }
+        self.first_token_seen = true;
+        if let Ok(r) = &self.result {
+            if let Some(e) = &r.endpoint {
+                e.release_prefill(r.prompt_chars);
+                if let Some(h) = e.ttft(r.model_slot) {
+                    h.observe(self.picked_at.elapsed().as_secs_f64());
+                }
+            }
+        }
+    }
+
+    /// The request is over; `upstream_status` is the upstream's HTTP status, 0 for none.
+    pub fn finish(mut self, upstream_status: u32) {
+        self.finish_inner(upstream_status);
+    }
+
+    fn finish_inner(&mut self, upstream_status: u32) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let router = &self.router;
+        if let Ok(r) = &self.result {
+            if let Some(e) = &r.endpoint {
+                if !self.first_token_seen {
+                    e.release_prefill(r.prompt_chars);
+                }
+                e.release_request();
+                router.in_flight.fetch_sub(1, Ordering::Relaxed);
+                match upstream_status {
+                    502..=504 => {
+                        let ej = router.config.ejection;
+                        e.record_failure(router.now_ms(), ej.consecutive_failures, ej.eject_ms);
+                    }
+                    100..=499 => e.record_success(),
+                    _ => {}
+                }
+                router.metrics.count_finish(upstream_status);
+            }
+        }
+    }
+}
+
+impl Drop for PickedRequest {
+    fn drop(&mut self) {
+        self.finish_inner(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"{
+        "model_mapping_rule": {
+            "m1": {"rules": [
+                {"cluster": "prod", "backend": "vllm", "scene_name": "chat"},
+                {"cluster": "gray", "backend": "sglang", "headers": [{"key": "x-env", "value": "gray"}]}
+            ]},
+            "m2": {"rules": [{"cluster": "prod", "backend": "vllm", "headers": [{"key": "x-tenant", "value": "a"}]}]}
+        },
+        "clusters": {
+            "prod": {"endpoints": ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003", "127.0.0.1:9004"]},
+            "gray": {"endpoints": ["127.0.0.1:9101"]}
+        }
+    }"#;
+
+    fn router() -> Router {
+        Router::from_json(CONFIG.as_bytes()).unwrap()
+    }
+
+    fn chat(model: &str, text: &str) -> Vec<u8> {
+        serde_json::json!({"model": model, "messages": [{"role": "user", "content": text}]})
+            .to_string()
+            .into_bytes()
+    }
+
+    #[test]
+    fn routes_by_rule_and_header() {
+        let r = router();
+        let p = r.pick(&[], &chat("m1", "hi"));
+        assert_eq!(p.http_status(), 200);
+        assert_eq!(p.cluster(), Some("prod"));
+        assert_eq!(p.scene(), Some("chat"));
+        assert_eq!(p.backend(), Some("vllm"));
+        let g = r.pick(&[(b"X-Env", b"gray")], &chat("m1", "hi"));
+        assert_eq!(g.cluster(), Some("gray"));
+        assert_eq!(g.endpoint(), Some("127.0.0.1:9101"));
+        assert_eq!(g.backend(), Some("sglang"));
+        // Header values match exactly.
+        let d = r.pick(&[(b"x-env", b"Gray")], &chat("m1", "hi"));
+        assert_eq!(d.cluster(), Some("prod"));
+    }
+
+    #[test]
+    fn unknown_model_and_unmatched_rule_are_404() {
+        let r = router();
+        let p = r.pick(&[], &chat("nope", "hi"));
+        assert_eq!(p.http_status(), 404);
+        assert!(p.error_body().unwrap().contains("model_not_found"));
+        let p = r.pick(&[(b"x-tenant", b"b")], &chat("m2", "hi"));
+        assert_eq!(p.http_status(), 404);
+        assert!(p.error_body().unwrap().contains("no routing rule"));
+        assert_eq!(
+            r.pick(&[(b"x-tenant", b"a")], &chat("m2", "hi"))
+                .http_status(),
+            200
+        );
+    }
+
+    #[test]
+    fn oversized_body_is_413_and_empty_cluster_is_503() {
+        let r = Router::from_json(br#"{"max_body_bytes": 1024, "model_mapping_rule": {"m": {"rules": [{"cluster": "empty", "backend": "vllm"}]}}}"#).unwrap();
+        assert_eq!(r.pick(&[], &vec![b' '; 2000]).http_status(), 413);
+        let p = r.pick(&[], &chat("m", "x"));
+        assert_eq!(p.http_status(), 503);
+        assert!(p.error_body().unwrap().contains("no_endpoint"));
+        r.set_endpoints("empty", &["127.0.0.1:1".parse().unwrap()]);
+        assert_eq!(r.pick(&[], &chat("m", "x")).http_status(), 200);
+    }
+
+    #[test]
+    fn same_prefix_sticks_different_prefixes_spread() {
+        let r = router();
+        let system = "You are a helpful assistant. ".repeat(100);
+        let mut first = None;
+        for i in 0..20 {
+            let p = r.pick(&[], &chat("m1", &format!("{system} question {i}")));
+            let ep = p.endpoint().unwrap().to_string();
+            assert_eq!(*first.get_or_insert(ep.clone()), ep, "request {i}");
+            p.finish(200);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..40 {
+            let p = r.pick(
+                &[],
+                &chat("m1", &format!("unique prompt {i} {}", "x".repeat(600))),
+            );
+            seen.insert(p.endpoint().unwrap().to_string());
+            p.finish(200);
+        }
+        assert_eq!(seen.len(), 4, "new prefixes spread over every endpoint");
+    }
+
+    #[test]
+    fn load_steers_away_from_busy_endpoints() {
+        let r = router();
+        // Hold 20 requests with the same prefix in flight: load must spread them.
+        let system = "shared system prompt ".repeat(200);
+        let held: Vec<_> = (0..20)
+            .map(|i| r.pick(&[], &chat("m1", &format!("{system}{i}"))))
+            .collect();
+        let mut per = HashMap::new();
+        for p in &held {
+            *per.entry(p.endpoint().unwrap().to_string()).or_insert(0) += 1;
+        }
+        assert!(per.len() >= 3, "{per:?}");
+        assert!(per.values().all(|&n| n <= 10), "{per:?}");
+        assert_eq!(r.in_flight(), 20);
+        drop(held);
+        assert_eq!(r.in_flight(), 0);
+    }
+
+    #[test]
+    fn first_token_and_finish_release_accounting() {
+        let r = router();
+        let mut p = r.pick(&[], &chat("m1", &"y".repeat(5000)));
+        let ep = p.endpoint().unwrap().to_string();
+        let metrics = r.metrics_text();
+        assert!(
+            metrics.contains(&format!(
+                "llmproxy_endpoint_in_flight_requests{{cluster=\"prod\",endpoint=\"{ep}\"}} 1"
+            )),
+            "{metrics}"
+        );
+        assert!(metrics.contains(&format!(
+            "llmproxy_endpoint_prefill_chars{{cluster=\"prod\",endpoint=\"{ep}\"}} {}",
+            p.prompt_chars()
+        )));
+        p.first_token();
+        p.first_token();
+        assert!(r.metrics_text().contains(&format!(
+            "llmproxy_endpoint_prefill_chars{{cluster=\"prod\",endpoint=\"{ep}\"}} 0"
+        )));
+        p.finish(200);
+        let metrics = r.metrics_text();
+        assert!(metrics.contains("llmproxy_in_flight_requests 0"));
+        assert!(metrics.contains("llmproxy_finished_requests_total{status=\"2xx\"} 1"));
+        assert!(
+            metrics.contains(
+                "llmproxy_time_to_first_token_seconds_count{model=\"m1\",cluster=\"prod\""
+            ),
+            "{metrics}"
+        );
+    }
+
+    #[test]
+    fn failing_endpoint_is_ejected_then_readmitted() {
+        let r = Router::from_json(br#"{"algorithm": "round_robin", "ejection": {"consecutive_failures": 2, "eject_ms": 200},
+            "model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "vllm"}]}},
+            "clusters": {"c": {"endpoints": ["127.0.0.1:1", "127.0.0.1:2"]}}}"#).unwrap();
+        for _ in 0..4 {
+            let p = r.pick(&[], &chat("m", "x"));
+            let bad = p.endpoint() == Some("127.0.0.1:1");
+            p.finish(if bad { 503 } else { 200 });
+        }
+        for _ in 0..10 {
+            let p = r.pick(&[], &chat("m", "x"));
+            assert_eq!(p.endpoint(), Some("127.0.0.1:2"));
+            p.finish(200);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        let seen: std::collections::HashSet<_> = (0..10)
+            .map(|_| {
+                let p = r.pick(&[], &chat("m", "x"));
+                let e = p.endpoint().unwrap().to_string();
+                p.finish(200);
+                e
+            })
+            .collect();
+        assert!(seen.contains("127.0.0.1:1"), "re-admitted after eject_ms");
+    }
+
+    #[test]
+    fn retry_moves_to_an_untried_endpoint_until_none_left() {
+        let r = router();
+        let mut p = r.pick(&[(b"x-env", b"gray")], &chat("m1", "x"));
+        assert_eq!(p.endpoint(), Some("127.0.0.1:9101"));
+        let e = p.retry().unwrap_err();
+        assert_eq!(e.http_status(), 503);
+        assert_eq!(p.http_status(), 503);
+        assert_eq!(r.in_flight(), 0);
+        p.finish(0);
+
+        let mut p = r.pick(&[], &chat("m1", "x"));
+        let mut tried = vec![p.endpoint().unwrap().to_string()];
+        while p.retry().is_ok() {
+            let ep = p.endpoint().unwrap().to_string();
+            assert!(!tried.contains(&ep));
+            tried.push(ep);
+            assert_eq!(r.in_flight(), 1);
+        }
+        assert_eq!(tried.len(), 4);
+        p.finish(0);
+        assert_eq!(r.in_flight(), 0);
+    }
+
+    #[test]
+    fn set_endpoints_keeps_state_of_staying_endpoints() {
+        let r = router();
+        let held = r.pick(&[(b"x-env", b"gray")], &chat("m1", "x"));
+        r.set_endpoints(
+            "gray",
+            &[
+                "127.0.0.1:9101".parse().unwrap(),
+                "127.0.0.1:9102".parse().unwrap(),
+            ],
+        );
+        assert!(r.metrics_text().contains(
+            "llmproxy_endpoint_in_flight_requests{cluster=\"gray\",endpoint=\"127.0.0.1:9101\"} 1"
+        ));
+        r.set_endpoints("gray", &["127.0.0.1:9102".parse().unwrap()]);
+        held.finish(200);
+        assert_eq!(r.in_flight(), 0);
+        assert_eq!(r.endpoints("gray"), vec!["127.0.0.1:9102"]);
+    }
+
+    #[test]
+    fn intercepts_only_post_to_configured_paths() {
+        let r = router();
+        assert!(r.should_intercept(b"POST", b"/v1/chat/completions"));
+        assert!(r.should_intercept(b"post", b"/v1/completions?x=1"));
+        assert!(!r.should_intercept(b"GET", b"/v1/chat/completions"));
+        assert!(!r.should_intercept(b"POST", b"/v1/embeddings"));
+    }
+}

@@ -22,21 +22,29 @@
 #include "llmproxy.h"
 #include "llmproxy_envoy_internal.h"
 
-// ---- the hooks under test (plain names: this binary links the dynamic-module object) ----
+// ---- the hooks under test: plain names (dynamic-module object), or "<prefix>envoy_..." when the
+// static variant is tested (compile with the same -DLLMPROXY_ENVOY_HOOK_PREFIX as the shim) ----
+#define LLMPROXY_CAT2(a, b) a##b
+#define LLMPROXY_CAT(a, b) LLMPROXY_CAT2(a, b)
+#ifdef LLMPROXY_ENVOY_HOOK_PREFIX
+#define H(name) LLMPROXY_CAT(LLMPROXY_ENVOY_HOOK_PREFIX, name)
+#else
+#define H(name) name
+#endif
 extern "C" {
-const char *envoy_dynamic_module_on_program_init(void);
-const void *envoy_dynamic_module_on_http_filter_config_new(void *, envoy_dynamic_module_type_envoy_buffer,
+const char *H(envoy_dynamic_module_on_program_init)(void);
+const void *H(envoy_dynamic_module_on_http_filter_config_new)(void *, envoy_dynamic_module_type_envoy_buffer,
                                                            envoy_dynamic_module_type_envoy_buffer);
-void envoy_dynamic_module_on_http_filter_config_destroy(const void *);
-const void *envoy_dynamic_module_on_http_filter_new(const void *, void *);
-void envoy_dynamic_module_on_http_filter_destroy(const void *);
-int envoy_dynamic_module_on_http_filter_request_headers(void *, const void *, bool);
-int envoy_dynamic_module_on_http_filter_request_body(void *, const void *, bool);
-int envoy_dynamic_module_on_http_filter_request_trailers(void *, const void *);
-int envoy_dynamic_module_on_http_filter_response_headers(void *, const void *, bool);
-int envoy_dynamic_module_on_http_filter_response_body(void *, const void *, bool);
-void envoy_dynamic_module_on_http_filter_stream_complete(void *, const void *);
-void envoy_dynamic_module_on_http_filter_scheduled(void *, const void *, uint64_t);
+void H(envoy_dynamic_module_on_http_filter_config_destroy)(const void *);
+const void *H(envoy_dynamic_module_on_http_filter_new)(const void *, void *);
+void H(envoy_dynamic_module_on_http_filter_destroy)(const void *);
+int H(envoy_dynamic_module_on_http_filter_request_headers)(void *, const void *, bool);
+int H(envoy_dynamic_module_on_http_filter_request_body)(void *, const void *, bool);
+int H(envoy_dynamic_module_on_http_filter_request_trailers)(void *, const void *);
+int H(envoy_dynamic_module_on_http_filter_response_headers)(void *, const void *, bool);
+int H(envoy_dynamic_module_on_http_filter_response_body)(void *, const void *, bool);
+void H(envoy_dynamic_module_on_http_filter_stream_complete)(void *, const void *);
+void H(envoy_dynamic_module_on_http_filter_scheduled)(void *, const void *, uint64_t);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -326,7 +334,7 @@ static std::string config_json(const std::string &extra = "") {
 }
 
 static const void *new_config(const std::string &json, const char *name = "llmproxy") {
-  return envoy_dynamic_module_on_http_filter_config_new(
+  return H(envoy_dynamic_module_on_http_filter_config_new)(
       nullptr, envoy_dynamic_module_type_envoy_buffer{name, std::strlen(name)},
       envoy_dynamic_module_type_envoy_buffer{json.data(), json.size()});
 }
@@ -348,29 +356,29 @@ static std::string chat(const std::string &model, const std::string &text, bool 
 struct Stream {
   FakeStream fs;
   const void *m = nullptr;
-  explicit Stream(const void *cfg) { m = envoy_dynamic_module_on_http_filter_new(cfg, &fs); }
-  ~Stream() { envoy_dynamic_module_on_http_filter_destroy(m); }
-  int headers(bool eos = false) { return envoy_dynamic_module_on_http_filter_request_headers(&fs, m, eos); }
+  explicit Stream(const void *cfg) { m = H(envoy_dynamic_module_on_http_filter_new)(cfg, &fs); }
+  ~Stream() { H(envoy_dynamic_module_on_http_filter_destroy)(m); }
+  int headers(bool eos = false) { return H(envoy_dynamic_module_on_http_filter_request_headers)(&fs, m, eos); }
   // Delivers one body frame: everything received before is moved to the buffer (as Envoy does
   // when the filter returned StopIterationAndBuffer).
   int body(const std::string &frame, bool eos) {
     for (auto &r : fs.received) fs.buffered.push_back(r);
     fs.received = {frame};
-    return envoy_dynamic_module_on_http_filter_request_body(&fs, m, eos);
+    return H(envoy_dynamic_module_on_http_filter_request_body)(&fs, m, eos);
   }
   int trailers() {
     for (auto &r : fs.received) fs.buffered.push_back(r);
     fs.received.clear();
-    return envoy_dynamic_module_on_http_filter_request_trailers(&fs, m);
+    return H(envoy_dynamic_module_on_http_filter_request_trailers)(&fs, m);
   }
   void respond(uint32_t code, const std::string &chunk) {
     fs.has_response_code = true;
     fs.response_code = code;
-    envoy_dynamic_module_on_http_filter_response_headers(&fs, m, false);
-    envoy_dynamic_module_on_http_filter_response_body(&fs, m, false);
+    H(envoy_dynamic_module_on_http_filter_response_headers)(&fs, m, false);
+    H(envoy_dynamic_module_on_http_filter_response_body)(&fs, m, false);
     (void)chunk;
   }
-  void complete() { envoy_dynamic_module_on_http_filter_stream_complete(&fs, m); }
+  void complete() { H(envoy_dynamic_module_on_http_filter_stream_complete)(&fs, m); }
 };
 
 static bool is_pool_a(const std::string &ep) {
@@ -382,7 +390,7 @@ static bool is_pool_a(const std::string &ep) {
 // ---------------------------------------------------------------------------------------------
 // Tests.
 
-static void test_program_init() { CHECK_EQ(std::string(envoy_dynamic_module_on_program_init()), std::string("v0.2.0")); }
+static void test_program_init() { CHECK_EQ(std::string(H(envoy_dynamic_module_on_program_init)()), std::string("v0.2.0")); }
 
 static void test_bad_config_rejected_with_message() {
   size_t logs_before = g_logs.size();
@@ -483,7 +491,7 @@ static void test_body_already_buffered_by_earlier_filter(const void *cfg) {
   s.fs.buffered = {body};
   s.fs.received = {body};
   s.fs.received_is_buffered = true;
-  CHECK_EQ(envoy_dynamic_module_on_http_filter_request_body(&s.fs, s.m, true), (int)ENVOY_BODY_CONTINUE);
+  CHECK_EQ(H(envoy_dynamic_module_on_http_filter_request_body)(&s.fs, s.m, true), (int)ENVOY_BODY_CONTINUE);
   CHECK_EQ(s.fs.sent, 0);
   CHECK(is_pool_a(s.fs.override_host));
   s.complete();
@@ -668,7 +676,7 @@ static void test_pending_resumes_via_scheduler(const void *cfg) {
       CHECK(s.fs.commit_thread != std::this_thread::get_id());
     }
     CHECK_EQ(s.fs.override_calls, 0);  // nothing touched off the worker thread
-    envoy_dynamic_module_on_http_filter_scheduled(&s.fs, s.m, s.fs.committed[0]);
+    H(envoy_dynamic_module_on_http_filter_scheduled)(&s.fs, s.m, s.fs.committed[0]);
     CHECK_EQ(s.fs.continue_decoding, 1);
     CHECK(is_pool_a(s.fs.override_host));
     CHECK_EQ(s.fs.header("x-llmproxy-cluster"), std::string("pool_a"));
@@ -685,7 +693,7 @@ static void test_pending_resumes_via_scheduler(const void *cfg) {
     CHECK_EQ(s.body(chat("nope", "async"), true), (int)ENVOY_BODY_STOP_ITERATION_AND_BUFFER);
     CHECK(wait_commit(s.fs, 2000));
     join_pending_threads();
-    envoy_dynamic_module_on_http_filter_scheduled(&s.fs, s.m, s.fs.committed[0]);
+    H(envoy_dynamic_module_on_http_filter_scheduled)(&s.fs, s.m, s.fs.committed[0]);
     CHECK_EQ(s.fs.sent_status, 404u);
     CHECK_EQ(s.fs.continue_decoding, 0);
     s.complete();
@@ -720,7 +728,7 @@ static void test_pending_stream_gone_before_decision(const void *cfg) {
     join_pending_threads();
     s.complete();
     CHECK_EQ(in_flight(cfg), 0u);
-    envoy_dynamic_module_on_http_filter_scheduled(&s.fs, s.m, 1);  // stale event: ignored
+    H(envoy_dynamic_module_on_http_filter_scheduled)(&s.fs, s.m, 1);  // stale event: ignored
     CHECK_EQ(s.fs.override_calls, 0);
     CHECK_EQ(s.fs.continue_decoding, 0);
   }
@@ -757,7 +765,7 @@ static void test_config_knobs() {
     CHECK_EQ(s.fs.header_count("x-route-cluster"), 1);
     s.complete();
   }
-  envoy_dynamic_module_on_http_filter_config_destroy(cfg);
+  H(envoy_dynamic_module_on_http_filter_config_destroy)(cfg);
 }
 
 int main() {
@@ -804,7 +812,7 @@ int main() {
     (ok ? passed : failed)++;
   }
   CHECK_EQ(in_flight(cfg), 0u);
-  envoy_dynamic_module_on_http_filter_config_destroy(cfg);
+  H(envoy_dynamic_module_on_http_filter_config_destroy)(cfg);
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 && g_failed_checks == 0 ? 0 : 1;
 }

@@ -1,0 +1,3 @@
+#!/bin/sh
+echo "coverage is not supported by the offline Bazel stand-ins" >&2
+exit 1

@@ -1,1 +1,251 @@
-fn main() { eprintln!("llmproxy-metadata-center: not built yet"); std::process::exit(2) }
+//! `llmproxy-metadata-center run [--config FILE] [--host H] [--port P]`
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::prelude::*;
+
+use llmproxy_metadata_center::cache::CachePool;
+use llmproxy_metadata_center::config::{self, Settings};
+use llmproxy_metadata_center::load::{LoadStore, Retrier, Stamp};
+use llmproxy_metadata_center::metrics::Metrics;
+use llmproxy_metadata_center::replica::{self, Replicator, ReplicatorConfig};
+use llmproxy_metadata_center::server::{self, AppState, LogReload};
+
+/// Metadata-Center server, wire-compatible with the aigw metadata-center.
+#[derive(Parser, Debug)]
+#[command(name = "llmproxy-metadata-center", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    args: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the server (the default).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug, Default, Clone)]
+struct RunArgs {
+    /// Config file (.toml, .json or .yaml), origin layout ([HTTP] Host/Port, [Log] Level, ...).
+    #[arg(short = 'c', long)]
+    config: Option<PathBuf>,
+    /// Address to bind (default 127.0.0.1).
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to bind (default 8080; 0 picks a free port, printed on stdout).
+    #[arg(long)]
+    port: Option<u16>,
+    /// HOST:PORT to bind; overrides --host/--port.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Require `Authorization: Bearer <token>` on every API except /health and /metrics.
+    #[arg(long, env = "METADATA_CENTER_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+    /// Static replication peers, HOST:PORT, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Enable the /cache/admin/debug/* endpoints.
+    #[arg(long)]
+    debug: bool,
+}
+
+fn settings(args: &RunArgs) -> Result<Settings, String> {
+    let mut s = Settings::default();
+    if let Some(path) = &args.config {
+        s.apply_file(&config::load_file(path)?)?;
+    }
+    s.apply_env(|k| std::env::var(k).ok())?;
+    if let Some(h) = &args.host {
+        s.host = h.clone();
+    }
+    if let Some(p) = args.port {
+        s.port = p;
+    }
+    if let Some(l) = &args.listen {
+        let (h, p) = l.rsplit_once(':').ok_or_else(|| format!("--listen {l:?}: expected HOST:PORT"))?;
+        s.host = h.trim_start_matches('[').trim_end_matches(']').to_string();
+        s.port = p.parse().map_err(|_| format!("--listen {l:?}: bad port"))?;
+    }
+    if let Some(t) = &args.auth_token {
+        s.auth_token = Some(t.clone()).filter(|t| !t.is_empty());
+    }
+    if !args.peers.is_empty() {
+        s.peers = args.peers.iter().filter(|p| !p.is_empty()).cloned().collect();
+    }
+    if args.debug {
+        s.debug_mode = true;
+    }
+    let port = s.replica_target_port;
+    s.peers = s.peers.iter().map(|p| if p.contains(':') { p.clone() } else { format!("{p}:{port}") }).collect();
+    s.validate()?;
+    Ok(s)
+}
+
+fn init_logging(level: LevelFilter, json: bool) -> LogReload {
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(level);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let registry = tracing_subscriber::registry().with(filter);
+    if json {
+        registry.with(fmt.json()).init();
+    } else {
+        registry.with(fmt).init();
+    }
+    Box::new(move |l| handle.modify(|f| *f = l).map_err(|e| e.to_string()))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install SIGTERM handler");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let args = match cli.cmd {
+        Some(Cmd::Run(a)) => a,
+        None => cli.args,
+    };
+    let s = match settings(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("llmproxy-metadata-center: {e}");
+            std::process::exit(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("llmproxy-metadata-center: cannot start runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(s)) {
+        eprintln!("llmproxy-metadata-center: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(s: Settings) -> Result<(), String> {
+    let log_reload = init_logging(s.log_level, s.log_json);
+    let _ = Stamp::now();
+    let addr = format!("{}:{}", s.host, s.port);
+    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
+
+    let version = env!("CARGO_PKG_VERSION");
+    let metrics = Arc::new(Metrics::new(version).map_err(|e| format!("metrics: {e}"))?);
+    let load = Arc::new(LoadStore::new(s.load.clone()));
+    let cache = Arc::new(CachePool::new(s.cache.clone()));
+    let retrier = Retrier::start(load.clone(), s.retry_queue_size, Duration::from_secs(1));
+    let instance_id = uuid::Uuid::new_v4().to_string();
+
+    let replicator = if !s.peers.is_empty() || s.svc_disc_host.is_some() {
+        let rep = Arc::new(Replicator::new(ReplicatorConfig {
+            queue_size: s.replica_queue_size,
+            request_timeout: s.replica_request_timeout,
+            dial_timeout: s.replica_dial_timeout,
+            auth_token: s.auth_token.clone(),
+            instance_id: instance_id.clone(),
+        })?);
+        tokio::spawn(replica::discovery_loop(
+            rep.clone(),
+            s.peers.clone(),
+            s.svc_disc_host.clone(),
+            s.replica_target_port,
+            s.pod_ip,
+            s.dns_lookup_interval,
+            metrics.clone(),
+        ));
+        Some(rep)
+    } else {
+        None
+    };
+
+    // Load GC and cache GC: incremental passes on the blocking pool.
+    {
+        let load = load.clone();
+        let every = s.load_gc_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let l = load.clone();
+                match tokio::task::spawn_blocking(move || l.gc(Stamp::now(), 4096)).await {
+                    Ok(r) if r.requests + r.engines + r.clusters > 0 => tracing::info!(?r, "load GC"),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "load GC failed"),
+                }
+            }
+        });
+    }
+    {
+        let cache = cache.clone();
+        let every = s.cache_gc_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let c = cache.clone();
+                match tokio::task::spawn_blocking(move || c.gc(Stamp::now().mono, 4096)).await {
+                    Ok(n) if n > 0 => tracing::info!(removed = n, "cache GC"),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "cache GC failed"),
+                }
+            }
+        });
+    }
+
+    tracing::info!(
+        %local,
+        auth = s.auth_token.is_some(),
+        peers = ?s.peers,
+        svc_disc_host = ?s.svc_disc_host,
+        debug = s.debug_mode,
+        "metadata-center starting"
+    );
+    let state = Arc::new(AppState {
+        settings: s,
+        load,
+        cache,
+        retrier,
+        replicator,
+        metrics: metrics.clone(),
+        log_reload,
+        instance_id,
+    });
+    let app = server::router(state);
+    // Tests and scripts read the bound address from this line.
+    println!("listening on {local}");
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("server error: {e}"))?;
+    metrics.node_alive.set(0);
+    tracing::info!("metadata-center stopped");
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! llmproxy Metadata-Center: a server wire-compatible with the aigw metadata-center (load stats,
+//! KV-cache index, replication), with bounded memory and Prometheus metrics.
+
+pub mod cache;
+pub mod config;
+pub mod endpoint;
+pub mod envelope;
+pub mod load;
+pub mod metrics;
+pub mod replica;
+pub mod server;

@@ -1,0 +1,687 @@
+//! HTTP API (axum): routes, handlers and middleware (trace id, metrics, optional auth).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Extension, Router};
+use serde::{Deserialize, Serialize};
+use tracing::level_filters::LevelFilter;
+
+use crate::cache::CachePool;
+use crate::config::Settings;
+use crate::endpoint::Endpoint;
+use crate::envelope::{self, decode, validation_error, ApiError, WireRequest, CODE_INTERNAL, CODE_UNAUTHORIZED};
+use crate::load::{AddRequest, LoadStore, Retrier, RetryKind, Stamp};
+use crate::metrics::{get as load_counter, Families, Metrics};
+use crate::replica::{self, Event, Replicator};
+
+pub type LogReload = Box<dyn Fn(LevelFilter) -> Result<(), String> + Send + Sync>;
+
+pub struct AppState {
+    pub settings: Settings,
+    pub load: Arc<LoadStore>,
+    pub cache: Arc<CachePool>,
+    pub retrier: Retrier,
+    pub replicator: Option<Arc<Replicator>>,
+    pub metrics: Arc<Metrics>,
+    pub log_reload: LogReload,
+    pub instance_id: String,
+}
+
+type St = State<Arc<AppState>>;
+
+#[derive(Clone)]
+pub struct TraceId(pub Arc<str>);
+
+const MAX_ID_LEN: usize = 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Request bodies
+
+#[derive(Deserialize, Serialize, Default, Debug, Clone)]
+pub struct InferenceRequest {
+    #[serde(default)]
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub request_id: Option<String>,
+    #[serde(default)]
+    pub prompt_length: Option<i32>,
+    #[serde(default)]
+    pub ip: Option<String>,
+    #[serde(default)]
+    pub timestamp: Option<i64>,
+}
+
+fn required(v: &Option<String>, s: &str, f: &str) -> Result<(), ApiError> {
+    match v {
+        Some(x) if !x.is_empty() => {
+            if x.len() > MAX_ID_LEN {
+                Err(validation_error(s, f, "max"))
+            } else {
+                Ok(())
+            }
+        }
+        _ => Err(validation_error(s, f, "required")),
+    }
+}
+
+fn endpoint_of(v: &Option<String>, s: &str) -> Result<Endpoint, ApiError> {
+    required(v, s, "IP")?;
+    v.as_deref().unwrap_or_default().parse().map_err(|_| validation_error(s, "IP", "ip"))
+}
+
+impl WireRequest for InferenceRequest {
+    const GO_STRUCT: &'static str = "InferenceRequest";
+    fn go_type(field: &str) -> &'static str {
+        match field {
+            "prompt_length" => "int32",
+            "timestamp" => "int64",
+            _ => "string",
+        }
+    }
+    fn validate(&self) -> Result<(), ApiError> {
+        required(&self.cluster, Self::GO_STRUCT, "Cluster")?;
+        required(&self.request_id, Self::GO_STRUCT, "RequestID")?;
+        if self.prompt_length.unwrap_or(0) < 0 {
+            return Err(validation_error(Self::GO_STRUCT, "PromptLength", "gte"));
+        }
+        endpoint_of(&self.ip, Self::GO_STRUCT).map(|_| ())
+    }
+}
+
+#[derive(Deserialize, Serialize, Default, Debug, Clone)]
+pub struct DeleteRequest {
+    #[serde(default)]
+    pub request_id: Option<String>,
+    #[serde(default)]
+    pub timestamp: Option<i64>,
+}
+
+impl WireRequest for DeleteRequest {
+    const GO_STRUCT: &'static str = "DeleteRequest";
+    fn go_type(field: &str) -> &'static str {
+        if field == "timestamp" {
+            "int64"
+        } else {
+            "string"
+        }
+    }
+    fn validate(&self) -> Result<(), ApiError> {
+        required(&self.request_id, Self::GO_STRUCT, "RequestID")
+    }
+}
+
+#[derive(Deserialize, Default, Debug)]
+pub struct CacheQuery {
+    #[serde(default)]
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub prompt_hash: Option<Vec<u64>>,
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    /// The aigw client sends `topk` (origin defect 2); accepted as well.
+    #[serde(default)]
+    pub topk: Option<i64>,
+}
+
+/// Longest `prompt_hash` accepted (set from the settings when the router is built).
+static MAX_HASHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(65_536);
+
+fn check_hashes(v: &Option<Vec<u64>>, s: &str) -> Result<(), ApiError> {
+    match v {
+        None => Err(validation_error(s, "PromptHash", "required")),
+        Some(h) if h.len() > MAX_HASHES.load(Ordering::Relaxed) => Err(validation_error(s, "PromptHash", "max")),
+        Some(_) => Ok(()),
+    }
+}
+
+impl WireRequest for CacheQuery {
+    const GO_STRUCT: &'static str = "QueryParam";
+    fn go_type(field: &str) -> &'static str {
+        match field {
+            "prompt_hash" => "uint64",
+            "top_k" | "topk" => "int",
+            _ => "string",
+        }
+    }
+    fn validate(&self) -> Result<(), ApiError> {
+        required(&self.cluster, Self::GO_STRUCT, "Cluster")?;
+        check_hashes(&self.prompt_hash, Self::GO_STRUCT)
+    }
+}
+
+#[derive(Deserialize, Default, Debug)]
+pub struct CacheSave {
+    #[serde(default)]
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub prompt_hash: Option<Vec<u64>>,
+    #[serde(default)]
+    pub ip: Option<String>,
+}
+
+impl WireRequest for CacheSave {
+    const GO_STRUCT: &'static str = "SaveParam";
+    fn go_type(field: &str) -> &'static str {
+        if field == "prompt_hash" {
+            "uint64"
+        } else {
+            "string"
+        }
+    }
+    fn validate(&self) -> Result<(), ApiError> {
+        required(&self.cluster, Self::GO_STRUCT, "Cluster")?;
+        check_hashes(&self.prompt_hash, Self::GO_STRUCT)?;
+        endpoint_of(&self.ip, Self::GO_STRUCT).map(|_| ())
+    }
+}
+
+#[derive(Deserialize, Default, Debug)]
+pub struct LogLevelParam {
+    #[serde(rename = "LevelParam", default)]
+    pub level: Option<String>,
+}
+
+impl WireRequest for LogLevelParam {
+    const GO_STRUCT: &'static str = "LogLevel";
+    fn go_type(_: &str) -> &'static str {
+        "string"
+    }
+    fn validate(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct ClusterQuery {
+    cluster: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Router
+
+pub fn router(state: Arc<AppState>) -> Router {
+    MAX_HASHES.store(state.settings.max_prompt_hashes, Ordering::Relaxed);
+    let mut api = Router::new()
+        .route("/v1/load/stats", get(query_load).post(add_request).delete(delete_request))
+        .route("/v1/load/prompt", delete(delete_prompt))
+        .route("/v1/cache/query", post(cache_query))
+        .route("/v1/cache/save", post(cache_save))
+        .route("/v1/replica/event", post(replica_event))
+        .route("/log/level", post(log_level));
+    if state.settings.debug_mode {
+        api = api
+            .route("/cache/admin/debug/model_tree", get(debug_model_tree))
+            .route("/cache/admin/debug/force_gc", post(debug_force_gc));
+    }
+    let open = Router::new()
+        .route("/health", get(health))
+        .route("/healthz", get(health))
+        .route("/metrics", get(metrics));
+    let api = api.route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(api)
+        .merge(open)
+        .fallback(not_found)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .layer(axum::extract::DefaultBodyLimit::max(8 * 1024 * 1024))
+        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .layer(middleware::from_fn(trace))
+        .with_state(state)
+}
+
+fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let reason = err
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into());
+    tracing::error!(%reason, "handler panicked");
+    envelope::fail("", &ApiError { code: CODE_INTERNAL, message: "Internal server error".into(), reason })
+}
+
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, "404 page not found").into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Middleware
+
+async fn trace(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("TraceId")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let tid = TraceId(Arc::from(id.as_str()));
+    req.extensions_mut().insert(tid);
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("X-Trace-ID", v);
+    }
+    resp
+}
+
+const KNOWN_PATHS: &[&str] = &[
+    "/v1/load/stats",
+    "/v1/load/prompt",
+    "/v1/cache/query",
+    "/v1/cache/save",
+    "/v1/replica/event",
+    "/log/level",
+    "/health",
+    "/healthz",
+    "/metrics",
+    "/cache/admin/debug/model_tree",
+    "/cache/admin/debug/force_gc",
+];
+
+async fn record_metrics(State(st): St, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let url = KNOWN_PATHS.iter().find(|p| **p == path).copied().unwrap_or("other");
+    let method = req.method().as_str().to_string();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    st.metrics.http_status.with_label_values(&[url, &method, &status]).inc();
+    if url != "/metrics" {
+        st.metrics
+            .http_duration_us
+            .with_label_values(&[&method, url])
+            .observe(start.elapsed().as_secs_f64() * 1e6);
+    }
+    resp
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(st): St, Extension(t): Extension<TraceId>, req: Request, next: Next) -> Response {
+    if let Some(token) = &st.settings.auth_token {
+        let given = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !given.is_some_and(|g| ct_eq(g.as_bytes(), token.as_bytes())) {
+            st.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            let e = ApiError {
+                code: CODE_UNAUTHORIZED,
+                message: "Unauthorized".into(),
+                reason: "missing or invalid Authorization: Bearer token".into(),
+            };
+            return envelope::fail(&t.0, &e);
+        }
+    }
+    next.run(req).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load handlers
+
+async fn query_load(State(st): St, Extension(t): Extension<TraceId>, RawQuery(q): RawQuery) -> Response {
+    let parsed: ClusterQuery = match serde_urlencoded::from_str(q.as_deref().unwrap_or("")) {
+        Ok(p) => p,
+        Err(e) => return envelope::fail(&t.0, &ApiError::invalid(e.to_string())),
+    };
+    let Some(cluster) = parsed.cluster.filter(|c| !c.is_empty()) else {
+        return envelope::fail(&t.0, &validation_error("QueryLoadParam", "Cluster", "required"));
+    };
+    envelope::ok(&t.0, st.load.query(&cluster))
+}
+
+fn now_ns() -> i64 {
+    Stamp::now().wall_ns
+}
+
+/// Apply an add locally. Shared by the API and the replication receiver.
+fn apply_add(st: &AppState, r: &InferenceRequest) -> Result<(), ApiError> {
+    let engine = endpoint_of(&r.ip, InferenceRequest::GO_STRUCT)?;
+    st.load.add(
+        &AddRequest {
+            cluster: r.cluster.as_deref().unwrap_or_default(),
+            request_id: r.request_id.as_deref().unwrap_or_default(),
+            prompt_length: r.prompt_length.unwrap_or(0),
+            engine,
+        },
+        Stamp::now(),
+    );
+    Ok(())
+}
+
+fn apply_delete(st: &AppState, id: &str, kind: RetryKind) {
+    let now = Stamp::now();
+    let found = match kind {
+        RetryKind::Delete => st.load.delete(id, now),
+        RetryKind::DeletePrompt => st.load.delete_prompt(id, now),
+    };
+    if !found {
+        st.retrier.schedule(kind, id);
+    }
+}
+
+fn replicate<T: Serialize>(st: &AppState, kind: &'static str, body: &T, trace: &TraceId) {
+    if let Some(rep) = &st.replicator {
+        match serde_json::to_vec(body) {
+            Ok(b) => rep.broadcast(&Event { kind, body: Bytes::from(b), trace_id: trace.0.to_string() }),
+            Err(e) => tracing::error!(error = %e, "cannot encode replication event"),
+        }
+    }
+}
+
+async fn add_request(State(st): St, Extension(t): Extension<TraceId>, body: Bytes) -> Response {
+    let mut r: InferenceRequest = match decode(&body) {
+        Ok(r) => r,
+        Err(e) => return envelope::fail(&t.0, &e),
+    };
+    if let Err(e) = apply_add(&st, &r) {
+        return envelope::fail(&t.0, &e);
+    }
+    r.timestamp = Some(r.timestamp.filter(|ts| *ts > 0).unwrap_or_else(now_ns));
+    replicate(&st, replica::EVENT_ADD, &r, &t);
+    envelope::ok(&t.0, ())
+}
+
+async fn delete_common(st: &AppState, t: &TraceId, body: &[u8], kind: RetryKind) -> Response {
+    let mut r: DeleteRequest = match decode(body) {
+        Ok(r) => r,
+        Err(e) => return envelope::fail(&t.0, &e),
+    };
+    apply_delete(st, r.request_id.as_deref().unwrap_or_default(), kind);
+    r.timestamp = Some(r.timestamp.filter(|ts| *ts > 0).unwrap_or_else(now_ns));
+    let ev = if kind == RetryKind::Delete { replica::EVENT_DELETE } else { replica::EVENT_DELETE_PROMPT };
+    replicate(st, ev, &r, t);
+    envelope::ok(&t.0, ())
+}
+
+async fn delete_request(State(st): St, Extension(t): Extension<TraceId>, body: Bytes) -> Response {
+    delete_common(&st, &t, &body, RetryKind::Delete).await
+}
+
+async fn delete_prompt(State(st): St, Extension(t): Extension<TraceId>, body: Bytes) -> Response {
+    delete_common(&st, &t, &body, RetryKind::DeletePrompt).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cache handlers
+
+#[derive(Serialize)]
+struct Location {
+    ip: String,
+    length: usize,
+}
+
+#[derive(Serialize)]
+struct Locations {
+    locations: Vec<Location>,
+}
+
+async fn cache_query(State(st): St, Extension(t): Extension<TraceId>, body: Bytes) -> Response {
+    let q: CacheQuery = match decode(&body) {
+        Ok(q) => q,
+        Err(e) => return envelope::fail(&t.0, &e),
+    };
+    let k = q.top_k.filter(|k| *k > 0).or(q.topk.filter(|k| *k > 0)).unwrap_or(0).min(10_000) as usize;
+    let found = st.cache.query(
+        q.cluster.as_deref().unwrap_or_default(),
+        q.prompt_hash.as_deref().unwrap_or_default(),
+        k,
+        Stamp::now().mono,
+    );
+    let locations = found.into_iter().map(|(ep, length)| Location { ip: ep.to_string(), length }).collect();
+    envelope::ok(&t.0, Locations { locations })
+}
+
+async fn cache_save(State(st): St, Extension(t): Extension<TraceId>, body: Bytes) -> Response {
+    let s: CacheSave = match decode(&body) {
+        Ok(s) => s,
+        Err(e) => return envelope::fail(&t.0, &e),
+    };
+    let ep = match endpoint_of(&s.ip, CacheSave::GO_STRUCT) {
+        Ok(ep) => ep,
+        Err(e) => return envelope::fail(&t.0, &e),
+    };
+    st.cache.save(
+        s.cluster.as_deref().unwrap_or_default(),
+        s.prompt_hash.as_deref().unwrap_or_default(),
+        ep,
+        Stamp::now().mono,
+    );
+    envelope::ok(&t.0, ())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replication receiver
+
+async fn replica_event(State(st): St, Extension(t): Extension<TraceId>, headers: HeaderMap, body: Bytes) -> Response {
+    let mut resp = replica_apply(&st, &t, &headers, &body);
+    if let Ok(v) = HeaderValue::from_str(&st.instance_id) {
+        resp.headers_mut().insert(replica::INSTANCE_HEADER, v);
+    }
+    resp
+}
+
+fn replica_apply(st: &AppState, t: &TraceId, headers: &HeaderMap, body: &[u8]) -> Response {
+    let sender = headers.get(replica::INSTANCE_HEADER).and_then(|v| v.to_str().ok());
+    if sender == Some(st.instance_id.as_str()) {
+        // Sent by this process to itself (it is in its own peer list): nothing to apply.
+        return envelope::ok(&t.0, ());
+    }
+    let Some(kind) = headers.get("Event-Type").and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty()) else {
+        return envelope::fail(&t.0, &ApiError::invalid("missing Event-Type header"));
+    };
+    let handler_err = || ApiError::invalid("handler execute error");
+    let ts = match kind {
+        replica::EVENT_ADD => {
+            let Ok(r) = decode::<InferenceRequest>(body) else { return envelope::fail(&t.0, &handler_err()) };
+            if apply_add(st, &r).is_err() {
+                return envelope::fail(&t.0, &handler_err());
+            }
+            r.timestamp
+        }
+        replica::EVENT_DELETE | replica::EVENT_DELETE_PROMPT => {
+            let Ok(r) = decode::<DeleteRequest>(body) else { return envelope::fail(&t.0, &handler_err()) };
+            let k = if kind == replica::EVENT_DELETE { RetryKind::Delete } else { RetryKind::DeletePrompt };
+            apply_delete(st, r.request_id.as_deref().unwrap_or_default(), k);
+            r.timestamp
+        }
+        _ => return envelope::fail(&t.0, &ApiError::invalid("Unsupported event type")),
+    };
+    if let Some(rep) = &st.replicator {
+        rep.counters.received.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(ts) = ts.filter(|ts| *ts > 0) {
+        let ms = (now_ns() - ts) as f64 / 1e6;
+        if ms >= 0.0 {
+            st.metrics.replication_latency_ms.observe(ms);
+        }
+    }
+    envelope::ok(&t.0, ())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Other endpoints
+
+async fn log_level(State(st): St, Extension(t): Extension<TraceId>, body: Bytes) -> Response {
+    let p: LogLevelParam = match decode(&body) {
+        Ok(p) => p,
+        Err(e) => return envelope::fail(&t.0, &e),
+    };
+    let level = match p.level.as_deref().unwrap_or("") {
+        "TRACE" => LevelFilter::TRACE,
+        "DEBUG" => LevelFilter::DEBUG,
+        "INFO" => LevelFilter::INFO,
+        "WARN" => LevelFilter::WARN,
+        "ERROR" | "FATAL" => LevelFilter::ERROR,
+        _ => {
+            return envelope::fail(
+                &t.0,
+                &ApiError::invalid("log LevelParam can only be [TRACE DEBUG INFO WARN ERROR FATAL]"),
+            )
+        }
+    };
+    match (st.log_reload)(level) {
+        Ok(()) => envelope::ok(&t.0, "log level updated successfully"),
+        Err(e) => envelope::fail(&t.0, &ApiError { code: CODE_INTERNAL, message: "Internal server error".into(), reason: e }),
+    }
+}
+
+async fn health(Extension(t): Extension<TraceId>) -> Response {
+    envelope::ok(&t.0, "ok")
+}
+
+async fn metrics(State(st): St) -> Response {
+    let st2 = st.clone();
+    let text = tokio::task::spawn_blocking(move || render_metrics(&st2)).await.unwrap_or_default();
+    let mut resp = (StatusCode::OK, text).into_response();
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp
+}
+
+pub fn render_metrics(st: &AppState) -> String {
+    let m = &st.metrics;
+    m.model_engine_count.reset();
+    m.queued_num.reset();
+    m.prompt_length.reset();
+    for (cluster, engines) in st.load.snapshot() {
+        m.model_engine_count.with_label_values(&[&cluster]).set(engines.len() as i64);
+        for e in engines {
+            m.queued_num.with_label_values(&[&cluster, &e.ip]).set(i64::from(e.queued_req_num));
+            m.prompt_length.with_label_values(&[&cluster, &e.ip]).set(i64::from(e.prompt_length));
+        }
+    }
+    let lc = &st.load.counters;
+    let cc = &st.cache.counters;
+    let mut f = Families::default();
+    f.family("metadata_center_load_requests", "gauge", "Requests tracked", &[("", st.load.request_count() as u64)]);
+    f.family("metadata_center_load_clusters", "gauge", "Clusters tracked", &[("", st.load.cluster_count() as u64)]);
+    f.family(
+        "metadata_center_load_events_total",
+        "counter",
+        "Load API outcomes",
+        &[
+            ("event=\"added\"", load_counter(&lc.added)),
+            ("event=\"duplicate\"", load_counter(&lc.duplicates)),
+            ("event=\"deleted\"", load_counter(&lc.deleted)),
+            ("event=\"prompt_released\"", load_counter(&lc.prompt_released)),
+            ("event=\"miss\"", load_counter(&lc.misses)),
+        ],
+    );
+    f.family(
+        "metadata_center_load_expired_total",
+        "counter",
+        "Entries removed by the load GC (TTL)",
+        &[
+            ("kind=\"request\"", load_counter(&lc.expired_requests)),
+            ("kind=\"engine\"", load_counter(&lc.expired_engines)),
+            ("kind=\"cluster\"", load_counter(&lc.expired_clusters)),
+        ],
+    );
+    f.family(
+        "metadata_center_load_evicted_total",
+        "counter",
+        "Entries evicted by the capacity bounds",
+        &[
+            ("kind=\"request\"", load_counter(&lc.evicted_requests)),
+            ("kind=\"engine\"", load_counter(&lc.evicted_engines)),
+            ("kind=\"cluster\"", load_counter(&lc.evicted_clusters)),
+        ],
+    );
+    f.family(
+        "metadata_center_delete_retries_total",
+        "counter",
+        "Delayed retries of deletes that found no request",
+        &[
+            ("result=\"hit\"", load_counter(&st.retrier.retried_hit)),
+            ("result=\"miss\"", load_counter(&st.retrier.retried_miss)),
+            ("result=\"dropped\"", load_counter(&st.retrier.dropped)),
+        ],
+    );
+    f.family("metadata_center_delete_retries_pending", "gauge", "Retries waiting", &[("", st.retrier.pending() as u64)]);
+    let (nodes, entries) = st.cache.totals();
+    f.family("metadata_center_cache_clusters", "gauge", "Cache trees", &[("", st.cache.cluster_count() as u64)]);
+    f.family("metadata_center_cache_nodes", "gauge", "Radix nodes over all trees", &[("", nodes as u64)]);
+    f.family("metadata_center_cache_entries", "gauge", "Budgeted entries over all trees", &[("", entries as u64)]);
+    f.family(
+        "metadata_center_cache_ops_total",
+        "counter",
+        "Cache operations",
+        &[
+            ("op=\"save\"", load_counter(&cc.saves)),
+            ("op=\"query\"", load_counter(&cc.queries)),
+            ("op=\"query_hit\"", load_counter(&cc.query_hits)),
+        ],
+    );
+    f.family(
+        "metadata_center_cache_removed_nodes_total",
+        "counter",
+        "Radix nodes removed",
+        &[("reason=\"expired\"", load_counter(&cc.expired_nodes)), ("reason=\"evicted\"", load_counter(&cc.evicted_nodes))],
+    );
+    f.family(
+        "metadata_center_cache_evicted_clusters_total",
+        "counter",
+        "Cache trees evicted by the cluster cap",
+        &[("", load_counter(&cc.evicted_clusters))],
+    );
+    f.family("metadata_center_auth_failures_total", "counter", "Rejected by the token check", &[("", load_counter(&m.auth_failures))]);
+    if let Some(rep) = &st.replicator {
+        let c = &rep.counters;
+        f.family(
+            "metadata_center_replication_events_total",
+            "counter",
+            "Replication events",
+            &[
+                ("result=\"sent\"", load_counter(&c.sent)),
+                ("result=\"failed\"", load_counter(&c.failed)),
+                ("result=\"retried\"", load_counter(&c.retried)),
+                ("result=\"dropped\"", load_counter(&c.dropped)),
+                ("result=\"skipped_self\"", load_counter(&c.skipped_self)),
+                ("result=\"received\"", load_counter(&c.received)),
+            ],
+        );
+        f.family("metadata_center_replication_queued", "gauge", "Events waiting in peer queues", &[("", rep.queued() as u64)]);
+        f.family("metadata_center_replication_peers", "gauge", "Known peers", &[("", rep.peer_list().len() as u64)]);
+    }
+    m.render(&f.into_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Debug endpoints (METADATA_CENTER_DEBUG_MODE=true)
+
+async fn debug_model_tree(State(st): St, Extension(t): Extension<TraceId>, RawQuery(q): RawQuery) -> Response {
+    let parsed: ClusterQuery = serde_urlencoded::from_str(q.as_deref().unwrap_or("")).unwrap_or_default();
+    let Some(cluster) = parsed.cluster.filter(|c| !c.is_empty()) else {
+        return envelope::fail(&t.0, &validation_error("ModelTreeParam", "Cluster", "required"));
+    };
+    let info: std::collections::BTreeMap<String, crate::cache::LevelStats> = st
+        .cache
+        .level_stats(&cluster)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let update_time = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    envelope::ok(&t.0, serde_json::json!({ "info": info, "update_time": update_time }))
+}
+
+async fn debug_force_gc(State(st): St, Extension(t): Extension<TraceId>) -> Response {
+    let cache = st.cache.clone();
+    let _ = tokio::task::spawn_blocking(move || cache.gc(Stamp::now().mono, 4096)).await;
+    envelope::ok(&t.0, ())
+}

@@ -59,3 +59,23 @@ test-envoy-e2e: venv envoy-module $(VENV)/.envoy-test-deps
 ## test-envoy: shim unit tests in a fake host, then real Envoy end-to-end tests
 test-envoy: venv envoy-module
 	@$(MAKE) --no-print-directory test-envoy-fake-host test-envoy-e2e
+
+## test-bazel: Debian's bazel-bootstrap, offline: build the module and the static variant, run the
+## fake-host cc_tests against both, and `envoy --mode validate` with the Bazel-built module.
+BAZEL ?= bazel
+test-bazel: build venv
+	@command -v $(BAZEL) >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bazel-bootstrap >/dev/null 2>&1 || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bazel-bootstrap; }; \
+	  else echo "bazel missing: apt-get install bazel-bootstrap"; exit 1; fi; }
+	@set -e; trap '$(BAZEL) shutdown >/dev/null 2>&1 || true' EXIT; \
+	  $(BAZEL) test --noshow_progress //:envoy_shim_fake_host_test //:envoy_shim_static_fake_host_test; \
+	  $(BAZEL) build --noshow_progress //:libllmproxy_envoy.so //:llmproxy_envoy_static; \
+	  bin=$$($(BAZEL) info bazel-bin 2>/dev/null); \
+	  ENVOY_DYNAMIC_MODULES_SEARCH_PATH=$$bin $(VENV)/bin/envoy --mode validate -c examples/envoy.yaml \
+	    --disable-hot-restart -l error; \
+	  nm $$bin/libllmproxy_envoy_static.lo 2>/dev/null | grep -q ' T llmproxy_envoy_dynamic_module_on_program_init' || \
+	  nm $$bin/libllmproxy_envoy_static.a | grep -q ' T llmproxy_envoy_dynamic_module_on_program_init'
+
+TEST_TARGETS += test-envoy test-bazel

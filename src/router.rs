@@ -600,10 +600,7 @@ pub struct PickedRequest {
 impl PickedRequest {
     /// The error, when the request could not be routed.
     pub fn error(&self) -> Option<&PickError> {
-        match &self.result {
-            Err(e) => Some(e),
-            Ok(_) => None,
-        }
+        self.result.as_ref().err()
     }
 
     /// HTTP status for the client: 200 when routed.

@@ -1,0 +1,528 @@
+//! The C ABI driven from Rust, as a C host would: statuses, NULL safety, bad input, and
+//! many threads picking on one router.
+
+use std::ffi::{c_char, CStr};
+use std::ptr;
+
+use llmproxy::ffi::llmproxy_status::{self, *};
+use llmproxy::ffi::*;
+
+const CONFIG: &str = r#"{
+    "model_mapping_rule": {
+        "llama": {"rules": [{"cluster": "pool", "backend": "vllm", "scene_name": "chat"}]},
+        "qwen": {"rules": [{"cluster": "pool", "backend": "sglang"}]}
+    },
+    "clusters": {"pool": {"endpoints": ["127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003", "127.0.0.1:8004"]}}
+}"#;
+
+struct Router(*mut llmproxy_router);
+unsafe impl Send for Router {}
+unsafe impl Sync for Router {}
+impl Drop for Router {
+    fn drop(&mut self) {
+        unsafe { llmproxy_router_free(self.0) }
+    }
+}
+
+fn router(config: &str) -> Result<Router, (llmproxy_status, String)> {
+    let mut out = ptr::null_mut();
+    let mut err = [0 as c_char; 512];
+    let st = unsafe {
+        llmproxy_router_new(
+            config.as_ptr().cast(),
+            config.len(),
+            &mut out,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    if st == LLMPROXY_OK {
+        assert!(!out.is_null());
+        Ok(Router(out))
+    } else {
+        assert!(out.is_null());
+        Err((st, msg))
+    }
+}
+
+fn header(name: &'static str, value: &'static str) -> llmproxy_header {
+    llmproxy_header {
+        name: name.as_ptr().cast(),
+        name_len: name.len(),
+        value: value.as_ptr().cast(),
+        value_len: value.len(),
+    }
+}
+
+unsafe fn text(
+    f: unsafe extern "C" fn(*const llmproxy_request, *mut usize) -> *const c_char,
+    req: *const llmproxy_request,
+) -> String {
+    let mut len = 0;
+    let p = f(req, &mut len);
+    let bytes = std::slice::from_raw_parts(p.cast::<u8>(), len);
+    assert_eq!(*p.add(len), 0, "NUL-terminated");
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+fn pick(
+    r: &Router,
+    headers: &[llmproxy_header],
+    body: &[u8],
+) -> (llmproxy_status, *mut llmproxy_request) {
+    let mut req = ptr::null_mut();
+    let st = unsafe {
+        llmproxy_pick(
+            r.0,
+            headers.as_ptr(),
+            headers.len(),
+            body.as_ptr(),
+            body.len(),
+            &mut req,
+        )
+    };
+    assert!(!req.is_null(), "*out is set even on error");
+    (st, req)
+}
+
+fn chat(model: &str, text: &str) -> Vec<u8> {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": text}]})
+        .to_string()
+        .into_bytes()
+}
+
+fn metrics(r: &Router) -> String {
+    let mut out = ptr::null_mut();
+    let mut len = 0;
+    assert_eq!(
+        unsafe { llmproxy_router_metrics(r.0, &mut out, &mut len) },
+        LLMPROXY_OK
+    );
+    let s = unsafe { CStr::from_ptr(out) }.to_str().unwrap().to_owned();
+    assert_eq!(s.len(), len);
+    unsafe { llmproxy_string_free(out) };
+    s
+}
+
+#[test]
+fn routed_request_exposes_its_decision() {
+    let r = router(CONFIG).unwrap();
+    let (st, req) = pick(
+        &r,
+        &[header(":path", "/v1/chat/completions")],
+        br#"{"model":"llama","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(st, LLMPROXY_OK);
+    unsafe {
+        assert_eq!(llmproxy_request_status(req), LLMPROXY_OK);
+        assert_eq!(llmproxy_request_http_status(req), 200);
+        assert!(text(llmproxy_request_endpoint, req).starts_with("127.0.0.1:800"));
+        assert_eq!(text(llmproxy_request_cluster, req), "pool");
+        assert_eq!(text(llmproxy_request_backend, req), "vllm");
+        assert_eq!(text(llmproxy_request_model, req), "llama");
+        assert_eq!(text(llmproxy_request_scene, req), "chat");
+        assert_eq!(text(llmproxy_request_error_body, req), "");
+        assert!(llmproxy_request_is_stream(req));
+        assert_eq!(llmproxy_router_in_flight(r.0), 1);
+        llmproxy_request_first_token(req);
+        llmproxy_request_finish(req, 200);
+        assert_eq!(llmproxy_router_in_flight(r.0), 0);
+    }
+}
+
+#[test]
+fn every_error_class_has_its_status_and_json() {
+    let r = router(
+        &CONFIG
+            .replace(
+                "\"model_mapping_rule\"",
+                "\"max_body_bytes\": 4096, \"model_mapping_rule\"",
+            )
+            .replace(
+                "\"qwen\": {\"rules\": [{\"cluster\": \"pool\"",
+                "\"qwen\": {\"rules\": [{\"cluster\": \"empty\"",
+            ),
+    )
+    .unwrap();
+    let big = chat("llama", &"x".repeat(5000));
+    let cases: [(&[u8], llmproxy_status, u32, &str); 7] = [
+        (b"{not json", LLMPROXY_BAD_REQUEST, 400, "invalid_request"),
+        (b"", LLMPROXY_BAD_REQUEST, 400, "invalid_request"),
+        (
+            br#"{"messages":[{"role":"user","content":"x"}]}"#,
+            LLMPROXY_BAD_REQUEST,
+            400,
+            "invalid_request",
+        ),
+        (
+            br#"{"model":"llama","messages":[]}"#,
+            LLMPROXY_BAD_REQUEST,
+            400,
+            "invalid_request",
+        ),
+        (
+            br#"{"model":"gpt-9","messages":[{"role":"user","content":"x"}]}"#,
+            LLMPROXY_MODEL_NOT_FOUND,
+            404,
+            "model_not_found",
+        ),
+        (&big, LLMPROXY_PAYLOAD_TOO_LARGE, 413, "request_too_large"),
+        (
+            br#"{"model":"qwen","messages":[{"role":"user","content":"x"}]}"#,
+            LLMPROXY_NO_ENDPOINT,
+            503,
+            "no_endpoint",
+        ),
+    ];
+    for (body, want_status, want_http, want_code) in cases {
+        let (st, req) = pick(&r, &[], body);
+        assert_eq!(st, want_status, "{}", String::from_utf8_lossy(body));
+        unsafe {
+            assert_eq!(llmproxy_request_status(req), want_status);
+            assert_eq!(llmproxy_request_http_status(req), want_http);
+            assert_eq!(text(llmproxy_request_endpoint, req), "");
+            let err: serde_json::Value =
+                serde_json::from_str(&text(llmproxy_request_error_body, req)).unwrap();
+            assert_eq!(err["error"]["code"], want_code);
+            assert!(err["error"]["message"].as_str().unwrap().len() > 5);
+            llmproxy_request_first_token(req);
+            llmproxy_request_finish(req, 0);
+        }
+    }
+    let m = metrics(&r);
+    assert!(
+        m.contains("llmproxy_picks_total{outcome=\"bad_request\"} 4"),
+        "{m}"
+    );
+    assert!(
+        m.contains("llmproxy_picks_total{outcome=\"no_endpoint\"} 1"),
+        "{m}"
+    );
+    assert_eq!(unsafe { llmproxy_router_in_flight(r.0) }, 0);
+}
+
+#[test]
+fn invalid_config_names_field_and_truncates_safely() {
+    let bad = r#"{"model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "tgi"}]}}}"#;
+    let (st, msg) = router(bad).err().unwrap();
+    assert_eq!(st, LLMPROXY_INVALID_CONFIG);
+    assert!(
+        msg.starts_with("config.model_mapping_rule.m.rules[0].backend: unknown backend"),
+        "{msg}"
+    );
+
+    // A tiny buffer gets a truncated, NUL-terminated message.
+    let mut out = ptr::null_mut();
+    let mut err = [0x7f as c_char; 8];
+    let st = unsafe {
+        llmproxy_router_new(
+            bad.as_ptr().cast(),
+            bad.len(),
+            &mut out,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    assert_eq!(st, LLMPROXY_INVALID_CONFIG);
+    assert_eq!(
+        unsafe { CStr::from_ptr(err.as_ptr()) }.to_bytes(),
+        b"config."
+    );
+    // err may be NULL.
+    let st = unsafe {
+        llmproxy_router_new(bad.as_ptr().cast(), bad.len(), &mut out, ptr::null_mut(), 0)
+    };
+    assert_eq!(st, LLMPROXY_INVALID_CONFIG);
+}
+
+#[test]
+fn null_arguments_are_rejected_not_crashed_on() {
+    unsafe {
+        let mut out = ptr::null_mut();
+        assert_eq!(
+            llmproxy_router_new(ptr::null(), 10, &mut out, ptr::null_mut(), 0),
+            LLMPROXY_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            llmproxy_router_new(ptr::null(), 0, &mut out, ptr::null_mut(), 0),
+            LLMPROXY_INVALID_CONFIG
+        );
+        assert_eq!(
+            llmproxy_router_new(
+                b"{}".as_ptr().cast(),
+                2,
+                ptr::null_mut(),
+                ptr::null_mut(),
+                0
+            ),
+            LLMPROXY_INVALID_ARGUMENT
+        );
+        llmproxy_router_free(ptr::null_mut());
+        let mut req = ptr::null_mut();
+        assert_eq!(
+            llmproxy_pick(ptr::null_mut(), ptr::null(), 0, ptr::null(), 0, &mut req),
+            LLMPROXY_INVALID_ARGUMENT
+        );
+        assert!(req.is_null());
+
+        let r = router(CONFIG).unwrap();
+        assert_eq!(
+            llmproxy_pick(r.0, ptr::null(), 0, ptr::null(), 0, ptr::null_mut()),
+            LLMPROXY_INVALID_ARGUMENT
+        );
+        // NULL body with a length, NULL headers with a count: INVALID_ARGUMENT with a handle.
+        assert_eq!(
+            llmproxy_pick(r.0, ptr::null(), 0, ptr::null(), 5, &mut req),
+            LLMPROXY_INVALID_ARGUMENT
+        );
+        assert_eq!(llmproxy_request_http_status(req), 400);
+        llmproxy_request_finish(req, 0);
+        assert_eq!(
+            llmproxy_pick(r.0, ptr::null(), 3, b"{}".as_ptr(), 2, &mut req),
+            LLMPROXY_INVALID_ARGUMENT
+        );
+        llmproxy_request_finish(req, 0);
+        let bad_header = [llmproxy_header {
+            name: ptr::null(),
+            name_len: 4,
+            value: ptr::null(),
+            value_len: 0,
+        }];
+        assert_eq!(
+            llmproxy_pick(r.0, bad_header.as_ptr(), 1, b"{}".as_ptr(), 2, &mut req),
+            LLMPROXY_INVALID_ARGUMENT
+        );
+        llmproxy_request_finish(req, 0);
+        // NULL body of length 0 is an empty body: 400.
+        assert_eq!(
+            llmproxy_pick(r.0, ptr::null(), 0, ptr::null(), 0, &mut req),
+            LLMPROXY_BAD_REQUEST
+        );
+        llmproxy_request_finish(req, 0);
+
+        // Accessors and lifecycle calls on NULL.
+        assert_eq!(llmproxy_request_http_status(ptr::null()), 500);
+        assert_eq!(
+            llmproxy_request_status(ptr::null()),
+            LLMPROXY_INVALID_ARGUMENT
+        );
+        assert_eq!(text(llmproxy_request_endpoint, ptr::null()), "");
+        assert!(!llmproxy_request_endpoint(ptr::null(), ptr::null_mut()).is_null());
+        assert!(!llmproxy_request_is_stream(ptr::null()));
+        assert_eq!(
+            llmproxy_request_retry(ptr::null_mut()),
+            LLMPROXY_INVALID_ARGUMENT
+        );
+        llmproxy_request_first_token(ptr::null_mut());
+        llmproxy_request_finish(ptr::null_mut(), 200);
+        assert_eq!(llmproxy_router_in_flight(ptr::null()), 0);
+        assert_eq!(llmproxy_router_max_body_bytes(ptr::null()), 0);
+        assert!(!llmproxy_router_should_intercept(
+            ptr::null(),
+            ptr::null(),
+            0,
+            ptr::null(),
+            0
+        ));
+        let mut s = ptr::null_mut();
+        assert_eq!(
+            llmproxy_router_metrics(ptr::null(), &mut s, ptr::null_mut()),
+            LLMPROXY_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            llmproxy_router_metrics(r.0, ptr::null_mut(), ptr::null_mut()),
+            LLMPROXY_INVALID_ARGUMENT
+        );
+        llmproxy_string_free(ptr::null_mut());
+        assert_eq!(
+            llmproxy_router_set_endpoints(ptr::null_mut(), ptr::null(), 0, ptr::null(), 0),
+            LLMPROXY_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            llmproxy_router_set_endpoints(r.0, b"pool".as_ptr().cast(), 4, ptr::null(), 2),
+            LLMPROXY_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            CStr::from_ptr(llmproxy_version()).to_str().unwrap(),
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+}
+
+#[test]
+fn router_options_for_hosts() {
+    let r = router(r#"{"strict_endpoint_override": false, "cluster_header": "X-Target-Cluster", "intercept_paths": ["/v1/chat/completions"], "max_body_bytes": 2048}"#).unwrap();
+    unsafe {
+        assert!(!llmproxy_router_strict_override(r.0));
+        let mut len = 0;
+        let p = llmproxy_router_cluster_header(r.0, &mut len);
+        assert_eq!(
+            std::slice::from_raw_parts(p.cast::<u8>(), len),
+            b"x-target-cluster"
+        );
+        assert_eq!(llmproxy_router_max_body_bytes(r.0), 2048);
+        let yes = |m: &str, p: &str| {
+            llmproxy_router_should_intercept(
+                r.0,
+                m.as_ptr().cast(),
+                m.len(),
+                p.as_ptr().cast(),
+                p.len(),
+            )
+        };
+        assert!(yes("POST", "/v1/chat/completions?stream=1"));
+        assert!(!yes("POST", "/v1/completions"));
+        assert!(!yes("GET", "/v1/chat/completions"));
+    }
+}
+
+#[test]
+fn set_endpoints_replaces_and_validates() {
+    let r = router(CONFIG).unwrap();
+    let eps = ["127.0.0.1:9000", "[::1]:9001"];
+    let list: Vec<llmproxy_str> = eps
+        .iter()
+        .map(|e| llmproxy_str {
+            ptr: e.as_ptr().cast(),
+            len: e.len(),
+        })
+        .collect();
+    unsafe {
+        assert_eq!(
+            llmproxy_router_set_endpoints(r.0, b"pool".as_ptr().cast(), 4, list.as_ptr(), 2),
+            LLMPROXY_OK
+        );
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..50 {
+            let (st, req) = pick(&r, &[], &chat("llama", &format!("q{i}")));
+            assert_eq!(st, LLMPROXY_OK);
+            seen.insert(text(llmproxy_request_endpoint, req));
+            llmproxy_request_finish(req, 200);
+        }
+        assert_eq!(seen, eps.iter().map(|s| s.to_string()).collect());
+        // A hostname is refused and nothing changes.
+        let bad = ["model-0:8000"];
+        let bad_list = [llmproxy_str {
+            ptr: bad[0].as_ptr().cast(),
+            len: bad[0].len(),
+        }];
+        assert_eq!(
+            llmproxy_router_set_endpoints(r.0, b"pool".as_ptr().cast(), 4, bad_list.as_ptr(), 1),
+            LLMPROXY_INVALID_ARGUMENT
+        );
+        let (_, req) = pick(&r, &[], &chat("llama", "again"));
+        assert!(eps.contains(&text(llmproxy_request_endpoint, req).as_str()));
+        llmproxy_request_finish(req, 200);
+        // An empty set makes the cluster answer 503.
+        assert_eq!(
+            llmproxy_router_set_endpoints(r.0, b"pool".as_ptr().cast(), 4, ptr::null(), 0),
+            LLMPROXY_OK
+        );
+        let (st, req) = pick(&r, &[], &chat("llama", "none"));
+        assert_eq!(st, LLMPROXY_NO_ENDPOINT);
+        llmproxy_request_finish(req, 0);
+    }
+}
+
+#[test]
+fn retry_through_the_abi() {
+    let r = router(CONFIG).unwrap();
+    let (_, req) = pick(&r, &[], &chat("llama", "retry me"));
+    unsafe {
+        let first = text(llmproxy_request_endpoint, req);
+        assert_eq!(llmproxy_request_retry(req), LLMPROXY_OK);
+        let second = text(llmproxy_request_endpoint, req);
+        assert_ne!(first, second);
+        assert_eq!(llmproxy_router_in_flight(r.0), 1);
+        llmproxy_request_finish(req, 200);
+        assert_eq!(llmproxy_router_in_flight(r.0), 0);
+    }
+}
+
+#[test]
+fn garbage_bodies_get_clear_statuses() {
+    let r = router(CONFIG).unwrap();
+    let mut rng = fastrand::Rng::with_seed(42);
+    let mut bodies: Vec<Vec<u8>> = (0..500)
+        .map(|_| (0..rng.usize(0..300)).map(|_| rng.u8(..)).collect())
+        .collect();
+    let good = chat("llama", "a complete and valid request body");
+    for cut in 0..good.len() {
+        bodies.push(good[..cut].to_vec());
+    }
+    bodies.push(
+        format!(
+            "{{\"model\":\"llama\",\"messages\":{}{}}}",
+            "[".repeat(200_000),
+            "]".repeat(200_000)
+        )
+        .into_bytes(),
+    );
+    bodies.push(vec![b'{'; 1 << 20]);
+    let mut ten_mb = br#"{"model":"llama","messages":[{"role":"user","content":""#.to_vec();
+    ten_mb.resize(10 << 20, b'a');
+    bodies.push(ten_mb);
+    for body in &bodies {
+        let (st, req) = pick(&r, &[], body);
+        let http = unsafe { llmproxy_request_http_status(req) };
+        assert!(
+            matches!(
+                st,
+                LLMPROXY_BAD_REQUEST | LLMPROXY_PAYLOAD_TOO_LARGE | LLMPROXY_OK
+            ),
+            "{st:?}"
+        );
+        assert!([400, 413, 200].contains(&http));
+        unsafe { llmproxy_request_finish(req, 0) };
+    }
+    assert_eq!(unsafe { llmproxy_router_in_flight(r.0) }, 0);
+}
+
+#[test]
+fn eight_threads_times_100k_requests_leave_every_counter_at_zero() {
+    let r = std::sync::Arc::new(router(CONFIG).unwrap());
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let r = std::sync::Arc::clone(&r);
+            std::thread::spawn(move || {
+                let bodies: Vec<Vec<u8>> = (0..16)
+                    .map(|i| {
+                        chat(
+                            if i % 2 == 0 { "llama" } else { "qwen" },
+                            &format!("tenant {} {}", i % 5, "context ".repeat(100 + i * 10)),
+                        )
+                    })
+                    .collect();
+                for i in 0..100_000usize {
+                    let (st, req) = pick(&r, &[], &bodies[(i + t) % bodies.len()]);
+                    assert_eq!(st, LLMPROXY_OK);
+                    unsafe {
+                        if i % 3 != 0 {
+                            llmproxy_request_first_token(req);
+                        }
+                        llmproxy_request_finish(req, if i % 97 == 0 { 500 } else { 200 });
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(unsafe { llmproxy_router_in_flight(r.0) }, 0);
+    let m = metrics(&r);
+    assert!(
+        m.contains("llmproxy_picks_total{outcome=\"routed\"} 800000"),
+        "{m}"
+    );
+    assert!(m.contains("llmproxy_in_flight_requests 0"));
+    for line in m.lines().filter(|l| {
+        l.starts_with("llmproxy_endpoint_in_flight_requests{")
+            || l.starts_with("llmproxy_endpoint_prefill_chars{")
+    }) {
+        assert!(line.ends_with(" 0"), "{line}");
+    }
+}

@@ -108,7 +108,14 @@ impl Tree {
             prev: NIL,
             next: NIL,
         });
-        Tree { nodes, root, head: NIL, tail: NIL, cost: 0, last: Duration::ZERO }
+        Tree {
+            nodes,
+            root,
+            head: NIL,
+            tail: NIL,
+            cost: 0,
+            last: Duration::ZERO,
+        }
     }
 
     pub fn node_count(&self) -> usize {
@@ -180,7 +187,13 @@ impl Tree {
             e.1 = now;
         } else {
             if n.locs.len() >= cfg.max_locations_per_node.max(1) {
-                if let Some(oldest) = n.locs.iter().enumerate().min_by_key(|(_, (_, t))| *t).map(|(i, _)| i) {
+                if let Some(oldest) = n
+                    .locs
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, (_, t))| *t)
+                    .map(|(i, _)| i)
+                {
                     n.locs.swap_remove(oldest);
                 }
             }
@@ -191,7 +204,13 @@ impl Tree {
     }
 
     /// Insert a hash path tagged with `loc`. Returns how many nodes the budget evicted.
-    pub fn insert(&mut self, keys: &[u64], loc: Endpoint, now: Duration, cfg: &CacheConfig) -> usize {
+    pub fn insert(
+        &mut self,
+        keys: &[u64],
+        loc: Endpoint,
+        now: Duration,
+        cfg: &CacheConfig,
+    ) -> usize {
         let now = now.max(self.last);
         self.last = now;
         // Path nodes from the root downwards; touched in reverse afterwards.
@@ -221,8 +240,12 @@ impl Tree {
             let head_prefix = std::mem::replace(&mut self.nodes[child].prefix, tail_prefix);
             self.cost -= head_prefix.len();
             let mid = self.new_node(head_prefix, cur, now);
-            let live: SmallVec<[(Endpoint, Duration); 4]> =
-                self.nodes[child].locs.iter().copied().filter(|(_, t)| *t + cfg.expire > now).collect();
+            let live: SmallVec<[(Endpoint, Duration); 4]> = self.nodes[child]
+                .locs
+                .iter()
+                .copied()
+                .filter(|(_, t)| *t + cfg.expire > now)
+                .collect();
             self.cost += live.len();
             self.nodes[mid].locs = live;
             self.tag(mid, loc, now, cfg);
@@ -288,13 +311,21 @@ impl Tree {
 
     /// Per location, the number of leading hashes matched, best `top_k` first (ties: the more
     /// recently saved location first, then by address). Read-only.
-    pub fn match_all(&self, keys: &[u64], top_k: usize, now: Duration, cfg: &CacheConfig) -> Vec<(Endpoint, usize)> {
+    pub fn match_all(
+        &self,
+        keys: &[u64],
+        top_k: usize,
+        now: Duration,
+        cfg: &CacheConfig,
+    ) -> Vec<(Endpoint, usize)> {
         let mut best: SmallVec<[(Endpoint, usize, Duration); 16]> = SmallVec::new();
         let mut depth = 0;
         let mut cur = self.root;
         let mut i = 0;
         while i < keys.len() {
-            let Some(&child) = self.nodes[cur].children.get(&keys[i]) else { break };
+            let Some(&child) = self.nodes[cur].children.get(&keys[i]) else {
+                break;
+            };
             let node = &self.nodes[child];
             if node.touched + cfg.expire <= now {
                 break;
@@ -320,16 +351,26 @@ impl Tree {
             cur = child;
         }
         best.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
-        best.into_iter().take(top_k).map(|(l, d, _)| (l, d)).collect()
+        best.into_iter()
+            .take(top_k)
+            .map(|(l, d, _)| (l, d))
+            .collect()
     }
 
     /// Per depth level (1 = children of the root): node count and prefix length statistics.
     pub fn level_stats(&self) -> std::collections::BTreeMap<usize, LevelStats> {
         let mut out: std::collections::BTreeMap<usize, LevelStats> = Default::default();
-        let mut stack: Vec<(NodeId, usize)> = self.nodes[self.root].children.values().map(|&c| (c, 1)).collect();
+        let mut stack: Vec<(NodeId, usize)> = self.nodes[self.root]
+            .children
+            .values()
+            .map(|&c| (c, 1))
+            .collect();
         while let Some((id, level)) = stack.pop() {
             let n = &self.nodes[id];
-            let s = out.entry(level).or_insert(LevelStats { min_prefix_len: usize::MAX, ..Default::default() });
+            let s = out.entry(level).or_insert(LevelStats {
+                min_prefix_len: usize::MAX,
+                ..Default::default()
+            });
             s.nodes_count += 1;
             s.prefix_total += n.prefix.len();
             s.max_prefix_len = s.max_prefix_len.max(n.prefix.len());
@@ -361,7 +402,10 @@ impl Tree {
                 assert_eq!(self.nodes[c].prefix[0], *k);
                 assert_eq!(self.nodes[c].parent, id);
                 if id != self.root {
-                    assert!(pos[&c] < pos[&id], "descendants precede ancestors in the LRU list");
+                    assert!(
+                        pos[&c] < pos[&id],
+                        "descendants precede ancestors in the LRU list"
+                    );
                 }
             }
         }
@@ -401,7 +445,11 @@ pub struct CachePool {
 
 impl CachePool {
     pub fn new(cfg: CacheConfig) -> Self {
-        CachePool { cfg, trees: RwLock::new(HashMap::new()), counters: CacheCounters::default() }
+        CachePool {
+            cfg,
+            trees: RwLock::new(HashMap::new()),
+            counters: CacheCounters::default(),
+        }
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -423,31 +471,51 @@ impl CachePool {
             None => {
                 let mut trees = self.trees.write();
                 if !trees.contains_key(cluster) && trees.len() >= self.cfg.max_clusters.max(1) {
-                    let lru = trees.iter().min_by_key(|(_, h)| h.last_used.load(Ordering::Relaxed)).map(|(k, _)| k.clone());
+                    let lru = trees
+                        .iter()
+                        .min_by_key(|(_, h)| h.last_used.load(Ordering::Relaxed))
+                        .map(|(k, _)| k.clone());
                     if let Some(k) = lru {
                         trees.remove(&k);
-                        self.counters.evicted_clusters.fetch_add(1, Ordering::Relaxed);
+                        self.counters
+                            .evicted_clusters
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 trees
                     .entry(cluster.to_string())
                     .or_insert_with(|| {
-                        Arc::new(TreeHandle { tree: RwLock::new(Tree::new()), last_used: AtomicU64::new(0) })
+                        Arc::new(TreeHandle {
+                            tree: RwLock::new(Tree::new()),
+                            last_used: AtomicU64::new(0),
+                        })
                     })
                     .clone()
             }
         };
-        handle.last_used.fetch_max(now.as_millis() as u64, Ordering::Relaxed);
+        handle
+            .last_used
+            .fetch_max(now.as_millis() as u64, Ordering::Relaxed);
         let evicted = handle.tree.write().insert(keys, loc, now, &self.cfg);
         if evicted > 0 {
-            self.counters.evicted_nodes.fetch_add(evicted as u64, Ordering::Relaxed);
+            self.counters
+                .evicted_nodes
+                .fetch_add(evicted as u64, Ordering::Relaxed);
         }
     }
 
     /// `POST /v1/cache/query`. `top_k == 0` means the configured default.
-    pub fn query(&self, cluster: &str, keys: &[u64], top_k: usize, now: Duration) -> Vec<(Endpoint, usize)> {
+    pub fn query(
+        &self,
+        cluster: &str,
+        keys: &[u64],
+        top_k: usize,
+        now: Duration,
+    ) -> Vec<(Endpoint, usize)> {
         self.counters.queries.fetch_add(1, Ordering::Relaxed);
-        let Some(h) = self.get(cluster) else { return Vec::new() };
+        let Some(h) = self.get(cluster) else {
+            return Vec::new();
+        };
         let k = if top_k == 0 { self.cfg.top_k } else { top_k };
         let out = h.tree.read().match_all(keys, k, now, &self.cfg);
         if !out.is_empty() {
@@ -459,8 +527,12 @@ impl CachePool {
     /// One GC pass: expired nodes are removed in batches (the write lock is released between
     /// batches), then trees left empty and unused for a TTL are dropped.
     pub fn gc(&self, now: Duration, batch: usize) -> usize {
-        let handles: Vec<(String, Arc<TreeHandle>)> =
-            self.trees.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let handles: Vec<(String, Arc<TreeHandle>)> = self
+            .trees
+            .read()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let mut removed = 0;
         for (_, h) in &handles {
             loop {
@@ -472,7 +544,9 @@ impl CachePool {
                 std::thread::yield_now();
             }
         }
-        self.counters.expired_nodes.fetch_add(removed as u64, Ordering::Relaxed);
+        self.counters
+            .expired_nodes
+            .fetch_add(removed as u64, Ordering::Relaxed);
         let expire_ms = self.cfg.expire.as_millis() as u64;
         let now_ms = now.as_millis() as u64;
         self.trees.write().retain(|_, h| {
@@ -494,7 +568,10 @@ impl CachePool {
         })
     }
 
-    pub fn level_stats(&self, cluster: &str) -> Option<std::collections::BTreeMap<usize, LevelStats>> {
+    pub fn level_stats(
+        &self,
+        cluster: &str,
+    ) -> Option<std::collections::BTreeMap<usize, LevelStats>> {
         self.get(cluster).map(|h| h.tree.read().level_stats())
     }
 }
@@ -506,7 +583,10 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     fn loc(id: u32) -> Endpoint {
-        Endpoint { ip: IpAddr::V4(Ipv4Addr::from(id)), port: None }
+        Endpoint {
+            ip: IpAddr::V4(Ipv4Addr::from(id)),
+            port: None,
+        }
     }
 
     fn ids(v: Vec<(Endpoint, usize)>) -> BTreeMap<u32, usize> {
@@ -542,12 +622,24 @@ mod tests {
 
     #[test]
     fn origin_behaviour_vectors() {
-        let cfg = CacheConfig { top_k: 100, ..Default::default() };
+        let cfg = CacheConfig {
+            top_k: 100,
+            ..Default::default()
+        };
         let t = origin_tree(&cfg);
         let q = |k: &[u64]| ids(t.match_all(k, 100, T0, &cfg));
-        assert_eq!(q(&[1, 2, 3, 4, 5, 6]), BTreeMap::from([(1, 6), (2, 4), (3, 3), (4, 3), (5, 3)]));
-        assert_eq!(q(&[1, 2, 3, 5]), BTreeMap::from([(1, 3), (2, 3), (3, 4), (4, 4), (5, 3)]));
-        assert_eq!(q(&[1, 2, 3, 9]), BTreeMap::from([(1, 3), (2, 3), (3, 3), (4, 3), (5, 3)]));
+        assert_eq!(
+            q(&[1, 2, 3, 4, 5, 6]),
+            BTreeMap::from([(1, 6), (2, 4), (3, 3), (4, 3), (5, 3)])
+        );
+        assert_eq!(
+            q(&[1, 2, 3, 5]),
+            BTreeMap::from([(1, 3), (2, 3), (3, 4), (4, 4), (5, 3)])
+        );
+        assert_eq!(
+            q(&[1, 2, 3, 9]),
+            BTreeMap::from([(1, 3), (2, 3), (3, 3), (4, 3), (5, 3)])
+        );
         assert_eq!(q(&[2, 3, 4, 5]), BTreeMap::from([(6, 4), (7, 3)]));
         assert_eq!(q(&[9]), BTreeMap::new());
         assert_eq!(q(&[]), BTreeMap::new());
@@ -571,7 +663,10 @@ mod tests {
         assert_eq!(got.len(), 3);
         assert_eq!(got.get(&103), Some(&4));
         assert_eq!(got.get(&104), Some(&4));
-        assert!(got.get(&101) == Some(&3) || got.get(&102) == Some(&3), "{got:?}");
+        assert!(
+            got.get(&101) == Some(&3) || got.get(&102) == Some(&3),
+            "{got:?}"
+        );
         assert!(!got.contains_key(&100));
     }
 
@@ -583,23 +678,38 @@ mod tests {
         let mut t = Tree::new();
         t.insert(&[1, 2, 3, 4], loc(1), T0, &cfg);
         t.insert(&[1, 2, 3], loc(2), T0, &cfg);
-        assert_eq!(ids(t.match_all(&[1, 9, 4], 5, T0, &cfg)), BTreeMap::from([(1, 1), (2, 1)]));
+        assert_eq!(
+            ids(t.match_all(&[1, 9, 4], 5, T0, &cfg)),
+            BTreeMap::from([(1, 1), (2, 1)])
+        );
     }
 
     #[test]
     fn ttl_hides_then_gc_removes_expired_nodes_and_tags() {
-        let cfg = CacheConfig { expire: Duration::from_secs(100), ..Default::default() };
+        let cfg = CacheConfig {
+            expire: Duration::from_secs(100),
+            ..Default::default()
+        };
         let mut t = Tree::new();
         t.insert(&[1, 2, 3], loc(1), Duration::from_secs(0), &cfg);
         t.insert(&[1, 2, 3, 4], loc(2), Duration::from_secs(50), &cfg);
         let at = |s| Duration::from_secs(s);
-        assert_eq!(ids(t.match_all(&[1, 2, 3, 4], 5, at(99), &cfg)), BTreeMap::from([(1, 3), (2, 4)]));
+        assert_eq!(
+            ids(t.match_all(&[1, 2, 3, 4], 5, at(99), &cfg)),
+            BTreeMap::from([(1, 3), (2, 4)])
+        );
         // loc 1's tag on [1,2,3] expired at 100 although the node was refreshed at 50.
-        assert_eq!(ids(t.match_all(&[1, 2, 3, 4], 5, at(120), &cfg)), BTreeMap::from([(2, 4)]));
+        assert_eq!(
+            ids(t.match_all(&[1, 2, 3, 4], 5, at(120), &cfg)),
+            BTreeMap::from([(2, 4)])
+        );
         // Query is read-only: nothing was removed.
         assert_eq!(t.node_count(), 2);
         assert_eq!(t.expire(at(120), &cfg, 100), (0, false));
-        assert_eq!(ids(t.match_all(&[1, 2, 3, 4], 5, at(150), &cfg)), BTreeMap::new());
+        assert_eq!(
+            ids(t.match_all(&[1, 2, 3, 4], 5, at(150), &cfg)),
+            BTreeMap::new()
+        );
         assert_eq!(t.expire(at(150), &cfg, 100), (2, false));
         assert!(t.is_empty());
         assert_eq!(t.cost(), 0);
@@ -608,7 +718,10 @@ mod tests {
 
     #[test]
     fn gc_is_incremental() {
-        let cfg = CacheConfig { expire: Duration::from_secs(10), ..Default::default() };
+        let cfg = CacheConfig {
+            expire: Duration::from_secs(10),
+            ..Default::default()
+        };
         let mut t = Tree::new();
         for i in 0..50u64 {
             t.insert(&[i, i + 1000], loc(1), Duration::from_secs(0), &cfg);
@@ -623,40 +736,68 @@ mod tests {
     #[test]
     fn budget_evicts_least_recently_used_paths() {
         // Each 4-hash path costs 1 node + 4 hashes + 1 tag = 6 entries.
-        let cfg = CacheConfig { max_entries_per_cluster: 60, ..Default::default() };
+        let cfg = CacheConfig {
+            max_entries_per_cluster: 60,
+            ..Default::default()
+        };
         let mut t = Tree::new();
         let mut evicted = 0;
         for i in 0..20u64 {
-            evicted += t.insert(&[i, 100 + i, 200 + i, 300 + i], loc(1), Duration::from_secs(i), &cfg);
+            evicted += t.insert(
+                &[i, 100 + i, 200 + i, 300 + i],
+                loc(1),
+                Duration::from_secs(i),
+                &cfg,
+            );
             t.check();
             assert!(t.cost() <= 60);
         }
         assert_eq!(evicted, 10);
         // Paths 0..9 are gone, 10..19 remain.
-        assert!(t.match_all(&[9, 109], 5, Duration::from_secs(20), &cfg).is_empty());
-        assert_eq!(ids(t.match_all(&[10, 110], 5, Duration::from_secs(20), &cfg)), BTreeMap::from([(1, 2)]));
+        assert!(t
+            .match_all(&[9, 109], 5, Duration::from_secs(20), &cfg)
+            .is_empty());
+        assert_eq!(
+            ids(t.match_all(&[10, 110], 5, Duration::from_secs(20), &cfg)),
+            BTreeMap::from([(1, 2)])
+        );
         // Re-using an old path refreshes it, so the next eviction takes the now-oldest one.
         t.insert(&[10, 110, 210, 310], loc(2), Duration::from_secs(30), &cfg);
         t.insert(&[50, 150, 250, 350], loc(1), Duration::from_secs(31), &cfg);
         t.check();
-        assert!(!t.match_all(&[10], 5, Duration::from_secs(32), &cfg).is_empty());
-        assert!(t.match_all(&[11], 5, Duration::from_secs(32), &cfg).is_empty());
+        assert!(!t
+            .match_all(&[10], 5, Duration::from_secs(32), &cfg)
+            .is_empty());
+        assert!(t
+            .match_all(&[11], 5, Duration::from_secs(32), &cfg)
+            .is_empty());
     }
 
     #[test]
     fn location_tags_per_node_are_capped() {
-        let cfg = CacheConfig { max_locations_per_node: 3, ..Default::default() };
+        let cfg = CacheConfig {
+            max_locations_per_node: 3,
+            ..Default::default()
+        };
         let mut t = Tree::new();
         for l in 1..=5u32 {
             t.insert(&[7, 8], loc(l), Duration::from_secs(u64::from(l)), &cfg);
         }
         t.check();
-        assert_eq!(ids(t.match_all(&[7, 8], 10, Duration::from_secs(6), &cfg)), BTreeMap::from([(3, 2), (4, 2), (5, 2)]));
+        assert_eq!(
+            ids(t.match_all(&[7, 8], 10, Duration::from_secs(6), &cfg)),
+            BTreeMap::from([(3, 2), (4, 2), (5, 2)])
+        );
     }
 
     #[test]
     fn random_operations_keep_the_structure_consistent() {
-        let cfg = CacheConfig { max_entries_per_cluster: 400, expire: Duration::from_secs(50), max_locations_per_node: 4, ..Default::default() };
+        let cfg = CacheConfig {
+            max_entries_per_cluster: 400,
+            expire: Duration::from_secs(50),
+            max_locations_per_node: 4,
+            ..Default::default()
+        };
         let mut t = Tree::new();
         let mut seed = 0x9e3779b97f4a7c15u64;
         let mut rnd = || {
@@ -669,7 +810,9 @@ mod tests {
             let len = (rnd() % 12) as usize;
             let base = rnd() % 4;
             // Cumulative-looking paths sharing prefixes.
-            let keys: Vec<u64> = (0..len).map(|i| base * 100 + (i as u64) * ((rnd() % 3 == 0) as u64 + 1)).collect();
+            let keys: Vec<u64> = (0..len)
+                .map(|i| base * 100 + (i as u64) * ((rnd() % 3 == 0) as u64 + 1))
+                .collect();
             let now = Duration::from_secs(step / 10);
             match rnd() % 5 {
                 0 => {
@@ -696,17 +839,28 @@ mod tests {
 
     #[test]
     fn pool_creates_queries_and_drops_empty_trees() {
-        let cfg = CacheConfig { expire: Duration::from_secs(10), max_clusters: 2, ..Default::default() };
+        let cfg = CacheConfig {
+            expire: Duration::from_secs(10),
+            max_clusters: 2,
+            ..Default::default()
+        };
         let p = CachePool::new(cfg);
         assert!(p.query("m", &[1], 0, Duration::ZERO).is_empty());
         p.save("m", &[1, 2], loc(1), Duration::from_secs(1));
         p.save("n", &[1, 2], loc(2), Duration::from_secs(2));
-        assert_eq!(ids(p.query("m", &[1, 2, 3], 0, Duration::from_secs(3))), BTreeMap::from([(1, 2)]));
+        assert_eq!(
+            ids(p.query("m", &[1, 2, 3], 0, Duration::from_secs(3))),
+            BTreeMap::from([(1, 2)])
+        );
         p.save("o", &[5], loc(3), Duration::from_secs(4)); // evicts "m", least recently used
         assert_eq!(p.cluster_count(), 2);
         assert!(p.query("m", &[1, 2], 0, Duration::from_secs(4)).is_empty());
         assert_eq!(p.gc(Duration::from_secs(13), 10), 1, "n's node expired");
-        assert_eq!(p.cluster_count(), 1, "n dropped: empty and unused for a TTL");
+        assert_eq!(
+            p.cluster_count(),
+            1,
+            "n dropped: empty and unused for a TTL"
+        );
         assert_eq!(p.level_stats("o").unwrap()[&1].nodes_count, 1);
     }
 }

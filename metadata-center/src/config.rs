@@ -31,13 +31,19 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
     let mut total = 0f64;
     let mut rest = s;
     while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
         if num_len == 0 {
             return Err(format!("invalid duration {orig:?}"));
         }
-        let value: f64 = rest[..num_len].parse().map_err(|_| format!("invalid duration {orig:?}"))?;
+        let value: f64 = rest[..num_len]
+            .parse()
+            .map_err(|_| format!("invalid duration {orig:?}"))?;
         rest = &rest[num_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let nanos_per = match &rest[..unit_len] {
             "ns" => 1.0,
             "us" | "µs" | "μs" => 1e3,
@@ -141,13 +147,23 @@ pub struct AuthSection {
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let r = match ext.as_str() {
         "toml" => toml::from_str(&text).map_err(|e| e.to_string()),
         "json" => serde_json::from_str(&text).map_err(|e| e.to_string()),
         "yaml" | "yml" => serde_yaml_ng::from_str(&text).map_err(|e| e.to_string()),
-        other => return Err(format!("config {}: unsupported extension {other:?} (use .toml, .json or .yaml)", path.display())),
+        other => {
+            return Err(format!(
+                "config {}: unsupported extension {other:?} (use .toml, .json or .yaml)",
+                path.display()
+            ))
+        }
     };
     r.map_err(|e| format!("config {}: {e}", path.display()))
 }
@@ -234,7 +250,9 @@ impl Settings {
             self.host = h.clone();
         }
         set(f.http.port, &mut self.port);
-        if f.http.cert_file.as_deref().is_some_and(|s| !s.is_empty()) || f.http.key_file.as_deref().is_some_and(|s| !s.is_empty()) {
+        if f.http.cert_file.as_deref().is_some_and(|s| !s.is_empty())
+            || f.http.key_file.as_deref().is_some_and(|s| !s.is_empty())
+        {
             return Err("HTTP.CertFile/KeyFile: TLS is not supported by this server; terminate TLS in front of it".into());
         }
         if let Some(l) = f.log.level {
@@ -243,18 +261,39 @@ impl Settings {
         if let Some(fmt) = &f.log.format {
             self.log_json = fmt.eq_ignore_ascii_case("json");
         }
-        dur("Load.GCInterval", &f.load.gc_interval, &mut self.load_gc_interval)?;
-        dur("Load.ReqExpire", &f.load.req_expire, &mut self.load.req_expire)?;
+        dur(
+            "Load.GCInterval",
+            &f.load.gc_interval,
+            &mut self.load_gc_interval,
+        )?;
+        dur(
+            "Load.ReqExpire",
+            &f.load.req_expire,
+            &mut self.load.req_expire,
+        )?;
         set(f.load.max_requests, &mut self.load.max_requests);
         set(f.load.max_clusters, &mut self.load.max_clusters);
-        set(f.load.max_engines_per_cluster, &mut self.load.max_engines_per_cluster);
+        set(
+            f.load.max_engines_per_cluster,
+            &mut self.load.max_engines_per_cluster,
+        );
         set(f.load.retry_queue_size, &mut self.retry_queue_size);
-        dur("Cache.GCInterval", &f.cache.gc_interval, &mut self.cache_gc_interval)?;
+        dur(
+            "Cache.GCInterval",
+            &f.cache.gc_interval,
+            &mut self.cache_gc_interval,
+        )?;
         dur("Cache.Expire", &f.cache.expire, &mut self.cache.expire)?;
         set(f.cache.top_k, &mut self.cache.top_k);
-        set(f.cache.max_entries_per_cluster, &mut self.cache.max_entries_per_cluster);
+        set(
+            f.cache.max_entries_per_cluster,
+            &mut self.cache.max_entries_per_cluster,
+        );
         set(f.cache.max_clusters, &mut self.cache.max_clusters);
-        set(f.cache.max_locations_per_node, &mut self.cache.max_locations_per_node);
+        set(
+            f.cache.max_locations_per_node,
+            &mut self.cache.max_locations_per_node,
+        );
         set(f.cache.max_prompt_hashes, &mut self.max_prompt_hashes);
         set(f.cache.debug_mode, &mut self.debug_mode);
         if let Some(h) = &f.replica.svc_disc_host {
@@ -263,10 +302,22 @@ impl Settings {
         if let Some(p) = &f.replica.peers {
             self.peers = p.clone();
         }
-        dur("Replica.DNSLookupInterval", &f.replica.dns_lookup_interval, &mut self.dns_lookup_interval)?;
+        dur(
+            "Replica.DNSLookupInterval",
+            &f.replica.dns_lookup_interval,
+            &mut self.dns_lookup_interval,
+        )?;
         set(f.replica.target_port, &mut self.replica_target_port);
-        dur("Replica.DialTimeout", &f.replica.dial_timeout, &mut self.replica_dial_timeout)?;
-        dur("Replica.RequestTimeout", &f.replica.request_timeout, &mut self.replica_request_timeout)?;
+        dur(
+            "Replica.DialTimeout",
+            &f.replica.dial_timeout,
+            &mut self.replica_dial_timeout,
+        )?;
+        dur(
+            "Replica.RequestTimeout",
+            &f.replica.request_timeout,
+            &mut self.replica_request_timeout,
+        )?;
         set(f.replica.queue_size, &mut self.replica_queue_size);
         if let Some(ip) = &f.replica.pod_ip {
             self.pod_ip = parse_pod_ip(ip)?;
@@ -281,23 +332,53 @@ impl Settings {
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
         let d = |k: &str, into: &mut Duration| dur(k, &get(k), into);
-        d("METADATA_CENTER_LOAD_GC_INTERVAL", &mut self.load_gc_interval)?;
+        d(
+            "METADATA_CENTER_LOAD_GC_INTERVAL",
+            &mut self.load_gc_interval,
+        )?;
         d("METADATA_CENTER_LOAD_REQ_EXPIRE", &mut self.load.req_expire)?;
-        d("METADATA_CENTER_CACHE_GC_INTERVAL", &mut self.cache_gc_interval)?;
+        d(
+            "METADATA_CENTER_CACHE_GC_INTERVAL",
+            &mut self.cache_gc_interval,
+        )?;
         d("METADATA_CENTER_CACHE_EXPIRE", &mut self.cache.expire)?;
         d("REPLICA_DNS_LOOKUP_INTERVAL", &mut self.dns_lookup_interval)?;
-        d("REPLICA_CLIENT_DIAL_TIMEOUT", &mut self.replica_dial_timeout)?;
-        d("REPLICA_CLIENT_REQUEST_TIMEOUT", &mut self.replica_request_timeout)?;
-        fn num<T: std::str::FromStr>(k: &str, v: Option<String>, into: &mut T) -> Result<(), String> {
+        d(
+            "REPLICA_CLIENT_DIAL_TIMEOUT",
+            &mut self.replica_dial_timeout,
+        )?;
+        d(
+            "REPLICA_CLIENT_REQUEST_TIMEOUT",
+            &mut self.replica_request_timeout,
+        )?;
+        fn num<T: std::str::FromStr>(
+            k: &str,
+            v: Option<String>,
+            into: &mut T,
+        ) -> Result<(), String> {
             if let Some(v) = v {
-                *into = v.trim().parse().map_err(|_| format!("{k}: not a valid number: {v:?}"))?;
+                *into = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{k}: not a valid number: {v:?}"))?;
             }
             Ok(())
         }
-        num("METADATA_CENTER_CACHE_TOPK", get("METADATA_CENTER_CACHE_TOPK"), &mut self.cache.top_k)?;
-        num("REPLICA_CLIENT_TARGET_PORT", get("REPLICA_CLIENT_TARGET_PORT"), &mut self.replica_target_port)?;
+        num(
+            "METADATA_CENTER_CACHE_TOPK",
+            get("METADATA_CENTER_CACHE_TOPK"),
+            &mut self.cache.top_k,
+        )?;
+        num(
+            "REPLICA_CLIENT_TARGET_PORT",
+            get("REPLICA_CLIENT_TARGET_PORT"),
+            &mut self.replica_target_port,
+        )?;
         if let Some(v) = get("METADATA_CENTER_DEBUG_MODE") {
-            self.debug_mode = matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "t" | "yes");
+            self.debug_mode = matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "t" | "yes"
+            );
         }
         if let Some(v) = get("META_DATA_CENTER_SVC_DISC_HOST") {
             self.svc_disc_host = Some(v.trim().to_string());
@@ -330,7 +411,9 @@ fn parse_pod_ip(v: &str) -> Result<Option<std::net::IpAddr>, String> {
     if v.is_empty() {
         return Ok(None);
     }
-    v.parse().map(Some).map_err(|_| format!("POD_IP: not an IP address: {v:?}"))
+    v.parse()
+        .map(Some)
+        .map_err(|_| format!("POD_IP: not an IP address: {v:?}"))
 }
 
 #[cfg(test)]
@@ -391,7 +474,10 @@ mod tests {
         assert_eq!(s.load.req_expire, Duration::from_secs(120));
         assert_eq!(s.pod_ip, None, "POD_IP is optional");
         let bad = |k: &str| (k == "METADATA_CENTER_LOAD_GC_INTERVAL").then(|| "soon".to_string());
-        assert!(Settings::default().apply_env(bad).unwrap_err().contains("METADATA_CENTER_LOAD_GC_INTERVAL"));
+        assert!(Settings::default()
+            .apply_env(bad)
+            .unwrap_err()
+            .contains("METADATA_CENTER_LOAD_GC_INTERVAL"));
     }
 
     #[test]

@@ -33,11 +33,17 @@ impl FromStr for Endpoint {
         // `[v6]` without a port.
         if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
             if let Ok(ip) = inner.parse::<std::net::Ipv6Addr>() {
-                return Ok(Endpoint { ip: IpAddr::V6(ip), port: None });
+                return Ok(Endpoint {
+                    ip: IpAddr::V6(ip),
+                    port: None,
+                });
             }
         }
         match s.parse::<SocketAddr>() {
-            Ok(sa) => Ok(Endpoint { ip: sa.ip(), port: Some(sa.port()) }),
+            Ok(sa) => Ok(Endpoint {
+                ip: sa.ip(),
+                port: Some(sa.port()),
+            }),
             Err(_) => Err(BadEndpoint),
         }
     }
@@ -72,7 +78,15 @@ mod tests {
 
     #[test]
     fn rejects_names_and_garbage() {
-        for bad in ["", "localhost", "host:80", "10.0.0.256", "10.0.0.1:99999", "fd00::1:80x", "1.2.3"] {
+        for bad in [
+            "",
+            "localhost",
+            "host:80",
+            "10.0.0.256",
+            "10.0.0.1:99999",
+            "fd00::1:80x",
+            "1.2.3",
+        ] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad} should be rejected");
         }
     }

@@ -24,11 +24,16 @@ pub struct ApiError {
 impl ApiError {
     /// `40001400` with the bare message and the given reason.
     pub fn invalid(reason: impl Into<String>) -> Self {
-        ApiError { code: CODE_INVALID_PARAMS, message: MSG_INVALID_PARAMS.to_string(), reason: reason.into() }
+        ApiError {
+            code: CODE_INVALID_PARAMS,
+            message: MSG_INVALID_PARAMS.to_string(),
+            reason: reason.into(),
+        }
     }
 
     pub fn http_status(&self) -> StatusCode {
-        StatusCode::from_u16((self.code / 100_000) as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        StatusCode::from_u16((self.code / 100_000) as u16)
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 }
 
@@ -43,25 +48,41 @@ struct Envelope<'a, T: Serialize> {
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     let mut resp = (status, body).into_response();
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
     resp
 }
 
 /// HTTP 200, `status:"OK"`, `error:null`.
 pub fn ok<T: Serialize>(trace_id: &str, data: T) -> Response {
-    match serde_json::to_vec(&Envelope { status: "OK", error: None, data, trace_id }) {
+    match serde_json::to_vec(&Envelope {
+        status: "OK",
+        error: None,
+        data,
+        trace_id,
+    }) {
         Ok(body) => json_response(StatusCode::OK, body),
         Err(e) => fail(
             trace_id,
-            &ApiError { code: CODE_INTERNAL, message: "Internal server error".into(), reason: e.to_string() },
+            &ApiError {
+                code: CODE_INTERNAL,
+                message: "Internal server error".into(),
+                reason: e.to_string(),
+            },
         ),
     }
 }
 
 /// Error envelope with HTTP status `code / 100000`.
 pub fn fail(trace_id: &str, err: &ApiError) -> Response {
-    let env = Envelope { status: "ERROR", error: Some(err), data: (), trace_id };
+    let env = Envelope {
+        status: "ERROR",
+        error: Some(err),
+        data: (),
+        trace_id,
+    };
     // Serialising plain strings and integers cannot fail.
     let body = serde_json::to_vec(&env).unwrap_or_default();
     json_response(err.http_status(), body)
@@ -151,7 +172,9 @@ fn strip_indices(path: &str) -> String {
 
 /// Go's name for the JSON value kind in serde's "invalid type/value: …" messages.
 fn json_type_of(msg: &str) -> Option<String> {
-    let rest = msg.strip_prefix("invalid type: ").or_else(|| msg.strip_prefix("invalid value: "))?;
+    let rest = msg
+        .strip_prefix("invalid type: ")
+        .or_else(|| msg.strip_prefix("invalid value: "))?;
     let number = |prefix: &str| -> Option<String> {
         let r = rest.strip_prefix(prefix)?;
         let lit = r.split('`').nth(1)?;
@@ -179,7 +202,9 @@ fn go_syntax_reason(body: &[u8], e: &serde_json::Error) -> String {
     let text = e.to_string();
     let c = offending_char(body, e.line(), e.column());
     let ch = quote_char(c);
-    let ctx = if text.starts_with("expected value") || text.starts_with("trailing comma") && c == Some(']') {
+    let ctx = if text.starts_with("expected value")
+        || text.starts_with("trailing comma") && c == Some(']')
+    {
         "looking for beginning of value"
     } else if text.starts_with("key must be a string") || text.starts_with("trailing comma") {
         "looking for beginning of object key string"
@@ -249,7 +274,11 @@ mod tests {
         fn validate(&self) -> Result<(), ApiError> {
             match &self.request_id {
                 Some(s) if !s.is_empty() => Ok(()),
-                _ => Err(validation_error("InferenceRequest", "RequestID", "required")),
+                _ => Err(validation_error(
+                    "InferenceRequest",
+                    "RequestID",
+                    "required",
+                )),
             }
         }
     }
@@ -260,16 +289,31 @@ mod tests {
         assert_eq!(e.code, 40001400);
         assert_eq!(e.http_status(), StatusCode::BAD_REQUEST);
         assert_eq!(e.message, "Invalid input parameters: invalid JSON format");
-        assert_eq!(e.reason, "invalid character 'i' looking for beginning of value");
+        assert_eq!(
+            e.reason,
+            "invalid character 'i' looking for beginning of value"
+        );
     }
 
     #[test]
     fn other_syntax_errors_read_like_go() {
         let r = |b: &str| decode::<Probe>(b.as_bytes()).unwrap_err().reason;
-        assert_eq!(r(r#"{"request_id" 1}"#), "invalid character '1' after object key");
-        assert_eq!(r(r#"{"request_id":"a" "x":1}"#), "invalid character '\"' after object key:value pair");
-        assert_eq!(r(r#"{1:2}"#), "invalid character '1' looking for beginning of object key string");
-        assert_eq!(r(r#"{"prompt_hash":[1 2]}"#), "invalid character '2' after array element");
+        assert_eq!(
+            r(r#"{"request_id" 1}"#),
+            "invalid character '1' after object key"
+        );
+        assert_eq!(
+            r(r#"{"request_id":"a" "x":1}"#),
+            "invalid character '\"' after object key:value pair"
+        );
+        assert_eq!(
+            r(r#"{1:2}"#),
+            "invalid character '1' looking for beginning of object key string"
+        );
+        assert_eq!(
+            r(r#"{"prompt_hash":[1 2]}"#),
+            "invalid character '2' after array element"
+        );
         assert_eq!(r(r#"{"request_id":"a","#), "unexpected EOF");
         assert_eq!(r("  "), "EOF");
     }
@@ -285,14 +329,24 @@ mod tests {
         let e = decode::<Probe>(br#"{"request_id":"r","prompt_hash":[1,-2]}"#).unwrap_err();
         assert_eq!(e.message, "Invalid input parameters: field InferenceRequest.prompt_hash should be uint64, not number -2");
         let e = decode::<Probe>(br#"{"request_id":"r","prompt_length":3000000000}"#).unwrap_err();
-        assert!(e.message.ends_with("should be int32, not number 3000000000"), "{}", e.message);
+        assert!(
+            e.message
+                .ends_with("should be int32, not number 3000000000"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
     fn validation_failure_has_bare_message() {
         let e = decode::<Probe>(br#"{"prompt_length":1}"#).unwrap_err();
         assert_eq!(e.message, "Invalid input parameters");
-        assert!(e.reason.contains("'RequestID' failed on the 'required' tag"), "{}", e.reason);
+        assert!(
+            e.reason
+                .contains("'RequestID' failed on the 'required' tag"),
+            "{}",
+            e.reason
+        );
         // null counts as absent, like Go.
         assert!(decode::<Probe>(br#"{"request_id":null}"#).is_err());
         assert!(decode::<Probe>(b"null").is_err());
@@ -301,19 +355,37 @@ mod tests {
     #[test]
     fn lenient_like_gin() {
         // Unknown fields ignored, trailing data after the first value ignored (json.Decoder).
-        let p = decode::<Probe>(br#"{"request_id":"r","cluster":"","ip":"","x":{"y":[1]}} trailing"#).unwrap();
+        let p =
+            decode::<Probe>(br#"{"request_id":"r","cluster":"","ip":"","x":{"y":[1]}} trailing"#)
+                .unwrap();
         assert_eq!(p.request_id.as_deref(), Some("r"));
         assert_eq!(p.prompt_length, None);
+        assert_eq!(p.prompt_hash, None);
     }
 
     #[test]
     fn envelope_shape() {
         let resp = ok("t-1", serde_json::json!([1]));
         assert_eq!(resp.status(), StatusCode::OK);
-        let body = serde_json::to_value(Envelope { status: "OK", error: None, data: 5, trace_id: "t" }).unwrap();
-        assert_eq!(body, serde_json::json!({"status":"OK","error":null,"data":5,"trace_id":"t"}));
+        let body = serde_json::to_value(Envelope {
+            status: "OK",
+            error: None,
+            data: 5,
+            trace_id: "t",
+        })
+        .unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"status":"OK","error":null,"data":5,"trace_id":"t"})
+        );
         let err = ApiError::invalid("why");
-        let body = serde_json::to_value(Envelope { status: "ERROR", error: Some(&err), data: (), trace_id: "t" }).unwrap();
+        let body = serde_json::to_value(Envelope {
+            status: "ERROR",
+            error: Some(&err),
+            data: (),
+            trace_id: "t",
+        })
+        .unwrap();
         assert_eq!(
             body,
             serde_json::json!({"status":"ERROR","error":{"code":40001400,"message":"Invalid input parameters","reason":"why"},"data":null,"trace_id":"t"})

@@ -50,8 +50,14 @@ static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 impl Stamp {
     pub fn now() -> Stamp {
         let start = *START.get_or_init(Instant::now);
-        let wall_ns = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
-        Stamp { mono: start.elapsed(), wall_ns }
+        let wall_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        Stamp {
+            mono: start.elapsed(),
+            wall_ns,
+        }
     }
 }
 
@@ -134,7 +140,11 @@ fn inc(c: &AtomicU64, n: u64) {
 
 impl LoadStore {
     pub fn new(cfg: LoadConfig) -> Self {
-        LoadStore { cfg, inner: Mutex::new(Inner::default()), counters: LoadCounters::default() }
+        LoadStore {
+            cfg,
+            inner: Mutex::new(Inner::default()),
+            counters: LoadCounters::default(),
+        }
     }
 
     pub fn config(&self) -> &LoadConfig {
@@ -153,12 +163,17 @@ impl LoadStore {
             return AddOutcome::Duplicate;
         }
         while inner.requests.len() >= self.cfg.max_requests.max(1) {
-            let Some((_, old)) = inner.requests.pop_front() else { break };
+            let Some((_, old)) = inner.requests.pop_front() else {
+                break;
+            };
             release(&mut inner.clusters, &old, true, now);
             inc(&self.counters.evicted_requests, 1);
         }
         let (cluster_key, gen) = self.touch_engine(inner, r.cluster, r.engine, now);
-        let cl = inner.clusters.get_mut(&cluster_key).expect("cluster just touched");
+        let cl = inner
+            .clusters
+            .get_mut(&cluster_key)
+            .expect("cluster just touched");
         let eng = cl.engines.get_mut(&r.engine).expect("engine just touched");
         eng.queued += 1;
         eng.prompt += i64::from(r.prompt_length.max(0));
@@ -166,16 +181,34 @@ impl LoadStore {
         eng.updated_wall_ns = now.wall_ns;
         inner.requests.insert(
             r.request_id.to_string(),
-            Req { cluster: cluster_key, engine: r.engine, engine_gen: gen, prompt_left: i64::from(r.prompt_length.max(0)), created },
+            Req {
+                cluster: cluster_key,
+                engine: r.engine,
+                engine_gen: gen,
+                prompt_left: i64::from(r.prompt_length.max(0)),
+                created,
+            },
         );
         inc(&self.counters.added, 1);
         AddOutcome::Added
     }
 
     /// Get or create the cluster and engine entries, evicting the stalest ones at the caps.
-    fn touch_engine(&self, inner: &mut Inner, cluster: &str, ep: Endpoint, now: Stamp) -> (Arc<str>, u64) {
-        if !inner.clusters.contains_key(cluster) && inner.clusters.len() >= self.cfg.max_clusters.max(1) {
-            let stalest = inner.clusters.iter().min_by_key(|(_, c)| c.updated).map(|(k, _)| k.clone());
+    fn touch_engine(
+        &self,
+        inner: &mut Inner,
+        cluster: &str,
+        ep: Endpoint,
+        now: Stamp,
+    ) -> (Arc<str>, u64) {
+        if !inner.clusters.contains_key(cluster)
+            && inner.clusters.len() >= self.cfg.max_clusters.max(1)
+        {
+            let stalest = inner
+                .clusters
+                .iter()
+                .min_by_key(|(_, c)| c.updated)
+                .map(|(k, _)| k.clone());
             if let Some(k) = stalest {
                 inner.clusters.remove(&k);
                 inc(&self.counters.evicted_clusters, 1);
@@ -185,14 +218,26 @@ impl LoadStore {
             Some((k, _)) => k.clone(),
             None => {
                 let k: Arc<str> = Arc::from(cluster);
-                inner.clusters.insert(k.clone(), Cluster { updated: now.mono, engines: HashMap::new() });
+                inner.clusters.insert(
+                    k.clone(),
+                    Cluster {
+                        updated: now.mono,
+                        engines: HashMap::new(),
+                    },
+                );
                 k
             }
         };
         let cl = inner.clusters.get_mut(&key).expect("present");
         cl.updated = now.mono;
-        if !cl.engines.contains_key(&ep) && cl.engines.len() >= self.cfg.max_engines_per_cluster.max(1) {
-            let stalest = cl.engines.iter().min_by_key(|(_, e)| e.updated).map(|(k, _)| *k);
+        if !cl.engines.contains_key(&ep)
+            && cl.engines.len() >= self.cfg.max_engines_per_cluster.max(1)
+        {
+            let stalest = cl
+                .engines
+                .iter()
+                .min_by_key(|(_, e)| e.updated)
+                .map(|(k, _)| *k);
             if let Some(k) = stalest {
                 cl.engines.remove(&k);
                 inc(&self.counters.evicted_engines, 1);
@@ -201,7 +246,13 @@ impl LoadStore {
         let next_gen = &mut inner.next_gen;
         let eng = cl.engines.entry(ep).or_insert_with(|| {
             *next_gen += 1;
-            Engine { gen: *next_gen, queued: 0, prompt: 0, updated_wall_ns: now.wall_ns, updated: now.mono }
+            Engine {
+                gen: *next_gen,
+                queued: 0,
+                prompt: 0,
+                updated_wall_ns: now.wall_ns,
+                updated: now.mono,
+            }
         });
         (key, eng.gen)
     }
@@ -233,7 +284,13 @@ impl LoadStore {
         };
         let left = std::mem::take(&mut req.prompt_left);
         if left > 0 {
-            let snapshot = Req { cluster: req.cluster.clone(), engine: req.engine, engine_gen: req.engine_gen, prompt_left: left, created: req.created };
+            let snapshot = Req {
+                cluster: req.cluster.clone(),
+                engine: req.engine,
+                engine_gen: req.engine_gen,
+                prompt_left: left,
+                created: req.created,
+            };
             release(&mut inner.clusters, &snapshot, false, now);
             inc(&self.counters.prompt_released, 1);
         }
@@ -245,7 +302,11 @@ impl LoadStore {
     pub fn query(&self, cluster: &str) -> Option<Vec<EngineView>> {
         let g = self.inner.lock();
         let cl = g.clusters.get(cluster)?;
-        let mut out: Vec<(Endpoint, EngineView)> = cl.engines.iter().map(|(ep, e)| (*ep, view(ep, e))).collect();
+        let mut out: Vec<(Endpoint, EngineView)> = cl
+            .engines
+            .iter()
+            .map(|(ep, e)| (*ep, view(ep, e)))
+            .collect();
         drop(g);
         out.sort_by_key(|(ep, _)| *ep);
         Some(out.into_iter().map(|(_, v)| v).collect())
@@ -254,7 +315,15 @@ impl LoadStore {
     /// All clusters and engines (for metrics).
     pub fn snapshot(&self) -> Vec<(String, Vec<EngineView>)> {
         let g = self.inner.lock();
-        g.clusters.iter().map(|(k, c)| (k.to_string(), c.engines.iter().map(|(ep, e)| view(ep, e)).collect())).collect()
+        g.clusters
+            .iter()
+            .map(|(k, c)| {
+                (
+                    k.to_string(),
+                    c.engines.iter().map(|(ep, e)| view(ep, e)).collect(),
+                )
+            })
+            .collect()
     }
 
     pub fn request_count(&self) -> usize {
@@ -331,8 +400,12 @@ fn view(ep: &Endpoint, e: &Engine) -> EngineView {
 /// Subtract a request from its engine (queue slot if `dequeue`, plus the prompt left). No-op when
 /// the engine was evicted or re-created since (generation check).
 fn release(clusters: &mut HashMap<Arc<str>, Cluster>, r: &Req, dequeue: bool, now: Stamp) {
-    let Some(cl) = clusters.get_mut(&r.cluster) else { return };
-    let Some(e) = cl.engines.get_mut(&r.engine) else { return };
+    let Some(cl) = clusters.get_mut(&r.cluster) else {
+        return;
+    };
+    let Some(e) = cl.engines.get_mut(&r.engine) else {
+        return;
+    };
     if e.gen != r.engine_gen {
         return;
     }
@@ -364,7 +437,9 @@ pub struct Retrier {
 impl Retrier {
     /// Spawns the retry task on the current tokio runtime.
     pub fn start(store: Arc<LoadStore>, capacity: usize, delay: Duration) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, RetryKind, String)>(capacity.max(1));
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, RetryKind, String)>(
+            capacity.max(1),
+        );
         let hit = Arc::new(AtomicU64::new(0));
         let miss = Arc::new(AtomicU64::new(0));
         let (h, m) = (hit.clone(), miss.clone());
@@ -384,11 +459,20 @@ impl Retrier {
                 }
             }
         });
-        Retrier { tx, dropped: AtomicU64::new(0), retried_hit: hit, retried_miss: miss }
+        Retrier {
+            tx,
+            dropped: AtomicU64::new(0),
+            retried_hit: hit,
+            retried_miss: miss,
+        }
     }
 
     pub fn schedule(&self, kind: RetryKind, request_id: &str) {
-        if self.tx.try_send((tokio::time::Instant::now(), kind, request_id.to_string())).is_err() {
+        if self
+            .tx
+            .try_send((tokio::time::Instant::now(), kind, request_id.to_string()))
+            .is_err()
+        {
             inc(&self.dropped, 1);
         }
     }
@@ -403,7 +487,10 @@ mod tests {
     use super::*;
 
     fn at(secs: u64) -> Stamp {
-        Stamp { mono: Duration::from_secs(secs), wall_ns: secs as i64 * 1_000_000_000 }
+        Stamp {
+            mono: Duration::from_secs(secs),
+            wall_ns: secs as i64 * 1_000_000_000,
+        }
     }
 
     fn ep(s: &str) -> Endpoint {
@@ -411,11 +498,22 @@ mod tests {
     }
 
     fn add(s: &LoadStore, cluster: &str, id: &str, ip: &str, prompt: i32, t: u64) -> AddOutcome {
-        s.add(&AddRequest { cluster, request_id: id, prompt_length: prompt, engine: ep(ip) }, at(t))
+        s.add(
+            &AddRequest {
+                cluster,
+                request_id: id,
+                prompt_length: prompt,
+                engine: ep(ip),
+            },
+            at(t),
+        )
     }
 
     fn engine(s: &LoadStore, cluster: &str, ip: &str) -> Option<(i32, i32)> {
-        s.query(cluster)?.into_iter().find(|e| e.ip == ip).map(|e| (e.queued_req_num, e.prompt_length))
+        s.query(cluster)?
+            .into_iter()
+            .find(|e| e.ip == ip)
+            .map(|e| (e.queued_req_num, e.prompt_length))
     }
 
     #[test]
@@ -441,7 +539,10 @@ mod tests {
     fn duplicate_add_is_ignored() {
         let s = LoadStore::new(LoadConfig::default());
         add(&s, "m", "r1", "10.0.0.1", 100, 1);
-        assert_eq!(add(&s, "m", "r1", "10.0.0.1", 100, 1), AddOutcome::Duplicate);
+        assert_eq!(
+            add(&s, "m", "r1", "10.0.0.1", 100, 1),
+            AddOutcome::Duplicate
+        );
         assert_eq!(add(&s, "m", "r1", "10.0.0.9", 5, 1), AddOutcome::Duplicate);
         assert_eq!(engine(&s, "m", "10.0.0.1"), Some((1, 100)));
         assert_eq!(engine(&s, "m", "10.0.0.9"), None);
@@ -453,11 +554,19 @@ mod tests {
         add(&s, "m", "r1", "10.0.0.1", 100, 1);
         add(&s, "m", "r2", "10.0.0.1", 30, 1);
         assert!(s.delete_prompt("r1", at(2)));
-        assert_eq!(engine(&s, "m", "10.0.0.1"), Some((2, 30)), "queue unchanged, prompt released");
+        assert_eq!(
+            engine(&s, "m", "10.0.0.1"),
+            Some((2, 30)),
+            "queue unchanged, prompt released"
+        );
         assert!(s.delete_prompt("r1", at(2)), "found again, but a no-op");
         assert_eq!(engine(&s, "m", "10.0.0.1"), Some((2, 30)));
         assert!(s.delete("r1", at(3)));
-        assert_eq!(engine(&s, "m", "10.0.0.1"), Some((1, 30)), "full delete does not release the prompt twice");
+        assert_eq!(
+            engine(&s, "m", "10.0.0.1"),
+            Some((1, 30)),
+            "full delete does not release the prompt twice"
+        );
         // Full delete before prompt delete: the later prompt delete misses.
         assert!(s.delete("r2", at(3)));
         assert_eq!(engine(&s, "m", "10.0.0.1"), Some((0, 0)));
@@ -466,7 +575,10 @@ mod tests {
 
     #[test]
     fn gc_expires_requests_then_engines_then_clusters() {
-        let cfg = LoadConfig { req_expire: Duration::from_secs(660), ..Default::default() };
+        let cfg = LoadConfig {
+            req_expire: Duration::from_secs(660),
+            ..Default::default()
+        };
         let s = LoadStore::new(cfg);
         add(&s, "a", "old", "10.0.0.1", 10, 0);
         add(&s, "b", "b1", "10.0.0.3", 30, 0);
@@ -490,7 +602,10 @@ mod tests {
 
     #[test]
     fn request_cap_evicts_oldest_and_releases_its_load() {
-        let s = LoadStore::new(LoadConfig { max_requests: 3, ..Default::default() });
+        let s = LoadStore::new(LoadConfig {
+            max_requests: 3,
+            ..Default::default()
+        });
         for i in 0..5 {
             add(&s, "m", &format!("r{i}"), "10.0.0.1", 10, i);
         }
@@ -503,7 +618,11 @@ mod tests {
 
     #[test]
     fn cluster_and_engine_caps_evict_stalest() {
-        let s = LoadStore::new(LoadConfig { max_clusters: 2, max_engines_per_cluster: 2, ..Default::default() });
+        let s = LoadStore::new(LoadConfig {
+            max_clusters: 2,
+            max_engines_per_cluster: 2,
+            ..Default::default()
+        });
         add(&s, "a", "1", "10.0.0.1", 1, 1);
         add(&s, "b", "2", "10.0.0.1", 1, 2);
         add(&s, "a", "3", "10.0.0.2", 1, 3); // a is now fresher than b
@@ -530,16 +649,39 @@ mod tests {
         r.schedule(RetryKind::DeletePrompt, "late2");
         r.schedule(RetryKind::Delete, "overflow-1");
         r.schedule(RetryKind::Delete, "overflow-2");
-        assert!(r.dropped.load(Ordering::Relaxed) >= 1, "bounded queue drops beyond capacity");
+        assert!(
+            r.dropped.load(Ordering::Relaxed) >= 1,
+            "bounded queue drops beyond capacity"
+        );
         let now = Stamp::now();
-        s.add(&AddRequest { cluster: "m", request_id: "late", prompt_length: 10, engine: ep("10.0.0.1") }, now);
-        s.add(&AddRequest { cluster: "m", request_id: "late2", prompt_length: 20, engine: ep("10.0.0.1") }, now);
+        s.add(
+            &AddRequest {
+                cluster: "m",
+                request_id: "late",
+                prompt_length: 10,
+                engine: ep("10.0.0.1"),
+            },
+            now,
+        );
+        s.add(
+            &AddRequest {
+                cluster: "m",
+                request_id: "late2",
+                prompt_length: 20,
+                engine: ep("10.0.0.1"),
+            },
+            now,
+        );
         assert_eq!(engine(&s, "m", "10.0.0.1"), Some((2, 30)));
         tokio::time::sleep(Duration::from_millis(1100)).await;
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(engine(&s, "m", "10.0.0.1"), Some((1, 20 - 20)), "late removed, late2 prompt released");
+        assert_eq!(
+            engine(&s, "m", "10.0.0.1"),
+            Some((1, 20 - 20)),
+            "late removed, late2 prompt released"
+        );
         assert_eq!(r.retried_hit.load(Ordering::Relaxed), 2);
     }
 }

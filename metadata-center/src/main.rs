@@ -70,7 +70,9 @@ fn settings(args: &RunArgs) -> Result<Settings, String> {
         s.port = p;
     }
     if let Some(l) = &args.listen {
-        let (h, p) = l.rsplit_once(':').ok_or_else(|| format!("--listen {l:?}: expected HOST:PORT"))?;
+        let (h, p) = l
+            .rsplit_once(':')
+            .ok_or_else(|| format!("--listen {l:?}: expected HOST:PORT"))?;
         s.host = h.trim_start_matches('[').trim_end_matches(']').to_string();
         s.port = p.parse().map_err(|_| format!("--listen {l:?}: bad port"))?;
     }
@@ -78,13 +80,28 @@ fn settings(args: &RunArgs) -> Result<Settings, String> {
         s.auth_token = Some(t.clone()).filter(|t| !t.is_empty());
     }
     if !args.peers.is_empty() {
-        s.peers = args.peers.iter().filter(|p| !p.is_empty()).cloned().collect();
+        s.peers = args
+            .peers
+            .iter()
+            .filter(|p| !p.is_empty())
+            .cloned()
+            .collect();
     }
     if args.debug {
         s.debug_mode = true;
     }
     let port = s.replica_target_port;
-    s.peers = s.peers.iter().map(|p| if p.contains(':') { p.clone() } else { format!("{p}:{port}") }).collect();
+    s.peers = s
+        .peers
+        .iter()
+        .map(|p| {
+            if p.contains(':') {
+                p.clone()
+            } else {
+                format!("{p}:{port}")
+            }
+        })
+        .collect();
     s.validate()?;
     Ok(s)
 }
@@ -132,7 +149,10 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build();
     let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
@@ -150,7 +170,9 @@ async fn run(s: Settings) -> Result<(), String> {
     let log_reload = init_logging(s.log_level, s.log_json);
     let _ = Stamp::now();
     let addr = format!("{}:{}", s.host, s.port);
-    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
 
     let version = env!("CARGO_PKG_VERSION");
@@ -193,7 +215,9 @@ async fn run(s: Settings) -> Result<(), String> {
                 tick.tick().await;
                 let l = load.clone();
                 match tokio::task::spawn_blocking(move || l.gc(Stamp::now(), 4096)).await {
-                    Ok(r) if r.requests + r.engines + r.clusters > 0 => tracing::info!(?r, "load GC"),
+                    Ok(r) if r.requests + r.engines + r.clusters > 0 => {
+                        tracing::info!(?r, "load GC")
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::error!(error = %e, "load GC failed"),
                 }

@@ -5,7 +5,10 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -24,16 +27,26 @@ impl Metrics {
     pub fn new(version: &str) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let http_status = IntCounterVec::new(
-            Opts::new("http_request_status_code_total", "HTTP responses by route, method and status code"),
+            Opts::new(
+                "http_request_status_code_total",
+                "HTTP responses by route, method and status code",
+            ),
             &["url", "method", "status_code"],
         )?;
         let http_duration_us = HistogramVec::new(
-            HistogramOpts::new("http_request_duration_us", "HTTP request latency in microseconds")
-                .buckets(vec![100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 20000.0, 100000.0]),
+            HistogramOpts::new(
+                "http_request_duration_us",
+                "HTTP request latency in microseconds",
+            )
+            .buckets(vec![
+                100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 20000.0, 100000.0,
+            ]),
             &["method", "url"],
         )?;
-        let model_engine_count =
-            IntGaugeVec::new(Opts::new("model_engine_count", "Engines known per cluster"), &["model_name"])?;
+        let model_engine_count = IntGaugeVec::new(
+            Opts::new("model_engine_count", "Engines known per cluster"),
+            &["model_name"],
+        )?;
         let queued_num = IntGaugeVec::new(
             Opts::new("queued_num", "Requests in flight per engine"),
             &["model_name", "engine_ip"],
@@ -42,14 +55,25 @@ impl Metrics {
             Opts::new("prompt_length", "Prompt bytes still in prefill per engine"),
             &["model_name", "engine_ip"],
         )?;
-        let app_version = IntGaugeVec::new(Opts::new("app_version_info", "Server version"), &["version"])?;
-        let replication_latency_ms = Histogram::with_opts(
-            HistogramOpts::new("replication_latency_ms", "Delay from the sender's timestamp to the replicated apply")
-                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+        let app_version = IntGaugeVec::new(
+            Opts::new("app_version_info", "Server version"),
+            &["version"],
         )?;
-        let node_alive = IntGauge::new("metacenter_node_alive", "1 while this metadata-center serves")?;
-        let dns_lookup_hosts =
-            IntGaugeVec::new(Opts::new("dns_lookup_hosts", "Peers found by DNS discovery"), &["domain", "host"])?;
+        let replication_latency_ms = Histogram::with_opts(
+            HistogramOpts::new(
+                "replication_latency_ms",
+                "Delay from the sender's timestamp to the replicated apply",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+        )?;
+        let node_alive = IntGauge::new(
+            "metacenter_node_alive",
+            "1 while this metadata-center serves",
+        )?;
+        let dns_lookup_hosts = IntGaugeVec::new(
+            Opts::new("dns_lookup_hosts", "Peers found by DNS discovery"),
+            &["domain", "host"],
+        )?;
         registry.register(Box::new(http_status.clone()))?;
         registry.register(Box::new(http_duration_us.clone()))?;
         registry.register(Box::new(model_engine_count.clone()))?;
@@ -60,7 +84,9 @@ impl Metrics {
         registry.register(Box::new(node_alive.clone()))?;
         registry.register(Box::new(dns_lookup_hosts.clone()))?;
         #[cfg(target_os = "linux")]
-        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         app_version.with_label_values(&[version]).set(1);
         node_alive.set(1);
         Ok(Metrics {

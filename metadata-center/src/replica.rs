@@ -70,7 +70,12 @@ impl Replicator {
             .no_proxy()
             .build()
             .map_err(|e| format!("replication client: {e}"))?;
-        Ok(Replicator { cfg, client, peers: RwLock::new(HashMap::new()), counters: Arc::new(ReplicaCounters::default()) })
+        Ok(Replicator {
+            cfg,
+            client,
+            peers: RwLock::new(HashMap::new()),
+            counters: Arc::new(ReplicaCounters::default()),
+        })
     }
 
     pub fn peer_list(&self) -> Vec<String> {
@@ -109,6 +114,7 @@ impl Replicator {
         let peers = self.peers.read();
         for p in peers.values() {
             if p.is_self.load(Ordering::Relaxed) {
+                self.counters.skipped_self.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             if p.tx.try_send(ev.clone()).is_err() {
@@ -118,7 +124,11 @@ impl Replicator {
     }
 
     pub fn queued(&self) -> usize {
-        self.peers.read().values().map(|p| p.tx.max_capacity() - p.tx.capacity()).sum()
+        self.peers
+            .read()
+            .values()
+            .map(|p| p.tx.max_capacity() - p.tx.capacity())
+            .sum()
     }
 }
 
@@ -171,7 +181,9 @@ async fn worker(
                     }
                     tracing::debug!(peer = %addr, status = resp.status().as_u16(), kind = ev.kind, "replication rejected");
                 }
-                Err(e) => tracing::debug!(peer = %addr, error = %e, kind = ev.kind, "replication send failed"),
+                Err(e) => {
+                    tracing::debug!(peer = %addr, error = %e, kind = ev.kind, "replication send failed")
+                }
             }
         }
         if ok {
@@ -200,17 +212,24 @@ pub async fn discovery_loop(
         if let Some(host) = &svc_host {
             match tokio::net::lookup_host((host.as_str(), target_port)).await {
                 Ok(addrs) => {
-                    let found: BTreeSet<String> =
-                        addrs.filter(|a| Some(a.ip()) != pod_ip).map(|a| a.to_string()).collect();
+                    let found: BTreeSet<String> = addrs
+                        .filter(|a| Some(a.ip()) != pod_ip)
+                        .map(|a| a.to_string())
+                        .collect();
                     if found != dns {
                         metrics.dns_lookup_hosts.reset();
                         for a in &found {
-                            metrics.dns_lookup_hosts.with_label_values(&[host, a]).set(1);
+                            metrics
+                                .dns_lookup_hosts
+                                .with_label_values(&[host, a])
+                                .set(1);
                         }
                         dns = found;
                     }
                 }
-                Err(e) => tracing::warn!(host = %host, error = %e, "peer DNS lookup failed; keeping the previous peers"),
+                Err(e) => {
+                    tracing::warn!(host = %host, error = %e, "peer DNS lookup failed; keeping the previous peers")
+                }
             }
         }
         let all: BTreeSet<String> = base.union(&dns).cloned().collect();

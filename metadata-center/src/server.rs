@@ -17,7 +17,9 @@ use tracing::level_filters::LevelFilter;
 use crate::cache::CachePool;
 use crate::config::Settings;
 use crate::endpoint::Endpoint;
-use crate::envelope::{self, decode, validation_error, ApiError, WireRequest, CODE_INTERNAL, CODE_UNAUTHORIZED};
+use crate::envelope::{
+    self, decode, validation_error, ApiError, WireRequest, CODE_INTERNAL, CODE_UNAUTHORIZED,
+};
 use crate::load::{AddRequest, LoadStore, Retrier, RetryKind, Stamp};
 use crate::metrics::{get as load_counter, Families, Metrics};
 use crate::replica::{self, Event, Replicator};
@@ -74,7 +76,10 @@ fn required(v: &Option<String>, s: &str, f: &str) -> Result<(), ApiError> {
 
 fn endpoint_of(v: &Option<String>, s: &str) -> Result<Endpoint, ApiError> {
     required(v, s, "IP")?;
-    v.as_deref().unwrap_or_default().parse().map_err(|_| validation_error(s, "IP", "ip"))
+    v.as_deref()
+        .unwrap_or_default()
+        .parse()
+        .map_err(|_| validation_error(s, "IP", "ip"))
 }
 
 impl WireRequest for InferenceRequest {
@@ -137,7 +142,9 @@ static MAX_HASHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsi
 fn check_hashes(v: &Option<Vec<u64>>, s: &str) -> Result<(), ApiError> {
     match v {
         None => Err(validation_error(s, "PromptHash", "required")),
-        Some(h) if h.len() > MAX_HASHES.load(Ordering::Relaxed) => Err(validation_error(s, "PromptHash", "max")),
+        Some(h) if h.len() > MAX_HASHES.load(Ordering::Relaxed) => {
+            Err(validation_error(s, "PromptHash", "max"))
+        }
         Some(_) => Ok(()),
     }
 }
@@ -210,7 +217,10 @@ struct ClusterQuery {
 pub fn router(state: Arc<AppState>) -> Router {
     MAX_HASHES.store(state.settings.max_prompt_hashes, Ordering::Relaxed);
     let mut api = Router::new()
-        .route("/v1/load/stats", get(query_load).post(add_request).delete(delete_request))
+        .route(
+            "/v1/load/stats",
+            get(query_load).post(add_request).delete(delete_request),
+        )
         .route("/v1/load/prompt", delete(delete_prompt))
         .route("/v1/cache/query", post(cache_query))
         .route("/v1/cache/save", post(cache_save))
@@ -230,9 +240,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(api)
         .merge(open)
         .fallback(not_found)
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(8 * 1024 * 1024))
-        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_metrics,
+        ))
         .layer(middleware::from_fn(trace))
         .with_state(state)
 }
@@ -244,7 +259,14 @@ fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
         .or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "panic".into());
     tracing::error!(%reason, "handler panicked");
-    envelope::fail("", &ApiError { code: CODE_INTERNAL, message: "Internal server error".into(), reason })
+    envelope::fail(
+        "",
+        &ApiError {
+            code: CODE_INTERNAL,
+            message: "Internal server error".into(),
+            reason,
+        },
+    )
 }
 
 async fn not_found() -> Response {
@@ -287,12 +309,19 @@ const KNOWN_PATHS: &[&str] = &[
 
 async fn record_metrics(State(st): St, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    let url = KNOWN_PATHS.iter().find(|p| **p == path).copied().unwrap_or("other");
+    let url = KNOWN_PATHS
+        .iter()
+        .find(|p| **p == path)
+        .copied()
+        .unwrap_or("other");
     let method = req.method().as_str().to_string();
     let start = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
-    st.metrics.http_status.with_label_values(&[url, &method, &status]).inc();
+    st.metrics
+        .http_status
+        .with_label_values(&[url, &method, &status])
+        .inc();
     if url != "/metrics" {
         st.metrics
             .http_duration_us
@@ -309,7 +338,12 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn auth(State(st): St, Extension(t): Extension<TraceId>, req: Request, next: Next) -> Response {
+async fn auth(
+    State(st): St,
+    Extension(t): Extension<TraceId>,
+    req: Request,
+    next: Next,
+) -> Response {
     if let Some(token) = &st.settings.auth_token {
         let given = req
             .headers()
@@ -333,13 +367,20 @@ async fn auth(State(st): St, Extension(t): Extension<TraceId>, req: Request, nex
 // ---------------------------------------------------------------------------------------------
 // Load handlers
 
-async fn query_load(State(st): St, Extension(t): Extension<TraceId>, RawQuery(q): RawQuery) -> Response {
+async fn query_load(
+    State(st): St,
+    Extension(t): Extension<TraceId>,
+    RawQuery(q): RawQuery,
+) -> Response {
     let parsed: ClusterQuery = match serde_urlencoded::from_str(q.as_deref().unwrap_or("")) {
         Ok(p) => p,
         Err(e) => return envelope::fail(&t.0, &ApiError::invalid(e.to_string())),
     };
     let Some(cluster) = parsed.cluster.filter(|c| !c.is_empty()) else {
-        return envelope::fail(&t.0, &validation_error("QueryLoadParam", "Cluster", "required"));
+        return envelope::fail(
+            &t.0,
+            &validation_error("QueryLoadParam", "Cluster", "required"),
+        );
     };
     envelope::ok(&t.0, st.load.query(&cluster))
 }
@@ -377,7 +418,11 @@ fn apply_delete(st: &AppState, id: &str, kind: RetryKind) {
 fn replicate<T: Serialize>(st: &AppState, kind: &'static str, body: &T, trace: &TraceId) {
     if let Some(rep) = &st.replicator {
         match serde_json::to_vec(body) {
-            Ok(b) => rep.broadcast(&Event { kind, body: Bytes::from(b), trace_id: trace.0.to_string() }),
+            Ok(b) => rep.broadcast(&Event {
+                kind,
+                body: Bytes::from(b),
+                trace_id: trace.0.to_string(),
+            }),
             Err(e) => tracing::error!(error = %e, "cannot encode replication event"),
         }
     }
@@ -403,7 +448,11 @@ async fn delete_common(st: &AppState, t: &TraceId, body: &[u8], kind: RetryKind)
     };
     apply_delete(st, r.request_id.as_deref().unwrap_or_default(), kind);
     r.timestamp = Some(r.timestamp.filter(|ts| *ts > 0).unwrap_or_else(now_ns));
-    let ev = if kind == RetryKind::Delete { replica::EVENT_DELETE } else { replica::EVENT_DELETE_PROMPT };
+    let ev = if kind == RetryKind::Delete {
+        replica::EVENT_DELETE
+    } else {
+        replica::EVENT_DELETE_PROMPT
+    };
     replicate(st, ev, &r, t);
     envelope::ok(&t.0, ())
 }
@@ -435,14 +484,25 @@ async fn cache_query(State(st): St, Extension(t): Extension<TraceId>, body: Byte
         Ok(q) => q,
         Err(e) => return envelope::fail(&t.0, &e),
     };
-    let k = q.top_k.filter(|k| *k > 0).or(q.topk.filter(|k| *k > 0)).unwrap_or(0).min(10_000) as usize;
+    let k = q
+        .top_k
+        .filter(|k| *k > 0)
+        .or(q.topk.filter(|k| *k > 0))
+        .unwrap_or(0)
+        .min(10_000) as usize;
     let found = st.cache.query(
         q.cluster.as_deref().unwrap_or_default(),
         q.prompt_hash.as_deref().unwrap_or_default(),
         k,
         Stamp::now().mono,
     );
-    let locations = found.into_iter().map(|(ep, length)| Location { ip: ep.to_string(), length }).collect();
+    let locations = found
+        .into_iter()
+        .map(|(ep, length)| Location {
+            ip: ep.to_string(),
+            length,
+        })
+        .collect();
     envelope::ok(&t.0, Locations { locations })
 }
 
@@ -467,7 +527,12 @@ async fn cache_save(State(st): St, Extension(t): Extension<TraceId>, body: Bytes
 // ---------------------------------------------------------------------------------------------
 // Replication receiver
 
-async fn replica_event(State(st): St, Extension(t): Extension<TraceId>, headers: HeaderMap, body: Bytes) -> Response {
+async fn replica_event(
+    State(st): St,
+    Extension(t): Extension<TraceId>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let mut resp = replica_apply(&st, &t, &headers, &body);
     if let Ok(v) = HeaderValue::from_str(&st.instance_id) {
         resp.headers_mut().insert(replica::INSTANCE_HEADER, v);
@@ -476,26 +541,40 @@ async fn replica_event(State(st): St, Extension(t): Extension<TraceId>, headers:
 }
 
 fn replica_apply(st: &AppState, t: &TraceId, headers: &HeaderMap, body: &[u8]) -> Response {
-    let sender = headers.get(replica::INSTANCE_HEADER).and_then(|v| v.to_str().ok());
+    let sender = headers
+        .get(replica::INSTANCE_HEADER)
+        .and_then(|v| v.to_str().ok());
     if sender == Some(st.instance_id.as_str()) {
         // Sent by this process to itself (it is in its own peer list): nothing to apply.
         return envelope::ok(&t.0, ());
     }
-    let Some(kind) = headers.get("Event-Type").and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty()) else {
+    let Some(kind) = headers
+        .get("Event-Type")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+    else {
         return envelope::fail(&t.0, &ApiError::invalid("missing Event-Type header"));
     };
     let handler_err = || ApiError::invalid("handler execute error");
     let ts = match kind {
         replica::EVENT_ADD => {
-            let Ok(r) = decode::<InferenceRequest>(body) else { return envelope::fail(&t.0, &handler_err()) };
+            let Ok(r) = decode::<InferenceRequest>(body) else {
+                return envelope::fail(&t.0, &handler_err());
+            };
             if apply_add(st, &r).is_err() {
                 return envelope::fail(&t.0, &handler_err());
             }
             r.timestamp
         }
         replica::EVENT_DELETE | replica::EVENT_DELETE_PROMPT => {
-            let Ok(r) = decode::<DeleteRequest>(body) else { return envelope::fail(&t.0, &handler_err()) };
-            let k = if kind == replica::EVENT_DELETE { RetryKind::Delete } else { RetryKind::DeletePrompt };
+            let Ok(r) = decode::<DeleteRequest>(body) else {
+                return envelope::fail(&t.0, &handler_err());
+            };
+            let k = if kind == replica::EVENT_DELETE {
+                RetryKind::Delete
+            } else {
+                RetryKind::DeletePrompt
+            };
             apply_delete(st, r.request_id.as_deref().unwrap_or_default(), k);
             r.timestamp
         }
@@ -530,13 +609,22 @@ async fn log_level(State(st): St, Extension(t): Extension<TraceId>, body: Bytes)
         _ => {
             return envelope::fail(
                 &t.0,
-                &ApiError::invalid("log LevelParam can only be [TRACE DEBUG INFO WARN ERROR FATAL]"),
+                &ApiError::invalid(
+                    "log LevelParam can only be [TRACE DEBUG INFO WARN ERROR FATAL]",
+                ),
             )
         }
     };
     match (st.log_reload)(level) {
         Ok(()) => envelope::ok(&t.0, "log level updated successfully"),
-        Err(e) => envelope::fail(&t.0, &ApiError { code: CODE_INTERNAL, message: "Internal server error".into(), reason: e }),
+        Err(e) => envelope::fail(
+            &t.0,
+            &ApiError {
+                code: CODE_INTERNAL,
+                message: "Internal server error".into(),
+                reason: e,
+            },
+        ),
     }
 }
 
@@ -546,10 +634,14 @@ async fn health(Extension(t): Extension<TraceId>) -> Response {
 
 async fn metrics(State(st): St) -> Response {
     let st2 = st.clone();
-    let text = tokio::task::spawn_blocking(move || render_metrics(&st2)).await.unwrap_or_default();
+    let text = tokio::task::spawn_blocking(move || render_metrics(&st2))
+        .await
+        .unwrap_or_default();
     let mut resp = (StatusCode::OK, text).into_response();
-    resp.headers_mut()
-        .insert("content-type", HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
     resp
 }
 
@@ -559,17 +651,33 @@ pub fn render_metrics(st: &AppState) -> String {
     m.queued_num.reset();
     m.prompt_length.reset();
     for (cluster, engines) in st.load.snapshot() {
-        m.model_engine_count.with_label_values(&[&cluster]).set(engines.len() as i64);
+        m.model_engine_count
+            .with_label_values(&[&cluster])
+            .set(engines.len() as i64);
         for e in engines {
-            m.queued_num.with_label_values(&[&cluster, &e.ip]).set(i64::from(e.queued_req_num));
-            m.prompt_length.with_label_values(&[&cluster, &e.ip]).set(i64::from(e.prompt_length));
+            m.queued_num
+                .with_label_values(&[&cluster, &e.ip])
+                .set(i64::from(e.queued_req_num));
+            m.prompt_length
+                .with_label_values(&[&cluster, &e.ip])
+                .set(i64::from(e.prompt_length));
         }
     }
     let lc = &st.load.counters;
     let cc = &st.cache.counters;
     let mut f = Families::default();
-    f.family("metadata_center_load_requests", "gauge", "Requests tracked", &[("", st.load.request_count() as u64)]);
-    f.family("metadata_center_load_clusters", "gauge", "Clusters tracked", &[("", st.load.cluster_count() as u64)]);
+    f.family(
+        "metadata_center_load_requests",
+        "gauge",
+        "Requests tracked",
+        &[("", st.load.request_count() as u64)],
+    );
+    f.family(
+        "metadata_center_load_clusters",
+        "gauge",
+        "Clusters tracked",
+        &[("", st.load.cluster_count() as u64)],
+    );
     f.family(
         "metadata_center_load_events_total",
         "counter",
@@ -578,7 +686,10 @@ pub fn render_metrics(st: &AppState) -> String {
             ("event=\"added\"", load_counter(&lc.added)),
             ("event=\"duplicate\"", load_counter(&lc.duplicates)),
             ("event=\"deleted\"", load_counter(&lc.deleted)),
-            ("event=\"prompt_released\"", load_counter(&lc.prompt_released)),
+            (
+                "event=\"prompt_released\"",
+                load_counter(&lc.prompt_released),
+            ),
             ("event=\"miss\"", load_counter(&lc.misses)),
         ],
     );
@@ -612,11 +723,31 @@ pub fn render_metrics(st: &AppState) -> String {
             ("result=\"dropped\"", load_counter(&st.retrier.dropped)),
         ],
     );
-    f.family("metadata_center_delete_retries_pending", "gauge", "Retries waiting", &[("", st.retrier.pending() as u64)]);
+    f.family(
+        "metadata_center_delete_retries_pending",
+        "gauge",
+        "Retries waiting",
+        &[("", st.retrier.pending() as u64)],
+    );
     let (nodes, entries) = st.cache.totals();
-    f.family("metadata_center_cache_clusters", "gauge", "Cache trees", &[("", st.cache.cluster_count() as u64)]);
-    f.family("metadata_center_cache_nodes", "gauge", "Radix nodes over all trees", &[("", nodes as u64)]);
-    f.family("metadata_center_cache_entries", "gauge", "Budgeted entries over all trees", &[("", entries as u64)]);
+    f.family(
+        "metadata_center_cache_clusters",
+        "gauge",
+        "Cache trees",
+        &[("", st.cache.cluster_count() as u64)],
+    );
+    f.family(
+        "metadata_center_cache_nodes",
+        "gauge",
+        "Radix nodes over all trees",
+        &[("", nodes as u64)],
+    );
+    f.family(
+        "metadata_center_cache_entries",
+        "gauge",
+        "Budgeted entries over all trees",
+        &[("", entries as u64)],
+    );
     f.family(
         "metadata_center_cache_ops_total",
         "counter",
@@ -631,7 +762,10 @@ pub fn render_metrics(st: &AppState) -> String {
         "metadata_center_cache_removed_nodes_total",
         "counter",
         "Radix nodes removed",
-        &[("reason=\"expired\"", load_counter(&cc.expired_nodes)), ("reason=\"evicted\"", load_counter(&cc.evicted_nodes))],
+        &[
+            ("reason=\"expired\"", load_counter(&cc.expired_nodes)),
+            ("reason=\"evicted\"", load_counter(&cc.evicted_nodes)),
+        ],
     );
     f.family(
         "metadata_center_cache_evicted_clusters_total",
@@ -639,7 +773,12 @@ pub fn render_metrics(st: &AppState) -> String {
         "Cache trees evicted by the cluster cap",
         &[("", load_counter(&cc.evicted_clusters))],
     );
-    f.family("metadata_center_auth_failures_total", "counter", "Rejected by the token check", &[("", load_counter(&m.auth_failures))]);
+    f.family(
+        "metadata_center_auth_failures_total",
+        "counter",
+        "Rejected by the token check",
+        &[("", load_counter(&m.auth_failures))],
+    );
     if let Some(rep) = &st.replicator {
         let c = &rep.counters;
         f.family(
@@ -655,8 +794,18 @@ pub fn render_metrics(st: &AppState) -> String {
                 ("result=\"received\"", load_counter(&c.received)),
             ],
         );
-        f.family("metadata_center_replication_queued", "gauge", "Events waiting in peer queues", &[("", rep.queued() as u64)]);
-        f.family("metadata_center_replication_peers", "gauge", "Known peers", &[("", rep.peer_list().len() as u64)]);
+        f.family(
+            "metadata_center_replication_queued",
+            "gauge",
+            "Events waiting in peer queues",
+            &[("", rep.queued() as u64)],
+        );
+        f.family(
+            "metadata_center_replication_peers",
+            "gauge",
+            "Known peers",
+            &[("", rep.peer_list().len() as u64)],
+        );
     }
     m.render(&f.into_string())
 }
@@ -664,10 +813,18 @@ pub fn render_metrics(st: &AppState) -> String {
 // ---------------------------------------------------------------------------------------------
 // Debug endpoints (METADATA_CENTER_DEBUG_MODE=true)
 
-async fn debug_model_tree(State(st): St, Extension(t): Extension<TraceId>, RawQuery(q): RawQuery) -> Response {
-    let parsed: ClusterQuery = serde_urlencoded::from_str(q.as_deref().unwrap_or("")).unwrap_or_default();
+async fn debug_model_tree(
+    State(st): St,
+    Extension(t): Extension<TraceId>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let parsed: ClusterQuery =
+        serde_urlencoded::from_str(q.as_deref().unwrap_or("")).unwrap_or_default();
     let Some(cluster) = parsed.cluster.filter(|c| !c.is_empty()) else {
-        return envelope::fail(&t.0, &validation_error("ModelTreeParam", "Cluster", "required"));
+        return envelope::fail(
+            &t.0,
+            &validation_error("ModelTreeParam", "Cluster", "required"),
+        );
     };
     let info: std::collections::BTreeMap<String, crate::cache::LevelStats> = st
         .cache
@@ -677,7 +834,10 @@ async fn debug_model_tree(State(st): St, Extension(t): Extension<TraceId>, RawQu
         .map(|(k, v)| (k.to_string(), v))
         .collect();
     let update_time = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    envelope::ok(&t.0, serde_json::json!({ "info": info, "update_time": update_time }))
+    envelope::ok(
+        &t.0,
+        serde_json::json!({ "info": info, "update_time": update_time }),
+    )
 }
 
 async fn debug_force_gc(State(st): St, Extension(t): Extension<TraceId>) -> Response {

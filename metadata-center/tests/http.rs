@@ -1,0 +1,706 @@
+//! Wire tests: the real server binary on an ephemeral 127.0.0.1 port, driven over HTTP.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+struct Server {
+    child: Child,
+    base: String,
+    port: u16,
+}
+
+impl Server {
+    fn start(args: &[&str], envs: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_llmproxy-metadata-center"));
+        cmd.arg("run").args(["--host", "127.0.0.1"]);
+        if !args.contains(&"--port") {
+            cmd.args(["--port", "0"]);
+        }
+        cmd.args(args);
+        for var in [
+            "METADATA_CENTER_AUTH_TOKEN",
+            "META_DATA_CENTER_SVC_DISC_HOST",
+            "POD_IP",
+            "METADATA_CENTER_CACHE_TOPK",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(envs.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn server");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        // Drain the log so the server never blocks on a full pipe; failures print it.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("ERROR") || line.contains("WARN") || line.starts_with("llmproxy") {
+                    eprintln!("[server] {line}");
+                }
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not report its address");
+            }
+        };
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        let port = addr.rsplit(':').next().unwrap().parse().unwrap();
+        Server {
+            child,
+            base: format!("http://{addr}"),
+            port,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// (status, headers of interest, body as JSON or text)
+    fn call(&self, method: &str, path: &str, body: Option<&str>, headers: &[(&str, &str)]) -> Resp {
+        let mut req = ureq::request(method, &self.url(path)).timeout(Duration::from_secs(5));
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let r = match body {
+            Some(b) => req.send_string(b),
+            None => req.call(),
+        };
+        let resp = match r {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let status = resp.status();
+        let trace = resp.header("x-trace-id").map(str::to_string);
+        let ctype = resp.header("content-type").map(str::to_string);
+        let text = resp.into_string().unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Resp {
+            status,
+            trace,
+            ctype,
+            text,
+            json,
+        }
+    }
+
+    fn post(&self, path: &str, body: Value) -> Resp {
+        self.call("POST", path, Some(&body.to_string()), &[])
+    }
+
+    fn delete(&self, path: &str, body: Value) -> Resp {
+        self.call("DELETE", path, Some(&body.to_string()), &[])
+    }
+
+    fn engines(&self, cluster: &str) -> Value {
+        let r = self.call(
+            "GET",
+            &format!("/v1/load/stats?cluster={cluster}"),
+            None,
+            &[],
+        );
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.json["data"].clone()
+    }
+
+    /// (queued, prompt) of one engine, None when absent.
+    fn engine(&self, cluster: &str, ip: &str) -> Option<(i64, i64)> {
+        let data = self.engines(cluster);
+        data.as_array()?.iter().find(|e| e["ip"] == ip).map(|e| {
+            (
+                e["queued_req_num"].as_i64().unwrap(),
+                e["prompt_length"].as_i64().unwrap(),
+            )
+        })
+    }
+
+    fn metrics(&self) -> String {
+        self.call("GET", "/metrics", None, &[]).text
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Resp {
+    status: u16,
+    trace: Option<String>,
+    ctype: Option<String>,
+    text: String,
+    json: Value,
+}
+
+fn add(cluster: &str, id: &str, ip: &str, prompt: i64) -> Value {
+    json!({"cluster": cluster, "request_id": id, "prompt_length": prompt, "ip": ip, "timestamp": 1})
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn metric(text: &str, line_prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn envelope_errors_and_trace_ids() {
+    let s = Server::start(&[], &[]);
+    // The origin's pinned test.
+    let r = s.call("DELETE", "/v1/load/prompt", Some("invalid-json"), &[]);
+    assert_eq!(r.status, 400);
+    assert_eq!(r.ctype.as_deref(), Some("application/json; charset=utf-8"));
+    let trace = r.trace.clone().unwrap();
+    assert!(uuid_like(&trace), "generated trace id {trace}");
+    assert_eq!(
+        r.json,
+        json!({"status":"ERROR","error":{"code":40001400,"message":"Invalid input parameters: invalid JSON format",
+               "reason":"invalid character 'i' looking for beginning of value"},"data":null,"trace_id":trace})
+    );
+    // TraceId header echoed in X-Trace-ID and the body.
+    let r = s.call(
+        "GET",
+        "/v1/load/stats?cluster=none",
+        None,
+        &[("TraceId", "trace-42")],
+    );
+    assert_eq!(r.trace.as_deref(), Some("trace-42"));
+    assert_eq!(
+        r.json,
+        json!({"status":"OK","error":null,"data":null,"trace_id":"trace-42"})
+    );
+    // Validation and type errors.
+    let r = s.call("GET", "/v1/load/stats", None, &[]);
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json["error"]["message"], "Invalid input parameters");
+    let r = s.post(
+        "/v1/load/stats",
+        json!({"cluster":"m","request_id":"r","ip":"10.0.0.1","prompt_length":"9"}),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json["error"]["message"],
+        "Invalid input parameters: field InferenceRequest.prompt_length should be int32, not string"
+    );
+    for bad in [
+        json!({"request_id":"r","ip":"10.0.0.1"}),
+        json!({"cluster":"m","ip":"10.0.0.1"}),
+        json!({"cluster":"m","request_id":"r"}),
+        json!({"cluster":"m","request_id":"r","ip":"not-an-ip"}),
+        json!({"cluster":"m","request_id":"r","ip":"10.0.0.1","prompt_length":-1}),
+    ] {
+        let r = s.post("/v1/load/stats", bad.clone());
+        assert_eq!(r.status, 400, "{bad}");
+        assert_eq!(r.json["error"]["code"], 40001400);
+        assert_eq!(r.json["status"], "ERROR");
+    }
+    let r = s.call("POST", "/v1/load/stats", Some(""), &[]);
+    assert_eq!(
+        (r.status, r.json["error"]["reason"].as_str()),
+        (400, Some("EOF"))
+    );
+    // Unknown route: gin-style 404.
+    assert_eq!(s.call("GET", "/nope", None, &[]).status, 404);
+    // Metrics count the real status codes (the origin always recorded 200).
+    let m = s.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            r#"http_request_status_code_total{method="DELETE",status_code="400",url="/v1/load/prompt"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"http_request_status_code_total{method="POST",status_code="400",url="/v1/load/stats"}"#
+        ),
+        Some(7.0)
+    );
+    assert_eq!(metric(&m, "metacenter_node_alive"), Some(1.0));
+    assert!(m.contains("app_version_info{version="));
+    assert!(m.contains("process_resident_memory_bytes"));
+}
+
+fn uuid_like(s: &str) -> bool {
+    s.len() == 36 && s.chars().filter(|c| *c == '-').count() == 4
+}
+
+#[test]
+fn load_lifecycle_and_identities() {
+    let s = Server::start(&[], &[]);
+    // Body without Content-Type (ureq's send_string sets text/plain; also try none via raw TCP below).
+    assert_eq!(
+        s.post("/v1/load/stats", add("m", "r1", "10.0.0.1", 100))
+            .json["data"],
+        Value::Null
+    );
+    s.post("/v1/load/stats", add("m", "r2", "10.0.0.1", 50));
+    s.post("/v1/load/stats", add("m", "r3", "10.0.0.1:8001", 7));
+    s.post("/v1/load/stats", add("m", "r4", "[fd00::0001]:8001", 9));
+    // Duplicate add is ignored (even towards another engine); unknown fields are ignored.
+    let mut dup = add("m", "r1", "10.0.0.9", 1000);
+    dup["extra"] = json!({"x": [1, 2]});
+    assert_eq!(s.post("/v1/load/stats", dup).status, 200);
+    assert_eq!(s.engine("m", "10.0.0.1"), Some((2, 150)));
+    assert_eq!(s.engine("m", "10.0.0.1:8001"), Some((1, 7)));
+    assert_eq!(s.engine("m", "[fd00::1]:8001"), Some((1, 9)));
+    assert_eq!(s.engine("m", "10.0.0.9"), None);
+    let data = s.engines("m");
+    let t = data[0]["updated_time"].as_i64().unwrap();
+    assert!(t > 1_600_000_000_000_000_000, "unix ns: {t}");
+    // Prompt release is exactly once, by either path; aigw's delete body shape.
+    let del = |id: &str| json!({"request_id": id, "cluster": "", "ip": ""});
+    s.delete("/v1/load/prompt", del("r1"));
+    s.delete("/v1/load/prompt", del("r1"));
+    assert_eq!(s.engine("m", "10.0.0.1"), Some((2, 50)));
+    s.delete("/v1/load/stats", del("r1"));
+    assert_eq!(s.engine("m", "10.0.0.1"), Some((1, 50)));
+    s.delete("/v1/load/stats", del("r2"));
+    s.delete("/v1/load/prompt", del("r2"));
+    assert_eq!(s.engine("m", "10.0.0.1"), Some((0, 0)));
+    assert_eq!(s.engines("other"), Value::Null);
+    // A raw request with a JSON body and no Content-Type at all (like the aigw client).
+    raw_no_content_type(&s, "DELETE", "/v1/load/stats", &del("r3").to_string());
+    assert_eq!(s.engine("m", "10.0.0.1:8001"), Some((0, 0)));
+}
+
+fn raw_no_content_type(s: &Server, method: &str, path: &str, body: &str) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(c, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+        .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains(r#""status":"OK""#), "{out}");
+}
+
+#[test]
+fn delete_before_add_is_retried_after_one_second() {
+    let s = Server::start(&[], &[]);
+    s.delete("/v1/load/stats", json!({"request_id": "late"}));
+    s.delete("/v1/load/prompt", json!({"request_id": "late-prompt"}));
+    s.post("/v1/load/stats", add("m", "late", "10.0.0.1", 10));
+    s.post("/v1/load/stats", add("m", "late-prompt", "10.0.0.2", 20));
+    assert_eq!(s.engine("m", "10.0.0.1"), Some((1, 10)));
+    assert_eq!(s.engine("m", "10.0.0.2"), Some((1, 20)));
+    wait_until("delayed retries", Duration::from_secs(3), || {
+        s.engine("m", "10.0.0.1") == Some((0, 0)) && s.engine("m", "10.0.0.2") == Some((1, 0))
+    });
+    let m = s.metrics();
+    assert_eq!(
+        metric(&m, r#"metadata_center_delete_retries_total{result="hit"}"#),
+        Some(2.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn cache_save_and_query() {
+    let s = Server::start(&[], &[("METADATA_CENTER_CACHE_TOPK", "2")]);
+    let r = s.post(
+        "/v1/cache/query",
+        json!({"cluster": "m", "prompt_hash": [1, 2, 3]}),
+    );
+    assert_eq!(
+        r.json["data"],
+        json!({"locations": []}),
+        "unknown cluster: empty array, not null"
+    );
+    for (ip, path) in [
+        ("10.0.0.1", json!([1, 2, 3, 4])),
+        ("10.0.0.2", json!([1, 2, 3])),
+        ("10.0.0.3:8000", json!([1, 2])),
+        ("fd00::4", json!([1])),
+    ] {
+        let r = s.post(
+            "/v1/cache/save",
+            json!({"cluster": "m", "prompt_hash": path, "ip": ip}),
+        );
+        assert_eq!(
+            (r.status, r.json["status"].as_str()),
+            (200, Some("OK")),
+            "{}",
+            r.text
+        );
+    }
+    let q = |body: Value| -> Vec<(String, i64)> {
+        let r = s.post("/v1/cache/query", body);
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.json["data"]["locations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["ip"].as_str().unwrap().to_string(),
+                    l["length"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let big = u64::MAX;
+    // Server default top-K (2 via env).
+    assert_eq!(
+        q(json!({"cluster":"m","prompt_hash":[1,2,3,4,5]})),
+        vec![("10.0.0.1".into(), 4), ("10.0.0.2".into(), 3)]
+    );
+    // top_k, and the aigw client's misspelled topk.
+    assert_eq!(
+        q(json!({"cluster":"m","prompt_hash":[1,2,3,4],"top_k":4})).len(),
+        4
+    );
+    // Equal depths: the most recently saved location first.
+    let all = q(json!({"cluster":"m","prompt_hash":[1,2,9],"topk":10}));
+    assert_eq!(
+        all,
+        vec![
+            ("10.0.0.3:8000".into(), 2),
+            ("10.0.0.2".into(), 2),
+            ("10.0.0.1".into(), 2),
+            ("fd00::4".into(), 1)
+        ]
+    );
+    assert_eq!(q(json!({"cluster":"m","prompt_hash":[]})), vec![]);
+    assert_eq!(q(json!({"cluster":"m","prompt_hash":[big]})), vec![]);
+    // prompt_hash is required; ip is validated on save.
+    assert_eq!(
+        s.post("/v1/cache/query", json!({"cluster":"m"})).status,
+        400
+    );
+    assert_eq!(
+        s.post(
+            "/v1/cache/save",
+            json!({"cluster":"m","prompt_hash":[1],"ip":"host"})
+        )
+        .status,
+        400
+    );
+    let r = s.post(
+        "/v1/cache/query",
+        json!({"cluster":"m","prompt_hash":[1,"x"]}),
+    );
+    assert_eq!(
+        r.json["error"]["message"],
+        "Invalid input parameters: field QueryParam.prompt_hash should be uint64, not string"
+    );
+}
+
+#[test]
+fn ttls_expire_load_and_cache() {
+    let s = Server::start(
+        &[],
+        &[
+            ("METADATA_CENTER_LOAD_REQ_EXPIRE", "1s"),
+            ("METADATA_CENTER_LOAD_GC_INTERVAL", "200ms"),
+            ("METADATA_CENTER_CACHE_EXPIRE", "1s"),
+            ("METADATA_CENTER_CACHE_GC_INTERVAL", "200ms"),
+        ],
+    );
+    s.post("/v1/load/stats", add("m", "r1", "10.0.0.1", 10));
+    s.post(
+        "/v1/cache/save",
+        json!({"cluster":"m","prompt_hash":[1,2],"ip":"10.0.0.1"}),
+    );
+    assert_eq!(s.engine("m", "10.0.0.1"), Some((1, 10)));
+    wait_until("request expiry", Duration::from_secs(4), || {
+        s.engine("m", "10.0.0.1") == Some((0, 0))
+    });
+    let r = s.post(
+        "/v1/cache/query",
+        json!({"cluster":"m","prompt_hash":[1,2]}),
+    );
+    assert_eq!(r.json["data"]["locations"], json!([]));
+    wait_until("cluster expiry", Duration::from_secs(4), || {
+        s.engines("m").is_null()
+    });
+    wait_until("cache GC", Duration::from_secs(4), || {
+        metric(
+            &s.metrics(),
+            r#"metadata_center_cache_removed_nodes_total{reason="expired"}"#,
+        ) == Some(1.0)
+    });
+}
+
+#[test]
+fn auth_token_guards_the_api_but_not_health_or_metrics() {
+    let s = Server::start(&["--auth-token", "s3cret"], &[]);
+    let r = s.post("/v1/load/stats", add("m", "r1", "10.0.0.1", 1));
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json["error"]["code"], 40101001);
+    let wrong = s.call(
+        "GET",
+        "/v1/load/stats?cluster=m",
+        None,
+        &[("Authorization", "Bearer nope")],
+    );
+    assert_eq!(wrong.status, 401);
+    let good = s.call(
+        "POST",
+        "/v1/load/stats",
+        Some(&add("m", "r1", "10.0.0.1", 1).to_string()),
+        &[("Authorization", "Bearer s3cret")],
+    );
+    assert_eq!(good.status, 200);
+    assert_eq!(s.call("GET", "/health", None, &[]).status, 200);
+    assert_eq!(s.call("GET", "/healthz", None, &[]).status, 200);
+    assert_eq!(s.call("GET", "/metrics", None, &[]).status, 200);
+    // Env var works too.
+    let e = Server::start(&[], &[("METADATA_CENTER_AUTH_TOKEN", "t2")]);
+    assert_eq!(
+        e.call("GET", "/v1/load/stats?cluster=m", None, &[]).status,
+        401
+    );
+}
+
+#[test]
+fn replication_between_two_servers() {
+    // B first on a free port, then A pointing at B, then B restarted? Simpler: reserve ports.
+    let pa = free_port();
+    let pb = free_port();
+    let a_peer = format!("127.0.0.1:{pb}");
+    let b_peer = format!("127.0.0.1:{pa}");
+    let a = Server::start(&["--port", &pa.to_string(), "--peers", &a_peer], &[]);
+    let b = Server::start(&["--port", &pb.to_string(), "--peers", &b_peer], &[]);
+    a.post("/v1/load/stats", add("m", "r1", "10.0.0.1:9000", 100));
+    wait_until("add replicated to B", Duration::from_secs(3), || {
+        b.engine("m", "10.0.0.1:9000") == Some((1, 100))
+    });
+    b.delete("/v1/load/prompt", json!({"request_id": "r1"}));
+    wait_until(
+        "prompt delete replicated to A",
+        Duration::from_secs(3),
+        || a.engine("m", "10.0.0.1:9000") == Some((1, 0)),
+    );
+    a.delete("/v1/load/stats", json!({"request_id": "r1"}));
+    wait_until("delete replicated", Duration::from_secs(3), || {
+        a.engine("m", "10.0.0.1:9000") == Some((0, 0))
+            && b.engine("m", "10.0.0.1:9000") == Some((0, 0))
+    });
+    // No re-broadcast: each server received exactly the events the other one sent.
+    let (ma, mb) = (a.metrics(), b.metrics());
+    assert_eq!(
+        metric(
+            &ma,
+            r#"metadata_center_replication_events_total{result="sent"}"#
+        ),
+        Some(2.0),
+        "{ma}"
+    );
+    assert_eq!(
+        metric(
+            &ma,
+            r#"metadata_center_replication_events_total{result="received"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &mb,
+            r#"metadata_center_replication_events_total{result="received"}"#
+        ),
+        Some(2.0)
+    );
+    assert!(mb.contains("replication_latency_ms_count"));
+    // Receiver errors.
+    let r = a.call("POST", "/v1/replica/event", Some("{}"), &[]);
+    assert_eq!(
+        (r.status, r.json["error"]["reason"].as_str()),
+        (400, Some("missing Event-Type header"))
+    );
+    let r = a.call(
+        "POST",
+        "/v1/replica/event",
+        Some("{}"),
+        &[("Event-Type", "load.other")],
+    );
+    assert_eq!(r.json["error"]["reason"], "Unsupported event type");
+    let r = a.call(
+        "POST",
+        "/v1/replica/event",
+        Some("{}"),
+        &[("Event-Type", "load.stats.set")],
+    );
+    assert_eq!(r.json["error"]["reason"], "handler execute error");
+    // A receiver applies without re-broadcasting (B would otherwise send it back to A).
+    let r = a.call(
+        "POST",
+        "/v1/replica/event",
+        Some(&add("m", "r9", "10.0.0.2", 5).to_string()),
+        &[("Event-Type", "load.stats.set")],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(a.engine("m", "10.0.0.2"), Some((1, 5)));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(b.engine("m", "10.0.0.2"), None);
+}
+
+#[test]
+fn replication_to_a_dead_peer_and_to_itself_stays_bounded() {
+    let dead = free_port();
+    let own = free_port();
+    let s = Server::start(
+        &[
+            "--port",
+            &own.to_string(),
+            "--peers",
+            &format!("127.0.0.1:{dead},127.0.0.1:{own}"),
+        ],
+        &[],
+    );
+    for i in 0..5 {
+        s.post("/v1/load/stats", add("m", &format!("r{i}"), "10.0.0.1", 1));
+    }
+    assert_eq!(s.engine("m", "10.0.0.1"), Some((5, 5)));
+    wait_until("dead peer failures counted", Duration::from_secs(5), || {
+        metric(
+            &s.metrics(),
+            r#"metadata_center_replication_events_total{result="failed"}"#,
+        ) == Some(5.0)
+    });
+    let m = s.metrics();
+    // The self-peer answered with our own instance id once and is skipped from then on.
+    let sent = metric(
+        &m,
+        r#"metadata_center_replication_events_total{result="sent"}"#,
+    )
+    .unwrap();
+    let skipped = metric(
+        &m,
+        r#"metadata_center_replication_events_total{result="skipped_self"}"#,
+    )
+    .unwrap();
+    assert_eq!(sent + skipped, 5.0, "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            r#"metadata_center_replication_events_total{result="received"}"#
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        s.engine("m", "10.0.0.1"),
+        Some((5, 5)),
+        "no double counting from the self-peer"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn log_level_debug_endpoints_and_sigterm() {
+    let mut s = Server::start(&["--debug"], &[]);
+    let r = s.post("/log/level", json!({"LevelParam": "DEBUG"}));
+    assert_eq!(r.json["data"], "log level updated successfully");
+    s.post(
+        "/v1/cache/save",
+        json!({"cluster":"m","prompt_hash":[1,2,3],"ip":"10.0.0.1"}),
+    );
+    s.post(
+        "/v1/cache/save",
+        json!({"cluster":"m","prompt_hash":[1,2,4,5],"ip":"10.0.0.2"}),
+    );
+    let r = s.call("GET", "/cache/admin/debug/model_tree?cluster=m", None, &[]);
+    assert_eq!(
+        r.json["data"]["info"]["1"],
+        json!({"nodes_count":1,"prefix_total":2,"max_prefix_len":2,"min_prefix_len":2})
+    );
+    assert_eq!(r.json["data"]["info"]["2"]["nodes_count"], 2);
+    assert_eq!(s.post("/cache/admin/debug/force_gc", json!({})).status, 200);
+    // Graceful shutdown on SIGTERM: exits 0.
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let start = Instant::now();
+    loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            assert!(st.success(), "exit status {st:?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "server did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Without --debug the debug routes do not exist.
+    let plain = Server::start(&[], &[]);
+    assert_eq!(
+        plain
+            .call("GET", "/cache/admin/debug/model_tree?cluster=m", None, &[])
+            .status,
+        404
+    );
+}
+
+#[test]
+fn config_file_and_bad_settings() {
+    let dir = std::env::temp_dir().join(format!("mc-http-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("mc.toml");
+    std::fs::write(
+        &f,
+        "[HTTP]\nHost = \"127.0.0.1\"\nPort = 1\n[Cache]\nTopK = 1\n",
+    )
+    .unwrap();
+    // --port 0 from the fixture overrides the file's port; TopK=1 from the file applies.
+    let s = Server::start(&["--config", f.to_str().unwrap()], &[]);
+    s.post(
+        "/v1/cache/save",
+        json!({"cluster":"m","prompt_hash":[1],"ip":"10.0.0.1"}),
+    );
+    s.post(
+        "/v1/cache/save",
+        json!({"cluster":"m","prompt_hash":[1],"ip":"10.0.0.2"}),
+    );
+    let r = s.post("/v1/cache/query", json!({"cluster":"m","prompt_hash":[1]}));
+    assert_eq!(r.json["data"]["locations"].as_array().unwrap().len(), 1);
+    // A bad env value is a clear startup error, not a panic; a missing POD_IP is fine.
+    let out = Command::new(env!("CARGO_BIN_EXE_llmproxy-metadata-center"))
+        .args(["run", "--port", "0"])
+        .env("METADATA_CENTER_LOAD_GC_INTERVAL", "often")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("METADATA_CENTER_LOAD_GC_INTERVAL"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

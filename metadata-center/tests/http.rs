@@ -704,3 +704,52 @@ fn config_file_and_bad_settings() {
     assert!(err.contains("METADATA_CENTER_LOAD_GC_INTERVAL"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn dns_peer_discovery_and_pod_ip_exclusion() {
+    // `localhost` resolves to this machine; the target port selects the other server.
+    let pa = free_port();
+    let pb = free_port();
+    let (spa, spb) = (pa.to_string(), pb.to_string());
+    let dns = [
+        ("META_DATA_CENTER_SVC_DISC_HOST", "localhost"),
+        ("REPLICA_DNS_LOOKUP_INTERVAL", "200ms"),
+    ];
+    let a = Server::start(
+        &["--port", &spa],
+        &[dns[0], dns[1], ("REPLICA_CLIENT_TARGET_PORT", &spb)],
+    );
+    let b = Server::start(
+        &["--port", &spb],
+        &[dns[0], dns[1], ("REPLICA_CLIENT_TARGET_PORT", &spa)],
+    );
+    a.post("/v1/load/stats", add("m", "r1", "10.0.0.1", 3));
+    wait_until(
+        "DNS-discovered peer gets the add",
+        Duration::from_secs(3),
+        || b.engine("m", "10.0.0.1") == Some((1, 3)),
+    );
+    let m = a.metrics();
+    assert!(
+        m.contains(&format!(
+            "dns_lookup_hosts{{domain=\"localhost\",host=\"127.0.0.1:{pb}\"}} 1"
+        )),
+        "{m}"
+    );
+    // POD_IP excludes this instance's own address from the DNS answer: no peers left.
+    let c = Server::start(
+        &[],
+        &[
+            dns[0],
+            dns[1],
+            ("POD_IP", "127.0.0.1"),
+            ("REPLICA_CLIENT_TARGET_PORT", &spb),
+        ],
+    );
+    c.post("/v1/load/stats", add("m", "r2", "10.0.0.2", 3));
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(b.engine("m", "10.0.0.2"), None);
+    assert!(!c
+        .metrics()
+        .contains("dns_lookup_hosts{domain=\"localhost\",host=\"127.0.0.1"));
+}

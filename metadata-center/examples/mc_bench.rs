@@ -1,0 +1,213 @@
+//! Load loop against a running metadata-center on this machine:
+//!   cargo run --release -p llmproxy-metadata-center --example mc_bench -- http://127.0.0.1:PORT [seconds] [concurrency]
+//! Scenarios (each bounded by `seconds`): the request lifecycle (add, prompt delete, delete),
+//! load polling, cache save and cache query on a tree of realistic prompts.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+struct Stats {
+    ops: u64,
+    lat_us: Vec<u32>,
+    errors: u64,
+}
+
+fn rnd(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+/// Prompt `conv` of a workload: 8 chunks of shared system prompt, then 56 chunks of the
+/// conversation; hashes are cumulative like the client's (each depends on all before it).
+fn prompt(conv: u64, len: usize) -> Vec<u64> {
+    let mut h = 0xcbf29ce484222325u64;
+    (0..len)
+        .map(|i| {
+            let chunk = if i < 8 {
+                i as u64
+            } else {
+                (conv << 16) | i as u64
+            };
+            h = (h ^ chunk).wrapping_mul(0x100000001b3).rotate_left(17);
+            h
+        })
+        .collect()
+}
+
+async fn run<F, Fut>(name: &str, secs: u64, conc: usize, f: F)
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static + Clone,
+    Fut: std::future::Future<Output = (u64, bool)> + Send,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for w in 0..conc {
+        let f = f.clone();
+        let counter = counter.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut st = Stats {
+                ops: 0,
+                lat_us: Vec::new(),
+                errors: 0,
+            };
+            while Instant::now() < deadline {
+                let i = counter.fetch_add(1, Ordering::Relaxed);
+                let t = Instant::now();
+                let (n, ok) = f(w, i).await;
+                st.lat_us
+                    .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                st.ops += n;
+                st.errors += u64::from(!ok);
+            }
+            st
+        }));
+    }
+    let mut all = Stats {
+        ops: 0,
+        lat_us: Vec::new(),
+        errors: 0,
+    };
+    for t in tasks {
+        let s = t.await.expect("task");
+        all.ops += s.ops;
+        all.errors += s.errors;
+        all.lat_us.extend(s.lat_us);
+    }
+    let el = start.elapsed().as_secs_f64();
+    all.lat_us.sort_unstable();
+    let pct = |p: f64| {
+        all.lat_us
+            .get(((all.lat_us.len() as f64 * p) as usize).min(all.lat_us.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "| {name:<34} | {:>9.0} | {:>9.0} | {:>7} | {:>7} | {:>6} |",
+        all.ops as f64 / el,
+        all.lat_us.len() as f64 / el,
+        pct(0.5),
+        pct(0.99),
+        all.errors
+    );
+}
+
+async fn send(c: &reqwest::Client, method: reqwest::Method, url: String, body: String) -> bool {
+    match c.request(method, url).body(body).send().await {
+        Ok(r) => r.status().is_success(),
+        Err(_) => false,
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let base = args
+        .get(1)
+        .cloned()
+        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let secs: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let conc: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(16);
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(conc)
+        .build()
+        .expect("client");
+    let eps: Arc<Vec<String>> =
+        Arc::new((0..16).map(|i| format!("10.0.0.{}:8000", i + 1)).collect());
+    println!(
+        "metadata-center benchmark: {base}, {secs} s per scenario, {conc} concurrent connections"
+    );
+    println!("| scenario                           | API ops/s | iter/s    | p50 µs  | p99 µs  | errors |");
+    println!("|------------------------------------|-----------|-----------|---------|---------|--------|");
+
+    // 1. Request lifecycle: add, prompt delete, delete (3 API calls per iteration).
+    {
+        let (c, b, eps) = (client.clone(), base.clone(), eps.clone());
+        run("lifecycle add+prompt-del+del", secs, conc, move |w, i| {
+            let (c, b, eps) = (c.clone(), b.clone(), eps.clone());
+            async move {
+                let id = format!("bench-{w}-{i}");
+                let add = json!({"cluster":"bench","request_id":id,"prompt_length":4096,"ip":eps[(i % 16) as usize],"timestamp":1});
+                let del = json!({"request_id": id, "cluster": "", "ip": ""}).to_string();
+                let a = send(&c, reqwest::Method::POST, format!("{b}/v1/load/stats"), add.to_string()).await;
+                let p = send(&c, reqwest::Method::DELETE, format!("{b}/v1/load/prompt"), del.clone()).await;
+                let d = send(&c, reqwest::Method::DELETE, format!("{b}/v1/load/stats"), del).await;
+                (3, a && p && d)
+            }
+        })
+        .await;
+    }
+    // 2. Load polling with 16 engines holding in-flight requests.
+    for i in 0..64 {
+        let add = json!({"cluster":"bench","request_id":format!("held-{i}"),"prompt_length":100,"ip":eps[i % 16]});
+        send(
+            &client,
+            reqwest::Method::POST,
+            format!("{base}/v1/load/stats"),
+            add.to_string(),
+        )
+        .await;
+    }
+    {
+        let (c, b) = (client.clone(), base.clone());
+        run("load query (16 engines)", secs, conc, move |_, _| {
+            let (c, b) = (c.clone(), b.clone());
+            async move {
+                let ok = matches!(c.get(format!("{b}/v1/load/stats?cluster=bench")).send().await, Ok(r) if r.status().is_success());
+                (1, ok)
+            }
+        })
+        .await;
+    }
+    // 3. Cache save: 64-chunk prompts (32 KiB of prompt at 512 B/chunk), 5,000 conversations.
+    {
+        let (c, b, eps) = (client.clone(), base.clone(), eps.clone());
+        run("cache save (64 hashes)", secs, conc, move |_, i| {
+            let (c, b, eps) = (c.clone(), b.clone(), eps.clone());
+            async move {
+                let mut seed = i.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+                let conv = rnd(&mut seed) % 5000;
+                let body = json!({"cluster":"bench","prompt_hash":prompt(conv, 64),"ip":eps[(conv % 16) as usize]});
+                (1, send(&c, reqwest::Method::POST, format!("{b}/v1/cache/save"), body.to_string()).await)
+            }
+        })
+        .await;
+    }
+    // 4. Cache query on that tree: known conversation plus 8 new chunks.
+    {
+        let (c, b) = (client.clone(), base.clone());
+        run(
+            "cache query (72 hashes, top_k 5)",
+            secs,
+            conc,
+            move |_, i| {
+                let (c, b) = (c.clone(), b.clone());
+                async move {
+                    let mut seed = i.wrapping_mul(0x2545f4914f6cdd1d) | 1;
+                    let conv = rnd(&mut seed) % 5000;
+                    let mut h = prompt(conv, 64);
+                    h.extend((0..8).map(|k| rnd(&mut seed) ^ k));
+                    let body = json!({"cluster":"bench","prompt_hash":h,"top_k":5});
+                    (
+                        1,
+                        send(
+                            &c,
+                            reqwest::Method::POST,
+                            format!("{b}/v1/cache/query"),
+                            body.to_string(),
+                        )
+                        .await,
+                    )
+                }
+            },
+        )
+        .await;
+    }
+}

@@ -1,0 +1,414 @@
+-- resty.llmproxy: LuaJIT FFI binding of libllmproxy (include/llmproxy.h) with a small Lua API.
+--
+--   local llmproxy = require "resty.llmproxy"
+--   llmproxy.load("/abs/path/libllmproxy.so")         -- once, e.g. in init_by_lua (optional:
+--                                                    -- the first new() loads the default name)
+--   local router, err = llmproxy.new(config_json)    -- one per nginx worker (init_worker_by_lua)
+--   local d, status, body = router:pick(headers, body, path, method)
+--   if not d then ngx.status = status; ngx.print(body) ... end   -- 400/404/413/500/503 + JSON
+--   d.host, d.port, d.endpoint, d.cluster, d.scene, d.model, d.backend, d.stream
+--   d:retry()          -- after a connect failure: another endpoint of the cluster, or nil, err
+--   d:first_token()    -- first response byte seen (idempotent)
+--   d:finish(status)   -- exactly once; upstream HTTP status, 0 when there was none
+--   router:metrics()   -- Prometheus text
+--
+-- Everything here is synchronous and cheap; every C call runs on the worker's event loop.
+-- A decision that is garbage-collected without finish() is finished with status 0 by a
+-- finalizer and counted in llmproxy.stats.leaked (a bug in the caller: the test asserts 0).
+
+local ffi = require "ffi"
+local C_NULL = nil
+
+local ffi_new, ffi_string, ffi_gc, ffi_cast = ffi.new, ffi.string, ffi.gc, ffi.cast
+local tonumber, type, pairs, setmetatable = tonumber, type, pairs, setmetatable
+local string_sub, string_find = string.sub, string.find
+
+-- The declarations below must match include/llmproxy.h exactly: LuaJIT silently accepts a
+-- drifted declaration, so tests/nginx/test_cdef.py compares every one of them with the
+-- header (normalised signatures) and compiles them against it with the C compiler.
+-- Functions of the header deliberately not bound here are listed on "-- unbound:" lines.
+--
+-- unbound: llmproxy_pick_async (its callback runs on a foreign thread: unsafe in LuaJIT)
+-- CDEF-BEGIN
+ffi.cdef [[
+typedef enum llmproxy_status {
+  LLMPROXY_OK = 0,
+  LLMPROXY_PENDING = 1,
+  LLMPROXY_INVALID_ARGUMENT = 2,
+  LLMPROXY_INVALID_CONFIG = 3,
+  LLMPROXY_BAD_REQUEST = 4,
+  LLMPROXY_MODEL_NOT_FOUND = 5,
+  LLMPROXY_PAYLOAD_TOO_LARGE = 6,
+  LLMPROXY_NO_ENDPOINT = 7,
+  LLMPROXY_INTERNAL = 8,
+} llmproxy_status;
+
+typedef struct llmproxy_request llmproxy_request;
+typedef struct llmproxy_router llmproxy_router;
+
+typedef struct llmproxy_str {
+  const char *ptr;
+  size_t len;
+} llmproxy_str;
+
+typedef struct llmproxy_header {
+  const char *name;
+  size_t name_len;
+  const char *value;
+  size_t value_len;
+} llmproxy_header;
+
+const char *llmproxy_version(void);
+enum llmproxy_status llmproxy_router_new(const char *config_json, size_t len,
+                                         struct llmproxy_router **out, char *err, size_t err_cap);
+void llmproxy_router_free(struct llmproxy_router *router);
+enum llmproxy_status llmproxy_router_set_endpoints(struct llmproxy_router *router,
+                                                   const char *cluster, size_t cluster_len,
+                                                   const struct llmproxy_str *endpoints, size_t n);
+enum llmproxy_status llmproxy_router_metrics(const struct llmproxy_router *router, char **out,
+                                             size_t *out_len);
+void llmproxy_string_free(char *s);
+uint64_t llmproxy_router_in_flight(const struct llmproxy_router *router);
+uint64_t llmproxy_router_max_body_bytes(const struct llmproxy_router *router);
+bool llmproxy_router_should_intercept(const struct llmproxy_router *router, const char *method,
+                                      size_t method_len, const char *path, size_t path_len);
+bool llmproxy_router_strict_override(const struct llmproxy_router *router);
+const char *llmproxy_router_cluster_header(const struct llmproxy_router *router, size_t *len);
+enum llmproxy_status llmproxy_pick(struct llmproxy_router *router,
+                                   const struct llmproxy_header *headers, size_t n_headers,
+                                   const uint8_t *body, size_t body_len,
+                                   struct llmproxy_request **out);
+enum llmproxy_status llmproxy_request_status(const struct llmproxy_request *req);
+uint32_t llmproxy_request_http_status(const struct llmproxy_request *req);
+const char *llmproxy_request_endpoint(const struct llmproxy_request *req, size_t *len);
+const char *llmproxy_request_cluster(const struct llmproxy_request *req, size_t *len);
+const char *llmproxy_request_backend(const struct llmproxy_request *req, size_t *len);
+const char *llmproxy_request_model(const struct llmproxy_request *req, size_t *len);
+const char *llmproxy_request_scene(const struct llmproxy_request *req, size_t *len);
+const char *llmproxy_request_error_body(const struct llmproxy_request *req, size_t *len);
+bool llmproxy_request_is_stream(const struct llmproxy_request *req);
+enum llmproxy_status llmproxy_request_retry(struct llmproxy_request *req);
+void llmproxy_request_first_token(struct llmproxy_request *req);
+void llmproxy_request_finish(struct llmproxy_request *req, uint32_t upstream_status);
+]]
+-- CDEF-END
+
+local _M = { _VERSION = "0.1.0" }
+
+_M.OK = 0
+_M.PENDING = 1
+_M.INVALID_ARGUMENT = 2
+_M.INVALID_CONFIG = 3
+_M.BAD_REQUEST = 4
+_M.MODEL_NOT_FOUND = 5
+_M.PAYLOAD_TOO_LARGE = 6
+_M.NO_ENDPOINT = 7
+_M.INTERNAL = 8
+
+-- Per-process counters of this binding (each nginx worker has its own copy).
+local stats = { picks = 0, routed = 0, finished = 0, leaked = 0, retries = 0 }
+_M.stats = stats
+
+local C            -- the loaded library (ffi.load result)
+local lib_path
+
+--- Loads the shared library. `path` should be absolute (nginx clears LD_LIBRARY_PATH);
+--- without it the loader looks for "libllmproxy.so" (or $LLMPROXY_LIB when `env` exposes it).
+--- Loading twice with the same path is a no-op; another path is an error.
+function _M.load(path)
+    path = path or os.getenv("LLMPROXY_LIB") or "libllmproxy.so"
+    if C then
+        if path ~= lib_path then
+            return nil, "libllmproxy already loaded from " .. lib_path
+        end
+        return true
+    end
+    local ok, lib = pcall(ffi.load, path)
+    if not ok then
+        return nil, "cannot load " .. path .. ": " .. tostring(lib)
+    end
+    C, lib_path = lib, path
+    return true
+end
+
+local function lib()
+    if not C then
+        local ok, err = _M.load()
+        if not ok then
+            error(err, 2)
+        end
+    end
+    return C
+end
+
+function _M.version()
+    return ffi_string(lib().llmproxy_version())
+end
+
+function _M.library_path()
+    return lib_path
+end
+
+-- Scratch buffers reused by every call of this process (LuaJIT runs one request handler at a
+-- time per worker, and no pointer passed in is kept by the library after a call returns).
+local len_out = ffi_new("size_t[1]")
+local req_out = ffi_new("llmproxy_request*[1]")
+local str_out = ffi_new("char*[1]")
+local hdr_cap = 32
+local hdr_buf = ffi_new("llmproxy_header[?]", hdr_cap)
+
+local function accessor(fn, req)
+    local p = fn(req, len_out)
+    if p == C_NULL then
+        return ""
+    end
+    return ffi_string(p, len_out[0])
+end
+
+--------------------------------------------------------------------------------------------
+-- Decision: one routed request, from pick to finish.
+
+local Decision = {}
+Decision.__index = Decision
+
+-- Finalizer of a request handle that was never finished: finish it so the router's
+-- in-flight accounting stays right, and count the caller's bug.
+local function leaked_finalizer(req)
+    stats.leaked = stats.leaked + 1
+    C.llmproxy_request_finish(req, 0)
+end
+
+local function split_endpoint(endpoint)
+    -- "1.2.3.4:80" or "[::1]:80"
+    local colon = nil
+    local i = 0
+    while true do
+        local j = string_find(endpoint, ":", i + 1, true)
+        if not j then break end
+        colon, i = j, j
+    end
+    if not colon then
+        return nil, nil
+    end
+    local host = string_sub(endpoint, 1, colon - 1)
+    if string_sub(host, 1, 1) == "[" then
+        host = string_sub(host, 2, -2)
+    end
+    return host, tonumber(string_sub(endpoint, colon + 1))
+end
+
+local function fill_endpoint(self)
+    local req = self._req
+    self.endpoint = accessor(C.llmproxy_request_endpoint, req)
+    self.host, self.port = split_endpoint(self.endpoint)
+end
+
+--- Re-picks an untried endpoint of the same cluster after a connect failure (the library
+--- counts the failure of the previous one). Returns true, or nil, err when none is left.
+function Decision:retry()
+    local req = self._req
+    if not req then
+        return nil, "request already finished"
+    end
+    stats.retries = stats.retries + 1
+    local rc = C.llmproxy_request_retry(req)
+    if rc ~= 0 then
+        self.endpoint, self.host, self.port = "", nil, nil
+        return nil, accessor(C.llmproxy_request_error_body, req), tonumber(rc)
+    end
+    fill_endpoint(self)
+    self.tries = self.tries + 1
+    return true
+end
+
+--- The first response byte arrived (releases the prompt's prefill load). Idempotent.
+function Decision:first_token()
+    if self._req and not self.first_token_seen then
+        self.first_token_seen = true
+        C.llmproxy_request_first_token(self._req)
+    end
+end
+
+--- Finishes the request: `status` is the upstream's HTTP status, 0 when there was none.
+--- Safe to call more than once: only the first call reaches the library.
+function Decision:finish(status)
+    local req = self._req
+    if not req then
+        return false
+    end
+    self._req = nil
+    ffi_gc(req, nil)
+    C.llmproxy_request_finish(req, tonumber(status) or 0)
+    stats.finished = stats.finished + 1
+    return true
+end
+
+function Decision:finished()
+    return self._req == nil
+end
+
+--------------------------------------------------------------------------------------------
+-- Router
+
+local Router = {}
+Router.__index = Router
+
+--- Creates a router from the library's JSON configuration.
+--- Returns the router, or nil and the library's message (which names the offending field).
+function _M.new(config_json)
+    if type(config_json) ~= "string" then
+        return nil, "config must be a JSON string"
+    end
+    local lib_ = lib()
+    local out = ffi_new("llmproxy_router*[1]")
+    local cap = 1024
+    local err = ffi_new("char[?]", cap)
+    local rc = lib_.llmproxy_router_new(config_json, #config_json, out, err, cap)
+    if rc ~= 0 or out[0] == C_NULL then
+        local msg = ffi_string(err)
+        if msg == "" then
+            msg = "llmproxy_router_new failed with status " .. tostring(rc)
+        end
+        return nil, msg
+    end
+    local self = setmetatable({ _r = ffi_gc(out[0], lib_.llmproxy_router_free) }, Router)
+    local ch = lib_.llmproxy_router_cluster_header(self._r, len_out)
+    self.cluster_header = ch ~= C_NULL and ffi_string(ch, len_out[0]) or "x-llmproxy-cluster"
+    self.max_body_bytes = tonumber(lib_.llmproxy_router_max_body_bytes(self._r))
+    self.strict_override = lib_.llmproxy_router_strict_override(self._r)
+    return self
+end
+
+--- Frees the router now (instead of at garbage collection). In-flight decisions stay valid.
+function Router:free()
+    local r = self._r
+    if r then
+        self._r = nil
+        ffi_gc(r, nil)
+        C.llmproxy_router_free(r)
+    end
+end
+
+function Router:should_intercept(method, path)
+    local r = self._r
+    if not r then return false end
+    return C.llmproxy_router_should_intercept(r, method, #method, path, #path)
+end
+
+function Router:in_flight()
+    return tonumber(C.llmproxy_router_in_flight(self._r))
+end
+
+--- Replaces the endpoints ("ip:port" strings) of a cluster. Returns true or nil, err.
+function Router:set_endpoints(cluster, endpoints)
+    local n = #endpoints
+    local arr = ffi_new("llmproxy_str[?]", n > 0 and n or 1)
+    for i = 1, n do
+        local e = endpoints[i]
+        arr[i - 1].ptr = e
+        arr[i - 1].len = #e
+    end
+    local rc = C.llmproxy_router_set_endpoints(self._r, cluster, #cluster, arr, n)
+    if rc ~= 0 then
+        return nil, "llmproxy_router_set_endpoints failed with status " .. tostring(rc)
+    end
+    return true
+end
+
+--- The router's metrics as Prometheus text.
+function Router:metrics()
+    local r = self._r
+    if not r then
+        return nil, "router freed"
+    end
+    local rc = C.llmproxy_router_metrics(r, str_out, len_out)
+    if rc ~= 0 or str_out[0] == C_NULL then
+        return nil, "llmproxy_router_metrics failed with status " .. tostring(rc)
+    end
+    local s = ffi_string(str_out[0], len_out[0])
+    C.llmproxy_string_free(str_out[0])
+    str_out[0] = C_NULL
+    return s
+end
+
+local function put_header(i, name, value)
+    if i >= hdr_cap then
+        local cap = hdr_cap * 2
+        local buf = ffi_new("llmproxy_header[?]", cap)
+        ffi.copy(buf, hdr_buf, ffi.sizeof("llmproxy_header") * hdr_cap)
+        hdr_buf, hdr_cap = buf, cap
+    end
+    local h = hdr_buf[i]
+    h.name, h.name_len = name, #name
+    h.value, h.value_len = value, #value
+    return i + 1
+end
+
+--- Routes one request.
+---   headers: table name -> value (string, or a list of strings for repeated headers),
+---            e.g. ngx.req.get_headers(); names are matched case-insensitively.
+---   body:    the request body, a Lua string (or nil for none)
+---   path:    the request path (decides chat vs completions), e.g. ngx.var.uri
+---   method:  e.g. "POST" (optional)
+--- Returns a Decision, or nil, http_status, json_error_body (the handle is already finished).
+--- The header and body strings must stay alive during the call only (they do: the caller
+--- holds them).
+function Router:pick(headers, body, path, method)
+    local r = self._r
+    if not r then
+        return nil, 500, '{"error":{"message":"llmproxy router is not initialised",'
+            .. '"type":"server_error","param":null,"code":"internal_error"}}'
+    end
+    local n = 0
+    if path then n = put_header(n, ":path", path) end
+    if method then n = put_header(n, ":method", method) end
+    if headers then
+        for name, value in pairs(headers) do
+            if type(value) == "table" then
+                for k = 1, #value do
+                    n = put_header(n, name, value[k])
+                end
+            else
+                n = put_header(n, name, value)
+            end
+        end
+    end
+    body = body or ""
+    stats.picks = stats.picks + 1
+    local rc = C.llmproxy_pick(r, hdr_buf, n, ffi_cast("const uint8_t *", body), #body, req_out)
+    local req = req_out[0]
+    req_out[0] = C_NULL
+    -- Nothing must stay pointing at the Lua strings once the call has returned.
+    for k = 0, n - 1 do
+        hdr_buf[k].name, hdr_buf[k].value = C_NULL, C_NULL
+    end
+    if req == C_NULL then
+        return nil, 500, '{"error":{"message":"llmproxy_pick returned no request",'
+            .. '"type":"server_error","param":null,"code":"internal_error"}}'
+    end
+    if rc ~= 0 then
+        local status = tonumber(C.llmproxy_request_http_status(req))
+        local err_body = accessor(C.llmproxy_request_error_body, req)
+        C.llmproxy_request_finish(req, 0)
+        return nil, status, err_body, tonumber(rc)
+    end
+    stats.routed = stats.routed + 1
+    local d = setmetatable({
+        _req = ffi_gc(req, leaked_finalizer),
+        cluster = accessor(C.llmproxy_request_cluster, req),
+        scene = accessor(C.llmproxy_request_scene, req),
+        model = accessor(C.llmproxy_request_model, req),
+        backend = accessor(C.llmproxy_request_backend, req),
+        stream = C.llmproxy_request_is_stream(req),
+        tries = 1,
+        first_token_seen = false,
+    }, Decision)
+    fill_endpoint(d)
+    return d
+end
+
+_M.Router = Router
+_M.Decision = Decision
+_M._split_endpoint = split_endpoint
+
+return _M

@@ -1,0 +1,648 @@
+-- resty.llmproxy.nginx: the nginx phases around resty.llmproxy (see examples/nginx.conf and
+-- docs/nginx.md).
+--
+--   init_by_lua_block        { require("resty.llmproxy.nginx").init{ config_file = ..., lib = ... } }
+--   init_worker_by_lua_block { require("resty.llmproxy.nginx").init_worker() }
+--   exit_worker_by_lua_block { require("resty.llmproxy.nginx").exit_worker() }
+--   access_by_lua_block      { require("resty.llmproxy.nginx").access() }
+--   balancer_by_lua_block    { require("resty.llmproxy.nginx").balancer() }      (upstream block)
+--   body_filter_by_lua_block { require("resty.llmproxy.nginx").body_filter() }
+--   log_by_lua_block         { require("resty.llmproxy.nginx").log() }
+--   content_by_lua_block     { require("resty.llmproxy.nginx").metrics() }       (metrics location)
+--   content_by_lua_block     { require("resty.llmproxy.nginx").error_page() }    (error_page target)
+--
+-- State is per worker process: every worker builds its own router in init_worker (never in
+-- the master, which must not run library threads). The metrics location merges the routers of
+-- every live worker through a lua_shared_dict (each sample gets a worker="<pid>" label).
+
+local llmproxy = require "resty.llmproxy"
+
+local ngx = ngx
+local ngx_var = ngx.var
+local ngx_req = ngx.req
+local ngx_log, ERR, WARN, INFO = ngx.log, ngx.ERR, ngx.WARN, ngx.INFO
+local tonumber, tostring, pairs, ipairs, type = tonumber, tostring, pairs, ipairs, type
+local string_byte, string_find, string_sub, string_gsub, string_format =
+    string.byte, string.find, string.sub, string.gsub, string.format
+local table_concat = table.concat
+
+local _M = { _VERSION = "0.1.0" }
+
+local opts = {
+    -- absolute path of libllmproxy.so (default: $prefix/build/libllmproxy.so if it exists,
+    -- else the loader path)
+    lib = nil,
+    -- the library's JSON configuration: a file (read in the master) or the JSON text itself
+    config_file = nil,
+    config_json = nil,
+    -- lua_shared_dict used for cross-worker metrics (optional but recommended)
+    shm = "llmproxy",
+    -- nginx variable naming the upstream block proxy_pass uses; access() sets it to
+    -- `upstream` for intercepted requests and leaves it alone for the rest
+    upstream_var = "llmproxy_upstream",
+    upstream = "llmproxy_backend",
+    -- add x-llmproxy-worker / x-llmproxy-endpoint response headers (tests, debugging)
+    debug_headers = false,
+    -- headers set on the proxied request (client-supplied copies are replaced)
+    endpoint_header = "x-llmproxy-endpoint",
+    scene_header = "x-llmproxy-scene",
+    -- client headers removed before proxying (they could otherwise force an endpoint)
+    strip_headers = { "x-gateway-destination-endpoint" },
+    -- metadata-center: see the TODO in init_worker (not supported by the library yet)
+    metadata_center = nil,
+    -- how often (seconds) each worker looks for a metrics snapshot request
+    snapshot_poll = 0.05,
+}
+
+local config_json      -- read in the master by init(), inherited by the workers
+local router           -- this worker's router
+local router_pid       -- pid that created `router` (init_worker is idempotent per pid)
+local init_error       -- why the router could not be built, answered as 500 JSON
+local started_at
+
+-- Decisions in flight in this worker, keyed by connection serial + request number: ngx.ctx is
+-- emptied by internal redirects (error_page), the log phase must still find the decision.
+local pending = {}
+local pending_n = 0
+
+-- Per-worker counters of the nginx side, rendered with the router's metrics.
+local counters = {
+    intercepted = 0, passthrough = 0, body_memory = 0, body_file = 0, early_413 = 0,
+    pick_errors = 0, retries = 0, retry_exhausted = 0, client_aborts = 0, finished = 0,
+    balancer_errors = 0,
+}
+
+local function json_escape(s)
+    s = string_gsub(s, '[%c"\\]', function(c)
+        if c == '"' then return '\\"' end
+        if c == "\\" then return "\\\\" end
+        if c == "\n" then return "\\n" end
+        if c == "\r" then return "\\r" end
+        if c == "\t" then return "\\t" end
+        return string_format("\\u%04x", string_byte(c))
+    end)
+    return s
+end
+
+-- An OpenAI-style error body, the same shape as the library's.
+local function error_json(message, kind, code, param)
+    return '{"error":{"code":"' .. code .. '","message":"' .. json_escape(message)
+        .. '","param":' .. (param and ('"' .. param .. '"') or "null")
+        .. ',"type":"' .. kind .. '"}}'
+end
+_M.error_json = error_json
+
+local function send_json(status, body)
+    ngx.status = status
+    ngx.header["content-type"] = "application/json"
+    ngx.header["content-length"] = #body + 1
+    ngx.print(body, "\n")
+    return ngx.exit(status)
+end
+
+local function read_file(path)
+    local f, err = io.open(path, "rb")
+    if not f then
+        return nil, err
+    end
+    local data = f:read("*a")
+    f:close()
+    return data
+end
+
+--------------------------------------------------------------------------------------------
+-- init (master, before fork; again on every reload)
+
+--- Loads the library and the configuration, and validates the configuration so a bad one
+--- stops nginx from starting. Runs in init_by_lua*; starts no thread.
+function _M.init(o)
+    o = o or {}
+    for k, v in pairs(o) do
+        opts[k] = v
+    end
+    local path = opts.lib
+    if not path then
+        local candidate = ngx.config.prefix() .. "build/libllmproxy.so"
+        if io.open(candidate, "rb") then
+            path = candidate
+        end
+    end
+    local ok, err = llmproxy.load(path)
+    if not ok then
+        error("llmproxy: " .. err)
+    end
+    if opts.config_json then
+        config_json = opts.config_json
+    elseif opts.config_file then
+        local data, ferr = read_file(opts.config_file)
+        if not data then
+            error("llmproxy: cannot read config_file " .. tostring(opts.config_file) .. ": " .. tostring(ferr))
+        end
+        config_json = data
+    else
+        error("llmproxy: init() needs config_file or config_json")
+    end
+    -- Validate now (the library starts no thread in llmproxy_router_new), then drop it: the
+    -- master must not keep a router, every worker builds its own.
+    local r, verr = llmproxy.new(config_json)
+    if not r then
+        error("llmproxy: invalid configuration: " .. verr)
+    end
+    r:free()
+    return true
+end
+
+--------------------------------------------------------------------------------------------
+-- metrics snapshots shared between workers
+
+local function shm()
+    return opts.shm and ngx.shared[opts.shm]
+end
+
+local function counters_text()
+    local out = {
+        "# HELP llmproxy_nginx_requests_total Requests seen by access(), by kind.",
+        "# TYPE llmproxy_nginx_requests_total counter",
+        "llmproxy_nginx_requests_total{kind=\"intercepted\"} " .. counters.intercepted,
+        "llmproxy_nginx_requests_total{kind=\"passthrough\"} " .. counters.passthrough,
+        "# HELP llmproxy_nginx_request_bodies_total Intercepted bodies by where nginx kept them.",
+        "# TYPE llmproxy_nginx_request_bodies_total counter",
+        "llmproxy_nginx_request_bodies_total{source=\"memory\"} " .. counters.body_memory,
+        "llmproxy_nginx_request_bodies_total{source=\"file\"} " .. counters.body_file,
+        "# HELP llmproxy_nginx_errors_total Requests answered with an error by the gateway.",
+        "# TYPE llmproxy_nginx_errors_total counter",
+        "llmproxy_nginx_errors_total{reason=\"pick\"} " .. counters.pick_errors,
+        "llmproxy_nginx_errors_total{reason=\"early_413\"} " .. counters.early_413,
+        "llmproxy_nginx_errors_total{reason=\"retry_exhausted\"} " .. counters.retry_exhausted,
+        "llmproxy_nginx_errors_total{reason=\"balancer\"} " .. counters.balancer_errors,
+        "# HELP llmproxy_nginx_retries_total Upstream retries on another endpoint.",
+        "# TYPE llmproxy_nginx_retries_total counter",
+        "llmproxy_nginx_retries_total " .. counters.retries,
+        "# HELP llmproxy_nginx_client_aborts_total Routed requests the client abandoned.",
+        "# TYPE llmproxy_nginx_client_aborts_total counter",
+        "llmproxy_nginx_client_aborts_total " .. counters.client_aborts,
+        "# HELP llmproxy_nginx_picks_total Picks made by this worker's binding, and finishes.",
+        "# TYPE llmproxy_nginx_picks_total counter",
+        "llmproxy_nginx_picks_total{event=\"picked\"} " .. llmproxy.stats.picks,
+        "llmproxy_nginx_picks_total{event=\"routed\"} " .. llmproxy.stats.routed,
+        "llmproxy_nginx_picks_total{event=\"finished\"} " .. llmproxy.stats.finished,
+        "llmproxy_nginx_picks_total{event=\"leaked\"} " .. llmproxy.stats.leaked,
+        "# HELP llmproxy_nginx_pending_requests Decisions held by this worker, not yet finished.",
+        "# TYPE llmproxy_nginx_pending_requests gauge",
+        "llmproxy_nginx_pending_requests " .. pending_n,
+        "# HELP llmproxy_nginx_worker_start_time_seconds When this worker built its router.",
+        "# TYPE llmproxy_nginx_worker_start_time_seconds gauge",
+        "llmproxy_nginx_worker_start_time_seconds " .. string_format("%.3f", started_at or 0),
+    }
+    return table_concat(out, "\n") .. "\n"
+end
+
+local function worker_text()
+    local text = ""
+    if router then
+        local m, err = router:metrics()
+        text = m or ("# llmproxy metrics error: " .. tostring(err) .. "\n")
+    end
+    return text .. counters_text()
+end
+
+local function publish(dict, gen)
+    local pid = ngx.worker.pid()
+    dict:set("snap:" .. pid, worker_text())
+    dict:set("snapgen:" .. pid, gen)
+    dict:set("live:" .. pid, ngx.now(), 5)
+end
+
+local last_gen = 0
+local function snapshot_timer(premature)
+    if premature then
+        return
+    end
+    local dict = shm()
+    if not dict then
+        return
+    end
+    local gen = dict:get("gen") or 0
+    if gen ~= last_gen then
+        last_gen = gen
+        publish(dict, gen)
+    else
+        local live = dict:get("live:" .. ngx.worker.pid())
+        if not live or ngx.now() - live > 1 then
+            dict:set("live:" .. ngx.worker.pid(), ngx.now(), 5)
+        end
+    end
+end
+
+--------------------------------------------------------------------------------------------
+-- init_worker: one router per worker process
+
+function _M.init_worker()
+    local pid = ngx.worker.pid()
+    if router and router_pid == pid then
+        return true -- idempotent per pid
+    end
+    if not config_json then
+        init_error = "llmproxy: init() was not called in init_by_lua"
+        ngx_log(ERR, init_error)
+        return nil, init_error
+    end
+    local r, err = llmproxy.new(config_json)
+    if not r then
+        init_error = "llmproxy: cannot build the router: " .. tostring(err)
+        ngx_log(ERR, init_error)
+        return nil, init_error
+    end
+    router, router_pid, init_error = r, pid, nil
+    ngx.update_time()
+    started_at = ngx.now()
+
+    -- TODO(metadata-center): the library does not start its metadata-center sync thread yet.
+    -- When it does, this is where a worker starts it (after fork, never in the master), so
+    -- that every worker's router shares endpoint load and prefix-cache state through the
+    -- metadata-center server. Until then each worker routes on its own state only (see
+    -- docs/nginx.md, "Several workers"); we do not pretend otherwise.
+    if opts.metadata_center then
+        ngx_log(WARN, "llmproxy: metadata_center is configured but this library version has no ",
+            "sync thread: worker ", pid, " routes on its own state only")
+    end
+
+    local dict = shm()
+    if dict then
+        dict:set("live:" .. pid, ngx.now(), 5)
+        local ok, terr = ngx.timer.every(opts.snapshot_poll, snapshot_timer)
+        if not ok then
+            ngx_log(ERR, "llmproxy: cannot start the metrics timer: ", terr)
+        end
+    elseif opts.shm then
+        ngx_log(WARN, "llmproxy: lua_shared_dict ", opts.shm, " missing: metrics show one worker only")
+    end
+    ngx_log(INFO, "llmproxy: worker ", pid, " built its router (library ", llmproxy.version(), ")")
+    return true
+end
+
+--- exit_worker: records what the router still had in flight (must be 0 after a graceful
+--- shutdown or reload) in the shared dict, then frees the router.
+function _M.exit_worker()
+    if not router then
+        return
+    end
+    local pid = ngx.worker.pid()
+    local in_flight = router:in_flight()
+    local dict = shm()
+    if dict then
+        local rec = string_format("in_flight=%d pending=%d routed=%d finished=%d leaked=%d",
+            in_flight, pending_n, llmproxy.stats.routed, llmproxy.stats.finished, llmproxy.stats.leaked)
+        dict:set("exit:" .. pid, rec, 3600)
+        dict:delete("live:" .. pid)
+        dict:delete("snap:" .. pid)
+        dict:delete("snapgen:" .. pid)
+    end
+    if in_flight ~= 0 or pending_n ~= 0 then
+        ngx_log(ERR, "llmproxy: worker ", pid, " exits with ", in_flight, " requests in flight")
+    end
+    router:free()
+    router = nil
+end
+
+function _M.router()
+    return router
+end
+
+--------------------------------------------------------------------------------------------
+-- access: read the body, pick, answer errors, arm the balancer
+
+local function request_key()
+    return ngx_var.connection .. ":" .. ngx_var.connection_requests
+end
+
+local function read_body()
+    ngx_req.read_body()
+    local body = ngx_req.get_body_data()
+    if body then
+        counters.body_memory = counters.body_memory + 1
+        return body
+    end
+    local file = ngx_req.get_body_file()
+    if file then
+        -- The body was larger than client_body_buffer_size: nginx spooled it to a temp file
+        -- (page cache; a blocking read on the event loop, bounded by client_max_body_size).
+        local data, err = read_file(file)
+        if not data then
+            return nil, "cannot read the spooled request body: " .. tostring(err)
+        end
+        counters.body_file = counters.body_file + 1
+        return data
+    end
+    counters.body_memory = counters.body_memory + 1
+    return ""
+end
+
+function _M.access()
+    local r = router
+    if not r then
+        return send_json(500, error_json(init_error or "llmproxy: no router in this worker",
+            "server_error", "internal_error"))
+    end
+    local method = ngx_req.get_method()
+    local uri = ngx_var.uri
+    if not r:should_intercept(method, uri) then
+        counters.passthrough = counters.passthrough + 1
+        return
+    end
+    counters.intercepted = counters.intercepted + 1
+
+    local max = r.max_body_bytes
+    local cl = tonumber(ngx_var.http_content_length)
+    if cl and max and cl > max then
+        -- Refuse before reading it: the same answer the library gives for a read body.
+        counters.early_413 = counters.early_413 + 1
+        ngx_req.discard_body()
+        return send_json(413, error_json(string_format(
+            "request body of %d bytes is larger than the limit of %d bytes", cl, max),
+            "invalid_request_error", "request_too_large"))
+    end
+
+    local body, berr = read_body()
+    if not body then
+        return send_json(500, error_json(berr, "server_error", "internal_error"))
+    end
+    local headers = ngx_req.get_headers(200, true)
+    local d, status, err_body = r:pick(headers, body, uri, method)
+    if not d then
+        counters.pick_errors = counters.pick_errors + 1
+        return send_json(status, err_body)
+    end
+
+    local key = request_key()
+    if pending[key] then
+        -- cannot happen: a request number is never reused on a connection
+        pending[key]:finish(0)
+        pending_n = pending_n - 1
+    end
+    pending[key] = d
+    pending_n = pending_n + 1
+    local ctx = ngx.ctx
+    ctx.llmproxy = d
+    ctx.llmproxy_key = key
+
+    for _, h in ipairs(opts.strip_headers) do
+        ngx_req.clear_header(h)
+    end
+    ngx_req.set_header(r.cluster_header, d.cluster)
+    ngx_req.set_header(opts.endpoint_header, d.endpoint)
+    ngx_req.set_header(opts.scene_header, d.scene)
+    ngx_var[opts.upstream_var] = opts.upstream
+end
+
+--------------------------------------------------------------------------------------------
+-- balancer: the chosen IP literal; one retry on another endpoint after a connect failure
+
+function _M.balancer()
+    local balancer = require "ngx.balancer"
+    local d = ngx.ctx.llmproxy
+    if not d then
+        counters.balancer_errors = counters.balancer_errors + 1
+        ngx_log(ERR, "llmproxy: balancer without a decision (upstream used outside access())")
+        return ngx.exit(500)
+    end
+    local state = balancer.get_last_failure()
+    if state then
+        -- "failed" (connect error/timeout) or "next" (status listed in proxy_next_upstream)
+        counters.retries = counters.retries + 1
+        local ok, err = d:retry()
+        if not ok then
+            counters.retry_exhausted = counters.retry_exhausted + 1
+            ngx_log(WARN, "llmproxy: no endpoint left to retry: ", err)
+            return ngx.exit(502)
+        end
+    else
+        local ok, err = balancer.set_more_tries(1)
+        if not ok then
+            ngx_log(WARN, "llmproxy: set_more_tries: ", err)
+        end
+    end
+    if not d.host then
+        counters.balancer_errors = counters.balancer_errors + 1
+        return ngx.exit(500)
+    end
+    local ok, err = balancer.set_current_peer(d.host, d.port)
+    if not ok then
+        counters.balancer_errors = counters.balancer_errors + 1
+        ngx_log(ERR, "llmproxy: set_current_peer(", d.host, ", ", d.port, "): ", err)
+        return ngx.exit(500)
+    end
+end
+
+--------------------------------------------------------------------------------------------
+-- header/body filter: first response byte
+
+function _M.header_filter()
+    if opts.debug_headers then
+        ngx.header["x-llmproxy-worker"] = ngx.worker.pid()
+        local d = ngx.ctx.llmproxy
+        if d then
+            ngx.header["x-llmproxy-endpoint"] = d.endpoint
+        end
+    end
+end
+
+function _M.body_filter()
+    local d = ngx.ctx.llmproxy
+    if d and not d.first_token_seen then
+        local chunk = ngx.arg[1]
+        if (chunk and chunk ~= "") or ngx.arg[2] then
+            d:first_token()
+        end
+    end
+end
+
+--------------------------------------------------------------------------------------------
+-- log: every request ends here, also after a client abort or an error_page redirect
+
+-- The status of the last upstream try ("502, 200" → 200); 0 when no response came back.
+local function last_upstream_status()
+    local s = ngx_var.upstream_status
+    if not s or s == "" then
+        return 0
+    end
+    local last = s
+    local i = 0
+    while true do
+        local j = string_find(s, "[,:]", i + 1)
+        if not j then break end
+        i = j
+    end
+    if i > 0 then
+        last = string_sub(s, i + 1)
+    end
+    return tonumber((string_gsub(last, "%s", ""))) or 0
+end
+_M._last_upstream_status = last_upstream_status
+
+function _M.log()
+    local key = ngx.ctx.llmproxy_key or request_key()
+    local d = pending[key]
+    if not d then
+        return
+    end
+    pending[key] = nil
+    pending_n = pending_n - 1
+    local status = last_upstream_status()
+    if ngx_var.request_completion ~= "OK" then
+        counters.client_aborts = counters.client_aborts + 1
+    end
+    counters.finished = counters.finished + 1
+    d:finish(status)
+end
+
+--------------------------------------------------------------------------------------------
+-- error_page target: our JSON for the errors nginx itself produces
+
+local ERROR_PAGES = {
+    [413] = { "request body is larger than client_max_body_size", "invalid_request_error", "request_too_large" },
+    [500] = { "internal gateway error", "server_error", "internal_error" },
+    [502] = { "the upstream endpoint could not be reached", "upstream_error", "upstream_unavailable" },
+    [503] = { "no upstream available", "service_unavailable_error", "no_endpoint" },
+    [504] = { "the upstream endpoint timed out", "upstream_error", "upstream_timeout" },
+}
+
+--- content_by_lua of the named location error_page points to; `status` defaults to the
+--- status nginx was about to send.
+function _M.error_page(status)
+    status = tonumber(status) or ngx.status
+    local e = ERROR_PAGES[status] or { "gateway error", "server_error", "internal_error" }
+    local body = error_json(e[1], e[2], e[3])
+    ngx.status = status
+    ngx.header["content-type"] = "application/json"
+    ngx.header["content-length"] = #body + 1
+    ngx.print(body, "\n")
+    return ngx.exit(ngx.HTTP_OK)
+end
+
+--------------------------------------------------------------------------------------------
+-- metrics: every live worker's router, merged, each sample labelled worker="<pid>"
+
+local function add_label(line, label)
+    local b = string_find(line, "[{ ]")
+    if not b then
+        return line
+    end
+    if string_sub(line, b, b) == "{" then
+        return string_sub(line, 1, b) .. label .. "," .. string_sub(line, b + 1)
+    end
+    return string_sub(line, 1, b - 1) .. "{" .. label .. "}" .. string_sub(line, b)
+end
+
+-- Merges per-worker Prometheus texts: one HELP/TYPE per family, samples of every worker.
+local function merge(texts)
+    local order, families = {}, {}
+    for _, t in ipairs(texts) do
+        local label = 'worker="' .. t.pid .. '"'
+        local fam
+        for line in string.gmatch(t.text, "[^\n]+") do
+            if string_sub(line, 1, 7) == "# HELP " then
+                local name = string.match(line, "^# HELP (%S+)")
+                fam = families[name]
+                if not fam then
+                    fam = { head = { line }, samples = {} }
+                    families[name] = fam
+                    order[#order + 1] = name
+                    fam.new = true
+                else
+                    fam.new = false
+                end
+            elseif string_sub(line, 1, 7) == "# TYPE " then
+                if fam and fam.new then
+                    fam.head[#fam.head + 1] = line
+                end
+            elseif string_byte(line, 1) ~= 35 then -- not a comment
+                if not fam then
+                    fam = { head = {}, samples = {} }
+                    families[""] = fam
+                    order[#order + 1] = ""
+                end
+                fam.samples[#fam.samples + 1] = add_label(line, label)
+            end
+        end
+    end
+    local out = {}
+    for _, name in ipairs(order) do
+        local fam = families[name]
+        for _, l in ipairs(fam.head) do out[#out + 1] = l end
+        for _, l in ipairs(fam.samples) do out[#out + 1] = l end
+    end
+    return table_concat(out, "\n") .. "\n"
+end
+_M._merge = merge
+
+function _M.metrics()
+    local pid = ngx.worker.pid()
+    local dict = shm()
+    local texts = {}
+    local stale = {}
+    if not dict then
+        texts[1] = { pid = pid, text = worker_text() }
+    else
+        -- Ask every worker for a fresh snapshot and wait (bounded) until they have all answered.
+        local gen = dict:incr("gen", 1, 0)
+        publish(dict, gen)
+        last_gen = gen
+        local deadline = ngx.now() + 1.0
+        local pids
+        while true do
+            pids = {}
+            local waiting = false
+            for _, k in ipairs(dict:get_keys(0)) do
+                if string_sub(k, 1, 5) == "live:" then
+                    local p = string_sub(k, 6)
+                    pids[#pids + 1] = p
+                    if (dict:get("snapgen:" .. p) or 0) < gen then
+                        waiting = true
+                    end
+                end
+            end
+            if not waiting then break end
+            ngx.update_time()
+            if ngx.now() >= deadline then break end
+            ngx.sleep(0.01)
+        end
+        table.sort(pids)
+        for _, p in ipairs(pids) do
+            local text = dict:get("snap:" .. p)
+            if text then
+                texts[#texts + 1] = { pid = p, text = text }
+                if (dict:get("snapgen:" .. p) or 0) < gen then
+                    stale[#stale + 1] = p
+                end
+            end
+        end
+    end
+    local extra = {
+        "# HELP llmproxy_nginx_workers Worker processes whose router is merged here.",
+        "# TYPE llmproxy_nginx_workers gauge",
+        "llmproxy_nginx_workers " .. #texts,
+        "# HELP llmproxy_nginx_stale_snapshots Workers that did not refresh their snapshot in time.",
+        "# TYPE llmproxy_nginx_stale_snapshots gauge",
+        "llmproxy_nginx_stale_snapshots " .. #stale,
+    }
+    if dict then
+        extra[#extra + 1] = "# HELP llmproxy_nginx_exited_worker Last state of routers of exited workers."
+        extra[#extra + 1] = "# TYPE llmproxy_nginx_exited_worker gauge"
+        for _, k in ipairs(dict:get_keys(0)) do
+            if string_sub(k, 1, 5) == "exit:" then
+                local p = string_sub(k, 6)
+                local rec = dict:get(k) or ""
+                for name, value in string.gmatch(rec, "(%w+)=(%d+)") do
+                    extra[#extra + 1] = string_format('llmproxy_nginx_exited_worker{worker="%s",field="%s"} %s',
+                        p, name, value)
+                end
+            end
+        end
+    end
+    local body = merge(texts) .. table_concat(extra, "\n") .. "\n"
+    ngx.header["content-type"] = "text/plain; version=0.0.4"
+    ngx.print(body)
+end
+
+return _M

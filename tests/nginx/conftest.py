@@ -1,0 +1,79 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
+harness.raise_fd_limit()  # 1,000 concurrent client sockets, and the upstreams inherit it
+
+MAX_BODY = 1024 * 1024  # the library's max_body_bytes; nginx's client_max_body_size is 2m
+
+POOLS = {
+    "pool_a": ["a1", "a2", "a3"],
+    "pool_b": ["b1", "b2"],
+    "pool_d": ["d1", "d2"],  # plus one endpoint where nothing listens
+}
+
+
+def library_config(servers, dead):
+    endpoints = {pool: [servers.addr(n) for n in names] for pool, names in POOLS.items()}
+    endpoints["pool_d"].insert(0, dead)
+    return {
+        "protocol": "openai",
+        "algorithm": "inference_lb",
+        "model_mapping_rule": {
+            "m-a": {"rules": [{"scene_name": "chat-a", "cluster": "pool_a", "backend": "vllm"}]},
+            "m-b": {"rules": [{"scene_name": "chat-b", "cluster": "pool_b", "backend": "sglang"}]},
+            "m-d": {"rules": [{"scene_name": "chat-d", "cluster": "pool_d", "backend": "vllm"}]},
+            # a cluster without endpoints: the library answers 503
+            "m-none": {"rules": [{"scene_name": "none", "cluster": "pool_none", "backend": "vllm"}]},
+        },
+        "clusters": {pool: {"endpoints": eps} for pool, eps in endpoints.items()},
+        "max_body_bytes": MAX_BODY,
+    }
+
+
+@pytest.fixture(scope="session")
+def servers():
+    names = [n for pool in POOLS.values() for n in pool]
+    s = harness.Upstreams(names)
+    s.dead = "127.0.0.1:%d" % harness.free_port()  # nothing listens there
+    yield s
+    s.close()
+
+
+def _nginx(servers, workers):
+    cfg = library_config(servers, servers.dead)
+    passthrough = [servers.addr(n) for n in POOLS["pool_a"]]
+    gw = harness.Nginx(cfg, passthrough, workers=workers)
+    gw.servers = servers
+    return gw
+
+
+@pytest.fixture(scope="module")
+def gateway(servers):
+    """nginx with 2 workers, examples/nginx.conf, in front of the test servers."""
+    gw = _nginx(servers, 2)
+    yield gw
+    gw.close()
+
+
+@pytest.fixture(scope="module")
+def gateway1(servers):
+    """The same with a single worker (one router for every request)."""
+    gw = _nginx(servers, 1)
+    yield gw
+    gw.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call" and rep.failed:
+        for name in ("gateway", "gateway1"):
+            if name in item.funcargs:
+                rep.sections.append(("nginx %s error log (tail)" % name, item.funcargs[name].log_tail()))

@@ -1,0 +1,160 @@
+"""OpenAI-compatible test upstreams for the nginx tests: Python stdlib (asyncio), one process,
+several named servers, each on its own 127.0.0.1 port (0 = any free port).
+
+    python upstream.py a1=0 a2=0 b1=18001 ...
+
+Prints one line `READY {"a1": port, ...}` once every server listens, then serves until stdin
+closes or the process is killed. HTTP/1.1 with keep-alive (nginx pools upstream connections).
+
+Every response carries `x-served-by: <name>`.
+POST /v1/chat/completions and /v1/completions answer a JSON echo (served_by, model, body_bytes,
+received headers) after `x-test-delay-ms`, or Server-Sent Events when the body says
+"stream": true: `x-test-chunks` events (default 5) `x-test-chunk-delay-ms` apart, each flushed
+as its own HTTP chunk, then `data: [DONE]`. `x-test-status: 503` answers that status instead.
+GET /v1/models and /health answer small JSON documents.
+"""
+
+import asyncio
+import json
+import sys
+import time
+
+ROUTES = ("/v1/chat/completions", "/v1/completions")
+
+
+class Request:
+    def __init__(self, method, path, headers, body):
+        self.method, self.path, self.headers, self.body = method, path, headers, body
+
+
+async def read_request(reader):
+    line = await reader.readline()
+    if not line:
+        return None
+    parts = line.decode("latin-1").split()
+    if len(parts) != 3:
+        raise ValueError("bad request line %r" % line)
+    method, path, _ = parts
+    headers = {}
+    while True:
+        h = await reader.readline()
+        if h in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = h.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = bytearray()
+        while True:
+            size = int((await reader.readline()).split(b";")[0].strip(), 16)
+            if size == 0:
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass
+                break
+            body += await reader.readexactly(size)
+            await reader.readline()
+        body = bytes(body)
+    else:
+        n = int(headers.get("content-length", "0") or 0)
+        body = await reader.readexactly(n) if n else b""
+    return Request(method, path, headers, body)
+
+
+def head(status, headers):
+    reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error", 502: "Bad Gateway",
+              503: "Service Unavailable"}.get(status, "Status")
+    lines = ["HTTP/1.1 %d %s" % (status, reason)] + ["%s: %s" % kv for kv in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def make_handler(name):
+    async def send_json(writer, status, obj):
+        body = json.dumps(obj).encode()
+        writer.write(head(status, [("content-type", "application/json"),
+                                   ("content-length", str(len(body))), ("x-served-by", name)]) + body)
+        await writer.drain()
+
+    async def handle(req, writer):
+        if req.method == "GET" and req.path.startswith("/v1/models"):
+            return await send_json(writer, 200, {"object": "list", "data": [{"id": "m-a"}], "served_by": name})
+        if req.method == "GET" and req.path.startswith("/health"):
+            return await send_json(writer, 200, {"status": "ok", "served_by": name})
+        if req.method != "POST" or not req.path.startswith(ROUTES):
+            return await send_json(writer, 404, {"error": {"message": "not found"}, "served_by": name,
+                                                 "path": req.path, "method": req.method})
+        forced = int(req.headers.get("x-test-status", "0") or 0)
+        if forced:
+            return await send_json(writer, forced, {"error": {"message": "forced"}, "served_by": name})
+        try:
+            payload = json.loads(req.body or b"{}")
+        except ValueError:
+            payload = {}
+        echo = {"served_by": name, "model": payload.get("model", ""), "body_bytes": len(req.body),
+                "path": req.path, "received_headers": req.headers}
+        delay = int(req.headers.get("x-test-delay-ms", "0") or 0) / 1000.0
+        if delay:
+            await asyncio.sleep(delay)
+        if not payload.get("stream"):
+            return await send_json(writer, 200, {
+                "id": "cmpl-test", "object": "chat.completion", "model": echo["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi from " + name},
+                             "finish_reason": "stop"}], **echo})
+        chunks = int(req.headers.get("x-test-chunks", "5"))
+        gap = int(req.headers.get("x-test-chunk-delay-ms", "0")) / 1000.0
+        writer.write(head(200, [("content-type", "text/event-stream"), ("cache-control", "no-cache"),
+                                ("transfer-encoding", "chunked"), ("x-served-by", name)]))
+
+        async def event(data):
+            data = ("data: " + data + "\n\n").encode()
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
+
+        for i in range(chunks):
+            ev = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "tok%d " % i}}],
+                  "t": time.time()}
+            if i == 0:
+                ev.update(echo)
+            await event(json.dumps(ev))
+            if gap and i + 1 < chunks:
+                await asyncio.sleep(gap)
+        await event("[DONE]")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async def serve(reader, writer):
+        try:
+            while True:
+                req = await read_request(reader)
+                if req is None:
+                    break
+                await handle(req, writer)
+                if req.headers.get("connection", "").lower() == "close":
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            try:
+                writer.close()
+            except Exception:
+                pass
+
+    return serve
+
+
+async def main(specs):
+    ports = {}
+    servers = []
+    for spec in specs:
+        name, port = spec.split("=")
+        srv = await asyncio.start_server(make_handler(name), "127.0.0.1", int(port), backlog=2048)
+        servers.append(srv)
+        ports[name] = srv.sockets[0].getsockname()[1]
+    print("READY " + json.dumps(ports), flush=True)
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    # run until the parent closes our stdin (or kills us)
+    loop.add_reader(sys.stdin.fileno(), lambda: stop.done() or (sys.stdin.buffer.read1(1) or stop.set_result(None)))
+    await stop
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1:]))

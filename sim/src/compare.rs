@@ -37,7 +37,9 @@ pub struct CompareArgs {
 }
 
 fn parse_target(s: &str) -> Result<(String, String), String> {
-    let (n, u) = s.split_once('=').ok_or_else(|| format!("target {s:?} is not NAME=URL"))?;
+    let (n, u) = s
+        .split_once('=')
+        .ok_or_else(|| format!("target {s:?} is not NAME=URL"))?;
     if n.is_empty() || !(u.starts_with("http://") || u.starts_with("https://")) {
         return Err(format!("target {s:?} is not NAME=http://HOST:PORT"));
     }
@@ -47,7 +49,8 @@ fn parse_target(s: &str) -> Result<(String, String), String> {
 pub async fn compare(a: CompareArgs) -> Result<(), String> {
     let trace = workload::generate(&a.workload)?;
     let client = load::http_client()?;
-    std::fs::create_dir_all(&a.out_dir).map_err(|e| format!("cannot create {}: {e}", a.out_dir.display()))?;
+    std::fs::create_dir_all(&a.out_dir)
+        .map_err(|e| format!("cannot create {}: {e}", a.out_dir.display()))?;
     eprintln!(
         "trace: {} sessions, up to {} requests over {:.0}s at {:.1} req/s (seed {}, mix {:?})",
         trace.sessions.len(),
@@ -76,9 +79,17 @@ pub async fn compare(a: CompareArgs) -> Result<(), String> {
             s.errors,
             s.ttft_s.mean * 1e3,
             s.ttft_s.p99 * 1e3,
-            s.fleet_hit_rate.or(s.client_hit_rate).map(|h| format!("{:.1}%", h * 100.0)).unwrap_or("-".into())
+            s.fleet_hit_rate
+                .or(s.client_hit_rate)
+                .map(|h| format!("{:.1}%", h * 100.0))
+                .unwrap_or("-".into())
         );
-        let ttft: Vec<f64> = out.records.iter().filter(|r| r.ok && r.sent_s >= a.run.warmup).filter_map(|r| r.ttft_s).collect();
+        let ttft: Vec<f64> = out
+            .records
+            .iter()
+            .filter(|r| r.ok && r.sent_s >= a.run.warmup)
+            .filter_map(|r| r.ttft_s)
+            .collect();
         runs_json.push(json!({"summary": &s, "ttft_s": ttft}));
         summaries.push(s);
     }
@@ -93,13 +104,23 @@ pub async fn compare(a: CompareArgs) -> Result<(), String> {
         "runs": runs_json,
     });
     let json_path = a.out_dir.join("results.json");
-    write(&json_path, &serde_json::to_string_pretty(&doc).unwrap_or_default())?;
-    write(&a.out_dir.join("results.md"), &format!("## {}\n\n{table}", a.title))?;
+    write(
+        &json_path,
+        &serde_json::to_string_pretty(&doc).unwrap_or_default(),
+    )?;
+    write(
+        &a.out_dir.join("results.md"),
+        &format!("## {}\n\n{table}", a.title),
+    )?;
     eprintln!("wrote {} and results.md", json_path.display());
     if !a.no_plot {
         let png = a.out_dir.join("ttft_cdf.png");
         let py = a.plot_python.clone().unwrap_or_else(|| {
-            if std::path::Path::new(".venv/bin/python").exists() { ".venv/bin/python".into() } else { "python3".into() }
+            if std::path::Path::new(".venv/bin/python").exists() {
+                ".venv/bin/python".into()
+            } else {
+                "python3".into()
+            }
         });
         let st = tokio::process::Command::new(&py)
             .arg(&a.plot_script)
@@ -109,13 +130,23 @@ pub async fn compare(a: CompareArgs) -> Result<(), String> {
             .await
             .map_err(|e| format!("cannot run {py} {}: {e}", a.plot_script))?;
         if !st.success() {
-            return Err(format!("plot failed ({py} {}; needs matplotlib): {st}", a.plot_script));
+            return Err(format!(
+                "plot failed ({py} {}; needs matplotlib): {st}",
+                a.plot_script
+            ));
         }
         eprintln!("wrote {}", png.display());
     }
-    let failed: Vec<&str> = summaries.iter().filter(|s| s.ok == 0).map(|s| s.label.as_str()).collect();
+    let failed: Vec<&str> = summaries
+        .iter()
+        .filter(|s| s.ok == 0)
+        .map(|s| s.label.as_str())
+        .collect();
     if !failed.is_empty() {
-        return Err(format!("no successful request through: {}", failed.join(", ")));
+        return Err(format!(
+            "no successful request through: {}",
+            failed.join(", ")
+        ));
     }
     Ok(())
 }

@@ -34,12 +34,12 @@ impl Default for EngineConfig {
         EngineConfig {
             block_size: 16,
             num_gpu_blocks: 4096,
-            max_num_batched_tokens: 8192,
+            max_num_batched_tokens: 2048,
             max_num_seqs: 256,
             max_model_len: 32768,
-            step_base_s: 0.006,
-            prefill_token_s: 0.000_06,
-            decode_seq_s: 0.000_08,
+            step_base_s: 0.007,
+            prefill_token_s: 0.000_1,
+            decode_seq_s: 0.000_1,
         }
     }
 }
@@ -193,7 +193,9 @@ impl Engine {
     pub fn prompt_limit(&self) -> usize {
         // The whole prompt plus one token must fit in the cache, else it could never run.
         let cache_tokens = self.cfg.num_gpu_blocks * self.cfg.block_size;
-        self.cfg.max_model_len.min(cache_tokens.saturating_sub(self.cfg.block_size))
+        self.cfg
+            .max_model_len
+            .min(cache_tokens.saturating_sub(self.cfg.block_size))
     }
 
     /// Queue a request. `max_output` is clamped to at least 1 and to the model length.
@@ -319,7 +321,11 @@ impl Engine {
             let id = self.running[i];
             let (need, computed, decode) = {
                 let s = &self.seqs[&id];
-                (s.num_tokens() - s.computed, s.computed, s.computed >= s.prompt_tokens)
+                (
+                    s.num_tokens() - s.computed,
+                    s.computed,
+                    s.computed >= s.prompt_tokens,
+                )
             };
             let n = need.min(budget);
             let want_blocks = (computed + n).div_ceil(bs);
@@ -494,7 +500,9 @@ mod tests {
 
     fn text(seed: u64, tokens: usize) -> String {
         let mut r = fastrand::Rng::with_seed(seed);
-        (0..tokens * CHARS_PER_TOKEN).map(|_| r.lowercase()).collect()
+        (0..tokens * CHARS_PER_TOKEN)
+            .map(|_| r.lowercase())
+            .collect()
     }
 
     fn cfg(blocks: usize) -> EngineConfig {
@@ -541,7 +549,10 @@ mod tests {
         assert_eq!(u.prompt_tokens, 1000);
         // All full blocks but the last (one token must be computed) come from the cache.
         assert_eq!(u.cached_tokens, 992);
-        assert!(r2[&b].0 < r1[&a].0 / 4.0, "cached prompt must be much faster");
+        assert!(
+            r2[&b].0 < r1[&a].0 / 4.0,
+            "cached prompt must be much faster"
+        );
         assert_eq!(e.counters.prompt_tokens, 2000);
         assert_eq!(e.counters.cached_tokens, 992);
         // A prompt extending the first one (next conversation turn) reuses its prefix and
@@ -572,10 +583,18 @@ mod tests {
         assert!(e.kv().evictions() > 0);
         let ida = e.submit(a.clone(), 4).unwrap();
         let ra = drain(&mut e, 0.0).0;
-        assert!(ra[&ida].2.cached_tokens > 1400, "A was recently used and must survive");
+        assert!(
+            ra[&ida].2.cached_tokens > 1400,
+            "A was recently used and must survive"
+        );
         let idb = e.submit(b.clone(), 4).unwrap();
         let rb = drain(&mut e, 0.0).0;
-        assert!(rb[&idb].2.cached_tokens < 400, "B was least recently used and must be evicted (its tail first): {:?} evictions {}", rb[&idb].2, e.kv().evictions());
+        assert!(
+            rb[&idb].2.cached_tokens < 400,
+            "B was least recently used and must be evicted (its tail first): {:?} evictions {}",
+            rb[&idb].2,
+            e.kv().evictions()
+        );
     }
 
     #[test]

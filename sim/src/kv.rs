@@ -130,7 +130,13 @@ impl KvCache {
         }
         self.anon_used -= 1;
         self.in_use_hashed += 1;
-        self.hashed.insert(hash, Entry { refs: 1, lru_seq: None });
+        self.hashed.insert(
+            hash,
+            Entry {
+                refs: 1,
+                lru_seq: None,
+            },
+        );
         Block::Hashed(hash)
     }
 
@@ -139,7 +145,10 @@ impl KvCache {
         match block {
             Block::Anon => self.anon_used -= 1,
             Block::Hashed(h) => {
-                let e = self.hashed.get_mut(&h).expect("released block must be resident");
+                let e = self
+                    .hashed
+                    .get_mut(&h)
+                    .expect("released block must be resident");
                 e.refs -= 1;
                 if e.refs == 0 {
                     self.in_use_hashed -= 1;

@@ -90,7 +90,12 @@ pub fn http_client() -> Result<reqwest::Client, String> {
 
 pub async fn fetch_stats(client: &reqwest::Client, base: &str) -> Result<Value, String> {
     let url = format!("{}/sim/stats", base.trim_end_matches('/'));
-    let r = client.get(&url).timeout(Duration::from_secs(5)).send().await.map_err(|e| format!("GET {url}: {e}"))?;
+    let r = client
+        .get(&url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
     if !r.status().is_success() {
         return Err(format!("GET {url}: HTTP {}", r.status()));
     }
@@ -99,7 +104,12 @@ pub async fn fetch_stats(client: &reqwest::Client, base: &str) -> Result<Value, 
 
 pub async fn reset_fleet(client: &reqwest::Client, base: &str) -> Result<(), String> {
     let url = format!("{}/sim/reset", base.trim_end_matches('/'));
-    let r = client.post(&url).timeout(Duration::from_secs(5)).send().await.map_err(|e| format!("POST {url}: {e}"))?;
+    let r = client
+        .post(&url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| format!("POST {url}: {e}"))?;
     if !r.status().is_success() {
         return Err(format!("POST {url}: HTTP {}", r.status()));
     }
@@ -107,11 +117,16 @@ pub async fn reset_fleet(client: &reqwest::Client, base: &str) -> Result<(), Str
 }
 
 /// Wait until no request is running or waiting anywhere in the fleet.
-pub async fn wait_fleet_idle(client: &reqwest::Client, base: &str, limit: Duration) -> Result<(), String> {
+pub async fn wait_fleet_idle(
+    client: &reqwest::Client,
+    base: &str,
+    limit: Duration,
+) -> Result<(), String> {
     let until = Instant::now() + limit;
     loop {
         let s = fetch_stats(client, base).await?;
-        let busy = s["totals"]["running"].as_f64().unwrap_or(0.0) + s["totals"]["waiting"].as_f64().unwrap_or(0.0);
+        let busy = s["totals"]["running"].as_f64().unwrap_or(0.0)
+            + s["totals"]["waiting"].as_f64().unwrap_or(0.0);
         if busy == 0.0 {
             return Ok(());
         }
@@ -122,7 +137,12 @@ pub async fn wait_fleet_idle(client: &reqwest::Client, base: &str, limit: Durati
     }
 }
 
-pub async fn run(target: &str, label: &str, trace: &Trace, args: &RunArgs) -> Result<RunOutput, String> {
+pub async fn run(
+    target: &str,
+    label: &str,
+    trace: &Trace,
+    args: &RunArgs,
+) -> Result<RunOutput, String> {
     let client = http_client()?;
     let fleet_before = match &args.stats_url {
         Some(u) => Some(fetch_stats(&client, u).await?),
@@ -153,7 +173,9 @@ pub async fn run(target: &str, label: &str, trace: &Trace, args: &RunArgs) -> Re
         let label = label.to_string();
         let total = trace.max_requests();
         let dur = trace.duration_s;
-        Some(tokio::spawn(async move { progress_loop(ctx, label, total, dur).await }))
+        Some(tokio::spawn(async move {
+            progress_loop(ctx, label, total, dur).await
+        }))
     };
     let deadline = ctx.end + Duration::from_secs_f64(args.drain_timeout);
     let mut unfinished = 0;
@@ -184,7 +206,12 @@ pub async fn run(target: &str, label: &str, trace: &Trace, args: &RunArgs) -> Re
     };
     let mut records = std::mem::take(&mut *ctx.records.lock().unwrap());
     records.sort_by(|a, b| a.sent_s.total_cmp(&b.sent_s));
-    Ok(RunOutput { records, wall_s, fleet_before, fleet_after })
+    Ok(RunOutput {
+        records,
+        wall_s,
+        fleet_before,
+        fleet_after,
+    })
 }
 
 async fn progress_loop(ctx: Arc<Ctx>, label: String, total: usize, dur: f64) {
@@ -195,8 +222,14 @@ async fn progress_loop(ctx: Arc<Ctx>, label: String, total: usize, dur: f64) {
         tick.tick().await;
         n += 1;
         let p = &ctx.progress;
-        let (sent, done, err) = (p.sent.load(Ordering::Relaxed), p.done.load(Ordering::Relaxed), p.errors.load(Ordering::Relaxed));
-        let t = Instant::now().saturating_duration_since(ctx.t0).as_secs_f64();
+        let (sent, done, err) = (
+            p.sent.load(Ordering::Relaxed),
+            p.done.load(Ordering::Relaxed),
+            p.errors.load(Ordering::Relaxed),
+        );
+        let t = Instant::now()
+            .saturating_duration_since(ctx.t0)
+            .as_secs_f64();
         let late = p.max_late_us.load(Ordering::Relaxed) as f64 / 1e3;
         let line = format!(
             "[{label}] {t:6.1}s/{dur:.0}s  sent {sent}/{total}  done {done}  in-flight {}  errors {err}  max send lateness {late:.1} ms",
@@ -204,7 +237,7 @@ async fn progress_loop(ctx: Arc<Ctx>, label: String, total: usize, dur: f64) {
         );
         if tty {
             eprint!("\r{line}   ");
-        } else if n % 5 == 0 {
+        } else if n.is_multiple_of(5) {
             eprintln!("{line}");
         }
     }
@@ -234,14 +267,19 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
         });
         let sent = Instant::now();
         let late = sent.saturating_duration_since(scheduled);
-        ctx.progress.max_late_us.fetch_max(late.as_micros() as u64, Ordering::Relaxed);
+        ctx.progress
+            .max_late_us
+            .fetch_max(late.as_micros() as u64, Ordering::Relaxed);
         ctx.progress.sent.fetch_add(1, Ordering::Relaxed);
         let res = tokio::time::timeout(ctx.timeout, one_request(&ctx, &body, sent)).await;
         let e2e = sent.elapsed().as_secs_f64();
         let (out, err) = match res {
             Ok(Ok(out)) => (out, None),
             Ok(Err((out, e))) => (out, Some(e)),
-            Err(_) => (Streamed::default(), Some(format!("timeout after {:?}", ctx.timeout))),
+            Err(_) => (
+                Streamed::default(),
+                Some(format!("timeout after {:?}", ctx.timeout)),
+            ),
         };
         let ok = err.is_none();
         ctx.progress.done.fetch_add(1, Ordering::Relaxed);
@@ -256,7 +294,9 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
             turn: i,
             scheduled_s: since(scheduled),
             sent_s: since(sent),
-            ttft_s: out.first_token.map(|t| t.saturating_duration_since(sent).as_secs_f64()),
+            ttft_s: out
+                .first_token
+                .map(|t| t.saturating_duration_since(sent).as_secs_f64()),
             e2e_s: e2e,
             ok,
             error: err,
@@ -283,13 +323,21 @@ struct Streamed {
     served_by: Option<String>,
 }
 
-async fn one_request(ctx: &Ctx, body: &Value, _sent: Instant) -> Result<Streamed, (Streamed, String)> {
+async fn one_request(
+    ctx: &Ctx,
+    body: &Value,
+    _sent: Instant,
+) -> Result<Streamed, (Streamed, String)> {
     let mut out = Streamed::default();
     let resp = match ctx.client.post(&ctx.url).json(body).send().await {
         Ok(r) => r,
         Err(e) => return Err((out, format!("connect: {}", short_err(&e)))),
     };
-    out.served_by = resp.headers().get("x-served-by").and_then(|v| v.to_str().ok()).map(str::to_string);
+    out.served_by = resp
+        .headers()
+        .get("x-served-by")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let status = resp.status();
     if !status.is_success() {
         let text = resp.text().await.unwrap_or_default();
@@ -310,7 +358,9 @@ async fn one_request(ctx: &Ctx, body: &Value, _sent: Instant) -> Result<Streamed
             let line: Vec<u8> = buf.drain(..=pos).collect();
             let line = String::from_utf8_lossy(&line);
             let line = line.trim();
-            let Some(data) = line.strip_prefix("data:") else { continue };
+            let Some(data) = line.strip_prefix("data:") else {
+                continue;
+            };
             let data = data.trim();
             if data == "[DONE]" {
                 done = true;
@@ -323,7 +373,11 @@ async fn one_request(ctx: &Ctx, body: &Value, _sent: Instant) -> Result<Streamed
             if let Some(err) = v.get("error") {
                 return Err((out, format!("error chunk: {err}")));
             }
-            if let Some(c) = v.pointer("/choices/0/delta/content").and_then(Value::as_str).or_else(|| v.pointer("/choices/0/text").and_then(Value::as_str)) {
+            if let Some(c) = v
+                .pointer("/choices/0/delta/content")
+                .and_then(Value::as_str)
+                .or_else(|| v.pointer("/choices/0/text").and_then(Value::as_str))
+            {
                 if !c.is_empty() {
                     if out.first_token.is_none() {
                         out.first_token = Some(Instant::now());
@@ -335,7 +389,9 @@ async fn one_request(ctx: &Ctx, body: &Value, _sent: Instant) -> Result<Streamed
             if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
                 out.usage_prompt = u["prompt_tokens"].as_u64();
                 out.usage_completion = u["completion_tokens"].as_u64();
-                out.usage_cached = u.pointer("/prompt_tokens_details/cached_tokens").and_then(Value::as_u64);
+                out.usage_cached = u
+                    .pointer("/prompt_tokens_details/cached_tokens")
+                    .and_then(Value::as_u64);
             }
         }
     }
@@ -379,7 +435,14 @@ impl Dist {
         let mut s = v.to_vec();
         s.sort_by(f64::total_cmp);
         let q = |p: f64| s[((p * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1];
-        Dist { n: s.len(), mean: s.iter().sum::<f64>() / s.len() as f64, p50: q(0.5), p90: q(0.9), p99: q(0.99), max: s[s.len() - 1] }
+        Dist {
+            n: s.len(),
+            mean: s.iter().sum::<f64>() / s.len() as f64,
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            max: s[s.len() - 1],
+        }
     }
 }
 
@@ -437,16 +500,34 @@ pub fn summarize(label: &str, target: &str, out: &RunOutput, warmup: f64) -> Sum
     let tpot: Vec<f64> = ok
         .iter()
         .filter(|r| r.output_tokens > 1)
-        .filter_map(|r| r.ttft_s.map(|t| (r.e2e_s - t) / (r.output_tokens - 1) as f64))
+        .filter_map(|r| {
+            r.ttft_s
+                .map(|t| (r.e2e_s - t) / (r.output_tokens - 1) as f64)
+        })
         .collect();
-    let late: Vec<f64> = out.records.iter().map(|r| (r.sent_s - r.scheduled_s).max(0.0)).collect();
+    let late: Vec<f64> = out
+        .records
+        .iter()
+        .map(|r| (r.sent_s - r.scheduled_s).max(0.0))
+        .collect();
     // Throughput over the measured window: from the first measured send to the last completion.
     let start = recs.iter().map(|r| r.sent_s).fold(f64::INFINITY, f64::min);
     let end = recs.iter().map(|r| r.sent_s + r.e2e_s).fold(0.0, f64::max);
-    let window = if end > start { end - start } else { out.wall_s.max(1e-9) };
+    let window = if end > start {
+        end - start
+    } else {
+        out.wall_s.max(1e-9)
+    };
     let out_tokens: u64 = ok.iter().map(|r| r.output_tokens).sum();
-    let (pt, ct): (u64, u64) = ok.iter().filter_map(|r| Some((r.prompt_tokens?, r.cached_tokens?))).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-    let client_hit_rate = if pt > 0 { Some(ct as f64 / pt as f64) } else { None };
+    let (pt, ct): (u64, u64) = ok
+        .iter()
+        .filter_map(|r| Some((r.prompt_tokens?, r.cached_tokens?)))
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let client_hit_rate = if pt > 0 {
+        Some(ct as f64 / pt as f64)
+    } else {
+        None
+    };
 
     let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     for r in &recs {
@@ -459,7 +540,12 @@ pub fn summarize(label: &str, target: &str, out: &RunOutput, warmup: f64) -> Sum
     let mut fleet_servers: BTreeMap<String, (f64, f64, f64)> = BTreeMap::new();
     if let (Some(b), Some(a)) = (&out.fleet_before, &out.fleet_after) {
         let empty = vec![];
-        let before: BTreeMap<String, &Value> = b["servers"].as_array().unwrap_or(&empty).iter().map(|s| (s["name"].as_str().unwrap_or("").to_string(), s)).collect();
+        let before: BTreeMap<String, &Value> = b["servers"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .map(|s| (s["name"].as_str().unwrap_or("").to_string(), s))
+            .collect();
         let (mut p, mut c, mut util_sum, mut n) = (0.0, 0.0, 0.0, 0.0);
         for s in a["servers"].as_array().unwrap_or(&empty) {
             let name = s["name"].as_str().unwrap_or("").to_string();
@@ -467,8 +553,19 @@ pub fn summarize(label: &str, target: &str, out: &RunOutput, warmup: f64) -> Sum
             let bs = before.get(&name).copied().unwrap_or(&z);
             // A reset between the snapshots restarts the counters: then the after value is the delta.
             let reset = num(s, "elapsed_s") < num(bs, "elapsed_s");
-            let d = |k: &str| if reset { num(s, k) } else { num(s, k) - num(bs, k) };
-            let (dp, dc, db, de) = (d("prompt_tokens"), d("cached_tokens"), d("busy_s"), d("elapsed_s"));
+            let d = |k: &str| {
+                if reset {
+                    num(s, k)
+                } else {
+                    num(s, k) - num(bs, k)
+                }
+            };
+            let (dp, dc, db, de) = (
+                d("prompt_tokens"),
+                d("cached_tokens"),
+                d("busy_s"),
+                d("elapsed_s"),
+            );
             let util = if de > 0.0 { (db / de).min(1.0) } else { 0.0 };
             p += dp;
             c += dc;
@@ -508,7 +605,11 @@ pub fn summarize(label: &str, target: &str, out: &RunOutput, warmup: f64) -> Sum
         .collect();
     let mut per_kind_ttft_s = BTreeMap::new();
     for kind in [Kind::Chat, Kind::Rag, Kind::Unique] {
-        let v: Vec<f64> = ok.iter().filter(|r| r.kind == kind).filter_map(|r| r.ttft_s).collect();
+        let v: Vec<f64> = ok
+            .iter()
+            .filter(|r| r.kind == kind)
+            .filter_map(|r| r.ttft_s)
+            .collect();
         if !v.is_empty() {
             per_kind_ttft_s.insert(kind.name().to_string(), Dist::of(&v));
         }
@@ -540,18 +641,38 @@ fn ms(x: f64) -> String {
 }
 
 fn pct(x: Option<f64>) -> String {
-    x.map(|v| format!("{:.1}%", v * 100.0)).unwrap_or_else(|| "-".into())
+    x.map(|v| format!("{:.1}%", v * 100.0))
+        .unwrap_or_else(|| "-".into())
 }
 
 /// Share per server as "25/25/26/24" (percent, servers sorted by name).
 pub fn share_string(s: &Summary) -> String {
-    s.per_server.iter().filter(|p| p.server != "(none)").map(|p| format!("{:.0}", p.share * 100.0)).collect::<Vec<_>>().join("/")
+    s.per_server
+        .iter()
+        .filter(|p| p.server != "(none)")
+        .map(|p| format!("{:.0}", p.share * 100.0))
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// One table, one row per run.
 pub fn table(runs: &[Summary]) -> String {
     let head = [
-        "policy", "ok", "err", "TTFT mean", "p50", "p90", "p99", "e2e p50", "e2e p99", "req/s", "out tok/s", "hit rate", "util", "share % per server", "late max",
+        "policy",
+        "ok",
+        "err",
+        "TTFT mean",
+        "p50",
+        "p90",
+        "p99",
+        "e2e p50",
+        "e2e p99",
+        "req/s",
+        "out tok/s",
+        "hit rate",
+        "util",
+        "share % per server",
+        "late max",
     ];
     let rows: Vec<Vec<String>> = runs
         .iter()
@@ -586,12 +707,32 @@ pub fn table(runs: &[Summary]) -> String {
         let parts: Vec<String> = cells
             .iter()
             .enumerate()
-            .map(|(i, c)| if i == 0 || i == 13 { format!("{:<w$}", c, w = w[i]) } else { format!("{:>w$}", c, w = w[i]) })
+            .map(|(i, c)| {
+                if i == 0 || i == 13 {
+                    format!("{:<w$}", c, w = w[i])
+                } else {
+                    format!("{:>w$}", c, w = w[i])
+                }
+            })
             .collect();
         out.push_str(&format!("| {} |\n", parts.join(" | ")));
     };
-    line(&head.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &mut out);
-    out.push_str(&format!("|{}|\n", w.iter().enumerate().map(|(i, n)| if i == 0 || i == 13 { format!(":{}", "-".repeat(n + 1)) } else { format!("{}:", "-".repeat(n + 1)) }).collect::<Vec<_>>().join("|")));
+    line(
+        &head.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        &mut out,
+    );
+    out.push_str(&format!(
+        "|{}|\n",
+        w.iter()
+            .enumerate()
+            .map(|(i, n)| if i == 0 || i == 13 {
+                format!(":{}", "-".repeat(n + 1))
+            } else {
+                format!("{}:", "-".repeat(n + 1))
+            })
+            .collect::<Vec<_>>()
+            .join("|")
+    ));
     for r in &rows {
         line(r, &mut out);
     }

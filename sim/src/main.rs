@@ -1,9 +1,9 @@
 //! llmproxy-sim: a simulated vLLM-like model-server fleet, a load generator, and a driver that
 //! compares routers on the same trace.
 
+pub mod compare;
 pub mod engine;
 pub mod kv;
-pub mod compare;
 pub mod load;
 pub mod proxy;
 pub mod server;
@@ -12,7 +12,11 @@ pub mod workload;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "llmproxy-sim", version, about = "Simulated LLM serving fleet and routing benchmark")]
+#[command(
+    name = "llmproxy-sim",
+    version,
+    about = "Simulated LLM serving fleet and routing benchmark"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -53,7 +57,11 @@ struct LoadArgs {
 async fn load_cmd(a: LoadArgs) -> Result<(), String> {
     let trace = workload::generate(&a.workload)?;
     if a.reset {
-        let url = a.run.stats_url.as_deref().ok_or("--reset needs --stats-url")?;
+        let url = a
+            .run
+            .stats_url
+            .as_deref()
+            .ok_or("--reset needs --stats-url")?;
         load::reset_fleet(&load::http_client()?, url).await?;
     }
     eprintln!(
@@ -71,7 +79,8 @@ async fn load_cmd(a: LoadArgs) -> Result<(), String> {
         println!("error x{n}: {k}");
     }
     if let Some(p) = &a.json_out {
-        let doc = serde_json::json!({"summary": &s, "workload": &a.workload, "records": &out.records});
+        let doc =
+            serde_json::json!({"summary": &s, "workload": &a.workload, "records": &out.records});
         std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap_or_default())
             .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
     }

@@ -56,7 +56,14 @@ fn pick(s: &Shared) -> usize {
     }
 }
 
-const HOP: &[&str] = &["host", "connection", "content-length", "transfer-encoding", "keep-alive", "upgrade"];
+const HOP: &[&str] = &[
+    "host",
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "keep-alive",
+    "upgrade",
+];
 
 async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
     let i = pick(&s);
@@ -67,7 +74,11 @@ async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return (StatusCode::PAYLOAD_TOO_LARGE, e.to_string()).into_response(),
     };
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     let url = format!("{}{pq}", s.backends[i]);
     let mut rb = s.client.request(parts.method.clone(), &url).body(body);
     for (k, v) in parts.headers.iter() {
@@ -94,7 +105,12 @@ async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
 }
 
 pub async fn run(a: ProxyArgs) -> Result<(), String> {
-    let backends: Vec<String> = a.backends.iter().map(|b| b.trim_end_matches('/').to_string()).filter(|b| !b.is_empty()).collect();
+    let backends: Vec<String> = a
+        .backends
+        .iter()
+        .map(|b| b.trim_end_matches('/').to_string())
+        .filter(|b| !b.is_empty())
+        .collect();
     if backends.is_empty() {
         return Err("no --backend".into());
     }
@@ -105,11 +121,24 @@ pub async fn run(a: ProxyArgs) -> Result<(), String> {
         next: AtomicUsize::new(0),
         policy: a.policy,
     });
-    let l = tokio::net::TcpListener::bind(&a.listen).await.map_err(|e| format!("cannot bind {}: {e}", a.listen))?;
+    let l = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .map_err(|e| format!("cannot bind {}: {e}", a.listen))?;
+    let local = l
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| a.listen.clone());
     let l = l.tap_io(|t| {
         let _ = t.set_nodelay(true);
     });
-    println!("llmproxy-sim proxy: {:?} on {} -> {}", a.policy, a.listen, shared.backends.join(" "));
+    println!(
+        "llmproxy-sim proxy: {:?} -> {}",
+        a.policy,
+        shared.backends.join(" ")
+    );
+    println!("listening: http://{local}");
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
     let app = axum::Router::new().fallback(forward).with_state(shared);
     tokio::select! {
         r = axum::serve(l, app) => r.map_err(|e| format!("proxy stopped: {e}")),

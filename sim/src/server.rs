@@ -24,7 +24,7 @@ pub struct ServeArgs {
     /// Number of model servers.
     #[arg(long, default_value_t = 4)]
     pub servers: usize,
-    /// Port of the first server; server i listens on base-port + i.
+    /// Port of the first server; server i listens on base-port + i (0: ephemeral ports).
     #[arg(long, default_value_t = 18000)]
     pub base_port: u16,
     /// Address to bind (keep it on loopback).
@@ -101,7 +101,13 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(name: String, port: u16, model: String, default_max_tokens: usize, cfg: EngineConfig) -> Self {
+    pub fn new(
+        name: String,
+        port: u16,
+        model: String,
+        default_max_tokens: usize,
+        cfg: EngineConfig,
+    ) -> Self {
         Server {
             name,
             port,
@@ -121,11 +127,18 @@ impl Server {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn submit(&self, prompt: String, max_tokens: usize) -> Result<(u64, mpsc::UnboundedReceiver<Ev>), String> {
+    fn submit(
+        &self,
+        prompt: String,
+        max_tokens: usize,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<Ev>), String> {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = {
             let mut g = self.lock();
-            let id = g.engine.submit(prompt, max_tokens).map_err(|e| e.to_string())?;
+            let id = g
+                .engine
+                .submit(prompt, max_tokens)
+                .map_err(|e| e.to_string())?;
             g.subs.insert(id, tx);
             id
         };
@@ -140,7 +153,12 @@ impl Server {
             let step = {
                 let mut g = self.lock();
                 // Requests whose client went away stop consuming the engine.
-                let gone: Vec<u64> = g.subs.iter().filter(|(_, tx)| tx.is_closed()).map(|(id, _)| *id).collect();
+                let gone: Vec<u64> = g
+                    .subs
+                    .iter()
+                    .filter(|(_, tx)| tx.is_closed())
+                    .map(|(id, _)| *id)
+                    .collect();
                 for id in gone {
                     g.subs.remove(&id);
                     g.engine.abort(id);
@@ -154,7 +172,11 @@ impl Server {
             // Back-to-back steps are timed from the previous deadline so that timer
             // granularity does not accumulate.
             let now = Instant::now();
-            let start = if now.saturating_duration_since(prev_end) < Duration::from_millis(2) { prev_end } else { now };
+            let start = if now.saturating_duration_since(prev_end) < Duration::from_millis(2) {
+                prev_end
+            } else {
+                now
+            };
             let end = start + Duration::from_secs_f64(step.duration_s);
             tokio::time::sleep_until(end.into()).await;
             prev_end = end;
@@ -163,7 +185,11 @@ impl Server {
             let mut dead = Vec::new();
             for em in ems {
                 if let Some(tx) = g.subs.get(&em.id) {
-                    let sent = tx.send(Ev::Token { text: em.text, finished: em.finished, usage: em.usage });
+                    let sent = tx.send(Ev::Token {
+                        text: em.text,
+                        finished: em.finished,
+                        usage: em.usage,
+                    });
                     if sent.is_err() && !em.finished {
                         dead.push(em.id);
                     }
@@ -224,15 +250,60 @@ impl Server {
         let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{model_name=\"{m}\",engine=\"0\"}} {value}");
         };
-        metric("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", g.engine.num_running() as f64);
-        metric("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", g.engine.num_waiting() as f64);
-        metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", g.engine.kv_usage());
-        metric("vllm:gpu_cache_usage_perc", "gauge", "GPU KV-cache usage (legacy name). 1 means 100 percent usage.", g.engine.kv_usage());
-        metric("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in tokens.", c.prefix_queries as f64);
-        metric("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in tokens.", c.prefix_hits as f64);
-        metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", c.prompt_tokens as f64);
-        metric("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", c.generation_tokens as f64);
-        metric("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions.", c.preemptions as f64);
+        metric(
+            "vllm:num_requests_running",
+            "gauge",
+            "Number of requests in model execution batches.",
+            g.engine.num_running() as f64,
+        );
+        metric(
+            "vllm:num_requests_waiting",
+            "gauge",
+            "Number of requests waiting to be processed.",
+            g.engine.num_waiting() as f64,
+        );
+        metric(
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            g.engine.kv_usage(),
+        );
+        metric(
+            "vllm:gpu_cache_usage_perc",
+            "gauge",
+            "GPU KV-cache usage (legacy name). 1 means 100 percent usage.",
+            g.engine.kv_usage(),
+        );
+        metric(
+            "vllm:prefix_cache_queries_total",
+            "counter",
+            "Prefix cache queries, in tokens.",
+            c.prefix_queries as f64,
+        );
+        metric(
+            "vllm:prefix_cache_hits_total",
+            "counter",
+            "Prefix cache hits, in tokens.",
+            c.prefix_hits as f64,
+        );
+        metric(
+            "vllm:prompt_tokens_total",
+            "counter",
+            "Number of prefill tokens processed.",
+            c.prompt_tokens as f64,
+        );
+        metric(
+            "vllm:generation_tokens_total",
+            "counter",
+            "Number of generation tokens processed.",
+            c.generation_tokens as f64,
+        );
+        metric(
+            "vllm:num_preemptions_total",
+            "counter",
+            "Cumulative number of preemptions.",
+            c.preemptions as f64,
+        );
         let _ = writeln!(
             s,
             "# HELP vllm:request_success_total Count of successfully processed requests.\n# TYPE vllm:request_success_total counter\nvllm:request_success_total{{model_name=\"{m}\",engine=\"0\",finished_reason=\"length\"}} {}",
@@ -262,7 +333,10 @@ struct AppState {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn error_response(status: StatusCode, message: &str) -> Response {
@@ -343,17 +417,34 @@ async fn completions(State(st): State<AppState>, body: Bytes) -> Response {
 async fn generate(st: AppState, body: Bytes, api: Api) -> Response {
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
-        Ok(_) => return error_response(StatusCode::BAD_REQUEST, "request body must be a JSON object"),
-        Err(e) => return error_response(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")),
+        Ok(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "request body must be a JSON object",
+            )
+        }
+        Err(e) => {
+            return error_response(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}"))
+        }
     };
     let prompt = match api {
         Api::Chat => match req.get("messages").and_then(Value::as_array) {
             Some(msgs) if !msgs.is_empty() => render_chat(msgs),
-            _ => return error_response(StatusCode::BAD_REQUEST, "'messages' must be a non-empty array"),
+            _ => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "'messages' must be a non-empty array",
+                )
+            }
         },
         Api::Completions => match req.get("prompt").and_then(completion_prompt) {
             Some(p) => p,
-            None => return error_response(StatusCode::BAD_REQUEST, "'prompt' must be a string, an array of strings or token ids"),
+            None => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "'prompt' must be a string, an array of strings or token ids",
+                )
+            }
         },
     };
     let srv = &st.server;
@@ -368,7 +459,11 @@ async fn generate(st: AppState, body: Bytes, api: Api) -> Response {
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let model = req.get("model").and_then(Value::as_str).unwrap_or(&srv.model).to_string();
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or(&srv.model)
+        .to_string();
     let (id, rx) = match srv.submit(prompt, max_tokens) {
         Ok(x) => x,
         Err(msg) => return error_response(StatusCode::BAD_REQUEST, &msg),
@@ -380,7 +475,13 @@ async fn generate(st: AppState, body: Bytes, api: Api) -> Response {
     let rid = format!("{prefix}-{}-{id}", srv.port);
     let created = unix_now();
     if stream {
-        let fmt = ChunkFmt { api, rid, created, model, object: chunk_object };
+        let fmt = ChunkFmt {
+            api,
+            rid,
+            created,
+            model,
+            object: chunk_object,
+        };
         sse_response(rx, fmt, include_usage)
     } else {
         collect_response(rx, api, rid, created, model, object).await
@@ -397,13 +498,23 @@ struct ChunkFmt {
 
 impl ChunkFmt {
     fn token(&self, text: &str, first: bool, finished: bool) -> String {
-        let finish = if finished { json!("length") } else { Value::Null };
+        let finish = if finished {
+            json!("length")
+        } else {
+            Value::Null
+        };
         let choice = match self.api {
             Api::Chat => {
-                let delta = if first { json!({"role": "assistant", "content": text}) } else { json!({"content": text}) };
+                let delta = if first {
+                    json!({"role": "assistant", "content": text})
+                } else {
+                    json!({"content": text})
+                };
                 json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
             }
-            Api::Completions => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}),
+            Api::Completions => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+            }
         };
         json!({"id": self.rid, "object": self.object, "created": self.created, "model": self.model, "choices": [choice]}).to_string()
     }
@@ -432,7 +543,14 @@ struct SseState {
 }
 
 fn sse_response(rx: mpsc::UnboundedReceiver<Ev>, fmt: ChunkFmt, include_usage: bool) -> Response {
-    let st = SseState { rx, fmt, include_usage, pending: VecDeque::new(), first: true, done: false };
+    let st = SseState {
+        rx,
+        fmt,
+        include_usage,
+        pending: VecDeque::new(),
+        first: true,
+        done: false,
+    };
     let stream = futures_util::stream::unfold(st, |mut st| async move {
         loop {
             if let Some(data) = st.pending.pop_front() {
@@ -442,8 +560,13 @@ fn sse_response(rx: mpsc::UnboundedReceiver<Ev>, fmt: ChunkFmt, include_usage: b
                 return None;
             }
             match st.rx.recv().await {
-                Some(Ev::Token { text, finished, usage }) => {
-                    st.pending.push_back(st.fmt.token(&text, st.first, finished));
+                Some(Ev::Token {
+                    text,
+                    finished,
+                    usage,
+                }) => {
+                    st.pending
+                        .push_back(st.fmt.token(&text, st.first, finished));
                     st.first = false;
                     if finished {
                         if st.include_usage {
@@ -472,7 +595,12 @@ async fn collect_response(
     let mut text = String::new();
     let mut usage = Usage::default();
     let mut complete = false;
-    while let Some(Ev::Token { text: t, finished, usage: u }) = rx.recv().await {
+    while let Some(Ev::Token {
+        text: t,
+        finished,
+        usage: u,
+    }) = rx.recv().await
+    {
         text.push_str(&t);
         usage = u;
         if finished {
@@ -484,8 +612,12 @@ async fn collect_response(
         return error_response(StatusCode::INTERNAL_SERVER_ERROR, "request aborted");
     }
     let choice = match api {
-        Api::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "length"}),
-        Api::Completions => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": "length"}),
+        Api::Chat => {
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "length"})
+        }
+        Api::Completions => {
+            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": "length"})
+        }
     };
     Json(json!({"id": rid, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage_json(&usage)}))
         .into_response()
@@ -498,12 +630,17 @@ async fn health() -> StatusCode {
 async fn models(State(st): State<AppState>) -> Json<Value> {
     let s = &st.server;
     let max_len = s.lock().engine.config().max_model_len;
-    Json(json!({"object": "list", "data": [{"id": s.model, "object": "model", "created": unix_now(), "owned_by": "llmproxy-sim", "root": s.model, "parent": null, "max_model_len": max_len}]}))
+    Json(
+        json!({"object": "list", "data": [{"id": s.model, "object": "model", "created": unix_now(), "owned_by": "llmproxy-sim", "root": s.model, "parent": null, "max_model_len": max_len}]}),
+    )
 }
 
 async fn metrics(State(st): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         st.server.metrics(),
     )
         .into_response()
@@ -512,12 +649,19 @@ async fn metrics(State(st): State<AppState>) -> Response {
 async fn get_load(State(st): State<AppState>) -> Json<Value> {
     let g = st.server.lock();
     let (r, w) = (g.engine.num_running(), g.engine.num_waiting());
-    Json(json!([{"dp_rank": 0, "num_reqs": r + w, "num_waiting_reqs": w, "num_tokens": g.engine.tokens_in_flight()}]))
+    Json(
+        json!([{"dp_rank": 0, "num_reqs": r + w, "num_waiting_reqs": w, "num_tokens": g.engine.tokens_in_flight()}]),
+    )
 }
 
 async fn sim_stats(State(st): State<AppState>) -> Json<Value> {
     let servers: Vec<Value> = st.fleet.iter().map(|s| s.stats()).collect();
-    let sum = |k: &str| servers.iter().map(|s| s[k].as_f64().unwrap_or(0.0)).sum::<f64>();
+    let sum = |k: &str| {
+        servers
+            .iter()
+            .map(|s| s[k].as_f64().unwrap_or(0.0))
+            .sum::<f64>()
+    };
     let (p, c) = (sum("prompt_tokens"), sum("cached_tokens"));
     let n = servers.len().max(1) as f64;
     Json(json!({
@@ -549,7 +693,10 @@ async fn flush_cache(State(st): State<AppState>) -> StatusCode {
 }
 
 async fn not_found(req: Request) -> Response {
-    error_response(StatusCode::NOT_FOUND, &format!("no route for {} {}", req.method(), req.uri().path()))
+    error_response(
+        StatusCode::NOT_FOUND,
+        &format!("no route for {} {}", req.method(), req.uri().path()),
+    )
 }
 
 async fn served_by(State(name): State<HeaderValue>, mut resp: Response) -> Response {
@@ -558,7 +705,8 @@ async fn served_by(State(name): State<HeaderValue>, mut resp: Response) -> Respo
 }
 
 fn app(server: Arc<Server>, fleet: Arc<Vec<Arc<Server>>>) -> Router {
-    let name = HeaderValue::from_str(&server.name).unwrap_or_else(|_| HeaderValue::from_static("sim"));
+    let name =
+        HeaderValue::from_str(&server.name).unwrap_or_else(|_| HeaderValue::from_static("sim"));
     let st = AppState { server, fleet };
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
@@ -587,10 +735,15 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
     let mut listeners = Vec::new();
     let mut fleet = Vec::new();
     for i in 0..args.servers {
-        let port = args
-            .base_port
-            .checked_add(i as u16)
-            .ok_or_else(|| format!("port overflow: {} + {i}", args.base_port))?;
+        // Base port 0: every server gets an ephemeral port (printed on the "servers:" line).
+        let port = if args.base_port == 0 {
+            0
+        } else {
+            u16::try_from(i)
+                .ok()
+                .and_then(|i| args.base_port.checked_add(i))
+                .ok_or_else(|| format!("port overflow: {} + {i}", args.base_port))?
+        };
         let addr = format!("{}:{port}", args.host);
         let l = tokio::net::TcpListener::bind(&addr)
             .await
@@ -618,11 +771,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
         });
     }
     println!(
-        "llmproxy-sim: {} servers on {}:{}-{} (model {}, {} blocks x {} tokens, step {}ms + {}us/prefill token + {}us/decoding request)",
+        "llmproxy-sim: {} servers (model {}, {} blocks x {} tokens, step {}ms + {}us/prefill token + {}us/decoding request)",
         args.servers,
-        args.host,
-        fleet[0].port,
-        fleet[fleet.len() - 1].port,
         args.model,
         cfg.num_gpu_blocks,
         cfg.block_size,
@@ -630,6 +780,14 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
         args.prefill_us_per_token,
         args.decode_us_per_seq
     );
+    let urls: Vec<String> = fleet
+        .iter()
+        .map(|s| format!("http://{}:{}", args.host, s.port))
+        .collect();
+    // One line that scripts can parse: the base URL of every server.
+    println!("servers: {}", urls.join(" "));
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
     tokio::select! {
         r = tasks.join_next() => match r {
             Some(Ok(Err(e))) => Err(format!("server stopped: {e}")),
@@ -643,13 +801,14 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

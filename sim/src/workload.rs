@@ -26,7 +26,11 @@ impl Range {
 impl FromStr for Range {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let parse = |x: &str| x.trim().parse::<u64>().map_err(|e| format!("bad number {x:?} in range {s:?}: {e}"));
+        let parse = |x: &str| {
+            x.trim()
+                .parse::<u64>()
+                .map_err(|e| format!("bad number {x:?} in range {s:?}: {e}"))
+        };
         let (lo, hi) = match s.split_once(':') {
             Some((a, b)) => (parse(a)?, parse(b)?),
             None => {
@@ -52,10 +56,19 @@ pub struct Mix {
 impl FromStr for Mix {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let mut m = Mix { chat: 0.0, rag: 0.0, unique: 0.0 };
+        let mut m = Mix {
+            chat: 0.0,
+            rag: 0.0,
+            unique: 0.0,
+        };
         for part in s.split(',').filter(|p| !p.trim().is_empty()) {
-            let (k, v) = part.split_once('=').ok_or_else(|| format!("mix entry {part:?} is not name=weight"))?;
-            let v: f64 = v.trim().parse().map_err(|e| format!("mix weight {v:?}: {e}"))?;
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("mix entry {part:?} is not name=weight"))?;
+            let v: f64 = v
+                .trim()
+                .parse()
+                .map_err(|e| format!("mix weight {v:?}: {e}"))?;
             if !(v >= 0.0 && v.is_finite()) {
                 return Err(format!("mix weight {v} must be >= 0"));
             }
@@ -85,7 +98,7 @@ pub struct WorkloadArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Request shares of the workloads.
-    #[arg(long, default_value = "chat=0.6,rag=0.3,unique=0.1")]
+    #[arg(long, default_value = "chat=0.5,rag=0.4,unique=0.1")]
     pub mix: Mix,
     /// Model name sent in requests.
     #[arg(long, default_value = "sim-llama-3-8b")]
@@ -94,22 +107,22 @@ pub struct WorkloadArgs {
     #[arg(long, default_value_t = 8)]
     pub tenants: u64,
     /// Chat: system prompt length (tokens).
-    #[arg(long, default_value = "1500:4000")]
+    #[arg(long, default_value = "2000:6000")]
     pub system_tokens: Range,
     /// Chat: turns per conversation.
     #[arg(long, default_value = "2:6")]
     pub turns: Range,
     /// Chat: user message length (tokens).
-    #[arg(long, default_value = "20:200")]
+    #[arg(long, default_value = "50:300")]
     pub user_tokens: Range,
     /// Chat: mean think time between a reply and the next turn (s, exponential).
     #[arg(long, default_value_t = 3.0)]
     pub think_s: f64,
     /// RAG: number of shared documents (popularity is Zipf-like).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 48)]
     pub docs: u64,
     /// RAG: document length (tokens).
-    #[arg(long, default_value = "1000:3000")]
+    #[arg(long, default_value = "2000:6000")]
     pub doc_tokens: Range,
     /// RAG: Zipf exponent of document popularity.
     #[arg(long, default_value_t = 1.0)]
@@ -118,10 +131,10 @@ pub struct WorkloadArgs {
     #[arg(long, default_value = "10:40")]
     pub question_tokens: Range,
     /// Unique prompts: length (tokens).
-    #[arg(long, default_value = "200:2000")]
+    #[arg(long, default_value = "500:4000")]
     pub unique_tokens: Range,
     /// Output length of every request (max_tokens).
-    #[arg(long, default_value = "32:192")]
+    #[arg(long, default_value = "32:160")]
     pub output_tokens: Range,
 }
 
@@ -227,9 +240,13 @@ pub fn generate(a: &WorkloadArgs) -> Result<Trace, String> {
     let docs: Vec<String> = (0..a.docs)
         .map(|d| format!("Document {d}. {}", text_of(&mut r, a.doc_tokens)))
         .collect();
-    let rag_system: Arc<str> = Arc::from("You answer questions using only the document the user provides. Quote it when you can.");
+    let rag_system: Arc<str> = Arc::from(
+        "You answer questions using only the document the user provides. Quote it when you can.",
+    );
     // Zipf weights for document popularity.
-    let zipf: Vec<f64> = (1..=a.docs).map(|k| 1.0 / (k as f64).powf(a.doc_zipf)).collect();
+    let zipf: Vec<f64> = (1..=a.docs)
+        .map(|k| 1.0 / (k as f64).powf(a.doc_zipf))
+        .collect();
     let zsum: f64 = zipf.iter().sum();
 
     // Session kinds are drawn so that the *request* shares match the mix.
@@ -262,7 +279,13 @@ pub fn generate(a: &WorkloadArgs) -> Result<Trace, String> {
                         think_s: if i == 0 { 0.0 } else { exp(&mut r, a.think_s) },
                     })
                     .collect();
-                Session { id, kind, start_s: t, system: Some(systems[tenant].clone()), turns }
+                Session {
+                    id,
+                    kind,
+                    start_s: t,
+                    system: Some(systems[tenant].clone()),
+                    turns,
+                }
             }
             Kind::Rag => {
                 let mut x = r.f64() * zsum;
@@ -299,7 +322,11 @@ pub fn generate(a: &WorkloadArgs) -> Result<Trace, String> {
         sessions.push(s);
         t += exp(&mut r, 1.0 / session_rate);
     }
-    Ok(Trace { sessions, duration_s: a.duration, model: a.model.clone() })
+    Ok(Trace {
+        sessions,
+        duration_s: a.duration,
+        model: a.model.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -331,10 +358,18 @@ mod tests {
         }
         let n = t1.max_requests() as f64;
         assert!((n / 200.0 - 20.0).abs() < 2.0, "request rate {}", n / 200.0);
-        let chat: usize = t1.sessions.iter().filter(|s| s.kind == Kind::Chat).map(|s| s.turns.len()).sum();
-        assert!((chat as f64 / n - 0.6).abs() < 0.05);
+        let chat: usize = t1
+            .sessions
+            .iter()
+            .filter(|s| s.kind == Kind::Chat)
+            .map(|s| s.turns.len())
+            .sum();
+        assert!((chat as f64 / n - 0.5).abs() < 0.05);
         let other = generate(&args(&["--rate", "20", "--duration", "200", "--seed", "2"])).unwrap();
-        assert_ne!(other.sessions[0].turns[0].user, t1.sessions[0].turns[0].user);
+        assert_ne!(
+            other.sessions[0].turns[0].user,
+            t1.sessions[0].turns[0].user
+        );
     }
 
     #[test]

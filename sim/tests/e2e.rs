@@ -1,0 +1,256 @@
+//! End-to-end: real `llmproxy-sim serve` and `proxy` processes on 127.0.0.1 (ephemeral ports),
+//! real HTTP, a seconds-long `compare` run. Every child is killed when the test ends, also on
+//! failure.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_llmproxy-sim");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start the binary and wait (bounded) for a stdout line starting with `prefix`.
+fn start(args: &[&str], prefix: &str) -> (Proc, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn llmproxy-sim");
+    let out = child.stdout.take().unwrap();
+    let proc = Proc(child);
+    let (tx, rx) = mpsc::channel();
+    let wanted = prefix.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.strip_prefix(&wanted) {
+                let _ = tx.send(rest.trim().to_string());
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("no {prefix:?} line from llmproxy-sim {args:?}"));
+    (proc, line)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn fleet_speaks_the_worker_contract() {
+    let (_fleet, line) = start(
+        &[
+            "serve",
+            "--servers",
+            "2",
+            "--base-port",
+            "0",
+            "--model",
+            "m1",
+        ],
+        "servers:",
+    );
+    let urls: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+    assert_eq!(urls.len(), 2);
+    let name0 = urls[0].trim_start_matches("http://").to_string();
+    rt().block_on(async {
+        let c = reqwest::Client::new();
+        let u = &urls[0];
+        // Health, models, served-by on every response, fast 404 for the optional endpoints.
+        let r = c.get(format!("{u}/health")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-served-by"], name0.as_str());
+        let m: Value = c.get(format!("{u}/v1/models")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(m["data"][0]["id"], "m1");
+        for (method, path) in [("GET", "/get_model_info"), ("GET", "/get_server_info"), ("POST", "/v1/chat/completions/render"), ("POST", "/tokenize")] {
+            let r = c.request(method.parse().unwrap(), format!("{u}{path}")).send().await.unwrap();
+            assert_eq!(r.status(), 404, "{path}");
+            assert!(r.headers().contains_key("x-served-by"));
+        }
+        // Unknown fields (as the peer routers add them) are ignored; JSON response with usage.
+        let body = serde_json::json!({"model": "m1", "messages": [{"role": "system", "content": "s ".repeat(200)}, {"role": "user", "content": "hi"}],
+            "max_tokens": 5, "logprobs": false, "no_stop_trim": false, "separate_reasoning": true});
+        let r: Value = c.post(format!("{u}/v1/chat/completions")).json(&body).send().await.unwrap().json().await.unwrap();
+        assert_eq!(r["object"], "chat.completion");
+        assert_eq!(r["usage"]["completion_tokens"], 5);
+        assert_eq!(r["choices"][0]["message"]["content"].as_str().unwrap().len(), 20);
+        // The same prompt again, streamed: its prefix is cached now.
+        let mut body = body.clone();
+        body["stream"] = true.into();
+        body["stream_options"] = serde_json::json!({"include_usage": true});
+        let r = c.post(format!("{u}/v1/chat/completions")).json(&body).send().await.unwrap();
+        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        let text = r.text().await.unwrap();
+        let datas: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+        assert_eq!(*datas.last().unwrap(), "[DONE]");
+        let chunks: Vec<Value> = datas[..datas.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+        assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        let usage = &chunks.last().unwrap()["usage"];
+        assert!(usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() >= 96, "{usage}");
+        // Completions API.
+        let r: Value = c.post(format!("{}/v1/completions", urls[1])).json(&serde_json::json!({"prompt": "abc", "max_tokens": 2})).send().await.unwrap().json().await.unwrap();
+        assert_eq!(r["object"], "text_completion");
+        // Bad input is a clear 400.
+        let r = c.post(format!("{u}/v1/chat/completions")).body("{not json").send().await.unwrap();
+        assert_eq!(r.status(), 400);
+        // Metrics with the vLLM names, SGLang-shaped load.
+        let metrics = c.get(format!("{u}/metrics")).send().await.unwrap().text().await.unwrap();
+        for name in ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:cache_config_info{"] {
+            assert!(metrics.contains(name), "missing {name}");
+        }
+        let hits = metrics.lines().find(|l| l.starts_with("vllm:prefix_cache_hits_total")).unwrap();
+        assert!(!hits.ends_with(" 0"), "{hits}");
+        let load: Value = c.get(format!("{u}/get_load")).send().await.unwrap().json().await.unwrap();
+        assert!(load[0]["num_tokens"].is_u64() && load[0]["num_waiting_reqs"].is_u64());
+        // Fleet stats and reset.
+        let s: Value = c.get(format!("{}/sim/stats", urls[1])).send().await.unwrap().json().await.unwrap();
+        assert_eq!(s["servers"].as_array().unwrap().len(), 2);
+        assert_eq!(s["servers"][0]["requests"], 2);
+        assert!(s["servers"][0]["cached_tokens"].as_u64().unwrap() > 0);
+        assert_eq!(s["servers"][1]["requests"], 1);
+        c.post(format!("{u}/sim/reset")).send().await.unwrap();
+        let s: Value = c.get(format!("{u}/sim/stats")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(s["totals"]["requests"], 0.0);
+        // After a reset the cache is cold again.
+        let r: Value = c.post(format!("{u}/v1/chat/completions")).json(&serde_json::json!({"messages": [{"role": "user", "content": "s ".repeat(200)}], "max_tokens": 1})).send().await.unwrap().json().await.unwrap();
+        assert_eq!(r["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    });
+}
+
+#[test]
+fn compare_runs_a_trace_through_a_proxy_and_directly() {
+    let (_fleet, line) = start(
+        &[
+            "serve",
+            "--servers",
+            "2",
+            "--base-port",
+            "0",
+            "--num-gpu-blocks",
+            "1024",
+        ],
+        "servers:",
+    );
+    let urls: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+    let backends = urls.join(",");
+    let (_rr, rr_url) = start(
+        &["proxy", "--listen", "127.0.0.1:0", "--backend", &backends],
+        "listening:",
+    );
+    let dir = std::env::temp_dir().join(format!("llmproxy-sim-e2e-{}", std::process::id()));
+    let dir_s = dir.to_string_lossy().to_string();
+    let rr_t = format!("rr={rr_url}");
+    let direct_t = format!("direct={}", urls[0]);
+    let mut args = vec![
+        "compare",
+        "--target",
+        &rr_t,
+        "--target",
+        &direct_t,
+        "--stats-url",
+        &urls[1],
+        "--out-dir",
+        &dir_s,
+        "--duration",
+        "4",
+        "--rate",
+        "6",
+        "--think-s",
+        "0.3",
+        "--tenants",
+        "2",
+        "--docs",
+        "3",
+        "--system-tokens",
+        "300:600",
+        "--doc-tokens",
+        "300:600",
+        "--unique-tokens",
+        "50:200",
+        "--output-tokens",
+        "8:24",
+        "--drain-timeout",
+        "20",
+        "--pause",
+        "0",
+        "--quiet",
+    ];
+    let plot_py = std::env::var("LLMPROXY_SIM_PLOT_PYTHON").ok();
+    match &plot_py {
+        Some(py) => args.extend(["--plot-python", py.as_str()]),
+        None => args.push("--no-plot"),
+    }
+    let out = Command::new(BIN).args(&args).output().expect("run compare");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "compare failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("| rr ") && stdout.contains("| direct "),
+        "{stdout}"
+    );
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
+    let runs = doc["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        let s = &run["summary"];
+        assert!(s["ok"].as_u64().unwrap() >= 10, "{s}");
+        assert_eq!(s["errors"], 0, "{s}");
+        assert!(s["ttft_s"]["p50"].as_f64().unwrap() > 0.0);
+        assert!(s["e2e_s"]["p50"].as_f64().unwrap() >= s["ttft_s"]["p50"].as_f64().unwrap());
+        assert!(
+            s["fleet_hit_rate"].as_f64().unwrap() > 0.1,
+            "shared prompts must hit: {s}"
+        );
+        assert!(s["output_tok_per_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(
+            run["ttft_s"].as_array().unwrap().len() as u64,
+            s["ok"].as_u64().unwrap()
+        );
+    }
+    // Round robin spreads over both servers; the direct run hits only the first.
+    let share = |i: usize| -> Vec<f64> {
+        runs[i]["summary"]["per_server"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["share"].as_f64().unwrap())
+            .collect()
+    };
+    assert!(share(0).iter().all(|&x| x > 0.3), "{:?}", share(0));
+    let d = share(1);
+    assert!(d.contains(&1.0) && d.contains(&0.0), "{d:?}");
+    // The fleet was reset between runs: the direct run's stats show only its own requests.
+    let served: f64 = runs[1]["summary"]["per_server"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["prompt_tokens"].as_f64().unwrap_or(0.0))
+        .filter(|&x| x > 0.0)
+        .count() as f64;
+    assert_eq!(served, 1.0);
+    if plot_py.is_some() {
+        assert!(std::fs::metadata(dir.join("ttft_cdf.png")).unwrap().len() > 10_000);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -149,8 +149,8 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // One worker thread per core (tokio's default).
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
         .enable_all()
         .build();
     let rt = match rt {

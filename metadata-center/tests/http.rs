@@ -506,30 +506,19 @@ fn replication_between_two_servers() {
         a.engine("m", "10.0.0.1:9000") == Some((0, 0))
             && b.engine("m", "10.0.0.1:9000") == Some((0, 0))
     });
-    // No re-broadcast: each server received exactly the events the other one sent.
+    // No re-broadcast: each server received exactly the events the other one sent. (The
+    // sender counts after the peer's answer, which may come after the apply we just saw.)
+    let sent = r#"metadata_center_replication_events_total{result="sent"}"#;
+    let received = r#"metadata_center_replication_events_total{result="received"}"#;
+    wait_until("sender counters", Duration::from_secs(3), || {
+        metric(&a.metrics(), sent) == Some(2.0) && metric(&b.metrics(), sent) == Some(1.0)
+    });
+    std::thread::sleep(Duration::from_millis(100));
     let (ma, mb) = (a.metrics(), b.metrics());
-    assert_eq!(
-        metric(
-            &ma,
-            r#"metadata_center_replication_events_total{result="sent"}"#
-        ),
-        Some(2.0),
-        "{ma}"
-    );
-    assert_eq!(
-        metric(
-            &ma,
-            r#"metadata_center_replication_events_total{result="received"}"#
-        ),
-        Some(1.0)
-    );
-    assert_eq!(
-        metric(
-            &mb,
-            r#"metadata_center_replication_events_total{result="received"}"#
-        ),
-        Some(2.0)
-    );
+    assert_eq!(metric(&ma, sent), Some(2.0), "{ma}");
+    assert_eq!(metric(&ma, received), Some(1.0), "{ma}");
+    assert_eq!(metric(&mb, received), Some(2.0), "{mb}");
+    assert_eq!(metric(&mb, sent), Some(1.0), "{mb}");
     assert!(mb.contains("replication_latency_ms_count"));
     // Receiver errors.
     let r = a.call("POST", "/v1/replica/event", Some("{}"), &[]);
@@ -587,19 +576,30 @@ fn replication_to_a_dead_peer_and_to_itself_stays_bounded() {
             r#"metadata_center_replication_events_total{result="failed"}"#,
         ) == Some(5.0)
     });
-    let m = s.metrics();
     // The self-peer answered with our own instance id once and is skipped from then on.
-    let sent = metric(
-        &m,
-        r#"metadata_center_replication_events_total{result="sent"}"#,
-    )
-    .unwrap();
-    let skipped = metric(
-        &m,
-        r#"metadata_center_replication_events_total{result="skipped_self"}"#,
-    )
-    .unwrap();
-    assert_eq!(sent + skipped, 5.0, "{m}");
+    let self_handled = |m: &str| {
+        let sent = metric(
+            m,
+            r#"metadata_center_replication_events_total{result="sent"}"#,
+        )
+        .unwrap();
+        let skipped = metric(
+            m,
+            r#"metadata_center_replication_events_total{result="skipped_self"}"#,
+        )
+        .unwrap();
+        (sent, skipped)
+    };
+    wait_until("self-peer events handled", Duration::from_secs(5), || {
+        let (sent, skipped) = self_handled(&s.metrics());
+        sent + skipped == 5.0
+    });
+    let m = s.metrics();
+    assert_eq!(
+        self_handled(&m).0,
+        1.0,
+        "one real send to itself, then skipped: {m}"
+    );
     assert_eq!(
         metric(
             &m,

@@ -46,9 +46,11 @@ using module_buf = envoy_dynamic_module_type_module_buffer;
 using module_header = envoy_dynamic_module_type_module_http_header;
 
 constexpr uint64_t kResumeEvent = 1;
-// Status reported to llmproxy_request_finish when the request was never forwarded upstream
-// (client gone while we were still deciding): not an endpoint failure.
-constexpr uint32_t kNotForwardedStatus = 499;
+// Status reported to llmproxy_request_finish when the client went away (nginx's 499 "client
+// closed request"): before we forwarded the request, or before any response. Not in the
+// library's endpoint-failure set (502/503/504/0).
+constexpr uint32_t kClientGoneStatus = 499;
+constexpr uint32_t kNotForwardedStatus = kClientGoneStatus;
 
 module_buf mb(const char *p, size_t n) { return module_buf{p, n}; }
 module_buf mb(const std::string &s) { return module_buf{s.data(), s.size()}; }
@@ -408,10 +410,16 @@ void finish_request(void *f, Filter &flt, bool from_complete) {
   if (!flt.req) return;
   uint32_t status = 0;
   if (flt.forwarded) {
+    // Envoy gives every upstream failure a response code (connect failure or reset before the
+    // response: 503, timeout: 504, ...). No code at all means the client went away before the
+    // response started: not the endpoint's fault, so it is not reported as 0 (= failure).
     uint64_t code = 0;
     if (from_complete && f &&
-        envoy_dynamic_module_callback_http_filter_get_attribute_int(f, ENVOY_ATTRIBUTE_RESPONSE_CODE, &code)) {
+        envoy_dynamic_module_callback_http_filter_get_attribute_int(f, ENVOY_ATTRIBUTE_RESPONSE_CODE, &code) &&
+        code != 0) {
       status = static_cast<uint32_t>(code);
+    } else {
+      status = kClientGoneStatus;
     }
   } else {
     // Never forwarded: our own 4xx reply is reported as is; anything else (our 5xx reply, a

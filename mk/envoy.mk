@@ -37,12 +37,13 @@ $(ENVOY_MODULE): $(BUILD_DIR)/llmproxy_envoy.o $(BUILD_DIR)/libllmproxy.a cpp_sh
 	  if [ "$$n" != "0" ]; then echo "$@ exports symbols other than the hooks:"; nm -D --defined-only $@ | grep -v ' envoy_dynamic_module_on_'; exit 1; fi
 
 # Fake Envoy host (tests/envoy/fake_host): the shim object + real library, with ASan/UBSan, and
-# --wrap=llmproxy_pick_async so tests can drive the PENDING path.
+# --wrap=llmproxy_pick_async so tests can drive the PENDING path (and --wrap=llmproxy_request_finish
+# to see the status the shim reports).
 ENVOY_SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 $(ENVOY_FAKE_HOST): tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_DEPS) $(BUILD_DIR)/libllmproxy.a
 	$(CXX) -std=c++17 -O1 -g $(ENVOY_SAN) -Wall -Wextra -Werror -Iinclude -Icpp_shim \
 	  tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_SRC) $(BUILD_DIR)/libllmproxy.a \
-	  -Wl,--wrap=llmproxy_pick_async $(ENVOY_RUST_LIBS) -o $@
+	  -Wl,--wrap=llmproxy_pick_async -Wl,--wrap=llmproxy_request_finish $(ENVOY_RUST_LIBS) -o $@
 
 test-envoy-fake-host: build
 	@$(MAKE) --no-print-directory $(ENVOY_FAKE_HOST)

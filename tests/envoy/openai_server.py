@@ -6,8 +6,8 @@ One process serves several named servers, each on its own 127.0.0.1 port:
 
 Every response carries `x-served-by: <name>`. POST /v1/chat/completions and /v1/completions
 answer JSON, or Server-Sent Events when the body says "stream": true (events are flushed one
-by one, `x-test-chunk-delay-ms` apart, `x-test-chunks` of them, the first one after
-`x-test-first-delay-ms`). The JSON answer echoes what
+by one, `x-test-chunk-delay-ms` apart, `x-test-chunks` of them). Any answer starts after
+`x-test-first-delay-ms` (a "prefill"). The JSON answer echoes what
 the server received (headers, body size, model) so tests can check what Envoy forwarded.
 GET /v1/models and /health answer too. Prints "READY" once every port listens.
 """
@@ -69,6 +69,7 @@ def make_handler(name):
             except ValueError:
                 req = {}
             model = req.get("model", "")
+            time.sleep(int(self.headers.get("x-test-first-delay-ms", "0")) / 1000.0)  # "prefill"
             echo = {
                 "served_by": name,
                 "model": model,
@@ -88,7 +89,6 @@ def make_handler(name):
         def _stream(self, model, echo):
             chunks = int(self.headers.get("x-test-chunks", "5"))
             delay = int(self.headers.get("x-test-chunk-delay-ms", "0")) / 1000.0
-            time.sleep(int(self.headers.get("x-test-first-delay-ms", "0")) / 1000.0)  # "prefill"
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
             self.send_header("cache-control", "no-cache")

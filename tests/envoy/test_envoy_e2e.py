@@ -340,3 +340,26 @@ def test_200_concurrent_mixed_models(gateway):
     bad = [r for r in results if not r[0]]
     assert not bad, bad[:5]
     wait_in_flight_zero(gateway)
+
+
+def test_client_abort_during_prefill_does_not_eject_endpoint(gateway):
+    prefix = random_text(5000, seed=77)
+    status, _, data, _ = post(gateway, chat("m-a", prefix + " warm"))
+    assert status == 200
+    home = json.loads(data)["served_by"]
+    before = metrics(gateway)
+    for i in range(4):  # more than the library's 3 consecutive failures
+        payload = json.dumps(chat("m-a", prefix + " abandoned %d" % i)).encode()
+        sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
+        sock.sendall(("POST %s HTTP/1.1\r\nHost: gw\r\ncontent-type: application/json\r\n"
+                      "x-test-first-delay-ms: 700\r\ncontent-length: %d\r\n\r\n" % (CHAT, len(payload))).encode()
+                     + payload)
+        time.sleep(0.15)  # forwarded, the server is still "prefilling"
+        sock.close()  # the client gives up
+    wait_in_flight_zero(gateway)
+    after = metrics(gateway)
+    assert after['llmproxy_finished_requests_total{status="none"}'] == before['llmproxy_finished_requests_total{status="none"}']
+    assert after['llmproxy_finished_requests_total{status="4xx"}'] >= before['llmproxy_finished_requests_total{status="4xx"}'] + 4
+    status, _, data, _ = post(gateway, chat("m-a", prefix + " after the aborts"))
+    assert status == 200
+    assert json.loads(data)["served_by"] == home  # still sticky: not ejected

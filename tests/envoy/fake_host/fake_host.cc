@@ -293,6 +293,29 @@ extern "C" llmproxy_status __wrap_llmproxy_pick_async(llmproxy_router *router, c
   return LLMPROXY_PENDING;
 }
 
+// ---- --wrap of llmproxy_request_finish: records the status the shim reports ----
+extern "C" void __real_llmproxy_request_finish(llmproxy_request *req, uint32_t upstream_status);
+std::mutex g_finish_mu;
+std::vector<uint32_t> g_finished;
+
+extern "C" void __wrap_llmproxy_request_finish(llmproxy_request *req, uint32_t upstream_status) {
+  {
+    std::lock_guard<std::mutex> lock(g_finish_mu);
+    g_finished.push_back(upstream_status);
+  }
+  __real_llmproxy_request_finish(req, upstream_status);
+}
+
+static uint32_t last_finish() {
+  std::lock_guard<std::mutex> lock(g_finish_mu);
+  return g_finished.empty() ? 0xffffffffu : g_finished.back();
+}
+
+static size_t finish_count() {
+  std::lock_guard<std::mutex> lock(g_finish_mu);
+  return g_finished.size();
+}
+
 static void join_pending_threads() {
   for (auto &t : g_pending.threads) t.join();
   g_pending.threads.clear();
@@ -466,8 +489,11 @@ static void test_routed_full_lifecycle(const void *cfg) {
   CHECK_EQ(in_flight(cfg), 1u);
   s.respond(200, "data: {}\n\n");
   CHECK_EQ(in_flight(cfg), 1u);
+  size_t finishes = finish_count();
   s.complete();
   CHECK_EQ(in_flight(cfg), 0u);
+  CHECK_EQ(finish_count(), finishes + 1);
+  CHECK_EQ(last_finish(), 200u);
 }
 
 static void test_second_model_other_cluster(const void *cfg) {
@@ -510,6 +536,7 @@ static void expect_error(const void *cfg, const std::string &body, uint32_t stat
   CHECK_EQ(s.fs.override_calls, 0);
   s.complete();
   CHECK_EQ(in_flight(cfg), 0u);
+  CHECK_EQ(last_finish(), status);  // our own 4xx reply, not an endpoint failure
 }
 
 static void test_errors(const void *cfg) {
@@ -625,6 +652,7 @@ static void test_override_refused_is_503(const void *cfg) {
   CHECK_EQ(s.fs.sent_content_type, std::string("application/json"));
   s.complete();
   CHECK_EQ(in_flight(cfg), 0u);
+  CHECK_EQ(last_finish(), 499u);  // never forwarded: not the endpoint's failure
 }
 
 static void test_reset_without_response_finishes(const void *cfg) {
@@ -633,7 +661,18 @@ static void test_reset_without_response_finishes(const void *cfg) {
   s.headers(false);
   s.body(chat("m-a", "reset"), true);
   CHECK_EQ(in_flight(cfg), 1u);
-  s.complete();  // no response code: finish(0)
+  s.complete();  // no response code: the client went away before any response
+  CHECK_EQ(in_flight(cfg), 0u);
+  CHECK_EQ(last_finish(), 499u);
+  // Upstream failures carry Envoy's response code (e.g. 503 connect failure): reported as is.
+  Stream u(cfg);
+  u.fs.req_headers = post_headers();
+  u.headers(false);
+  u.body(chat("m-a", "upstream down"), true);
+  u.fs.has_response_code = true;
+  u.fs.response_code = 503;
+  u.complete();
+  CHECK_EQ(last_finish(), 503u);
   CHECK_EQ(in_flight(cfg), 0u);
 }
 
@@ -718,6 +757,7 @@ static void test_pending_stream_gone_before_decision(const void *cfg) {
   (void)dangling;
   join_pending_threads();  // the callback ran after the stream died
   CHECK_EQ(in_flight(cfg), 0u);
+  CHECK_EQ(last_finish(), 499u);
   CHECK_EQ(g_schedulers_live.load(), live_before);
   {  // decision delivered (committed) but the stream completes before on_scheduled runs
     Stream s(cfg);

@@ -82,7 +82,7 @@ def render_example(port, workers, config_path, passthrough, client_max_body_size
         assert n == count, "examples/nginx.conf: %r matched %d times, expected %d" % (pattern, n, count)
 
     sub(r"worker_processes 2;", "worker_processes %d;" % workers)
-    sub(r"listen 127\.0\.0\.1:8080 reuseport;", "listen 127.0.0.1:%d reuseport;" % port)
+    sub(r"listen 127\.0\.0\.1:8080 reuseport backlog=4096;", "listen 127.0.0.1:%d reuseport backlog=4096;" % port)
     sub(r'config_file = ngx\.config\.prefix\(\) \.\. "examples/config\.json"',
         'config_file = "%s"' % config_path)
     sub(r"debug_headers = false", "debug_headers = true")
@@ -102,7 +102,9 @@ class Nginx:
         self.prefix = Path(tempfile.mkdtemp(prefix="llmproxy-nginx-"))
         os.chmod(self.prefix, 0o755)  # workers run as `nobody` when we are root
         (self.prefix / "build" / "nginx").mkdir(parents=True)
-        os.symlink(LIB, self.prefix / "build" / "libllmproxy.so")
+        # A private copy: `make build` overwrites build/libllmproxy.so in place, which would
+        # crash workers that have it mapped (seen while another build ran during the tests).
+        shutil.copy2(LIB, self.prefix / "build" / "libllmproxy.so")
         os.symlink(ROOT / "openresty", self.prefix / "openresty")
         cfg = self.prefix / "llmproxy.json"
         cfg.write_text(json.dumps(llmproxy_config))
@@ -167,6 +169,10 @@ class Nginx:
             pass
         if self.proc.poll() is None:
             self.proc.wait(5)
+        log = self.log_text()
+        if "exited on signal" in log:  # keep the evidence of a crashed worker
+            keep = Path(tempfile.gettempdir()) / ("llmproxy-nginx-crash-%d.log" % self.proc.pid)
+            keep.write_text(log)
         shutil.rmtree(self.prefix, ignore_errors=True)
 
 

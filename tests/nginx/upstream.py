@@ -19,7 +19,7 @@ import json
 import sys
 import time
 
-ROUTES = ("/v1/chat/completions", "/v1/completions")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
 class Request:

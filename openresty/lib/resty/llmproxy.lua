@@ -29,6 +29,7 @@ local string_sub, string_find = string.sub, string.find
 -- Functions of the header deliberately not bound here are listed on "-- unbound:" lines.
 --
 -- unbound: llmproxy_pick_async (its callback runs on a foreign thread: unsafe in LuaJIT)
+-- unbound: llmproxy_pick_callback (the callback type of llmproxy_pick_async)
 -- CDEF-BEGIN
 ffi.cdef [[
 typedef enum llmproxy_status {

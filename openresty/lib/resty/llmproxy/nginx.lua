@@ -633,7 +633,7 @@ function _M.metrics()
             if string_sub(k, 1, 5) == "exit:" then
                 local p = string_sub(k, 6)
                 local rec = dict:get(k) or ""
-                for name, value in string.gmatch(rec, "(%w+)=(%d+)") do
+                for name, value in string.gmatch(rec, "([%w_]+)=(%d+)") do
                     extra[#extra + 1] = string_format('llmproxy_nginx_exited_worker{worker="%s",field="%s"} %s',
                         p, name, value)
                 end

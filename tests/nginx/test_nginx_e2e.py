@@ -1,0 +1,500 @@
+"""End-to-end: Debian's nginx + libnginx-mod-http-lua + resty.llmproxy (examples/nginx.conf)
+with 2 workers in front of OpenAI-compatible test servers, all on 127.0.0.1."""
+
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import time
+
+import pytest
+
+import aclient
+import harness
+from conftest import MAX_BODY, POOLS
+from harness import CHAT, COMPLETIONS, chat, metrics, random_text, request, wait_settled
+
+
+def post(gw, body, headers=None, path=CHAT):
+    return request(gw.port, "POST", path, body, headers)
+
+
+def assert_our_error(status, hdrs, data, expected_status, code):
+    assert status == expected_status, data
+    assert hdrs.get("content-type") == "application/json", hdrs
+    err = json.loads(data)["error"]
+    assert err["code"] == code, err
+    assert err["message"] and err["type"]
+    assert "x-served-by" not in hdrs  # answered by the gateway, not a server
+
+
+# ---------------------------------------------------------------------------------------------
+# workers and routing
+
+
+def test_router_per_worker(gateway):
+    m = metrics(gateway.port)
+    pids = gateway.worker_pids()
+    assert len(pids) == 2
+    # one router per worker process (built in init_worker), none in the master
+    assert [int(p) for p in m.workers()] == pids
+    assert str(gateway.proc.pid) not in m.workers()
+    for p in pids:
+        assert m.value("llmproxy_nginx_worker_start_time_seconds", worker=p) > 0
+
+
+def test_routed_request_reaches_pool_with_headers(gateway):
+    status, hdrs, data = post(gateway, chat("m-a", "hello"),
+                              headers={"x-gateway-destination-endpoint": "127.0.0.1:1",
+                                       "x-llmproxy-cluster": "pool_b"})
+    assert status == 200, data
+    echo = json.loads(data)
+    assert echo["served_by"] in POOLS["pool_a"]
+    assert hdrs["x-served-by"] == echo["served_by"]
+    seen = echo["received_headers"]
+    assert seen["x-llmproxy-endpoint"] == gateway.servers.addr(echo["served_by"])
+    assert seen["x-llmproxy-cluster"] == "pool_a"  # the client's value was replaced
+    assert seen["x-llmproxy-scene"] == "chat-a"
+    assert "x-gateway-destination-endpoint" not in seen
+    assert echo["body_bytes"] == len(json.dumps(chat("m-a", "hello")))
+    status, _, data = post(gateway, {"model": "m-b", "prompt": "once upon a time"}, path=COMPLETIONS)
+    assert status == 200, data
+    assert json.loads(data)["served_by"] in POOLS["pool_b"]
+
+
+def test_passthrough_is_untouched(gateway):
+    before = metrics(gateway.port)
+    served = set()
+    for _ in range(9):
+        status, hdrs, data = request(gateway.port, "GET", "/v1/models")
+        assert status == 200
+        served.add(json.loads(data)["served_by"])
+        assert "x-llmproxy-endpoint" not in hdrs
+    assert served <= set(POOLS["pool_a"]) and len(served) >= 2  # the passthrough upstream's round robin
+    # not an intercepted path / method: proxied as is, whatever the body says
+    status, _, data = post(gateway, {"model": "m-b", "input": "x"}, path="/v1/embeddings")
+    assert status == 200 and json.loads(data)["served_by"] in POOLS["pool_a"]
+    status, _, data = request(gateway.port, "GET", CHAT)
+    assert status == 404 and json.loads(data)["method"] == "GET"  # the upstream's own 404
+    after = metrics(gateway.port)
+    assert after.total("llmproxy_nginx_requests_total", kind="passthrough") - \
+        before.total("llmproxy_nginx_requests_total", kind="passthrough") == 11
+    assert after.total("llmproxy_picks_total") == before.total("llmproxy_picks_total")
+
+
+def prefix_run(gw, n, seed):
+    prefix = random_text(6000, seed=seed)
+    runs = []
+    for i in range(n):
+        status, hdrs, data = post(gw, chat("m-a", prefix + " question number %d?" % i))
+        assert status == 200, data
+        runs.append((hdrs["x-llmproxy-worker"], json.loads(data)["served_by"]))
+    return runs
+
+
+def cache_ratio(before, after):
+    prompt = after.total("llmproxy_prompt_chars_total") - before.total("llmproxy_prompt_chars_total")
+    cached = after.total("llmproxy_cached_prompt_chars_total") - before.total("llmproxy_cached_prompt_chars_total")
+    return cached / prompt
+
+
+def test_prefix_affinity_and_spreading_single_worker(gateway1):
+    before = metrics(gateway1.port)
+    runs = prefix_run(gateway1, 8, seed=1)
+    ratio = cache_ratio(before, metrics(gateway1.port))
+    assert len({w for w, _ in runs}) == 1
+    assert len({s for _, s in runs}) == 1, "shared prefix spread over %s" % runs
+    spread = set()
+    for i in range(15):
+        status, _, data = post(gateway1, chat("m-a", random_text(6000, seed=1000 + i)))
+        assert status == 200
+        spread.add(json.loads(data)["served_by"])
+    assert len(spread) >= 2, "distinct prefixes all went to %s" % spread
+    print("\n1 worker: 8 requests sharing a 6000-char prefix -> %s, cache ratio %.3f" % (runs[0][1], ratio))
+    gateway1.ratio = ratio
+
+
+def test_prefix_affinity_is_per_worker(gateway):
+    """Each worker has its own router (no shared state until the metadata-center sync
+    exists): a worker sticks to the endpoint it chose for a prefix, but the two workers learn
+    the prefix independently, so each pays its own first (uncached) request."""
+    before = metrics(gateway.port)
+    runs = prefix_run(gateway, 16, seed=2)
+    ratio = cache_ratio(before, metrics(gateway.port))
+    by_worker = {}
+    for w, s in runs:
+        by_worker.setdefault(w, []).append(s)
+    assert len(by_worker) == 2, "reuseport should spread 16 connections over both workers: %s" % by_worker
+    for w, served in by_worker.items():
+        assert len(set(served)) == 1, "worker %s did not stick to one endpoint: %s" % (w, served)
+    homes = {served[0] for served in by_worker.values()}
+    # Every worker's first request for the prefix found no cache: at most (16 - 2) / 16 of the
+    # requests hit, versus (8 - 1) / 8 with one worker.
+    prompt_share = 6000 / (6000 + len(" question number 10?"))
+    assert ratio <= (16 - 2) / 16 * prompt_share + 0.02, ratio
+    assert ratio > 0.5, ratio
+    print("\n2 workers: 16 requests sharing a prefix -> per worker %s, %d distinct endpoint(s), cache ratio %.3f"
+          % ({w: s[0] for w, s in by_worker.items()}, len(homes), ratio))
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming
+
+
+def test_sse_streams_incrementally_and_reports_first_token(gateway):
+    wait_settled(gateway.port)
+    before = metrics(gateway.port)
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=30)
+    try:
+        body = json.dumps(chat("m-b", "stream please", stream=True)).encode()
+        sock.sendall(("POST %s HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                      "x-test-chunks: 5\r\nx-test-chunk-delay-ms: 250\r\nconnection: close\r\n\r\n"
+                      % (CHAT, len(body))).encode() + body)
+        t0 = time.perf_counter()
+        f = sock.makefile("rb")
+        status_line = f.readline()
+        assert b" 200 " in status_line
+        hdrs = {}
+        while True:
+            line = f.readline().strip()
+            if not line:
+                break
+            k, _, v = line.decode().partition(":")
+            hdrs[k.strip().lower()] = v.strip()
+        assert hdrs["content-type"] == "text/event-stream"
+        assert hdrs["transfer-encoding"] == "chunked"
+        worker = hdrs["x-llmproxy-worker"]
+        arrivals, events = [], []
+        while True:
+            line = f.readline()
+            if not line:
+                break
+            line = line.strip()
+            if line.startswith(b"data: "):
+                arrivals.append(time.perf_counter() - t0)
+                events.append(line[6:])
+                if len(events) == 1:
+                    served = gateway.servers.addr(json.loads(events[0])["served_by"])
+                    mid = metrics(gateway.port)
+                    assert mid.total("llmproxy_in_flight_requests") == 1
+                    # the first chunk released the prompt's prefill load on the chosen endpoint
+                    assert mid.value("llmproxy_endpoint_prefill_chars", worker=worker, cluster="pool_b",
+                                     endpoint=served) == 0
+                    assert mid.value("llmproxy_endpoint_in_flight_requests", worker=worker, cluster="pool_b",
+                                     endpoint=served) == 1
+                if line == b"data: [DONE]":
+                    break
+    finally:
+        sock.close()
+    assert len(events) == 6 and events[-1] == b"[DONE]"
+    assert json.loads(events[0])["served_by"] in POOLS["pool_b"]
+    assert arrivals[-1] - arrivals[0] >= 0.8, arrivals  # not buffered: events came as written
+    after = wait_settled(gateway.port)
+    assert after.total("llmproxy_finished_requests_total", status="2xx") == \
+        before.total("llmproxy_finished_requests_total", status="2xx") + 1
+    assert after.total("llmproxy_time_to_first_token_seconds_count") > \
+        before.total("llmproxy_time_to_first_token_seconds_count")
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def test_invalid_json_400(gateway):
+    status, hdrs, data = post(gateway, b'{"model": "m-a", "messages": [')
+    assert_our_error(status, hdrs, data, 400, "invalid_request")
+
+
+def test_missing_body_400(gateway):
+    status, hdrs, data = post(gateway, b"")
+    assert_our_error(status, hdrs, data, 400, "invalid_request")
+
+
+def test_unknown_model_404(gateway):
+    status, hdrs, data = post(gateway, chat("no-such-model", "hi"))
+    assert_our_error(status, hdrs, data, 404, "model_not_found")
+    assert json.loads(data)["error"]["param"] == "model"
+
+
+def test_no_endpoint_503(gateway):
+    status, hdrs, data = post(gateway, chat("m-none", "hi"))
+    assert_our_error(status, hdrs, data, 503, "no_endpoint")
+    assert "pool_none" in json.loads(data)["error"]["message"]
+
+
+def test_over_library_limit_413_before_reading(gateway):
+    body = json.dumps(chat("m-a", "x" * (MAX_BODY + 1000))).encode()
+    status, hdrs, data = post(gateway, body)
+    assert_our_error(status, hdrs, data, 413, "request_too_large")
+    assert str(MAX_BODY) in json.loads(data)["error"]["message"]
+
+
+def test_chunked_over_library_limit_413_from_library(gateway):
+    """No content-length: nginx reads (and spools) the body, the library refuses it."""
+    before = metrics(gateway.port)
+    payload = json.dumps(chat("m-a", "y" * (MAX_BODY + 1000))).encode()
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=30)
+    try:
+        sock.sendall(("POST %s HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                      "transfer-encoding: chunked\r\nconnection: close\r\n\r\n" % CHAT).encode())
+        for i in range(0, len(payload), 256 * 1024):
+            part = payload[i:i + 256 * 1024]
+            sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+        sock.sendall(b"0\r\n\r\n")
+        data = b""
+        while True:
+            got = sock.recv(65536)
+            if not got:
+                break
+            data += got
+    finally:
+        sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    hdrs = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+    assert_our_error(int(lines[0].split()[1]), hdrs, body, 413, "request_too_large")
+    after = metrics(gateway.port)
+    assert after.total("llmproxy_picks_total", outcome="payload_too_large") == \
+        before.total("llmproxy_picks_total", outcome="payload_too_large") + 1
+
+
+def test_over_nginx_limit_413_json(gateway):
+    """Over client_max_body_size (2m here): nginx refuses before Lua runs; error_page makes
+    it our JSON."""
+    body = b"z" * (3 * 1024 * 1024)
+    status, hdrs, data = post(gateway, body)
+    assert_our_error(status, hdrs, data, 413, "request_too_large")
+
+
+# ---------------------------------------------------------------------------------------------
+# upstream failures
+
+
+def test_dead_upstream_is_retried_elsewhere_then_ejected(gateway):
+    before = metrics(gateway.port)
+    served = []
+    for i in range(24):
+        status, hdrs, data = post(gateway, chat("m-d", random_text(300, seed=5000 + i)))
+        assert status == 200, data  # never the dead endpoint's failure: retried on another one
+        served.append(json.loads(data)["served_by"])
+    assert set(served) <= set(POOLS["pool_d"])
+    after = wait_settled(gateway.port)
+    dead = gateway.servers.dead
+    retries = after.total("llmproxy_retries_total") - before.total("llmproxy_retries_total")
+    assert retries >= 1
+    assert after.total("llmproxy_nginx_retries_total") - before.total("llmproxy_nginx_retries_total") == retries
+    assert after.total("llmproxy_endpoint_failures_total", endpoint=dead) >= retries
+    # three consecutive connect failures eject it (library default), per worker
+    assert after.total("llmproxy_endpoint_ejections_total", endpoint=dead) >= 1
+    assert after.total("llmproxy_nginx_errors_total", reason="retry_exhausted") == \
+        before.total("llmproxy_nginx_errors_total", reason="retry_exhausted")
+
+
+def test_upstream_503_counts_as_failure_and_passes_through(gateway):
+    before = metrics(gateway.port)
+    status, hdrs, data = post(gateway, chat("m-b", "fail please"), headers={"x-test-status": "503"})
+    assert status == 503 and hdrs["x-served-by"] in POOLS["pool_b"]  # the upstream's own answer
+    after = wait_settled(gateway.port)
+    assert after.total("llmproxy_finished_requests_total", status="5xx") == \
+        before.total("llmproxy_finished_requests_total", status="5xx") + 1
+    assert after.total("llmproxy_endpoint_failures_total", cluster="pool_b") == \
+        before.total("llmproxy_endpoint_failures_total", cluster="pool_b") + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# bodies
+
+
+def test_spooled_200kb_prompt_is_routed(gateway):
+    before = metrics(gateway.port)
+    body = json.dumps(chat("m-b", random_text(200 * 1000, seed=7))).encode()
+    assert len(body) > 200_000  # far above client_body_buffer_size (16k): spooled to a file
+    status, _, data = post(gateway, body)
+    assert status == 200, data[:300]
+    echo = json.loads(data)
+    assert echo["served_by"] in POOLS["pool_b"]  # the model came from the spooled body
+    assert echo["body_bytes"] == len(body)
+    after = metrics(gateway.port)
+    assert after.total("llmproxy_nginx_request_bodies_total", source="file") == \
+        before.total("llmproxy_nginx_request_bodies_total", source="file") + 1
+    assert after.total("llmproxy_prompt_chars_total") - before.total("llmproxy_prompt_chars_total") >= 200_000
+    # the same 200 KB prompt again: the worker that saw it goes back to the same endpoint
+    status, hdrs, data = post(gateway, body)
+    assert status == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# client aborts
+
+
+def raw_send(port, body, extra_headers):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    body = json.dumps(body).encode()
+    sock.sendall(("POST %s HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s"
+                  "connection: close\r\n\r\n" % (CHAT, len(body), extra_headers)).encode() + body)
+    return sock
+
+
+def test_client_abort_mid_stream_finishes_with_the_received_status(gateway):
+    before = wait_settled(gateway.port)
+    sock = raw_send(gateway.port, chat("m-a", "long story", stream=True),
+                    "x-test-chunks: 20\r\nx-test-chunk-delay-ms: 200\r\n")
+    data = b""
+    while b"data: " not in data:
+        data += sock.recv(65536)
+    assert b" 200 " in data.split(b"\r\n")[0]
+    sock.close()  # abort after the first event
+    after = wait_settled(gateway.port)
+    assert after.total("llmproxy_nginx_client_aborts_total") == before.total("llmproxy_nginx_client_aborts_total") + 1
+    assert after.total("llmproxy_finished_requests_total", status="2xx") == \
+        before.total("llmproxy_finished_requests_total", status="2xx") + 1
+
+
+def test_client_abort_before_the_response_finishes_with_zero(gateway):
+    before = wait_settled(gateway.port)
+    sock = raw_send(gateway.port, chat("m-a", "slow"), "x-test-delay-ms: 1500\r\n")
+    time.sleep(0.3)
+    sock.close()  # before the upstream answered
+    after = wait_settled(gateway.port, timeout=10)
+    assert after.total("llmproxy_nginx_client_aborts_total") == before.total("llmproxy_nginx_client_aborts_total") + 1
+    assert after.total("llmproxy_finished_requests_total", status="none") == \
+        before.total("llmproxy_finished_requests_total", status="none") + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# concurrency and reload
+
+
+def mixed_requests(n, seed):
+    """(method, path, body, headers, expected status, expected pool or None)"""
+    rnd = random.Random(seed)
+    shared = [random_text(3000, seed=seed * 100 + k) for k in range(8)]
+    reqs = []
+    for i in range(n):
+        r = rnd.random()
+        if r < 0.45:
+            reqs.append(("POST", CHAT, chat("m-a", rnd.choice(shared) + " q%d" % i), {}, 200, "pool_a"))
+        elif r < 0.60:
+            reqs.append(("POST", CHAT, chat("m-b", "stream %d" % i, stream=True),
+                         {"x-test-chunks": "3", "x-test-chunk-delay-ms": "20"}, 200, "pool_b"))
+        elif r < 0.75:
+            reqs.append(("POST", COMPLETIONS, {"model": "m-a", "prompt": "complete %d " % i + "w" * rnd.randint(10, 2000)},
+                         {}, 200, "pool_a"))
+        elif r < 0.80:
+            reqs.append(("POST", CHAT, chat("m-b", random_text(30_000, seed=i)), {}, 200, "pool_b"))  # spooled
+        elif r < 0.90:
+            reqs.append(("GET", "/v1/models", b"", {}, 200, None))
+        elif r < 0.95:
+            reqs.append(("POST", CHAT, chat("m-d", "maybe dead %d" % i), {}, 200, "pool_d"))
+        else:
+            reqs.append(("POST", CHAT, chat("m-unknown", "x"), {}, 404, None))
+    return reqs
+
+
+async def run_all(port, reqs):
+    async def one(spec):
+        method, path, body, headers, _, _ = spec
+        try:
+            return await aclient.fetch(port, method, path, body, headers, timeout=90)
+        except Exception as e:  # reported by the caller
+            return e
+    return await asyncio.gather(*(one(s) for s in reqs))
+
+
+def check_responses(reqs, results):
+    problems = []
+    for spec, res in zip(reqs, results):
+        method, path, body, _, status, pool = spec
+        if isinstance(res, Exception):
+            problems.append("%s %s: %r" % (method, path, res))
+            continue
+        if res.status != status:
+            problems.append("%s %s: %d %r" % (method, path, res.status, res.body[:200]))
+            continue
+        if pool:
+            text = res.body.decode()
+            if body.get("stream"):
+                first = json.loads(text.split("data: ", 2)[1].split("\n")[0])
+                ok = first["served_by"] in POOLS[pool] and text.rstrip().endswith("data: [DONE]")
+            else:
+                ok = json.loads(text)["served_by"] in POOLS[pool]
+            if not ok:
+                problems.append("%s %s: wrong pool or truncated: %r" % (method, path, text[:200]))
+    return problems
+
+
+def test_1000_concurrent_mixed_requests(gateway):
+    before = wait_settled(gateway.port)
+    reqs = mixed_requests(1000, seed=11)
+    t0 = time.perf_counter()
+    results = asyncio.run(run_all(gateway.port, reqs))
+    secs = time.perf_counter() - t0
+    problems = check_responses(reqs, results)
+    assert not problems, "%d problems, first: %s" % (len(problems), problems[:5])
+    after = wait_settled(gateway.port, timeout=20)
+    routed = after.total("llmproxy_picks_total", outcome="routed") - before.total("llmproxy_picks_total", outcome="routed")
+    finished = after.total("llmproxy_finished_requests_total") - before.total("llmproxy_finished_requests_total")
+    expected_routed = sum(1 for r in reqs if r[5])
+    assert routed == expected_routed
+    assert finished == routed  # every pick finished, by the library's own count
+    assert after.total("llmproxy_in_flight_requests") == 0
+    assert after.total("llmproxy_nginx_picks_total", event="leaked") == 0
+    assert after.total("llmproxy_picks_total", outcome="model_not_found") - \
+        before.total("llmproxy_picks_total", outcome="model_not_found") == sum(1 for r in reqs if r[4] == 404)
+    served_workers = [w for w in after.workers()
+                      if after.value("llmproxy_nginx_requests_total", worker=w, kind="intercepted")
+                      > before.value("llmproxy_nginx_requests_total", worker=w, kind="intercepted")]
+    assert len(served_workers) == 2
+    print("\n1000 concurrent mixed requests in %.2fs, %d routed" % (secs, routed))
+
+
+def test_reload_with_requests_in_flight(gateway):
+    wait_settled(gateway.port)
+    old_pids = gateway.worker_pids()
+    streams = [("POST", CHAT, chat("m-b", "reload stream %d" % i, stream=True),
+                {"x-test-chunks": "10", "x-test-chunk-delay-ms": "150"}, 200, "pool_b") for i in range(8)]
+    slow = [("POST", CHAT, chat("m-a", "reload slow %d" % i), {"x-test-delay-ms": "800"}, 200, "pool_a")
+            for i in range(8)]
+
+    async def scenario():
+        inflight = asyncio.ensure_future(run_all(gateway.port, streams + slow))
+        await asyncio.sleep(0.4)  # requests are in flight in the old workers
+        r = await asyncio.get_running_loop().run_in_executor(None, gateway.nginx_cmd, "-s", "reload")
+        assert r.returncode == 0, r.stderr
+        # new requests keep being served while the old workers drain
+        during = mixed_requests(60, seed=12)
+        late = await run_all(gateway.port, during)
+        return await inflight, during, late
+
+    results, during, late = asyncio.run(scenario())
+    problems = check_responses(streams + slow, results) + check_responses(during, late)
+    assert not problems, problems[:5]
+    for res in results[:len(streams)]:
+        assert res.body.count(b"data: ") == 11  # every event of every stream, none cut
+
+    deadline = time.time() + 15
+    while time.time() < deadline and any(os.path.exists("/proc/%d" % p) for p in old_pids):
+        time.sleep(0.1)
+    assert not any(os.path.exists("/proc/%d" % p) for p in old_pids), "old workers still running"
+    m = wait_settled(gateway.port)
+    new_pids = [int(p) for p in m.workers()]
+    assert len(new_pids) == 2 and not set(new_pids) & set(old_pids)  # routers rebuilt in new workers
+    assert sorted(new_pids) == gateway.worker_pids()
+    # the old workers' routers had nothing left in flight when they exited
+    for p in old_pids:
+        rec = {l["field"]: v for l, v in m.select("llmproxy_nginx_exited_worker", worker=p)}
+        assert rec, "no exit record for worker %d" % p
+        assert rec["in_flight"] == 0 and rec["pending"] == 0 and rec["leaked"] == 0, rec
+        assert rec["routed"] == rec["finished"], rec
+    assert "exits with" not in gateway.log_text()
+    status, _, data = post(gateway, chat("m-a", "after reload"))
+    assert status == 200 and json.loads(data)["served_by"] in POOLS["pool_a"]
+
+
+def test_no_lua_errors_and_no_crash_logged(gateway):
+    log = gateway.log_text()
+    assert "exited on signal" not in log
+    bad = [l for l in log.splitlines() if "lua" in l.lower() and ("[error]" in l or "[alert]" in l or "[crit]" in l)]
+    assert not bad, bad[:5]

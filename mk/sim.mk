@@ -1,0 +1,41 @@
+# Simulated model-server fleet, load generator and routing comparison (llmproxy-sim).
+#
+#   make sim                  build target/release/llmproxy-sim
+#   make test-sim             unit tests (KV cache, scheduler, workloads) + end-to-end smoke:
+#                             real `serve`, `proxy` and `compare` processes on 127.0.0.1, with the plot
+#   make sim-compare-demo     a short rr vs least-request comparison on a local fleet (no Envoy)
+#   make bench-routing-peers  fleet + sglang-router + vllm-router + reference proxies (+ extra
+#                             targets in BENCH_TARGETS), one table and plot (not in CI)
+
+SIM_BIN        := $(RELEASE)/llmproxy-sim
+SIM_PLOT_REQ   := matplotlib==3.10.3
+SIM_PEERS_REQ  := sglang-router==0.3.2 vllm-router==0.1.17
+
+.PHONY: sim test-sim sim-plot-deps sim-peer-deps sim-compare-demo bench-routing-peers
+
+## sim: build the simulator / load generator
+sim:
+	$(CARGO) build --release -p llmproxy-sim
+
+# matplotlib renders the TTFT CDF (tools/plot/ttft_cdf.py).
+$(VENV)/.sim-plot-deps: $(VENV)/.installed
+	$(VENV_PY) -m pip install -q --disable-pip-version-check $(SIM_PLOT_REQ)
+	@touch $@
+sim-plot-deps: venv $(VENV)/.sim-plot-deps
+
+$(VENV)/.sim-peer-deps: $(VENV)/.installed
+	$(VENV_PY) -m pip install -q --disable-pip-version-check $(SIM_PEERS_REQ)
+	@touch $@
+sim-peer-deps: venv $(VENV)/.sim-peer-deps
+
+## test-sim: simulator unit tests and the end-to-end smoke (seconds)
+test-sim: sim sim-plot-deps
+	LLMPROXY_SIM_PLOT_PYTHON=$(abspath $(VENV_PY)) $(CARGO) test --release -p llmproxy-sim
+
+## sim-compare-demo: local fleet, round robin vs least request through the reference proxy
+sim-compare-demo: sim sim-plot-deps
+	SIM_DURATION=$${SIM_DURATION:-30} BENCH_PEERS=0 BENCH_OUT=$(BUILD_DIR)/sim-demo bash scripts/bench_routing.sh
+
+## bench-routing-peers: the routing benchmark against the peer routers from PyPI (not in CI)
+bench-routing-peers: sim sim-plot-deps sim-peer-deps
+	bash scripts/bench_routing.sh $(BENCH_TARGETS)

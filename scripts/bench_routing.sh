@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Routing-quality benchmark on a simulated fleet (llmproxy-sim): the same seeded trace through
+# every target, the fleet reset between runs; one table (stdout, results.md), results.json and a
+# TTFT CDF plot (ttft_cdf.png) in $BENCH_OUT.
+#
+#   scripts/bench_routing.sh [NAME=URL ...]
+#
+# Targets, in this order:
+#   NAME=URL arguments     already running routers pointed at the fleet (e.g. Envoy + llmproxy);
+#                          start them with BENCH_PRE_CMD if they must come after the fleet
+#   rr, least              llmproxy-sim's reference proxy (round robin, least request)
+#   sglang-rr, sglang-cache_aware, vllm-consistent_hash, vllm-cache_aware
+#                          peer routers from PyPI (.venv), when BENCH_PEERS=1 (default)
+#
+# Environment (defaults in brackets):
+#   SIM_SERVERS [4]  SIM_BASE_PORT [18000]  SIM_SERVE_ARGS []     the fleet: ports BASE..BASE+N-1
+#   SIM_DURATION [60]  SIM_RATE [simulator default]  SIM_LOAD_ARGS []  the trace (see docs/simulator.md)
+#   BENCH_PORT_BASE [18200]  ports for the proxies and peer routers started here
+#   BENCH_PEERS [1]  BENCH_OUT [build/bench-routing]  BENCH_PRE_CMD []  PY [.venv/bin/python]
+#   BENCH_CALIBRATE=1   instead: round robin at SIM_CAL_RATES ["3 4 5 6 7 8"], prints utilisation
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SIM=${SIM:-target/release/llmproxy-sim}
+PY=${PY:-.venv/bin/python}
+SERVERS=${SIM_SERVERS:-4}
+BASE=${SIM_BASE_PORT:-18000}
+PBASE=${BENCH_PORT_BASE:-18200}
+OUT=${BENCH_OUT:-build/bench-routing}
+DURATION=${SIM_DURATION:-60}
+PEERS=${BENCH_PEERS:-1}
+read -r -a SERVE_ARGS <<< "${SIM_SERVE_ARGS:-}"
+read -r -a LOAD_ARGS <<< "${SIM_LOAD_ARGS:-}"
+RATE_ARGS=()
+[ -n "${SIM_RATE:-}" ] && RATE_ARGS=(--rate "$SIM_RATE")
+
+[ -x "$SIM" ] || { echo "missing $SIM: run 'make sim'" >&2; exit 1; }
+mkdir -p "$OUT/logs"
+
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill -- "-$p" 2>/dev/null || kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start NAME CMD...: in its own process group (so the whole tree is stopped), output to a log.
+start() {
+  local name=$1; shift
+  setsid "$@" > "$OUT/logs/$name.log" 2>&1 &
+  PIDS+=($!)
+}
+
+# ready NAME URL: a real chat completion through URL answers 200 (routers register workers
+# asynchronously), at most 90 s.
+ready() {
+  local name=$1 url=$2 i
+  for i in $(seq 1 450); do
+    if curl -s -o /dev/null -m 5 -w '%{http_code}' -H 'content-type: application/json' \
+         -d '{"model":"sim-llama-3-8b","messages":[{"role":"user","content":"ping"}],"max_tokens":1}' \
+         "$url/v1/chat/completions" | grep -q '^200$'; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  echo "$name ($url) not ready after 90 s; log: $OUT/logs/$name.log" >&2
+  tail -n 20 "$OUT/logs/$name.log" >&2 || true
+  exit 1
+}
+
+WORKERS=()
+for ((i = 0; i < SERVERS; i++)); do WORKERS+=("http://127.0.0.1:$((BASE + i))"); done
+start fleet "$SIM" serve --servers "$SERVERS" --base-port "$BASE" "${SERVE_ARGS[@]}"
+for w in "${WORKERS[@]}"; do ready fleet "$w"; done
+echo "fleet: ${WORKERS[*]}"
+
+if [ -n "${BENCH_PRE_CMD:-}" ]; then
+  start pre-cmd bash -c "$BENCH_PRE_CMD"
+fi
+
+BACKENDS=$(IFS=,; echo "${WORKERS[*]}")
+TARGETS=("$@")
+port=$PBASE
+add_proxy() {  # add_proxy NAME POLICY
+  start "$1" "$SIM" proxy --listen "127.0.0.1:$port" --policy "$2" --backend "$BACKENDS"
+  TARGETS+=("$1=http://127.0.0.1:$port")
+  port=$((port + 1))
+}
+
+if [ "${BENCH_CALIBRATE:-0}" = 1 ]; then
+  add_proxy rr round-robin
+  ready rr "${TARGETS[-1]#*=}"
+  for r in ${SIM_CAL_RATES:-3 4 5 6 7 8}; do
+    "$SIM" compare --target "rr@$r=${TARGETS[-1]#*=}" --stats-url "${WORKERS[0]}" --duration "$DURATION" \
+      --rate "$r" "${LOAD_ARGS[@]}" --out-dir "$OUT/calibrate-$r" --no-plot --quiet | grep '^| rr@'
+  done
+  exit 0
+fi
+
+add_proxy rr round-robin
+add_proxy least least-request
+
+if [ "$PEERS" = 1 ]; then
+  [ -x "$PY" ] || { echo "missing $PY: run 'make sim-peer-deps'" >&2; exit 1; }
+  VBIN=$(dirname "$PY")
+  for policy in round_robin cache_aware; do
+    name="sglang-${policy/round_robin/rr}"
+    HF_ENDPOINT=http://127.0.0.1:9 start "$name" "$PY" -m sglang_router.launch_router \
+      --host 127.0.0.1 --port "$port" --prometheus-host 127.0.0.1 --prometheus-port "$((port + 100))" \
+      --policy "$policy" --log-level warn --worker-urls "${WORKERS[@]}"
+    TARGETS+=("$name=http://127.0.0.1:$port")
+    port=$((port + 1))
+  done
+  for policy in consistent_hash cache_aware; do
+    name="vllm-$policy"
+    start "$name" "$VBIN/vllm-router" \
+      --host 127.0.0.1 --port "$port" --prometheus-host 127.0.0.1 --prometheus-port "$((port + 100))" \
+      --policy "$policy" --log-level warning --worker-urls "${WORKERS[@]}"
+    TARGETS+=("$name=http://127.0.0.1:$port")
+    port=$((port + 1))
+  done
+fi
+
+ARGS=()
+for t in "${TARGETS[@]}"; do
+  ready "${t%%=*}" "${t#*=}"
+  ARGS+=(--target "$t")
+done
+
+"$SIM" compare "${ARGS[@]}" --stats-url "${WORKERS[0]}" --duration "$DURATION" "${RATE_ARGS[@]}" \
+  "${LOAD_ARGS[@]}" --out-dir "$OUT" --plot-python "$PY" --title "TTFT per routing policy ($SERVERS simulated servers)"
+
+{
+  echo
+  echo "- command: \`$0 $*\` (SIM_SERVERS=$SERVERS SIM_DURATION=$DURATION SIM_RATE=${SIM_RATE:-default} SIM_SERVE_ARGS='${SIM_SERVE_ARGS:-}' SIM_LOAD_ARGS='${SIM_LOAD_ARGS:-}')"
+  echo "- machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(uname -sr)"
+  echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "- plot: ttft_cdf.png"
+} >> "$OUT/results.md"
+echo "results: $OUT/results.md $OUT/results.json $OUT/ttft_cdf.png"

@@ -8,6 +8,7 @@ both in front of the same fast upstream (a separate Envoy answering with direct_
 several listeners, so the upstream is never the bottleneck). For 1 KiB and 64 KiB chat bodies:
   - latency: one connection, closed loop (p50/p99 = per-request cost, no queueing),
   - throughput: many connections (requests/s at saturation).
+Runs alternate A/B --repeat times and medians are reported (the machine may be shared).
 Bodies vary per request (a rotating set) so picks are not all the same prefix.
 
     make envoy-module && python3 tests/envoy/bench_overhead.py [--duration 10] [--json out.json]
@@ -20,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,12 +83,22 @@ def wrk_script(path, body_bytes):
 UNIT = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
 
 
-def run_wrk(port, script, connections, duration, threads=1):
+def cpu_seconds(pid):
+    """User + system CPU time of a process (all its threads), from /proc."""
+    fields = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(port, script, connections, duration, threads=1, pid=None):
+    cpu0 = cpu_seconds(pid) if pid else None
     out = subprocess.run(
         ["wrk", "-t%d" % threads, "-c%d" % connections, "-d%ds" % duration, "--latency", "-s", script,
          "http://127.0.0.1:%d" % port],
         capture_output=True, text=True, check=True).stdout
     res = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    if pid:  # gateway CPU per request: robust against other load on the machine
+        res["cpu_us"] = (cpu_seconds(pid) - cpu0) * 1e6 / max(1, requests)
     for pct in ("50", "99"):
         m = re.search(r"^\s+%s(?:\.0+)?%%\s+([\d.]+)(us|ms|s)\s*$" % pct, out, re.M)
         res["p" + pct] = float(m.group(1)) * UNIT[m.group(2)]
@@ -102,6 +114,8 @@ def main():
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     ap.add_argument("--connections", type=int, default=32, help="connections for the throughput runs")
     ap.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads of each gateway")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating A/B rounds (medians reported)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 65536], help="body sizes in bytes")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if not shutil.which("wrk"):
@@ -130,27 +144,38 @@ def main():
         procs.append(gw_b)
 
         results = []
-        for size in (1024, 65536):
+        for size in args.sizes:
             script = str(tmp / ("body%d.lua" % size))
             wrk_script(script, size)
-            row = {"body": size}
+            runs = {k: [] for k in ("module_lat", "module_tput", "roundrobin_lat", "roundrobin_tput")}
             for name, gw in (("module", gw_a), ("roundrobin", gw_b)):
                 run_wrk(gw.port, script, 4, 2)  # warm-up
-                row[name + "_lat"] = run_wrk(gw.port, script, 1, args.duration)
-                row[name + "_tput"] = run_wrk(gw.port, script, args.connections, args.duration, threads=2)
+            # Alternate A/B so drift in machine load hits both alike; report medians.
+            for _ in range(args.repeat):
+                for name, gw in (("module", gw_a), ("roundrobin", gw_b)):
+                    runs[name + "_lat"].append(run_wrk(gw.port, script, 1, args.duration))
+                    runs[name + "_tput"].append(run_wrk(gw.port, script, args.connections, args.duration,
+                                                        threads=2, pid=gw.proc.pid))
+            row = {"body": size, "runs": runs}
+            for k, rs in runs.items():
+                row[k] = {m: statistics.median(r[m] for r in rs) for m in ("rps", "p50", "p99", "cpu_us") if m in rs[0]}
+                row[k]["non2xx"] = sum(r["non2xx"] for r in rs)
+                row[k]["socket_errors"] = ";".join(r["socket_errors"] for r in rs if r["socket_errors"])
             results.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
 
         print()
         print("| body | p50 module / rr (µs) | added p50 | p99 module / rr (µs) | added p99 | "
-              "throughput module / rr (req/s) | ratio |")
-        print("|---|---|---|---|---|---|---|")
+              "throughput module / rr (req/s) | ratio | gateway CPU/req module / rr (µs) | CPU ratio rr/module |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in results:
             ml, bl, mt, bt = r["module_lat"], r["roundrobin_lat"], r["module_tput"], r["roundrobin_tput"]
-            print("| %s | %.0f / %.0f | %+.0f µs | %.0f / %.0f | %+.0f µs | %.0f / %.0f | %.2f |" % (
-                "1 KiB" if r["body"] == 1024 else "64 KiB", ml["p50"], bl["p50"], ml["p50"] - bl["p50"],
-                ml["p99"], bl["p99"], ml["p99"] - bl["p99"], mt["rps"], bt["rps"], mt["rps"] / bt["rps"]))
-        bad = [(r["body"], k) for r in results for k in r if k != "body" and (r[k]["non2xx"] or r[k]["socket_errors"])]
+            print("| %s | %.0f / %.0f | %+.0f µs | %.0f / %.0f | %+.0f µs | %.0f / %.0f | %.2f | %.0f / %.0f | %.2f |" % (
+                "%d KiB" % (r["body"] // 1024), ml["p50"], bl["p50"], ml["p50"] - bl["p50"],
+                ml["p99"], bl["p99"], ml["p99"] - bl["p99"], mt["rps"], bt["rps"], mt["rps"] / bt["rps"],
+                mt["cpu_us"], bt["cpu_us"], bt["cpu_us"] / mt["cpu_us"]))
+        bad = [(r["body"], k) for r in results for k in r if k not in ("body", "runs")
+               and (r[k]["non2xx"] or r[k]["socket_errors"])]
         if bad:
             print("\nWARNING: errors during runs: %s" % bad)
         if args.json:

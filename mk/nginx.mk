@@ -1,0 +1,32 @@
+# nginx / OpenResty host: resty.llmproxy (LuaJIT FFI) on Debian's nginx + libnginx-mod-http-lua.
+#
+#   make test-nginx    cdef-vs-header check, Lua unit tests and real-nginx end-to-end tests (pytest)
+#   make bench-nginx   overhead benchmark: nginx + llmproxy vs nginx round robin (not in CI)
+
+NGINX_APT_PKGS := nginx libnginx-mod-http-lua lua-resty-core
+NGINX_TEST_ENV := LLMPROXY_BUILD_DIR=$(abspath $(BUILD_DIR))
+
+.PHONY: nginx-deps test-nginx bench-nginx
+
+## nginx-deps: Debian's nginx with the Lua module (installed with apt when root and missing)
+nginx-deps:
+	@if ! command -v nginx >/dev/null 2>&1 || [ ! -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || \
+	    [ ! -f /usr/share/lua/5.1/resty/core.lua ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(NGINX_APT_PKGS) >/dev/null 2>&1 || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(NGINX_APT_PKGS); }; \
+	  else echo "nginx with the Lua module missing: apt-get install $(NGINX_APT_PKGS)"; exit 1; fi; \
+	fi
+
+## test-nginx: everything under tests/nginx (real nginx, 2 workers, 127.0.0.1 only)
+test-nginx: build venv nginx-deps
+	$(NGINX_TEST_ENV) timeout 300 $(VENV_PY) -m pytest -q -p no:cacheprovider tests/nginx
+
+## bench-nginx: nginx + llmproxy vs nginx round robin, 1 KiB and 64 KiB bodies (needs wrk)
+bench-nginx: build nginx-deps
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	  else echo "wrk missing: apt-get install wrk"; exit 1; fi; }
+	$(NGINX_TEST_ENV) $(PYTHON) tests/nginx/bench/bench_nginx.py
+
+TEST_TARGETS += test-nginx

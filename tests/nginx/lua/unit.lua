@@ -1,0 +1,82 @@
+-- Unit tests of resty.llmproxy and resty.llmproxy.nginx run inside nginx's own LuaJIT
+-- (init_by_lua of a throwaway `nginx -t`): test_lua_units.py checks the final marker.
+local lib_path = LLMPROXY_UNIT_LIB
+local llmproxy = require "resty.llmproxy"
+local gw = require "resty.llmproxy.nginx"
+
+local failures = 0
+local function check(cond, what)
+    if not cond then
+        failures = failures + 1
+        io.stderr:write("FAIL: ", what, "\n")
+    end
+end
+
+assert(llmproxy.load(lib_path))
+check(llmproxy.load(lib_path) == true, "load twice with the same path is a no-op")
+check(select(1, llmproxy.load("/elsewhere.so")) == nil, "load from another path is refused")
+check(#llmproxy.version() > 0, "version")
+
+-- endpoint parsing (IP literals for set_current_peer)
+local h, p = llmproxy._split_endpoint("10.1.2.3:8000")
+check(h == "10.1.2.3" and p == 8000, "ipv4 endpoint")
+h, p = llmproxy._split_endpoint("[::1]:9000")
+check(h == "::1" and p == 9000, "ipv6 endpoint")
+
+local cfg = [[{"model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "vllm"}]}},
+  "clusters": {"c": {"endpoints": ["127.0.0.1:1", "127.0.0.1:2"]}}, "max_body_bytes": 4096}]]
+local r = assert(llmproxy.new(cfg))
+check(r.max_body_bytes == 4096, "max_body_bytes")
+check(r.cluster_header == "x-llmproxy-cluster", "cluster header")
+check(r:should_intercept("POST", "/v1/completions?x=1") and not r:should_intercept("GET", "/v1/completions"),
+  "should_intercept")
+local bad, err = llmproxy.new('{"clusters": 3}')
+check(bad == nil and err:find("clusters", 1, true), "config error names the field: " .. tostring(err))
+
+local body = '{"model":"m","messages":[{"role":"user","content":"hello"}]}'
+local d = r:pick({ ["Content-Type"] = "application/json", ["x-multi"] = { "a", "b" } }, body, "/v1/chat/completions", "POST")
+check(d and (d.endpoint == "127.0.0.1:1" or d.endpoint == "127.0.0.1:2"), "pick routes")
+check(d.cluster == "c" and d.model == "m" and d.backend == "vllm" and d.stream == false, "decision fields")
+check(r:in_flight() == 1, "in flight after pick")
+local first = d.endpoint
+check(d:retry() == true and d.endpoint ~= first and d.tries == 2, "retry moves to the other endpoint")
+local ok, rerr = d:retry()
+check(ok == nil and rerr:find("no_endpoint", 1, true), "no third endpoint: " .. tostring(rerr))
+check(r:in_flight() == 0, "nothing in flight once retries are exhausted")
+d:first_token(); d:first_token()
+check(d:finish(0) == true and d:finish(0) == false and d:finished(), "finish exactly once")
+
+local nd, status, ebody = r:pick({}, '{"model":"zz","messages":[{"role":"user","content":"x"}]}', "/v1/chat/completions")
+check(nd == nil and status == 404 and ebody:find("model_not_found", 1, true), "404 error")
+nd, status, ebody = r:pick({}, string.rep("x", 5000), "/v1/chat/completions")
+check(nd == nil and status == 413, "413 from the library")
+
+-- a decision dropped without finish(): the finalizer finishes it and counts the leak
+local leaked_before = llmproxy.stats.leaked
+do
+    local lost = r:pick({}, body, "/v1/chat/completions")
+    check(lost ~= nil and r:in_flight() == 1, "picked")
+end
+collectgarbage(); collectgarbage()
+check(llmproxy.stats.leaked == leaked_before + 1, "leak counted")
+check(r:in_flight() == 0, "leaked decision finished by the finalizer")
+
+local text = r:metrics()
+check(text:find("llmproxy_in_flight_requests 0", 1, true) ~= nil, "metrics text")
+r:free(); r:free()
+
+-- nginx glue helpers
+local merged = gw._merge({
+    { pid = "11", text = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\"} 3\n# HELP b B.\n# TYPE b gauge\nb 1\n" },
+    { pid = "12", text = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\"} 4\n# HELP b B.\n# TYPE b gauge\nb 2\n" },
+})
+check(merged == '# HELP a_total A.\n# TYPE a_total counter\na_total{worker="11",x="1"} 3\na_total{worker="12",x="1"} 4\n'
+    .. '# HELP b B.\n# TYPE b gauge\nb{worker="11"} 1\nb{worker="12"} 2\n', "merge:\n" .. merged)
+check(gw.error_json('say "hi"\n', "t", "c") ==
+    '{"error":{"code":"c","message":"say \\"hi\\"\\n","param":null,"type":"t"}}', "json escaping")
+
+if failures == 0 then
+    io.stderr:write("LLMPROXY-UNIT OK\n")
+else
+    error(failures .. " unit test(s) failed")
+end

@@ -232,13 +232,15 @@ enum llmproxy_status llmproxy_pick(struct llmproxy_router *router,
                                    struct llmproxy_request **out);
 
 /**
- * Like `llmproxy_pick`, but may answer `LLMPROXY_PENDING` when the config asks for a
- * remote cache lookup: then `*out` stays NULL and `cb(user_data, req)` is called exactly
- * once from another thread. With any other status `*out` is set as by `llmproxy_pick` and
- * `cb` is never called. (Decisions are currently always local.)
+ * Like `llmproxy_pick`, but may answer `LLMPROXY_PENDING` when the config enables remote
+ * cache lookups (`metadata_center.cache_enabled`): then `*out` stays NULL and
+ * `cb(user_data, req)` is called exactly once, from the library's lookup thread, with the
+ * decision (within `metadata_center.timeout_ms`; on timeout or error the decision uses local
+ * data). With any other status `*out` is set as by `llmproxy_pick` and `cb` is never
+ * called. A NULL `cb` makes this exactly `llmproxy_pick`.
  *
  * # Safety
- * As `llmproxy_pick`; `cb` must be callable from any thread.
+ * As `llmproxy_pick`; `cb` must be callable from any thread with `user_data`.
  */
 enum llmproxy_status llmproxy_pick_async(struct llmproxy_router *router,
                                          const struct llmproxy_header *headers,

@@ -190,6 +190,95 @@ pub struct Config {
     pub ejection: Ejection,
     /// The origin's `log` block (accepted; llmproxy logs through its host).
     pub log_enabled: bool,
+    /// cluster → `host:port` resolved by DNS on the sync thread (`{"dns": ...}` clusters and
+    /// Istio `outbound|PORT||HOST` names without static endpoints).
+    pub dns_clusters: BTreeMap<String, String>,
+    /// How often DNS clusters are re-resolved, in milliseconds.
+    pub dns_refresh_ms: u64,
+    /// Metadata-Center client settings.
+    pub metadata_center: MetadataCenter,
+}
+
+/// How an endpoint is named on the Metadata-Center wire (`ip` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointIdentity {
+    /// `ip:port` (default; several servers per IP stay apart).
+    IpPort,
+    /// The bare IP, as the origin's IPv4-only server requires (one server per IP).
+    Ip,
+}
+
+/// Metadata-Center client settings: the origin's environment variables, overridden by the
+/// config's `metadata_center` object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataCenter {
+    /// Report load and poll shared state (`METADATA_CENTER_ENABLED`, default false).
+    pub enabled: bool,
+    /// Server host name or IP (`METADATA_CENTER_HOST`, default localhost).
+    pub host: String,
+    /// Server port (`METADATA_CENTER_PORT`, default 8080).
+    pub port: u16,
+    /// Ask the server for remote cache matches before deciding (`METADATA_CENTER_CACHE_ENABLED`,
+    /// default false); only for callers that pass a completion callback.
+    pub cache_enabled: bool,
+    /// Timeout of a remote cache lookup, ms (`METADATA_CENTER_TIMEOUT_MS`, default 100).
+    pub timeout_ms: u64,
+    /// Timeout of a background report or poll, ms (`METADATA_CENTER_ASYNC_TIMEOUT_MS`, 500).
+    pub async_timeout_ms: u64,
+    /// Capacity of the event queue; events beyond it are dropped and counted
+    /// (`METADATA_CENTER_ASYNC_QUEUE_SIZE`, default 1000).
+    pub queue_size: usize,
+    /// Load polling period per active cluster, ms (default 50).
+    pub load_poll_ms: u64,
+    /// Remote load older than this is ignored and local counts are used, ms (default 1000).
+    pub load_stale_ms: u64,
+    /// Endpoint naming on the wire.
+    pub identity: EndpointIdentity,
+    /// Optional shared token sent as `Authorization: Bearer <token>`
+    /// (`METADATA_CENTER_AUTH_TOKEN`).
+    pub auth_token: Option<String>,
+}
+
+impl MetadataCenter {
+    /// Settings from environment variables (through `env`), before config overrides.
+    pub fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        fn num<T: std::str::FromStr>(
+            env: &dyn Fn(&str) -> Option<String>,
+            name: &str,
+            default: T,
+        ) -> Result<T, ConfigError> {
+            match env(name) {
+                None => Ok(default),
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .map_err(|_| err(format!("${name}"), format!("not a valid number: {v:?}"))),
+            }
+        }
+        fn flag(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<bool, ConfigError> {
+            match env(name).as_deref().map(str::trim) {
+                None | Some("") => Ok(false),
+                Some("1") | Some("true") | Some("TRUE") | Some("True") => Ok(true),
+                Some("0") | Some("false") | Some("FALSE") | Some("False") => Ok(false),
+                Some(v) => Err(err(format!("${name}"), format!("not a boolean: {v:?}"))),
+            }
+        }
+        Ok(Self {
+            enabled: flag(env, "METADATA_CENTER_ENABLED")?,
+            host: env("METADATA_CENTER_HOST")
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into()),
+            port: num(env, "METADATA_CENTER_PORT", 8080)?,
+            cache_enabled: flag(env, "METADATA_CENTER_CACHE_ENABLED")?,
+            timeout_ms: num(env, "METADATA_CENTER_TIMEOUT_MS", 100)?,
+            async_timeout_ms: num(env, "METADATA_CENTER_ASYNC_TIMEOUT_MS", 500)?,
+            queue_size: num(env, "METADATA_CENTER_ASYNC_QUEUE_SIZE", 1000)?,
+            load_poll_ms: 50,
+            load_stale_ms: 1000,
+            identity: EndpointIdentity::IpPort,
+            auth_token: env("METADATA_CENTER_AUTH_TOKEN").filter(|t| !t.is_empty()),
+        })
+    }
 }
 
 /// Default `hash_chunk_bytes`.
@@ -262,6 +351,37 @@ struct RawConfig {
     prefix_index_capacity: Option<u64>,
     #[serde(default)]
     ejection: Option<RawEjection>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    dns_refresh_ms: Option<u64>,
+    #[serde(default)]
+    metadata_center: Option<RawMetadataCenter>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetadataCenter {
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    port: Option<u64>,
+    #[serde(default)]
+    cache_enabled: Option<bool>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    async_timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    queue_size: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    load_poll_ms: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    load_stale_ms: Option<u64>,
+    #[serde(default)]
+    endpoint_identity: Option<String>,
+    #[serde(default)]
+    auth_token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -349,6 +469,8 @@ struct RawLog {
 struct RawCluster {
     #[serde(default)]
     endpoints: Vec<String>,
+    #[serde(default)]
+    dns: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -400,6 +522,14 @@ fn lenient_f64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error>
 impl Config {
     /// Parses and validates a JSON config (bare object or Istio TypedStruct).
     pub fn from_json(bytes: &[u8]) -> Result<Config, ConfigError> {
+        Self::from_json_with_env(bytes, &|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::from_json`], with environment variables read through `env`.
+    pub fn from_json_with_env(
+        bytes: &[u8],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| err("", format!("invalid JSON: {e}")))?;
         let (value, prefix) = unwrap_typed_struct(value)?;
@@ -408,7 +538,7 @@ impl Config {
             let reason = e.into_inner().to_string();
             err(join_path(prefix, &path), reason)
         })?;
-        validate(raw).map_err(|e| ConfigError {
+        validate(raw, env).map_err(|e| ConfigError {
             path: join_path(prefix, &e.path),
             reason: e.reason,
         })
@@ -472,7 +602,7 @@ fn is_header_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     if let Some(p) = &raw.protocol {
         if p != "openai" {
             return Err(err(
@@ -546,10 +676,19 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     }
 
     let mut clusters = BTreeMap::new();
+    let mut dns_clusters = BTreeMap::new();
     for (name, c) in raw.clusters {
         let base = format!("clusters.{name}");
         if name.is_empty() {
             return Err(err(base, "cluster name must not be empty"));
+        }
+        if let Some(dns) = c.dns {
+            if !c.endpoints.is_empty() {
+                return Err(err(base, "give either \"endpoints\" or \"dns\", not both"));
+            }
+            check_dns_target(&dns).map_err(|r| err(format!("{base}.dns"), r))?;
+            dns_clusters.insert(name, dns);
+            continue;
         }
         let mut eps = Vec::with_capacity(c.endpoints.len());
         for (i, e) in c.endpoints.iter().enumerate() {
@@ -621,6 +760,18 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
+    // Istio cluster names `outbound|PORT||HOST` resolve by DNS when nothing else lists them.
+    for rule in models.values().flatten() {
+        if clusters.contains_key(&rule.cluster) || dns_clusters.contains_key(&rule.cluster) {
+            continue;
+        }
+        if let Some(target) = istio_dns_target(&rule.cluster) {
+            dns_clusters.insert(rule.cluster.clone(), target);
+        }
+    }
+    let dns_refresh_ms = raw.dns_refresh_ms.unwrap_or(5000).max(100);
+    let metadata_center = merge_metadata_center(raw.metadata_center, env)?;
+
     Ok(Config {
         algorithm,
         models,
@@ -634,7 +785,104 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         prefix_index_capacity: prefix_index_capacity as usize,
         ejection,
         log_enabled: raw.log.map(|l| l.enabled).unwrap_or(false),
+        dns_clusters,
+        dns_refresh_ms,
+        metadata_center,
     })
+}
+
+fn merge_metadata_center(
+    raw: Option<RawMetadataCenter>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<MetadataCenter, ConfigError> {
+    let mut m = MetadataCenter::from_env(env)?;
+    let Some(r) = raw else { return Ok(m) };
+    let base = "metadata_center";
+    if let Some(v) = r.enabled {
+        m.enabled = v;
+    }
+    if let Some(h) = r.host {
+        if h.is_empty() {
+            return Err(err(format!("{base}.host"), "must not be empty"));
+        }
+        m.host = h;
+    }
+    if let Some(p) = r.port {
+        m.port = u16::try_from(p)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| err(format!("{base}.port"), format!("not a valid port: {p}")))?;
+    }
+    if let Some(v) = r.cache_enabled {
+        m.cache_enabled = v;
+    }
+    for (name, value, slot) in [
+        ("timeout_ms", r.timeout_ms, &mut m.timeout_ms),
+        (
+            "async_timeout_ms",
+            r.async_timeout_ms,
+            &mut m.async_timeout_ms,
+        ),
+        ("load_poll_ms", r.load_poll_ms, &mut m.load_poll_ms),
+        ("load_stale_ms", r.load_stale_ms, &mut m.load_stale_ms),
+    ] {
+        if let Some(v) = value {
+            if !(1..=600_000).contains(&v) {
+                return Err(err(
+                    format!("{base}.{name}"),
+                    format!("must be within 1–600000, got {v}"),
+                ));
+            }
+            *slot = v;
+        }
+    }
+    if let Some(q) = r.queue_size {
+        if !(1..=1_000_000).contains(&q) {
+            return Err(err(
+                format!("{base}.queue_size"),
+                format!("must be within 1–1000000, got {q}"),
+            ));
+        }
+        m.queue_size = q as usize;
+    }
+    if let Some(id) = r.endpoint_identity {
+        m.identity = match id.as_str() {
+            "ip_port" => EndpointIdentity::IpPort,
+            "ip" => EndpointIdentity::Ip,
+            other => {
+                return Err(err(
+                    format!("{base}.endpoint_identity"),
+                    format!("unknown identity {other:?} (expected \"ip_port\" or \"ip\")"),
+                ))
+            }
+        };
+    }
+    if let Some(t) = r.auth_token {
+        m.auth_token = Some(t).filter(|t| !t.is_empty());
+    }
+    Ok(m)
+}
+
+/// Checks a DNS cluster target `host:port`.
+fn check_dns_target(target: &str) -> Result<(), String> {
+    let (host, port) = target
+        .rsplit_once(':')
+        .ok_or_else(|| format!("must be \"host:port\", got {target:?}"))?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!("must be \"host:port\", got {target:?}"));
+    }
+    Ok(())
+}
+
+/// `outbound|8000||vllm.ns.svc.cluster.local` → `vllm.ns.svc.cluster.local:8000`.
+pub fn istio_dns_target(cluster: &str) -> Option<String> {
+    let mut parts = cluster.split('|');
+    let (dir, port, _subset, host) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || dir != "outbound" || host.is_empty() {
+        return None;
+    }
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    Some(format!("{host}:{port}"))
 }
 
 fn validate_rule(r: RawRule, base: &str) -> Result<Rule, ConfigError> {
@@ -826,6 +1074,78 @@ mod tests {
                 "input {input}\n got: {got}\nwant: {want}"
             );
         }
+    }
+
+    #[test]
+    fn metadata_center_from_env_then_config() {
+        let env = |name: &str| match name {
+            "METADATA_CENTER_ENABLED" => Some("true".to_string()),
+            "METADATA_CENTER_HOST" => Some("mc.internal".to_string()),
+            "METADATA_CENTER_TIMEOUT_MS" => Some("80".to_string()),
+            _ => None,
+        };
+        let c = Config::from_json_with_env(
+            br#"{"metadata_center": {"port": 9090, "cache_enabled": true}}"#,
+            &env,
+        )
+        .unwrap();
+        let m = &c.metadata_center;
+        assert!(m.enabled && m.cache_enabled);
+        assert_eq!(
+            (
+                m.host.as_str(),
+                m.port,
+                m.timeout_ms,
+                m.async_timeout_ms,
+                m.queue_size
+            ),
+            ("mc.internal", 9090, 80, 500, 1000)
+        );
+        let off = Config::from_json_with_env(b"{}", &|_| None)
+            .unwrap()
+            .metadata_center;
+        assert!(!off.enabled && off.host == "localhost" && off.port == 8080);
+        let bad = Config::from_json_with_env(b"{}", &|n| {
+            (n == "METADATA_CENTER_PORT").then(|| "eighty".to_string())
+        });
+        assert_eq!(
+            bad.unwrap_err().to_string(),
+            "config.$METADATA_CENTER_PORT: not a valid number: \"eighty\""
+        );
+        let bad = Config::from_json_with_env(
+            br#"{"metadata_center": {"endpoint_identity": "mac"}}"#,
+            &|_| None,
+        );
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .starts_with("config.metadata_center.endpoint_identity: unknown identity"));
+    }
+
+    #[test]
+    fn dns_clusters_and_istio_names() {
+        let c = parse(
+            r#"{"model_mapping_rule": {"m": {"rules": [
+                {"cluster": "outbound|8000||vllm.llm.svc.cluster.local", "backend": "vllm"},
+                {"cluster": "named", "backend": "vllm", "headers": [{"key": "x", "value": "1"}]}]}},
+            "clusters": {"named": {"dns": "localhost:9000"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.dns_clusters["named"], "localhost:9000");
+        assert_eq!(
+            c.dns_clusters["outbound|8000||vllm.llm.svc.cluster.local"],
+            "vllm.llm.svc.cluster.local:8000"
+        );
+        assert_eq!(istio_dns_target("inbound|8000||x"), None);
+        assert_eq!(istio_dns_target("plain"), None);
+        let e = parse(r#"{"clusters": {"c": {"dns": "nohost"}}}"#).unwrap_err();
+        assert!(
+            e.starts_with("config.clusters.c.dns: must be \"host:port\""),
+            "{e}"
+        );
+        let e = parse(r#"{"clusters": {"c": {"dns": "h:1", "endpoints": ["127.0.0.1:1"]}}}"#)
+            .unwrap_err();
+        assert!(e.starts_with("config.clusters.c: give either"), "{e}");
     }
 
     #[test]

@@ -477,13 +477,15 @@ unsafe fn header_refs<'a>(
         .collect()
 }
 
-/// Like `llmproxy_pick`, but may answer `LLMPROXY_PENDING` when the config asks for a
-/// remote cache lookup: then `*out` stays NULL and `cb(user_data, req)` is called exactly
-/// once from another thread. With any other status `*out` is set as by `llmproxy_pick` and
-/// `cb` is never called. (Decisions are currently always local.)
+/// Like `llmproxy_pick`, but may answer `LLMPROXY_PENDING` when the config enables remote
+/// cache lookups (`metadata_center.cache_enabled`): then `*out` stays NULL and
+/// `cb(user_data, req)` is called exactly once, from the library's lookup thread, with the
+/// decision (within `metadata_center.timeout_ms`; on timeout or error the decision uses local
+/// data). With any other status `*out` is set as by `llmproxy_pick` and `cb` is never
+/// called. A NULL `cb` makes this exactly `llmproxy_pick`.
 ///
 /// # Safety
-/// As `llmproxy_pick`; `cb` must be callable from any thread.
+/// As `llmproxy_pick`; `cb` must be callable from any thread with `user_data`.
 #[no_mangle]
 pub unsafe extern "C" fn llmproxy_pick_async(
     router: *mut llmproxy_router,
@@ -495,8 +497,51 @@ pub unsafe extern "C" fn llmproxy_pick_async(
     user_data: *mut c_void,
     out: *mut *mut llmproxy_request,
 ) -> llmproxy_status {
-    let _ = (cb, user_data);
-    llmproxy_pick(router, headers, n_headers, body, body_len, out)
+    let Some(cb) = cb else {
+        return llmproxy_pick(router, headers, n_headers, body, body_len, out);
+    };
+    if out.is_null() {
+        return LLMPROXY_INVALID_ARGUMENT;
+    }
+    *out = ptr::null_mut();
+    let Some(r) = router.as_ref() else {
+        return LLMPROXY_INVALID_ARGUMENT;
+    };
+    let (Some(hdrs), Some(body_bytes)) = (header_refs(headers, n_headers), bytes(body, body_len))
+    else {
+        return llmproxy_pick(router, headers, n_headers, body, body_len, out);
+    };
+    /// The host's opaque pointer, handed back on the lookup thread as the contract says.
+    struct UserData(*mut c_void);
+    unsafe impl Send for UserData {}
+    let user = UserData(user_data);
+    let done = Box::new(move |request: PickedRequest| {
+        let user = user;
+        let strings = RequestStrings::of(&request);
+        let handle = Box::into_raw(Box::new(llmproxy_request { request, strings }));
+        // SAFETY: the host promised `cb` may run on any thread with `user_data`.
+        unsafe { cb(user.0, handle) };
+    });
+    let decided = catch_unwind(AssertUnwindSafe(|| {
+        r.router.pick_async(&hdrs, body_bytes, done)
+    }));
+    match decided {
+        Ok(None) => LLMPROXY_PENDING,
+        Ok(Some(request)) => {
+            let status = request.error().map_or(LLMPROXY_OK, llmproxy_status::from);
+            let strings = RequestStrings::of(&request);
+            *out = Box::into_raw(Box::new(llmproxy_request { request, strings }));
+            status
+        }
+        Err(_) => {
+            let request = r.router.failed_request(PickError::Internal {
+                message: "panic while picking an endpoint".into(),
+            });
+            let strings = RequestStrings::of(&request);
+            *out = Box::into_raw(Box::new(llmproxy_request { request, strings }));
+            LLMPROXY_INTERNAL
+        }
+    }
 }
 
 /// The status of the pick that made this request.

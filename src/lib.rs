@@ -13,6 +13,7 @@
 //! - [`balancer`]: pure selection algorithms (`inference_lb`, random, round robin, least request);
 //! - [`state`]: endpoints, clusters, load counters and the local prefix index;
 //! - [`router`]: the request lifecycle (pick → first token → finish) tying them together;
+//! - [`sync`]: the background thread: Metadata-Center reports and polls, DNS clusters;
 //! - [`metrics`]: counters, histograms and Prometheus rendering;
 //! - [`error`]: client-facing errors with their HTTP status and OpenAI JSON;
 //! - [`ffi`]: the C ABI (`include/llmproxy.h`).
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod request;
 pub mod router;
 pub mod state;
+pub mod sync;
 
 pub use config::{Config, ConfigError};
 pub use error::PickError;

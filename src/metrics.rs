@@ -106,8 +106,18 @@ pub struct RouterMetrics {
     pub finished: [AtomicU64; 5],
     /// Re-picks after a connect failure.
     pub retries: AtomicU64,
-    /// Endpoint sets replaced through the API.
+    /// Endpoint sets replaced through the API or DNS.
     pub endpoint_updates: AtomicU64,
+    /// Metadata-Center calls that succeeded / failed (including breaker refusals).
+    pub sync_ok: AtomicU64,
+    /// See `sync_ok`.
+    pub sync_failed: AtomicU64,
+    /// Events dropped because the sync queue was full.
+    pub sync_dropped: AtomicU64,
+    /// `pick_async` decisions that used a remote cache answer / fell back to local data.
+    pub lookups_remote: AtomicU64,
+    /// See `lookups_remote`.
+    pub lookups_local: AtomicU64,
 }
 
 impl Default for RouterMetrics {
@@ -121,6 +131,11 @@ impl Default for RouterMetrics {
             finished: Default::default(),
             retries: AtomicU64::new(0),
             endpoint_updates: AtomicU64::new(0),
+            sync_ok: AtomicU64::new(0),
+            sync_failed: AtomicU64::new(0),
+            sync_dropped: AtomicU64::new(0),
+            lookups_remote: AtomicU64::new(0),
+            lookups_local: AtomicU64::new(0),
         }
     }
 }
@@ -133,6 +148,12 @@ impl RouterMetrics {
             .position(|o| *o == outcome)
             .unwrap_or(5);
         self.picks[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a Metadata-Center call.
+    pub fn count_sync(&self, ok: bool) {
+        let c = if ok { &self.sync_ok } else { &self.sync_failed };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a finished request by upstream status.

@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
@@ -24,6 +24,8 @@ use crate::error::PickError;
 use crate::metrics::{escape_label, header, RouterMetrics, PICK_OUTCOMES};
 use crate::request::{self, RequestKind};
 use crate::state::{Cluster, Endpoint, EndpointSet, PrefixIndex};
+use crate::sync::client::Client;
+use crate::sync::{self, Event, EventSender, Lookup, RequestSync, ThreadGuard};
 
 /// A request header as the host hands it over (name matched case-insensitively).
 pub type HeaderRef<'a> = (&'a [u8], &'a [u8]);
@@ -45,12 +47,21 @@ pub(crate) struct RouterInner {
     in_flight: AtomicU64,
     /// Serialises endpoint-set replacements (never taken on the request path).
     update_lock: Mutex<()>,
+    /// Queue to the sync thread, when the Metadata-Center is enabled.
+    events: OnceLock<EventSender>,
+    /// Queue to the lookup thread, when remote cache lookups are enabled.
+    lookups: OnceLock<crossbeam_channel::Sender<LookupJob>>,
+    /// Request ids: a random per-router prefix and a counter.
+    id_prefix: String,
+    id_counter: AtomicU64,
 }
 
-/// A thread-safe router. Cheap to clone (shared state).
+/// A thread-safe router. Cheap to clone (shared state); the background threads stop when
+/// the last clone is dropped.
 #[derive(Clone)]
 pub struct Router {
     inner: Arc<RouterInner>,
+    _threads: Arc<Vec<ThreadGuard>>,
 }
 
 impl Router {
@@ -83,9 +94,17 @@ impl Router {
             next_endpoint_id: AtomicU32::new(1),
             in_flight: AtomicU64::new(0),
             update_lock: Mutex::new(()),
+            events: OnceLock::new(),
+            lookups: OnceLock::new(),
+            id_prefix: format!("{:016x}", fastrand::u64(..)),
+            id_counter: AtomicU64::new(0),
             config,
         });
-        let router = Router { inner };
+        let threads = Arc::new(Self::start_threads(&inner));
+        let router = Router {
+            inner,
+            _threads: threads,
+        };
         let mut names: Vec<&str> = router
             .inner
             .config
@@ -106,6 +125,35 @@ impl Router {
             router.set_endpoints_internal(name, &addrs, false);
         }
         router
+    }
+
+    /// Starts the sync thread (Metadata-Center or DNS clusters) and the lookup thread
+    /// (remote cache lookups). A thread that cannot be spawned leaves the router local-only.
+    fn start_threads(inner: &Arc<RouterInner>) -> Vec<ThreadGuard> {
+        let mc = &inner.config.metadata_center;
+        let mut guards = Vec::new();
+        let dns: Vec<(String, String)> = inner
+            .config
+            .dns_clusters
+            .iter()
+            .map(|(c, t)| (c.clone(), t.clone()))
+            .collect();
+        if mc.enabled || !dns.is_empty() {
+            let refresh = Duration::from_millis(inner.config.dns_refresh_ms);
+            if let Ok((sender, guard)) = sync::start(Arc::downgrade(inner), mc, dns, refresh) {
+                if let Some(s) = sender {
+                    let _ = inner.events.set(s);
+                }
+                guards.push(guard);
+            }
+        }
+        if mc.enabled && mc.cache_enabled {
+            if let Ok((tx, guard)) = sync::start_lookups::<LookupJob>(mc, 256) {
+                let _ = inner.lookups.set(tx);
+                guards.push(guard);
+            }
+        }
+        guards
     }
 
     /// The validated configuration.
@@ -186,20 +234,54 @@ impl Router {
     /// Routes one request. Always returns a request handle; on error it carries the error.
     pub fn pick(&self, headers: &[HeaderRef], body: &[u8]) -> PickedRequest {
         let started = Instant::now();
-        let result = self.inner.route(headers, body);
-        let m = &self.inner.metrics;
-        match &result {
-            Ok(_) => m.count_pick("routed"),
-            Err(e) => m.count_pick(e.outcome()),
-        }
-        m.pick_duration.observe(started.elapsed().as_secs_f64());
-        PickedRequest {
-            router: Arc::clone(&self.inner),
-            result,
-            picked_at: started,
-            first_token_seen: false,
-            finished: false,
-        }
+        let result = self.inner.prepare(headers, body).and_then(|mut r| {
+            self.inner.choose(&mut r, None)?;
+            Ok(r)
+        });
+        self.inner.finish_pick(result, started)
+    }
+
+    /// Routes one request, asking the Metadata-Center for cache matches first when remote
+    /// lookups are enabled. Returns `None` when the decision is pending: `done` will then be
+    /// called exactly once, from the lookup thread. Otherwise returns the (local) decision and
+    /// never calls `done`.
+    pub fn pick_async(
+        &self,
+        headers: &[HeaderRef],
+        body: &[u8],
+        done: Box<dyn FnOnce(PickedRequest) + Send>,
+    ) -> Option<PickedRequest> {
+        let started = Instant::now();
+        let inner = &self.inner;
+        let prepared = inner.prepare(headers, body);
+        let routed = match prepared {
+            Ok(r) => r,
+            Err(e) => return Some(self.inner.finish_pick(Err(e), started)),
+        };
+        let wants_remote = inner.config.algorithm == Algorithm::InferenceLb
+            && inner.config.lb_params(&routed.model).cache_aware
+            && !routed.prefix_hashes.is_empty();
+        let routed = match (wants_remote, inner.lookups.get()) {
+            (true, Some(tx)) => {
+                let job = LookupJob {
+                    router: Arc::clone(inner),
+                    routed,
+                    started,
+                    done,
+                };
+                match tx.try_send(job) {
+                    Ok(()) => return None,
+                    Err(e) => {
+                        inner.metrics.lookups_local.fetch_add(1, Ordering::Relaxed);
+                        e.into_inner().routed
+                    }
+                }
+            }
+            _ => routed,
+        };
+        let mut routed = routed;
+        let result = inner.choose(&mut routed, None).map(|()| routed);
+        Some(inner.finish_pick(result, started))
     }
 
     /// A handle for a request that failed before routing (used at the C ABI on panics).
@@ -253,14 +335,78 @@ struct Routed {
     prompt_chars: u64,
     prefix_hashes: Vec<u64>,
     cache_ratio: f64,
+    /// Metadata-Center identity of the current attempt.
+    sync: Option<Arc<RequestSync>>,
 }
 
 impl RouterInner {
-    fn now_ms(&self) -> u64 {
+    pub(crate) fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn route(&self, headers: &[HeaderRef], body: &[u8]) -> Result<Routed, PickError> {
+    pub(crate) fn metrics(&self) -> &RouterMetrics {
+        &self.metrics
+    }
+
+    /// Every cluster (for the sync thread).
+    pub(crate) fn clusters(&self) -> Vec<Arc<Cluster>> {
+        self.clusters.load().values().cloned().collect()
+    }
+
+    /// Replaces a DNS cluster's endpoints when the resolved set changed.
+    pub(crate) fn update_dns_cluster(self: &Arc<Self>, cluster: &str, addrs: &[SocketAddr]) {
+        let current: Vec<SocketAddr> = self
+            .clusters
+            .load()
+            .get(cluster)
+            .map(|c| c.snapshot().endpoints.iter().map(|e| e.addr).collect())
+            .unwrap_or_default();
+        let mut sorted = current.clone();
+        sorted.sort();
+        if sorted != addrs {
+            Router {
+                inner: Arc::clone(self),
+                _threads: Arc::new(Vec::new()),
+            }
+            .set_endpoints(cluster, addrs);
+        }
+    }
+
+    fn finish_pick(
+        self: &Arc<Self>,
+        result: Result<Routed, PickError>,
+        started: Instant,
+    ) -> PickedRequest {
+        let m = &self.metrics;
+        match &result {
+            Ok(_) => m.count_pick("routed"),
+            Err(e) => m.count_pick(e.outcome()),
+        }
+        m.pick_duration.observe(started.elapsed().as_secs_f64());
+        PickedRequest {
+            router: Arc::clone(self),
+            result,
+            picked_at: started,
+            first_token_seen: false,
+            finished: false,
+        }
+    }
+
+    fn next_request_id(&self) -> String {
+        let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n:x}", self.id_prefix)
+    }
+
+    fn send(&self, e: Event) {
+        if let Some(tx) = self.events.get() {
+            if !tx.send(e) {
+                self.metrics.sync_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Parses the request and matches its rule: everything but the endpoint choice.
+    fn prepare(&self, headers: &[HeaderRef], body: &[u8]) -> Result<Routed, PickError> {
         let limit = self.config.max_body_bytes;
         if body.len() as u64 > limit {
             return Err(PickError::PayloadTooLarge {
@@ -292,7 +438,7 @@ impl RouterInner {
             .ok_or_else(|| PickError::NoEndpoint {
                 cluster: rule.cluster.clone(),
             })?;
-        let mut routed = Routed {
+        Ok(Routed {
             rule: Arc::clone(rule),
             cluster,
             endpoint: None,
@@ -303,13 +449,17 @@ impl RouterInner {
             prompt_chars: parsed.prompt_chars,
             prefix_hashes: parsed.prefix_hashes,
             cache_ratio: 0.0,
-        };
-        self.choose(&mut routed)?;
-        Ok(routed)
+            sync: None,
+        })
     }
 
-    /// Chooses an endpoint for `r` among those not tried yet, and accounts it.
-    fn choose(&self, r: &mut Routed) -> Result<(), PickError> {
+    /// Chooses an endpoint for `r` among those not tried yet, and accounts it. `remote`
+    /// holds cache matches from the Metadata-Center (wire id → chunks), when asked.
+    fn choose(
+        &self,
+        r: &mut Routed,
+        remote: Option<&HashMap<String, usize>>,
+    ) -> Result<(), PickError> {
         let set = r.cluster.snapshot();
         let now = self.now_ms();
         let untried = |e: &&Arc<Endpoint>| !r.tried.contains(&e.id);
@@ -330,15 +480,24 @@ impl RouterInner {
         let params = self.config.lb_params(&r.model);
         let mut rng = fastrand::Rng::new();
         let use_index = self.config.algorithm == Algorithm::InferenceLb && params.cache_aware;
-        let depth = if use_index && !r.prefix_hashes.is_empty() {
+        let mut depth = if use_index && !r.prefix_hashes.is_empty() {
             self.index.matched_chunks(&r.prefix_hashes, &set)
         } else {
             vec![0; set.endpoints.len()]
         };
+        if let Some(remote) = remote {
+            let identity = self.config.metadata_center.identity;
+            for (d, e) in depth.iter_mut().zip(&set.endpoints) {
+                if let Some(&m) = remote.get(&e.wire_id(identity)) {
+                    *d = (*d).max(m.min(r.prefix_hashes.len()));
+                }
+            }
+        }
         let total_chunks = r.prefix_hashes.len().max(1) as f64;
+        let stale = self.config.metadata_center.load_stale_ms;
         let chosen = match self.config.algorithm {
             Algorithm::InferenceLb => {
-                let loads = loads_of(&set, &candidates, &depth, total_chunks);
+                let loads = loads_of(&set, &candidates, &depth, total_chunks, now, stale);
                 candidates[balancer::inference_lb(&loads, &params, &mut rng)]
             }
             Algorithm::Random => candidates[balancer::random(candidates.len(), &mut rng)],
@@ -346,7 +505,7 @@ impl RouterInner {
                 candidates[balancer::round_robin(&r.cluster.rr_cursor, candidates.len())]
             }
             Algorithm::LeastRequest => {
-                let loads = loads_of(&set, &candidates, &depth, total_chunks);
+                let loads = loads_of(&set, &candidates, &depth, total_chunks, now, stale);
                 candidates[balancer::least_request(&loads, &mut rng)]
             }
         };
@@ -365,6 +524,17 @@ impl RouterInner {
             (r.prompt_chars as f64 * r.cache_ratio) as u64,
             Ordering::Relaxed,
         );
+        r.cluster.touch(now);
+        if self.events.get().is_some() {
+            let req = RequestSync::new(self.next_request_id());
+            self.send(Event::Add {
+                req: Arc::clone(&req),
+                cluster: Arc::clone(&r.cluster),
+                endpoint: Arc::clone(&endpoint),
+                prompt_chars: r.prompt_chars,
+            });
+            r.sync = Some(req);
+        }
         r.tried.push(endpoint.id);
         r.endpoint = Some(endpoint);
         Ok(())
@@ -434,6 +604,49 @@ impl RouterInner {
         );
         header(
             &mut out,
+            "llmproxy_metadata_center_calls_total",
+            "counter",
+            "Metadata-Center calls by result (failed includes circuit-breaker refusals).",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_metadata_center_calls_total{{result=\"ok\"}} {}",
+            m.sync_ok.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_metadata_center_calls_total{{result=\"failed\"}} {}",
+            m.sync_failed.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "llmproxy_metadata_center_events_dropped_total",
+            "counter",
+            "Sync events dropped because the queue was full.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_metadata_center_events_dropped_total {}",
+            m.sync_dropped.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "llmproxy_remote_cache_lookups_total",
+            "counter",
+            "pick_async decisions by the cache data they used.",
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_remote_cache_lookups_total{{result=\"remote\"}} {}",
+            m.lookups_remote.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "llmproxy_remote_cache_lookups_total{{result=\"local_fallback\"}} {}",
+            m.lookups_local.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
             "llmproxy_prompt_chars_total",
             "counter",
             "Prompt characters of routed requests.",
@@ -493,7 +706,7 @@ impl RouterInner {
         let mut names: Vec<&String> = clusters.keys().collect();
         names.sort();
         type Getter = fn(&Endpoint, u64) -> u64;
-        let families: [(&str, &str, &str, Getter); 6] = [
+        let families: [(&str, &str, &str, Getter); 7] = [
             (
                 "llmproxy_endpoint_in_flight_requests",
                 "gauge",
@@ -529,6 +742,12 @@ impl RouterInner {
                 "gauge",
                 "1 while the endpoint is ejected.",
                 |e, now| e.is_ejected(now) as u64,
+            ),
+            (
+                "llmproxy_endpoint_remote_in_flight_requests",
+                "gauge",
+                "In-flight requests other gateways reported for the endpoint (last Metadata-Center poll).",
+                |e, _| e.remote_in_flight(),
             ),
         ];
         let now = self.now_ms();
@@ -569,23 +788,66 @@ impl RouterInner {
     }
 }
 
+/// Candidate loads: this router's live counts plus, when fresh, what other gateways put on
+/// each endpoint (from the Metadata-Center).
 fn loads_of(
     set: &EndpointSet,
     candidates: &[usize],
     depth: &[usize],
     total_chunks: f64,
+    now_ms: u64,
+    stale_ms: u64,
 ) -> Vec<CandidateLoad> {
     candidates
         .iter()
         .map(|&i| {
             let e = &set.endpoints[i];
+            let (rq, rl) = e.remote_load(now_ms, stale_ms).unwrap_or((0, 0));
             CandidateLoad {
-                in_flight: e.in_flight(),
-                prefill_chars: e.prefill_chars(),
+                in_flight: e.in_flight() + rq,
+                prefill_chars: e.prefill_chars() + rl,
                 cache_ratio: depth[i] as f64 / total_chunks,
             }
         })
         .collect()
+}
+
+/// A `pick_async` decision waiting for the Metadata-Center's cache answer.
+pub(crate) struct LookupJob {
+    router: Arc<RouterInner>,
+    routed: Routed,
+    started: Instant,
+    done: Box<dyn FnOnce(PickedRequest) + Send>,
+}
+
+impl Lookup for LookupJob {
+    fn run(self, client: &mut Client) {
+        let LookupJob {
+            router,
+            mut routed,
+            started,
+            done,
+        } = self;
+        let top_k = routed.cluster.snapshot().endpoints.len().max(1);
+        let remote = client
+            .query_cache(&routed.cluster.name, &routed.prefix_hashes, top_k)
+            .ok()
+            .map(|locs| {
+                locs.into_iter()
+                    .map(|l| (l.ip, l.length))
+                    .collect::<HashMap<_, _>>()
+            });
+        let counter = if remote.is_some() {
+            &router.metrics.lookups_remote
+        } else {
+            &router.metrics.lookups_local
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let result = router.choose(&mut routed, remote.as_ref()).map(|()| routed);
+        let picked = router.finish_pick(result, started);
+        // The host's callback runs on this thread; a panic in it must not kill the thread.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(picked)));
+    }
 }
 
 /// A request from pick to finish. Must be finished (or dropped) exactly once.
@@ -684,6 +946,14 @@ impl PickedRequest {
             }));
         };
         if let Some(old) = r.endpoint.take() {
+            if let Some(req) = r.sync.take() {
+                router.send(Event::Done {
+                    req,
+                    cluster: Arc::clone(&r.cluster),
+                    endpoint: Arc::clone(&old),
+                    prefill_left: if first_token_seen { 0 } else { r.prompt_chars },
+                });
+            }
             if !first_token_seen {
                 old.release_prefill(r.prompt_chars);
             }
@@ -695,7 +965,7 @@ impl PickedRequest {
         router.metrics.retries.fetch_add(1, Ordering::Relaxed);
         self.first_token_seen = false;
         self.picked_at = Instant::now();
-        router.choose(r)
+        router.choose(r, None)
     }
 
     /// The first response byte arrived: prefill is over. Idempotent.
@@ -709,6 +979,14 @@ impl PickedRequest {
                 e.release_prefill(r.prompt_chars);
                 if let Some(h) = e.ttft(r.model_slot) {
                     h.observe(self.picked_at.elapsed().as_secs_f64());
+                }
+                if let Some(req) = &r.sync {
+                    self.router.send(Event::PromptDone {
+                        req: Arc::clone(req),
+                        cluster: Arc::clone(&r.cluster),
+                        endpoint: Arc::clone(e),
+                        prompt_chars: r.prompt_chars,
+                    });
                 }
             }
         }
@@ -725,9 +1003,29 @@ impl PickedRequest {
         }
         self.finished = true;
         let router = &self.router;
-        if let Ok(r) = &self.result {
+        let first_token_seen = self.first_token_seen;
+        if let Ok(r) = &mut self.result {
             if let Some(e) = &r.endpoint {
-                if !self.first_token_seen {
+                if let Some(req) = r.sync.take() {
+                    router.send(Event::Done {
+                        req,
+                        cluster: Arc::clone(&r.cluster),
+                        endpoint: Arc::clone(e),
+                        prefill_left: if first_token_seen { 0 } else { r.prompt_chars },
+                    });
+                    let cache_aware = router.config.lb_params(&r.model).cache_aware;
+                    if (100..400).contains(&upstream_status)
+                        && cache_aware
+                        && !r.prefix_hashes.is_empty()
+                    {
+                        router.send(Event::SaveCache {
+                            cluster: Arc::clone(&r.cluster),
+                            endpoint: Arc::clone(e),
+                            hashes: std::mem::take(&mut r.prefix_hashes),
+                        });
+                    }
+                }
+                if !first_token_seen {
                     e.release_prefill(r.prompt_chars);
                 }
                 e.release_request();

@@ -36,6 +36,14 @@ pub struct Endpoint {
     ejections: AtomicU64,
     consecutive_failures: AtomicU32,
     ejected_until_ms: AtomicU64,
+    /// Load other gateways put on this endpoint, from the last Metadata-Center poll.
+    remote_in_flight: AtomicU64,
+    remote_prefill: AtomicU64,
+    /// Router time of that poll, ms; 0 = never.
+    remote_at_ms: AtomicU64,
+    /// What this router has successfully reported to the Metadata-Center and not yet removed.
+    reported_in_flight: AtomicU64,
+    reported_prefill: AtomicU64,
     /// Time from pick to first token, per model (indexed like `Router` models), made lazily.
     ttft: Box<[OnceLock<Histogram>]>,
 }
@@ -54,6 +62,11 @@ impl Endpoint {
             ejections: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
+            remote_in_flight: AtomicU64::new(0),
+            remote_prefill: AtomicU64::new(0),
+            remote_at_ms: AtomicU64::new(0),
+            reported_in_flight: AtomicU64::new(0),
+            reported_prefill: AtomicU64::new(0),
             ttft: (0..models).map(|_| OnceLock::new()).collect(),
         }
     }
@@ -128,6 +141,55 @@ impl Endpoint {
         self.consecutive_failures.store(0, Ordering::Relaxed);
     }
 
+    /// The endpoint's name on the Metadata-Center wire.
+    pub fn wire_id(&self, identity: crate::config::EndpointIdentity) -> String {
+        match identity {
+            crate::config::EndpointIdentity::IpPort => self.address.clone(),
+            crate::config::EndpointIdentity::Ip => self.addr.ip().to_string(),
+        }
+    }
+
+    /// The sync thread delivered an add of `prompt_chars`.
+    pub fn reported_add(&self, prompt_chars: u64) {
+        self.reported_in_flight.fetch_add(1, Ordering::Relaxed);
+        self.reported_prefill
+            .fetch_add(prompt_chars, Ordering::Relaxed);
+    }
+
+    /// The sync thread delivered a release of `requests` and `prompt_chars`.
+    pub fn reported_release(&self, requests: u64, prompt_chars: u64) {
+        saturating_sub(&self.reported_in_flight, requests);
+        saturating_sub(&self.reported_prefill, prompt_chars);
+    }
+
+    /// Stores a polled total, minus what this router itself reported (so its own requests,
+    /// counted live in the local atomics, are not counted twice).
+    pub fn set_remote_load(&self, total_in_flight: u64, total_prefill: u64, at_ms: u64) {
+        let own_q = self.reported_in_flight.load(Ordering::Relaxed);
+        let own_l = self.reported_prefill.load(Ordering::Relaxed);
+        self.remote_in_flight
+            .store(total_in_flight.saturating_sub(own_q), Ordering::Relaxed);
+        self.remote_prefill
+            .store(total_prefill.saturating_sub(own_l), Ordering::Relaxed);
+        self.remote_at_ms.store(at_ms.max(1), Ordering::Relaxed);
+    }
+
+    /// Requests other gateways had in flight here at the last poll (0 when never polled).
+    pub fn remote_in_flight(&self) -> u64 {
+        self.remote_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Load other gateways put here, if polled within `stale_ms` of `now_ms`.
+    pub fn remote_load(&self, now_ms: u64, stale_ms: u64) -> Option<(u64, u64)> {
+        let at = self.remote_at_ms.load(Ordering::Relaxed);
+        (at != 0 && now_ms.saturating_sub(at) <= stale_ms).then(|| {
+            (
+                self.remote_in_flight.load(Ordering::Relaxed),
+                self.remote_prefill.load(Ordering::Relaxed),
+            )
+        })
+    }
+
     /// Histogram of time to first token for model slot `model`.
     pub fn ttft(&self, model: usize) -> Option<&Histogram> {
         self.ttft
@@ -179,6 +241,8 @@ pub struct Cluster {
     endpoints: ArcSwap<EndpointSet>,
     /// Round-robin cursor.
     pub rr_cursor: AtomicUsize,
+    /// Router time of the last pick, ms (0 = never): active clusters are polled.
+    last_pick_ms: AtomicU64,
 }
 
 impl Cluster {
@@ -188,7 +252,19 @@ impl Cluster {
             name: name.to_string(),
             endpoints: ArcSwap::from_pointee(EndpointSet::new(Vec::new())),
             rr_cursor: AtomicUsize::new(0),
+            last_pick_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Marks the cluster as used at `now_ms`.
+    pub fn touch(&self, now_ms: u64) {
+        self.last_pick_ms.store(now_ms.max(1), Ordering::Relaxed);
+    }
+
+    /// True when the cluster saw a pick within `window_ms` of `now_ms`.
+    pub fn is_active(&self, now_ms: u64, window_ms: u64) -> bool {
+        let t = self.last_pick_ms.load(Ordering::Relaxed);
+        t != 0 && now_ms.saturating_sub(t) <= window_ms
     }
 
     /// The current endpoint set (lock-free).
@@ -410,6 +486,21 @@ mod tests {
         // Half-open: one more failure ejects again.
         assert!(e.record_failure(1100, 2, 1000));
         assert_eq!(e.ejections(), 2);
+    }
+
+    #[test]
+    fn remote_load_excludes_own_reports_and_goes_stale() {
+        let e = Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0);
+        assert_eq!(e.remote_load(10, 100), None, "never polled");
+        e.reported_add(300);
+        e.reported_add(200);
+        e.reported_release(0, 200);
+        // The server counts 5 requests / 1000 chars; 2 / 300 of them are ours.
+        e.set_remote_load(5, 1000, 50);
+        assert_eq!(e.remote_load(100, 100), Some((3, 700)));
+        assert_eq!(e.remote_load(151, 100), None, "stale");
+        e.set_remote_load(1, 0, 200);
+        assert_eq!(e.remote_load(200, 100), Some((0, 0)), "never negative");
     }
 
     #[test]

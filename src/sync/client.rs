@@ -1,0 +1,430 @@
+//! Metadata-Center HTTP client: the aigw wire API, server replicas chosen by cluster, and a
+//! circuit breaker per replica. Runs only on the sync thread (blocking calls with timeouts).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::MetadataCenter;
+
+/// Consecutive failures that open a replica's breaker.
+const BREAKER_FAILURES: u32 = 5;
+/// How long an open breaker refuses calls before letting one probe through.
+const BREAKER_COOLDOWN: Duration = Duration::from_secs(2);
+/// How often the server host name is re-resolved.
+const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+
+/// One entry of `GET /v1/load/stats`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct EngineLoad {
+    /// Endpoint identity as reported (`ip:port` or `ip`).
+    pub ip: String,
+    /// Requests in flight on that engine, all gateways together.
+    #[serde(default)]
+    pub queued_req_num: i64,
+    /// Prompt length still in prefill, all gateways together.
+    #[serde(default)]
+    pub prompt_length: i64,
+}
+
+/// One entry of `POST /v1/cache/query`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct CacheLocation {
+    /// Endpoint identity.
+    pub ip: String,
+    /// Leading prefix chunks matched.
+    pub length: usize,
+}
+
+#[derive(Deserialize)]
+struct Envelope<T> {
+    status: Option<String>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+    data: Option<T>,
+}
+
+#[derive(Deserialize)]
+struct CacheQueryData {
+    #[serde(default)]
+    locations: Vec<CacheLocation>,
+}
+
+/// Body of `POST /v1/load/stats`.
+#[derive(Serialize)]
+pub struct AddRequest<'a> {
+    /// Unique request id.
+    pub request_id: &'a str,
+    /// Cluster key.
+    pub cluster: &'a str,
+    /// Prompt length (characters of the canonical prompt).
+    pub prompt_length: u64,
+    /// Endpoint identity.
+    pub ip: &'a str,
+    /// Unix nanoseconds at the sender.
+    pub timestamp: u64,
+}
+
+/// Body of the two deletes.
+#[derive(Serialize)]
+pub struct DeleteRequest<'a> {
+    /// Request id given at add.
+    pub request_id: &'a str,
+    /// Cluster key (ignored by the server, used here to pick the replica).
+    pub cluster: &'a str,
+    /// Unix nanoseconds at the sender.
+    pub timestamp: u64,
+}
+
+/// Body of `POST /v1/cache/save`.
+#[derive(Serialize)]
+pub struct SaveCache<'a> {
+    /// Cluster key.
+    pub cluster: &'a str,
+    /// Cumulative prefix hashes.
+    pub prompt_hash: &'a [u64],
+    /// Endpoint identity.
+    pub ip: &'a str,
+}
+
+#[derive(Serialize)]
+struct CacheQuery<'a> {
+    cluster: &'a str,
+    prompt_hash: &'a [u64],
+    top_k: usize,
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallError {
+    /// Every replica's breaker is open; nothing was sent.
+    Unavailable,
+    /// Transport failure or timeout.
+    Transport(String),
+    /// Non-200 status or an `ERROR` envelope.
+    Rejected(String),
+}
+
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+}
+
+impl Breaker {
+    fn allows(&self, now: Instant) -> bool {
+        self.open_until.is_none_or(|t| now >= t)
+    }
+    fn success(&mut self) {
+        self.failures = 0;
+        self.open_until = None;
+    }
+    fn failure(&mut self, now: Instant) {
+        self.failures += 1;
+        // Half-open after the cooldown: a single failed probe reopens.
+        if self.failures >= BREAKER_FAILURES || self.open_until.is_some() {
+            self.open_until = Some(now + BREAKER_COOLDOWN);
+        }
+    }
+}
+
+/// Client of one Metadata-Center service (one host name, possibly several replicas).
+pub struct Client {
+    agent: ureq::Agent,
+    settings: MetadataCenter,
+    replicas: Vec<(SocketAddr, Breaker)>,
+    resolved_at: Option<Instant>,
+}
+
+impl Client {
+    /// A client; `timeout` bounds every call.
+    pub fn new(settings: MetadataCenter, timeout: Duration) -> Self {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .max_idle_connections_per_host(4)
+            .build()
+            .into();
+        Self {
+            agent,
+            settings,
+            replicas: Vec::new(),
+            resolved_at: None,
+        }
+    }
+
+    /// Number of replicas whose breaker is open now.
+    pub fn open_breakers(&self) -> usize {
+        let now = Instant::now();
+        self.replicas.iter().filter(|(_, b)| !b.allows(now)).count()
+    }
+
+    fn refresh_replicas(&mut self) {
+        if self
+            .resolved_at
+            .is_some_and(|t| t.elapsed() < RESOLVE_EVERY)
+        {
+            return;
+        }
+        self.resolved_at = Some(Instant::now());
+        let Ok(found) = (self.settings.host.as_str(), self.settings.port).to_socket_addrs() else {
+            return; // keep the old list
+        };
+        let mut addrs: Vec<SocketAddr> = found.collect();
+        addrs.sort();
+        addrs.dedup();
+        if addrs.is_empty() {
+            return;
+        }
+        let mut old = std::mem::take(&mut self.replicas);
+        self.replicas = addrs
+            .into_iter()
+            .map(|a| match old.iter().position(|(x, _)| *x == a) {
+                Some(i) => old.swap_remove(i),
+                None => (
+                    a,
+                    Breaker {
+                        failures: 0,
+                        open_until: None,
+                    },
+                ),
+            })
+            .collect();
+    }
+
+    /// Replicas to try for `key`, in order: the one FNV-1a(key) pins, then the next one.
+    fn route(&mut self, key: &str) -> Vec<usize> {
+        self.refresh_replicas();
+        let n = self.replicas.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let start = fnv1a32(key.as_bytes()) as usize % n;
+        let now = Instant::now();
+        (0..n.min(2))
+            .map(|i| (start + i) % n)
+            .filter(|&i| self.replicas[i].1.allows(now))
+            .collect()
+    }
+
+    fn call<T: serde::de::DeserializeOwned>(
+        &mut self,
+        key: &str,
+        method: &str,
+        path_and_query: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Option<T>, CallError> {
+        let order = self.route(key);
+        if order.is_empty() {
+            return Err(CallError::Unavailable);
+        }
+        let mut last = CallError::Unavailable;
+        for i in order {
+            let addr = self.replicas[i].0;
+            match self.call_one::<T>(addr, method, path_and_query, body) {
+                Ok(v) => {
+                    self.replicas[i].1.success();
+                    return Ok(v);
+                }
+                Err(e) => {
+                    self.replicas[i].1.failure(Instant::now());
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn call_one<T: serde::de::DeserializeOwned>(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        path_and_query: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Option<T>, CallError> {
+        let url = format!("http://{addr}{path_and_query}");
+        let auth = self
+            .settings
+            .auth_token
+            .as_ref()
+            .map(|t| format!("Bearer {t}"));
+        macro_rules! with_headers {
+            ($b:expr) => {{
+                let b = $b.header("Content-Type", "application/json");
+                match &auth {
+                    Some(a) => b.header("Authorization", a.as_str()),
+                    None => b,
+                }
+            }};
+        }
+        let sent = match (method, body) {
+            ("GET", _) => with_headers!(self.agent.get(&url)).call(),
+            ("POST", Some(b)) => with_headers!(self.agent.post(&url)).send(b),
+            ("DELETE", Some(b)) => with_headers!(self.agent.delete(&url))
+                .force_send_body()
+                .send(b),
+            _ => return Err(CallError::Rejected(format!("unsupported call {method}"))),
+        };
+        let mut resp = sent.map_err(|e| CallError::Transport(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(16 << 20)
+            .read_to_string()
+            .map_err(|e| CallError::Transport(e.to_string()))?;
+        if status != 200 {
+            return Err(CallError::Rejected(format!(
+                "HTTP {status}: {}",
+                truncate(&text)
+            )));
+        }
+        let env: Envelope<T> = serde_json::from_str(&text)
+            .map_err(|e| CallError::Rejected(format!("bad envelope: {e}")))?;
+        if env.status.as_deref().is_some_and(|s| s != "OK") {
+            return Err(CallError::Rejected(format!(
+                "status {:?}, error {}",
+                env.status,
+                env.error.unwrap_or_default()
+            )));
+        }
+        Ok(env.data)
+    }
+
+    /// `POST /v1/load/stats`.
+    pub fn add_request(&mut self, r: &AddRequest) -> Result<(), CallError> {
+        let body = serde_json::to_vec(r).unwrap_or_default();
+        self.call::<serde_json::Value>(r.cluster, "POST", "/v1/load/stats", Some(&body))
+            .map(drop)
+    }
+
+    /// `DELETE /v1/load/prompt`.
+    pub fn delete_prompt(&mut self, r: &DeleteRequest) -> Result<(), CallError> {
+        let body = serde_json::to_vec(r).unwrap_or_default();
+        self.call::<serde_json::Value>(r.cluster, "DELETE", "/v1/load/prompt", Some(&body))
+            .map(drop)
+    }
+
+    /// `DELETE /v1/load/stats`.
+    pub fn delete_request(&mut self, r: &DeleteRequest) -> Result<(), CallError> {
+        let body = serde_json::to_vec(r).unwrap_or_default();
+        self.call::<serde_json::Value>(r.cluster, "DELETE", "/v1/load/stats", Some(&body))
+            .map(drop)
+    }
+
+    /// `POST /v1/cache/save`.
+    pub fn save_cache(&mut self, r: &SaveCache) -> Result<(), CallError> {
+        let body = serde_json::to_vec(r).unwrap_or_default();
+        self.call::<serde_json::Value>(r.cluster, "POST", "/v1/cache/save", Some(&body))
+            .map(drop)
+    }
+
+    /// `GET /v1/load/stats?cluster=` (`data: null` means no load anywhere).
+    pub fn query_load(&mut self, cluster: &str) -> Result<Vec<EngineLoad>, CallError> {
+        let q = format!("/v1/load/stats?cluster={}", url_encode(cluster));
+        Ok(self
+            .call::<Vec<EngineLoad>>(cluster, "GET", &q, None)?
+            .unwrap_or_default())
+    }
+
+    /// `POST /v1/cache/query` (sends `top_k`, the field the server reads).
+    pub fn query_cache(
+        &mut self,
+        cluster: &str,
+        hashes: &[u64],
+        top_k: usize,
+    ) -> Result<Vec<CacheLocation>, CallError> {
+        let body = serde_json::to_vec(&CacheQuery {
+            cluster,
+            prompt_hash: hashes,
+            top_k,
+        })
+        .unwrap_or_default();
+        Ok(self
+            .call::<CacheQueryData>(cluster, "POST", "/v1/cache/query", Some(&body))?
+            .map(|d| d.locations)
+            .unwrap_or_default())
+    }
+}
+
+fn truncate(s: &str) -> &str {
+    let mut n = s.len().min(200);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    &s[..n]
+}
+
+/// FNV-1a 32-bit, as the origin pins a cluster to a metadata-center replica.
+pub fn fnv1a32(data: &[u8]) -> u32 {
+    data.iter().fold(0x811c_9dc5u32, |h, &b| {
+        (h ^ b as u32).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// Percent-encodes a query value.
+fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_matches_reference_values() {
+        assert_eq!(fnv1a32(b""), 0x811c9dc5);
+        assert_eq!(fnv1a32(b"a"), 0xe40c292c);
+        assert_eq!(fnv1a32(b"foobar"), 0xbf9cf968);
+    }
+
+    #[test]
+    fn query_values_are_encoded() {
+        assert_eq!(url_encode("outbound|8000||a.b"), "outbound%7C8000%7C%7Ca.b");
+    }
+
+    #[test]
+    fn breaker_opens_after_failures_and_half_opens() {
+        let now = Instant::now();
+        let mut b = Breaker {
+            failures: 0,
+            open_until: None,
+        };
+        for _ in 0..BREAKER_FAILURES - 1 {
+            b.failure(now);
+            assert!(b.allows(now));
+        }
+        b.failure(now);
+        assert!(!b.allows(now));
+        let later = now + BREAKER_COOLDOWN;
+        assert!(b.allows(later), "half-open probe");
+        b.failure(later);
+        assert!(!b.allows(later), "failed probe reopens");
+        b.success();
+        assert!(b.allows(later));
+    }
+
+    #[test]
+    fn unreachable_server_fails_fast_then_breaker_refuses() {
+        // Port 9 on loopback: connection refused.
+        let settings = MetadataCenter {
+            host: "127.0.0.1".into(),
+            port: 9,
+            ..MetadataCenter::from_env(&|_| None).unwrap()
+        };
+        let mut c = Client::new(settings, Duration::from_millis(200));
+        for _ in 0..BREAKER_FAILURES {
+            assert!(matches!(c.query_load("c"), Err(CallError::Transport(_))));
+        }
+        assert_eq!(c.query_load("c"), Err(CallError::Unavailable));
+        assert_eq!(c.open_breakers(), 1);
+    }
+}

@@ -1,0 +1,414 @@
+//! The sync thread: everything a router does on the network, off the request path.
+//!
+//! One dedicated OS thread per router (all signals blocked) owns:
+//! - reporting load events to the Metadata-Center (request added at pick, prompt released at
+//!   first token, request removed at finish, cache saved on success), fed by a bounded
+//!   crossbeam channel that the request path only `try_send`s into (full → dropped, counted);
+//! - polling `GET /v1/load/stats` for every recently active cluster every `load_poll_ms`, and
+//!   storing what *other* gateways put on each endpoint into the endpoint's atomics, which the
+//!   scorer reads without locks;
+//! - re-resolving DNS clusters and swapping their endpoint sets.
+//!
+//! A second thread, only when remote cache lookups are enabled, answers `pick_async`
+//! lookups within `timeout_ms` and calls the host's callback.
+//!
+//! Events of one request are sent in order on one thread, so a delete can never overtake its
+//! add; a request whose add was not delivered sends no deletes.
+
+pub mod client;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{bounded, select, Receiver, Sender};
+
+use crate::config::MetadataCenter;
+use crate::router::RouterInner;
+use crate::state::{Cluster, Endpoint};
+use client::{AddRequest, Client, DeleteRequest, SaveCache};
+
+/// A cluster counts as active (and is polled) this long after its last pick.
+const ACTIVE_FOR_MS: u64 = 10_000;
+/// How long `Drop` waits for a thread to finish before detaching it.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// The sync identity of one upstream attempt of a request.
+pub struct RequestSync {
+    /// Unique request id on the wire.
+    pub id: String,
+    delivered: AtomicBool,
+}
+
+impl RequestSync {
+    /// A new id.
+    pub fn new(id: String) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            delivered: AtomicBool::new(false),
+        })
+    }
+}
+
+/// What the request path tells the sync thread.
+pub enum Event {
+    /// A request was picked for `endpoint`.
+    Add {
+        /// Request identity.
+        req: Arc<RequestSync>,
+        /// Its cluster.
+        cluster: Arc<Cluster>,
+        /// Its endpoint.
+        endpoint: Arc<Endpoint>,
+        /// Prompt length.
+        prompt_chars: u64,
+    },
+    /// The first token arrived: prefill is over.
+    PromptDone {
+        /// Request identity.
+        req: Arc<RequestSync>,
+        /// Its cluster.
+        cluster: Arc<Cluster>,
+        /// Its endpoint.
+        endpoint: Arc<Endpoint>,
+        /// Prompt length released.
+        prompt_chars: u64,
+    },
+    /// The request finished.
+    Done {
+        /// Request identity.
+        req: Arc<RequestSync>,
+        /// Its cluster.
+        cluster: Arc<Cluster>,
+        /// Its endpoint.
+        endpoint: Arc<Endpoint>,
+        /// Prompt length not released by a `PromptDone`.
+        prefill_left: u64,
+    },
+    /// The endpoint answered successfully: it now holds these prefixes.
+    SaveCache {
+        /// Cluster.
+        cluster: Arc<Cluster>,
+        /// Endpoint.
+        endpoint: Arc<Endpoint>,
+        /// Cumulative prefix hashes.
+        hashes: Vec<u64>,
+    },
+}
+
+/// The request path's end of the event channel.
+pub struct EventSender {
+    tx: Sender<Event>,
+}
+
+impl EventSender {
+    /// Queues an event without ever waiting; false when it was dropped (queue full).
+    pub fn send(&self, e: Event) -> bool {
+        self.tx.try_send(e).is_ok()
+    }
+}
+
+/// A unit of work for the lookup thread.
+pub trait Lookup: Send + 'static {
+    /// Runs with the lookup thread's client.
+    fn run(self, client: &mut Client);
+}
+
+/// Stops and joins a background thread when dropped (bounded wait).
+pub struct ThreadGuard {
+    stop: Option<Sender<()>>,
+    done: Receiver<()>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Drop for ThreadGuard {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        // Wait a bounded time: a call in progress ends within its timeout.
+        if self.done.recv_timeout(STOP_WAIT).is_ok() {
+            if let Some(h) = self.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// Spawns a thread with every signal blocked (the host's signal handling stays on its own
+/// threads; a library thread must never receive SIGCHLD, SIGTERM, …).
+fn spawn_quiet(
+    name: &str,
+    body: impl FnOnce(Receiver<()>) + Send + 'static,
+) -> std::io::Result<ThreadGuard> {
+    let (stop_tx, stop_rx) = bounded::<()>(0);
+    let (done_tx, done_rx) = bounded::<()>(1);
+    // SAFETY: plain libc calls on a zeroed sigset; the old mask is restored right after.
+    let old = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        old
+    };
+    let spawned = std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            body(stop_rx);
+            let _ = done_tx.send(());
+        });
+    // SAFETY: restores the mask saved above.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+    }
+    Ok(ThreadGuard {
+        stop: Some(stop_tx),
+        done: done_rx,
+        handle: Some(spawned?),
+    })
+}
+
+/// Starts the sync thread. Returns the request path's sender (when the metadata-center is
+/// enabled) and the guard that stops the thread.
+pub(crate) fn start(
+    router: Weak<RouterInner>,
+    settings: &MetadataCenter,
+    dns_clusters: Vec<(String, String)>,
+    dns_refresh: Duration,
+) -> std::io::Result<(Option<EventSender>, ThreadGuard)> {
+    let (tx, rx) = bounded::<Event>(settings.queue_size.max(1));
+    let sender = settings.enabled.then_some(EventSender { tx });
+    let client = settings.enabled.then(|| {
+        Client::new(
+            settings.clone(),
+            Duration::from_millis(settings.async_timeout_ms),
+        )
+    });
+    let mut worker = Worker {
+        router,
+        client,
+        identity: settings.identity,
+        poll_every: Duration::from_millis(settings.load_poll_ms),
+        dns_clusters,
+        dns_refresh,
+    };
+    let guard = spawn_quiet("llmproxy-sync", move |stop| worker.run(rx, stop))?;
+    Ok((sender, guard))
+}
+
+/// Starts the lookup thread for `pick_async`.
+pub fn start_lookups<L: Lookup>(
+    settings: &MetadataCenter,
+    capacity: usize,
+) -> std::io::Result<(Sender<L>, ThreadGuard)> {
+    let (tx, rx) = bounded::<L>(capacity);
+    let mut client = Client::new(settings.clone(), Duration::from_millis(settings.timeout_ms));
+    let guard = spawn_quiet("llmproxy-lookup", move |stop| loop {
+        select! {
+            recv(stop) -> _ => break,
+            recv(rx) -> job => match job {
+                Ok(job) => job.run(&mut client),
+                Err(_) => break,
+            },
+        }
+    })?;
+    Ok((tx, guard))
+}
+
+struct Worker {
+    router: Weak<RouterInner>,
+    client: Option<Client>,
+    identity: crate::config::EndpointIdentity,
+    poll_every: Duration,
+    dns_clusters: Vec<(String, String)>,
+    dns_refresh: Duration,
+}
+
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Worker {
+    fn run(&mut self, events: Receiver<Event>, stop: Receiver<()>) {
+        let mut next_poll = Instant::now();
+        let mut next_dns = Instant::now();
+        loop {
+            let now = Instant::now();
+            if !self.dns_clusters.is_empty() && now >= next_dns {
+                self.resolve_dns();
+                next_dns = Instant::now() + self.dns_refresh;
+            }
+            if self.client.is_some() && now >= next_poll {
+                self.poll_load();
+                next_poll = Instant::now() + self.poll_every;
+            }
+            let mut deadline = next_poll;
+            if self.client.is_none() {
+                deadline = next_dns;
+            } else if !self.dns_clusters.is_empty() {
+                deadline = deadline.min(next_dns);
+            }
+            let wait = deadline.saturating_duration_since(Instant::now());
+            select! {
+                recv(stop) -> _ => return,
+                recv(events) -> e => match e {
+                    Ok(e) => self.handle(e),
+                    Err(_) => return,
+                },
+                default(wait) => {}
+            }
+        }
+    }
+
+    fn count(&self, ok: bool) {
+        if let Some(r) = self.router.upgrade() {
+            r.metrics().count_sync(ok);
+        }
+    }
+
+    fn handle(&mut self, e: Event) {
+        let identity = self.identity;
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        let ok = match e {
+            Event::Add {
+                req,
+                cluster,
+                endpoint,
+                prompt_chars,
+            } => {
+                let ip = endpoint.wire_id(identity);
+                let ok = client
+                    .add_request(&AddRequest {
+                        request_id: &req.id,
+                        cluster: &cluster.name,
+                        prompt_length: prompt_chars,
+                        ip: &ip,
+                        timestamp: unix_nanos(),
+                    })
+                    .is_ok();
+                if ok {
+                    req.delivered.store(true, Ordering::Relaxed);
+                    endpoint.reported_add(prompt_chars);
+                }
+                ok
+            }
+            Event::PromptDone {
+                req,
+                cluster,
+                endpoint,
+                prompt_chars,
+            } => {
+                if !req.delivered.load(Ordering::Relaxed) {
+                    return;
+                }
+                let ok = client
+                    .delete_prompt(&DeleteRequest {
+                        request_id: &req.id,
+                        cluster: &cluster.name,
+                        timestamp: unix_nanos(),
+                    })
+                    .is_ok();
+                if ok {
+                    endpoint.reported_release(0, prompt_chars);
+                }
+                ok
+            }
+            Event::Done {
+                req,
+                cluster,
+                endpoint,
+                prefill_left,
+            } => {
+                if !req.delivered.load(Ordering::Relaxed) {
+                    return;
+                }
+                let ok = client
+                    .delete_request(&DeleteRequest {
+                        request_id: &req.id,
+                        cluster: &cluster.name,
+                        timestamp: unix_nanos(),
+                    })
+                    .is_ok();
+                if ok {
+                    endpoint.reported_release(1, prefill_left);
+                }
+                ok
+            }
+            Event::SaveCache {
+                cluster,
+                endpoint,
+                hashes,
+            } => client
+                .save_cache(&SaveCache {
+                    cluster: &cluster.name,
+                    prompt_hash: &hashes,
+                    ip: &endpoint.wire_id(identity),
+                })
+                .is_ok(),
+        };
+        self.count(ok);
+    }
+
+    /// Polls the shared load of every recently active cluster.
+    fn poll_load(&mut self) {
+        let Some(router) = self.router.upgrade() else {
+            return;
+        };
+        let now_ms = router.now_ms();
+        let active: Vec<Arc<Cluster>> = router
+            .clusters()
+            .into_iter()
+            .filter(|c| c.is_active(now_ms, ACTIVE_FOR_MS))
+            .collect();
+        drop(router);
+        let identity = self.identity;
+        let weak = self.router.clone();
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        for cluster in active {
+            let result = client.query_load(&cluster.name);
+            let ok = result.is_ok();
+            if let Ok(engines) = result {
+                let set = cluster.snapshot();
+                let at = weak.upgrade().map_or(0, |r| r.now_ms());
+                for e in &set.endpoints {
+                    let id = e.wire_id(identity);
+                    let (q, l) = engines.iter().find(|x| x.ip == id).map_or((0, 0), |x| {
+                        (
+                            x.queued_req_num.max(0) as u64,
+                            x.prompt_length.max(0) as u64,
+                        )
+                    });
+                    e.set_remote_load(q, l, at);
+                }
+            }
+            if let Some(r) = weak.upgrade() {
+                r.metrics().count_sync(ok);
+            }
+        }
+    }
+
+    /// Re-resolves DNS clusters and swaps endpoint sets that changed.
+    fn resolve_dns(&mut self) {
+        for (cluster, target) in &self.dns_clusters {
+            let Ok(found) = target.to_socket_addrs() else {
+                continue;
+            };
+            let mut addrs: Vec<SocketAddr> = found.collect();
+            addrs.sort();
+            addrs.dedup();
+            if addrs.is_empty() {
+                continue; // keep the last good set
+            }
+            let Some(router) = self.router.upgrade() else {
+                return;
+            };
+            router.update_dns_cluster(cluster, &addrs);
+        }
+    }
+}

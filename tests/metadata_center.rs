@@ -1,0 +1,270 @@
+//! The sync thread against the real Metadata-Center server binary (built by
+//! `cargo build --release --workspace`), on 127.0.0.1: two routers share load and cache
+//! state through it; a dead server never blocks or breaks picking; DNS clusters resolve.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use llmproxy::{PickedRequest, Router};
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn server_binary() -> PathBuf {
+    // tests run from target/<profile>/deps/; the server binary sits in target/<profile>/.
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("llmproxy-metadata-center");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace first (`cargo build --release --workspace`)",
+        bin.display()
+    );
+    bin
+}
+
+fn start_server() -> Server {
+    let mut child = Command::new(server_binary())
+        .args(["run", "--host", "127.0.0.1", "--port", "0"])
+        .env("POD_IP", "127.0.0.1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start metadata-center");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                let _ = tx.send(addr.rsplit(':').next().unwrap().parse::<u16>().unwrap());
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("metadata-center did not report its port");
+    Server { child, port }
+}
+
+fn config(mc_port: u16, extra: &str) -> String {
+    format!(
+        r#"{{
+        "model_mapping_rule": {{"m": {{"rules": [{{"cluster": "pool", "backend": "vllm"}}]}}}},
+        "clusters": {{"pool": {{"endpoints": ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]}}}},
+        "metadata_center": {{"enabled": true, "host": "127.0.0.1", "port": {mc_port}, "load_poll_ms": 20 {extra}}}
+    }}"#
+    )
+}
+
+fn chat(text: &str) -> Vec<u8> {
+    serde_json::json!({"model": "m", "messages": [{"role": "user", "content": text}]})
+        .to_string()
+        .into_bytes()
+}
+
+fn http_get(port: u16, path: &str) -> serde_json::Value {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(2)))
+        .build()
+        .into();
+    let text = agent
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn server_queued(port: u16) -> Vec<(String, i64)> {
+    let v = http_get(port, "/v1/load/stats?cluster=pool");
+    let mut out: Vec<(String, i64)> = v["data"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    (
+                        e["ip"].as_str().unwrap().to_string(),
+                        e["queued_req_num"].as_i64().unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+fn metric(r: &Router, line_prefix: &str) -> u64 {
+    r.metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn two_routers_share_load_through_the_server() {
+    let server = start_server();
+    let a = Router::from_json(config(server.port, "").as_bytes()).unwrap();
+    let b = Router::from_json(config(server.port, "").as_bytes()).unwrap();
+
+    // Router A holds 12 requests, pinned to 127.0.0.1:7001 by shrinking its view.
+    a.set_endpoints("pool", &["127.0.0.1:7001".parse().unwrap()]);
+    let held: Vec<PickedRequest> = (0..12)
+        .map(|i| a.pick(&[], &chat(&format!("a{i}"))))
+        .collect();
+    wait_until("the server to count A's requests", || {
+        server_queued(server.port).contains(&("127.0.0.1:7001".to_string(), 12))
+    });
+
+    // Router B has no local load at all, yet steers away from 7001 once it has polled.
+    // B must see the cluster as active before it polls it: one pick, then wait for a poll.
+    b.pick(&[], &chat("warm-up")).finish(200);
+    let polls = metric(&b, "llmproxy_metadata_center_calls_total{result=\"ok\"} ");
+    wait_until("B to poll again", || {
+        metric(&b, "llmproxy_metadata_center_calls_total{result=\"ok\"} ") > polls + 2
+    });
+    for i in 0..30 {
+        let p = b.pick(&[], &chat(&format!("b{i}")));
+        assert_ne!(
+            p.endpoint(),
+            Some("127.0.0.1:7001"),
+            "B must avoid the endpoint A loaded"
+        );
+        p.finish(200);
+    }
+
+    // Finishing A's requests releases the shared load.
+    for p in held {
+        p.finish(200);
+    }
+    wait_until("the server to release A's load", || {
+        server_queued(server.port).iter().all(|(_, q)| *q == 0)
+    });
+    assert_eq!(
+        metric(&a, "llmproxy_metadata_center_events_dropped_total "),
+        0
+    );
+}
+
+#[test]
+fn remote_cache_lookup_finds_the_endpoint_another_router_warmed() {
+    let server = start_server();
+    let a = Router::from_json(config(server.port, "").as_bytes()).unwrap();
+    let b = Router::from_json(
+        config(server.port, r#", "cache_enabled": true, "timeout_ms": 500"#).as_bytes(),
+    )
+    .unwrap();
+
+    let prompt = format!(
+        "{} final question",
+        "long shared document text. ".repeat(200)
+    );
+    let p = a.pick(&[], &chat(&prompt));
+    let warmed = p.endpoint().unwrap().to_string();
+    p.finish(200); // success → cache save
+    wait_until("the cache save to land", || {
+        metric(&a, "llmproxy_metadata_center_calls_total{result=\"ok\"} ") >= 3
+    });
+
+    // B's local index is empty; only the server knows where the prefix lives.
+    for _ in 0..5 {
+        let (tx, rx) = mpsc::channel();
+        let immediate = b.pick_async(
+            &[],
+            &chat(&prompt),
+            Box::new(move |req| tx.send(req).unwrap()),
+        );
+        assert!(immediate.is_none(), "cache-enabled pick_async goes pending");
+        let req = rx
+            .recv_timeout(Duration::from_secs(3))
+            .expect("callback called");
+        assert_eq!(req.endpoint(), Some(warmed.as_str()));
+        assert!(req.cache_ratio() > 0.99, "ratio {}", req.cache_ratio());
+        req.finish(200);
+    }
+    assert!(
+        metric(
+            &b,
+            "llmproxy_remote_cache_lookups_total{result=\"remote\"} "
+        ) >= 5
+    );
+}
+
+#[test]
+fn dead_server_never_blocks_picks_and_free_is_bounded() {
+    // Port 9 on loopback refuses connections; lookups fall back to local data.
+    let r = Router::from_json(config(9, r#", "cache_enabled": true, "timeout_ms": 50"#).as_bytes())
+        .unwrap();
+    let start = Instant::now();
+    for i in 0..2000 {
+        let p = r.pick(&[], &chat(&format!("q{i}")));
+        assert_eq!(p.http_status(), 200);
+        p.finish(200);
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "picks must not wait on the network"
+    );
+    let (tx, rx) = mpsc::channel();
+    match r.pick_async(&[], &chat("x"), Box::new(move |req| tx.send(req).unwrap())) {
+        Some(p) => p.finish(200),
+        None => rx
+            .recv_timeout(Duration::from_secs(3))
+            .expect("fallback decision")
+            .finish(200),
+    }
+    wait_until("failures to be counted", || {
+        metric(
+            &r,
+            "llmproxy_metadata_center_calls_total{result=\"failed\"} ",
+        ) > 0
+    });
+    assert!(r.metrics_text().contains("llmproxy_in_flight_requests 0"));
+    let start = Instant::now();
+    drop(r);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "router free is bounded"
+    );
+}
+
+#[test]
+fn dns_clusters_resolve_on_the_sync_thread() {
+    let r = Router::from_json(
+        br#"{"model_mapping_rule": {"m": {"rules": [{"cluster": "byname", "backend": "vllm"}]}},
+             "clusters": {"byname": {"dns": "localhost:7777"}}}"#,
+    )
+    .unwrap();
+    wait_until("localhost to resolve", || !r.endpoints("byname").is_empty());
+    let eps = r.endpoints("byname");
+    assert!(
+        eps.iter()
+            .all(|e| e == "127.0.0.1:7777" || e == "[::1]:7777"),
+        "{eps:?}"
+    );
+    let p = r.pick(&[], &chat("x"));
+    assert!(eps.contains(&p.endpoint().unwrap().to_string()));
+}

@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""Overhead of llmproxy in nginx (not part of CI; `make bench-nginx`).
+
+Same machine, same load, same upstreams (a separate plain nginx answering fixed JSON on 4
+ports), same proxy settings; the only difference is how the gateway picks the peer:
+  * llmproxy:    examples/nginx.conf (access_by_lua reads the body + pick, balancer_by_lua,
+                 body_filter first token, log finish), 1 worker
+  * round robin: plain nginx `upstream` with the same 4 servers, no Lua module, 1 worker
+Load: wrk (1 thread, --latency), 64 distinct chat bodies of 1 KiB or 64 KiB (64 KiB is above
+client_body_buffer_size, so both gateways spool it to a temp file). Rounds are interleaved.
+
+    python3 tests/nginx/bench/bench_nginx.py [--seconds 8] [--connections 32] [--rounds 2]
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import harness  # noqa: E402
+
+NGINX = harness.NGINX
+MODULES = """load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
+"""
+
+FLEET_CONF = """worker_processes 1;
+pid {prefix}/fleet.pid;
+error_log {prefix}/fleet-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/fleet-body;
+    client_body_buffer_size 128k;
+    keepalive_requests 100000;
+{servers}
+}}
+"""
+
+FLEET_SERVER = """    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            add_header x-served-by {name};
+            default_type application/json;
+            return 200 '{{"id":"cmpl-bench","object":"chat.completion","choices":[{{"index":0,"message":{{"role":"assistant","content":"ok from {name}"}},"finish_reason":"stop"}}]}}';
+        }}
+    }}
+"""
+
+RR_CONF = """worker_processes 1;
+worker_rlimit_nofile 16384;
+pid {prefix}/rr.pid;
+error_log {prefix}/rr-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/rr-body;
+    proxy_temp_path {prefix}/rr-proxy;
+    client_body_buffer_size 16k;
+    client_max_body_size 9m;
+    upstream fleet {{
+{upstreams}
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location / {{
+            proxy_pass http://fleet;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 600s;
+            proxy_connect_timeout 2s;
+            proxy_next_upstream error timeout;
+            proxy_next_upstream_tries 2;
+        }}
+    }}
+}}
+"""
+
+WRK_SCRIPT = """
+local bodies = {{}}
+local f = io.open("{bodies}", "rb")
+for line in f:lines() do bodies[#bodies + 1] = line end
+f:close()
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format("POST", "/v1/chat/completions", {{["content-type"] = "application/json"}},
+                    bodies[(i % #bodies) + 1])
+end
+"""
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_port(port, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("port %d never opened" % port)
+
+
+class Proc:
+    def __init__(self, args):
+        self.p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+    def close(self):
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGQUIT)
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.p.wait(5)
+
+
+def make_bodies(path, size, n=64):
+    with open(path, "w") as f:
+        for i in range(n):
+            head = "request %d: " % i + harness.random_text(200, seed=i)  # distinct prefixes
+            body = {"model": "qwen3-8b", "messages": [{"role": "user", "content": head}]}
+            pad = size - len(json.dumps(body))
+            body["messages"][0]["content"] = head + " " + harness.random_text(max(pad - 1, 0), seed=10_000 + i)
+            line = json.dumps(body)
+            f.write(line[:size - 2] + line[-2:] if len(line) > size else line)
+            f.write("\n")
+
+
+UNIT = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def parse_wrk(out):
+    def ms(v):
+        m = re.match(r"([\d.]+)(us|ms|s)", v)
+        return float(m.group(1)) * UNIT[m.group(2)]
+    p50 = ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+    p99 = ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"p50": p50, "p99": p99, "rps": rps, "non2xx": int(non2xx.group(1)) if non2xx else 0,
+            "errors": errors.group(1) if errors else ""}
+
+
+def wrk(port, script, seconds, connections):
+    out = subprocess.run(["wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds, "--latency", "-s", script,
+                          "http://127.0.0.1:%d/v1/chat/completions" % port],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    return parse_wrk(out), out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk missing (apt-get install wrk)")
+    harness.raise_fd_limit()
+    tmp = Path(tempfile.mkdtemp(prefix="llmproxy-nginx-bench-"))
+    os.chmod(tmp, 0o755)
+    procs, gw = [], None
+    try:
+        fleet_ports = free_ports(4)
+        names = ["f%d" % i for i in range(4)]
+        (tmp / "fleet.conf").write_text(FLEET_CONF.format(prefix=tmp, servers="".join(
+            FLEET_SERVER.format(port=p, name=n) for p, n in zip(fleet_ports, names))))
+        procs.append(Proc([NGINX, "-p", "%s/" % tmp, "-c", str(tmp / "fleet.conf"), "-g", "daemon off;"]))
+        for p in fleet_ports:
+            wait_port(p)
+        addrs = ["127.0.0.1:%d" % p for p in fleet_ports]
+
+        rr_port = harness.free_port()
+        (tmp / "rr.conf").write_text(RR_CONF.format(prefix=tmp, port=rr_port, upstreams="".join(
+            "        server %s;\n" % a for a in addrs)))
+        procs.append(Proc([NGINX, "-p", "%s/" % tmp, "-c", str(tmp / "rr.conf"), "-g", "daemon off;"]))
+        wait_port(rr_port)
+
+        cfg = {
+            "algorithm": "inference_lb",
+            "model_mapping_rule": {"qwen3-8b": {"rules": [{"scene_name": "chat", "cluster": "fleet", "backend": "vllm"}]}},
+            "lb_mapping_rule": {"qwen3-8b": {"load_aware_enable": True, "cache_aware_enable": True}},
+            "clusters": {"fleet": {"endpoints": addrs}},
+        }
+        gw = harness.Nginx(cfg, addrs, workers=1)
+        text = gw.conf.read_text().replace("debug_headers = true", "debug_headers = false")
+        text = text.replace("access_log build/nginx/access.log;", "access_log off;")
+        gw.conf.write_text(text)
+        r = gw.nginx_cmd("-s", "reload")
+        assert r.returncode == 0, r.stderr
+        time.sleep(1.0)
+        gw.wait_ready()
+
+        results = {}
+        for size_name, size in (("1 KiB", 1024), ("64 KiB", 64 * 1024)):
+            bodies = tmp / ("bodies-%d.txt" % size)
+            make_bodies(bodies, size)
+            script = tmp / ("wrk-%d.lua" % size)
+            script.write_text(WRK_SCRIPT.format(bodies=bodies))
+            for variant, port in (("llmproxy", gw.port), ("round robin", rr_port)):
+                wrk(port, str(script), args.warmup, args.connections)  # warm-up: pools, JIT, caches
+            for rnd in range(args.rounds):
+                for variant, port in (("llmproxy", gw.port), ("round robin", rr_port)):
+                    res, raw = wrk(port, str(script), args.seconds, args.connections)
+                    if res["non2xx"] or res["errors"]:
+                        print(raw, file=sys.stderr)
+                        raise SystemExit("%s %s: errors during the run" % (variant, size_name))
+                    results.setdefault((size_name, variant), []).append(res)
+                    print("%-6s %-11s round %d: p50 %.3f ms p99 %.3f ms %.0f req/s" % (
+                        size_name, variant, rnd + 1, res["p50"], res["p99"], res["rps"]), file=sys.stderr)
+        m = harness.metrics(gw.port)
+        routed = m.total("llmproxy_picks_total", outcome="routed")
+        finished = m.total("llmproxy_finished_requests_total")
+
+        def med(size_name, variant, key):
+            return statistics.median(r[key] for r in results[(size_name, variant)])
+
+        print("\nnginx 1.22.1, 1 worker each, wrk -t1 -c%d, %ds x %d interleaved rounds (median), 4 upstreams"
+              % (args.connections, args.seconds, args.rounds))
+        print("\n| body | gateway | p50 ms | p99 ms | req/s |")
+        print("|---|---|---:|---:|---:|")
+        for size_name in ("1 KiB", "64 KiB"):
+            for variant in ("round robin", "llmproxy"):
+                print("| %s | %s | %.3f | %.3f | %.0f |" % (size_name, variant, med(size_name, variant, "p50"),
+                                                           med(size_name, variant, "p99"), med(size_name, variant, "rps")))
+        print("\n| body | added p50 ms | added p99 ms | throughput ratio (llmproxy / rr) |")
+        print("|---|---:|---:|---:|")
+        for size_name in ("1 KiB", "64 KiB"):
+            print("| %s | %+.3f | %+.3f | %.3f |" % (
+                size_name, med(size_name, "llmproxy", "p50") - med(size_name, "round robin", "p50"),
+                med(size_name, "llmproxy", "p99") - med(size_name, "round robin", "p99"),
+                med(size_name, "llmproxy", "rps") / med(size_name, "round robin", "rps")))
+        print("\nllmproxy picks routed %d, finished %d, in flight %d" % (
+            routed, finished, m.total("llmproxy_in_flight_requests")))
+    finally:
+        if gw:
+            gw.close()
+        for p in procs:
+            p.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -39,3 +39,4 @@ sim-compare-demo: sim sim-plot-deps
 ## bench-routing-peers: the routing benchmark against the peer routers from PyPI (not in CI)
 bench-routing-peers: sim sim-plot-deps sim-peer-deps
 	bash scripts/bench_routing.sh $(BENCH_TARGETS)
+TEST_TARGETS += test-sim

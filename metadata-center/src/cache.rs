@@ -423,6 +423,7 @@ pub struct LevelStats {
 
 struct TreeHandle {
     tree: RwLock<Tree>,
+    /// Monotonic ns of the last save (LRU order of trees at the cluster cap).
     last_used: AtomicU64,
 }
 
@@ -495,7 +496,7 @@ impl CachePool {
         };
         handle
             .last_used
-            .fetch_max(now.as_millis() as u64, Ordering::Relaxed);
+            .fetch_max(now.as_nanos() as u64, Ordering::Relaxed);
         let evicted = handle.tree.write().insert(keys, loc, now, &self.cfg);
         if evicted > 0 {
             self.counters
@@ -547,10 +548,10 @@ impl CachePool {
         self.counters
             .expired_nodes
             .fetch_add(removed as u64, Ordering::Relaxed);
-        let expire_ms = self.cfg.expire.as_millis() as u64;
-        let now_ms = now.as_millis() as u64;
+        let expire_ns = self.cfg.expire.as_nanos() as u64;
+        let now_ns = now.as_nanos() as u64;
         self.trees.write().retain(|_, h| {
-            !(h.tree.read().is_empty() && h.last_used.load(Ordering::Relaxed) + expire_ms <= now_ms)
+            !(h.tree.read().is_empty() && h.last_used.load(Ordering::Relaxed) + expire_ns <= now_ns)
         });
         removed
     }

@@ -174,6 +174,12 @@ async fn run(s: Settings) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
+    // Small request/response exchanges: never wait for Nagle.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
 
     let version = env!("CARGO_PKG_VERSION");
     let metrics = Arc::new(Metrics::new(version).map_err(|e| format!("metrics: {e}"))?);
@@ -190,6 +196,8 @@ async fn run(s: Settings) -> Result<(), String> {
             auth_token: s.auth_token.clone(),
             instance_id: instance_id.clone(),
         })?);
+        // Static peers are known before the first request is served; DNS peers follow.
+        rep.set_peers(&s.peers.iter().cloned().collect());
         tokio::spawn(replica::discovery_loop(
             rep.clone(),
             s.peers.clone(),

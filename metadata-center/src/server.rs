@@ -647,6 +647,7 @@ async fn metrics(State(st): St) -> Response {
 
 pub fn render_metrics(st: &AppState) -> String {
     let m = &st.metrics;
+    let _one_at_a_time = m.render_lock.lock();
     m.model_engine_count.reset();
     m.queued_num.reset();
     m.prompt_length.reset();

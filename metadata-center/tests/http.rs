@@ -723,6 +723,10 @@ fn dns_peer_discovery_and_pod_ip_exclusion() {
         &["--port", &spb],
         &[dns[0], dns[1], ("REPLICA_CLIENT_TARGET_PORT", &spa)],
     );
+    // Events before the first lookup completes have no peer to go to; wait for it.
+    wait_until("first DNS lookup", Duration::from_secs(3), || {
+        metric(&a.metrics(), "metadata_center_replication_peers").unwrap_or(0.0) >= 1.0
+    });
     a.post("/v1/load/stats", add("m", "r1", "10.0.0.1", 3));
     wait_until(
         "DNS-discovered peer gets the add",
@@ -752,4 +756,73 @@ fn dns_peer_discovery_and_pod_ip_exclusion() {
     assert!(!c
         .metrics()
         .contains("dns_lookup_hosts{domain=\"localhost\",host=\"127.0.0.1"));
+}
+
+#[test]
+fn memory_stays_bounded_by_the_caps() {
+    let dir = std::env::temp_dir().join(format!("mc-caps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("caps.json");
+    std::fs::write(
+        &f,
+        r#"{"Load":{"MaxRequests":100,"MaxClusters":3,"MaxEnginesPerCluster":4},
+            "Cache":{"MaxEntriesPerCluster":300,"MaxClusters":2,"MaxPromptHashes":64}}"#,
+    )
+    .unwrap();
+    let s = Server::start(&["--config", f.to_str().unwrap()], &[]);
+    for i in 0..400 {
+        let cluster = format!("c{}", i % 5);
+        let ip = format!("10.0.0.{}:80", i % 7);
+        s.post("/v1/load/stats", add(&cluster, &format!("r{i}"), &ip, 10));
+        let path: Vec<u64> = (0..16).map(|k| (i as u64) * 1000 + k).collect();
+        // Two busy cache clusters, and now and then a third that evicts the least recently used.
+        let cache_cluster = if i % 50 == 49 {
+            format!("x{i}")
+        } else {
+            format!("k{}", i % 2)
+        };
+        let r = s.post(
+            "/v1/cache/save",
+            json!({"cluster": cache_cluster, "prompt_hash": path, "ip": ip}),
+        );
+        assert_eq!(r.status, 200);
+    }
+    let too_long: Vec<u64> = (0..65).collect();
+    let r = s.post(
+        "/v1/cache/save",
+        json!({"cluster":"c0","prompt_hash":too_long,"ip":"10.0.0.1"}),
+    );
+    assert_eq!(r.status, 400);
+    let m = s.metrics();
+    assert_eq!(
+        metric(&m, "metadata_center_load_requests"),
+        Some(100.0),
+        "{m}"
+    );
+    assert!(metric(&m, "metadata_center_load_clusters").unwrap() <= 3.0);
+    assert_eq!(
+        metric(&m, r#"metadata_center_load_evicted_total{kind="request"}"#),
+        Some(300.0)
+    );
+    assert!(metric(&m, r#"metadata_center_load_evicted_total{kind="cluster"}"#).unwrap() > 0.0);
+    assert!(metric(&m, "metadata_center_cache_clusters").unwrap() <= 2.0);
+    assert!(metric(&m, "metadata_center_cache_evicted_clusters_total").unwrap() > 0.0);
+    assert!(metric(&m, "metadata_center_cache_entries").unwrap() <= 600.0);
+    assert!(
+        metric(
+            &m,
+            r#"metadata_center_cache_removed_nodes_total{reason="evicted"}"#
+        )
+        .unwrap()
+            > 0.0,
+        "{m}"
+    );
+    for c in 0..5 {
+        if let Some(engines) = s.engines(&format!("c{c}")).as_array() {
+            assert!(engines.len() <= 4);
+        }
+    }
+    // Threads: a small fixed set whatever the traffic.
+    assert!(metric(&m, "process_threads").unwrap() <= 16.0, "{m}");
+    std::fs::remove_dir_all(&dir).ok();
 }

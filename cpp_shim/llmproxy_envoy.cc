@@ -165,8 +165,10 @@ struct Filter {
 FilterConfig *as_config(const void *p) { return const_cast<FilterConfig *>(static_cast<const FilterConfig *>(p)); }
 Filter *as_filter(const void *p) { return const_cast<Filter *>(static_cast<const Filter *>(p)); }
 
-template <typename T, typename F>
-T guard(const char *hook, FilterConfig *cfg, T fallback, F &&body) noexcept {
+// Runs a hook body; no exception gets out. On an exception: count it, log it, then return
+// on_exception() (itself guarded), or `fallback` if that throws too.
+template <typename T, typename F, typename E>
+T guard_or(const char *hook, FilterConfig *cfg, T fallback, E &&on_exception, F &&body) noexcept {
   try {
     return body();
   } catch (const std::exception &e) {
@@ -182,7 +184,16 @@ T guard(const char *hook, FilterConfig *cfg, T fallback, F &&body) noexcept {
     } catch (...) {
     }
   }
-  return fallback;
+  try {
+    return on_exception();
+  } catch (...) {
+    return fallback;
+  }
+}
+
+template <typename T, typename F>
+T guard(const char *hook, FilterConfig *cfg, T fallback, F &&body) noexcept {
+  return guard_or(hook, cfg, fallback, [fallback] { return fallback; }, std::forward<F>(body));
 }
 
 bool get_request_header(void *f, const char *name, std::string &out) {
@@ -244,6 +255,15 @@ void send_local_reply(void *f, Filter &flt, uint32_t status, const std::string &
 
 void send_error(void *f, Filter &flt, uint32_t status, const std::string &body) {
   send_local_reply(f, flt, status, body, "application/json", "llmproxy_error");
+}
+
+// Request path after an exception: fail closed with a 500 (never forward a request whose
+// routing headers may not have been cleaned), unless a reply was already sent.
+bool fail_closed(void *f, Filter &flt) {
+  if (flt.phase == Phase::Replied || flt.forwarded) return false;
+  flt.phase = Phase::Replied;
+  send_error(f, flt, 500, error_json("server_error", "internal_error", "llmproxy filter error"));
+  return true;
 }
 
 std::string metrics_text(FilterConfig &cfg) {
@@ -509,7 +529,10 @@ LLMPROXY_EXPORT int HOOK(envoy_dynamic_module_on_http_filter_request_headers)(vo
   Filter *flt = as_filter(m);
   if (!flt) return ENVOY_HEADERS_CONTINUE;
   FilterConfig &cfg = *flt->cfg;
-  return guard<int>("request_headers", &cfg, ENVOY_HEADERS_CONTINUE, [&]() -> int {
+  auto on_exception = [&]() -> int {
+    return fail_closed(f, *flt) ? ENVOY_HEADERS_STOP_ITERATION : ENVOY_HEADERS_CONTINUE;
+  };
+  return guard_or<int>("request_headers", &cfg, ENVOY_HEADERS_CONTINUE, on_exception, [&]() -> int {
     std::string method, path;
     get_request_header(f, ":method", method);
     get_request_header(f, ":path", path);
@@ -557,7 +580,10 @@ LLMPROXY_EXPORT int HOOK(envoy_dynamic_module_on_http_filter_request_body)(void 
                                                                           bool end_of_stream) {
   Filter *flt = as_filter(m);
   if (!flt) return ENVOY_BODY_CONTINUE;
-  return guard<int>("request_body", flt->cfg, ENVOY_BODY_CONTINUE, [&]() -> int {
+  auto on_exception = [&]() -> int {
+    return fail_closed(f, *flt) ? ENVOY_BODY_STOP_ITERATION_NO_BUFFER : ENVOY_BODY_CONTINUE;
+  };
+  return guard_or<int>("request_body", flt->cfg, ENVOY_BODY_CONTINUE, on_exception, [&]() -> int {
     switch (flt->phase) {
       case Phase::Collecting: break;
       case Phase::Pending: return ENVOY_BODY_STOP_ITERATION_AND_BUFFER;
@@ -588,7 +614,10 @@ LLMPROXY_EXPORT int HOOK(envoy_dynamic_module_on_http_filter_request_body)(void 
 LLMPROXY_EXPORT int HOOK(envoy_dynamic_module_on_http_filter_request_trailers)(void *f, const void *m) {
   Filter *flt = as_filter(m);
   if (!flt) return ENVOY_TRAILERS_CONTINUE;
-  return guard<int>("request_trailers", flt->cfg, ENVOY_TRAILERS_CONTINUE, [&]() -> int {
+  auto on_exception = [&]() -> int {
+    return fail_closed(f, *flt) ? ENVOY_TRAILERS_STOP_ITERATION : ENVOY_TRAILERS_CONTINUE;
+  };
+  return guard_or<int>("request_trailers", flt->cfg, ENVOY_TRAILERS_CONTINUE, on_exception, [&]() -> int {
     if (flt->phase == Phase::Pending || flt->phase == Phase::Replied) return ENVOY_TRAILERS_STOP_ITERATION;
     if (flt->phase != Phase::Collecting) return ENVOY_TRAILERS_CONTINUE;
     // Trailers end the stream: the whole body is in the buffer now.

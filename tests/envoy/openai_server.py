@@ -41,6 +41,13 @@ def make_handler(name):
             n = int(self.headers.get("content-length", "0") or 0)
             return self.rfile.read(n) if n else b""
 
+        def _headers_seen(self):
+            seen = {}
+            for k, v in self.headers.items():  # repeated headers are joined, nothing is lost
+                k = k.lower()
+                seen[k] = seen[k] + ", " + v if k in seen else v
+            return seen
+
         def _send_json(self, status, obj):
             body = json.dumps(obj).encode()
             self.send_response(status)
@@ -74,7 +81,7 @@ def make_handler(name):
                 "served_by": name,
                 "model": model,
                 "body_bytes": len(raw),
-                "received_headers": {k.lower(): v for k, v in self.headers.items()},
+                "received_headers": self._headers_seen(),
             }
             if req.get("stream"):
                 self._stream(model, echo)

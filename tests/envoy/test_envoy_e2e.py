@@ -291,6 +291,27 @@ def test_client_routing_headers_are_ignored(gateway):
         assert "x-gateway-destination-endpoint" not in seen
         assert seen["x-llmproxy-endpoint"] == gateway.servers.addr(home)
         assert seen["x-llmproxy-cluster"] == "pool_a"
+    # Repeated and mixed-case copies are all removed.
+    c = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    try:
+        payload = json.dumps(chat("m-a", prefix + " duplicates")).encode()
+        c.putrequest("POST", CHAT)
+        c.putheader("content-type", "application/json")
+        c.putheader("content-length", str(len(payload)))
+        for name in ("x-gateway-destination-endpoint", "X-Gateway-Destination-Endpoint"):
+            c.putheader(name, gateway.servers.addr(other))
+        for value in ("pool_b", "pool_d"):
+            c.putheader("X-LLMProxy-Cluster", value)
+        c.putheader("x-llmproxy-anything", "1")
+        c.endheaders(payload)
+        r = c.getresponse()
+        echo = json.loads(r.read())
+        assert r.status == 200 and echo["served_by"] == home
+        seen = echo["received_headers"]
+        assert "x-gateway-destination-endpoint" not in seen and "x-llmproxy-anything" not in seen
+        assert seen["x-llmproxy-cluster"] == "pool_a"
+    finally:
+        c.close()
 
 
 def test_down_server_strict_503_then_avoided(gateway):

@@ -781,10 +781,25 @@ static void test_exceptions_do_not_escape(const void *cfg) {
   Stream s(cfg);
   s.fs.req_headers = post_headers();
   s.fs.throw_in_get_headers = true;
-  int r = s.headers(false);  // must return normally
-  CHECK(r == ENVOY_HEADERS_CONTINUE || r == ENVOY_HEADERS_STOP_ITERATION);
+  int r = s.headers(false);  // must return normally, and fail closed
+  CHECK_EQ(r, (int)ENVOY_HEADERS_STOP_ITERATION);
+  CHECK_EQ(s.fs.sent_status, 500u);
+  CHECK_EQ(s.fs.sent_content_type, std::string("application/json"));
+  CHECK_EQ(s.fs.override_calls, 0);
   s.fs.throw_in_get_headers = false;
   s.complete();
+  {  // an exception in the body phase (pick reads the headers again): 500, nothing forwarded
+    Stream b(cfg);
+    b.fs.req_headers = post_headers();
+    CHECK_EQ(b.headers(false), (int)ENVOY_HEADERS_STOP_ITERATION);
+    b.fs.throw_in_get_headers = true;
+    CHECK_EQ(b.body(chat("m-a", "boom"), true), (int)ENVOY_BODY_STOP_ITERATION_NO_BUFFER);
+    CHECK_EQ(b.fs.sent_status, 500u);
+    CHECK_EQ(b.fs.override_calls, 0);
+    b.fs.throw_in_get_headers = false;
+    b.complete();
+    CHECK_EQ(in_flight(cfg), 0u);
+  }
   Stream m(cfg);
   m.fs.req_headers = {{":method", "GET"}, {":path", LLMPROXY_ENVOY_DEFAULT_METRICS_PATH}};
   m.headers(true);

@@ -316,6 +316,79 @@ const char *llmproxy_request_scene(const struct llmproxy_request *req, size_t *l
 const char *llmproxy_request_error_body(const struct llmproxy_request *req, size_t *len);
 
 /**
+ * The model name the backend receives: differs from `llmproxy_request_model` after a
+ * `target_model` or LoRA rewrite.
+ *
+ * # Safety
+ * `req` must be NULL or valid; `len` may be NULL. The string lives until finish.
+ */
+const char *llmproxy_request_upstream_model(const struct llmproxy_request *req, size_t *len);
+
+/**
+ * The path to send upstream when it differs from the client's (Triton generate); ""
+ * when the client's path stays.
+ *
+ * # Safety
+ * `req` must be NULL or valid; `len` may be NULL. The string lives until finish.
+ */
+const char *llmproxy_request_upstream_path(const struct llmproxy_request *req, size_t *len);
+
+/**
+ * The body to send upstream when it differs from the client's (model rewrite, Triton);
+ * NULL with `*len` = 0 when the client's body goes unchanged. Hosts replace the body and
+ * its `content-length`.
+ *
+ * # Safety
+ * `req` must be NULL or valid; `len` may be NULL. The bytes live until finish.
+ */
+const uint8_t *llmproxy_request_upstream_body(const struct llmproxy_request *req, size_t *len);
+
+/**
+ * True when the response body is transcoded: hosts drop the upstream `content-length`
+ * and pass every body chunk through `llmproxy_request_transcode_response`.
+ *
+ * # Safety
+ * `req` must be NULL or valid.
+ */
+bool llmproxy_request_needs_transcoding(const struct llmproxy_request *req);
+
+/**
+ * Call once at the upstream response headers with the upstream status; returns the
+ * status to send to the client.
+ *
+ * # Safety
+ * `req` must be NULL or valid.
+ */
+uint32_t llmproxy_request_response_status(struct llmproxy_request *req, uint32_t upstream_status);
+
+/**
+ * The `content-type` for the client when transcoding changes it; "" to keep the
+ * upstream's. Valid after `llmproxy_request_response_status`.
+ *
+ * # Safety
+ * `req` must be NULL or valid; `len` may be NULL. The string is static.
+ */
+const char *llmproxy_request_response_content_type(const struct llmproxy_request *req, size_t *len);
+
+/**
+ * Feeds one upstream response body chunk (any size, any boundary) and returns in
+ * `*out`/`*out_len` the bytes to send to the client instead: the input itself when nothing
+ * changes, possibly nothing while a transcoder buffers. Pass `end_of_stream` with the last
+ * chunk (an empty one is fine). The first chunk with content marks the first token, so a
+ * host that uses this needs no separate `llmproxy_request_first_token` call. `*out` is
+ * valid until the next call on `req`.
+ *
+ * # Safety
+ * `chunk` must hold `len` bytes; `out` and `out_len` must be writable.
+ */
+enum llmproxy_status llmproxy_request_transcode_response(struct llmproxy_request *req,
+                                                         const uint8_t *chunk,
+                                                         size_t len,
+                                                         bool end_of_stream,
+                                                         const uint8_t **out,
+                                                         size_t *out_len);
+
+/**
  * The request's `stream` flag.
  *
  * # Safety

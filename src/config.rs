@@ -96,6 +96,8 @@ pub struct Subset {
     pub labels: BTreeMap<String, String>,
     /// LoRA adapter name.
     pub lora: String,
+    /// Share of the rule's traffic (relative to the other subsets; default 1).
+    pub weight: u32,
 }
 
 /// One routing rule of a model.
@@ -113,6 +115,21 @@ pub struct Rule {
     pub route_name: String,
     /// Subsets (label or LoRA selection).
     pub subset: Vec<Subset>,
+    /// The backend's served model name, replacing `model` upstream (empty: unchanged).
+    pub target_model: String,
+    /// Chat template for backends that take raw text (`triton`).
+    pub chat_template: crate::transcode::templates::ChatTemplate,
+}
+
+/// One configured endpoint: its address and what it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    /// `ip:port`.
+    pub addr: SocketAddr,
+    /// Labels matched by rule subsets.
+    pub labels: BTreeMap<String, String>,
+    /// LoRA adapters the endpoint serves.
+    pub lora_adapters: Vec<String>,
 }
 
 /// Per-model balancing parameters (`lb_mapping_rule[model]`).
@@ -173,7 +190,7 @@ pub struct Config {
     /// model → balancing parameters; models without an entry use the defaults.
     pub lb: HashMap<String, LbParams>,
     /// cluster → static endpoints.
-    pub clusters: BTreeMap<String, Vec<SocketAddr>>,
+    pub clusters: BTreeMap<String, Vec<EndpointSpec>>,
     /// Prefix hash chunk size in bytes of the canonical prompt.
     pub hash_chunk_bytes: usize,
     /// Largest request body accepted (413 above).
@@ -405,6 +422,10 @@ struct RawRule {
     route_name: String,
     #[serde(default)]
     subset: Vec<RawSubset>,
+    #[serde(default, alias = "targetModel")]
+    target_model: String,
+    #[serde(default, alias = "chatTemplate")]
+    chat_template: Option<String>,
     /// Deprecated in the origin, accepted and ignored.
     #[serde(default, deserialize_with = "lenient_i64")]
     #[allow(dead_code)]
@@ -433,7 +454,6 @@ struct RawSubset {
     #[serde(default)]
     lora: String,
     #[serde(default, deserialize_with = "lenient_i64")]
-    #[allow(dead_code)]
     weight: Option<i64>,
 }
 
@@ -468,9 +488,26 @@ struct RawLog {
 #[serde(deny_unknown_fields)]
 struct RawCluster {
     #[serde(default)]
-    endpoints: Vec<String>,
+    endpoints: Vec<RawEndpoint>,
     #[serde(default)]
     dns: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawEndpoint {
+    Address(String),
+    Object(RawEndpointObject),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpointObject {
+    address: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    lora_adapters: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -691,8 +728,21 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             continue;
         }
         let mut eps = Vec::with_capacity(c.endpoints.len());
-        for (i, e) in c.endpoints.iter().enumerate() {
-            eps.push(parse_endpoint(e).map_err(|r| err(format!("{base}.endpoints[{i}]"), r))?);
+        for (i, e) in c.endpoints.into_iter().enumerate() {
+            let at = format!("{base}.endpoints[{i}]");
+            eps.push(match e {
+                RawEndpoint::Address(a) => EndpointSpec {
+                    addr: parse_endpoint(&a).map_err(|r| err(at, r))?,
+                    labels: BTreeMap::new(),
+                    lora_adapters: Vec::new(),
+                },
+                RawEndpoint::Object(o) => EndpointSpec {
+                    addr: parse_endpoint(&o.address)
+                        .map_err(|r| err(format!("{at}.address"), r))?,
+                    labels: o.labels,
+                    lora_adapters: o.lora_adapters,
+                },
+            });
         }
         clusters.insert(name, eps);
     }
@@ -924,21 +974,52 @@ fn validate_rule(r: RawRule, base: &str) -> Result<Rule, ConfigError> {
             value: h.value,
         });
     }
+    let chat_template = match r.chat_template.as_deref() {
+        None | Some("") => crate::transcode::templates::ChatTemplate::ChatMl,
+        Some(name) => crate::transcode::templates::ChatTemplate::parse(name).ok_or_else(|| {
+            err(
+                format!("{base}.chat_template"),
+                format!(
+                    "unknown chat template {name:?} (expected one of {})",
+                    crate::transcode::templates::ChatTemplate::NAMES
+                ),
+            )
+        })?,
+    };
+    let mut subset = Vec::with_capacity(r.subset.len());
+    for (i, s) in r.subset.into_iter().enumerate() {
+        let weight = match s.weight {
+            None => 1,
+            Some(w) if (0..=1_000_000).contains(&w) => w as u32,
+            Some(w) => {
+                return Err(err(
+                    format!("{base}.subset[{i}].weight"),
+                    format!("must be within 0–1000000, got {w}"),
+                ))
+            }
+        };
+        subset.push(Subset {
+            name: s.name,
+            labels: s.labels,
+            lora: s.lora,
+            weight,
+        });
+    }
+    if !subset.is_empty() && subset.iter().all(|s| s.weight == 0) {
+        return Err(err(
+            format!("{base}.subset"),
+            "at least one subset needs a weight above 0",
+        ));
+    }
     Ok(Rule {
         scene_name: r.scene_name,
         cluster: r.cluster,
         backend,
         headers,
         route_name: r.route_name,
-        subset: r
-            .subset
-            .into_iter()
-            .map(|s| Subset {
-                name: s.name,
-                labels: s.labels,
-                lora: s.lora,
-            })
-            .collect(),
+        subset,
+        target_model: r.target_model,
+        chat_template,
     })
 }
 
@@ -1120,6 +1201,36 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("config.metadata_center.endpoint_identity: unknown identity"));
+    }
+
+    #[test]
+    fn endpoint_objects_subsets_and_rewrites() {
+        let c = parse(r#"{"model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "triton",
+                "target_model": "ensemble", "chat_template": "llama3",
+                "subset": [{"name": "a", "labels": {"gpu": "h100"}, "lora": "sql-lora", "weight": 3}, {"name": "b"}]}]}},
+            "clusters": {"c": {"endpoints": ["127.0.0.1:1", {"address": "127.0.0.1:2", "labels": {"gpu": "h100"}, "lora_adapters": ["sql-lora"]}]}}}"#).unwrap();
+        let r = &c.models["m"][0];
+        assert_eq!(r.target_model, "ensemble");
+        assert_eq!(
+            r.chat_template,
+            crate::transcode::templates::ChatTemplate::Llama3
+        );
+        assert_eq!((r.subset[0].weight, r.subset[1].weight), (3, 1));
+        assert_eq!(c.clusters["c"][1].labels["gpu"], "h100");
+        assert_eq!(c.clusters["c"][1].lora_adapters, vec!["sql-lora"]);
+        let e = parse(r#"{"model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "triton", "chat_template": "vicuna"}]}}}"#).unwrap_err();
+        assert!(
+            e.starts_with(
+                "config.model_mapping_rule.m.rules[0].chat_template: unknown chat template"
+            ),
+            "{e}"
+        );
+        let e =
+            parse(r#"{"clusters": {"c": {"endpoints": [{"address": "host:1"}]}}}"#).unwrap_err();
+        assert!(
+            e.starts_with("config.clusters.c.endpoints[0].address: endpoint must be"),
+            "{e}"
+        );
     }
 
     #[test]

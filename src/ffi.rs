@@ -102,6 +102,8 @@ struct RequestStrings {
     model: Vec<u8>,
     scene: Vec<u8>,
     error_body: Vec<u8>,
+    upstream_model: Vec<u8>,
+    upstream_path: Vec<u8>,
 }
 
 impl RequestStrings {
@@ -113,6 +115,8 @@ impl RequestStrings {
             model: nul_terminated(r.model().unwrap_or("")),
             scene: nul_terminated(r.scene().unwrap_or("")),
             error_body: nul_terminated(&r.error_body().unwrap_or_default()),
+            upstream_model: nul_terminated(r.upstream_model().unwrap_or("")),
+            upstream_path: nul_terminated(r.upstream_path().unwrap_or("")),
         }
     }
 }
@@ -653,6 +657,147 @@ pub unsafe extern "C" fn llmproxy_request_error_body(
     len: *mut usize,
 ) -> *const c_char {
     request_str(req, len, |s| &s.error_body)
+}
+
+/// The model name the backend receives: differs from `llmproxy_request_model` after a
+/// `target_model` or LoRA rewrite.
+///
+/// # Safety
+/// `req` must be NULL or valid; `len` may be NULL. The string lives until finish.
+#[no_mangle]
+pub unsafe extern "C" fn llmproxy_request_upstream_model(
+    req: *const llmproxy_request,
+    len: *mut usize,
+) -> *const c_char {
+    request_str(req, len, |s| &s.upstream_model)
+}
+
+/// The path to send upstream when it differs from the client's (Triton generate); ""
+/// when the client's path stays.
+///
+/// # Safety
+/// `req` must be NULL or valid; `len` may be NULL. The string lives until finish.
+#[no_mangle]
+pub unsafe extern "C" fn llmproxy_request_upstream_path(
+    req: *const llmproxy_request,
+    len: *mut usize,
+) -> *const c_char {
+    request_str(req, len, |s| &s.upstream_path)
+}
+
+/// The body to send upstream when it differs from the client's (model rewrite, Triton);
+/// NULL with `*len` = 0 when the client's body goes unchanged. Hosts replace the body and
+/// its `content-length`.
+///
+/// # Safety
+/// `req` must be NULL or valid; `len` may be NULL. The bytes live until finish.
+#[no_mangle]
+pub unsafe extern "C" fn llmproxy_request_upstream_body(
+    req: *const llmproxy_request,
+    len: *mut usize,
+) -> *const u8 {
+    guard(ptr::null(), || {
+        let body = req.as_ref().and_then(|r| r.request.upstream_body());
+        if !len.is_null() {
+            *len = body.map_or(0, <[u8]>::len);
+        }
+        body.map_or(ptr::null(), <[u8]>::as_ptr)
+    })
+}
+
+/// True when the response body is transcoded: hosts drop the upstream `content-length`
+/// and pass every body chunk through `llmproxy_request_transcode_response`.
+///
+/// # Safety
+/// `req` must be NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn llmproxy_request_needs_transcoding(req: *const llmproxy_request) -> bool {
+    guard(false, || {
+        req.as_ref().is_some_and(|r| r.request.needs_transcoding())
+    })
+}
+
+/// Call once at the upstream response headers with the upstream status; returns the
+/// status to send to the client.
+///
+/// # Safety
+/// `req` must be NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn llmproxy_request_response_status(
+    req: *mut llmproxy_request,
+    upstream_status: u32,
+) -> u32 {
+    guard(upstream_status, || match req.as_mut() {
+        Some(r) => r.request.response_status(upstream_status),
+        None => upstream_status,
+    })
+}
+
+/// The `content-type` for the client when transcoding changes it; "" to keep the
+/// upstream's. Valid after `llmproxy_request_response_status`.
+///
+/// # Safety
+/// `req` must be NULL or valid; `len` may be NULL. The string is static.
+#[no_mangle]
+pub unsafe extern "C" fn llmproxy_request_response_content_type(
+    req: *const llmproxy_request,
+    len: *mut usize,
+) -> *const c_char {
+    guard(ptr::null(), || {
+        let ct = req
+            .as_ref()
+            .and_then(|r| r.request.response_content_type())
+            .unwrap_or("");
+        if !len.is_null() {
+            *len = ct.len();
+        }
+        match ct {
+            "text/event-stream" => c"text/event-stream".as_ptr(),
+            "application/json" => c"application/json".as_ptr(),
+            _ => c"".as_ptr(),
+        }
+    })
+}
+
+/// Feeds one upstream response body chunk (any size, any boundary) and returns in
+/// `*out`/`*out_len` the bytes to send to the client instead: the input itself when nothing
+/// changes, possibly nothing while a transcoder buffers. Pass `end_of_stream` with the last
+/// chunk (an empty one is fine). The first chunk with content marks the first token, so a
+/// host that uses this needs no separate `llmproxy_request_first_token` call. `*out` is
+/// valid until the next call on `req`.
+///
+/// # Safety
+/// `chunk` must hold `len` bytes; `out` and `out_len` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn llmproxy_request_transcode_response(
+    req: *mut llmproxy_request,
+    chunk: *const u8,
+    len: usize,
+    end_of_stream: bool,
+    out: *mut *const u8,
+    out_len: *mut usize,
+) -> llmproxy_status {
+    guard(LLMPROXY_INTERNAL, || {
+        if out.is_null() || out_len.is_null() {
+            return LLMPROXY_INVALID_ARGUMENT;
+        }
+        *out = ptr::null();
+        *out_len = 0;
+        let (Some(r), Some(input)) = (req.as_mut(), bytes(chunk, len)) else {
+            return LLMPROXY_INVALID_ARGUMENT;
+        };
+        match r.request.transcode_response(input, end_of_stream) {
+            None => {
+                *out = input.as_ptr();
+                *out_len = input.len();
+            }
+            Some(bytes) => {
+                *out = bytes.as_ptr();
+                *out_len = bytes.len();
+            }
+        }
+        LLMPROXY_OK
+    })
 }
 
 /// The request's `stream` flag.

@@ -10,6 +10,7 @@
 //! - [`config`]: the JSON config (the origin's format plus our additions) and its validation;
 //! - [`request`]: OpenAI request parsing and the canonical prompt;
 //! - [`hashing`]: cumulative prefix hashes of the prompt;
+//! - [`transcode`]: upstream rewrites (target model, LoRA, Triton) and response transcoding;
 //! - [`balancer`]: pure selection algorithms (`inference_lb`, random, round robin, least request);
 //! - [`state`]: endpoints, clusters, load counters and the local prefix index;
 //! - [`router`]: the request lifecycle (pick → first token → finish) tying them together;
@@ -28,6 +29,7 @@ pub mod request;
 pub mod router;
 pub mod state;
 pub mod sync;
+pub mod transcode;
 
 pub use config::{Config, ConfigError};
 pub use error::PickError;

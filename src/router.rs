@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::balancer::{self, CandidateLoad};
-use crate::config::{Algorithm, Config, ConfigError, Rule};
+use crate::config::{Algorithm, Backend, Config, ConfigError, Rule, Subset};
 use crate::error::PickError;
 use crate::metrics::{escape_label, header, RouterMetrics, PICK_OUTCOMES};
 use crate::request::{self, RequestKind};
 use crate::state::{Cluster, Endpoint, EndpointSet, PrefixIndex};
 use crate::sync::client::Client;
 use crate::sync::{self, Event, EventSender, Lookup, RequestSync, ThreadGuard};
+use crate::transcode::{self, Output, Transcoder, UpstreamRequest};
 
 /// A request header as the host hands it over (name matched case-insensitively).
 pub type HeaderRef<'a> = (&'a [u8], &'a [u8]);
@@ -100,10 +101,9 @@ impl Router {
             id_counter: AtomicU64::new(0),
             config,
         });
-        let threads = Arc::new(Self::start_threads(&inner));
-        let router = Router {
+        let mut router = Router {
             inner,
-            _threads: threads,
+            _threads: Arc::new(Vec::new()),
         };
         let mut names: Vec<&str> = router
             .inner
@@ -120,10 +120,13 @@ impl Router {
                 .config
                 .clusters
                 .get(name)
-                .cloned()
+                .map(|specs| specs.iter().map(|s| s.addr).collect::<Vec<_>>())
                 .unwrap_or_default();
             router.set_endpoints_internal(name, &addrs, false);
         }
+        // Threads start once the static state is in place (a DNS answer must not be
+        // overwritten by the initial empty set).
+        router._threads = Arc::new(Self::start_threads(&router.inner));
         router
     }
 
@@ -182,12 +185,19 @@ impl Router {
             }
         };
         let models = inner.model_names.len();
+        let specs = inner.config.clusters.get(cluster);
         c.replace(endpoints, |addr| {
-            Endpoint::new(
+            let mut e = Endpoint::new(
                 inner.next_endpoint_id.fetch_add(1, Ordering::Relaxed),
                 addr,
                 models,
-            )
+            );
+            // Labels and adapters come from the config's entry for this address, if any.
+            if let Some(spec) = specs.and_then(|s| s.iter().find(|s| s.addr == addr)) {
+                e.labels = spec.labels.clone();
+                e.lora_adapters = spec.lora_adapters.clone();
+            }
+            e
         });
         if count {
             inner
@@ -337,6 +347,43 @@ struct Routed {
     cache_ratio: f64,
     /// Metadata-Center identity of the current attempt.
     sync: Option<Arc<RequestSync>>,
+    /// The model name the backend receives.
+    upstream_model: String,
+    /// Index of the rule subset chosen for this request.
+    subset: Option<usize>,
+    /// Path/body rewrites for the upstream.
+    upstream: UpstreamRequest,
+    /// Response transcoder (also detects the first token).
+    transcoder: Transcoder,
+}
+
+/// Chooses one of a rule's subsets by weight (None when the rule has none).
+fn pick_subset(subsets: &[Subset]) -> Option<usize> {
+    let total: u64 = subsets.iter().map(|s| s.weight as u64).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut ticket = fastrand::u64(..total);
+    subsets.iter().position(|s| {
+        if ticket < s.weight as u64 {
+            true
+        } else {
+            ticket -= s.weight as u64;
+            false
+        }
+    })
+}
+
+/// True when endpoint `e` may serve a request routed to `subset`: its labels include the
+/// subset's labels and, when adapters are declared in the cluster, it serves the adapter.
+fn serves_subset(e: &Endpoint, subset: &Subset, adapters_declared: bool) -> bool {
+    subset
+        .labels
+        .iter()
+        .all(|(k, v)| e.labels.get(k) == Some(v))
+        && (subset.lora.is_empty()
+            || !adapters_declared
+            || e.lora_adapters.contains(&subset.lora))
 }
 
 impl RouterInner {
@@ -438,6 +485,32 @@ impl RouterInner {
             .ok_or_else(|| PickError::NoEndpoint {
                 cluster: rule.cluster.clone(),
             })?;
+        // A weighted subset (labels / LoRA adapter), then the model the backend serves.
+        let subset = pick_subset(&rule.subset);
+        let lora = subset.map(|i| rule.subset[i].lora.as_str()).unwrap_or("");
+        let upstream_model = if !lora.is_empty() {
+            lora
+        } else if !rule.target_model.is_empty() {
+            rule.target_model.as_str()
+        } else {
+            parsed.model.as_str()
+        };
+        let triton = (rule.backend == Backend::Triton).then_some(rule.chat_template);
+        let (upstream, transcoder) = transcode::plan(
+            body,
+            parsed.kind,
+            &parsed.model,
+            upstream_model,
+            triton,
+            parsed.stream,
+        )?;
+        let mut prefix_hashes = parsed.prefix_hashes;
+        if upstream_model != parsed.model {
+            // Another served model (an adapter, an alias) has KV caches of its own.
+            let salt = xxhash_rust::xxh3::xxh3_64(upstream_model.as_bytes());
+            prefix_hashes.iter_mut().for_each(|h| *h ^= salt);
+        }
+        let upstream_model = upstream_model.to_string();
         Ok(Routed {
             rule: Arc::clone(rule),
             cluster,
@@ -445,11 +518,15 @@ impl RouterInner {
             tried: Vec::new(),
             model_slot: route.slot,
             model: parsed.model,
+            upstream_model,
+            subset,
             stream: parsed.stream,
             prompt_chars: parsed.prompt_chars,
-            prefix_hashes: parsed.prefix_hashes,
+            prefix_hashes,
             cache_ratio: 0.0,
             sync: None,
+            upstream,
+            transcoder,
         })
     }
 
@@ -462,7 +539,12 @@ impl RouterInner {
     ) -> Result<(), PickError> {
         let set = r.cluster.snapshot();
         let now = self.now_ms();
-        let untried = |e: &&Arc<Endpoint>| !r.tried.contains(&e.id);
+        let subset = r.subset.map(|i| &r.rule.subset[i]);
+        let adapters_declared = set.endpoints.iter().any(|e| !e.lora_adapters.is_empty());
+        let untried = |e: &&Arc<Endpoint>| {
+            !r.tried.contains(&e.id)
+                && subset.is_none_or(|s| serves_subset(e, s, adapters_declared))
+        };
         let mut candidates: Vec<usize> = (0..set.endpoints.len())
             .filter(|&i| untried(&&set.endpoints[i]) && !set.endpoints[i].is_ejected(now))
             .collect();
@@ -932,6 +1014,63 @@ impl PickedRequest {
                 .to_json(),
             ),
             Ok(_) => None,
+        }
+    }
+
+    /// The model name the backend receives (differs from `model` after a rewrite).
+    pub fn upstream_model(&self) -> Option<&str> {
+        self.routed().map(|r| r.upstream_model.as_str())
+    }
+
+    /// The upstream path when it differs from the client's (Triton generate).
+    pub fn upstream_path(&self) -> Option<&str> {
+        self.routed()?.upstream.path.as_deref()
+    }
+
+    /// The upstream body when it differs from the client's.
+    pub fn upstream_body(&self) -> Option<&[u8]> {
+        self.routed()?.upstream.body.as_deref()
+    }
+
+    /// True when the response body is transcoded (hosts drop `content-length`).
+    pub fn needs_transcoding(&self) -> bool {
+        self.routed()
+            .is_some_and(|r| r.transcoder.needs_transcoding())
+    }
+
+    /// Call once at the upstream response headers: returns the status for the client.
+    pub fn response_status(&mut self, upstream_status: u32) -> u32 {
+        match &mut self.result {
+            Ok(r) => r.transcoder.response_status(upstream_status),
+            Err(_) => upstream_status,
+        }
+    }
+
+    /// The response content type for the client, when transcoding changes it.
+    pub fn response_content_type(&self) -> Option<&'static str> {
+        self.routed().and_then(|r| r.transcoder.content_type())
+    }
+
+    /// Feeds one upstream response chunk: returns the bytes for the client (`None`: the
+    /// chunk unchanged). The first chunk with content marks the first token.
+    pub fn transcode_response(&mut self, chunk: &[u8], end_of_stream: bool) -> Option<&[u8]> {
+        let seen_before = self.routed().is_some_and(|r| r.transcoder.seen_content());
+        let seen_now = match &mut self.result {
+            Ok(r) => {
+                let _ = r.transcoder.feed(chunk, end_of_stream);
+                r.transcoder.seen_content()
+            }
+            Err(_) => return None,
+        };
+        if seen_now && !seen_before {
+            self.first_token();
+        }
+        match &mut self.result {
+            Ok(r) => match r.transcoder.last_output() {
+                Output::Same => None,
+                Output::Bytes(b) => Some(b),
+            },
+            Err(_) => None,
         }
     }
 

@@ -29,6 +29,10 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// `ip:port` as hosts need it (IPv6 in brackets).
     pub address: String,
+    /// Labels matched by rule subsets (from the config).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// LoRA adapters this endpoint serves (from the config).
+    pub lora_adapters: Vec<String>,
     in_flight: AtomicU64,
     prefill_chars: AtomicU64,
     picks: AtomicU64,
@@ -55,6 +59,8 @@ impl Endpoint {
             id,
             addr,
             address: addr.to_string(),
+            labels: Default::default(),
+            lora_adapters: Vec::new(),
             in_flight: AtomicU64::new(0),
             prefill_chars: AtomicU64::new(0),
             picks: AtomicU64::new(0),

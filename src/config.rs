@@ -519,9 +519,42 @@ struct RawEjection {
     eject_ms: Option<u64>,
 }
 
-/// Numbers may arrive as `10.0` (protobuf `Struct` holds doubles): accept integral floats.
+/// Reads a number, or a string holding one: Envoy hands `google.protobuf.Struct` doubles to
+/// modules as `10.0`, and non-integral ones as strings.
+fn number_like<'de, D: Deserializer<'de>>(d: D) -> Result<Option<serde_json::Number>, D::Error> {
+    struct V;
+    impl<'de> de::Visitor<'de> for V {
+        type Value = Option<serde_json::Number>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a number")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v.into()))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(v.into()))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            serde_json::Number::from_f64(v)
+                .map(Some)
+                .ok_or_else(|| E::custom("expected a finite number"))
+        }
+        fn visit_str<E: de::Error>(self, t: &str) -> Result<Self::Value, E> {
+            serde_json::from_str::<serde_json::Number>(t.trim())
+                .map(Some)
+                .map_err(|_| E::custom(format!("expected a number, got the string {t:?}")))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// Numbers may arrive as `10.0` or `"10"` (protobuf `Struct` through Envoy): accept
+/// integral floats and numeric strings.
 fn lenient_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    match Option::<serde_json::Number>::deserialize(d)? {
+    match number_like(d)? {
         None => Ok(None),
         Some(n) => {
             if let Some(v) = n.as_u64() {
@@ -540,7 +573,7 @@ fn lenient_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error>
 }
 
 fn lenient_i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    match Option::<serde_json::Number>::deserialize(d)? {
+    match number_like(d)? {
         None => Ok(None),
         Some(n) => match n.as_i64() {
             Some(v) => Ok(Some(v)),
@@ -553,7 +586,7 @@ fn lenient_i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error>
 }
 
 fn lenient_f64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    Ok(Option::<serde_json::Number>::deserialize(d)?.and_then(|n| n.as_f64()))
+    Ok(number_like(d)?.and_then(|n| n.as_f64()))
 }
 
 impl Config {
@@ -1096,6 +1129,23 @@ mod tests {
         assert_eq!(c.hash_chunk_bytes, 256);
         let e = parse(r#"{"hash_chunk_bytes": 256.5}"#).unwrap_err();
         assert!(e.contains("hash_chunk_bytes"), "{e}");
+        // Envoy hands Struct doubles over as strings.
+        let c = parse(
+            r#"{"max_body_bytes": "4096", "lb_mapping_rule": {"m": {"candidate_percent": "7.5"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.max_body_bytes, c.lb_params("m").candidate_percent),
+            (4096, 7.5)
+        );
+        let e =
+            parse(r#"{"lb_mapping_rule": {"m": {"prefill_load_weight": "heavy"}}}"#).unwrap_err();
+        assert!(
+            e.starts_with(
+                "config.lb_mapping_rule.m.prefill_load_weight: expected a number, got the string"
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1114,8 +1164,8 @@ mod tests {
                 "config.lb_mapping_rule.m1.candidate_percent: must be within 0–100",
             ),
             (
-                r#"{"lb_mapping_rule": {"m1": {"request_load_weight": "high"}}}"#,
-                "config.lb_mapping_rule.m1.request_load_weight: invalid type",
+                r#"{"lb_mapping_rule": {"m1": {"request_load_weight": true}}}"#,
+                "config.lb_mapping_rule.m1.request_load_weight: invalid type: boolean `true`, expected a number",
             ),
             (
                 r#"{"clusters": {"c": {"endpoints": ["model-server:8000"]}}}"#,

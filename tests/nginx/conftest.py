@@ -21,6 +21,8 @@ POOLS = {
 def library_config(servers, dead):
     endpoints = {pool: [servers.addr(n) for n in names] for pool, names in POOLS.items()}
     endpoints["pool_d"].insert(0, dead)
+    endpoints["pool_dead2"] = [dead, servers.dead2]
+    endpoints["pool_dead1"] = [servers.dead2]
     return {
         "protocol": "openai",
         "algorithm": "inference_lb",
@@ -28,6 +30,15 @@ def library_config(servers, dead):
             "m-a": {"rules": [{"scene_name": "chat-a", "cluster": "pool_a", "backend": "vllm"}]},
             "m-b": {"rules": [{"scene_name": "chat-b", "cluster": "pool_b", "backend": "sglang"}]},
             "m-d": {"rules": [{"scene_name": "chat-d", "cluster": "pool_d", "backend": "vllm"}]},
+            # the backend gets another model name (body rewritten by the library)
+            "m-r": {"rules": [{"scene_name": "rewrite", "cluster": "pool_b", "backend": "vllm",
+                               "target_model": "m-r-upstream"}]},
+            # Triton generate: path and body rebuilt, response transcoded back to OpenAI
+            "m-t": {"rules": [{"scene_name": "triton", "cluster": "pool_b", "backend": "triton"}]},
+            # every endpoint dead: two tries, then nginx's 502 (error_page JSON)
+            "m-dead2": {"rules": [{"scene_name": "dead2", "cluster": "pool_dead2", "backend": "vllm"}]},
+            # one endpoint, dead: the retry finds no other endpoint
+            "m-dead1": {"rules": [{"scene_name": "dead1", "cluster": "pool_dead1", "backend": "vllm"}]},
             # a cluster without endpoints: the library answers 503
             "m-none": {"rules": [{"scene_name": "none", "cluster": "pool_none", "backend": "vllm"}]},
         },
@@ -41,6 +52,7 @@ def servers():
     names = [n for pool in POOLS.values() for n in pool]
     s = harness.Upstreams(names)
     s.dead = "127.0.0.1:%d" % harness.free_port()  # nothing listens there
+    s.dead2 = "127.0.0.1:%d" % harness.free_port()
     yield s
     s.close()
 

@@ -195,6 +195,36 @@ def test_sse_streams_incrementally_and_reports_first_token(gateway):
         before.total("llmproxy_time_to_first_token_seconds_count")
 
 
+def test_target_model_rewrites_the_upstream_body(gateway):
+    body = chat("m-r", "rewrite me " + "x" * 30_000)  # spooled, then replaced
+    status, hdrs, data = post(gateway, body)
+    assert status == 200, data
+    echo = json.loads(data)
+    assert echo["served_by"] in POOLS["pool_b"]
+    assert echo["model"] == "m-r-upstream"
+    sent = dict(body, model="m-r-upstream")
+    assert echo["body_bytes"] == int(echo["received_headers"]["content-length"])
+    assert abs(echo["body_bytes"] - len(json.dumps(sent, separators=(",", ":")))) < 64
+
+
+def test_triton_backend_is_transcoded(gateway):
+    status, hdrs, data = post(gateway, chat("m-t", "hello triton"), path=CHAT + "?x=1")
+    assert status == 200, data
+    assert hdrs["x-served-by"] in POOLS["pool_b"]
+    out = json.loads(data)
+    assert out["object"] == "chat.completion", out
+    assert out["choices"][0]["message"]["content"].startswith("hi from " + hdrs["x-served-by"])
+    # streamed: Triton SSE pieces become OpenAI chunks, ending with [DONE]
+    status, hdrs, data = post(gateway, chat("m-t", "stream triton", stream=True), headers={"x-test-chunks": "4"})
+    assert status == 200, data
+    assert hdrs["content-type"].startswith("text/event-stream")
+    events = [l[6:] for l in data.decode().splitlines() if l.startswith("data: ")]
+    assert events[-1] == "[DONE]", events
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text == "tok0 tok1 tok2 tok3 ", events
+    wait_settled(gateway.port)
+
+
 # ---------------------------------------------------------------------------------------------
 # errors
 
@@ -272,7 +302,7 @@ def test_over_nginx_limit_413_json(gateway):
 def test_dead_upstream_is_retried_elsewhere_then_ejected(gateway):
     before = metrics(gateway.port)
     served = []
-    for i in range(24):
+    for i in range(60):  # ~30 per worker: each sees the dead endpoint fail 3 times in a row
         status, hdrs, data = post(gateway, chat("m-d", random_text(300, seed=5000 + i)))
         assert status == 200, data  # never the dead endpoint's failure: retried on another one
         served.append(json.loads(data)["served_by"])
@@ -287,6 +317,27 @@ def test_dead_upstream_is_retried_elsewhere_then_ejected(gateway):
     assert after.total("llmproxy_endpoint_ejections_total", endpoint=dead) >= 1
     assert after.total("llmproxy_nginx_errors_total", reason="retry_exhausted") == \
         before.total("llmproxy_nginx_errors_total", reason="retry_exhausted")
+
+
+@pytest.mark.parametrize("model", ["m-dead2", "m-dead1"])
+def test_all_endpoints_dead_502_json_and_finished(gateway, model):
+    """Both tries fail (m-dead2), or the retry finds no endpoint left (m-dead1): our 502 JSON
+    through error_page, and the log phase still finishes the decision after the redirect."""
+    before = wait_settled(gateway.port)
+    for i in range(4):
+        status, hdrs, data = post(gateway, chat(model, "anyone there %d" % i))
+        assert_our_error(status, hdrs, data, 502, "upstream_unavailable")
+    after = wait_settled(gateway.port)  # nothing pending, routed == finished
+    assert after.total("llmproxy_nginx_picks_total", event="leaked") == 0
+    routed = after.total("llmproxy_picks_total", outcome="routed") - before.total("llmproxy_picks_total", outcome="routed")
+    assert routed == 4
+    if model == "m-dead1":
+        assert after.total("llmproxy_nginx_errors_total", reason="retry_exhausted") - \
+            before.total("llmproxy_nginx_errors_total", reason="retry_exhausted") == 4
+    else:
+        # finished with the 502 nginx recorded for the last try: counted as an endpoint failure
+        assert after.total("llmproxy_finished_requests_total", status="5xx") - \
+            before.total("llmproxy_finished_requests_total", status="5xx") == 4
 
 
 def test_upstream_503_counts_as_failure_and_passes_through(gateway):

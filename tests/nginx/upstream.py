@@ -11,6 +11,8 @@ POST /v1/chat/completions and /v1/completions answer a JSON echo (served_by, mod
 received headers) after `x-test-delay-ms`, or Server-Sent Events when the body says
 "stream": true: `x-test-chunks` events (default 5) `x-test-chunk-delay-ms` apart, each flushed
 as its own HTTP chunk, then `data: [DONE]`. `x-test-status: 503` answers that status instead.
+POST /v2/models/{model}/generate[_stream] answers like Triton's generate extension
+(`{"model_name", "model_version", "text_output"}`, or SSE events of them).
 GET /v1/models and /health answer small JSON documents.
 """
 
@@ -78,6 +80,8 @@ def make_handler(name):
             return await send_json(writer, 200, {"object": "list", "data": [{"id": "m-a"}], "served_by": name})
         if req.method == "GET" and req.path.startswith("/health"):
             return await send_json(writer, 200, {"status": "ok", "served_by": name})
+        if req.method == "POST" and req.path.startswith("/v2/models/"):
+            return await triton(req, writer)
         if req.method != "POST" or not req.path.startswith(ROUTES):
             return await send_json(writer, 404, {"error": {"message": "not found"}, "served_by": name,
                                                  "path": req.path, "method": req.method})
@@ -117,6 +121,25 @@ def make_handler(name):
             if gap and i + 1 < chunks:
                 await asyncio.sleep(gap)
         await event("[DONE]")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async def triton(req, writer):
+        """Triton generate extension: /v2/models/{model}/generate[_stream]."""
+        parts = req.path.split("?")[0].split("/")
+        model, verb = parts[3], parts[4]
+        payload = json.loads(req.body or b"{}")
+        if verb == "generate":
+            return await send_json(writer, 200, {"model_name": model, "model_version": "1",
+                                                 "text_output": "hi from %s (%d chars in)" % (name, len(payload.get("text_input", "")))})
+        chunks = int(req.headers.get("x-test-chunks", "3"))
+        writer.write(head(200, [("content-type", "text/event-stream"), ("transfer-encoding", "chunked"),
+                                ("x-served-by", name)]))
+        for i in range(chunks):
+            data = ("data: " + json.dumps({"model_name": model, "model_version": "1",
+                                           "text_output": "tok%d " % i}) + "\n\n").encode()
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
         writer.write(b"0\r\n\r\n")
         await writer.drain()
 

@@ -6,7 +6,9 @@
 --   local router, err = llmproxy.new(config_json)    -- one per nginx worker (init_worker_by_lua)
 --   local d, status, body = router:pick(headers, body, path, method)
 --   if not d then ngx.status = status; ngx.print(body) ... end   -- 400/404/413/500/503 + JSON
---   d.host, d.port, d.endpoint, d.cluster, d.scene, d.model, d.backend, d.stream
+--   d.host, d.port, d.endpoint, d.cluster, d.scene, d.model, d.backend, d.stream,
+--   d.upstream_model, d.upstream_path (nil: keep the client's), d:upstream_body() (nil: keep),
+--   d.needs_transcoding -> d:response_status(status), d:transcode(chunk, eof)
 --   d:retry()          -- after a connect failure: another endpoint of the cluster, or nil, err
 --   d:first_token()    -- first response byte seen (idempotent)
 --   d:finish(status)   -- exactly once; upstream HTTP status, 0 when there was none
@@ -87,6 +89,16 @@ const char *llmproxy_request_backend(const struct llmproxy_request *req, size_t 
 const char *llmproxy_request_model(const struct llmproxy_request *req, size_t *len);
 const char *llmproxy_request_scene(const struct llmproxy_request *req, size_t *len);
 const char *llmproxy_request_error_body(const struct llmproxy_request *req, size_t *len);
+const char *llmproxy_request_upstream_model(const struct llmproxy_request *req, size_t *len);
+const char *llmproxy_request_upstream_path(const struct llmproxy_request *req, size_t *len);
+const uint8_t *llmproxy_request_upstream_body(const struct llmproxy_request *req, size_t *len);
+bool llmproxy_request_needs_transcoding(const struct llmproxy_request *req);
+uint32_t llmproxy_request_response_status(struct llmproxy_request *req, uint32_t upstream_status);
+const char *llmproxy_request_response_content_type(const struct llmproxy_request *req, size_t *len);
+enum llmproxy_status llmproxy_request_transcode_response(struct llmproxy_request *req,
+                                                         const uint8_t *chunk, size_t len,
+                                                         bool end_of_stream, const uint8_t **out,
+                                                         size_t *out_len);
 bool llmproxy_request_is_stream(const struct llmproxy_request *req);
 enum llmproxy_status llmproxy_request_retry(struct llmproxy_request *req);
 void llmproxy_request_first_token(struct llmproxy_request *req);
@@ -220,6 +232,48 @@ function Decision:retry()
     fill_endpoint(self)
     self.tries = self.tries + 1
     return true
+end
+
+--- The body to send upstream instead of the client's (model rewrite, Triton), or nil when
+--- the client's body goes unchanged.
+function Decision:upstream_body()
+    local req = self._req
+    if not req then return nil end
+    local p = C.llmproxy_request_upstream_body(req, len_out)
+    if p == C_NULL or len_out[0] == 0 then
+        return nil
+    end
+    return ffi_string(p, len_out[0])
+end
+
+--- Call once at the upstream response headers: the status to send to the client, and the
+--- content-type to set (nil: keep the upstream's). Only needed when d.needs_transcoding.
+function Decision:response_status(upstream_status)
+    local req = self._req
+    if not req then return upstream_status end
+    local status = tonumber(C.llmproxy_request_response_status(req, upstream_status))
+    local ct = accessor(C.llmproxy_request_response_content_type, req)
+    return status, ct ~= "" and ct or nil
+end
+
+local transcode_out = ffi_new("const uint8_t*[1]")
+
+--- Transcodes one upstream body chunk (d.needs_transcoding): returns the bytes for the client
+--- (possibly "" while the transcoder buffers), or nil, err. Marks the first token itself.
+function Decision:transcode(chunk, eof)
+    local req = self._req
+    if not req then return chunk end
+    chunk = chunk or ""
+    local rc = C.llmproxy_request_transcode_response(req, ffi_cast("const uint8_t *", chunk), #chunk,
+        eof and true or false, transcode_out, len_out)
+    if rc ~= 0 then
+        return nil, "llmproxy_request_transcode_response failed with status " .. tostring(rc)
+    end
+    self.first_token_seen = self.first_token_seen or len_out[0] > 0
+    if transcode_out[0] == C_NULL or len_out[0] == 0 then
+        return ""
+    end
+    return ffi_string(transcode_out[0], len_out[0])
 end
 
 --- The first response byte arrived (releases the prompt's prefill load). Idempotent.
@@ -401,9 +455,13 @@ function Router:pick(headers, body, path, method)
         model = accessor(C.llmproxy_request_model, req),
         backend = accessor(C.llmproxy_request_backend, req),
         stream = C.llmproxy_request_is_stream(req),
+        upstream_model = accessor(C.llmproxy_request_upstream_model, req),
+        needs_transcoding = C.llmproxy_request_needs_transcoding(req),
         tries = 1,
         first_token_seen = false,
     }, Decision)
+    local up = accessor(C.llmproxy_request_upstream_path, req)
+    d.upstream_path = up ~= "" and up or nil
     fill_endpoint(d)
     return d
 end

@@ -16,6 +16,9 @@
 -- every live worker through a lua_shared_dict (each sample gets a worker="<pid>" label).
 
 local llmproxy = require "resty.llmproxy"
+local balancer = require "ngx.balancer"
+local base = require "resty.core.base"
+local ffi = require "ffi"
 
 local ngx = ngx
 local ngx_var = ngx.var
@@ -60,10 +63,16 @@ local router_pid       -- pid that created `router` (init_worker is idempotent p
 local init_error       -- why the router could not be built, answered as 500 JSON
 local started_at
 
--- Decisions in flight in this worker, keyed by connection serial + request number: ngx.ctx is
--- emptied by internal redirects (error_page), the log phase must still find the decision.
+-- Decisions in flight in this worker, keyed by the request (the ngx_http_request_t address as
+-- a number: the cdata itself would be a new object, a new key, every time): ngx.ctx is emptied
+-- by internal redirects (error_page) but the request stays the same, and the log phase must
+-- still find the decision.
 local pending = {}
 local pending_n = 0
+
+local function request_key()
+    return tonumber(ffi.cast("uintptr_t", base.get_request()))
+end
 
 -- Per-worker counters of the nginx side, rendered with the router's metrics.
 local counters = {
@@ -312,10 +321,6 @@ end
 --------------------------------------------------------------------------------------------
 -- access: read the body, pick, answer errors, arm the balancer
 
-local function request_key()
-    return ngx_var.connection .. ":" .. ngx_var.connection_requests
-end
-
 local function read_body()
     ngx_req.read_body()
     local body = ngx_req.get_body_data()
@@ -382,9 +387,18 @@ function _M.access()
     end
     pending[key] = d
     pending_n = pending_n + 1
-    local ctx = ngx.ctx
-    ctx.llmproxy = d
-    ctx.llmproxy_key = key
+    ngx.ctx.llmproxy = d
+
+    -- What the backend receives when it differs from what the client sent: the model
+    -- rewritten (target_model, LoRA), or a Triton generate request.
+    local up_body = d:upstream_body()
+    if up_body then
+        ngx_req.set_body_data(up_body) -- also sets content-length
+    end
+    if d.upstream_path then
+        ngx_req.set_uri(d.upstream_path)
+        ngx_req.set_uri_args("")
+    end
 
     for _, h in ipairs(opts.strip_headers) do
         ngx_req.clear_header(h)
@@ -399,7 +413,6 @@ end
 -- balancer: the chosen IP literal; one retry on another endpoint after a connect failure
 
 function _M.balancer()
-    local balancer = require "ngx.balancer"
     local d = ngx.ctx.llmproxy
     if not d then
         counters.balancer_errors = counters.balancer_errors + 1
@@ -410,11 +423,19 @@ function _M.balancer()
     if state then
         -- "failed" (connect error/timeout) or "next" (status listed in proxy_next_upstream)
         counters.retries = counters.retries + 1
+        local host, port = d.host, d.port
         local ok, err = d:retry()
         if not ok then
+            -- No other endpoint: try the failed one again so nginx ends with its own 502
+            -- (ngx.exit from a balancer would turn into a 500).
             counters.retry_exhausted = counters.retry_exhausted + 1
             ngx_log(WARN, "llmproxy: no endpoint left to retry: ", err)
-            return ngx.exit(502)
+            local sok, serr = balancer.set_current_peer(host, port)
+            if not sok then
+                ngx_log(ERR, "llmproxy: set_current_peer: ", serr)
+                return ngx.exit(500)
+            end
+            return
         end
     else
         local ok, err = balancer.set_more_tries(1)
@@ -438,9 +459,19 @@ end
 -- header/body filter: first response byte
 
 function _M.header_filter()
+    local d = ngx.ctx.llmproxy
+    if d and d.needs_transcoding then
+        -- the response is rewritten (Triton -> OpenAI): status, content-type, no length
+        local status, ct = d:response_status(ngx.status)
+        ngx.status = status
+        if ct then
+            ngx.header["content-type"] = ct
+        end
+        ngx.header["content-length"] = nil
+        d.transcoding = true
+    end
     if opts.debug_headers then
         ngx.header["x-llmproxy-worker"] = ngx.worker.pid()
-        local d = ngx.ctx.llmproxy
         if d then
             ngx.header["x-llmproxy-endpoint"] = d.endpoint
         end
@@ -449,7 +480,19 @@ end
 
 function _M.body_filter()
     local d = ngx.ctx.llmproxy
-    if d and not d.first_token_seen then
+    if not d then
+        return
+    end
+    if d.transcoding then
+        local out, err = d:transcode(ngx.arg[1], ngx.arg[2])
+        if not out then
+            ngx_log(ERR, "llmproxy: ", err)
+            out = ""
+        end
+        ngx.arg[1] = out
+        return
+    end
+    if not d.first_token_seen then
         local chunk = ngx.arg[1]
         if (chunk and chunk ~= "") or ngx.arg[2] then
             d:first_token()
@@ -481,7 +524,7 @@ end
 _M._last_upstream_status = last_upstream_status
 
 function _M.log()
-    local key = ngx.ctx.llmproxy_key or request_key()
+    local key = request_key()
     local d = pending[key]
     if not d then
         return

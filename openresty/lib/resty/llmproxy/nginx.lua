@@ -51,8 +51,6 @@ local opts = {
     scene_header = "x-llmproxy-scene",
     -- client headers removed before proxying (they could otherwise force an endpoint)
     strip_headers = { "x-gateway-destination-endpoint" },
-    -- metadata-center: see the TODO in init_worker (not supported by the library yet)
-    metadata_center = nil,
     -- how often (seconds) each worker looks for a metrics snapshot request
     snapshot_poll = 0.05,
 }
@@ -122,6 +120,16 @@ end
 --------------------------------------------------------------------------------------------
 -- init (master, before fork; again on every reload)
 
+local function may_start_threads(json)
+    if string_find(json, '"metadata_center"', 1, true) or string_find(json, '"dns"', 1, true)
+        or string_find(json, "outbound|", 1, true) then
+        return true
+    end
+    local env = os.getenv("METADATA_CENTER_ENABLED")
+    return env ~= nil and env ~= "" and env ~= "false" and env ~= "0"
+end
+_M._may_start_threads = may_start_threads
+
 --- Loads the library and the configuration, and validates the configuration so a bad one
 --- stops nginx from starting. Runs in init_by_lua*; starts no thread.
 function _M.init(o)
@@ -151,8 +159,16 @@ function _M.init(o)
     else
         error("llmproxy: init() needs config_file or config_json")
     end
-    -- Validate now (the library starts no thread in llmproxy_router_new), then drop it: the
-    -- master must not keep a router, every worker builds its own.
+    -- Validate now, so a bad config stops nginx from starting, then drop the router: the
+    -- master keeps none, every worker builds its own after fork. Not when the config may start
+    -- library threads (Metadata-Center sync, DNS clusters): no thread may run in the master,
+    -- and a router built before fork would leave every worker with the same random state
+    -- (the library's Metadata-Center request ids would collide between workers). Such a
+    -- config is validated by the workers, which log the error and answer 500.
+    if may_start_threads(config_json) then
+        ngx_log(ngx.NOTICE, "llmproxy: config enables library threads: validated in the workers")
+        return true
+    end
     local r, verr = llmproxy.new(config_json)
     if not r then
         error("llmproxy: invalid configuration: " .. verr)
@@ -266,15 +282,12 @@ function _M.init_worker()
     ngx.update_time()
     started_at = ngx.now()
 
-    -- TODO(metadata-center): the library does not start its metadata-center sync thread yet.
-    -- When it does, this is where a worker starts it (after fork, never in the master), so
-    -- that every worker's router shares endpoint load and prefix-cache state through the
-    -- metadata-center server. Until then each worker routes on its own state only (see
-    -- docs/nginx.md, "Several workers"); we do not pretend otherwise.
-    if opts.metadata_center then
-        ngx_log(WARN, "llmproxy: metadata_center is configured but this library version has no ",
-            "sync thread: worker ", pid, " routes on its own state only")
-    end
+    -- Metadata-Center: llmproxy_router_new starts the router's sync thread itself when the
+    -- config (or METADATA_CENTER_* variables, which nginx passes only when named by `env`)
+    -- enables it; building the router here, after fork, is what gives every worker its own
+    -- thread. Workers then share endpoint load through the server. Remote prefix-cache
+    -- lookups need llmproxy_pick_async, whose callback runs on a library thread: not bound
+    -- (TODO(metadata-center): a C shim posting to the worker's event loop would be needed).
 
     local dict = shm()
     if dict then

@@ -1,0 +1,146 @@
+"""Several nginx workers sharing load through the Metadata-Center server (started here).
+
+Each worker's router starts its own sync thread (in init_worker, after fork): it reports its
+picks/first tokens/finishes to the server and polls the cluster's total load, keeping what the
+*other* workers (and gateways) put on each endpoint as remote load. Without the server, each
+worker sees only its own requests (llmproxy_endpoint_remote_in_flight_requests stays 0).
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+import harness
+from conftest import POOLS, library_config
+from harness import CHAT, chat, metrics, wait_settled
+
+MC_BIN = harness.ROOT / "target" / "release" / "llmproxy-metadata-center"
+
+
+@pytest.fixture(scope="module")
+def metadata_center():
+    if not MC_BIN.exists():
+        pytest.fail("%s missing: run `make build`" % MC_BIN)
+    p = subprocess.Popen([str(MC_BIN), "run", "--host", "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        port = None
+        deadline = time.time() + 10
+        while time.time() < deadline and port is None:
+            line = p.stdout.readline()
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line or "")
+            if m:
+                port = int(m.group(1))
+            elif not line and p.poll() is not None:
+                break
+        assert port, "metadata-center did not start"
+        p.port = port
+        yield p
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+@pytest.fixture(scope="module")
+def gateway_mc(servers, metadata_center):
+    cfg = library_config(servers, servers.dead)
+    cfg["metadata_center"] = {"enabled": True, "host": "127.0.0.1", "port": metadata_center.port,
+                              "load_poll_ms": 50}
+    gw = harness.Nginx(cfg, [servers.addr(n) for n in POOLS["pool_a"]], workers=2)
+    gw.servers = servers
+    yield gw
+    gw.close()
+
+
+def open_stream(port, i):
+    """An SSE request that stays open ~4 s; returns (socket, worker pid, serving server)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    body = json.dumps(chat("m-b", "long stream %d" % i, stream=True)).encode()
+    sock.sendall(("POST %s HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                  "x-test-chunks: 20\r\nx-test-chunk-delay-ms: 200\r\nconnection: close\r\n\r\n"
+                  % (CHAT, len(body))).encode() + body)
+    data = b""
+    while b"data: " not in data or b"\n\n" not in data.split(b"data: ", 1)[1]:
+        got = sock.recv(65536)
+        assert got, data
+        data += got
+    head, _, rest = data.partition(b"\r\n\r\n")
+    worker = re.search(rb"x-llmproxy-worker: (\d+)", head, re.I).group(1).decode()
+    first = json.loads(rest.split(b"data: ", 1)[1].split(b"\n", 1)[0])
+    return sock, worker, first["served_by"]
+
+
+def remote_view(m, workers, servers):
+    """{worker: {server: remote in-flight as that worker sees it}} for pool_b."""
+    return {w: {n: m.value("llmproxy_endpoint_remote_in_flight_requests", worker=w, cluster="pool_b",
+                           endpoint=servers.addr(n)) for n in POOLS["pool_b"]} for w in workers}
+
+
+def test_workers_share_load_through_the_metadata_center(gateway_mc, gateway):
+    gw = gateway_mc
+    wait_settled(gw.port)
+    streams = []
+    try:
+        # open streams until both workers hold at least two (reuseport spreads connections)
+        while len(streams) < 30:
+            streams.append(open_stream(gw.port, len(streams)))
+            per_worker = {}
+            for _, w, _ in streams:
+                per_worker[w] = per_worker.get(w, 0) + 1
+            if len(per_worker) == 2 and min(per_worker.values()) >= 2:
+                break
+        workers = sorted(per_worker)
+        assert len(workers) == 2, per_worker
+        expected = {w: {n: sum(1 for _, w2, s in streams if w2 != w and s == n) for n in POOLS["pool_b"]}
+                    for w in workers}
+        own = {w: {n: sum(1 for _, w2, s in streams if w2 == w and s == n) for n in POOLS["pool_b"]}
+               for w in workers}
+        deadline = time.time() + 3
+        while True:
+            m = metrics(gw.port)
+            seen = remote_view(m, workers, gw.servers)
+            if seen == expected or time.time() > deadline:
+                break
+            time.sleep(0.05)
+        # every worker sees exactly the streams the *other* worker holds on each endpoint...
+        assert seen == expected, (seen, expected)
+        # ...besides its own, which it counts locally
+        for w in workers:
+            for n in POOLS["pool_b"]:
+                assert m.value("llmproxy_endpoint_in_flight_requests", worker=w, cluster="pool_b",
+                               endpoint=gw.servers.addr(n)) == own[w][n]
+        assert m.total("llmproxy_metadata_center_calls_total") > 0
+        print("\nMetadata-Center: %d streams, own %s, remote as seen %s" % (len(streams), own, seen))
+
+        # without the Metadata-Center, a worker never sees the other's requests
+        plain = [open_stream(gateway.port, 100 + i) for i in range(6)]
+        try:
+            pm = metrics(gateway.port)
+            assert pm.total("llmproxy_endpoint_remote_in_flight_requests") == 0
+            assert pm.total("llmproxy_in_flight_requests") == 6
+        finally:
+            for s, _, _ in plain:
+                s.close()
+    finally:
+        for s, _, _ in streams:
+            s.close()
+    # once the streams are gone (client aborts), the shared load drains too
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        m = metrics(gw.port)
+        if m.total("llmproxy_endpoint_remote_in_flight_requests") == 0 and m.total("llmproxy_in_flight_requests") == 0:
+            break
+        time.sleep(0.05)
+    assert m.total("llmproxy_endpoint_remote_in_flight_requests") == 0
+    wait_settled(gw.port)
+    wait_settled(gateway.port)

@@ -103,7 +103,10 @@ add_proxy rr round-robin
 add_proxy least least-request
 
 if [ "$PEERS" = 1 ]; then
-  [ -x "$PY" ] || { echo "missing $PY: run 'make sim-peer-deps'" >&2; exit 1; }
+  if ! "$PY" -c 'import sglang_router, vllm_router' 2>/dev/null; then
+    echo "sglang-router / vllm-router not installed for $PY: run 'make sim-peer-deps' (or BENCH_PEERS=0)" >&2
+    exit 1
+  fi
   VBIN=$(dirname "$PY")
   for policy in round_robin cache_aware; do
     name="sglang-${policy/round_robin/rr}"

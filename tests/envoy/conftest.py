@@ -26,7 +26,7 @@ def module_built():
 @pytest.fixture(scope="session")
 def servers():
     names = [n for pool in POOLS.values() for n in pool]
-    s = harness.Servers(names)
+    s = harness.retry_on_port_clash(lambda: harness.Servers(names))
     yield s
     s.close()
 
@@ -34,6 +34,12 @@ def servers():
 @pytest.fixture(scope="session")
 def gateway(module_built, servers, tmp_path_factory):
     """Envoy (2 workers) + our module in front of the test servers."""
+    envoy = harness.retry_on_port_clash(lambda: start_gateway(servers, tmp_path_factory))
+    yield envoy
+    envoy.close()
+
+
+def start_gateway(servers, tmp_path_factory):
     down_port, listen_port, admin_port = harness.free_ports(3)
     down = "127.0.0.1:%d" % down_port
     endpoints = {pool: [servers.addr(n) for n in names] for pool, names in POOLS.items()}
@@ -55,8 +61,7 @@ def gateway(module_built, servers, tmp_path_factory):
     envoy.down = down
     envoy.endpoints = endpoints
     envoy.servers = servers
-    yield envoy
-    envoy.close()
+    return envoy
 
 
 @pytest.hookimpl(hookwrapper=True)

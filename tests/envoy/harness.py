@@ -46,6 +46,21 @@ def free_ports(n):
     return ports
 
 
+def retry_on_port_clash(start, attempts=3):
+    """Runs start() (which picks free ports itself) again if a port chosen as free was taken by
+    someone else before our process bound it."""
+    for i in range(attempts):
+        try:
+            return start()
+        except PortClash:
+            if i == attempts - 1:
+                raise
+
+
+class PortClash(RuntimeError):
+    pass
+
+
 def stop(proc, timeout=5):
     if proc is None or proc.poll() is not None:
         return
@@ -68,7 +83,7 @@ class Servers:
         line = self.proc.stdout.readline()
         if line.strip() != "READY":
             stop(self.proc)
-            raise RuntimeError("test servers did not start: %r" % line)
+            raise PortClash("test servers did not start: %r" % line)
 
     def addr(self, name):
         return "127.0.0.1:%d" % self.ports[name]
@@ -167,7 +182,9 @@ class Envoy:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("envoy exited with %s:\n%s" % (self.proc.returncode, self.log_tail()))
+                tail = self.log_tail()
+                kind = PortClash if "Address already in use" in tail else RuntimeError
+                raise kind("envoy exited with %s:\n%s" % (self.proc.returncode, tail))
             try:
                 c = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=1)
                 c.request("GET", "/ready")

@@ -16,7 +16,8 @@
 #   SIM_SERVERS [4]  SIM_BASE_PORT [18000]  SIM_SERVE_ARGS []     the fleet: ports BASE..BASE+N-1
 #   SIM_DURATION [60]  SIM_RATE [simulator default]  SIM_LOAD_ARGS []  the trace (see docs/simulator.md)
 #   BENCH_PORT_BASE [18200]  ports for the proxies and peer routers started here
-#   BENCH_PEERS [1]  BENCH_OUT [build/bench-routing]  BENCH_PRE_CMD []  PY [.venv/bin/python]
+#   BENCH_PEERS [1]  BENCH_REFS [1] (rr, least)  BENCH_OUT [build/bench-routing]  BENCH_PRE_CMD []
+#   PY [.venv/bin/python]
 #   BENCH_CALIBRATE=1   instead: round robin at SIM_CAL_RATES ["3 4 5 6 7 8"], prints utilisation
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -99,8 +100,10 @@ if [ "${BENCH_CALIBRATE:-0}" = 1 ]; then
   exit 0
 fi
 
-add_proxy rr round-robin
-add_proxy least least-request
+if [ "${BENCH_REFS:-1}" = 1 ]; then
+  add_proxy rr round-robin
+  add_proxy least least-request
+fi
 
 if [ "$PEERS" = 1 ]; then
   if ! "$PY" -c 'import sglang_router, vllm_router' 2>/dev/null; then
@@ -126,6 +129,7 @@ if [ "$PEERS" = 1 ]; then
   done
 fi
 
+[ "${#TARGETS[@]}" -gt 0 ] || { echo "no target: pass NAME=URL or keep BENCH_REFS=1" >&2; exit 1; }
 ARGS=()
 for t in "${TARGETS[@]}"; do
   ready "${t%%=*}" "${t#*=}"

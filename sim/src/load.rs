@@ -197,6 +197,13 @@ pub async fn run(
         }
     }
     let wall_s = Instant::now().saturating_duration_since(t0).as_secs_f64();
+    let late_max = ctx.progress.max_late_us.load(Ordering::Relaxed) as f64 / 1e6;
+    if late_max > 0.1 {
+        eprintln!(
+            "[{label}] warning: the load generator sent a request {:.0} ms late: it is short of CPU, results are less reliable",
+            late_max * 1e3
+        );
+    }
     if unfinished > 0 {
         eprintln!("[{label}] {unfinished} sessions still in flight after the drain timeout were cancelled");
     }

@@ -142,7 +142,7 @@ struct FilterConfig {
 // Shared between a filter (worker thread) and the library's pick callback (another thread).
 struct AsyncState {
   std::mutex mu;
-  void *scheduler = nullptr;          // owned by the callback side once pick_async returned PENDING
+  void *scheduler = nullptr;          // created by the worker after PENDING; the callback commits and deletes it
   llmproxy_request *result = nullptr; // delivered decision, not yet taken
   bool delivered = false;
   bool abandoned = false;             // the stream ended before the decision was applied
@@ -379,22 +379,32 @@ PickOutcome do_pick(void *f, Filter &flt, const std::string &body) {
     lh.push_back(llmproxy_header{h.key_ptr, h.key_length, h.value_ptr ? h.value_ptr : "", h.value_ptr ? h.value_length : 0});
   }
   auto state = std::make_shared<AsyncState>();
-  state->scheduler = envoy_dynamic_module_callback_http_filter_scheduler_new(f);
   auto *holder = new std::shared_ptr<AsyncState>(state);
   llmproxy_request *req = nullptr;
   llmproxy_status st =
       llmproxy_pick_async(flt.cfg->router, lh.data(), lh.size(), reinterpret_cast<const uint8_t *>(body.data()),
                           body.size(), on_pick_done, holder, &req);
   if (st == LLMPROXY_PENDING) {
-    // The callback now owns holder and the scheduler.
-    flt.async = std::move(state);
-    flt.phase = Phase::Pending;
-    flt.cfg->pending.fetch_add(1, std::memory_order_relaxed);
-    return PickOutcome::Pending;
+    // The callback now owns `holder`. The scheduler is only created for a real PENDING (none on
+    // the synchronous hot path); if the decision already arrived meanwhile, apply it right here.
+    {
+      std::lock_guard<std::mutex> lock(state->mu);
+      if (state->delivered) {
+        req = state->result;
+        state->result = nullptr;
+      } else {
+        state->scheduler = envoy_dynamic_module_callback_http_filter_scheduler_new(f);
+      }
+    }
+    if (req == nullptr) {
+      flt.async = std::move(state);
+      flt.phase = Phase::Pending;
+      flt.cfg->pending.fetch_add(1, std::memory_order_relaxed);
+      return PickOutcome::Pending;
+    }
+    return apply_decision(f, flt, req) ? PickOutcome::Routed : PickOutcome::Replied;
   }
   delete holder;
-  if (state->scheduler) envoy_dynamic_module_callback_http_filter_scheduler_delete(state->scheduler);
-  state->scheduler = nullptr;
   if (req == nullptr) {
     // Contract says *out is always set; be defensive anyway.
     uint32_t http = status_to_http(st == LLMPROXY_OK ? LLMPROXY_INTERNAL : st);

@@ -266,6 +266,7 @@ llmproxy_status __real_llmproxy_pick_async(llmproxy_router *, const llmproxy_hea
 
 struct PendingMode {
   bool enabled = false;
+  bool decide_before_return = false;  // callback runs (on another thread) before pick_async returns
   int delay_ms = 20;
   std::vector<std::thread> threads;
 } g_pending;
@@ -290,6 +291,10 @@ extern "C" llmproxy_status __wrap_llmproxy_pick_async(llmproxy_router *router, c
     llmproxy_pick(router, lh.data(), lh.size(), reinterpret_cast<const uint8_t *>(b.data()), b.size(), &req);
     cb(user_data, req);
   });
+  if (g_pending.decide_before_return) {
+    g_pending.threads.back().join();
+    g_pending.threads.pop_back();
+  }
   return LLMPROXY_PENDING;
 }
 
@@ -741,6 +746,40 @@ static void test_pending_resumes_via_scheduler(const void *cfg) {
   CHECK_EQ(in_flight(cfg), 0u);
 }
 
+static void test_pending_decided_before_pick_returns(const void *cfg) {
+  g_pending.enabled = true;
+  g_pending.decide_before_return = true;
+  g_pending.delay_ms = 0;
+  int created = g_schedulers_created.load();
+  {
+    Stream s(cfg);
+    s.fs.req_headers = post_headers();
+    s.headers(false);
+    // The decision is already there when pick_async says PENDING: applied at once.
+    CHECK_EQ(s.body(chat("m-a", "raced"), true), (int)ENVOY_BODY_CONTINUE);
+    CHECK(is_pool_a(s.fs.override_host));
+    CHECK_EQ(s.fs.continue_decoding, 0);
+    CHECK(s.fs.committed.empty());
+    CHECK_EQ(g_schedulers_created.load(), created);  // no scheduler was needed
+    s.respond(200, "x");
+    s.complete();
+  }
+  g_pending.enabled = false;
+  g_pending.decide_before_return = false;
+  g_pending.delay_ms = 20;
+  CHECK_EQ(in_flight(cfg), 0u);
+}
+
+static void test_synchronous_pick_needs_no_scheduler(const void *cfg) {
+  int created = g_schedulers_created.load();
+  Stream s(cfg);
+  s.fs.req_headers = post_headers();
+  s.headers(false);
+  CHECK_EQ(s.body(chat("m-a", "sync"), true), (int)ENVOY_BODY_CONTINUE);
+  CHECK_EQ(g_schedulers_created.load(), created);
+  s.complete();
+}
+
 static void test_pending_stream_gone_before_decision(const void *cfg) {
   g_pending.enabled = true;
   g_pending.delay_ms = 50;
@@ -854,6 +893,8 @@ int main() {
       {"destroy_without_complete_finishes", test_destroy_without_complete_finishes},
       {"pending_resumes_via_scheduler", test_pending_resumes_via_scheduler},
       {"pending_stream_gone_before_decision", test_pending_stream_gone_before_decision},
+      {"pending_decided_before_pick_returns", test_pending_decided_before_pick_returns},
+      {"synchronous_pick_needs_no_scheduler", test_synchronous_pick_needs_no_scheduler},
       {"exceptions_do_not_escape", test_exceptions_do_not_escape},
       {"config_knobs", [](const void *) { test_config_knobs(); }},
   };

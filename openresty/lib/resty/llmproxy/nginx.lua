@@ -233,7 +233,11 @@ end
 
 local function publish(dict, gen)
     local pid = ngx.worker.pid()
-    dict:set("snap:" .. pid, worker_text())
+    local ok, err = dict:set("snap:" .. pid, worker_text())
+    if not ok then
+        ngx_log(WARN, "llmproxy: cannot publish metrics (lua_shared_dict ", opts.shm, " too small?): ", err)
+        return
+    end
     dict:set("snapgen:" .. pid, gen)
     dict:set("live:" .. pid, ngx.now(), 5)
 end

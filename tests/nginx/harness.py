@@ -60,7 +60,7 @@ class Upstreams:
                 return n
         return None
 
-    def close(self):
+    def close(self, keep_prefix=False):
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.close()
@@ -108,17 +108,24 @@ class Nginx:
         os.symlink(ROOT / "openresty", self.prefix / "openresty")
         cfg = self.prefix / "llmproxy.json"
         cfg.write_text(json.dumps(llmproxy_config))
-        self.port = free_port()
         self.conf = self.prefix / "nginx.conf"
-        self.conf.write_text(render_example(self.port, workers, cfg, passthrough))
         self.error_log = self.prefix / "build" / "nginx" / "error.log"
-        self.proc = subprocess.Popen([NGINX, "-p", "%s/" % self.prefix, "-c", str(self.conf), "-g", "daemon off;"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            self.wait_ready()
-        except Exception:
-            self.close()
-            raise
+        for attempt in range(3):
+            # a port found free may be taken by another test before nginx binds it: retry
+            self.port = free_port()
+            self.conf.write_text(render_example(self.port, workers, cfg, passthrough))
+            self.proc = subprocess.Popen([NGINX, "-p", "%s/" % self.prefix, "-c", str(self.conf), "-g", "daemon off;"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            try:
+                self.wait_ready()
+                return
+            except Exception as e:
+                in_use = "Address already in use" in str(e) + self.log_text()
+                self.close(keep_prefix=True)
+                if not in_use or attempt == 2:
+                    shutil.rmtree(self.prefix, ignore_errors=True)
+                    raise
+                self.error_log.unlink(missing_ok=True)
 
     def nginx_cmd(self, *args):
         return subprocess.run([NGINX, "-p", "%s/" % self.prefix, "-c", str(self.conf)] + list(args),
@@ -156,7 +163,7 @@ class Nginx:
         except OSError:
             return ""
 
-    def close(self):
+    def close(self, keep_prefix=False):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGQUIT)  # graceful: lets exit_worker run
             try:
@@ -173,7 +180,8 @@ class Nginx:
         if "exited on signal" in log:  # keep the evidence of a crashed worker
             keep = Path(tempfile.gettempdir()) / ("llmproxy-nginx-crash-%d.log" % self.proc.pid)
             keep.write_text(log)
-        shutil.rmtree(self.prefix, ignore_errors=True)
+        if not keep_prefix:
+            shutil.rmtree(self.prefix, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,6 +87,8 @@ pub struct HttpSection {
     pub port: Option<u16>,
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
+    pub max_connections: Option<usize>,
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -173,6 +175,8 @@ pub fn load_file(path: &Path) -> Result<FileConfig, String> {
 pub struct Settings {
     pub host: String,
     pub port: u16,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
     pub log_level: tracing::level_filters::LevelFilter,
     pub log_json: bool,
     pub load: LoadConfig,
@@ -198,6 +202,8 @@ impl Default for Settings {
         Settings {
             host: "127.0.0.1".into(),
             port: 8080,
+            max_connections: 10_000,
+            idle_timeout: Duration::from_secs(300),
             log_level: tracing::level_filters::LevelFilter::INFO,
             log_json: false,
             load: LoadConfig::default(),
@@ -250,6 +256,12 @@ impl Settings {
             self.host = h.clone();
         }
         set(f.http.port, &mut self.port);
+        set(f.http.max_connections, &mut self.max_connections);
+        dur(
+            "HTTP.IdleTimeout",
+            &f.http.idle_timeout,
+            &mut self.idle_timeout,
+        )?;
         if f.http.cert_file.as_deref().is_some_and(|s| !s.is_empty())
             || f.http.key_file.as_deref().is_some_and(|s| !s.is_empty())
         {
@@ -398,6 +410,9 @@ impl Settings {
         }
         if self.load.req_expire.is_zero() || self.cache.expire.is_zero() {
             return Err("expiry durations must be > 0".into());
+        }
+        if self.idle_timeout.is_zero() || self.max_connections == 0 {
+            return Err("HTTP.IdleTimeout and HTTP.MaxConnections must be > 0".into());
         }
         if self.cache.top_k == 0 {
             return Err("cache top-K must be > 0".into());

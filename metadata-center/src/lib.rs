@@ -5,6 +5,7 @@ pub mod cache;
 pub mod config;
 pub mod endpoint;
 pub mod envelope;
+pub mod listener;
 pub mod load;
 pub mod metrics;
 pub mod replica;

@@ -1,5 +1,6 @@
 //! `llmproxy-metadata-center run [--config FILE] [--host H] [--port P]`
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,10 +12,13 @@ use tracing_subscriber::prelude::*;
 
 use llmproxy_metadata_center::cache::CachePool;
 use llmproxy_metadata_center::config::{self, Settings};
+use llmproxy_metadata_center::listener::BoundedListener;
 use llmproxy_metadata_center::load::{LoadStore, Retrier, Stamp};
 use llmproxy_metadata_center::metrics::Metrics;
 use llmproxy_metadata_center::replica::{self, Replicator, ReplicatorConfig};
 use llmproxy_metadata_center::server::{self, AppState, LogReload};
+
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Metadata-Center server, wire-compatible with the aigw metadata-center.
 #[derive(Parser, Debug)]
@@ -174,12 +178,7 @@ async fn run(s: Settings) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
-    // Small request/response exchanges: never wait for Nagle.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
+    let listener = BoundedListener::new(listener, s.max_connections, s.idle_timeout);
 
     let version = env!("CARGO_PKG_VERSION");
     let metrics = Arc::new(Metrics::new(version).map_err(|e| format!("metrics: {e}"))?);
@@ -273,11 +272,36 @@ async fn run(s: Settings) -> Result<(), String> {
     println!("listening on {local}");
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| format!("server error: {e}"))?;
+    // Graceful shutdown: stop accepting, let requests in flight finish, close idle
+    // connections; connections still busy after SHUTDOWN_GRACE are abandoned.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .into_future(),
+    );
+    tokio::select! {
+        r = &mut server => {
+            return match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("server error: {e}")),
+                Err(e) => Err(format!("server task failed: {e}")),
+            };
+        }
+        _ = shutdown_signal() => {}
+    }
     metrics.node_alive.set(0);
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return Err(format!("server error: {e}")),
+        Ok(Err(e)) => return Err(format!("server task failed: {e}")),
+        Err(_) => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still busy at shutdown; closing them")
+        }
+    }
     tracing::info!("metadata-center stopped");
     Ok(())
 }

@@ -826,3 +826,52 @@ fn memory_stays_bounded_by_the_caps() {
     assert!(metric(&m, "process_threads").unwrap() <= 16.0, "{m}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn idle_connections_are_closed_and_shutdown_is_bounded() {
+    use std::io::{Read, Write};
+    let dir = std::env::temp_dir().join(format!("mc-idle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("idle.yaml");
+    std::fs::write(&f, "HTTP:\n  IdleTimeout: 500ms\n  MaxConnections: 64\n").unwrap();
+    let mut s = Server::start(&["--config", f.to_str().unwrap()], &[]);
+    // A silent connection is closed after the idle timeout.
+    let mut quiet = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    quiet
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = quiet.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without a response");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    // A half-sent request (slowloris) does not hold up SIGTERM beyond the idle timeout.
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    slow.write_all(b"POST /v1/load/stats HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    assert_eq!(s.call("GET", "/health", None, &[]).status, 200);
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let start = Instant::now();
+    loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            assert!(st.success(), "exit status {st:?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "SIGTERM shutdown took too long"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(slow);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -398,7 +398,8 @@ function _M.access()
 
     local key = request_key()
     if pending[key] then
-        -- cannot happen: a request number is never reused on a connection
+        -- the same request through access() again (an internal redirect into another
+        -- location that runs it): the earlier decision never reached an upstream
         pending[key]:finish(0)
         pending_n = pending_n - 1
     end

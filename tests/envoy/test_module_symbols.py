@@ -3,7 +3,6 @@ present in this Envoy (1.40 loads modules with RTLD_NOW, spec P3)."""
 
 import subprocess
 
-import harness
 
 REQUIRED_HOOKS = {
     "envoy_dynamic_module_on_program_init",

@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
@@ -312,17 +311,19 @@ struct Holder {
 /// Sharded by hash; each shard is an LRU under a read-write lock (lookups only read).
 pub struct PrefixIndex {
     shards: Vec<RwLock<LruCache<u64, Vec<Holder>>>>,
+    /// Entries per shard; shards grow on demand up to it (nothing is allocated up front).
+    per_shard: usize,
     evictions: AtomicU64,
 }
 
 impl PrefixIndex {
     /// An index holding at most about `capacity` chunk hashes.
     pub fn new(capacity: usize) -> Self {
-        let per_shard = NonZeroUsize::new(capacity.div_ceil(INDEX_SHARDS).max(1)).unwrap();
         Self {
             shards: (0..INDEX_SHARDS)
-                .map(|_| RwLock::new(LruCache::new(per_shard)))
+                .map(|_| RwLock::new(LruCache::unbounded()))
                 .collect(),
+            per_shard: capacity.div_ceil(INDEX_SHARDS).max(1),
             evictions: AtomicU64::new(0),
         }
     }
@@ -372,17 +373,18 @@ impl PrefixIndex {
                         last_use_ms: now_ms,
                     };
                 }
-            } else if shard
-                .push(
+            } else {
+                if shard.len() >= self.per_shard {
+                    shard.pop_lru();
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+                shard.put(
                     *h,
                     vec![Holder {
                         endpoint,
                         last_use_ms: now_ms,
                     }],
-                )
-                .is_some_and(|(k, _)| k != *h)
-            {
-                self.evictions.fetch_add(1, Ordering::Relaxed);
+                );
             }
         }
     }

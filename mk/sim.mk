@@ -4,8 +4,8 @@
 #   make test-sim             unit tests (KV cache, scheduler, workloads) + end-to-end smoke:
 #                             real `serve`, `proxy` and `compare` processes on 127.0.0.1, with the plot
 #   make sim-compare-demo     a short rr vs least-request comparison on a local fleet (no Envoy)
-#   make bench-routing-peers  fleet + sglang-router + vllm-router + reference proxies (+ extra
-#                             targets in BENCH_TARGETS), one table and plot (not in CI)
+#   make bench-routing-peers  fleet + Envoy (plain, llmproxy) + reference proxies + sglang-router
+#                             + vllm-router (+ NAME=URL targets in BENCH_TARGETS), table + plot (not in CI)
 
 SIM_BIN        := $(RELEASE)/llmproxy-sim
 SIM_PLOT_REQ   := matplotlib==3.10.3
@@ -36,7 +36,11 @@ test-sim: sim sim-plot-deps
 sim-compare-demo: sim sim-plot-deps
 	SIM_DURATION=$${SIM_DURATION:-30} BENCH_PEERS=0 BENCH_OUT=$(BUILD_DIR)/sim-demo bash scripts/bench_routing.sh
 
-## bench-routing-peers: the routing benchmark against the peer routers from PyPI (not in CI)
-bench-routing-peers: sim sim-plot-deps sim-peer-deps
-	bash scripts/bench_routing.sh $(BENCH_TARGETS)
+# Envoy targets of bench-routing-peers (NAME:ALGO, see scripts/bench_envoy_configs.py).
+BENCH_ENVOY_TARGETS ?= envoy-rr:envoy_round_robin envoy-least:envoy_least_request llmproxy:inference_lb llmproxy-least:least_request
+
+## bench-routing-peers: Envoy (plain and with llmproxy), reference proxies, sglang-router and
+## vllm-router from PyPI, on one simulated fleet (not in CI)
+bench-routing-peers: sim sim-plot-deps sim-peer-deps envoy-module
+	BENCH_ENVOY_TARGETS="$(BENCH_ENVOY_TARGETS)" bash scripts/bench_routing.sh $(BENCH_TARGETS)
 TEST_TARGETS += test-sim

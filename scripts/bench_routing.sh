@@ -8,6 +8,10 @@
 # Targets, in this order:
 #   NAME=URL arguments     already running routers pointed at the fleet (e.g. Envoy + llmproxy);
 #                          start them with BENCH_PRE_CMD if they must come after the fleet
+#   BENCH_ENVOY_TARGETS    "NAME:ALGO ...": Envoy instances started here (scripts/bench_envoy_configs.py),
+#                          ALGO = envoy_round_robin | envoy_least_request (plain Envoy) or an llmproxy
+#                          algorithm run by the module (inference_lb, least_request, round_robin, random);
+#                          needs $ENVOY [.venv/bin/envoy] and build/libllmproxy_envoy.so
 #   rr, least              llmproxy-sim's reference proxy (round robin, least request)
 #   sglang-rr, sglang-cache_aware, vllm-consistent_hash, vllm-cache_aware
 #                          peer routers from PyPI (.venv), when BENCH_PEERS=1 (default)
@@ -84,6 +88,24 @@ fi
 BACKENDS=$(IFS=,; echo "${WORKERS[*]}")
 TARGETS=("$@")
 port=$PBASE
+
+if [ -n "${BENCH_ENVOY_TARGETS:-}" ]; then
+  ENVOY=${ENVOY:-.venv/bin/envoy}
+  [ -x "$ENVOY" ] || { echo "missing $ENVOY: run 'make venv'" >&2; exit 1; }
+  [ -f build/libllmproxy_envoy.so ] || { echo "missing build/libllmproxy_envoy.so: run 'make envoy-module'" >&2; exit 1; }
+  read -r -a ENVOY_SPECS <<< "$BENCH_ENVOY_TARGETS"
+  # Listeners at BENCH_PORT_BASE+50.., admin at +150..
+  mapfile -t ENVOY_TARGETS < <(python3 scripts/bench_envoy_configs.py "$OUT/envoy" "$BASE" "$SERVERS" \
+    "$((PBASE + 50))" "${ENVOY_SPECS[@]}")
+  k=0
+  for t in "${ENVOY_TARGETS[@]}"; do
+    name=${t%%=*}
+    ENVOY_DYNAMIC_MODULES_SEARCH_PATH="$PWD/build" start "$name" "$ENVOY" -c "$OUT/envoy/$name.yaml" \
+      --concurrency 2 --base-id "$(( ($$ % 1000) * 100 + k ))" -l warning
+    TARGETS+=("$t")
+    k=$((k + 1))
+  done
+fi
 add_proxy() {  # add_proxy NAME POLICY
   start "$1" "$SIM" proxy --listen "127.0.0.1:$port" --policy "$2" --backend "$BACKENDS"
   TARGETS+=("$1=http://127.0.0.1:$port")

@@ -153,8 +153,10 @@ fn main() {
             std::process::exit(2);
         }
     };
-    // One worker thread per core (tokio's default).
+    // One worker thread per core (tokio's default); a small blocking pool (GC passes, metrics
+    // rendering, DNS lookups) so the thread count stays bounded whatever the traffic.
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(8)
         .enable_all()
         .build();
     let rt = match rt {

@@ -22,7 +22,8 @@ all: build
 build:
 	$(CARGO) build --release --workspace
 	@mkdir -p $(BUILD_DIR)
-	cp $(RELEASE)/libllmproxy.a $(RELEASE)/libllmproxy.so $(BUILD_DIR)/
+	# --remove-destination: a running host keeps its mapped copy intact (no in-place overwrite)
+	cp --remove-destination $(RELEASE)/libllmproxy.a $(RELEASE)/libllmproxy.so $(BUILD_DIR)/
 
 ## build-local: debug build, for quick iteration
 build-local:

@@ -133,6 +133,20 @@ enum llmproxy_status llmproxy_router_new(const char *config_json,
                                          size_t err_cap);
 
 /**
+ * Validates a JSON config without creating a router (no thread is started): for hosts
+ * that check the config in a process that later forks, such as nginx's master. Returns
+ * `LLMPROXY_OK` or `LLMPROXY_INVALID_CONFIG` with the message in `err`.
+ *
+ * # Safety
+ * `config_json` must point to `len` readable bytes; `err`, when not NULL, must point to
+ * `err_cap` writable bytes.
+ */
+enum llmproxy_status llmproxy_config_validate(const char *config_json,
+                                              size_t len,
+                                              char *err,
+                                              size_t err_cap);
+
+/**
  * Frees a router. NULL is a no-op. Requests still in flight stay valid until finished.
  *
  * # Safety

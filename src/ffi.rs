@@ -218,6 +218,38 @@ pub unsafe extern "C" fn llmproxy_router_new(
     })
 }
 
+/// Validates a JSON config without creating a router (no thread is started): for hosts
+/// that check the config in a process that later forks, such as nginx's master. Returns
+/// `LLMPROXY_OK` or `LLMPROXY_INVALID_CONFIG` with the message in `err`.
+///
+/// # Safety
+/// `config_json` must point to `len` readable bytes; `err`, when not NULL, must point to
+/// `err_cap` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn llmproxy_config_validate(
+    config_json: *const c_char,
+    len: usize,
+    err: *mut c_char,
+    err_cap: usize,
+) -> llmproxy_status {
+    guard(LLMPROXY_INTERNAL, || {
+        let Some(json) = bytes(config_json.cast(), len) else {
+            write_err(err, err_cap, "config_json must not be NULL");
+            return LLMPROXY_INVALID_ARGUMENT;
+        };
+        match crate::Config::from_json(json) {
+            Ok(_) => {
+                write_err(err, err_cap, "");
+                LLMPROXY_OK
+            }
+            Err(e) => {
+                write_err(err, err_cap, &e.to_string());
+                LLMPROXY_INVALID_CONFIG
+            }
+        }
+    })
+}
+
 /// Frees a router. NULL is a no-op. Requests still in flight stay valid until finished.
 ///
 /// # Safety

@@ -52,9 +52,25 @@ pub(crate) struct RouterInner {
     events: OnceLock<EventSender>,
     /// Queue to the lookup thread, when remote cache lookups are enabled.
     lookups: OnceLock<crossbeam_channel::Sender<LookupJob>>,
-    /// Request ids: a random per-router prefix and a counter.
+    /// Request ids: a per-router prefix (process id + seed) and a counter.
     id_prefix: String,
     id_counter: AtomicU64,
+    /// Randomness for tie-breaking and candidate draws, distinct in every process (a thread-
+    /// local generator would repeat the same sequence in every worker forked from one parent).
+    rng_seed: u64,
+    rng_counter: AtomicU64,
+}
+
+/// A seed that differs between processes forked from one parent and between routers.
+fn process_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&nanos.to_le_bytes());
+    h.update(&fastrand::u64(..).to_le_bytes());
+    h.digest()
 }
 
 /// A thread-safe router. Cheap to clone (shared state); the background threads stop when
@@ -97,7 +113,9 @@ impl Router {
             update_lock: Mutex::new(()),
             events: OnceLock::new(),
             lookups: OnceLock::new(),
-            id_prefix: format!("{:016x}", fastrand::u64(..)),
+            id_prefix: format!("{:08x}{:016x}", std::process::id(), process_seed()),
+            rng_seed: process_seed(),
+            rng_counter: AtomicU64::new(0),
             id_counter: AtomicU64::new(0),
             config,
         });
@@ -381,9 +399,7 @@ fn serves_subset(e: &Endpoint, subset: &Subset, adapters_declared: bool) -> bool
         .labels
         .iter()
         .all(|(k, v)| e.labels.get(k) == Some(v))
-        && (subset.lora.is_empty()
-            || !adapters_declared
-            || e.lora_adapters.contains(&subset.lora))
+        && (subset.lora.is_empty() || !adapters_declared || e.lora_adapters.contains(&subset.lora))
 }
 
 impl RouterInner {
@@ -560,7 +576,9 @@ impl RouterInner {
             });
         }
         let params = self.config.lb_params(&r.model);
-        let mut rng = fastrand::Rng::new();
+        let draw = self.rng_counter.fetch_add(1, Ordering::Relaxed);
+        let mut rng =
+            fastrand::Rng::with_seed(self.rng_seed ^ draw.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let use_index = self.config.algorithm == Algorithm::InferenceLb && params.cache_aware;
         let mut depth = if use_index && !r.prefix_hashes.is_empty() {
             self.index.matched_chunks(&r.prefix_hashes, &set)

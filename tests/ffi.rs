@@ -239,6 +239,56 @@ fn invalid_config_names_field_and_truncates_safely() {
 }
 
 #[test]
+fn validate_checks_without_a_router() {
+    let mut err = [0 as c_char; 256];
+    let good = CONFIG;
+    let bad = r#"{"algorithm": "fastest"}"#;
+    unsafe {
+        assert_eq!(
+            llmproxy_config_validate(
+                good.as_ptr().cast(),
+                good.len(),
+                err.as_mut_ptr(),
+                err.len()
+            ),
+            LLMPROXY_OK
+        );
+        assert_eq!(CStr::from_ptr(err.as_ptr()).to_bytes(), b"");
+        assert_eq!(
+            llmproxy_config_validate(bad.as_ptr().cast(), bad.len(), err.as_mut_ptr(), err.len()),
+            LLMPROXY_INVALID_CONFIG
+        );
+        assert!(CStr::from_ptr(err.as_ptr())
+            .to_str()
+            .unwrap()
+            .starts_with("config.algorithm: unknown algorithm"));
+        assert_eq!(
+            llmproxy_config_validate(ptr::null(), 3, ptr::null_mut(), 0),
+            LLMPROXY_INVALID_ARGUMENT
+        );
+    }
+}
+
+#[test]
+fn forked_workers_draw_different_random_choices() {
+    // Routers created in different processes must not replay the same tie-breaks: the
+    // per-router seed mixes the process id, so two routers in one process differ too.
+    let a = router(CONFIG).unwrap();
+    let b = router(CONFIG).unwrap();
+    let seq = |r: &Router| -> Vec<String> {
+        (0..32)
+            .map(|i| {
+                let (_, req) = pick(r, &[], &chat("llama", &format!("unique {i}")));
+                let ep = unsafe { text(llmproxy_request_endpoint, req) };
+                unsafe { llmproxy_request_finish(req, 200) };
+                ep
+            })
+            .collect()
+    };
+    assert_ne!(seq(&a), seq(&b));
+}
+
+#[test]
 fn null_arguments_are_rejected_not_crashed_on() {
     unsafe {
         let mut out = ptr::null_mut();

@@ -64,6 +64,8 @@ typedef struct llmproxy_header {
 const char *llmproxy_version(void);
 enum llmproxy_status llmproxy_router_new(const char *config_json, size_t len,
                                          struct llmproxy_router **out, char *err, size_t err_cap);
+enum llmproxy_status llmproxy_config_validate(const char *config_json, size_t len,
+                                              char *err, size_t err_cap);
 void llmproxy_router_free(struct llmproxy_router *router);
 enum llmproxy_status llmproxy_router_set_endpoints(struct llmproxy_router *router,
                                                    const char *cluster, size_t cluster_len,
@@ -307,6 +309,22 @@ end
 
 local Router = {}
 Router.__index = Router
+
+--- Validates the library's JSON configuration without creating a router (starts no thread:
+--- safe in nginx's master). Returns true, or nil and the library's message.
+function _M.validate(config_json)
+    if type(config_json) ~= "string" then
+        return nil, "config must be a JSON string"
+    end
+    local cap = 1024
+    local err = ffi_new("char[?]", cap)
+    local rc = lib().llmproxy_config_validate(config_json, #config_json, err, cap)
+    if rc ~= 0 then
+        local msg = ffi_string(err)
+        return nil, msg ~= "" and msg or ("llmproxy_config_validate failed with status " .. tostring(rc))
+    end
+    return true
+end
 
 --- Creates a router from the library's JSON configuration.
 --- Returns the router, or nil and the library's message (which names the offending field).

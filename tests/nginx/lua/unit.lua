@@ -75,9 +75,11 @@ check(merged == '# HELP a_total A.\n# TYPE a_total counter\na_total{worker="11",
 check(gw.error_json('say "hi"\n', "t", "c") ==
     '{"error":{"code":"c","message":"say \\"hi\\"\\n","param":null,"type":"t"}}', "json escaping")
 
-check(gw._may_start_threads('{"metadata_center": {"enabled": true}}'), "metadata_center starts threads")
-check(gw._may_start_threads('{"clusters": {"c": {"dns": "vllm:8000"}}}'), "dns clusters start threads")
-check(not gw._may_start_threads(cfg), "a static config starts none")
+-- validation without a router (the master must stay thread-free)
+check(llmproxy.validate('{"metadata_center": {"enabled": true}, "clusters": {"c": {"dns": "vllm:8000"}}}') == true,
+    "a config with library threads validates without starting them")
+local ok, verr = llmproxy.validate('{"algorithm": "fastest"}')
+check(ok == nil and verr:find("config.algorithm: unknown algorithm", 1, true) == 1, "validate names the field: " .. tostring(verr))
 
 if failures == 0 then
     io.stderr:write("LLMPROXY-UNIT OK\n")

@@ -120,15 +120,6 @@ end
 --------------------------------------------------------------------------------------------
 -- init (master, before fork; again on every reload)
 
-local function may_start_threads(json)
-    if string_find(json, '"metadata_center"', 1, true) or string_find(json, '"dns"', 1, true)
-        or string_find(json, "outbound|", 1, true) then
-        return true
-    end
-    local env = os.getenv("METADATA_CENTER_ENABLED")
-    return env ~= nil and env ~= "" and env ~= "false" and env ~= "0"
-end
-_M._may_start_threads = may_start_threads
 
 --- Loads the library and the configuration, and validates the configuration so a bad one
 --- stops nginx from starting. Runs in init_by_lua*; starts no thread.
@@ -159,21 +150,13 @@ function _M.init(o)
     else
         error("llmproxy: init() needs config_file or config_json")
     end
-    -- Validate now, so a bad config stops nginx from starting, then drop the router: the
-    -- master keeps none, every worker builds its own after fork. Not when the config may start
-    -- library threads (Metadata-Center sync, DNS clusters): no thread may run in the master,
-    -- and a router built before fork would leave every worker with the same random state
-    -- (the library's Metadata-Center request ids would collide between workers). Such a
-    -- config is validated by the workers, which log the error and answer 500.
-    if may_start_threads(config_json) then
-        ngx_log(ngx.NOTICE, "llmproxy: config enables library threads: validated in the workers")
-        return true
-    end
-    local r, verr = llmproxy.new(config_json)
-    if not r then
+    -- Validate now, so a bad config stops nginx from starting. llmproxy_config_validate builds
+    -- no router and starts no thread: the master stays thread-free, and every worker builds its
+    -- own router (and its Metadata-Center / DNS thread) after fork.
+    local ok, verr = llmproxy.validate(config_json)
+    if not ok then
         error("llmproxy: invalid configuration: " .. verr)
     end
-    r:free()
     return true
 end
 

@@ -885,3 +885,56 @@ fn idle_connections_are_closed_and_shutdown_is_bounded() {
     drop(slow);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn concurrent_duplicate_deletes_release_everything_exactly_once() {
+    let s = std::sync::Arc::new(Server::start(&[], &[]));
+    let n = 150;
+    for i in 0..n {
+        s.post(
+            "/v1/load/stats",
+            add("m", &format!("r{i}"), "10.0.0.1:80", 10),
+        );
+    }
+    assert_eq!(s.engine("m", "10.0.0.1:80"), Some((n, 10 * n)));
+    // Four clients each send a prompt delete and a full delete for every request, in
+    // different orders, at the same time.
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for k in 0..n {
+                    let i = if t % 2 == 0 { k } else { n - 1 - k };
+                    let body = json!({"request_id": format!("r{i}"), "cluster": "", "ip": ""});
+                    if t < 2 {
+                        s.delete("/v1/load/prompt", body.clone());
+                        s.delete("/v1/load/stats", body);
+                    } else {
+                        s.delete("/v1/load/stats", body.clone());
+                        s.delete("/v1/load/prompt", body);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(s.engine("m", "10.0.0.1:80"), Some((0, 0)));
+    let m = s.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            r#"metadata_center_load_events_total{event="prompt_released"}"#
+        ),
+        Some(n as f64),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, r#"metadata_center_load_events_total{event="deleted"}"#),
+        Some(n as f64)
+    );
+    // Misses schedule a retry one second later; they find nothing and change nothing.
+    std::thread::sleep(Duration::from_millis(1300));
+    assert_eq!(s.engine("m", "10.0.0.1:80"), Some((0, 0)));
+}

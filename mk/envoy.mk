@@ -45,6 +45,15 @@ $(ENVOY_FAKE_HOST): tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_DEPS) $(BUIL
 	  tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_SRC) $(BUILD_DIR)/libllmproxy.a \
 	  -Wl,--wrap=llmproxy_pick_async -Wl,--wrap=llmproxy_request_finish $(ENVOY_RUST_LIBS) -o $@
 
+# Test-only variant of the module whose picks are all PENDING (tests/envoy/pending_wrap.cc), so
+# the e2e tests drive the Envoy scheduler path in a real Envoy.
+ENVOY_PENDING_MODULE := $(BUILD_DIR)/test-pending/libllmproxy_envoy.so
+$(ENVOY_PENDING_MODULE): $(BUILD_DIR)/llmproxy_envoy.o tests/envoy/pending_wrap.cc $(BUILD_DIR)/libllmproxy.a cpp_shim/exports.map
+	@mkdir -p $(dir $@)
+	$(CXX) $(ENVOY_CXXFLAGS) -shared -o $@ $(BUILD_DIR)/llmproxy_envoy.o tests/envoy/pending_wrap.cc \
+	  $(BUILD_DIR)/libllmproxy.a -Wl,--wrap=llmproxy_pick_async -static-libstdc++ -static-libgcc \
+	  -Wl,--version-script=cpp_shim/exports.map -Wl,--gc-sections $(ENVOY_RUST_LIBS)
+
 test-envoy-fake-host: build
 	@$(MAKE) --no-print-directory $(ENVOY_FAKE_HOST)
 	ASAN_OPTIONS=detect_leaks=1 $(ENVOY_FAKE_HOST)
@@ -55,6 +64,7 @@ $(VENV)/.envoy-test-deps: $(VENV)/.installed
 	@touch $@
 
 test-envoy-e2e: venv envoy-module $(VENV)/.envoy-test-deps
+	@$(MAKE) --no-print-directory $(ENVOY_PENDING_MODULE)
 	$(ENVOY_TEST_ENV) $(VENV_PY) -m pytest -q -p no:cacheprovider tests/envoy
 
 ## test-envoy: shim unit tests in a fake host, then real Envoy end-to-end tests

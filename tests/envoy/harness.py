@@ -157,7 +157,7 @@ def envoy_bootstrap(listen_port, admin_port, clusters, llmproxy_config=None, def
 class Envoy:
     """A real Envoy process with our module, stopped by close()."""
 
-    def __init__(self, bootstrap, workdir, concurrency=2, log_level="info"):
+    def __init__(self, bootstrap, workdir, concurrency=2, log_level="info", module_dir=None, env=None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "envoy.json"
@@ -165,7 +165,7 @@ class Envoy:
         self.log_path = self.workdir / "envoy.log"
         self.admin_port = bootstrap["admin"]["address"]["socket_address"]["port_value"]
         self.port = bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
-        env = dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(BUILD_DIR))
+        env = dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(module_dir or BUILD_DIR), **(env or {}))
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [envoy_binary(), "-c", str(self.config_path), "--base-id", str(random.randint(10_000, 2_000_000)),

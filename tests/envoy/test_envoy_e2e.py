@@ -3,7 +3,9 @@
 import http.client
 import json
 import random
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -383,3 +385,20 @@ def test_client_abort_during_prefill_does_not_eject_endpoint(gateway):
     status, _, data, _ = post(gateway, chat("m-a", prefix + " after the aborts"))
     assert status == 200
     assert json.loads(data)["served_by"] == home  # still sticky: not ejected
+
+
+def test_http2_downstream_large_prompt(gateway, tmp_path):
+    curl = shutil.which("curl")
+    if not curl or "HTTP2" not in subprocess.run([curl, "--version"], capture_output=True, text=True).stdout:
+        pytest.skip("curl with HTTP/2 support needed for an h2c client")
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps(chat("m-b", random_text(1_500_000, seed=9))))
+    out = subprocess.run([curl, "-s", "--http2-prior-knowledge", "-H", "content-type: application/json",
+                          "--data-binary", "@%s" % body, "-w", "\n%{http_version} %{http_code}",
+                          "http://127.0.0.1:%d%s" % (gateway.port, CHAT)],
+                         capture_output=True, text=True, timeout=30).stdout
+    payload, _, tail = out.rpartition("\n")
+    assert tail == "2 200", tail
+    echo = json.loads(payload)
+    assert echo["served_by"] in POOLS["pool_b"]
+    assert echo["body_bytes"] == body.stat().st_size

@@ -71,6 +71,11 @@ test-envoy-e2e: venv envoy-module $(VENV)/.envoy-test-deps
 test-envoy: venv envoy-module
 	@$(MAKE) --no-print-directory test-envoy-fake-host test-envoy-e2e
 
+## bench-envoy: overhead of the module vs plain round robin, 1 KiB / 64 KiB bodies (not in CI)
+bench-envoy: venv envoy-module
+	@command -v wrk >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk
+	$(ENVOY_TEST_ENV) $(VENV_PY) tests/envoy/bench_overhead.py
+
 ## test-bazel: Debian's bazel-bootstrap, offline: build the module and the static variant, run the
 ## fake-host cc_tests against both, and `envoy --mode validate` with the Bazel-built module.
 BAZEL ?= bazel

@@ -138,6 +138,7 @@ pub struct ReplicaSection {
     pub dial_timeout: Option<String>,
     pub request_timeout: Option<String>,
     pub queue_size: Option<usize>,
+    pub workers: Option<usize>,
     #[serde(rename = "PodIP")]
     pub pod_ip: Option<String>,
 }
@@ -193,6 +194,7 @@ pub struct Settings {
     pub replica_dial_timeout: Duration,
     pub replica_request_timeout: Duration,
     pub replica_queue_size: usize,
+    pub replica_workers: usize,
     pub pod_ip: Option<std::net::IpAddr>,
     pub auth_token: Option<String>,
 }
@@ -219,7 +221,8 @@ impl Default for Settings {
             replica_target_port: 80,
             replica_dial_timeout: Duration::from_millis(500),
             replica_request_timeout: Duration::from_secs(1),
-            replica_queue_size: 10_000,
+            replica_queue_size: 16_384,
+            replica_workers: 8,
             pod_ip: None,
             auth_token: None,
         }
@@ -331,6 +334,7 @@ impl Settings {
             &mut self.replica_request_timeout,
         )?;
         set(f.replica.queue_size, &mut self.replica_queue_size);
+        set(f.replica.workers, &mut self.replica_workers);
         if let Some(ip) = &f.replica.pod_ip {
             self.pod_ip = parse_pod_ip(ip)?;
         }

@@ -192,6 +192,7 @@ async fn run(s: Settings) -> Result<(), String> {
     let replicator = if !s.peers.is_empty() || s.svc_disc_host.is_some() {
         let rep = Arc::new(Replicator::new(ReplicatorConfig {
             queue_size: s.replica_queue_size,
+            workers_per_peer: s.replica_workers,
             request_timeout: s.replica_request_timeout,
             dial_timeout: s.replica_dial_timeout,
             auth_token: s.auth_token.clone(),

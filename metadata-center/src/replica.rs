@@ -25,6 +25,8 @@ pub const INSTANCE_HEADER: &str = "x-metadata-center-instance";
 
 #[derive(Clone)]
 pub struct Event {
+    /// Events with the same key (hash of the request id) are delivered in order.
+    pub key: u64,
     pub kind: &'static str,
     pub body: Bytes,
     pub trace_id: String,
@@ -41,12 +43,15 @@ pub struct ReplicaCounters {
 }
 
 struct Peer {
-    tx: tokio::sync::mpsc::Sender<Event>,
+    /// One bounded queue and one worker per shard; an event goes to shard `key % shards`.
+    shards: Vec<tokio::sync::mpsc::Sender<Event>>,
     is_self: Arc<AtomicBool>,
 }
 
 pub struct ReplicatorConfig {
+    /// Total queue capacity per peer, split over its workers.
     pub queue_size: usize,
+    pub workers_per_peer: usize,
     pub request_timeout: Duration,
     pub dial_timeout: Duration,
     pub auth_token: Option<String>,
@@ -93,19 +98,25 @@ impl Replicator {
             if peers.contains_key(addr) {
                 continue;
             }
-            let (tx, rx) = tokio::sync::mpsc::channel(self.cfg.queue_size.max(1));
             let is_self = Arc::new(AtomicBool::new(false));
-            tokio::spawn(worker(
-                self.client.clone(),
-                addr.clone(),
-                rx,
-                is_self.clone(),
-                self.counters.clone(),
-                self.cfg.auth_token.clone(),
-                self.cfg.instance_id.clone(),
-            ));
-            tracing::info!(peer = %addr, "replication peer added");
-            peers.insert(addr.clone(), Peer { tx, is_self });
+            let workers = self.cfg.workers_per_peer.max(1);
+            let per_shard = (self.cfg.queue_size / workers).max(1);
+            let mut shards = Vec::with_capacity(workers);
+            for _ in 0..workers {
+                let (tx, rx) = tokio::sync::mpsc::channel(per_shard);
+                tokio::spawn(worker(
+                    self.client.clone(),
+                    addr.clone(),
+                    rx,
+                    is_self.clone(),
+                    self.counters.clone(),
+                    self.cfg.auth_token.clone(),
+                    self.cfg.instance_id.clone(),
+                ));
+                shards.push(tx);
+            }
+            tracing::info!(peer = %addr, workers, "replication peer added");
+            peers.insert(addr.clone(), Peer { shards, is_self });
         }
     }
 
@@ -117,7 +128,16 @@ impl Replicator {
                 self.counters.skipped_self.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            if p.tx.try_send(ev.clone()).is_err() {
+            let tx = &p.shards[(ev.key % p.shards.len() as u64) as usize];
+            // Under overload, adds give way first: the last tenth of a queue is kept for
+            // deletes (a lost delete leaves phantom load on the peer until the TTL; a lost
+            // add only makes the later deletes miss there).
+            let reserve = tx.max_capacity() / 10;
+            if ev.kind == EVENT_ADD && tx.capacity() <= reserve {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if tx.try_send(ev.clone()).is_err() {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -127,7 +147,8 @@ impl Replicator {
         self.peers
             .read()
             .values()
-            .map(|p| p.tx.max_capacity() - p.tx.capacity())
+            .flat_map(|p| p.shards.iter())
+            .map(|tx| tx.max_capacity() - tx.capacity())
             .sum()
     }
 }

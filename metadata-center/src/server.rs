@@ -415,10 +415,20 @@ fn apply_delete(st: &AppState, id: &str, kind: RetryKind) {
     }
 }
 
-fn replicate<T: Serialize>(st: &AppState, kind: &'static str, body: &T, trace: &TraceId) {
+fn replicate<T: Serialize>(
+    st: &AppState,
+    kind: &'static str,
+    request_id: &str,
+    body: &T,
+    trace: &TraceId,
+) {
     if let Some(rep) = &st.replicator {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        request_id.hash(&mut h);
         match serde_json::to_vec(body) {
             Ok(b) => rep.broadcast(&Event {
+                key: h.finish(),
                 kind,
                 body: Bytes::from(b),
                 trace_id: trace.0.to_string(),
@@ -437,7 +447,8 @@ async fn add_request(State(st): St, Extension(t): Extension<TraceId>, body: Byte
         return envelope::fail(&t.0, &e);
     }
     r.timestamp = Some(r.timestamp.filter(|ts| *ts > 0).unwrap_or_else(now_ns));
-    replicate(&st, replica::EVENT_ADD, &r, &t);
+    let id = r.request_id.clone().unwrap_or_default();
+    replicate(&st, replica::EVENT_ADD, &id, &r, &t);
     envelope::ok(&t.0, ())
 }
 
@@ -453,7 +464,8 @@ async fn delete_common(st: &AppState, t: &TraceId, body: &[u8], kind: RetryKind)
     } else {
         replica::EVENT_DELETE_PROMPT
     };
-    replicate(st, ev, &r, t);
+    let id = r.request_id.clone().unwrap_or_default();
+    replicate(st, ev, &id, &r, t);
     envelope::ok(&t.0, ())
 }
 

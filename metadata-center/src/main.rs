@@ -189,17 +189,18 @@ async fn run(s: Settings) -> Result<(), String> {
     let retrier = Retrier::start(load.clone(), s.retry_queue_size, Duration::from_secs(1));
     let instance_id = uuid::Uuid::new_v4().to_string();
 
-    let replicator = if !s.peers.is_empty() || s.svc_disc_host.is_some() {
-        let rep = Arc::new(Replicator::new(ReplicatorConfig {
-            queue_size: s.replica_queue_size,
-            workers_per_peer: s.replica_workers,
-            request_timeout: s.replica_request_timeout,
-            dial_timeout: s.replica_dial_timeout,
-            auth_token: s.auth_token.clone(),
-            instance_id: instance_id.clone(),
-        })?);
-        // Static peers are known before the first request is served; DNS peers follow.
-        rep.set_peers(&s.peers.iter().cloned().collect());
+    // Always present (it also counts received events); it sends only when it has peers.
+    let rep = Arc::new(Replicator::new(ReplicatorConfig {
+        queue_size: s.replica_queue_size,
+        workers_per_peer: s.replica_workers,
+        request_timeout: s.replica_request_timeout,
+        dial_timeout: s.replica_dial_timeout,
+        auth_token: s.auth_token.clone(),
+        instance_id: instance_id.clone(),
+    })?);
+    // Static peers are known before the first request is served; DNS peers follow.
+    rep.set_peers(&s.peers.iter().cloned().collect());
+    if s.svc_disc_host.is_some() {
         tokio::spawn(replica::discovery_loop(
             rep.clone(),
             s.peers.clone(),
@@ -209,10 +210,8 @@ async fn run(s: Settings) -> Result<(), String> {
             s.dns_lookup_interval,
             metrics.clone(),
         ));
-        Some(rep)
-    } else {
-        None
-    };
+    }
+    let replicator = Some(rep);
 
     // Load GC and cache GC: incremental passes on the blocking pool.
     {

@@ -123,6 +123,11 @@ bool envoy_dynamic_module_callback_http_get_body_chunks(envoy_dynamic_module_typ
                                                         envoy_dynamic_module_type_envoy_buffer *result_buffer_vector);
 bool envoy_dynamic_module_callback_http_received_buffered_request_body(
     envoy_dynamic_module_type_http_filter_envoy_ptr f);
+/* Body modification (request or response, by body_type). */
+bool envoy_dynamic_module_callback_http_append_body(envoy_dynamic_module_type_http_filter_envoy_ptr f, int body_type,
+                                                    envoy_dynamic_module_type_module_buffer data);
+bool envoy_dynamic_module_callback_http_drain_body(envoy_dynamic_module_type_http_filter_envoy_ptr f, int body_type,
+                                                   size_t number_of_bytes);
 
 void envoy_dynamic_module_callback_http_send_response(envoy_dynamic_module_type_http_filter_envoy_ptr f,
                                                       uint32_t status_code,

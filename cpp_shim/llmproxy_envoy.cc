@@ -156,6 +156,7 @@ struct Filter {
   llmproxy_request *req = nullptr;
   bool forwarded = false;  // decision applied and the request continued upstream
   bool first_token = false;
+  bool transcoding = false;   // the response body goes through llmproxy_request_transcode_response
   uint32_t reply_status = 0;  // status of our own local reply, if any
   std::shared_ptr<AsyncState> async;
 
@@ -293,6 +294,28 @@ std::string metrics_text(FilterConfig &cfg) {
   return text;
 }
 
+// Replaces the whole request body (held in Envoy's buffers at decision time) with `body`.
+void replace_request_body(void *f, const uint8_t *body, size_t len) {
+  const module_buf data = mb(reinterpret_cast<const char *>(body), len);
+  const size_t received = envoy_dynamic_module_callback_http_get_body_size(f, ENVOY_BODY_RECEIVED_REQUEST);
+  if (envoy_dynamic_module_callback_http_received_buffered_request_body(f)) {
+    // The current frame is the buffered body itself (an earlier filter buffered it).
+    envoy_dynamic_module_callback_http_drain_body(f, ENVOY_BODY_RECEIVED_REQUEST, received);
+    envoy_dynamic_module_callback_http_append_body(f, ENVOY_BODY_RECEIVED_REQUEST, data);
+  } else {
+    const size_t buffered = envoy_dynamic_module_callback_http_get_body_size(f, ENVOY_BODY_BUFFERED_REQUEST);
+    if (received) envoy_dynamic_module_callback_http_drain_body(f, ENVOY_BODY_RECEIVED_REQUEST, received);
+    if (buffered) envoy_dynamic_module_callback_http_drain_body(f, ENVOY_BODY_BUFFERED_REQUEST, buffered);
+    envoy_dynamic_module_callback_http_append_body(
+        f, buffered ? ENVOY_BODY_BUFFERED_REQUEST : ENVOY_BODY_RECEIVED_REQUEST, data);
+  }
+  std::string cl;
+  if (get_request_header(f, "content-length", cl)) {
+    envoy_dynamic_module_callback_http_set_header(f, ENVOY_HEADER_REQUEST, mb("content-length", 14),
+                                                  mb(std::to_string(len)));
+  }
+}
+
 // Applies a pick result on the worker thread. Returns true when the request may continue upstream.
 bool apply_decision(void *f, Filter &flt, llmproxy_request *req) {
   flt.req = req;
@@ -320,13 +343,25 @@ bool apply_decision(void *f, Filter &flt, llmproxy_request *req) {
   std::string scene = req_str(llmproxy_request_scene, req);
   std::string model = req_str(llmproxy_request_model, req);
   std::string backend = req_str(llmproxy_request_backend, req);
+  std::string upstream_model = req_str(llmproxy_request_upstream_model, req);
+  if (upstream_model == model) upstream_model.clear();
+  // Upstream rewrites decided by the library (target_model / LoRA model, Triton generate).
+  std::string upstream_path = req_str(llmproxy_request_upstream_path, req);
+  if (!upstream_path.empty()) {
+    envoy_dynamic_module_callback_http_set_header(f, ENVOY_HEADER_REQUEST, mb(":path", 5), mb(upstream_path));
+    envoy_dynamic_module_callback_http_clear_route_cache(f);
+  }
+  size_t upstream_body_len = 0;
+  const uint8_t *upstream_body = llmproxy_request_upstream_body(req, &upstream_body_len);
+  if (upstream_body) replace_request_body(f, upstream_body, upstream_body_len);
   envoy_dynamic_module_callback_http_set_header(f, ENVOY_HEADER_REQUEST, mb("x-llmproxy-endpoint", 19), mb(endpoint));
   if (!scene.empty()) {
     envoy_dynamic_module_callback_http_set_header(f, ENVOY_HEADER_REQUEST, mb("x-llmproxy-scene", 16), mb(scene));
   }
   const module_buf ns = mb("llmproxy", 8);
   const std::pair<const char *, const std::string *> meta[] = {
-      {"endpoint", &endpoint}, {"cluster", &cluster}, {"model", &model}, {"scene", &scene}, {"backend", &backend}};
+      {"endpoint", &endpoint}, {"cluster", &cluster}, {"model", &model},
+      {"scene", &scene},       {"backend", &backend}, {"upstream_model", &upstream_model}};
   for (const auto &kv : meta) {
     if (kv.second->empty()) continue;
     envoy_dynamic_module_callback_http_set_dynamic_metadata_string(f, ns, mb(kv.first, std::strlen(kv.first)),
@@ -647,6 +682,27 @@ LLMPROXY_EXPORT int HOOK(envoy_dynamic_module_on_http_filter_response_headers)(v
   Filter *flt = as_filter(m);
   if (!flt) return ENVOY_HEADERS_CONTINUE;
   return guard<int>("response_headers", flt->cfg, ENVOY_HEADERS_CONTINUE, [&]() -> int {
+    if (flt->req && flt->forwarded && llmproxy_request_needs_transcoding(flt->req)) {
+      // The library rewrites the response (e.g. Triton generate -> OpenAI): status, type, length.
+      flt->transcoding = true;
+      envoy_buf st{nullptr, 0};
+      size_t count = 0;
+      uint32_t upstream_status = 0;
+      if (envoy_dynamic_module_callback_http_get_header(f, ENVOY_HEADER_RESPONSE, mb(":status", 7), &st, 0, &count) &&
+          st.ptr) {
+        upstream_status = static_cast<uint32_t>(std::strtoul(std::string(st.ptr, st.length).c_str(), nullptr, 10));
+      }
+      uint32_t status = llmproxy_request_response_status(flt->req, upstream_status);
+      if (status != upstream_status && status >= 100 && status <= 599) {
+        envoy_dynamic_module_callback_http_set_header(f, ENVOY_HEADER_RESPONSE, mb(":status", 7),
+                                                      mb(std::to_string(status)));
+      }
+      envoy_dynamic_module_callback_http_set_header(f, ENVOY_HEADER_RESPONSE, mb("content-length", 14), mb("", 0));
+      std::string ct = req_str(llmproxy_request_response_content_type, flt->req);
+      if (!ct.empty()) {
+        envoy_dynamic_module_callback_http_set_header(f, ENVOY_HEADER_RESPONSE, mb("content-type", 12), mb(ct));
+      }
+    }
     if (end_of_stream && flt->req && flt->forwarded && !flt->first_token) {
       // A response without a body is complete as far as prefill is concerned.
       flt->first_token = true;
@@ -663,6 +719,27 @@ LLMPROXY_EXPORT int HOOK(envoy_dynamic_module_on_http_filter_response_body)(void
   Filter *flt = as_filter(m);
   if (!flt) return ENVOY_BODY_CONTINUE;
   return guard<int>("response_body", flt->cfg, ENVOY_BODY_CONTINUE, [&]() -> int {
+    if (flt->transcoding && flt->req) {
+      // Replace this chunk with what the transcoder makes of it (it also marks the first token).
+      std::string in;
+      append_chunks(f, ENVOY_BODY_RECEIVED_RESPONSE, in);
+      const uint8_t *out = nullptr;
+      size_t out_len = 0;
+      llmproxy_status st = llmproxy_request_transcode_response(
+          flt->req, reinterpret_cast<const uint8_t *>(in.data()), in.size(), end_of_stream, &out, &out_len);
+      if (st != LLMPROXY_OK) {
+        log_msg(ENVOY_LOG_WARN, "response transcoding failed (status " + std::to_string(st) + ")");
+        out = nullptr;
+        out_len = 0;
+      }
+      std::string replacement(out ? reinterpret_cast<const char *>(out) : "", out ? out_len : 0);
+      if (!in.empty()) envoy_dynamic_module_callback_http_drain_body(f, ENVOY_BODY_RECEIVED_RESPONSE, in.size());
+      if (!replacement.empty()) {
+        envoy_dynamic_module_callback_http_append_body(f, ENVOY_BODY_RECEIVED_RESPONSE, mb(replacement));
+      }
+      flt->first_token = true;
+      return ENVOY_BODY_CONTINUE;
+    }
     if (flt->req && flt->forwarded && !flt->first_token) {
       flt->first_token = true;
       llmproxy_request_first_token(flt->req);

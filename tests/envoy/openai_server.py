@@ -9,6 +9,7 @@ answer JSON, or Server-Sent Events when the body says "stream": true (events are
 by one, `x-test-chunk-delay-ms` apart, `x-test-chunks` of them). Any answer starts after
 `x-test-first-delay-ms` (a "prefill"). The JSON answer echoes what
 the server received (headers, body size, model) so tests can check what Envoy forwarded.
+POST /v2/models/<model>/generate[_stream] speaks Triton's generate extension ({"text_output"}).
 GET /v1/models and /health answer too. Prints "READY" once every port listens.
 """
 
@@ -68,6 +69,9 @@ def make_handler(name):
 
         def do_POST(self):
             raw = self._read_body()
+            if self.path.startswith("/v2/models/"):
+                self._triton(raw)
+                return
             if not self.path.startswith(("/v1/chat/completions", "/v1/completions", "/v1/embeddings")):
                 self._send_json(404, {"error": {"message": "not found"}, "served_by": name})
                 return
@@ -92,6 +96,28 @@ def make_handler(name):
                              "finish_reason": "stop"}],
                 **echo,
             })
+
+        def _triton(self, raw):
+            """Triton generate extension: /v2/models/<model>/generate[_stream]."""
+            parts = self.path.split("/")
+            model, verb = parts[3], parts[4]
+            req = json.loads(raw or b"{}")
+            pieces = ["echo:", str(len(req.get("text_input", ""))), "from", name]
+            if verb == "generate":
+                self._send_json(200, {"model_name": model, "model_version": "1", "text_output": " ".join(pieces)})
+                return
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.send_header("x-served-by", name)
+            self.end_headers()
+            for p in pieces:
+                data = ("data: " + json.dumps({"model_name": model, "model_version": "1", "text_output": p + " "})
+                        + "\n\n").encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
 
         def _stream(self, model, echo):
             chunks = int(self.headers.get("x-test-chunks", "5"))

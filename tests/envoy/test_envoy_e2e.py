@@ -402,3 +402,35 @@ def test_http2_downstream_large_prompt(gateway, tmp_path):
     echo = json.loads(payload)
     assert echo["served_by"] in POOLS["pool_b"]
     assert echo["body_bytes"] == body.stat().st_size
+
+
+def test_target_model_rewrite_reaches_upstream(gateway):
+    status, _, data, _ = post(gateway, chat("m-t", "rewrite the model name"))
+    assert status == 200, data
+    echo = json.loads(data)
+    assert echo["model"] == "served-t"  # what the upstream read in the body
+    assert echo["served_by"] in POOLS["pool_a"]
+    assert int(echo["received_headers"]["content-length"]) == echo["body_bytes"]
+
+
+def test_triton_generate_is_transcoded(gateway):
+    status, hdrs, data, _ = post(gateway, chat("m-tr", "hello triton"))
+    assert status == 200, data
+    assert hdrs["x-served-by"] in POOLS["pool_b"]
+    body = json.loads(data)
+    assert body["object"] == "chat.completion"
+    text = body["choices"][0]["message"]["content"]
+    assert text.startswith("echo:") and hdrs["x-served-by"] in text
+
+
+def test_triton_generate_stream_is_transcoded(gateway):
+    status, hdrs, data, _ = post(gateway, chat("m-tr", "hello stream", stream=True))
+    assert status == 200, data
+    assert hdrs["content-type"].startswith("text/event-stream")
+    events = [l[6:] for l in data.decode().splitlines() if l.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text.startswith("echo:") and hdrs["x-served-by"] in text
+    wait_in_flight_zero(gateway)

@@ -54,6 +54,8 @@ using Headers = std::vector<std::pair<std::string, std::string>>;
 
 struct FakeStream {
   Headers req_headers;
+  Headers resp_headers;
+  std::vector<std::string> resp_received;  // ReceivedResponseBody chunks (the current frame)
   std::vector<std::string> buffered;  // BufferedRequestBody chunks
   std::vector<std::string> received;  // ReceivedRequestBody chunks (the current frame)
   bool received_is_buffered = false;
@@ -117,14 +119,21 @@ void envoy_dynamic_module_callback_log(int level, envoy_dynamic_module_type_modu
 }
 bool envoy_dynamic_module_callback_log_enabled(int level) { return level >= ENVOY_LOG_DEBUG; }
 
+static Headers *headers_of(void *f, int header_type) {
+  if (header_type == ENVOY_HEADER_REQUEST) return &S(f)->req_headers;
+  if (header_type == ENVOY_HEADER_RESPONSE) return &S(f)->resp_headers;
+  return nullptr;
+}
+
 bool envoy_dynamic_module_callback_http_get_header(void *f, int header_type, envoy_dynamic_module_type_module_buffer key,
                                                    envoy_dynamic_module_type_envoy_buffer *result, size_t index,
                                                    size_t *optional_size) {
-  if (header_type != ENVOY_HEADER_REQUEST) return false;
+  Headers *hs = headers_of(f, header_type);
+  if (!hs) return false;
   std::string k = lower(str(key));
   size_t seen = 0;
   bool found = false;
-  for (const auto &h : S(f)->req_headers) {
+  for (const auto &h : *hs) {
     if (h.first != k) continue;
     if (seen == index) {
       result->ptr = h.second.data();
@@ -162,9 +171,10 @@ bool envoy_dynamic_module_callback_http_get_headers(void *f, int header_type,
 
 bool envoy_dynamic_module_callback_http_set_header(void *f, int header_type, envoy_dynamic_module_type_module_buffer key,
                                                    envoy_dynamic_module_type_module_buffer value) {
-  if (header_type != ENVOY_HEADER_REQUEST) return false;
+  Headers *target = headers_of(f, header_type);
+  if (!target) return false;
   std::string k = lower(str(key));
-  Headers &hs = S(f)->req_headers;
+  Headers &hs = *target;
   Headers kept;
   for (auto &h : hs)
     if (h.first != k) kept.push_back(h);
@@ -173,11 +183,29 @@ bool envoy_dynamic_module_callback_http_set_header(void *f, int header_type, env
   return true;
 }
 
-static const std::vector<std::string> &body_of(void *f, int body_type) {
-  static const std::vector<std::string> empty;
+static std::vector<std::string> &body_of(void *f, int body_type) {
+  static std::vector<std::string> empty;
+  empty.clear();
   if (body_type == ENVOY_BODY_BUFFERED_REQUEST) return S(f)->buffered;
   if (body_type == ENVOY_BODY_RECEIVED_REQUEST) return S(f)->received;
+  if (body_type == ENVOY_BODY_RECEIVED_RESPONSE) return S(f)->resp_received;
   return empty;
+}
+
+bool envoy_dynamic_module_callback_http_append_body(void *f, int body_type, envoy_dynamic_module_type_module_buffer data) {
+  if (body_type == ENVOY_BODY_BUFFERED_RESPONSE) return false;
+  body_of(f, body_type).push_back(str(data));
+  return true;
+}
+
+bool envoy_dynamic_module_callback_http_drain_body(void *f, int body_type, size_t n) {
+  auto &chunks = body_of(f, body_type);
+  std::string all;
+  for (auto &c : chunks) all += c;
+  if (n > all.size()) return false;
+  chunks.clear();
+  if (n < all.size()) chunks.push_back(all.substr(n));
+  return true;
 }
 
 size_t envoy_dynamic_module_callback_http_get_body_size(void *f, int body_type) {
@@ -356,7 +384,10 @@ static const char *kEndpointsA[] = {"127.0.0.1:9001", "127.0.0.1:9002", "127.0.0
 static std::string config_json(const std::string &extra = "") {
   return std::string(R"({"protocol":"openai","algorithm":"inference_lb",)") +
          R"("model_mapping_rule":{"m-a":{"rules":[{"scene_name":"chat-a","cluster":"pool_a","backend":"vllm"}]},)" +
-         R"("m-b":{"rules":[{"scene_name":"chat-b","cluster":"pool_b","backend":"sglang"}]}},)" +
+         R"("m-b":{"rules":[{"scene_name":"chat-b","cluster":"pool_b","backend":"sglang"}]},)" +
+         R"("m-t":{"rules":[{"scene_name":"chat-t","cluster":"pool_a","backend":"vllm","target_model":"served-t"}]},)" +
+         R"("m-tr":{"rules":[{"scene_name":"tr","cluster":"pool_b","backend":"triton","target_model":"ensemble",)" +
+         R"("chat_template":"llama3"}]}},)" +
          R"("clusters":{"pool_a":{"endpoints":["127.0.0.1:9001","127.0.0.1:9002","127.0.0.1:9003"]},)" +
          R"("pool_b":{"endpoints":["127.0.0.1:9101"]}},)" + R"("max_body_bytes":4194304)" + extra + "}";
 }
@@ -407,6 +438,35 @@ struct Stream {
     (void)chunk;
   }
   void complete() { H(envoy_dynamic_module_on_http_filter_stream_complete)(&fs, m); }
+  int response_headers(Headers h, bool eos = false) {
+    fs.resp_headers = std::move(h);
+    for (const auto &kv : fs.resp_headers) {
+      if (kv.first == ":status") {  // like Envoy: the response code is known from here on
+        fs.has_response_code = true;
+        fs.response_code = std::stoul(kv.second);
+      }
+    }
+    return H(envoy_dynamic_module_on_http_filter_response_headers)(&fs, m, eos);
+  }
+  // One upstream response frame; returns what goes on to the client.
+  std::string response_body(const std::string &frame, bool eos) {
+    fs.resp_received = {frame};
+    H(envoy_dynamic_module_on_http_filter_response_body)(&fs, m, eos);
+    std::string out;
+    for (auto &c : fs.resp_received) out += c;
+    return out;
+  }
+  std::string request_body_now() const {
+    std::string all;
+    for (auto &c : fs.buffered) all += c;
+    for (auto &c : fs.received) all += c;
+    return all;
+  }
+  std::string resp_header(const std::string &name) const {
+    for (const auto &h : fs.resp_headers)
+      if (h.first == name) return h.second;
+    return std::string();
+  }
 };
 
 static bool is_pool_a(const std::string &ep) {
@@ -746,6 +806,54 @@ static void test_pending_resumes_via_scheduler(const void *cfg) {
   CHECK_EQ(in_flight(cfg), 0u);
 }
 
+static void test_target_model_rewrite(const void *cfg) {
+  Stream s(cfg);
+  std::string body = chat("m-t", "rewrite me");
+  s.fs.req_headers = post_headers("/v1/chat/completions", {{"content-length", std::to_string(body.size())}});
+  s.headers(false);
+  size_t cut = body.size() / 3;
+  s.body(body.substr(0, cut), false);
+  CHECK_EQ(s.body(body.substr(cut), true), (int)ENVOY_BODY_CONTINUE);
+  std::string sent = s.request_body_now();
+  CHECK(sent.find("\"served-t\"") != std::string::npos);
+  CHECK(sent.find("\"m-t\"") == std::string::npos);
+  CHECK(sent.find("rewrite me") != std::string::npos);
+  CHECK_EQ(s.fs.header("content-length"), std::to_string(sent.size()));
+  CHECK_EQ(s.fs.header(":path"), std::string("/v1/chat/completions"));  // path unchanged
+  CHECK_EQ(s.fs.metadata["llmproxy/model"], std::string("m-t"));
+  CHECK_EQ(s.fs.metadata["llmproxy/upstream_model"], std::string("served-t"));
+  // A plain OpenAI backend: the response is not transcoded.
+  s.response_headers({{":status", "200"}, {"content-type", "application/json"}, {"content-length", "2"}});
+  CHECK_EQ(s.resp_header("content-length"), std::string("2"));
+  CHECK_EQ(s.response_body("{}", true), std::string("{}"));
+  s.complete();
+  CHECK_EQ(in_flight(cfg), 0u);
+}
+
+static void test_triton_generate_stream_transcoded(const void *cfg) {
+  Stream s(cfg);
+  s.fs.req_headers = post_headers();
+  s.headers(false);
+  CHECK_EQ(s.body(chat("m-tr", "tell me", true), true), (int)ENVOY_BODY_CONTINUE);
+  CHECK_EQ(s.fs.header(":path"), std::string("/v2/models/ensemble/generate_stream"));
+  std::string sent = s.request_body_now();
+  CHECK(sent.find("\"text_input\"") != std::string::npos);
+  CHECK(sent.find("tell me") != std::string::npos);
+  CHECK(s.fs.route_cache_cleared >= 1);
+  s.response_headers({{":status", "200"}, {"content-type", "text/event-stream"}, {"content-length", "999"}});
+  CHECK_EQ(s.resp_header("content-length"), std::string(""));  // the length changes
+  std::string first = s.response_body("data: {\"model_name\":\"ensemble\",\"text_output\":\"Hel\"}\n\ndata: {\"model", false);
+  CHECK(first.find("chat.completion.chunk") != std::string::npos);
+  CHECK(first.find("Hel") != std::string::npos);
+  CHECK(first.find("text_output") == std::string::npos);
+  std::string rest = s.response_body("_name\":\"ensemble\",\"text_output\":\"lo\"}\n\n", true);
+  CHECK(rest.find("lo") != std::string::npos);
+  CHECK(rest.find("[DONE]") != std::string::npos);
+  s.complete();
+  CHECK_EQ(last_finish(), 200u);
+  CHECK_EQ(in_flight(cfg), 0u);
+}
+
 static void test_pending_decided_before_pick_returns(const void *cfg) {
   g_pending.enabled = true;
   g_pending.decide_before_return = true;
@@ -894,6 +1002,8 @@ int main() {
       {"pending_resumes_via_scheduler", test_pending_resumes_via_scheduler},
       {"pending_stream_gone_before_decision", test_pending_stream_gone_before_decision},
       {"pending_decided_before_pick_returns", test_pending_decided_before_pick_returns},
+      {"target_model_rewrite", test_target_model_rewrite},
+      {"triton_generate_stream_transcoded", test_triton_generate_stream_transcoded},
       {"synchronous_pick_needs_no_scheduler", test_synchronous_pick_needs_no_scheduler},
       {"exceptions_do_not_escape", test_exceptions_do_not_escape},
       {"config_knobs", [](const void *) { test_config_knobs(); }},

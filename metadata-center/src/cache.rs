@@ -318,7 +318,9 @@ impl Tree {
         now: Duration,
         cfg: &CacheConfig,
     ) -> Vec<(Endpoint, usize)> {
-        let mut best: SmallVec<[(Endpoint, usize, Duration); 16]> = SmallVec::new();
+        // Location -> (deepest depth, latest tag time). A map, so a node with many tags on a
+        // deep path stays linear in the number of tags visited.
+        let mut best: HashMap<Endpoint, (usize, Duration)> = HashMap::new();
         let mut depth = 0;
         let mut cur = self.root;
         let mut i = 0;
@@ -336,13 +338,9 @@ impl Tree {
                 if t + cfg.expire <= now {
                     continue;
                 }
-                match best.iter_mut().find(|(l, _, _)| *l == loc) {
-                    Some(e) => {
-                        e.1 = depth;
-                        e.2 = e.2.max(t);
-                    }
-                    None => best.push((loc, depth, t)),
-                }
+                let e = best.entry(loc).or_insert((depth, t));
+                e.0 = depth;
+                e.1 = e.1.max(t);
             }
             if common < node.prefix.len() {
                 break;
@@ -350,6 +348,8 @@ impl Tree {
             i += common;
             cur = child;
         }
+        let mut best: Vec<(Endpoint, usize, Duration)> =
+            best.into_iter().map(|(l, (d, t))| (l, d, t)).collect();
         best.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
         best.into_iter()
             .take(top_k)

@@ -29,4 +29,6 @@ bench-metadata-center: metadata-center
 	for i in $$(seq 50); do grep -q 'listening on' $$out && break; sleep 0.1; done; \
 	addr=$$(sed -n 's/^listening on //p' $$out); test -n "$$addr"; \
 	$(RELEASE)/examples/mc_bench http://$$addr $(MC_BENCH_SECS) $(MC_BENCH_CONC); \
-	echo "server RSS after the run: $$(ps -o rss= -p $$pid) KiB, threads: $$(ps -o nlwp= -p $$pid)"
+	echo "server RSS after the run: $$(ps -o rss= -p $$pid) KiB, threads: $$(ps -o nlwp= -p $$pid)"; \
+	echo "the same work without HTTP (one thread):"; \
+	$(RELEASE)/examples/mc_bench --in-process

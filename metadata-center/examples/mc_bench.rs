@@ -1,5 +1,6 @@
 //! Load loop against a running metadata-center on this machine:
 //!   cargo run --release -p llmproxy-metadata-center --example mc_bench -- http://127.0.0.1:PORT [seconds] [concurrency]
+//!   cargo run --release -p llmproxy-metadata-center --example mc_bench -- --in-process
 //! Scenarios (each bounded by `seconds`): the request lifecycle (add, prompt delete, delete),
 //! load polling, cache save and cache query on a tree of realistic prompts.
 
@@ -105,8 +106,84 @@ async fn send(c: &reqwest::Client, method: reqwest::Method, url: String, body: S
     }
 }
 
+/// The same data structures without HTTP, on one thread: what the server's own work costs.
+fn in_process() {
+    use llmproxy_metadata_center::cache::{CacheConfig, CachePool};
+    use llmproxy_metadata_center::load::{AddRequest, LoadConfig, LoadStore, Stamp};
+    let eps: Vec<llmproxy_metadata_center::endpoint::Endpoint> = (0..16)
+        .map(|i| format!("10.0.0.{}:8000", i + 1).parse().unwrap())
+        .collect();
+    let load = LoadStore::new(LoadConfig::default());
+    let n = 300_000u64;
+    let t = Instant::now();
+    for i in 0..n {
+        let id = format!("r{i}");
+        let now = Stamp::now();
+        let ep = eps[(i % 16) as usize];
+        load.add(
+            &AddRequest {
+                cluster: "bench",
+                request_id: &id,
+                prompt_length: 4096,
+                engine: ep,
+            },
+            now,
+        );
+        load.delete_prompt(&id, now);
+        load.delete(&id, now);
+    }
+    let el = t.elapsed().as_secs_f64();
+    println!(
+        "| in-process lifecycle (3 ops)       | {:>9.0} | {:>9.0} |         |         |        |",
+        3.0 * n as f64 / el,
+        n as f64 / el
+    );
+    let pool = CachePool::new(CacheConfig::default());
+    let t = Instant::now();
+    let saves = 50_000u64;
+    for i in 0..saves {
+        let conv = i % 5000;
+        pool.save(
+            "bench",
+            &prompt(conv, 64),
+            eps[(conv % 16) as usize],
+            Stamp::now().mono,
+        );
+    }
+    let el = t.elapsed().as_secs_f64();
+    println!(
+        "| in-process cache save (64 hashes)  | {:>9.0} | {:>9.0} |         |         |        |",
+        saves as f64 / el,
+        saves as f64 / el
+    );
+    let t = Instant::now();
+    let queries = 200_000u64;
+    let mut hits = 0usize;
+    let mut seed = 7u64;
+    for _ in 0..queries {
+        let conv = rnd(&mut seed) % 5000;
+        let mut h = prompt(conv, 64);
+        h.extend((0..8).map(|k| rnd(&mut seed) ^ k));
+        hits += pool.query("bench", &h, 5, Stamp::now().mono).len();
+    }
+    let el = t.elapsed().as_secs_f64();
+    assert!(hits > 0);
+    println!(
+        "| in-process cache query (72 hashes) | {:>9.0} | {:>9.0} |         |         |        |",
+        queries as f64 / el,
+        queries as f64 / el
+    );
+    let (nodes, entries) = pool.totals();
+    println!("(tree after the saves: {nodes} nodes, {entries} entries)");
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
+    if std::env::args().any(|a| a == "--in-process") {
+        println!("| scenario                           | ops/s     | iter/s    |");
+        in_process();
+        return;
+    }
     let args: Vec<String> = std::env::args().collect();
     let base = args
         .get(1)
@@ -181,6 +258,7 @@ async fn main() {
         .await;
     }
     // 4. Cache query on that tree: known conversation plus 8 new chunks.
+
     {
         let (c, b) = (client.clone(), base.clone());
         run(

@@ -1,0 +1,88 @@
+"""The real PENDING path: with the Metadata-Center's remote cache lookups enabled, the library
+answers picks PENDING and decides on its sync thread; the filter resumes through Envoy's
+scheduler. Real processes: our llmproxy-metadata-center server, Envoy with the module, test
+servers."""
+
+import json
+import os
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import harness
+from conftest import POOLS
+
+MC_BIN = os.environ.get("LLMPROXY_METADATA_CENTER",
+                        str(harness.REPO / "target" / "release" / "llmproxy-metadata-center"))
+
+
+@pytest.fixture(scope="module")
+def metadata_center():
+    if not os.path.exists(MC_BIN):
+        pytest.fail("%s missing: run `make build`" % MC_BIN)
+    proc = subprocess.Popen([MC_BIN, "run", "--host", "127.0.0.1", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "listening on" in line, line
+        port = int(line.strip().rsplit(":", 1)[1])
+        yield port
+    finally:
+        harness.stop(proc)
+
+
+@pytest.fixture(scope="module")
+def mc_gateway(module_built, servers, metadata_center, tmp_path_factory):
+    def start():
+        listen_port, admin_port = harness.free_ports(2)
+        endpoints = [servers.addr(n) for n in POOLS["pool_a"]]
+        cfg = {"protocol": "openai", "algorithm": "inference_lb",
+               "model_mapping_rule": {"m-a": {"rules": [{"scene_name": "chat-a", "cluster": "pool_a",
+                                                         "backend": "vllm"}]}},
+               "clusters": {"pool_a": {"endpoints": endpoints}},
+               "metadata_center": {"enabled": True, "host": "127.0.0.1", "port": metadata_center,
+                                   "cache_enabled": True, "timeout_ms": 200}}
+        boot = harness.envoy_bootstrap(listen_port, admin_port, [harness.static_cluster("pool_a", endpoints)], cfg,
+                                       default_cluster="pool_a")
+        return harness.Envoy(boot, tmp_path_factory.mktemp("envoy-mc"))
+
+    gw = harness.retry_on_port_clash(start)
+    yield gw
+    gw.close()
+
+
+def metrics(gw):
+    status, _, data, _ = harness.request(gw.port, "GET", "/llmproxy/metrics")
+    assert status == 200
+    out = {}
+    for line in data.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_remote_cache_lookups_resume_through_scheduler(mc_gateway):
+    before = metrics(mc_gateway)["llmproxy_envoy_pending_total"]
+    prefix = "shared system prompt " * 200
+
+    def one(i):
+        body = {"model": "m-a", "messages": [{"role": "system", "content": prefix},
+                                             {"role": "user", "content": "question %d" % i}]}
+        status, _, data, _ = harness.request(mc_gateway.port, "POST", "/v1/chat/completions", body)
+        return status, json.loads(data).get("served_by") if status == 200 else data
+
+    first = one(-1)
+    assert first[0] == 200, first
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(one, range(24)))
+    assert all(r[0] == 200 and r[1] in POOLS["pool_a"] for r in results), results[:3]
+    after = metrics(mc_gateway)
+    assert after["llmproxy_envoy_pending_total"] - before >= 25  # decided off the worker thread
+    assert after["llmproxy_envoy_hook_exceptions_total"] == 0
+    deadline = time.time() + 5
+    while metrics(mc_gateway)["llmproxy_envoy_in_flight"] != 0:
+        assert time.time() < deadline, "in-flight did not return to 0"
+        time.sleep(0.05)

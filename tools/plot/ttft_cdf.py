@@ -23,7 +23,8 @@ def main(argv):
         print("no runs in", argv[1], file=sys.stderr)
         return 1
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
-    for run in runs:
+    styles = ["-", "--", ":", "-."]
+    for i, run in enumerate(runs):
         s = run["summary"]
         xs = sorted(t * 1e3 for t in run["ttft_s"])
         if not xs:
@@ -31,7 +32,7 @@ def main(argv):
         n = len(xs)
         ys = [(i + 1) / n for i in range(n)]
         label = f'{s["label"]} (mean {s["ttft_s"]["mean"] * 1e3:.0f} ms, p99 {s["ttft_s"]["p99"] * 1e3:.0f} ms)'
-        ax.step(xs, ys, where="post", label=label)
+        ax.step(xs, ys, where="post", label=label, linestyle=styles[(i // 10) % len(styles)])
     ax.set_xscale("log")
     ax.set_xlabel("time to first token (ms, log scale)")
     ax.set_ylabel("fraction of requests")

@@ -23,7 +23,8 @@ pub struct RunArgs {
     /// Seconds to wait for in-flight requests after the last send.
     #[arg(long, default_value_t = 60.0)]
     pub drain_timeout: f64,
-    /// Requests sent in the first WARMUP seconds are left out of the latency statistics.
+    /// Requests sent in the first WARMUP seconds are left out of the statistics (the fleet's
+    /// hit rate and utilisation are then measured from the end of the warm-up).
     #[arg(long, default_value_t = 0.0)]
     pub warmup: f64,
     /// Simulator URL (any server of the fleet) for /sim/stats: fleet cache hit rate,
@@ -160,6 +161,19 @@ pub async fn run(
         records: Mutex::new(Vec::new()),
         progress: Progress::default(),
     });
+    // With a warm-up, the fleet's counters are read again when it ends, so that the hit rate and
+    // utilisation cover the measured part only.
+    let warm_snapshot = match (&args.stats_url, args.warmup > 0.0) {
+        (Some(u), true) => {
+            let (client, u) = (client.clone(), u.clone());
+            let at = t0 + Duration::from_secs_f64(args.warmup);
+            Some(tokio::spawn(async move {
+                tokio::time::sleep_until(at.into()).await;
+                fetch_stats(&client, &u).await
+            }))
+        }
+        _ => None,
+    };
     let mut set = tokio::task::JoinSet::new();
     for s in &trace.sessions {
         let ctx = ctx.clone();
@@ -211,6 +225,18 @@ pub async fn run(
         Some(u) => Some(fetch_stats(&client, u).await?),
         None => None,
     };
+    let mut fleet_before = fleet_before;
+    if let Some(h) = warm_snapshot {
+        if h.is_finished() {
+            match h.await {
+                Ok(Ok(v)) => fleet_before = Some(v),
+                Ok(Err(e)) => eprintln!("[{label}] fleet stats at the end of the warm-up: {e}"),
+                Err(_) => {}
+            }
+        } else {
+            h.abort();
+        }
+    }
     let mut records = std::mem::take(&mut *ctx.records.lock().unwrap());
     records.sort_by(|a, b| a.sent_s.total_cmp(&b.sent_s));
     Ok(RunOutput {

@@ -254,3 +254,68 @@ fn compare_runs_a_trace_through_a_proxy_and_directly() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn load_writes_json_and_leaves_the_warmup_out() {
+    let (_fleet, line) = start(&["serve", "--servers", "1", "--base-port", "0"], "servers:");
+    let url = line.trim().to_string();
+    let file = std::env::temp_dir().join(format!("llmproxy-sim-load-{}.json", std::process::id()));
+    let file_s = file.to_string_lossy().to_string();
+    let out = Command::new(BIN)
+        .args([
+            "load",
+            "--target",
+            &url,
+            "--stats-url",
+            &url,
+            "--reset",
+            "--label",
+            "direct",
+            "--json-out",
+            &file_s,
+            "--duration",
+            "3",
+            "--rate",
+            "6",
+            "--warmup",
+            "1",
+            "--mix",
+            "rag=1",
+            "--docs",
+            "2",
+            "--doc-tokens",
+            "200:300",
+            "--output-tokens",
+            "4:8",
+            "--quiet",
+        ])
+        .output()
+        .expect("run load");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "load failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("| direct "), "{stdout}");
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&file);
+    let records = doc["records"].as_array().unwrap();
+    let after_warmup = records
+        .iter()
+        .filter(|r| r["sent_s"].as_f64().unwrap() >= 1.0)
+        .count();
+    let s = &doc["summary"];
+    assert!(
+        after_warmup >= 5 && after_warmup < records.len(),
+        "{after_warmup} of {}",
+        records.len()
+    );
+    assert_eq!(s["requests"].as_u64().unwrap() as usize, after_warmup);
+    assert_eq!(s["errors"], 0);
+    // Two shared documents: after the warm-up nearly every prompt hits the cache.
+    assert!(s["fleet_hit_rate"].as_f64().unwrap() > 0.5, "{s}");
+    assert!(records
+        .iter()
+        .all(|r| r["served_by"].as_str() == Some(url.trim_start_matches("http://"))));
+}

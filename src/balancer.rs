@@ -25,6 +25,8 @@ pub struct CandidateLoad {
     pub prefill_chars: u64,
     /// Share of the prompt's chunks the endpoint is known to hold, 0–1.
     pub cache_ratio: f64,
+    /// Prompt characters in prefill on the endpoint that it must compute (not cached).
+    pub uncached_prefill_chars: u64,
 }
 
 /// Floor of the prefill normaliser (the origin's 1024).
@@ -66,6 +68,44 @@ pub fn scores(c: &[CandidateLoad], p: &LbParams) -> Vec<f64> {
 /// Number of candidates kept: ⌊n·percent/100⌋, at least one, at most n.
 pub fn candidate_count(n: usize, percent: f64) -> usize {
     (((n as f64) * percent / 100.0).floor() as usize).clamp(1, n.max(1))
+}
+
+/// `prefix_cost` scores: minus the prefill work, in prompt characters, that stands between
+/// this request and its first token on each candidate:
+///
+/// ```text
+/// cost = uncached prefill queued on the endpoint          (load_aware)
+///      + decode_cost_chars · requests in flight there     (load_aware)
+///      + this prompt's characters not in its cache        (cache_aware: · (1 − CacheRatio))
+/// ```
+///
+/// Unlike `inference_lb`, a cached prefix lowers the request's own cost by exactly the work it
+/// saves, and queued work counts only what the endpoint must really compute.
+pub fn prefix_cost_scores(c: &[CandidateLoad], prompt_chars: u64, p: &LbParams) -> Vec<f64> {
+    c.iter()
+        .map(|x| {
+            let cached = if p.cache_aware { x.cache_ratio } else { 0.0 };
+            let own = prompt_chars as f64 * (1.0 - cached);
+            let queued = if p.load_aware {
+                x.uncached_prefill_chars as f64 + p.decode_cost_chars * x.in_flight as f64
+            } else {
+                0.0
+            };
+            -(own + queued)
+        })
+        .collect()
+}
+
+/// Picks an index with `prefix_cost`. `candidates` must not be empty.
+pub fn prefix_cost(
+    candidates: &[CandidateLoad],
+    prompt_chars: u64,
+    p: &LbParams,
+    rng: &mut fastrand::Rng,
+) -> usize {
+    let s = prefix_cost_scores(candidates, prompt_chars, p);
+    let k = candidate_count(s.len(), p.candidate_percent);
+    pick_among_best(&s, k, rng)
 }
 
 /// Picks an index with `inference_lb`. `candidates` must not be empty.
@@ -131,6 +171,7 @@ mod tests {
             in_flight: q,
             prefill_chars: l,
             cache_ratio: c,
+            uncached_prefill_chars: l,
         }
     }
 
@@ -232,6 +273,33 @@ mod tests {
             seen.insert(inference_lb(&c, &p, &mut rng));
         }
         assert_eq!(seen, [3, 17].into_iter().collect());
+    }
+
+    #[test]
+    fn prefix_cost_weighs_saved_work_against_queued_work() {
+        let p = LbParams {
+            decode_cost_chars: 100.0,
+            ..LbParams::default()
+        };
+        // 10,000-char prompt: A holds 90 % of it but has 3,000 uncached chars queued and 2
+        // requests; B is idle and holds nothing.
+        let a = load(2, 3000, 0.9);
+        let b = load(0, 0, 0.0);
+        let s = prefix_cost_scores(&[a, b], 10_000, &p);
+        assert_eq!(s, vec![-(1000.0 + 3000.0 + 200.0), -10_000.0]);
+        let mut rng = fastrand::Rng::with_seed(1);
+        assert_eq!(prefix_cost(&[a, b], 10_000, &p, &mut rng), 0);
+        // With 9,000 uncached chars queued on A, B is faster.
+        assert_eq!(
+            prefix_cost(&[load(2, 9000, 0.9), b], 10_000, &p, &mut rng),
+            1
+        );
+        // Cache awareness off: only queued work counts.
+        let no_cache = LbParams {
+            cache_aware: false,
+            ..p
+        };
+        assert_eq!(prefix_cost(&[a, b], 10_000, &no_cache, &mut rng), 1);
     }
 
     #[test]

@@ -59,17 +59,20 @@ pub enum Algorithm {
     Random,
     /// Round robin per cluster.
     RoundRobin,
+    /// Least estimated prefill work before the first token (cache savings vs queued work).
+    PrefixCost,
     /// Fewest in-flight requests, ties broken at random.
     LeastRequest,
 }
 
 impl Algorithm {
     /// All accepted algorithm names, for error messages.
-    pub const NAMES: &'static str = "inference_lb, random, round_robin, least_request";
+    pub const NAMES: &'static str = "inference_lb, prefix_cost, random, round_robin, least_request";
 
     fn parse(name: &str) -> Option<Self> {
         match name {
             "inference_lb" => Some(Self::InferenceLb),
+            "prefix_cost" => Some(Self::PrefixCost),
             "random" => Some(Self::Random),
             "round_robin" => Some(Self::RoundRobin),
             "least_request" => Some(Self::LeastRequest),
@@ -147,6 +150,8 @@ pub struct LbParams {
     pub prefill_load_weight: f64,
     /// W1: weight of the cache match ratio (`cache_radio_weight`, the origin's spelling).
     pub cache_ratio_weight: f64,
+    /// `prefix_cost`: prefill-equivalent characters charged per request in flight.
+    pub decode_cost_chars: f64,
 }
 
 impl Default for LbParams {
@@ -158,6 +163,7 @@ impl Default for LbParams {
             request_load_weight: 1.0,
             prefill_load_weight: 3.0,
             cache_ratio_weight: 2.0,
+            decode_cost_chars: 128.0,
         }
     }
 }
@@ -472,6 +478,8 @@ struct RawLbConfig {
     prefill_load_weight: Option<f64>,
     #[serde(default, alias = "cacheRadioWeight", deserialize_with = "lenient_f64")]
     cache_radio_weight: Option<f64>,
+    #[serde(default, deserialize_with = "lenient_f64")]
+    decode_cost_chars: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -723,6 +731,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             request_load_weight: l.request_load_weight.unwrap_or(d.request_load_weight),
             prefill_load_weight: l.prefill_load_weight.unwrap_or(d.prefill_load_weight),
             cache_ratio_weight: l.cache_radio_weight.unwrap_or(d.cache_ratio_weight),
+            decode_cost_chars: l.decode_cost_chars.unwrap_or(d.decode_cost_chars),
         };
         if !(0.0..=100.0).contains(&p.candidate_percent) {
             return Err(err(
@@ -734,6 +743,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             ("request_load_weight", p.request_load_weight),
             ("prefill_load_weight", p.prefill_load_weight),
             ("cache_radio_weight", p.cache_ratio_weight),
+            ("decode_cost_chars", p.decode_cost_chars),
         ] {
             if !(w >= 0.0 && w.is_finite()) {
                 return Err(err(

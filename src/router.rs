@@ -286,8 +286,10 @@ impl Router {
             Ok(r) => r,
             Err(e) => return Some(self.inner.finish_pick(Err(e), started)),
         };
-        let wants_remote = inner.config.algorithm == Algorithm::InferenceLb
-            && inner.config.lb_params(&routed.model).cache_aware
+        let wants_remote = matches!(
+            inner.config.algorithm,
+            Algorithm::InferenceLb | Algorithm::PrefixCost
+        ) && inner.config.lb_params(&routed.model).cache_aware
             && !routed.prefix_hashes.is_empty();
         let routed = match (wants_remote, inner.lookups.get()) {
             (true, Some(tx)) => {
@@ -361,6 +363,8 @@ struct Routed {
     model_slot: usize,
     stream: bool,
     prompt_chars: u64,
+    /// Prompt characters the chosen endpoint must compute (not expected in its cache).
+    uncached_chars: u64,
     prefix_hashes: Vec<u64>,
     cache_ratio: f64,
     /// Metadata-Center identity of the current attempt.
@@ -538,6 +542,7 @@ impl RouterInner {
             subset,
             stream: parsed.stream,
             prompt_chars: parsed.prompt_chars,
+            uncached_chars: parsed.prompt_chars,
             prefix_hashes,
             cache_ratio: 0.0,
             sync: None,
@@ -579,7 +584,10 @@ impl RouterInner {
         let draw = self.rng_counter.fetch_add(1, Ordering::Relaxed);
         let mut rng =
             fastrand::Rng::with_seed(self.rng_seed ^ draw.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let use_index = self.config.algorithm == Algorithm::InferenceLb && params.cache_aware;
+        let use_index = matches!(
+            self.config.algorithm,
+            Algorithm::InferenceLb | Algorithm::PrefixCost
+        ) && params.cache_aware;
         let mut depth = if use_index && !r.prefix_hashes.is_empty() {
             self.index.matched_chunks(&r.prefix_hashes, &set)
         } else {
@@ -600,6 +608,10 @@ impl RouterInner {
                 let loads = loads_of(&set, &candidates, &depth, total_chunks, now, stale);
                 candidates[balancer::inference_lb(&loads, &params, &mut rng)]
             }
+            Algorithm::PrefixCost => {
+                let loads = loads_of(&set, &candidates, &depth, total_chunks, now, stale);
+                candidates[balancer::prefix_cost(&loads, r.prompt_chars, &params, &mut rng)]
+            }
             Algorithm::Random => candidates[balancer::random(candidates.len(), &mut rng)],
             Algorithm::RoundRobin => {
                 candidates[balancer::round_robin(&r.cluster.rr_cursor, candidates.len())]
@@ -610,12 +622,13 @@ impl RouterInner {
             }
         };
         let endpoint = Arc::clone(&set.endpoints[chosen]);
-        endpoint.acquire(r.prompt_chars);
+        r.cache_ratio = depth[chosen] as f64 / total_chunks;
+        r.uncached_chars = (r.prompt_chars as f64 * (1.0 - r.cache_ratio)).round() as u64;
+        endpoint.acquire(r.prompt_chars, r.uncached_chars);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         if use_index {
             self.index.record(&r.prefix_hashes, endpoint.id, now);
         }
-        r.cache_ratio = depth[chosen] as f64 / total_chunks;
         self.metrics.decision_cache_ratio.observe(r.cache_ratio);
         self.metrics
             .prompt_chars
@@ -907,6 +920,7 @@ fn loads_of(
                 in_flight: e.in_flight() + rq,
                 prefill_chars: e.prefill_chars() + rl,
                 cache_ratio: depth[i] as f64 / total_chunks,
+                uncached_prefill_chars: e.uncached_prefill_chars() + rl,
             }
         })
         .collect()
@@ -1112,7 +1126,7 @@ impl PickedRequest {
                 });
             }
             if !first_token_seen {
-                old.release_prefill(r.prompt_chars);
+                old.release_prefill(r.prompt_chars, r.uncached_chars);
             }
             old.release_request();
             router.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -1133,7 +1147,7 @@ impl PickedRequest {
         self.first_token_seen = true;
         if let Ok(r) = &self.result {
             if let Some(e) = &r.endpoint {
-                e.release_prefill(r.prompt_chars);
+                e.release_prefill(r.prompt_chars, r.uncached_chars);
                 if let Some(h) = e.ttft(r.model_slot) {
                     h.observe(self.picked_at.elapsed().as_secs_f64());
                 }
@@ -1183,7 +1197,7 @@ impl PickedRequest {
                     }
                 }
                 if !first_token_seen {
-                    e.release_prefill(r.prompt_chars);
+                    e.release_prefill(r.prompt_chars, r.uncached_chars);
                 }
                 e.release_request();
                 router.in_flight.fetch_sub(1, Ordering::Relaxed);

@@ -34,6 +34,8 @@ pub struct Endpoint {
     pub lora_adapters: Vec<String>,
     in_flight: AtomicU64,
     prefill_chars: AtomicU64,
+    /// The part of `prefill_chars` the endpoint was not expected to hold in its KV cache.
+    uncached_prefill_chars: AtomicU64,
     picks: AtomicU64,
     failures: AtomicU64,
     ejections: AtomicU64,
@@ -62,6 +64,7 @@ impl Endpoint {
             lora_adapters: Vec::new(),
             in_flight: AtomicU64::new(0),
             prefill_chars: AtomicU64::new(0),
+            uncached_prefill_chars: AtomicU64::new(0),
             picks: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
@@ -86,6 +89,11 @@ impl Endpoint {
         self.prefill_chars.load(Ordering::Relaxed)
     }
 
+    /// Prompt characters still in prefill that the endpoint must compute (not cached).
+    pub fn uncached_prefill_chars(&self) -> u64 {
+        self.uncached_prefill_chars.load(Ordering::Relaxed)
+    }
+
     /// Total picks of this endpoint.
     pub fn picks(&self) -> u64 {
         self.picks.load(Ordering::Relaxed)
@@ -101,17 +109,21 @@ impl Endpoint {
         self.ejections.load(Ordering::Relaxed)
     }
 
-    /// Accounts a new request with `prompt_chars` of prefill work.
-    pub fn acquire(&self, prompt_chars: u64) {
+    /// Accounts a new request with `prompt_chars` of prompt, `uncached_chars` of which the
+    /// endpoint must compute.
+    pub fn acquire(&self, prompt_chars: u64, uncached_chars: u64) {
         self.picks.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.prefill_chars
             .fetch_add(prompt_chars, Ordering::Relaxed);
+        self.uncached_prefill_chars
+            .fetch_add(uncached_chars, Ordering::Relaxed);
     }
 
     /// Releases the prefill part of a request (first token seen).
-    pub fn release_prefill(&self, prompt_chars: u64) {
+    pub fn release_prefill(&self, prompt_chars: u64, uncached_chars: u64) {
         saturating_sub(&self.prefill_chars, prompt_chars);
+        saturating_sub(&self.uncached_prefill_chars, uncached_chars);
     }
 
     /// Releases the request itself (finished).
@@ -473,7 +485,7 @@ mod tests {
         };
         c.replace(&[a, b, a], &mut make);
         assert_eq!(c.snapshot().endpoints.len(), 2, "duplicates dropped");
-        c.snapshot().endpoints[0].acquire(100);
+        c.snapshot().endpoints[0].acquire(100, 60);
         c.replace(&[b, a], &mut make);
         let s = c.snapshot();
         assert_eq!(s.endpoints[1].addr, a);
@@ -515,7 +527,7 @@ mod tests {
     fn counters_never_underflow() {
         let e = Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0);
         e.release_request();
-        e.release_prefill(5);
+        e.release_prefill(5, 5);
         assert_eq!((e.in_flight(), e.prefill_chars()), (0, 0));
     }
 }

@@ -127,8 +127,12 @@ fn metric(r: &Router, line_prefix: &str) -> u64 {
 #[test]
 fn two_routers_share_load_through_the_server() {
     let server = start_server();
-    let a = Router::from_json(config(server.port, "").as_bytes()).unwrap();
-    let b = Router::from_json(config(server.port, "").as_bytes()).unwrap();
+    // A generous staleness bound: on a loaded machine a poll may lag, and this test is about
+    // sharing, not about expiry (covered in state.rs).
+    let a =
+        Router::from_json(config(server.port, r#", "load_stale_ms": 30000"#).as_bytes()).unwrap();
+    let b =
+        Router::from_json(config(server.port, r#", "load_stale_ms": 30000"#).as_bytes()).unwrap();
 
     // Router A holds 12 requests, pinned to 127.0.0.1:7001 by shrinking its view.
     a.set_endpoints("pool", &["127.0.0.1:7001".parse().unwrap()]);

@@ -315,9 +315,21 @@ async fn record_metrics(State(st): St, req: Request, next: Next) -> Response {
         .copied()
         .unwrap_or("other");
     let method = req.method().as_str().to_string();
+    let trace = req.extensions().get::<TraceId>().cloned();
     let start = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
+    // Access log (the origin's gin log fields that apply), at debug level: `POST /log/level`
+    // turns it on at run time.
+    tracing::debug!(
+        target: "access",
+        method = %method,
+        url,
+        status = %status,
+        latency_us = start.elapsed().as_micros() as u64,
+        trace_id = trace.as_ref().map(|t| &*t.0).unwrap_or(""),
+        "request"
+    );
     st.metrics
         .http_status
         .with_label_values(&[url, &method, &status])

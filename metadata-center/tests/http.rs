@@ -12,6 +12,7 @@ struct Server {
     base: String,
     port: u16,
     agent: ureq::Agent,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -36,12 +37,16 @@ impl Server {
         let mut child = cmd.spawn().expect("spawn server");
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
-        // Drain the log so the server never blocks on a full pipe; failures print it.
+        // Drain the log so the server never blocks on a full pipe; keep it for assertions and
+        // print warnings and errors.
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("ERROR") || line.contains("WARN") || line.starts_with("llmproxy") {
                     eprintln!("[server] {line}");
                 }
+                sink.lock().unwrap().push(line);
             }
         });
         let (tx, rx) = mpsc::channel();
@@ -72,6 +77,7 @@ impl Server {
             base: format!("http://{addr}"),
             port,
             agent,
+            log,
         }
     }
 
@@ -644,8 +650,19 @@ fn free_port() -> u16 {
 #[test]
 fn log_level_debug_endpoints_and_sigterm() {
     let mut s = Server::start(&["--debug"], &[]);
+    let logged =
+        |s: &Server, needle: &str| s.log.lock().unwrap().iter().any(|l| l.contains(needle));
+    s.call("GET", "/health", None, &[("TraceId", "before-debug")]);
     let r = s.post("/log/level", json!({"LevelParam": "DEBUG"}));
     assert_eq!(r.json["data"], "log level updated successfully");
+    s.call("GET", "/health", None, &[("TraceId", "after-debug")]);
+    // The debug access log appears only once the level was raised at run time.
+    wait_until("access log line", Duration::from_secs(3), || {
+        logged(&s, "after-debug")
+    });
+    assert!(!logged(&s, "before-debug"));
+    let r = s.post("/log/level", json!({"LevelParam": "LOUD"}));
+    assert_eq!(r.status, 400);
     s.post(
         "/v1/cache/save",
         json!({"cluster":"m","prompt_hash":[1,2,3],"ip":"10.0.0.1"}),

@@ -175,7 +175,11 @@ fn main() {
 async fn run(s: Settings) -> Result<(), String> {
     let log_reload = init_logging(s.log_level, s.log_json);
     let _ = Stamp::now();
-    let addr = format!("{}:{}", s.host, s.port);
+    let addr = if s.host.contains(':') {
+        format!("[{}]:{}", s.host, s.port) // IPv6 literal
+    } else {
+        format!("{}:{}", s.host, s.port)
+    };
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;

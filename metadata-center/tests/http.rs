@@ -964,3 +964,15 @@ fn concurrent_duplicate_deletes_release_everything_exactly_once() {
     std::thread::sleep(Duration::from_millis(1300));
     assert_eq!(s.engine("m", "10.0.0.1:80"), Some((0, 0)));
 }
+
+#[test]
+fn serves_on_ipv6_loopback() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback on this machine; nothing to check");
+        return;
+    }
+    let s = Server::start(&["--listen", "[::1]:0"], &[]);
+    assert!(s.base.starts_with("http://[::1]:"), "{}", s.base);
+    s.post("/v1/load/stats", add("m", "r1", "[::1]:8000", 4));
+    assert_eq!(s.engine("m", "[::1]:8000"), Some((1, 4)));
+}

@@ -2,11 +2,12 @@
 """Write Envoy configs for the routing benchmark: every listener on 127.0.0.1, one cluster of the
 simulated fleet's endpoints.
 
-usage: bench_envoy_configs.py OUT_DIR FLEET_BASE_PORT SERVERS LISTEN_BASE_PORT NAME:ALGO ...
+usage: bench_envoy_configs.py OUT_DIR FLEET_BASE_PORT SERVERS LISTEN_BASE_PORT NAME:ALGO[:K=V,...] ...
 
 ALGO is `envoy_round_robin` / `envoy_least_request` (plain Envoy load balancing, no module), or
 an llmproxy algorithm (`inference_lb`, `least_request`, `round_robin`, `random`) run by the
-dynamic module. For each NAME it writes OUT_DIR/NAME.yaml (listener LISTEN_BASE_PORT + i, admin
+dynamic module; K=V pairs (integers) go into its lb_mapping_rule, e.g.
+`llmproxy-w:inference_lb:cache_radio_weight=4,prefill_load_weight=1`. For each NAME it writes OUT_DIR/NAME.yaml (listener LISTEN_BASE_PORT + i, admin
 LISTEN_BASE_PORT + 100 + i) and prints "NAME=http://127.0.0.1:PORT".
 """
 import os
@@ -15,7 +16,7 @@ import sys
 MODEL = "sim-llama-3-8b"
 
 
-def render(name, algo, port, admin, endpoints):
+def render(name, algo, port, admin, endpoints, lb_extra):
     module = not algo.startswith("envoy_")
     lb = "LEAST_REQUEST" if algo == "envoy_least_request" else "ROUND_ROBIN"
     eps = "\n".join(
@@ -57,7 +58,7 @@ def render(name, algo, port, admin, endpoints):
                     {MODEL}:
                       load_aware_enable: true
                       cache_aware_enable: true
-                  clusters:
+{lb_extra}                  clusters:
                     sim_pool:
                       endpoints: [{ep_list}]
                   max_body_bytes: 8388608
@@ -112,13 +113,21 @@ def main(argv):
     os.makedirs(out, exist_ok=True)
     endpoints = [base + i for i in range(n)]
     for i, spec in enumerate(argv[5:]):
-        name, sep, algo = spec.partition(":")
+        name, sep, rest = spec.partition(":")
+        algo, _, params = rest.partition(":")
         if not sep or not name or not algo:
-            print(f"bad target {spec!r}: want NAME:ALGO", file=sys.stderr)
+            print(f"bad target {spec!r}: want NAME:ALGO[:K=V,...]", file=sys.stderr)
             return 2
+        lb_extra = ""
+        for kv in filter(None, params.split(",")):
+            k, eq, v = kv.partition("=")
+            if not eq or not k.isidentifier() or not v.lstrip("-").isdigit():
+                print(f"bad parameter {kv!r} in {spec!r}: want KEY=INTEGER", file=sys.stderr)
+                return 2
+            lb_extra += f"                      {k}: {int(v)}\n"
         port, admin = listen + i, listen + 100 + i
         with open(os.path.join(out, f"{name}.yaml"), "w") as f:
-            f.write(render(name, algo, port, admin, endpoints))
+            f.write(render(name, algo, port, admin, endpoints, lb_extra))
         print(f"{name}=http://127.0.0.1:{port}")
     return 0
 

@@ -95,19 +95,29 @@ fn settings(args: &RunArgs) -> Result<Settings, String> {
         s.debug_mode = true;
     }
     let port = s.replica_target_port;
-    s.peers = s
-        .peers
-        .iter()
-        .map(|p| {
-            if p.contains(':') {
-                p.clone()
-            } else {
-                format!("{p}:{port}")
-            }
-        })
-        .collect();
+    s.peers = s.peers.iter().map(|p| peer_with_port(p, port)).collect();
     s.validate()?;
     Ok(s)
+}
+
+/// `host:port` for a peer given as `host`, `host:port`, `ip`, `ip:port`, `v6` or `[v6]:port`.
+fn peer_with_port(p: &str, port: u16) -> String {
+    let p = p.trim();
+    if p.parse::<SocketAddr>().is_ok() {
+        return p.to_string();
+    }
+    if let Ok(ip) = p
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+    {
+        return SocketAddr::new(ip, port).to_string();
+    }
+    if p.contains(':') {
+        p.to_string()
+    } else {
+        format!("{p}:{port}")
+    }
 }
 
 fn init_logging(level: LevelFilter, json: bool) -> LogReload {
@@ -310,4 +320,19 @@ async fn run(s: Settings) -> Result<(), String> {
     }
     tracing::info!("metadata-center stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn peers_get_the_default_port() {
+        let f = |p| super::peer_with_port(p, 80);
+        assert_eq!(f("10.0.0.1"), "10.0.0.1:80");
+        assert_eq!(f("10.0.0.1:8080"), "10.0.0.1:8080");
+        assert_eq!(f("fd00::1"), "[fd00::1]:80");
+        assert_eq!(f("[fd00::1]"), "[fd00::1]:80");
+        assert_eq!(f("[fd00::1]:9"), "[fd00::1]:9");
+        assert_eq!(f("mc-0.mc"), "mc-0.mc:80");
+        assert_eq!(f("mc-0.mc:8080"), "mc-0.mc:8080");
+    }
 }

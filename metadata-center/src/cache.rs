@@ -864,4 +864,68 @@ mod tests {
         );
         assert_eq!(p.level_stats("o").unwrap()[&1].nodes_count, 1);
     }
+
+    mod model {
+        //! Property: with no capacity pressure, a location's answer is the longest common
+        //! prefix of the query with any of its paths saved within the TTL. The tree must agree
+        //! with that brute-force model for any keys (cumulative or not).
+        use super::*;
+        use proptest::prelude::*;
+
+        fn lcp_len(a: &[u64], b: &[u64]) -> usize {
+            a.iter().zip(b).take_while(|(x, y)| x == y).count()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+            #[test]
+            fn tree_matches_brute_force(
+                saves in prop::collection::vec(
+                    (prop::collection::vec(0u64..4, 0..7), 0u32..5, 0u64..3),
+                    1..40,
+                ),
+                queries in prop::collection::vec(prop::collection::vec(0u64..4, 0..8), 1..10),
+                extra in 0u64..12,
+            ) {
+                let cfg = CacheConfig { expire: Duration::from_secs(10), ..Default::default() };
+                let mut t = Tree::new();
+                let mut now = 0u64;
+                let mut saved: Vec<(Vec<u64>, u32, u64)> = Vec::new();
+                for (path, l, dt) in &saves {
+                    now += dt;
+                    t.insert(path, loc(*l), Duration::from_secs(now), &cfg);
+                    saved.push((path.clone(), *l, now));
+                }
+                t.check();
+                let at = now + extra;
+                for q in &queries {
+                    let got = ids(t.match_all(q, usize::MAX, Duration::from_secs(at), &cfg));
+                    let mut want: BTreeMap<u32, usize> = BTreeMap::new();
+                    for (p, l, when) in &saved {
+                        let d = lcp_len(q, p);
+                        if d > 0 && when + 10 > at {
+                            let e = want.entry(*l).or_insert(0);
+                            *e = (*e).max(d);
+                        }
+                    }
+                    prop_assert_eq!(&got, &want, "query {:?} at {}", q, at);
+                }
+                // GC removes exactly what queries already ignored.
+                t.expire(Duration::from_secs(at), &cfg, usize::MAX);
+                t.check();
+                for q in &queries {
+                    let after = ids(t.match_all(q, usize::MAX, Duration::from_secs(at), &cfg));
+                    let mut want: BTreeMap<u32, usize> = BTreeMap::new();
+                    for (p, l, when) in &saved {
+                        let d = lcp_len(q, p);
+                        if d > 0 && when + 10 > at {
+                            let e = want.entry(*l).or_insert(0);
+                            *e = (*e).max(d);
+                        }
+                    }
+                    prop_assert_eq!(after, want);
+                }
+            }
+        }
+    }
 }

@@ -684,4 +684,72 @@ mod tests {
         );
         assert_eq!(r.retried_hit.load(Ordering::Relaxed), 2);
     }
+
+    mod model {
+        //! Property: after any sequence of adds, prompt deletes and deletes (duplicates, out of
+        //! order, unknown ids), every engine's counters equal the sums over the requests still
+        //! held, as a plain map computes them.
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::HashMap as Map;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Add(u8, u8, i32),
+            Prompt(u8),
+            Delete(u8),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (0u8..12, 0u8..3, 0i32..1000).prop_map(|(i, e, p)| Op::Add(i, e, p)),
+                (0u8..12).prop_map(Op::Prompt),
+                (0u8..12).prop_map(Op::Delete),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+            #[test]
+            fn counters_match_a_plain_model(ops in prop::collection::vec(op(), 1..80)) {
+                let s = LoadStore::new(LoadConfig::default());
+                // request id -> (engine, prompt still held)
+                let mut held: Map<u8, (u8, i64)> = Map::new();
+                for (step, o) in ops.iter().enumerate() {
+                    let now = at(step as u64);
+                    match *o {
+                        Op::Add(i, e, p) => {
+                            let out = s.add(&AddRequest {
+                                cluster: "m",
+                                request_id: &format!("r{i}"),
+                                prompt_length: p,
+                                engine: ep(&format!("10.0.0.{e}:80")),
+                            }, now);
+                            let dup = held.contains_key(&i);
+                            prop_assert_eq!(out == AddOutcome::Duplicate, dup);
+                            held.entry(i).or_insert((e, i64::from(p)));
+                        }
+                        Op::Prompt(i) => {
+                            prop_assert_eq!(s.delete_prompt(&format!("r{i}"), now), held.contains_key(&i));
+                            if let Some(h) = held.get_mut(&i) {
+                                h.1 = 0;
+                            }
+                        }
+                        Op::Delete(i) => {
+                            prop_assert_eq!(s.delete(&format!("r{i}"), now), held.remove(&i).is_some());
+                        }
+                    }
+                    for e in 0u8..3 {
+                        let (q, p) = held.values().filter(|(he, _)| *he == e)
+                            .fold((0i64, 0i64), |(q, p), (_, hp)| (q + 1, p + hp));
+                        let got = engine(&s, "m", &format!("10.0.0.{e}:80"))
+                            .map(|(q, p)| (i64::from(q), i64::from(p)));
+                        // An engine appears with its first add and stays (until GC).
+                        prop_assert_eq!(got.unwrap_or((0, 0)), (q, p), "engine {} after {:?}", e, o);
+                    }
+                }
+                prop_assert_eq!(s.request_count(), held.len());
+            }
+        }
+    }
 }

@@ -183,6 +183,19 @@ pub fn escape_label(v: &str) -> String {
     s
 }
 
+/// Writes a metric family: `# HELP`, `# TYPE`, then one sample per `(labels, value)`
+/// (`labels` is `k="v",…`, or empty for an unlabelled sample).
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
+    header(out, name, kind, help);
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
 /// Writes `# HELP` and `# TYPE` lines.
 pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");

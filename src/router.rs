@@ -10,7 +10,6 @@
 //! `arc-swap`, counters are atomics, the prefix index takes short shard locks.
 
 use std::collections::HashMap;
-use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -21,7 +20,7 @@ use arc_swap::ArcSwap;
 use crate::balancer::{self, CandidateLoad};
 use crate::config::{Algorithm, Backend, Config, ConfigError, Rule, Subset};
 use crate::error::PickError;
-use crate::metrics::{escape_label, header, RouterMetrics, PICK_OUTCOMES};
+use crate::metrics::{escape_label, family, header, RouterMetrics, PICK_OUTCOMES};
 use crate::request::{self, RequestKind};
 use crate::state::{Cluster, Endpoint, EndpointSet, PrefixIndex};
 use crate::sync::client::Client;
@@ -655,130 +654,104 @@ impl RouterInner {
 
     fn render_metrics(&self) -> String {
         let m = &self.metrics;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut out = String::with_capacity(4096);
-        header(
+        let picks: Vec<(String, u64)> = PICK_OUTCOMES
+            .iter()
+            .zip(&m.picks)
+            .map(|(o, c)| (format!("outcome=\"{o}\""), load(c)))
+            .collect();
+        family(
             &mut out,
             "llmproxy_picks_total",
             "counter",
             "Pick decisions by outcome.",
+            &picks,
         );
-        for (i, o) in PICK_OUTCOMES.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "llmproxy_picks_total{{outcome=\"{o}\"}} {}",
-                m.picks[i].load(Ordering::Relaxed)
-            );
-        }
-        header(
-            &mut out,
-            "llmproxy_in_flight_requests",
-            "gauge",
-            "Requests picked and not yet finished.",
-        );
-        let _ = writeln!(
-            out,
-            "llmproxy_in_flight_requests {}",
-            self.in_flight.load(Ordering::Relaxed)
-        );
-        header(
+        let finished: Vec<(String, u64)> = ["none", "2xx", "3xx", "4xx", "5xx"]
+            .iter()
+            .zip(&m.finished)
+            .map(|(class, c)| (format!("status=\"{class}\""), load(c)))
+            .collect();
+        family(
             &mut out,
             "llmproxy_finished_requests_total",
             "counter",
             "Finished requests by upstream status class (none = no upstream response).",
+            &finished,
         );
-        for (i, class) in ["none", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "llmproxy_finished_requests_total{{status=\"{class}\"}} {}",
-                m.finished[i].load(Ordering::Relaxed)
-            );
+        let single = |v: u64| [(String::new(), v)];
+        for (name, kind, help, value) in [
+            (
+                "llmproxy_in_flight_requests",
+                "gauge",
+                "Requests picked and not yet finished.",
+                load(&self.in_flight),
+            ),
+            (
+                "llmproxy_retries_total",
+                "counter",
+                "Re-picks after a failed upstream connection.",
+                load(&m.retries),
+            ),
+            (
+                "llmproxy_endpoint_updates_total",
+                "counter",
+                "Endpoint sets replaced through the API or DNS.",
+                load(&m.endpoint_updates),
+            ),
+            (
+                "llmproxy_metadata_center_events_dropped_total",
+                "counter",
+                "Sync events dropped because the queue was full.",
+                load(&m.sync_dropped),
+            ),
+            (
+                "llmproxy_prompt_chars_total",
+                "counter",
+                "Prompt characters of routed requests.",
+                load(&m.prompt_chars),
+            ),
+            (
+                "llmproxy_cached_prompt_chars_total",
+                "counter",
+                "Prompt characters the chosen endpoint was expected to hold in its KV cache.",
+                load(&m.cached_prompt_chars),
+            ),
+            (
+                "llmproxy_prefix_index_entries",
+                "gauge",
+                "Chunk hashes in the local prefix index.",
+                self.index.len() as u64,
+            ),
+            (
+                "llmproxy_prefix_index_evictions_total",
+                "counter",
+                "Prefix index entries evicted to stay within capacity.",
+                self.index.evictions(),
+            ),
+        ] {
+            family(&mut out, name, kind, help, &single(value));
         }
-        header(
-            &mut out,
-            "llmproxy_retries_total",
-            "counter",
-            "Re-picks after a failed upstream connection.",
-        );
-        let _ = writeln!(
-            out,
-            "llmproxy_retries_total {}",
-            m.retries.load(Ordering::Relaxed)
-        );
-        header(
-            &mut out,
-            "llmproxy_endpoint_updates_total",
-            "counter",
-            "Endpoint sets replaced through the API.",
-        );
-        let _ = writeln!(
-            out,
-            "llmproxy_endpoint_updates_total {}",
-            m.endpoint_updates.load(Ordering::Relaxed)
-        );
-        header(
+        family(
             &mut out,
             "llmproxy_metadata_center_calls_total",
             "counter",
             "Metadata-Center calls by result (failed includes circuit-breaker refusals).",
+            &[
+                ("result=\"ok\"".into(), load(&m.sync_ok)),
+                ("result=\"failed\"".into(), load(&m.sync_failed)),
+            ],
         );
-        let _ = writeln!(
-            out,
-            "llmproxy_metadata_center_calls_total{{result=\"ok\"}} {}",
-            m.sync_ok.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "llmproxy_metadata_center_calls_total{{result=\"failed\"}} {}",
-            m.sync_failed.load(Ordering::Relaxed)
-        );
-        header(
-            &mut out,
-            "llmproxy_metadata_center_events_dropped_total",
-            "counter",
-            "Sync events dropped because the queue was full.",
-        );
-        let _ = writeln!(
-            out,
-            "llmproxy_metadata_center_events_dropped_total {}",
-            m.sync_dropped.load(Ordering::Relaxed)
-        );
-        header(
+        family(
             &mut out,
             "llmproxy_remote_cache_lookups_total",
             "counter",
             "pick_async decisions by the cache data they used.",
-        );
-        let _ = writeln!(
-            out,
-            "llmproxy_remote_cache_lookups_total{{result=\"remote\"}} {}",
-            m.lookups_remote.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "llmproxy_remote_cache_lookups_total{{result=\"local_fallback\"}} {}",
-            m.lookups_local.load(Ordering::Relaxed)
-        );
-        header(
-            &mut out,
-            "llmproxy_prompt_chars_total",
-            "counter",
-            "Prompt characters of routed requests.",
-        );
-        let _ = writeln!(
-            out,
-            "llmproxy_prompt_chars_total {}",
-            m.prompt_chars.load(Ordering::Relaxed)
-        );
-        header(
-            &mut out,
-            "llmproxy_cached_prompt_chars_total",
-            "counter",
-            "Prompt characters the chosen endpoint was expected to hold in its KV cache.",
-        );
-        let _ = writeln!(
-            out,
-            "llmproxy_cached_prompt_chars_total {}",
-            m.cached_prompt_chars.load(Ordering::Relaxed)
+            &[
+                ("result=\"remote\"".into(), load(&m.lookups_remote)),
+                ("result=\"local_fallback\"".into(), load(&m.lookups_local)),
+            ],
         );
         header(
             &mut out,
@@ -796,24 +769,6 @@ impl RouterInner {
         );
         m.decision_cache_ratio
             .render(&mut out, "llmproxy_decision_cache_ratio", "");
-        header(
-            &mut out,
-            "llmproxy_prefix_index_entries",
-            "gauge",
-            "Chunk hashes in the local prefix index.",
-        );
-        let _ = writeln!(out, "llmproxy_prefix_index_entries {}", self.index.len());
-        header(
-            &mut out,
-            "llmproxy_prefix_index_evictions_total",
-            "counter",
-            "Prefix index entries evicted to stay within capacity.",
-        );
-        let _ = writeln!(
-            out,
-            "llmproxy_prefix_index_evictions_total {}",
-            self.index.evictions()
-        );
 
         let clusters = self.clusters.load();
         let mut names: Vec<&String> = clusters.keys().collect();
@@ -864,19 +819,22 @@ impl RouterInner {
             ),
         ];
         let now = self.now_ms();
+        let sets: Vec<(&String, Arc<EndpointSet>)> = names
+            .iter()
+            .map(|c| (*c, clusters[*c].snapshot()))
+            .collect();
         for (name, kind, help, get) in families {
-            header(&mut out, name, kind, help);
-            for c in &names {
-                for e in &clusters[*c].snapshot().endpoints {
-                    let _ = writeln!(
-                        out,
-                        "{name}{{cluster=\"{}\",endpoint=\"{}\"}} {}",
-                        escape_label(c),
-                        e.address,
-                        get(e, now)
-                    );
-                }
-            }
+            let samples: Vec<(String, u64)> = sets
+                .iter()
+                .flat_map(|(c, set)| {
+                    set.endpoints.iter().map(move |e| {
+                        let labels =
+                            format!("cluster=\"{}\",endpoint=\"{}\"", escape_label(c), e.address);
+                        (labels, get(e, now))
+                    })
+                })
+                .collect();
+            family(&mut out, name, kind, help, &samples);
         }
         header(
             &mut out,

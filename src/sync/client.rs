@@ -362,17 +362,16 @@ pub fn fnv1a32(data: &[u8]) -> u32 {
     })
 }
 
-/// Percent-encodes a query value.
-fn url_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+/// Characters kept as they are in a URL path segment or query value (RFC 3986 unreserved).
+pub const URL_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// Percent-encodes a query value or path segment.
+pub fn url_encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, URL_COMPONENT).to_string()
 }
 
 #[cfg(test)]

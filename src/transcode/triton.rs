@@ -95,7 +95,7 @@ pub fn build_request(
     };
     let path = format!(
         "/v2/models/{}/{verb}",
-        percent_encode_segment(upstream_model)
+        crate::sync::client::url_encode(upstream_model)
     );
     Ok((
         path,
@@ -119,18 +119,6 @@ fn content_text(content: Option<&Value>) -> String {
             .join("\n"),
         _ => String::new(),
     }
-}
-
-fn percent_encode_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// One Triton response object, interpreted.

@@ -535,6 +535,9 @@ LLMPROXY_EXPORT const void *HOOK(envoy_dynamic_module_on_http_filter_config_new)
     size_t hlen = 0;
     const char *h = llmproxy_router_cluster_header(router, &hlen);
     cfg->cluster_header = lower(h && hlen ? std::string(h, hlen) : std::string("x-llmproxy-cluster"));
+    size_t mlen = 0;
+    const char *mp = llmproxy_router_metrics_path(router, &mlen);
+    cfg->metrics_path = mp ? std::string(mp, mlen) : std::string(LLMPROXY_ENVOY_DEFAULT_METRICS_PATH);
     log_msg(ENVOY_LOG_INFO, "filter \"" + fname + "\" configured (library " + llmproxy_version() +
                                 ", max_body_bytes " + std::to_string(cfg->max_body) + ", strict " +
                                 (cfg->strict ? "true" : "false") + ", cluster header " + cfg->cluster_header + ")");

@@ -231,6 +231,15 @@ bool llmproxy_router_strict_override(const struct llmproxy_router *router);
 const char *llmproxy_router_cluster_header(const struct llmproxy_router *router, size_t *len);
 
 /**
+ * The configured `metrics_path` (default "/llmproxy/metrics"; "" when disabled): hosts
+ * answer `GET` on it with `llmproxy_router_metrics`. Valid for the router's lifetime.
+ *
+ * # Safety
+ * `router` must be NULL or valid; `len` may be NULL.
+ */
+const char *llmproxy_router_metrics_path(const struct llmproxy_router *router, size_t *len);
+
+/**
  * Routes one request. `headers` may include `:path` and `:method`. `*out` is always set
  * when `out` is not NULL, also on error, and must be released with
  * `llmproxy_request_finish` exactly once.
@@ -428,8 +437,10 @@ enum llmproxy_status llmproxy_request_retry(struct llmproxy_request *req);
 void llmproxy_request_first_token(struct llmproxy_request *req);
 
 /**
- * Finishes and frees a request. `upstream_status` is the upstream's HTTP status, 0 when
- * there was none; 502/503/504 count as endpoint failures (passive ejection).
+ * Finishes and frees a request. `upstream_status` is the status of the response (the
+ * upstream's, or the proxy's own reply such as Envoy's 503 on a connect failure), 0 when
+ * there was none; hosts report 499 when the client went away first. Only 502/503/504 count
+ * as endpoint failures (passive ejection); 0 and 499 never do.
  *
  * # Safety
  * `req` must come from `llmproxy_pick` and not be used after this call. NULL is a no-op.

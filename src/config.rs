@@ -207,6 +207,8 @@ pub struct Config {
     pub strict_endpoint_override: bool,
     /// Request header a host sets to the chosen cluster for header-based routes.
     pub cluster_header: String,
+    /// Path on which hosts answer `GET` with the router's Prometheus metrics ("" = off).
+    pub metrics_path: String,
     /// Capacity of the local prefix index, in chunk-hash entries.
     pub prefix_index_capacity: usize,
     /// Passive ejection of failing endpoints.
@@ -312,6 +314,8 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
 pub const DEFAULT_PREFIX_INDEX_CAPACITY: usize = 200_000;
 /// Default `cluster_header`.
 pub const DEFAULT_CLUSTER_HEADER: &str = "x-llmproxy-cluster";
+/// Default `metrics_path`.
+pub const DEFAULT_METRICS_PATH: &str = "/llmproxy/metrics";
 /// Default `intercept_paths`.
 pub const DEFAULT_INTERCEPT_PATHS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
 
@@ -370,6 +374,8 @@ struct RawConfig {
     strict_endpoint_override: Option<bool>,
     #[serde(default)]
     cluster_header: Option<String>,
+    #[serde(default)]
+    metrics_path: Option<String>,
     #[serde(default, deserialize_with = "lenient_u64")]
     prefix_index_capacity: Option<u64>,
     #[serde(default)]
@@ -833,6 +839,15 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
             format!("not a valid header name: {cluster_header:?}"),
         ));
     }
+    let metrics_path = raw
+        .metrics_path
+        .unwrap_or_else(|| DEFAULT_METRICS_PATH.to_string());
+    if !metrics_path.is_empty() && !metrics_path.starts_with('/') {
+        return Err(err(
+            "metrics_path",
+            format!("must start with '/' (or be \"\" to disable), got {metrics_path:?}"),
+        ));
+    }
     let prefix_index_capacity = raw
         .prefix_index_capacity
         .unwrap_or(DEFAULT_PREFIX_INDEX_CAPACITY as u64);
@@ -875,6 +890,7 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         intercept_paths,
         strict_endpoint_override: raw.strict_endpoint_override.unwrap_or(true),
         cluster_header,
+        metrics_path,
         prefix_index_capacity: prefix_index_capacity as usize,
         ejection,
         log_enabled: raw.log.map(|l| l.enabled).unwrap_or(false),
@@ -1118,6 +1134,11 @@ mod tests {
         assert_eq!(c.hash_chunk_bytes, 512);
         assert_eq!(c.max_body_bytes, 8 << 20);
         assert!(c.strict_endpoint_override);
+        assert_eq!(c.metrics_path, "/llmproxy/metrics");
+        assert_eq!(parse(r#"{"metrics_path": ""}"#).unwrap().metrics_path, "");
+        assert!(parse(r#"{"metrics_path": "metrics"}"#)
+            .unwrap_err()
+            .starts_with("config.metrics_path: must start with '/'"));
     }
 
     #[test]

@@ -85,6 +85,7 @@ pub struct llmproxy_header {
 pub struct llmproxy_router {
     router: Router,
     cluster_header: Vec<u8>,
+    metrics_path: Vec<u8>,
 }
 
 /// Opaque per-request handle, from pick to finish. Used by one thread at a time.
@@ -203,9 +204,11 @@ pub unsafe extern "C" fn llmproxy_router_new(
         match Router::from_json(json) {
             Ok(router) => {
                 let cluster_header = nul_terminated(&router.config().cluster_header);
+                let metrics_path = nul_terminated(&router.config().metrics_path);
                 *out = Box::into_raw(Box::new(llmproxy_router {
                     router,
                     cluster_header,
+                    metrics_path,
                 }));
                 write_err(err, err_cap, "");
                 LLMPROXY_OK
@@ -425,6 +428,22 @@ pub unsafe extern "C" fn llmproxy_router_cluster_header(
 ) -> *const c_char {
     guard(ptr::null(), || match router.as_ref() {
         Some(r) => out_str(&r.cluster_header, len),
+        None => out_str(b"\0", len),
+    })
+}
+
+/// The configured `metrics_path` (default "/llmproxy/metrics"; "" when disabled): hosts
+/// answer `GET` on it with `llmproxy_router_metrics`. Valid for the router's lifetime.
+///
+/// # Safety
+/// `router` must be NULL or valid; `len` may be NULL.
+#[no_mangle]
+pub unsafe extern "C" fn llmproxy_router_metrics_path(
+    router: *const llmproxy_router,
+    len: *mut usize,
+) -> *const c_char {
+    guard(ptr::null(), || match router.as_ref() {
+        Some(r) => out_str(&r.metrics_path, len),
         None => out_str(b"\0", len),
     })
 }
@@ -876,8 +895,10 @@ pub unsafe extern "C" fn llmproxy_request_first_token(req: *mut llmproxy_request
     })
 }
 
-/// Finishes and frees a request. `upstream_status` is the upstream's HTTP status, 0 when
-/// there was none; 502/503/504 count as endpoint failures (passive ejection).
+/// Finishes and frees a request. `upstream_status` is the status of the response (the
+/// upstream's, or the proxy's own reply such as Envoy's 503 on a connect failure), 0 when
+/// there was none; hosts report 499 when the client went away first. Only 502/503/504 count
+/// as endpoint failures (passive ejection); 0 and 499 never do.
 ///
 /// # Safety
 /// `req` must come from `llmproxy_pick` and not be used after this call. NULL is a no-op.

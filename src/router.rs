@@ -1164,7 +1164,8 @@ impl PickedRequest {
                         let ej = router.config.ejection;
                         e.record_failure(router.now_ms(), ej.consecutive_failures, ej.eject_ms);
                     }
-                    100..=499 => e.record_success(),
+                    // 499: the client left; it says nothing about the endpoint.
+                    100..=498 => e.record_success(),
                     _ => {}
                 }
                 router.metrics.count_finish(upstream_status);

@@ -414,6 +414,11 @@ fn router_options_for_hosts() {
             b"x-target-cluster"
         );
         assert_eq!(llmproxy_router_max_body_bytes(r.0), 2048);
+        let p = llmproxy_router_metrics_path(r.0, &mut len);
+        assert_eq!(
+            std::slice::from_raw_parts(p.cast::<u8>(), len),
+            b"/llmproxy/metrics"
+        );
         let yes = |m: &str, p: &str| {
             llmproxy_router_should_intercept(
                 r.0,

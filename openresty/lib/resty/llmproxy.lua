@@ -79,6 +79,7 @@ bool llmproxy_router_should_intercept(const struct llmproxy_router *router, cons
                                       size_t method_len, const char *path, size_t path_len);
 bool llmproxy_router_strict_override(const struct llmproxy_router *router);
 const char *llmproxy_router_cluster_header(const struct llmproxy_router *router, size_t *len);
+const char *llmproxy_router_metrics_path(const struct llmproxy_router *router, size_t *len);
 enum llmproxy_status llmproxy_pick(struct llmproxy_router *router,
                                    const struct llmproxy_header *headers, size_t n_headers,
                                    const uint8_t *body, size_t body_len,
@@ -347,6 +348,9 @@ function _M.new(config_json)
     local self = setmetatable({ _r = ffi_gc(out[0], lib_.llmproxy_router_free) }, Router)
     local ch = lib_.llmproxy_router_cluster_header(self._r, len_out)
     self.cluster_header = ch ~= C_NULL and ffi_string(ch, len_out[0]) or "x-llmproxy-cluster"
+    -- nginx serves metrics from the location of examples/nginx.conf; this is the config's value.
+    local mp = lib_.llmproxy_router_metrics_path(self._r, len_out)
+    self.metrics_path = mp ~= C_NULL and ffi_string(mp, len_out[0]) or ""
     self.max_body_bytes = tonumber(lib_.llmproxy_router_max_body_bytes(self._r))
     self.strict_override = lib_.llmproxy_router_strict_override(self._r)
     return self

@@ -272,3 +272,41 @@ fn dns_clusters_resolve_on_the_sync_thread() {
     let p = r.pick(&[], &chat("x"));
     assert!(eps.contains(&p.endpoint().unwrap().to_string()));
 }
+
+#[test]
+fn hanging_server_costs_at_most_the_timeout_and_free_stays_bounded() {
+    // A "server" that accepts connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = std::sync::Arc::clone(&held);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            keep.lock().unwrap().push(conn);
+        }
+    });
+    let r = Router::from_json(config(port, r#", "async_timeout_ms": 300"#).as_bytes()).unwrap();
+    let start = Instant::now();
+    for i in 0..500 {
+        let p = r.pick(&[], &chat(&format!("q{i}")));
+        assert_eq!(p.http_status(), 200);
+        p.finish(200);
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "the request path never waits on the server"
+    );
+    wait_until("timeouts to be counted", || {
+        metric(
+            &r,
+            "llmproxy_metadata_center_calls_total{result=\"failed\"} ",
+        ) > 0
+    });
+    // Events beyond the queue are dropped (counted), never waited for.
+    let start = Instant::now();
+    drop(r);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "free is bounded while a call hangs"
+    );
+}

@@ -10,14 +10,24 @@ by one, `x-test-chunk-delay-ms` apart, `x-test-chunks` of them). Any answer star
 `x-test-first-delay-ms` (a "prefill"). The JSON answer echoes what
 the server received (headers, body size, model) so tests can check what Envoy forwarded.
 POST /v2/models/<model>/generate[_stream] speaks Triton's generate extension ({"text_output"}).
+With `x-test-triton-script: 1` the Triton answer is SCRIPTED_TEXT (below, with the server's
+name), streamed in small pieces with events split across network chunks, and the response
+header `x-test-triton-request` carries base64(JSON {"path", "body"}) of what the server read;
+`x-test-triton-error: <status>` answers that status with Triton's `{"error": "..."}`, and
+`x-test-triton-error: stream` fails mid-stream with an `{"error": ...}` event.
+POST /v1/completions answers in `text_completion` shape (`choices[].text`).
 GET /v1/models and /health answer too. Prints "READY" once every port listens.
 """
 
+import base64
 import json
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# What a scripted Triton answer says (multi-byte UTF-8 on purpose); %s is the server's name.
+SCRIPTED_TEXT = "Héllo from %s: wörld ✓ done"
 
 
 def make_handler(name):
@@ -88,7 +98,15 @@ def make_handler(name):
                 "received_headers": self._headers_seen(),
             }
             if req.get("stream"):
-                self._stream(model, echo)
+                self._stream(model, echo, self.path.startswith("/v1/completions"))
+                return
+            if self.path.startswith("/v1/completions"):
+                self._send_json(200, {
+                    "id": "cmpl-test", "object": "text_completion", "created": 0, "model": model,
+                    "choices": [{"index": 0, "text": "hi from " + name, "logprobs": None,
+                                 "finish_reason": "stop"}],
+                    **echo,
+                })
                 return
             self._send_json(200, {
                 "id": "cmpl-test", "object": "chat.completion", "model": model,
@@ -102,6 +120,9 @@ def make_handler(name):
             parts = self.path.split("/")
             model, verb = parts[3], parts[4]
             req = json.loads(raw or b"{}")
+            if self.headers.get("x-test-triton-script") or self.headers.get("x-test-triton-error"):
+                self._triton_scripted(model, verb, req)
+                return
             pieces = ["echo:", str(len(req.get("text_input", ""))), "from", name]
             if verb == "generate":
                 self._send_json(200, {"model_name": model, "model_version": "1", "text_output": " ".join(pieces)})
@@ -119,7 +140,58 @@ def make_handler(name):
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
 
-        def _stream(self, model, echo):
+        def _triton_scripted(self, model, verb, req):
+            """A scripted Triton answer (see the module doc)."""
+            seen = base64.b64encode(json.dumps({"path": self.path, "body": req}).encode()).decode()
+            fail = self.headers.get("x-test-triton-error", "")
+            if fail.isdigit():
+                body = json.dumps({"error": "scripted triton failure %s" % fail}).encode()
+                self.send_response(int(fail))
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.send_header("x-served-by", name)
+                self.send_header("x-test-triton-request", seen)
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            text = SCRIPTED_TEXT % name
+            if verb == "generate":
+                body = json.dumps({"model_name": model, "model_version": "1", "text_output": text}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.send_header("x-served-by", name)
+                self.send_header("x-test-triton-request", seen)
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream; charset=utf-8")
+            self.send_header("transfer-encoding", "chunked")
+            self.send_header("x-served-by", name)
+            self.send_header("x-test-triton-request", seen)
+            self.end_headers()
+
+            def write_chunk(data):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            pieces = [text[i:i + 4] for i in range(0, len(text), 4)]
+            if fail == "stream":
+                pieces = pieces[:2]
+            for i, p in enumerate(pieces):
+                event = ("data: " + json.dumps({"model_name": model, "model_version": "1", "text_output": p},
+                                               ensure_ascii=False) + "\n\n").encode()
+                cut = 1 + (7 * i + 3) % (len(event) - 1)  # each event split elsewhere, never empty
+                write_chunk(event[:cut])
+                time.sleep(0.002)
+                write_chunk(event[cut:])
+            if fail == "stream":
+                write_chunk(b'data: {"error": "scripted triton failure mid-stream"}\n\n')
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+
+        def _stream(self, model, echo, completions=False):
             chunks = int(self.headers.get("x-test-chunks", "5"))
             delay = int(self.headers.get("x-test-chunk-delay-ms", "0")) / 1000.0
             self.send_response(200)
@@ -138,6 +210,9 @@ def make_handler(name):
                 event = {"id": "cmpl-test", "object": "chat.completion.chunk", "model": model,
                          "choices": [{"index": 0, "delta": {"content": "tok%d " % i}}],
                          "t": time.time()}
+                if completions:
+                    event.update(object="text_completion",
+                                 choices=[{"index": 0, "text": "tok%d " % i, "finish_reason": None}])
                 if i == 0:
                     event.update(echo)
                 write_event(json.dumps(event))

@@ -11,7 +11,7 @@ SIM_BIN        := $(RELEASE)/llmproxy-sim
 SIM_PLOT_REQ   := matplotlib==3.10.3
 SIM_PEERS_REQ  := sglang-router==0.3.2 vllm-router==0.1.17
 
-.PHONY: sim test-sim sim-plot-deps sim-peer-deps sim-compare-demo bench-routing-peers
+.PHONY: sim test-sim sim-plot-deps sim-peer-deps sim-compare-demo bench-routing-peers bench-routing
 
 ## sim: build the simulator / load generator
 sim:
@@ -44,3 +44,10 @@ BENCH_ENVOY_TARGETS ?= envoy-rr:envoy_round_robin envoy-least:envoy_least_reques
 bench-routing-peers: sim sim-plot-deps sim-peer-deps envoy-module
 	BENCH_ENVOY_TARGETS="$(BENCH_ENVOY_TARGETS)" bash scripts/bench_routing.sh $(BENCH_TARGETS)
 TEST_TARGETS += test-sim
+
+## bench-routing: every policy on the same fleet and trace in one run (not in CI, ~10 min):
+## plain Envoy round robin, Envoy + llmproxy (inference_lb, prefix_cost), sglang-router and
+## vllm-router from PyPI. Output: build/bench-routing/{results.md,results.json,ttft_cdf.png}.
+BENCH_ROUTING_ENVOY ?= envoy-round-robin:envoy_round_robin llmproxy-inference_lb:inference_lb llmproxy-prefix_cost:prefix_cost
+bench-routing: sim sim-plot-deps sim-peer-deps envoy-module
+	BENCH_REFS=$${BENCH_REFS:-0} BENCH_ENVOY_TARGETS="$(BENCH_ROUTING_ENVOY)" bash scripts/bench_routing.sh $(BENCH_TARGETS)

@@ -1,0 +1,26 @@
+# Soak, fault injection and abuse of the Envoy module (and nginx reloads) — docs/soak.md.
+#
+#   make soak        everything, long: 1M requests through Envoy + faults + abuse (minutes, not in CI)
+#   make test-soak   the same scenarios with small counts (pytest, < 2 minutes)
+
+SOAK_ENV  := LLMPROXY_BUILD_DIR=$(abspath $(BUILD_DIR)) LLMPROXY_ENVOY=$(abspath $(VENV))/bin/envoy
+SOAK_ARGS ?=
+
+.PHONY: soak soak-deps test-soak
+
+# wrk (Debian) for the steady soak; the simulator and metadata-center binaries.
+soak-deps: venv envoy-module nginx-deps
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null 2>&1 || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }; \
+	  else echo "wrk missing: apt-get install wrk"; exit 1; fi; }
+	@test -x $(RELEASE)/llmproxy-sim -a -x $(RELEASE)/llmproxy-metadata-center || \
+	  $(CARGO) build --release -p llmproxy-sim -p llmproxy-metadata-center
+
+## soak: 1M requests through Envoy + module, faults under load, abuse; results in build/soak.json
+soak: soak-deps
+	$(SOAK_ENV) $(VENV_PY) tests/soak/soak.py --json $(BUILD_DIR)/soak.json $(SOAK_ARGS)
+
+## test-soak: the scenarios of `make soak`, shortened (CI)
+test-soak: soak-deps
+	$(SOAK_ENV) timeout 240 $(VENV_PY) -m pytest -q -p no:cacheprovider tests/soak

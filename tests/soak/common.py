@@ -432,9 +432,17 @@ end
 """ % (json.dumps(filler[:body_bytes]), total_per_thread))
 
 
+def _wrk_seconds(out):
+    """wrk's run time: "... requests in 1.62m, ..." (us, ms, s, m or h)."""
+    m = re.search(r"requests in ([\d.]+)(us|ms|s|m|h),", out)
+    if not m:
+        return None
+    return round(float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2)], 2)
+
+
 def parse_wrk(out):
     res = {"requests": int(re.search(r"(\d+) requests in", out).group(1)),
-           "seconds": float(re.search(r"requests in ([\d.]+)s", out).group(1)) if re.search(r"requests in ([\d.]+)s,", out) else None,
+           "seconds": _wrk_seconds(out),
            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
     m = re.search(r"SOAK non200=(\d+)", out)
     res["non200"] = int(m.group(1)) if m else None

@@ -340,6 +340,14 @@ def _mc_load_total(view):
 # 4. Envoy hot restart with a changed llmproxy config, requests in flight
 
 
+class _Unlink:
+    def __init__(self, path):
+        self.path = path
+
+    def close(self):
+        self.path.unlink(missing_ok=True)
+
+
 class HotEnvoy:
     """Envoy with hot restart enabled (no --disable-hot-restart): epochs share a base id."""
 
@@ -406,6 +414,8 @@ def envoy_hot_restart(workdir, connections=8, streams=8):
         base_id = int.from_bytes(os.urandom(3), "big") + 10_000
         boot0 = envoy_harness.envoy_bootstrap(listen, admin0, clusters, cfg0, default_cluster="pool")
         boot1 = envoy_harness.envoy_bootstrap(listen, admin1, clusters, cfg1, default_cluster="pool")
+        # Envoy leaves its hot-restart shared memory file behind when it is stopped: ours goes
+        procs.add(_Unlink(Path("/dev/shm/envoy_shared_memory_%d" % (base_id * 10))))
         e0 = procs.add(HotEnvoy(boot0, workdir, base_id, 0))
         e0.wait_ready()
         status, _, body, _ = envoy_harness.request(listen, "POST", CHAT, chat_body("hello m2", model="m2"))

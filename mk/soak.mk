@@ -24,3 +24,5 @@ soak: soak-deps
 ## test-soak: the scenarios of `make soak`, shortened (CI)
 test-soak: soak-deps
 	$(SOAK_ENV) timeout 240 $(VENV_PY) -m pytest -q -p no:cacheprovider tests/soak
+
+TEST_TARGETS += test-soak

@@ -321,6 +321,43 @@ def metadata_center_faults(workdir, connections=16, phase_s=3.0, rate=None):
     return res
 
 
+def metadata_center_rate(workdir, rates=(None, 500.0), seconds=8.0, connections=16):
+    """No fault: a healthy metadata-center at several request rates (None: as fast as the
+    loader goes). After each load, the library must not have dropped events and the
+    metadata-center's load view must drain to zero (no phantom requests left until its TTL)."""
+    res = Result("metadata_center_rate")
+    runs = []
+    for rate in rates:
+        with Procs() as procs:
+            sims = [procs.add(SimServer(p)) for p in free_ports(3)]
+            mc = procs.add(MetadataCenter(0))
+            gw = procs.add(gateway([s.addr for s in sims], Path(workdir) / ("gw-%s" % rate), metadata_center={
+                "enabled": True, "host": "127.0.0.1", "port": mc.port, "cache_enabled": True, "timeout_ms": 100,
+                "async_timeout_ms": 300, "load_poll_ms": 50}))
+            load = Loader(gw.port, connections, rate=rate)
+            time.sleep(seconds)
+            recs = load.stop()
+            check_idle(res, gw)
+            time.sleep(2.0)  # let the background thread send what it still has
+            m = metrics(gw.port)
+            st, _, body, _ = envoy_harness.request(mc.port, "GET", "/v1/load/stats?cluster=pool")
+            view = json.loads(body) if st == 200 else {}
+            s_ = summarize(recs)
+            run = {"rate": rate or "unthrottled", "requests": s_["requests"],
+                   "requests_per_s": round(s_["requests"] / seconds), "errors": s_["not_ok"],
+                   "calls_ok": m.total("llmproxy_metadata_center_calls_total", result="ok"),
+                   "calls_failed": m.total("llmproxy_metadata_center_calls_total", result="failed"),
+                   "events_dropped": m.total("llmproxy_metadata_center_events_dropped_total"),
+                   "phantom_requests": _mc_load_total(view),
+                   "phantom_prompt_chars": sum(d.get("prompt_length", 0) for d in view.get("data", []))}
+            runs.append(run)
+            res.check("%s: no request error" % run["rate"], s_["not_ok"] == 0, s_["by_status"])
+            res.check("%s (%d req/s): no event dropped, no phantom load left on the metadata-center" % (
+                run["rate"], run["requests_per_s"]), run["events_dropped"] == 0 and run["phantom_requests"] == 0, run)
+    res.numbers["runs"] = runs
+    return res
+
+
 def _mc_load_total(view):
     """Sum of numeric in-flight fields of a /v1/load/stats answer (list or dict shapes)."""
     total = 0
@@ -865,6 +902,7 @@ ALL = {
     "steady": steady,
     "model_server_restart": model_server_restart,
     "metadata_center_faults": metadata_center_faults,
+    "metadata_center_rate": metadata_center_rate,
     "envoy_hot_restart": envoy_hot_restart,
     "nginx_reload": nginx_reload,
     "client_abort": client_abort,

@@ -32,6 +32,7 @@ def main():
         "steady": {"requests": args.requests, "connections": args.connections},
         "model_server_restart": {"down_s": 6.0, "after_s": 8.0},
         "metadata_center_faults": {"phase_s": 5.0},
+        "metadata_center_rate": {"rates": (500.0, 1000.0, 2000.0, None)},
         "nginx_reload": {"duration_s": 30, "reloads": 5},
         "client_abort": {"aborts": 500},
         "abuse": {"slow_conns": 500, "slow_s": 15.0},

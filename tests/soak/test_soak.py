@@ -15,6 +15,7 @@ SHORT = {
     "steady": {"requests": 40_000, "warmup": 8_000, "prefix_index_capacity": 5_000, "connections": 16},
     "model_server_restart": {"before_s": 2.0, "down_s": 3.0, "after_s": 4.0, "eject_ms": 1000},
     "metadata_center_faults": {"phase_s": 2.0, "rate": 300},
+    "metadata_center_rate": {"rates": (200.0,), "seconds": 4.0},
     "envoy_hot_restart": {},
     "nginx_reload": {"duration_s": 8, "reloads": 2},
     "client_abort": {"aborts": 100},

@@ -12,14 +12,24 @@ received headers) after `x-test-delay-ms`, or Server-Sent Events when the body s
 "stream": true: `x-test-chunks` events (default 5) `x-test-chunk-delay-ms` apart, each flushed
 as its own HTTP chunk, then `data: [DONE]`. `x-test-status: 503` answers that status instead.
 POST /v2/models/{model}/generate[_stream] answers like Triton's generate extension
-(`{"model_name", "model_version", "text_output"}`, or SSE events of them).
+(`{"model_name", "model_version", "text_output"}`, or SSE events of them). With
+`x-test-triton-script: 1` the answer is SCRIPTED_TEXT (with the server's name), streamed in small
+pieces with every event split across two network chunks, and the response header
+`x-test-triton-request` carries base64(JSON {"path", "body"}) of what the server read;
+`x-test-triton-error: <status>` answers that status with Triton's `{"error": "..."}`, and
+`x-test-triton-error: stream` fails mid-stream with an `{"error": ...}` event.
+POST /v1/completions answers in `text_completion` shape (`choices[].text`).
 GET /v1/models and /health answer small JSON documents.
 """
 
 import asyncio
+import base64
 import json
 import sys
 import time
+
+# What a scripted Triton answer says (multi-byte UTF-8 on purpose); %s is the server's name.
+SCRIPTED_TEXT = "Héllo from %s: wörld ✓ done"
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
@@ -62,7 +72,7 @@ async def read_request(reader):
 
 
 def head(status, headers):
-    reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error", 502: "Bad Gateway",
+    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error", 502: "Bad Gateway",
               503: "Service Unavailable"}.get(status, "Status")
     lines = ["HTTP/1.1 %d %s" % (status, reason)] + ["%s: %s" % kv for kv in headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -97,6 +107,12 @@ def make_handler(name):
         delay = int(req.headers.get("x-test-delay-ms", "0") or 0) / 1000.0
         if delay:
             await asyncio.sleep(delay)
+        completions = req.path.startswith("/v1/completions")
+        if completions and not payload.get("stream"):
+            return await send_json(writer, 200, {
+                "id": "cmpl-test", "object": "text_completion", "created": 0, "model": echo["model"],
+                "choices": [{"index": 0, "text": "hi from " + name, "logprobs": None, "finish_reason": "stop"}],
+                **echo})
         if not payload.get("stream"):
             return await send_json(writer, 200, {
                 "id": "cmpl-test", "object": "chat.completion", "model": echo["model"],
@@ -115,6 +131,8 @@ def make_handler(name):
         for i in range(chunks):
             ev = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "tok%d " % i}}],
                   "t": time.time()}
+            if completions:
+                ev.update(object="text_completion", choices=[{"index": 0, "text": "tok%d " % i, "finish_reason": None}])
             if i == 0:
                 ev.update(echo)
             await event(json.dumps(ev))
@@ -129,6 +147,8 @@ def make_handler(name):
         parts = req.path.split("?")[0].split("/")
         model, verb = parts[3], parts[4]
         payload = json.loads(req.body or b"{}")
+        if req.headers.get("x-test-triton-script") or req.headers.get("x-test-triton-error"):
+            return await triton_scripted(req, writer, model, verb, payload)
         if verb == "generate":
             return await send_json(writer, 200, {"model_name": model, "model_version": "1",
                                                  "text_output": "hi from %s (%d chars in)" % (name, len(payload.get("text_input", "")))})
@@ -140,6 +160,42 @@ def make_handler(name):
                                            "text_output": "tok%d " % i}) + "\n\n").encode()
             writer.write(b"%x\r\n%s\r\n" % (len(data), data))
             await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async def triton_scripted(req, writer, model, verb, payload):
+        """A scripted Triton answer (see the module doc)."""
+        seen = base64.b64encode(json.dumps({"path": req.path, "body": payload}).encode()).decode()
+        fail = req.headers.get("x-test-triton-error", "")
+        if fail.isdigit() or verb == "generate":
+            status = int(fail) if fail.isdigit() else 200
+            obj = ({"error": "scripted triton failure %s" % fail} if fail.isdigit()
+                   else {"model_name": model, "model_version": "1", "text_output": SCRIPTED_TEXT % name})
+            body = json.dumps(obj).encode()
+            writer.write(head(status, [("content-type", "application/json"), ("content-length", str(len(body))),
+                                       ("x-served-by", name), ("x-test-triton-request", seen)]) + body)
+            return await writer.drain()
+        writer.write(head(200, [("content-type", "text/event-stream; charset=utf-8"),
+                                ("transfer-encoding", "chunked"), ("x-served-by", name),
+                                ("x-test-triton-request", seen)]))
+
+        async def chunk(data):
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
+
+        text = SCRIPTED_TEXT % name
+        pieces = [text[i:i + 4] for i in range(0, len(text), 4)]
+        if fail == "stream":
+            pieces = pieces[:2]
+        for i, p in enumerate(pieces):
+            event = ("data: " + json.dumps({"model_name": model, "model_version": "1", "text_output": p},
+                                           ensure_ascii=False) + "\n\n").encode()
+            cut = 1 + (7 * i + 3) % (len(event) - 1)  # each event split elsewhere, never empty
+            await chunk(event[:cut])
+            await asyncio.sleep(0.002)
+            await chunk(event[cut:])
+        if fail == "stream":
+            await chunk(b'data: {"error": "scripted triton failure mid-stream"}\n\n')
         writer.write(b"0\r\n\r\n")
         await writer.drain()
 

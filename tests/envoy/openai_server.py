@@ -14,7 +14,8 @@ With `x-test-triton-script: 1` the Triton answer is SCRIPTED_TEXT (below, with t
 name), streamed in small pieces with events split across network chunks, and the response
 header `x-test-triton-request` carries base64(JSON {"path", "body"}) of what the server read;
 `x-test-triton-error: <status>` answers that status with Triton's `{"error": "..."}`, and
-`x-test-triton-error: stream` fails mid-stream with an `{"error": ...}` event.
+`x-test-triton-error: stream` fails mid-stream with an `{"error": ...}` event, and
+`x-test-triton-error: answer` answers generate with 200 and an `{"error": ...}` body.
 POST /v1/completions answers in `text_completion` shape (`choices[].text`).
 GET /v1/models and /health answer too. Prints "READY" once every port listens.
 """
@@ -156,7 +157,10 @@ def make_handler(name):
                 return
             text = SCRIPTED_TEXT % name
             if verb == "generate":
-                body = json.dumps({"model_name": model, "model_version": "1", "text_output": text}).encode()
+                obj = {"model_name": model, "model_version": "1", "text_output": text}
+                if fail == "answer":  # an error object in a 200 answer
+                    obj = {"error": "scripted triton failure in a 200 answer"}
+                body = json.dumps(obj).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))

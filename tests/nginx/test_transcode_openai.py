@@ -252,6 +252,18 @@ def test_triton_error_mid_stream(client):
     assert "mid-stream" in e.value.message
 
 
+def test_triton_error_in_a_200_answer_keeps_200(gateway):
+    # Documented limit: the status is sent before the body is seen, so a non-streamed Triton
+    # answer that turns out to be an error keeps 200; the body is an OpenAI error object.
+    body = {"model": "m-tri-err", "messages": MESSAGES}
+    status, hdrs, data = harness.request(gateway.port, "POST", "/v1/chat/completions", body,
+                                         {"x-test-triton-error": "answer"})
+    assert status == 200
+    assert hdrs["content-type"].startswith("application/json")
+    err = json.loads(data)["error"]
+    assert err["message"] == "scripted triton failure in a 200 answer" and err["code"] == 502
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA and label subsets
 

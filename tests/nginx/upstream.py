@@ -17,7 +17,8 @@ POST /v2/models/{model}/generate[_stream] answers like Triton's generate extensi
 pieces with every event split across two network chunks, and the response header
 `x-test-triton-request` carries base64(JSON {"path", "body"}) of what the server read;
 `x-test-triton-error: <status>` answers that status with Triton's `{"error": "..."}`, and
-`x-test-triton-error: stream` fails mid-stream with an `{"error": ...}` event.
+`x-test-triton-error: stream` fails mid-stream with an `{"error": ...}` event, and
+`x-test-triton-error: answer` answers generate with 200 and an `{"error": ...}` body.
 POST /v1/completions answers in `text_completion` shape (`choices[].text`).
 GET /v1/models and /health answer small JSON documents.
 """
@@ -170,6 +171,7 @@ def make_handler(name):
         if fail.isdigit() or verb == "generate":
             status = int(fail) if fail.isdigit() else 200
             obj = ({"error": "scripted triton failure %s" % fail} if fail.isdigit()
+                   else {"error": "scripted triton failure in a 200 answer"} if fail == "answer"
                    else {"model_name": model, "model_version": "1", "text_output": SCRIPTED_TEXT % name})
             body = json.dumps(obj).encode()
             writer.write(head(status, [("content-type", "application/json"), ("content-length", str(len(body))),

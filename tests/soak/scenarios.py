@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from common import (CHAT, DirectUpstream, Loader, MetadataCenter, Procs, SimServer, TestServers, chat_body,
-                    ensure_wrk, envoy_harness, free_ports, gateway, in_flight, log, metrics, nginx_harness,
+                    ensure_wrk, envoy_harness, free_ports, gateway, log, metrics, nginx_harness,
                     parse_wrk, rss_kib, stop_proc, summarize, wait_idle, wrk_script)
 
 

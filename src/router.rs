@@ -463,12 +463,16 @@ impl RouterInner {
         format!("{}-{n:x}", self.id_prefix)
     }
 
-    fn send(&self, e: Event) {
-        if let Some(tx) = self.events.get() {
-            if !tx.send(e) {
-                self.metrics.sync_dropped.fetch_add(1, Ordering::Relaxed);
-            }
+    /// Queues a sync event; false when it was dropped (queue full) or there is no sync.
+    fn send(&self, e: Event) -> bool {
+        let Some(tx) = self.events.get() else {
+            return false;
+        };
+        let sent = tx.send(e);
+        if !sent {
+            self.metrics.sync_dropped.fetch_add(1, Ordering::Relaxed);
         }
+        sent
     }
 
     /// Parses the request and matches its rule: everything but the endpoint choice.
@@ -639,13 +643,15 @@ impl RouterInner {
         r.cluster.touch(now);
         if self.events.get().is_some() {
             let req = RequestSync::new(self.next_request_id());
-            self.send(Event::Add {
+            // A dropped add means the server never hears of this request: no releases either.
+            if self.send(Event::Add {
                 req: Arc::clone(&req),
                 cluster: Arc::clone(&r.cluster),
                 endpoint: Arc::clone(&endpoint),
                 prompt_chars: r.prompt_chars,
-            });
-            r.sync = Some(req);
+            }) {
+                r.sync = Some(req);
+            }
         }
         r.tried.push(endpoint.id);
         r.endpoint = Some(endpoint);
@@ -1076,11 +1082,11 @@ impl PickedRequest {
         };
         if let Some(old) = r.endpoint.take() {
             if let Some(req) = r.sync.take() {
+                req.mark_finished();
                 router.send(Event::Done {
                     req,
                     cluster: Arc::clone(&r.cluster),
                     endpoint: Arc::clone(&old),
-                    prefill_left: if first_token_seen { 0 } else { r.prompt_chars },
                 });
             }
             if !first_token_seen {
@@ -1114,7 +1120,6 @@ impl PickedRequest {
                         req: Arc::clone(req),
                         cluster: Arc::clone(&r.cluster),
                         endpoint: Arc::clone(e),
-                        prompt_chars: r.prompt_chars,
                     });
                 }
             }
@@ -1136,11 +1141,11 @@ impl PickedRequest {
         if let Ok(r) = &mut self.result {
             if let Some(e) = &r.endpoint {
                 if let Some(req) = r.sync.take() {
+                    req.mark_finished();
                     router.send(Event::Done {
                         req,
                         cluster: Arc::clone(&r.cluster),
                         endpoint: Arc::clone(e),
-                        prefill_left: if first_token_seen { 0 } else { r.prompt_chars },
                     });
                     let cache_aware = router.config.lb_params(&r.model).cache_aware;
                     if (100..400).contains(&upstream_status)

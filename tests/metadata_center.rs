@@ -310,3 +310,49 @@ fn hanging_server_costs_at_most_the_timeout_and_free_stays_bounded() {
         "free is bounded while a call hangs"
     );
 }
+
+#[test]
+fn overload_sheds_reports_but_never_leaves_phantom_load() {
+    let server = start_server();
+    // A tiny queue: adds beyond it are shed, but no delete of a delivered add may be lost.
+    let r = Router::from_json(config(server.port, r#", "queue_size": 50"#).as_bytes()).unwrap();
+    // Hold 400 requests, added in batches the queue can carry, until the server has them all.
+    let mut held = Vec::new();
+    for batch in 0..10 {
+        for i in 0..40 {
+            held.push(r.pick(&[], &chat(&format!("b{batch} q{i}"))));
+        }
+        let want = held.len() as i64;
+        wait_until("the server to count the batch", || {
+            server_queued(server.port)
+                .iter()
+                .map(|(_, q)| *q)
+                .sum::<i64>()
+                == want
+        });
+    }
+    // Then a burst far above the queue: 400 prompt releases and 400 deletes at once.
+    for (i, mut p) in held.into_iter().enumerate() {
+        if i % 2 == 0 {
+            p.first_token();
+        }
+        p.finish(200);
+    }
+    assert_eq!(r.in_flight(), 0);
+    // Plus a flood of short requests that overflows the queue (these are shed).
+    for i in 0..5_000 {
+        r.pick(&[], &chat(&format!("flood {i}"))).finish(200);
+    }
+    assert!(
+        metric(&r, "llmproxy_metadata_center_events_dropped_total ") > 0,
+        "the flood must overflow the queue for this test to mean anything"
+    );
+    // Every add the server received gets its delete: nothing is left in flight there.
+    wait_until("the server to drain to zero", || {
+        server_queued(server.port).iter().all(|(_, q)| *q == 0)
+    });
+    let v = http_get(server.port, "/v1/load/stats?cluster=pool");
+    for e in v["data"].as_array().cloned().unwrap_or_default() {
+        assert_eq!(e["prompt_length"], 0, "{e}");
+    }
+}

@@ -12,13 +12,18 @@
 //! A second thread, only when remote cache lookups are enabled, answers `pick_async`
 //! lookups within `timeout_ms` and calls the host's callback.
 //!
-//! Events of one request are sent in order on one thread, so a delete can never overtake its
-//! add; a request whose add was not delivered sends no deletes.
+//! Adds and cache saves go through a bounded queue and are dropped (and counted) when it is
+//! full. Releases (prompt delete, delete) go through their own queue and are never dropped:
+//! a lost delete would leave phantom load on the server until its TTL. There are at most two
+//! per picked request, and the circuit breaker drains them fast when the server is down.
+//! A request whose add was not delivered sends no deletes, and a request that finished
+//! before its add went out is skipped entirely — under a backlog the queue sheds work
+//! instead of growing.
 
 pub mod client;
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -39,7 +44,12 @@ const STOP_WAIT: Duration = Duration::from_secs(2);
 pub struct RequestSync {
     /// Unique request id on the wire.
     pub id: String,
+    /// The server knows this request (its add was delivered).
     delivered: AtomicBool,
+    /// The request has finished on the request path (its delete is queued).
+    finished: AtomicBool,
+    /// Prompt characters this router reported for it and not yet released.
+    reported_prompt: AtomicU64,
 }
 
 impl RequestSync {
@@ -48,7 +58,14 @@ impl RequestSync {
         Arc::new(Self {
             id,
             delivered: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
+            reported_prompt: AtomicU64::new(0),
         })
+    }
+
+    /// Marks the request finished; call before queueing its `Done`.
+    pub fn mark_finished(&self) {
+        self.finished.store(true, Ordering::Relaxed);
     }
 }
 
@@ -73,10 +90,8 @@ pub enum Event {
         cluster: Arc<Cluster>,
         /// Its endpoint.
         endpoint: Arc<Endpoint>,
-        /// Prompt length released.
-        prompt_chars: u64,
     },
-    /// The request finished.
+    /// The request finished (call `RequestSync::mark_finished` first).
     Done {
         /// Request identity.
         req: Arc<RequestSync>,
@@ -84,8 +99,6 @@ pub enum Event {
         cluster: Arc<Cluster>,
         /// Its endpoint.
         endpoint: Arc<Endpoint>,
-        /// Prompt length not released by a `PromptDone`.
-        prefill_left: u64,
     },
     /// The endpoint answered successfully: it now holds these prefixes.
     SaveCache {
@@ -100,13 +113,20 @@ pub enum Event {
 
 /// The request path's end of the event channel.
 pub struct EventSender {
+    /// Adds and cache saves (bounded; dropped when full).
     tx: Sender<Event>,
+    /// Releases (unbounded; never dropped).
+    releases: Sender<Event>,
 }
 
 impl EventSender {
-    /// Queues an event without ever waiting; false when it was dropped (queue full).
+    /// Queues an event without ever waiting; false when it was dropped (queue full). Releases
+    /// are never dropped.
     pub fn send(&self, e: Event) -> bool {
-        self.tx.try_send(e).is_ok()
+        match e {
+            Event::PromptDone { .. } | Event::Done { .. } => self.releases.send(e).is_ok(),
+            _ => self.tx.try_send(e).is_ok(),
+        }
     }
 }
 
@@ -177,7 +197,8 @@ pub(crate) fn start(
     dns_refresh: Duration,
 ) -> std::io::Result<(Option<EventSender>, ThreadGuard)> {
     let (tx, rx) = bounded::<Event>(settings.queue_size.max(1));
-    let sender = settings.enabled.then_some(EventSender { tx });
+    let (releases, release_rx) = crossbeam_channel::unbounded::<Event>();
+    let sender = settings.enabled.then_some(EventSender { tx, releases });
     let client = settings.enabled.then(|| {
         Client::new(
             settings.clone(),
@@ -192,7 +213,9 @@ pub(crate) fn start(
         dns_clusters,
         dns_refresh,
     };
-    let guard = spawn_quiet("llmproxy-sync", move |stop| worker.run(rx, stop))?;
+    let guard = spawn_quiet("llmproxy-sync", move |stop| {
+        worker.run(rx, release_rx, stop)
+    })?;
     Ok((sender, guard))
 }
 
@@ -231,7 +254,7 @@ fn unix_nanos() -> u64 {
 }
 
 impl Worker {
-    fn run(&mut self, events: Receiver<Event>, stop: Receiver<()>) {
+    fn run(&mut self, events: Receiver<Event>, releases: Receiver<Event>, stop: Receiver<()>) {
         let mut next_poll = Instant::now();
         let mut next_dns = Instant::now();
         loop {
@@ -253,6 +276,10 @@ impl Worker {
             let wait = deadline.saturating_duration_since(Instant::now());
             select! {
                 recv(stop) -> _ => return,
+                recv(releases) -> e => match e {
+                    Ok(e) => self.handle(e),
+                    Err(_) => return,
+                },
                 recv(events) -> e => match e {
                     Ok(e) => self.handle(e),
                     Err(_) => return,
@@ -280,6 +307,9 @@ impl Worker {
                 endpoint,
                 prompt_chars,
             } => {
+                if req.finished.load(Ordering::Relaxed) {
+                    return; // over before it was reported: nothing to add, nothing to delete
+                }
                 let ip = endpoint.wire_id(identity);
                 let ok = client
                     .add_request(&AddRequest {
@@ -292,6 +322,7 @@ impl Worker {
                     .is_ok();
                 if ok {
                     req.delivered.store(true, Ordering::Relaxed);
+                    req.reported_prompt.store(prompt_chars, Ordering::Relaxed);
                     endpoint.reported_add(prompt_chars);
                 }
                 ok
@@ -300,9 +331,9 @@ impl Worker {
                 req,
                 cluster,
                 endpoint,
-                prompt_chars,
             } => {
-                if !req.delivered.load(Ordering::Relaxed) {
+                // Unknown to the server, or finished already: the delete releases the prompt.
+                if !req.delivered.load(Ordering::Relaxed) || req.finished.load(Ordering::Relaxed) {
                     return;
                 }
                 let ok = client
@@ -313,7 +344,7 @@ impl Worker {
                     })
                     .is_ok();
                 if ok {
-                    endpoint.reported_release(0, prompt_chars);
+                    endpoint.reported_release(0, req.reported_prompt.swap(0, Ordering::Relaxed));
                 }
                 ok
             }
@@ -321,7 +352,6 @@ impl Worker {
                 req,
                 cluster,
                 endpoint,
-                prefill_left,
             } => {
                 if !req.delivered.load(Ordering::Relaxed) {
                     return;
@@ -334,7 +364,7 @@ impl Worker {
                     })
                     .is_ok();
                 if ok {
-                    endpoint.reported_release(1, prefill_left);
+                    endpoint.reported_release(1, req.reported_prompt.swap(0, Ordering::Relaxed));
                 }
                 ok
             }

@@ -39,6 +39,8 @@ use client::{AddRequest, Client, DeleteRequest, SaveCache};
 const ACTIVE_FOR_MS: u64 = 10_000;
 /// How long `Drop` waits for a thread to finish before detaching it.
 const STOP_WAIT: Duration = Duration::from_secs(2);
+/// Part of the stop wait spent sending the releases still queued.
+const RELEASE_DRAIN: Duration = Duration::from_millis(1500);
 
 /// The sync identity of one upstream attempt of a request.
 pub struct RequestSync {
@@ -273,9 +275,17 @@ impl Worker {
             } else if !self.dns_clusters.is_empty() {
                 deadline = deadline.min(next_dns);
             }
+            // Releases first: they are what keeps the server's view free of phantom load.
+            if let Ok(e) = releases.try_recv() {
+                self.handle(e);
+                continue;
+            }
             let wait = deadline.saturating_duration_since(Instant::now());
             select! {
-                recv(stop) -> _ => return,
+                recv(stop) -> _ => {
+                    self.drain_releases(&releases, RELEASE_DRAIN);
+                    return;
+                }
                 recv(releases) -> e => match e {
                     Ok(e) => self.handle(e),
                     Err(_) => return,
@@ -285,6 +295,18 @@ impl Worker {
                     Err(_) => return,
                 },
                 default(wait) => {}
+            }
+        }
+    }
+
+    /// At shutdown: sends the releases still queued, for at most `budget` (within the stop
+    /// wait), so a config reload does not leave phantom load behind.
+    fn drain_releases(&mut self, releases: &Receiver<Event>, budget: Duration) {
+        let until = Instant::now() + budget;
+        while Instant::now() < until {
+            match releases.try_recv() {
+                Ok(e) => self.handle(e),
+                Err(_) => return,
             }
         }
     }
@@ -311,21 +333,27 @@ impl Worker {
                     return; // over before it was reported: nothing to add, nothing to delete
                 }
                 let ip = endpoint.wire_id(identity);
-                let ok = client
-                    .add_request(&AddRequest {
-                        request_id: &req.id,
-                        cluster: &cluster.name,
-                        prompt_length: prompt_chars,
-                        ip: &ip,
-                        timestamp: unix_nanos(),
-                    })
-                    .is_ok();
-                if ok {
-                    req.delivered.store(true, Ordering::Relaxed);
-                    req.reported_prompt.store(prompt_chars, Ordering::Relaxed);
-                    endpoint.reported_add(prompt_chars);
+                let result = client.add_request(&AddRequest {
+                    request_id: &req.id,
+                    cluster: &cluster.name,
+                    prompt_length: prompt_chars,
+                    ip: &ip,
+                    timestamp: unix_nanos(),
+                });
+                match &result {
+                    Ok(()) => {
+                        req.delivered.store(true, Ordering::Relaxed);
+                        req.reported_prompt.store(prompt_chars, Ordering::Relaxed);
+                        endpoint.reported_add(prompt_chars);
+                    }
+                    // A timeout may still reach a stalled server later: send the delete anyway
+                    // (the server ignores deletes of requests it never saw).
+                    Err(client::CallError::Transport(_)) => {
+                        req.delivered.store(true, Ordering::Relaxed);
+                    }
+                    Err(_) => {}
                 }
-                ok
+                result.is_ok()
             }
             Event::PromptDone {
                 req,

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_EACH=${FUZZ_SECONDS:-60}
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(config pick transcode abi_sequence)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(config pick transcode abi_sequence metadata_center)
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   echo "== installing cargo-fuzz (crates.io)"

@@ -139,7 +139,7 @@ impl Router {
                 .get(name)
                 .map(|specs| specs.iter().map(|s| s.addr).collect::<Vec<_>>())
                 .unwrap_or_default();
-            router.set_endpoints_internal(name, &addrs, false);
+            router.inner.replace_endpoints(name, &addrs, false);
         }
         // Threads start once the static state is in place (a DNS answer must not be
         // overwritten by the initial empty set).
@@ -184,44 +184,7 @@ impl Router {
     /// Replaces the endpoints of `cluster` (created if unknown). Endpoints that stay keep
     /// their load counters and cache knowledge.
     pub fn set_endpoints(&self, cluster: &str, endpoints: &[SocketAddr]) {
-        self.set_endpoints_internal(cluster, endpoints, true);
-    }
-
-    fn set_endpoints_internal(&self, cluster: &str, endpoints: &[SocketAddr], count: bool) {
-        let inner = &self.inner;
-        let _guard = inner.update_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let existing = inner.clusters.load().get(cluster).cloned();
-        let c = match existing {
-            Some(c) => c,
-            None => {
-                let c = Arc::new(Cluster::new(cluster));
-                let mut map = HashMap::clone(&inner.clusters.load());
-                map.insert(cluster.to_string(), Arc::clone(&c));
-                inner.clusters.store(Arc::new(map));
-                c
-            }
-        };
-        let models = inner.model_names.len();
-        let specs = inner.config.clusters.get(cluster);
-        c.replace(endpoints, |addr| {
-            let mut e = Endpoint::new(
-                inner.next_endpoint_id.fetch_add(1, Ordering::Relaxed),
-                addr,
-                models,
-            );
-            // Labels and adapters come from the config's entry for this address, if any.
-            if let Some(spec) = specs.and_then(|s| s.iter().find(|s| s.addr == addr)) {
-                e.labels = spec.labels.clone();
-                e.lora_adapters = spec.lora_adapters.clone();
-            }
-            e
-        });
-        if count {
-            inner
-                .metrics
-                .endpoint_updates
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        self.inner.replace_endpoints(cluster, endpoints, true);
     }
 
     /// The current endpoints of a cluster, as `ip:port`.
@@ -419,22 +382,57 @@ impl RouterInner {
         self.clusters.load().values().cloned().collect()
     }
 
+    /// Replaces a cluster's endpoints (created if unknown); endpoints that stay keep their
+    /// state. `count` says whether the update shows in `llmproxy_endpoint_updates_total`.
+    fn replace_endpoints(&self, cluster: &str, endpoints: &[SocketAddr], count: bool) {
+        let inner = self;
+        let _guard = inner.update_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let existing = inner.clusters.load().get(cluster).cloned();
+        let c = match existing {
+            Some(c) => c,
+            None => {
+                let c = Arc::new(Cluster::new(cluster));
+                let mut map = HashMap::clone(&inner.clusters.load());
+                map.insert(cluster.to_string(), Arc::clone(&c));
+                inner.clusters.store(Arc::new(map));
+                c
+            }
+        };
+        let models = inner.model_names.len();
+        let specs = inner.config.clusters.get(cluster);
+        c.replace(endpoints, |addr| {
+            let mut e = Endpoint::new(
+                inner.next_endpoint_id.fetch_add(1, Ordering::Relaxed),
+                addr,
+                models,
+            );
+            // Labels and adapters come from the config's entry for this address, if any.
+            if let Some(spec) = specs.and_then(|s| s.iter().find(|s| s.addr == addr)) {
+                e.labels = spec.labels.clone();
+                e.lora_adapters = spec.lora_adapters.clone();
+            }
+            e
+        });
+        if count {
+            inner
+                .metrics
+                .endpoint_updates
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Replaces a DNS cluster's endpoints when the resolved set changed.
-    pub(crate) fn update_dns_cluster(self: &Arc<Self>, cluster: &str, addrs: &[SocketAddr]) {
+    pub(crate) fn update_dns_cluster(&self, cluster: &str, addrs: &[SocketAddr]) {
         let current: Vec<SocketAddr> = self
             .clusters
             .load()
             .get(cluster)
             .map(|c| c.snapshot().endpoints.iter().map(|e| e.addr).collect())
             .unwrap_or_default();
-        let mut sorted = current.clone();
+        let mut sorted = current;
         sorted.sort();
         if sorted != addrs {
-            Router {
-                inner: Arc::clone(self),
-                _threads: Arc::new(Vec::new()),
-            }
-            .set_endpoints(cluster, addrs);
+            self.replace_endpoints(cluster, addrs, true);
         }
     }
 

@@ -154,6 +154,29 @@ def envoy_bootstrap(listen_port, admin_port, clusters, llmproxy_config=None, def
     }
 
 
+
+def wait_envoy_ready(proc, admin_port, log_tail, timeout=20):
+    """Waits until the Envoy started as `proc` answers LIVE on its admin /ready; raises with
+    the log tail (PortClash when the listener port was taken) if it exits or times out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            tail = log_tail()
+            kind = PortClash if "Address already in use" in tail else RuntimeError
+            raise kind("envoy exited with %s:\n%s" % (proc.returncode, tail))
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=1)
+            c.request("GET", "/ready")
+            r = c.getresponse()
+            body = r.read()
+            c.close()
+            if r.status == 200 and b"LIVE" in body:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("envoy not ready after %ss:\n%s" % (timeout, log_tail()))
+
 class Envoy:
     """A real Envoy process with our module, stopped by close()."""
 
@@ -179,24 +202,7 @@ class Envoy:
             raise
 
     def _wait_ready(self, timeout=20):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.log_tail()
-                kind = PortClash if "Address already in use" in tail else RuntimeError
-                raise kind("envoy exited with %s:\n%s" % (self.proc.returncode, tail))
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=1)
-                c.request("GET", "/ready")
-                r = c.getresponse()
-                body = r.read()
-                c.close()
-                if r.status == 200 and b"LIVE" in body:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("envoy not ready after %ss:\n%s" % (timeout, self.log_tail()))
+        wait_envoy_ready(self.proc, self.admin_port, self.log_tail, timeout)
 
     def log_tail(self, n=60):
         try:

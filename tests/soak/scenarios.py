@@ -413,22 +413,7 @@ class HotEnvoy:
             stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout=20):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("envoy epoch exited %s: %s" % (self.proc.returncode, self.log_tail()))
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=1)
-                c.request("GET", "/ready")
-                r = c.getresponse()
-                body = r.read()
-                c.close()
-                if r.status == 200 and b"LIVE" in body:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("envoy epoch not ready: %s" % self.log_tail())
+        envoy_harness.wait_envoy_ready(self.proc, self.admin_port, self.log_tail, timeout)
 
     def log_tail(self, n=40):
         try:

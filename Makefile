@@ -14,7 +14,7 @@ RELEASE    := target/release
 
 TEST_TARGETS :=
 
-.PHONY: all build build-local header verify fmt fmt-check lint check test test-rust test-c bench clean venv
+.PHONY: all build build-local header verify fmt fmt-check lint check test test-rust test-c sanitizer-deps bench clean venv
 
 all: build
 
@@ -57,8 +57,15 @@ $(VENV)/.installed: tests/requirements.txt
 test-rust: build
 	$(CARGO) test --release --workspace
 
-## test-c: the C test program, -Wall -Wextra -Werror, against the staticlib, under valgrind
-test-c: build
+## sanitizer-deps: Debian's clang with its sanitizer runtimes, for the ASan+UBSan+LSan builds of
+## the C test and the Envoy fake host (installed when root; without it they build with gcc's)
+sanitizer-deps:
+	@scripts/sanitizer-cc.sh clang >/dev/null || scripts/apt-install.sh clang libclang-rt-14-dev || \
+	  echo "clang unavailable: sanitizer builds use gcc's runtimes"
+
+## test-c: the C test program, -Wall -Wextra -Werror, against the staticlib, under valgrind and
+## built with ASan+UBSan+LSan
+test-c: build sanitizer-deps
 	$(MAKE) -C tests/c run
 
 TEST_TARGETS += test-rust test-c

@@ -36,12 +36,14 @@ $(ENVOY_MODULE): $(BUILD_DIR)/llmproxy_envoy.o $(BUILD_DIR)/libllmproxy.a cpp_sh
 	@n=$$(nm -D --defined-only $@ | grep -vc ' envoy_dynamic_module_on_'); \
 	  if [ "$$n" != "0" ]; then echo "$@ exports symbols other than the hooks:"; nm -D --defined-only $@ | grep -v ' envoy_dynamic_module_on_'; exit 1; fi
 
-# Fake Envoy host (tests/envoy/fake_host): the shim object + real library, with ASan/UBSan, and
+# Fake Envoy host (tests/envoy/fake_host): the shim object + real library, with ASan/UBSan/LSan
+# (Debian's clang++ when `make sanitizer-deps` installed its runtimes, else g++), and
 # --wrap=llmproxy_pick_async so tests can drive the PENDING path (and --wrap=llmproxy_request_finish
 # to see the status the shim reports).
 ENVOY_SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
-$(ENVOY_FAKE_HOST): tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_DEPS) $(BUILD_DIR)/libllmproxy.a
-	$(CXX) -std=c++17 -O1 -g $(ENVOY_SAN) -Wall -Wextra -Werror -Iinclude -Icpp_shim \
+ENVOY_SAN_CXX = $(shell scripts/sanitizer-cc.sh c++)
+$(ENVOY_FAKE_HOST): tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_DEPS) $(BUILD_DIR)/libllmproxy.a scripts/sanitizer-cc.sh
+	$(ENVOY_SAN_CXX) -std=c++17 -O1 -g $(ENVOY_SAN) -Wall -Wextra -Werror -Iinclude -Icpp_shim \
 	  tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_SRC) $(BUILD_DIR)/libllmproxy.a \
 	  -Wl,--wrap=llmproxy_pick_async -Wl,--wrap=llmproxy_request_finish $(ENVOY_RUST_LIBS) -o $@
 
@@ -54,7 +56,7 @@ $(ENVOY_PENDING_MODULE): $(BUILD_DIR)/llmproxy_envoy.o tests/envoy/pending_wrap.
 	  $(BUILD_DIR)/libllmproxy.a -Wl,--wrap=llmproxy_pick_async -static-libstdc++ -static-libgcc \
 	  -Wl,--version-script=cpp_shim/exports.map -Wl,--gc-sections $(ENVOY_RUST_LIBS)
 
-test-envoy-fake-host: build
+test-envoy-fake-host: build sanitizer-deps
 	@$(MAKE) --no-print-directory $(ENVOY_FAKE_HOST)
 	ASAN_OPTIONS=detect_leaks=1 $(ENVOY_FAKE_HOST)
 
@@ -73,18 +75,14 @@ test-envoy: venv envoy-module
 
 ## bench-envoy: overhead of the module vs plain round robin, 1 KiB / 64 KiB bodies (not in CI)
 bench-envoy: venv envoy-module
-	@command -v wrk >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk
+	@command -v wrk >/dev/null 2>&1 || scripts/apt-install.sh wrk
 	$(ENVOY_TEST_ENV) $(VENV_PY) tests/envoy/bench_overhead.py
 
 ## test-bazel: Debian's bazel-bootstrap, offline: build the module and the static variant, run the
 ## fake-host cc_tests against both, and `envoy --mode validate` with the Bazel-built module.
 BAZEL ?= bazel
 test-bazel: build venv
-	@command -v $(BAZEL) >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bazel-bootstrap >/dev/null 2>&1 || \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bazel-bootstrap; }; \
-	  else echo "bazel missing: apt-get install bazel-bootstrap"; exit 1; fi; }
+	@command -v $(BAZEL) >/dev/null 2>&1 || scripts/apt-install.sh bazel-bootstrap
 	@set -e; trap '$(BAZEL) shutdown >/dev/null 2>&1 || true' EXIT; \
 	  $(BAZEL) test --noshow_progress //:envoy_shim_fake_host_test //:envoy_shim_static_fake_host_test; \
 	  $(BAZEL) build --noshow_progress //:libllmproxy_envoy.so //:llmproxy_envoy_static; \

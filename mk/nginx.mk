@@ -12,10 +12,7 @@ NGINX_TEST_ENV := LLMPROXY_BUILD_DIR=$(abspath $(BUILD_DIR))
 nginx-deps:
 	@if ! command -v nginx >/dev/null 2>&1 || [ ! -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] || \
 	    [ ! -f /usr/share/lua/5.1/resty/core.lua ]; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(NGINX_APT_PKGS) >/dev/null 2>&1 || \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(NGINX_APT_PKGS); }; \
-	  else echo "nginx with the Lua module missing: apt-get install $(NGINX_APT_PKGS)"; exit 1; fi; \
+	  scripts/apt-install.sh $(NGINX_APT_PKGS); \
 	fi
 
 ## test-nginx: everything under tests/nginx (real nginx, 2 workers, 127.0.0.1 only)
@@ -24,9 +21,7 @@ test-nginx: build venv nginx-deps
 
 ## bench-nginx: nginx + llmproxy vs nginx round robin, 1 KiB and 64 KiB bodies (needs wrk)
 bench-nginx: build nginx-deps
-	@command -v wrk >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
-	  else echo "wrk missing: apt-get install wrk"; exit 1; fi; }
+	@command -v wrk >/dev/null 2>&1 || scripts/apt-install.sh wrk
 	$(NGINX_TEST_ENV) $(PYTHON) tests/nginx/bench/bench_nginx.py
 
 TEST_TARGETS += test-nginx

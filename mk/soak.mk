@@ -10,10 +10,7 @@ SOAK_ARGS ?=
 
 # wrk (Debian) for the steady soak; the simulator and metadata-center binaries.
 soak-deps: venv envoy-module nginx-deps
-	@command -v wrk >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null 2>&1 || \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }; \
-	  else echo "wrk missing: apt-get install wrk"; exit 1; fi; }
+	@command -v wrk >/dev/null 2>&1 || scripts/apt-install.sh wrk
 	@test -x $(RELEASE)/llmproxy-sim -a -x $(RELEASE)/llmproxy-metadata-center || \
 	  $(CARGO) build --release -p llmproxy-sim -p llmproxy-metadata-center
 

@@ -3,10 +3,15 @@
 # cargo-fuzz, starting from the committed seeds (fuzz/seeds/<target>) and the corpus kept in
 # fuzz/corpus/<target>. Prints one line per target: executions, coverage, findings.
 #
-#   scripts/fuzz.sh [TARGET ...]          FUZZ_SECONDS [60]  FUZZ_JOBS [1]
+#   scripts/fuzz.sh [TARGET ...]          FUZZ_SECONDS [60]  FUZZ_RUNS [unlimited]
+#
+# FUZZ_RUNS stops a target after that many executions (whichever of time or runs comes first),
+# e.g. FUZZ_RUNS=10000000 FUZZ_SECONDS=7200 for the issue's 10 M executions per target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_EACH=${FUZZ_SECONDS:-60}
+RUNS_ARG=()
+[ -z "${FUZZ_RUNS:-}" ] || RUNS_ARG=(-runs="$FUZZ_RUNS")
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(config pick transcode abi_sequence metadata_center)
 
@@ -29,7 +34,7 @@ for t in "${TARGETS[@]}"; do
   mkdir -p "fuzz/corpus/$t"
   log="build/fuzz/$t.log"
   if "${FUZZ[@]}" run --release "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
-       -max_total_time="$SECONDS_EACH" -rss_limit_mb=4096 -timeout=10 -print_final_stats=1 \
+       -max_total_time="$SECONDS_EACH" -rss_limit_mb=4096 -timeout=10 -print_final_stats=1 "${RUNS_ARG[@]}" \
        > "$log" 2>&1; then
     result="ok"
   else

@@ -12,8 +12,15 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
+
+// Built with `--cfg loom` (make test-loom, tests/loom_state.rs) the load and health counters are
+// loom's, so the model checker explores every interleaving of concurrent updates.
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicU32, AtomicU64};
+#[cfg(not(loom))]
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use arc_swap::ArcSwap;
 use lru::LruCache;
@@ -141,16 +148,30 @@ impl Endpoint {
     pub fn record_failure(&self, now_ms: u64, threshold: u32, eject_ms: u64) -> bool {
         self.failures.fetch_add(1, Ordering::Relaxed);
         let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if threshold > 0 && n >= threshold && !self.is_ejected(now_ms) {
-            self.ejected_until_ms
-                .store(now_ms + eject_ms, Ordering::Relaxed);
-            // After the ejection ends, one more failure ejects again (half-open).
-            self.consecutive_failures
-                .store(threshold.saturating_sub(1), Ordering::Relaxed);
-            self.ejections.fetch_add(1, Ordering::Relaxed);
-            return true;
+        if threshold == 0 || n < threshold {
+            return false;
         }
-        false
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        // Of the failures racing past the threshold on different workers, one ejects
+        // (found by tests/loom_state.rs: a plain store ejected, and counted, once per worker).
+        if until > now_ms
+            || self
+                .ejected_until_ms
+                .compare_exchange(
+                    until,
+                    now_ms + eject_ms,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return false;
+        }
+        // After the ejection ends, one more failure ejects again (half-open).
+        self.consecutive_failures
+            .store(threshold.saturating_sub(1), Ordering::Relaxed);
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// Records a successful request: the failure streak ends.

@@ -270,6 +270,7 @@ fn validate_checks_without_a_router() {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "Miri cannot fork")]
 fn forked_workers_draw_different_random_choices() {
     // Routers created in different processes must not replay the same tie-breaks: the
     // per-router seed mixes the process id, so two routers in one process differ too.
@@ -497,11 +498,20 @@ fn retry_through_the_abi() {
     }
 }
 
+/// `native` normally, `miri` under Miri (`make miri`), which interprets every instruction.
+fn scaled(native: usize, miri: usize) -> usize {
+    if cfg!(miri) {
+        miri
+    } else {
+        native
+    }
+}
+
 #[test]
 fn garbage_bodies_get_clear_statuses() {
     let r = router(CONFIG).unwrap();
     let mut rng = fastrand::Rng::with_seed(42);
-    let mut bodies: Vec<Vec<u8>> = (0..500)
+    let mut bodies: Vec<Vec<u8>> = (0..scaled(500, 40))
         .map(|_| (0..rng.usize(0..300)).map(|_| rng.u8(..)).collect())
         .collect();
     let good = chat("llama", "a complete and valid request body");
@@ -511,14 +521,14 @@ fn garbage_bodies_get_clear_statuses() {
     bodies.push(
         format!(
             "{{\"model\":\"llama\",\"messages\":{}{}}}",
-            "[".repeat(200_000),
-            "]".repeat(200_000)
+            "[".repeat(scaled(200_000, 2_000)),
+            "]".repeat(scaled(200_000, 2_000))
         )
         .into_bytes(),
     );
-    bodies.push(vec![b'{'; 1 << 20]);
+    bodies.push(vec![b'{'; scaled(1 << 20, 4 << 10)]);
     let mut ten_mb = br#"{"model":"llama","messages":[{"role":"user","content":""#.to_vec();
-    ten_mb.resize(10 << 20, b'a');
+    ten_mb.resize(scaled(10 << 20, 16 << 10), b'a');
     bodies.push(ten_mb);
     for body in &bodies {
         let (st, req) = pick(&r, &[], body);
@@ -538,6 +548,7 @@ fn garbage_bodies_get_clear_statuses() {
 
 #[test]
 fn eight_threads_times_100k_requests_leave_every_counter_at_zero() {
+    let per_thread = scaled(100_000, 10);
     let r = std::sync::Arc::new(router(CONFIG).unwrap());
     let threads: Vec<_> = (0..8)
         .map(|t| {
@@ -551,7 +562,7 @@ fn eight_threads_times_100k_requests_leave_every_counter_at_zero() {
                         )
                     })
                     .collect();
-                for i in 0..100_000usize {
+                for i in 0..per_thread {
                     let (st, req) = pick(&r, &[], &bodies[(i + t) % bodies.len()]);
                     assert_eq!(st, LLMPROXY_OK);
                     unsafe {
@@ -569,15 +580,98 @@ fn eight_threads_times_100k_requests_leave_every_counter_at_zero() {
     }
     assert_eq!(unsafe { llmproxy_router_in_flight(r.0) }, 0);
     let m = metrics(&r);
-    assert!(
-        m.contains("llmproxy_picks_total{outcome=\"routed\"} 800000"),
-        "{m}"
+    let routed = format!(
+        "llmproxy_picks_total{{outcome=\"routed\"}} {}",
+        8 * per_thread
     );
+    assert!(m.contains(&routed), "{m}");
     assert!(m.contains("llmproxy_in_flight_requests 0"));
     for line in m.lines().filter(|l| {
         l.starts_with("llmproxy_endpoint_in_flight_requests{")
             || l.starts_with("llmproxy_endpoint_prefill_chars{")
     }) {
+        assert!(line.ends_with(" 0"), "{line}");
+    }
+}
+
+/// Endpoint sets swapped by one thread (as DNS refreshes or a host's cluster update do) while
+/// others pick, retry and finish: every request keeps a valid endpoint, and the counters of
+/// the endpoints still present, and of the router, return to zero.
+#[test]
+fn endpoint_swaps_during_picks_leave_every_counter_at_zero() {
+    let per_thread = scaled(20_000, 12);
+    let r = std::sync::Arc::new(router(CONFIG).unwrap());
+    let sets: [&[&str]; 3] = [
+        &["127.0.0.1:8001", "127.0.0.1:8002"],
+        &["127.0.0.1:8002", "127.0.0.1:8003", "127.0.0.1:8004"],
+        &["127.0.0.1:8005"],
+    ];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (r, stop) = (std::sync::Arc::clone(&r), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut swaps = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || swaps < 3 {
+                let list: Vec<llmproxy_str> = sets[swaps % sets.len()]
+                    .iter()
+                    .map(|e| llmproxy_str {
+                        ptr: e.as_ptr().cast(),
+                        len: e.len(),
+                    })
+                    .collect();
+                let st = unsafe {
+                    llmproxy_router_set_endpoints(
+                        r.0,
+                        b"pool".as_ptr().cast(),
+                        4,
+                        list.as_ptr(),
+                        list.len(),
+                    )
+                };
+                assert_eq!(st, LLMPROXY_OK);
+                swaps += 1;
+                std::thread::yield_now();
+            }
+            swaps
+        })
+    };
+    let pickers: Vec<_> = (0..3)
+        .map(|t| {
+            let r = std::sync::Arc::clone(&r);
+            std::thread::spawn(move || {
+                let all: Vec<&str> = sets.iter().flat_map(|s| s.iter().copied()).collect();
+                for i in 0..per_thread {
+                    let body = chat("llama", &format!("tenant {} question {i}", (i + t) % 7));
+                    let (st, req) = pick(&r, &[], &body);
+                    assert_eq!(st, LLMPROXY_OK);
+                    unsafe {
+                        assert!(all.contains(&text(llmproxy_request_endpoint, req).as_str()));
+                        if i % 5 == 0 {
+                            llmproxy_request_retry(req);
+                        }
+                        llmproxy_request_first_token(req);
+                        llmproxy_request_finish(req, if i % 11 == 0 { 503 } else { 200 });
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in pickers {
+        p.join().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(swapper.join().unwrap() >= 3);
+    assert_eq!(unsafe { llmproxy_router_in_flight(r.0) }, 0);
+    let m = metrics(&r);
+    let load_lines: Vec<&str> = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("llmproxy_endpoint_in_flight_requests{")
+                || l.starts_with("llmproxy_endpoint_prefill_chars{")
+        })
+        .collect();
+    assert!(!load_lines.is_empty(), "{m}");
+    for line in load_lines {
         assert!(line.ends_with(" 0"), "{line}");
     }
 }

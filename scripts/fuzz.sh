@@ -7,11 +7,14 @@
 #
 # FUZZ_RUNS stops a target after that many executions (whichever of time or runs comes first),
 # e.g. FUZZ_RUNS=10000000 FUZZ_SECONDS=7200 for the issue's 10 M executions per target.
+# FUZZ_ARGS adds libFuzzer flags (e.g. FUZZ_ARGS=-max_len=256 keeps call sequences short).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_EACH=${FUZZ_SECONDS:-60}
 RUNS_ARG=()
 [ -z "${FUZZ_RUNS:-}" ] || RUNS_ARG=(-runs="$FUZZ_RUNS")
+read -r -a RUNS_ARG_EXTRA <<<"${FUZZ_ARGS:-}"
+RUNS_ARG+=("${RUNS_ARG_EXTRA[@]}")
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(config pick transcode abi_sequence metadata_center)
 
@@ -29,6 +32,10 @@ else
 fi
 
 mkdir -p build/fuzz
+echo "== building fuzz targets (${FUZZ[*]}, libFuzzer + AddressSanitizer)"
+"${FUZZ[@]}" build --release >build/fuzz/build.log 2>&1 ||
+  { tail -n 40 build/fuzz/build.log; echo "fuzz targets failed to build (build/fuzz/build.log)"; exit 1; }
+
 status=0
 for t in "${TARGETS[@]}"; do
   mkdir -p "fuzz/corpus/$t"
@@ -40,6 +47,7 @@ for t in "${TARGETS[@]}"; do
   else
     result="FINDING (see $log and fuzz/artifacts/$t)"
     status=1
+    grep -A 30 -m1 -E '^==[0-9]+==|panicked|ERROR: libFuzzer' "$log" || tail -n 30 "$log"
   fi
   execs=$(grep -m1 -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
   cov=$(grep -o 'cov: [0-9]*' "$log" | tail -n1 | grep -o '[0-9]*' || echo "?")

@@ -257,15 +257,16 @@ impl Router {
             (true, Some(tx)) => {
                 let job = LookupJob {
                     router: Arc::clone(inner),
-                    routed,
+                    pending: Some((routed, done)),
                     started,
-                    done,
                 };
                 match tx.try_send(job) {
                     Ok(()) => return None,
                     Err(e) => {
+                        // Queue full: decide here, and answer directly (the callback is dropped).
                         inner.metrics.lookups_local.fetch_add(1, Ordering::Relaxed);
-                        e.into_inner().routed
+                        let (routed, _done) = e.into_inner().pending.take().expect("undecided");
+                        routed
                     }
                 }
             }
@@ -891,19 +892,36 @@ fn loads_of(
 /// A `pick_async` decision waiting for the Metadata-Center's cache answer.
 pub(crate) struct LookupJob {
     router: Arc<RouterInner>,
-    routed: Routed,
+    /// The request and the host's callback, taken when the decision is made.
+    pending: Option<(Routed, Box<dyn FnOnce(PickedRequest) + Send>)>,
     started: Instant,
-    done: Box<dyn FnOnce(PickedRequest) + Send>,
+}
+
+impl LookupJob {
+    /// Decides with the cache answer (`None`: local data only) and hands the decision to
+    /// the host's callback.
+    fn decide(&mut self, remote: Option<&HashMap<String, usize>>) {
+        let Some((mut routed, done)) = self.pending.take() else {
+            return;
+        };
+        let counter = if remote.is_some() {
+            &self.router.metrics.lookups_remote
+        } else {
+            &self.router.metrics.lookups_local
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let result = self.router.choose(&mut routed, remote).map(|()| routed);
+        let picked = self.router.finish_pick(result, self.started);
+        // The host's callback runs on a library thread; a panic in it must not kill the thread.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(picked)));
+    }
 }
 
 impl Lookup for LookupJob {
-    fn run(self, client: &mut Client) {
-        let LookupJob {
-            router,
-            mut routed,
-            started,
-            done,
-        } = self;
+    fn run(mut self, client: &mut Client) {
+        let Some((routed, _)) = &self.pending else {
+            return;
+        };
         let top_k = routed.cluster.snapshot().endpoints.len().max(1);
         let remote = client
             .query_cache(&routed.cluster.name, &routed.prefix_hashes, top_k)
@@ -913,16 +931,15 @@ impl Lookup for LookupJob {
                     .map(|l| (l.ip, l.length))
                     .collect::<HashMap<_, _>>()
             });
-        let counter = if remote.is_some() {
-            &router.metrics.lookups_remote
-        } else {
-            &router.metrics.lookups_local
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        let result = router.choose(&mut routed, remote.as_ref()).map(|()| routed);
-        let picked = router.finish_pick(result, started);
-        // The host's callback runs on this thread; a panic in it must not kill the thread.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(picked)));
+        self.decide(remote.as_ref());
+    }
+}
+
+impl Drop for LookupJob {
+    /// A job dropped undecided (the router was freed while lookups were queued) decides from
+    /// local data, so the host's callback still runs exactly once and no request hangs.
+    fn drop(&mut self) {
+        self.decide(None);
     }
 }
 

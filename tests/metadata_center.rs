@@ -311,6 +311,60 @@ fn hanging_server_costs_at_most_the_timeout_and_free_stays_bounded() {
     );
 }
 
+/// A server that accepts connections and never answers; returns its port.
+fn hanging_server() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    port
+}
+
+#[test]
+fn router_freed_with_lookups_queued_still_answers_every_pending_pick() {
+    // Every lookup hangs for the timeout, so pending picks queue up behind the first one;
+    // the router is freed meanwhile. Each pending pick must still get its one callback (a
+    // local decision), or its proxy stream would wait forever.
+    let port = hanging_server();
+    let r =
+        Router::from_json(config(port, r#", "cache_enabled": true, "timeout_ms": 200"#).as_bytes())
+            .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let mut pending = 0;
+    for i in 0..40 {
+        let tx = tx.clone();
+        let prompt = format!("{} {i}", "a shared prefix long enough to hash. ".repeat(40));
+        match r.pick_async(
+            &[],
+            &chat(&prompt),
+            Box::new(move |req| tx.send(req).unwrap()),
+        ) {
+            None => pending += 1,
+            Some(p) => p.finish(200),
+        }
+    }
+    drop(tx);
+    assert!(pending >= 10, "only {pending} picks went pending");
+    drop(r);
+    let mut answered = Vec::new();
+    while let Ok(req) = rx.recv_timeout(Duration::from_secs(5)) {
+        answered.push(req);
+    }
+    assert_eq!(
+        answered.len(),
+        pending,
+        "every pending pick is answered once"
+    );
+    for req in answered {
+        assert_eq!(req.http_status(), 200);
+        req.finish(200);
+    }
+}
+
 #[test]
 fn overload_sheds_reports_but_never_leaves_phantom_load() {
     let server = start_server();

@@ -228,13 +228,21 @@ pub fn start_lookups<L: Lookup>(
 ) -> std::io::Result<(Sender<L>, ThreadGuard)> {
     let (tx, rx) = bounded::<L>(capacity);
     let mut client = Client::new(settings.clone(), Duration::from_millis(settings.timeout_ms));
-    let guard = spawn_quiet("llmproxy-lookup", move |stop| loop {
-        select! {
-            recv(stop) -> _ => break,
-            recv(rx) -> job => match job {
-                Ok(job) => job.run(&mut client),
-                Err(_) => break,
-            },
+    let guard = spawn_quiet("llmproxy-lookup", move |stop| {
+        loop {
+            select! {
+                recv(stop) -> _ => break,
+                recv(rx) -> job => match job {
+                    Ok(job) => job.run(&mut client),
+                    Err(_) => break,
+                },
+            }
+        }
+        // Jobs still queued at shutdown are dropped here, where each decides from local data
+        // and answers its host (they hold the router, so the queue would otherwise never be
+        // freed and their streams would wait forever).
+        for job in rx.try_iter() {
+            drop(job);
         }
     })?;
     Ok((tx, guard))

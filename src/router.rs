@@ -889,11 +889,14 @@ fn loads_of(
         .collect()
 }
 
+/// The host's callback for a `pick_async` decision.
+type PickCallback = Box<dyn FnOnce(PickedRequest) + Send>;
+
 /// A `pick_async` decision waiting for the Metadata-Center's cache answer.
 pub(crate) struct LookupJob {
     router: Arc<RouterInner>,
     /// The request and the host's callback, taken when the decision is made.
-    pending: Option<(Routed, Box<dyn FnOnce(PickedRequest) + Send>)>,
+    pending: Option<(Routed, PickCallback)>,
     started: Instant,
 }
 

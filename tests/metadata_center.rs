@@ -275,16 +275,7 @@ fn dns_clusters_resolve_on_the_sync_thread() {
 
 #[test]
 fn hanging_server_costs_at_most_the_timeout_and_free_stays_bounded() {
-    // A "server" that accepts connections and never answers.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let keep = std::sync::Arc::clone(&held);
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            keep.lock().unwrap().push(conn);
-        }
-    });
+    let port = hanging_server();
     let r = Router::from_json(config(port, r#", "async_timeout_ms": 300"#).as_bytes()).unwrap();
     let start = Instant::now();
     for i in 0..500 {

@@ -25,7 +25,8 @@ typedef enum llmproxy_status {
    */
   LLMPROXY_OK = 0,
   /**
-   * `llmproxy_pick_async`: the decision will be delivered through the callback.
+   * `llmproxy_pick_async` / `llmproxy_pick_start`: the decision comes later, through the
+   * callback / by polling the ticket.
    */
   LLMPROXY_PENDING = 1,
   /**
@@ -57,6 +58,12 @@ typedef enum llmproxy_status {
    */
   LLMPROXY_INTERNAL = 8,
 } llmproxy_status;
+
+/**
+ * Opaque handle of a pick waiting for the Metadata-Center (`llmproxy_pick_start`). Used by
+ * one thread at a time.
+ */
+typedef struct llmproxy_pick_ticket llmproxy_pick_ticket;
 
 /**
  * Opaque per-request handle, from pick to finish. Used by one thread at a time.
@@ -273,6 +280,45 @@ enum llmproxy_status llmproxy_pick_async(struct llmproxy_router *router,
                                          llmproxy_pick_callback cb,
                                          void *user_data,
                                          struct llmproxy_request **out);
+
+/**
+ * Like `llmproxy_pick_async`, for hosts that cannot take a callback on a library thread
+ * (LuaJIT in nginx): instead of calling back, a pending decision answers `LLMPROXY_PENDING`
+ * with `*ticket` set, and the host polls it with `llmproxy_pick_poll` from its own event loop
+ * (e.g. every millisecond). With any other status `*ticket` is NULL and `*out` is set as by
+ * `llmproxy_pick`. Without remote cache lookups this is exactly `llmproxy_pick`.
+ *
+ * # Safety
+ * As `llmproxy_pick`; `ticket` must be NULL or writable.
+ */
+enum llmproxy_status llmproxy_pick_start(struct llmproxy_router *router,
+                                         const struct llmproxy_header *headers,
+                                         size_t n_headers,
+                                         const uint8_t *body,
+                                         size_t body_len,
+                                         struct llmproxy_pick_ticket **ticket,
+                                         struct llmproxy_request **out);
+
+/**
+ * Polls a ticket of `llmproxy_pick_start`: `LLMPROXY_PENDING` while the decision is still
+ * being made; then, once, sets `*out` as `llmproxy_pick` does and returns its status. Later
+ * calls answer `LLMPROXY_INVALID_ARGUMENT`. Never blocks. The ticket must still be freed.
+ *
+ * # Safety
+ * `ticket` must be NULL or a live ticket; `out` must be NULL or writable.
+ */
+enum llmproxy_status llmproxy_pick_poll(struct llmproxy_pick_ticket *ticket,
+                                        struct llmproxy_request **out);
+
+/**
+ * Frees a ticket of `llmproxy_pick_start` (NULL: no-op). A decision not taken (still
+ * pending, or made and never polled) is finished with status 0 when it arrives: it never
+ * reached an upstream.
+ *
+ * # Safety
+ * `ticket` must be NULL or a live ticket, not used afterwards.
+ */
+void llmproxy_pick_ticket_free(struct llmproxy_pick_ticket *ticket);
 
 /**
  * The status of the pick that made this request.

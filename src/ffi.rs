@@ -19,7 +19,7 @@ use std::ptr;
 
 use crate::config::parse_endpoint;
 use crate::error::PickError;
-use crate::router::{PickedRequest, Router};
+use crate::router::{PendingPick, PickStart, PickedRequest, Router};
 
 /// Result of a C ABI call.
 #[repr(C)]
@@ -27,7 +27,8 @@ use crate::router::{PickedRequest, Router};
 pub enum llmproxy_status {
     /// Success.
     LLMPROXY_OK = 0,
-    /// `llmproxy_pick_async`: the decision will be delivered through the callback.
+    /// `llmproxy_pick_async` / `llmproxy_pick_start`: the decision comes later, through the
+    /// callback / by polling the ticket.
     LLMPROXY_PENDING = 1,
     /// A NULL pointer, a bad length or malformed argument.
     LLMPROXY_INVALID_ARGUMENT = 2,
@@ -92,6 +93,12 @@ pub struct llmproxy_router {
 pub struct llmproxy_request {
     request: PickedRequest,
     strings: RequestStrings,
+}
+
+/// Opaque handle of a pick waiting for the Metadata-Center (`llmproxy_pick_start`). Used by
+/// one thread at a time.
+pub struct llmproxy_pick_ticket {
+    pending: PendingPick,
 }
 
 /// NUL-terminated copies of what the accessors hand out.
@@ -582,21 +589,108 @@ pub unsafe extern "C" fn llmproxy_pick_async(
     }));
     match decided {
         Ok(None) => LLMPROXY_PENDING,
-        Ok(Some(request)) => {
-            let status = request.error().map_or(LLMPROXY_OK, llmproxy_status::from);
-            let strings = RequestStrings::of(&request);
-            *out = Box::into_raw(Box::new(llmproxy_request { request, strings }));
-            status
-        }
-        Err(_) => {
-            let request = r.router.failed_request(PickError::Internal {
-                message: "panic while picking an endpoint".into(),
-            });
-            let strings = RequestStrings::of(&request);
-            *out = Box::into_raw(Box::new(llmproxy_request { request, strings }));
-            LLMPROXY_INTERNAL
-        }
+        Ok(Some(request)) => hand_out(request, out),
+        Err(_) => internal_error(r, out),
     }
+}
+
+/// Like `llmproxy_pick_async`, for hosts that cannot take a callback on a library thread
+/// (LuaJIT in nginx): instead of calling back, a pending decision answers `LLMPROXY_PENDING`
+/// with `*ticket` set, and the host polls it with `llmproxy_pick_poll` from its own event loop
+/// (e.g. every millisecond). With any other status `*ticket` is NULL and `*out` is set as by
+/// `llmproxy_pick`. Without remote cache lookups this is exactly `llmproxy_pick`.
+///
+/// # Safety
+/// As `llmproxy_pick`; `ticket` must be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn llmproxy_pick_start(
+    router: *mut llmproxy_router,
+    headers: *const llmproxy_header,
+    n_headers: usize,
+    body: *const u8,
+    body_len: usize,
+    ticket: *mut *mut llmproxy_pick_ticket,
+    out: *mut *mut llmproxy_request,
+) -> llmproxy_status {
+    if ticket.is_null() || out.is_null() {
+        return LLMPROXY_INVALID_ARGUMENT;
+    }
+    *ticket = ptr::null_mut();
+    *out = ptr::null_mut();
+    let Some(r) = router.as_ref() else {
+        return LLMPROXY_INVALID_ARGUMENT;
+    };
+    let (Some(hdrs), Some(body_bytes)) = (header_refs(headers, n_headers), bytes(body, body_len))
+    else {
+        return llmproxy_pick(router, headers, n_headers, body, body_len, out);
+    };
+    let started = catch_unwind(AssertUnwindSafe(|| r.router.pick_start(&hdrs, body_bytes)));
+    match started {
+        Ok(PickStart::Pending(pending)) => {
+            *ticket = Box::into_raw(Box::new(llmproxy_pick_ticket { pending }));
+            LLMPROXY_PENDING
+        }
+        Ok(PickStart::Decided(request)) => hand_out(request, out),
+        Err(_) => internal_error(r, out),
+    }
+}
+
+/// Polls a ticket of `llmproxy_pick_start`: `LLMPROXY_PENDING` while the decision is still
+/// being made; then, once, sets `*out` as `llmproxy_pick` does and returns its status. Later
+/// calls answer `LLMPROXY_INVALID_ARGUMENT`. Never blocks. The ticket must still be freed.
+///
+/// # Safety
+/// `ticket` must be NULL or a live ticket; `out` must be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn llmproxy_pick_poll(
+    ticket: *mut llmproxy_pick_ticket,
+    out: *mut *mut llmproxy_request,
+) -> llmproxy_status {
+    if out.is_null() {
+        return LLMPROXY_INVALID_ARGUMENT;
+    }
+    *out = ptr::null_mut();
+    let Some(t) = ticket.as_mut() else {
+        return LLMPROXY_INVALID_ARGUMENT;
+    };
+    if t.pending.is_taken() {
+        return LLMPROXY_INVALID_ARGUMENT;
+    }
+    match guard(None, || Some(t.pending.try_take())) {
+        Some(Some(request)) => hand_out(request, out),
+        Some(None) => LLMPROXY_PENDING,
+        None => LLMPROXY_INTERNAL,
+    }
+}
+
+/// Frees a ticket of `llmproxy_pick_start` (NULL: no-op). A decision not taken (still
+/// pending, or made and never polled) is finished with status 0 when it arrives: it never
+/// reached an upstream.
+///
+/// # Safety
+/// `ticket` must be NULL or a live ticket, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn llmproxy_pick_ticket_free(ticket: *mut llmproxy_pick_ticket) {
+    if !ticket.is_null() {
+        guard((), || drop(Box::from_raw(ticket)));
+    }
+}
+
+/// Boxes a decision into a request handle in `*out` and returns its status.
+unsafe fn hand_out(request: PickedRequest, out: *mut *mut llmproxy_request) -> llmproxy_status {
+    let status = request.error().map_or(LLMPROXY_OK, llmproxy_status::from);
+    let strings = RequestStrings::of(&request);
+    *out = Box::into_raw(Box::new(llmproxy_request { request, strings }));
+    status
+}
+
+/// A request handle carrying an internal error (a caught panic) in `*out`.
+unsafe fn internal_error(r: &llmproxy_router, out: *mut *mut llmproxy_request) -> llmproxy_status {
+    let request = r.router.failed_request(PickError::Internal {
+        message: "panic while picking an endpoint".into(),
+    });
+    hand_out(request, out);
+    LLMPROXY_INTERNAL
 }
 
 /// The status of the pick that made this request.

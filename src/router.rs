@@ -277,16 +277,26 @@ impl Router {
         Some(inner.finish_pick(result, started))
     }
 
+    /// Like [`Router::pick_async`] for hosts that poll instead of taking a callback on a
+    /// library thread (LuaJIT in nginx): a pending decision comes back as a [`PendingPick`]
+    /// to poll from the host's own event loop.
+    pub fn pick_start(&self, headers: &[HeaderRef], body: &[u8]) -> PickStart {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        // A send fails only when the PendingPick is gone: the decision is then dropped, which
+        // finishes it with "no response".
+        let deliver = Box::new(move |request: PickedRequest| drop(tx.send(request)));
+        match self.pick_async(headers, body, deliver) {
+            Some(request) => PickStart::Decided(request),
+            None => PickStart::Pending(PendingPick {
+                router: Arc::clone(&self.inner),
+                decision: Some(rx),
+            }),
+        }
+    }
+
     /// A handle for a request that failed before routing (used at the C ABI on panics).
     pub fn failed_request(&self, error: PickError) -> PickedRequest {
-        self.inner.metrics.count_pick(error.outcome());
-        PickedRequest {
-            router: Arc::clone(&self.inner),
-            result: Err(error),
-            picked_at: Instant::now(),
-            first_token_seen: false,
-            finished: false,
-        }
+        failed_request(&self.inner, error)
     }
 
     /// Number of chunk hashes in the local prefix index.
@@ -943,6 +953,60 @@ impl Drop for LookupJob {
     /// local data, so the host's callback still runs exactly once and no request hangs.
     fn drop(&mut self) {
         self.decide(None);
+    }
+}
+
+/// A counted request handle carrying `error`, for failures outside the normal pick path.
+fn failed_request(router: &Arc<RouterInner>, error: PickError) -> PickedRequest {
+    router.metrics.count_pick(error.outcome());
+    PickedRequest {
+        router: Arc::clone(router),
+        result: Err(error),
+        picked_at: Instant::now(),
+        first_token_seen: false,
+        finished: false,
+    }
+}
+
+/// What [`Router::pick_start`] gives: the decision, or a pending one to poll.
+#[allow(clippy::large_enum_variant)] // like `pick`'s result: moved once, straight to the host
+pub enum PickStart {
+    /// Decided at once (also every error).
+    Decided(PickedRequest),
+    /// Waiting for the Metadata-Center's cache answer.
+    Pending(PendingPick),
+}
+
+/// A `pick_start` decision being made on the lookup thread. Dropping it before the decision
+/// is taken finishes that decision with "no response" once it arrives.
+pub struct PendingPick {
+    router: Arc<RouterInner>,
+    /// Where the decision arrives; `None` once taken.
+    decision: Option<crossbeam_channel::Receiver<PickedRequest>>,
+}
+
+impl PendingPick {
+    /// The decision once it is made, exactly once; `None` while it is still pending and after
+    /// it was taken. Never blocks.
+    pub fn try_take(&mut self) -> Option<PickedRequest> {
+        let taken = match self.decision.as_ref()?.try_recv() {
+            Ok(request) => request,
+            Err(crossbeam_channel::TryRecvError::Empty) => return None,
+            // The library lost the decision without answering (a bug): say so, once.
+            Err(crossbeam_channel::TryRecvError::Disconnected) => failed_request(
+                &self.router,
+                PickError::Internal {
+                    message: "the pending decision was lost".into(),
+                },
+            ),
+        };
+        self.decision = None;
+        Some(taken)
+    }
+
+    /// True once the decision was taken with [`PendingPick::try_take`].
+    pub fn is_taken(&self) -> bool {
+        self.decision.is_none()
     }
 }
 

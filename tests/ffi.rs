@@ -404,6 +404,77 @@ fn null_arguments_are_rejected_not_crashed_on() {
 }
 
 #[test]
+fn pick_start_without_remote_lookups_decides_at_once() {
+    let r = router(CONFIG).unwrap();
+    unsafe {
+        let (mut ticket, mut req) = (ptr::null_mut(), ptr::null_mut());
+        let body = chat("llama", "hello");
+        let st = llmproxy_pick_start(
+            r.0,
+            ptr::null(),
+            0,
+            body.as_ptr(),
+            body.len(),
+            &mut ticket,
+            &mut req,
+        );
+        assert_eq!(st, LLMPROXY_OK);
+        assert!(ticket.is_null() && !req.is_null());
+        assert!(text(llmproxy_request_endpoint, req).starts_with("127.0.0.1:800"));
+        llmproxy_request_finish(req, 200);
+        // Errors too come back at once, with their handle.
+        let st = llmproxy_pick_start(r.0, ptr::null(), 0, b"{".as_ptr(), 1, &mut ticket, &mut req);
+        assert_eq!(st, LLMPROXY_BAD_REQUEST);
+        assert!(ticket.is_null());
+        assert_eq!(llmproxy_request_http_status(req), 400);
+        llmproxy_request_finish(req, 0);
+        // NULLs: rejected, nothing written through them, nothing leaked.
+        let st = llmproxy_pick_start(
+            r.0,
+            ptr::null(),
+            0,
+            ptr::null(),
+            0,
+            ptr::null_mut(),
+            &mut req,
+        );
+        assert_eq!(st, LLMPROXY_INVALID_ARGUMENT);
+        let st = llmproxy_pick_start(
+            r.0,
+            ptr::null(),
+            0,
+            ptr::null(),
+            0,
+            &mut ticket,
+            ptr::null_mut(),
+        );
+        assert_eq!(st, LLMPROXY_INVALID_ARGUMENT);
+        let st = llmproxy_pick_start(
+            ptr::null_mut(),
+            ptr::null(),
+            0,
+            ptr::null(),
+            0,
+            &mut ticket,
+            &mut req,
+        );
+        assert_eq!(st, LLMPROXY_INVALID_ARGUMENT);
+        assert!(ticket.is_null() && req.is_null());
+        let st = llmproxy_pick_start(r.0, ptr::null(), 0, ptr::null(), 9, &mut ticket, &mut req);
+        assert_eq!(st, LLMPROXY_INVALID_ARGUMENT);
+        assert!(ticket.is_null());
+        llmproxy_request_finish(req, 0);
+        assert_eq!(
+            llmproxy_pick_poll(ptr::null_mut(), &mut req),
+            LLMPROXY_INVALID_ARGUMENT
+        );
+        assert!(req.is_null());
+        llmproxy_pick_ticket_free(ptr::null_mut());
+    }
+    assert_eq!(unsafe { llmproxy_router_in_flight(r.0) }, 0);
+}
+
+#[test]
 fn router_options_for_hosts() {
     let r = router(r#"{"strict_endpoint_override": false, "cluster_header": "X-Target-Cluster", "intercept_paths": ["/v1/chat/completions"], "max_body_bytes": 2048}"#).unwrap();
     unsafe {

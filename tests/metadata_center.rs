@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use llmproxy::{PickedRequest, Router};
+use llmproxy::{PickStart, PickedRequest, Router};
 
 struct Server {
     child: Child,
@@ -215,6 +215,143 @@ fn remote_cache_lookup_finds_the_endpoint_another_router_warmed() {
             "llmproxy_remote_cache_lookups_total{result=\"remote\"} "
         ) >= 5
     );
+}
+
+#[test]
+fn polled_pick_finds_the_endpoint_another_router_warmed() {
+    // The polling form of the remote lookup (what nginx uses): pick_start, then try_take
+    // until the lookup thread has decided.
+    let server = start_server();
+    let a = Router::from_json(config(server.port, "").as_bytes()).unwrap();
+    let b = Router::from_json(
+        config(server.port, r#", "cache_enabled": true, "timeout_ms": 500"#).as_bytes(),
+    )
+    .unwrap();
+    let prompt = format!(
+        "{} polled question",
+        "another long shared text. ".repeat(200)
+    );
+    let p = a.pick(&[], &chat(&prompt));
+    let warmed = p.endpoint().unwrap().to_string();
+    p.finish(200);
+    wait_until("the cache save to land", || {
+        metric(&a, "llmproxy_metadata_center_calls_total{result=\"ok\"} ") >= 3
+    });
+    for _ in 0..5 {
+        let PickStart::Pending(mut pending) = b.pick_start(&[], &chat(&prompt)) else {
+            panic!("a cache-enabled pick_start goes pending");
+        };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let req = loop {
+            if let Some(req) = pending.try_take() {
+                break req;
+            }
+            assert!(Instant::now() < deadline, "no decision within 3 s");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert!(
+            pending.is_taken() && pending.try_take().is_none(),
+            "taken once"
+        );
+        assert_eq!(req.endpoint(), Some(warmed.as_str()));
+        req.finish(200);
+    }
+    assert!(
+        metric(
+            &b,
+            "llmproxy_remote_cache_lookups_total{result=\"remote\"} "
+        ) >= 5
+    );
+    assert_eq!(b.in_flight(), 0);
+}
+
+#[test]
+fn pick_tickets_freed_undecided_or_unpolled_leave_nothing_in_flight() {
+    // Through the C ABI, against a server that never answers: every lookup waits for the
+    // timeout, so the picks stay pending. Half the tickets are freed at once (their decisions
+    // arrive later, to nobody), a quarter are polled to the end, a quarter are freed after
+    // their decision was made but never polled.
+    use llmproxy::ffi::llmproxy_status::*;
+    use llmproxy::ffi::*;
+    let port = hanging_server();
+    let cfg = config(port, r#", "cache_enabled": true, "timeout_ms": 30"#);
+    unsafe {
+        let mut r = std::ptr::null_mut();
+        let st = llmproxy_router_new(
+            cfg.as_ptr().cast(),
+            cfg.len(),
+            &mut r,
+            std::ptr::null_mut(),
+            0,
+        );
+        assert_eq!(st, LLMPROXY_OK);
+        let mut tickets = Vec::new();
+        for i in 0..16 {
+            let body = chat(&format!(
+                "{} {i}",
+                "a shared prefix long enough to hash. ".repeat(40)
+            ));
+            let (mut ticket, mut req) = (std::ptr::null_mut(), std::ptr::null_mut());
+            let st = llmproxy_pick_start(
+                r,
+                std::ptr::null(),
+                0,
+                body.as_ptr(),
+                body.len(),
+                &mut ticket,
+                &mut req,
+            );
+            assert_eq!(st, LLMPROXY_PENDING, "pick {i}");
+            assert!(req.is_null() && !ticket.is_null());
+            tickets.push(ticket);
+        }
+        let polled = tickets.split_off(8);
+        for t in tickets {
+            llmproxy_pick_ticket_free(t);
+        }
+        let (polled, unpolled) = polled.split_at(4);
+        for &t in polled {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut req = std::ptr::null_mut();
+            let st = loop {
+                let st = llmproxy_pick_poll(t, &mut req);
+                if st != LLMPROXY_PENDING {
+                    break st;
+                }
+                assert!(req.is_null());
+                assert!(Instant::now() < deadline, "no decision within 5 s");
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            assert_eq!(
+                st, LLMPROXY_OK,
+                "the lookup failed: decided from local data"
+            );
+            assert!(!req.is_null());
+            let mut again = std::ptr::null_mut();
+            assert_eq!(llmproxy_pick_poll(t, &mut again), LLMPROXY_INVALID_ARGUMENT);
+            assert!(again.is_null());
+            llmproxy_request_finish(req, 200);
+            llmproxy_pick_ticket_free(t);
+        }
+        // The polled ones were queued after the freed ones: by now every lookup before them
+        // was decided. Give the last few time to be decided, then free them unpolled.
+        std::thread::sleep(Duration::from_millis(300));
+        for &t in unpolled {
+            llmproxy_pick_ticket_free(t);
+        }
+        wait_until("every decision to be finished", || {
+            llmproxy_router_in_flight(r) == 0
+        });
+        let text = {
+            let (mut out, mut len) = (std::ptr::null_mut(), 0);
+            assert_eq!(llmproxy_router_metrics(r, &mut out, &mut len), LLMPROXY_OK);
+            let s = std::ffi::CStr::from_ptr(out).to_str().unwrap().to_owned();
+            llmproxy_string_free(out);
+            s
+        };
+        assert!(text.contains("llmproxy_in_flight_requests 0"), "{text}");
+        llmproxy_router_free(r);
+    }
 }
 
 #[test]

@@ -281,6 +281,9 @@ impl Router {
     /// library thread (LuaJIT in nginx): a pending decision comes back as a [`PendingPick`]
     /// to poll from the host's own event loop.
     pub fn pick_start(&self, headers: &[HeaderRef], body: &[u8]) -> PickStart {
+        if self.inner.lookups.get().is_none() {
+            return PickStart::Decided(self.pick(headers, body));
+        }
         let (tx, rx) = crossbeam_channel::bounded(1);
         // A send fails only when the PendingPick is gone: the decision is then dropped, which
         // finishes it with "no response".
@@ -762,7 +765,7 @@ impl RouterInner {
             &mut out,
             "llmproxy_remote_cache_lookups_total",
             "counter",
-            "pick_async decisions by the cache data they used.",
+            "pick_async / pick_start decisions by the cache data they used.",
             &[
                 ("result=\"remote\"".into(), load(&m.lookups_remote)),
                 ("result=\"local_fallback\"".into(), load(&m.lookups_local)),

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 
 import pytest
 
@@ -60,6 +61,80 @@ def gateway_mc(servers, metadata_center):
     gw.servers = servers
     yield gw
     gw.close()
+
+
+@pytest.fixture(scope="module")
+def gateway_lookups(servers, metadata_center):
+    """A second nginx whose routers also ask the Metadata-Center where a prompt's prefix is
+    cached (remote cache lookups: pick_start + polling, yielding with ngx.sleep)."""
+    cfg = library_config(servers, servers.dead)
+    cfg["metadata_center"] = {"enabled": True, "host": "127.0.0.1", "port": metadata_center.port,
+                              "load_poll_ms": 50, "cache_enabled": True, "timeout_ms": 200}
+    gw = harness.Nginx(cfg, [servers.addr(n) for n in POOLS["pool_a"]], workers=2)
+    gw.servers = servers
+    yield gw
+    gw.close()
+
+
+def mc_metric(port, name):
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as r:
+        m = re.search(r"^%s (\d+)" % re.escape(name), r.read().decode(), re.M)
+    return int(m.group(1)) if m else 0
+
+
+def test_remote_cache_lookups_send_a_prompt_where_another_gateway_cached_it(gateway_mc, gateway_lookups,
+                                                                           metadata_center):
+    """Gateway A serves long prompts and saves where their prefixes went; gateway B, whose
+    routers never saw them, sends the same prompts to the same servers, by asking."""
+    wait_settled(gateway_mc.port)
+    saves_before = mc_metric(metadata_center.port, 'metadata_center_cache_ops_total{op="save"}')
+    prompts = [harness.random_text(3000, seed=900 + i) for i in range(6)]
+    warmed = []
+    for p in prompts:
+        status, _, data = harness.request(gateway_mc.port, "POST", CHAT, chat("m-a", p))
+        assert status == 200, data
+        warmed.append(json.loads(data)["served_by"])
+    deadline = time.time() + 5
+    while mc_metric(metadata_center.port, 'metadata_center_cache_ops_total{op="save"}') < saves_before + 6:
+        assert time.time() < deadline, "gateway A's cache saves did not reach the metadata-center"
+        time.sleep(0.05)
+
+    before = metrics(gateway_lookups.port)
+    served = []
+    for p in prompts:
+        status, _, data = harness.request(gateway_lookups.port, "POST", CHAT, chat("m-a", p))
+        assert status == 200, data
+        served.append(json.loads(data)["served_by"])
+    after = wait_settled(gateway_lookups.port)
+    # Without the lookup each pick would be a load-based draw among three idle servers.
+    assert served == warmed, (served, warmed)
+    delta = lambda name, **l: after.total(name, **l) - before.total(name, **l)
+    assert delta("llmproxy_remote_cache_lookups_total", result="remote") == 6
+    assert delta("llmproxy_nginx_picks_total", event="waited_for_lookup") == 6
+    assert delta("llmproxy_nginx_picks_total", event="lookup_abandoned") == 0
+    print("\nremote cache lookups: %d of %d prompts went where the other gateway cached them"
+          % (sum(a == b for a, b in zip(served, warmed)), len(prompts)))
+
+
+def test_a_dead_metadata_center_costs_lookups_nothing_but_their_timeout(servers):
+    """Remote cache lookups against a port where nothing listens: every pick still answers
+    (decided from local data), none waits longer than the lookup timeout."""
+    cfg = library_config(servers, servers.dead)
+    cfg["metadata_center"] = {"enabled": True, "host": "127.0.0.1", "port": harness.free_port(),
+                              "cache_enabled": True, "timeout_ms": 100}
+    gw = harness.Nginx(cfg, [servers.addr(n) for n in POOLS["pool_a"]], workers=1)
+    try:
+        for i in range(5):
+            started = time.time()
+            status, _, data = harness.request(gw.port, "POST", CHAT, chat("m-a", harness.random_text(2000, seed=i)))
+            assert status == 200, data
+            assert time.time() - started < 1.0
+        m = wait_settled(gw.port)
+        assert m.total("llmproxy_nginx_picks_total", event="waited_for_lookup") == 5
+        assert m.total("llmproxy_remote_cache_lookups_total", result="local_fallback") == 5
+        assert m.total("llmproxy_nginx_picks_total", event="lookup_abandoned") == 0
+    finally:
+        gw.close()
 
 
 def open_stream(port, i):

@@ -3,7 +3,8 @@
 --   local llmproxy = require "resty.llmproxy"
 --   llmproxy.load("/abs/path/libllmproxy.so")         -- once, e.g. in init_by_lua (optional:
 --                                                    -- the first new() loads the default name)
---   local router, err = llmproxy.new(config_json)    -- one per nginx worker (init_worker_by_lua)
+--   local router, err = llmproxy.new(config_json, { sleep = ngx.sleep })
+--                                                    -- one per nginx worker (init_worker_by_lua)
 --   local d, status, body = router:pick(headers, body, path, method)
 --   if not d then ngx.status = status; ngx.print(body) ... end   -- 400/404/413/500/503 + JSON
 --   d.host, d.port, d.endpoint, d.cluster, d.scene, d.model, d.backend, d.stream,
@@ -14,7 +15,11 @@
 --   d:finish(status)   -- exactly once; upstream HTTP status, 0 when there was none
 --   router:metrics()   -- Prometheus text
 --
--- Everything here is synchronous and cheap; every C call runs on the worker's event loop.
+-- Every C call is cheap and runs on the worker's event loop; none blocks. With remote cache
+-- lookups enabled (`metadata_center.cache_enabled`) and a `sleep` option (ngx.sleep), pick()
+-- waits for the Metadata-Center's answer by polling the library every millisecond, yielding
+-- the request's coroutine in between (so pick() must then run where ngx.sleep may: access,
+-- content, timers). Without `sleep`, pick() decides from local data at once.
 -- A decision that is garbage-collected without finish() is finished with status 0 by a
 -- finalizer and counted in llmproxy.stats.leaked (a bug in the caller: the test asserts 0).
 
@@ -30,7 +35,8 @@ local string_sub, string_find = string.sub, string.find
 -- header (normalised signatures) and compiles them against it with the C compiler.
 -- Functions of the header deliberately not bound here are listed on "-- unbound:" lines.
 --
--- unbound: llmproxy_pick_async (its callback runs on a foreign thread: unsafe in LuaJIT)
+-- unbound: llmproxy_pick_async (its callback runs on a foreign thread: unsafe in LuaJIT;
+--          llmproxy_pick_start + llmproxy_pick_poll give the same decision by polling)
 -- unbound: llmproxy_pick_callback (the callback type of llmproxy_pick_async)
 -- CDEF-BEGIN
 ffi.cdef [[
@@ -46,6 +52,7 @@ typedef enum llmproxy_status {
   LLMPROXY_INTERNAL = 8,
 } llmproxy_status;
 
+typedef struct llmproxy_pick_ticket llmproxy_pick_ticket;
 typedef struct llmproxy_request llmproxy_request;
 typedef struct llmproxy_router llmproxy_router;
 
@@ -84,6 +91,14 @@ enum llmproxy_status llmproxy_pick(struct llmproxy_router *router,
                                    const struct llmproxy_header *headers, size_t n_headers,
                                    const uint8_t *body, size_t body_len,
                                    struct llmproxy_request **out);
+enum llmproxy_status llmproxy_pick_start(struct llmproxy_router *router,
+                                         const struct llmproxy_header *headers, size_t n_headers,
+                                         const uint8_t *body, size_t body_len,
+                                         struct llmproxy_pick_ticket **ticket,
+                                         struct llmproxy_request **out);
+enum llmproxy_status llmproxy_pick_poll(struct llmproxy_pick_ticket *ticket,
+                                        struct llmproxy_request **out);
+void llmproxy_pick_ticket_free(struct llmproxy_pick_ticket *ticket);
 enum llmproxy_status llmproxy_request_status(const struct llmproxy_request *req);
 uint32_t llmproxy_request_http_status(const struct llmproxy_request *req);
 const char *llmproxy_request_endpoint(const struct llmproxy_request *req, size_t *len);
@@ -122,7 +137,10 @@ _M.NO_ENDPOINT = 7
 _M.INTERNAL = 8
 
 -- Per-process counters of this binding (each nginx worker has its own copy).
-local stats = { picks = 0, routed = 0, finished = 0, leaked = 0, retries = 0 }
+-- pending: picks that waited for a remote cache lookup; lookup_abandoned: of those, the ones
+-- that gave up after `lookup_wait` seconds and decided from local data.
+local stats = { picks = 0, routed = 0, finished = 0, leaked = 0, retries = 0, pending = 0,
+                lookup_abandoned = 0 }
 _M.stats = stats
 
 local C            -- the loaded library (ffi.load result)
@@ -169,6 +187,7 @@ end
 -- time per worker, and no pointer passed in is kept by the library after a call returns).
 local len_out = ffi_new("size_t[1]")
 local req_out = ffi_new("llmproxy_request*[1]")
+local ticket_out = ffi_new("llmproxy_pick_ticket*[1]")
 local str_out = ffi_new("char*[1]")
 local hdr_cap = 32
 local hdr_buf = ffi_new("llmproxy_header[?]", hdr_cap)
@@ -328,10 +347,22 @@ function _M.validate(config_json)
 end
 
 --- Creates a router from the library's JSON configuration.
+---   opts.sleep:       a yielding sleep, ngx.sleep: pick() then waits for remote cache lookups
+---                     (when the config enables them); without it pick() decides at once
+---   opts.lookup_wait: the longest pick() waits for a lookup, in seconds (default 1); past it
+---                     the pick decides from local data (counted in stats.lookup_abandoned)
 --- Returns the router, or nil and the library's message (which names the offending field).
-function _M.new(config_json)
+function _M.new(config_json, opts)
     if type(config_json) ~= "string" then
         return nil, "config must be a JSON string"
+    end
+    opts = opts or {}
+    if opts.sleep ~= nil and type(opts.sleep) ~= "function" then
+        return nil, "opts.sleep must be a function (ngx.sleep)"
+    end
+    local lookup_wait = opts.lookup_wait or 1
+    if type(lookup_wait) ~= "number" or lookup_wait < 0 then
+        return nil, "opts.lookup_wait must be a number of seconds >= 0"
     end
     local lib_ = lib()
     local out = ffi_new("llmproxy_router*[1]")
@@ -345,7 +376,8 @@ function _M.new(config_json)
         end
         return nil, msg
     end
-    local self = setmetatable({ _r = ffi_gc(out[0], lib_.llmproxy_router_free) }, Router)
+    local self = setmetatable({ _r = ffi_gc(out[0], lib_.llmproxy_router_free),
+                                _sleep = opts.sleep, _lookup_wait = lookup_wait }, Router)
     local ch = lib_.llmproxy_router_cluster_header(self._r, len_out)
     self.cluster_header = ch ~= C_NULL and ffi_string(ch, len_out[0]) or "x-llmproxy-cluster"
     -- nginx serves metrics from the location of examples/nginx.conf; this is the config's value.
@@ -421,21 +453,8 @@ local function put_header(i, name, value)
     return i + 1
 end
 
---- Routes one request.
----   headers: table name -> value (string, or a list of strings for repeated headers),
----            e.g. ngx.req.get_headers(); names are matched case-insensitively.
----   body:    the request body, a Lua string (or nil for none)
----   path:    the request path (decides chat vs completions), e.g. ngx.var.uri
----   method:  e.g. "POST" (optional)
---- Returns a Decision, or nil, http_status, json_error_body (the handle is already finished).
---- The header and body strings must stay alive during the call only (they do: the caller
---- holds them).
-function Router:pick(headers, body, path, method)
-    local r = self._r
-    if not r then
-        return nil, 500, '{"error":{"message":"llmproxy router is not initialised",'
-            .. '"type":"server_error","param":null,"code":"internal_error"}}'
-    end
+-- Fills the scratch header array; returns the number of headers.
+local function fill_headers(headers, path, method)
     local n = 0
     if path then n = put_header(n, ":path", path) end
     if method then n = put_header(n, ":method", method) end
@@ -450,14 +469,84 @@ function Router:pick(headers, body, path, method)
             end
         end
     end
-    body = body or ""
-    stats.picks = stats.picks + 1
-    local rc = C.llmproxy_pick(r, hdr_buf, n, ffi_cast("const uint8_t *", body), #body, req_out)
-    local req = req_out[0]
-    req_out[0] = C_NULL
-    -- Nothing must stay pointing at the Lua strings once the call has returned.
+    return n
+end
+
+-- One llmproxy_pick (or llmproxy_pick_start when `start`) call. Returns status, request
+-- handle, ticket handle (each NULL when not given). Nothing points at the Lua strings once it
+-- returns, and the scratch outputs are read before anything can yield.
+local function call_pick(r, headers, body, path, method, start)
+    local n = fill_headers(headers, path, method)
+    local body_ptr = ffi_cast("const uint8_t *", body)
+    local rc
+    if start then
+        rc = C.llmproxy_pick_start(r, hdr_buf, n, body_ptr, #body, ticket_out, req_out)
+    else
+        rc = C.llmproxy_pick(r, hdr_buf, n, body_ptr, #body, req_out)
+    end
     for k = 0, n - 1 do
         hdr_buf[k].name, hdr_buf[k].value = C_NULL, C_NULL
+    end
+    local req, ticket = req_out[0], ticket_out[0]
+    req_out[0], ticket_out[0] = C_NULL, C_NULL
+    return tonumber(rc), req, ticket
+end
+
+local POLL_STEP = 0.001 -- seconds between polls of a pending pick (nginx's timer resolution)
+
+-- Waits for a pending pick: polls the ticket, sleeping POLL_STEP (yielding) in between, for
+-- at most `max_wait` seconds. Returns status, request handle; nil when it gave up (the late
+-- decision is then finished by the library when it arrives).
+local function wait_decision(ticket, sleep, max_wait)
+    ticket = ffi_gc(ticket, C.llmproxy_pick_ticket_free) -- freed even if sleep() raises
+    local waited = 0
+    while true do
+        local rc = tonumber(C.llmproxy_pick_poll(ticket, req_out))
+        local req = req_out[0]
+        req_out[0] = C_NULL
+        if rc ~= _M.PENDING or waited >= max_wait then
+            C.llmproxy_pick_ticket_free(ffi_gc(ticket, nil))
+            if rc == _M.PENDING then
+                return nil
+            end
+            return rc, req
+        end
+        sleep(POLL_STEP)
+        waited = waited + POLL_STEP
+    end
+end
+
+--- Routes one request.
+---   headers: table name -> value (string, or a list of strings for repeated headers),
+---            e.g. ngx.req.get_headers(); names are matched case-insensitively.
+---   body:    the request body, a Lua string (or nil for none)
+---   path:    the request path (decides chat vs completions), e.g. ngx.var.uri
+---   method:  e.g. "POST" (optional)
+--- Returns a Decision, or nil, http_status, json_error_body (the handle is already finished).
+--- With remote cache lookups and a `sleep` option, it may yield while the Metadata-Center
+--- answers (at most `lookup_wait` seconds; see new()).
+function Router:pick(headers, body, path, method)
+    local r = self._r
+    if not r then
+        return nil, 500, '{"error":{"message":"llmproxy router is not initialised",'
+            .. '"type":"server_error","param":null,"code":"internal_error"}}'
+    end
+    body = body or ""
+    stats.picks = stats.picks + 1
+    local sleep = self._sleep
+    local rc, req, ticket = call_pick(r, headers, body, path, method, sleep ~= nil)
+    if rc == _M.PENDING and ticket ~= C_NULL then
+        stats.pending = stats.pending + 1
+        rc, req = wait_decision(ticket, sleep, self._lookup_wait)
+        if not rc then
+            stats.lookup_abandoned = stats.lookup_abandoned + 1
+            r = self._r -- the router may have been freed while this request waited
+            if not r then
+                return nil, 500, '{"error":{"message":"llmproxy router was freed during the pick",'
+                    .. '"type":"server_error","param":null,"code":"internal_error"}}'
+            end
+            rc, req = call_pick(r, headers, body, path, method, false)
+        end
     end
     if req == C_NULL then
         return nil, 500, '{"error":{"message":"llmproxy_pick returned no request",'

@@ -65,6 +65,62 @@ local text = r:metrics()
 check(text:find("llmproxy_in_flight_requests 0", 1, true) ~= nil, "metrics text")
 r:free(); r:free()
 
+-- remote cache lookups by polling (pick_start / pick_poll), against a metadata-center that
+-- accepts connections and never answers: the pick gives up after lookup_wait and decides from
+-- local data; the library finishes the late decision itself.
+local ffi = require "ffi"
+ffi.cdef [[
+int usleep(unsigned int usec);
+int socket(int domain, int type, int protocol);
+int listen(int fd, int backlog);
+int close(int fd);
+typedef struct { uint16_t family; uint16_t port; uint32_t addr; uint8_t zero[8]; } unit_sockaddr_in;
+int bind(int fd, const unit_sockaddr_in *addr, uint32_t len);
+int getsockname(int fd, unit_sockaddr_in *addr, uint32_t *len);
+]]
+local function listen_never_accepting()
+    local fd = ffi.C.socket(2, 1, 0) -- AF_INET, SOCK_STREAM
+    local sa = ffi.new("unit_sockaddr_in", { family = 2, port = 0, addr = 0x0100007f }) -- 127.0.0.1
+    assert(fd >= 0 and ffi.C.bind(fd, sa, ffi.sizeof(sa)) == 0 and ffi.C.listen(fd, 64) == 0)
+    local len = ffi.new("uint32_t[1]", ffi.sizeof(sa))
+    assert(ffi.C.getsockname(fd, sa, len) == 0)
+    return fd, bit.rshift(bit.bswap(sa.port), 16)
+end
+local hang_fd, hang_port = listen_never_accepting()
+local lookup_cfg = [[{"model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "vllm"}]}},
+  "clusters": {"c": {"endpoints": ["127.0.0.1:1", "127.0.0.1:2"]}},
+  "metadata_center": {"enabled": true, "host": "127.0.0.1", "port": ]] .. hang_port .. [[,
+                      "cache_enabled": true, "timeout_ms": 300}}]]
+local slept = 0
+local function blocking_sleep(s) -- a unit test may block; nginx passes ngx.sleep (yields)
+    slept = slept + s
+    ffi.C.usleep(s * 1e6)
+end
+check(select(2, llmproxy.new(lookup_cfg, { sleep = 3 })):find("opts.sleep", 1, true), "opts.sleep checked")
+check(select(2, llmproxy.new(lookup_cfg, { lookup_wait = -1 })):find("opts.lookup_wait", 1, true),
+    "opts.lookup_wait checked")
+local rl = assert(llmproxy.new(lookup_cfg, { sleep = blocking_sleep, lookup_wait = 0.02 }))
+local pending_before, abandoned_before = llmproxy.stats.pending, llmproxy.stats.lookup_abandoned
+local long_body = '{"model":"m","messages":[{"role":"user","content":"' .. string.rep("long prompt ", 400) .. '"}]}'
+local ld = rl:pick({}, long_body, "/v1/chat/completions", "POST")
+check(ld ~= nil and (ld.endpoint == "127.0.0.1:1" or ld.endpoint == "127.0.0.1:2"), "an abandoned lookup still routes")
+check(llmproxy.stats.pending == pending_before + 1, "the pick waited for the lookup")
+check(llmproxy.stats.lookup_abandoned == abandoned_before + 1, "and gave up after lookup_wait")
+check(slept >= 0.02 and slept < 0.2, "slept about lookup_wait: " .. slept)
+ld:finish(200)
+-- the lookup times out after 300 ms; its late decision (made from local data, counted as a
+-- fallback) is then finished by the library, as nobody polls for it any more
+local late_decided = false
+for _ = 1, 300 do
+    late_decided = rl:metrics():find('llmproxy_remote_cache_lookups_total{result="local_fallback"} 1', 1, true) ~= nil
+    if late_decided and rl:in_flight() == 0 then break end
+    ffi.C.usleep(10000)
+end
+check(late_decided, "the late decision was made")
+check(rl:in_flight() == 0, "the late decision was finished by the library")
+rl:free()
+ffi.C.close(hang_fd)
+
 -- nginx glue helpers
 local merged = gw._merge({
     { pid = "11", text = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\"} 3\n# HELP b B.\n# TYPE b gauge\nb 1\n" },

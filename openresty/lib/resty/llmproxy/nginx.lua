@@ -53,6 +53,9 @@ local opts = {
     strip_headers = { "x-gateway-destination-endpoint" },
     -- how often (seconds) each worker looks for a metrics snapshot request
     snapshot_poll = 0.05,
+    -- remote cache lookups (metadata_center.cache_enabled): the longest access() waits for
+    -- the Metadata-Center's answer (seconds) before deciding from local data
+    lookup_wait = 1,
 }
 
 local config_json      -- read in the master by init(), inherited by the workers
@@ -195,6 +198,8 @@ local function counters_text()
         "llmproxy_nginx_picks_total{event=\"routed\"} " .. llmproxy.stats.routed,
         "llmproxy_nginx_picks_total{event=\"finished\"} " .. llmproxy.stats.finished,
         "llmproxy_nginx_picks_total{event=\"leaked\"} " .. llmproxy.stats.leaked,
+        "llmproxy_nginx_picks_total{event=\"waited_for_lookup\"} " .. llmproxy.stats.pending,
+        "llmproxy_nginx_picks_total{event=\"lookup_abandoned\"} " .. llmproxy.stats.lookup_abandoned,
         "# HELP llmproxy_nginx_pending_requests Decisions held by this worker, not yet finished.",
         "# TYPE llmproxy_nginx_pending_requests gauge",
         "llmproxy_nginx_pending_requests " .. pending_n,
@@ -259,7 +264,9 @@ function _M.init_worker()
         ngx_log(ERR, init_error)
         return nil, init_error
     end
-    local r, err = llmproxy.new(config_json)
+    -- ngx.sleep lets a pick wait for a remote cache lookup (when the config enables them)
+    -- by polling the library, yielding the request in between: the worker never blocks.
+    local r, err = llmproxy.new(config_json, { sleep = ngx.sleep, lookup_wait = opts.lookup_wait })
     if not r then
         init_error = "llmproxy: cannot build the router: " .. tostring(err)
         ngx_log(ERR, init_error)
@@ -272,9 +279,8 @@ function _M.init_worker()
     -- Metadata-Center: llmproxy_router_new starts the router's sync thread itself when the
     -- config (or METADATA_CENTER_* variables, which nginx passes only when named by `env`)
     -- enables it; building the router here, after fork, is what gives every worker its own
-    -- thread. Workers then share endpoint load through the server. Remote prefix-cache
-    -- lookups need llmproxy_pick_async, whose callback runs on a library thread: not bound
-    -- (TODO(metadata-center): a C shim posting to the worker's event loop would be needed).
+    -- thread. Workers then share endpoint load through the server, and with
+    -- metadata_center.cache_enabled every worker asks it where a prompt's prefix is cached.
 
     local dict = shm()
     if dict then

@@ -1,4 +1,5 @@
-//! The C ABI in random orders with random arguments (NULLs, zero lengths, bogus endpoints):
+//! The C ABI in random orders with random arguments (NULLs, zero lengths, bogus endpoints;
+//! `pick` and `pick_start`, which decides at once without remote lookups):
 //! never a crash, and once every request is finished nothing is left in flight.
 #![no_main]
 use std::ptr;
@@ -29,7 +30,14 @@ fuzz_target!(|data: &[u8]| unsafe {
                 };
                 let (b, n) = if arg % 5 == 0 { (ptr::null(), 0) } else { (body.as_ptr(), body.len()) };
                 let mut req = ptr::null_mut();
-                llmproxy_pick(router, ptr::null(), 0, b, n, &mut req);
+                if arg % 3 == 1 {
+                    // No remote lookups in this config: pick_start decides at once.
+                    let mut ticket = ptr::null_mut();
+                    let st = llmproxy_pick_start(router, ptr::null(), 0, b, n, &mut ticket, &mut req);
+                    assert!(st != llmproxy_status::LLMPROXY_PENDING && ticket.is_null());
+                } else {
+                    llmproxy_pick(router, ptr::null(), 0, b, n, &mut req);
+                }
                 assert!(!req.is_null());
                 live.push(req);
             }
@@ -68,6 +76,9 @@ fuzz_target!(|data: &[u8]| unsafe {
                     let _ = llmproxy_request_endpoint(req, ptr::null_mut());
                 }
                 llmproxy_pick(router, ptr::null(), 3, ptr::null(), 9, ptr::null_mut());
+                llmproxy_pick_start(router, ptr::null(), 3, ptr::null(), 9, ptr::null_mut(), ptr::null_mut());
+                llmproxy_pick_poll(ptr::null_mut(), ptr::null_mut());
+                llmproxy_pick_ticket_free(ptr::null_mut());
             }
         }
     }

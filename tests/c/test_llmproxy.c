@@ -3,9 +3,15 @@
  * examples/config.json, the README's example). Prints one line per check and a closing
  * "N passed, N failed" line; exits non-zero on any failure.
  */
+#define _POSIX_C_SOURCE 200809L /* nanosleep, sockets */
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "llmproxy.h"
 
@@ -244,9 +250,91 @@ static void test_metrics(llmproxy_router *r) {
     llmproxy_string_free(text);
 }
 
+static void sleep_ms(long ms) {
+    struct timespec t = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&t, NULL);
+}
+
+/* A listening socket on 127.0.0.1 that never accepts: a metadata-center that never answers.
+ * Returns the fd and sets *port. */
+static int never_answering_server(int *port) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t alen = sizeof a;
+    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) != 0 || listen(fd, 64) != 0 ||
+        getsockname(fd, (struct sockaddr *)&a, &alen) != 0) {
+        return -1;
+    }
+    *port = ntohs(a.sin_port);
+    return fd;
+}
+
+/* The polling form of remote cache lookups (llmproxy_pick_start / _poll / _ticket_free), as
+ * nginx uses it: every lookup waits for its timeout, the picks stay pending, one ticket is
+ * freed undecided, the others are polled to their (local) decision. */
+static void test_pick_tickets(void) {
+    int port = 0;
+    int fd = never_answering_server(&port);
+    CHECK(fd >= 0, "listening socket");
+    if (fd < 0) return;
+    char config[512];
+    snprintf(config, sizeof config,
+             "{\"model_mapping_rule\":{\"m\":{\"rules\":[{\"cluster\":\"c\",\"backend\":\"vllm\"}]}},"
+             "\"clusters\":{\"c\":{\"endpoints\":[\"127.0.0.1:8001\",\"127.0.0.1:8002\"]}},"
+             "\"metadata_center\":{\"enabled\":true,\"host\":\"127.0.0.1\",\"port\":%d,"
+             "\"cache_enabled\":true,\"timeout_ms\":100}}",
+             port);
+    llmproxy_router *r = NULL;
+    char err[256];
+    CHECK(llmproxy_router_new(config, strlen(config), &r, err, sizeof err) == LLMPROXY_OK, "router: %s", err);
+    if (!r) {
+        close(fd);
+        return;
+    }
+    enum { N = 4 };
+    llmproxy_pick_ticket *tickets[N];
+    for (int i = 0; i < N; i++) {
+        char question[32];
+        snprintf(question, sizeof question, "question %d", i);
+        char *body = chat_body("m", "A long shared system prompt. ", 40, question);
+        llmproxy_request *req = (llmproxy_request *)0x1;
+        tickets[i] = (llmproxy_pick_ticket *)0x1;
+        llmproxy_status st =
+            llmproxy_pick_start(r, NULL, 0, (const uint8_t *)body, strlen(body), &tickets[i], &req);
+        CHECK(st == LLMPROXY_PENDING && tickets[i] != NULL && req == NULL, "pick %d pending (status %d)", i, st);
+        free(body);
+    }
+    llmproxy_pick_ticket_free(tickets[0]); /* its decision, once made, is finished by the library */
+    for (int i = 1; i < N; i++) {
+        llmproxy_request *req = NULL;
+        llmproxy_status st = LLMPROXY_PENDING;
+        for (int waited = 0; st == LLMPROXY_PENDING && waited < 10000; waited++) {
+            st = llmproxy_pick_poll(tickets[i], &req);
+            if (st == LLMPROXY_PENDING) sleep_ms(1);
+        }
+        CHECK(st == LLMPROXY_OK && req != NULL, "ticket %d decided from local data (status %d)", i, st);
+        llmproxy_request *again = (llmproxy_request *)0x1;
+        CHECK(llmproxy_pick_poll(tickets[i], &again) == LLMPROXY_INVALID_ARGUMENT && again == NULL,
+              "a ticket answers once");
+        if (req) {
+            CHECK(strncmp(llmproxy_request_endpoint(req, NULL), "127.0.0.1:800", 13) == 0, "endpoint");
+            llmproxy_request_finish(req, 200);
+        }
+        llmproxy_pick_ticket_free(tickets[i]);
+    }
+    for (int waited = 0; llmproxy_router_in_flight(r) != 0 && waited < 5000; waited++) sleep_ms(1);
+    CHECK(llmproxy_router_in_flight(r) == 0, "nothing left in flight");
+    llmproxy_router_free(r);
+    close(fd);
+}
+
 int main(void) {
     printf("llmproxy %s\n", llmproxy_version());
     test_invalid_config();
+    test_pick_tickets();
 
     size_t len = 0;
     char *config = read_file("examples/config.json", &len);

@@ -19,7 +19,7 @@ use std::ptr;
 
 use crate::config::parse_endpoint;
 use crate::error::PickError;
-use crate::router::{PendingPick, PickStart, PickedRequest, Router};
+use crate::router::{HeaderRef, PendingPick, PickStart, PickedRequest, Router};
 
 /// Result of a C ABI call.
 #[repr(C)]
@@ -562,17 +562,11 @@ pub unsafe extern "C" fn llmproxy_pick_async(
     let Some(cb) = cb else {
         return llmproxy_pick(router, headers, n_headers, body, body_len, out);
     };
-    if out.is_null() {
-        return LLMPROXY_INVALID_ARGUMENT;
-    }
-    *out = ptr::null_mut();
-    let Some(r) = router.as_ref() else {
-        return LLMPROXY_INVALID_ARGUMENT;
-    };
-    let (Some(hdrs), Some(body_bytes)) = (header_refs(headers, n_headers), bytes(body, body_len))
-    else {
-        return llmproxy_pick(router, headers, n_headers, body, body_len, out);
-    };
+    let (r, hdrs, body_bytes) =
+        match deferred_pick_args(router, headers, n_headers, body, body_len, out) {
+            Ok(args) => args,
+            Err(status) => return status,
+        };
     /// The host's opaque pointer, handed back on the lookup thread as the contract says.
     struct UserData(*mut c_void);
     unsafe impl Send for UserData {}
@@ -612,18 +606,15 @@ pub unsafe extern "C" fn llmproxy_pick_start(
     ticket: *mut *mut llmproxy_pick_ticket,
     out: *mut *mut llmproxy_request,
 ) -> llmproxy_status {
-    if ticket.is_null() || out.is_null() {
+    if ticket.is_null() {
         return LLMPROXY_INVALID_ARGUMENT;
     }
     *ticket = ptr::null_mut();
-    *out = ptr::null_mut();
-    let Some(r) = router.as_ref() else {
-        return LLMPROXY_INVALID_ARGUMENT;
-    };
-    let (Some(hdrs), Some(body_bytes)) = (header_refs(headers, n_headers), bytes(body, body_len))
-    else {
-        return llmproxy_pick(router, headers, n_headers, body, body_len, out);
-    };
+    let (r, hdrs, body_bytes) =
+        match deferred_pick_args(router, headers, n_headers, body, body_len, out) {
+            Ok(args) => args,
+            Err(status) => return status,
+        };
     let started = catch_unwind(AssertUnwindSafe(|| r.router.pick_start(&hdrs, body_bytes)));
     match started {
         Ok(PickStart::Pending(pending)) => {
@@ -673,6 +664,33 @@ pub unsafe extern "C" fn llmproxy_pick_poll(
 pub unsafe extern "C" fn llmproxy_pick_ticket_free(ticket: *mut llmproxy_pick_ticket) {
     if !ticket.is_null() {
         guard((), || drop(Box::from_raw(ticket)));
+    }
+}
+
+/// Checks the arguments of the picks that may decide later (`llmproxy_pick_async`,
+/// `llmproxy_pick_start`): `Ok` with the router, headers and body; otherwise `Err` with the
+/// status to answer, `*out` set as `llmproxy_pick` sets it.
+unsafe fn deferred_pick_args<'a>(
+    router: *mut llmproxy_router,
+    headers: *const llmproxy_header,
+    n_headers: usize,
+    body: *const u8,
+    body_len: usize,
+    out: *mut *mut llmproxy_request,
+) -> Result<(&'a llmproxy_router, Vec<HeaderRef<'a>>, &'a [u8]), llmproxy_status> {
+    if out.is_null() {
+        return Err(LLMPROXY_INVALID_ARGUMENT);
+    }
+    *out = ptr::null_mut();
+    let Some(r) = router.as_ref() else {
+        return Err(LLMPROXY_INVALID_ARGUMENT);
+    };
+    match (header_refs(headers, n_headers), bytes(body, body_len)) {
+        (Some(hdrs), Some(body_bytes)) => Ok((r, hdrs, body_bytes)),
+        // Bad pointers or lengths: the synchronous pick answers them (a 400 handle).
+        _ => Err(llmproxy_pick(
+            router, headers, n_headers, body, body_len, out,
+        )),
     }
 }
 

@@ -173,27 +173,31 @@ fn two_routers_share_load_through_the_server() {
     );
 }
 
-#[test]
-fn remote_cache_lookup_finds_the_endpoint_another_router_warmed() {
-    let server = start_server();
+/// Router A (no lookups) serves `prompt` and saves where its prefix went; returns router B,
+/// with remote cache lookups, and A's endpoint. B's local index knows nothing of the prompt.
+fn warmed_by_another_router(server: &Server, prompt: &str) -> (Router, String) {
     let a = Router::from_json(config(server.port, "").as_bytes()).unwrap();
     let b = Router::from_json(
         config(server.port, r#", "cache_enabled": true, "timeout_ms": 500"#).as_bytes(),
     )
     .unwrap();
-
-    let prompt = format!(
-        "{} final question",
-        "long shared document text. ".repeat(200)
-    );
-    let p = a.pick(&[], &chat(&prompt));
+    let p = a.pick(&[], &chat(prompt));
     let warmed = p.endpoint().unwrap().to_string();
     p.finish(200); // success → cache save
     wait_until("the cache save to land", || {
         metric(&a, "llmproxy_metadata_center_calls_total{result=\"ok\"} ") >= 3
     });
+    (b, warmed)
+}
 
-    // B's local index is empty; only the server knows where the prefix lives.
+#[test]
+fn remote_cache_lookup_finds_the_endpoint_another_router_warmed() {
+    let server = start_server();
+    let prompt = format!(
+        "{} final question",
+        "long shared document text. ".repeat(200)
+    );
+    let (b, warmed) = warmed_by_another_router(&server, &prompt);
     for _ in 0..5 {
         let (tx, rx) = mpsc::channel();
         let immediate = b.pick_async(
@@ -222,21 +226,11 @@ fn polled_pick_finds_the_endpoint_another_router_warmed() {
     // The polling form of the remote lookup (what nginx uses): pick_start, then try_take
     // until the lookup thread has decided.
     let server = start_server();
-    let a = Router::from_json(config(server.port, "").as_bytes()).unwrap();
-    let b = Router::from_json(
-        config(server.port, r#", "cache_enabled": true, "timeout_ms": 500"#).as_bytes(),
-    )
-    .unwrap();
     let prompt = format!(
         "{} polled question",
         "another long shared text. ".repeat(200)
     );
-    let p = a.pick(&[], &chat(&prompt));
-    let warmed = p.endpoint().unwrap().to_string();
-    p.finish(200);
-    wait_until("the cache save to land", || {
-        metric(&a, "llmproxy_metadata_center_calls_total{result=\"ok\"} ") >= 3
-    });
+    let (b, warmed) = warmed_by_another_router(&server, &prompt);
     for _ in 0..5 {
         let PickStart::Pending(mut pending) = b.pick_start(&[], &chat(&prompt)) else {
             panic!("a cache-enabled pick_start goes pending");

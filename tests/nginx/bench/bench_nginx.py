@@ -6,10 +6,13 @@ ports), same proxy settings; the only difference is how the gateway picks the pe
   * llmproxy:    examples/nginx.conf (access_by_lua reads the body + pick, balancer_by_lua,
                  body_filter first token, log finish), 1 worker
   * round robin: plain nginx `upstream` with the same 4 servers, no Lua module, 1 worker
+  * with --lookups, also llmproxy + lookups: the llmproxy gateway with the Metadata-Center
+                 (our server, started here) and remote cache lookups on: every pick waits for
+                 a cache query, polled every millisecond with ngx.sleep
 Load: wrk (1 thread, --latency), 64 distinct chat bodies of 1 KiB or 64 KiB (64 KiB is above
 client_body_buffer_size, so both gateways spool it to a temp file). Rounds are interleaved.
 
-    python3 tests/nginx/bench/bench_nginx.py [--seconds 8] [--connections 32] [--rounds 2]
+    python3 tests/nginx/bench/bench_nginx.py [--seconds 8] [--connections 32] [--rounds 2] [--lookups]
 """
 
 import argparse
@@ -178,19 +181,45 @@ def wrk(port, script, seconds, connections):
     return parse_wrk(out), out
 
 
+def quiet_gateway(cfg, addrs):
+    """examples/nginx.conf through the test harness, 1 worker, without debug headers or access log."""
+    gw = harness.Nginx(cfg, addrs, workers=1)
+    text = gw.conf.read_text().replace("debug_headers = true", "debug_headers = false")
+    text = text.replace("access_log build/nginx/access.log;", "access_log off;")
+    gw.conf.write_text(text)
+    r = gw.nginx_cmd("-s", "reload")
+    assert r.returncode == 0, r.stderr
+    time.sleep(1.0)
+    gw.wait_ready()
+    return gw
+
+
+class MetadataCenter(Proc):
+    """Our llmproxy-metadata-center on a free port of 127.0.0.1."""
+
+    def __init__(self):
+        binary = harness.ROOT / "target" / "release" / "llmproxy-metadata-center"
+        if not binary.exists():
+            sys.exit("%s missing: run `make build`" % binary)
+        self.port = harness.free_port()
+        super().__init__([str(binary), "run", "--host", "127.0.0.1", "--port", str(self.port)])
+        wait_port(self.port)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--lookups", action="store_true", help="add llmproxy + remote cache lookups")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk missing (apt-get install wrk)")
     harness.raise_fd_limit()
     tmp = Path(tempfile.mkdtemp(prefix="llmproxy-nginx-bench-"))
     os.chmod(tmp, 0o755)
-    procs, gw = [], None
+    procs, gateways = [], []
     try:
         fleet_ports = free_ports(4)
         names = ["f%d" % i for i in range(4)]
@@ -213,14 +242,17 @@ def main():
             "lb_mapping_rule": {"qwen3-8b": {"load_aware_enable": True, "cache_aware_enable": True}},
             "clusters": {"fleet": {"endpoints": addrs}},
         }
-        gw = harness.Nginx(cfg, addrs, workers=1)
-        text = gw.conf.read_text().replace("debug_headers = true", "debug_headers = false")
-        text = text.replace("access_log build/nginx/access.log;", "access_log off;")
-        gw.conf.write_text(text)
-        r = gw.nginx_cmd("-s", "reload")
-        assert r.returncode == 0, r.stderr
-        time.sleep(1.0)
-        gw.wait_ready()
+        gw = quiet_gateway(cfg, addrs)
+        gateways.append(gw)
+        variants = [("llmproxy", gw.port), ("round robin", rr_port)]
+        if args.lookups:
+            mc = MetadataCenter()
+            procs.append(mc)
+            lookup_cfg = dict(cfg, metadata_center={"enabled": True, "host": "127.0.0.1", "port": mc.port,
+                                                    "cache_enabled": True, "timeout_ms": 100})
+            gw_lookups = quiet_gateway(lookup_cfg, addrs)
+            gateways.append(gw_lookups)
+            variants.append(("llmproxy + lookups", gw_lookups.port))
 
         results = {}
         for size_name, size in (("1 KiB", 1024), ("64 KiB", 64 * 1024)):
@@ -228,10 +260,10 @@ def main():
             make_bodies(bodies, size)
             script = tmp / ("wrk-%d.lua" % size)
             script.write_text(WRK_SCRIPT.format(bodies=bodies))
-            for variant, port in (("llmproxy", gw.port), ("round robin", rr_port)):
+            for variant, port in variants:
                 wrk(port, str(script), args.warmup, args.connections)  # warm-up: pools, JIT, caches
             for rnd in range(args.rounds):
-                for variant, port in (("llmproxy", gw.port), ("round robin", rr_port)):
+                for variant, port in variants:
                     res, raw = wrk(port, str(script), args.seconds, args.connections)
                     if res["non2xx"] or res["errors"]:
                         print(raw, file=sys.stderr)
@@ -250,8 +282,9 @@ def main():
               % (args.connections, args.seconds, args.rounds))
         print("\n| body | gateway | p50 ms | p99 ms | req/s |")
         print("|---|---|---:|---:|---:|")
+        names = ["round robin"] + [v for v, _ in variants if v != "round robin"]
         for size_name in ("1 KiB", "64 KiB"):
-            for variant in ("round robin", "llmproxy"):
+            for variant in names:
                 print("| %s | %s | %.3f | %.3f | %.0f |" % (size_name, variant, med(size_name, variant, "p50"),
                                                            med(size_name, variant, "p99"), med(size_name, variant, "rps")))
         print("\n| body | added p50 ms | added p99 ms | throughput ratio (llmproxy / rr) |")
@@ -261,11 +294,26 @@ def main():
                 size_name, med(size_name, "llmproxy", "p50") - med(size_name, "round robin", "p50"),
                 med(size_name, "llmproxy", "p99") - med(size_name, "round robin", "p99"),
                 med(size_name, "llmproxy", "rps") / med(size_name, "round robin", "rps")))
+        if args.lookups:
+            print("\n| body | lookups: added p50 ms | added p99 ms | throughput ratio (lookups / llmproxy) |")
+            print("|---|---:|---:|---:|")
+            for size_name in ("1 KiB", "64 KiB"):
+                print("| %s | %+.3f | %+.3f | %.3f |" % (
+                    size_name, med(size_name, "llmproxy + lookups", "p50") - med(size_name, "llmproxy", "p50"),
+                    med(size_name, "llmproxy + lookups", "p99") - med(size_name, "llmproxy", "p99"),
+                    med(size_name, "llmproxy + lookups", "rps") / med(size_name, "llmproxy", "rps")))
+            ml = harness.metrics(gw_lookups.port)
+            print("\nlookups gateway: %d picks waited for a lookup, %d abandoned; remote decisions %d, "
+                  "local fallbacks %d" % (
+                      ml.total("llmproxy_nginx_picks_total", event="waited_for_lookup"),
+                      ml.total("llmproxy_nginx_picks_total", event="lookup_abandoned"),
+                      ml.total("llmproxy_remote_cache_lookups_total", result="remote"),
+                      ml.total("llmproxy_remote_cache_lookups_total", result="local_fallback")))
         print("\nllmproxy picks routed %d, finished %d, in flight %d" % (
             routed, finished, m.total("llmproxy_in_flight_requests")))
     finally:
-        if gw:
-            gw.close()
+        for g in gateways:
+            g.close()
         for p in procs:
             p.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -244,10 +244,13 @@ pub struct MetadataCenter {
     /// Server port (`METADATA_CENTER_PORT`, default 8080).
     pub port: u16,
     /// Ask the server for remote cache matches before deciding (`METADATA_CENTER_CACHE_ENABLED`,
-    /// default false); only for callers that pass a completion callback.
+    /// default false); only for `pick_async` / `pick_start` callers.
     pub cache_enabled: bool,
-    /// Timeout of a remote cache lookup, ms (`METADATA_CENTER_TIMEOUT_MS`, default 100).
+    /// Timeout of a remote cache lookup, ms (`METADATA_CENTER_TIMEOUT_MS`, default 100). A
+    /// lookup that waited this long in the queue decides from local data without asking.
     pub timeout_ms: u64,
+    /// Threads making remote cache lookups in parallel (default 2).
+    pub lookup_threads: usize,
     /// Timeout of a background report or poll, ms (`METADATA_CENTER_ASYNC_TIMEOUT_MS`, 500).
     pub async_timeout_ms: u64,
     /// Capacity of the event queue; events beyond it are dropped and counted
@@ -296,6 +299,7 @@ impl MetadataCenter {
             port: num(env, "METADATA_CENTER_PORT", 8080)?,
             cache_enabled: flag(env, "METADATA_CENTER_CACHE_ENABLED")?,
             timeout_ms: num(env, "METADATA_CENTER_TIMEOUT_MS", 100)?,
+            lookup_threads: DEFAULT_LOOKUP_THREADS,
             async_timeout_ms: num(env, "METADATA_CENTER_ASYNC_TIMEOUT_MS", 500)?,
             queue_size: num(env, "METADATA_CENTER_ASYNC_QUEUE_SIZE", 1000)?,
             load_poll_ms: 50,
@@ -306,6 +310,8 @@ impl MetadataCenter {
     }
 }
 
+/// Default `metadata_center.lookup_threads`.
+pub const DEFAULT_LOOKUP_THREADS: usize = 2;
 /// Default `hash_chunk_bytes`.
 pub const DEFAULT_HASH_CHUNK_BYTES: usize = 512;
 /// Default `max_body_bytes` (8 MiB).
@@ -399,6 +405,8 @@ struct RawMetadataCenter {
     cache_enabled: Option<bool>,
     #[serde(default, deserialize_with = "lenient_u64")]
     timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    lookup_threads: Option<u64>,
     #[serde(default, deserialize_with = "lenient_u64")]
     async_timeout_ms: Option<u64>,
     #[serde(default, deserialize_with = "lenient_u64")]
@@ -945,6 +953,15 @@ fn merge_metadata_center(
             *slot = v;
         }
     }
+    if let Some(t) = r.lookup_threads {
+        if !(1..=64).contains(&t) {
+            return Err(err(
+                format!("{base}.lookup_threads"),
+                format!("must be within 1–64, got {t}"),
+            ));
+        }
+        m.lookup_threads = t as usize;
+    }
     if let Some(q) = r.queue_size {
         if !(1..=1_000_000).contains(&q) {
             return Err(err(
@@ -1282,6 +1299,16 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("config.metadata_center.endpoint_identity: unknown identity"));
+        assert_eq!(m.lookup_threads, DEFAULT_LOOKUP_THREADS);
+        let four = br#"{"metadata_center": {"lookup_threads": "4"}}"#;
+        let four = Config::from_json_with_env(four, &|_| None).unwrap();
+        assert_eq!(four.metadata_center.lookup_threads, 4);
+        let bad =
+            Config::from_json_with_env(br#"{"metadata_center": {"lookup_threads": 0}}"#, &|_| None);
+        assert_eq!(
+            bad.unwrap_err().to_string(),
+            "config.metadata_center.lookup_threads: must be within 1–64, got 0"
+        );
     }
 
     #[test]

@@ -118,6 +118,8 @@ pub struct RouterMetrics {
     pub lookups_remote: AtomicU64,
     /// See `lookups_remote`.
     pub lookups_local: AtomicU64,
+    /// Lookups skipped because the job waited a whole lookup timeout in the queue.
+    pub lookups_expired: AtomicU64,
 }
 
 impl Default for RouterMetrics {
@@ -136,6 +138,7 @@ impl Default for RouterMetrics {
             sync_dropped: AtomicU64::new(0),
             lookups_remote: AtomicU64::new(0),
             lookups_local: AtomicU64::new(0),
+            lookups_expired: AtomicU64::new(0),
         }
     }
 }

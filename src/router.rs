@@ -24,7 +24,7 @@ use crate::metrics::{escape_label, family, header, RouterMetrics, PICK_OUTCOMES}
 use crate::request::{self, RequestKind};
 use crate::state::{Cluster, Endpoint, EndpointSet, PrefixIndex};
 use crate::sync::client::Client;
-use crate::sync::{self, Event, EventSender, Lookup, RequestSync, ThreadGuard};
+use crate::sync::{self, Event, EventSender, Lookup, RequestSync, ThreadGroup};
 use crate::transcode::{self, Output, Transcoder, UpstreamRequest};
 
 /// A request header as the host hands it over (name matched case-insensitively).
@@ -77,7 +77,7 @@ fn process_seed() -> u64 {
 #[derive(Clone)]
 pub struct Router {
     inner: Arc<RouterInner>,
-    _threads: Arc<Vec<ThreadGuard>>,
+    _threads: Arc<ThreadGroup>,
 }
 
 impl Router {
@@ -120,7 +120,7 @@ impl Router {
         });
         let mut router = Router {
             inner,
-            _threads: Arc::new(Vec::new()),
+            _threads: Arc::new(ThreadGroup::default()),
         };
         let mut names: Vec<&str> = router
             .inner
@@ -147,11 +147,11 @@ impl Router {
         router
     }
 
-    /// Starts the sync thread (Metadata-Center or DNS clusters) and the lookup thread
+    /// Starts the sync thread (Metadata-Center or DNS clusters) and the lookup threads
     /// (remote cache lookups). A thread that cannot be spawned leaves the router local-only.
-    fn start_threads(inner: &Arc<RouterInner>) -> Vec<ThreadGuard> {
+    fn start_threads(inner: &Arc<RouterInner>) -> ThreadGroup {
         let mc = &inner.config.metadata_center;
-        let mut guards = Vec::new();
+        let mut guards = ThreadGroup::default();
         let dns: Vec<(String, String)> = inner
             .config
             .dns_clusters
@@ -168,9 +168,9 @@ impl Router {
             }
         }
         if mc.enabled && mc.cache_enabled {
-            if let Ok((tx, guard)) = sync::start_lookups::<LookupJob>(mc, 256) {
+            if let Ok((tx, lookup_threads)) = sync::start_lookups::<LookupJob>(mc, 256) {
                 let _ = inner.lookups.set(tx);
-                guards.push(guard);
+                guards.append(lookup_threads);
             }
         }
         guards
@@ -769,6 +769,10 @@ impl RouterInner {
             &[
                 ("result=\"remote\"".into(), load(&m.lookups_remote)),
                 ("result=\"local_fallback\"".into(), load(&m.lookups_local)),
+                (
+                    "result=\"expired_in_queue\"".into(),
+                    load(&m.lookups_expired),
+                ),
             ],
         );
         header(
@@ -915,15 +919,16 @@ pub(crate) struct LookupJob {
 
 impl LookupJob {
     /// Decides with the cache answer (`None`: local data only) and hands the decision to
-    /// the host's callback.
-    fn decide(&mut self, remote: Option<&HashMap<String, usize>>) {
+    /// the host's callback. `expired`: no lookup was made (the job waited too long).
+    fn decide(&mut self, remote: Option<&HashMap<String, usize>>, expired: bool) {
         let Some((mut routed, done)) = self.pending.take() else {
             return;
         };
-        let counter = if remote.is_some() {
-            &self.router.metrics.lookups_remote
-        } else {
-            &self.router.metrics.lookups_local
+        let m = &self.router.metrics;
+        let counter = match (remote.is_some(), expired) {
+            (true, _) => &m.lookups_remote,
+            (false, true) => &m.lookups_expired,
+            (false, false) => &m.lookups_local,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let result = self.router.choose(&mut routed, remote).map(|()| routed);
@@ -938,6 +943,13 @@ impl Lookup for LookupJob {
         let Some((routed, _)) = &self.pending else {
             return;
         };
+        // A job that waited a whole lookup timeout in the queue (lookups slower than the
+        // request rate) decides from local data at once instead of waiting another timeout.
+        let timeout = Duration::from_millis(self.router.config.metadata_center.timeout_ms);
+        if self.started.elapsed() >= timeout {
+            self.decide(None, true);
+            return;
+        }
         let top_k = routed.cluster.snapshot().endpoints.len().max(1);
         let remote = client
             .query_cache(&routed.cluster.name, &routed.prefix_hashes, top_k)
@@ -947,7 +959,7 @@ impl Lookup for LookupJob {
                     .map(|l| (l.ip, l.length))
                     .collect::<HashMap<_, _>>()
             });
-        self.decide(remote.as_ref());
+        self.decide(remote.as_ref(), false);
     }
 }
 
@@ -955,7 +967,7 @@ impl Drop for LookupJob {
     /// A job dropped undecided (the router was freed while lookups were queued) decides from
     /// local data, so the host's callback still runs exactly once and no request hangs.
     fn drop(&mut self) {
-        self.decide(None);
+        self.decide(None, false);
     }
 }
 

@@ -5,7 +5,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use llmproxy::{PickStart, PickedRequest, Router};
@@ -435,15 +436,109 @@ fn hanging_server_costs_at_most_the_timeout_and_free_stays_bounded() {
 
 /// A server that accepts connections and never answers; returns its port.
 fn hanging_server() -> u16 {
+    hanging_server_counting().0
+}
+
+/// `hanging_server`, also counting the connections it accepted.
+fn hanging_server_counting() -> (u16, Arc<AtomicUsize>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
     std::thread::spawn(move || {
         let mut held = Vec::new();
         for conn in listener.incoming().flatten() {
             held.push(conn);
+            counter.fetch_add(1, Ordering::SeqCst);
         }
     });
-    port
+    (port, accepted)
+}
+
+/// Starts a `pick_async` for a prompt long enough to be looked up; the decision goes to `tx`.
+/// Returns true when it went pending.
+fn pick_pending(r: &Router, i: usize, tx: &mpsc::Sender<PickedRequest>) -> bool {
+    let tx = tx.clone();
+    let prompt = format!("{} {i}", "a shared prefix long enough to hash. ".repeat(40));
+    match r.pick_async(
+        &[],
+        &chat(&prompt),
+        Box::new(move |req| tx.send(req).unwrap()),
+    ) {
+        None => true,
+        Some(p) => {
+            p.finish(200);
+            false
+        }
+    }
+}
+
+#[test]
+fn lookup_threads_query_in_parallel() {
+    // Three lookup threads against a server that never answers: three picks are three
+    // simultaneous connections, not one after the other.
+    let (port, accepted) = hanging_server_counting();
+    let r = Router::from_json(
+        config(
+            port,
+            r#", "cache_enabled": true, "timeout_ms": 2000, "lookup_threads": 3"#,
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let (tx, rx) = mpsc::channel();
+    for i in 0..3 {
+        assert!(pick_pending(&r, i, &tx), "pick {i} goes pending");
+    }
+    wait_until("three lookups at once", || {
+        accepted.load(Ordering::SeqCst) == 3
+    });
+    for _ in 0..3 {
+        let req = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("decided after the timeout");
+        req.finish(200);
+    }
+}
+
+#[test]
+fn lookups_that_waited_a_timeout_in_the_queue_decide_at_once() {
+    // One lookup thread, a server that never answers, 30 pending picks: one after the other
+    // they would take 30 timeouts (6 s); those that already waited a timeout in the queue
+    // decide from local data without asking.
+    let port = hanging_server();
+    let r = Router::from_json(
+        config(
+            port,
+            r#", "cache_enabled": true, "timeout_ms": 200, "lookup_threads": 1"#,
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let pending = (0..30).filter(|&i| pick_pending(&r, i, &tx)).count();
+    assert_eq!(pending, 30);
+    let start = Instant::now();
+    for _ in 0..pending {
+        let req = rx.recv_timeout(Duration::from_secs(5)).expect("decided");
+        assert_eq!(req.http_status(), 200);
+        req.finish(200);
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "30 picks behind one hanging lookup took {:?}",
+        start.elapsed()
+    );
+    let expired = metric(
+        &r,
+        "llmproxy_remote_cache_lookups_total{result=\"expired_in_queue\"} ",
+    );
+    let fallback = metric(
+        &r,
+        "llmproxy_remote_cache_lookups_total{result=\"local_fallback\"} ",
+    );
+    assert!(expired >= 20, "expired {expired}, fallback {fallback}");
+    assert_eq!(expired + fallback, 30);
 }
 
 #[test]
@@ -456,19 +551,7 @@ fn router_freed_with_lookups_queued_still_answers_every_pending_pick() {
         Router::from_json(config(port, r#", "cache_enabled": true, "timeout_ms": 200"#).as_bytes())
             .unwrap();
     let (tx, rx) = mpsc::channel();
-    let mut pending = 0;
-    for i in 0..40 {
-        let tx = tx.clone();
-        let prompt = format!("{} {i}", "a shared prefix long enough to hash. ".repeat(40));
-        match r.pick_async(
-            &[],
-            &chat(&prompt),
-            Box::new(move |req| tx.send(req).unwrap()),
-        ) {
-            None => pending += 1,
-            Some(p) => p.finish(200),
-        }
-    }
+    let pending = (0..40).filter(|&i| pick_pending(&r, i, &tx)).count();
     drop(tx);
     assert!(pending >= 10, "only {pending} picks went pending");
     drop(r);

@@ -9,8 +9,9 @@
 //!   scorer reads without locks;
 //! - re-resolving DNS clusters and swapping their endpoint sets.
 //!
-//! A second thread, only when remote cache lookups are enabled, answers `pick_async`
-//! lookups within `timeout_ms` and calls the host's callback.
+//! Lookup threads (`lookup_threads`, only when remote cache lookups are enabled) answer
+//! `pick_async` / `pick_start` lookups in parallel, each within `timeout_ms`, and hand the
+//! decision to the host (callback or ticket).
 //!
 //! Adds and cache saves go through a bounded queue and are dropped (and counted) when it is
 //! full. Releases (prompt delete, delete) go through their own queue and are never dropped:
@@ -132,10 +133,36 @@ impl EventSender {
     }
 }
 
-/// A unit of work for the lookup thread.
+/// A unit of work for a lookup thread.
 pub trait Lookup: Send + 'static {
     /// Runs with the lookup thread's client.
     fn run(self, client: &mut Client);
+}
+
+/// Background threads stopped together: dropping the group tells every thread to stop
+/// first, then waits for each (bounded), so the wait is the longest one, not their sum.
+#[derive(Default)]
+pub struct ThreadGroup(Vec<ThreadGuard>);
+
+impl ThreadGroup {
+    /// Adds a thread to the group.
+    pub fn push(&mut self, guard: ThreadGuard) {
+        self.0.push(guard);
+    }
+
+    /// Moves every thread of `other` into this group.
+    pub fn append(&mut self, mut other: ThreadGroup) {
+        self.0.append(&mut other.0);
+    }
+}
+
+impl Drop for ThreadGroup {
+    fn drop(&mut self) {
+        for guard in &mut self.0 {
+            drop(guard.stop.take());
+        }
+        // Each guard's own drop now only waits (bounded) for its thread.
+    }
 }
 
 /// Stops and joins a background thread when dropped (bounded wait).
@@ -221,31 +248,36 @@ pub(crate) fn start(
     Ok((sender, guard))
 }
 
-/// Starts the lookup thread for `pick_async`.
+/// Starts `settings.lookup_threads` lookup threads sharing one queue of `capacity` jobs, each
+/// with its own client (connection and circuit breaker).
 pub fn start_lookups<L: Lookup>(
     settings: &MetadataCenter,
     capacity: usize,
-) -> std::io::Result<(Sender<L>, ThreadGuard)> {
+) -> std::io::Result<(Sender<L>, ThreadGroup)> {
     let (tx, rx) = bounded::<L>(capacity);
-    let mut client = Client::new(settings.clone(), Duration::from_millis(settings.timeout_ms));
-    let guard = spawn_quiet("llmproxy-lookup", move |stop| {
-        loop {
-            select! {
-                recv(stop) -> _ => break,
-                recv(rx) -> job => match job {
-                    Ok(job) => job.run(&mut client),
-                    Err(_) => break,
-                },
+    let mut group = ThreadGroup::default();
+    for i in 0..settings.lookup_threads.max(1) {
+        let rx = rx.clone();
+        let mut client = Client::new(settings.clone(), Duration::from_millis(settings.timeout_ms));
+        group.push(spawn_quiet(&format!("llmproxy-lookup-{i}"), move |stop| {
+            loop {
+                select! {
+                    recv(stop) -> _ => break,
+                    recv(rx) -> job => match job {
+                        Ok(job) => job.run(&mut client),
+                        Err(_) => break,
+                    },
+                }
             }
-        }
-        // Jobs still queued at shutdown are dropped here, where each decides from local data
-        // and answers its host (they hold the router, so the queue would otherwise never be
-        // freed and their streams would wait forever).
-        for job in rx.try_iter() {
-            drop(job);
-        }
-    })?;
-    Ok((tx, guard))
+            // Jobs still queued at shutdown are dropped here, where each decides from local
+            // data and answers its host (they hold the router, so the queue would otherwise
+            // never be freed and their streams would wait forever).
+            for job in rx.try_iter() {
+                drop(job);
+            }
+        })?);
+    }
+    Ok((tx, group))
 }
 
 struct Worker {

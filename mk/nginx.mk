@@ -1,7 +1,8 @@
 # nginx / OpenResty host: resty.llmproxy (LuaJIT FFI) on Debian's nginx + libnginx-mod-http-lua.
 #
 #   make test-nginx    cdef-vs-header check, Lua unit tests and real-nginx end-to-end tests (pytest)
-#   make bench-nginx   overhead benchmark: nginx + llmproxy vs nginx round robin (not in CI)
+#   make bench-nginx   overhead benchmark: nginx + llmproxy vs nginx round robin (not in CI);
+#                      BENCH_NGINX_ARGS=--lookups adds llmproxy with remote cache lookups
 
 NGINX_APT_PKGS := nginx libnginx-mod-http-lua lua-resty-core
 NGINX_TEST_ENV := LLMPROXY_BUILD_DIR=$(abspath $(BUILD_DIR))
@@ -22,6 +23,6 @@ test-nginx: build venv nginx-deps
 ## bench-nginx: nginx + llmproxy vs nginx round robin, 1 KiB and 64 KiB bodies (needs wrk)
 bench-nginx: build nginx-deps
 	@command -v wrk >/dev/null 2>&1 || scripts/apt-install.sh wrk
-	$(NGINX_TEST_ENV) $(PYTHON) tests/nginx/bench/bench_nginx.py
+	$(NGINX_TEST_ENV) $(PYTHON) tests/nginx/bench/bench_nginx.py $(BENCH_NGINX_ARGS)
 
 TEST_TARGETS += test-nginx

@@ -197,15 +197,24 @@ impl Transcoder {
             return Output::Bytes(&self.out);
         }
         if stream {
+            // The buffer holds no complete event: only its last byte and the new ones can
+            // form a boundary, so each byte is scanned once and the consumed events are
+            // removed in one go (linear in the response, however it is chunked).
+            let scan_from = self.buf.len().saturating_sub(1);
             self.buf
                 .extend(chunk.iter().copied().filter(|&b| b != b'\r'));
-            while let Some(end) = find(&self.buf, b"\n\n") {
-                let event: Vec<u8> = self.buf.drain(..end + 2).collect();
-                self.sse_event(kind, &event);
+            let buf = std::mem::take(&mut self.buf);
+            let (mut start, mut pos) = (0, scan_from);
+            while let Some(i) = find(&buf[pos..], b"\n\n") {
+                let end = pos + i + 2;
+                self.sse_event(kind, &buf[start..end]);
                 if self.done {
                     return Output::Bytes(&self.out);
                 }
+                (start, pos) = (end, end);
             }
+            self.buf = buf;
+            self.buf.drain(..start);
             if end_of_stream {
                 let tail = std::mem::take(&mut self.buf);
                 if !tail.iter().all(u8::is_ascii_whitespace) {
@@ -413,6 +422,29 @@ data: {\"model_name\":\"ensemble\",\"model_version\":\"1\",\"text_output\":\"!\"
                 let v: Value = serde_json::from_slice(&out).unwrap();
                 prop_assert!(v.get("error").is_some() || v.get("choices").is_some());
             }
+        }
+    }
+
+    #[test]
+    fn byte_by_byte_and_many_events_in_one_chunk_give_the_same_output() {
+        // 2,000 events: fed whole, one byte at a time, and in 7-byte pieces.
+        let stream: Vec<u8> = (0..2000)
+            .flat_map(|i| {
+                format!("data: {{\"model_name\":\"e\",\"text_output\":\"t{i} \"}}\r\n\r\n")
+                    .into_bytes()
+            })
+            .collect();
+        let whole = {
+            let mut t = Transcoder::triton(RequestKind::Chat, true, "m");
+            run(&mut t, &[&stream])
+        };
+        for piece in [1, 7] {
+            let chunks: Vec<&[u8]> = stream.chunks(piece).collect();
+            let mut t = Transcoder::triton(RequestKind::Chat, true, "m");
+            let out = run(&mut t, &chunks);
+            let (text, _) = sse_texts(&out);
+            assert_eq!(text, sse_texts(&whole).0, "pieces of {piece}");
+            assert!(text.starts_with("t0 t1 ") && text.ends_with("t1999 "));
         }
     }
 

@@ -1,0 +1,189 @@
+//! Picks that may wait for the Metadata-Center's cache answer: `pick_async` (the decision
+//! goes to a callback on a lookup thread) and `pick_start` (the host polls a
+//! [`PendingPick`]), and the lookup job that decides them off the request path.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{failed_request, HeaderRef, PickedRequest, Routed, Router, RouterInner};
+use crate::config::Algorithm;
+use crate::error::PickError;
+use crate::sync::client::Client;
+use crate::sync::Lookup;
+
+impl Router {
+    /// Routes one request, asking the Metadata-Center for cache matches first when remote
+    /// lookups are enabled. Returns `None` when the decision is pending: `done` will then be
+    /// called exactly once, from the lookup thread. Otherwise returns the (local) decision and
+    /// never calls `done`.
+    pub fn pick_async(
+        &self,
+        headers: &[HeaderRef],
+        body: &[u8],
+        done: Box<dyn FnOnce(PickedRequest) + Send>,
+    ) -> Option<PickedRequest> {
+        let started = Instant::now();
+        let inner = &self.inner;
+        let prepared = inner.prepare(headers, body);
+        let routed = match prepared {
+            Ok(r) => r,
+            Err(e) => return Some(self.inner.finish_pick(Err(e), started)),
+        };
+        let wants_remote = matches!(
+            inner.config.algorithm,
+            Algorithm::InferenceLb | Algorithm::PrefixCost
+        ) && inner.config.lb_params(&routed.model).cache_aware
+            && !routed.prefix_hashes.is_empty();
+        let routed = match (wants_remote, inner.lookups.get()) {
+            (true, Some(tx)) => {
+                let job = LookupJob {
+                    router: Arc::clone(inner),
+                    pending: Some((routed, done)),
+                    started,
+                };
+                match tx.try_send(job) {
+                    Ok(()) => return None,
+                    Err(e) => {
+                        // Queue full: decide here, and answer directly (the callback is dropped).
+                        inner.metrics.lookups_local.fetch_add(1, Ordering::Relaxed);
+                        let (routed, _done) = e.into_inner().pending.take().expect("undecided");
+                        routed
+                    }
+                }
+            }
+            _ => routed,
+        };
+        let mut routed = routed;
+        let result = inner.choose(&mut routed, None).map(|()| routed);
+        Some(inner.finish_pick(result, started))
+    }
+
+    /// Like [`Router::pick_async`] for hosts that poll instead of taking a callback on a
+    /// library thread (LuaJIT in nginx): a pending decision comes back as a [`PendingPick`]
+    /// to poll from the host's own event loop.
+    pub fn pick_start(&self, headers: &[HeaderRef], body: &[u8]) -> PickStart {
+        if self.inner.lookups.get().is_none() {
+            return PickStart::Decided(self.pick(headers, body));
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        // A send fails only when the PendingPick is gone: the decision is then dropped, which
+        // finishes it with "no response".
+        let deliver = Box::new(move |request: PickedRequest| drop(tx.send(request)));
+        match self.pick_async(headers, body, deliver) {
+            Some(request) => PickStart::Decided(request),
+            None => PickStart::Pending(PendingPick {
+                router: Arc::clone(&self.inner),
+                decision: Some(rx),
+            }),
+        }
+    }
+}
+
+/// The host's callback for a `pick_async` decision.
+type PickCallback = Box<dyn FnOnce(PickedRequest) + Send>;
+
+/// A `pick_async` decision waiting for the Metadata-Center's cache answer.
+pub(crate) struct LookupJob {
+    router: Arc<RouterInner>,
+    /// The request and the host's callback, taken when the decision is made.
+    pending: Option<(Routed, PickCallback)>,
+    started: Instant,
+}
+
+impl LookupJob {
+    /// Decides with the cache answer (`None`: local data only) and hands the decision to
+    /// the host's callback. `expired`: no lookup was made (the job waited too long).
+    fn decide(&mut self, remote: Option<&HashMap<String, usize>>, expired: bool) {
+        let Some((mut routed, done)) = self.pending.take() else {
+            return;
+        };
+        let m = &self.router.metrics;
+        let counter = match (remote.is_some(), expired) {
+            (true, _) => &m.lookups_remote,
+            (false, true) => &m.lookups_expired,
+            (false, false) => &m.lookups_local,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let result = self.router.choose(&mut routed, remote).map(|()| routed);
+        let picked = self.router.finish_pick(result, self.started);
+        // The host's callback runs on a library thread; a panic in it must not kill the thread.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(picked)));
+    }
+}
+
+impl Lookup for LookupJob {
+    fn run(mut self, client: &mut Client) {
+        let Some((routed, _)) = &self.pending else {
+            return;
+        };
+        // A job that waited a whole lookup timeout in the queue (lookups slower than the
+        // request rate) decides from local data at once instead of waiting another timeout.
+        let timeout = Duration::from_millis(self.router.config.metadata_center.timeout_ms);
+        if self.started.elapsed() >= timeout {
+            self.decide(None, true);
+            return;
+        }
+        let top_k = routed.cluster.snapshot().endpoints.len().max(1);
+        let remote = client
+            .query_cache(&routed.cluster.name, &routed.prefix_hashes, top_k)
+            .ok()
+            .map(|locs| {
+                locs.into_iter()
+                    .map(|l| (l.ip, l.length))
+                    .collect::<HashMap<_, _>>()
+            });
+        self.decide(remote.as_ref(), false);
+    }
+}
+
+impl Drop for LookupJob {
+    /// A job dropped undecided (the router was freed while lookups were queued) decides from
+    /// local data, so the host's callback still runs exactly once and no request hangs.
+    fn drop(&mut self) {
+        self.decide(None, false);
+    }
+}
+
+/// What [`Router::pick_start`] gives: the decision, or a pending one to poll.
+#[allow(clippy::large_enum_variant)] // like `pick`'s result: moved once, straight to the host
+pub enum PickStart {
+    /// Decided at once (also every error).
+    Decided(PickedRequest),
+    /// Waiting for the Metadata-Center's cache answer.
+    Pending(PendingPick),
+}
+
+/// A `pick_start` decision being made on the lookup thread. Dropping it before the decision
+/// is taken finishes that decision with "no response" once it arrives.
+pub struct PendingPick {
+    router: Arc<RouterInner>,
+    /// Where the decision arrives; `None` once taken.
+    decision: Option<crossbeam_channel::Receiver<PickedRequest>>,
+}
+
+impl PendingPick {
+    /// The decision once it is made, exactly once; `None` while it is still pending and after
+    /// it was taken. Never blocks.
+    pub fn try_take(&mut self) -> Option<PickedRequest> {
+        let taken = match self.decision.as_ref()?.try_recv() {
+            Ok(request) => request,
+            Err(crossbeam_channel::TryRecvError::Empty) => return None,
+            // The library lost the decision without answering (a bug): say so, once.
+            Err(crossbeam_channel::TryRecvError::Disconnected) => failed_request(
+                &self.router,
+                PickError::Internal {
+                    message: "the pending decision was lost".into(),
+                },
+            ),
+        };
+        self.decision = None;
+        Some(taken)
+    }
+
+    /// True once the decision was taken with [`PendingPick::try_take`].
+    pub fn is_taken(&self) -> bool {
+        self.decision.is_none()
+    }
+}

@@ -76,9 +76,10 @@ TEST_TARGETS += test-rust test-c
 test: build
 	@set -e; for t in $(TEST_TARGETS); do echo "==> $$t"; $(MAKE) --no-print-directory $$t; done
 
-## bench: criterion benchmarks of the hot path (results go to docs/benchmarks.md by hand)
+## bench: criterion benchmarks of the hot path and the response transcoder (results go to
+## docs/benchmarks.md by hand)
 bench:
-	$(CARGO) bench --bench pick
+	$(CARGO) bench --bench pick --bench transcode
 
 clean:
 	$(CARGO) clean

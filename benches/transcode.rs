@@ -1,0 +1,72 @@
+//! Triton → OpenAI SSE transcoding of a 1 MiB streamed response, fed whole (the baseline in
+//! the same run) and in 16 KiB, 1 KiB and 64-byte pieces; also one 1 MiB event (no boundary
+//! until the end) in 1 KiB pieces. A linear transcoder costs about the same per byte however
+//! the response is chunked. `make bench`.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use llmproxy::request::RequestKind;
+use llmproxy::transcode::{Output, Transcoder};
+
+/// Triton generate_stream events of ~80 bytes each, about `size` bytes in all.
+fn token_stream(size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size + 128);
+    let mut i = 0;
+    while out.len() < size {
+        out.extend_from_slice(
+            format!("data: {{\"model_name\":\"ensemble\",\"text_output\":\"tok{i} \"}}\n\n")
+                .as_bytes(),
+        );
+        i += 1;
+    }
+    out
+}
+
+/// One event whose text is about `size` bytes.
+fn one_long_event(size: usize) -> Vec<u8> {
+    format!(
+        "data: {{\"model_name\":\"ensemble\",\"text_output\":\"{}\"}}\n\n",
+        "x".repeat(size)
+    )
+    .into_bytes()
+}
+
+fn transcode(body: &[u8], piece: usize) -> usize {
+    let mut t = Transcoder::triton(RequestKind::Chat, true, "m");
+    t.response_status(200);
+    let chunks: Vec<&[u8]> = body.chunks(piece).collect();
+    let mut produced = 0;
+    for (i, c) in chunks.iter().enumerate() {
+        if let Output::Bytes(b) = t.feed(c, i + 1 == chunks.len()) {
+            produced += b.len();
+        }
+    }
+    produced
+}
+
+fn bench_transcode(c: &mut Criterion) {
+    let mut group = c.benchmark_group("transcode_1MiB_stream");
+    let stream = token_stream(1 << 20);
+    group.throughput(Throughput::Bytes(stream.len() as u64));
+    for piece in [stream.len(), 16 << 10, 1 << 10, 64] {
+        let name = if piece == stream.len() {
+            "whole".to_string()
+        } else {
+            format!("{piece}B")
+        };
+        group.bench_with_input(BenchmarkId::new("pieces", name), &piece, |b, &piece| {
+            b.iter(|| assert!(transcode(&stream, piece) > 0))
+        });
+    }
+    let long = one_long_event(1 << 20);
+    group.bench_function("one_event_in_1KiB_pieces", |b| {
+        b.iter(|| assert!(transcode(&long, 1 << 10) > 0))
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
+    targets = bench_transcode
+}
+criterion_main!(benches);

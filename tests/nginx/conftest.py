@@ -58,10 +58,10 @@ def servers():
     s.close()
 
 
-def _nginx(servers, workers):
+def _nginx(servers, workers, **render):
     cfg = library_config(servers, servers.dead)
     passthrough = [servers.addr(n) for n in POOLS["pool_a"]]
-    gw = harness.Nginx(cfg, passthrough, workers=workers)
+    gw = harness.Nginx(cfg, passthrough, workers=workers, **render)
     gw.servers = servers
     return gw
 
@@ -87,6 +87,6 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     if rep.when == "call" and rep.failed:
-        for name in ("gateway", "gateway1"):
-            if name in item.funcargs:
-                rep.sections.append(("nginx %s error log (tail)" % name, item.funcargs[name].log_tail()))
+        for name, value in item.funcargs.items():
+            if isinstance(value, harness.Nginx):
+                rep.sections.append(("nginx %s error log (tail)" % name, value.log_tail()))

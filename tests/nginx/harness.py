@@ -70,10 +70,13 @@ class Upstreams:
                 self.proc.wait(5)
 
 
-def render_example(port, workers, config_path, passthrough, client_max_body_size="2m"):
+def render_example(port, workers, config_path, passthrough, client_max_body_size="2m", body_buffer=None,
+                   read_timeout=None, extra_locations=None):
     """examples/nginx.conf with the test's port, worker count, library config, passthrough
     servers and debug headers. Every substitution must match exactly once, so the tests keep
-    exercising the example as shipped."""
+    exercising the example as shipped. Optional: another client_body_buffer_size (e.g. "16k",
+    to spool bodies to client_body_temp_path), proxy_read_timeout, and test-only locations
+    added to the server block."""
     text = EXAMPLE.read_text()
 
     def sub(pattern, repl, count=1):
@@ -87,20 +90,31 @@ def render_example(port, workers, config_path, passthrough, client_max_body_size
         'config_file = "%s"' % config_path)
     sub(r"debug_headers = false", "debug_headers = true")
     sub(r"client_max_body_size 9m;", "client_max_body_size %s;" % client_max_body_size)
+    if body_buffer:
+        sub(r"client_body_buffer_size 9m;", "client_body_buffer_size %s;" % body_buffer)
+    if read_timeout:
+        sub(r"proxy_read_timeout 600s;", "proxy_read_timeout %s;" % read_timeout)
+    if extra_locations:
+        block = "\n" + extra_locations.rstrip() + "\n\n        location = /llmproxy/metrics {"
+        sub(r"\n        location = /llmproxy/metrics \{", lambda m: block)
     sub(r"(        server 127\.0\.0\.1:800\d;\n)+",
         "".join("        server %s;\n" % a for a in passthrough))
     return text
 
 
 class Nginx:
-    """nginx (master + workers) in its own prefix under /tmp, from examples/nginx.conf."""
+    """nginx (master + workers) in its own prefix under /tmp, from examples/nginx.conf.
+    `private`: the prefix stays 0700 (mkdtemp's mode), like a home directory: when we are
+    root, the workers run as `nobody` and cannot enter it. Other keywords go to
+    render_example."""
 
-    def __init__(self, llmproxy_config, passthrough, workers=2):
+    def __init__(self, llmproxy_config, passthrough, workers=2, private=False, **render):
         if not LIB.exists():
             raise RuntimeError("%s missing: run `make build`" % LIB)
         self.workers = workers
         self.prefix = Path(tempfile.mkdtemp(prefix="llmproxy-nginx-"))
-        os.chmod(self.prefix, 0o755)  # workers run as `nobody` when we are root
+        if not private:
+            os.chmod(self.prefix, 0o755)  # workers run as `nobody` when we are root
         (self.prefix / "build" / "nginx").mkdir(parents=True)
         # A private copy: `make build` overwrites build/libllmproxy.so in place, which would
         # crash workers that have it mapped (seen while another build ran during the tests).
@@ -113,7 +127,7 @@ class Nginx:
         for attempt in range(3):
             # a port found free may be taken by another test before nginx binds it: retry
             self.port = free_port()
-            self.conf.write_text(render_example(self.port, workers, cfg, passthrough))
+            self.conf.write_text(render_example(self.port, workers, cfg, passthrough, **render))
             self.proc = subprocess.Popen([NGINX, "-p", "%s/" % self.prefix, "-c", str(self.conf), "-g", "daemon off;"],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
             try:

@@ -400,15 +400,20 @@ def test_client_abort_mid_stream_finishes_with_the_received_status(gateway):
         before.total("llmproxy_finished_requests_total", status="2xx") + 1
 
 
-def test_client_abort_before_the_response_finishes_with_zero(gateway):
+def test_client_abort_before_the_response_finishes_with_499_neutral(gateway):
+    """The client left before the endpoint answered: finished as 499, LOCAL (says nothing
+    about the endpoint)."""
     before = wait_settled(gateway.port)
     sock = raw_send(gateway.port, chat("m-a", "slow"), "x-test-delay-ms: 1500\r\n")
     time.sleep(0.3)
     sock.close()  # before the upstream answered
     after = wait_settled(gateway.port, timeout=10)
     assert after.total("llmproxy_nginx_client_aborts_total") == before.total("llmproxy_nginx_client_aborts_total") + 1
-    assert after.total("llmproxy_finished_requests_total", status="none") == \
-        before.total("llmproxy_finished_requests_total", status="none") + 1
+    assert after.total("llmproxy_finished_requests_total", status="4xx") == \
+        before.total("llmproxy_finished_requests_total", status="4xx") + 1
+    assert after.total("llmproxy_nginx_finished_total", outcome="local") == \
+        before.total("llmproxy_nginx_finished_total", outcome="local") + 1
+    assert after.total("llmproxy_endpoint_failures_total") == before.total("llmproxy_endpoint_failures_total")
 
 
 # ---------------------------------------------------------------------------------------------

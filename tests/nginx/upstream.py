@@ -11,6 +11,8 @@ POST /v1/chat/completions and /v1/completions answer a JSON echo (served_by, mod
 received headers) after `x-test-delay-ms`, or Server-Sent Events when the body says
 "stream": true: `x-test-chunks` events (default 5) `x-test-chunk-delay-ms` apart, each flushed
 as its own HTTP chunk, then `data: [DONE]`. `x-test-status: 503` answers that status instead.
+`x-test-close: 1` (after `x-test-delay-ms`) closes the connection without a response byte,
+`x-test-close: reset` resets it (RST).
 POST /v2/models/{model}/generate[_stream] answers like Triton's generate extension
 (`{"model_name", "model_version", "text_output"}`, or SSE events of them). With
 `x-test-triton-script: 1` the answer is SCRIPTED_TEXT (with the server's name), streamed in small
@@ -26,6 +28,8 @@ GET /v1/models and /health answer small JSON documents.
 import asyncio
 import base64
 import json
+import socket
+import struct
 import sys
 import time
 
@@ -108,6 +112,13 @@ def make_handler(name):
         delay = int(req.headers.get("x-test-delay-ms", "0") or 0) / 1000.0
         if delay:
             await asyncio.sleep(delay)
+        close = req.headers.get("x-test-close", "")
+        if close:
+            if close == "reset":
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            raise ConnectionResetError("x-test-close")
         completions = req.path.startswith("/v1/completions")
         if completions and not payload.get("stream"):
             return await send_json(writer, 200, {

@@ -12,7 +12,8 @@
 --   d.needs_transcoding -> d:response_status(status), d:transcode(chunk, eof)
 --   d:retry()          -- after a connect failure: another endpoint of the cluster, or nil, err
 --   d:first_token()    -- first response byte seen (idempotent)
---   d:finish(status)   -- exactly once; upstream HTTP status, 0 when there was none
+--   d:finish(status, outcome) -- exactly once; outcome (OUTCOME_*) says whether the endpoint
+--                      is to blame; without it, status is the upstream's (0: none)
 --   router:metrics()   -- Prometheus text
 --
 -- Every C call is cheap and runs on the worker's event loop; none blocks. With remote cache
@@ -52,6 +53,12 @@ typedef enum llmproxy_status {
   LLMPROXY_INTERNAL = 8,
 } llmproxy_status;
 
+typedef enum llmproxy_outcome {
+  LLMPROXY_OUTCOME_UPSTREAM = 0,
+  LLMPROXY_OUTCOME_ENDPOINT_FAILED = 1,
+  LLMPROXY_OUTCOME_LOCAL = 2,
+} llmproxy_outcome;
+
 typedef struct llmproxy_pick_ticket llmproxy_pick_ticket;
 typedef struct llmproxy_request llmproxy_request;
 typedef struct llmproxy_router llmproxy_router;
@@ -82,6 +89,7 @@ enum llmproxy_status llmproxy_router_metrics(const struct llmproxy_router *route
 void llmproxy_string_free(char *s);
 uint64_t llmproxy_router_in_flight(const struct llmproxy_router *router);
 uint64_t llmproxy_router_max_body_bytes(const struct llmproxy_router *router);
+uint64_t llmproxy_router_pick_deadline_ms(const struct llmproxy_router *router);
 bool llmproxy_router_should_intercept(const struct llmproxy_router *router, const char *method,
                                       size_t method_len, const char *path, size_t path_len);
 bool llmproxy_router_strict_override(const struct llmproxy_router *router);
@@ -121,6 +129,8 @@ bool llmproxy_request_is_stream(const struct llmproxy_request *req);
 enum llmproxy_status llmproxy_request_retry(struct llmproxy_request *req);
 void llmproxy_request_first_token(struct llmproxy_request *req);
 void llmproxy_request_finish(struct llmproxy_request *req, uint32_t upstream_status);
+void llmproxy_request_finish_outcome(struct llmproxy_request *req, uint32_t status,
+                                     uint32_t outcome);
 ]]
 -- CDEF-END
 
@@ -135,6 +145,14 @@ _M.MODEL_NOT_FOUND = 5
 _M.PAYLOAD_TOO_LARGE = 6
 _M.NO_ENDPOINT = 7
 _M.INTERNAL = 8
+
+-- How a request ended, for the endpoint's passive health (d:finish(status, outcome)):
+-- UPSTREAM: `status` is the endpoint's own response (502-504 failures, 100-498 successes);
+-- ENDPOINT_FAILED: connect failure, or reset/closed/garbage before any response (a failure);
+-- LOCAL: the proxy or the client ended it (proxy timeout, own reply, client gone): neutral.
+_M.OUTCOME_UPSTREAM = 0
+_M.OUTCOME_ENDPOINT_FAILED = 1
+_M.OUTCOME_LOCAL = 2
 
 -- Per-process counters of this binding (each nginx worker has its own copy).
 -- pending: picks that waited for a remote cache lookup; lookup_abandoned: of those, the ones
@@ -210,7 +228,7 @@ Decision.__index = Decision
 -- in-flight accounting stays right, and count the caller's bug.
 local function leaked_finalizer(req)
     stats.leaked = stats.leaked + 1
-    C.llmproxy_request_finish(req, 0)
+    C.llmproxy_request_finish_outcome(req, 0, _M.OUTCOME_LOCAL)
 end
 
 local function split_endpoint(endpoint)
@@ -306,16 +324,18 @@ function Decision:first_token()
     end
 end
 
---- Finishes the request: `status` is the upstream's HTTP status, 0 when there was none.
---- Safe to call more than once: only the first call reaches the library.
-function Decision:finish(status)
+--- Finishes the request. With an `outcome` (_M.OUTCOME_*), `status` is what the client got
+--- (0 none, 499 client gone) and the outcome alone says whether the endpoint failed; without
+--- one, `status` is the endpoint's own response status (0 when there was none), as
+--- OUTCOME_UPSTREAM. Safe to call more than once: only the first call reaches the library.
+function Decision:finish(status, outcome)
     local req = self._req
     if not req then
         return false
     end
     self._req = nil
     ffi_gc(req, nil)
-    C.llmproxy_request_finish(req, tonumber(status) or 0)
+    C.llmproxy_request_finish_outcome(req, tonumber(status) or 0, tonumber(outcome) or _M.OUTCOME_UPSTREAM)
     stats.finished = stats.finished + 1
     return true
 end
@@ -384,6 +404,9 @@ function _M.new(config_json, opts)
     local mp = lib_.llmproxy_router_metrics_path(self._r, len_out)
     self.metrics_path = mp ~= C_NULL and ffi_string(mp, len_out[0]) or ""
     self.max_body_bytes = tonumber(lib_.llmproxy_router_max_body_bytes(self._r))
+    -- the longest the library takes to decide a pick that waits for a remote cache lookup
+    -- (0: lookups off, every pick decided at once)
+    self.pick_deadline_ms = tonumber(lib_.llmproxy_router_pick_deadline_ms(self._r))
     self.strict_override = lib_.llmproxy_router_strict_override(self._r)
     return self
 end
@@ -555,7 +578,7 @@ function Router:pick(headers, body, path, method)
     if rc ~= 0 then
         local status = tonumber(C.llmproxy_request_http_status(req))
         local err_body = accessor(C.llmproxy_request_error_body, req)
-        C.llmproxy_request_finish(req, 0)
+        C.llmproxy_request_finish_outcome(req, 0, _M.OUTCOME_LOCAL)
         return nil, status, err_body, tonumber(rc)
     end
     stats.routed = stats.routed + 1

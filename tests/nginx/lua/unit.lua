@@ -131,6 +131,53 @@ check(merged == '# HELP a_total A.\n# TYPE a_total counter\na_total{worker="11",
 check(gw.error_json('say "hi"\n', "t", "c") ==
     '{"error":{"code":"c","message":"say \\"hi\\"\\n","param":null,"type":"t"}}', "json escaping")
 
+-- how a request ended (log phase): status and outcome from nginx's per-try variables
+local UP, FAILED, LOCAL = llmproxy.OUTCOME_UPSTREAM, llmproxy.OUTCOME_ENDPOINT_FAILED, llmproxy.OUTCOME_LOCAL
+for _, c in ipairs({
+    -- upstream_status, header_time, connect_time, stream, ngx.status, client gone => status, outcome
+    { "200", "0.010", "0.001", false, 200, false, 200, UP, "the endpoint's answer" },
+    { "503", "0.010", "0.001", false, 503, false, 503, UP, "the endpoint's own 503" },
+    { "502", "0.010", "0.001", false, 502, false, 502, UP, "the endpoint's own 502" },
+    { "502, 200", "-, 0.020", "-, 0.001", false, 200, false, 200, UP, "retried elsewhere" },
+    { "200", "0.010", "0.001", true, 200, true, 200, UP, "a stream the client left after the headers" },
+    { "504", "-", "0.001", false, 504, false, 504, LOCAL, "read timeout: a long generation" },
+    { "504", "-", "0.000", true, 504, false, 504, FAILED, "a stream without headers in proxy_read_timeout" },
+    { "504", "-", "-", false, 504, false, 504, FAILED, "connect timeout" },
+    { "502", "-", "-", false, 502, false, 502, FAILED, "connect refused" },
+    { "502, 502", "-, -", "-, -", false, 502, false, 502, FAILED, "every try refused" },
+    { "502", "-", "0.001", false, 502, false, 502, FAILED, "closed or reset before a response byte" },
+    { "-", "-", "0.001", false, 499, true, 499, LOCAL, "the client left before the answer" },
+    { "-", "-", "-", false, 0, true, 499, LOCAL, "the client left, no status recorded" },
+    { nil, nil, nil, false, 0, false, 0, LOCAL, "no upstream try" },
+    { "", "", "", false, 500, false, 500, LOCAL, "empty lists" },
+    { "500", "-", "0.001", false, 500, false, 500, LOCAL, "nginx's own 500" },
+    { "502 : 504", "- : -", "- : 0.002", false, 504, false, 504, LOCAL, "the last try after a redirect counts" },
+}) do
+    local st, oc = gw._classify(c[1], c[2], c[3], c[4], c[5], c[6])
+    check(st == c[7] and oc == c[8], string.format("classify %s: got %s/%s, want %s/%s", c[9],
+        tostring(st), tostring(oc), tostring(c[7]), tostring(c[8])))
+end
+
+-- the outcome reaches the library: only the endpoint's own failures eject it
+local ej = assert(llmproxy.new([[{"model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "vllm"}]}},
+  "clusters": {"c": {"endpoints": ["127.0.0.1:1"]}}, "ejection": {"consecutive_failures": 1, "eject_ms": 60000}}]]))
+check(ej.pick_deadline_ms == 0, "no remote lookups: every pick decided at once")
+local function ejected()
+    return ej:metrics():find('llmproxy_endpoint_ejected{cluster="c",endpoint="127.0.0.1:1"} 1', 1, true) ~= nil
+end
+for _, f in ipairs({ { 504, LOCAL }, { 499, LOCAL }, { 0, LOCAL }, { 500, UP }, { 200 } }) do
+    local x = assert(ej:pick({}, body, "/v1/chat/completions", "POST"))
+    x:finish(f[1], f[2])
+    check(not ejected(), "finish(" .. f[1] .. ", " .. tostring(f[2]) .. ") does not eject")
+end
+local x = assert(ej:pick({}, body, "/v1/chat/completions", "POST"))
+check(x:finish(502, FAILED) and ejected(), "an endpoint failure ejects it")
+check(ej:in_flight() == 0, "nothing in flight")
+ej:free()
+local lk = assert(llmproxy.new(lookup_cfg))
+check(lk.pick_deadline_ms >= 300, "remote lookups: decided within timeout_ms and a slack: " .. lk.pick_deadline_ms)
+lk:free()
+
 -- validation without a router (the master must stay thread-free)
 check(llmproxy.validate('{"metadata_center": {"enabled": true}, "clusters": {"c": {"dns": "vllm:8000"}}}') == true,
     "a config with library threads validates without starting them")

@@ -80,6 +80,7 @@ local counters = {
     intercepted = 0, passthrough = 0, body_memory = 0, body_file = 0, early_413 = 0,
     pick_errors = 0, retries = 0, retry_exhausted = 0, client_aborts = 0, finished = 0,
     balancer_errors = 0,
+    outcome_upstream = 0, outcome_endpoint_failed = 0, outcome_local = 0,
 }
 
 local function json_escape(s)
@@ -186,6 +187,11 @@ local function counters_text()
         "llmproxy_nginx_errors_total{reason=\"early_413\"} " .. counters.early_413,
         "llmproxy_nginx_errors_total{reason=\"retry_exhausted\"} " .. counters.retry_exhausted,
         "llmproxy_nginx_errors_total{reason=\"balancer\"} " .. counters.balancer_errors,
+        "# HELP llmproxy_nginx_finished_total Routed requests finished, by what the endpoint is told it did.",
+        "# TYPE llmproxy_nginx_finished_total counter",
+        "llmproxy_nginx_finished_total{outcome=\"upstream\"} " .. counters.outcome_upstream,
+        "llmproxy_nginx_finished_total{outcome=\"endpoint_failed\"} " .. counters.outcome_endpoint_failed,
+        "llmproxy_nginx_finished_total{outcome=\"local\"} " .. counters.outcome_local,
         "# HELP llmproxy_nginx_retries_total Upstream retries on another endpoint.",
         "# TYPE llmproxy_nginx_retries_total counter",
         "llmproxy_nginx_retries_total " .. counters.retries,
@@ -389,7 +395,7 @@ function _M.access()
     if pending[key] then
         -- the same request through access() again (an internal redirect into another
         -- location that runs it): the earlier decision never reached an upstream
-        pending[key]:finish(0)
+        pending[key]:finish(0, llmproxy.OUTCOME_LOCAL)
         pending_n = pending_n - 1
     end
     pending[key] = d
@@ -510,25 +516,80 @@ end
 --------------------------------------------------------------------------------------------
 -- log: every request ends here, also after a client abort or an error_page redirect
 
--- The status of the last upstream try ("502, 200" → 200); 0 when no response came back.
-local function last_upstream_status()
-    local s = ngx_var.upstream_status
+-- The last item of one of nginx's per-try lists ($upstream_status, $upstream_header_time,
+-- $upstream_connect_time: "a, b" for tries of one upstream, "a : b" across internal
+-- redirects), trimmed; nil when the list is empty.
+local function last_try(s)
     if not s or s == "" then
-        return 0
+        return nil
     end
-    local last = s
     local i = 0
     while true do
         local j = string_find(s, "[,:]", i + 1)
         if not j then break end
         i = j
     end
-    if i > 0 then
-        last = string_sub(s, i + 1)
+    local last = string_gsub(string_sub(s, i + 1), "%s", "")
+    if last == "" then
+        return nil
     end
-    return tonumber((string_gsub(last, "%s", ""))) or 0
+    return last
+end
+
+-- The status of the last upstream try ("502, 200" → 200); 0 when no response came back.
+local function last_upstream_status()
+    return tonumber(last_try(ngx_var.upstream_status)) or 0
 end
 _M._last_upstream_status = last_upstream_status
+
+local OUTCOME_UPSTREAM = llmproxy.OUTCOME_UPSTREAM
+local OUTCOME_ENDPOINT_FAILED = llmproxy.OUTCOME_ENDPOINT_FAILED
+local OUTCOME_LOCAL = llmproxy.OUTCOME_LOCAL
+
+--- How a routed request ended, from nginx's variables of its last upstream try (earlier
+--- tries failed to connect and were already counted by d:retry() in the balancer):
+---   upstream_status, header_time, connect_time: $upstream_status, $upstream_header_time,
+---     $upstream_connect_time ("-" where a try had none)
+---   stream: the request asked for a stream; client_status: what the client got (ngx.status,
+---     0 none); client_gone: the client left before the response was complete
+--- Returns the status to report and the outcome (llmproxy.OUTCOME_*):
+---   a response header came from the endpoint → its status, UPSTREAM (the library's rule:
+---     502-504 failure, 100-498 success, else neutral; a stream the client left after the
+---     headers is the endpoint's 200);
+---   no status at all (no try, or the client left before the endpoint answered) → LOCAL;
+---   nginx's 502 without a response (connect refused/failed, reset or closed before any
+---     byte, an invalid response header) → ENDPOINT_FAILED;
+---   nginx's 504 without a response: connect timeout → ENDPOINT_FAILED; read/send timeout on
+---     an established connection → LOCAL for a non-streaming request (a long generation
+---     sends nothing until it is done: proxy_read_timeout says nothing about the endpoint),
+---     ENDPOINT_FAILED for a stream (its response header comes before the first token);
+---   anything else nginx made up (500, ...) → LOCAL.
+local function classify(upstream_status, header_time, connect_time, stream, client_status, client_gone)
+    local status = tonumber(last_try(upstream_status))
+    local header = last_try(header_time)
+    if status and header and header ~= "-" then
+        return status, OUTCOME_UPSTREAM
+    end
+    local got = tonumber(client_status) or 0
+    if client_gone and got == 0 then
+        got = 499
+    end
+    if not status then
+        return got, OUTCOME_LOCAL
+    end
+    if status == 502 then
+        return got, OUTCOME_ENDPOINT_FAILED
+    end
+    if status == 504 then
+        local connect = last_try(connect_time)
+        if connect and connect ~= "-" and not stream then
+            return got, OUTCOME_LOCAL
+        end
+        return got, OUTCOME_ENDPOINT_FAILED
+    end
+    return got, OUTCOME_LOCAL
+end
+_M._classify = classify
 
 function _M.log()
     local key = request_key()
@@ -538,12 +599,21 @@ function _M.log()
     end
     pending[key] = nil
     pending_n = pending_n - 1
-    local status = last_upstream_status()
-    if ngx_var.request_completion ~= "OK" then
+    local client_gone = ngx_var.request_completion ~= "OK"
+    if client_gone then
         counters.client_aborts = counters.client_aborts + 1
     end
+    local status, outcome = classify(ngx_var.upstream_status, ngx_var.upstream_header_time,
+        ngx_var.upstream_connect_time, d.stream, ngx.status, client_gone)
+    if outcome == OUTCOME_UPSTREAM then
+        counters.outcome_upstream = counters.outcome_upstream + 1
+    elseif outcome == OUTCOME_ENDPOINT_FAILED then
+        counters.outcome_endpoint_failed = counters.outcome_endpoint_failed + 1
+    else
+        counters.outcome_local = counters.outcome_local + 1
+    end
     counters.finished = counters.finished + 1
-    d:finish(status)
+    d:finish(status, outcome)
 end
 
 --------------------------------------------------------------------------------------------

@@ -1,0 +1,122 @@
+"""Issue #13 on the nginx host (real nginx from examples/nginx.conf, test upstreams, all on
+127.0.0.1): only the endpoint's own failures eject it (a proxy_read_timeout on a long
+generation or a client leaving does not)."""
+
+import asyncio
+import json
+import time
+
+import pytest
+
+import aclient
+import harness
+from harness import CHAT, chat, metrics, request, wait_settled
+
+NAMES = ["s1", "s2", "c1", "p1", "p2"]
+
+def library_config(up):
+    return {
+        "protocol": "openai",
+        "algorithm": "round_robin",
+        "model_mapping_rule": {
+            "m-slow": {"rules": [{"scene_name": "slow", "cluster": "pool_slow", "backend": "vllm"}]},
+            "m-stall": {"rules": [{"scene_name": "stall", "cluster": "pool_stall", "backend": "vllm"}]},
+            "m-close": {"rules": [{"scene_name": "close", "cluster": "pool_close", "backend": "vllm"}]},
+            "m-ok": {"rules": [{"scene_name": "ok", "cluster": "pool_ok", "backend": "vllm"}]},
+        },
+        "clusters": {
+            "pool_slow": {"endpoints": [up.addr("s1")]},
+            "pool_stall": {"endpoints": [up.addr("s2")]},
+            "pool_close": {"endpoints": [up.addr("c1")]},
+            "pool_ok": {"endpoints": [up.addr("p1"), up.addr("p2")]},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def up():
+    u = harness.Upstreams(NAMES)
+    yield u
+    u.close()
+
+
+@pytest.fixture(scope="module")
+def gw(up):
+    """One worker (one router sees every request), proxy_read_timeout 1s."""
+    g = harness.Nginx(library_config(up), [up.addr("p1"), up.addr("p2")], workers=1, read_timeout="1s")
+    yield g
+    g.close()
+
+
+def ep(up, name):
+    return {"endpoint": up.addr(name)}
+
+
+def concurrently(port, reqs, timeout=20):
+    async def run():
+        return await asyncio.gather(*(aclient.fetch(port, "POST", CHAT, body, headers, timeout=timeout)
+                                      for body, headers in reqs))
+    return asyncio.run(run())
+
+
+def assert_gateway_error(res, status, code):
+    assert res.status == status, (res.status, res.body[:300])
+    assert json.loads(res.body)["error"]["code"] == code, res.body
+    assert "x-served-by" not in res.headers
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. only the endpoint's own failures eject it
+
+
+def test_proxy_read_timeouts_on_long_generations_do_not_eject(gw, up):
+    """Four non-streaming requests outlast proxy_read_timeout (1 s here): nginx answers its own
+    504 each time, and the endpoint — one slow generation, not a dead server — stays in: no
+    failure, no ejection (before: 504 counted as an endpoint failure, ejected after 3)."""
+    before = wait_settled(gw.port)
+    results = concurrently(gw.port, [(chat("m-slow", "long generation %d" % i), {"x-test-delay-ms": "2500"})
+                                     for i in range(4)])
+    for res in results:
+        assert_gateway_error(res, 504, "upstream_timeout")
+    after = wait_settled(gw.port)
+    assert after.total("llmproxy_endpoint_failures_total", **ep(up, "s1")) == \
+        before.total("llmproxy_endpoint_failures_total", **ep(up, "s1"))
+    assert after.total("llmproxy_endpoint_ejections_total", **ep(up, "s1")) == 0
+    assert after.total("llmproxy_endpoint_ejected", **ep(up, "s1")) == 0
+    assert after.total("llmproxy_nginx_finished_total", outcome="local") - \
+        before.total("llmproxy_nginx_finished_total", outcome="local") == 4
+    # counted as what the client got
+    assert after.total("llmproxy_finished_requests_total", status="5xx") - \
+        before.total("llmproxy_finished_requests_total", status="5xx") == 4
+    status, hdrs, data = request(gw.port, "POST", CHAT, chat("m-slow", "quick one"))
+    assert status == 200 and hdrs["x-served-by"] == "s1", data
+
+
+def test_stream_without_response_headers_is_an_endpoint_failure(gw, up):
+    """A stream's response headers come before its first token: none within
+    proxy_read_timeout is the endpoint's failure (3 in a row eject it)."""
+    before = wait_settled(gw.port)
+    for i in range(3):
+        status, hdrs, data = request(gw.port, "POST", CHAT, chat("m-stall", "stream %d" % i, stream=True),
+                                     headers={"x-test-delay-ms": "1600"})
+        assert status == 504, data
+    after = wait_settled(gw.port)
+    assert after.total("llmproxy_endpoint_failures_total", **ep(up, "s2")) - \
+        before.total("llmproxy_endpoint_failures_total", **ep(up, "s2")) == 3
+    assert after.total("llmproxy_endpoint_ejected", **ep(up, "s2")) == 1
+
+
+def test_endpoint_closing_before_any_byte_is_still_ejected(gw, up):
+    """Connection closed (FIN) or reset (RST) before a response byte: nginx's 502, the
+    endpoint's failure; three in a row eject it."""
+    before = wait_settled(gw.port)
+    for how in ("1", "reset", "1"):
+        status, hdrs, data = request(gw.port, "POST", CHAT, chat("m-close", "bye " + how),
+                                     headers={"x-test-close": how})
+        assert status == 502 and json.loads(data)["error"]["code"] == "upstream_unavailable", data
+    after = wait_settled(gw.port)
+    assert after.total("llmproxy_nginx_finished_total", outcome="endpoint_failed") - \
+        before.total("llmproxy_nginx_finished_total", outcome="endpoint_failed") == 3
+    assert after.total("llmproxy_endpoint_ejections_total", **ep(up, "c1")) == 1
+    assert after.total("llmproxy_endpoint_ejected", **ep(up, "c1")) == 1
+

@@ -1,8 +1,10 @@
 """Issue #13 on the nginx host (real nginx from examples/nginx.conf, test upstreams, all on
 127.0.0.1): only the endpoint's own failures eject it (a proxy_read_timeout on a long
-generation or a client leaving does not)."""
+generation or a client leaving does not), and client routing headers never reach any
+upstream."""
 
 import asyncio
+import http.client
 import json
 import time
 
@@ -13,11 +15,13 @@ import harness
 from harness import CHAT, chat, metrics, request, wait_settled
 
 NAMES = ["s1", "s2", "c1", "p1", "p2"]
+CLUSTER_HEADER = "x-target-pool"  # a cluster header outside the x-llmproxy- prefix
 
 def library_config(up):
     return {
         "protocol": "openai",
         "algorithm": "round_robin",
+        "cluster_header": CLUSTER_HEADER,
         "model_mapping_rule": {
             "m-slow": {"rules": [{"scene_name": "slow", "cluster": "pool_slow", "backend": "vllm"}]},
             "m-stall": {"rules": [{"scene_name": "stall", "cluster": "pool_stall", "backend": "vllm"}]},
@@ -119,4 +123,66 @@ def test_endpoint_closing_before_any_byte_is_still_ejected(gw, up):
         before.total("llmproxy_nginx_finished_total", outcome="endpoint_failed") == 3
     assert after.total("llmproxy_endpoint_ejections_total", **ep(up, "c1")) == 1
     assert after.total("llmproxy_endpoint_ejected", **ep(up, "c1")) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. client routing headers never reach an upstream
+
+
+ROUTING = ["X-LLMProxy-Endpoint", "x-llmproxy-cluster", "x-llmproxy-scene", "X-Llmproxy-Anything",
+           "x-gateway-destination-endpoint", "X-Target-Pool"]
+
+
+def send_with_routing_headers(port, method, path, body=b""):
+    """Every routing header twice (two cases), behind 120 others (more than
+    ngx.req.get_headers' default limit of 100)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        c.putrequest(method, path)
+        for i in range(120):
+            c.putheader("x-padding-%d" % i, "p")
+        for h in ROUTING:
+            c.putheader(h, "127.0.0.1:1")
+            c.putheader(h.lower(), "pool_evil")
+        c.putheader("content-type", "application/json")
+        c.putheader("content-length", str(len(body)))
+        c.putheader("connection", "close")
+        c.endheaders(body)
+        r = c.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("GET", "/v1/models", b""),
+    ("GET", "/health", b""),
+    ("POST", "/v1/embeddings", json.dumps({"model": "m-ok", "input": "x"}).encode()),
+])
+def test_routing_headers_are_stripped_from_requests_not_intercepted(gw, method, path, body):
+    before = metrics(gw.port)
+    status, hdrs, data = send_with_routing_headers(gw.port, method, path, body)
+    assert status == 200, data
+    echo = json.loads(data)
+    assert echo["served_by"] in ("p1", "p2")
+    seen = echo["received_headers"]
+    assert "x-padding-119" in seen
+    leaked = [h for h in seen if h.startswith("x-llmproxy-") or h in ("x-gateway-destination-endpoint", CLUSTER_HEADER)]
+    assert not leaked, leaked
+    after = metrics(gw.port)
+    assert after.total("llmproxy_nginx_stripped_headers_total") - \
+        before.total("llmproxy_nginx_stripped_headers_total") == 2 * len(ROUTING)
+    assert after.total("llmproxy_picks_total") == before.total("llmproxy_picks_total")
+
+
+def test_routing_headers_are_replaced_on_intercepted_requests(gw, up):
+    status, hdrs, data = send_with_routing_headers(gw.port, "POST", CHAT, json.dumps(chat("m-ok", "hi")).encode())
+    assert status == 200, data
+    echo = json.loads(data)
+    seen = echo["received_headers"]
+    assert seen["x-llmproxy-endpoint"] == up.addr(echo["served_by"])
+    assert seen[CLUSTER_HEADER] == "pool_ok" and seen["x-llmproxy-scene"] == "ok"
+    assert "x-llmproxy-cluster" not in seen and "x-llmproxy-anything" not in seen
+    assert "x-gateway-destination-endpoint" not in seen
+    wait_settled(gw.port)
 

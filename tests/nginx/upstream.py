@@ -22,7 +22,7 @@ pieces with every event split across two network chunks, and the response header
 `x-test-triton-error: stream` fails mid-stream with an `{"error": ...}` event, and
 `x-test-triton-error: answer` answers generate with 200 and an `{"error": ...}` body.
 POST /v1/completions answers in `text_completion` shape (`choices[].text`).
-GET /v1/models and /health answer small JSON documents.
+GET /v1/models and /health answer small JSON documents (with the headers they received).
 """
 
 import asyncio
@@ -92,9 +92,10 @@ def make_handler(name):
 
     async def handle(req, writer):
         if req.method == "GET" and req.path.startswith("/v1/models"):
-            return await send_json(writer, 200, {"object": "list", "data": [{"id": "m-a"}], "served_by": name})
+            return await send_json(writer, 200, {"object": "list", "data": [{"id": "m-a"}], "served_by": name,
+                                                 "received_headers": req.headers})
         if req.method == "GET" and req.path.startswith("/health"):
-            return await send_json(writer, 200, {"status": "ok", "served_by": name})
+            return await send_json(writer, 200, {"status": "ok", "served_by": name, "received_headers": req.headers})
         if req.method == "POST" and req.path.startswith("/v2/models/"):
             return await triton(req, writer)
         if req.method != "POST" or not req.path.startswith(ROUTES):

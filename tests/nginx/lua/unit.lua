@@ -178,6 +178,13 @@ local lk = assert(llmproxy.new(lookup_cfg))
 check(lk.pick_deadline_ms >= 300, "remote lookups: decided within timeout_ms and a slack: " .. lk.pick_deadline_ms)
 lk:free()
 
+-- client routing headers (stripped from every request access() sees)
+for name, want in pairs({ ["x-llmproxy-endpoint"] = true, ["x-llmproxy-anything"] = true,
+    ["x-gateway-destination-endpoint"] = true, ["x-pool"] = true, ["x-llmproxy"] = false,
+    ["content-type"] = false, ["x-gateway-destination"] = false }) do
+    check(gw._routing_header(name, "x-pool") == want, "routing header " .. name)
+end
+
 -- validation without a router (the master must stay thread-free)
 check(llmproxy.validate('{"metadata_center": {"enabled": true}, "clusters": {"c": {"dns": "vllm:8000"}}}') == true,
     "a config with library threads validates without starting them")

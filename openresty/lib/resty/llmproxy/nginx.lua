@@ -25,8 +25,8 @@ local ngx_var = ngx.var
 local ngx_req = ngx.req
 local ngx_log, ERR, WARN, INFO = ngx.log, ngx.ERR, ngx.WARN, ngx.INFO
 local tonumber, tostring, pairs, ipairs, type = tonumber, tostring, pairs, ipairs, type
-local string_byte, string_find, string_sub, string_gsub, string_format =
-    string.byte, string.find, string.sub, string.gsub, string.format
+local string_byte, string_find, string_sub, string_gsub, string_format, string_lower =
+    string.byte, string.find, string.sub, string.gsub, string.format, string.lower
 local table_concat = table.concat
 
 local _M = { _VERSION = "0.1.0" }
@@ -49,7 +49,10 @@ local opts = {
     -- headers set on the proxied request (client-supplied copies are replaced)
     endpoint_header = "x-llmproxy-endpoint",
     scene_header = "x-llmproxy-scene",
-    -- client headers removed before proxying (they could otherwise force an endpoint)
+    -- Client-supplied routing headers, removed from every request access() sees (intercepted
+    -- or not) before anything reads them: every header whose name starts with strip_prefix,
+    -- the ones listed here, and the library's cluster header (router.cluster_header).
+    strip_prefix = "x-llmproxy-",
     strip_headers = { "x-gateway-destination-endpoint" },
     -- how often (seconds) each worker looks for a metrics snapshot request
     snapshot_poll = 0.05,
@@ -61,6 +64,7 @@ local opts = {
 local config_json      -- read in the master by init(), inherited by the workers
 local router           -- this worker's router
 local router_pid       -- pid that created `router` (init_worker is idempotent per pid)
+local router_cluster_header -- the router's cluster header, lower case
 local init_error       -- why the router could not be built, answered as 500 JSON
 local started_at
 
@@ -79,7 +83,7 @@ end
 local counters = {
     intercepted = 0, passthrough = 0, body_memory = 0, body_file = 0, early_413 = 0,
     pick_errors = 0, retries = 0, retry_exhausted = 0, client_aborts = 0, finished = 0,
-    balancer_errors = 0,
+    balancer_errors = 0, stripped_headers = 0,
     outcome_upstream = 0, outcome_endpoint_failed = 0, outcome_local = 0,
 }
 
@@ -187,6 +191,9 @@ local function counters_text()
         "llmproxy_nginx_errors_total{reason=\"early_413\"} " .. counters.early_413,
         "llmproxy_nginx_errors_total{reason=\"retry_exhausted\"} " .. counters.retry_exhausted,
         "llmproxy_nginx_errors_total{reason=\"balancer\"} " .. counters.balancer_errors,
+        "# HELP llmproxy_nginx_stripped_headers_total Client-supplied routing headers removed.",
+        "# TYPE llmproxy_nginx_stripped_headers_total counter",
+        "llmproxy_nginx_stripped_headers_total " .. counters.stripped_headers,
         "# HELP llmproxy_nginx_finished_total Routed requests finished, by what the endpoint is told it did.",
         "# TYPE llmproxy_nginx_finished_total counter",
         "llmproxy_nginx_finished_total{outcome=\"upstream\"} " .. counters.outcome_upstream,
@@ -279,6 +286,7 @@ function _M.init_worker()
         return nil, init_error
     end
     router, router_pid, init_error = r, pid, nil
+    router_cluster_header = string_lower(r.cluster_header)
     ngx.update_time()
     started_at = ngx.now()
 
@@ -355,12 +363,48 @@ local function read_body()
     return ""
 end
 
+-- True for a (lower-case) header name a client must not send upstream: it could name an
+-- endpoint or a cluster.
+local function routing_header(lname, cluster_header)
+    if string_sub(lname, 1, #opts.strip_prefix) == opts.strip_prefix or lname == cluster_header
+        or lname == opts.endpoint_header or lname == opts.scene_header then
+        return true
+    end
+    for _, h in ipairs(opts.strip_headers) do
+        if lname == h then
+            return true
+        end
+    end
+    return false
+end
+_M._routing_header = routing_header
+
+-- Removes every client-supplied routing header from the request (all values, any case) and
+-- from `headers` (ngx.req.get_headers(0, true): every header, raw names). Returns `headers`.
+local function strip_routing_headers()
+    -- 0: no limit; nginx bounds the header block itself (large_client_header_buffers), and a
+    -- client must not hide a routing header behind 100 others
+    local headers = ngx_req.get_headers(0, true)
+    local cluster_header = router_cluster_header
+    for name, value in pairs(headers) do
+        if routing_header(string_lower(name), cluster_header) then
+            ngx_req.clear_header(name) -- every value of it, any case
+            headers[name] = nil
+            counters.stripped_headers = counters.stripped_headers + (type(value) == "table" and #value or 1)
+        end
+    end
+    return headers
+end
+
 function _M.access()
     local r = router
     if not r then
         return send_json(500, error_json(init_error or "llmproxy: no router in this worker",
             "server_error", "internal_error"))
     end
+    -- A client never chooses the endpoint or the cluster, on any request that passes here
+    -- (also the ones proxied untouched): the same rule as the Envoy shim's.
+    local headers = strip_routing_headers()
     local method = ngx_req.get_method()
     local uri = ngx_var.uri
     if not r:should_intercept(method, uri) then
@@ -384,7 +428,6 @@ function _M.access()
     if not body then
         return send_json(500, error_json(berr, "server_error", "internal_error"))
     end
-    local headers = ngx_req.get_headers(200, true)
     local d, status, err_body = r:pick(headers, body, uri, method)
     if not d then
         counters.pick_errors = counters.pick_errors + 1
@@ -413,9 +456,6 @@ function _M.access()
         ngx_req.set_uri_args("")
     end
 
-    for _, h in ipairs(opts.strip_headers) do
-        ngx_req.clear_header(h)
-    end
     ngx_req.set_header(r.cluster_header, d.cluster)
     ngx_req.set_header(opts.endpoint_header, d.endpoint)
     ngx_req.set_header(opts.scene_header, d.scene)

@@ -1,7 +1,7 @@
 """Issue #13 on the nginx host (real nginx from examples/nginx.conf, test upstreams, all on
 127.0.0.1): only the endpoint's own failures eject it (a proxy_read_timeout on a long
-generation or a client leaving does not), and client routing headers never reach any
-upstream."""
+generation or a client leaving does not), client routing headers never reach any upstream,
+and subrequests cannot leak picks."""
 
 import asyncio
 import http.client
@@ -16,6 +16,32 @@ from harness import CHAT, chat, metrics, request, wait_settled
 
 NAMES = ["s1", "s2", "c1", "p1", "p2"]
 CLUSTER_HEADER = "x-target-pool"  # a cluster header outside the x-llmproxy- prefix
+
+# Test-only locations: a Lua handler calling an llmproxy location with ngx.location.capture,
+# and a mirror of every request to one.
+SUBREQUEST_LOCATIONS = """
+        location = /test/capture {
+            content_by_lua_block {
+                ngx.req.read_body()
+                local res = ngx.location.capture(ngx.var.arg_uri, {
+                    method = ngx.var.arg_method == "GET" and ngx.HTTP_GET or ngx.HTTP_POST,
+                    body = ngx.req.get_body_data() })
+                ngx.status = res.status
+                ngx.header["content-type"] = res.header["Content-Type"]
+                ngx.print(res.body)
+            }
+        }
+
+        location = /test/mirror {
+            mirror /v1/chat/completions;
+            content_by_lua_block {
+                ngx.req.read_body()
+                ngx.header["content-type"] = "application/json"
+                ngx.print('{"main":"done"}')
+            }
+        }
+"""
+
 
 def library_config(up):
     return {
@@ -47,7 +73,8 @@ def up():
 @pytest.fixture(scope="module")
 def gw(up):
     """One worker (one router sees every request), proxy_read_timeout 1s."""
-    g = harness.Nginx(library_config(up), [up.addr("p1"), up.addr("p2")], workers=1, read_timeout="1s")
+    g = harness.Nginx(library_config(up), [up.addr("p1"), up.addr("p2")], workers=1, read_timeout="1s",
+                      extra_locations=SUBREQUEST_LOCATIONS)
     yield g
     g.close()
 
@@ -158,6 +185,8 @@ def send_with_routing_headers(port, method, path, body=b""):
     ("GET", "/v1/models", b""),
     ("GET", "/health", b""),
     ("POST", "/v1/embeddings", json.dumps({"model": "m-ok", "input": "x"}).encode()),
+    # a Lua location passing the client's headers on to a subrequest (access() never runs there)
+    ("GET", "/test/capture?uri=/v1/models&method=GET", b""),
 ])
 def test_routing_headers_are_stripped_from_requests_not_intercepted(gw, method, path, body):
     before = metrics(gw.port)
@@ -185,4 +214,39 @@ def test_routing_headers_are_replaced_on_intercepted_requests(gw, up):
     assert "x-llmproxy-cluster" not in seen and "x-llmproxy-anything" not in seen
     assert "x-gateway-destination-endpoint" not in seen
     wait_settled(gw.port)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. subrequests: refused, nothing in flight afterwards
+
+
+def test_subrequests_are_refused_and_leave_nothing_in_flight(gw):
+    """nginx skips a subrequest's access phase and never runs its log phase: a pick there
+    could never be finished. ngx.location.capture and mirror of an inference request into an
+    llmproxy location are refused with our JSON 501 by rewrite(); a passthrough subrequest
+    still works; nothing is in flight afterwards (before: both were proxied unrouted to the
+    passthrough upstream, the capture answered 200 by whichever server round robin chose)."""
+    before = wait_settled(gw.port)
+    body = chat("m-ok", "from a subrequest")
+    status, hdrs, data = request(gw.port, "POST", "/test/capture?uri=/v1/chat/completions", body)
+    assert status == 501, data
+    err = json.loads(data)["error"]
+    assert err["code"] == "subrequest_not_supported" and "subrequest" in err["message"], err
+    status, hdrs, data = request(gw.port, "GET", "/test/capture?uri=/v1/models&method=GET")
+    assert status == 200 and json.loads(data)["served_by"] in ("p1", "p2"), data
+    status, hdrs, data = request(gw.port, "POST", "/test/mirror", body)
+    assert status == 200 and json.loads(data) == {"main": "done"}, data
+    deadline = time.time() + 10
+    while True:  # the mirror subrequest runs in the background
+        m = metrics(gw.port)
+        done = m.total("llmproxy_nginx_errors_total", reason="subrequest") - \
+            before.total("llmproxy_nginx_errors_total", reason="subrequest")
+        if done >= 2 or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    after = wait_settled(gw.port)  # in flight 0, routed == finished, nothing pending
+    assert after.total("llmproxy_in_flight_requests") == 0
+    assert after.total("llmproxy_nginx_errors_total", reason="subrequest") - \
+        before.total("llmproxy_nginx_errors_total", reason="subrequest") == 2
+    assert after.total("llmproxy_picks_total") == before.total("llmproxy_picks_total")
 

@@ -4,6 +4,7 @@
 --   init_by_lua_block        { require("resty.llmproxy.nginx").init{ config_file = ..., lib = ... } }
 --   init_worker_by_lua_block { require("resty.llmproxy.nginx").init_worker() }
 --   exit_worker_by_lua_block { require("resty.llmproxy.nginx").exit_worker() }
+--   rewrite_by_lua_block     { require("resty.llmproxy.nginx").rewrite() }       (subrequest guard)
 --   access_by_lua_block      { require("resty.llmproxy.nginx").access() }
 --   balancer_by_lua_block    { require("resty.llmproxy.nginx").balancer() }      (upstream block)
 --   body_filter_by_lua_block { require("resty.llmproxy.nginx").body_filter() }
@@ -83,7 +84,7 @@ end
 local counters = {
     intercepted = 0, passthrough = 0, body_memory = 0, body_file = 0, early_413 = 0,
     pick_errors = 0, retries = 0, retry_exhausted = 0, client_aborts = 0, finished = 0,
-    balancer_errors = 0, stripped_headers = 0,
+    balancer_errors = 0, subrequests = 0, stripped_headers = 0,
     outcome_upstream = 0, outcome_endpoint_failed = 0, outcome_local = 0,
 }
 
@@ -191,6 +192,7 @@ local function counters_text()
         "llmproxy_nginx_errors_total{reason=\"early_413\"} " .. counters.early_413,
         "llmproxy_nginx_errors_total{reason=\"retry_exhausted\"} " .. counters.retry_exhausted,
         "llmproxy_nginx_errors_total{reason=\"balancer\"} " .. counters.balancer_errors,
+        "llmproxy_nginx_errors_total{reason=\"subrequest\"} " .. counters.subrequests,
         "# HELP llmproxy_nginx_stripped_headers_total Client-supplied routing headers removed.",
         "# TYPE llmproxy_nginx_stripped_headers_total counter",
         "llmproxy_nginx_stripped_headers_total " .. counters.stripped_headers,
@@ -460,6 +462,37 @@ function _M.access()
     ngx_req.set_header(opts.endpoint_header, d.endpoint)
     ngx_req.set_header(opts.scene_header, d.scene)
     ngx_var[opts.upstream_var] = opts.upstream
+end
+
+--------------------------------------------------------------------------------------------
+-- rewrite: the guard of subrequests
+
+--- rewrite_by_lua of the llmproxy locations. nginx skips the access phase of subrequests
+--- (ngx.location.capture, mirror, auth_request, SSI), so access() never sees them: without
+--- this guard they would be proxied unrouted to the passthrough upstream with whatever
+--- routing headers they carry. For a subrequest: strips the client routing headers and
+--- refuses an inference request (what access() would intercept) with a JSON 501 — a pick
+--- made in a subrequest could never be finished, since nginx never runs a subrequest's log
+--- phase (its endpoint's load would stay counted forever). Other subrequests pass. Main
+--- requests: nothing (access() does the work after the access-phase modules).
+function _M.rewrite()
+    if not ngx.is_subrequest then
+        return
+    end
+    strip_routing_headers()
+    local r = router
+    if not r then
+        return send_json(500, error_json(init_error or "llmproxy: no router in this worker",
+            "server_error", "internal_error"))
+    end
+    if not r:should_intercept(ngx_req.get_method(), ngx_var.uri) then
+        return
+    end
+    counters.subrequests = counters.subrequests + 1
+    return send_json(501, error_json("llmproxy does not route subrequests (ngx.location.capture, "
+        .. "mirror, ...): a subrequest's log phase never runs, so its pick could never be "
+        .. "finished; send the request to the gateway's own listener instead",
+        "server_error", "subrequest_not_supported"))
 end
 
 --------------------------------------------------------------------------------------------

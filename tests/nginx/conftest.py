@@ -76,8 +76,10 @@ def gateway(servers):
 
 @pytest.fixture(scope="module")
 def gateway1(servers):
-    """The same with a single worker (one router for every request)."""
-    gw = _nginx(servers, 1)
+    """The same with a single worker (one router for every request), and bodies above 16 KiB
+    spooled to client_body_temp_path (the example keeps them in memory): access() reads them
+    back from the file."""
+    gw = _nginx(servers, 1, body_buffer="16k")
     yield gw
     gw.close()
 

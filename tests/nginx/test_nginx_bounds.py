@@ -1,11 +1,14 @@
 """Issue #13 on the nginx host (real nginx from examples/nginx.conf, test upstreams, all on
 127.0.0.1): only the endpoint's own failures eject it (a proxy_read_timeout on a long
 generation or a client leaving does not), client routing headers never reach any upstream,
-and subrequests cannot leak picks."""
+subrequests cannot leak picks, and the example works from a directory the workers cannot
+enter."""
 
 import asyncio
 import http.client
 import json
+import os
+import subprocess
 import time
 
 import pytest
@@ -250,3 +253,31 @@ def test_subrequests_are_refused_and_leave_nothing_in_flight(gw):
         before.total("llmproxy_nginx_errors_total", reason="subrequest") == 2
     assert after.total("llmproxy_picks_total") == before.total("llmproxy_picks_total")
 
+
+# ---------------------------------------------------------------------------------------------
+# 4. the example from a directory the workers cannot enter
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="workers run as `nobody` only when nginx starts as root")
+def test_example_in_a_private_directory_takes_100k_bodies(up):
+    """As the docs say (root, `-p` prefix = the checkout), from a 0700 directory such as a
+    home: the workers run as `nobody` and cannot enter it. A 100 KiB prompt, and a 100 KiB
+    body not intercepted, are answered by the upstream (before: 500, the body could not be
+    spooled to client_body_temp_path under the prefix)."""
+    g = harness.Nginx(library_config(up), [up.addr("p1"), up.addr("p2")], workers=2, private=True)
+    try:
+        assert os.stat(g.prefix).st_mode & 0o777 == 0o700
+        users = subprocess.run(["ps", "-o", "user=", "-p", ",".join(map(str, g.worker_pids()))],
+                               capture_output=True, text=True).stdout.split()
+        assert users and "root" not in users, users
+        prompt = json.dumps(chat("m-ok", harness.random_text(100 * 1024, seed=13))).encode()
+        assert len(prompt) > 100 * 1024
+        status, _, data = request(g.port, "POST", CHAT, prompt)
+        assert status == 200, data[:300]
+        assert json.loads(data)["body_bytes"] == len(prompt)
+        status, _, data = request(g.port, "POST", "/v1/embeddings", prompt)
+        assert status == 200 and json.loads(data)["body_bytes"] == len(prompt), data[:300]
+        wait_settled(g.port)
+        assert "Permission denied" not in g.log_text()
+    finally:
+        g.close()

@@ -355,21 +355,25 @@ def test_upstream_503_counts_as_failure_and_passes_through(gateway):
 # bodies
 
 
-def test_spooled_200kb_prompt_is_routed(gateway):
-    before = metrics(gateway.port)
+@pytest.mark.parametrize("gw_name, source", [("gateway", "memory"), ("gateway1", "file")])
+def test_200kb_prompt_is_routed(request, gw_name, source):
+    """The example keeps bodies in memory (client_body_buffer_size = client_max_body_size);
+    gateway1 spools them above 16 KiB to client_body_temp_path, and access() reads the file."""
+    gw = request.getfixturevalue(gw_name)
+    before = metrics(gw.port)
     body = json.dumps(chat("m-b", random_text(200 * 1000, seed=7))).encode()
-    assert len(body) > 200_000  # far above client_body_buffer_size (16k): spooled to a file
-    status, _, data = post(gateway, body)
+    assert len(body) > 200_000
+    status, _, data = post(gw, body)
     assert status == 200, data[:300]
     echo = json.loads(data)
-    assert echo["served_by"] in POOLS["pool_b"]  # the model came from the spooled body
+    assert echo["served_by"] in POOLS["pool_b"]  # the model came from the body
     assert echo["body_bytes"] == len(body)
-    after = metrics(gateway.port)
-    assert after.total("llmproxy_nginx_request_bodies_total", source="file") == \
-        before.total("llmproxy_nginx_request_bodies_total", source="file") + 1
+    after = metrics(gw.port)
+    assert after.total("llmproxy_nginx_request_bodies_total", source=source) == \
+        before.total("llmproxy_nginx_request_bodies_total", source=source) + 1
     assert after.total("llmproxy_prompt_chars_total") - before.total("llmproxy_prompt_chars_total") >= 200_000
-    # the same 200 KB prompt again: the worker that saw it goes back to the same endpoint
-    status, hdrs, data = post(gateway, body)
+    # the same 200 KB prompt again
+    status, hdrs, data = post(gw, body)
     assert status == 200
 
 

@@ -9,8 +9,9 @@ ports), same proxy settings; the only difference is how the gateway picks the pe
   * with --lookups, also llmproxy + lookups: the llmproxy gateway with the Metadata-Center
                  (our server, started here) and remote cache lookups on: every pick waits for
                  a cache query, polled every millisecond with ngx.sleep
-Load: wrk (1 thread, --latency), 64 distinct chat bodies of 1 KiB or 64 KiB (64 KiB is above
-client_body_buffer_size, so both gateways spool it to a temp file). Rounds are interleaved.
+Load: wrk (1 thread, --latency), 64 distinct chat bodies of 1 KiB or 64 KiB (both gateways keep
+bodies in memory: client_body_buffer_size = client_max_body_size, as in the example). Rounds
+are interleaved.
 
     python3 tests/nginx/bench/bench_nginx.py [--seconds 8] [--connections 32] [--rounds 2] [--lookups]
 """
@@ -71,7 +72,7 @@ http {{
     access_log off;
     client_body_temp_path {prefix}/rr-body;
     proxy_temp_path {prefix}/rr-proxy;
-    client_body_buffer_size 16k;
+    client_body_buffer_size 9m;
     client_max_body_size 9m;
     upstream fleet {{
 {upstreams}

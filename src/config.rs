@@ -694,6 +694,16 @@ fn is_header_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
+/// Why `value` cannot be placed in a request header as it is (the cluster and scene names
+/// hosts send upstream): `None` when it is visible ASCII without spaces (0x21–0x7E).
+fn header_unsafe(value: &str) -> Option<String> {
+    let bad = value.bytes().find(|b| !(0x21..=0x7e).contains(b))?;
+    Some(format!(
+        "{value:?} cannot go into a request header: only visible ASCII without spaces \
+         is allowed (found byte 0x{bad:02x})"
+    ))
+}
+
 fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     if let Some(p) = &raw.protocol {
         if p != "openai" {
@@ -775,6 +785,9 @@ fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Conf
         let base = format!("clusters.{name}");
         if name.is_empty() {
             return Err(err(base, "cluster name must not be empty"));
+        }
+        if let Some(why) = header_unsafe(&name) {
+            return Err(err(base, format!("cluster name {why}")));
         }
         if let Some(dns) = c.dns {
             if !c.endpoints.is_empty() {
@@ -1025,11 +1038,17 @@ fn validate_rule(r: RawRule, base: &str) -> Result<Rule, ConfigError> {
             ),
         )
     })?;
+    if let Some(why) = header_unsafe(&r.cluster) {
+        return Err(err(format!("{base}.cluster"), why));
+    }
     if r.scene_name.len() > 128 {
         return Err(err(
             format!("{base}.scene_name"),
             "longer than 128 characters",
         ));
+    }
+    if let Some(why) = header_unsafe(&r.scene_name) {
+        return Err(err(format!("{base}.scene_name"), why));
     }
     let mut headers = Vec::with_capacity(r.headers.len());
     for (i, h) in r.headers.into_iter().enumerate() {
@@ -1245,6 +1264,18 @@ mod tests {
                 "config.model_mapping_rule.m.rules[0].cluster: required",
             ),
             ("{not json", "config: invalid JSON"),
+            (
+                r#"{"model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "vllm", "scene_name": "a\r\nx-evil: 1"}]}}}"#,
+                "config.model_mapping_rule.m.rules[0].scene_name: \"a\\r\\nx-evil: 1\" cannot go into a request header",
+            ),
+            (
+                r#"{"model_mapping_rule": {"m": {"rules": [{"cluster": "c\u0000d", "backend": "vllm"}]}}}"#,
+                "config.model_mapping_rule.m.rules[0].cluster: \"c\\0d\" cannot go into a request header",
+            ),
+            (
+                r#"{"clusters": {"a\nb": {"endpoints": ["127.0.0.1:1"]}}}"#,
+                "config.clusters.a\nb: cluster name \"a\\nb\" cannot go into a request header",
+            ),
         ];
         for (input, want) in cases {
             let got = parse(input).unwrap_err();

@@ -60,6 +60,27 @@ typedef enum llmproxy_status {
 } llmproxy_status;
 
 /**
+ * How a request ended, for the endpoint's passive health (`llmproxy_request_finish_outcome`).
+ */
+typedef enum llmproxy_outcome {
+  /**
+   * The status is the endpoint's own response: 502–504 count as endpoint failures,
+   * 100–498 as successes, anything else as neither.
+   */
+  LLMPROXY_OUTCOME_UPSTREAM = 0,
+  /**
+   * The endpoint failed before any response byte: connect failure, or the connection was
+   * reset or closed before a response. Counts as an endpoint failure.
+   */
+  LLMPROXY_OUTCOME_ENDPOINT_FAILED = 1,
+  /**
+   * The proxy or the client ended the request: a route timeout, the proxy's own local
+   * reply, the client going away. Says nothing about the endpoint.
+   */
+  LLMPROXY_OUTCOME_LOCAL = 2,
+} llmproxy_outcome;
+
+/**
  * Opaque handle of a pick waiting for the Metadata-Center (`llmproxy_pick_start`). Used by
  * one thread at a time.
  */
@@ -208,6 +229,17 @@ uint64_t llmproxy_router_in_flight(const struct llmproxy_router *router);
  * `router` must be NULL or valid.
  */
 uint64_t llmproxy_router_max_body_bytes(const struct llmproxy_router *router);
+
+/**
+ * The longest a pending pick (`llmproxy_pick_async` / `llmproxy_pick_start`) takes to be
+ * decided, in milliseconds: the Metadata-Center lookup's `timeout_ms` plus a small slack for
+ * scheduling. 0 when remote cache lookups are off (every pick is decided at once) or for
+ * NULL. Hosts may use it as their own deadline for a callback that never comes.
+ *
+ * # Safety
+ * `router` must be NULL or valid.
+ */
+uint64_t llmproxy_router_pick_deadline_ms(const struct llmproxy_router *router);
 
 /**
  * True when a request with this method and path (query ignored) must go through pick.
@@ -483,15 +515,31 @@ enum llmproxy_status llmproxy_request_retry(struct llmproxy_request *req);
 void llmproxy_request_first_token(struct llmproxy_request *req);
 
 /**
- * Finishes and frees a request. `upstream_status` is the status of the response (the
- * upstream's, or the proxy's own reply such as Envoy's 503 on a connect failure), 0 when
- * there was none; hosts report 499 when the client went away first. Only 502/503/504 count
- * as endpoint failures (passive ejection); 0 and 499 never do.
+ * Finishes and frees a request whose `upstream_status` is the endpoint's own response
+ * status (0 when there was none): `llmproxy_request_finish_outcome(req, upstream_status,
+ * LLMPROXY_OUTCOME_UPSTREAM)`. Only 502/503/504 count as endpoint failures; 0 and 499 never
+ * do. Hosts that also see connect failures and their own local replies should call
+ * `llmproxy_request_finish_outcome`, so that a client cannot get an endpoint ejected.
  *
  * # Safety
  * `req` must come from `llmproxy_pick` and not be used after this call. NULL is a no-op.
  */
 void llmproxy_request_finish(struct llmproxy_request *req, uint32_t upstream_status);
+
+/**
+ * Finishes and frees a request. `status` is the HTTP status the client got (0 when none;
+ * 499 when the client went away), counted in the metrics; `outcome` (an `llmproxy_outcome`
+ * value) says whether the
+ * endpoint is to blame: only `LLMPROXY_OUTCOME_ENDPOINT_FAILED` and an upstream 502–504
+ * count toward passive ejection. An `outcome` outside the enum is treated as
+ * `LLMPROXY_OUTCOME_LOCAL`.
+ *
+ * # Safety
+ * `req` must come from `llmproxy_pick` and not be used after this call. NULL is a no-op.
+ */
+void llmproxy_request_finish_outcome(struct llmproxy_request *req,
+                                     uint32_t status,
+                                     uint32_t outcome);
 
 #ifdef __cplusplus
 }  // extern "C"

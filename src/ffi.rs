@@ -19,7 +19,7 @@ use std::ptr;
 
 use crate::config::parse_endpoint;
 use crate::error::PickError;
-use crate::router::{HeaderRef, PendingPick, PickStart, PickedRequest, Router};
+use crate::router::{HeaderRef, Outcome, PendingPick, PickStart, PickedRequest, Router};
 
 /// Result of a C ABI call.
 #[repr(C)]
@@ -387,6 +387,22 @@ pub unsafe extern "C" fn llmproxy_router_max_body_bytes(router: *const llmproxy_
     })
 }
 
+/// The longest a pending pick (`llmproxy_pick_async` / `llmproxy_pick_start`) takes to be
+/// decided, in milliseconds: the Metadata-Center lookup's `timeout_ms` plus a small slack for
+/// scheduling. 0 when remote cache lookups are off (every pick is decided at once) or for
+/// NULL. Hosts may use it as their own deadline for a callback that never comes.
+///
+/// # Safety
+/// `router` must be NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn llmproxy_router_pick_deadline_ms(router: *const llmproxy_router) -> u64 {
+    guard(0, || {
+        router
+            .as_ref()
+            .map_or(0, |r| r.router.pending_pick_deadline().as_millis() as u64)
+    })
+}
+
 /// True when a request with this method and path (query ignored) must go through pick.
 ///
 /// # Safety
@@ -470,52 +486,54 @@ pub unsafe extern "C" fn llmproxy_pick(
     body_len: usize,
     out: *mut *mut llmproxy_request,
 ) -> llmproxy_status {
-    if out.is_null() {
-        return LLMPROXY_INVALID_ARGUMENT;
-    }
-    *out = ptr::null_mut();
-    let Some(r) = router.as_ref() else {
-        return LLMPROXY_INVALID_ARGUMENT;
-    };
-    let picked = catch_unwind(AssertUnwindSafe(|| {
-        let Some(hdrs) = header_refs(headers, n_headers) else {
-            return Err(LLMPROXY_INVALID_ARGUMENT);
-        };
-        let Some(body) = bytes(body, body_len) else {
-            return Err(LLMPROXY_INVALID_ARGUMENT);
-        };
-        Ok(r.router.pick(&hdrs, body))
-    }));
-    let (request, status) = match picked {
-        Ok(Ok(p)) => {
-            let status = p.error().map_or(LLMPROXY_OK, llmproxy_status::from);
-            (p, status)
+    guard(LLMPROXY_INTERNAL, || {
+        if out.is_null() {
+            return LLMPROXY_INVALID_ARGUMENT;
         }
-        Ok(Err(status)) => (
-            r.router.failed_request(PickError::bad_request(
-                "invalid arguments from the host (NULL pointer with a length)",
-                None,
-            )),
-            status,
-        ),
-        Err(_) => (
-            r.router.failed_request(PickError::Internal {
-                message: "panic while picking an endpoint".into(),
-            }),
-            LLMPROXY_INTERNAL,
-        ),
-    };
-    let handle = guard(None, || {
-        let strings = RequestStrings::of(&request);
-        Some(Box::new(llmproxy_request { request, strings }))
-    });
-    match handle {
-        Some(h) => {
-            *out = Box::into_raw(h);
-            status
+        *out = ptr::null_mut();
+        let Some(r) = router.as_ref() else {
+            return LLMPROXY_INVALID_ARGUMENT;
+        };
+        let picked = catch_unwind(AssertUnwindSafe(|| {
+            let Some(hdrs) = header_refs(headers, n_headers) else {
+                return Err(LLMPROXY_INVALID_ARGUMENT);
+            };
+            let Some(body) = bytes(body, body_len) else {
+                return Err(LLMPROXY_INVALID_ARGUMENT);
+            };
+            Ok(r.router.pick(&hdrs, body))
+        }));
+        let (request, status) = match picked {
+            Ok(Ok(p)) => {
+                let status = p.error().map_or(LLMPROXY_OK, llmproxy_status::from);
+                (p, status)
+            }
+            Ok(Err(status)) => (
+                r.router.failed_request(PickError::bad_request(
+                    "invalid arguments from the host (NULL pointer with a length)",
+                    None,
+                )),
+                status,
+            ),
+            Err(_) => (
+                r.router.failed_request(PickError::Internal {
+                    message: "panic while picking an endpoint".into(),
+                }),
+                LLMPROXY_INTERNAL,
+            ),
+        };
+        let handle = guard(None, || {
+            let strings = RequestStrings::of(&request);
+            Some(Box::new(llmproxy_request { request, strings }))
+        });
+        match handle {
+            Some(h) => {
+                *out = Box::into_raw(h);
+                status
+            }
+            None => LLMPROXY_INTERNAL,
         }
-        None => LLMPROXY_INTERNAL,
-    }
+    })
 }
 
 unsafe fn header_refs<'a>(
@@ -559,33 +577,35 @@ pub unsafe extern "C" fn llmproxy_pick_async(
     user_data: *mut c_void,
     out: *mut *mut llmproxy_request,
 ) -> llmproxy_status {
-    let Some(cb) = cb else {
-        return llmproxy_pick(router, headers, n_headers, body, body_len, out);
-    };
-    let (r, hdrs, body_bytes) =
-        match deferred_pick_args(router, headers, n_headers, body, body_len, out) {
-            Ok(args) => args,
-            Err(status) => return status,
+    guard(LLMPROXY_INTERNAL, || {
+        let Some(cb) = cb else {
+            return llmproxy_pick(router, headers, n_headers, body, body_len, out);
         };
-    /// The host's opaque pointer, handed back on the lookup thread as the contract says.
-    struct UserData(*mut c_void);
-    unsafe impl Send for UserData {}
-    let user = UserData(user_data);
-    let done = Box::new(move |request: PickedRequest| {
-        let user = user;
-        let strings = RequestStrings::of(&request);
-        let handle = Box::into_raw(Box::new(llmproxy_request { request, strings }));
-        // SAFETY: the host promised `cb` may run on any thread with `user_data`.
-        unsafe { cb(user.0, handle) };
-    });
-    let decided = catch_unwind(AssertUnwindSafe(|| {
-        r.router.pick_async(&hdrs, body_bytes, done)
-    }));
-    match decided {
-        Ok(None) => LLMPROXY_PENDING,
-        Ok(Some(request)) => hand_out(request, out),
-        Err(_) => internal_error(r, out),
-    }
+        let (r, hdrs, body_bytes) =
+            match deferred_pick_args(router, headers, n_headers, body, body_len, out) {
+                Ok(args) => args,
+                Err(status) => return status,
+            };
+        /// The host's opaque pointer, handed back on the lookup thread as the contract says.
+        struct UserData(*mut c_void);
+        unsafe impl Send for UserData {}
+        let user = UserData(user_data);
+        let done = Box::new(move |request: PickedRequest| {
+            let user = user;
+            let strings = RequestStrings::of(&request);
+            let handle = Box::into_raw(Box::new(llmproxy_request { request, strings }));
+            // SAFETY: the host promised `cb` may run on any thread with `user_data`.
+            unsafe { cb(user.0, handle) };
+        });
+        let decided = catch_unwind(AssertUnwindSafe(|| {
+            r.router.pick_async(&hdrs, body_bytes, done)
+        }));
+        match decided {
+            Ok(None) => LLMPROXY_PENDING,
+            Ok(Some(request)) => hand_out(request, out),
+            Err(_) => internal_error(r, out),
+        }
+    })
 }
 
 /// Like `llmproxy_pick_async`, for hosts that cannot take a callback on a library thread
@@ -606,24 +626,26 @@ pub unsafe extern "C" fn llmproxy_pick_start(
     ticket: *mut *mut llmproxy_pick_ticket,
     out: *mut *mut llmproxy_request,
 ) -> llmproxy_status {
-    if ticket.is_null() {
-        return LLMPROXY_INVALID_ARGUMENT;
-    }
-    *ticket = ptr::null_mut();
-    let (r, hdrs, body_bytes) =
-        match deferred_pick_args(router, headers, n_headers, body, body_len, out) {
-            Ok(args) => args,
-            Err(status) => return status,
-        };
-    let started = catch_unwind(AssertUnwindSafe(|| r.router.pick_start(&hdrs, body_bytes)));
-    match started {
-        Ok(PickStart::Pending(pending)) => {
-            *ticket = Box::into_raw(Box::new(llmproxy_pick_ticket { pending }));
-            LLMPROXY_PENDING
+    guard(LLMPROXY_INTERNAL, || {
+        if ticket.is_null() {
+            return LLMPROXY_INVALID_ARGUMENT;
         }
-        Ok(PickStart::Decided(request)) => hand_out(request, out),
-        Err(_) => internal_error(r, out),
-    }
+        *ticket = ptr::null_mut();
+        let (r, hdrs, body_bytes) =
+            match deferred_pick_args(router, headers, n_headers, body, body_len, out) {
+                Ok(args) => args,
+                Err(status) => return status,
+            };
+        let started = catch_unwind(AssertUnwindSafe(|| r.router.pick_start(&hdrs, body_bytes)));
+        match started {
+            Ok(PickStart::Pending(pending)) => {
+                *ticket = Box::into_raw(Box::new(llmproxy_pick_ticket { pending }));
+                LLMPROXY_PENDING
+            }
+            Ok(PickStart::Decided(request)) => hand_out(request, out),
+            Err(_) => internal_error(r, out),
+        }
+    })
 }
 
 /// Polls a ticket of `llmproxy_pick_start`: `LLMPROXY_PENDING` while the decision is still
@@ -637,21 +659,23 @@ pub unsafe extern "C" fn llmproxy_pick_poll(
     ticket: *mut llmproxy_pick_ticket,
     out: *mut *mut llmproxy_request,
 ) -> llmproxy_status {
-    if out.is_null() {
-        return LLMPROXY_INVALID_ARGUMENT;
-    }
-    *out = ptr::null_mut();
-    let Some(t) = ticket.as_mut() else {
-        return LLMPROXY_INVALID_ARGUMENT;
-    };
-    if t.pending.is_taken() {
-        return LLMPROXY_INVALID_ARGUMENT;
-    }
-    match guard(None, || Some(t.pending.try_take())) {
-        Some(Some(request)) => hand_out(request, out),
-        Some(None) => LLMPROXY_PENDING,
-        None => LLMPROXY_INTERNAL,
-    }
+    guard(LLMPROXY_INTERNAL, || {
+        if out.is_null() {
+            return LLMPROXY_INVALID_ARGUMENT;
+        }
+        *out = ptr::null_mut();
+        let Some(t) = ticket.as_mut() else {
+            return LLMPROXY_INVALID_ARGUMENT;
+        };
+        if t.pending.is_taken() {
+            return LLMPROXY_INVALID_ARGUMENT;
+        }
+        match guard(None, || Some(t.pending.try_take())) {
+            Some(Some(request)) => hand_out(request, out),
+            Some(None) => LLMPROXY_PENDING,
+            None => LLMPROXY_INTERNAL,
+        }
+    })
 }
 
 /// Frees a ticket of `llmproxy_pick_start` (NULL: no-op). A decision not taken (still
@@ -662,9 +686,11 @@ pub unsafe extern "C" fn llmproxy_pick_poll(
 /// `ticket` must be NULL or a live ticket, not used afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn llmproxy_pick_ticket_free(ticket: *mut llmproxy_pick_ticket) {
-    if !ticket.is_null() {
-        guard((), || drop(Box::from_raw(ticket)));
-    }
+    guard((), || {
+        if !ticket.is_null() {
+            drop(Box::from_raw(ticket));
+        }
+    })
 }
 
 /// Checks the arguments of the picks that may decide later (`llmproxy_pick_async`,
@@ -1007,19 +1033,101 @@ pub unsafe extern "C" fn llmproxy_request_first_token(req: *mut llmproxy_request
     })
 }
 
-/// Finishes and frees a request. `upstream_status` is the status of the response (the
-/// upstream's, or the proxy's own reply such as Envoy's 503 on a connect failure), 0 when
-/// there was none; hosts report 499 when the client went away first. Only 502/503/504 count
-/// as endpoint failures (passive ejection); 0 and 499 never do.
+/// How a request ended, for the endpoint's passive health (`llmproxy_request_finish_outcome`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum llmproxy_outcome {
+    /// The status is the endpoint's own response: 502–504 count as endpoint failures,
+    /// 100–498 as successes, anything else as neither.
+    LLMPROXY_OUTCOME_UPSTREAM = 0,
+    /// The endpoint failed before any response byte: connect failure, or the connection was
+    /// reset or closed before a response. Counts as an endpoint failure.
+    LLMPROXY_OUTCOME_ENDPOINT_FAILED = 1,
+    /// The proxy or the client ended the request: a route timeout, the proxy's own local
+    /// reply, the client going away. Says nothing about the endpoint.
+    LLMPROXY_OUTCOME_LOCAL = 2,
+}
+
+/// Finishes and frees a request whose `upstream_status` is the endpoint's own response
+/// status (0 when there was none): `llmproxy_request_finish_outcome(req, upstream_status,
+/// LLMPROXY_OUTCOME_UPSTREAM)`. Only 502/503/504 count as endpoint failures; 0 and 499 never
+/// do. Hosts that also see connect failures and their own local replies should call
+/// `llmproxy_request_finish_outcome`, so that a client cannot get an endpoint ejected.
 ///
 /// # Safety
 /// `req` must come from `llmproxy_pick` and not be used after this call. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn llmproxy_request_finish(req: *mut llmproxy_request, upstream_status: u32) {
+    llmproxy_request_finish_outcome(
+        req,
+        upstream_status,
+        llmproxy_outcome::LLMPROXY_OUTCOME_UPSTREAM as u32,
+    )
+}
+
+/// Finishes and frees a request. `status` is the HTTP status the client got (0 when none;
+/// 499 when the client went away), counted in the metrics; `outcome` (an `llmproxy_outcome`
+/// value) says whether the
+/// endpoint is to blame: only `LLMPROXY_OUTCOME_ENDPOINT_FAILED` and an upstream 502–504
+/// count toward passive ejection. An `outcome` outside the enum is treated as
+/// `LLMPROXY_OUTCOME_LOCAL`.
+///
+/// # Safety
+/// `req` must come from `llmproxy_pick` and not be used after this call. NULL is a no-op.
+#[no_mangle]
+pub unsafe extern "C" fn llmproxy_request_finish_outcome(
+    req: *mut llmproxy_request,
+    status: u32,
+    outcome: u32,
+) {
     guard((), || {
+        // An integer, not the enum: a C caller may pass any value, and an out-of-range Rust
+        // enum would be undefined behaviour.
+        let outcome = match outcome {
+            0 => Outcome::Upstream,
+            1 => Outcome::EndpointFailed,
+            _ => Outcome::Local,
+        };
         if !req.is_null() {
             let handle = Box::from_raw(req);
-            handle.request.finish(upstream_status);
+            handle.request.finish_with(status, outcome);
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// docs/security.md promises that no panic crosses the C ABI: every export's whole body
+    /// (argument checks and writes to output pointers included) runs inside `guard`, or only
+    /// delegates to a function that does.
+    #[test]
+    fn every_export_runs_its_whole_body_inside_the_panic_boundary() {
+        let source = include_str!("ffi.rs");
+        let delegates_to_guarded = ["request_str(", "llmproxy_request_finish_outcome("];
+        let mut exports = 0;
+        let mut unguarded = Vec::new();
+        for (i, _) in source.match_indices("extern \"C\" fn llmproxy_") {
+            let rest = &source[i..];
+            let name: String = rest["extern \"C\" fn ".len()..]
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            // The body starts after the signature's opening brace at the end of a line.
+            let body_at = rest.find("{\n").expect("function body");
+            let first = rest[body_at + 2..].trim_start();
+            exports += 1;
+            let constant = name == "llmproxy_version";
+            if !(first.starts_with("guard(")
+                || constant
+                || delegates_to_guarded.iter().any(|d| first.starts_with(d)))
+            {
+                unguarded.push(name);
+            }
+        }
+        assert!(exports >= 38, "found only {exports} exports");
+        assert!(
+            unguarded.is_empty(),
+            "exports with code outside the panic boundary: {unguarded:?}"
+        );
+    }
 }

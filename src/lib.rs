@@ -33,4 +33,4 @@ pub mod transcode;
 
 pub use config::{Config, ConfigError};
 pub use error::PickError;
-pub use router::{PendingPick, PickStart, PickedRequest, Router};
+pub use router::{Outcome, PendingPick, PickStart, PickedRequest, Router};

@@ -615,3 +615,213 @@ fn overload_sheds_reports_but_never_leaves_phantom_load() {
         assert_eq!(e["prompt_length"], 0, "{e}");
     }
 }
+
+/// Runs `test` (this test binary, `--exact`) inside new mount and network namespaces whose
+/// DNS resolver never answers: `/etc/resolv.conf` points at 127.0.0.1:53, where a UDP
+/// socket takes queries and drops them. Needs root and util-linux `unshare` + iproute2 `ip`;
+/// returns false (the caller skips, loudly) without them.
+fn run_with_black_holed_resolver(test: &str) -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    let have = |cmd: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {cmd}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !root || !have("unshare") || !have("ip") {
+        eprintln!("SKIPPED {test}: needs root, unshare and ip (namespaces for a black-holed DNS)");
+        return false;
+    }
+    let dir = std::env::temp_dir().join(format!("llmproxy-blackhole-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 127.0.0.1\noptions timeout:3 attempts:1\n",
+    )
+    .unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let script = format!(
+        "set -e; ip link set lo up; mount --bind '{}' /etc/resolv.conf; exec '{}' --exact {test} --nocapture",
+        resolv.display(),
+        exe.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--net", "sh", "-c", &script])
+        .env("LLMPROXY_BLACK_HOLED_DNS", "1")
+        .output()
+        .expect("run unshare");
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "inside the namespaces:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "the inner test did not run:\n{text}"
+    );
+    true
+}
+
+#[test]
+fn black_holed_resolver_delays_no_pending_pick() {
+    // The Metadata-Center is given by a host name, and the resolver never answers (3 s per
+    // query). Resolution happens on its own thread: every pending pick is still decided within
+    // timeout_ms (+ the library's slack), here at once from local data, as no address is known.
+    if std::env::var_os("LLMPROXY_BLACK_HOLED_DNS").is_none() {
+        run_with_black_holed_resolver("black_holed_resolver_delays_no_pending_pick");
+        return;
+    }
+    let dns = std::net::UdpSocket::bind("127.0.0.1:53").expect("bind the black-hole resolver");
+    // Proof that the resolver is black-holed while the picks run: this lookup is still
+    // waiting when they are done.
+    let probe = std::thread::spawn(|| {
+        use std::net::ToSocketAddrs;
+        let _ = ("probe.blackhole.test", 80).to_socket_addrs();
+    });
+    let timeout_ms = 100;
+    let r = Router::from_json(
+        format!(
+            r#"{{"model_mapping_rule": {{"m": {{"rules": [{{"cluster": "pool", "backend": "vllm"}}]}}}},
+                "clusters": {{"pool": {{"endpoints": ["127.0.0.1:8001", "127.0.0.1:8002"]}}}},
+                "metadata_center": {{"enabled": true, "host": "mc.blackhole.test", "port": 8080,
+                                     "cache_enabled": true, "timeout_ms": {timeout_ms}}}}}"#
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let bound = Duration::from_millis(timeout_ms) + llmproxy::router::PENDING_SLACK;
+    let worst = decide_200_pending_picks(&r, bound);
+    assert!(
+        !probe.is_finished(),
+        "the resolver answered: the test proves nothing"
+    );
+    assert!(
+        worst <= bound,
+        "slowest decision {worst:?}, bound {bound:?}"
+    );
+    let start = Instant::now();
+    drop(r);
+    assert!(
+        start.elapsed() < Duration::from_millis(50),
+        "free waited for the resolver"
+    );
+    drop(dns);
+}
+
+/// Makes 200 `pick_async` picks one after the other (each waits for its decision) and returns
+/// the longest time from pick to decision; stops at the first one over `bound` (by a second).
+fn decide_200_pending_picks(r: &Router, bound: Duration) -> Duration {
+    let mut worst = Duration::ZERO;
+    for i in 0..200 {
+        let (tx, rx) = mpsc::channel();
+        let start = Instant::now();
+        let prompt = format!("{} {i}", "a shared prefix long enough to hash. ".repeat(40));
+        let decided =
+            match r.pick_async(&[], &chat(&prompt), Box::new(move |req| drop(tx.send(req)))) {
+                Some(req) => Some(req),
+                None => rx.recv_timeout(bound + Duration::from_secs(1)).ok(),
+            };
+        worst = worst.max(start.elapsed());
+        let Some(req) = decided else {
+            return worst;
+        };
+        assert_eq!(req.http_status(), 200);
+        req.finish(200);
+        if worst > bound {
+            return worst;
+        }
+    }
+    worst
+}
+
+#[test]
+fn black_holed_replicas_cost_one_timeout_not_one_per_replica() {
+    // "localhost" names two replicas here when ::1 is configured (127.0.0.1 and ::1); both
+    // accept and never answer. A lookup tries the pinned replica and the next one within ONE
+    // deadline, so every pending pick is decided within timeout_ms + slack.
+    let listener4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener4.local_addr().unwrap().port();
+    let listener6 = std::net::TcpListener::bind(("::1", port)).ok();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    for l in std::iter::once(listener4).chain(listener6) {
+        let accepted = Arc::clone(&accepted);
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in l.incoming().flatten() {
+                held.push(conn);
+                accepted.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    let timeout_ms = 100;
+    let r = Router::from_json(
+        format!(
+            r#"{{"model_mapping_rule": {{"m": {{"rules": [{{"cluster": "pool", "backend": "vllm"}}]}}}},
+                "clusters": {{"pool": {{"endpoints": ["127.0.0.1:8001", "127.0.0.1:8002"]}}}},
+                "metadata_center": {{"enabled": true, "host": "localhost", "port": {port},
+                                     "cache_enabled": true, "timeout_ms": {timeout_ms},
+                                     "lookup_threads": 4}}}}"#
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    wait_until("lookups to reach the replicas", || {
+        let (tx, rx) = mpsc::channel();
+        let prompt = "a shared prefix long enough to hash. ".repeat(40);
+        match r.pick_async(
+            &[],
+            &chat(&prompt),
+            Box::new(move |req| tx.send(req).unwrap()),
+        ) {
+            Some(req) => req.finish(200),
+            None => rx.recv().unwrap().finish(200),
+        }
+        accepted.load(Ordering::SeqCst) > 0
+    });
+    let bound = Duration::from_millis(timeout_ms) + llmproxy::router::PENDING_SLACK;
+    let worst = decide_200_pending_picks(&r, bound);
+    assert!(
+        worst <= bound,
+        "slowest decision {worst:?}, bound {bound:?}"
+    );
+}
+
+#[test]
+fn router_free_never_waits_for_stuck_threads() {
+    // The sync thread hangs in a call to a server that never answers (5 s timeout), the
+    // lookup threads hang in lookups (2 s): freeing the router returns at once every time;
+    // the threads finish on their own and every pending pick is still answered.
+    let port = hanging_server();
+    let mut worst = Duration::ZERO;
+    let (tx, rx) = mpsc::channel();
+    let mut pending = 0;
+    for _ in 0..20 {
+        let r = Router::from_json(
+            config(
+                port,
+                r#", "cache_enabled": true, "timeout_ms": 2000, "async_timeout_ms": 5000"#,
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        r.pick(&[], &chat("reported to the hanging server"))
+            .finish(200);
+        for i in 0..3 {
+            pending += pick_pending(&r, i, &tx) as usize;
+        }
+        std::thread::sleep(Duration::from_millis(20)); // the threads are now in their calls
+        let start = Instant::now();
+        drop(r);
+        worst = worst.max(start.elapsed());
+    }
+    assert!(worst < Duration::from_millis(50), "slowest free {worst:?}");
+    for _ in 0..pending {
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("every pending pick answered")
+            .finish(200);
+    }
+}

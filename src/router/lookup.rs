@@ -106,8 +106,27 @@ impl LookupJob {
             (false, false) => &m.lookups_local,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let result = self.router.choose(&mut routed, remote).map(|()| routed);
-        let picked = self.router.finish_pick(result, self.started);
+        // Whatever happens while deciding, the host's callback runs exactly once: a panic
+        // becomes an internal error for this request (its stream is answered, not left
+        // waiting).
+        let router = &self.router;
+        let started = self.started;
+        let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            #[cfg(test)]
+            if tests::PANIC_WHILE_DECIDING.load(Ordering::Relaxed) {
+                panic!("injected panic while deciding");
+            }
+            let result = router.choose(&mut routed, remote).map(|()| routed);
+            router.finish_pick(result, started)
+        }));
+        let picked = decided.unwrap_or_else(|_| {
+            failed_request(
+                router,
+                PickError::Internal {
+                    message: "internal error while deciding the pick".into(),
+                },
+            )
+        });
         // The host's callback runs on a library thread; a panic in it must not kill the thread.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(picked)));
     }
@@ -126,8 +145,11 @@ impl Lookup for LookupJob {
             return;
         }
         let top_k = routed.cluster.snapshot().endpoints.len().max(1);
+        // One deadline for the whole lookup, counted from the pick: every replica tried
+        // shares it, so the decision comes within `timeout_ms` of the pick.
+        let deadline = self.started + timeout;
         let remote = client
-            .query_cache(&routed.cluster.name, &routed.prefix_hashes, top_k)
+            .query_cache(&routed.cluster.name, &routed.prefix_hashes, top_k, deadline)
             .ok()
             .map(|locs| {
                 locs.into_iter()
@@ -185,5 +207,41 @@ impl PendingPick {
     /// True once the decision was taken with [`PendingPick::try_take`].
     pub fn is_taken(&self) -> bool {
         self.decision.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// Makes the next deferred decisions panic (test only).
+    pub(super) static PANIC_WHILE_DECIDING: AtomicBool = AtomicBool::new(false);
+
+    #[test]
+    fn a_panic_while_deciding_still_calls_the_callback_once_with_an_error() {
+        let router = Router::from_json(
+            br#"{"model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "vllm"}]}},
+                 "clusters": {"c": {"endpoints": ["127.0.0.1:1"]}}}"#,
+        )
+        .unwrap();
+        let body = br#"{"model": "m", "messages": [{"role": "user", "content": "hello"}]}"#;
+        let routed = router.inner.prepare(&[], body).unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut job = LookupJob {
+            router: Arc::clone(&router.inner),
+            pending: Some((routed, Box::new(move |p: PickedRequest| drop(tx.send(p))))),
+            started: Instant::now(),
+        };
+        PANIC_WHILE_DECIDING.store(true, Ordering::Relaxed);
+        job.decide(None, false);
+        PANIC_WHILE_DECIDING.store(false, Ordering::Relaxed);
+        drop(job);
+        let answers: Vec<PickedRequest> = rx.try_iter().collect();
+        assert_eq!(answers.len(), 1, "the callback runs exactly once");
+        assert_eq!(answers[0].http_status(), 500);
+        drop(answers);
+        assert_eq!(router.in_flight(), 0);
     }
 }

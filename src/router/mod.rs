@@ -24,6 +24,7 @@ use crate::error::PickError;
 use crate::metrics::{escape_label, family, header, RouterMetrics, PICK_OUTCOMES};
 use crate::request::{self, RequestKind};
 use crate::state::{Cluster, Endpoint, EndpointSet, PrefixIndex};
+use crate::sync::client::ServerAddrs;
 use crate::sync::{self, Event, EventSender, RequestSync, ThreadGroup};
 use crate::transcode::{self, Output, Transcoder, UpstreamRequest};
 
@@ -39,6 +40,9 @@ struct ModelRoute {
     slot: usize,
     rules: Vec<Arc<Rule>>,
 }
+
+/// Scheduling slack on top of the lookup timeout within which a pending pick is decided.
+pub const PENDING_SLACK: Duration = Duration::from_millis(50);
 
 pub(crate) struct RouterInner {
     config: Config,
@@ -163,9 +167,17 @@ impl Router {
             .iter()
             .map(|(c, t)| (c.clone(), t.clone()))
             .collect();
+        let addrs = ServerAddrs::new(mc);
+        if mc.enabled {
+            if let Ok(Some(guard)) = sync::start_resolver(&addrs) {
+                guards.push(guard);
+            }
+        }
         if mc.enabled || !dns.is_empty() {
             let refresh = Duration::from_millis(inner.config.dns_refresh_ms);
-            if let Ok((sender, guard)) = sync::start(Arc::downgrade(inner), mc, dns, refresh) {
+            if let Ok((sender, guard)) =
+                sync::start(Arc::downgrade(inner), mc, &addrs, dns, refresh)
+            {
                 if let Some(s) = sender {
                     let _ = inner.events.set(s);
                 }
@@ -173,7 +185,7 @@ impl Router {
             }
         }
         if mc.enabled && mc.cache_enabled {
-            if let Ok((tx, lookup_threads)) = sync::start_lookups::<LookupJob>(mc, 256) {
+            if let Ok((tx, lookup_threads)) = sync::start_lookups::<LookupJob>(mc, &addrs, 256) {
                 let _ = inner.lookups.set(tx);
                 guards.append(lookup_threads);
             }
@@ -211,6 +223,16 @@ impl Router {
     /// Requests picked and not yet finished, across all endpoints.
     pub fn in_flight(&self) -> u64 {
         self.inner.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The longest a pending pick waits for its decision: the lookup timeout plus
+    /// [`PENDING_SLACK`]. Zero when remote cache lookups are off (every pick is decided at
+    /// once).
+    pub fn pending_pick_deadline(&self) -> Duration {
+        if self.inner.lookups.get().is_none() {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(self.inner.config.metadata_center.timeout_ms) + PENDING_SLACK
     }
 
     /// True when a request with this method and path must go through `pick`.
@@ -1055,12 +1077,19 @@ impl PickedRequest {
         }
     }
 
-    /// The request is over; `upstream_status` is the upstream's HTTP status, 0 for none.
-    pub fn finish(mut self, upstream_status: u32) {
-        self.finish_inner(upstream_status);
+    /// The request is over; `upstream_status` is the upstream's HTTP status, 0 for none
+    /// (the same as [`PickedRequest::finish_with`] and [`Outcome::Upstream`]).
+    pub fn finish(self, upstream_status: u32) {
+        self.finish_with(upstream_status, Outcome::Upstream);
     }
 
-    fn finish_inner(&mut self, upstream_status: u32) {
+    /// The request is over: `status` is what the client got (for metrics), `outcome` says
+    /// whom it tells about the endpoint's health (passive ejection).
+    pub fn finish_with(mut self, status: u32, outcome: Outcome) {
+        self.finish_inner(status, outcome);
+    }
+
+    fn finish_inner(&mut self, upstream_status: u32, outcome: Outcome) {
         if self.finished {
             return;
         }
@@ -1093,14 +1122,13 @@ impl PickedRequest {
                 }
                 e.release_request();
                 router.in_flight.fetch_sub(1, Ordering::Relaxed);
-                match upstream_status {
-                    502..=504 => {
+                match outcome.health(upstream_status) {
+                    Some(false) => {
                         let ej = router.config.ejection;
                         e.record_failure(router.now_ms(), ej.consecutive_failures, ej.eject_ms);
                     }
-                    // 499: the client left; it says nothing about the endpoint.
-                    100..=498 => e.record_success(),
-                    _ => {}
+                    Some(true) => e.record_success(),
+                    None => {}
                 }
                 router.metrics.count_finish(upstream_status);
             }
@@ -1110,7 +1138,35 @@ impl PickedRequest {
 
 impl Drop for PickedRequest {
     fn drop(&mut self) {
-        self.finish_inner(0);
+        self.finish_inner(0, Outcome::Local);
+    }
+}
+
+/// How a request ended, as far as the endpoint's health is concerned: only what the endpoint
+/// itself did counts toward passive ejection, never what a client or the proxy caused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The status is the endpoint's own response: 502–504 count as failures, 100–498 as
+    /// successes, anything else (0, 499, 500, 501, 505+) says nothing.
+    Upstream,
+    /// The endpoint failed before sending a response byte: connect failure, or the
+    /// connection was reset or closed before any response.
+    EndpointFailed,
+    /// The proxy or the client ended the request (a route timeout, a local reply, the client
+    /// went away): says nothing about the endpoint.
+    Local,
+}
+
+impl Outcome {
+    /// `Some(true)` a success, `Some(false)` a failure, `None` neutral.
+    pub fn health(self, status: u32) -> Option<bool> {
+        match (self, status) {
+            (Outcome::EndpointFailed, _) => Some(false),
+            (Outcome::Local, _) => None,
+            (Outcome::Upstream, 502..=504) => Some(false),
+            (Outcome::Upstream, 100..=498) => Some(true),
+            (Outcome::Upstream, _) => None,
+        }
     }
 }
 
@@ -1259,6 +1315,36 @@ mod tests {
             ),
             "{metrics}"
         );
+    }
+
+    #[test]
+    fn only_the_endpoints_own_failures_eject_it() {
+        let r = Router::from_json(br#"{"algorithm": "round_robin", "ejection": {"consecutive_failures": 2, "eject_ms": 60000},
+            "model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "vllm"}]}},
+            "clusters": {"c": {"endpoints": ["127.0.0.1:1"]}}}"#).unwrap();
+        let ejected = |r: &Router| {
+            r.metrics_text()
+                .contains("llmproxy_endpoint_ejected{cluster=\"c\",endpoint=\"127.0.0.1:1\"} 1")
+        };
+        // What a client or the proxy causes: route timeouts, local replies, a client gone.
+        for (status, outcome) in [
+            (504, Outcome::Local),
+            (503, Outcome::Local),
+            (499, Outcome::Local),
+            (0, Outcome::Local),
+            (500, Outcome::Upstream),
+            (499, Outcome::Upstream),
+        ] {
+            r.pick(&[], &chat("m", "x")).finish_with(status, outcome);
+            assert!(!ejected(&r), "{status} {outcome:?} ejected the endpoint");
+        }
+        // What the endpoint does: a connect failure / reset before any byte, its own 503.
+        r.pick(&[], &chat("m", "x"))
+            .finish_with(503, Outcome::EndpointFailed);
+        assert!(!ejected(&r));
+        r.pick(&[], &chat("m", "x"))
+            .finish_with(502, Outcome::Upstream);
+        assert!(ejected(&r), "two endpoint failures in a row eject it");
     }
 
     #[test]

@@ -1,9 +1,16 @@
 //! Metadata-Center HTTP client: the aigw wire API, server replicas chosen by cluster, and a
-//! circuit breaker per replica. Runs only on the sync thread (blocking calls with timeouts).
+//! circuit breaker per replica. Runs only on library threads (blocking calls, each bounded by
+//! one deadline across every replica it tries).
+//!
+//! The server's host name is never resolved on a call: [`ServerAddrs`] holds the last good
+//! addresses, refreshed by a background resolver thread (a literal IP needs none), so a
+//! slow or black-holed DNS resolver delays no lookup.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::MetadataCenter;
@@ -12,8 +19,68 @@ use crate::config::MetadataCenter;
 const BREAKER_FAILURES: u32 = 5;
 /// How long an open breaker refuses calls before letting one probe through.
 const BREAKER_COOLDOWN: Duration = Duration::from_secs(2);
-/// How often the server host name is re-resolved.
-const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+/// How often the server host name is re-resolved (by the resolver thread).
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+
+/// The Metadata-Center's replica addresses: the last good resolution of its host name,
+/// shared by every client of one router and read without waiting.
+pub struct ServerAddrs {
+    host: String,
+    port: u16,
+    current: ArcSwap<Vec<SocketAddr>>,
+}
+
+impl ServerAddrs {
+    /// Addresses of `settings.host`: resolved at once when it is a literal IP; otherwise
+    /// empty until [`ServerAddrs::refresh`] (on the resolver thread) has an answer.
+    pub fn new(settings: &MetadataCenter) -> Arc<Self> {
+        let literal = settings
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| vec![SocketAddr::new(ip, settings.port)])
+            .unwrap_or_default();
+        Arc::new(Self {
+            host: settings.host.clone(),
+            port: settings.port,
+            current: ArcSwap::from_pointee(literal),
+        })
+    }
+
+    /// True when the host is a name (not a literal IP) that needs the resolver thread.
+    pub fn needs_resolution(&self) -> bool {
+        self.host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_err()
+    }
+
+    /// Resolves the host name (blocking, on the resolver thread only) and keeps the answer
+    /// when it has addresses; a failure keeps the last good list.
+    pub fn refresh(&self) {
+        let Ok(found) = (self.host.as_str(), self.port).to_socket_addrs() else {
+            return;
+        };
+        self.set(found.collect());
+    }
+
+    /// Replaces the addresses (sorted, deduplicated); an empty list is ignored.
+    pub fn set(&self, mut addrs: Vec<SocketAddr>) {
+        addrs.sort();
+        addrs.dedup();
+        if !addrs.is_empty() {
+            self.current.store(Arc::new(addrs));
+        }
+    }
+
+    /// The last good addresses.
+    pub fn get(&self) -> Arc<Vec<SocketAddr>> {
+        self.current.load_full()
+    }
+}
 
 /// One entry of `GET /v1/load/stats`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -132,13 +199,17 @@ impl Breaker {
 pub struct Client {
     agent: ureq::Agent,
     settings: MetadataCenter,
+    timeout: Duration,
+    addrs: Arc<ServerAddrs>,
+    /// The address list the replicas were built from (to notice a new resolution).
+    seen: Arc<Vec<SocketAddr>>,
     replicas: Vec<(SocketAddr, Breaker)>,
-    resolved_at: Option<Instant>,
 }
 
 impl Client {
-    /// A client; `timeout` bounds every call.
-    pub fn new(settings: MetadataCenter, timeout: Duration) -> Self {
+    /// A client of the replicas in `addrs`; `timeout` bounds every call, across all the
+    /// replicas it tries.
+    pub fn new(settings: MetadataCenter, timeout: Duration, addrs: Arc<ServerAddrs>) -> Self {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(timeout))
             .http_status_as_error(false)
@@ -148,8 +219,10 @@ impl Client {
         Self {
             agent,
             settings,
+            timeout,
+            addrs,
+            seen: Arc::new(Vec::new()),
             replicas: Vec::new(),
-            resolved_at: None,
         }
     }
 
@@ -159,26 +232,18 @@ impl Client {
         self.replicas.iter().filter(|(_, b)| !b.allows(now)).count()
     }
 
+    /// Takes the resolver's latest addresses (never resolves here), keeping the breakers of
+    /// replicas that stay.
     fn refresh_replicas(&mut self) {
-        if self
-            .resolved_at
-            .is_some_and(|t| t.elapsed() < RESOLVE_EVERY)
-        {
+        let addrs = self.addrs.get();
+        if Arc::ptr_eq(&addrs, &self.seen) {
             return;
         }
-        self.resolved_at = Some(Instant::now());
-        let Ok(found) = (self.settings.host.as_str(), self.settings.port).to_socket_addrs() else {
-            return; // keep the old list
-        };
-        let mut addrs: Vec<SocketAddr> = found.collect();
-        addrs.sort();
-        addrs.dedup();
-        if addrs.is_empty() {
-            return;
-        }
+        self.seen = Arc::clone(&addrs);
         let mut old = std::mem::take(&mut self.replicas);
         self.replicas = addrs
-            .into_iter()
+            .iter()
+            .copied()
             .map(|a| match old.iter().position(|(x, _)| *x == a) {
                 Some(i) => old.swap_remove(i),
                 None => (
@@ -214,14 +279,32 @@ impl Client {
         path_and_query: &str,
         body: Option<&[u8]>,
     ) -> Result<Option<T>, CallError> {
+        let deadline = Instant::now() + self.timeout;
+        self.call_until(deadline, key, method, path_and_query, body)
+    }
+
+    /// One call, tried on the replica pinned for `key` and then the next one, all of it
+    /// before `deadline`: each attempt gets only the time that is left.
+    fn call_until<T: serde::de::DeserializeOwned>(
+        &mut self,
+        deadline: Instant,
+        key: &str,
+        method: &str,
+        path_and_query: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Option<T>, CallError> {
         let order = self.route(key);
         if order.is_empty() {
             return Err(CallError::Unavailable);
         }
         let mut last = CallError::Unavailable;
         for i in order {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(CallError::Transport("deadline passed".into()));
+            }
             let addr = self.replicas[i].0;
-            match self.call_one::<T>(addr, method, path_and_query, body) {
+            match self.call_one::<T>(addr, left, method, path_and_query, body) {
                 Ok(v) => {
                     self.replicas[i].1.success();
                     return Ok(v);
@@ -238,6 +321,7 @@ impl Client {
     fn call_one<T: serde::de::DeserializeOwned>(
         &self,
         addr: SocketAddr,
+        timeout: Duration,
         method: &str,
         path_and_query: &str,
         body: Option<&[u8]>,
@@ -250,7 +334,11 @@ impl Client {
             .map(|t| format!("Bearer {t}"));
         macro_rules! with_headers {
             ($b:expr) => {{
-                let b = $b.header("Content-Type", "application/json");
+                let b = $b
+                    .config()
+                    .timeout_global(Some(timeout))
+                    .build()
+                    .header("Content-Type", "application/json");
                 match &auth {
                     Some(a) => b.header("Authorization", a.as_str()),
                     None => b,
@@ -327,12 +415,14 @@ impl Client {
             .unwrap_or_default())
     }
 
-    /// `POST /v1/cache/query` (sends `top_k`, the field the server reads).
+    /// `POST /v1/cache/query` (sends `top_k`, the field the server reads), answered or failed
+    /// before `deadline`.
     pub fn query_cache(
         &mut self,
         cluster: &str,
         hashes: &[u64],
         top_k: usize,
+        deadline: Instant,
     ) -> Result<Vec<CacheLocation>, CallError> {
         let body = serde_json::to_vec(&CacheQuery {
             cluster,
@@ -341,7 +431,13 @@ impl Client {
         })
         .unwrap_or_default();
         Ok(self
-            .call::<CacheQueryData>(cluster, "POST", "/v1/cache/query", Some(&body))?
+            .call_until::<CacheQueryData>(
+                deadline,
+                cluster,
+                "POST",
+                "/v1/cache/query",
+                Some(&body),
+            )?
             .map(|d| d.locations)
             .unwrap_or_default())
     }
@@ -412,6 +508,41 @@ mod tests {
     }
 
     #[test]
+    fn one_deadline_covers_every_replica_tried() {
+        // Two replicas that accept and never answer: the lookup tries both within its one
+        // deadline instead of giving each the whole timeout.
+        let mut ports = Vec::new();
+        for _ in 0..2 {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            ports.push(l.local_addr().unwrap().port());
+            std::thread::spawn(move || {
+                let held: Vec<_> = l.incoming().flatten().collect();
+                drop(held);
+            });
+        }
+        let settings = MetadataCenter {
+            host: "127.0.0.1".into(),
+            ..MetadataCenter::from_env(&|_| None).unwrap()
+        };
+        let addrs = ServerAddrs::new(&settings);
+        addrs.set(
+            ports
+                .iter()
+                .map(|&p| SocketAddr::from(([127, 0, 0, 1], p)))
+                .collect(),
+        );
+        let timeout = Duration::from_millis(150);
+        let mut c = Client::new(settings, timeout, addrs);
+        for _ in 0..3 {
+            let start = Instant::now();
+            let got = c.query_cache("c", &[1, 2, 3], 2, start + timeout);
+            let took = start.elapsed();
+            assert!(matches!(got, Err(CallError::Transport(_))), "{got:?}");
+            assert!(took < timeout + Duration::from_millis(40), "took {took:?}");
+        }
+    }
+
+    #[test]
     fn unreachable_server_fails_fast_then_breaker_refuses() {
         // Port 9 on loopback: connection refused.
         let settings = MetadataCenter {
@@ -419,7 +550,8 @@ mod tests {
             port: 9,
             ..MetadataCenter::from_env(&|_| None).unwrap()
         };
-        let mut c = Client::new(settings, Duration::from_millis(200));
+        let addrs = ServerAddrs::new(&settings);
+        let mut c = Client::new(settings, Duration::from_millis(200), addrs);
         for _ in 0..BREAKER_FAILURES {
             assert!(matches!(c.query_load("c"), Err(CallError::Transport(_))));
         }

@@ -24,9 +24,9 @@
 pub mod client;
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{bounded, select, Receiver, Sender};
@@ -34,13 +34,12 @@ use crossbeam_channel::{bounded, select, Receiver, Sender};
 use crate::config::MetadataCenter;
 use crate::router::RouterInner;
 use crate::state::{Cluster, Endpoint};
-use client::{AddRequest, Client, DeleteRequest, SaveCache};
+use client::{AddRequest, Client, DeleteRequest, SaveCache, ServerAddrs};
 
 /// A cluster counts as active (and is polled) this long after its last pick.
 const ACTIVE_FOR_MS: u64 = 10_000;
-/// How long `Drop` waits for a thread to finish before detaching it.
-const STOP_WAIT: Duration = Duration::from_secs(2);
-/// Part of the stop wait spent sending the releases still queued.
+/// How long a stopped sync thread keeps sending the releases still queued (in the
+/// background: nobody waits for it).
 const RELEASE_DRAIN: Duration = Duration::from_millis(1500);
 
 /// The sync identity of one upstream attempt of a request.
@@ -133,14 +132,17 @@ impl EventSender {
     }
 }
 
-/// A unit of work for a lookup thread.
+/// A unit of work for a lookup thread. A job dropped without running (or while unwinding from
+/// a panic) must still answer whoever waits for it.
 pub trait Lookup: Send + 'static {
     /// Runs with the lookup thread's client.
     fn run(self, client: &mut Client);
 }
 
-/// Background threads stopped together: dropping the group tells every thread to stop
-/// first, then waits for each (bounded), so the wait is the longest one, not their sum.
+/// Background threads stopped together: dropping the group tells every thread to stop and
+/// returns at once. Each thread finishes on its own (a call in progress ends within its
+/// deadline, queued releases are sent within [`RELEASE_DRAIN`]) and frees what it holds; the
+/// caller, often a proxy worker, never waits for one.
 #[derive(Default)]
 pub struct ThreadGroup(Vec<ThreadGuard>);
 
@@ -156,32 +158,11 @@ impl ThreadGroup {
     }
 }
 
-impl Drop for ThreadGroup {
-    fn drop(&mut self) {
-        for guard in &mut self.0 {
-            drop(guard.stop.take());
-        }
-        // Each guard's own drop now only waits (bounded) for its thread.
-    }
-}
-
-/// Stops and joins a background thread when dropped (bounded wait).
+/// Tells a background thread to stop when dropped, without waiting for it (the thread is
+/// detached and ends by itself).
 pub struct ThreadGuard {
-    stop: Option<Sender<()>>,
-    done: Receiver<()>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Drop for ThreadGuard {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        // Wait a bounded time: a call in progress ends within its timeout.
-        if self.done.recv_timeout(STOP_WAIT).is_ok() {
-            if let Some(h) = self.handle.take() {
-                let _ = h.join();
-            }
-        }
-    }
+    /// Dropping the sender wakes the thread's `recv(stop)`.
+    _stop: Sender<()>,
 }
 
 /// Spawns a thread with every signal blocked (the host's signal handling stays on its own
@@ -191,7 +172,6 @@ fn spawn_quiet(
     body: impl FnOnce(Receiver<()>) + Send + 'static,
 ) -> std::io::Result<ThreadGuard> {
     let (stop_tx, stop_rx) = bounded::<()>(0);
-    let (done_tx, done_rx) = bounded::<()>(1);
     // SAFETY: plain libc calls on a zeroed sigset; the old mask is restored right after.
     let old = unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -202,19 +182,33 @@ fn spawn_quiet(
     };
     let spawned = std::thread::Builder::new()
         .name(name.to_string())
-        .spawn(move || {
-            body(stop_rx);
-            let _ = done_tx.send(());
-        });
+        .spawn(move || body(stop_rx));
     // SAFETY: restores the mask saved above.
     unsafe {
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
     }
-    Ok(ThreadGuard {
-        stop: Some(stop_tx),
-        done: done_rx,
-        handle: Some(spawned?),
+    // The JoinHandle is dropped: the thread is detached.
+    spawned?;
+    Ok(ThreadGuard { _stop: stop_tx })
+}
+
+/// Starts the resolver thread of the Metadata-Center's host name when it is not a literal IP:
+/// it resolves at once and then every [`client::RESOLVE_EVERY`], so that no call ever waits
+/// for DNS (a black-holed resolver only delays this thread; calls use the last good
+/// addresses, or fail fast until there are some).
+pub(crate) fn start_resolver(addrs: &Arc<ServerAddrs>) -> std::io::Result<Option<ThreadGuard>> {
+    if !addrs.needs_resolution() {
+        return Ok(None);
+    }
+    let addrs = Arc::clone(addrs);
+    spawn_quiet("llmproxy-resolve", move |stop| loop {
+        addrs.refresh();
+        select! {
+            recv(stop) -> _ => return,
+            default(client::RESOLVE_EVERY) => {}
+        }
     })
+    .map(Some)
 }
 
 /// Starts the sync thread. Returns the request path's sender (when the metadata-center is
@@ -222,6 +216,7 @@ fn spawn_quiet(
 pub(crate) fn start(
     router: Weak<RouterInner>,
     settings: &MetadataCenter,
+    addrs: &Arc<ServerAddrs>,
     dns_clusters: Vec<(String, String)>,
     dns_refresh: Duration,
 ) -> std::io::Result<(Option<EventSender>, ThreadGuard)> {
@@ -232,6 +227,7 @@ pub(crate) fn start(
         Client::new(
             settings.clone(),
             Duration::from_millis(settings.async_timeout_ms),
+            Arc::clone(addrs),
         )
     });
     let mut worker = Worker {
@@ -252,19 +248,29 @@ pub(crate) fn start(
 /// with its own client (connection and circuit breaker).
 pub fn start_lookups<L: Lookup>(
     settings: &MetadataCenter,
+    addrs: &Arc<ServerAddrs>,
     capacity: usize,
 ) -> std::io::Result<(Sender<L>, ThreadGroup)> {
     let (tx, rx) = bounded::<L>(capacity);
     let mut group = ThreadGroup::default();
     for i in 0..settings.lookup_threads.max(1) {
         let rx = rx.clone();
-        let mut client = Client::new(settings.clone(), Duration::from_millis(settings.timeout_ms));
+        let mut client = Client::new(
+            settings.clone(),
+            Duration::from_millis(settings.timeout_ms),
+            Arc::clone(addrs),
+        );
         group.push(spawn_quiet(&format!("llmproxy-lookup-{i}"), move |stop| {
             loop {
                 select! {
                     recv(stop) -> _ => break,
                     recv(rx) -> job => match job {
-                        Ok(job) => job.run(&mut client),
+                        // A panic must not kill the thread; the job, dropped while unwinding,
+                        // still answers its host (see `Lookup`).
+                        Ok(job) => {
+                            let run = AssertUnwindSafe(|| job.run(&mut client));
+                            let _ = std::panic::catch_unwind(run);
+                        }
                         Err(_) => break,
                     },
                 }

@@ -97,6 +97,22 @@ enum {
   ENVOY_ATTRIBUTE_UPSTREAM_ADDRESS = 41,
 };
 
+/* Load-balancing policy (envoy.load_balancing_policies.dynamic_modules). Hooks, verified by
+ * disassembly of the 1.40 binary (its builtin hickory_dns_static_envoy_dynamic_module_on_lb_* and
+ * the callbacks below):
+ *   const void *on_lb_config_new(void *lb_config_envoy, envoy_buffer name, envoy_buffer config);
+ *   void        on_lb_config_destroy(const void *lb_config_module);
+ *   const void *on_lb_new(const void *lb_config_module, void *lb_envoy);
+ *   bool        on_lb_choose_host(void *lb_envoy, const void *lb_module, void *context_envoy,
+ *                                 uint32_t *priority, uint32_t *index);   -- index into the
+ *                                 priority's *healthy* hosts; false = no host
+ *   void        on_lb_on_host_membership_update(void *lb_envoy, const void *lb_module,
+ *                                               size_t hosts_added, size_t hosts_removed);
+ *   void        on_lb_destroy(const void *lb_module);
+ * All six are resolved when a cluster uses the policy. */
+typedef void *envoy_dynamic_module_type_lb_envoy_ptr;
+typedef void *envoy_dynamic_module_type_lb_context_envoy_ptr;
+
 /* ---- callbacks exported by Envoy 1.40 that the shim uses ---- */
 void envoy_dynamic_module_callback_log(int level, envoy_dynamic_module_type_module_buffer message);
 bool envoy_dynamic_module_callback_log_enabled(int level);
@@ -157,6 +173,21 @@ void envoy_dynamic_module_callback_http_filter_scheduler_commit(
 void envoy_dynamic_module_callback_http_filter_scheduler_delete(
     envoy_dynamic_module_type_http_filter_scheduler_module_ptr scheduler);
 void envoy_dynamic_module_callback_http_filter_continue_decoding(envoy_dynamic_module_type_http_filter_envoy_ptr f);
+/* String attributes, e.g. ENVOY_ATTRIBUTE_UPSTREAM_ADDRESS ("ip:port" of the host that answered). */
+bool envoy_dynamic_module_callback_http_filter_get_attribute_string(envoy_dynamic_module_type_http_filter_envoy_ptr f,
+                                                                    int attribute_id,
+                                                                    envoy_dynamic_module_type_envoy_buffer *result);
+
+/* Load-balancer callbacks (1.40, verified by disassembly). */
+size_t envoy_dynamic_module_callback_lb_get_priority_set_size(envoy_dynamic_module_type_lb_envoy_ptr lb);
+size_t envoy_dynamic_module_callback_lb_get_healthy_hosts_count(envoy_dynamic_module_type_lb_envoy_ptr lb,
+                                                                uint32_t priority);
+bool envoy_dynamic_module_callback_lb_get_healthy_host_address(envoy_dynamic_module_type_lb_envoy_ptr lb,
+                                                               uint32_t priority, size_t index,
+                                                               envoy_dynamic_module_type_envoy_buffer *result);
+bool envoy_dynamic_module_callback_lb_context_get_downstream_header(
+    envoy_dynamic_module_type_lb_context_envoy_ptr context, envoy_dynamic_module_type_module_buffer key,
+    envoy_dynamic_module_type_envoy_buffer *result, size_t index, size_t *optional_size);
 
 #ifdef __cplusplus
 }

@@ -6,10 +6,14 @@
 //   request_body     hold until end of stream; full body = Buffered + Received (see the 1.40 notes)
 //   pick             llmproxy_pick_async; PENDING resumes through the Envoy scheduler
 //   success          cluster header + clear_route_cache, set_upstream_override_host(ip:port, strict),
-//                    x-llmproxy-endpoint / x-llmproxy-scene headers, dynamic metadata "llmproxy"
+//                    x-llmproxy-endpoint / x-llmproxy-scene / x-llmproxy-ticket headers, dynamic
+//                    metadata "llmproxy"
 //   error            local reply with the library's HTTP status and JSON error body
+// Retries: Envoy 1.40 drops the override host on a retry and asks the cluster's load balancer;
+//          with the llmproxy LB policy (on_lb_*) that re-picks through llmproxy_request_retry.
 // Response path: first response body chunk -> llmproxy_request_first_token;
-//                stream_complete -> llmproxy_request_finish(response code, 0 when none).
+//                local_reply records Envoy's (or our) reply and what it says about the endpoint;
+//                stream_complete -> llmproxy_request_finish_outcome(status, outcome).
 //
 // No C++ exception leaves a hook: every hook body runs inside guard().
 
@@ -21,6 +25,7 @@
 #include <mutex>
 #include <new>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -46,11 +51,15 @@ using module_buf = envoy_dynamic_module_type_module_buffer;
 using module_header = envoy_dynamic_module_type_module_http_header;
 
 constexpr uint64_t kResumeEvent = 1;
-// Status reported to llmproxy_request_finish when the client went away (nginx's 499 "client
-// closed request"): before we forwarded the request, or before any response. Not in the
-// library's endpoint-failure set (502/503/504/0).
+// Status reported when the client went away (nginx's 499 "client closed request"): before we
+// forwarded the request, or before any response.
 constexpr uint32_t kClientGoneStatus = 499;
-constexpr uint32_t kNotForwardedStatus = kClientGoneStatus;
+// Endpoints the LB re-picks before giving up when Envoy does not list the library's choice as a
+// healthy host of the cluster (the llmproxy and Envoy endpoint lists disagree).
+constexpr int kMaxRepicks = 8;
+// Request header naming the stream for the LB policy (client copies are stripped like every
+// x-llmproxy-* header).
+constexpr char kTicketHeader[] = "x-llmproxy-ticket";
 
 module_buf mb(const char *p, size_t n) { return module_buf{p, n}; }
 module_buf mb(const std::string &s) { return module_buf{s.data(), s.size()}; }
@@ -135,6 +144,8 @@ struct FilterConfig {
   std::atomic<uint64_t> pending{0};
   std::atomic<uint64_t> stripped_headers{0};
   std::atomic<uint64_t> hook_exceptions{0};
+  std::atomic<uint64_t> lb_repicks{0};
+  std::atomic<uint64_t> served_elsewhere{0};
 
   ~FilterConfig() { llmproxy_router_free(router); }
 };
@@ -159,6 +170,16 @@ struct Filter {
   bool transcoding = false;   // the response body goes through llmproxy_request_transcode_response
   uint32_t reply_status = 0;  // status of our own local reply, if any
   std::shared_ptr<AsyncState> async;
+
+  // How the request ended, for llmproxy_request_finish_outcome (see finish_request).
+  uint32_t upstream_status = 0;  // :status of a response the endpoint sent
+  uint32_t local_status = 0;     // status of a local reply (Envoy's or ours)
+  llmproxy_outcome local_outcome = LLMPROXY_OUTCOME_LOCAL;  // what that reply says of the endpoint
+  bool served_elsewhere = false;  // Envoy's own LB retried on a host the library did not pick
+
+  // Forwarded streams are registered for the LB policy under `ticket` (worker thread only).
+  void *envoy = nullptr;  // this stream's Envoy filter pointer, kept while registered
+  uint64_t ticket = 0;
 
   explicit Filter(FilterConfig *c) : cfg(c) {}
 };
@@ -291,6 +312,12 @@ std::string metrics_text(FilterConfig &cfg) {
        cfg.stripped_headers.load());
   line("llmproxy_envoy_hook_exceptions_total", "counter", "C++ exceptions caught at a hook.",
        cfg.hook_exceptions.load());
+  line("llmproxy_envoy_lb_repicks_total", "counter",
+       "Endpoints re-picked by the llmproxy LB policy for an Envoy retry (llmproxy_request_retry).",
+       cfg.lb_repicks.load());
+  line("llmproxy_envoy_served_elsewhere_total", "counter",
+       "Responses from a host the library did not pick (Envoy retried through another LB policy).",
+       cfg.served_elsewhere.load());
   return text;
 }
 
@@ -314,6 +341,26 @@ void replace_request_body(void *f, const uint8_t *body, size_t len) {
     envoy_dynamic_module_callback_http_set_header(f, ENVOY_HEADER_REQUEST, mb("content-length", 14),
                                                   mb(std::to_string(len)));
   }
+}
+
+// ---- Forwarded streams, for the LB policy (worker thread only) ----
+// Envoy runs a cluster's load balancer on the worker thread of the stream it chooses for, so
+// each worker keeps its own map; the LB finds the stream by the x-llmproxy-ticket header.
+thread_local std::unordered_map<uint64_t, Filter *> t_streams;
+std::atomic<uint64_t> g_next_ticket{1};
+
+void register_stream(void *f, Filter &flt) {
+  flt.envoy = f;
+  flt.ticket = g_next_ticket.fetch_add(1, std::memory_order_relaxed);
+  t_streams[flt.ticket] = &flt;
+  envoy_dynamic_module_callback_http_set_header(f, ENVOY_HEADER_REQUEST, mb(kTicketHeader, sizeof kTicketHeader - 1),
+                                                mb(std::to_string(flt.ticket)));
+}
+
+void unregister_stream(Filter &flt) {
+  if (flt.ticket) t_streams.erase(flt.ticket);
+  flt.ticket = 0;
+  flt.envoy = nullptr;
 }
 
 // Applies a pick result on the worker thread. Returns true when the request may continue upstream.
@@ -367,6 +414,7 @@ bool apply_decision(void *f, Filter &flt, llmproxy_request *req) {
     envoy_dynamic_module_callback_http_set_dynamic_metadata_string(f, ns, mb(kv.first, std::strlen(kv.first)),
                                                                    mb(*kv.second));
   }
+  register_stream(f, flt);
   flt.phase = Phase::Routed;
   flt.forwarded = true;
   flt.cfg->routed.fetch_add(1, std::memory_order_relaxed);
@@ -375,6 +423,7 @@ bool apply_decision(void *f, Filter &flt, llmproxy_request *req) {
 
 // Called by the library on another thread when a PENDING pick is decided. Touches no filter or
 // Envoy stream object: it only hands the decision over and wakes the worker through the scheduler.
+// A decision for a stream that is gone is finished here.
 void on_pick_done(void *user_data, llmproxy_request *req) noexcept {
   try {
     auto *holder = static_cast<std::shared_ptr<AsyncState> *>(user_data);
@@ -393,7 +442,7 @@ void on_pick_done(void *user_data, llmproxy_request *req) noexcept {
         st->delivered = true;
       }
     }
-    if (orphan) llmproxy_request_finish(req, kNotForwardedStatus);
+    if (orphan) llmproxy_request_finish_outcome(req, kClientGoneStatus, LLMPROXY_OUTCOME_LOCAL);
     if (sched) {
       if (!orphan) envoy_dynamic_module_callback_http_filter_scheduler_commit(sched, kResumeEvent);
       envoy_dynamic_module_callback_http_filter_scheduler_delete(sched);
@@ -405,7 +454,7 @@ void on_pick_done(void *user_data, llmproxy_request *req) noexcept {
 
 enum class PickOutcome { Routed, Replied, Pending };
 
-PickOutcome do_pick(void *f, Filter &flt, const std::string &body) {
+PickOutcome do_pick(void *f, Filter &flt, std::string body) {
   std::vector<envoy_dynamic_module_type_envoy_http_header> hdrs = request_headers(f);
   std::vector<llmproxy_header> lh;
   lh.reserve(hdrs.size());
@@ -457,8 +506,63 @@ void reply_too_large(void *f, Filter &flt, uint64_t size, bool exact) {
                             std::to_string(flt.cfg->max_body) + " bytes"));
 }
 
-// Finishes the request exactly once; `status` is what goes to llmproxy_request_finish.
-void finish_request(void *f, Filter &flt, bool from_complete) {
+uint32_t response_status(void *f) {
+  envoy_buf st{nullptr, 0};
+  size_t count = 0;
+  if (envoy_dynamic_module_callback_http_get_header(f, ENVOY_HEADER_RESPONSE, mb(":status", 7), &st, 0, &count) &&
+      st.ptr) {
+    return static_cast<uint32_t>(std::strtoul(std::string(st.ptr, st.length).c_str(), nullptr, 10));
+  }
+  uint64_t code = 0;
+  return envoy_dynamic_module_callback_http_filter_get_attribute_int(f, ENVOY_ATTRIBUTE_RESPONSE_CODE, &code)
+             ? static_cast<uint32_t>(code)
+             : 0;
+}
+
+// A response from an endpoint: its status, and whether it came from the endpoint the library
+// picked. It does not when Envoy retried through a cluster LB other than llmproxy's (the override
+// host only holds for the first attempt): then the picked endpoint failed, and the library never
+// heard of the host that answered.
+void note_upstream_response(void *f, Filter &flt) {
+  flt.upstream_status = response_status(f);
+  envoy_buf host{nullptr, 0};
+  if (flt.served_elsewhere ||
+      !envoy_dynamic_module_callback_http_filter_get_attribute_string(f, ENVOY_ATTRIBUTE_UPSTREAM_ADDRESS, &host) ||
+      !host.ptr) {
+    return;
+  }
+  const std::string picked = req_str(llmproxy_request_endpoint, flt.req);
+  if (picked.empty() || picked.compare(0, std::string::npos, host.ptr, host.length) == 0) return;
+  flt.served_elsewhere = true;
+  if (flt.cfg->served_elsewhere.fetch_add(1, std::memory_order_relaxed) == 0) {
+    log_msg(ENVOY_LOG_WARN, "a retry was served by " + std::string(host.ptr, host.length) + ", not by the picked " +
+                                picked + ": give the cluster the llmproxy load-balancing policy (docs/envoy.md)");
+  }
+}
+
+// What a local reply (Envoy's or ours) says about the endpoint, from its details string
+// (Envoy 1.40, checked end to end): only a connection that failed, or was closed or reset before
+// any response byte ("upstream_reset_before_response_started{connection_failure...}",
+// "{connection_termination}", "{remote_reset}", ...), is the endpoint's failure. Route and
+// per-try timeouts ("response_timeout", "upstream_per_try_timeout"), "no_healthy_upstream",
+// Envoy's own resets ("{overflow}" of a circuit breaker, "{local_reset}") and our own replies
+// say nothing about it: a client can cause all of those.
+llmproxy_outcome local_reply_outcome(const std::string &details) {
+  if (!starts_with(details, "upstream_reset_before_response_started")) return LLMPROXY_OUTCOME_LOCAL;
+  if (details.find("overflow") != std::string::npos || details.find("local_reset") != std::string::npos) {
+    return LLMPROXY_OUTCOME_LOCAL;
+  }
+  return LLMPROXY_OUTCOME_ENDPOINT_FAILED;
+}
+
+// Finishes the request exactly once: the status the client got and what it says of the endpoint.
+//
+//   never forwarded (our reply, client gone while deciding)  our status or 499   LOCAL
+//   forwarded, then a local reply (Envoy's router)           its status          local_reply_outcome
+//   forwarded, a response from the endpoint                  its status          UPSTREAM (502-504 fail)
+//     ... but from a host the library did not pick           its status          ENDPOINT_FAILED (the pick)
+//   forwarded, no response at all (client went away)        499                 LOCAL
+void finish_request(Filter &flt) {
   if (flt.async) {
     llmproxy_request *orphan = nullptr;
     {
@@ -469,31 +573,103 @@ void finish_request(void *f, Filter &flt, bool from_complete) {
         flt.async->result = nullptr;
       }
     }
-    if (orphan) llmproxy_request_finish(orphan, kNotForwardedStatus);
+    if (orphan) llmproxy_request_finish_outcome(orphan, kClientGoneStatus, LLMPROXY_OUTCOME_LOCAL);
     flt.async.reset();
   }
+  unregister_stream(flt);
   if (!flt.req) return;
-  uint32_t status = 0;
-  if (flt.forwarded) {
-    // Envoy gives every upstream failure a response code (connect failure or reset before the
-    // response: 503, timeout: 504, ...). No code at all means the client went away before the
-    // response started: not the endpoint's fault, so it is not reported as 0 (= failure).
-    uint64_t code = 0;
-    if (from_complete && f &&
-        envoy_dynamic_module_callback_http_filter_get_attribute_int(f, ENVOY_ATTRIBUTE_RESPONSE_CODE, &code) &&
-        code != 0) {
-      status = static_cast<uint32_t>(code);
-    } else {
-      status = kClientGoneStatus;
-    }
-  } else {
-    // Never forwarded: our own 4xx reply is reported as is; anything else (our 5xx reply, a
-    // client gone while we were deciding) must not count as a failure of an endpoint.
-    status = (flt.reply_status >= 400 && flt.reply_status < 500) ? flt.reply_status : kNotForwardedStatus;
+  uint32_t status = kClientGoneStatus;
+  llmproxy_outcome outcome = LLMPROXY_OUTCOME_LOCAL;
+  if (!flt.forwarded) {
+    if (flt.reply_status) status = flt.reply_status;
+  } else if (flt.local_status) {
+    status = flt.local_status;
+    outcome = flt.local_outcome;
+  } else if (flt.upstream_status) {
+    status = flt.upstream_status;
+    outcome = flt.served_elsewhere ? LLMPROXY_OUTCOME_ENDPOINT_FAILED : LLMPROXY_OUTCOME_UPSTREAM;
   }
   llmproxy_request *req = flt.req;
   flt.req = nullptr;
-  llmproxy_request_finish(req, status);
+  llmproxy_request_finish_outcome(req, status, outcome);
+}
+
+// ---- Load-balancing policy: Envoy retries re-pick through the library ----
+// Envoy 1.40 honours set_upstream_override_host on the first attempt only: on a retry the
+// router drops it and the cluster's load balancer chooses (verified on the binary). With the
+// llmproxy policy on the cluster that is this LB: for a stream the filter routed, any call means
+// the picked endpoint could not be used (a retry after connect-failure / reset-before-request,
+// or a non-strict override the cluster did not honour), so it re-picks with
+// llmproxy_request_retry (records the failure, moves the accounting, never an endpoint already
+// tried). Other requests of the cluster get round robin over its healthy hosts.
+struct Lb {
+  uint64_t next = 0;
+};
+
+Filter *routed_stream(void *ctx) {
+  envoy_buf v{nullptr, 0};
+  size_t count = 0;
+  if (!envoy_dynamic_module_callback_lb_context_get_downstream_header(
+          ctx, mb(kTicketHeader, sizeof kTicketHeader - 1), &v, 0, &count) ||
+      !v.ptr) {
+    return nullptr;
+  }
+  uint64_t ticket = std::strtoull(std::string(v.ptr, v.length).c_str(), nullptr, 10);
+  auto it = t_streams.find(ticket);
+  return it == t_streams.end() ? nullptr : it->second;
+}
+
+bool find_healthy_host(void *lb, const std::string &address, uint32_t *priority, uint32_t *index) {
+  const size_t priorities = envoy_dynamic_module_callback_lb_get_priority_set_size(lb);
+  for (uint32_t p = 0; p < priorities; ++p) {
+    const size_t n = envoy_dynamic_module_callback_lb_get_healthy_hosts_count(lb, p);
+    for (size_t i = 0; i < n; ++i) {
+      envoy_buf a{nullptr, 0};
+      if (envoy_dynamic_module_callback_lb_get_healthy_host_address(lb, p, i, &a) && a.ptr &&
+          address.compare(0, std::string::npos, a.ptr, a.length) == 0) {
+        *priority = p;
+        *index = static_cast<uint32_t>(i);
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+bool round_robin(void *lb, Lb &state, uint32_t *priority, uint32_t *index) {
+  const size_t priorities = envoy_dynamic_module_callback_lb_get_priority_set_size(lb);
+  for (uint32_t p = 0; p < priorities; ++p) {
+    const size_t n = envoy_dynamic_module_callback_lb_get_healthy_hosts_count(lb, p);
+    if (n == 0) continue;
+    *priority = p;
+    *index = static_cast<uint32_t>(state.next++ % n);
+    return true;
+  }
+  return false;
+}
+
+// Re-picks for a routed stream whose endpoint failed; false (Envoy answers 503
+// no_healthy_upstream) when the cluster has no untried endpoint left.
+bool repick(void *lb, Filter &flt, uint32_t *priority, uint32_t *index) {
+  for (int i = 0; i < kMaxRepicks; ++i) {
+    const std::string failed = req_str(llmproxy_request_endpoint, flt.req);
+    if (llmproxy_request_retry(flt.req) != LLMPROXY_OK) {
+      log_msg(ENVOY_LOG_WARN, "endpoint " + failed + " failed and no untried endpoint is left");
+      return false;
+    }
+    flt.cfg->lb_repicks.fetch_add(1, std::memory_order_relaxed);
+    const std::string endpoint = req_str(llmproxy_request_endpoint, flt.req);
+    log_msg(ENVOY_LOG_INFO, "endpoint " + failed + " failed; retrying on " + endpoint);
+    if (find_healthy_host(lb, endpoint, priority, index)) {
+      // Same worker thread, between two attempts: the retry sends these.
+      envoy_dynamic_module_callback_http_set_header(flt.envoy, ENVOY_HEADER_REQUEST, mb("x-llmproxy-endpoint", 19),
+                                                    mb(endpoint));
+      envoy_dynamic_module_callback_http_set_dynamic_metadata_string(flt.envoy, mb("llmproxy", 8), mb("endpoint", 8),
+                                                                     mb(endpoint));
+      return true;
+    }
+  }
+  return false;
 }
 
 }  // namespace
@@ -566,7 +742,7 @@ LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_destroy)(const voi
   Filter *flt = as_filter(filter_module_ptr);
   guard<int>("filter_destroy", flt ? flt->cfg : nullptr, 0, [&] {
     if (!flt) return 0;
-    finish_request(nullptr, *flt, false);  // normally already done in stream_complete
+    finish_request(*flt);  // normally already done in stream_complete
     delete flt;
     return 0;
   });
@@ -650,7 +826,7 @@ LLMPROXY_EXPORT int HOOK(envoy_dynamic_module_on_http_filter_request_body)(void 
     body.reserve(total);
     if (!already_buffered) append_chunks(f, ENVOY_BODY_BUFFERED_REQUEST, body);
     append_chunks(f, ENVOY_BODY_RECEIVED_REQUEST, body);
-    switch (do_pick(f, *flt, body)) {
+    switch (do_pick(f, *flt, std::move(body))) {
       case PickOutcome::Routed: return ENVOY_BODY_CONTINUE;
       case PickOutcome::Pending: return ENVOY_BODY_STOP_ITERATION_AND_BUFFER;
       case PickOutcome::Replied: break;
@@ -675,7 +851,7 @@ LLMPROXY_EXPORT int HOOK(envoy_dynamic_module_on_http_filter_request_trailers)(v
       reply_too_large(f, *flt, body.size(), true);
       return ENVOY_TRAILERS_STOP_ITERATION;
     }
-    return do_pick(f, *flt, body) == PickOutcome::Routed ? ENVOY_TRAILERS_CONTINUE : ENVOY_TRAILERS_STOP_ITERATION;
+    return do_pick(f, *flt, std::move(body)) == PickOutcome::Routed ? ENVOY_TRAILERS_CONTINUE : ENVOY_TRAILERS_STOP_ITERATION;
   });
 }
 
@@ -685,16 +861,12 @@ LLMPROXY_EXPORT int HOOK(envoy_dynamic_module_on_http_filter_response_headers)(v
   Filter *flt = as_filter(m);
   if (!flt) return ENVOY_HEADERS_CONTINUE;
   return guard<int>("response_headers", flt->cfg, ENVOY_HEADERS_CONTINUE, [&]() -> int {
+    // Local replies (ours, the router's) were announced to on_http_filter_local_reply first.
+    if (flt->req && flt->forwarded && flt->local_status == 0) note_upstream_response(f, *flt);
     if (flt->req && flt->forwarded && llmproxy_request_needs_transcoding(flt->req)) {
       // The library rewrites the response (e.g. Triton generate -> OpenAI): status, type, length.
       flt->transcoding = true;
-      envoy_buf st{nullptr, 0};
-      size_t count = 0;
-      uint32_t upstream_status = 0;
-      if (envoy_dynamic_module_callback_http_get_header(f, ENVOY_HEADER_RESPONSE, mb(":status", 7), &st, 0, &count) &&
-          st.ptr) {
-        upstream_status = static_cast<uint32_t>(std::strtoul(std::string(st.ptr, st.length).c_str(), nullptr, 10));
-      }
+      const uint32_t upstream_status = response_status(f);
       uint32_t status = llmproxy_request_response_status(flt->req, upstream_status);
       if (status != upstream_status && status >= 100 && status <= 599) {
         envoy_dynamic_module_callback_http_set_header(f, ENVOY_HEADER_RESPONSE, mb(":status", 7),
@@ -761,8 +933,25 @@ LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_stream_complete)(v
   Filter *flt = as_filter(m);
   if (!flt) return;
   guard<int>("stream_complete", flt->cfg, 0, [&] {
-    finish_request(f, *flt, true);
+    (void)f;
+    finish_request(*flt);
     return 0;
+  });
+}
+
+// Optional hook: every local reply, Envoy's (router: connect failure, reset, timeout, no healthy
+// upstream) and ours, before it is encoded.
+LLMPROXY_EXPORT int HOOK(envoy_dynamic_module_on_http_filter_local_reply)(void *f, const void *m,
+                                                                         uint32_t response_code, envoy_buf details,
+                                                                         bool reset_imminent) {
+  (void)f;
+  (void)reset_imminent;
+  Filter *flt = as_filter(m);
+  if (!flt) return ENVOY_LOCAL_REPLY_CONTINUE;
+  return guard<int>("local_reply", flt->cfg, ENVOY_LOCAL_REPLY_CONTINUE, [&]() -> int {
+    flt->local_status = response_code;
+    flt->local_outcome = local_reply_outcome(std::string(details.ptr ? details.ptr : "", details.ptr ? details.length : 0));
+    return ENVOY_LOCAL_REPLY_CONTINUE;
   });
 }
 
@@ -829,4 +1018,50 @@ LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_downstream_above_w
 LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark)(
     void *f, const void *m) {
   (void)f, (void)m;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load-balancing policy hooks (envoy.load_balancing_policies.dynamic_modules, lb_policy_name
+// "llmproxy"; signatures verified on the 1.40 binary, see envoy_dynamic_module_abi.h).
+
+namespace {
+int g_lb_config_marker;  // the policy has no config of its own
+}
+
+LLMPROXY_EXPORT const void *HOOK(envoy_dynamic_module_on_lb_config_new)(void *lb_config_envoy_ptr, envoy_buf name,
+                                                                       envoy_buf config) {
+  (void)lb_config_envoy_ptr, (void)name, (void)config;
+  return &g_lb_config_marker;
+}
+
+LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_lb_config_destroy)(const void *lb_config_module_ptr) {
+  (void)lb_config_module_ptr;
+}
+
+LLMPROXY_EXPORT const void *HOOK(envoy_dynamic_module_on_lb_new)(const void *lb_config_module_ptr, void *lb_envoy_ptr) {
+  (void)lb_config_module_ptr, (void)lb_envoy_ptr;
+  return guard<const void *>("lb_new", nullptr, nullptr, [] { return new Lb(); });
+}
+
+LLMPROXY_EXPORT bool HOOK(envoy_dynamic_module_on_lb_choose_host)(void *lb_envoy_ptr, const void *lb_module_ptr,
+                                                                 void *context_envoy_ptr, uint32_t *priority,
+                                                                 uint32_t *index) {
+  Lb *state = const_cast<Lb *>(static_cast<const Lb *>(lb_module_ptr));
+  if (!state || !priority || !index) return false;
+  return guard<bool>("lb_choose_host", nullptr, false, [&] {
+    Filter *flt = context_envoy_ptr ? routed_stream(context_envoy_ptr) : nullptr;
+    if (flt && flt->req && flt->forwarded && flt->envoy) return repick(lb_envoy_ptr, *flt, priority, index);
+    return round_robin(lb_envoy_ptr, *state, priority, index);
+  });
+}
+
+LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_lb_on_host_membership_update)(void *lb_envoy_ptr,
+                                                                               const void *lb_module_ptr,
+                                                                               size_t hosts_added,
+                                                                               size_t hosts_removed) {
+  (void)lb_envoy_ptr, (void)lb_module_ptr, (void)hosts_added, (void)hosts_removed;
+}
+
+LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_lb_destroy)(const void *lb_module_ptr) {
+  delete static_cast<const Lb *>(lb_module_ptr);
 }

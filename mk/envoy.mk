@@ -38,14 +38,15 @@ $(ENVOY_MODULE): $(BUILD_DIR)/llmproxy_envoy.o $(BUILD_DIR)/libllmproxy.a cpp_sh
 
 # Fake Envoy host (tests/envoy/fake_host): the shim object + real library, with ASan/UBSan/LSan
 # (Debian's clang++ when `make sanitizer-deps` installed its runtimes, else g++), and
-# --wrap=llmproxy_pick_async so tests can drive the PENDING path (and --wrap=llmproxy_request_finish
-# to see the status the shim reports).
+# --wrap=llmproxy_pick_async so tests can drive the PENDING path (and
+# --wrap=llmproxy_request_finish_outcome to see the status and outcome the shim reports).
 ENVOY_SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 ENVOY_SAN_CXX = $(shell scripts/sanitizer-cc.sh c++)
+ENVOY_FAKE_HOST_WRAPS := -Wl,--wrap=llmproxy_pick_async -Wl,--wrap=llmproxy_request_finish_outcome
 $(ENVOY_FAKE_HOST): tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_DEPS) $(BUILD_DIR)/libllmproxy.a scripts/sanitizer-cc.sh
 	$(ENVOY_SAN_CXX) -std=c++17 -O1 -g $(ENVOY_SAN) -Wall -Wextra -Werror -Iinclude -Icpp_shim \
 	  tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_SRC) $(BUILD_DIR)/libllmproxy.a \
-	  -Wl,--wrap=llmproxy_pick_async -Wl,--wrap=llmproxy_request_finish $(ENVOY_RUST_LIBS) -o $@
+	  $(ENVOY_FAKE_HOST_WRAPS) $(ENVOY_RUST_LIBS) -o $@
 
 # Test-only variant of the module whose picks are all PENDING (tests/envoy/pending_wrap.cc), so
 # the e2e tests drive the Envoy scheduler path in a real Envoy.

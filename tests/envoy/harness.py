@@ -110,6 +110,28 @@ def static_cluster(name, addrs, lb_policy="ROUND_ROBIN"):
     }
 
 
+# The cluster load-balancing policy of llmproxy's module: Envoy retries re-pick through the library.
+LLMPROXY_LB_POLICY = {"policies": [{"typed_extension_config": {
+    "name": "envoy.load_balancing_policies.dynamic_modules",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.dynamic_modules.v3."
+                 "DynamicModulesLoadBalancerConfig",
+        "dynamic_module_config": {"name": "llmproxy_envoy", "do_not_close": True},
+        "lb_policy_name": "llmproxy",
+    }}}]}
+
+# What examples/envoy.yaml ships: retry only when the request cannot have reached the endpoint.
+RETRY_POLICY = {"retry_on": "connect-failure,reset-before-request", "num_retries": 2}
+
+
+def llmproxy_cluster(name, addrs):
+    """A STATIC cluster with the llmproxy load-balancing policy."""
+    c = static_cluster(name, addrs)
+    del c["lb_policy"]
+    c["load_balancing_policy"] = LLMPROXY_LB_POLICY
+    return c
+
+
 def envoy_bootstrap(listen_port, admin_port, clusters, llmproxy_config=None, default_cluster=None,
                     cluster_header="x-llmproxy-cluster"):
     """Bootstrap JSON: one listener; the llmproxy filter (when llmproxy_config is given) before the

@@ -2,7 +2,8 @@
 // the shim's logic can be unit-tested quickly, with the real llmproxy library behind it.
 //
 // Built with -Wl,--wrap=llmproxy_pick_async so a test can make the library's pick "PENDING" and
-// deliver the decision from another thread, exactly as the ABI allows.
+// deliver the decision from another thread, exactly as the ABI allows, and with
+// --wrap=llmproxy_request_finish_outcome to see the status and outcome the shim reports.
 
 #include <atomic>
 #include <chrono>
@@ -11,6 +12,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -45,6 +47,14 @@ int H(envoy_dynamic_module_on_http_filter_response_headers)(void *, const void *
 int H(envoy_dynamic_module_on_http_filter_response_body)(void *, const void *, bool);
 void H(envoy_dynamic_module_on_http_filter_stream_complete)(void *, const void *);
 void H(envoy_dynamic_module_on_http_filter_scheduled)(void *, const void *, uint64_t);
+int H(envoy_dynamic_module_on_http_filter_local_reply)(void *, const void *, uint32_t,
+                                                      envoy_dynamic_module_type_envoy_buffer, bool);
+const void *H(envoy_dynamic_module_on_lb_config_new)(void *, envoy_dynamic_module_type_envoy_buffer,
+                                                    envoy_dynamic_module_type_envoy_buffer);
+void H(envoy_dynamic_module_on_lb_config_destroy)(const void *);
+const void *H(envoy_dynamic_module_on_lb_new)(const void *, void *);
+bool H(envoy_dynamic_module_on_lb_choose_host)(void *, const void *, void *, uint32_t *, uint32_t *);
+void H(envoy_dynamic_module_on_lb_destroy)(const void *);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -74,14 +84,29 @@ struct FakeStream {
   int continue_decoding = 0;
   bool has_response_code = false;
   uint64_t response_code = 0;
+  std::string upstream_address;  // attribute upstream.address ("" = none)
 
   // Fault injection.
   bool throw_in_get_headers = false;
 
-  // Scheduler.
-  std::mutex mu;
-  std::vector<uint64_t> committed;
-  std::thread::id commit_thread;
+  // Scheduler events. Like Envoy's (a weak_ptr to the filter), a scheduler may outlive its stream:
+  // a commit after the stream is gone lands in the shared record, and the test can see it.
+  struct Commits {
+    std::mutex mu;
+    std::vector<uint64_t> events;
+    std::thread::id thread;
+    bool stream_gone = false;
+    int after_gone = 0;
+  };
+  std::shared_ptr<Commits> commits = std::make_shared<Commits>();
+  ~FakeStream() {
+    std::lock_guard<std::mutex> lock(commits->mu);
+    commits->stream_gone = true;
+  }
+  size_t committed_count() {
+    std::lock_guard<std::mutex> lock(commits->mu);
+    return commits->events.size();
+  }
 
   std::string header(const std::string &name) const {
     for (const auto &h : req_headers)
@@ -96,7 +121,7 @@ struct FakeStream {
 };
 
 struct FakeScheduler {
-  FakeStream *stream;
+  std::shared_ptr<FakeStream::Commits> commits;
 };
 
 std::atomic<int> g_schedulers_live{0};
@@ -266,6 +291,13 @@ bool envoy_dynamic_module_callback_http_filter_get_attribute_int(void *f, int at
   *result = S(f)->response_code;
   return true;
 }
+bool envoy_dynamic_module_callback_http_filter_get_attribute_string(void *f, int attribute_id,
+                                                                    envoy_dynamic_module_type_envoy_buffer *result) {
+  if (attribute_id != ENVOY_ATTRIBUTE_UPSTREAM_ADDRESS || S(f)->upstream_address.empty()) return false;
+  result->ptr = S(f)->upstream_address.data();
+  result->length = S(f)->upstream_address.size();
+  return true;
+}
 void envoy_dynamic_module_callback_http_set_buffer_limit(void *f, uint64_t limit) { S(f)->buffer_limit = limit; }
 uint64_t envoy_dynamic_module_callback_http_get_buffer_limit(void *f) { return S(f)->buffer_limit; }
 void envoy_dynamic_module_callback_http_clear_route_cache(void *f) { S(f)->route_cache_cleared++; }
@@ -273,19 +305,57 @@ void envoy_dynamic_module_callback_http_clear_route_cache(void *f) { S(f)->route
 void *envoy_dynamic_module_callback_http_filter_scheduler_new(void *f) {
   g_schedulers_live++;
   g_schedulers_created++;
-  return new FakeScheduler{S(f)};
+  return new FakeScheduler{S(f)->commits};
 }
 void envoy_dynamic_module_callback_http_filter_scheduler_commit(void *sched, uint64_t event_id) {
-  FakeStream *s = static_cast<FakeScheduler *>(sched)->stream;
-  std::lock_guard<std::mutex> lock(s->mu);
-  s->committed.push_back(event_id);
-  s->commit_thread = std::this_thread::get_id();
+  auto &c = *static_cast<FakeScheduler *>(sched)->commits;
+  std::lock_guard<std::mutex> lock(c.mu);
+  if (c.stream_gone) {
+    c.after_gone++;  // Envoy would drop it (weak_ptr); a correct shim never does this
+    return;
+  }
+  c.events.push_back(event_id);
+  c.thread = std::this_thread::get_id();
 }
 void envoy_dynamic_module_callback_http_filter_scheduler_delete(void *sched) {
   g_schedulers_live--;
   delete static_cast<FakeScheduler *>(sched);
 }
 void envoy_dynamic_module_callback_http_filter_continue_decoding(void *f) { S(f)->continue_decoding++; }
+
+}  // extern "C"
+
+// ---- a fake cluster load balancer and its per-attempt context ----
+struct FakeLb {
+  std::vector<std::vector<std::string>> healthy;  // per priority: "ip:port" of the healthy hosts
+};
+struct FakeLbContext {
+  FakeStream *stream = nullptr;  // its request headers are the LB's downstream headers
+};
+
+extern "C" {
+
+size_t envoy_dynamic_module_callback_lb_get_priority_set_size(void *lb) { return static_cast<FakeLb *>(lb)->healthy.size(); }
+size_t envoy_dynamic_module_callback_lb_get_healthy_hosts_count(void *lb, uint32_t priority) {
+  auto &h = static_cast<FakeLb *>(lb)->healthy;
+  return priority < h.size() ? h[priority].size() : 0;
+}
+bool envoy_dynamic_module_callback_lb_get_healthy_host_address(void *lb, uint32_t priority, size_t index,
+                                                               envoy_dynamic_module_type_envoy_buffer *result) {
+  auto &h = static_cast<FakeLb *>(lb)->healthy;
+  if (priority >= h.size() || index >= h[priority].size()) return false;
+  result->ptr = h[priority][index].data();
+  result->length = h[priority][index].size();
+  return true;
+}
+bool envoy_dynamic_module_callback_lb_context_get_downstream_header(void *ctx,
+                                                                    envoy_dynamic_module_type_module_buffer key,
+                                                                    envoy_dynamic_module_type_envoy_buffer *result,
+                                                                    size_t index, size_t *optional_size) {
+  auto *c = static_cast<FakeLbContext *>(ctx);
+  return envoy_dynamic_module_callback_http_get_header(c->stream, ENVOY_HEADER_REQUEST, key, result, index,
+                                                       optional_size);
+}
 
 // ---- --wrap of the library's pick_async: optionally PENDING, decided on another thread ----
 llmproxy_status __real_llmproxy_pick_async(llmproxy_router *, const llmproxy_header *, size_t, const uint8_t *, size_t,
@@ -311,14 +381,15 @@ extern "C" llmproxy_status __wrap_llmproxy_pick_async(llmproxy_router *router, c
   std::string b(reinterpret_cast<const char *>(body), body_len);
   int delay = g_pending.delay_ms;
   *out = nullptr;
-  g_pending.threads.emplace_back([router, hs, b, cb, user_data, delay] {
+  auto decide = [router, hs, b, cb, user_data, delay] {
     std::this_thread::sleep_for(std::chrono::milliseconds(delay));
     std::vector<llmproxy_header> lh;
     for (const auto &h : hs) lh.push_back(llmproxy_header{h.first.data(), h.first.size(), h.second.data(), h.second.size()});
     llmproxy_request *req = nullptr;
     llmproxy_pick(router, lh.data(), lh.size(), reinterpret_cast<const uint8_t *>(b.data()), b.size(), &req);
     cb(user_data, req);
-  });
+  };
+  g_pending.threads.emplace_back(decide);
   if (g_pending.decide_before_return) {
     g_pending.threads.back().join();
     g_pending.threads.pop_back();
@@ -326,22 +397,32 @@ extern "C" llmproxy_status __wrap_llmproxy_pick_async(llmproxy_router *router, c
   return LLMPROXY_PENDING;
 }
 
-// ---- --wrap of llmproxy_request_finish: records the status the shim reports ----
-extern "C" void __real_llmproxy_request_finish(llmproxy_request *req, uint32_t upstream_status);
+// ---- --wrap of llmproxy_request_finish_outcome: records the status and outcome the shim reports ----
+extern "C" void __real_llmproxy_request_finish_outcome(llmproxy_request *req, uint32_t status, uint32_t outcome);
+struct Finish {
+  uint32_t status;
+  uint32_t outcome;
+  bool operator==(const Finish &o) const { return status == o.status && outcome == o.outcome; }
+};
 std::mutex g_finish_mu;
-std::vector<uint32_t> g_finished;
+std::vector<Finish> g_finished;
 
-extern "C" void __wrap_llmproxy_request_finish(llmproxy_request *req, uint32_t upstream_status) {
+extern "C" void __wrap_llmproxy_request_finish_outcome(llmproxy_request *req, uint32_t status, uint32_t outcome) {
   {
     std::lock_guard<std::mutex> lock(g_finish_mu);
-    g_finished.push_back(upstream_status);
+    g_finished.push_back(Finish{status, outcome});
   }
-  __real_llmproxy_request_finish(req, upstream_status);
+  __real_llmproxy_request_finish_outcome(req, status, outcome);
 }
 
 static uint32_t last_finish() {
   std::lock_guard<std::mutex> lock(g_finish_mu);
-  return g_finished.empty() ? 0xffffffffu : g_finished.back();
+  return g_finished.empty() ? 0xffffffffu : g_finished.back().status;
+}
+
+static Finish last_finish_outcome() {
+  std::lock_guard<std::mutex> lock(g_finish_mu);
+  return g_finished.empty() ? Finish{0xffffffffu, 0xffffffffu} : g_finished.back();
 }
 
 static size_t finish_count() {
@@ -433,11 +514,27 @@ struct Stream {
   void respond(uint32_t code, const std::string &chunk) {
     fs.has_response_code = true;
     fs.response_code = code;
+    fs.resp_headers = {{":status", std::to_string(code)}};
     H(envoy_dynamic_module_on_http_filter_response_headers)(&fs, m, false);
     H(envoy_dynamic_module_on_http_filter_response_body)(&fs, m, false);
     (void)chunk;
   }
   void complete() { H(envoy_dynamic_module_on_http_filter_stream_complete)(&fs, m); }
+  // A local reply by Envoy (the router after the filter): announced to the hook, then encoded.
+  void envoy_local_reply(uint32_t code, const std::string &details) {
+    H(envoy_dynamic_module_on_http_filter_local_reply)(
+        &fs, m, code, envoy_dynamic_module_type_envoy_buffer{details.data(), details.size()}, false);
+    fs.has_response_code = true;
+    fs.response_code = code;
+    fs.resp_headers = {{":status", std::to_string(code)}};
+    H(envoy_dynamic_module_on_http_filter_response_headers)(&fs, m, false);
+  }
+  // Headers through end of body: a routed request, forwarded.
+  void route(const std::string &body) {
+    fs.req_headers = post_headers();
+    headers(false);
+    this->body(body, true);
+  }
   int response_headers(Headers h, bool eos = false) {
     fs.resp_headers = std::move(h);
     for (const auto &kv : fs.resp_headers) {
@@ -717,7 +814,8 @@ static void test_override_refused_is_503(const void *cfg) {
   CHECK_EQ(s.fs.sent_content_type, std::string("application/json"));
   s.complete();
   CHECK_EQ(in_flight(cfg), 0u);
-  CHECK_EQ(last_finish(), 499u);  // never forwarded: not the endpoint's failure
+  // Never forwarded: the client got our 503, which says nothing about the endpoint.
+  CHECK(last_finish_outcome() == (Finish{503, LLMPROXY_OUTCOME_LOCAL}));
 }
 
 static void test_reset_without_response_finishes(const void *cfg) {
@@ -726,18 +824,15 @@ static void test_reset_without_response_finishes(const void *cfg) {
   s.headers(false);
   s.body(chat("m-a", "reset"), true);
   CHECK_EQ(in_flight(cfg), 1u);
-  s.complete();  // no response code: the client went away before any response
+  s.complete();  // no response, no local reply: the client went away before any response
   CHECK_EQ(in_flight(cfg), 0u);
-  CHECK_EQ(last_finish(), 499u);
-  // Upstream failures carry Envoy's response code (e.g. 503 connect failure): reported as is.
+  CHECK(last_finish_outcome() == (Finish{499, LLMPROXY_OUTCOME_LOCAL}));
+  // Envoy's reply to an upstream reset before the response: the endpoint's failure.
   Stream u(cfg);
-  u.fs.req_headers = post_headers();
-  u.headers(false);
-  u.body(chat("m-a", "upstream down"), true);
-  u.fs.has_response_code = true;
-  u.fs.response_code = 503;
+  u.route(chat("m-a", "upstream down"));
+  u.envoy_local_reply(503, "upstream_reset_before_response_started{connection_termination}");
   u.complete();
-  CHECK_EQ(last_finish(), 503u);
+  CHECK(last_finish_outcome() == (Finish{503, LLMPROXY_OUTCOME_ENDPOINT_FAILED}));
   CHECK_EQ(in_flight(cfg), 0u);
 }
 
@@ -755,8 +850,7 @@ static void test_destroy_without_complete_finishes(const void *cfg) {
 static bool wait_commit(FakeStream &fs, int ms) {
   for (int i = 0; i < ms; ++i) {
     {
-      std::lock_guard<std::mutex> lock(fs.mu);
-      if (!fs.committed.empty()) return true;
+      if (fs.committed_count() > 0) return true;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
@@ -775,12 +869,12 @@ static void test_pending_resumes_via_scheduler(const void *cfg) {
     CHECK(wait_commit(s.fs, 2000));
     join_pending_threads();
     {
-      std::lock_guard<std::mutex> lock(s.fs.mu);
-      CHECK_EQ(s.fs.committed.size(), (size_t)1);
-      CHECK(s.fs.commit_thread != std::this_thread::get_id());
+      std::lock_guard<std::mutex> lock(s.fs.commits->mu);
+      CHECK_EQ(s.fs.commits->events.size(), (size_t)1);
+      CHECK(s.fs.commits->thread != std::this_thread::get_id());
     }
     CHECK_EQ(s.fs.override_calls, 0);  // nothing touched off the worker thread
-    H(envoy_dynamic_module_on_http_filter_scheduled)(&s.fs, s.m, s.fs.committed[0]);
+    H(envoy_dynamic_module_on_http_filter_scheduled)(&s.fs, s.m, s.fs.commits->events[0]);
     CHECK_EQ(s.fs.continue_decoding, 1);
     CHECK(is_pool_a(s.fs.override_host));
     CHECK_EQ(s.fs.header("x-llmproxy-cluster"), std::string("pool_a"));
@@ -797,7 +891,7 @@ static void test_pending_resumes_via_scheduler(const void *cfg) {
     CHECK_EQ(s.body(chat("nope", "async"), true), (int)ENVOY_BODY_STOP_ITERATION_AND_BUFFER);
     CHECK(wait_commit(s.fs, 2000));
     join_pending_threads();
-    H(envoy_dynamic_module_on_http_filter_scheduled)(&s.fs, s.m, s.fs.committed[0]);
+    H(envoy_dynamic_module_on_http_filter_scheduled)(&s.fs, s.m, s.fs.commits->events[0]);
     CHECK_EQ(s.fs.sent_status, 404u);
     CHECK_EQ(s.fs.continue_decoding, 0);
     s.complete();
@@ -867,7 +961,7 @@ static void test_pending_decided_before_pick_returns(const void *cfg) {
     CHECK_EQ(s.body(chat("m-a", "raced"), true), (int)ENVOY_BODY_CONTINUE);
     CHECK(is_pool_a(s.fs.override_host));
     CHECK_EQ(s.fs.continue_decoding, 0);
-    CHECK(s.fs.committed.empty());
+    CHECK_EQ(s.fs.committed_count(), (size_t)0);
     CHECK_EQ(g_schedulers_created.load(), created);  // no scheduler was needed
     s.respond(200, "x");
     s.complete();
@@ -953,6 +1047,194 @@ static void test_exceptions_do_not_escape(const void *cfg) {
   CHECK(m.fs.sent_body.find("llmproxy_envoy_hook_exceptions_total 0\n") == std::string::npos);
 }
 
+// ---- failure classification: only the endpoint's own failures count against it ----
+
+static std::string metrics_of(const void *cfg) {
+  char *out = nullptr;
+  size_t len = 0;
+  llmproxy_router_metrics(llmproxy_envoy_config_router(cfg), &out, &len);
+  std::string text(out ? out : "", out ? len : 0);
+  llmproxy_string_free(out);
+  return text;
+}
+
+static bool has_line(const std::string &text, const std::string &line) {
+  return text.find(line + "\n") != std::string::npos;
+}
+
+static void test_outcome_of_each_ending(const void *cfg) {
+  struct Case {
+    uint32_t code;
+    const char *details;
+    llmproxy_outcome outcome;
+  };
+  // Envoy 1.40's local replies after the request was forwarded (details as seen on the binary).
+  const Case cases[] = {
+      {504, "response_timeout", LLMPROXY_OUTCOME_LOCAL},  // route timeout: a long generation
+      {504, "upstream_per_try_timeout", LLMPROXY_OUTCOME_LOCAL},
+      {503, "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}",
+       LLMPROXY_OUTCOME_ENDPOINT_FAILED},
+      {503, "upstream_reset_before_response_started{connection_termination}", LLMPROXY_OUTCOME_ENDPOINT_FAILED},
+      {503, "upstream_reset_before_response_started{remote_reset}", LLMPROXY_OUTCOME_ENDPOINT_FAILED},
+      {503, "upstream_reset_before_response_started{overflow}", LLMPROXY_OUTCOME_LOCAL},  // circuit breaker
+      {503, "upstream_reset_before_response_started{local_reset}", LLMPROXY_OUTCOME_LOCAL},
+      {503, "no_healthy_upstream", LLMPROXY_OUTCOME_LOCAL},
+  };
+  for (const Case &c : cases) {
+    Stream s(cfg);
+    s.route(chat("m-a", std::string("ending ") + c.details));
+    CHECK_EQ(s.fs.override_calls, 1);
+    s.envoy_local_reply(c.code, c.details);
+    s.complete();
+    if (!(last_finish_outcome() == Finish{c.code, static_cast<uint32_t>(c.outcome)})) {
+      std::fprintf(stderr, "  case %u %s: finished with (%u, %u)\n", c.code, c.details, last_finish_outcome().status,
+                   last_finish_outcome().outcome);
+      ++g_failed_checks;
+    }
+  }
+  {  // the endpoint's own 503: the status is the endpoint's, the library judges it
+    Stream s(cfg);
+    s.route(chat("m-a", "endpoint says 503"));
+    s.response_headers({{":status", "503"}});
+    s.complete();
+    CHECK(last_finish_outcome() == (Finish{503, LLMPROXY_OUTCOME_UPSTREAM}));
+  }
+  {  // a response from the picked host
+    Stream s(cfg);
+    s.route(chat("m-a", "fine"));
+    s.fs.upstream_address = s.fs.override_host;
+    s.response_headers({{":status", "200"}});
+    s.complete();
+    CHECK(last_finish_outcome() == (Finish{200, LLMPROXY_OUTCOME_UPSTREAM}));
+  }
+  {  // a response from a host the library did not pick: Envoy's own LB retried, the pick failed
+    Stream s(cfg);
+    s.route(chat("m-a", "served elsewhere"));
+    s.fs.upstream_address = s.fs.override_host == kEndpointsA[0] ? kEndpointsA[1] : kEndpointsA[0];
+    s.response_headers({{":status", "200"}});
+    s.complete();
+    CHECK(last_finish_outcome() == (Finish{200, LLMPROXY_OUTCOME_ENDPOINT_FAILED}));
+  }
+  {  // the client went away after forwarding, before any response
+    Stream s(cfg);
+    s.route(chat("m-a", "client gone"));
+    s.complete();
+    CHECK(last_finish_outcome() == (Finish{499, LLMPROXY_OUTCOME_LOCAL}));
+  }
+  CHECK_EQ(in_flight(cfg), 0u);
+}
+
+// A client can make a request run past the route timeout; that must not eject the endpoint.
+// pool_b has one endpoint, so every m-b request goes there.
+static void test_route_timeouts_do_not_eject_but_connect_failures_do() {
+  const void *cfg = new_config(config_json(R"(,"ejection":{"consecutive_failures":3,"eject_ms":60000})"));
+  CHECK(cfg != nullptr);
+  if (!cfg) return;
+  const std::string ep = "cluster=\"pool_b\",endpoint=\"127.0.0.1:9101\"}";
+  for (int i = 0; i < 5; ++i) {
+    Stream s(cfg);
+    s.route(chat("m-b", "long generation " + std::to_string(i)));
+    CHECK_EQ(s.fs.override_host, std::string("127.0.0.1:9101"));
+    s.envoy_local_reply(504, "response_timeout");
+    s.complete();
+  }
+  std::string m = metrics_of(cfg);
+  CHECK(has_line(m, "llmproxy_endpoint_failures_total{" + ep + " 0"));
+  CHECK(has_line(m, "llmproxy_endpoint_ejected{" + ep + " 0"));
+  for (int i = 0; i < 3; ++i) {
+    Stream s(cfg);
+    s.route(chat("m-b", "connect failure " + std::to_string(i)));
+    s.envoy_local_reply(503, "upstream_reset_before_response_started{remote_connection_failure}");
+    s.complete();
+  }
+  m = metrics_of(cfg);
+  CHECK(has_line(m, "llmproxy_endpoint_failures_total{" + ep + " 3"));
+  CHECK(has_line(m, "llmproxy_endpoint_ejected{" + ep + " 1"));
+  H(envoy_dynamic_module_on_http_filter_config_destroy)(cfg);
+}
+
+// ---- the LB policy: an Envoy retry re-picks through the library ----
+
+struct LbHarness {
+  const void *config = H(envoy_dynamic_module_on_lb_config_new)(nullptr, envoy_dynamic_module_type_envoy_buffer{"llmproxy", 8},
+                                                                envoy_dynamic_module_type_envoy_buffer{"", 0});
+  FakeLb lb;
+  const void *m = H(envoy_dynamic_module_on_lb_new)(config, &lb);
+  ~LbHarness() {
+    H(envoy_dynamic_module_on_lb_destroy)(m);
+    H(envoy_dynamic_module_on_lb_config_destroy)(config);
+  }
+  // One host choice; "" when the LB chose none.
+  std::string choose(FakeLbContext &ctx) {
+    uint32_t p = 99, i = 99;
+    if (!H(envoy_dynamic_module_on_lb_choose_host)(&lb, m, &ctx, &p, &i)) return "";
+    if (p >= lb.healthy.size() || i >= lb.healthy[p].size()) return "<bad index>";
+    return lb.healthy[p][i];
+  }
+};
+
+static void test_lb_retry_repicks_through_library() {
+  const void *cfg = new_config(config_json());
+  CHECK(cfg != nullptr);
+  if (!cfg) return;
+  LbHarness lb;
+  lb.lb.healthy = {{kEndpointsA[0], kEndpointsA[1], kEndpointsA[2]}};
+  {
+    Stream s(cfg);
+    s.route(chat("m-a", "retry me"));
+    const std::string first = s.fs.override_host;
+    CHECK(is_pool_a(first));
+    CHECK(!s.fs.header("x-llmproxy-ticket").empty());
+    // The router drops the override on a retry and asks the cluster's LB.
+    FakeLbContext retry{&s.fs};
+    const std::string second = lb.choose(retry);
+    CHECK(is_pool_a(second));
+    CHECK(second != first);
+    CHECK_EQ(s.fs.header("x-llmproxy-endpoint"), second);  // what the retry sends upstream
+    CHECK_EQ(s.fs.metadata["llmproxy/endpoint"], second);
+    CHECK_EQ(in_flight(cfg), 1u);  // the accounting moved, not doubled
+    const std::string third = lb.choose(retry);
+    CHECK(is_pool_a(third) && third != first && third != second);
+    CHECK_EQ(lb.choose(retry), std::string(""));  // nothing untried left: Envoy answers 503
+    CHECK_EQ(in_flight(cfg), 0u);
+    s.envoy_local_reply(503, "no_healthy_upstream");
+    s.complete();
+    const std::string m = metrics_of(cfg);
+    CHECK(has_line(m, "llmproxy_retries_total 3"));
+    for (const std::string &ep : {first, second, third}) {
+      CHECK(has_line(m, "llmproxy_endpoint_failures_total{cluster=\"pool_a\",endpoint=\"" + ep + "\"} 1"));
+    }
+  }
+  {  // the library's pick is not a healthy host in Envoy's view: re-picked again
+    lb.lb.healthy = {{kEndpointsA[1]}, {kEndpointsA[2]}};  // two priorities, 9001 not healthy
+    Stream s(cfg);
+    s.route(chat("m-a", "another retry"));
+    FakeLbContext retry{&s.fs};
+    const std::string chosen = lb.choose(retry);
+    CHECK(chosen == kEndpointsA[1] || chosen == kEndpointsA[2]);
+    CHECK(chosen != s.fs.override_host);
+    CHECK_EQ(s.fs.header("x-llmproxy-endpoint"), chosen);
+    s.fs.upstream_address = chosen;
+    s.respond(200, "x");
+    s.complete();
+    CHECK(last_finish_outcome() == (Finish{200, LLMPROXY_OUTCOME_UPSTREAM}));  // the retry's endpoint answered
+  }
+  {  // requests the filter did not route (pass-through, or a stream that ended): round robin
+    lb.lb.healthy = {{kEndpointsA[0], kEndpointsA[1]}};
+    FakeStream bare;
+    bare.req_headers = {{":method", "GET"}, {":path", "/v1/models"}};
+    FakeLbContext ctx{&bare};
+    std::string a = lb.choose(ctx), b = lb.choose(ctx), c = lb.choose(ctx);
+    CHECK(a != b && a == c);
+    bare.req_headers.emplace_back("x-llmproxy-ticket", "123456789");  // unknown ticket: the same
+    CHECK(is_pool_a(lb.choose(ctx)));
+    lb.lb.healthy = {{}};
+    CHECK_EQ(lb.choose(ctx), std::string(""));
+  }
+  CHECK_EQ(in_flight(cfg), 0u);
+  H(envoy_dynamic_module_on_http_filter_config_destroy)(cfg);
+}
+
 static void test_config_knobs() {
   const void *cfg = new_config(config_json(R"(,"strict_endpoint_override":false,"cluster_header":"X-Route-Cluster")"));
   CHECK(cfg != nullptr);
@@ -1007,6 +1289,10 @@ int main() {
       {"synchronous_pick_needs_no_scheduler", test_synchronous_pick_needs_no_scheduler},
       {"exceptions_do_not_escape", test_exceptions_do_not_escape},
       {"config_knobs", [](const void *) { test_config_knobs(); }},
+      {"outcome_of_each_ending", test_outcome_of_each_ending},
+      {"route_timeouts_do_not_eject_but_connect_failures_do",
+       [](const void *) { test_route_timeouts_do_not_eject_but_connect_failures_do(); }},
+      {"lb_retry_repicks_through_library", [](const void *) { test_lb_retry_repicks_through_library(); }},
   };
   int passed = 0, failed = 0;
   for (auto &t : tests) {

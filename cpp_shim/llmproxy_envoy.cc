@@ -4,7 +4,8 @@
 // Request path (inference requests only, as decided by llmproxy_router_should_intercept):
 //   request_headers  strip client-supplied routing headers, raise the buffer limit, hold the stream
 //   request_body     hold until end of stream; full body = Buffered + Received (see the 1.40 notes)
-//   pick             llmproxy_pick_async; PENDING resumes through the Envoy scheduler
+//   pick             llmproxy_pick_async; PENDING resumes through the Envoy scheduler, or, past the
+//                    router's pick deadline, with a local decision (the shim's watchdog thread)
 //   success          cluster header + clear_route_cache, set_upstream_override_host(ip:port, strict),
 //                    x-llmproxy-endpoint / x-llmproxy-scene / x-llmproxy-ticket headers, dynamic
 //                    metadata "llmproxy"
@@ -17,14 +18,20 @@
 //
 // No C++ exception leaves a hook: every hook body runs inside guard().
 
+#include <dlfcn.h>
+
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <new>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -54,6 +61,9 @@ constexpr uint64_t kResumeEvent = 1;
 // Status reported when the client went away (nginx's 499 "client closed request"): before we
 // forwarded the request, or before any response.
 constexpr uint32_t kClientGoneStatus = 499;
+// Deadline of a PENDING pick when the router reports none (0: it never pends, so this only
+// bounds a library that breaks its promise).
+constexpr uint64_t kFallbackPickDeadlineMs = 2000;
 // Endpoints the LB re-picks before giving up when Envoy does not list the library's choice as a
 // healthy host of the cluster (the llmproxy and Envoy endpoint lists disagree).
 constexpr int kMaxRepicks = 8;
@@ -135,6 +145,7 @@ struct FilterConfig {
   bool strict = true;
   std::string cluster_header;  // lower case
   std::string metrics_path = LLMPROXY_ENVOY_DEFAULT_METRICS_PATH;
+  uint64_t pick_deadline_ms = kFallbackPickDeadlineMs;  // longest wait for a PENDING decision
 
   // Shim counters, appended to the router's Prometheus text.
   std::atomic<uint64_t> intercepted{0};
@@ -144,6 +155,7 @@ struct FilterConfig {
   std::atomic<uint64_t> pending{0};
   std::atomic<uint64_t> stripped_headers{0};
   std::atomic<uint64_t> hook_exceptions{0};
+  std::atomic<uint64_t> pending_timeouts{0};
   std::atomic<uint64_t> lb_repicks{0};
   std::atomic<uint64_t> served_elsewhere{0};
 
@@ -157,6 +169,7 @@ struct AsyncState {
   llmproxy_request *result = nullptr; // delivered decision, not yet taken
   bool delivered = false;
   bool abandoned = false;             // the stream ended before the decision was applied
+  bool timed_out = false;             // the watchdog resumed the stream first: it decides locally
 };
 
 enum class Phase { Idle, Passthrough, Collecting, Pending, Routed, Replied };
@@ -170,6 +183,9 @@ struct Filter {
   bool transcoding = false;   // the response body goes through llmproxy_request_transcode_response
   uint32_t reply_status = 0;  // status of our own local reply, if any
   std::shared_ptr<AsyncState> async;
+  // Inputs of a PENDING pick, for a local decision when it is overdue.
+  std::vector<std::pair<std::string, std::string>> pending_headers;
+  std::string pending_body;
 
   // How the request ended, for llmproxy_request_finish_outcome (see finish_request).
   uint32_t upstream_status = 0;  // :status of a response the endpoint sent
@@ -312,6 +328,8 @@ std::string metrics_text(FilterConfig &cfg) {
        cfg.stripped_headers.load());
   line("llmproxy_envoy_hook_exceptions_total", "counter", "C++ exceptions caught at a hook.",
        cfg.hook_exceptions.load());
+  line("llmproxy_envoy_pending_timeouts_total", "counter",
+       "Pending picks decided locally because the library's decision was overdue.", cfg.pending_timeouts.load());
   line("llmproxy_envoy_lb_repicks_total", "counter",
        "Endpoints re-picked by the llmproxy LB policy for an Envoy retry (llmproxy_request_retry).",
        cfg.lb_repicks.load());
@@ -421,9 +439,79 @@ bool apply_decision(void *f, Filter &flt, llmproxy_request *req) {
   return true;
 }
 
+// ---- Deadline for PENDING picks ----
+// Envoy 1.40's HTTP filter ABI has no timer, so one shim-wide thread (started at the first
+// PENDING pick) watches the deadlines. It never touches a filter or a stream: when a decision is
+// overdue it marks the shared state timed out and commits the stream's scheduler event (allowed
+// from any thread; a no-op once the stream is gone); the worker then decides locally in
+// on_scheduled. A decision that arrives later is finished by the library's callback.
+class PickWatchdog {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  static PickWatchdog &instance() {
+    static PickWatchdog *w = new PickWatchdog();  // never destroyed: its thread may outlive main()
+    return *w;
+  }
+
+  // Returns false when the watchdog thread cannot run (the stream then waits for the callback).
+  bool watch(const std::shared_ptr<AsyncState> &st, uint64_t deadline_ms) noexcept {
+    try {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!started_) {
+        std::thread([this] { run(); }).detach();
+        started_ = true;
+      }
+      due_.emplace(Clock::now() + std::chrono::milliseconds(deadline_ms), st);
+      cv_.notify_one();
+      return true;
+    } catch (...) {
+      return false;
+    }
+  }
+
+ private:
+  void run() noexcept {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      if (due_.empty()) {
+        cv_.wait(lock);
+      } else if (Clock::now() < due_.begin()->first) {
+        cv_.wait_until(lock, due_.begin()->first);
+      } else {
+        std::shared_ptr<AsyncState> st = due_.begin()->second.lock();
+        due_.erase(due_.begin());
+        lock.unlock();
+        if (st) expire(*st);
+        lock.lock();
+      }
+    }
+  }
+
+  static void expire(AsyncState &st) noexcept {
+    void *sched = nullptr;
+    bool resume = false;
+    {
+      std::lock_guard<std::mutex> lock(st.mu);
+      if (st.delivered || st.scheduler == nullptr) return;  // decided in time (or already expired)
+      sched = st.scheduler;  // whoever takes the scheduler out deletes it
+      st.scheduler = nullptr;
+      st.timed_out = true;
+      resume = !st.abandoned;
+    }
+    if (resume) envoy_dynamic_module_callback_http_filter_scheduler_commit(sched, kResumeEvent);
+    envoy_dynamic_module_callback_http_filter_scheduler_delete(sched);
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::multimap<Clock::time_point, std::weak_ptr<AsyncState>> due_;
+  bool started_ = false;
+};
+
 // Called by the library on another thread when a PENDING pick is decided. Touches no filter or
 // Envoy stream object: it only hands the decision over and wakes the worker through the scheduler.
-// A decision for a stream that is gone is finished here.
+// A decision for a stream that is gone, or that the watchdog already resumed, is finished here.
 void on_pick_done(void *user_data, llmproxy_request *req) noexcept {
   try {
     auto *holder = static_cast<std::shared_ptr<AsyncState> *>(user_data);
@@ -435,7 +523,7 @@ void on_pick_done(void *user_data, llmproxy_request *req) noexcept {
       std::lock_guard<std::mutex> lock(st->mu);
       sched = st->scheduler;
       st->scheduler = nullptr;
-      if (st->abandoned) {
+      if (st->abandoned || st->timed_out) {
         orphan = true;
       } else {
         st->result = req;
@@ -450,6 +538,21 @@ void on_pick_done(void *user_data, llmproxy_request *req) noexcept {
   } catch (...) {
     // Nothing sensible to do on a foreign thread; never let it unwind into the library.
   }
+}
+
+// The library's decision is overdue: decide now from local data (llmproxy_pick never waits).
+llmproxy_request *decide_locally(Filter &flt) {
+  flt.cfg->pending_timeouts.fetch_add(1, std::memory_order_relaxed);
+  log_msg(ENVOY_LOG_WARN, "pick decision overdue after " + std::to_string(flt.cfg->pick_deadline_ms) +
+                              " ms; deciding from local data");
+  std::vector<llmproxy_header> lh;
+  lh.reserve(flt.pending_headers.size());
+  for (const auto &h : flt.pending_headers)
+    lh.push_back(llmproxy_header{h.first.data(), h.first.size(), h.second.data(), h.second.size()});
+  llmproxy_request *req = nullptr;
+  llmproxy_pick(flt.cfg->router, lh.data(), lh.size(), reinterpret_cast<const uint8_t *>(flt.pending_body.data()),
+                flt.pending_body.size(), &req);
+  return req;
 }
 
 enum class PickOutcome { Routed, Replied, Pending };
@@ -481,9 +584,14 @@ PickOutcome do_pick(void *f, Filter &flt, std::string body) {
       }
     }
     if (req == nullptr) {
+      // Keep what a local decision needs if the library's is overdue.
+      flt.pending_headers.reserve(lh.size());
+      for (const auto &h : lh) flt.pending_headers.emplace_back(std::string(h.name, h.name_len), std::string(h.value, h.value_len));
+      flt.pending_body = std::move(body);
       flt.async = std::move(state);
       flt.phase = Phase::Pending;
       flt.cfg->pending.fetch_add(1, std::memory_order_relaxed);
+      PickWatchdog::instance().watch(flt.async, flt.cfg->pick_deadline_ms);
       return PickOutcome::Pending;
     }
     return apply_decision(f, flt, req) ? PickOutcome::Routed : PickOutcome::Replied;
@@ -683,7 +791,24 @@ extern "C" llmproxy_router *llmproxy_envoy_config_router(const void *filter_conf
 // ---------------------------------------------------------------------------------------------
 // Hooks.
 
-LLMPROXY_EXPORT const char *HOOK(envoy_dynamic_module_on_program_init)(void) { return LLMPROXY_ENVOY_ABI_VERSION; }
+// Envoy may dlclose the module when its last config goes (dynamic_module_config.do_not_close
+// false), while threads that run its code still live: the library's lookup threads finish on
+// their own after llmproxy_router_free, and the shim's watchdog never ends. So the module pins
+// itself in memory (RTLD_NODELETE) when loaded. Nothing to pin when linked into Envoy statically.
+static void pin_module_in_memory() {
+#ifndef LLMPROXY_ENVOY_HOOK_PREFIX
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void *>(&pin_module_in_memory), &info) != 0 && info.dli_fname != nullptr) {
+    // The extra reference is never released: the module stays mapped until the process exits.
+    (void)dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+  }
+#endif
+}
+
+LLMPROXY_EXPORT const char *HOOK(envoy_dynamic_module_on_program_init)(void) {
+  pin_module_in_memory();
+  return LLMPROXY_ENVOY_ABI_VERSION;
+}
 
 LLMPROXY_EXPORT const void *HOOK(envoy_dynamic_module_on_http_filter_config_new)(void *filter_config_envoy_ptr,
                                                                                 envoy_buf name, envoy_buf config) {
@@ -714,6 +839,7 @@ LLMPROXY_EXPORT const void *HOOK(envoy_dynamic_module_on_http_filter_config_new)
     size_t mlen = 0;
     const char *mp = llmproxy_router_metrics_path(router, &mlen);
     cfg->metrics_path = mp ? std::string(mp, mlen) : std::string(LLMPROXY_ENVOY_DEFAULT_METRICS_PATH);
+    if (uint64_t ms = llmproxy_router_pick_deadline_ms(router)) cfg->pick_deadline_ms = ms;
     log_msg(ENVOY_LOG_INFO, "filter \"" + fname + "\" configured (library " + llmproxy_version() +
                                 ", max_body_bytes " + std::to_string(cfg->max_body) + ", strict " +
                                 (cfg->strict ? "true" : "false") + ", cluster header " + cfg->cluster_header + ")");
@@ -961,14 +1087,27 @@ LLMPROXY_EXPORT void HOOK(envoy_dynamic_module_on_http_filter_scheduled)(void *f
   guard<int>("scheduled", flt->cfg, 0, [&] {
     if (event_id != kResumeEvent || flt->phase != Phase::Pending || !flt->async) return 0;
     llmproxy_request *req = nullptr;
+    bool overdue = false;
     {
       std::lock_guard<std::mutex> lock(flt->async->mu);
-      if (flt->async->abandoned || !flt->async->delivered) return 0;
-      req = flt->async->result;
-      flt->async->result = nullptr;
+      if (flt->async->abandoned) return 0;
+      if (flt->async->delivered) {
+        req = flt->async->result;
+        flt->async->result = nullptr;
+      } else if (flt->async->timed_out) {
+        overdue = true;  // the watchdog resumed us; the library's callback finishes its own decision
+      } else {
+        return 0;
+      }
     }
     flt->async.reset();
-    if (!req) return 0;
+    if (overdue) req = decide_locally(*flt);
+    flt->pending_headers.clear();
+    std::string().swap(flt->pending_body);
+    if (!req) {
+      send_error(f, *flt, 500, error_json("server_error", "internal_error", "pick failed without a decision"));
+      return 0;
+    }
     if (apply_decision(f, *flt, req)) envoy_dynamic_module_callback_http_filter_continue_decoding(f);
     return 0;
   });

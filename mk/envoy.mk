@@ -38,23 +38,25 @@ $(ENVOY_MODULE): $(BUILD_DIR)/llmproxy_envoy.o $(BUILD_DIR)/libllmproxy.a cpp_sh
 
 # Fake Envoy host (tests/envoy/fake_host): the shim object + real library, with ASan/UBSan/LSan
 # (Debian's clang++ when `make sanitizer-deps` installed its runtimes, else g++), and
-# --wrap=llmproxy_pick_async so tests can drive the PENDING path (and
-# --wrap=llmproxy_request_finish_outcome to see the status and outcome the shim reports).
+# --wrap=llmproxy_pick_async so tests can drive the PENDING path (--wrap=llmproxy_router_pick_deadline_ms
+# sets the shim's deadline for it; --wrap=llmproxy_request_finish_outcome shows what the shim reports).
 ENVOY_SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 ENVOY_SAN_CXX = $(shell scripts/sanitizer-cc.sh c++)
-ENVOY_FAKE_HOST_WRAPS := -Wl,--wrap=llmproxy_pick_async -Wl,--wrap=llmproxy_request_finish_outcome
+ENVOY_FAKE_HOST_WRAPS := -Wl,--wrap=llmproxy_pick_async -Wl,--wrap=llmproxy_request_finish_outcome \
+                         -Wl,--wrap=llmproxy_router_pick_deadline_ms
 $(ENVOY_FAKE_HOST): tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_DEPS) $(BUILD_DIR)/libllmproxy.a scripts/sanitizer-cc.sh
 	$(ENVOY_SAN_CXX) -std=c++17 -O1 -g $(ENVOY_SAN) -Wall -Wextra -Werror -Iinclude -Icpp_shim \
 	  tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_SRC) $(BUILD_DIR)/libllmproxy.a \
 	  $(ENVOY_FAKE_HOST_WRAPS) $(ENVOY_RUST_LIBS) -o $@
 
 # Test-only variant of the module whose picks are all PENDING (tests/envoy/pending_wrap.cc), so
-# the e2e tests drive the Envoy scheduler path in a real Envoy.
+# the e2e tests drive the Envoy scheduler path (and the shim's pick deadline) in a real Envoy.
 ENVOY_PENDING_MODULE := $(BUILD_DIR)/test-pending/libllmproxy_envoy.so
 $(ENVOY_PENDING_MODULE): $(BUILD_DIR)/llmproxy_envoy.o tests/envoy/pending_wrap.cc $(BUILD_DIR)/libllmproxy.a cpp_shim/exports.map
 	@mkdir -p $(dir $@)
 	$(CXX) $(ENVOY_CXXFLAGS) -shared -o $@ $(BUILD_DIR)/llmproxy_envoy.o tests/envoy/pending_wrap.cc \
-	  $(BUILD_DIR)/libllmproxy.a -Wl,--wrap=llmproxy_pick_async -static-libstdc++ -static-libgcc \
+	  $(BUILD_DIR)/libllmproxy.a -Wl,--wrap=llmproxy_pick_async -Wl,--wrap=llmproxy_router_pick_deadline_ms \
+	  -static-libstdc++ -static-libgcc \
 	  -Wl,--version-script=cpp_shim/exports.map -Wl,--gc-sections $(ENVOY_RUST_LIBS)
 
 test-envoy-fake-host: build sanitizer-deps

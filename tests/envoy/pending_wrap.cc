@@ -1,9 +1,11 @@
 // Test-only: makes every llmproxy_pick_async of the Envoy module PENDING, with the decision made
 // by the real llmproxy_pick on a helper thread after LLMPROXY_TEST_PENDING_DELAY_MS (default 20)
-// milliseconds. Linked into build/test-pending/libllmproxy_envoy.so with
-// -Wl,--wrap=llmproxy_pick_async, so the real Envoy scheduler path (scheduler_new, commit from a
-// foreign thread, on_scheduled, continue_decoding) is exercised end to end although the library
-// itself only returns PENDING for remote cache lookups.
+// milliseconds; a negative delay means the decision never comes. Linked into
+// build/test-pending/libllmproxy_envoy.so with -Wl,--wrap=llmproxy_pick_async, so the real Envoy
+// scheduler path (scheduler_new, commit from a foreign thread, on_scheduled, continue_decoding) is
+// exercised end to end although the library itself only returns PENDING for remote cache lookups.
+// LLMPROXY_TEST_PICK_DEADLINE_MS (-Wl,--wrap=llmproxy_router_pick_deadline_ms) sets the shim's
+// deadline for those decisions.
 
 #include <chrono>
 #include <cstdlib>
@@ -15,14 +17,22 @@
 #include "llmproxy.h"
 
 namespace {
+int env_ms(const char *name, int fallback) {
+  const char *v = std::getenv(name);
+  return v ? std::atoi(v) : fallback;
+}
 int delay_ms() {
-  static const int ms = [] {
-    const char *v = std::getenv("LLMPROXY_TEST_PENDING_DELAY_MS");
-    return v ? std::atoi(v) : 20;
-  }();
+  static const int ms = env_ms("LLMPROXY_TEST_PENDING_DELAY_MS", 20);
   return ms;
 }
 }  // namespace
+
+extern "C" uint64_t __real_llmproxy_router_pick_deadline_ms(const llmproxy_router *router);
+extern "C" __attribute__((visibility("hidden"))) uint64_t __wrap_llmproxy_router_pick_deadline_ms(
+    const llmproxy_router *router) {
+  int ms = env_ms("LLMPROXY_TEST_PICK_DEADLINE_MS", 0);
+  return ms > 0 ? static_cast<uint64_t>(ms) : __real_llmproxy_router_pick_deadline_ms(router);
+}
 
 extern "C" __attribute__((visibility("hidden"))) llmproxy_status __wrap_llmproxy_pick_async(
     llmproxy_router *router, const llmproxy_header *headers, size_t n, const uint8_t *body, size_t body_len,
@@ -35,6 +45,7 @@ extern "C" __attribute__((visibility("hidden"))) llmproxy_status __wrap_llmproxy
   std::string b(reinterpret_cast<const char *>(body), body_len);
   *out = nullptr;
   int delay = delay_ms();
+  if (delay < 0) return LLMPROXY_PENDING;  // never decided (user_data is never released: test only)
   try {
     std::thread([router, hs = std::move(hs), b = std::move(b), cb, user_data, delay] {
       std::this_thread::sleep_for(std::chrono::milliseconds(delay));

@@ -17,8 +17,7 @@ PENDING_DIR = harness.BUILD_DIR / "test-pending"
 CHAT = "/v1/chat/completions"
 
 
-@pytest.fixture(scope="module")
-def pending_gateway(servers, tmp_path_factory):
+def start_pending_gateway(servers, tmp_path_factory, env):
     if not (PENDING_DIR / "libllmproxy_envoy.so").exists():
         pytest.fail("%s missing: run `make test-envoy`" % (PENDING_DIR / "libllmproxy_envoy.so"))
 
@@ -32,10 +31,23 @@ def pending_gateway(servers, tmp_path_factory):
                "clusters": {pool: {"endpoints": eps} for pool, eps in endpoints.items()}}
         clusters = [harness.static_cluster(pool, eps) for pool, eps in endpoints.items()]
         boot = harness.envoy_bootstrap(listen_port, admin_port, clusters, cfg, default_cluster="pool_a")
-        return harness.Envoy(boot, tmp_path_factory.mktemp("envoy-pending"), module_dir=PENDING_DIR,
-                             env={"LLMPROXY_TEST_PENDING_DELAY_MS": "150"})
+        return harness.Envoy(boot, tmp_path_factory.mktemp("envoy-pending"), module_dir=PENDING_DIR, env=env)
 
-    gw = harness.retry_on_port_clash(start)
+    return harness.retry_on_port_clash(start)
+
+
+@pytest.fixture(scope="module")
+def pending_gateway(servers, tmp_path_factory):
+    gw = start_pending_gateway(servers, tmp_path_factory, {"LLMPROXY_TEST_PENDING_DELAY_MS": "150"})
+    yield gw
+    gw.close()
+
+
+@pytest.fixture(scope="module")
+def overdue_gateway(servers, tmp_path_factory):
+    """Every decision comes 1 s late, past the shim's 200 ms deadline."""
+    gw = start_pending_gateway(servers, tmp_path_factory, {"LLMPROXY_TEST_PENDING_DELAY_MS": "1000",
+                                                           "LLMPROXY_TEST_PICK_DEADLINE_MS": "200"})
     yield gw
     gw.close()
 
@@ -106,3 +118,29 @@ def test_client_gone_before_pending_decision(pending_gateway):
     assert after['llmproxy_finished_requests_total{status="4xx"}'] >= before['llmproxy_finished_requests_total{status="4xx"}'] + 3
     status, _, _, _ = harness.request(pending_gateway.port, "POST", CHAT, chat("m-a", "still fine"))
     assert status == 200
+
+
+def test_overdue_decision_is_made_locally_within_the_deadline(overdue_gateway):
+    gw = overdue_gateway
+    before = metrics(gw)
+
+    def one(i):
+        model = "m-a" if i % 2 else "m-b"
+        status, _, data, secs = harness.request(gw.port, "POST", CHAT, chat(model, "overdue %d" % i), timeout=10)
+        served = json.loads(data).get("served_by") if status == 200 else None
+        return status, served in POOLS["pool_a" if model == "m-a" else "pool_b"], secs
+
+    with ThreadPoolExecutor(6) as ex:
+        results = list(ex.map(one, range(6)))
+    assert all(r[0] == 200 and r[1] for r in results), results
+    # Answered at the 200 ms deadline (plus slack), not when the late decision came (1 s).
+    assert all(0.18 <= r[2] < 0.8 for r in results), [round(r[2], 3) for r in results]
+    after = metrics(gw)
+    assert after["llmproxy_envoy_pending_timeouts_total"] - before["llmproxy_envoy_pending_timeouts_total"] == 6
+    # The late decisions are finished by the callback (499, not an endpoint failure): nothing leaks.
+    wait_in_flight_zero(gw)
+    time.sleep(1.2)
+    after = metrics(gw)
+    assert after["llmproxy_envoy_in_flight"] == 0
+    assert after['llmproxy_finished_requests_total{status="4xx"}'] - before['llmproxy_finished_requests_total{status="4xx"}'] == 6
+    assert after['llmproxy_finished_requests_total{status="2xx"}'] - before['llmproxy_finished_requests_total{status="2xx"}'] == 6

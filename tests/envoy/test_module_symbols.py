@@ -1,6 +1,8 @@
 """The module's dynamic symbol table: only the hooks exported, every referenced Envoy callback
-present in this Envoy (1.40 loads modules with RTLD_NOW, spec P3)."""
+present in this Envoy (1.40 loads modules with RTLD_NOW, spec P3); and the module pins itself in
+memory when loaded."""
 
+import ctypes
 import subprocess
 
 
@@ -76,3 +78,22 @@ def test_no_cxx_runtime_dependency(module_built):
     needed = [l for l in out.splitlines() if "(NEEDED)" in l]
     assert not [l for l in needed if "libstdc++" in l or "libgcc_s" in l], needed
 
+
+def test_module_pins_itself_in_memory(module_built):
+    # Envoy may dlclose the module (dynamic_module_config.do_not_close: false) while threads that
+    # run its code live on (the library's lookup threads, the shim's watchdog): on_program_init
+    # takes an RTLD_NODELETE reference, so dlclose leaves it mapped.
+    libc = ctypes.CDLL(None)  # dlopen & co. straight from libc: ctypes.CDLL would force RTLD_NOW
+    libc.dlopen.restype, libc.dlopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]
+    libc.dlsym.restype, libc.dlsym.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]
+    libc.dlclose.argtypes = [ctypes.c_void_p]
+    rtld_lazy, rtld_noload = 0x1, 0x4
+    path = str(module_built).encode()
+    assert not libc.dlopen(path, rtld_lazy | rtld_noload), "the module is already loaded here"
+    # Lazy: the Envoy callbacks it references do not exist in this process, and are not called.
+    handle = libc.dlopen(path, rtld_lazy)
+    assert handle, "dlopen failed"
+    init = ctypes.CFUNCTYPE(ctypes.c_char_p)(libc.dlsym(handle, b"envoy_dynamic_module_on_program_init"))
+    assert init() == b"v0.2.0"
+    assert libc.dlclose(handle) == 0
+    assert libc.dlopen(path, rtld_lazy | rtld_noload), "dlclose unloaded the module"

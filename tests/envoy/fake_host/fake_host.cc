@@ -2,7 +2,8 @@
 // the shim's logic can be unit-tested quickly, with the real llmproxy library behind it.
 //
 // Built with -Wl,--wrap=llmproxy_pick_async so a test can make the library's pick "PENDING" and
-// deliver the decision from another thread, exactly as the ABI allows, and with
+// deliver the decision from another thread, exactly as the ABI allows (or late, past the shim's
+// deadline: --wrap=llmproxy_router_pick_deadline_ms sets that deadline), and with
 // --wrap=llmproxy_request_finish_outcome to see the status and outcome the shim reports.
 
 #include <atomic>
@@ -365,8 +366,10 @@ llmproxy_status __real_llmproxy_pick_async(llmproxy_router *, const llmproxy_hea
 struct PendingMode {
   bool enabled = false;
   bool decide_before_return = false;  // callback runs (on another thread) before pick_async returns
+  bool late = false;                  // callback held until deliver_late() (past any deadline)
   int delay_ms = 20;
   std::vector<std::thread> threads;
+  std::vector<std::function<void()>> held;  // late deliveries
 } g_pending;
 
 extern "C" llmproxy_status __wrap_llmproxy_pick_async(llmproxy_router *router, const llmproxy_header *headers,
@@ -389,12 +392,29 @@ extern "C" llmproxy_status __wrap_llmproxy_pick_async(llmproxy_router *router, c
     llmproxy_pick(router, lh.data(), lh.size(), reinterpret_cast<const uint8_t *>(b.data()), b.size(), &req);
     cb(user_data, req);
   };
+  if (g_pending.late) {
+    g_pending.held.push_back(decide);
+    return LLMPROXY_PENDING;
+  }
   g_pending.threads.emplace_back(decide);
   if (g_pending.decide_before_return) {
     g_pending.threads.back().join();
     g_pending.threads.pop_back();
   }
   return LLMPROXY_PENDING;
+}
+
+// Delivers the held (late) decisions, each on its own thread.
+static void deliver_late() {
+  for (auto &d : g_pending.held) g_pending.threads.emplace_back(d);
+  g_pending.held.clear();
+}
+
+// ---- --wrap of llmproxy_router_pick_deadline_ms: the shim's deadline for PENDING picks ----
+extern "C" uint64_t __real_llmproxy_router_pick_deadline_ms(const llmproxy_router *router);
+uint64_t g_pick_deadline_ms = 0;  // 0: the library's value
+extern "C" uint64_t __wrap_llmproxy_router_pick_deadline_ms(const llmproxy_router *router) {
+  return g_pick_deadline_ms ? g_pick_deadline_ms : __real_llmproxy_router_pick_deadline_ms(router);
 }
 
 // ---- --wrap of llmproxy_request_finish_outcome: records the status and outcome the shim reports ----
@@ -847,6 +867,8 @@ static void test_destroy_without_complete_finishes(const void *cfg) {
   CHECK_EQ(in_flight(cfg), 0u);
 }
 
+static constexpr uint64_t kResumeEventId = 1;  // the only event the shim commits
+
 static bool wait_commit(FakeStream &fs, int ms) {
   for (int i = 0; i < ms; ++i) {
     {
@@ -1235,6 +1257,73 @@ static void test_lb_retry_repicks_through_library() {
   H(envoy_dynamic_module_on_http_filter_config_destroy)(cfg);
 }
 
+// ---- the shim's own deadline for PENDING picks ----
+
+
+static void test_pending_past_deadline_decides_locally(const void *cfg) {
+  g_pending.enabled = true;
+  g_pending.late = true;
+  g_pick_deadline_ms = 100;
+  const void *c = new_config(config_json());  // reads the (wrapped) deadline
+  int live_before = g_schedulers_live.load();
+  {
+    Stream s(c);
+    s.fs.req_headers = post_headers();
+    s.headers(false);
+    auto t0 = std::chrono::steady_clock::now();
+    CHECK_EQ(s.body(chat("m-a", "the lookup never answers"), true), (int)ENVOY_BODY_STOP_ITERATION_AND_BUFFER);
+    const bool resumed = wait_commit(s.fs, 2000);  // by the watchdog: the callback is held back
+    auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+    CHECK(resumed);
+    CHECK(waited >= 90 && waited < 600);
+    CHECK_EQ(s.fs.override_calls, 0);  // nothing touched off the worker thread
+    H(envoy_dynamic_module_on_http_filter_scheduled)(&s.fs, s.m, kResumeEventId);
+    CHECK_EQ(s.fs.continue_decoding, 1);
+    CHECK(is_pool_a(s.fs.override_host));
+    CHECK_EQ(in_flight(c), 1u);
+    deliver_late();  // the library's decision comes after all: finished, never applied
+    join_pending_threads();
+    CHECK(last_finish_outcome() == (Finish{499, LLMPROXY_OUTCOME_LOCAL}));
+    CHECK_EQ(in_flight(c), 1u);
+    CHECK_EQ(s.fs.override_calls, 1);
+    CHECK_EQ(s.fs.committed_count(), (size_t)1);
+    s.respond(200, "x");
+    s.complete();
+    CHECK_EQ(in_flight(c), 0u);
+    Stream mtr(c);
+    mtr.fs.req_headers = {{":method", "GET"}, {":path", LLMPROXY_ENVOY_DEFAULT_METRICS_PATH}};
+    mtr.headers(true);
+    CHECK(mtr.fs.sent_body.find("llmproxy_envoy_pending_timeouts_total 1\n") != std::string::npos);
+  }
+  {  // the stream ends before the deadline: the watchdog leaves it alone, the late decision is finished
+    auto gone = std::make_shared<FakeStream::Commits>();
+    {
+      Stream s(c);
+      gone = s.fs.commits;
+      s.fs.req_headers = post_headers();
+      s.headers(false);
+      s.body(chat("m-a", "client leaves"), true);
+      s.complete();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));  // past the deadline
+    {
+      std::lock_guard<std::mutex> lock(gone->mu);
+      CHECK_EQ(gone->after_gone, 0);
+      CHECK(gone->events.empty());
+    }
+    deliver_late();
+    join_pending_threads();
+    CHECK(last_finish_outcome() == (Finish{499, LLMPROXY_OUTCOME_LOCAL}));
+    CHECK_EQ(in_flight(c), 0u);
+  }
+  CHECK_EQ(g_schedulers_live.load(), live_before);
+  H(envoy_dynamic_module_on_http_filter_config_destroy)(c);
+  g_pending.enabled = false;
+  g_pending.late = false;
+  g_pick_deadline_ms = 0;
+  (void)cfg;
+}
+
 static void test_config_knobs() {
   const void *cfg = new_config(config_json(R"(,"strict_endpoint_override":false,"cluster_header":"X-Route-Cluster")"));
   CHECK(cfg != nullptr);
@@ -1293,6 +1382,7 @@ int main() {
       {"route_timeouts_do_not_eject_but_connect_failures_do",
        [](const void *) { test_route_timeouts_do_not_eject_but_connect_failures_do(); }},
       {"lb_retry_repicks_through_library", [](const void *) { test_lb_retry_repicks_through_library(); }},
+      {"pending_past_deadline_decides_locally", test_pending_past_deadline_decides_locally},
   };
   int passed = 0, failed = 0;
   for (auto &t : tests) {

@@ -27,6 +27,19 @@ def test_validate_envoy_yaml(module_built):
     assert "llmproxy: filter \"llmproxy\" configured" in out
 
 
+def test_envoy_yaml_retries_through_the_llmproxy_lb_policy():
+    with open(EXAMPLES / "envoy.yaml") as f:
+        cfg = yaml.safe_load(f)
+    for cluster in cfg["static_resources"]["clusters"]:
+        policy = cluster["load_balancing_policy"]["policies"][0]["typed_extension_config"]
+        assert policy["name"] == "envoy.load_balancing_policies.dynamic_modules"
+        assert policy["typed_config"]["lb_policy_name"] == "llmproxy"
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    picked = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    assert picked["cluster_header"] == "x-llmproxy-cluster"
+    assert picked["retry_policy"] == harness.RETRY_POLICY
+
+
 def envoyfilter_docs():
     with open(EXAMPLES / "envoyfilter.yaml") as f:
         return list(yaml.safe_load_all(f))

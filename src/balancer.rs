@@ -14,7 +14,7 @@
 //! Ties are broken at random, never by list order (the origin herded new prefixes onto its
 //! first host). Selection is O(n): a partial select, not a sort.
 
-use crate::config::LbParams;
+use crate::config::{Algorithm, LbParams};
 
 /// What the balancer knows about one candidate endpoint.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -159,6 +159,49 @@ pub fn round_robin(cursor: &std::sync::atomic::AtomicUsize, n: usize) -> usize {
 pub fn least_request(candidates: &[CandidateLoad], rng: &mut fastrand::Rng) -> usize {
     let s: Vec<f64> = candidates.iter().map(|c| -(c.in_flight as f64)).collect();
     pick_among_best(&s, 1, rng)
+}
+
+/// What one selection sees: the candidates' loads (empty when the algorithm reads none), the
+/// prompt, the model's parameters and the cluster's round-robin cursor.
+pub struct Selection<'a> {
+    /// One entry per candidate, when [`Algorithm::uses_loads`].
+    pub loads: &'a [CandidateLoad],
+    /// Number of candidates.
+    pub candidates: usize,
+    /// Prompt length in characters.
+    pub prompt_chars: u64,
+    /// The model's balancing parameters.
+    pub params: &'a LbParams,
+    /// The cluster's round-robin cursor.
+    pub rr_cursor: &'a std::sync::atomic::AtomicUsize,
+}
+
+/// The one interface the router uses to run an algorithm.
+impl Algorithm {
+    /// True when the algorithm weighs cache affinity, so that the router reads and feeds
+    /// the prefix index (and asks the Metadata-Center) for it.
+    pub fn uses_prefix_index(self, params: &LbParams) -> bool {
+        matches!(self, Algorithm::InferenceLb | Algorithm::PrefixCost) && params.cache_aware
+    }
+
+    /// True when the algorithm reads the candidates' loads.
+    pub fn uses_loads(self) -> bool {
+        matches!(
+            self,
+            Algorithm::InferenceLb | Algorithm::PrefixCost | Algorithm::LeastRequest
+        )
+    }
+
+    /// Picks one candidate: an index below `s.candidates`.
+    pub fn select(self, s: &Selection, rng: &mut fastrand::Rng) -> usize {
+        match self {
+            Algorithm::InferenceLb => inference_lb(s.loads, s.params, rng),
+            Algorithm::PrefixCost => prefix_cost(s.loads, s.prompt_chars, s.params, rng),
+            Algorithm::Random => random(s.candidates, rng),
+            Algorithm::RoundRobin => round_robin(s.rr_cursor, s.candidates),
+            Algorithm::LeastRequest => least_request(s.loads, rng),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -66,6 +66,18 @@ fn count_utf8_chars(bytes: &[u8]) -> u64 {
     bytes.iter().filter(|&&b| (b as i8) >= -0x40).count() as u64
 }
 
+/// Moves a prompt's hashes into the domain of the model the backend actually serves, when it
+/// differs from the client's model (a LoRA adapter, a `target_model` alias): another served
+/// model has KV caches of its own, so the same prompt must not match across them. The one
+/// place the hash domain is defined: seeded by the client model ([`PrefixHasher::new`]),
+/// salted by the served model here.
+pub fn salt_for_served_model(hashes: &mut [u64], client_model: &str, served_model: &str) {
+    if served_model != client_model {
+        let salt = xxh3_64(served_model.as_bytes());
+        hashes.iter_mut().for_each(|h| *h ^= salt);
+    }
+}
+
 /// Hashes a whole prompt at once (convenience for tests and tools).
 pub fn prefix_hashes(model: &str, prompt: &[u8], chunk_bytes: usize) -> Vec<u64> {
     let mut h = PrefixHasher::new(model, chunk_bytes);

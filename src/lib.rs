@@ -6,29 +6,35 @@
 //! holds the prefix in its KV cache and is not drowning in prefill work. No I/O happens on
 //! that path.
 //!
-//! Layout, by concern:
+//! Layout, by concern (each module's doc says what it owns):
 //! - [`config`]: the JSON config (the origin's format plus our additions) and its validation;
 //! - [`request`]: OpenAI request parsing and the canonical prompt;
-//! - [`hashing`]: cumulative prefix hashes of the prompt;
+//! - [`hashing`]: cumulative prefix hashes of the prompt and their model domain;
 //! - [`transcode`]: upstream rewrites (target model, LoRA, Triton) and response transcoding;
-//! - [`balancer`]: pure selection algorithms (`inference_lb`, random, round robin, least request);
-//! - [`state`]: endpoints, clusters, load counters and the local prefix index;
-//! - [`router`]: the request lifecycle (pick → first token → finish) tying them together;
-//! - [`sync`]: the background thread: Metadata-Center reports and polls, DNS clusters;
-//! - [`metrics`]: counters, histograms and Prometheus rendering;
+//! - [`balancer`]: pure selection algorithms (`inference_lb`, `prefix_cost`, random, round
+//!   robin, least request) behind one interface (`Algorithm::select`);
+//! - [`state`]: endpoints, clusters, load counters, the local prefix index and the clock;
+//! - [`router`]: the request lifecycle (pick → first token → finish) tying them together:
+//!   `router/pick.rs` is the pick path top down, `router/request.rs` the request handle,
+//!   `router/lookup.rs` the picks that wait for a remote cache lookup;
+//! - [`background`]: the library's threads: Metadata-Center reports and polls, lookups, DNS;
+//!   it depends on `state`, never on `router`;
+//! - [`metrics`]: the router's counters and its Prometheus page; [`prometheus`]: the text
+//!   format (histograms, families, escaping);
 //! - [`error`]: client-facing errors with their HTTP status and OpenAI JSON;
 //! - [`ffi`]: the C ABI (`include/llmproxy.h`).
 
+pub mod background;
 pub mod balancer;
 pub mod config;
 pub mod error;
 pub mod ffi;
 pub mod hashing;
 pub mod metrics;
+pub mod prometheus;
 pub mod request;
 pub mod router;
 pub mod state;
-pub mod sync;
 pub mod transcode;
 
 pub use config::{Config, ConfigError};

@@ -1,84 +1,14 @@
-//! Router metrics and their Prometheus text rendering.
+//! Router metrics: the counters updated on the request path and the Prometheus page that
+//! renders them with the per-endpoint gauges read from the state at render time.
 //!
-//! Counters are plain atomics updated on the request path (no locks, no allocation);
-//! per-endpoint gauges are read from the endpoints themselves at render time. Histograms have
-//! fixed buckets. A hand-written histogram is used rather than a registry crate because the
-//! label families here are fixed and known, and label lookups would cost on the hot path.
+//! Counters are plain atomics (no locks, no allocation on the request path).
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A fixed-bucket histogram of non-negative values.
-pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Box<[AtomicU64]>,
-    /// Sum in millionths of the unit.
-    sum_micro: AtomicU64,
-}
+use crate::prometheus::{escape_label, family, header, Histogram, RATIO_BUCKETS};
+use std::sync::Arc;
 
-/// Latency buckets in seconds, 50 µs … 60 s.
-pub const LATENCY_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0, 30.0, 60.0,
-];
-
-/// Buckets of a 0–1 ratio.
-pub const RATIO_BUCKETS: &[f64] = &[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0];
-
-impl Histogram {
-    /// A histogram with the given upper bounds (ascending); +Inf is implicit.
-    pub fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_micro: AtomicU64::new(0),
-        }
-    }
-
-    /// A latency histogram in seconds.
-    pub fn latency() -> Self {
-        Self::new(LATENCY_BUCKETS)
-    }
-
-    /// Records one observation.
-    pub fn observe(&self, v: f64) {
-        let v = if v.is_finite() && v > 0.0 { v } else { 0.0 };
-        let i = self.bounds.partition_point(|&b| b < v);
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micro
-            .fetch_add((v * 1e6).round() as u64, Ordering::Relaxed);
-    }
-
-    /// Number of observations.
-    pub fn count(&self) -> u64 {
-        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
-    }
-
-    /// Writes the `_bucket`, `_sum` and `_count` lines; `labels` is `k="v",…` or empty.
-    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0;
-        for (i, c) in self.counts.iter().enumerate() {
-            cumulative += c.load(Ordering::Relaxed);
-            let le = match self.bounds.get(i) {
-                Some(b) => format!("{b}"),
-                None => "+Inf".to_string(),
-            };
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let sum = self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6;
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(out, "{name}_sum{braces} {sum}");
-        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
-    }
-}
+use crate::state::{Cluster, Endpoint, EndpointSet, PrefixIndex};
 
 /// Outcomes of a pick, in the order of `PICK_OUTCOMES`.
 pub const PICK_OUTCOMES: [&str; 6] = [
@@ -106,8 +36,6 @@ pub struct RouterMetrics {
     pub finished: [AtomicU64; 5],
     /// Re-picks after a connect failure.
     pub retries: AtomicU64,
-    /// Endpoint sets replaced through the API or DNS.
-    pub endpoint_updates: AtomicU64,
     /// Metadata-Center calls that succeeded / failed (including breaker refusals).
     pub sync_ok: AtomicU64,
     /// See `sync_ok`.
@@ -132,7 +60,6 @@ impl Default for RouterMetrics {
             cached_prompt_chars: AtomicU64::new(0),
             finished: Default::default(),
             retries: AtomicU64::new(0),
-            endpoint_updates: AtomicU64::new(0),
             sync_ok: AtomicU64::new(0),
             sync_failed: AtomicU64::new(0),
             sync_dropped: AtomicU64::new(0),
@@ -172,61 +99,229 @@ impl RouterMetrics {
     }
 }
 
-/// Escapes a Prometheus label value.
-pub fn escape_label(v: &str) -> String {
-    let mut s = String::with_capacity(v.len());
-    for ch in v.chars() {
-        match ch {
-            '\\' => s.push_str("\\\\"),
-            '"' => s.push_str("\\\""),
-            '\n' => s.push_str("\\n"),
-            c => s.push(c),
-        }
-    }
-    s
+/// What the metrics page shows besides the router's own counters.
+pub struct Page<'a> {
+    /// Requests picked and not yet finished.
+    pub in_flight: u64,
+    /// The router's prefix index.
+    pub index: &'a PrefixIndex,
+    /// Every cluster, sorted by name.
+    pub clusters: &'a [Arc<Cluster>],
+    /// Endpoint-set replacements so far.
+    pub endpoint_updates: u64,
+    /// Model names, indexed by model slot (per-model histograms).
+    pub model_names: &'a [String],
+    /// Router time now, ms (ejection deadlines).
+    pub now_ms: u64,
 }
 
-/// Writes a metric family: `# HELP`, `# TYPE`, then one sample per `(labels, value)`
-/// (`labels` is `k="v",…`, or empty for an unlabelled sample).
-pub fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
-    header(out, name, kind, help);
-    for (labels, value) in samples {
-        if labels.is_empty() {
-            let _ = writeln!(out, "{name} {value}");
-        } else {
-            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+impl RouterMetrics {
+    /// The whole metrics page in Prometheus text format.
+    pub fn render(&self, page: &Page) -> String {
+        let m = self;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::with_capacity(4096);
+        let picks: Vec<(String, u64)> = PICK_OUTCOMES
+            .iter()
+            .zip(&m.picks)
+            .map(|(o, c)| (format!("outcome=\"{o}\""), load(c)))
+            .collect();
+        family(
+            &mut out,
+            "llmproxy_picks_total",
+            "counter",
+            "Pick decisions by outcome.",
+            &picks,
+        );
+        let finished: Vec<(String, u64)> = ["none", "2xx", "3xx", "4xx", "5xx"]
+            .iter()
+            .zip(&m.finished)
+            .map(|(class, c)| (format!("status=\"{class}\""), load(c)))
+            .collect();
+        family(
+            &mut out,
+            "llmproxy_finished_requests_total",
+            "counter",
+            "Finished requests by upstream status class (none = no upstream response).",
+            &finished,
+        );
+        let single = |v: u64| [(String::new(), v)];
+        for (name, kind, help, value) in [
+            (
+                "llmproxy_in_flight_requests",
+                "gauge",
+                "Requests picked and not yet finished.",
+                page.in_flight,
+            ),
+            (
+                "llmproxy_retries_total",
+                "counter",
+                "Re-picks after a failed upstream connection.",
+                load(&m.retries),
+            ),
+            (
+                "llmproxy_endpoint_updates_total",
+                "counter",
+                "Endpoint sets replaced through the API or DNS.",
+                page.endpoint_updates,
+            ),
+            (
+                "llmproxy_metadata_center_events_dropped_total",
+                "counter",
+                "Sync events dropped because the queue was full.",
+                load(&m.sync_dropped),
+            ),
+            (
+                "llmproxy_prompt_chars_total",
+                "counter",
+                "Prompt characters of routed requests.",
+                load(&m.prompt_chars),
+            ),
+            (
+                "llmproxy_cached_prompt_chars_total",
+                "counter",
+                "Prompt characters the chosen endpoint was expected to hold in its KV cache.",
+                load(&m.cached_prompt_chars),
+            ),
+            (
+                "llmproxy_prefix_index_entries",
+                "gauge",
+                "Chunk hashes in the local prefix index.",
+                page.index.len() as u64,
+            ),
+            (
+                "llmproxy_prefix_index_evictions_total",
+                "counter",
+                "Prefix index entries evicted to stay within capacity.",
+                page.index.evictions(),
+            ),
+        ] {
+            family(&mut out, name, kind, help, &single(value));
         }
-    }
-}
+        family(
+            &mut out,
+            "llmproxy_metadata_center_calls_total",
+            "counter",
+            "Metadata-Center calls by result (failed includes circuit-breaker refusals).",
+            &[
+                ("result=\"ok\"".into(), load(&m.sync_ok)),
+                ("result=\"failed\"".into(), load(&m.sync_failed)),
+            ],
+        );
+        family(
+            &mut out,
+            "llmproxy_remote_cache_lookups_total",
+            "counter",
+            "pick_async / pick_start decisions by the cache data they used.",
+            &[
+                ("result=\"remote\"".into(), load(&m.lookups_remote)),
+                ("result=\"local_fallback\"".into(), load(&m.lookups_local)),
+                (
+                    "result=\"expired_in_queue\"".into(),
+                    load(&m.lookups_expired),
+                ),
+            ],
+        );
+        header(
+            &mut out,
+            "llmproxy_pick_duration_seconds",
+            "histogram",
+            "Time spent in pick: parse, hash, score, account.",
+        );
+        m.pick_duration
+            .render(&mut out, "llmproxy_pick_duration_seconds", "");
+        header(
+            &mut out,
+            "llmproxy_decision_cache_ratio",
+            "histogram",
+            "Prefix-cache match ratio of the chosen endpoint.",
+        );
+        m.decision_cache_ratio
+            .render(&mut out, "llmproxy_decision_cache_ratio", "");
 
-/// Writes `# HELP` and `# TYPE` lines.
-pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = Histogram::new(&[1.0, 2.0]);
-        for v in [0.5, 1.0, 1.5, 3.0, f64::NAN] {
-            h.observe(v);
+        type Getter = fn(&Endpoint, u64) -> u64;
+        let families: [(&str, &str, &str, Getter); 7] = [
+            (
+                "llmproxy_endpoint_in_flight_requests",
+                "gauge",
+                "In-flight requests per endpoint.",
+                |e, _| e.in_flight(),
+            ),
+            (
+                "llmproxy_endpoint_prefill_chars",
+                "gauge",
+                "Prompt characters still in prefill per endpoint.",
+                |e, _| e.prefill_chars(),
+            ),
+            (
+                "llmproxy_endpoint_picks_total",
+                "counter",
+                "Picks per endpoint.",
+                |e, _| e.picks(),
+            ),
+            (
+                "llmproxy_endpoint_failures_total",
+                "counter",
+                "Failures of the endpoint (connect failure, reset before any response, its own 502/503/504).",
+                |e, _| e.failures(),
+            ),
+            (
+                "llmproxy_endpoint_ejections_total",
+                "counter",
+                "Passive-health ejections per endpoint.",
+                |e, _| e.ejections(),
+            ),
+            (
+                "llmproxy_endpoint_ejected",
+                "gauge",
+                "1 while the endpoint is ejected.",
+                |e, now| e.is_ejected(now) as u64,
+            ),
+            (
+                "llmproxy_endpoint_remote_in_flight_requests",
+                "gauge",
+                "In-flight requests other gateways reported for the endpoint (last Metadata-Center poll).",
+                |e, _| e.remote_in_flight(),
+            ),
+        ];
+        let now = page.now_ms;
+        let sets: Vec<(&str, Arc<EndpointSet>)> = page
+            .clusters
+            .iter()
+            .map(|c| (c.name.as_str(), c.snapshot()))
+            .collect();
+        for (name, kind, help, get) in families {
+            let samples: Vec<(String, u64)> = sets
+                .iter()
+                .flat_map(|(c, set)| {
+                    set.endpoints.iter().map(move |e| {
+                        let labels =
+                            format!("cluster=\"{}\",endpoint=\"{}\"", escape_label(c), e.address);
+                        (labels, get(e, now))
+                    })
+                })
+                .collect();
+            family(&mut out, name, kind, help, &samples);
         }
-        let mut out = String::new();
-        h.render(&mut out, "x", "a=\"b\"");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"1\"} 3\n"), "{out}");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"2\"} 4\n"), "{out}");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 5\n"), "{out}");
-        assert!(out.contains("x_sum{a=\"b\"} 6\n"), "{out}");
-        assert!(out.contains("x_count{a=\"b\"} 5\n"), "{out}");
-        assert_eq!(h.count(), 5);
-    }
-
-    #[test]
-    fn labels_are_escaped() {
-        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        header(
+            &mut out,
+            "llmproxy_time_to_first_token_seconds",
+            "histogram",
+            "Time from pick to first response byte, per model and endpoint.",
+        );
+        for (c, set) in &sets {
+            for e in &set.endpoints {
+                for (slot, h) in e.ttft_histograms() {
+                    let labels = format!(
+                        "model=\"{}\",cluster=\"{}\",endpoint=\"{}\"",
+                        escape_label(&page.model_names[slot]),
+                        escape_label(c),
+                        e.address
+                    );
+                    h.render(&mut out, "llmproxy_time_to_first_token_seconds", &labels);
+                }
+            }
+        }
+        out
     }
 }

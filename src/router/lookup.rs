@@ -2,16 +2,15 @@
 //! goes to a callback on a lookup thread) and `pick_start` (the host polls a
 //! [`PendingPick`]), and the lookup job that decides them off the request path.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::pick::RemoteDepth;
 use super::{failed_request, HeaderRef, PickedRequest, Routed, Router, RouterInner};
-use crate::config::Algorithm;
+use crate::background::client::Client;
+use crate::background::Lookup;
 use crate::error::PickError;
-use crate::sync::client::Client;
-use crate::sync::Lookup;
 
 impl Router {
     /// Routes one request, asking the Metadata-Center for cache matches first when remote
@@ -31,11 +30,7 @@ impl Router {
             Ok(r) => r,
             Err(e) => return Some(self.inner.finish_pick(Err(e), started)),
         };
-        let wants_remote = matches!(
-            inner.config.algorithm,
-            Algorithm::InferenceLb | Algorithm::PrefixCost
-        ) && inner.config.lb_params(&routed.model).cache_aware
-            && !routed.prefix_hashes.is_empty();
+        let wants_remote = inner.wants_cache_depth(&routed);
         let routed = match (wants_remote, inner.lookups.get()) {
             (true, Some(tx)) => {
                 let job = LookupJob {
@@ -95,7 +90,7 @@ pub(crate) struct LookupJob {
 impl LookupJob {
     /// Decides with the cache answer (`None`: local data only) and hands the decision to
     /// the host's callback. `expired`: no lookup was made (the job waited too long).
-    fn decide(&mut self, remote: Option<&HashMap<String, usize>>, expired: bool) {
+    fn decide(&mut self, remote: Option<&RemoteDepth>, expired: bool) {
         let Some((mut routed, done)) = self.pending.take() else {
             return;
         };
@@ -154,7 +149,7 @@ impl Lookup for LookupJob {
             .map(|locs| {
                 locs.into_iter()
                     .map(|l| (l.ip, l.length))
-                    .collect::<HashMap<_, _>>()
+                    .collect::<RemoteDepth>()
             });
         self.decide(remote.as_ref(), false);
     }

@@ -1,37 +1,39 @@
 //! The router: one per proxy filter config, shared by every worker thread.
 //!
 //! It owns the lifecycle of a request from the routing point of view:
-//! `pick` (parse → match rule → score → account) gives a [`PickedRequest`];
-//! [`PickedRequest::first_token`] releases the prefill load; [`PickedRequest::finish`]
-//! releases the request and feeds passive health. Dropping an unfinished request finishes it
-//! with "no response", so accounting can never leak from Rust code.
+//! `pick` (parse → match rule → score → account, in `pick.rs`) gives a [`PickedRequest`]
+//! (`request.rs`); [`PickedRequest::first_token`] releases the prefill load;
+//! [`PickedRequest::finish_with`] releases the request and feeds passive health. Dropping an
+//! unfinished request finishes it with "no response", so accounting can never leak from Rust
+//! code. Picks that wait for a remote cache lookup (`pick_async`, `pick_start`) live in
+//! `lookup.rs`.
 //!
 //! Nothing here does I/O or waits on a lock held across work: endpoint sets are swapped with
-//! `arc-swap`, counters are atomics, the prefix index takes short shard locks. Picks that
-//! wait for a remote cache lookup (`pick_async`, `pick_start`) live in [`lookup`].
+//! `arc-swap`, counters are atomics, the prefix index takes short shard locks. The router
+//! starts the background threads ([`crate::background`]) and hands them only what they
+//! update (clusters, metrics, clock): they never see the router.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
-
-use crate::balancer::{self, CandidateLoad};
-use crate::config::{Algorithm, Backend, Config, ConfigError, Rule, Subset};
+use crate::background::client::ServerAddrs;
+use crate::background::{self, Event, EventSender, SyncTarget, ThreadGroup};
+use crate::config::{Config, ConfigError, Rule};
 use crate::error::PickError;
-use crate::metrics::{escape_label, family, header, RouterMetrics, PICK_OUTCOMES};
-use crate::request::{self, RequestKind};
-use crate::state::{Cluster, Endpoint, EndpointSet, PrefixIndex};
-use crate::sync::client::ServerAddrs;
-use crate::sync::{self, Event, EventSender, RequestSync, ThreadGroup};
-use crate::transcode::{self, Output, Transcoder, UpstreamRequest};
+use crate::metrics::{Page, RouterMetrics};
+use crate::state::{Clock, Clusters, PrefixIndex};
 
 mod lookup;
+mod pick;
+mod request;
 
 pub(crate) use lookup::LookupJob;
 pub use lookup::{PendingPick, PickStart};
+use pick::Routed;
+pub use request::{Outcome, PickedRequest};
 
 /// A request header as the host hands it over (name matched case-insensitively).
 pub type HeaderRef<'a> = (&'a [u8], &'a [u8]);
@@ -44,18 +46,18 @@ struct ModelRoute {
 /// Scheduling slack on top of the lookup timeout within which a pending pick is decided.
 pub const PENDING_SLACK: Duration = Duration::from_millis(50);
 
+/// Everything a router shares between its handles, requests and deferred picks.
 pub(crate) struct RouterInner {
     config: Config,
     models: HashMap<String, ModelRoute>,
     model_names: Vec<String>,
-    clusters: ArcSwap<HashMap<String, Arc<Cluster>>>,
+    /// Shared with the sync thread (held weakly there).
+    clusters: Arc<Clusters>,
     index: PrefixIndex,
-    metrics: RouterMetrics,
-    epoch: Instant,
-    next_endpoint_id: AtomicU32,
+    /// Shared with the background threads, which count their calls.
+    metrics: Arc<RouterMetrics>,
+    clock: Clock,
     in_flight: AtomicU64,
-    /// Serialises endpoint-set replacements (never taken on the request path).
-    update_lock: Mutex<()>,
     /// Queue to the sync thread, when the Metadata-Center is enabled.
     events: OnceLock<EventSender>,
     /// Queue to the lookup thread, when remote cache lookups are enabled.
@@ -109,16 +111,15 @@ impl Router {
             );
             model_names.push(name.clone());
         }
+        let specs = config.clusters.clone();
         let inner = Arc::new(RouterInner {
             index: PrefixIndex::new(config.prefix_index_capacity),
+            clusters: Arc::new(Clusters::new(specs, model_names.len())),
             models,
             model_names,
-            clusters: ArcSwap::from_pointee(HashMap::new()),
-            metrics: RouterMetrics::default(),
-            epoch: Instant::now(),
-            next_endpoint_id: AtomicU32::new(1),
+            metrics: Arc::new(RouterMetrics::default()),
+            clock: Clock::start(),
             in_flight: AtomicU64::new(0),
-            update_lock: Mutex::new(()),
             events: OnceLock::new(),
             lookups: OnceLock::new(),
             id_prefix: format!("{:08x}{:016x}", std::process::id(), process_seed()),
@@ -148,7 +149,7 @@ impl Router {
                 .get(name)
                 .map(|specs| specs.iter().map(|s| s.addr).collect::<Vec<_>>())
                 .unwrap_or_default();
-            router.inner.replace_endpoints(name, &addrs, false);
+            router.inner.clusters.replace(name, &addrs, false);
         }
         // Threads start once the static state is in place (a DNS answer must not be
         // overwritten by the initial empty set).
@@ -169,15 +170,18 @@ impl Router {
             .collect();
         let addrs = ServerAddrs::new(mc);
         if mc.enabled {
-            if let Ok(Some(guard)) = sync::start_resolver(&addrs) {
+            if let Ok(Some(guard)) = background::start_resolver(&addrs) {
                 guards.push(guard);
             }
         }
         if mc.enabled || !dns.is_empty() {
             let refresh = Duration::from_millis(inner.config.dns_refresh_ms);
-            if let Ok((sender, guard)) =
-                sync::start(Arc::downgrade(inner), mc, &addrs, dns, refresh)
-            {
+            let target = SyncTarget {
+                clusters: Arc::downgrade(&inner.clusters),
+                metrics: Arc::clone(&inner.metrics),
+                clock: inner.clock,
+            };
+            if let Ok((sender, guard)) = background::start_sync(target, mc, &addrs, dns, refresh) {
                 if let Some(s) = sender {
                     let _ = inner.events.set(s);
                 }
@@ -185,7 +189,9 @@ impl Router {
             }
         }
         if mc.enabled && mc.cache_enabled {
-            if let Ok((tx, lookup_threads)) = sync::start_lookups::<LookupJob>(mc, &addrs, 256) {
+            if let Ok((tx, lookup_threads)) =
+                background::start_lookups::<LookupJob>(mc, &addrs, 256)
+            {
                 let _ = inner.lookups.set(tx);
                 guards.append(lookup_threads);
             }
@@ -201,14 +207,13 @@ impl Router {
     /// Replaces the endpoints of `cluster` (created if unknown). Endpoints that stay keep
     /// their load counters and cache knowledge.
     pub fn set_endpoints(&self, cluster: &str, endpoints: &[SocketAddr]) {
-        self.inner.replace_endpoints(cluster, endpoints, true);
+        self.inner.clusters.replace(cluster, endpoints, true);
     }
 
     /// The current endpoints of a cluster, as `ip:port`.
     pub fn endpoints(&self, cluster: &str) -> Vec<String> {
         self.inner
             .clusters
-            .load()
             .get(cluster)
             .map(|c| {
                 c.snapshot()
@@ -270,147 +275,20 @@ impl Router {
 
     /// Renders every metric in Prometheus text format.
     pub fn metrics_text(&self) -> String {
-        self.inner.render_metrics()
+        let inner = &self.inner;
+        inner.metrics.render(&Page {
+            in_flight: self.in_flight(),
+            index: &inner.index,
+            clusters: &inner.clusters.all(),
+            endpoint_updates: inner.clusters.updates(),
+            model_names: &inner.model_names,
+            now_ms: inner.clock.now_ms(),
+        })
     }
-}
-
-fn find_header<'a>(headers: &[HeaderRef<'a>], name: &str) -> Option<&'a [u8]> {
-    headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-        .map(|(_, v)| *v)
-}
-
-fn match_rule<'r>(rules: &'r [Arc<Rule>], headers: &[HeaderRef]) -> Option<&'r Arc<Rule>> {
-    rules.iter().find(|r| {
-        r.headers
-            .iter()
-            .all(|h| find_header(headers, &h.key) == Some(h.value.as_bytes()))
-    })
-}
-
-/// The routing part of a picked request.
-struct Routed {
-    rule: Arc<Rule>,
-    cluster: Arc<Cluster>,
-    /// None after a retry found no other endpoint.
-    endpoint: Option<Arc<Endpoint>>,
-    tried: Vec<u32>,
-    model: String,
-    model_slot: usize,
-    stream: bool,
-    prompt_chars: u64,
-    /// Prompt characters the chosen endpoint must compute (not expected in its cache).
-    uncached_chars: u64,
-    prefix_hashes: Vec<u64>,
-    cache_ratio: f64,
-    /// Metadata-Center identity of the current attempt.
-    sync: Option<Arc<RequestSync>>,
-    /// The model name the backend receives.
-    upstream_model: String,
-    /// Index of the rule subset chosen for this request.
-    subset: Option<usize>,
-    /// Path/body rewrites for the upstream.
-    upstream: UpstreamRequest,
-    /// Response transcoder (also detects the first token).
-    transcoder: Transcoder,
-}
-
-/// Chooses one of a rule's subsets by weight (None when the rule has none).
-fn pick_subset(subsets: &[Subset]) -> Option<usize> {
-    let total: u64 = subsets.iter().map(|s| s.weight as u64).sum();
-    if total == 0 {
-        return None;
-    }
-    let mut ticket = fastrand::u64(..total);
-    subsets.iter().position(|s| {
-        if ticket < s.weight as u64 {
-            true
-        } else {
-            ticket -= s.weight as u64;
-            false
-        }
-    })
-}
-
-/// True when endpoint `e` may serve a request routed to `subset`: its labels include the
-/// subset's labels and, when adapters are declared in the cluster, it serves the adapter.
-fn serves_subset(e: &Endpoint, subset: &Subset, adapters_declared: bool) -> bool {
-    subset
-        .labels
-        .iter()
-        .all(|(k, v)| e.labels.get(k) == Some(v))
-        && (subset.lora.is_empty() || !adapters_declared || e.lora_adapters.contains(&subset.lora))
 }
 
 impl RouterInner {
-    pub(crate) fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    pub(crate) fn metrics(&self) -> &RouterMetrics {
-        &self.metrics
-    }
-
-    /// Every cluster (for the sync thread).
-    pub(crate) fn clusters(&self) -> Vec<Arc<Cluster>> {
-        self.clusters.load().values().cloned().collect()
-    }
-
-    /// Replaces a cluster's endpoints (created if unknown); endpoints that stay keep their
-    /// state. `count` says whether the update shows in `llmproxy_endpoint_updates_total`.
-    fn replace_endpoints(&self, cluster: &str, endpoints: &[SocketAddr], count: bool) {
-        let inner = self;
-        let _guard = inner.update_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let existing = inner.clusters.load().get(cluster).cloned();
-        let c = match existing {
-            Some(c) => c,
-            None => {
-                let c = Arc::new(Cluster::new(cluster));
-                let mut map = HashMap::clone(&inner.clusters.load());
-                map.insert(cluster.to_string(), Arc::clone(&c));
-                inner.clusters.store(Arc::new(map));
-                c
-            }
-        };
-        let models = inner.model_names.len();
-        let specs = inner.config.clusters.get(cluster);
-        c.replace(endpoints, |addr| {
-            let mut e = Endpoint::new(
-                inner.next_endpoint_id.fetch_add(1, Ordering::Relaxed),
-                addr,
-                models,
-            );
-            // Labels and adapters come from the config's entry for this address, if any.
-            if let Some(spec) = specs.and_then(|s| s.iter().find(|s| s.addr == addr)) {
-                e.labels = spec.labels.clone();
-                e.lora_adapters = spec.lora_adapters.clone();
-            }
-            e
-        });
-        if count {
-            inner
-                .metrics
-                .endpoint_updates
-                .fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Replaces a DNS cluster's endpoints when the resolved set changed.
-    pub(crate) fn update_dns_cluster(&self, cluster: &str, addrs: &[SocketAddr]) {
-        let current: Vec<SocketAddr> = self
-            .clusters
-            .load()
-            .get(cluster)
-            .map(|c| c.snapshot().endpoints.iter().map(|e| e.addr).collect())
-            .unwrap_or_default();
-        let mut sorted = current;
-        sorted.sort();
-        if sorted != addrs {
-            self.replace_endpoints(cluster, addrs, true);
-        }
-    }
-
+    /// Counts a pick and wraps its result in a request handle.
     fn finish_pick(
         self: &Arc<Self>,
         result: Result<Routed, PickError>,
@@ -422,15 +300,10 @@ impl RouterInner {
             Err(e) => m.count_pick(e.outcome()),
         }
         m.pick_duration.observe(started.elapsed().as_secs_f64());
-        PickedRequest {
-            router: Arc::clone(self),
-            result,
-            picked_at: started,
-            first_token_seen: false,
-            finished: false,
-        }
+        PickedRequest::new(self, result, started)
     }
 
+    /// A request id unique to this router.
     fn next_request_id(&self) -> String {
         let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
         format!("{}-{n:x}", self.id_prefix)
@@ -447,727 +320,12 @@ impl RouterInner {
         }
         sent
     }
-
-    /// Parses the request and matches its rule: everything but the endpoint choice.
-    fn prepare(&self, headers: &[HeaderRef], body: &[u8]) -> Result<Routed, PickError> {
-        let limit = self.config.max_body_bytes;
-        if body.len() as u64 > limit {
-            return Err(PickError::PayloadTooLarge {
-                size: body.len() as u64,
-                limit,
-            });
-        }
-        let kind = find_header(headers, ":path")
-            .and_then(|p| std::str::from_utf8(p).ok())
-            .and_then(RequestKind::from_path);
-        let parsed = request::parse(body, kind, self.config.hash_chunk_bytes)?;
-        let route = self
-            .models
-            .get(&parsed.model)
-            .ok_or_else(|| PickError::ModelNotFound {
-                message: format!("the model `{}` does not exist", parsed.model),
-            })?;
-        let rule = match_rule(&route.rules, headers).ok_or_else(|| PickError::ModelNotFound {
-            message: format!(
-                "no routing rule of model `{}` matches the request headers",
-                parsed.model
-            ),
-        })?;
-        let cluster = self
-            .clusters
-            .load()
-            .get(&rule.cluster)
-            .cloned()
-            .ok_or_else(|| PickError::NoEndpoint {
-                cluster: rule.cluster.clone(),
-            })?;
-        // A weighted subset (labels / LoRA adapter), then the model the backend serves.
-        let subset = pick_subset(&rule.subset);
-        let lora = subset.map(|i| rule.subset[i].lora.as_str()).unwrap_or("");
-        let upstream_model = if !lora.is_empty() {
-            lora
-        } else if !rule.target_model.is_empty() {
-            rule.target_model.as_str()
-        } else {
-            parsed.model.as_str()
-        };
-        let triton = (rule.backend == Backend::Triton).then_some(rule.chat_template);
-        let (upstream, transcoder) = transcode::plan(
-            body,
-            parsed.kind,
-            &parsed.model,
-            upstream_model,
-            triton,
-            parsed.stream,
-        )?;
-        let mut prefix_hashes = parsed.prefix_hashes;
-        if upstream_model != parsed.model {
-            // Another served model (an adapter, an alias) has KV caches of its own.
-            let salt = xxhash_rust::xxh3::xxh3_64(upstream_model.as_bytes());
-            prefix_hashes.iter_mut().for_each(|h| *h ^= salt);
-        }
-        let upstream_model = upstream_model.to_string();
-        Ok(Routed {
-            rule: Arc::clone(rule),
-            cluster,
-            endpoint: None,
-            tried: Vec::new(),
-            model_slot: route.slot,
-            model: parsed.model,
-            upstream_model,
-            subset,
-            stream: parsed.stream,
-            prompt_chars: parsed.prompt_chars,
-            uncached_chars: parsed.prompt_chars,
-            prefix_hashes,
-            cache_ratio: 0.0,
-            sync: None,
-            upstream,
-            transcoder,
-        })
-    }
-
-    /// Chooses an endpoint for `r` among those not tried yet, and accounts it. `remote`
-    /// holds cache matches from the Metadata-Center (wire id → chunks), when asked.
-    fn choose(
-        &self,
-        r: &mut Routed,
-        remote: Option<&HashMap<String, usize>>,
-    ) -> Result<(), PickError> {
-        let set = r.cluster.snapshot();
-        let now = self.now_ms();
-        let subset = r.subset.map(|i| &r.rule.subset[i]);
-        let adapters_declared = set.endpoints.iter().any(|e| !e.lora_adapters.is_empty());
-        let untried = |e: &&Arc<Endpoint>| {
-            !r.tried.contains(&e.id)
-                && subset.is_none_or(|s| serves_subset(e, s, adapters_declared))
-        };
-        let mut candidates: Vec<usize> = (0..set.endpoints.len())
-            .filter(|&i| untried(&&set.endpoints[i]) && !set.endpoints[i].is_ejected(now))
-            .collect();
-        if candidates.is_empty() {
-            // Every endpoint is ejected: fail open rather than refuse all traffic.
-            candidates = (0..set.endpoints.len())
-                .filter(|&i| untried(&&set.endpoints[i]))
-                .collect();
-        }
-        if candidates.is_empty() {
-            return Err(PickError::NoEndpoint {
-                cluster: r.cluster.name.clone(),
-            });
-        }
-        let params = self.config.lb_params(&r.model);
-        let draw = self.rng_counter.fetch_add(1, Ordering::Relaxed);
-        let mut rng =
-            fastrand::Rng::with_seed(self.rng_seed ^ draw.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let use_index = matches!(
-            self.config.algorithm,
-            Algorithm::InferenceLb | Algorithm::PrefixCost
-        ) && params.cache_aware;
-        let mut depth = if use_index && !r.prefix_hashes.is_empty() {
-            self.index.matched_chunks(&r.prefix_hashes, &set)
-        } else {
-            vec![0; set.endpoints.len()]
-        };
-        if let Some(remote) = remote {
-            let identity = self.config.metadata_center.identity;
-            for (d, e) in depth.iter_mut().zip(&set.endpoints) {
-                if let Some(&m) = remote.get(&e.wire_id(identity)) {
-                    *d = (*d).max(m.min(r.prefix_hashes.len()));
-                }
-            }
-        }
-        let total_chunks = r.prefix_hashes.len().max(1) as f64;
-        let stale = self.config.metadata_center.load_stale_ms;
-        let chosen = match self.config.algorithm {
-            Algorithm::InferenceLb => {
-                let loads = loads_of(&set, &candidates, &depth, total_chunks, now, stale);
-                candidates[balancer::inference_lb(&loads, &params, &mut rng)]
-            }
-            Algorithm::PrefixCost => {
-                let loads = loads_of(&set, &candidates, &depth, total_chunks, now, stale);
-                candidates[balancer::prefix_cost(&loads, r.prompt_chars, &params, &mut rng)]
-            }
-            Algorithm::Random => candidates[balancer::random(candidates.len(), &mut rng)],
-            Algorithm::RoundRobin => {
-                candidates[balancer::round_robin(&r.cluster.rr_cursor, candidates.len())]
-            }
-            Algorithm::LeastRequest => {
-                let loads = loads_of(&set, &candidates, &depth, total_chunks, now, stale);
-                candidates[balancer::least_request(&loads, &mut rng)]
-            }
-        };
-        let endpoint = Arc::clone(&set.endpoints[chosen]);
-        r.cache_ratio = depth[chosen] as f64 / total_chunks;
-        r.uncached_chars = (r.prompt_chars as f64 * (1.0 - r.cache_ratio)).round() as u64;
-        endpoint.acquire(r.prompt_chars, r.uncached_chars);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        if use_index {
-            self.index.record(&r.prefix_hashes, endpoint.id, now);
-        }
-        self.metrics.decision_cache_ratio.observe(r.cache_ratio);
-        self.metrics
-            .prompt_chars
-            .fetch_add(r.prompt_chars, Ordering::Relaxed);
-        self.metrics.cached_prompt_chars.fetch_add(
-            (r.prompt_chars as f64 * r.cache_ratio) as u64,
-            Ordering::Relaxed,
-        );
-        r.cluster.touch(now);
-        if self.events.get().is_some() {
-            let req = RequestSync::new(self.next_request_id());
-            // A dropped add means the server never hears of this request: no releases either.
-            if self.send(Event::Add {
-                req: Arc::clone(&req),
-                cluster: Arc::clone(&r.cluster),
-                endpoint: Arc::clone(&endpoint),
-                prompt_chars: r.prompt_chars,
-            }) {
-                r.sync = Some(req);
-            }
-        }
-        r.tried.push(endpoint.id);
-        r.endpoint = Some(endpoint);
-        Ok(())
-    }
-
-    fn render_metrics(&self) -> String {
-        let m = &self.metrics;
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut out = String::with_capacity(4096);
-        let picks: Vec<(String, u64)> = PICK_OUTCOMES
-            .iter()
-            .zip(&m.picks)
-            .map(|(o, c)| (format!("outcome=\"{o}\""), load(c)))
-            .collect();
-        family(
-            &mut out,
-            "llmproxy_picks_total",
-            "counter",
-            "Pick decisions by outcome.",
-            &picks,
-        );
-        let finished: Vec<(String, u64)> = ["none", "2xx", "3xx", "4xx", "5xx"]
-            .iter()
-            .zip(&m.finished)
-            .map(|(class, c)| (format!("status=\"{class}\""), load(c)))
-            .collect();
-        family(
-            &mut out,
-            "llmproxy_finished_requests_total",
-            "counter",
-            "Finished requests by upstream status class (none = no upstream response).",
-            &finished,
-        );
-        let single = |v: u64| [(String::new(), v)];
-        for (name, kind, help, value) in [
-            (
-                "llmproxy_in_flight_requests",
-                "gauge",
-                "Requests picked and not yet finished.",
-                load(&self.in_flight),
-            ),
-            (
-                "llmproxy_retries_total",
-                "counter",
-                "Re-picks after a failed upstream connection.",
-                load(&m.retries),
-            ),
-            (
-                "llmproxy_endpoint_updates_total",
-                "counter",
-                "Endpoint sets replaced through the API or DNS.",
-                load(&m.endpoint_updates),
-            ),
-            (
-                "llmproxy_metadata_center_events_dropped_total",
-                "counter",
-                "Sync events dropped because the queue was full.",
-                load(&m.sync_dropped),
-            ),
-            (
-                "llmproxy_prompt_chars_total",
-                "counter",
-                "Prompt characters of routed requests.",
-                load(&m.prompt_chars),
-            ),
-            (
-                "llmproxy_cached_prompt_chars_total",
-                "counter",
-                "Prompt characters the chosen endpoint was expected to hold in its KV cache.",
-                load(&m.cached_prompt_chars),
-            ),
-            (
-                "llmproxy_prefix_index_entries",
-                "gauge",
-                "Chunk hashes in the local prefix index.",
-                self.index.len() as u64,
-            ),
-            (
-                "llmproxy_prefix_index_evictions_total",
-                "counter",
-                "Prefix index entries evicted to stay within capacity.",
-                self.index.evictions(),
-            ),
-        ] {
-            family(&mut out, name, kind, help, &single(value));
-        }
-        family(
-            &mut out,
-            "llmproxy_metadata_center_calls_total",
-            "counter",
-            "Metadata-Center calls by result (failed includes circuit-breaker refusals).",
-            &[
-                ("result=\"ok\"".into(), load(&m.sync_ok)),
-                ("result=\"failed\"".into(), load(&m.sync_failed)),
-            ],
-        );
-        family(
-            &mut out,
-            "llmproxy_remote_cache_lookups_total",
-            "counter",
-            "pick_async / pick_start decisions by the cache data they used.",
-            &[
-                ("result=\"remote\"".into(), load(&m.lookups_remote)),
-                ("result=\"local_fallback\"".into(), load(&m.lookups_local)),
-                (
-                    "result=\"expired_in_queue\"".into(),
-                    load(&m.lookups_expired),
-                ),
-            ],
-        );
-        header(
-            &mut out,
-            "llmproxy_pick_duration_seconds",
-            "histogram",
-            "Time spent in pick: parse, hash, score, account.",
-        );
-        m.pick_duration
-            .render(&mut out, "llmproxy_pick_duration_seconds", "");
-        header(
-            &mut out,
-            "llmproxy_decision_cache_ratio",
-            "histogram",
-            "Prefix-cache match ratio of the chosen endpoint.",
-        );
-        m.decision_cache_ratio
-            .render(&mut out, "llmproxy_decision_cache_ratio", "");
-
-        let clusters = self.clusters.load();
-        let mut names: Vec<&String> = clusters.keys().collect();
-        names.sort();
-        type Getter = fn(&Endpoint, u64) -> u64;
-        let families: [(&str, &str, &str, Getter); 7] = [
-            (
-                "llmproxy_endpoint_in_flight_requests",
-                "gauge",
-                "In-flight requests per endpoint.",
-                |e, _| e.in_flight(),
-            ),
-            (
-                "llmproxy_endpoint_prefill_chars",
-                "gauge",
-                "Prompt characters still in prefill per endpoint.",
-                |e, _| e.prefill_chars(),
-            ),
-            (
-                "llmproxy_endpoint_picks_total",
-                "counter",
-                "Picks per endpoint.",
-                |e, _| e.picks(),
-            ),
-            (
-                "llmproxy_endpoint_failures_total",
-                "counter",
-                "Failed requests (502/503/504) per endpoint.",
-                |e, _| e.failures(),
-            ),
-            (
-                "llmproxy_endpoint_ejections_total",
-                "counter",
-                "Passive-health ejections per endpoint.",
-                |e, _| e.ejections(),
-            ),
-            (
-                "llmproxy_endpoint_ejected",
-                "gauge",
-                "1 while the endpoint is ejected.",
-                |e, now| e.is_ejected(now) as u64,
-            ),
-            (
-                "llmproxy_endpoint_remote_in_flight_requests",
-                "gauge",
-                "In-flight requests other gateways reported for the endpoint (last Metadata-Center poll).",
-                |e, _| e.remote_in_flight(),
-            ),
-        ];
-        let now = self.now_ms();
-        let sets: Vec<(&String, Arc<EndpointSet>)> = names
-            .iter()
-            .map(|c| (*c, clusters[*c].snapshot()))
-            .collect();
-        for (name, kind, help, get) in families {
-            let samples: Vec<(String, u64)> = sets
-                .iter()
-                .flat_map(|(c, set)| {
-                    set.endpoints.iter().map(move |e| {
-                        let labels =
-                            format!("cluster=\"{}\",endpoint=\"{}\"", escape_label(c), e.address);
-                        (labels, get(e, now))
-                    })
-                })
-                .collect();
-            family(&mut out, name, kind, help, &samples);
-        }
-        header(
-            &mut out,
-            "llmproxy_time_to_first_token_seconds",
-            "histogram",
-            "Time from pick to first response byte, per model and endpoint.",
-        );
-        for c in &names {
-            for e in &clusters[*c].snapshot().endpoints {
-                for (slot, h) in e.ttft_histograms() {
-                    let labels = format!(
-                        "model=\"{}\",cluster=\"{}\",endpoint=\"{}\"",
-                        escape_label(&self.model_names[slot]),
-                        escape_label(c),
-                        e.address
-                    );
-                    h.render(&mut out, "llmproxy_time_to_first_token_seconds", &labels);
-                }
-            }
-        }
-        out
-    }
-}
-
-/// Candidate loads: this router's live counts plus, when fresh, what other gateways put on
-/// each endpoint (from the Metadata-Center).
-fn loads_of(
-    set: &EndpointSet,
-    candidates: &[usize],
-    depth: &[usize],
-    total_chunks: f64,
-    now_ms: u64,
-    stale_ms: u64,
-) -> Vec<CandidateLoad> {
-    candidates
-        .iter()
-        .map(|&i| {
-            let e = &set.endpoints[i];
-            let (rq, rl) = e.remote_load(now_ms, stale_ms).unwrap_or((0, 0));
-            CandidateLoad {
-                in_flight: e.in_flight() + rq,
-                prefill_chars: e.prefill_chars() + rl,
-                cache_ratio: depth[i] as f64 / total_chunks,
-                uncached_prefill_chars: e.uncached_prefill_chars() + rl,
-            }
-        })
-        .collect()
 }
 
 /// A counted request handle carrying `error`, for failures outside the normal pick path.
 fn failed_request(router: &Arc<RouterInner>, error: PickError) -> PickedRequest {
     router.metrics.count_pick(error.outcome());
-    PickedRequest {
-        router: Arc::clone(router),
-        result: Err(error),
-        picked_at: Instant::now(),
-        first_token_seen: false,
-        finished: false,
-    }
-}
-
-/// A request from pick to finish. Must be finished (or dropped) exactly once.
-pub struct PickedRequest {
-    router: Arc<RouterInner>,
-    result: Result<Routed, PickError>,
-    picked_at: Instant,
-    first_token_seen: bool,
-    finished: bool,
-}
-
-impl PickedRequest {
-    /// The error, when the request could not be routed.
-    pub fn error(&self) -> Option<&PickError> {
-        self.result.as_ref().err()
-    }
-
-    /// HTTP status for the client: 200 when routed.
-    pub fn http_status(&self) -> u32 {
-        match &self.result {
-            Ok(r) if r.endpoint.is_some() => 200,
-            Ok(r) => PickError::NoEndpoint {
-                cluster: r.cluster.name.clone(),
-            }
-            .http_status(),
-            Err(e) => e.http_status(),
-        }
-    }
-
-    fn routed(&self) -> Option<&Routed> {
-        self.result.as_ref().ok()
-    }
-
-    /// Chosen endpoint `ip:port`.
-    pub fn endpoint(&self) -> Option<&str> {
-        self.routed()?.endpoint.as_ref().map(|e| e.address.as_str())
-    }
-
-    /// Cluster of the matched rule.
-    pub fn cluster(&self) -> Option<&str> {
-        self.routed().map(|r| r.cluster.name.as_str())
-    }
-
-    /// Backend of the matched rule.
-    pub fn backend(&self) -> Option<&'static str> {
-        self.routed().map(|r| r.rule.backend.as_str())
-    }
-
-    /// Requested model.
-    pub fn model(&self) -> Option<&str> {
-        self.routed().map(|r| r.model.as_str())
-    }
-
-    /// Scene name of the matched rule.
-    pub fn scene(&self) -> Option<&str> {
-        self.routed().map(|r| r.rule.scene_name.as_str())
-    }
-
-    /// The request's `stream` flag.
-    pub fn is_stream(&self) -> bool {
-        self.routed().is_some_and(|r| r.stream)
-    }
-
-    /// Prefix-cache match ratio of the chosen endpoint at decision time.
-    pub fn cache_ratio(&self) -> f64 {
-        self.routed().map_or(0.0, |r| r.cache_ratio)
-    }
-
-    /// Prompt length in characters.
-    pub fn prompt_chars(&self) -> u64 {
-        self.routed().map_or(0, |r| r.prompt_chars)
-    }
-
-    /// OpenAI error JSON when not routed.
-    pub fn error_body(&self) -> Option<String> {
-        match &self.result {
-            Err(e) => Some(e.to_json()),
-            Ok(r) if r.endpoint.is_none() => Some(
-                PickError::NoEndpoint {
-                    cluster: r.cluster.name.clone(),
-                }
-                .to_json(),
-            ),
-            Ok(_) => None,
-        }
-    }
-
-    /// The model name the backend receives (differs from `model` after a rewrite).
-    pub fn upstream_model(&self) -> Option<&str> {
-        self.routed().map(|r| r.upstream_model.as_str())
-    }
-
-    /// The upstream path when it differs from the client's (Triton generate).
-    pub fn upstream_path(&self) -> Option<&str> {
-        self.routed()?.upstream.path.as_deref()
-    }
-
-    /// The upstream body when it differs from the client's.
-    pub fn upstream_body(&self) -> Option<&[u8]> {
-        self.routed()?.upstream.body.as_deref()
-    }
-
-    /// True when the response body is transcoded (hosts drop `content-length`).
-    pub fn needs_transcoding(&self) -> bool {
-        self.routed()
-            .is_some_and(|r| r.transcoder.needs_transcoding())
-    }
-
-    /// Call once at the upstream response headers: returns the status for the client.
-    pub fn response_status(&mut self, upstream_status: u32) -> u32 {
-        match &mut self.result {
-            Ok(r) => r.transcoder.response_status(upstream_status),
-            Err(_) => upstream_status,
-        }
-    }
-
-    /// The response content type for the client, when transcoding changes it.
-    pub fn response_content_type(&self) -> Option<&'static str> {
-        self.routed().and_then(|r| r.transcoder.content_type())
-    }
-
-    /// Feeds one upstream response chunk: returns the bytes for the client (`None`: the
-    /// chunk unchanged). The first chunk with content marks the first token.
-    pub fn transcode_response(&mut self, chunk: &[u8], end_of_stream: bool) -> Option<&[u8]> {
-        let seen_before = self.routed().is_some_and(|r| r.transcoder.seen_content());
-        let seen_now = match &mut self.result {
-            Ok(r) => {
-                let _ = r.transcoder.feed(chunk, end_of_stream);
-                r.transcoder.seen_content()
-            }
-            Err(_) => return None,
-        };
-        if seen_now && !seen_before {
-            self.first_token();
-        }
-        match &mut self.result {
-            Ok(r) => match r.transcoder.last_output() {
-                Output::Same => None,
-                Output::Bytes(b) => Some(b),
-            },
-            Err(_) => None,
-        }
-    }
-
-    /// Re-picks another endpoint after a connect failure; the failed one is not tried again
-    /// and counts one failure. Accounting moves to the new endpoint.
-    pub fn retry(&mut self) -> Result<(), PickError> {
-        let router = Arc::clone(&self.router);
-        let first_token_seen = self.first_token_seen;
-        let Ok(r) = &mut self.result else {
-            return Err(self.error().cloned().unwrap_or(PickError::Internal {
-                message: "retry of an unrouted request".into(),
-            }));
-        };
-        if let Some(old) = r.endpoint.take() {
-            if let Some(req) = r.sync.take() {
-                req.mark_finished();
-                router.send(Event::Done {
-                    req,
-                    cluster: Arc::clone(&r.cluster),
-                    endpoint: Arc::clone(&old),
-                });
-            }
-            if !first_token_seen {
-                old.release_prefill(r.prompt_chars, r.uncached_chars);
-            }
-            old.release_request();
-            router.in_flight.fetch_sub(1, Ordering::Relaxed);
-            let ej = router.config.ejection;
-            old.record_failure(router.now_ms(), ej.consecutive_failures, ej.eject_ms);
-        }
-        router.metrics.retries.fetch_add(1, Ordering::Relaxed);
-        self.first_token_seen = false;
-        self.picked_at = Instant::now();
-        router.choose(r, None)
-    }
-
-    /// The first response byte arrived: prefill is over. Idempotent.
-    pub fn first_token(&mut self) {
-        if self.first_token_seen || self.finished {
-            return;
-        }
-        self.first_token_seen = true;
-        if let Ok(r) = &self.result {
-            if let Some(e) = &r.endpoint {
-                e.release_prefill(r.prompt_chars, r.uncached_chars);
-                if let Some(h) = e.ttft(r.model_slot) {
-                    h.observe(self.picked_at.elapsed().as_secs_f64());
-                }
-                if let Some(req) = &r.sync {
-                    self.router.send(Event::PromptDone {
-                        req: Arc::clone(req),
-                        cluster: Arc::clone(&r.cluster),
-                        endpoint: Arc::clone(e),
-                    });
-                }
-            }
-        }
-    }
-
-    /// The request is over; `upstream_status` is the upstream's HTTP status, 0 for none
-    /// (the same as [`PickedRequest::finish_with`] and [`Outcome::Upstream`]).
-    pub fn finish(self, upstream_status: u32) {
-        self.finish_with(upstream_status, Outcome::Upstream);
-    }
-
-    /// The request is over: `status` is what the client got (for metrics), `outcome` says
-    /// whom it tells about the endpoint's health (passive ejection).
-    pub fn finish_with(mut self, status: u32, outcome: Outcome) {
-        self.finish_inner(status, outcome);
-    }
-
-    fn finish_inner(&mut self, upstream_status: u32, outcome: Outcome) {
-        if self.finished {
-            return;
-        }
-        self.finished = true;
-        let router = &self.router;
-        let first_token_seen = self.first_token_seen;
-        if let Ok(r) = &mut self.result {
-            if let Some(e) = &r.endpoint {
-                if let Some(req) = r.sync.take() {
-                    req.mark_finished();
-                    router.send(Event::Done {
-                        req,
-                        cluster: Arc::clone(&r.cluster),
-                        endpoint: Arc::clone(e),
-                    });
-                    let cache_aware = router.config.lb_params(&r.model).cache_aware;
-                    if (100..400).contains(&upstream_status)
-                        && cache_aware
-                        && !r.prefix_hashes.is_empty()
-                    {
-                        router.send(Event::SaveCache {
-                            cluster: Arc::clone(&r.cluster),
-                            endpoint: Arc::clone(e),
-                            hashes: std::mem::take(&mut r.prefix_hashes),
-                        });
-                    }
-                }
-                if !first_token_seen {
-                    e.release_prefill(r.prompt_chars, r.uncached_chars);
-                }
-                e.release_request();
-                router.in_flight.fetch_sub(1, Ordering::Relaxed);
-                match outcome.health(upstream_status) {
-                    Some(false) => {
-                        let ej = router.config.ejection;
-                        e.record_failure(router.now_ms(), ej.consecutive_failures, ej.eject_ms);
-                    }
-                    Some(true) => e.record_success(),
-                    None => {}
-                }
-                router.metrics.count_finish(upstream_status);
-            }
-        }
-    }
-}
-
-impl Drop for PickedRequest {
-    fn drop(&mut self) {
-        self.finish_inner(0, Outcome::Local);
-    }
-}
-
-/// How a request ended, as far as the endpoint's health is concerned: only what the endpoint
-/// itself did counts toward passive ejection, never what a client or the proxy caused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The status is the endpoint's own response: 502–504 count as failures, 100–498 as
-    /// successes, anything else (0, 499, 500, 501, 505+) says nothing.
-    Upstream,
-    /// The endpoint failed before sending a response byte: connect failure, or the
-    /// connection was reset or closed before any response.
-    EndpointFailed,
-    /// The proxy or the client ended the request (a route timeout, a local reply, the client
-    /// went away): says nothing about the endpoint.
-    Local,
-}
-
-impl Outcome {
-    /// `Some(true)` a success, `Some(false)` a failure, `None` neutral.
-    pub fn health(self, status: u32) -> Option<bool> {
-        match (self, status) {
-            (Outcome::EndpointFailed, _) => Some(false),
-            (Outcome::Local, _) => None,
-            (Outcome::Upstream, 502..=504) => Some(false),
-            (Outcome::Upstream, 100..=498) => Some(true),
-            (Outcome::Upstream, _) => None,
-        }
-    }
+    PickedRequest::new(router, Err(error), Instant::now())
 }
 
 #[cfg(test)]

@@ -95,7 +95,7 @@ pub fn build_request(
     };
     let path = format!(
         "/v2/models/{}/{verb}",
-        crate::sync::client::url_encode(upstream_model)
+        crate::background::client::url_encode(upstream_model)
     );
     Ok((
         path,

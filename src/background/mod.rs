@@ -1,0 +1,159 @@
+//! Background threads: everything a router does on the network, off the request path.
+//!
+//! One dedicated OS thread per router (all signals blocked) owns:
+//! - reporting load events to the Metadata-Center (request added at pick, prompt released at
+//!   first token, request removed at finish, cache saved on success), fed by a bounded
+//!   crossbeam channel that the request path only `try_send`s into (full → dropped, counted);
+//! - polling `GET /v1/load/stats` for every recently active cluster every `load_poll_ms`, and
+//!   storing what *other* gateways put on each endpoint into the endpoint's atomics, which the
+//!   scorer reads without locks;
+//! - re-resolving DNS clusters and swapping their endpoint sets.
+//!
+//! Lookup threads (`lookup_threads`, only when remote cache lookups are enabled) answer
+//! `pick_async` / `pick_start` lookups in parallel, each within `timeout_ms`, and hand the
+//! decision to the host (callback or ticket).
+//!
+//! Adds and cache saves go through a bounded queue and are dropped (and counted) when it is
+//! full. Releases (prompt delete, delete) go through their own queue and are never dropped:
+//! a lost delete would leave phantom load on the server until its TTL. There are at most two
+//! per picked request, and the circuit breaker drains them fast when the server is down.
+//! A request whose add was not delivered sends no deletes, and a request that finished
+//! before its add went out is skipped entirely — under a backlog the queue sheds work
+//! instead of growing.
+//!
+//! Files: `threads.rs` (spawning and stopping), `events.rs` (the request path's queue),
+//! `worker.rs` (the sync thread's loop), `client.rs` (the Metadata-Center wire client).
+//! This module depends on the state it updates (`crate::state`), never on the router.
+
+pub mod client;
+mod events;
+mod threads;
+mod worker;
+
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, select, Sender};
+
+use crate::config::MetadataCenter;
+use crate::metrics::RouterMetrics;
+use crate::state::{Clock, Clusters};
+use client::{Client, ServerAddrs};
+pub use events::{Event, EventSender, RequestSync};
+use threads::spawn_quiet;
+pub use threads::{ThreadGroup, ThreadGuard};
+use worker::Worker;
+
+/// A unit of work for a lookup thread. A job dropped without running (or while unwinding from
+/// a panic) must still answer whoever waits for it.
+pub trait Lookup: Send + 'static {
+    /// Runs with the lookup thread's client.
+    fn run(self, client: &mut Client);
+}
+
+/// Starts the resolver thread of the Metadata-Center's host name when it is not a literal IP:
+/// it resolves at once and then every [`client::RESOLVE_EVERY`], so that no call ever waits
+/// for DNS (a black-holed resolver only delays this thread; calls use the last good
+/// addresses, or fail fast until there are some).
+pub(crate) fn start_resolver(addrs: &Arc<ServerAddrs>) -> std::io::Result<Option<ThreadGuard>> {
+    if !addrs.needs_resolution() {
+        return Ok(None);
+    }
+    let addrs = Arc::clone(addrs);
+    spawn_quiet("llmproxy-resolve", move |stop| loop {
+        addrs.refresh();
+        select! {
+            recv(stop) -> _ => return,
+            default(client::RESOLVE_EVERY) => {}
+        }
+    })
+    .map(Some)
+}
+
+/// What the sync thread updates: the router's clusters (held weakly), metrics and clock.
+pub struct SyncTarget {
+    /// The clusters whose remote load is polled and whose DNS endpoints are replaced.
+    pub clusters: Weak<Clusters>,
+    /// Where calls are counted.
+    pub metrics: Arc<RouterMetrics>,
+    /// The router's clock (remote-load timestamps, cluster activity).
+    pub clock: Clock,
+}
+
+/// Starts the sync thread. Returns the request path's sender (when the metadata-center is
+/// enabled) and the guard that stops the thread.
+pub(crate) fn start_sync(
+    target: SyncTarget,
+    settings: &MetadataCenter,
+    addrs: &Arc<ServerAddrs>,
+    dns_clusters: Vec<(String, String)>,
+    dns_refresh: Duration,
+) -> std::io::Result<(Option<EventSender>, ThreadGuard)> {
+    let (tx, rx) = bounded::<Event>(settings.queue_size.max(1));
+    let (releases, release_rx) = crossbeam_channel::unbounded::<Event>();
+    let sender = settings.enabled.then(|| EventSender::new(tx, releases));
+    let client = settings.enabled.then(|| {
+        Client::new(
+            settings.clone(),
+            Duration::from_millis(settings.async_timeout_ms),
+            Arc::clone(addrs),
+        )
+    });
+    let mut worker = Worker {
+        clusters: target.clusters,
+        metrics: target.metrics,
+        clock: target.clock,
+        client,
+        identity: settings.identity,
+        poll_every: Duration::from_millis(settings.load_poll_ms),
+        dns_clusters,
+        dns_refresh,
+    };
+    let guard = spawn_quiet("llmproxy-sync", move |stop| {
+        worker.run(rx, release_rx, stop)
+    })?;
+    Ok((sender, guard))
+}
+
+/// Starts `settings.lookup_threads` lookup threads sharing one queue of `capacity` jobs, each
+/// with its own client (connection and circuit breaker).
+pub fn start_lookups<L: Lookup>(
+    settings: &MetadataCenter,
+    addrs: &Arc<ServerAddrs>,
+    capacity: usize,
+) -> std::io::Result<(Sender<L>, ThreadGroup)> {
+    let (tx, rx) = bounded::<L>(capacity);
+    let mut group = ThreadGroup::default();
+    for i in 0..settings.lookup_threads.max(1) {
+        let rx = rx.clone();
+        let mut client = Client::new(
+            settings.clone(),
+            Duration::from_millis(settings.timeout_ms),
+            Arc::clone(addrs),
+        );
+        group.push(spawn_quiet(&format!("llmproxy-lookup-{i}"), move |stop| {
+            loop {
+                select! {
+                    recv(stop) -> _ => break,
+                    recv(rx) -> job => match job {
+                        // A panic must not kill the thread; the job, dropped while unwinding,
+                        // still answers its host (see `Lookup`).
+                        Ok(job) => {
+                            let run = AssertUnwindSafe(|| job.run(&mut client));
+                            let _ = std::panic::catch_unwind(run);
+                        }
+                        Err(_) => break,
+                    },
+                }
+            }
+            // Jobs still queued at shutdown are dropped here, where each decides from local
+            // data and answers its host (they hold the router, so the queue would otherwise
+            // never be freed and their streams would wait forever).
+            for job in rx.try_iter() {
+                drop(job);
+            }
+        })?);
+    }
+    Ok((tx, group))
+}

@@ -1,0 +1,342 @@
+//! The pick path, top down: [`RouterInner::prepare`] parses the request and matches its rule
+//! (parse → rule → subset → upstream rewrites → prefix hashes), then [`RouterInner::choose`]
+//! picks and accounts an endpoint (candidates → cache depth → select → account → report).
+//! Each step is a named function; nothing here does I/O or waits.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{HeaderRef, RouterInner};
+use crate::background::{Event, RequestSync};
+use crate::balancer::{CandidateLoad, Selection};
+use crate::config::{Backend, LbParams, Rule, Subset};
+use crate::error::PickError;
+use crate::hashing;
+use crate::request::{self, RequestKind};
+use crate::state::{Cluster, Endpoint, EndpointSet};
+use crate::transcode::{self, Transcoder, UpstreamRequest};
+
+/// The routing part of a picked request: what `prepare` found and `choose` decided.
+pub(super) struct Routed {
+    pub(super) rule: Arc<Rule>,
+    pub(super) cluster: Arc<Cluster>,
+    /// None after a retry found no other endpoint.
+    pub(super) endpoint: Option<Arc<Endpoint>>,
+    /// Ids of the endpoints tried so far (a retry never goes back to one).
+    pub(super) tried: Vec<u32>,
+    pub(super) model: String,
+    pub(super) model_slot: usize,
+    pub(super) stream: bool,
+    pub(super) prompt_chars: u64,
+    /// Prompt characters the chosen endpoint must compute (not expected in its cache).
+    pub(super) uncached_chars: u64,
+    pub(super) prefix_hashes: Vec<u64>,
+    pub(super) cache_ratio: f64,
+    /// Metadata-Center identity of the current attempt.
+    pub(super) sync: Option<Arc<RequestSync>>,
+    /// The model name the backend receives.
+    pub(super) upstream_model: String,
+    /// Index of the rule subset chosen for this request.
+    pub(super) subset: Option<usize>,
+    /// Path/body rewrites for the upstream.
+    pub(super) upstream: UpstreamRequest,
+    /// Response transcoder (also detects the first token).
+    pub(super) transcoder: Transcoder,
+}
+
+/// Cache matches from the Metadata-Center: endpoint wire id → leading chunks it holds.
+pub(super) type RemoteDepth = HashMap<String, usize>;
+
+impl RouterInner {
+    /// Parses the request and matches its rule: everything but the endpoint choice.
+    pub(super) fn prepare(&self, headers: &[HeaderRef], body: &[u8]) -> Result<Routed, PickError> {
+        let limit = self.config.max_body_bytes;
+        if body.len() as u64 > limit {
+            return Err(PickError::PayloadTooLarge {
+                size: body.len() as u64,
+                limit,
+            });
+        }
+        let kind = find_header(headers, ":path")
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .and_then(RequestKind::from_path);
+        let parsed = request::parse(body, kind, self.config.hash_chunk_bytes)?;
+        let route = self
+            .models
+            .get(&parsed.model)
+            .ok_or_else(|| PickError::ModelNotFound {
+                message: format!("the model `{}` does not exist", parsed.model),
+            })?;
+        let rule = match_rule(&route.rules, headers).ok_or_else(|| PickError::ModelNotFound {
+            message: format!(
+                "no routing rule of model `{}` matches the request headers",
+                parsed.model
+            ),
+        })?;
+        let cluster = self
+            .clusters
+            .get(&rule.cluster)
+            .ok_or_else(|| PickError::NoEndpoint {
+                cluster: rule.cluster.clone(),
+            })?;
+        // A weighted subset (labels / LoRA adapter), then the model the backend serves.
+        let subset = pick_subset(&rule.subset);
+        let lora = subset.map(|i| rule.subset[i].lora.as_str()).unwrap_or("");
+        let upstream_model = if !lora.is_empty() {
+            lora
+        } else if !rule.target_model.is_empty() {
+            rule.target_model.as_str()
+        } else {
+            parsed.model.as_str()
+        };
+        let triton = (rule.backend == Backend::Triton).then_some(rule.chat_template);
+        let (upstream, transcoder) = transcode::plan(
+            body,
+            parsed.kind,
+            &parsed.model,
+            upstream_model,
+            triton,
+            parsed.stream,
+        )?;
+        let mut prefix_hashes = parsed.prefix_hashes;
+        hashing::salt_for_served_model(&mut prefix_hashes, &parsed.model, upstream_model);
+        let upstream_model = upstream_model.to_string();
+        Ok(Routed {
+            rule: Arc::clone(rule),
+            cluster,
+            endpoint: None,
+            tried: Vec::new(),
+            model_slot: route.slot,
+            model: parsed.model,
+            upstream_model,
+            subset,
+            stream: parsed.stream,
+            prompt_chars: parsed.prompt_chars,
+            uncached_chars: parsed.prompt_chars,
+            prefix_hashes,
+            cache_ratio: 0.0,
+            sync: None,
+            upstream,
+            transcoder,
+        })
+    }
+
+    /// True when this request's algorithm weighs cache affinity (prefix index, remote
+    /// lookups) and the prompt has something to match.
+    pub(super) fn wants_cache_depth(&self, r: &Routed) -> bool {
+        self.config
+            .algorithm
+            .uses_prefix_index(&self.config.lb_params(&r.model))
+            && !r.prefix_hashes.is_empty()
+    }
+
+    /// Chooses an endpoint for `r` among those not tried yet, and accounts it. `remote`
+    /// holds cache matches from the Metadata-Center, when asked.
+    pub(super) fn choose(
+        &self,
+        r: &mut Routed,
+        remote: Option<&RemoteDepth>,
+    ) -> Result<(), PickError> {
+        let set = r.cluster.snapshot();
+        let now = self.clock.now_ms();
+        let candidates = self.candidates(r, &set, now)?;
+        let depth = self.cache_depth(r, &set, remote);
+        let chosen = candidates[self.select(r, &set, &candidates, &depth, now)];
+        let endpoint = Arc::clone(&set.endpoints[chosen]);
+        self.account(r, &endpoint, depth[chosen], now);
+        self.report(r, &endpoint);
+        r.tried.push(endpoint.id);
+        r.endpoint = Some(endpoint);
+        Ok(())
+    }
+
+    /// Positions (in `set`) of the endpoints `r` may go to: not tried yet, serving its subset,
+    /// not ejected — or, when every such endpoint is ejected, all of them (fail open rather
+    /// than refuse all traffic).
+    fn candidates(&self, r: &Routed, set: &EndpointSet, now: u64) -> Result<Vec<usize>, PickError> {
+        let subset = r.subset.map(|i| &r.rule.subset[i]);
+        let adapters_declared = set.endpoints.iter().any(|e| !e.lora_adapters.is_empty());
+        let eligible = |e: &Endpoint| {
+            !r.tried.contains(&e.id)
+                && subset.is_none_or(|s| serves_subset(e, s, adapters_declared))
+        };
+        let mut candidates: Vec<usize> = (0..set.endpoints.len())
+            .filter(|&i| eligible(&set.endpoints[i]) && !set.endpoints[i].is_ejected(now))
+            .collect();
+        if candidates.is_empty() {
+            candidates = (0..set.endpoints.len())
+                .filter(|&i| eligible(&set.endpoints[i]))
+                .collect();
+        }
+        if candidates.is_empty() {
+            return Err(PickError::NoEndpoint {
+                cluster: r.cluster.name.clone(),
+            });
+        }
+        Ok(candidates)
+    }
+
+    /// For each endpoint of `set`, the leading prompt chunks it is known to hold: the local
+    /// prefix index, raised by what the Metadata-Center answered (`remote`).
+    fn cache_depth(
+        &self,
+        r: &Routed,
+        set: &EndpointSet,
+        remote: Option<&RemoteDepth>,
+    ) -> Vec<usize> {
+        let mut depth = if self.wants_cache_depth(r) {
+            self.index.matched_chunks(&r.prefix_hashes, set)
+        } else {
+            vec![0; set.endpoints.len()]
+        };
+        if let Some(remote) = remote {
+            let identity = self.config.metadata_center.identity;
+            for (d, e) in depth.iter_mut().zip(&set.endpoints) {
+                if let Some(&m) = remote.get(&e.wire_id(identity)) {
+                    *d = (*d).max(m.min(r.prefix_hashes.len()));
+                }
+            }
+        }
+        depth
+    }
+
+    /// Runs the configured algorithm over the candidates; returns a position in `candidates`.
+    fn select(
+        &self,
+        r: &Routed,
+        set: &EndpointSet,
+        candidates: &[usize],
+        depth: &[usize],
+        now: u64,
+    ) -> usize {
+        let algorithm = self.config.algorithm;
+        let params: LbParams = self.config.lb_params(&r.model);
+        let loads = if algorithm.uses_loads() {
+            let total_chunks = r.prefix_hashes.len().max(1) as f64;
+            let stale = self.config.metadata_center.load_stale_ms;
+            loads_of(set, candidates, depth, total_chunks, now, stale)
+        } else {
+            Vec::new()
+        };
+        let draw = self.rng_counter.fetch_add(1, Ordering::Relaxed);
+        let mut rng =
+            fastrand::Rng::with_seed(self.rng_seed ^ draw.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let selection = Selection {
+            loads: &loads,
+            candidates: candidates.len(),
+            prompt_chars: r.prompt_chars,
+            params: &params,
+            rr_cursor: &r.cluster.rr_cursor,
+        };
+        algorithm.select(&selection, &mut rng)
+    }
+
+    /// Accounts the choice: the endpoint's load, the router's counters, and the prefix index
+    /// learns that the endpoint now holds this prompt.
+    fn account(&self, r: &mut Routed, endpoint: &Arc<Endpoint>, depth: usize, now: u64) {
+        let total_chunks = r.prefix_hashes.len().max(1) as f64;
+        r.cache_ratio = depth as f64 / total_chunks;
+        r.uncached_chars = (r.prompt_chars as f64 * (1.0 - r.cache_ratio)).round() as u64;
+        endpoint.acquire(r.prompt_chars, r.uncached_chars);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        if self.wants_cache_depth(r) {
+            self.index.record(&r.prefix_hashes, endpoint.id, now);
+        }
+        self.metrics.decision_cache_ratio.observe(r.cache_ratio);
+        self.metrics
+            .prompt_chars
+            .fetch_add(r.prompt_chars, Ordering::Relaxed);
+        self.metrics.cached_prompt_chars.fetch_add(
+            (r.prompt_chars as f64 * r.cache_ratio) as u64,
+            Ordering::Relaxed,
+        );
+        r.cluster.touch(now);
+    }
+
+    /// Tells the sync thread (when the Metadata-Center is on). A dropped add means the server
+    /// never hears of this request: no releases either.
+    fn report(&self, r: &mut Routed, endpoint: &Arc<Endpoint>) {
+        if self.events.get().is_none() {
+            return;
+        }
+        let req = RequestSync::new(self.next_request_id());
+        if self.send(Event::Add {
+            req: Arc::clone(&req),
+            cluster: Arc::clone(&r.cluster),
+            endpoint: Arc::clone(endpoint),
+            prompt_chars: r.prompt_chars,
+        }) {
+            r.sync = Some(req);
+        }
+    }
+}
+
+/// The value of header `name` (case-insensitive), if the host passed it.
+pub(super) fn find_header<'a>(headers: &[HeaderRef<'a>], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, v)| *v)
+}
+
+/// The first rule whose header conditions all hold (rules are sorted most specific first).
+fn match_rule<'r>(rules: &'r [Arc<Rule>], headers: &[HeaderRef]) -> Option<&'r Arc<Rule>> {
+    rules.iter().find(|r| {
+        r.headers
+            .iter()
+            .all(|h| find_header(headers, &h.key) == Some(h.value.as_bytes()))
+    })
+}
+
+/// Chooses one of a rule's subsets by weight (None when the rule has none).
+fn pick_subset(subsets: &[Subset]) -> Option<usize> {
+    let total: u64 = subsets.iter().map(|s| s.weight as u64).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut ticket = fastrand::u64(..total);
+    subsets.iter().position(|s| {
+        if ticket < s.weight as u64 {
+            true
+        } else {
+            ticket -= s.weight as u64;
+            false
+        }
+    })
+}
+
+/// True when endpoint `e` may serve a request routed to `subset`: its labels include the
+/// subset's labels and, when adapters are declared in the cluster, it serves the adapter.
+fn serves_subset(e: &Endpoint, subset: &Subset, adapters_declared: bool) -> bool {
+    subset
+        .labels
+        .iter()
+        .all(|(k, v)| e.labels.get(k) == Some(v))
+        && (subset.lora.is_empty() || !adapters_declared || e.lora_adapters.contains(&subset.lora))
+}
+
+/// Candidate loads: this router's live counts plus, when fresh, what other gateways put on
+/// each endpoint (from the Metadata-Center).
+fn loads_of(
+    set: &EndpointSet,
+    candidates: &[usize],
+    depth: &[usize],
+    total_chunks: f64,
+    now_ms: u64,
+    stale_ms: u64,
+) -> Vec<CandidateLoad> {
+    candidates
+        .iter()
+        .map(|&i| {
+            let e = &set.endpoints[i];
+            let (rq, rl) = e.remote_load(now_ms, stale_ms).unwrap_or((0, 0));
+            CandidateLoad {
+                in_flight: e.in_flight() + rq,
+                prefill_chars: e.prefill_chars() + rl,
+                cache_ratio: depth[i] as f64 / total_chunks,
+                uncached_prefill_chars: e.uncached_prefill_chars() + rl,
+            }
+        })
+        .collect()
+}

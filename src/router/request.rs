@@ -1,0 +1,324 @@
+//! The request handle, from pick to finish: what the host reads of the decision (endpoint,
+//! rewrites, errors), response transcoding, retries, first token, and finish with its
+//! [`Outcome`]. Finishing releases the request's load and feeds passive health; dropping an
+//! unfinished request finishes it with "no response", so accounting never leaks.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::pick::Routed;
+use super::RouterInner;
+use crate::background::Event;
+use crate::error::PickError;
+use crate::transcode::Output;
+
+/// A request from pick to finish. Must be finished (or dropped) exactly once.
+pub struct PickedRequest {
+    router: Arc<RouterInner>,
+    result: Result<Routed, PickError>,
+    picked_at: Instant,
+    first_token_seen: bool,
+    finished: bool,
+}
+
+impl PickedRequest {
+    /// A handle for `result`, picked at `picked_at`.
+    pub(super) fn new(
+        router: &Arc<RouterInner>,
+        result: Result<Routed, PickError>,
+        picked_at: Instant,
+    ) -> Self {
+        Self {
+            router: Arc::clone(router),
+            result,
+            picked_at,
+            first_token_seen: false,
+            finished: false,
+        }
+    }
+
+    /// The error, when the request could not be routed.
+    pub fn error(&self) -> Option<&PickError> {
+        self.result.as_ref().err()
+    }
+
+    /// HTTP status for the client: 200 when routed.
+    pub fn http_status(&self) -> u32 {
+        match &self.result {
+            Ok(r) if r.endpoint.is_some() => 200,
+            Ok(r) => PickError::NoEndpoint {
+                cluster: r.cluster.name.clone(),
+            }
+            .http_status(),
+            Err(e) => e.http_status(),
+        }
+    }
+
+    fn routed(&self) -> Option<&Routed> {
+        self.result.as_ref().ok()
+    }
+
+    /// Chosen endpoint `ip:port`.
+    pub fn endpoint(&self) -> Option<&str> {
+        self.routed()?.endpoint.as_ref().map(|e| e.address.as_str())
+    }
+
+    /// Cluster of the matched rule.
+    pub fn cluster(&self) -> Option<&str> {
+        self.routed().map(|r| r.cluster.name.as_str())
+    }
+
+    /// Backend of the matched rule.
+    pub fn backend(&self) -> Option<&'static str> {
+        self.routed().map(|r| r.rule.backend.as_str())
+    }
+
+    /// Requested model.
+    pub fn model(&self) -> Option<&str> {
+        self.routed().map(|r| r.model.as_str())
+    }
+
+    /// Scene name of the matched rule.
+    pub fn scene(&self) -> Option<&str> {
+        self.routed().map(|r| r.rule.scene_name.as_str())
+    }
+
+    /// The request's `stream` flag.
+    pub fn is_stream(&self) -> bool {
+        self.routed().is_some_and(|r| r.stream)
+    }
+
+    /// Prefix-cache match ratio of the chosen endpoint at decision time.
+    pub fn cache_ratio(&self) -> f64 {
+        self.routed().map_or(0.0, |r| r.cache_ratio)
+    }
+
+    /// Prompt length in characters.
+    pub fn prompt_chars(&self) -> u64 {
+        self.routed().map_or(0, |r| r.prompt_chars)
+    }
+
+    /// OpenAI error JSON when not routed.
+    pub fn error_body(&self) -> Option<String> {
+        match &self.result {
+            Err(e) => Some(e.to_json()),
+            Ok(r) if r.endpoint.is_none() => Some(
+                PickError::NoEndpoint {
+                    cluster: r.cluster.name.clone(),
+                }
+                .to_json(),
+            ),
+            Ok(_) => None,
+        }
+    }
+
+    /// The model name the backend receives (differs from `model` after a rewrite).
+    pub fn upstream_model(&self) -> Option<&str> {
+        self.routed().map(|r| r.upstream_model.as_str())
+    }
+
+    /// The upstream path when it differs from the client's (Triton generate).
+    pub fn upstream_path(&self) -> Option<&str> {
+        self.routed()?.upstream.path.as_deref()
+    }
+
+    /// The upstream body when it differs from the client's.
+    pub fn upstream_body(&self) -> Option<&[u8]> {
+        self.routed()?.upstream.body.as_deref()
+    }
+
+    /// True when the response body is transcoded (hosts drop `content-length`).
+    pub fn needs_transcoding(&self) -> bool {
+        self.routed()
+            .is_some_and(|r| r.transcoder.needs_transcoding())
+    }
+
+    /// Call once at the upstream response headers: returns the status for the client.
+    pub fn response_status(&mut self, upstream_status: u32) -> u32 {
+        match &mut self.result {
+            Ok(r) => r.transcoder.response_status(upstream_status),
+            Err(_) => upstream_status,
+        }
+    }
+
+    /// The response content type for the client, when transcoding changes it.
+    pub fn response_content_type(&self) -> Option<&'static str> {
+        self.routed().and_then(|r| r.transcoder.content_type())
+    }
+
+    /// Feeds one upstream response chunk: returns the bytes for the client (`None`: the
+    /// chunk unchanged). The first chunk with content marks the first token.
+    pub fn transcode_response(&mut self, chunk: &[u8], end_of_stream: bool) -> Option<&[u8]> {
+        let seen_before = self.routed().is_some_and(|r| r.transcoder.seen_content());
+        let seen_now = match &mut self.result {
+            Ok(r) => {
+                let _ = r.transcoder.feed(chunk, end_of_stream);
+                r.transcoder.seen_content()
+            }
+            Err(_) => return None,
+        };
+        if seen_now && !seen_before {
+            self.first_token();
+        }
+        match &mut self.result {
+            Ok(r) => match r.transcoder.last_output() {
+                Output::Same => None,
+                Output::Bytes(b) => Some(b),
+            },
+            Err(_) => None,
+        }
+    }
+
+    /// Re-picks another endpoint after a connect failure; the failed one is not tried again
+    /// and counts one failure. Accounting moves to the new endpoint.
+    pub fn retry(&mut self) -> Result<(), PickError> {
+        let router = Arc::clone(&self.router);
+        let first_token_seen = self.first_token_seen;
+        let Ok(r) = &mut self.result else {
+            return Err(self.error().cloned().unwrap_or(PickError::Internal {
+                message: "retry of an unrouted request".into(),
+            }));
+        };
+        if let Some(old) = r.endpoint.take() {
+            if let Some(req) = r.sync.take() {
+                req.mark_finished();
+                router.send(Event::Done {
+                    req,
+                    cluster: Arc::clone(&r.cluster),
+                    endpoint: Arc::clone(&old),
+                });
+            }
+            if !first_token_seen {
+                old.release_prefill(r.prompt_chars, r.uncached_chars);
+            }
+            old.release_request();
+            router.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let ej = router.config.ejection;
+            old.record_failure(router.clock.now_ms(), ej.consecutive_failures, ej.eject_ms);
+        }
+        router.metrics.retries.fetch_add(1, Ordering::Relaxed);
+        self.first_token_seen = false;
+        self.picked_at = Instant::now();
+        router.choose(r, None)
+    }
+
+    /// The first response byte arrived: prefill is over. Idempotent.
+    pub fn first_token(&mut self) {
+        if self.first_token_seen || self.finished {
+            return;
+        }
+        self.first_token_seen = true;
+        if let Ok(r) = &self.result {
+            if let Some(e) = &r.endpoint {
+                e.release_prefill(r.prompt_chars, r.uncached_chars);
+                if let Some(h) = e.ttft(r.model_slot) {
+                    h.observe(self.picked_at.elapsed().as_secs_f64());
+                }
+                if let Some(req) = &r.sync {
+                    self.router.send(Event::PromptDone {
+                        req: Arc::clone(req),
+                        cluster: Arc::clone(&r.cluster),
+                        endpoint: Arc::clone(e),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The request is over; `upstream_status` is the upstream's HTTP status, 0 for none
+    /// (the same as [`PickedRequest::finish_with`] and [`Outcome::Upstream`]).
+    pub fn finish(self, upstream_status: u32) {
+        self.finish_with(upstream_status, Outcome::Upstream);
+    }
+
+    /// The request is over: `status` is what the client got (for metrics), `outcome` says
+    /// whom it tells about the endpoint's health (passive ejection).
+    pub fn finish_with(mut self, status: u32, outcome: Outcome) {
+        self.finish_inner(status, outcome);
+    }
+
+    fn finish_inner(&mut self, upstream_status: u32, outcome: Outcome) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let router = &self.router;
+        let first_token_seen = self.first_token_seen;
+        if let Ok(r) = &mut self.result {
+            if let Some(e) = &r.endpoint {
+                if let Some(req) = r.sync.take() {
+                    req.mark_finished();
+                    router.send(Event::Done {
+                        req,
+                        cluster: Arc::clone(&r.cluster),
+                        endpoint: Arc::clone(e),
+                    });
+                    let cache_aware = router.config.lb_params(&r.model).cache_aware;
+                    if (100..400).contains(&upstream_status)
+                        && cache_aware
+                        && !r.prefix_hashes.is_empty()
+                    {
+                        router.send(Event::SaveCache {
+                            cluster: Arc::clone(&r.cluster),
+                            endpoint: Arc::clone(e),
+                            hashes: std::mem::take(&mut r.prefix_hashes),
+                        });
+                    }
+                }
+                if !first_token_seen {
+                    e.release_prefill(r.prompt_chars, r.uncached_chars);
+                }
+                e.release_request();
+                router.in_flight.fetch_sub(1, Ordering::Relaxed);
+                match outcome.health(upstream_status) {
+                    Some(false) => {
+                        let ej = router.config.ejection;
+                        e.record_failure(
+                            router.clock.now_ms(),
+                            ej.consecutive_failures,
+                            ej.eject_ms,
+                        );
+                    }
+                    Some(true) => e.record_success(),
+                    None => {}
+                }
+                router.metrics.count_finish(upstream_status);
+            }
+        }
+    }
+}
+
+impl Drop for PickedRequest {
+    fn drop(&mut self) {
+        self.finish_inner(0, Outcome::Local);
+    }
+}
+
+/// How a request ended, as far as the endpoint's health is concerned: only what the endpoint
+/// itself did counts toward passive ejection, never what a client or the proxy caused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The status is the endpoint's own response: 502–504 count as failures, 100–498 as
+    /// successes, anything else (0, 499, 500, 501, 505+) says nothing.
+    Upstream,
+    /// The endpoint failed before sending a response byte: connect failure, or the
+    /// connection was reset or closed before any response.
+    EndpointFailed,
+    /// The proxy or the client ended the request (a route timeout, a local reply, the client
+    /// went away): says nothing about the endpoint.
+    Local,
+}
+
+impl Outcome {
+    /// `Some(true)` a success, `Some(false)` a failure, `None` neutral.
+    pub fn health(self, status: u32) -> Option<bool> {
+        match (self, status) {
+            (Outcome::EndpointFailed, _) => Some(false),
+            (Outcome::Local, _) => None,
+            (Outcome::Upstream, 502..=504) => Some(false),
+            (Outcome::Upstream, 100..=498) => Some(true),
+            (Outcome::Upstream, _) => None,
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Local routing state: endpoints with their load counters, clusters, and the prefix index.
+//!
+//! This module owns what a router knows without asking anyone:
+//! - [`Endpoint`] (`endpoint.rs`): per endpoint, atomics for in-flight requests and prompt
+//!   characters still in prefill, plus passive-health bookkeeping (consecutive failures,
+//!   ejection deadline);
+//! - [`Cluster`] and [`Clusters`] (`cluster.rs`): per cluster, the current endpoint set,
+//!   swapped atomically (readers never lock); the registry that replaces sets;
+//! - [`PrefixIndex`] (`prefix_index.rs`): chunk hash → endpoints that recently served a
+//!   prompt with that prefix, bounded and evicted least-recently-used;
+//! - [`Clock`]: the router's millisecond clock, shared with its background threads.
+//!
+//! Endpoints are shared by `Arc`: a request keeps its endpoint alive until it finishes, so an
+//! endpoint removed from its cluster mid-request still gets its counters released.
+
+mod cluster;
+mod endpoint;
+mod prefix_index;
+
+use std::time::Instant;
+
+pub use cluster::{Cluster, Clusters, EndpointSet};
+pub use endpoint::Endpoint;
+pub use prefix_index::PrefixIndex;
+
+/// Milliseconds since the router started: the time base of ejection deadlines, remote-load
+/// timestamps and cluster activity.
+#[derive(Clone, Copy)]
+pub struct Clock {
+    epoch: Instant,
+}
+
+impl Clock {
+    /// A clock starting now.
+    pub fn start() -> Self {
+        Self {
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Milliseconds since the start.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn set_of(ids: &[u32]) -> EndpointSet {
+        EndpointSet::new(
+            ids.iter()
+                .map(|&i| {
+                    Arc::new(Endpoint::new(
+                        i,
+                        format!("127.0.0.1:{}", 9000 + i).parse().unwrap(),
+                        1,
+                    ))
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn matched_chunks_follow_the_recorded_prefix() {
+        let idx = PrefixIndex::new(1000);
+        let set = set_of(&[1, 2, 3]);
+        idx.record(&[10, 11, 12, 13], 1, 1);
+        idx.record(&[10, 11], 2, 2);
+        assert_eq!(
+            idx.matched_chunks(&[10, 11, 12, 13, 14], &set),
+            vec![4, 2, 0]
+        );
+        assert_eq!(idx.matched_chunks(&[99, 11], &set), vec![0, 0, 0]);
+        // Endpoints outside the set are ignored.
+        assert_eq!(idx.matched_chunks(&[10, 11, 12], &set_of(&[3])), vec![0]);
+    }
+
+    #[test]
+    fn index_is_bounded_and_evicts_least_recently_used() {
+        let idx = PrefixIndex::new(64);
+        for h in 0..10_000u64 {
+            idx.record(&[h.wrapping_mul(0x9E37_79B9_7F4A_7C15)], 1, h);
+        }
+        assert!(idx.len() <= 64, "len {}", idx.len());
+        assert!(idx.evictions() >= 10_000 - 64);
+    }
+
+    #[test]
+    fn holders_per_entry_are_bounded_keeping_the_most_recent() {
+        let idx = PrefixIndex::new(100);
+        for e in 1..=6u32 {
+            idx.record(&[7], e, e as u64);
+        }
+        let depth = idx.matched_chunks(&[7], &set_of(&[1, 2, 3, 4, 5, 6]));
+        assert_eq!(depth, vec![0, 0, 1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn replace_keeps_state_of_endpoints_that_stay() {
+        let c = Cluster::new("c");
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let mut next = 0;
+        let mut make = |addr| {
+            next += 1;
+            Endpoint::new(next, addr, 0)
+        };
+        c.replace(&[a, b, a], &mut make);
+        assert_eq!(c.snapshot().endpoints.len(), 2, "duplicates dropped");
+        c.snapshot().endpoints[0].acquire(100, 60);
+        c.replace(&[b, a], &mut make);
+        let s = c.snapshot();
+        assert_eq!(s.endpoints[1].addr, a);
+        assert_eq!(s.endpoints[1].in_flight(), 1);
+        assert_eq!(s.endpoints[1].prefill_chars(), 100);
+        assert_eq!(s.position[&s.endpoints[1].id], 1);
+    }
+
+    #[test]
+    fn ejection_after_consecutive_failures_and_half_open() {
+        let e = Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0);
+        assert!(!e.record_failure(0, 2, 1000));
+        e.record_success();
+        assert!(!e.record_failure(0, 2, 1000));
+        assert!(e.record_failure(10, 2, 1000));
+        assert!(e.is_ejected(500));
+        assert!(!e.is_ejected(1010));
+        // Half-open: one more failure ejects again.
+        assert!(e.record_failure(1100, 2, 1000));
+        assert_eq!(e.ejections(), 2);
+    }
+
+    #[test]
+    fn remote_load_excludes_own_reports_and_goes_stale() {
+        let e = Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0);
+        assert_eq!(e.remote_load(10, 100), None, "never polled");
+        e.reported_add(300);
+        e.reported_add(200);
+        e.reported_release(0, 200);
+        // The server counts 5 requests / 1000 chars; 2 / 300 of them are ours.
+        e.set_remote_load(5, 1000, 50);
+        assert_eq!(e.remote_load(100, 100), Some((3, 700)));
+        assert_eq!(e.remote_load(151, 100), None, "stale");
+        e.set_remote_load(1, 0, 200);
+        assert_eq!(e.remote_load(200, 100), Some((0, 0)), "never negative");
+    }
+
+    #[test]
+    fn counters_never_underflow() {
+        let e = Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0);
+        e.release_request();
+        e.release_prefill(5, 5);
+        assert_eq!((e.in_flight(), e.prefill_chars()), (0, 0));
+    }
+}

@@ -255,7 +255,9 @@ impl PickedRequest {
                         endpoint: Arc::clone(e),
                     });
                     let cache_aware = router.config.lb_params(&r.model).cache_aware;
-                    if (100..400).contains(&upstream_status)
+                    // Only an answer of the endpoint itself proves it holds the prefix now.
+                    if outcome == Outcome::Upstream
+                        && (100..400).contains(&upstream_status)
                         && cache_aware
                         && !r.prefix_hashes.is_empty()
                     {

@@ -976,3 +976,165 @@ fn serves_on_ipv6_loopback() {
     s.post("/v1/load/stats", add("m", "r1", "[::1]:8000", 4));
     assert_eq!(s.engine("m", "[::1]:8000"), Some((1, 4)));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Abuse: label floods, slow clients, memory budget
+
+/// Resident set size of a process in KiB (`VmRSS` in /proc/PID/status).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+}
+
+/// Number of samples in a Prometheus text page.
+fn series(text: &str) -> usize {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .count()
+}
+
+/// A raw HTTP/1.1 keep-alive connection, for requests no HTTP client library would send.
+struct RawConn {
+    stream: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawConn {
+    fn open(port: u16) -> RawConn {
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.set_nodelay(true).unwrap();
+        RawConn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Send one request and read its response; returns (status, body).
+    fn request(&mut self, method: &str, path: &str, body: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.stream.write_all(req.as_bytes()).unwrap();
+        let mut chunk = [0u8; 65536];
+        let head_end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            let n = self.stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "connection closed before a response");
+            self.buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).to_string();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while self.buf.len() < head_end + 4 + len {
+            let n = self.stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "connection closed inside a response");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        let body = String::from_utf8_lossy(&self.buf[head_end + 4..head_end + 4 + len]).to_string();
+        self.buf.drain(..head_end + 4 + len);
+        (status, body)
+    }
+}
+
+/// xorshift64: deterministic junk without a dependency.
+fn junk(seed: &mut u64, len: usize, alphabet: &[u8]) -> String {
+    (0..len)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            alphabet[(*seed % alphabet.len() as u64) as usize] as char
+        })
+        .collect()
+}
+
+#[test]
+fn method_and_path_floods_leave_metrics_and_memory_flat() {
+    // Before the fix every distinct method became a label value of two metric families, kept
+    // forever: 5,000 such requests (1,000 of them with 2-4 KB methods) grew the server by
+    // ~17 MB and /metrics by 60,000 series (55 MB per scrape).
+    let s = Server::start(&["--auth-token", "s3cret"], &[]);
+    let pid = s.child.id();
+    let mut warm = RawConn::open(s.port);
+    for i in 0..300 {
+        let path = ["/v1/load/stats", "/v1/cache/save", "/nope", "/health"][i % 4];
+        warm.request(["GET", "POST", "DELETE"][i % 3], path, "");
+    }
+    let before_series = series(&s.metrics());
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_before = rss_kib(pid);
+    let threads: Vec<_> = (0..2u64)
+        .map(|t| {
+            let port = s.port;
+            std::thread::spawn(move || {
+                let mut c = RawConn::open(port);
+                let mut seed = 0x9e37_79b9_7f4a_7c15 ^ (t + 1);
+                let mut statuses = std::collections::BTreeMap::new();
+                for i in 0..2_500 {
+                    let len = if i % 5 == 0 { 2048 + i % 2048 } else { 31 };
+                    let method = junk(&mut seed, len, b"ABCDEFGHIJKLMNOPQRSTUVWXYZ");
+                    let path = match i % 3 {
+                        0 => "/v1/load/stats".to_string(),
+                        1 => "/v1/cache/save".to_string(),
+                        _ => format!("/{}", junk(&mut seed, 24, b"abcdefghijklmnop/")),
+                    };
+                    let (status, _) = c.request(&method, &path, "");
+                    *statuses.entry(status).or_insert(0) += 1;
+                }
+                statuses
+            })
+        })
+        .collect();
+    for t in threads {
+        let statuses = t.join().unwrap();
+        assert!(
+            statuses.keys().all(|s| *s == 401 || *s == 404),
+            "{statuses:?}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_after = rss_kib(pid);
+    // Read raw: before the fix the page was too large for the test's HTTP client.
+    let (status, m) = RawConn::open(s.port).request("GET", "/metrics", "");
+    assert_eq!(status, 200);
+    let after_series = series(&m);
+    eprintln!(
+        "flood: RSS {rss_before} -> {rss_after} KiB, series {before_series} -> {after_series}"
+    );
+    assert!(
+        rss_after < rss_before + 3 * 1024,
+        "RSS grew {} KiB ({rss_before} -> {rss_after} KiB); series {before_series} -> {after_series}",
+        rss_after.saturating_sub(rss_before)
+    );
+    assert!(
+        after_series < before_series + 60 && after_series < 400,
+        "series {before_series} -> {after_series}"
+    );
+    assert!(
+        m.contains(
+            r#"http_request_status_code_total{method="other",status_code="401",url="/v1/load/stats"} "#
+        ),
+        "{m}"
+    );
+    assert!(m.contains(r#"method="other",status_code="404",url="other"} "#));
+    // The token check still answers, and a good token still passes.
+    assert_eq!(warm.request("GET", "/v1/load/stats?cluster=m", "").0, 401);
+}

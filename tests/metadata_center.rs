@@ -388,7 +388,7 @@ fn dead_server_never_blocks_picks_and_free_is_bounded() {
 }
 
 #[test]
-fn dns_clusters_resolve_on_the_sync_thread() {
+fn dns_clusters_resolve_on_the_resolver_thread() {
     let r = Router::from_json(
         br#"{"model_mapping_rule": {"m": {"rules": [{"cluster": "byname", "backend": "vllm"}]}},
              "clusters": {"byname": {"dns": "localhost:7777"}}}"#,
@@ -709,6 +709,43 @@ fn black_holed_resolver_delays_no_pending_pick() {
         start.elapsed() < Duration::from_millis(50),
         "free waited for the resolver"
     );
+    drop(dns);
+}
+
+#[test]
+fn black_holed_resolver_delays_no_metadata_center_report() {
+    // A DNS cluster whose name the resolver never answers (3 s per query) must not hold up
+    // the reports of another cluster's requests: DNS runs on the resolver thread, not on
+    // the sync thread that talks to the Metadata-Center.
+    if std::env::var_os("LLMPROXY_BLACK_HOLED_DNS").is_none() {
+        run_with_black_holed_resolver("black_holed_resolver_delays_no_metadata_center_report");
+        return;
+    }
+    let dns = std::net::UdpSocket::bind("127.0.0.1:53").expect("bind the black-hole resolver");
+    let server = start_server();
+    let r = Router::from_json(
+        format!(
+            r#"{{"model_mapping_rule": {{"m": {{"rules": [{{"cluster": "pool", "backend": "vllm"}}]}},
+                                       "n": {{"rules": [{{"cluster": "byname", "backend": "vllm"}}]}}}},
+                "clusters": {{"pool": {{"endpoints": ["127.0.0.1:7001"]}},
+                              "byname": {{"dns": "pool.blackhole.test:7777"}}}},
+                "metadata_center": {{"enabled": true, "host": "127.0.0.1", "port": {}}}}}"#,
+            server.port
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let start = Instant::now();
+    let held = r.pick(&[], &chat("reported at once"));
+    assert_eq!(held.http_status(), 200);
+    while server_queued(server.port).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_millis(1500),
+            "the add waited for DNS"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    held.finish(200);
     drop(dns);
 }
 

@@ -1,13 +1,17 @@
 //! Background threads: everything a router does on the network, off the request path.
 //!
-//! One dedicated OS thread per router (all signals blocked) owns:
+//! A router runs up to three kinds of threads, all with every signal blocked:
+//!
+//! The sync thread (when the Metadata-Center is enabled) owns:
 //! - reporting load events to the Metadata-Center (request added at pick, prompt released at
 //!   first token, request removed at finish, cache saved on success), fed by a bounded
 //!   crossbeam channel that the request path only `try_send`s into (full → dropped, counted);
 //! - polling `GET /v1/load/stats` for every recently active cluster every `load_poll_ms`, and
 //!   storing what *other* gateways put on each endpoint into the endpoint's atomics, which the
-//!   scorer reads without locks;
-//! - re-resolving DNS clusters and swapping their endpoint sets.
+//!   scorer reads without locks.
+//!
+//! The resolver thread (when there is a host name to resolve) owns every DNS lookup: the
+//! Metadata-Center's host and the DNS clusters, whose endpoint sets it swaps.
 //!
 //! Lookup threads (`lookup_threads`, only when remote cache lookups are enabled) answer
 //! `pick_async` / `pick_start` lookups in parallel, each within `timeout_ms`, and hand the
@@ -22,11 +26,13 @@
 //! instead of growing.
 //!
 //! Files: `threads.rs` (spawning and stopping), `events.rs` (the request path's queue),
-//! `worker.rs` (the sync thread's loop), `client.rs` (the Metadata-Center wire client).
+//! `worker.rs` (the sync thread's loop), `client.rs` (the Metadata-Center wire client),
+//! `resolver.rs` (every DNS lookup, on a thread of its own).
 //! This module depends on the state it updates (`crate::state`), never on the router.
 
 pub mod client;
 mod events;
+mod resolver;
 mod threads;
 mod worker;
 
@@ -41,6 +47,7 @@ use crate::metrics::RouterMetrics;
 use crate::state::{Clock, Clusters};
 use client::{Client, ServerAddrs};
 pub use events::{Event, EventSender, RequestSync};
+pub use resolver::Resolver;
 use threads::spawn_quiet;
 pub use threads::{ThreadGroup, ThreadGuard};
 use worker::Worker;
@@ -52,23 +59,12 @@ pub trait Lookup: Send + 'static {
     fn run(self, client: &mut Client);
 }
 
-/// Starts the resolver thread of the Metadata-Center's host name when it is not a literal IP:
-/// it resolves at once and then every [`client::RESOLVE_EVERY`], so that no call ever waits
-/// for DNS (a black-holed resolver only delays this thread; calls use the last good
-/// addresses, or fail fast until there are some).
-pub(crate) fn start_resolver(addrs: &Arc<ServerAddrs>) -> std::io::Result<Option<ThreadGuard>> {
-    if !addrs.needs_resolution() {
+/// Starts the resolver thread when there is a host name to resolve (see [`Resolver`]).
+pub(crate) fn start_resolver(resolver: Resolver) -> std::io::Result<Option<ThreadGuard>> {
+    if !resolver.has_work() {
         return Ok(None);
     }
-    let addrs = Arc::clone(addrs);
-    spawn_quiet("llmproxy-resolve", move |stop| loop {
-        addrs.refresh();
-        select! {
-            recv(stop) -> _ => return,
-            default(client::RESOLVE_EVERY) => {}
-        }
-    })
-    .map(Some)
+    spawn_quiet("llmproxy-resolve", move |stop| resolver.run(stop)).map(Some)
 }
 
 /// What the sync thread updates: the router's clusters (held weakly), metrics and clock.
@@ -81,25 +77,20 @@ pub struct SyncTarget {
     pub clock: Clock,
 }
 
-/// Starts the sync thread. Returns the request path's sender (when the metadata-center is
-/// enabled) and the guard that stops the thread.
+/// Starts the sync thread (the Metadata-Center is enabled). Returns the request path's
+/// sender and the guard that stops the thread.
 pub(crate) fn start_sync(
     target: SyncTarget,
     settings: &MetadataCenter,
     addrs: &Arc<ServerAddrs>,
-    dns_clusters: Vec<(String, String)>,
-    dns_refresh: Duration,
-) -> std::io::Result<(Option<EventSender>, ThreadGuard)> {
+) -> std::io::Result<(EventSender, ThreadGuard)> {
     let (tx, rx) = bounded::<Event>(settings.queue_size.max(1));
     let (releases, release_rx) = crossbeam_channel::unbounded::<Event>();
-    let sender = settings.enabled.then(|| EventSender::new(tx, releases));
-    let client = settings.enabled.then(|| {
-        Client::new(
-            settings.clone(),
-            Duration::from_millis(settings.async_timeout_ms),
-            Arc::clone(addrs),
-        )
-    });
+    let client = Client::new(
+        settings.clone(),
+        Duration::from_millis(settings.async_timeout_ms),
+        Arc::clone(addrs),
+    );
     let mut worker = Worker {
         clusters: target.clusters,
         metrics: target.metrics,
@@ -107,13 +98,11 @@ pub(crate) fn start_sync(
         client,
         identity: settings.identity,
         poll_every: Duration::from_millis(settings.load_poll_ms),
-        dns_clusters,
-        dns_refresh,
     };
     let guard = spawn_quiet("llmproxy-sync", move |stop| {
         worker.run(rx, release_rx, stop)
     })?;
-    Ok((sender, guard))
+    Ok((EventSender::new(tx, releases), guard))
 }
 
 /// Starts `settings.lookup_threads` lookup threads sharing one queue of `capacity` jobs, each

@@ -1,7 +1,6 @@
-//! The sync thread's loop: reports load events to the Metadata-Center, polls the shared load of
-//! active clusters into the endpoints' atomics, and re-resolves DNS clusters.
+//! The sync thread's loop: reports load events to the Metadata-Center and polls the shared load
+//! of active clusters into the endpoints' atomics.
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,11 +24,9 @@ pub(super) struct Worker {
     pub(super) clusters: Weak<Clusters>,
     pub(super) metrics: Arc<RouterMetrics>,
     pub(super) clock: Clock,
-    pub(super) client: Option<Client>,
+    pub(super) client: Client,
     pub(super) identity: crate::config::EndpointIdentity,
     pub(super) poll_every: Duration,
-    pub(super) dns_clusters: Vec<(String, String)>,
-    pub(super) dns_refresh: Duration,
 }
 
 fn unix_nanos() -> u64 {
@@ -46,23 +43,12 @@ impl Worker {
         stop: Receiver<()>,
     ) {
         let mut next_poll = Instant::now();
-        let mut next_dns = Instant::now();
         loop {
-            let now = Instant::now();
-            if !self.dns_clusters.is_empty() && now >= next_dns {
-                self.resolve_dns();
-                next_dns = Instant::now() + self.dns_refresh;
-            }
-            if self.client.is_some() && now >= next_poll {
+            if Instant::now() >= next_poll {
                 self.poll_load();
                 next_poll = Instant::now() + self.poll_every;
             }
-            let mut deadline = next_poll;
-            if self.client.is_none() {
-                deadline = next_dns;
-            } else if !self.dns_clusters.is_empty() {
-                deadline = deadline.min(next_dns);
-            }
+            let deadline = next_poll;
             // Releases first: they are what keeps the server's view free of phantom load.
             if let Ok(e) = releases.try_recv() {
                 self.handle(e);
@@ -105,9 +91,7 @@ impl Worker {
 
     fn handle(&mut self, e: Event) {
         let identity = self.identity;
-        let Some(client) = self.client.as_mut() else {
-            return;
-        };
+        let client = &mut self.client;
         let ok = match e {
             Event::Add {
                 req,
@@ -210,9 +194,7 @@ impl Worker {
             .collect();
         drop(clusters);
         let identity = self.identity;
-        let Some(client) = self.client.as_mut() else {
-            return;
-        };
+        let client = &mut self.client;
         for cluster in active {
             let result = client.query_load(&cluster.name);
             let ok = result.is_ok();
@@ -231,25 +213,6 @@ impl Worker {
                 }
             }
             self.metrics.count_sync(ok);
-        }
-    }
-
-    /// Re-resolves DNS clusters and swaps endpoint sets that changed.
-    fn resolve_dns(&mut self) {
-        for (cluster, target) in &self.dns_clusters {
-            let Ok(found) = target.to_socket_addrs() else {
-                continue;
-            };
-            let mut addrs: Vec<SocketAddr> = found.collect();
-            addrs.sort();
-            addrs.dedup();
-            if addrs.is_empty() {
-                continue; // keep the last good set
-            }
-            let Some(clusters) = self.clusters.upgrade() else {
-                return;
-            };
-            clusters.update_resolved(cluster, &addrs);
         }
     }
 }

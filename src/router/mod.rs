@@ -20,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::background::client::ServerAddrs;
-use crate::background::{self, Event, EventSender, SyncTarget, ThreadGroup};
+use crate::background::{self, Event, EventSender, Resolver, SyncTarget, ThreadGroup};
 use crate::config::{Config, ConfigError, Rule};
 use crate::error::PickError;
 use crate::metrics::{Page, RouterMetrics};
@@ -169,22 +169,23 @@ impl Router {
             .map(|(c, t)| (c.clone(), t.clone()))
             .collect();
         let addrs = ServerAddrs::new(mc);
-        if mc.enabled {
-            if let Ok(Some(guard)) = background::start_resolver(&addrs) {
-                guards.push(guard);
-            }
+        let resolver = Resolver {
+            server: (mc.enabled && addrs.needs_resolution()).then(|| Arc::clone(&addrs)),
+            dns_clusters: dns,
+            clusters: Arc::downgrade(&inner.clusters),
+            dns_refresh: Duration::from_millis(inner.config.dns_refresh_ms),
+        };
+        if let Ok(Some(guard)) = background::start_resolver(resolver) {
+            guards.push(guard);
         }
-        if mc.enabled || !dns.is_empty() {
-            let refresh = Duration::from_millis(inner.config.dns_refresh_ms);
+        if mc.enabled {
             let target = SyncTarget {
                 clusters: Arc::downgrade(&inner.clusters),
                 metrics: Arc::clone(&inner.metrics),
                 clock: inner.clock,
             };
-            if let Ok((sender, guard)) = background::start_sync(target, mc, &addrs, dns, refresh) {
-                if let Some(s) = sender {
-                    let _ = inner.events.set(s);
-                }
+            if let Ok((sender, guard)) = background::start_sync(target, mc, &addrs) {
+                let _ = inner.events.set(sender);
                 guards.push(guard);
             }
         }

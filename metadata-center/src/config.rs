@@ -89,6 +89,8 @@ pub struct HttpSection {
     pub key_file: Option<String>,
     pub max_connections: Option<usize>,
     pub idle_timeout: Option<String>,
+    pub header_timeout: Option<String>,
+    pub body_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -178,6 +180,10 @@ pub struct Settings {
     pub port: u16,
     pub max_connections: usize,
     pub idle_timeout: Duration,
+    /// A request's headers must be complete this long after its first byte.
+    pub header_timeout: Duration,
+    /// A request's body must be complete this long after its headers.
+    pub body_timeout: Duration,
     pub log_level: tracing::level_filters::LevelFilter,
     pub log_json: bool,
     pub load: LoadConfig,
@@ -206,6 +212,8 @@ impl Default for Settings {
             port: 8080,
             max_connections: 10_000,
             idle_timeout: Duration::from_secs(300),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
             log_level: tracing::level_filters::LevelFilter::INFO,
             log_json: false,
             load: LoadConfig::default(),
@@ -264,6 +272,16 @@ impl Settings {
             "HTTP.IdleTimeout",
             &f.http.idle_timeout,
             &mut self.idle_timeout,
+        )?;
+        dur(
+            "HTTP.HeaderTimeout",
+            &f.http.header_timeout,
+            &mut self.header_timeout,
+        )?;
+        dur(
+            "HTTP.BodyTimeout",
+            &f.http.body_timeout,
+            &mut self.body_timeout,
         )?;
         if f.http.cert_file.as_deref().is_some_and(|s| !s.is_empty())
             || f.http.key_file.as_deref().is_some_and(|s| !s.is_empty())
@@ -367,6 +385,8 @@ impl Settings {
             "REPLICA_CLIENT_REQUEST_TIMEOUT",
             &mut self.replica_request_timeout,
         )?;
+        d("METADATA_CENTER_HEADER_TIMEOUT", &mut self.header_timeout)?;
+        d("METADATA_CENTER_BODY_TIMEOUT", &mut self.body_timeout)?;
         fn num<T: std::str::FromStr>(
             k: &str,
             v: Option<String>,
@@ -417,6 +437,9 @@ impl Settings {
         }
         if self.idle_timeout.is_zero() || self.max_connections == 0 {
             return Err("HTTP.IdleTimeout and HTTP.MaxConnections must be > 0".into());
+        }
+        if self.header_timeout.is_zero() || self.body_timeout.is_zero() {
+            return Err("HTTP.HeaderTimeout and HTTP.BodyTimeout must be > 0".into());
         }
         if self.cache.top_k == 0 {
             return Err("cache top-K must be > 0".into());
@@ -482,7 +505,10 @@ mod tests {
         assert_eq!(s.cache.expire, Duration::from_secs(1800));
         assert_eq!(s.cache.top_k, 7);
         assert_eq!(s.peers, vec!["127.0.0.1:9001".to_string()]);
+        assert_eq!(s.header_timeout, Duration::from_secs(10), "default");
         let env = |k: &str| match k {
+            "METADATA_CENTER_HEADER_TIMEOUT" => Some("1500ms".to_string()),
+            "METADATA_CENTER_BODY_TIMEOUT" => Some("2s".to_string()),
             "METADATA_CENTER_CACHE_TOPK" => Some("3".to_string()),
             "METADATA_CENTER_LOAD_REQ_EXPIRE" => Some("2m".to_string()),
             "POD_IP" => Some("".to_string()),
@@ -492,6 +518,11 @@ mod tests {
         assert_eq!(s.cache.top_k, 3);
         assert_eq!(s.load.req_expire, Duration::from_secs(120));
         assert_eq!(s.pod_ip, None, "POD_IP is optional");
+        assert_eq!(s.header_timeout, Duration::from_millis(1500));
+        assert_eq!(s.body_timeout, Duration::from_secs(2));
+        s.validate().unwrap();
+        s.body_timeout = Duration::ZERO;
+        assert!(s.validate().unwrap_err().contains("BodyTimeout"));
         let bad = |k: &str| (k == "METADATA_CENTER_LOAD_GC_INTERVAL").then(|| "soon".to_string());
         assert!(Settings::default()
             .apply_env(bad)
@@ -504,9 +535,17 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mc-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let j = dir.join("c.json");
-        std::fs::write(&j, r#"{"HTTP":{"Port":1234},"Cache":{"DebugMode":true}}"#).unwrap();
+        std::fs::write(
+            &j,
+            r#"{"HTTP":{"Port":1234,"HeaderTimeout":"1s","BodyTimeout":"3s"},"Cache":{"DebugMode":true}}"#,
+        )
+        .unwrap();
         let f = load_file(&j).unwrap();
         assert_eq!(f.http.port, Some(1234));
+        let mut s = Settings::default();
+        s.apply_file(&f).unwrap();
+        assert_eq!(s.header_timeout, Duration::from_secs(1));
+        assert_eq!(s.body_timeout, Duration::from_secs(3));
         assert_eq!(f.cache.debug_mode, Some(true));
         let y = dir.join("c.yaml");
         std::fs::write(&y, "HTTP:\n  Port: 4321\nAuth:\n  Token: s3cret\n").unwrap();

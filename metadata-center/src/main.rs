@@ -12,11 +12,11 @@ use tracing_subscriber::prelude::*;
 
 use llmproxy_metadata_center::cache::CachePool;
 use llmproxy_metadata_center::config::{self, Settings};
-use llmproxy_metadata_center::listener::BoundedListener;
+use llmproxy_metadata_center::listener::{BoundedListener, ConnHandle};
 use llmproxy_metadata_center::load::{LoadStore, Retrier, Stamp};
 use llmproxy_metadata_center::metrics::Metrics;
 use llmproxy_metadata_center::replica::{self, Replicator, ReplicatorConfig};
-use llmproxy_metadata_center::server::{self, AppState, LogReload};
+use llmproxy_metadata_center::server::{self, AppState, Connections, LogReload};
 
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -59,6 +59,14 @@ struct RunArgs {
     /// Enable the /cache/admin/debug/* endpoints.
     #[arg(long)]
     debug: bool,
+    /// A request's headers must be complete this long after its first byte (Go duration,
+    /// default 10s). Also METADATA_CENTER_HEADER_TIMEOUT.
+    #[arg(long)]
+    header_timeout: Option<String>,
+    /// A request's body must be complete this long after its headers (Go duration, default
+    /// 30s). Also METADATA_CENTER_BODY_TIMEOUT.
+    #[arg(long)]
+    body_timeout: Option<String>,
 }
 
 fn settings(args: &RunArgs) -> Result<Settings, String> {
@@ -93,6 +101,14 @@ fn settings(args: &RunArgs) -> Result<Settings, String> {
     }
     if args.debug {
         s.debug_mode = true;
+    }
+    if let Some(d) = &args.header_timeout {
+        s.header_timeout =
+            config::parse_go_duration(d).map_err(|e| format!("--header-timeout: {e}"))?;
+    }
+    if let Some(d) = &args.body_timeout {
+        s.body_timeout =
+            config::parse_go_duration(d).map_err(|e| format!("--body-timeout: {e}"))?;
     }
     let port = s.replica_target_port;
     s.peers = s.peers.iter().map(|p| peer_with_port(p, port)).collect();
@@ -194,7 +210,17 @@ async fn run(s: Settings) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
-    let listener = BoundedListener::new(listener, s.max_connections, s.idle_timeout);
+    let listener = BoundedListener::new(
+        listener,
+        s.max_connections,
+        s.idle_timeout,
+        s.header_timeout,
+    );
+    let connections = Connections {
+        counters: listener.counters(),
+        free: listener.open_connections(),
+        max: listener.max_connections(),
+    };
 
     let version = env!("CARGO_PKG_VERSION");
     let metrics = Arc::new(Metrics::new(version).map_err(|e| format!("metrics: {e}"))?);
@@ -271,19 +297,22 @@ async fn run(s: Settings) -> Result<(), String> {
         peers = ?s.peers,
         svc_disc_host = ?s.svc_disc_host,
         debug = s.debug_mode,
+        header_timeout = ?s.header_timeout,
+        body_timeout = ?s.body_timeout,
         "metadata-center starting"
     );
     let state = Arc::new(AppState {
         settings: s,
         load,
         cache,
+        connections: Some(connections),
         retrier,
         replicator,
         metrics: metrics.clone(),
         log_reload,
         instance_id,
     });
-    let app = server::router(state);
+    let app = server::router(state).into_make_service_with_connect_info::<ConnHandle>();
     // Tests and scripts read the bound address from this line.
     println!("listening on {local}");
     use std::io::Write as _;

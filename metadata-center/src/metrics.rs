@@ -21,6 +21,8 @@ pub struct Metrics {
     pub node_alive: IntGauge,
     pub dns_lookup_hosts: IntGaugeVec,
     pub auth_failures: AtomicU64,
+    /// Requests answered 408 because the body did not arrive within `HTTP.BodyTimeout`.
+    pub body_timeouts: AtomicU64,
     /// Scrapes rebuild the per-engine gauges; one at a time so none sees a half-built set.
     pub render_lock: parking_lot::Mutex<()>,
 }
@@ -102,6 +104,7 @@ impl Metrics {
             node_alive,
             dns_lookup_hosts,
             auth_failures: AtomicU64::new(0),
+            body_timeouts: AtomicU64::new(0),
             render_lock: parking_lot::Mutex::new(()),
         })
     }

@@ -4,8 +4,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::{RawQuery, Request, State};
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::{ConnectInfo, FromRequest, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -20,6 +20,7 @@ use crate::endpoint::Endpoint;
 use crate::envelope::{
     self, decode, validation_error, ApiError, WireRequest, CODE_INTERNAL, CODE_UNAUTHORIZED,
 };
+use crate::listener::{ConnCounters, ConnHandle};
 use crate::load::{AddRequest, LoadStore, Retrier, RetryKind, Stamp};
 use crate::metrics::{get as load_counter, Families, Metrics};
 use crate::replica::{self, Event, Replicator};
@@ -30,11 +31,19 @@ pub struct AppState {
     pub settings: Settings,
     pub load: Arc<LoadStore>,
     pub cache: Arc<CachePool>,
+    /// The listener's counters and its free connection slots (for metrics).
+    pub connections: Option<Connections>,
     pub retrier: Retrier,
     pub replicator: Option<Arc<Replicator>>,
     pub metrics: Arc<Metrics>,
     pub log_reload: LogReload,
     pub instance_id: String,
+}
+
+pub struct Connections {
+    pub counters: Arc<ConnCounters>,
+    pub free: Arc<tokio::sync::Semaphore>,
+    pub max: usize,
 }
 
 type St = State<Arc<AppState>>;
@@ -43,6 +52,9 @@ type St = State<Arc<AppState>>;
 pub struct TraceId(pub Arc<str>);
 
 const MAX_ID_LEN: usize = 1024;
+
+/// Largest request body (413 above).
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Request bodies
@@ -235,7 +247,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics));
-    let api = api.route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    // Inner first: the body is read (within its deadline) only once the token was accepted.
+    let api = api
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(api)
         .merge(open)
@@ -243,13 +258,59 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             panic_response,
         ))
-        .layer(axum::extract::DefaultBodyLimit::max(8 * 1024 * 1024))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             record_metrics,
         ))
         .layer(middleware::from_fn(trace))
+        .layer(middleware::from_fn(track_request))
         .with_state(state)
+}
+
+/// Outermost: tell the connection that a request reached the service (its headers are
+/// complete, so the listener's header deadline stops) and when it is done.
+async fn track_request(req: Request, next: Next) -> Response {
+    let _serving = req
+        .extensions()
+        .get::<ConnectInfo<ConnHandle>>()
+        .map(|c| c.0.request_started());
+    next.run(req).await
+}
+
+/// Read the whole body within `HTTP.BodyTimeout` of the headers, or answer 408 and close the
+/// connection. Handlers then read the buffered body; the size limit and its 413 are axum's
+/// (`DefaultBodyLimit`), as before.
+async fn read_body(State(st): St, req: Request, next: Next) -> Response {
+    if req.body().is_end_stream() {
+        return next.run(req).await;
+    }
+    if req.body().size_hint().lower() > MAX_BODY_BYTES as u64 {
+        // A Content-Length above the limit: answer now rather than wait for the body. (Same
+        // answer as axum's when the limit is found while reading.)
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Failed to buffer the request body: length limit exceeded",
+        )
+            .into_response();
+    }
+    let (parts, body) = req.into_parts();
+    let probe = Request::from_parts(parts.clone(), body);
+    match tokio::time::timeout(st.settings.body_timeout, Bytes::from_request(probe, &())).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Ok(Err(rejection)) => rejection.into_response(),
+        Err(_) => {
+            st.metrics.body_timeouts.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(path = parts.uri.path(), "request body timeout");
+            let mut resp = (StatusCode::REQUEST_TIMEOUT, "request body timeout").into_response();
+            resp.headers_mut()
+                .insert("connection", HeaderValue::from_static("close"));
+            resp
+        }
+    }
 }
 
 fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -821,6 +882,27 @@ pub fn render_metrics(st: &AppState) -> String {
         "Cache trees evicted by the cluster cap",
         &[("", load_counter(&cc.evicted_clusters))],
     );
+    if let Some(c) = &st.connections {
+        f.family(
+            "metadata_center_connections_open",
+            "gauge",
+            "Open client connections",
+            &[("", c.max.saturating_sub(c.free.available_permits()) as u64)],
+        );
+        f.family(
+            "metadata_center_connections_closed_total",
+            "counter",
+            "Connections closed by a server deadline",
+            &[
+                ("reason=\"idle\"", load_counter(&c.counters.idle_closed)),
+                (
+                    "reason=\"header_timeout\"",
+                    load_counter(&c.counters.header_timeouts),
+                ),
+                ("reason=\"body_timeout\"", load_counter(&m.body_timeouts)),
+            ],
+        );
+    }
     f.family(
         "metadata_center_auth_failures_total",
         "counter",

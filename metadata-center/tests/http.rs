@@ -28,6 +28,8 @@ impl Server {
             "META_DATA_CENTER_SVC_DISC_HOST",
             "POD_IP",
             "METADATA_CENTER_CACHE_TOPK",
+            "METADATA_CENTER_HEADER_TIMEOUT",
+            "METADATA_CENTER_BODY_TIMEOUT",
         ] {
             cmd.env_remove(var);
         }
@@ -1137,4 +1139,125 @@ fn method_and_path_floods_leave_metrics_and_memory_flat() {
     assert!(m.contains(r#"method="other",status_code="404",url="other"} "#));
     // The token check still answers, and a good token still passes.
     assert_eq!(warm.request("GET", "/v1/load/stats?cluster=m", "").0, 401);
+}
+
+/// Writes `head` then drips `drip` one byte every 300 ms until the server closes the
+/// connection. Returns (what the server sent, seconds from the first dripped byte to the close),
+/// or the time limit if it never closed.
+fn drip(port: u16, head: &str, drip: &[u8], limit: Duration) -> (String, Duration) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(head.as_bytes()).unwrap();
+    let mut reader = c.try_clone().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        reader
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match reader.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let _ = tx.send((String::from_utf8_lossy(&got).to_string(), Instant::now()));
+    });
+    let start = Instant::now();
+    for b in drip.iter().cycle() {
+        if let Ok((got, closed)) = rx.try_recv() {
+            return (got, closed - start);
+        }
+        if start.elapsed() > limit || c.write_all(&[*b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    match rx.recv_timeout(Duration::from_secs(1)) {
+        Ok((got, closed)) if closed - start <= limit => (got, closed - start),
+        _ => (String::new(), limit),
+    }
+}
+
+#[test]
+fn slow_drip_clients_are_cut_off_at_the_header_and_body_deadlines() {
+    let dir = std::env::temp_dir().join(format!("mc-drip-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("drip.toml");
+    std::fs::write(
+        &f,
+        "[HTTP]\nIdleTimeout = \"30s\"\nHeaderTimeout = \"1s\"\nBodyTimeout = \"1s\"\n",
+    )
+    .unwrap();
+    let s = Server::start(&["--config", f.to_str().unwrap()], &[]);
+    let limit = Duration::from_secs(6);
+    let slack = Duration::from_millis(1500);
+    // Headers, one byte every 300 ms: every byte resets the 30 s idle timer, but the headers
+    // are not complete 1 s after they began.
+    let (head_got, head_after) = drip(
+        s.port,
+        "GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: ",
+        b"abcdefgh",
+        limit,
+    );
+    // A body dripped after complete headers: 408 once the body deadline passes, then closed.
+    let (body_got, body_after) = drip(
+        s.port,
+        "POST /v1/load/stats HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
+        b" ",
+        limit,
+    );
+    eprintln!("drip: header cut off after {head_after:?}, body after {body_after:?}");
+    let deadline = Duration::from_secs(1) + slack;
+    assert!(
+        head_after < deadline && body_after < deadline,
+        "cut off after: header drip {head_after:?}, body drip {body_after:?} (deadlines 1 s, \
+         gave up at {limit:?})"
+    );
+    assert!(
+        head_got.is_empty(),
+        "no response to an incomplete request: {head_got:?}"
+    );
+    assert!(body_got.starts_with("HTTP/1.1 408"), "{body_got:?}");
+    // A keep-alive connection that sits idle between complete requests follows the idle timeout
+    // (30 s here), not the header deadline.
+    let mut c = RawConn::open(s.port);
+    assert_eq!(c.request("GET", "/health", "").0, 200);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(c.request("GET", "/health", "").0, 200);
+    let body = add("m", "r1", "10.0.0.1", 3).to_string();
+    assert_eq!(c.request("POST", "/v1/load/stats", &body).0, 200);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(c.request("GET", "/v1/load/stats?cluster=m", "").0, 200);
+    // The body size limit still answers at once, before any body byte: 413.
+    {
+        use std::io::{Read, Write};
+        let mut big = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        big.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        big.write_all(
+            b"POST /v1/cache/save HTTP/1.1\r\nHost: x\r\nContent-Length: 9437184\r\n\r\n",
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        big.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 413");
+    }
+    let m = s.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            r#"metadata_center_connections_closed_total{reason="header_timeout"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"metadata_center_connections_closed_total{reason="body_timeout"}"#
+        ),
+        Some(1.0)
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -5,8 +5,9 @@
 //! carries the location; a query returns, per location, the number of leading chunks matched
 //! (its deepest node on the query path), top-K by depth; nodes and location entries expire after
 //! `expire` (1 h). Differences, all fixing origin defects:
-//! * bounded memory: a per-tree budget of entries (nodes + stored hashes + location tags) and a
-//!   cap on location tags per node; the least recently used nodes are evicted first;
+//! * bounded memory: a per-tree budget of entries (nodes + stored hashes + location tags), a
+//!   cap on location tags per node, and the server-wide memory budget (`crate::budget`) over all
+//!   trees; the least recently used nodes are evicted first;
 //! * queries take a read lock and never mutate (expired data is skipped, GC removes it);
 //! * GC never disables a tree: expired nodes are exactly the oldest part of the LRU list, so a
 //!   pass pops them in small batches under the write lock, and inserts/queries just wait briefly;
@@ -26,6 +27,7 @@ use serde::Serialize;
 use slab::Slab;
 use smallvec::SmallVec;
 
+use crate::budget::MemoryBudget;
 use crate::endpoint::Endpoint;
 
 #[derive(Clone, Debug)]
@@ -65,18 +67,34 @@ struct Node {
     next: NodeId,
 }
 
-impl Node {
-    fn cost(&self) -> usize {
-        1 + self.prefix.len() + self.locs.len()
-    }
-}
+/// Estimated bytes of one radix node besides its hashes and tags: the node in the slab (plus a
+/// quarter for the slab's spare capacity), its slot in the parent's child map (with the map's
+/// spare capacity) and the allocator's header of its prefix vector. Calibrated against the RSS
+/// of the server (docs/metadata-center.md).
+pub const NODE_BYTES: usize =
+    std::mem::size_of::<Node>() + std::mem::size_of::<Node>() / 4 + 8 + 48 + 16;
+/// Estimated bytes of one stored hash.
+pub const HASH_BYTES: usize = 8;
+/// Estimated bytes of one location tag.
+pub const TAG_BYTES: usize = std::mem::size_of::<(Endpoint, Duration)>();
+/// Estimated bytes of one cluster tree besides its nodes: the handle, its map entry, the root and
+/// the slab's first allocation (room for 4 nodes) (plus the cluster name, counted separately).
+pub const TREE_BYTES: usize = std::mem::size_of::<TreeHandle>()
+    + 16
+    + std::mem::size_of::<Tree>()
+    + NODE_BYTES
+    + 2 * std::mem::size_of::<Node>()
+    + 64;
 
 pub struct Tree {
     nodes: Slab<Node>,
     root: NodeId,
     head: NodeId,
     tail: NodeId,
-    cost: usize,
+    /// Stored hashes over all nodes.
+    hashes: usize,
+    /// Location tags over all nodes.
+    tags: usize,
     last: Duration,
 }
 
@@ -113,7 +131,8 @@ impl Tree {
             root,
             head: NIL,
             tail: NIL,
-            cost: 0,
+            hashes: 0,
+            tags: 0,
             last: Duration::ZERO,
         }
     }
@@ -122,8 +141,28 @@ impl Tree {
         self.nodes.len() - 1
     }
 
+    /// Budgeted entries: one per node, per stored hash, per location tag.
     pub fn cost(&self) -> usize {
-        self.cost
+        self.node_count() + self.hashes + self.tags
+    }
+
+    /// Estimated bytes held by the nodes (the tree's fixed part is in `TREE_BYTES`).
+    pub fn bytes(&self) -> usize {
+        self.node_count() * NODE_BYTES + self.hashes * HASH_BYTES + self.tags * TAG_BYTES
+    }
+
+    /// Last use of the least recently used node, `None` when the tree is empty.
+    pub fn oldest(&self) -> Option<Duration> {
+        (self.head != NIL).then(|| self.nodes[self.head].touched)
+    }
+
+    /// Remove the least recently used node (always a leaf). Returns false when empty.
+    pub fn evict_oldest(&mut self) -> bool {
+        if self.head == NIL {
+            return false;
+        }
+        self.remove_subtree(self.head);
+        true
     }
 
     pub fn is_empty(&self) -> bool {
@@ -172,7 +211,7 @@ impl Tree {
             prev: NIL,
             next: NIL,
         };
-        self.cost += node.cost();
+        self.hashes += node.prefix.len();
         let id = self.nodes.insert(node);
         self.push_back(id);
         id
@@ -200,7 +239,7 @@ impl Tree {
             n.locs.push((loc, now));
         }
         let after = n.locs.len();
-        self.cost = self.cost + after - before;
+        self.tags = self.tags + after - before;
     }
 
     /// Insert a hash path tagged with `loc`. Returns how many nodes the budget evicted.
@@ -238,7 +277,7 @@ impl Tree {
             // the child's live tags plus `loc`; the child keeps the rest of its prefix.
             let tail_prefix = self.nodes[child].prefix.split_off(common);
             let head_prefix = std::mem::replace(&mut self.nodes[child].prefix, tail_prefix);
-            self.cost -= head_prefix.len();
+            self.hashes -= head_prefix.len();
             let mid = self.new_node(head_prefix, cur, now);
             let live: SmallVec<[(Endpoint, Duration); 4]> = self.nodes[child]
                 .locs
@@ -246,7 +285,7 @@ impl Tree {
                 .copied()
                 .filter(|(_, t)| *t + cfg.expire > now)
                 .collect();
-            self.cost += live.len();
+            self.tags += live.len();
             self.nodes[mid].locs = live;
             self.tag(mid, loc, now, cfg);
             let child_key = self.nodes[child].prefix[0];
@@ -272,7 +311,7 @@ impl Tree {
             self.push_back(id);
         }
         let mut evicted = 0;
-        while self.cost > cfg.max_entries_per_cluster && self.head != NIL {
+        while self.cost() > cfg.max_entries_per_cluster && self.head != NIL {
             evicted += self.remove_subtree(self.head);
         }
         evicted
@@ -292,7 +331,8 @@ impl Tree {
         while let Some(x) = stack.pop() {
             self.unlink(x);
             let node = self.nodes.remove(x);
-            self.cost -= node.cost();
+            self.hashes -= node.prefix.len();
+            self.tags -= node.locs.len();
             stack.extend(node.children.values().copied());
             n += 1;
         }
@@ -383,7 +423,7 @@ impl Tree {
     /// Structural self-check used by tests: parent/child links, LRU order and cost.
     #[cfg(test)]
     fn check(&self) {
-        let mut cost = 0;
+        let (mut hashes, mut tags) = (0, 0);
         let mut seen = 0;
         let mut pos = std::collections::HashMap::new();
         let mut x = self.head;
@@ -397,7 +437,8 @@ impl Tree {
         }
         assert_eq!(seen, self.node_count(), "every node is in the LRU list");
         for (id, n) in self.nodes.iter() {
-            cost += if id == self.root { 0 } else { n.cost() };
+            hashes += n.prefix.len();
+            tags += n.locs.len();
             for (k, &c) in &n.children {
                 assert_eq!(self.nodes[c].prefix[0], *k);
                 assert_eq!(self.nodes[c].parent, id);
@@ -409,7 +450,7 @@ impl Tree {
                 }
             }
         }
-        assert_eq!(cost, self.cost);
+        assert_eq!((hashes, tags), (self.hashes, self.tags));
     }
 }
 
@@ -421,10 +462,44 @@ pub struct LevelStats {
     pub min_prefix_len: usize,
 }
 
-struct TreeHandle {
+pub struct TreeHandle {
     tree: RwLock<Tree>,
     /// Monotonic ns of the last save (LRU order of trees at the cluster cap).
     last_used: AtomicU64,
+    budget: Arc<MemoryBudget>,
+    /// Bytes charged for the tree itself (handle, map entry, root, cluster name).
+    fixed_bytes: usize,
+}
+
+impl TreeHandle {
+    fn new(cluster: &str, budget: Arc<MemoryBudget>) -> Self {
+        let fixed_bytes = TREE_BYTES + cluster.len();
+        budget.add_cache(fixed_bytes as i64);
+        TreeHandle {
+            tree: RwLock::new(Tree::new()),
+            last_used: AtomicU64::new(0),
+            budget,
+            fixed_bytes,
+        }
+    }
+
+    /// Run `f` on the tree under the write lock and report the change of its size to the budget.
+    fn mutate<R>(&self, f: impl FnOnce(&mut Tree) -> R) -> R {
+        let mut t = self.tree.write();
+        let before = t.bytes();
+        let r = f(&mut t);
+        self.budget.add_cache(t.bytes() as i64 - before as i64);
+        r
+    }
+}
+
+impl Drop for TreeHandle {
+    /// A tree leaves the budget when its last handle goes, whatever removed it from the pool
+    /// (cluster cap, GC, budget) and even if a save still held it at that moment.
+    fn drop(&mut self) {
+        let held = self.fixed_bytes + self.tree.get_mut().bytes();
+        self.budget.add_cache(-(held as i64));
+    }
 }
 
 #[derive(Default)]
@@ -441,14 +516,25 @@ pub struct CacheCounters {
 pub struct CachePool {
     cfg: CacheConfig,
     trees: RwLock<HashMap<String, Arc<TreeHandle>>>,
+    budget: Arc<MemoryBudget>,
     pub counters: CacheCounters,
 }
 
+/// Nodes evicted from one tree before the pool looks again for the globally oldest one.
+const BUDGET_BATCH: usize = 256;
+
 impl CachePool {
+    /// A pool with no memory budget (tests, benchmarks).
     pub fn new(cfg: CacheConfig) -> Self {
+        Self::with_budget(cfg, Arc::new(MemoryBudget::unlimited()))
+    }
+
+    /// A pool that reports its estimated size to `budget`.
+    pub fn with_budget(cfg: CacheConfig, budget: Arc<MemoryBudget>) -> Self {
         CachePool {
             cfg,
             trees: RwLock::new(HashMap::new()),
+            budget,
             counters: CacheCounters::default(),
         }
     }
@@ -483,21 +569,17 @@ impl CachePool {
                             .fetch_add(1, Ordering::Relaxed);
                     }
                 }
+                let budget = &self.budget;
                 trees
                     .entry(cluster.to_string())
-                    .or_insert_with(|| {
-                        Arc::new(TreeHandle {
-                            tree: RwLock::new(Tree::new()),
-                            last_used: AtomicU64::new(0),
-                        })
-                    })
+                    .or_insert_with(|| Arc::new(TreeHandle::new(cluster, budget.clone())))
                     .clone()
             }
         };
         handle
             .last_used
             .fetch_max(now.as_nanos() as u64, Ordering::Relaxed);
-        let evicted = handle.tree.write().insert(keys, loc, now, &self.cfg);
+        let evicted = handle.mutate(|t| t.insert(keys, loc, now, &self.cfg));
         if evicted > 0 {
             self.counters
                 .evicted_nodes
@@ -537,7 +619,7 @@ impl CachePool {
         let mut removed = 0;
         for (_, h) in &handles {
             loop {
-                let (n, more) = h.tree.write().expire(now, &self.cfg, batch.max(1));
+                let (n, more) = h.mutate(|t| t.expire(now, &self.cfg, batch.max(1)));
                 removed += n;
                 if !more {
                     break;
@@ -558,6 +640,74 @@ impl CachePool {
 
     pub fn cluster_count(&self) -> usize {
         self.trees.read().len()
+    }
+
+    /// Evict the least recently used nodes over all trees (oldest node first) until the memory
+    /// budget is back under its low watermark or the cache is empty. Trees left empty are
+    /// dropped. Returns the number of nodes evicted.
+    pub fn shrink_for_budget(&self, budget: &MemoryBudget) -> usize {
+        let mut evicted = 0;
+        while budget.above_target() {
+            // The tree holding the oldest node, and the age of the runner-up, so one pass can
+            // evict from the victim until it is no longer the oldest.
+            let handles: Vec<(String, Arc<TreeHandle>)> = self
+                .trees
+                .read()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if handles.is_empty() {
+                break;
+            }
+            // Empty trees sort first (`None` < `Some`): dropping them frees their fixed part.
+            let ages: Vec<Option<Duration>> = handles
+                .iter()
+                .map(|(_, h)| h.tree.read().oldest())
+                .collect();
+            let Some(i) = (0..ages.len()).min_by_key(|&i| ages[i]) else {
+                break;
+            };
+            let runner_up = ages
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .filter_map(|(_, a)| *a)
+                .min();
+            let (name, h) = &handles[i];
+            // The budget learns of the change when `mutate` returns, so count here.
+            let need = budget.used().saturating_sub(budget.low_watermark()) as usize;
+            let (n, empty) = h.mutate(|t| {
+                let start = t.bytes();
+                let mut n = 0;
+                while n < BUDGET_BATCH
+                    && start - t.bytes() < need
+                    && t.oldest().is_some_and(|o| runner_up.is_none_or(|r| o <= r))
+                {
+                    t.evict_oldest();
+                    n += 1;
+                }
+                (n, t.is_empty())
+            });
+            evicted += n;
+            if empty {
+                let mut trees = self.trees.write();
+                if trees.get(name).is_some_and(|cur| Arc::ptr_eq(cur, h)) {
+                    trees.remove(name);
+                    budget
+                        .counters
+                        .cache_clusters
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        budget
+            .counters
+            .cache_nodes
+            .fetch_add(evicted as u64, Ordering::Relaxed);
+        self.counters
+            .evicted_nodes
+            .fetch_add(evicted as u64, Ordering::Relaxed);
+        evicted
     }
 
     /// (nodes, entries) over all trees.
@@ -863,6 +1013,41 @@ mod tests {
             "n dropped: empty and unused for a TTL"
         );
         assert_eq!(p.level_stats("o").unwrap()[&1].nodes_count, 1);
+    }
+
+    #[test]
+    fn the_estimate_follows_every_change_and_leaves_with_the_trees() {
+        let budget = Arc::new(MemoryBudget::unlimited());
+        let cfg = CacheConfig {
+            expire: Duration::from_secs(10),
+            max_clusters: 3,
+            max_entries_per_cluster: 50,
+            ..Default::default()
+        };
+        let p = CachePool::with_budget(cfg, budget.clone());
+        let recount = |p: &CachePool| -> u64 {
+            p.trees
+                .read()
+                .iter()
+                .map(|(k, h)| (TREE_BYTES + k.len() + h.tree.read().bytes()) as u64)
+                .sum()
+        };
+        for i in 0..200u64 {
+            let path: Vec<u64> = (0..(i % 7)).map(|k| (i % 5) * 10 + k).collect();
+            p.save(
+                &format!("c{}", i % 4),
+                &path,
+                loc((i % 3) as u32),
+                Duration::from_secs(i / 10),
+            );
+            assert_eq!(budget.cache_bytes(), recount(&p));
+        }
+        p.gc(Duration::from_secs(25), 3);
+        assert_eq!(budget.cache_bytes(), recount(&p));
+        p.gc(Duration::from_secs(100), 3);
+        assert_eq!(budget.cache_bytes(), recount(&p));
+        drop(p);
+        assert_eq!(budget.cache_bytes(), 0);
     }
 
     mod model {

@@ -78,6 +78,8 @@ pub struct FileConfig {
     pub replica: ReplicaSection,
     #[serde(rename = "Auth")]
     pub auth: AuthSection,
+    #[serde(rename = "Memory")]
+    pub memory: MemorySection,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -111,6 +113,7 @@ pub struct LoadSection {
     pub max_requests: Option<usize>,
     pub max_clusters: Option<usize>,
     pub max_engines_per_cluster: Option<usize>,
+    pub max_engine_series: Option<usize>,
     pub retry_queue_size: Option<usize>,
 }
 
@@ -151,6 +154,14 @@ pub struct AuthSection {
     pub token: Option<String>,
 }
 
+#[derive(Deserialize, Default, Debug)]
+#[serde(default)]
+pub struct MemorySection {
+    /// Budget for the estimated size of the load and cache stores together, in MiB.
+    #[serde(rename = "MaxMemoryMB")]
+    pub max_memory_mb: Option<u64>,
+}
+
 pub fn load_file(path: &Path) -> Result<FileConfig, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
@@ -184,6 +195,8 @@ pub struct Settings {
     pub header_timeout: Duration,
     /// A request's body must be complete this long after its headers.
     pub body_timeout: Duration,
+    /// Budget for the estimated size of the load and cache stores together, in MiB.
+    pub max_memory_mb: u64,
     pub log_level: tracing::level_filters::LevelFilter,
     pub log_json: bool,
     pub load: LoadConfig,
@@ -214,6 +227,7 @@ impl Default for Settings {
             idle_timeout: Duration::from_secs(300),
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
+            max_memory_mb: crate::budget::DEFAULT_MAX_MEMORY_MB,
             log_level: tracing::level_filters::LevelFilter::INFO,
             log_json: false,
             load: LoadConfig::default(),
@@ -283,6 +297,7 @@ impl Settings {
             &f.http.body_timeout,
             &mut self.body_timeout,
         )?;
+        set(f.memory.max_memory_mb, &mut self.max_memory_mb);
         if f.http.cert_file.as_deref().is_some_and(|s| !s.is_empty())
             || f.http.key_file.as_deref().is_some_and(|s| !s.is_empty())
         {
@@ -310,6 +325,7 @@ impl Settings {
             f.load.max_engines_per_cluster,
             &mut self.load.max_engines_per_cluster,
         );
+        set(f.load.max_engine_series, &mut self.load.max_engine_series);
         set(f.load.retry_queue_size, &mut self.retry_queue_size);
         dur(
             "Cache.GCInterval",
@@ -406,6 +422,11 @@ impl Settings {
             &mut self.cache.top_k,
         )?;
         num(
+            "METADATA_CENTER_MAX_MEMORY_MB",
+            get("METADATA_CENTER_MAX_MEMORY_MB"),
+            &mut self.max_memory_mb,
+        )?;
+        num(
             "REPLICA_CLIENT_TARGET_PORT",
             get("REPLICA_CLIENT_TARGET_PORT"),
             &mut self.replica_target_port,
@@ -440,6 +461,9 @@ impl Settings {
         }
         if self.header_timeout.is_zero() || self.body_timeout.is_zero() {
             return Err("HTTP.HeaderTimeout and HTTP.BodyTimeout must be > 0".into());
+        }
+        if self.max_memory_mb == 0 {
+            return Err("Memory.MaxMemoryMB (--max-memory-mb) must be > 0".into());
         }
         if self.cache.top_k == 0 {
             return Err("cache top-K must be > 0".into());
@@ -495,6 +519,8 @@ mod tests {
             TopK = 7
             [Replica]
             Peers = ["127.0.0.1:9001"]
+            [Memory]
+            MaxMemoryMB = 64
         "#;
         let f: FileConfig = toml::from_str(toml).unwrap();
         let mut s = Settings::default();
@@ -505,8 +531,10 @@ mod tests {
         assert_eq!(s.cache.expire, Duration::from_secs(1800));
         assert_eq!(s.cache.top_k, 7);
         assert_eq!(s.peers, vec!["127.0.0.1:9001".to_string()]);
+        assert_eq!(s.max_memory_mb, 64);
         assert_eq!(s.header_timeout, Duration::from_secs(10), "default");
         let env = |k: &str| match k {
+            "METADATA_CENTER_MAX_MEMORY_MB" => Some("32".to_string()),
             "METADATA_CENTER_HEADER_TIMEOUT" => Some("1500ms".to_string()),
             "METADATA_CENTER_BODY_TIMEOUT" => Some("2s".to_string()),
             "METADATA_CENTER_CACHE_TOPK" => Some("3".to_string()),
@@ -518,11 +546,12 @@ mod tests {
         assert_eq!(s.cache.top_k, 3);
         assert_eq!(s.load.req_expire, Duration::from_secs(120));
         assert_eq!(s.pod_ip, None, "POD_IP is optional");
+        assert_eq!(s.max_memory_mb, 32);
         assert_eq!(s.header_timeout, Duration::from_millis(1500));
         assert_eq!(s.body_timeout, Duration::from_secs(2));
         s.validate().unwrap();
-        s.body_timeout = Duration::ZERO;
-        assert!(s.validate().unwrap_err().contains("BodyTimeout"));
+        s.max_memory_mb = 0;
+        assert!(s.validate().unwrap_err().contains("MaxMemoryMB"));
         let bad = |k: &str| (k == "METADATA_CENTER_LOAD_GC_INTERVAL").then(|| "soon".to_string());
         assert!(Settings::default()
             .apply_env(bad)

@@ -1,6 +1,7 @@
 //! llmproxy Metadata-Center: a server wire-compatible with the aigw metadata-center (load stats,
 //! KV-cache index, replication), with bounded memory and Prometheus metrics.
 
+pub mod budget;
 pub mod cache;
 pub mod config;
 pub mod endpoint;

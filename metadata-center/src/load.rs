@@ -3,9 +3,9 @@
 //! Semantics follow the origin (`pkg/meta/load`): duplicate adds are ignored by `request_id`; the
 //! prompt part of a request is released exactly once (prompt-delete or full delete, whichever
 //! comes first); requests, engines and clusters expire after `req_expire`. Differences: memory is
-//! bounded (caps on requests, clusters and engines per cluster, oldest evicted first and counted),
-//! and GC is incremental (bounded batches, the lock is released between them) so requests are
-//! never stalled behind a long sweep.
+//! bounded (caps on requests, clusters and engines per cluster, and the server-wide memory budget
+//! of `crate::budget`; oldest evicted first and counted), and GC is incremental (bounded batches,
+//! the lock is released between them) so requests are never stalled behind a long sweep.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use hashlink::LinkedHashMap;
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use crate::budget::MemoryBudget;
 use crate::endpoint::Endpoint;
 
 #[derive(Clone, Debug)]
@@ -25,6 +26,8 @@ pub struct LoadConfig {
     pub max_requests: usize,
     pub max_clusters: usize,
     pub max_engines_per_cluster: usize,
+    /// Engines exported in the per-engine metrics (`queued_num`, `prompt_length`).
+    pub max_engine_series: usize,
 }
 
 impl Default for LoadConfig {
@@ -34,6 +37,7 @@ impl Default for LoadConfig {
             max_requests: 1_000_000,
             max_clusters: 10_000,
             max_engines_per_cluster: 10_000,
+            max_engine_series: 10_000,
         }
     }
 }
@@ -92,12 +96,51 @@ struct Cluster {
     engines: HashMap<Endpoint, Engine>,
 }
 
+/// Estimated bytes of one request besides its id: the entry in the ordered map (key, value,
+/// links), the map's slot and the allocator's headers. Calibrated against the server's RSS.
+pub const REQ_BYTES: usize =
+    std::mem::size_of::<String>() + std::mem::size_of::<Req>() + 16 + 16 + 16 + 16;
+/// Estimated bytes of one cluster besides its name and engines (with the engine map's first
+/// allocation, room for 4).
+pub const CLUSTER_BYTES: usize = std::mem::size_of::<Arc<str>>()
+    + std::mem::size_of::<Cluster>()
+    + 16 * 5
+    + 3 * (std::mem::size_of::<Endpoint>() + std::mem::size_of::<Engine>());
+/// Estimated bytes of one engine (entry plus the map's spare capacity).
+pub const ENGINE_BYTES: usize =
+    (std::mem::size_of::<Endpoint>() + std::mem::size_of::<Engine>() + 1) * 2;
+
+fn req_bytes(id: &str) -> usize {
+    REQ_BYTES + id.len()
+}
+
+fn cluster_bytes(name: &str, cl: &Cluster) -> usize {
+    CLUSTER_BYTES + name.len() + cl.engines.len() * ENGINE_BYTES
+}
+
 #[derive(Default)]
 struct Inner {
     requests: LinkedHashMap<String, Req>,
-    clusters: HashMap<Arc<str>, Cluster>,
+    /// Least recently touched first (every change moves a cluster to the back).
+    clusters: LinkedHashMap<Arc<str>, Cluster>,
     next_gen: u64,
     last_mono: Duration,
+    /// Estimated bytes held (see `REQ_BYTES`, `CLUSTER_BYTES`, `ENGINE_BYTES`).
+    bytes: usize,
+}
+
+impl Inner {
+    fn pop_oldest_request(&mut self) -> Option<Req> {
+        let (id, r) = self.requests.pop_front()?;
+        self.bytes -= req_bytes(&id);
+        Some(r)
+    }
+
+    fn pop_lru_cluster(&mut self) -> Option<Cluster> {
+        let (name, cl) = self.clusters.pop_front()?;
+        self.bytes -= cluster_bytes(&name, &cl);
+        Some(cl)
+    }
 }
 
 #[derive(Default)]
@@ -131,6 +174,7 @@ pub struct AddRequest<'a> {
 pub struct LoadStore {
     cfg: LoadConfig,
     inner: Mutex<Inner>,
+    budget: Arc<MemoryBudget>,
     pub counters: LoadCounters,
 }
 
@@ -139,12 +183,58 @@ fn inc(c: &AtomicU64, n: u64) {
 }
 
 impl LoadStore {
+    /// A store with no memory budget (tests, benchmarks).
     pub fn new(cfg: LoadConfig) -> Self {
+        Self::with_budget(cfg, Arc::new(MemoryBudget::unlimited()))
+    }
+
+    /// A store that reports its estimated size to `budget`.
+    pub fn with_budget(cfg: LoadConfig, budget: Arc<MemoryBudget>) -> Self {
         LoadStore {
             cfg,
             inner: Mutex::new(Inner::default()),
+            budget,
             counters: LoadCounters::default(),
         }
+    }
+
+    /// Evict the oldest request or the least recently touched cluster (whichever was touched
+    /// longer ago) until the memory budget is back under its low watermark or the store is
+    /// empty. Evictions do not refresh anything. Returns (requests, clusters) evicted.
+    pub fn shrink_for_budget(&self, budget: &MemoryBudget) -> (usize, usize) {
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        let (mut requests, mut clusters) = (0, 0);
+        let need = budget.used().saturating_sub(budget.low_watermark()) as usize;
+        let start = inner.bytes;
+        while start - inner.bytes < need {
+            let req = inner.requests.front().map(|(_, r)| r.created);
+            let cl = inner.clusters.front().map(|(_, c)| c.updated);
+            match (req, cl) {
+                (Some(r), c) if c.is_none_or(|c| r <= c) => {
+                    let old = inner.pop_oldest_request().expect("front exists");
+                    release(&mut inner.clusters, &old, true, None);
+                    requests += 1;
+                }
+                (_, Some(_)) => {
+                    inner.pop_lru_cluster();
+                    clusters += 1;
+                }
+                _ => break,
+            }
+        }
+        self.budget.set_load(inner.bytes);
+        drop(g);
+        inc(&budget.counters.requests, requests as u64);
+        inc(&budget.counters.clusters, clusters as u64);
+        inc(&self.counters.evicted_requests, requests as u64);
+        inc(&self.counters.evicted_clusters, clusters as u64);
+        (requests, clusters)
+    }
+
+    /// Estimated bytes held.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().bytes
     }
 
     pub fn config(&self) -> &LoadConfig {
@@ -163,10 +253,10 @@ impl LoadStore {
             return AddOutcome::Duplicate;
         }
         while inner.requests.len() >= self.cfg.max_requests.max(1) {
-            let Some((_, old)) = inner.requests.pop_front() else {
+            let Some(old) = inner.pop_oldest_request() else {
                 break;
             };
-            release(&mut inner.clusters, &old, true, now);
+            release(&mut inner.clusters, &old, true, Some(now));
             inc(&self.counters.evicted_requests, 1);
         }
         let (cluster_key, gen) = self.touch_engine(inner, r.cluster, r.engine, now);
@@ -189,6 +279,8 @@ impl LoadStore {
                 created,
             },
         );
+        inner.bytes += req_bytes(r.request_id);
+        self.budget.set_load(inner.bytes);
         inc(&self.counters.added, 1);
         AddOutcome::Added
     }
@@ -203,32 +295,24 @@ impl LoadStore {
     ) -> (Arc<str>, u64) {
         if !inner.clusters.contains_key(cluster)
             && inner.clusters.len() >= self.cfg.max_clusters.max(1)
+            && inner.pop_lru_cluster().is_some()
         {
-            let stalest = inner
-                .clusters
-                .iter()
-                .min_by_key(|(_, c)| c.updated)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = stalest {
-                inner.clusters.remove(&k);
-                inc(&self.counters.evicted_clusters, 1);
-            }
+            inc(&self.counters.evicted_clusters, 1);
         }
         let key: Arc<str> = match inner.clusters.get_key_value(cluster) {
             Some((k, _)) => k.clone(),
             None => {
                 let k: Arc<str> = Arc::from(cluster);
-                inner.clusters.insert(
-                    k.clone(),
-                    Cluster {
-                        updated: now.mono,
-                        engines: HashMap::new(),
-                    },
-                );
+                let cl = Cluster {
+                    updated: now.mono,
+                    engines: HashMap::new(),
+                };
+                inner.bytes += cluster_bytes(&k, &cl);
+                inner.clusters.insert(k.clone(), cl);
                 k
             }
         };
-        let cl = inner.clusters.get_mut(&key).expect("present");
+        let cl = inner.clusters.to_back(&key).expect("present");
         cl.updated = now.mono;
         if !cl.engines.contains_key(&ep)
             && cl.engines.len() >= self.cfg.max_engines_per_cluster.max(1)
@@ -240,12 +324,15 @@ impl LoadStore {
                 .map(|(k, _)| *k);
             if let Some(k) = stalest {
                 cl.engines.remove(&k);
+                inner.bytes -= ENGINE_BYTES;
                 inc(&self.counters.evicted_engines, 1);
             }
         }
         let next_gen = &mut inner.next_gen;
+        let mut created = false;
         let eng = cl.engines.entry(ep).or_insert_with(|| {
             *next_gen += 1;
+            created = true;
             Engine {
                 gen: *next_gen,
                 queued: 0,
@@ -254,7 +341,11 @@ impl LoadStore {
                 updated: now.mono,
             }
         });
-        (key, eng.gen)
+        let gen = eng.gen;
+        if created {
+            inner.bytes += ENGINE_BYTES;
+        }
+        (key, gen)
     }
 
     /// `DELETE /v1/load/stats`: remove the request, release its queue slot and any prompt left.
@@ -266,10 +357,12 @@ impl LoadStore {
             inc(&self.counters.misses, 1);
             return false;
         };
+        inner.bytes -= req_bytes(request_id);
+        self.budget.set_load(inner.bytes);
         if req.prompt_left > 0 {
             inc(&self.counters.prompt_released, 1);
         }
-        release(&mut inner.clusters, &req, true, now);
+        release(&mut inner.clusters, &req, true, Some(now));
         inc(&self.counters.deleted, 1);
         true
     }
@@ -291,7 +384,7 @@ impl LoadStore {
                 prompt_left: left,
                 created: req.created,
             };
-            release(&mut inner.clusters, &snapshot, false, now);
+            release(&mut inner.clusters, &snapshot, false, Some(now));
             inc(&self.counters.prompt_released, 1);
         }
         true
@@ -312,18 +405,26 @@ impl LoadStore {
         Some(out.into_iter().map(|(_, v)| v).collect())
     }
 
-    /// All clusters and engines (for metrics).
-    pub fn snapshot(&self) -> Vec<(String, Vec<EngineView>)> {
+    /// Clusters and their engines for the per-engine metrics, most recently touched clusters
+    /// first, whole clusters only, at most `max_engines` engines in all. Also returns the number
+    /// of engines left out. (A scrape costs about 1 KB per engine series, far more than the
+    /// engine itself, so the budget alone does not bound it.)
+    pub fn snapshot(&self, max_engines: usize) -> (Vec<(String, Vec<EngineView>)>, usize) {
         let g = self.inner.lock();
-        g.clusters
-            .iter()
-            .map(|(k, c)| {
-                (
-                    k.to_string(),
-                    c.engines.iter().map(|(ep, e)| view(ep, e)).collect(),
-                )
-            })
-            .collect()
+        let mut out = Vec::new();
+        let (mut taken, mut omitted) = (0, 0);
+        for (k, c) in g.clusters.iter().rev() {
+            if omitted > 0 || taken + c.engines.len() > max_engines {
+                omitted += c.engines.len();
+                continue;
+            }
+            taken += c.engines.len();
+            out.push((
+                k.to_string(),
+                c.engines.iter().map(|(ep, e)| view(ep, e)).collect(),
+            ));
+        }
+        (out, omitted)
     }
 
     pub fn request_count(&self) -> usize {
@@ -349,11 +450,12 @@ impl LoadStore {
                     Some((_, r)) if r.created + ttl < now.mono => {}
                     _ => break,
                 }
-                let (_, r) = inner.requests.pop_front().expect("front exists");
-                release(&mut inner.clusters, &r, true, now);
+                let r = inner.pop_oldest_request().expect("front exists");
+                release(&mut inner.clusters, &r, true, Some(now));
                 n += 1;
             }
             report.requests += n;
+            self.budget.set_load(inner.bytes);
             if n < batch.max(1) {
                 break;
             }
@@ -361,18 +463,26 @@ impl LoadStore {
             std::thread::yield_now();
         }
         let mut g = self.inner.lock();
-        g.clusters.retain(|_, cl| {
+        let inner = &mut *g;
+        let mut freed = 0;
+        inner.clusters.retain(|name, cl| {
             if cl.updated + ttl <= now.mono {
                 report.clusters += 1;
+                freed += cluster_bytes(name, cl);
                 return false;
             }
             cl.engines.retain(|_, e| {
                 let keep = e.updated + ttl > now.mono;
-                report.engines += usize::from(!keep);
+                if !keep {
+                    report.engines += 1;
+                    freed += ENGINE_BYTES;
+                }
                 keep
             });
             true
         });
+        inner.bytes -= freed;
+        self.budget.set_load(inner.bytes);
         drop(g);
         inc(&self.counters.expired_requests, report.requests as u64);
         inc(&self.counters.expired_engines, report.engines as u64);
@@ -398,8 +508,15 @@ fn view(ep: &Endpoint, e: &Engine) -> EngineView {
 }
 
 /// Subtract a request from its engine (queue slot if `dequeue`, plus the prompt left). No-op when
-/// the engine was evicted or re-created since (generation check).
-fn release(clusters: &mut HashMap<Arc<str>, Cluster>, r: &Req, dequeue: bool, now: Stamp) {
+/// the engine was evicted or re-created since (generation check). With `now`, the engine and
+/// cluster count as touched (the cluster moves to the back of the LRU order); without it (an
+/// eviction by the memory budget) their ages are left alone.
+fn release(
+    clusters: &mut LinkedHashMap<Arc<str>, Cluster>,
+    r: &Req,
+    dequeue: bool,
+    now: Option<Stamp>,
+) {
     let Some(cl) = clusters.get_mut(&r.cluster) else {
         return;
     };
@@ -409,13 +526,16 @@ fn release(clusters: &mut HashMap<Arc<str>, Cluster>, r: &Req, dequeue: bool, no
     if e.gen != r.engine_gen {
         return;
     }
-    cl.updated = now.mono;
     if dequeue {
         e.queued = (e.queued - 1).max(0);
     }
     e.prompt = (e.prompt - r.prompt_left).max(0);
-    e.updated = now.mono;
-    e.updated_wall_ns = now.wall_ns;
+    if let Some(now) = now {
+        e.updated = now.mono;
+        e.updated_wall_ns = now.wall_ns;
+        cl.updated = now.mono;
+        clusters.to_back(&r.cluster);
+    }
 }
 
 /// Deletes that found no request are retried once, one second later (a delete can overtake its
@@ -637,6 +757,67 @@ mod tests {
         assert_eq!(engine(&s, "a", "10.0.0.1"), Some((1, 5)));
         assert_eq!(s.counters.evicted_clusters.load(Ordering::Relaxed), 1);
         assert_eq!(s.counters.evicted_engines.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn metrics_snapshot_takes_the_most_recent_clusters_up_to_the_cap() {
+        let s = LoadStore::new(LoadConfig::default());
+        add(&s, "a", "1", "10.0.0.1", 1, 1);
+        add(&s, "a", "2", "10.0.0.2", 1, 2);
+        add(&s, "b", "3", "10.0.0.1", 1, 3);
+        add(&s, "c", "4", "10.0.0.1", 1, 4);
+        s.delete("1", at(5)); // touches a
+        let names = |v: Vec<(String, Vec<EngineView>)>| -> Vec<String> {
+            v.into_iter().map(|(k, _)| k).collect()
+        };
+        let (all, omitted) = s.snapshot(100);
+        assert_eq!(
+            (names(all), omitted),
+            (vec!["a".into(), "c".into(), "b".into()], 0)
+        );
+        let (some, omitted) = s.snapshot(3);
+        assert_eq!((names(some), omitted), (vec!["a".into(), "c".into()], 1));
+        // Whole clusters only: a (2 engines) does not fit in 1.
+        let (none, omitted) = s.snapshot(1);
+        assert_eq!((names(none), omitted), (vec![], 4));
+    }
+
+    #[test]
+    fn the_estimate_follows_every_change() {
+        let budget = Arc::new(MemoryBudget::unlimited());
+        let s = LoadStore::with_budget(
+            LoadConfig {
+                max_requests: 3,
+                max_clusters: 2,
+                max_engines_per_cluster: 2,
+                req_expire: Duration::from_secs(10),
+                ..Default::default()
+            },
+            budget.clone(),
+        );
+        let recount = |s: &LoadStore| {
+            let g = s.inner.lock();
+            let reqs: usize = g.requests.iter().map(|(id, _)| req_bytes(id)).sum();
+            let cls: usize = g.clusters.iter().map(|(k, c)| cluster_bytes(k, c)).sum();
+            reqs + cls
+        };
+        for i in 0..20u64 {
+            let cluster = format!("c{}", i % 3);
+            let ip = format!("10.0.0.{}", i % 4);
+            add(&s, &cluster, &format!("r{i}"), &ip, 5, i);
+            assert_eq!(s.bytes(), recount(&s));
+            assert_eq!(budget.load_bytes() as usize, s.bytes());
+            if i % 3 == 0 {
+                s.delete(&format!("r{}", i - 1), at(i));
+                assert_eq!(s.bytes(), recount(&s));
+            }
+        }
+        s.gc(at(25), 2);
+        assert_eq!(s.bytes(), recount(&s));
+        s.gc(at(100), 2); // expires the requests (which refreshes their clusters)
+        assert_eq!(s.bytes(), recount(&s));
+        s.gc(at(200), 2); // then the clusters
+        assert_eq!((s.bytes(), budget.load_bytes()), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]

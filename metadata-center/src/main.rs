@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::prelude::*;
 
+use llmproxy_metadata_center::budget::MemoryBudget;
 use llmproxy_metadata_center::cache::CachePool;
 use llmproxy_metadata_center::config::{self, Settings};
 use llmproxy_metadata_center::listener::{BoundedListener, ConnHandle};
@@ -59,6 +60,10 @@ struct RunArgs {
     /// Enable the /cache/admin/debug/* endpoints.
     #[arg(long)]
     debug: bool,
+    /// Memory budget for the load and cache stores together, in MiB (default 1024); the least
+    /// recently used data is evicted beyond it. Also METADATA_CENTER_MAX_MEMORY_MB.
+    #[arg(long)]
+    max_memory_mb: Option<u64>,
     /// A request's headers must be complete this long after its first byte (Go duration,
     /// default 10s). Also METADATA_CENTER_HEADER_TIMEOUT.
     #[arg(long)]
@@ -101,6 +106,9 @@ fn settings(args: &RunArgs) -> Result<Settings, String> {
     }
     if args.debug {
         s.debug_mode = true;
+    }
+    if let Some(mb) = args.max_memory_mb {
+        s.max_memory_mb = mb;
     }
     if let Some(d) = &args.header_timeout {
         s.header_timeout =
@@ -224,8 +232,9 @@ async fn run(s: Settings) -> Result<(), String> {
 
     let version = env!("CARGO_PKG_VERSION");
     let metrics = Arc::new(Metrics::new(version).map_err(|e| format!("metrics: {e}"))?);
-    let load = Arc::new(LoadStore::new(s.load.clone()));
-    let cache = Arc::new(CachePool::new(s.cache.clone()));
+    let budget = Arc::new(MemoryBudget::from_mb(s.max_memory_mb));
+    let load = Arc::new(LoadStore::with_budget(s.load.clone(), budget.clone()));
+    let cache = Arc::new(CachePool::with_budget(s.cache.clone(), budget.clone()));
     let retrier = Retrier::start(load.clone(), s.retry_queue_size, Duration::from_secs(1));
     let instance_id = uuid::Uuid::new_v4().to_string();
 
@@ -297,6 +306,7 @@ async fn run(s: Settings) -> Result<(), String> {
         peers = ?s.peers,
         svc_disc_host = ?s.svc_disc_host,
         debug = s.debug_mode,
+        max_memory_mb = s.max_memory_mb,
         header_timeout = ?s.header_timeout,
         body_timeout = ?s.body_timeout,
         "metadata-center starting"
@@ -305,6 +315,7 @@ async fn run(s: Settings) -> Result<(), String> {
         settings: s,
         load,
         cache,
+        budget,
         connections: Some(connections),
         retrier,
         replicator,

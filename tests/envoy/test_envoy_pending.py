@@ -12,9 +12,9 @@ import pytest
 
 import harness
 from conftest import POOLS
+from harness import CHAT, metrics, wait_in_flight_zero
 
 PENDING_DIR = harness.BUILD_DIR / "test-pending"
-CHAT = "/v1/chat/completions"
 
 
 def start_pending_gateway(servers, tmp_path_factory, env):
@@ -54,26 +54,6 @@ def overdue_gateway(servers, tmp_path_factory):
 
 def chat(model, text):
     return {"model": model, "messages": [{"role": "user", "content": text}]}
-
-
-def metrics(gw):
-    status, _, data, _ = harness.request(gw.port, "GET", "/llmproxy/metrics")
-    assert status == 200
-    out = {}
-    for line in data.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
-
-def wait_in_flight_zero(gw, timeout=5.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if metrics(gw)["llmproxy_envoy_in_flight"] == 0:
-            return
-        time.sleep(0.05)
-    pytest.fail("in-flight did not return to 0")
 
 
 def test_pending_decisions_resume_through_scheduler(pending_gateway):

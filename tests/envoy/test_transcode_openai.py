@@ -1,5 +1,5 @@
 """End-to-end with the official `openai` Python client: real Envoy 1.40 + our module in front of
-the test servers of tests/envoy/openai_server.py. The scenarios (target_model rewrite, Triton
+the fake upstreams of tests/common/fake_openai.py. The scenarios (target_model rewrite, Triton
 transcoded both ways, errors, LoRA / label subsets) are shared with the nginx host: see
 tests/common/transcode_cases.py. This file only starts Envoy and says how to talk to it.
 """
@@ -7,15 +7,13 @@ tests/common/transcode_cases.py. This file only starts Envoy and says how to tal
 import pytest
 
 import harness
-from openai_server import SCRIPTED_TEXT
 from transcode_cases import POOLS, SERVER_NAMES, TranscodeOpenAICases, llmproxy_config
 
 
 @pytest.fixture(scope="module")
 def tc_servers():
-    s = harness.retry_on_port_clash(lambda: harness.Servers(SERVER_NAMES))
-    yield s
-    s.close()
+    with harness.FakeUpstreams(SERVER_NAMES) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +32,6 @@ def gateway(module_built, tc_servers, tmp_path_factory):
 
 
 class TestTranscodeOpenAIEnvoy(TranscodeOpenAICases):
-    scripted_text = SCRIPTED_TEXT
-
     def post(self, gateway, path, body, headers=None):
         status, hdrs, data, _ = harness.request(gateway.port, "POST", path, body, headers)
         return status, hdrs, data

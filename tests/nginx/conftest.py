@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "common"))  # shared test cases
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "common"))  # shared harness and cases
 
 import harness  # noqa: E402
 
@@ -12,50 +12,31 @@ harness.raise_fd_limit()  # 1,000 concurrent client sockets, and the upstreams i
 
 MAX_BODY = 1024 * 1024  # the library's max_body_bytes; nginx's client_max_body_size is 2m
 
-POOLS = {
-    "pool_a": ["a1", "a2", "a3"],
-    "pool_b": ["b1", "b2"],
-    "pool_d": ["d1", "d2"],  # plus one endpoint where nothing listens
-}
+POOLS = harness.POOLS  # pool -> fake upstream names (tests/common/harness_base.py)
 
 
 def library_config(servers, dead):
-    endpoints = {pool: [servers.addr(n) for n in names] for pool, names in POOLS.items()}
-    endpoints["pool_d"].insert(0, dead)
-    endpoints["pool_dead2"] = [dead, servers.dead2]
-    endpoints["pool_dead1"] = [servers.dead2]
-    return {
-        "protocol": "openai",
-        "algorithm": "inference_lb",
-        "model_mapping_rule": {
-            "m-a": {"rules": [{"scene_name": "chat-a", "cluster": "pool_a", "backend": "vllm"}]},
-            "m-b": {"rules": [{"scene_name": "chat-b", "cluster": "pool_b", "backend": "sglang"}]},
-            "m-d": {"rules": [{"scene_name": "chat-d", "cluster": "pool_d", "backend": "vllm"}]},
-            # the backend gets another model name (body rewritten by the library)
-            "m-r": {"rules": [{"scene_name": "rewrite", "cluster": "pool_b", "backend": "vllm",
-                               "target_model": "m-r-upstream"}]},
-            # Triton generate: path and body rebuilt, response transcoded back to OpenAI
-            "m-t": {"rules": [{"scene_name": "triton", "cluster": "pool_b", "backend": "triton"}]},
-            # every endpoint dead: two tries, then nginx's 502 (error_page JSON)
-            "m-dead2": {"rules": [{"scene_name": "dead2", "cluster": "pool_dead2", "backend": "vllm"}]},
-            # one endpoint, dead: the retry finds no other endpoint
-            "m-dead1": {"rules": [{"scene_name": "dead1", "cluster": "pool_dead1", "backend": "vllm"}]},
-            # a cluster without endpoints: the library answers 503
-            "m-none": {"rules": [{"scene_name": "none", "cluster": "pool_none", "backend": "vllm"}]},
-        },
-        "clusters": {pool: {"endpoints": eps} for pool, eps in endpoints.items()},
-        "max_body_bytes": MAX_BODY,
-    }
+    return harness.pools_config(servers, dead, MAX_BODY, {
+        # the backend gets another model name (body rewritten by the library)
+        "m-r": [{"scene_name": "rewrite", "cluster": "pool_b", "backend": "vllm", "target_model": "m-r-upstream"}],
+        # Triton generate: path and body rebuilt, response transcoded back to OpenAI
+        "m-t": [{"scene_name": "triton", "cluster": "pool_b", "backend": "triton"}],
+        # every endpoint dead: two tries, then nginx's 502 (error_page JSON)
+        "m-dead2": [{"scene_name": "dead2", "cluster": "pool_dead2", "backend": "vllm"}],
+        # one endpoint, dead: the retry finds no other endpoint
+        "m-dead1": [{"scene_name": "dead1", "cluster": "pool_dead1", "backend": "vllm"}],
+        # a cluster without endpoints: the library answers 503
+        "m-none": [{"scene_name": "none", "cluster": "pool_none", "backend": "vllm"}],
+    }, clusters={"pool_dead2": [dead, servers.dead2], "pool_dead1": [servers.dead2]})
 
 
 @pytest.fixture(scope="session")
 def servers():
     names = [n for pool in POOLS.values() for n in pool]
-    s = harness.Upstreams(names)
-    s.dead = "127.0.0.1:%d" % harness.free_port()  # nothing listens there
-    s.dead2 = "127.0.0.1:%d" % harness.free_port()
-    yield s
-    s.close()
+    with harness.FakeUpstreams(names) as s:
+        s.dead = "127.0.0.1:%d" % harness.free_port()  # nothing listens there
+        s.dead2 = "127.0.0.1:%d" % harness.free_port()
+        yield s
 
 
 def _nginx(servers, workers, **render):
@@ -84,11 +65,5 @@ def gateway1(servers):
     gw.close()
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    rep = outcome.get_result()
-    if rep.when == "call" and rep.failed:
-        for name, value in item.funcargs.items():
-            if isinstance(value, harness.Nginx):
-                rep.sections.append(("nginx %s error log (tail)" % name, value.log_tail()))
+# a failed test's report shows the error log tail of every nginx it used
+pytest_runtest_makereport = pytest.hookimpl(hookwrapper=True)(harness.log_tails_on_failure)

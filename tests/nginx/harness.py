@@ -1,73 +1,32 @@
-"""Helpers of the nginx end-to-end tests: test upstreams, an nginx instance built from
-examples/nginx.conf, HTTP helpers and a Prometheus text parser. Everything runs on 127.0.0.1
-and is stopped by its owner (fixtures), also on failure."""
+"""The nginx side of the test harness (tests/nginx, the nginx benchmark, the soak), on top of
+tests/common/harness_base.py (ports, processes, the fake upstreams, HTTP, metrics): an nginx
+instance built from examples/nginx.conf, and waiting until its workers have settled. Everything
+runs on 127.0.0.1 and is stopped by its owner (fixtures), also on failure."""
 
-import http.client
 import json
 import os
 import re
-import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "common"))
+
+import harness_base  # noqa: E402
+# the shared part (tests/common/harness_base.py), re-exported as harness.<name>
+from harness_base import (BUILD_DIR, CHAT, COMPLETIONS, POOLS, FakeUpstreams, LoggedProcess, MetadataCenter,  # noqa: E402,F401
+                          Metrics, PortClash, chat, free_port, free_ports, log_tails_on_failure, metrics,
+                          pools_config, raise_fd_limit, random_text, read_sse, stop, wait_port, wait_ready,
+                          wait_until)
+
+ROOT = harness_base.REPO
 EXAMPLE = ROOT / "examples" / "nginx.conf"
-BUILD = Path(os.environ.get("LLMPROXY_BUILD_DIR", ROOT / "build"))
-LIB = BUILD / "libllmproxy.so"
+LIB = BUILD_DIR / "libllmproxy.so"
 NGINX = os.environ.get("LLMPROXY_NGINX", shutil.which("nginx") or "/usr/sbin/nginx")
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-
-
-def raise_fd_limit():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, 16384) if hard != resource.RLIM_INFINITY else 16384
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Upstreams:
-    """The OpenAI-compatible test servers (tests/nginx/upstream.py), one process."""
-
-    def __init__(self, names):
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "upstream.py")] + ["%s=0" % n for n in names],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        if not line.startswith("READY "):
-            self.close()
-            raise RuntimeError("upstreams did not start: %r" % line)
-        self.ports = json.loads(line[6:])
-
-    def addr(self, name):
-        return "127.0.0.1:%d" % self.ports[name]
-
-    def name_of(self, addr):
-        for n, p in self.ports.items():
-            if addr == "127.0.0.1:%d" % p:
-                return n
-        return None
-
-    def close(self, keep_prefix=False):
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-                self.proc.wait(5)
-            except Exception:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 def render_example(port, workers, config_path, passthrough, client_max_body_size="2m", body_buffer=None,
@@ -102,11 +61,13 @@ def render_example(port, workers, config_path, passthrough, client_max_body_size
     return text
 
 
-class Nginx:
+class Nginx(LoggedProcess):
     """nginx (master + workers) in its own prefix under /tmp, from examples/nginx.conf.
     `private`: the prefix stays 0700 (mkdtemp's mode), like a home directory: when we are
     root, the workers run as `nobody` and cannot enter it. Other keywords go to
     render_example."""
+
+    kind = "nginx error"
 
     def __init__(self, llmproxy_config, passthrough, workers=2, private=False, **render):
         if not LIB.exists():
@@ -123,7 +84,7 @@ class Nginx:
         cfg = self.prefix / "llmproxy.json"
         cfg.write_text(json.dumps(llmproxy_config))
         self.conf = self.prefix / "nginx.conf"
-        self.error_log = self.prefix / "build" / "nginx" / "error.log"
+        self.log_path = self.error_log = self.prefix / "build" / "nginx" / "error.log"
         for attempt in range(3):
             # a port found free may be taken by another test before nginx binds it: retry
             self.port = free_port()
@@ -134,9 +95,8 @@ class Nginx:
                 self.wait_ready()
                 return
             except Exception as e:
-                in_use = "Address already in use" in str(e) + self.log_text()
                 self.close(keep_prefix=True)
-                if not in_use or attempt == 2:
+                if not isinstance(e, PortClash) or attempt == 2:
                     shutil.rmtree(self.prefix, ignore_errors=True)
                     raise
                 self.error_log.unlink(missing_ok=True)
@@ -145,51 +105,26 @@ class Nginx:
         return subprocess.run([NGINX, "-p", "%s/" % self.prefix, "-c", str(self.conf)] + list(args),
                               capture_output=True, text=True, timeout=30)
 
+    def _ready(self):
+        m = metrics(self.port)
+        n = m.value("llmproxy_nginx_workers")
+        return n == self.workers and m.value("llmproxy_nginx_stale_snapshots") == 0 or "%s workers" % n
+
+    def _startup_log(self):
+        """What nginx said before it exited (stderr), and its error log."""
+        err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
+        return err + self.log_tail()
+
     def wait_ready(self, timeout=15):
-        deadline = time.time() + timeout
-        last = None
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("nginx exited: %s\n%s" % (self.proc.stderr.read().decode(), self.log_tail()))
-            try:
-                m = metrics(self.port)
-                if m.value("llmproxy_nginx_workers") == self.workers and m.value("llmproxy_nginx_stale_snapshots") == 0:
-                    return
-                last = m.value("llmproxy_nginx_workers")
-            except (OSError, http.client.HTTPException, AssertionError) as e:
-                last = e
-            time.sleep(0.05)
-        raise RuntimeError("nginx not ready: %s\n%s" % (last, self.log_tail()))
+        """Until every worker has built its router and answers the metrics location."""
+        wait_ready(self.proc, self._ready, self._startup_log, "nginx", timeout)
 
     def worker_pids(self):
         out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
         return sorted(int(l.split()[0]) for l in out.stdout.splitlines() if "worker process" in l)
 
-    def log_tail(self, n=60):
-        try:
-            return "\n".join(self.error_log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no error log)"
-
-    def log_text(self):
-        try:
-            return self.error_log.read_text(errors="replace")
-        except OSError:
-            return ""
-
     def close(self, keep_prefix=False):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful: lets exit_worker run
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the group we started, if anything is left
-        except ProcessLookupError:
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(5)
+        stop(self.proc, signal.SIGQUIT, timeout=10, group=True)  # graceful: lets exit_worker run
         log = self.log_text()
         if "exited on signal" in log:  # keep the evidence of a crashed worker
             keep = Path(tempfile.gettempdir()) / ("llmproxy-nginx-crash-%d.log" % self.proc.pid)
@@ -199,86 +134,13 @@ class Nginx:
 
 
 # ---------------------------------------------------------------------------------------------
-# HTTP
+# HTTP and metrics
+
 
 def request(port, method, path, body=None, headers=None, timeout=30):
-    """One request on a fresh connection (so reuseport spreads requests over the workers).
-    Returns (status, headers lower-cased, body bytes)."""
-    if isinstance(body, (dict, list)):
-        body = json.dumps(body).encode()
-    hdrs = {"content-type": "application/json", "connection": "close"}
-    hdrs.update(headers or {})
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        c.request(method, path, body=body, headers=hdrs)
-        r = c.getresponse()
-        data = r.read()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, data
-    finally:
-        c.close()
-
-
-def chat(model, text, stream=False, **extra):
-    body = {"model": model, "messages": [{"role": "system", "content": "You are a test."},
-                                         {"role": "user", "content": text}]}
-    if stream:
-        body["stream"] = True
-    body.update(extra)
-    return body
-
-
-def random_text(n, seed):
-    import random
-    rnd = random.Random(seed)
-    words = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "lambda", "zeta"]
-    out, size = [], 0
-    while size < n:
-        w = rnd.choice(words) + str(rnd.randint(0, 9999))
-        out.append(w)
-        size += len(w) + 1
-    return " ".join(out)[:n]
-
-
-# ---------------------------------------------------------------------------------------------
-# Prometheus text
-
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
-LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-class Metrics:
-    def __init__(self, text):
-        self.text = text
-        self.samples = []
-        for line in text.splitlines():
-            if not line or line.startswith("#"):
-                continue
-            m = SAMPLE.match(line)
-            assert m, "not a Prometheus sample: %r" % line
-            labels = dict(LABEL.findall(m.group(2) or ""))
-            self.samples.append((m.group(1), labels, float(m.group(3))))
-
-    def select(self, name, **labels):
-        return [(l, v) for n, l, v in self.samples
-                if n == name and all(l.get(k) == str(val) for k, val in labels.items())]
-
-    def total(self, name, **labels):
-        """Sum over every worker (and any other label not given)."""
-        return sum(v for _, v in self.select(name, **labels))
-
-    def value(self, name, **labels):
-        found = self.select(name, **labels)
-        assert len(found) == 1, "%s %s: %d samples" % (name, labels, len(found))
-        return found[0][1]
-
-    def workers(self):
-        return sorted({l["worker"] for n, l, v in self.samples if "worker" in l and n == "llmproxy_in_flight_requests"})
-
-
-def metrics(port):
-    status, hdrs, data = request(port, "GET", "/llmproxy/metrics", timeout=10)
-    assert status == 200, data
-    return Metrics(data.decode())
+    """One request on a fresh connection, closed after the answer (so reuseport spreads requests
+    over the workers). Returns (status, headers lower-cased, body bytes)."""
+    return harness_base.request(port, method, path, body, headers, timeout, close=True)[:3]
 
 
 def wait_settled(port, timeout=10.0):

@@ -7,11 +7,8 @@ worker sees only its own requests (llmproxy_endpoint_remote_in_flight_requests s
 """
 
 import json
-import os
 import re
-import signal
 import socket
-import subprocess
 import time
 import urllib.request
 
@@ -21,35 +18,10 @@ import harness
 from conftest import POOLS, library_config
 from harness import CHAT, chat, metrics, wait_settled
 
-MC_BIN = harness.ROOT / "target" / "release" / "llmproxy-metadata-center"
-
-
 @pytest.fixture(scope="module")
 def metadata_center():
-    if not MC_BIN.exists():
-        pytest.fail("%s missing: run `make build`" % MC_BIN)
-    p = subprocess.Popen([str(MC_BIN), "run", "--host", "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    try:
-        port = None
-        deadline = time.time() + 10
-        while time.time() < deadline and port is None:
-            line = p.stdout.readline()
-            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line or "")
-            if m:
-                port = int(m.group(1))
-            elif not line and p.poll() is not None:
-                break
-        assert port, "metadata-center did not start"
-        p.port = port
-        yield p
-    finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+    with harness.MetadataCenter() as mc:
+        yield mc
 
 
 @pytest.fixture(scope="module")

@@ -68,9 +68,8 @@ def library_config(up):
 
 @pytest.fixture(scope="module")
 def up():
-    u = harness.Upstreams(NAMES)
-    yield u
-    u.close()
+    with harness.FakeUpstreams(NAMES) as u:
+        yield u
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +143,7 @@ def test_endpoint_closing_before_any_byte_is_still_ejected(gw, up):
     """Connection closed (FIN) or reset (RST) before a response byte: nginx's 502, the
     endpoint's failure; three in a row eject it."""
     before = wait_settled(gw.port)
-    for how in ("1", "reset", "1"):
+    for how in ("fin", "reset", "fin"):
         status, hdrs, data = request(gw.port, "POST", CHAT, chat("m-close", "bye " + how),
                                      headers={"x-test-close": how})
         assert status == 502 and json.loads(data)["error"]["code"] == "upstream_unavailable", data

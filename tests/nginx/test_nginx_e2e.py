@@ -1,20 +1,19 @@
 """End-to-end: Debian's nginx + libnginx-mod-http-lua + resty.llmproxy (examples/nginx.conf)
-with 2 workers in front of OpenAI-compatible test servers, all on 127.0.0.1."""
+with 2 workers in front of the fake OpenAI-compatible upstreams (tests/common/fake_openai.py), all
+on 127.0.0.1."""
 
 import asyncio
 import json
 import os
 import random
 import socket
-import subprocess
 import time
 
 import pytest
 
 import aclient
-import harness
 from conftest import MAX_BODY, POOLS
-from harness import CHAT, COMPLETIONS, chat, metrics, random_text, request, wait_settled
+from harness import CHAT, COMPLETIONS, chat, metrics, random_text, read_sse, request, wait_settled
 
 
 def post(gw, body, headers=None, path=CHAT):
@@ -163,26 +162,19 @@ def test_sse_streams_incrementally_and_reports_first_token(gateway):
         assert hdrs["content-type"] == "text/event-stream"
         assert hdrs["transfer-encoding"] == "chunked"
         worker = hdrs["x-llmproxy-worker"]
-        arrivals, events = [], []
-        while True:
-            line = f.readline()
-            if not line:
-                break
-            line = line.strip()
-            if line.startswith(b"data: "):
-                arrivals.append(time.perf_counter() - t0)
-                events.append(line[6:])
-                if len(events) == 1:
-                    served = gateway.servers.addr(json.loads(events[0])["served_by"])
-                    mid = metrics(gateway.port)
-                    assert mid.total("llmproxy_in_flight_requests") == 1
-                    # the first chunk released the prompt's prefill load on the chosen endpoint
-                    assert mid.value("llmproxy_endpoint_prefill_chars", worker=worker, cluster="pool_b",
-                                     endpoint=served) == 0
-                    assert mid.value("llmproxy_endpoint_in_flight_requests", worker=worker, cluster="pool_b",
-                                     endpoint=served) == 1
-                if line == b"data: [DONE]":
-                    break
+
+        def first_event(events):
+            if len(events) == 1:
+                served = gateway.servers.addr(json.loads(events[0])["served_by"])
+                mid = metrics(gateway.port)
+                assert mid.total("llmproxy_in_flight_requests") == 1
+                # the first chunk released the prompt's prefill load on the chosen endpoint
+                assert mid.value("llmproxy_endpoint_prefill_chars", worker=worker, cluster="pool_b",
+                                 endpoint=served) == 0
+                assert mid.value("llmproxy_endpoint_in_flight_requests", worker=worker, cluster="pool_b",
+                                 endpoint=served) == 1
+
+        events, arrivals = read_sse(f.readline, t0, first_event)
     finally:
         sock.close()
     assert len(events) == 6 and events[-1] == b"[DONE]"

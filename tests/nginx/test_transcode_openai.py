@@ -1,5 +1,5 @@
 """End-to-end with the official `openai` Python client: real nginx (examples/nginx.conf, 2 workers)
-+ our OpenResty module in front of the test servers of tests/nginx/upstream.py. The scenarios
++ our OpenResty module in front of the fake upstreams of tests/common/fake_openai.py. The scenarios
 (target_model rewrite, Triton transcoded both ways, errors, LoRA / label subsets) are shared with
 the Envoy host: see tests/common/transcode_cases.py. This file only starts nginx and says how to
 talk to it.
@@ -9,17 +9,15 @@ import pytest
 
 import harness
 from transcode_cases import POOLS, SERVER_NAMES, TranscodeOpenAICases, llmproxy_config
-from upstream import SCRIPTED_TEXT
 
 TC_PORTS = {}  # server name -> port, filled by the tc_servers fixture
 
 
 @pytest.fixture(scope="module")
 def tc_servers():
-    s = harness.Upstreams(SERVER_NAMES)
-    TC_PORTS.update(s.ports)
-    yield s
-    s.close()
+    with harness.FakeUpstreams(SERVER_NAMES) as s:
+        TC_PORTS.update(s.ports)
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +28,6 @@ def gateway(tc_servers):
 
 
 class TestTranscodeOpenAINginx(TranscodeOpenAICases):
-    scripted_text = SCRIPTED_TEXT
-
     def post(self, gateway, path, body, headers=None):
         return harness.request(gateway.port, "POST", path, body, headers)
 

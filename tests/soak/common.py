@@ -1,10 +1,10 @@
 """Shared pieces of the soak, fault and abuse scenarios (tests/soak).
 
-Reuses the Envoy test harness (tests/envoy/harness.py), the Envoy test servers
-(tests/envoy/openai_server.py), the nginx harness (tests/nginx/harness.py), the simulator
-(`llmproxy-sim serve`) and the metadata-center binary. Everything listens on 127.0.0.1 on
-ports chosen at run time; every process started here is registered with a `Procs` and
-stopped by it, also on failure.
+Reuses the test harnesses (tests/common/harness_base.py, tests/envoy/harness.py,
+tests/nginx/harness.py): their fake OpenAI-compatible upstreams (tests/common/fake_openai.py),
+the metadata-center server, Envoy and nginx; and the simulator (`llmproxy-sim serve`).
+Everything listens on 127.0.0.1 on ports chosen at run time; every process started here is
+registered with a `Procs` and stopped by it, also on failure.
 """
 
 import asyncio
@@ -12,15 +12,19 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO / "tests" / "common"))
+
+import harness_base  # noqa: E402
+from harness_base import FakeUpstreams, MetadataCenter, Metrics, PortClash, free_ports, metrics  # noqa: E402,F401
 
 
 def _load(name, path):
@@ -37,11 +41,8 @@ nginx_harness = _load("llmproxy_nginx_harness", REPO / "tests" / "nginx" / "harn
 bench_overhead = _load("llmproxy_bench_overhead", REPO / "tests" / "envoy" / "bench_overhead.py")
 
 SIM = Path(os.environ.get("LLMPROXY_SIM", REPO / "target" / "release" / "llmproxy-sim"))
-MC = Path(os.environ.get("LLMPROXY_METADATA_CENTER", REPO / "target" / "release" / "llmproxy-metadata-center"))
-OPENAI_SERVER = REPO / "tests" / "envoy" / "openai_server.py"
-CHAT = "/v1/chat/completions"
-free_ports = envoy_harness.free_ports
-Metrics = nginx_harness.Metrics
+CHAT = harness_base.CHAT
+stop_proc = harness_base.stop
 
 
 def log(*a):
@@ -70,7 +71,7 @@ class Procs:
         for it in reversed(self.items):
             try:
                 if isinstance(it, subprocess.Popen):
-                    stop_proc(it)
+                    harness_base.stop(it)
                 else:
                     it.close()
             except Exception as e:  # keep stopping the others
@@ -82,21 +83,6 @@ class Procs:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def stop_proc(p, timeout=5):
-    if p.poll() is not None:
-        return
-    try:
-        os.kill(p.pid, signal.SIGCONT)  # a SIGSTOPped process would not act on SIGTERM
-    except ProcessLookupError:
-        return
-    p.terminate()
-    try:
-        p.wait(timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,11 +113,11 @@ class SimServer:
             if not line:
                 break
             if line.startswith("servers:"):
-                threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # drain
+                harness_base.drain(self.proc.stdout)
                 return
         out = self.proc.stdout.read() if self.proc.poll() is not None else ""
-        stop_proc(self.proc)
-        raise envoy_harness.PortClash("sim on %d did not start: %s" % (self.port, out))
+        harness_base.stop(self.proc)
+        raise PortClash("sim on %d did not start: %s" % (self.port, out))
 
     def kill(self):
         self.proc.kill()
@@ -139,32 +125,20 @@ class SimServer:
 
     def close(self):
         if self.proc:
-            stop_proc(self.proc)
+            harness_base.stop(self.proc)
 
 
-class TestServers:
-    """tests/envoy/openai_server.py (one process, one port per name): echoes what it received,
-    slow streams on request. Its stderr (tracebacks of clients that went away, which the abuse
-    and abort scenarios cause on purpose) goes to a file, not the terminal."""
+class TestServers(FakeUpstreams):
+    """The fake upstreams (tests/common/fake_openai.py: echo what they received, slow streams on
+    request), their stderr (tracebacks of clients that went away, which the abuse and abort
+    scenarios cause on purpose) in a file, not the terminal."""
 
-    def __init__(self, names, workdir=None):
-        import tempfile
+    def __init__(self, names):
         self._err = tempfile.TemporaryFile()
-        for attempt in range(3):
-            self.ports = dict(zip(names, free_ports(len(names))))
-            self.proc = subprocess.Popen([sys.executable, str(OPENAI_SERVER)] +
-                                         ["%s=%d" % kv for kv in self.ports.items()],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True)
-            if self.proc.stdout.readline().strip() == "READY":
-                return
-            stop_proc(self.proc)
-        raise RuntimeError("test servers did not start")
-
-    def addr(self, name):
-        return "127.0.0.1:%d" % self.ports[name]
+        super().__init__(names, stderr=self._err)
 
     def close(self):
-        stop_proc(self.proc)
+        super().close()
         self._err.close()
 
 
@@ -182,29 +156,6 @@ class DirectUpstream:
 
     def close(self):
         self.envoy.close()
-
-
-class MetadataCenter:
-    """llmproxy-metadata-center on a fixed port (killed, stopped and started again there)."""
-
-    def __init__(self, port=0):
-        self.port = port
-        self.proc = None
-        self.start()
-
-    def start(self):
-        self.proc = subprocess.Popen([str(MC), "run", "--host", "127.0.0.1", "--port", str(self.port)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        line = self.proc.stdout.readline()
-        if "listening on" not in line:
-            stop_proc(self.proc)
-            raise envoy_harness.PortClash("metadata-center did not start: %r" % line)
-        self.port = int(line.strip().rsplit(":", 1)[1])
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
-
-    def close(self):
-        if self.proc:
-            stop_proc(self.proc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,13 +183,6 @@ def gateway(endpoints, workdir, concurrency=2, log_level="warn", **extra):
     if not envoy_harness.MODULE.exists():
         raise RuntimeError("%s missing: make envoy-module" % envoy_harness.MODULE)
     return envoy_harness.retry_on_port_clash(start)
-
-
-def metrics(port, timeout=10):
-    status, _, data, _ = envoy_harness.request(port, "GET", "/llmproxy/metrics", timeout=timeout)
-    if status != 200:
-        raise RuntimeError("metrics: %d %r" % (status, data[:200]))
-    return Metrics(data.decode())
 
 
 def in_flight(m):

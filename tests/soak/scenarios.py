@@ -394,36 +394,12 @@ class _Unlink:
         self.path.unlink(missing_ok=True)
 
 
-class HotEnvoy:
-    """Envoy with hot restart enabled (no --disable-hot-restart): epochs share a base id."""
-
-    def __init__(self, bootstrap, workdir, base_id, epoch):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path = self.workdir / ("envoy-%d.json" % epoch)
-        self.config_path.write_text(json.dumps(bootstrap))
-        self.log_path = self.workdir / ("envoy-%d.log" % epoch)
-        self.admin_port = bootstrap["admin"]["address"]["socket_address"]["port_value"]
-        env = dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(envoy_harness.BUILD_DIR))
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [envoy_harness.envoy_binary(), "-c", str(self.config_path), "--base-id", str(base_id),
-             "--restart-epoch", str(epoch), "--concurrency", "2", "-l", "warn", "--drain-time-s", "3",
-             "--parent-shutdown-time-s", "10", "--drain-strategy", "gradual"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, timeout=20):
-        envoy_harness.wait_envoy_ready(self.proc, self.admin_port, self.log_tail, timeout)
-
-    def log_tail(self, n=40):
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def close(self):
-        stop_proc(self.proc)
-        self._log.close()
+def hot_envoy(bootstrap, workdir, base_id, epoch):
+    """Envoy with hot restart enabled: the epochs of one base id hand the listener over; not
+    waited for (wait_ready())."""
+    return envoy_harness.Envoy(bootstrap, workdir, concurrency=2, log_level="warn", hot_restart=(base_id, epoch),
+                               extra_args=["--drain-time-s", "3", "--parent-shutdown-time-s", "10",
+                                           "--drain-strategy", "gradual"], wait=False)
 
 
 def envoy_hot_restart(workdir, connections=8, streams=8):
@@ -447,7 +423,7 @@ def envoy_hot_restart(workdir, connections=8, streams=8):
         boot1 = envoy_harness.envoy_bootstrap(listen, admin1, clusters, cfg1, default_cluster="pool")
         # Envoy leaves its hot-restart shared memory file behind when it is stopped: ours goes
         procs.add(_Unlink(Path("/dev/shm/envoy_shared_memory_%d" % (base_id * 10))))
-        e0 = procs.add(HotEnvoy(boot0, workdir, base_id, 0))
+        e0 = procs.add(hot_envoy(boot0, workdir, base_id, 0))
         e0.wait_ready()
         status, _, body, _ = envoy_harness.request(listen, "POST", CHAT, chat_body("hello m2", model="m2"))
         res.check("epoch 0 does not know model m2 (404)", status == 404, status)
@@ -470,7 +446,7 @@ def envoy_hot_restart(workdir, connections=8, streams=8):
             time.sleep(0.5)  # streams in flight in epoch 0
             m_old = metrics(listen)
             t_restart = time.time()
-            e1 = procs.add(HotEnvoy(boot1, workdir, base_id, 1))
+            e1 = procs.add(hot_envoy(boot1, workdir, base_id, 1))
             e1.wait_ready()
             res.numbers["epoch1_ready_s"] = round(time.time() - t_restart, 2)
             log("epoch 1 ready after %.2fs" % (time.time() - t_restart))
@@ -530,7 +506,7 @@ def nginx_reload(workdir, connections=16, duration_s=12, reloads=3):
     res = Result("nginx_reload")
     nginx_harness.raise_fd_limit()
     with Procs() as procs:
-        ups = procs.add(nginx_harness.Upstreams(["n1", "n2", "n3"]))
+        ups = procs.add(nginx_harness.FakeUpstreams(["n1", "n2", "n3"]))
         addrs = [ups.addr(n) for n in ("n1", "n2", "n3")]
         cfg = {"protocol": "openai", "algorithm": "inference_lb",
                "model_mapping_rule": {"m": {"rules": [{"scene_name": "soak", "cluster": "pool", "backend": "vllm"}]}},

@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import harness  # noqa: E402
+from harness import free_ports, wait_port  # noqa: E402
 
 NGINX = harness.NGINX
 MODULES = """load_module /usr/lib/nginx/modules/ndk_http_module.so;
@@ -108,43 +108,14 @@ end
 """
 
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def wait_port(port, timeout=10):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("port %d never opened" % port)
-
-
 class Proc:
+    """A plain nginx of the benchmark, in its own process group."""
+
     def __init__(self, args):
         self.p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
     def close(self):
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGQUIT)
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.p.wait(5)
+        harness.stop(self.p, signal.SIGQUIT, timeout=10, group=True)
 
 
 def make_bodies(path, size, n=64):
@@ -195,18 +166,6 @@ def quiet_gateway(cfg, addrs):
     return gw
 
 
-class MetadataCenter(Proc):
-    """Our llmproxy-metadata-center on a free port of 127.0.0.1."""
-
-    def __init__(self):
-        binary = harness.ROOT / "target" / "release" / "llmproxy-metadata-center"
-        if not binary.exists():
-            sys.exit("%s missing: run `make build`" % binary)
-        self.port = harness.free_port()
-        super().__init__([str(binary), "run", "--host", "127.0.0.1", "--port", str(self.port)])
-        wait_port(self.port)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=8)
@@ -247,7 +206,7 @@ def main():
         gateways.append(gw)
         variants = [("llmproxy", gw.port), ("round robin", rr_port)]
         if args.lookups:
-            mc = MetadataCenter()
+            mc = harness.MetadataCenter()
             procs.append(mc)
             lookup_cfg = dict(cfg, metadata_center={"enabled": True, "host": "127.0.0.1", "port": mc.port,
                                                     "cache_enabled": True, "timeout_ms": 100})

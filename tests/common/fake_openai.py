@@ -1,0 +1,296 @@
+"""The fake OpenAI-compatible upstream of every gateway test (Envoy, nginx, the soak): Python
+stdlib (asyncio), one process, several named servers, each on its own 127.0.0.1 port (0 = any
+free port).
+
+    python fake_openai.py a1=0 a2=0 b1=18001 ...
+
+Prints one line `READY {"a1": port, ...}` once every server listens, then serves until stdin
+closes or the process is killed. HTTP/1.1 with keep-alive (gateways pool upstream connections).
+Started and stopped by tests/common/harness_base.py (FakeUpstreams).
+
+Every response carries `x-served-by: <name>`.
+
+POST /v1/chat/completions, /v1/completions and /v1/embeddings answer a JSON echo of what the
+server read: `served_by`, `model`, `body_bytes`, `path` and `received_headers` (names lower-cased,
+repeated headers joined with ", "), in the shape of a chat completion (`choices[].message`), or
+of a text completion (`choices[].text`) on /v1/completions. With "stream": true in the body the
+answer is Server-Sent Events instead, each flushed as its own HTTP chunk, the echo in the first
+one, then `data: [DONE]`.
+
+POST /v2/models/{model}/generate[_stream] answers like Triton's generate extension:
+`{"model_name", "model_version", "text_output": "hi from <name> (<n> chars in)"}`, or SSE events
+of it, `text_output` "tok0 ", "tok1 ", ...
+
+GET /v1/models and /health answer small JSON documents (with `received_headers`); anything else
+is a 404 JSON naming the path and the method.
+
+The test controls the answer with request headers (CONTROL_HEADERS below):
+
+    x-test-delay-ms: N         wait N ms before answering anything (a slow "prefill")
+    x-test-status: S           answer status S with an OpenAI-style error JSON
+    x-test-close: fin | reset  close the connection without a response byte (FIN), or reset it (RST)
+    x-test-chunks: N           a stream has N events (default 5; 3 for Triton's generate_stream)
+    x-test-chunk-delay-ms: N   N ms between the events of a stream
+    x-test-triton-script: 1    the Triton answer is SCRIPTED_TEXT (with the server's name),
+                               streamed in small pieces, every event split across two network
+                               chunks; the response header `x-test-triton-request` carries
+                               base64(JSON {"path", "body"}) of what the server read
+    x-test-triton-error: E     a scripted Triton failure: E = a status (answered with Triton's
+                               `{"error": "..."}`), `stream` (an `{"error": ...}` event
+                               mid-stream) or `answer` (generate answers 200 with an
+                               `{"error": ...}` body)
+
+The order: x-test-delay-ms, then x-test-close, then x-test-status, then the answer.
+"""
+
+import asyncio
+import base64
+import json
+import socket
+import struct
+import sys
+import time
+
+# What a scripted Triton answer says (multi-byte UTF-8 on purpose); %s is the server's name.
+SCRIPTED_TEXT = "Héllo from %s: wörld ✓ done"
+
+# The request headers a test controls the answer with (see the module doc).
+DELAY_MS = "x-test-delay-ms"
+STATUS = "x-test-status"
+CLOSE = "x-test-close"
+CHUNKS = "x-test-chunks"
+CHUNK_DELAY_MS = "x-test-chunk-delay-ms"
+TRITON_SCRIPT = "x-test-triton-script"
+TRITON_ERROR = "x-test-triton-error"
+TRITON_REQUEST = "x-test-triton-request"  # response header of a scripted Triton answer
+CONTROL_HEADERS = (DELAY_MS, STATUS, CLOSE, CHUNKS, CHUNK_DELAY_MS, TRITON_SCRIPT, TRITON_ERROR)
+
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error", 502: "Bad Gateway",
+           503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+class Request:
+    def __init__(self, method, path, headers, body):
+        self.method, self.path, self.headers, self.body = method, path, headers, body
+
+    def number(self, header, default=0):
+        return int(self.headers.get(header, "") or default)
+
+
+async def read_request(reader):
+    """One HTTP/1.1 request (Content-Length or chunked body); None at the end of the connection."""
+    line = await reader.readline()
+    if not line:
+        return None
+    parts = line.decode("latin-1").split()
+    if len(parts) != 3:
+        raise ValueError("bad request line %r" % line)
+    method, path, _ = parts
+    headers = {}
+    while True:
+        h = await reader.readline()
+        if h in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = h.decode("latin-1").partition(":")
+        name, value = name.strip().lower(), value.strip()
+        headers[name] = headers[name] + ", " + value if name in headers else value  # nothing is lost
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = bytearray()
+        while True:
+            size = int((await reader.readline()).split(b";")[0].strip(), 16)
+            if size == 0:
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass
+                break
+            body += await reader.readexactly(size)
+            await reader.readline()
+        body = bytes(body)
+    else:
+        n = int(headers.get("content-length", "0") or 0)
+        body = await reader.readexactly(n) if n else b""
+    return Request(method, path, headers, body)
+
+
+class Responder:
+    """Writes one server's answers on one connection."""
+
+    def __init__(self, name, writer):
+        self.name, self.writer = name, writer
+
+    async def head(self, status, headers):
+        lines = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "Status")), "x-served-by: " + self.name]
+        lines += ["%s: %s" % kv for kv in headers]
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        await self.writer.drain()
+
+    async def json(self, status, obj, headers=()):
+        body = json.dumps(obj).encode()
+        await self.head(status, [("content-type", "application/json"), ("content-length", str(len(body)))]
+                        + list(headers))
+        self.writer.write(body)
+        await self.writer.drain()
+
+    async def start_stream(self, content_type="text/event-stream", headers=()):
+        await self.head(200, [("content-type", content_type), ("cache-control", "no-cache"),
+                              ("transfer-encoding", "chunked")] + list(headers))
+
+    async def chunk(self, data):
+        self.writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+        await self.writer.drain()
+
+    async def event(self, obj):
+        payload = obj if isinstance(obj, str) else json.dumps(obj)
+        await self.chunk(("data: " + payload + "\n\n").encode())
+
+    async def end_stream(self):
+        self.writer.write(b"0\r\n\r\n")
+        await self.writer.drain()
+
+
+def close_now(writer, how):
+    """Drops the connection without a response byte: FIN, or RST (`reset`)."""
+    if how == "reset":
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+    raise ConnectionResetError(CLOSE)
+
+
+def make_handler(name):
+    async def handle(req, writer):
+        out = Responder(name, writer)
+        if req.method == "GET" and req.path.startswith("/v1/models"):
+            return await out.json(200, {"object": "list", "data": [{"id": "m-a", "object": "model"}],
+                                        "served_by": name, "received_headers": req.headers})
+        if req.method == "GET" and req.path.startswith("/health"):
+            return await out.json(200, {"status": "ok", "served_by": name, "received_headers": req.headers})
+        triton = req.path.startswith("/v2/models/")
+        if req.method != "POST" or not (triton or req.path.startswith(OPENAI_ROUTES)):
+            return await out.json(404, {"error": {"message": "not found"}, "served_by": name,
+                                        "path": req.path, "method": req.method})
+        delay = req.number(DELAY_MS) / 1000.0
+        if delay:
+            await asyncio.sleep(delay)  # "prefill"
+        if req.headers.get(CLOSE):
+            close_now(writer, req.headers[CLOSE])
+        forced = req.number(STATUS)
+        if forced:
+            return await out.json(forced, {"error": {"message": "forced by %s" % STATUS, "type": "test",
+                                                     "code": "forced"}, "served_by": name})
+        try:
+            payload = json.loads(req.body or b"{}")
+        except ValueError:
+            payload = {}
+        if triton:
+            return await answer_triton(req, out, payload)
+        return await answer_openai(req, out, payload)
+
+    async def answer_openai(req, out, payload):
+        model = payload.get("model", "")
+        echo = {"served_by": name, "model": model, "body_bytes": len(req.body), "path": req.path,
+                "received_headers": req.headers}
+        completions = req.path.startswith("/v1/completions")
+        if not payload.get("stream"):
+            if completions:
+                return await out.json(200, {
+                    "id": "cmpl-test", "object": "text_completion", "created": 0, "model": model,
+                    "choices": [{"index": 0, "text": "hi from " + name, "logprobs": None, "finish_reason": "stop"}],
+                    **echo})
+            return await out.json(200, {
+                "id": "cmpl-test", "object": "chat.completion", "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi from " + name},
+                             "finish_reason": "stop"}], **echo})
+        chunks = req.number(CHUNKS, 5)
+        gap = req.number(CHUNK_DELAY_MS) / 1000.0
+        await out.start_stream()
+        for i in range(chunks):
+            ev = {"id": "cmpl-test", "object": "chat.completion.chunk", "model": model,
+                  "choices": [{"index": 0, "delta": {"content": "tok%d " % i}}], "t": time.time()}
+            if completions:
+                ev.update(object="text_completion", choices=[{"index": 0, "text": "tok%d " % i, "finish_reason": None}])
+            if i == 0:
+                ev.update(echo)
+            await out.event(ev)
+            if gap and i + 1 < chunks:
+                await asyncio.sleep(gap)
+        await out.event("[DONE]")
+        await out.end_stream()
+
+    async def answer_triton(req, out, payload):
+        """Triton generate extension: /v2/models/{model}/generate[_stream]."""
+        parts = req.path.split("?")[0].split("/")
+        model, verb = parts[3], parts[4]
+        if req.headers.get(TRITON_SCRIPT) or req.headers.get(TRITON_ERROR):
+            return await answer_triton_scripted(req, out, model, verb, payload)
+        if verb == "generate":
+            return await out.json(200, {"model_name": model, "model_version": "1", "text_output":
+                                        "hi from %s (%d chars in)" % (name, len(payload.get("text_input", "")))})
+        await out.start_stream()
+        for i in range(req.number(CHUNKS, 3)):
+            await out.event({"model_name": model, "model_version": "1", "text_output": "tok%d " % i})
+        await out.end_stream()
+
+    async def answer_triton_scripted(req, out, model, verb, payload):
+        """A scripted Triton answer (see the module doc)."""
+        seen = [(TRITON_REQUEST, base64.b64encode(json.dumps({"path": req.path, "body": payload}).encode()).decode())]
+        fail = req.headers.get(TRITON_ERROR, "")
+        if fail.isdigit():
+            return await out.json(int(fail), {"error": "scripted triton failure %s" % fail}, seen)
+        text = SCRIPTED_TEXT % name
+        if verb == "generate":
+            obj = {"model_name": model, "model_version": "1", "text_output": text}
+            if fail == "answer":  # an error object in a 200 answer
+                obj = {"error": "scripted triton failure in a 200 answer"}
+            return await out.json(200, obj, seen)
+        await out.start_stream("text/event-stream; charset=utf-8", seen)
+        pieces = [text[i:i + 4] for i in range(0, len(text), 4)]
+        if fail == "stream":
+            pieces = pieces[:2]
+        for i, p in enumerate(pieces):
+            event = ("data: " + json.dumps({"model_name": model, "model_version": "1", "text_output": p},
+                                           ensure_ascii=False) + "\n\n").encode()
+            cut = 1 + (7 * i + 3) % (len(event) - 1)  # each event split elsewhere, never empty
+            await out.chunk(event[:cut])
+            await asyncio.sleep(0.002)
+            await out.chunk(event[cut:])
+        if fail == "stream":
+            await out.event({"error": "scripted triton failure mid-stream"})
+        await out.end_stream()
+
+    async def serve(reader, writer):
+        try:
+            while True:
+                req = await read_request(reader)
+                if req is None:
+                    break
+                await handle(req, writer)
+                if req.headers.get("connection", "").lower() == "close":
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass  # the gateway hangs up on purpose in some tests (route timeout, client gone)
+        finally:
+            try:
+                writer.close()
+            except Exception:
+                pass
+
+    return serve
+
+
+async def main(specs):
+    ports = {}
+    for spec in specs:
+        name, port = spec.split("=")
+        srv = await asyncio.start_server(make_handler(name), "127.0.0.1", int(port), backlog=2048)
+        ports[name] = srv.sockets[0].getsockname()[1]
+    print("READY " + json.dumps(ports), flush=True)
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    # run until the parent closes our stdin (or kills us)
+    loop.add_reader(sys.stdin.fileno(), lambda: stop.done() or (sys.stdin.buffer.read1(1) or stop.set_result(None)))
+    await stop
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1:]))

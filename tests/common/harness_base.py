@@ -1,0 +1,430 @@
+"""What the Envoy and nginx test harnesses share (tests/envoy/harness.py and
+tests/nginx/harness.py build on it; the soak and the benchmarks use it through them): free ports,
+processes started and stopped by their PID with bounded waits, waiting until something is ready,
+the fake OpenAI-compatible upstreams (fake_openai.py) and the Metadata-Center server as
+processes, one-shot HTTP requests, chat bodies, Prometheus text parsing, and the log tails of
+failed tests. Everything listens on 127.0.0.1. Python stdlib only: the benchmarks run it without
+pytest."""
+
+import http.client
+import json
+import os
+import random
+import re
+import resource
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+COMMON = Path(__file__).resolve().parent
+REPO = COMMON.parent.parent
+BUILD_DIR = Path(os.environ.get("LLMPROXY_BUILD_DIR", REPO / "build"))
+METADATA_CENTER_BIN = Path(os.environ.get("LLMPROXY_METADATA_CENTER",
+                                          REPO / "target" / "release" / "llmproxy-metadata-center"))
+FAKE_OPENAI = COMMON / "fake_openai.py"
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+# ---------------------------------------------------------------------------------------------
+# ports
+
+
+def free_ports(n):
+    """n distinct free TCP ports on 127.0.0.1 (bound together, then released)."""
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def free_port():
+    return free_ports(1)[0]
+
+
+class PortClash(RuntimeError):
+    """A port chosen as free was taken by someone else before our process bound it."""
+
+
+def retry_on_port_clash(start, attempts=3):
+    """Runs start() (which picks free ports itself) again when it raises PortClash."""
+    for i in range(attempts):
+        try:
+            return start()
+        except PortClash:
+            if i == attempts - 1:
+                raise
+
+
+def raise_fd_limit(want=16384):
+    """Thousands of concurrent client sockets (and the processes we start inherit the limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, want) if hard != resource.RLIM_INFINITY else want
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+
+def stop(proc, sig=signal.SIGTERM, timeout=5, group=False):
+    """Stops a process we started, by its PID: SIGCONT (a SIGSTOPped process would not act on
+    anything else), then `sig`, up to `timeout` seconds, then SIGKILL — to its whole process group
+    with `group` (a process started with start_new_session, e.g. nginx and its workers, also when
+    the master is gone) — and a bounded wait."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.send_signal(sig)
+            proc.wait(timeout)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            pass
+    if group:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def readline_within(stream, timeout, what="process"):
+    """The first line a process prints, waiting at most `timeout` seconds ("" at its end)."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    if not ready:
+        raise RuntimeError("%s printed nothing within %ss" % (what, timeout))
+    return stream.readline()
+
+
+def drain(stream):
+    """Reads what a process still prints (so it never blocks on a full pipe), in the background."""
+    threading.Thread(target=stream.read, daemon=True).start()
+
+
+def wait_until(cond, timeout=5.0, what="condition", interval=0.05):
+    """Polls cond() until it returns something true, and returns that; AssertionError after
+    `timeout` seconds."""
+    deadline = time.time() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.time() >= deadline:
+            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def port_open(port):
+    """True when something accepts connections on 127.0.0.1:port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def wait_port(port, timeout=10):
+    wait_until(lambda: port_open(port), timeout, "127.0.0.1:%d to accept connections" % port)
+
+
+def wait_ready(proc, probe, log_tail, what, timeout=20):
+    """Waits until probe() returns True for the process `proc` (probe may raise OSError, an
+    HTTP or an assertion error while it starts; anything else it returns is the state reported
+    on timeout). Raises with log_tail() when the process exits first (PortClash when its log says
+    a port was taken) or after `timeout` seconds."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            tail = log_tail()
+            kind = PortClash if "Address already in use" in tail else RuntimeError
+            raise kind("%s exited with %s:\n%s" % (what, proc.returncode, tail))
+        try:
+            last = probe()
+            if last is True:
+                return
+        except (OSError, http.client.HTTPException, AssertionError, ValueError) as e:
+            last = e
+        time.sleep(0.05)
+    raise RuntimeError("%s not ready after %ss (last: %r):\n%s" % (what, timeout, last, log_tail()))
+
+
+class Closing:
+    """`with X(...) as x:` stops x (close()) at the end of the block, also on failure."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LoggedProcess(Closing):
+    """A process started by a harness (Envoy, nginx), its Popen in .proc and its log file in
+    .log_path: the log's tail is attached to the report of a failed test that used it (see
+    log_tails_on_failure)."""
+
+    kind = "process"
+    proc = None
+    log_path = None
+
+    def log_text(self):
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except (OSError, TypeError):
+            return ""
+
+    def log_tail(self, n=60):
+        return "\n".join(self.log_text().splitlines()[-n:]) or "(no log at %s)" % self.log_path
+
+
+def log_tails_on_failure(item, call):
+    """A pytest_runtest_makereport hook wrapper (conftest.py: wrap it in
+    pytest.hookimpl(hookwrapper=True)): a failed test's report gets the log tail of every
+    LoggedProcess among its fixtures."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call" and rep.failed:
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, LoggedProcess):
+                rep.sections.append(("%s log of fixture %s (tail)" % (value.kind, name), value.log_tail()))
+
+
+class FakeUpstreams(Closing):
+    """The fake OpenAI-compatible upstreams (tests/common/fake_openai.py, see its doc for what they
+    answer and the x-test-* request headers that control it): one process, one 127.0.0.1 port per
+    name, any free one unless `ports` gives it. Its stderr goes to `stderr` (a file) when given."""
+
+    def __init__(self, names, ports=None, stderr=None, timeout=10):
+        specs = ["%s=%d" % (n, (ports or {}).get(n, 0)) for n in names]
+        self.proc = subprocess.Popen([sys.executable, str(FAKE_OPENAI)] + specs, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=stderr, text=True)
+        try:
+            line = readline_within(self.proc.stdout, timeout, "fake upstreams")
+        except Exception:
+            self.close()
+            raise
+        if not line.startswith("READY "):
+            self.close()
+            raise PortClash("fake upstreams did not start: %r" % line)
+        self.ports = json.loads(line[6:])
+
+    def addr(self, name):
+        return "127.0.0.1:%d" % self.ports[name]
+
+    def name_of(self, addr):
+        return next((n for n in self.ports if self.addr(n) == addr), None)
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # it exits when its stdin closes
+                self.proc.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        stop(self.proc)
+
+
+class MetadataCenter(Closing):
+    """Our llmproxy-metadata-center on 127.0.0.1: `port` 0 takes any free port, which start()
+    keeps, so kill() then start() brings it back at the same address."""
+
+    def __init__(self, port=0, binary=METADATA_CENTER_BIN, timeout=10):
+        self.port, self.binary, self.timeout = port, Path(binary), timeout
+        self.proc = None
+        self.start()
+
+    def start(self):
+        if not self.binary.exists():
+            raise RuntimeError("%s missing: run `make build`" % self.binary)
+        self.proc = subprocess.Popen([str(self.binary), "run", "--host", "127.0.0.1", "--port", str(self.port)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            line = readline_within(self.proc.stdout, self.timeout, "metadata-center")
+        except Exception:
+            stop(self.proc)
+            raise
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if not m:
+            stop(self.proc)
+            raise PortClash("metadata-center did not start: %r" % line)
+        self.port = int(m.group(1))
+        drain(self.proc.stdout)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(5)
+
+    def close(self):
+        stop(self.proc)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP and JSON
+
+
+def request(port, method, path, body=None, headers=None, timeout=30, close=False):
+    """One HTTP/1.1 request on a fresh connection (`close`: with `connection: close`); a dict or
+    list body is sent as JSON. Returns (status, headers lower-cased, body bytes, seconds)."""
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+    hdrs = {"content-type": "application/json"}
+    if close:
+        hdrs["connection"] = "close"
+    hdrs.update(headers or {})
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    t0 = time.perf_counter()
+    try:
+        c.request(method, path, body=body, headers=hdrs)
+        r = c.getresponse()
+        data = r.read()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, data, time.perf_counter() - t0
+    finally:
+        c.close()
+
+
+def chat(model, text, stream=False, **extra):
+    """A chat completion body: a system message and the user's `text`."""
+    body = {"model": model, "messages": [{"role": "system", "content": "You are a test."},
+                                         {"role": "user", "content": text}]}
+    if stream:
+        body["stream"] = True
+    body.update(extra)
+    return body
+
+
+def random_text(n, seed=None):
+    """n characters of words, the same for the same seed (distinct prompts, or shared prefixes)."""
+    rnd = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "lambda", "zeta"]
+    out, size = [], 0
+    while size < n:
+        w = rnd.choice(words) + str(rnd.randint(0, 9999))
+        out.append(w)
+        size += len(w) + 1
+    return " ".join(out)[:n]
+
+
+def read_sse(readline, t0, on_event=None):
+    """The `data:` events of a Server-Sent Events body read line by line (readline() -> bytes, b""
+    at its end) up to `data: [DONE]`: (payloads, arrival seconds since perf_counter() t0).
+    on_event(payloads) runs as each one arrives (checks in the middle of a stream)."""
+    events, arrivals = [], []
+    while True:
+        line = readline()
+        if not line:
+            break
+        line = line.strip()
+        if line.startswith(b"data: "):
+            arrivals.append(time.perf_counter() - t0)
+            events.append(line[6:])
+            if on_event:
+                on_event(events)
+            if line == b"data: [DONE]":
+                break
+    return events, arrivals
+
+
+# ---------------------------------------------------------------------------------------------
+# the fleet of the end-to-end suites
+
+# pool -> fake upstream names, the same on both hosts (tests/envoy/conftest.py,
+# tests/nginx/conftest.py); pool_d also has an endpoint where nothing listens.
+POOLS = {
+    "pool_a": ["a1", "a2", "a3"],
+    "pool_b": ["b1", "b2"],
+    "pool_d": ["d1", "d2"],
+}
+
+
+def pools_config(servers, dead, max_body, models, clusters=None):
+    """The library config of the end-to-end suites: m-a (pool_a, vllm), m-b (pool_b, sglang), m-d
+    (pool_d, `dead` first) and the host's own `models` (name -> rule list); endpoints at
+    servers.addr(name), and the host's own `clusters` (name -> endpoints)."""
+    endpoints = {pool: [servers.addr(n) for n in names] for pool, names in POOLS.items()}
+    endpoints["pool_d"].insert(0, dead)
+    endpoints.update(clusters or {})
+    rules = {"m-a": [{"scene_name": "chat-a", "cluster": "pool_a", "backend": "vllm"}],
+             "m-b": [{"scene_name": "chat-b", "cluster": "pool_b", "backend": "sglang"}],
+             "m-d": [{"scene_name": "chat-d", "cluster": "pool_d", "backend": "vllm"}]}
+    rules.update(models)
+    return {
+        "protocol": "openai",
+        "algorithm": "inference_lb",
+        "model_mapping_rule": {model: {"rules": r} for model, r in rules.items()},
+        "clusters": {pool: {"endpoints": eps} for pool, eps in endpoints.items()},
+        "max_body_bytes": max_body,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Prometheus text
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+class Metrics:
+    """A Prometheus text page: samples by name and labels (select, total, value), or by the text
+    that names them on the page (m['name{a="b"}'])."""
+
+    def __init__(self, text):
+        self.text = text
+        self.samples = []
+        self.by_key = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            m = SAMPLE.match(line)
+            assert m, "not a Prometheus sample: %r" % line
+            labels = dict(LABEL.findall(m.group(2) or ""))
+            self.samples.append((m.group(1), labels, float(m.group(3))))
+            self.by_key[line.rpartition(" ")[0].rstrip()] = float(m.group(3))
+
+    def __getitem__(self, key):
+        return self.by_key[key]
+
+    def select(self, name, **labels):
+        return [(l, v) for n, l, v in self.samples
+                if n == name and all(l.get(k) == str(val) for k, val in labels.items())]
+
+    def total(self, name, **labels):
+        """Sum over every label not given (every worker, endpoint, ...)."""
+        return sum(v for _, v in self.select(name, **labels))
+
+    def value(self, name, **labels):
+        found = self.select(name, **labels)
+        assert len(found) == 1, "%s %s: %d samples" % (name, labels, len(found))
+        return found[0][1]
+
+    def workers(self):
+        """The worker="<pid>" labels of the routers on the page (nginx merges one per worker)."""
+        return sorted({l["worker"] for n, l, v in self.samples if "worker" in l and n == "llmproxy_in_flight_requests"})
+
+
+def metrics(gateway, path="/llmproxy/metrics", timeout=10):
+    """The gateway's metrics page (`gateway`: a port, or anything with .port)."""
+    status, _, data, _ = request(getattr(gateway, "port", gateway), "GET", path, timeout=timeout)
+    assert status == 200, data[:300]
+    return Metrics(data.decode())

@@ -7,7 +7,9 @@
 //! that path.
 //!
 //! Layout, by concern:
-//! - [`config`]: the JSON config (the origin's format plus our additions) and its validation;
+//! - [`config`]: the JSON config (the origin's format plus our additions), by stage: `raw`
+//!   serde shapes → `validate` / `rules` checks with JSON paths (`env` merges the
+//!   environment) → the public types in `types`;
 //! - [`request`]: OpenAI request parsing and the canonical prompt;
 //! - [`hashing`]: cumulative prefix hashes of the prompt;
 //! - [`transcode`]: upstream rewrites (target model, LoRA, Triton) and response transcoding;

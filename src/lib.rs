@@ -19,7 +19,8 @@
 //! - [`sync`]: the background thread: Metadata-Center reports and polls, DNS clusters;
 //! - [`metrics`]: counters, histograms and Prometheus rendering;
 //! - [`error`]: client-facing errors with their HTTP status and OpenAI JSON;
-//! - [`ffi`]: the C ABI (`include/llmproxy.h`).
+//! - [`ffi`]: the C ABI (`include/llmproxy.h`): the panic boundary and helpers, then one
+//!   file per handle (`router`, `pick`, `request`).
 
 pub mod balancer;
 pub mod config;

@@ -541,6 +541,46 @@ void llmproxy_request_finish_outcome(struct llmproxy_request *req,
                                      uint32_t status,
                                      uint32_t outcome);
 
+/**
+ * The HTTP status a host answers with for a library status: 200 for `LLMPROXY_OK`; 400 for
+ * `LLMPROXY_BAD_REQUEST` and `LLMPROXY_INVALID_ARGUMENT`; 404, 413 and 503 for
+ * `LLMPROXY_MODEL_NOT_FOUND`, `LLMPROXY_PAYLOAD_TOO_LARGE` and `LLMPROXY_NO_ENDPOINT`;
+ * 500 for everything else (`LLMPROXY_INTERNAL`, `LLMPROXY_INVALID_CONFIG`,
+ * `LLMPROXY_PENDING`, values outside the enum). `status` is an `llmproxy_status` value,
+ * passed as an integer so that any value is safe.
+ */
+uint32_t llmproxy_status_http(uint32_t status);
+
+/**
+ * Renders into `out` the OpenAI error body `{"error": {"message", "type", "param", "code"}}`
+ * that the library sends for its own errors, for an error of `http_status` with this
+ * message: the same bytes as `llmproxy_request_error_body` of a request that failed with
+ * that status and message (except that `param` never names a request field of a 400).
+ * `type`/`code`: `invalid_request_error`/`invalid_request` (400),
+ * `invalid_request_error`/`model_not_found` (404), `invalid_request_error`/
+ * `request_too_large` (413), `server_error`/`internal_error` (500),
+ * `service_unavailable_error`/`no_endpoint` (503), `upstream_error`/`upstream_unavailable`
+ * (502), `upstream_error`/`upstream_timeout` (504); otherwise `invalid_request_error`/
+ * `invalid_request` for 4xx and `server_error`/`internal_error` for anything else. `param`
+ * is "model" for 404 and null otherwise. The message is escaped as JSON; invalid UTF-8 in
+ * it becomes U+FFFD.
+ *
+ * Returns the length of the whole body without its NUL, like `snprintf`: at most
+ * `out_cap - 1` bytes of it are written, cut on a UTF-8 boundary, always NUL-terminated when
+ * `out_cap > 0`; a result `>= out_cap` means the body was cut (call again with a buffer of
+ * the result + 1 bytes). `out` may be NULL with `out_cap` 0 to ask for the length only.
+ * Returns 0 and writes "" when `message` is NULL with a non-zero length.
+ *
+ * # Safety
+ * `message` must point to `message_len` readable bytes; `out`, when not NULL, must point
+ * to `out_cap` writable bytes.
+ */
+size_t llmproxy_error_body(uint32_t http_status,
+                           const char *message,
+                           size_t message_len,
+                           char *out,
+                           size_t out_cap);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -20,7 +20,7 @@
 //! - [`metrics`]: counters, histograms and Prometheus rendering;
 //! - [`error`]: client-facing errors with their HTTP status and OpenAI JSON;
 //! - [`ffi`]: the C ABI (`include/llmproxy.h`): the panic boundary and helpers, then one
-//!   file per handle (`router`, `pick`, `request`).
+//!   file per handle (`router`, `pick`, `request`) and `errors` for hosts' own errors.
 
 pub mod balancer;
 pub mod config;

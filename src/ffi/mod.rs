@@ -14,7 +14,8 @@
 //! One file per handle type, each using only this one and the files before it:
 //! - `router`: the router handle (create, validate, free, endpoints, metrics, options);
 //! - `pick`: picks (synchronous, callback, polled ticket) handing out request handles;
-//! - `request`: the request handle (decision, upstream rewrites, retry, finish).
+//! - `request`: the request handle (decision, upstream rewrites, retry, finish);
+//! - `errors`: error bodies and HTTP statuses for errors hosts produce themselves.
 //!
 //! This file: the rules above, the panic boundary, the status enum, the borrowed input types
 //! and the pointer helpers every export uses.
@@ -35,6 +36,9 @@ mod pick;
 
 mod request;
 
+mod errors;
+
+pub use errors::*;
 pub use pick::*;
 pub use request::*;
 pub use router::*;

@@ -2,7 +2,8 @@
 //!
 //! Every error that reaches a client has the OpenAI shape
 //! `{"error": {"message", "type", "param", "code"}}` and one of the statuses
-//! 400, 404, 413, 500 or 503.
+//! 400, 404, 413, 500 or 503. [`error_json`] renders the same body for any status, for the
+//! errors hosts produce themselves (`llmproxy_error_body`).
 
 use std::fmt;
 
@@ -71,35 +72,60 @@ impl PickError {
         }
     }
 
-    /// OpenAI error `type` and `code` for this error.
-    fn type_and_code(&self) -> (&'static str, &'static str) {
+    /// The offending request field: a bad request's own, `model` for an unknown model.
+    fn param(&self) -> Option<&'static str> {
         match self {
-            Self::BadRequest { .. } => ("invalid_request_error", "invalid_request"),
-            Self::ModelNotFound { .. } => ("invalid_request_error", "model_not_found"),
-            Self::PayloadTooLarge { .. } => ("invalid_request_error", "request_too_large"),
-            Self::NoEndpoint { .. } => ("service_unavailable_error", "no_endpoint"),
-            Self::Internal { .. } => ("server_error", "internal_error"),
+            Self::BadRequest { param, .. } => *param,
+            _ => default_param(self.http_status()),
         }
     }
 
     /// The OpenAI-style JSON error body.
     pub fn to_json(&self) -> String {
-        let (kind, code) = self.type_and_code();
-        let param = match self {
-            Self::BadRequest { param, .. } => *param,
-            Self::ModelNotFound { .. } => Some("model"),
-            _ => None,
-        };
-        serde_json::json!({
-            "error": {
-                "message": self.to_string(),
-                "type": kind,
-                "param": param,
-                "code": code,
-            }
-        })
-        .to_string()
+        render(self.http_status(), &self.to_string(), self.param())
     }
+}
+
+/// OpenAI error `type` and `code` for an HTTP status: those of the [`PickError`] with that
+/// status for 400, 404, 413, 500 and 503; the upstream's failures for 502 and 504; otherwise
+/// a generic request error (4xx) or server error.
+pub fn type_and_code(http_status: u32) -> (&'static str, &'static str) {
+    match http_status {
+        404 => ("invalid_request_error", "model_not_found"),
+        413 => ("invalid_request_error", "request_too_large"),
+        // 400 and every other client error.
+        400..=499 => ("invalid_request_error", "invalid_request"),
+        502 => ("upstream_error", "upstream_unavailable"),
+        503 => ("service_unavailable_error", "no_endpoint"),
+        504 => ("upstream_error", "upstream_timeout"),
+        // 500 and everything else.
+        _ => ("server_error", "internal_error"),
+    }
+}
+
+/// The `param` of an error of this status when nothing more precise is known.
+fn default_param(http_status: u32) -> Option<&'static str> {
+    (http_status == 404).then_some("model")
+}
+
+/// The error body the library renders for an error of `http_status` with `message`, as
+/// [`PickError::to_json`] does (hosts render their own errors with it through the C ABI).
+pub fn error_json(http_status: u32, message: &str) -> String {
+    render(http_status, message, default_param(http_status))
+}
+
+/// `{"error": {"message", "type", "param", "code"}}`.
+fn render(http_status: u32, message: &str, param: Option<&str>) -> String {
+    let (kind, code) = type_and_code(http_status);
+    serde_json::json!({
+        "error": {
+            "message": message,
+            "type": kind,
+            "param": param,
+            "code": code,
+        }
+    })
+    .to_string()
 }
 
 impl fmt::Display for PickError {
@@ -164,5 +190,32 @@ mod tests {
             .http_status(),
             500
         );
+    }
+
+    #[test]
+    fn a_status_and_message_render_as_the_pick_error_of_that_status() {
+        let errors = [
+            PickError::bad_request("body is not valid JSON", None),
+            PickError::ModelNotFound {
+                message: "model \"m\" not found".into(),
+            },
+            PickError::PayloadTooLarge { size: 9, limit: 8 },
+            PickError::NoEndpoint {
+                cluster: "pool".into(),
+            },
+            PickError::Internal {
+                message: "panic".into(),
+            },
+        ];
+        for e in errors {
+            assert_eq!(error_json(e.http_status(), &e.to_string()), e.to_json());
+        }
+        let v: serde_json::Value = serde_json::from_str(&error_json(504, "slow")).unwrap();
+        assert_eq!(
+            (&v["error"]["type"], &v["error"]["code"]),
+            (&"upstream_error".into(), &"upstream_timeout".into())
+        );
+        assert_eq!(type_and_code(429).1, "invalid_request");
+        assert_eq!(type_and_code(501), ("server_error", "internal_error"));
     }
 }

@@ -7,7 +7,9 @@
 //! that path.
 //!
 //! Layout, by concern (each module's doc says what it owns):
-//! - [`config`]: the JSON config (the origin's format plus our additions) and its validation;
+//! - [`config`]: the JSON config (the origin's format plus our additions), by stage: `raw`
+//!   serde shapes → `validate` / `rules` checks with JSON paths (`env` merges the
+//!   environment) → the public types in `types`;
 //! - [`request`]: OpenAI request parsing and the canonical prompt;
 //! - [`hashing`]: cumulative prefix hashes of the prompt and their model domain;
 //! - [`transcode`]: upstream rewrites (target model, LoRA, Triton) and response transcoding;
@@ -22,7 +24,8 @@
 //! - [`metrics`]: the router's counters and its Prometheus page; [`prometheus`]: the text
 //!   format (histograms, families, escaping);
 //! - [`error`]: client-facing errors with their HTTP status and OpenAI JSON;
-//! - [`ffi`]: the C ABI (`include/llmproxy.h`).
+//! - [`ffi`]: the C ABI (`include/llmproxy.h`): the panic boundary and helpers, then one
+//!   file per handle (`router`, `pick`, `request`) and `errors` for hosts' own errors.
 
 pub mod background;
 pub mod balancer;

@@ -1,5 +1,5 @@
-//! The C ABI driven from Rust, as a C host would: statuses, NULL safety, bad input, and
-//! many threads picking on one router.
+//! The C ABI driven from Rust, as a C host would: statuses, NULL safety, bad input, error
+//! bodies for the host's own errors, and many threads picking on one router.
 
 use std::ffi::{c_char, CStr};
 use std::ptr;
@@ -133,9 +133,10 @@ fn routed_request_exposes_its_decision() {
     }
 }
 
-#[test]
-fn every_error_class_has_its_status_and_json() {
-    let r = router(
+/// A router whose picks can end in every error: bodies over 4 KiB are too large, and
+/// `qwen` routes to a cluster without endpoints.
+fn error_router() -> Router {
+    router(
         &CONFIG
             .replace(
                 "\"model_mapping_rule\"",
@@ -146,7 +147,12 @@ fn every_error_class_has_its_status_and_json() {
                 "\"qwen\": {\"rules\": [{\"cluster\": \"empty\"",
             ),
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn every_error_class_has_its_status_and_json() {
+    let r = error_router();
     let big = chat("llama", &"x".repeat(5000));
     let cases: [(&[u8], llmproxy_status, u32, &str); 7] = [
         (b"{not json", LLMPROXY_BAD_REQUEST, 400, "invalid_request"),
@@ -566,6 +572,165 @@ fn retry_through_the_abi() {
         assert_eq!(llmproxy_router_in_flight(r.0), 1);
         llmproxy_request_finish(req, 200);
         assert_eq!(llmproxy_router_in_flight(r.0), 0);
+    }
+}
+
+/// `llmproxy_error_body` into a buffer of `cap` bytes: (returned length, written text).
+fn error_body(http_status: u32, message: &[u8], cap: usize) -> (usize, String) {
+    let mut out = vec![0x7f as c_char; cap];
+    let n = unsafe {
+        llmproxy_error_body(
+            http_status,
+            message.as_ptr().cast(),
+            message.len(),
+            if cap == 0 {
+                ptr::null_mut()
+            } else {
+                out.as_mut_ptr()
+            },
+            cap,
+        )
+    };
+    let written = if cap == 0 {
+        String::new()
+    } else {
+        let text = unsafe { CStr::from_ptr(out.as_ptr()) };
+        text.to_str().expect("cut on a UTF-8 boundary").to_owned()
+    };
+    (n, written)
+}
+
+#[test]
+fn host_error_bodies_match_the_library_s_own_for_the_same_status_and_message() {
+    let r = error_router();
+    let bodies: [&[u8]; 4] = [
+        b"{not json",
+        br#"{"model":"gpt-9","messages":[{"role":"user","content":"x"}]}"#,
+        &chat("llama", &"x".repeat(5000)),
+        br#"{"model":"qwen","messages":[{"role":"user","content":"x"}]}"#,
+    ];
+    for body in bodies {
+        let (st, req) = pick(&r, &[], body);
+        let http = unsafe { llmproxy_request_http_status(req) };
+        assert_eq!(llmproxy_status_http(st as u32), http);
+        let library = unsafe { text(llmproxy_request_error_body, req) };
+        let v: serde_json::Value = serde_json::from_str(&library).unwrap();
+        let message = v["error"]["message"].as_str().unwrap();
+        let (n, host) = error_body(http, message.as_bytes(), 4096);
+        assert_eq!(host, library, "status {http}");
+        assert_eq!(n, library.len());
+        unsafe { llmproxy_request_finish(req, 0) };
+    }
+    // A 500 renders as the library's internal errors do.
+    let (_, body) = error_body(
+        500,
+        b"internal error: llmproxy: no router in this worker",
+        512,
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (
+            &v["error"]["type"],
+            &v["error"]["code"],
+            &v["error"]["param"]
+        ),
+        (
+            &"server_error".into(),
+            &"internal_error".into(),
+            &serde_json::Value::Null
+        )
+    );
+    // Statuses the library never answers itself still get an OpenAI shape.
+    for (status, kind, code) in [
+        (502, "upstream_error", "upstream_unavailable"),
+        (504, "upstream_error", "upstream_timeout"),
+        (429, "invalid_request_error", "invalid_request"),
+        (501, "server_error", "internal_error"),
+        (0, "server_error", "internal_error"),
+    ] {
+        let (_, body) = error_body(status, "quote \" newline \n tab \t ü \u{1}".as_bytes(), 512);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["message"], "quote \" newline \n tab \t ü \u{1}");
+        assert_eq!(
+            (v["error"]["type"].as_str(), v["error"]["code"].as_str()),
+            (Some(kind), Some(code))
+        );
+    }
+}
+
+#[test]
+fn every_status_maps_to_the_http_status_hosts_answer() {
+    let cases = [
+        (LLMPROXY_OK, 200),
+        (LLMPROXY_PENDING, 500),
+        (LLMPROXY_INVALID_ARGUMENT, 400),
+        (LLMPROXY_INVALID_CONFIG, 500),
+        (LLMPROXY_BAD_REQUEST, 400),
+        (LLMPROXY_MODEL_NOT_FOUND, 404),
+        (LLMPROXY_PAYLOAD_TOO_LARGE, 413),
+        (LLMPROXY_NO_ENDPOINT, 503),
+        (LLMPROXY_INTERNAL, 500),
+    ];
+    for (status, http) in cases {
+        assert_eq!(llmproxy_status_http(status as u32), http, "{status:?}");
+    }
+    assert_eq!(llmproxy_status_http(9), 500);
+    assert_eq!(llmproxy_status_http(u32::MAX), 500);
+}
+
+#[test]
+fn error_body_is_cut_on_a_utf8_boundary_and_reports_the_whole_length() {
+    let message = "é".repeat(40);
+    let (whole, body) = error_body(503, message.as_bytes(), 1024);
+    assert_eq!(whole, body.len());
+    // Asking for the length only.
+    assert_eq!(
+        error_body(503, message.as_bytes(), 0),
+        (whole, String::new())
+    );
+    // Every capacity: a NUL-terminated prefix of the body, cut on a character boundary.
+    for cap in 1..=whole + 1 {
+        let (n, cut) = error_body(503, message.as_bytes(), cap);
+        assert_eq!(n, whole);
+        assert!(
+            cut.len() < cap && body.starts_with(&cut),
+            "cap {cap}: {cut}"
+        );
+        assert!(
+            cut.len() + 1 >= cap.min(whole + 1) - 1,
+            "cap {cap}: cut too short"
+        );
+    }
+    assert_eq!(error_body(503, message.as_bytes(), whole + 1).1, body);
+    // Invalid UTF-8 in the message becomes U+FFFD; the body stays valid JSON.
+    let (_, body) = error_body(400, b"bad \xff byte", 256);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["message"], "bad \u{fffd} byte");
+}
+
+#[test]
+fn error_body_is_null_safe() {
+    unsafe {
+        let mut out = [0x7f as c_char; 16];
+        assert_eq!(
+            llmproxy_error_body(500, ptr::null(), 5, out.as_mut_ptr(), out.len()),
+            0
+        );
+        assert_eq!(CStr::from_ptr(out.as_ptr()).to_bytes(), b"");
+        // A NULL message of length 0 is an empty message.
+        let n = llmproxy_error_body(500, ptr::null(), 0, ptr::null_mut(), 0);
+        assert!(n > 0);
+        // A NULL buffer is never written, whatever its capacity claims.
+        assert_eq!(
+            llmproxy_error_body(500, ptr::null(), 0, ptr::null_mut(), 64),
+            n
+        );
+        // A capacity of 0 leaves the buffer alone.
+        assert_eq!(
+            llmproxy_error_body(500, b"x".as_ptr().cast(), 1, out.as_mut_ptr(), 0),
+            n + 1
+        );
+        assert_eq!(out[0], 0);
     }
 }
 

@@ -1,0 +1,334 @@
+//! The validated configuration: the public types a router is built from, their defaults,
+//! and [`ConfigError`] with the two constructors every check uses (`err`, `within`).
+//!
+//! No JSON is read here: values of these types come out of `validate` (or are built by hand
+//! in tests).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+
+/// The backend protocol spoken by a rule's model servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// vLLM OpenAI-compatible server.
+    Vllm,
+    /// SGLang OpenAI-compatible server.
+    Sglang,
+    /// TensorRT-LLM `trtllm-serve` (OpenAI-compatible).
+    TensorRtLlm,
+    /// Triton Inference Server with the TensorRT-LLM backend.
+    Triton,
+}
+
+impl Backend {
+    /// All accepted backend names, for error messages.
+    pub const NAMES: &'static str = "vllm, sglang, tensorrt-llm, triton";
+
+    /// The value of a config spelling, if it is one.
+    pub(super) fn parse(name: &str) -> Option<Self> {
+        match name {
+            "vllm" => Some(Self::Vllm),
+            "sglang" => Some(Self::Sglang),
+            "tensorrt-llm" => Some(Self::TensorRtLlm),
+            "triton" => Some(Self::Triton),
+            _ => None,
+        }
+    }
+
+    /// The config spelling of this backend.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vllm => "vllm",
+            Self::Sglang => "sglang",
+            Self::TensorRtLlm => "tensorrt-llm",
+            Self::Triton => "triton",
+        }
+    }
+}
+
+/// The endpoint selection algorithm (`algorithm` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Cache- and load-aware scoring (the origin's `inference_lb`).
+    InferenceLb,
+    /// Uniformly random.
+    Random,
+    /// Round robin per cluster.
+    RoundRobin,
+    /// Least estimated prefill work before the first token (cache savings vs queued work).
+    PrefixCost,
+    /// Fewest in-flight requests, ties broken at random.
+    LeastRequest,
+}
+
+impl Algorithm {
+    /// All accepted algorithm names, for error messages.
+    pub const NAMES: &'static str = "inference_lb, prefix_cost, random, round_robin, least_request";
+
+    /// The value of a config spelling, if it is one.
+    pub(super) fn parse(name: &str) -> Option<Self> {
+        match name {
+            "inference_lb" => Some(Self::InferenceLb),
+            "prefix_cost" => Some(Self::PrefixCost),
+            "random" => Some(Self::Random),
+            "round_robin" => Some(Self::RoundRobin),
+            "least_request" => Some(Self::LeastRequest),
+            _ => None,
+        }
+    }
+}
+
+/// One header condition of a rule: the request header `key` must equal `value` exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderMatch {
+    /// Header name, stored lower-case (matching is case-insensitive).
+    pub key: String,
+    /// Exact value.
+    pub value: String,
+}
+
+/// A subset selector of a rule (kept for LoRA and label routing).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subset {
+    /// Subset name.
+    pub name: String,
+    /// Endpoint labels that select the subset.
+    pub labels: BTreeMap<String, String>,
+    /// LoRA adapter name.
+    pub lora: String,
+    /// Share of the rule's traffic (relative to the other subsets; default 1).
+    pub weight: u32,
+}
+
+/// One routing rule of a model.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Scene name (free text, reported in logs and to the upstream).
+    pub scene_name: String,
+    /// Cluster the rule routes to; also the metadata-center cluster key.
+    pub cluster: String,
+    /// Backend protocol of the cluster's servers.
+    pub backend: Backend,
+    /// Header conditions; empty means this is the model's default rule.
+    pub headers: Vec<HeaderMatch>,
+    /// Route name (logged only).
+    pub route_name: String,
+    /// Subsets (label or LoRA selection).
+    pub subset: Vec<Subset>,
+    /// The backend's served model name, replacing `model` upstream (empty: unchanged).
+    pub target_model: String,
+    /// Chat template for backends that take raw text (`triton`).
+    pub chat_template: crate::transcode::templates::ChatTemplate,
+}
+
+/// One configured endpoint: its address and what it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    /// `ip:port`.
+    pub addr: SocketAddr,
+    /// Labels matched by rule subsets.
+    pub labels: BTreeMap<String, String>,
+    /// LoRA adapters the endpoint serves.
+    pub lora_adapters: Vec<String>,
+}
+
+/// Per-model balancing parameters (`lb_mapping_rule[model]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LbParams {
+    /// Use load (in-flight requests, prefill) in the score.
+    pub load_aware: bool,
+    /// Use the prefix-cache match ratio in the score.
+    pub cache_aware: bool,
+    /// Share of candidates, best first, among which one is picked at random (0–100).
+    pub candidate_percent: f64,
+    /// W2: weight of the normalised request load.
+    pub request_load_weight: f64,
+    /// W3: weight of the normalised prefill load.
+    pub prefill_load_weight: f64,
+    /// W1: weight of the cache match ratio (`cache_radio_weight`, the origin's spelling).
+    pub cache_ratio_weight: f64,
+    /// `prefix_cost`: prefill-equivalent characters charged per request in flight.
+    pub decode_cost_chars: f64,
+}
+
+impl Default for LbParams {
+    fn default() -> Self {
+        Self {
+            load_aware: true,
+            cache_aware: true,
+            candidate_percent: 10.0,
+            request_load_weight: 1.0,
+            prefill_load_weight: 3.0,
+            cache_ratio_weight: 2.0,
+            decode_cost_chars: 128.0,
+        }
+    }
+}
+
+/// Passive health checking: endpoints that keep failing are left out for a while.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejection {
+    /// Consecutive failed requests (upstream 502/503/504, or no response) that eject an endpoint.
+    pub consecutive_failures: u32,
+    /// How long an ejected endpoint is left out, in milliseconds.
+    pub eject_ms: u64,
+}
+
+impl Default for Ejection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 3,
+            eject_ms: 10_000,
+        }
+    }
+}
+
+/// The validated configuration of a router.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Selection algorithm.
+    pub algorithm: Algorithm,
+    /// model → rules, sorted most specific first (stable by header count, descending).
+    pub models: BTreeMap<String, Vec<Rule>>,
+    /// model → balancing parameters; models without an entry use the defaults.
+    pub lb: HashMap<String, LbParams>,
+    /// cluster → static endpoints.
+    pub clusters: BTreeMap<String, Vec<EndpointSpec>>,
+    /// Prefix hash chunk size in bytes of the canonical prompt.
+    pub hash_chunk_bytes: usize,
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: u64,
+    /// Paths whose POST requests go through pick.
+    pub intercept_paths: Vec<String>,
+    /// Hosts force the endpoint strictly (no fallback to the cluster's own balancing).
+    pub strict_endpoint_override: bool,
+    /// Request header a host sets to the chosen cluster for header-based routes.
+    pub cluster_header: String,
+    /// Path on which hosts answer `GET` with the router's Prometheus metrics ("" = off).
+    pub metrics_path: String,
+    /// Capacity of the local prefix index, in chunk-hash entries.
+    pub prefix_index_capacity: usize,
+    /// Passive ejection of failing endpoints.
+    pub ejection: Ejection,
+    /// The origin's `log` block (accepted; llmproxy logs through its host).
+    pub log_enabled: bool,
+    /// cluster → `host:port` resolved by DNS on the sync thread (`{"dns": ...}` clusters and
+    /// Istio `outbound|PORT||HOST` names without static endpoints).
+    pub dns_clusters: BTreeMap<String, String>,
+    /// How often DNS clusters are re-resolved, in milliseconds.
+    pub dns_refresh_ms: u64,
+    /// Metadata-Center client settings.
+    pub metadata_center: MetadataCenter,
+}
+
+impl Config {
+    /// Balancing parameters of a model (defaults when it has no `lb_mapping_rule` entry).
+    pub fn lb_params(&self, model: &str) -> LbParams {
+        self.lb.get(model).copied().unwrap_or_default()
+    }
+}
+
+/// How an endpoint is named on the Metadata-Center wire (`ip` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointIdentity {
+    /// `ip:port` (default; several servers per IP stay apart).
+    IpPort,
+    /// The bare IP, as the origin's IPv4-only server requires (one server per IP).
+    Ip,
+}
+
+/// Metadata-Center client settings: the origin's environment variables, overridden by the
+/// config's `metadata_center` object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataCenter {
+    /// Report load and poll shared state (`METADATA_CENTER_ENABLED`, default false).
+    pub enabled: bool,
+    /// Server host name or IP (`METADATA_CENTER_HOST`, default localhost).
+    pub host: String,
+    /// Server port (`METADATA_CENTER_PORT`, default 8080).
+    pub port: u16,
+    /// Ask the server for remote cache matches before deciding (`METADATA_CENTER_CACHE_ENABLED`,
+    /// default false); only for `pick_async` / `pick_start` callers.
+    pub cache_enabled: bool,
+    /// Timeout of a remote cache lookup, ms (`METADATA_CENTER_TIMEOUT_MS`, default 100). A
+    /// lookup that waited this long in the queue decides from local data without asking.
+    pub timeout_ms: u64,
+    /// Threads making remote cache lookups in parallel (default 2).
+    pub lookup_threads: usize,
+    /// Timeout of a background report or poll, ms (`METADATA_CENTER_ASYNC_TIMEOUT_MS`, 500).
+    pub async_timeout_ms: u64,
+    /// Capacity of the event queue; events beyond it are dropped and counted
+    /// (`METADATA_CENTER_ASYNC_QUEUE_SIZE`, default 1000).
+    pub queue_size: usize,
+    /// Load polling period per active cluster, ms (default 50).
+    pub load_poll_ms: u64,
+    /// Remote load older than this is ignored and local counts are used, ms (default 1000).
+    pub load_stale_ms: u64,
+    /// Endpoint naming on the wire.
+    pub identity: EndpointIdentity,
+    /// Optional shared token sent as `Authorization: Bearer <token>`
+    /// (`METADATA_CENTER_AUTH_TOKEN`).
+    pub auth_token: Option<String>,
+}
+
+/// Default `metadata_center.lookup_threads`.
+pub const DEFAULT_LOOKUP_THREADS: usize = 2;
+/// Default `hash_chunk_bytes`.
+pub const DEFAULT_HASH_CHUNK_BYTES: usize = 512;
+/// Default `max_body_bytes` (8 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
+/// Default `prefix_index_capacity`.
+pub const DEFAULT_PREFIX_INDEX_CAPACITY: usize = 200_000;
+/// Default `cluster_header`.
+pub const DEFAULT_CLUSTER_HEADER: &str = "x-llmproxy-cluster";
+/// Default `metrics_path`.
+pub const DEFAULT_METRICS_PATH: &str = "/llmproxy/metrics";
+/// Default `intercept_paths`.
+pub const DEFAULT_INTERCEPT_PATHS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
+
+/// A configuration error: where (JSON path) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// JSON path of the offending field, e.g. `model_mapping_rule.m1.rules[0].backend`.
+    pub path: String,
+    /// Human-readable reason.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() || self.path == "." {
+            write!(f, "config: {}", self.reason)
+        } else {
+            write!(f, "config.{}: {}", self.path, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A [`ConfigError`] at `path`.
+pub(super) fn err(path: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        path: path.into(),
+        reason: reason.into(),
+    }
+}
+
+/// `value` when it lies within `range`, else the error "must be within LO–HI, got VALUE".
+pub(super) fn within<T>(
+    path: impl Into<String>,
+    value: T,
+    range: RangeInclusive<T>,
+) -> Result<T, ConfigError>
+where
+    T: PartialOrd + fmt::Display,
+{
+    if range.contains(&value) {
+        return Ok(value);
+    }
+    let (lo, hi) = range.into_inner();
+    Err(err(path, format!("must be within {lo}–{hi}, got {value}")))
+}

@@ -1,0 +1,415 @@
+//! Validation: the raw serde shapes become the public [`Config`], one function per config
+//! section, every error naming the JSON path of the field and the reason.
+//!
+//! [`validate`] checks the sections in a fixed order (the first error found is the one
+//! reported): protocol, algorithm, models and rules (`rules`), balancing
+//! parameters, clusters, host-facing options, ejection, DNS, Metadata-Center
+//! (`env`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+
+use super::env;
+use super::raw::{RawCluster, RawConfig, RawEjection, RawEndpoint, RawLbConfig};
+use super::rules::{self, header_unsafe, is_header_name};
+use super::types::{
+    err, within, Algorithm, Config, ConfigError, Ejection, EndpointSpec, LbParams, Rule,
+    DEFAULT_CLUSTER_HEADER, DEFAULT_HASH_CHUNK_BYTES, DEFAULT_INTERCEPT_PATHS,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_METRICS_PATH, DEFAULT_PREFIX_INDEX_CAPACITY,
+};
+
+/// Static endpoints and DNS names of the clusters.
+type Clusters = (
+    BTreeMap<String, Vec<EndpointSpec>>,
+    BTreeMap<String, String>,
+);
+
+/// Checks every section of `raw` and builds the config; `env` reads environment variables.
+pub(super) fn validate(
+    raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    protocol(raw.protocol.as_deref())?;
+    let algorithm = algorithm(raw.algorithm.as_deref())?;
+    let models = rules::models(raw.model_mapping_rule)?;
+    let lb = lb_mapping(raw.lb_mapping_rule)?;
+    let (clusters, mut dns_clusters) = clusters(raw.clusters)?;
+    let default_chunk = DEFAULT_HASH_CHUNK_BYTES as u64;
+    let hash_chunk_bytes = raw.hash_chunk_bytes.unwrap_or(default_chunk);
+    let hash_chunk_bytes = within("hash_chunk_bytes", hash_chunk_bytes, 16..=1 << 20)?;
+    let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    let max_body_bytes = within("max_body_bytes", max_body_bytes, 1024..=1 << 30)?;
+    let intercept_paths = intercept_paths(raw.intercept_paths)?;
+    let cluster_header = cluster_header(raw.cluster_header)?;
+    let metrics_path = metrics_path(raw.metrics_path)?;
+    let default_capacity = DEFAULT_PREFIX_INDEX_CAPACITY as u64;
+    let capacity = raw.prefix_index_capacity.unwrap_or(default_capacity);
+    let prefix_index_capacity = within("prefix_index_capacity", capacity, 1..=100_000_000)?;
+    let ejection = ejection(raw.ejection)?;
+    add_istio_dns_clusters(&models, &clusters, &mut dns_clusters);
+    let metadata_center = env::metadata_center(raw.metadata_center, env)?;
+
+    Ok(Config {
+        algorithm,
+        models,
+        lb,
+        clusters,
+        hash_chunk_bytes: hash_chunk_bytes as usize,
+        max_body_bytes,
+        intercept_paths,
+        strict_endpoint_override: raw.strict_endpoint_override.unwrap_or(true),
+        cluster_header,
+        metrics_path,
+        prefix_index_capacity: prefix_index_capacity as usize,
+        ejection,
+        log_enabled: raw.log.map(|l| l.enabled).unwrap_or(false),
+        dns_clusters,
+        dns_refresh_ms: raw.dns_refresh_ms.unwrap_or(5000).max(100),
+        metadata_center,
+    })
+}
+
+/// `protocol`: only `openai` (or nothing).
+fn protocol(protocol: Option<&str>) -> Result<(), ConfigError> {
+    match protocol {
+        None | Some("openai") => Ok(()),
+        Some(p) => Err(err(
+            "protocol",
+            format!("unsupported protocol {p:?} (expected \"openai\")"),
+        )),
+    }
+}
+
+/// `algorithm`: a known name, `inference_lb` when missing or empty.
+fn algorithm(name: Option<&str>) -> Result<Algorithm, ConfigError> {
+    match name {
+        None | Some("") => Ok(Algorithm::InferenceLb),
+        Some(name) => Algorithm::parse(name).ok_or_else(|| {
+            err(
+                "algorithm",
+                format!(
+                    "unknown algorithm {name:?} (expected one of {})",
+                    Algorithm::NAMES
+                ),
+            )
+        }),
+    }
+}
+
+/// `lb_mapping_rule`: model → parameters, missing fields taking the defaults.
+fn lb_mapping(
+    raw: BTreeMap<String, RawLbConfig>,
+) -> Result<HashMap<String, LbParams>, ConfigError> {
+    let mut lb = HashMap::new();
+    for (model, l) in raw {
+        let base = format!("lb_mapping_rule.{model}");
+        let d = LbParams::default();
+        let p = LbParams {
+            load_aware: l.load_aware_enable.unwrap_or(d.load_aware),
+            cache_aware: l.cache_aware_enable.unwrap_or(d.cache_aware),
+            candidate_percent: l.candidate_percent.unwrap_or(d.candidate_percent),
+            request_load_weight: l.request_load_weight.unwrap_or(d.request_load_weight),
+            prefill_load_weight: l.prefill_load_weight.unwrap_or(d.prefill_load_weight),
+            cache_ratio_weight: l.cache_radio_weight.unwrap_or(d.cache_ratio_weight),
+            decode_cost_chars: l.decode_cost_chars.unwrap_or(d.decode_cost_chars),
+        };
+        within(
+            format!("{base}.candidate_percent"),
+            p.candidate_percent,
+            0.0..=100.0,
+        )?;
+        for (name, w) in [
+            ("request_load_weight", p.request_load_weight),
+            ("prefill_load_weight", p.prefill_load_weight),
+            ("cache_radio_weight", p.cache_ratio_weight),
+            ("decode_cost_chars", p.decode_cost_chars),
+        ] {
+            if !(w >= 0.0 && w.is_finite()) {
+                return Err(err(
+                    format!("{base}.{name}"),
+                    format!("must be a non-negative number, got {w}"),
+                ));
+            }
+        }
+        lb.insert(model, p);
+    }
+    Ok(lb)
+}
+
+/// `clusters`: header-safe names, each with static endpoints or a DNS `host:port`.
+fn clusters(raw: BTreeMap<String, RawCluster>) -> Result<Clusters, ConfigError> {
+    let mut clusters = BTreeMap::new();
+    let mut dns_clusters = BTreeMap::new();
+    for (name, c) in raw {
+        let base = format!("clusters.{name}");
+        if name.is_empty() {
+            return Err(err(base, "cluster name must not be empty"));
+        }
+        if let Some(why) = header_unsafe(&name) {
+            return Err(err(base, format!("cluster name {why}")));
+        }
+        if let Some(dns) = c.dns {
+            if !c.endpoints.is_empty() {
+                return Err(err(base, "give either \"endpoints\" or \"dns\", not both"));
+            }
+            check_dns_target(&dns).map_err(|r| err(format!("{base}.dns"), r))?;
+            dns_clusters.insert(name, dns);
+            continue;
+        }
+        let mut eps = Vec::with_capacity(c.endpoints.len());
+        for (i, e) in c.endpoints.into_iter().enumerate() {
+            eps.push(endpoint(e, &format!("{base}.endpoints[{i}]"))?);
+        }
+        clusters.insert(name, eps);
+    }
+    Ok((clusters, dns_clusters))
+}
+
+/// One endpoint at `at`: `"ip:port"` or `{"address", "labels", "lora_adapters"}`.
+fn endpoint(e: RawEndpoint, at: &str) -> Result<EndpointSpec, ConfigError> {
+    Ok(match e {
+        RawEndpoint::Address(a) => EndpointSpec {
+            addr: parse_endpoint(&a).map_err(|r| err(at, r))?,
+            labels: BTreeMap::new(),
+            lora_adapters: Vec::new(),
+        },
+        RawEndpoint::Object(o) => EndpointSpec {
+            addr: parse_endpoint(&o.address).map_err(|r| err(format!("{at}.address"), r))?,
+            labels: o.labels,
+            lora_adapters: o.lora_adapters,
+        },
+    })
+}
+
+/// `intercept_paths`: absolute paths, the chat and completions paths when missing.
+fn intercept_paths(raw: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    let Some(paths) = raw else {
+        return Ok(Vec::from(DEFAULT_INTERCEPT_PATHS.map(String::from)));
+    };
+    for (i, p) in paths.iter().enumerate() {
+        if !p.starts_with('/') {
+            return Err(err(
+                format!("intercept_paths[{i}]"),
+                format!("must start with '/', got {p:?}"),
+            ));
+        }
+    }
+    Ok(paths)
+}
+
+/// `cluster_header`: a valid header name, lower-cased.
+fn cluster_header(raw: Option<String>) -> Result<String, ConfigError> {
+    let name = raw
+        .unwrap_or_else(|| DEFAULT_CLUSTER_HEADER.to_string())
+        .to_ascii_lowercase();
+    if !is_header_name(&name) {
+        return Err(err(
+            "cluster_header",
+            format!("not a valid header name: {name:?}"),
+        ));
+    }
+    Ok(name)
+}
+
+/// `metrics_path`: an absolute path, or "" to turn the metrics endpoint off.
+fn metrics_path(raw: Option<String>) -> Result<String, ConfigError> {
+    let path = raw.unwrap_or_else(|| DEFAULT_METRICS_PATH.to_string());
+    if !path.is_empty() && !path.starts_with('/') {
+        return Err(err(
+            "metrics_path",
+            format!("must start with '/' (or be \"\" to disable), got {path:?}"),
+        ));
+    }
+    Ok(path)
+}
+
+/// `ejection`: the defaults, overridden field by field.
+fn ejection(raw: Option<RawEjection>) -> Result<Ejection, ConfigError> {
+    let mut ejection = Ejection::default();
+    if let Some(e) = raw {
+        if let Some(n) = e.consecutive_failures {
+            ejection.consecutive_failures =
+                u32::try_from(n).map_err(|_| err("ejection.consecutive_failures", "too large"))?;
+        }
+        if let Some(ms) = e.eject_ms {
+            ejection.eject_ms = ms;
+        }
+    }
+    Ok(ejection)
+}
+
+/// Istio cluster names `outbound|PORT||HOST` resolve by DNS when nothing else lists them.
+fn add_istio_dns_clusters(
+    models: &BTreeMap<String, Vec<Rule>>,
+    clusters: &BTreeMap<String, Vec<EndpointSpec>>,
+    dns_clusters: &mut BTreeMap<String, String>,
+) {
+    for rule in models.values().flatten() {
+        if clusters.contains_key(&rule.cluster) || dns_clusters.contains_key(&rule.cluster) {
+            continue;
+        }
+        if let Some(target) = istio_dns_target(&rule.cluster) {
+            dns_clusters.insert(rule.cluster.clone(), target);
+        }
+    }
+}
+
+/// Checks a DNS cluster target `host:port`.
+fn check_dns_target(target: &str) -> Result<(), String> {
+    let (host, port) = target
+        .rsplit_once(':')
+        .ok_or_else(|| format!("must be \"host:port\", got {target:?}"))?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!("must be \"host:port\", got {target:?}"));
+    }
+    Ok(())
+}
+
+/// `outbound|8000||vllm.ns.svc.cluster.local` → `vllm.ns.svc.cluster.local:8000`.
+pub fn istio_dns_target(cluster: &str) -> Option<String> {
+    let mut parts = cluster.split('|');
+    let (dir, port, _subset, host) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || dir != "outbound" || host.is_empty() {
+        return None;
+    }
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    Some(format!("{host}:{port}"))
+}
+
+/// Parses an endpoint `ip:port` (IPv6 as `[addr]:port`); hostnames are rejected.
+pub fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|_| format!("endpoint must be \"ip:port\" with a literal IP, got {s:?}"))?;
+    if addr.port() == 0 {
+        return Err(format!("endpoint port must not be 0, got {s:?}"));
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::{assert_errors, parse};
+
+    const BASIC: &str = r#"{
+        "protocol": "openai",
+        "model_mapping_rule": {
+            "m1": {"rules": [
+                {"cluster": "c-default", "backend": "vllm"},
+                {"cluster": "c-gray", "backend": "vllm", "headers": [{"key": "X-Env", "value": "gray"}]}
+            ]}
+        },
+        "lb_mapping_rule": {"m1": {"candidate_percent": 20}},
+        "clusters": {"c-default": {"endpoints": ["127.0.0.1:8001", "[::1]:8002"]}}
+    }"#;
+
+    #[test]
+    fn parses_basic_config_with_defaults() {
+        let c = parse(BASIC).unwrap();
+        assert_eq!(c.algorithm, Algorithm::InferenceLb);
+        let rules = &c.models["m1"];
+        // The rule with a header condition sorts first.
+        assert_eq!(rules[0].cluster, "c-gray");
+        assert_eq!(rules[0].headers[0].key, "x-env");
+        assert_eq!(rules[1].cluster, "c-default");
+        // Missing lb fields take the documented defaults, not zero.
+        let p = c.lb_params("m1");
+        assert_eq!(p.candidate_percent, 20.0);
+        assert_eq!(p.cache_ratio_weight, 2.0);
+        assert_eq!(p.request_load_weight, 1.0);
+        assert_eq!(p.prefill_load_weight, 3.0);
+        assert!(p.load_aware && p.cache_aware);
+        assert_eq!(c.lb_params("other"), LbParams::default());
+        assert_eq!(c.clusters["c-default"].len(), 2);
+        assert_eq!(c.hash_chunk_bytes, 512);
+        assert_eq!(c.max_body_bytes, 8 << 20);
+        assert!(c.strict_endpoint_override);
+        assert_eq!(c.metrics_path, "/llmproxy/metrics");
+        assert_eq!(parse(r#"{"metrics_path": ""}"#).unwrap().metrics_path, "");
+        assert!(parse(r#"{"metrics_path": "metrics"}"#)
+            .unwrap_err()
+            .starts_with("config.metrics_path: must start with '/'"));
+    }
+
+    #[test]
+    fn endpoints_may_be_objects_with_labels_and_lora_adapters() {
+        let c = parse(r#"{"clusters": {"c": {"endpoints": ["127.0.0.1:1", {"address": "127.0.0.1:2", "labels": {"gpu": "h100"}, "lora_adapters": ["sql-lora"]}]}}}"#).unwrap();
+        assert_eq!(c.clusters["c"][1].labels["gpu"], "h100");
+        assert_eq!(c.clusters["c"][1].lora_adapters, vec!["sql-lora"]);
+        let e =
+            parse(r#"{"clusters": {"c": {"endpoints": [{"address": "host:1"}]}}}"#).unwrap_err();
+        assert!(
+            e.starts_with("config.clusters.c.endpoints[0].address: endpoint must be"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn dns_clusters_and_istio_names() {
+        let c = parse(
+            r#"{"model_mapping_rule": {"m": {"rules": [
+                {"cluster": "outbound|8000||vllm.llm.svc.cluster.local", "backend": "vllm"},
+                {"cluster": "named", "backend": "vllm", "headers": [{"key": "x", "value": "1"}]}]}},
+            "clusters": {"named": {"dns": "localhost:9000"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.dns_clusters["named"], "localhost:9000");
+        assert_eq!(
+            c.dns_clusters["outbound|8000||vllm.llm.svc.cluster.local"],
+            "vllm.llm.svc.cluster.local:8000"
+        );
+        assert_eq!(istio_dns_target("inbound|8000||x"), None);
+        assert_eq!(istio_dns_target("plain"), None);
+        let e = parse(r#"{"clusters": {"c": {"dns": "nohost"}}}"#).unwrap_err();
+        assert!(
+            e.starts_with("config.clusters.c.dns: must be \"host:port\""),
+            "{e}"
+        );
+        let e = parse(r#"{"clusters": {"c": {"dns": "h:1", "endpoints": ["127.0.0.1:1"]}}}"#)
+            .unwrap_err();
+        assert!(e.starts_with("config.clusters.c: give either"), "{e}");
+    }
+
+    #[test]
+    fn section_errors_name_path_and_reason() {
+        assert_errors(&[
+            (
+                r#"{"hash_chunk_bytes": 8}"#,
+                "config.hash_chunk_bytes: must be within 16–1048576, got 8",
+            ),
+            (
+                r#"{"max_body_bytes": 1023}"#,
+                "config.max_body_bytes: must be within 1024–1073741824, got 1023",
+            ),
+            (
+                r#"{"prefix_index_capacity": 0}"#,
+                "config.prefix_index_capacity: must be within 1–100000000, got 0",
+            ),
+            (
+                r#"{"lb_mapping_rule": {"m": {"candidate_percent": 100.5}}}"#,
+                "config.lb_mapping_rule.m.candidate_percent: must be within 0–100, got 100.5",
+            ),
+            (
+                r#"{"lb_mapping_rule": {"m1": {"candidate_percent": 150}}}"#,
+                "config.lb_mapping_rule.m1.candidate_percent: must be within 0–100",
+            ),
+            (
+                r#"{"clusters": {"c": {"endpoints": ["model-server:8000"]}}}"#,
+                "config.clusters.c.endpoints[0]: endpoint must be \"ip:port\"",
+            ),
+            (
+                r#"{"algorithm": "fastest"}"#,
+                "config.algorithm: unknown algorithm",
+            ),
+            (
+                r#"{"protocol": "grpc"}"#,
+                "config.protocol: unsupported protocol",
+            ),
+            (
+                r#"{"clusters": {"a\nb": {"endpoints": ["127.0.0.1:1"]}}}"#,
+                "config.clusters.a\nb: cluster name \"a\\nb\" cannot go into a request header",
+            ),
+        ]);
+    }
+}

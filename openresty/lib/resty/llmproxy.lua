@@ -131,6 +131,9 @@ void llmproxy_request_first_token(struct llmproxy_request *req);
 void llmproxy_request_finish(struct llmproxy_request *req, uint32_t upstream_status);
 void llmproxy_request_finish_outcome(struct llmproxy_request *req, uint32_t status,
                                      uint32_t outcome);
+size_t llmproxy_error_body(uint32_t http_status, const char *message, size_t message_len,
+                           char *out, size_t out_cap);
+uint32_t llmproxy_status_http(uint32_t status);
 ]]
 -- CDEF-END
 
@@ -191,6 +194,17 @@ local function lib()
         end
     end
     return C
+end
+
+-- The OpenAI error JSON the library renders for an HTTP status and a message (the same body
+-- as its own errors: one renderer for every host).
+function _M.error_body(http_status, message)
+    local C = lib()
+    message = message or ""
+    local n = tonumber(C.llmproxy_error_body(http_status, message, #message, nil, 0))
+    local buf = ffi_new("char[?]", n + 1)
+    C.llmproxy_error_body(http_status, message, #message, buf, n + 1)
+    return ffi_string(buf, n)
 end
 
 function _M.version()

@@ -23,6 +23,6 @@ fn checked_in_header_matches_cbindgen() {
     let checked_in = std::fs::read(&path).unwrap_or_default();
     assert!(
         checked_in == generated,
-        "include/llmproxy.h is out of date with src/ffi.rs: run `make header` and commit it"
+        "include/llmproxy.h is out of date with src/ffi/: run `make header` and commit it"
     );
 }

@@ -1,8 +1,10 @@
--- Unit tests of resty.llmproxy and resty.llmproxy.nginx run inside nginx's own LuaJIT
--- (init_by_lua of a throwaway `nginx -t`): test_lua_units.py checks the final marker.
+-- Unit tests of resty.llmproxy, resty.llmproxy.nginx and resty.llmproxy.metrics run inside
+-- nginx's own LuaJIT (init_by_lua of a throwaway `nginx -t`): test_lua_units.py checks the
+-- final marker.
 local lib_path = LLMPROXY_UNIT_LIB
 local llmproxy = require "resty.llmproxy"
 local gw = require "resty.llmproxy.nginx"
+local metrics = require "resty.llmproxy.metrics"
 
 local failures = 0
 local function check(cond, what)
@@ -121,13 +123,34 @@ check(rl:in_flight() == 0, "the late decision was finished by the library")
 rl:free()
 ffi.C.close(hang_fd)
 
--- nginx glue helpers
-local merged = gw._merge({
+-- metrics: per-worker texts merged, every sample labelled with its worker
+local merged = metrics._merge({
     { pid = "11", text = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\"} 3\n# HELP b B.\n# TYPE b gauge\nb 1\n" },
     { pid = "12", text = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\"} 4\n# HELP b B.\n# TYPE b gauge\nb 2\n" },
 })
 check(merged == '# HELP a_total A.\n# TYPE a_total counter\na_total{worker="11",x="1"} 3\na_total{worker="12",x="1"} 4\n'
     .. '# HELP b B.\n# TYPE b gauge\nb{worker="11"} 1\nb{worker="12"} 2\n', "merge:\n" .. merged)
+check(gw.metrics == metrics.handler, "the phase handlers' metrics location is the metrics module's")
+check(metrics.counters.intercepted == 0 and metrics.counters.outcome_local == 0, "counters start at 0")
+-- a worker's snapshot: its router's text, then the phase handlers' counters and its state
+local wr = assert(llmproxy.new(cfg))
+metrics.counters.retries = 2
+metrics.configure({ shm = false }, function() return wr, 3, 12.25 end)
+local snap = metrics._worker_text()
+local router_at = snap:find("\nllmproxy_in_flight_requests 0\n", 1, true)
+check(router_at and router_at < snap:find("# HELP llmproxy_nginx_requests_total", 1, true),
+    "snapshot: the router's metrics, then the counters")
+check(snap:find("\nllmproxy_nginx_retries_total 2\n", 1, true) ~= nil, "snapshot has the counters")
+check(snap:find("\nllmproxy_nginx_pending_requests 3\n", 1, true) ~= nil, "snapshot has the pending decisions")
+check(snap:find("\nllmproxy_nginx_worker_start_time_seconds 12.250\n", 1, true) ~= nil, "snapshot has the start time")
+metrics.configure({ shm = false })
+snap = metrics._worker_text()
+check(snap:find("# HELP llmproxy_nginx_requests_total", 1, true) == 1, "without a router: the counters only")
+check(snap:find("\nllmproxy_nginx_pending_requests 0\n", 1, true) ~= nil, "without a state: nothing pending")
+metrics.counters.retries = 0
+wr:free()
+
+-- nginx glue helpers
 check(gw.error_json('say "hi"\n', "t", "c") ==
     '{"error":{"code":"c","message":"say \\"hi\\"\\n","param":null,"type":"t"}}', "json escaping")
 

@@ -7,9 +7,10 @@
 
 CXX           ?= g++
 ENVOY_MODULE  := $(BUILD_DIR)/libllmproxy_envoy.so
-ENVOY_SHIM_SRC  := cpp_shim/llmproxy_envoy.cc
-ENVOY_SHIM_DEPS := $(ENVOY_SHIM_SRC) cpp_shim/envoy_dynamic_module_abi.h cpp_shim/llmproxy_envoy_internal.h \
-                   include/llmproxy.h
+# The shim is every .cc of cpp_shim/ (layout in docs/envoy.md); each object depends on every header.
+ENVOY_SHIM_SRCS := $(sort $(wildcard cpp_shim/*.cc))
+ENVOY_SHIM_HDRS := $(wildcard cpp_shim/*.h) include/llmproxy.h
+ENVOY_SHIM_OBJS := $(patsubst cpp_shim/%.cc,$(BUILD_DIR)/envoy_shim/%.o,$(ENVOY_SHIM_SRCS))
 ENVOY_CXXFLAGS  := -std=c++17 -O2 -g -fPIC -fvisibility=hidden -fvisibility-inlines-hidden \
                    -Wall -Wextra -Werror -Iinclude -Icpp_shim
 # What a Rust staticlib needs from the system (rustc --print native-static-libs).
@@ -23,14 +24,14 @@ ENVOY_TEST_ENV  := LLMPROXY_BUILD_DIR=$(abspath $(BUILD_DIR)) LLMPROXY_ENVOY=$(a
 envoy-module: build
 	@$(MAKE) --no-print-directory $(ENVOY_MODULE)
 
-$(BUILD_DIR)/llmproxy_envoy.o: $(ENVOY_SHIM_DEPS)
-	@mkdir -p $(BUILD_DIR)
-	$(CXX) $(ENVOY_CXXFLAGS) -c $(ENVOY_SHIM_SRC) -o $@
+$(BUILD_DIR)/envoy_shim/%.o: cpp_shim/%.cc $(ENVOY_SHIM_HDRS)
+	@mkdir -p $(dir $@)
+	$(CXX) $(ENVOY_CXXFLAGS) -c $< -o $@
 
 # Statically links libstdc++/libgcc so the module only needs libc on the Envoy host; the version
 # script hides everything but envoy_dynamic_module_on_*; debug info is stripped.
-$(ENVOY_MODULE): $(BUILD_DIR)/llmproxy_envoy.o $(BUILD_DIR)/libllmproxy.a cpp_shim/exports.map
-	$(CXX) -shared -o $@ $(BUILD_DIR)/llmproxy_envoy.o $(BUILD_DIR)/libllmproxy.a \
+$(ENVOY_MODULE): $(ENVOY_SHIM_OBJS) $(BUILD_DIR)/libllmproxy.a cpp_shim/exports.map
+	$(CXX) -shared -o $@ $(ENVOY_SHIM_OBJS) $(BUILD_DIR)/libllmproxy.a \
 	  -static-libstdc++ -static-libgcc -Wl,--version-script=cpp_shim/exports.map -Wl,--gc-sections \
 	  -Wl,-z,relro -Wl,-S $(ENVOY_RUST_LIBS)
 	@n=$$(nm -D --defined-only $@ | grep -vc ' envoy_dynamic_module_on_'); \
@@ -44,17 +45,18 @@ ENVOY_SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-
 ENVOY_SAN_CXX = $(shell scripts/sanitizer-cc.sh c++)
 ENVOY_FAKE_HOST_WRAPS := -Wl,--wrap=llmproxy_pick_async -Wl,--wrap=llmproxy_request_finish_outcome \
                          -Wl,--wrap=llmproxy_router_pick_deadline_ms
-$(ENVOY_FAKE_HOST): tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_DEPS) $(BUILD_DIR)/libllmproxy.a scripts/sanitizer-cc.sh
+$(ENVOY_FAKE_HOST): tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_SRCS) $(ENVOY_SHIM_HDRS) $(BUILD_DIR)/libllmproxy.a \
+                   scripts/sanitizer-cc.sh
 	$(ENVOY_SAN_CXX) -std=c++17 -O1 -g $(ENVOY_SAN) -Wall -Wextra -Werror -Iinclude -Icpp_shim \
-	  tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_SRC) $(BUILD_DIR)/libllmproxy.a \
+	  tests/envoy/fake_host/fake_host.cc $(ENVOY_SHIM_SRCS) $(BUILD_DIR)/libllmproxy.a \
 	  $(ENVOY_FAKE_HOST_WRAPS) $(ENVOY_RUST_LIBS) -o $@
 
 # Test-only variant of the module whose picks are all PENDING (tests/envoy/pending_wrap.cc), so
 # the e2e tests drive the Envoy scheduler path (and the shim's pick deadline) in a real Envoy.
 ENVOY_PENDING_MODULE := $(BUILD_DIR)/test-pending/libllmproxy_envoy.so
-$(ENVOY_PENDING_MODULE): $(BUILD_DIR)/llmproxy_envoy.o tests/envoy/pending_wrap.cc $(BUILD_DIR)/libllmproxy.a cpp_shim/exports.map
+$(ENVOY_PENDING_MODULE): $(ENVOY_SHIM_OBJS) tests/envoy/pending_wrap.cc $(BUILD_DIR)/libllmproxy.a cpp_shim/exports.map
 	@mkdir -p $(dir $@)
-	$(CXX) $(ENVOY_CXXFLAGS) -shared -o $@ $(BUILD_DIR)/llmproxy_envoy.o tests/envoy/pending_wrap.cc \
+	$(CXX) $(ENVOY_CXXFLAGS) -shared -o $@ $(ENVOY_SHIM_OBJS) tests/envoy/pending_wrap.cc \
 	  $(BUILD_DIR)/libllmproxy.a -Wl,--wrap=llmproxy_pick_async -Wl,--wrap=llmproxy_router_pick_deadline_ms \
 	  -static-libstdc++ -static-libgcc \
 	  -Wl,--version-script=cpp_shim/exports.map -Wl,--gc-sections $(ENVOY_RUST_LIBS)

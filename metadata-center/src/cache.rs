@@ -644,8 +644,9 @@ impl CachePool {
 
     /// Evict the least recently used nodes over all trees (oldest node first) until the memory
     /// budget is back under its low watermark or the cache is empty. Trees left empty are
-    /// dropped. Returns the number of nodes evicted.
-    pub fn shrink_for_budget(&self, budget: &MemoryBudget) -> usize {
+    /// dropped. Returns the number of nodes evicted. (When to call it: `crate::memory`.)
+    pub fn shrink_for_budget(&self) -> usize {
+        let budget = &*self.budget;
         let mut evicted = 0;
         while budget.above_target() {
             // The tree holding the oldest node, and the age of the runner-up, so one pass can

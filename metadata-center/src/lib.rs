@@ -8,6 +8,7 @@ pub mod endpoint;
 pub mod envelope;
 pub mod listener;
 pub mod load;
+pub mod memory;
 pub mod metrics;
 pub mod replica;
 pub mod server;

@@ -200,8 +200,10 @@ impl LoadStore {
 
     /// Evict the oldest request or the least recently touched cluster (whichever was touched
     /// longer ago) until the memory budget is back under its low watermark or the store is
-    /// empty. Evictions do not refresh anything. Returns (requests, clusters) evicted.
-    pub fn shrink_for_budget(&self, budget: &MemoryBudget) -> (usize, usize) {
+    /// empty. Evictions do not refresh anything. Returns (requests, clusters) evicted. (When to
+    /// call it: `crate::memory`.)
+    pub fn shrink_for_budget(&self) -> (usize, usize) {
+        let budget = &*self.budget;
         let mut g = self.inner.lock();
         let inner = &mut *g;
         let (mut requests, mut clusters) = (0, 0);

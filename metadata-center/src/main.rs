@@ -15,6 +15,7 @@ use llmproxy_metadata_center::cache::CachePool;
 use llmproxy_metadata_center::config::{self, Settings};
 use llmproxy_metadata_center::listener::{BoundedListener, ConnHandle};
 use llmproxy_metadata_center::load::{LoadStore, Retrier, Stamp};
+use llmproxy_metadata_center::memory::Evictor;
 use llmproxy_metadata_center::metrics::Metrics;
 use llmproxy_metadata_center::replica::{self, Replicator, ReplicatorConfig};
 use llmproxy_metadata_center::server::{self, AppState, Connections, LogReload};
@@ -235,6 +236,7 @@ async fn run(s: Settings) -> Result<(), String> {
     let budget = Arc::new(MemoryBudget::from_mb(s.max_memory_mb));
     let load = Arc::new(LoadStore::with_budget(s.load.clone(), budget.clone()));
     let cache = Arc::new(CachePool::with_budget(s.cache.clone(), budget.clone()));
+    let memory = Evictor::new(budget, load.clone(), cache.clone());
     let retrier = Retrier::start(load.clone(), s.retry_queue_size, Duration::from_secs(1));
     let instance_id = uuid::Uuid::new_v4().to_string();
 
@@ -315,7 +317,7 @@ async fn run(s: Settings) -> Result<(), String> {
         settings: s,
         load,
         cache,
-        budget,
+        memory,
         connections: Some(connections),
         retrier,
         replicator,

@@ -14,7 +14,6 @@ use axum::{Extension, Router};
 use serde::{Deserialize, Serialize};
 use tracing::level_filters::LevelFilter;
 
-use crate::budget::{self, MemoryBudget};
 use crate::cache::CachePool;
 use crate::config::Settings;
 use crate::endpoint::Endpoint;
@@ -23,6 +22,7 @@ use crate::envelope::{
 };
 use crate::listener::{ConnCounters, ConnHandle};
 use crate::load::{AddRequest, LoadStore, Retrier, RetryKind, Stamp};
+use crate::memory::Evictor;
 use crate::metrics::{get as load_counter, Families, Metrics};
 use crate::replica::{self, Event, Replicator};
 
@@ -32,8 +32,8 @@ pub struct AppState {
     pub settings: Settings,
     pub load: Arc<LoadStore>,
     pub cache: Arc<CachePool>,
-    /// Shared by `load` and `cache`.
-    pub budget: Arc<MemoryBudget>,
+    /// The memory budget shared by `load` and `cache`, and its eviction order.
+    pub memory: Evictor,
     /// The listener's counters and its free connection slots (for metrics).
     pub connections: Option<Connections>,
     pub retrier: Retrier,
@@ -500,7 +500,7 @@ fn apply_add(st: &AppState, r: &InferenceRequest) -> Result<(), ApiError> {
         },
         Stamp::now(),
     );
-    budget::enforce(&st.budget, &st.load, &st.cache);
+    st.memory.enforce();
     Ok(())
 }
 
@@ -633,7 +633,7 @@ async fn cache_save(State(st): St, Extension(t): Extension<TraceId>, body: Bytes
         ep,
         Stamp::now().mono,
     );
-    budget::enforce(&st.budget, &st.load, &st.cache);
+    st.memory.enforce();
     envelope::ok(&t.0, ())
 }
 
@@ -894,7 +894,7 @@ pub fn render_metrics(st: &AppState) -> String {
         "Cache trees evicted by the cluster cap",
         &[("", load_counter(&cc.evicted_clusters))],
     );
-    let b = &st.budget;
+    let b = st.memory.budget();
     f.family(
         "metadata_center_memory_budget_bytes",
         "gauge",

@@ -259,7 +259,7 @@ async fn run(s: Settings) -> Result<(), String> {
             s.replica_target_port,
             s.pod_ip,
             s.dns_lookup_interval,
-            metrics.clone(),
+            metrics.dns_lookup_hosts.clone(),
         ));
     }
     let replicator = Some(rep);

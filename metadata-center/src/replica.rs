@@ -218,6 +218,7 @@ async fn worker(
 
 /// Peer discovery: static peers plus, when `svc_host` is set, its DNS A/AAAA records on
 /// `target_port`, minus `pod_ip`. Re-resolved every `interval`; a failed lookup keeps the old set.
+/// The peers found are shown in `dns_hosts` (the `dns_lookup_hosts{domain,host}` gauge).
 pub async fn discovery_loop(
     rep: Arc<Replicator>,
     static_peers: Vec<String>,
@@ -225,7 +226,7 @@ pub async fn discovery_loop(
     target_port: u16,
     pod_ip: Option<IpAddr>,
     interval: Duration,
-    metrics: Arc<crate::metrics::Metrics>,
+    dns_hosts: prometheus::IntGaugeVec,
 ) {
     let base: BTreeSet<String> = static_peers.into_iter().collect();
     let mut dns: BTreeSet<String> = BTreeSet::new();
@@ -238,12 +239,9 @@ pub async fn discovery_loop(
                         .map(|a| a.to_string())
                         .collect();
                     if found != dns {
-                        metrics.dns_lookup_hosts.reset();
+                        dns_hosts.reset();
                         for a in &found {
-                            metrics
-                                .dns_lookup_hosts
-                                .with_label_values(&[host, a])
-                                .set(1);
+                            dns_hosts.with_label_values(&[host, a]).set(1);
                         }
                         dns = found;
                     }

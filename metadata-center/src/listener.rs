@@ -41,6 +41,21 @@ pub struct ConnCounters {
     pub header_timeouts: AtomicU64,
 }
 
+/// What the metrics read of a listener: its deadline counters and how many connections are open.
+pub struct Connections {
+    pub counters: Arc<ConnCounters>,
+    /// Free connection slots.
+    pub free: Arc<Semaphore>,
+    pub max: usize,
+}
+
+impl Connections {
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.max.saturating_sub(self.free.available_permits())
+    }
+}
+
 pub struct BoundedListener {
     inner: TcpListener,
     permits: Arc<Semaphore>,
@@ -79,6 +94,15 @@ impl BoundedListener {
 
     pub fn counters(&self) -> Arc<ConnCounters> {
         self.counters.clone()
+    }
+
+    /// The counters and free slots, for the metrics.
+    pub fn connections(&self) -> Connections {
+        Connections {
+            counters: self.counters(),
+            free: self.open_connections(),
+            max: self.max_connections(),
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use llmproxy_metadata_center::load::{LoadStore, Retrier, Stamp};
 use llmproxy_metadata_center::memory::Evictor;
 use llmproxy_metadata_center::metrics::Metrics;
 use llmproxy_metadata_center::replica::{self, Replicator, ReplicatorConfig};
-use llmproxy_metadata_center::server::{self, AppState, Connections, LogReload};
+use llmproxy_metadata_center::server::{self, AppState, LogReload};
 
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -225,11 +225,7 @@ async fn run(s: Settings) -> Result<(), String> {
         s.idle_timeout,
         s.header_timeout,
     );
-    let connections = Connections {
-        counters: listener.counters(),
-        free: listener.open_connections(),
-        max: listener.max_connections(),
-    };
+    let connections = listener.connections();
 
     let version = env!("CARGO_PKG_VERSION");
     let metrics = Arc::new(Metrics::new(version).map_err(|e| format!("metrics: {e}"))?);

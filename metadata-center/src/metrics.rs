@@ -1,6 +1,11 @@
 //! Prometheus metrics: the origin's metric names where they apply (with the status-code label
 //! recorded after the handler ran, fixing the origin's always-200 bug), process metrics, and
 //! this server's own counters (`metadata_center_*`: evictions, GC, retries, replication).
+//!
+//! This file owns the registry (`Metrics`, the families the HTTP layer and replication update)
+//! and the rendering of a scrape (`Metrics::render`): the per-engine gauges rebuilt from the load
+//! store, then the `metadata_center_*` families read from the stores', the budget's, the
+//! listener's and the replicator's counters (`Sources`). The `GET /metrics` handler only calls it.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +14,24 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+
+use crate::budget::MemoryBudget;
+use crate::cache::CachePool;
+use crate::listener::Connections;
+use crate::load::{LoadStore, Retrier};
+use crate::replica::Replicator;
+
+/// What a scrape reads besides the registry: the live state behind the gauges and the other
+/// modules' counters.
+pub struct Sources<'a> {
+    pub load: &'a LoadStore,
+    pub cache: &'a CachePool,
+    pub budget: &'a MemoryBudget,
+    pub retrier: &'a Retrier,
+    /// The listener's counters (absent when the router is served without `BoundedListener`).
+    pub connections: Option<&'a Connections>,
+    pub replicator: Option<&'a Replicator>,
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -24,7 +47,7 @@ pub struct Metrics {
     /// Requests answered 408 because the body did not arrive within `HTTP.BodyTimeout`.
     pub body_timeouts: AtomicU64,
     /// Scrapes rebuild the per-engine gauges; one at a time so none sees a half-built set.
-    pub render_lock: parking_lot::Mutex<()>,
+    render_lock: parking_lot::Mutex<()>,
 }
 
 impl Metrics {
@@ -110,7 +133,7 @@ impl Metrics {
     }
 
     /// Prometheus text: the registry, then `extra` (already formatted families).
-    pub fn render(&self, extra: &str) -> String {
+    fn encode(&self, extra: &str) -> String {
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics encoding failed");
@@ -118,6 +141,226 @@ impl Metrics {
         let mut s = String::from_utf8_lossy(&buf).into_owned();
         s.push_str(extra);
         s
+    }
+
+    /// The whole `/metrics` text: the registry (with the per-engine gauges rebuilt from the load
+    /// store's live state) and this server's own families, read from `s` at scrape time.
+    pub fn render(&self, s: &Sources<'_>) -> String {
+        let m = self;
+        let _one_at_a_time = m.render_lock.lock();
+        m.model_engine_count.reset();
+        m.queued_num.reset();
+        m.prompt_length.reset();
+        let (clusters, omitted) = s.load.snapshot(s.load.config().max_engine_series);
+        for (cluster, engines) in clusters {
+            m.model_engine_count
+                .with_label_values(&[&cluster])
+                .set(engines.len() as i64);
+            for e in engines {
+                m.queued_num
+                    .with_label_values(&[&cluster, &e.ip])
+                    .set(i64::from(e.queued_req_num));
+                m.prompt_length
+                    .with_label_values(&[&cluster, &e.ip])
+                    .set(i64::from(e.prompt_length));
+            }
+        }
+        let lc = &s.load.counters;
+        let cc = &s.cache.counters;
+        let mut f = Families::default();
+        f.family(
+            "metadata_center_load_requests",
+            "gauge",
+            "Requests tracked",
+            &[("", s.load.request_count() as u64)],
+        );
+        f.family(
+            "metadata_center_load_clusters",
+            "gauge",
+            "Clusters tracked",
+            &[("", s.load.cluster_count() as u64)],
+        );
+        f.family(
+            "metadata_center_metrics_engines_omitted",
+            "gauge",
+            "Engines left out of the per-engine metrics (Load.MaxEngineSeries)",
+            &[("", omitted as u64)],
+        );
+        f.family(
+            "metadata_center_load_events_total",
+            "counter",
+            "Load API outcomes",
+            &[
+                ("event=\"added\"", get(&lc.added)),
+                ("event=\"duplicate\"", get(&lc.duplicates)),
+                ("event=\"deleted\"", get(&lc.deleted)),
+                ("event=\"prompt_released\"", get(&lc.prompt_released)),
+                ("event=\"miss\"", get(&lc.misses)),
+            ],
+        );
+        f.family(
+            "metadata_center_load_expired_total",
+            "counter",
+            "Entries removed by the load GC (TTL)",
+            &[
+                ("kind=\"request\"", get(&lc.expired_requests)),
+                ("kind=\"engine\"", get(&lc.expired_engines)),
+                ("kind=\"cluster\"", get(&lc.expired_clusters)),
+            ],
+        );
+        f.family(
+            "metadata_center_load_evicted_total",
+            "counter",
+            "Entries evicted by the capacity bounds",
+            &[
+                ("kind=\"request\"", get(&lc.evicted_requests)),
+                ("kind=\"engine\"", get(&lc.evicted_engines)),
+                ("kind=\"cluster\"", get(&lc.evicted_clusters)),
+            ],
+        );
+        f.family(
+            "metadata_center_delete_retries_total",
+            "counter",
+            "Delayed retries of deletes that found no request",
+            &[
+                ("result=\"hit\"", get(&s.retrier.retried_hit)),
+                ("result=\"miss\"", get(&s.retrier.retried_miss)),
+                ("result=\"dropped\"", get(&s.retrier.dropped)),
+            ],
+        );
+        f.family(
+            "metadata_center_delete_retries_pending",
+            "gauge",
+            "Retries waiting",
+            &[("", s.retrier.pending() as u64)],
+        );
+        let (nodes, entries) = s.cache.totals();
+        f.family(
+            "metadata_center_cache_clusters",
+            "gauge",
+            "Cache trees",
+            &[("", s.cache.cluster_count() as u64)],
+        );
+        f.family(
+            "metadata_center_cache_nodes",
+            "gauge",
+            "Radix nodes over all trees",
+            &[("", nodes as u64)],
+        );
+        f.family(
+            "metadata_center_cache_entries",
+            "gauge",
+            "Budgeted entries over all trees",
+            &[("", entries as u64)],
+        );
+        f.family(
+            "metadata_center_cache_ops_total",
+            "counter",
+            "Cache operations",
+            &[
+                ("op=\"save\"", get(&cc.saves)),
+                ("op=\"query\"", get(&cc.queries)),
+                ("op=\"query_hit\"", get(&cc.query_hits)),
+            ],
+        );
+        f.family(
+            "metadata_center_cache_removed_nodes_total",
+            "counter",
+            "Radix nodes removed",
+            &[
+                ("reason=\"expired\"", get(&cc.expired_nodes)),
+                ("reason=\"evicted\"", get(&cc.evicted_nodes)),
+            ],
+        );
+        f.family(
+            "metadata_center_cache_evicted_clusters_total",
+            "counter",
+            "Cache trees evicted by the cluster cap",
+            &[("", get(&cc.evicted_clusters))],
+        );
+        let b = s.budget;
+        f.family(
+            "metadata_center_memory_budget_bytes",
+            "gauge",
+            "Memory budget for the load and cache stores (Memory.MaxMemoryMB)",
+            &[("", b.limit())],
+        );
+        f.family(
+            "metadata_center_memory_estimated_bytes",
+            "gauge",
+            "Estimated bytes held by the stores, counted against the budget",
+            &[
+                ("store=\"load\"", b.load_bytes()),
+                ("store=\"cache\"", b.cache_bytes()),
+            ],
+        );
+        f.family(
+            "metadata_center_memory_evicted_total",
+            "counter",
+            "Entries evicted to stay within the memory budget",
+            &[
+                ("kind=\"cache_node\"", get(&b.counters.cache_nodes)),
+                ("kind=\"cache_cluster\"", get(&b.counters.cache_clusters)),
+                ("kind=\"request\"", get(&b.counters.requests)),
+                ("kind=\"cluster\"", get(&b.counters.clusters)),
+            ],
+        );
+        if let Some(c) = s.connections {
+            f.family(
+                "metadata_center_connections_open",
+                "gauge",
+                "Open client connections",
+                &[("", c.open() as u64)],
+            );
+            f.family(
+                "metadata_center_connections_closed_total",
+                "counter",
+                "Connections closed by a server deadline",
+                &[
+                    ("reason=\"idle\"", get(&c.counters.idle_closed)),
+                    (
+                        "reason=\"header_timeout\"",
+                        get(&c.counters.header_timeouts),
+                    ),
+                    ("reason=\"body_timeout\"", get(&m.body_timeouts)),
+                ],
+            );
+        }
+        f.family(
+            "metadata_center_auth_failures_total",
+            "counter",
+            "Rejected by the token check",
+            &[("", get(&m.auth_failures))],
+        );
+        if let Some(rep) = s.replicator {
+            let c = &rep.counters;
+            f.family(
+                "metadata_center_replication_events_total",
+                "counter",
+                "Replication events",
+                &[
+                    ("result=\"sent\"", get(&c.sent)),
+                    ("result=\"failed\"", get(&c.failed)),
+                    ("result=\"retried\"", get(&c.retried)),
+                    ("result=\"dropped\"", get(&c.dropped)),
+                    ("result=\"skipped_self\"", get(&c.skipped_self)),
+                    ("result=\"received\"", get(&c.received)),
+                ],
+            );
+            f.family(
+                "metadata_center_replication_queued",
+                "gauge",
+                "Events waiting in peer queues",
+                &[("", rep.queued() as u64)],
+            );
+            f.family(
+                "metadata_center_replication_peers",
+                "gauge",
+                "Known peers",
+                &[("", rep.peer_list().len() as u64)],
+            );
+        }
+        m.encode(&f.into_string())
     }
 }
 

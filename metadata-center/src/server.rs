@@ -20,10 +20,10 @@ use crate::endpoint::Endpoint;
 use crate::envelope::{
     self, decode, validation_error, ApiError, WireRequest, CODE_INTERNAL, CODE_UNAUTHORIZED,
 };
-use crate::listener::{ConnCounters, ConnHandle};
+use crate::listener::{ConnHandle, Connections};
 use crate::load::{AddRequest, LoadStore, Retrier, RetryKind, Stamp};
 use crate::memory::Evictor;
-use crate::metrics::{get as load_counter, Families, Metrics};
+use crate::metrics::{Metrics, Sources};
 use crate::replica::{self, Event, Replicator};
 
 pub type LogReload = Box<dyn Fn(LevelFilter) -> Result<(), String> + Send + Sync>;
@@ -43,10 +43,18 @@ pub struct AppState {
     pub instance_id: String,
 }
 
-pub struct Connections {
-    pub counters: Arc<ConnCounters>,
-    pub free: Arc<tokio::sync::Semaphore>,
-    pub max: usize,
+impl AppState {
+    /// What a metrics scrape reads.
+    pub fn sources(&self) -> Sources<'_> {
+        Sources {
+            load: &self.load,
+            cache: &self.cache,
+            budget: self.memory.budget(),
+            retrier: &self.retrier,
+            connections: self.connections.as_ref(),
+            replicator: self.replicator.as_deref(),
+        }
+    }
 }
 
 type St = State<Arc<AppState>>;
@@ -747,7 +755,7 @@ async fn health(Extension(t): Extension<TraceId>) -> Response {
 
 async fn metrics(State(st): St) -> Response {
     let st2 = st.clone();
-    let text = tokio::task::spawn_blocking(move || render_metrics(&st2))
+    let text = tokio::task::spawn_blocking(move || st2.metrics.render(&st2.sources()))
         .await
         .unwrap_or_default();
     let mut resp = (StatusCode::OK, text).into_response();
@@ -756,230 +764,6 @@ async fn metrics(State(st): St) -> Response {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     resp
-}
-
-pub fn render_metrics(st: &AppState) -> String {
-    let m = &st.metrics;
-    let _one_at_a_time = m.render_lock.lock();
-    m.model_engine_count.reset();
-    m.queued_num.reset();
-    m.prompt_length.reset();
-    let (clusters, omitted) = st.load.snapshot(st.load.config().max_engine_series);
-    for (cluster, engines) in clusters {
-        m.model_engine_count
-            .with_label_values(&[&cluster])
-            .set(engines.len() as i64);
-        for e in engines {
-            m.queued_num
-                .with_label_values(&[&cluster, &e.ip])
-                .set(i64::from(e.queued_req_num));
-            m.prompt_length
-                .with_label_values(&[&cluster, &e.ip])
-                .set(i64::from(e.prompt_length));
-        }
-    }
-    let lc = &st.load.counters;
-    let cc = &st.cache.counters;
-    let mut f = Families::default();
-    f.family(
-        "metadata_center_load_requests",
-        "gauge",
-        "Requests tracked",
-        &[("", st.load.request_count() as u64)],
-    );
-    f.family(
-        "metadata_center_load_clusters",
-        "gauge",
-        "Clusters tracked",
-        &[("", st.load.cluster_count() as u64)],
-    );
-    f.family(
-        "metadata_center_metrics_engines_omitted",
-        "gauge",
-        "Engines left out of the per-engine metrics (Load.MaxEngineSeries)",
-        &[("", omitted as u64)],
-    );
-    f.family(
-        "metadata_center_load_events_total",
-        "counter",
-        "Load API outcomes",
-        &[
-            ("event=\"added\"", load_counter(&lc.added)),
-            ("event=\"duplicate\"", load_counter(&lc.duplicates)),
-            ("event=\"deleted\"", load_counter(&lc.deleted)),
-            (
-                "event=\"prompt_released\"",
-                load_counter(&lc.prompt_released),
-            ),
-            ("event=\"miss\"", load_counter(&lc.misses)),
-        ],
-    );
-    f.family(
-        "metadata_center_load_expired_total",
-        "counter",
-        "Entries removed by the load GC (TTL)",
-        &[
-            ("kind=\"request\"", load_counter(&lc.expired_requests)),
-            ("kind=\"engine\"", load_counter(&lc.expired_engines)),
-            ("kind=\"cluster\"", load_counter(&lc.expired_clusters)),
-        ],
-    );
-    f.family(
-        "metadata_center_load_evicted_total",
-        "counter",
-        "Entries evicted by the capacity bounds",
-        &[
-            ("kind=\"request\"", load_counter(&lc.evicted_requests)),
-            ("kind=\"engine\"", load_counter(&lc.evicted_engines)),
-            ("kind=\"cluster\"", load_counter(&lc.evicted_clusters)),
-        ],
-    );
-    f.family(
-        "metadata_center_delete_retries_total",
-        "counter",
-        "Delayed retries of deletes that found no request",
-        &[
-            ("result=\"hit\"", load_counter(&st.retrier.retried_hit)),
-            ("result=\"miss\"", load_counter(&st.retrier.retried_miss)),
-            ("result=\"dropped\"", load_counter(&st.retrier.dropped)),
-        ],
-    );
-    f.family(
-        "metadata_center_delete_retries_pending",
-        "gauge",
-        "Retries waiting",
-        &[("", st.retrier.pending() as u64)],
-    );
-    let (nodes, entries) = st.cache.totals();
-    f.family(
-        "metadata_center_cache_clusters",
-        "gauge",
-        "Cache trees",
-        &[("", st.cache.cluster_count() as u64)],
-    );
-    f.family(
-        "metadata_center_cache_nodes",
-        "gauge",
-        "Radix nodes over all trees",
-        &[("", nodes as u64)],
-    );
-    f.family(
-        "metadata_center_cache_entries",
-        "gauge",
-        "Budgeted entries over all trees",
-        &[("", entries as u64)],
-    );
-    f.family(
-        "metadata_center_cache_ops_total",
-        "counter",
-        "Cache operations",
-        &[
-            ("op=\"save\"", load_counter(&cc.saves)),
-            ("op=\"query\"", load_counter(&cc.queries)),
-            ("op=\"query_hit\"", load_counter(&cc.query_hits)),
-        ],
-    );
-    f.family(
-        "metadata_center_cache_removed_nodes_total",
-        "counter",
-        "Radix nodes removed",
-        &[
-            ("reason=\"expired\"", load_counter(&cc.expired_nodes)),
-            ("reason=\"evicted\"", load_counter(&cc.evicted_nodes)),
-        ],
-    );
-    f.family(
-        "metadata_center_cache_evicted_clusters_total",
-        "counter",
-        "Cache trees evicted by the cluster cap",
-        &[("", load_counter(&cc.evicted_clusters))],
-    );
-    let b = st.memory.budget();
-    f.family(
-        "metadata_center_memory_budget_bytes",
-        "gauge",
-        "Memory budget for the load and cache stores (Memory.MaxMemoryMB)",
-        &[("", b.limit())],
-    );
-    f.family(
-        "metadata_center_memory_estimated_bytes",
-        "gauge",
-        "Estimated bytes held by the stores, counted against the budget",
-        &[
-            ("store=\"load\"", b.load_bytes()),
-            ("store=\"cache\"", b.cache_bytes()),
-        ],
-    );
-    f.family(
-        "metadata_center_memory_evicted_total",
-        "counter",
-        "Entries evicted to stay within the memory budget",
-        &[
-            ("kind=\"cache_node\"", load_counter(&b.counters.cache_nodes)),
-            (
-                "kind=\"cache_cluster\"",
-                load_counter(&b.counters.cache_clusters),
-            ),
-            ("kind=\"request\"", load_counter(&b.counters.requests)),
-            ("kind=\"cluster\"", load_counter(&b.counters.clusters)),
-        ],
-    );
-    if let Some(c) = &st.connections {
-        f.family(
-            "metadata_center_connections_open",
-            "gauge",
-            "Open client connections",
-            &[("", c.max.saturating_sub(c.free.available_permits()) as u64)],
-        );
-        f.family(
-            "metadata_center_connections_closed_total",
-            "counter",
-            "Connections closed by a server deadline",
-            &[
-                ("reason=\"idle\"", load_counter(&c.counters.idle_closed)),
-                (
-                    "reason=\"header_timeout\"",
-                    load_counter(&c.counters.header_timeouts),
-                ),
-                ("reason=\"body_timeout\"", load_counter(&m.body_timeouts)),
-            ],
-        );
-    }
-    f.family(
-        "metadata_center_auth_failures_total",
-        "counter",
-        "Rejected by the token check",
-        &[("", load_counter(&m.auth_failures))],
-    );
-    if let Some(rep) = &st.replicator {
-        let c = &rep.counters;
-        f.family(
-            "metadata_center_replication_events_total",
-            "counter",
-            "Replication events",
-            &[
-                ("result=\"sent\"", load_counter(&c.sent)),
-                ("result=\"failed\"", load_counter(&c.failed)),
-                ("result=\"retried\"", load_counter(&c.retried)),
-                ("result=\"dropped\"", load_counter(&c.dropped)),
-                ("result=\"skipped_self\"", load_counter(&c.skipped_self)),
-                ("result=\"received\"", load_counter(&c.received)),
-            ],
-        );
-        f.family(
-            "metadata_center_replication_queued",
-            "gauge",
-            "Events waiting in peer queues",
-            &[("", rep.queued() as u64)],
-        );
-        f.family(
-            "metadata_center_replication_peers",
-            "gauge",
-            "Known peers",
-            &[("", rep.peer_list().len() as u64)],
-        );
-    }
-    m.render(&f.into_string())
 }
 
 // ---------------------------------------------------------------------------------------------

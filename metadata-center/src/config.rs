@@ -235,7 +235,7 @@ impl Default for Settings {
             retry_queue_size: 65_536,
             cache: CacheConfig::default(),
             cache_gc_interval: Duration::from_secs(60),
-            max_prompt_hashes: 65_536,
+            max_prompt_hashes: crate::wire::DEFAULT_MAX_PROMPT_HASHES,
             debug_mode: false,
             svc_disc_host: None,
             peers: Vec::new(),

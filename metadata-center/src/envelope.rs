@@ -92,8 +92,11 @@ pub fn fail(trace_id: &str, err: &ApiError) -> Response {
 /// (for type-mismatch messages) and its validation rules.
 pub trait WireRequest: DeserializeOwned + Default {
     const GO_STRUCT: &'static str;
+    /// What the rules depend on besides the body (a limit from the settings, say); `()` when
+    /// they are fixed. The server passes the configured limits (`decode_with`).
+    type Limits: Default;
     fn go_type(field: &str) -> &'static str;
-    fn validate(&self) -> Result<(), ApiError>;
+    fn validate(&self, limits: &Self::Limits) -> Result<(), ApiError>;
 }
 
 /// Validator-style reason for a failed rule, as go-playground/validator prints it.
@@ -103,10 +106,15 @@ pub fn validation_error(go_struct: &str, go_field: &str, tag: &str) -> ApiError 
     ))
 }
 
+/// `decode_with` the default limits.
+pub fn decode<T: WireRequest>(body: &[u8]) -> Result<T, ApiError> {
+    decode_with(body, &T::Limits::default())
+}
+
 /// Decode a JSON body like gin's `ShouldBindJSON`: the Content-Type is ignored, unknown fields
 /// are ignored, `null` fields count as absent, only the first JSON value is read, then the
-/// validation rules run.
-pub fn decode<T: WireRequest>(body: &[u8]) -> Result<T, ApiError> {
+/// validation rules run against `limits`.
+pub fn decode_with<T: WireRequest>(body: &[u8], limits: &T::Limits) -> Result<T, ApiError> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(ApiError::invalid("EOF"));
     }
@@ -119,7 +127,7 @@ pub fn decode<T: WireRequest>(body: &[u8]) -> Result<T, ApiError> {
             return Err(map_json_error::<T>(body, &path, e.into_inner()));
         }
     };
-    value.validate()?;
+    value.validate(limits)?;
     Ok(value)
 }
 
@@ -264,6 +272,7 @@ mod tests {
     }
     impl WireRequest for Probe {
         const GO_STRUCT: &'static str = "InferenceRequest";
+        type Limits = ();
         fn go_type(field: &str) -> &'static str {
             match field {
                 "prompt_length" => "int32",
@@ -271,7 +280,7 @@ mod tests {
                 _ => "string",
             }
         }
-        fn validate(&self) -> Result<(), ApiError> {
+        fn validate(&self, _: &()) -> Result<(), ApiError> {
             match &self.request_id {
                 Some(s) if !s.is_empty() => Ok(()),
                 _ => Err(validation_error(

@@ -12,3 +12,4 @@ pub mod memory;
 pub mod metrics;
 pub mod replica;
 pub mod server;
+pub mod wire;

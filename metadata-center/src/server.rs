@@ -1,4 +1,5 @@
-//! HTTP API (axum): routes, handlers and middleware (trace id, metrics, optional auth).
+//! HTTP API (axum): routes, handlers and middleware (trace id, metrics, optional auth). The
+//! request and response bodies are in `crate::wire`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,20 +12,22 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Router};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tracing::level_filters::LevelFilter;
 
 use crate::cache::CachePool;
 use crate::config::Settings;
-use crate::endpoint::Endpoint;
 use crate::envelope::{
-    self, decode, validation_error, ApiError, WireRequest, CODE_INTERNAL, CODE_UNAUTHORIZED,
+    self, decode, decode_with, validation_error, ApiError, CODE_INTERNAL, CODE_UNAUTHORIZED,
 };
 use crate::listener::{ConnHandle, Connections};
 use crate::load::{AddRequest, LoadStore, Retrier, RetryKind, Stamp};
 use crate::memory::Evictor;
 use crate::metrics::{Metrics, Sources};
 use crate::replica::{self, Event, Replicator};
+// The request bodies, here as well for the fuzz target (`fuzz/fuzz_targets/metadata_center.rs`).
+use crate::wire::{CacheLimits, ClusterQuery, Location, Locations, LogLevelParam};
+pub use crate::wire::{CacheQuery, CacheSave, DeleteRequest, InferenceRequest};
 
 pub type LogReload = Box<dyn Fn(LevelFilter) -> Result<(), String> + Send + Sync>;
 
@@ -44,6 +47,13 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The limits cache bodies are validated against (`[Cache] MaxPromptHashes`).
+    pub fn cache_limits(&self) -> CacheLimits {
+        CacheLimits {
+            max_prompt_hashes: self.settings.max_prompt_hashes,
+        }
+    }
+
     /// What a metrics scrape reads.
     pub fn sources(&self) -> Sources<'_> {
         Sources {
@@ -62,183 +72,13 @@ type St = State<Arc<AppState>>;
 #[derive(Clone)]
 pub struct TraceId(pub Arc<str>);
 
-const MAX_ID_LEN: usize = 1024;
-
 /// Largest request body (413 above).
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
-
-// ---------------------------------------------------------------------------------------------
-// Request bodies
-
-#[derive(Deserialize, Serialize, Default, Debug, Clone)]
-pub struct InferenceRequest {
-    #[serde(default)]
-    pub cluster: Option<String>,
-    #[serde(default)]
-    pub request_id: Option<String>,
-    #[serde(default)]
-    pub prompt_length: Option<i32>,
-    #[serde(default)]
-    pub ip: Option<String>,
-    #[serde(default)]
-    pub timestamp: Option<i64>,
-}
-
-fn required(v: &Option<String>, s: &str, f: &str) -> Result<(), ApiError> {
-    match v {
-        Some(x) if !x.is_empty() => {
-            if x.len() > MAX_ID_LEN {
-                Err(validation_error(s, f, "max"))
-            } else {
-                Ok(())
-            }
-        }
-        _ => Err(validation_error(s, f, "required")),
-    }
-}
-
-fn endpoint_of(v: &Option<String>, s: &str) -> Result<Endpoint, ApiError> {
-    required(v, s, "IP")?;
-    v.as_deref()
-        .unwrap_or_default()
-        .parse()
-        .map_err(|_| validation_error(s, "IP", "ip"))
-}
-
-impl WireRequest for InferenceRequest {
-    const GO_STRUCT: &'static str = "InferenceRequest";
-    fn go_type(field: &str) -> &'static str {
-        match field {
-            "prompt_length" => "int32",
-            "timestamp" => "int64",
-            _ => "string",
-        }
-    }
-    fn validate(&self) -> Result<(), ApiError> {
-        required(&self.cluster, Self::GO_STRUCT, "Cluster")?;
-        required(&self.request_id, Self::GO_STRUCT, "RequestID")?;
-        if self.prompt_length.unwrap_or(0) < 0 {
-            return Err(validation_error(Self::GO_STRUCT, "PromptLength", "gte"));
-        }
-        endpoint_of(&self.ip, Self::GO_STRUCT).map(|_| ())
-    }
-}
-
-#[derive(Deserialize, Serialize, Default, Debug, Clone)]
-pub struct DeleteRequest {
-    #[serde(default)]
-    pub request_id: Option<String>,
-    #[serde(default)]
-    pub timestamp: Option<i64>,
-}
-
-impl WireRequest for DeleteRequest {
-    const GO_STRUCT: &'static str = "DeleteRequest";
-    fn go_type(field: &str) -> &'static str {
-        if field == "timestamp" {
-            "int64"
-        } else {
-            "string"
-        }
-    }
-    fn validate(&self) -> Result<(), ApiError> {
-        required(&self.request_id, Self::GO_STRUCT, "RequestID")
-    }
-}
-
-#[derive(Deserialize, Default, Debug)]
-pub struct CacheQuery {
-    #[serde(default)]
-    pub cluster: Option<String>,
-    #[serde(default)]
-    pub prompt_hash: Option<Vec<u64>>,
-    #[serde(default)]
-    pub top_k: Option<i64>,
-    /// The aigw client sends `topk` (origin defect 2); accepted as well.
-    #[serde(default)]
-    pub topk: Option<i64>,
-}
-
-/// Longest `prompt_hash` accepted (set from the settings when the router is built).
-static MAX_HASHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(65_536);
-
-fn check_hashes(v: &Option<Vec<u64>>, s: &str) -> Result<(), ApiError> {
-    match v {
-        None => Err(validation_error(s, "PromptHash", "required")),
-        Some(h) if h.len() > MAX_HASHES.load(Ordering::Relaxed) => {
-            Err(validation_error(s, "PromptHash", "max"))
-        }
-        Some(_) => Ok(()),
-    }
-}
-
-impl WireRequest for CacheQuery {
-    const GO_STRUCT: &'static str = "QueryParam";
-    fn go_type(field: &str) -> &'static str {
-        match field {
-            "prompt_hash" => "uint64",
-            "top_k" | "topk" => "int",
-            _ => "string",
-        }
-    }
-    fn validate(&self) -> Result<(), ApiError> {
-        required(&self.cluster, Self::GO_STRUCT, "Cluster")?;
-        check_hashes(&self.prompt_hash, Self::GO_STRUCT)
-    }
-}
-
-#[derive(Deserialize, Default, Debug)]
-pub struct CacheSave {
-    #[serde(default)]
-    pub cluster: Option<String>,
-    #[serde(default)]
-    pub prompt_hash: Option<Vec<u64>>,
-    #[serde(default)]
-    pub ip: Option<String>,
-}
-
-impl WireRequest for CacheSave {
-    const GO_STRUCT: &'static str = "SaveParam";
-    fn go_type(field: &str) -> &'static str {
-        if field == "prompt_hash" {
-            "uint64"
-        } else {
-            "string"
-        }
-    }
-    fn validate(&self) -> Result<(), ApiError> {
-        required(&self.cluster, Self::GO_STRUCT, "Cluster")?;
-        check_hashes(&self.prompt_hash, Self::GO_STRUCT)?;
-        endpoint_of(&self.ip, Self::GO_STRUCT).map(|_| ())
-    }
-}
-
-#[derive(Deserialize, Default, Debug)]
-pub struct LogLevelParam {
-    #[serde(rename = "LevelParam", default)]
-    pub level: Option<String>,
-}
-
-impl WireRequest for LogLevelParam {
-    const GO_STRUCT: &'static str = "LogLevel";
-    fn go_type(_: &str) -> &'static str {
-        "string"
-    }
-    fn validate(&self) -> Result<(), ApiError> {
-        Ok(())
-    }
-}
-
-#[derive(Deserialize, Default)]
-struct ClusterQuery {
-    cluster: Option<String>,
-}
 
 // ---------------------------------------------------------------------------------------------
 // Router
 
 pub fn router(state: Arc<AppState>) -> Router {
-    MAX_HASHES.store(state.settings.max_prompt_hashes, Ordering::Relaxed);
     let mut api = Router::new()
         .route(
             "/v1/load/stats",
@@ -498,7 +338,7 @@ fn now_ns() -> i64 {
 
 /// Apply an add locally. Shared by the API and the replication receiver.
 fn apply_add(st: &AppState, r: &InferenceRequest) -> Result<(), ApiError> {
-    let engine = endpoint_of(&r.ip, InferenceRequest::GO_STRUCT)?;
+    let engine = r.engine()?;
     st.load.add(
         &AddRequest {
             cluster: r.cluster.as_deref().unwrap_or_default(),
@@ -588,32 +428,15 @@ async fn delete_prompt(State(st): St, Extension(t): Extension<TraceId>, body: By
 // ---------------------------------------------------------------------------------------------
 // Cache handlers
 
-#[derive(Serialize)]
-struct Location {
-    ip: String,
-    length: usize,
-}
-
-#[derive(Serialize)]
-struct Locations {
-    locations: Vec<Location>,
-}
-
 async fn cache_query(State(st): St, Extension(t): Extension<TraceId>, body: Bytes) -> Response {
-    let q: CacheQuery = match decode(&body) {
+    let q: CacheQuery = match decode_with(&body, &st.cache_limits()) {
         Ok(q) => q,
         Err(e) => return envelope::fail(&t.0, &e),
     };
-    let k = q
-        .top_k
-        .filter(|k| *k > 0)
-        .or(q.topk.filter(|k| *k > 0))
-        .unwrap_or(0)
-        .min(10_000) as usize;
     let found = st.cache.query(
         q.cluster.as_deref().unwrap_or_default(),
         q.prompt_hash.as_deref().unwrap_or_default(),
-        k,
+        q.k(),
         Stamp::now().mono,
     );
     let locations = found
@@ -627,11 +450,11 @@ async fn cache_query(State(st): St, Extension(t): Extension<TraceId>, body: Byte
 }
 
 async fn cache_save(State(st): St, Extension(t): Extension<TraceId>, body: Bytes) -> Response {
-    let s: CacheSave = match decode(&body) {
+    let s: CacheSave = match decode_with(&body, &st.cache_limits()) {
         Ok(s) => s,
         Err(e) => return envelope::fail(&t.0, &e),
     };
-    let ep = match endpoint_of(&s.ip, CacheSave::GO_STRUCT) {
+    let ep = match s.location() {
         Ok(ep) => ep,
         Err(e) => return envelope::fail(&t.0, &e),
     };
@@ -800,4 +623,73 @@ async fn debug_force_gc(State(st): St, Extension(t): Extension<TraceId>) -> Resp
     let cache = st.cache.clone();
     let _ = tokio::task::spawn_blocking(move || cache.gc(Stamp::now().mono, 4096)).await;
     envelope::ok(&t.0, ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::MemoryBudget;
+    use std::future::IntoFuture;
+    use std::time::Duration;
+
+    /// A router over fresh stores, served on an ephemeral port; returns its base URL.
+    async fn serve(settings: Settings) -> String {
+        let budget = Arc::new(MemoryBudget::unlimited());
+        let load = Arc::new(LoadStore::with_budget(
+            settings.load.clone(),
+            budget.clone(),
+        ));
+        let cache = Arc::new(CachePool::with_budget(
+            settings.cache.clone(),
+            budget.clone(),
+        ));
+        let state = Arc::new(AppState {
+            memory: Evictor::new(budget, load.clone(), cache.clone()),
+            retrier: Retrier::start(load.clone(), 16, Duration::from_secs(1)),
+            load,
+            cache,
+            settings,
+            connections: None,
+            replicator: None,
+            metrics: Arc::new(Metrics::new("test").unwrap()),
+            log_reload: Box::new(|_| Ok(())),
+            instance_id: "test".into(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(axum::serve(listener, router(state)).into_future());
+        format!("http://{addr}")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_server_checks_prompt_hashes_against_its_own_limit() {
+        // Two servers in one process: building the second must not change the first one's
+        // limit (it used to be a process-global set by `router`).
+        let strict = serve(Settings {
+            max_prompt_hashes: 2,
+            ..Settings::default()
+        })
+        .await;
+        let lenient = serve(Settings::default()).await;
+        let client = reqwest::Client::new();
+        let save = |base: &str, hashes: &str| {
+            client
+                .post(format!("{base}/v1/cache/save"))
+                .body(format!(
+                    r#"{{"cluster":"m","prompt_hash":{hashes},"ip":"10.0.0.1"}}"#
+                ))
+                .send()
+        };
+        let status = |r: reqwest::Response| r.status().as_u16();
+        assert_eq!(status(save(&strict, "[1,2]").await.unwrap()), 200);
+        assert_eq!(status(save(&strict, "[1,2,3]").await.unwrap()), 400);
+        assert_eq!(status(save(&lenient, "[1,2,3]").await.unwrap()), 200);
+        let query = client
+            .post(format!("{strict}/v1/cache/query"))
+            .body(r#"{"cluster":"m","prompt_hash":[1,2,3]}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(status(query), 400);
+    }
 }

@@ -4,7 +4,7 @@
 
 #include "filter.h"
 
-#include <cstdio>
+#include <algorithm>
 #include <cstdlib>
 #include <utility>
 #include <vector>
@@ -16,46 +16,20 @@
 namespace llmproxy_envoy {
 namespace {
 
-// JSON string escaping for the few messages the shim writes itself.
-std::string json_escape(std::string_view s) {
-  std::string out;
-  out.reserve(s.size() + 8);
-  for (unsigned char c : s) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      default:
-        if (c < 0x20) {
-          char buf[8];
-          std::snprintf(buf, sizeof buf, "\\u%04x", c);
-          out += buf;
-        } else {
-          out += static_cast<char>(c);
-        }
-    }
-  }
-  return out;
+// The OpenAI error body of a reply the shim makes itself, for `status`: rendered by the library
+// (llmproxy_error_body, from src/error.rs) in the shape, type and code of its own errors. The
+// only place the shim builds one.
+std::string error_body(uint32_t status, std::string_view message) {
+  // Its length first, then the body (error replies are rare: one code path over a fixed buffer).
+  std::string body(llmproxy_error_body(status, message.data(), message.size(), nullptr, 0) + 1, '\0');
+  const size_t n = llmproxy_error_body(status, message.data(), message.size(), &body[0], body.size());
+  body.resize(std::min(n, body.size() - 1));  // without the NUL
+  return body;
 }
 
-// The OpenAI error body of a reply the shim makes itself (413, 500, 503): the shape of the
-// library's errors, {"error": {"message", "type", "param", "code"}}, with the type and code of
-// the status as in src/error.rs. The only place the shim builds one.
-// TODO(lead): llmproxy_error_body — render it with the library's function once include/llmproxy.h
-// has one, so that src/error.rs stays the only source of the shape and of the type/code mapping.
-std::string error_body(uint32_t status, std::string_view message) {
-  const char *type = "server_error", *code = "internal_error";
-  switch (status) {
-    case 400: type = "invalid_request_error", code = "invalid_request"; break;
-    case 404: type = "invalid_request_error", code = "model_not_found"; break;
-    case 413: type = "invalid_request_error", code = "request_too_large"; break;
-    case 503: type = "service_unavailable_error", code = "no_endpoint"; break;
-    default: break;
-  }
-  return "{\"error\":{\"message\":\"" + json_escape(message) + "\",\"type\":\"" + type +
-         "\",\"param\":null,\"code\":\"" + code + "\"}}";
+// The HTTP status of a pick that failed with `st` (500 for a failure without a reason).
+uint32_t error_status(llmproxy_status st) {
+  return llmproxy_status_http(st == LLMPROXY_OK ? LLMPROXY_INTERNAL : st);
 }
 
 // What a local reply (Envoy's or ours) says about the endpoint, from its details string
@@ -177,7 +151,7 @@ void Filter::on_scheduled(uint64_t event_id) {
   // Overdue: the watchdog resumed us first; the library's callback finishes its own decision.
   llmproxy_request *req = r.kind == AsyncDecision::Result::Overdue ? decide_locally(*pending_) : r.req;
   pending_.reset();  // one resume event per pick: nothing comes back here
-  if (decide(req) == PickResult::Routed) stream_.continue_decoding();
+  if (decide(req, LLMPROXY_INTERNAL) == PickResult::Routed) stream_.continue_decoding();
 }
 
 HeadersStatus Filter::on_response_headers(bool end_of_stream) {
@@ -228,7 +202,8 @@ Filter::PickResult Filter::pick(std::string body) {
   const std::vector<llmproxy_header> lh = llmproxy_headers(headers);
   auto decision = std::make_shared<AsyncDecision>();
   llmproxy_request *req = nullptr;
-  if (decision->pick_async(cfg_.router, lh, body, &req) == LLMPROXY_PENDING) {
+  const llmproxy_status st = decision->pick_async(cfg_.router, lh, body, &req);
+  if (st == LLMPROXY_PENDING) {
     // The scheduler is only created for a real PENDING (none on the synchronous hot path); a
     // decision that already arrived meanwhile is applied right here.
     const AsyncDecision::Result early = decision->arm(stream_.envoy(), cfg_.pick_deadline_ms);
@@ -242,13 +217,13 @@ Filter::PickResult Filter::pick(std::string body) {
     }
     req = early.req;
   }
-  return decide(req);
+  return decide(req, st);
 }
 
-Filter::PickResult Filter::decide(llmproxy_request *req) {
+Filter::PickResult Filter::decide(llmproxy_request *req, llmproxy_status st) {
   if (req == nullptr) {
     // The library's contract says a decision always comes; be defensive anyway.
-    reply_error(500, "pick failed without a decision");
+    send_json_error(error_status(st), error_body(500, "pick failed without a decision"));
     return PickResult::Replied;
   }
   return apply_decision(req) ? PickResult::Routed : PickResult::Replied;
@@ -257,9 +232,10 @@ Filter::PickResult Filter::decide(llmproxy_request *req) {
 // Applies a pick result. Returns true when the request may continue upstream.
 bool Filter::apply_decision(llmproxy_request *req) {
   req_ = req;
+  const llmproxy_status st = llmproxy_request_status(req);
   uint32_t http = llmproxy_request_http_status(req);
-  if (llmproxy_request_status(req) != LLMPROXY_OK || http != 200) {
-    if (http < 400 || http > 599) http = 500;
+  if (st != LLMPROXY_OK || http != 200) {
+    if (http < 400 || http > 599) http = error_status(st);
     const std::string body = request_string(llmproxy_request_error_body, req);
     // No body from the library is its internal failure, whatever the status.
     send_json_error(http, body.empty() ? error_body(500, "request could not be routed") : body);

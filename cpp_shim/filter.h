@@ -81,7 +81,7 @@ class Filter {
   bool routed() const { return phase_ == Phase::Routed; }
 
   PickResult pick(std::string body);
-  PickResult decide(llmproxy_request *req);
+  PickResult decide(llmproxy_request *req, llmproxy_status st);  // st: the pick's, when req is NULL
   bool apply_decision(llmproxy_request *req);
   llmproxy_request *decide_locally(const PendingPick &pending);
   void finish();

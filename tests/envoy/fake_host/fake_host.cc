@@ -743,7 +743,14 @@ static void test_too_large(const void *cfg) {
     s.fs.req_headers = post_headers("/v1/chat/completions", {{"content-length", "5000000"}});
     CHECK_EQ(s.headers(false), (int)ENVOY_HEADERS_STOP_ITERATION);
     CHECK_EQ(s.fs.sent_status, 413u);
-    CHECK(s.fs.sent_body.find("request_too_large") != std::string::npos);
+    // The shim's own error, in the library's shape (llmproxy_error_body).
+    for (const char *part : {"\"code\":\"request_too_large\"", "\"type\":\"invalid_request_error\"",
+                             "\"param\":null",
+                             "\"message\":\"request body of 5000000 bytes is larger than the limit of 4194304 bytes\""}) {
+      CHECK(s.fs.sent_body.find(part) != std::string::npos);
+    }
+    CHECK_EQ(s.fs.sent_body.front(), '{');
+    CHECK_EQ(s.fs.sent_body.back(), '}');
     CHECK_EQ(s.body("x", false), (int)ENVOY_BODY_STOP_ITERATION_NO_BUFFER);
     s.complete();
   }
@@ -1048,6 +1055,9 @@ static void test_exceptions_do_not_escape(const void *cfg) {
   CHECK_EQ(r, (int)ENVOY_HEADERS_STOP_ITERATION);
   CHECK_EQ(s.fs.sent_status, 500u);
   CHECK_EQ(s.fs.sent_content_type, std::string("application/json"));
+  CHECK(s.fs.sent_body.find("\"code\":\"internal_error\"") != std::string::npos);
+  CHECK(s.fs.sent_body.find("\"type\":\"server_error\"") != std::string::npos);
+  CHECK(s.fs.sent_body.find("\"message\":\"llmproxy filter error\"") != std::string::npos);
   CHECK_EQ(s.fs.override_calls, 0);
   s.fs.throw_in_get_headers = false;
   s.complete();

@@ -9,7 +9,7 @@
 //! * once the first byte of a request has arrived, its headers must be complete within
 //!   `header_timeout`, or the connection is closed: a client that drips one byte at a time no
 //!   longer keeps a connection alive by resetting the idle timer. (The body has its own deadline,
-//!   `server::read_body`.)
+//!   `server::middleware::read_body`.)
 //!
 //! Why not hyper's `header_read_timeout`: hyper starts that timer as soon as it waits for the
 //! next request, so it also closes idle keep-alive connections after the same time

@@ -666,16 +666,25 @@ fn run_with_black_holed_resolver(test: &str) -> bool {
     true
 }
 
+/// Outside the namespaces: runs `test` inside them (see [`run_with_black_holed_resolver`]) and
+/// returns None. Inside: returns the resolver's socket on 127.0.0.1:53, which takes every
+/// query and never answers, for the test body to hold.
+fn black_holed_resolver(test: &str) -> Option<std::net::UdpSocket> {
+    if std::env::var_os("LLMPROXY_BLACK_HOLED_DNS").is_none() {
+        run_with_black_holed_resolver(test);
+        return None;
+    }
+    Some(std::net::UdpSocket::bind("127.0.0.1:53").expect("bind the black-hole resolver"))
+}
+
 #[test]
 fn black_holed_resolver_delays_no_pending_pick() {
     // The Metadata-Center is given by a host name, and the resolver never answers (3 s per
     // query). Resolution happens on its own thread: every pending pick is still decided within
     // timeout_ms (+ the library's slack), here at once from local data, as no address is known.
-    if std::env::var_os("LLMPROXY_BLACK_HOLED_DNS").is_none() {
-        run_with_black_holed_resolver("black_holed_resolver_delays_no_pending_pick");
+    let Some(dns) = black_holed_resolver("black_holed_resolver_delays_no_pending_pick") else {
         return;
-    }
-    let dns = std::net::UdpSocket::bind("127.0.0.1:53").expect("bind the black-hole resolver");
+    };
     // Proof that the resolver is black-holed while the picks run: this lookup is still
     // waiting when they are done.
     let probe = std::thread::spawn(|| {
@@ -717,11 +726,10 @@ fn black_holed_resolver_delays_no_metadata_center_report() {
     // A DNS cluster whose name the resolver never answers (3 s per query) must not hold up
     // the reports of another cluster's requests: DNS runs on the resolver thread, not on
     // the sync thread that talks to the Metadata-Center.
-    if std::env::var_os("LLMPROXY_BLACK_HOLED_DNS").is_none() {
-        run_with_black_holed_resolver("black_holed_resolver_delays_no_metadata_center_report");
+    let Some(dns) = black_holed_resolver("black_holed_resolver_delays_no_metadata_center_report")
+    else {
         return;
-    }
-    let dns = std::net::UdpSocket::bind("127.0.0.1:53").expect("bind the black-hole resolver");
+    };
     let server = start_server();
     let r = Router::from_json(
         format!(

@@ -98,6 +98,7 @@ pub fn type_and_code(http_status: u32) -> (&'static str, &'static str) {
         502 => ("upstream_error", "upstream_unavailable"),
         503 => ("service_unavailable_error", "no_endpoint"),
         504 => ("upstream_error", "upstream_timeout"),
+        501 => ("server_error", "not_implemented"),
         // 500 and everything else.
         _ => ("server_error", "internal_error"),
     }

@@ -233,7 +233,7 @@ def test_subrequests_are_refused_and_leave_nothing_in_flight(gw):
     status, hdrs, data = request(gw.port, "POST", "/test/capture?uri=/v1/chat/completions", body)
     assert status == 501, data
     err = json.loads(data)["error"]
-    assert err["code"] == "subrequest_not_supported" and "subrequest" in err["message"], err
+    assert err["code"] == "not_implemented" and "subrequest" in err["message"], err
     status, hdrs, data = request(gw.port, "GET", "/test/capture?uri=/v1/models&method=GET")
     assert status == 200 and json.loads(data)["served_by"] in ("p1", "p2"), data
     status, hdrs, data = request(gw.port, "POST", "/test/mirror", body)

@@ -28,8 +28,8 @@ local ngx_var = ngx.var
 local ngx_req = ngx.req
 local ngx_log, ERR, WARN, INFO = ngx.log, ngx.ERR, ngx.WARN, ngx.INFO
 local tonumber, tostring, pairs, ipairs, type = tonumber, tostring, pairs, ipairs, type
-local string_byte, string_find, string_sub, string_gsub, string_format, string_lower =
-    string.byte, string.find, string.sub, string.gsub, string.format, string.lower
+local string_find, string_sub, string_gsub, string_format, string_lower =
+    string.find, string.sub, string.gsub, string.format, string.lower
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -89,23 +89,10 @@ end)
 -- Per-worker counters of the nginx side, rendered with the router's metrics.
 local counters = metrics.counters
 
-local function json_escape(s)
-    s = string_gsub(s, '[%c"\\]', function(c)
-        if c == '"' then return '\\"' end
-        if c == "\\" then return "\\\\" end
-        if c == "\n" then return "\\n" end
-        if c == "\r" then return "\\r" end
-        if c == "\t" then return "\\t" end
-        return string_format("\\u%04x", string_byte(c))
-    end)
-    return s
-end
-
--- An OpenAI-style error body, the same shape as the library's.
-local function error_json(message, kind, code, param)
-    return '{"error":{"code":"' .. code .. '","message":"' .. json_escape(message)
-        .. '","param":' .. (param and ('"' .. param .. '"') or "null")
-        .. ',"type":"' .. kind .. '"}}'
+-- An OpenAI-style error body: the library renders it (the same JSON as its own errors; the
+-- type and code follow the HTTP status).
+local function error_json(status, message)
+    return llmproxy.error_body(status, message)
 end
 _M.error_json = error_json
 
@@ -288,8 +275,7 @@ end
 function _M.access()
     local r = router
     if not r then
-        return send_json(500, error_json(init_error or "llmproxy: no router in this worker",
-            "server_error", "internal_error"))
+        return send_json(500, error_json(500, init_error or "llmproxy: no router in this worker"))
     end
     -- A client never chooses the endpoint or the cluster, on any request that passes here
     -- (also the ones proxied untouched): the same rule as the Envoy shim's.
@@ -308,14 +294,13 @@ function _M.access()
         -- Refuse before reading it: the same answer the library gives for a read body.
         counters.early_413 = counters.early_413 + 1
         ngx_req.discard_body()
-        return send_json(413, error_json(string_format(
-            "request body of %d bytes is larger than the limit of %d bytes", cl, max),
-            "invalid_request_error", "request_too_large"))
+        return send_json(413, error_json(413, string_format(
+            "request body of %d bytes is larger than the limit of %d bytes", cl, max)))
     end
 
     local body, berr = read_body()
     if not body then
-        return send_json(500, error_json(berr, "server_error", "internal_error"))
+        return send_json(500, error_json(500, berr))
     end
     local d, status, err_body = r:pick(headers, body, uri, method)
     if not d then
@@ -369,17 +354,15 @@ function _M.rewrite()
     strip_routing_headers()
     local r = router
     if not r then
-        return send_json(500, error_json(init_error or "llmproxy: no router in this worker",
-            "server_error", "internal_error"))
+        return send_json(500, error_json(500, init_error or "llmproxy: no router in this worker"))
     end
     if not r:should_intercept(ngx_req.get_method(), ngx_var.uri) then
         return
     end
     counters.subrequests = counters.subrequests + 1
-    return send_json(501, error_json("llmproxy does not route subrequests (ngx.location.capture, "
-        .. "mirror, ...): a subrequest's log phase never runs, so its pick could never be "
-        .. "finished; send the request to the gateway's own listener instead",
-        "server_error", "subrequest_not_supported"))
+    return send_json(501, error_json(501, "llmproxy does not route subrequests "
+        .. "(ngx.location.capture, mirror, ...): a subrequest's log phase never runs, so its pick "
+        .. "could never be finished; send the request to the gateway's own listener instead"))
 end
 
 --------------------------------------------------------------------------------------------
@@ -580,19 +563,18 @@ end
 -- error_page target: our JSON for the errors nginx itself produces
 
 local ERROR_PAGES = {
-    [413] = { "request body is larger than client_max_body_size", "invalid_request_error", "request_too_large" },
-    [500] = { "internal gateway error", "server_error", "internal_error" },
-    [502] = { "the upstream endpoint could not be reached", "upstream_error", "upstream_unavailable" },
-    [503] = { "no upstream available", "service_unavailable_error", "no_endpoint" },
-    [504] = { "the upstream endpoint timed out", "upstream_error", "upstream_timeout" },
+    [413] = "request body is larger than client_max_body_size",
+    [500] = "internal gateway error",
+    [502] = "the upstream endpoint could not be reached",
+    [503] = "no upstream available",
+    [504] = "the upstream endpoint timed out",
 }
 
 --- content_by_lua of the named location error_page points to; `status` defaults to the
 --- status nginx was about to send.
 function _M.error_page(status)
     status = tonumber(status) or ngx.status
-    local e = ERROR_PAGES[status] or { "gateway error", "server_error", "internal_error" }
-    local body = error_json(e[1], e[2], e[3])
+    local body = error_json(status, ERROR_PAGES[status] or "gateway error")
     ngx.status = status
     ngx.header["content-type"] = "application/json"
     ngx.header["content-length"] = #body + 1

@@ -217,6 +217,7 @@ mod tests {
             (&"upstream_error".into(), &"upstream_timeout".into())
         );
         assert_eq!(type_and_code(429).1, "invalid_request");
-        assert_eq!(type_and_code(501), ("server_error", "internal_error"));
+        assert_eq!(type_and_code(501), ("server_error", "not_implemented"));
+        assert_eq!(type_and_code(505), ("server_error", "internal_error"));
     }
 }

@@ -645,7 +645,8 @@ fn host_error_bodies_match_the_library_s_own_for_the_same_status_and_message() {
         (502, "upstream_error", "upstream_unavailable"),
         (504, "upstream_error", "upstream_timeout"),
         (429, "invalid_request_error", "invalid_request"),
-        (501, "server_error", "internal_error"),
+        (501, "server_error", "not_implemented"),
+        (505, "server_error", "internal_error"),
         (0, "server_error", "internal_error"),
     ] {
         let (_, body) = error_body(status, "quote \" newline \n tab \t ü \u{1}".as_bytes(), 512);

@@ -11,5 +11,6 @@ pub mod load;
 pub mod memory;
 pub mod metrics;
 pub mod replica;
+pub mod retry;
 pub mod server;
 pub mod wire;

@@ -14,10 +14,11 @@ use llmproxy_metadata_center::budget::MemoryBudget;
 use llmproxy_metadata_center::cache::CachePool;
 use llmproxy_metadata_center::config::{self, Settings};
 use llmproxy_metadata_center::listener::{BoundedListener, ConnHandle};
-use llmproxy_metadata_center::load::{LoadStore, Retrier, Stamp};
+use llmproxy_metadata_center::load::{LoadStore, Stamp};
 use llmproxy_metadata_center::memory::Evictor;
 use llmproxy_metadata_center::metrics::Metrics;
 use llmproxy_metadata_center::replica::{self, Replicator, ReplicatorConfig};
+use llmproxy_metadata_center::retry::Retrier;
 use llmproxy_metadata_center::server::{self, AppState, LogReload};
 
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

@@ -18,8 +18,9 @@ use prometheus::{
 use crate::budget::MemoryBudget;
 use crate::cache::CachePool;
 use crate::listener::Connections;
-use crate::load::{LoadStore, Retrier};
+use crate::load::LoadStore;
 use crate::replica::Replicator;
+use crate::retry::Retrier;
 
 /// What a scrape reads besides the registry: the live state behind the gauges and the other
 /// modules' counters.

@@ -10,8 +10,9 @@ use serde::Serialize;
 
 use super::state::{AppState, St, TraceId};
 use crate::envelope::{self, decode, validation_error, ApiError};
-use crate::load::{AddRequest, RetryKind, Stamp};
+use crate::load::{AddRequest, Stamp};
 use crate::replica::{self, Event};
+use crate::retry::RetryKind;
 use crate::wire::{ClusterQuery, DeleteRequest, InferenceRequest};
 
 pub(super) async fn query_load(

@@ -82,9 +82,10 @@ mod tests {
     use crate::budget::MemoryBudget;
     use crate::cache::CachePool;
     use crate::config::Settings;
-    use crate::load::{LoadStore, Retrier};
+    use crate::load::LoadStore;
     use crate::memory::Evictor;
     use crate::metrics::Metrics;
+    use crate::retry::Retrier;
     use std::future::IntoFuture;
     use std::time::Duration;
 

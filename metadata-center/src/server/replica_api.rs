@@ -13,8 +13,8 @@ use axum::Extension;
 use super::load_api::{apply_add, apply_delete, now_ns};
 use super::state::{AppState, St, TraceId};
 use crate::envelope::{self, decode, ApiError};
-use crate::load::RetryKind;
 use crate::replica;
+use crate::retry::RetryKind;
 use crate::wire::{DeleteRequest, InferenceRequest};
 
 pub(super) async fn replica_event(

@@ -9,10 +9,11 @@ use tracing::level_filters::LevelFilter;
 use crate::cache::CachePool;
 use crate::config::Settings;
 use crate::listener::Connections;
-use crate::load::{LoadStore, Retrier};
+use crate::load::LoadStore;
 use crate::memory::Evictor;
 use crate::metrics::{Metrics, Sources};
 use crate::replica::Replicator;
+use crate::retry::Retrier;
 use crate::wire::CacheLimits;
 
 pub type LogReload = Box<dyn Fn(LevelFilter) -> Result<(), String> + Send + Sync>;

@@ -112,6 +112,15 @@ impl CachePool {
         self.trees.read().get(cluster).cloned()
     }
 
+    /// Every tree with its cluster name, taken under a short read lock.
+    fn handles(&self) -> Vec<(String, Arc<TreeHandle>)> {
+        self.trees
+            .read()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     /// `POST /v1/cache/save`.
     pub fn save(&self, cluster: &str, keys: &[u64], loc: Endpoint, now: Duration) {
         self.counters.saves.fetch_add(1, Ordering::Relaxed);
@@ -175,12 +184,7 @@ impl CachePool {
     /// One GC pass: expired nodes are removed in batches (the write lock is released between
     /// batches), then trees left empty and unused for a TTL are dropped.
     pub fn gc(&self, now: Duration, batch: usize) -> usize {
-        let handles: Vec<(String, Arc<TreeHandle>)> = self
-            .trees
-            .read()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let handles = self.handles();
         let mut removed = 0;
         for (_, h) in &handles {
             loop {
@@ -216,12 +220,7 @@ impl CachePool {
         while budget.above_target() {
             // The tree holding the oldest node, and the age of the runner-up, so one pass can
             // evict from the victim until it is no longer the oldest.
-            let handles: Vec<(String, Arc<TreeHandle>)> = self
-                .trees
-                .read()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+            let handles = self.handles();
             if handles.is_empty() {
                 break;
             }

@@ -1,5 +1,23 @@
 //! llmproxy Metadata-Center: a server wire-compatible with the aigw metadata-center (load stats,
 //! KV-cache index, replication), with bounded memory and Prometheus metrics.
+//!
+//! Where things are (each layer uses only the ones below it):
+//!
+//! * `main.rs`: the binary: CLI, logging, startup (stores, replicator, GC tasks), shutdown.
+//! * `server/`: the HTTP API. `mod.rs` builds the router; `state` (the app state), `middleware`,
+//!   and one file per group of routes: `load_api`, `cache_api`, `replica_api`, `ops_api`.
+//! * `metrics`: the Prometheus registry and the rendering of a scrape.
+//! * `config`: settings from defaults, file, environment and flags.
+//! * `memory`: the eviction order over both stores when the memory budget is exceeded.
+//! * `retry`: the delayed retry of deletes that found no request.
+//! * `wire`: the API's request and response bodies and their validation rules.
+//! * `load/`: the load store (requests in flight per engine per cluster) and its clock, `Stamp`.
+//! * `cache/`: the KV-cache index: the pool (`mod.rs`) of per-cluster radix trees (`tree.rs`).
+//! * `budget`: the memory budget as plain accounting (the stores report their size to it).
+//! * `envelope`: the response envelope, error codes and gin-style body decoding.
+//! * `listener`: the TCP listener with its connection cap, idle timeout and header deadline.
+//! * `replica`: replication to peers (bounded queues, DNS discovery).
+//! * `endpoint`: engine addresses (IPv4, IPv6, optional port).
 
 pub mod budget;
 pub mod cache;

@@ -1,4 +1,8 @@
 //! `llmproxy-metadata-center run [--config FILE] [--host H] [--port P]`
+//!
+//! The binary: the CLI (into `config::Settings`), logging, the wiring of the parts (stores,
+//! memory policy, delete retries, replicator and peer discovery, GC tasks, listener, router) and
+//! the graceful shutdown on SIGTERM / SIGINT. Everything else is in the library (`lib.rs`).
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;

@@ -3,8 +3,10 @@
 //! without re-broadcasting.
 //!
 //! Differences from the origin (which starts one goroutine per peer per event): each peer has a
-//! bounded queue and one worker that sends in order (so an add is not overtaken by its delete on
-//! the way to a peer); a full queue drops the event and counts it. Each send gets one retry and a
+//! fixed set of workers, each with a bounded queue; an event goes to the queue chosen by its key
+//! (a hash of the request id), so the events of one request reach a peer in order (an add is not
+//! overtaken by its delete on the way) while different requests are sent in parallel; a full
+//! queue drops the event (adds before deletes) and counts it. Each send gets one retry and a
 //! whole-request timeout. Peers come from a static list and/or a DNS name re-resolved
 //! periodically; a peer that turns out to be this very process (same instance id in the response)
 //! is skipped from then on, so POD_IP is not required.

@@ -60,10 +60,19 @@ impl Evictor {
         if !self.budget.over() {
             return; // another thread made room while we waited
         }
-        self.cache.shrink_for_budget();
-        if self.budget.above_target() {
-            self.load.shrink_for_budget();
+        // The cache gives way first: the load store is shrunk only once the cache has nothing
+        // left to evict. Saves landing while the cache shrinks may push usage back above the
+        // target: shrink the cache again rather than evict requests while it still holds data.
+        loop {
+            let evicted = self.cache.shrink_for_budget();
+            if !self.budget.above_target() {
+                return;
+            }
+            if evicted == 0 || self.budget.cache_bytes() == 0 {
+                break;
+            }
         }
+        self.load.shrink_for_budget();
     }
 }
 

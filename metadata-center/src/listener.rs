@@ -5,10 +5,12 @@
 //! * at most `max_connections` are open at once: beyond that, new connections wait in the
 //!   kernel backlog until one closes;
 //! * a connection that has not moved a byte for `idle` is closed (a keep-alive connection waiting
-//!   for its next request, or a fresh one that has sent nothing yet, follows only this rule);
-//! * once the first byte of a request has arrived, its headers must be complete within
-//!   `header_timeout`, or the connection is closed: a client that drips one byte at a time no
-//!   longer keeps a connection alive by resetting the idle timer. (The body has its own deadline,
+//!   for its next request follows only this rule);
+//! * a new connection's first request must have its headers complete within `header_timeout`
+//!   of the connection opening (a client that connects and sends nothing holds a slot that
+//!   long, not `idle`); later requests within `header_timeout` of their first byte, or the
+//!   connection is closed: a client that drips one byte at a time no longer keeps a connection
+//!   alive by resetting the idle timer. (The body has its own deadline,
 //!   `server::middleware::read_body`.)
 //!
 //! Why not hyper's `header_read_timeout`: hyper starts that timer as soon as it waits for the
@@ -117,16 +119,20 @@ impl axum::serve::Listener for BoundedListener {
         if let Err(e) = io.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let deadline = Box::pin(tokio::time::sleep(self.idle));
+        // A new connection's first request is due like any other: a client that connects and
+        // sends nothing holds its slot for `header_timeout`, not for the idle timeout.
+        let now = Instant::now();
+        let first_due = now + self.header_timeout;
+        let deadline = Box::pin(tokio::time::sleep_until(first_due.min(now + self.idle)));
         (
             BoundedIo {
                 io,
                 _permit: permit,
                 idle: self.idle,
                 header_timeout: self.header_timeout,
-                last_active: Instant::now(),
+                last_active: now,
                 deadline,
-                header_due: None,
+                header_due: Some((first_due, 0)),
                 conn: ConnHandle::default(),
                 counters: self.counters.clone(),
             },
@@ -368,6 +374,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_that_sends_nothing_is_closed_at_the_header_deadline() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut l =
+            BoundedListener::new(tcp, 4, Duration::from_secs(30), Duration::from_millis(300));
+        let counters = l.counters();
+        let _c = TcpStream::connect(addr).await.unwrap();
+        let (mut s, _) = l.accept().await;
+        let started = Instant::now();
+        let mut b = [0u8; 16];
+        let got = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+            .await
+            .expect("closed before the idle timeout");
+        assert!(got.is_err(), "{got:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(counters.header_timeouts.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
     async fn header_deadline_runs_from_the_first_byte_until_the_request_is_served() {
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
@@ -378,14 +407,12 @@ mod tests {
         let (mut s, _) = l.accept().await;
         let conn = s.handle();
         let mut b = [0u8; 16];
-        // Nothing sent yet: only the idle rule applies.
-        assert!(
-            tokio::time::timeout(Duration::from_millis(500), s.read(&mut b))
-                .await
-                .is_err()
-        );
-        // A request is served (its headers arrived in time), then the connection idles for
-        // longer than the header deadline: still open.
+        // The first request's headers are due `header_timeout` after the connection opened.
+        c.write_all(b"a").await.unwrap();
+        s.read_exact(&mut b[..1]).await.unwrap();
+        drop(conn.request_started()); // headers complete, request served
+                                      // A request is served (its headers arrived in time), then the connection idles for
+                                      // longer than the header deadline: still open.
         c.write_all(b"a").await.unwrap();
         s.read_exact(&mut b[..1]).await.unwrap();
         drop(conn.request_started()); // headers complete, request served

@@ -125,10 +125,12 @@ impl RouterInner {
     /// True when this request's algorithm weighs cache affinity (prefix index, remote
     /// lookups) and the prompt has something to match.
     pub(super) fn wants_cache_depth(&self, r: &Routed) -> bool {
-        self.config
-            .algorithm
-            .uses_prefix_index(&self.config.lb_params(&r.model))
-            && !r.prefix_hashes.is_empty()
+        self.uses_cache_depth(r, &self.config.lb_params(&r.model))
+    }
+
+    /// [`RouterInner::wants_cache_depth`] with the model's parameters already at hand.
+    fn uses_cache_depth(&self, r: &Routed, params: &LbParams) -> bool {
+        self.config.algorithm.uses_prefix_index(params) && !r.prefix_hashes.is_empty()
     }
 
     /// Chooses an endpoint for `r` among those not tried yet, and accounts it. `remote`
@@ -141,10 +143,12 @@ impl RouterInner {
         let set = r.cluster.snapshot();
         let now = self.clock.now_ms();
         let candidates = self.candidates(r, &set, now)?;
-        let depth = self.cache_depth(r, &set, remote);
-        let chosen = candidates[self.select(r, &set, &candidates, &depth, now)];
+        let params = self.config.lb_params(&r.model);
+        let use_index = self.uses_cache_depth(r, &params);
+        let depth = self.cache_depth(r, &set, use_index, remote);
+        let chosen = candidates[self.select(r, &set, &candidates, &depth, &params, now)];
         let endpoint = Arc::clone(&set.endpoints[chosen]);
-        self.account(r, &endpoint, depth[chosen], now);
+        self.account(r, &endpoint, depth[chosen], use_index, now);
         self.report(r, &endpoint);
         r.tried.push(endpoint.id);
         r.endpoint = Some(endpoint);
@@ -178,14 +182,15 @@ impl RouterInner {
     }
 
     /// For each endpoint of `set`, the leading prompt chunks it is known to hold: the local
-    /// prefix index, raised by what the Metadata-Center answered (`remote`).
+    /// prefix index (when `use_index`), raised by what the Metadata-Center answered (`remote`).
     fn cache_depth(
         &self,
         r: &Routed,
         set: &EndpointSet,
+        use_index: bool,
         remote: Option<&RemoteDepth>,
     ) -> Vec<usize> {
-        let mut depth = if self.wants_cache_depth(r) {
+        let mut depth = if use_index {
             self.index.matched_chunks(&r.prefix_hashes, set)
         } else {
             vec![0; set.endpoints.len()]
@@ -208,10 +213,10 @@ impl RouterInner {
         set: &EndpointSet,
         candidates: &[usize],
         depth: &[usize],
+        params: &LbParams,
         now: u64,
     ) -> usize {
         let algorithm = self.config.algorithm;
-        let params: LbParams = self.config.lb_params(&r.model);
         let loads = if algorithm.uses_loads() {
             let total_chunks = r.prefix_hashes.len().max(1) as f64;
             let stale = self.config.metadata_center.load_stale_ms;
@@ -226,21 +231,28 @@ impl RouterInner {
             loads: &loads,
             candidates: candidates.len(),
             prompt_chars: r.prompt_chars,
-            params: &params,
+            params,
             rr_cursor: &r.cluster.rr_cursor,
         };
         algorithm.select(&selection, &mut rng)
     }
 
-    /// Accounts the choice: the endpoint's load, the router's counters, and the prefix index
-    /// learns that the endpoint now holds this prompt.
-    fn account(&self, r: &mut Routed, endpoint: &Arc<Endpoint>, depth: usize, now: u64) {
+    /// Accounts the choice: the endpoint's load, the router's counters, and (when `use_index`)
+    /// the prefix index learns that the endpoint now holds this prompt.
+    fn account(
+        &self,
+        r: &mut Routed,
+        endpoint: &Arc<Endpoint>,
+        depth: usize,
+        use_index: bool,
+        now: u64,
+    ) {
         let total_chunks = r.prefix_hashes.len().max(1) as f64;
         r.cache_ratio = depth as f64 / total_chunks;
         r.uncached_chars = (r.prompt_chars as f64 * (1.0 - r.cache_ratio)).round() as u64;
         endpoint.acquire(r.prompt_chars, r.uncached_chars);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        if self.wants_cache_depth(r) {
+        if use_index {
             self.index.record(&r.prefix_hashes, endpoint.id, now);
         }
         self.metrics.decision_cache_ratio.observe(r.cache_ratio);

@@ -6,7 +6,7 @@
 //! addresses, refreshed by a background resolver thread (a literal IP needs none), so a
 //! slow or black-holed DNS resolver delays no lookup.
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,15 +31,10 @@ pub struct ServerAddrs {
 }
 
 impl ServerAddrs {
-    /// Addresses of `settings.host`: resolved at once when it is a literal IP; otherwise
-    /// empty until [`ServerAddrs::refresh`] (on the resolver thread) has an answer.
+    /// Addresses of `settings.host`: set at once when it is a literal IP; otherwise empty
+    /// until the resolver thread has an answer ([`ServerAddrs::set`]).
     pub fn new(settings: &MetadataCenter) -> Arc<Self> {
-        let literal = settings
-            .host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .ok()
+        let literal = literal_ip(&settings.host)
             .map(|ip| vec![SocketAddr::new(ip, settings.port)])
             .unwrap_or_default();
         Arc::new(Self {
@@ -49,22 +44,11 @@ impl ServerAddrs {
         })
     }
 
-    /// True when the host is a name (not a literal IP) that needs the resolver thread.
-    pub fn needs_resolution(&self) -> bool {
-        self.host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .is_err()
-    }
-
-    /// Resolves the host name (blocking, on the resolver thread only) and keeps the answer
-    /// when it has addresses; a failure keeps the last good list.
-    pub fn refresh(&self) {
-        let Ok(found) = (self.host.as_str(), self.port).to_socket_addrs() else {
-            return;
-        };
-        self.set(found.collect());
+    /// The host name to resolve (`host:port`), or None when the host is a literal IP.
+    pub fn name(&self) -> Option<(&str, u16)> {
+        literal_ip(&self.host)
+            .is_none()
+            .then_some((self.host.as_str(), self.port))
     }
 
     /// Replaces the addresses (sorted, deduplicated); an empty list is ignored.
@@ -80,6 +64,14 @@ impl ServerAddrs {
     pub fn get(&self) -> Arc<Vec<SocketAddr>> {
         self.current.load_full()
     }
+}
+
+/// `host` as an IP address (IPv6 with or without brackets), None for a name.
+fn literal_ip(host: &str) -> Option<IpAddr> {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
 }
 
 /// One entry of `GET /v1/load/stats`.

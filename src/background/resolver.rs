@@ -39,7 +39,10 @@ impl Resolver {
         loop {
             if let Some(server) = &self.server {
                 if Instant::now() >= next_server {
-                    server.refresh();
+                    // A failure keeps the last good addresses.
+                    if let Some(addrs) = server.name().and_then(resolve) {
+                        server.set(addrs);
+                    }
                     next_server = Instant::now() + client::RESOLVE_EVERY;
                 }
             }
@@ -67,15 +70,9 @@ impl Resolver {
     /// clusters are gone.
     fn resolve_clusters(&self) -> bool {
         for (cluster, target) in &self.dns_clusters {
-            let Ok(found) = target.to_socket_addrs() else {
-                continue;
-            };
-            let mut addrs: Vec<SocketAddr> = found.collect();
-            addrs.sort();
-            addrs.dedup();
-            if addrs.is_empty() {
+            let Some(addrs) = resolve(target.as_str()) else {
                 continue; // keep the last good set
-            }
+            };
             let Some(clusters) = self.clusters.upgrade() else {
                 return false;
             };
@@ -83,4 +80,13 @@ impl Resolver {
         }
         true
     }
+}
+
+/// Resolves `target` (blocking: only ever called on this thread): its addresses sorted and
+/// deduplicated, None on failure or an empty answer.
+fn resolve(target: impl ToSocketAddrs) -> Option<Vec<SocketAddr>> {
+    let mut addrs: Vec<SocketAddr> = target.to_socket_addrs().ok()?.collect();
+    addrs.sort();
+    addrs.dedup();
+    (!addrs.is_empty()).then_some(addrs)
 }

@@ -170,7 +170,7 @@ impl Router {
             .collect();
         let addrs = ServerAddrs::new(mc);
         let resolver = Resolver {
-            server: (mc.enabled && addrs.needs_resolution()).then(|| Arc::clone(&addrs)),
+            server: (mc.enabled && addrs.name().is_some()).then(|| Arc::clone(&addrs)),
             dns_clusters: dns,
             clusters: Arc::downgrade(&inner.clusters),
             dns_refresh: Duration::from_millis(inner.config.dns_refresh_ms),

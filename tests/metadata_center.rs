@@ -444,7 +444,13 @@ fn hanging_server_counting() -> (u16, Arc<AtomicUsize>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
+    hang_on(listener, &accepted);
+    (port, accepted)
+}
+
+/// Accepts every connection of `listener` and never answers, counting them in `accepted`.
+fn hang_on(listener: std::net::TcpListener, accepted: &Arc<AtomicUsize>) {
+    let counter = Arc::clone(accepted);
     std::thread::spawn(move || {
         let mut held = Vec::new();
         for conn in listener.incoming().flatten() {
@@ -452,7 +458,6 @@ fn hanging_server_counting() -> (u16, Arc<AtomicUsize>) {
             counter.fetch_add(1, Ordering::SeqCst);
         }
     });
-    (port, accepted)
 }
 
 /// Starts a `pick_async` for a prompt long enough to be looked up; the decision goes to `tx`.
@@ -793,14 +798,7 @@ fn black_holed_replicas_cost_one_timeout_not_one_per_replica() {
     let listener6 = std::net::TcpListener::bind(("::1", port)).ok();
     let accepted = Arc::new(AtomicUsize::new(0));
     for l in std::iter::once(listener4).chain(listener6) {
-        let accepted = Arc::clone(&accepted);
-        std::thread::spawn(move || {
-            let mut held = Vec::new();
-            for conn in l.incoming().flatten() {
-                held.push(conn);
-                accepted.fetch_add(1, Ordering::SeqCst);
-            }
-        });
+        hang_on(l, &accepted);
     }
     let timeout_ms = 100;
     let r = Router::from_json(

@@ -297,8 +297,8 @@ enum llmproxy_status llmproxy_pick(struct llmproxy_router *router,
  * Like `llmproxy_pick`, but may answer `LLMPROXY_PENDING` when the config enables remote
  * cache lookups (`metadata_center.cache_enabled`): then `*out` stays NULL and
  * `cb(user_data, req)` is called exactly once, from the library's lookup thread, with the
- * decision (within `metadata_center.timeout_ms`; on timeout or error the decision uses local
- * data). With any other status `*out` is set as by `llmproxy_pick` and `cb` is never
+ * decision (within `llmproxy_router_pick_deadline_ms`: `metadata_center.timeout_ms` plus a
+ * small slack; on timeout or error the decision uses local data). With any other status `*out` is set as by `llmproxy_pick` and `cb` is never
  * called. A NULL `cb` makes this exactly `llmproxy_pick`.
  *
  * # Safety

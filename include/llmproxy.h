@@ -97,6 +97,12 @@ typedef struct llmproxy_request llmproxy_request;
 typedef struct llmproxy_router llmproxy_router;
 
 /**
+ * Opaque shared-state handle: a region of shared memory mapped by the creating process and
+ * inherited by the processes it forks afterwards.
+ */
+typedef struct llmproxy_shared_state llmproxy_shared_state;
+
+/**
  * A borrowed byte string: `ptr` may be NULL only when `len` is 0.
  */
 typedef struct llmproxy_str {
@@ -277,6 +283,80 @@ const char *llmproxy_router_cluster_header(const struct llmproxy_router *router,
  * `router` must be NULL or valid; `len` may be NULL.
  */
 const char *llmproxy_router_metrics_path(const struct llmproxy_router *router, size_t *len);
+
+/**
+ * Creates (or, by name, finds again) a shared-state region of `size_bytes` (16 MiB–64 GiB).
+ * Call it before fork; routers attach with `llmproxy_router_new_shared` after fork.
+ *
+ * With a `name` (`name_len` > 0), the region is registered in this process under that name
+ * and a later call with the same name and size returns the same region (nginx's master on
+ * reload: learned prefixes and load survive); another size maps a fresh region. Without a
+ * name the region is private to this handle and the routers attached to it.
+ *
+ * The region is unmapped when the handle, the registry entry and every attached router are
+ * gone. On error returns `LLMPROXY_INVALID_ARGUMENT` with the reason in `err`.
+ *
+ * # Safety
+ * `name` must point to `name_len` readable bytes (or be NULL with 0); `out` must be
+ * writable; `err`, when not NULL, must point to `err_cap` writable bytes.
+ */
+enum llmproxy_status llmproxy_shared_state_new(const char *name,
+                                               size_t name_len,
+                                               uint64_t size_bytes,
+                                               struct llmproxy_shared_state **out,
+                                               char *err,
+                                               size_t err_cap);
+
+/**
+ * True when `llmproxy_shared_state_new` found the named region again (false for NULL).
+ *
+ * # Safety
+ * `shared` must be NULL or valid.
+ */
+bool llmproxy_shared_state_reused(const struct llmproxy_shared_state *shared);
+
+/**
+ * Requests in flight on the endpoints of the region, all processes together (0 for NULL).
+ *
+ * # Safety
+ * `shared` must be NULL or valid.
+ */
+uint64_t llmproxy_shared_state_in_flight(const struct llmproxy_shared_state *shared);
+
+/**
+ * Takes back now the load of attached processes that are gone (attached routers also do it
+ * every 500 ms on their own); returns how many were found (0 for NULL).
+ *
+ * # Safety
+ * `shared` must be NULL or valid.
+ */
+uint64_t llmproxy_shared_state_reap(const struct llmproxy_shared_state *shared);
+
+/**
+ * Frees the handle (NULL is a no-op). Attached routers keep the region mapped.
+ *
+ * # Safety
+ * `shared` must come from `llmproxy_shared_state_new` and not be used after this call.
+ */
+void llmproxy_shared_state_free(struct llmproxy_shared_state *shared);
+
+/**
+ * Creates a router like `llmproxy_router_new` whose endpoint load counters, passive health
+ * and prefix index live in `shared`, seen and updated by every router attached to it. Call
+ * it in the process that routes (after fork). Fails with `LLMPROXY_INVALID_CONFIG` as
+ * `llmproxy_router_new` does, or `LLMPROXY_INTERNAL` when all 128 worker slots of the region
+ * are held by live processes.
+ *
+ * # Safety
+ * `config_json` must point to `len` readable bytes; `shared` must be valid; `out` must be
+ * writable; `err`, when not NULL, must point to `err_cap` writable bytes.
+ */
+enum llmproxy_status llmproxy_router_new_shared(const char *config_json,
+                                                size_t len,
+                                                const struct llmproxy_shared_state *shared,
+                                                struct llmproxy_router **out,
+                                                char *err,
+                                                size_t err_cap);
 
 /**
  * Routes one request. `headers` may include `:path` and `:method`. `*out` is always set

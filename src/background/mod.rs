@@ -44,7 +44,7 @@ use crossbeam_channel::{bounded, select, Sender};
 
 use crate::config::MetadataCenter;
 use crate::metrics::RouterMetrics;
-use crate::state::{Clock, Clusters};
+use crate::state::{Clock, Clusters, SharedState};
 use client::{Client, ServerAddrs};
 pub use events::{Event, EventSender, RequestSync};
 pub use resolver::Resolver;
@@ -65,6 +65,22 @@ pub(crate) fn start_resolver(resolver: Resolver) -> std::io::Result<Option<Threa
         return Ok(None);
     }
     spawn_quiet("llmproxy-resolve", move |stop| resolver.run(stop)).map(Some)
+}
+
+/// How often an attached router's reaper looks for dead workers in its shared region.
+pub const REAP_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Starts the reaper of a shared region: every [`REAP_INTERVAL`] it takes back the share of
+/// workers whose process is gone (see [`SharedState::reap_dead_workers`]).
+pub(crate) fn start_reaper(shared: Arc<SharedState>) -> std::io::Result<ThreadGuard> {
+    spawn_quiet("llmproxy-reap", move |stop| loop {
+        match stop.recv_timeout(REAP_INTERVAL) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                shared.reap_dead_workers();
+            }
+            _ => return,
+        }
+    })
 }
 
 /// What the sync thread updates: the router's clusters (held weakly), metrics and clock.

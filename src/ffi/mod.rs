@@ -13,6 +13,7 @@
 //!
 //! One file per handle type, each using only this one and the files before it:
 //! - `router`: the router handle (create, validate, free, endpoints, metrics, options);
+//! - `shared`: the shared-state region (made before fork) and routers attached to it;
 //! - `pick`: picks (synchronous, callback, polled ticket) handing out request handles;
 //! - `request`: the request handle (decision, upstream rewrites, retry, finish);
 //! - `errors`: error bodies and HTTP statuses for errors hosts produce themselves.
@@ -32,6 +33,8 @@ use crate::error::PickError;
 // the modules are declared (blank lines keep rustfmt from sorting the declarations).
 mod router;
 
+mod shared;
+
 mod pick;
 
 mod request;
@@ -42,6 +45,7 @@ pub use errors::*;
 pub use pick::*;
 pub use request::*;
 pub use router::*;
+pub use shared::*;
 
 /// Result of a C ABI call.
 #[repr(C)]

@@ -21,8 +21,21 @@ pub struct llmproxy_router {
 
 impl Handle for llmproxy_router {}
 
+impl llmproxy_router {
+    /// The handle of `router`, with the strings hosts read from it.
+    pub(super) fn new(router: Router) -> Self {
+        let cluster_header = nul_terminated(&router.config().cluster_header);
+        let metrics_path = nul_terminated(&router.config().metrics_path);
+        llmproxy_router {
+            router,
+            cluster_header,
+            metrics_path,
+        }
+    }
+}
+
 /// Writes the outcome of a config check into `err`: "" on success, else the message.
-unsafe fn config_status<T>(
+pub(super) unsafe fn config_status<T>(
     checked: Result<T, crate::ConfigError>,
     err: *mut c_char,
     err_cap: usize,
@@ -64,14 +77,7 @@ pub unsafe extern "C" fn llmproxy_router_new(
         };
         match config_status(Router::from_json(json), err, err_cap) {
             Ok(router) => {
-                let cluster_header = nul_terminated(&router.config().cluster_header);
-                let metrics_path = nul_terminated(&router.config().metrics_path);
-                let handle = llmproxy_router {
-                    router,
-                    cluster_header,
-                    metrics_path,
-                };
-                *out = handle.into_raw();
+                *out = llmproxy_router::new(router).into_raw();
                 LLMPROXY_OK
             }
             Err(status) => status,

@@ -7,9 +7,10 @@ use super::llmproxy_status::{self, *};
 use super::{boundary, boundary_or};
 
 /// Every file of src/ffi/ but this one.
-const SOURCES: [(&str, &str); 5] = [
+const SOURCES: [(&str, &str); 6] = [
     ("mod.rs", include_str!("mod.rs")),
     ("router.rs", include_str!("router.rs")),
+    ("shared.rs", include_str!("shared.rs")),
     ("pick.rs", include_str!("pick.rs")),
     ("request.rs", include_str!("request.rs")),
     ("errors.rs", include_str!("errors.rs")),

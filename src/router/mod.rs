@@ -24,7 +24,7 @@ use crate::background::{self, Event, EventSender, Resolver, SyncTarget, ThreadGr
 use crate::config::{Config, ConfigError, Rule};
 use crate::error::PickError;
 use crate::metrics::{Page, RouterMetrics};
-use crate::state::{Clock, Clusters, PrefixIndex};
+use crate::state::{Attachment, Clock, Clusters, PrefixIndex, SharedState};
 
 mod lookup;
 mod pick;
@@ -54,6 +54,8 @@ pub(crate) struct RouterInner {
     /// Shared with the sync thread (held weakly there).
     clusters: Arc<Clusters>,
     index: PrefixIndex,
+    /// The shared region this router is attached to, if any.
+    shared: Option<Arc<SharedState>>,
     /// Shared with the background threads, which count their calls.
     metrics: Arc<RouterMetrics>,
     clock: Clock,
@@ -99,6 +101,17 @@ impl Router {
 
     /// Builds a router from a validated config.
     pub fn new(config: Config) -> Router {
+        Self::build(config, None)
+    }
+
+    /// Builds a router whose endpoint counters and prefix index live in a shared region
+    /// (created before fork; call this in the process that routes, after fork). Fails when
+    /// the region has no free worker slot.
+    pub fn new_shared(config: Config, shared: &Arc<SharedState>) -> Result<Router, String> {
+        Ok(Self::build(config, Some(shared.attach()?)))
+    }
+
+    fn build(config: Config, shared: Option<Arc<Attachment>>) -> Router {
         let mut models = HashMap::new();
         let mut model_names = Vec::new();
         for (slot, (name, rules)) in config.models.iter().enumerate() {
@@ -112,13 +125,18 @@ impl Router {
             model_names.push(name.clone());
         }
         let specs = config.clusters.clone();
+        let (index, clock) = match &shared {
+            Some(a) => (PrefixIndex::shared(Arc::clone(a.state())), a.state().clock()),
+            None => (PrefixIndex::new(config.prefix_index_capacity), Clock::start()),
+        };
         let inner = Arc::new(RouterInner {
-            index: PrefixIndex::new(config.prefix_index_capacity),
-            clusters: Arc::new(Clusters::new(specs, model_names.len())),
+            index,
+            shared: shared.as_ref().map(|a| Arc::clone(a.state())),
+            clusters: Arc::new(Clusters::new(specs, model_names.len(), shared)),
             models,
             model_names,
             metrics: Arc::new(RouterMetrics::default()),
-            clock: Clock::start(),
+            clock,
             in_flight: AtomicU64::new(0),
             events: OnceLock::new(),
             lookups: OnceLock::new(),
@@ -177,6 +195,11 @@ impl Router {
         };
         if let Ok(Some(guard)) = background::start_resolver(resolver) {
             guards.push(guard);
+        }
+        if let Some(shared) = &inner.shared {
+            if let Ok(guard) = background::start_reaper(Arc::clone(shared)) {
+                guards.push(guard);
+            }
         }
         if mc.enabled {
             let target = SyncTarget {

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use super::Endpoint;
+use super::shared::PRIVATE_ID;
+use super::{Attachment, Endpoint};
 use crate::config::EndpointSpec;
 
 /// An immutable view of a cluster's endpoints, swapped as a whole.
@@ -106,12 +107,20 @@ pub struct Clusters {
     updates: AtomicU64,
     /// Serialises replacements (never taken on the request path).
     update_lock: Mutex<()>,
+    /// The shared region the endpoints' counters live in (None: in each endpoint).
+    shared: Option<Arc<Attachment>>,
 }
 
 impl Clusters {
-    /// An empty registry; `specs` gives configured endpoints their labels and adapters.
-    pub fn new(specs: BTreeMap<String, Vec<EndpointSpec>>, models: usize) -> Self {
+    /// An empty registry; `specs` gives configured endpoints their labels and adapters;
+    /// `shared`, when given, is where new endpoints keep their counters.
+    pub fn new(
+        specs: BTreeMap<String, Vec<EndpointSpec>>,
+        models: usize,
+        shared: Option<Arc<Attachment>>,
+    ) -> Self {
         Self {
+            shared,
             by_name: ArcSwap::from_pointee(HashMap::new()),
             specs,
             models,
@@ -155,11 +164,17 @@ impl Clusters {
         };
         let specs = self.specs.get(cluster);
         c.replace(endpoints, |addr| {
-            let mut e = Endpoint::new(
-                self.next_endpoint_id.fetch_add(1, Ordering::Relaxed),
-                addr,
-                self.models,
-            );
+            let lease = self.shared.as_ref().and_then(|s| s.lease(cluster, addr));
+            let mut e = match lease {
+                Some(lease) => Endpoint::shared(addr, self.models, lease),
+                // In-process, or the region's endpoint table is full: counters of its own,
+                // with an id no other process uses for the prefix index.
+                None => {
+                    let id = self.next_endpoint_id.fetch_add(1, Ordering::Relaxed);
+                    let private = if self.shared.is_some() { PRIVATE_ID } else { 0 };
+                    Endpoint::new(id | private, addr, self.models)
+                }
+            };
             // Labels and adapters come from the config's entry for this address, if any.
             if let Some(spec) = specs.and_then(|s| s.iter().find(|s| s.addr == addr)) {
                 e.labels = spec.labels.clone();

@@ -1,6 +1,11 @@
 //! One model-server replica and its lock-free counters: in-flight requests, prompt characters
 //! still in prefill, passive health (consecutive failures, ejection deadline), the load other
 //! gateways reported for it, and its time-to-first-token histograms.
+//!
+//! The counters ([`EndpointCounters`]) are one struct with one set of update rules whether they
+//! live in the endpoint (in-process router) or in a shared-memory slot (nginx workers); in the
+//! shared case every update is also written to the router's ledger so that a dead worker's
+//! share can be taken back.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -15,9 +20,63 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use crate::prometheus::Histogram;
 
+/// The load and health counters of one endpoint, all atomics (all-zero is the initial state),
+/// `repr(C)` so that the same struct lives either in the endpoint (in-process router) or in a
+/// slot of a shared-memory region (nginx workers, [`super::shared`]).
+#[repr(C)]
+pub struct EndpointCounters {
+    pub(super) in_flight: AtomicU64,
+    pub(super) prefill_chars: AtomicU64,
+    /// The part of `prefill_chars` the endpoint was not expected to hold in its KV cache.
+    pub(super) uncached_prefill_chars: AtomicU64,
+    pub(super) picks: AtomicU64,
+    pub(super) failures: AtomicU64,
+    pub(super) ejections: AtomicU64,
+    pub(super) ejected_until_ms: AtomicU64,
+    /// Load other gateways put on this endpoint, from the last Metadata-Center poll.
+    pub(super) remote_in_flight: AtomicU64,
+    pub(super) remote_prefill: AtomicU64,
+    /// Router time of that poll, ms; 0 = never.
+    pub(super) remote_at_ms: AtomicU64,
+    /// What this gateway has successfully reported to the Metadata-Center and not yet removed.
+    pub(super) reported_in_flight: AtomicU64,
+    pub(super) reported_prefill: AtomicU64,
+    pub(super) consecutive_failures: AtomicU32,
+    _pad: AtomicU32,
+}
+
+impl EndpointCounters {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicU64::new(0),
+            prefill_chars: AtomicU64::new(0),
+            uncached_prefill_chars: AtomicU64::new(0),
+            picks: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            remote_in_flight: AtomicU64::new(0),
+            remote_prefill: AtomicU64::new(0),
+            remote_at_ms: AtomicU64::new(0),
+            reported_in_flight: AtomicU64::new(0),
+            reported_prefill: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            _pad: AtomicU32::new(0),
+        }
+    }
+}
+
+/// Where an endpoint's counters live.
+enum Storage {
+    /// In the endpoint itself (in-process router).
+    Own(Box<EndpointCounters>),
+    /// In a slot of a shared region, with this router's ledger of what it added there.
+    Shared(super::shared::SlotLease),
+}
+
 /// One model-server replica of a cluster.
 pub struct Endpoint {
-    /// Router-unique id, used by the prefix index.
+    /// Router-unique id, used by the prefix index (in shared mode, unique in the region).
     pub id: u32,
     /// Socket address.
     pub addr: SocketAddr,
@@ -27,123 +86,139 @@ pub struct Endpoint {
     pub labels: std::collections::BTreeMap<String, String>,
     /// LoRA adapters this endpoint serves (from the config).
     pub lora_adapters: Vec<String>,
-    in_flight: AtomicU64,
-    prefill_chars: AtomicU64,
-    /// The part of `prefill_chars` the endpoint was not expected to hold in its KV cache.
-    uncached_prefill_chars: AtomicU64,
-    picks: AtomicU64,
-    failures: AtomicU64,
-    ejections: AtomicU64,
-    consecutive_failures: AtomicU32,
-    ejected_until_ms: AtomicU64,
-    /// Load other gateways put on this endpoint, from the last Metadata-Center poll.
-    remote_in_flight: AtomicU64,
-    remote_prefill: AtomicU64,
-    /// Router time of that poll, ms; 0 = never.
-    remote_at_ms: AtomicU64,
-    /// What this router has successfully reported to the Metadata-Center and not yet removed.
-    reported_in_flight: AtomicU64,
-    reported_prefill: AtomicU64,
+    storage: Storage,
     /// Time from pick to first token, per model (indexed like `Router` models), made lazily.
     ttft: Box<[OnceLock<Histogram>]>,
 }
 
+/// The part of a request's load this router added to shared counters, kept per router so a
+/// dead worker's share can be taken back ([`super::shared`]); `None` in-process.
+type Ledger<'a> = Option<&'a super::shared::LedgerEntry>;
+
 impl Endpoint {
-    /// A fresh endpoint with zeroed counters; `models` is the number of TTFT histogram slots.
+    /// A fresh endpoint with zeroed counters of its own; `models` is the number of TTFT
+    /// histogram slots.
     pub fn new(id: u32, addr: SocketAddr, models: usize) -> Self {
+        Self::with_storage(id, addr, models, Storage::Own(Box::new(EndpointCounters::new())))
+    }
+
+    /// An endpoint whose counters live in a shared region slot.
+    pub(super) fn shared(addr: SocketAddr, models: usize, lease: super::shared::SlotLease) -> Self {
+        Self::with_storage(lease.endpoint_id(), addr, models, Storage::Shared(lease))
+    }
+
+    fn with_storage(id: u32, addr: SocketAddr, models: usize, storage: Storage) -> Self {
         Self {
             id,
             addr,
             address: addr.to_string(),
             labels: Default::default(),
             lora_adapters: Vec::new(),
-            in_flight: AtomicU64::new(0),
-            prefill_chars: AtomicU64::new(0),
-            uncached_prefill_chars: AtomicU64::new(0),
-            picks: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            ejections: AtomicU64::new(0),
-            consecutive_failures: AtomicU32::new(0),
-            ejected_until_ms: AtomicU64::new(0),
-            remote_in_flight: AtomicU64::new(0),
-            remote_prefill: AtomicU64::new(0),
-            remote_at_ms: AtomicU64::new(0),
-            reported_in_flight: AtomicU64::new(0),
-            reported_prefill: AtomicU64::new(0),
+            storage,
             ttft: (0..models).map(|_| OnceLock::new()).collect(),
         }
     }
 
+    fn c(&self) -> &EndpointCounters {
+        match &self.storage {
+            Storage::Own(c) => c,
+            Storage::Shared(lease) => lease.counters(),
+        }
+    }
+
+    fn ledger(&self) -> Ledger<'_> {
+        match &self.storage {
+            Storage::Own(_) => None,
+            Storage::Shared(lease) => Some(lease.ledger()),
+        }
+    }
+
+    /// True when the counters live in a shared region.
+    pub fn is_shared(&self) -> bool {
+        !matches!(self.storage, Storage::Own(_))
+    }
+
     /// Requests picked for this endpoint and not yet finished.
     pub fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.c().in_flight.load(Ordering::Relaxed)
     }
 
     /// Prompt characters of requests that have not produced their first token yet.
     pub fn prefill_chars(&self) -> u64 {
-        self.prefill_chars.load(Ordering::Relaxed)
+        self.c().prefill_chars.load(Ordering::Relaxed)
     }
 
     /// Prompt characters still in prefill that the endpoint must compute (not cached).
     pub fn uncached_prefill_chars(&self) -> u64 {
-        self.uncached_prefill_chars.load(Ordering::Relaxed)
+        self.c().uncached_prefill_chars.load(Ordering::Relaxed)
     }
 
     /// Total picks of this endpoint.
     pub fn picks(&self) -> u64 {
-        self.picks.load(Ordering::Relaxed)
+        self.c().picks.load(Ordering::Relaxed)
     }
 
     /// Total failed requests (502/503/504 from upstream).
     pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
+        self.c().failures.load(Ordering::Relaxed)
     }
 
     /// Total times this endpoint was ejected.
     pub fn ejections(&self) -> u64 {
-        self.ejections.load(Ordering::Relaxed)
+        self.c().ejections.load(Ordering::Relaxed)
     }
 
     /// Accounts a new request with `prompt_chars` of prompt, `uncached_chars` of which the
     /// endpoint must compute.
     pub fn acquire(&self, prompt_chars: u64, uncached_chars: u64) {
-        self.picks.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.prefill_chars
-            .fetch_add(prompt_chars, Ordering::Relaxed);
-        self.uncached_prefill_chars
+        let c = self.c();
+        c.picks.fetch_add(1, Ordering::Relaxed);
+        c.in_flight.fetch_add(1, Ordering::Relaxed);
+        c.prefill_chars.fetch_add(prompt_chars, Ordering::Relaxed);
+        c.uncached_prefill_chars
             .fetch_add(uncached_chars, Ordering::Relaxed);
+        if let Some(l) = self.ledger() {
+            l.add(1, prompt_chars, uncached_chars);
+        }
     }
 
     /// Releases the prefill part of a request (first token seen).
     pub fn release_prefill(&self, prompt_chars: u64, uncached_chars: u64) {
-        saturating_sub(&self.prefill_chars, prompt_chars);
-        saturating_sub(&self.uncached_prefill_chars, uncached_chars);
+        let c = self.c();
+        saturating_sub(&c.prefill_chars, prompt_chars);
+        saturating_sub(&c.uncached_prefill_chars, uncached_chars);
+        if let Some(l) = self.ledger() {
+            l.sub(0, prompt_chars, uncached_chars);
+        }
     }
 
     /// Releases the request itself (finished).
     pub fn release_request(&self) {
-        saturating_sub(&self.in_flight, 1);
+        saturating_sub(&self.c().in_flight, 1);
+        if let Some(l) = self.ledger() {
+            l.sub(1, 0, 0);
+        }
     }
 
     /// True when the endpoint is ejected at `now_ms`.
     pub fn is_ejected(&self, now_ms: u64) -> bool {
-        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+        self.c().ejected_until_ms.load(Ordering::Relaxed) > now_ms
     }
 
     /// Records a failed request; ejects the endpoint for `eject_ms` after `threshold`
     /// consecutive failures. Returns true when this failure ejected it.
     pub fn record_failure(&self, now_ms: u64, threshold: u32, eject_ms: u64) -> bool {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let c = self.c();
+        c.failures.fetch_add(1, Ordering::Relaxed);
+        let n = c.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if threshold == 0 || n < threshold {
             return false;
         }
-        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        let until = c.ejected_until_ms.load(Ordering::Relaxed);
         // Of the failures racing past the threshold on different workers, one ejects
         // (found by tests/loom_state.rs: a plain store ejected, and counted, once per worker).
         if until > now_ms
-            || self
+            || c
                 .ejected_until_ms
                 .compare_exchange(
                     until,
@@ -156,15 +231,15 @@ impl Endpoint {
             return false;
         }
         // After the ejection ends, one more failure ejects again (half-open).
-        self.consecutive_failures
+        c.consecutive_failures
             .store(threshold.saturating_sub(1), Ordering::Relaxed);
-        self.ejections.fetch_add(1, Ordering::Relaxed);
+        c.ejections.fetch_add(1, Ordering::Relaxed);
         true
     }
 
     /// Records a successful request: the failure streak ends.
     pub fn record_success(&self) {
-        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.c().consecutive_failures.store(0, Ordering::Relaxed);
     }
 
     /// The endpoint's name on the Metadata-Center wire.
@@ -177,41 +252,50 @@ impl Endpoint {
 
     /// The sync thread delivered an add of `prompt_chars`.
     pub fn reported_add(&self, prompt_chars: u64) {
-        self.reported_in_flight.fetch_add(1, Ordering::Relaxed);
-        self.reported_prefill
-            .fetch_add(prompt_chars, Ordering::Relaxed);
+        let c = self.c();
+        c.reported_in_flight.fetch_add(1, Ordering::Relaxed);
+        c.reported_prefill.fetch_add(prompt_chars, Ordering::Relaxed);
+        if let Some(l) = self.ledger() {
+            l.add_reported(1, prompt_chars);
+        }
     }
 
     /// The sync thread delivered a release of `requests` and `prompt_chars`.
     pub fn reported_release(&self, requests: u64, prompt_chars: u64) {
-        saturating_sub(&self.reported_in_flight, requests);
-        saturating_sub(&self.reported_prefill, prompt_chars);
+        let c = self.c();
+        saturating_sub(&c.reported_in_flight, requests);
+        saturating_sub(&c.reported_prefill, prompt_chars);
+        if let Some(l) = self.ledger() {
+            l.sub_reported(requests, prompt_chars);
+        }
     }
 
-    /// Stores a polled total, minus what this router itself reported (so its own requests,
+    /// Stores a polled total, minus what this gateway itself reported (so its own requests,
     /// counted live in the local atomics, are not counted twice).
     pub fn set_remote_load(&self, total_in_flight: u64, total_prefill: u64, at_ms: u64) {
-        let own_q = self.reported_in_flight.load(Ordering::Relaxed);
-        let own_l = self.reported_prefill.load(Ordering::Relaxed);
-        self.remote_in_flight
+        let c = self.c();
+        let own_q = c.reported_in_flight.load(Ordering::Relaxed);
+        let own_l = c.reported_prefill.load(Ordering::Relaxed);
+        c.remote_in_flight
             .store(total_in_flight.saturating_sub(own_q), Ordering::Relaxed);
-        self.remote_prefill
+        c.remote_prefill
             .store(total_prefill.saturating_sub(own_l), Ordering::Relaxed);
-        self.remote_at_ms.store(at_ms.max(1), Ordering::Relaxed);
+        c.remote_at_ms.store(at_ms.max(1), Ordering::Relaxed);
     }
 
     /// Requests other gateways had in flight here at the last poll (0 when never polled).
     pub fn remote_in_flight(&self) -> u64 {
-        self.remote_in_flight.load(Ordering::Relaxed)
+        self.c().remote_in_flight.load(Ordering::Relaxed)
     }
 
     /// Load other gateways put here, if polled within `stale_ms` of `now_ms`.
     pub fn remote_load(&self, now_ms: u64, stale_ms: u64) -> Option<(u64, u64)> {
-        let at = self.remote_at_ms.load(Ordering::Relaxed);
+        let c = self.c();
+        let at = c.remote_at_ms.load(Ordering::Relaxed);
         (at != 0 && now_ms.saturating_sub(at) <= stale_ms).then(|| {
             (
-                self.remote_in_flight.load(Ordering::Relaxed),
-                self.remote_prefill.load(Ordering::Relaxed),
+                c.remote_in_flight.load(Ordering::Relaxed),
+                c.remote_prefill.load(Ordering::Relaxed),
             )
         })
     }
@@ -232,7 +316,7 @@ impl Endpoint {
     }
 }
 
-fn saturating_sub(a: &AtomicU64, v: u64) {
+pub(super) fn saturating_sub(a: &AtomicU64, v: u64) {
     let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
         Some(x.saturating_sub(v))
     });

@@ -8,41 +8,28 @@
 //!   swapped atomically (readers never lock); the registry that replaces sets;
 //! - [`PrefixIndex`] (`prefix_index.rs`): chunk hash → endpoints that recently served a
 //!   prompt with that prefix, bounded and evicted least-recently-used;
-//! - [`Clock`]: the router's millisecond clock, shared with its background threads.
+//! - [`Clock`] (`clock.rs`): the router's millisecond clock, shared with its background threads;
+//! - [`SharedState`] (`shared.rs`): a shared-memory region holding the endpoint counters and
+//!   the prefix index for every process of a host (nginx workers), with per-worker ledgers so
+//!   that a dead worker's load is taken back.
 //!
 //! Endpoints are shared by `Arc`: a request keeps its endpoint alive until it finishes, so an
 //! endpoint removed from its cluster mid-request still gets its counters released.
+//!
+//! One code path serves both modes: the counters ([`EndpointCounters`]) and the prefix index
+//! are the same structures, on the router's own memory or in a shared region.
 
+mod clock;
 mod cluster;
 mod endpoint;
 mod prefix_index;
+pub mod shared;
 
-use std::time::Instant;
-
+pub use clock::{monotonic_ms, Clock};
 pub use cluster::{Cluster, Clusters, EndpointSet};
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, EndpointCounters};
 pub use prefix_index::PrefixIndex;
-
-/// Milliseconds since the router started: the time base of ejection deadlines, remote-load
-/// timestamps and cluster activity.
-#[derive(Clone, Copy)]
-pub struct Clock {
-    epoch: Instant,
-}
-
-impl Clock {
-    /// A clock starting now.
-    pub fn start() -> Self {
-        Self {
-            epoch: Instant::now(),
-        }
-    }
-
-    /// Milliseconds since the start.
-    pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-}
+pub use shared::{Attachment, SharedState, SharedStats};
 
 #[cfg(test)]
 mod tests {

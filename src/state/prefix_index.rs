@@ -1,47 +1,99 @@
-//! The prefix index: chunk hash → endpoints that recently served a prompt with that prefix,
-//! bounded and evicted least-recently-used.
+//! The prefix index: chunk hash → endpoints that recently served a prompt with that prefix.
+//!
+//! One lock-free, set-associative table, the same code whether it lives in the router's own
+//! memory (in-process router) or in a shared region (nginx workers, [`super::shared`]):
+//! - a chunk hash maps to a set of [`WAYS`] entries; each entry holds the hash, its last use
+//!   and up to [`HOLDERS_PER_ENTRY`] holders (endpoint id + last use);
+//! - a new hash takes an empty way of its set or evicts the least recently used one, so the
+//!   table never grows and the index is least-recently-used within each set;
+//! - entries are claimed with compare-and-swap, everything else is a plain atomic store: a
+//!   reader racing a writer may see a holder a moment early or late, which only changes a
+//!   routing hint, never memory safety. No lock exists, so no process can die holding one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
-
-use lru::LruCache;
 
 use super::EndpointSet;
 
 /// Who recently served a prefix: at most this many endpoints per chunk hash.
-const HOLDERS_PER_ENTRY: usize = 4;
-const INDEX_SHARDS: usize = 32;
+pub const HOLDERS_PER_ENTRY: usize = 4;
+/// Entries per set.
+pub const WAYS: usize = 8;
 
-#[derive(Clone, Copy)]
-struct Holder {
-    endpoint: u32,
-    last_use_ms: u64,
+/// One entry (one cache line): a chunk hash, its last use, its holders.
+#[repr(C, align(64))]
+pub struct Way {
+    /// The chunk hash; 0 = empty.
+    key: AtomicU64,
+    /// Index time of the last record or match (for eviction).
+    last_use: AtomicU64,
+    /// Holder: endpoint id in the high 32 bits, index time of its last use in the low 32
+    /// bits (0 = empty).
+    holders: [AtomicU64; HOLDERS_PER_ENTRY],
 }
 
-/// Bounded map from chunk hash to the endpoints that recently served that prefix.
-///
-/// Sharded by hash; each shard is an LRU under a read-write lock (lookups only read).
-pub struct PrefixIndex {
-    shards: Vec<RwLock<LruCache<u64, Vec<Holder>>>>,
-    /// Entries per shard; shards grow on demand up to it (nothing is allocated up front).
-    per_shard: usize,
+/// Counters of an index (in the shared region's header in shared mode).
+#[repr(C)]
+#[derive(Default)]
+pub struct IndexStats {
+    occupied: AtomicU64,
     evictions: AtomicU64,
 }
 
+/// Where the table lives.
+enum Memory {
+    /// The router's own zeroed allocation (pages are committed as they are touched).
+    Own {
+        ways: Box<[Way]>,
+        stats: IndexStats,
+    },
+    /// A shared region (kept mapped by the `Arc`).
+    Shared(std::sync::Arc<super::SharedState>),
+}
+
+/// Bounded map from chunk hash to the endpoints that recently served that prefix.
+pub struct PrefixIndex {
+    memory: Memory,
+    sets: usize,
+    /// Endpoint ids the index does not record (ids that mean nothing to other processes).
+    skip_ids: u32,
+}
+
 impl PrefixIndex {
-    /// An index holding at most about `capacity` chunk hashes.
+    /// An index in the router's own memory, holding at most about `capacity` chunk hashes.
     pub fn new(capacity: usize) -> Self {
+        let sets = capacity.div_ceil(WAYS).max(1);
         Self {
-            shards: (0..INDEX_SHARDS)
-                .map(|_| RwLock::new(LruCache::unbounded()))
-                .collect(),
-            per_shard: capacity.div_ceil(INDEX_SHARDS).max(1),
-            evictions: AtomicU64::new(0),
+            memory: Memory::Own {
+                ways: zeroed_ways(sets * WAYS),
+                stats: IndexStats::default(),
+            },
+            sets,
+            skip_ids: 0,
         }
     }
 
-    fn shard(&self, hash: u64) -> &RwLock<LruCache<u64, Vec<Holder>>> {
-        &self.shards[(hash >> 59) as usize % INDEX_SHARDS]
+    /// The index of a shared region.
+    pub fn shared(state: std::sync::Arc<super::SharedState>) -> Self {
+        let sets = state.index_table().0.len() / WAYS;
+        Self {
+            memory: Memory::Shared(state),
+            sets,
+            skip_ids: super::shared::PRIVATE_ID,
+        }
+    }
+
+    fn table(&self) -> (&[Way], &IndexStats) {
+        match &self.memory {
+            Memory::Own { ways, stats } => (ways, stats),
+            Memory::Shared(state) => state.index_table(),
+        }
+    }
+
+    /// The ways of the set `hash` maps to.
+    fn set(&self, hash: u64) -> &[Way] {
+        // Multiply-shift maps the hash uniformly onto any number of sets.
+        let s = ((hash as u128 * self.sets as u128) >> 64) as usize;
+        &self.table().0[s * WAYS..(s + 1) * WAYS]
     }
 
     /// For each endpoint of `set`, how many leading chunks of `hashes` it is known to hold.
@@ -50,17 +102,25 @@ impl PrefixIndex {
     /// holds (hashes are cumulative: a longer prefix implies the shorter ones).
     pub fn matched_chunks(&self, hashes: &[u64], set: &EndpointSet) -> Vec<usize> {
         let mut depth = vec![0usize; set.endpoints.len()];
-        for (i, h) in hashes.iter().enumerate() {
-            let shard = self.shard(*h).read().unwrap_or_else(|p| p.into_inner());
-            let Some(holders) = shard.peek(h) else { break };
+        for (i, &h) in hashes.iter().enumerate() {
+            let key = nonzero(h);
+            let Some(way) = self.set(h).iter().find(|w| w.key.load(Ordering::Acquire) == key)
+            else {
+                break;
+            };
             let mut any = false;
-            for holder in holders {
-                if let Some(&pos) = set.position.get(&holder.endpoint) {
+            for holder in &way.holders {
+                let v = holder.load(Ordering::Relaxed);
+                if v == 0 {
+                    continue;
+                }
+                if let Some(&pos) = set.position.get(&((v >> 32) as u32)) {
                     depth[pos] = i + 1;
                     any = true;
                 }
             }
-            if !any {
+            // The entry was taken over for another hash while we read it: stop here.
+            if !any || way.key.load(Ordering::Acquire) != key {
                 break;
             }
         }
@@ -69,44 +129,63 @@ impl PrefixIndex {
 
     /// Records that `endpoint` now holds every prefix in `hashes`.
     pub fn record(&self, hashes: &[u64], endpoint: u32, now_ms: u64) {
-        for h in hashes {
-            let mut shard = self.shard(*h).write().unwrap_or_else(|p| p.into_inner());
-            if let Some(holders) = shard.get_mut(h) {
-                if let Some(x) = holders.iter_mut().find(|x| x.endpoint == endpoint) {
-                    x.last_use_ms = now_ms;
-                } else if holders.len() < HOLDERS_PER_ENTRY {
-                    holders.push(Holder {
-                        endpoint,
-                        last_use_ms: now_ms,
-                    });
-                } else if let Some(oldest) = holders.iter_mut().min_by_key(|x| x.last_use_ms) {
-                    *oldest = Holder {
-                        endpoint,
-                        last_use_ms: now_ms,
-                    };
+        if endpoint & self.skip_ids != 0 {
+            return;
+        }
+        let stamp = stamp(now_ms);
+        let holder = (endpoint as u64) << 32 | stamp as u64;
+        for &h in hashes {
+            let key = nonzero(h);
+            let ways = self.set(h);
+            let way = match ways.iter().find(|w| w.key.load(Ordering::Acquire) == key) {
+                Some(w) => w,
+                None => match self.claim(ways, key) {
+                    Some(w) => w,
+                    None => continue,
+                },
+            };
+            way.last_use.store(now_ms.max(1), Ordering::Relaxed);
+            set_holder(way, endpoint, holder, stamp);
+        }
+    }
+
+    /// Takes an empty way of the set, or the least recently used one, for `key`.
+    fn claim<'a>(&self, ways: &'a [Way], key: u64) -> Option<&'a Way> {
+        let stats = self.table().1;
+        for _ in 0..4 {
+            let victim = ways
+                .iter()
+                .min_by_key(|w| match w.key.load(Ordering::Relaxed) {
+                    0 => 0,
+                    _ => w.last_use.load(Ordering::Relaxed).max(1),
+                })
+                .expect("a set has ways");
+            let old = victim.key.load(Ordering::Acquire);
+            if old == key {
+                return Some(victim);
+            }
+            if victim
+                .key
+                .compare_exchange(old, key, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                for h in &victim.holders {
+                    h.store(0, Ordering::Relaxed);
                 }
-            } else {
-                if shard.len() >= self.per_shard {
-                    shard.pop_lru();
-                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                if old == 0 {
+                    stats.occupied.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    stats.evictions.fetch_add(1, Ordering::Relaxed);
                 }
-                shard.put(
-                    *h,
-                    vec![Holder {
-                        endpoint,
-                        last_use_ms: now_ms,
-                    }],
-                );
+                return Some(victim);
             }
         }
+        None
     }
 
     /// Number of chunk hashes held.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len())
-            .sum()
+        self.table().1.occupied.load(Ordering::Relaxed) as usize
     }
 
     /// True when the index holds nothing.
@@ -116,6 +195,59 @@ impl PrefixIndex {
 
     /// Entries evicted so far to stay within capacity.
     pub fn evictions(&self) -> u64 {
-        self.evictions.load(Ordering::Relaxed)
+        self.table().1.evictions.load(Ordering::Relaxed)
     }
+
+    /// Chunk hashes the index holds at most.
+    pub fn capacity(&self) -> usize {
+        self.sets * WAYS
+    }
+}
+
+/// Updates `endpoint`'s holder of `way`, or adds it in an empty holder or over the oldest.
+fn set_holder(way: &Way, endpoint: u32, holder: u64, now: u32) {
+    // The holder's own entry first: an endpoint is never held twice.
+    if let Some(h) = way
+        .holders
+        .iter()
+        .find(|h| (h.load(Ordering::Relaxed) >> 32) as u32 == endpoint)
+    {
+        h.store(holder, Ordering::Relaxed);
+        return;
+    }
+    let free_or_oldest = way
+        .holders
+        .iter()
+        .max_by_key(|h| match h.load(Ordering::Relaxed) {
+            0 => u32::MAX,
+            // Age, correct across the stamp's wrap-around.
+            v => now.wrapping_sub(v as u32).min(u32::MAX - 1),
+        })
+        .expect("an entry has holders");
+    free_or_oldest.store(holder, Ordering::Relaxed);
+}
+
+/// The holder time stamp: index time in ms, truncated (ages are taken modulo 2^32), never 0.
+fn stamp(now_ms: u64) -> u32 {
+    (now_ms as u32).max(1)
+}
+
+/// `n` empty ways from a zeroed allocation: large ones come straight from the kernel's zero
+/// pages and use memory only as entries are written.
+fn zeroed_ways(n: usize) -> Box<[Way]> {
+    let layout = std::alloc::Layout::array::<Way>(n).expect("index size fits in memory");
+    // SAFETY: `layout` has a non-zero size (n >= WAYS); a `Way` is atomics only, so all-zero
+    // bytes are a valid (empty) way; the box frees with the same array layout.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout).cast::<Way>();
+        if p.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, n))
+    }
+}
+
+/// Keys are never 0 (the empty marker).
+fn nonzero(h: u64) -> u64 {
+    h.max(1)
 }

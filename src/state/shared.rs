@@ -1,0 +1,829 @@
+//! The shared-state region: one routing state for every process of a host (nginx workers).
+//!
+//! A fixed-size anonymous `MAP_SHARED` mapping, created before fork (nginx's master, in
+//! `init_by_lua`) and inherited by every worker, holds:
+//! - a header: magic, layout version, sizes, the region's clock epoch, statistics;
+//! - a worker table ([`MAX_WORKERS`] slots): one per attached router, with its process id and
+//!   start time, so that a dead worker is recognised and its share taken back;
+//! - an endpoint table ([`ENDPOINT_SLOTS`] slots) keyed by hash(cluster, address): each slot
+//!   holds the endpoint's [`EndpointCounters`] and a bit per attached worker;
+//! - a ledger: per (worker, endpoint), what that worker added to the endpoint's load counters
+//!   and has not taken back yet;
+//! - the prefix index's set-associative table ([`super::PrefixIndex`]), sized to the rest.
+//!
+//! Everything is addressed by offset from the base (position-independent) and made of atomics
+//! whose all-zero state is valid; no lock lives in the region, so a worker killed at any
+//! instruction cannot wedge the others. A worker that dies leaves its ledger behind; the
+//! reaper ([`SharedState::reap_dead_workers`], run by every attached router's upkeep thread)
+//! subtracts it from the endpoints' counters: no phantom load outlives a crash by more than
+//! the reap interval.
+//!
+//! Regions are reused by name within a process ([`SharedState::named`]): nginx's master runs
+//! `init_by_lua` again on every reload, gets the same region back when size and layout are
+//! unchanged (learned prefixes and load survive), and a fresh one otherwise.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::clock::monotonic_ms;
+use super::endpoint::{saturating_sub, EndpointCounters};
+use super::prefix_index::{IndexStats, Way, WAYS};
+use super::Clock;
+
+/// Version of the region layout; a region with another version is never read.
+pub const LAYOUT_VERSION: u32 = 1;
+const MAGIC: u64 = u64::from_le_bytes(*b"LLMPXSHM");
+/// Routers (worker processes) attached at once, old and new generation during a reload.
+pub const MAX_WORKERS: usize = 128;
+/// Distinct (cluster, address) pairs the region holds; more are routed with per-worker counters.
+pub const ENDPOINT_SLOTS: usize = 2048;
+/// Smallest region: the tables above plus a prefix index of useful size.
+pub const MIN_SIZE: usize = 16 << 20;
+/// Largest region.
+pub const MAX_SIZE: usize = 64 << 30;
+
+/// Worker slot states besides a process id.
+const FREE: u32 = 0;
+const REAPING: u32 = u32::MAX;
+/// Endpoint slot key while a slot is being taken over for another endpoint.
+const RECLAIMING: u64 = u64::MAX;
+/// Endpoint ids with this bit are per-router (the region's endpoint table was full).
+pub const PRIVATE_ID: u32 = 1 << 31;
+
+#[repr(C)]
+struct Header {
+    magic: u64,
+    version: u32,
+    max_workers: u32,
+    endpoint_slots: u32,
+    _reserved: u32,
+    size: u64,
+    index_sets: u64,
+    epoch_ms: u64,
+    index: IndexStats,
+    endpoint_overflow: AtomicU64,
+    reaped_workers: AtomicU64,
+    attaches: AtomicU64,
+}
+
+#[repr(C)]
+struct WorkerSlot {
+    /// FREE, the attached process's id, or REAPING.
+    state: AtomicU32,
+    /// Process id of the reaper while REAPING (a reaper that dies is taken over).
+    reaper: AtomicU32,
+    /// Start time of the process (`/proc/<pid>/stat` field 22): tells a reused pid apart.
+    start_time: AtomicU64,
+}
+
+#[repr(C, align(64))]
+struct EndpointSlot {
+    /// Hash of (cluster, address); 0 = never used; RECLAIMING while taken over.
+    key: AtomicU64,
+    /// One bit per worker slot holding an endpoint on this slot.
+    attached: [AtomicU64; MAX_WORKERS / 64],
+    /// Bumped on every (re)use: part of the endpoint id, so old prefix-index entries of a
+    /// reused slot never match the new endpoint.
+    generation: AtomicU32,
+    _reserved: AtomicU32,
+    counters: EndpointCounters,
+}
+
+/// What one router added to one endpoint's counters (so that it can be taken back when the
+/// router's process dies), and how many of the router's endpoint objects use the slot.
+#[repr(C)]
+pub struct LedgerEntry {
+    refs: AtomicU32,
+    in_flight: AtomicU32,
+    reported_in_flight: AtomicU32,
+    _reserved: AtomicU32,
+    prefill: AtomicU64,
+    uncached: AtomicU64,
+    reported_prefill: AtomicU64,
+}
+
+impl LedgerEntry {
+    pub(super) fn add(&self, requests: u32, prefill: u64, uncached: u64) {
+        self.in_flight.fetch_add(requests, Ordering::Relaxed);
+        self.prefill.fetch_add(prefill, Ordering::Relaxed);
+        self.uncached.fetch_add(uncached, Ordering::Relaxed);
+    }
+
+    pub(super) fn sub(&self, requests: u32, prefill: u64, uncached: u64) {
+        sub32(&self.in_flight, requests);
+        saturating_sub(&self.prefill, prefill);
+        saturating_sub(&self.uncached, uncached);
+    }
+
+    pub(super) fn add_reported(&self, requests: u32, prefill: u64) {
+        self.reported_in_flight
+            .fetch_add(requests, Ordering::Relaxed);
+        self.reported_prefill.fetch_add(prefill, Ordering::Relaxed);
+    }
+
+    pub(super) fn sub_reported(&self, requests: u64, prefill: u64) {
+        sub32(&self.reported_in_flight, requests.min(u32::MAX as u64) as u32);
+        saturating_sub(&self.reported_prefill, prefill);
+    }
+
+    /// Takes everything recorded here back out of `c` and zeroes the entry.
+    fn take_back(&self, c: &EndpointCounters) {
+        let n = self.in_flight.swap(0, Ordering::AcqRel) as u64;
+        saturating_sub(&c.in_flight, n);
+        saturating_sub(&c.prefill_chars, self.prefill.swap(0, Ordering::AcqRel));
+        saturating_sub(
+            &c.uncached_prefill_chars,
+            self.uncached.swap(0, Ordering::AcqRel),
+        );
+        let r = self.reported_in_flight.swap(0, Ordering::AcqRel) as u64;
+        saturating_sub(&c.reported_in_flight, r);
+        saturating_sub(
+            &c.reported_prefill,
+            self.reported_prefill.swap(0, Ordering::AcqRel),
+        );
+    }
+}
+
+fn sub32(a: &AtomicU32, v: u32) {
+    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
+        Some(x.saturating_sub(v))
+    });
+}
+
+/// Byte offsets of the tables, from the size alone (the same size gives the same layout).
+#[derive(Clone, Copy, PartialEq, Debug)]
+struct Layout {
+    workers: usize,
+    endpoints: usize,
+    ledger: usize,
+    index: usize,
+    index_sets: usize,
+}
+
+const PAGE: usize = 4096;
+
+fn round_up(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
+}
+
+impl Layout {
+    fn for_size(size: usize) -> Layout {
+        let workers = PAGE;
+        let endpoints = round_up(workers + MAX_WORKERS * size_of::<WorkerSlot>(), PAGE);
+        let ledger = round_up(endpoints + ENDPOINT_SLOTS * size_of::<EndpointSlot>(), PAGE);
+        let index = round_up(
+            ledger + MAX_WORKERS * ENDPOINT_SLOTS * size_of::<LedgerEntry>(),
+            PAGE,
+        );
+        let index_sets = size.saturating_sub(index) / (WAYS * size_of::<Way>());
+        Layout {
+            workers,
+            endpoints,
+            ledger,
+            index,
+            index_sets,
+        }
+    }
+}
+
+/// A shared-state region (see the module docs). Shared by `Arc` between the host's handle,
+/// the name registry and every router attached to it; unmapped when the last one goes.
+pub struct SharedState {
+    base: *mut u8,
+    size: usize,
+    layout: Layout,
+}
+
+// SAFETY: the region is only accessed through atomics (`&Header`, `&WorkerSlot`, … are made
+// of atomics and plain fields written once before the region is shared).
+unsafe impl Send for SharedState {}
+// SAFETY: as above.
+unsafe impl Sync for SharedState {}
+
+/// Regions by name, kept for the life of the process (nginx's master across reloads).
+static NAMED: Mutex<Option<HashMap<String, Arc<SharedState>>>> = Mutex::new(None);
+
+impl SharedState {
+    /// Maps a fresh region of `size` bytes, shared with processes forked after this call.
+    pub fn create(size: usize) -> Result<Arc<SharedState>, String> {
+        if cfg!(loom) {
+            return Err("shared state is not available in a loom build".into());
+        }
+        if !(MIN_SIZE..=MAX_SIZE).contains(&size) {
+            return Err(format!(
+                "size must be within {} MiB–{} GiB, got {size} bytes",
+                MIN_SIZE >> 20,
+                MAX_SIZE >> 30
+            ));
+        }
+        let layout = Layout::for_size(size);
+        // SAFETY: a fresh anonymous mapping; no address hint, no file.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(format!(
+                "mmap of {size} bytes failed: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let state = SharedState {
+            base: base.cast(),
+            size,
+            layout,
+        };
+        // SAFETY: the header lies at offset 0 of the fresh, zeroed, private-to-us mapping.
+        let h = unsafe { &mut *state.base.cast::<Header>() };
+        h.magic = MAGIC;
+        h.version = LAYOUT_VERSION;
+        h.max_workers = MAX_WORKERS as u32;
+        h.endpoint_slots = ENDPOINT_SLOTS as u32;
+        h.size = size as u64;
+        h.index_sets = layout.index_sets as u64;
+        // Epoch a little in the past: timestamps of 0 mean "never" in the counters.
+        h.epoch_ms = monotonic_ms().saturating_sub(1);
+        Ok(Arc::new(state))
+    }
+
+    /// The region registered under `name` in this process when its size and layout match,
+    /// else a fresh one (which replaces it in the registry). The flag says whether the region
+    /// was reused.
+    pub fn named(name: &str, size: usize) -> Result<(Arc<SharedState>, bool), String> {
+        let mut registry = NAMED.lock().unwrap_or_else(|p| p.into_inner());
+        let map = registry.get_or_insert_with(HashMap::new);
+        if let Some(existing) = map.get(name) {
+            if existing.size == size && existing.check().is_ok() {
+                return Ok((Arc::clone(existing), true));
+            }
+        }
+        let fresh = SharedState::create(size)?;
+        map.insert(name.to_string(), Arc::clone(&fresh));
+        Ok((fresh, false))
+    }
+
+    /// Checks the header against this build's layout (never read a region of another one).
+    fn check(&self) -> Result<(), String> {
+        let h = self.header();
+        if h.magic != MAGIC
+            || h.version != LAYOUT_VERSION
+            || h.max_workers as usize != MAX_WORKERS
+            || h.endpoint_slots as usize != ENDPOINT_SLOTS
+            || h.size as usize != self.size
+            || h.index_sets as usize != self.layout.index_sets
+        {
+            return Err(format!(
+                "region layout mismatch (version {} here, {} in the region)",
+                LAYOUT_VERSION, h.version
+            ));
+        }
+        Ok(())
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: offset 0, inside the mapping, aligned to a page.
+        unsafe { &*self.base.cast::<Header>() }
+    }
+
+    fn worker(&self, w: usize) -> &WorkerSlot {
+        assert!(w < MAX_WORKERS);
+        // SAFETY: in bounds of the worker table, which the layout places inside the mapping.
+        unsafe { &*self.base.add(self.layout.workers).cast::<WorkerSlot>().add(w) }
+    }
+
+    fn endpoint(&self, e: usize) -> &EndpointSlot {
+        assert!(e < ENDPOINT_SLOTS);
+        // SAFETY: in bounds of the endpoint table.
+        unsafe {
+            &*self
+                .base
+                .add(self.layout.endpoints)
+                .cast::<EndpointSlot>()
+                .add(e)
+        }
+    }
+
+    fn ledger(&self, w: usize, e: usize) -> &LedgerEntry {
+        assert!(w < MAX_WORKERS && e < ENDPOINT_SLOTS);
+        // SAFETY: in bounds of the ledger table.
+        unsafe {
+            &*self
+                .base
+                .add(self.layout.ledger)
+                .cast::<LedgerEntry>()
+                .add(w * ENDPOINT_SLOTS + e)
+        }
+    }
+
+    /// The prefix index's table and statistics in this region.
+    pub(super) fn index_table(&self) -> (&[Way], &IndexStats) {
+        let ways = self.layout.index_sets * WAYS;
+        // SAFETY: `index_sets * WAYS` ways fit between the index offset and the region's end.
+        let table = unsafe {
+            std::slice::from_raw_parts(self.base.add(self.layout.index).cast::<Way>(), ways)
+        };
+        (table, &self.header().index)
+    }
+
+    /// The clock every router attached to this region uses (one epoch for all processes).
+    pub fn clock(&self) -> Clock {
+        Clock::from_epoch(self.header().epoch_ms)
+    }
+
+    /// The region's size in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Attaches a router of the calling process: claims a worker slot (taking back dead
+    /// workers' shares first if none is free).
+    pub fn attach(self: &Arc<Self>) -> Result<Arc<Attachment>, String> {
+        self.check()?;
+        let pid = std::process::id();
+        for pass in 0..2 {
+            for w in 0..MAX_WORKERS {
+                let slot = self.worker(w);
+                if slot
+                    .state
+                    .compare_exchange(FREE, pid, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    slot.start_time
+                        .store(process_start_time(pid).unwrap_or(0), Ordering::Release);
+                    self.header().attaches.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Arc::new(Attachment {
+                        state: Arc::clone(self),
+                        worker: w,
+                        leases: Mutex::new(()),
+                    }));
+                }
+            }
+            if pass == 0 {
+                self.reap_dead_workers();
+            }
+        }
+        Err(format!(
+            "all {MAX_WORKERS} worker slots of the shared state are taken by live processes"
+        ))
+    }
+
+    /// Takes back the share of every worker whose process is gone; returns how many.
+    pub fn reap_dead_workers(&self) -> usize {
+        let me = std::process::id();
+        let mut reaped = 0;
+        for w in 0..MAX_WORKERS {
+            let slot = self.worker(w);
+            let state = slot.state.load(Ordering::Acquire);
+            let claim = match state {
+                FREE => continue,
+                REAPING => {
+                    // A reaper that died mid-way is taken over (taking back is idempotent).
+                    let reaper = slot.reaper.load(Ordering::Acquire);
+                    if reaper == me || process_alive(reaper, 0) {
+                        continue;
+                    }
+                    slot.reaper
+                        .compare_exchange(reaper, me, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                }
+                pid => {
+                    let start = slot.start_time.load(Ordering::Acquire);
+                    if process_alive(pid, start) {
+                        continue;
+                    }
+                    slot.reaper.store(me, Ordering::Release);
+                    slot.state
+                        .compare_exchange(pid, REAPING, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                }
+            };
+            if claim {
+                self.release_worker(w);
+                reaped += 1;
+                self.header().reaped_workers.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        reaped
+    }
+
+    /// Takes worker `w`'s whole ledger back and frees its slot.
+    fn release_worker(&self, w: usize) {
+        for e in 0..ENDPOINT_SLOTS {
+            let entry = self.ledger(w, e);
+            let slot = self.endpoint(e);
+            entry.take_back(&slot.counters);
+            entry.refs.store(0, Ordering::Release);
+            slot.attached[w / 64].fetch_and(!(1u64 << (w % 64)), Ordering::SeqCst);
+        }
+        let slot = self.worker(w);
+        slot.start_time.store(0, Ordering::Release);
+        slot.state.store(FREE, Ordering::Release);
+    }
+
+    /// Requests in flight on every endpoint of the region (all workers).
+    pub fn total_in_flight(&self) -> u64 {
+        (0..ENDPOINT_SLOTS)
+            .map(|e| self.endpoint(e))
+            .filter(|s| s.key.load(Ordering::Relaxed) != 0)
+            .map(|s| s.counters.in_flight.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Statistics of the region, for metrics.
+    pub fn stats(&self) -> SharedStats {
+        let h = self.header();
+        SharedStats {
+            size: self.size as u64,
+            workers: (0..MAX_WORKERS)
+                .filter(|&w| self.worker(w).state.load(Ordering::Relaxed) != FREE)
+                .count() as u64,
+            endpoints: (0..ENDPOINT_SLOTS)
+                .filter(|&e| self.endpoint(e).key.load(Ordering::Relaxed) != 0)
+                .count() as u64,
+            endpoint_overflow: h.endpoint_overflow.load(Ordering::Relaxed),
+            reaped_workers: h.reaped_workers.load(Ordering::Relaxed),
+            attaches: h.attaches.load(Ordering::Relaxed),
+            index_capacity: (self.layout.index_sets * WAYS) as u64,
+        }
+    }
+}
+
+impl Drop for SharedState {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `create`, unmapped once (no reference outlives `self`).
+        unsafe { libc::munmap(self.base.cast(), self.size) };
+    }
+}
+
+/// Statistics of a shared region.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedStats {
+    /// Size of the region in bytes.
+    pub size: u64,
+    /// Worker slots in use (attached routers, and dead ones not reaped yet).
+    pub workers: u64,
+    /// Endpoint slots in use.
+    pub endpoints: u64,
+    /// Endpoints that found the endpoint table full (counted per worker and endpoint).
+    pub endpoint_overflow: u64,
+    /// Dead workers whose share was taken back.
+    pub reaped_workers: u64,
+    /// Routers attached since the region was made.
+    pub attaches: u64,
+    /// Entries the prefix index holds at most.
+    pub index_capacity: u64,
+}
+
+/// One router's attachment to a region: its worker slot. Dropped (with the router and its
+/// last endpoint) it frees the slot.
+pub struct Attachment {
+    state: Arc<SharedState>,
+    worker: usize,
+    /// Serialises this router's joins and leaves of endpoint slots.
+    leases: Mutex<()>,
+}
+
+impl Attachment {
+    /// The region.
+    pub fn state(&self) -> &Arc<SharedState> {
+        &self.state
+    }
+
+    /// A lease on the slot of (cluster, address), claimed or joined; None when the endpoint
+    /// table is full of endpoints other workers hold.
+    pub fn lease(self: &Arc<Self>, cluster: &str, addr: SocketAddr) -> Option<SlotLease> {
+        let key = slot_key(cluster, addr);
+        let _guard = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        for _attempt in 0..64 {
+            match self.find_or_claim(key) {
+                Some(e) if self.join(e, key) => {
+                    let generation = self.state.endpoint(e).generation.load(Ordering::Acquire);
+                    return Some(SlotLease {
+                        attachment: Arc::clone(self),
+                        slot: e,
+                        generation,
+                    });
+                }
+                Some(_) => std::thread::yield_now(),
+                None => {
+                    self.state
+                        .header()
+                        .endpoint_overflow
+                        .fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    /// The slot holding `key`, an empty one claimed for it, or one no worker holds taken over.
+    fn find_or_claim(&self, key: u64) -> Option<usize> {
+        let s = &self.state;
+        let start = (key % ENDPOINT_SLOTS as u64) as usize;
+        for i in 0..ENDPOINT_SLOTS {
+            let e = (start + i) % ENDPOINT_SLOTS;
+            let slot = s.endpoint(e);
+            match slot.key.load(Ordering::SeqCst) {
+                k if k == key => return Some(e),
+                0 => match slot
+                    .key
+                    .compare_exchange(0, key, Ordering::SeqCst, Ordering::SeqCst)
+                {
+                    Ok(_) => {
+                        slot.generation.fetch_add(1, Ordering::AcqRel);
+                        return Some(e);
+                    }
+                    Err(k) if k == key => return Some(e),
+                    Err(_) => continue,
+                },
+                _ => continue,
+            }
+        }
+        // Full: take over a slot no worker holds and nothing is in flight on.
+        for i in 0..ENDPOINT_SLOTS {
+            let e = (start + i) % ENDPOINT_SLOTS;
+            let slot = s.endpoint(e);
+            let old = slot.key.load(Ordering::SeqCst);
+            if old == RECLAIMING || !slot.is_idle() {
+                continue;
+            }
+            if slot
+                .key
+                .compare_exchange(old, RECLAIMING, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                continue;
+            }
+            // A worker that joined between the check and the marker keeps the slot.
+            if !slot.is_idle() {
+                slot.key.store(old, Ordering::SeqCst);
+                continue;
+            }
+            slot.counters.reset();
+            slot.generation.fetch_add(1, Ordering::AcqRel);
+            slot.key.store(key, Ordering::SeqCst);
+            return Some(e);
+        }
+        None
+    }
+
+    /// Marks this worker as holding slot `e`; false when the slot changed hands meanwhile.
+    fn join(&self, e: usize, key: u64) -> bool {
+        let slot = self.state.endpoint(e);
+        let entry = self.state.ledger(self.worker, e);
+        if entry.refs.fetch_add(1, Ordering::AcqRel) == 0 {
+            slot.attached[self.worker / 64]
+                .fetch_or(1u64 << (self.worker % 64), Ordering::SeqCst);
+        }
+        if slot.key.load(Ordering::SeqCst) == key {
+            return true;
+        }
+        self.leave(e);
+        false
+    }
+
+    /// Drops one of this worker's holds on slot `e`; the last one takes its share back.
+    fn leave(&self, e: usize) {
+        let slot = self.state.endpoint(e);
+        let entry = self.state.ledger(self.worker, e);
+        if entry.refs.fetch_sub(1, Ordering::AcqRel) == 1 {
+            entry.take_back(&slot.counters);
+            slot.attached[self.worker / 64]
+                .fetch_and(!(1u64 << (self.worker % 64)), Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        // Every lease is gone (each holds the attachment): the ledger is empty.
+        let slot = self.state.worker(self.worker);
+        slot.start_time.store(0, Ordering::Release);
+        slot.state.store(FREE, Ordering::Release);
+    }
+}
+
+impl EndpointSlot {
+    /// No worker holds the slot and nothing is in flight on it.
+    fn is_idle(&self) -> bool {
+        self.attached
+            .iter()
+            .all(|a| a.load(Ordering::SeqCst) == 0)
+            && self.counters.in_flight.load(Ordering::SeqCst) == 0
+    }
+}
+
+/// A router's hold on one endpoint slot: the endpoint's counters and the router's ledger entry.
+pub struct SlotLease {
+    attachment: Arc<Attachment>,
+    slot: usize,
+    generation: u32,
+}
+
+impl SlotLease {
+    /// The shared counters.
+    pub(super) fn counters(&self) -> &EndpointCounters {
+        &self.attachment.state.endpoint(self.slot).counters
+    }
+
+    /// This router's ledger entry for the slot.
+    pub(super) fn ledger(&self) -> &LedgerEntry {
+        self.attachment
+            .state
+            .ledger(self.attachment.worker, self.slot)
+    }
+
+    /// The endpoint id: the same in every worker, new when the slot is reused.
+    pub(super) fn endpoint_id(&self) -> u32 {
+        ((self.generation & 0x7fff) << 16) | (self.slot as u32 + 1)
+    }
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        let _guard = self
+            .attachment
+            .leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.attachment.leave(self.slot);
+    }
+}
+
+impl EndpointCounters {
+    /// Zeroes every counter (a slot taken over for another endpoint).
+    fn reset(&self) {
+        for a in [
+            &self.in_flight,
+            &self.prefill_chars,
+            &self.uncached_prefill_chars,
+            &self.picks,
+            &self.failures,
+            &self.ejections,
+            &self.ejected_until_ms,
+            &self.remote_in_flight,
+            &self.remote_prefill,
+            &self.remote_at_ms,
+            &self.reported_in_flight,
+            &self.reported_prefill,
+        ] {
+            a.store(0, Ordering::Relaxed);
+        }
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+}
+
+/// The endpoint table key of (cluster, address): never 0 or RECLAIMING.
+fn slot_key(cluster: &str, addr: SocketAddr) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(cluster.as_bytes());
+    h.update(&[0]);
+    h.update(addr.to_string().as_bytes());
+    match h.digest() {
+        0 => 1,
+        RECLAIMING => RECLAIMING - 1,
+        k => k,
+    }
+}
+
+/// True unless process `pid` is gone, a zombie, or a different process with the same id
+/// (its start time differs from `start_time`, when known).
+fn process_alive(pid: u32, start_time: u64) -> bool {
+    match read_stat(pid) {
+        Some((state, start)) => {
+            !matches!(state, 'Z' | 'X' | 'x') && (start_time == 0 || start == start_time)
+        }
+        // No /proc entry: ask the kernel (ESRCH = gone; EPERM = alive, another user's).
+        None => {
+            // SAFETY: signal 0 only checks for existence.
+            let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+            r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+        }
+    }
+}
+
+fn process_start_time(pid: u32) -> Option<u64> {
+    read_stat(pid).map(|(_, start)| start)
+}
+
+/// State letter and start time (field 22) from `/proc/<pid>/stat`.
+fn read_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // Fields 4..=21 precede the start time.
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_fits_and_size_is_bounded() {
+        for size in [MIN_SIZE, 64 << 20, 1 << 30] {
+            let l = Layout::for_size(size);
+            assert!(l.index_sets > 0);
+            assert!(l.index + l.index_sets * WAYS * size_of::<Way>() <= size);
+        }
+        assert_eq!(size_of::<EndpointSlot>() % 64, 0);
+        assert!(size_of::<Header>() <= PAGE);
+        let err = SharedState::create(MIN_SIZE - 1).err().unwrap();
+        assert!(err.contains("size must be within 16 MiB"), "{err}");
+    }
+
+    #[test]
+    fn named_regions_are_reused_only_with_the_same_size() {
+        let (a, reused_a) = SharedState::named("t-reuse", MIN_SIZE).unwrap();
+        let (b, reused_b) = SharedState::named("t-reuse", MIN_SIZE).unwrap();
+        assert!(!reused_a && reused_b && Arc::ptr_eq(&a, &b));
+        let (c, reused_c) = SharedState::named("t-reuse", MIN_SIZE + PAGE).unwrap();
+        assert!(!reused_c && !Arc::ptr_eq(&a, &c));
+        // The registry now holds the new one; the old one lives while used.
+        let (d, _) = SharedState::named("t-reuse", MIN_SIZE + PAGE).unwrap();
+        assert!(Arc::ptr_eq(&c, &d));
+    }
+
+    #[test]
+    fn two_attachments_share_an_endpoint_slot_and_leases_take_their_share_back() {
+        let s = SharedState::create(MIN_SIZE).unwrap();
+        let (a, b) = (s.attach().unwrap(), s.attach().unwrap());
+        let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let la = a.lease("c", addr).unwrap();
+        let lb = b.lease("c", addr).unwrap();
+        assert_eq!(la.endpoint_id(), lb.endpoint_id());
+        let other = a.lease("d", addr).unwrap();
+        assert_ne!(other.endpoint_id(), la.endpoint_id(), "cluster is part of the key");
+        la.counters().in_flight.fetch_add(3, Ordering::Relaxed);
+        la.ledger().add(3, 0, 0);
+        lb.counters().in_flight.fetch_add(2, Ordering::Relaxed);
+        lb.ledger().add(2, 0, 0);
+        assert_eq!(s.total_in_flight(), 5);
+        drop(la);
+        assert_eq!(s.total_in_flight(), 2, "a's share was taken back");
+        assert_eq!(s.stats().workers, 2);
+        drop((lb, other, a, b));
+        assert_eq!(s.stats().workers, 0);
+        assert_eq!(s.total_in_flight(), 0);
+    }
+
+    #[test]
+    fn a_dead_workers_share_is_reaped() {
+        let s = SharedState::create(MIN_SIZE).unwrap();
+        let a = s.attach().unwrap();
+        let lease = a.lease("c", "10.0.0.1:80".parse().unwrap()).unwrap();
+        lease.counters().in_flight.fetch_add(4, Ordering::Relaxed);
+        lease.ledger().add(4, 100, 50);
+        assert_eq!(s.reap_dead_workers(), 0, "we are alive");
+        // Pretend the worker is a process that no longer exists.
+        s.worker(a.worker).state.store(0x7fff_fff0, Ordering::SeqCst);
+        assert_eq!(s.reap_dead_workers(), 1);
+        assert_eq!(s.total_in_flight(), 0);
+        assert_eq!(lease.counters().prefill_chars.load(Ordering::Relaxed), 0);
+        assert_eq!(s.stats().reaped_workers, 1);
+        std::mem::forget(lease);
+        std::mem::forget(a);
+    }
+
+    #[test]
+    fn a_full_endpoint_table_reuses_idle_slots_with_a_new_generation() {
+        let s = SharedState::create(MIN_SIZE).unwrap();
+        let a = s.attach().unwrap();
+        let first = a.lease("c", "10.0.0.1:1".parse().unwrap()).unwrap();
+        let first_id = first.endpoint_id();
+        let held: Vec<SlotLease> = (2..=ENDPOINT_SLOTS as u16)
+            .map(|p| a.lease("c", SocketAddr::from(([10, 0, 0, 1], p))).unwrap())
+            .collect();
+        // Full, every slot held: overflow.
+        assert!(a.lease("c", "10.0.0.2:1".parse().unwrap()).is_none());
+        assert_eq!(s.stats().endpoint_overflow, 1);
+        // The first endpoint goes away: its slot is taken over, with a new id.
+        let slot = first.slot;
+        drop(first);
+        let new = a.lease("c", "10.0.0.2:1".parse().unwrap()).unwrap();
+        assert_eq!(new.slot, slot);
+        assert_ne!(new.endpoint_id(), first_id);
+        drop((new, held));
+    }
+
+    #[test]
+    fn own_process_is_alive_and_a_bogus_one_is_not() {
+        let me = std::process::id();
+        let start = process_start_time(me).unwrap();
+        assert!(process_alive(me, start));
+        assert!(!process_alive(me, start + 1), "another process with our pid");
+        assert!(!process_alive(0x7fff_fff0, 0));
+    }
+}

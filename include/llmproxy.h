@@ -81,6 +81,25 @@ typedef enum llmproxy_outcome {
 } llmproxy_outcome;
 
 /**
+ * Which part of the metrics `llmproxy_router_metrics_part` renders.
+ */
+typedef enum llmproxy_metrics_part {
+  /**
+   * Everything (as `llmproxy_router_metrics`).
+   */
+  LLMPROXY_METRICS_ALL = 0,
+  /**
+   * What this router counted itself: picks, finished requests, calls, latency histograms.
+   */
+  LLMPROXY_METRICS_ROUTER = 1,
+  /**
+   * The endpoints' counters and the prefix index: with a shared state, the same in every
+   * attached router (render it once, not per worker).
+   */
+  LLMPROXY_METRICS_STATE = 2,
+} llmproxy_metrics_part;
+
+/**
  * Opaque handle of a pick waiting for the Metadata-Center (`llmproxy_pick_start`). Used by
  * one thread at a time.
  */
@@ -211,6 +230,18 @@ enum llmproxy_status llmproxy_router_set_endpoints(struct llmproxy_router *route
 enum llmproxy_status llmproxy_router_metrics(const struct llmproxy_router *router,
                                              char **out,
                                              size_t *out_len);
+
+/**
+ * Renders one part of the router's metrics (`llmproxy_metrics_part`; another value is
+ * `LLMPROXY_INVALID_ARGUMENT`) like `llmproxy_router_metrics`.
+ *
+ * # Safety
+ * `out` must be writable; `out_len` may be NULL.
+ */
+enum llmproxy_status llmproxy_router_metrics_part(const struct llmproxy_router *router,
+                                                  uint32_t part,
+                                                  char **out,
+                                                  size_t *out_len);
 
 /**
  * Frees a string returned by `llmproxy_router_metrics`. NULL is a no-op.

@@ -113,21 +113,34 @@ pub struct Page<'a> {
     pub model_names: &'a [String],
     /// Router time now, ms (ejection deadlines).
     pub now_ms: u64,
+    /// The shared-state region's statistics, when the router is attached to one.
+    pub shared: Option<crate::state::SharedStats>,
 }
 
 impl RouterMetrics {
-    /// The whole metrics page in Prometheus text format.
-    pub fn render(&self, page: &Page) -> String {
+    /// The metrics page (or a part of it) in Prometheus text format.
+    pub fn render(&self, page: &Page, part: Part) -> String {
+        let mut out = String::with_capacity(4096);
+        if part != Part::State {
+            self.render_router(page, &mut out);
+        }
+        if part != Part::Router {
+            render_state(page, &mut out);
+        }
+        out
+    }
+
+    /// What this router counted itself: picks, finished requests, calls, latency histograms.
+    fn render_router(&self, page: &Page, out: &mut String) {
         let m = self;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut out = String::with_capacity(4096);
         let picks: Vec<(String, u64)> = PICK_OUTCOMES
             .iter()
             .zip(&m.picks)
             .map(|(o, c)| (format!("outcome=\"{o}\""), load(c)))
             .collect();
         family(
-            &mut out,
+            out,
             "llmproxy_picks_total",
             "counter",
             "Pick decisions by outcome.",
@@ -139,7 +152,7 @@ impl RouterMetrics {
             .map(|(class, c)| (format!("status=\"{class}\""), load(c)))
             .collect();
         family(
-            &mut out,
+            out,
             "llmproxy_finished_requests_total",
             "counter",
             "Finished requests by upstream status class (none = no upstream response).",
@@ -183,23 +196,11 @@ impl RouterMetrics {
                 "Prompt characters the chosen endpoint was expected to hold in its KV cache.",
                 load(&m.cached_prompt_chars),
             ),
-            (
-                "llmproxy_prefix_index_entries",
-                "gauge",
-                "Chunk hashes in the local prefix index.",
-                page.index.len() as u64,
-            ),
-            (
-                "llmproxy_prefix_index_evictions_total",
-                "counter",
-                "Prefix index entries evicted to stay within capacity.",
-                page.index.evictions(),
-            ),
         ] {
-            family(&mut out, name, kind, help, &single(value));
+            family(out, name, kind, help, &single(value));
         }
         family(
-            &mut out,
+            out,
             "llmproxy_metadata_center_calls_total",
             "counter",
             "Metadata-Center calls by result (failed includes circuit-breaker refusals).",
@@ -209,7 +210,7 @@ impl RouterMetrics {
             ],
         );
         family(
-            &mut out,
+            out,
             "llmproxy_remote_cache_lookups_total",
             "counter",
             "pick_async / pick_start decisions by the cache data they used.",
@@ -223,24 +224,128 @@ impl RouterMetrics {
             ],
         );
         header(
-            &mut out,
+            out,
             "llmproxy_pick_duration_seconds",
             "histogram",
             "Time spent in pick: parse, hash, score, account.",
         );
         m.pick_duration
-            .render(&mut out, "llmproxy_pick_duration_seconds", "");
+            .render(out, "llmproxy_pick_duration_seconds", "");
         header(
-            &mut out,
+            out,
             "llmproxy_decision_cache_ratio",
             "histogram",
             "Prefix-cache match ratio of the chosen endpoint.",
         );
         m.decision_cache_ratio
-            .render(&mut out, "llmproxy_decision_cache_ratio", "");
+            .render(out, "llmproxy_decision_cache_ratio", "");
 
-        type Getter = fn(&Endpoint, u64) -> u64;
-        let families: [(&str, &str, &str, Getter); 7] = [
+        let sets = endpoint_sets(page);
+        header(
+            out,
+            "llmproxy_time_to_first_token_seconds",
+            "histogram",
+            "Time from pick to first response byte, per model and endpoint.",
+        );
+        for (c, set) in &sets {
+            for e in &set.endpoints {
+                for (slot, h) in e.ttft_histograms() {
+                    let labels = format!(
+                        "model=\"{}\",cluster=\"{}\",endpoint=\"{}\"",
+                        escape_label(&page.model_names[slot]),
+                        escape_label(c),
+                        e.address
+                    );
+                    h.render(out, "llmproxy_time_to_first_token_seconds", &labels);
+                }
+            }
+        }
+    }
+}
+
+/// Which part of the page to render: hosts whose processes share one state (nginx workers)
+/// publish the router part per worker and the state part once.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Part {
+    /// Everything.
+    All,
+    /// What the router counted itself (per process).
+    Router,
+    /// The endpoints' counters and the prefix index (the shared state, when there is one).
+    State,
+}
+
+/// Every cluster's current endpoint set, by cluster name.
+fn endpoint_sets<'a>(page: &Page<'a>) -> Vec<(&'a str, Arc<EndpointSet>)> {
+    page.clusters
+        .iter()
+        .map(|c| (c.name.as_str(), c.snapshot()))
+        .collect()
+}
+
+/// The state part: the prefix index, the shared region and every endpoint's counters.
+fn render_state(page: &Page, out: &mut String) {
+    let single = |v: u64| [(String::new(), v)];
+    for (name, kind, help, value) in [
+        (
+            "llmproxy_prefix_index_entries",
+            "gauge",
+            "Chunk hashes in the prefix index (in shared mode: of all workers).",
+            page.index.len() as u64,
+        ),
+        (
+            "llmproxy_prefix_index_capacity",
+            "gauge",
+            "Chunk hashes the prefix index holds at most.",
+            page.index.capacity() as u64,
+        ),
+        (
+            "llmproxy_prefix_index_evictions_total",
+            "counter",
+            "Prefix index entries evicted to stay within capacity.",
+            page.index.evictions(),
+        ),
+    ] {
+        family(out, name, kind, help, &single(value));
+    }
+    if let Some(st) = &page.shared {
+        for (name, kind, help, value) in [
+            (
+                "llmproxy_shared_state_bytes",
+                "gauge",
+                "Size of the shared-state region.",
+                st.size,
+            ),
+            (
+                "llmproxy_shared_state_workers",
+                "gauge",
+                "Routers attached to the shared state (dead ones until reaped).",
+                st.workers,
+            ),
+            (
+                "llmproxy_shared_state_endpoints",
+                "gauge",
+                "Endpoint slots in use in the shared state.",
+                st.endpoints,
+            ),
+            (
+                "llmproxy_shared_state_endpoint_overflow_total",
+                "counter",
+                "Endpoints that found the shared endpoint table full (own counters instead).",
+                st.endpoint_overflow,
+            ),
+            (
+                "llmproxy_shared_state_reaped_workers_total",
+                "counter",
+                "Dead workers whose load was taken back from the shared state.",
+                st.reaped_workers,
+            ),
+        ] {
+            family(out, name, kind, help, &single(value));
+        }
+    }
+    type Getter = fn(&Endpoint, u64) -> u64;
+    let families: [(&str, &str, &str, Getter); 7] = [
             (
                 "llmproxy_endpoint_in_flight_requests",
                 "gauge",
@@ -284,44 +389,19 @@ impl RouterMetrics {
                 |e, _| e.remote_in_flight(),
             ),
         ];
-        let now = page.now_ms;
-        let sets: Vec<(&str, Arc<EndpointSet>)> = page
-            .clusters
+    let now = page.now_ms;
+    let sets = endpoint_sets(page);
+    for (name, kind, help, get) in families {
+        let samples: Vec<(String, u64)> = sets
             .iter()
-            .map(|c| (c.name.as_str(), c.snapshot()))
-            .collect();
-        for (name, kind, help, get) in families {
-            let samples: Vec<(String, u64)> = sets
-                .iter()
-                .flat_map(|(c, set)| {
-                    set.endpoints.iter().map(move |e| {
-                        let labels =
-                            format!("cluster=\"{}\",endpoint=\"{}\"", escape_label(c), e.address);
-                        (labels, get(e, now))
-                    })
+            .flat_map(|(c, set)| {
+                set.endpoints.iter().map(move |e| {
+                    let labels =
+                        format!("cluster=\"{}\",endpoint=\"{}\"", escape_label(c), e.address);
+                    (labels, get(e, now))
                 })
-                .collect();
-            family(&mut out, name, kind, help, &samples);
-        }
-        header(
-            &mut out,
-            "llmproxy_time_to_first_token_seconds",
-            "histogram",
-            "Time from pick to first response byte, per model and endpoint.",
-        );
-        for (c, set) in &sets {
-            for e in &set.endpoints {
-                for (slot, h) in e.ttft_histograms() {
-                    let labels = format!(
-                        "model=\"{}\",cluster=\"{}\",endpoint=\"{}\"",
-                        escape_label(&page.model_names[slot]),
-                        escape_label(c),
-                        e.address
-                    );
-                    h.render(&mut out, "llmproxy_time_to_first_token_seconds", &labels);
-                }
-            }
-        }
-        out
+            })
+            .collect();
+        family(out, name, kind, help, &samples);
     }
 }

@@ -10,6 +10,7 @@ use super::{
     write_err, Handle,
 };
 use crate::config::parse_endpoint;
+use crate::metrics::Part;
 use crate::router::Router;
 
 /// Opaque router handle: thread-safe, shared by every worker.
@@ -169,19 +170,68 @@ pub unsafe extern "C" fn llmproxy_router_metrics(
     out_len: *mut usize,
 ) -> llmproxy_status {
     boundary(|| {
-        let (Some(out), Some(r)) = (out_param(out), router.as_ref()) else {
-            return LLMPROXY_INVALID_ARGUMENT;
-        };
-        let text = r.router.metrics_text();
-        set_opt(out_len, text.len());
-        match CString::new(text) {
-            Ok(c) => {
-                *out = c.into_raw();
-                LLMPROXY_OK
-            }
-            Err(_) => LLMPROXY_INTERNAL,
-        }
+        metrics_into(router, Part::All, out, out_len)
     })
+}
+
+/// Which part of the metrics `llmproxy_router_metrics_part` renders.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum llmproxy_metrics_part {
+    /// Everything (as `llmproxy_router_metrics`).
+    LLMPROXY_METRICS_ALL = 0,
+    /// What this router counted itself: picks, finished requests, calls, latency histograms.
+    LLMPROXY_METRICS_ROUTER = 1,
+    /// The endpoints' counters and the prefix index: with a shared state, the same in every
+    /// attached router (render it once, not per worker).
+    LLMPROXY_METRICS_STATE = 2,
+}
+
+/// Renders one part of the router's metrics (`llmproxy_metrics_part`; another value is
+/// `LLMPROXY_INVALID_ARGUMENT`) like `llmproxy_router_metrics`.
+///
+/// # Safety
+/// `out` must be writable; `out_len` may be NULL.
+#[no_mangle]
+pub unsafe extern "C" fn llmproxy_router_metrics_part(
+    router: *const llmproxy_router,
+    part: u32,
+    out: *mut *mut c_char,
+    out_len: *mut usize,
+) -> llmproxy_status {
+    boundary(|| {
+        let part = match part {
+            0 => Part::All,
+            1 => Part::Router,
+            2 => Part::State,
+            _ => {
+                let _ = out_param(out);
+                return LLMPROXY_INVALID_ARGUMENT;
+            }
+        };
+        metrics_into(router, part, out, out_len)
+    })
+}
+
+/// Renders `part` of the metrics into a new C string at `out`.
+unsafe fn metrics_into(
+    router: *const llmproxy_router,
+    part: Part,
+    out: *mut *mut c_char,
+    out_len: *mut usize,
+) -> llmproxy_status {
+    let (Some(out), Some(r)) = (out_param(out), router.as_ref()) else {
+        return LLMPROXY_INVALID_ARGUMENT;
+    };
+    let text = r.router.metrics_part(part);
+    set_opt(out_len, text.len());
+    match CString::new(text) {
+        Ok(c) => {
+            *out = c.into_raw();
+            LLMPROXY_OK
+        }
+        Err(_) => LLMPROXY_INTERNAL,
+    }
 }
 
 /// Frees a string returned by `llmproxy_router_metrics`. NULL is a no-op.

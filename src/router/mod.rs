@@ -23,7 +23,7 @@ use crate::background::client::ServerAddrs;
 use crate::background::{self, Event, EventSender, Resolver, SyncTarget, ThreadGroup};
 use crate::config::{Config, ConfigError, Rule};
 use crate::error::PickError;
-use crate::metrics::{Page, RouterMetrics};
+use crate::metrics::{Page, Part, RouterMetrics};
 use crate::state::{Attachment, Clock, Clusters, PrefixIndex, SharedState};
 
 mod lookup;
@@ -126,8 +126,14 @@ impl Router {
         }
         let specs = config.clusters.clone();
         let (index, clock) = match &shared {
-            Some(a) => (PrefixIndex::shared(Arc::clone(a.state())), a.state().clock()),
-            None => (PrefixIndex::new(config.prefix_index_capacity), Clock::start()),
+            Some(a) => (
+                PrefixIndex::shared(Arc::clone(a.state())),
+                a.state().clock(),
+            ),
+            None => (
+                PrefixIndex::new(config.prefix_index_capacity),
+                Clock::start(),
+            ),
         };
         let inner = Arc::new(RouterInner {
             index,
@@ -299,15 +305,24 @@ impl Router {
 
     /// Renders every metric in Prometheus text format.
     pub fn metrics_text(&self) -> String {
+        self.metrics_part(Part::All)
+    }
+
+    /// Renders one part of the metrics ([`Part`]).
+    pub fn metrics_part(&self, part: Part) -> String {
         let inner = &self.inner;
-        inner.metrics.render(&Page {
-            in_flight: self.in_flight(),
-            index: &inner.index,
-            clusters: &inner.clusters.all(),
-            endpoint_updates: inner.clusters.updates(),
-            model_names: &inner.model_names,
-            now_ms: inner.clock.now_ms(),
-        })
+        inner.metrics.render(
+            &Page {
+                in_flight: self.in_flight(),
+                index: &inner.index,
+                clusters: &inner.clusters.all(),
+                endpoint_updates: inner.clusters.updates(),
+                model_names: &inner.model_names,
+                now_ms: inner.clock.now_ms(),
+                shared: inner.shared.as_ref().map(|s| s.stats()),
+            },
+            part,
+        )
     }
 }
 

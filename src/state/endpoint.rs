@@ -99,7 +99,12 @@ impl Endpoint {
     /// A fresh endpoint with zeroed counters of its own; `models` is the number of TTFT
     /// histogram slots.
     pub fn new(id: u32, addr: SocketAddr, models: usize) -> Self {
-        Self::with_storage(id, addr, models, Storage::Own(Box::new(EndpointCounters::new())))
+        Self::with_storage(
+            id,
+            addr,
+            models,
+            Storage::Own(Box::new(EndpointCounters::new())),
+        )
     }
 
     /// An endpoint whose counters live in a shared region slot.
@@ -218,8 +223,7 @@ impl Endpoint {
         // Of the failures racing past the threshold on different workers, one ejects
         // (found by tests/loom_state.rs: a plain store ejected, and counted, once per worker).
         if until > now_ms
-            || c
-                .ejected_until_ms
+            || c.ejected_until_ms
                 .compare_exchange(
                     until,
                     now_ms + eject_ms,
@@ -254,7 +258,8 @@ impl Endpoint {
     pub fn reported_add(&self, prompt_chars: u64) {
         let c = self.c();
         c.reported_in_flight.fetch_add(1, Ordering::Relaxed);
-        c.reported_prefill.fetch_add(prompt_chars, Ordering::Relaxed);
+        c.reported_prefill
+            .fetch_add(prompt_chars, Ordering::Relaxed);
         if let Some(l) = self.ledger() {
             l.add_reported(1, prompt_chars);
         }

@@ -42,10 +42,7 @@ pub struct IndexStats {
 /// Where the table lives.
 enum Memory {
     /// The router's own zeroed allocation (pages are committed as they are touched).
-    Own {
-        ways: Box<[Way]>,
-        stats: IndexStats,
-    },
+    Own { ways: Box<[Way]>, stats: IndexStats },
     /// A shared region (kept mapped by the `Arc`).
     Shared(std::sync::Arc<super::SharedState>),
 }
@@ -104,7 +101,10 @@ impl PrefixIndex {
         let mut depth = vec![0usize; set.endpoints.len()];
         for (i, &h) in hashes.iter().enumerate() {
             let key = nonzero(h);
-            let Some(way) = self.set(h).iter().find(|w| w.key.load(Ordering::Acquire) == key)
+            let Some(way) = self
+                .set(h)
+                .iter()
+                .find(|w| w.key.load(Ordering::Acquire) == key)
             else {
                 break;
             };

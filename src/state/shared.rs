@@ -124,7 +124,10 @@ impl LedgerEntry {
     }
 
     pub(super) fn sub_reported(&self, requests: u64, prefill: u64) {
-        sub32(&self.reported_in_flight, requests.min(u32::MAX as u64) as u32);
+        sub32(
+            &self.reported_in_flight,
+            requests.min(u32::MAX as u64) as u32,
+        );
         saturating_sub(&self.reported_prefill, prefill);
     }
 
@@ -296,7 +299,13 @@ impl SharedState {
     fn worker(&self, w: usize) -> &WorkerSlot {
         assert!(w < MAX_WORKERS);
         // SAFETY: in bounds of the worker table, which the layout places inside the mapping.
-        unsafe { &*self.base.add(self.layout.workers).cast::<WorkerSlot>().add(w) }
+        unsafe {
+            &*self
+                .base
+                .add(self.layout.workers)
+                .cast::<WorkerSlot>()
+                .add(w)
+        }
     }
 
     fn endpoint(&self, e: usize) -> &EndpointSlot {
@@ -581,8 +590,7 @@ impl Attachment {
         let slot = self.state.endpoint(e);
         let entry = self.state.ledger(self.worker, e);
         if entry.refs.fetch_add(1, Ordering::AcqRel) == 0 {
-            slot.attached[self.worker / 64]
-                .fetch_or(1u64 << (self.worker % 64), Ordering::SeqCst);
+            slot.attached[self.worker / 64].fetch_or(1u64 << (self.worker % 64), Ordering::SeqCst);
         }
         if slot.key.load(Ordering::SeqCst) == key {
             return true;
@@ -615,9 +623,7 @@ impl Drop for Attachment {
 impl EndpointSlot {
     /// No worker holds the slot and nothing is in flight on it.
     fn is_idle(&self) -> bool {
-        self.attached
-            .iter()
-            .all(|a| a.load(Ordering::SeqCst) == 0)
+        self.attached.iter().all(|a| a.load(Ordering::SeqCst) == 0)
             && self.counters.in_flight.load(Ordering::SeqCst) == 0
     }
 }
@@ -765,7 +771,11 @@ mod tests {
         let lb = b.lease("c", addr).unwrap();
         assert_eq!(la.endpoint_id(), lb.endpoint_id());
         let other = a.lease("d", addr).unwrap();
-        assert_ne!(other.endpoint_id(), la.endpoint_id(), "cluster is part of the key");
+        assert_ne!(
+            other.endpoint_id(),
+            la.endpoint_id(),
+            "cluster is part of the key"
+        );
         la.counters().in_flight.fetch_add(3, Ordering::Relaxed);
         la.ledger().add(3, 0, 0);
         lb.counters().in_flight.fetch_add(2, Ordering::Relaxed);
@@ -788,7 +798,9 @@ mod tests {
         lease.ledger().add(4, 100, 50);
         assert_eq!(s.reap_dead_workers(), 0, "we are alive");
         // Pretend the worker is a process that no longer exists.
-        s.worker(a.worker).state.store(0x7fff_fff0, Ordering::SeqCst);
+        s.worker(a.worker)
+            .state
+            .store(0x7fff_fff0, Ordering::SeqCst);
         assert_eq!(s.reap_dead_workers(), 1);
         assert_eq!(s.total_in_flight(), 0);
         assert_eq!(lease.counters().prefill_chars.load(Ordering::Relaxed), 0);
@@ -823,7 +835,10 @@ mod tests {
         let me = std::process::id();
         let start = process_start_time(me).unwrap();
         assert!(process_alive(me, start));
-        assert!(!process_alive(me, start + 1), "another process with our pid");
+        assert!(
+            !process_alive(me, start + 1),
+            "another process with our pid"
+        );
         assert!(!process_alive(0x7fff_fff0, 0));
     }
 }

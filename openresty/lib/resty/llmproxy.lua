@@ -59,9 +59,16 @@ typedef enum llmproxy_outcome {
   LLMPROXY_OUTCOME_LOCAL = 2,
 } llmproxy_outcome;
 
+typedef enum llmproxy_metrics_part {
+  LLMPROXY_METRICS_ALL = 0,
+  LLMPROXY_METRICS_ROUTER = 1,
+  LLMPROXY_METRICS_STATE = 2,
+} llmproxy_metrics_part;
+
 typedef struct llmproxy_pick_ticket llmproxy_pick_ticket;
 typedef struct llmproxy_request llmproxy_request;
 typedef struct llmproxy_router llmproxy_router;
+typedef struct llmproxy_shared_state llmproxy_shared_state;
 
 typedef struct llmproxy_str {
   const char *ptr;
@@ -86,6 +93,8 @@ enum llmproxy_status llmproxy_router_set_endpoints(struct llmproxy_router *route
                                                    const struct llmproxy_str *endpoints, size_t n);
 enum llmproxy_status llmproxy_router_metrics(const struct llmproxy_router *router, char **out,
                                              size_t *out_len);
+enum llmproxy_status llmproxy_router_metrics_part(const struct llmproxy_router *router,
+                                                  uint32_t part, char **out, size_t *out_len);
 void llmproxy_string_free(char *s);
 uint64_t llmproxy_router_in_flight(const struct llmproxy_router *router);
 uint64_t llmproxy_router_max_body_bytes(const struct llmproxy_router *router);
@@ -95,6 +104,18 @@ bool llmproxy_router_should_intercept(const struct llmproxy_router *router, cons
 bool llmproxy_router_strict_override(const struct llmproxy_router *router);
 const char *llmproxy_router_cluster_header(const struct llmproxy_router *router, size_t *len);
 const char *llmproxy_router_metrics_path(const struct llmproxy_router *router, size_t *len);
+enum llmproxy_status llmproxy_shared_state_new(const char *name, size_t name_len,
+                                               uint64_t size_bytes,
+                                               struct llmproxy_shared_state **out, char *err,
+                                               size_t err_cap);
+bool llmproxy_shared_state_reused(const struct llmproxy_shared_state *shared);
+uint64_t llmproxy_shared_state_in_flight(const struct llmproxy_shared_state *shared);
+uint64_t llmproxy_shared_state_reap(const struct llmproxy_shared_state *shared);
+void llmproxy_shared_state_free(struct llmproxy_shared_state *shared);
+enum llmproxy_status llmproxy_router_new_shared(const char *config_json, size_t len,
+                                                const struct llmproxy_shared_state *shared,
+                                                struct llmproxy_router **out, char *err,
+                                                size_t err_cap);
 enum llmproxy_status llmproxy_pick(struct llmproxy_router *router,
                                    const struct llmproxy_header *headers, size_t n_headers,
                                    const uint8_t *body, size_t body_len,
@@ -380,11 +401,71 @@ function _M.validate(config_json)
     return true
 end
 
+--------------------------------------------------------------------------------------------
+-- Shared state
+
+local SharedState = {}
+SharedState.__index = SharedState
+
+--- Parses a size: a number of bytes, or a string with an optional k/m/g suffix ("64m").
+local function parse_size(v)
+    if type(v) == "number" then
+        return v
+    end
+    if type(v) ~= "string" then
+        return nil
+    end
+    local n, unit = v:lower():match("^%s*(%d+)%s*([kmg]?)%s*$")
+    if not n then
+        return nil
+    end
+    local mult = ({ [""] = 1, k = 1024, m = 1024 * 1024, g = 1024 * 1024 * 1024 })[unit]
+    return tonumber(n) * mult
+end
+_M.parse_size = parse_size
+
+--- Creates (or, by name, finds again) a shared-state region: call it before fork (nginx's
+--- master, init_by_lua) and pass it to new() in every worker (opts.shared). The same name and
+--- size on a reload give back the same region (learned prefixes survive); see docs/nginx.md.
+---   o.size: bytes, or "64m" (16 MiB minimum);  o.name: registry name ("" or nil: unnamed)
+--- Returns the region, or nil and a message naming shared_state.size.
+function _M.shared_state(o)
+    o = o or {}
+    local size = parse_size(o.size)
+    if not size or size <= 0 then
+        return nil, "shared_state.size: must be a byte count or a string like \"64m\", got " .. tostring(o.size)
+    end
+    local name = o.name or ""
+    local lib_ = lib()
+    local out = ffi_new("llmproxy_shared_state*[1]")
+    local cap = 512
+    local err = ffi_new("char[?]", cap)
+    local rc = lib_.llmproxy_shared_state_new(name, #name, size, out, err, cap)
+    if rc ~= 0 or out[0] == C_NULL then
+        return nil, ffi_string(err)
+    end
+    local s = ffi_gc(out[0], lib_.llmproxy_shared_state_free)
+    return setmetatable({ _s = s, size = size, name = name,
+                          reused = lib_.llmproxy_shared_state_reused(s) }, SharedState)
+end
+
+--- Requests in flight on the region's endpoints, all workers together.
+function SharedState:in_flight()
+    return tonumber(C.llmproxy_shared_state_in_flight(self._s))
+end
+
+--- Takes back now the load of attached workers that are gone; returns how many.
+function SharedState:reap()
+    return tonumber(C.llmproxy_shared_state_reap(self._s))
+end
+
 --- Creates a router from the library's JSON configuration.
 ---   opts.sleep:       a yielding sleep, ngx.sleep: pick() then waits for remote cache lookups
 ---                     (when the config enables them); without it pick() decides at once
 ---   opts.lookup_wait: the longest pick() waits for a lookup, in seconds (default 1); past it
 ---                     the pick decides from local data (counted in stats.lookup_abandoned)
+---   opts.shared:      a region from shared_state(): the router's endpoint load, health and
+---                     prefix index live there, shared with every router attached to it
 --- Returns the router, or nil and the library's message (which names the offending field).
 function _M.new(config_json, opts)
     if type(config_json) ~= "string" then
@@ -398,11 +479,19 @@ function _M.new(config_json, opts)
     if type(lookup_wait) ~= "number" or lookup_wait < 0 then
         return nil, "opts.lookup_wait must be a number of seconds >= 0"
     end
+    if opts.shared ~= nil and (type(opts.shared) ~= "table" or not opts.shared._s) then
+        return nil, "opts.shared must be a region from llmproxy.shared_state()"
+    end
     local lib_ = lib()
     local out = ffi_new("llmproxy_router*[1]")
     local cap = 1024
     local err = ffi_new("char[?]", cap)
-    local rc = lib_.llmproxy_router_new(config_json, #config_json, out, err, cap)
+    local rc
+    if opts.shared then
+        rc = lib_.llmproxy_router_new_shared(config_json, #config_json, opts.shared._s, out, err, cap)
+    else
+        rc = lib_.llmproxy_router_new(config_json, #config_json, out, err, cap)
+    end
     if rc ~= 0 or out[0] == C_NULL then
         local msg = ffi_string(err)
         if msg == "" then
@@ -411,7 +500,9 @@ function _M.new(config_json, opts)
         return nil, msg
     end
     local self = setmetatable({ _r = ffi_gc(out[0], lib_.llmproxy_router_free),
-                                _sleep = opts.sleep, _lookup_wait = lookup_wait }, Router)
+                                _sleep = opts.sleep, _lookup_wait = lookup_wait,
+                                -- the region this router is attached to (kept alive with it)
+                                shared = opts.shared }, Router)
     local ch = lib_.llmproxy_router_cluster_header(self._r, len_out)
     self.cluster_header = ch ~= C_NULL and ffi_string(ch, len_out[0]) or "x-llmproxy-cluster"
     -- nginx serves metrics from the location of examples/nginx.conf; this is the config's value.
@@ -462,12 +553,25 @@ function Router:set_endpoints(cluster, endpoints)
 end
 
 --- The router's metrics as Prometheus text.
-function Router:metrics()
+local METRICS_PARTS = { router = 1, state = 2 }
+
+--- The router's metrics as Prometheus text; `part` "router" (what this router counted) or
+--- "state" (endpoint counters and prefix index: with a shared state, the same in every worker).
+function Router:metrics(part)
     local r = self._r
     if not r then
         return nil, "router freed"
     end
-    local rc = C.llmproxy_router_metrics(r, str_out, len_out)
+    local rc
+    if part then
+        local p = METRICS_PARTS[part]
+        if not p then
+            return nil, "part must be \"router\" or \"state\""
+        end
+        rc = C.llmproxy_router_metrics_part(r, p, str_out, len_out)
+    else
+        rc = C.llmproxy_router_metrics(r, str_out, len_out)
+    end
     if rc ~= 0 or str_out[0] == C_NULL then
         return nil, "llmproxy_router_metrics failed with status " .. tostring(rc)
     end

@@ -109,12 +109,25 @@ local function worker_text()
     local router = state()
     local text = ""
     if router then
-        local m, err = router:metrics()
+        -- With a shared state, the endpoint counters and the prefix index are the same in
+        -- every worker: the metrics location adds them once (state_text), not per worker.
+        local m, err = router:metrics(router.shared and "router" or nil)
         text = m or ("# llmproxy metrics error: " .. tostring(err) .. "\n")
     end
     return text .. counters_text()
 end
 _M._worker_text = worker_text
+
+-- The shared state's part of the page (nil without a shared state), rendered by the answering
+-- worker: endpoint counters and the prefix index of all workers, without a worker label.
+local function state_text()
+    local router = state()
+    if not (router and router.shared) then
+        return nil
+    end
+    local m, err = router:metrics("state")
+    return m or ("# llmproxy metrics error: " .. tostring(err) .. "\n")
+end
 
 local function publish(dict, gen)
     local pid = ngx.worker.pid()
@@ -179,7 +192,8 @@ function _M.exit_worker(in_flight, pending_n)
 end
 
 --------------------------------------------------------------------------------------------
--- the metrics location: every live worker's router, merged, each sample labelled worker="<pid>"
+-- the metrics location: every live worker's router, merged, each sample labelled worker="<pid>";
+-- with a shared state, its part (endpoints, prefix index) once, without a worker label
 
 local function add_label(line, label)
     local b = string_find(line, "[{ ]")
@@ -301,7 +315,7 @@ function _M.handler()
             end
         end
     end
-    local body = merge(texts) .. table_concat(extra, "\n") .. "\n"
+    local body = merge(texts) .. (state_text() or "") .. table_concat(extra, "\n") .. "\n"
     ngx.header["content-type"] = "text/plain; version=0.0.4"
     ngx.print(body)
 end

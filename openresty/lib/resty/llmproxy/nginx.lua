@@ -26,7 +26,7 @@ local ffi = require "ffi"
 local ngx = ngx
 local ngx_var = ngx.var
 local ngx_req = ngx.req
-local ngx_log, ERR, WARN, INFO = ngx.log, ngx.ERR, ngx.WARN, ngx.INFO
+local ngx_log, ERR, WARN, INFO, NOTICE = ngx.log, ngx.ERR, ngx.WARN, ngx.INFO, ngx.NOTICE
 local tonumber, tostring, pairs, ipairs, type = tonumber, tostring, pairs, ipairs, type
 local string_find, string_sub, string_gsub, string_format, string_lower =
     string.find, string.sub, string.gsub, string.format, string.lower
@@ -42,6 +42,9 @@ local opts = {
     config_json = nil,
     -- lua_shared_dict used for cross-worker metrics (optional but recommended)
     shm = "llmproxy",
+    -- one routing state for all workers (docs/nginx.md, Shared state): { size = "64m" },
+    -- made by the master before fork; false or nil: every worker routes on its own state
+    shared_state = nil,
     -- nginx variable naming the upstream block proxy_pass uses; access() sets it to
     -- `upstream` for intercepted requests and leaves it alone for the rest
     upstream_var = "llmproxy_upstream",
@@ -64,6 +67,7 @@ local opts = {
 }
 
 local config_json      -- read in the master by init(), inherited by the workers
+local shared           -- the shared-state region, made by init() in the master (or nil)
 local router           -- this worker's router
 local router_pid       -- pid that created `router` (init_worker is idempotent per pid)
 local router_cluster_header -- the router's cluster header, lower case
@@ -154,7 +158,28 @@ function _M.init(o)
     if not ok then
         error("llmproxy: invalid configuration: " .. verr)
     end
+    -- The shared-state region is mapped here, before fork, so every worker inherits it. On a
+    -- reload the master runs this again: the same name and size give the same region back.
+    shared = nil
+    local ss = opts.shared_state
+    if ss then
+        if type(ss) ~= "table" then
+            error("llmproxy: shared_state must be a table like { size = \"64m\" }")
+        end
+        local region, serr = llmproxy.shared_state { name = ss.name or "llmproxy", size = ss.size or "64m" }
+        if not region then
+            error("llmproxy: " .. serr)
+        end
+        shared = region
+        ngx_log(NOTICE, "llmproxy: shared state of ", region.size, " bytes ",
+                region.reused and "kept from before the reload" or "created")
+    end
     return true
+end
+
+--- The shared-state region (nil: per-worker state).
+function _M.shared_state()
+    return shared
 end
 
 --------------------------------------------------------------------------------------------
@@ -172,7 +197,8 @@ function _M.init_worker()
     end
     -- ngx.sleep lets a pick wait for a remote cache lookup (when the config enables them)
     -- by polling the library, yielding the request in between: the worker never blocks.
-    local r, err = llmproxy.new(config_json, { sleep = ngx.sleep, lookup_wait = opts.lookup_wait })
+    local r, err = llmproxy.new(config_json, { sleep = ngx.sleep, lookup_wait = opts.lookup_wait,
+                                                shared = shared })
     if not r then
         init_error = "llmproxy: cannot build the router: " .. tostring(err)
         ngx_log(ERR, init_error)

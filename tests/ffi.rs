@@ -912,3 +912,138 @@ fn endpoint_swaps_during_picks_leave_every_counter_at_zero() {
         assert!(line.ends_with(" 0"), "{line}");
     }
 }
+
+fn shared_state(name: &str, size: u64) -> Result<*mut llmproxy_shared_state, String> {
+    let mut out = ptr::null_mut();
+    let mut err = [0 as c_char; 256];
+    let st = unsafe {
+        llmproxy_shared_state_new(
+            name.as_ptr().cast(),
+            name.len(),
+            size,
+            &mut out,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    match st {
+        LLMPROXY_OK => Ok(out),
+        _ => {
+            assert!(out.is_null());
+            Err(msg)
+        }
+    }
+}
+
+#[test]
+fn shared_state_arguments_and_reuse_by_name() {
+    let small = shared_state("", 1 << 20).unwrap_err();
+    assert!(
+        small.starts_with("shared_state.size: size must be within 16 MiB"),
+        "{small}"
+    );
+    let mut out = ptr::null_mut();
+    let null_out = unsafe {
+        llmproxy_shared_state_new(
+            ptr::null(),
+            0,
+            16 << 20,
+            ptr::null_mut(),
+            ptr::null_mut(),
+            0,
+        )
+    };
+    assert_eq!(null_out, LLMPROXY_INVALID_ARGUMENT);
+    let st = unsafe {
+        llmproxy_router_new_shared(
+            CONFIG.as_ptr().cast(),
+            CONFIG.len(),
+            ptr::null(),
+            &mut out,
+            ptr::null_mut(),
+            0,
+        )
+    };
+    assert_eq!((st, out.is_null()), (LLMPROXY_INVALID_ARGUMENT, true));
+    // NULL-safe accessors.
+    unsafe {
+        assert!(!llmproxy_shared_state_reused(ptr::null()));
+        assert_eq!(llmproxy_shared_state_in_flight(ptr::null()), 0);
+        assert_eq!(llmproxy_shared_state_reap(ptr::null()), 0);
+        llmproxy_shared_state_free(ptr::null_mut());
+    }
+    let a = shared_state("ffi-test", 16 << 20).unwrap();
+    let b = shared_state("ffi-test", 16 << 20).unwrap();
+    let c = shared_state("ffi-test", 17 << 20).unwrap();
+    unsafe {
+        assert!(!llmproxy_shared_state_reused(a));
+        assert!(llmproxy_shared_state_reused(b));
+        assert!(!llmproxy_shared_state_reused(c));
+        for s in [a, b, c] {
+            llmproxy_shared_state_free(s);
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(
+    miri,
+    ignore = "starts the reaper thread over a 16 MiB region: slow under Miri"
+)]
+fn routers_attached_to_one_region_see_each_other_s_requests() {
+    let shared = shared_state("", 16 << 20).unwrap();
+    let attach = || {
+        let mut out = ptr::null_mut();
+        let st = unsafe {
+            llmproxy_router_new_shared(
+                CONFIG.as_ptr().cast(),
+                CONFIG.len(),
+                shared,
+                &mut out,
+                ptr::null_mut(),
+                0,
+            )
+        };
+        assert_eq!(st, LLMPROXY_OK);
+        Router(out)
+    };
+    let (a, b) = (attach(), attach());
+    let held: Vec<_> = (0..5)
+        .map(|i| pick(&a, &[], &chat("llama", &format!("q{i}"))).1)
+        .collect();
+    assert_eq!(unsafe { llmproxy_shared_state_in_flight(shared) }, 5);
+    // b's router counted none of them, but its state part shows all five.
+    assert_eq!(unsafe { llmproxy_router_in_flight(b.0) }, 0);
+    let state = unsafe {
+        let (mut s, mut len) = (ptr::null_mut(), 0usize);
+        assert_eq!(
+            llmproxy_router_metrics_part(b.0, 2, &mut s, &mut len),
+            LLMPROXY_OK
+        );
+        let text = CStr::from_ptr(s).to_string_lossy().into_owned();
+        llmproxy_string_free(s);
+        text
+    };
+    let in_flight: u64 = state
+        .lines()
+        .filter(|l| l.starts_with("llmproxy_endpoint_in_flight_requests{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(in_flight, 5, "{state}");
+    for req in held {
+        unsafe { llmproxy_request_finish(req, 200) };
+    }
+    assert_eq!(unsafe { llmproxy_shared_state_in_flight(shared) }, 0);
+    // An unknown part is refused and leaves the output NULL.
+    let mut s = 1 as *mut c_char;
+    assert_eq!(
+        unsafe { llmproxy_router_metrics_part(a.0, 3, &mut s, ptr::null_mut()) },
+        LLMPROXY_INVALID_ARGUMENT
+    );
+    assert!(s.is_null());
+    drop((a, b));
+    unsafe { llmproxy_shared_state_free(shared) };
+}

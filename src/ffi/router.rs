@@ -169,9 +169,7 @@ pub unsafe extern "C" fn llmproxy_router_metrics(
     out: *mut *mut c_char,
     out_len: *mut usize,
 ) -> llmproxy_status {
-    boundary(|| {
-        metrics_into(router, Part::All, out, out_len)
-    })
+    boundary(|| metrics_into(router, Part::All, out, out_len))
 }
 
 /// Which part of the metrics `llmproxy_router_metrics_part` renders.

@@ -627,4 +627,68 @@ mod tests {
         assert!(!r.should_intercept(b"GET", b"/v1/chat/completions"));
         assert!(!r.should_intercept(b"POST", b"/v1/embeddings"));
     }
+
+    /// Two routers attached to one region, as two nginx workers are.
+    fn shared_pair() -> (Router, Router, Arc<SharedState>) {
+        let region = SharedState::create(crate::state::shared::MIN_SIZE).unwrap();
+        let config = || Config::from_json(CONFIG.as_bytes()).unwrap();
+        let a = Router::new_shared(config(), &region).unwrap();
+        let b = Router::new_shared(config(), &region).unwrap();
+        (a, b, region)
+    }
+
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "starts the reaper thread and scans the region: slow under Miri"
+    )]
+    fn routers_on_one_shared_region_share_prefixes_and_load() {
+        let (a, b, region) = shared_pair();
+        // A prefix learned by one router is followed by the other.
+        let system = "You are a helpful assistant. ".repeat(100);
+        let first = a.pick(&[], &chat("m1", &format!("{system} question 0")));
+        let home = first.endpoint().unwrap().to_string();
+        first.finish(200);
+        for i in 1..10 {
+            let p = b.pick(&[], &chat("m1", &format!("{system} question {i}")));
+            assert_eq!(p.endpoint().unwrap(), home, "request {i}");
+            p.finish(200);
+        }
+        assert!(b.prefix_index_len() > 0 && a.prefix_index_len() == b.prefix_index_len());
+        // Load held by one router is seen by the other (and counted once).
+        let held: Vec<_> = (0..6)
+            .map(|i| a.pick(&[], &chat("m1", &format!("load {i} {}", "y".repeat(500)))))
+            .collect();
+        assert_eq!(region.total_in_flight(), 6);
+        let seen_by_b = b.metrics_part(Part::State);
+        let in_flight: u64 = seen_by_b
+            .lines()
+            .filter(|l| l.starts_with("llmproxy_endpoint_in_flight_requests{cluster=\"prod\""))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum();
+        assert_eq!(in_flight, 6, "{seen_by_b}");
+        assert!(!b
+            .metrics_part(Part::Router)
+            .contains("llmproxy_endpoint_in_flight"));
+        assert!(seen_by_b.contains("llmproxy_shared_state_workers 2"));
+        drop(held);
+        assert_eq!(region.total_in_flight(), 0);
+        // Detached routers free their worker slots.
+        drop((a, b));
+        assert_eq!(region.stats().workers, 0);
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "starts the reaper thread: slow under Miri")]
+    fn a_region_without_free_worker_slots_refuses_a_router() {
+        let region = SharedState::create(crate::state::shared::MIN_SIZE).unwrap();
+        let config = || Config::from_json(CONFIG.as_bytes()).unwrap();
+        let held: Vec<Router> = (0..crate::state::shared::MAX_WORKERS)
+            .map(|_| Router::new_shared(config(), &region).unwrap())
+            .collect();
+        let err = Router::new_shared(config(), &region).err().unwrap();
+        assert!(err.contains("worker slots"), "{err}");
+        drop(held);
+        assert!(Router::new_shared(config(), &region).is_ok());
+    }
 }

@@ -222,25 +222,8 @@ impl SharedState {
             ));
         }
         let layout = Layout::for_size(size);
-        // SAFETY: a fresh anonymous mapping; no address hint, no file.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(format!(
-                "mmap of {size} bytes failed: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
         let state = SharedState {
-            base: base.cast(),
+            base: map(size)?,
             size,
             layout,
         };
@@ -467,9 +450,58 @@ impl SharedState {
 
 impl Drop for SharedState {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `create`, unmapped once (no reference outlives `self`).
-        unsafe { libc::munmap(self.base.cast(), self.size) };
+        // SAFETY: the memory made by `map` in `create`, freed once (no reference outlives
+        // `self`).
+        unsafe { unmap(self.base, self.size) };
     }
+}
+
+/// A zeroed anonymous mapping of `size` bytes shared with the children forked afterwards.
+#[cfg(not(miri))]
+fn map(size: usize) -> Result<*mut u8, String> {
+    // SAFETY: a fresh anonymous mapping; no address hint, no file.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(format!(
+            "mmap of {size} bytes failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(base.cast())
+}
+
+#[cfg(not(miri))]
+unsafe fn unmap(base: *mut u8, size: usize) {
+    libc::munmap(base.cast(), size);
+}
+
+/// Under Miri (which has no shared mappings and no fork) the region is zeroed heap memory, so
+/// that Miri checks every access the tables make.
+#[cfg(miri)]
+fn map(size: usize) -> Result<*mut u8, String> {
+    let layout = std::alloc::Layout::from_size_align(size, PAGE).map_err(|e| e.to_string())?;
+    // SAFETY: non-zero size.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) };
+    (!p.is_null())
+        .then_some(p)
+        .ok_or_else(|| "out of memory".into())
+}
+
+#[cfg(miri)]
+unsafe fn unmap(base: *mut u8, size: usize) {
+    std::alloc::dealloc(
+        base,
+        std::alloc::Layout::from_size_align_unchecked(size, PAGE),
+    );
 }
 
 /// Statistics of a shared region.
@@ -708,7 +740,9 @@ fn process_alive(pid: u32, start_time: u64) -> bool {
         Some((state, start)) => {
             !matches!(state, 'Z' | 'X' | 'x') && (start_time == 0 || start == start_time)
         }
-        // No /proc entry: ask the kernel (ESRCH = gone; EPERM = alive, another user's).
+        // No entry while /proc is mounted: gone.
+        None if std::path::Path::new("/proc/self/stat").exists() => false,
+        // No /proc: ask the kernel (ESRCH = gone; EPERM = alive, another user's).
         None => {
             // SAFETY: signal 0 only checks for existence.
             let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
@@ -810,6 +844,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "fills 2048 slots: minutes under Miri")]
     fn a_full_endpoint_table_reuses_idle_slots_with_a_new_generation() {
         let s = SharedState::create(MIN_SIZE).unwrap();
         let a = s.attach().unwrap();

@@ -1038,7 +1038,7 @@ fn routers_attached_to_one_region_see_each_other_s_requests() {
     }
     assert_eq!(unsafe { llmproxy_shared_state_in_flight(shared) }, 0);
     // An unknown part is refused and leaves the output NULL.
-    let mut s = 1 as *mut c_char;
+    let mut s = ptr::dangling_mut::<c_char>();
     assert_eq!(
         unsafe { llmproxy_router_metrics_part(a.0, 3, &mut s, ptr::null_mut()) },
         LLMPROXY_INVALID_ARGUMENT

@@ -635,7 +635,11 @@ impl Attachment {
     fn leave(&self, e: usize) {
         let slot = self.state.endpoint(e);
         let entry = self.state.ledger(self.worker, e);
-        if entry.refs.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // Checked: a slot reaped as dead (its refs zeroed) is never driven below zero.
+        let prev = entry
+            .refs
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
+        if prev == Ok(1) {
             entry.take_back(&slot.counters);
             slot.attached[self.worker / 64]
                 .fetch_and(!(1u64 << (self.worker % 64)), Ordering::SeqCst);
@@ -645,10 +649,18 @@ impl Attachment {
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        // Every lease is gone (each holds the attachment): the ledger is empty.
+        // Every lease is gone (each holds the attachment): the ledger is empty. The slot is
+        // freed only if it is still ours (never one a reaper freed and another worker took).
         let slot = self.state.worker(self.worker);
-        slot.start_time.store(0, Ordering::Release);
-        slot.state.store(FREE, Ordering::Release);
+        if slot.state.load(Ordering::Acquire) == std::process::id() {
+            slot.start_time.store(0, Ordering::Release);
+            let _ = slot.state.compare_exchange(
+                std::process::id(),
+                FREE,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
     }
 }
 
@@ -826,21 +838,32 @@ mod tests {
     #[test]
     fn a_dead_workers_share_is_reaped() {
         let s = SharedState::create(MIN_SIZE).unwrap();
-        let a = s.attach().unwrap();
-        let lease = a.lease("c", "10.0.0.1:80".parse().unwrap()).unwrap();
-        lease.counters().in_flight.fetch_add(4, Ordering::Relaxed);
-        lease.ledger().add(4, 100, 50);
-        assert_eq!(s.reap_dead_workers(), 0, "we are alive");
-        // Pretend the worker is a process that no longer exists.
-        s.worker(a.worker)
-            .state
-            .store(0x7fff_fff0, Ordering::SeqCst);
-        assert_eq!(s.reap_dead_workers(), 1);
-        assert_eq!(s.total_in_flight(), 0);
-        assert_eq!(lease.counters().prefill_chars.load(Ordering::Relaxed), 0);
+        let live = s.attach().unwrap();
+        let lease = live.lease("c", "10.0.0.1:80".parse().unwrap()).unwrap();
+        lease.counters().in_flight.fetch_add(1, Ordering::Relaxed);
+        lease.ledger().add(1, 10, 0);
+        // A second worker on the same endpoint, as a process that died mid-request left it.
+        let dead = live.worker + 1;
+        s.worker(dead).state.store(0x7fff_fff0, Ordering::SeqCst);
+        let entry = s.ledger(dead, lease.slot);
+        entry.refs.store(1, Ordering::SeqCst);
+        entry.add(4, 100, 50);
+        let c = lease.counters();
+        c.in_flight.fetch_add(4, Ordering::Relaxed);
+        c.prefill_chars.fetch_add(110, Ordering::Relaxed);
+        c.uncached_prefill_chars.fetch_add(50, Ordering::Relaxed);
+        s.endpoint(lease.slot).attached[0].fetch_or(1 << dead, Ordering::SeqCst);
+
+        assert_eq!(s.reap_dead_workers(), 1, "the dead one, not us");
+        assert_eq!(s.total_in_flight(), 1, "only the live worker's request is left");
+        assert_eq!(c.prefill_chars.load(Ordering::Relaxed), 10);
+        assert_eq!(c.uncached_prefill_chars.load(Ordering::Relaxed), 0);
+        assert_eq!(s.endpoint(lease.slot).attached[0].load(Ordering::SeqCst), 1 << live.worker);
         assert_eq!(s.stats().reaped_workers, 1);
-        std::mem::forget(lease);
-        std::mem::forget(a);
+        assert_eq!(s.stats().workers, 1);
+        assert_eq!(s.reap_dead_workers(), 0, "reaped once");
+        drop(lease);
+        assert_eq!(s.total_in_flight(), 0);
     }
 
     #[test]

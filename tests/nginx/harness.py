@@ -27,15 +27,19 @@ ROOT = harness_base.REPO
 EXAMPLE = ROOT / "examples" / "nginx.conf"
 LIB = BUILD_DIR / "libllmproxy.so"
 NGINX = os.environ.get("LLMPROXY_NGINX", shutil.which("nginx") or "/usr/sbin/nginx")
+# The example's shared routing state for all workers (render_example's `shared_state` replaces it).
+SHARED_STATE = 'shared_state = { size = "64m" }'
 
 
 def render_example(port, workers, config_path, passthrough, client_max_body_size="2m", body_buffer=None,
-                   read_timeout=None, extra_locations=None):
+                   read_timeout=None, extra_locations=None, shared_state=None):
     """examples/nginx.conf with the test's port, worker count, library config, passthrough
     servers and debug headers. Every substitution must match exactly once, so the tests keep
     exercising the example as shipped. Optional: another client_body_buffer_size (e.g. "16k",
-    to spool bodies to client_body_temp_path), proxy_read_timeout, and test-only locations
-    added to the server block."""
+    to spool bodies to client_body_temp_path), proxy_read_timeout, test-only locations
+    added to the server block, and `shared_state`: None keeps the example's shared routing
+    state (SHARED_STATE), False gives every worker its own state, a size (e.g. "80m") resizes
+    the region."""
     text = EXAMPLE.read_text()
 
     def sub(pattern, repl, count=1):
@@ -53,6 +57,9 @@ def render_example(port, workers, config_path, passthrough, client_max_body_size
         sub(r"client_body_buffer_size 9m;", "client_body_buffer_size %s;" % body_buffer)
     if read_timeout:
         sub(r"proxy_read_timeout 600s;", "proxy_read_timeout %s;" % read_timeout)
+    if shared_state is not None:
+        sub(re.escape(SHARED_STATE),
+            "shared_state = false" if shared_state is False else 'shared_state = { size = "%s" }' % shared_state)
     if extra_locations:
         block = "\n" + extra_locations.rstrip() + "\n\n        location = /llmproxy/metrics {"
         sub(r"\n        location = /llmproxy/metrics \{", lambda m: block)
@@ -73,6 +80,7 @@ class Nginx(LoggedProcess):
         if not LIB.exists():
             raise RuntimeError("%s missing: run `make build`" % LIB)
         self.workers = workers
+        self.killed = set()  # worker pids a test killed on purpose (kill_worker)
         self.prefix = Path(tempfile.mkdtemp(prefix="llmproxy-nginx-"))
         if not private:
             os.chmod(self.prefix, 0o755)  # workers run as `nobody` when we are root
@@ -123,10 +131,22 @@ class Nginx(LoggedProcess):
         out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
         return sorted(int(l.split()[0]) for l in out.stdout.splitlines() if "worker process" in l)
 
+    def kill_worker(self, pid, sig=signal.SIGKILL):
+        """Sends `sig` to one of this nginx's worker processes (a child of our master, checked
+        first), recorded as a deliberate kill: close() keeps no crash evidence for it."""
+        assert pid in self.worker_pids(), "%d is not a worker of nginx %d" % (pid, self.proc.pid)
+        self.killed.add(pid)
+        os.kill(pid, sig)
+
+    def crashes(self):
+        """Lines of the error log that say a worker died of a signal nobody sent on purpose."""
+        return [l for l in self.log_text().splitlines() if "exited on signal" in l
+                and not any("process %d exited on signal" % p in l for p in self.killed)]
+
     def close(self, keep_prefix=False):
         stop(self.proc, signal.SIGQUIT, timeout=10, group=True)  # graceful: lets exit_worker run
         log = self.log_text()
-        if "exited on signal" in log:  # keep the evidence of a crashed worker
+        if self.crashes():  # keep the evidence of a crashed worker
             keep = Path(tempfile.gettempdir()) / ("llmproxy-nginx-crash-%d.log" % self.proc.pid)
             keep.write_text(log)
         if not keep_prefix:

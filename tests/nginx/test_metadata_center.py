@@ -1,9 +1,15 @@
-"""Several nginx workers sharing load through the Metadata-Center server (started here).
+"""nginx gateways sharing load through the Metadata-Center server (started here).
 
 Each worker's router starts its own sync thread (in init_worker, after fork): it reports its
 picks/first tokens/finishes to the server and polls the cluster's total load, keeping what the
-*other* workers (and gateways) put on each endpoint as remote load. Without the server, each
-worker sees only its own requests (llmproxy_endpoint_remote_in_flight_requests stays 0).
+others put on each endpoint as remote load (the total minus what its own counters hold). Who
+"the others" are depends on where the workers keep their counters:
+- per-worker state (shared_state = false): every other worker of the same nginx, and every
+  other gateway;
+- shared state (examples/nginx.conf): the workers of one nginx count on the same endpoint
+  counters, so remote load is the other gateways' only — never a sibling worker's, which would
+  be counted twice.
+Without the server, nothing is remote (llmproxy_endpoint_remote_in_flight_requests stays 0).
 """
 
 import json
@@ -24,13 +30,28 @@ def metadata_center():
         yield mc
 
 
-@pytest.fixture(scope="module")
-def gateway_mc(servers, metadata_center):
+def _gateway_mc(servers, metadata_center, **render):
     cfg = library_config(servers, servers.dead)
     cfg["metadata_center"] = {"enabled": True, "host": "127.0.0.1", "port": metadata_center.port,
                               "load_poll_ms": 50}
-    gw = harness.Nginx(cfg, [servers.addr(n) for n in POOLS["pool_a"]], workers=2)
+    gw = harness.Nginx(cfg, [servers.addr(n) for n in POOLS["pool_a"]], workers=2, **render)
     gw.servers = servers
+    return gw
+
+
+@pytest.fixture(scope="module")
+def gateway_mc(servers, metadata_center):
+    """2 workers with per-worker state (shared_state = false): they share load only through
+    the Metadata-Center."""
+    gw = _gateway_mc(servers, metadata_center, shared_state=False)
+    yield gw
+    gw.close()
+
+
+@pytest.fixture(scope="module")
+def gateway_mc_shared(servers, metadata_center):
+    """2 workers on one shared state (the example as shipped), and the Metadata-Center."""
+    gw = _gateway_mc(servers, metadata_center)
     yield gw
     gw.close()
 
@@ -109,13 +130,14 @@ def test_a_dead_metadata_center_costs_lookups_nothing_but_their_timeout(servers)
         gw.close()
 
 
-def open_stream(port, i):
-    """An SSE request that stays open ~4 s; returns (socket, worker pid, serving server)."""
+def open_stream(port, i, chunks=20):
+    """An SSE request that stays open chunks × 200 ms (~4 s); returns (socket, worker pid,
+    serving server) once its first event arrived."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     body = json.dumps(chat("m-b", "long stream %d" % i, stream=True)).encode()
     sock.sendall(("POST %s HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                  "x-test-chunks: 20\r\nx-test-chunk-delay-ms: 200\r\nconnection: close\r\n\r\n"
-                  % (CHAT, len(body))).encode() + body)
+                  "x-test-chunks: %d\r\nx-test-chunk-delay-ms: 200\r\nconnection: close\r\n\r\n"
+                  % (CHAT, len(body), chunks)).encode() + body)
     data = b""
     while b"data: " not in data or b"\n\n" not in data.split(b"data: ", 1)[1]:
         got = sock.recv(65536)
@@ -127,67 +149,149 @@ def open_stream(port, i):
     return sock, worker, first["served_by"]
 
 
+def open_streams_on_every_worker(gw, first, per_worker=2, chunks=20, limit=30):
+    """Opens streams (new connections: reuseport spreads them) until every worker of `gw` holds
+    at least `per_worker`; returns [(socket, worker, server)]."""
+    streams = []
+    try:
+        while len(streams) < limit:
+            streams.append(open_stream(gw.port, first + len(streams), chunks))
+            held = per_worker_count(streams)
+            if len(held) == gw.workers and min(held.values()) >= per_worker:
+                return streams
+    except BaseException:
+        close_streams(streams)
+        raise
+    close_streams(streams)
+    raise AssertionError("%d streams did not reach every worker: %s" % (limit, per_worker_count(streams)))
+
+
+def per_worker_count(streams):
+    held = {}
+    for _, w, _ in streams:
+        held[w] = held.get(w, 0) + 1
+    return held
+
+
+def close_streams(streams):
+    for s, _, _ in streams:
+        s.close()
+
+
+def on_servers(streams, keep=lambda w: True):
+    """{server: streams of `streams` it serves} over pool_b, counting only workers `keep` accepts."""
+    return {n: sum(1 for _, w, s in streams if s == n and keep(w)) for n in POOLS["pool_b"]}
+
+
 def remote_view(m, workers, servers):
-    """{worker: {server: remote in-flight as that worker sees it}} for pool_b."""
+    """{worker: {server: remote in-flight as that worker sees it}} for pool_b (per-worker state)."""
     return {w: {n: m.value("llmproxy_endpoint_remote_in_flight_requests", worker=w, cluster="pool_b",
                            endpoint=servers.addr(n)) for n in POOLS["pool_b"]} for w in workers}
 
 
-def test_workers_share_load_through_the_metadata_center(gateway_mc, gateway):
-    gw = gateway_mc
-    wait_settled(gw.port)
-    streams = []
-    try:
-        # open streams until both workers hold at least two (reuseport spreads connections)
-        while len(streams) < 30:
-            streams.append(open_stream(gw.port, len(streams)))
-            per_worker = {}
-            for _, w, _ in streams:
-                per_worker[w] = per_worker.get(w, 0) + 1
-            if len(per_worker) == 2 and min(per_worker.values()) >= 2:
-                break
-        workers = sorted(per_worker)
-        assert len(workers) == 2, per_worker
-        expected = {w: {n: sum(1 for _, w2, s in streams if w2 != w and s == n) for n in POOLS["pool_b"]}
-                    for w in workers}
-        own = {w: {n: sum(1 for _, w2, s in streams if w2 == w and s == n) for n in POOLS["pool_b"]}
-               for w in workers}
-        deadline = time.time() + 3
+def shared_view(m, name, servers):
+    """{server: value} of an endpoint family of a shared state (one series, no worker label)."""
+    return {n: m.value(name, cluster="pool_b", endpoint=servers.addr(n)) for n in POOLS["pool_b"]}
+
+
+def poll(read, expected, timeout=3.0):
+    """read() until it returns `expected` or `timeout` seconds passed; returns the last value."""
+    deadline = time.time() + timeout
+    while True:
+        seen = read()
+        if seen == expected or time.time() > deadline:
+            return seen
+        time.sleep(0.05)
+
+
+def wait_drained(*gws):
+    """Until nothing is in flight or remote on any of `gws` (the streams were closed: client
+    aborts), then settled."""
+    for gw in gws:
+        deadline = time.time() + 5
         while True:
             m = metrics(gw.port)
-            seen = remote_view(m, workers, gw.servers)
-            if seen == expected or time.time() > deadline:
+            if (m.total("llmproxy_endpoint_remote_in_flight_requests") == 0
+                    and m.total("llmproxy_in_flight_requests") == 0) or time.time() > deadline:
                 break
             time.sleep(0.05)
+        assert m.total("llmproxy_endpoint_remote_in_flight_requests") == 0, gw.port
+        wait_settled(gw.port)
+
+
+def test_workers_share_load_through_the_metadata_center(gateway_mc, gateway):
+    """Per-worker state: every worker sees the streams the *other* worker holds as remote load,
+    its own as local. With shared state and no Metadata-Center (`gateway`), the load of every
+    worker is in the one shared endpoint series instead, and nothing is remote."""
+    gw = gateway_mc
+    wait_settled(gw.port)
+    wait_settled(gateway.port)
+    streams = open_streams_on_every_worker(gw, 0)
+    try:
+        workers = sorted(per_worker_count(streams))
+        expected = {w: on_servers(streams, lambda w2: w2 != w) for w in workers}
+        own = {w: on_servers(streams, lambda w2: w2 == w) for w in workers}
+        seen = poll(lambda: remote_view(metrics(gw.port), workers, gw.servers), expected)
         # every worker sees exactly the streams the *other* worker holds on each endpoint...
         assert seen == expected, (seen, expected)
         # ...besides its own, which it counts locally
+        m = metrics(gw.port)
         for w in workers:
             for n in POOLS["pool_b"]:
                 assert m.value("llmproxy_endpoint_in_flight_requests", worker=w, cluster="pool_b",
                                endpoint=gw.servers.addr(n)) == own[w][n]
         assert m.total("llmproxy_metadata_center_calls_total") > 0
-        print("\nMetadata-Center: %d streams, own %s, remote as seen %s" % (len(streams), own, seen))
+        assert not m.select("llmproxy_shared_state_bytes")
+        print("\nMetadata-Center, per-worker state: %d streams, own %s, remote as seen %s" % (len(streams), own, seen))
 
-        # without the Metadata-Center, a worker never sees the other's requests
-        plain = [open_stream(gateway.port, 100 + i) for i in range(6)]
+        # shared state without the Metadata-Center: the shared series count every worker's
+        # streams, endpoint by endpoint; nothing is remote
+        plain = open_streams_on_every_worker(gateway, 100, per_worker=1)
         try:
             pm = metrics(gateway.port)
             assert pm.total("llmproxy_endpoint_remote_in_flight_requests") == 0
-            assert pm.total("llmproxy_in_flight_requests") == 6
+            assert pm.total("llmproxy_in_flight_requests") == len(plain)
+            assert shared_view(pm, "llmproxy_endpoint_in_flight_requests", gateway.servers) == on_servers(plain)
         finally:
-            for s, _, _ in plain:
-                s.close()
+            close_streams(plain)
     finally:
-        for s, _, _ in streams:
-            s.close()
+        close_streams(streams)
     # once the streams are gone (client aborts), the shared load drains too
-    deadline = time.time() + 5
-    while time.time() < deadline:
-        m = metrics(gw.port)
-        if m.total("llmproxy_endpoint_remote_in_flight_requests") == 0 and m.total("llmproxy_in_flight_requests") == 0:
-            break
-        time.sleep(0.05)
-    assert m.total("llmproxy_endpoint_remote_in_flight_requests") == 0
-    wait_settled(gw.port)
-    wait_settled(gateway.port)
+    wait_drained(gw, gateway)
+
+
+def test_gateways_with_shared_state_see_only_other_gateways_as_remote(gateway_mc_shared, gateway_mc):
+    """Two gateways on one Metadata-Center: `shared` (2 workers, one shared state) and `plain`
+    (2 workers, per-worker state). The shared gateway's remote load is exactly the plain
+    gateway's streams — its own workers' streams are in its local shared counters and
+    subtracted from the server's total, whichever worker reported them; each plain worker's
+    remote load is every stream but its own."""
+    shared, plain = gateway_mc_shared, gateway_mc
+    wait_settled(shared.port)
+    wait_settled(plain.port)
+    s_streams = open_streams_on_every_worker(shared, 200, per_worker=1, chunks=40)
+    try:
+        p_streams = open_streams_on_every_worker(plain, 300, per_worker=1, chunks=40)
+        try:
+            expected_local = on_servers(s_streams)
+            expected_remote = on_servers(p_streams)
+            seen = poll(lambda: shared_view(metrics(shared.port), "llmproxy_endpoint_remote_in_flight_requests",
+                                            shared.servers), expected_remote)
+            assert seen == expected_remote, ("remote as the shared gateway sees it", seen, expected_remote,
+                                             "its own streams", expected_local)
+            m = metrics(shared.port)
+            assert shared_view(m, "llmproxy_endpoint_in_flight_requests", shared.servers) == expected_local
+            assert len(per_worker_count(s_streams)) == 2 and m.value("llmproxy_shared_state_workers") == 2
+
+            workers = sorted(per_worker_count(p_streams))
+            expected = {w: {n: expected_local[n] + on_servers(p_streams, lambda w2: w2 != w)[n]
+                            for n in POOLS["pool_b"]} for w in workers}
+            seen_plain = poll(lambda: remote_view(metrics(plain.port), workers, plain.servers), expected)
+            assert seen_plain == expected, (seen_plain, expected)
+            print("\nMetadata-Center, two gateways: shared %s (local) sees %s as remote; plain workers see %s"
+                  % (expected_local, seen, seen_plain))
+        finally:
+            close_streams(p_streams)
+    finally:
+        close_streams(s_streams)
+    wait_drained(shared, plain)

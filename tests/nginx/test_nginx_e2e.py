@@ -111,28 +111,26 @@ def test_prefix_affinity_and_spreading_single_worker(gateway1):
     assert len(spread) >= 2, "distinct prefixes all went to %s" % spread
 
 
-def test_prefix_affinity_is_per_worker(gateway, gateway1):
-    """Each worker has its own router (no shared state until the metadata-center sync
-    exists): a worker sticks to the endpoint it chose for a prefix, but the two workers learn
-    the prefix independently, so each pays its own first (uncached) request. Same load on a
-    1-worker and a 2-worker nginx: 16 requests sharing a 6000-char prefix."""
+def test_prefix_affinity_is_shared_by_the_workers(gateway, gateway1):
+    """The workers route on one shared state (examples/nginx.conf: shared_state): a prefix
+    learned by one worker is followed by the other, so every request sharing it goes to one
+    endpoint whichever worker takes it, and 2 workers lose nothing to 1. Same load on a
+    1-worker and a 2-worker nginx: 16 requests sharing a 6000-char prefix. (With per-worker
+    state each worker paid its own cold request: 0.802 instead of 0.859.)"""
     ratios = {}
     for name, gw, seed in (("1 worker", gateway1, 3), ("2 workers", gateway, 4)):
         before = metrics(gw.port)
         runs = prefix_run(gw, 16, seed=seed)
         ratios[name] = cache_ratio(before, metrics(gw.port))
-        by_worker = {}
-        for w, s in runs:
-            by_worker.setdefault(w, []).append(s)
-        assert len(by_worker) == gw.workers, "reuseport should spread 16 connections over every worker: %s" % by_worker
-        for w, served in by_worker.items():
-            assert len(set(served)) == 1, "worker %s did not stick to one endpoint: %s" % (w, served)
-        homes = {served[0] for served in by_worker.values()}
-        print("\n%s: 16 requests sharing a prefix -> %s, %d distinct endpoint(s), cache ratio %.3f"
-              % (name, {w: s[0] for w, s in by_worker.items()}, len(homes), ratios[name]))
-    # one cold miss per worker: 15/16 vs 14/16 of the cacheable chunks
-    assert ratios["2 workers"] < ratios["1 worker"] - 0.03, ratios
-    assert ratios["2 workers"] > 0.5, ratios
+        workers = {w for w, _ in runs}
+        homes = {s for _, s in runs}
+        assert len(workers) == gw.workers, "reuseport should spread 16 connections over every worker: %s" % runs
+        assert len(homes) == 1, "%s: the shared prefix went to %s" % (name, runs)
+        print("\n%s: 16 requests sharing a prefix -> %s from %d worker(s), cache ratio %.3f"
+              % (name, homes.pop(), len(workers), ratios[name]))
+    # one cold request in all (15/16 of the cacheable chunks), however many workers
+    assert ratios["2 workers"] == pytest.approx(ratios["1 worker"], abs=1e-9), ratios
+    assert ratios["2 workers"] > 0.8, ratios
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,11 +166,11 @@ def test_sse_streams_incrementally_and_reports_first_token(gateway):
                 served = gateway.servers.addr(json.loads(events[0])["served_by"])
                 mid = metrics(gateway.port)
                 assert mid.total("llmproxy_in_flight_requests") == 1
-                # the first chunk released the prompt's prefill load on the chosen endpoint
-                assert mid.value("llmproxy_endpoint_prefill_chars", worker=worker, cluster="pool_b",
-                                 endpoint=served) == 0
-                assert mid.value("llmproxy_endpoint_in_flight_requests", worker=worker, cluster="pool_b",
-                                 endpoint=served) == 1
+                assert mid.value("llmproxy_in_flight_requests", worker=worker) == 1
+                # the first chunk released the prompt's prefill load on the chosen endpoint (the
+                # endpoint series are the workers' shared state: once, without a worker label)
+                assert mid.value("llmproxy_endpoint_prefill_chars", cluster="pool_b", endpoint=served) == 0
+                assert mid.value("llmproxy_endpoint_in_flight_requests", cluster="pool_b", endpoint=served) == 1
 
         events, arrivals = read_sse(f.readline, t0, first_event)
     finally:
@@ -294,7 +292,7 @@ def test_over_nginx_limit_413_json(gateway):
 def test_dead_upstream_is_retried_elsewhere_then_ejected(gateway):
     before = metrics(gateway.port)
     served = []
-    for i in range(60):  # ~30 per worker: each sees the dead endpoint fail 3 times in a row
+    for i in range(60):  # the dead endpoint fails 3 times in a row (counted in the workers' shared state)
         status, hdrs, data = post(gateway, chat("m-d", random_text(300, seed=5000 + i)))
         assert status == 200, data  # never the dead endpoint's failure: retried on another one
         served.append(json.loads(data)["served_by"])
@@ -305,7 +303,7 @@ def test_dead_upstream_is_retried_elsewhere_then_ejected(gateway):
     assert retries >= 1
     assert after.total("llmproxy_nginx_retries_total") - before.total("llmproxy_nginx_retries_total") == retries
     assert after.total("llmproxy_endpoint_failures_total", endpoint=dead) >= retries
-    # three consecutive connect failures eject it (library default), per worker
+    # three consecutive connect failures eject it (library default)
     assert after.total("llmproxy_endpoint_ejections_total", endpoint=dead) >= 1
     assert after.total("llmproxy_nginx_errors_total", reason="retry_exhausted") == \
         before.total("llmproxy_nginx_errors_total", reason="retry_exhausted")

@@ -3,9 +3,9 @@
 //! gateways reported for it, and its time-to-first-token histograms.
 //!
 //! The counters ([`EndpointCounters`]) are one struct with one set of update rules whether they
-//! live in the endpoint (in-process router) or in a shared-memory slot (nginx workers); in the
-//! shared case every update is also written to the router's ledger so that a dead worker's
-//! share can be taken back.
+//! live in the endpoint (in-process router) or in a shared-memory slot (nginx workers). In the
+//! shared case the load counters ([`Load`]) are kept per router in its ledger and summed when
+//! read, so that a worker's death removes exactly its share.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -91,9 +91,30 @@ pub struct Endpoint {
     ttft: Box<[OnceLock<Histogram>]>,
 }
 
-/// The part of a request's load this router added to shared counters, kept per router so a
-/// dead worker's share can be taken back ([`super::shared`]); `None` in-process.
-type Ledger<'a> = Option<&'a super::shared::LedgerEntry>;
+/// One of the load counters a router adds and takes back. In shared mode each router keeps
+/// its own share in its ledger entry and the endpoint's load is the sum over the routers
+/// holding it: a worker killed at any instruction leaves no half-done update behind, and
+/// dropping a dead worker's entry removes exactly its share ([`super::shared`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Load {
+    InFlight,
+    Prefill,
+    Uncached,
+    ReportedInFlight,
+    ReportedPrefill,
+}
+
+impl EndpointCounters {
+    fn load_cell(&self, which: Load) -> &AtomicU64 {
+        match which {
+            Load::InFlight => &self.in_flight,
+            Load::Prefill => &self.prefill_chars,
+            Load::Uncached => &self.uncached_prefill_chars,
+            Load::ReportedInFlight => &self.reported_in_flight,
+            Load::ReportedPrefill => &self.reported_prefill,
+        }
+    }
+}
 
 impl Endpoint {
     /// A fresh endpoint with zeroed counters of its own; `models` is the number of TTFT
@@ -131,10 +152,29 @@ impl Endpoint {
         }
     }
 
-    fn ledger(&self) -> Ledger<'_> {
+    /// The endpoint's `which` load: its own counter, or the sum of every router's share.
+    fn load(&self, which: Load) -> u64 {
         match &self.storage {
-            Storage::Own(_) => None,
-            Storage::Shared(lease) => Some(lease.ledger()),
+            Storage::Own(c) => c.load_cell(which).load(Ordering::Relaxed),
+            Storage::Shared(lease) => lease.load(which),
+        }
+    }
+
+    /// Adds `v` to this router's part of the `which` load.
+    fn add(&self, which: Load, v: u64) {
+        match &self.storage {
+            Storage::Own(c) => {
+                c.load_cell(which).fetch_add(v, Ordering::Relaxed);
+            }
+            Storage::Shared(lease) => lease.add(which, v),
+        }
+    }
+
+    /// Takes `v` back from this router's part of the `which` load (never below zero).
+    fn sub(&self, which: Load, v: u64) {
+        match &self.storage {
+            Storage::Own(c) => saturating_sub(c.load_cell(which), v),
+            Storage::Shared(lease) => lease.sub(which, v),
         }
     }
 
@@ -145,17 +185,17 @@ impl Endpoint {
 
     /// Requests picked for this endpoint and not yet finished.
     pub fn in_flight(&self) -> u64 {
-        self.c().in_flight.load(Ordering::Relaxed)
+        self.load(Load::InFlight)
     }
 
     /// Prompt characters of requests that have not produced their first token yet.
     pub fn prefill_chars(&self) -> u64 {
-        self.c().prefill_chars.load(Ordering::Relaxed)
+        self.load(Load::Prefill)
     }
 
     /// Prompt characters still in prefill that the endpoint must compute (not cached).
     pub fn uncached_prefill_chars(&self) -> u64 {
-        self.c().uncached_prefill_chars.load(Ordering::Relaxed)
+        self.load(Load::Uncached)
     }
 
     /// Total picks of this endpoint.
@@ -176,33 +216,21 @@ impl Endpoint {
     /// Accounts a new request with `prompt_chars` of prompt, `uncached_chars` of which the
     /// endpoint must compute.
     pub fn acquire(&self, prompt_chars: u64, uncached_chars: u64) {
-        let c = self.c();
-        c.picks.fetch_add(1, Ordering::Relaxed);
-        c.in_flight.fetch_add(1, Ordering::Relaxed);
-        c.prefill_chars.fetch_add(prompt_chars, Ordering::Relaxed);
-        c.uncached_prefill_chars
-            .fetch_add(uncached_chars, Ordering::Relaxed);
-        if let Some(l) = self.ledger() {
-            l.add(1, prompt_chars, uncached_chars);
-        }
+        self.c().picks.fetch_add(1, Ordering::Relaxed);
+        self.add(Load::InFlight, 1);
+        self.add(Load::Prefill, prompt_chars);
+        self.add(Load::Uncached, uncached_chars);
     }
 
     /// Releases the prefill part of a request (first token seen).
     pub fn release_prefill(&self, prompt_chars: u64, uncached_chars: u64) {
-        let c = self.c();
-        saturating_sub(&c.prefill_chars, prompt_chars);
-        saturating_sub(&c.uncached_prefill_chars, uncached_chars);
-        if let Some(l) = self.ledger() {
-            l.sub(0, prompt_chars, uncached_chars);
-        }
+        self.sub(Load::Prefill, prompt_chars);
+        self.sub(Load::Uncached, uncached_chars);
     }
 
     /// Releases the request itself (finished).
     pub fn release_request(&self) {
-        saturating_sub(&self.c().in_flight, 1);
-        if let Some(l) = self.ledger() {
-            l.sub(1, 0, 0);
-        }
+        self.sub(Load::InFlight, 1);
     }
 
     /// True when the endpoint is ejected at `now_ms`.
@@ -256,31 +284,22 @@ impl Endpoint {
 
     /// The sync thread delivered an add of `prompt_chars`.
     pub fn reported_add(&self, prompt_chars: u64) {
-        let c = self.c();
-        c.reported_in_flight.fetch_add(1, Ordering::Relaxed);
-        c.reported_prefill
-            .fetch_add(prompt_chars, Ordering::Relaxed);
-        if let Some(l) = self.ledger() {
-            l.add_reported(1, prompt_chars);
-        }
+        self.add(Load::ReportedInFlight, 1);
+        self.add(Load::ReportedPrefill, prompt_chars);
     }
 
     /// The sync thread delivered a release of `requests` and `prompt_chars`.
     pub fn reported_release(&self, requests: u64, prompt_chars: u64) {
-        let c = self.c();
-        saturating_sub(&c.reported_in_flight, requests);
-        saturating_sub(&c.reported_prefill, prompt_chars);
-        if let Some(l) = self.ledger() {
-            l.sub_reported(requests, prompt_chars);
-        }
+        self.sub(Load::ReportedInFlight, requests);
+        self.sub(Load::ReportedPrefill, prompt_chars);
     }
 
     /// Stores a polled total, minus what this gateway itself reported (so its own requests,
     /// counted live in the local atomics, are not counted twice).
     pub fn set_remote_load(&self, total_in_flight: u64, total_prefill: u64, at_ms: u64) {
+        let own_q = self.load(Load::ReportedInFlight);
+        let own_l = self.load(Load::ReportedPrefill);
         let c = self.c();
-        let own_q = c.reported_in_flight.load(Ordering::Relaxed);
-        let own_l = c.reported_prefill.load(Ordering::Relaxed);
         c.remote_in_flight
             .store(total_in_flight.saturating_sub(own_q), Ordering::Relaxed);
         c.remote_prefill

@@ -7,16 +7,18 @@
 //!   start time, so that a dead worker is recognised and its share taken back;
 //! - an endpoint table ([`ENDPOINT_SLOTS`] slots) keyed by hash(cluster, address): each slot
 //!   holds the endpoint's [`EndpointCounters`] and a bit per attached worker;
-//! - a ledger: per (worker, endpoint), what that worker added to the endpoint's load counters
-//!   and has not taken back yet;
+//! - a ledger: per (worker, endpoint), that worker's share of the endpoint's load (in flight,
+//!   prefill, reported to the Metadata-Center); the endpoint's load is the sum of the shares of
+//!   the workers holding it, so each share has one writer and a killed worker can never leave
+//!   a half-done update behind;
 //! - the prefix index's set-associative table ([`super::PrefixIndex`]), sized to the rest.
 //!
 //! Everything is addressed by offset from the base (position-independent) and made of atomics
 //! whose all-zero state is valid; no lock lives in the region, so a worker killed at any
-//! instruction cannot wedge the others. A worker that dies leaves its ledger behind; the
-//! reaper ([`SharedState::reap_dead_workers`], run by every attached router's upkeep thread)
-//! subtracts it from the endpoints' counters: no phantom load outlives a crash by more than
-//! the reap interval.
+//! instruction cannot wedge the others. A worker that dies leaves its shares behind; the reaper
+//! ([`SharedState::reap_dead_workers`], run by every attached router's upkeep thread) clears
+//! them (idempotent: a reaper dying mid-way is taken over): no phantom load outlives a crash
+//! by more than the reap interval.
 //!
 //! Regions are reused by name within a process ([`SharedState::named`]): nginx's master runs
 //! `init_by_lua` again on every reload, gets the same region back when size and layout are
@@ -28,7 +30,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::clock::monotonic_ms;
-use super::endpoint::{saturating_sub, EndpointCounters};
+use super::endpoint::{EndpointCounters, Load};
 use super::prefix_index::{IndexStats, Way, WAYS};
 use super::Clock;
 
@@ -91,8 +93,10 @@ struct EndpointSlot {
     counters: EndpointCounters,
 }
 
-/// What one router added to one endpoint's counters (so that it can be taken back when the
-/// router's process dies), and how many of the router's endpoint objects use the slot.
+/// One router's share of one endpoint's load, and how many of the router's endpoint objects
+/// use the slot. Only that router writes it (its request path and its sync thread); the
+/// endpoint's load is the sum over the routers holding the slot, and a dead router's share
+/// disappears when its entry is cleared.
 #[repr(C)]
 pub struct LedgerEntry {
     refs: AtomicU32,
@@ -105,48 +109,65 @@ pub struct LedgerEntry {
 }
 
 impl LedgerEntry {
-    pub(super) fn add(&self, requests: u32, prefill: u64, uncached: u64) {
-        self.in_flight.fetch_add(requests, Ordering::Relaxed);
-        self.prefill.fetch_add(prefill, Ordering::Relaxed);
-        self.uncached.fetch_add(uncached, Ordering::Relaxed);
+    fn get(&self, which: Load) -> u64 {
+        match which {
+            Load::InFlight => self.in_flight.load(Ordering::Relaxed) as u64,
+            Load::ReportedInFlight => self.reported_in_flight.load(Ordering::Relaxed) as u64,
+            Load::Prefill => self.prefill.load(Ordering::Relaxed),
+            Load::Uncached => self.uncached.load(Ordering::Relaxed),
+            Load::ReportedPrefill => self.reported_prefill.load(Ordering::Relaxed),
+        }
     }
 
-    pub(super) fn sub(&self, requests: u32, prefill: u64, uncached: u64) {
-        sub32(&self.in_flight, requests);
-        saturating_sub(&self.prefill, prefill);
-        saturating_sub(&self.uncached, uncached);
+    fn add(&self, which: Load, v: u64) {
+        let v32 = v.min(u32::MAX as u64) as u32;
+        match which {
+            Load::InFlight => {
+                self.in_flight.fetch_add(v32, Ordering::Relaxed);
+            }
+            Load::ReportedInFlight => {
+                self.reported_in_flight.fetch_add(v32, Ordering::Relaxed);
+            }
+            Load::Prefill => {
+                self.prefill.fetch_add(v, Ordering::Relaxed);
+            }
+            Load::Uncached => {
+                self.uncached.fetch_add(v, Ordering::Relaxed);
+            }
+            Load::ReportedPrefill => {
+                self.reported_prefill.fetch_add(v, Ordering::Relaxed);
+            }
+        }
     }
 
-    pub(super) fn add_reported(&self, requests: u32, prefill: u64) {
-        self.reported_in_flight
-            .fetch_add(requests, Ordering::Relaxed);
-        self.reported_prefill.fetch_add(prefill, Ordering::Relaxed);
+    fn sub(&self, which: Load, v: u64) {
+        let v32 = v.min(u32::MAX as u64) as u32;
+        match which {
+            Load::InFlight => sub32(&self.in_flight, v32),
+            Load::ReportedInFlight => sub32(&self.reported_in_flight, v32),
+            Load::Prefill => sub64(&self.prefill, v),
+            Load::Uncached => sub64(&self.uncached, v),
+            Load::ReportedPrefill => sub64(&self.reported_prefill, v),
+        }
     }
 
-    pub(super) fn sub_reported(&self, requests: u64, prefill: u64) {
-        sub32(
-            &self.reported_in_flight,
-            requests.min(u32::MAX as u64) as u32,
-        );
-        saturating_sub(&self.reported_prefill, prefill);
+    /// Drops the whole share (the router is gone or no longer holds the endpoint).
+    fn clear(&self) {
+        for a in [&self.in_flight, &self.reported_in_flight] {
+            a.store(0, Ordering::Release);
+        }
+        for a in [&self.prefill, &self.uncached, &self.reported_prefill] {
+            a.store(0, Ordering::Release);
+        }
     }
+}
 
-    /// Takes everything recorded here back out of `c` and zeroes the entry.
-    fn take_back(&self, c: &EndpointCounters) {
-        let n = self.in_flight.swap(0, Ordering::AcqRel) as u64;
-        saturating_sub(&c.in_flight, n);
-        saturating_sub(&c.prefill_chars, self.prefill.swap(0, Ordering::AcqRel));
-        saturating_sub(
-            &c.uncached_prefill_chars,
-            self.uncached.swap(0, Ordering::AcqRel),
-        );
-        let r = self.reported_in_flight.swap(0, Ordering::AcqRel) as u64;
-        saturating_sub(&c.reported_in_flight, r);
-        saturating_sub(
-            &c.reported_prefill,
-            self.reported_prefill.swap(0, Ordering::AcqRel),
-        );
-    }
+/// The ledger's saturating subtractions (its atomics are always std's: the ledger only exists
+/// in a shared region, which a loom build never makes).
+fn sub64(a: &AtomicU64, v: u64) {
+    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
+        Some(x.saturating_sub(v))
+    });
 }
 
 fn sub32(a: &AtomicU32, v: u32) {
@@ -410,10 +431,9 @@ impl SharedState {
     fn release_worker(&self, w: usize) {
         for e in 0..ENDPOINT_SLOTS {
             let entry = self.ledger(w, e);
-            let slot = self.endpoint(e);
-            entry.take_back(&slot.counters);
+            entry.clear();
             entry.refs.store(0, Ordering::Release);
-            slot.attached[w / 64].fetch_and(!(1u64 << (w % 64)), Ordering::SeqCst);
+            self.endpoint(e).attached[w / 64].fetch_and(!(1u64 << (w % 64)), Ordering::SeqCst);
         }
         let slot = self.worker(w);
         slot.start_time.store(0, Ordering::Release);
@@ -423,10 +443,22 @@ impl SharedState {
     /// Requests in flight on every endpoint of the region (all workers).
     pub fn total_in_flight(&self) -> u64 {
         (0..ENDPOINT_SLOTS)
-            .map(|e| self.endpoint(e))
-            .filter(|s| s.key.load(Ordering::Relaxed) != 0)
-            .map(|s| s.counters.in_flight.load(Ordering::Relaxed))
+            .map(|e| self.load(e, Load::InFlight))
             .sum()
+    }
+
+    /// Endpoint slot `e`'s `which` load: the sum of the shares of the routers holding it.
+    fn load(&self, e: usize, which: Load) -> u64 {
+        let mut total = 0;
+        for (word, bits) in self.endpoint(e).attached.iter().enumerate() {
+            let mut b = bits.load(Ordering::Acquire);
+            while b != 0 {
+                let w = word * 64 + b.trailing_zeros() as usize;
+                total += self.ledger(w, e).get(which);
+                b &= b - 1;
+            }
+        }
+        total
     }
 
     /// Statistics of the region, for metrics.
@@ -640,7 +672,7 @@ impl Attachment {
             .refs
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
         if prev == Ok(1) {
-            entry.take_back(&slot.counters);
+            entry.clear();
             slot.attached[self.worker / 64]
                 .fetch_and(!(1u64 << (self.worker % 64)), Ordering::SeqCst);
         }
@@ -668,7 +700,6 @@ impl EndpointSlot {
     /// No worker holds the slot and nothing is in flight on it.
     fn is_idle(&self) -> bool {
         self.attached.iter().all(|a| a.load(Ordering::SeqCst) == 0)
-            && self.counters.in_flight.load(Ordering::SeqCst) == 0
     }
 }
 
@@ -686,10 +717,25 @@ impl SlotLease {
     }
 
     /// This router's ledger entry for the slot.
-    pub(super) fn ledger(&self) -> &LedgerEntry {
+    fn ledger(&self) -> &LedgerEntry {
         self.attachment
             .state
             .ledger(self.attachment.worker, self.slot)
+    }
+
+    /// The endpoint's `which` load, all routers together.
+    pub(super) fn load(&self, which: Load) -> u64 {
+        self.attachment.state.load(self.slot, which)
+    }
+
+    /// Adds `v` to this router's share of the `which` load.
+    pub(super) fn add(&self, which: Load, v: u64) {
+        self.ledger().add(which, v);
+    }
+
+    /// Takes `v` back from this router's share of the `which` load.
+    pub(super) fn sub(&self, which: Load, v: u64) {
+        self.ledger().sub(which, v);
     }
 
     /// The endpoint id: the same in every worker, new when the slot is reused.
@@ -822,11 +868,12 @@ mod tests {
             la.endpoint_id(),
             "cluster is part of the key"
         );
-        la.counters().in_flight.fetch_add(3, Ordering::Relaxed);
-        la.ledger().add(3, 0, 0);
-        lb.counters().in_flight.fetch_add(2, Ordering::Relaxed);
-        lb.ledger().add(2, 0, 0);
-        assert_eq!(s.total_in_flight(), 5);
+        la.add(Load::InFlight, 3);
+        lb.add(Load::InFlight, 2);
+        lb.sub(Load::InFlight, 7);
+        lb.add(Load::InFlight, 2);
+        assert_eq!(s.total_in_flight(), 5, "a share never goes below zero");
+        assert_eq!(la.load(Load::InFlight), 5);
         drop(la);
         assert_eq!(s.total_in_flight(), 2, "a's share was taken back");
         assert_eq!(s.stats().workers, 2);
@@ -840,25 +887,31 @@ mod tests {
         let s = SharedState::create(MIN_SIZE).unwrap();
         let live = s.attach().unwrap();
         let lease = live.lease("c", "10.0.0.1:80".parse().unwrap()).unwrap();
-        lease.counters().in_flight.fetch_add(1, Ordering::Relaxed);
-        lease.ledger().add(1, 10, 0);
+        lease.add(Load::InFlight, 1);
+        lease.add(Load::Prefill, 10);
         // A second worker on the same endpoint, as a process that died mid-request left it.
         let dead = live.worker + 1;
         s.worker(dead).state.store(0x7fff_fff0, Ordering::SeqCst);
         let entry = s.ledger(dead, lease.slot);
         entry.refs.store(1, Ordering::SeqCst);
-        entry.add(4, 100, 50);
-        let c = lease.counters();
-        c.in_flight.fetch_add(4, Ordering::Relaxed);
-        c.prefill_chars.fetch_add(110, Ordering::Relaxed);
-        c.uncached_prefill_chars.fetch_add(50, Ordering::Relaxed);
+        entry.add(Load::InFlight, 4);
+        entry.add(Load::Prefill, 100);
+        entry.add(Load::Uncached, 50);
         s.endpoint(lease.slot).attached[0].fetch_or(1 << dead, Ordering::SeqCst);
+        assert_eq!(lease.load(Load::InFlight), 5);
 
         assert_eq!(s.reap_dead_workers(), 1, "the dead one, not us");
-        assert_eq!(s.total_in_flight(), 1, "only the live worker's request is left");
-        assert_eq!(c.prefill_chars.load(Ordering::Relaxed), 10);
-        assert_eq!(c.uncached_prefill_chars.load(Ordering::Relaxed), 0);
-        assert_eq!(s.endpoint(lease.slot).attached[0].load(Ordering::SeqCst), 1 << live.worker);
+        assert_eq!(
+            s.total_in_flight(),
+            1,
+            "only the live worker's request is left"
+        );
+        assert_eq!(lease.load(Load::Prefill), 10);
+        assert_eq!(lease.load(Load::Uncached), 0);
+        assert_eq!(
+            s.endpoint(lease.slot).attached[0].load(Ordering::SeqCst),
+            1 << live.worker
+        );
         assert_eq!(s.stats().reaped_workers, 1);
         assert_eq!(s.stats().workers, 1);
         assert_eq!(s.reap_dead_workers(), 0, "reaped once");

@@ -199,6 +199,13 @@ function _M.init_worker()
     -- by polling the library, yielding the request in between: the worker never blocks.
     local r, err = llmproxy.new(config_json, { sleep = ngx.sleep, lookup_wait = opts.lookup_wait,
                                                 shared = shared })
+    if not r and shared then
+        -- The region refused this worker (all its worker slots held by live processes): route
+        -- on this worker's own state rather than not at all.
+        ngx_log(ERR, "llmproxy: worker ", pid, " cannot attach to the shared state (", tostring(err),
+                "): it routes on its own state")
+        r, err = llmproxy.new(config_json, { sleep = ngx.sleep, lookup_wait = opts.lookup_wait })
+    end
     if not r then
         init_error = "llmproxy: cannot build the router: " .. tostring(err)
         ngx_log(ERR, init_error)

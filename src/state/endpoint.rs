@@ -43,6 +43,12 @@ pub struct EndpointCounters {
     pub(super) reported_prefill: AtomicU64,
     pub(super) consecutive_failures: AtomicU32,
     _pad: AtomicU32,
+    /// Shared mode: what dead workers had reported to the Metadata-Center and never removed
+    /// (the server keeps it until its request TTL), so it is not mistaken for other
+    /// gateways' load; and when the last of it was left behind (router time, ms).
+    pub(super) orphan_in_flight: AtomicU64,
+    pub(super) orphan_prefill: AtomicU64,
+    pub(super) orphaned_at_ms: AtomicU64,
 }
 
 impl EndpointCounters {
@@ -62,7 +68,44 @@ impl EndpointCounters {
             reported_prefill: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             _pad: AtomicU32::new(0),
+            orphan_in_flight: AtomicU64::new(0),
+            orphan_prefill: AtomicU64::new(0),
+            orphaned_at_ms: AtomicU64::new(0),
         }
+    }
+}
+
+/// How long the Metadata-Center keeps a request nobody removes (its default `req_expire`):
+/// the load a dead worker reported is discounted from the server's totals this long.
+pub const ORPHAN_TTL_MS: u64 = 660_000;
+
+impl EndpointCounters {
+    /// Dead workers' reported load still held by the server at `now_ms`, if any.
+    pub(super) fn orphans(&self, now_ms: u64) -> (u64, u64) {
+        let at = self.orphaned_at_ms.load(Ordering::Relaxed);
+        if at == 0 || now_ms.saturating_sub(at) > ORPHAN_TTL_MS {
+            return (0, 0);
+        }
+        (
+            self.orphan_in_flight.load(Ordering::Relaxed),
+            self.orphan_prefill.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Keeps `requests` / `prefill` a dead worker reported as orphans from `now_ms` on.
+    pub(super) fn orphan(&self, requests: u64, prefill: u64, now_ms: u64) {
+        if requests == 0 && prefill == 0 {
+            return;
+        }
+        let at = self.orphaned_at_ms.load(Ordering::Relaxed);
+        if at != 0 && now_ms.saturating_sub(at) > ORPHAN_TTL_MS {
+            // The server has expired the earlier ones.
+            self.orphan_in_flight.store(0, Ordering::Relaxed);
+            self.orphan_prefill.store(0, Ordering::Relaxed);
+        }
+        self.orphan_in_flight.fetch_add(requests, Ordering::Relaxed);
+        self.orphan_prefill.fetch_add(prefill, Ordering::Relaxed);
+        self.orphaned_at_ms.store(now_ms.max(1), Ordering::Relaxed);
     }
 }
 
@@ -297,9 +340,10 @@ impl Endpoint {
     /// Stores a polled total, minus what this gateway itself reported (so its own requests,
     /// counted live in the local atomics, are not counted twice).
     pub fn set_remote_load(&self, total_in_flight: u64, total_prefill: u64, at_ms: u64) {
-        let own_q = self.load(Load::ReportedInFlight);
-        let own_l = self.load(Load::ReportedPrefill);
         let c = self.c();
+        let (orphan_q, orphan_l) = c.orphans(at_ms);
+        let own_q = self.load(Load::ReportedInFlight) + orphan_q;
+        let own_l = self.load(Load::ReportedPrefill) + orphan_l;
         c.remote_in_flight
             .store(total_in_flight.saturating_sub(own_q), Ordering::Relaxed);
         c.remote_prefill

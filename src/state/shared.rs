@@ -151,6 +151,14 @@ impl LedgerEntry {
         }
     }
 
+    /// Takes the Metadata-Center part of the share out: (requests, prefill chars).
+    fn take_reported(&self) -> (u64, u64) {
+        (
+            self.reported_in_flight.swap(0, Ordering::AcqRel) as u64,
+            self.reported_prefill.swap(0, Ordering::AcqRel),
+        )
+    }
+
     /// Drops the whole share (the router is gone or no longer holds the endpoint).
     fn clear(&self) {
         for a in [&self.in_flight, &self.reported_in_flight] {
@@ -429,8 +437,13 @@ impl SharedState {
 
     /// Takes worker `w`'s whole ledger back and frees its slot.
     fn release_worker(&self, w: usize) {
+        let now_ms = self.clock().now_ms();
         for e in 0..ENDPOINT_SLOTS {
             let entry = self.ledger(w, e);
+            // What the dead worker reported stays on the Metadata-Center until it expires
+            // there: keep it apart so it is not counted as other gateways' load meanwhile.
+            let (requests, prefill) = entry.take_reported();
+            self.endpoint(e).counters.orphan(requests, prefill, now_ms);
             entry.clear();
             entry.refs.store(0, Ordering::Release);
             self.endpoint(e).attached[w / 64].fetch_and(!(1u64 << (w % 64)), Ordering::SeqCst);
@@ -771,6 +784,9 @@ impl EndpointCounters {
             &self.remote_at_ms,
             &self.reported_in_flight,
             &self.reported_prefill,
+            &self.orphan_in_flight,
+            &self.orphan_prefill,
+            &self.orphaned_at_ms,
         ] {
             a.store(0, Ordering::Relaxed);
         }
@@ -897,6 +913,8 @@ mod tests {
         entry.add(Load::InFlight, 4);
         entry.add(Load::Prefill, 100);
         entry.add(Load::Uncached, 50);
+        entry.add(Load::ReportedInFlight, 3);
+        entry.add(Load::ReportedPrefill, 90);
         s.endpoint(lease.slot).attached[0].fetch_or(1 << dead, Ordering::SeqCst);
         assert_eq!(lease.load(Load::InFlight), 5);
 
@@ -915,6 +933,15 @@ mod tests {
         assert_eq!(s.stats().reaped_workers, 1);
         assert_eq!(s.stats().workers, 1);
         assert_eq!(s.reap_dead_workers(), 0, "reaped once");
+        // Its reports are still on the Metadata-Center: not other gateways' load.
+        let now = s.clock().now_ms();
+        assert_eq!(lease.load(Load::ReportedInFlight), 0);
+        assert_eq!(lease.counters().orphans(now), (3, 90));
+        assert_eq!(
+            lease.counters().orphans(now + super::super::endpoint::ORPHAN_TTL_MS + 1),
+            (0, 0),
+            "expired on the server by then"
+        );
         drop(lease);
         assert_eq!(s.total_in_flight(), 0);
     }

@@ -12,10 +12,13 @@
 --   content_by_lua_block     { require("resty.llmproxy.nginx").metrics() }       (metrics location)
 --   content_by_lua_block     { require("resty.llmproxy.nginx").error_page() }    (error_page target)
 --
--- State is per worker process: every worker builds its own router in init_worker (never in
--- the master, which must not run library threads). The metrics location merges the routers of
--- every live worker through a lua_shared_dict (each sample gets a worker="<pid>" label): see
--- resty.llmproxy.metrics.
+-- Every worker builds its own router in init_worker (never in the master, which must not run
+-- library threads). With `shared_state` (examples/nginx.conf) the master maps one region before
+-- fork and every worker's router attaches to it: endpoint load, health and the prefix index are
+-- then one state for all workers (docs/nginx.md, Several workers); request handles and threads
+-- stay per worker. The metrics location merges what each router counted through a
+-- lua_shared_dict (each sample gets a worker="<pid>" label) and adds the shared state's part
+-- once: see resty.llmproxy.metrics.
 
 local llmproxy = require "resty.llmproxy"
 local metrics = require "resty.llmproxy.metrics"

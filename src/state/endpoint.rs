@@ -11,103 +11,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
-// Built with `--cfg loom` (make test-loom, tests/loom_state.rs) the load and health counters are
-// loom's, so the model checker explores every interleaving of concurrent updates.
-#[cfg(loom)]
-use loom::sync::atomic::{AtomicU32, AtomicU64};
-#[cfg(not(loom))]
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use super::cells::{saturating_sub, EndpointCounters, Load};
 
 use crate::prometheus::Histogram;
-
-/// The load and health counters of one endpoint, all atomics (all-zero is the initial state),
-/// `repr(C)` so that the same struct lives either in the endpoint (in-process router) or in a
-/// slot of a shared-memory region (nginx workers, [`super::shared`]).
-#[repr(C)]
-pub struct EndpointCounters {
-    pub(super) in_flight: AtomicU64,
-    pub(super) prefill_chars: AtomicU64,
-    /// The part of `prefill_chars` the endpoint was not expected to hold in its KV cache.
-    pub(super) uncached_prefill_chars: AtomicU64,
-    pub(super) picks: AtomicU64,
-    pub(super) failures: AtomicU64,
-    pub(super) ejections: AtomicU64,
-    pub(super) ejected_until_ms: AtomicU64,
-    /// Load other gateways put on this endpoint, from the last Metadata-Center poll.
-    pub(super) remote_in_flight: AtomicU64,
-    pub(super) remote_prefill: AtomicU64,
-    /// Router time of that poll, ms; 0 = never.
-    pub(super) remote_at_ms: AtomicU64,
-    /// What this gateway has successfully reported to the Metadata-Center and not yet removed.
-    pub(super) reported_in_flight: AtomicU64,
-    pub(super) reported_prefill: AtomicU64,
-    pub(super) consecutive_failures: AtomicU32,
-    _pad: AtomicU32,
-    /// Shared mode: what dead workers had reported to the Metadata-Center and never removed
-    /// (the server keeps it until its request TTL), so it is not mistaken for other
-    /// gateways' load; and when the last of it was left behind (router time, ms).
-    pub(super) orphan_in_flight: AtomicU64,
-    pub(super) orphan_prefill: AtomicU64,
-    pub(super) orphaned_at_ms: AtomicU64,
-}
-
-impl EndpointCounters {
-    fn new() -> Self {
-        Self {
-            in_flight: AtomicU64::new(0),
-            prefill_chars: AtomicU64::new(0),
-            uncached_prefill_chars: AtomicU64::new(0),
-            picks: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            ejections: AtomicU64::new(0),
-            ejected_until_ms: AtomicU64::new(0),
-            remote_in_flight: AtomicU64::new(0),
-            remote_prefill: AtomicU64::new(0),
-            remote_at_ms: AtomicU64::new(0),
-            reported_in_flight: AtomicU64::new(0),
-            reported_prefill: AtomicU64::new(0),
-            consecutive_failures: AtomicU32::new(0),
-            _pad: AtomicU32::new(0),
-            orphan_in_flight: AtomicU64::new(0),
-            orphan_prefill: AtomicU64::new(0),
-            orphaned_at_ms: AtomicU64::new(0),
-        }
-    }
-}
-
-/// How long the Metadata-Center keeps a request nobody removes (its default `req_expire`):
-/// the load a dead worker reported is discounted from the server's totals this long.
-pub const ORPHAN_TTL_MS: u64 = 660_000;
-
-impl EndpointCounters {
-    /// Dead workers' reported load still held by the server at `now_ms`, if any.
-    pub(super) fn orphans(&self, now_ms: u64) -> (u64, u64) {
-        let at = self.orphaned_at_ms.load(Ordering::Relaxed);
-        if at == 0 || now_ms.saturating_sub(at) > ORPHAN_TTL_MS {
-            return (0, 0);
-        }
-        (
-            self.orphan_in_flight.load(Ordering::Relaxed),
-            self.orphan_prefill.load(Ordering::Relaxed),
-        )
-    }
-
-    /// Keeps `requests` / `prefill` a dead worker reported as orphans from `now_ms` on.
-    pub(super) fn orphan(&self, requests: u64, prefill: u64, now_ms: u64) {
-        if requests == 0 && prefill == 0 {
-            return;
-        }
-        let at = self.orphaned_at_ms.load(Ordering::Relaxed);
-        if at != 0 && now_ms.saturating_sub(at) > ORPHAN_TTL_MS {
-            // The server has expired the earlier ones.
-            self.orphan_in_flight.store(0, Ordering::Relaxed);
-            self.orphan_prefill.store(0, Ordering::Relaxed);
-        }
-        self.orphan_in_flight.fetch_add(requests, Ordering::Relaxed);
-        self.orphan_prefill.fetch_add(prefill, Ordering::Relaxed);
-        self.orphaned_at_ms.store(now_ms.max(1), Ordering::Relaxed);
-    }
-}
 
 /// Where an endpoint's counters live.
 enum Storage {
@@ -132,31 +38,6 @@ pub struct Endpoint {
     storage: Storage,
     /// Time from pick to first token, per model (indexed like `Router` models), made lazily.
     ttft: Box<[OnceLock<Histogram>]>,
-}
-
-/// One of the load counters a router adds and takes back. In shared mode each router keeps
-/// its own share in its ledger entry and the endpoint's load is the sum over the routers
-/// holding it: a worker killed at any instruction leaves no half-done update behind, and
-/// dropping a dead worker's entry removes exactly its share ([`super::shared`]).
-#[derive(Clone, Copy, Debug)]
-pub(super) enum Load {
-    InFlight,
-    Prefill,
-    Uncached,
-    ReportedInFlight,
-    ReportedPrefill,
-}
-
-impl EndpointCounters {
-    fn load_cell(&self, which: Load) -> &AtomicU64 {
-        match which {
-            Load::InFlight => &self.in_flight,
-            Load::Prefill => &self.prefill_chars,
-            Load::Uncached => &self.uncached_prefill_chars,
-            Load::ReportedInFlight => &self.reported_in_flight,
-            Load::ReportedPrefill => &self.reported_prefill,
-        }
-    }
 }
 
 impl Endpoint {
@@ -382,10 +263,4 @@ impl Endpoint {
             .enumerate()
             .filter_map(|(i, h)| h.get().map(|h| (i, h)))
     }
-}
-
-pub(super) fn saturating_sub(a: &AtomicU64, v: u64) {
-    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
-        Some(x.saturating_sub(v))
-    });
 }

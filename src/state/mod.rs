@@ -1,6 +1,8 @@
 //! Local routing state: endpoints with their load counters, clusters, and the prefix index.
 //!
 //! This module owns what a router knows without asking anyone:
+//! - `cells.rs`: the `repr(C)` structures of atomics (endpoint counters, prefix-index entries)
+//!   that live in a router's memory or in a shared region;
 //! - [`Endpoint`] (`endpoint.rs`): per endpoint, atomics for in-flight requests and prompt
 //!   characters still in prefill, plus passive-health bookkeeping (consecutive failures,
 //!   ejection deadline);
@@ -19,15 +21,17 @@
 //! One code path serves both modes: the counters ([`EndpointCounters`]) and the prefix index
 //! are the same structures, on the router's own memory or in a shared region.
 
+mod cells;
 mod clock;
 mod cluster;
 mod endpoint;
 mod prefix_index;
 pub mod shared;
 
+pub use cells::EndpointCounters;
 pub use clock::{monotonic_ms, Clock};
 pub use cluster::{Cluster, Clusters, EndpointSet};
-pub use endpoint::{Endpoint, EndpointCounters};
+pub use endpoint::Endpoint;
 pub use prefix_index::PrefixIndex;
 pub use shared::{Attachment, SharedState, SharedStats};
 

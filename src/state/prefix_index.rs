@@ -3,41 +3,17 @@
 //! One lock-free, set-associative table, the same code whether it lives in the router's own
 //! memory (in-process router) or in a shared region (nginx workers, [`super::shared`]):
 //! - a chunk hash maps to a set of [`WAYS`] entries; each entry holds the hash, its last use
-//!   and up to [`HOLDERS_PER_ENTRY`] holders (endpoint id + last use);
+//!   and up to [`HOLDERS_PER_ENTRY`](super::cells::HOLDERS_PER_ENTRY) holders (endpoint id + last use);
 //! - a new hash takes an empty way of its set or evicts the least recently used one, so the
 //!   table never grows and the index is least-recently-used within each set;
 //! - entries are claimed with compare-and-swap, everything else is a plain atomic store: a
 //!   reader racing a writer may see a holder a moment early or late, which only changes a
 //!   routing hint, never memory safety. No lock exists, so no process can die holding one.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
+use super::cells::{IndexStats, Way, WAYS};
 use super::EndpointSet;
-
-/// Who recently served a prefix: at most this many endpoints per chunk hash.
-pub const HOLDERS_PER_ENTRY: usize = 4;
-/// Entries per set.
-pub const WAYS: usize = 8;
-
-/// One entry (one cache line): a chunk hash, its last use, its holders.
-#[repr(C, align(64))]
-pub struct Way {
-    /// The chunk hash; 0 = empty.
-    key: AtomicU64,
-    /// Index time of the last record or match (for eviction).
-    last_use: AtomicU64,
-    /// Holder: endpoint id in the high 32 bits, index time of its last use in the low 32
-    /// bits (0 = empty).
-    holders: [AtomicU64; HOLDERS_PER_ENTRY],
-}
-
-/// Counters of an index (in the shared region's header in shared mode).
-#[repr(C)]
-#[derive(Default)]
-pub struct IndexStats {
-    occupied: AtomicU64,
-    evictions: AtomicU64,
-}
 
 /// Where the table lives.
 enum Memory {

@@ -29,9 +29,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::cells::{EndpointCounters, IndexStats, Load, Way, WAYS};
 use super::clock::monotonic_ms;
-use super::endpoint::{EndpointCounters, Load};
-use super::prefix_index::{IndexStats, Way, WAYS};
 use super::Clock;
 
 /// Version of the region layout; a region with another version is never read.
@@ -768,32 +767,6 @@ impl Drop for SlotLease {
     }
 }
 
-impl EndpointCounters {
-    /// Zeroes every counter (a slot taken over for another endpoint).
-    fn reset(&self) {
-        for a in [
-            &self.in_flight,
-            &self.prefill_chars,
-            &self.uncached_prefill_chars,
-            &self.picks,
-            &self.failures,
-            &self.ejections,
-            &self.ejected_until_ms,
-            &self.remote_in_flight,
-            &self.remote_prefill,
-            &self.remote_at_ms,
-            &self.reported_in_flight,
-            &self.reported_prefill,
-            &self.orphan_in_flight,
-            &self.orphan_prefill,
-            &self.orphaned_at_ms,
-        ] {
-            a.store(0, Ordering::Relaxed);
-        }
-        self.consecutive_failures.store(0, Ordering::Relaxed);
-    }
-}
-
 /// The endpoint table key of (cluster, address): never 0 or RECLAIMING.
 fn slot_key(cluster: &str, addr: SocketAddr) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
@@ -938,7 +911,9 @@ mod tests {
         assert_eq!(lease.load(Load::ReportedInFlight), 0);
         assert_eq!(lease.counters().orphans(now), (3, 90));
         assert_eq!(
-            lease.counters().orphans(now + super::super::endpoint::ORPHAN_TTL_MS + 1),
+            lease
+                .counters()
+                .orphans(now + super::super::cells::ORPHAN_TTL_MS + 1),
             (0, 0),
             "expired on the server by then"
         );

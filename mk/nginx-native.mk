@@ -22,7 +22,11 @@ nginx-module: build nginx-dev-deps
 
 ## test-nginx-native: e2e scenarios over the Lua host and the native module, and the module
 ## under valgrind (nginx with master_process off)
-test-nginx-native: nginx-module venv nginx-deps
+test-nginx-native: nginx-module venv nginx-deps valgrind-deps
 	$(NGINX_TEST_ENV) timeout 300 $(VENV_PY) -m pytest -q -p no:cacheprovider tests/nginx/test_native.py
 
 TEST_TARGETS += test-nginx-native
+
+valgrind-deps:
+	@command -v valgrind >/dev/null 2>&1 || scripts/apt-install.sh valgrind || true
+.PHONY: valgrind-deps

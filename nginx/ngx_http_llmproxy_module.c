@@ -89,6 +89,7 @@ typedef struct {
 typedef struct {
     ngx_flag_t                  enable;
     ngx_flag_t                  debug_headers;
+    ngx_uint_t                  error_status;   /* llmproxy_error <status> */
 } ngx_http_llmproxy_loc_conf_t;
 
 
@@ -118,6 +119,7 @@ static char *ngx_http_llmproxy_config(ngx_conf_t *cf, ngx_command_t *cmd, void *
 static char *ngx_http_llmproxy_shared_state(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_http_llmproxy_balancer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_http_llmproxy_metrics(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static char *ngx_http_llmproxy_error(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static ngx_int_t ngx_http_llmproxy_postconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_llmproxy_init_process(ngx_cycle_t *cycle);
 static void ngx_http_llmproxy_exit_process(ngx_cycle_t *cycle);
@@ -165,6 +167,13 @@ static ngx_command_t  ngx_http_llmproxy_commands[] = {
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_llmproxy_metrics,
       0,
+      0,
+      NULL },
+
+    { ngx_string("llmproxy_error"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_llmproxy_error,
+      NGX_HTTP_LOC_CONF_OFFSET,
       0,
       NULL },
 
@@ -248,6 +257,7 @@ ngx_http_llmproxy_create_loc_conf(ngx_conf_t *cf)
 
     llcf->enable = NGX_CONF_UNSET;
     llcf->debug_headers = NGX_CONF_UNSET;
+    llcf->error_status = NGX_CONF_UNSET_UINT;
 
     return llcf;
 }
@@ -261,6 +271,7 @@ ngx_http_llmproxy_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
 
     ngx_conf_merge_value(conf->enable, prev->enable, 0);
     ngx_conf_merge_value(conf->debug_headers, prev->debug_headers, 0);
+    ngx_conf_merge_uint_value(conf->error_status, prev->error_status, 0);
 
     return NGX_CONF_OK;
 }
@@ -1825,6 +1836,56 @@ ngx_http_llmproxy_metrics(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
     clcf->handler = ngx_http_llmproxy_metrics_handler;
+
+    return NGX_CONF_OK;
+}
+
+
+/* llmproxy_error <status>: the target of error_page for errors nginx itself produces (body
+ * above client_max_body_size, upstream unreachable or timed out), answered with the same
+ * OpenAI JSON as the library's own errors. */
+static ngx_int_t
+ngx_http_llmproxy_error_handler(ngx_http_request_t *r)
+{
+    const char                    *msg;
+    ngx_uint_t                     status;
+    ngx_http_llmproxy_loc_conf_t  *llcf;
+
+    llcf = ngx_http_get_module_loc_conf(r, ngx_http_llmproxy_module);
+    status = llcf->error_status;
+
+    switch (status) {
+    case 413: msg = "request body is larger than client_max_body_size"; break;
+    case 500: msg = "internal gateway error"; break;
+    case 502: msg = "the upstream endpoint could not be reached"; break;
+    case 503: msg = "no upstream available"; break;
+    case 504: msg = "the upstream endpoint timed out"; break;
+    default:  msg = "gateway error";
+    }
+
+    return ngx_http_llmproxy_send_error(r, status, msg, ngx_strlen(msg));
+}
+
+
+static char *
+ngx_http_llmproxy_error(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_llmproxy_loc_conf_t  *llcf = conf;
+
+    ngx_int_t                  n;
+    ngx_str_t                 *value;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    value = cf->args->elts;
+    n = ngx_atoi(value[1].data, value[1].len);
+    if (n < 400 || n > 599) {
+        return "needs an error status (400-599)";
+    }
+
+    llcf->error_status = (ngx_uint_t) n;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    clcf->handler = ngx_http_llmproxy_error_handler;
 
     return NGX_CONF_OK;
 }

@@ -1468,6 +1468,9 @@ ngx_http_llmproxy_header_filter(ngx_http_request_t *r)
         ngx_http_clear_content_length(r);
         ngx_http_clear_accept_ranges(r);
         ngx_http_clear_etag(r);
+        /* the transcoder reads memory buffers: never let the response be spooled to
+         * proxy_temp_path (nginx decides on buffering after sending the header) */
+        r->upstream->buffering = 0;
         ctx->transcoding = 1;
     }
 

@@ -282,11 +282,21 @@ def test_reload_under_load(gw):
 # the native module alone
 
 
+# a main request outside the llmproxy locations that mirrors itself into one: the mirror is a
+# subrequest, which the module refuses to route (JSON 501, discarded by nginx)
+MIRROR = """
+        location = /mirrored {
+            mirror /v1/chat/completions;
+            proxy_pass http://llmproxy_backend/v1/models;
+        }"""
+
+
 @pytest.fixture(scope="module")
 def native1(servers):
     """The native module with 1 worker and bodies above 16 KiB spooled to a temp file."""
     cfg = library_config(servers, servers.dead)
-    g = harness.NativeNginx(cfg, [servers.addr(n) for n in POOLS["pool_a"]], workers=1, body_buffer="16k")
+    g = harness.NativeNginx(cfg, [servers.addr(n) for n in POOLS["pool_a"]], workers=1, body_buffer="16k",
+                            extra_locations=MIRROR)
     g.servers = servers
     yield g
     g.close()
@@ -298,6 +308,16 @@ def test_native_body_from_temp_file(native1):
     assert status == 200 and json.loads(data)["served_by"] in POOLS["pool_b"], data
     after = settled(native1)
     assert delta(before, after, "llmproxy_nginx_request_bodies_total", source="file") == 1
+
+
+def test_native_subrequest_refused(native1):
+    before = settled(native1)
+    status, _, data = post(native1, chat("m-a", "mirror me"), path="/mirrored")
+    assert json.loads(data)["served_by"] in POOLS["pool_a"], data  # the main request, proxied untouched
+    harness.wait_until(lambda: delta(before, metrics(native1.port), "llmproxy_nginx_errors_total",
+                                     reason="subrequest") == 1, timeout=5, what="the mirror refused")
+    after = settled(native1)
+    assert delta(before, after, "llmproxy_nginx_picks_total", event="routed") == 0
 
 
 def test_native_config_errors_stop_nginx(servers, tmp_path):

@@ -1332,9 +1332,14 @@ ngx_http_llmproxy_get_peer(ngx_peer_connection_t *pc, void *data)
         }
     }
 
+    /* a name per try: $upstream_addr keeps each try's endpoint */
+    pc->name = ngx_palloc(pd->request->pool, sizeof(ngx_str_t));
+    if (pc->name == NULL) {
+        return NGX_ERROR;
+    }
+    *pc->name = ctx->endpoint;
     pc->sockaddr = ctx->peer.sockaddr;
     pc->socklen = ctx->peer.socklen;
-    pc->name = &ctx->peer.name;
     pc->cached = 0;
     pc->connection = NULL;
 

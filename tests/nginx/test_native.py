@@ -150,6 +150,10 @@ def test_triton_transcoded(gw):
     assert status == 200, data
     body = json.loads(data)
     assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"].startswith("hi from b")
+    status, hdrs, data = post(gw, chat("m-t", "to triton, streamed", stream=True))
+    assert status == 200 and hdrs["content-type"] == "text/event-stream", data
+    events = [l[6:] for l in data.decode().splitlines() if l.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[0])["object"] == "chat.completion.chunk", data
     settled(gw)
 
 

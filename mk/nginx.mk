@@ -18,7 +18,7 @@ nginx-deps:
 
 ## test-nginx: everything under tests/nginx (real nginx, 2 workers, 127.0.0.1 only)
 test-nginx: build venv nginx-deps
-	$(NGINX_TEST_ENV) timeout 300 $(VENV_PY) -m pytest -q -p no:cacheprovider tests/nginx
+	$(NGINX_TEST_ENV) timeout 300 $(VENV_PY) -m pytest -q -p no:cacheprovider tests/nginx --ignore=tests/nginx/test_native.py
 
 ## bench-nginx: nginx + llmproxy vs nginx round robin, 1 KiB and 64 KiB bodies (needs wrk)
 bench-nginx: build nginx-deps

@@ -25,7 +25,9 @@ from harness_base import (BUILD_DIR, CHAT, COMPLETIONS, POOLS, FakeUpstreams, Lo
 
 ROOT = harness_base.REPO
 EXAMPLE = ROOT / "examples" / "nginx.conf"
+NATIVE_EXAMPLE = ROOT / "examples" / "nginx-native.conf"
 LIB = BUILD_DIR / "libllmproxy.so"
+MODULE = BUILD_DIR / "ngx_http_llmproxy_module.so"
 NGINX = os.environ.get("LLMPROXY_NGINX", shutil.which("nginx") or "/usr/sbin/nginx")
 # The example's shared routing state for all workers (render_example's `shared_state` replaces it).
 SHARED_STATE = 'shared_state = { size = "64m" }'
@@ -68,6 +70,39 @@ def render_example(port, workers, config_path, passthrough, client_max_body_size
     return text
 
 
+def render_native_example(port, workers, config_path, passthrough, client_max_body_size="2m", body_buffer=None,
+                          read_timeout=None, extra_locations=None, shared_state=None, master_process=True):
+    """examples/nginx-native.conf (the native module, no Lua) with the same substitutions as
+    render_example; `master_process=False` runs one process in the foreground (valgrind)."""
+    text = NATIVE_EXAMPLE.read_text()
+
+    def sub(pattern, repl, count=1):
+        nonlocal text
+        text, n = re.subn(pattern, repl, text)
+        assert n == count, "examples/nginx-native.conf: %r matched %d times, expected %d" % (pattern, n, count)
+
+    sub(r"worker_processes 2;", "worker_processes %d;" % workers)
+    sub(r"listen 127\.0\.0\.1:8080 reuseport backlog=4096;", "listen 127.0.0.1:%d reuseport backlog=4096;" % port)
+    sub(r"llmproxy_config examples/config\.json;", "llmproxy_config %s;" % config_path)
+    sub(r"llmproxy_debug_headers off;", "llmproxy_debug_headers on;")
+    sub(r"client_max_body_size 9m;", "client_max_body_size %s;" % client_max_body_size)
+    if body_buffer:
+        sub(r"client_body_buffer_size 9m;", "client_body_buffer_size %s;" % body_buffer)
+    if read_timeout:
+        sub(r"proxy_read_timeout 600s;", "proxy_read_timeout %s;" % read_timeout)
+    if shared_state is not None:
+        sub(r"llmproxy_shared_state 64m;",
+            "" if shared_state is False else "llmproxy_shared_state %s;" % shared_state)
+    if not master_process:
+        text = "master_process off;\n" + text
+    if extra_locations:
+        block = "\n" + extra_locations.rstrip() + "\n\n        location = /llmproxy/metrics {"
+        sub(r"\n        location = /llmproxy/metrics \{", lambda m: block)
+    sub(r"(        server 127\.0\.0\.1:800\d;\n)+",
+        "".join("        server %s;\n" % a for a in passthrough))
+    return text
+
+
 class Nginx(LoggedProcess):
     """nginx (master + workers) in its own prefix under /tmp, from examples/nginx.conf.
     `private`: the prefix stays 0700 (mkdtemp's mode), like a home directory: when we are
@@ -76,9 +111,13 @@ class Nginx(LoggedProcess):
 
     kind = "nginx error"
 
-    def __init__(self, llmproxy_config, passthrough, workers=2, private=False, **render):
+    host = "lua"
+
+    def __init__(self, llmproxy_config, passthrough, workers=2, private=False, wrapper=(), ready_timeout=15, **render):
         if not LIB.exists():
             raise RuntimeError("%s missing: run `make build`" % LIB)
+        if self.host == "native" and not MODULE.exists():
+            raise RuntimeError("%s missing: run `make nginx-module`" % MODULE)
         self.workers = workers
         self.killed = set()  # worker pids a test killed on purpose (kill_worker)
         self.prefix = Path(tempfile.mkdtemp(prefix="llmproxy-nginx-"))
@@ -88,6 +127,8 @@ class Nginx(LoggedProcess):
         # A private copy: `make build` overwrites build/libllmproxy.so in place, which would
         # crash workers that have it mapped (seen while another build ran during the tests).
         shutil.copy2(LIB, self.prefix / "build" / "libllmproxy.so")
+        if self.host == "native":
+            shutil.copy2(MODULE, self.prefix / "build" / MODULE.name)
         os.symlink(ROOT / "openresty", self.prefix / "openresty")
         cfg = self.prefix / "llmproxy.json"
         cfg.write_text(json.dumps(llmproxy_config))
@@ -96,11 +137,11 @@ class Nginx(LoggedProcess):
         for attempt in range(3):
             # a port found free may be taken by another test before nginx binds it: retry
             self.port = free_port()
-            self.conf.write_text(render_example(self.port, workers, cfg, passthrough, **render))
-            self.proc = subprocess.Popen([NGINX, "-p", "%s/" % self.prefix, "-c", str(self.conf), "-g", "daemon off;"],
+            self.conf.write_text(self.render(self.port, workers, cfg, passthrough, **render))
+            self.proc = subprocess.Popen(list(wrapper) + [NGINX, "-p", "%s/" % self.prefix, "-c", str(self.conf), "-g", "daemon off;"],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
             try:
-                self.wait_ready()
+                self.wait_ready(timeout=ready_timeout)
                 return
             except Exception as e:
                 self.close(keep_prefix=True)
@@ -108,6 +149,10 @@ class Nginx(LoggedProcess):
                     shutil.rmtree(self.prefix, ignore_errors=True)
                     raise
                 self.error_log.unlink(missing_ok=True)
+
+    @staticmethod
+    def render(*args, **kw):
+        return render_example(*args, **kw)
 
     def nginx_cmd(self, *args):
         return subprocess.run([NGINX, "-p", "%s/" % self.prefix, "-c", str(self.conf)] + list(args),
@@ -151,6 +196,26 @@ class Nginx(LoggedProcess):
             keep.write_text(log)
         if not keep_prefix:
             shutil.rmtree(self.prefix, ignore_errors=True)
+
+
+class NativeNginx(Nginx):
+    """The same nginx from examples/nginx-native.conf: the native module, no Lua. Its
+    llmproxy_nginx_* counters are one set for the whole nginx (a shared zone, no worker
+    label); the router's own metrics are those of the worker that answers."""
+
+    host = "native"
+
+    @staticmethod
+    def render(*args, **kw):
+        return render_native_example(*args, **kw)
+
+    def _ready(self):
+        m = metrics(self.port)
+        n = m.value("llmproxy_nginx_workers")
+        return n == self.workers or "%s workers" % n
+
+
+HOSTS = {"lua": Nginx, "native": NativeNginx}
 
 
 # ---------------------------------------------------------------------------------------------

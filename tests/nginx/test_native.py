@@ -1,0 +1,380 @@
+"""One scenario set, two nginx hosts: the Lua module (examples/nginx.conf) and the native module
+(examples/nginx-native.conf, build/ngx_http_llmproxy_module.so, no Lua), both with 2 workers and
+the shared routing state, in front of the fake OpenAI-compatible upstreams on 127.0.0.1. The
+assertions use what both hosts export the same way: the llmproxy_nginx_* counters (summed over
+the workers), the shared state's endpoint series, and the answers themselves. At the end the
+native module serves every kind of request under valgrind (nginx with master_process off)."""
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+import harness
+from conftest import MAX_BODY, POOLS, library_config
+from harness import CHAT, COMPLETIONS, chat, metrics, random_text, request, wait_settled
+from test_nginx_e2e import assert_our_error, check_responses, mixed_requests, raw_send, run_all
+
+HOSTS = ["lua", "native"]
+
+
+@pytest.fixture(scope="module", params=HOSTS)
+def gw(request, servers):
+    cfg = library_config(servers, servers.dead)
+    passthrough = [servers.addr(n) for n in POOLS["pool_a"]]
+    g = harness.HOSTS[request.param](cfg, passthrough, workers=2)
+    g.servers = servers
+    yield g
+    g.close()
+
+
+def post(gw, body, headers=None, path=CHAT):
+    return request(gw.port, "POST", path, body, headers)
+
+
+def settled(gw):
+    """Nothing in flight in any worker: every pick finished (module counters) and every
+    endpoint's load released (the shared state)."""
+    m = wait_settled(gw.port, timeout=15)
+    assert m.total("llmproxy_endpoint_in_flight_requests") == 0
+    assert m.total("llmproxy_endpoint_prefill_chars") == 0
+    assert m.total("llmproxy_nginx_picks_total", event="leaked") == 0
+    return m
+
+
+def delta(before, after, name, **labels):
+    return after.total(name, **labels) - before.total(name, **labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# routing
+
+
+def test_routing_by_model_and_headers(gw):
+    before = settled(gw)
+    status, hdrs, data = post(gw, chat("m-a", "hello"),
+                              headers={"x-gateway-destination-endpoint": "127.0.0.1:1",
+                                       "x-llmproxy-cluster": "pool_b", "X-LLMProxy-Endpoint": "127.0.0.1:2"})
+    assert status == 200, data
+    echo = json.loads(data)
+    assert echo["served_by"] in POOLS["pool_a"]
+    seen = echo["received_headers"]
+    assert seen["x-llmproxy-endpoint"] == gw.servers.addr(echo["served_by"])  # the client's was replaced
+    assert seen["x-llmproxy-cluster"] == "pool_a"
+    assert seen["x-llmproxy-scene"] == "chat-a"
+    assert "x-gateway-destination-endpoint" not in seen
+    assert hdrs["x-llmproxy-endpoint"] == seen["x-llmproxy-endpoint"]
+    status, _, data = post(gw, {"model": "m-b", "prompt": "once upon a time"}, path=COMPLETIONS)
+    assert status == 200 and json.loads(data)["served_by"] in POOLS["pool_b"], data
+    # target_model: the body the backend gets names another model
+    status, _, data = post(gw, chat("m-r", "rewrite me"))
+    assert status == 200 and json.loads(data)["model"] == "m-r-upstream", data
+    # not intercepted: proxied as is (the native host: round robin over the upstream's servers)
+    served = set()
+    for _ in range(6):
+        status, hdrs, data = request(gw.port, "GET", "/v1/models", headers={"x-llmproxy-endpoint": "1.2.3.4:5"})
+        assert status == 200
+        echo = json.loads(data)
+        served.add(echo["served_by"])
+    assert served <= set(POOLS["pool_a"]) and len(served) >= 2
+    after = settled(gw)
+    assert delta(before, after, "llmproxy_nginx_requests_total", kind="passthrough") == 6
+    assert delta(before, after, "llmproxy_nginx_picks_total", event="routed") == 3
+    assert delta(before, after, "llmproxy_nginx_stripped_headers_total") >= 3 + 6
+
+
+def test_prefix_sticks_across_workers(gw):
+    """The same long prefix from fresh connections (reuseport spreads them over both workers)
+    goes to one endpoint: the prefix index is the workers' shared state."""
+    settled(gw)
+    prefix = random_text(6000, seed=77 if gw.host == "lua" else 78)
+    runs = []
+    for i in range(16):
+        status, hdrs, data = post(gw, chat("m-a", prefix + " question %d?" % i))
+        assert status == 200, data
+        runs.append((hdrs["x-llmproxy-worker"], json.loads(data)["served_by"]))
+    assert len({w for w, _ in runs}) == 2, runs  # both workers took some
+    assert len({s for _, s in runs[1:]}) == 1, runs  # after the first (cold) pick: one endpoint
+    settled(gw)
+
+
+# ---------------------------------------------------------------------------------------------
+# SSE and first token
+
+
+def test_sse_incremental_first_token_releases_prefill(gw):
+    settled(gw)
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    try:
+        body = json.dumps(chat("m-b", "stream please " + "p" * 2000, stream=True)).encode()
+        sock.sendall(("POST %s HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                      "x-test-chunks: 5\r\nx-test-chunk-delay-ms: 250\r\nconnection: close\r\n\r\n"
+                      % (CHAT, len(body))).encode() + body)
+        t0 = time.perf_counter()
+        f = sock.makefile("rb")
+        assert b" 200 " in f.readline()
+        hdrs = {}
+        while True:
+            line = f.readline().strip()
+            if not line:
+                break
+            k, _, v = line.decode().partition(":")
+            hdrs[k.strip().lower()] = v.strip()
+        assert hdrs["content-type"] == "text/event-stream"
+
+        def first_event(events):
+            if len(events) == 1:
+                served = gw.servers.addr(json.loads(events[0])["served_by"])
+                mid = metrics(gw.port)
+                # the stream is still open, and its first byte released the prompt's prefill load
+                assert mid.value("llmproxy_endpoint_in_flight_requests", cluster="pool_b", endpoint=served) == 1
+                assert mid.value("llmproxy_endpoint_prefill_chars", cluster="pool_b", endpoint=served) == 0
+                assert mid.total("llmproxy_nginx_pending_requests") == 1
+
+        events, arrivals = harness.read_sse(f.readline, t0, first_event)
+    finally:
+        sock.close()
+    assert len(events) == 6 and events[-1] == b"[DONE]"
+    assert arrivals[-1] - arrivals[0] >= 0.8, arrivals  # not buffered
+    settled(gw)
+
+
+def test_triton_transcoded(gw):
+    status, hdrs, data = post(gw, chat("m-t", "to triton"))
+    assert status == 200, data
+    body = json.loads(data)
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"].startswith("hi from b")
+    status, hdrs, data = post(gw, chat("m-t", "to triton, streamed", stream=True))
+    assert status == 200 and hdrs["content-type"] == "text/event-stream", data
+    events = [l[6:] for l in data.decode().splitlines() if l.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[0])["object"] == "chat.completion.chunk", data
+    settled(gw)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def test_errors_are_json(gw):
+    before = settled(gw)
+    assert_our_error(*post(gw, b"{not json"), 400, "invalid_request")
+    assert_our_error(*post(gw, b""), 400, "invalid_request")
+    assert_our_error(*post(gw, chat("m-unknown", "x")), 404, "model_not_found")
+    assert_our_error(*post(gw, chat("m-none", "x")), 503, "no_endpoint")
+    # over the library's max_body_bytes: refused by Content-Length before the body is read
+    status, hdrs, data = post(gw, json.dumps(chat("m-a", "x" * (MAX_BODY + 1000))).encode())
+    assert_our_error(status, hdrs, data, 413, "request_too_large")
+    assert str(MAX_BODY) in json.loads(data)["error"]["message"]
+    # over nginx's client_max_body_size (2m here): error_page makes nginx's 413 our JSON
+    assert_our_error(*post(gw, b"z" * (3 * 1024 * 1024)), 413, "request_too_large")
+    after = settled(gw)
+    assert delta(before, after, "llmproxy_nginx_picks_total", event="routed") == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# upstream failures
+
+
+def test_dead_endpoint_retried_elsewhere(gw):
+    before = settled(gw)
+    for i in range(20):
+        status, _, data = post(gw, chat("m-d", random_text(300, seed=9000 + i)))
+        assert status == 200, data  # never the dead endpoint's failure: retried on another one
+        assert json.loads(data)["served_by"] in POOLS["pool_d"]
+    after = settled(gw)
+    retries = delta(before, after, "llmproxy_nginx_retries_total")
+    assert retries >= 1
+    assert delta(before, after, "llmproxy_endpoint_failures_total", cluster="pool_d",
+                 endpoint=gw.servers.dead) >= 1
+    assert delta(before, after, "llmproxy_nginx_errors_total", reason="retry_exhausted") == 0
+
+
+def test_all_endpoints_dead_502_json_and_finished(gw):
+    before = settled(gw)
+    for model in ("m-dead2", "m-dead1"):
+        assert_our_error(*post(gw, chat(model, "anyone?")), 502, "upstream_unavailable")
+    after = settled(gw)  # finished after the error_page redirect too
+    assert delta(before, after, "llmproxy_nginx_picks_total", event="routed") == 2
+    assert delta(before, after, "llmproxy_nginx_finished_total", outcome="endpoint_failed") == 2
+
+
+def test_upstream_503_passes_through_and_counts_as_failure(gw):
+    before = settled(gw)
+    status, hdrs, data = post(gw, chat("m-b", "busy"), headers={"x-test-status": "503"})
+    assert status == 503 and hdrs.get("x-served-by") in POOLS["pool_b"], data
+    after = settled(gw)
+    assert delta(before, after, "llmproxy_endpoint_failures_total", cluster="pool_b") == 1
+    assert delta(before, after, "llmproxy_nginx_finished_total", outcome="upstream") == 1
+
+
+def test_client_abort_before_the_response_is_local(gw):
+    before = settled(gw)
+    sock = raw_send(gw.port, chat("m-a", "slow"), "x-test-delay-ms: 1500\r\n")
+    time.sleep(0.3)
+    sock.close()
+    after = settled(gw)
+    assert delta(before, after, "llmproxy_nginx_client_aborts_total") == 1
+    assert delta(before, after, "llmproxy_nginx_finished_total", outcome="local") == 1
+    assert delta(before, after, "llmproxy_endpoint_failures_total") == 0
+
+
+def test_spooled_body_is_routed(gw):
+    """A 200 KB prompt (client_body_buffer_size is 9m: in memory) and the file path in the
+    1-worker variant below."""
+    status, _, data = post(gw, chat("m-b", random_text(200_000, seed=3)))
+    assert status == 200 and json.loads(data)["served_by"] in POOLS["pool_b"], data
+    settled(gw)
+
+
+# ---------------------------------------------------------------------------------------------
+# concurrency and reload
+
+
+def test_1000_concurrent_mixed_requests(gw):
+    before = settled(gw)
+    reqs = mixed_requests(1000, seed=21)
+    results = asyncio.run(run_all(gw.port, reqs))
+    problems = check_responses(reqs, results)
+    assert not problems, "%d problems, first: %s" % (len(problems), problems[:5])
+    after = settled(gw)
+    routed = delta(before, after, "llmproxy_nginx_picks_total", event="routed")
+    assert routed == sum(1 for r in reqs if r[5])
+    assert delta(before, after, "llmproxy_nginx_picks_total", event="finished") == routed
+
+
+def test_reload_under_load(gw):
+    settled(gw)
+    old_pids = gw.worker_pids()
+    streams = [("POST", CHAT, chat("m-b", "reload stream %d" % i, stream=True),
+                {"x-test-chunks": "8", "x-test-chunk-delay-ms": "120"}, 200, "pool_b") for i in range(8)]
+    slow = [("POST", CHAT, chat("m-a", "reload slow %d" % i), {"x-test-delay-ms": "700"}, 200, "pool_a")
+            for i in range(8)]
+
+    async def scenario():
+        inflight = asyncio.ensure_future(run_all(gw.port, streams + slow))
+        await asyncio.sleep(0.4)
+        r = await asyncio.get_running_loop().run_in_executor(None, gw.nginx_cmd, "-s", "reload")
+        assert r.returncode == 0, r.stderr
+        during = mixed_requests(60, seed=22)
+        late = await run_all(gw.port, during)
+        return await inflight, during, late
+
+    results, during, late = asyncio.run(scenario())
+    problems = check_responses(streams + slow, results) + check_responses(during, late)
+    assert not problems, problems[:5]
+    for res in results[:len(streams)]:
+        assert res.body.count(b"data: ") == 9  # every event of every stream
+    deadline = time.time() + 15
+    while time.time() < deadline and any(os.path.exists("/proc/%d" % p) for p in old_pids):
+        time.sleep(0.1)
+    assert not any(os.path.exists("/proc/%d" % p) for p in old_pids), "old workers still running"
+    harness.wait_until(lambda: metrics(gw.port).value("llmproxy_nginx_workers") == 2, timeout=10,
+                       what="2 workers after the reload")
+    settled(gw)
+    assert "exits with" not in gw.log_text()
+    assert "kept from before the reload" in gw.log_text()
+    assert not gw.crashes()
+
+
+# ---------------------------------------------------------------------------------------------
+# the native module alone
+
+
+# a main request outside the llmproxy locations that mirrors itself into one: the mirror is a
+# subrequest, which the module refuses to route (JSON 501, discarded by nginx)
+MIRROR = """
+        location = /mirrored {
+            mirror /v1/chat/completions;
+            proxy_pass http://llmproxy_backend/v1/models;
+        }"""
+
+
+@pytest.fixture(scope="module")
+def native1(servers):
+    """The native module with 1 worker and bodies above 16 KiB spooled to a temp file."""
+    cfg = library_config(servers, servers.dead)
+    g = harness.NativeNginx(cfg, [servers.addr(n) for n in POOLS["pool_a"]], workers=1, body_buffer="16k",
+                            extra_locations=MIRROR)
+    g.servers = servers
+    yield g
+    g.close()
+
+
+def test_native_body_from_temp_file(native1):
+    before = settled(native1)
+    status, _, data = post(native1, chat("m-b", random_text(200_000, seed=4)))
+    assert status == 200 and json.loads(data)["served_by"] in POOLS["pool_b"], data
+    after = settled(native1)
+    assert delta(before, after, "llmproxy_nginx_request_bodies_total", source="file") == 1
+
+
+def test_native_subrequest_refused(native1):
+    before = settled(native1)
+    status, _, data = post(native1, chat("m-a", "mirror me"), path="/mirrored")
+    assert json.loads(data)["served_by"] in POOLS["pool_a"], data  # the main request, proxied untouched
+    harness.wait_until(lambda: delta(before, metrics(native1.port), "llmproxy_nginx_errors_total",
+                                     reason="subrequest") == 1, timeout=5, what="the mirror refused")
+    after = settled(native1)
+    assert delta(before, after, "llmproxy_nginx_picks_total", event="routed") == 0
+
+
+def test_native_config_errors_stop_nginx(servers, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"algorithm": "fastest"}')
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(harness.render_native_example(harness.free_port(), 1, bad, ["127.0.0.1:1"]))
+    (tmp_path / "build" / "nginx").mkdir(parents=True)
+    shutil.copy2(harness.MODULE, tmp_path / "build" / harness.MODULE.name)
+    r = subprocess.run([harness.NGINX, "-p", "%s/" % tmp_path, "-c", str(conf), "-t"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert "llmproxy: invalid configuration" in r.stderr and "algorithm" in r.stderr, r.stderr
+
+
+VALGRIND = shutil.which("valgrind")
+
+
+@pytest.mark.skipif(VALGRIND is None, reason="valgrind not installed")
+def test_native_module_under_valgrind(servers, tmp_path):
+    """nginx (master_process off: one process serving requests) with the module, under
+    valgrind's memcheck: every kind of request, then a graceful quit; zero errors, nothing
+    definitely lost."""
+    log = tmp_path / "valgrind.log"
+    cfg = library_config(servers, servers.dead)
+    g = harness.NativeNginx(cfg, [servers.addr(n) for n in POOLS["pool_a"]], workers=1,
+                            master_process=False, ready_timeout=90,
+                            wrapper=[VALGRIND, "--error-exitcode=0", "--leak-check=full",
+                                     "--errors-for-leak-kinds=definite", "--show-leak-kinds=definite",
+                                     "--trace-children=no", "--num-callers=30",
+                                     "--suppressions=%s" % (harness.ROOT / "tests" / "nginx" / "valgrind-nginx.supp"), "--log-file=%s" % log])
+    try:
+        for body, hdrs in [(chat("m-a", "hello"), {"x-llmproxy-endpoint": "1.1.1.1:1"}),
+                           (chat("m-b", "stream", stream=True), {"x-test-chunks": "3"}),
+                           (chat("m-r", "rewrite"), {}), (chat("m-t", "triton"), {}),
+                           (chat("m-t", "triton stream", stream=True), {}),
+                           (b"{bad", {}), (chat("m-unknown", "x"), {}), (chat("m-none", "x"), {}),
+                           (chat("m-d", "retry"), {}), (chat("m-dead2", "x"), {}),
+                           (chat("m-b", "busy"), {"x-test-status": "503"}),
+                           (json.dumps(chat("m-a", "x" * (MAX_BODY + 10))).encode(), {}),
+                           (chat("m-b", random_text(50_000, seed=9)), {})]:
+            status, _, data = request(g.port, "POST", CHAT, body, hdrs, timeout=60)
+            assert status in (200, 400, 404, 413, 502, 503), (status, data)
+        assert request(g.port, "GET", "/v1/models", timeout=60)[0] == 200
+        sock = raw_send(g.port, chat("m-a", "slow"), "x-test-delay-ms: 800\r\n")
+        time.sleep(0.3)
+        sock.close()
+        m = wait_settled(g.port, timeout=30)
+        assert m.total("llmproxy_nginx_picks_total", event="leaked") == 0
+    finally:
+        g.close()
+    text = log.read_text()
+    assert re.search(r"total heap usage: [\d,]+ allocs", text), text[-3000:]
+    summary = re.findall(r"ERROR SUMMARY: (\d+) errors", text)
+    assert summary and summary[-1] == "0", text[-6000:]
+    assert "definitely lost: 0 bytes" in text or "definitely lost" not in text, text[-6000:]

@@ -1,4 +1,4 @@
-# nginx host without Lua: nginx/ngx_http_llmproxy_module.c, a dynamic module that links the
+# nginx host without Lua: nginx/ngx_http_llmproxy_*.c, a dynamic module that links the
 # staticlib, built against Debian's nginx-dev (nginx's build tree in /usr/share/nginx/src, the
 # same version and configure flags as the packaged nginx, --with-compat).
 #

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds nginx/ngx_http_llmproxy_module.c as a dynamic module against nginx's build tree.
+# Builds nginx/ (ngx_http_llmproxy_module: nginx/config lists its ngx_http_llmproxy_*.c) as a
+# dynamic module against nginx's build tree.
 #
 #   scripts/build-nginx-module.sh NGINX_SRC BUILD_DIR OUT_SO [CFLAGS]
 #

@@ -2,10 +2,11 @@
  * Multi-process test of the shared-state region (llmproxy_shared_state_*,
  * llmproxy_router_new_shared), as a pre-forking host (nginx: master + workers) uses it.
  *
- *   build/test_shared_state_c [N]
+ *   build/test_shared_state_c [N [KILLS]]
  *
- * N is the number of picks per stress child (default 100000). The Makefile passes a smaller
- * N under valgrind, which runs this ~50x slower (see tests/c/Makefile).
+ * N is the number of picks per stress child (default 100000), KILLS the number of workers
+ * killed at a random instruction in test 4 (default 1000). The Makefile passes smaller ones
+ * under valgrind, which runs this ~50x slower (see tests/c/Makefile).
  *
  * 1. Arguments: sizes out of range, NULL out/shared, named regions reused by name and size.
  * 2. Crash, explicit reap: a child picks K requests, raises SIGKILL on itself; the parent sees
@@ -13,7 +14,10 @@
  * 3. Crash, background reap: a live child's router (its reaper thread, every 500 ms) takes back
  *    the K requests of a child the parent SIGKILLs; then the survivor and a fresh child still
  *    attach and pick.
- * 4. Stress: 8 children hammer one region with N picks each (a window of up to 8 requests open,
+ * 4. Killed anywhere: KILLS times, a child looping pick / finish is SIGKILLed after a random
+ *    0-3 ms, at whatever instruction; once reaped, in flight is exactly the baseline another
+ *    child holds open (regression: a kill between a shared counter and its ledger drifted).
+ * 5. Stress: 8 children hammer one region with N picks each (a window of up to 8 requests open,
  *    released in random order with every finish flavour, retries, first tokens or none,
  *    prompts sharing prefixes across children) while a 9th child dies with requests open
  *    halfway. The parent then checks, through a router of its own, that every endpoint
@@ -105,6 +109,29 @@ static int endpoint_index(const llmproxy_request *req) {
     if (len != 14 || strncmp(ep, "127.0.0.1:900", 13) != 0) return -1;
     int i = ep[13] - '1';
     return i >= 0 && i < NEP ? i : -1;
+}
+
+/* Sums the samples of `family` for cluster "c" into per[NEP]; returns how many were found. */
+static int family_values(const char *text, const char *family, uint64_t per[NEP]) {
+    char prefix[128];
+    int n = snprintf(prefix, sizeof prefix, "%s{cluster=\"c\",endpoint=\"127.0.0.1:900", family);
+    int found = 0;
+    for (const char *line = text; line && *line; line = strchr(line, '\n'), line = line ? line + 1 : NULL) {
+        if (strncmp(line, prefix, (size_t)n) != 0) continue;
+        int e = line[n] - '1';
+        const char *sp = strchr(line, ' ');
+        if (e < 0 || e >= NEP || !sp) continue;
+        per[e] = strtoull(sp + 1, NULL, 10);
+        found++;
+    }
+    return found;
+}
+
+static uint64_t single_value(const char *text, const char *name) {
+    char prefix[128];
+    int n = snprintf(prefix, sizeof prefix, "\n%s ", name);
+    const char *p = strstr(text, prefix);
+    return p ? strtoull(p + n, NULL, 10) : UINT64_MAX;
 }
 
 static llmproxy_router *attach(const llmproxy_shared_state *shared) {
@@ -445,6 +472,7 @@ static pid_t spawn_phantom_child(const llmproxy_shared_state *shared, int ready_
     fflush(NULL);
     pid_t pid = fork();
     if (pid != 0) return pid;
+    passed = failed = 0; /* the parent's earlier failures are not this child's */
     rnd_state = 0x9e3779b97f4a7c15u ^ (uint64_t)getpid();
     llmproxy_router *r = attach(shared);
     if (!r) child_exit();
@@ -475,6 +503,7 @@ static pid_t spawn_worker(const llmproxy_shared_state *shared, int child, uint64
     fflush(NULL);
     pid_t pid = fork();
     if (pid != 0) return pid;
+    passed = failed = 0;
     rnd_state = UINT64_C(0x9e3779b97f4a7c15) * (uint64_t)(child + 1);
     llmproxy_router *r = attach(shared);
     if (!r) child_exit();
@@ -530,6 +559,7 @@ static void test_crash_background_reaper(uint64_t deadline_ms) {
     fflush(NULL);
     pid_t survivor = fork();
     if (survivor == 0) {
+        passed = failed = 0;
         close(ready[0]);
         close(go[1]);
         close(vready[0]);
@@ -581,30 +611,254 @@ static void test_crash_background_reaper(uint64_t deadline_ms) {
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* 4. Stress                                                                                */
+/* 4. Killed at any instruction: every kill is taken back by the reap                      */
 
-/* Sums the samples of `family` for cluster "c" into per[NEP]; returns how many were found. */
-static int family_values(const char *text, const char *family, uint64_t per[NEP]) {
-    char prefix[128];
-    int n = snprintf(prefix, sizeof prefix, "%s{cluster=\"c\",endpoint=\"127.0.0.1:900", family);
-    int found = 0;
-    for (const char *line = text; line && *line; line = strchr(line, '\n'), line = line ? line + 1 : NULL) {
-        if (strncmp(line, prefix, (size_t)n) != 0) continue;
-        int e = line[n] - '1';
-        const char *sp = strchr(line, ' ');
-        if (e < 0 || e >= NEP || !sp) continue;
-        per[e] = strtoull(sp + 1, NULL, 10);
-        found++;
+/* Regression test for a worker SIGKILLed between updating an endpoint's shared counter and its
+ * own ledger entry (fixed in 89ad7c5: each worker now writes only its own share): the reap
+ * took back what the ledger said, so what the counter had already counted (or not yet) stayed
+ * behind for good, a request or its prefill chars per unlucky kill.
+ *
+ * A holder child keeps KILL_HOLD requests open the whole time (the baseline: load of a live
+ * worker that no reap may touch). Then, `kills` times, a victim child attaches and loops
+ * pick / finish with a window of KILL_WINDOW open requests; the parent SIGKILLs it after a
+ * random 0-3 ms, waits for it, reaps, and checks that in flight is exactly KILL_HOLD again.
+ * At the end the holder is killed and reaped too, and a checker child reads every endpoint's
+ * in-flight requests and prefill chars (0: this catches prefill drift, which the in-flight
+ * check cannot see), the workers attached (itself) and the workers reaped (kills + 1).
+ *
+ * Against the old code (e026095), as built, ~1 kill in 80 drifted in flight: the default 1000
+ * kills miss that with probability e^-12 (8 of 8 runs failed, first drift after 8-195 kills).
+ * Under ASan, whose allocator makes each pick several times slower while the unlucky window
+ * stays as short, ~1 in 600: 1000 kills caught it in 8 of 8 runs (one by the prefill check
+ * alone), but that is ~90%, not a certainty: the run as built is the race detector. Under
+ * valgrind (a few kills: each costs ~0.5 s) this is a memory check of the reaping and the
+ * checker, not a race detector; a victim's own findings are printed but cannot fail the run
+ * (it dies by SIGKILL, not by valgrind's error exit code). */
+enum {
+    KILL_HOLD = 6,   /* requests the holder keeps open */
+    KILL_WINDOW = 4, /* requests a victim holds open */
+    KILL_NEP = 2,    /* endpoints of KILL_CONFIG */
+};
+
+/* The least work per pick (2 endpoints, default balancing): the more of a victim's time is
+ * spent between two updates of the shared state, the likelier a kill lands there. */
+static const char KILL_CONFIG[] =
+    "{\"model_mapping_rule\":{\"m\":{\"rules\":[{\"cluster\":\"c\",\"backend\":\"vllm\"}]}},"
+    "\"clusters\":{\"c\":{\"endpoints\":[\"127.0.0.1:9001\",\"127.0.0.1:9002\"]}}}";
+
+static llmproxy_router *kill_attach(const llmproxy_shared_state *shared) {
+    llmproxy_router *r = NULL;
+    char err[512] = "";
+    llmproxy_status st = llmproxy_router_new_shared(KILL_CONFIG, strlen(KILL_CONFIG), shared, &r, err, sizeof err);
+    CHECK(st == LLMPROXY_OK && r != NULL, "llmproxy_router_new_shared: status %d: %s", st, err);
+    return r;
+}
+
+/* Waits (bounded) for a child that was sent SIGKILL: polls every 200 us (wait_child's 5 ms
+ * would be most of an iteration). */
+static int wait_killed(pid_t pid, uint64_t deadline_ms) {
+    int status = 0;
+    for (;;) {
+        pid_t w = waitpid(pid, &status, WNOHANG);
+        if (w == pid) return status;
+        if (w < 0 && errno != EINTR) {
+            CHECK(0, "waitpid(%d): %s", (int)pid, strerror(errno));
+            return -1;
+        }
+        if (now_ms() > deadline_ms) return wait_child(pid, deadline_ms); /* fails, kills, reaps */
+        struct timespec t = {0, 200000L};
+        nanosleep(&t, NULL);
     }
-    return found;
 }
 
-static uint64_t single_value(const char *text, const char *name) {
-    char prefix[128];
-    int n = snprintf(prefix, sizeof prefix, "\n%s ", name);
-    const char *p = strstr(text, prefix);
-    return p ? strtoull(p + n, NULL, 10) : UINT64_MAX;
+/* The victim: attaches, says so, then picks and finishes until it is killed. */
+static void kill_victim(const llmproxy_shared_state *shared, int ready_fd) {
+    llmproxy_router *r = kill_attach(shared);
+    if (!r) child_exit();
+    write_byte(ready_fd);
+    static const char *const bodies[2] = {
+        "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hello there\"}]}",
+        "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"something else entirely\"}]}",
+    };
+    static llmproxy_request *w[KILL_WINDOW]; /* static: reachable, whatever the kill interrupts */
+    for (uint64_t i = 0;; i++) {
+        unsigned k = (unsigned)(i % KILL_WINDOW);
+        if (w[k]) llmproxy_request_finish(w[k], 200);
+        w[k] = NULL;
+        const char *body = bodies[i % 8 < 6 ? 0 : 1];
+        llmproxy_status st = llmproxy_pick(r, NULL, 0, (const uint8_t *)body, strlen(body), &w[k]);
+        if (st != LLMPROXY_OK || endpoint_index(w[k]) < 0) {
+            CHECK(0, "victim pick %llu: status %d", (unsigned long long)i, st);
+            child_exit(); /* the parent sees an exit, not its SIGKILL */
+        }
+        if (i % 2) llmproxy_request_first_token(w[k]);
+    }
 }
+
+/* The checker: a router on the region renders the endpoints' shared counters. */
+static void kill_checker(const llmproxy_shared_state *shared, uint64_t want_reaped) {
+    llmproxy_router *r = kill_attach(shared);
+    if (!r) child_exit();
+    char *text = NULL;
+    size_t len = 0;
+    llmproxy_status st = llmproxy_router_metrics_part(r, LLMPROXY_METRICS_STATE, &text, &len);
+    CHECK(st == LLMPROXY_OK && text != NULL && strlen(text) == len, "metrics: %d", st);
+    if (text) {
+        uint64_t in_flight[NEP], prefill[NEP]; /* the first KILL_NEP used */
+        memset(in_flight, 0xff, sizeof in_flight);
+        memset(prefill, 0xff, sizeof prefill);
+        CHECK(family_values(text, "llmproxy_endpoint_in_flight_requests", in_flight) == KILL_NEP, "in-flight samples");
+        CHECK(family_values(text, "llmproxy_endpoint_prefill_chars", prefill) == KILL_NEP, "prefill samples");
+        for (int e = 0; e < KILL_NEP; e++) {
+            CHECK(in_flight[e] == 0, "kill test: endpoint %d has %llu requests in flight after every worker was reaped",
+                  e, (unsigned long long)in_flight[e]);
+            CHECK(prefill[e] == 0, "kill test: endpoint %d has %llu prefill chars after every worker was reaped", e,
+                  (unsigned long long)prefill[e]);
+        }
+        CHECK(single_value(text, "llmproxy_shared_state_workers") == 1, "kill test: one worker attached (%llu)",
+              (unsigned long long)single_value(text, "llmproxy_shared_state_workers"));
+        uint64_t reaped = single_value(text, "llmproxy_shared_state_reaped_workers_total");
+        CHECK(reaped == want_reaped, "kill test: %llu workers reaped, want %llu (every victim and the holder)",
+              (unsigned long long)reaped, (unsigned long long)want_reaped);
+        llmproxy_string_free(text);
+    }
+    llmproxy_router_free(r);
+    llmproxy_shared_state_free((llmproxy_shared_state *)shared); /* this process's copy */
+    child_exit();
+}
+
+static void test_kill_anywhere(int kills, uint64_t deadline_ms) {
+    llmproxy_shared_state *s = NULL;
+    char err[256];
+    CHECK(llmproxy_shared_state_new(NULL, 0, REGION_SIZE, &s, err, sizeof err) == LLMPROXY_OK, "region: %s", err);
+    if (!s) return;
+    uint64_t started = now_ms();
+    rnd_state = UINT64_C(0x2545f4914f6cdd1d); /* the kill delays */
+
+    int hready[2];
+    if (pipe(hready) != 0) {
+        CHECK(0, "pipe: %s", strerror(errno));
+        llmproxy_shared_state_free(s);
+        return;
+    }
+    fflush(NULL);
+    pid_t holder = fork();
+    if (holder == 0) {
+        passed = failed = 0;
+        close(hready[0]);
+        llmproxy_router *r = kill_attach(s);
+        if (!r) child_exit();
+        const char *body = "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"held open\"}]}";
+        static llmproxy_request *held[KILL_HOLD]; /* never finished: the holder is killed */
+        for (int i = 0; i < KILL_HOLD; i++) {
+            llmproxy_status st = llmproxy_pick(r, NULL, 0, (const uint8_t *)body, strlen(body), &held[i]);
+            CHECK(st == LLMPROXY_OK && endpoint_index(held[i]) >= 0, "holder pick %d: %d", i, st);
+            if (st != LLMPROXY_OK) child_exit();
+        }
+        if (failed) child_exit();
+        fflush(NULL);
+        write_byte(hready[1]);
+        for (;;) pause(); /* until the parent's SIGKILL */
+    }
+    close(hready[1]);
+    CHECK(holder > 0, "fork: %s", strerror(errno));
+    if (holder < 0) {
+        close(hready[0]);
+        llmproxy_shared_state_free(s);
+        return;
+    }
+    int holder_ready = read_byte(hready[0], 600000);
+    close(hready[0]);
+    CHECK(holder_ready, "kill test: the holder picked its %d requests", KILL_HOLD);
+    uint64_t inf = llmproxy_shared_state_in_flight(s);
+    CHECK(inf == KILL_HOLD, "kill test: holder's load %llu, want %d", (unsigned long long)inf, KILL_HOLD);
+
+    int done = 0, bad = 0;
+    uint64_t we_reaped = 0;
+    for (int it = 0; holder_ready && !bad && it < kills; it++) {
+        int ready[2];
+        if (pipe(ready) != 0) {
+            CHECK(0, "pipe: %s", strerror(errno));
+            break;
+        }
+        fflush(NULL);
+        pid_t pid = fork();
+        if (pid == 0) {
+            passed = failed = 0;
+            close(ready[0]);
+            kill_victim(s, ready[1]);
+        }
+        close(ready[1]);
+        if (pid < 0) {
+            CHECK(0, "fork: %s", strerror(errno));
+            close(ready[0]);
+            break;
+        }
+        int attached = read_byte(ready[0], 600000);
+        close(ready[0]);
+        if (!attached) { /* killed and reaped all the same */
+            CHECK(0, "kill test: victim %d (pid %d) did not attach", it, (int)pid);
+            bad = 1;
+        } else {
+            struct timespec t = {0, (long)(rnd() % 3000) * 1000L}; /* 0-3 ms of pick / finish */
+            nanosleep(&t, NULL);
+        }
+        kill(pid, SIGKILL);
+        int status = wait_killed(pid, deadline_ms);
+        if (!killed_by(status, SIGKILL)) {
+            CHECK(0, "kill test: victim %d (pid %d) died by our SIGKILL (status %#x)", it, (int)pid, status);
+            bad = 1;
+        }
+        done++;
+        /* Our reap takes the victim back unless the holder's reaper thread (every 500 ms) got
+         * there first, and may still be at it: poll, bounded. A drift never goes away. */
+        uint64_t settle = now_ms() + 5000;
+        for (;;) {
+            we_reaped += llmproxy_shared_state_reap(s);
+            inf = llmproxy_shared_state_in_flight(s);
+            if (inf == KILL_HOLD || now_ms() > settle) break;
+            sleep_ms(1);
+        }
+        if (inf != KILL_HOLD && !bad) {
+            CHECK(0,
+                  "kill test: after victim %d of %d was killed and reaped, %llu requests in flight, want the "
+                  "holder's %d: the load of a worker killed mid-pick/finish was not all taken back",
+                  it, kills, (unsigned long long)inf, KILL_HOLD);
+            bad = 1;
+        }
+    }
+    CHECK(!bad && done == kills, "kill test: %d of %d kills taken back exactly before the first failure", done - bad,
+          kills);
+    CHECK(we_reaped <= (uint64_t)done, "kill test: we reaped %llu workers in %d kills", (unsigned long long)we_reaped,
+          done);
+
+    kill(holder, SIGKILL);
+    CHECK(killed_by(wait_killed(holder, deadline_ms), SIGKILL), "kill test: holder killed");
+    /* No live process is attached any more: one reap (ours) takes the holder back, and a dead
+     * holder's unfinished reap of the last victim with it. */
+    CHECK(llmproxy_shared_state_reap(s) >= 1, "kill test: the holder reaped");
+    inf = llmproxy_shared_state_in_flight(s);
+    CHECK(inf == 0, "kill test: %llu requests in flight after the holder was reaped, want 0", (unsigned long long)inf);
+    CHECK(llmproxy_shared_state_reap(s) == 0, "kill test: nobody left to reap");
+
+    /* Rendered by a child: a router here would start this process's first library thread, and
+     * test_stress forks after us. */
+    fflush(NULL);
+    pid_t checker = fork();
+    if (checker == 0) {
+        passed = failed = 0;
+        kill_checker(s, (uint64_t)done + 1);
+    }
+    CHECK(checker > 0, "fork: %s", strerror(errno));
+    if (checker > 0)
+        CHECK(exited_ok(wait_child(checker, deadline_ms)), "kill test: the checker found every counter at 0");
+    printf("kill test: %d of %d victims SIGKILLed mid-pick/finish and reaped, %s: %.1f s\n", done, kills,
+           bad ? "then a drift (see FAIL)" : "each taken back exactly", (double)(now_ms() - started) / 1000.0);
+    llmproxy_shared_state_free(s);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* 5. Stress                                                                                */
 
 static void test_stress(uint64_t n, uint64_t deadline_ms) {
     llmproxy_shared_state *s = NULL;
@@ -710,12 +964,14 @@ static void test_stress(uint64_t n, uint64_t deadline_ms) {
 int main(int argc, char **argv) {
     uint64_t n = 100000;
     if (argc > 1) n = strtoull(argv[1], NULL, 10);
-    if (n == 0) {
-        fprintf(stderr, "usage: %s [picks per child > 0]\n", argv[0]);
+    long kills = 1000;
+    if (argc > 2) kills = strtol(argv[2], NULL, 10);
+    if (n == 0 || kills <= 0 || kills > 1000000) {
+        fprintf(stderr, "usage: %s [picks per child > 0 [kills > 0]]\n", argv[0]);
         return 2;
     }
-    printf("llmproxy %s: shared state, %d children x %llu picks\n", llmproxy_version(), NCHILD,
-           (unsigned long long)n);
+    printf("llmproxy %s: shared state, %d children x %llu picks, %ld kills\n", llmproxy_version(), NCHILD,
+           (unsigned long long)n, kills);
     /* Hang guard only (never an assertion on speed): a child still running after this is
      * killed and counted as a failure. */
     uint64_t deadline = now_ms() + 20 * 60 * 1000;
@@ -724,6 +980,7 @@ int main(int argc, char **argv) {
      * test_arguments makes one too. */
     test_crash_then_reap(deadline);
     test_crash_background_reaper(deadline);
+    test_kill_anywhere((int)kills, deadline);
     test_stress(n, deadline);
     test_arguments();
     printf("%d passed, %d failed\n", passed, failed);

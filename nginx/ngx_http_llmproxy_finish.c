@@ -65,6 +65,9 @@ ngx_http_llmproxy_cleanup(void *data)
 {
     ngx_http_llmproxy_ctx_t  *ctx = data;
 
+    /* the request ended while its pick waited for a remote lookup (client abort) */
+    ngx_http_llmproxy_lookup_cancel(ctx);
+
     if (ctx->req) {
         llmproxy_count(leaked, 1);
         ngx_http_llmproxy_finish(ctx, 0, LLMPROXY_OUTCOME_LOCAL);

@@ -83,6 +83,12 @@ ngx_http_llmproxy_metrics_handler(ngx_http_request_t *r)
                                   &s->leaked);
     p = ngx_http_llmproxy_counter(p, "llmproxy_nginx_picks_total", "{event=\"error\"}",
                                   &s->pick_errors);
+    p = ngx_http_llmproxy_counter(p, "llmproxy_nginx_picks_total",
+                                  "{event=\"waited_for_lookup\"}", &s->lookup_waited);
+    p = ngx_http_llmproxy_counter(p, "llmproxy_nginx_picks_total",
+                                  "{event=\"lookup_abandoned\"}", &s->lookup_abandoned);
+    p = ngx_http_llmproxy_counter(p, "llmproxy_nginx_picks_total",
+                                  "{event=\"lookup_cancelled\"}", &s->lookup_cancelled);
     p = ngx_sprintf(p, "# TYPE llmproxy_nginx_finished_total counter\n");
     p = ngx_http_llmproxy_counter(p, "llmproxy_nginx_finished_total", "{outcome=\"upstream\"}",
                                   &s->outcome_upstream);

@@ -7,6 +7,8 @@
  * The other files, by responsibility (ngx_http_llmproxy_module.h declares what they share):
  *   _request.c   rewrite + precontent phases: header strip, body read, pick, rewrites, error
  *                answers (llmproxy_error)
+ *   _lookup.c    the pick: llmproxy_pick, or llmproxy_pick_start polled from a timer while a
+ *                remote cache lookup is pending (the worker never blocks)
  *   _upstream.c  llmproxy_balancer: the peer hooks and retries
  *   _filter.c    header/body filters: first token, transcoding, debug headers
  *   _finish.c    the log phase (outcome classification, finish exactly once), pool cleanup

@@ -79,6 +79,9 @@ typedef struct {
     ngx_atomic_t  outcome_endpoint_failed;
     ngx_atomic_t  outcome_local;
     ngx_atomic_t  internal_errors;
+    ngx_atomic_t  lookup_waited;       /* picks that waited for a remote cache lookup */
+    ngx_atomic_t  lookup_abandoned;    /* of those: not decided by the deadline, picked locally */
+    ngx_atomic_t  lookup_cancelled;    /* of those: the request ended while pending */
 } ngx_http_llmproxy_stats_t;
 
 
@@ -102,6 +105,12 @@ typedef struct {
 /* One intercepted request, from pick to finish. Lives in the request pool. */
 typedef struct {
     llmproxy_request           *req;         /* NULL once finished */
+    llmproxy_pick_ticket       *ticket;      /* a pick waiting for a remote lookup */
+    ngx_msec_t                  lookup_deadline;
+    llmproxy_header            *hdrs;        /* the pick's inputs (request pool) */
+    size_t                      nhdrs;
+    u_char                     *body;
+    size_t                      blen;
     ngx_int_t                   phase_rc;    /* what the precontent handler answers on re-entry */
     ngx_addr_t                  peer;        /* the endpoint, for the balancer */
     ngx_str_t                   endpoint;    /* "ip:port" (pool copy) */
@@ -150,6 +159,13 @@ ngx_int_t ngx_http_llmproxy_set_endpoint(ngx_http_request_t *r,
     ngx_http_llmproxy_ctx_t *ctx);
 ngx_int_t ngx_http_llmproxy_error_handler(ngx_http_request_t *r);
 char *ngx_http_llmproxy_error(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+
+void ngx_http_llmproxy_picked(ngx_http_request_t *r, ngx_http_llmproxy_ctx_t *ctx,
+    llmproxy_status st, llmproxy_request *req);
+
+/* _lookup.c */
+void ngx_http_llmproxy_pick_begin(ngx_http_request_t *r, ngx_http_llmproxy_ctx_t *ctx);
+void ngx_http_llmproxy_lookup_cancel(ngx_http_llmproxy_ctx_t *ctx);
 
 /* _upstream.c */
 char *ngx_http_llmproxy_balancer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);

@@ -438,21 +438,16 @@ ngx_http_llmproxy_set_endpoint(ngx_http_request_t *r, ngx_http_llmproxy_ctx_t *c
 }
 
 
+/* The request body is read: gather the pick's inputs (request pool) and pick. */
 static void
 ngx_http_llmproxy_body_handler(ngx_http_request_t *r)
 {
-    size_t                    n, i, len, blen;
+    size_t                    n, i, blen;
     u_char                   *body;
-    const char               *s;
-    const uint8_t            *ub;
     llmproxy_header          *hdrs;
-    llmproxy_status           st;
-    llmproxy_request         *req;
     ngx_list_part_t          *part;
     ngx_table_elt_t          *h;
     ngx_http_llmproxy_ctx_t  *ctx;
-    uint32_t                  status;
-    ngx_int_t                 rc;
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_llmproxy_module);
     if (ctx == NULL) {
@@ -511,8 +506,28 @@ ngx_http_llmproxy_body_handler(ngx_http_request_t *r)
     hdrs[n].value_len = r->method_name.len;
     n++;
 
-    req = NULL;
-    st = llmproxy_pick(ngx_llmproxy_router, hdrs, n, body, blen, &req);
+    ctx->hdrs = hdrs;
+    ctx->nhdrs = n;
+    ctx->body = body;
+    ctx->blen = blen;
+
+    /* decided now, or later from a timer (remote cache lookup): ngx_http_llmproxy_picked */
+    ngx_http_llmproxy_pick_begin(r, ctx);
+}
+
+
+/* The pick's answer (`st`, `req`): a library error answered with its JSON, or the decision
+ * applied to the request (endpoint, rewrites, routing headers) and the phases resumed. */
+void
+ngx_http_llmproxy_picked(ngx_http_request_t *r, ngx_http_llmproxy_ctx_t *ctx,
+    llmproxy_status st, llmproxy_request *req)
+{
+    size_t          len;
+    u_char         *body;
+    const char     *s;
+    const uint8_t  *ub;
+    uint32_t        status;
+    ngx_int_t       rc;
 
     if (req == NULL) {
         static const char m[] = "llmproxy_pick returned no request";

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.request
 
 import pytest
 
@@ -335,6 +336,120 @@ def test_native_config_errors_stop_nginx(servers, tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode != 0
     assert "llmproxy: invalid configuration" in r.stderr and "algorithm" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# remote cache lookups (metadata_center.cache_enabled): llmproxy_pick_start, polled from a timer
+# while the worker serves other requests (as tests/nginx/test_metadata_center.py for Lua)
+
+
+@pytest.fixture(scope="module")
+def metadata_center():
+    with harness.MetadataCenter() as mc:
+        yield mc
+
+
+def native_mc(servers, mc_port, workers=2, **mc):
+    cfg = library_config(servers, servers.dead)
+    cfg["metadata_center"] = dict({"enabled": True, "host": "127.0.0.1", "port": mc_port, "load_poll_ms": 50}, **mc)
+    g = harness.NativeNginx(cfg, [servers.addr(n) for n in POOLS["pool_a"]], workers=workers)
+    g.servers = servers
+    return g
+
+
+def mc_saves(port):
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as r:
+        m = re.search(r'^metadata_center_cache_ops_total\{op="save"\} (\d+)', r.read().decode(), re.M)
+    return int(m.group(1)) if m else 0
+
+
+def test_native_remote_cache_lookups_follow_another_gateway(servers, metadata_center):
+    """Gateway A (native, the Metadata-Center without lookups) serves long prompts and saves
+    where their prefixes went; gateway B (native, cache_enabled, 2 workers), whose routers never
+    saw them, sends each prompt to the server that served it, by asking."""
+    a = native_mc(servers, metadata_center.port, workers=1)
+    try:
+        b = native_mc(servers, metadata_center.port, cache_enabled=True, timeout_ms=200)
+    except BaseException:
+        a.close()
+        raise
+    try:
+        saves = mc_saves(metadata_center.port)
+        prompts = [random_text(3000, seed=1900 + i) for i in range(6)]
+        warmed = []
+        for p in prompts:
+            status, _, data = post(a, chat("m-a", p))
+            assert status == 200, data
+            warmed.append(json.loads(data)["served_by"])
+        harness.wait_until(lambda: mc_saves(metadata_center.port) >= saves + 6, 5,
+                           "gateway A's cache saves to reach the metadata-center")
+        before = settled(b)
+        served, workers = [], set()
+        for p in prompts:
+            status, hdrs, data = post(b, chat("m-a", p))
+            assert status == 200, data
+            served.append(json.loads(data)["served_by"])
+            workers.add(hdrs["x-llmproxy-worker"])
+        after = settled(b)
+        # without the lookup each pick would be a load-based draw among three idle servers
+        assert served == warmed, (served, warmed)
+        assert delta(before, after, "llmproxy_nginx_picks_total", event="waited_for_lookup") == 6
+        assert delta(before, after, "llmproxy_nginx_picks_total", event="lookup_abandoned") == 0
+        assert delta(before, after, "llmproxy_nginx_picks_total", event="routed") == 6
+        print("\nnative remote cache lookups: 6 of 6 prompts where gateway A cached them (workers %s)"
+              % sorted(workers))
+    finally:
+        b.close()
+        a.close()
+
+
+def test_native_dead_or_silent_metadata_center_costs_only_the_timeout(servers):
+    """cache_enabled against a port where nothing listens (refused at once) and one that takes
+    connections and never answers (every lookup runs to its timeout): every pick answers from
+    local data within the timeout, the worker keeps serving other requests meanwhile (1 worker),
+    and a client that leaves while its pick is pending frees the ticket (nothing leaked)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # the kernel completes the handshakes; nobody ever reads
+    try:
+        for port, timeout_ms in ((harness.free_port(), 100), (silent.getsockname()[1], 400)):
+            g = native_mc(servers, port, workers=1, cache_enabled=True, timeout_ms=timeout_ms)
+            try:
+                before = settled(g)
+                for i in range(4):
+                    started = time.time()
+                    status, _, data = post(g, chat("m-a", random_text(2000, seed=2000 + i)))
+                    assert status == 200, data
+                    assert time.time() - started < timeout_ms / 1000 + 0.5
+                after = settled(g)
+                assert delta(before, after, "llmproxy_nginx_picks_total", event="waited_for_lookup") == 4
+                assert delta(before, after, "llmproxy_nginx_picks_total", event="lookup_abandoned") == 0
+                assert delta(before, after, "llmproxy_remote_cache_lookups_total", result="local_fallback") == 4
+                if timeout_ms < 400:
+                    continue
+                # the silent one: a pick pending for 400 ms does not hold the worker
+                sock = raw_send(g.port, chat("m-a", random_text(2000, seed=2100)), "")
+                time.sleep(0.05)
+                started = time.time()
+                status, _, _ = request(g.port, "GET", "/v1/models")
+                assert status == 200 and time.time() - started < 0.2, time.time() - started
+                assert b" 200 " in sock.recv(65536).split(b"\r\n", 1)[0]
+                sock.close()
+                # a client that leaves while its pick is pending
+                sock = raw_send(g.port, chat("m-a", random_text(2000, seed=2200)), "")
+                time.sleep(0.1)
+                sock.close()
+                harness.wait_until(lambda: delta(before, metrics(g.port), "llmproxy_nginx_picks_total",
+                                                 event="lookup_cancelled") == 1, 5, "the pending pick cancelled")
+                time.sleep(timeout_ms / 1000 + 0.2)  # the library finishes the decision nobody took
+                after = settled(g)
+                assert delta(before, after, "llmproxy_nginx_picks_total", event="waited_for_lookup") == 6
+                assert delta(before, after, "llmproxy_nginx_picks_total", event="routed") == 5
+            finally:
+                g.close()
+            assert not g.crashes()
+    finally:
+        silent.close()
 
 
 VALGRIND = shutil.which("valgrind")

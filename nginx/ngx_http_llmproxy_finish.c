@@ -55,7 +55,7 @@ ngx_http_llmproxy_finish(ngx_http_llmproxy_ctx_t *ctx, ngx_uint_t status,
     }
 
     llmproxy_request_finish_outcome(req, (uint32_t) status, (uint32_t) outcome);
-    llmproxy_count(pending, -1);
+    llmproxy_count_pending(-1);
 }
 
 

@@ -31,6 +31,8 @@ ngx_http_llmproxy_metrics_handler(ngx_http_request_t *r)
     ngx_int_t                   rc;
     ngx_buf_t                  *b;
     ngx_chain_t                 out;
+    ngx_uint_t                  workers;
+    ngx_atomic_uint_t           pending;
     ngx_http_llmproxy_stats_t  *s = ngx_llmproxy_stats;
 
     if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
@@ -65,10 +67,11 @@ ngx_http_llmproxy_metrics_handler(ngx_http_request_t *r)
 
     /* the module's counters, for the whole nginx (every worker) */
     p = b->last;
+    workers = ngx_http_llmproxy_live_workers(&pending);
     p = ngx_sprintf(p, "# TYPE llmproxy_nginx_workers gauge\n");
-    p = ngx_http_llmproxy_counter(p, "llmproxy_nginx_workers", "", &s->workers);
+    p = ngx_sprintf(p, "llmproxy_nginx_workers %ui\n", workers);
     p = ngx_sprintf(p, "# TYPE llmproxy_nginx_pending_requests gauge\n");
-    p = ngx_http_llmproxy_counter(p, "llmproxy_nginx_pending_requests", "", &s->pending);
+    p = ngx_sprintf(p, "llmproxy_nginx_pending_requests %uA\n", pending);
     p = ngx_sprintf(p, "# TYPE llmproxy_nginx_requests_total counter\n");
     p = ngx_http_llmproxy_counter(p, "llmproxy_nginx_requests_total", "{kind=\"intercepted\"}",
                                   &s->intercepted);
@@ -89,6 +92,8 @@ ngx_http_llmproxy_metrics_handler(ngx_http_request_t *r)
                                   "{event=\"lookup_abandoned\"}", &s->lookup_abandoned);
     p = ngx_http_llmproxy_counter(p, "llmproxy_nginx_picks_total",
                                   "{event=\"lookup_cancelled\"}", &s->lookup_cancelled);
+    p = ngx_http_llmproxy_counter(p, "llmproxy_nginx_picks_total", "{event=\"lost\"}",
+                                  &s->lost);
     p = ngx_sprintf(p, "# TYPE llmproxy_nginx_finished_total counter\n");
     p = ngx_http_llmproxy_counter(p, "llmproxy_nginx_finished_total", "{outcome=\"upstream\"}",
                                   &s->outcome_upstream);

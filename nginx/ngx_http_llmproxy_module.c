@@ -124,6 +124,7 @@ llmproxy_router             *ngx_llmproxy_router;
 ngx_str_t                    ngx_llmproxy_cluster_header;   /* lower case */
 uint64_t                     ngx_llmproxy_max_body;
 ngx_http_llmproxy_stats_t   *ngx_llmproxy_stats;
+ngx_http_llmproxy_slot_t    *ngx_llmproxy_slot;
 static ngx_http_llmproxy_stats_t  ngx_llmproxy_stats_local;  /* before the zone exists */
 
 
@@ -353,8 +354,61 @@ ngx_http_llmproxy_init_stats_zone(ngx_shm_zone_t *shm_zone, void *data)
 
 
 /* ---------------------------------------------------------------------------------------
- * worker processes: one router each
+ * worker processes: one router each, one slot of the counters each
  */
+
+/* Frees a worker's slot once (the process holding `pid` is gone): its pending picks will
+ * never be finished by it, so they count as finished and lost. */
+static void
+ngx_http_llmproxy_reap_slot(ngx_http_llmproxy_slot_t *slot, ngx_atomic_uint_t pid)
+{
+    ngx_atomic_uint_t  n;
+
+    if (pid == 0 || !ngx_atomic_cmp_set(&slot->pid, pid, 0)) {
+        return;
+    }
+
+    n = slot->pending;
+    if (n) {
+        (void) ngx_atomic_fetch_add(&slot->pending, -(ngx_atomic_int_t) n);
+        llmproxy_count(finished, n);
+        llmproxy_count(lost, n);
+    }
+}
+
+
+/* Workers alive now, and their pending picks; reaps the slots of workers that died (kill -9:
+ * no exit_process ran). */
+ngx_uint_t
+ngx_http_llmproxy_live_workers(ngx_atomic_uint_t *pending)
+{
+    ngx_int_t                  i;
+    ngx_uint_t                 live;
+    ngx_atomic_uint_t          pid;
+    ngx_http_llmproxy_slot_t  *slot;
+
+    live = 0;
+    *pending = 0;
+
+    for (i = 0; i < NGX_MAX_PROCESSES; i++) {
+        slot = &ngx_llmproxy_stats->slots[i];
+        pid = slot->pid;
+        if (pid == 0) {
+            continue;
+        }
+        if ((ngx_pid_t) pid != ngx_pid && kill((ngx_pid_t) pid, 0) == -1
+            && ngx_errno == NGX_ESRCH)
+        {
+            ngx_http_llmproxy_reap_slot(slot, pid);
+            continue;
+        }
+        live++;
+        *pending += slot->pending;
+    }
+
+    return live;
+}
+
 
 static ngx_int_t
 ngx_http_llmproxy_init_process(ngx_cycle_t *cycle)
@@ -366,6 +420,7 @@ ngx_http_llmproxy_init_process(ngx_cycle_t *cycle)
     char                            err[LLMPROXY_ERR_CAP];
 
     ngx_llmproxy_stats = &ngx_llmproxy_stats_local;
+    ngx_llmproxy_slot = &ngx_llmproxy_stats_local.slots[0];
 
     if (ngx_process != NGX_PROCESS_WORKER && ngx_process != NGX_PROCESS_SINGLE) {
         return NGX_OK;
@@ -378,6 +433,13 @@ ngx_http_llmproxy_init_process(ngx_cycle_t *cycle)
 
     if (lmcf->stats_zone && lmcf->stats_zone->data) {
         ngx_llmproxy_stats = lmcf->stats_zone->data;
+    }
+
+    if (ngx_process_slot >= 0 && ngx_process_slot < NGX_MAX_PROCESSES) {
+        /* the slot's previous process (if any) has exited: what it left pending is lost */
+        ngx_llmproxy_slot = &ngx_llmproxy_stats->slots[ngx_process_slot];
+        ngx_http_llmproxy_reap_slot(ngx_llmproxy_slot, ngx_llmproxy_slot->pid);
+        ngx_llmproxy_slot->pid = (ngx_atomic_uint_t) ngx_pid;
     }
 
     err[0] = '\0';
@@ -422,8 +484,6 @@ ngx_http_llmproxy_init_process(ngx_cycle_t *cycle)
 
     ngx_llmproxy_max_body = llmproxy_router_max_body_bytes(ngx_llmproxy_router);
 
-    llmproxy_count(workers, 1);
-
     ngx_log_error(NGX_LOG_INFO, cycle->log, 0,
                   "llmproxy: worker %P built its router (library %s)",
                   ngx_pid, llmproxy_version());
@@ -448,7 +508,8 @@ ngx_http_llmproxy_exit_process(ngx_cycle_t *cycle)
                       ngx_pid, in_flight);
     }
 
-    llmproxy_count(workers, -1);
+    /* what is still pending (never expected after a graceful exit) counts as lost */
+    ngx_http_llmproxy_reap_slot(ngx_llmproxy_slot, ngx_llmproxy_slot->pid);
 
     llmproxy_router_free(ngx_llmproxy_router);
     ngx_llmproxy_router = NULL;
@@ -475,7 +536,7 @@ ngx_http_llmproxy_postconfiguration(ngx_conf_t *cf)
     }
 
     ngx_str_set(&name, "llmproxy_counters");
-    lmcf->stats_zone = ngx_shared_memory_add(cf, &name, 8 * ngx_pagesize,
+    lmcf->stats_zone = ngx_shared_memory_add(cf, &name, 32 * ngx_pagesize,
                                              &ngx_http_llmproxy_module);
     if (lmcf->stats_zone == NULL) {
         return NGX_ERROR;

@@ -57,15 +57,23 @@
 #define LLMPROXY_TRIES           2   /* the first try and one retry on another endpoint */
 
 
+/* One worker's part of the counters, at its nginx process slot (ngx_process_slot): what must
+ * go away with the worker when it is killed (SIGKILL runs no exit_process). A slot whose pid is
+ * gone is reaped (ngx_http_llmproxy_live_workers): its pending picks count as finished and
+ * lost. The master gives a slot to a new process only after the old one exited. */
+typedef struct {
+    ngx_atomic_t  pid;        /* 0: free */
+    ngx_atomic_t  pending;    /* this worker's decisions not finished yet */
+} ngx_http_llmproxy_slot_t;
+
+
 /* Counters of the module, in a shared zone: one set for the whole nginx (all workers). */
 typedef struct {
-    ngx_atomic_t  workers;
     ngx_atomic_t  intercepted;
     ngx_atomic_t  passthrough;
     ngx_atomic_t  routed;
     ngx_atomic_t  finished;
     ngx_atomic_t  leaked;
-    ngx_atomic_t  pending;
     ngx_atomic_t  pick_errors;
     ngx_atomic_t  early_413;
     ngx_atomic_t  body_memory;
@@ -82,6 +90,8 @@ typedef struct {
     ngx_atomic_t  lookup_waited;       /* picks that waited for a remote cache lookup */
     ngx_atomic_t  lookup_abandoned;    /* of those: not decided by the deadline, picked locally */
     ngx_atomic_t  lookup_cancelled;    /* of those: the request ended while pending */
+    ngx_atomic_t  lost;                /* pending picks of workers that died (reaped) */
+    ngx_http_llmproxy_slot_t  slots[NGX_MAX_PROCESSES];
 } ngx_http_llmproxy_stats_t;
 
 
@@ -134,10 +144,17 @@ extern llmproxy_router             *ngx_llmproxy_router;
 extern ngx_str_t                    ngx_llmproxy_cluster_header;   /* lower case */
 extern uint64_t                     ngx_llmproxy_max_body;
 extern ngx_http_llmproxy_stats_t   *ngx_llmproxy_stats;
+extern ngx_http_llmproxy_slot_t    *ngx_llmproxy_slot;             /* this worker's */
 
 
 #define llmproxy_count(field, n)                                              \
     (void) ngx_atomic_fetch_add(&ngx_llmproxy_stats->field, (ngx_atomic_int_t) (n))
+
+#define llmproxy_count_pending(n)                                             \
+    (void) ngx_atomic_fetch_add(&ngx_llmproxy_slot->pending, (ngx_atomic_int_t) (n))
+
+/* _module.c */
+ngx_uint_t ngx_http_llmproxy_live_workers(ngx_atomic_uint_t *pending);
 
 
 /* _request.c */

@@ -563,7 +563,7 @@ ngx_http_llmproxy_picked(ngx_http_request_t *r, ngx_http_llmproxy_ctx_t *ctx,
     ctx->req = req;
     ctx->stream = llmproxy_request_is_stream(req) ? 1 : 0;
     llmproxy_count(routed, 1);
-    llmproxy_count(pending, 1);
+    llmproxy_count_pending(1);
 
     if (ngx_http_llmproxy_set_endpoint(r, ctx) != NGX_OK) {
         static const char m[] = "llmproxy: the endpoint is not an IP literal with a port";

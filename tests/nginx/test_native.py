@@ -18,6 +18,7 @@ import urllib.request
 import pytest
 
 import harness
+import test_shared_state as ss
 from conftest import MAX_BODY, POOLS, library_config
 from harness import CHAT, COMPLETIONS, chat, metrics, random_text, request, wait_settled
 from test_nginx_e2e import assert_our_error, check_responses, mixed_requests, raw_send, run_all
@@ -450,6 +451,74 @@ def test_native_dead_or_silent_metadata_center_costs_only_the_timeout(servers):
             assert not g.crashes()
     finally:
         silent.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# a worker killed mid-request (4 workers, shared state; as test_shared_state.py::test_c for Lua)
+
+
+def test_native_killed_workers_share_is_taken_back(servers):
+    """kill -9 of a native worker holding streams: its share of the shared in-flight counters is
+    taken back by the other workers' reaper within REAP_WITHIN (exactly its share, endpoint by
+    endpoint), its pending picks count as lost in the module's counters (a slot per worker
+    process, reaped when its pid is gone), the others keep serving, and the master's new worker
+    routes."""
+    g = harness.NativeNginx(library_config(servers, servers.dead), [servers.addr(n) for n in POOLS["pool_a"]],
+                            workers=4)
+    g.servers = servers
+    streams = []
+    try:
+        before = settled(g)
+        reaped = before.value("llmproxy_shared_state_reaped_workers_total")
+        streams = ss.open_streams(g, "m-a", 500, at_least=6, workers_at_least=3, chunks=80)
+        by_worker = {}
+        for s in streams:
+            by_worker.setdefault(s.worker, []).append(s)
+        victim = max(by_worker, key=lambda w: len(by_worker[w]))
+        doomed = by_worker[victim]
+        survivors = [s for s in streams if s.worker != victim]
+        m = metrics(g.port)
+        assert ss.endpoint_view(g, m, "llmproxy_endpoint_in_flight_requests", "pool_a") == \
+            ss.count_by_server(streams, "pool_a")
+        assert m.value("llmproxy_nginx_pending_requests") == len(streams)
+        expected = ss.count_by_server(survivors, "pool_a")
+
+        killed_at = time.time()
+        g.kill_worker(victim)
+        while True:
+            m = metrics(g.port)
+            seen = ss.endpoint_view(g, m, "llmproxy_endpoint_in_flight_requests", "pool_a")
+            took = time.time() - killed_at
+            if seen == expected or took > ss.REAP_WITHIN:
+                break
+            time.sleep(0.05)
+        assert seen == expected, ("in flight per server", seen, "expected", expected,
+                                  "the killed worker held", ss.count_by_server(doomed, "pool_a"))
+        assert m.value("llmproxy_shared_state_reaped_workers_total") == reaped + 1
+        assert m.value("llmproxy_nginx_pending_requests") == len(survivors)
+        assert delta(before, m, "llmproxy_nginx_picks_total", event="lost") == len(doomed)
+        print("\nnative: killed worker %d holding %d of %d streams, its share taken back after %.2fs"
+              % (victim, len(doomed), len(streams), took))
+
+        assert all(s.ended_early() for s in doomed)
+        assert all(s.more_events() for s in survivors)
+        served = [ss.post(g, chat("m-a", "after the kill %d" % i)) for i in range(8)]
+        assert {w for _, w, _ in served} - {victim} and all(s in POOLS["pool_a"] for _, _, s in served)
+        harness.wait_until(lambda: len(g.worker_pids()) == 4 and victim not in g.worker_pids(), 10,
+                           "the master to replace the killed worker")
+        g.wait_ready()  # llmproxy_nginx_workers == 4 again: the dead worker's slot was reaped
+        m = metrics(g.port)
+        assert m.value("llmproxy_shared_state_workers") == 4
+        assert ss.endpoint_view(g, m, "llmproxy_endpoint_in_flight_requests", "pool_a") == expected
+    finally:
+        ss.close_all(streams)
+    try:
+        after = ss.wait_drained(g, "pool_a")  # settled: routed == finished (lost included)
+        assert delta(before, after, "llmproxy_nginx_picks_total", event="leaked") == 0
+        assert "process %d exited on signal 9" % victim in g.log_text()
+        assert not g.crashes()
+    finally:
+        g.close()
 
 
 VALGRIND = shutil.which("valgrind")

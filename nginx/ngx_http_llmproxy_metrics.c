@@ -22,11 +22,57 @@ ngx_http_llmproxy_counter(u_char *p, const char *name, const char *label, ngx_at
 }
 
 
+/* Copies Prometheus text to `p`, adding `label` (worker="<pid>") to every sample. */
+static u_char *
+ngx_http_llmproxy_label(u_char *p, u_char *text, size_t len, ngx_str_t *label)
+{
+    u_char  *end, *eol, *q;
+
+    end = text + len;
+
+    while (text < end) {
+        eol = ngx_strlchr(text, end, '\n');
+        eol = eol ? eol + 1 : end;
+
+        if (*text == '#' || *text == '\n') {
+            p = ngx_cpymem(p, text, eol - text);
+            text = eol;
+            continue;
+        }
+
+        for (q = text; q < eol && *q != '{' && *q != ' '; q++) { /* the metric's name */ }
+
+        p = ngx_cpymem(p, text, q - text);
+
+        if (q < eol && *q == '{') {
+            *p++ = '{';
+            p = ngx_cpymem(p, label->data, label->len);
+            q++;
+            if (q < eol && *q != '}') {
+                *p++ = ',';
+            }
+
+        } else {
+            *p++ = '{';
+            p = ngx_cpymem(p, label->data, label->len);
+            *p++ = '}';
+        }
+
+        p = ngx_cpymem(p, q, eol - q);
+        text = eol;
+    }
+
+    return p;
+}
+
+
 static ngx_int_t
 ngx_http_llmproxy_metrics_handler(ngx_http_request_t *r)
 {
-    char                       *text;
-    size_t                      text_len, size;
+    char                       *text, *state;
+    size_t                      text_len, state_len, size, lines;
+    u_char                     *q, label_buf[sizeof("worker=\"\"") + NGX_INT64_LEN];
+    ngx_str_t                   label;
     u_char                     *p;
     ngx_int_t                   rc;
     ngx_buf_t                  *b;
@@ -44,24 +90,55 @@ ngx_http_llmproxy_metrics_handler(ngx_http_request_t *r)
         return rc;
     }
 
+    /* with the shared state: its part (endpoints, prefix index) once, as it is the same in
+     * every worker; this worker's own part (picks, finishes, latencies) labelled with its pid.
+     * Without it, everything is this worker's. */
+    state = NULL;
+    state_len = 0;
+    if (ngx_llmproxy_router && ngx_llmproxy_shared_router
+        && llmproxy_router_metrics_part(ngx_llmproxy_router, LLMPROXY_METRICS_STATE,
+                                        &state, &state_len) != LLMPROXY_OK)
+    {
+        state = NULL;
+        state_len = 0;
+    }
+
     text = NULL;
     text_len = 0;
     if (ngx_llmproxy_router
-        && llmproxy_router_metrics(ngx_llmproxy_router, &text, &text_len) != LLMPROXY_OK)
+        && llmproxy_router_metrics_part(ngx_llmproxy_router,
+                                        ngx_llmproxy_shared_router ? LLMPROXY_METRICS_ROUTER
+                                                                   : LLMPROXY_METRICS_ALL,
+                                        &text, &text_len) != LLMPROXY_OK)
     {
         text = NULL;
         text_len = 0;
     }
 
-    size = text_len + 4096;
+    label.data = label_buf;
+    label.len = ngx_sprintf(label_buf, "worker=\"%P\"", ngx_pid) - label_buf;
+
+    /* each sample line may get the label and a comma or braces */
+    lines = 0;
+    for (q = (u_char *) text; q && q < (u_char *) text + text_len; q++) {
+        lines += (*q == '\n');
+    }
+
+    size = state_len + text_len + (lines + 1) * (label.len + 3) + 4096;
     b = ngx_create_temp_buf(r->pool, size);
     if (b == NULL) {
+        llmproxy_string_free(state);
         llmproxy_string_free(text);
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
+    if (state) {
+        b->last = ngx_cpymem(b->last, state, state_len);
+        llmproxy_string_free(state);
+    }
+
     if (text) {
-        b->last = ngx_cpymem(b->last, text, text_len);
+        b->last = ngx_http_llmproxy_label(b->last, (u_char *) text, text_len, &label);
         llmproxy_string_free(text);
     }
 

@@ -125,6 +125,7 @@ ngx_str_t                    ngx_llmproxy_cluster_header;   /* lower case */
 uint64_t                     ngx_llmproxy_max_body;
 ngx_http_llmproxy_stats_t   *ngx_llmproxy_stats;
 ngx_http_llmproxy_slot_t    *ngx_llmproxy_slot;
+ngx_uint_t                   ngx_llmproxy_shared_router;
 static ngx_http_llmproxy_stats_t  ngx_llmproxy_stats_local;  /* before the zone exists */
 
 
@@ -449,6 +450,7 @@ ngx_http_llmproxy_init_process(ngx_cycle_t *cycle)
         rc = llmproxy_router_new_shared((const char *) lmcf->config_json.data,
                                         lmcf->config_json.len, lmcf->shared,
                                         &ngx_llmproxy_router, err, sizeof(err));
+        ngx_llmproxy_shared_router = (rc == LLMPROXY_OK);
         if (rc != LLMPROXY_OK) {
             /* all worker slots held by live processes: route on this worker's own state
              * rather than not at all */

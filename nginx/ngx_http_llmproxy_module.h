@@ -145,6 +145,7 @@ extern ngx_str_t                    ngx_llmproxy_cluster_header;   /* lower case
 extern uint64_t                     ngx_llmproxy_max_body;
 extern ngx_http_llmproxy_stats_t   *ngx_llmproxy_stats;
 extern ngx_http_llmproxy_slot_t    *ngx_llmproxy_slot;             /* this worker's */
+extern ngx_uint_t                   ngx_llmproxy_shared_router;     /* attached to the state */
 
 
 #define llmproxy_count(field, n)                                              \

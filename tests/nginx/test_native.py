@@ -288,6 +288,31 @@ def test_reload_under_load(gw):
 # the native module alone
 
 
+def test_native_metrics_state_once_router_part_per_worker(gw):
+    """The native metrics location with the shared state: the state's series (endpoints, prefix
+    index, the region) once and unlabelled; the router's own series (picks, finishes,
+    latencies) those of the answering worker only, labelled worker="<its pid>"."""
+    if gw.host != "native":
+        pytest.skip("the Lua host merges every worker's snapshot (resty.llmproxy.metrics)")
+    settled(gw)
+    pids = {str(p) for p in gw.worker_pids()}
+    for _ in range(4):
+        m = metrics(gw.port)
+        for family in ("llmproxy_endpoint_in_flight_requests", "llmproxy_endpoint_picks_total",
+                       "llmproxy_prefix_index_entries", "llmproxy_shared_state_workers"):
+            samples = m.select(family)
+            assert samples and not any("worker" in labels for labels, _ in samples), (family, samples[:3])
+        assert len(m.select("llmproxy_endpoint_picks_total", cluster="pool_a",
+                            endpoint=gw.servers.addr(POOLS["pool_a"][0]))) == 1
+        workers = set()
+        for family in ("llmproxy_picks_total", "llmproxy_in_flight_requests",
+                       "llmproxy_pick_duration_seconds_count"):
+            samples = m.select(family)
+            assert samples and all("worker" in labels for labels, _ in samples), (family, samples[:3])
+            workers |= {labels["worker"] for labels, _ in samples}
+        assert len(workers) == 1 and workers <= pids, (workers, pids)
+
+
 # a main request outside the llmproxy locations that mirrors itself into one: the mirror is a
 # subrequest, which the module refuses to route (JSON 501, discarded by nginx)
 MIRROR = """

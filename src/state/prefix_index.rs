@@ -15,6 +15,11 @@ use std::sync::atomic::Ordering;
 use super::cells::{IndexStats, Way, WAYS};
 use super::EndpointSet;
 
+/// Recency granularity: an entry's or holder's last use is rewritten only when it is older
+/// than this (least-recently-used order at a 100 ms grain, and almost no writes to the cache
+/// lines of hot prefixes, which every core and worker reads).
+const TOUCH_MS: u64 = 100;
+
 /// Where the table lives.
 enum Memory {
     /// The router's own zeroed allocation (pages are committed as they are touched).
@@ -119,18 +124,22 @@ impl PrefixIndex {
             let ways = self.set(h);
             let way = match ways.iter().find(|w| w.key.load(Ordering::Acquire) == key) {
                 Some(w) => w,
-                None => match self.claim(ways, key) {
+                None => match self.claim(ways, key, now_ms) {
                     Some(w) => w,
                     None => continue,
                 },
             };
-            way.last_use.store(now_ms.max(1), Ordering::Relaxed);
+            // Refreshed at most every TOUCH_MS: a hot prefix recorded by every pick would
+            // otherwise bounce its cache line between all the cores (and processes) picking.
+            if now_ms.saturating_sub(way.last_use.load(Ordering::Relaxed)) >= TOUCH_MS {
+                way.last_use.store(now_ms.max(1), Ordering::Relaxed);
+            }
             set_holder(way, endpoint, holder, stamp);
         }
     }
 
     /// Takes an empty way of the set, or the least recently used one, for `key`.
-    fn claim<'a>(&self, ways: &'a [Way], key: u64) -> Option<&'a Way> {
+    fn claim<'a>(&self, ways: &'a [Way], key: u64, now_ms: u64) -> Option<&'a Way> {
         let stats = self.table().1;
         for _ in 0..4 {
             let victim = ways
@@ -152,6 +161,7 @@ impl PrefixIndex {
                 for h in &victim.holders {
                     h.store(0, Ordering::Relaxed);
                 }
+                victim.last_use.store(now_ms.max(1), Ordering::Relaxed);
                 if old == 0 {
                     stats.occupied.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -192,7 +202,9 @@ fn set_holder(way: &Way, endpoint: u32, holder: u64, now: u32) {
         .iter()
         .find(|h| (h.load(Ordering::Relaxed) >> 32) as u32 == endpoint)
     {
-        h.store(holder, Ordering::Relaxed);
+        if now.wrapping_sub(h.load(Ordering::Relaxed) as u32) >= TOUCH_MS as u32 {
+            h.store(holder, Ordering::Relaxed);
+        }
         return;
     }
     let free_or_oldest = way

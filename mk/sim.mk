@@ -45,9 +45,14 @@ bench-routing-peers: sim sim-plot-deps sim-peer-deps envoy-module
 	BENCH_ENVOY_TARGETS="$(BENCH_ENVOY_TARGETS)" bash scripts/bench_routing.sh $(BENCH_TARGETS)
 TEST_TARGETS += test-sim
 
-## bench-routing: every policy on the same fleet and trace in one run (not in CI, ~10 min):
-## plain Envoy round robin, Envoy + llmproxy (inference_lb, prefix_cost), sglang-router and
-## vllm-router from PyPI. Output: build/bench-routing/{results.md,results.json,ttft_cdf.png}.
+## bench-routing: every policy on the same fleet and trace in one run (not in CI, ~13 min):
+## plain Envoy round robin, Envoy + llmproxy (inference_lb, prefix_cost), nginx + llmproxy
+## (prefix_cost; 1 worker, 4 workers with per-worker state, 4 workers with the shared state),
+## sglang-router and vllm-router from PyPI (BENCH_PEERS=0: without them).
+## Output: build/bench-routing/{results.md,results.json,ttft_cdf.png}.
 BENCH_ROUTING_ENVOY ?= envoy-round-robin:envoy_round_robin llmproxy-inference_lb:inference_lb llmproxy-prefix_cost:prefix_cost
-bench-routing: sim sim-plot-deps sim-peer-deps envoy-module
-	BENCH_REFS=$${BENCH_REFS:-0} BENCH_ENVOY_TARGETS="$(BENCH_ROUTING_ENVOY)" bash scripts/bench_routing.sh $(BENCH_TARGETS)
+# nginx targets (NAME:WORKERS:shared|local[:ALGO], see scripts/bench_nginx_configs.py); empty: none.
+BENCH_ROUTING_NGINX ?= nginx-1w:1:shared nginx-4w-local:4:local nginx-4w-shared:4:shared
+bench-routing: sim sim-plot-deps envoy-module $(if $(BENCH_ROUTING_NGINX),nginx-deps) $(if $(filter 0,$(BENCH_PEERS)),,sim-peer-deps)
+	BENCH_REFS=$${BENCH_REFS:-0} BENCH_ENVOY_TARGETS="$(BENCH_ROUTING_ENVOY)" \
+	  BENCH_NGINX_TARGETS="$(BENCH_ROUTING_NGINX)" bash scripts/bench_routing.sh $(BENCH_TARGETS)

@@ -11,7 +11,15 @@
 #   BENCH_ENVOY_TARGETS    "NAME:ALGO ...": Envoy instances started here (scripts/bench_envoy_configs.py),
 #                          ALGO = envoy_round_robin | envoy_least_request (plain Envoy) or an llmproxy
 #                          algorithm run by the module (inference_lb, least_request, round_robin, random);
-#                          needs $ENVOY [.venv/bin/envoy] and build/libllmproxy_envoy.so
+#                          needs $ENVOY [.venv/bin/envoy] and $LLMPROXY_BUILD_DIR/libllmproxy_envoy.so
+#   BENCH_NGINX_TARGETS    "NAME:WORKERS:MODE[:ALGO] ...": nginx + llmproxy started here, examples/nginx.conf
+#                          rendered by scripts/bench_nginx_configs.py; MODE = shared (one routing state for
+#                          all workers, as shipped) | local (shared_state = false: per-worker state);
+#                          ALGO [prefix_cost]; e.g. "nginx-1w:1:shared nginx-4w-local:4:local nginx-4w-shared:4:shared".
+#                          Every request comes on its own connection (keepalive_timeout 0) so that
+#                          reuseport spreads them over the workers; results.md gets a per-worker table
+#                          from the access logs. Needs $NGINX [nginx] with the Lua module (make nginx-deps)
+#                          and $LLMPROXY_BUILD_DIR/libllmproxy.so
 #   rr, least              llmproxy-sim's reference proxy (round robin, least request)
 #   sglang-rr, sglang-cache_aware, vllm-consistent_hash, vllm-cache_aware
 #                          peer routers from PyPI (.venv), when BENCH_PEERS=1 (default)
@@ -21,7 +29,7 @@
 #   SIM_DURATION [60]  SIM_RATE [simulator default]  SIM_LOAD_ARGS []  the trace (see docs/simulator.md)
 #   BENCH_PORT_BASE [18200]  ports for the proxies and peer routers started here
 #   BENCH_PEERS [1]  BENCH_REFS [1] (rr, least)  BENCH_OUT [build/bench-routing]  BENCH_PRE_CMD []
-#   PY [.venv/bin/python]
+#   PY [.venv/bin/python]  LLMPROXY_BUILD_DIR [build]  the library and the Envoy module
 #   BENCH_CALIBRATE=1   instead: round robin at SIM_CAL_RATES ["3 4 5 6 7 8"], prints utilisation
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +42,7 @@ PBASE=${BENCH_PORT_BASE:-18200}
 OUT=${BENCH_OUT:-build/bench-routing}
 DURATION=${SIM_DURATION:-60}
 PEERS=${BENCH_PEERS:-1}
+BUILD=$(realpath "${LLMPROXY_BUILD_DIR:-build}")
 read -r -a SERVE_ARGS <<< "${SIM_SERVE_ARGS:-}"
 read -r -a LOAD_ARGS <<< "${SIM_LOAD_ARGS:-}"
 RATE_ARGS=()
@@ -92,7 +101,7 @@ port=$PBASE
 if [ -n "${BENCH_ENVOY_TARGETS:-}" ]; then
   ENVOY=${ENVOY:-.venv/bin/envoy}
   [ -x "$ENVOY" ] || { echo "missing $ENVOY: run 'make venv'" >&2; exit 1; }
-  [ -f build/libllmproxy_envoy.so ] || { echo "missing build/libllmproxy_envoy.so: run 'make envoy-module'" >&2; exit 1; }
+  [ -f "$BUILD/libllmproxy_envoy.so" ] || { echo "missing $BUILD/libllmproxy_envoy.so: run 'make envoy-module'" >&2; exit 1; }
   read -r -a ENVOY_SPECS <<< "$BENCH_ENVOY_TARGETS"
   # Listeners at BENCH_PORT_BASE+50.., admin at +150..
   mapfile -t ENVOY_TARGETS < <(python3 scripts/bench_envoy_configs.py "$OUT/envoy" "$BASE" "$SERVERS" \
@@ -100,12 +109,46 @@ if [ -n "${BENCH_ENVOY_TARGETS:-}" ]; then
   k=0
   for t in "${ENVOY_TARGETS[@]}"; do
     name=${t%%=*}
-    ENVOY_DYNAMIC_MODULES_SEARCH_PATH="$PWD/build" start "$name" "$ENVOY" -c "$OUT/envoy/$name.yaml" \
+    ENVOY_DYNAMIC_MODULES_SEARCH_PATH="$BUILD" start "$name" "$ENVOY" -c "$OUT/envoy/$name.yaml" \
       --concurrency 2 --base-id "$(( ($$ % 1000) * 100 + k ))" -l warning
     TARGETS+=("$t")
     k=$((k + 1))
   done
 fi
+NGINX_NAMES=() NGINX_TARGETS=()
+if [ -n "${BENCH_NGINX_TARGETS:-}" ]; then
+  NGINX=${NGINX:-nginx}
+  command -v "$NGINX" >/dev/null || { echo "missing $NGINX: run 'make nginx-deps'" >&2; exit 1; }
+  read -r -a NGINX_SPECS <<< "$BENCH_NGINX_TARGETS"
+  # Listeners at BENCH_PORT_BASE+80..; one nginx prefix per target under $OUT/nginx/NAME/.
+  mapfile -t NGINX_TARGETS < <(python3 scripts/bench_nginx_configs.py "$OUT/nginx" "$BASE" "$SERVERS" \
+    "$((PBASE + 80))" "$BUILD/libllmproxy.so" "${NGINX_SPECS[@]}")
+  [ "${#NGINX_TARGETS[@]}" = "${#NGINX_SPECS[@]}" ] || { echo "bench_nginx_configs.py failed" >&2; exit 1; }
+  for t in "${NGINX_TARGETS[@]}"; do
+    name=${t%%=*}
+    prefix=$(realpath "$OUT/nginx/$name")/
+    # master and workers in the process group start() makes: cleanup stops them all by its id
+    start "$name" "$NGINX" -p "$prefix" -c "${prefix}nginx.conf" -g 'daemon off;'
+    TARGETS+=("$t")
+    NGINX_NAMES+=("$name")
+  done
+fi
+
+# nginx_ready NAME URL: every worker's router is up (llmproxy_nginx_workers = worker_processes), 30 s.
+nginx_ready() {
+  local name=$1 url=$2 want i
+  want=$(sed -n 's/^worker_processes \([0-9]*\);/\1/p' "$OUT/nginx/$name/nginx.conf")
+  for i in $(seq 1 150); do
+    if curl -s -m 5 "$url/llmproxy/metrics" | grep -Eq "^llmproxy_nginx_workers(\{\})? $want\$"; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  echo "$name: not $want workers after 30 s; log: $OUT/nginx/$name/build/nginx/error.log" >&2
+  tail -n 20 "$OUT/nginx/$name/build/nginx/error.log" >&2 || true
+  exit 1
+}
+
 add_proxy() {  # add_proxy NAME POLICY
   start "$1" "$SIM" proxy --listen "127.0.0.1:$port" --policy "$2" --backend "$BACKENDS"
   TARGETS+=("$1=http://127.0.0.1:$port")
@@ -157,14 +200,23 @@ for t in "${TARGETS[@]}"; do
   ready "${t%%=*}" "${t#*=}"
   ARGS+=(--target "$t")
 done
+for t in "${NGINX_TARGETS[@]}"; do nginx_ready "${t%%=*}" "${t#*=}"; done
 
 "$SIM" compare "${ARGS[@]}" --stats-url "${WORKERS[0]}" --duration "$DURATION" "${RATE_ARGS[@]}" \
   "${LOAD_ARGS[@]}" --out-dir "$OUT" --plot-python "$PY" --title "TTFT per routing policy ($SERVERS simulated servers)"
 
+if [ "${#NGINX_NAMES[@]}" -gt 0 ]; then
+  for t in "${NGINX_TARGETS[@]}"; do
+    curl -s -m 10 "${t#*=}/llmproxy/metrics" > "$OUT/logs/${t%%=*}.metrics" || true
+  done
+  python3 scripts/bench_nginx_configs.py --summary "$OUT/nginx" "${NGINX_NAMES[@]}" | tee -a "$OUT/results.md"
+fi
+
 {
   echo
-  echo "- command: \`$0 $*\` (SIM_SERVERS=$SERVERS SIM_DURATION=$DURATION SIM_RATE=${SIM_RATE:-default} SIM_SERVE_ARGS='${SIM_SERVE_ARGS:-}' SIM_LOAD_ARGS='${SIM_LOAD_ARGS:-}')"
-  echo "- machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(uname -sr)"
+  echo "- command: \`$0 $*\` (SIM_SERVERS=$SERVERS SIM_DURATION=$DURATION BENCH_ENVOY_TARGETS='${BENCH_ENVOY_TARGETS:-}' BENCH_NGINX_TARGETS='${BENCH_NGINX_TARGETS:-}' SIM_RATE=${SIM_RATE:-default} SIM_SERVE_ARGS='${SIM_SERVE_ARGS:-}' SIM_LOAD_ARGS='${SIM_LOAD_ARGS:-}')"
+  echo "- machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(uname -sr); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+  if [ "${#NGINX_NAMES[@]}" -gt 0 ]; then echo "- nginx: $("$NGINX" -v 2>&1 | sed 's/^nginx version: //')"; fi
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "- plot: ttft_cdf.png"
 } >> "$OUT/results.md"

@@ -9,11 +9,22 @@ ports), same proxy settings; the only difference is how the gateway picks the pe
   * with --lookups, also llmproxy + lookups: the llmproxy gateway with the Metadata-Center
                  (our server, started here) and remote cache lookups on: every pick waits for
                  a cache query, polled every millisecond with ngx.sleep
+  * shared state vs per-worker state (issue #15; --state-workers N, 2 by default, 0 = skip):
+                 two llmproxy gateways with N workers each, the same example, one with the
+                 shipped `shared_state = { size = "64m" }` (one routing state for all workers),
+                 one with `shared_state = false` (each worker its own prefix index and load
+                 counters); compared on gateway CPU per request (target: shared <= 1.10x)
 Load: wrk (1 thread, --latency), 64 distinct chat bodies of 1 KiB or 64 KiB (both gateways keep
 bodies in memory: client_body_buffer_size = client_max_body_size, as in the example). Rounds
-are interleaved.
+are interleaved, in alternating order (A B .. B A ..) so that drift of the machine's load
+weighs on every variant alike. Gateway CPU per request: user + system CPU time of the gateway's
+nginx master and workers (all threads, /proc/<pid>/stat) over the run, divided by the requests
+wrk completed; it is the steadiest number on a shared machine (the load generator, the
+upstreams and other jobs are not counted). wrk's connections are spread over the workers by
+the kernel's `reuseport` hash; the requests each worker routed are printed.
 
     python3 tests/nginx/bench/bench_nginx.py [--seconds 8] [--connections 32] [--rounds 2] [--lookups]
+                                             [--state-workers 2] [--state-only] [--json-out FILE]
 """
 
 import argparse
@@ -131,6 +142,22 @@ def make_bodies(path, size, n=64):
 
 
 UNIT = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def gateway_cpu_seconds(master_pid):
+    """User + system CPU time of an nginx master and its workers (every thread), from /proc."""
+    ticks = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            fields = Path("/proc/%s/stat" % d).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(d) == master_pid or int(fields[1]) == master_pid:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLK_TCK
 
 
 def parse_wrk(out):
@@ -140,24 +167,38 @@ def parse_wrk(out):
     p50 = ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
     p99 = ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
-    return {"p50": p50, "p99": p99, "rps": rps, "non2xx": int(non2xx.group(1)) if non2xx else 0,
+    return {"p50": p50, "p99": p99, "rps": rps, "requests": requests, "non2xx": int(non2xx.group(1)) if non2xx else 0,
             "errors": errors.group(1) if errors else ""}
 
 
-def wrk(port, script, seconds, connections):
+def wrk(port, script, seconds, connections, master_pid=None):
+    cpu0 = gateway_cpu_seconds(master_pid) if master_pid else None
     out = subprocess.run(["wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds, "--latency", "-s", script,
                           "http://127.0.0.1:%d/v1/chat/completions" % port],
                          capture_output=True, text=True, timeout=seconds + 60).stdout
-    return parse_wrk(out), out
+    res = parse_wrk(out)
+    if master_pid:
+        res["cpu_us"] = (gateway_cpu_seconds(master_pid) - cpu0) * 1e6 / max(1, res["requests"])
+    return res, out
 
 
-def quiet_gateway(cfg, addrs):
-    """examples/nginx.conf through the test harness, 1 worker, without debug headers or access log."""
-    gw = harness.Nginx(cfg, addrs, workers=1)
+SHARED_STATE = 'shared_state = { size = "64m" }'
+
+
+def quiet_gateway(cfg, addrs, workers=1, shared=True):
+    """examples/nginx.conf through the test harness, `workers` workers, without debug headers or
+    access log; `shared` False: shared_state = false (every worker its own routing state)."""
+    gw = harness.Nginx(cfg, addrs, workers=workers)
     text = gw.conf.read_text().replace("debug_headers = true", "debug_headers = false")
     text = text.replace("access_log build/nginx/access.log;", "access_log off;")
+    if not shared:
+        assert text.count(SHARED_STATE) == 1, "examples/nginx.conf: %r not found once" % SHARED_STATE
+        text = text.replace(SHARED_STATE, "shared_state = false")
+    elif SHARED_STATE not in text:
+        raise SystemExit("examples/nginx.conf: %r not found" % SHARED_STATE)
     gw.conf.write_text(text)
     r = gw.nginx_cmd("-s", "reload")
     assert r.returncode == 0, r.stderr
@@ -173,9 +214,16 @@ def main():
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--lookups", action="store_true", help="add llmproxy + remote cache lookups")
+    ap.add_argument("--state-workers", type=int, default=2,
+                    help="workers of the shared-state vs per-worker-state gateways (0: skip them)")
+    ap.add_argument("--state-only", action="store_true",
+                    help="only the shared vs per-worker comparison (no round robin, no 1-worker llmproxy)")
+    ap.add_argument("--json-out", help="write every round's results here")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk missing (apt-get install wrk)")
+    if args.state_only and args.state_workers < 1:
+        sys.exit("--state-only needs --state-workers >= 1")
     harness.raise_fd_limit()
     tmp = Path(tempfile.mkdtemp(prefix="llmproxy-nginx-bench-"))
     os.chmod(tmp, 0o755)
@@ -190,74 +238,95 @@ def main():
             wait_port(p)
         addrs = ["127.0.0.1:%d" % p for p in fleet_ports]
 
-        rr_port = harness.free_port()
-        (tmp / "rr.conf").write_text(RR_CONF.format(prefix=tmp, port=rr_port, upstreams="".join(
-            "        server %s;\n" % a for a in addrs)))
-        procs.append(Proc([NGINX, "-p", "%s/" % tmp, "-c", str(tmp / "rr.conf"), "-g", "daemon off;"]))
-        wait_port(rr_port)
-
         cfg = {
             "algorithm": "inference_lb",
             "model_mapping_rule": {"qwen3-8b": {"rules": [{"scene_name": "chat", "cluster": "fleet", "backend": "vllm"}]}},
             "lb_mapping_rule": {"qwen3-8b": {"load_aware_enable": True, "cache_aware_enable": True}},
             "clusters": {"fleet": {"endpoints": addrs}},
         }
-        gw = quiet_gateway(cfg, addrs)
-        gateways.append(gw)
-        variants = [("llmproxy", gw.port), ("round robin", rr_port)]
-        if args.lookups:
-            mc = harness.MetadataCenter()
-            procs.append(mc)
-            lookup_cfg = dict(cfg, metadata_center={"enabled": True, "host": "127.0.0.1", "port": mc.port,
-                                                    "cache_enabled": True, "timeout_ms": 100})
-            gw_lookups = quiet_gateway(lookup_cfg, addrs)
-            gateways.append(gw_lookups)
-            variants.append(("llmproxy + lookups", gw_lookups.port))
+        # (name, port, nginx master pid, llmproxy gateway or None)
+        variants = []
+        if not args.state_only:
+            rr_port = harness.free_port()
+            (tmp / "rr.conf").write_text(RR_CONF.format(prefix=tmp, port=rr_port, upstreams="".join(
+                "        server %s;\n" % a for a in addrs)))
+            rr = Proc([NGINX, "-p", "%s/" % tmp, "-c", str(tmp / "rr.conf"), "-g", "daemon off;"])
+            procs.append(rr)
+            wait_port(rr_port)
+            gw = quiet_gateway(cfg, addrs)
+            gateways.append(gw)
+            variants += [("llmproxy", gw.port, gw.proc.pid, gw), ("round robin", rr_port, rr.p.pid, None)]
+            if args.lookups:
+                mc = harness.MetadataCenter()
+                procs.append(mc)
+                lookup_cfg = dict(cfg, metadata_center={"enabled": True, "host": "127.0.0.1", "port": mc.port,
+                                                        "cache_enabled": True, "timeout_ms": 100})
+                gw_lookups = quiet_gateway(lookup_cfg, addrs)
+                gateways.append(gw_lookups)
+                variants.append(("llmproxy + lookups", gw_lookups.port, gw_lookups.proc.pid, gw_lookups))
+        shared_name = local_name = None
+        if args.state_workers > 0:
+            w = args.state_workers
+            shared_name, local_name = "shared state, %dw" % w, "per-worker state, %dw" % w
+            gw_shared = quiet_gateway(cfg, addrs, workers=w, shared=True)
+            gateways.append(gw_shared)
+            gw_local = quiet_gateway(cfg, addrs, workers=w, shared=False)
+            gateways.append(gw_local)
+            variants += [(shared_name, gw_shared.port, gw_shared.proc.pid, gw_shared),
+                         (local_name, gw_local.port, gw_local.proc.pid, gw_local)]
 
-        results = {}
+        results, rounds_log = {}, []
         for size_name, size in (("1 KiB", 1024), ("64 KiB", 64 * 1024)):
             bodies = tmp / ("bodies-%d.txt" % size)
             make_bodies(bodies, size)
             script = tmp / ("wrk-%d.lua" % size)
             script.write_text(WRK_SCRIPT.format(bodies=bodies))
-            for variant, port in variants:
+            for variant, port, _, _ in variants:
                 wrk(port, str(script), args.warmup, args.connections)  # warm-up: pools, JIT, caches
             for rnd in range(args.rounds):
-                for variant, port in variants:
-                    res, raw = wrk(port, str(script), args.seconds, args.connections)
+                order = variants if rnd % 2 == 0 else variants[::-1]  # A B C D, D C B A, ...
+                for variant, port, pid, _ in order:
+                    res, raw = wrk(port, str(script), args.seconds, args.connections, master_pid=pid)
                     if res["non2xx"] or res["errors"]:
                         print(raw, file=sys.stderr)
                         raise SystemExit("%s %s: errors during the run" % (variant, size_name))
                     results.setdefault((size_name, variant), []).append(res)
-                    print("%-6s %-11s round %d: p50 %.3f ms p99 %.3f ms %.0f req/s" % (
-                        size_name, variant, rnd + 1, res["p50"], res["p99"], res["rps"]), file=sys.stderr)
-        m = harness.metrics(gw.port)
-        routed = m.total("llmproxy_picks_total", outcome="routed")
-        finished = m.total("llmproxy_finished_requests_total")
+                    rounds_log.append(dict(res, body=size_name, gateway=variant, round=rnd + 1,
+                                           loadavg=os.getloadavg()[0]))
+                    print("%-6s %-22s round %d: p50 %.3f ms p99 %.3f ms %.0f req/s, gateway CPU %.1f us/req "
+                          "(load average %.1f)" % (size_name, variant, rnd + 1, res["p50"], res["p99"], res["rps"],
+                                                   res["cpu_us"], os.getloadavg()[0]), file=sys.stderr)
 
         def med(size_name, variant, key):
             return statistics.median(r[key] for r in results[(size_name, variant)])
 
-        print("\nnginx 1.22.1, 1 worker each, wrk -t1 -c%d, %ds x %d interleaved rounds (median), 4 upstreams"
-              % (args.connections, args.seconds, args.rounds))
-        print("\n| body | gateway | p50 ms | p99 ms | req/s |")
-        print("|---|---|---:|---:|---:|")
-        names = ["round robin"] + [v for v, _ in variants if v != "round robin"]
-        for size_name in ("1 KiB", "64 KiB"):
+        sizes = ("1 KiB", "64 KiB")
+        print("\n%s, wrk -t1 -c%d, %ds x %d interleaved rounds in alternating order (median), 4 upstreams, "
+              "load average %.1f at the end" % (subprocess.run([NGINX, "-v"], capture_output=True, text=True)
+                                                 .stderr.strip().replace("nginx version: ", ""),
+                                                 args.connections, args.seconds, args.rounds, os.getloadavg()[0]))
+        print("\n| body | gateway | p50 ms | p99 ms | req/s | gateway CPU µs/req |")
+        print("|---|---|---:|---:|---:|---:|")
+        names = [v for v, _, _, _ in variants]
+        if "round robin" in names:
+            names = ["round robin"] + [v for v in names if v != "round robin"]
+        for size_name in sizes:
             for variant in names:
-                print("| %s | %s | %.3f | %.3f | %.0f |" % (size_name, variant, med(size_name, variant, "p50"),
-                                                           med(size_name, variant, "p99"), med(size_name, variant, "rps")))
-        print("\n| body | added p50 ms | added p99 ms | throughput ratio (llmproxy / rr) |")
-        print("|---|---:|---:|---:|")
-        for size_name in ("1 KiB", "64 KiB"):
-            print("| %s | %+.3f | %+.3f | %.3f |" % (
-                size_name, med(size_name, "llmproxy", "p50") - med(size_name, "round robin", "p50"),
-                med(size_name, "llmproxy", "p99") - med(size_name, "round robin", "p99"),
-                med(size_name, "llmproxy", "rps") / med(size_name, "round robin", "rps")))
-        if args.lookups:
+                print("| %s | %s | %.3f | %.3f | %.0f | %.1f |" % (
+                    size_name, variant, med(size_name, variant, "p50"), med(size_name, variant, "p99"),
+                    med(size_name, variant, "rps"), med(size_name, variant, "cpu_us")))
+        if not args.state_only:
+            print("\n| body | added p50 ms | added p99 ms | throughput ratio (llmproxy / rr) |")
+            print("|---|---:|---:|---:|")
+            for size_name in sizes:
+                print("| %s | %+.3f | %+.3f | %.3f |" % (
+                    size_name, med(size_name, "llmproxy", "p50") - med(size_name, "round robin", "p50"),
+                    med(size_name, "llmproxy", "p99") - med(size_name, "round robin", "p99"),
+                    med(size_name, "llmproxy", "rps") / med(size_name, "round robin", "rps")))
+        if args.lookups and not args.state_only:
             print("\n| body | lookups: added p50 ms | added p99 ms | throughput ratio (lookups / llmproxy) |")
             print("|---|---:|---:|---:|")
-            for size_name in ("1 KiB", "64 KiB"):
+            for size_name in sizes:
                 print("| %s | %+.3f | %+.3f | %.3f |" % (
                     size_name, med(size_name, "llmproxy + lookups", "p50") - med(size_name, "llmproxy", "p50"),
                     med(size_name, "llmproxy + lookups", "p99") - med(size_name, "llmproxy", "p99"),
@@ -269,8 +338,31 @@ def main():
                       ml.total("llmproxy_nginx_picks_total", event="lookup_abandoned"),
                       ml.total("llmproxy_remote_cache_lookups_total", result="remote"),
                       ml.total("llmproxy_remote_cache_lookups_total", result="local_fallback")))
-        print("\nllmproxy picks routed %d, finished %d, in flight %d" % (
-            routed, finished, m.total("llmproxy_in_flight_requests")))
+        if shared_name:
+            print("\nShared state vs per-worker state, %d workers each (issue #15 target: shared <= 1.10x "
+                  "per-worker CPU per request)" % args.state_workers)
+            print("\n| body | CPU/req shared / per-worker (medians) | per round | req/s shared / per-worker | target |")
+            print("|---|---:|---|---:|---|")
+            for size_name in sizes:
+                sh, lo = results[(size_name, shared_name)], results[(size_name, local_name)]
+                ratio = med(size_name, shared_name, "cpu_us") / med(size_name, local_name, "cpu_us")
+                per_round = [a["cpu_us"] / b["cpu_us"] for a, b in zip(sh, lo)]
+                print("| %s | %.3f | %s | %.3f | %s |" % (
+                    size_name, ratio, " ".join("%.3f" % r for r in per_round),
+                    med(size_name, shared_name, "rps") / med(size_name, local_name, "rps"),
+                    "met" if ratio <= 1.10 else "NOT met"))
+        print()
+        for variant, port, _, g in variants:
+            if g is None:
+                continue
+            m = harness.metrics(port)
+            per_worker = sorted(int(v) for _, v in m.select("llmproxy_picks_total", outcome="routed"))
+            print("%s: picks routed %d, finished %d, in flight %d; routed per worker %s" % (
+                variant, m.total("llmproxy_picks_total", outcome="routed"),
+                m.total("llmproxy_finished_requests_total"), m.total("llmproxy_in_flight_requests"),
+                "/".join(str(n) for n in reversed(per_worker))))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps({"args": vars(args), "rounds": rounds_log}, indent=1))
     finally:
         for g in gateways:
             g.close()

@@ -1,8 +1,9 @@
-"""End-to-end with the official `openai` Python client: real nginx (examples/nginx.conf, 2 workers)
-+ our OpenResty module in front of the fake upstreams of tests/common/fake_openai.py. The scenarios
-(target_model rewrite, Triton transcoded both ways, errors, LoRA / label subsets) are shared with
-the Envoy host: see tests/common/transcode_cases.py. This file only starts nginx and says how to
-talk to it.
+"""End-to-end with the official `openai` Python client: real nginx with 2 workers, once per nginx
+host (the OpenResty module from examples/nginx.conf, and the native module from
+examples/nginx-native.conf, no Lua), in front of the fake upstreams of tests/common/fake_openai.py.
+The scenarios (target_model rewrite, Triton transcoded both ways, errors, LoRA / label subsets)
+are shared with the Envoy host: see tests/common/transcode_cases.py. This file only starts nginx
+and says how to talk to it.
 """
 
 import pytest
@@ -20,9 +21,16 @@ def tc_servers():
         yield s
 
 
-@pytest.fixture(scope="module")
-def gateway(tc_servers):
-    gw = harness.Nginx(llmproxy_config(tc_servers), [tc_servers.addr(n) for n in POOLS["pool_oai"]], workers=2)
+# as in test_native.py: harness.HOSTS[name] is the gateway's class. `make test` builds the native
+# module first (test-nginx-native); a lone `make test-nginx` without it skips that host.
+HOSTS = ["lua", pytest.param("native", marks=pytest.mark.skipif(
+    not harness.MODULE.exists(), reason="%s missing: run `make nginx-module`" % harness.MODULE))]
+
+
+@pytest.fixture(scope="module", params=HOSTS)
+def gateway(request, tc_servers):
+    gw = harness.HOSTS[request.param](llmproxy_config(tc_servers), [tc_servers.addr(n) for n in POOLS["pool_oai"]],
+                                      workers=2)
     yield gw
     gw.close()
 
@@ -32,5 +40,5 @@ class TestTranscodeOpenAINginx(TranscodeOpenAICases):
         return harness.request(gateway.port, "POST", path, body, headers)
 
     def check_pick(self, raw, name):
-        # examples/nginx.conf answers with the endpoint our module picked (a debug header)
+        # both example configs (debug headers on) answer with the endpoint the module picked
         assert raw.headers["x-llmproxy-endpoint"].endswith(":%d" % TC_PORTS[name])

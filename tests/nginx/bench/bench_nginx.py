@@ -3,8 +3,11 @@
 
 Same machine, same load, same upstreams (a separate plain nginx answering fixed JSON on 4
 ports), same proxy settings; the only difference is how the gateway picks the peer:
-  * llmproxy:    examples/nginx.conf (access_by_lua reads the body + pick, balancer_by_lua,
+  * llmproxy (Lua): examples/nginx.conf (access_by_lua reads the body + pick, balancer_by_lua,
                  body_filter first token, log finish), 1 worker
+  * llmproxy (native) (issue #18; --native, on by default when build/ngx_http_llmproxy_module.so
+                 exists): examples/nginx-native.conf, the C module, no Lua, 1 worker, shared state
+                 as shipped
   * round robin: plain nginx `upstream` with the same 4 servers, no Lua module, 1 worker
   * with --lookups, also llmproxy + lookups: the llmproxy gateway with the Metadata-Center
                  (our server, started here) and remote cache lookups on: every pick waits for
@@ -14,16 +17,19 @@ ports), same proxy settings; the only difference is how the gateway picks the pe
                  shipped `shared_state = { size = "64m" }` (one routing state for all workers),
                  one with `shared_state = false` (each worker its own prefix index and load
                  counters); compared on gateway CPU per request (target: shared <= 1.10x)
-Load: wrk (1 thread, --latency), 64 distinct chat bodies of 1 KiB or 64 KiB (both gateways keep
-bodies in memory: client_body_buffer_size = client_max_body_size, as in the example). Rounds
-are interleaved, in alternating order (A B .. B A ..) so that drift of the machine's load
-weighs on every variant alike. Gateway CPU per request: user + system CPU time of the gateway's
-nginx master and workers (all threads, /proc/<pid>/stat) over the run, divided by the requests
-wrk completed; it is the steadiest number on a shared machine (the load generator, the
+Load: wrk (1 thread, --latency), 64 distinct chat bodies of 1 KiB or 64 KiB (all gateways keep
+bodies in memory: client_body_buffer_size = client_max_body_size, as in the examples), at
+saturation (--connections, 32) and, for round robin, Lua and native, also closed loop on
+--latency-connections (1; 0 = skip) connections: the per-request latency without queueing, from
+which "added p50" is read as in the Envoy benchmark. Rounds are interleaved, in alternating
+order (A B .. B A ..) so that drift of the machine's load weighs on every variant alike.
+Gateway CPU per request: user + system CPU time of the gateway's nginx master and workers (all
+threads, /proc/<pid>/stat) over the run, divided by the requests wrk completed; it is the steadiest number on a shared machine (the load generator, the
 upstreams and other jobs are not counted). wrk's connections are spread over the workers by
 the kernel's `reuseport` hash; the requests each worker routed are printed.
 
     python3 tests/nginx/bench/bench_nginx.py [--seconds 8] [--connections 32] [--rounds 2] [--lookups]
+                                             [--no-native] [--latency-connections 1] [--latency-seconds S]
                                              [--state-workers 2] [--state-only] [--json-out FILE]
 """
 
@@ -186,19 +192,28 @@ def wrk(port, script, seconds, connections, master_pid=None):
 
 
 SHARED_STATE = 'shared_state = { size = "64m" }'
+LUA, NATIVE, RR = "llmproxy (Lua)", "llmproxy (native)", "round robin"
+NATIVE_TARGET = {"ratio": 0.85, "added_p50_ms": 0.100}  # issue #18, at 1 KiB
 
 
-def quiet_gateway(cfg, addrs, workers=1, shared=True):
-    """examples/nginx.conf through the test harness, `workers` workers, without debug headers or
-    access log; `shared` False: shared_state = false (every worker its own routing state)."""
-    gw = harness.Nginx(cfg, addrs, workers=workers)
-    text = gw.conf.read_text().replace("debug_headers = true", "debug_headers = false")
-    text = text.replace("access_log build/nginx/access.log;", "access_log off;")
-    if not shared:
-        assert text.count(SHARED_STATE) == 1, "examples/nginx.conf: %r not found once" % SHARED_STATE
-        text = text.replace(SHARED_STATE, "shared_state = false")
-    elif SHARED_STATE not in text:
-        raise SystemExit("examples/nginx.conf: %r not found" % SHARED_STATE)
+def quiet_gateway(cfg, addrs, workers=1, shared=True, host="lua"):
+    """examples/nginx.conf (host "lua") or examples/nginx-native.conf (host "native") through the
+    test harness, `workers` workers, without debug headers or access log; `shared` False:
+    shared_state = false (every worker its own routing state; Lua host only)."""
+    gw = harness.HOSTS[host](cfg, addrs, workers=workers)
+    text = gw.conf.read_text().replace("access_log build/nginx/access.log;", "access_log off;")
+    if host == "native":
+        assert shared, "the native gateway runs with the shipped llmproxy_shared_state only"
+        assert text.count("llmproxy_debug_headers on;") == 1, "examples/nginx-native.conf: debug headers not found"
+        text = text.replace("llmproxy_debug_headers on;", "llmproxy_debug_headers off;")
+        assert "llmproxy_shared_state 64m;" in text, "examples/nginx-native.conf: shared state not found"
+    else:
+        text = text.replace("debug_headers = true", "debug_headers = false")
+        if not shared:
+            assert text.count(SHARED_STATE) == 1, "examples/nginx.conf: %r not found once" % SHARED_STATE
+            text = text.replace(SHARED_STATE, "shared_state = false")
+        elif SHARED_STATE not in text:
+            raise SystemExit("examples/nginx.conf: %r not found" % SHARED_STATE)
     gw.conf.write_text(text)
     r = gw.nginx_cmd("-s", "reload")
     assert r.returncode == 0, r.stderr
@@ -214,6 +229,11 @@ def main():
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--lookups", action="store_true", help="add llmproxy + remote cache lookups")
+    ap.add_argument("--native", action=argparse.BooleanOptionalAction, default=harness.MODULE.exists(),
+                    help="add the native module's gateway (default: when %s exists)" % harness.MODULE)
+    ap.add_argument("--latency-connections", type=int, default=1,
+                    help="closed-loop latency runs on this many connections (0: skip them)")
+    ap.add_argument("--latency-seconds", type=int, help="length of a latency run (default: --seconds)")
     ap.add_argument("--state-workers", type=int, default=2,
                     help="workers of the shared-state vs per-worker-state gateways (0: skip them)")
     ap.add_argument("--state-only", action="store_true",
@@ -244,7 +264,7 @@ def main():
             "lb_mapping_rule": {"qwen3-8b": {"load_aware_enable": True, "cache_aware_enable": True}},
             "clusters": {"fleet": {"endpoints": addrs}},
         }
-        # (name, port, nginx master pid, llmproxy gateway or None)
+        # (name, port, nginx master pid, llmproxy gateway or None, closed-loop latency runs too)
         variants = []
         if not args.state_only:
             rr_port = harness.free_port()
@@ -255,7 +275,11 @@ def main():
             wait_port(rr_port)
             gw = quiet_gateway(cfg, addrs)
             gateways.append(gw)
-            variants += [("llmproxy", gw.port, gw.proc.pid, gw), ("round robin", rr_port, rr.p.pid, None)]
+            variants += [(LUA, gw.port, gw.proc.pid, gw, True), (RR, rr_port, rr.p.pid, None, True)]
+            if args.native:
+                gw_native = quiet_gateway(cfg, addrs, host="native")
+                gateways.append(gw_native)
+                variants.insert(1, (NATIVE, gw_native.port, gw_native.proc.pid, gw_native, True))
             if args.lookups:
                 mc = harness.MetadataCenter()
                 procs.append(mc)
@@ -263,7 +287,7 @@ def main():
                                                         "cache_enabled": True, "timeout_ms": 100})
                 gw_lookups = quiet_gateway(lookup_cfg, addrs)
                 gateways.append(gw_lookups)
-                variants.append(("llmproxy + lookups", gw_lookups.port, gw_lookups.proc.pid, gw_lookups))
+                variants.append(("llmproxy + lookups", gw_lookups.port, gw_lookups.proc.pid, gw_lookups, False))
         shared_name = local_name = None
         if args.state_workers > 0:
             w = args.state_workers
@@ -272,65 +296,106 @@ def main():
             gateways.append(gw_shared)
             gw_local = quiet_gateway(cfg, addrs, workers=w, shared=False)
             gateways.append(gw_local)
-            variants += [(shared_name, gw_shared.port, gw_shared.proc.pid, gw_shared),
-                         (local_name, gw_local.port, gw_local.proc.pid, gw_local)]
+            variants += [(shared_name, gw_shared.port, gw_shared.proc.pid, gw_shared, False),
+                         (local_name, gw_local.port, gw_local.proc.pid, gw_local, False)]
 
+        # results[(body, gateway, "sat" | "lat")]: every round's wrk result
         results, rounds_log = {}, []
+        lat_conns = args.latency_connections
+        lat_seconds = args.latency_seconds or args.seconds
         for size_name, size in (("1 KiB", 1024), ("64 KiB", 64 * 1024)):
             bodies = tmp / ("bodies-%d.txt" % size)
             make_bodies(bodies, size)
             script = tmp / ("wrk-%d.lua" % size)
             script.write_text(WRK_SCRIPT.format(bodies=bodies))
-            for variant, port, _, _ in variants:
+            for variant, port, _, _, _ in variants:
                 wrk(port, str(script), args.warmup, args.connections)  # warm-up: pools, JIT, caches
             for rnd in range(args.rounds):
                 order = variants if rnd % 2 == 0 else variants[::-1]  # A B C D, D C B A, ...
-                for variant, port, pid, _ in order:
-                    res, raw = wrk(port, str(script), args.seconds, args.connections, master_pid=pid)
-                    if res["non2xx"] or res["errors"]:
-                        print(raw, file=sys.stderr)
-                        raise SystemExit("%s %s: errors during the run" % (variant, size_name))
-                    results.setdefault((size_name, variant), []).append(res)
-                    rounds_log.append(dict(res, body=size_name, gateway=variant, round=rnd + 1,
-                                           loadavg=os.getloadavg()[0]))
-                    print("%-6s %-22s round %d: p50 %.3f ms p99 %.3f ms %.0f req/s, gateway CPU %.1f us/req "
-                          "(load average %.1f)" % (size_name, variant, rnd + 1, res["p50"], res["p99"], res["rps"],
-                                                   res["cpu_us"], os.getloadavg()[0]), file=sys.stderr)
+                for variant, port, pid, _, latency in order:
+                    runs = [("sat", args.connections, args.seconds)]
+                    if latency and lat_conns > 0:
+                        runs.append(("lat", lat_conns, lat_seconds))
+                    for mode, conns, seconds in runs:
+                        res, raw = wrk(port, str(script), seconds, conns, master_pid=pid)
+                        if res["non2xx"] or res["errors"]:
+                            print(raw, file=sys.stderr)
+                            raise SystemExit("%s %s: errors during the run" % (variant, size_name))
+                        results.setdefault((size_name, variant, mode), []).append(res)
+                        rounds_log.append(dict(res, body=size_name, gateway=variant, round=rnd + 1,
+                                               mode="saturated" if mode == "sat" else "closed loop",
+                                               connections=conns, loadavg=os.getloadavg()[0]))
+                        print("%-6s %-22s round %d -c%-3d p50 %.3f ms p99 %.3f ms %.0f req/s, gateway CPU %.1f us/req "
+                              "(load average %.1f)" % (size_name, variant, rnd + 1, conns, res["p50"], res["p99"],
+                                                       res["rps"], res["cpu_us"], os.getloadavg()[0]), file=sys.stderr)
 
-        def med(size_name, variant, key):
-            return statistics.median(r[key] for r in results[(size_name, variant)])
+        def med(size_name, variant, key, mode="sat"):
+            return statistics.median(r[key] for r in results[(size_name, variant, mode)])
 
         sizes = ("1 KiB", "64 KiB")
         print("\n%s, wrk -t1 -c%d, %ds x %d interleaved rounds in alternating order (median), 4 upstreams, "
               "load average %.1f at the end" % (subprocess.run([NGINX, "-v"], capture_output=True, text=True)
                                                  .stderr.strip().replace("nginx version: ", ""),
                                                  args.connections, args.seconds, args.rounds, os.getloadavg()[0]))
+        print("\nSaturated (-c%d):" % args.connections)
         print("\n| body | gateway | p50 ms | p99 ms | req/s | gateway CPU µs/req |")
         print("|---|---|---:|---:|---:|---:|")
-        names = [v for v, _, _, _ in variants]
-        if "round robin" in names:
-            names = ["round robin"] + [v for v in names if v != "round robin"]
+        names = [v[0] for v in variants]
+        if RR in names:
+            names = [RR] + [v for v in names if v != RR]
         for size_name in sizes:
             for variant in names:
                 print("| %s | %s | %.3f | %.3f | %.0f | %.1f |" % (
                     size_name, variant, med(size_name, variant, "p50"), med(size_name, variant, "p99"),
                     med(size_name, variant, "rps"), med(size_name, variant, "cpu_us")))
-        if not args.state_only:
-            print("\n| body | added p50 ms | added p99 ms | throughput ratio (llmproxy / rr) |")
-            print("|---|---:|---:|---:|")
+        lat_names = [n for n in names if ("1 KiB", n, "lat") in results]
+        if lat_names:
+            print("\nClosed loop (-c%d, %ds): the latency of one request without queueing" % (lat_conns, lat_seconds))
+            print("\n| body | gateway | p50 µs | p99 µs | req/s | gateway CPU µs/req |")
+            print("|---|---|---:|---:|---:|---:|")
             for size_name in sizes:
-                print("| %s | %+.3f | %+.3f | %.3f |" % (
-                    size_name, med(size_name, "llmproxy", "p50") - med(size_name, "round robin", "p50"),
-                    med(size_name, "llmproxy", "p99") - med(size_name, "round robin", "p99"),
-                    med(size_name, "llmproxy", "rps") / med(size_name, "round robin", "rps")))
+                for variant in lat_names:
+                    print("| %s | %s | %.0f | %.0f | %.0f | %.1f |" % (
+                        size_name, variant, 1000 * med(size_name, variant, "p50", "lat"),
+                        1000 * med(size_name, variant, "p99", "lat"), med(size_name, variant, "rps", "lat"),
+                        med(size_name, variant, "cpu_us", "lat")))
+        hosts = [n for n in (LUA, NATIVE) if n in names]
+        if hosts and RR in names:
+            print("\nAgainst plain round robin (medians; per round: that round's pair, in round order)")
+            print("\n| body | gateway | throughput ratio (saturated) | per round | added p50 µs (closed loop) "
+                  "| added p50 ms (saturated) | added p99 ms (saturated) | gateway CPU µs/req, added |")
+            print("|---|---|---:|---|---:|---:|---:|---:|")
+            for size_name in sizes:
+                for variant in hosts:
+                    per_round = [a["rps"] / b["rps"] for a, b in zip(results[(size_name, variant, "sat")],
+                                                                     results[(size_name, RR, "sat")])]
+                    added_lat = ("%+.0f" % (1000 * (med(size_name, variant, "p50", "lat") - med(size_name, RR, "p50", "lat")))
+                                 if lat_names else "-")
+                    print("| %s | %s | %.3f | %s | %s | %+.3f | %+.3f | %+.1f |" % (
+                        size_name, variant, med(size_name, variant, "rps") / med(size_name, RR, "rps"),
+                        " ".join("%.2f" % r for r in per_round), added_lat,
+                        med(size_name, variant, "p50") - med(size_name, RR, "p50"),
+                        med(size_name, variant, "p99") - med(size_name, RR, "p99"),
+                        med(size_name, variant, "cpu_us") - med(size_name, RR, "cpu_us")))
+            if NATIVE in hosts:
+                ratio = med("1 KiB", NATIVE, "rps") / med("1 KiB", RR, "rps")
+                if lat_names:
+                    added, how = med("1 KiB", NATIVE, "p50", "lat") - med("1 KiB", RR, "p50", "lat"), "closed loop"
+                else:
+                    added, how = med("1 KiB", NATIVE, "p50") - med("1 KiB", RR, "p50"), "saturated"
+                print("\nIssue #18 targets, native module at 1 KiB: saturated throughput %.3f x round robin "
+                      "(target >= %.2f: %s); added p50 %+.0f us, %s (target <= %.0f us: %s)" % (
+                          ratio, NATIVE_TARGET["ratio"], "met" if ratio >= NATIVE_TARGET["ratio"] else "NOT met",
+                          1000 * added, how, 1000 * NATIVE_TARGET["added_p50_ms"],
+                          "met" if added <= NATIVE_TARGET["added_p50_ms"] else "NOT met"))
         if args.lookups and not args.state_only:
             print("\n| body | lookups: added p50 ms | added p99 ms | throughput ratio (lookups / llmproxy) |")
             print("|---|---:|---:|---:|")
             for size_name in sizes:
                 print("| %s | %+.3f | %+.3f | %.3f |" % (
-                    size_name, med(size_name, "llmproxy + lookups", "p50") - med(size_name, "llmproxy", "p50"),
-                    med(size_name, "llmproxy + lookups", "p99") - med(size_name, "llmproxy", "p99"),
-                    med(size_name, "llmproxy + lookups", "rps") / med(size_name, "llmproxy", "rps")))
+                    size_name, med(size_name, "llmproxy + lookups", "p50") - med(size_name, LUA, "p50"),
+                    med(size_name, "llmproxy + lookups", "p99") - med(size_name, LUA, "p99"),
+                    med(size_name, "llmproxy + lookups", "rps") / med(size_name, LUA, "rps")))
             ml = harness.metrics(gw_lookups.port)
             print("\nlookups gateway: %d picks waited for a lookup, %d abandoned; remote decisions %d, "
                   "local fallbacks %d" % (
@@ -344,7 +409,7 @@ def main():
             print("\n| body | CPU/req shared / per-worker (medians) | per round | req/s shared / per-worker | target |")
             print("|---|---:|---|---:|---|")
             for size_name in sizes:
-                sh, lo = results[(size_name, shared_name)], results[(size_name, local_name)]
+                sh, lo = results[(size_name, shared_name, "sat")], results[(size_name, local_name, "sat")]
                 ratio = med(size_name, shared_name, "cpu_us") / med(size_name, local_name, "cpu_us")
                 per_round = [a["cpu_us"] / b["cpu_us"] for a, b in zip(sh, lo)]
                 print("| %s | %.3f | %s | %.3f | %s |" % (
@@ -352,7 +417,7 @@ def main():
                     med(size_name, shared_name, "rps") / med(size_name, local_name, "rps"),
                     "met" if ratio <= 1.10 else "NOT met"))
         print()
-        for variant, port, _, g in variants:
+        for variant, port, _, g, _ in variants:
             if g is None:
                 continue
             m = harness.metrics(port)

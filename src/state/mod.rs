@@ -11,7 +11,7 @@
 //! - [`PrefixIndex`] (`prefix_index.rs`): chunk hash → endpoints that recently served a
 //!   prompt with that prefix, bounded and evicted least-recently-used;
 //! - [`Clock`] (`clock.rs`): the router's millisecond clock, shared with its background threads;
-//! - [`SharedState`] (`shared.rs`): a shared-memory region holding the endpoint counters and
+//! - [`SharedState`] (`shared/`): a shared-memory region holding the endpoint counters and
 //!   the prefix index for every process of a host (nginx workers), with per-worker ledgers so
 //!   that a dead worker's load is taken back.
 //!

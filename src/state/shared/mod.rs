@@ -25,13 +25,20 @@
 //! unchanged (learned prefixes and load survive), and a fresh one otherwise.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::cells::{EndpointCounters, IndexStats, Load, Way, WAYS};
 use super::clock::monotonic_ms;
 use super::Clock;
+
+mod lease;
+mod ledger;
+mod process;
+
+pub use lease::{Attachment, SlotLease};
+pub use ledger::LedgerEntry;
+use process::{process_alive, process_start_time};
 
 /// Version of the region layout; a region with another version is never read.
 pub const LAYOUT_VERSION: u32 = 1;
@@ -90,97 +97,6 @@ struct EndpointSlot {
     generation: AtomicU32,
     _reserved: AtomicU32,
     counters: EndpointCounters,
-}
-
-/// One router's share of one endpoint's load, and how many of the router's endpoint objects
-/// use the slot. Only that router writes it (its request path and its sync thread); the
-/// endpoint's load is the sum over the routers holding the slot, and a dead router's share
-/// disappears when its entry is cleared.
-#[repr(C)]
-pub struct LedgerEntry {
-    refs: AtomicU32,
-    in_flight: AtomicU32,
-    reported_in_flight: AtomicU32,
-    _reserved: AtomicU32,
-    prefill: AtomicU64,
-    uncached: AtomicU64,
-    reported_prefill: AtomicU64,
-}
-
-impl LedgerEntry {
-    fn get(&self, which: Load) -> u64 {
-        match which {
-            Load::InFlight => self.in_flight.load(Ordering::Relaxed) as u64,
-            Load::ReportedInFlight => self.reported_in_flight.load(Ordering::Relaxed) as u64,
-            Load::Prefill => self.prefill.load(Ordering::Relaxed),
-            Load::Uncached => self.uncached.load(Ordering::Relaxed),
-            Load::ReportedPrefill => self.reported_prefill.load(Ordering::Relaxed),
-        }
-    }
-
-    fn add(&self, which: Load, v: u64) {
-        let v32 = v.min(u32::MAX as u64) as u32;
-        match which {
-            Load::InFlight => {
-                self.in_flight.fetch_add(v32, Ordering::Relaxed);
-            }
-            Load::ReportedInFlight => {
-                self.reported_in_flight.fetch_add(v32, Ordering::Relaxed);
-            }
-            Load::Prefill => {
-                self.prefill.fetch_add(v, Ordering::Relaxed);
-            }
-            Load::Uncached => {
-                self.uncached.fetch_add(v, Ordering::Relaxed);
-            }
-            Load::ReportedPrefill => {
-                self.reported_prefill.fetch_add(v, Ordering::Relaxed);
-            }
-        }
-    }
-
-    fn sub(&self, which: Load, v: u64) {
-        let v32 = v.min(u32::MAX as u64) as u32;
-        match which {
-            Load::InFlight => sub32(&self.in_flight, v32),
-            Load::ReportedInFlight => sub32(&self.reported_in_flight, v32),
-            Load::Prefill => sub64(&self.prefill, v),
-            Load::Uncached => sub64(&self.uncached, v),
-            Load::ReportedPrefill => sub64(&self.reported_prefill, v),
-        }
-    }
-
-    /// Takes the Metadata-Center part of the share out: (requests, prefill chars).
-    fn take_reported(&self) -> (u64, u64) {
-        (
-            self.reported_in_flight.swap(0, Ordering::AcqRel) as u64,
-            self.reported_prefill.swap(0, Ordering::AcqRel),
-        )
-    }
-
-    /// Drops the whole share (the router is gone or no longer holds the endpoint).
-    fn clear(&self) {
-        for a in [&self.in_flight, &self.reported_in_flight] {
-            a.store(0, Ordering::Release);
-        }
-        for a in [&self.prefill, &self.uncached, &self.reported_prefill] {
-            a.store(0, Ordering::Release);
-        }
-    }
-}
-
-/// The ledger's saturating subtractions (its atomics are always std's: the ledger only exists
-/// in a shared region, which a loom build never makes).
-fn sub64(a: &AtomicU64, v: u64) {
-    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
-        Some(x.saturating_sub(v))
-    });
-}
-
-fn sub32(a: &AtomicU32, v: u32) {
-    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
-        Some(x.saturating_sub(v))
-    });
 }
 
 /// Byte offsets of the tables, from the size alone (the same size gives the same layout).
@@ -567,255 +483,10 @@ pub struct SharedStats {
     pub index_capacity: u64,
 }
 
-/// One router's attachment to a region: its worker slot. Dropped (with the router and its
-/// last endpoint) it frees the slot.
-pub struct Attachment {
-    state: Arc<SharedState>,
-    worker: usize,
-    /// Serialises this router's joins and leaves of endpoint slots.
-    leases: Mutex<()>,
-}
-
-impl Attachment {
-    /// The region.
-    pub fn state(&self) -> &Arc<SharedState> {
-        &self.state
-    }
-
-    /// A lease on the slot of (cluster, address), claimed or joined; None when the endpoint
-    /// table is full of endpoints other workers hold.
-    pub fn lease(self: &Arc<Self>, cluster: &str, addr: SocketAddr) -> Option<SlotLease> {
-        let key = slot_key(cluster, addr);
-        let _guard = self.leases.lock().unwrap_or_else(|p| p.into_inner());
-        for _attempt in 0..64 {
-            match self.find_or_claim(key) {
-                Some(e) if self.join(e, key) => {
-                    let generation = self.state.endpoint(e).generation.load(Ordering::Acquire);
-                    return Some(SlotLease {
-                        attachment: Arc::clone(self),
-                        slot: e,
-                        generation,
-                    });
-                }
-                Some(_) => std::thread::yield_now(),
-                None => {
-                    self.state
-                        .header()
-                        .endpoint_overflow
-                        .fetch_add(1, Ordering::Relaxed);
-                    return None;
-                }
-            }
-        }
-        None
-    }
-
-    /// The slot holding `key`, an empty one claimed for it, or one no worker holds taken over.
-    fn find_or_claim(&self, key: u64) -> Option<usize> {
-        let s = &self.state;
-        let start = (key % ENDPOINT_SLOTS as u64) as usize;
-        for i in 0..ENDPOINT_SLOTS {
-            let e = (start + i) % ENDPOINT_SLOTS;
-            let slot = s.endpoint(e);
-            match slot.key.load(Ordering::SeqCst) {
-                k if k == key => return Some(e),
-                0 => match slot
-                    .key
-                    .compare_exchange(0, key, Ordering::SeqCst, Ordering::SeqCst)
-                {
-                    Ok(_) => {
-                        slot.generation.fetch_add(1, Ordering::AcqRel);
-                        return Some(e);
-                    }
-                    Err(k) if k == key => return Some(e),
-                    Err(_) => continue,
-                },
-                _ => continue,
-            }
-        }
-        // Full: take over a slot no worker holds and nothing is in flight on.
-        for i in 0..ENDPOINT_SLOTS {
-            let e = (start + i) % ENDPOINT_SLOTS;
-            let slot = s.endpoint(e);
-            let old = slot.key.load(Ordering::SeqCst);
-            if old == RECLAIMING || !slot.is_idle() {
-                continue;
-            }
-            if slot
-                .key
-                .compare_exchange(old, RECLAIMING, Ordering::SeqCst, Ordering::SeqCst)
-                .is_err()
-            {
-                continue;
-            }
-            // A worker that joined between the check and the marker keeps the slot.
-            if !slot.is_idle() {
-                slot.key.store(old, Ordering::SeqCst);
-                continue;
-            }
-            slot.counters.reset();
-            slot.generation.fetch_add(1, Ordering::AcqRel);
-            slot.key.store(key, Ordering::SeqCst);
-            return Some(e);
-        }
-        None
-    }
-
-    /// Marks this worker as holding slot `e`; false when the slot changed hands meanwhile.
-    fn join(&self, e: usize, key: u64) -> bool {
-        let slot = self.state.endpoint(e);
-        let entry = self.state.ledger(self.worker, e);
-        if entry.refs.fetch_add(1, Ordering::AcqRel) == 0 {
-            slot.attached[self.worker / 64].fetch_or(1u64 << (self.worker % 64), Ordering::SeqCst);
-        }
-        if slot.key.load(Ordering::SeqCst) == key {
-            return true;
-        }
-        self.leave(e);
-        false
-    }
-
-    /// Drops one of this worker's holds on slot `e`; the last one takes its share back.
-    fn leave(&self, e: usize) {
-        let slot = self.state.endpoint(e);
-        let entry = self.state.ledger(self.worker, e);
-        // Checked: a slot reaped as dead (its refs zeroed) is never driven below zero.
-        let prev = entry
-            .refs
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
-        if prev == Ok(1) {
-            entry.clear();
-            slot.attached[self.worker / 64]
-                .fetch_and(!(1u64 << (self.worker % 64)), Ordering::SeqCst);
-        }
-    }
-}
-
-impl Drop for Attachment {
-    fn drop(&mut self) {
-        // Every lease is gone (each holds the attachment): the ledger is empty. The slot is
-        // freed only if it is still ours (never one a reaper freed and another worker took).
-        let slot = self.state.worker(self.worker);
-        if slot.state.load(Ordering::Acquire) == std::process::id() {
-            slot.start_time.store(0, Ordering::Release);
-            let _ = slot.state.compare_exchange(
-                std::process::id(),
-                FREE,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
-        }
-    }
-}
-
-impl EndpointSlot {
-    /// No worker holds the slot and nothing is in flight on it.
-    fn is_idle(&self) -> bool {
-        self.attached.iter().all(|a| a.load(Ordering::SeqCst) == 0)
-    }
-}
-
-/// A router's hold on one endpoint slot: the endpoint's counters and the router's ledger entry.
-pub struct SlotLease {
-    attachment: Arc<Attachment>,
-    slot: usize,
-    generation: u32,
-}
-
-impl SlotLease {
-    /// The shared counters.
-    pub(super) fn counters(&self) -> &EndpointCounters {
-        &self.attachment.state.endpoint(self.slot).counters
-    }
-
-    /// This router's ledger entry for the slot.
-    fn ledger(&self) -> &LedgerEntry {
-        self.attachment
-            .state
-            .ledger(self.attachment.worker, self.slot)
-    }
-
-    /// The endpoint's `which` load, all routers together.
-    pub(super) fn load(&self, which: Load) -> u64 {
-        self.attachment.state.load(self.slot, which)
-    }
-
-    /// Adds `v` to this router's share of the `which` load.
-    pub(super) fn add(&self, which: Load, v: u64) {
-        self.ledger().add(which, v);
-    }
-
-    /// Takes `v` back from this router's share of the `which` load.
-    pub(super) fn sub(&self, which: Load, v: u64) {
-        self.ledger().sub(which, v);
-    }
-
-    /// The endpoint id: the same in every worker, new when the slot is reused.
-    pub(super) fn endpoint_id(&self) -> u32 {
-        ((self.generation & 0x7fff) << 16) | (self.slot as u32 + 1)
-    }
-}
-
-impl Drop for SlotLease {
-    fn drop(&mut self) {
-        let _guard = self
-            .attachment
-            .leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        self.attachment.leave(self.slot);
-    }
-}
-
-/// The endpoint table key of (cluster, address): never 0 or RECLAIMING.
-fn slot_key(cluster: &str, addr: SocketAddr) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(cluster.as_bytes());
-    h.update(&[0]);
-    h.update(addr.to_string().as_bytes());
-    match h.digest() {
-        0 => 1,
-        RECLAIMING => RECLAIMING - 1,
-        k => k,
-    }
-}
-
-/// True unless process `pid` is gone, a zombie, or a different process with the same id
-/// (its start time differs from `start_time`, when known).
-fn process_alive(pid: u32, start_time: u64) -> bool {
-    match read_stat(pid) {
-        Some((state, start)) => {
-            !matches!(state, 'Z' | 'X' | 'x') && (start_time == 0 || start == start_time)
-        }
-        // No entry while /proc is mounted: gone.
-        None if std::path::Path::new("/proc/self/stat").exists() => false,
-        // No /proc: ask the kernel (ESRCH = gone; EPERM = alive, another user's).
-        None => {
-            // SAFETY: signal 0 only checks for existence.
-            let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
-            r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
-        }
-    }
-}
-
-fn process_start_time(pid: u32) -> Option<u64> {
-    read_stat(pid).map(|(_, start)| start)
-}
-
-/// State letter and start time (field 22) from `/proc/<pid>/stat`.
-fn read_stat(pid: u32) -> Option<(char, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    // Fields 4..=21 precede the start time.
-    let start = fields.nth(18)?.parse().ok()?;
-    Some((state, start))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
 
     #[test]

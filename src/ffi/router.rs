@@ -68,22 +68,44 @@ pub unsafe extern "C" fn llmproxy_router_new(
     err_cap: usize,
 ) -> llmproxy_status {
     boundary(|| {
-        let Some(out) = out_param(out) else {
-            write_err(err, err_cap, "out must not be NULL");
-            return LLMPROXY_INVALID_ARGUMENT;
-        };
-        let Some(json) = bytes(config_json.cast(), len) else {
-            write_err(err, err_cap, "config_json must not be NULL");
-            return LLMPROXY_INVALID_ARGUMENT;
-        };
-        match config_status(Router::from_json(json), err, err_cap) {
-            Ok(router) => {
-                *out = llmproxy_router::new(router).into_raw();
-                LLMPROXY_OK
-            }
-            Err(status) => status,
-        }
+        new_router(config_json, len, out, err, err_cap, |config| {
+            Ok(Router::new(config))
+        })
     })
+}
+
+/// The body of the router constructors: checks `out` and the config, builds the router with
+/// `build` (whose error is `LLMPROXY_INTERNAL` with its message) and hands out the handle.
+pub(super) unsafe fn new_router(
+    config_json: *const c_char,
+    len: usize,
+    out: *mut *mut llmproxy_router,
+    err: *mut c_char,
+    err_cap: usize,
+    build: impl FnOnce(crate::config::Config) -> Result<Router, String>,
+) -> llmproxy_status {
+    let Some(out) = out_param(out) else {
+        write_err(err, err_cap, "out must not be NULL");
+        return LLMPROXY_INVALID_ARGUMENT;
+    };
+    let Some(json) = bytes(config_json.cast(), len) else {
+        write_err(err, err_cap, "config_json must not be NULL");
+        return LLMPROXY_INVALID_ARGUMENT;
+    };
+    let config = match config_status(crate::config::Config::from_json(json), err, err_cap) {
+        Ok(config) => config,
+        Err(status) => return status,
+    };
+    match build(config) {
+        Ok(router) => {
+            *out = llmproxy_router::new(router).into_raw();
+            LLMPROXY_OK
+        }
+        Err(e) => {
+            write_err(err, err_cap, &e);
+            LLMPROXY_INTERNAL
+        }
+    }
 }
 
 /// Validates a JSON config without creating a router (no thread is started): for hosts

@@ -5,9 +5,8 @@ use std::ffi::c_char;
 use std::sync::Arc;
 
 use super::llmproxy_status::{self, *};
-use super::router::{config_status, llmproxy_router};
-use super::{boundary, bytes, out_param, utf8, write_err, Handle};
-use crate::config::Config;
+use super::router::{llmproxy_router, new_router};
+use super::{boundary, out_param, utf8, write_err, Handle};
 use crate::router::Router;
 use crate::state::SharedState;
 
@@ -136,31 +135,13 @@ pub unsafe extern "C" fn llmproxy_router_new_shared(
     err_cap: usize,
 ) -> llmproxy_status {
     boundary(|| {
-        let Some(out) = out_param(out) else {
-            write_err(err, err_cap, "out must not be NULL");
-            return LLMPROXY_INVALID_ARGUMENT;
-        };
         let Some(shared) = shared.as_ref() else {
+            let _ = out_param(out);
             write_err(err, err_cap, "shared must not be NULL");
             return LLMPROXY_INVALID_ARGUMENT;
         };
-        let Some(json) = bytes(config_json.cast(), len) else {
-            write_err(err, err_cap, "config_json must not be NULL");
-            return LLMPROXY_INVALID_ARGUMENT;
-        };
-        let config = match config_status(Config::from_json(json), err, err_cap) {
-            Ok(config) => config,
-            Err(status) => return status,
-        };
-        match Router::new_shared(config, &shared.state) {
-            Ok(router) => {
-                *out = llmproxy_router::new(router).into_raw();
-                LLMPROXY_OK
-            }
-            Err(e) => {
-                write_err(err, err_cap, &format!("shared state: {e}"));
-                LLMPROXY_INTERNAL
-            }
-        }
+        new_router(config_json, len, out, err, err_cap, |config| {
+            Router::new_shared(config, &shared.state).map_err(|e| format!("shared state: {e}"))
+        })
     })
 }

@@ -33,7 +33,7 @@ impl PrefixHasher {
 
     /// Appends `bytes` to the prompt.
     pub fn feed(&mut self, mut bytes: &[u8]) {
-        self.chars += count_utf8_chars(bytes);
+        self.chars += bytecount::num_chars(bytes) as u64;
         while !bytes.is_empty() {
             let take = (self.chunk_bytes - self.filled).min(bytes.len());
             self.state.update(&bytes[..take]);
@@ -59,11 +59,6 @@ impl PrefixHasher {
         }
         (self.hashes, self.chars)
     }
-}
-
-/// Number of UTF-8 characters in `bytes` (counts every byte that is not a continuation byte).
-fn count_utf8_chars(bytes: &[u8]) -> u64 {
-    bytes.iter().filter(|&&b| (b as i8) >= -0x40).count() as u64
 }
 
 /// Moves a prompt's hashes into the domain of the model the backend actually serves, when it

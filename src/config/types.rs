@@ -4,7 +4,7 @@
 //! No JSON is read here: values of these types come out of `validate` (or are built by hand
 //! in tests).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
@@ -193,7 +193,7 @@ pub struct Config {
     /// model → rules, sorted most specific first (stable by header count, descending).
     pub models: BTreeMap<String, Vec<Rule>>,
     /// model → balancing parameters; models without an entry use the defaults.
-    pub lb: HashMap<String, LbParams>,
+    pub lb: hashbrown::HashMap<String, LbParams>,
     /// cluster → static endpoints.
     pub clusters: BTreeMap<String, Vec<EndpointSpec>>,
     /// Prefix hash chunk size in bytes of the canonical prompt.

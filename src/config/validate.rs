@@ -6,7 +6,7 @@
 //! parameters, clusters, host-facing options, ejection, DNS, Metadata-Center
 //! (`env`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use super::env;
@@ -99,8 +99,8 @@ fn algorithm(name: Option<&str>) -> Result<Algorithm, ConfigError> {
 /// `lb_mapping_rule`: model → parameters, missing fields taking the defaults.
 fn lb_mapping(
     raw: BTreeMap<String, RawLbConfig>,
-) -> Result<HashMap<String, LbParams>, ConfigError> {
-    let mut lb = HashMap::new();
+) -> Result<hashbrown::HashMap<String, LbParams>, ConfigError> {
+    let mut lb = hashbrown::HashMap::new();
     for (model, l) in raw {
         let base = format!("lb_mapping_rule.{model}");
         let d = LbParams::default();

@@ -217,15 +217,15 @@ unsafe fn header_refs<'a>(headers: *const llmproxy_header, n: usize) -> Option<V
     if headers.is_null() {
         return None;
     }
-    std::slice::from_raw_parts(headers, n)
-        .iter()
-        .map(|h| {
-            Some((
-                bytes(h.name.cast(), h.name_len)?,
-                bytes(h.value.cast(), h.value_len)?,
-            ))
-        })
-        .collect()
+    // Sized once: collecting into an `Option<Vec<_>>` would start small and regrow.
+    let mut refs = Vec::with_capacity(n);
+    for h in std::slice::from_raw_parts(headers, n) {
+        refs.push((
+            bytes(h.name.cast(), h.name_len)?,
+            bytes(h.value.cast(), h.value_len)?,
+        ));
+    }
+    Some(refs)
 }
 
 /// Boxes a decision into a request handle in `*out` and returns its status.

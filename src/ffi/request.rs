@@ -5,7 +5,7 @@ use std::ffi::c_char;
 use std::ptr;
 
 use super::llmproxy_status::{self, *};
-use super::{boundary, boundary_or, bytes, nul_terminated, out_param, out_str, set_opt, Handle};
+use super::{boundary, boundary_or, bytes, out_param, out_str, set_opt, Handle};
 use crate::router::{Outcome, PickedRequest};
 
 /// Opaque per-request handle, from pick to finish. Used by one thread at a time.
@@ -24,32 +24,58 @@ impl llmproxy_request {
     }
 }
 
-/// NUL-terminated copies of what the accessors hand out.
-#[derive(Default)]
+/// One of the strings a request hands out.
+#[derive(Clone, Copy)]
+enum Field {
+    Endpoint,
+    Cluster,
+    Backend,
+    Model,
+    Scene,
+    ErrorBody,
+    UpstreamModel,
+    UpstreamPath,
+}
+
+const FIELDS: usize = Field::UpstreamPath as usize + 1;
+
+/// NUL-terminated copies of what the accessors hand out, back to back in one buffer (one
+/// allocation per decision, not one per string: this runs on every pick).
 struct RequestStrings {
-    endpoint: Vec<u8>,
-    cluster: Vec<u8>,
-    backend: Vec<u8>,
-    model: Vec<u8>,
-    scene: Vec<u8>,
-    error_body: Vec<u8>,
-    upstream_model: Vec<u8>,
-    upstream_path: Vec<u8>,
+    buf: Vec<u8>,
+    /// Where each [`Field`]'s string starts in `buf`; it ends with the NUL before the next.
+    starts: [usize; FIELDS],
 }
 
 impl RequestStrings {
     /// The strings of `r`'s current decision.
     fn of(r: &PickedRequest) -> Self {
-        Self {
-            endpoint: nul_terminated(r.endpoint().unwrap_or("")),
-            cluster: nul_terminated(r.cluster().unwrap_or("")),
-            backend: nul_terminated(r.backend().unwrap_or("")),
-            model: nul_terminated(r.model().unwrap_or("")),
-            scene: nul_terminated(r.scene().unwrap_or("")),
-            error_body: nul_terminated(&r.error_body().unwrap_or_default()),
-            upstream_model: nul_terminated(r.upstream_model().unwrap_or("")),
-            upstream_path: nul_terminated(r.upstream_path().unwrap_or("")),
+        let error_body = r.error_body();
+        let parts: [&str; FIELDS] = [
+            r.endpoint().unwrap_or(""),
+            r.cluster().unwrap_or(""),
+            r.backend().unwrap_or(""),
+            r.model().unwrap_or(""),
+            r.scene().unwrap_or(""),
+            error_body.as_deref().unwrap_or(""),
+            r.upstream_model().unwrap_or(""),
+            r.upstream_path().unwrap_or(""),
+        ];
+        let mut buf = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+        let mut starts = [0; FIELDS];
+        for (start, part) in starts.iter_mut().zip(parts) {
+            *start = buf.len();
+            buf.extend_from_slice(part.as_bytes());
+            buf.push(0);
         }
+        Self { buf, starts }
+    }
+
+    /// `field`'s string with its NUL.
+    fn get(&self, field: Field) -> &[u8] {
+        let i = field as usize;
+        let end = self.starts.get(i + 1).copied().unwrap_or(self.buf.len());
+        &self.buf[self.starts[i]..end]
     }
 }
 
@@ -85,9 +111,9 @@ pub unsafe extern "C" fn llmproxy_request_http_status(req: *const llmproxy_reque
 unsafe fn request_string(
     req: *const llmproxy_request,
     len: *mut usize,
-    field: fn(&RequestStrings) -> &[u8],
+    field: Field,
 ) -> *const c_char {
-    out_str(req.as_ref().map_or(&b"\0"[..], |r| field(&r.strings)), len)
+    out_str(req.as_ref().map_or(&b"\0"[..], |r| r.strings.get(field)), len)
 }
 
 /// The chosen endpoint `ip:port` ("" when not routed).
@@ -99,7 +125,7 @@ pub unsafe extern "C" fn llmproxy_request_endpoint(
     req: *const llmproxy_request,
     len: *mut usize,
 ) -> *const c_char {
-    boundary(|| request_string(req, len, |s| &s.endpoint))
+    boundary(|| request_string(req, len, Field::Endpoint))
 }
 
 /// The cluster of the matched rule ("" when none matched).
@@ -111,7 +137,7 @@ pub unsafe extern "C" fn llmproxy_request_cluster(
     req: *const llmproxy_request,
     len: *mut usize,
 ) -> *const c_char {
-    boundary(|| request_string(req, len, |s| &s.cluster))
+    boundary(|| request_string(req, len, Field::Cluster))
 }
 
 /// The backend of the matched rule: vllm, sglang, tensorrt-llm or triton.
@@ -123,7 +149,7 @@ pub unsafe extern "C" fn llmproxy_request_backend(
     req: *const llmproxy_request,
     len: *mut usize,
 ) -> *const c_char {
-    boundary(|| request_string(req, len, |s| &s.backend))
+    boundary(|| request_string(req, len, Field::Backend))
 }
 
 /// The requested model ("" when the body could not be parsed).
@@ -135,7 +161,7 @@ pub unsafe extern "C" fn llmproxy_request_model(
     req: *const llmproxy_request,
     len: *mut usize,
 ) -> *const c_char {
-    boundary(|| request_string(req, len, |s| &s.model))
+    boundary(|| request_string(req, len, Field::Model))
 }
 
 /// The scene name of the matched rule.
@@ -147,7 +173,7 @@ pub unsafe extern "C" fn llmproxy_request_scene(
     req: *const llmproxy_request,
     len: *mut usize,
 ) -> *const c_char {
-    boundary(|| request_string(req, len, |s| &s.scene))
+    boundary(|| request_string(req, len, Field::Scene))
 }
 
 /// The OpenAI error JSON when not routed ("" when routed).
@@ -159,7 +185,7 @@ pub unsafe extern "C" fn llmproxy_request_error_body(
     req: *const llmproxy_request,
     len: *mut usize,
 ) -> *const c_char {
-    boundary(|| request_string(req, len, |s| &s.error_body))
+    boundary(|| request_string(req, len, Field::ErrorBody))
 }
 
 /// The model name the backend receives: differs from `llmproxy_request_model` after a
@@ -172,7 +198,7 @@ pub unsafe extern "C" fn llmproxy_request_upstream_model(
     req: *const llmproxy_request,
     len: *mut usize,
 ) -> *const c_char {
-    boundary(|| request_string(req, len, |s| &s.upstream_model))
+    boundary(|| request_string(req, len, Field::UpstreamModel))
 }
 
 /// The path to send upstream when it differs from the client's (Triton generate); ""
@@ -185,7 +211,7 @@ pub unsafe extern "C" fn llmproxy_request_upstream_path(
     req: *const llmproxy_request,
     len: *mut usize,
 ) -> *const c_char {
-    boundary(|| request_string(req, len, |s| &s.upstream_path))
+    boundary(|| request_string(req, len, Field::UpstreamPath))
 }
 
 /// The body to send upstream when it differs from the client's (model rewrite, Triton);

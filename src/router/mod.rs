@@ -13,7 +13,6 @@
 //! starts the background threads ([`crate::background`]) and hands them only what they
 //! update (clusters, metrics, clock): they never see the router.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -49,7 +48,8 @@ pub const PENDING_SLACK: Duration = Duration::from_millis(50);
 /// Everything a router shares between its handles, requests and deferred picks.
 pub(crate) struct RouterInner {
     config: Config,
-    models: HashMap<String, ModelRoute>,
+    /// Looked up on every pick: hashbrown's fast default hash (keys come from our config).
+    models: hashbrown::HashMap<String, ModelRoute>,
     model_names: Vec<String>,
     /// Shared with the sync thread (held weakly there).
     clusters: Arc<Clusters>,
@@ -112,7 +112,7 @@ impl Router {
     }
 
     fn build(config: Config, shared: Option<Arc<Attachment>>) -> Router {
-        let mut models = HashMap::new();
+        let mut models = hashbrown::HashMap::new();
         let mut model_names = Vec::new();
         for (slot, (name, rules)) in config.models.iter().enumerate() {
             models.insert(
@@ -470,7 +470,7 @@ mod tests {
         let held: Vec<_> = (0..20)
             .map(|i| r.pick(&[], &chat("m1", &format!("{system}{i}"))))
             .collect();
-        let mut per = HashMap::new();
+        let mut per = std::collections::HashMap::new();
         for p in &held {
             *per.entry(p.endpoint().unwrap().to_string()).or_insert(0) += 1;
         }

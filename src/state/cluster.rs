@@ -17,8 +17,9 @@ use crate::config::EndpointSpec;
 pub struct EndpointSet {
     /// The endpoints, in configured order.
     pub endpoints: Vec<Arc<Endpoint>>,
-    /// Endpoint id → position in `endpoints`.
-    pub position: HashMap<u32, usize>,
+    /// Endpoint id → position in `endpoints` (read for every chunk of every pick: a fast
+    /// non-cryptographic hash; ids are ours, not the client's).
+    pub position: hashbrown::HashMap<u32, usize>,
 }
 
 impl EndpointSet {
@@ -97,7 +98,7 @@ impl Cluster {
 /// Shared by the router (which reads it on every pick) and the background threads (which
 /// poll remote load for active clusters and replace DNS clusters' endpoints).
 pub struct Clusters {
-    by_name: ArcSwap<HashMap<String, Arc<Cluster>>>,
+    by_name: ArcSwap<hashbrown::HashMap<String, Arc<Cluster>>>,
     /// Labels and LoRA adapters of configured endpoints, by cluster.
     specs: BTreeMap<String, Vec<EndpointSpec>>,
     /// Number of models (per-model histograms of each endpoint).
@@ -121,7 +122,7 @@ impl Clusters {
     ) -> Self {
         Self {
             shared,
-            by_name: ArcSwap::from_pointee(HashMap::new()),
+            by_name: ArcSwap::from_pointee(hashbrown::HashMap::new()),
             specs,
             models,
             next_endpoint_id: AtomicU32::new(1),
@@ -156,7 +157,7 @@ impl Clusters {
             Some(c) => c,
             None => {
                 let c = Arc::new(Cluster::new(cluster));
-                let mut map = HashMap::clone(&self.by_name.load());
+                let mut map = hashbrown::HashMap::clone(&self.by_name.load());
                 map.insert(cluster.to_string(), Arc::clone(&c));
                 self.by_name.store(Arc::new(map));
                 c

@@ -112,13 +112,23 @@ impl Transcoder {
     }
 
     fn new(mode: Mode, client_model: &str) -> Self {
+        // A passthrough (every pick's default) writes no response of its own: no id, no clock.
+        let writes = !matches!(mode, Mode::Passthrough);
         Self {
             mode,
             client_model: client_model.to_string(),
-            id: format!("{:016x}", fastrand::u64(..)),
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            id: if writes {
+                format!("{:016x}", fastrand::u64(..))
+            } else {
+                String::new()
+            },
+            created: if writes {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            } else {
+                0
+            },
             upstream_status: 200,
             buf: Vec::new(),
             out: Vec::new(),

@@ -113,7 +113,10 @@ unsafe fn request_string(
     len: *mut usize,
     field: Field,
 ) -> *const c_char {
-    out_str(req.as_ref().map_or(&b"\0"[..], |r| r.strings.get(field)), len)
+    out_str(
+        req.as_ref().map_or(&b"\0"[..], |r| r.strings.get(field)),
+        len,
+    )
 }
 
 /// The chosen endpoint `ip:port` ("" when not routed).

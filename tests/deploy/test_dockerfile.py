@@ -122,6 +122,18 @@ def test_both_dockerfiles_end_in_the_same_image():
         ("build/libllmproxy_envoy.so" if f else s, d) for f, s, d in copies(b)]
 
 
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_exposed_port_is_the_listener_of_the_baked_config(dockerfile):
+    stage, _ = final_stage(DEPLOY / dockerfile)
+    exposed = {int(rest) for keyword, rest in stage["instrs"] if keyword == "EXPOSE"}
+    cfg = yaml.safe_load((DEPLOY / "envoy.yaml").read_text())
+    listeners = {l["address"]["socket_address"]["port_value"] for l in cfg["static_resources"]["listeners"]}
+    assert exposed == listeners
+    # reachable from outside the container; the admin interface is not
+    assert all(l["address"]["socket_address"]["address"] == "0.0.0.0" for l in cfg["static_resources"]["listeners"])
+    assert cfg["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
 def test_builder_runs_the_repository_make_rule():
     """The builder's make target is a rule of this Makefile (make -n resolves it)."""
     _, builders = final_stage(DEPLOY / "Dockerfile.build")

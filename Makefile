@@ -14,12 +14,22 @@ RELEASE    := target/release
 
 TEST_TARGETS :=
 
-.PHONY: all build build-local header verify fmt fmt-check lint check test test-rust test-c sanitizer-deps bench clean venv
+.PHONY: all build build-lib build-local header verify fmt fmt-check lint vet check test test-rust test-c sanitizer-deps bench clean venv
 
 all: build
 
-## build: release build of the library (staticlib + cdylib), copied to build/
-build:
+## build: every artifact the README names: the libraries, the Envoy module
+## (build/libllmproxy_envoy.so) and, when nginx's build tree is installed, the native nginx module
+## (build/ngx_http_llmproxy_module.so; without it one line says how to get it, and build goes on)
+build: build-lib envoy-module
+	@if [ -x $(NGINX_SRC)/configure ]; then \
+	  $(MAKE) --no-print-directory nginx-module; \
+	else \
+	  echo "build: skipped $(NGINX_MOD_SO): no nginx build tree in $(NGINX_SRC) (apt-get install nginx-dev, or make nginx-module)"; \
+	fi
+
+## build-lib: release build of the library (staticlib + cdylib) and the workspace, copied to build/
+build-lib:
 	$(CARGO) build --release --workspace
 	@mkdir -p $(BUILD_DIR)
 	# --remove-destination: a running host keeps its mapped copy intact (no in-place overwrite)
@@ -43,6 +53,9 @@ fmt-check:
 lint:
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
+## vet: the origin's name for lint (aigw's `make vet`)
+vet: lint
+
 ## verify: formatting, lints and the header drift check
 verify: fmt-check lint
 	$(CARGO) test --release --test c_header
@@ -54,7 +67,7 @@ $(VENV)/.installed: tests/requirements.txt
 	$(VENV_PY) -m pip install -q --disable-pip-version-check -r tests/requirements.txt
 	@touch $@
 
-test-rust: build
+test-rust: build-lib
 	$(CARGO) test --release --workspace
 
 ## sanitizer-deps: Debian's clang with its sanitizer runtimes, for the ASan+UBSan+LSan builds of
@@ -65,7 +78,7 @@ sanitizer-deps:
 
 ## test-c: the C test program, -Wall -Wextra -Werror, against the staticlib, under valgrind and
 ## built with ASan+UBSan+LSan
-test-c: build sanitizer-deps
+test-c: build-lib sanitizer-deps
 	$(MAKE) -C tests/c run
 
 TEST_TARGETS += test-rust test-c

@@ -21,7 +21,7 @@ ENVOY_TEST_ENV  := LLMPROXY_BUILD_DIR=$(abspath $(BUILD_DIR)) LLMPROXY_ENVOY=$(a
 .PHONY: envoy-module test-envoy test-envoy-fake-host test-envoy-e2e test-bazel bench-envoy
 
 ## envoy-module: the Envoy dynamic module (exports only the hook symbols)
-envoy-module: build
+envoy-module: build-lib
 	@$(MAKE) --no-print-directory $(ENVOY_MODULE)
 
 $(BUILD_DIR)/envoy_shim/%.o: cpp_shim/%.cc $(ENVOY_SHIM_HDRS)
@@ -61,7 +61,7 @@ $(ENVOY_PENDING_MODULE): $(ENVOY_SHIM_OBJS) tests/envoy/pending_wrap.cc $(BUILD_
 	  -static-libstdc++ -static-libgcc \
 	  -Wl,--version-script=cpp_shim/exports.map -Wl,--gc-sections $(ENVOY_RUST_LIBS)
 
-test-envoy-fake-host: build sanitizer-deps
+test-envoy-fake-host: build-lib sanitizer-deps
 	@$(MAKE) --no-print-directory $(ENVOY_FAKE_HOST)
 	ASAN_OPTIONS=detect_leaks=1 $(ENVOY_FAKE_HOST)
 
@@ -84,9 +84,10 @@ bench-envoy: venv envoy-module
 	$(ENVOY_TEST_ENV) $(VENV_PY) tests/envoy/bench_overhead.py
 
 ## test-bazel: Debian's bazel-bootstrap, offline: build the module and the static variant, run the
-## fake-host cc_tests against both, and `envoy --mode validate` with the Bazel-built module.
+## fake-host cc_tests against both, `envoy --mode validate` with the Bazel-built module, and check
+## the static variant defines every hook the module exports, prefixed llmproxy_ (deploy/envoy/bazel).
 BAZEL ?= bazel
-test-bazel: build venv
+test-bazel: build-lib venv
 	@command -v $(BAZEL) >/dev/null 2>&1 || scripts/apt-install.sh bazel-bootstrap
 	@set -e; trap '$(BAZEL) shutdown >/dev/null 2>&1 || true' EXIT; \
 	  $(BAZEL) test --noshow_progress //:envoy_shim_fake_host_test //:envoy_shim_static_fake_host_test; \
@@ -94,7 +95,7 @@ test-bazel: build venv
 	  bin=$$($(BAZEL) info bazel-bin 2>/dev/null); \
 	  ENVOY_DYNAMIC_MODULES_SEARCH_PATH=$$bin $(VENV)/bin/envoy --mode validate -c examples/envoy.yaml \
 	    --disable-hot-restart -l error; \
-	  nm $$bin/libllmproxy_envoy_static.lo 2>/dev/null | grep -q ' T llmproxy_envoy_dynamic_module_on_program_init' || \
-	  nm $$bin/libllmproxy_envoy_static.a | grep -q ' T llmproxy_envoy_dynamic_module_on_program_init'
+	  static=$$bin/libllmproxy_envoy_static.lo; [ -f $$static ] || static=$$bin/libllmproxy_envoy_static.a; \
+	  scripts/check-static-hooks.sh $$bin/libllmproxy_envoy.so $$static llmproxy_
 
 TEST_TARGETS += test-envoy test-bazel

@@ -17,7 +17,7 @@ nginx-dev-deps:
 	@if [ ! -x $(NGINX_SRC)/configure ]; then scripts/apt-install.sh nginx nginx-dev; fi
 
 ## nginx-module: build/ngx_http_llmproxy_module.so against $(NGINX_SRC) and build/libllmproxy.a
-nginx-module: build nginx-dev-deps
+nginx-module: build-lib nginx-dev-deps
 	@scripts/build-nginx-module.sh "$(NGINX_SRC)" "$(NGINX_MOD_BUILD)" "$(NGINX_MOD_SO)" "$(NGINX_MOD_CFLAGS)"
 
 ## test-nginx-native: e2e scenarios over the Lua host and the native module, and the module

@@ -21,12 +21,12 @@ nginx-deps:
 	fi
 
 ## test-nginx: everything under tests/nginx (real nginx, 2 workers, 127.0.0.1 only)
-test-nginx: build venv nginx-deps
+test-nginx: build-lib venv nginx-deps
 	$(NGINX_TEST_ENV) timeout 300 $(VENV_PY) -m pytest -q -p no:cacheprovider tests/nginx --ignore=tests/nginx/test_native.py
 
 ## bench-nginx: nginx + llmproxy (Lua, native) vs nginx round robin, and shared vs per-worker state
 ## (2 workers), 1 KiB and 64 KiB bodies, gateway CPU per request (needs wrk)
-bench-nginx: build nginx-deps nginx-module
+bench-nginx: build-lib nginx-deps nginx-module
 	@command -v wrk >/dev/null 2>&1 || scripts/apt-install.sh wrk
 	$(NGINX_TEST_ENV) $(PYTHON) tests/nginx/bench/bench_nginx.py $(BENCH_NGINX_ARGS)
 

@@ -4,13 +4,14 @@
 #
 #   make nginx-module        build/ngx_http_llmproxy_module.so (load_module it into nginx 1.22)
 #   make test-nginx-native   the e2e scenarios against both hosts + the module under valgrind
+#   make bench-nginx-instructions   instructions per request (callgrind): native vs round robin
 
 NGINX_SRC        ?= /usr/share/nginx/src
 NGINX_MOD_BUILD  := target/nginx-module
 NGINX_MOD_SO     := $(BUILD_DIR)/ngx_http_llmproxy_module.so
 NGINX_MOD_CFLAGS ?= -g -O2 -Wall -Wextra -Wno-unused-parameter -Werror
 
-.PHONY: nginx-dev-deps nginx-module test-nginx-native
+.PHONY: nginx-dev-deps nginx-module test-nginx-native bench-nginx-instructions
 
 ## nginx-dev-deps: Debian's nginx-dev (nginx's headers and configure tree) when missing
 nginx-dev-deps:
@@ -26,6 +27,12 @@ test-nginx-native: nginx-module venv nginx-deps valgrind-deps
 	$(NGINX_TEST_ENV) timeout 300 $(VENV_PY) -m pytest -q -p no:cacheprovider tests/nginx/test_native.py
 
 TEST_TARGETS += test-nginx-native
+
+## bench-nginx-instructions: gateway instructions per 1 KiB request under callgrind, native module
+## vs plain round robin (repeatable on a noisy machine; not in CI, ~2 min). BENCH_CG_ARGS:
+## --size BYTES, --small N, --large N, --keep DIR
+bench-nginx-instructions: nginx-module nginx-deps valgrind-deps
+	$(NGINX_TEST_ENV) $(PYTHON) tests/nginx/bench/callgrind_nginx.py $(BENCH_CG_ARGS)
 
 valgrind-deps:
 	@command -v valgrind >/dev/null 2>&1 || scripts/apt-install.sh valgrind || true

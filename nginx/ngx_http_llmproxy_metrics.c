@@ -1,7 +1,9 @@
 /*
  * ngx_http_llmproxy_metrics.c: the llmproxy_metrics location. Owns the Prometheus text: the
- * answering worker's router (llmproxy_router_metrics) and the module's counters
- * (llmproxy_nginx_*, one set for every worker, in the llmproxy_counters zone).
+ * shared state's part once, every worker's router part merged family by family (one HELP/TYPE
+ * per family, each sample labelled worker="<pid>": this worker's rendered now, the others'
+ * from their snapshots, see _snapshot.c) and the module's counters (llmproxy_nginx_*, one set
+ * for every worker, in the llmproxy_counters zone).
  */
 
 #include <ngx_config.h>
@@ -66,20 +68,130 @@ ngx_http_llmproxy_label(u_char *p, u_char *text, size_t len, ngx_str_t *label)
 }
 
 
+/* One metric family of the merged text: its HELP/TYPE lines (from the first worker that has
+ * it) and every worker's samples, each with that worker's label. */
+typedef struct {
+    ngx_str_t     name;
+    ngx_str_t     head;
+    ngx_array_t   samples;   /* of ngx_http_llmproxy_sample_t */
+    unsigned      open:1;    /* the head is still being read (TYPE follows HELP) */
+} ngx_http_llmproxy_family_t;
+
+typedef struct {
+    ngx_str_t     line;      /* with its newline */
+    ngx_str_t    *label;
+} ngx_http_llmproxy_sample_t;
+
+
+static ngx_http_llmproxy_family_t *
+ngx_http_llmproxy_family(ngx_pool_t *pool, ngx_array_t *families, u_char *name, size_t len)
+{
+    ngx_uint_t                   i;
+    ngx_http_llmproxy_family_t  *f;
+
+    f = families->elts;
+    for (i = 0; i < families->nelts; i++) {
+        if (f[i].name.len == len && ngx_strncmp(f[i].name.data, name, len) == 0) {
+            f[i].open = 0;
+            return &f[i];
+        }
+    }
+
+    f = ngx_array_push(families);
+    if (f == NULL || ngx_array_init(&f->samples, pool, 16, sizeof(ngx_http_llmproxy_sample_t))
+                     != NGX_OK)
+    {
+        return NULL;
+    }
+    f->name.data = name;
+    f->name.len = len;
+    ngx_str_null(&f->head);
+    f->open = 1;
+
+    return f;
+}
+
+
+/* Adds one worker's Prometheus text to `families`: its HELP/TYPE lines once per family, its
+ * samples with `label`. Returns the number of sample lines, or -1 (no memory). */
+static ngx_int_t
+ngx_http_llmproxy_merge(ngx_pool_t *pool, ngx_array_t *families, ngx_str_t *text,
+    ngx_str_t *label)
+{
+    u_char                      *p, *end, *eol, *name;
+    ngx_int_t                    n;
+    ngx_http_llmproxy_family_t  *cur;
+    ngx_http_llmproxy_sample_t  *s;
+
+    n = 0;
+    cur = NULL;
+    end = text->data + text->len;
+
+    for (p = text->data; p < end; p = eol) {
+        eol = ngx_strlchr(p, end, '\n');
+        eol = eol ? eol + 1 : end;
+
+        if (eol - p > 7 && ngx_strncmp(p, "# HELP ", 7) == 0) {
+            for (name = p + 7; name < eol && *name != ' ' && *name != '\n'; name++) { }
+            cur = ngx_http_llmproxy_family(pool, families, p + 7, name - (p + 7));
+            if (cur == NULL) {
+                return -1;
+            }
+            if (cur->open) {
+                cur->head.data = p;
+                cur->head.len = eol - p;
+            }
+            continue;
+        }
+
+        if (*p == '#' || *p == '\n') {
+            /* TYPE right after its HELP: part of the head, once */
+            if (cur && cur->open && cur->head.data + cur->head.len == p) {
+                cur->head.len += eol - p;
+            }
+            continue;
+        }
+
+        if (cur == NULL) {
+            cur = ngx_http_llmproxy_family(pool, families, (u_char *) "", 0);
+            if (cur == NULL) {
+                return -1;
+            }
+        }
+        cur->open = 0;
+
+        s = ngx_array_push(&cur->samples);
+        if (s == NULL) {
+            return -1;
+        }
+        s->line.data = p;
+        s->line.len = eol - p;
+        s->label = label;
+        n++;
+    }
+
+    return n;
+}
+
+
 static ngx_int_t
 ngx_http_llmproxy_metrics_handler(ngx_http_request_t *r)
 {
-    char                       *text, *state;
-    size_t                      text_len, state_len, size, lines;
-    u_char                     *q, label_buf[sizeof("worker=\"\"") + NGX_INT64_LEN];
-    ngx_str_t                   label;
-    u_char                     *p;
-    ngx_int_t                   rc;
-    ngx_buf_t                  *b;
-    ngx_chain_t                 out;
-    ngx_uint_t                  workers;
-    ngx_atomic_uint_t           pending;
-    ngx_http_llmproxy_stats_t  *s = ngx_llmproxy_stats;
+    char                          *own, *state;
+    size_t                         own_len, state_len, size;
+    ngx_str_t                      own_text, *label;
+    u_char                        *p;
+    ngx_int_t                      rc, n;
+    ngx_buf_t                     *b;
+    ngx_uint_t                     i, j, stale, texts;
+    ngx_chain_t                    out;
+    ngx_array_t                   *snapshots, families;
+    ngx_uint_t                     workers;
+    ngx_atomic_uint_t              pending;
+    ngx_http_llmproxy_stats_t     *s = ngx_llmproxy_stats;
+    ngx_http_llmproxy_family_t    *f;
+    ngx_http_llmproxy_sample_t    *smp;
+    ngx_http_llmproxy_snapshot_t  *snap;
 
     if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
         return NGX_HTTP_NOT_ALLOWED;
@@ -90,9 +202,13 @@ ngx_http_llmproxy_metrics_handler(ngx_http_request_t *r)
         return rc;
     }
 
+    /* reaps dead workers' slots (and their snapshots) before the snapshots are read */
+    workers = ngx_http_llmproxy_live_workers(&pending);
+
     /* with the shared state: its part (endpoints, prefix index) once, as it is the same in
-     * every worker; this worker's own part (picks, finishes, latencies) labelled with its pid.
-     * Without it, everything is this worker's. */
+     * every worker; the routers' own parts (picks, finishes, latencies) of every worker, each
+     * sample labelled worker="<pid>": this worker's rendered now, the others' from their
+     * latest snapshots. Without it, each router's whole text. */
     state = NULL;
     state_len = 0;
     if (ngx_llmproxy_router && ngx_llmproxy_shared_router
@@ -103,32 +219,52 @@ ngx_http_llmproxy_metrics_handler(ngx_http_request_t *r)
         state_len = 0;
     }
 
-    text = NULL;
-    text_len = 0;
-    if (ngx_llmproxy_router
-        && llmproxy_router_metrics_part(ngx_llmproxy_router,
-                                        ngx_llmproxy_shared_router ? LLMPROXY_METRICS_ROUTER
-                                                                   : LLMPROXY_METRICS_ALL,
-                                        &text, &text_len) != LLMPROXY_OK)
+    own = ngx_http_llmproxy_router_text(&own_len);
+    snapshots = ngx_http_llmproxy_snapshots(r->pool, &stale);
+    if (snapshots == NULL
+        || ngx_array_init(&families, r->pool, 64, sizeof(ngx_http_llmproxy_family_t)) != NGX_OK)
     {
-        text = NULL;
-        text_len = 0;
+        llmproxy_string_free(state);
+        llmproxy_string_free(own);
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    label.data = label_buf;
-    label.len = ngx_sprintf(label_buf, "worker=\"%P\"", ngx_pid) - label_buf;
+    /* every text with its label: this worker first, then the others */
+    texts = 0;
+    size = state_len + 8192;   /* + the module's counters below */
+    own_text.data = (u_char *) own;
+    own_text.len = own_len;
+    snap = snapshots->elts;
 
-    /* each sample line may get the label and a comma or braces */
-    lines = 0;
-    for (q = (u_char *) text; q && q < (u_char *) text + text_len; q++) {
-        lines += (*q == '\n');
+    for (i = 0; i <= snapshots->nelts; i++) {
+        ngx_pid_t   pid = (i == 0) ? ngx_pid : snap[i - 1].pid;
+        ngx_str_t  *text = (i == 0) ? &own_text : &snap[i - 1].text;
+
+        if (text->data == NULL) {
+            continue;
+        }
+        label = ngx_palloc(r->pool, sizeof(ngx_str_t));
+        p = ngx_pnalloc(r->pool, sizeof("worker=\"\"") + NGX_INT64_LEN);
+        if (label == NULL || p == NULL) {
+            n = -1;
+        } else {
+            label->data = p;
+            label->len = ngx_sprintf(p, "worker=\"%P\"", pid) - p;
+            n = ngx_http_llmproxy_merge(r->pool, &families, text, label);
+        }
+        if (n < 0) {
+            llmproxy_string_free(state);
+            llmproxy_string_free(own);
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+        texts++;
+        size += text->len + n * (label->len + 3);
     }
 
-    size = state_len + text_len + (lines + 1) * (label.len + 3) + 4096;
     b = ngx_create_temp_buf(r->pool, size);
     if (b == NULL) {
         llmproxy_string_free(state);
-        llmproxy_string_free(text);
+        llmproxy_string_free(own);
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
@@ -137,16 +273,34 @@ ngx_http_llmproxy_metrics_handler(ngx_http_request_t *r)
         llmproxy_string_free(state);
     }
 
-    if (text) {
-        b->last = ngx_http_llmproxy_label(b->last, (u_char *) text, text_len, &label);
-        llmproxy_string_free(text);
+    f = families.elts;
+    for (i = 0; i < families.nelts; i++) {
+        b->last = ngx_cpymem(b->last, f[i].head.data, f[i].head.len);
+        smp = f[i].samples.elts;
+        for (j = 0; j < f[i].samples.nelts; j++) {
+            b->last = ngx_http_llmproxy_label(b->last, smp[j].line.data, smp[j].line.len,
+                                              smp[j].label);
+        }
     }
+
+    /* the routers' texts are copied: the library's string can go */
+    llmproxy_string_free(own);
 
     /* the module's counters, for the whole nginx (every worker) */
     p = b->last;
-    workers = ngx_http_llmproxy_live_workers(&pending);
     p = ngx_sprintf(p, "# TYPE llmproxy_nginx_workers gauge\n");
     p = ngx_sprintf(p, "llmproxy_nginx_workers %ui\n", workers);
+    p = ngx_sprintf(p, "# HELP llmproxy_nginx_merged_routers Workers whose router series are "
+                       "in this answer (its own, rendered now, and the others' snapshots).\n");
+    p = ngx_sprintf(p, "# TYPE llmproxy_nginx_merged_routers gauge\n");
+    p = ngx_sprintf(p, "llmproxy_nginx_merged_routers %ui\n", texts);
+    p = ngx_sprintf(p, "# HELP llmproxy_nginx_stale_snapshots Other workers' router snapshots "
+                       "older than 3 s (a worker busy in one event).\n");
+    p = ngx_sprintf(p, "# TYPE llmproxy_nginx_stale_snapshots gauge\n");
+    p = ngx_sprintf(p, "llmproxy_nginx_stale_snapshots %ui\n", stale);
+    p = ngx_sprintf(p, "# TYPE llmproxy_nginx_snapshot_failures_total counter\n");
+    p = ngx_http_llmproxy_counter(p, "llmproxy_nginx_snapshot_failures_total", "",
+                                  &s->snapshot_failures);
     p = ngx_sprintf(p, "# TYPE llmproxy_nginx_pending_requests gauge\n");
     p = ngx_sprintf(p, "llmproxy_nginx_pending_requests %uA\n", pending);
     p = ngx_sprintf(p, "# TYPE llmproxy_nginx_requests_total counter\n");

@@ -369,6 +369,8 @@ ngx_http_llmproxy_reap_slot(ngx_http_llmproxy_slot_t *slot, ngx_atomic_uint_t pi
         return;
     }
 
+    ngx_http_llmproxy_snapshot_release(slot);
+
     n = slot->pending;
     if (n) {
         (void) ngx_atomic_fetch_add(&slot->pending, -(ngx_atomic_int_t) n);
@@ -434,6 +436,7 @@ ngx_http_llmproxy_init_process(ngx_cycle_t *cycle)
 
     if (lmcf->stats_zone && lmcf->stats_zone->data) {
         ngx_llmproxy_stats = lmcf->stats_zone->data;
+        ngx_http_llmproxy_snapshot_zone((ngx_slab_pool_t *) lmcf->stats_zone->shm.addr);
     }
 
     if (ngx_process_slot >= 0 && ngx_process_slot < NGX_MAX_PROCESSES) {
@@ -490,6 +493,8 @@ ngx_http_llmproxy_init_process(ngx_cycle_t *cycle)
                   "llmproxy: worker %P built its router (library %s)",
                   ngx_pid, llmproxy_version());
 
+    ngx_http_llmproxy_snapshot_start(cycle);
+
     return NGX_OK;
 }
 
@@ -538,7 +543,7 @@ ngx_http_llmproxy_postconfiguration(ngx_conf_t *cf)
     }
 
     ngx_str_set(&name, "llmproxy_counters");
-    lmcf->stats_zone = ngx_shared_memory_add(cf, &name, 32 * ngx_pagesize,
+    lmcf->stats_zone = ngx_shared_memory_add(cf, &name, LLMPROXY_COUNTERS_ZONE,
                                              &ngx_http_llmproxy_module);
     if (lmcf->stats_zone == NULL) {
         return NGX_ERROR;

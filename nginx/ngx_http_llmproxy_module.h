@@ -64,7 +64,22 @@
 typedef struct {
     ngx_atomic_t  pid;        /* 0: free */
     ngx_atomic_t  pending;    /* this worker's decisions not finished yet */
+    /* the worker's router metrics, published for the other workers' metrics location
+     * (_snapshot.c; a slab allocation of the zone, read and written under its mutex) */
+    u_char       *snapshot;
+    size_t        snapshot_len;
+    ngx_msec_t    snapshot_msec;   /* ngx_current_msec when published */
 } ngx_http_llmproxy_slot_t;
+
+#define LLMPROXY_SNAPSHOT_MS        1000   /* each worker publishes its router metrics */
+#define LLMPROXY_SNAPSHOT_STALE_MS  3000   /* older: counted in llmproxy_nginx_stale_snapshots */
+#define LLMPROXY_COUNTERS_ZONE      (4 * 1024 * 1024)   /* counters + snapshots */
+
+/* Another worker's router metrics, copied out of the zone for one scrape. */
+typedef struct {
+    ngx_pid_t     pid;
+    ngx_str_t     text;
+} ngx_http_llmproxy_snapshot_t;
 
 
 /* Counters of the module, in a shared zone: one set for the whole nginx (all workers). */
@@ -91,6 +106,7 @@ typedef struct {
     ngx_atomic_t  lookup_abandoned;    /* of those: not decided by the deadline, picked locally */
     ngx_atomic_t  lookup_cancelled;    /* of those: the request ended while pending */
     ngx_atomic_t  lost;                /* pending picks of workers that died (reaped) */
+    ngx_atomic_t  snapshot_failures;   /* publishes that found the zone full */
     ngx_http_llmproxy_slot_t  slots[NGX_MAX_PROCESSES];
 } ngx_http_llmproxy_stats_t;
 
@@ -192,6 +208,13 @@ char *ngx_http_llmproxy_balancer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 void ngx_http_llmproxy_filter_init(void);
 ngx_int_t ngx_http_llmproxy_header_filter(ngx_http_request_t *r);
 ngx_int_t ngx_http_llmproxy_body_filter(ngx_http_request_t *r, ngx_chain_t *in);
+
+/* _snapshot.c */
+void ngx_http_llmproxy_snapshot_zone(ngx_slab_pool_t *shpool);
+void ngx_http_llmproxy_snapshot_start(ngx_cycle_t *cycle);
+void ngx_http_llmproxy_snapshot_release(ngx_http_llmproxy_slot_t *slot);
+char *ngx_http_llmproxy_router_text(size_t *len);
+ngx_array_t *ngx_http_llmproxy_snapshots(ngx_pool_t *pool, ngx_uint_t *stale);
 
 /* _finish.c */
 ngx_http_llmproxy_ctx_t *ngx_http_llmproxy_find_ctx(ngx_http_request_t *r);

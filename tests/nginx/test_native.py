@@ -288,29 +288,56 @@ def test_reload_under_load(gw):
 # the native module alone
 
 
-def test_native_metrics_state_once_router_part_per_worker(gw):
-    """The native metrics location with the shared state: the state's series (endpoints, prefix
-    index, the region) once and unlabelled; the router's own series (picks, finishes,
-    latencies) those of the answering worker only, labelled worker="<its pid>"."""
-    if gw.host != "native":
-        pytest.skip("the Lua host merges every worker's snapshot (resty.llmproxy.metrics)")
+def test_metrics_state_once_every_workers_router_merged(gw):
+    """The metrics location with the shared state, on both hosts: the state's series
+    (endpoints, prefix index, the region) once and unlabelled; every worker's router series
+    (picks, finishes, latencies), each sample labelled worker="<pid>", whichever worker answers
+    (native: its own rendered now, the others' published snapshots, at most 1 s old); one
+    HELP/TYPE per family; and the routers' picks add up to what the module counted."""
     settled(gw)
+    time.sleep(1.2)  # every worker's snapshot is current (native: published every second)
+    before = metrics(gw.port)
+    for i in range(40):  # spread requests over both workers (reuseport)
+        status, _, data = request(gw.port, "POST", CHAT, chat("m-a", "merge %d" % i))
+        assert status == 200, data[:200]
     pids = {str(p) for p in gw.worker_pids()}
-    for _ in range(4):
+    # the routers' picks (summed over the workers) grow by what the module counted: 40
+    deadline = time.time() + 5
+    while True:
         m = metrics(gw.port)
-        for family in ("llmproxy_endpoint_in_flight_requests", "llmproxy_endpoint_picks_total",
-                       "llmproxy_prefix_index_entries", "llmproxy_shared_state_workers"):
-            samples = m.select(family)
-            assert samples and not any("worker" in labels for labels, _ in samples), (family, samples[:3])
-        assert len(m.select("llmproxy_endpoint_picks_total", cluster="pool_a",
-                            endpoint=gw.servers.addr(POOLS["pool_a"][0]))) == 1
-        workers = set()
-        for family in ("llmproxy_picks_total", "llmproxy_in_flight_requests",
-                       "llmproxy_pick_duration_seconds_count"):
-            samples = m.select(family)
-            assert samples and all("worker" in labels for labels, _ in samples), (family, samples[:3])
-            workers |= {labels["worker"] for labels, _ in samples}
-        assert len(workers) == 1 and workers <= pids, (workers, pids)
+        routed = m.total("llmproxy_picks_total", outcome="routed") - before.total("llmproxy_picks_total", outcome="routed")
+        if routed == 40 or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert routed == 40
+    assert m.total("llmproxy_nginx_picks_total", event="routed") - before.total("llmproxy_nginx_picks_total", event="routed") == 40
+    for family in ("llmproxy_endpoint_in_flight_requests", "llmproxy_endpoint_picks_total",
+                   "llmproxy_prefix_index_entries", "llmproxy_shared_state_workers"):
+        samples = m.select(family)
+        assert samples and not any("worker" in labels for labels, _ in samples), (family, samples[:3])
+    assert len(m.select("llmproxy_endpoint_picks_total", cluster="pool_a",
+                        endpoint=gw.servers.addr(POOLS["pool_a"][0]))) == 1
+    for family in ("llmproxy_picks_total", "llmproxy_in_flight_requests",
+                   "llmproxy_pick_duration_seconds_count"):
+        samples = m.select(family)
+        assert samples and all("worker" in labels for labels, _ in samples), (family, samples[:3])
+        assert {labels["worker"] for labels, _ in samples} == pids, (family, pids)
+    types = [l.split()[2] for l in m.text.splitlines() if l.startswith("# TYPE ")]
+    assert len(types) == len(set(types)), sorted(t for t in types if types.count(t) > 1)
+    helps = [l.split()[2] for l in m.text.splitlines() if l.startswith("# HELP ")]
+    assert len(helps) == len(set(helps)), sorted(t for t in helps if helps.count(t) > 1)
+    # every sample of a family sits under its own TYPE line (Prometheus wants families whole)
+    seen, current = set(), None
+    for line in m.text.splitlines():
+        if line.startswith("# TYPE "):
+            current = line.split()[2]
+            assert current not in seen, current
+            seen.add(current)
+        elif line and not line.startswith("#"):
+            name = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", line).group(0)
+            base = re.sub(r"_(bucket|sum|count|total)$", "", name)
+            assert current in (name, base, base + "_total") or current is None, (current, line)
+    assert m.value("llmproxy_nginx_stale_snapshots") == 0
 
 
 # a main request outside the llmproxy locations that mirrors itself into one: the mirror is a

@@ -576,19 +576,35 @@ def test_native_killed_workers_share_is_taken_back(servers):
 VALGRIND = shutil.which("valgrind")
 
 
-@pytest.mark.skipif(VALGRIND is None, reason="valgrind not installed")
-def test_native_module_under_valgrind(servers, tmp_path):
-    """nginx (master_process off: one process serving requests) with the module, under
-    valgrind's memcheck: every kind of request, then a graceful quit; zero errors, nothing
-    definitely lost."""
-    log = tmp_path / "valgrind.log"
-    cfg = library_config(servers, servers.dead)
+def under_valgrind(cfg, servers, log):
+    """The native nginx with master_process off (one process serving requests) under valgrind's
+    memcheck, its report in `log`."""
     g = harness.NativeNginx(cfg, [servers.addr(n) for n in POOLS["pool_a"]], workers=1,
                             master_process=False, ready_timeout=90,
                             wrapper=[VALGRIND, "--error-exitcode=0", "--leak-check=full",
                                      "--errors-for-leak-kinds=definite", "--show-leak-kinds=definite",
                                      "--trace-children=no", "--num-callers=30",
                                      "--suppressions=%s" % (harness.ROOT / "tests" / "nginx" / "valgrind-nginx.supp"), "--log-file=%s" % log])
+    g.servers = servers
+    return g
+
+
+def assert_valgrind_clean(log):
+    """Zero memcheck errors, nothing definitely lost (after a graceful quit)."""
+    text = log.read_text()
+    assert re.search(r"total heap usage: [\d,]+ allocs", text), text[-3000:]
+    summary = re.findall(r"ERROR SUMMARY: (\d+) errors", text)
+    assert summary and summary[-1] == "0", text[-6000:]
+    assert "definitely lost: 0 bytes" in text or "definitely lost" not in text, text[-6000:]
+
+
+@pytest.mark.skipif(VALGRIND is None, reason="valgrind not installed")
+def test_native_module_under_valgrind(servers, tmp_path):
+    """nginx (master_process off: one process serving requests) with the module, under
+    valgrind's memcheck: every kind of request, then a graceful quit; zero errors, nothing
+    definitely lost."""
+    log = tmp_path / "valgrind.log"
+    g = under_valgrind(library_config(servers, servers.dead), servers, log)
     try:
         for body, hdrs in [(chat("m-a", "hello"), {"x-llmproxy-endpoint": "1.1.1.1:1"}),
                            (chat("m-b", "stream", stream=True), {"x-test-chunks": "3"}),
@@ -609,8 +625,40 @@ def test_native_module_under_valgrind(servers, tmp_path):
         assert m.total("llmproxy_nginx_picks_total", event="leaked") == 0
     finally:
         g.close()
-    text = log.read_text()
-    assert re.search(r"total heap usage: [\d,]+ allocs", text), text[-3000:]
-    summary = re.findall(r"ERROR SUMMARY: (\d+) errors", text)
-    assert summary and summary[-1] == "0", text[-6000:]
-    assert "definitely lost: 0 bytes" in text or "definitely lost" not in text, text[-6000:]
+    assert_valgrind_clean(log)
+
+
+@pytest.mark.skipif(VALGRIND is None, reason="valgrind not installed")
+def test_native_pending_lookups_under_valgrind(servers, metadata_center, tmp_path):
+    """The pending-pick path under memcheck: remote cache lookups answered by a real
+    Metadata-Center (the timer polls the ticket until decided), and against one that never
+    answers (every lookup runs to its timeout), with a client that leaves while its pick is
+    pending (the pool cleanup frees the ticket); zero errors, nothing definitely lost."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # the kernel completes the handshakes; nobody ever reads
+    try:
+        for name, port in (("real", metadata_center.port), ("silent", silent.getsockname()[1])):
+            log = tmp_path / ("valgrind-%s.log" % name)
+            cfg = library_config(servers, servers.dead)
+            cfg["metadata_center"] = {"enabled": True, "host": "127.0.0.1", "port": port, "load_poll_ms": 50,
+                                      "cache_enabled": True, "timeout_ms": 300}
+            g = under_valgrind(cfg, servers, log)
+            try:
+                before = metrics(g.port, timeout=30)
+                for i in range(3):
+                    status, _, data = request(g.port, "POST", CHAT, chat("m-a", random_text(2000, seed=2300 + i)),
+                                              timeout=60)
+                    assert status == 200, data
+                sock = raw_send(g.port, chat("m-a", random_text(2000, seed=2400)), "")
+                time.sleep(0.05)
+                sock.close()  # gone while pending (silent) or after its answer (real)
+                time.sleep(0.6)  # the library finishes a decision nobody took
+                m = wait_settled(g.port, timeout=30)
+                assert delta(before, m, "llmproxy_nginx_picks_total", event="waited_for_lookup") >= 3
+                assert m.total("llmproxy_nginx_picks_total", event="leaked") == 0
+            finally:
+                g.close()
+            assert_valgrind_clean(log)
+    finally:
+        silent.close()

@@ -159,8 +159,10 @@ HeadersStatus Filter::on_response_headers(bool end_of_stream) {
   // Local replies (ours, the router's) were announced to on_local_reply first.
   if (local_status_ == 0) note_upstream_response();
   if (llmproxy_request_needs_transcoding(req_)) start_transcoding();
-  // A response without a body is complete as far as prefill is concerned.
-  if (end_of_stream) mark_first_token();
+  // A response without a body is complete as far as prefill is concerned. A local reply
+  // (connect failure, timeout, ours) is no token: finish releases the prefill, and the
+  // endpoint's TTFT histogram only sees its own answers.
+  if (end_of_stream && local_status_ == 0) mark_first_token();
   return HeadersStatus::Continue;
 }
 
@@ -169,8 +171,8 @@ BodyStatus Filter::on_response_body(bool end_of_stream) {
   if (transcoding_) {
     transcode_chunk(end_of_stream);  // the transcoder marks the first token
     first_token_ = true;
-  } else {
-    mark_first_token();
+  } else if (local_status_ == 0) {
+    mark_first_token();  // the endpoint's first byte (a local reply's body is none)
   }
   return BodyStatus::Continue;  // never buffer: SSE streams straight through
 }

@@ -115,6 +115,8 @@ pub struct Page<'a> {
     pub now_ms: u64,
     /// The shared-state region's statistics, when the router is attached to one.
     pub shared: Option<crate::state::SharedStats>,
+    /// The request log's counters, when it is on.
+    pub request_log: Option<&'a crate::background::log_writer::LogCounters>,
 }
 
 impl RouterMetrics {
@@ -198,6 +200,26 @@ impl RouterMetrics {
             ),
         ] {
             family(out, name, kind, help, &single(value));
+        }
+        if let Some(log) = page.request_log {
+            family(
+                out,
+                "llmproxy_request_log_lines_total",
+                "counter",
+                "Request log lines by what became of them (dropped: queue full; failed: open or write error).",
+                &[
+                    ("result=\"written\"".into(), load(&log.written)),
+                    ("result=\"dropped\"".into(), load(&log.dropped)),
+                    ("result=\"failed\"".into(), load(&log.failed)),
+                ],
+            );
+            family(
+                out,
+                "llmproxy_request_log_reopened_total",
+                "counter",
+                "Times the request log file was reopened after a rotation.",
+                &[(String::new(), load(&log.reopened))],
+            );
         }
         family(
             out,

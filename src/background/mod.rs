@@ -27,11 +27,13 @@
 //!
 //! Files: `threads.rs` (spawning and stopping), `events.rs` (the request path's queue),
 //! `worker.rs` (the sync thread's loop), `client.rs` (the Metadata-Center wire client),
-//! `resolver.rs` (every DNS lookup, on a thread of its own).
+//! `resolver.rs` (every DNS lookup, on a thread of its own), `log_writer.rs` (the request
+//! log's file, on a thread of its own).
 //! This module depends on the state it updates (`crate::state`), never on the router.
 
 pub mod client;
 mod events;
+pub mod log_writer;
 mod resolver;
 mod threads;
 mod worker;

@@ -159,15 +159,20 @@ pub(super) struct RawLbConfig {
     pub(super) decode_cost_chars: Option<f64>,
 }
 
-/// The origin's `log` block.
+/// The origin's `log` block, with llmproxy's additions.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLog {
     #[serde(default)]
     pub(super) enabled: bool,
     #[serde(default)]
-    #[allow(dead_code)]
     pub(super) path: String,
+    #[serde(default)]
+    pub(super) include_prompt: bool,
+    #[serde(default)]
+    pub(super) prompt_max_bytes: Option<u64>,
+    #[serde(default)]
+    pub(super) queue_lines: Option<u64>,
 }
 
 /// `clusters.<name>`: static endpoints or a DNS name.

@@ -64,6 +64,17 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// The config spelling of this algorithm.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::InferenceLb => "inference_lb",
+            Self::Random => "random",
+            Self::RoundRobin => "round_robin",
+            Self::PrefixCost => "prefix_cost",
+            Self::LeastRequest => "least_request",
+        }
+    }
+
     /// All accepted algorithm names, for error messages.
     pub const NAMES: &'static str = "inference_lb, prefix_cost, random, round_robin, least_request";
 
@@ -212,8 +223,8 @@ pub struct Config {
     pub prefix_index_capacity: usize,
     /// Passive ejection of failing endpoints.
     pub ejection: Ejection,
-    /// The origin's `log` block (accepted; llmproxy logs through its host).
-    pub log_enabled: bool,
+    /// The request log (the origin's `log` block): one JSON line per finished request.
+    pub log: RequestLog,
     /// cluster → `host:port` resolved by DNS on the sync thread (`{"dns": ...}` clusters and
     /// Istio `outbound|PORT||HOST` names without static endpoints).
     pub dns_clusters: BTreeMap<String, String>,
@@ -221,6 +232,21 @@ pub struct Config {
     pub dns_refresh_ms: u64,
     /// Metadata-Center client settings.
     pub metadata_center: MetadataCenter,
+}
+
+/// The request log: one JSON line per finished request, written by a background thread.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestLog {
+    /// Off unless `log.enabled`.
+    pub enabled: bool,
+    /// The file lines are appended to ("": stderr, which the host sends to its own log).
+    pub path: String,
+    /// Add the prompt's and the completion's text (each cut to `prompt_max_bytes`).
+    pub include_prompt: bool,
+    /// Cut of the prompt and completion text when `include_prompt`.
+    pub prompt_max_bytes: usize,
+    /// Lines the queue to the writer holds; more are dropped and counted.
+    pub queue_lines: usize,
 }
 
 impl Config {

@@ -10,11 +10,11 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use super::env;
-use super::raw::{RawCluster, RawConfig, RawEjection, RawEndpoint, RawLbConfig};
+use super::raw::{RawCluster, RawConfig, RawEjection, RawEndpoint, RawLbConfig, RawLog};
 use super::rules::{self, header_unsafe, is_header_name};
 use super::types::{
-    err, within, Algorithm, Config, ConfigError, Ejection, EndpointSpec, LbParams, Rule,
-    DEFAULT_CLUSTER_HEADER, DEFAULT_HASH_CHUNK_BYTES, DEFAULT_INTERCEPT_PATHS,
+    err, within, Algorithm, Config, ConfigError, Ejection, EndpointSpec, LbParams, RequestLog,
+    Rule, DEFAULT_CLUSTER_HEADER, DEFAULT_HASH_CHUNK_BYTES, DEFAULT_INTERCEPT_PATHS,
     DEFAULT_MAX_BODY_BYTES, DEFAULT_METRICS_PATH, DEFAULT_PREFIX_INDEX_CAPACITY,
 };
 
@@ -62,7 +62,7 @@ pub(super) fn validate(
         metrics_path,
         prefix_index_capacity: prefix_index_capacity as usize,
         ejection,
-        log_enabled: raw.log.map(|l| l.enabled).unwrap_or(false),
+        log: request_log(raw.log)?,
         dns_clusters,
         dns_refresh_ms: raw.dns_refresh_ms.unwrap_or(5000).max(100),
         metadata_center,
@@ -224,6 +224,50 @@ fn metrics_path(raw: Option<String>) -> Result<String, ConfigError> {
 }
 
 /// `ejection`: the defaults, overridden field by field.
+/// `log`: the request log. The file itself is opened by the writer thread (in the process
+/// that routes, e.g. an nginx worker, with its user), but a directory that does not exist is a
+/// config error now rather than lost lines later.
+fn request_log(raw: Option<RawLog>) -> Result<RequestLog, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(RequestLog {
+            prompt_max_bytes: 1024,
+            queue_lines: 4096,
+            ..RequestLog::default()
+        });
+    };
+    let prompt_max_bytes = raw.prompt_max_bytes.unwrap_or(1024);
+    if prompt_max_bytes > 1 << 20 {
+        return Err(err("log.prompt_max_bytes", "at most 1048576 (1 MiB)"));
+    }
+    let queue_lines = raw.queue_lines.unwrap_or(4096);
+    if !(1..=1_000_000).contains(&queue_lines) {
+        return Err(err("log.queue_lines", "must be between 1 and 1000000"));
+    }
+    if raw.enabled && !raw.path.is_empty() {
+        let path = std::path::Path::new(&raw.path);
+        if path.is_dir() {
+            return Err(err("log.path", format!("{:?} is a directory", raw.path)));
+        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(err(
+                "log.path",
+                format!("directory {:?} does not exist", dir.display().to_string()),
+            ));
+        }
+    }
+    Ok(RequestLog {
+        enabled: raw.enabled,
+        path: raw.path,
+        include_prompt: raw.include_prompt,
+        prompt_max_bytes: prompt_max_bytes as usize,
+        queue_lines: queue_lines as usize,
+    })
+}
+
 fn ejection(raw: Option<RawEjection>) -> Result<Ejection, ConfigError> {
     let mut ejection = Ejection::default();
     if let Some(e) = raw {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::pick::RemoteDepth;
-use super::{failed_request, HeaderRef, PickedRequest, Routed, Router, RouterInner};
+use super::{failed_request, HeaderRef, LogContext, PickedRequest, Routed, Router, RouterInner};
 use crate::background::client::Client;
 use crate::background::Lookup;
 use crate::error::PickError;
@@ -25,17 +25,18 @@ impl Router {
     ) -> Option<PickedRequest> {
         let started = Instant::now();
         let inner = &self.inner;
+        let log = LogContext::capture(inner, headers, body);
         let prepared = inner.prepare(headers, body);
         let routed = match prepared {
             Ok(r) => r,
-            Err(e) => return Some(self.inner.finish_pick(Err(e), started)),
+            Err(e) => return Some(self.inner.finish_pick(Err(e), started, log)),
         };
         let wants_remote = inner.wants_cache_depth(&routed);
         let routed = match (wants_remote, inner.lookups.get()) {
             (true, Some(tx)) => {
                 let job = LookupJob {
                     router: Arc::clone(inner),
-                    pending: Some((routed, done)),
+                    pending: Some((routed, done, log)),
                     started,
                 };
                 match tx.try_send(job) {
@@ -43,16 +44,17 @@ impl Router {
                     Err(e) => {
                         // Queue full: decide here, and answer directly (the callback is dropped).
                         inner.metrics.lookups_local.fetch_add(1, Ordering::Relaxed);
-                        let (routed, _done) = e.into_inner().pending.take().expect("undecided");
-                        routed
+                        let (routed, _done, log) =
+                            e.into_inner().pending.take().expect("undecided");
+                        (routed, log)
                     }
                 }
             }
-            _ => routed,
+            _ => (routed, log),
         };
-        let mut routed = routed;
+        let (mut routed, log) = routed;
         let result = inner.choose(&mut routed, None).map(|()| routed);
-        Some(inner.finish_pick(result, started))
+        Some(inner.finish_pick(result, started, log))
     }
 
     /// Like [`Router::pick_async`] for hosts that poll instead of taking a callback on a
@@ -82,8 +84,9 @@ type PickCallback = Box<dyn FnOnce(PickedRequest) + Send>;
 /// A `pick_async` decision waiting for the Metadata-Center's cache answer.
 pub(crate) struct LookupJob {
     router: Arc<RouterInner>,
-    /// The request and the host's callback, taken when the decision is made.
-    pending: Option<(Routed, PickCallback)>,
+    /// The request, the host's callback and the request log's context, taken when the
+    /// decision is made.
+    pending: Option<(Routed, PickCallback, Option<Box<LogContext>>)>,
     started: Instant,
 }
 
@@ -91,7 +94,7 @@ impl LookupJob {
     /// Decides with the cache answer (`None`: local data only) and hands the decision to
     /// the host's callback. `expired`: no lookup was made (the job waited too long).
     fn decide(&mut self, remote: Option<&RemoteDepth>, expired: bool) {
-        let Some((mut routed, done)) = self.pending.take() else {
+        let Some((mut routed, done, log)) = self.pending.take() else {
             return;
         };
         let m = &self.router.metrics;
@@ -112,7 +115,7 @@ impl LookupJob {
                 panic!("injected panic while deciding");
             }
             let result = router.choose(&mut routed, remote).map(|()| routed);
-            router.finish_pick(result, started)
+            router.finish_pick(result, started, log)
         }));
         let picked = decided.unwrap_or_else(|_| {
             failed_request(
@@ -129,7 +132,7 @@ impl LookupJob {
 
 impl Lookup for LookupJob {
     fn run(mut self, client: &mut Client) {
-        let Some((routed, _)) = &self.pending else {
+        let Some((routed, _, _)) = &self.pending else {
             return;
         };
         // A job that waited a whole lookup timeout in the queue (lookups slower than the
@@ -226,7 +229,11 @@ mod tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut job = LookupJob {
             router: Arc::clone(&router.inner),
-            pending: Some((routed, Box::new(move |p: PickedRequest| drop(tx.send(p))))),
+            pending: Some((
+                routed,
+                Box::new(move |p: PickedRequest| drop(tx.send(p))),
+                None,
+            )),
             started: Instant::now(),
         };
         PANIC_WHILE_DECIDING.store(true, Ordering::Relaxed);

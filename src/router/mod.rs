@@ -19,16 +19,19 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::background::client::ServerAddrs;
+use crate::background::log_writer::{self, LogSender};
 use crate::background::{self, Event, EventSender, Resolver, SyncTarget, ThreadGroup};
 use crate::config::{Config, ConfigError, Rule};
 use crate::error::PickError;
 use crate::metrics::{Page, Part, RouterMetrics};
 use crate::state::{Attachment, Clock, Clusters, PrefixIndex, SharedState};
 
+mod log_line;
 mod lookup;
 mod pick;
 mod request;
 
+use log_line::LogContext;
 pub(crate) use lookup::LookupJob;
 pub use lookup::{PendingPick, PickStart};
 use pick::Routed;
@@ -64,6 +67,8 @@ pub(crate) struct RouterInner {
     events: OnceLock<EventSender>,
     /// Queue to the lookup thread, when remote cache lookups are enabled.
     lookups: OnceLock<crossbeam_channel::Sender<LookupJob>>,
+    /// Queue to the request log's writer, when `log.enabled`.
+    request_log: OnceLock<LogSender>,
     /// Request ids: a per-router prefix (process id + seed) and a counter.
     id_prefix: String,
     id_counter: AtomicU64,
@@ -146,6 +151,7 @@ impl Router {
             in_flight: AtomicU64::new(0),
             events: OnceLock::new(),
             lookups: OnceLock::new(),
+            request_log: OnceLock::new(),
             id_prefix: format!("{:08x}{:016x}", std::process::id(), process_seed()),
             rng_seed: process_seed(),
             rng_counter: AtomicU64::new(0),
@@ -218,6 +224,16 @@ impl Router {
                 guards.push(guard);
             }
         }
+        let log = &inner.config.log;
+        if log.enabled {
+            match log_writer::start_log_writer(&log.path, log.queue_lines) {
+                Ok((sender, guard)) => {
+                    let _ = inner.request_log.set(sender);
+                    guards.push(guard);
+                }
+                Err(e) => eprintln!("llmproxy: request log: cannot start its writer thread: {e}"),
+            }
+        }
         if mc.enabled && mc.cache_enabled {
             if let Ok((tx, lookup_threads)) =
                 background::start_lookups::<LookupJob>(mc, &addrs, 256)
@@ -286,11 +302,12 @@ impl Router {
     /// Routes one request. Always returns a request handle; on error it carries the error.
     pub fn pick(&self, headers: &[HeaderRef], body: &[u8]) -> PickedRequest {
         let started = Instant::now();
+        let log = LogContext::capture(&self.inner, headers, body);
         let result = self.inner.prepare(headers, body).and_then(|mut r| {
             self.inner.choose(&mut r, None)?;
             Ok(r)
         });
-        self.inner.finish_pick(result, started)
+        self.inner.finish_pick(result, started, log)
     }
 
     /// A handle for a request that failed before routing (used at the C ABI on panics).
@@ -320,6 +337,7 @@ impl Router {
                 model_names: &inner.model_names,
                 now_ms: inner.clock.now_ms(),
                 shared: inner.shared.as_ref().map(|s| s.stats()),
+                request_log: inner.request_log.get().map(|l| &**l.counters()),
             },
             part,
         )
@@ -332,6 +350,7 @@ impl RouterInner {
         self: &Arc<Self>,
         result: Result<Routed, PickError>,
         started: Instant,
+        log: Option<Box<LogContext>>,
     ) -> PickedRequest {
         let m = &self.metrics;
         match &result {
@@ -339,7 +358,7 @@ impl RouterInner {
             Err(e) => m.count_pick(e.outcome()),
         }
         m.pick_duration.observe(started.elapsed().as_secs_f64());
-        PickedRequest::new(self, result, started)
+        PickedRequest::new(self, result, started, log)
     }
 
     /// A request id unique to this router.
@@ -364,7 +383,7 @@ impl RouterInner {
 /// A counted request handle carrying `error`, for failures outside the normal pick path.
 fn failed_request(router: &Arc<RouterInner>, error: PickError) -> PickedRequest {
     router.metrics.count_pick(error.outcome());
-    PickedRequest::new(router, Err(error), Instant::now())
+    PickedRequest::new(router, Err(error), Instant::now(), None)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::log_line::LogContext;
 use super::pick::Routed;
 use super::RouterInner;
 use crate::background::Event;
@@ -20,6 +21,12 @@ pub struct PickedRequest {
     picked_at: Instant,
     first_token_seen: bool,
     finished: bool,
+    /// When the first response byte came (the request log's TTFT).
+    first_token_at: Option<Instant>,
+    /// Re-picks after connect failures.
+    retries: u32,
+    /// What the request log needs from the pick (only when the log is on).
+    log: Option<Box<LogContext>>,
 }
 
 impl PickedRequest {
@@ -28,6 +35,7 @@ impl PickedRequest {
         router: &Arc<RouterInner>,
         result: Result<Routed, PickError>,
         picked_at: Instant,
+        log: Option<Box<LogContext>>,
     ) -> Self {
         Self {
             router: Arc::clone(router),
@@ -35,6 +43,9 @@ impl PickedRequest {
             picked_at,
             first_token_seen: false,
             finished: false,
+            first_token_at: None,
+            retries: 0,
+            log,
         }
     }
 
@@ -198,6 +209,7 @@ impl PickedRequest {
             old.record_failure(router.clock.now_ms(), ej.consecutive_failures, ej.eject_ms);
         }
         router.metrics.retries.fetch_add(1, Ordering::Relaxed);
+        self.retries += 1;
         self.first_token_seen = false;
         self.picked_at = Instant::now();
         router.choose(r, None)
@@ -209,6 +221,7 @@ impl PickedRequest {
             return;
         }
         self.first_token_seen = true;
+        self.first_token_at = Some(Instant::now());
         if let Ok(r) = &self.result {
             if let Some(e) = &r.endpoint {
                 e.release_prefill(r.prompt_chars, r.uncached_chars);
@@ -243,6 +256,7 @@ impl PickedRequest {
             return;
         }
         self.finished = true;
+        self.log_line(upstream_status, outcome);
         let router = &self.router;
         let first_token_seen = self.first_token_seen;
         if let Ok(r) = &mut self.result {
@@ -291,6 +305,39 @@ impl PickedRequest {
     }
 }
 
+impl PickedRequest {
+    /// Queues the request log's line for this request (when the log is on).
+    fn log_line(&mut self, status: u32, outcome: Outcome) {
+        let (Some(ctx), Some(log)) = (self.log.take(), self.router.request_log.get()) else {
+            return;
+        };
+        let mut l = ctx.line(self.first_token_at);
+        {
+            l.algorithm = self.router.config.algorithm.name();
+            l.status = status;
+            l.outcome = outcome.name();
+            l.retries = self.retries;
+            match &self.result {
+                Ok(r) => {
+                    l.model = Some(&r.model);
+                    l.upstream_model = Some(&r.upstream_model);
+                    l.scene = Some(&r.rule.scene_name);
+                    l.cluster = Some(&r.cluster.name);
+                    l.endpoint = r.endpoint.as_ref().map(|e| e.address.as_str());
+                    l.cache_ratio = r.cache_ratio;
+                    l.stream = r.stream;
+                    l.prompt_chars = r.prompt_chars;
+                    if r.endpoint.is_none() {
+                        l.error = Some("no_endpoint");
+                    }
+                }
+                Err(e) => l.error = Some(e.outcome()),
+            }
+        }
+        log.send(l.render());
+    }
+}
+
 impl Drop for PickedRequest {
     fn drop(&mut self) {
         self.finish_inner(0, Outcome::Local);
@@ -313,6 +360,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The outcome's name in the request log.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Upstream => "upstream",
+            Outcome::EndpointFailed => "endpoint_failed",
+            Outcome::Local => "local",
+        }
+    }
+
     /// `Some(true)` a success, `Some(false)` a failure, `None` neutral.
     pub fn health(self, status: u32) -> Option<bool> {
         match (self, status) {

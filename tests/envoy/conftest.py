@@ -42,11 +42,16 @@ def start_gateway(servers, tmp_path_factory):
         "m-t": [{"scene_name": "chat-t", "cluster": "pool_a", "backend": "vllm", "target_model": "served-t"}],
         "m-tr": [{"scene_name": "triton", "cluster": "pool_b", "backend": "triton", "target_model": "ensemble",
                   "chat_template": "llama3"}],
-    })
+        # only the down endpoint: every request fails to connect (the request log's test)
+        "m-down": [{"scene_name": "chat-down", "cluster": "pool_down", "backend": "vllm"}],
+    }, clusters={"pool_down": [down]})
     endpoints = {pool: c["endpoints"] for pool, c in llmproxy["clusters"].items()}
     clusters = [harness.static_cluster(pool, eps) for pool, eps in endpoints.items()]
+    request_log = tmp_path_factory.mktemp("request-log") / "requests.log"
+    llmproxy["log"] = {"enabled": True, "path": str(request_log)}
     bootstrap = harness.envoy_bootstrap(listen_port, admin_port, clusters, llmproxy, default_cluster="pool_a")
     envoy = harness.Envoy(bootstrap, tmp_path_factory.mktemp("envoy"))
+    envoy.request_log = request_log
     envoy.down = down
     envoy.endpoints = endpoints
     envoy.servers = servers

@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import random
 import shutil
 import socket
 import subprocess
@@ -382,3 +383,52 @@ def test_triton_generate_stream_is_transcoded(gateway):
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text == "tok0 tok1 tok2 ", text
     wait_in_flight_zero(gateway)
+
+
+def request_log_lines(path, ids, timeout=10):
+    """The request log's lines (JSON) whose request_id is in `ids`, once all are there."""
+    deadline = time.time() + timeout
+    while True:
+        text = path.read_text() if path.exists() else ""
+        found = {}
+        for line in text.splitlines():
+            rec = json.loads(line)
+            if rec.get("request_id") in ids:
+                found[rec["request_id"]] = rec
+        if len(found) == len(ids) or time.time() > deadline:
+            assert len(found) == len(ids), (sorted(found), text[-2000:])
+            return found
+
+
+def test_request_log_has_one_line_per_finished_request(gateway):
+    """log.enabled with a path: the library's writer thread appends one JSON line per finished
+    request, with the host's x-request-id, the decision, status, outcome and timings: a plain
+    answer, a stream, a 404 of the pick, and an endpoint that refuses connections."""
+    run = "%x" % random.getrandbits(32)
+    ids = {k: "%s-%s" % (run, k) for k in ("plain", "stream", "unknown", "down")}
+    status, _, data, _ = post(gateway, chat("m-a", "log me"), {"x-request-id": ids["plain"]})
+    assert status == 200, data
+    served = json.loads(data)["served_by"]
+    status, _, data, _ = post(gateway, chat("m-b", "log my stream", stream=True),
+                              {"x-request-id": ids["stream"], "x-test-chunks": "3"})
+    assert status == 200, data
+    status, _, data, _ = post(gateway, chat("m-unknown", "x"), {"x-request-id": ids["unknown"]})
+    assert status == 404, data
+    status, _, data, _ = post(gateway, chat("m-down", "nobody listens"), {"x-request-id": ids["down"]})
+    assert status == 503, data
+    lines = request_log_lines(gateway.request_log, set(ids.values()))
+    plain, stream = lines[ids["plain"]], lines[ids["stream"]]
+    assert plain["model"] == "m-a" and plain["cluster"] == "pool_a" and plain["scene"] == "chat-a"
+    assert plain["endpoint"] == gateway.servers.addr(served)
+    assert plain["status"] == 200 and plain["outcome"] == "upstream" and plain["stream"] is False
+    assert plain["algorithm"] == "inference_lb" and plain["bytes_in"] > 0 and plain["retries"] == 0
+    assert plain["total_ms"] >= plain["ttft_ms"] >= 0
+    assert "prompt" not in plain, "no text without log.include_prompt"
+    assert stream["stream"] is True and stream["status"] == 200 and stream["model"] == "m-b"
+    assert lines[ids["unknown"]]["error"] == "model_not_found" and "endpoint" not in lines[ids["unknown"]]
+    down = lines[ids["down"]]
+    assert down["endpoint"] == gateway.down and down["outcome"] == "endpoint_failed", down
+    assert "ttft_ms" not in down
+    m = metrics(gateway)
+    assert m.total("llmproxy_request_log_lines_total", result="written") >= 4
+    assert m.total("llmproxy_request_log_lines_total", result="dropped") == 0

@@ -27,7 +27,10 @@ def library_config(servers, dead):
         "m-dead1": [{"scene_name": "dead1", "cluster": "pool_dead1", "backend": "vllm"}],
         # a cluster without endpoints: the library answers 503
         "m-none": [{"scene_name": "none", "cluster": "pool_none", "backend": "vllm"}],
-    }, clusters={"pool_dead2": [dead, servers.dead2], "pool_dead1": [servers.dead2]})
+        # a dead endpoint beside a live one, used by one test only (never ejected before it)
+        "m-retry": [{"scene_name": "retry", "cluster": "pool_retry", "backend": "vllm"}],
+    }, clusters={"pool_dead2": [dead, servers.dead2], "pool_dead1": [servers.dead2],
+                 "pool_retry": [servers.dead2, servers.addr(POOLS["pool_b"][0])]})
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,15 @@ native module serves every kind of request under valgrind (nginx with master_pro
 import asyncio
 import json
 import os
+import random
 import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -29,11 +32,18 @@ HOSTS = ["lua", "native"]
 @pytest.fixture(scope="module", params=HOSTS)
 def gw(request, servers):
     cfg = library_config(servers, servers.dead)
+    # the request log, written by every worker's router (workers run as nobody when we are
+    # root: a directory they can enter and write, outside pytest's private temp tree)
+    log_dir = Path(tempfile.mkdtemp(prefix="llmproxy-request-log-"))
+    os.chmod(log_dir, 0o777)
+    cfg["log"] = {"enabled": True, "path": str(log_dir / "requests.log")}
     passthrough = [servers.addr(n) for n in POOLS["pool_a"]]
     g = harness.HOSTS[request.param](cfg, passthrough, workers=2)
     g.servers = servers
+    g.request_log = log_dir / "requests.log"
     yield g
     g.close()
+    shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def post(gw, body, headers=None, path=CHAT):
@@ -282,6 +292,65 @@ def test_reload_under_load(gw):
     assert "exits with" not in gw.log_text()
     assert "kept from before the reload" in gw.log_text()
     assert not gw.crashes()
+
+
+def request_log_lines(path, ids, timeout=10):
+    """The request log's lines (JSON) whose request_id is in `ids`, once all are there."""
+    deadline = time.time() + timeout
+    while True:
+        text = path.read_text() if path.exists() else ""
+        found = {}
+        for line in text.splitlines():
+            rec = json.loads(line)
+            if rec.get("request_id") in ids:
+                found[rec["request_id"]] = rec
+        if len(found) == len(ids) or time.time() > deadline:
+            assert len(found) == len(ids), (sorted(found), text[-2000:])
+            return found
+
+
+def test_request_log_has_one_line_per_finished_request(gw):
+    """log.enabled with a path, both hosts, 2 workers appending to one file: one JSON line per
+    finished request with the client's x-request-id: a plain answer, a stream, a 404 of the
+    pick, a dead endpoint retried on another (retries 1), and every endpoint dead (nginx's
+    502 through error_page)."""
+    run = "%x" % random.getrandbits(32)
+    ids = {k: "%s-%s" % (run, k) for k in ("plain", "stream", "unknown", "retried", "dead2")}
+    status, _, data = post(gw, chat("m-a", "log me"), {"x-request-id": ids["plain"]})
+    assert status == 200, data
+    served = json.loads(data)["served_by"]
+    status, _, data = post(gw, chat("m-b", "log my stream", stream=True),
+                           {"x-request-id": ids["stream"], "x-test-chunks": "3"})
+    assert status == 200, data
+    status, _, data = post(gw, chat("m-unknown", "x"), {"x-request-id": ids["unknown"]})
+    assert status == 404, data
+    status, _, data = post(gw, chat("m-dead2", "x"), {"x-request-id": ids["dead2"]})
+    assert status == 502, data
+    retried = None
+    for i in range(20):  # until a pick lands on the dead endpoint first and is retried
+        rid = "%s-%d" % (ids["retried"], i)
+        status, _, data = post(gw, chat("m-retry", random_text(300, seed=7100 + i)), {"x-request-id": rid})
+        assert status == 200, data
+        rec = request_log_lines(gw.request_log, {rid})[rid]
+        if rec["retries"] == 1:
+            retried = rec
+            break
+    assert retried, "no pick of m-retry went to the dead endpoint first"
+    ids.pop("retried")
+    lines = request_log_lines(gw.request_log, set(ids.values()))
+    plain, stream = lines[ids["plain"]], lines[ids["stream"]]
+    assert plain["model"] == "m-a" and plain["cluster"] == "pool_a" and plain["scene"] == "chat-a"
+    assert plain["endpoint"] == gw.servers.addr(served)
+    assert plain["status"] == 200 and plain["outcome"] == "upstream" and plain["retries"] == 0
+    assert plain["total_ms"] >= plain["ttft_ms"] >= 0 and plain["bytes_in"] > 0
+    assert "prompt" not in plain, "no text without log.include_prompt"
+    assert stream["stream"] is True and stream["status"] == 200 and stream["model"] == "m-b"
+    assert lines[ids["unknown"]]["error"] == "model_not_found"
+    assert lines[ids["dead2"]]["outcome"] == "endpoint_failed" and lines[ids["dead2"]]["retries"] == 1
+    assert retried["status"] == 200 and retried["endpoint"] == gw.servers.addr(POOLS["pool_b"][0])
+    m = metrics(gw.port)
+    assert m.total("llmproxy_request_log_lines_total", result="dropped") == 0
+    assert m.total("llmproxy_request_log_lines_total", result="failed") == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,12 @@
 //! Finds the request rate at which a target (normally round robin) stops keeping up with a
 //! workload: runs the same seeded workload at increasing rates, then bisects between the last
-//! rate that kept up and the first that did not. A run is *saturated* when the fleet's waiting
-//! queue or the TTFT grows during the run (last third of the sending window against the middle
-//! third), or more than 1 % of the requests fail. The load levels are then ≈75 % and
+//! rate that kept up and the first that did not. A run is *saturated* when the work in the fleet
+//! or the TTFT grows during the run: the mean over the last third of the sending window exceeds
+//! the mean over the middle third by more than --queue-growth requests in the fleet (running +
+//! waiting, sampled every second from /sim/stats: a prefill-bound server admits requests and
+//! prefills them slowly, a KV-bound one leaves them waiting) or by more than --ttft-growth-s
+//! seconds of TTFT; or more than 1 % of the requests fail. Below saturation both stay flat
+//! (open-loop arrivals, same mix over the run); above it they grow linearly with time. The load levels are then ≈75 % and
 //! ≈95 % of the saturation rate.
 
 use crate::load::{self, RunArgs};
@@ -27,15 +31,14 @@ pub struct SaturationArgs {
     /// Bisection probes between the last rate that kept up and the first that did not.
     #[arg(long, default_value_t = 3)]
     pub bisect: u32,
-    /// Growth factor (last third / middle third) of the queue or TTFT that counts as saturated.
-    #[arg(long, default_value_t = 2.0)]
-    pub growth: f64,
-    /// TTFT growth counts only when the last third's mean TTFT exceeds this (s).
-    #[arg(long, default_value_t = 1.0)]
-    pub min_ttft_s: f64,
-    /// Queue growth counts only when the last third's mean fleet waiting queue exceeds this.
-    #[arg(long, default_value_t = 4.0)]
-    pub min_queue: f64,
+    /// Growth of the mean TTFT (s, last third minus middle third of the run) that counts as
+    /// saturated.
+    #[arg(long, default_value_t = 0.5)]
+    pub ttft_growth_s: f64,
+    /// Growth of the mean number of requests in the fleet (running + waiting, last third minus
+    /// middle third of the run) that counts as saturated.
+    #[arg(long, default_value_t = 8.0)]
+    pub queue_growth: f64,
     /// Write every probe and the result as JSON here.
     #[arg(long)]
     pub json_out: Option<std::path::PathBuf>,
@@ -54,8 +57,8 @@ pub struct Probe {
     pub ttft_mean_s: f64,
     pub ttft_mid_s: f64,
     pub ttft_last_s: f64,
-    pub queue_mid: f64,
-    pub queue_last: f64,
+    pub in_fleet_mid: f64,
+    pub in_fleet_last: f64,
     pub utilization: Option<f64>,
     pub saturated: bool,
     pub reason: String,
@@ -72,7 +75,8 @@ fn mean(v: impl Iterator<Item = f64>) -> f64 {
 
 /// The saturation verdict of one run: (saturated, reason). `ttft` are (send time, TTFT) of the
 /// successful requests, `queue` (time, fleet waiting requests) samples, both in seconds from the
-/// start of the run; `duration` the sending window.
+/// start of the run (the queue is the number of requests in the fleet); `duration` the sending
+/// window.
 pub fn verdict(
     a: &SaturationArgs,
     duration: f64,
@@ -92,11 +96,11 @@ pub fn verdict(
     if requests > 0 && errors as f64 > 0.01 * requests as f64 {
         why.push(format!("{errors} errors"));
     }
-    if tl > a.growth * tm && tl > a.min_ttft_s {
+    if tl - tm > a.ttft_growth_s {
         why.push(format!("TTFT {:.0} -> {:.0} ms", tm * 1e3, tl * 1e3));
     }
-    if ql > a.growth * qm && ql > a.min_queue {
-        why.push(format!("queue {qm:.1} -> {ql:.1}"));
+    if ql - qm > a.queue_growth {
+        why.push(format!("in fleet {qm:.1} -> {ql:.1}"));
     }
     (!why.is_empty(), tm, tl, qm, ql, why.join(", "))
 }
@@ -106,14 +110,14 @@ async fn probe(a: &SaturationArgs, rate: f64) -> Result<Probe, String> {
         .run
         .stats_url
         .clone()
-        .ok_or("saturation needs --stats-url (the fleet's queue)")?;
+        .ok_or("saturation needs --stats-url (the requests in the fleet)")?;
     let client = load::http_client()?;
     load::wait_fleet_idle(&client, &stats, Duration::from_secs(300)).await?;
     load::reset_fleet(&client, &stats).await?;
     let mut w = a.workload.clone();
     w.rate = rate;
     let trace = workload::generate(&w)?;
-    // Sample the fleet's waiting queue once a second while the trace is sent.
+    // Sample the requests in the fleet once a second while the trace is sent.
     let sampler = {
         let (client, stats) = (client.clone(), stats.clone());
         let until = w.duration;
@@ -128,7 +132,9 @@ async fn probe(a: &SaturationArgs, rate: f64) -> Result<Probe, String> {
                     break;
                 }
                 if let Ok(s) = load::fetch_stats(&client, &stats).await {
-                    out.push((t, s["totals"]["waiting"].as_f64().unwrap_or(0.0)));
+                    let n = s["totals"]["waiting"].as_f64().unwrap_or(0.0)
+                        + s["totals"]["running"].as_f64().unwrap_or(0.0);
+                    out.push((t, n));
                 }
             }
             out
@@ -154,8 +160,8 @@ async fn probe(a: &SaturationArgs, rate: f64) -> Result<Probe, String> {
         ttft_mean_s: s.ttft_s.mean,
         ttft_mid_s: tm,
         ttft_last_s: tl,
-        queue_mid: qm,
-        queue_last: ql,
+        in_fleet_mid: qm,
+        in_fleet_last: ql,
         utilization: s.fleet_utilization,
         saturated,
         reason,
@@ -198,7 +204,7 @@ pub async fn saturation(a: SaturationArgs) -> Result<(), String> {
         bad_rate = Some(hi);
     }
     probes.sort_by(|x, y| x.rate.total_cmp(&y.rate));
-    println!("| rate | ok | err | TTFT mean | TTFT mid third | TTFT last third | queue mid | queue last | util | saturated |");
+    println!("| rate | ok | err | TTFT mean | TTFT mid third | TTFT last third | in fleet mid | in fleet last | util | saturated |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|:--|");
     for p in &probes {
         println!(
@@ -209,8 +215,8 @@ pub async fn saturation(a: SaturationArgs) -> Result<(), String> {
             p.ttft_mean_s * 1e3,
             p.ttft_mid_s * 1e3,
             p.ttft_last_s * 1e3,
-            p.queue_mid,
-            p.queue_last,
+            p.in_fleet_mid,
+            p.in_fleet_last,
             p.utilization
                 .map(|u| format!("{:.1}%", u * 100.0))
                 .unwrap_or("-".into()),
@@ -256,15 +262,47 @@ pub async fn saturation(a: SaturationArgs) -> Result<(), String> {
 
 fn probe_line(p: &Probe) -> String {
     format!(
-        "rate {:.2}: {} ok, {} errors, TTFT mean {:.0} ms (mid third {:.0}, last third {:.0}), queue {:.1} -> {:.1}: {}",
+        "rate {:.2}: {} ok, {} errors, TTFT mean {:.0} ms (mid third {:.0}, last third {:.0}), requests in the fleet {:.1} -> {:.1}: {}",
         p.rate,
         p.ok,
         p.errors,
         p.ttft_mean_s * 1e3,
         p.ttft_mid_s * 1e3,
         p.ttft_last_s * 1e3,
-        p.queue_mid,
-        p.queue_last,
+        p.in_fleet_mid,
+        p.in_fleet_last,
         if p.saturated { &p.reason } else { "keeps up" }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct P {
+        #[command(flatten)]
+        a: SaturationArgs,
+    }
+
+    #[test]
+    fn a_growing_queue_or_ttft_is_saturation_a_steady_one_is_not() {
+        let a = P::parse_from(["x", "--target", "http://127.0.0.1:1"]).a;
+        let secs: Vec<f64> = (0..60).map(f64::from).collect();
+        // Steady: a noisy few requests in the fleet, TTFT around 300 ms.
+        let queue: Vec<(f64, f64)> = secs.iter().map(|&t| (t, (t as u64 % 5) as f64)).collect();
+        let ttft: Vec<(f64, f64)> = secs.iter().map(|&t| (t, 0.3 + 0.1 * (t % 3.0))).collect();
+        assert!(!verdict(&a, 60.0, 600, 0, &ttft, &queue).0);
+        // The requests in the fleet grow by 0.5 a second (arrivals above service rate).
+        let ramp: Vec<(f64, f64)> = secs.iter().map(|&t| (t, 0.5 * t)).collect();
+        let (sat, .., why) = verdict(&a, 60.0, 600, 0, &ttft, &ramp);
+        assert!(sat && why.contains("in fleet"), "{why}");
+        // TTFT growing with it.
+        let slow: Vec<(f64, f64)> = secs.iter().map(|&t| (t, 0.1 * t)).collect();
+        let (sat, .., why) = verdict(&a, 60.0, 600, 0, &slow, &queue);
+        assert!(sat && why.contains("TTFT"), "{why}");
+        // Errors.
+        assert!(verdict(&a, 60.0, 600, 7, &ttft, &queue).0);
+    }
 }

@@ -54,6 +54,8 @@ pub struct Probe {
     pub requests: usize,
     pub ok: usize,
     pub errors: usize,
+    /// Successful requests per second (first send to last completion): what the fleet served.
+    pub served_per_s: f64,
     pub ttft_mean_s: f64,
     pub ttft_mid_s: f64,
     pub ttft_last_s: f64,
@@ -157,6 +159,7 @@ async fn probe(a: &SaturationArgs, rate: f64) -> Result<Probe, String> {
         requests: s.requests,
         ok: s.ok,
         errors: s.errors,
+        served_per_s: s.req_per_s,
         ttft_mean_s: s.ttft_s.mean,
         ttft_mid_s: tm,
         ttft_last_s: tl,
@@ -204,14 +207,15 @@ pub async fn saturation(a: SaturationArgs) -> Result<(), String> {
         bad_rate = Some(hi);
     }
     probes.sort_by(|x, y| x.rate.total_cmp(&y.rate));
-    println!("| rate | ok | err | TTFT mean | TTFT mid third | TTFT last third | in fleet mid | in fleet last | util | saturated |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|:--|");
+    println!("| rate | ok | err | served req/s | TTFT mean | TTFT mid third | TTFT last third | in fleet mid | in fleet last | util | saturated |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:--|");
     for p in &probes {
         println!(
-            "| {:.2} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {} |",
+            "| {:.2} | {} | {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {} |",
             p.rate,
             p.ok,
             p.errors,
+            p.served_per_s,
             p.ttft_mean_s * 1e3,
             p.ttft_mid_s * 1e3,
             p.ttft_last_s * 1e3,

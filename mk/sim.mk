@@ -4,6 +4,7 @@
 #   make test-sim             unit tests (KV cache, scheduler, workloads) + end-to-end smoke:
 #                             real `serve`, `proxy` and `compare` processes on 127.0.0.1, with the plot
 #   make sim-compare-demo     a short rr vs least-request comparison on a local fleet (no Envoy)
+#   make sim-saturation       round robin's saturation rate for the trace of SIM_LOAD_ARGS (minutes)
 #   make bench-routing-peers  fleet + Envoy (plain, llmproxy) + reference proxies + sglang-router
 #                             + vllm-router (+ NAME=URL targets in BENCH_TARGETS), table + plot (not in CI)
 
@@ -11,7 +12,7 @@ SIM_BIN        := $(RELEASE)/llmproxy-sim
 SIM_PLOT_REQ   := matplotlib==3.10.3
 SIM_PEERS_REQ  := sglang-router==0.3.2 vllm-router==0.1.17
 
-.PHONY: sim test-sim sim-plot-deps sim-peer-deps sim-compare-demo bench-routing-peers bench-routing
+.PHONY: sim test-sim sim-plot-deps sim-peer-deps sim-compare-demo sim-saturation bench-routing-peers bench-routing
 
 ## sim: build the simulator / load generator
 sim:
@@ -35,6 +36,11 @@ test-sim: sim sim-plot-deps
 ## sim-compare-demo: local fleet, round robin vs least request through the reference proxy
 sim-compare-demo: sim sim-plot-deps
 	SIM_DURATION=$${SIM_DURATION:-30} BENCH_PEERS=0 BENCH_OUT=$(BUILD_DIR)/sim-demo bash scripts/bench_routing.sh
+
+## sim-saturation: the rate at which round robin stops keeping up with the trace (SIM_LOAD_ARGS,
+## e.g. "--mix agent=1"; SIM_SAT_ARGS, e.g. "--from 10"), and 75 % / 95 % of it (minutes)
+sim-saturation: sim
+	BENCH_SATURATION=1 BENCH_PEERS=0 BENCH_OUT=$${BENCH_OUT:-$(BUILD_DIR)/sim-saturation} bash scripts/bench_routing.sh
 
 # Envoy targets of bench-routing-peers (NAME:ALGO, see scripts/bench_envoy_configs.py).
 BENCH_ENVOY_TARGETS ?= envoy-rr:envoy_round_robin envoy-least:envoy_least_request llmproxy:inference_lb llmproxy-least:least_request

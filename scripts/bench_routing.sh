@@ -31,6 +31,9 @@
 #   BENCH_PEERS [1]  BENCH_REFS [1] (rr, least)  BENCH_OUT [build/bench-routing]  BENCH_PRE_CMD []
 #   PY [.venv/bin/python]  LLMPROXY_BUILD_DIR [build]  the library and the Envoy module
 #   BENCH_CALIBRATE=1   instead: round robin at SIM_CAL_RATES ["3 4 5 6 7 8"], prints utilisation
+#   BENCH_SATURATION=1  instead: `llmproxy-sim saturation` through round robin (the reference proxy):
+#                       the rate where its queue grows, and 75 % / 95 % of it, for the trace of
+#                       SIM_LOAD_ARGS; SIM_SAT_ARGS [--from 4] more options; $OUT/saturation.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -162,6 +165,15 @@ if [ "${BENCH_CALIBRATE:-0}" = 1 ]; then
     "$SIM" compare --target "rr@$r=${TARGETS[-1]#*=}" --stats-url "${WORKERS[0]}" --duration "$DURATION" \
       --rate "$r" "${LOAD_ARGS[@]}" --out-dir "$OUT/calibrate-$r" --no-plot --quiet | grep '^| rr@'
   done
+  exit 0
+fi
+
+if [ "${BENCH_SATURATION:-0}" = 1 ]; then
+  add_proxy rr round-robin
+  ready rr "${TARGETS[-1]#*=}"
+  read -r -a SAT_ARGS <<< "${SIM_SAT_ARGS:---from 4}"
+  "$SIM" saturation --target "${TARGETS[-1]#*=}" --stats-url "${WORKERS[0]}" --duration "$DURATION" \
+    "${LOAD_ARGS[@]}" "${SAT_ARGS[@]}" --json-out "$OUT/saturation.json" --quiet
   exit 0
 fi
 

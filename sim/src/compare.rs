@@ -9,7 +9,8 @@ use std::time::Duration;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CompareArgs {
-    /// A target as NAME=URL (repeat; runs in the given order).
+    /// A target as NAME=URL (repeat; runs in the given order). NAME=URL1,URL2 splits the trace
+    /// over several URLs (e.g. two gateway replicas; see --split).
     #[arg(long = "target", required = true, value_parser = parse_target)]
     pub targets: Vec<(String, String)>,
     /// Directory for results.json, results.md and ttft_cdf.png.
@@ -40,8 +41,16 @@ fn parse_target(s: &str) -> Result<(String, String), String> {
     let (n, u) = s
         .split_once('=')
         .ok_or_else(|| format!("target {s:?} is not NAME=URL"))?;
-    if n.is_empty() || !(u.starts_with("http://") || u.starts_with("https://")) {
-        return Err(format!("target {s:?} is not NAME=http://HOST:PORT"));
+    let urls = load::target_urls(u);
+    if n.is_empty()
+        || urls.is_empty()
+        || !urls
+            .iter()
+            .all(|u| u.starts_with("http://") || u.starts_with("https://"))
+    {
+        return Err(format!(
+            "target {s:?} is not NAME=http://HOST:PORT[,http://HOST2:PORT2...]"
+        ));
     }
     Ok((n.to_string(), u.to_string()))
 }

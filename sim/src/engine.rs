@@ -669,4 +669,35 @@ mod tests {
         assert!(e.is_idle());
         assert!(e.schedule().is_none());
     }
+
+    #[test]
+    fn generated_text_is_a_function_of_the_prompt() {
+        // Routers that record replies can predict the next turn's prompt only if the same
+        // prompt generates the same text on any server, cached or not.
+        let collect = |e: &mut Engine, id: u64| {
+            let mut out = String::new();
+            while let Some(step) = e.schedule() {
+                for em in e.complete(step) {
+                    if em.id == id {
+                        out.push_str(&em.text);
+                    }
+                }
+            }
+            out
+        };
+        let p = text(5, 300);
+        let mut a = Engine::new(cfg(1024));
+        let ia = a.submit(p.clone(), 12).unwrap();
+        let ra = collect(&mut a, ia);
+        let ib = a.submit(p.clone(), 12).unwrap();
+        let rb = collect(&mut a, ib);
+        let mut other = Engine::new(cfg(64));
+        let ic = other.submit(p.clone(), 12).unwrap();
+        let rc = collect(&mut other, ic);
+        assert_eq!(ra.len(), 12 * CHARS_PER_TOKEN);
+        assert_eq!(ra, rb);
+        assert_eq!(ra, rc);
+        let id = a.submit(text(6, 300), 12).unwrap();
+        assert_ne!(collect(&mut a, id), ra);
+    }
 }

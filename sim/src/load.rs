@@ -34,6 +34,40 @@ pub struct RunArgs {
     /// No progress line on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// With several target URLs (comma-separated, e.g. two gateway replicas in front of the
+    /// same fleet): `session` sends every turn of a session to the same URL (chosen by a hash of
+    /// the session), `alternate` sends consecutive requests to the URLs in turn.
+    #[arg(long, value_enum, default_value_t = Split::Session)]
+    pub split: Split,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Session,
+    Alternate,
+}
+
+/// The URLs of a target: one base URL, or several separated by commas.
+pub fn target_urls(target: &str) -> Vec<String> {
+    target
+        .split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_string())
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+/// Which of `n` URLs gets request number `seq` (counting over the run) of session `session`.
+pub fn pick_url(split: Split, n: usize, session: usize, seq: u64) -> usize {
+    if n <= 1 {
+        return 0;
+    }
+    match split {
+        Split::Session => {
+            (xxhash_rust::xxh3::xxh3_64(&(session as u64).to_le_bytes()) % n as u64) as usize
+        }
+        Split::Alternate => (seq % n as u64) as usize,
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -52,6 +86,8 @@ pub struct Record {
     pub prompt_tokens: Option<u64>,
     pub cached_tokens: Option<u64>,
     pub served_by: Option<String>,
+    /// Index of the target URL the request went to (several URLs: see --split).
+    pub gateway: usize,
 }
 
 #[derive(Default)]
@@ -71,7 +107,9 @@ pub struct RunOutput {
 
 struct Ctx {
     client: reqwest::Client,
-    url: String,
+    urls: Vec<String>,
+    split: Split,
+    sent_seq: AtomicU64,
     model: String,
     t0: Instant,
     end: Instant,
@@ -145,6 +183,9 @@ pub async fn run(
     args: &RunArgs,
 ) -> Result<RunOutput, String> {
     let client = http_client()?;
+    if target_urls(target).is_empty() {
+        return Err(format!("no URL in target {target:?}"));
+    }
     let fleet_before = match &args.stats_url {
         Some(u) => Some(fetch_stats(&client, u).await?),
         None => None,
@@ -153,7 +194,12 @@ pub async fn run(
     let t0 = Instant::now() + lead;
     let ctx = Arc::new(Ctx {
         client: client.clone(),
-        url: format!("{}{}", target.trim_end_matches('/'), args.path),
+        urls: target_urls(target)
+            .iter()
+            .map(|u| format!("{u}{}", args.path))
+            .collect(),
+        split: args.split,
+        sent_seq: AtomicU64::new(0),
         model: trace.model.clone(),
         t0,
         end: t0 + Duration::from_secs_f64(trace.duration_s),
@@ -298,13 +344,16 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
             "stream": true,
             "stream_options": {"include_usage": true},
         });
+        let seq = ctx.sent_seq.fetch_add(1, Ordering::Relaxed);
+        let gateway = pick_url(ctx.split, ctx.urls.len(), s.id, seq);
         let sent = Instant::now();
         let late = sent.saturating_duration_since(scheduled);
         ctx.progress
             .max_late_us
             .fetch_max(late.as_micros() as u64, Ordering::Relaxed);
         ctx.progress.sent.fetch_add(1, Ordering::Relaxed);
-        let res = tokio::time::timeout(ctx.timeout, one_request(&ctx, &body, sent)).await;
+        let res =
+            tokio::time::timeout(ctx.timeout, one_request(&ctx, &ctx.urls[gateway], &body)).await;
         let e2e = sent.elapsed().as_secs_f64();
         let (out, err) = match res {
             Ok(Ok(out)) => (out, None),
@@ -337,6 +386,7 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
             prompt_tokens: out.usage_prompt,
             cached_tokens: out.usage_cached,
             served_by: out.served_by,
+            gateway,
         });
         if !ok {
             break;
@@ -356,13 +406,9 @@ struct Streamed {
     served_by: Option<String>,
 }
 
-async fn one_request(
-    ctx: &Ctx,
-    body: &Value,
-    _sent: Instant,
-) -> Result<Streamed, (Streamed, String)> {
+async fn one_request(ctx: &Ctx, url: &str, body: &Value) -> Result<Streamed, (Streamed, String)> {
     let mut out = Streamed::default();
-    let resp = match ctx.client.post(&ctx.url).json(body).send().await {
+    let resp = match ctx.client.post(url).json(body).send().await {
         Ok(r) => r,
         Err(e) => return Err((out, format!("connect: {}", short_err(&e)))),
     };
@@ -513,6 +559,12 @@ pub struct Summary {
     pub fleet_utilization: Option<f64>,
     pub per_server: Vec<ServerShare>,
     pub per_kind_ttft_s: BTreeMap<String, Dist>,
+    /// Prefix-cache hit rate per request kind, from the responses' usage (cached prompt tokens
+    /// / prompt tokens of the successful requests of that kind).
+    pub per_kind_hit_rate: BTreeMap<String, f64>,
+    /// Requests per target URL when the run split the trace over several URLs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub per_gateway: Vec<u64>,
 }
 
 fn num(v: &Value, k: &str) -> f64 {
@@ -637,7 +689,8 @@ pub fn summarize(label: &str, target: &str, out: &RunOutput, warmup: f64) -> Sum
         })
         .collect();
     let mut per_kind_ttft_s = BTreeMap::new();
-    for kind in [Kind::Chat, Kind::Rag, Kind::Unique] {
+    let mut per_kind_hit_rate = BTreeMap::new();
+    for kind in Kind::ALL {
         let v: Vec<f64> = ok
             .iter()
             .filter(|r| r.kind == kind)
@@ -646,7 +699,23 @@ pub fn summarize(label: &str, target: &str, out: &RunOutput, warmup: f64) -> Sum
         if !v.is_empty() {
             per_kind_ttft_s.insert(kind.name().to_string(), Dist::of(&v));
         }
+        let (p, c) = ok
+            .iter()
+            .filter(|r| r.kind == kind)
+            .filter_map(|r| Some((r.prompt_tokens?, r.cached_tokens?)))
+            .fold((0u64, 0u64), |a, b| (a.0 + b.0, a.1 + b.1));
+        if p > 0 {
+            per_kind_hit_rate.insert(kind.name().to_string(), c as f64 / p as f64);
+        }
     }
+    let gateways = recs.iter().map(|r| r.gateway + 1).max().unwrap_or(0);
+    let per_gateway: Vec<u64> = if gateways > 1 {
+        (0..gateways)
+            .map(|g| recs.iter().filter(|r| r.gateway == g).count() as u64)
+            .collect()
+    } else {
+        Vec::new()
+    };
     Summary {
         label: label.to_string(),
         target: target.to_string(),
@@ -666,6 +735,8 @@ pub fn summarize(label: &str, target: &str, out: &RunOutput, warmup: f64) -> Sum
         fleet_utilization,
         per_server,
         per_kind_ttft_s,
+        per_kind_hit_rate,
+        per_gateway,
     }
 }
 
@@ -688,6 +759,15 @@ pub fn share_string(s: &Summary) -> String {
         .join("/")
 }
 
+/// Hit rate per request kind as "chat 62 rag 71 unique 0" (percent, from usage).
+pub fn kind_hits_string(s: &Summary) -> String {
+    s.per_kind_hit_rate
+        .iter()
+        .map(|(k, h)| format!("{k} {:.0}", h * 100.0))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// One table, one row per run.
 pub fn table(runs: &[Summary]) -> String {
     let head = [
@@ -698,6 +778,7 @@ pub fn table(runs: &[Summary]) -> String {
         "p50",
         "p90",
         "p99",
+        "e2e mean",
         "e2e p50",
         "e2e p99",
         "req/s",
@@ -706,7 +787,10 @@ pub fn table(runs: &[Summary]) -> String {
         "util",
         "share % per server",
         "late max",
+        "hit % by kind",
     ];
+    // Left-aligned columns: the policy, the shares and the per-kind hit rates.
+    let left = |i: usize| i == 0 || i == 14 || i == 16;
     let rows: Vec<Vec<String>> = runs
         .iter()
         .map(|s| {
@@ -718,6 +802,7 @@ pub fn table(runs: &[Summary]) -> String {
                 ms(s.ttft_s.p50),
                 ms(s.ttft_s.p90),
                 ms(s.ttft_s.p99),
+                ms(s.e2e_s.mean),
                 ms(s.e2e_s.p50),
                 ms(s.e2e_s.p99),
                 format!("{:.2}", s.req_per_s),
@@ -726,6 +811,7 @@ pub fn table(runs: &[Summary]) -> String {
                 pct(s.fleet_utilization),
                 share_string(s),
                 ms(s.send_lateness_s.max),
+                kind_hits_string(s),
             ]
         })
         .collect();
@@ -741,7 +827,7 @@ pub fn table(runs: &[Summary]) -> String {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                if i == 0 || i == 13 {
+                if left(i) {
                     format!("{:<w$}", c, w = w[i])
                 } else {
                     format!("{:>w$}", c, w = w[i])
@@ -758,7 +844,7 @@ pub fn table(runs: &[Summary]) -> String {
         "|{}|\n",
         w.iter()
             .enumerate()
-            .map(|(i, n)| if i == 0 || i == 13 {
+            .map(|(i, n)| if left(i) {
                 format!(":{}", "-".repeat(n + 1))
             } else {
                 format!("{}:", "-".repeat(n + 1))
@@ -769,6 +855,14 @@ pub fn table(runs: &[Summary]) -> String {
     for r in &rows {
         line(r, &mut out);
     }
-    out.push_str("(times in ms; hit rate = cached prompt tokens / prompt tokens over the fleet; util = mean busy fraction of the servers)\n");
+    out.push_str("(times in ms; hit rate = cached prompt tokens / prompt tokens over the fleet; util = mean busy fraction of the servers; hit % by kind from the responses' usage)\n");
+    for s in runs.iter().filter(|s| !s.per_gateway.is_empty()) {
+        let g: Vec<String> = s.per_gateway.iter().map(u64::to_string).collect();
+        out.push_str(&format!(
+            "{}: requests per target URL {}\n",
+            s.label,
+            g.join("/")
+        ));
+    }
     out
 }

@@ -6,6 +6,7 @@ pub mod engine;
 pub mod kv;
 pub mod load;
 pub mod proxy;
+pub mod saturation;
 pub mod server;
 pub mod workload;
 
@@ -32,11 +33,14 @@ enum Cmd {
     Compare(compare::CompareArgs),
     /// A minimal streaming proxy (round robin or least request) as a reference target.
     Proxy(proxy::ProxyArgs),
+    /// Find the rate at which a target (round robin) stops keeping up with a workload.
+    Saturation(saturation::SaturationArgs),
 }
 
 #[derive(clap::Args)]
 struct LoadArgs {
-    /// Base URL of the target (a router or one simulated server).
+    /// Base URL of the target (a router or one simulated server); several comma-separated
+    /// URLs split the trace between them (see --split).
     #[arg(long)]
     target: String,
     /// Name of this run in the output.
@@ -105,6 +109,7 @@ fn main() {
             Cmd::Load(a) => load_cmd(a).await,
             Cmd::Compare(a) => compare::compare(a).await,
             Cmd::Proxy(a) => proxy::run(a).await,
+            Cmd::Saturation(a) => saturation::saturation(a).await,
         }
     });
     if let Err(e) = res {

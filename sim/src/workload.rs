@@ -1,6 +1,10 @@
 //! Seeded workload traces: multi-tenant chat (long shared system prompts, multi-turn sessions
-//! that resend the history after a think time), RAG (shared documents, short questions) and
-//! unique prompts. The same arguments and seed always give the same trace.
+//! that resend the history after a think time), RAG (shared documents, short questions), unique
+//! prompts, and two opt-in kinds: `agent` (long-context coding-agent sessions: a shared tool
+//! prompt, a private repository context, many turns of tool output with long generated replies)
+//! and `burst` (many tenants with their own system prompts, plus episodes where one tenant's
+//! traffic exceeds what one server can prefill). The same arguments and seed always give the
+//! same trace; the default mix (no agent, no burst) gives the same trace as before they existed.
 
 use crate::engine::CHARS_PER_TOKEN;
 use serde::Serialize;
@@ -45,12 +49,26 @@ impl FromStr for Range {
     }
 }
 
-/// Request shares of the three workloads, e.g. "chat=0.6,rag=0.3,unique=0.1".
+/// Request shares of the workloads, e.g. "chat=0.6,rag=0.3,unique=0.1" or "agent=1".
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Mix {
     pub chat: f64,
     pub rag: f64,
     pub unique: f64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub agent: f64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub burst: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+impl Mix {
+    fn total(&self) -> f64 {
+        self.chat + self.rag + self.unique + self.agent + self.burst
+    }
 }
 
 impl FromStr for Mix {
@@ -60,6 +78,8 @@ impl FromStr for Mix {
             chat: 0.0,
             rag: 0.0,
             unique: 0.0,
+            agent: 0.0,
+            burst: 0.0,
         };
         for part in s.split(',').filter(|p| !p.trim().is_empty()) {
             let (k, v) = part
@@ -76,10 +96,16 @@ impl FromStr for Mix {
                 "chat" => m.chat = v,
                 "rag" => m.rag = v,
                 "unique" => m.unique = v,
-                other => return Err(format!("unknown workload {other:?} (chat, rag, unique)")),
+                "agent" => m.agent = v,
+                "burst" => m.burst = v,
+                other => {
+                    return Err(format!(
+                        "unknown workload {other:?} (chat, rag, unique, agent, burst)"
+                    ))
+                }
             }
         }
-        if m.chat + m.rag + m.unique <= 0.0 {
+        if m.total() <= 0.0 {
             return Err("mix has no positive weight".into());
         }
         Ok(m)
@@ -134,9 +160,49 @@ pub struct WorkloadArgs {
     /// Unique prompts: length (tokens).
     #[arg(long, default_value = "500:4000")]
     pub unique_tokens: Range,
-    /// Output length of every request (max_tokens).
+    /// Output length of every request (max_tokens) of chat, rag, unique and burst.
     #[arg(long, default_value = "32:160")]
     pub output_tokens: Range,
+    /// Agent: number of shared tool/agent system prompts (one per agent product or tenant).
+    #[arg(long, default_value_t = 4)]
+    pub agent_prompts: u64,
+    /// Agent: shared system prompt (tool definitions) length (tokens).
+    #[arg(long, default_value = "2000:5000")]
+    pub agent_system_tokens: Range,
+    /// Agent: the session's private context (repository files, task) in its first turn (tokens).
+    #[arg(long, default_value = "2000:8000")]
+    pub agent_context_tokens: Range,
+    /// Agent: turns per session (every turn resends the whole history, replies included).
+    #[arg(long, default_value = "4:10")]
+    pub agent_turns: Range,
+    /// Agent: tool output sent as the user message of every later turn (tokens).
+    #[arg(long, default_value = "100:800")]
+    pub agent_tool_tokens: Range,
+    /// Agent: generated reply length of every turn (max_tokens; long: code, plans).
+    #[arg(long, default_value = "150:600")]
+    pub agent_output_tokens: Range,
+    /// Agent: mean pause between a reply and the next turn (tool execution, s, exponential).
+    #[arg(long, default_value_t = 1.0)]
+    pub agent_think_s: f64,
+    /// Burst: number of tenants, each with its own system prompt.
+    #[arg(long, default_value_t = 32)]
+    pub burst_tenants: u64,
+    /// Burst: tenant system prompt length (tokens).
+    #[arg(long, default_value = "1000:3000")]
+    pub burst_system_tokens: Range,
+    /// Burst: user message length (tokens; uncached work per request).
+    #[arg(long, default_value = "400:1200")]
+    pub burst_user_tokens: Range,
+    /// Burst: share of the burst workload's requests that come in hot-tenant episodes (the
+    /// rest is background traffic spread uniformly over the tenants).
+    #[arg(long, default_value_t = 0.5)]
+    pub burst_fraction: f64,
+    /// Burst: requests in one episode (all to one tenant's system prompt).
+    #[arg(long, default_value_t = 80)]
+    pub burst_requests: u64,
+    /// Burst: length of one episode (s); burst-requests / burst-len-s is the hot tenant's rate.
+    #[arg(long, default_value_t = 4.0)]
+    pub burst_len_s: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
@@ -145,14 +211,26 @@ pub enum Kind {
     Chat,
     Rag,
     Unique,
+    Agent,
+    Burst,
 }
 
 impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Chat,
+        Kind::Rag,
+        Kind::Unique,
+        Kind::Agent,
+        Kind::Burst,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::Chat => "chat",
             Kind::Rag => "rag",
             Kind::Unique => "unique",
+            Kind::Agent => "agent",
+            Kind::Burst => "burst",
         }
     }
 }
@@ -172,6 +250,10 @@ pub struct Session {
     pub start_s: f64,
     pub system: Option<Arc<str>>,
     pub turns: Vec<Turn>,
+    /// Tenant (chat, burst) or agent prompt (agent) index; None for rag and unique.
+    pub tenant: Option<usize>,
+    /// Burst: the index of the hot-tenant episode this request belongs to.
+    pub episode: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +311,20 @@ pub fn generate(a: &WorkloadArgs) -> Result<Trace, String> {
     if a.mix.rag > 0.0 && a.docs == 0 {
         return Err("rag needs --docs >= 1".into());
     }
+    if a.mix.agent > 0.0 && (a.agent_prompts == 0 || a.agent_turns.lo == 0) {
+        return Err("agent needs --agent-prompts >= 1 and --agent-turns >= 1".into());
+    }
+    if a.mix.burst > 0.0 {
+        if a.burst_tenants == 0 || a.burst_requests == 0 {
+            return Err("burst needs --burst-tenants >= 1 and --burst-requests >= 1".into());
+        }
+        if !(0.0..=1.0).contains(&a.burst_fraction) {
+            return Err("--burst-fraction must be within 0..1".into());
+        }
+        if !(a.burst_len_s > 0.0 && a.burst_len_s.is_finite()) {
+            return Err("--burst-len-s must be > 0".into());
+        }
+    }
     let mut r = fastrand::Rng::with_seed(a.seed);
     let systems: Vec<Arc<str>> = (0..a.tenants)
         .map(|t| {
@@ -249,24 +345,80 @@ pub fn generate(a: &WorkloadArgs) -> Result<Trace, String> {
         .map(|k| 1.0 / (k as f64).powf(a.doc_zipf))
         .collect();
     let zsum: f64 = zipf.iter().sum();
+    // The opt-in workloads' shared prompts come from their own generators, so that the main
+    // generator (and with it every trace without agent or burst) is unchanged.
+    let agent_systems: Vec<Arc<str>> = if a.mix.agent > 0.0 {
+        let mut ra = fastrand::Rng::with_seed(a.seed ^ 0x6167_656e_745f_7379);
+        (0..a.agent_prompts)
+            .map(|t| {
+                let head = format!(
+                    "You are coding agent {t}. You can call these tools: read_file, edit_file, run_tests, search. "
+                );
+                let n = a.agent_system_tokens.sample(&mut ra);
+                let body = words(&mut ra, n.saturating_sub(head.len() as u64 / 4));
+                Arc::from(format!("{head}{body}"))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let burst_systems: Vec<Arc<str>> = if a.mix.burst > 0.0 {
+        let mut rb = fastrand::Rng::with_seed(a.seed ^ 0x6275_7273_745f_7379);
+        (0..a.burst_tenants)
+            .map(|t| {
+                let head = format!("You are the support assistant of customer {t}. ");
+                let n = a.burst_system_tokens.sample(&mut rb);
+                let body = words(&mut rb, n.saturating_sub(head.len() as u64 / 4));
+                Arc::from(format!("{head}{body}"))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
 
-    // Session kinds are drawn so that the *request* shares match the mix.
+    // Session kinds are drawn so that the *request* shares match the mix. Burst episodes are
+    // generated apart (below) and take `burst_fraction` of the burst share.
     let per_session = [a.turns.mean(), 1.0, 1.0];
-    let w = [a.mix.chat / per_session[0], a.mix.rag, a.mix.unique];
+    let agent_w = if a.mix.agent > 0.0 {
+        a.mix.agent / a.agent_turns.mean()
+    } else {
+        0.0
+    };
+    let burst_w = if a.mix.burst > 0.0 {
+        a.mix.burst * (1.0 - a.burst_fraction)
+    } else {
+        0.0
+    };
+    let w = [
+        a.mix.chat / per_session[0],
+        a.mix.rag,
+        a.mix.unique,
+        agent_w,
+        burst_w,
+    ];
     let wsum: f64 = w.iter().sum();
-    let mean_requests: f64 = (a.mix.chat + a.mix.rag + a.mix.unique) / wsum;
+    let mean_requests: f64 = a.mix.total() / wsum;
     let session_rate = a.rate / mean_requests;
+    let opt_in = agent_w + burst_w > 0.0;
 
     let mut sessions = Vec::new();
-    let mut t = exp(&mut r, 1.0 / session_rate);
+    let mut t = if wsum > 0.0 {
+        exp(&mut r, 1.0 / session_rate)
+    } else {
+        f64::INFINITY
+    };
     while t < a.duration {
         let x = r.f64() * wsum;
         let kind = if x < w[0] {
             Kind::Chat
         } else if x < w[0] + w[1] {
             Kind::Rag
-        } else {
+        } else if !opt_in || x < w[0] + w[1] + w[2] {
             Kind::Unique
+        } else if x < w[0] + w[1] + w[2] + w[3] || burst_w == 0.0 {
+            Kind::Agent
+        } else {
+            Kind::Burst
         };
         let id = sessions.len();
         let s = match kind {
@@ -286,6 +438,8 @@ pub fn generate(a: &WorkloadArgs) -> Result<Trace, String> {
                     start_s: t,
                     system: Some(systems[tenant].clone()),
                     turns,
+                    tenant: Some(tenant),
+                    episode: None,
                 }
             }
             Kind::Rag => {
@@ -306,6 +460,8 @@ pub fn generate(a: &WorkloadArgs) -> Result<Trace, String> {
                         max_tokens: a.output_tokens.sample(&mut r).max(1),
                         think_s: 0.0,
                     }],
+                    tenant: None,
+                    episode: None,
                 }
             }
             Kind::Unique => Session {
@@ -318,16 +474,105 @@ pub fn generate(a: &WorkloadArgs) -> Result<Trace, String> {
                     max_tokens: a.output_tokens.sample(&mut r).max(1),
                     think_s: 0.0,
                 }],
+                tenant: None,
+                episode: None,
             },
+            Kind::Agent => {
+                let prompt = r.usize(0..agent_systems.len());
+                let n = a.agent_turns.sample(&mut r) as usize;
+                let turns = (0..n)
+                    .map(|i| Turn {
+                        user: if i == 0 {
+                            format!(
+                                "[{id}] Task and repository context:\n{}",
+                                text_of(&mut r, a.agent_context_tokens)
+                            )
+                        } else {
+                            format!(
+                                "[{id}.{i}] Tool result:\n{}",
+                                text_of(&mut r, a.agent_tool_tokens)
+                            )
+                        },
+                        max_tokens: a.agent_output_tokens.sample(&mut r).max(1),
+                        think_s: if i == 0 {
+                            0.0
+                        } else {
+                            exp(&mut r, a.agent_think_s)
+                        },
+                    })
+                    .collect();
+                Session {
+                    id,
+                    kind,
+                    start_s: t,
+                    system: Some(agent_systems[prompt].clone()),
+                    turns,
+                    tenant: Some(prompt),
+                    episode: None,
+                }
+            }
+            Kind::Burst => {
+                let tenant = r.usize(0..burst_systems.len());
+                burst_session(a, &mut r, id, t, &burst_systems, tenant, None)
+            }
         };
         sessions.push(s);
         t += exp(&mut r, 1.0 / session_rate);
+    }
+    // Hot-tenant episodes: evenly spaced (with jitter) so that every run of a few gaps has
+    // some; each sends `burst_requests` requests of one tenant over `burst_len_s` seconds.
+    if a.mix.burst > 0.0 && a.burst_fraction > 0.0 {
+        let episode_requests_per_s = a.rate * a.mix.burst / a.mix.total() * a.burst_fraction;
+        let gap = a.burst_requests as f64 / episode_requests_per_s;
+        let mut rb = fastrand::Rng::with_seed(a.seed ^ 0x6275_7273_745f_6570);
+        let mut k = 0usize;
+        loop {
+            let start = (k as f64 + 0.5 + (rb.f64() - 0.5) * 0.5) * gap;
+            if start >= a.duration {
+                break;
+            }
+            let tenant = rb.usize(0..burst_systems.len());
+            let mut times: Vec<f64> = (0..a.burst_requests)
+                .map(|_| start + rb.f64() * a.burst_len_s)
+                .collect();
+            times.sort_by(f64::total_cmp);
+            for at in times.into_iter().filter(|&at| at < a.duration) {
+                let id = sessions.len();
+                let s = burst_session(a, &mut rb, id, at, &burst_systems, tenant, Some(k));
+                sessions.push(s);
+            }
+            k += 1;
+        }
     }
     Ok(Trace {
         sessions,
         duration_s: a.duration,
         model: a.model.clone(),
     })
+}
+
+fn burst_session(
+    a: &WorkloadArgs,
+    r: &mut fastrand::Rng,
+    id: usize,
+    start_s: f64,
+    systems: &[Arc<str>],
+    tenant: usize,
+    episode: Option<usize>,
+) -> Session {
+    Session {
+        id,
+        kind: Kind::Burst,
+        start_s,
+        system: Some(systems[tenant].clone()),
+        turns: vec![Turn {
+            user: format!("[{id}] {}", text_of(r, a.burst_user_tokens)),
+            max_tokens: a.output_tokens.sample(r).max(1),
+            think_s: 0.0,
+        }],
+        tenant: Some(tenant),
+        episode,
+    }
 }
 
 #[cfg(test)]
@@ -382,5 +627,163 @@ mod tests {
         assert_eq!((m.chat, m.rag, m.unique), (0.0, 1.0, 0.0));
         let mut r = fastrand::Rng::with_seed(3);
         assert_eq!(words(&mut r, 100).len(), 100 * CHARS_PER_TOKEN);
+    }
+
+    /// A digest of everything a trace sends (times, texts, lengths, think times).
+    fn fingerprint(t: &Trace) -> u64 {
+        let mut s = String::new();
+        for x in &t.sessions {
+            s.push_str(&format!("{}|{:?}|{}|", x.id, x.kind, x.start_s.to_bits()));
+            if let Some(sys) = &x.system {
+                s.push_str(sys);
+            }
+            for turn in &x.turns {
+                s.push_str(&format!(
+                    "|{}|{}|{}",
+                    turn.user,
+                    turn.max_tokens,
+                    turn.think_s.to_bits()
+                ));
+            }
+            s.push('\n');
+        }
+        xxhash_rust::xxh3::xxh3_64(s.as_bytes())
+    }
+
+    /// The traces of the original workloads (chat, rag, unique) must not change when workloads
+    /// are added: the digests below were taken from the generator before agent and burst
+    /// existed (checked against a copy of it), and published benchmark numbers used these traces.
+    #[test]
+    fn the_original_workloads_give_the_same_traces_as_before() {
+        for (extra, digest) in [
+            (&[][..], 0x0b55_6676_bf4f_0516u64),
+            (&["--seed", "2"][..], 0x2541_702f_0278_3585),
+            (
+                &["--mix", "chat=1", "--seed", "3"][..],
+                0x8fb9_3535_f326_aeac,
+            ),
+            (
+                &["--mix", "rag=0.3,unique=0.7", "--rate", "11"][..],
+                0x9f48_053b_1f34_07f2,
+            ),
+            (
+                &["--mix", "chat=0.2,rag=0.2,unique=0.6", "--turns", "1:3"][..],
+                0x8ace_5350_8627_6cf3,
+            ),
+        ] {
+            assert_eq!(
+                fingerprint(&generate(&args(extra)).unwrap()),
+                digest,
+                "{extra:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn agent_sessions_are_long_multi_turn_and_deterministic() {
+        let a = args(&["--mix", "agent=1", "--rate", "4", "--duration", "300"]);
+        let t = generate(&a).unwrap();
+        assert_eq!(fingerprint(&t), fingerprint(&generate(&a).unwrap()));
+        let other = args(&[
+            "--mix",
+            "agent=1",
+            "--rate",
+            "4",
+            "--duration",
+            "300",
+            "--seed",
+            "9",
+        ]);
+        assert_ne!(fingerprint(&t), fingerprint(&generate(&other).unwrap()));
+        assert!(t.sessions.iter().all(|s| s.kind == Kind::Agent));
+        let n = t.max_requests() as f64;
+        assert!((n / 300.0 - 4.0).abs() < 0.8, "request rate {}", n / 300.0);
+        let cfg = crate::engine::EngineConfig::default();
+        let mut prompts = std::collections::BTreeSet::new();
+        for s in &t.sessions {
+            assert!(s.turns.len() >= 4 && s.turns.len() <= 10);
+            prompts.insert(s.tenant.unwrap());
+            // The first turn carries the private context, later ones tool output.
+            assert!(s.turns[0].user.len() >= 2000 * CHARS_PER_TOKEN);
+            assert!(s.turns[1..].iter().all(|x| x.user.contains("Tool result")));
+            assert!(s.turns.iter().all(|x| (150..=600).contains(&x.max_tokens)));
+            assert!(s.turns[1..].iter().all(|x| x.think_s > 0.0));
+            // The whole history with every reply stays below the model length.
+            let chars = s.system.as_ref().unwrap().len()
+                + s.turns.iter().map(|x| x.user.len() + 40).sum::<usize>()
+                + s.turns
+                    .iter()
+                    .map(|x| x.max_tokens as usize * CHARS_PER_TOKEN)
+                    .sum::<usize>();
+            assert!(chars / CHARS_PER_TOKEN < cfg.max_model_len, "{chars} chars");
+        }
+        assert_eq!(
+            prompts.len(),
+            4,
+            "the agent prompts are shared by the sessions"
+        );
+    }
+
+    #[test]
+    fn burst_episodes_overload_one_server_with_one_tenant() {
+        let a = args(&["--mix", "burst=1", "--rate", "8", "--duration", "120"]);
+        let t = generate(&a).unwrap();
+        assert_eq!(fingerprint(&t), fingerprint(&generate(&a).unwrap()));
+        let n = t.max_requests() as f64;
+        assert!((n / 120.0 - 8.0).abs() < 1.0, "request rate {}", n / 120.0);
+        let in_episodes = t.sessions.iter().filter(|s| s.episode.is_some()).count() as f64;
+        assert!((in_episodes / n - 0.5).abs() < 0.1, "{in_episodes} of {n}");
+        let tenants: std::collections::BTreeSet<usize> =
+            t.sessions.iter().filter_map(|s| s.tenant).collect();
+        assert!(tenants.len() > 20, "many tenants: {}", tenants.len());
+        // One server prefills ~1/prefill_token_s tokens/s; a burst request's uncached part is
+        // its user message (the tenant's system prompt is cached after the first request).
+        let cfg = crate::engine::EngineConfig::default();
+        let one_server = 1.0 / (cfg.prefill_token_s * a.burst_user_tokens.mean());
+        let episodes = t.sessions.iter().filter_map(|s| s.episode).max().unwrap() + 1;
+        assert!(episodes >= 4, "{episodes} episodes in 120 s");
+        for e in 0..episodes {
+            let reqs: Vec<&Session> = t.sessions.iter().filter(|s| s.episode == Some(e)).collect();
+            let tenant = reqs[0].tenant;
+            assert!(reqs
+                .iter()
+                .all(|s| s.tenant == tenant && s.kind == Kind::Burst));
+            let t0 = reqs.iter().map(|s| s.start_s).fold(f64::INFINITY, f64::min);
+            let t1 = reqs.iter().map(|s| s.start_s).fold(0.0, f64::max);
+            assert!(t1 - t0 <= a.burst_len_s);
+            if reqs.len() as u64 == a.burst_requests {
+                let hot_rate = reqs.len() as f64 / a.burst_len_s;
+                assert!(
+                    hot_rate > 1.4 * one_server,
+                    "episode {e}: {hot_rate} req/s vs one server's {one_server}"
+                );
+            }
+        }
+        // Mixed with the old workloads: the request shares hold.
+        let m = generate(&args(&[
+            "--mix",
+            "chat=0.4,rag=0.2,unique=0.1,agent=0.1,burst=0.2",
+            "--rate",
+            "20",
+            "--duration",
+            "300",
+        ]))
+        .unwrap();
+        let total = m.max_requests() as f64;
+        for (kind, share) in [(Kind::Chat, 0.4), (Kind::Agent, 0.1), (Kind::Burst, 0.2)] {
+            let k: usize = m
+                .sessions
+                .iter()
+                .filter(|s| s.kind == kind)
+                .map(|s| s.turns.len())
+                .sum();
+            assert!(
+                (k as f64 / total - share).abs() < 0.05,
+                "{kind:?}: {k} of {total}"
+            );
+        }
+        assert!((total / 300.0 - 20.0).abs() < 2.0);
+        let p: Mix = "agent=1,burst=2".parse().unwrap();
+        assert_eq!((p.agent, p.burst, p.chat), (1.0, 2.0, 0.0));
     }
 }

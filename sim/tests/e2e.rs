@@ -319,3 +319,232 @@ fn load_writes_json_and_leaves_the_warmup_out() {
         .iter()
         .all(|r| r["served_by"].as_str() == Some(url.trim_start_matches("http://"))));
 }
+
+/// Runs `llmproxy-sim load` with `args` plus a JSON output file; returns (stdout, the JSON).
+fn load_json(args: &[&str]) -> (String, Value) {
+    let file = std::env::temp_dir().join(format!(
+        "llmproxy-sim-load-{}-{}.json",
+        std::process::id(),
+        args.iter().map(|a| a.len()).sum::<usize>()
+    ));
+    let file_s = file.to_string_lossy().to_string();
+    let mut all = vec!["load", "--json-out", &file_s, "--quiet"];
+    all.extend_from_slice(args);
+    let out = Command::new(BIN).args(&all).output().expect("run load");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "load failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&file);
+    (stdout, doc)
+}
+
+#[test]
+fn agent_turns_resend_the_generated_replies() {
+    let (_fleet, line) = start(&["serve", "--servers", "1", "--base-port", "0"], "servers:");
+    let url = line.trim().to_string();
+    let (stdout, doc) = load_json(&[
+        "--target",
+        &url,
+        "--stats-url",
+        &url,
+        "--reset",
+        "--mix",
+        "agent=1",
+        "--duration",
+        "3",
+        "--rate",
+        "3",
+        "--agent-system-tokens",
+        "100:200",
+        "--agent-context-tokens",
+        "200:400",
+        "--agent-tool-tokens",
+        "20:50",
+        "--agent-output-tokens",
+        "30:60",
+        "--agent-turns",
+        "3",
+        "--agent-think-s",
+        "0.1",
+        "--drain-timeout",
+        "20",
+    ]);
+    assert!(stdout.contains("agent "), "{stdout}");
+    let records = doc["records"].as_array().unwrap();
+    let get = |r: &Value, k: &str| r[k].as_u64().unwrap();
+    let mut later_turns = 0;
+    for r in records.iter().filter(|r| get(r, "turn") > 0) {
+        let prev = records
+            .iter()
+            .find(|p| p["session"] == r["session"] && get(p, "turn") == get(r, "turn") - 1)
+            .unwrap();
+        // The previous prompt and the reply the server generated are both in the cache: the
+        // load generator resent the reply exactly as received (the last token's KV is never
+        // computed, and the last partial block does not count).
+        let covered = get(prev, "prompt_tokens") + get(prev, "output_tokens");
+        assert!(
+            get(r, "cached_tokens") + 16 >= covered,
+            "turn {r} after {prev}"
+        );
+        later_turns += 1;
+    }
+    assert!(later_turns >= 4, "{later_turns} later turns");
+    let s = &doc["summary"];
+    assert_eq!(s["errors"], 0);
+    assert!(
+        s["per_kind_hit_rate"]["agent"].as_f64().unwrap() > 0.3,
+        "{s}"
+    );
+    assert!(s["e2e_s"]["mean"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn one_trace_split_over_two_urls() {
+    let (_fleet, line) = start(&["serve", "--servers", "2", "--base-port", "0"], "servers:");
+    let urls: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+    let both = urls.join(",");
+    let names: Vec<String> = urls
+        .iter()
+        .map(|u| u.trim_start_matches("http://").to_string())
+        .collect();
+    // By session: every turn of a session goes to the same URL, and both URLs are used.
+    let (stdout, doc) = load_json(&[
+        "--target",
+        &both,
+        "--stats-url",
+        &urls[0],
+        "--mix",
+        "chat=1",
+        "--turns",
+        "2:3",
+        "--think-s",
+        "0.2",
+        "--system-tokens",
+        "100:200",
+        "--user-tokens",
+        "10:20",
+        "--output-tokens",
+        "4:8",
+        "--duration",
+        "3",
+        "--rate",
+        "8",
+        "--split",
+        "session",
+    ]);
+    assert!(stdout.contains("requests per target URL"), "{stdout}");
+    let records = doc["records"].as_array().unwrap();
+    let mut per_url = [0, 0];
+    for r in records {
+        let g = r["gateway"].as_u64().unwrap() as usize;
+        per_url[g] += 1;
+        assert_eq!(r["served_by"].as_str().unwrap(), names[g], "{r}");
+        let same_session = records.iter().filter(|p| p["session"] == r["session"]);
+        assert!(same_session.clone().all(|p| p["gateway"] == r["gateway"]));
+    }
+    assert!(per_url[0] > 2 && per_url[1] > 2, "{per_url:?}");
+    assert_eq!(doc["summary"]["per_gateway"], serde_json::json!(per_url));
+    // Alternating: consecutive requests go to the two URLs in turn (burst workload).
+    let (_, doc) = load_json(&[
+        "--target",
+        &both,
+        "--mix",
+        "burst=1",
+        "--burst-tenants",
+        "4",
+        "--burst-system-tokens",
+        "100:200",
+        "--burst-user-tokens",
+        "20:40",
+        "--burst-requests",
+        "10",
+        "--burst-len-s",
+        "0.5",
+        "--output-tokens",
+        "2:4",
+        "--duration",
+        "3",
+        "--rate",
+        "10",
+        "--split",
+        "alternate",
+    ]);
+    let g = doc["summary"]["per_gateway"].as_array().unwrap();
+    let (a, b) = (g[0].as_i64().unwrap(), g[1].as_i64().unwrap());
+    assert!((a - b).abs() <= 1 && a > 5, "{g:?}");
+    assert!(
+        doc["summary"]["per_kind_hit_rate"]["burst"]
+            .as_f64()
+            .unwrap()
+            > 0.2
+    );
+}
+
+#[test]
+fn saturation_finds_where_a_slow_server_stops_keeping_up() {
+    // One server that prefills 500 tokens/s: prompts of 100-200 tokens, about 3 req/s.
+    let (_fleet, line) = start(
+        &[
+            "serve",
+            "--servers",
+            "1",
+            "--base-port",
+            "0",
+            "--prefill-us-per-token",
+            "2000",
+        ],
+        "servers:",
+    );
+    let url = line.trim().to_string();
+    let file = std::env::temp_dir().join(format!("llmproxy-sim-sat-{}.json", std::process::id()));
+    let file_s = file.to_string_lossy().to_string();
+    let out = Command::new(BIN)
+        .args([
+            "saturation",
+            "--target",
+            &url,
+            "--stats-url",
+            &url,
+            "--from",
+            "1.5",
+            "--factor",
+            "8",
+            "--max-rate",
+            "12",
+            "--bisect",
+            "0",
+            "--mix",
+            "unique=1",
+            "--unique-tokens",
+            "100:200",
+            "--output-tokens",
+            "2:4",
+            "--duration",
+            "3",
+            "--drain-timeout",
+            "30",
+            "--quiet",
+            "--json-out",
+            &file_s,
+        ])
+        .output()
+        .expect("run saturation");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "saturation failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("saturation ≈ 6.75 req/s"), "{stdout}");
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&file);
+    let probes = doc["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), 2);
+    assert_eq!(probes[0]["saturated"], false, "{}", probes[0]);
+    assert_eq!(probes[1]["saturated"], true, "{}", probes[1]);
+    assert!((doc["rate_75"].as_f64().unwrap() - 0.75 * 6.75).abs() < 1e-9);
+}

@@ -80,6 +80,8 @@ pub struct FileConfig {
     pub auth: AuthSection,
     #[serde(rename = "Memory")]
     pub memory: MemorySection,
+    #[serde(rename = "Store")]
+    pub store: StoreSection,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -162,6 +164,21 @@ pub struct MemorySection {
     pub max_memory_mb: Option<u64>,
 }
 
+/// Where the state lives: the embedded in-memory stores (default) or Redis.
+#[derive(Deserialize, Default, Debug)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct StoreSection {
+    /// `memory`, `redis://HOST:PORT[/DB]` or `redis+cluster://HOST:PORT,HOST:PORT`.
+    #[serde(rename = "URL")]
+    pub url: Option<String>,
+    /// Deadline of one store operation (Redis only).
+    pub timeout: Option<String>,
+    /// Deadline of one connection attempt to Redis, DNS included.
+    pub connect_timeout: Option<String>,
+    /// Prefix of every Redis key.
+    pub key_prefix: Option<String>,
+}
+
 pub fn load_file(path: &Path) -> Result<FileConfig, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
@@ -216,6 +233,14 @@ pub struct Settings {
     pub replica_workers: usize,
     pub pod_ip: Option<std::net::IpAddr>,
     pub auth_token: Option<String>,
+    /// Where the load and cache state lives (`--store`).
+    pub store: crate::store::StoreSpec,
+    /// Deadline of one Redis store operation (`--store-timeout`).
+    pub store_timeout: Duration,
+    /// Deadline of one connection attempt to Redis.
+    pub store_connect_timeout: Duration,
+    /// Prefix of every Redis key.
+    pub store_key_prefix: String,
 }
 
 impl Default for Settings {
@@ -247,6 +272,10 @@ impl Default for Settings {
             replica_workers: 8,
             pod_ip: None,
             auth_token: None,
+            store: crate::store::StoreSpec::Memory,
+            store_timeout: crate::store::redis::DEFAULT_OP_TIMEOUT,
+            store_connect_timeout: crate::store::redis::DEFAULT_CONNECT_TIMEOUT,
+            store_key_prefix: crate::store::redis::DEFAULT_KEY_PREFIX.into(),
         }
     }
 }
@@ -375,6 +404,18 @@ impl Settings {
         if let Some(t) = &f.auth.token {
             self.auth_token = Some(t.clone()).filter(|s| !s.is_empty());
         }
+        if let Some(u) = &f.store.url {
+            self.store = crate::store::StoreSpec::parse("Store.URL", u)?;
+        }
+        dur("Store.Timeout", &f.store.timeout, &mut self.store_timeout)?;
+        dur(
+            "Store.ConnectTimeout",
+            &f.store.connect_timeout,
+            &mut self.store_connect_timeout,
+        )?;
+        if let Some(p) = &f.store.key_prefix {
+            self.store_key_prefix = p.clone();
+        }
         Ok(())
     }
 
@@ -446,6 +487,10 @@ impl Settings {
         if let Some(v) = get("METADATA_CENTER_AUTH_TOKEN") {
             self.auth_token = Some(v);
         }
+        if let Some(v) = get("METADATA_CENTER_STORE") {
+            self.store = crate::store::StoreSpec::parse("METADATA_CENTER_STORE", &v)?;
+        }
+        d("METADATA_CENTER_STORE_TIMEOUT", &mut self.store_timeout)?;
         Ok(())
     }
 
@@ -467,6 +512,17 @@ impl Settings {
         }
         if self.cache.top_k == 0 {
             return Err("cache top-K must be > 0".into());
+        }
+        if self.store_timeout.is_zero() || self.store_connect_timeout.is_zero() {
+            return Err(
+                "Store.Timeout (--store-timeout) and Store.ConnectTimeout must be > 0".into(),
+            );
+        }
+        if self.store.is_redis() && (!self.peers.is_empty() || self.svc_disc_host.is_some()) {
+            return Err("Replica.Peers / --peers / META_DATA_CENTER_SVC_DISC_HOST: replication is not used with a Redis store (the replicas share Redis); remove the peers".into());
+        }
+        if self.store.is_redis() && self.store_key_prefix.is_empty() {
+            return Err("Store.KeyPrefix: must not be empty".into());
         }
         Ok(())
     }

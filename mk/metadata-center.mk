@@ -2,16 +2,21 @@
 #
 #   make run-metadata-center     serve on 127.0.0.1:8080 (MC_ARGS="--port 9000 --debug" to change)
 #   make bench-metadata-center   requests/s and latency of the API on this machine (not in CI)
+#   make test-redis              the Redis store's tests against a real redis-server (in `make test`)
 #
-# Its tests (unit tests and the HTTP wire tests against the real binary) run in `test-rust`
-# (cargo test --release --workspace), so there is no separate test target.
+# Its unit tests and HTTP wire tests run in `test-rust` (cargo test --release --workspace). The
+# Redis store's tests (tests/redis_*.rs) start their own redis-server processes on free
+# 127.0.0.1 ports; under `make test-redis` (LLMPROXY_REQUIRE_REDIS=1) they fail when
+# redis-server is missing instead of skipping.
 
 MC_BIN        := $(RELEASE)/llmproxy-metadata-center
 MC_ARGS       ?=
 MC_BENCH_SECS ?= 5
 MC_BENCH_CONC ?= 16
 
-.PHONY: metadata-center run-metadata-center bench-metadata-center
+MC_REDIS_TESTS := --test redis_store --test redis_cluster --test redis_replicas
+
+.PHONY: metadata-center run-metadata-center bench-metadata-center redis-server test-redis
 
 ## metadata-center: release build of the server binary
 metadata-center:
@@ -32,3 +37,16 @@ bench-metadata-center: metadata-center
 	echo "server RSS after the run: $$(ps -o rss= -p $$pid) KiB, threads: $$(ps -o nlwp= -p $$pid)"; \
 	echo "the same work without HTTP (one thread):"; \
 	$(RELEASE)/examples/mc_bench --in-process
+
+## redis-server: Debian's redis-server (and redis-cli), installed when root and missing
+redis-server:
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || \
+	  scripts/apt-install.sh redis-server || \
+	  { echo "redis-server is required by test-redis: apt-get install redis-server" >&2; exit 1; }
+
+## test-redis: the Redis store against real Redis: data model, a 3-master Redis Cluster with
+## failover, two metadata-center replicas over one Redis
+test-redis: redis-server
+	LLMPROXY_REQUIRE_REDIS=1 $(CARGO) test --release -p llmproxy-metadata-center $(MC_REDIS_TESTS)
+
+TEST_TARGETS += test-redis

@@ -146,6 +146,12 @@ impl RedisStore {
                 self.counters.ok[i].fetch_add(1, Ordering::Relaxed);
                 Some(v)
             }
+            // The client's own response timeout (also `op_timeout`) counts as a timeout.
+            Ok(Err(e)) if e.is_timeout() => {
+                self.counters.timeout[i].fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(op = op.name(), error = %e, "redis store timeout");
+                None
+            }
             Ok(Err(e)) => {
                 self.counters.error[i].fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(op = op.name(), error = %e, "redis store error");

@@ -155,6 +155,9 @@ impl RedisCluster {
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "1000",
+                    // Replicas sync at once (the default waits 5 s for more replicas).
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ])
             })
             .collect();
@@ -190,7 +193,8 @@ impl RedisCluster {
         format!("redis+cluster://{}", hosts.join(","))
     }
 
-    /// Waits until every live node reports `cluster_state:ok`.
+    /// Waits until every live node reports `cluster_state:ok` and every replica's link to its
+    /// master is up (a replica that never synced cannot be promoted).
     pub fn wait_ok(&self, within: Duration) {
         let deadline = Instant::now() + within;
         'outer: loop {
@@ -200,6 +204,13 @@ impl RedisCluster {
                 let mut con = n.client();
                 let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut con).unwrap();
                 if !info.contains("cluster_state:ok") {
+                    continue 'outer;
+                }
+                let repl: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query(&mut con)
+                    .unwrap();
+                if repl.contains("role:slave") && !repl.contains("master_link_status:up") {
                     continue 'outer;
                 }
             }

@@ -84,8 +84,6 @@ impl StoreSpec {
 /// A URL the redis client accepts, with a port (a missing port is accepted by the client, as
 /// 6379, but is usually a typo here).
 fn check_url(url: &str) -> Result<(), String> {
-    let info = ::redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| e.to_string())?;
-    let _ = info;
     let host_port = url
         .split("://")
         .nth(1)
@@ -101,8 +99,10 @@ fn check_url(url: &str) -> Result<(), String> {
         return Err("missing port (HOST:PORT)".into());
     }
     port.parse::<u16>()
-        .map_err(|_| format!("bad port {port:?}"))
+        .map_err(|_| format!("bad port {port:?}"))?;
+    ::redis::IntoConnectionInfo::into_connection_info(url)
         .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// The store the handlers call.

@@ -1,8 +1,9 @@
 //! Load loop against a running metadata-center on this machine:
-//!   cargo run --release -p llmproxy-metadata-center --example mc_bench -- http://127.0.0.1:PORT [seconds] [concurrency]
+//!   cargo run --release -p llmproxy-metadata-center --example mc_bench -- http://127.0.0.1:PORT[,http://…] [seconds] [concurrency]
 //!   cargo run --release -p llmproxy-metadata-center --example mc_bench -- --in-process
 //! Scenarios (each bounded by `seconds`): the request lifecycle (add, prompt delete, delete),
-//! load polling, cache save and cache query on a tree of realistic prompts.
+//! load polling, cache save and cache query on a tree of realistic prompts. With several base
+//! URLs (replicas over one shared store), connection `w` talks to replica `w % n`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -189,6 +190,8 @@ async fn main() {
         .get(1)
         .cloned()
         .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let bases: Arc<Vec<String>> = Arc::new(base.split(',').map(str::to_string).collect());
+    let pick = move |w: usize| bases[w % bases.len()].clone();
     let secs: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
     let conc: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(16);
     let client = reqwest::Client::builder()
@@ -206,9 +209,9 @@ async fn main() {
 
     // 1. Request lifecycle: add, prompt delete, delete (3 API calls per iteration).
     {
-        let (c, b, eps) = (client.clone(), base.clone(), eps.clone());
+        let (c, b, eps) = (client.clone(), pick.clone(), eps.clone());
         run("lifecycle add+prompt-del+del", secs, conc, move |w, i| {
-            let (c, b, eps) = (c.clone(), b.clone(), eps.clone());
+            let (c, b, eps) = (c.clone(), b(w), eps.clone());
             async move {
                 let id = format!("bench-{w}-{i}");
                 let add = json!({"cluster":"bench","request_id":id,"prompt_length":4096,"ip":eps[(i % 16) as usize],"timestamp":1});
@@ -227,15 +230,15 @@ async fn main() {
         send(
             &client,
             reqwest::Method::POST,
-            format!("{base}/v1/load/stats"),
+            format!("{}/v1/load/stats", pick(0)),
             add.to_string(),
         )
         .await;
     }
     {
-        let (c, b) = (client.clone(), base.clone());
-        run("load query (16 engines)", secs, conc, move |_, _| {
-            let (c, b) = (c.clone(), b.clone());
+        let (c, b) = (client.clone(), pick.clone());
+        run("load query (16 engines)", secs, conc, move |w, _| {
+            let (c, b) = (c.clone(), b(w));
             async move {
                 let ok = matches!(c.get(format!("{b}/v1/load/stats?cluster=bench")).send().await, Ok(r) if r.status().is_success());
                 (1, ok)
@@ -245,9 +248,9 @@ async fn main() {
     }
     // 3. Cache save: 64-chunk prompts (32 KiB of prompt at 512 B/chunk), 5,000 conversations.
     {
-        let (c, b, eps) = (client.clone(), base.clone(), eps.clone());
-        run("cache save (64 hashes)", secs, conc, move |_, i| {
-            let (c, b, eps) = (c.clone(), b.clone(), eps.clone());
+        let (c, b, eps) = (client.clone(), pick.clone(), eps.clone());
+        run("cache save (64 hashes)", secs, conc, move |w, i| {
+            let (c, b, eps) = (c.clone(), b(w), eps.clone());
             async move {
                 let mut seed = i.wrapping_mul(0x9e3779b97f4a7c15) | 1;
                 let conv = rnd(&mut seed) % 5000;
@@ -260,13 +263,13 @@ async fn main() {
     // 4. Cache query on that tree: known conversation plus 8 new chunks.
 
     {
-        let (c, b) = (client.clone(), base.clone());
+        let (c, b) = (client.clone(), pick.clone());
         run(
             "cache query (72 hashes, top_k 5)",
             secs,
             conc,
-            move |_, i| {
-                let (c, b) = (c.clone(), b.clone());
+            move |w, i| {
+                let (c, b) = (c.clone(), b(w));
                 async move {
                     let mut seed = i.wrapping_mul(0x2545f4914f6cdd1d) | 1;
                     let conv = rnd(&mut seed) % 5000;

@@ -80,16 +80,10 @@ async fn redis_cluster_three_masters_one_slot_per_cluster_and_failover() {
         assert_eq!(load[0].queued_req_num, 1, "{n}");
         // One model cluster, one slot.
         let k = ClusterKeys::new("t", n);
-        let slots: Vec<u16> = [
-            k.requests(),
-            k.expiry(),
-            k.engines(),
-            k.lru(),
-            k.node_prefix(),
-        ]
-        .iter()
-        .map(|key| slot(&mut con, key))
-        .collect();
+        let slots: Vec<u16> = [k.requests(), k.expiry(), k.engines(), k.lru(), k.nodes()]
+            .iter()
+            .map(|key| slot(&mut con, key))
+            .collect();
         assert!(slots.iter().all(|x| *x == slots[0]), "{n}: {slots:?}");
         masters.insert(cluster.master_of(slots[0]));
     }

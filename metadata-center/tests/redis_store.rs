@@ -233,8 +233,11 @@ async fn redis_cache_is_bounded_per_cluster_and_every_key_has_a_ttl() {
         .query(&mut con)
         .unwrap();
     assert_eq!(lru, 50, "prefixes per cluster capped");
-    let nodes: Vec<String> = redis::cmd("KEYS").arg("t:{m}:n:*").query(&mut con).unwrap();
-    assert_eq!(nodes.len(), 50, "evicted prefixes' nodes deleted");
+    let nodes: usize = redis::cmd("HLEN")
+        .arg("t:{m}:nodes")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(nodes, 50, "evicted prefixes' nodes deleted");
     // The newest saves survived, least recently saved went first.
     let q = s.cache_query("m", &[39, 1039, 2039, 3039], 5).await;
     assert_eq!(q, vec![(ep("10.0.0.1"), 4)]);
@@ -244,7 +247,7 @@ async fn redis_cache_is_bounded_per_cluster_and_every_key_has_a_ttl() {
     assert_eq!(q.len(), 3, "{q:?}");
     // Every key expires.
     let keys: Vec<String> = redis::cmd("KEYS").arg("t:*").query(&mut con).unwrap();
-    assert!(keys.len() > 50);
+    assert!(keys.len() >= 5, "{keys:?}");
     for k in keys {
         let ttl: i64 = redis::cmd("PTTL").arg(&k).query(&mut con).unwrap();
         assert!(ttl > 0, "{k} has no TTL ({ttl})");

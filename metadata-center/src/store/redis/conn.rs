@@ -11,7 +11,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value};
 
 use super::super::StoreSpec;
 
@@ -32,7 +32,7 @@ impl Conn {
     ) -> Result<Conn, String> {
         match spec {
             StoreSpec::Redis(url) => {
-                let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+                let client = redis::Client::open(no_delay(url)?).map_err(|e| e.to_string())?;
                 let cfg = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(connect_timeout))
                     .set_response_timeout(Some(op_timeout))
@@ -45,7 +45,11 @@ impl Conn {
                     .map_err(|e| e.to_string())
             }
             StoreSpec::RedisCluster(nodes) => {
-                let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+                let nodes = nodes
+                    .iter()
+                    .map(|n| no_delay(n))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let client = ClusterClient::builder(nodes)
                     .connection_timeout(connect_timeout)
                     .response_timeout(op_timeout)
                     .retries(2)
@@ -63,6 +67,14 @@ impl Conn {
             StoreSpec::Memory => Err("not a Redis store".into()),
         }
     }
+}
+
+/// The node's connection settings with `TCP_NODELAY` (the client's default leaves Nagle on,
+/// which holds small pipelined commands back by up to a delayed-ACK timeout).
+fn no_delay(url: &str) -> Result<ConnectionInfo, String> {
+    let info = url.into_connection_info().map_err(|e| e.to_string())?;
+    let tcp = info.tcp_settings().clone().set_nodelay(true);
+    Ok(info.set_tcp_settings(tcp))
 }
 
 impl ConnectionLike for Conn {

@@ -8,11 +8,11 @@
 //! | `P:{C}:exp` | sorted set | request id, scored by its expiry (ms) | load TTL |
 //! | `P:{C}:eng` | hash | `q|engine` queued, `p|engine` prompt, `t|engine` updated (ns) | load TTL |
 //! | `P:rid:{R}` | string | request id → its cluster (deletes carry no cluster) | load TTL |
-//! | `P:{C}:lru` | sorted set | prefix digests of the cluster, scored by last save (ms) | cache TTL |
-//! | `P:{C}:n:D` | hash | location → last save (ms), for the prefix with digest `D` | cache TTL |
+//! | `P:{C}:nodes` | hash | prefix digest → `location=ms,…` (its tags, newest first) | cache TTL |
+//! | `P:{C}:lru` | sorted set | prefix digests scored by last write (ms) | cache TTL |
 //!
 //! A prefix is named by a digest of the whole prefix (all its hashes, in order), computed here,
-//! so a node of the in-memory radix tree is one key, whatever the client's hashes are.
+//! so a node of the in-memory radix tree is one field, whatever the client's hashes are.
 
 /// The hash tag of a cluster: its name with `%`, `{` and `}` escaped (a `}` in the name would
 /// end the tag early and split the cluster over slots).
@@ -58,15 +58,20 @@ impl ClusterKeys {
         format!("{}:eng", self.base)
     }
 
-    /// Prefix digests by last save.
+    /// Prefix digests by last write.
     pub fn lru(&self) -> String {
         format!("{}:lru", self.base)
     }
 
-    /// The start of a prefix node's key; the digest follows.
-    pub fn node_prefix(&self) -> String {
-        format!("{}:n:", self.base)
+    /// Prefix nodes: digest → tags.
+    pub fn nodes(&self) -> String {
+        format!("{}:nodes", self.base)
     }
+}
+
+/// A prefix digest as a field name.
+pub fn digest_field(d: u64) -> String {
+    format!("{d:016x}")
 }
 
 /// The index from a request id to its cluster.

@@ -16,10 +16,10 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::{RedisResult, Value};
+use redis::RedisResult;
 
 use self::conn::Conn;
-use self::keys::{prefix_digests, request_index, ClusterKeys};
+use self::keys::{digest_field, prefix_digests, request_index, ClusterKeys};
 use self::scripts::Scripts;
 use super::StoreSpec;
 use crate::endpoint::Endpoint;
@@ -278,26 +278,28 @@ impl RedisStore {
         Some(out.into_iter().map(|(_, v)| v).collect())
     }
 
+    /// How long a location's tag on a prefix is left as is when saved again: TTL / 16, at most
+    /// 10 s (so a tag expires between TTL minus this and TTL after its last save).
+    fn refresh_granularity(&self) -> u64 {
+        (Self::ttl_ms(self.cfg.cache_ttl) / 16).min(10_000)
+    }
+
     /// `POST /v1/cache/save`: tags every prefix of `hashes` with `loc`.
     pub async fn cache_save(&self, cluster: &str, hashes: &[u64], loc: Endpoint) {
         if hashes.is_empty() {
             return;
         }
         let k = ClusterKeys::new(&self.cfg.key_prefix, cluster);
-        let np = k.node_prefix();
-        let digests = prefix_digests(hashes);
         let mut inv = self.scripts.cache_save.prepare_invoke();
-        inv.key(k.lru());
-        for d in &digests {
-            inv.key(format!("{np}{d:016x}"));
-        }
-        inv.arg(Self::ttl_ms(self.cfg.cache_ttl))
+        inv.key(k.nodes())
+            .key(k.lru())
+            .arg(Self::ttl_ms(self.cfg.cache_ttl))
             .arg(self.cfg.max_prefixes_per_cluster.max(1))
             .arg(self.cfg.max_locations_per_prefix.max(1))
             .arg(loc.to_string())
-            .arg(&np);
-        for d in &digests {
-            inv.arg(format!("{d:016x}"));
+            .arg(self.refresh_granularity());
+        for d in prefix_digests(hashes) {
+            inv.arg(digest_field(d));
         }
         let mut c = self.conn.clone();
         self.run(Op::CacheSave, inv.invoke_async::<i64>(&mut c))
@@ -317,31 +319,67 @@ impl RedisStore {
             return Vec::new();
         }
         let k = ClusterKeys::new(&self.cfg.key_prefix, cluster);
-        let np = k.node_prefix();
         let mut inv = self.scripts.cache_query.prepare_invoke();
+        inv.key(k.nodes());
         for d in prefix_digests(hashes) {
-            inv.key(format!("{np}{d:016x}"));
+            inv.arg(digest_field(d));
         }
-        inv.arg(Self::ttl_ms(self.cfg.cache_ttl));
         let mut c = self.conn.clone();
-        let Some(flat) = self
-            .run(Op::CacheQuery, inv.invoke_async::<Vec<Value>>(&mut c))
+        let Some(reply) = self
+            .run(
+                Op::CacheQuery,
+                inv.invoke_async::<Vec<Option<String>>>(&mut c),
+            )
             .await
         else {
             return Vec::new();
         };
-        let mut found: Vec<(Endpoint, usize, i64)> = flat
-            .chunks_exact(3)
-            .filter_map(|c| {
-                let loc: String = redis::from_redis_value_ref(&c[0]).ok()?;
-                let depth: i64 = redis::from_redis_value_ref(&c[1]).ok()?;
-                let t: i64 = redis::from_redis_value_ref(&c[2]).ok()?;
-                Some((loc.parse().ok()?, depth.max(0) as usize, t))
-            })
-            .collect();
-        found.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
         let k = if top_k == 0 { self.cfg.top_k } else { top_k };
-        found.truncate(k.max(1));
-        found.into_iter().map(|(ep, d, _)| (ep, d)).collect()
+        walk(&reply, Self::ttl_ms(self.cfg.cache_ttl), k)
     }
+}
+
+/// The cache query's walk over `[seconds, microseconds, node…]` (the Redis clock, then the
+/// query's nodes, shortest prefix first): down the query until a prefix has no live tag (as the
+/// tree stops at the first missing node), each location at its deepest prefix; deepest first,
+/// then most recently saved, then by address; at most `k`.
+fn walk(reply: &[Option<String>], ttl_ms: u64, k: usize) -> Vec<(Endpoint, usize)> {
+    let num = |i: usize| {
+        reply
+            .get(i)
+            .and_then(|v| v.as_deref())
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let now_ms = num(0) * 1000 + num(1) / 1000;
+    let live_after = now_ms.saturating_sub(ttl_ms);
+    let mut best: Vec<(String, usize, u64)> = Vec::new();
+    for (depth, node) in reply.iter().skip(2).enumerate() {
+        let Some(node) = node else { break };
+        let mut live = false;
+        for tag in node.split(',') {
+            let Some((loc, ms)) = tag.split_once('=') else {
+                continue;
+            };
+            let Ok(ms) = ms.parse::<u64>() else { continue };
+            if ms <= live_after {
+                continue;
+            }
+            live = true;
+            match best.iter_mut().find(|(l, _, _)| l == loc) {
+                Some(b) => *b = (b.0.clone(), depth + 1, ms),
+                None => best.push((loc.to_string(), depth + 1, ms)),
+            }
+        }
+        if !live {
+            break;
+        }
+    }
+    let mut found: Vec<(Endpoint, usize, u64)> = best
+        .into_iter()
+        .filter_map(|(l, d, ms)| Some((l.parse().ok()?, d, ms)))
+        .collect();
+    found.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
+    found.truncate(k.max(1));
+    found.into_iter().map(|(ep, d, _)| (ep, d)).collect()
 }

@@ -2,6 +2,9 @@
 //! script touches carries the same `{cluster}` hash tag, so it runs on one node). Time comes from
 //! the Redis server (`TIME`), so replicas with skewed clocks agree on expiry.
 //!
+//! Cache scripts keep one hash of prefix nodes per cluster; a query reads the nodes it needs
+//! with one `HMGET` and the walk is done in the server (`RedisStore::cache_query`).
+//!
 //! Load scripts (`KEYS`: requests, expiry, engines of one cluster; `ARGV[1]`: the load TTL in
 //! ms) start by pruning: requests whose expiry has passed are removed and their load released,
 //! at most 1,000 per call (the rest on the next). So load that no gateway deletes, because the
@@ -105,64 +108,112 @@ end
 return out
 "#;
 
-/// `KEYS[1]`: the cluster's prefix LRU; `KEYS[2..]`: the saved prefixes' nodes. `ARGV`: cache
-/// TTL (ms), max prefixes per cluster, max locations per node, the location, the node key
-/// prefix, then the digests (one per node key, same order). Tags every node with the location,
-/// refreshes the TTLs, then trims the cluster to its cap, least recently saved first.
+/// `KEYS[1]`: the cluster's prefix nodes (hash: digest → `loc=ms,loc=ms,…`, newest first),
+/// `KEYS[2]`: its LRU (sorted set: digest → last write, ms). `ARGV`: cache TTL (ms), max
+/// prefixes per cluster, max locations per prefix, the location, the refresh granularity (ms),
+/// then the digests of the saved prefixes. Tags each prefix with the location; a tag written
+/// less than the granularity ago is left as is (so re-saving a hot prefix costs one `HMGET`).
+/// Then expired prefixes and those beyond the cap (least recently written first) are removed,
+/// and both keys' TTLs refreshed. Returns the number of prefixes removed.
 const CACHE_SAVE: &str = r#"
-local lru = KEYS[1]
+local nodes, lru = KEYS[1], KEYS[2]
 local ttl, maxn, maxl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local loc, np = ARGV[4], ARGV[5]
+local loc, gran = ARGV[4], tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 2, #KEYS do
-  local k = KEYS[i]
-  redis.call('HSET', k, loc, now)
-  redis.call('PEXPIRE', k, ttl)
-  if redis.call('HLEN', k) > maxl then
-    local kv = redis.call('HGETALL', k)
-    local oldest, ot = nil, nil
-    for j = 1, #kv, 2 do
-      local tt = tonumber(kv[j + 1])
-      if ot == nil or tt < ot then oldest, ot = kv[j], tt end
-    end
-    redis.call('HDEL', k, oldest)
+local live_after = now - ttl
+local tag = loc .. '='
+local n = #ARGV - 5
+local CHUNK = 1000
+
+-- In chunks: Lua's unpack is limited to a few thousand values.
+local function call_chunked(cmd, key, args, step)
+  for i = 1, #args, CHUNK * step do
+    redis.call(cmd, key, unpack(args, i, math.min(i + CHUNK * step - 1, #args)))
   end
-  redis.call('ZADD', lru, now, ARGV[4 + i])
 end
-redis.call('ZREMRANGEBYSCORE', lru, '-inf', now - ttl)
+
+-- The other locations' live tags (`,loc=ms…`, newest first), at most maxl - 1 of them.
+local function others(rest)
+  if rest == '' then return '' end
+  local out, k = {}, 0
+  for l, ms in string.gmatch(rest, ',([^,=]+)=(%d+)') do
+    if k < maxl - 1 and tonumber(ms) > live_after then
+      k = k + 1
+      out[k] = ',' .. l .. '=' .. ms
+    end
+  end
+  return table.concat(out)
+end
+
+local hset, zadd = {}, {}
+for base = 0, n - 1, CHUNK do
+  local ds = {}
+  for i = base + 1, math.min(base + CHUNK, n) do ds[#ds + 1] = ARGV[5 + i] end
+  local vals = redis.call('HMGET', nodes, unpack(ds))
+  for j, d in ipairs(ds) do
+    local v = vals[j]
+    local write = true
+    local rest = ''
+    if v then
+      local w = ',' .. v
+      local p = string.find(w, ',' .. tag, 1, true)
+      rest = w
+      if p then
+        local q = string.find(w, ',', p + 1, true)
+        local prev = tonumber(string.sub(w, p + 1 + #tag, q and q - 1 or -1))
+        if prev and now - prev < gran then
+          write = false
+        else
+          rest = string.sub(w, 1, p - 1) .. (q and string.sub(w, q) or '')
+        end
+      end
+    end
+    if write then
+      hset[#hset + 1] = d
+      hset[#hset + 1] = tag .. now .. others(rest)
+      zadd[#zadd + 1] = now
+      zadd[#zadd + 1] = d
+    end
+  end
+end
+if #hset > 0 then
+  call_chunked('HSET', nodes, hset, 2)
+  call_chunked('ZADD', lru, zadd, 2)
+end
+
+local removed = 0
+local function drop(ds)
+  if #ds > 0 then
+    call_chunked('HDEL', nodes, ds, 1)
+    removed = removed + #ds
+  end
+end
+local old = redis.call('ZRANGEBYSCORE', lru, '-inf', live_after - gran, 'LIMIT', 0, 1000)
+if #old > 0 then
+  drop(old)
+  call_chunked('ZREM', lru, old, 1)
+end
 local over = redis.call('ZCARD', lru) - maxn
 if over > 0 then
-  local victims = redis.call('ZPOPMIN', lru, over)
-  for j = 1, #victims, 2 do redis.call('DEL', np .. victims[j]) end
+  local popped = redis.call('ZPOPMIN', lru, over)
+  local ds = {}
+  for j = 1, #popped, 2 do ds[#ds + 1] = popped[j] end
+  drop(ds)
 end
+redis.call('PEXPIRE', nodes, ttl)
 redis.call('PEXPIRE', lru, ttl)
-return over > 0 and over or 0
+return removed
 "#;
 
-/// `KEYS`: the query's prefix nodes, shortest first; `ARGV[1]`: cache TTL (ms). Walks down the
-/// query until a prefix has no live location (as the tree stops at the first missing node) and
-/// returns `[location, depth, last save ms, …]`, each location at its deepest node.
+/// `KEYS[1]`: the cluster's prefix nodes; `ARGV`: the query's prefix digests, shortest first.
+/// Returns the server's clock (`[seconds, microseconds]`) and the nodes' values (nil when
+/// absent), in one round trip; the walk is done by the caller.
 const CACHE_QUERY: &str = r#"
-local ttl = tonumber(ARGV[1])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local best = {}
-for i = 1, #KEYS do
-  local kv = redis.call('HGETALL', KEYS[i])
-  local live = false
-  for j = 1, #kv, 2 do
-    local tt = tonumber(kv[j + 1])
-    if tt > now - ttl then
-      best[kv[j]] = {i, tt}
-      live = true
-    end
-  end
-  if not live then break end
-end
-local out = {}
-for loc, x in pairs(best) do
-  table.insert(out, loc); table.insert(out, x[1]); table.insert(out, x[2])
+local out = redis.call('TIME')
+for i = 1, #ARGV, 1000 do
+  local vals = redis.call('HMGET', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  for j = 1, #vals do out[#out + 1] = vals[j] end
 end
 return out
 "#;

@@ -13,6 +13,7 @@ MC_BIN        := $(RELEASE)/llmproxy-metadata-center
 MC_ARGS       ?=
 MC_BENCH_SECS ?= 5
 MC_BENCH_CONC ?= 16
+MC_BENCH_STORES ?= memory redis
 
 MC_REDIS_TESTS := --test redis_store --test redis_cluster --test redis_replicas
 
@@ -25,18 +26,11 @@ metadata-center:
 run-metadata-center: metadata-center
 	$(MC_BIN) run $(MC_ARGS)
 
-## bench-metadata-center: start the server on a free 127.0.0.1 port, run the load loop, stop it
+## bench-metadata-center: the API's calls/s and latency with the in-memory store, then with the
+## Redis store (1 and 2 replicas over one redis-server on a free 127.0.0.1 port), same run
 bench-metadata-center: metadata-center
 	$(CARGO) build --release -p llmproxy-metadata-center --example mc_bench
-	@set -e; out=$$(mktemp); \
-	$(MC_BIN) run --host 127.0.0.1 --port 0 >$$out 2>/dev/null & pid=$$!; \
-	trap 'kill $$pid 2>/dev/null; rm -f $$out' EXIT INT TERM; \
-	for i in $$(seq 50); do grep -q 'listening on' $$out && break; sleep 0.1; done; \
-	addr=$$(sed -n 's/^listening on //p' $$out); test -n "$$addr"; \
-	$(RELEASE)/examples/mc_bench http://$$addr $(MC_BENCH_SECS) $(MC_BENCH_CONC); \
-	echo "server RSS after the run: $$(ps -o rss= -p $$pid) KiB, threads: $$(ps -o nlwp= -p $$pid)"; \
-	echo "the same work without HTTP (one thread):"; \
-	$(RELEASE)/examples/mc_bench --in-process
+	scripts/bench-metadata-center.sh $(MC_BIN) $(RELEASE)/examples/mc_bench $(MC_BENCH_SECS) $(MC_BENCH_CONC) "$(MC_BENCH_STORES)"
 
 ## redis-server: Debian's redis-server (and redis-cli), installed when root and missing
 redis-server:

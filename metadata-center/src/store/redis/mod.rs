@@ -14,6 +14,7 @@ mod scripts;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::RedisResult;
@@ -111,10 +112,15 @@ impl StoreCounters {
     }
 }
 
+/// Request ids this replica added recently, with their cluster: a delete that finds its
+/// request here skips the index lookup (one round trip less); others ask Redis.
+const RECENT_REQUESTS: usize = 65_536;
+
 pub struct RedisStore {
     conn: Conn,
     cfg: RedisConfig,
     scripts: Scripts,
+    recent: parking_lot::Mutex<hashlink::LruCache<String, Arc<str>>>,
     pub counters: StoreCounters,
 }
 
@@ -126,6 +132,7 @@ impl RedisStore {
             conn,
             cfg,
             scripts: Scripts::new(),
+            recent: parking_lot::Mutex::new(hashlink::LruCache::new(RECENT_REQUESTS)),
             counters: StoreCounters::default(),
         })
     }
@@ -184,6 +191,9 @@ impl RedisStore {
             .arg(r.cluster)
             .arg("PX")
             .arg(ttl);
+        self.recent
+            .lock()
+            .insert(r.request_id.to_string(), Arc::from(r.cluster));
         let (mut c1, mut c2) = (self.conn.clone(), self.conn.clone());
         self.run(Op::Add, async {
             let (a, b) = tokio::join!(
@@ -196,7 +206,7 @@ impl RedisStore {
     }
 
     /// `DELETE /v1/load/stats` (`RetryKind::Delete`) or `/v1/load/prompt`: finds the request's
-    /// cluster in the index, then releases it there. Returns whether it was found; a failed or
+    /// cluster (among the ids this replica added, else in the index), then releases it there. Returns whether it was found; a failed or
     /// late call answers `true` (a retry would not help).
     pub async fn delete(&self, request_id: &str, kind: RetryKind) -> bool {
         let op = match kind {
@@ -208,8 +218,15 @@ impl RedisStore {
         let found = self
             .run(op, async {
                 let mut c = self.conn.clone();
-                let cluster: Option<String> =
-                    redis::cmd("GET").arg(&index).query_async(&mut c).await?;
+                let known = if kind == RetryKind::Delete {
+                    self.recent.lock().remove(request_id)
+                } else {
+                    self.recent.lock().get(request_id).cloned()
+                };
+                let cluster: Option<String> = match known {
+                    Some(c) => Some(c.to_string()),
+                    None => redis::cmd("GET").arg(&index).query_async(&mut c).await?,
+                };
                 let Some(cluster) = cluster else {
                     return Ok(false);
                 };

@@ -109,13 +109,7 @@ mod tests {
         assert_eq!(tag("m"), "{m}");
         assert_eq!(tag("a}b{c%"), "{a%7Db%7Bc%25}");
         let k = ClusterKeys::new("p", "x}y");
-        for key in [
-            k.requests(),
-            k.expiry(),
-            k.engines(),
-            k.lru(),
-            k.node_prefix(),
-        ] {
+        for key in [k.requests(), k.expiry(), k.engines(), k.lru(), k.nodes()] {
             assert!(key.starts_with("p:{x%7Dy}:"), "{key}");
         }
         assert_eq!(request_index("p", "r1"), "p:rid:{r1}");

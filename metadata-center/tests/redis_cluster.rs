@@ -1,7 +1,8 @@
 //! The Redis store on a Redis Cluster: three masters with one replica each, made with
 //! `redis-cli --cluster create` on free 127.0.0.1 ports. One cluster's keys share one slot;
 //! load and cache calls work across slots and nodes; with the master of a cluster's slot killed,
-//! lookups resume once its replica is promoted.
+//! lookups resume once its replica is promoted; a store opened while the cluster is down answers
+//! from nothing and connects once it is up.
 
 mod redis_support;
 
@@ -131,5 +132,60 @@ async fn redis_cluster_three_masters_one_slot_per_cluster_and_failover() {
     assert_eq!(
         s.cache_query(&names[1], &[5, 6], 5).await,
         vec![(ep("10.0.0.3"), 2)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_store_opened_while_the_cluster_is_down_connects_when_it_comes_up() {
+    if !redis_available(
+        "redis_cluster_store_opened_while_the_cluster_is_down_connects_when_it_comes_up",
+    ) {
+        return;
+    }
+    let ports: Vec<u16> = (0..3).map(|_| redis_support::free_port()).collect();
+    let url = format!(
+        "redis+cluster://{}",
+        ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let s = RedisStore::open(RedisConfig {
+        spec: StoreSpec::parse("--store", &url).unwrap(),
+        op_timeout: Duration::from_millis(50),
+        connect_timeout: Duration::from_millis(200),
+        key_prefix: "t".into(),
+        load_ttl: Duration::from_secs(60),
+        cache_ttl: Duration::from_secs(60),
+        max_prefixes_per_cluster: 1000,
+        max_locations_per_prefix: 16,
+        top_k: 5,
+    })
+    .unwrap();
+    let t0 = Instant::now();
+    assert!(s.cache_query("m", &[1, 2], 5).await.is_empty());
+    assert_eq!(s.query_load("m").await, None);
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+    let _cluster = RedisCluster::start_on(&ports, 0);
+    let t_up = Instant::now();
+    loop {
+        s.cache_save("m", &[1, 2], ep("10.0.0.1")).await;
+        if s.cache_query("m", &[1, 2], 5).await == vec![(ep("10.0.0.1"), 2)] {
+            break;
+        }
+        assert!(
+            t_up.elapsed() < Duration::from_secs(20),
+            "the store never connected to the cluster"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "cluster store connected {:?} after the cluster came up",
+        t_up.elapsed()
     );
 }

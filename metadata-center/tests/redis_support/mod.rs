@@ -151,20 +151,29 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(masters: usize, replicas: usize) -> RedisCluster {
-        let n = masters * (1 + replicas);
-        let nodes: Vec<RedisServer> = (0..n)
-            .map(|_| {
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "1000",
-                    // Replicas sync at once (the default waits 5 s for more replicas).
-                    "--repl-diskless-sync-delay",
-                    "0",
-                ])
+        let ports: Vec<u16> = (0..masters * (1 + replicas)).map(|_| free_port()).collect();
+        Self::start_on(&ports, replicas)
+    }
+
+    /// A cluster on `ports` (masters first), `replicas` replicas per master.
+    pub fn start_on(ports: &[u16], replicas: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = ports
+            .iter()
+            .map(|&port| {
+                RedisServer::start_port(
+                    port,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "1000",
+                        // Replicas sync at once (the default waits 5 s for more replicas).
+                        "--repl-diskless-sync-delay",
+                        "0",
+                    ],
+                )
             })
             .collect();
         let addrs: Vec<String> = nodes

@@ -340,3 +340,52 @@ async fn redis_down_or_slow_is_answered_from_nothing_within_the_deadline() {
     }
     drop(r2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_out_of_memory_refuses_whole_scripts_and_leaves_the_counters_consistent() {
+    if !redis_available(
+        "redis_out_of_memory_refuses_whole_scripts_and_leaves_the_counters_consistent",
+    ) {
+        return;
+    }
+    let r = RedisServer::start();
+    let s = RedisStore::open(cfg(r.url())).unwrap();
+    for i in 0..10 {
+        s.add(&add("m", &format!("r{i}"), 10, "10.0.0.1")).await;
+    }
+    let mut con = r.client();
+    let set_max = |con: &mut redis::Connection, v: &str| {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(v)
+            .query(con)
+            .unwrap();
+    };
+    // Full Redis (noeviction): every script that may write is refused before it starts.
+    set_max(&mut con, "1");
+    s.add(&add("m", "late", 10, "10.0.0.1")).await;
+    assert!(s.delete("r0", RetryKind::Delete).await);
+    assert_eq!(
+        s.query_load("m").await,
+        None,
+        "refused: answered from nothing"
+    );
+    assert!(s.counters.get(Op::Add).1 >= 1, "counted as errors");
+    assert!(s.counters.get(Op::Delete).1 >= 1);
+    let requests: usize = redis::cmd("HLEN").arg("t:{m}:req").query(&mut con).unwrap();
+    let queued: i64 = redis::cmd("HGET")
+        .arg("t:{m}:eng")
+        .arg("q|10.0.0.1")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!((requests, queued), (10, 10), "nothing half-applied");
+    // Room again: the state is the one before, and it moves on from there.
+    set_max(&mut con, "0");
+    assert_eq!(
+        load(&s, "m").await,
+        Some(vec![("10.0.0.1".into(), 10, 100)])
+    );
+    assert!(s.delete("r0", RetryKind::Delete).await);
+    assert_eq!(load(&s, "m").await, Some(vec![("10.0.0.1".into(), 9, 90)]));
+}

@@ -239,19 +239,19 @@ impl RedisStore {
                     .arg(ttl)
                     .arg(request_id)
                     .arg(if full { "1" } else { "0" });
-                let mut c2 = self.conn.clone();
-                if full {
-                    let mut del = redis::cmd("DEL");
-                    del.arg(&index);
-                    let (a, b) = tokio::join!(
-                        inv.invoke_async::<i64>(&mut c),
-                        del.query_async::<()>(&mut c2)
-                    );
-                    b?;
-                    a.map(|n| n == 1)
-                } else {
-                    inv.invoke_async::<i64>(&mut c).await.map(|n| n == 1)
+                let found = inv.invoke_async::<i64>(&mut c).await? == 1;
+                if found && full {
+                    // The index goes only once the request is gone (a refused script keeps
+                    // both); in the background, so the delete costs one round trip.
+                    let (mut c2, timeout) = (self.conn.clone(), self.cfg.op_timeout);
+                    let index = index.clone();
+                    tokio::spawn(async move {
+                        let mut del = redis::cmd("DEL");
+                        del.arg(index);
+                        let _ = tokio::time::timeout(timeout, del.query_async::<()>(&mut c2)).await;
+                    });
                 }
+                Ok(found)
             })
             .await;
         found.unwrap_or(true)

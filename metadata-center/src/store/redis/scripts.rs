@@ -229,13 +229,16 @@ pub struct Scripts {
 
 impl Scripts {
     pub fn new() -> Self {
-        let load = |body: &str| Script::new(&format!("{LOAD_PRELUDE}{body}"));
+        // `#!lua` (Redis 7): every key declared, and a script that may write is refused as a
+        // whole when Redis is out of memory, instead of failing halfway through.
+        let script = |body: &str| Script::new(&format!("#!lua{body}"));
+        let load = |body: &str| script(&format!("{LOAD_PRELUDE}{body}"));
         Scripts {
             add: load(ADD),
             delete: load(DELETE),
             query_load: load(QUERY_LOAD),
-            cache_save: Script::new(CACHE_SAVE),
-            cache_query: Script::new(CACHE_QUERY),
+            cache_save: script(CACHE_SAVE),
+            cache_query: script(CACHE_QUERY),
         }
     }
 }

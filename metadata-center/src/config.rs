@@ -616,6 +616,44 @@ mod tests {
     }
 
     #[test]
+    fn store_settings_from_file_env_and_their_errors() {
+        use crate::store::StoreSpec;
+        let f: FileConfig = toml::from_str(
+            "[Store]\nURL = \"redis+cluster://a:7000,b:7001\"\nTimeout = \"20ms\"\nKeyPrefix = \"x\"\n",
+        )
+        .unwrap();
+        let mut s = Settings::default();
+        assert_eq!(s.store, StoreSpec::Memory);
+        s.apply_file(&f).unwrap();
+        assert_eq!(
+            s.store,
+            StoreSpec::RedisCluster(vec!["redis://a:7000".into(), "redis://b:7001".into()])
+        );
+        assert_eq!(s.store_timeout, Duration::from_millis(20));
+        assert_eq!(s.store_key_prefix, "x");
+        s.validate().unwrap();
+        let env = |k: &str| match k {
+            "METADATA_CENTER_STORE" => Some("redis://127.0.0.1:6379".to_string()),
+            "METADATA_CENTER_STORE_TIMEOUT" => Some("5ms".to_string()),
+            _ => None,
+        };
+        s.apply_env(env).unwrap();
+        assert_eq!(s.store, StoreSpec::Redis("redis://127.0.0.1:6379".into()));
+        assert_eq!(s.store_timeout, Duration::from_millis(5));
+        s.peers = vec!["10.0.0.5:8080".into()];
+        assert!(s.validate().unwrap_err().contains("Replica.Peers"));
+        let bad = |k: &str| (k == "METADATA_CENTER_STORE").then(|| "redis://h".to_string());
+        let e = Settings::default().apply_env(bad).unwrap_err();
+        assert!(
+            e.contains("METADATA_CENTER_STORE") && e.contains("missing port"),
+            "{e}"
+        );
+        let f: FileConfig = toml::from_str("[Store]\nURL = \"memcached://h:1\"\n").unwrap();
+        let e = Settings::default().apply_file(&f).unwrap_err();
+        assert!(e.starts_with("Store.URL"), "{e}");
+    }
+
+    #[test]
     fn json_and_yaml_files() {
         let dir = std::env::temp_dir().join(format!("mc-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -15,6 +15,10 @@ use llmproxy_metadata_center::store::redis::keys::{request_index, ClusterKeys};
 use llmproxy_metadata_center::store::{RedisConfig, RedisStore, StoreSpec};
 use redis_support::{redis_available, RedisCluster};
 
+/// The cluster tests run one at a time: two clusters forming at once on two cores slow
+/// replication and failover down.
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn ep(s: &str) -> Endpoint {
     s.parse().unwrap()
 }
@@ -24,6 +28,7 @@ async fn redis_cluster_three_masters_one_slot_per_cluster_and_failover() {
     if !redis_available("redis_cluster_three_masters_one_slot_per_cluster_and_failover") {
         return;
     }
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let cluster = RedisCluster::start(3, 1);
     let spec = StoreSpec::parse("--store", &cluster.url()).unwrap();
     let s = RedisStore::open(RedisConfig {
@@ -105,13 +110,36 @@ async fn redis_cluster_three_masters_one_slot_per_cluster_and_failover() {
     let victim_slot = slot(&mut con, &ClusterKeys::new("t", &names[1]).lru());
     let victim = cluster.master_of(victim_slot);
     drop(con);
-    // Let the replica catch up, then crash the master.
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait until the victim's replica has model-1's cache (replication is asynchronous, and a
+    // replica promoted before it caught up would miss it), then crash the master.
+    let nodes_key = ClusterKeys::new("t", &names[1]).nodes();
+    let mut master = cluster.nodes[victim].client();
+    let want: usize = redis::cmd("HLEN")
+        .arg(&nodes_key)
+        .query(&mut master)
+        .unwrap();
+    let replica = cluster.replica_of(victim);
+    let mut rc = cluster.nodes[replica].client();
+    let _: () = redis::cmd("READONLY").query(&mut rc).unwrap();
+    let t0 = Instant::now();
+    while redis::cmd("HLEN")
+        .arg(&nodes_key)
+        .query::<usize>(&mut rc)
+        .unwrap()
+        < want
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "replica never caught up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut cluster = cluster;
     cluster.nodes[victim].kill();
     let t_kill = Instant::now();
     let resumed = loop {
-        if s.cache_query(&names[1], &[1, 2, 3, 1], 5).await == vec![(ep("10.0.0.1"), 4)] {
+        let last = s.cache_query(&names[1], &[1, 2, 3, 1], 5).await;
+        if last == vec![(ep("10.0.0.1"), 4)] {
             break t_kill.elapsed();
         }
         if t_kill.elapsed() > Duration::from_secs(15) {
@@ -119,7 +147,7 @@ async fn redis_cluster_three_masters_one_slot_per_cluster_and_failover() {
             let mut c = cluster.nodes[live].client();
             let nodes: String = redis::cmd("CLUSTER").arg("NODES").query(&mut c).unwrap();
             panic!(
-                "lookups did not resume after the failover; counters {:?}; nodes:\n{nodes}",
+                "lookups did not resume after the failover; last answer {last:?}; counters {:?}; nodes:\n{nodes}",
                 s.counters
                     .get(llmproxy_metadata_center::store::redis::Op::CacheQuery)
             );
@@ -142,6 +170,7 @@ async fn redis_cluster_store_opened_while_the_cluster_is_down_connects_when_it_c
     ) {
         return;
     }
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let ports: Vec<u16> = (0..3).map(|_| redis_support::free_port()).collect();
     let url = format!(
         "redis+cluster://{}",

@@ -233,6 +233,25 @@ impl RedisCluster {
         }
     }
 
+    /// The replica of the master `master` (an index into `nodes`).
+    pub fn replica_of(&self, master: usize) -> usize {
+        let port = self.nodes[master].port as i64;
+        for (i, n) in self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.child.is_some())
+        {
+            let mut con = n.client();
+            let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut con).unwrap();
+            let is_replica = matches!(&role[0], redis::Value::BulkString(b) if b == b"slave");
+            if is_replica && redis::from_redis_value_ref::<i64>(&role[2]).ok() == Some(port) {
+                return i;
+            }
+        }
+        panic!("no replica of node {master}");
+    }
+
     /// The node serving `slot` as master.
     pub fn master_of(&self, slot: u16) -> usize {
         for (i, n) in self

@@ -2,16 +2,22 @@
 #
 #   make run-metadata-center     serve on 127.0.0.1:8080 (MC_ARGS="--port 9000 --debug" to change)
 #   make bench-metadata-center   requests/s and latency of the API on this machine (not in CI)
+#   make test-redis              the Redis store's tests against a real redis-server (in `make test`)
 #
-# Its tests (unit tests and the HTTP wire tests against the real binary) run in `test-rust`
-# (cargo test --release --workspace), so there is no separate test target.
+# Its unit tests and HTTP wire tests run in `test-rust` (cargo test --release --workspace). The
+# Redis store's tests (tests/redis_*.rs) start their own redis-server processes on free
+# 127.0.0.1 ports; under `make test-redis` (LLMPROXY_REQUIRE_REDIS=1) they fail when
+# redis-server is missing instead of skipping.
 
 MC_BIN        := $(RELEASE)/llmproxy-metadata-center
 MC_ARGS       ?=
 MC_BENCH_SECS ?= 5
 MC_BENCH_CONC ?= 16
+MC_BENCH_STORES ?= memory redis
 
-.PHONY: metadata-center run-metadata-center bench-metadata-center
+MC_REDIS_TESTS := --test redis_store --test redis_cluster --test redis_replicas
+
+.PHONY: metadata-center run-metadata-center bench-metadata-center redis-server test-redis
 
 ## metadata-center: release build of the server binary
 metadata-center:
@@ -20,15 +26,21 @@ metadata-center:
 run-metadata-center: metadata-center
 	$(MC_BIN) run $(MC_ARGS)
 
-## bench-metadata-center: start the server on a free 127.0.0.1 port, run the load loop, stop it
+## bench-metadata-center: the API's calls/s and latency with the in-memory store, then with the
+## Redis store (1 and 2 replicas over one redis-server on a free 127.0.0.1 port), same run
 bench-metadata-center: metadata-center
 	$(CARGO) build --release -p llmproxy-metadata-center --example mc_bench
-	@set -e; out=$$(mktemp); \
-	$(MC_BIN) run --host 127.0.0.1 --port 0 >$$out 2>/dev/null & pid=$$!; \
-	trap 'kill $$pid 2>/dev/null; rm -f $$out' EXIT INT TERM; \
-	for i in $$(seq 50); do grep -q 'listening on' $$out && break; sleep 0.1; done; \
-	addr=$$(sed -n 's/^listening on //p' $$out); test -n "$$addr"; \
-	$(RELEASE)/examples/mc_bench http://$$addr $(MC_BENCH_SECS) $(MC_BENCH_CONC); \
-	echo "server RSS after the run: $$(ps -o rss= -p $$pid) KiB, threads: $$(ps -o nlwp= -p $$pid)"; \
-	echo "the same work without HTTP (one thread):"; \
-	$(RELEASE)/examples/mc_bench --in-process
+	scripts/bench-metadata-center.sh $(MC_BIN) $(RELEASE)/examples/mc_bench $(MC_BENCH_SECS) $(MC_BENCH_CONC) "$(MC_BENCH_STORES)"
+
+## redis-server: Debian's redis-server (and redis-cli), installed when root and missing
+redis-server:
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || \
+	  scripts/apt-install.sh redis-server || \
+	  { echo "redis-server is required by test-redis: apt-get install redis-server" >&2; exit 1; }
+
+## test-redis: the Redis store against real Redis: data model, a 3-master Redis Cluster with
+## failover, two metadata-center replicas over one Redis
+test-redis: redis-server
+	LLMPROXY_REQUIRE_REDIS=1 $(CARGO) test --release -p llmproxy-metadata-center $(MC_REDIS_TESTS)
+
+TEST_TARGETS += test-redis

@@ -11,7 +11,8 @@
 # Output: a table on stdout; build/demo/{results.md,results.json,ttft_cdf.png,envoy.yaml,logs/}.
 # Environment: DEMO_DURATION [40] seconds of load per policy, DEMO_SERVERS [4], DEMO_RATE
 # [simulator default, ~75-80 % fleet utilisation under round robin], DEMO_OUT [build/demo],
-# DEMO_ALGORITHMS ["prefix_cost inference_lb"].
+# DEMO_ALGORITHMS ["prefix_cost inference_lb"], DEMO_STORE [memory]: `redis` starts a
+# redis-server on a free 127.0.0.1 port and runs the metadata-center with `--store redis://…`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +27,17 @@ MODEL=sim-llama-3-8b
 read -r -a ALGORITHMS <<< "${DEMO_ALGORITHMS:-prefix_cost inference_lb}"
 RATE_ARGS=()
 [ -n "${DEMO_RATE:-}" ] && RATE_ARGS=(--rate "$DEMO_RATE")
+
+STORE=${DEMO_STORE:-memory}
+case $STORE in
+  memory) ;;
+  redis)
+    command -v redis-server >/dev/null || {
+      echo "demo: DEMO_STORE=redis needs redis-server: apt-get install redis-server (or scripts/apt-install.sh redis-server as root)" >&2
+      exit 1
+    } ;;
+  *) echo "demo: DEMO_STORE=$STORE: expected memory or redis" >&2; exit 2 ;;
+esac
 
 for f in "$SIM" "$MC" "$ENVOY" build/libllmproxy_envoy.so; do
   [ -e "$f" ] || { echo "demo: missing $f (run 'make demo', which builds everything)" >&2; exit 1; }
@@ -90,15 +102,24 @@ EOF
 }
 
 NALG=${#ALGORITHMS[@]}
-PORTS=$(free_ports $((SERVERS + 3 + NALG)))
+PORTS=$(free_ports $((SERVERS + 4 + NALG)))
 FLEET_BASE=$PORTS
 MC_PORT=$((PORTS + SERVERS))
 RR_PORT=$((PORTS + SERVERS + 1))
 ADMIN_PORT=$((PORTS + SERVERS + 2))
-LLM_BASE=$((PORTS + SERVERS + 3))   # one listener per algorithm
+REDIS_PORT=$((PORTS + SERVERS + 3))
+LLM_BASE=$((PORTS + SERVERS + 4))   # one listener per algorithm
 
-echo "== starting metadata-center on 127.0.0.1:$MC_PORT"
-start metadata-center env POD_IP=127.0.0.1 "$MC" run --host 127.0.0.1 --port "$MC_PORT"
+MC_STORE=()
+if [ "$STORE" = redis ]; then
+  echo "== starting redis-server on 127.0.0.1:$REDIS_PORT"
+  mkdir -p "$OUT/redis"
+  start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$OUT/redis"
+  for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  MC_STORE=(--store "redis://127.0.0.1:$REDIS_PORT")
+fi
+echo "== starting metadata-center on 127.0.0.1:$MC_PORT (store: $STORE)"
+start metadata-center env POD_IP=127.0.0.1 "$MC" run --host 127.0.0.1 --port "$MC_PORT" "${MC_STORE[@]}"
 
 echo "== starting $SERVERS simulated model servers on 127.0.0.1:$FLEET_BASE..$((FLEET_BASE + SERVERS - 1))"
 start fleet "$SIM" serve --servers "$SERVERS" --base-port "$FLEET_BASE"

@@ -1,8 +1,11 @@
 //! Load loop against a running metadata-center on this machine:
-//!   cargo run --release -p llmproxy-metadata-center --example mc_bench -- http://127.0.0.1:PORT [seconds] [concurrency]
+//!   cargo run --release -p llmproxy-metadata-center --example mc_bench -- http://127.0.0.1:PORT[,http://…] [seconds] [concurrency]
 //!   cargo run --release -p llmproxy-metadata-center --example mc_bench -- --in-process
+//!   cargo run --release -p llmproxy-metadata-center --example mc_bench -- --redis redis://127.0.0.1:PORT [seconds] [concurrency]
+//! (`--redis`: the Redis store called directly, without HTTP: what the store itself costs)
 //! Scenarios (each bounded by `seconds`): the request lifecycle (add, prompt delete, delete),
-//! load polling, cache save and cache query on a tree of realistic prompts.
+//! load polling, cache save and cache query on a tree of realistic prompts. With several base
+//! URLs (replicas over one shared store), connection `w` talks to replica `w % n`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -177,8 +180,113 @@ fn in_process() {
     println!("(tree after the saves: {nodes} nodes, {entries} entries)");
 }
 
+/// The Redis store called directly (no HTTP), `conc` tasks at a time: the store's own cost.
+async fn redis_direct(url: &str, secs: u64, conc: usize) {
+    use llmproxy_metadata_center::load::AddRequest;
+    use llmproxy_metadata_center::retry::RetryKind;
+    use llmproxy_metadata_center::store::{RedisConfig, RedisStore, StoreSpec};
+    let store = Arc::new(
+        RedisStore::open(RedisConfig {
+            spec: StoreSpec::parse("--redis", url).expect("redis URL"),
+            op_timeout: Duration::from_millis(50),
+            connect_timeout: Duration::from_secs(1),
+            key_prefix: "mc-bench".into(),
+            load_ttl: Duration::from_secs(660),
+            cache_ttl: Duration::from_secs(3600),
+            max_prefixes_per_cluster: 4_000_000,
+            max_locations_per_prefix: 256,
+            top_k: 5,
+        })
+        .expect("store"),
+    );
+    let eps: Arc<Vec<llmproxy_metadata_center::endpoint::Endpoint>> = Arc::new(
+        (0..16)
+            .map(|i| format!("10.0.0.{}:8000", i + 1).parse().unwrap())
+            .collect(),
+    );
+    println!("Redis store without HTTP: {url}, {secs} s per scenario, {conc} tasks");
+    println!("| scenario                           | ops/s     | iter/s    | p50 µs  | p99 µs  | errors |");
+    println!("|------------------------------------|-----------|-----------|---------|---------|--------|");
+    {
+        let (s, eps) = (store.clone(), eps.clone());
+        run(
+            "store lifecycle add+prompt-del+del",
+            secs,
+            conc,
+            move |w, i| {
+                let (s, eps) = (s.clone(), eps.clone());
+                async move {
+                    let id = format!("direct-{w}-{i}");
+                    s.add(&AddRequest {
+                        cluster: "bench",
+                        request_id: &id,
+                        prompt_length: 4096,
+                        engine: eps[(i % 16) as usize],
+                    })
+                    .await;
+                    let p = s.delete(&id, RetryKind::DeletePrompt).await;
+                    let d = s.delete(&id, RetryKind::Delete).await;
+                    (3, p && d)
+                }
+            },
+        )
+        .await;
+    }
+    {
+        let s = store.clone();
+        run("store load query (16 engines)", secs, conc, move |_, _| {
+            let s = s.clone();
+            async move { (1, s.query_load("bench").await.is_some()) }
+        })
+        .await;
+    }
+    {
+        let (s, eps) = (store.clone(), eps.clone());
+        run("store cache save (64 hashes)", secs, conc, move |_, i| {
+            let (s, eps) = (s.clone(), eps.clone());
+            async move {
+                let mut seed = i.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+                let conv = rnd(&mut seed) % 5000;
+                s.cache_save("bench", &prompt(conv, 64), eps[(conv % 16) as usize])
+                    .await;
+                (1, true)
+            }
+        })
+        .await;
+    }
+    {
+        let s = store.clone();
+        run("store cache query (72 hashes)", secs, conc, move |_, i| {
+            let s = s.clone();
+            async move {
+                let mut seed = i.wrapping_mul(0x2545f4914f6cdd1d) | 1;
+                let conv = rnd(&mut seed) % 5000;
+                let mut h = prompt(conv, 64);
+                h.extend((0..8).map(|k| rnd(&mut seed) ^ k));
+                (1, !s.cache_query("bench", &h, 5).await.is_empty())
+            }
+        })
+        .await;
+    }
+    let (mut ok, mut failed) = (0, 0);
+    for op in llmproxy_metadata_center::store::redis::Op::ALL {
+        let (o, e, t) = store.counters.get(op);
+        ok += o;
+        failed += e + t;
+    }
+    println!("(store operations: {ok} answered, {failed} errors or timeouts)");
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("--redis") {
+        let url = argv.get(2).expect("--redis URL");
+        let secs = argv.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
+        let conc = argv.get(4).and_then(|s| s.parse().ok()).unwrap_or(16);
+        redis_direct(url, secs, conc).await;
+        return;
+    }
     if std::env::args().any(|a| a == "--in-process") {
         println!("| scenario                           | ops/s     | iter/s    |");
         in_process();
@@ -189,6 +297,8 @@ async fn main() {
         .get(1)
         .cloned()
         .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let bases: Arc<Vec<String>> = Arc::new(base.split(',').map(str::to_string).collect());
+    let pick = move |w: usize| bases[w % bases.len()].clone();
     let secs: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
     let conc: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(16);
     let client = reqwest::Client::builder()
@@ -206,9 +316,9 @@ async fn main() {
 
     // 1. Request lifecycle: add, prompt delete, delete (3 API calls per iteration).
     {
-        let (c, b, eps) = (client.clone(), base.clone(), eps.clone());
+        let (c, b, eps) = (client.clone(), pick.clone(), eps.clone());
         run("lifecycle add+prompt-del+del", secs, conc, move |w, i| {
-            let (c, b, eps) = (c.clone(), b.clone(), eps.clone());
+            let (c, b, eps) = (c.clone(), b(w), eps.clone());
             async move {
                 let id = format!("bench-{w}-{i}");
                 let add = json!({"cluster":"bench","request_id":id,"prompt_length":4096,"ip":eps[(i % 16) as usize],"timestamp":1});
@@ -227,15 +337,15 @@ async fn main() {
         send(
             &client,
             reqwest::Method::POST,
-            format!("{base}/v1/load/stats"),
+            format!("{}/v1/load/stats", pick(0)),
             add.to_string(),
         )
         .await;
     }
     {
-        let (c, b) = (client.clone(), base.clone());
-        run("load query (16 engines)", secs, conc, move |_, _| {
-            let (c, b) = (c.clone(), b.clone());
+        let (c, b) = (client.clone(), pick.clone());
+        run("load query (16 engines)", secs, conc, move |w, _| {
+            let (c, b) = (c.clone(), b(w));
             async move {
                 let ok = matches!(c.get(format!("{b}/v1/load/stats?cluster=bench")).send().await, Ok(r) if r.status().is_success());
                 (1, ok)
@@ -245,9 +355,9 @@ async fn main() {
     }
     // 3. Cache save: 64-chunk prompts (32 KiB of prompt at 512 B/chunk), 5,000 conversations.
     {
-        let (c, b, eps) = (client.clone(), base.clone(), eps.clone());
-        run("cache save (64 hashes)", secs, conc, move |_, i| {
-            let (c, b, eps) = (c.clone(), b.clone(), eps.clone());
+        let (c, b, eps) = (client.clone(), pick.clone(), eps.clone());
+        run("cache save (64 hashes)", secs, conc, move |w, i| {
+            let (c, b, eps) = (c.clone(), b(w), eps.clone());
             async move {
                 let mut seed = i.wrapping_mul(0x9e3779b97f4a7c15) | 1;
                 let conv = rnd(&mut seed) % 5000;
@@ -260,13 +370,13 @@ async fn main() {
     // 4. Cache query on that tree: known conversation plus 8 new chunks.
 
     {
-        let (c, b) = (client.clone(), base.clone());
+        let (c, b) = (client.clone(), pick.clone());
         run(
             "cache query (72 hashes, top_k 5)",
             secs,
             conc,
-            move |_, i| {
-                let (c, b) = (c.clone(), b.clone());
+            move |w, i| {
+                let (c, b) = (c.clone(), b(w));
                 async move {
                     let mut seed = i.wrapping_mul(0x2545f4914f6cdd1d) | 1;
                     let conv = rnd(&mut seed) % 5000;

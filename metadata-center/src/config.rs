@@ -80,6 +80,8 @@ pub struct FileConfig {
     pub auth: AuthSection,
     #[serde(rename = "Memory")]
     pub memory: MemorySection,
+    #[serde(rename = "Store")]
+    pub store: StoreSection,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -162,6 +164,21 @@ pub struct MemorySection {
     pub max_memory_mb: Option<u64>,
 }
 
+/// Where the state lives: the embedded in-memory stores (default) or Redis.
+#[derive(Deserialize, Default, Debug)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct StoreSection {
+    /// `memory`, `redis://HOST:PORT[/DB]` or `redis+cluster://HOST:PORT,HOST:PORT`.
+    #[serde(rename = "URL")]
+    pub url: Option<String>,
+    /// Deadline of one store operation (Redis only).
+    pub timeout: Option<String>,
+    /// Deadline of one connection attempt to Redis, DNS included.
+    pub connect_timeout: Option<String>,
+    /// Prefix of every Redis key.
+    pub key_prefix: Option<String>,
+}
+
 pub fn load_file(path: &Path) -> Result<FileConfig, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
@@ -216,6 +233,14 @@ pub struct Settings {
     pub replica_workers: usize,
     pub pod_ip: Option<std::net::IpAddr>,
     pub auth_token: Option<String>,
+    /// Where the load and cache state lives (`--store`).
+    pub store: crate::store::StoreSpec,
+    /// Deadline of one Redis store operation (`--store-timeout`).
+    pub store_timeout: Duration,
+    /// Deadline of one connection attempt to Redis.
+    pub store_connect_timeout: Duration,
+    /// Prefix of every Redis key.
+    pub store_key_prefix: String,
 }
 
 impl Default for Settings {
@@ -247,6 +272,10 @@ impl Default for Settings {
             replica_workers: 8,
             pod_ip: None,
             auth_token: None,
+            store: crate::store::StoreSpec::Memory,
+            store_timeout: crate::store::redis::DEFAULT_OP_TIMEOUT,
+            store_connect_timeout: crate::store::redis::DEFAULT_CONNECT_TIMEOUT,
+            store_key_prefix: crate::store::redis::DEFAULT_KEY_PREFIX.into(),
         }
     }
 }
@@ -375,6 +404,18 @@ impl Settings {
         if let Some(t) = &f.auth.token {
             self.auth_token = Some(t.clone()).filter(|s| !s.is_empty());
         }
+        if let Some(u) = &f.store.url {
+            self.store = crate::store::StoreSpec::parse("Store.URL", u)?;
+        }
+        dur("Store.Timeout", &f.store.timeout, &mut self.store_timeout)?;
+        dur(
+            "Store.ConnectTimeout",
+            &f.store.connect_timeout,
+            &mut self.store_connect_timeout,
+        )?;
+        if let Some(p) = &f.store.key_prefix {
+            self.store_key_prefix = p.clone();
+        }
         Ok(())
     }
 
@@ -446,6 +487,10 @@ impl Settings {
         if let Some(v) = get("METADATA_CENTER_AUTH_TOKEN") {
             self.auth_token = Some(v);
         }
+        if let Some(v) = get("METADATA_CENTER_STORE") {
+            self.store = crate::store::StoreSpec::parse("METADATA_CENTER_STORE", &v)?;
+        }
+        d("METADATA_CENTER_STORE_TIMEOUT", &mut self.store_timeout)?;
         Ok(())
     }
 
@@ -467,6 +512,17 @@ impl Settings {
         }
         if self.cache.top_k == 0 {
             return Err("cache top-K must be > 0".into());
+        }
+        if self.store_timeout.is_zero() || self.store_connect_timeout.is_zero() {
+            return Err(
+                "Store.Timeout (--store-timeout) and Store.ConnectTimeout must be > 0".into(),
+            );
+        }
+        if self.store.is_redis() && (!self.peers.is_empty() || self.svc_disc_host.is_some()) {
+            return Err("Replica.Peers / --peers / META_DATA_CENTER_SVC_DISC_HOST: replication is not used with a Redis store (the replicas share Redis); remove the peers".into());
+        }
+        if self.store.is_redis() && self.store_key_prefix.is_empty() {
+            return Err("Store.KeyPrefix: must not be empty".into());
         }
         Ok(())
     }
@@ -557,6 +613,44 @@ mod tests {
             .apply_env(bad)
             .unwrap_err()
             .contains("METADATA_CENTER_LOAD_GC_INTERVAL"));
+    }
+
+    #[test]
+    fn store_settings_from_file_env_and_their_errors() {
+        use crate::store::StoreSpec;
+        let f: FileConfig = toml::from_str(
+            "[Store]\nURL = \"redis+cluster://a:7000,b:7001\"\nTimeout = \"20ms\"\nKeyPrefix = \"x\"\n",
+        )
+        .unwrap();
+        let mut s = Settings::default();
+        assert_eq!(s.store, StoreSpec::Memory);
+        s.apply_file(&f).unwrap();
+        assert_eq!(
+            s.store,
+            StoreSpec::RedisCluster(vec!["redis://a:7000".into(), "redis://b:7001".into()])
+        );
+        assert_eq!(s.store_timeout, Duration::from_millis(20));
+        assert_eq!(s.store_key_prefix, "x");
+        s.validate().unwrap();
+        let env = |k: &str| match k {
+            "METADATA_CENTER_STORE" => Some("redis://127.0.0.1:6379".to_string()),
+            "METADATA_CENTER_STORE_TIMEOUT" => Some("5ms".to_string()),
+            _ => None,
+        };
+        s.apply_env(env).unwrap();
+        assert_eq!(s.store, StoreSpec::Redis("redis://127.0.0.1:6379".into()));
+        assert_eq!(s.store_timeout, Duration::from_millis(5));
+        s.peers = vec!["10.0.0.5:8080".into()];
+        assert!(s.validate().unwrap_err().contains("Replica.Peers"));
+        let bad = |k: &str| (k == "METADATA_CENTER_STORE").then(|| "redis://h".to_string());
+        let e = Settings::default().apply_env(bad).unwrap_err();
+        assert!(
+            e.contains("METADATA_CENTER_STORE") && e.contains("missing port"),
+            "{e}"
+        );
+        let f: FileConfig = toml::from_str("[Store]\nURL = \"memcached://h:1\"\n").unwrap();
+        let e = Settings::default().apply_file(&f).unwrap_err();
+        assert!(e.starts_with("Store.URL"), "{e}");
     }
 
     #[test]

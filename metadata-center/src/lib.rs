@@ -8,6 +8,8 @@
 //!   and one file per group of routes: `load_api`, `cache_api`, `replica_api`, `ops_api`.
 //! * `metrics`: the Prometheus registry and the rendering of a scrape.
 //! * `config`: settings from defaults, file, environment and flags.
+//! * `store/`: the store the handlers call: the in-memory stores below (default) or Redis
+//!   (`store/redis/`: connection, key layout, Lua scripts), chosen by `--store`.
 //! * `memory`: the eviction order over both stores when the memory budget is exceeded.
 //! * `retry`: the delayed retry of deletes that found no request.
 //! * `wire`: the API's request and response bodies and their validation rules.
@@ -31,4 +33,5 @@ pub mod metrics;
 pub mod replica;
 pub mod retry;
 pub mod server;
+pub mod store;
 pub mod wire;

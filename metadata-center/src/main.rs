@@ -24,6 +24,7 @@ use llmproxy_metadata_center::metrics::Metrics;
 use llmproxy_metadata_center::replica::{self, Replicator, ReplicatorConfig};
 use llmproxy_metadata_center::retry::Retrier;
 use llmproxy_metadata_center::server::{self, AppState, LogReload};
+use llmproxy_metadata_center::store::{RedisConfig, RedisStore, Store, StoreSpec};
 
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -78,6 +79,15 @@ struct RunArgs {
     /// 30s). Also METADATA_CENTER_BODY_TIMEOUT.
     #[arg(long)]
     body_timeout: Option<String>,
+    /// Where the load and cache state lives: `memory` (default, in this process),
+    /// `redis://HOST:PORT[/DB]` or `redis+cluster://HOST:PORT,HOST:PORT,...` (shared by every
+    /// replica). Also METADATA_CENTER_STORE, `[Store] URL`.
+    #[arg(long)]
+    store: Option<String>,
+    /// Deadline of one Redis store operation (Go duration, default 50ms); past it the server
+    /// answers from nothing. Also METADATA_CENTER_STORE_TIMEOUT, `[Store] Timeout`.
+    #[arg(long)]
+    store_timeout: Option<String>,
 }
 
 fn settings(args: &RunArgs) -> Result<Settings, String> {
@@ -123,6 +133,13 @@ fn settings(args: &RunArgs) -> Result<Settings, String> {
     if let Some(d) = &args.body_timeout {
         s.body_timeout =
             config::parse_go_duration(d).map_err(|e| format!("--body-timeout: {e}"))?;
+    }
+    if let Some(v) = &args.store {
+        s.store = StoreSpec::parse("--store", v)?;
+    }
+    if let Some(d) = &args.store_timeout {
+        s.store_timeout =
+            config::parse_go_duration(d).map_err(|e| format!("--store-timeout: {e}"))?;
     }
     let port = s.replica_target_port;
     s.peers = s.peers.iter().map(|p| peer_with_port(p, port)).collect();
@@ -237,8 +254,38 @@ async fn run(s: Settings) -> Result<(), String> {
     let budget = Arc::new(MemoryBudget::from_mb(s.max_memory_mb));
     let load = Arc::new(LoadStore::with_budget(s.load.clone(), budget.clone()));
     let cache = Arc::new(CachePool::with_budget(s.cache.clone(), budget.clone()));
-    let memory = Evictor::new(budget, load.clone(), cache.clone());
-    let retrier = Retrier::start(load.clone(), s.retry_queue_size, Duration::from_secs(1));
+    let memory = Arc::new(Evictor::new(budget, load.clone(), cache.clone()));
+    let (store, retrier) = if s.store.is_redis() {
+        let redis = Arc::new(
+            RedisStore::open(RedisConfig {
+                spec: s.store.clone(),
+                op_timeout: s.store_timeout,
+                connect_timeout: s.store_connect_timeout,
+                key_prefix: s.store_key_prefix.clone(),
+                load_ttl: s.load.req_expire,
+                cache_ttl: s.cache.expire,
+                max_prefixes_per_cluster: s.cache.max_entries_per_cluster,
+                max_locations_per_prefix: s.cache.max_locations_per_node,
+                top_k: s.cache.top_k,
+            })
+            .map_err(|e| format!("--store: {e}"))?,
+        );
+        let r = redis.clone();
+        let retrier =
+            Retrier::start_with(s.retry_queue_size, Duration::from_secs(1), move |k, id| {
+                let r = r.clone();
+                Box::pin(async move { r.delete(&id, k).await })
+            });
+        (Store::Redis(redis), retrier)
+    } else {
+        let store = Store::Memory {
+            load: load.clone(),
+            cache: cache.clone(),
+            memory: memory.clone(),
+        };
+        let retrier = Retrier::start(load.clone(), s.retry_queue_size, Duration::from_secs(1));
+        (store, retrier)
+    };
     let instance_id = uuid::Uuid::new_v4().to_string();
 
     // Always present (it also counts received events); it sends only when it has peers.
@@ -312,10 +359,13 @@ async fn run(s: Settings) -> Result<(), String> {
         max_memory_mb = s.max_memory_mb,
         header_timeout = ?s.header_timeout,
         body_timeout = ?s.body_timeout,
+        store = ?s.store,
+        store_timeout = ?s.store_timeout,
         "metadata-center starting"
     );
     let state = Arc::new(AppState {
         settings: s,
+        store,
         load,
         cache,
         memory,

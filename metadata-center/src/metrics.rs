@@ -21,6 +21,7 @@ use crate::listener::Connections;
 use crate::load::LoadStore;
 use crate::replica::Replicator;
 use crate::retry::Retrier;
+use crate::store::redis::{Op, RedisStore};
 
 /// What a scrape reads besides the registry: the live state behind the gauges and the other
 /// modules' counters.
@@ -32,6 +33,8 @@ pub struct Sources<'a> {
     /// The listener's counters (absent when the router is served without `BoundedListener`).
     pub connections: Option<&'a Connections>,
     pub replicator: Option<&'a Replicator>,
+    /// The Redis store, when it is the one in use (its operation outcomes).
+    pub redis: Option<&'a RedisStore>,
 }
 
 pub struct Metrics {
@@ -359,6 +362,22 @@ impl Metrics {
                 "gauge",
                 "Known peers",
                 &[("", rep.peer_list().len() as u64)],
+            );
+        }
+        if let Some(r) = s.redis {
+            let mut samples = Vec::new();
+            for op in Op::ALL {
+                let (ok, error, timeout) = r.counters.get(op);
+                for (result, v) in [("ok", ok), ("error", error), ("timeout", timeout)] {
+                    samples.push((format!("op=\"{}\",result=\"{result}\"", op.name()), v));
+                }
+            }
+            let samples: Vec<(&str, u64)> = samples.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+            f.family(
+                "metadata_center_store_ops_total",
+                "counter",
+                "Redis store operations by outcome (error and timeout: answered from nothing)",
+                &samples,
             );
         }
         m.encode(&f.into_string())

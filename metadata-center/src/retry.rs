@@ -15,6 +15,9 @@ pub enum RetryKind {
     DeletePrompt,
 }
 
+/// A retried delete in flight: resolves to whether the request was found.
+pub type RetryFuture = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+
 /// The bounded retry queue and its task, with its counters (shown in the metrics).
 pub struct Retrier {
     tx: tokio::sync::mpsc::Sender<(tokio::time::Instant, RetryKind, String)>,
@@ -24,8 +27,25 @@ pub struct Retrier {
 }
 
 impl Retrier {
-    /// Spawns the retry task on the current tokio runtime.
+    /// Spawns the retry task on the current tokio runtime, retrying against the in-memory load
+    /// store.
     pub fn start(store: Arc<LoadStore>, capacity: usize, delay: Duration) -> Self {
+        Self::start_with(capacity, delay, move |kind, id| {
+            let now = Stamp::now();
+            let found = match kind {
+                RetryKind::Delete => store.delete(&id, now),
+                RetryKind::DeletePrompt => store.delete_prompt(&id, now),
+            };
+            Box::pin(std::future::ready(found))
+        })
+    }
+
+    /// Spawns the retry task with `retry` as the delete to try again (it answers whether the
+    /// request was found); used by the Redis store, whose deletes are asynchronous.
+    pub fn start_with<F>(capacity: usize, delay: Duration, retry: F) -> Self
+    where
+        F: Fn(RetryKind, String) -> RetryFuture + Send + Sync + 'static,
+    {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, RetryKind, String)>(
             capacity.max(1),
         );
@@ -35,12 +55,7 @@ impl Retrier {
         tokio::spawn(async move {
             while let Some((due, kind, id)) = rx.recv().await {
                 tokio::time::sleep_until(due + delay).await;
-                let now = Stamp::now();
-                let found = match kind {
-                    RetryKind::Delete => store.delete(&id, now),
-                    RetryKind::DeletePrompt => store.delete_prompt(&id, now),
-                };
-                if found {
+                if retry(kind, id.clone()).await {
                     h.fetch_add(1, Ordering::Relaxed);
                 } else {
                     m.fetch_add(1, Ordering::Relaxed);

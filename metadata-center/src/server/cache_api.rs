@@ -20,12 +20,14 @@ pub(super) async fn cache_query(
         Ok(q) => q,
         Err(e) => return envelope::fail(&t.0, &e),
     };
-    let found = st.cache.query(
-        q.cluster.as_deref().unwrap_or_default(),
-        q.prompt_hash.as_deref().unwrap_or_default(),
-        q.k(),
-        Stamp::now().mono,
-    );
+    let found = st
+        .store
+        .cache_query(
+            q.cluster.as_deref().unwrap_or_default(),
+            q.prompt_hash.as_deref().unwrap_or_default(),
+            q.k(),
+        )
+        .await;
     let locations = found
         .into_iter()
         .map(|(ep, length)| Location {
@@ -49,13 +51,13 @@ pub(super) async fn cache_save(
         Ok(ep) => ep,
         Err(e) => return envelope::fail(&t.0, &e),
     };
-    st.cache.save(
-        s.cluster.as_deref().unwrap_or_default(),
-        s.prompt_hash.as_deref().unwrap_or_default(),
-        ep,
-        Stamp::now().mono,
-    );
-    st.memory.enforce();
+    st.store
+        .cache_save(
+            s.cluster.as_deref().unwrap_or_default(),
+            s.prompt_hash.as_deref().unwrap_or_default(),
+            ep,
+        )
+        .await;
     envelope::ok(&t.0, ())
 }
 

@@ -30,36 +30,29 @@ pub(super) async fn query_load(
             &validation_error("QueryLoadParam", "Cluster", "required"),
         );
     };
-    envelope::ok(&t.0, st.load.query(&cluster))
+    envelope::ok(&t.0, st.store.query_load(&cluster).await)
 }
 
 pub(super) fn now_ns() -> i64 {
     Stamp::now().wall_ns
 }
 
-/// Apply an add locally. Shared by the API and the replication receiver.
-pub(super) fn apply_add(st: &AppState, r: &InferenceRequest) -> Result<(), ApiError> {
+/// Apply an add to the store. Shared by the API and the replication receiver.
+pub(super) async fn apply_add(st: &AppState, r: &InferenceRequest) -> Result<(), ApiError> {
     let engine = r.engine()?;
-    st.load.add(
-        &AddRequest {
+    st.store
+        .add(&AddRequest {
             cluster: r.cluster.as_deref().unwrap_or_default(),
             request_id: r.request_id.as_deref().unwrap_or_default(),
             prompt_length: r.prompt_length.unwrap_or(0),
             engine,
-        },
-        Stamp::now(),
-    );
-    st.memory.enforce();
+        })
+        .await;
     Ok(())
 }
 
-pub(super) fn apply_delete(st: &AppState, id: &str, kind: RetryKind) {
-    let now = Stamp::now();
-    let found = match kind {
-        RetryKind::Delete => st.load.delete(id, now),
-        RetryKind::DeletePrompt => st.load.delete_prompt(id, now),
-    };
-    if !found {
+pub(super) async fn apply_delete(st: &AppState, id: &str, kind: RetryKind) {
+    if !st.store.delete(id, kind).await {
         st.retrier.schedule(kind, id);
     }
 }
@@ -96,7 +89,7 @@ pub(super) async fn add_request(
         Ok(r) => r,
         Err(e) => return envelope::fail(&t.0, &e),
     };
-    if let Err(e) = apply_add(&st, &r) {
+    if let Err(e) = apply_add(&st, &r).await {
         return envelope::fail(&t.0, &e);
     }
     r.timestamp = Some(r.timestamp.filter(|ts| *ts > 0).unwrap_or_else(now_ns));
@@ -110,7 +103,7 @@ async fn delete_common(st: &AppState, t: &TraceId, body: &[u8], kind: RetryKind)
         Ok(r) => r,
         Err(e) => return envelope::fail(&t.0, &e),
     };
-    apply_delete(st, r.request_id.as_deref().unwrap_or_default(), kind);
+    apply_delete(st, r.request_id.as_deref().unwrap_or_default(), kind).await;
     r.timestamp = Some(r.timestamp.filter(|ts| *ts > 0).unwrap_or_else(now_ns));
     let ev = if kind == RetryKind::Delete {
         replica::EVENT_DELETE

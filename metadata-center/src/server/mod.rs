@@ -100,8 +100,14 @@ mod tests {
             settings.cache.clone(),
             budget.clone(),
         ));
+        let memory = Arc::new(Evictor::new(budget, load.clone(), cache.clone()));
         let state = Arc::new(AppState {
-            memory: Evictor::new(budget, load.clone(), cache.clone()),
+            store: crate::store::Store::Memory {
+                load: load.clone(),
+                cache: cache.clone(),
+                memory: memory.clone(),
+            },
+            memory,
             retrier: Retrier::start(load.clone(), 16, Duration::from_secs(1)),
             load,
             cache,

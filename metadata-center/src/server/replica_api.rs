@@ -23,14 +23,14 @@ pub(super) async fn replica_event(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let mut resp = replica_apply(&st, &t, &headers, &body);
+    let mut resp = replica_apply(&st, &t, &headers, &body).await;
     if let Ok(v) = HeaderValue::from_str(&st.instance_id) {
         resp.headers_mut().insert(replica::INSTANCE_HEADER, v);
     }
     resp
 }
 
-fn replica_apply(st: &AppState, t: &TraceId, headers: &HeaderMap, body: &[u8]) -> Response {
+async fn replica_apply(st: &AppState, t: &TraceId, headers: &HeaderMap, body: &[u8]) -> Response {
     let sender = headers
         .get(replica::INSTANCE_HEADER)
         .and_then(|v| v.to_str().ok());
@@ -51,7 +51,7 @@ fn replica_apply(st: &AppState, t: &TraceId, headers: &HeaderMap, body: &[u8]) -
             let Ok(r) = decode::<InferenceRequest>(body) else {
                 return envelope::fail(&t.0, &handler_err());
             };
-            if apply_add(st, &r).is_err() {
+            if apply_add(st, &r).await.is_err() {
                 return envelope::fail(&t.0, &handler_err());
             }
             r.timestamp
@@ -65,7 +65,7 @@ fn replica_apply(st: &AppState, t: &TraceId, headers: &HeaderMap, body: &[u8]) -
             } else {
                 RetryKind::DeletePrompt
             };
-            apply_delete(st, r.request_id.as_deref().unwrap_or_default(), k);
+            apply_delete(st, r.request_id.as_deref().unwrap_or_default(), k).await;
             r.timestamp
         }
         _ => return envelope::fail(&t.0, &ApiError::invalid("Unsupported event type")),

@@ -1,5 +1,6 @@
-//! What every handler and middleware of the server gets: the application state (stores, memory
-//! policy, replicator, metrics, settings) and the request's trace id.
+//! What every handler and middleware of the server gets: the application state (the store the
+//! handlers call, the in-memory stores behind it or left empty, memory policy, replicator,
+//! metrics, settings) and the request's trace id.
 
 use std::sync::Arc;
 
@@ -14,16 +15,20 @@ use crate::memory::Evictor;
 use crate::metrics::{Metrics, Sources};
 use crate::replica::Replicator;
 use crate::retry::Retrier;
+use crate::store::Store;
 use crate::wire::CacheLimits;
 
 pub type LogReload = Box<dyn Fn(LevelFilter) -> Result<(), String> + Send + Sync>;
 
 pub struct AppState {
     pub settings: Settings,
+    /// What the API handlers read and write: the in-memory `load` and `cache` below, or Redis
+    /// (then those two stay empty).
+    pub store: Store,
     pub load: Arc<LoadStore>,
     pub cache: Arc<CachePool>,
     /// The memory budget shared by `load` and `cache`, and its eviction order.
-    pub memory: Evictor,
+    pub memory: Arc<Evictor>,
     /// The listener's counters and its free connection slots (for metrics).
     pub connections: Option<Connections>,
     pub retrier: Retrier,
@@ -50,6 +55,7 @@ impl AppState {
             retrier: &self.retrier,
             connections: self.connections.as_ref(),
             replicator: self.replicator.as_deref(),
+            redis: self.store.redis(),
         }
     }
 }

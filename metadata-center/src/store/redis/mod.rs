@@ -1,0 +1,402 @@
+//! The Redis store: the metadata-center's load and cache state in Redis (one server or a Redis
+//! Cluster), so any number of metadata-center replicas behind one address answer the same and
+//! none of them holds state.
+//!
+//! This file owns the operations the handlers call (each one round trip to the cluster's slot,
+//! plus the request-id index for the load calls, sent concurrently), their deadline and their
+//! counters. A failed or late operation is answered from nothing (no load, no cache hit) and
+//! counted; the handler never waits longer than `op_timeout`. The connection is `conn`, the key
+//! layout `keys`, the Lua scripts `scripts`.
+
+mod conn;
+pub mod keys;
+mod scripts;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::RedisResult;
+
+use self::conn::Conn;
+use self::keys::{digest_field, prefix_digests, request_index, ClusterKeys};
+use self::scripts::Scripts;
+use super::StoreSpec;
+use crate::endpoint::Endpoint;
+use crate::load::{AddRequest, EngineView};
+use crate::retry::RetryKind;
+
+/// Default deadline of one store operation (`[Store] Timeout`, `--store-timeout`).
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(50);
+/// Default deadline of one connection attempt, DNS included (`[Store] ConnectTimeout`).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default prefix of every key (`[Store] KeyPrefix`).
+pub const DEFAULT_KEY_PREFIX: &str = "llmproxy-mc";
+
+/// Settings of the Redis store.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `StoreSpec::Redis` or `StoreSpec::RedisCluster`.
+    pub spec: StoreSpec,
+    /// Deadline of each operation as the handler sees it (all its round trips).
+    pub op_timeout: Duration,
+    /// Deadline of one connection attempt (made in the background).
+    pub connect_timeout: Duration,
+    /// Prefix of every key, so several deployments can share one Redis.
+    pub key_prefix: String,
+    /// TTL of a request in flight that nobody deletes (`Load.ReqExpire`).
+    pub load_ttl: Duration,
+    /// TTL of a saved prefix (`Cache.Expire`).
+    pub cache_ttl: Duration,
+    /// Prefixes kept per cluster, least recently saved dropped first
+    /// (`Cache.MaxEntriesPerCluster`).
+    pub max_prefixes_per_cluster: usize,
+    /// Locations kept per prefix, oldest dropped first (`Cache.MaxLocationsPerNode`).
+    pub max_locations_per_prefix: usize,
+    /// Top-K when a query asks for none (`Cache.TopK`).
+    pub top_k: usize,
+}
+
+/// The operations, as counted in `metadata_center_store_ops_total{op}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Add,
+    Delete,
+    DeletePrompt,
+    QueryLoad,
+    CacheSave,
+    CacheQuery,
+}
+
+impl Op {
+    pub const ALL: [Op; 6] = [
+        Op::Add,
+        Op::Delete,
+        Op::DeletePrompt,
+        Op::QueryLoad,
+        Op::CacheSave,
+        Op::CacheQuery,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Add => "load_add",
+            Op::Delete => "load_delete",
+            Op::DeletePrompt => "load_delete_prompt",
+            Op::QueryLoad => "load_query",
+            Op::CacheSave => "cache_save",
+            Op::CacheQuery => "cache_query",
+        }
+    }
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// Outcomes per operation: answered, failed (Redis error, e.g. connection refused), or past
+/// the deadline.
+#[derive(Default)]
+pub struct StoreCounters {
+    ok: [AtomicU64; 6],
+    error: [AtomicU64; 6],
+    timeout: [AtomicU64; 6],
+}
+
+impl StoreCounters {
+    /// (ok, error, timeout) of `op`.
+    pub fn get(&self, op: Op) -> (u64, u64, u64) {
+        let i = op as usize;
+        (get(&self.ok[i]), get(&self.error[i]), get(&self.timeout[i]))
+    }
+}
+
+/// Request ids this replica added recently, with their cluster: a delete that finds its
+/// request here skips the index lookup (one round trip less); others ask Redis.
+const RECENT_REQUESTS: usize = 65_536;
+
+pub struct RedisStore {
+    conn: Conn,
+    cfg: RedisConfig,
+    scripts: Scripts,
+    recent: parking_lot::Mutex<hashlink::LruCache<String, Arc<str>>>,
+    pub counters: StoreCounters,
+}
+
+impl RedisStore {
+    /// Connects lazily: returns at once, also while Redis is down. Needs a tokio runtime.
+    pub fn open(cfg: RedisConfig) -> Result<Self, String> {
+        let conn = Conn::open(&cfg.spec, cfg.connect_timeout, cfg.op_timeout)?;
+        Ok(RedisStore {
+            conn,
+            cfg,
+            scripts: Scripts::new(),
+            recent: parking_lot::Mutex::new(hashlink::LruCache::new(RECENT_REQUESTS)),
+            counters: StoreCounters::default(),
+        })
+    }
+
+    pub fn config(&self) -> &RedisConfig {
+        &self.cfg
+    }
+
+    fn ttl_ms(d: Duration) -> u64 {
+        d.as_millis().clamp(1, u64::MAX as u128) as u64
+    }
+
+    /// Runs `fut` within the deadline; counts the outcome; `None` when it failed or was late.
+    async fn run<T>(&self, op: Op, fut: impl Future<Output = RedisResult<T>>) -> Option<T> {
+        let i = op as usize;
+        match tokio::time::timeout(self.cfg.op_timeout, fut).await {
+            Ok(Ok(v)) => {
+                self.counters.ok[i].fetch_add(1, Ordering::Relaxed);
+                Some(v)
+            }
+            // The client's own response timeout (also `op_timeout`) counts as a timeout.
+            Ok(Err(e)) if e.is_timeout() => {
+                self.counters.timeout[i].fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(op = op.name(), error = %e, "redis store timeout");
+                None
+            }
+            Ok(Err(e)) => {
+                self.counters.error[i].fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(op = op.name(), error = %e, "redis store error");
+                None
+            }
+            Err(_) => {
+                self.counters.timeout[i].fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(op = op.name(), "redis store timeout");
+                None
+            }
+        }
+    }
+
+    /// `POST /v1/load/stats`: the request in its cluster (ignored when its id is already
+    /// there), and the id → cluster index the deletes need, both in one round trip.
+    pub async fn add(&self, r: &AddRequest<'_>) {
+        let ttl = Self::ttl_ms(self.cfg.load_ttl);
+        let k = ClusterKeys::new(&self.cfg.key_prefix, r.cluster);
+        let mut inv = self.scripts.add.prepare_invoke();
+        inv.key(k.requests())
+            .key(k.expiry())
+            .key(k.engines())
+            .arg(ttl)
+            .arg(r.request_id)
+            .arg(r.engine.to_string())
+            .arg(r.prompt_length.max(0));
+        let mut index = redis::cmd("SET");
+        index
+            .arg(request_index(&self.cfg.key_prefix, r.request_id))
+            .arg(r.cluster)
+            .arg("PX")
+            .arg(ttl);
+        self.recent
+            .lock()
+            .insert(r.request_id.to_string(), Arc::from(r.cluster));
+        let (mut c1, mut c2) = (self.conn.clone(), self.conn.clone());
+        self.run(Op::Add, async {
+            let (a, b) = tokio::join!(
+                inv.invoke_async::<i64>(&mut c1),
+                index.query_async::<()>(&mut c2)
+            );
+            a.and(b)
+        })
+        .await;
+    }
+
+    /// `DELETE /v1/load/stats` (`RetryKind::Delete`) or `/v1/load/prompt`: finds the request's
+    /// cluster (among the ids this replica added, else in the index), then releases it there. Returns whether it was found; a failed or
+    /// late call answers `true` (a retry would not help).
+    pub async fn delete(&self, request_id: &str, kind: RetryKind) -> bool {
+        let op = match kind {
+            RetryKind::Delete => Op::Delete,
+            RetryKind::DeletePrompt => Op::DeletePrompt,
+        };
+        let ttl = Self::ttl_ms(self.cfg.load_ttl);
+        let index = request_index(&self.cfg.key_prefix, request_id);
+        let found = self
+            .run(op, async {
+                let mut c = self.conn.clone();
+                let known = if kind == RetryKind::Delete {
+                    self.recent.lock().remove(request_id)
+                } else {
+                    self.recent.lock().get(request_id).cloned()
+                };
+                let cluster: Option<String> = match known {
+                    Some(c) => Some(c.to_string()),
+                    None => redis::cmd("GET").arg(&index).query_async(&mut c).await?,
+                };
+                let Some(cluster) = cluster else {
+                    return Ok(false);
+                };
+                let k = ClusterKeys::new(&self.cfg.key_prefix, &cluster);
+                let full = kind == RetryKind::Delete;
+                let mut inv = self.scripts.delete.prepare_invoke();
+                inv.key(k.requests())
+                    .key(k.expiry())
+                    .key(k.engines())
+                    .arg(ttl)
+                    .arg(request_id)
+                    .arg(if full { "1" } else { "0" });
+                let found = inv.invoke_async::<i64>(&mut c).await? == 1;
+                if found && full {
+                    // The index goes only once the request is gone (a refused script keeps
+                    // both); in the background, so the delete costs one round trip.
+                    let (mut c2, timeout) = (self.conn.clone(), self.cfg.op_timeout);
+                    let index = index.clone();
+                    tokio::spawn(async move {
+                        let mut del = redis::cmd("DEL");
+                        del.arg(index);
+                        let _ = tokio::time::timeout(timeout, del.query_async::<()>(&mut c2)).await;
+                    });
+                }
+                Ok(found)
+            })
+            .await;
+        found.unwrap_or(true)
+    }
+
+    /// `GET /v1/load/stats`: `None` for an unknown cluster, and when Redis did not answer.
+    pub async fn query_load(&self, cluster: &str) -> Option<Vec<EngineView>> {
+        let ttl = Self::ttl_ms(self.cfg.load_ttl);
+        let k = ClusterKeys::new(&self.cfg.key_prefix, cluster);
+        let mut inv = self.scripts.query_load.prepare_invoke();
+        inv.key(k.requests())
+            .key(k.expiry())
+            .key(k.engines())
+            .arg(ttl);
+        let mut c = self.conn.clone();
+        let flat: Option<Vec<String>> = self
+            .run(
+                Op::QueryLoad,
+                inv.invoke_async::<Option<Vec<String>>>(&mut c),
+            )
+            .await
+            .flatten();
+        let flat = flat?;
+        let mut out: Vec<(Endpoint, EngineView)> = flat
+            .chunks_exact(4)
+            .filter_map(|c| {
+                let ep: Endpoint = c[0].parse().ok()?;
+                let n = |s: &str| s.parse::<i64>().unwrap_or(0);
+                Some((
+                    ep,
+                    EngineView {
+                        ip: ep.to_string(),
+                        queued_req_num: n(&c[1]).clamp(0, i32::MAX as i64) as i32,
+                        prompt_length: n(&c[2]).clamp(0, i32::MAX as i64) as i32,
+                        updated_time: n(&c[3]),
+                    },
+                ))
+            })
+            .collect();
+        out.sort_by_key(|(ep, _)| *ep);
+        Some(out.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// How long a location's tag on a prefix is left as is when saved again: TTL / 16, at most
+    /// 10 s (so a tag expires between TTL minus this and TTL after its last save).
+    fn refresh_granularity(&self) -> u64 {
+        (Self::ttl_ms(self.cfg.cache_ttl) / 16).min(10_000)
+    }
+
+    /// `POST /v1/cache/save`: tags every prefix of `hashes` with `loc`.
+    pub async fn cache_save(&self, cluster: &str, hashes: &[u64], loc: Endpoint) {
+        if hashes.is_empty() {
+            return;
+        }
+        let k = ClusterKeys::new(&self.cfg.key_prefix, cluster);
+        let mut inv = self.scripts.cache_save.prepare_invoke();
+        inv.key(k.nodes())
+            .key(k.lru())
+            .arg(Self::ttl_ms(self.cfg.cache_ttl))
+            .arg(self.cfg.max_prefixes_per_cluster.max(1))
+            .arg(self.cfg.max_locations_per_prefix.max(1))
+            .arg(loc.to_string())
+            .arg(self.refresh_granularity());
+        for d in prefix_digests(hashes) {
+            inv.arg(digest_field(d));
+        }
+        let mut c = self.conn.clone();
+        self.run(Op::CacheSave, inv.invoke_async::<i64>(&mut c))
+            .await;
+    }
+
+    /// `POST /v1/cache/query`: per location, the number of leading hashes of the query it
+    /// holds; deepest first, then most recently saved, then by address; at most `top_k` (0: the
+    /// configured default). Empty when Redis did not answer.
+    pub async fn cache_query(
+        &self,
+        cluster: &str,
+        hashes: &[u64],
+        top_k: usize,
+    ) -> Vec<(Endpoint, usize)> {
+        if hashes.is_empty() {
+            return Vec::new();
+        }
+        let k = ClusterKeys::new(&self.cfg.key_prefix, cluster);
+        let mut inv = self.scripts.cache_query.prepare_invoke();
+        inv.key(k.nodes());
+        for d in prefix_digests(hashes) {
+            inv.arg(digest_field(d));
+        }
+        let mut c = self.conn.clone();
+        let Some(reply) = self
+            .run(
+                Op::CacheQuery,
+                inv.invoke_async::<Vec<Option<String>>>(&mut c),
+            )
+            .await
+        else {
+            return Vec::new();
+        };
+        let k = if top_k == 0 { self.cfg.top_k } else { top_k };
+        walk(&reply, Self::ttl_ms(self.cfg.cache_ttl), k)
+    }
+}
+
+/// The cache query's walk over `[seconds, microseconds, node…]` (the Redis clock, then the
+/// query's nodes, shortest prefix first): down the query until a prefix has no live tag (as the
+/// tree stops at the first missing node), each location at its deepest prefix; deepest first,
+/// then most recently saved, then by address; at most `k`.
+fn walk(reply: &[Option<String>], ttl_ms: u64, k: usize) -> Vec<(Endpoint, usize)> {
+    let num = |i: usize| {
+        reply
+            .get(i)
+            .and_then(|v| v.as_deref())
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let now_ms = num(0) * 1000 + num(1) / 1000;
+    let live_after = now_ms.saturating_sub(ttl_ms);
+    let mut best: Vec<(String, usize, u64)> = Vec::new();
+    for (depth, node) in reply.iter().skip(2).enumerate() {
+        let Some(node) = node else { break };
+        let mut live = false;
+        for tag in node.split(',') {
+            let Some((loc, ms)) = tag.split_once('=') else {
+                continue;
+            };
+            let Ok(ms) = ms.parse::<u64>() else { continue };
+            if ms <= live_after {
+                continue;
+            }
+            live = true;
+            match best.iter_mut().find(|(l, _, _)| l == loc) {
+                Some(b) => *b = (b.0.clone(), depth + 1, ms),
+                None => best.push((loc.to_string(), depth + 1, ms)),
+            }
+        }
+        if !live {
+            break;
+        }
+    }
+    let mut found: Vec<(Endpoint, usize, u64)> = best
+        .into_iter()
+        .filter_map(|(l, d, ms)| Some((l.parse().ok()?, d, ms)))
+        .collect();
+    found.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
+    found.truncate(k.max(1));
+    found.into_iter().map(|(ep, d, _)| (ep, d)).collect()
+}

@@ -1,0 +1,390 @@
+//! The Redis store's data model against a real `redis-server` (started on a free 127.0.0.1
+//! port per test, stopped at the end): load semantics as in the in-memory store, load of a
+//! vanished gateway expiring at its TTL, cache answers equal to the in-memory tree's, bounded
+//! size and TTL on every key, and the failure behaviour (Redis down or slow: answered from
+//! nothing within the deadline, counted, reconnected).
+
+mod redis_support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use llmproxy_metadata_center::cache::{CacheConfig, CachePool};
+use llmproxy_metadata_center::endpoint::Endpoint;
+use llmproxy_metadata_center::load::{AddRequest, Stamp};
+use llmproxy_metadata_center::retry::RetryKind;
+use llmproxy_metadata_center::store::redis::Op;
+use llmproxy_metadata_center::store::{RedisConfig, RedisStore, StoreSpec};
+use redis_support::{redis_available, RedisServer};
+
+fn cfg(url: String) -> RedisConfig {
+    RedisConfig {
+        spec: StoreSpec::Redis(url),
+        op_timeout: Duration::from_millis(200),
+        connect_timeout: Duration::from_millis(500),
+        key_prefix: "t".into(),
+        load_ttl: Duration::from_secs(60),
+        cache_ttl: Duration::from_secs(60),
+        max_prefixes_per_cluster: 100_000,
+        max_locations_per_prefix: 256,
+        top_k: 5,
+    }
+}
+
+fn ep(s: &str) -> Endpoint {
+    s.parse().unwrap()
+}
+
+fn add<'a>(cluster: &'a str, id: &'a str, prompt: i32, engine: &str) -> AddRequest<'a> {
+    AddRequest {
+        cluster,
+        request_id: id,
+        prompt_length: prompt,
+        engine: ep(engine),
+    }
+}
+
+/// (ip, queued, prompt) per engine.
+async fn load(s: &RedisStore, cluster: &str) -> Option<Vec<(String, i32, i32)>> {
+    s.query_load(cluster).await.map(|v| {
+        v.into_iter()
+            .map(|e| (e.ip, e.queued_req_num, e.prompt_length))
+            .collect()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_load_lifecycle_matches_the_in_memory_semantics() {
+    if !redis_available("redis_load_lifecycle_matches_the_in_memory_semantics") {
+        return;
+    }
+    let r = RedisServer::start();
+    let s = RedisStore::open(cfg(r.url())).unwrap();
+    assert_eq!(load(&s, "m").await, None, "unknown cluster: null");
+    s.add(&add("m", "r1", 100, "10.0.0.1")).await;
+    s.add(&add("m", "r2", 50, "[fd00::1]:8000")).await;
+    s.add(&add("m", "r1", 999, "10.0.0.9")).await; // duplicate id: ignored
+    let v4 = ("10.0.0.1".to_string(), 1, 100);
+    let v6 = ("[fd00::1]:8000".to_string(), 1, 50);
+    assert_eq!(load(&s, "m").await, Some(vec![v4.clone(), v6.clone()]));
+    // The prompt is released once, whichever delete comes first and however often.
+    assert!(s.delete("r1", RetryKind::DeletePrompt).await);
+    assert!(s.delete("r1", RetryKind::DeletePrompt).await);
+    assert_eq!(
+        load(&s, "m").await,
+        Some(vec![("10.0.0.1".into(), 1, 0), v6.clone()])
+    );
+    assert!(s.delete("r1", RetryKind::Delete).await);
+    assert!(
+        !s.delete("r1", RetryKind::Delete).await,
+        "second delete: miss"
+    );
+    assert!(!s.delete("r1", RetryKind::DeletePrompt).await);
+    assert!(
+        s.delete("r2", RetryKind::Delete).await,
+        "full delete releases the prompt"
+    );
+    assert_eq!(
+        load(&s, "m").await,
+        Some(vec![
+            ("10.0.0.1".into(), 0, 0),
+            ("[fd00::1]:8000".into(), 0, 0)
+        ])
+    );
+    assert!(!s.delete("never-added", RetryKind::Delete).await);
+    // Updated time is Unix ns of the last change.
+    let now = Stamp::now().wall_ns;
+    let t = s.query_load("m").await.unwrap()[0].updated_time;
+    assert!((now - t).abs() < 5_000_000_000, "{now} vs {t}");
+    let (ok, err, late) = s.counters.get(Op::Add);
+    assert_eq!((ok, err, late), (3, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_load_of_a_vanished_gateway_expires_at_its_ttl() {
+    if !redis_available("redis_load_of_a_vanished_gateway_expires_at_its_ttl") {
+        return;
+    }
+    let r = RedisServer::start();
+    let s = RedisStore::open(RedisConfig {
+        load_ttl: Duration::from_millis(1000),
+        ..cfg(r.url())
+    })
+    .unwrap();
+    // A gateway adds requests and dies: nobody ever deletes them.
+    for i in 0..50 {
+        s.add(&add("m", &format!("dead-{i}"), 10, "10.0.0.1")).await;
+    }
+    s.add(&add("m", "live", 7, "10.0.0.2")).await;
+    assert_eq!(
+        load(&s, "m").await,
+        Some(vec![
+            ("10.0.0.1".into(), 50, 500),
+            ("10.0.0.2".into(), 1, 7)
+        ])
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The live gateway's request is still being added to (refreshing the cluster's keys).
+    s.add(&add("m", "live-2", 3, "10.0.0.2")).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut after = load(&s, "m").await.unwrap();
+    // The dead gateway's engine shows 0, or is gone already (idle for the TTL: dropped).
+    after.retain(|e| e != &("10.0.0.1".to_string(), 0, 0));
+    assert_eq!(
+        after,
+        vec![("10.0.0.2".into(), 1, 3)],
+        "the dead gateway's 50 requests expired, the live one's first too, its second not"
+    );
+    // Left alone past the TTL, the whole cluster disappears from Redis.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(load(&s, "m").await, None);
+    let mut con = r.client();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("t:{m}:*").query(&mut con).unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cache_answers_like_the_in_memory_tree() {
+    if !redis_available("redis_cache_answers_like_the_in_memory_tree") {
+        return;
+    }
+    let r = RedisServer::start();
+    let s = RedisStore::open(cfg(r.url())).unwrap();
+    let pool = CachePool::new(CacheConfig {
+        top_k: 100,
+        ..Default::default()
+    });
+    let loc = |i: u32| Endpoint {
+        ip: std::net::IpAddr::V4(std::net::Ipv4Addr::from(i)),
+        port: None,
+    };
+    // The origin's vectors (src/cache/tests.rs), then random saves and queries.
+    let mut saves: Vec<(Vec<u64>, u32)> = vec![
+        (vec![1, 2, 3, 4, 5, 6], 1),
+        (vec![1, 2, 3, 4], 1),
+        (vec![1, 2, 3, 4], 2),
+        (vec![1, 2, 3], 3),
+        (vec![1, 2, 3, 5, 6], 4),
+        (vec![1, 2, 3, 5, 6], 3),
+        (vec![1, 2, 3, 7, 8], 5),
+        (vec![2, 3, 4, 5], 6),
+        (vec![2, 3, 4, 6], 7),
+    ];
+    let mut seed = 0x1234_5678_u64;
+    let mut rnd = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for _ in 0..200 {
+        let len = 1 + rnd(8) as usize;
+        let path: Vec<u64> = (0..len).map(|_| 1 + rnd(3)).collect();
+        saves.push((path, 10 + rnd(20) as u32));
+    }
+    let now = Stamp::now().mono;
+    for (p, l) in &saves {
+        pool.save("m", p, loc(*l), now);
+        s.cache_save("m", p, loc(*l)).await;
+    }
+    let as_map = |v: Vec<(Endpoint, usize)>| -> BTreeMap<String, usize> {
+        v.into_iter().map(|(e, d)| (e.to_string(), d)).collect()
+    };
+    let origin = as_map(s.cache_query("m", &[1, 2, 3, 4, 5, 6], 100).await);
+    assert_eq!(origin.get("0.0.0.1"), Some(&6));
+    let mut queries: Vec<Vec<u64>> = vec![vec![1, 2, 3, 5], vec![1, 2, 3, 9], vec![9], vec![]];
+    for _ in 0..200 {
+        let len = 1 + rnd(9) as usize;
+        queries.push((0..len).map(|_| 1 + rnd(3)).collect());
+    }
+    for q in &queries {
+        let want = as_map(pool.query("m", q, 100, now));
+        let got = as_map(s.cache_query("m", q, 100).await);
+        assert_eq!(got, want, "query {q:?}");
+    }
+    // Top-K: the deepest first.
+    let top = s.cache_query("m", &[1, 2, 3, 4, 5, 6], 1).await;
+    assert_eq!(top, vec![(loc(1), 6)]);
+    // Another cluster sees nothing of this one.
+    assert!(s.cache_query("other", &[1, 2, 3], 5).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cache_is_bounded_per_cluster_and_every_key_has_a_ttl() {
+    if !redis_available("redis_cache_is_bounded_per_cluster_and_every_key_has_a_ttl") {
+        return;
+    }
+    let r = RedisServer::start();
+    let s = RedisStore::open(RedisConfig {
+        max_prefixes_per_cluster: 50,
+        max_locations_per_prefix: 3,
+        ..cfg(r.url())
+    })
+    .unwrap();
+    for i in 0..40u64 {
+        s.cache_save("m", &[i, i + 1000, i + 2000, i + 3000], ep("10.0.0.1"))
+            .await;
+    }
+    for i in 0..10u32 {
+        s.cache_save("m", &[7, 7], ep(&format!("10.0.1.{i}"))).await;
+    }
+    s.add(&add("m", "r1", 5, "10.0.0.1")).await;
+    let mut con = r.client();
+    let lru: usize = redis::cmd("ZCARD")
+        .arg("t:{m}:lru")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(lru, 50, "prefixes per cluster capped");
+    let nodes: usize = redis::cmd("HLEN")
+        .arg("t:{m}:nodes")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(nodes, 50, "evicted prefixes' nodes deleted");
+    // The newest saves survived, least recently saved went first.
+    let q = s.cache_query("m", &[39, 1039, 2039, 3039], 5).await;
+    assert_eq!(q, vec![(ep("10.0.0.1"), 4)]);
+    assert!(s.cache_query("m", &[0, 1000], 5).await.is_empty());
+    // At most 3 locations per prefix.
+    let q = s.cache_query("m", &[7, 7], 10).await;
+    assert_eq!(q.len(), 3, "{q:?}");
+    // Every key expires.
+    let keys: Vec<String> = redis::cmd("KEYS").arg("t:*").query(&mut con).unwrap();
+    assert!(keys.len() >= 5, "{keys:?}");
+    for k in keys {
+        let ttl: i64 = redis::cmd("PTTL").arg(&k).query(&mut con).unwrap();
+        assert!(ttl > 0, "{k} has no TTL ({ttl})");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_or_slow_is_answered_from_nothing_within_the_deadline() {
+    if !redis_available("redis_down_or_slow_is_answered_from_nothing_within_the_deadline") {
+        return;
+    }
+    let deadline = Duration::from_millis(50);
+    // Nothing listens there: connection refused.
+    let closed = redis_support::free_port();
+    let s = RedisStore::open(RedisConfig {
+        op_timeout: deadline,
+        ..cfg(format!("redis://127.0.0.1:{closed}"))
+    })
+    .unwrap();
+    let t0 = Instant::now();
+    s.add(&add("m", "r1", 5, "10.0.0.1")).await;
+    assert_eq!(s.query_load("m").await, None);
+    assert!(s.cache_query("m", &[1, 2], 5).await.is_empty());
+    s.cache_save("m", &[1, 2], ep("10.0.0.1")).await;
+    assert!(
+        s.delete("r1", RetryKind::Delete).await,
+        "failed delete: no retry"
+    );
+    // Five calls, each at most one deadline (slack for a loaded machine).
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    let (ok, err, late) = s.counters.get(Op::QueryLoad);
+    assert_eq!(ok, 0);
+    assert_eq!(err + late, 1);
+
+    // A hung Redis (DEBUG SLEEP): every call returns at the deadline, then Redis is used again.
+    let r = RedisServer::start_with(&["--enable-debug-command", "local"]);
+    let s = RedisStore::open(RedisConfig {
+        op_timeout: deadline,
+        ..cfg(r.url())
+    })
+    .unwrap();
+    s.cache_save("m", &[1, 2], ep("10.0.0.1")).await;
+    assert_eq!(s.cache_query("m", &[1, 2], 5).await.len(), 1);
+    let url = r.url();
+    let sleeper = std::thread::spawn(move || {
+        let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let _: () = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("0.6")
+            .query(&mut con)
+            .unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
+    assert!(s.cache_query("m", &[1, 2], 5).await.is_empty());
+    let took = t0.elapsed();
+    assert!(
+        took >= deadline && took < deadline + Duration::from_millis(250),
+        "{took:?}"
+    );
+    assert_eq!(s.counters.get(Op::CacheQuery).2, 1, "counted as a timeout");
+    sleeper.join().unwrap();
+    // Back: answers again (reconnecting if the late reply broke the connection).
+    let t0 = Instant::now();
+    loop {
+        if s.cache_query("m", &[1, 2], 5).await.len() == 1 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "no recovery");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Redis killed and restarted on the same port: the store reconnects by itself.
+    let port = r.port;
+    drop(r);
+    assert!(s.cache_query("m", &[1, 2], 5).await.is_empty());
+    let r2 = RedisServer::start_on(port);
+    s.cache_save("m", &[1, 2], ep("10.0.0.2")).await;
+    let t0 = Instant::now();
+    loop {
+        s.cache_save("m", &[1, 2], ep("10.0.0.2")).await;
+        if s.cache_query("m", &[1, 2], 5).await == vec![(ep("10.0.0.2"), 2)] {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no reconnect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(r2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_out_of_memory_refuses_whole_scripts_and_leaves_the_counters_consistent() {
+    if !redis_available(
+        "redis_out_of_memory_refuses_whole_scripts_and_leaves_the_counters_consistent",
+    ) {
+        return;
+    }
+    let r = RedisServer::start();
+    let s = RedisStore::open(cfg(r.url())).unwrap();
+    for i in 0..10 {
+        s.add(&add("m", &format!("r{i}"), 10, "10.0.0.1")).await;
+    }
+    let mut con = r.client();
+    let set_max = |con: &mut redis::Connection, v: &str| {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(v)
+            .query(con)
+            .unwrap();
+    };
+    // Full Redis (noeviction): every script that may write is refused before it starts.
+    set_max(&mut con, "1");
+    s.add(&add("m", "late", 10, "10.0.0.1")).await;
+    assert!(s.delete("r0", RetryKind::Delete).await);
+    assert_eq!(
+        s.query_load("m").await,
+        None,
+        "refused: answered from nothing"
+    );
+    assert!(s.counters.get(Op::Add).1 >= 1, "counted as errors");
+    assert!(s.counters.get(Op::Delete).1 >= 1);
+    let requests: usize = redis::cmd("HLEN").arg("t:{m}:req").query(&mut con).unwrap();
+    let queued: i64 = redis::cmd("HGET")
+        .arg("t:{m}:eng")
+        .arg("q|10.0.0.1")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!((requests, queued), (10, 10), "nothing half-applied");
+    // Room again: the state is the one before, and it moves on from there.
+    set_max(&mut con, "0");
+    assert_eq!(
+        load(&s, "m").await,
+        Some(vec![("10.0.0.1".into(), 10, 100)])
+    );
+    assert!(s.delete("r0", RetryKind::Delete).await);
+    assert_eq!(load(&s, "m").await, Some(vec![("10.0.0.1".into(), 9, 90)]));
+}

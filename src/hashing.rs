@@ -51,6 +51,24 @@ impl PrefixHasher {
         self.feed(s.as_bytes());
     }
 
+    /// A copy of this hasher's position (state, chunk fill, characters) without the hashes
+    /// computed so far: feeding it more text continues the same prompt, and its hashes
+    /// are those of the chunks that complete after this point.
+    pub fn fork(&self) -> Self {
+        Self {
+            state: self.state.clone(),
+            chunk_bytes: self.chunk_bytes,
+            filled: self.filled,
+            hashes: Vec::new(),
+            chars: self.chars,
+        }
+    }
+
+    /// Hashes of the chunks completed so far (full chunks only; see [`PrefixHasher::fork`]).
+    pub fn full_chunk_hashes(&self) -> &[u64] {
+        &self.hashes
+    }
+
     /// Finishes: the hash of every chunk, the last (short) one included, and the prompt's
     /// length in characters.
     pub fn finish(mut self) -> (Vec<u64>, u64) {
@@ -118,6 +136,18 @@ mod tests {
         let (hashes, chars) = h.finish();
         assert_eq!(chars, 13);
         assert_eq!(hashes.len(), "héllo wörld ✓".len().div_ceil(4));
+    }
+
+    #[test]
+    fn a_fork_continues_the_same_prompt() {
+        let text: Vec<u8> = (0..2000u32).map(|i| (i % 97) as u8 + 32).collect();
+        let whole = prefix_hashes("m", &text, 64);
+        let mut h = PrefixHasher::new("m", 64);
+        h.feed(&text[..700]);
+        let mut f = h.fork();
+        f.feed(&text[700..]);
+        // Chunks 11.. complete after byte 700 (the last one, short, is not a full chunk).
+        assert_eq!(f.full_chunk_hashes(), &whole[10..31]);
     }
 
     proptest! {

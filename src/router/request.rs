@@ -7,10 +7,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::pick::Routed;
+use super::pick::{Learning, Routed};
 use super::RouterInner;
 use crate::background::Event;
 use crate::error::PickError;
+use crate::hashing;
+use crate::state::Endpoint;
 use crate::transcode::Output;
 
 /// A request from pick to finish. Must be finished (or dropped) exactly once.
@@ -162,11 +164,35 @@ impl PickedRequest {
             self.first_token();
         }
         match &mut self.result {
-            Ok(r) => match r.transcoder.last_output() {
-                Output::Same => None,
-                Output::Bytes(b) => Some(b),
-            },
+            Ok(r) => {
+                let transcoded = r.transcoder.needs_transcoding();
+                let out = match r.transcoder.last_output() {
+                    Output::Same => None,
+                    Output::Bytes(b) => Some(b),
+                };
+                // What the client gets is an OpenAI answer: that is what is learned.
+                if let (true, Some(l)) = (transcoded, r.learn.as_deref_mut()) {
+                    l.reader.feed(out.unwrap_or(chunk), end_of_stream);
+                }
+                out
+            }
             Err(_) => None,
+        }
+    }
+
+    /// Reads one chunk of the upstream's answer (any size, any boundary; `end_of_stream`
+    /// with the last, possibly empty) to learn the next turn's prefix when the request
+    /// finishes. A no-op when learning is off (`learn_response_bytes: 0`), for requests whose
+    /// next turn does not extend the prompt, and for transcoded answers (the transcoder's
+    /// output is read in [`PickedRequest::transcode_response`]).
+    pub fn observe_response(&mut self, chunk: &[u8], end_of_stream: bool) {
+        if let Ok(r) = &mut self.result {
+            if r.transcoder.needs_transcoding() {
+                return;
+            }
+            if let Some(l) = r.learn.as_deref_mut() {
+                l.reader.feed(chunk, end_of_stream);
+            }
         }
     }
 
@@ -286,8 +312,48 @@ impl PickedRequest {
                     None => {}
                 }
                 router.metrics.count_finish(upstream_status);
+                if let Some(l) = r.learn.take() {
+                    router.learn(r, e, *l, upstream_status, outcome);
+                }
             }
         }
+    }
+}
+
+impl RouterInner {
+    /// The request is over: learn its answer, when the endpoint gave one in full (or up to
+    /// the cap), as the prefix of the next turn held by that endpoint. Counts the usage.
+    fn learn(
+        &self,
+        r: &Routed,
+        endpoint: &Arc<Endpoint>,
+        l: Learning,
+        status: u32,
+        outcome: Outcome,
+    ) {
+        let Learning { mut tail, reader } = l;
+        let capture = reader.capture();
+        if let Some(u) = capture.usage {
+            self.metrics.count_usage(r.model_slot, &u);
+        }
+        let params = self.config.lb_params(&r.model);
+        if outcome != Outcome::Upstream
+            || !(200..300).contains(&status)
+            || !capture.learnable()
+            || !self.config.algorithm.uses_prefix_index(&params)
+        {
+            return;
+        }
+        capture.render_next_turn(&mut tail);
+        let mut hashes = tail.full_chunk_hashes().to_vec();
+        if hashes.is_empty() {
+            return;
+        }
+        hashing::salt_for_served_model(&mut hashes, &r.model, &r.upstream_model);
+        self.index.record(&hashes, endpoint.id, self.clock.now_ms());
+        self.metrics
+            .learned_response_chunks
+            .fetch_add(hashes.len() as u64, Ordering::Relaxed);
     }
 }
 

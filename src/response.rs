@@ -87,6 +87,8 @@ pub struct ResponseReader {
     /// The data of the current SSE event (its `data:` lines joined by `\n`).
     event: Vec<u8>,
     finish_seen: bool,
+    /// `end_of_stream` was fed.
+    ended: bool,
     out: Capture,
 }
 
@@ -165,6 +167,7 @@ impl ResponseReader {
             line: Vec::new(),
             event: Vec::new(),
             finish_seen: false,
+            ended: false,
             out: Capture {
                 kind: Some(kind),
                 ..Capture::default()
@@ -180,6 +183,10 @@ impl ResponseReader {
     /// Feeds the next chunk of the response body; `end_of_stream` with the last one (an
     /// empty chunk is fine).
     pub fn feed(&mut self, mut chunk: &[u8], end_of_stream: bool) {
+        if self.ended {
+            return;
+        }
+        self.ended = end_of_stream;
         if self.mode == Mode::Detect {
             match chunk.iter().position(|b| !b.is_ascii_whitespace()) {
                 Some(i) => {
@@ -198,6 +205,12 @@ impl ResponseReader {
             Mode::Json => self.feed_json(chunk, end_of_stream),
             Mode::Detect | Mode::Done | Mode::Failed => {}
         }
+    }
+
+    /// Ends the response if the host did not say so (e.g. it ended with trailers): a JSON
+    /// answer is parsed now, a stream is complete if choice 0 had its `finish_reason`.
+    pub fn end(&mut self) {
+        self.feed(&[], true);
     }
 
     /// What was captured (complete or not: see [`Capture::learnable`]).

@@ -331,7 +331,11 @@ impl RouterInner {
         status: u32,
         outcome: Outcome,
     ) {
-        let Learning { mut tail, reader } = l;
+        let Learning {
+            mut tail,
+            mut reader,
+        } = l;
+        reader.end();
         let capture = reader.capture();
         if let Some(u) = capture.usage {
             self.metrics.count_usage(r.model_slot, &u);

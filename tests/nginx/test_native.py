@@ -341,24 +341,24 @@ def test_native_body_from_temp_file(native1):
     assert delta(before, after, "llmproxy_nginx_request_bodies_total", source="file") == 1
 
 
-@pytest.fixture(scope="module")
-def native_learn(servers):
-    """The native module, 1 worker (its router metrics are the page's), 16-byte chunks, and a
-    model on the two endpoints of pool_b: learning from the answer (issue #19)."""
+@pytest.fixture(scope="module", params=HOSTS)
+def learn_gw(request, servers):
+    """Either host, 1 worker (its router metrics are the page's), 16-byte chunks, and a model
+    on the two endpoints of pool_b: learning from the answer (issue #19)."""
     cfg = library_config(servers, servers.dead)
     cfg["hash_chunk_bytes"] = 16
     cfg["model_mapping_rule"]["m-l"] = {"rules": [{"scene_name": "learn", "cluster": "pool_b", "backend": "vllm"}]}
-    g = harness.NativeNginx(cfg, [servers.addr(n) for n in POOLS["pool_a"]], workers=1)
+    g = harness.HOSTS[request.param](cfg, [servers.addr(n) for n in POOLS["pool_a"]], workers=1)
     g.servers = servers
     yield g
     g.close()
 
 
-def test_native_second_turn_follows_the_learned_answer(native_learn):
+def test_second_turn_follows_the_learned_answer(learn_gw):
     """The second turn sends the first answer back: it goes to the endpoint that produced it,
     decided on a cache ratio above 0.75 that only the learned answer (some thirty 16-byte
     chunks, against the question's few) can give."""
-    gw = native_learn
+    gw = learn_gw
     before = settled(gw)
     for conv in range(6):
         messages = [{"role": "user", "content": random_text(30, seed=700 + conv)}]

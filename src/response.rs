@@ -610,6 +610,40 @@ mod tests {
         assert_eq!(before + learned.len(), next.prompt_chars as usize / 16);
     }
 
+    proptest::proptest! {
+        // Any cut of a stream into pieces gives the capture of the whole.
+        #[test]
+        fn random_cuts_give_the_same_capture(cuts in proptest::collection::vec(0usize..SSE.len(), 0..12)) {
+            let bytes = SSE.as_bytes();
+            let mut cuts = cuts;
+            cuts.sort();
+            let mut pieces = Vec::new();
+            let mut start = 0;
+            for c in cuts { pieces.push(&bytes[start..c]); start = c; }
+            pieces.push(&bytes[start..]);
+            let got = read(RequestKind::Chat, 1024, &pieces);
+            proptest::prop_assert_eq!(got.text, "Hello, wörld".as_bytes());
+            proptest::prop_assert!(got.complete);
+            proptest::prop_assert_eq!(got.usage.map(|u| u.completion_tokens), Some(3));
+        }
+
+        // Arbitrary bytes, in arbitrary pieces, never panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+                                       piece in 1usize..50, prefix in 0usize..3) {
+            let mut body = [&b""[..], b"data: ", b"{"][prefix].to_vec();
+            body.extend_from_slice(&data);
+            for kind in [RequestKind::Chat, RequestKind::Completions] {
+                let mut r = ResponseReader::new(kind, 64);
+                for p in body.chunks(piece) { r.feed(p, false); }
+                r.end();
+                let mut h = PrefixHasher::new("m", 16);
+                r.capture().render_next_turn(&mut h);
+                proptest::prop_assert!(r.capture().text.len() <= 64);
+            }
+        }
+    }
+
     #[test]
     fn garbage_stops_the_capture_without_panicking() {
         let cases: [&[u8]; 6] = [

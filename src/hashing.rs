@@ -16,6 +16,8 @@ pub struct PrefixHasher {
     filled: usize,
     hashes: Vec<u64>,
     chars: u64,
+    /// Full chunks completed since the start of the prompt.
+    full_chunks: usize,
 }
 
 impl PrefixHasher {
@@ -28,6 +30,7 @@ impl PrefixHasher {
             filled: 0,
             hashes: Vec::new(),
             chars: 0,
+            full_chunks: 0,
         }
     }
 
@@ -41,6 +44,7 @@ impl PrefixHasher {
             bytes = &bytes[take..];
             if self.filled == self.chunk_bytes {
                 self.hashes.push(self.state.digest());
+                self.full_chunks += 1;
                 self.filled = 0;
             }
         }
@@ -61,7 +65,13 @@ impl PrefixHasher {
             filled: self.filled,
             hashes: Vec::new(),
             chars: self.chars,
+            full_chunks: self.full_chunks,
         }
+    }
+
+    /// Full chunks completed since the start of the prompt (forks included).
+    pub fn full_chunks(&self) -> usize {
+        self.full_chunks
     }
 
     /// Hashes of the chunks completed so far (full chunks only; see [`PrefixHasher::fork`]).
@@ -145,7 +155,9 @@ mod tests {
         let mut h = PrefixHasher::new("m", 64);
         h.feed(&text[..700]);
         let mut f = h.fork();
+        assert_eq!(f.full_chunks(), 10);
         f.feed(&text[700..]);
+        assert_eq!(f.full_chunks(), 31);
         // Chunks 11.. complete after byte 700 (the last one, short, is not a full chunk).
         assert_eq!(f.full_chunk_hashes(), &whole[10..31]);
     }

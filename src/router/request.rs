@@ -273,6 +273,11 @@ impl PickedRequest {
         let first_token_seen = self.first_token_seen;
         if let Ok(r) = &mut self.result {
             if let Some(e) = &r.endpoint {
+                let learned = r.learn.take().and_then(|l| {
+                    let prompt_full_chunks = l.tail.full_chunks();
+                    let hashes = router.learn(r, e, *l, upstream_status, outcome)?;
+                    Some((prompt_full_chunks, hashes))
+                });
                 if let Some(req) = r.sync.take() {
                     req.mark_finished();
                     router.send(Event::Done {
@@ -287,10 +292,17 @@ impl PickedRequest {
                         && cache_aware
                         && !r.prefix_hashes.is_empty()
                     {
+                        let mut hashes = std::mem::take(&mut r.prefix_hashes);
+                        // The learned answer extends the chain the server keeps: the prompt's
+                        // full chunks, then the next turn's.
+                        if let Some((full, learned)) = learned {
+                            hashes.truncate(full);
+                            hashes.extend(learned);
+                        }
                         router.send(Event::SaveCache {
                             cluster: Arc::clone(&r.cluster),
                             endpoint: Arc::clone(e),
-                            hashes: std::mem::take(&mut r.prefix_hashes),
+                            hashes,
                         });
                     }
                 }
@@ -312,9 +324,6 @@ impl PickedRequest {
                     None => {}
                 }
                 router.metrics.count_finish(upstream_status);
-                if let Some(l) = r.learn.take() {
-                    router.learn(r, e, *l, upstream_status, outcome);
-                }
             }
         }
     }
@@ -322,7 +331,8 @@ impl PickedRequest {
 
 impl RouterInner {
     /// The request is over: learn its answer, when the endpoint gave one in full (or up to
-    /// the cap), as the prefix of the next turn held by that endpoint. Counts the usage.
+    /// the cap), as the prefix of the next turn held by that endpoint; returns the hashes
+    /// recorded (salted for the served model). Counts the usage.
     fn learn(
         &self,
         r: &Routed,
@@ -330,7 +340,7 @@ impl RouterInner {
         l: Learning,
         status: u32,
         outcome: Outcome,
-    ) {
+    ) -> Option<Vec<u64>> {
         let Learning {
             mut tail,
             mut reader,
@@ -346,18 +356,19 @@ impl RouterInner {
             || !capture.learnable()
             || !self.config.algorithm.uses_prefix_index(&params)
         {
-            return;
+            return None;
         }
         capture.render_next_turn(&mut tail);
         let mut hashes = tail.full_chunk_hashes().to_vec();
         if hashes.is_empty() {
-            return;
+            return None;
         }
         hashing::salt_for_served_model(&mut hashes, &r.model, &r.upstream_model);
         self.index.record(&hashes, endpoint.id, self.clock.now_ms());
         self.metrics
             .learned_response_chunks
             .fetch_add(hashes.len() as u64, Ordering::Relaxed);
+        Some(hashes)
     }
 }
 

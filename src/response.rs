@@ -281,6 +281,11 @@ impl ResponseReader {
 
     /// One SSE line, without its `\n`.
     fn sse_line(&mut self, line: &[u8]) {
+        // The same bound whether the line came whole in one chunk or was pieced together.
+        if line.len() > self.bound() {
+            self.fail();
+            return;
+        }
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
             if !self.event.is_empty() {

@@ -145,6 +145,20 @@ std::string EnvoyStream::received_response_body() const {
   return body;
 }
 
+std::vector<std::string_view> EnvoyStream::received_response_slices() const {
+  std::vector<std::string_view> slices;
+  const size_t n = envoy_dynamic_module_callback_http_get_body_chunks_size(f_, ENVOY_BODY_RECEIVED_RESPONSE);
+  if (n == 0) return slices;
+  std::vector<envoy_buf> chunks(n);
+  if (!envoy_dynamic_module_callback_http_get_body_chunks(f_, ENVOY_BODY_RECEIVED_RESPONSE, chunks.data())) {
+    return slices;
+  }
+  slices.reserve(n);
+  for (const auto &c : chunks)
+    if (c.ptr && c.length) slices.emplace_back(c.ptr, c.length);
+  return slices;
+}
+
 void EnvoyStream::replace_received_response_body(size_t drained, std::string_view replacement) const {
   if (drained) envoy_dynamic_module_callback_http_drain_body(f_, ENVOY_BODY_RECEIVED_RESPONSE, drained);
   if (!replacement.empty()) {

@@ -53,6 +53,8 @@ class EnvoyStream {
   // "ip:port" of the host that answered.
   std::optional<std::string> upstream_address() const;
   std::string received_response_body() const;
+  // The slices of the received response chunk, without a copy (valid until the body changes).
+  std::vector<std::string_view> received_response_slices() const;
   // Drains `drained` bytes of the received response chunk and appends `replacement`.
   void replace_received_response_body(size_t drained, std::string_view replacement) const;
 

@@ -160,19 +160,23 @@ HeadersStatus Filter::on_response_headers(bool end_of_stream) {
   if (local_status_ == 0) note_upstream_response();
   if (llmproxy_request_needs_transcoding(req_)) start_transcoding();
   // A response without a body is complete as far as prefill is concerned. A local reply
-  // (connect failure, timeout, ours) is no token: finish releases the prefill, and the
-  // endpoint's TTFT histogram only sees its own answers.
-  if (end_of_stream && local_status_ == 0) mark_first_token();
+  // (connect failure, timeout, ours) is no token and no answer: finish releases the prefill,
+  // and the endpoint's TTFT histogram only sees its own answers.
+  if (end_of_stream && local_status_ == 0) {
+    mark_first_token();
+    if (!transcoding_) llmproxy_request_observe_response(req_, nullptr, 0, true);
+  }
   return HeadersStatus::Continue;
 }
 
 BodyStatus Filter::on_response_body(bool end_of_stream) {
   if (!routed()) return BodyStatus::Continue;
   if (transcoding_) {
-    transcode_chunk(end_of_stream);  // the transcoder marks the first token
+    transcode_chunk(end_of_stream);  // the transcoder marks the first token and reads its output
     first_token_ = true;
   } else if (local_status_ == 0) {
     mark_first_token();  // the endpoint's first byte (a local reply's body is none)
+    observe_chunk(end_of_stream);
   }
   return BodyStatus::Continue;  // never buffer: SSE streams straight through
 }
@@ -407,6 +411,14 @@ void Filter::transcode_chunk(bool end_of_stream) {
   // `out` stays valid until the next call on the request.
   stream_.replace_received_response_body(
       in.size(), out ? std::string_view(reinterpret_cast<const char *>(out), out_len) : std::string_view());
+}
+
+// Lets the library read the answer (to learn the next turn's prefix): every slice, no copy.
+void Filter::observe_chunk(bool end_of_stream) {
+  for (std::string_view slice : stream_.received_response_slices()) {
+    llmproxy_request_observe_response(req_, reinterpret_cast<const uint8_t *>(slice.data()), slice.size(), false);
+  }
+  if (end_of_stream) llmproxy_request_observe_response(req_, nullptr, 0, true);
 }
 
 void Filter::mark_first_token() {

@@ -90,6 +90,7 @@ class Filter {
   void note_upstream_response();
   void start_transcoding();
   void transcode_chunk(bool end_of_stream);
+  void observe_chunk(bool end_of_stream);
   void mark_first_token();
 
   void send_local_reply(uint32_t status, const std::string &body, const char *content_type, const char *details);

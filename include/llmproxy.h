@@ -601,6 +601,28 @@ enum llmproxy_status llmproxy_request_transcode_response(struct llmproxy_request
                                                          size_t *out_len);
 
 /**
+ * Reads one upstream response body chunk (any size, any boundary; pass `end_of_stream`
+ * with the last one, an empty chunk is fine) so that, when the request finishes with a 2xx
+ * answer read in full (or up to `learn_response_bytes`), the router learns the next turn's
+ * prefix (this prompt followed by the answer) for the endpoint that answered, and counts
+ * the answer's `usage` tokens. Call it for every chunk, in order, with the bytes as the
+ * upstream sent them. Cheap no-op when `learn_response_bytes` is 0, for requests whose next
+ * turn does not extend the prompt, and for transcoded answers (Triton):
+ * `llmproxy_request_transcode_response` reads its own OpenAI output. Never fails the
+ * response and never marks the first token. A host that cannot see a chunk (e.g. one
+ * buffered to a file) must stop calling it for the rest of the response rather than skip
+ * that piece: an answer whose end is never read is not learned (unless the cap was reached
+ * before the gap, and then only what precedes it).
+ *
+ * # Safety
+ * `req` must be NULL or valid; `chunk` must hold `len` bytes (NULL when `len` is 0 is fine).
+ */
+void llmproxy_request_observe_response(struct llmproxy_request *req,
+                                       const uint8_t *chunk,
+                                       size_t len,
+                                       bool end_of_stream);
+
+/**
  * The request's `stream` flag.
  *
  * # Safety

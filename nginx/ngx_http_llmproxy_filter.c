@@ -1,7 +1,8 @@
 /*
  * ngx_http_llmproxy_filter.c: the response on its way out. Owns the header filter
  * (transcoded status and content type, debug headers) and the body filter (first response
- * byte -> llmproxy_request_first_token; Triton -> OpenAI transcoding chunk by chunk).
+ * byte -> llmproxy_request_first_token; Triton -> OpenAI transcoding chunk by chunk; every
+ * in-memory answer buffer -> llmproxy_request_observe_response, to learn the next turn).
  */
 
 #include <ngx_config.h>
@@ -66,6 +67,11 @@ ngx_http_llmproxy_header_filter(ngx_http_request_t *r)
          * proxy_temp_path (nginx decides on buffering after sending the header) */
         r->upstream->buffering = 0;
         ctx->transcoding = 1;
+
+    } else if (ctx && ctx->req && ngx_http_llmproxy_upstream_answered(r)) {
+        /* the library reads the answer from memory buffers (to learn the next turn's
+         * prefix); a part spooled to a file stops that (ngx_http_llmproxy_observe) */
+        ctx->observing = 1;
     }
 
     llcf = ngx_http_get_module_loc_conf(r, ngx_http_llmproxy_module);
@@ -183,6 +189,29 @@ ngx_http_llmproxy_transcode(ngx_http_request_t *r, ngx_http_llmproxy_ctx_t *ctx,
 }
 
 
+/* Hands every in-memory buffer of the answer to the library, which learns the next turn's
+ * prefix from it at finish. A buffer in a file (proxy_temp_path) ends the reading: an answer
+ * read with a gap must not be learned, and one that is never read to its end is not. */
+static void
+ngx_http_llmproxy_observe(ngx_http_llmproxy_ctx_t *ctx, ngx_chain_t *in)
+{
+    ngx_buf_t  *b;
+
+    for ( /* void */ ; in && ctx->observing; in = in->next) {
+        b = in->buf;
+        if (ngx_buf_in_memory(b)) {
+            llmproxy_request_observe_response(ctx->req, b->pos,
+                                              (size_t) (b->last - b->pos),
+                                              b->last_buf ? 1 : 0);
+        } else if (ngx_buf_size(b) > 0) {
+            ctx->observing = 0;
+        } else if (b->last_buf) {
+            llmproxy_request_observe_response(ctx->req, NULL, 0, 1);
+        }
+    }
+}
+
+
 ngx_int_t
 ngx_http_llmproxy_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
 {
@@ -211,6 +240,10 @@ ngx_http_llmproxy_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
                 break;
             }
         }
+    }
+
+    if (ctx->observing) {
+        ngx_http_llmproxy_observe(ctx, in);
     }
 
     return ngx_http_next_body_filter(r, in);

@@ -143,6 +143,7 @@ typedef struct {
     unsigned                    stream:1;
     unsigned                    first_token:1;
     unsigned                    transcoding:1;
+    unsigned                    observing:1;   /* answer read by the library (learning) */
 } ngx_http_llmproxy_ctx_t;
 
 

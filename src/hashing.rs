@@ -16,6 +16,8 @@ pub struct PrefixHasher {
     filled: usize,
     hashes: Vec<u64>,
     chars: u64,
+    /// Full chunks completed since the start of the prompt.
+    full_chunks: usize,
 }
 
 impl PrefixHasher {
@@ -28,6 +30,7 @@ impl PrefixHasher {
             filled: 0,
             hashes: Vec::new(),
             chars: 0,
+            full_chunks: 0,
         }
     }
 
@@ -41,6 +44,7 @@ impl PrefixHasher {
             bytes = &bytes[take..];
             if self.filled == self.chunk_bytes {
                 self.hashes.push(self.state.digest());
+                self.full_chunks += 1;
                 self.filled = 0;
             }
         }
@@ -49,6 +53,30 @@ impl PrefixHasher {
     /// Appends a string to the prompt.
     pub fn feed_str(&mut self, s: &str) {
         self.feed(s.as_bytes());
+    }
+
+    /// A copy of this hasher's position (state, chunk fill, characters) without the hashes
+    /// computed so far: feeding it more text continues the same prompt, and its hashes
+    /// are those of the chunks that complete after this point.
+    pub fn fork(&self) -> Self {
+        Self {
+            state: self.state.clone(),
+            chunk_bytes: self.chunk_bytes,
+            filled: self.filled,
+            hashes: Vec::new(),
+            chars: self.chars,
+            full_chunks: self.full_chunks,
+        }
+    }
+
+    /// Full chunks completed since the start of the prompt (forks included).
+    pub fn full_chunks(&self) -> usize {
+        self.full_chunks
+    }
+
+    /// Hashes of the chunks completed so far (full chunks only; see [`PrefixHasher::fork`]).
+    pub fn full_chunk_hashes(&self) -> &[u64] {
+        &self.hashes
     }
 
     /// Finishes: the hash of every chunk, the last (short) one included, and the prompt's
@@ -118,6 +146,20 @@ mod tests {
         let (hashes, chars) = h.finish();
         assert_eq!(chars, 13);
         assert_eq!(hashes.len(), "héllo wörld ✓".len().div_ceil(4));
+    }
+
+    #[test]
+    fn a_fork_continues_the_same_prompt() {
+        let text: Vec<u8> = (0..2000u32).map(|i| (i % 97) as u8 + 32).collect();
+        let whole = prefix_hashes("m", &text, 64);
+        let mut h = PrefixHasher::new("m", 64);
+        h.feed(&text[..700]);
+        let mut f = h.fork();
+        assert_eq!(f.full_chunks(), 10);
+        f.feed(&text[700..]);
+        assert_eq!(f.full_chunks(), 31);
+        // Chunks 11.. complete after byte 700 (the last one, short, is not a full chunk).
+        assert_eq!(f.full_chunk_hashes(), &whole[10..31]);
     }
 
     proptest! {

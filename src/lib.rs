@@ -11,6 +11,8 @@
 //!   serde shapes → `validate` / `rules` checks with JSON paths (`env` merges the
 //!   environment) → the public types in `types`;
 //! - [`request`]: OpenAI request parsing and the canonical prompt;
+//! - [`response`]: incremental reading of OpenAI answers (assistant text, usage), to learn
+//!   the next turn's prefix;
 //! - [`hashing`]: cumulative prefix hashes of the prompt and their model domain;
 //! - [`transcode`]: upstream rewrites (target model, LoRA, Triton) and response transcoding;
 //! - [`balancer`]: pure selection algorithms (`inference_lb`, `prefix_cost`, random, round
@@ -36,6 +38,7 @@ pub mod hashing;
 pub mod metrics;
 pub mod prometheus;
 pub mod request;
+pub mod response;
 pub mod router;
 pub mod state;
 pub mod transcode;

@@ -48,7 +48,14 @@ pub struct RouterMetrics {
     pub lookups_local: AtomicU64,
     /// Lookups skipped because the job waited a whole lookup timeout in the queue.
     pub lookups_expired: AtomicU64,
+    /// Prefix chunks learned from answers (the next turn's prefix, recorded at finish).
+    pub learned_response_chunks: AtomicU64,
+    /// Tokens the servers reported in `usage`, per model slot: prompt, completion, cached.
+    pub tokens: Box<[[AtomicU64; 3]]>,
 }
+
+/// The `kind` labels of `llmproxy_tokens_total`, in the order of [`RouterMetrics::tokens`].
+pub const TOKEN_KINDS: [&str; 3] = ["prompt", "completion", "cached"];
 
 impl Default for RouterMetrics {
     fn default() -> Self {
@@ -66,11 +73,30 @@ impl Default for RouterMetrics {
             lookups_remote: AtomicU64::new(0),
             lookups_local: AtomicU64::new(0),
             lookups_expired: AtomicU64::new(0),
+            learned_response_chunks: AtomicU64::new(0),
+            tokens: Box::new([]),
         }
     }
 }
 
 impl RouterMetrics {
+    /// Counters for a router of `models` models (per-model token counts).
+    pub fn with_models(models: usize) -> Self {
+        Self {
+            tokens: (0..models).map(|_| Default::default()).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Counts the tokens of one answer of the model in `slot`.
+    pub fn count_usage(&self, slot: usize, u: &crate::response::Usage) {
+        if let Some(t) = self.tokens.get(slot) {
+            t[0].fetch_add(u.prompt_tokens, Ordering::Relaxed);
+            t[1].fetch_add(u.completion_tokens, Ordering::Relaxed);
+            t[2].fetch_add(u.cached_tokens.unwrap_or(0), Ordering::Relaxed);
+        }
+    }
+
     /// Counts a pick outcome.
     pub fn count_pick(&self, outcome: &str) {
         let i = PICK_OUTCOMES
@@ -198,6 +224,12 @@ impl RouterMetrics {
                 "Prompt characters the chosen endpoint was expected to hold in its KV cache.",
                 load(&m.cached_prompt_chars),
             ),
+            (
+                "llmproxy_learned_response_chunks_total",
+                "counter",
+                "Prefix chunks learned from answers: the next turn's prefix, for the endpoint that answered.",
+                load(&m.learned_response_chunks),
+            ),
         ] {
             family(out, name, kind, help, &single(value));
         }
@@ -221,6 +253,24 @@ impl RouterMetrics {
                 &[(String::new(), load(&log.reopened))],
             );
         }
+        let tokens: Vec<(String, u64)> = m
+            .tokens
+            .iter()
+            .zip(page.model_names)
+            .flat_map(|(t, model)| {
+                TOKEN_KINDS.iter().zip(t).map(move |(kind, c)| {
+                    let model = escape_label(model);
+                    (format!("model=\"{model}\",kind=\"{kind}\""), load(c))
+                })
+            })
+            .collect();
+        family(
+            out,
+            "llmproxy_tokens_total",
+            "counter",
+            "Tokens the model servers reported in usage, per model (cached: prompt tokens served from their prefix cache).",
+            &tokens,
+        );
         family(
             out,
             "llmproxy_metadata_center_calls_total",

@@ -190,6 +190,18 @@ pub fn parse(
     kind: Option<RequestKind>,
     chunk_bytes: usize,
 ) -> Result<ParsedRequest, PickError> {
+    parse_with_tail(body, kind, chunk_bytes, false).map(|(p, _)| p)
+}
+
+/// [`parse`], also giving the hasher at the end of the prompt (see [`PrefixHasher::fork`])
+/// when `keep_tail` and the next turn extends this prompt (a chat, or a completion of one
+/// prompt): to learn the answer ([`crate::response`]).
+pub fn parse_with_tail(
+    body: &[u8],
+    kind: Option<RequestKind>,
+    chunk_bytes: usize,
+    keep_tail: bool,
+) -> Result<(ParsedRequest, Option<PrefixHasher>), PickError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(PickError::bad_request(
             "request body is empty: expected an OpenAI JSON request",
@@ -221,6 +233,7 @@ pub fn parse(
     };
 
     let mut hasher = PrefixHasher::new(&model, chunk_bytes);
+    let mut extendable = true;
     match kind {
         RequestKind::Chat => {
             let messages = parsed.messages.unwrap_or_default();
@@ -255,17 +268,21 @@ pub fn parse(
                     }
                     hasher.feed_str(p);
                 }
+                // One answer per prompt: no single next turn extends them all.
+                extendable = ps.len() == 1;
             }
         },
     }
+    let tail = (keep_tail && extendable).then(|| hasher.fork());
     let (prefix_hashes, prompt_chars) = hasher.finish();
-    Ok(ParsedRequest {
+    let parsed = ParsedRequest {
         model: model.into_owned(),
         stream: parsed.stream.unwrap_or(false),
         kind,
         prefix_hashes,
         prompt_chars,
-    })
+    };
+    Ok((parsed, tail))
 }
 
 fn render_message(h: &mut PrefixHasher, m: &Message, index: usize) -> Result<(), PickError> {
@@ -278,9 +295,7 @@ fn render_message(h: &mut PrefixHasher, m: &Message, index: usize) -> Result<(),
             ))
         }
     };
-    h.feed(b"<|");
-    h.feed_str(role);
-    h.feed(b"|>\n");
+    open_message(h, role.as_bytes());
     match &m.content {
         Content::Empty => {}
         Content::Text(t) => h.feed_str(t),
@@ -300,14 +315,37 @@ fn render_message(h: &mut PrefixHasher, m: &Message, index: usize) -> Result<(),
     }
     for call in m.tool_calls.iter().flatten() {
         if let Some(f) = &call.function {
-            h.feed(b"\n<|tool_call|>");
-            h.feed_str(f.name.as_deref().unwrap_or(""));
-            h.feed(b"\n");
-            h.feed_str(f.arguments.as_deref().unwrap_or(""));
+            tool_call(
+                h,
+                f.name.as_deref().unwrap_or("").as_bytes(),
+                f.arguments.as_deref().unwrap_or("").as_bytes(),
+            );
         }
     }
-    h.feed(b"\n");
+    close_message(h);
     Ok(())
+}
+
+/// Renders the start of a message of `role`: `<|role|>\n`. With [`tool_call`] and
+/// [`close_message`], the one definition of the chat rendering (also used to render an
+/// answer as the next turn will send it back: [`crate::response`]).
+pub(crate) fn open_message(h: &mut PrefixHasher, role: &[u8]) {
+    h.feed(b"<|");
+    h.feed(role);
+    h.feed(b"|>\n");
+}
+
+/// Renders one tool call of a message, after its text.
+pub(crate) fn tool_call(h: &mut PrefixHasher, name: &[u8], arguments: &[u8]) {
+    h.feed(b"\n<|tool_call|>");
+    h.feed(name);
+    h.feed(b"\n");
+    h.feed(arguments);
+}
+
+/// Renders the end of a message.
+pub(crate) fn close_message(h: &mut PrefixHasher) {
+    h.feed(b"\n");
 }
 
 #[cfg(test)]

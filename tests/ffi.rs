@@ -575,6 +575,45 @@ fn retry_through_the_abi() {
     }
 }
 
+#[test]
+fn observed_answers_are_learned_and_observing_is_null_safe() {
+    let r = router(
+        r#"{"hash_chunk_bytes": 32,
+        "model_mapping_rule": {"llama": {"rules": [{"cluster": "pool", "backend": "vllm"}]}},
+        "clusters": {"pool": {"endpoints": ["127.0.0.1:8001", "127.0.0.1:8002"]}}}"#,
+    )
+    .unwrap();
+    let answer = "Sure. ".repeat(40);
+    let sse = format!(
+        "data: {}\n\ndata: {}\n\ndata: [DONE]\n\n",
+        serde_json::json!({"choices": [{"index": 0, "delta": {"content": answer}}]}),
+        serde_json::json!({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 40}}),
+    );
+    unsafe {
+        // NULL request, NULL chunk with a length: ignored.
+        llmproxy_request_observe_response(ptr::null_mut(), sse.as_ptr(), sse.len(), true);
+        let (_, req) = pick(&r, &[], &chat("llama", "hello"));
+        llmproxy_request_observe_response(req, ptr::null(), 5, false);
+        llmproxy_request_observe_response(req, ptr::null(), 0, false);
+        for piece in sse.as_bytes().chunks(5) {
+            llmproxy_request_observe_response(req, piece.as_ptr(), piece.len(), false);
+        }
+        llmproxy_request_observe_response(req, ptr::null(), 0, true);
+        llmproxy_request_finish(req, 200);
+        // An unrouted request (bad body) ignores it too.
+        let (st, bad) = pick(&r, &[], b"{");
+        assert_eq!(st, LLMPROXY_BAD_REQUEST);
+        llmproxy_request_observe_response(bad, sse.as_ptr(), sse.len(), true);
+        llmproxy_request_finish(bad, 0);
+    }
+    let page = metrics(&r);
+    assert!(
+        !page.contains("llmproxy_learned_response_chunks_total 0\n"),
+        "{page}"
+    );
+    assert!(page.contains("llmproxy_tokens_total{model=\"llama\",kind=\"completion\"} 40\n"));
+}
+
 /// `llmproxy_error_body` into a buffer of `cap` bytes: (returned length, written text).
 fn error_body(http_status: u32, message: &[u8], cap: usize) -> (usize, String) {
     let mut out = vec![0x7f as c_char; cap];

@@ -223,6 +223,52 @@ fn remote_cache_lookup_finds_the_endpoint_another_router_warmed() {
 }
 
 #[test]
+fn another_router_finds_the_answer_this_one_learned() {
+    // Router a answers a first turn and learns the answer: the chain it saves on the server
+    // goes on with the next turn's chunks, so router b sends the second turn to a's endpoint.
+    let server = start_server();
+    let a = Router::from_json(config(server.port, "").as_bytes()).unwrap();
+    let b = Router::from_json(
+        config(server.port, r#", "cache_enabled": true, "timeout_ms": 500"#).as_bytes(),
+    )
+    .unwrap();
+    let question = "Summarise the report.";
+    let answer = "The report says many things at length. ".repeat(100);
+    let mut p = a.pick(&[], &chat(question));
+    let warmed = p.endpoint().unwrap().to_string();
+    let event = serde_json::json!({"choices": [{"index": 0, "delta": {"content": answer}}]});
+    p.observe_response(
+        format!("data: {event}\n\ndata: [DONE]\n\n").as_bytes(),
+        true,
+    );
+    p.finish(200);
+    wait_until("the cache save to land", || {
+        metric(&a, "llmproxy_metadata_center_calls_total{result=\"ok\"} ") >= 3
+    });
+    let second = serde_json::json!({"model": "m", "messages": [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "Shorter, please."},
+    ]})
+    .to_string();
+    let (tx, rx) = mpsc::channel();
+    assert!(b
+        .pick_async(
+            &[],
+            second.as_bytes(),
+            Box::new(move |req| tx.send(req).unwrap())
+        )
+        .is_none());
+    let req = rx
+        .recv_timeout(Duration::from_secs(3))
+        .expect("callback called");
+    assert_eq!(req.endpoint(), Some(warmed.as_str()));
+    // 7 of its 8 chunks of 512 bytes; the question alone is not even one full chunk.
+    assert!(req.cache_ratio() > 0.8, "ratio {}", req.cache_ratio());
+    req.finish(200);
+}
+
+#[test]
 fn polled_pick_finds_the_endpoint_another_router_warmed() {
     // The polling form of the remote lookup (what nginx uses): pick_start, then try_take
     // until the lookup thread has decided.

@@ -36,12 +36,16 @@ impl Drop for Router {
 }
 
 fn router() -> Router {
+    router_with(CONFIG)
+}
+
+fn router_with(config: &str) -> Router {
     let mut out = ptr::null_mut();
     let mut err = [0 as c_char; 256];
     let st = unsafe {
         llmproxy_router_new(
-            CONFIG.as_ptr().cast(),
-            CONFIG.len(),
+            config.as_ptr().cast(),
+            config.len(),
             &mut out,
             err.as_mut_ptr(),
             err.len(),
@@ -250,6 +254,41 @@ fn triton_stream_round_trip_through_the_abi() {
         assert!(out.ends_with("data: [DONE]\n\n"));
         llmproxy_request_finish(req, 200);
         assert_eq!(llmproxy_router_in_flight(r.0), 0);
+    }
+}
+
+#[test]
+fn a_transcoded_answer_is_learned_from_its_openai_output() {
+    // 16-byte chunks: the next turn "<|user|>\nHi\n<|assistant|>\nHello world, how are you\n"
+    // (51 bytes) has 3 full chunks, none of them inside the first prompt (12 bytes).
+    let r = router_with(&CONFIG.replacen('{', r#"{"hash_chunk_bytes": 16,"#, 1));
+    unsafe {
+        let req = pick(
+            &r,
+            "/v1/chat/completions",
+            r#"{"model":"trt","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#,
+        );
+        llmproxy_request_response_status(req, 200);
+        let upstream: &[&[u8]] = &[
+            b"data: {\"text_output\":\"Hello wor\"}\n\n",
+            b"data: {\"text_output\":\"ld, how are you\"}\n\n",
+        ];
+        for chunk in upstream {
+            // Hosts may hand the raw bytes to observe_response too: ignored when transcoding.
+            llmproxy_request_observe_response(req, chunk.as_ptr(), chunk.len(), false);
+            transcode(req, chunk, false);
+        }
+        llmproxy_request_observe_response(req, ptr::null(), 0, true);
+        transcode(req, b"", true);
+        llmproxy_request_finish(req, 200);
+        let mut m = ptr::null_mut();
+        llmproxy_router_metrics(r.0, &mut m, ptr::null_mut());
+        let text = std::ffi::CStr::from_ptr(m).to_str().unwrap().to_owned();
+        llmproxy_string_free(m);
+        assert!(
+            text.contains("llmproxy_learned_response_chunks_total 3\n"),
+            "{text}"
+        );
     }
 }
 

@@ -41,7 +41,12 @@ fuzz_target!(|data: &[u8]| unsafe {
                 assert!(!req.is_null());
                 live.push(req);
             }
-            2 if !live.is_empty() => llmproxy_request_first_token(live[arg % live.len()]),
+            2 if !live.is_empty() => {
+                let req = live[arg % live.len()];
+                llmproxy_request_first_token(req);
+                // The answer's bytes, as a host hands them over (learning at finish).
+                llmproxy_request_observe_response(req, tail.as_ptr(), tail.len(), arg % 4 == 0);
+            }
             3 if !live.is_empty() => {
                 let req = live.swap_remove(arg % live.len());
                 llmproxy_request_finish(req, arg as u32 * 3);
@@ -68,6 +73,7 @@ fuzz_target!(|data: &[u8]| unsafe {
             _ => {
                 // NULLs and zero lengths everywhere.
                 llmproxy_request_first_token(ptr::null_mut());
+                llmproxy_request_observe_response(ptr::null_mut(), ptr::null(), 5, true);
                 llmproxy_request_finish(ptr::null_mut(), 0);
                 let mut o = ptr::null();
                 let mut l = 0;

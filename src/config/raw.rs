@@ -41,6 +41,8 @@ pub(super) struct RawConfig {
     pub(super) metrics_path: Option<String>,
     #[serde(default, deserialize_with = "lenient_u64")]
     pub(super) prefix_index_capacity: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub(super) learn_response_bytes: Option<u64>,
     #[serde(default)]
     pub(super) ejection: Option<RawEjection>,
     #[serde(default, deserialize_with = "lenient_u64")]

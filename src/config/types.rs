@@ -221,6 +221,10 @@ pub struct Config {
     pub metrics_path: String,
     /// Capacity of the local prefix index, in chunk-hash entries.
     pub prefix_index_capacity: usize,
+    /// Bytes of each answer's assistant text captured to learn the next turn's prefix
+    /// (0 = off): the prefix index then also records the conversation as the next turn
+    /// will render it, for the endpoint that answered.
+    pub learn_response_bytes: usize,
     /// Passive ejection of failing endpoints.
     pub ejection: Ejection,
     /// The request log (the origin's `log` block): one JSON line per finished request.
@@ -303,6 +307,8 @@ pub struct MetadataCenter {
 pub const DEFAULT_LOOKUP_THREADS: usize = 2;
 /// Default `hash_chunk_bytes`.
 pub const DEFAULT_HASH_CHUNK_BYTES: usize = 512;
+/// Default `learn_response_bytes` (64 KiB).
+pub const DEFAULT_LEARN_RESPONSE_BYTES: usize = 64 * 1024;
 /// Default `max_body_bytes` (8 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
 /// Default `prefix_index_capacity`.

@@ -15,7 +15,8 @@ use super::rules::{self, header_unsafe, is_header_name};
 use super::types::{
     err, within, Algorithm, Config, ConfigError, Ejection, EndpointSpec, LbParams, RequestLog,
     Rule, DEFAULT_CLUSTER_HEADER, DEFAULT_HASH_CHUNK_BYTES, DEFAULT_INTERCEPT_PATHS,
-    DEFAULT_MAX_BODY_BYTES, DEFAULT_METRICS_PATH, DEFAULT_PREFIX_INDEX_CAPACITY,
+    DEFAULT_LEARN_RESPONSE_BYTES, DEFAULT_MAX_BODY_BYTES, DEFAULT_METRICS_PATH,
+    DEFAULT_PREFIX_INDEX_CAPACITY,
 };
 
 /// Static endpoints and DNS names of the clusters.
@@ -45,6 +46,10 @@ pub(super) fn validate(
     let default_capacity = DEFAULT_PREFIX_INDEX_CAPACITY as u64;
     let capacity = raw.prefix_index_capacity.unwrap_or(default_capacity);
     let prefix_index_capacity = within("prefix_index_capacity", capacity, 1..=100_000_000)?;
+    let learn = raw
+        .learn_response_bytes
+        .unwrap_or(DEFAULT_LEARN_RESPONSE_BYTES as u64);
+    let learn_response_bytes = within("learn_response_bytes", learn, 0..=64 << 20)?;
     let ejection = ejection(raw.ejection)?;
     add_istio_dns_clusters(&models, &clusters, &mut dns_clusters);
     let metadata_center = env::metadata_center(raw.metadata_center, env)?;
@@ -61,6 +66,7 @@ pub(super) fn validate(
         cluster_header,
         metrics_path,
         prefix_index_capacity: prefix_index_capacity as usize,
+        learn_response_bytes: learn_response_bytes as usize,
         ejection,
         log: request_log(raw.log)?,
         dns_clusters,
@@ -425,6 +431,10 @@ mod tests {
             (
                 r#"{"max_body_bytes": 1023}"#,
                 "config.max_body_bytes: must be within 1024–1073741824, got 1023",
+            ),
+            (
+                r#"{"learn_response_bytes": 67108865}"#,
+                "config.learn_response_bytes: must be within 0–67108864, got 67108865",
             ),
             (
                 r#"{"prefix_index_capacity": 0}"#,

@@ -74,12 +74,24 @@ pub(crate) struct Line<'a> {
     pub total_ms: f64,
     pub prompt_chars: u64,
     pub bytes_in: usize,
+    /// Response bytes from the endpoint that the host handed to the library.
+    pub bytes_out: u64,
+    /// From the answer's `usage` (when the server sent it and `learn_response_bytes` > 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u64>,
     pub retries: u32,
     /// The pick's error (`error.type` of its OpenAI error) when it was not routed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt: Option<&'a str>,
+    /// The answer's text (choice 0), only with `include_prompt`, cut like the prompt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion: Option<&'a str>,
 }
 
 impl LogContext {
@@ -103,9 +115,14 @@ impl LogContext {
             total_ms: ms(self.started.elapsed()),
             prompt_chars: 0,
             bytes_in: self.bytes_in,
+            bytes_out: 0,
+            prompt_tokens: None,
+            completion_tokens: None,
+            cached_tokens: None,
             retries: 0,
             error: None,
             prompt: self.prompt.as_deref(),
+            completion: None,
         }
     }
 }
@@ -217,6 +234,12 @@ mod tests {
         ok.retry().unwrap(); // connect failure: the other endpoint
         std::thread::sleep(Duration::from_millis(5));
         ok.first_token();
+        let answer = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi there\"}}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,",
+            "\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\ndata: [DONE]\n\n"
+        );
+        ok.observe_response(answer.as_bytes(), true);
         ok.finish(200);
         router
             .pick(
@@ -245,6 +268,11 @@ mod tests {
         assert!(l["ttft_ms"].as_f64().unwrap() >= 5.0);
         assert!(l["total_ms"].as_f64().unwrap() >= l["ttft_ms"].as_f64().unwrap());
         assert_eq!(l["prompt"], "user: hello ", "cut to prompt_max_bytes");
+        assert_eq!(l["completion"], "hi there");
+        assert_eq!(l["bytes_out"], answer.len());
+        assert_eq!(l["prompt_tokens"], 7);
+        assert_eq!(l["completion_tokens"], 2);
+        assert_eq!(l["cached_tokens"], 4);
         assert!(l["time"].as_str().unwrap().ends_with('Z'));
         let e = &lines[1];
         assert_eq!(e["error"], "model_not_found");

@@ -146,7 +146,7 @@ impl Router {
             clusters: Arc::new(Clusters::new(specs, model_names.len(), shared)),
             models,
             model_names,
-            metrics: Arc::new(RouterMetrics::default()),
+            metrics: Arc::new(RouterMetrics::with_models(config.models.len())),
             clock,
             in_flight: AtomicU64::new(0),
             events: OnceLock::new(),
@@ -479,6 +479,105 @@ mod tests {
             p.finish(200);
         }
         assert_eq!(seen.len(), 4, "new prefixes spread over every endpoint");
+    }
+
+    /// A streamed answer carrying `text`, in events of 7 characters.
+    fn sse_answer(text: &str) -> Vec<u8> {
+        let mut out = String::new();
+        let chars: Vec<char> = text.chars().collect();
+        for piece in chars.chunks(7) {
+            let piece: String = piece.iter().collect();
+            let event = serde_json::json!({"choices": [{"index": 0, "delta": {"content": piece}}]});
+            out.push_str(&format!("data: {event}\n\n"));
+        }
+        out.push_str("data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":40,\"completion_tokens\":150,\"prompt_tokens_details\":{\"cached_tokens\":16}}}\n\ndata: [DONE]\n\n");
+        out.into_bytes()
+    }
+
+    /// First turn answered by the chosen endpoint, then the second turn (which sends the
+    /// answer back): (first endpoint, second endpoint, second cache ratio, metrics page).
+    fn two_turns(learn_bytes: usize) -> (String, String, f64, String) {
+        let r = Router::from_json(
+            format!(
+                r#"{{"hash_chunk_bytes": 64, "learn_response_bytes": {learn_bytes},
+                "model_mapping_rule": {{"m": {{"rules": [{{"cluster": "c", "backend": "vllm"}}]}}}},
+                "clusters": {{"c": {{"endpoints": ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]}}}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let question = "Tell me a long story about a lighthouse keeper.";
+        let reply =
+            "Once upon a time, on a rocky island, there lived a keeper named Ada. ".repeat(10);
+        let mut first = r.pick(&[(b":path", b"/v1/chat/completions")], &chat("m", question));
+        let first_ep = first.endpoint().unwrap().to_string();
+        for piece in sse_answer(&reply).chunks(13) {
+            first.observe_response(piece, false);
+        }
+        first.observe_response(b"", true);
+        first.finish(200);
+        let body = serde_json::json!({"model": "m", "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": "And then?"},
+        ]})
+        .to_string();
+        let second = r.pick(&[], body.as_bytes());
+        let out = (
+            first_ep,
+            second.endpoint().unwrap().to_string(),
+            second.cache_ratio(),
+            r.metrics_text(),
+        );
+        second.finish(200);
+        out
+    }
+
+    #[test]
+    fn the_next_turn_follows_the_learned_answer() {
+        // Second prompt: "<|user|>\n" question "\n<|assistant|>\n" reply "\n<|user|>\nAnd then?\n"
+        // ≈ 800 bytes = 13 chunks of 64; the first prompt alone covers none of them in full
+        // beyond its first; the learned answer covers all but the last two.
+        for _ in 0..5 {
+            let (a, b, ratio, page) = two_turns(64 * 1024);
+            assert_eq!(a, b);
+            assert!(ratio > 0.8, "cache ratio {ratio}");
+            assert!(
+                !page.contains("llmproxy_learned_response_chunks_total 0\n"),
+                "{page}"
+            );
+            assert!(page.contains("llmproxy_tokens_total{model=\"m\",kind=\"prompt\"} 40\n"));
+            assert!(page.contains("llmproxy_tokens_total{model=\"m\",kind=\"cached\"} 16\n"));
+        }
+        let (_, _, ratio, page) = two_turns(0);
+        assert!(ratio < 0.2, "without learning: cache ratio {ratio}");
+        assert!(page.contains("llmproxy_learned_response_chunks_total 0\n"));
+        // Capped: still the leading chunks of the answer.
+        let (a, b, ratio, _) = two_turns(200);
+        assert_eq!(a, b);
+        assert!(ratio > 0.3 && ratio < 0.8, "capped: cache ratio {ratio}");
+    }
+
+    #[test]
+    fn failed_or_cut_answers_are_not_learned() {
+        let r = Router::from_json(
+            br#"{"hash_chunk_bytes": 16,
+            "model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "vllm"}]}},
+            "clusters": {"c": {"endpoints": ["127.0.0.1:1", "127.0.0.1:2"]}}}"#,
+        )
+        .unwrap();
+        let answer = sse_answer(&"word ".repeat(40));
+        for (status, cut) in [(500, answer.len()), (200, answer.len() / 2)] {
+            let mut p = r.pick(&[], &chat("m", "hello"));
+            p.observe_response(&answer[..cut], true);
+            p.finish(status);
+        }
+        let mut p = r.pick(&[], &chat("m", "hello"));
+        p.observe_response(&answer, true);
+        p.finish_with(200, Outcome::Local);
+        assert!(r
+            .metrics_text()
+            .contains("llmproxy_learned_response_chunks_total 0\n"));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::config::{Backend, LbParams, Rule, Subset};
 use crate::error::PickError;
 use crate::hashing;
 use crate::request::{self, RequestKind};
+use crate::response::ResponseReader;
 use crate::state::{Cluster, Endpoint, EndpointSet};
 use crate::transcode::{self, Transcoder, UpstreamRequest};
 
@@ -43,6 +44,14 @@ pub(super) struct Routed {
     pub(super) upstream: UpstreamRequest,
     /// Response transcoder (also detects the first token).
     pub(super) transcoder: Transcoder,
+    /// Reading of the answer, to learn the next turn's prefix (`learn_response_bytes`).
+    pub(super) learn: Option<Box<Learning>>,
+}
+
+/// What learning from the answer needs: the prompt's hasher at its end, and the reader.
+pub(super) struct Learning {
+    pub(super) tail: hashing::PrefixHasher,
+    pub(super) reader: ResponseReader,
 }
 
 /// Cache matches from the Metadata-Center: endpoint wire id → leading chunks it holds.
@@ -61,7 +70,9 @@ impl RouterInner {
         let kind = find_header(headers, ":path")
             .and_then(|p| std::str::from_utf8(p).ok())
             .and_then(RequestKind::from_path);
-        let parsed = request::parse(body, kind, self.config.hash_chunk_bytes)?;
+        let learn_bytes = self.config.learn_response_bytes;
+        let (parsed, tail) =
+            request::parse_with_tail(body, kind, self.config.hash_chunk_bytes, learn_bytes > 0)?;
         let route = self
             .models
             .get(&parsed.model)
@@ -101,6 +112,12 @@ impl RouterInner {
         )?;
         let mut prefix_hashes = parsed.prefix_hashes;
         hashing::salt_for_served_model(&mut prefix_hashes, &parsed.model, upstream_model);
+        let learn = tail.map(|tail| {
+            Box::new(Learning {
+                tail,
+                reader: ResponseReader::new(parsed.kind, learn_bytes),
+            })
+        });
         let upstream_model = upstream_model.to_string();
         Ok(Routed {
             rule: Arc::clone(rule),
@@ -119,6 +136,7 @@ impl RouterInner {
             sync: None,
             upstream,
             transcoder,
+            learn,
         })
     }
 

@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::log_line::LogContext;
-use super::pick::Routed;
+use super::pick::{Learning, Routed};
 use super::RouterInner;
 use crate::background::Event;
 use crate::error::PickError;
+use crate::hashing;
+use crate::state::Endpoint;
 use crate::transcode::Output;
 
 /// A request from pick to finish. Must be finished (or dropped) exactly once.
@@ -25,6 +27,8 @@ pub struct PickedRequest {
     first_token_at: Option<Instant>,
     /// Re-picks after connect failures.
     retries: u32,
+    /// Response bytes the host handed over (observe_response, transcode_response).
+    bytes_out: u64,
     /// What the request log needs from the pick (only when the log is on).
     log: Option<Box<LogContext>>,
 }
@@ -45,6 +49,7 @@ impl PickedRequest {
             finished: false,
             first_token_at: None,
             retries: 0,
+            bytes_out: 0,
             log,
         }
     }
@@ -161,6 +166,7 @@ impl PickedRequest {
     /// Feeds one upstream response chunk: returns the bytes for the client (`None`: the
     /// chunk unchanged). The first chunk with content marks the first token.
     pub fn transcode_response(&mut self, chunk: &[u8], end_of_stream: bool) -> Option<&[u8]> {
+        self.bytes_out += chunk.len() as u64;
         let seen_before = self.routed().is_some_and(|r| r.transcoder.seen_content());
         let seen_now = match &mut self.result {
             Ok(r) => {
@@ -173,11 +179,36 @@ impl PickedRequest {
             self.first_token();
         }
         match &mut self.result {
-            Ok(r) => match r.transcoder.last_output() {
-                Output::Same => None,
-                Output::Bytes(b) => Some(b),
-            },
+            Ok(r) => {
+                let transcoded = r.transcoder.needs_transcoding();
+                let out = match r.transcoder.last_output() {
+                    Output::Same => None,
+                    Output::Bytes(b) => Some(b),
+                };
+                // What the client gets is an OpenAI answer: that is what is learned.
+                if let (true, Some(l)) = (transcoded, r.learn.as_deref_mut()) {
+                    l.reader.feed(out.unwrap_or(chunk), end_of_stream);
+                }
+                out
+            }
             Err(_) => None,
+        }
+    }
+
+    /// Reads one chunk of the upstream's answer (any size, any boundary; `end_of_stream`
+    /// with the last, possibly empty) to learn the next turn's prefix when the request
+    /// finishes. A no-op when learning is off (`learn_response_bytes: 0`), for requests whose
+    /// next turn does not extend the prompt, and for transcoded answers (the transcoder's
+    /// output is read in [`PickedRequest::transcode_response`]).
+    pub fn observe_response(&mut self, chunk: &[u8], end_of_stream: bool) {
+        self.bytes_out += chunk.len() as u64;
+        if let Ok(r) = &mut self.result {
+            if r.transcoder.needs_transcoding() {
+                return;
+            }
+            if let Some(l) = r.learn.as_deref_mut() {
+                l.reader.feed(chunk, end_of_stream);
+            }
         }
     }
 
@@ -261,6 +292,11 @@ impl PickedRequest {
         let first_token_seen = self.first_token_seen;
         if let Ok(r) = &mut self.result {
             if let Some(e) = &r.endpoint {
+                let learned = r.learn.take().and_then(|l| {
+                    let prompt_full_chunks = l.tail.full_chunks();
+                    let hashes = router.learn(r, e, *l, upstream_status, outcome)?;
+                    Some((prompt_full_chunks, hashes))
+                });
                 if let Some(req) = r.sync.take() {
                     req.mark_finished();
                     router.send(Event::Done {
@@ -275,10 +311,17 @@ impl PickedRequest {
                         && cache_aware
                         && !r.prefix_hashes.is_empty()
                     {
+                        let mut hashes = std::mem::take(&mut r.prefix_hashes);
+                        // The learned answer extends the chain the server keeps: the prompt's
+                        // full chunks, then the next turn's.
+                        if let Some((full, learned)) = learned {
+                            hashes.truncate(full);
+                            hashes.extend(learned);
+                        }
                         router.send(Event::SaveCache {
                             cluster: Arc::clone(&r.cluster),
                             endpoint: Arc::clone(e),
-                            hashes: std::mem::take(&mut r.prefix_hashes),
+                            hashes,
                         });
                     }
                 }
@@ -311,12 +354,33 @@ impl PickedRequest {
         let (Some(ctx), Some(log)) = (self.log.take(), self.router.request_log.get()) else {
             return;
         };
+        // the answer's usage and (with include_prompt) text, as the reader has them now
+        let cfg = &self.router.config.log;
+        let mut usage = None;
+        let mut completion = None;
+        if let Ok(r) = &mut self.result {
+            if let Some(learn) = r.learn.as_deref_mut() {
+                learn.reader.end();
+                let capture = learn.reader.capture();
+                usage = capture.usage;
+                if cfg.include_prompt {
+                    let mut text = String::from_utf8_lossy(&capture.text).into_owned();
+                    super::log_line::truncate(&mut text, cfg.prompt_max_bytes);
+                    completion = Some(text);
+                }
+            }
+        }
         let mut l = ctx.line(self.first_token_at);
         {
             l.algorithm = self.router.config.algorithm.name();
             l.status = status;
             l.outcome = outcome.name();
             l.retries = self.retries;
+            l.bytes_out = self.bytes_out;
+            l.prompt_tokens = usage.map(|u| u.prompt_tokens);
+            l.completion_tokens = usage.map(|u| u.completion_tokens);
+            l.cached_tokens = usage.and_then(|u| u.cached_tokens);
+            l.completion = completion.as_deref();
             match &self.result {
                 Ok(r) => {
                     l.model = Some(&r.model);
@@ -335,6 +399,49 @@ impl PickedRequest {
             }
         }
         log.send(l.render());
+    }
+}
+
+impl RouterInner {
+    /// The request is over: learn its answer, when the endpoint gave one in full (or up to
+    /// the cap), as the prefix of the next turn held by that endpoint; returns the hashes
+    /// recorded (salted for the served model). Counts the usage.
+    fn learn(
+        &self,
+        r: &Routed,
+        endpoint: &Arc<Endpoint>,
+        l: Learning,
+        status: u32,
+        outcome: Outcome,
+    ) -> Option<Vec<u64>> {
+        let Learning {
+            mut tail,
+            mut reader,
+        } = l;
+        reader.end();
+        let capture = reader.capture();
+        if let Some(u) = capture.usage {
+            self.metrics.count_usage(r.model_slot, &u);
+        }
+        let params = self.config.lb_params(&r.model);
+        if outcome != Outcome::Upstream
+            || !(200..300).contains(&status)
+            || !capture.learnable()
+            || !self.config.algorithm.uses_prefix_index(&params)
+        {
+            return None;
+        }
+        capture.render_next_turn(&mut tail);
+        let mut hashes = tail.full_chunk_hashes().to_vec();
+        if hashes.is_empty() {
+            return None;
+        }
+        hashing::salt_for_served_model(&mut hashes, &r.model, &r.upstream_model);
+        self.index.record(&hashes, endpoint.id, self.clock.now_ms());
+        self.metrics
+            .learned_response_chunks
+            .fetch_add(hashes.len() as u64, Ordering::Relaxed);
+        Some(hashes)
     }
 }
 

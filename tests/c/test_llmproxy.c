@@ -111,6 +111,12 @@ static void test_routing(llmproxy_router *r) {
           llmproxy_request_endpoint(req, NULL));
     CHECK(llmproxy_router_in_flight(r) == 1, "in flight 1");
     llmproxy_request_first_token(req);
+    /* The answer is read for learning, in pieces of any size; NULL is harmless. */
+    const char *sse = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n";
+    llmproxy_request_observe_response(req, (const uint8_t *) sse, 10, false);
+    llmproxy_request_observe_response(req, (const uint8_t *) sse + 10, strlen(sse) - 10, false);
+    llmproxy_request_observe_response(req, NULL, 0, true);
+    llmproxy_request_observe_response(NULL, (const uint8_t *) sse, strlen(sse), true);
     llmproxy_request_finish(req, 200);
     CHECK(llmproxy_router_in_flight(r) == 0, "in flight 0");
     free(body);

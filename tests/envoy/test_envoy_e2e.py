@@ -423,7 +423,8 @@ def test_request_log_has_one_line_per_finished_request(gateway):
     assert plain["status"] == 200 and plain["outcome"] == "upstream" and plain["stream"] is False
     assert plain["algorithm"] == "inference_lb" and plain["bytes_in"] > 0 and plain["retries"] == 0
     assert plain["total_ms"] >= plain["ttft_ms"] >= 0
-    assert "prompt" not in plain, "no text without log.include_prompt"
+    assert "prompt" not in plain and "completion" not in plain, "no text without log.include_prompt"
+    assert plain["bytes_out"] > 0 and stream["bytes_out"] > plain["bytes_out"] // 2
     assert stream["stream"] is True and stream["status"] == 200 and stream["model"] == "m-b"
     assert lines[ids["unknown"]]["error"] == "model_not_found" and "endpoint" not in lines[ids["unknown"]]
     down = lines[ids["down"]]

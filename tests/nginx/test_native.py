@@ -343,7 +343,8 @@ def test_request_log_has_one_line_per_finished_request(gw):
     assert plain["endpoint"] == gw.servers.addr(served)
     assert plain["status"] == 200 and plain["outcome"] == "upstream" and plain["retries"] == 0
     assert plain["total_ms"] >= plain["ttft_ms"] >= 0 and plain["bytes_in"] > 0
-    assert "prompt" not in plain, "no text without log.include_prompt"
+    assert "prompt" not in plain and "completion" not in plain, "no text without log.include_prompt"
+    assert plain["bytes_out"] > 0 and stream["bytes_out"] > 0
     assert stream["stream"] is True and stream["status"] == 200 and stream["model"] == "m-b"
     assert lines[ids["unknown"]]["error"] == "model_not_found"
     assert lines[ids["dead2"]]["outcome"] == "endpoint_failed" and lines[ids["dead2"]]["retries"] == 1
@@ -435,6 +436,45 @@ def test_native_body_from_temp_file(native1):
     assert status == 200 and json.loads(data)["served_by"] in POOLS["pool_b"], data
     after = settled(native1)
     assert delta(before, after, "llmproxy_nginx_request_bodies_total", source="file") == 1
+
+
+@pytest.fixture(scope="module", params=HOSTS)
+def learn_gw(request, servers):
+    """Either host, 1 worker (its router metrics are the page's), 16-byte chunks, and a model
+    on the two endpoints of pool_b: learning from the answer (issue #19)."""
+    cfg = library_config(servers, servers.dead)
+    cfg["hash_chunk_bytes"] = 16
+    cfg["model_mapping_rule"]["m-l"] = {"rules": [{"scene_name": "learn", "cluster": "pool_b", "backend": "vllm"}]}
+    g = harness.HOSTS[request.param](cfg, [servers.addr(n) for n in POOLS["pool_a"]], workers=1)
+    g.servers = servers
+    yield g
+    g.close()
+
+
+def test_second_turn_follows_the_learned_answer(learn_gw):
+    """The second turn sends the first answer back: it goes to the endpoint that produced it,
+    decided on a cache ratio above 0.75 that only the learned answer (some thirty 16-byte
+    chunks, against the question's few) can give."""
+    gw = learn_gw
+    before = settled(gw)
+    for conv in range(6):
+        messages = [{"role": "user", "content": random_text(30, seed=700 + conv)}]
+        status, hdrs, data = post(gw, {"model": "m-l", "stream": True, "messages": messages},
+                                  {"x-test-chunks": "80"})
+        assert status == 200, data[:300]
+        answer = "".join(c.get("delta", {}).get("content") or ""
+                         for line in data.split(b"\n") if line.startswith(b"data: {")
+                         for c in json.loads(line[6:])["choices"])
+        assert answer.endswith("tok79 ")
+        messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "go on"}]
+        status, hdrs2, data = post(gw, {"model": "m-l", "messages": messages})
+        assert status == 200, data[:300]
+        assert hdrs2["x-served-by"] == hdrs["x-served-by"], "conversation %d" % conv
+    after = settled(gw)
+    assert delta(before, after, "llmproxy_learned_response_chunks_total") >= 6 * 25
+    ratio = "llmproxy_decision_cache_ratio"
+    high = lambda m: m.total(ratio + "_count") - m.total(ratio + "_bucket", le="0.75")
+    assert high(after) - high(before) >= 6, after.text
 
 
 def test_native_subrequest_refused(native1):

@@ -12,6 +12,7 @@
 --   d.needs_transcoding -> d:response_status(status), d:transcode(chunk, eof)
 --   d:retry()          -- after a connect failure: another endpoint of the cluster, or nil, err
 --   d:first_token()    -- first response byte seen (idempotent)
+--   d:observe(chunk, eof) -- every answer chunk (learning the next turn's prefix)
 --   d:finish(status, outcome) -- exactly once; outcome (OUTCOME_*) says whether the endpoint
 --                      is to blame; without it, status is the upstream's (0: none)
 --   router:metrics()   -- Prometheus text
@@ -146,6 +147,8 @@ enum llmproxy_status llmproxy_request_transcode_response(struct llmproxy_request
                                                          const uint8_t *chunk, size_t len,
                                                          bool end_of_stream, const uint8_t **out,
                                                          size_t *out_len);
+void llmproxy_request_observe_response(struct llmproxy_request *req, const uint8_t *chunk,
+                                       size_t len, bool end_of_stream);
 bool llmproxy_request_is_stream(const struct llmproxy_request *req);
 enum llmproxy_status llmproxy_request_retry(struct llmproxy_request *req);
 void llmproxy_request_first_token(struct llmproxy_request *req);
@@ -349,6 +352,17 @@ function Decision:transcode(chunk, eof)
         return ""
     end
     return ffi_string(transcode_out[0], len_out[0])
+end
+
+--- Lets the library read one chunk of the answer (every chunk, in order; `eof` with the last):
+--- at finish it learns the next turn's prefix from it. Cheap no-op when learning is off or
+--- the answer is transcoded (d:transcode reads its own output).
+function Decision:observe(chunk, eof)
+    local req = self._req
+    if not req then return end
+    chunk = chunk or ""
+    C.llmproxy_request_observe_response(req, ffi_cast("const uint8_t *", chunk), #chunk,
+        eof and true or false)
 end
 
 --- The first response byte arrived (releases the prompt's prefill load). Idempotent.

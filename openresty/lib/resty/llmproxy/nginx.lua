@@ -448,7 +448,7 @@ function _M.balancer()
 end
 
 --------------------------------------------------------------------------------------------
--- header/body filter: first response byte
+-- header/body filter: first response byte, the answer read for learning
 
 function _M.header_filter()
     local d = ngx.ctx.llmproxy
@@ -484,12 +484,13 @@ function _M.body_filter()
         ngx.arg[1] = out
         return
     end
+    local chunk, eof = ngx.arg[1], ngx.arg[2]
     if not d.first_token_seen then
-        local chunk = ngx.arg[1]
-        if (chunk and chunk ~= "") or ngx.arg[2] then
+        if (chunk and chunk ~= "") or eof then
             d:first_token()
         end
     end
+    d:observe(chunk, eof)  -- the library learns the next turn's prefix from the answer
 end
 
 --------------------------------------------------------------------------------------------

@@ -1,0 +1,674 @@
+//! Incremental reader of OpenAI responses: the assistant's answer and the token usage.
+//!
+//! Fed the response body in chunks of any size and boundary, it recognises a server-sent
+//! event stream (`data: {...}` events, `\n\n` or `\r\n\r\n` between events, `data: [DONE]`)
+//! or one JSON answer (the first non-blank byte is `{`), and extracts, from choice 0:
+//!
+//! - chat: the text (`delta.content` / `message.content`) and the tool calls (function name
+//!   and arguments, streamed pieces joined by their `index`);
+//! - completions: `text`;
+//! - `usage` (`prompt_tokens`, `completion_tokens`, `prompt_tokens_details.cached_tokens`),
+//!   the last one seen (OpenAI streams it in the final chunk).
+//!
+//! Captured text is capped (`learn_response_bytes`); a capped answer is still a correct
+//! prefix of the next turn. Cost is linear in the response however it is cut: every input
+//! byte is scanned once for a line end and copied at most once into the current event (or,
+//! for a JSON answer, the body), which is parsed once. Nothing here panics on garbage: a
+//! malformed event, an `error` object, or an event or body beyond the bound stops the capture.
+//!
+//! [`Capture::render_next_turn`] continues the prompt's prefix hasher with the answer
+//! rendered as the next turn will send it back (`<|assistant|>\n` text tool calls `\n`, the
+//! rendering of `crate::request`; for completions the text right after the prompt).
+
+use std::borrow::Cow;
+
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+
+use crate::hashing::PrefixHasher;
+use crate::request::{self, RequestKind};
+
+/// Room for the JSON around the captured text (an event's other fields, a body's usage…).
+const SLACK_BYTES: usize = 64 * 1024;
+/// Tool calls of one answer that are followed (by their `index`).
+const MAX_TOOL_CALLS: usize = 64;
+
+/// Token counts of an answer, as the server reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// `usage.prompt_tokens`
+    pub prompt_tokens: u64,
+    /// `usage.completion_tokens`
+    pub completion_tokens: u64,
+    /// `usage.prompt_tokens_details.cached_tokens`, when the server reports it.
+    pub cached_tokens: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Nothing but blanks seen yet.
+    Detect,
+    Sse,
+    Json,
+    /// `[DONE]` seen, or the JSON answer parsed: later bytes are ignored.
+    Done,
+    /// Garbage or over the bound: capture stopped.
+    Failed,
+}
+
+/// What has been captured of one answer.
+#[derive(Debug, Default)]
+pub struct Capture {
+    /// Chat or completions.
+    kind: Option<RequestKind>,
+    /// Text of choice 0 (at most the cap).
+    pub text: Vec<u8>,
+    /// Tool calls of choice 0: (function name, arguments), in `index` order.
+    pub tool_calls: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The cap was reached: `text` (or the tool calls) are a prefix of the answer.
+    pub capped: bool,
+    /// The answer ended properly: `[DONE]`, a `finish_reason` of choice 0 at the end, or
+    /// the JSON answer parsed.
+    pub complete: bool,
+    /// The last `usage` seen.
+    pub usage: Option<Usage>,
+}
+
+/// The incremental reader: [`ResponseReader::feed`] every chunk, then
+/// [`ResponseReader::capture`].
+#[derive(Debug)]
+pub struct ResponseReader {
+    mode: Mode,
+    cap: usize,
+    /// Bytes captured so far (text + tool call names and arguments).
+    captured: usize,
+    /// The current unterminated SSE line, or the JSON body.
+    line: Vec<u8>,
+    /// The data of the current SSE event (its `data:` lines joined by `\n`).
+    event: Vec<u8>,
+    finish_seen: bool,
+    /// `end_of_stream` was fed.
+    ended: bool,
+    out: Capture,
+}
+
+/// One streamed chunk or one whole answer: only the fields read here are kept.
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default)]
+    choices: Option<Vec<Choice<'a>>>,
+    #[serde(default)]
+    usage: Option<RawUsage>,
+    #[serde(default)]
+    error: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(borrow, default)]
+    delta: Option<Delta<'a>>,
+    #[serde(borrow, default)]
+    message: Option<Delta<'a>>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<ToolCall<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCall<'a> {
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(borrow, default)]
+    function: Option<Function<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Function<'a> {
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct RawUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize)]
+struct Details {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+impl ResponseReader {
+    /// A reader for the answer to a `kind` request, capturing at most `cap` bytes of text.
+    pub fn new(kind: RequestKind, cap: usize) -> Self {
+        Self {
+            mode: Mode::Detect,
+            cap,
+            captured: 0,
+            line: Vec::new(),
+            event: Vec::new(),
+            finish_seen: false,
+            ended: false,
+            out: Capture {
+                kind: Some(kind),
+                ..Capture::default()
+            },
+        }
+    }
+
+    /// Largest SSE event or JSON body read.
+    fn bound(&self) -> usize {
+        self.cap.saturating_mul(2).saturating_add(SLACK_BYTES)
+    }
+
+    /// Feeds the next chunk of the response body; `end_of_stream` with the last one (an
+    /// empty chunk is fine).
+    pub fn feed(&mut self, mut chunk: &[u8], end_of_stream: bool) {
+        if self.ended {
+            return;
+        }
+        self.ended = end_of_stream;
+        if self.mode == Mode::Detect {
+            match chunk.iter().position(|b| !b.is_ascii_whitespace()) {
+                Some(i) => {
+                    self.mode = if chunk[i] == b'{' {
+                        Mode::Json
+                    } else {
+                        Mode::Sse
+                    };
+                    chunk = &chunk[i..];
+                }
+                None => chunk = &[],
+            }
+        }
+        match self.mode {
+            Mode::Sse => self.feed_sse(chunk, end_of_stream),
+            Mode::Json => self.feed_json(chunk, end_of_stream),
+            Mode::Detect | Mode::Done | Mode::Failed => {}
+        }
+    }
+
+    /// Ends the response if the host did not say so (e.g. it ended with trailers): a JSON
+    /// answer is parsed now, a stream is complete if choice 0 had its `finish_reason`.
+    pub fn end(&mut self) {
+        self.feed(&[], true);
+    }
+
+    /// What was captured (complete or not: see [`Capture::learnable`]).
+    pub fn capture(&self) -> &Capture {
+        &self.out
+    }
+
+    fn fail(&mut self) {
+        self.mode = Mode::Failed;
+        self.out.complete = false;
+        self.line = Vec::new();
+        self.event = Vec::new();
+    }
+
+    fn feed_json(&mut self, chunk: &[u8], end_of_stream: bool) {
+        if self.line.len() + chunk.len() > self.bound() {
+            self.fail();
+            return;
+        }
+        self.line.extend_from_slice(chunk);
+        if end_of_stream {
+            let body = std::mem::take(&mut self.line);
+            if self.apply(&body) {
+                self.out.complete = true;
+                self.mode = Mode::Done;
+            }
+        }
+    }
+
+    fn feed_sse(&mut self, mut chunk: &[u8], end_of_stream: bool) {
+        while self.mode == Mode::Sse {
+            let Some(nl) = chunk.iter().position(|&b| b == b'\n') else {
+                break;
+            };
+            if self.line.is_empty() {
+                self.sse_line(&chunk[..nl]);
+            } else {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(&chunk[..nl]);
+                self.sse_line(&line);
+                line.clear();
+                self.line = line;
+            }
+            chunk = &chunk[nl + 1..];
+        }
+        if self.mode != Mode::Sse {
+            return;
+        }
+        if self.line.len() + chunk.len() > self.bound() {
+            self.fail();
+            return;
+        }
+        self.line.extend_from_slice(chunk);
+        if end_of_stream {
+            // A last line and event without their terminators.
+            let line = std::mem::take(&mut self.line);
+            if !line.is_empty() {
+                self.sse_line(&line);
+            }
+            if self.mode == Mode::Sse {
+                self.sse_line(b"");
+            }
+            if self.mode == Mode::Sse {
+                self.out.complete = self.finish_seen;
+            }
+        }
+    }
+
+    /// One SSE line, without its `\n`.
+    fn sse_line(&mut self, line: &[u8]) {
+        // The same bound whether the line came whole in one chunk or was pieced together.
+        if line.len() > self.bound() {
+            self.fail();
+            return;
+        }
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            if !self.event.is_empty() {
+                let event = std::mem::take(&mut self.event);
+                self.sse_event(&event);
+                if self.mode == Mode::Sse {
+                    let mut event = event;
+                    event.clear();
+                    self.event = event;
+                }
+            }
+            return;
+        }
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return; // comments, `event:`, `id:`, `retry:`
+        };
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        if self.event.len() + data.len() + 1 > self.bound() {
+            self.fail();
+            return;
+        }
+        if !self.event.is_empty() {
+            self.event.push(b'\n');
+        }
+        self.event.extend_from_slice(data);
+    }
+
+    fn sse_event(&mut self, data: &[u8]) {
+        if data.trim_ascii() == b"[DONE]" {
+            self.out.complete = true;
+            self.mode = Mode::Done;
+            self.line = Vec::new();
+            self.event = Vec::new();
+            return;
+        }
+        self.apply(data);
+    }
+
+    /// Applies one JSON message (a streamed chunk or a whole answer); false (and capture
+    /// stopped) when it is not one.
+    fn apply(&mut self, json: &[u8]) -> bool {
+        let Ok(m) = serde_json::from_slice::<Message>(json) else {
+            self.fail();
+            return false;
+        };
+        if m.error.is_some() {
+            self.fail();
+            return false;
+        }
+        if let Some(u) = m.usage {
+            self.out.usage = Some(Usage {
+                prompt_tokens: u.prompt_tokens.unwrap_or(0),
+                completion_tokens: u.completion_tokens.unwrap_or(0),
+                cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
+            });
+        }
+        for c in m.choices.iter().flatten() {
+            if c.index.unwrap_or(0) != 0 {
+                continue;
+            }
+            if c.finish_reason.is_some() {
+                self.finish_seen = true;
+            }
+            if let Some(t) = &c.text {
+                self.take_text(t.as_bytes());
+            }
+            for d in [&c.delta, &c.message].into_iter().flatten() {
+                if let Some(t) = &d.content {
+                    self.take_text(t.as_bytes());
+                }
+                for (i, call) in d.tool_calls.iter().flatten().enumerate() {
+                    let Some(f) = &call.function else { continue };
+                    let index = call.index.map_or(i, |x| x.min(usize::MAX as u64) as usize);
+                    self.take_tool_call(
+                        index,
+                        f.name.as_deref().unwrap_or(""),
+                        f.arguments.as_deref().unwrap_or(""),
+                    );
+                }
+            }
+        }
+        true
+    }
+
+    /// Room left under the cap for `len` more bytes: how many to take.
+    fn budget(&mut self, len: usize) -> usize {
+        let take = len.min(self.cap - self.captured);
+        if take < len {
+            self.out.capped = true;
+        }
+        self.captured += take;
+        take
+    }
+
+    fn take_text(&mut self, t: &[u8]) {
+        if self.out.capped {
+            return;
+        }
+        let n = self.budget(t.len());
+        self.out.text.extend_from_slice(&t[..n]);
+    }
+
+    fn take_tool_call(&mut self, index: usize, name: &str, arguments: &str) {
+        if self.out.capped {
+            return;
+        }
+        if index >= MAX_TOOL_CALLS || index > self.out.tool_calls.len() {
+            // Too many, or one skipped: the rendering would not be known.
+            self.out.capped = true;
+            return;
+        }
+        if index == self.out.tool_calls.len() {
+            self.out.tool_calls.push((Vec::new(), Vec::new()));
+        }
+        let n = self.budget(name.len());
+        self.out.tool_calls[index]
+            .0
+            .extend_from_slice(&name.as_bytes()[..n]);
+        let n = self.budget(arguments.len());
+        self.out.tool_calls[index]
+            .1
+            .extend_from_slice(&arguments.as_bytes()[..n]);
+    }
+}
+
+impl Capture {
+    /// True when the answer may be learned: it ended properly or was capped (a capped
+    /// answer is still a correct prefix), and it has something to learn.
+    pub fn learnable(&self) -> bool {
+        (self.complete || self.capped) && (!self.text.is_empty() || !self.tool_calls.is_empty())
+    }
+
+    /// Feeds `h` (the prompt's hasher at its end) with the answer as the next turn renders
+    /// it. A capped answer stops at what is known: the text, without what follows it.
+    pub fn render_next_turn(&self, h: &mut PrefixHasher) {
+        match self.kind {
+            Some(RequestKind::Completions) => h.feed(&self.text),
+            Some(RequestKind::Chat) => {
+                request::open_message(h, b"assistant");
+                h.feed(&self.text);
+                if self.capped {
+                    return;
+                }
+                for (name, arguments) in &self.tool_calls {
+                    request::tool_call(h, name, arguments);
+                }
+                request::close_message(h);
+            }
+            None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SSE: &str = concat!(
+        "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+        "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"}}]}\n\n",
+        ": keep-alive\n\n",
+        "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\", w\\u00f6rld\"}}]}\r\n\r\n",
+        "data: {\"id\":\"x\",\"choices\":[{\"index\":1,\"delta\":{\"content\":\"other choice\"}}]}\n\n",
+        "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: {\"id\":\"x\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":3,",
+        "\"prompt_tokens_details\":{\"cached_tokens\":8}}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn read(kind: RequestKind, cap: usize, pieces: &[&[u8]]) -> Capture {
+        let mut r = ResponseReader::new(kind, cap);
+        for (i, p) in pieces.iter().enumerate() {
+            r.feed(p, i + 1 == pieces.len());
+        }
+        std::mem::take(&mut r.out)
+    }
+
+    fn whole(kind: RequestKind, cap: usize, body: &[u8]) -> Capture {
+        read(kind, cap, &[body])
+    }
+
+    #[test]
+    fn sse_text_usage_and_done() {
+        let c = whole(RequestKind::Chat, 1024, SSE.as_bytes());
+        assert_eq!(c.text, "Hello, wörld".as_bytes());
+        assert!(c.complete && !c.capped && c.learnable());
+        assert_eq!(
+            c.usage,
+            Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 3,
+                cached_tokens: Some(8)
+            })
+        );
+    }
+
+    #[test]
+    fn any_split_gives_the_same_capture() {
+        let want = whole(RequestKind::Chat, 1024, SSE.as_bytes());
+        let bytes = SSE.as_bytes();
+        let ones: Vec<&[u8]> = bytes.chunks(1).collect();
+        let got = read(RequestKind::Chat, 1024, &ones);
+        assert_eq!(
+            (got.text, got.usage, got.complete),
+            (want.text.clone(), want.usage, true)
+        );
+        for cut in 0..bytes.len() {
+            let got = read(RequestKind::Chat, 1024, &[&bytes[..cut], &bytes[cut..]]);
+            assert_eq!(got.text, want.text, "cut at {cut}");
+            assert!(got.complete, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn one_byte_pieces_of_a_long_stream_stay_linear() {
+        // 20,000 events fed a byte at a time: quadratic rescanning would take minutes.
+        let mut body = Vec::new();
+        for i in 0..20_000 {
+            body.extend_from_slice(
+                format!(
+                    "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+                    i % 10
+                )
+                .as_bytes(),
+            );
+        }
+        body.extend_from_slice(b"data: [DONE]\n\n");
+        let mut r = ResponseReader::new(RequestKind::Chat, 1 << 20);
+        let start = std::time::Instant::now();
+        for b in body.chunks(1) {
+            r.feed(b, false);
+        }
+        r.feed(b"", true);
+        assert_eq!(r.capture().text.len(), 20_000);
+        assert!(r.capture().complete);
+        assert!(start.elapsed().as_secs() < 10);
+    }
+
+    #[test]
+    fn stream_cut_before_the_end_is_not_learnable() {
+        let cut = SSE
+            .find("data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{},")
+            .unwrap();
+        let c = whole(RequestKind::Chat, 1024, &SSE.as_bytes()[..cut]);
+        assert_eq!(c.text, "Hello, wörld".as_bytes());
+        assert!(!c.complete && !c.learnable());
+        // A finish_reason at the end is enough without [DONE].
+        let done = SSE.find("data: {\"id\":\"x\",\"choices\":[],").unwrap();
+        assert!(whole(RequestKind::Chat, 1024, &SSE.as_bytes()[..done]).complete);
+    }
+
+    #[test]
+    fn non_streamed_json() {
+        let body = br#" {"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hi there"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#;
+        let c = whole(RequestKind::Chat, 1024, body);
+        assert_eq!(c.text, b"Hi there");
+        assert!(c.complete);
+        assert_eq!(
+            c.usage,
+            Some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 2,
+                cached_tokens: None
+            })
+        );
+        let ones: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(read(RequestKind::Chat, 1024, &ones).text, b"Hi there");
+    }
+
+    #[test]
+    fn completions_text() {
+        let sse = "data: {\"choices\":[{\"index\":0,\"text\":\" upon\"}]}\n\ndata: {\"choices\":[{\"index\":0,\"text\":\" a time\",\"finish_reason\":\"length\"}]}\n\ndata: [DONE]\n\n";
+        let c = whole(RequestKind::Completions, 1024, sse.as_bytes());
+        assert_eq!(c.text, b" upon a time");
+        let json = br#"{"choices":[{"index":0,"text":" upon a time","finish_reason":"stop"}]}"#;
+        assert_eq!(
+            whole(RequestKind::Completions, 1024, json).text,
+            b" upon a time"
+        );
+        let mut h = PrefixHasher::new("m", 16);
+        h.feed(b"once");
+        c.render_next_turn(&mut h);
+        assert_eq!(
+            h.finish().0,
+            crate::hashing::prefix_hashes("m", b"once upon a time", 16)
+        );
+    }
+
+    #[test]
+    fn cap_keeps_a_prefix() {
+        let c = whole(RequestKind::Chat, 7, SSE.as_bytes());
+        assert_eq!(c.text, b"Hello, ");
+        assert!(c.capped && c.learnable());
+        assert_eq!(c.usage.unwrap().prompt_tokens, 12);
+        let c = whole(RequestKind::Chat, 0, SSE.as_bytes());
+        assert!(c.text.is_empty() && !c.learnable());
+    }
+
+    #[test]
+    fn tool_calls_render_as_the_request_does() {
+        let sse = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"let me check\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"c1\",\"type\":\"function\",\"function\":{\"name\":\"get\",\"arguments\":\"{\\\"x\\\"\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\":1}\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":1,\"id\":\"c2\",\"function\":{\"name\":\"put\",\"arguments\":\"{}\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let c = whole(RequestKind::Chat, 1024, sse.as_bytes());
+        assert!(c.learnable());
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"let me check","tool_calls":[{"id":"c1","type":"function","function":{"name":"get","arguments":"{\"x\":1}"}},{"id":"c2","type":"function","function":{"name":"put","arguments":"{}"}}]}]}"#;
+        let next = request::parse(body, None, 16).unwrap();
+        let (first, tail) = request::parse_with_tail(
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+            None,
+            16,
+            true,
+        )
+        .unwrap();
+        let before = first.prompt_chars as usize / 16; // full chunks of the first prompt
+        let mut h = tail.unwrap();
+        c.render_next_turn(&mut h);
+        let learned = h.full_chunk_hashes();
+        assert!(!learned.is_empty());
+        assert_eq!(learned, &next.prefix_hashes[before..before + learned.len()]);
+        // Every full chunk of the next turn (ASCII: characters are bytes).
+        assert_eq!(before + learned.len(), next.prompt_chars as usize / 16);
+    }
+
+    proptest::proptest! {
+        // Any cut of a stream into pieces gives the capture of the whole.
+        #[test]
+        fn random_cuts_give_the_same_capture(cuts in proptest::collection::vec(0usize..SSE.len(), 0..12)) {
+            let bytes = SSE.as_bytes();
+            let mut cuts = cuts;
+            cuts.sort();
+            let mut pieces = Vec::new();
+            let mut start = 0;
+            for c in cuts { pieces.push(&bytes[start..c]); start = c; }
+            pieces.push(&bytes[start..]);
+            let got = read(RequestKind::Chat, 1024, &pieces);
+            proptest::prop_assert_eq!(got.text, "Hello, wörld".as_bytes());
+            proptest::prop_assert!(got.complete);
+            proptest::prop_assert_eq!(got.usage.map(|u| u.completion_tokens), Some(3));
+        }
+
+        // Arbitrary bytes, in arbitrary pieces, never panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+                                       piece in 1usize..50, prefix in 0usize..3) {
+            let mut body = [&b""[..], b"data: ", b"{"][prefix].to_vec();
+            body.extend_from_slice(&data);
+            for kind in [RequestKind::Chat, RequestKind::Completions] {
+                let mut r = ResponseReader::new(kind, 64);
+                for p in body.chunks(piece) { r.feed(p, false); }
+                r.end();
+                let mut h = PrefixHasher::new("m", 16);
+                r.capture().render_next_turn(&mut h);
+                proptest::prop_assert!(r.capture().text.len() <= 64);
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_stops_the_capture_without_panicking() {
+        let cases: [&[u8]; 6] = [
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {nope\n\ndata: [DONE]\n\n",
+            b"data: {\"error\":{\"message\":\"overloaded\"}}\n\ndata: [DONE]\n\n",
+            b"{\"choices\":[{\"message\":{\"content\":\"a\"}}]",
+            b"\xff\xfe\x00garbage\n\n\n",
+            b"{\"error\":{\"message\":\"bad\"}}",
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"\\ud800\"}}]}\n\n",
+        ];
+        for body in cases {
+            let c = whole(RequestKind::Chat, 1024, body);
+            assert!(!c.learnable(), "{:?}", String::from_utf8_lossy(body));
+        }
+        // An event beyond the bound.
+        let mut r = ResponseReader::new(RequestKind::Chat, 16);
+        r.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"", false);
+        r.feed(&vec![b'a'; 200_000], false);
+        r.feed(b"\"}}]}\n\ndata: [DONE]\n\n", true);
+        assert!(!r.capture().learnable());
+        assert!(r.line.capacity() == 0 && r.event.capacity() == 0);
+    }
+}

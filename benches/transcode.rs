@@ -1,10 +1,13 @@
 //! Triton → OpenAI SSE transcoding of a 1 MiB streamed response, fed whole (the baseline in
 //! the same run) and in 16 KiB, 1 KiB and 64-byte pieces; also one 1 MiB event (no boundary
 //! until the end) in 1 KiB pieces. A linear transcoder costs about the same per byte however
-//! the response is chunked. `make bench`.
+//! the response is chunked. The same for the answer reader (`llmproxy::response`: text and
+//! usage of every answer the hosts observe): a 1 MiB OpenAI SSE stream whole and in pieces, and
+//! one 1 MiB JSON answer in 1 KiB pieces. `make bench`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use llmproxy::request::RequestKind;
+use llmproxy::response::ResponseReader;
 use llmproxy::transcode::{Output, Transcoder};
 
 /// Triton generate_stream events of ~80 bytes each, about `size` bytes in all.
@@ -64,9 +67,68 @@ fn bench_transcode(c: &mut Criterion) {
     group.finish();
 }
 
+/// OpenAI chat SSE chunks of ~100 bytes each, about `size` bytes in all, then the usage chunk.
+fn openai_stream(size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size + 256);
+    let mut i = 0;
+    while out.len() < size {
+        out.extend_from_slice(
+            format!(
+                "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}}}}]}}\n\n"
+            )
+            .as_bytes(),
+        );
+        i += 1;
+    }
+    out.extend_from_slice(
+        b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":99}}\n\ndata: [DONE]\n\n",
+    );
+    out
+}
+
+/// One non-streamed answer whose text is about `size` bytes.
+fn openai_json(size: usize) -> Vec<u8> {
+    format!(
+        "{{\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"{}\"}},\"finish_reason\":\"stop\"}}],\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":2}}}}",
+        "x".repeat(size)
+    )
+    .into_bytes()
+}
+
+/// Reads an answer in `piece`-byte chunks with a cap of 2 MiB; the completion tokens it saw.
+fn read(body: &[u8], piece: usize) -> u64 {
+    let mut r = ResponseReader::new(RequestKind::Chat, 2 << 20);
+    let chunks: Vec<&[u8]> = body.chunks(piece).collect();
+    for (i, c) in chunks.iter().enumerate() {
+        r.feed(c, i + 1 == chunks.len());
+    }
+    r.capture().usage.map_or(0, |u| u.completion_tokens)
+}
+
+fn bench_response_reader(c: &mut Criterion) {
+    let mut group = c.benchmark_group("response_reader_1MiB");
+    let stream = openai_stream(1 << 20);
+    group.throughput(Throughput::Bytes(stream.len() as u64));
+    for piece in [stream.len(), 16 << 10, 1 << 10, 64] {
+        let name = if piece == stream.len() {
+            "whole".to_string()
+        } else {
+            format!("{piece}B")
+        };
+        group.bench_with_input(BenchmarkId::new("sse_pieces", name), &piece, |b, &piece| {
+            b.iter(|| assert_eq!(read(&stream, piece), 99))
+        });
+    }
+    let json = openai_json(1 << 20);
+    group.bench_function("json_answer_in_1KiB_pieces", |b| {
+        b.iter(|| assert_eq!(read(&json, 1 << 10), 2))
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = bench_transcode
+    targets = bench_transcode, bench_response_reader
 }
 criterion_main!(benches);

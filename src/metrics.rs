@@ -332,6 +332,7 @@ impl RouterMetrics {
                 }
             }
         }
+        render_answers(out, &sets);
     }
 }
 
@@ -356,6 +357,72 @@ fn endpoint_sets<'a>(page: &Page<'a>) -> Vec<(&'a str, Arc<EndpointSet>)> {
 }
 
 /// The state part: the prefix index, the shared region and every endpoint's counters.
+/// Per endpoint, what its answers reported (`usage`) beside the router's prediction, and time
+/// per output token: only endpoints whose answers reported usage in this process.
+fn render_answers(out: &mut String, sets: &[(&str, Arc<EndpointSet>)]) {
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let answered = || {
+        sets.iter().flat_map(|(c, set)| {
+            set.endpoints
+                .iter()
+                .filter(|e| load(&e.answers.answers) > 0)
+                .map(move |e| {
+                    let labels =
+                        format!("cluster=\"{}\",endpoint=\"{}\"", escape_label(c), e.address);
+                    (labels, e)
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let mut tokens = Vec::new();
+    let mut chars = Vec::new();
+    for (labels, e) in answered() {
+        let a = &e.answers;
+        for (kind, v) in [
+            ("prompt", &a.prompt_tokens),
+            ("completion", &a.completion_tokens),
+            ("cached", &a.cached_tokens),
+        ] {
+            tokens.push((format!("{labels},kind=\"{kind}\""), load(v)));
+        }
+        for (kind, v) in [
+            ("prompt", &a.prompt_chars),
+            ("predicted_cached", &a.predicted_cached_chars),
+        ] {
+            chars.push((format!("{labels},kind=\"{kind}\""), load(v)));
+        }
+    }
+    family(
+        out,
+        "llmproxy_endpoint_answer_tokens_total",
+        "counter",
+        "Tokens the endpoint's answers reported in usage (cached / prompt: the engine's own prefix-cache hit rate).",
+        &tokens,
+    );
+    family(
+        out,
+        "llmproxy_endpoint_answer_prompt_chars_total",
+        "counter",
+        "Prompt characters of the answers that reported cached_tokens, and of those the characters the router expected cached at pick (predicted_cached / prompt: the router's estimate for the same requests).",
+        &chars,
+    );
+    header(
+        out,
+        "llmproxy_endpoint_time_per_output_token_seconds",
+        "histogram",
+        "Per answer: time from its first to its last byte over its completion tokens minus one.",
+    );
+    for (labels, e) in answered() {
+        if let Some(h) = e.answers.time_per_output_token.get() {
+            h.render(
+                out,
+                "llmproxy_endpoint_time_per_output_token_seconds",
+                &labels,
+            );
+        }
+    }
+}
+
 fn render_state(page: &Page, out: &mut String) {
     let single = |v: u64| [(String::new(), v)];
     for (name, kind, help, value) in [

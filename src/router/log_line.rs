@@ -279,9 +279,23 @@ mod tests {
         assert_eq!(e["status"], 404);
         assert_eq!(e["outcome"], "local");
         assert!(e.get("request_id").is_none() && e.get("endpoint").is_none());
-        assert!(router
-            .metrics_text()
-            .contains("llmproxy_request_log_lines_total{result=\"written\"} 2"));
+        let text = router.metrics_text();
+        assert!(text.contains("llmproxy_request_log_lines_total{result=\"written\"} 2"));
+        // the answer's usage per endpoint, beside the router's prediction, and its TPOT
+        let ep = l["endpoint"].as_str().unwrap();
+        let labels = format!("cluster=\"c\",endpoint=\"{ep}\"");
+        for (kind, v) in [("prompt", 7), ("completion", 2), ("cached", 4)] {
+            let line =
+                format!("llmproxy_endpoint_answer_tokens_total{{{labels},kind=\"{kind}\"}} {v}");
+            assert!(text.contains(&line), "{line} not in\n{text}");
+        }
+        let chars = l["prompt_chars"].as_u64().unwrap();
+        let line = format!(
+            "llmproxy_endpoint_answer_prompt_chars_total{{{labels},kind=\"prompt\"}} {chars}"
+        );
+        assert!(text.contains(&line), "{line}");
+        let line = format!("llmproxy_endpoint_time_per_output_token_seconds_count{{{labels}}} 1");
+        assert!(text.contains(&line), "{line} not in\n{text}");
         drop(router);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -290,8 +290,21 @@ impl PickedRequest {
         self.log_line(upstream_status, outcome);
         let router = &self.router;
         let first_token_seen = self.first_token_seen;
+        let first_token_at = self.first_token_at;
         if let Ok(r) = &mut self.result {
             if let Some(e) = &r.endpoint {
+                // what the answer said of itself, beside what the pick expected
+                if let Some(usage) = r.learn.as_deref_mut().and_then(|l| {
+                    l.reader.end();
+                    l.reader.capture().usage
+                }) {
+                    e.answers.record(
+                        &usage,
+                        r.prompt_chars,
+                        (r.prompt_chars as f64 * r.cache_ratio) as u64,
+                        first_token_at.map(|t| t.elapsed().as_secs_f64()),
+                    );
+                }
                 let learned = r.learn.take().and_then(|l| {
                     let prompt_full_chunks = l.tail.full_chunks();
                     let hashes = router.learn(r, e, *l, upstream_status, outcome)?;

@@ -8,7 +8,7 @@
 //! read, so that a worker's death removes exactly its share.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use super::cells::{saturating_sub, EndpointCounters, Load};
@@ -38,6 +38,58 @@ pub struct Endpoint {
     storage: Storage,
     /// Time from pick to first token, per model (indexed like `Router` models), made lazily.
     ttft: Box<[OnceLock<Histogram>]>,
+    /// What this endpoint's answers reported about themselves (`usage`), this process's share.
+    pub answers: AnswerStats,
+}
+
+/// Per-endpoint counts from the answers' `usage`, beside what the router predicted for the same
+/// requests: the engine's own prefix-cache hit rate (cached / prompt tokens) next to the
+/// router's estimate (predicted cached / prompt characters), and time per output token.
+#[derive(Default)]
+pub struct AnswerStats {
+    /// Answers that reported `usage`.
+    pub answers: AtomicU64,
+    /// `usage.prompt_tokens`, summed.
+    pub prompt_tokens: AtomicU64,
+    /// `usage.completion_tokens`, summed.
+    pub completion_tokens: AtomicU64,
+    /// `usage.prompt_tokens_details.cached_tokens`, summed (answers that report it).
+    pub cached_tokens: AtomicU64,
+    /// Prompt characters of the answers that reported `cached_tokens`.
+    pub prompt_chars: AtomicU64,
+    /// Of those, the characters the router expected the endpoint to hold at pick.
+    pub predicted_cached_chars: AtomicU64,
+    /// (last byte − first byte) / (completion tokens − 1), per answer with ≥ 2 tokens.
+    pub time_per_output_token: OnceLock<Histogram>,
+}
+
+impl AnswerStats {
+    /// Counts one answer's usage; `predicted_cached_chars` of its `prompt_chars` were expected
+    /// in the cache; `decode_secs` is the time from its first byte to its end, if known.
+    pub fn record(
+        &self,
+        usage: &crate::response::Usage,
+        prompt_chars: u64,
+        predicted_cached_chars: u64,
+        decode_secs: Option<f64>,
+    ) {
+        self.answers.fetch_add(1, Ordering::Relaxed);
+        self.prompt_tokens
+            .fetch_add(usage.prompt_tokens, Ordering::Relaxed);
+        self.completion_tokens
+            .fetch_add(usage.completion_tokens, Ordering::Relaxed);
+        if let Some(cached) = usage.cached_tokens {
+            self.cached_tokens.fetch_add(cached, Ordering::Relaxed);
+            self.prompt_chars.fetch_add(prompt_chars, Ordering::Relaxed);
+            self.predicted_cached_chars
+                .fetch_add(predicted_cached_chars, Ordering::Relaxed);
+        }
+        if let (Some(secs), true) = (decode_secs, usage.completion_tokens >= 2) {
+            self.time_per_output_token
+                .get_or_init(Histogram::latency)
+                .observe(secs / (usage.completion_tokens - 1) as f64);
+        }
+    }
 }
 
 impl Endpoint {
@@ -66,6 +118,7 @@ impl Endpoint {
             lora_adapters: Vec::new(),
             storage,
             ttft: (0..models).map(|_| OnceLock::new()).collect(),
+            answers: AnswerStats::default(),
         }
     }
 

@@ -287,6 +287,12 @@ impl PickedRequest {
             return;
         }
         self.finished = true;
+        // the answer is over: what the host fed is all there is (one end for every reader below)
+        if let Ok(r) = &mut self.result {
+            if let Some(l) = r.learn.as_deref_mut() {
+                l.reader.end();
+            }
+        }
         self.log_line(upstream_status, outcome);
         let router = &self.router;
         let first_token_seen = self.first_token_seen;
@@ -294,10 +300,7 @@ impl PickedRequest {
         if let Ok(r) = &mut self.result {
             if let Some(e) = &r.endpoint {
                 // what the answer said of itself, beside what the pick expected
-                if let Some(usage) = r.learn.as_deref_mut().and_then(|l| {
-                    l.reader.end();
-                    l.reader.capture().usage
-                }) {
+                if let Some(usage) = r.learn.as_deref().and_then(|l| l.reader.capture().usage) {
                     e.answers.record(
                         &usage,
                         r.prompt_chars,
@@ -364,6 +367,7 @@ impl PickedRequest {
 impl PickedRequest {
     /// Queues the request log's line for this request (when the log is on).
     fn log_line(&mut self, status: u32, outcome: Outcome) {
+        // (finish_inner has ended the answer's reader)
         let (Some(ctx), Some(log)) = (self.log.take(), self.router.request_log.get()) else {
             return;
         };
@@ -371,9 +375,8 @@ impl PickedRequest {
         let cfg = &self.router.config.log;
         let mut usage = None;
         let mut completion = None;
-        if let Ok(r) = &mut self.result {
-            if let Some(learn) = r.learn.as_deref_mut() {
-                learn.reader.end();
+        if let Ok(r) = &self.result {
+            if let Some(learn) = r.learn.as_deref() {
                 let capture = learn.reader.capture();
                 usage = capture.usage;
                 if cfg.include_prompt {
@@ -427,11 +430,8 @@ impl RouterInner {
         status: u32,
         outcome: Outcome,
     ) -> Option<Vec<u64>> {
-        let Learning {
-            mut tail,
-            mut reader,
-        } = l;
-        reader.end();
+        let Learning { mut tail, reader } = l;
+        // finish_inner has ended the reader
         let capture = reader.capture();
         if let Some(u) = capture.usage {
             self.metrics.count_usage(r.model_slot, &u);

@@ -378,6 +378,22 @@ def pools_config(servers, dead, max_body, models, clusters=None):
     }
 
 
+def request_log_lines(path, ids, timeout=10):
+    """The lines (JSON) of the request log at `path` (llmproxy `log.path`) whose request_id is in
+    `ids`, once all are there."""
+    deadline = time.time() + timeout
+    while True:
+        text = path.read_text() if path.exists() else ""
+        found = {}
+        for line in text.splitlines():
+            rec = json.loads(line)
+            if rec.get("request_id") in ids:
+                found[rec["request_id"]] = rec
+        if len(found) == len(ids) or time.time() > deadline:
+            assert len(found) == len(ids), (sorted(found), text[-2000:])
+            return found
+
+
 # ---------------------------------------------------------------------------------------------
 # Prometheus text
 

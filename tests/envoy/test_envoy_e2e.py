@@ -14,7 +14,7 @@ import pytest
 
 import harness
 from conftest import MAX_BODY, POOLS
-from harness import CHAT, chat, metrics, random_text, wait_in_flight_zero
+from harness import CHAT, chat, metrics, random_text, request_log_lines, wait_in_flight_zero
 
 
 def post(gw, body, headers=None, path=CHAT):
@@ -383,21 +383,6 @@ def test_triton_generate_stream_is_transcoded(gateway):
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text == "tok0 tok1 tok2 ", text
     wait_in_flight_zero(gateway)
-
-
-def request_log_lines(path, ids, timeout=10):
-    """The request log's lines (JSON) whose request_id is in `ids`, once all are there."""
-    deadline = time.time() + timeout
-    while True:
-        text = path.read_text() if path.exists() else ""
-        found = {}
-        for line in text.splitlines():
-            rec = json.loads(line)
-            if rec.get("request_id") in ids:
-                found[rec["request_id"]] = rec
-        if len(found) == len(ids) or time.time() > deadline:
-            assert len(found) == len(ids), (sorted(found), text[-2000:])
-            return found
 
 
 def test_request_log_has_one_line_per_finished_request(gateway):

@@ -20,7 +20,7 @@ import harness_base  # noqa: E402
 # the shared part (tests/common/harness_base.py), re-exported as harness.<name>
 from harness_base import (BUILD_DIR, CHAT, COMPLETIONS, POOLS, FakeUpstreams, LoggedProcess, MetadataCenter,  # noqa: E402,F401
                           Metrics, PortClash, chat, free_port, free_ports, log_tails_on_failure, metrics,
-                          pools_config, raise_fd_limit, random_text, read_sse, stop, wait_port, wait_ready,
+                          pools_config, raise_fd_limit, random_text, read_sse, request_log_lines, stop, wait_port, wait_ready,
                           wait_until)
 
 ROOT = harness_base.REPO

@@ -23,7 +23,7 @@ import pytest
 import harness
 import test_shared_state as ss
 from conftest import MAX_BODY, POOLS, library_config
-from harness import CHAT, COMPLETIONS, chat, metrics, random_text, request, wait_settled
+from harness import CHAT, COMPLETIONS, chat, metrics, random_text, request, request_log_lines, wait_settled
 from test_nginx_e2e import assert_our_error, check_responses, mixed_requests, raw_send, run_all
 
 HOSTS = ["lua", "native"]
@@ -292,21 +292,6 @@ def test_reload_under_load(gw):
     assert "exits with" not in gw.log_text()
     assert "kept from before the reload" in gw.log_text()
     assert not gw.crashes()
-
-
-def request_log_lines(path, ids, timeout=10):
-    """The request log's lines (JSON) whose request_id is in `ids`, once all are there."""
-    deadline = time.time() + timeout
-    while True:
-        text = path.read_text() if path.exists() else ""
-        found = {}
-        for line in text.splitlines():
-            rec = json.loads(line)
-            if rec.get("request_id") in ids:
-                found[rec["request_id"]] = rec
-        if len(found) == len(ids) or time.time() > deadline:
-            assert len(found) == len(ids), (sorted(found), text[-2000:])
-            return found
 
 
 def test_request_log_has_one_line_per_finished_request(gw):

@@ -1,0 +1,424 @@
+//! The router's unit tests: rules, picks, retries, metrics (mod.rs's public API).
+
+use super::*;
+
+const CONFIG: &str = r#"{
+    "model_mapping_rule": {
+        "m1": {"rules": [
+            {"cluster": "prod", "backend": "vllm", "scene_name": "chat"},
+            {"cluster": "gray", "backend": "sglang", "headers": [{"key": "x-env", "value": "gray"}]}
+        ]},
+        "m2": {"rules": [{"cluster": "prod", "backend": "vllm", "headers": [{"key": "x-tenant", "value": "a"}]}]}
+    },
+    "clusters": {
+        "prod": {"endpoints": ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003", "127.0.0.1:9004"]},
+        "gray": {"endpoints": ["127.0.0.1:9101"]}
+    }
+}"#;
+
+fn router() -> Router {
+    Router::from_json(CONFIG.as_bytes()).unwrap()
+}
+
+fn chat(model: &str, text: &str) -> Vec<u8> {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": text}]})
+        .to_string()
+        .into_bytes()
+}
+
+#[test]
+fn routes_by_rule_and_header() {
+    let r = router();
+    let p = r.pick(&[], &chat("m1", "hi"));
+    assert_eq!(p.http_status(), 200);
+    assert_eq!(p.cluster(), Some("prod"));
+    assert_eq!(p.scene(), Some("chat"));
+    assert_eq!(p.backend(), Some("vllm"));
+    let g = r.pick(&[(b"X-Env", b"gray")], &chat("m1", "hi"));
+    assert_eq!(g.cluster(), Some("gray"));
+    assert_eq!(g.endpoint(), Some("127.0.0.1:9101"));
+    assert_eq!(g.backend(), Some("sglang"));
+    // Header values match exactly.
+    let d = r.pick(&[(b"x-env", b"Gray")], &chat("m1", "hi"));
+    assert_eq!(d.cluster(), Some("prod"));
+}
+
+#[test]
+fn unknown_model_and_unmatched_rule_are_404() {
+    let r = router();
+    let p = r.pick(&[], &chat("nope", "hi"));
+    assert_eq!(p.http_status(), 404);
+    assert!(p.error_body().unwrap().contains("model_not_found"));
+    let p = r.pick(&[(b"x-tenant", b"b")], &chat("m2", "hi"));
+    assert_eq!(p.http_status(), 404);
+    assert!(p.error_body().unwrap().contains("no routing rule"));
+    assert_eq!(
+        r.pick(&[(b"x-tenant", b"a")], &chat("m2", "hi"))
+            .http_status(),
+        200
+    );
+}
+
+#[test]
+fn oversized_body_is_413_and_empty_cluster_is_503() {
+    let r = Router::from_json(br#"{"max_body_bytes": 1024, "model_mapping_rule": {"m": {"rules": [{"cluster": "empty", "backend": "vllm"}]}}}"#).unwrap();
+    assert_eq!(r.pick(&[], &vec![b' '; 2000]).http_status(), 413);
+    let p = r.pick(&[], &chat("m", "x"));
+    assert_eq!(p.http_status(), 503);
+    assert!(p.error_body().unwrap().contains("no_endpoint"));
+    r.set_endpoints("empty", &["127.0.0.1:1".parse().unwrap()]);
+    assert_eq!(r.pick(&[], &chat("m", "x")).http_status(), 200);
+}
+
+#[test]
+fn same_prefix_sticks_different_prefixes_spread() {
+    let r = router();
+    let system = "You are a helpful assistant. ".repeat(100);
+    let mut first = None;
+    for i in 0..20 {
+        let p = r.pick(&[], &chat("m1", &format!("{system} question {i}")));
+        let ep = p.endpoint().unwrap().to_string();
+        assert_eq!(*first.get_or_insert(ep.clone()), ep, "request {i}");
+        p.finish(200);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..40 {
+        let p = r.pick(
+            &[],
+            &chat("m1", &format!("unique prompt {i} {}", "x".repeat(600))),
+        );
+        seen.insert(p.endpoint().unwrap().to_string());
+        p.finish(200);
+    }
+    assert_eq!(seen.len(), 4, "new prefixes spread over every endpoint");
+}
+
+/// A streamed answer carrying `text`, in events of 7 characters.
+fn sse_answer(text: &str) -> Vec<u8> {
+    let mut out = String::new();
+    let chars: Vec<char> = text.chars().collect();
+    for piece in chars.chunks(7) {
+        let piece: String = piece.iter().collect();
+        let event = serde_json::json!({"choices": [{"index": 0, "delta": {"content": piece}}]});
+        out.push_str(&format!("data: {event}\n\n"));
+    }
+    out.push_str("data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":40,\"completion_tokens\":150,\"prompt_tokens_details\":{\"cached_tokens\":16}}}\n\ndata: [DONE]\n\n");
+    out.into_bytes()
+}
+
+/// First turn answered by the chosen endpoint, then the second turn (which sends the
+/// answer back): (first endpoint, second endpoint, second cache ratio, metrics page).
+fn two_turns(learn_bytes: usize) -> (String, String, f64, String) {
+    let r = Router::from_json(
+        format!(
+            r#"{{"hash_chunk_bytes": 64, "learn_response_bytes": {learn_bytes},
+            "model_mapping_rule": {{"m": {{"rules": [{{"cluster": "c", "backend": "vllm"}}]}}}},
+            "clusters": {{"c": {{"endpoints": ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]}}}}}}"#
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let question = "Tell me a long story about a lighthouse keeper.";
+    let reply = "Once upon a time, on a rocky island, there lived a keeper named Ada. ".repeat(10);
+    let mut first = r.pick(&[(b":path", b"/v1/chat/completions")], &chat("m", question));
+    let first_ep = first.endpoint().unwrap().to_string();
+    for piece in sse_answer(&reply).chunks(13) {
+        first.observe_response(piece, false);
+    }
+    first.observe_response(b"", true);
+    first.finish(200);
+    let body = serde_json::json!({"model": "m", "messages": [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "And then?"},
+    ]})
+    .to_string();
+    let second = r.pick(&[], body.as_bytes());
+    let out = (
+        first_ep,
+        second.endpoint().unwrap().to_string(),
+        second.cache_ratio(),
+        r.metrics_text(),
+    );
+    second.finish(200);
+    out
+}
+
+#[test]
+fn the_next_turn_follows_the_learned_answer() {
+    // Second prompt: "<|user|>\n" question "\n<|assistant|>\n" reply "\n<|user|>\nAnd then?\n"
+    // ≈ 800 bytes = 13 chunks of 64; the first prompt alone covers none of them in full
+    // beyond its first; the learned answer covers all but the last two.
+    for _ in 0..5 {
+        let (a, b, ratio, page) = two_turns(64 * 1024);
+        assert_eq!(a, b);
+        assert!(ratio > 0.8, "cache ratio {ratio}");
+        assert!(
+            !page.contains("llmproxy_learned_response_chunks_total 0\n"),
+            "{page}"
+        );
+        assert!(page.contains("llmproxy_tokens_total{model=\"m\",kind=\"prompt\"} 40\n"));
+        assert!(page.contains("llmproxy_tokens_total{model=\"m\",kind=\"cached\"} 16\n"));
+    }
+    let (_, _, ratio, page) = two_turns(0);
+    assert!(ratio < 0.2, "without learning: cache ratio {ratio}");
+    assert!(page.contains("llmproxy_learned_response_chunks_total 0\n"));
+    // Capped: still the leading chunks of the answer.
+    let (a, b, ratio, _) = two_turns(200);
+    assert_eq!(a, b);
+    assert!(ratio > 0.3 && ratio < 0.8, "capped: cache ratio {ratio}");
+}
+
+#[test]
+fn failed_or_cut_answers_are_not_learned() {
+    let r = Router::from_json(
+        br#"{"hash_chunk_bytes": 16,
+        "model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "vllm"}]}},
+        "clusters": {"c": {"endpoints": ["127.0.0.1:1", "127.0.0.1:2"]}}}"#,
+    )
+    .unwrap();
+    let answer = sse_answer(&"word ".repeat(40));
+    for (status, cut) in [(500, answer.len()), (200, answer.len() / 2)] {
+        let mut p = r.pick(&[], &chat("m", "hello"));
+        p.observe_response(&answer[..cut], true);
+        p.finish(status);
+    }
+    let mut p = r.pick(&[], &chat("m", "hello"));
+    p.observe_response(&answer, true);
+    p.finish_with(200, Outcome::Local);
+    assert!(r
+        .metrics_text()
+        .contains("llmproxy_learned_response_chunks_total 0\n"));
+}
+
+#[test]
+fn load_steers_away_from_busy_endpoints() {
+    let r = router();
+    // Hold 20 requests with the same prefix in flight: load must spread them.
+    let system = "shared system prompt ".repeat(200);
+    let held: Vec<_> = (0..20)
+        .map(|i| r.pick(&[], &chat("m1", &format!("{system}{i}"))))
+        .collect();
+    let mut per = std::collections::HashMap::new();
+    for p in &held {
+        *per.entry(p.endpoint().unwrap().to_string()).or_insert(0) += 1;
+    }
+    assert!(per.len() >= 3, "{per:?}");
+    assert!(per.values().all(|&n| n <= 10), "{per:?}");
+    assert_eq!(r.in_flight(), 20);
+    drop(held);
+    assert_eq!(r.in_flight(), 0);
+}
+
+#[test]
+fn first_token_and_finish_release_accounting() {
+    let r = router();
+    let mut p = r.pick(&[], &chat("m1", &"y".repeat(5000)));
+    let ep = p.endpoint().unwrap().to_string();
+    let metrics = r.metrics_text();
+    assert!(
+        metrics.contains(&format!(
+            "llmproxy_endpoint_in_flight_requests{{cluster=\"prod\",endpoint=\"{ep}\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!(
+        "llmproxy_endpoint_prefill_chars{{cluster=\"prod\",endpoint=\"{ep}\"}} {}",
+        p.prompt_chars()
+    )));
+    p.first_token();
+    p.first_token();
+    assert!(r.metrics_text().contains(&format!(
+        "llmproxy_endpoint_prefill_chars{{cluster=\"prod\",endpoint=\"{ep}\"}} 0"
+    )));
+    p.finish(200);
+    let metrics = r.metrics_text();
+    assert!(metrics.contains("llmproxy_in_flight_requests 0"));
+    assert!(metrics.contains("llmproxy_finished_requests_total{status=\"2xx\"} 1"));
+    assert!(
+        metrics
+            .contains("llmproxy_time_to_first_token_seconds_count{model=\"m1\",cluster=\"prod\""),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn only_the_endpoints_own_failures_eject_it() {
+    let r = Router::from_json(br#"{"algorithm": "round_robin", "ejection": {"consecutive_failures": 2, "eject_ms": 60000},
+        "model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "vllm"}]}},
+        "clusters": {"c": {"endpoints": ["127.0.0.1:1"]}}}"#).unwrap();
+    let ejected = |r: &Router| {
+        r.metrics_text()
+            .contains("llmproxy_endpoint_ejected{cluster=\"c\",endpoint=\"127.0.0.1:1\"} 1")
+    };
+    // What a client or the proxy causes: route timeouts, local replies, a client gone.
+    for (status, outcome) in [
+        (504, Outcome::Local),
+        (503, Outcome::Local),
+        (499, Outcome::Local),
+        (0, Outcome::Local),
+        (500, Outcome::Upstream),
+        (499, Outcome::Upstream),
+    ] {
+        r.pick(&[], &chat("m", "x")).finish_with(status, outcome);
+        assert!(!ejected(&r), "{status} {outcome:?} ejected the endpoint");
+    }
+    // What the endpoint does: a connect failure / reset before any byte, its own 503.
+    r.pick(&[], &chat("m", "x"))
+        .finish_with(503, Outcome::EndpointFailed);
+    assert!(!ejected(&r));
+    r.pick(&[], &chat("m", "x"))
+        .finish_with(502, Outcome::Upstream);
+    assert!(ejected(&r), "two endpoint failures in a row eject it");
+}
+
+#[test]
+#[cfg_attr(
+    miri,
+    ignore = "wall-clock timing: under Miri 10 picks outlast eject_ms"
+)]
+fn failing_endpoint_is_ejected_then_readmitted() {
+    let r = Router::from_json(
+        br#"{"algorithm": "round_robin", "ejection": {"consecutive_failures": 2, "eject_ms": 200},
+        "model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "vllm"}]}},
+        "clusters": {"c": {"endpoints": ["127.0.0.1:1", "127.0.0.1:2"]}}}"#,
+    )
+    .unwrap();
+    for _ in 0..4 {
+        let p = r.pick(&[], &chat("m", "x"));
+        let bad = p.endpoint() == Some("127.0.0.1:1");
+        p.finish(if bad { 503 } else { 200 });
+    }
+    for _ in 0..10 {
+        let p = r.pick(&[], &chat("m", "x"));
+        assert_eq!(p.endpoint(), Some("127.0.0.1:2"));
+        p.finish(200);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    let seen: std::collections::HashSet<_> = (0..10)
+        .map(|_| {
+            let p = r.pick(&[], &chat("m", "x"));
+            let e = p.endpoint().unwrap().to_string();
+            p.finish(200);
+            e
+        })
+        .collect();
+    assert!(seen.contains("127.0.0.1:1"), "re-admitted after eject_ms");
+}
+
+#[test]
+fn retry_moves_to_an_untried_endpoint_until_none_left() {
+    let r = router();
+    let mut p = r.pick(&[(b"x-env", b"gray")], &chat("m1", "x"));
+    assert_eq!(p.endpoint(), Some("127.0.0.1:9101"));
+    let e = p.retry().unwrap_err();
+    assert_eq!(e.http_status(), 503);
+    assert_eq!(p.http_status(), 503);
+    assert_eq!(r.in_flight(), 0);
+    p.finish(0);
+
+    let mut p = r.pick(&[], &chat("m1", "x"));
+    let mut tried = vec![p.endpoint().unwrap().to_string()];
+    while p.retry().is_ok() {
+        let ep = p.endpoint().unwrap().to_string();
+        assert!(!tried.contains(&ep));
+        tried.push(ep);
+        assert_eq!(r.in_flight(), 1);
+    }
+    assert_eq!(tried.len(), 4);
+    p.finish(0);
+    assert_eq!(r.in_flight(), 0);
+}
+
+#[test]
+fn set_endpoints_keeps_state_of_staying_endpoints() {
+    let r = router();
+    let held = r.pick(&[(b"x-env", b"gray")], &chat("m1", "x"));
+    r.set_endpoints(
+        "gray",
+        &[
+            "127.0.0.1:9101".parse().unwrap(),
+            "127.0.0.1:9102".parse().unwrap(),
+        ],
+    );
+    assert!(r.metrics_text().contains(
+        "llmproxy_endpoint_in_flight_requests{cluster=\"gray\",endpoint=\"127.0.0.1:9101\"} 1"
+    ));
+    r.set_endpoints("gray", &["127.0.0.1:9102".parse().unwrap()]);
+    held.finish(200);
+    assert_eq!(r.in_flight(), 0);
+    assert_eq!(r.endpoints("gray"), vec!["127.0.0.1:9102"]);
+}
+
+#[test]
+fn intercepts_only_post_to_configured_paths() {
+    let r = router();
+    assert!(r.should_intercept(b"POST", b"/v1/chat/completions"));
+    assert!(r.should_intercept(b"post", b"/v1/completions?x=1"));
+    assert!(!r.should_intercept(b"GET", b"/v1/chat/completions"));
+    assert!(!r.should_intercept(b"POST", b"/v1/embeddings"));
+}
+
+/// Two routers attached to one region, as two nginx workers are.
+fn shared_pair() -> (Router, Router, Arc<SharedState>) {
+    let region = SharedState::create(crate::state::shared::MIN_SIZE).unwrap();
+    let config = || Config::from_json(CONFIG.as_bytes()).unwrap();
+    let a = Router::new_shared(config(), &region).unwrap();
+    let b = Router::new_shared(config(), &region).unwrap();
+    (a, b, region)
+}
+
+#[test]
+#[cfg_attr(
+    miri,
+    ignore = "starts the reaper thread and scans the region: slow under Miri"
+)]
+fn routers_on_one_shared_region_share_prefixes_and_load() {
+    let (a, b, region) = shared_pair();
+    // A prefix learned by one router is followed by the other.
+    let system = "You are a helpful assistant. ".repeat(100);
+    let first = a.pick(&[], &chat("m1", &format!("{system} question 0")));
+    let home = first.endpoint().unwrap().to_string();
+    first.finish(200);
+    for i in 1..10 {
+        let p = b.pick(&[], &chat("m1", &format!("{system} question {i}")));
+        assert_eq!(p.endpoint().unwrap(), home, "request {i}");
+        p.finish(200);
+    }
+    assert!(b.prefix_index_len() > 0 && a.prefix_index_len() == b.prefix_index_len());
+    // Load held by one router is seen by the other (and counted once).
+    let held: Vec<_> = (0..6)
+        .map(|i| a.pick(&[], &chat("m1", &format!("load {i} {}", "y".repeat(500)))))
+        .collect();
+    assert_eq!(region.total_in_flight(), 6);
+    let seen_by_b = b.metrics_part(Part::State);
+    let in_flight: u64 = seen_by_b
+        .lines()
+        .filter(|l| l.starts_with("llmproxy_endpoint_in_flight_requests{cluster=\"prod\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(in_flight, 6, "{seen_by_b}");
+    assert!(!b
+        .metrics_part(Part::Router)
+        .contains("llmproxy_endpoint_in_flight"));
+    assert!(seen_by_b.contains("llmproxy_shared_state_workers 2"));
+    drop(held);
+    assert_eq!(region.total_in_flight(), 0);
+    // Detached routers free their worker slots.
+    drop((a, b));
+    assert_eq!(region.stats().workers, 0);
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "starts the reaper thread: slow under Miri")]
+fn a_region_without_free_worker_slots_refuses_a_router() {
+    let region = SharedState::create(crate::state::shared::MIN_SIZE).unwrap();
+    let config = || Config::from_json(CONFIG.as_bytes()).unwrap();
+    let held: Vec<Router> = (0..crate::state::shared::MAX_WORKERS)
+        .map(|_| Router::new_shared(config(), &region).unwrap())
+        .collect();
+    let err = Router::new_shared(config(), &region).err().unwrap();
+    assert!(err.contains("worker slots"), "{err}");
+    drop(held);
+    assert!(Router::new_shared(config(), &region).is_ok());
+}

@@ -16,7 +16,7 @@ RUNS_ARG=()
 read -r -a RUNS_ARG_EXTRA <<<"${FUZZ_ARGS:-}"
 RUNS_ARG+=("${RUNS_ARG_EXTRA[@]}")
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(config pick transcode abi_sequence metadata_center response)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(config pick transcode abi_sequence metadata_center response usage_strip)
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   echo "== installing cargo-fuzz (crates.io)"

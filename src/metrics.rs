@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::prometheus::{escape_label, family, header, Histogram, RATIO_BUCKETS};
 use std::sync::Arc;
 
-use crate::state::{Cluster, Endpoint, EndpointSet, PrefixIndex};
+use crate::state::{Cluster, Endpoint, EndpointSet, PrefixIndex, TOKEN_KINDS};
 
 /// Outcomes of a pick, in the order of `PICK_OUTCOMES`.
 pub const PICK_OUTCOMES: [&str; 6] = [
@@ -50,12 +50,7 @@ pub struct RouterMetrics {
     pub lookups_expired: AtomicU64,
     /// Prefix chunks learned from answers (the next turn's prefix, recorded at finish).
     pub learned_response_chunks: AtomicU64,
-    /// Tokens the servers reported in `usage`, per model slot: prompt, completion, cached.
-    pub tokens: Box<[[AtomicU64; 3]]>,
 }
-
-/// The `kind` labels of `llmproxy_tokens_total`, in the order of [`RouterMetrics::tokens`].
-pub const TOKEN_KINDS: [&str; 3] = ["prompt", "completion", "cached"];
 
 impl Default for RouterMetrics {
     fn default() -> Self {
@@ -74,29 +69,11 @@ impl Default for RouterMetrics {
             lookups_local: AtomicU64::new(0),
             lookups_expired: AtomicU64::new(0),
             learned_response_chunks: AtomicU64::new(0),
-            tokens: Box::new([]),
         }
     }
 }
 
 impl RouterMetrics {
-    /// Counters for a router of `models` models (per-model token counts).
-    pub fn with_models(models: usize) -> Self {
-        Self {
-            tokens: (0..models).map(|_| Default::default()).collect(),
-            ..Self::default()
-        }
-    }
-
-    /// Counts the tokens of one answer of the model in `slot`.
-    pub fn count_usage(&self, slot: usize, u: &crate::response::Usage) {
-        if let Some(t) = self.tokens.get(slot) {
-            t[0].fetch_add(u.prompt_tokens, Ordering::Relaxed);
-            t[1].fetch_add(u.completion_tokens, Ordering::Relaxed);
-            t[2].fetch_add(u.cached_tokens.unwrap_or(0), Ordering::Relaxed);
-        }
-    }
-
     /// Counts a pick outcome.
     pub fn count_pick(&self, outcome: &str) {
         let i = PICK_OUTCOMES
@@ -253,24 +230,6 @@ impl RouterMetrics {
                 &[(String::new(), load(&log.reopened))],
             );
         }
-        let tokens: Vec<(String, u64)> = m
-            .tokens
-            .iter()
-            .zip(page.model_names)
-            .flat_map(|(t, model)| {
-                TOKEN_KINDS.iter().zip(t).map(move |(kind, c)| {
-                    let model = escape_label(model);
-                    (format!("model=\"{model}\",kind=\"{kind}\""), load(c))
-                })
-            })
-            .collect();
-        family(
-            out,
-            "llmproxy_tokens_total",
-            "counter",
-            "Tokens the model servers reported in usage, per model (cached: prompt tokens served from their prefix cache).",
-            &tokens,
-        );
         family(
             out,
             "llmproxy_metadata_center_calls_total",
@@ -332,7 +291,7 @@ impl RouterMetrics {
                 }
             }
         }
-        render_answers(out, &sets);
+        render_answers(out, &sets, page.model_names);
     }
 }
 
@@ -359,7 +318,7 @@ fn endpoint_sets<'a>(page: &Page<'a>) -> Vec<(&'a str, Arc<EndpointSet>)> {
 /// The state part: the prefix index, the shared region and every endpoint's counters.
 /// Per endpoint, what its answers reported (`usage`) beside the router's prediction, and time
 /// per output token: only endpoints whose answers reported usage in this process.
-fn render_answers(out: &mut String, sets: &[(&str, Arc<EndpointSet>)]) {
+fn render_answers(out: &mut String, sets: &[(&str, Arc<EndpointSet>)], model_names: &[String]) {
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let answered = || {
         sets.iter().flat_map(|(c, set)| {
@@ -378,12 +337,17 @@ fn render_answers(out: &mut String, sets: &[(&str, Arc<EndpointSet>)]) {
     let mut chars = Vec::new();
     for (labels, e) in answered() {
         let a = &e.answers;
-        for (kind, v) in [
-            ("prompt", &a.prompt_tokens),
-            ("completion", &a.completion_tokens),
-            ("cached", &a.cached_tokens),
-        ] {
-            tokens.push((format!("{labels},kind=\"{kind}\""), load(v)));
+        for (model, counts) in model_names.iter().zip(a.tokens.iter()) {
+            if counts.iter().all(|c| load(c) == 0) {
+                continue; // no answer of this model from this endpoint
+            }
+            let model = escape_label(model);
+            for (kind, v) in TOKEN_KINDS.iter().zip(counts) {
+                tokens.push((
+                    format!("model=\"{model}\",{labels},kind=\"{kind}\""),
+                    load(v),
+                ));
+            }
         }
         for (kind, v) in [
             ("prompt", &a.prompt_chars),
@@ -394,9 +358,9 @@ fn render_answers(out: &mut String, sets: &[(&str, Arc<EndpointSet>)]) {
     }
     family(
         out,
-        "llmproxy_endpoint_answer_tokens_total",
+        "llmproxy_tokens_total",
         "counter",
-        "Tokens the endpoint's answers reported in usage (cached / prompt: the engine's own prefix-cache hit rate).",
+        "Tokens the model servers reported in usage, per model and endpoint (cached: prompt tokens served from the engine's prefix cache; cached / prompt is its own hit rate).",
         &tokens,
     );
     family(

@@ -32,6 +32,9 @@ use crate::request::{self, RequestKind};
 const SLACK_BYTES: usize = 64 * 1024;
 /// Tool calls of one answer that are followed (by their `index`).
 const MAX_TOOL_CALLS: usize = 64;
+/// The end of a JSON answer too long to parse whole that is kept to find its `usage` (the
+/// last key of OpenAI-style answers).
+const USAGE_TAIL_BYTES: usize = 16 * 1024;
 
 /// Token counts of an answer, as the server reported them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -89,6 +92,8 @@ pub struct ResponseReader {
     finish_seen: bool,
     /// `end_of_stream` was fed.
     ended: bool,
+    /// A JSON answer beyond the bound: `line` keeps only its end, for the usage.
+    json_too_long: bool,
     out: Capture,
 }
 
@@ -157,8 +162,41 @@ struct Details {
     cached_tokens: Option<u64>,
 }
 
+impl From<RawUsage> for Usage {
+    fn from(u: RawUsage) -> Self {
+        Usage {
+            prompt_tokens: u.prompt_tokens.unwrap_or(0),
+            completion_tokens: u.completion_tokens.unwrap_or(0),
+            cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
+        }
+    }
+}
+
+/// The `usage` object in the end of a JSON answer: the last `"usage":` key (not inside a
+/// string: an escaped quote precedes those) whose value parses as one.
+fn usage_in_tail(tail: &[u8]) -> Option<Usage> {
+    let finder = memchr::memmem::FinderRev::new(b"\"usage\"");
+    let mut end = tail.len();
+    while let Some(at) = finder.rfind(&tail[..end]) {
+        end = at;
+        if at > 0 && tail[at - 1] == b'\\' {
+            continue;
+        }
+        let rest = tail[at + 7..].trim_ascii_start();
+        let Some(value) = rest.strip_prefix(b":") else {
+            continue;
+        };
+        let mut values = serde_json::Deserializer::from_slice(value).into_iter::<RawUsage>();
+        if let Some(Ok(u)) = values.next() {
+            return Some(u.into());
+        }
+    }
+    None
+}
+
 impl ResponseReader {
     /// A reader for the answer to a `kind` request, capturing at most `cap` bytes of text.
+    /// With `cap` 0 only the usage is read: events without `"usage"` are not parsed.
     pub fn new(kind: RequestKind, cap: usize) -> Self {
         Self {
             mode: Mode::Detect,
@@ -168,6 +206,7 @@ impl ResponseReader {
             event: Vec::new(),
             finish_seen: false,
             ended: false,
+            json_too_long: false,
             out: Capture {
                 kind: Some(kind),
                 ..Capture::default()
@@ -226,14 +265,26 @@ impl ResponseReader {
     }
 
     fn feed_json(&mut self, chunk: &[u8], end_of_stream: bool) {
-        if self.line.len() + chunk.len() > self.bound() {
-            self.fail();
-            return;
-        }
         self.line.extend_from_slice(chunk);
+        // Too long to parse whole: keep its end for the usage (trimmed back to the tail
+        // whenever it doubles, so each byte is copied a bounded number of times).
+        let limit = if self.json_too_long {
+            2 * USAGE_TAIL_BYTES
+        } else {
+            self.bound()
+        };
+        if self.line.len() > limit {
+            self.json_too_long = true;
+            self.out.complete = false;
+            let excess = self.line.len() - USAGE_TAIL_BYTES;
+            self.line.drain(..excess);
+        }
         if end_of_stream {
             let body = std::mem::take(&mut self.line);
-            if self.apply(&body) {
+            if self.json_too_long {
+                self.out.usage = usage_in_tail(&body).or(self.out.usage);
+                self.mode = Mode::Done;
+            } else if self.apply(&body) {
                 self.out.complete = true;
                 self.mode = Mode::Done;
             }
@@ -242,7 +293,7 @@ impl ResponseReader {
 
     fn feed_sse(&mut self, mut chunk: &[u8], end_of_stream: bool) {
         while self.mode == Mode::Sse {
-            let Some(nl) = chunk.iter().position(|&b| b == b'\n') else {
+            let Some(nl) = memchr::memchr(b'\n', chunk) else {
                 break;
             };
             if self.line.is_empty() {
@@ -321,6 +372,9 @@ impl ResponseReader {
             self.event = Vec::new();
             return;
         }
+        if self.cap == 0 && memchr::memmem::find(data, b"\"usage\"").is_none() {
+            return; // reading only the usage: this chunk has none
+        }
         self.apply(data);
     }
 
@@ -336,11 +390,7 @@ impl ResponseReader {
             return false;
         }
         if let Some(u) = m.usage {
-            self.out.usage = Some(Usage {
-                prompt_tokens: u.prompt_tokens.unwrap_or(0),
-                completion_tokens: u.completion_tokens.unwrap_or(0),
-                cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
-            });
+            self.out.usage = Some(u.into());
         }
         for c in m.choices.iter().flatten() {
             if c.index.unwrap_or(0) != 0 {
@@ -480,6 +530,54 @@ mod tests {
                 cached_tokens: Some(8)
             })
         );
+    }
+
+    #[test]
+    fn usage_only_reads_the_usage_of_streams_and_of_answers_too_long_to_parse() {
+        let want = Some(Usage {
+            prompt_tokens: 12,
+            completion_tokens: 3,
+            cached_tokens: Some(8),
+        });
+        // cap 0: no text, the usage still read, however the stream is cut
+        let c = whole(RequestKind::Chat, 0, SSE.as_bytes());
+        assert_eq!((c.usage, c.text.len()), (want, 0));
+        let bytes = SSE.as_bytes();
+        for cut in 0..bytes.len() {
+            let c = read(RequestKind::Chat, 0, &[&bytes[..cut], &bytes[cut..]]);
+            assert_eq!(c.usage, want, "cut at {cut}");
+        }
+        // a JSON answer far over the bound (1 MiB of text, in 4 KiB pieces), usage last;
+        // the text quotes a usage object near the end: not taken for the answer's
+        let mut body = br#"{"id":"x","choices":[{"index":0,"message":{"content":""#.to_vec();
+        body.extend(std::iter::repeat_n(b'a', 1 << 20));
+        body.extend_from_slice(
+            br#" \"usage\": {\"prompt_tokens\": 1}"},"finish_reason":"stop"}],"#,
+        );
+        body.extend_from_slice(
+            br#""usage" : {"prompt_tokens":12,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":8}},"x":[1]}"#,
+        );
+        for cap in [0, 1024] {
+            let pieces: Vec<&[u8]> = body.chunks(4096).collect();
+            let c = read(RequestKind::Chat, cap, &pieces);
+            assert_eq!(c.usage, want, "cap {cap}");
+            assert!(
+                !c.complete && !c.learnable(),
+                "cap {cap}: not parsed whole, not learned"
+            );
+        }
+        // what is kept of it stays bounded; a truncated usage is none, without a panic
+        let mut r = ResponseReader::new(RequestKind::Chat, 0);
+        for piece in body[..body.len() - 40].chunks(4096) {
+            r.feed(piece, false);
+            assert!(
+                r.line.len() <= 2 * USAGE_TAIL_BYTES.max(r.bound()),
+                "bounded"
+            );
+        }
+        assert!(r.json_too_long && r.line.len() <= 2 * USAGE_TAIL_BYTES);
+        r.end();
+        assert_eq!(r.capture().usage, None);
     }
 
     #[test]

@@ -611,7 +611,12 @@ fn observed_answers_are_learned_and_observing_is_null_safe() {
         !page.contains("llmproxy_learned_response_chunks_total 0\n"),
         "{page}"
     );
-    assert!(page.contains("llmproxy_tokens_total{model=\"llama\",kind=\"completion\"} 40\n"));
+    assert!(
+        page.lines().any(|l| l.starts_with(
+            "llmproxy_tokens_total{model=\"llama\",cluster=\"pool\",endpoint=\"127.0.0.1:800"
+        ) && l.ends_with(",kind=\"completion\"} 40")),
+        "{page}"
+    );
 }
 
 /// `llmproxy_error_body` into a buffer of `cap` bytes: (returned length, written text).

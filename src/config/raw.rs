@@ -44,6 +44,8 @@ pub(super) struct RawConfig {
     #[serde(default, deserialize_with = "lenient_u64")]
     pub(super) learn_response_bytes: Option<u64>,
     #[serde(default)]
+    pub(super) force_stream_usage: Option<bool>,
+    #[serde(default)]
     pub(super) ejection: Option<RawEjection>,
     #[serde(default, deserialize_with = "lenient_u64")]
     pub(super) dns_refresh_ms: Option<u64>,

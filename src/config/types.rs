@@ -225,6 +225,9 @@ pub struct Config {
     /// (0 = off): the prefix index then also records the conversation as the next turn
     /// will render it, for the endpoint that answered.
     pub learn_response_bytes: usize,
+    /// Sets `stream_options.include_usage` on streamed requests (so every answer reports its
+    /// tokens) and drops that usage chunk again for clients that did not ask for it.
+    pub force_stream_usage: bool,
     /// Passive ejection of failing endpoints.
     pub ejection: Ejection,
     /// The request log (the origin's `log` block): one JSON line per finished request.

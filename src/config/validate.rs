@@ -67,6 +67,7 @@ pub(super) fn validate(
         metrics_path,
         prefix_index_capacity: prefix_index_capacity as usize,
         learn_response_bytes: learn_response_bytes as usize,
+        force_stream_usage: raw.force_stream_usage.unwrap_or(false),
         ejection,
         log: request_log(raw.log)?,
         dns_clusters,

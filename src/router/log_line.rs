@@ -285,8 +285,9 @@ mod tests {
         let ep = l["endpoint"].as_str().unwrap();
         let labels = format!("cluster=\"c\",endpoint=\"{ep}\"");
         for (kind, v) in [("prompt", 7), ("completion", 2), ("cached", 4)] {
+            let model = l["model"].as_str().unwrap();
             let line =
-                format!("llmproxy_endpoint_answer_tokens_total{{{labels},kind=\"{kind}\"}} {v}");
+                format!("llmproxy_tokens_total{{model=\"{model}\",{labels},kind=\"{kind}\"}} {v}");
             assert!(text.contains(&line), "{line} not in\n{text}");
         }
         let chars = l["prompt_chars"].as_u64().unwrap();

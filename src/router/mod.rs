@@ -146,7 +146,7 @@ impl Router {
             clusters: Arc::new(Clusters::new(specs, model_names.len(), shared)),
             models,
             model_names,
-            metrics: Arc::new(RouterMetrics::with_models(config.models.len())),
+            metrics: Arc::new(RouterMetrics::default()),
             clock,
             in_flight: AtomicU64::new(0),
             events: OnceLock::new(),

@@ -44,14 +44,11 @@ pub(super) struct Routed {
     pub(super) upstream: UpstreamRequest,
     /// Response transcoder (also detects the first token).
     pub(super) transcoder: Transcoder,
-    /// Reading of the answer, to learn the next turn's prefix (`learn_response_bytes`).
-    pub(super) learn: Option<Box<Learning>>,
-}
-
-/// What learning from the answer needs: the prompt's hasher at its end, and the reader.
-pub(super) struct Learning {
-    pub(super) tail: hashing::PrefixHasher,
-    pub(super) reader: ResponseReader,
+    /// Reading of the answer: its usage, and its text when it is learned.
+    pub(super) answer: ResponseReader,
+    /// The prompt's hasher at its end, to learn the next turn's prefix from the answer
+    /// (`learn_response_bytes` > 0 and a next turn that extends this prompt).
+    pub(super) learn_tail: Option<Box<hashing::PrefixHasher>>,
 }
 
 /// Cache matches from the Metadata-Center: endpoint wire id → leading chunks it holds.
@@ -104,20 +101,24 @@ impl RouterInner {
         let triton = (rule.backend == Backend::Triton).then_some(rule.chat_template);
         let (upstream, transcoder) = transcode::plan(
             body,
-            parsed.kind,
-            &parsed.model,
-            upstream_model,
-            triton,
-            parsed.stream,
+            transcode::PlanOptions {
+                kind: parsed.kind,
+                client_model: &parsed.model,
+                upstream_model,
+                triton_template: triton,
+                stream: parsed.stream,
+                force_stream_usage: self.config.force_stream_usage,
+            },
         )?;
         let mut prefix_hashes = parsed.prefix_hashes;
         hashing::salt_for_served_model(&mut prefix_hashes, &parsed.model, upstream_model);
-        let learn = tail.map(|tail| {
-            Box::new(Learning {
-                tail,
-                reader: ResponseReader::new(parsed.kind, learn_bytes),
-            })
-        });
+        // Every answer is read for its usage; its text only to learn it or to log it.
+        let mut text_cap = if tail.is_some() { learn_bytes } else { 0 };
+        if self.config.log.enabled && self.config.log.include_prompt {
+            text_cap = text_cap.max(self.config.log.prompt_max_bytes);
+        }
+        let answer = ResponseReader::new(parsed.kind, text_cap);
+        let learn_tail = tail.map(Box::new);
         let upstream_model = upstream_model.to_string();
         Ok(Routed {
             rule: Arc::clone(rule),
@@ -136,7 +137,8 @@ impl RouterInner {
             sync: None,
             upstream,
             transcoder,
-            learn,
+            answer,
+            learn_tail,
         })
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::log_line::LogContext;
-use super::pick::{Learning, Routed};
+use super::pick::Routed;
 use super::RouterInner;
 use crate::background::Event;
 use crate::error::PickError;
@@ -180,14 +180,16 @@ impl PickedRequest {
         }
         match &mut self.result {
             Ok(r) => {
-                let transcoded = r.transcoder.needs_transcoding();
                 let out = match r.transcoder.last_output() {
                     Output::Same => None,
                     Output::Bytes(b) => Some(b),
                 };
-                // What the client gets is an OpenAI answer: that is what is learned.
-                if let (true, Some(l)) = (transcoded, r.learn.as_deref_mut()) {
-                    l.reader.feed(out.unwrap_or(chunk), end_of_stream);
+                // A rewritten answer (Triton's) is read as the client gets it, an OpenAI one;
+                // otherwise as the server sent it (with the usage a client may not see).
+                if r.transcoder.answer_is_upstream() {
+                    r.answer.feed(chunk, end_of_stream);
+                } else {
+                    r.answer.feed(out.unwrap_or(chunk), end_of_stream);
                 }
                 out
             }
@@ -196,18 +198,15 @@ impl PickedRequest {
     }
 
     /// Reads one chunk of the upstream's answer (any size, any boundary; `end_of_stream`
-    /// with the last, possibly empty) to learn the next turn's prefix when the request
-    /// finishes. A no-op when learning is off (`learn_response_bytes: 0`), for requests whose
-    /// next turn does not extend the prompt, and for transcoded answers (the transcoder's
-    /// output is read in [`PickedRequest::transcode_response`]).
+    /// with the last, possibly empty): its usage, and its text to learn the next turn's
+    /// prefix when the request finishes (`learn_response_bytes` > 0 and a next turn that
+    /// extends the prompt). A no-op for transcoded answers: those are read in
+    /// [`PickedRequest::transcode_response`].
     pub fn observe_response(&mut self, chunk: &[u8], end_of_stream: bool) {
         self.bytes_out += chunk.len() as u64;
         if let Ok(r) = &mut self.result {
-            if r.transcoder.needs_transcoding() {
-                return;
-            }
-            if let Some(l) = r.learn.as_deref_mut() {
-                l.reader.feed(chunk, end_of_stream);
+            if !r.transcoder.needs_transcoding() {
+                r.answer.feed(chunk, end_of_stream);
             }
         }
     }
@@ -289,28 +288,27 @@ impl PickedRequest {
         self.finished = true;
         // the answer is over: what the host fed is all there is (one end for every reader below)
         if let Ok(r) = &mut self.result {
-            if let Some(l) = r.learn.as_deref_mut() {
-                l.reader.end();
+            r.answer.end();
+            // what the answer said of itself, beside what the pick expected (counted before
+            // the log line is queued: a reader of the log finds the metrics already there)
+            if let (Some(usage), Some(e)) = (r.answer.capture().usage, &r.endpoint) {
+                e.answers.record(
+                    r.model_slot,
+                    &usage,
+                    r.prompt_chars,
+                    (r.prompt_chars as f64 * r.cache_ratio) as u64,
+                    self.first_token_at.map(|t| t.elapsed().as_secs_f64()),
+                );
             }
         }
         self.log_line(upstream_status, outcome);
         let router = &self.router;
         let first_token_seen = self.first_token_seen;
-        let first_token_at = self.first_token_at;
         if let Ok(r) = &mut self.result {
             if let Some(e) = &r.endpoint {
-                // what the answer said of itself, beside what the pick expected
-                if let Some(usage) = r.learn.as_deref().and_then(|l| l.reader.capture().usage) {
-                    e.answers.record(
-                        &usage,
-                        r.prompt_chars,
-                        (r.prompt_chars as f64 * r.cache_ratio) as u64,
-                        first_token_at.map(|t| t.elapsed().as_secs_f64()),
-                    );
-                }
-                let learned = r.learn.take().and_then(|l| {
-                    let prompt_full_chunks = l.tail.full_chunks();
-                    let hashes = router.learn(r, e, *l, upstream_status, outcome)?;
+                let learned = r.learn_tail.take().and_then(|tail| {
+                    let prompt_full_chunks = tail.full_chunks();
+                    let hashes = router.learn(r, e, *tail, upstream_status, outcome)?;
                     Some((prompt_full_chunks, hashes))
                 });
                 if let Some(req) = r.sync.take() {
@@ -376,14 +374,12 @@ impl PickedRequest {
         let mut usage = None;
         let mut completion = None;
         if let Ok(r) = &self.result {
-            if let Some(learn) = r.learn.as_deref() {
-                let capture = learn.reader.capture();
-                usage = capture.usage;
-                if cfg.include_prompt {
-                    let mut text = String::from_utf8_lossy(&capture.text).into_owned();
-                    super::log_line::truncate(&mut text, cfg.prompt_max_bytes);
-                    completion = Some(text);
-                }
+            let capture = r.answer.capture();
+            usage = capture.usage;
+            if cfg.include_prompt {
+                let mut text = String::from_utf8_lossy(&capture.text).into_owned();
+                super::log_line::truncate(&mut text, cfg.prompt_max_bytes);
+                completion = Some(text);
             }
         }
         let mut l = ctx.line(self.first_token_at);
@@ -421,21 +417,17 @@ impl PickedRequest {
 impl RouterInner {
     /// The request is over: learn its answer, when the endpoint gave one in full (or up to
     /// the cap), as the prefix of the next turn held by that endpoint; returns the hashes
-    /// recorded (salted for the served model). Counts the usage.
+    /// recorded (salted for the served model).
     fn learn(
         &self,
         r: &Routed,
         endpoint: &Arc<Endpoint>,
-        l: Learning,
+        mut tail: hashing::PrefixHasher,
         status: u32,
         outcome: Outcome,
     ) -> Option<Vec<u64>> {
-        let Learning { mut tail, reader } = l;
         // finish_inner has ended the reader
-        let capture = reader.capture();
-        if let Some(u) = capture.usage {
-            self.metrics.count_usage(r.model_slot, &u);
-        }
+        let capture = r.answer.capture();
         let params = self.config.lb_params(&r.model);
         if outcome != Outcome::Upstream
             || !(200..300).contains(&status)

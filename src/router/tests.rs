@@ -157,12 +157,25 @@ fn the_next_turn_follows_the_learned_answer() {
             !page.contains("llmproxy_learned_response_chunks_total 0\n"),
             "{page}"
         );
-        assert!(page.contains("llmproxy_tokens_total{model=\"m\",kind=\"prompt\"} 40\n"));
-        assert!(page.contains("llmproxy_tokens_total{model=\"m\",kind=\"cached\"} 16\n"));
+        let labels = format!("model=\"m\",cluster=\"c\",endpoint=\"{a}\"");
+        assert!(page.contains(&format!(
+            "llmproxy_tokens_total{{{labels},kind=\"prompt\"}} 40\n"
+        )));
+        assert!(page.contains(&format!(
+            "llmproxy_tokens_total{{{labels},kind=\"cached\"}} 16\n"
+        )));
     }
-    let (_, _, ratio, page) = two_turns(0);
+    let (a, _, ratio, page) = two_turns(0);
     assert!(ratio < 0.2, "without learning: cache ratio {ratio}");
     assert!(page.contains("llmproxy_learned_response_chunks_total 0\n"));
+    // the usage is read all the same
+    let labels = format!("model=\"m\",cluster=\"c\",endpoint=\"{a}\"");
+    assert!(
+        page.contains(&format!(
+            "llmproxy_tokens_total{{{labels},kind=\"prompt\"}} 40\n"
+        )),
+        "{page}"
+    );
     // Capped: still the leading chunks of the answer.
     let (a, b, ratio, _) = two_turns(200);
     assert_eq!(a, b);
@@ -421,4 +434,58 @@ fn a_region_without_free_worker_slots_refuses_a_router() {
     assert!(err.contains("worker slots"), "{err}");
     drop(held);
     assert!(Router::new_shared(config(), &region).is_ok());
+}
+
+#[test]
+fn force_stream_usage_counts_streams_whose_clients_did_not_ask_for_usage() {
+    let config = |force: bool| {
+        format!(
+            r#"{{"force_stream_usage": {force}, "learn_response_bytes": 0,
+            "model_mapping_rule": {{"m": {{"rules": [{{"cluster": "c", "backend": "vllm"}}]}}}},
+            "clusters": {{"c": {{"endpoints": ["127.0.0.1:1"]}}}}}}"#
+        )
+    };
+    let body = br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let answer = sse_answer("Hello there, how are you?");
+    for force in [false, true] {
+        let r = Router::from_json(config(force).as_bytes()).unwrap();
+        let mut p = r.pick(&[(b":path", b"/v1/chat/completions")], body);
+        let upstream = p
+            .upstream_body()
+            .map(|b| serde_json::from_slice::<serde_json::Value>(b).unwrap());
+        assert_eq!(
+            upstream
+                .as_ref()
+                .map(|v| v["stream_options"]["include_usage"].clone()),
+            force.then_some(serde_json::Value::Bool(true)),
+        );
+        assert_eq!(p.needs_transcoding(), force);
+        // the server answers as asked: usage in its last chunk only when include_usage was set
+        let sent = if force {
+            let text = String::from_utf8(answer.clone()).unwrap();
+            text.replace("data: [DONE]", "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}\n\ndata: [DONE]")
+        } else {
+            String::from_utf8(answer.clone()).unwrap()
+        };
+        let mut client = Vec::new();
+        for piece in sent.as_bytes().chunks(11) {
+            let out = p.transcode_response(piece, false).map(<[u8]>::to_vec);
+            client.extend(out.unwrap_or_else(|| piece.to_vec()));
+        }
+        client.extend(
+            p.transcode_response(b"", true)
+                .map(<[u8]>::to_vec)
+                .unwrap_or_default(),
+        );
+        p.finish(200);
+        // the client gets the stream it asked for; the usage is counted either way it came
+        assert_eq!(
+            String::from_utf8(client).unwrap(),
+            String::from_utf8(answer.clone()).unwrap()
+        );
+        let page = r.metrics_text();
+        let prompt = if force { 5 } else { 40 };
+        let line = format!("llmproxy_tokens_total{{model=\"m\",cluster=\"c\",endpoint=\"127.0.0.1:1\",kind=\"prompt\"}} {prompt}\n");
+        assert!(page.contains(&line), "{line} not in {page}");
+    }
 }

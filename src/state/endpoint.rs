@@ -45,16 +45,12 @@ pub struct Endpoint {
 /// Per-endpoint counts from the answers' `usage`, beside what the router predicted for the same
 /// requests: the engine's own prefix-cache hit rate (cached / prompt tokens) next to the
 /// router's estimate (predicted cached / prompt characters), and time per output token.
-#[derive(Default)]
 pub struct AnswerStats {
     /// Answers that reported `usage`.
     pub answers: AtomicU64,
-    /// `usage.prompt_tokens`, summed.
-    pub prompt_tokens: AtomicU64,
-    /// `usage.completion_tokens`, summed.
-    pub completion_tokens: AtomicU64,
-    /// `usage.prompt_tokens_details.cached_tokens`, summed (answers that report it).
-    pub cached_tokens: AtomicU64,
+    /// Per model slot: `usage.prompt_tokens`, `completion_tokens` and
+    /// `prompt_tokens_details.cached_tokens` summed (in [`TOKEN_KINDS`] order).
+    pub tokens: Box<[[AtomicU64; 3]]>,
     /// Prompt characters of the answers that reported `cached_tokens`.
     pub prompt_chars: AtomicU64,
     /// Of those, the characters the router expected the endpoint to hold at pick.
@@ -63,23 +59,39 @@ pub struct AnswerStats {
     pub time_per_output_token: OnceLock<Histogram>,
 }
 
+/// The `kind` labels of `llmproxy_tokens_total`, in the order of [`AnswerStats::tokens`].
+pub const TOKEN_KINDS: [&str; 3] = ["prompt", "completion", "cached"];
+
 impl AnswerStats {
-    /// Counts one answer's usage; `predicted_cached_chars` of its `prompt_chars` were expected
-    /// in the cache; `decode_secs` is the time from its first byte to its end, if known.
+    /// Zeroed counts for `models` model slots.
+    pub fn new(models: usize) -> Self {
+        Self {
+            answers: AtomicU64::new(0),
+            tokens: (0..models).map(|_| Default::default()).collect(),
+            prompt_chars: AtomicU64::new(0),
+            predicted_cached_chars: AtomicU64::new(0),
+            time_per_output_token: OnceLock::new(),
+        }
+    }
+
+    /// Counts one answer's usage for the model in `slot`; `predicted_cached_chars` of its
+    /// `prompt_chars` were expected in the cache; `decode_secs` is the time from its first
+    /// byte to its end, if known.
     pub fn record(
         &self,
+        slot: usize,
         usage: &crate::response::Usage,
         prompt_chars: u64,
         predicted_cached_chars: u64,
         decode_secs: Option<f64>,
     ) {
         self.answers.fetch_add(1, Ordering::Relaxed);
-        self.prompt_tokens
-            .fetch_add(usage.prompt_tokens, Ordering::Relaxed);
-        self.completion_tokens
-            .fetch_add(usage.completion_tokens, Ordering::Relaxed);
-        if let Some(cached) = usage.cached_tokens {
-            self.cached_tokens.fetch_add(cached, Ordering::Relaxed);
+        if let Some(t) = self.tokens.get(slot) {
+            t[0].fetch_add(usage.prompt_tokens, Ordering::Relaxed);
+            t[1].fetch_add(usage.completion_tokens, Ordering::Relaxed);
+            t[2].fetch_add(usage.cached_tokens.unwrap_or(0), Ordering::Relaxed);
+        }
+        if usage.cached_tokens.is_some() {
             self.prompt_chars.fetch_add(prompt_chars, Ordering::Relaxed);
             self.predicted_cached_chars
                 .fetch_add(predicted_cached_chars, Ordering::Relaxed);
@@ -118,7 +130,7 @@ impl Endpoint {
             lora_adapters: Vec::new(),
             storage,
             ttft: (0..models).map(|_| OnceLock::new()).collect(),
-            answers: AnswerStats::default(),
+            answers: AnswerStats::new(models),
         }
     }
 

@@ -31,7 +31,7 @@ pub mod shared;
 pub use cells::EndpointCounters;
 pub use clock::{monotonic_ms, Clock};
 pub use cluster::{Cluster, Clusters, EndpointSet};
-pub use endpoint::{AnswerStats, Endpoint};
+pub use endpoint::{AnswerStats, Endpoint, TOKEN_KINDS};
 pub use prefix_index::PrefixIndex;
 pub use shared::{Attachment, SharedState, SharedStats};
 

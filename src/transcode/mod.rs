@@ -11,6 +11,7 @@
 
 pub mod templates;
 pub mod triton;
+pub mod usage_strip;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -19,6 +20,7 @@ use serde_json::{json, Value};
 use crate::error::PickError;
 use crate::request::RequestKind;
 use templates::ChatTemplate;
+use usage_strip::{Strip, UsageStripper};
 
 /// Largest response body buffered for transcoding (non-streamed Triton answers).
 const MAX_BUFFERED_RESPONSE: usize = 64 << 20;
@@ -34,48 +36,116 @@ pub struct UpstreamRequest {
 
 /// Rewrites `model` in an OpenAI body, keeping every other field.
 pub fn rewrite_model(body: &[u8], model: &str) -> Result<Vec<u8>, PickError> {
-    let mut v: Value = serde_json::from_slice(body)
-        .map_err(|e| PickError::bad_request(format!("invalid JSON body: {e}"), None))?;
+    let mut v = parse_body(body)?;
     if let Some(obj) = v.as_object_mut() {
         obj.insert("model".into(), Value::String(model.to_string()));
     }
     Ok(serde_json::to_vec(&v).unwrap_or_default())
 }
 
+fn parse_body(body: &[u8]) -> Result<Value, PickError> {
+    serde_json::from_slice(body)
+        .map_err(|e| PickError::bad_request(format!("invalid JSON body: {e}"), None))
+}
+
+/// `force_stream_usage` on a streamed request: sets `stream_options.include_usage` unless
+/// the client did (and `model` when it changes). Returns the new body (None: unchanged) and
+/// whether the usage chunk must be stripped again (the client did not ask for it).
+fn force_usage(body: &[u8], model: Option<&str>) -> Result<(Option<Vec<u8>>, bool), PickError> {
+    let mut v = parse_body(body)?;
+    let Some(obj) = v.as_object_mut() else {
+        return Ok((None, false));
+    };
+    let asked = obj
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        == Some(true);
+    if asked && model.is_none() {
+        return Ok((None, false));
+    }
+    if let Some(m) = model {
+        obj.insert("model".into(), Value::String(m.to_string()));
+    }
+    if !asked {
+        match obj.get_mut("stream_options").and_then(Value::as_object_mut) {
+            Some(options) => {
+                options.insert("include_usage".into(), Value::Bool(true));
+            }
+            None => {
+                obj.insert("stream_options".into(), json!({"include_usage": true}));
+            }
+        }
+    }
+    Ok((Some(serde_json::to_vec(&v).unwrap_or_default()), !asked))
+}
+
+/// What the request needs beyond its routing.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanOptions<'a> {
+    /// Chat or completions.
+    pub kind: RequestKind,
+    /// The model the client named.
+    pub client_model: &'a str,
+    /// The model the backend serves.
+    pub upstream_model: &'a str,
+    /// Triton backend: its chat template.
+    pub triton_template: Option<ChatTemplate>,
+    /// The client asked for a stream.
+    pub stream: bool,
+    /// `force_stream_usage`.
+    pub force_stream_usage: bool,
+}
+
 /// Plans the upstream request for a backend.
-pub fn plan(
-    body: &[u8],
-    kind: RequestKind,
-    client_model: &str,
-    upstream_model: &str,
-    triton_template: Option<ChatTemplate>,
-    stream: bool,
-) -> Result<(UpstreamRequest, Transcoder), PickError> {
-    match triton_template {
+pub fn plan(body: &[u8], o: PlanOptions) -> Result<(UpstreamRequest, Transcoder), PickError> {
+    let renamed = (o.upstream_model != o.client_model).then_some(o.upstream_model);
+    match o.triton_template {
         Some(template) => {
-            let (path, body) = triton::build_request(body, kind, upstream_model, template, stream)?;
+            let (path, body) =
+                triton::build_request(body, o.kind, o.upstream_model, template, o.stream)?;
             Ok((
                 UpstreamRequest {
                     path: Some(path),
                     body: Some(body),
                 },
-                Transcoder::triton(kind, stream, client_model),
+                Transcoder::triton(o.kind, o.stream, o.client_model),
             ))
         }
-        None if upstream_model != client_model => Ok((
-            UpstreamRequest {
-                path: None,
-                body: Some(rewrite_model(body, upstream_model)?),
-            },
-            Transcoder::passthrough(),
-        )),
-        None => Ok((UpstreamRequest::default(), Transcoder::passthrough())),
+        None if o.stream && o.force_stream_usage => {
+            let (body, strip) = force_usage(body, renamed)?;
+            let transcoder = if strip {
+                Transcoder::strip_usage()
+            } else {
+                Transcoder::passthrough()
+            };
+            Ok((UpstreamRequest { path: None, body }, transcoder))
+        }
+        None => match renamed {
+            Some(model) => Ok((
+                UpstreamRequest {
+                    path: None,
+                    body: Some(rewrite_model(body, model)?),
+                },
+                Transcoder::passthrough(),
+            )),
+            None => Ok((UpstreamRequest::default(), Transcoder::passthrough())),
+        },
     }
 }
 
 enum Mode {
     Passthrough,
-    Triton { kind: RequestKind, stream: bool },
+    Triton {
+        kind: RequestKind,
+        stream: bool,
+    },
+    /// A passthrough stream that drops the usage chunk the router asked for
+    /// (`force_stream_usage`); `same` when the last chunk passed unchanged.
+    StripUsage {
+        strip: UsageStripper,
+        same: bool,
+    },
 }
 
 /// Per-request response transcoder; handles arbitrary chunk boundaries.
@@ -106,14 +176,25 @@ impl Transcoder {
         Self::new(Mode::Passthrough, "")
     }
 
+    /// An OpenAI stream whose usage-only chunk the client did not ask for: dropped.
+    pub fn strip_usage() -> Self {
+        Self::new(
+            Mode::StripUsage {
+                strip: UsageStripper::default(),
+                same: true,
+            },
+            "",
+        )
+    }
+
     /// Triton generate → OpenAI.
     pub fn triton(kind: RequestKind, stream: bool, client_model: &str) -> Self {
         Self::new(Mode::Triton { kind, stream }, client_model)
     }
 
     fn new(mode: Mode, client_model: &str) -> Self {
-        // A passthrough (every pick's default) writes no response of its own: no id, no clock.
-        let writes = !matches!(mode, Mode::Passthrough);
+        // Only Triton writes responses of its own: the others need no id, no clock.
+        let writes = matches!(mode, Mode::Triton { .. });
         Self {
             mode,
             client_model: client_model.to_string(),
@@ -143,6 +224,12 @@ impl Transcoder {
         !matches!(self.mode, Mode::Passthrough)
     }
 
+    /// True when the server's own answer is what the client gets, up to dropped chunks: the
+    /// answer reader then reads the input (with the usage), not the output.
+    pub fn answer_is_upstream(&self) -> bool {
+        !matches!(self.mode, Mode::Triton { .. })
+    }
+
     /// Records the upstream status at response headers; returns the status for the client.
     pub fn response_status(&mut self, upstream_status: u32) -> u32 {
         self.upstream_status = upstream_status;
@@ -152,7 +239,7 @@ impl Transcoder {
     /// The content type the client gets, when it changes.
     pub fn content_type(&self) -> Option<&'static str> {
         match self.mode {
-            Mode::Passthrough => None,
+            Mode::Passthrough | Mode::StripUsage { .. } => None,
             Mode::Triton { stream: true, .. } if self.upstream_status < 400 => {
                 Some("text/event-stream")
             }
@@ -163,8 +250,8 @@ impl Transcoder {
     /// What the last `feed` produced.
     pub fn last_output(&self) -> Output<'_> {
         match self.mode {
-            Mode::Passthrough => Output::Same,
-            Mode::Triton { .. } => Output::Bytes(&self.out),
+            Mode::Passthrough | Mode::StripUsage { same: true, .. } => Output::Same,
+            Mode::Triton { .. } | Mode::StripUsage { .. } => Output::Bytes(&self.out),
         }
     }
 
@@ -176,11 +263,19 @@ impl Transcoder {
     /// Feeds one upstream body chunk; returns what to send to the client.
     pub fn feed(&mut self, chunk: &[u8], end_of_stream: bool) -> Output<'_> {
         self.out.clear();
-        let Mode::Triton { kind, stream } = self.mode else {
-            if !chunk.is_empty() {
-                self.seen_content = true;
+        let (kind, stream) = match &mut self.mode {
+            Mode::Triton { kind, stream } => (*kind, *stream),
+            Mode::Passthrough => {
+                self.seen_content |= !chunk.is_empty();
+                return Output::Same;
             }
-            return Output::Same;
+            Mode::StripUsage { strip, same } => {
+                self.seen_content |= !chunk.is_empty();
+                // an error answer is the server's own JSON: untouched
+                *same = self.upstream_status >= 400
+                    || matches!(strip.feed(chunk, end_of_stream, &mut self.out), Strip::Same);
+                return self.last_output();
+            }
         };
         if self.done {
             return Output::Bytes(&[]);
@@ -530,28 +625,86 @@ data: {\"model_name\":\"ensemble\",\"model_version\":\"1\",\"text_output\":\"!\"
         assert!(matches!(t.feed(b"data: x\n\n", false), Output::Same));
         assert!(t.seen_content());
 
+        let options = |client_model, upstream_model| PlanOptions {
+            kind: RequestKind::Chat,
+            client_model,
+            upstream_model,
+            triton_template: None,
+            stream: false,
+            force_stream_usage: true, // not a stream: no effect
+        };
         let (up, _) = plan(
             br#"{"model":"alias","temperature":0.5,"messages":[]}"#,
-            RequestKind::Chat,
-            "alias",
-            "real-model",
-            None,
-            false,
+            options("alias", "real-model"),
         )
         .unwrap();
         let v: Value = serde_json::from_slice(&up.body.unwrap()).unwrap();
         assert_eq!(v["model"], "real-model");
         assert_eq!(v["temperature"], 0.5);
         assert_eq!(up.path, None);
-        let (up, _) = plan(
-            br#"{"model":"m"}"#,
-            RequestKind::Chat,
-            "m",
-            "m",
-            None,
-            false,
-        )
-        .unwrap();
+        let (up, _) = plan(br#"{"model":"m"}"#, options("m", "m")).unwrap();
         assert_eq!(up, UpstreamRequest::default());
+    }
+
+    #[test]
+    fn force_stream_usage_asks_for_usage_and_strips_it_only_for_clients_that_did_not() {
+        let options = |upstream_model, force| PlanOptions {
+            kind: RequestKind::Chat,
+            client_model: "m",
+            upstream_model,
+            triton_template: None,
+            stream: true,
+            force_stream_usage: force,
+        };
+        let plain =
+            br#"{"model":"m","stream":true,"stream_options":{"continuous_usage_stats":false}}"#;
+        // off: untouched
+        let (up, t) = plan(plain, options("m", false)).unwrap();
+        assert_eq!(up, UpstreamRequest::default());
+        assert!(!t.needs_transcoding());
+        // on: include_usage set beside the client's other options, the usage chunk stripped
+        let (up, mut t) = plan(plain, options("m", true)).unwrap();
+        let v: Value = serde_json::from_slice(&up.body.unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["stream_options"]["continuous_usage_stats"], false);
+        assert_eq!(v["model"], "m");
+        assert!(t.needs_transcoding() && t.answer_is_upstream());
+        assert_eq!(t.content_type(), None);
+        let content = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n";
+        assert!(matches!(t.feed(content, false), Output::Same));
+        assert!(t.seen_content());
+        let usage = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3}}\n\ndata: [DONE]\n\n";
+        let Output::Bytes(out) = t.feed(usage, true) else {
+            panic!("the usage chunk passed")
+        };
+        assert_eq!(out, b"data: [DONE]\n\n");
+        // an error answer passes as the server sent it
+        let (_, mut t) = plan(plain, options("m", true)).unwrap();
+        t.response_status(400);
+        assert!(matches!(t.feed(b"{\"error\":{}}", true), Output::Same));
+        // the client asked for usage: forwarded as is (or only renamed), nothing stripped
+        let asked = br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
+        let (up, t) = plan(asked, options("m", true)).unwrap();
+        assert_eq!(up, UpstreamRequest::default());
+        assert!(!t.needs_transcoding());
+        let (up, t) = plan(asked, options("served", true)).unwrap();
+        let v: Value = serde_json::from_slice(&up.body.unwrap()).unwrap();
+        assert_eq!(
+            (
+                v["model"].as_str(),
+                v["stream_options"]["include_usage"].as_bool()
+            ),
+            (Some("served"), Some(true))
+        );
+        assert!(!t.needs_transcoding());
+        // no stream_options at all, and a renamed model
+        let (up, t) = plan(br#"{"model":"m","stream":true}"#, options("served", true)).unwrap();
+        let v: Value = serde_json::from_slice(&up.body.unwrap()).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true})
+        );
+        assert_eq!(v["model"], "served");
+        assert!(t.needs_transcoding());
     }
 }

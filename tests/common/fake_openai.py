@@ -11,11 +11,13 @@ Started and stopped by tests/common/harness_base.py (FakeUpstreams).
 Every response carries `x-served-by: <name>`.
 
 POST /v1/chat/completions, /v1/completions and /v1/embeddings answer a JSON echo of what the
-server read: `served_by`, `model`, `body_bytes`, `path` and `received_headers` (names lower-cased,
-repeated headers joined with ", "), in the shape of a chat completion (`choices[].message`), or
-of a text completion (`choices[].text`) on /v1/completions. With "stream": true in the body the
-answer is Server-Sent Events instead, each flushed as its own HTTP chunk, the echo in the first
-one, then `data: [DONE]`.
+server read: `served_by`, `model`, `body_bytes`, `path`, `stream_options` and `received_headers`
+(names lower-cased, repeated headers joined with ", "), in the shape of a chat completion
+(`choices[].message`), or of a text completion (`choices[].text`) on /v1/completions, with a
+vLLM-style `usage` (prompt_tokens = body bytes / 4, cached_tokens 0). With "stream": true in the
+body the answer is Server-Sent Events instead, each flushed as its own HTTP chunk, the echo in
+the first one; when `stream_options.include_usage` is true (and only then) a last chunk with
+empty `choices` and the `usage`, as vLLM sends it; then `data: [DONE]`.
 
 POST /v2/models/{model}/generate[_stream] answers like Triton's generate extension:
 `{"model_name", "model_version", "text_output": "hi from <name> (<n> chars in)"}`, or SSE events
@@ -189,9 +191,14 @@ def make_handler(name):
     async def answer_openai(req, out, payload):
         model = payload.get("model", "")
         echo = {"served_by": name, "model": model, "body_bytes": len(req.body), "path": req.path,
-                "received_headers": req.headers}
+                "received_headers": req.headers, "stream_options": payload.get("stream_options")}
         completions = req.path.startswith("/v1/completions")
+        # token counts as vLLM reports them (prompt: a quarter of the body's bytes)
+        usage = {"prompt_tokens": max(1, len(req.body) // 4), "completion_tokens": 0,
+                 "total_tokens": 0, "prompt_tokens_details": {"cached_tokens": 0}}
         if not payload.get("stream"):
+            usage.update(completion_tokens=3, total_tokens=usage["prompt_tokens"] + 3)
+            echo["usage"] = usage
             if completions:
                 return await out.json(200, {
                     "id": "cmpl-test", "object": "text_completion", "created": 0, "model": model,
@@ -214,6 +221,11 @@ def make_handler(name):
             await out.event(ev)
             if gap and i + 1 < chunks:
                 await asyncio.sleep(gap)
+        if (payload.get("stream_options") or {}).get("include_usage"):
+            # only when asked, after the last content chunk, with empty choices (vLLM, OpenAI)
+            usage.update(completion_tokens=chunks, total_tokens=usage["prompt_tokens"] + chunks)
+            await out.event({"id": "cmpl-test", "object": "chat.completion.chunk", "model": model,
+                             "choices": [], "usage": usage})
         await out.event("[DONE]")
         await out.end_stream()
 

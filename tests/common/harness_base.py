@@ -378,6 +378,55 @@ def pools_config(servers, dead, max_body, models, clusters=None):
     }
 
 
+def sse_payloads(body):
+    """The `data:` payloads of a whole Server-Sent Events body (bytes): JSON decoded, `[DONE]` as
+    the string "[DONE]"."""
+    out = []
+    for line in body.split(b"\n"):
+        line = line.strip()
+        if line.startswith(b"data:"):
+            data = line[5:].strip()
+            out.append("[DONE]" if data == b"[DONE]" else json.loads(data))
+    return out
+
+
+def check_forced_stream_usage(send, log_path, page, model):
+    """`force_stream_usage` through a gateway: `send(body, headers) -> (status, body bytes)`
+    posts a chat request, `page()` is its metrics. A streamed request whose client did not ask
+    for usage reaches the server with `stream_options.include_usage` and the client gets no
+    usage chunk; one that asked gets it; both answers' tokens reach the request log (at
+    `log_path`) and llmproxy_tokens_total of the endpoint that answered."""
+    run = "%x" % random.getrandbits(32)
+    quiet, asked = run + "-usage-forced", run + "-usage-asked"
+    status, data = send(chat(model, "count my tokens %s" % run, stream=True),
+                        {"x-request-id": quiet, "x-test-chunks": "3"})
+    assert status == 200, data
+    events = sse_payloads(data)
+    assert len(events) == 4 and events[-1] == "[DONE]", events
+    assert events[0]["stream_options"] == {"include_usage": True}, "the server was asked for usage"
+    assert not any("usage" in e for e in events[:-1]), "the usage chunk reached a client that did not ask"
+    status, data = send(chat(model, "and mine %s" % run, stream=True,
+                             stream_options={"include_usage": True, "continuous_usage_stats": False}),
+                        {"x-request-id": asked, "x-test-chunks": "3"})
+    assert status == 200, data
+    events = sse_payloads(data)
+    assert len(events) == 5 and events[-2]["choices"] == [], events
+    assert events[-2]["usage"]["completion_tokens"] == 3
+    assert events[0]["stream_options"] == {"include_usage": True, "continuous_usage_stats": False}
+    lines = request_log_lines(log_path, {quiet, asked})
+    for rid, line in lines.items():
+        assert line["completion_tokens"] == 3 and line["prompt_tokens"] > 10, line
+        assert line["cached_tokens"] == 0 and line["stream"] is True, line
+
+    def counted():
+        # (a native nginx page merges the other workers' routers as published each second)
+        m = page()
+        return all(m.total("llmproxy_tokens_total", model=model, endpoint=l["endpoint"], kind="completion") >= 3
+                   for l in lines.values()) and m.total("llmproxy_tokens_total", model=model, kind="prompt") >= sum(
+            l["prompt_tokens"] for l in lines.values())
+    wait_until(counted, timeout=5, what="llmproxy_tokens_total of both answers")
+
+
 def request_log_lines(path, ids, timeout=10):
     """The lines (JSON) of the request log at `path` (llmproxy `log.path`) whose request_id is in
     `ids`, once all are there."""

@@ -49,6 +49,8 @@ def start_gateway(servers, tmp_path_factory):
     clusters = [harness.static_cluster(pool, eps) for pool, eps in endpoints.items()]
     request_log = tmp_path_factory.mktemp("request-log") / "requests.log"
     llmproxy["log"] = {"enabled": True, "path": str(request_log)}
+    # every stream here asks the server for usage; clients that did not ask never see it
+    llmproxy["force_stream_usage"] = True
     bootstrap = harness.envoy_bootstrap(listen_port, admin_port, clusters, llmproxy, default_cluster="pool_a")
     envoy = harness.Envoy(bootstrap, tmp_path_factory.mktemp("envoy"))
     envoy.request_log = request_log

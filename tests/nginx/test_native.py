@@ -37,6 +37,7 @@ def gw(request, servers):
     log_dir = Path(tempfile.mkdtemp(prefix="llmproxy-request-log-"))
     os.chmod(log_dir, 0o777)
     cfg["log"] = {"enabled": True, "path": str(log_dir / "requests.log")}
+    cfg["force_stream_usage"] = True  # streams ask for usage; clients that did not never see it
     passthrough = [servers.addr(n) for n in POOLS["pool_a"]]
     g = harness.HOSTS[request.param](cfg, passthrough, workers=2)
     g.servers = servers
@@ -292,6 +293,13 @@ def test_reload_under_load(gw):
     assert "exits with" not in gw.log_text()
     assert "kept from before the reload" in gw.log_text()
     assert not gw.crashes()
+
+
+def test_force_stream_usage_counts_streams_without_showing_clients_what_they_did_not_ask(gw):
+    def send(body, headers):
+        status, _, data = post(gw, body, headers)
+        return status, data
+    harness.check_forced_stream_usage(send, gw.request_log, lambda: metrics(gw.port), "m-b")
 
 
 def test_request_log_has_one_line_per_finished_request(gw):

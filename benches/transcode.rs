@@ -8,6 +8,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use llmproxy::request::RequestKind;
 use llmproxy::response::ResponseReader;
+use llmproxy::transcode::usage_strip::{Strip, UsageStripper};
 use llmproxy::transcode::{Output, Transcoder};
 
 /// Triton generate_stream events of ~80 bytes each, about `size` bytes in all.
@@ -95,14 +96,35 @@ fn openai_json(size: usize) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Reads an answer in `piece`-byte chunks with a cap of 2 MiB; the completion tokens it saw.
-fn read(body: &[u8], piece: usize) -> u64 {
-    let mut r = ResponseReader::new(RequestKind::Chat, 2 << 20);
+/// Reads an answer in `piece`-byte chunks with a text cap of `cap` bytes (0: the usage only,
+/// as without learning); the completion tokens it saw.
+fn read_capped(body: &[u8], piece: usize, cap: usize) -> u64 {
+    let mut r = ResponseReader::new(RequestKind::Chat, cap);
     let chunks: Vec<&[u8]> = body.chunks(piece).collect();
     for (i, c) in chunks.iter().enumerate() {
         r.feed(c, i + 1 == chunks.len());
     }
     r.capture().usage.map_or(0, |u| u.completion_tokens)
+}
+
+/// Reads an answer in `piece`-byte chunks with a cap of 2 MiB; the completion tokens it saw.
+fn read(body: &[u8], piece: usize) -> u64 {
+    read_capped(body, piece, 2 << 20)
+}
+
+/// `force_stream_usage`'s stripper over `chunks` of an answer: the bytes the client gets.
+fn strip(chunks: &[&[u8]]) -> usize {
+    let mut s = UsageStripper::default();
+    let mut out = Vec::new();
+    let mut sent = 0;
+    for (i, c) in chunks.iter().enumerate() {
+        out.clear();
+        sent += match s.feed(c, i + 1 == chunks.len(), &mut out) {
+            Strip::Same => c.len(),
+            Strip::Rewritten => out.len(),
+        };
+    }
+    sent
 }
 
 fn bench_response_reader(c: &mut Criterion) {
@@ -122,6 +144,31 @@ fn bench_response_reader(c: &mut Criterion) {
     let json = openai_json(1 << 20);
     group.bench_function("json_answer_in_1KiB_pieces", |b| {
         b.iter(|| assert_eq!(read(&json, 1 << 10), 2))
+    });
+    // without learning: the usage only
+    group.bench_function("usage_only/sse_1KiB_pieces", |b| {
+        b.iter(|| assert_eq!(read_capped(&stream, 1 << 10, 0), 99))
+    });
+    group.bench_function("usage_only/json_answer_in_1KiB_pieces", |b| {
+        b.iter(|| assert_eq!(read_capped(&json, 1 << 10, 0), 2))
+    });
+    // force_stream_usage: the usage chunk removed, from chunks of one event each (as vLLM
+    // flushes them) and from 1 KiB pieces
+    let usage_event = 74; // bytes of the usage event
+    let mut per_event: Vec<&[u8]> = Vec::new();
+    let mut start = 0;
+    for i in 1..stream.len() {
+        if &stream[i - 1..=i] == b"\n\n" {
+            per_event.push(&stream[start..=i]);
+            start = i + 1;
+        }
+    }
+    group.bench_function("strip_usage/one_event_per_chunk", |b| {
+        b.iter(|| assert_eq!(strip(&per_event), stream.len() - usage_event))
+    });
+    let pieces: Vec<&[u8]> = stream.chunks(1 << 10).collect();
+    group.bench_function("strip_usage/1KiB_pieces", |b| {
+        b.iter(|| assert_eq!(strip(&pieces), stream.len() - usage_event))
     });
     group.finish();
 }

@@ -6,14 +6,20 @@ usage: bench_envoy_configs.py OUT_DIR FLEET_BASE_PORT SERVERS LISTEN_BASE_PORT N
 
 ALGO is `envoy_round_robin` / `envoy_least_request` (plain Envoy load balancing, no module), or
 an llmproxy algorithm (`inference_lb`, `least_request`, `round_robin`, `random`) run by the
-dynamic module; K=V pairs (integers) go into its lb_mapping_rule, e.g.
-`llmproxy-w:inference_lb:cache_radio_weight=4,prefill_load_weight=1`. For each NAME it writes OUT_DIR/NAME.yaml (listener LISTEN_BASE_PORT + i, admin
+dynamic module; K=V pairs (numbers) go into its lb_mapping_rule, e.g.
+`llmproxy-w:inference_lb:cache_radio_weight=4,prefill_load_weight=1`, except the library-wide
+`learn_response_bytes`, `hash_chunk_bytes` and `prefix_index_capacity` (e.g.
+`pc-nolearn:prefix_cost:learn_response_bytes=0`). For each NAME it writes OUT_DIR/NAME.yaml (listener LISTEN_BASE_PORT + i, admin
 LISTEN_BASE_PORT + 100 + i) and prints "NAME=http://127.0.0.1:PORT".
 """
 import os
 import sys
 
 MODEL = "sim-llama-3-8b"
+
+
+# Parameters of the library config itself rather than of the model's lb_mapping_rule.
+TOP_LEVEL_KEYS = {"learn_response_bytes", "hash_chunk_bytes", "prefix_index_capacity"}
 
 
 def render(name, algo, port, admin, endpoints, lb_extra):
@@ -118,16 +124,24 @@ def main(argv):
         if not sep or not name or not algo:
             print(f"bad target {spec!r}: want NAME:ALGO[:K=V,...]", file=sys.stderr)
             return 2
-        lb_extra = ""
+        lb_extra, top_extra = "", ""
         for kv in filter(None, params.split(",")):
             k, eq, v = kv.partition("=")
-            if not eq or not k.isidentifier() or not v.lstrip("-").isdigit():
-                print(f"bad parameter {kv!r} in {spec!r}: want KEY=INTEGER", file=sys.stderr)
+            try:
+                number = float(v)
+            except ValueError:
+                number = None
+            if not eq or not k.isidentifier() or number is None:
+                print(f"bad parameter {kv!r} in {spec!r}: want KEY=NUMBER", file=sys.stderr)
                 return 2
-            lb_extra += f"                      {k}: {int(v)}\n"
+            value = int(number) if number.is_integer() else number
+            if k in TOP_LEVEL_KEYS:
+                top_extra += f"                  {k}: {value}\n"
+            else:
+                lb_extra += f"                      {k}: {value}\n"
         port, admin = listen + i, listen + 100 + i
         with open(os.path.join(out, f"{name}.yaml"), "w") as f:
-            f.write(render(name, algo, port, admin, endpoints, lb_extra))
+            f.write(render(name, algo, port, admin, endpoints, lb_extra + top_extra))
         print(f"{name}=http://127.0.0.1:{port}")
     return 0
 

@@ -28,6 +28,8 @@
 #   SIM_SERVERS [4]  SIM_BASE_PORT [18000]  SIM_SERVE_ARGS []     the fleet: ports BASE..BASE+N-1
 #   SIM_DURATION [60]  SIM_RATE [simulator default]  SIM_LOAD_ARGS []  the trace (see docs/simulator.md)
 #   BENCH_PORT_BASE [18200]  ports for the proxies and peer routers started here
+#   BENCH_SGLANG_POLICIES ["round_robin cache_aware"]  BENCH_VLLM_POLICIES ["consistent_hash cache_aware"]
+#                    the peer policies run when BENCH_PEERS=1 (empty: none of that router)
 #   BENCH_PEERS [1]  BENCH_REFS [1] (rr, least)  BENCH_OUT [build/bench-routing]  BENCH_PRE_CMD []
 #   PY [.venv/bin/python]  LLMPROXY_BUILD_DIR [build]  the library and the Envoy module
 #   BENCH_CALIBRATE=1   instead: round robin at SIM_CAL_RATES ["3 4 5 6 7 8"], prints utilisation
@@ -188,7 +190,7 @@ if [ "$PEERS" = 1 ]; then
     exit 1
   fi
   VBIN=$(dirname "$PY")
-  for policy in round_robin cache_aware; do
+  for policy in ${BENCH_SGLANG_POLICIES-round_robin cache_aware}; do
     name="sglang-${policy/round_robin/rr}"
     HF_ENDPOINT=http://127.0.0.1:9 start "$name" "$PY" -m sglang_router.launch_router \
       --host 127.0.0.1 --port "$port" --prometheus-host 127.0.0.1 --prometheus-port "$((port + 100))" \
@@ -196,7 +198,7 @@ if [ "$PEERS" = 1 ]; then
     TARGETS+=("$name=http://127.0.0.1:$port")
     port=$((port + 1))
   done
-  for policy in consistent_hash cache_aware; do
+  for policy in ${BENCH_VLLM_POLICIES-consistent_hash cache_aware}; do
     name="vllm-$policy"
     start "$name" "$VBIN/vllm-router" \
       --host 127.0.0.1 --port "$port" --prometheus-host 127.0.0.1 --prometheus-port "$((port + 100))" \

@@ -71,12 +71,14 @@ pub fn candidate_count(n: usize, percent: f64) -> usize {
 }
 
 /// `prefix_cost` scores: minus the prefill work, in prompt characters, that stands between
-/// this request and its first token on each candidate:
+/// this request and its first token on each candidate, plus (with `miss_slowdown_weight`) what
+/// its own prefill costs the requests already running there:
 ///
 /// ```text
 /// cost = uncached prefill queued on the endpoint          (load_aware)
 ///      + decode_cost_chars · requests in flight there     (load_aware)
 ///      + this prompt's characters not in its cache        (cache_aware: · (1 − CacheRatio))
+///        · (1 + miss_slowdown_weight · requests in flight there)
 /// ```
 ///
 /// Unlike `inference_lb`, a cached prefix lowers the request's own cost by exactly the work it
@@ -85,8 +87,9 @@ pub fn prefix_cost_scores(c: &[CandidateLoad], prompt_chars: u64, p: &LbParams) 
     c.iter()
         .map(|x| {
             let cached = if p.cache_aware { x.cache_ratio } else { 0.0 };
-            let own = prompt_chars as f64 * (1.0 - cached);
+            let mut own = prompt_chars as f64 * (1.0 - cached);
             let queued = if p.load_aware {
+                own *= 1.0 + p.miss_slowdown_weight * x.in_flight as f64;
                 x.uncached_prefill_chars as f64 + p.decode_cost_chars * x.in_flight as f64
             } else {
                 0.0
@@ -322,6 +325,7 @@ mod tests {
     fn prefix_cost_weighs_saved_work_against_queued_work() {
         let p = LbParams {
             decode_cost_chars: 100.0,
+            miss_slowdown_weight: 0.0, // (its own test below)
             ..LbParams::default()
         };
         // 10,000-char prompt: A holds 90 % of it but has 3,000 uncached chars queued and 2
@@ -343,6 +347,41 @@ mod tests {
             ..p
         };
         assert_eq!(prefix_cost(&[a, b], 10_000, &no_cache, &mut rng), 1);
+    }
+
+    #[test]
+    fn miss_slowdown_charges_a_miss_per_request_it_slows() {
+        // 10,000-char prompt. A: busy (8 in flight), holds 60 %; B: 1 in flight, holds nothing.
+        let a = load(8, 0, 0.6);
+        let b = load(1, 0, 0.0);
+        let own_only = LbParams {
+            decode_cost_chars: 0.0,
+            miss_slowdown_weight: 0.0,
+            ..LbParams::default()
+        };
+        // the request's own prefill: 4,000 on A, 10,000 on B
+        assert_eq!(
+            prefix_cost_scores(&[a, b], 10_000, &own_only),
+            vec![-4000.0, -10_000.0]
+        );
+        // the fleet's: 4,000 · (1 + 0.5 · 8) on A, 10,000 · (1 + 0.5) on B: B is cheaper
+        let fleet = LbParams {
+            miss_slowdown_weight: 0.5,
+            ..own_only
+        };
+        assert_eq!(
+            prefix_cost_scores(&[a, b], 10_000, &fleet),
+            vec![-20_000.0, -15_000.0]
+        );
+        // a full hit costs nothing more however busy its endpoint is
+        let hit = load(8, 0, 1.0);
+        assert_eq!(prefix_cost_scores(&[hit], 10_000, &fleet), vec![0.0]);
+        // load awareness off: no load, so no slowdown either
+        let blind = LbParams {
+            load_aware: false,
+            ..fleet
+        };
+        assert_eq!(prefix_cost_scores(&[a], 10_000, &blind), vec![-4000.0]);
     }
 
     #[test]

@@ -161,6 +161,8 @@ pub(super) struct RawLbConfig {
     pub(super) cache_radio_weight: Option<f64>,
     #[serde(default, deserialize_with = "lenient_f64")]
     pub(super) decode_cost_chars: Option<f64>,
+    #[serde(default, deserialize_with = "lenient_f64")]
+    pub(super) miss_slowdown_weight: Option<f64>,
 }
 
 /// The origin's `log` block, with llmproxy's additions.

@@ -162,6 +162,10 @@ pub struct LbParams {
     pub cache_ratio_weight: f64,
     /// `prefix_cost`: prefill-equivalent characters charged per request in flight.
     pub decode_cost_chars: f64,
+    /// `prefix_cost`: the fleet's share of a cache miss. The prompt's uncached characters are
+    /// charged `1 + miss_slowdown_weight · Q_e` times: recomputing them also stretches the
+    /// decode steps of the `Q_e` requests already running on that endpoint.
+    pub miss_slowdown_weight: f64,
 }
 
 impl Default for LbParams {
@@ -174,6 +178,7 @@ impl Default for LbParams {
             prefill_load_weight: 3.0,
             cache_ratio_weight: 2.0,
             decode_cost_chars: 128.0,
+            miss_slowdown_weight: 0.5,
         }
     }
 }

@@ -87,10 +87,11 @@ fn protocol(protocol: Option<&str>) -> Result<(), ConfigError> {
     }
 }
 
-/// `algorithm`: a known name, `inference_lb` when missing or empty.
+/// `algorithm`: a known name; `prefix_cost`, the measured best, when missing or empty (the
+/// origin requires the field, so an origin config names `inference_lb` and keeps it).
 fn algorithm(name: Option<&str>) -> Result<Algorithm, ConfigError> {
     match name {
-        None | Some("") => Ok(Algorithm::InferenceLb),
+        None | Some("") => Ok(Algorithm::PrefixCost),
         Some(name) => Algorithm::parse(name).ok_or_else(|| {
             err(
                 "algorithm",
@@ -119,6 +120,7 @@ fn lb_mapping(
             prefill_load_weight: l.prefill_load_weight.unwrap_or(d.prefill_load_weight),
             cache_ratio_weight: l.cache_radio_weight.unwrap_or(d.cache_ratio_weight),
             decode_cost_chars: l.decode_cost_chars.unwrap_or(d.decode_cost_chars),
+            miss_slowdown_weight: l.miss_slowdown_weight.unwrap_or(d.miss_slowdown_weight),
         };
         within(
             format!("{base}.candidate_percent"),
@@ -130,6 +132,7 @@ fn lb_mapping(
             ("prefill_load_weight", p.prefill_load_weight),
             ("cache_radio_weight", p.cache_ratio_weight),
             ("decode_cost_chars", p.decode_cost_chars),
+            ("miss_slowdown_weight", p.miss_slowdown_weight),
         ] {
             if !(w >= 0.0 && w.is_finite()) {
                 return Err(err(
@@ -358,7 +361,10 @@ mod tests {
     #[test]
     fn parses_basic_config_with_defaults() {
         let c = parse(BASIC).unwrap();
-        assert_eq!(c.algorithm, Algorithm::InferenceLb);
+        assert_eq!(c.algorithm, Algorithm::PrefixCost);
+        // an origin config names its algorithm and keeps the origin's formula
+        let origin = BASIC.replacen('{', r#"{"algorithm": "inference_lb","#, 1);
+        assert_eq!(parse(&origin).unwrap().algorithm, Algorithm::InferenceLb);
         let rules = &c.models["m1"];
         // The rule with a header condition sorts first.
         assert_eq!(rules[0].cluster, "c-gray");

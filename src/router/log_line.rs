@@ -263,7 +263,7 @@ mod tests {
         assert_eq!(l["status"], 200);
         assert_eq!(l["outcome"], "upstream");
         assert_eq!(l["stream"], true);
-        assert_eq!(l["algorithm"], "inference_lb");
+        assert_eq!(l["algorithm"], "prefix_cost", "the default");
         assert_eq!(l["bytes_in"], body.len());
         assert!(l["ttft_ms"].as_f64().unwrap() >= 5.0);
         assert!(l["total_ms"].as_f64().unwrap() >= l["ttft_ms"].as_f64().unwrap());

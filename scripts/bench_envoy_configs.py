@@ -8,8 +8,8 @@ ALGO is `envoy_round_robin` / `envoy_least_request` (plain Envoy load balancing,
 an llmproxy algorithm (`inference_lb`, `least_request`, `round_robin`, `random`) run by the
 dynamic module; K=V pairs (numbers) go into its lb_mapping_rule, e.g.
 `llmproxy-w:inference_lb:cache_radio_weight=4,prefill_load_weight=1`, except the library-wide
-`learn_response_bytes`, `hash_chunk_bytes` and `prefix_index_capacity` (e.g.
-`pc-nolearn:prefix_cost:learn_response_bytes=0`). For each NAME it writes OUT_DIR/NAME.yaml (listener LISTEN_BASE_PORT + i, admin
+`learn_response_bytes`, `hash_chunk_bytes`, `prefix_index_capacity` and `cache_feedback` (e.g.
+`pc-nolearn:prefix_cost:learn_response_bytes=0`, `pc-nofb:prefix_cost:cache_feedback=false`). For each NAME it writes OUT_DIR/NAME.yaml (listener LISTEN_BASE_PORT + i, admin
 LISTEN_BASE_PORT + 100 + i) and prints "NAME=http://127.0.0.1:PORT".
 """
 import os
@@ -19,7 +19,7 @@ MODEL = "sim-llama-3-8b"
 
 
 # Parameters of the library config itself rather than of the model's lb_mapping_rule.
-TOP_LEVEL_KEYS = {"learn_response_bytes", "hash_chunk_bytes", "prefix_index_capacity"}
+TOP_LEVEL_KEYS = {"learn_response_bytes", "hash_chunk_bytes", "prefix_index_capacity", "cache_feedback"}
 
 
 def render(name, algo, port, admin, endpoints, lb_extra):
@@ -131,10 +131,13 @@ def main(argv):
                 number = float(v)
             except ValueError:
                 number = None
-            if not eq or not k.isidentifier() or number is None:
-                print(f"bad parameter {kv!r} in {spec!r}: want KEY=NUMBER", file=sys.stderr)
+            if not eq or not k.isidentifier() or (number is None and v not in ("true", "false")):
+                print(f"bad parameter {kv!r} in {spec!r}: want KEY=NUMBER or KEY=true|false", file=sys.stderr)
                 return 2
-            value = int(number) if number.is_integer() else number
+            if number is None:
+                value = v
+            else:
+                value = int(number) if number.is_integer() else number
             if k in TOP_LEVEL_KEYS:
                 top_extra += f"                  {k}: {value}\n"
             else:

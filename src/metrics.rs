@@ -3,6 +3,7 @@
 //!
 //! Counters are plain atomics (no locks, no allocation on the request path).
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::prometheus::{escape_label, family, header, Histogram, RATIO_BUCKETS};
@@ -28,6 +29,8 @@ pub struct RouterMetrics {
     pub pick_duration: Histogram,
     /// Cache match ratio of the chosen endpoint, per routed request (inference_lb).
     pub decision_cache_ratio: Histogram,
+    /// Per answer that reported cached tokens: |expected − engine-reported| cache hit ratio.
+    pub cache_prediction_error: Histogram,
     /// Prompt characters of routed requests.
     pub prompt_chars: AtomicU64,
     /// Prompt characters the chosen endpoint was expected to hold in its cache.
@@ -58,6 +61,7 @@ impl Default for RouterMetrics {
             picks: Default::default(),
             pick_duration: Histogram::latency(),
             decision_cache_ratio: Histogram::new(RATIO_BUCKETS),
+            cache_prediction_error: Histogram::new(RATIO_BUCKETS),
             prompt_chars: AtomicU64::new(0),
             cached_prompt_chars: AtomicU64::new(0),
             finished: Default::default(),
@@ -270,6 +274,14 @@ impl RouterMetrics {
         );
         m.decision_cache_ratio
             .render(out, "llmproxy_decision_cache_ratio", "");
+        header(
+            out,
+            "llmproxy_cache_prediction_error",
+            "histogram",
+            "Per answer that reported usage.prompt_tokens_details.cached_tokens: the absolute difference between the share of its prompt the pick expected cached and the share the engine reported (cached / prompt tokens).",
+        );
+        m.cache_prediction_error
+            .render(out, "llmproxy_cache_prediction_error", "");
 
         let sets = endpoint_sets(page);
         header(
@@ -384,6 +396,19 @@ fn render_answers(out: &mut String, sets: &[(&str, Arc<EndpointSet>)], model_nam
                 &labels,
             );
         }
+    }
+    header(
+        out,
+        "llmproxy_endpoint_cache_trust",
+        "gauge",
+        "Share of what the prefix index claims for the endpoint that its engine really had cached, averaged over recent answers (the factor on its cache ratio with cache_feedback).",
+    );
+    for (labels, e) in answered() {
+        let _ = writeln!(
+            out,
+            "llmproxy_endpoint_cache_trust{{{labels}}} {}",
+            e.answers.cache_trust()
+        );
     }
 }
 

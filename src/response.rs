@@ -47,6 +47,15 @@ pub struct Usage {
     pub cached_tokens: Option<u64>,
 }
 
+impl Usage {
+    /// The engine's own prefix-cache hit ratio for this prompt (cached / prompt tokens, at
+    /// most 1), when it reported cached tokens of a non-empty prompt.
+    pub fn cache_hit_ratio(&self) -> Option<f64> {
+        let cached = self.cached_tokens?;
+        (self.prompt_tokens > 0).then(|| (cached as f64 / self.prompt_tokens as f64).min(1.0))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     /// Nothing but blanks seen yet.

@@ -46,6 +46,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) force_stream_usage: Option<bool>,
     #[serde(default)]
+    pub(super) cache_feedback: Option<bool>,
+    #[serde(default)]
     pub(super) ejection: Option<RawEjection>,
     #[serde(default, deserialize_with = "lenient_u64")]
     pub(super) dns_refresh_ms: Option<u64>,

@@ -233,6 +233,10 @@ pub struct Config {
     /// Sets `stream_options.include_usage` on streamed requests (so every answer reports its
     /// tokens) and drops that usage chunk again for clients that did not ask for it.
     pub force_stream_usage: bool,
+    /// Corrects what the prefix index claims for each endpoint with what its answers'
+    /// `usage.prompt_tokens_details.cached_tokens` say its engine really had cached
+    /// ([`crate::state::AnswerStats::cache_trust`]).
+    pub cache_feedback: bool,
     /// Passive ejection of failing endpoints.
     pub ejection: Ejection,
     /// The request log (the origin's `log` block): one JSON line per finished request.

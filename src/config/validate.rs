@@ -68,6 +68,7 @@ pub(super) fn validate(
         prefix_index_capacity: prefix_index_capacity as usize,
         learn_response_bytes: learn_response_bytes as usize,
         force_stream_usage: raw.force_stream_usage.unwrap_or(false),
+        cache_feedback: raw.cache_feedback.unwrap_or(true),
         ejection,
         log: request_log(raw.log)?,
         dns_clusters,

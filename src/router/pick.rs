@@ -33,7 +33,11 @@ pub(super) struct Routed {
     /// Prompt characters the chosen endpoint must compute (not expected in its cache).
     pub(super) uncached_chars: u64,
     pub(super) prefix_hashes: Vec<u64>,
+    /// Share of the prompt's chunks the prefix index lists for the chosen endpoint.
     pub(super) cache_ratio: f64,
+    /// Share of the prompt the pick expected the endpoint's engine to have cached: the
+    /// index's `cache_ratio` times the endpoint's cache trust (with `cache_feedback`).
+    pub(super) expected_cache_ratio: f64,
     /// Metadata-Center identity of the current attempt.
     pub(super) sync: Option<Arc<RequestSync>>,
     /// The model name the backend receives.
@@ -134,6 +138,7 @@ impl RouterInner {
             uncached_chars: parsed.prompt_chars,
             prefix_hashes,
             cache_ratio: 0.0,
+            expected_cache_ratio: 0.0,
             sync: None,
             upstream,
             transcoder,
@@ -240,7 +245,8 @@ impl RouterInner {
         let loads = if algorithm.uses_loads() {
             let total_chunks = r.prefix_hashes.len().max(1) as f64;
             let stale = self.config.metadata_center.load_stale_ms;
-            loads_of(set, candidates, depth, total_chunks, now, stale)
+            let feedback = self.config.cache_feedback;
+            loads_of(set, candidates, depth, total_chunks, now, stale, feedback)
         } else {
             Vec::new()
         };
@@ -269,7 +275,8 @@ impl RouterInner {
     ) {
         let total_chunks = r.prefix_hashes.len().max(1) as f64;
         r.cache_ratio = depth as f64 / total_chunks;
-        r.uncached_chars = (r.prompt_chars as f64 * (1.0 - r.cache_ratio)).round() as u64;
+        r.expected_cache_ratio = r.cache_ratio * cache_trust(endpoint, self.config.cache_feedback);
+        r.uncached_chars = (r.prompt_chars as f64 * (1.0 - r.expected_cache_ratio)).round() as u64;
         endpoint.acquire(r.prompt_chars, r.uncached_chars);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         if use_index {
@@ -280,7 +287,7 @@ impl RouterInner {
             .prompt_chars
             .fetch_add(r.prompt_chars, Ordering::Relaxed);
         self.metrics.cached_prompt_chars.fetch_add(
-            (r.prompt_chars as f64 * r.cache_ratio) as u64,
+            (r.prompt_chars as f64 * r.expected_cache_ratio) as u64,
             Ordering::Relaxed,
         );
         r.cluster.touch(now);
@@ -348,8 +355,19 @@ fn serves_subset(e: &Endpoint, subset: &Subset, adapters_declared: bool) -> bool
         && (subset.lora.is_empty() || !adapters_declared || e.lora_adapters.contains(&subset.lora))
 }
 
+/// The factor on what the prefix index claims for `e`: its cache trust with `cache_feedback`,
+/// else 1 (the index taken at its word).
+fn cache_trust(e: &Endpoint, cache_feedback: bool) -> f64 {
+    if cache_feedback {
+        e.answers.cache_trust()
+    } else {
+        1.0
+    }
+}
+
 /// Candidate loads: this router's live counts plus, when fresh, what other gateways put on
-/// each endpoint (from the Metadata-Center).
+/// each endpoint (from the Metadata-Center); the cache ratios as the pick expects them
+/// (the index's, times each endpoint's cache trust with `cache_feedback`).
 fn loads_of(
     set: &EndpointSet,
     candidates: &[usize],
@@ -357,6 +375,7 @@ fn loads_of(
     total_chunks: f64,
     now_ms: u64,
     stale_ms: u64,
+    cache_feedback: bool,
 ) -> Vec<CandidateLoad> {
     candidates
         .iter()
@@ -366,7 +385,7 @@ fn loads_of(
             CandidateLoad {
                 in_flight: e.in_flight() + rq,
                 prefill_chars: e.prefill_chars() + rl,
-                cache_ratio: depth[i] as f64 / total_chunks,
+                cache_ratio: depth[i] as f64 / total_chunks * cache_trust(e, cache_feedback),
                 uncached_prefill_chars: e.uncached_prefill_chars() + rl,
             }
         })

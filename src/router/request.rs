@@ -71,7 +71,7 @@ impl PickedRequest {
         }
     }
 
-    fn routed(&self) -> Option<&Routed> {
+    pub(super) fn routed(&self) -> Option<&Routed> {
         self.result.as_ref().ok()
     }
 
@@ -296,9 +296,17 @@ impl PickedRequest {
                     r.model_slot,
                     &usage,
                     r.prompt_chars,
-                    (r.prompt_chars as f64 * r.cache_ratio) as u64,
+                    (r.prompt_chars as f64 * r.expected_cache_ratio) as u64,
                     self.first_token_at.map(|t| t.elapsed().as_secs_f64()),
                 );
+                // the engine's word on the cache, against what the pick expected
+                if let Some(engine) = usage.cache_hit_ratio() {
+                    let error = (r.expected_cache_ratio - engine).abs();
+                    self.router.metrics.cache_prediction_error.observe(error);
+                    if self.router.config.cache_feedback {
+                        e.answers.correct_cache_trust(r.cache_ratio, engine);
+                    }
+                }
             }
         }
         self.log_line(upstream_status, outcome);

@@ -489,3 +489,68 @@ fn force_stream_usage_counts_streams_whose_clients_did_not_ask_for_usage() {
         assert!(page.contains(&line), "{line} not in {page}");
     }
 }
+
+/// The value of the sample `name` (with its labels, if any) on a metrics page.
+fn sample(page: &str, name: &str) -> f64 {
+    let line = page
+        .lines()
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' '))
+        })
+        .unwrap_or_else(|| panic!("no sample {name} in\n{page}"));
+    line[name.len() + 1..].parse().unwrap()
+}
+
+#[test]
+fn answers_correct_what_the_index_claims_and_measure_its_error() {
+    // One endpoint whose engine keeps nothing: every answer reports 0 cached tokens while the
+    // index claims most of each prompt (a shared system prompt) after the first.
+    let answer = br#"{"choices":[{"index":0,"message":{"content":"ok"}}],"usage":{"prompt_tokens":200,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+    let system = "shared system prompt, ".repeat(40);
+    for feedback in [true, false] {
+        let r = Router::from_json(
+            format!(
+                r#"{{"hash_chunk_bytes": 64, "cache_feedback": {feedback},
+                "model_mapping_rule": {{"m": {{"rules": [{{"cluster": "c", "backend": "vllm"}}]}}}},
+                "clusters": {{"c": {{"endpoints": ["127.0.0.1:1"]}}}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let mut last_expected = 0.0;
+        for i in 0..64 {
+            let mut p = r.pick(&[], &chat("m", &format!("{system} question {i}")));
+            last_expected = p.routed().unwrap().expected_cache_ratio;
+            p.observe_response(answer, true);
+            p.finish(200);
+        }
+        let page = r.metrics_text();
+        let trust = sample(
+            &page,
+            r#"llmproxy_endpoint_cache_trust{cluster="c",endpoint="127.0.0.1:1"}"#,
+        );
+        let errors = sample(&page, "llmproxy_cache_prediction_error_count");
+        let small = sample(
+            &page,
+            r#"llmproxy_cache_prediction_error_bucket{le="0.25"}"#,
+        );
+        assert_eq!(errors, 64.0, "every answer measured");
+        if feedback {
+            // 63 answers at 0 kept: (1 − 1/32)^63 ≈ 0.14
+            assert!((0.1..0.2).contains(&trust), "trust {trust}");
+            assert!(last_expected < 0.2, "expected {last_expected}");
+            assert!(
+                small >= 20.0,
+                "the corrected prediction's errors shrink: {small}"
+            );
+        } else {
+            assert_eq!(trust, 1.0);
+            assert!(
+                last_expected > 0.9,
+                "the index's claim as is: {last_expected}"
+            );
+            assert_eq!(small, 1.0, "only the first (claimed nothing, had nothing)");
+        }
+    }
+}

@@ -57,7 +57,17 @@ pub struct AnswerStats {
     pub predicted_cached_chars: AtomicU64,
     /// (last byte − first byte) / (completion tokens − 1), per answer with ≥ 2 tokens.
     pub time_per_output_token: OnceLock<Histogram>,
+    /// How far the prefix index's claims for this endpoint hold ([`Self::cache_trust`]), as
+    /// `f64` bits.
+    cache_trust: AtomicU64,
 }
+
+/// An answer corrects the cache trust only when the index claimed at least this share of its
+/// prompt (a small claim says little about what the engine keeps).
+const TRUST_MIN_CLAIM: f64 = 0.25;
+
+/// Weight of one answer in the cache trust's moving average (about the last 32 answers).
+const TRUST_STEP: f64 = 1.0 / 32.0;
 
 /// The `kind` labels of `llmproxy_tokens_total`, in the order of [`AnswerStats::tokens`].
 pub const TOKEN_KINDS: [&str; 3] = ["prompt", "completion", "cached"];
@@ -71,7 +81,30 @@ impl AnswerStats {
             prompt_chars: AtomicU64::new(0),
             predicted_cached_chars: AtomicU64::new(0),
             time_per_output_token: OnceLock::new(),
+            cache_trust: AtomicU64::new(1f64.to_bits()),
         }
+    }
+
+    /// The share of what the prefix index claims for this endpoint that its engine really
+    /// had cached, as a moving average over recent answers (1 until answers tell otherwise):
+    /// the engine evicts what the index still lists when its KV cache is smaller than the
+    /// index. Scoring multiplies the index's cache ratio by it (`cache_feedback`).
+    pub fn cache_trust(&self) -> f64 {
+        f64::from_bits(self.cache_trust.load(Ordering::Relaxed))
+    }
+
+    /// Corrects the cache trust with one answer: the index claimed `claimed` of its prompt
+    /// (cache ratio at pick), the engine reported `engine` (cached / prompt tokens). An
+    /// engine holding more than claimed (other gateways' traffic) counts as a kept claim.
+    /// Racing updates may lose one answer's step: a routing hint, never unsafe.
+    pub fn correct_cache_trust(&self, claimed: f64, engine: f64) {
+        if !(claimed >= TRUST_MIN_CLAIM && engine.is_finite()) {
+            return;
+        }
+        let kept = (engine / claimed).clamp(0.0, 1.0);
+        let trust = self.cache_trust();
+        let next = trust + TRUST_STEP * (kept - trust);
+        self.cache_trust.store(next.to_bits(), Ordering::Relaxed);
     }
 
     /// Counts one answer's usage for the model in `slot`; `predicted_cached_chars` of its
@@ -327,5 +360,36 @@ impl Endpoint {
             .iter()
             .enumerate()
             .filter_map(|(i, h)| h.get().map(|h| (i, h)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_trust_follows_the_engines_word_on_substantial_claims() {
+        let a = AnswerStats::new(1);
+        assert_eq!(
+            a.cache_trust(),
+            1.0,
+            "the index is trusted until answers say otherwise"
+        );
+        // claims below a quarter of the prompt, or garbage, say nothing
+        a.correct_cache_trust(0.2, 0.0);
+        a.correct_cache_trust(0.9, f64::NAN);
+        a.correct_cache_trust(f64::NAN, 0.0);
+        assert_eq!(a.cache_trust(), 1.0);
+        // the engine holds more than claimed (another gateway's traffic): a kept claim
+        a.correct_cache_trust(0.5, 0.9);
+        assert_eq!(a.cache_trust(), 1.0);
+        // the engine keeps half of each claim: the trust converges to 1/2
+        for _ in 0..400 {
+            a.correct_cache_trust(0.8, 0.4);
+        }
+        assert!((a.cache_trust() - 0.5).abs() < 1e-3, "{}", a.cache_trust());
+        // one answer moves it by 1/32 of the difference
+        a.correct_cache_trust(0.8, 0.8);
+        assert!((a.cache_trust() - (0.5 + 0.5 / 32.0)).abs() < 1e-3);
     }
 }

@@ -14,7 +14,8 @@ POST /v1/chat/completions, /v1/completions and /v1/embeddings answer a JSON echo
 server read: `served_by`, `model`, `body_bytes`, `path`, `stream_options` and `received_headers`
 (names lower-cased, repeated headers joined with ", "), in the shape of a chat completion
 (`choices[].message`), or of a text completion (`choices[].text`) on /v1/completions, with a
-vLLM-style `usage` (prompt_tokens = body bytes / 4, cached_tokens 0). With "stream": true in the
+vLLM-style `usage` (prompt_tokens = body bytes / 4; `prompt_tokens_details` only with
+x-test-cached-tokens, as vLLM reports it only when enabled). With "stream": true in the
 body the answer is Server-Sent Events instead, each flushed as its own HTTP chunk, the echo in
 the first one; when `stream_options.include_usage` is true (and only then) a last chunk with
 empty `choices` and the `usage`, as vLLM sends it; then `data: [DONE]`.
@@ -33,6 +34,8 @@ The test controls the answer with request headers (CONTROL_HEADERS below):
     x-test-close: fin | reset  close the connection without a response byte (FIN), or reset it (RST)
     x-test-chunks: N           a stream has N events (default 5; 3 for Triton's generate_stream)
     x-test-chunk-delay-ms: N   N ms between the events of a stream
+    x-test-cached-tokens: N    `usage` reports `prompt_tokens_details.cached_tokens` N (at most
+                               prompt_tokens): what the engine says it had cached
     x-test-triton-script: 1    the Triton answer is SCRIPTED_TEXT (with the server's name),
                                streamed in small pieces, every event split across two network
                                chunks; the response header `x-test-triton-request` carries
@@ -62,10 +65,11 @@ STATUS = "x-test-status"
 CLOSE = "x-test-close"
 CHUNKS = "x-test-chunks"
 CHUNK_DELAY_MS = "x-test-chunk-delay-ms"
+CACHED_TOKENS = "x-test-cached-tokens"
 TRITON_SCRIPT = "x-test-triton-script"
 TRITON_ERROR = "x-test-triton-error"
 TRITON_REQUEST = "x-test-triton-request"  # response header of a scripted Triton answer
-CONTROL_HEADERS = (DELAY_MS, STATUS, CLOSE, CHUNKS, CHUNK_DELAY_MS, TRITON_SCRIPT, TRITON_ERROR)
+CONTROL_HEADERS = (DELAY_MS, STATUS, CLOSE, CHUNKS, CHUNK_DELAY_MS, CACHED_TOKENS, TRITON_SCRIPT, TRITON_ERROR)
 
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error", 502: "Bad Gateway",
@@ -194,8 +198,10 @@ def make_handler(name):
                 "received_headers": req.headers, "stream_options": payload.get("stream_options")}
         completions = req.path.startswith("/v1/completions")
         # token counts as vLLM reports them (prompt: a quarter of the body's bytes)
-        usage = {"prompt_tokens": max(1, len(req.body) // 4), "completion_tokens": 0,
-                 "total_tokens": 0, "prompt_tokens_details": {"cached_tokens": 0}}
+        usage = {"prompt_tokens": max(1, len(req.body) // 4), "completion_tokens": 0, "total_tokens": 0}
+        if req.headers.get(CACHED_TOKENS):
+            cached = min(req.number(CACHED_TOKENS), usage["prompt_tokens"])
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
         if not payload.get("stream"):
             usage.update(completion_tokens=3, total_tokens=usage["prompt_tokens"] + 3)
             echo["usage"] = usage

@@ -392,6 +392,13 @@ def test_force_stream_usage_counts_streams_without_showing_clients_what_they_did
     harness.check_forced_stream_usage(send, gateway.request_log, lambda: metrics(gateway), "m-b")
 
 
+def test_answers_usage_corrects_the_cache_model(gateway):
+    def send(body, headers):
+        status, _, data, _ = post(gateway, body, headers)
+        return status, data
+    harness.check_cache_feedback(send, lambda: metrics(gateway), "m-b")
+
+
 def test_request_log_has_one_line_per_finished_request(gateway):
     """log.enabled with a path: the library's writer thread appends one JSON line per finished
     request, with the host's x-request-id, the decision, status, outcome and timings: a plain

@@ -302,6 +302,13 @@ def test_force_stream_usage_counts_streams_without_showing_clients_what_they_did
     harness.check_forced_stream_usage(send, gw.request_log, lambda: metrics(gw.port), "m-b")
 
 
+def test_answers_usage_corrects_the_cache_model(gw):
+    def send(body, headers):
+        status, _, data = post(gw, body, headers)
+        return status, data
+    harness.check_cache_feedback(send, lambda: metrics(gw.port), "m-b")
+
+
 def test_request_log_has_one_line_per_finished_request(gw):
     """log.enabled with a path, both hosts, 2 workers appending to one file: one JSON line per
     finished request with the client's x-request-id: a plain answer, a stream, a 404 of the

@@ -99,6 +99,8 @@ pub struct ResponseReader {
     /// The data of the current SSE event (its `data:` lines joined by `\n`).
     event: Vec<u8>,
     finish_seen: bool,
+    /// A stream event other than `[DONE]` and not an error has been read.
+    event_seen: bool,
     /// `end_of_stream` was fed.
     ended: bool,
     /// A JSON answer beyond the bound: `line` keeps only its end, for the usage.
@@ -209,6 +211,7 @@ impl ResponseReader {
     pub fn new(kind: RequestKind, cap: usize) -> Self {
         Self {
             mode: Mode::Detect,
+            event_seen: false,
             cap,
             captured: 0,
             line: Vec::new(),
@@ -259,6 +262,12 @@ impl ResponseReader {
     /// answer is parsed now, a stream is complete if choice 0 had its `finish_reason`.
     pub fn end(&mut self) {
         self.feed(&[], true);
+    }
+
+    /// True once the answer is an event stream that delivered an event (not an error, no
+    /// garbage so far): the server is generating, so it has computed the prompt.
+    pub fn is_streaming(&self) -> bool {
+        self.event_seen && self.mode != Mode::Failed
     }
 
     /// What was captured (complete or not: see [`Capture::learnable`]).
@@ -380,6 +389,9 @@ impl ResponseReader {
             self.line = Vec::new();
             self.event = Vec::new();
             return;
+        }
+        if !self.event_seen {
+            self.event_seen = memchr::memmem::find(data, b"\"error\"").is_none();
         }
         if self.cap == 0 && memchr::memmem::find(data, b"\"usage\"").is_none() {
             return; // reading only the usage: this chunk has none
@@ -524,6 +536,30 @@ mod tests {
 
     fn whole(kind: RequestKind, cap: usize, body: &[u8]) -> Capture {
         read(kind, cap, &[body])
+    }
+
+    #[test]
+    fn a_stream_is_streaming_from_its_first_event_unless_it_fails() {
+        for cap in [0, 1024] {
+            let mut r = ResponseReader::new(RequestKind::Chat, cap);
+            r.feed(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"con", false);
+            assert!(!r.is_streaming(), "an event not complete yet");
+            r.feed(b"tent\":\"Hi\"}}]}\n\n", false);
+            assert!(r.is_streaming(), "cap {cap}");
+            r.feed(b"data: [DONE]\n\n", true);
+            assert!(r.is_streaming());
+            // an error first, or a JSON answer, is not a stream of tokens
+            let mut e = ResponseReader::new(RequestKind::Chat, cap);
+            e.feed(b"data: {\"error\":{\"message\":\"overloaded\"}}\n\n", false);
+            assert!(!e.is_streaming());
+            let mut j = ResponseReader::new(RequestKind::Chat, cap);
+            j.feed(br#"{"choices":[{"message":{"content":"Hi"}}]}"#, true);
+            assert!(!j.is_streaming());
+        }
+        // garbage after the first event stops the capture, and the claim
+        let mut g = ResponseReader::new(RequestKind::Chat, 1024);
+        g.feed(b"data: {\"choices\":[]}\n\ndata: not json\n\n", false);
+        assert!(!g.is_streaming());
     }
 
     #[test]

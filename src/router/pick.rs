@@ -40,6 +40,8 @@ pub(super) struct Routed {
     pub(super) expected_cache_ratio: f64,
     /// Metadata-Center identity of the current attempt.
     pub(super) sync: Option<Arc<RequestSync>>,
+    /// The prompt's prefix went to the Metadata-Center while the answer streamed.
+    pub(super) prompt_saved: bool,
     /// The model name the backend receives.
     pub(super) upstream_model: String,
     /// Index of the rule subset chosen for this request.
@@ -140,6 +142,7 @@ impl RouterInner {
             cache_ratio: 0.0,
             expected_cache_ratio: 0.0,
             sync: None,
+            prompt_saved: false,
             upstream,
             transcoder,
             answer,

@@ -207,6 +207,9 @@ impl PickedRequest {
         if let Ok(r) = &mut self.result {
             if !r.transcoder.needs_transcoding() {
                 r.answer.feed(chunk, end_of_stream);
+                if !r.prompt_saved && r.answer.is_streaming() {
+                    self.router.save_prompt(r);
+                }
             }
         }
     }
@@ -327,11 +330,14 @@ impl PickedRequest {
                         endpoint: Arc::clone(e),
                     });
                     let cache_aware = router.config.lb_params(&r.model).cache_aware;
-                    // Only an answer of the endpoint itself proves it holds the prefix now.
+                    // Only an answer of the endpoint itself proves it holds the prefix now
+                    // (a streamed one said so at its first event: then only a learned
+                    // extension is news).
                     if outcome == Outcome::Upstream
                         && (100..400).contains(&upstream_status)
                         && cache_aware
                         && !r.prefix_hashes.is_empty()
+                        && !(r.prompt_saved && learned.is_none())
                     {
                         let mut hashes = std::mem::take(&mut r.prefix_hashes);
                         // The learned answer extends the chain the server keeps: the prompt's
@@ -423,6 +429,25 @@ impl PickedRequest {
 }
 
 impl RouterInner {
+    /// Tells the Metadata-Center that the chosen endpoint holds the prompt's prefix, once per
+    /// request, as soon as its answer streams (it has computed the prompt): other gateways
+    /// may route the prefix there long before this answer ends. A no-op without the
+    /// Metadata-Center or cache awareness.
+    fn save_prompt(&self, r: &mut Routed) {
+        r.prompt_saved = true;
+        let (Some(_), Some(e)) = (&r.sync, &r.endpoint) else {
+            return;
+        };
+        if r.prefix_hashes.is_empty() || !self.config.lb_params(&r.model).cache_aware {
+            return;
+        }
+        self.send(Event::SaveCache {
+            cluster: Arc::clone(&r.cluster),
+            endpoint: Arc::clone(e),
+            hashes: r.prefix_hashes.clone(),
+        });
+    }
+
     /// The request is over: learn its answer, when the endpoint gave one in full (or up to
     /// the cap), as the prefix of the next turn held by that endpoint; returns the hashes
     /// recorded (salted for the served model).

@@ -279,6 +279,17 @@ class MetadataCenter(Closing):
     def close(self):
         stop(self.proc)
 
+    def saves(self):
+        """`/v1/cache/save` calls the server has handled (its own /metrics)."""
+        return metadata_center_saves(self.port)
+
+
+def metadata_center_saves(port):
+    """`/v1/cache/save` calls handled by the metadata-center on `port` (its /metrics)."""
+    _, _, data, _ = request(port, "GET", "/metrics", timeout=5)
+    m = re.search(rb'^metadata_center_cache_ops_total\{op="save"\} (\d+)', data, re.M)
+    return int(m.group(1)) if m else 0
+
 
 # ---------------------------------------------------------------------------------------------
 # HTTP and JSON

@@ -10,7 +10,7 @@ import pytest
 
 import harness
 from conftest import POOLS
-from harness import metrics, wait_in_flight_zero
+from harness import chat, metrics, wait_in_flight_zero
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +59,21 @@ def test_remote_cache_lookups_resume_through_scheduler(mc_gateway):
     assert after["llmproxy_envoy_pending_total"] - before >= 10
     assert after["llmproxy_envoy_hook_exceptions_total"] == 0
     wait_in_flight_zero(mc_gateway)
+
+
+def test_a_streamed_answer_saves_its_prefix_before_it_ends(mc_gateway, metadata_center):
+    """The prompt's prefix reaches the Metadata-Center at the stream's first event (the server
+    has computed the prompt), not when the answer ends: another gateway can route it there
+    while this answer is still streaming."""
+    before = harness.metadata_center_saves(metadata_center)
+    body = chat("m-a", harness.random_text(3000, seed=4242), stream=True)
+    # 6 events 0.5 s apart: the answer takes 2.5 s
+    headers = {"x-test-chunks": "6", "x-test-chunk-delay-ms": "500"}
+    with ThreadPoolExecutor(1) as ex:
+        answer = ex.submit(harness.request, mc_gateway.port, "POST", "/v1/chat/completions", body, headers)
+        harness.wait_until(lambda: harness.metadata_center_saves(metadata_center) > before, timeout=2,
+                           what="the prefix saved while the answer streams")
+        assert not answer.done(), "the answer had already ended"
+        status, _, data, secs = answer.result()
+    assert status == 200 and secs >= 2.0, (status, secs)
+    assert data.count(b"data: ") == 7  # 6 events and [DONE], nothing lost

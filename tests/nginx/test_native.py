@@ -15,7 +15,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -519,10 +518,7 @@ def native_mc(servers, mc_port, workers=2, **mc):
     return g
 
 
-def mc_saves(port):
-    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as r:
-        m = re.search(r'^metadata_center_cache_ops_total\{op="save"\} (\d+)', r.read().decode(), re.M)
-    return int(m.group(1)) if m else 0
+mc_saves = harness.metadata_center_saves
 
 
 def test_native_remote_cache_lookups_follow_another_gateway(servers, metadata_center):

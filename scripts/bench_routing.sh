@@ -11,6 +11,9 @@
 #   BENCH_ENVOY_TARGETS    "NAME:ALGO ...": Envoy instances started here (scripts/bench_envoy_configs.py),
 #                          ALGO = envoy_round_robin | envoy_least_request (plain Envoy) or an llmproxy
 #                          algorithm run by the module (inference_lb, least_request, round_robin, random);
+#                          K=V parameters after a third colon; `replicas=N`: N gateway replicas splitting
+#                          the trace, sharing state through a metadata-center started here ($MC
+#                          [target/release/llmproxy-metadata-center]);
 #                          needs $ENVOY [.venv/bin/envoy] and $LLMPROXY_BUILD_DIR/libllmproxy_envoy.so
 #   BENCH_NGINX_TARGETS    "NAME:WORKERS:MODE[:ALGO] ...": nginx + llmproxy started here, examples/nginx.conf
 #                          rendered by scripts/bench_nginx_configs.py; MODE = shared (one routing state for
@@ -30,6 +33,9 @@
 #   BENCH_PORT_BASE [18200]  ports for the proxies and peer routers started here
 #   BENCH_SGLANG_POLICIES ["round_robin cache_aware"]  BENCH_VLLM_POLICIES ["consistent_hash cache_aware"]
 #                    the peer policies run when BENCH_PEERS=1 (empty: none of that router)
+#   BENCH_PEER_REPLICAS [1]  routers per peer policy, a list (e.g. "1 2": each policy once alone and
+#                    once as NAME-x2, each router with its own state and the trace split over them:
+#                    what peers lose without shared state)
 #   BENCH_PEERS [1]  BENCH_REFS [1] (rr, least)  BENCH_OUT [build/bench-routing]  BENCH_PRE_CMD []
 #   PY [.venv/bin/python]  LLMPROXY_BUILD_DIR [build]  the library and the Envoy module
 #   BENCH_CALIBRATE=1   instead: round robin at SIM_CAL_RATES ["3 4 5 6 7 8"], prints utilisation
@@ -114,10 +120,19 @@ if [ -n "${BENCH_ENVOY_TARGETS:-}" ]; then
   k=0
   for t in "${ENVOY_TARGETS[@]}"; do
     name=${t%%=*}
-    ENVOY_DYNAMIC_MODULES_SEARCH_PATH="$BUILD" start "$name" "$ENVOY" -c "$OUT/envoy/$name.yaml" \
-      --concurrency 2 --base-id "$(( ($$ % 1000) * 100 + k ))" -l warning
+    if [ -f "$OUT/envoy/$name.mc" ]; then  # gateway replicas: their metadata-center first
+      MC=${MC:-target/release/llmproxy-metadata-center}
+      [ -x "$MC" ] || { echo "missing $MC: run 'make build'" >&2; exit 1; }
+      start "$name-mc" env POD_IP=127.0.0.1 "$MC" run --host 127.0.0.1 --port "$(cat "$OUT/envoy/$name.mc")"
+    fi
+    for y in "$OUT/envoy/$name.yaml" "$OUT/envoy/$name".r*.yaml; do
+      [ -f "$y" ] || continue
+      log=$(basename "$y" .yaml)
+      ENVOY_DYNAMIC_MODULES_SEARCH_PATH="$BUILD" start "$log" "$ENVOY" -c "$y" \
+        --concurrency 2 --base-id "$(( ($$ % 1000) * 100 + k ))" -l warning
+      k=$((k + 1))
+    done
     TARGETS+=("$t")
-    k=$((k + 1))
   done
 fi
 NGINX_NAMES=() NGINX_TARGETS=()
@@ -190,28 +205,36 @@ if [ "$PEERS" = 1 ]; then
     exit 1
   fi
   VBIN=$(dirname "$PY")
-  for policy in ${BENCH_SGLANG_POLICIES-round_robin cache_aware}; do
-    name="sglang-${policy/round_robin/rr}"
-    HF_ENDPOINT=http://127.0.0.1:9 start "$name" "$PY" -m sglang_router.launch_router \
-      --host 127.0.0.1 --port "$port" --prometheus-host 127.0.0.1 --prometheus-port "$((port + 100))" \
-      --policy "$policy" --log-level warn --worker-urls "${WORKERS[@]}"
-    TARGETS+=("$name=http://127.0.0.1:$port")
-    port=$((port + 1))
-  done
-  for policy in ${BENCH_VLLM_POLICIES-consistent_hash cache_aware}; do
-    name="vllm-$policy"
-    start "$name" "$VBIN/vllm-router" \
-      --host 127.0.0.1 --port "$port" --prometheus-host 127.0.0.1 --prometheus-port "$((port + 100))" \
-      --policy "$policy" --log-level warning --worker-urls "${WORKERS[@]}"
-    TARGETS+=("$name=http://127.0.0.1:$port")
-    port=$((port + 1))
+  # add_peer NAME REPLICAS CMD...: REPLICAS routers (each with its own state: peers share none),
+  # CMD given --port PORT --prometheus-port PORT+100; the trace is split over them
+  add_peer() {
+    local name=$1 n=$2 urls="" r; shift 2
+    [ "$n" -gt 1 ] && name+="-x$n"
+    for ((r = 0; r < n; r++)); do
+      HF_ENDPOINT=http://127.0.0.1:9 start "$name.r$r" "$@" --host 127.0.0.1 --port "$port" \
+        --prometheus-host 127.0.0.1 --prometheus-port "$((port + 100))"
+      urls+="${urls:+,}http://127.0.0.1:$port"
+      port=$((port + 1))
+    done
+    TARGETS+=("$name=$urls")
+  }
+  for n in ${BENCH_PEER_REPLICAS:-1}; do
+    for policy in ${BENCH_SGLANG_POLICIES-round_robin cache_aware}; do
+      add_peer "sglang-${policy/round_robin/rr}" "$n" "$PY" -m sglang_router.launch_router \
+        --policy "$policy" --log-level warn --worker-urls "${WORKERS[@]}"
+    done
+    for policy in ${BENCH_VLLM_POLICIES-consistent_hash cache_aware}; do
+      add_peer "vllm-$policy" "$n" "$VBIN/vllm-router" --policy "$policy" --log-level warning \
+        --worker-urls "${WORKERS[@]}"
+    done
   done
 fi
 
 [ "${#TARGETS[@]}" -gt 0 ] || { echo "no target: pass NAME=URL or keep BENCH_REFS=1" >&2; exit 1; }
 ARGS=()
 for t in "${TARGETS[@]}"; do
-  ready "${t%%=*}" "${t#*=}"
+  IFS=, read -r -a urls <<< "${t#*=}"
+  for u in "${urls[@]}"; do ready "${t%%=*}" "$u"; done
   ARGS+=(--target "$t")
 done
 for t in "${NGINX_TARGETS[@]}"; do nginx_ready "${t%%=*}" "${t#*=}"; done

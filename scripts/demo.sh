@@ -11,7 +11,7 @@
 # Output: a table on stdout; build/demo/{results.md,results.json,ttft_cdf.png,envoy.yaml,logs/}.
 # Environment: DEMO_DURATION [40] seconds of load per policy, DEMO_SERVERS [4], DEMO_RATE
 # [simulator default, ~75-80 % fleet utilisation under round robin], DEMO_OUT [build/demo],
-# DEMO_ALGORITHMS ["prefix_cost inference_lb"], DEMO_STORE [memory]: `redis` starts a
+# DEMO_ALGORITHMS ["prefix_cost inference_lb": the default and the origin's formula], DEMO_STORE [memory]: `redis` starts a
 # redis-server on a free 127.0.0.1 port and runs the metadata-center with `--store redis://…`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -247,9 +247,15 @@ impl RouterInner {
         let algorithm = self.config.algorithm;
         let loads = if algorithm.uses_loads() {
             let total_chunks = r.prefix_hashes.len().max(1) as f64;
-            let stale = self.config.metadata_center.load_stale_ms;
+            let remote = RemoteScale {
+                stale_ms: self.config.metadata_center.load_stale_ms,
+                uncached_share: uncached_share(
+                    self.metrics.prompt_chars.load(Ordering::Relaxed),
+                    self.metrics.cached_prompt_chars.load(Ordering::Relaxed),
+                ),
+            };
             let feedback = self.config.cache_feedback;
-            loads_of(set, candidates, depth, total_chunks, now, stale, feedback)
+            loads_of(set, candidates, depth, total_chunks, now, remote, feedback)
         } else {
             Vec::new()
         };
@@ -368,29 +374,76 @@ fn cache_trust(e: &Endpoint, cache_feedback: bool) -> f64 {
     }
 }
 
+/// How other gateways' load (from the Metadata-Center) counts in a pick.
+#[derive(Clone, Copy)]
+struct RemoteScale {
+    /// Remote load older than this is ignored.
+    stale_ms: u64,
+    /// The share of the remote prompt characters in prefill taken as uncached.
+    uncached_share: f64,
+}
+
+/// The share of the prompt characters this router routed that it expected uncached (1 before
+/// any): the wire protocol reports other gateways' prompts at their whole length, and they
+/// route the same traffic with the same policy, so their uncached share is taken to be ours.
+fn uncached_share(prompt_chars: u64, cached_prompt_chars: u64) -> f64 {
+    if prompt_chars == 0 {
+        return 1.0;
+    }
+    (1.0 - cached_prompt_chars as f64 / prompt_chars as f64).clamp(0.0, 1.0)
+}
+
 /// Candidate loads: this router's live counts plus, when fresh, what other gateways put on
-/// each endpoint (from the Metadata-Center); the cache ratios as the pick expects them
-/// (the index's, times each endpoint's cache trust with `cache_feedback`).
+/// each endpoint (from the Metadata-Center; their prefill at [`RemoteScale::uncached_share`]
+/// counts as uncached); the cache ratios as the pick expects them (the index's, times each
+/// endpoint's cache trust with `cache_feedback`).
 fn loads_of(
     set: &EndpointSet,
     candidates: &[usize],
     depth: &[usize],
     total_chunks: f64,
     now_ms: u64,
-    stale_ms: u64,
+    remote: RemoteScale,
     cache_feedback: bool,
 ) -> Vec<CandidateLoad> {
     candidates
         .iter()
         .map(|&i| {
             let e = &set.endpoints[i];
-            let (rq, rl) = e.remote_load(now_ms, stale_ms).unwrap_or((0, 0));
+            let (rq, rl) = e.remote_load(now_ms, remote.stale_ms).unwrap_or((0, 0));
+            let rl_uncached = (rl as f64 * remote.uncached_share).round() as u64;
             CandidateLoad {
                 in_flight: e.in_flight() + rq,
                 prefill_chars: e.prefill_chars() + rl,
                 cache_ratio: depth[i] as f64 / total_chunks * cache_trust(e, cache_feedback),
-                uncached_prefill_chars: e.uncached_prefill_chars() + rl,
+                uncached_prefill_chars: e.uncached_prefill_chars() + rl_uncached,
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_gateways_prefill_counts_at_this_routers_uncached_share() {
+        assert_eq!(uncached_share(0, 0), 1.0, "no history: all of it");
+        assert!((uncached_share(1000, 800) - 0.2).abs() < 1e-12);
+        assert_eq!(uncached_share(1000, 1200), 0.0, "never negative");
+        let e = Arc::new(Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0));
+        e.acquire(500, 100); // this router: 500 chars in prefill, 100 of them uncached
+        e.set_remote_load(4, 10_000, 50); // other gateways: 4 requests, 10,000 chars
+        let set = EndpointSet::new(vec![e]);
+        let remote = RemoteScale {
+            stale_ms: 1000,
+            uncached_share: 0.2,
+        };
+        let l = loads_of(&set, &[0], &[0], 1.0, 100, remote, false)[0];
+        assert_eq!((l.in_flight, l.prefill_chars), (5, 10_500));
+        assert_eq!(l.uncached_prefill_chars, 100 + 2000);
+        // stale remote load counts for nothing
+        let l = loads_of(&set, &[0], &[0], 1.0, 2000, remote, false)[0];
+        assert_eq!((l.in_flight, l.uncached_prefill_chars), (1, 100));
+    }
 }

@@ -441,10 +441,16 @@ impl RouterInner {
         if r.prefix_hashes.is_empty() || !self.config.lb_params(&r.model).cache_aware {
             return;
         }
+        // finish needs the hashes again only to save a learned extension
+        let hashes = if r.learn_tail.is_some() {
+            r.prefix_hashes.clone()
+        } else {
+            std::mem::take(&mut r.prefix_hashes)
+        };
         self.send(Event::SaveCache {
             cluster: Arc::clone(&r.cluster),
             endpoint: Arc::clone(e),
-            hashes: r.prefix_hashes.clone(),
+            hashes,
         });
     }
 

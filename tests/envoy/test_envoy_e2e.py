@@ -385,18 +385,20 @@ def test_triton_generate_stream_is_transcoded(gateway):
     wait_in_flight_zero(gateway)
 
 
-def test_force_stream_usage_counts_streams_without_showing_clients_what_they_did_not_ask(gateway):
+def sender(gw):
+    """`send(body, headers) -> (status, body bytes)` through `gw`, for the shared checks."""
     def send(body, headers):
-        status, _, data, _ = post(gateway, body, headers)
+        status, _, data, _ = post(gw, body, headers)
         return status, data
-    harness.check_forced_stream_usage(send, gateway.request_log, lambda: metrics(gateway), "m-b")
+    return send
+
+
+def test_force_stream_usage_counts_streams_without_showing_clients_what_they_did_not_ask(gateway):
+    harness.check_forced_stream_usage(sender(gateway), gateway.request_log, lambda: metrics(gateway), "m-b")
 
 
 def test_answers_usage_corrects_the_cache_model(gateway):
-    def send(body, headers):
-        status, _, data, _ = post(gateway, body, headers)
-        return status, data
-    harness.check_cache_feedback(send, lambda: metrics(gateway), "m-b")
+    harness.check_cache_feedback(sender(gateway), lambda: metrics(gateway), "m-b")
 
 
 def test_request_log_has_one_line_per_finished_request(gateway):

@@ -294,18 +294,20 @@ def test_reload_under_load(gw):
     assert not gw.crashes()
 
 
-def test_force_stream_usage_counts_streams_without_showing_clients_what_they_did_not_ask(gw):
+def sender(g):
+    """`send(body, headers) -> (status, body bytes)` through `g`, for the shared checks."""
     def send(body, headers):
-        status, _, data = post(gw, body, headers)
+        status, _, data = post(g, body, headers)
         return status, data
-    harness.check_forced_stream_usage(send, gw.request_log, lambda: metrics(gw.port), "m-b")
+    return send
+
+
+def test_force_stream_usage_counts_streams_without_showing_clients_what_they_did_not_ask(gw):
+    harness.check_forced_stream_usage(sender(gw), gw.request_log, lambda: metrics(gw.port), "m-b")
 
 
 def test_answers_usage_corrects_the_cache_model(gw):
-    def send(body, headers):
-        status, _, data = post(gw, body, headers)
-        return status, data
-    harness.check_cache_feedback(send, lambda: metrics(gw.port), "m-b")
+    harness.check_cache_feedback(sender(gw), lambda: metrics(gw.port), "m-b")
 
 
 def test_request_log_has_one_line_per_finished_request(gw):

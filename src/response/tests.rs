@@ -1,0 +1,302 @@
+//! The answer reader's unit tests: SSE and JSON answers cut anywhere, usage, bounds, learning.
+
+use super::*;
+
+const SSE: &str = concat!(
+    "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+    "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"}}]}\n\n",
+    ": keep-alive\n\n",
+    "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\", w\\u00f6rld\"}}]}\r\n\r\n",
+    "data: {\"id\":\"x\",\"choices\":[{\"index\":1,\"delta\":{\"content\":\"other choice\"}}]}\n\n",
+    "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+    "data: {\"id\":\"x\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":3,",
+    "\"prompt_tokens_details\":{\"cached_tokens\":8}}}\n\n",
+    "data: [DONE]\n\n",
+);
+
+fn read(kind: RequestKind, cap: usize, pieces: &[&[u8]]) -> Capture {
+    let mut r = ResponseReader::new(kind, cap);
+    for (i, p) in pieces.iter().enumerate() {
+        r.feed(p, i + 1 == pieces.len());
+    }
+    std::mem::take(&mut r.out)
+}
+
+fn whole(kind: RequestKind, cap: usize, body: &[u8]) -> Capture {
+    read(kind, cap, &[body])
+}
+
+#[test]
+fn a_stream_is_streaming_from_its_first_event_unless_it_fails() {
+    for cap in [0, 1024] {
+        let mut r = ResponseReader::new(RequestKind::Chat, cap);
+        r.feed(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"con", false);
+        assert!(!r.is_streaming(), "an event not complete yet");
+        r.feed(b"tent\":\"Hi\"}}]}\n\n", false);
+        assert!(r.is_streaming(), "cap {cap}");
+        r.feed(b"data: [DONE]\n\n", true);
+        assert!(r.is_streaming());
+        // an error first, or a JSON answer, is not a stream of tokens
+        let mut e = ResponseReader::new(RequestKind::Chat, cap);
+        e.feed(b"data: {\"error\":{\"message\":\"overloaded\"}}\n\n", false);
+        assert!(!e.is_streaming());
+        let mut j = ResponseReader::new(RequestKind::Chat, cap);
+        j.feed(br#"{"choices":[{"message":{"content":"Hi"}}]}"#, true);
+        assert!(!j.is_streaming());
+    }
+    // garbage after the first event stops the capture, and the claim
+    let mut g = ResponseReader::new(RequestKind::Chat, 1024);
+    g.feed(b"data: {\"choices\":[]}\n\ndata: not json\n\n", false);
+    assert!(!g.is_streaming());
+}
+
+#[test]
+fn sse_text_usage_and_done() {
+    let c = whole(RequestKind::Chat, 1024, SSE.as_bytes());
+    assert_eq!(c.text, "Hello, wörld".as_bytes());
+    assert!(c.complete && !c.capped && c.learnable());
+    assert_eq!(
+        c.usage,
+        Some(Usage {
+            prompt_tokens: 12,
+            completion_tokens: 3,
+            cached_tokens: Some(8)
+        })
+    );
+}
+
+#[test]
+fn usage_only_reads_the_usage_of_streams_and_of_answers_too_long_to_parse() {
+    let want = Some(Usage {
+        prompt_tokens: 12,
+        completion_tokens: 3,
+        cached_tokens: Some(8),
+    });
+    // cap 0: no text, the usage still read, however the stream is cut
+    let c = whole(RequestKind::Chat, 0, SSE.as_bytes());
+    assert_eq!((c.usage, c.text.len()), (want, 0));
+    let bytes = SSE.as_bytes();
+    for cut in 0..bytes.len() {
+        let c = read(RequestKind::Chat, 0, &[&bytes[..cut], &bytes[cut..]]);
+        assert_eq!(c.usage, want, "cut at {cut}");
+    }
+    // a JSON answer far over the bound (1 MiB of text, in 4 KiB pieces), usage last;
+    // the text quotes a usage object near the end: not taken for the answer's
+    let mut body = br#"{"id":"x","choices":[{"index":0,"message":{"content":""#.to_vec();
+    body.extend(std::iter::repeat_n(b'a', 1 << 20));
+    body.extend_from_slice(br#" \"usage\": {\"prompt_tokens\": 1}"},"finish_reason":"stop"}],"#);
+    body.extend_from_slice(
+        br#""usage" : {"prompt_tokens":12,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":8}},"x":[1]}"#,
+    );
+    for cap in [0, 1024] {
+        let pieces: Vec<&[u8]> = body.chunks(4096).collect();
+        let c = read(RequestKind::Chat, cap, &pieces);
+        assert_eq!(c.usage, want, "cap {cap}");
+        assert!(
+            !c.complete && !c.learnable(),
+            "cap {cap}: not parsed whole, not learned"
+        );
+    }
+    // what is kept of it stays bounded; a truncated usage is none, without a panic
+    let mut r = ResponseReader::new(RequestKind::Chat, 0);
+    for piece in body[..body.len() - 40].chunks(4096) {
+        r.feed(piece, false);
+        assert!(
+            r.line.len() <= 2 * USAGE_TAIL_BYTES.max(r.bound()),
+            "bounded"
+        );
+    }
+    assert!(r.json_too_long && r.line.len() <= 2 * USAGE_TAIL_BYTES);
+    r.end();
+    assert_eq!(r.capture().usage, None);
+}
+
+#[test]
+fn any_split_gives_the_same_capture() {
+    let want = whole(RequestKind::Chat, 1024, SSE.as_bytes());
+    let bytes = SSE.as_bytes();
+    let ones: Vec<&[u8]> = bytes.chunks(1).collect();
+    let got = read(RequestKind::Chat, 1024, &ones);
+    assert_eq!(
+        (got.text, got.usage, got.complete),
+        (want.text.clone(), want.usage, true)
+    );
+    for cut in 0..bytes.len() {
+        let got = read(RequestKind::Chat, 1024, &[&bytes[..cut], &bytes[cut..]]);
+        assert_eq!(got.text, want.text, "cut at {cut}");
+        assert!(got.complete, "cut at {cut}");
+    }
+}
+
+#[test]
+fn one_byte_pieces_of_a_long_stream_stay_linear() {
+    // 20,000 events fed a byte at a time: quadratic rescanning would take minutes.
+    let mut body = Vec::new();
+    for i in 0..20_000 {
+        body.extend_from_slice(
+            format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+                i % 10
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend_from_slice(b"data: [DONE]\n\n");
+    let mut r = ResponseReader::new(RequestKind::Chat, 1 << 20);
+    let start = std::time::Instant::now();
+    for b in body.chunks(1) {
+        r.feed(b, false);
+    }
+    r.feed(b"", true);
+    assert_eq!(r.capture().text.len(), 20_000);
+    assert!(r.capture().complete);
+    assert!(start.elapsed().as_secs() < 10);
+}
+
+#[test]
+fn stream_cut_before_the_end_is_not_learnable() {
+    let cut = SSE
+        .find("data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{},")
+        .unwrap();
+    let c = whole(RequestKind::Chat, 1024, &SSE.as_bytes()[..cut]);
+    assert_eq!(c.text, "Hello, wörld".as_bytes());
+    assert!(!c.complete && !c.learnable());
+    // A finish_reason at the end is enough without [DONE].
+    let done = SSE.find("data: {\"id\":\"x\",\"choices\":[],").unwrap();
+    assert!(whole(RequestKind::Chat, 1024, &SSE.as_bytes()[..done]).complete);
+}
+
+#[test]
+fn non_streamed_json() {
+    let body = br#" {"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hi there"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#;
+    let c = whole(RequestKind::Chat, 1024, body);
+    assert_eq!(c.text, b"Hi there");
+    assert!(c.complete);
+    assert_eq!(
+        c.usage,
+        Some(Usage {
+            prompt_tokens: 5,
+            completion_tokens: 2,
+            cached_tokens: None
+        })
+    );
+    let ones: Vec<&[u8]> = body.chunks(1).collect();
+    assert_eq!(read(RequestKind::Chat, 1024, &ones).text, b"Hi there");
+}
+
+#[test]
+fn completions_text() {
+    let sse = "data: {\"choices\":[{\"index\":0,\"text\":\" upon\"}]}\n\ndata: {\"choices\":[{\"index\":0,\"text\":\" a time\",\"finish_reason\":\"length\"}]}\n\ndata: [DONE]\n\n";
+    let c = whole(RequestKind::Completions, 1024, sse.as_bytes());
+    assert_eq!(c.text, b" upon a time");
+    let json = br#"{"choices":[{"index":0,"text":" upon a time","finish_reason":"stop"}]}"#;
+    assert_eq!(
+        whole(RequestKind::Completions, 1024, json).text,
+        b" upon a time"
+    );
+    let mut h = PrefixHasher::new("m", 16);
+    h.feed(b"once");
+    c.render_next_turn(&mut h);
+    assert_eq!(
+        h.finish().0,
+        crate::hashing::prefix_hashes("m", b"once upon a time", 16)
+    );
+}
+
+#[test]
+fn cap_keeps_a_prefix() {
+    let c = whole(RequestKind::Chat, 7, SSE.as_bytes());
+    assert_eq!(c.text, b"Hello, ");
+    assert!(c.capped && c.learnable());
+    assert_eq!(c.usage.unwrap().prompt_tokens, 12);
+    let c = whole(RequestKind::Chat, 0, SSE.as_bytes());
+    assert!(c.text.is_empty() && !c.learnable());
+}
+
+#[test]
+fn tool_calls_render_as_the_request_does() {
+    let sse = concat!(
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"let me check\"}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"c1\",\"type\":\"function\",\"function\":{\"name\":\"get\",\"arguments\":\"{\\\"x\\\"\"}}]}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\":1}\"}}]}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":1,\"id\":\"c2\",\"function\":{\"name\":\"put\",\"arguments\":\"{}\"}}]}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n",
+        "data: [DONE]\n\n",
+    );
+    let c = whole(RequestKind::Chat, 1024, sse.as_bytes());
+    assert!(c.learnable());
+    let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"let me check","tool_calls":[{"id":"c1","type":"function","function":{"name":"get","arguments":"{\"x\":1}"}},{"id":"c2","type":"function","function":{"name":"put","arguments":"{}"}}]}]}"#;
+    let next = request::parse(body, None, 16).unwrap();
+    let (first, tail) = request::parse_with_tail(
+        br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+        None,
+        16,
+        true,
+    )
+    .unwrap();
+    let before = first.prompt_chars as usize / 16; // full chunks of the first prompt
+    let mut h = tail.unwrap();
+    c.render_next_turn(&mut h);
+    let learned = h.full_chunk_hashes();
+    assert!(!learned.is_empty());
+    assert_eq!(learned, &next.prefix_hashes[before..before + learned.len()]);
+    // Every full chunk of the next turn (ASCII: characters are bytes).
+    assert_eq!(before + learned.len(), next.prompt_chars as usize / 16);
+}
+
+proptest::proptest! {
+    // Any cut of a stream into pieces gives the capture of the whole.
+    #[test]
+    fn random_cuts_give_the_same_capture(cuts in proptest::collection::vec(0usize..SSE.len(), 0..12)) {
+        let bytes = SSE.as_bytes();
+        let mut cuts = cuts;
+        cuts.sort();
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        for c in cuts { pieces.push(&bytes[start..c]); start = c; }
+        pieces.push(&bytes[start..]);
+        let got = read(RequestKind::Chat, 1024, &pieces);
+        proptest::prop_assert_eq!(got.text, "Hello, wörld".as_bytes());
+        proptest::prop_assert!(got.complete);
+        proptest::prop_assert_eq!(got.usage.map(|u| u.completion_tokens), Some(3));
+    }
+
+    // Arbitrary bytes, in arbitrary pieces, never panic.
+    #[test]
+    fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+                                   piece in 1usize..50, prefix in 0usize..3) {
+        let mut body = [&b""[..], b"data: ", b"{"][prefix].to_vec();
+        body.extend_from_slice(&data);
+        for kind in [RequestKind::Chat, RequestKind::Completions] {
+            let mut r = ResponseReader::new(kind, 64);
+            for p in body.chunks(piece) { r.feed(p, false); }
+            r.end();
+            let mut h = PrefixHasher::new("m", 16);
+            r.capture().render_next_turn(&mut h);
+            proptest::prop_assert!(r.capture().text.len() <= 64);
+        }
+    }
+}
+
+#[test]
+fn garbage_stops_the_capture_without_panicking() {
+    let cases: [&[u8]; 6] = [
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {nope\n\ndata: [DONE]\n\n",
+        b"data: {\"error\":{\"message\":\"overloaded\"}}\n\ndata: [DONE]\n\n",
+        b"{\"choices\":[{\"message\":{\"content\":\"a\"}}]",
+        b"\xff\xfe\x00garbage\n\n\n",
+        b"{\"error\":{\"message\":\"bad\"}}",
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"\\ud800\"}}]}\n\n",
+    ];
+    for body in cases {
+        let c = whole(RequestKind::Chat, 1024, body);
+        assert!(!c.learnable(), "{:?}", String::from_utf8_lossy(body));
+    }
+    // An event beyond the bound.
+    let mut r = ResponseReader::new(RequestKind::Chat, 16);
+    r.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"", false);
+    r.feed(&vec![b'a'; 200_000], false);
+    r.feed(b"\"}}]}\n\ndata: [DONE]\n\n", true);
+    assert!(!r.capture().learnable());
+    assert!(r.line.capacity() == 0 && r.event.capacity() == 0);
+}

@@ -15,8 +15,12 @@ admin on the listener's + 100) and prints "NAME=http://127.0.0.1:PORT".
 
 `replicas=N` (N > 1) makes N gateway replicas of the target that share state through a
 metadata-center of their own (load reports and cache lookups, `cache_enabled`):
-OUT_DIR/NAME.r0.yaml ..., OUT_DIR/NAME.mc holding the metadata-center's port (LISTEN_BASE_PORT + 200 + i, for the caller
-to start), and "NAME=URL0,URL1,..." (llmproxy-sim splits the trace over them).
+OUT_DIR/NAME.r0.yaml ..., OUT_DIR/NAME.mc holding the metadata-center's port (LISTEN_BASE_PORT + 200 + 10 i, for the caller
+to start), and "NAME=URL0,URL1,..." (llmproxy-sim splits the trace over them). With
+`store=redis` every replica gets a metadata-center of its own over one shared Redis (NAME.mc
+lists their ports, one per line, LISTEN_BASE_PORT + 200 + 10 i + r; NAME.store says `redis`: the
+caller starts redis-server and the metadata-centers with `--store`); with `shared=false` the
+replicas share nothing (no metadata-center: what a gateway loses alone).
 """
 import os
 import sys
@@ -138,9 +142,15 @@ def main(argv):
         if not sep or not name or not algo:
             print(f"bad target {spec!r}: want NAME:ALGO[:K=V,...]", file=sys.stderr)
             return 2
-        lb_extra, top_extra, replicas = "", "", 1
+        lb_extra, top_extra, replicas, store, shared = "", "", 1, "memory", True
         for kv in filter(None, params.split(",")):
             k, eq, v = kv.partition("=")
+            if k == "store":
+                if v not in ("memory", "redis"):
+                    print(f"bad {kv!r} in {spec!r}: store=memory|redis", file=sys.stderr)
+                    return 2
+                store = v
+                continue
             try:
                 number = float(v)
             except ValueError:
@@ -157,6 +167,8 @@ def main(argv):
                 if replicas < 1 or algo.startswith("envoy_"):
                     print(f"bad {kv!r} in {spec!r}: replicas >= 1, of an llmproxy algorithm", file=sys.stderr)
                     return 2
+            elif k == "shared":
+                shared = value == "true"
             elif k in TOP_LEVEL_KEYS:
                 top_extra += f"                  {k}: {value}\n"
             else:
@@ -167,15 +179,23 @@ def main(argv):
                 f.write(render(name, algo, port, port + 100, endpoints, lb_extra + top_extra))
             print(f"{name}=http://127.0.0.1:{port}")
             continue
-        # gateway replicas sharing state through their own metadata-center
-        mc_port = listen + 200 + i
-        with open(os.path.join(out, f"{name}.mc"), "w") as f:
-            f.write(f"{mc_port}\n")
+        # gateway replicas sharing state through metadata-center(s) of their own, or nothing
+        if not shared:
+            mc_ports = [None] * replicas
+        elif store == "redis":
+            mc_ports = [listen + 200 + 10 * i + r for r in range(replicas)]
+        else:
+            mc_ports = [listen + 200 + 10 * i] * replicas
+        if shared:
+            with open(os.path.join(out, f"{name}.mc"), "w") as f:
+                f.write("".join(f"{p}\n" for p in sorted(set(mc_ports))))
+            with open(os.path.join(out, f"{name}.store"), "w") as f:
+                f.write(f"{store}\n")
         urls = []
         for r in range(replicas):
             port, next_port = next_port, next_port + 1
             with open(os.path.join(out, f"{name}.r{r}.yaml"), "w") as f:
-                f.write(render(f"{name} replica {r}", algo, port, port + 100, endpoints, lb_extra + top_extra, mc_port))
+                f.write(render(f"{name} replica {r}", algo, port, port + 100, endpoints, lb_extra + top_extra, mc_ports[r]))
             urls.append(f"http://127.0.0.1:{port}")
         print(f"{name}={','.join(urls)}")
     return 0

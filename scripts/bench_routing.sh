@@ -13,7 +13,9 @@
 #                          algorithm run by the module (inference_lb, least_request, round_robin, random);
 #                          K=V parameters after a third colon; `replicas=N`: N gateway replicas splitting
 #                          the trace, sharing state through a metadata-center started here ($MC
-#                          [target/release/llmproxy-metadata-center]);
+#                          [target/release/llmproxy-metadata-center]); with `store=redis` one
+#                          metadata-center per replica over one redis-server started here; with
+#                          `shared=false` replicas that share nothing;
 #                          needs $ENVOY [.venv/bin/envoy] and $LLMPROXY_BUILD_DIR/libllmproxy_envoy.so
 #   BENCH_NGINX_TARGETS    "NAME:WORKERS:MODE[:ALGO] ...": nginx + llmproxy started here, examples/nginx.conf
 #                          rendered by scripts/bench_nginx_configs.py; MODE = shared (one routing state for
@@ -120,10 +122,25 @@ if [ -n "${BENCH_ENVOY_TARGETS:-}" ]; then
   k=0
   for t in "${ENVOY_TARGETS[@]}"; do
     name=${t%%=*}
-    if [ -f "$OUT/envoy/$name.mc" ]; then  # gateway replicas: their metadata-center first
+    if [ -f "$OUT/envoy/$name.mc" ]; then  # gateway replicas: their metadata-center(s) first
       MC=${MC:-target/release/llmproxy-metadata-center}
       [ -x "$MC" ] || { echo "missing $MC: run 'make build'" >&2; exit 1; }
-      start "$name-mc" env POD_IP=127.0.0.1 "$MC" run --host 127.0.0.1 --port "$(cat "$OUT/envoy/$name.mc")"
+      store_args=()
+      if [ "$(cat "$OUT/envoy/$name.store")" = redis ]; then  # one Redis shared by their replicas
+        command -v redis-server >/dev/null || { echo "store=redis needs redis-server (apt-get install redis-server)" >&2; exit 1; }
+        rport=$(( $(head -n 1 "$OUT/envoy/$name.mc") + 5 ))
+        mkdir -p "$OUT/redis-$name"
+        start "$name-redis" redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no \
+          --dir "$(realpath "$OUT/redis-$name")"
+        for i in $(seq 1 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
+        redis-cli -p "$rport" ping >/dev/null || { echo "$name: redis-server on $rport did not start" >&2; exit 1; }
+        store_args=(--store "redis://127.0.0.1:$rport")
+      fi
+      r=0
+      while read -r mc_port; do
+        start "$name-mc$r" env POD_IP=127.0.0.1 "$MC" run --host 127.0.0.1 --port "$mc_port" "${store_args[@]}"
+        r=$((r + 1))
+      done < "$OUT/envoy/$name.mc"
     fi
     for y in "$OUT/envoy/$name.yaml" "$OUT/envoy/$name".r*.yaml; do
       [ -f "$y" ] || continue

@@ -75,19 +75,31 @@ fn chat(text: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-fn http_get(port: u16, path: &str) -> serde_json::Value {
+fn http_get_text(port: u16, path: &str) -> String {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(2)))
         .build()
         .into();
-    let text = agent
+    agent
         .get(format!("http://127.0.0.1:{port}{path}"))
         .call()
         .unwrap()
         .body_mut()
         .read_to_string()
-        .unwrap();
-    serde_json::from_str(&text).unwrap()
+        .unwrap()
+}
+
+fn http_get(port: u16, path: &str) -> serde_json::Value {
+    serde_json::from_str(&http_get_text(port, path)).unwrap()
+}
+
+/// `/v1/cache/save` calls the server has handled (its /metrics).
+fn server_saves(port: u16) -> u64 {
+    http_get_text(port, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix("metadata_center_cache_ops_total{op=\"save\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -182,11 +194,12 @@ fn warmed_by_another_router(server: &Server, prompt: &str) -> (Router, String) {
         config(server.port, r#", "cache_enabled": true, "timeout_ms": 500"#).as_bytes(),
     )
     .unwrap();
+    let saves = server_saves(server.port);
     let p = a.pick(&[], &chat(prompt));
     let warmed = p.endpoint().unwrap().to_string();
-    p.finish(200); // success → cache save
+    p.finish(200);
     wait_until("the cache save to land", || {
-        metric(&a, "llmproxy_metadata_center_calls_total{result=\"ok\"} ") >= 3
+        server_saves(server.port) > saves
     });
     (b, warmed)
 }
@@ -199,7 +212,7 @@ fn remote_cache_lookup_finds_the_endpoint_another_router_warmed() {
         "long shared document text. ".repeat(200)
     );
     let (b, warmed) = warmed_by_another_router(&server, &prompt);
-    for _ in 0..5 {
+    for i in 0..5 {
         let (tx, rx) = mpsc::channel();
         let immediate = b.pick_async(
             &[],
@@ -210,7 +223,7 @@ fn remote_cache_lookup_finds_the_endpoint_another_router_warmed() {
         let req = rx
             .recv_timeout(Duration::from_secs(3))
             .expect("callback called");
-        assert_eq!(req.endpoint(), Some(warmed.as_str()));
+        assert_eq!(req.endpoint(), Some(warmed.as_str()), "pick {i}");
         assert!(req.cache_ratio() > 0.99, "ratio {}", req.cache_ratio());
         req.finish(200);
     }
@@ -220,6 +233,40 @@ fn remote_cache_lookup_finds_the_endpoint_another_router_warmed() {
             "llmproxy_remote_cache_lookups_total{result=\"remote\"} "
         ) >= 5
     );
+}
+
+#[test]
+fn a_pick_claims_its_prefix_before_the_server_answers() {
+    // Router A picks and has not heard a byte from the server yet (prefill): router B, asking
+    // the Metadata-Center, already routes the same document to A's endpoint.
+    let server = start_server();
+    let prompt = format!(
+        "{} what changed?",
+        "a new document nobody cached. ".repeat(200)
+    );
+    let a = Router::from_json(config(server.port, "").as_bytes()).unwrap();
+    let b = Router::from_json(
+        config(server.port, r#", "cache_enabled": true, "timeout_ms": 500"#).as_bytes(),
+    )
+    .unwrap();
+    let saves = server_saves(server.port);
+    let held = a.pick(&[], &chat(&prompt));
+    let warmed = held.endpoint().unwrap().to_string();
+    wait_until("the claim to land", || server_saves(server.port) > saves);
+    let (tx, rx) = mpsc::channel();
+    let immediate = b.pick_async(
+        &[],
+        &chat(&prompt),
+        Box::new(move |req| tx.send(req).unwrap()),
+    );
+    assert!(immediate.is_none(), "cache-enabled pick_async goes pending");
+    let req = rx
+        .recv_timeout(Duration::from_secs(3))
+        .expect("callback called");
+    assert_eq!(req.endpoint(), Some(warmed.as_str()));
+    assert!(req.cache_ratio() > 0.99, "ratio {}", req.cache_ratio());
+    req.finish(200);
+    held.finish(200);
 }
 
 #[test]
@@ -234,6 +281,7 @@ fn another_router_finds_the_answer_this_one_learned() {
     .unwrap();
     let question = "Summarise the report.";
     let answer = "The report says many things at length. ".repeat(100);
+    let saves = server_saves(server.port);
     let mut p = a.pick(&[], &chat(question));
     let warmed = p.endpoint().unwrap().to_string();
     let event = serde_json::json!({"choices": [{"index": 0, "delta": {"content": answer}}]});
@@ -242,8 +290,9 @@ fn another_router_finds_the_answer_this_one_learned() {
         true,
     );
     p.finish(200);
-    wait_until("the cache save to land", || {
-        metric(&a, "llmproxy_metadata_center_calls_total{result=\"ok\"} ") >= 3
+    // the prompt's claim at the pick, then the learned chain at the finish
+    wait_until("the learned chain to land", || {
+        server_saves(server.port) >= saves + 2
     });
     let second = serde_json::json!({"model": "m", "messages": [
         {"role": "user", "content": question},

@@ -50,6 +50,9 @@ pub enum Event {
         endpoint: Arc<Endpoint>,
         /// Prompt length.
         prompt_chars: u64,
+        /// With cache awareness: the prompt's prefix hashes, which the endpoint holds from
+        /// now on, saved right after the add (one queue slot for both).
+        claim: Option<Vec<u64>>,
     },
     /// The first token arrived: prefill is over.
     PromptDone {
@@ -69,7 +72,8 @@ pub enum Event {
         /// Its endpoint.
         endpoint: Arc<Endpoint>,
     },
-    /// The endpoint answered successfully: it now holds these prefixes.
+    /// The endpoint answered successfully: it now holds these prefixes (a learned answer's
+    /// chain; the prompt's own is the `claim` of its add).
     SaveCache {
         /// Cluster.
         cluster: Arc<Cluster>,

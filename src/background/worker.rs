@@ -98,11 +98,26 @@ impl Worker {
                 cluster,
                 endpoint,
                 prompt_chars,
+                claim,
             } => {
-                if req.finished.load(Ordering::Relaxed) {
-                    return; // over before it was reported: nothing to add, nothing to delete
-                }
                 let ip = endpoint.wire_id(identity);
+                let save = |client: &mut Client, hashes: &[u64]| {
+                    client
+                        .save_cache(&SaveCache {
+                            cluster: &cluster.name,
+                            prompt_hash: hashes,
+                            ip: &ip,
+                        })
+                        .is_ok()
+                };
+                if req.finished.load(Ordering::Relaxed) {
+                    // over before it was reported: nothing to add, nothing to delete; the
+                    // endpoint computed the prompt all the same
+                    let Some(hashes) = claim else { return };
+                    let ok = save(client, &hashes);
+                    self.count(ok);
+                    return;
+                }
                 let result = client.add_request(&AddRequest {
                     request_id: &req.id,
                     cluster: &cluster.name,
@@ -123,7 +138,12 @@ impl Worker {
                     }
                     Err(_) => {}
                 }
-                result.is_ok()
+                if let (Ok(()), Some(hashes)) = (&result, claim) {
+                    self.metrics.count_sync(true); // the add
+                    save(client, &hashes)
+                } else {
+                    result.is_ok()
+                }
             }
             Event::PromptDone {
                 req,

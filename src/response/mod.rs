@@ -99,8 +99,6 @@ pub struct ResponseReader {
     /// The data of the current SSE event (its `data:` lines joined by `\n`).
     event: Vec<u8>,
     finish_seen: bool,
-    /// A stream event other than `[DONE]` and not an error has been read.
-    event_seen: bool,
     /// `end_of_stream` was fed.
     ended: bool,
     /// A JSON answer beyond the bound: `line` keeps only its end, for the usage.
@@ -211,7 +209,6 @@ impl ResponseReader {
     pub fn new(kind: RequestKind, cap: usize) -> Self {
         Self {
             mode: Mode::Detect,
-            event_seen: false,
             cap,
             captured: 0,
             line: Vec::new(),
@@ -262,12 +259,6 @@ impl ResponseReader {
     /// answer is parsed now, a stream is complete if choice 0 had its `finish_reason`.
     pub fn end(&mut self) {
         self.feed(&[], true);
-    }
-
-    /// True once the answer is an event stream that delivered an event (not an error, no
-    /// garbage so far): the server is generating, so it has computed the prompt.
-    pub fn is_streaming(&self) -> bool {
-        self.event_seen && self.mode != Mode::Failed
     }
 
     /// What was captured (complete or not: see [`Capture::learnable`]).
@@ -389,9 +380,6 @@ impl ResponseReader {
             self.line = Vec::new();
             self.event = Vec::new();
             return;
-        }
-        if !self.event_seen {
-            self.event_seen = memchr::memmem::find(data, b"\"error\"").is_none();
         }
         if self.cap == 0 && memchr::memmem::find(data, b"\"usage\"").is_none() {
             return; // reading only the usage: this chunk has none

@@ -38,10 +38,8 @@ pub(super) struct Routed {
     /// Share of the prompt the pick expected the endpoint's engine to have cached: the
     /// index's `cache_ratio` times the endpoint's cache trust (with `cache_feedback`).
     pub(super) expected_cache_ratio: f64,
-    /// Metadata-Center identity of the current attempt.
+    /// Metadata-Center identity of the current attempt (its prefix was saved with it).
     pub(super) sync: Option<Arc<RequestSync>>,
-    /// The prompt's prefix went to the Metadata-Center while the answer streamed.
-    pub(super) prompt_saved: bool,
     /// The model name the backend receives.
     pub(super) upstream_model: String,
     /// Index of the rule subset chosen for this request.
@@ -142,7 +140,6 @@ impl RouterInner {
             cache_ratio: 0.0,
             expected_cache_ratio: 0.0,
             sync: None,
-            prompt_saved: false,
             upstream,
             transcoder,
             answer,
@@ -177,7 +174,7 @@ impl RouterInner {
         let chosen = candidates[self.select(r, &set, &candidates, &depth, &params, now)];
         let endpoint = Arc::clone(&set.endpoints[chosen]);
         self.account(r, &endpoint, depth[chosen], use_index, now);
-        self.report(r, &endpoint);
+        self.report(r, &endpoint, params.cache_aware);
         r.tried.push(endpoint.id);
         r.endpoint = Some(endpoint);
         Ok(())
@@ -302,18 +299,27 @@ impl RouterInner {
         r.cluster.touch(now);
     }
 
-    /// Tells the sync thread (when the Metadata-Center is on). A dropped add means the server
-    /// never hears of this request: no releases either.
-    fn report(&self, r: &mut Routed, endpoint: &Arc<Endpoint>) {
+    /// Tells the sync thread (when the Metadata-Center is on): the request's load and, when
+    /// `cache_aware`, that the endpoint holds the prompt's prefix from now on. The prefix is
+    /// claimed at the pick, as the local index records it, so that the other gateways route
+    /// it there at once rather than after this request's prefill (when the answer first
+    /// speaks): in that window they would send the same document to another endpoint. A claim
+    /// the endpoint does not keep (the attempt failed) expires with the server's TTL, and
+    /// `cache_feedback` lowers the trust in an endpoint that does not keep what is claimed. A
+    /// dropped add means the server never hears of this request: no releases, no claim.
+    fn report(&self, r: &mut Routed, endpoint: &Arc<Endpoint>, cache_aware: bool) {
         if self.events.get().is_none() {
             return;
         }
         let req = RequestSync::new(self.next_request_id());
+        // a copy: a retry picks from these hashes again, a learned answer extends them
+        let claim = (cache_aware && !r.prefix_hashes.is_empty()).then(|| r.prefix_hashes.clone());
         if self.send(Event::Add {
             req: Arc::clone(&req),
             cluster: Arc::clone(&r.cluster),
             endpoint: Arc::clone(endpoint),
             prompt_chars: r.prompt_chars,
+            claim,
         }) {
             r.sync = Some(req);
         }

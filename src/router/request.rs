@@ -207,9 +207,6 @@ impl PickedRequest {
         if let Ok(r) = &mut self.result {
             if !r.transcoder.needs_transcoding() {
                 r.answer.feed(chunk, end_of_stream);
-                if !r.prompt_saved && r.answer.is_streaming() {
-                    self.router.save_prompt(r);
-                }
             }
         }
     }
@@ -329,28 +326,24 @@ impl PickedRequest {
                         cluster: Arc::clone(&r.cluster),
                         endpoint: Arc::clone(e),
                     });
+                    // The prompt's prefix was saved at the pick; a learned answer is news:
+                    // the chain the server keeps, the prompt's full chunks then the next
+                    // turn's, from an answer of the endpoint itself.
                     let cache_aware = router.config.lb_params(&r.model).cache_aware;
-                    // Only an answer of the endpoint itself proves it holds the prefix now
-                    // (a streamed one said so at its first event: then only a learned
-                    // extension is news).
-                    if outcome == Outcome::Upstream
-                        && (100..400).contains(&upstream_status)
-                        && cache_aware
-                        && !r.prefix_hashes.is_empty()
-                        && !(r.prompt_saved && learned.is_none())
-                    {
-                        let mut hashes = std::mem::take(&mut r.prefix_hashes);
-                        // The learned answer extends the chain the server keeps: the prompt's
-                        // full chunks, then the next turn's.
-                        if let Some((full, learned)) = learned {
+                    if let Some((full, learned)) = learned {
+                        if outcome == Outcome::Upstream
+                            && (100..400).contains(&upstream_status)
+                            && cache_aware
+                        {
+                            let mut hashes = std::mem::take(&mut r.prefix_hashes);
                             hashes.truncate(full);
                             hashes.extend(learned);
+                            router.send(Event::SaveCache {
+                                cluster: Arc::clone(&r.cluster),
+                                endpoint: Arc::clone(e),
+                                hashes,
+                            });
                         }
-                        router.send(Event::SaveCache {
-                            cluster: Arc::clone(&r.cluster),
-                            endpoint: Arc::clone(e),
-                            hashes,
-                        });
                     }
                 }
                 if !first_token_seen {
@@ -429,31 +422,6 @@ impl PickedRequest {
 }
 
 impl RouterInner {
-    /// Tells the Metadata-Center that the chosen endpoint holds the prompt's prefix, once per
-    /// request, as soon as its answer streams (it has computed the prompt): other gateways
-    /// may route the prefix there long before this answer ends. A no-op without the
-    /// Metadata-Center or cache awareness.
-    fn save_prompt(&self, r: &mut Routed) {
-        r.prompt_saved = true;
-        let (Some(_), Some(e)) = (&r.sync, &r.endpoint) else {
-            return;
-        };
-        if r.prefix_hashes.is_empty() || !self.config.lb_params(&r.model).cache_aware {
-            return;
-        }
-        // finish needs the hashes again only to save a learned extension
-        let hashes = if r.learn_tail.is_some() {
-            r.prefix_hashes.clone()
-        } else {
-            std::mem::take(&mut r.prefix_hashes)
-        };
-        self.send(Event::SaveCache {
-            cluster: Arc::clone(&r.cluster),
-            endpoint: Arc::clone(e),
-            hashes,
-        });
-    }
-
     /// The request is over: learn its answer, when the endpoint gave one in full (or up to
     /// the cap), as the prefix of the next turn held by that endpoint; returns the hashes
     /// recorded (salted for the served model).

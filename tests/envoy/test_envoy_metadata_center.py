@@ -61,19 +61,26 @@ def test_remote_cache_lookups_resume_through_scheduler(mc_gateway):
     wait_in_flight_zero(mc_gateway)
 
 
-def test_a_streamed_answer_saves_its_prefix_before_it_ends(mc_gateway, metadata_center):
-    """The prompt's prefix reaches the Metadata-Center at the stream's first event (the server
-    has computed the prompt), not when the answer ends: another gateway can route it there
-    while this answer is still streaming."""
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+def test_the_prefix_is_saved_at_the_pick_before_the_server_answers(mc_gateway, metadata_center, stream):
+    """The prompt's prefix reaches the Metadata-Center at the pick (as the local index records
+    it), not when the server first answers: another gateway routes the same document there
+    while this request is still in its prefill, instead of computing it on a second server."""
     before = harness.metadata_center_saves(metadata_center)
-    body = chat("m-a", harness.random_text(3000, seed=4242), stream=True)
-    # 6 events 0.5 s apart: the answer takes 2.5 s
-    headers = {"x-test-chunks": "6", "x-test-chunk-delay-ms": "500"}
+    body = chat("m-a", harness.random_text(3000, seed=4242 + stream), stream=stream)
+    # a 2.5 s "prefill": the server sends nothing, not even its headers, before then
+    headers = {"x-test-delay-ms": "2500", "x-test-chunks": "3"}
     with ThreadPoolExecutor(1) as ex:
         answer = ex.submit(harness.request, mc_gateway.port, "POST", "/v1/chat/completions", body, headers)
         harness.wait_until(lambda: harness.metadata_center_saves(metadata_center) > before, timeout=2,
-                           what="the prefix saved while the answer streams")
-        assert not answer.done(), "the answer had already ended"
+                           what="the prefix saved while the server computes the prompt")
+        assert not answer.done(), "the server had already answered"
         status, _, data, secs = answer.result()
-    assert status == 200 and secs >= 2.0, (status, secs)
-    assert data.count(b"data: ") == 7  # 6 events and [DONE], nothing lost
+    assert status == 200 and secs >= 2.5, (status, secs)
+    if stream:
+        assert data.count(b"data: ") == 4  # 3 events and [DONE], nothing lost
+    else:
+        assert json.loads(data)["choices"], data[:200]
+    # one claim per pick; the answer's end adds at most the learned next-turn chain
+    wait_in_flight_zero(mc_gateway)
+    assert before + 1 <= harness.metadata_center_saves(metadata_center) <= before + 2

@@ -379,6 +379,18 @@ impl Metrics {
                 "Redis store operations by outcome (error and timeout: answered from nothing)",
                 &samples,
             );
+            f.family(
+                "metadata_center_store_shared_load_queries_total",
+                "counter",
+                "Load queries answered by the Redis call of an identical one in flight",
+                &[("", r.counters.shared_load_queries())],
+            );
+            f.family(
+                "metadata_center_store_skipped_saves_total",
+                "counter",
+                "Cache saves of prefixes this replica had all saved within the refresh granularity",
+                &[("", r.counters.skipped_saves())],
+            );
         }
         m.encode(&f.into_string())
     }

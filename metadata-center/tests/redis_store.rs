@@ -13,7 +13,7 @@ use llmproxy_metadata_center::cache::{CacheConfig, CachePool};
 use llmproxy_metadata_center::endpoint::Endpoint;
 use llmproxy_metadata_center::load::{AddRequest, Stamp};
 use llmproxy_metadata_center::retry::RetryKind;
-use llmproxy_metadata_center::store::redis::Op;
+use llmproxy_metadata_center::store::redis::{Op, RECENT_SAVES};
 use llmproxy_metadata_center::store::{RedisConfig, RedisStore, StoreSpec};
 use redis_support::{redis_available, RedisServer};
 
@@ -98,6 +98,80 @@ async fn redis_load_lifecycle_matches_the_in_memory_semantics() {
     assert!((now - t).abs() < 5_000_000_000, "{now} vs {t}");
     let (ok, err, late) = s.counters.get(Op::Add);
     assert_eq!((ok, err, late), (3, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_load_queries_in_flight_together_share_one_call() {
+    if !redis_available("redis_load_queries_in_flight_together_share_one_call") {
+        return;
+    }
+    let r = RedisServer::start();
+    let s = RedisStore::open(cfg(r.url())).unwrap();
+    s.add(&add("m", "r1", 100, "10.0.0.1")).await;
+    s.add(&add("n", "r2", 7, "10.0.0.2")).await;
+    let calls = |s: &RedisStore| s.counters.get(Op::QueryLoad).0;
+    let before = calls(&s);
+    // four queries of "m" polled together (one task: each is in flight when the next comes),
+    // and one of "n": two Redis calls, the three later "m" queries share the first's answer
+    let (a, b, c, d, n) = tokio::join!(
+        load(&s, "m"),
+        load(&s, "m"),
+        load(&s, "m"),
+        load(&s, "m"),
+        load(&s, "n")
+    );
+    let m = Some(vec![("10.0.0.1".to_string(), 1, 100)]);
+    assert_eq!([&a, &b, &c, &d], [&m, &m, &m, &m]);
+    assert_eq!(n, Some(vec![("10.0.0.2".to_string(), 1, 7)]));
+    assert_eq!(calls(&s) - before, 2);
+    assert_eq!(s.counters.shared_load_queries(), 3);
+    // answered: the next query makes its own call and sees the change
+    assert!(s.delete("r1", RetryKind::DeletePrompt).await);
+    assert_eq!(
+        load(&s, "m").await,
+        Some(vec![("10.0.0.1".to_string(), 1, 0)])
+    );
+    assert_eq!(calls(&s) - before, 3);
+    assert_eq!(s.counters.shared_load_queries(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cache_save_sends_only_the_prefixes_not_saved_recently() {
+    if !redis_available("redis_cache_save_sends_only_the_prefixes_not_saved_recently") {
+        return;
+    }
+    let r = RedisServer::start();
+    // time for the one save of ~130,000 prefixes at the end
+    let s = RedisStore::open(RedisConfig {
+        op_timeout: Duration::from_secs(20),
+        ..cfg(r.url())
+    })
+    .unwrap();
+    let (a, b) = (ep("10.0.0.1"), ep("10.0.0.2"));
+    let saves = |s: &RedisStore| s.counters.get(Op::CacheSave).0;
+    let turn1: Vec<u64> = (1..=8).collect();
+    let turn2: Vec<u64> = (1..=12).collect();
+    s.cache_save("m", &turn1, a).await;
+    assert_eq!((saves(&s), s.recent_saves()), (1, 8));
+    // the same prefixes for the same location again: no Redis call
+    s.cache_save("m", &turn1, a).await;
+    s.cache_save("m", &turn1[..5], a).await;
+    assert_eq!((saves(&s), s.counters.skipped_saves()), (1, 2));
+    // the next turn: one call, with its 4 new chunks only (8 + 4 remembered)
+    s.cache_save("m", &turn2, a).await;
+    assert_eq!((saves(&s), s.recent_saves()), (2, 12));
+    // another location, another cluster: their own calls
+    s.cache_save("m", &turn1, b).await;
+    s.cache_save("other", &turn1, a).await;
+    assert_eq!((saves(&s), s.recent_saves()), (4, 28));
+    // what Redis holds is what every save said
+    assert_eq!(s.cache_query("m", &turn2, 5).await, vec![(a, 12), (b, 8)]);
+    assert_eq!(s.cache_query("other", &turn2, 5).await, vec![(a, 8)]);
+    // bounded: a save of more prefixes than the memo holds leaves it at its cap
+    let long: Vec<u64> = (100..100 + RECENT_SAVES as u64 + 1_000).collect();
+    s.cache_save("big", &long, a).await;
+    assert_eq!(saves(&s), 5);
+    assert_eq!(s.recent_saves(), RECENT_SAVES);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -102,6 +102,10 @@ pub struct StoreCounters {
     ok: [AtomicU64; 6],
     error: [AtomicU64; 6],
     timeout: [AtomicU64; 6],
+    /// Load queries answered by another query's call, in flight when they arrived.
+    shared_load_queries: AtomicU64,
+    /// Cache saves of prefixes all saved recently by this replica: no Redis call.
+    skipped_saves: AtomicU64,
 }
 
 impl StoreCounters {
@@ -110,17 +114,45 @@ impl StoreCounters {
         let i = op as usize;
         (get(&self.ok[i]), get(&self.error[i]), get(&self.timeout[i]))
     }
+
+    /// Load queries that shared the Redis call of one in flight.
+    pub fn shared_load_queries(&self) -> u64 {
+        get(&self.shared_load_queries)
+    }
+
+    /// Cache saves answered without a Redis call (every prefix saved recently).
+    pub fn skipped_saves(&self) -> u64 {
+        get(&self.skipped_saves)
+    }
 }
 
 /// Request ids this replica added recently, with their cluster: a delete that finds its
 /// request here skips the index lookup (one round trip less); others ask Redis.
 const RECENT_REQUESTS: usize = 65_536;
 
+/// Prefixes this replica saved recently, per cluster and location: a save skips those it
+/// wrote less than the refresh granularity ago (Redis would leave their tags as they are), so a
+/// chat's next turn or a popular document costs Redis only its new chunks, or no call at all.
+/// Entries: 40 B of key and stamp, ~100 B with the map's own (≈ 13 MB at the cap).
+pub const RECENT_SAVES: usize = 131_072;
+
+/// A key of the recent-saves memo: (cluster's hash, location, prefix digest).
+type SavedKey = (u64, Endpoint, u64);
+
+/// The answer of one load query in flight, shared by every query of the same cluster that
+/// arrives before it is answered.
+type SharedLoad = Arc<tokio::sync::OnceCell<Option<Vec<EngineView>>>>;
+
 pub struct RedisStore {
     conn: Conn,
     cfg: RedisConfig,
     scripts: Scripts,
     recent: parking_lot::Mutex<hashlink::LruCache<String, Arc<str>>>,
+    /// Recent saves (`RECENT_SAVES`): when each was sent, ms since `epoch`.
+    saved: parking_lot::Mutex<hashlink::LruCache<SavedKey, u64>>,
+    epoch: std::time::Instant,
+    /// Load queries in flight, per cluster (at most one entry per cluster being queried).
+    loads_in_flight: parking_lot::Mutex<hashbrown::HashMap<String, SharedLoad>>,
     pub counters: StoreCounters,
 }
 
@@ -133,6 +165,9 @@ impl RedisStore {
             cfg,
             scripts: Scripts::new(),
             recent: parking_lot::Mutex::new(hashlink::LruCache::new(RECENT_REQUESTS)),
+            saved: parking_lot::Mutex::new(hashlink::LruCache::new(RECENT_SAVES)),
+            epoch: std::time::Instant::now(),
+            loads_in_flight: parking_lot::Mutex::new(hashbrown::HashMap::new()),
             counters: StoreCounters::default(),
         })
     }
@@ -258,7 +293,42 @@ impl RedisStore {
     }
 
     /// `GET /v1/load/stats`: `None` for an unknown cluster, and when Redis did not answer.
+    ///
+    /// Queries of one cluster that arrive while another is in flight share its answer (one
+    /// Redis call for all of them: many gateways poll the same cluster every few tens of ms),
+    /// so an answer is never older than the call that made it. A caller that gives up (its
+    /// handler dropped) leaves the call to the next one waiting; the deadline is the call's.
     pub async fn query_load(&self, cluster: &str) -> Option<Vec<EngineView>> {
+        let shared = {
+            let mut in_flight = self.loads_in_flight.lock();
+            if let Some(s) = in_flight.get(cluster) {
+                self.counters
+                    .shared_load_queries
+                    .fetch_add(1, Ordering::Relaxed);
+                Arc::clone(s)
+            } else {
+                let s = SharedLoad::default();
+                in_flight.insert(cluster.to_owned(), Arc::clone(&s));
+                s
+            }
+        };
+        let answer = shared
+            .get_or_init(|| self.query_load_now(cluster))
+            .await
+            .clone();
+        // answered: later queries make a new call (no poll between get_or_init and this)
+        let mut in_flight = self.loads_in_flight.lock();
+        if in_flight
+            .get(cluster)
+            .is_some_and(|s| Arc::ptr_eq(s, &shared))
+        {
+            in_flight.remove(cluster);
+        }
+        answer
+    }
+
+    /// One load query to Redis.
+    async fn query_load_now(&self, cluster: &str) -> Option<Vec<EngineView>> {
         let ttl = Self::ttl_ms(self.cfg.load_ttl);
         let k = ClusterKeys::new(&self.cfg.key_prefix, cluster);
         let mut inv = self.scripts.query_load.prepare_invoke();
@@ -301,9 +371,30 @@ impl RedisStore {
         (Self::ttl_ms(self.cfg.cache_ttl) / 16).min(10_000)
     }
 
-    /// `POST /v1/cache/save`: tags every prefix of `hashes` with `loc`.
+    /// `POST /v1/cache/save`: tags every prefix of `hashes` with `loc`, except those this
+    /// replica tagged with `loc` less than the refresh granularity ago (`RECENT_SAVES`).
     pub async fn cache_save(&self, cluster: &str, hashes: &[u64], loc: Endpoint) {
-        if hashes.is_empty() {
+        let cluster_hash = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            cluster.hash(&mut h);
+            h.finish()
+        };
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let granularity = self.refresh_granularity();
+        let digests: Vec<u64> = {
+            let mut saved = self.saved.lock();
+            prefix_digests(hashes)
+                .into_iter()
+                .filter(|&d| {
+                    saved
+                        .get(&(cluster_hash, loc, d))
+                        .is_none_or(|&at| now.saturating_sub(at) >= granularity)
+                })
+                .collect()
+        };
+        if digests.is_empty() {
+            self.counters.skipped_saves.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let k = ClusterKeys::new(&self.cfg.key_prefix, cluster);
@@ -315,12 +406,24 @@ impl RedisStore {
             .arg(self.cfg.max_locations_per_prefix.max(1))
             .arg(loc.to_string())
             .arg(self.refresh_granularity());
-        for d in prefix_digests(hashes) {
+        for &d in &digests {
             inv.arg(digest_field(d));
         }
         let mut c = self.conn.clone();
-        self.run(Op::CacheSave, inv.invoke_async::<i64>(&mut c))
+        let written = self
+            .run(Op::CacheSave, inv.invoke_async::<i64>(&mut c))
             .await;
+        if written.is_some() {
+            let mut saved = self.saved.lock();
+            for d in digests {
+                saved.insert((cluster_hash, loc, d), now);
+            }
+        }
+    }
+
+    /// Entries of the recent-saves memo (at most `RECENT_SAVES`).
+    pub fn recent_saves(&self) -> usize {
+        self.saved.lock().len()
     }
 
     /// `POST /v1/cache/query`: per location, the number of leading hashes of the query it

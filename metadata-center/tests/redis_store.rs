@@ -275,6 +275,20 @@ async fn redis_cache_answers_like_the_in_memory_tree() {
         let want = as_map(pool.query("m", q, 100, now));
         let got = as_map(s.cache_query("m", q, 100).await);
         assert_eq!(got, want, "query {q:?}");
+        // a few locations (the script stops early): the deepest ones, as many; the order among
+        // equally deep ones is by save time, which the two stores keep at different precision
+        for k in [1, 2, 3] {
+            let depths = |v: &[(Endpoint, usize)]| v.iter().map(|e| e.1).collect::<Vec<_>>();
+            let top = s.cache_query("m", q, k).await;
+            assert_eq!(
+                depths(&top),
+                depths(&pool.query("m", q, k, now)),
+                "query {q:?}, top {k}"
+            );
+            for (e, d) in &top {
+                assert_eq!(want.get(&e.to_string()), Some(d), "query {q:?}, top {k}");
+            }
+        }
     }
     // Top-K: the deepest first.
     let top = s.cache_query("m", &[1, 2, 3, 4, 5, 6], 1).await;

@@ -9,7 +9,8 @@ an llmproxy algorithm (`inference_lb`, `least_request`, `round_robin`, `random`)
 dynamic module; K=V pairs (numbers) go into its lb_mapping_rule, e.g.
 `llmproxy-w:inference_lb:cache_radio_weight=4,prefill_load_weight=1`, except the library-wide
 `learn_response_bytes`, `hash_chunk_bytes`, `prefix_index_capacity` and `cache_feedback` (e.g.
-`pc-nolearn:prefix_cost:learn_response_bytes=0`, `pc-nofb:prefix_cost:cache_feedback=false`).
+`pc-nolearn:prefix_cost:learn_response_bytes=0`, `pc-nofb:prefix_cost:cache_feedback=false`;
+`engine_metrics=true` reads every endpoint's Prometheus page).
 For each NAME it writes OUT_DIR/NAME.yaml (listeners on consecutive ports from LISTEN_BASE_PORT,
 admin on the listener's + 100) and prints "NAME=http://127.0.0.1:PORT".
 
@@ -169,6 +170,9 @@ def main(argv):
                     return 2
             elif k == "shared":
                 shared = value == "true"
+            elif k == "engine_metrics":
+                if value == "true":  # each endpoint's own /metrics read every 250 ms
+                    top_extra += "                  engine_metrics:\n                    enabled: true\n"
             elif k in TOP_LEVEL_KEYS:
                 top_extra += f"                  {k}: {value}\n"
             else:

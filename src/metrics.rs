@@ -53,6 +53,11 @@ pub struct RouterMetrics {
     pub lookups_expired: AtomicU64,
     /// Prefix chunks learned from answers (the next turn's prefix, recorded at finish).
     pub learned_response_chunks: AtomicU64,
+    /// Reads of the endpoints' metrics pages (`engine_metrics`) that gave a reading / failed
+    /// (unreachable, late, not a Prometheus page with the configured gauges).
+    pub engine_reads_ok: AtomicU64,
+    /// See `engine_reads_ok`.
+    pub engine_reads_failed: AtomicU64,
 }
 
 impl Default for RouterMetrics {
@@ -73,6 +78,8 @@ impl Default for RouterMetrics {
             lookups_local: AtomicU64::new(0),
             lookups_expired: AtomicU64::new(0),
             learned_response_chunks: AtomicU64::new(0),
+            engine_reads_ok: AtomicU64::new(0),
+            engine_reads_failed: AtomicU64::new(0),
         }
     }
 }
@@ -242,6 +249,16 @@ impl RouterMetrics {
             &[
                 ("result=\"ok\"".into(), load(&m.sync_ok)),
                 ("result=\"failed\"".into(), load(&m.sync_failed)),
+            ],
+        );
+        family(
+            out,
+            "llmproxy_engine_metrics_reads_total",
+            "counter",
+            "Reads of the endpoints' own metrics pages (engine_metrics) by result.",
+            &[
+                ("result=\"ok\"".into(), load(&m.engine_reads_ok)),
+                ("result=\"failed\"".into(), load(&m.engine_reads_failed)),
             ],
         );
         family(

@@ -13,6 +13,9 @@
 //! The resolver thread (when there is a host name to resolve) owns every DNS lookup: the
 //! Metadata-Center's host and the DNS clusters, whose endpoint sets it swaps.
 //!
+//! The engine metrics reader (`engine_metrics.enabled`) reads every endpoint's Prometheus
+//! page each period: requests its engine runs and queues, stored in the endpoint.
+//!
 //! Lookup threads (`lookup_threads`, only when remote cache lookups are enabled) answer
 //! `pick_async` / `pick_start` lookups in parallel, each within `timeout_ms`, and hand the
 //! decision to the host (callback or ticket).
@@ -27,11 +30,13 @@
 //!
 //! Files: `threads.rs` (spawning and stopping), `events.rs` (the request path's queue),
 //! `worker.rs` (the sync thread's loop), `client.rs` (the Metadata-Center wire client),
-//! `resolver.rs` (every DNS lookup, on a thread of its own), `log_writer.rs` (the request
+//! `resolver.rs` (every DNS lookup, on a thread of its own), `engine_metrics.rs` (the
+//! endpoints' own metrics pages, on a thread of its own), `log_writer.rs` (the request
 //! log's file, on a thread of its own).
 //! This module depends on the state it updates (`crate::state`), never on the router.
 
 pub mod client;
+pub mod engine_metrics;
 mod events;
 pub mod log_writer;
 mod resolver;
@@ -67,6 +72,13 @@ pub(crate) fn start_resolver(resolver: Resolver) -> std::io::Result<Option<Threa
         return Ok(None);
     }
     spawn_quiet("llmproxy-resolve", move |stop| resolver.run(stop)).map(Some)
+}
+
+/// Starts the engine metrics reader (see [`engine_metrics`]).
+pub(crate) fn start_engine_metrics(
+    reader: engine_metrics::EngineMetricsReader,
+) -> std::io::Result<ThreadGuard> {
+    spawn_quiet("llmproxy-engines", move |stop| reader.run(stop))
 }
 
 /// How often an attached router's reaper looks for dead workers in its shared region.

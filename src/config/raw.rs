@@ -53,6 +53,28 @@ pub(super) struct RawConfig {
     pub(super) dns_refresh_ms: Option<u64>,
     #[serde(default)]
     pub(super) metadata_center: Option<RawMetadataCenter>,
+    #[serde(default)]
+    pub(super) engine_metrics: Option<RawEngineMetrics>,
+}
+
+/// `engine_metrics`: reading each endpoint's own Prometheus metrics.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEngineMetrics {
+    #[serde(default)]
+    pub(super) enabled: Option<bool>,
+    #[serde(default)]
+    pub(super) path: Option<String>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub(super) period_ms: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub(super) timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub(super) stale_ms: Option<u64>,
+    #[serde(default)]
+    pub(super) running: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) waiting: Option<Vec<String>>,
 }
 
 /// `metadata_center`: overrides of the settings from the environment.

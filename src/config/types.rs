@@ -248,6 +248,49 @@ pub struct Config {
     pub dns_refresh_ms: u64,
     /// Metadata-Center client settings.
     pub metadata_center: MetadataCenter,
+    /// Reading each endpoint's own Prometheus metrics (requests running and waiting).
+    pub engine_metrics: EngineMetrics,
+}
+
+/// `engine_metrics`: a background thread reads every endpoint's Prometheus page each
+/// `period_ms` and scoring counts the requests its engine says it runs and queues when that
+/// is more than this router knows of (other gateways', other clients' traffic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineMetrics {
+    /// Off unless `engine_metrics.enabled`.
+    pub enabled: bool,
+    /// Path of the metrics page on every endpoint (`/metrics`).
+    pub path: String,
+    /// Time between two reads of every endpoint, ms (250).
+    pub period_ms: u64,
+    /// Deadline of one read (connect, request, answer), ms (200).
+    pub timeout_ms: u64,
+    /// A reading older than this is ignored, ms (1000).
+    pub stale_ms: u64,
+    /// Gauges of requests running, summed over their label sets (vLLM's and SGLang's names).
+    pub running: Vec<String>,
+    /// Gauges of requests waiting, summed likewise.
+    pub waiting: Vec<String>,
+}
+
+impl Default for EngineMetrics {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            path: "/metrics".into(),
+            period_ms: 250,
+            timeout_ms: 200,
+            stale_ms: 1000,
+            running: vec![
+                "vllm:num_requests_running".into(),
+                "sglang:num_running_reqs".into(),
+            ],
+            waiting: vec![
+                "vllm:num_requests_waiting".into(),
+                "sglang:num_queue_reqs".into(),
+            ],
+        }
+    }
 }
 
 /// The request log: one JSON line per finished request, written by a background thread.

@@ -10,11 +10,13 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use super::env;
-use super::raw::{RawCluster, RawConfig, RawEjection, RawEndpoint, RawLbConfig, RawLog};
+use super::raw::{
+    RawCluster, RawConfig, RawEjection, RawEndpoint, RawEngineMetrics, RawLbConfig, RawLog,
+};
 use super::rules::{self, header_unsafe, is_header_name};
 use super::types::{
-    err, within, Algorithm, Config, ConfigError, Ejection, EndpointSpec, LbParams, RequestLog,
-    Rule, DEFAULT_CLUSTER_HEADER, DEFAULT_HASH_CHUNK_BYTES, DEFAULT_INTERCEPT_PATHS,
+    err, within, Algorithm, Config, ConfigError, Ejection, EndpointSpec, EngineMetrics, LbParams,
+    RequestLog, Rule, DEFAULT_CLUSTER_HEADER, DEFAULT_HASH_CHUNK_BYTES, DEFAULT_INTERCEPT_PATHS,
     DEFAULT_LEARN_RESPONSE_BYTES, DEFAULT_MAX_BODY_BYTES, DEFAULT_METRICS_PATH,
     DEFAULT_PREFIX_INDEX_CAPACITY,
 };
@@ -53,6 +55,7 @@ pub(super) fn validate(
     let ejection = ejection(raw.ejection)?;
     add_istio_dns_clusters(&models, &clusters, &mut dns_clusters);
     let metadata_center = env::metadata_center(raw.metadata_center, env)?;
+    let engine_metrics = engine_metrics(raw.engine_metrics)?;
 
     Ok(Config {
         algorithm,
@@ -74,7 +77,56 @@ pub(super) fn validate(
         dns_clusters,
         dns_refresh_ms: raw.dns_refresh_ms.unwrap_or(5000).max(100),
         metadata_center,
+        engine_metrics,
     })
+}
+
+/// `engine_metrics`: deadlines within bounds (the read's below its period), a path, names.
+fn engine_metrics(raw: Option<RawEngineMetrics>) -> Result<EngineMetrics, ConfigError> {
+    let mut m = EngineMetrics::default();
+    let Some(r) = raw else { return Ok(m) };
+    m.enabled = r.enabled.unwrap_or(false);
+    if let Some(path) = r.path {
+        if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return Err(err(
+                "engine_metrics.path",
+                format!("must be an absolute path without spaces, got {path:?}"),
+            ));
+        }
+        m.path = path;
+    }
+    m.period_ms = within(
+        "engine_metrics.period_ms",
+        r.period_ms.unwrap_or(m.period_ms),
+        50..=60_000,
+    )?;
+    m.timeout_ms = within(
+        "engine_metrics.timeout_ms",
+        r.timeout_ms.unwrap_or(m.timeout_ms),
+        10..=m.period_ms,
+    )?;
+    m.stale_ms = within(
+        "engine_metrics.stale_ms",
+        r.stale_ms.unwrap_or(m.stale_ms),
+        m.period_ms..=600_000,
+    )?;
+    for (field, names, target) in [
+        ("running", r.running, &mut m.running),
+        ("waiting", r.waiting, &mut m.waiting),
+    ] {
+        let Some(names) = names else { continue };
+        if let Some(bad) = names
+            .iter()
+            .find(|n| n.is_empty() || n.bytes().any(|b| b <= b' ' || b == b'{'))
+        {
+            return Err(err(
+                format!("engine_metrics.{field}"),
+                format!("metric names without spaces or labels, got {bad:?}"),
+            ));
+        }
+        *target = names;
+    }
+    Ok(m)
 }
 
 /// `protocol`: only `openai` (or nothing).
@@ -427,6 +479,51 @@ mod tests {
         let e = parse(r#"{"clusters": {"c": {"dns": "h:1", "endpoints": ["127.0.0.1:1"]}}}"#)
             .unwrap_err();
         assert!(e.starts_with("config.clusters.c: give either"), "{e}");
+    }
+
+    #[test]
+    fn engine_metrics_defaults_overrides_and_errors() {
+        let c = Config::from_json(br#"{"engine_metrics": {"enabled": true}}"#).unwrap();
+        assert!(c.engine_metrics.enabled);
+        assert_eq!(c.engine_metrics.path, "/metrics");
+        assert_eq!(c.engine_metrics.waiting[0], "vllm:num_requests_waiting");
+        let c = Config::from_json(
+            br#"{"engine_metrics": {"enabled": true, "path": "/m", "period_ms": 500, "timeout_ms": 300,
+                 "stale_ms": 2000, "running": ["trtllm:running"], "waiting": []}}"#,
+        )
+        .unwrap();
+        let m = &c.engine_metrics;
+        assert_eq!(
+            (m.path.as_str(), m.period_ms, m.timeout_ms, m.stale_ms),
+            ("/m", 500, 300, 2000)
+        );
+        assert_eq!(
+            (m.running.clone(), m.waiting.len()),
+            (vec!["trtllm:running".to_string()], 0)
+        );
+        assert!(!Config::from_json(b"{}").unwrap().engine_metrics.enabled);
+        assert_errors(&[
+            (
+                r#"{"engine_metrics": {"path": "metrics"}}"#,
+                "config.engine_metrics.path: must be an absolute path without spaces, got \"metrics\"",
+            ),
+            (
+                r#"{"engine_metrics": {"timeout_ms": 300}}"#,
+                "config.engine_metrics.timeout_ms: must be within 10–250, got 300",
+            ),
+            (
+                r#"{"engine_metrics": {"period_ms": 10}}"#,
+                "config.engine_metrics.period_ms: must be within 50–60000, got 10",
+            ),
+            (
+                r#"{"engine_metrics": {"stale_ms": 100}}"#,
+                "config.engine_metrics.stale_ms: must be within 250–600000, got 100",
+            ),
+            (
+                r#"{"engine_metrics": {"waiting": ["vllm:x{a=\"b\"}"]}}"#,
+                "config.engine_metrics.waiting: metric names without spaces or labels, got \"vllm:x{a=\\\"b\\\"}\"",
+            ),
+        ]);
     }
 
     #[test]

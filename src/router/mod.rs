@@ -208,6 +208,17 @@ impl Router {
         if let Ok(Some(guard)) = background::start_resolver(resolver) {
             guards.push(guard);
         }
+        if inner.config.engine_metrics.enabled {
+            let reader = background::engine_metrics::EngineMetricsReader {
+                settings: inner.config.engine_metrics.clone(),
+                clusters: Arc::downgrade(&inner.clusters),
+                metrics: Arc::clone(&inner.metrics),
+                clock: inner.clock,
+            };
+            if let Ok(guard) = background::start_engine_metrics(reader) {
+                guards.push(guard);
+            }
+        }
         if let Some(shared) = &inner.shared {
             if let Ok(guard) = background::start_reaper(Arc::clone(shared)) {
                 guards.push(guard);

@@ -244,12 +244,14 @@ impl RouterInner {
         let algorithm = self.config.algorithm;
         let loads = if algorithm.uses_loads() {
             let total_chunks = r.prefix_hashes.len().max(1) as f64;
+            let engines = &self.config.engine_metrics;
             let remote = RemoteScale {
                 stale_ms: self.config.metadata_center.load_stale_ms,
                 uncached_share: uncached_share(
                     self.metrics.prompt_chars.load(Ordering::Relaxed),
                     self.metrics.cached_prompt_chars.load(Ordering::Relaxed),
                 ),
+                engine_stale_ms: engines.enabled.then_some(engines.stale_ms),
             };
             let feedback = self.config.cache_feedback;
             loads_of(set, candidates, depth, total_chunks, now, remote, feedback)
@@ -380,13 +382,16 @@ fn cache_trust(e: &Endpoint, cache_feedback: bool) -> f64 {
     }
 }
 
-/// How other gateways' load (from the Metadata-Center) counts in a pick.
+/// How other gateways' load (from the Metadata-Center, from the engines' metrics) counts in
+/// a pick.
 #[derive(Clone, Copy)]
 struct RemoteScale {
     /// Remote load older than this is ignored.
     stale_ms: u64,
     /// The share of the remote prompt characters in prefill taken as uncached.
     uncached_share: f64,
+    /// With `engine_metrics`: engine readings older than this are ignored.
+    engine_stale_ms: Option<u64>,
 }
 
 /// The share of the prompt characters this router routed that it expected uncached (1 before
@@ -401,8 +406,10 @@ fn uncached_share(prompt_chars: u64, cached_prompt_chars: u64) -> f64 {
 
 /// Candidate loads: this router's live counts plus, when fresh, what other gateways put on
 /// each endpoint (from the Metadata-Center; their prefill at [`RemoteScale::uncached_share`]
-/// counts as uncached); the cache ratios as the pick expects them (the index's, times each
-/// endpoint's cache trust with `cache_feedback`).
+/// counts as uncached), and the requests the engine itself reports beyond all that (its own
+/// metrics, `engine_metrics`: traffic of gateways and clients nobody told us of); the cache
+/// ratios as the pick expects them (the index's, times each endpoint's cache trust with
+/// `cache_feedback`).
 fn loads_of(
     set: &EndpointSet,
     candidates: &[usize],
@@ -418,8 +425,14 @@ fn loads_of(
             let e = &set.endpoints[i];
             let (rq, rl) = e.remote_load(now_ms, remote.stale_ms).unwrap_or((0, 0));
             let rl_uncached = (rl as f64 * remote.uncached_share).round() as u64;
+            let known = e.in_flight() + rq;
+            let engine = remote
+                .engine_stale_ms
+                .and_then(|stale| e.engine.requests(now_ms, stale))
+                .unwrap_or(0);
             CandidateLoad {
-                in_flight: e.in_flight() + rq,
+                // the engine counts our requests too (a little late): only more is news
+                in_flight: known.max(engine),
                 prefill_chars: e.prefill_chars() + rl,
                 cache_ratio: depth[i] as f64 / total_chunks * cache_trust(e, cache_feedback),
                 uncached_prefill_chars: e.uncached_prefill_chars() + rl_uncached,
@@ -444,6 +457,7 @@ mod tests {
         let remote = RemoteScale {
             stale_ms: 1000,
             uncached_share: 0.2,
+            engine_stale_ms: None,
         };
         let l = loads_of(&set, &[0], &[0], 1.0, 100, remote, false)[0];
         assert_eq!((l.in_flight, l.prefill_chars), (5, 10_500));
@@ -451,5 +465,36 @@ mod tests {
         // stale remote load counts for nothing
         let l = loads_of(&set, &[0], &[0], 1.0, 2000, remote, false)[0];
         assert_eq!((l.in_flight, l.uncached_prefill_chars), (1, 100));
+    }
+
+    #[test]
+    fn engine_readings_count_only_what_the_router_does_not_know_and_only_while_fresh() {
+        let e = Arc::new(Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0));
+        e.acquire(500, 100); // this router: 1 request
+        e.set_remote_load(3, 0, 50); // other gateways through the Metadata-Center: 3
+        let set = EndpointSet::new(vec![Arc::clone(&e)]);
+        let on = RemoteScale {
+            stale_ms: 1000,
+            uncached_share: 1.0,
+            engine_stale_ms: Some(1000),
+        };
+        let in_flight =
+            |now, scale| loads_of(&set, &[0], &[0], 1.0, now, scale, false)[0].in_flight;
+        assert_eq!(in_flight(100, on), 4, "no reading yet");
+        e.engine.set(10, 100); // the engine runs and queues 10: 6 nobody told us of
+        assert_eq!(in_flight(100, on), 10);
+        e.engine.set(2, 100); // it has not seen ours yet: what we know stands
+        assert_eq!(in_flight(100, on), 4);
+        e.engine.set(10, 100);
+        assert_eq!(
+            in_flight(1101, on),
+            1,
+            "stale reading and stale remote load: local only"
+        );
+        let off = RemoteScale {
+            engine_stale_ms: None,
+            ..on
+        };
+        assert_eq!(in_flight(100, off), 4, "engine_metrics off");
     }
 }

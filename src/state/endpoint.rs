@@ -40,6 +40,32 @@ pub struct Endpoint {
     ttft: Box<[OnceLock<Histogram>]>,
     /// What this endpoint's answers reported about themselves (`usage`), this process's share.
     pub answers: AnswerStats,
+    /// What the engine's own metrics page said last (`engine_metrics`).
+    pub engine: EngineReading,
+}
+
+/// Requests the endpoint's engine reported running plus waiting, and when (written by the
+/// metrics reader thread, read by scoring without locks).
+#[derive(Default)]
+pub struct EngineReading {
+    requests: AtomicU64,
+    /// Router clock ms of the reading; 0: never read.
+    at_ms: AtomicU64,
+}
+
+impl EngineReading {
+    /// Records a reading of `requests` (running + waiting) taken at `now_ms`.
+    pub fn set(&self, requests: u64, now_ms: u64) {
+        self.requests.store(requests, Ordering::Relaxed);
+        self.at_ms.store(now_ms.max(1), Ordering::Relaxed);
+    }
+
+    /// The last reading, unless it is older than `stale_ms` (or there is none).
+    pub fn requests(&self, now_ms: u64, stale_ms: u64) -> Option<u64> {
+        let at = self.at_ms.load(Ordering::Relaxed);
+        (at != 0 && now_ms.saturating_sub(at) <= stale_ms)
+            .then(|| self.requests.load(Ordering::Relaxed))
+    }
 }
 
 /// Per-endpoint counts from the answers' `usage`, beside what the router predicted for the same
@@ -164,6 +190,7 @@ impl Endpoint {
             storage,
             ttft: (0..models).map(|_| OnceLock::new()).collect(),
             answers: AnswerStats::new(models),
+            engine: EngineReading::default(),
         }
     }
 

@@ -1,0 +1,199 @@
+//! The engine metrics reader (`engine_metrics`): a thread of its own reads every endpoint's
+//! Prometheus page each period and stores the requests its engine says it runs and queues in
+//! the endpoint ([`crate::state::Endpoint::engine`]), which scoring reads without locks.
+//!
+//! Every read has a deadline (`timeout_ms`: connect, request and answer; endpoints are IP
+//! literals, so no DNS), answers are read up to [`MAX_PAGE_BYTES`], and an endpoint that fails
+//! is left alone for [`BACKOFF_ROUNDS`] periods, so dead or hanging engines cost this thread a
+//! bounded time per round and the request path nothing: a reading it cannot get simply goes
+//! stale and scoring falls back to the router's own accounting.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, TryRecvError};
+
+use crate::config::EngineMetrics;
+use crate::metrics::RouterMetrics;
+use crate::state::{Clock, Clusters};
+
+/// The longest metrics page read (vLLM's is ~30 KiB with a few models; the rest is ignored).
+pub const MAX_PAGE_BYTES: u64 = 1 << 20;
+
+/// Periods an endpoint is skipped after a failed read.
+pub const BACKOFF_ROUNDS: u32 = 8;
+
+/// What the reader thread needs.
+pub struct EngineMetricsReader {
+    /// The settings.
+    pub settings: EngineMetrics,
+    /// Every cluster's endpoints (held weakly: nothing to do once the router is gone).
+    pub clusters: Weak<Clusters>,
+    /// Read counters.
+    pub metrics: Arc<RouterMetrics>,
+    /// The router's clock (readings are stamped with it).
+    pub clock: Clock,
+}
+
+impl EngineMetricsReader {
+    /// Reads every endpoint each period until `stop` (or the router is gone).
+    pub(super) fn run(self, stop: Receiver<()>) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_millis(self.settings.timeout_ms)))
+            .http_status_as_error(false)
+            .max_idle_connections_per_host(1)
+            .build()
+            .into();
+        let period = Duration::from_millis(self.settings.period_ms);
+        let mut backoff: HashMap<SocketAddr, u32> = HashMap::new();
+        loop {
+            let round = Instant::now() + period;
+            let Some(clusters) = self.clusters.upgrade() else {
+                return;
+            };
+            let mut endpoints: Vec<_> = clusters
+                .all()
+                .iter()
+                .flat_map(|c| c.snapshot().endpoints.clone())
+                .collect();
+            drop(clusters);
+            endpoints.sort_by_key(|e| e.addr);
+            endpoints.dedup_by_key(|e| e.addr);
+            backoff.retain(|a, _| endpoints.iter().any(|e| e.addr == *a));
+            for e in endpoints {
+                if let Some(left) = backoff.get_mut(&e.addr) {
+                    *left -= 1;
+                    if *left == 0 {
+                        backoff.remove(&e.addr);
+                    }
+                    continue;
+                }
+                match self.read(&agent, e.addr) {
+                    Some(requests) => {
+                        e.engine.set(requests, self.clock.now_ms());
+                        self.metrics.engine_reads_ok.fetch_add(1, Relaxed);
+                    }
+                    None => {
+                        self.metrics.engine_reads_failed.fetch_add(1, Relaxed);
+                        backoff.insert(e.addr, BACKOFF_ROUNDS);
+                    }
+                }
+                if matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
+                    return; // the router is being freed: do not finish the round
+                }
+            }
+            select! {
+                recv(stop) -> _ => return,
+                default(round.saturating_duration_since(Instant::now())) => {}
+            }
+        }
+    }
+
+    /// One endpoint's running + waiting requests, `None` when its page could not be read or
+    /// names none of the configured gauges.
+    fn read(&self, agent: &ureq::Agent, addr: SocketAddr) -> Option<u64> {
+        let url = format!("http://{addr}{}", self.settings.path);
+        let mut answer = agent.get(&url).call().ok()?;
+        if answer.status() != 200 {
+            return None;
+        }
+        let mut page = String::new();
+        answer
+            .body_mut()
+            .as_reader()
+            .take(MAX_PAGE_BYTES)
+            .read_to_string(&mut page)
+            .ok()?;
+        let running = gauge_sum(&page, &self.settings.running);
+        let waiting = gauge_sum(&page, &self.settings.waiting);
+        if running.is_none() && waiting.is_none() {
+            return None;
+        }
+        let total = running.unwrap_or(0.0) + waiting.unwrap_or(0.0);
+        Some(total.round() as u64)
+    }
+}
+
+/// The sum of every sample of the metrics named in `names` (over all their label sets) in a
+/// Prometheus text page; `None` when none of them appears. Samples that are not finite
+/// non-negative numbers are ignored.
+pub fn gauge_sum(page: &str, names: &[String]) -> Option<f64> {
+    let mut sum = None;
+    for line in page.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(name) = names.iter().find(|n| {
+            line.strip_prefix(n.as_str())
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        }) else {
+            continue;
+        };
+        let rest = &line[name.len()..];
+        // the value follows the labels (which may hold spaces inside quotes)
+        let after_labels = match rest.strip_prefix('{') {
+            Some(labels) => match labels.rfind('}') {
+                Some(end) => &labels[end + 1..],
+                None => continue,
+            },
+            None => rest,
+        };
+        let Some(value) = after_labels.split_whitespace().next() else {
+            continue;
+        };
+        match value.parse::<f64>() {
+            Ok(v) if v.is_finite() && v >= 0.0 => *sum.get_or_insert(0.0) += v,
+            _ => {}
+        }
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn sums_every_label_set_of_the_named_gauges_only() {
+        let page = "# HELP vllm:num_requests_running Number of requests running.\n\
+            # TYPE vllm:num_requests_running gauge\n\
+            vllm:num_requests_running{engine=\"0\",model_name=\"a b\"} 3.0\n\
+            vllm:num_requests_running{engine=\"1\",model_name=\"x}\"} 2\n\
+            vllm:num_requests_running_total 99\n\
+            vllm:num_requests_waiting 4.0 1700000000000\n\
+            sglang:num_queue_reqs{model=\"m\"} 5\n";
+        let running = names(&["vllm:num_requests_running", "sglang:num_running_reqs"]);
+        let waiting = names(&["vllm:num_requests_waiting", "sglang:num_queue_reqs"]);
+        assert_eq!(gauge_sum(page, &running), Some(5.0));
+        assert_eq!(gauge_sum(page, &waiting), Some(9.0));
+        assert_eq!(gauge_sum(page, &names(&["other"])), None);
+    }
+
+    #[test]
+    fn garbage_and_bad_values_give_nothing() {
+        let w = names(&["vllm:num_requests_waiting"]);
+        assert_eq!(gauge_sum("<html>not metrics</html>", &w), None);
+        assert_eq!(gauge_sum("vllm:num_requests_waiting NaN\n", &w), None);
+        assert_eq!(gauge_sum("vllm:num_requests_waiting -3\n", &w), None);
+        assert_eq!(
+            gauge_sum("vllm:num_requests_waiting{unclosed 3\n", &w),
+            None
+        );
+        assert_eq!(gauge_sum("vllm:num_requests_waiting +Inf\n", &w), None);
+        assert_eq!(
+            gauge_sum(
+                "vllm:num_requests_waiting 1\nvllm:num_requests_waiting x\n",
+                &w
+            ),
+            Some(1.0)
+        );
+    }
+}

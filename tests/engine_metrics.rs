@@ -1,0 +1,107 @@
+//! `engine_metrics` against real HTTP servers on 127.0.0.1: the reader thread reads each
+//! endpoint's Prometheus page, picks stay off an endpoint whose engine says it is busy with
+//! traffic this router never sent, and endpoints whose page hangs, is garbage or is missing
+//! cost the request path nothing (their reads fail, counted, and they are scored on local
+//! accounting).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use llmproxy::Router;
+
+/// Serves `page` as the answer to every request (one request per connection); `None`:
+/// accepts connections and never answers.
+fn metrics_server(page: Option<&'static str>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held: Vec<TcpStream> = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let Some(page) = page else {
+                held.push(conn); // a hanging engine: never a byte back
+                continue;
+            };
+            let mut buf = [0u8; 4096];
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = conn.read(&mut buf);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+                page.len()
+            );
+        }
+    });
+    port
+}
+
+fn metric(r: &Router, line_prefix: &str) -> u64 {
+    r.metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn chat(text: &str) -> Vec<u8> {
+    serde_json::json!({"model": "m", "messages": [{"role": "user", "content": text}]})
+        .to_string()
+        .into_bytes()
+}
+
+#[test]
+fn picks_avoid_an_engine_busy_with_traffic_nobody_reported_and_bad_pages_cost_nothing() {
+    let busy = metrics_server(Some(
+        "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 8\n\
+         vllm:num_requests_waiting{model_name=\"m\"} 50\n",
+    ));
+    let idle = metrics_server(Some(
+        "vllm:num_requests_running{model_name=\"m\"} 0\nvllm:num_requests_waiting{model_name=\"m\"} 0\n",
+    ));
+    let hanging = metrics_server(None);
+    let garbage = metrics_server(Some("<html>no metrics here</html>"));
+    let config = format!(
+        r#"{{"model_mapping_rule": {{"m": {{"rules": [{{"cluster": "pool", "backend": "vllm"}}]}}}},
+            "clusters": {{"pool": {{"endpoints": ["127.0.0.1:{busy}", "127.0.0.1:{idle}",
+                                                  "127.0.0.1:{hanging}", "127.0.0.1:{garbage}"]}}}},
+            "engine_metrics": {{"enabled": true, "period_ms": 100, "timeout_ms": 100, "stale_ms": 5000}}}}"#
+    );
+    let r = Router::from_json(config.as_bytes()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&r, "llmproxy_engine_metrics_reads_total{result=\"ok\"} ") < 2
+        || metric(
+            &r,
+            "llmproxy_engine_metrics_reads_total{result=\"failed\"} ",
+        ) < 2
+    {
+        assert!(Instant::now() < deadline, "reads: {}", r.metrics_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // 40 new prompts, each finished at once: without the busy engine's word, a quarter of them
+    // would go there
+    let busy_addr = format!("127.0.0.1:{busy}");
+    let mut served = std::collections::BTreeMap::new();
+    for i in 0..40 {
+        let p = r.pick(
+            &[],
+            &chat(&format!("question number {i} about something new")),
+        );
+        let e = p.endpoint().expect("routed").to_string();
+        *served.entry(e).or_insert(0) += 1;
+        p.finish(200);
+    }
+    assert!(!served.contains_key(&busy_addr), "{served:?}");
+    assert_eq!(served.values().sum::<i32>(), 40);
+    // the hanging and the garbage pages are failed reads, retried after a backoff
+    assert!(
+        metric(
+            &r,
+            "llmproxy_engine_metrics_reads_total{result=\"failed\"} "
+        ) >= 2
+    );
+    // freeing the router does not wait for a read stuck on the hanging engine
+    let freed = Instant::now();
+    drop(r);
+    assert!(freed.elapsed() < Duration::from_secs(1));
+}

@@ -1,6 +1,7 @@
 //! The engine metrics reader (`engine_metrics`): a thread of its own reads every endpoint's
-//! Prometheus page each period and stores the requests its engine says it runs and queues in
-//! the endpoint ([`crate::state::Endpoint::engine`]), which scoring reads without locks.
+//! Prometheus page each period and stores the requests its engine says it runs and queues
+//! beyond the router's own in the endpoint ([`crate::state::Endpoint::engine`]), which scoring
+//! reads without locks.
 //!
 //! Every read has a deadline (`timeout_ms`: connect, request and answer; endpoints are IP
 //! literals, so no DNS), answers are read up to [`MAX_PAGE_BYTES`], and an endpoint that fails
@@ -74,7 +75,7 @@ impl EngineMetricsReader {
                 }
                 match self.read(&agent, e.addr) {
                     Some(requests) => {
-                        e.engine.set(requests, self.clock.now_ms());
+                        e.engine.set(requests, e.in_flight(), self.clock.now_ms());
                         self.metrics.engine_reads_ok.fetch_add(1, Relaxed);
                     }
                     None => {

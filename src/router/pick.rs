@@ -425,14 +425,14 @@ fn loads_of(
             let e = &set.endpoints[i];
             let (rq, rl) = e.remote_load(now_ms, remote.stale_ms).unwrap_or((0, 0));
             let rl_uncached = (rl as f64 * remote.uncached_share).round() as u64;
-            let known = e.in_flight() + rq;
-            let engine = remote
+            // Others' requests, as the Metadata-Center and as the engine saw them last: the
+            // larger (the engine also sees clients that report to nobody).
+            let engine_others = remote
                 .engine_stale_ms
-                .and_then(|stale| e.engine.requests(now_ms, stale))
+                .and_then(|stale| e.engine.others(now_ms, stale))
                 .unwrap_or(0);
             CandidateLoad {
-                // the engine counts our requests too (a little late): only more is news
-                in_flight: known.max(engine),
+                in_flight: e.in_flight() + rq.max(engine_others),
                 prefill_chars: e.prefill_chars() + rl,
                 cache_ratio: depth[i] as f64 / total_chunks * cache_trust(e, cache_feedback),
                 uncached_prefill_chars: e.uncached_prefill_chars() + rl_uncached,
@@ -481,11 +481,18 @@ mod tests {
         let in_flight =
             |now, scale| loads_of(&set, &[0], &[0], 1.0, now, scale, false)[0].in_flight;
         assert_eq!(in_flight(100, on), 4, "no reading yet");
-        e.engine.set(10, 100); // the engine runs and queues 10: 6 nobody told us of
+        // the engine runs and queues 10, 1 of them ours: 9 others, 6 more than reported
+        e.engine.set(10, e.in_flight(), 100);
         assert_eq!(in_flight(100, on), 10);
-        e.engine.set(2, 100); // it has not seen ours yet: what we know stands
+        // a pick of ours after the reading counts at once (the reading is not a ceiling)
+        e.acquire(500, 100);
+        assert_eq!(in_flight(100, on), 11);
+        e.release_prefill(500, 100);
+        e.release_request();
+        // an engine that has not seen the others' yet: the Metadata-Center's word stands
+        e.engine.set(2, e.in_flight(), 100);
         assert_eq!(in_flight(100, on), 4);
-        e.engine.set(10, 100);
+        e.engine.set(10, e.in_flight(), 100);
         assert_eq!(
             in_flight(1101, on),
             1,

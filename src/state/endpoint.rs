@@ -44,27 +44,32 @@ pub struct Endpoint {
     pub engine: EngineReading,
 }
 
-/// Requests the endpoint's engine reported running plus waiting, and when (written by the
-/// metrics reader thread, read by scoring without locks).
+/// What the endpoint's engine reported running plus waiting beyond this router's own requests
+/// at that moment (other gateways', other clients'), and when (written by the metrics reader
+/// thread, read by scoring without locks). Kept as that excess, not as the engine's total, so
+/// the router's later picks add to it at once instead of vanishing under a stale total.
 #[derive(Default)]
 pub struct EngineReading {
-    requests: AtomicU64,
+    others: AtomicU64,
     /// Router clock ms of the reading; 0: never read.
     at_ms: AtomicU64,
 }
 
 impl EngineReading {
-    /// Records a reading of `requests` (running + waiting) taken at `now_ms`.
-    pub fn set(&self, requests: u64, now_ms: u64) {
-        self.requests.store(requests, Ordering::Relaxed);
+    /// Records a reading at `now_ms`: the engine runs and queues `requests`, of which `own`
+    /// are this router's (its in-flight count when the reading arrived).
+    pub fn set(&self, requests: u64, own: u64, now_ms: u64) {
+        self.others
+            .store(requests.saturating_sub(own), Ordering::Relaxed);
         self.at_ms.store(now_ms.max(1), Ordering::Relaxed);
     }
 
-    /// The last reading, unless it is older than `stale_ms` (or there is none).
-    pub fn requests(&self, now_ms: u64, stale_ms: u64) -> Option<u64> {
+    /// Requests of others at the last reading, unless it is older than `stale_ms` (or there
+    /// is none).
+    pub fn others(&self, now_ms: u64, stale_ms: u64) -> Option<u64> {
         let at = self.at_ms.load(Ordering::Relaxed);
         (at != 0 && now_ms.saturating_sub(at) <= stale_ms)
-            .then(|| self.requests.load(Ordering::Relaxed))
+            .then(|| self.others.load(Ordering::Relaxed))
     }
 }
 

@@ -27,6 +27,10 @@ of it, `text_output` "tok0 ", "tok1 ", ...
 GET /v1/models and /health answer small JSON documents (with `received_headers`); anything else
 is a 404 JSON naming the path and the method.
 
+GET /metrics is what the test made it with `POST /test/metrics` `{"mode", "page"}` to that
+server: `page` (200, text/plain, the page given), `garbage` (200, an HTML page), `hang` (never
+answers), `off` (404, as at start).
+
 The test controls the answer with request headers (CONTROL_HEADERS below):
 
     x-test-delay-ms: N         wait N ms before answering anything (a slow "prefill")
@@ -164,8 +168,21 @@ def close_now(writer, how):
 
 
 def make_handler(name):
+    metrics = {"mode": "off", "page": ""}  # GET /metrics, set by POST /test/metrics
+
     async def handle(req, writer):
         out = Responder(name, writer)
+        if req.path == "/test/metrics" and req.method == "POST":
+            metrics.update(json.loads(req.body or b"{}"))
+            return await out.json(200, {"served_by": name, "metrics": metrics})
+        if req.path == "/metrics" and req.method == "GET" and metrics["mode"] != "off":
+            if metrics["mode"] == "hang":
+                await asyncio.sleep(3600)
+            page = metrics["page"] if metrics["mode"] == "page" else "<html><body>no metrics</body></html>"
+            await out.head(200, [("content-type", "text/plain; version=0.0.4"),
+                                 ("content-length", str(len(page.encode())))])
+            writer.write(page.encode())
+            return await writer.drain()
         if req.method == "GET" and req.path.startswith("/v1/models"):
             return await out.json(200, {"object": "list", "data": [{"id": "m-a", "object": "model"}],
                                         "served_by": name, "received_headers": req.headers})

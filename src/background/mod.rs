@@ -4,7 +4,8 @@
 //!
 //! The sync thread (when the Metadata-Center is enabled) owns:
 //! - reporting load events to the Metadata-Center (request added at pick, prompt released at
-//!   first token, request removed at finish, cache saved on success), fed by a bounded
+//!   first token, request removed at finish, the prompt's prefix claimed with the add,
+//!   a learned answer's chain saved at finish), fed by a bounded
 //!   crossbeam channel that the request path only `try_send`s into (full → dropped, counted);
 //! - polling `GET /v1/load/stats` for every recently active cluster every `load_poll_ms`, and
 //!   storing what *other* gateways put on each endpoint into the endpoint's atomics, which the

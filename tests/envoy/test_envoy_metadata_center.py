@@ -4,6 +4,7 @@ scheduler. Real processes: our llmproxy-metadata-center server, Envoy with the m
 servers."""
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -66,7 +67,7 @@ def test_the_prefix_is_saved_at_the_pick_before_the_server_answers(mc_gateway, m
     """The prompt's prefix reaches the Metadata-Center at the pick (as the local index records
     it), not when the server first answers: another gateway routes the same document there
     while this request is still in its prefill, instead of computing it on a second server."""
-    before = harness.metadata_center_saves(metadata_center)
+    before = settled_saves(metadata_center)  # the earlier tests' saves have all landed
     body = chat("m-a", harness.random_text(3000, seed=4242 + stream), stream=stream)
     # a 2.5 s "prefill": the server sends nothing, not even its headers, before then
     headers = {"x-test-delay-ms": "2500", "x-test-chunks": "3"}
@@ -83,4 +84,18 @@ def test_the_prefix_is_saved_at_the_pick_before_the_server_answers(mc_gateway, m
         assert json.loads(data)["choices"], data[:200]
     # one claim per pick; the answer's end adds at most the learned next-turn chain
     wait_in_flight_zero(mc_gateway)
-    assert before + 1 <= harness.metadata_center_saves(metadata_center) <= before + 2
+    assert before + 1 <= settled_saves(metadata_center) <= before + 2
+
+
+def settled_saves(port, quiet=0.5, timeout=10):
+    """The metadata-center's save count once it has not moved for `quiet` seconds (the gateway
+    sends its saves from a background thread)."""
+    deadline = time.time() + timeout
+    last = harness.metadata_center_saves(port)
+    while time.time() < deadline:
+        time.sleep(quiet)
+        now = harness.metadata_center_saves(port)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError("the save count kept moving for %d s" % timeout)

@@ -204,6 +204,16 @@ fn warmed_by_another_router(server: &Server, prompt: &str) -> (Router, String) {
     (b, warmed)
 }
 
+/// `r.pick_async(body)`, which must go pending (a remote cache lookup), and the decision its
+/// lookup thread hands to the callback.
+fn decided_after_lookup(r: &Router, body: &[u8]) -> PickedRequest {
+    let (tx, rx) = mpsc::channel();
+    let immediate = r.pick_async(&[], body, Box::new(move |req| tx.send(req).unwrap()));
+    assert!(immediate.is_none(), "cache-enabled pick_async goes pending");
+    rx.recv_timeout(Duration::from_secs(3))
+        .expect("callback called")
+}
+
 #[test]
 fn remote_cache_lookup_finds_the_endpoint_another_router_warmed() {
     let server = start_server();
@@ -213,16 +223,7 @@ fn remote_cache_lookup_finds_the_endpoint_another_router_warmed() {
     );
     let (b, warmed) = warmed_by_another_router(&server, &prompt);
     for i in 0..5 {
-        let (tx, rx) = mpsc::channel();
-        let immediate = b.pick_async(
-            &[],
-            &chat(&prompt),
-            Box::new(move |req| tx.send(req).unwrap()),
-        );
-        assert!(immediate.is_none(), "cache-enabled pick_async goes pending");
-        let req = rx
-            .recv_timeout(Duration::from_secs(3))
-            .expect("callback called");
+        let req = decided_after_lookup(&b, &chat(&prompt));
         assert_eq!(req.endpoint(), Some(warmed.as_str()), "pick {i}");
         assert!(req.cache_ratio() > 0.99, "ratio {}", req.cache_ratio());
         req.finish(200);
@@ -253,16 +254,7 @@ fn a_pick_claims_its_prefix_before_the_server_answers() {
     let held = a.pick(&[], &chat(&prompt));
     let warmed = held.endpoint().unwrap().to_string();
     wait_until("the claim to land", || server_saves(server.port) > saves);
-    let (tx, rx) = mpsc::channel();
-    let immediate = b.pick_async(
-        &[],
-        &chat(&prompt),
-        Box::new(move |req| tx.send(req).unwrap()),
-    );
-    assert!(immediate.is_none(), "cache-enabled pick_async goes pending");
-    let req = rx
-        .recv_timeout(Duration::from_secs(3))
-        .expect("callback called");
+    let req = decided_after_lookup(&b, &chat(&prompt));
     assert_eq!(req.endpoint(), Some(warmed.as_str()));
     assert!(req.cache_ratio() > 0.99, "ratio {}", req.cache_ratio());
     req.finish(200);
@@ -300,17 +292,7 @@ fn another_router_finds_the_answer_this_one_learned() {
         {"role": "user", "content": "Shorter, please."},
     ]})
     .to_string();
-    let (tx, rx) = mpsc::channel();
-    assert!(b
-        .pick_async(
-            &[],
-            second.as_bytes(),
-            Box::new(move |req| tx.send(req).unwrap())
-        )
-        .is_none());
-    let req = rx
-        .recv_timeout(Duration::from_secs(3))
-        .expect("callback called");
+    let req = decided_after_lookup(&b, second.as_bytes());
     assert_eq!(req.endpoint(), Some(warmed.as_str()));
     // 7 of its 8 chunks of 512 bytes; the question alone is not even one full chunk.
     assert!(req.cache_ratio() > 0.8, "ratio {}", req.cache_ratio());

@@ -64,7 +64,13 @@ impl EngineMetricsReader {
             drop(clusters);
             endpoints.sort_by_key(|e| e.addr);
             endpoints.dedup_by_key(|e| e.addr);
-            backoff.retain(|a, _| endpoints.iter().any(|e| e.addr == *a));
+            // only endpoints still configured keep their backoff
+            let mut previous = std::mem::take(&mut backoff);
+            backoff.extend(
+                endpoints
+                    .iter()
+                    .filter_map(|e| Some((e.addr, previous.remove(&e.addr)?))),
+            );
             for e in endpoints {
                 if let Some(left) = backoff.get_mut(&e.addr) {
                     *left -= 1;

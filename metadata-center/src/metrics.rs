@@ -391,6 +391,18 @@ impl Metrics {
                 "Cache saves of prefixes this replica had all saved within the refresh granularity",
                 &[("", r.counters.skipped_saves())],
             );
+            f.family(
+                "metadata_center_store_batched_saves_total",
+                "counter",
+                "Cache saves sent in one Redis call with others of their cluster (arrived while its previous call was on the wire)",
+                &[("", r.counters.batched_saves())],
+            );
+            f.family(
+                "metadata_center_store_plain_cache_queries_total",
+                "counter",
+                "Cache queries sent as a plain HMGET (Redis clock known from the last second), no script",
+                &[("", r.counters.plain_cache_queries())],
+            );
         }
         m.encode(&f.into_string())
     }

@@ -175,6 +175,70 @@ async fn redis_cache_save_sends_only_the_prefixes_not_saved_recently() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cache_saves_in_flight_together_go_in_one_call() {
+    if !redis_available("redis_cache_saves_in_flight_together_go_in_one_call") {
+        return;
+    }
+    let r = RedisServer::start();
+    let s = RedisStore::open(cfg(r.url())).unwrap();
+    let (a, b, c) = (ep("10.0.0.1"), ep("10.0.0.2"), ep("10.0.0.3"));
+    let calls = |s: &RedisStore| s.counters.get(Op::CacheSave).0;
+    // Saved together (one task: each is in flight when the next comes): the first goes at
+    // once; the next three of "m" wait for it and go together in a second call (overlapping
+    // prefixes, one location twice); "n" has its own call.
+    tokio::join!(
+        s.cache_save("m", &[1, 2, 3, 4], a),
+        s.cache_save("m", &[1, 2, 3], b),
+        s.cache_save("m", &[1, 2, 3, 4, 5, 6], c),
+        s.cache_save("m", &[1, 2], b),
+        s.cache_save("n", &[1, 2], a),
+    );
+    assert_eq!(calls(&s), 3);
+    assert_eq!(s.counters.batched_saves(), 2);
+    // every save of the batch landed, as if sent one by one
+    assert_eq!(
+        s.cache_query("m", &[1, 2, 3, 4, 5, 6, 7], 5).await,
+        vec![(c, 6), (a, 4), (b, 3)]
+    );
+    assert_eq!(s.cache_query("n", &[1, 2, 3], 5).await, vec![(a, 2)]);
+    // alone again: its own call, no batch
+    s.cache_save("m", &[9], a).await;
+    assert_eq!((calls(&s), s.counters.batched_saves()), (4, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cache_query_without_a_script_keeps_the_redis_clock() {
+    if !redis_available("redis_cache_query_without_a_script_keeps_the_redis_clock") {
+        return;
+    }
+    let r = RedisServer::start();
+    let config = RedisConfig {
+        cache_ttl: Duration::from_millis(1_000),
+        ..cfg(r.url())
+    };
+    let s = RedisStore::open(config.clone()).unwrap();
+    let (a, b) = (ep("10.0.0.1"), ep("10.0.0.2"));
+    let start = Instant::now();
+    s.cache_save("m", &[1, 2], a).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // b's save keeps the prefixes alive and tells this replica Redis's clock
+    s.cache_save("m", &[1, 2], b).await;
+    tokio::time::sleep(Duration::from_millis(1_150).saturating_sub(start.elapsed())).await;
+    // a's tags are past the TTL (by Redis's clock), b's are not: a plain HMGET with the time
+    // from the last save's answer tells them apart, as the script does with Redis's own
+    let plain = s.counters.plain_cache_queries();
+    assert_eq!(s.cache_query("m", &[1, 2], 5).await, vec![(b, 2)]);
+    assert_eq!(s.counters.plain_cache_queries(), plain + 1);
+    // a replica that has not seen Redis's clock runs the script, and agrees
+    let fresh = RedisStore::open(config).unwrap();
+    assert_eq!(fresh.cache_query("m", &[1, 2], 5).await, vec![(b, 2)]);
+    assert_eq!(fresh.counters.plain_cache_queries(), 0);
+    // the script's answer told it the clock: its next query is plain
+    assert_eq!(fresh.cache_query("m", &[1, 2], 5).await, vec![(b, 2)]);
+    assert_eq!(fresh.counters.plain_cache_queries(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_load_of_a_vanished_gateway_expires_at_its_ttl() {
     if !redis_available("redis_load_of_a_vanished_gateway_expires_at_its_ttl") {
         return;
@@ -295,6 +359,8 @@ async fn redis_cache_answers_like_the_in_memory_tree() {
     assert_eq!(top, vec![(loc(1), 6)]);
     // Another cluster sees nothing of this one.
     assert!(s.cache_query("other", &[1, 2, 3], 5).await.is_empty());
+    // most queries went without the script (the clock known from the saves' answers)
+    assert!(s.counters.plain_cache_queries() > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,8 @@ ALGO is `envoy_round_robin` / `envoy_least_request` (plain Envoy load balancing,
 an llmproxy algorithm (`inference_lb`, `least_request`, `round_robin`, `random`) run by the
 dynamic module; K=V pairs (numbers) go into its lb_mapping_rule, e.g.
 `llmproxy-w:inference_lb:cache_radio_weight=4,prefill_load_weight=1`, except the library-wide
-`learn_response_bytes`, `hash_chunk_bytes`, `prefix_index_capacity` and `cache_feedback` (e.g.
+`learn_response_bytes`, `hash_chunk_bytes`, `prefix_index_capacity`, `cache_feedback`,
+`cache_capacity_tokens` and `cache_residency` (e.g.
 `pc-nolearn:prefix_cost:learn_response_bytes=0`, `pc-nofb:prefix_cost:cache_feedback=false`;
 `engine_metrics=true` reads every endpoint's Prometheus page).
 For each NAME it writes OUT_DIR/NAME.yaml (listeners on consecutive ports from LISTEN_BASE_PORT,
@@ -30,7 +31,14 @@ MODEL = "sim-llama-3-8b"
 
 
 # Parameters of the library config itself rather than of the model's lb_mapping_rule.
-TOP_LEVEL_KEYS = {"learn_response_bytes", "hash_chunk_bytes", "prefix_index_capacity", "cache_feedback"}
+TOP_LEVEL_KEYS = {
+    "learn_response_bytes",
+    "hash_chunk_bytes",
+    "prefix_index_capacity",
+    "cache_feedback",
+    "cache_capacity_tokens",
+    "cache_residency",
+}
 
 
 def render(name, algo, port, admin, endpoints, lb_extra, mc_port=None):

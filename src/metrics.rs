@@ -131,6 +131,8 @@ pub struct Page<'a> {
     pub shared: Option<crate::state::SharedStats>,
     /// The request log's counters, when it is on.
     pub request_log: Option<&'a crate::background::log_writer::LogCounters>,
+    /// `cache_capacity_tokens` (for endpoints whose engine reports none).
+    pub cache_capacity_tokens: u64,
 }
 
 impl RouterMetrics {
@@ -320,7 +322,7 @@ impl RouterMetrics {
                 }
             }
         }
-        render_answers(out, &sets, page.model_names);
+        render_answers(out, &sets, page);
     }
 }
 
@@ -347,7 +349,8 @@ fn endpoint_sets<'a>(page: &Page<'a>) -> Vec<(&'a str, Arc<EndpointSet>)> {
 /// The state part: the prefix index, the shared region and every endpoint's counters.
 /// Per endpoint, what its answers reported (`usage`) beside the router's prediction, and time
 /// per output token: only endpoints whose answers reported usage in this process.
-fn render_answers(out: &mut String, sets: &[(&str, Arc<EndpointSet>)], model_names: &[String]) {
+fn render_answers(out: &mut String, sets: &[(&str, Arc<EndpointSet>)], page: &Page) {
+    let model_names = page.model_names;
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let answered = || {
         sets.iter().flat_map(|(c, set)| {
@@ -426,6 +429,20 @@ fn render_answers(out: &mut String, sets: &[(&str, Arc<EndpointSet>)], model_nam
             "llmproxy_endpoint_cache_trust{{{labels}}} {}",
             e.answers.cache_trust()
         );
+    }
+    header(
+        out,
+        "llmproxy_endpoint_cache_residency_seconds",
+        "gauge",
+        "How long after its last use a prefix likely stays in the endpoint's KV cache: its capacity (engine metrics or cache_capacity_tokens) over the tokens its answers write per second. Listed once both are known.",
+    );
+    for (labels, e) in answered() {
+        if let Some(secs) = e.residency.horizon_secs(page.cache_capacity_tokens) {
+            let _ = writeln!(
+                out,
+                "llmproxy_endpoint_cache_residency_seconds{{{labels}}} {secs}"
+            );
+        }
     }
 }
 

@@ -105,3 +105,43 @@ fn picks_avoid_an_engine_busy_with_traffic_nobody_reported_and_bad_pages_cost_no
     drop(r);
     assert!(freed.elapsed() < Duration::from_secs(1));
 }
+
+#[test]
+fn the_engines_cache_capacity_sets_how_long_a_prefix_counts_as_cached() {
+    // vLLM's page: a cache of 64 blocks of 16 tokens
+    let engine = metrics_server(Some(
+        "# TYPE vllm:cache_config_info gauge\n\
+         vllm:cache_config_info{block_size=\"16\",enable_prefix_caching=\"True\",num_gpu_blocks=\"64\"} 1.0\n",
+    ));
+    let config = format!(
+        r#"{{"model_mapping_rule": {{"m": {{"rules": [{{"cluster": "pool", "backend": "vllm"}}]}}}},
+            "clusters": {{"pool": {{"endpoints": ["127.0.0.1:{engine}"]}}}},
+            "engine_metrics": {{"enabled": true, "period_ms": 100, "timeout_ms": 100}}}}"#
+    );
+    let r = Router::from_json(config.as_bytes()).unwrap();
+    let residency = |r: &Router| -> Option<f64> {
+        let name = format!(
+            "llmproxy_endpoint_cache_residency_seconds{{cluster=\"pool\",endpoint=\"127.0.0.1:{engine}\"}} "
+        );
+        r.metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(name.as_str()).map(|v| v.parse().unwrap()))
+    };
+    // an answer that wrote 20,480 tokens into it (no prefix cached, 480 generated)
+    let answer = br#"{"choices":[{"index":0,"message":{"content":"ok"}}],"usage":{"prompt_tokens":20000,"completion_tokens":480,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+    let mut p = r.pick(&[], &chat("a long document"));
+    p.observe_response(answer, true);
+    p.finish(200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&r, "llmproxy_engine_metrics_reads_total{result=\"ok\"} ") < 1 {
+        assert!(Instant::now() < deadline, "reads: {}", r.metrics_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(residency(&r), None, "no write rate yet");
+    // the next pick after the first 2 s window measures the rate: 20,480 tokens in ~2 s
+    // against 1,024 tokens of capacity: a prefix stays ~0.1 s
+    std::thread::sleep(Duration::from_millis(2_050));
+    r.pick(&[], &chat("another document")).finish(200);
+    let secs = residency(&r).expect("capacity from the page, rate from the answer");
+    assert!((0.05..0.5).contains(&secs), "residency {secs} s");
+}

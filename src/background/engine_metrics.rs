@@ -80,8 +80,13 @@ impl EngineMetricsReader {
                     continue;
                 }
                 match self.read(&agent, e.addr) {
-                    Some(requests) => {
-                        e.engine.set(requests, e.in_flight(), self.clock.now_ms());
+                    Some(reading) => {
+                        if let Some(requests) = reading.requests {
+                            e.engine.set(requests, e.in_flight(), self.clock.now_ms());
+                        }
+                        if let Some(tokens) = reading.cache_tokens {
+                            e.residency.set_capacity(tokens);
+                        }
                         self.metrics.engine_reads_ok.fetch_add(1, Relaxed);
                     }
                     None => {
@@ -100,9 +105,9 @@ impl EngineMetricsReader {
         }
     }
 
-    /// One endpoint's running + waiting requests, `None` when its page could not be read or
-    /// names none of the configured gauges.
-    fn read(&self, agent: &ureq::Agent, addr: SocketAddr) -> Option<u64> {
+    /// One endpoint's page: its running + waiting requests and its KV cache capacity; `None`
+    /// when the page could not be read or names neither.
+    fn read(&self, agent: &ureq::Agent, addr: SocketAddr) -> Option<Reading> {
         let url = format!("http://{addr}{}", self.settings.path);
         let mut answer = agent.get(&url).call().ok()?;
         if answer.status() != 200 {
@@ -117,11 +122,65 @@ impl EngineMetricsReader {
             .ok()?;
         let running = gauge_sum(&page, &self.settings.running);
         let waiting = gauge_sum(&page, &self.settings.waiting);
-        if running.is_none() && waiting.is_none() {
-            return None;
+        let requests = (running.is_some() || waiting.is_some())
+            .then(|| (running.unwrap_or(0.0) + waiting.unwrap_or(0.0)).round() as u64);
+        let reading = Reading {
+            requests,
+            cache_tokens: cache_capacity_tokens(&page),
+        };
+        (reading.requests.is_some() || reading.cache_tokens.is_some()).then_some(reading)
+    }
+}
+
+/// What one metrics page said.
+struct Reading {
+    /// Requests running plus waiting.
+    requests: Option<u64>,
+    /// KV cache capacity, tokens.
+    cache_tokens: Option<u64>,
+}
+
+/// The engine's KV cache capacity in tokens: vLLM's `vllm:cache_config_info` (its labels
+/// `num_gpu_blocks` × `block_size`) or SGLang's `sglang:max_total_num_tokens` gauge.
+pub fn cache_capacity_tokens(page: &str) -> Option<u64> {
+    let sglang = ["sglang:max_total_num_tokens".to_string()];
+    if let Some(tokens) = gauge_sum(page, &sglang).filter(|&t| t >= 1.0) {
+        return Some(tokens as u64);
+    }
+    let line = page
+        .lines()
+        .find(|l| l.starts_with("vllm:cache_config_info{"))?;
+    let blocks = label_value(line, "num_gpu_blocks")?.parse::<u64>().ok()?;
+    let block_size = label_value(line, "block_size")?.parse::<u64>().ok()?;
+    blocks.checked_mul(block_size).filter(|&t| t > 0)
+}
+
+/// The value of label `name` in a sample line's label set (`{a="1",name="v"}`), as written
+/// (escapes kept: numbers need no unescaping).
+fn label_value<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let mut rest = &line[line.find('{')? + 1..];
+    loop {
+        let eq = rest.find("=\"")?;
+        let key = rest[..eq].trim_start_matches([',', ' ']);
+        let value = &rest[eq + 2..];
+        // the closing quote is the first one not escaped by a backslash
+        let mut end = None;
+        let mut escaped = false;
+        for (i, b) in value.bytes().enumerate() {
+            match b {
+                b'\\' if !escaped => escaped = true,
+                b'"' if !escaped => {
+                    end = Some(i);
+                    break;
+                }
+                _ => escaped = false,
+            }
         }
-        let total = running.unwrap_or(0.0) + waiting.unwrap_or(0.0);
-        Some(total.round() as u64)
+        let end = end?;
+        if key == name {
+            return Some(&value[..end]);
+        }
+        rest = &value[end + 1..];
     }
 }
 
@@ -182,6 +241,25 @@ mod tests {
         assert_eq!(gauge_sum(page, &running), Some(5.0));
         assert_eq!(gauge_sum(page, &waiting), Some(9.0));
         assert_eq!(gauge_sum(page, &names(&["other"])), None);
+    }
+
+    #[test]
+    fn cache_capacity_from_vllm_config_info_or_sglang_gauge() {
+        let vllm = "# TYPE vllm:cache_config_info gauge\n\
+            vllm:cache_config_info{block_size=\"16\",cache_dtype=\"auto\",model=\"a\\\"b,c=\\\"\",num_gpu_blocks=\"4096\"} 1.0\n";
+        assert_eq!(cache_capacity_tokens(vllm), Some(65_536));
+        let sglang = "sglang:max_total_num_tokens{model_name=\"m\"} 161721.0\n";
+        assert_eq!(cache_capacity_tokens(sglang), Some(161_721));
+        for bad in [
+            "vllm:cache_config_info{block_size=\"16\"} 1.0\n",
+            "vllm:cache_config_info{block_size=\"x\",num_gpu_blocks=\"4096\"} 1.0\n",
+            "vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"0\"} 1.0\n",
+            "vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"4096 1.0\n",
+            "sglang:max_total_num_tokens NaN\n",
+            "<html>not metrics</html>",
+        ] {
+            assert_eq!(cache_capacity_tokens(bad), None, "{bad}");
+        }
     }
 
     #[test]

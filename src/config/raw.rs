@@ -47,6 +47,10 @@ pub(super) struct RawConfig {
     pub(super) force_stream_usage: Option<bool>,
     #[serde(default)]
     pub(super) cache_feedback: Option<bool>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub(super) cache_capacity_tokens: Option<u64>,
+    #[serde(default)]
+    pub(super) cache_residency: Option<bool>,
     #[serde(default)]
     pub(super) ejection: Option<RawEjection>,
     #[serde(default, deserialize_with = "lenient_u64")]

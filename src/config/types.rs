@@ -237,6 +237,12 @@ pub struct Config {
     /// `usage.prompt_tokens_details.cached_tokens` say its engine really had cached
     /// ([`crate::state::AnswerStats::cache_trust`]).
     pub cache_feedback: bool,
+    /// KV cache capacity of every endpoint in tokens, for those whose engine does not report
+    /// its own (`engine_metrics`); 0: unknown.
+    pub cache_capacity_tokens: u64,
+    /// Counts a prefix as cached on an endpoint only while it is likely still resident there
+    /// (its last use within capacity / write rate; [`crate::state::Residency`]).
+    pub cache_residency: bool,
     /// Passive ejection of failing endpoints.
     pub ejection: Ejection,
     /// The request log (the origin's `log` block): one JSON line per finished request.

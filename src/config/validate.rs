@@ -52,6 +52,8 @@ pub(super) fn validate(
         .learn_response_bytes
         .unwrap_or(DEFAULT_LEARN_RESPONSE_BYTES as u64);
     let learn_response_bytes = within("learn_response_bytes", learn, 0..=64 << 20)?;
+    let cache_capacity = raw.cache_capacity_tokens.unwrap_or(0);
+    let cache_capacity_tokens = within("cache_capacity_tokens", cache_capacity, 0..=1 << 40)?;
     let ejection = ejection(raw.ejection)?;
     add_istio_dns_clusters(&models, &clusters, &mut dns_clusters);
     let metadata_center = env::metadata_center(raw.metadata_center, env)?;
@@ -72,6 +74,8 @@ pub(super) fn validate(
         learn_response_bytes: learn_response_bytes as usize,
         force_stream_usage: raw.force_stream_usage.unwrap_or(false),
         cache_feedback: raw.cache_feedback.unwrap_or(true),
+        cache_capacity_tokens,
+        cache_residency: raw.cache_residency.unwrap_or(true),
         ejection,
         log: request_log(raw.log)?,
         dns_clusters,
@@ -540,6 +544,10 @@ mod tests {
             (
                 r#"{"learn_response_bytes": 67108865}"#,
                 "config.learn_response_bytes: must be within 0–67108864, got 67108865",
+            ),
+            (
+                r#"{"cache_capacity_tokens": 1099511627777}"#,
+                "config.cache_capacity_tokens: must be within 0–1099511627776, got 1099511627777",
             ),
             (
                 r#"{"prefix_index_capacity": 0}"#,

@@ -349,6 +349,7 @@ impl Router {
                 now_ms: inner.clock.now_ms(),
                 shared: inner.shared.as_ref().map(|s| s.stats()),
                 request_log: inner.request_log.get().map(|l| &**l.counters()),
+                cache_capacity_tokens: inner.config.cache_capacity_tokens,
             },
             part,
         )

@@ -170,7 +170,7 @@ impl RouterInner {
         let candidates = self.candidates(r, &set, now)?;
         let params = self.config.lb_params(&r.model);
         let use_index = self.uses_cache_depth(r, &params);
-        let depth = self.cache_depth(r, &set, use_index, remote);
+        let depth = self.cache_depth(r, &set, use_index, remote, now);
         let chosen = candidates[self.select(r, &set, &candidates, &depth, &params, now)];
         let endpoint = Arc::clone(&set.endpoints[chosen]);
         self.account(r, &endpoint, depth[chosen], use_index, now);
@@ -207,15 +207,23 @@ impl RouterInner {
     }
 
     /// For each endpoint of `set`, the leading prompt chunks it is known to hold: the local
-    /// prefix index (when `use_index`), raised by what the Metadata-Center answered (`remote`).
+    /// prefix index (when `use_index`; with `cache_residency`, only what each endpoint likely
+    /// still holds), raised by what the Metadata-Center answered (`remote`).
     fn cache_depth(
         &self,
         r: &Routed,
         set: &EndpointSet,
         use_index: bool,
         remote: Option<&RemoteDepth>,
+        now: u64,
     ) -> Vec<usize> {
-        let mut depth = if use_index {
+        let mut depth = if use_index && self.config.cache_residency {
+            let capacity = self.config.cache_capacity_tokens;
+            let horizon: Vec<u64> = (set.endpoints.iter())
+                .map(|e| e.cache_horizon_ms(now, capacity))
+                .collect();
+            (self.index).resident_chunks(&r.prefix_hashes, set, now, &horizon)
+        } else if use_index {
             self.index.matched_chunks(&r.prefix_hashes, set)
         } else {
             vec![0; set.endpoints.len()]

@@ -291,7 +291,11 @@ impl PickedRequest {
             r.answer.end();
             // what the answer said of itself, beside what the pick expected (counted before
             // the log line is queued: a reader of the log finds the metrics already there)
-            if let (Some(usage), Some(e)) = (r.answer.capture().usage, &r.endpoint) {
+            let usage = r.answer.capture().usage;
+            if let Some(e) = &r.endpoint {
+                e.cache_written(written_tokens(usage.as_ref(), r, self.first_token_seen));
+            }
+            if let (Some(usage), Some(e)) = (usage, &r.endpoint) {
                 e.answers.record(
                     r.model_slot,
                     &usage,
@@ -497,5 +501,24 @@ impl Outcome {
             (Outcome::Upstream, 100..=498) => Some(true),
             (Outcome::Upstream, _) => None,
         }
+    }
+}
+
+/// Characters per token where no answer says (the usual 4 of English text with BPE tokenizers).
+const CHARS_PER_TOKEN: u64 = 4;
+
+/// Tokens a finished attempt wrote into its endpoint's KV cache: the prompt tokens the engine
+/// computed (not cached) and those it generated, from the answer's `usage`; without usage,
+/// the prompt characters the pick expected it to compute, when the answer started at all.
+fn written_tokens(usage: Option<&crate::response::Usage>, r: &Routed, answered: bool) -> u64 {
+    match usage {
+        Some(u) => {
+            let cached = u.cached_tokens.unwrap_or_else(|| {
+                (u.prompt_tokens as f64 * r.expected_cache_ratio).round() as u64
+            });
+            u.prompt_tokens.saturating_sub(cached) + u.completion_tokens
+        }
+        None if answered => r.uncached_chars / CHARS_PER_TOKEN,
+        None => 0,
     }
 }

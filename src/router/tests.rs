@@ -554,3 +554,45 @@ fn answers_correct_what_the_index_claims_and_measure_its_error() {
         }
     }
 }
+
+#[test]
+fn a_prefix_past_its_endpoints_cache_residency_no_longer_counts() {
+    // One endpoint whose answers write 50,000 tokens into a 1,000-token cache in the first
+    // ~2 s: what it served then has been evicted since (horizon ≈ 40 ms), and the index says
+    // so only with cache_residency.
+    let answer = br#"{"choices":[{"index":0,"message":{"content":"ok"}}],"usage":{"prompt_tokens":50000,"completion_tokens":0,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+    let system = "shared system prompt, ".repeat(40);
+    let routers: Vec<(bool, Router)> = [true, false]
+        .into_iter()
+        .map(|residency| {
+            let config = format!(
+                r#"{{"hash_chunk_bytes": 64, "cache_feedback": false, "cache_residency": {residency},
+                "cache_capacity_tokens": 1000,
+                "model_mapping_rule": {{"m": {{"rules": [{{"cluster": "c", "backend": "vllm"}}]}}}},
+                "clusters": {{"c": {{"endpoints": ["127.0.0.1:1"]}}}}}}"#
+            );
+            (residency, Router::from_json(config.as_bytes()).unwrap())
+        })
+        .collect();
+    for (_, r) in &routers {
+        let mut p = r.pick(&[], &chat("m", &format!("{system} question 0")));
+        p.observe_response(answer, true);
+        p.finish(200);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2_100));
+    for (residency, r) in &routers {
+        let p = r.pick(&[], &chat("m", &format!("{system} question 1")));
+        let ratio = p.routed().unwrap().cache_ratio;
+        if *residency {
+            assert_eq!(ratio, 0.0, "evicted since");
+            let page = r.metrics_text();
+            let horizon = sample(
+                &page,
+                r#"llmproxy_endpoint_cache_residency_seconds{cluster="c",endpoint="127.0.0.1:1"}"#,
+            );
+            assert!(horizon < 0.1, "horizon {horizon} s");
+        } else {
+            assert!(ratio > 0.8, "the index at its word: {ratio}");
+        }
+    }
+}

@@ -44,6 +44,9 @@ pub struct EndpointCounters {
     pub(super) orphan_in_flight: AtomicU64,
     pub(super) orphan_prefill: AtomicU64,
     pub(super) orphaned_at_ms: AtomicU64,
+    /// Tokens the endpoint's answers wrote into its KV cache (prompt tokens it computed plus
+    /// generated tokens), ever: the cache's turnover (`Residency`), over every router.
+    pub(super) cache_written_tokens: AtomicU64,
 }
 
 impl EndpointCounters {
@@ -66,6 +69,7 @@ impl EndpointCounters {
             orphan_in_flight: AtomicU64::new(0),
             orphan_prefill: AtomicU64::new(0),
             orphaned_at_ms: AtomicU64::new(0),
+            cache_written_tokens: AtomicU64::new(0),
         }
     }
 }
@@ -148,6 +152,7 @@ impl EndpointCounters {
             &self.orphan_in_flight,
             &self.orphan_prefill,
             &self.orphaned_at_ms,
+            &self.cache_written_tokens,
         ] {
             a.store(0, Ordering::Relaxed);
         }

@@ -42,6 +42,98 @@ pub struct Endpoint {
     pub answers: AnswerStats,
     /// What the engine's own metrics page said last (`engine_metrics`).
     pub engine: EngineReading,
+    /// How long the engine's KV cache keeps a prefix (capacity and turnover).
+    pub residency: Residency,
+}
+
+/// How long a prefix stays in the endpoint's KV cache after its last use: an LRU cache of `C`
+/// tokens that is written `r` tokens per second keeps what was used within the last `C / r`
+/// seconds (Che's approximation of an LRU cache), so a prefix the index lists for the endpoint
+/// but last used longer ago than that has most likely been evicted. `C` comes from the
+/// engine's metrics page (`engine_metrics`) or the config (`cache_capacity_tokens`); `r` from
+/// what the answers wrote ([`Endpoint::cache_written`]: prompt tokens computed plus tokens
+/// generated), averaged over windows of [`RATE_WINDOW_MS`]. Unknown capacity or no writes yet:
+/// no limit (the index is taken at its word, as before).
+#[derive(Default)]
+pub struct Residency {
+    /// KV cache capacity in tokens the engine reported; 0: not known.
+    capacity_tokens: AtomicU64,
+    /// Router ms when the current rate window opened; 0: never.
+    window_ms: AtomicU64,
+    /// The endpoint's written tokens when it opened.
+    window_tokens: AtomicU64,
+    /// Tokens written per ms, moving average (`f64` bits; 0: none measured).
+    rate_bits: AtomicU64,
+}
+
+/// The shortest window over which the write rate is measured, ms.
+pub const RATE_WINDOW_MS: u64 = 2_000;
+
+/// Weight of the newest window in the write rate's moving average.
+const RATE_STEP: f64 = 0.3;
+
+impl Residency {
+    /// Records the capacity the engine reports, in tokens (0: unknown).
+    pub fn set_capacity(&self, tokens: u64) {
+        self.capacity_tokens.store(tokens, Ordering::Relaxed);
+    }
+
+    /// The capacity the engine reported, if any.
+    pub fn capacity(&self) -> Option<u64> {
+        Some(self.capacity_tokens.load(Ordering::Relaxed)).filter(|&c| c > 0)
+    }
+
+    /// Tokens written per ms, as last averaged; `None` before a first full window.
+    pub fn write_rate(&self) -> Option<f64> {
+        Some(f64::from_bits(self.rate_bits.load(Ordering::Relaxed))).filter(|&r| r > 0.0)
+    }
+
+    /// Folds the writes since the window opened into the rate once the window is
+    /// [`RATE_WINDOW_MS`] long; `written` is the endpoint's written tokens now. Racing callers:
+    /// one wins the window, the others leave it.
+    fn advance(&self, written: u64, now_ms: u64) {
+        let opened = self.window_ms.load(Ordering::Relaxed);
+        if opened != 0 && now_ms.saturating_sub(opened) < RATE_WINDOW_MS {
+            return;
+        }
+        if self
+            .window_ms
+            .compare_exchange(opened, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let before = self.window_tokens.swap(written, Ordering::Relaxed);
+        if opened == 0 || written < before {
+            return; // the first window, or the counters were reset: start over
+        }
+        let rate = (written - before) as f64 / (now_ms - opened) as f64;
+        let next = match self.write_rate() {
+            Some(old) => old + RATE_STEP * (rate - old),
+            None => rate,
+        };
+        self.rate_bits.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The horizon as last measured (no new window), seconds; `None` when capacity or rate
+    /// is unknown.
+    pub fn horizon_secs(&self, default_capacity: u64) -> Option<f64> {
+        let capacity = self.capacity().unwrap_or(default_capacity);
+        let rate = self.write_rate()?;
+        (capacity > 0).then(|| capacity as f64 / rate / 1000.0)
+    }
+
+    /// How long after its last use a prefix is likely still cached, ms: capacity (this
+    /// endpoint's reported one, else `default_capacity`; 0: unknown) over the write rate;
+    /// `u64::MAX` when either is unknown. `written` is the endpoint's written tokens now.
+    pub fn horizon_ms(&self, written: u64, now_ms: u64, default_capacity: u64) -> u64 {
+        self.advance(written, now_ms);
+        let capacity = self.capacity().unwrap_or(default_capacity);
+        match self.write_rate() {
+            Some(rate) if capacity > 0 => (capacity as f64 / rate).min(u64::MAX as f64) as u64,
+            _ => u64::MAX,
+        }
+    }
 }
 
 /// What the endpoint's engine reported running plus waiting beyond this router's own requests
@@ -196,6 +288,7 @@ impl Endpoint {
             ttft: (0..models).map(|_| OnceLock::new()).collect(),
             answers: AnswerStats::new(models),
             engine: EngineReading::default(),
+            residency: Residency::default(),
         }
     }
 
@@ -230,6 +323,26 @@ impl Endpoint {
             Storage::Own(c) => saturating_sub(c.load_cell(which), v),
             Storage::Shared(lease) => lease.sub(which, v),
         }
+    }
+
+    /// Counts `tokens` written into the endpoint's KV cache by an answer (see [`Residency`]).
+    pub fn cache_written(&self, tokens: u64) {
+        self.c()
+            .cache_written_tokens
+            .fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    /// Tokens written into the endpoint's KV cache by the answers of every router sharing
+    /// its counters.
+    pub fn cache_written_tokens(&self) -> u64 {
+        self.c().cache_written_tokens.load(Ordering::Relaxed)
+    }
+
+    /// How long after its last use a prefix is likely still in this endpoint's KV cache, ms
+    /// (`u64::MAX`: no limit known); see [`Residency`].
+    pub fn cache_horizon_ms(&self, now_ms: u64, default_capacity: u64) -> u64 {
+        self.residency
+            .horizon_ms(self.cache_written_tokens(), now_ms, default_capacity)
     }
 
     /// True when the counters live in a shared region.

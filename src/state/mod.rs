@@ -72,6 +72,58 @@ mod tests {
     }
 
     #[test]
+    fn resident_chunks_leave_out_holders_past_their_endpoints_horizon() {
+        let idx = PrefixIndex::new(1000);
+        let set = set_of(&[1, 2]);
+        // endpoint 1 served the prefix at 1 s, endpoint 2 its first half at 9 s
+        idx.record(&[10, 11, 12, 13], 1, 1_000);
+        idx.record(&[10, 11], 2, 9_000);
+        let q = [10, 11, 12, 13];
+        // at 10 s, with horizons of 5 s each: endpoint 1's use is 9 s old, evicted
+        assert_eq!(
+            idx.resident_chunks(&q, &set, 10_000, &[5_000, 5_000]),
+            [0, 2]
+        );
+        // a longer horizon on endpoint 1 keeps it; no horizon at all is the plain match
+        assert_eq!(
+            idx.resident_chunks(&q, &set, 10_000, &[10_000, 5_000]),
+            [4, 2]
+        );
+        assert_eq!(idx.resident_chunks(&q, &set, 10_000, &[]), [4, 2]);
+        assert_eq!(idx.matched_chunks(&q, &set), vec![4, 2]);
+        // nobody holds the first chunk any more: the walk stops there
+        assert_eq!(
+            idx.resident_chunks(&q, &set, 20_000, &[5_000, 5_000]),
+            [0, 0]
+        );
+    }
+
+    #[test]
+    fn residency_horizon_is_capacity_over_the_write_rate() {
+        let e = Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0);
+        // nothing known: no limit
+        assert_eq!(e.cache_horizon_ms(1_000, 0), u64::MAX);
+        assert_eq!(e.cache_horizon_ms(1_000, 60_000), u64::MAX, "no rate yet");
+        // 10 tokens per ms over the first window: 60,000 tokens of capacity last 6 s
+        e.cache_written(20_000);
+        assert_eq!(e.cache_horizon_ms(3_000, 60_000), 6_000);
+        // the engine's own capacity wins over the configured one; unknown capacity: no limit
+        e.residency.set_capacity(120_000);
+        assert_eq!(e.cache_horizon_ms(3_000, 60_000), 12_000);
+        e.residency.set_capacity(0);
+        assert_eq!(e.cache_horizon_ms(3_000, 0), u64::MAX);
+        // within a window nothing moves; the next window's rate is averaged in
+        e.cache_written(1_000_000);
+        assert_eq!(e.cache_horizon_ms(4_000, 60_000), 6_000);
+        let h = e.cache_horizon_ms(5_000, 60_000); // 500 tokens/ms over 2 s, weighted 0.3
+        let rate = 10.0 + 0.3 * (500.0 - 10.0);
+        assert_eq!(h, (60_000.0 / rate) as u64);
+        // idle: the rate falls, the horizon grows
+        let idle = e.cache_horizon_ms(65_000, 60_000);
+        assert!(idle > h, "{idle} vs {h}");
+    }
+
+    #[test]
     fn index_is_bounded_and_evicts_least_recently_used() {
         let idx = PrefixIndex::new(64);
         let n: u64 = if cfg!(miri) { 1_000 } else { 10_000 };

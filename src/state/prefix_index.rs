@@ -83,6 +83,21 @@ impl PrefixIndex {
     /// Walks the prefix from the start and stops at the first chunk no endpoint of the set
     /// holds (hashes are cumulative: a longer prefix implies the shorter ones).
     pub fn matched_chunks(&self, hashes: &[u64], set: &EndpointSet) -> Vec<usize> {
+        self.resident_chunks(hashes, set, 0, &[])
+    }
+
+    /// [`PrefixIndex::matched_chunks`] counting only what each endpoint likely still holds:
+    /// a holder last used more than `horizon_ms[p]` before `now_ms` (`p`: its position in
+    /// `set`) does not count, its engine has likely evicted the prefix since. An empty
+    /// `horizon_ms` sets no limit.
+    pub fn resident_chunks(
+        &self,
+        hashes: &[u64],
+        set: &EndpointSet,
+        now_ms: u64,
+        horizon_ms: &[u64],
+    ) -> Vec<usize> {
+        let now = stamp(now_ms);
         let mut depth = vec![0usize; set.endpoints.len()];
         for (i, &h) in hashes.iter().enumerate() {
             let key = nonzero(h);
@@ -100,6 +115,10 @@ impl PrefixIndex {
                     continue;
                 }
                 if let Some(&pos) = set.position.get(&((v >> 32) as u32)) {
+                    let age = now.wrapping_sub(v as u32) as u64;
+                    if horizon_ms.get(pos).is_some_and(|&h| age > h) {
+                        continue;
+                    }
                     depth[pos] = i + 1;
                     any = true;
                 }

@@ -172,7 +172,7 @@ impl RouterInner {
     /// Chooses an endpoint for `r` among those not tried yet, and accounts it. `remote`
     /// holds cache matches from the Metadata-Center, when asked. A request of a session goes
     /// where the session went last while that endpoint is a candidate and not overloaded
-    /// ([`RouterInner::session_target`]); every other choice is the algorithm's.
+    /// ([`RouterInner::session_overloaded`]); every other choice is the algorithm's.
     pub(super) fn choose(
         &self,
         r: &mut Routed,

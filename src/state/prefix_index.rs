@@ -149,7 +149,7 @@ impl PrefixIndex {
     /// `endpoint`: from now on it is the key's most recent holder ([`PrefixIndex::bound`]).
     /// Unlike [`PrefixIndex::record`] the holder's time is always rewritten, and a holder
     /// stamped in the same millisecond is made older: a session that moves and moves back
-    /// within [`TOUCH_MS`] must still find the endpoint it went to last. The other holders
+    /// within `TOUCH_MS` must still find the endpoint it went to last. The other holders
     /// stay, older: where the session was before.
     pub fn bind(&self, key: u64, endpoint: u32, now_ms: u64) {
         if endpoint & self.skip_ids != 0 {

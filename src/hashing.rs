@@ -7,7 +7,7 @@
 //! each, which makes the whole computation O(n). The state is seeded with the model name, so
 //! different models never share entries.
 
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, Xxh3};
 
 /// Incremental cumulative chunk hasher: feed the prompt in pieces, get one hash per chunk.
 pub struct PrefixHasher {
@@ -101,6 +101,18 @@ pub fn salt_for_served_model(hashes: &mut [u64], client_model: &str, served_mode
     }
 }
 
+/// Seed of the session keys' domain (a prefix hash is seeded by the model name alone).
+const SESSION_SEED: u64 = 0x5e55_1011_a77f_1417;
+
+/// The prefix-index key of a session (`session_affinity`): the session's name (a header's
+/// value, the `user` field) hashed in a domain of its own per model, so that two models'
+/// sessions never share a binding and a session key equals a prompt's prefix hash only by a
+/// 64-bit collision. Never 0 (the index's empty marker).
+pub fn session_key(model: &str, session: &[u8]) -> u64 {
+    let seed = xxh3_64(model.as_bytes()) ^ SESSION_SEED;
+    xxh3_64_with_seed(session, seed).max(1)
+}
+
 /// Hashes a whole prompt at once (convenience for tests and tools).
 pub fn prefix_hashes(model: &str, prompt: &[u8], chunk_bytes: usize) -> Vec<u64> {
     let mut h = PrefixHasher::new(model, chunk_bytes);
@@ -137,6 +149,17 @@ mod tests {
             prefix_hashes("a", b"hello", 512),
             prefix_hashes("b", b"hello", 512)
         );
+    }
+
+    #[test]
+    fn session_keys_are_per_model_and_apart_from_prefix_hashes() {
+        let k = session_key("m", b"conversation-1");
+        assert_eq!(k, session_key("m", b"conversation-1"));
+        assert_ne!(k, session_key("m", b"conversation-2"));
+        assert_ne!(k, session_key("other", b"conversation-1"));
+        // the same text as a prompt hashes elsewhere
+        assert_ne!(k, prefix_hashes("m", b"conversation-1", 512)[0]);
+        assert_ne!(session_key("m", b""), 0);
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub const PICK_OUTCOMES: [&str; 6] = [
     "internal",
 ];
 
+/// `result` labels of `llmproxy_session_affinity_total`, in the order of
+/// [`RouterMetrics::session_affinity`].
+pub const SESSION_RESULTS: [&str; 3] = ["kept", "moved", "new"];
+
 /// Router-wide counters and histograms.
 pub struct RouterMetrics {
     /// Picks by outcome, indexed like `PICK_OUTCOMES`.
@@ -58,6 +62,9 @@ pub struct RouterMetrics {
     pub engine_reads_ok: AtomicU64,
     /// See `engine_reads_ok`.
     pub engine_reads_failed: AtomicU64,
+    /// Choices for requests of a session (`session_affinity`), indexed like
+    /// [`SESSION_RESULTS`]: kept on its endpoint, moved off it, or new.
+    pub session_affinity: [AtomicU64; 3],
 }
 
 impl Default for RouterMetrics {
@@ -80,6 +87,7 @@ impl Default for RouterMetrics {
             learned_response_chunks: AtomicU64::new(0),
             engine_reads_ok: AtomicU64::new(0),
             engine_reads_failed: AtomicU64::new(0),
+            session_affinity: Default::default(),
         }
     }
 }
@@ -92,6 +100,11 @@ impl RouterMetrics {
             .position(|o| *o == outcome)
             .unwrap_or(5);
         self.picks[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a session's choice: an index into [`SESSION_RESULTS`].
+    pub fn count_session(&self, result: usize) {
+        self.session_affinity[result].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a Metadata-Center call.
@@ -262,6 +275,18 @@ impl RouterMetrics {
                 ("result=\"ok\"".into(), load(&m.engine_reads_ok)),
                 ("result=\"failed\"".into(), load(&m.engine_reads_failed)),
             ],
+        );
+        let sessions: Vec<(String, u64)> = SESSION_RESULTS
+            .iter()
+            .zip(&m.session_affinity)
+            .map(|(r, c)| (format!("result=\"{r}\""), load(c)))
+            .collect();
+        family(
+            out,
+            "llmproxy_session_affinity_total",
+            "counter",
+            "Choices for requests of a session (session_affinity): kept on the session's endpoint, moved off it (overloaded, ejected, unavailable), new (no endpoint yet).",
+            &sessions,
         );
         family(
             out,

@@ -58,6 +58,17 @@ pub struct ParsedRequest {
     pub prefix_hashes: Vec<u64>,
     /// Length of the canonical prompt in characters.
     pub prompt_chars: u64,
+    /// The OpenAI `user` field, when it is a string and [`Extract::user`] asked for it.
+    pub user: Option<String>,
+}
+
+/// What [`parse_with_tail`] extracts beyond what every pick needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Extract {
+    /// The hasher at the end of the prompt, to learn the answer (`learn_response_bytes`).
+    pub tail: bool,
+    /// The `user` field (`session_affinity.user_field`).
+    pub user: bool,
 }
 
 #[derive(Deserialize)]
@@ -70,6 +81,64 @@ struct Body<'a> {
     messages: Option<Vec<Message<'a>>>,
     #[serde(borrow, default)]
     prompt: Option<Prompt<'a>>,
+    #[serde(borrow, default)]
+    user: User<'a>,
+}
+
+/// The `user` field: a string, borrowed from the body when it has no escapes. Any other
+/// value counts as absent (it was ignored before the field was read, and still is).
+#[derive(Default)]
+struct User<'a>(Option<Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for User<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = User<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(User(Some(Cow::Borrowed(v))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(User(Some(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(User(Some(Cow::Owned(v))))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(User(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(User(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(User(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(User(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(User(None))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(User(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(User(None))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map
+                    .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(User(None))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
 }
 
 #[derive(Deserialize)]
@@ -190,17 +259,18 @@ pub fn parse(
     kind: Option<RequestKind>,
     chunk_bytes: usize,
 ) -> Result<ParsedRequest, PickError> {
-    parse_with_tail(body, kind, chunk_bytes, false).map(|(p, _)| p)
+    parse_with_tail(body, kind, chunk_bytes, Extract::default()).map(|(p, _)| p)
 }
 
 /// [`parse`], also giving the hasher at the end of the prompt (see [`PrefixHasher::fork`])
-/// when `keep_tail` and the next turn extends this prompt (a chat, or a completion of one
-/// prompt): to learn the answer ([`crate::response`]).
+/// when `extract.tail` and the next turn extends this prompt (a chat, or a completion of one
+/// prompt): to learn the answer ([`crate::response`]); and the `user` field when
+/// `extract.user`.
 pub fn parse_with_tail(
     body: &[u8],
     kind: Option<RequestKind>,
     chunk_bytes: usize,
-    keep_tail: bool,
+    extract: Extract,
 ) -> Result<(ParsedRequest, Option<PrefixHasher>), PickError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(PickError::bad_request(
@@ -273,14 +343,19 @@ pub fn parse_with_tail(
             }
         },
     }
-    let tail = (keep_tail && extendable).then(|| hasher.fork());
+    let tail = (extract.tail && extendable).then(|| hasher.fork());
     let (prefix_hashes, prompt_chars) = hasher.finish();
+    let user = match parsed.user.0 {
+        Some(u) if extract.user => Some(u.into_owned()),
+        _ => None,
+    };
     let parsed = ParsedRequest {
         model: model.into_owned(),
         stream: parsed.stream.unwrap_or(false),
         kind,
         prefix_hashes,
         prompt_chars,
+        user,
     };
     Ok((parsed, tail))
 }
@@ -407,6 +482,33 @@ mod tests {
         let many = p(r#"{"model":"m","prompt":["once upon", "a time"]}"#).unwrap();
         assert_eq!(many.kind, RequestKind::Completions);
         assert_eq!(many.prompt_chars, 16);
+    }
+
+    #[test]
+    fn the_user_field_only_when_asked_and_only_a_string() {
+        let user = |body: &str| {
+            let want = Extract {
+                user: true,
+                ..Extract::default()
+            };
+            parse_with_tail(body.as_bytes(), None, 512, want)
+                .unwrap()
+                .0
+                .user
+        };
+        let chat = r#"{"model":"m","user":"alice","messages":[{"role":"user","content":"x"}]}"#;
+        assert_eq!(user(chat).as_deref(), Some("alice"));
+        assert_eq!(p(chat).unwrap().user, None, "not asked");
+        assert_eq!(
+            user(r#"{"model":"m","prompt":"x","user":"b\u00f6b"}"#).as_deref(),
+            Some("böb")
+        );
+        // anything but a string is ignored, as it was before the field was read
+        for other in ["7", "null", "true", "[1, {\"a\": 2}]", "{\"id\": \"x\"}"] {
+            let body = format!(r#"{{"model":"m","user":{other},"prompt":"x"}}"#);
+            assert_eq!(user(&body), None, "{body}");
+            assert!(p(&body).is_ok(), "{body}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use crate::workload::{Kind, Trace};
 use futures_util::StreamExt;
+use reqwest::header::HeaderName;
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -39,6 +40,10 @@ pub struct RunArgs {
     /// the session), `alternate` sends consecutive requests to the URLs in turn.
     #[arg(long, value_enum, default_value_t = Split::Session)]
     pub split: Split,
+    /// Send each session's id (its number in the workload) in this request header on every
+    /// turn, e.g. `x-session-id` for a gateway's `session_affinity`. Off by default.
+    #[arg(long, value_name = "NAME")]
+    pub session_header: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -116,6 +121,33 @@ struct Ctx {
     timeout: Duration,
     records: Mutex<Vec<Record>>,
     progress: Progress,
+    /// `--session-header`.
+    session_header: Option<HeaderName>,
+}
+
+/// The `--session-header` name, checked.
+fn session_header(arg: Option<&str>) -> Result<Option<HeaderName>, String> {
+    arg.map(|h| {
+        HeaderName::from_bytes(h.as_bytes())
+            .map_err(|_| format!("--session-header: not a header name: {h:?}"))
+    })
+    .transpose()
+}
+
+/// The POST of one turn of session `session`: `body` as JSON, and the session's id in
+/// `session_header` when given.
+fn turn_request(
+    client: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    session_header: Option<&HeaderName>,
+    session: usize,
+) -> reqwest::RequestBuilder {
+    let rb = client.post(url).json(body);
+    match session_header {
+        Some(name) => rb.header(name, session.to_string()),
+        None => rb,
+    }
 }
 
 pub fn http_client() -> Result<reqwest::Client, String> {
@@ -183,6 +215,7 @@ pub async fn run(
     args: &RunArgs,
 ) -> Result<RunOutput, String> {
     let client = http_client()?;
+    let session_header = session_header(args.session_header.as_deref())?;
     if target_urls(target).is_empty() {
         return Err(format!("no URL in target {target:?}"));
     }
@@ -206,6 +239,7 @@ pub async fn run(
         timeout: Duration::from_secs_f64(args.request_timeout),
         records: Mutex::new(Vec::new()),
         progress: Progress::default(),
+        session_header,
     });
     // With a warm-up, the fleet's counters are read again when it ends, so that the hit rate and
     // utilisation cover the measured part only.
@@ -352,8 +386,11 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
             .max_late_us
             .fetch_max(late.as_micros() as u64, Ordering::Relaxed);
         ctx.progress.sent.fetch_add(1, Ordering::Relaxed);
-        let res =
-            tokio::time::timeout(ctx.timeout, one_request(&ctx, &ctx.urls[gateway], &body)).await;
+        let res = tokio::time::timeout(
+            ctx.timeout,
+            one_request(&ctx, &ctx.urls[gateway], &body, s.id),
+        )
+        .await;
         let e2e = sent.elapsed().as_secs_f64();
         let (out, err) = match res {
             Ok(Ok(out)) => (out, None),
@@ -406,9 +443,15 @@ struct Streamed {
     served_by: Option<String>,
 }
 
-async fn one_request(ctx: &Ctx, url: &str, body: &Value) -> Result<Streamed, (Streamed, String)> {
+async fn one_request(
+    ctx: &Ctx,
+    url: &str,
+    body: &Value,
+    session: usize,
+) -> Result<Streamed, (Streamed, String)> {
     let mut out = Streamed::default();
-    let resp = match ctx.client.post(url).json(body).send().await {
+    let request = turn_request(&ctx.client, url, body, ctx.session_header.as_ref(), session);
+    let resp = match request.send().await {
         Ok(r) => r,
         Err(e) => return Err((out, format!("connect: {}", short_err(&e)))),
     };
@@ -865,4 +908,46 @@ pub fn table(runs: &[Summary]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    /// The headers of turn requests of session 42 with `args` on the command line.
+    fn sent_headers(args: &[&str]) -> Result<reqwest::header::HeaderMap, String> {
+        let cli = Cli::try_parse_from(std::iter::once("load").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        let name = session_header(cli.run.session_header.as_deref())?;
+        let client = reqwest::Client::new();
+        let body = json!({"model": "m", "messages": []});
+        let req = turn_request(
+            &client,
+            "http://127.0.0.1:1/v1/chat/completions",
+            &body,
+            name.as_ref(),
+            42,
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        Ok(req.headers().clone())
+    }
+
+    #[test]
+    fn session_header_sends_the_session_id_and_is_off_by_default() {
+        let h = sent_headers(&["--session-header", "X-Session-Id"]).unwrap();
+        assert_eq!(h.get("x-session-id").unwrap(), "42");
+        let h = sent_headers(&[]).unwrap();
+        assert!(h.get("x-session-id").is_none(), "{h:?}");
+        assert_eq!(h.len(), 1, "content-type only: {h:?}");
+        let e = sent_headers(&["--session-header", "x session"]).unwrap_err();
+        assert_eq!(e, "--session-header: not a header name: \"x session\"");
+    }
 }

@@ -59,6 +59,22 @@ pub(super) struct RawConfig {
     pub(super) metadata_center: Option<RawMetadataCenter>,
     #[serde(default)]
     pub(super) engine_metrics: Option<RawEngineMetrics>,
+    #[serde(default)]
+    pub(super) session_affinity: Option<RawSessionAffinity>,
+}
+
+/// `session_affinity`: keeping a conversation on its endpoint.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSessionAffinity {
+    #[serde(default)]
+    pub(super) header: Option<String>,
+    #[serde(default)]
+    pub(super) user_field: Option<bool>,
+    #[serde(default, deserialize_with = "lenient_f64")]
+    pub(super) max_load_ratio: Option<f64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub(super) max_extra_requests: Option<u64>,
 }
 
 /// `engine_metrics`: reading each endpoint's own Prometheus metrics.

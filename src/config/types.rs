@@ -256,6 +256,36 @@ pub struct Config {
     pub metadata_center: MetadataCenter,
     /// Reading each endpoint's own Prometheus metrics (requests running and waiting).
     pub engine_metrics: EngineMetrics,
+    /// Keeping a conversation on its endpoint (`session_affinity`); None = off.
+    pub session_affinity: Option<SessionAffinity>,
+}
+
+/// `session_affinity`: a request naming a session (a header, or the OpenAI `user` field) goes
+/// to the endpoint that session last went to, while that endpoint is a candidate (not ejected,
+/// not tried, serving the request's subset) and not overloaded: a session moves only when its
+/// endpoint has more than `max_extra_requests` more requests in flight than the least loaded
+/// candidate and more than `max_load_ratio` times as many.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionAffinity {
+    /// The request header naming the session, lower-case (`x-session-id`; "" = none).
+    pub header: String,
+    /// Also the body's `user` field (chat and completions) when the header is absent (false).
+    pub user_field: bool,
+    /// The load ratio to the least loaded candidate above which a session moves (1.5).
+    pub max_load_ratio: f64,
+    /// The extra requests over the least loaded candidate above which a session moves (8).
+    pub max_extra_requests: u64,
+}
+
+impl Default for SessionAffinity {
+    fn default() -> Self {
+        Self {
+            header: "x-session-id".into(),
+            user_field: false,
+            max_load_ratio: 1.5,
+            max_extra_requests: 8,
+        }
+    }
 }
 
 /// `engine_metrics`: a background thread reads every endpoint's Prometheus page each

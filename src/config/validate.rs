@@ -12,13 +12,14 @@ use std::net::SocketAddr;
 use super::env;
 use super::raw::{
     RawCluster, RawConfig, RawEjection, RawEndpoint, RawEngineMetrics, RawLbConfig, RawLog,
+    RawSessionAffinity,
 };
 use super::rules::{self, header_unsafe, is_header_name};
 use super::types::{
     err, within, Algorithm, Config, ConfigError, Ejection, EndpointSpec, EngineMetrics, LbParams,
-    RequestLog, Rule, DEFAULT_CLUSTER_HEADER, DEFAULT_HASH_CHUNK_BYTES, DEFAULT_INTERCEPT_PATHS,
-    DEFAULT_LEARN_RESPONSE_BYTES, DEFAULT_MAX_BODY_BYTES, DEFAULT_METRICS_PATH,
-    DEFAULT_PREFIX_INDEX_CAPACITY,
+    RequestLog, Rule, SessionAffinity, DEFAULT_CLUSTER_HEADER, DEFAULT_HASH_CHUNK_BYTES,
+    DEFAULT_INTERCEPT_PATHS, DEFAULT_LEARN_RESPONSE_BYTES, DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_METRICS_PATH, DEFAULT_PREFIX_INDEX_CAPACITY,
 };
 
 /// Static endpoints and DNS names of the clusters.
@@ -58,6 +59,7 @@ pub(super) fn validate(
     add_istio_dns_clusters(&models, &clusters, &mut dns_clusters);
     let metadata_center = env::metadata_center(raw.metadata_center, env)?;
     let engine_metrics = engine_metrics(raw.engine_metrics)?;
+    let session_affinity = session_affinity(raw.session_affinity, &cluster_header)?;
 
     Ok(Config {
         algorithm,
@@ -82,7 +84,60 @@ pub(super) fn validate(
         dns_refresh_ms: raw.dns_refresh_ms.unwrap_or(5000).max(100),
         metadata_center,
         engine_metrics,
+        session_affinity,
     })
+}
+
+/// `session_affinity`: a header the hosts pass to the pick (not one of the routing headers
+/// they strip from every request), or the `user` field; thresholds that can be exceeded.
+fn session_affinity(
+    raw: Option<RawSessionAffinity>,
+    cluster_header: &str,
+) -> Result<Option<SessionAffinity>, ConfigError> {
+    let Some(r) = raw else { return Ok(None) };
+    let mut s = SessionAffinity::default();
+    if let Some(header) = r.header {
+        let header = header.to_ascii_lowercase();
+        if !header.is_empty() && !is_header_name(&header) {
+            return Err(err(
+                "session_affinity.header",
+                format!("not a valid header name: {header:?}"),
+            ));
+        }
+        // The hosts remove these from every request before the pick sees it.
+        if header.starts_with("x-llmproxy-")
+            || header == cluster_header
+            || header == "x-gateway-destination-endpoint"
+        {
+            return Err(err(
+                "session_affinity.header",
+                format!("{header:?} is a routing header the hosts remove from every request"),
+            ));
+        }
+        s.header = header;
+    }
+    s.user_field = r.user_field.unwrap_or(s.user_field);
+    if s.header.is_empty() && !s.user_field {
+        return Err(err(
+            "session_affinity",
+            "names no session: give a \"header\" or set \"user_field\": true",
+        ));
+    }
+    if let Some(ratio) = r.max_load_ratio {
+        if !(ratio >= 1.0 && ratio.is_finite()) {
+            return Err(err(
+                "session_affinity.max_load_ratio",
+                format!("must be ≥ 1, got {ratio}"),
+            ));
+        }
+        s.max_load_ratio = ratio;
+    }
+    s.max_extra_requests = within(
+        "session_affinity.max_extra_requests",
+        r.max_extra_requests.unwrap_or(s.max_extra_requests),
+        0..=1_000_000,
+    )?;
+    Ok(Some(s))
 }
 
 /// `engine_metrics`: deadlines within bounds (the read's below its period), a path, names.
@@ -526,6 +581,76 @@ mod tests {
             (
                 r#"{"engine_metrics": {"waiting": ["vllm:x{a=\"b\"}"]}}"#,
                 "config.engine_metrics.waiting: metric names without spaces or labels, got \"vllm:x{a=\\\"b\\\"}\"",
+            ),
+        ]);
+    }
+
+    #[test]
+    fn session_affinity_defaults_overrides_and_errors() {
+        assert_eq!(
+            parse("{}").unwrap().session_affinity,
+            None,
+            "off by default"
+        );
+        let s = parse(r#"{"session_affinity": {}}"#)
+            .unwrap()
+            .session_affinity
+            .unwrap();
+        assert_eq!(s, SessionAffinity::default());
+        assert_eq!(
+            (s.header.as_str(), s.user_field, s.max_load_ratio),
+            ("x-session-id", false, 1.5)
+        );
+        assert_eq!(s.max_extra_requests, 8);
+        let s = parse(
+            r#"{"session_affinity": {"header": "X-Conversation", "user_field": true,
+                "max_load_ratio": "2.5", "max_extra_requests": 0.0}}"#,
+        )
+        .unwrap()
+        .session_affinity
+        .unwrap();
+        assert_eq!(
+            (s.header.as_str(), s.user_field, s.max_load_ratio),
+            ("x-conversation", true, 2.5)
+        );
+        assert_eq!(s.max_extra_requests, 0);
+        let s = parse(r#"{"session_affinity": {"header": "", "user_field": true}}"#)
+            .unwrap()
+            .session_affinity
+            .unwrap();
+        assert_eq!((s.header.as_str(), s.user_field), ("", true));
+        assert_errors(&[
+            (
+                r#"{"session_affinity": {"max_load_ratio": 0.5}}"#,
+                "config.session_affinity.max_load_ratio: must be ≥ 1, got 0.5",
+            ),
+            (
+                r#"{"session_affinity": {"max_extra_requests": 1000001}}"#,
+                "config.session_affinity.max_extra_requests: must be within 0–1000000, got 1000001",
+            ),
+            (
+                r#"{"session_affinity": {"max_extra_requests": -1}}"#,
+                "config.session_affinity.max_extra_requests: expected a non-negative integer",
+            ),
+            (
+                r#"{"session_affinity": {"header": "x session"}}"#,
+                "config.session_affinity.header: not a valid header name: \"x session\"",
+            ),
+            (
+                r#"{"session_affinity": {"header": "X-LLMProxy-Session"}}"#,
+                "config.session_affinity.header: \"x-llmproxy-session\" is a routing header the hosts remove",
+            ),
+            (
+                r#"{"cluster_header": "x-pool", "session_affinity": {"header": "x-pool"}}"#,
+                "config.session_affinity.header: \"x-pool\" is a routing header",
+            ),
+            (
+                r#"{"session_affinity": {"header": ""}}"#,
+                "config.session_affinity: names no session: give a \"header\" or set \"user_field\": true",
+            ),
+            (
+                r#"{"session_affinity": {"header_name": "x"}}"#,
+                "config.session_affinity.header_name: unknown field `header_name`",
             ),
         ]);
     }

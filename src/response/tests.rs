@@ -207,7 +207,10 @@ fn tool_calls_render_as_the_request_does() {
         br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
         None,
         16,
-        true,
+        request::Extract {
+            tail: true,
+            ..Default::default()
+        },
     )
     .unwrap();
     let before = first.prompt_chars as usize / 16; // full chunks of the first prompt

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::{HeaderRef, RouterInner};
 use crate::background::{Event, RequestSync};
 use crate::balancer::{CandidateLoad, Selection};
-use crate::config::{Backend, LbParams, Rule, Subset};
+use crate::config::{Backend, LbParams, Rule, SessionAffinity, Subset};
 use crate::error::PickError;
 use crate::hashing;
 use crate::request::{self, RequestKind};
@@ -33,6 +33,8 @@ pub(super) struct Routed {
     /// Prompt characters the chosen endpoint must compute (not expected in its cache).
     pub(super) uncached_chars: u64,
     pub(super) prefix_hashes: Vec<u64>,
+    /// The session's key in the prefix index (`session_affinity`, when the request names one).
+    pub(super) session: Option<u64>,
     /// Share of the prompt's chunks the prefix index lists for the chosen endpoint.
     pub(super) cache_ratio: f64,
     /// Share of the prompt the pick expected the endpoint's engine to have cached: the
@@ -72,8 +74,13 @@ impl RouterInner {
             .and_then(|p| std::str::from_utf8(p).ok())
             .and_then(RequestKind::from_path);
         let learn_bytes = self.config.learn_response_bytes;
+        let affinity = self.config.session_affinity.as_ref();
+        let extract = request::Extract {
+            tail: learn_bytes > 0,
+            user: affinity.is_some_and(|a| a.user_field),
+        };
         let (parsed, tail) =
-            request::parse_with_tail(body, kind, self.config.hash_chunk_bytes, learn_bytes > 0)?;
+            request::parse_with_tail(body, kind, self.config.hash_chunk_bytes, extract)?;
         let route = self
             .models
             .get(&parsed.model)
@@ -123,6 +130,9 @@ impl RouterInner {
         }
         let answer = ResponseReader::new(parsed.kind, text_cap);
         let learn_tail = tail.map(Box::new);
+        let session = affinity
+            .and_then(|a| session_name(a, headers, parsed.user.as_deref()))
+            .map(|name| hashing::session_key(&parsed.model, name));
         let upstream_model = upstream_model.to_string();
         Ok(Routed {
             rule: Arc::clone(rule),
@@ -137,6 +147,7 @@ impl RouterInner {
             prompt_chars: parsed.prompt_chars,
             uncached_chars: parsed.prompt_chars,
             prefix_hashes,
+            session,
             cache_ratio: 0.0,
             expected_cache_ratio: 0.0,
             sync: None,
@@ -159,7 +170,9 @@ impl RouterInner {
     }
 
     /// Chooses an endpoint for `r` among those not tried yet, and accounts it. `remote`
-    /// holds cache matches from the Metadata-Center, when asked.
+    /// holds cache matches from the Metadata-Center, when asked. A request of a session goes
+    /// where the session went last while that endpoint is a candidate and not overloaded
+    /// ([`RouterInner::session_overloaded`]); every other choice is the algorithm's.
     pub(super) fn choose(
         &self,
         r: &mut Routed,
@@ -171,8 +184,34 @@ impl RouterInner {
         let params = self.config.lb_params(&r.model);
         let use_index = self.uses_cache_depth(r, &params);
         let depth = self.cache_depth(r, &set, use_index, remote, now);
-        let chosen = candidates[self.select(r, &set, &candidates, &depth, &params, now)];
+        // Where the session went last, when it is still a candidate.
+        let bound = r
+            .session
+            .and_then(|key| self.index.bound(key, &set))
+            .map(|pos| candidates.iter().position(|&c| c == pos));
+        let loads = if self.config.algorithm.uses_loads() || matches!(bound, Some(Some(_))) {
+            self.loads(r, &set, &candidates, &depth, now)
+        } else {
+            Vec::new()
+        };
+        let kept = bound
+            .flatten()
+            .filter(|&at| !self.session_overloaded(&loads, at));
+        let at = match kept {
+            Some(at) => at,
+            None => self.select(r, &candidates, &loads, &params),
+        };
+        let chosen = candidates[at];
         let endpoint = Arc::clone(&set.endpoints[chosen]);
+        if let Some(key) = r.session {
+            let result = match (bound, kept) {
+                (_, Some(_)) => SessionResult::Kept,
+                (Some(_), None) => SessionResult::Moved,
+                (None, _) => SessionResult::New,
+            };
+            self.metrics.count_session(result as usize);
+            self.index.bind(key, endpoint.id, now);
+        }
         self.account(r, &endpoint, depth[chosen], use_index, now);
         self.report(r, &endpoint, params.cache_aware);
         r.tried.push(endpoint.id);
@@ -239,38 +278,53 @@ impl RouterInner {
         depth
     }
 
-    /// Runs the configured algorithm over the candidates; returns a position in `candidates`.
-    fn select(
+    /// The candidates' loads, as scoring sees them ([`loads_of`]).
+    fn loads(
         &self,
         r: &Routed,
         set: &EndpointSet,
         candidates: &[usize],
         depth: &[usize],
-        params: &LbParams,
         now: u64,
+    ) -> Vec<CandidateLoad> {
+        let total_chunks = r.prefix_hashes.len().max(1) as f64;
+        let engines = &self.config.engine_metrics;
+        let remote = RemoteScale {
+            stale_ms: self.config.metadata_center.load_stale_ms,
+            uncached_share: uncached_share(
+                self.metrics.prompt_chars.load(Ordering::Relaxed),
+                self.metrics.cached_prompt_chars.load(Ordering::Relaxed),
+            ),
+            engine_stale_ms: engines.enabled.then_some(engines.stale_ms),
+        };
+        let feedback = self.config.cache_feedback;
+        loads_of(set, candidates, depth, total_chunks, now, remote, feedback)
+    }
+
+    /// True when the candidate at `at` (a session's endpoint) is too busy to keep the
+    /// session: by the thresholds of `session_affinity` over the least loaded candidate.
+    fn session_overloaded(&self, loads: &[CandidateLoad], at: usize) -> bool {
+        self.config
+            .session_affinity
+            .as_ref()
+            .is_some_and(|a| overloaded(loads, at, a))
+    }
+
+    /// Runs the configured algorithm over the candidates (`loads`: theirs, when the
+    /// algorithm reads them); returns a position in `candidates`.
+    fn select(
+        &self,
+        r: &Routed,
+        candidates: &[usize],
+        loads: &[CandidateLoad],
+        params: &LbParams,
     ) -> usize {
         let algorithm = self.config.algorithm;
-        let loads = if algorithm.uses_loads() {
-            let total_chunks = r.prefix_hashes.len().max(1) as f64;
-            let engines = &self.config.engine_metrics;
-            let remote = RemoteScale {
-                stale_ms: self.config.metadata_center.load_stale_ms,
-                uncached_share: uncached_share(
-                    self.metrics.prompt_chars.load(Ordering::Relaxed),
-                    self.metrics.cached_prompt_chars.load(Ordering::Relaxed),
-                ),
-                engine_stale_ms: engines.enabled.then_some(engines.stale_ms),
-            };
-            let feedback = self.config.cache_feedback;
-            loads_of(set, candidates, depth, total_chunks, now, remote, feedback)
-        } else {
-            Vec::new()
-        };
         let draw = self.rng_counter.fetch_add(1, Ordering::Relaxed);
         let mut rng =
             fastrand::Rng::with_seed(self.rng_seed ^ draw.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let selection = Selection {
-            loads: &loads,
+            loads,
             candidates: candidates.len(),
             prompt_chars: r.prompt_chars,
             params,
@@ -342,6 +396,41 @@ pub(super) fn find_header<'a>(headers: &[HeaderRef<'a>], name: &str) -> Option<&
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
         .map(|(_, v)| *v)
+}
+
+/// What became of a session's request: the index of its `result` label in
+/// [`crate::metrics::SESSION_RESULTS`].
+#[derive(Clone, Copy)]
+enum SessionResult {
+    /// It went to the endpoint the session went to last.
+    Kept = 0,
+    /// That endpoint was no candidate (ejected, tried, not serving the subset) or overloaded.
+    Moved = 1,
+    /// The session has no endpoint among the cluster's (never seen, or forgotten).
+    New = 2,
+}
+
+/// The name of the request's session: the configured header's value, else (with
+/// `user_field`) the body's `user`; empty values name nothing.
+fn session_name<'a>(
+    a: &SessionAffinity,
+    headers: &[HeaderRef<'a>],
+    user: Option<&'a str>,
+) -> Option<&'a [u8]> {
+    let header = (!a.header.is_empty())
+        .then(|| find_header(headers, &a.header))
+        .flatten()
+        .filter(|v| !v.is_empty());
+    header.or_else(|| user.map(str::as_bytes).filter(|u| !u.is_empty()))
+}
+
+/// The session rule: the candidate at `at` is overloaded when it has more than
+/// `max_extra_requests` requests in flight beyond the least loaded candidate and more than
+/// `max_load_ratio` times as many (both, as sglang-router's balance thresholds).
+fn overloaded(loads: &[CandidateLoad], at: usize, a: &SessionAffinity) -> bool {
+    let least = loads.iter().map(|l| l.in_flight).min().unwrap_or(0);
+    let own = loads[at].in_flight;
+    own > least.saturating_add(a.max_extra_requests) && own as f64 > a.max_load_ratio * least as f64
 }
 
 /// The first rule whose header conditions all hold (rules are sorted most specific first).
@@ -452,6 +541,39 @@ fn loads_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_moves_only_past_both_thresholds() {
+        let a = SessionAffinity {
+            max_load_ratio: 1.5,
+            max_extra_requests: 8,
+            ..SessionAffinity::default()
+        };
+        let at = |own: u64, least: u64| {
+            let l = |q| CandidateLoad {
+                in_flight: q,
+                ..CandidateLoad::default()
+            };
+            overloaded(&[l(own), l(least), l(least + 5)], 0, &a)
+        };
+        assert!(!at(8, 0), "8 beyond: not more than 8");
+        assert!(at(9, 0));
+        assert!(!at(28, 20), "8 beyond and 1.4 times");
+        assert!(!at(29, 20), "9 beyond but 1.45 times");
+        assert!(!at(30, 20), "10 beyond but exactly 1.5 times");
+        assert!(at(31, 20));
+        assert!(!at(0, 0), "the least loaded itself");
+        let ratio_only = SessionAffinity {
+            max_extra_requests: 0,
+            ..a.clone()
+        };
+        let l = |q| CandidateLoad {
+            in_flight: q,
+            ..CandidateLoad::default()
+        };
+        assert!(!overloaded(&[l(3), l(2)], 0, &ratio_only));
+        assert!(overloaded(&[l(4), l(2)], 0, &ratio_only));
+    }
 
     #[test]
     fn other_gateways_prefill_counts_at_this_routers_uncached_share() {

@@ -148,6 +148,30 @@ mod tests {
     }
 
     #[test]
+    fn a_session_is_bound_to_its_last_endpoint_in_the_set() {
+        let idx = PrefixIndex::new(1000);
+        let set = set_of(&[1, 2, 3]);
+        assert_eq!(idx.bound(77, &set), None, "never bound");
+        idx.bind(77, 2, 1000);
+        assert_eq!(idx.bound(77, &set), Some(1));
+        // moved, and moved back within the same millisecond: the last bind wins
+        idx.bind(77, 3, 1050);
+        assert_eq!(idx.bound(77, &set), Some(2));
+        idx.bind(77, 2, 1050);
+        assert_eq!(idx.bound(77, &set), Some(1));
+        idx.bind(77, 3, 1050);
+        assert_eq!(idx.bound(77, &set), Some(2));
+        // its endpoint left the set: where it was before
+        assert_eq!(idx.bound(77, &set_of(&[1, 2])), Some(1));
+        assert_eq!(idx.bound(77, &set_of(&[1])), None);
+        // other keys are apart; recording prefixes does not change a binding
+        assert_eq!(idx.bound(78, &set), None);
+        idx.record(&[77], 1, 1100);
+        idx.bind(77, 3, 1200);
+        assert_eq!(idx.bound(77, &set), Some(2));
+    }
+
+    #[test]
     fn replace_keeps_state_of_endpoints_that_stay() {
         let c = Cluster::new("c");
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();

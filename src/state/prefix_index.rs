@@ -139,22 +139,89 @@ impl PrefixIndex {
         let stamp = stamp(now_ms);
         let holder = (endpoint as u64) << 32 | stamp as u64;
         for &h in hashes {
-            let key = nonzero(h);
-            let ways = self.set(h);
-            let way = match ways.iter().find(|w| w.key.load(Ordering::Acquire) == key) {
-                Some(w) => w,
-                None => match self.claim(ways, key, now_ms) {
-                    Some(w) => w,
-                    None => continue,
-                },
+            let Some(way) = self.entry(h, now_ms) else {
+                continue;
             };
-            // Refreshed at most every TOUCH_MS: a hot prefix recorded by every pick would
-            // otherwise bounce its cache line between all the cores (and processes) picking.
-            if now_ms.saturating_sub(way.last_use.load(Ordering::Relaxed)) >= TOUCH_MS {
-                way.last_use.store(now_ms.max(1), Ordering::Relaxed);
-            }
             set_holder(way, endpoint, holder, stamp);
         }
+    }
+
+    /// The entry of `hash`, taken (an empty way, or the set's least recently used) when the
+    /// index does not hold it; its last use refreshed. None when racing writers kept every
+    /// way of the set busy.
+    fn entry(&self, hash: u64, now_ms: u64) -> Option<&Way> {
+        let key = nonzero(hash);
+        let ways = self.set(hash);
+        let way = match ways.iter().find(|w| w.key.load(Ordering::Acquire) == key) {
+            Some(w) => w,
+            None => self.claim(ways, key, now_ms)?,
+        };
+        // Refreshed at most every TOUCH_MS: a hot prefix recorded by every pick would
+        // otherwise bounce its cache line between all the cores (and processes) picking.
+        if now_ms.saturating_sub(way.last_use.load(Ordering::Relaxed)) >= TOUCH_MS {
+            way.last_use.store(now_ms.max(1), Ordering::Relaxed);
+        }
+        Some(way)
+    }
+
+    /// Binds `key` (a session, never a prefix hash: see [`crate::hashing::session_key`]) to
+    /// `endpoint`: from now on it is the key's most recent holder ([`PrefixIndex::bound`]).
+    /// Unlike [`PrefixIndex::record`] the holder's time is always rewritten, and a holder
+    /// stamped in the same millisecond is made older: a session that moves and moves back
+    /// within `TOUCH_MS` must still find the endpoint it went to last. The other holders
+    /// stay, older: where the session was before.
+    pub fn bind(&self, key: u64, endpoint: u32, now_ms: u64) {
+        if endpoint & self.skip_ids != 0 {
+            return;
+        }
+        let Some(way) = self.entry(key, now_ms) else {
+            return;
+        };
+        let stamp = stamp(now_ms);
+        for h in &way.holders {
+            let v = h.load(Ordering::Relaxed);
+            if v != 0 && (v >> 32) as u32 != endpoint && !is_older(v as u32, stamp) {
+                let older = stamp.wrapping_sub(1).max(1);
+                h.store(v & !0xffff_ffff | older as u64, Ordering::Relaxed);
+            }
+        }
+        let holder = (endpoint as u64) << 32 | stamp as u64;
+        match way
+            .holders
+            .iter()
+            .find(|h| (h.load(Ordering::Relaxed) >> 32) as u32 == endpoint)
+        {
+            Some(h) => h.store(holder, Ordering::Relaxed),
+            None => set_holder(way, endpoint, holder, stamp),
+        }
+    }
+
+    /// The position in `set` of the endpoint `key` was last bound to ([`PrefixIndex::bind`])
+    /// among the endpoints of `set`; None when the index holds no binding of `key` to any of
+    /// them (never bound, evicted, or every endpoint it was bound to left the set).
+    pub fn bound(&self, key: u64, set: &EndpointSet) -> Option<usize> {
+        let ways = self.set(key);
+        let key = nonzero(key);
+        let way = ways.iter().find(|w| w.key.load(Ordering::Acquire) == key)?;
+        let mut best: Option<(u32, usize)> = None;
+        for holder in &way.holders {
+            let v = holder.load(Ordering::Relaxed);
+            if v == 0 {
+                continue;
+            }
+            let Some(&pos) = set.position.get(&((v >> 32) as u32)) else {
+                continue;
+            };
+            let stamp = v as u32;
+            if best.is_none_or(|(b, _)| is_older(b, stamp)) {
+                best = Some((stamp, pos));
+            }
+        }
+        // The entry was taken over for another key while we read it: no binding.
+        if way.key.load(Ordering::Acquire) != key {
+            return None;
+        }
+        best.map(|(_, pos)| pos)
     }
 
     /// Takes an empty way of the set, or the least recently used one, for `key`.
@@ -236,6 +303,11 @@ fn set_holder(way: &Way, endpoint: u32, holder: u64, now: u32) {
         })
         .expect("an entry has holders");
     free_or_oldest.store(holder, Ordering::Relaxed);
+}
+
+/// True when stamp `a` is older than stamp `b` (modulo 2^32: stamps less than 24 days apart).
+fn is_older(a: u32, b: u32) -> bool {
+    (b.wrapping_sub(a) as i32) > 0
 }
 
 /// The holder time stamp: index time in ms, truncated (ages are taken modulo 2^32), never 0.

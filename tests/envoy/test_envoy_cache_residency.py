@@ -1,0 +1,78 @@
+"""cache_residency through real Envoy: the router reads the engine's KV cache capacity from its
+metrics page (vLLM's `vllm:cache_config_info`), measures how fast the answers (their `usage`)
+write into that cache, and stops counting a prefix as cached once its last use is older than
+the cache can keep it; with `cache_residency: false` the same repeat counts as cached."""
+
+import time
+
+import pytest
+
+import harness
+from conftest import POOLS
+from harness import chat, metrics, wait_in_flight_zero
+
+# 4 blocks of 16 tokens: a 64-token cache, which every long prompt below overflows
+TINY_CACHE = ("# TYPE vllm:cache_config_info gauge\n"
+              'vllm:cache_config_info{block_size="16",enable_prefix_caching="True",num_gpu_blocks="4"} 1.0\n')
+
+
+def set_metrics(servers, name, mode, page=""):
+    status, _, data, _ = harness.request(servers.ports[name], "POST", "/test/metrics", {"mode": mode, "page": page})
+    assert status == 200, data
+
+
+@pytest.fixture(params=[True, False], ids=["residency", "no-residency"])
+def residency_gateway(request, module_built, servers, tmp_path_factory):
+    engine = POOLS["pool_a"][0]
+    set_metrics(servers, engine, "page", TINY_CACHE)
+
+    def start():
+        listen_port, admin_port = harness.free_ports(2)
+        endpoints = [servers.addr(engine)]
+        cfg = {"protocol": "openai", "algorithm": "prefix_cost", "hash_chunk_bytes": 64,
+               "cache_feedback": False, "cache_residency": request.param,
+               "model_mapping_rule": {"m-a": {"rules": [{"cluster": "solo", "backend": "vllm"}]}},
+               "clusters": {"solo": {"endpoints": endpoints}},
+               "engine_metrics": {"enabled": True, "period_ms": 100, "timeout_ms": 100}}
+        boot = harness.envoy_bootstrap(listen_port, admin_port, [harness.static_cluster("solo", endpoints)], cfg,
+                                       default_cluster="solo")
+        return harness.Envoy(boot, tmp_path_factory.mktemp("envoy-residency"))
+
+    gw = harness.retry_on_port_clash(start)
+    try:
+        yield gw, request.param, servers.addr(engine)
+    finally:
+        gw.close()
+        set_metrics(servers, engine, "off")
+
+
+def uncached_picks(gw):
+    """Picks whose prompt the index counted as not cached at all (cache ratio 0)."""
+    return metrics(gw).value("llmproxy_decision_cache_ratio_bucket", le="0")
+
+
+def test_a_prefix_older_than_the_engines_cache_residency_stops_counting(residency_gateway):
+    gw, residency, engine = residency_gateway
+    harness.wait_until(lambda: metrics(gw).total("llmproxy_engine_metrics_reads_total", result="ok") >= 1,
+                       timeout=10, what="the engine's page read")
+    document = "a long shared document about caches, " * 200  # ~7 KiB: ~1,800 tokens written
+    status, _, data, _ = harness.request(gw.port, "POST", "/v1/chat/completions", chat("m-a", document + " q1"))
+    assert status == 200, data[:300]
+    # the next pick after the first 2 s window measures the write rate (~1,800 tokens in ~2 s
+    # into a 64-token cache: a prefix stays ~0.1 s)
+    time.sleep(2.2)
+    status, _, data, _ = harness.request(gw.port, "POST", "/v1/chat/completions", chat("m-a", "short"))
+    assert status == 200, data[:300]
+    before = uncached_picks(gw)
+    # the same document again, >2 s after its last use
+    status, _, data, _ = harness.request(gw.port, "POST", "/v1/chat/completions", chat("m-a", document + " q2"))
+    assert status == 200, data[:300]
+    m = metrics(gw)
+    if residency:
+        assert uncached_picks(gw) == before + 1, "the evicted document counted as cached"
+        secs = m.value("llmproxy_endpoint_cache_residency_seconds", cluster="solo", endpoint=engine)
+        assert 0 < secs < 0.5, secs
+    else:
+        assert uncached_picks(gw) == before, "without residency the index is taken at its word"
+        assert not m.select("llmproxy_endpoint_cache_residency_seconds")
+    wait_in_flight_zero(gw)

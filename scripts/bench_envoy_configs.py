@@ -11,7 +11,9 @@ dynamic module; K=V pairs (numbers) go into its lb_mapping_rule, e.g.
 `learn_response_bytes`, `hash_chunk_bytes`, `prefix_index_capacity`, `cache_feedback`,
 `cache_capacity_tokens` and `cache_residency` (e.g.
 `pc-nolearn:prefix_cost:learn_response_bytes=0`, `pc-nofb:prefix_cost:cache_feedback=false`;
-`engine_metrics=true` reads every endpoint's Prometheus page).
+`engine_metrics=true` reads every endpoint's Prometheus page; `session_affinity=true` keeps a
+session on its endpoint by the `x-session-id` header, which `llmproxy-sim load --session-header
+x-session-id` sends).
 For each NAME it writes OUT_DIR/NAME.yaml (listeners on consecutive ports from LISTEN_BASE_PORT,
 admin on the listener's + 100) and prints "NAME=http://127.0.0.1:PORT".
 
@@ -178,6 +180,9 @@ def main(argv):
                     return 2
             elif k == "shared":
                 shared = value == "true"
+            elif k == "session_affinity":
+                if value == "true":  # the load generator's --session-header x-session-id
+                    top_extra += "                  session_affinity:\n                    header: x-session-id\n"
             elif k == "engine_metrics":
                 if value == "true":  # each endpoint's own /metrics read every 250 ms
                     top_extra += "                  engine_metrics:\n                    enabled: true\n"

@@ -392,12 +392,6 @@ impl Metrics {
                 &[("", r.counters.skipped_saves())],
             );
             f.family(
-                "metadata_center_store_batched_saves_total",
-                "counter",
-                "Cache saves sent in one Redis call with others of their cluster (arrived while its previous call was on the wire)",
-                &[("", r.counters.batched_saves())],
-            );
-            f.family(
                 "metadata_center_store_plain_cache_queries_total",
                 "counter",
                 "Cache queries sent as a plain HMGET (Redis clock known from the last second), no script",

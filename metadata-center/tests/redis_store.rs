@@ -175,38 +175,6 @@ async fn redis_cache_save_sends_only_the_prefixes_not_saved_recently() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_cache_saves_in_flight_together_go_in_one_call() {
-    if !redis_available("redis_cache_saves_in_flight_together_go_in_one_call") {
-        return;
-    }
-    let r = RedisServer::start();
-    let s = RedisStore::open(cfg(r.url())).unwrap();
-    let (a, b, c) = (ep("10.0.0.1"), ep("10.0.0.2"), ep("10.0.0.3"));
-    let calls = |s: &RedisStore| s.counters.get(Op::CacheSave).0;
-    // Saved together (one task: each is in flight when the next comes): the first goes at
-    // once; the next three of "m" wait for it and go together in a second call (overlapping
-    // prefixes, one location twice); "n" has its own call.
-    tokio::join!(
-        s.cache_save("m", &[1, 2, 3, 4], a),
-        s.cache_save("m", &[1, 2, 3], b),
-        s.cache_save("m", &[1, 2, 3, 4, 5, 6], c),
-        s.cache_save("m", &[1, 2], b),
-        s.cache_save("n", &[1, 2], a),
-    );
-    assert_eq!(calls(&s), 3);
-    assert_eq!(s.counters.batched_saves(), 2);
-    // every save of the batch landed, as if sent one by one
-    assert_eq!(
-        s.cache_query("m", &[1, 2, 3, 4, 5, 6, 7], 5).await,
-        vec![(c, 6), (a, 4), (b, 3)]
-    );
-    assert_eq!(s.cache_query("n", &[1, 2, 3], 5).await, vec![(a, 2)]);
-    // alone again: its own call, no batch
-    s.cache_save("m", &[9], a).await;
-    assert_eq!((calls(&s), s.counters.batched_saves()), (4, 2));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cache_query_without_a_script_keeps_the_redis_clock() {
     if !redis_available("redis_cache_query_without_a_script_keeps_the_redis_clock") {
         return;

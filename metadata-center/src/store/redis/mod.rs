@@ -106,8 +106,6 @@ pub struct StoreCounters {
     shared_load_queries: AtomicU64,
     /// Cache saves of prefixes all saved recently by this replica: no Redis call.
     skipped_saves: AtomicU64,
-    /// Cache saves sent in one Redis call with others of their cluster.
-    batched_saves: AtomicU64,
     /// Cache queries sent as a plain `HMGET` (the Redis clock known), no script.
     plain_cache_queries: AtomicU64,
 }
@@ -129,11 +127,6 @@ impl StoreCounters {
         get(&self.skipped_saves)
     }
 
-    /// Cache saves that joined the Redis call of another save of their cluster.
-    pub fn batched_saves(&self) -> u64 {
-        get(&self.batched_saves)
-    }
-
     /// Cache queries sent without a script.
     pub fn plain_cache_queries(&self) -> u64 {
         get(&self.plain_cache_queries)
@@ -153,52 +146,8 @@ pub const RECENT_SAVES: usize = 131_072;
 /// A key of the recent-saves memo: (cluster's hash, location, prefix digest).
 type SavedKey = (u64, Endpoint, u64);
 
-/// Clusters whose saves are batched at one time (least recently saved forgotten first; a
-/// forgotten cluster only loses the batching of a save in flight).
-const SAVE_QUEUES: usize = 1024;
-
 /// How long the Redis clock learned from a script's answer is used for plain cache queries.
 const CLOCK_FRESH_MS: u64 = 1_000;
-
-/// One save of a batch: its location and the digests of its prefixes.
-type SaveItem = (Endpoint, Vec<u64>);
-
-/// Saves of one cluster that go to Redis in one call: those that arrive while the previous
-/// call of the cluster is on the wire wait for it together (a group commit). No wait is added
-/// when the cluster has no call in flight.
-struct SaveBatch {
-    /// (location, digests) of each save; `closed` once its call is being sent.
-    items: parking_lot::Mutex<(bool, Vec<SaveItem>)>,
-    /// Whether Redis took the batch; set by whichever save of the batch sent it.
-    written: tokio::sync::OnceCell<bool>,
-}
-
-impl SaveBatch {
-    fn new(item: SaveItem) -> Self {
-        SaveBatch {
-            items: parking_lot::Mutex::new((false, vec![item])),
-            written: tokio::sync::OnceCell::new(),
-        }
-    }
-
-    /// Adds a save, unless the batch is already being sent (then gives it back).
-    fn join(&self, item: SaveItem) -> Result<(), SaveItem> {
-        let mut items = self.items.lock();
-        if items.0 {
-            return Err(item);
-        }
-        items.1.push(item);
-        Ok(())
-    }
-}
-
-/// One cluster's save queue: the batch being filled, and the right to send (one call of the
-/// cluster on the wire at a time per replica).
-#[derive(Default)]
-struct SaveQueue {
-    open: parking_lot::Mutex<Option<Arc<SaveBatch>>>,
-    wire: tokio::sync::Mutex<()>,
-}
 
 /// Redis's clock as this replica last saw it in a script's answer: a cache query that finds
 /// it fresh reads the prefixes with a plain `HMGET` and takes its time from here.
@@ -254,8 +203,6 @@ pub struct RedisStore {
     epoch: std::time::Instant,
     /// Load queries in flight, per cluster (at most one entry per cluster being queried).
     loads_in_flight: parking_lot::Mutex<hashbrown::HashMap<String, SharedLoad>>,
-    /// Cache saves being batched, per cluster.
-    save_queues: parking_lot::Mutex<hashlink::LruCache<String, Arc<SaveQueue>>>,
     clock: RedisClock,
     pub counters: StoreCounters,
 }
@@ -272,7 +219,6 @@ impl RedisStore {
             saved: parking_lot::Mutex::new(hashlink::LruCache::new(RECENT_SAVES)),
             epoch: std::time::Instant::now(),
             loads_in_flight: parking_lot::Mutex::new(hashbrown::HashMap::new()),
-            save_queues: parking_lot::Mutex::new(hashlink::LruCache::new(SAVE_QUEUES)),
             clock: RedisClock::new(),
             counters: StoreCounters::default(),
         })
@@ -503,70 +449,6 @@ impl RedisStore {
             self.counters.skipped_saves.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let written = self.save_batched(cluster, (loc, digests.clone())).await;
-        if written {
-            let mut saved = self.saved.lock();
-            for d in digests {
-                saved.insert((cluster_hash, loc, d), now);
-            }
-        }
-    }
-
-    /// Sends one save with those of its cluster that arrive while the cluster's previous call
-    /// is on the wire; true when Redis took it. Within `op_timeout` as a whole. Cancel-safe: a
-    /// save whose handler is dropped leaves the sending to the others of its batch.
-    async fn save_batched(&self, cluster: &str, item: SaveItem) -> bool {
-        let queue = {
-            let mut queues = self.save_queues.lock();
-            match queues.get(cluster) {
-                Some(q) => Arc::clone(q),
-                None => {
-                    let q = Arc::new(SaveQueue::default());
-                    queues.insert(cluster.to_owned(), Arc::clone(&q));
-                    q
-                }
-            }
-        };
-        let batch = {
-            let mut open = queue.open.lock();
-            let joined = match open.as_ref() {
-                Some(b) => b.join(item).map(|()| Arc::clone(b)),
-                None => Err(item),
-            };
-            match joined {
-                Ok(b) => {
-                    self.counters.batched_saves.fetch_add(1, Ordering::Relaxed);
-                    b
-                }
-                Err(item) => {
-                    let b = Arc::new(SaveBatch::new(item));
-                    *open = Some(Arc::clone(&b));
-                    b
-                }
-            }
-        };
-        let send = batch
-            .written
-            .get_or_init(|| self.send_batch(cluster, &queue, &batch));
-        match tokio::time::timeout(self.cfg.op_timeout, send).await {
-            Ok(&written) => written,
-            Err(_) => {
-                let i = Op::CacheSave as usize;
-                self.counters.timeout[i].fetch_add(1, Ordering::Relaxed);
-                false
-            }
-        }
-    }
-
-    /// Waits for the cluster's previous call, closes `batch` and sends it.
-    async fn send_batch(&self, cluster: &str, queue: &SaveQueue, batch: &Arc<SaveBatch>) -> bool {
-        let _wire = queue.wire.lock().await;
-        {
-            let mut open = queue.open.lock();
-            if open.as_ref().is_some_and(|b| Arc::ptr_eq(b, batch)) {
-                *open = None;
-            }
-        }
         let k = ClusterKeys::new(&self.cfg.key_prefix, cluster);
         let mut inv = self.scripts.cache_save.prepare_invoke();
         inv.key(k.nodes())
@@ -574,16 +456,10 @@ impl RedisStore {
             .arg(Self::ttl_ms(self.cfg.cache_ttl))
             .arg(self.cfg.max_prefixes_per_cluster.max(1))
             .arg(self.cfg.max_locations_per_prefix.max(1))
+            .arg(loc.to_string())
             .arg(self.refresh_granularity());
-        {
-            let mut items = batch.items.lock();
-            items.0 = true;
-            for (loc, digests) in &items.1 {
-                inv.arg(loc.to_string()).arg(digests.len());
-                for &d in digests {
-                    inv.arg(digest_field(d));
-                }
-            }
+        for &d in &digests {
+            inv.arg(digest_field(d));
         }
         let mut c = self.conn.clone();
         let answer = self
@@ -591,8 +467,11 @@ impl RedisStore {
             .await;
         if let Some((_, redis_now)) = answer {
             self.clock.saw(redis_now);
+            let mut saved = self.saved.lock();
+            for d in digests {
+                saved.insert((cluster_hash, loc, d), now);
+            }
         }
-        answer.is_some()
     }
 
     /// Entries of the recent-saves memo (at most `RECENT_SAVES`).

@@ -4,8 +4,7 @@
 //!
 //! Cache scripts keep one hash of prefix nodes per cluster; a query reads the nodes it needs
 //! with one `HMGET` and the walk is done in the metadata-center (`RedisStore::cache_query`).
-//! A save carries every save of its cluster that arrived while the previous one was on the
-//! wire. A query is a plain `HMGET` (no script, about half of Redis's work) when the replica
+//! A query is a plain `HMGET` (no script, about half of Redis's work) when the replica
 //! knows Redis's clock from a script's answer of the last second, else `CACHE_QUERY`.
 //!
 //! Load scripts (`KEYS`: requests, expiry, engines of one cluster; `ARGV[1]`: the load TTL in
@@ -113,19 +112,21 @@ return out
 
 /// `KEYS[1]`: the cluster's prefix nodes (hash: digest → `loc=ms,loc=ms,…`, newest first),
 /// `KEYS[2]`: its LRU (sorted set: digest → last write, ms). `ARGV`: cache TTL (ms), max
-/// prefixes per cluster, max locations per prefix, the refresh granularity (ms), then one
-/// group per save: its location, the number of its digests, the digests. Tags each saved
-/// prefix with its location; a tag written less than the granularity ago is left as is (so
-/// re-saving a hot prefix costs one `HMGET`). Then expired prefixes and those beyond the cap
-/// (least recently written first) are removed, and both keys' TTLs refreshed. Returns the
-/// number of prefixes removed and the server's clock (ms).
+/// prefixes per cluster, max locations per prefix, the location, the refresh granularity (ms),
+/// then the digests of the saved prefixes. Tags each prefix with the location; a tag written
+/// less than the granularity ago is left as is (so re-saving a hot prefix costs one `HMGET`).
+/// Then expired prefixes and those beyond the cap (least recently written first) are removed,
+/// and both keys' TTLs refreshed. Returns the number of prefixes removed and the server's
+/// clock (ms).
 const CACHE_SAVE: &str = r#"
 local nodes, lru = KEYS[1], KEYS[2]
 local ttl, maxn, maxl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local gran = tonumber(ARGV[4])
+local loc, gran = ARGV[4], tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local live_after = now - ttl
+local tag = loc .. '='
+local n = #ARGV - 5
 local CHUNK = 1000
 
 -- In chunks: Lua's unpack is limited to a few thousand values.
@@ -148,36 +149,13 @@ local function others(rest)
   return table.concat(out)
 end
 
--- The groups (location, first and last argument of its digests), and every digest once.
-local groups, all, seen = {}, {}, {}
-local i = 5
-while i < #ARGV do
-  local n = tonumber(ARGV[i + 1])
-  groups[#groups + 1] = {ARGV[i], i + 2, i + 1 + n}
-  for j = i + 2, i + 1 + n do
-    local d = ARGV[j]
-    if not seen[d] then
-      seen[d] = true
-      all[#all + 1] = d
-    end
-  end
-  i = i + 2 + n
-end
-
--- The current value of every digest (false: absent), updated as the groups write it.
-local cur = {}
-for base = 1, #all, CHUNK do
-  local ds = {unpack(all, base, math.min(base + CHUNK - 1, #all))}
+local hset, zadd = {}, {}
+for base = 0, n - 1, CHUNK do
+  local ds = {}
+  for i = base + 1, math.min(base + CHUNK, n) do ds[#ds + 1] = ARGV[5 + i] end
   local vals = redis.call('HMGET', nodes, unpack(ds))
-  for j, d in ipairs(ds) do cur[d] = vals[j] end
-end
-
-local dirty, written = {}, {}
-for _, g in ipairs(groups) do
-  local tag = g[1] .. '='
-  for j = g[2], g[3] do
-    local d = ARGV[j]
-    local v = cur[d]
+  for j, d in ipairs(ds) do
+    local v = vals[j]
     local write = true
     local rest = ''
     if v then
@@ -195,23 +173,14 @@ for _, g in ipairs(groups) do
       end
     end
     if write then
-      cur[d] = tag .. now .. others(rest)
-      if not dirty[d] then
-        dirty[d] = true
-        written[#written + 1] = d
-      end
+      hset[#hset + 1] = d
+      hset[#hset + 1] = tag .. now .. others(rest)
+      zadd[#zadd + 1] = now
+      zadd[#zadd + 1] = d
     end
   end
 end
-
-if #written > 0 then
-  local hset, zadd = {}, {}
-  for _, d in ipairs(written) do
-    hset[#hset + 1] = d
-    hset[#hset + 1] = cur[d]
-    zadd[#zadd + 1] = now
-    zadd[#zadd + 1] = d
-  end
+if #hset > 0 then
   call_chunked('HSET', nodes, hset, 2)
   call_chunked('ZADD', lru, zadd, 2)
 end

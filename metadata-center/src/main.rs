@@ -26,6 +26,11 @@ use llmproxy_metadata_center::retry::Retrier;
 use llmproxy_metadata_center::server::{self, AppState, LogReload};
 use llmproxy_metadata_center::store::{RedisConfig, RedisStore, Store, StoreSpec};
 
+/// mimalloc: per-thread heaps; under load glibc's malloc showed as arena lock waits and about a
+/// fifth of the server's CPU with the Redis store (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Metadata-Center server, wire-compatible with the aigw metadata-center.

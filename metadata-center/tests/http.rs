@@ -983,6 +983,12 @@ fn serves_on_ipv6_loopback() {
 // ---------------------------------------------------------------------------------------------
 // Abuse: label floods, slow clients, memory budget
 
+/// How much the server's RSS may still grow once its memory budget is reached by cache saves:
+/// the server's allocator (mimalloc) takes memory from the system in 2 MiB segments, and one
+/// more segment showed up there (2,048 KiB); without the budget the two floods of
+/// `memory_budget_bounds_the_stores_and_lookups_still_answer` add 6.3 MiB.
+const CACHE_RSS_SLACK_KIB: u64 = 3 * 1024;
+
 /// Resident set size of a process in KiB (`VmRSS` in /proc/PID/status).
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -1363,7 +1369,7 @@ fn memory_budget_bounds_the_stores_and_lookups_still_answer() {
         estimated(&m)
     );
     assert!(
-        rss < rss_full + 2 * 1024 && entries <= entries_full * 1.05,
+        rss < rss_full + CACHE_RSS_SLACK_KIB && entries <= entries_full * 1.05,
         "once the budget was reached: RSS grew {} KiB ({rss_full} -> {rss} KiB), \
          cache entries {entries_full} -> {entries}",
         rss.saturating_sub(rss_full)

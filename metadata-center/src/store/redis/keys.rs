@@ -69,9 +69,15 @@ impl ClusterKeys {
     }
 }
 
-/// A prefix digest as a field name.
-pub fn digest_field(d: u64) -> String {
-    format!("{d:016x}")
+/// A prefix digest as a field name: 16 lower-case hex digits (on the stack: a query names 72
+/// of them).
+pub fn digest_field(d: u64) -> [u8; 16] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = HEX[((d >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    out
 }
 
 /// The index from a request id to its cluster.
@@ -113,6 +119,13 @@ mod tests {
             assert!(key.starts_with("p:{x%7Dy}:"), "{key}");
         }
         assert_eq!(request_index("p", "r1"), "p:rid:{r1}");
+    }
+
+    #[test]
+    fn a_digest_field_is_its_hex() {
+        for d in [0, 1, 0xdead_beef, u64::MAX, 0x0123_4567_89ab_cdef] {
+            assert_eq!(digest_field(d), format!("{d:016x}").as_bytes());
+        }
     }
 
     #[test]

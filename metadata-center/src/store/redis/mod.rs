@@ -459,7 +459,7 @@ impl RedisStore {
             .arg(loc.to_string())
             .arg(self.refresh_granularity());
         for &d in &digests {
-            inv.arg(digest_field(d));
+            inv.arg(&digest_field(d)[..]);
         }
         let mut c = self.conn.clone();
         let answer = self
@@ -492,7 +492,7 @@ impl RedisStore {
             return Vec::new();
         }
         let nodes_key = ClusterKeys::new(&self.cfg.key_prefix, cluster).nodes();
-        let fields: Vec<String> = prefix_digests(hashes)
+        let fields: Vec<[u8; 16]> = prefix_digests(hashes)
             .into_iter()
             .map(digest_field)
             .collect();
@@ -502,7 +502,10 @@ impl RedisStore {
                 .plain_cache_queries
                 .fetch_add(1, Ordering::Relaxed);
             let mut hmget = redis::cmd("HMGET");
-            hmget.arg(&nodes_key).arg(&fields);
+            hmget.arg(&nodes_key);
+            for f in &fields {
+                hmget.arg(&f[..]);
+            }
             self.run(
                 Op::CacheQuery,
                 hmget.query_async::<Vec<Option<String>>>(&mut c),
@@ -511,7 +514,10 @@ impl RedisStore {
             .map(|nodes| (now, nodes))
         } else {
             let mut inv = self.scripts.cache_query.prepare_invoke();
-            inv.key(&nodes_key).arg(&fields);
+            inv.key(&nodes_key);
+            for f in &fields {
+                inv.arg(&f[..]);
+            }
             self.run(
                 Op::CacheQuery,
                 inv.invoke_async::<Vec<Option<String>>>(&mut c),
@@ -542,7 +548,8 @@ impl RedisStore {
 /// saved, then by address; at most `k`.
 fn walk(nodes: &[Option<String>], now_ms: u64, ttl_ms: u64, k: usize) -> Vec<(Endpoint, usize)> {
     let live_after = now_ms.saturating_sub(ttl_ms);
-    let mut best: Vec<(String, usize, u64)> = Vec::new();
+    // (location, deepest live prefix, its tag's time), borrowed from the nodes
+    let mut best: Vec<(&str, usize, u64)> = Vec::new();
     for (depth, node) in nodes.iter().enumerate() {
         let Some(node) = node else { break };
         let mut live = false;
@@ -555,9 +562,9 @@ fn walk(nodes: &[Option<String>], now_ms: u64, ttl_ms: u64, k: usize) -> Vec<(En
                 continue;
             }
             live = true;
-            match best.iter_mut().find(|(l, _, _)| l == loc) {
-                Some(b) => *b = (b.0.clone(), depth + 1, ms),
-                None => best.push((loc.to_string(), depth + 1, ms)),
+            match best.iter_mut().find(|(l, _, _)| *l == loc) {
+                Some(b) => (b.1, b.2) = (depth + 1, ms),
+                None => best.push((loc, depth + 1, ms)),
             }
         }
         if !live {

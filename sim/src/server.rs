@@ -60,9 +60,29 @@ pub struct ServeArgs {
     /// Step time per decoding request c, microseconds.
     #[arg(long, default_value_t = EngineConfig::default().decode_seq_s * 1e6)]
     pub decode_us_per_seq: f64,
+    /// Relative speed of each server, comma-separated, repeated over the fleet when shorter
+    /// (`1,1,0.5,0.5`: servers 2 and 3 take twice as long for every step: a mixed fleet of two
+    /// GPU generations).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub speed: Vec<f64>,
 }
 
 impl ServeArgs {
+    /// The engine of server `i`: [`ServeArgs::engine_config`] with its step times divided by
+    /// its `--speed`.
+    pub fn engine_config_of(&self, i: usize) -> EngineConfig {
+        let mut cfg = self.engine_config();
+        let speed = self
+            .speed
+            .get(i % self.speed.len().max(1))
+            .copied()
+            .unwrap_or(1.0);
+        cfg.step_base_s /= speed;
+        cfg.prefill_token_s /= speed;
+        cfg.decode_seq_s /= speed;
+        cfg
+    }
+
     pub fn engine_config(&self) -> EngineConfig {
         EngineConfig {
             block_size: self.block_size.max(1),
@@ -731,6 +751,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
     if args.servers == 0 {
         return Err("--servers must be at least 1".into());
     }
+    if let Some(bad) = args.speed.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+        return Err(format!(
+            "--speed: every speed must be a positive number, got {bad}"
+        ));
+    }
     let cfg = args.engine_config();
     let mut listeners = Vec::new();
     let mut fleet = Vec::new();
@@ -755,7 +780,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
             port,
             args.model.clone(),
             args.default_max_tokens,
-            cfg.clone(),
+            args.engine_config_of(i),
         )));
     }
     let fleet = Arc::new(fleet);
@@ -770,15 +795,19 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
             axum::serve(l, router).await
         });
     }
+    let speeds: Vec<String> = (0..args.servers)
+        .map(|i| args.speed[i % args.speed.len()].to_string())
+        .collect();
     println!(
-        "llmproxy-sim: {} servers (model {}, {} blocks x {} tokens, step {}ms + {}us/prefill token + {}us/decoding request)",
+        "llmproxy-sim: {} servers (model {}, {} blocks x {} tokens, step {}ms + {}us/prefill token + {}us/decoding request, speed {})",
         args.servers,
         args.model,
         cfg.num_gpu_blocks,
         cfg.block_size,
         args.step_base_ms,
         args.prefill_us_per_token,
-        args.decode_us_per_seq
+        args.decode_us_per_seq,
+        speeds.join(",")
     );
     let urls: Vec<String> = fleet
         .iter()
@@ -842,6 +871,26 @@ mod tests {
 
     fn client() -> reqwest::Client {
         reqwest::Client::builder().no_proxy().build().unwrap()
+    }
+
+    #[test]
+    fn speed_divides_each_servers_step_times_repeating_over_the_fleet() {
+        #[derive(clap::Parser)]
+        struct P {
+            #[command(flatten)]
+            a: ServeArgs,
+        }
+        use clap::Parser as _;
+        let a = P::parse_from(["x", "--speed", "1,0.5"]).a;
+        let base = a.engine_config();
+        let slow = a.engine_config_of(3); // the list repeats: server 3 has speed 0.5
+        assert_eq!(a.engine_config_of(2).prefill_token_s, base.prefill_token_s);
+        assert!((slow.step_base_s - 2.0 * base.step_base_s).abs() < 1e-12);
+        assert!((slow.prefill_token_s - 2.0 * base.prefill_token_s).abs() < 1e-12);
+        assert!((slow.decode_seq_s - 2.0 * base.decode_seq_s).abs() < 1e-12);
+        assert_eq!(slow.num_gpu_blocks, base.num_gpu_blocks);
+        let default = P::parse_from(["x"]).a;
+        assert_eq!(default.engine_config_of(7).step_base_s, base.step_base_s);
     }
 
     /// The value of the sample `name{...}` on a Prometheus text page.

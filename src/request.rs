@@ -81,64 +81,9 @@ struct Body<'a> {
     messages: Option<Vec<Message<'a>>>,
     #[serde(borrow, default)]
     prompt: Option<Prompt<'a>>,
+    /// Raw: read as a string only when asked ([`Extract::user`]); any other value is ignored.
     #[serde(borrow, default)]
-    user: User<'a>,
-}
-
-/// The `user` field: a string, borrowed from the body when it has no escapes. Any other
-/// value counts as absent (it was ignored before the field was read, and still is).
-#[derive(Default)]
-struct User<'a>(Option<Cow<'a, str>>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for User<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = User<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any value")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(User(Some(Cow::Borrowed(v))))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(User(Some(Cow::Owned(v.to_owned()))))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(User(Some(Cow::Owned(v))))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(User(None))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(User(None))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(User(None))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(User(None))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(User(None))
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(User(None))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
-                Ok(User(None))
-            }
-            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                while map
-                    .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
-                    .is_some()
-                {}
-                Ok(User(None))
-            }
-        }
-        d.deserialize_any(V(std::marker::PhantomData))
-    }
+    user: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -345,10 +290,9 @@ pub fn parse_with_tail(
     }
     let tail = (extract.tail && extendable).then(|| hasher.fork());
     let (prefix_hashes, prompt_chars) = hasher.finish();
-    let user = match parsed.user.0 {
-        Some(u) if extract.user => Some(u.into_owned()),
-        _ => None,
-    };
+    let user = (parsed.user)
+        .filter(|_| extract.user)
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
     let parsed = ParsedRequest {
         model: model.into_owned(),
         stream: parsed.stream.unwrap_or(false),

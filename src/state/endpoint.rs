@@ -115,24 +115,28 @@ impl Residency {
         self.rate_bits.store(next.to_bits(), Ordering::Relaxed);
     }
 
+    /// Capacity (this endpoint's reported one, else `default_capacity`; 0: unknown) over the
+    /// write rate as last averaged, ms; `None` when either is unknown.
+    fn current_ms(&self, default_capacity: u64) -> Option<f64> {
+        let capacity = self.capacity().unwrap_or(default_capacity);
+        let rate = self.write_rate()?;
+        (capacity > 0).then(|| capacity as f64 / rate)
+    }
+
     /// The horizon as last measured (no new window), seconds; `None` when capacity or rate
     /// is unknown.
     pub fn horizon_secs(&self, default_capacity: u64) -> Option<f64> {
-        let capacity = self.capacity().unwrap_or(default_capacity);
-        let rate = self.write_rate()?;
-        (capacity > 0).then(|| capacity as f64 / rate / 1000.0)
+        self.current_ms(default_capacity).map(|ms| ms / 1000.0)
     }
 
-    /// How long after its last use a prefix is likely still cached, ms: capacity (this
-    /// endpoint's reported one, else `default_capacity`; 0: unknown) over the write rate;
-    /// `u64::MAX` when either is unknown. `written` is the endpoint's written tokens now.
+    /// How long after its last use a prefix is likely still cached, ms (see
+    /// [`Residency::horizon_secs`]), after folding in the writes of a window that is over;
+    /// `u64::MAX` when capacity or rate is unknown. `written` is the endpoint's written
+    /// tokens now.
     pub fn horizon_ms(&self, written: u64, now_ms: u64, default_capacity: u64) -> u64 {
         self.advance(written, now_ms);
-        let capacity = self.capacity().unwrap_or(default_capacity);
-        match self.write_rate() {
-            Some(rate) if capacity > 0 => (capacity as f64 / rate).min(u64::MAX as f64) as u64,
-            _ => u64::MAX,
-        }
+        self.current_ms(default_capacity)
+            .map_or(u64::MAX, |ms| ms.min(u64::MAX as f64) as u64)
     }
 }
 

@@ -524,13 +524,17 @@ impl RedisStore {
             )
             .await
             .map(|mut reply| {
-                let num = |v: &Option<String>| {
-                    v.as_deref()
-                        .and_then(|s| s.parse::<u64>().ok())
-                        .unwrap_or(0)
+                // `TIME` first ([seconds, microseconds]); without it the time reads as 0 (as
+                // before the plain path existed) and teaches the clock nothing
+                let time = |i: usize| reply.get(i).and_then(|v| v.as_deref()?.parse::<u64>().ok());
+                let now = match (time(0), time(1)) {
+                    (Some(secs), Some(micros)) => {
+                        let now = secs * 1000 + micros / 1000;
+                        self.clock.saw(now);
+                        now
+                    }
+                    _ => 0,
                 };
-                let now = num(&reply[0]) * 1000 + num(&reply[1]) / 1000;
-                self.clock.saw(now);
                 (now, reply.split_off(2.min(reply.len())))
             })
         };

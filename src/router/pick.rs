@@ -549,13 +549,11 @@ mod tests {
             max_extra_requests: 8,
             ..SessionAffinity::default()
         };
-        let at = |own: u64, least: u64| {
-            let l = |q| CandidateLoad {
-                in_flight: q,
-                ..CandidateLoad::default()
-            };
-            overloaded(&[l(own), l(least), l(least + 5)], 0, &a)
+        let l = |q| CandidateLoad {
+            in_flight: q,
+            ..CandidateLoad::default()
         };
+        let at = |own: u64, least: u64| overloaded(&[l(own), l(least), l(least + 5)], 0, &a);
         assert!(!at(8, 0), "8 beyond: not more than 8");
         assert!(at(9, 0));
         assert!(!at(28, 20), "8 beyond and 1.4 times");
@@ -566,10 +564,6 @@ mod tests {
         let ratio_only = SessionAffinity {
             max_extra_requests: 0,
             ..a.clone()
-        };
-        let l = |q| CandidateLoad {
-            in_flight: q,
-            ..CandidateLoad::default()
         };
         assert!(!overloaded(&[l(3), l(2)], 0, &ratio_only));
         assert!(overloaded(&[l(4), l(2)], 0, &ratio_only));

@@ -82,10 +82,18 @@ impl PrefixHasher {
     /// Finishes: the hash of every chunk, the last (short) one included, and the prompt's
     /// length in characters.
     pub fn finish(mut self) -> (Vec<u64>, u64) {
+        self.take_hashes()
+    }
+
+    /// [`PrefixHasher::finish`] that keeps the hasher: it gives the same hashes and length
+    /// and leaves the hasher as its [`PrefixHasher::fork`] would be (the position, without the
+    /// hashes), without copying the state.
+    pub fn take_hashes(&mut self) -> (Vec<u64>, u64) {
+        let mut hashes = std::mem::take(&mut self.hashes);
         if self.filled > 0 {
-            self.hashes.push(self.state.digest());
+            hashes.push(self.state.digest());
         }
-        (self.hashes, self.chars)
+        (hashes, self.chars)
     }
 }
 
@@ -183,6 +191,22 @@ mod tests {
         assert_eq!(f.full_chunks(), 31);
         // Chunks 11.. complete after byte 700 (the last one, short, is not a full chunk).
         assert_eq!(f.full_chunk_hashes(), &whole[10..31]);
+    }
+
+    #[test]
+    fn take_hashes_finishes_and_leaves_a_fork() {
+        let text: Vec<u8> = (0..2000u32).map(|i| (i % 89) as u8 + 32).collect();
+        let whole = prefix_hashes("m", &text, 64);
+        let mut h = PrefixHasher::new("m", 64);
+        h.feed(&text[..700]);
+        let (hashes, chars) = h.take_hashes();
+        assert_eq!(hashes, prefix_hashes("m", &text[..700], 64));
+        assert_eq!(chars, 700);
+        // What is left continues the prompt like a fork taken before finishing.
+        assert!(h.full_chunk_hashes().is_empty());
+        assert_eq!(h.full_chunks(), 10);
+        h.feed(&text[700..]);
+        assert_eq!(h.full_chunk_hashes(), &whole[10..31]);
     }
 
     proptest! {

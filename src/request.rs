@@ -71,10 +71,45 @@ pub struct Extract {
     pub user: bool,
 }
 
+/// A JSON string borrowed from the input when it has no escapes (copied only when it has).
+///
+/// serde's own `Cow<str>` always copies inside an `Option` or a `Vec`; this one borrows
+/// wherever it sits, which saves an allocation per string on the request path.
+pub(crate) struct JsonStr<'a>(Cow<'a, str>);
+
+impl std::ops::Deref for JsonStr<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for JsonStr<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = JsonStr<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(JsonStr(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(JsonStr(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(JsonStr(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V(std::marker::PhantomData))
+    }
+}
+
 #[derive(Deserialize)]
 struct Body<'a> {
     #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
+    model: Option<JsonStr<'a>>,
     #[serde(default)]
     stream: Option<bool>,
     #[serde(borrow, default)]
@@ -89,7 +124,7 @@ struct Body<'a> {
 #[derive(Deserialize)]
 struct Message<'a> {
     #[serde(borrow, default)]
-    role: Option<Cow<'a, str>>,
+    role: Option<JsonStr<'a>>,
     #[serde(borrow, default)]
     content: Content<'a>,
     #[serde(borrow, default)]
@@ -105,17 +140,17 @@ struct ToolCall<'a> {
 #[derive(Deserialize)]
 struct FunctionCall<'a> {
     #[serde(borrow, default)]
-    name: Option<Cow<'a, str>>,
+    name: Option<JsonStr<'a>>,
     #[serde(borrow, default)]
-    arguments: Option<Cow<'a, str>>,
+    arguments: Option<JsonStr<'a>>,
 }
 
 #[derive(Deserialize)]
 struct Part<'a> {
     #[serde(rename = "type", borrow, default)]
-    kind: Option<Cow<'a, str>>,
+    kind: Option<JsonStr<'a>>,
     #[serde(borrow, default)]
-    text: Option<Cow<'a, str>>,
+    text: Option<JsonStr<'a>>,
 }
 
 /// Message content: absent/null, a string, or an array of parts.
@@ -165,7 +200,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
 /// Completions prompt: a string or an array of strings.
 enum Prompt<'a> {
     One(Cow<'a, str>),
-    Many(Vec<Cow<'a, str>>),
+    Many(Vec<JsonStr<'a>>),
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for Prompt<'a> {
@@ -187,7 +222,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Prompt<'a> {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut all = Vec::new();
-                while let Some(s) = seq.next_element::<Cow<'a, str>>()? {
+                while let Some(s) = seq.next_element::<JsonStr<'a>>()? {
                     all.push(s);
                 }
                 Ok(Prompt::Many(all))
@@ -226,8 +261,8 @@ pub fn parse_with_tail(
     let parsed: Body = serde_json::from_slice(body)
         .map_err(|e| PickError::bad_request(format!("invalid JSON body: {e}"), None))?;
 
-    let model = match parsed.model {
-        Some(m) if !m.is_empty() => m,
+    let model = match &parsed.model {
+        Some(m) if !m.is_empty() => &**m,
         _ => {
             return Err(PickError::bad_request(
                 "you must provide a model parameter",
@@ -247,7 +282,7 @@ pub fn parse_with_tail(
         }
     };
 
-    let mut hasher = PrefixHasher::new(&model, chunk_bytes);
+    let mut hasher = PrefixHasher::new(model, chunk_bytes);
     let mut extendable = true;
     match kind {
         RequestKind::Chat => {
@@ -288,13 +323,13 @@ pub fn parse_with_tail(
             }
         },
     }
-    let tail = (extract.tail && extendable).then(|| hasher.fork());
-    let (prefix_hashes, prompt_chars) = hasher.finish();
+    let (prefix_hashes, prompt_chars) = hasher.take_hashes();
+    let tail = (extract.tail && extendable).then_some(hasher);
     let user = (parsed.user)
         .filter(|_| extract.user)
         .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
     let parsed = ParsedRequest {
-        model: model.into_owned(),
+        model: model.to_owned(),
         stream: parsed.stream.unwrap_or(false),
         kind,
         prefix_hashes,
@@ -411,6 +446,20 @@ mod tests {
         let a = p(r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"get","arguments":"{\"x\":1}"}}]},{"role":"tool","tool_call_id":"1","content":"42"}]}"#).unwrap();
         let b = p(r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"get","arguments":"{\"x\":2}"}}]},{"role":"tool","tool_call_id":"1","content":"42"}]}"#).unwrap();
         assert_ne!(a.prefix_hashes, b.prefix_hashes);
+    }
+
+    #[test]
+    fn escaped_strings_read_like_plain_ones() {
+        let plain = p(r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        let escaped =
+            p(r#"{"model":"m\u0031","messages":[{"role":"\u0075ser","content":"hi"}]}"#).unwrap();
+        assert_eq!(escaped.model, "m1");
+        assert_eq!(escaped.prefix_hashes, plain.prefix_hashes);
+        let many = |b: &str| parse(b.as_bytes(), Some(RequestKind::Completions), 512).unwrap();
+        assert_eq!(
+            many(r#"{"model":"m","prompt":["a\n","b"]}"#).prefix_hashes,
+            many(r#"{"model":"m","prompt":["a\u000a","b"]}"#).prefix_hashes
+        );
     }
 
     #[test]

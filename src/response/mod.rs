@@ -20,13 +20,13 @@
 //! rendered as the next turn will send it back (`<|assistant|>\n` text tool calls `\n`, the
 //! rendering of `crate::request`; for completions the text right after the prompt).
 
-use std::borrow::Cow;
+use std::fmt;
 
-use serde::de::IgnoredAny;
+use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use crate::hashing::PrefixHasher;
-use crate::request::{self, RequestKind};
+use crate::request::{self, JsonStr, RequestKind};
 
 /// Room for the JSON around the captured text (an event's other fields, a body's usage…).
 const SLACK_BYTES: usize = 64 * 1024;
@@ -110,11 +110,37 @@ pub struct ResponseReader {
 #[derive(Deserialize)]
 struct Message<'a> {
     #[serde(borrow, default)]
-    choices: Option<Vec<Choice<'a>>>,
+    choices: Option<ChoiceZero<'a>>,
     #[serde(default)]
     usage: Option<RawUsage>,
     #[serde(default)]
     error: Option<IgnoredAny>,
+}
+
+/// The `choices` array, of which only choice 0 (the first with `index` 0 or none) is kept:
+/// the others are parsed (to be skipped) but never stored.
+struct ChoiceZero<'a>(Option<Choice<'a>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for ChoiceZero<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = ChoiceZero<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of choices")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut zero = None;
+                while let Some(c) = seq.next_element::<Choice<'a>>()? {
+                    if zero.is_none() && c.index.unwrap_or(0) == 0 {
+                        zero = Some(c);
+                    }
+                }
+                Ok(ChoiceZero(zero))
+            }
+        }
+        d.deserialize_seq(V(std::marker::PhantomData))
+    }
 }
 
 #[derive(Deserialize)]
@@ -126,15 +152,16 @@ struct Choice<'a> {
     #[serde(borrow, default)]
     message: Option<Delta<'a>>,
     #[serde(borrow, default)]
-    text: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    finish_reason: Option<Cow<'a, str>>,
+    text: Option<JsonStr<'a>>,
+    /// Only whether it is there (not null) matters.
+    #[serde(default)]
+    finish_reason: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
 struct Delta<'a> {
     #[serde(borrow, default)]
-    content: Option<Cow<'a, str>>,
+    content: Option<JsonStr<'a>>,
     #[serde(borrow, default)]
     tool_calls: Option<Vec<ToolCall<'a>>>,
 }
@@ -150,9 +177,9 @@ struct ToolCall<'a> {
 #[derive(Deserialize)]
 struct Function<'a> {
     #[serde(borrow, default)]
-    name: Option<Cow<'a, str>>,
+    name: Option<JsonStr<'a>>,
     #[serde(borrow, default)]
-    arguments: Option<Cow<'a, str>>,
+    arguments: Option<JsonStr<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -401,10 +428,7 @@ impl ResponseReader {
         if let Some(u) = m.usage {
             self.out.usage = Some(u.into());
         }
-        for c in m.choices.iter().flatten() {
-            if c.index.unwrap_or(0) != 0 {
-                continue;
-            }
+        if let Some(c) = m.choices.and_then(|c| c.0) {
             if c.finish_reason.is_some() {
                 self.finish_seen = true;
             }

@@ -161,6 +161,20 @@ fn non_streamed_json() {
 }
 
 #[test]
+fn only_choice_zero_is_read_in_whatever_order_the_choices_come() {
+    // n=2: choice 1 first, then choice 0 (escaped text: the copied-string path)
+    let body = br#"{"choices":[{"index":1,"message":{"content":"second"},"finish_reason":"stop"},{"index":0,"message":{"content":"fir\u0073t"},"finish_reason":"stop"}]}"#;
+    let c = whole(RequestKind::Chat, 1024, body);
+    assert_eq!(c.text, b"first");
+    assert!(c.complete);
+    // a null finish_reason is no finish: this stream ends without one, so it is incomplete
+    let sse = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"},\"finish_reason\":null}]}\n\n";
+    let c = whole(RequestKind::Chat, 1024, sse.as_bytes());
+    assert_eq!(c.text, b"a");
+    assert!(!c.complete);
+}
+
+#[test]
 fn completions_text() {
     let sse = "data: {\"choices\":[{\"index\":0,\"text\":\" upon\"}]}\n\ndata: {\"choices\":[{\"index\":0,\"text\":\" a time\",\"finish_reason\":\"length\"}]}\n\ndata: [DONE]\n\n";
     let c = whole(RequestKind::Completions, 1024, sse.as_bytes());

@@ -122,6 +122,9 @@ ngx_module_t  ngx_http_llmproxy_module = {
 /* Per worker process (declared in ngx_http_llmproxy_module.h). */
 llmproxy_router             *ngx_llmproxy_router;
 ngx_str_t                    ngx_llmproxy_cluster_header;   /* lower case */
+ngx_uint_t                   ngx_llmproxy_cluster_header_hash;
+ngx_uint_t                   ngx_llmproxy_endpoint_header_hash;
+ngx_uint_t                   ngx_llmproxy_scene_header_hash;
 uint64_t                     ngx_llmproxy_max_body;
 ngx_http_llmproxy_stats_t   *ngx_llmproxy_stats;
 ngx_http_llmproxy_slot_t    *ngx_llmproxy_slot;
@@ -486,6 +489,12 @@ ngx_http_llmproxy_init_process(ngx_cycle_t *cycle)
         ngx_strlow(ngx_llmproxy_cluster_header.data, (u_char *) ch, len);
         ngx_llmproxy_cluster_header.len = len;
     }
+    ngx_llmproxy_cluster_header_hash = ngx_hash_key(ngx_llmproxy_cluster_header.data,
+                                                    ngx_llmproxy_cluster_header.len);
+    ngx_llmproxy_endpoint_header_hash = ngx_hash_key((u_char *) LLMPROXY_ENDPOINT_HEADER,
+                                                     sizeof(LLMPROXY_ENDPOINT_HEADER) - 1);
+    ngx_llmproxy_scene_header_hash = ngx_hash_key((u_char *) LLMPROXY_SCENE_HEADER,
+                                                  sizeof(LLMPROXY_SCENE_HEADER) - 1);
 
     ngx_llmproxy_max_body = llmproxy_router_max_body_bytes(ngx_llmproxy_router);
 

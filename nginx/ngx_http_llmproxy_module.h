@@ -159,6 +159,10 @@ extern ngx_module_t                 ngx_http_llmproxy_module;
 /* Per worker process (ngx_http_llmproxy_module.c). */
 extern llmproxy_router             *ngx_llmproxy_router;
 extern ngx_str_t                    ngx_llmproxy_cluster_header;   /* lower case */
+/* ngx_hash_key of the routing headers' lower-case names, computed once per worker */
+extern ngx_uint_t                   ngx_llmproxy_cluster_header_hash;
+extern ngx_uint_t                   ngx_llmproxy_endpoint_header_hash;
+extern ngx_uint_t                   ngx_llmproxy_scene_header_hash;
 extern uint64_t                     ngx_llmproxy_max_body;
 extern ngx_http_llmproxy_stats_t   *ngx_llmproxy_stats;
 extern ngx_http_llmproxy_slot_t    *ngx_llmproxy_slot;             /* this worker's */
@@ -184,8 +188,8 @@ ngx_int_t ngx_http_llmproxy_send_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *msg, size_t msg_len);
 ngx_int_t ngx_http_llmproxy_reply(ngx_http_request_t *r, ngx_int_t rc);
 ngx_int_t ngx_http_llmproxy_strip(ngx_http_request_t *r);
-ngx_int_t ngx_http_llmproxy_set_header(ngx_http_request_t *r, const char *name,
-    size_t name_len, const char *value, size_t value_len);
+ngx_int_t ngx_http_llmproxy_set_header(ngx_http_request_t *r, ngx_str_t *name,
+    ngx_uint_t hash, const char *value, size_t value_len);
 ngx_uint_t ngx_http_llmproxy_should_intercept(ngx_http_request_t *r);
 ngx_int_t ngx_http_llmproxy_body(ngx_http_request_t *r, u_char **data, size_t *len);
 ngx_int_t ngx_http_llmproxy_set_body(ngx_http_request_t *r, const uint8_t *body,

@@ -190,13 +190,17 @@ ngx_http_llmproxy_strip(ngx_http_request_t *r)
 }
 
 
+static ngx_str_t  endpoint_header = ngx_string(LLMPROXY_ENDPOINT_HEADER);
+static ngx_str_t  scene_header = ngx_string(LLMPROXY_SCENE_HEADER);
+
+
 ngx_int_t
-ngx_http_llmproxy_set_header(ngx_http_request_t *r, const char *name, size_t name_len,
+ngx_http_llmproxy_set_header(ngx_http_request_t *r, ngx_str_t *name, ngx_uint_t hash,
     const char *value, size_t value_len)
 {
     ngx_table_elt_t  *h;
 
-    if (name_len == 0) {
+    if (name->len == 0) {
         return NGX_OK;
     }
 
@@ -205,21 +209,18 @@ ngx_http_llmproxy_set_header(ngx_http_request_t *r, const char *name, size_t nam
         return NGX_ERROR;
     }
 
-    h->key.data = ngx_pnalloc(r->pool, name_len + name_len + value_len);
-    if (h->key.data == NULL) {
+    /* the name is lower case and outlives the request (the cycle's or a constant) */
+    h->key = *name;
+    h->lowcase_key = name->data;
+    h->hash = hash;
+    h->value.len = value_len;
+    h->value.data = ngx_pnalloc(r->pool, value_len);
+    if (h->value.data == NULL) {
         return NGX_ERROR;
     }
-
-    h->key.len = name_len;
-    ngx_memcpy(h->key.data, name, name_len);
-    h->lowcase_key = h->key.data + name_len;
-    ngx_strlow(h->lowcase_key, h->key.data, name_len);
-    h->value.data = h->lowcase_key + name_len;
-    h->value.len = value_len;
     if (value_len) {
         ngx_memcpy(h->value.data, value, value_len);
     }
-    h->hash = ngx_hash_key(h->lowcase_key, name_len);
 
     return NGX_OK;
 }
@@ -600,19 +601,19 @@ ngx_http_llmproxy_picked(ngx_http_request_t *r, ngx_http_llmproxy_ctx_t *ctx,
     /* the decision, on the proxied request (client copies were stripped) */
     len = 0;
     s = llmproxy_request_cluster(req, &len);
-    rc = ngx_http_llmproxy_set_header(r, (const char *) ngx_llmproxy_cluster_header.data,
-                                      ngx_llmproxy_cluster_header.len, s, len);
+    rc = ngx_http_llmproxy_set_header(r, &ngx_llmproxy_cluster_header,
+                                      ngx_llmproxy_cluster_header_hash, s, len);
     if (rc == NGX_OK) {
-        rc = ngx_http_llmproxy_set_header(r, LLMPROXY_ENDPOINT_HEADER,
-                                          sizeof(LLMPROXY_ENDPOINT_HEADER) - 1,
+        rc = ngx_http_llmproxy_set_header(r, &endpoint_header,
+                                          ngx_llmproxy_endpoint_header_hash,
                                           (const char *) ctx->endpoint.data,
                                           ctx->endpoint.len);
     }
     if (rc == NGX_OK) {
         len = 0;
         s = llmproxy_request_scene(req, &len);
-        rc = ngx_http_llmproxy_set_header(r, LLMPROXY_SCENE_HEADER,
-                                          sizeof(LLMPROXY_SCENE_HEADER) - 1, s, len);
+        rc = ngx_http_llmproxy_set_header(r, &scene_header,
+                                          ngx_llmproxy_scene_header_hash, s, len);
     }
     if (rc != NGX_OK) {
         ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);

@@ -258,7 +258,17 @@ pub fn parse_with_tail(
             None,
         ));
     }
-    let parsed: Body = serde_json::from_slice(body)
+    // UTF-8 checked once for the whole body (SIMD), not string by string by serde_json.
+    let text = simdutf8::compat::from_utf8(body).map_err(|e| {
+        PickError::bad_request(
+            format!(
+                "invalid JSON body: not UTF-8 at byte {} (JSON text is UTF-8)",
+                e.valid_up_to()
+            ),
+            None,
+        )
+    })?;
+    let parsed: Body = serde_json::from_str(text)
         .map_err(|e| PickError::bad_request(format!("invalid JSON body: {e}"), None))?;
 
     let model = match &parsed.model {
@@ -578,6 +588,13 @@ mod tests {
         let mut body = br#"{"model":"m","messages":[{"role":"user","content":""#.to_vec();
         body.extend_from_slice(&[0xff, 0xfe]);
         body.extend_from_slice(br#""}]}"#);
+        let e = parse(&body, None, 512).unwrap_err();
+        assert_eq!(e.http_status(), 400);
+        assert!(e.to_string().contains("not UTF-8 at byte 51"), "{e}");
+        // in a field routing ignores as well: JSON text is UTF-8 whatever the field
+        let mut body = br#"{"model":"m","name":""#.to_vec();
+        body.push(0xc3);
+        body.extend_from_slice(br#"","messages":[{"role":"user","content":"hi"}]}"#);
         assert_eq!(parse(&body, None, 512).unwrap_err().http_status(), 400);
 
         let deep = format!(

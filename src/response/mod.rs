@@ -417,7 +417,12 @@ impl ResponseReader {
     /// Applies one JSON message (a streamed chunk or a whole answer); false (and capture
     /// stopped) when it is not one.
     fn apply(&mut self, json: &[u8]) -> bool {
-        let Ok(m) = serde_json::from_slice::<Message>(json) else {
+        // UTF-8 checked once (SIMD), not string by string by serde_json.
+        let Ok(m) = simdutf8::basic::from_utf8(json).map(serde_json::from_str::<Message>) else {
+            self.fail();
+            return false;
+        };
+        let Ok(m) = m else {
             self.fail();
             return false;
         };

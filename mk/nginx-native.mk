@@ -34,6 +34,12 @@ TEST_TARGETS += test-nginx-native
 bench-nginx-instructions: nginx-module nginx-deps valgrind-deps
 	$(NGINX_TEST_ENV) $(PYTHON) tests/nginx/bench/callgrind_nginx.py $(BENCH_CG_ARGS)
 
+## bench-parse-instructions: instructions of the library's parse steps (a 1 KiB request, a JSON
+## answer, a 100-chunk stream) beside serde_json's floor for the same documents (callgrind,
+## examples/parse_cost.rs; not in CI, ~1 min)
+bench-parse-instructions: valgrind-deps
+	scripts/parse-instructions.sh
+
 valgrind-deps:
 	@command -v valgrind >/dev/null 2>&1 || scripts/apt-install.sh valgrind || true
-.PHONY: valgrind-deps
+.PHONY: valgrind-deps bench-parse-instructions

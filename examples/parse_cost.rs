@@ -3,7 +3,8 @@
 //!
 //!     cargo run --release --example parse_cost -- STEP N
 //!
-//! Steps: `request` (a 1 KiB chat body: parse, prefix hashes, the tail kept for learning),
+//! Steps: `request` (a 1 KiB chat body: parse, prefix hashes, the tail kept for learning;
+//! `request-64k` the same with a 64 KiB body),
 //! `answer` (a 150-byte JSON chat answer read for its text and usage), `stream` (a streamed
 //! answer of 100 vLLM-style chunks, per answer), and the floors that no parse with serde_json
 //! goes under: `request-floor` and `answer-floor` (the same documents only checked and skipped,
@@ -55,11 +56,14 @@ fn main() {
     let n: usize = match args.next().map(|s| s.parse()) {
         Some(Ok(n)) => n,
         _ => {
-            eprintln!("usage: parse_cost request|answer|stream|request-floor|answer-floor N");
+            eprintln!(
+                "usage: parse_cost request|request-64k|answer|stream|request-floor|answer-floor N"
+            );
             std::process::exit(2);
         }
     };
     let body = chat_body(1024);
+    let big_body = chat_body(64 * 1024);
     let events = stream_events(100);
     let extract = Extract {
         tail: true,
@@ -70,6 +74,11 @@ fn main() {
             "request" => {
                 let parsed =
                     parse_with_tail(black_box(&body), Some(RequestKind::Chat), 512, extract);
+                black_box(parsed.expect("the body parses"));
+            }
+            "request-64k" => {
+                let parsed =
+                    parse_with_tail(black_box(&big_body), Some(RequestKind::Chat), 512, extract);
                 black_box(parsed.expect("the body parses"));
             }
             "answer" => {

@@ -11,7 +11,7 @@ cargo build --release --example parse_cost -q
 bin=${CARGO_TARGET_DIR:-target}/release/examples/parse_cost
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(request request-floor answer answer-floor stream)
+[ ${#steps[@]} -gt 0 ] || steps=(request request-64k request-floor answer answer-floor stream)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 count() {  # count STEP N -> total instructions

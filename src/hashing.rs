@@ -1,19 +1,26 @@
 //! Prefix hashing of the canonical prompt.
 //!
 //! The prompt is cut into fixed-size chunks (`hash_chunk_bytes`, default 512). Hashes are
-//! cumulative: `hash[i]` covers bytes `[0, (i+1)·chunk)` (the last chunk may be short), so two
-//! prompts that share their first k full chunks share their first k hashes, and one hash
-//! names a whole prefix. One streaming xxh3-64 state is fed chunk after chunk and read after
-//! each, which makes the whole computation O(n). The state is seeded with the model name, so
-//! different models never share entries.
+//! chained: `hash[i]` is xxh3-64 of chunk `i` seeded with `hash[i-1]` (the first seeded with the
+//! model name's hash), so it names the whole prefix `[0, (i+1)·chunk)` (the last chunk may be
+//! short): two prompts that share their first k full chunks share their first k hashes, and
+//! different models never share entries. Each chunk is hashed once, in one call: O(n), with
+//! no streaming state to read after every chunk. What continues a prompt later (the answer's
+//! learning) is the last hash and the current partial chunk, under `chunk` bytes.
 
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, Xxh3};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-/// Incremental cumulative chunk hasher: feed the prompt in pieces, get one hash per chunk.
+/// Bytes reserved for the partial chunk when a prompt starts (its chunk size, at most this).
+const PENDING_RESERVE: usize = 4096;
+
+/// Incremental chained chunk hasher: feed the prompt in pieces, get one hash per chunk.
+#[derive(Clone)]
 pub struct PrefixHasher {
-    state: Xxh3,
+    /// The hash of the prompt up to its last full chunk (the model's hash before the first).
+    chain: u64,
     chunk_bytes: usize,
-    filled: usize,
+    /// The current partial chunk: fewer than `chunk_bytes` bytes.
+    pending: Vec<u8>,
     hashes: Vec<u64>,
     chars: u64,
     /// Full chunks completed since the start of the prompt.
@@ -25,9 +32,9 @@ impl PrefixHasher {
     pub fn new(model: &str, chunk_bytes: usize) -> Self {
         assert!(chunk_bytes > 0, "chunk_bytes must be positive");
         Self {
-            state: Xxh3::with_seed(xxh3_64(model.as_bytes())),
+            chain: xxh3_64(model.as_bytes()),
             chunk_bytes,
-            filled: 0,
+            pending: Vec::new(),
             hashes: Vec::new(),
             chars: 0,
             full_chunks: 0,
@@ -37,17 +44,36 @@ impl PrefixHasher {
     /// Appends `bytes` to the prompt.
     pub fn feed(&mut self, mut bytes: &[u8]) {
         self.chars += bytecount::num_chars(bytes) as u64;
-        while !bytes.is_empty() {
-            let take = (self.chunk_bytes - self.filled).min(bytes.len());
-            self.state.update(&bytes[..take]);
-            self.filled += take;
-            bytes = &bytes[take..];
-            if self.filled == self.chunk_bytes {
-                self.hashes.push(self.state.digest());
-                self.full_chunks += 1;
-                self.filled = 0;
-            }
+        if self.pending.capacity() == 0 {
+            // room for a whole chunk at once (up to 4 KiB: larger chunks grow as they fill)
+            self.pending
+                .reserve_exact(self.chunk_bytes.min(PENDING_RESERVE));
         }
+        if !self.pending.is_empty() {
+            let take = (self.chunk_bytes - self.pending.len()).min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.pending.len() < self.chunk_bytes {
+                return;
+            }
+            let chunk = std::mem::take(&mut self.pending);
+            self.complete(&chunk);
+            self.pending = chunk;
+            self.pending.clear();
+        }
+        // whole chunks straight from the input; only a remainder is copied
+        let mut whole = bytes.chunks_exact(self.chunk_bytes);
+        for chunk in &mut whole {
+            self.complete(chunk);
+        }
+        self.pending.extend_from_slice(whole.remainder());
+    }
+
+    /// A full chunk: the next link of the chain.
+    fn complete(&mut self, chunk: &[u8]) {
+        self.chain = xxh3_64_with_seed(chunk, self.chain);
+        self.hashes.push(self.chain);
+        self.full_chunks += 1;
     }
 
     /// Appends a string to the prompt.
@@ -55,17 +81,13 @@ impl PrefixHasher {
         self.feed(s.as_bytes());
     }
 
-    /// A copy of this hasher's position (state, chunk fill, characters) without the hashes
-    /// computed so far: feeding it more text continues the same prompt, and its hashes
-    /// are those of the chunks that complete after this point.
+    /// A copy of this hasher's position (chain, partial chunk, characters) without the hashes
+    /// computed so far: feeding it more text continues the same prompt, and its hashes are
+    /// those of the chunks that complete after this point.
     pub fn fork(&self) -> Self {
         Self {
-            state: self.state.clone(),
-            chunk_bytes: self.chunk_bytes,
-            filled: self.filled,
             hashes: Vec::new(),
-            chars: self.chars,
-            full_chunks: self.full_chunks,
+            ..self.clone()
         }
     }
 
@@ -87,11 +109,11 @@ impl PrefixHasher {
 
     /// [`PrefixHasher::finish`] that keeps the hasher: it gives the same hashes and length
     /// and leaves the hasher as its [`PrefixHasher::fork`] would be (the position, without the
-    /// hashes), without copying the state.
+    /// hashes).
     pub fn take_hashes(&mut self) -> (Vec<u64>, u64) {
         let mut hashes = std::mem::take(&mut self.hashes);
-        if self.filled > 0 {
-            hashes.push(self.state.digest());
+        if !self.pending.is_empty() {
+            hashes.push(xxh3_64_with_seed(&self.pending, self.chain));
         }
         (hashes, self.chars)
     }
@@ -134,16 +156,24 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn hash_i_covers_the_first_i_plus_one_chunks() {
+    fn hash_i_chains_chunk_i_to_the_hash_before_it() {
         let prompt: Vec<u8> = (0..1300u32).map(|i| (i % 251) as u8).collect();
         let hashes = prefix_hashes("m", &prompt, 512);
         assert_eq!(hashes.len(), 3);
-        let seed = xxh3_64(b"m");
-        for (i, end) in [512usize, 1024, 1300].into_iter().enumerate() {
-            let mut one = Xxh3::with_seed(seed);
-            one.update(&prompt[..end]);
-            assert_eq!(hashes[i], one.digest(), "chunk {i}");
+        let mut chain = xxh3_64(b"m");
+        for (i, chunk) in prompt.chunks(512).enumerate() {
+            chain = xxh3_64_with_seed(chunk, chain);
+            assert_eq!(hashes[i], chain, "chunk {i}");
         }
+    }
+
+    #[test]
+    fn a_short_last_chunk_names_only_prompts_that_end_there() {
+        let text: Vec<u8> = (0..1300u32).map(|i| (i % 97) as u8 + 32).collect();
+        let short = prefix_hashes("m", &text[..700], 512);
+        let long = prefix_hashes("m", &text, 512);
+        assert_eq!(short[0], long[0]);
+        assert_ne!(short[1], long[1], "700 bytes vs the first 1,024");
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub(super) struct Routed {
     pub(super) answer: ResponseReader,
     /// The prompt's hasher at its end, to learn the next turn's prefix from the answer
     /// (`learn_response_bytes` > 0 and a next turn that extends this prompt).
-    pub(super) learn_tail: Option<Box<hashing::PrefixHasher>>,
+    pub(super) learn_tail: Option<hashing::PrefixHasher>,
 }
 
 /// Cache matches from the Metadata-Center: endpoint wire id → leading chunks it holds.
@@ -129,7 +129,6 @@ impl RouterInner {
             text_cap = text_cap.max(self.config.log.prompt_max_bytes);
         }
         let answer = ResponseReader::new(parsed.kind, text_cap);
-        let learn_tail = tail.map(Box::new);
         let session = affinity
             .and_then(|a| session_name(a, headers, parsed.user.as_deref()))
             .map(|name| hashing::session_key(&parsed.model, name));
@@ -154,7 +153,7 @@ impl RouterInner {
             upstream,
             transcoder,
             answer,
-            learn_tail,
+            learn_tail: tail,
         })
     }
 

@@ -320,7 +320,7 @@ impl PickedRequest {
             if let Some(e) = &r.endpoint {
                 let learned = r.learn_tail.take().and_then(|tail| {
                     let prompt_full_chunks = tail.full_chunks();
-                    let hashes = router.learn(r, e, *tail, upstream_status, outcome)?;
+                    let hashes = router.learn(r, e, tail, upstream_status, outcome)?;
                     Some((prompt_full_chunks, hashes))
                 });
                 if let Some(req) = r.sync.take() {

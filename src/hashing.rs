@@ -14,7 +14,6 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 const PENDING_RESERVE: usize = 4096;
 
 /// Incremental chained chunk hasher: feed the prompt in pieces, get one hash per chunk.
-#[derive(Clone)]
 pub struct PrefixHasher {
     /// The hash of the prompt up to its last full chunk (the model's hash before the first).
     chain: u64,
@@ -81,22 +80,13 @@ impl PrefixHasher {
         self.feed(s.as_bytes());
     }
 
-    /// A copy of this hasher's position (chain, partial chunk, characters) without the hashes
-    /// computed so far: feeding it more text continues the same prompt, and its hashes are
-    /// those of the chunks that complete after this point.
-    pub fn fork(&self) -> Self {
-        Self {
-            hashes: Vec::new(),
-            ..self.clone()
-        }
-    }
-
     /// Full chunks completed since the start of the prompt (forks included).
     pub fn full_chunks(&self) -> usize {
         self.full_chunks
     }
 
-    /// Hashes of the chunks completed so far (full chunks only; see [`PrefixHasher::fork`]).
+    /// Hashes of the full chunks completed so far (since [`PrefixHasher::take_hashes`], if it
+    /// was called).
     pub fn full_chunk_hashes(&self) -> &[u64] {
         &self.hashes
     }
@@ -107,9 +97,9 @@ impl PrefixHasher {
         self.take_hashes()
     }
 
-    /// [`PrefixHasher::finish`] that keeps the hasher: it gives the same hashes and length
-    /// and leaves the hasher as its [`PrefixHasher::fork`] would be (the position, without the
-    /// hashes).
+    /// [`PrefixHasher::finish`] that keeps the hasher: it gives the same hashes and length and
+    /// leaves the hasher at the end of the prompt without them, so that feeding it more text
+    /// continues the same prompt and its hashes are those of the chunks completed after it.
     pub fn take_hashes(&mut self) -> (Vec<u64>, u64) {
         let mut hashes = std::mem::take(&mut self.hashes);
         if !self.pending.is_empty() {
@@ -210,21 +200,7 @@ mod tests {
     }
 
     #[test]
-    fn a_fork_continues_the_same_prompt() {
-        let text: Vec<u8> = (0..2000u32).map(|i| (i % 97) as u8 + 32).collect();
-        let whole = prefix_hashes("m", &text, 64);
-        let mut h = PrefixHasher::new("m", 64);
-        h.feed(&text[..700]);
-        let mut f = h.fork();
-        assert_eq!(f.full_chunks(), 10);
-        f.feed(&text[700..]);
-        assert_eq!(f.full_chunks(), 31);
-        // Chunks 11.. complete after byte 700 (the last one, short, is not a full chunk).
-        assert_eq!(f.full_chunk_hashes(), &whole[10..31]);
-    }
-
-    #[test]
-    fn take_hashes_finishes_and_leaves_a_fork() {
+    fn take_hashes_finishes_and_leaves_the_prompts_continuation() {
         let text: Vec<u8> = (0..2000u32).map(|i| (i % 89) as u8 + 32).collect();
         let whole = prefix_hashes("m", &text, 64);
         let mut h = PrefixHasher::new("m", 64);
@@ -232,10 +208,12 @@ mod tests {
         let (hashes, chars) = h.take_hashes();
         assert_eq!(hashes, prefix_hashes("m", &text[..700], 64));
         assert_eq!(chars, 700);
-        // What is left continues the prompt like a fork taken before finishing.
+        // What is left continues the same prompt.
         assert!(h.full_chunk_hashes().is_empty());
         assert_eq!(h.full_chunks(), 10);
         h.feed(&text[700..]);
+        assert_eq!(h.full_chunks(), 31);
+        // Chunks 11.. complete after byte 700 (the last one, short, is not a full chunk).
         assert_eq!(h.full_chunk_hashes(), &whole[10..31]);
     }
 

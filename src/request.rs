@@ -242,7 +242,7 @@ pub fn parse(
     parse_with_tail(body, kind, chunk_bytes, Extract::default()).map(|(p, _)| p)
 }
 
-/// [`parse`], also giving the hasher at the end of the prompt (see [`PrefixHasher::fork`])
+/// [`parse`], also giving the hasher at the end of the prompt (see [`PrefixHasher::take_hashes`])
 /// when `extract.tail` and the next turn extends this prompt (a chat, or a completion of one
 /// prompt): to learn the answer ([`crate::response`]); and the `user` field when
 /// `extract.user`.

@@ -418,11 +418,10 @@ impl ResponseReader {
     /// stopped) when it is not one.
     fn apply(&mut self, json: &[u8]) -> bool {
         // UTF-8 checked once (SIMD), not string by string by serde_json.
-        let Ok(m) = simdutf8::basic::from_utf8(json).map(serde_json::from_str::<Message>) else {
-            self.fail();
-            return false;
-        };
-        let Ok(m) = m else {
+        let parsed = simdutf8::basic::from_utf8(json)
+            .ok()
+            .map(serde_json::from_str::<Message>);
+        let Some(Ok(m)) = parsed else {
             self.fail();
             return false;
         };

@@ -136,12 +136,20 @@ local function call_chunked(cmd, key, args, step)
   end
 end
 
+-- Where `loc`'s tag starts in a node's value (at the start or after a comma), or nil.
+local function find_tag(v)
+  local p = string.find(v, tag, 1, true)
+  while p and p > 1 and string.byte(v, p - 1) ~= 44 do
+    p = string.find(v, tag, p + 1, true)
+  end
+  return p
+end
+
 -- The other locations' live tags (`,loc=ms…`, newest first), at most maxl - 1 of them.
-local function others(rest)
-  if rest == '' then return '' end
+local function others(v)
   local out, k = {}, 0
-  for l, ms in string.gmatch(rest, ',([^,=]+)=(%d+)') do
-    if k < maxl - 1 and tonumber(ms) > live_after then
+  for l, ms in string.gmatch(v, '([^,=]+)=(%d+)') do
+    if k < maxl - 1 and l ~= loc and tonumber(ms) > live_after then
       k = k + 1
       out[k] = ',' .. l .. '=' .. ms
     end
@@ -151,30 +159,20 @@ end
 
 local hset, zadd = {}, {}
 for base = 0, n - 1, CHUNK do
-  local ds = {}
-  for i = base + 1, math.min(base + CHUNK, n) do ds[#ds + 1] = ARGV[5 + i] end
-  local vals = redis.call('HMGET', nodes, unpack(ds))
-  for j, d in ipairs(ds) do
-    local v = vals[j]
-    local write = true
-    local rest = ''
-    if v then
-      local w = ',' .. v
-      local p = string.find(w, ',' .. tag, 1, true)
-      rest = w
-      if p then
-        local q = string.find(w, ',', p + 1, true)
-        local prev = tonumber(string.sub(w, p + 1 + #tag, q and q - 1 or -1))
-        if prev and now - prev < gran then
-          write = false
-        else
-          rest = string.sub(w, 1, p - 1) .. (q and string.sub(w, q) or '')
-        end
-      end
+  local last = math.min(base + CHUNK, n)
+  local vals = redis.call('HMGET', nodes, unpack(ARGV, base + 6, last + 5))
+  for j = 1, last - base do
+    local d, v = ARGV[base + 5 + j], vals[j]
+    local p = v and find_tag(v)
+    local fresh = false
+    if p then
+      local q = string.find(v, ',', p + #tag, true)
+      local prev = tonumber(string.sub(v, p + #tag, q and q - 1 or -1))
+      fresh = prev ~= nil and now - prev < gran
     end
-    if write then
+    if not fresh then
       hset[#hset + 1] = d
-      hset[#hset + 1] = tag .. now .. others(rest)
+      hset[#hset + 1] = tag .. now .. (v and others(v) or '')
       zadd[#zadd + 1] = now
       zadd[#zadd + 1] = d
     end

@@ -167,11 +167,25 @@ async fn redis_cache_save_sends_only_the_prefixes_not_saved_recently() {
     // what Redis holds is what every save said
     assert_eq!(s.cache_query("m", &turn2, 5).await, vec![(a, 12), (b, 8)]);
     assert_eq!(s.cache_query("other", &turn2, 5).await, vec![(a, 8)]);
-    // bounded: a save of more prefixes than the memo holds leaves it at its cap
+    // bounded: a save of more prefixes than the memo holds leaves it within its cap, and
+    // the newest (the last half of the cap at least) are still remembered
     let long: Vec<u64> = (100..100 + RECENT_SAVES as u64 + 1_000).collect();
     s.cache_save("big", &long, a).await;
     assert_eq!(saves(&s), 5);
-    assert_eq!(s.recent_saves(), RECENT_SAVES);
+    let held = s.recent_saves();
+    assert!((RECENT_SAVES / 2..=RECENT_SAVES).contains(&held), "{held}");
+    s.cache_save("big", &long, a).await;
+    assert_eq!(
+        saves(&s),
+        6,
+        "the oldest prefixes were forgotten: sent again"
+    );
+    let skipped = s.counters.skipped_saves();
+    s.cache_save("big", &long[long.len() - RECENT_SAVES / 2..], b)
+        .await;
+    s.cache_save("big", &long[long.len() - RECENT_SAVES / 2..], b)
+        .await;
+    assert_eq!((saves(&s), s.counters.skipped_saves()), (7, skipped + 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -99,7 +99,7 @@ pub fn prefix_digests(hashes: &[u64]) -> Vec<u64> {
 }
 
 /// splitmix64's finalizer: a bijective 64-bit mix.
-fn mix(mut z: u64) -> u64 {
+pub fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

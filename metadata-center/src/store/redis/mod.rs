@@ -10,6 +10,7 @@
 
 mod conn;
 pub mod keys;
+mod recent;
 mod scripts;
 
 use std::future::Future;
@@ -21,6 +22,7 @@ use redis::RedisResult;
 
 use self::conn::Conn;
 use self::keys::{digest_field, prefix_digests, request_index, ClusterKeys};
+use self::recent::{RecentSaves, SaveKeys};
 use self::scripts::Scripts;
 use super::StoreSpec;
 use crate::endpoint::Endpoint;
@@ -140,11 +142,9 @@ const RECENT_REQUESTS: usize = 65_536;
 /// Prefixes this replica saved recently, per cluster and location: a save skips those it
 /// wrote less than the refresh granularity ago (Redis would leave their tags as they are), so a
 /// chat's next turn or a popular document costs Redis only its new chunks, or no call at all.
-/// Entries: 40 B of key and stamp, ~100 B with the map's own (≈ 13 MB at the cap).
-pub const RECENT_SAVES: usize = 131_072;
-
-/// A key of the recent-saves memo: (cluster's hash, location, prefix digest).
-type SavedKey = (u64, Endpoint, u64);
+/// Two maps of 114,688 entries (7/8 of 131,072 buckets, the map's largest load) of 16 B of key
+/// and stamp: ≈ 4.5 MB.
+pub const RECENT_SAVES: usize = 2 * 114_688;
 
 /// How long the Redis clock learned from a script's answer is used for plain cache queries.
 const CLOCK_FRESH_MS: u64 = 1_000;
@@ -199,7 +199,7 @@ pub struct RedisStore {
     scripts: Scripts,
     recent: parking_lot::Mutex<hashlink::LruCache<String, Arc<str>>>,
     /// Recent saves (`RECENT_SAVES`): when each was sent, ms since `epoch`.
-    saved: parking_lot::Mutex<hashlink::LruCache<SavedKey, u64>>,
+    saved: parking_lot::Mutex<RecentSaves>,
     epoch: std::time::Instant,
     /// Load queries in flight, per cluster (at most one entry per cluster being queried).
     loads_in_flight: parking_lot::Mutex<hashbrown::HashMap<String, SharedLoad>>,
@@ -216,7 +216,7 @@ impl RedisStore {
             cfg,
             scripts: Scripts::new(),
             recent: parking_lot::Mutex::new(hashlink::LruCache::new(RECENT_REQUESTS)),
-            saved: parking_lot::Mutex::new(hashlink::LruCache::new(RECENT_SAVES)),
+            saved: parking_lot::Mutex::new(RecentSaves::new(RECENT_SAVES)),
             epoch: std::time::Instant::now(),
             loads_in_flight: parking_lot::Mutex::new(hashbrown::HashMap::new()),
             clock: RedisClock::new(),
@@ -426,23 +426,14 @@ impl RedisStore {
     /// `POST /v1/cache/save`: tags every prefix of `hashes` with `loc`, except those this
     /// replica tagged with `loc` less than the refresh granularity ago (`RECENT_SAVES`).
     pub async fn cache_save(&self, cluster: &str, hashes: &[u64], loc: Endpoint) {
-        let cluster_hash = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            cluster.hash(&mut h);
-            h.finish()
-        };
+        let keys = SaveKeys::new(cluster, loc);
         let now = self.epoch.elapsed().as_millis() as u64;
         let granularity = self.refresh_granularity();
         let digests: Vec<u64> = {
-            let mut saved = self.saved.lock();
+            let saved = self.saved.lock();
             prefix_digests(hashes)
                 .into_iter()
-                .filter(|&d| {
-                    saved
-                        .get(&(cluster_hash, loc, d))
-                        .is_none_or(|&at| now.saturating_sub(at) >= granularity)
-                })
+                .filter(|&d| !saved.is_fresh(keys.of(d), now, granularity))
                 .collect()
         };
         if digests.is_empty() {
@@ -469,7 +460,7 @@ impl RedisStore {
             self.clock.saw(redis_now);
             let mut saved = self.saved.lock();
             for d in digests {
-                saved.insert((cluster_hash, loc, d), now);
+                saved.sent(keys.of(d), now);
             }
         }
     }

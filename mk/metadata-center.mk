@@ -28,6 +28,7 @@ run-metadata-center: metadata-center
 
 ## bench-metadata-center: the API's calls/s and latency with the in-memory store, then with the
 ## Redis store (1 and 2 replicas over one redis-server on a free 127.0.0.1 port), same run
+## (MC_BENCH_REDIS_CPU=N: redis-server alone on CPU N, the rest on the other CPUs)
 bench-metadata-center: metadata-center
 	$(CARGO) build --release -p llmproxy-metadata-center --example mc_bench
 	scripts/bench-metadata-center.sh $(MC_BIN) $(RELEASE)/examples/mc_bench $(MC_BENCH_SECS) $(MC_BENCH_CONC) "$(MC_BENCH_STORES)"

@@ -10,8 +10,23 @@
 # a free 127.0.0.1 port, and every process started here is stopped by PID at the end.
 #
 #   scripts/bench-metadata-center.sh MC_BIN BENCH_BIN SECS CONC "memory redis"
+#
+# MC_BENCH_REDIS_CPU=N puts redis-server alone on CPU N and everything else (the servers of both
+# stores, the load generator) on the other CPUs: Redis on its own core, as it is deployed,
+# and the same CPUs for the in-memory baseline.
 set -euo pipefail
 BIN=$1 BENCH=$2 SECS=$3 CONC=$4 STORES=${5:-memory redis}
+REDIS_CPU=${MC_BENCH_REDIS_CPU:-}
+ON_REDIS_CPU=() ON_OTHER_CPUS=()
+if [ -n "$REDIS_CPU" ]; then
+  others=$(python3 -c "import os; print(','.join(str(c) for c in sorted(os.sched_getaffinity(0)) if c != int('$REDIS_CPU')))")
+  if [ -z "$others" ]; then
+    echo "MC_BENCH_REDIS_CPU=$REDIS_CPU leaves no CPU for the rest" >&2
+    exit 2
+  fi
+  ON_REDIS_CPU=(taskset -c "$REDIS_CPU") ON_OTHER_CPUS=(taskset -c "$others")
+  echo "redis-server on CPU $REDIS_CPU, the metadata-center(s) and the load generator on CPU(s) $others"
+fi
 tmp=$(mktemp -d)
 pids=()
 cleanup() {
@@ -26,7 +41,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # start_mc ARGS...: sets MC_ADDR and MC_PID
 start_mc() {
   local out="$tmp/mc.${#pids[@]}"
-  "$BIN" run --host 127.0.0.1 --port 0 "$@" >"$out" 2>/dev/null &
+  "${ON_OTHER_CPUS[@]}" "$BIN" run --host 127.0.0.1 --port 0 "$@" >"$out" 2>/dev/null &
   MC_PID=$!; pids+=("$MC_PID")
   for _ in $(seq 50); do grep -q 'listening on' "$out" && break; sleep 0.1; done
   MC_ADDR=$(sed -n 's/^listening on //p' "$out")
@@ -46,7 +61,7 @@ for store in $STORES; do
   memory)
     echo "== in-memory store, 1 replica"
     start_mc
-    "$BENCH" "http://$MC_ADDR" "$SECS" "$CONC"
+    "${ON_OTHER_CPUS[@]}" "$BENCH" "http://$MC_ADDR" "$SECS" "$CONC"
     echo "server RSS after the run: $(ps -o rss= -p "$MC_PID") KiB, threads: $(ps -o nlwp= -p "$MC_PID")"
     stop "$MC_PID"
     ;;
@@ -56,7 +71,7 @@ for store in $STORES; do
       continue
     fi
     port=$(free_port)
-    redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" \
+    "${ON_REDIS_CPU[@]}" redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" \
       >"$tmp/redis.log" 2>&1 &
     rpid=$!; pids+=("$rpid")
     for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
@@ -68,7 +83,7 @@ for store in $STORES; do
         start_mc --store "redis://127.0.0.1:$port"
         addrs+=("http://$MC_ADDR"); mcs+=("$MC_PID")
       done
-      "$BENCH" "$(IFS=,; echo "${addrs[*]}")" "$SECS" "$CONC"
+      "${ON_OTHER_CPUS[@]}" "$BENCH" "$(IFS=,; echo "${addrs[*]}")" "$SECS" "$CONC"
       for a in "${addrs[@]}"; do
         echo "store errors + timeouts on ${a#http://}: $(store_failures "${a#http://}")"
       done
@@ -78,7 +93,7 @@ for store in $STORES; do
     for c in "$CONC" 1; do
       redis-cli -p "$port" flushall >/dev/null
       echo "== Redis store called directly (no HTTP, no metadata-center process), $c task(s)"
-      "$BENCH" --redis "redis://127.0.0.1:$port" "$SECS" "$c"
+      "${ON_OTHER_CPUS[@]}" "$BENCH" --redis "redis://127.0.0.1:$port" "$SECS" "$c"
     done
     stop "$rpid"
     ;;

@@ -108,6 +108,7 @@ impl Server {
                 .map(str::to_string)
         };
         let (trace, ctype) = (header("x-trace-id"), header("content-type"));
+        let connection = header("connection");
         let status = resp.status().as_u16();
         let text = resp.body_mut().read_to_string().unwrap();
         let json = serde_json::from_str(&text).unwrap_or(Value::Null);
@@ -115,6 +116,7 @@ impl Server {
             status,
             trace,
             ctype,
+            connection,
             text,
             json,
         }
@@ -166,6 +168,8 @@ struct Resp {
     status: u16,
     trace: Option<String>,
     ctype: Option<String>,
+    /// The `connection` header (`close` when the server will not read this connection again).
+    connection: Option<String>,
     text: String,
     json: Value,
 }
@@ -476,6 +480,9 @@ fn auth_token_guards_the_api_but_not_health_or_metrics() {
     let r = s.post("/v1/load/stats", add("m", "r1", "10.0.0.1", 1));
     assert_eq!(r.status, 401);
     assert_eq!(r.json["error"]["code"], 40101001);
+    // refused before its body was read: the connection is not reused (a client that sent the
+    // next request on it could find it closed under it)
+    assert_eq!(r.connection.as_deref(), Some("close"));
     let wrong = s.call(
         "GET",
         "/v1/load/stats?cluster=m",
@@ -483,6 +490,7 @@ fn auth_token_guards_the_api_but_not_health_or_metrics() {
         &[("Authorization", "Bearer nope")],
     );
     assert_eq!(wrong.status, 401);
+    assert_eq!(wrong.connection, None, "no body left unread: kept alive");
     let good = s.call(
         "POST",
         "/v1/load/stats",
@@ -1247,9 +1255,15 @@ fn slow_drip_clients_are_cut_off_at_the_header_and_body_deadlines() {
             b"POST /v1/cache/save HTTP/1.1\r\nHost: x\r\nContent-Length: 9437184\r\n\r\n",
         )
         .unwrap();
-        let mut head = [0u8; 12];
-        big.read_exact(&mut head).unwrap();
-        assert_eq!(&head, b"HTTP/1.1 413");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && big.read(&mut byte).unwrap() == 1 {
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 413"), "{head}");
+        // the body was never read: the server closes, and says so
+        assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
     }
     let m = s.metrics();
     assert_eq!(

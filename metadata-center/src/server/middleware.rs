@@ -41,11 +41,13 @@ pub(super) async fn read_body(State(st): St, req: Request, next: Next) -> Respon
     if req.body().size_hint().lower() > MAX_BODY_BYTES as u64 {
         // A Content-Length above the limit: answer now rather than wait for the body. (Same
         // answer as axum's when the limit is found while reading.)
-        return (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "Failed to buffer the request body: length limit exceeded",
-        )
-            .into_response();
+        return closing(
+            (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Failed to buffer the request body: length limit exceeded",
+            )
+                .into_response(),
+        );
     }
     let (parts, body) = req.into_parts();
     let probe = Request::from_parts(parts.clone(), body);
@@ -58,12 +60,17 @@ pub(super) async fn read_body(State(st): St, req: Request, next: Next) -> Respon
         Err(_) => {
             st.metrics.body_timeouts.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(path = parts.uri.path(), "request body timeout");
-            let mut resp = (StatusCode::REQUEST_TIMEOUT, "request body timeout").into_response();
-            resp.headers_mut()
-                .insert("connection", HeaderValue::from_static("close"));
-            resp
+            closing((StatusCode::REQUEST_TIMEOUT, "request body timeout").into_response())
         }
     }
+}
+
+/// `resp` with `connection: close`: answered before the request's body was read, so the
+/// connection is closed after it (the client must not send another request on it).
+fn closing(mut resp: Response) -> Response {
+    resp.headers_mut()
+        .insert("connection", HeaderValue::from_static("close"));
+    resp
 }
 
 pub(super) fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -205,7 +212,12 @@ pub(super) async fn auth(
                 message: "Unauthorized".into(),
                 reason: "missing or invalid Authorization: Bearer token".into(),
             };
-            return envelope::fail(&t.0, &e);
+            let resp = envelope::fail(&t.0, &e);
+            return if req.body().is_end_stream() {
+                resp
+            } else {
+                closing(resp)
+            };
         }
     }
     next.run(req).await

@@ -80,7 +80,8 @@ impl PrefixHasher {
         self.feed(s.as_bytes());
     }
 
-    /// Full chunks completed since the start of the prompt (forks included).
+    /// Full chunks completed since the start of the prompt (also those before
+    /// [`PrefixHasher::take_hashes`]).
     pub fn full_chunks(&self) -> usize {
         self.full_chunks
     }

@@ -560,14 +560,13 @@ fn walk(nodes: &[Option<Vec<u8>>], now_ms: u64, ttl_ms: u64, k: usize) -> Vec<(E
     // deepest live prefix and its tag's time
     let mut seen: Vec<&[u8]> = Vec::new();
     let mut found: Vec<(Endpoint, usize, u64)> = Vec::new();
-    for depth in (1..=end).rev() {
+    // every node above `end` is present (the first pass stopped at a missing one)
+    for (i, node) in nodes[..end].iter().enumerate().rev() {
         if found.len() >= k {
             break;
         }
-        let Some(node) = nodes[depth - 1].as_deref() else {
-            break;
-        };
-        for (loc, ms) in live_tags(node, live_after) {
+        let depth = i + 1;
+        for (loc, ms) in live_tags(node.as_deref().unwrap_or_default(), live_after) {
             if seen.contains(&loc) {
                 continue;
             }

@@ -11,6 +11,9 @@
 #
 #   scripts/bench-metadata-center.sh MC_BIN BENCH_BIN SECS CONC "memory redis"
 #
+# Each table also gives the CPU time per API call of the metadata-center(s) and of redis-server
+# (mc_bench's MC_BENCH_CPU): steadier than calls/s on a shared machine.
+#
 # MC_BENCH_REDIS_CPU=N puts redis-server alone on CPU N and everything else (the servers of both
 # stores, the load generator) on the other CPUs: Redis on its own core, as it is deployed,
 # and the same CPUs for the in-memory baseline.
@@ -61,7 +64,7 @@ for store in $STORES; do
   memory)
     echo "== in-memory store, 1 replica"
     start_mc
-    "${ON_OTHER_CPUS[@]}" "$BENCH" "http://$MC_ADDR" "$SECS" "$CONC"
+    MC_BENCH_CPU="server:$MC_PID" "${ON_OTHER_CPUS[@]}" "$BENCH" "http://$MC_ADDR" "$SECS" "$CONC"
     echo "server RSS after the run: $(ps -o rss= -p "$MC_PID") KiB, threads: $(ps -o nlwp= -p "$MC_PID")"
     stop "$MC_PID"
     ;;
@@ -83,7 +86,8 @@ for store in $STORES; do
         start_mc --store "redis://127.0.0.1:$port"
         addrs+=("http://$MC_ADDR"); mcs+=("$MC_PID")
       done
-      "${ON_OTHER_CPUS[@]}" "$BENCH" "$(IFS=,; echo "${addrs[*]}")" "$SECS" "$CONC"
+      MC_BENCH_CPU="server:$(IFS=+; echo "${mcs[*]}"),redis:$rpid" \
+        "${ON_OTHER_CPUS[@]}" "$BENCH" "$(IFS=,; echo "${addrs[*]}")" "$SECS" "$CONC"
       for a in "${addrs[@]}"; do
         echo "store errors + timeouts on ${a#http://}: $(store_failures "${a#http://}")"
       done
@@ -93,7 +97,7 @@ for store in $STORES; do
     for c in "$CONC" 1; do
       redis-cli -p "$port" flushall >/dev/null
       echo "== Redis store called directly (no HTTP, no metadata-center process), $c task(s)"
-      "${ON_OTHER_CPUS[@]}" "$BENCH" --redis "redis://127.0.0.1:$port" "$SECS" "$c"
+      MC_BENCH_CPU="redis:$rpid" "${ON_OTHER_CPUS[@]}" "$BENCH" --redis "redis://127.0.0.1:$port" "$SECS" "$c"
     done
     stop "$rpid"
     ;;

@@ -6,9 +6,12 @@
 //! Scenarios (each bounded by `seconds`): the request lifecycle (add, prompt delete, delete),
 //! load polling, cache save and cache query on a tree of realistic prompts. With several base
 //! URLs (replicas over one shared store), connection `w` talks to replica `w % n`.
+//! `MC_BENCH_CPU=server:PID[+PID…][,redis:PID…]` adds, per named group of processes on this
+//! machine, the CPU time they spent per API call during each scenario (from
+//! `/proc/PID/task/*/schedstat`): steadier than calls/s when the machine is shared.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -43,11 +46,82 @@ fn prompt(conv: u64, len: usize) -> Vec<u64> {
         .collect()
 }
 
+/// Named groups of processes whose CPU time is reported per API call (`MC_BENCH_CPU`).
+struct CpuMeter {
+    groups: Vec<(String, Vec<u32>)>,
+}
+
+static CPU_METER: OnceLock<CpuMeter> = OnceLock::new();
+
+impl CpuMeter {
+    /// `server:123+456,redis:789`; empty when the variable is unset. A malformed entry stops
+    /// the benchmark (a typo would otherwise silently drop a column).
+    fn from_env() -> CpuMeter {
+        let spec = std::env::var("MC_BENCH_CPU").unwrap_or_default();
+        let groups = spec
+            .split(',')
+            .filter(|g| !g.is_empty())
+            .map(|g| {
+                let (name, pids) = g
+                    .split_once(':')
+                    .unwrap_or_else(|| panic!("MC_BENCH_CPU: {g:?} is not NAME:PID[+PID…]"));
+                let pids = pids
+                    .split('+')
+                    .map(|p| {
+                        p.parse()
+                            .unwrap_or_else(|_| panic!("MC_BENCH_CPU: {p:?} is not a PID"))
+                    })
+                    .collect();
+                (name.to_string(), pids)
+            })
+            .collect();
+        CpuMeter { groups }
+    }
+
+    fn get() -> &'static CpuMeter {
+        CPU_METER.get_or_init(CpuMeter::from_env)
+    }
+
+    /// CPU nanoseconds each group has run so far (every thread's `schedstat`).
+    fn sample(&self) -> Vec<u64> {
+        self.groups
+            .iter()
+            .map(|(_, pids)| pids.iter().map(|&p| process_cpu_ns(p)).sum())
+            .collect()
+    }
+
+    /// The table's header, with one column per group.
+    fn header(&self, first: &str) {
+        let (mut names, mut rules) = (String::new(), String::new());
+        for (name, _) in &self.groups {
+            let col = format!(" {name} µs CPU/call");
+            rules.push_str(&format!("|{}", "-".repeat(col.chars().count() + 1)));
+            names.push_str(&format!("|{col} "));
+        }
+        println!("| scenario                           | {first} | iter/s    | p50 µs  | p99 µs  | errors {names}|");
+        println!("|------------------------------------|-----------|-----------|---------|---------|--------{rules}|");
+    }
+}
+
+/// CPU time of every thread of `pid` in ns (0 when the process is gone).
+fn process_cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 async fn run<F, Fut>(name: &str, secs: u64, conc: usize, f: F)
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static + Clone,
     Fut: std::future::Future<Output = (u64, bool)> + Send,
 {
+    let meter = CpuMeter::get();
+    let cpu_before = meter.sample();
     let deadline = Instant::now() + Duration::from_secs(secs);
     let counter = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -85,6 +159,17 @@ where
         all.lat_us.extend(s.lat_us);
     }
     let el = start.elapsed().as_secs_f64();
+    let cpu: String = meter
+        .sample()
+        .iter()
+        .zip(&cpu_before)
+        .zip(&meter.groups)
+        .map(|((after, before), (name, _))| {
+            let per_call = (after - before) as f64 / 1000.0 / all.ops.max(1) as f64;
+            let width = format!(" {name} µs CPU/call").chars().count();
+            format!("{per_call:>width$.1} |")
+        })
+        .collect();
     all.lat_us.sort_unstable();
     let pct = |p: f64| {
         all.lat_us
@@ -93,7 +178,7 @@ where
             .unwrap_or(0)
     };
     println!(
-        "| {name:<34} | {:>9.0} | {:>9.0} | {:>7} | {:>7} | {:>6} |",
+        "| {name:<34} | {:>9.0} | {:>9.0} | {:>7} | {:>7} | {:>6} |{cpu}",
         all.ops as f64 / el,
         all.lat_us.len() as f64 / el,
         pct(0.5),
@@ -205,8 +290,7 @@ async fn redis_direct(url: &str, secs: u64, conc: usize) {
             .collect(),
     );
     println!("Redis store without HTTP: {url}, {secs} s per scenario, {conc} tasks");
-    println!("| scenario                           | ops/s     | iter/s    | p50 µs  | p99 µs  | errors |");
-    println!("|------------------------------------|-----------|-----------|---------|---------|--------|");
+    CpuMeter::get().header("ops/s    ");
     {
         let (s, eps) = (store.clone(), eps.clone());
         run(
@@ -311,8 +395,7 @@ async fn main() {
     println!(
         "metadata-center benchmark: {base}, {secs} s per scenario, {conc} concurrent connections"
     );
-    println!("| scenario                           | API ops/s | iter/s    | p50 µs  | p99 µs  | errors |");
-    println!("|------------------------------------|-----------|-----------|---------|---------|--------|");
+    CpuMeter::get().header("API ops/s");
 
     // 1. Request lifecycle: add, prompt delete, delete (3 API calls per iteration).
     {

@@ -115,7 +115,19 @@ fn process_cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
-async fn run<F, Fut>(name: &str, secs: u64, conc: usize, f: F)
+/// Runs `f` on `conc` connections for `secs`, each calling again as soon as its call returns;
+/// prints the scenario's row and returns the API calls per second.
+async fn run<F, Fut>(name: &str, secs: u64, conc: usize, f: F) -> f64
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static + Clone,
+    Fut: std::future::Future<Output = (u64, bool)> + Send,
+{
+    run_paced(name, secs, conc, None, f).await
+}
+
+/// `run`, or with `pace` = calls per second, calls started on a fixed schedule (call `i` at
+/// `i / pace` s, shared out over the connections): the latency a gateway sees below saturation.
+async fn run_paced<F, Fut>(name: &str, secs: u64, conc: usize, pace: Option<f64>, f: F) -> f64
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static + Clone,
     Fut: std::future::Future<Output = (u64, bool)> + Send,
@@ -137,6 +149,13 @@ where
             };
             while Instant::now() < deadline {
                 let i = counter.fetch_add(1, Ordering::Relaxed);
+                if let Some(rate) = pace {
+                    let at = start + Duration::from_secs_f64(i as f64 / rate);
+                    if at >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep_until(at.into()).await;
+                }
                 let t = Instant::now();
                 let (n, ok) = f(w, i).await;
                 st.lat_us
@@ -185,6 +204,7 @@ where
         pct(0.99),
         all.errors
     );
+    all.ops as f64 / el
 }
 
 async fn send(c: &reqwest::Client, method: reqwest::Method, url: String, body: String) -> bool {
@@ -450,34 +470,43 @@ async fn main() {
         })
         .await;
     }
-    // 4. Cache query on that tree: known conversation plus 8 new chunks.
-
+    // 4. Cache query on that tree: known conversation plus 8 new chunks; as fast as it goes,
+    //    then at half that rate (the latency of a lookup below saturation).
     {
         let (c, b) = (client.clone(), pick.clone());
-        run(
+        let query = move |w: usize, i: u64| {
+            let (c, b) = (c.clone(), b(w));
+            async move {
+                let mut seed = i.wrapping_mul(0x2545f4914f6cdd1d) | 1;
+                let conv = rnd(&mut seed) % 5000;
+                let mut h = prompt(conv, 64);
+                h.extend((0..8).map(|k| rnd(&mut seed) ^ k));
+                let body = json!({"cluster":"bench","prompt_hash":h,"top_k":5});
+                (
+                    1,
+                    send(
+                        &c,
+                        reqwest::Method::POST,
+                        format!("{b}/v1/cache/query"),
+                        body.to_string(),
+                    )
+                    .await,
+                )
+            }
+        };
+        let rate = run(
             "cache query (72 hashes, top_k 5)",
             secs,
             conc,
-            move |w, i| {
-                let (c, b) = (c.clone(), b(w));
-                async move {
-                    let mut seed = i.wrapping_mul(0x2545f4914f6cdd1d) | 1;
-                    let conv = rnd(&mut seed) % 5000;
-                    let mut h = prompt(conv, 64);
-                    h.extend((0..8).map(|k| rnd(&mut seed) ^ k));
-                    let body = json!({"cluster":"bench","prompt_hash":h,"top_k":5});
-                    (
-                        1,
-                        send(
-                            &c,
-                            reqwest::Method::POST,
-                            format!("{b}/v1/cache/query"),
-                            body.to_string(),
-                        )
-                        .await,
-                    )
-                }
-            },
+            query.clone(),
+        )
+        .await;
+        run_paced(
+            "cache query at half that rate",
+            secs,
+            conc,
+            Some(rate / 2.0),
+            query,
         )
         .await;
     }

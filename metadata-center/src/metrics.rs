@@ -397,6 +397,12 @@ impl Metrics {
                 "Cache queries sent as a plain HMGET (Redis clock known from the last second), no script",
                 &[("", r.counters.plain_cache_queries())],
             );
+            f.family(
+                "metadata_center_store_cache_query_pipelines_total",
+                "counter",
+                "Pipelines that carried the plain cache queries (several queries ready together share one)",
+                &[("", r.counters.cache_query_pipelines())],
+            );
         }
         m.encode(&f.into_string())
     }

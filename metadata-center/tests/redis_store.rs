@@ -221,6 +221,109 @@ async fn redis_cache_query_without_a_script_keeps_the_redis_clock() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cache_queries_ready_together_share_one_pipeline_and_survive_a_dropped_sender() {
+    if !redis_available(
+        "redis_cache_queries_ready_together_share_one_pipeline_and_survive_a_dropped_sender",
+    ) {
+        return;
+    }
+    let r = RedisServer::start_with(&["--enable-debug-command", "local"]);
+    let s = RedisStore::open(RedisConfig {
+        op_timeout: Duration::from_secs(3),
+        ..cfg(r.url())
+    })
+    .unwrap();
+    let (a, b) = (ep("10.0.0.1"), ep("10.0.0.2"));
+    s.cache_save("m", &[1, 2, 3], a).await;
+    s.cache_save("m", &[1, 7], b).await;
+    s.cache_save("other", &[1], b).await;
+    // alone, each query is its own pipeline
+    assert_eq!(
+        s.cache_query("m", &[1, 2, 3, 4], 5).await,
+        vec![(a, 3), (b, 1)]
+    );
+    let (queries, pipelines) = (
+        s.counters.plain_cache_queries(),
+        s.counters.cache_query_pipelines(),
+    );
+    assert_eq!((queries, pipelines), (1, 1));
+
+    // Four queries of "m" ready at once (and one of another cluster): one pipeline for "m",
+    // each query its own answer.
+    let (q1, q2, q3, q4, q5) = tokio::join!(
+        s.cache_query("m", &[1, 2, 3], 5),
+        s.cache_query("m", &[1, 7, 9], 5),
+        s.cache_query("m", &[5], 5),
+        s.cache_query("other", &[1, 2], 5),
+        s.cache_query("m", &[1], 1),
+    );
+    assert_eq!(q1, vec![(a, 3), (b, 1)]);
+    assert_eq!(q2, vec![(b, 2), (a, 1)]);
+    assert_eq!(q3, vec![]);
+    assert_eq!(q4, vec![(b, 1)]);
+    assert_eq!(q5.len(), 1);
+    assert_eq!(s.counters.plain_cache_queries(), queries + 5);
+    assert_eq!(
+        s.counters.cache_query_pipelines(),
+        pipelines + 2,
+        "one per cluster"
+    );
+    assert_eq!(
+        s.counters.get(Op::CacheQuery),
+        (6, 0, 0),
+        "each query counted"
+    );
+    assert_eq!(s.open_query_batches(), 0);
+
+    // The query that sends a batch is dropped (its client went away) while Redis is busy
+    // (DEBUG SLEEP): the other query of the batch sends it again and gets its answer.
+    let url = r.url();
+    let sleeper = std::thread::spawn(move || {
+        let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let _: () = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("0.4")
+            .query(&mut con)
+            .unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let pipelines = s.counters.cache_query_pipelines();
+    let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+    let t0 = Instant::now();
+    // polled in this order each time (`biased`): the first query resumes first and sends
+    let (dropped, kept, ()) = tokio::join!(
+        biased;
+        async {
+            tokio::select! {
+                answer = s.cache_query("m", &[1, 2, 3], 5) => Some(answer),
+                _ = cancelled => None,
+            }
+        },
+        s.cache_query("m", &[1, 7], 5),
+        async {
+            // the first query joins and yields, then sends; drop it once it is sending
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            cancel.send(()).unwrap();
+        },
+    );
+    sleeper.join().unwrap();
+    assert_eq!(
+        dropped, None,
+        "the sender was dropped before Redis answered"
+    );
+    assert_eq!(kept, vec![(b, 2), (a, 1)]);
+    assert_eq!(
+        s.counters.cache_query_pipelines(),
+        pipelines + 2,
+        "sent by the first query, then again by the second"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert_eq!(s.open_query_batches(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_load_of_a_vanished_gateway_expires_at_its_ttl() {
     if !redis_available("redis_load_of_a_vanished_gateway_expires_at_its_ttl") {
         return;

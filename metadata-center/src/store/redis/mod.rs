@@ -6,8 +6,10 @@
 //! plus the request-id index for the load calls, sent concurrently), their deadline and their
 //! counters. A failed or late operation is answered from nothing (no load, no cache hit) and
 //! counted; the handler never waits longer than `op_timeout`. The connection is `conn`, the key
-//! layout `keys`, the Lua scripts `scripts`.
+//! layout `keys`, the Lua scripts `scripts`, the gathering of concurrent cache queries into one
+//! pipeline `batch`.
 
+mod batch;
 mod conn;
 pub mod keys;
 mod recent;
@@ -18,8 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::RedisResult;
+use redis::{RedisResult, Value};
 
+use self::batch::{OpenBatches, QueryBatch};
 use self::conn::Conn;
 use self::keys::{digest_field, prefix_digests, request_index, ClusterKeys};
 use self::recent::{RecentSaves, SaveKeys};
@@ -110,6 +113,8 @@ pub struct StoreCounters {
     skipped_saves: AtomicU64,
     /// Cache queries sent as a plain `HMGET` (the Redis clock known), no script.
     plain_cache_queries: AtomicU64,
+    /// Pipelines that carried plain cache queries (each one or more of them).
+    cache_query_pipelines: AtomicU64,
 }
 
 impl StoreCounters {
@@ -132,6 +137,12 @@ impl StoreCounters {
     /// Cache queries sent without a script.
     pub fn plain_cache_queries(&self) -> u64 {
         get(&self.plain_cache_queries)
+    }
+
+    /// Pipelines that carried the plain cache queries (fewer than the queries when several
+    /// were sent together).
+    pub fn cache_query_pipelines(&self) -> u64 {
+        get(&self.cache_query_pipelines)
     }
 }
 
@@ -174,10 +185,14 @@ impl RedisClock {
 
     /// Redis's time now, if it was seen within `CLOCK_FRESH_MS`.
     fn now_ms(&self) -> Option<u64> {
-        let local = self.local_ms();
         let seen = self.seen_at_ms.load(Ordering::Relaxed);
-        (seen != 0 && local.saturating_sub(seen) < CLOCK_FRESH_MS)
-            .then(|| (local as i64 + self.offset_ms.load(Ordering::Relaxed)).max(0) as u64)
+        (seen != 0 && self.local_ms().saturating_sub(seen) < CLOCK_FRESH_MS)
+            .then(|| self.estimate_ms())
+    }
+
+    /// Redis's time now from the last time seen, however old (0 if never seen).
+    fn estimate_ms(&self) -> u64 {
+        (self.local_ms() as i64 + self.offset_ms.load(Ordering::Relaxed)).max(0) as u64
     }
 
     /// Redis answered that its time is `redis_ms`.
@@ -203,6 +218,8 @@ pub struct RedisStore {
     epoch: std::time::Instant,
     /// Load queries in flight, per cluster (at most one entry per cluster being queried).
     loads_in_flight: parking_lot::Mutex<hashbrown::HashMap<String, SharedLoad>>,
+    /// Plain cache queries about to be sent together, per cluster.
+    query_batches: OpenBatches,
     clock: RedisClock,
     pub counters: StoreCounters,
 }
@@ -219,6 +236,7 @@ impl RedisStore {
             saved: parking_lot::Mutex::new(RecentSaves::new(RECENT_SAVES)),
             epoch: std::time::Instant::now(),
             loads_in_flight: parking_lot::Mutex::new(hashbrown::HashMap::new()),
+            query_batches: OpenBatches::default(),
             clock: RedisClock::new(),
             counters: StoreCounters::default(),
         })
@@ -234,25 +252,35 @@ impl RedisStore {
 
     /// Runs `fut` within the deadline; counts the outcome; `None` when it failed or was late.
     async fn run<T>(&self, op: Op, fut: impl Future<Output = RedisResult<T>>) -> Option<T> {
+        self.run_for(op, 1, fut).await
+    }
+
+    /// `run` for one Redis call that carries `n` operations `op` (each is counted).
+    async fn run_for<T>(
+        &self,
+        op: Op,
+        n: u64,
+        fut: impl Future<Output = RedisResult<T>>,
+    ) -> Option<T> {
         let i = op as usize;
         match tokio::time::timeout(self.cfg.op_timeout, fut).await {
             Ok(Ok(v)) => {
-                self.counters.ok[i].fetch_add(1, Ordering::Relaxed);
+                self.counters.ok[i].fetch_add(n, Ordering::Relaxed);
                 Some(v)
             }
-            // The client's own response timeout (also `op_timeout`) counts as a timeout.
+            // The cluster client's own response timeout (also `op_timeout`) counts as a timeout.
             Ok(Err(e)) if e.is_timeout() => {
-                self.counters.timeout[i].fetch_add(1, Ordering::Relaxed);
+                self.counters.timeout[i].fetch_add(n, Ordering::Relaxed);
                 tracing::debug!(op = op.name(), error = %e, "redis store timeout");
                 None
             }
             Ok(Err(e)) => {
-                self.counters.error[i].fetch_add(1, Ordering::Relaxed);
+                self.counters.error[i].fetch_add(n, Ordering::Relaxed);
                 tracing::debug!(op = op.name(), error = %e, "redis store error");
                 None
             }
             Err(_) => {
-                self.counters.timeout[i].fetch_add(1, Ordering::Relaxed);
+                self.counters.timeout[i].fetch_add(n, Ordering::Relaxed);
                 tracing::debug!(op = op.name(), "redis store timeout");
                 None
             }
@@ -465,6 +493,11 @@ impl RedisStore {
         }
     }
 
+    /// Clusters with plain cache queries gathered but not sent yet (none once they are answered).
+    pub fn open_query_batches(&self) -> usize {
+        self.query_batches.open_count()
+    }
+
     /// Entries of the recent-saves memo (at most `RECENT_SAVES`).
     pub fn recent_saves(&self) -> usize {
         self.saved.lock().len()
@@ -473,6 +506,10 @@ impl RedisStore {
     /// `POST /v1/cache/query`: per location, the number of leading hashes of the query it
     /// holds; deepest first, then most recently saved, then by address; at most `top_k` (0: the
     /// configured default). Empty when Redis did not answer.
+    ///
+    /// With Redis's clock known, the query is a plain `HMGET`, sent in one pipeline with the
+    /// other queries of the cluster ready at the same moment (`batch`); otherwise the
+    /// `cache_query` script reads the clock with the nodes.
     pub async fn cache_query(
         &self,
         cluster: &str,
@@ -482,58 +519,89 @@ impl RedisStore {
         if hashes.is_empty() {
             return Vec::new();
         }
-        let nodes_key = ClusterKeys::new(&self.cfg.key_prefix, cluster).nodes();
         let fields: Vec<[u8; 16]> = prefix_digests(hashes)
             .into_iter()
             .map(digest_field)
             .collect();
+        let k = if top_k == 0 { self.cfg.top_k } else { top_k };
+        let ttl_ms = Self::ttl_ms(self.cfg.cache_ttl);
+        if self.clock.now_ms().is_some() {
+            let (batch, index) = self.query_batches.join(cluster, fields);
+            // the other queries ready now run up to here and join the batch
+            tokio::task::yield_now().await;
+            let answer = batch
+                .answer
+                .get_or_init(|| self.send_query_batch(cluster, &batch))
+                .await;
+            let Some((now_ms, replies)) = answer else {
+                return Vec::new();
+            };
+            let Some(Value::Array(values)) = replies.get(index) else {
+                return Vec::new();
+            };
+            let nodes: Vec<Option<&[u8]>> = values.iter().map(bulk_string).collect();
+            return walk(&nodes, *now_ms, ttl_ms, k);
+        }
+        let nodes_key = ClusterKeys::new(&self.cfg.key_prefix, cluster).nodes();
+        let mut inv = self.scripts.cache_query.prepare_invoke();
+        inv.key(&nodes_key);
+        for f in &fields {
+            inv.arg(&f[..]);
+        }
         let mut c = self.conn.clone();
-        let answer = if let Some(now) = self.clock.now_ms() {
-            self.counters
-                .plain_cache_queries
-                .fetch_add(1, Ordering::Relaxed);
-            let mut hmget = redis::cmd("HMGET");
-            hmget.arg(&nodes_key);
-            for f in &fields {
-                hmget.arg(&f[..]);
-            }
-            self.run(
-                Op::CacheQuery,
-                hmget.query_async::<Vec<Option<Vec<u8>>>>(&mut c),
-            )
-            .await
-            .map(|nodes| (now, nodes))
-        } else {
-            let mut inv = self.scripts.cache_query.prepare_invoke();
-            inv.key(&nodes_key);
-            for f in &fields {
-                inv.arg(&f[..]);
-            }
-            self.run(
+        let reply = self
+            .run(
                 Op::CacheQuery,
                 inv.invoke_async::<Vec<Option<Vec<u8>>>>(&mut c),
             )
-            .await
-            .map(|mut reply| {
-                // `TIME` first ([seconds, microseconds]); without it the time reads as 0 (as
-                // before the plain path existed) and teaches the clock nothing
-                let time = |i: usize| reply.get(i).and_then(|v| parse_digits(v.as_deref()?));
-                let now = match (time(0), time(1)) {
-                    (Some(secs), Some(micros)) => {
-                        let now = secs * 1000 + micros / 1000;
-                        self.clock.saw(now);
-                        now
-                    }
-                    _ => 0,
-                };
-                (now, reply.split_off(2.min(reply.len())))
-            })
-        };
-        let Some((now_ms, nodes)) = answer else {
+            .await;
+        let Some(reply) = reply else {
             return Vec::new();
         };
-        let k = if top_k == 0 { self.cfg.top_k } else { top_k };
-        walk(&nodes, now_ms, Self::ttl_ms(self.cfg.cache_ttl), k)
+        // `TIME` first ([seconds, microseconds]); without it the time reads as 0 (as before
+        // the plain path existed) and teaches the clock nothing
+        let time = |i: usize| reply.get(i).and_then(|v| parse_digits(v.as_deref()?));
+        let now_ms = match (time(0), time(1)) {
+            (Some(secs), Some(micros)) => {
+                let now = secs * 1000 + micros / 1000;
+                self.clock.saw(now);
+                now
+            }
+            _ => 0,
+        };
+        let nodes: Vec<Option<&[u8]>> = reply.iter().skip(2).map(|n| n.as_deref()).collect();
+        walk(&nodes, now_ms, ttl_ms, k)
+    }
+
+    /// Sends the plain cache queries of `batch` (of `cluster`) as one pipeline of `HMGET`s,
+    /// closing it first: Redis's time and one reply per query, `None` when Redis did not answer.
+    async fn send_query_batch(
+        &self,
+        cluster: &str,
+        batch: &Arc<QueryBatch>,
+    ) -> Option<(u64, Vec<Value>)> {
+        self.query_batches.close(cluster, batch);
+        let nodes_key = ClusterKeys::new(&self.cfg.key_prefix, cluster).nodes();
+        let mut pipe = redis::pipe();
+        let n = {
+            let queries = batch.queries();
+            for fields in queries.iter() {
+                pipe.cmd("HMGET").arg(&nodes_key);
+                for f in fields {
+                    pipe.arg(&f[..]);
+                }
+            }
+            queries.len() as u64
+        };
+        let c = &self.counters;
+        c.plain_cache_queries.fetch_add(n, Ordering::Relaxed);
+        c.cache_query_pipelines.fetch_add(1, Ordering::Relaxed);
+        // the clock was fresh when the queries joined, a moment ago
+        let now_ms = self.clock.estimate_ms();
+        let mut conn = self.conn.clone();
+        self.run_for(Op::CacheQuery, n, pipe.query_async::<Vec<Value>>(&mut conn))
+            .await
+            .map(|replies| (now_ms, replies))
     }
 }
 
@@ -546,14 +614,11 @@ impl RedisStore {
 /// is: tags are stored newest first, so that is nearly always the first); the second goes back
 /// up from there, so a location's first tag met is its deepest, and stops before a node once
 /// `k` locations were found deeper (any found higher up would rank after them).
-fn walk(nodes: &[Option<Vec<u8>>], now_ms: u64, ttl_ms: u64, k: usize) -> Vec<(Endpoint, usize)> {
+fn walk(nodes: &[Option<&[u8]>], now_ms: u64, ttl_ms: u64, k: usize) -> Vec<(Endpoint, usize)> {
     let live_after = now_ms.saturating_sub(ttl_ms);
     let end = nodes
         .iter()
-        .position(|node| {
-            node.as_deref()
-                .is_none_or(|n| live_tags(n, live_after).next().is_none())
-        })
+        .position(|node| node.is_none_or(|n| live_tags(n, live_after).next().is_none()))
         .unwrap_or(nodes.len());
     let k = k.max(1);
     // every location met (borrowed from the nodes), and those that are addresses with their
@@ -566,7 +631,7 @@ fn walk(nodes: &[Option<Vec<u8>>], now_ms: u64, ttl_ms: u64, k: usize) -> Vec<(E
             break;
         }
         let depth = i + 1;
-        for (loc, ms) in live_tags(node.as_deref().unwrap_or_default(), live_after) {
+        for (loc, ms) in live_tags(node.unwrap_or_default(), live_after) {
             if seen.contains(&loc) {
                 continue;
             }
@@ -579,6 +644,14 @@ fn walk(nodes: &[Option<Vec<u8>>], now_ms: u64, ttl_ms: u64, k: usize) -> Vec<(E
     found.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
     found.truncate(k);
     found.into_iter().map(|(ep, d, _)| (ep, d)).collect()
+}
+
+/// A reply's bytes: `None` for a nil (an absent field), or anything but a bulk string.
+fn bulk_string(reply: &Value) -> Option<&[u8]> {
+    match reply {
+        Value::BulkString(bytes) => Some(bytes),
+        _ => None,
+    }
 }
 
 /// A node's well-formed tags (`location=ms`) stamped after `live_after`, in stored order.
@@ -702,13 +775,14 @@ mod tests {
                     })
                 })
                 .collect();
-            proptest::prop_assert_eq!(walk(&nodes, 2000, 1000, k), reference_walk(&nodes, 2000, 1000, k));
+            let refs: Vec<Option<&[u8]>> = nodes.iter().map(|n| n.as_deref()).collect();
+            proptest::prop_assert_eq!(walk(&refs, 2000, 1000, k), reference_walk(&nodes, 2000, 1000, k));
         }
     }
 
     #[test]
     fn walk_stops_at_the_first_node_without_a_live_tag() {
-        let node = |s: &str| Some(s.as_bytes().to_vec());
+        let node = |s: &'static str| Some(s.as_bytes());
         let (a, b, c): (Endpoint, Endpoint, Endpoint) = (
             "10.0.0.1:80".parse().unwrap(),
             "10.0.0.2:80".parse().unwrap(),

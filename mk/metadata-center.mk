@@ -2,6 +2,7 @@
 #
 #   make run-metadata-center     serve on 127.0.0.1:8080 (MC_ARGS="--port 9000 --debug" to change)
 #   make bench-metadata-center   requests/s and latency of the API on this machine (not in CI)
+#   make compare-metadata-center MC_COMPARE="BIN_A BIN_B"   two (or more) server builds, in rounds
 #   make test-redis              the Redis store's tests against a real redis-server (in `make test`)
 #
 # Its unit tests and HTTP wire tests run in `test-rust` (cargo test --release --workspace). The
@@ -17,7 +18,7 @@ MC_BENCH_STORES ?= memory redis
 
 MC_REDIS_TESTS := --test redis_store --test redis_cluster --test redis_replicas
 
-.PHONY: metadata-center run-metadata-center bench-metadata-center redis-server test-redis
+.PHONY: metadata-center run-metadata-center bench-metadata-center compare-metadata-center redis-server test-redis
 
 ## metadata-center: release build of the server binary
 metadata-center:
@@ -32,6 +33,14 @@ run-metadata-center: metadata-center
 bench-metadata-center: metadata-center
 	$(CARGO) build --release -p llmproxy-metadata-center --example mc_bench
 	scripts/bench-metadata-center.sh $(MC_BIN) $(RELEASE)/examples/mc_bench $(MC_BENCH_SECS) $(MC_BENCH_CONC) "$(MC_BENCH_STORES)"
+
+## compare-metadata-center: server builds MC_COMPARE="BIN_A BIN_B ..." (e.g. one built from an
+## older commit in a worktree) side by side on the in-memory and Redis stores, MC_COMPARE_ROUNDS
+## rounds in rotating order: calls/s and CPU per call, medians (not in CI)
+MC_COMPARE_ROUNDS ?= 4
+compare-metadata-center: redis-server
+	$(CARGO) build --release -p llmproxy-metadata-center --example mc_bench
+	scripts/compare-metadata-center.sh $(RELEASE)/examples/mc_bench $(MC_COMPARE_ROUNDS) $(MC_COMPARE)
 
 ## redis-server: Debian's redis-server (and redis-cli), installed when root and missing
 redis-server:

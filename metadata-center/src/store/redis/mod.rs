@@ -5,9 +5,10 @@
 //! This file owns the operations the handlers call (each one round trip to the cluster's slot,
 //! plus the request-id index for the load calls, sent concurrently), their deadline and their
 //! counters. A failed or late operation is answered from nothing (no load, no cache hit) and
-//! counted; the handler never waits longer than `op_timeout`. The connection is `conn`, the key
-//! layout `keys`, the Lua scripts `scripts`, the gathering of concurrent cache queries into one
-//! pipeline `batch`.
+//! counted; the handler never waits longer than `op_timeout` (a query sharing another's call,
+//! a load query or a batch of cache queries, makes the call again when its maker goes away).
+//! The connection is `conn`, the key layout `keys`, the Lua scripts `scripts`, the gathering of
+//! concurrent cache queries into one pipeline `batch`.
 
 mod batch;
 mod conn;
@@ -524,28 +525,49 @@ impl RedisStore {
             .map(digest_field)
             .collect();
         let k = if top_k == 0 { self.cfg.top_k } else { top_k };
-        let ttl_ms = Self::ttl_ms(self.cfg.cache_ttl);
         if self.clock.now_ms().is_some() {
-            let (batch, index) = self.query_batches.join(cluster, fields);
-            // the other queries ready now run up to here and join the batch
-            tokio::task::yield_now().await;
-            let answer = batch
-                .answer
-                .get_or_init(|| self.send_query_batch(cluster, &batch))
-                .await;
-            let Some((now_ms, replies)) = answer else {
-                return Vec::new();
-            };
-            let Some(Value::Array(values)) = replies.get(index) else {
-                return Vec::new();
-            };
-            let nodes: Vec<Option<&[u8]>> = values.iter().map(bulk_string).collect();
-            return walk(&nodes, *now_ms, ttl_ms, k);
+            self.cache_query_batched(cluster, fields, k).await
+        } else {
+            self.cache_query_by_script(cluster, &fields, k).await
         }
+    }
+
+    /// A plain cache query (Redis's clock known): an `HMGET` sent in one pipeline with the
+    /// other queries of `cluster` ready now.
+    async fn cache_query_batched(
+        &self,
+        cluster: &str,
+        fields: Vec<[u8; 16]>,
+        k: usize,
+    ) -> Vec<(Endpoint, usize)> {
+        let (batch, index) = self.query_batches.join(cluster, fields);
+        // the other queries ready now run up to here and join the batch
+        tokio::task::yield_now().await;
+        let answer = batch
+            .answer
+            .get_or_init(|| self.send_query_batch(cluster, &batch))
+            .await;
+        let Some((now_ms, replies)) = answer else {
+            return Vec::new();
+        };
+        let Some(Value::Array(values)) = replies.get(index) else {
+            return Vec::new();
+        };
+        let nodes: Vec<Option<&[u8]>> = values.iter().map(bulk_string).collect();
+        walk(&nodes, *now_ms, Self::ttl_ms(self.cfg.cache_ttl), k)
+    }
+
+    /// A cache query through the `cache_query` script, which also returns Redis's clock.
+    async fn cache_query_by_script(
+        &self,
+        cluster: &str,
+        fields: &[[u8; 16]],
+        k: usize,
+    ) -> Vec<(Endpoint, usize)> {
         let nodes_key = ClusterKeys::new(&self.cfg.key_prefix, cluster).nodes();
         let mut inv = self.scripts.cache_query.prepare_invoke();
         inv.key(&nodes_key);
-        for f in &fields {
+        for f in fields {
             inv.arg(&f[..]);
         }
         let mut c = self.conn.clone();
@@ -570,7 +592,7 @@ impl RedisStore {
             _ => 0,
         };
         let nodes: Vec<Option<&[u8]>> = reply.iter().skip(2).map(|n| n.as_deref()).collect();
-        walk(&nodes, now_ms, ttl_ms, k)
+        walk(&nodes, now_ms, Self::ttl_ms(self.cfg.cache_ttl), k)
     }
 
     /// Sends the plain cache queries of `batch` (of `cluster`) as one pipeline of `HMGET`s,

@@ -44,6 +44,19 @@ fn add<'a>(cluster: &'a str, id: &'a str, prompt: i32, engine: &str) -> AddReque
     }
 }
 
+/// Makes the Redis at `url` hang for `secs` (`DEBUG SLEEP`, from another thread); join the
+/// handle once it is over.
+fn redis_sleeps(url: String, secs: &'static str) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let _: () = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(secs)
+            .query(&mut con)
+            .unwrap();
+    })
+}
+
 /// (ip, queued, prompt) per engine.
 async fn load(s: &RedisStore, cluster: &str) -> Option<Vec<(String, i32, i32)>> {
     s.query_load(cluster).await.map(|v| {
@@ -277,15 +290,7 @@ async fn redis_cache_queries_ready_together_share_one_pipeline_and_survive_a_dro
 
     // The query that sends a batch is dropped (its client went away) while Redis is busy
     // (DEBUG SLEEP): the other query of the batch sends it again and gets its answer.
-    let url = r.url();
-    let sleeper = std::thread::spawn(move || {
-        let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
-        let _: () = redis::cmd("DEBUG")
-            .arg("SLEEP")
-            .arg("0.4")
-            .query(&mut con)
-            .unwrap();
-    });
+    let sleeper = redis_sleeps(r.url(), "0.4");
     std::thread::sleep(Duration::from_millis(100));
     let pipelines = s.counters.cache_query_pipelines();
     let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
@@ -535,15 +540,7 @@ async fn redis_down_or_slow_is_answered_from_nothing_within_the_deadline() {
     .unwrap();
     s.cache_save("m", &[1, 2], ep("10.0.0.1")).await;
     assert_eq!(s.cache_query("m", &[1, 2], 5).await.len(), 1);
-    let url = r.url();
-    let sleeper = std::thread::spawn(move || {
-        let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
-        let _: () = redis::cmd("DEBUG")
-            .arg("SLEEP")
-            .arg("0.6")
-            .query(&mut con)
-            .unwrap();
-    });
+    let sleeper = redis_sleeps(r.url(), "0.6");
     std::thread::sleep(Duration::from_millis(100));
     let t0 = Instant::now();
     assert!(s.cache_query("m", &[1, 2], 5).await.is_empty());

@@ -459,13 +459,28 @@ fn render_answers(out: &mut String, sets: &[(&str, Arc<EndpointSet>)], page: &Pa
         out,
         "llmproxy_endpoint_cache_residency_seconds",
         "gauge",
-        "How long after its last use a prefix likely stays in the endpoint's KV cache: its capacity (engine metrics or cache_capacity_tokens) over the tokens its answers write per second. Listed once both are known.",
+        "How long after its last use a prefix likely stays in the endpoint's KV cache: its capacity (engine metrics, cache_capacity_tokens, else learned from the answers) over the tokens its answers write per second. Listed once both are known.",
     );
     for (labels, e) in answered() {
         if let Some(secs) = e.residency.horizon_secs(page.cache_capacity_tokens) {
             let _ = writeln!(
                 out,
                 "llmproxy_endpoint_cache_residency_seconds{{{labels}}} {secs}"
+            );
+        }
+    }
+    header(
+        out,
+        "llmproxy_endpoint_learned_cache_capacity_tokens",
+        "gauge",
+        "KV cache capacity learned from the answers (claims the engine kept or had evicted), used for the residency while neither the engine's metrics nor cache_capacity_tokens give one. Listed once learned.",
+    );
+    for (labels, e) in answered() {
+        if let Some(tokens) = e.residency.learned_capacity() {
+            let _ = writeln!(
+                out,
+                "llmproxy_endpoint_learned_cache_capacity_tokens{{{labels}}} {}",
+                tokens.round()
             );
         }
     }

@@ -40,6 +40,9 @@ pub(super) struct Routed {
     /// Share of the prompt the pick expected the endpoint's engine to have cached: the
     /// index's `cache_ratio` times the endpoint's cache trust (with `cache_feedback`).
     pub(super) expected_cache_ratio: f64,
+    /// What the prefix index listed for the chosen endpoint whatever its age, when its
+    /// capacity is being learned: (share of the prompt's chunks, age of the deepest in ms).
+    pub(super) claim: Option<(f64, u64)>,
     /// Metadata-Center identity of the current attempt (its prefix was saved with it).
     pub(super) sync: Option<Arc<RequestSync>>,
     /// The model name the backend receives.
@@ -149,6 +152,7 @@ impl RouterInner {
             session,
             cache_ratio: 0.0,
             expected_cache_ratio: 0.0,
+            claim: None,
             sync: None,
             upstream,
             transcoder,
@@ -211,6 +215,7 @@ impl RouterInner {
             self.metrics.count_session(result as usize);
             self.index.bind(key, endpoint.id, now);
         }
+        r.claim = self.claim_to_learn_from(r, &endpoint, use_index, now);
         self.account(r, &endpoint, depth[chosen], use_index, now);
         self.report(r, &endpoint, params.cache_aware);
         r.tried.push(endpoint.id);
@@ -330,6 +335,28 @@ impl RouterInner {
             rr_cursor: &r.cluster.rr_cursor,
         };
         algorithm.select(&selection, &mut rng)
+    }
+
+    /// The index's claim for the chosen endpoint, whatever its age, for the answer to teach
+    /// the endpoint's capacity (`Residency::learn`, `src/state/endpoint.rs`): only with
+    /// `cache_residency` and `cache_feedback`, while neither the engine nor the config gives
+    /// the capacity, and when the index lists something there. Read before the pick records
+    /// the prompt (which makes every chunk fresh).
+    fn claim_to_learn_from(
+        &self,
+        r: &Routed,
+        endpoint: &Endpoint,
+        use_index: bool,
+        now: u64,
+    ) -> Option<(f64, u64)> {
+        let c = &self.config;
+        let learning = use_index && c.cache_residency && c.cache_feedback;
+        if !learning || endpoint.residency.capacity_given(c.cache_capacity_tokens) {
+            return None;
+        }
+        let (chunks, age_ms) = self.index.claim_of(&r.prefix_hashes, endpoint.id, now);
+        let total_chunks = r.prefix_hashes.len().max(1) as f64;
+        (chunks > 0).then(|| (chunks as f64 / total_chunks, age_ms))
     }
 
     /// Accounts the choice: the endpoint's load, the router's counters, and (when `use_index`)

@@ -310,6 +310,9 @@ impl PickedRequest {
                     if self.router.config.cache_feedback {
                         e.answers.correct_cache_trust(r.cache_ratio, engine);
                     }
+                    if let Some((claimed, age_ms)) = r.claim {
+                        e.residency.learn(age_ms, claimed, engine);
+                    }
                 }
             }
         }

@@ -597,6 +597,63 @@ fn a_prefix_past_its_endpoints_cache_residency_no_longer_counts() {
     }
 }
 
+#[test]
+fn an_endpoints_cache_capacity_is_learned_from_its_answers() {
+    // No capacity from the engine or the config. Each answer writes 50,000 tokens; the
+    // second pick finds the first prompt's system prompt listed 2.1 s after its use and the
+    // engine reports it evicted (cached_tokens 0): the capacity is about what was written
+    // since, and from then on a prefix used longer ago than capacity / write rate no longer
+    // counts. Without cache_feedback nothing is learned and the index is taken at its word.
+    let evicted = br#"{"choices":[{"index":0,"message":{"content":"ok"}}],"usage":{"prompt_tokens":50000,"completion_tokens":0,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+    let system = "shared system prompt, ".repeat(40);
+    let routers: Vec<(bool, Router)> = [true, false]
+        .into_iter()
+        .map(|feedback| {
+            let config = format!(
+                r#"{{"hash_chunk_bytes": 64, "cache_feedback": {feedback},
+                "model_mapping_rule": {{"m": {{"rules": [{{"cluster": "c", "backend": "vllm"}}]}}}},
+                "clusters": {{"c": {{"endpoints": ["127.0.0.1:1"]}}}}}}"#
+            );
+            (feedback, Router::from_json(config.as_bytes()).unwrap())
+        })
+        .collect();
+    let learned = |r: &Router| {
+        let page = r.metrics_text();
+        let name = r#"llmproxy_endpoint_learned_cache_capacity_tokens{cluster="c",endpoint="127.0.0.1:1"}"#;
+        page.contains(name).then(|| sample(&page, name))
+    };
+    for (_, r) in &routers {
+        let mut p = r.pick(&[], &chat("m", &format!("{system} question 0")));
+        p.observe_response(evicted, true);
+        p.finish(200);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2_100));
+    for (feedback, r) in &routers {
+        let mut p = r.pick(&[], &chat("m", &format!("{system} question 1")));
+        assert!(p.routed().unwrap().cache_ratio > 0.8, "nothing learned yet");
+        p.observe_response(evicted, true);
+        p.finish(200);
+        if *feedback {
+            // 2.1 s at about 50,000 tokens per 2.1 s
+            let tokens = learned(r).expect("learned from the eviction");
+            assert!((40_000.0..60_000.0).contains(&tokens), "{tokens}");
+        } else {
+            assert_eq!(learned(r), None);
+        }
+    }
+    // 3 s later the second prompt's use is older than the learned horizon (~2.3 s)
+    std::thread::sleep(std::time::Duration::from_millis(3_000));
+    for (feedback, r) in &routers {
+        let p = r.pick(&[], &chat("m", &format!("{system} question 2")));
+        let ratio = p.routed().unwrap().cache_ratio;
+        if *feedback {
+            assert_eq!(ratio, 0.0, "evicted by what was written since");
+        } else {
+            assert!(ratio > 0.8, "the index at its word: {ratio}");
+        }
+    }
+}
+
 /// A router over 4 endpoints of cluster `c` for model `m`, with `extra` top-level config
 /// (e.g. a `session_affinity` block).
 fn session_router(extra: &str) -> Router {

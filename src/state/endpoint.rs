@@ -52,12 +52,16 @@ pub struct Endpoint {
 /// but last used longer ago than that has most likely been evicted. `C` comes from the
 /// engine's metrics page (`engine_metrics`) or the config (`cache_capacity_tokens`); `r` from
 /// what the answers wrote ([`Endpoint::cache_written`]: prompt tokens computed plus tokens
-/// generated), averaged over windows of [`RATE_WINDOW_MS`]. Unknown capacity or no writes yet:
-/// no limit (the index is taken at its word, as before).
+/// generated), averaged over windows of [`RATE_WINDOW_MS`]. When neither the engine nor the
+/// config gives `C`, it is learned from the engine's answers ([`Residency::learn`]). Unknown
+/// capacity or no writes yet: no limit (the index is taken at its word, as before).
 #[derive(Default)]
 pub struct Residency {
     /// KV cache capacity in tokens the engine reported; 0: not known.
     capacity_tokens: AtomicU64,
+    /// Capacity in tokens learned from the answers ([`Residency::learn`]), `f64` bits; 0:
+    /// nothing learned yet.
+    learned_bits: AtomicU64,
     /// Router ms when the current rate window opened; 0: never.
     window_ms: AtomicU64,
     /// The endpoint's written tokens when it opened.
@@ -71,6 +75,19 @@ pub const RATE_WINDOW_MS: u64 = 2_000;
 
 /// Weight of the newest window in the write rate's moving average.
 const RATE_STEP: f64 = 0.3;
+
+/// A claim younger than this says nothing about the capacity: the request that made it may
+/// still be computing the prefix (the index records a prefix at the pick).
+pub const LEARN_MIN_AGE_MS: u64 = 1_000;
+
+/// The engine kept at least this share of a claim: the claim held.
+const LEARN_KEPT: f64 = 0.8;
+
+/// The engine kept at most this share of a claim: the claim's prefix was evicted.
+const LEARN_EVICTED: f64 = 0.2;
+
+/// How far one answer moves the learned capacity toward what it shows.
+const LEARN_STEP: f64 = 0.25;
 
 impl Residency {
     /// Records the capacity the engine reports, in tokens (0: unknown).
@@ -115,12 +132,53 @@ impl Residency {
         self.rate_bits.store(next.to_bits(), Ordering::Relaxed);
     }
 
-    /// Capacity (this endpoint's reported one, else `default_capacity`; 0: unknown) over the
-    /// write rate as last averaged, ms; `None` when either is unknown.
+    /// The capacity learned from the answers, tokens; `None` before the first eviction seen.
+    pub fn learned_capacity(&self) -> Option<f64> {
+        Some(f64::from_bits(self.learned_bits.load(Ordering::Relaxed))).filter(|&c| c > 0.0)
+    }
+
+    /// Learns the capacity from one answer: the index claimed the share `claimed` of the
+    /// prompt for this endpoint, the deepest chunk of that claim last used there `age_ms` ago,
+    /// and the engine had the share `engine` cached; it kept `engine / claimed` of the claim
+    /// (claims under a quarter of the prompt say little and are skipped). In an LRU cache a prefix
+    /// survives while fewer than `C` tokens were written after its last use, here about
+    /// `age_ms` × the write rate: a claim evicted after fewer writes than the estimate lowers
+    /// it, one kept after more raises it, each a [`LEARN_STEP`] of the way; the first
+    /// eviction sets it. Claims younger than [`LEARN_MIN_AGE_MS`], partly kept claims and
+    /// claims before a write rate is known teach nothing. Racing updates may lose one step:
+    /// a routing hint, never unsafe.
+    pub fn learn(&self, age_ms: u64, claimed: f64, engine: f64) {
+        let Some(rate) = self.write_rate() else {
+            return;
+        };
+        if age_ms < LEARN_MIN_AGE_MS || !(claimed >= TRUST_MIN_CLAIM && engine.is_finite()) {
+            return;
+        }
+        let kept = (engine / claimed).clamp(0.0, 1.0);
+        let written = age_ms as f64 * rate;
+        let next = match self.learned_capacity() {
+            None if kept <= LEARN_EVICTED => written,
+            Some(c) if kept <= LEARN_EVICTED && written < c => c + LEARN_STEP * (written - c),
+            Some(c) if kept >= LEARN_KEPT && written > c => c + LEARN_STEP * (written - c),
+            _ => return,
+        };
+        self.learned_bits.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Capacity (this endpoint's reported one, else `default_capacity`, else the learned one;
+    /// 0: unknown) over the write rate as last averaged, ms; `None` when either is unknown.
     fn current_ms(&self, default_capacity: u64) -> Option<f64> {
-        let capacity = self.capacity().unwrap_or(default_capacity);
+        let capacity = match self.capacity().unwrap_or(default_capacity) {
+            0 => self.learned_capacity()?,
+            c => c as f64,
+        };
         let rate = self.write_rate()?;
-        (capacity > 0).then(|| capacity as f64 / rate)
+        Some(capacity / rate)
+    }
+
+    /// True when the capacity comes from the engine or the config: nothing to learn.
+    pub fn capacity_given(&self, default_capacity: u64) -> bool {
+        self.capacity().is_some() || default_capacity > 0
     }
 
     /// The horizon as last measured (no new window), seconds; `None` when capacity or rate

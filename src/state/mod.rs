@@ -99,6 +99,64 @@ mod tests {
     }
 
     #[test]
+    fn claim_of_lists_one_endpoints_prefix_and_the_age_of_its_deepest_chunk() {
+        let idx = PrefixIndex::new(1000);
+        // endpoint 1 served three chunks at 1 s and the first again at 4 s; endpoint 2 two
+        idx.record(&[10, 11, 12], 1, 1_000);
+        idx.record(&[10], 1, 4_000);
+        idx.record(&[10, 11], 2, 2_000);
+        assert_eq!(idx.claim_of(&[10, 11, 12, 13], 1, 5_000), (3, 4_000));
+        assert_eq!(idx.claim_of(&[10], 1, 5_000), (1, 1_000));
+        assert_eq!(idx.claim_of(&[10, 11, 12], 2, 5_000), (2, 3_000));
+        // another endpoint, or a prompt that differs from the first chunk: nothing
+        assert_eq!(idx.claim_of(&[10, 11], 3, 5_000), (0, 0));
+        assert_eq!(idx.claim_of(&[99, 11], 1, 5_000), (0, 0));
+        // whatever the age: the residency filter is the caller's
+        assert_eq!(idx.claim_of(&[10, 11], 1, 900_000), (2, 899_000));
+    }
+
+    #[test]
+    fn residency_capacity_is_learned_from_the_claims_the_engine_kept_or_evicted() {
+        let e = Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0);
+        let r = &e.residency;
+        r.learn(5_000, 1.0, 0.0);
+        assert_eq!(r.learned_capacity(), None, "no write rate yet");
+        e.cache_horizon_ms(1_000, 0);
+        e.cache_written(20_000);
+        e.cache_horizon_ms(3_000, 0); // 10 tokens written per ms
+        // a kept claim proves nothing before an eviction was seen; a young claim, a small one
+        // or one partly kept teaches nothing
+        r.learn(5_000, 1.0, 1.0);
+        r.learn(500, 1.0, 0.0);
+        r.learn(5_000, 0.1, 0.0);
+        r.learn(5_000, 1.0, 0.5);
+        assert_eq!(r.learned_capacity(), None);
+        assert_eq!(e.cache_horizon_ms(3_500, 0), u64::MAX, "no limit yet");
+        // the first eviction: a claim last used 3 s (30,000 written tokens) ago was gone
+        r.learn(3_000, 0.8, 0.0);
+        assert_eq!(r.learned_capacity(), Some(30_000.0));
+        assert_eq!(e.cache_horizon_ms(3_500, 0), 3_000);
+        // an eviction after fewer writes lowers it a quarter of the way, one after more
+        // writes does not move it
+        r.learn(1_000, 0.8, 0.1);
+        assert_eq!(r.learned_capacity(), Some(25_000.0));
+        r.learn(5_000, 0.8, 0.0);
+        assert_eq!(r.learned_capacity(), Some(25_000.0));
+        // a claim kept after more writes raises it; kept after fewer, or half kept: no change
+        r.learn(4_000, 0.8, 0.8);
+        assert_eq!(r.learned_capacity(), Some(28_750.0));
+        r.learn(2_000, 0.8, 0.8);
+        r.learn(6_000, 0.8, 0.4);
+        assert_eq!(r.learned_capacity(), Some(28_750.0));
+        // a capacity from the config (or the engine) wins over the learned one
+        assert_eq!(e.cache_horizon_ms(3_500, 60_000), 6_000);
+        assert!(r.capacity_given(60_000) && !r.capacity_given(0));
+        r.set_capacity(120_000);
+        assert!(r.capacity_given(0));
+        assert_eq!(e.cache_horizon_ms(3_500, 0), 12_000);
+    }
+
+    #[test]
     fn residency_horizon_is_capacity_over_the_write_rate() {
         let e = Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0);
         // nothing known: no limit

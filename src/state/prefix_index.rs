@@ -131,6 +131,32 @@ impl PrefixIndex {
         depth
     }
 
+    /// What the index lists for one endpoint, whatever its age: the number of leading chunks
+    /// of `hashes` it holds and how long ago (ms) the deepest of them was last used there
+    /// (`(0, 0)` when it holds none). A longer prefix is never used more recently than a
+    /// shorter one, so that age is the claim's oldest.
+    pub fn claim_of(&self, hashes: &[u64], endpoint: u32, now_ms: u64) -> (usize, u64) {
+        let now = stamp(now_ms);
+        let mut claim = (0, 0);
+        for (i, &h) in hashes.iter().enumerate() {
+            let key = nonzero(h);
+            let held = self
+                .set(h)
+                .iter()
+                .find(|w| w.key.load(Ordering::Acquire) == key)
+                .and_then(|way| {
+                    (way.holders.iter())
+                        .map(|holder| holder.load(Ordering::Relaxed))
+                        .find(|&v| v != 0 && (v >> 32) as u32 == endpoint)
+                });
+            match held {
+                Some(v) => claim = (i + 1, now.wrapping_sub(v as u32) as u64),
+                None => break,
+            }
+        }
+        claim
+    }
+
     /// Records that `endpoint` now holds every prefix in `hashes`.
     pub fn record(&self, hashes: &[u64], endpoint: u32, now_ms: u64) {
         if endpoint & self.skip_ids != 0 {

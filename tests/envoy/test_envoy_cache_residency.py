@@ -76,3 +76,62 @@ def test_a_prefix_older_than_the_engines_cache_residency_stops_counting(residenc
         assert uncached_picks(gw) == before, "without residency the index is taken at its word"
         assert not m.select("llmproxy_endpoint_cache_residency_seconds")
     wait_in_flight_zero(gw)
+
+
+@pytest.fixture(params=[True, False], ids=["learning", "no-feedback"])
+def learning_gateway(request, module_built, servers, tmp_path_factory):
+    """A gateway to one engine whose capacity nobody gives (no metrics page, no config):
+    with `cache_feedback` it is learned from the answers' `cached_tokens`."""
+    engine = POOLS["pool_a"][0]
+
+    def start():
+        listen_port, admin_port = harness.free_ports(2)
+        endpoints = [servers.addr(engine)]
+        cfg = {"protocol": "openai", "algorithm": "prefix_cost", "hash_chunk_bytes": 64,
+               "cache_feedback": request.param,
+               "model_mapping_rule": {"m-a": {"rules": [{"cluster": "solo", "backend": "vllm"}]}},
+               "clusters": {"solo": {"endpoints": endpoints}}}
+        boot = harness.envoy_bootstrap(listen_port, admin_port, [harness.static_cluster("solo", endpoints)], cfg,
+                                       default_cluster="solo")
+        return harness.Envoy(boot, tmp_path_factory.mktemp("envoy-learning"))
+
+    gw = harness.retry_on_port_clash(start)
+    try:
+        yield gw, request.param, servers.addr(engine)
+    finally:
+        gw.close()
+
+
+def test_the_engines_cache_capacity_is_learned_from_its_answers(learning_gateway):
+    gw, feedback, engine = learning_gateway
+    document = "a long shared document about caches, " * 200  # ~7 KiB: ~1,850 tokens written
+    nothing_cached = {"x-test-cached-tokens": "0"}
+
+    def ask(question):
+        status, _, data, _ = harness.request(gw.port, "POST", "/v1/chat/completions",
+                                             chat("m-a", document + question), headers=nothing_cached)
+        assert status == 200, data[:300]
+
+    ask(" q1")
+    # 2.2 s later the index still lists the document, and the engine reports it evicted: about
+    # what was written since (~1,850 tokens) is more than the cache holds
+    time.sleep(2.2)
+    ask(" q2")
+
+    def learned():
+        return metrics(gw).select("llmproxy_endpoint_learned_cache_capacity_tokens")
+    if feedback:
+        harness.wait_until(learned, timeout=5, what="a learned capacity")
+        [(labels, tokens)] = learned()
+        assert labels["endpoint"] == engine and 1_000 < tokens < 3_000, (labels, tokens)
+    # 4 s after q2 (residency ≈ 2.5 s by then) the document no longer counts as cached when
+    # learned; without feedback the index is taken at its word
+    time.sleep(4)
+    before = uncached_picks(gw)
+    ask(" q3")
+    if feedback:
+        assert uncached_picks(gw) == before + 1, "the evicted document counted as cached"
+    else:
+        assert uncached_picks(gw) == before, "nothing learned: the index at its word"
+        assert not learned()
+    wait_in_flight_zero(gw)

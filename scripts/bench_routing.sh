@@ -110,6 +110,7 @@ fi
 BACKENDS=$(IFS=,; echo "${WORKERS[*]}")
 TARGETS=("$@")
 port=$PBASE
+ENVOY_TARGETS=()
 
 if [ -n "${BENCH_ENVOY_TARGETS:-}" ]; then
   ENVOY=${ENVOY:-.venv/bin/envoy}
@@ -259,6 +260,14 @@ for t in "${NGINX_TARGETS[@]}"; do nginx_ready "${t%%=*}" "${t#*=}"; done
 "$SIM" compare "${ARGS[@]}" --stats-url "${WORKERS[0]}" --duration "$DURATION" "${RATE_ARGS[@]}" \
   "${LOAD_ARGS[@]}" --out-dir "$OUT" --plot-python "$PY" --title "TTFT per routing policy ($SERVERS simulated servers)"
 
+# the Envoy gateways' own metrics at the end (learned capacities, cache trust, ...), per replica
+for t in "${ENVOY_TARGETS[@]}"; do
+  i=0 urls=${t#*=}
+  for url in ${urls//,/ }; do
+    curl -s -m 10 "$url/llmproxy/metrics" > "$OUT/logs/${t%%=*}.$i.metrics" || true
+    i=$((i + 1))
+  done
+done
 if [ "${#NGINX_NAMES[@]}" -gt 0 ]; then
   for t in "${NGINX_TARGETS[@]}"; do
     curl -s -m 10 "${t#*=}/llmproxy/metrics" > "$OUT/logs/${t%%=*}.metrics" || true

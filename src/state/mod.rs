@@ -124,8 +124,8 @@ mod tests {
         e.cache_horizon_ms(1_000, 0);
         e.cache_written(20_000);
         e.cache_horizon_ms(3_000, 0); // 10 tokens written per ms
-        // a kept claim proves nothing before an eviction was seen; a young claim, a small one
-        // or one partly kept teaches nothing
+                                      // a kept claim proves nothing before an eviction was seen; a young claim, a small one
+                                      // or one partly kept teaches nothing
         r.learn(5_000, 1.0, 1.0);
         r.learn(500, 1.0, 0.0);
         r.learn(5_000, 0.1, 0.0);

@@ -340,8 +340,9 @@ impl RouterInner {
     /// The index's claim for the chosen endpoint, whatever its age, for the answer to teach
     /// the endpoint's capacity (`Residency::learn`, `src/state/endpoint.rs`): only with
     /// `cache_residency` and `cache_feedback`, while neither the engine nor the config gives
-    /// the capacity, and when the index lists something there. Read before the pick records
-    /// the prompt (which makes every chunk fresh).
+    /// the capacity, once the endpoint's answers report `cached_tokens` (an engine that never
+    /// does costs no walk), and when the index lists something there. Read before the pick
+    /// records the prompt (which makes every chunk fresh).
     fn claim_to_learn_from(
         &self,
         r: &Routed,
@@ -351,7 +352,9 @@ impl RouterInner {
     ) -> Option<(f64, u64)> {
         let c = &self.config;
         let learning = use_index && c.cache_residency && c.cache_feedback;
-        if !learning || endpoint.residency.capacity_given(c.cache_capacity_tokens) {
+        let reports_cache = endpoint.answers.prompt_chars.load(Ordering::Relaxed) > 0;
+        if !learning || !reports_cache || endpoint.residency.capacity_given(c.cache_capacity_tokens)
+        {
             return None;
         }
         let (chunks, age_ms) = self.index.claim_of(&r.prefix_hashes, endpoint.id, now);

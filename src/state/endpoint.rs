@@ -78,7 +78,7 @@ const RATE_STEP: f64 = 0.3;
 
 /// A claim younger than this says nothing about the capacity: the request that made it may
 /// still be computing the prefix (the index records a prefix at the pick).
-pub const LEARN_MIN_AGE_MS: u64 = 1_000;
+const LEARN_MIN_AGE_MS: u64 = 1_000;
 
 /// The engine kept at least this share of a claim: the claim held.
 const LEARN_KEPT: f64 = 0.8;
@@ -140,8 +140,8 @@ impl Residency {
     /// Learns the capacity from one answer: the index claimed the share `claimed` of the
     /// prompt for this endpoint, the deepest chunk of that claim last used there `age_ms` ago,
     /// and the engine had the share `engine` cached; it kept `engine / claimed` of the claim
-    /// (claims under a quarter of the prompt say little and are skipped). In an LRU cache a prefix
-    /// survives while fewer than `C` tokens were written after its last use, here about
+    /// (claims under a quarter of the prompt say little and are skipped). In an LRU cache a
+    /// prefix survives while fewer than `C` tokens were written after its last use, here about
     /// `age_ms` × the write rate: a claim evicted after fewer writes than the estimate lowers
     /// it, one kept after more raises it, each a [`LEARN_STEP`] of the way; the first
     /// eviction sets it. Claims younger than [`LEARN_MIN_AGE_MS`], partly kept claims and

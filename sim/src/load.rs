@@ -44,6 +44,11 @@ pub struct RunArgs {
     /// turn, e.g. `x-session-id` for a gateway's `session_affinity`. Off by default.
     #[arg(long, value_name = "NAME")]
     pub session_header: Option<String>,
+    /// Do not ask for `usage` in the streams (`stream_options.include_usage`), as many OpenAI
+    /// clients do not: the answers then carry no token counts (the hit rate per kind is left
+    /// empty; the fleet's comes from `--stats-url`).
+    #[arg(long)]
+    pub no_stream_usage: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -123,6 +128,8 @@ struct Ctx {
     progress: Progress,
     /// `--session-header`.
     session_header: Option<HeaderName>,
+    /// Ask for `usage` in every stream (not `--no-stream-usage`).
+    stream_usage: bool,
 }
 
 /// The `--session-header` name, checked.
@@ -240,6 +247,7 @@ pub async fn run(
         records: Mutex::new(Vec::new()),
         progress: Progress::default(),
         session_header,
+        stream_usage: !args.no_stream_usage,
     });
     // With a warm-up, the fleet's counters are read again when it ends, so that the hit rate and
     // utilisation cover the measured part only.
@@ -371,13 +379,15 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
         }
         tokio::time::sleep_until(scheduled.into()).await;
         messages.push(json!({"role": "user", "content": &turn.user}));
-        let body = json!({
+        let mut body = json!({
             "model": ctx.model,
             "messages": messages,
             "max_tokens": turn.max_tokens,
             "stream": true,
-            "stream_options": {"include_usage": true},
         });
+        if ctx.stream_usage {
+            body["stream_options"] = json!({"include_usage": true});
+        }
         let seq = ctx.sent_seq.fetch_add(1, Ordering::Relaxed);
         let gateway = pick_url(ctx.split, ctx.urls.len(), s.id, seq);
         let sent = Instant::now();

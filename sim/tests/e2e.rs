@@ -320,6 +320,58 @@ fn load_writes_json_and_leaves_the_warmup_out() {
         .all(|r| r["served_by"].as_str() == Some(url.trim_start_matches("http://"))));
 }
 
+#[test]
+fn a_client_that_does_not_ask_for_usage_gets_none() {
+    let (_fleet, line) = start(&["serve", "--servers", "1", "--base-port", "0"], "servers:");
+    let url = line.trim().to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--target",
+            &url,
+            "--stats-url",
+            &url,
+            "--reset",
+            "--duration",
+            "2",
+            "--rate",
+            "5",
+            "--mix",
+            "rag=1",
+            "--docs",
+            "2",
+            "--doc-tokens",
+            "200:300",
+            "--output-tokens",
+            "4:8",
+        ];
+        args.extend_from_slice(extra);
+        load_json(&args).1
+    };
+    let records = |doc: &Value| doc["records"].as_array().unwrap().clone();
+    let asked = run(&[]);
+    assert!(
+        records(&asked).iter().all(|r| r["prompt_tokens"].is_u64()),
+        "{asked}"
+    );
+    let quiet = run(&["--no-stream-usage"]);
+    let quiet_records = records(&quiet);
+    assert!(
+        !quiet_records.is_empty() && quiet["summary"]["errors"] == 0,
+        "{quiet}"
+    );
+    assert!(
+        quiet_records
+            .iter()
+            .all(|r| r["prompt_tokens"].is_null() && r["ok"] == true),
+        "usage came without being asked: {quiet}"
+    );
+    // the fleet's hit rate still comes from its stats
+    assert!(
+        quiet["summary"]["fleet_hit_rate"].as_f64().is_some(),
+        "{quiet}"
+    );
+}
+
 /// Runs `llmproxy-sim load` with `args` plus a JSON output file; returns (stdout, the JSON).
 fn load_json(args: &[&str]) -> (String, Value) {
     let file = std::env::temp_dir().join(format!(

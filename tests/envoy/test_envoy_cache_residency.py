@@ -21,24 +21,27 @@ def set_metrics(servers, name, mode, page=""):
     assert status == 200, data
 
 
-@pytest.fixture(params=[True, False], ids=["residency", "no-residency"])
-def residency_gateway(request, module_built, servers, tmp_path_factory):
-    engine = POOLS["pool_a"][0]
-    set_metrics(servers, engine, "page", TINY_CACHE)
-
+def solo_gateway(servers, engine, tmp_path_factory, **settings):
+    """Envoy + llmproxy (`prefix_cost`, 64-byte chunks, `settings` on top) routing model m-a to
+    the one `engine`."""
     def start():
         listen_port, admin_port = harness.free_ports(2)
         endpoints = [servers.addr(engine)]
         cfg = {"protocol": "openai", "algorithm": "prefix_cost", "hash_chunk_bytes": 64,
-               "cache_feedback": False, "cache_residency": request.param,
                "model_mapping_rule": {"m-a": {"rules": [{"cluster": "solo", "backend": "vllm"}]}},
-               "clusters": {"solo": {"endpoints": endpoints}},
-               "engine_metrics": {"enabled": True, "period_ms": 100, "timeout_ms": 100}}
+               "clusters": {"solo": {"endpoints": endpoints}}, **settings}
         boot = harness.envoy_bootstrap(listen_port, admin_port, [harness.static_cluster("solo", endpoints)], cfg,
                                        default_cluster="solo")
-        return harness.Envoy(boot, tmp_path_factory.mktemp("envoy-residency"))
+        return harness.Envoy(boot, tmp_path_factory.mktemp("envoy-solo"))
+    return harness.retry_on_port_clash(start)
 
-    gw = harness.retry_on_port_clash(start)
+
+@pytest.fixture(params=[True, False], ids=["residency", "no-residency"])
+def residency_gateway(request, module_built, servers, tmp_path_factory):
+    engine = POOLS["pool_a"][0]
+    set_metrics(servers, engine, "page", TINY_CACHE)
+    gw = solo_gateway(servers, engine, tmp_path_factory, cache_feedback=False, cache_residency=request.param,
+                      engine_metrics={"enabled": True, "period_ms": 100, "timeout_ms": 100})
     try:
         yield gw, request.param, servers.addr(engine)
     finally:
@@ -83,19 +86,7 @@ def learning_gateway(request, module_built, servers, tmp_path_factory):
     """A gateway to one engine whose capacity nobody gives (no metrics page, no config):
     with `cache_feedback` it is learned from the answers' `cached_tokens`."""
     engine = POOLS["pool_a"][0]
-
-    def start():
-        listen_port, admin_port = harness.free_ports(2)
-        endpoints = [servers.addr(engine)]
-        cfg = {"protocol": "openai", "algorithm": "prefix_cost", "hash_chunk_bytes": 64,
-               "cache_feedback": request.param,
-               "model_mapping_rule": {"m-a": {"rules": [{"cluster": "solo", "backend": "vllm"}]}},
-               "clusters": {"solo": {"endpoints": endpoints}}}
-        boot = harness.envoy_bootstrap(listen_port, admin_port, [harness.static_cluster("solo", endpoints)], cfg,
-                                       default_cluster="solo")
-        return harness.Envoy(boot, tmp_path_factory.mktemp("envoy-learning"))
-
-    gw = harness.retry_on_port_clash(start)
+    gw = solo_gateway(servers, engine, tmp_path_factory, cache_feedback=request.param)
     try:
         yield gw, request.param, servers.addr(engine)
     finally:

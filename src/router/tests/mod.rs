@@ -555,28 +555,38 @@ fn answers_correct_what_the_index_claims_and_measure_its_error() {
     }
 }
 
+/// An answer whose engine wrote 50,000 prompt tokens and had none of them cached.
+const EVICTED_ANSWER: &[u8] = br#"{"choices":[{"index":0,"message":{"content":"ok"}}],"usage":{"prompt_tokens":50000,"completion_tokens":0,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+
+/// A router over one endpoint of cluster `c` for model `m`, 64-byte chunks, with `settings`
+/// (top-level keys, each followed by a comma).
+fn solo_router(settings: &str) -> Router {
+    let config = format!(
+        r#"{{"hash_chunk_bytes": 64, {settings}
+        "model_mapping_rule": {{"m": {{"rules": [{{"cluster": "c", "backend": "vllm"}}]}}}},
+        "clusters": {{"c": {{"endpoints": ["127.0.0.1:1"]}}}}}}"#
+    );
+    Router::from_json(config.as_bytes()).unwrap()
+}
+
 #[test]
 fn a_prefix_past_its_endpoints_cache_residency_no_longer_counts() {
     // One endpoint whose answers write 50,000 tokens into a 1,000-token cache in the first
     // ~2 s: what it served then has been evicted since (horizon ≈ 40 ms), and the index says
     // so only with cache_residency.
-    let answer = br#"{"choices":[{"index":0,"message":{"content":"ok"}}],"usage":{"prompt_tokens":50000,"completion_tokens":0,"prompt_tokens_details":{"cached_tokens":0}}}"#;
     let system = "shared system prompt, ".repeat(40);
     let routers: Vec<(bool, Router)> = [true, false]
         .into_iter()
         .map(|residency| {
-            let config = format!(
-                r#"{{"hash_chunk_bytes": 64, "cache_feedback": false, "cache_residency": {residency},
-                "cache_capacity_tokens": 1000,
-                "model_mapping_rule": {{"m": {{"rules": [{{"cluster": "c", "backend": "vllm"}}]}}}},
-                "clusters": {{"c": {{"endpoints": ["127.0.0.1:1"]}}}}}}"#
+            let settings = format!(
+                r#""cache_feedback": false, "cache_residency": {residency}, "cache_capacity_tokens": 1000,"#
             );
-            (residency, Router::from_json(config.as_bytes()).unwrap())
+            (residency, solo_router(&settings))
         })
         .collect();
     for (_, r) in &routers {
         let mut p = r.pick(&[], &chat("m", &format!("{system} question 0")));
-        p.observe_response(answer, true);
+        p.observe_response(EVICTED_ANSWER, true);
         p.finish(200);
     }
     std::thread::sleep(std::time::Duration::from_millis(2_100));
@@ -604,17 +614,14 @@ fn an_endpoints_cache_capacity_is_learned_from_its_answers() {
     // engine reports it evicted (cached_tokens 0): the capacity is about what was written
     // since, and from then on a prefix used longer ago than capacity / write rate no longer
     // counts. Without cache_feedback nothing is learned and the index is taken at its word.
-    let evicted = br#"{"choices":[{"index":0,"message":{"content":"ok"}}],"usage":{"prompt_tokens":50000,"completion_tokens":0,"prompt_tokens_details":{"cached_tokens":0}}}"#;
     let system = "shared system prompt, ".repeat(40);
     let routers: Vec<(bool, Router)> = [true, false]
         .into_iter()
         .map(|feedback| {
-            let config = format!(
-                r#"{{"hash_chunk_bytes": 64, "cache_feedback": {feedback},
-                "model_mapping_rule": {{"m": {{"rules": [{{"cluster": "c", "backend": "vllm"}}]}}}},
-                "clusters": {{"c": {{"endpoints": ["127.0.0.1:1"]}}}}}}"#
-            );
-            (feedback, Router::from_json(config.as_bytes()).unwrap())
+            (
+                feedback,
+                solo_router(&format!(r#""cache_feedback": {feedback},"#)),
+            )
         })
         .collect();
     let learned = |r: &Router| {
@@ -624,14 +631,14 @@ fn an_endpoints_cache_capacity_is_learned_from_its_answers() {
     };
     for (_, r) in &routers {
         let mut p = r.pick(&[], &chat("m", &format!("{system} question 0")));
-        p.observe_response(evicted, true);
+        p.observe_response(EVICTED_ANSWER, true);
         p.finish(200);
     }
     std::thread::sleep(std::time::Duration::from_millis(2_100));
     for (feedback, r) in &routers {
         let mut p = r.pick(&[], &chat("m", &format!("{system} question 1")));
         assert!(p.routed().unwrap().cache_ratio > 0.8, "nothing learned yet");
-        p.observe_response(evicted, true);
+        p.observe_response(EVICTED_ANSWER, true);
         p.finish(200);
         if *feedback {
             // 2.1 s at about 50,000 tokens per 2.1 s

@@ -40,6 +40,7 @@ TOP_LEVEL_KEYS = {
     "cache_feedback",
     "cache_capacity_tokens",
     "cache_residency",
+    "eviction_pressure",
     "force_stream_usage",
 }
 

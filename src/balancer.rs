@@ -27,7 +27,13 @@ pub struct CandidateLoad {
     pub cache_ratio: f64,
     /// Prompt characters in prefill on the endpoint that it must compute (not cached).
     pub uncached_prefill_chars: u64,
+    /// Share of the prefixes requested again on the endpoint that its engine had evicted,
+    /// 0–1 (0 when not measured or `eviction_pressure` is off).
+    pub eviction_share: f64,
 }
+
+/// The eviction share at which a miss's price stops growing (×4).
+pub const EVICTION_SHARE_CAP: f64 = 0.75;
 
 /// Floor of the prefill normaliser (the origin's 1024).
 pub const PREFILL_FLOOR: u64 = 1024;
@@ -79,7 +85,13 @@ pub fn candidate_count(n: usize, percent: f64) -> usize {
 ///      + decode_cost_chars · requests in flight there     (load_aware)
 ///      + this prompt's characters not in its cache        (cache_aware: · (1 − CacheRatio))
 ///        · (1 + miss_slowdown_weight · requests in flight there)
+///        / (1 − eviction share there)
 /// ```
+///
+/// The last factor prices what the miss evicts: each token it writes into a full cache pushes
+/// out one that is requested again with probability `p` (the endpoint's eviction share), whose
+/// recomputation evicts again: `1 + p + p² + … = 1 / (1 − p)` (p capped at
+/// [`EVICTION_SHARE_CAP`]).
 ///
 /// Unlike `inference_lb`, a cached prefix lowers the request's own cost by exactly the work it
 /// saves, and queued work counts only what the endpoint must really compute.
@@ -87,7 +99,8 @@ pub fn prefix_cost_scores(c: &[CandidateLoad], prompt_chars: u64, p: &LbParams) 
     c.iter()
         .map(|x| {
             let cached = if p.cache_aware { x.cache_ratio } else { 0.0 };
-            let mut own = prompt_chars as f64 * (1.0 - cached);
+            let evicted = x.eviction_share.clamp(0.0, EVICTION_SHARE_CAP);
+            let mut own = prompt_chars as f64 * (1.0 - cached) / (1.0 - evicted);
             let queued = if p.load_aware {
                 own *= 1.0 + p.miss_slowdown_weight * x.in_flight as f64;
                 x.uncached_prefill_chars as f64 + p.decode_cost_chars * x.in_flight as f64
@@ -218,6 +231,7 @@ mod tests {
             prefill_chars: l,
             cache_ratio: c,
             uncached_prefill_chars: l,
+            eviction_share: 0.0,
         }
     }
 
@@ -382,6 +396,44 @@ mod tests {
             ..fleet
         };
         assert_eq!(prefix_cost_scores(&[a], 10_000, &blind), vec![-4000.0]);
+    }
+
+    #[test]
+    fn a_miss_costs_more_where_the_cache_evicts_what_is_reused() {
+        // 10,000-char prompt, no load. A: holds 60 % but half of what its cache writes evicts
+        // a prefix requested again; B: holds 40 %, its cache keeps what is reused.
+        let params = LbParams {
+            decode_cost_chars: 0.0,
+            miss_slowdown_weight: 0.0,
+            ..LbParams::default()
+        };
+        let a = CandidateLoad {
+            eviction_share: 0.5,
+            ..load(0, 0, 0.6)
+        };
+        let b = load(0, 0, 0.4);
+        // A: 4,000 uncached · 1 / (1 − 0.5); B: 6,000
+        assert_eq!(
+            prefix_cost_scores(&[a, b], 10_000, &params),
+            vec![-8000.0, -6000.0]
+        );
+        assert_eq!(
+            prefix_cost(&[a, b], 10_000, &params, &mut fastrand::Rng::with_seed(1)),
+            1
+        );
+        // capped at ×4, and a full hit costs nothing whatever the pressure
+        let full = CandidateLoad {
+            eviction_share: 1.0,
+            ..load(0, 0, 0.0)
+        };
+        let hit = CandidateLoad {
+            eviction_share: 1.0,
+            ..load(0, 0, 1.0)
+        };
+        assert_eq!(
+            prefix_cost_scores(&[full, hit], 10_000, &params),
+            vec![-40_000.0, 0.0]
+        );
     }
 
     #[test]

@@ -457,6 +457,19 @@ fn render_answers(out: &mut String, sets: &[(&str, Arc<EndpointSet>)], page: &Pa
     }
     header(
         out,
+        "llmproxy_endpoint_cache_eviction_share",
+        "gauge",
+        "Share of the prefixes requested again on the endpoint (claims at least 1 s old) that its engine had evicted, averaged over recent answers; with eviction_pressure a miss there costs 1 / (1 - share) times more.",
+    );
+    for (labels, e) in answered() {
+        let _ = writeln!(
+            out,
+            "llmproxy_endpoint_cache_eviction_share{{{labels}}} {}",
+            e.residency.eviction_share()
+        );
+    }
+    header(
+        out,
         "llmproxy_endpoint_cache_residency_seconds",
         "gauge",
         "How long after its last use a prefix likely stays in the endpoint's KV cache: its capacity (engine metrics, cache_capacity_tokens, else learned from the answers) over the tokens its answers write per second. Listed once both are known.",

@@ -52,6 +52,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) cache_residency: Option<bool>,
     #[serde(default)]
+    pub(super) eviction_pressure: Option<bool>,
+    #[serde(default)]
     pub(super) ejection: Option<RawEjection>,
     #[serde(default, deserialize_with = "lenient_u64")]
     pub(super) dns_refresh_ms: Option<u64>,

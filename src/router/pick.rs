@@ -301,8 +301,23 @@ impl RouterInner {
             ),
             engine_stale_ms: engines.enabled.then_some(engines.stale_ms),
         };
-        let feedback = self.config.cache_feedback;
-        loads_of(set, candidates, depth, total_chunks, now, remote, feedback)
+        loads_of(
+            set,
+            candidates,
+            depth,
+            total_chunks,
+            now,
+            remote,
+            self.corrections(),
+        )
+    }
+
+    /// What the answers correct in a pick, as configured.
+    fn corrections(&self) -> AnswerCorrections {
+        AnswerCorrections {
+            cache_trust: self.config.cache_feedback,
+            eviction_pressure: self.config.eviction_pressure,
+        }
     }
 
     /// True when the candidate at `at` (a session's endpoint) is too busy to keep the
@@ -351,15 +366,16 @@ impl RouterInner {
         now: u64,
     ) -> Option<(f64, u64)> {
         let c = &self.config;
-        let learning = use_index && c.cache_residency && c.cache_feedback;
+        let learning_capacity = c.cache_residency
+            && c.cache_feedback
+            && !endpoint.residency.capacity_given(c.cache_capacity_tokens);
         let reports_cache = endpoint.answers.prompt_chars.load(Ordering::Relaxed) > 0;
-        if !learning || !reports_cache || endpoint.residency.capacity_given(c.cache_capacity_tokens)
-        {
+        if !use_index || !reports_cache || !(learning_capacity || c.eviction_pressure) {
             return None;
         }
         let (chunks, age_ms) = self.index.claim_of(&r.prefix_hashes, endpoint.id, now);
         let total_chunks = r.prefix_hashes.len().max(1) as f64;
-        (chunks > 0).then(|| (chunks as f64 / total_chunks, age_ms))
+        Some((chunks as f64 / total_chunks, age_ms))
     }
 
     /// Accounts the choice: the endpoint's load, the router's counters, and (when `use_index`)
@@ -374,7 +390,7 @@ impl RouterInner {
     ) {
         let total_chunks = r.prefix_hashes.len().max(1) as f64;
         r.cache_ratio = depth as f64 / total_chunks;
-        r.expected_cache_ratio = r.cache_ratio * cache_trust(endpoint, self.config.cache_feedback);
+        r.expected_cache_ratio = r.cache_ratio * self.corrections().cache_trust(endpoint);
         r.uncached_chars = (r.prompt_chars as f64 * (1.0 - r.expected_cache_ratio)).round() as u64;
         endpoint.acquire(r.prompt_chars, r.uncached_chars);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -498,13 +514,33 @@ fn serves_subset(e: &Endpoint, subset: &Subset, adapters_declared: bool) -> bool
         && (subset.lora.is_empty() || !adapters_declared || e.lora_adapters.contains(&subset.lora))
 }
 
-/// The factor on what the prefix index claims for `e`: its cache trust with `cache_feedback`,
-/// else 1 (the index taken at its word).
-fn cache_trust(e: &Endpoint, cache_feedback: bool) -> f64 {
-    if cache_feedback {
-        e.answers.cache_trust()
-    } else {
-        1.0
+/// What the answers' `cached_tokens` correct in a pick, as configured.
+#[derive(Clone, Copy, Default)]
+struct AnswerCorrections {
+    /// `cache_feedback`: the index's claims times each endpoint's cache trust.
+    cache_trust: bool,
+    /// `eviction_pressure`: a miss priced by each endpoint's eviction share.
+    eviction_pressure: bool,
+}
+
+impl AnswerCorrections {
+    /// The factor on what the prefix index claims for `e`: its cache trust with
+    /// `cache_feedback`, else 1 (the index taken at its word).
+    fn cache_trust(self, e: &Endpoint) -> f64 {
+        if self.cache_trust {
+            e.answers.cache_trust()
+        } else {
+            1.0
+        }
+    }
+
+    /// `e`'s eviction share with `eviction_pressure`, else 0.
+    fn eviction_share(self, e: &Endpoint) -> f64 {
+        if self.eviction_pressure {
+            e.residency.eviction_share()
+        } else {
+            0.0
+        }
     }
 }
 
@@ -535,7 +571,7 @@ fn uncached_share(prompt_chars: u64, cached_prompt_chars: u64) -> f64 {
 /// counts as uncached), and the requests the engine itself reports beyond all that (its own
 /// metrics, `engine_metrics`: traffic of gateways and clients nobody told us of); the cache
 /// ratios as the pick expects them (the index's, times each endpoint's cache trust with
-/// `cache_feedback`).
+/// `cache_feedback`) and each endpoint's eviction share (`eviction_pressure`).
 fn loads_of(
     set: &EndpointSet,
     candidates: &[usize],
@@ -543,7 +579,7 @@ fn loads_of(
     total_chunks: f64,
     now_ms: u64,
     remote: RemoteScale,
-    cache_feedback: bool,
+    corrections: AnswerCorrections,
 ) -> Vec<CandidateLoad> {
     candidates
         .iter()
@@ -560,8 +596,9 @@ fn loads_of(
             CandidateLoad {
                 in_flight: e.in_flight() + rq.max(engine_others),
                 prefill_chars: e.prefill_chars() + rl,
-                cache_ratio: depth[i] as f64 / total_chunks * cache_trust(e, cache_feedback),
+                cache_ratio: depth[i] as f64 / total_chunks * corrections.cache_trust(e),
                 uncached_prefill_chars: e.uncached_prefill_chars() + rl_uncached,
+                eviction_share: corrections.eviction_share(e),
             }
         })
         .collect()
@@ -612,12 +649,56 @@ mod tests {
             uncached_share: 0.2,
             engine_stale_ms: None,
         };
-        let l = loads_of(&set, &[0], &[0], 1.0, 100, remote, false)[0];
+        let l = loads_of(
+            &set,
+            &[0],
+            &[0],
+            1.0,
+            100,
+            remote,
+            AnswerCorrections::default(),
+        )[0];
         assert_eq!((l.in_flight, l.prefill_chars), (5, 10_500));
         assert_eq!(l.uncached_prefill_chars, 100 + 2000);
         // stale remote load counts for nothing
-        let l = loads_of(&set, &[0], &[0], 1.0, 2000, remote, false)[0];
+        let l = loads_of(
+            &set,
+            &[0],
+            &[0],
+            1.0,
+            2000,
+            remote,
+            AnswerCorrections::default(),
+        )[0];
         assert_eq!((l.in_flight, l.uncached_prefill_chars), (1, 100));
+    }
+
+    #[test]
+    fn a_pick_sees_the_eviction_share_and_the_cache_trust_only_as_configured() {
+        let e = Arc::new(Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0));
+        for _ in 0..500 {
+            e.residency.note_writes(1_000, 1_000, 0.5, 2_000, 0.0); // half recomputes a loss
+            e.answers.correct_cache_trust(1.0, 0.5);
+        }
+        let set = EndpointSet::new(vec![e]);
+        let remote = RemoteScale {
+            stale_ms: 1000,
+            uncached_share: 1.0,
+            engine_stale_ms: None,
+        };
+        let load = |c| loads_of(&set, &[0], &[1], 1.0, 100, remote, c)[0];
+        let off = load(AnswerCorrections::default());
+        assert_eq!((off.eviction_share, off.cache_ratio), (0.0, 1.0));
+        let on = load(AnswerCorrections {
+            cache_trust: true,
+            eviction_pressure: true,
+        });
+        assert!(
+            (on.eviction_share - 0.5).abs() < 1e-3,
+            "{}",
+            on.eviction_share
+        );
+        assert!((on.cache_ratio - 0.5).abs() < 1e-3, "{}", on.cache_ratio);
     }
 
     #[test]
@@ -631,8 +712,18 @@ mod tests {
             uncached_share: 1.0,
             engine_stale_ms: Some(1000),
         };
-        let in_flight =
-            |now, scale| loads_of(&set, &[0], &[0], 1.0, now, scale, false)[0].in_flight;
+        let in_flight = |now, scale| {
+            loads_of(
+                &set,
+                &[0],
+                &[0],
+                1.0,
+                now,
+                scale,
+                AnswerCorrections::default(),
+            )[0]
+            .in_flight
+        };
         assert_eq!(in_flight(100, on), 4, "no reading yet");
         // the engine runs and queues 10, 1 of them ours: 9 others, 6 more than reported
         e.engine.set(10, e.in_flight(), 100);

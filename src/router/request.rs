@@ -292,8 +292,9 @@ impl PickedRequest {
             // what the answer said of itself, beside what the pick expected (counted before
             // the log line is queued: a reader of the log finds the metrics already there)
             let usage = r.answer.capture().usage;
+            let written = written_tokens(usage.as_ref(), r, self.first_token_seen);
             if let Some(e) = &r.endpoint {
-                e.cache_written(written_tokens(usage.as_ref(), r, self.first_token_seen));
+                e.cache_written(written);
             }
             if let (Some(usage), Some(e)) = (usage, &r.endpoint) {
                 e.answers.record(
@@ -311,7 +312,17 @@ impl PickedRequest {
                         e.answers.correct_cache_trust(r.cache_ratio, engine);
                     }
                     if let Some((claimed, age_ms)) = r.claim {
-                        e.residency.learn(age_ms, claimed, engine);
+                        e.residency.note_writes(
+                            written,
+                            usage.prompt_tokens,
+                            claimed,
+                            age_ms,
+                            engine,
+                        );
+                        let given = self.router.config.cache_capacity_tokens;
+                        if !e.residency.capacity_given(given) {
+                            e.residency.learn(age_ms, claimed, engine);
+                        }
                     }
                 }
             }

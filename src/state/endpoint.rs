@@ -68,6 +68,11 @@ pub struct Residency {
     window_tokens: AtomicU64,
     /// Tokens written per ms, moving average (`f64` bits; 0: none measured).
     rate_bits: AtomicU64,
+    /// Tokens written per answer that recompute an evicted claim, moving average
+    /// ([`Residency::eviction_share`], `f64` bits).
+    lost_bits: AtomicU64,
+    /// Tokens written per answer, moving average over the same answers (`f64` bits).
+    written_bits: AtomicU64,
 }
 
 /// The shortest window over which the write rate is measured, ms.
@@ -88,6 +93,9 @@ const LEARN_EVICTED: f64 = 0.2;
 
 /// How far one answer moves the learned capacity toward what it shows.
 const LEARN_STEP: f64 = 0.25;
+
+/// Weight of one answer in the eviction share's moving averages (about the last 64 answers).
+const EVICTION_STEP: f64 = 1.0 / 64.0;
 
 impl Residency {
     /// Records the capacity the engine reports, in tokens (0: unknown).
@@ -163,6 +171,51 @@ impl Residency {
             _ => return,
         };
         self.learned_bits.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The share of what this endpoint's answers write into its KV cache that recomputes a
+    /// prefix the index listed there and the engine had evicted, as a moving average over
+    /// recent answers (0 until answers tell): in a full cache every token written evicts one,
+    /// so this is about how often an evicted token is requested again. Near 0 where the cache
+    /// keeps what is reused, high where it is too small for the traffic it gets.
+    pub fn eviction_share(&self) -> f64 {
+        let written = f64::from_bits(self.written_bits.load(Ordering::Relaxed));
+        let lost = f64::from_bits(self.lost_bits.load(Ordering::Relaxed));
+        if written > 0.0 {
+            (lost / written).clamp(0.0, 1.0)
+        } else {
+            0.0
+        }
+    }
+
+    /// Folds one answer into the eviction share: it wrote `written` tokens (prompt tokens
+    /// computed plus generated); its prompt had `prompt_tokens`, of which the index claimed
+    /// the share `claimed` for this endpoint (0: nothing listed), last used there `age_ms`
+    /// ago, and the engine had the share `engine` cached. A claim younger than
+    /// [`LEARN_MIN_AGE_MS`] may still have been computing: it counts as kept.
+    pub fn note_writes(
+        &self,
+        written: u64,
+        prompt_tokens: u64,
+        claimed: f64,
+        age_ms: u64,
+        engine: f64,
+    ) {
+        let lost = if age_ms >= LEARN_MIN_AGE_MS && engine.is_finite() {
+            (claimed - engine).max(0.0) * prompt_tokens as f64
+        } else {
+            0.0
+        };
+        for (bits, value) in [
+            (&self.written_bits, written as f64),
+            (&self.lost_bits, lost),
+        ] {
+            let old = f64::from_bits(bits.load(Ordering::Relaxed));
+            bits.store(
+                (old + EVICTION_STEP * (value - old)).to_bits(),
+                Ordering::Relaxed,
+            );
+        }
     }
 
     /// Capacity (this endpoint's reported one, else `default_capacity`, else the learned one;

@@ -157,6 +157,33 @@ mod tests {
     }
 
     #[test]
+    fn eviction_share_is_the_share_of_writes_that_recompute_an_evicted_claim() {
+        let e = Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0);
+        let r = &e.residency;
+        assert_eq!(r.eviction_share(), 0.0, "nothing seen");
+        // new content: 1,000 tokens written, nothing claimed
+        r.note_writes(1_000, 1_000, 0.0, 0, 0.0);
+        assert_eq!(r.eviction_share(), 0.0);
+        // a claim of 80 % made 500 ms ago and not cached: maybe still computing, not lost
+        r.note_writes(1_000, 1_000, 0.8, 500, 0.0);
+        assert_eq!(r.eviction_share(), 0.0);
+        // from now on every answer recomputes 800 tokens of a 2 s old claim, of 1,000 written
+        for _ in 0..2_000 {
+            r.note_writes(1_000, 1_000, 0.8, 2_000, 0.0);
+        }
+        assert!(
+            (r.eviction_share() - 0.8).abs() < 1e-6,
+            "{}",
+            r.eviction_share()
+        );
+        // then the engine keeps what is claimed (and more): the share falls toward 0
+        for _ in 0..2_000 {
+            r.note_writes(200, 1_000, 0.8, 2_000, 0.9);
+        }
+        assert!(r.eviction_share() < 1e-6, "{}", r.eviction_share());
+    }
+
+    #[test]
     fn residency_horizon_is_capacity_over_the_write_rate() {
         let e = Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0);
         // nothing known: no limit

@@ -126,3 +126,35 @@ def test_the_engines_cache_capacity_is_learned_from_its_answers(learning_gateway
         assert uncached_picks(gw) == before, "nothing learned: the index at its word"
         assert not learned()
     wait_in_flight_zero(gw)
+
+
+@pytest.fixture(params=[True, False], ids=["pressure", "no-pressure"])
+def pressure_gateway(request, module_built, servers, tmp_path_factory):
+    """A gateway to one engine whose capacity the config gives (nothing to learn): only
+    `eviction_pressure` measures the engine's eviction share."""
+    engine = POOLS["pool_a"][0]
+    gw = solo_gateway(servers, engine, tmp_path_factory, cache_capacity_tokens=1_000_000,
+                      eviction_pressure=request.param)
+    try:
+        yield gw, request.param, servers.addr(engine)
+    finally:
+        gw.close()
+
+
+def test_the_share_of_writes_that_recompute_evicted_prefixes_is_measured(pressure_gateway):
+    gw, pressure, engine = pressure_gateway
+    document = "a long shared document about caches, " * 200
+    nothing_cached = {"x-test-cached-tokens": "0"}
+    for question in (" q1", " q2", " q3"):
+        status, _, data, _ = harness.request(gw.port, "POST", "/v1/chat/completions",
+                                             chat("m-a", document + question), headers=nothing_cached)
+        assert status == 200, data[:300]
+        # the index lists the document for the engine, which reports it evicted 1.1 s later
+        time.sleep(1.1)
+    wait_in_flight_zero(gw)
+    share = metrics(gw).value("llmproxy_endpoint_cache_eviction_share", cluster="solo", endpoint=engine)
+    if pressure:
+        # q2 and q3 recompute the document (~99 % of what they write); q1 was new
+        assert 0.9 < share <= 1.0, share
+    else:
+        assert share == 0.0, share

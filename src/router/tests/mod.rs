@@ -661,4 +661,50 @@ fn an_endpoints_cache_capacity_is_learned_from_its_answers() {
     }
 }
 
+#[test]
+fn an_endpoints_eviction_share_is_measured_from_its_answers_with_eviction_pressure() {
+    // The capacity is given (nothing to learn), so only eviction_pressure walks the claim
+    // (once the endpoint's answers report cached_tokens). The second prompt repeats the
+    // first's system prompt 1.1 s later and the engine had evicted it: of the 50,000 tokens
+    // it writes, the claimed share (~93 %) recomputes what the engine had.
+    let system = "shared system prompt, ".repeat(40);
+    let share = |r: &Router| {
+        let page = r.metrics_text();
+        sample(
+            &page,
+            r#"llmproxy_endpoint_cache_eviction_share{cluster="c",endpoint="127.0.0.1:1"}"#,
+        )
+    };
+    let routers: Vec<(bool, Router)> = [true, false]
+        .into_iter()
+        .map(|on| {
+            let settings =
+                format!(r#""eviction_pressure": {on}, "cache_capacity_tokens": 1000000,"#);
+            (on, solo_router(&settings))
+        })
+        .collect();
+    for (_, r) in &routers {
+        let mut p = r.pick(&[], &chat("m", &format!("{system} question 0")));
+        p.observe_response(EVICTED_ANSWER, true);
+        p.finish(200);
+        assert_eq!(
+            share(r),
+            0.0,
+            "new content evicts nothing known to be reused"
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
+    for (on, r) in &routers {
+        let mut p = r.pick(&[], &chat("m", &format!("{system} question 1")));
+        p.observe_response(EVICTED_ANSWER, true);
+        p.finish(200);
+        if *on {
+            let share = share(r);
+            assert!((0.85..0.98).contains(&share), "{share}");
+        } else {
+            assert_eq!(share(r), 0.0, "not measured without eviction_pressure");
+        }
+    }
+}
+
 mod sessions;

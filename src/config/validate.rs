@@ -78,7 +78,7 @@ pub(super) fn validate(
         cache_feedback: raw.cache_feedback.unwrap_or(true),
         cache_capacity_tokens,
         cache_residency: raw.cache_residency.unwrap_or(true),
-        eviction_pressure: raw.eviction_pressure.unwrap_or(false),
+        eviction_pressure: raw.eviction_pressure.unwrap_or(true),
         ejection,
         log: request_log(raw.log)?,
         dns_clusters,

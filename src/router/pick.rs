@@ -352,12 +352,12 @@ impl RouterInner {
         algorithm.select(&selection, &mut rng)
     }
 
-    /// The index's claim for the chosen endpoint, whatever its age, for the answer to teach
-    /// the endpoint's capacity (`Residency::learn`, `src/state/endpoint.rs`): only with
-    /// `cache_residency` and `cache_feedback`, while neither the engine nor the config gives
-    /// the capacity, once the endpoint's answers report `cached_tokens` (an engine that never
-    /// does costs no walk), and when the index lists something there. Read before the pick
-    /// records the prompt (which makes every chunk fresh).
+    /// The index's claim for the chosen endpoint, whatever its age (share of the prompt's
+    /// chunks, age of the deepest in ms), for the answer to teach the endpoint's capacity
+    /// ([`RouterInner::learns_capacity`], `Residency::learn`) or its eviction share
+    /// (`eviction_pressure`, `Residency::note_writes`): only once the endpoint's answers report
+    /// `cached_tokens` (an engine that never does costs no walk). Read before the pick records
+    /// the prompt (which makes every chunk fresh).
     fn claim_to_learn_from(
         &self,
         r: &Routed,
@@ -365,17 +365,23 @@ impl RouterInner {
         use_index: bool,
         now: u64,
     ) -> Option<(f64, u64)> {
-        let c = &self.config;
-        let learning_capacity = c.cache_residency
-            && c.cache_feedback
-            && !endpoint.residency.capacity_given(c.cache_capacity_tokens);
         let reports_cache = endpoint.answers.prompt_chars.load(Ordering::Relaxed) > 0;
-        if !use_index || !reports_cache || !(learning_capacity || c.eviction_pressure) {
+        let wanted = self.learns_capacity(endpoint) || self.config.eviction_pressure;
+        if !use_index || !reports_cache || !wanted {
             return None;
         }
         let (chunks, age_ms) = self.index.claim_of(&r.prefix_hashes, endpoint.id, now);
         let total_chunks = r.prefix_hashes.len().max(1) as f64;
         Some((chunks as f64 / total_chunks, age_ms))
+    }
+
+    /// True when `endpoint`'s capacity is learned from its answers: with `cache_residency`
+    /// and `cache_feedback`, while neither its engine nor the config gives one.
+    pub(super) fn learns_capacity(&self, endpoint: &Endpoint) -> bool {
+        let c = &self.config;
+        c.cache_residency
+            && c.cache_feedback
+            && !endpoint.residency.capacity_given(c.cache_capacity_tokens)
     }
 
     /// Accounts the choice: the endpoint's load, the router's counters, and (when `use_index`)

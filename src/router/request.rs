@@ -312,15 +312,12 @@ impl PickedRequest {
                         e.answers.correct_cache_trust(r.cache_ratio, engine);
                     }
                     if let Some((claimed, age_ms)) = r.claim {
-                        e.residency.note_writes(
-                            written,
-                            usage.prompt_tokens,
-                            claimed,
-                            age_ms,
-                            engine,
-                        );
-                        let given = self.router.config.cache_capacity_tokens;
-                        if !e.residency.capacity_given(given) {
+                        if self.router.config.eviction_pressure {
+                            let prompt = usage.prompt_tokens;
+                            e.residency
+                                .note_writes(written, prompt, claimed, age_ms, engine);
+                        }
+                        if self.router.learns_capacity(e) {
                             e.residency.learn(age_ms, claimed, engine);
                         }
                     }

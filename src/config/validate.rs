@@ -74,7 +74,7 @@ pub(super) fn validate(
         metrics_path,
         prefix_index_capacity: prefix_index_capacity as usize,
         learn_response_bytes: learn_response_bytes as usize,
-        force_stream_usage: raw.force_stream_usage.unwrap_or(false),
+        force_stream_usage: raw.force_stream_usage.unwrap_or(true),
         cache_feedback: raw.cache_feedback.unwrap_or(true),
         cache_capacity_tokens,
         cache_residency: raw.cache_residency.unwrap_or(true),

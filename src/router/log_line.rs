@@ -226,7 +226,8 @@ mod tests {
             path.to_str().unwrap()
         );
         let router = Router::from_json(config.as_bytes()).unwrap();
-        let body = br#"{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hello there, router"}]}"#;
+        // a client that asks for the usage chunk (one that did not would not get it)
+        let body = br#"{"model": "m", "stream": true, "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": "hello there, router"}]}"#;
         let headers: &[crate::router::HeaderRef] = &[(b"X-Request-Id", b"req-1")];
 
         let mut ok = router.pick(headers, body);

@@ -27,8 +27,8 @@ pub struct CandidateLoad {
     pub cache_ratio: f64,
     /// Prompt characters in prefill on the endpoint that it must compute (not cached).
     pub uncached_prefill_chars: u64,
-    /// Share of the prefixes requested again on the endpoint that its engine had evicted,
-    /// 0–1 (0 when not measured or `eviction_pressure` is off).
+    /// Share of what the endpoint's answers write into its KV cache that recomputes a prefix
+    /// its engine had evicted, 0–1 (0 when not measured or `eviction_pressure` is off).
     pub eviction_share: f64,
 }
 

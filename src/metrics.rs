@@ -459,7 +459,7 @@ fn render_answers(out: &mut String, sets: &[(&str, Arc<EndpointSet>)], page: &Pa
         out,
         "llmproxy_endpoint_cache_eviction_share",
         "gauge",
-        "Share of the prefixes requested again on the endpoint (claims at least 1 s old) that its engine had evicted, averaged over recent answers (measured with eviction_pressure, 0 without); a miss there costs 1 / (1 - share) times more.",
+        "Share of the tokens the endpoint's answers write into its KV cache that recompute a prefix listed there at least 1 s before and reported evicted by its engine, averaged over recent answers (measured with eviction_pressure, 0 without); a miss there costs 1 / (1 - share) times more.",
     );
     for (labels, e) in answered() {
         let _ = writeln!(

@@ -243,9 +243,10 @@ pub struct Config {
     /// Counts a prefix as cached on an endpoint only while it is likely still resident there
     /// (its last use within capacity / write rate; [`crate::state::Residency`]).
     pub cache_residency: bool,
-    /// Prices a cache miss on an endpoint by its cache pressure: the share of the prefixes
-    /// requested again there that its engine had evicted ([`crate::state::Residency::eviction_share`]).
-    /// A prefix computed there evicts others, which are needed again with that probability.
+    /// Prices a cache miss on an endpoint by its cache pressure: the share of what its answers
+    /// write that recomputes a prefix its engine had evicted
+    /// ([`crate::state::Residency::eviction_share`]). A prefix computed there evicts others,
+    /// which are needed again with about that probability.
     pub eviction_pressure: bool,
     /// Passive ejection of failing endpoints.
     pub ejection: Ejection,

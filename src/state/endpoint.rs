@@ -206,16 +206,8 @@ impl Residency {
         } else {
             0.0
         };
-        for (bits, value) in [
-            (&self.written_bits, written as f64),
-            (&self.lost_bits, lost),
-        ] {
-            let old = f64::from_bits(bits.load(Ordering::Relaxed));
-            bits.store(
-                (old + EVICTION_STEP * (value - old)).to_bits(),
-                Ordering::Relaxed,
-            );
-        }
+        step_toward(&self.written_bits, written as f64, EVICTION_STEP);
+        step_toward(&self.lost_bits, lost, EVICTION_STEP);
     }
 
     /// Capacity (this endpoint's reported one, else `default_capacity`, else the learned one;
@@ -249,6 +241,13 @@ impl Residency {
         self.current_ms(default_capacity)
             .map_or(u64::MAX, |ms| ms.min(u64::MAX as f64) as u64)
     }
+}
+
+/// Moves the moving average held as `f64` bits in `bits` a `step` of the way toward `value`.
+/// Racing updates may lose one step: the averages are routing hints, never unsafe.
+fn step_toward(bits: &AtomicU64, value: f64, step: f64) {
+    let old = f64::from_bits(bits.load(Ordering::Relaxed));
+    bits.store((old + step * (value - old)).to_bits(), Ordering::Relaxed);
 }
 
 /// What the endpoint's engine reported running plus waiting beyond this router's own requests
@@ -340,9 +339,7 @@ impl AnswerStats {
             return;
         }
         let kept = (engine / claimed).clamp(0.0, 1.0);
-        let trust = self.cache_trust();
-        let next = trust + TRUST_STEP * (kept - trust);
-        self.cache_trust.store(next.to_bits(), Ordering::Relaxed);
+        step_toward(&self.cache_trust, kept, TRUST_STEP);
     }
 
     /// Counts one answer's usage for the model in `slot`; `predicted_cached_chars` of its

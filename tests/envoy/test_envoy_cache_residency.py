@@ -36,16 +36,26 @@ def solo_gateway(servers, engine, tmp_path_factory, **settings):
     return harness.retry_on_port_clash(start)
 
 
+def running_solo_gateway(servers, tmp_path_factory, param, **settings):
+    """The body of a fixture: a `solo_gateway` to pool_a's first engine with `settings`,
+    yielded as (gateway, the fixture's param, the engine's address), closed after the test."""
+    engine = POOLS["pool_a"][0]
+    gw = solo_gateway(servers, engine, tmp_path_factory, **settings)
+    try:
+        yield gw, param, servers.addr(engine)
+    finally:
+        gw.close()
+
+
 @pytest.fixture(params=[True, False], ids=["residency", "no-residency"])
 def residency_gateway(request, module_built, servers, tmp_path_factory):
     engine = POOLS["pool_a"][0]
     set_metrics(servers, engine, "page", TINY_CACHE)
-    gw = solo_gateway(servers, engine, tmp_path_factory, cache_feedback=False, cache_residency=request.param,
-                      engine_metrics={"enabled": True, "period_ms": 100, "timeout_ms": 100})
     try:
-        yield gw, request.param, servers.addr(engine)
+        yield from running_solo_gateway(servers, tmp_path_factory, request.param, cache_feedback=False,
+                                        cache_residency=request.param,
+                                        engine_metrics={"enabled": True, "period_ms": 100, "timeout_ms": 100})
     finally:
-        gw.close()
         set_metrics(servers, engine, "off")
 
 
@@ -85,12 +95,7 @@ def test_a_prefix_older_than_the_engines_cache_residency_stops_counting(residenc
 def learning_gateway(request, module_built, servers, tmp_path_factory):
     """A gateway to one engine whose capacity nobody gives (no metrics page, no config):
     with `cache_feedback` it is learned from the answers' `cached_tokens`."""
-    engine = POOLS["pool_a"][0]
-    gw = solo_gateway(servers, engine, tmp_path_factory, cache_feedback=request.param)
-    try:
-        yield gw, request.param, servers.addr(engine)
-    finally:
-        gw.close()
+    yield from running_solo_gateway(servers, tmp_path_factory, request.param, cache_feedback=request.param)
 
 
 def test_the_engines_cache_capacity_is_learned_from_its_answers(learning_gateway):
@@ -132,13 +137,8 @@ def test_the_engines_cache_capacity_is_learned_from_its_answers(learning_gateway
 def pressure_gateway(request, module_built, servers, tmp_path_factory):
     """A gateway to one engine whose capacity the config gives (nothing to learn): only
     `eviction_pressure` measures the engine's eviction share."""
-    engine = POOLS["pool_a"][0]
-    gw = solo_gateway(servers, engine, tmp_path_factory, cache_capacity_tokens=1_000_000,
-                      eviction_pressure=request.param)
-    try:
-        yield gw, request.param, servers.addr(engine)
-    finally:
-        gw.close()
+    yield from running_solo_gateway(servers, tmp_path_factory, request.param, cache_capacity_tokens=1_000_000,
+                                    eviction_pressure=request.param)
 
 
 def test_the_share_of_writes_that_recompute_evicted_prefixes_is_measured(pressure_gateway):

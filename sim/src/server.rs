@@ -63,6 +63,10 @@ pub struct ServeArgs {
     /// GPU generations).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     pub speed: Vec<f64>,
+    /// Leave `prompt_tokens_details.cached_tokens` out of `usage`, as vLLM does without
+    /// `--enable-prompt-tokens-details` and SGLang without `--enable-cache-report`.
+    #[arg(long)]
+    pub no_cache_report: bool,
 }
 
 impl ServeArgs {
@@ -114,6 +118,8 @@ pub struct Server {
     pub port: u16,
     model: String,
     default_max_tokens: usize,
+    /// Whether `usage` tells the prompt tokens found cached (`--no-cache-report`: no).
+    cache_report: bool,
     inner: Mutex<Inner>,
     notify: Notify,
 }
@@ -131,6 +137,7 @@ impl Server {
             port,
             model,
             default_max_tokens,
+            cache_report: true,
             inner: Mutex::new(Inner {
                 engine: Engine::new(cfg),
                 subs: HashMap::new(),
@@ -138,6 +145,12 @@ impl Server {
             }),
             notify: Notify::new(),
         }
+    }
+
+    /// The same server, telling `cached_tokens` in `usage` or not.
+    pub fn with_cache_report(mut self, on: bool) -> Self {
+        self.cache_report = on;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -373,13 +386,16 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
             .map_err(|e| format!("cannot bind {addr}: {e}"))?;
         let port = l.local_addr().map(|a| a.port()).unwrap_or(port);
         listeners.push(l);
-        fleet.push(Arc::new(Server::new(
-            format!("{}:{port}", args.host),
-            port,
-            args.model.clone(),
-            args.default_max_tokens,
-            args.engine_config_of(i),
-        )));
+        fleet.push(Arc::new(
+            Server::new(
+                format!("{}:{port}", args.host),
+                port,
+                args.model.clone(),
+                args.default_max_tokens,
+                args.engine_config_of(i),
+            )
+            .with_cache_report(!args.no_cache_report),
+        ));
     }
     let fleet = Arc::new(fleet);
     let mut tasks = tokio::task::JoinSet::new();
@@ -452,15 +468,17 @@ mod tests {
     /// One server on an ephemeral 127.0.0.1 port, its engine and HTTP API running on the test's
     /// runtime (they stop with it).
     async fn start(cfg: EngineConfig) -> String {
+        start_reporting(cfg, true).await
+    }
+
+    /// [`start`], telling `cached_tokens` in `usage` or not.
+    async fn start_reporting(cfg: EngineConfig, cache_report: bool) -> String {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
-        let s = Arc::new(Server::new(
-            format!("127.0.0.1:{port}"),
-            port,
-            "m".into(),
-            16,
-            cfg,
-        ));
+        let s = Arc::new(
+            Server::new(format!("127.0.0.1:{port}"), port, "m".into(), 16, cfg)
+                .with_cache_report(cache_report),
+        );
         tokio::spawn(s.clone().run_engine());
         let router = app(s.clone(), Arc::new(vec![s]));
         tokio::spawn(async move { axum::serve(l, router).await });
@@ -697,5 +715,56 @@ mod tests {
         assert_eq!(v["choices"], json!([]));
         assert_eq!(v["usage"]["prompt_tokens"], 40);
         assert_eq!(v["usage"]["completion_tokens"], 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_cache_report_usage_has_no_prompt_tokens_details() {
+        let u = start_reporting(
+            EngineConfig {
+                step_base_s: 0.001,
+                ..EngineConfig::default()
+            },
+            false,
+        )
+        .await;
+        let c = client();
+        let chat = format!("{u}/v1/chat/completions");
+        let msgs =
+            json!([{"role": "system", "content": prompt(300)}, {"role": "user", "content": "hi"}]);
+        // twice: the second time the prompt is cached, and still nothing says so
+        for _ in 0..2 {
+            let r: Value = c
+                .post(&chat)
+                .json(&json!({"messages": msgs, "max_tokens": 3}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(r["usage"]["completion_tokens"], 3);
+            assert!(r["usage"].get("prompt_tokens_details").is_none(), "{r}");
+        }
+        let body = json!({"messages": msgs, "max_tokens": 3, "stream": true, "stream_options": {"include_usage": true}});
+        let datas = sse(&c, &chat, &body).await;
+        let last: Value = serde_json::from_str(&datas[datas.len() - 2]).unwrap();
+        assert_eq!(last["usage"]["completion_tokens"], 3);
+        assert!(
+            last["usage"].get("prompt_tokens_details").is_none(),
+            "{last}"
+        );
+        // the engine did find the prompt cached: the fleet's counters say so
+        let stats: Value = c
+            .get(format!("{u}/sim/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            stats["totals"]["cached_tokens"].as_f64().unwrap() > 500.0,
+            "{stats}"
+        );
     }
 }

@@ -176,10 +176,12 @@ async fn generate(st: AppState, body: Bytes, api: Api) -> Response {
             created,
             model,
             object: chunk_object,
+            cache_report: srv.cache_report,
         };
         sse_response(rx, fmt, include_usage)
     } else {
-        collect_response(rx, api, rid, created, model, object).await
+        let cache_report = srv.cache_report;
+        collect_response(rx, api, rid, created, model, object, cache_report).await
     }
 }
 
@@ -189,6 +191,7 @@ struct ChunkFmt {
     created: u64,
     model: String,
     object: &'static str,
+    cache_report: bool,
 }
 
 impl ChunkFmt {
@@ -215,17 +218,21 @@ impl ChunkFmt {
     }
 
     fn usage(&self, u: &Usage) -> String {
-        json!({"id": self.rid, "object": self.object, "created": self.created, "model": self.model, "choices": [], "usage": usage_json(u)}).to_string()
+        json!({"id": self.rid, "object": self.object, "created": self.created, "model": self.model, "choices": [], "usage": usage_json(u, self.cache_report)}).to_string()
     }
 }
 
-fn usage_json(u: &Usage) -> Value {
-    json!({
+/// An OpenAI `usage` object; `prompt_tokens_details` only when the server reports its cache.
+fn usage_json(u: &Usage, cache_report: bool) -> Value {
+    let mut usage = json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-    })
+    });
+    if cache_report {
+        usage["prompt_tokens_details"] = json!({"cached_tokens": u.cached_tokens});
+    }
+    usage
 }
 
 struct SseState {
@@ -286,6 +293,7 @@ async fn collect_response(
     created: u64,
     model: String,
     object: &str,
+    cache_report: bool,
 ) -> Response {
     let mut text = String::new();
     let mut usage = Usage::default();
@@ -314,7 +322,7 @@ async fn collect_response(
             json!({"index": 0, "text": text, "logprobs": null, "finish_reason": "length"})
         }
     };
-    Json(json!({"id": rid, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage_json(&usage)}))
+    Json(json!({"id": rid, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage_json(&usage, cache_report)}))
         .into_response()
 }
 

@@ -17,6 +17,11 @@
 # MC_BENCH_REDIS_CPU=N puts redis-server alone on CPU N and everything else (the servers of both
 # stores, the load generator) on the other CPUs: Redis on its own core, as it is deployed,
 # and the same CPUs for the in-memory baseline.
+#
+# MC_BENCH_CLIENT_CPU=N runs the load generator on CPU N instead (with MC_BENCH_REDIS_CPU=N as
+# well: the metadata-center alone on the other CPUs, Redis and the client sharing CPU N). The
+# lookup latency is then the server's, not the wait for a core the client is using; in a
+# deployment the gateways run on other machines.
 set -euo pipefail
 BIN=$1 BENCH=$2 SECS=$3 CONC=$4 STORES=${5:-memory redis}
 REDIS_CPU=${MC_BENCH_REDIS_CPU:-}
@@ -29,6 +34,11 @@ if [ -n "$REDIS_CPU" ]; then
   fi
   ON_REDIS_CPU=(taskset -c "$REDIS_CPU") ON_OTHER_CPUS=(taskset -c "$others")
   echo "redis-server on CPU $REDIS_CPU, the metadata-center(s) and the load generator on CPU(s) $others"
+fi
+ON_CLIENT_CPU=("${ON_OTHER_CPUS[@]}")
+if [ -n "${MC_BENCH_CLIENT_CPU:-}" ]; then
+  ON_CLIENT_CPU=(taskset -c "$MC_BENCH_CLIENT_CPU")
+  echo "the load generator on CPU $MC_BENCH_CLIENT_CPU"
 fi
 tmp=$(mktemp -d)
 pids=()
@@ -64,7 +74,7 @@ for store in $STORES; do
   memory)
     echo "== in-memory store, 1 replica"
     start_mc
-    MC_BENCH_CPU="server:$MC_PID" "${ON_OTHER_CPUS[@]}" "$BENCH" "http://$MC_ADDR" "$SECS" "$CONC"
+    MC_BENCH_CPU="server:$MC_PID" "${ON_CLIENT_CPU[@]}" "$BENCH" "http://$MC_ADDR" "$SECS" "$CONC"
     echo "server RSS after the run: $(ps -o rss= -p "$MC_PID") KiB, threads: $(ps -o nlwp= -p "$MC_PID")"
     stop "$MC_PID"
     ;;
@@ -87,7 +97,7 @@ for store in $STORES; do
         addrs+=("http://$MC_ADDR"); mcs+=("$MC_PID")
       done
       MC_BENCH_CPU="server:$(IFS=+; echo "${mcs[*]}"),redis:$rpid" \
-        "${ON_OTHER_CPUS[@]}" "$BENCH" "$(IFS=,; echo "${addrs[*]}")" "$SECS" "$CONC"
+        "${ON_CLIENT_CPU[@]}" "$BENCH" "$(IFS=,; echo "${addrs[*]}")" "$SECS" "$CONC"
       for a in "${addrs[@]}"; do
         echo "store errors + timeouts on ${a#http://}: $(store_failures "${a#http://}")"
       done
@@ -97,7 +107,7 @@ for store in $STORES; do
     for c in "$CONC" 1; do
       redis-cli -p "$port" flushall >/dev/null
       echo "== Redis store called directly (no HTTP, no metadata-center process), $c task(s)"
-      MC_BENCH_CPU="redis:$rpid" "${ON_OTHER_CPUS[@]}" "$BENCH" --redis "redis://127.0.0.1:$port" "$SECS" "$c"
+      MC_BENCH_CPU="redis:$rpid" "${ON_CLIENT_CPU[@]}" "$BENCH" --redis "redis://127.0.0.1:$port" "$SECS" "$c"
     done
     stop "$rpid"
     ;;

@@ -12,7 +12,7 @@ SIM_BIN        := $(RELEASE)/llmproxy-sim
 SIM_PLOT_REQ   := matplotlib==3.10.3
 SIM_PEERS_REQ  := sglang-router==0.3.2 vllm-router==0.1.17
 
-.PHONY: sim test-sim sim-plot-deps sim-peer-deps sim-compare-demo sim-saturation bench-routing-peers bench-routing
+.PHONY: sim test-sim sim-plot-deps sim-peer-deps sim-compare-demo sim-saturation bench-routing-peers bench-routing bench-routing-matrix
 
 ## sim: build the simulator / load generator
 sim:
@@ -62,3 +62,10 @@ BENCH_ROUTING_NGINX ?= nginx-1w:1:shared nginx-4w-local:4:local nginx-4w-shared:
 bench-routing: sim sim-plot-deps envoy-module $(if $(BENCH_ROUTING_NGINX),nginx-deps) $(if $(filter 0,$(BENCH_PEERS)),,sim-peer-deps)
 	BENCH_REFS=$${BENCH_REFS:-0} BENCH_ENVOY_TARGETS="$(BENCH_ROUTING_ENVOY)" \
 	  BENCH_NGINX_TARGETS="$(BENCH_ROUTING_NGINX)" bash scripts/bench_routing.sh $(BENCH_TARGETS)
+
+## bench-routing-matrix: issue #19's matrix (not in CI, ~70 min): chat+RAG, agent and burst
+## traces at ~75 % and ~95 % of round robin's saturation, seeds 1 and 2; Envoy + llmproxy
+## (prefix_cost, as shipped) against sglang-router cache_aware in every run; one table with the
+## ratios to the best peer in build/bench-matrix/matrix.md (scripts/bench_routing_matrix.sh).
+bench-routing-matrix: sim sim-plot-deps envoy-module sim-peer-deps
+	bash scripts/bench_routing_matrix.sh

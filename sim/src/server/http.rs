@@ -180,8 +180,7 @@ async fn generate(st: AppState, body: Bytes, api: Api) -> Response {
         };
         sse_response(rx, fmt, include_usage)
     } else {
-        let cache_report = srv.cache_report;
-        collect_response(rx, api, rid, created, model, object, cache_report).await
+        collect_response(rx, api, rid, created, model, object, srv.cache_report).await
     }
 }
 

@@ -577,14 +577,7 @@ mod tests {
         for _ in 0..2 {
             let (c, u, body) = (c.clone(), u.clone(), body.clone());
             tasks.push(tokio::spawn(async move {
-                c.post(format!("{u}/v1/chat/completions"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json::<Value>()
-                    .await
-                    .unwrap()
+                post_json(&c, &format!("{u}/v1/chat/completions"), &body).await
             }));
         }
         let mut seen = false;
@@ -619,6 +612,18 @@ mod tests {
         assert!(hits >= 784.0, "{hits}");
     }
 
+    /// POSTs `body` as JSON to `url` and reads the JSON answer.
+    async fn post_json(c: &reqwest::Client, url: &str, body: &Value) -> Value {
+        c.post(url)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     async fn sse(c: &reqwest::Client, url: &str, body: &Value) -> Vec<String> {
         let r = c.post(url).json(body).send().await.unwrap();
         assert_eq!(r.status(), 200);
@@ -640,15 +645,7 @@ mod tests {
         let chat = format!("{u}/v1/chat/completions");
         let msgs =
             json!([{"role": "system", "content": prompt(300)}, {"role": "user", "content": "hi"}]);
-        let r: Value = c
-            .post(&chat)
-            .json(&json!({"messages": msgs, "max_tokens": 7}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r = post_json(&c, &chat, &json!({"messages": msgs, "max_tokens": 7})).await;
         let usage = &r["usage"];
         let prompt_tokens = usage["prompt_tokens"].as_u64().unwrap();
         assert!(prompt_tokens > 300);
@@ -733,15 +730,7 @@ mod tests {
             json!([{"role": "system", "content": prompt(300)}, {"role": "user", "content": "hi"}]);
         // twice: the second time the prompt is cached, and still nothing says so
         for _ in 0..2 {
-            let r: Value = c
-                .post(&chat)
-                .json(&json!({"messages": msgs, "max_tokens": 3}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let r = post_json(&c, &chat, &json!({"messages": msgs, "max_tokens": 3})).await;
             assert_eq!(r["usage"]["completion_tokens"], 3);
             assert!(r["usage"].get("prompt_tokens_details").is_none(), "{r}");
         }

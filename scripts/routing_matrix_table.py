@@ -57,9 +57,9 @@ def verdict(ours, peer):
 def main():
     out = pathlib.Path(sys.argv[1])
     cells = sorted(
-        (p.parent.name, p) for p in out.glob("*/results.json")
+        ((p.parent.name, p) for p in out.glob("*/results.json")),
+        key=lambda c: (cell_key(c[0]), c[0]),
     )
-    cells.sort(key=lambda c: cell_key(c[0]))
     lines = [
         "| cell | policy | TTFT mean | p50 | p99 | e2e mean | req/s | hit rate | errors |"
         " vs best peer: mean / p99 / e2e / hit (points) / req/s |",

@@ -237,6 +237,43 @@ fn remote_cache_lookup_finds_the_endpoint_another_router_warmed() {
 }
 
 #[test]
+fn remote_claims_older_than_the_endpoints_cache_residency_do_not_count() {
+    // One endpoint with a 1,000-token KV cache. Router a claims a document's prefix on it.
+    // Router b's own answers then write 50,000 tokens there within b's 2 s rate window, so
+    // b expects whatever is older than ~40 ms to be evicted: its cache query asks only for
+    // younger claims (`max_age_ms`) and a's, 2 s old, no longer counts. Router c, the same
+    // without cache_residency, takes the claim at its word.
+    let server = start_server();
+    let router = |residency: bool| {
+        let config = format!(
+            r#"{{"cache_capacity_tokens": 1000, "cache_feedback": false, "cache_residency": {residency},
+            "model_mapping_rule": {{"m": {{"rules": [{{"cluster": "pool", "backend": "vllm"}}]}}}},
+            "clusters": {{"pool": {{"endpoints": ["127.0.0.1:7001"]}}}},
+            "metadata_center": {{"enabled": true, "host": "127.0.0.1", "port": {},
+                                 "cache_enabled": true, "timeout_ms": 500}}}}"#,
+            server.port
+        );
+        Router::from_json(config.as_bytes()).unwrap()
+    };
+    let (a, b, c) = (router(true), router(true), router(false));
+    let document = format!("{} question", "long shared document text. ".repeat(200));
+    let saves = server_saves(server.port);
+    a.pick(&[], &chat(&document)).finish(200);
+    wait_until("a's claim to land", || server_saves(server.port) > saves);
+    let evicting = br#"{"choices":[{"index":0,"message":{"content":"ok"}}],"usage":{"prompt_tokens":50000,"completion_tokens":0,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+    let mut p = b.pick(&[], &chat("an unrelated question"));
+    p.observe_response(evicting, true);
+    p.finish(200);
+    std::thread::sleep(Duration::from_millis(2_100));
+    let req = decided_after_lookup(&c, &chat(&document));
+    assert!(req.cache_ratio() > 0.99, "c: ratio {}", req.cache_ratio());
+    req.finish(200);
+    let req = decided_after_lookup(&b, &chat(&document));
+    assert_eq!(req.cache_ratio(), 0.0, "b: a's claim is past the residency");
+    req.finish(200);
+}
+
+#[test]
 fn a_pick_claims_its_prefix_before_the_server_answers() {
     // Router A picks and has not heard a byte from the server yet (prefill): router B, asking
     // the Metadata-Center, already routes the same document to A's endpoint.

@@ -3,13 +3,19 @@
 //! is checked against. Decoding itself (gin's `ShouldBindJSON` behaviour) and the envelope are in
 //! `crate::envelope`; the handlers that use these types are in `crate::server`.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 
+use crate::cache::MaxAges;
 use crate::endpoint::Endpoint;
 use crate::envelope::{validation_error, ApiError, WireRequest};
 
 /// Longest `cluster`, `request_id` and `ip` accepted (400 above).
 const MAX_ID_LEN: usize = 1024;
+
+/// Most locations a cache query's `max_age_ms` may list (400 above).
+pub const MAX_AGE_LOCATIONS: usize = 10_000;
 
 /// Default of `[Cache] MaxPromptHashes`.
 pub const DEFAULT_MAX_PROMPT_HASHES: usize = 65_536;
@@ -139,6 +145,11 @@ pub struct CacheQuery {
     /// The aigw client sends `topk` (origin defect 2); accepted as well.
     #[serde(default)]
     pub topk: Option<i64>,
+    /// Our extension: per location (`ip` as saved), claims saved longer ago than this many ms
+    /// count as absent for this query (the asking gateway's estimate of how long each endpoint
+    /// keeps a prefix in its KV cache); locations not listed: the cache TTL.
+    #[serde(default)]
+    pub max_age_ms: Option<HashMap<String, u64>>,
 }
 
 impl CacheQuery {
@@ -150,6 +161,12 @@ impl CacheQuery {
             .unwrap_or(0)
             .min(10_000) as usize
     }
+
+    /// The per-location limits of `max_age_ms` (validated: every key is a location).
+    pub fn max_ages(&self) -> MaxAges {
+        let limits = self.max_age_ms.iter().flatten();
+        MaxAges::new(limits.filter_map(|(ip, &ms)| Some((ip.parse().ok()?, ms))))
+    }
 }
 
 impl WireRequest for CacheQuery {
@@ -159,12 +176,24 @@ impl WireRequest for CacheQuery {
         match field {
             "prompt_hash" => "uint64",
             "top_k" | "topk" => "int",
+            "max_age_ms" => "map[string]uint64",
+            f if f.starts_with("max_age_ms.") => "uint64",
             _ => "string",
         }
     }
     fn validate(&self, limits: &CacheLimits) -> Result<(), ApiError> {
         required(&self.cluster, Self::GO_STRUCT, "Cluster")?;
-        check_hashes(&self.prompt_hash, Self::GO_STRUCT, limits)
+        check_hashes(&self.prompt_hash, Self::GO_STRUCT, limits)?;
+        let ages = self.max_age_ms.iter().flatten();
+        if ages.clone().count() > MAX_AGE_LOCATIONS {
+            return Err(validation_error(Self::GO_STRUCT, "MaxAgeMs", "max"));
+        }
+        for (ip, _) in ages {
+            if ip.len() > MAX_ID_LEN || ip.parse::<Endpoint>().is_err() {
+                return Err(validation_error(Self::GO_STRUCT, "MaxAgeMs", "ip"));
+            }
+        }
+        Ok(())
     }
 }
 

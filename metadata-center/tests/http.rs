@@ -439,6 +439,69 @@ fn cache_save_and_query() {
 }
 
 #[test]
+fn a_query_with_max_age_ms_counts_each_locations_younger_claims_only() {
+    let s = Server::start(&[], &[]);
+    let save = |ip: &str, path: Value| {
+        let r = s.post(
+            "/v1/cache/save",
+            json!({"cluster": "m", "prompt_hash": path, "ip": ip}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text);
+    };
+    let q = |body: Value| -> Value {
+        let r = s.post("/v1/cache/query", body);
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.json["data"]["locations"].clone()
+    };
+    save("10.0.0.1", json!([1, 2, 3]));
+    std::thread::sleep(Duration::from_millis(400));
+    save("10.0.0.2", json!([1, 2]));
+    // the TTL (30 min) alone: both claims
+    assert_eq!(
+        q(json!({"cluster": "m", "prompt_hash": [1, 2, 3]})),
+        json!([{"ip": "10.0.0.1", "length": 3}, {"ip": "10.0.0.2", "length": 2}])
+    );
+    // 10.0.0.1's claims younger than 200 ms only: its save is 400 ms old; 10.0.0.2's limit
+    // (and a location's that saved nothing) change nothing
+    let ages = json!({"10.0.0.1": 200, "10.0.0.2": 200, "10.0.0.9:80": 1});
+    assert_eq!(
+        q(json!({"cluster": "m", "prompt_hash": [1, 2, 3], "max_age_ms": ages})),
+        json!([{"ip": "10.0.0.2", "length": 2}])
+    );
+    // generous limits change nothing
+    let ages = json!({"10.0.0.1": 60_000});
+    assert_eq!(
+        q(json!({"cluster": "m", "prompt_hash": [1, 2, 3], "max_age_ms": ages}))
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    // bad limits name the field
+    for (ages, part, says) in [
+        (
+            json!(200),
+            "message",
+            "Invalid input parameters: field QueryParam.max_age_ms should be map[string]uint64, not number 200",
+        ),
+        (
+            json!({"10.0.0.1": "soon"}),
+            "message",
+            "Invalid input parameters: field QueryParam.max_age_ms.10.0.0.1 should be uint64, not string",
+        ),
+        (
+            json!({"a host": 5}),
+            "reason",
+            "Key: 'QueryParam.MaxAgeMs' Error:Field validation for 'MaxAgeMs' failed on the 'ip' tag",
+        ),
+    ] {
+        let body = json!({"cluster": "m", "prompt_hash": [1], "max_age_ms": ages});
+        let r = s.post("/v1/cache/query", body);
+        assert_eq!(r.status, 400, "{}", r.text);
+        assert_eq!(r.json["error"][part], says, "{}", r.text);
+    }
+}
+
+#[test]
 fn ttls_expire_load_and_cache() {
     let s = Server::start(
         &[],

@@ -9,7 +9,7 @@ mod redis_support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use llmproxy_metadata_center::cache::{CacheConfig, CachePool};
+use llmproxy_metadata_center::cache::{CacheConfig, CachePool, MaxAges};
 use llmproxy_metadata_center::endpoint::Endpoint;
 use llmproxy_metadata_center::load::{AddRequest, Stamp};
 use llmproxy_metadata_center::retry::RetryKind;
@@ -231,6 +231,45 @@ async fn redis_cache_query_without_a_script_keeps_the_redis_clock() {
     // the script's answer told it the clock: its next query is plain
     assert_eq!(fresh.cache_query("m", &[1, 2], 5).await, vec![(b, 2)]);
     assert_eq!(fresh.counters.plain_cache_queries(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cache_query_with_max_ages_counts_only_younger_tags() {
+    if !redis_available("redis_cache_query_with_max_ages_counts_only_younger_tags") {
+        return;
+    }
+    let r = RedisServer::start();
+    let s = RedisStore::open(cfg(r.url())).unwrap();
+    let (a, b) = (ep("10.0.0.1"), ep("10.0.0.2"));
+    s.cache_save("m", &[1, 2, 3], a).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    s.cache_save("m", &[1, 2], b).await;
+    // a's claims younger than 200 ms only, b's younger than 1 s: a replica that has not seen
+    // Redis's clock (the script) and one that has (a plain HMGET) both leave out a's 400 ms
+    // old tags, and count them without the limits
+    let young = &MaxAges::new([(a, 200), (b, 1_000)]);
+    let fresh = RedisStore::open(cfg(r.url())).unwrap();
+    assert_eq!(
+        fresh.cache_query_within("m", &[1, 2, 3], 5, young).await,
+        vec![(b, 2)]
+    );
+    assert_eq!(fresh.counters.plain_cache_queries(), 0);
+    let plain = s.counters.plain_cache_queries();
+    assert_eq!(
+        s.cache_query_within("m", &[1, 2, 3], 5, young).await,
+        vec![(b, 2)]
+    );
+    assert_eq!(s.counters.plain_cache_queries(), plain + 1);
+    assert_eq!(
+        s.cache_query("m", &[1, 2, 3], 5).await,
+        vec![(a, 3), (b, 2)]
+    );
+    // a max age beyond the TTL is the TTL
+    assert_eq!(
+        s.cache_query_within("m", &[1, 2, 3], 5, &MaxAges::new([(a, 86_400_000)]))
+            .await,
+        vec![(a, 3), (b, 2)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

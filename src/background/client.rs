@@ -6,6 +6,7 @@
 //! addresses, refreshed by a background resolver thread (a literal IP needs none), so a
 //! slow or black-holed DNS resolver delays no lookup.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -147,11 +148,20 @@ pub struct SaveCache<'a> {
     pub ip: &'a str,
 }
 
+/// Body of `POST /v1/cache/query` (sends `top_k`, the field the server reads).
 #[derive(Serialize)]
-struct CacheQuery<'a> {
-    cluster: &'a str,
-    prompt_hash: &'a [u64],
-    top_k: usize,
+pub struct CacheQuery<'a> {
+    /// Cluster key.
+    pub cluster: &'a str,
+    /// Cumulative prefix hashes of the prompt.
+    pub prompt_hash: &'a [u64],
+    /// Locations wanted at most.
+    pub top_k: usize,
+    /// Our extension: per location, claims saved longer ago than this many ms count as absent
+    /// (the endpoint's cache residency, as this router estimates it); locations not listed:
+    /// the server's TTL. Omitted when empty; the origin's server ignores it.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub max_age_ms: BTreeMap<String, u64>,
 }
 
 /// Why a call failed.
@@ -407,25 +417,17 @@ impl Client {
             .unwrap_or_default())
     }
 
-    /// `POST /v1/cache/query` (sends `top_k`, the field the server reads), answered or failed
-    /// before `deadline`.
+    /// `POST /v1/cache/query`, answered or failed before `deadline`.
     pub fn query_cache(
         &mut self,
-        cluster: &str,
-        hashes: &[u64],
-        top_k: usize,
+        query: &CacheQuery,
         deadline: Instant,
     ) -> Result<Vec<CacheLocation>, CallError> {
-        let body = serde_json::to_vec(&CacheQuery {
-            cluster,
-            prompt_hash: hashes,
-            top_k,
-        })
-        .unwrap_or_default();
+        let body = serde_json::to_vec(query).unwrap_or_default();
         Ok(self
             .call_until::<CacheQueryData>(
                 deadline,
-                cluster,
+                query.cluster,
                 "POST",
                 "/v1/cache/query",
                 Some(&body),
@@ -527,7 +529,13 @@ mod tests {
         let mut c = Client::new(settings, timeout, addrs);
         for _ in 0..3 {
             let start = Instant::now();
-            let got = c.query_cache("c", &[1, 2, 3], 2, start + timeout);
+            let query = CacheQuery {
+                cluster: "c",
+                prompt_hash: &[1, 2, 3],
+                top_k: 2,
+                max_age_ms: BTreeMap::new(),
+            };
+            let got = c.query_cache(&query, start + timeout);
             let took = start.elapsed();
             assert!(matches!(got, Err(CallError::Transport(_))), "{got:?}");
             assert!(took < timeout + Duration::from_millis(40), "took {took:?}");

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::pick::RemoteDepth;
 use super::{failed_request, HeaderRef, LogContext, PickedRequest, Routed, Router, RouterInner};
-use crate::background::client::Client;
+use crate::background::client::{CacheQuery, Client};
 use crate::background::Lookup;
 use crate::error::PickError;
 
@@ -142,18 +142,20 @@ impl Lookup for LookupJob {
             self.decide(None, true);
             return;
         }
-        let top_k = routed.cluster.snapshot().endpoints.len().max(1);
+        let query = CacheQuery {
+            cluster: &routed.cluster.name,
+            prompt_hash: &routed.prefix_hashes,
+            top_k: routed.cluster.snapshot().endpoints.len().max(1),
+            max_age_ms: self.router.remote_claim_max_ages(routed),
+        };
         // One deadline for the whole lookup, counted from the pick: every replica tried
         // shares it, so the decision comes within `timeout_ms` of the pick.
         let deadline = self.started + timeout;
-        let remote = client
-            .query_cache(&routed.cluster.name, &routed.prefix_hashes, top_k, deadline)
-            .ok()
-            .map(|locs| {
-                locs.into_iter()
-                    .map(|l| (l.ip, l.length))
-                    .collect::<RemoteDepth>()
-            });
+        let remote = client.query_cache(&query, deadline).ok().map(|locs| {
+            locs.into_iter()
+                .map(|l| (l.ip, l.length))
+                .collect::<RemoteDepth>()
+        });
         self.decide(remote.as_ref(), false);
     }
 }

@@ -8,6 +8,7 @@
 //! evict the least recently used nodes over all trees when `crate::memory` says the budget is
 //! exceeded. The tree itself, its semantics and `CacheConfig` are in `tree.rs`.
 
+mod max_age;
 #[cfg(test)]
 mod tests;
 mod tree;
@@ -21,6 +22,7 @@ use parking_lot::RwLock;
 
 use crate::budget::MemoryBudget;
 use crate::endpoint::Endpoint;
+pub use max_age::MaxAges;
 pub use tree::{CacheConfig, LevelStats, Tree, HASH_BYTES, NODE_BYTES, TAG_BYTES};
 
 /// Estimated bytes of one cluster tree besides its nodes: the handle, its map entry, the root and
@@ -169,12 +171,25 @@ impl CachePool {
         top_k: usize,
         now: Duration,
     ) -> Vec<(Endpoint, usize)> {
+        self.query_within(cluster, keys, top_k, now, &MaxAges::default())
+    }
+
+    /// [`CachePool::query`] counting each location's tags older than its limit in `ages`
+    /// (when shorter than the TTL) as absent: the asking gateway's `max_age_ms`.
+    pub fn query_within(
+        &self,
+        cluster: &str,
+        keys: &[u64],
+        top_k: usize,
+        now: Duration,
+        ages: &MaxAges,
+    ) -> Vec<(Endpoint, usize)> {
         self.counters.queries.fetch_add(1, Ordering::Relaxed);
         let Some(h) = self.get(cluster) else {
             return Vec::new();
         };
         let k = if top_k == 0 { self.cfg.top_k } else { top_k };
-        let out = h.tree.read().match_all(keys, k, now, &self.cfg);
+        let out = h.tree.read().match_within(keys, k, now, &self.cfg, ages);
         if !out.is_empty() {
             self.counters.query_hits.fetch_add(1, Ordering::Relaxed);
         }

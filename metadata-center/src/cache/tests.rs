@@ -122,6 +122,22 @@ fn ttl_hides_then_gc_removes_expired_nodes_and_tags() {
         ids(t.match_all(&[1, 2, 3, 4], 5, at(99), &cfg)),
         BTreeMap::from([(1, 3), (2, 4)])
     );
+    // a query's own limit per location (`max_age_ms`): loc 1's tag, 99 s old, is past
+    // 60 s; loc 2's, 49 s old, within 50 s; a limit beyond the expiry is the expiry
+    let ages =
+        |limits: &[(u32, u64)]| MaxAges::new(limits.iter().map(|&(l, s)| (loc(l), s * 1000)));
+    assert_eq!(
+        ids(t.match_within(&[1, 2, 3, 4], 5, at(99), &cfg, &ages(&[(1, 60), (2, 50)]))),
+        BTreeMap::from([(2, 4)])
+    );
+    assert_eq!(
+        ids(t.match_within(&[1, 2, 3, 4], 5, at(99), &cfg, &ages(&[(2, 40)]))),
+        BTreeMap::from([(1, 3)])
+    );
+    assert_eq!(
+        ids(t.match_within(&[1, 2, 3, 4], 5, at(99), &cfg, &ages(&[(1, 500)]))),
+        BTreeMap::from([(1, 3), (2, 4)])
+    );
     // loc 1's tag on [1,2,3] expired at 100 although the node was refreshed at 50.
     assert_eq!(
         ids(t.match_all(&[1, 2, 3, 4], 5, at(120), &cfg)),

@@ -27,6 +27,7 @@ use serde::Serialize;
 use slab::Slab;
 use smallvec::SmallVec;
 
+use super::MaxAges;
 use crate::endpoint::Endpoint;
 
 #[derive(Clone, Debug)]
@@ -347,6 +348,19 @@ impl Tree {
         now: Duration,
         cfg: &CacheConfig,
     ) -> Vec<(Endpoint, usize)> {
+        self.match_within(keys, top_k, now, cfg, &MaxAges::default())
+    }
+
+    /// [`Tree::match_all`] counting each location's tags older than its limit in `ages` (when
+    /// shorter than the configured expiry) as absent.
+    pub fn match_within(
+        &self,
+        keys: &[u64],
+        top_k: usize,
+        now: Duration,
+        cfg: &CacheConfig,
+        ages: &MaxAges,
+    ) -> Vec<(Endpoint, usize)> {
         // Location -> (deepest depth, latest tag time). A map, so a node with many tags on a
         // deep path stays linear in the number of tags visited.
         let mut best: HashMap<Endpoint, (usize, Duration)> = HashMap::new();
@@ -364,7 +378,7 @@ impl Tree {
             let common = lcp(&node.prefix, &keys[i..]);
             depth += common;
             for &(loc, t) in &node.locs {
-                if t + cfg.expire <= now {
+                if t + ages.expire_of(&loc, cfg.expire) <= now {
                     continue;
                 }
                 let e = best.entry(loc).or_insert((depth, t));

@@ -26,6 +26,7 @@ pub(super) async fn cache_query(
             q.cluster.as_deref().unwrap_or_default(),
             q.prompt_hash.as_deref().unwrap_or_default(),
             q.k(),
+            &q.max_ages(),
         )
         .await;
     let locations = found

@@ -11,7 +11,7 @@ pub mod redis;
 
 use std::sync::Arc;
 
-use crate::cache::CachePool;
+use crate::cache::{CachePool, MaxAges};
 use crate::endpoint::Endpoint;
 use crate::load::{AddRequest, EngineView, LoadStore, Stamp};
 use crate::memory::Evictor;
@@ -161,16 +161,20 @@ impl Store {
     }
 
     /// `POST /v1/cache/query`: locations and matched lengths, best first, at most `top_k`
-    /// (0: the configured default).
+    /// (0: the configured default), each location's claims counted up to its limit in `ages`
+    /// (the TTL when not listed).
     pub async fn cache_query(
         &self,
         cluster: &str,
         keys: &[u64],
         top_k: usize,
+        ages: &MaxAges,
     ) -> Vec<(Endpoint, usize)> {
         match self {
-            Store::Memory { cache, .. } => cache.query(cluster, keys, top_k, Stamp::now().mono),
-            Store::Redis(s) => s.cache_query(cluster, keys, top_k).await,
+            Store::Memory { cache, .. } => {
+                cache.query_within(cluster, keys, top_k, Stamp::now().mono, ages)
+            }
+            Store::Redis(s) => s.cache_query_within(cluster, keys, top_k, ages).await,
         }
     }
 

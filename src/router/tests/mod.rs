@@ -584,16 +584,25 @@ fn a_prefix_past_its_endpoints_cache_residency_no_longer_counts() {
             (residency, solo_router(&settings))
         })
         .collect();
+    let next = chat("m", &format!("{system} question 1"));
     for (_, r) in &routers {
+        // no write rate yet: other gateways' claims are asked for up to the server's TTL
+        let routed = r.inner.prepare(&[], &next).unwrap();
+        assert!(r.inner.remote_claim_max_ages(&routed).is_empty());
         let mut p = r.pick(&[], &chat("m", &format!("{system} question 0")));
         p.observe_response(EVICTED_ANSWER, true);
         p.finish(200);
     }
     std::thread::sleep(std::time::Duration::from_millis(2_100));
     for (residency, r) in &routers {
-        let p = r.pick(&[], &chat("m", &format!("{system} question 1")));
+        // the Metadata-Center's claims are aged like the index's (the cache query's max_age_ms)
+        let routed = r.inner.prepare(&[], &next).unwrap();
+        let max_ages = r.inner.remote_claim_max_ages(&routed);
+        let p = r.pick(&[], &next);
         let ratio = p.routed().unwrap().cache_ratio;
         if *residency {
+            let ms = max_ages.get("127.0.0.1:1");
+            assert!(ms.is_some_and(|&ms| ms < 100), "{max_ages:?}");
             assert_eq!(ratio, 0.0, "evicted since");
             let page = r.metrics_text();
             let horizon = sample(
@@ -602,6 +611,7 @@ fn a_prefix_past_its_endpoints_cache_residency_no_longer_counts() {
             );
             assert!(horizon < 0.1, "horizon {horizon} s");
         } else {
+            assert!(max_ages.is_empty());
             assert!(ratio > 0.8, "the index at its word: {ratio}");
         }
     }

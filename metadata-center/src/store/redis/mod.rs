@@ -30,8 +30,9 @@ use self::conn::Conn;
 use self::keys::{digest_field, prefix_digests, request_index, ClusterKeys};
 use self::recent::{RecentSaves, SaveKeys};
 use self::scripts::Scripts;
-use self::walk::{bulk_string, parse_digits, walk};
+use self::walk::{bulk_string, parse_digits, walk, Ttl};
 use super::StoreSpec;
+use crate::cache::MaxAges;
 use crate::endpoint::Endpoint;
 use crate::load::{AddRequest, EngineView};
 use crate::retry::RetryKind;
@@ -510,15 +511,28 @@ impl RedisStore {
     /// `POST /v1/cache/query`: per location, the number of leading hashes of the query it
     /// holds; deepest first, then most recently saved, then by address; at most `top_k` (0: the
     /// configured default). Empty when Redis did not answer.
-    ///
-    /// With Redis's clock known, the query is a plain `HMGET`, sent in one pipeline with the
-    /// other queries of the cluster ready at the same moment (`batch`); otherwise the
-    /// `cache_query` script reads the clock with the nodes.
     pub async fn cache_query(
         &self,
         cluster: &str,
         hashes: &[u64],
         top_k: usize,
+    ) -> Vec<(Endpoint, usize)> {
+        self.cache_query_within(cluster, hashes, top_k, &MaxAges::default())
+            .await
+    }
+
+    /// [`RedisStore::cache_query`] counting each location's tags older than its limit in
+    /// `ages` (when shorter than the TTL) as absent: the asking gateway's `max_age_ms`.
+    ///
+    /// With Redis's clock known, the query is a plain `HMGET`, sent in one pipeline with the
+    /// other queries of the cluster ready at the same moment (`batch`); otherwise the
+    /// `cache_query` script reads the clock with the nodes.
+    pub async fn cache_query_within(
+        &self,
+        cluster: &str,
+        hashes: &[u64],
+        top_k: usize,
+        ages: &MaxAges,
     ) -> Vec<(Endpoint, usize)> {
         if hashes.is_empty() {
             return Vec::new();
@@ -528,20 +542,25 @@ impl RedisStore {
             .map(digest_field)
             .collect();
         let k = if top_k == 0 { self.cfg.top_k } else { top_k };
+        let ttl = Ttl {
+            ms: Self::ttl_ms(self.cfg.cache_ttl),
+            ages,
+        };
         if self.clock.now_ms().is_some() {
-            self.cache_query_batched(cluster, fields, k).await
+            self.cache_query_batched(cluster, fields, k, ttl).await
         } else {
-            self.cache_query_by_script(cluster, &fields, k).await
+            self.cache_query_by_script(cluster, &fields, k, ttl).await
         }
     }
 
     /// A plain cache query (Redis's clock known): an `HMGET` sent in one pipeline with the
-    /// other queries of `cluster` ready now.
+    /// other queries of `cluster` ready now; tags older than `ttl` allows count as absent.
     async fn cache_query_batched(
         &self,
         cluster: &str,
         fields: Vec<[u8; 16]>,
         k: usize,
+        ttl: Ttl<'_>,
     ) -> Vec<(Endpoint, usize)> {
         let (batch, index) = self.query_batches.join(cluster, fields);
         // the other queries ready now run up to here and join the batch
@@ -557,7 +576,7 @@ impl RedisStore {
             return Vec::new();
         };
         let nodes: Vec<Option<&[u8]>> = values.iter().map(bulk_string).collect();
-        walk(&nodes, *now_ms, Self::ttl_ms(self.cfg.cache_ttl), k)
+        walk(&nodes, *now_ms, ttl, k)
     }
 
     /// A cache query through the `cache_query` script, which also returns Redis's clock.
@@ -566,6 +585,7 @@ impl RedisStore {
         cluster: &str,
         fields: &[[u8; 16]],
         k: usize,
+        ttl: Ttl<'_>,
     ) -> Vec<(Endpoint, usize)> {
         let nodes_key = ClusterKeys::new(&self.cfg.key_prefix, cluster).nodes();
         let mut inv = self.scripts.cache_query.prepare_invoke();
@@ -595,7 +615,7 @@ impl RedisStore {
             _ => 0,
         };
         let nodes: Vec<Option<&[u8]>> = reply.iter().skip(2).map(|n| n.as_deref()).collect();
-        walk(&nodes, now_ms, Self::ttl_ms(self.cfg.cache_ttl), k)
+        walk(&nodes, now_ms, ttl, k)
     }
 
     /// Sends the plain cache queries of `batch` (of `cluster`) as one pipeline of `HMGET`s,

@@ -3,22 +3,33 @@
 
 use redis::Value;
 
+use crate::cache::MaxAges;
 use crate::endpoint::Endpoint;
+
+/// How long a query counts a tag, ms: the cache TTL, or a location's shorter limit.
+#[derive(Clone, Copy)]
+pub struct Ttl<'a> {
+    /// The cache TTL in ms.
+    pub ms: u64,
+    /// The query's per-location limits (`max_age_ms`).
+    pub ages: &'a MaxAges,
+}
 
 /// The cache query's walk over the query's nodes (shortest prefix first) at Redis time
 /// `now_ms`: down the query until a prefix has no live tag (as the tree stops at the first
 /// missing node), each location at its deepest prefix; deepest first, then most recently
-/// saved, then by address; at most `k`.
+/// saved, then by address; at most `k`. A tag is live while younger than `ttl` allows for
+/// its location.
 ///
 /// Done in two passes: the first finds where the walk ends (a node is live as soon as one tag
 /// is: tags are stored newest first, so that is nearly always the first); the second goes back
 /// up from there, so a location's first tag met is its deepest, and stops before a node once
 /// `k` locations were found deeper (any found higher up would rank after them).
-pub fn walk(nodes: &[Option<&[u8]>], now_ms: u64, ttl_ms: u64, k: usize) -> Vec<(Endpoint, usize)> {
-    let live_after = now_ms.saturating_sub(ttl_ms);
+pub fn walk(nodes: &[Option<&[u8]>], now_ms: u64, ttl: Ttl, k: usize) -> Vec<(Endpoint, usize)> {
+    let live = Liveness { now_ms, ttl };
     let end = nodes
         .iter()
-        .position(|node| node.is_none_or(|n| live_tags(n, live_after).next().is_none()))
+        .position(|node| node.is_none_or(|n| live_tags(n, live).next().is_none()))
         .unwrap_or(nodes.len());
     let k = k.max(1);
     // every location met (borrowed from the nodes), and those that are addresses with their
@@ -31,7 +42,7 @@ pub fn walk(nodes: &[Option<&[u8]>], now_ms: u64, ttl_ms: u64, k: usize) -> Vec<
             break;
         }
         let depth = i + 1;
-        for (loc, ms) in live_tags(node.unwrap_or_default(), live_after) {
+        for (loc, ms) in live_tags(node.unwrap_or_default(), live) {
             if seen.contains(&loc) {
                 continue;
             }
@@ -54,8 +65,23 @@ pub fn bulk_string(reply: &Value) -> Option<&[u8]> {
     }
 }
 
-/// A node's well-formed tags (`location=ms`) stamped after `live_after`, in stored order.
-fn live_tags(node: &[u8], live_after: u64) -> impl Iterator<Item = (&[u8], u64)> {
+/// When a tag of a query is live.
+#[derive(Clone, Copy)]
+struct Liveness<'a> {
+    now_ms: u64,
+    ttl: Ttl<'a>,
+}
+
+impl Liveness<'_> {
+    /// True when `loc`'s tag stamped at `ms` is live.
+    fn holds(&self, loc: &[u8], ms: u64) -> bool {
+        let ttl_ms = self.ttl.ages.ttl_ms_of(loc, self.ttl.ms);
+        ms > self.now_ms.saturating_sub(ttl_ms)
+    }
+}
+
+/// A node's well-formed tags (`location=ms`) that are live, in stored order.
+fn live_tags<'n>(node: &'n [u8], live: Liveness<'n>) -> impl Iterator<Item = (&'n [u8], u64)> {
     let mut start = 0;
     let tags = memchr::memchr_iter(b',', node)
         .chain([node.len()])
@@ -67,7 +93,8 @@ fn live_tags(node: &[u8], live_after: u64) -> impl Iterator<Item = (&[u8], u64)>
     tags.filter_map(move |tag| {
         let eq = memchr::memchr(b'=', tag)?;
         let ms = parse_digits(&tag[eq + 1..])?;
-        (ms > live_after).then_some((&tag[..eq], ms))
+        let loc = &tag[..eq];
+        live.holds(loc, ms).then_some((loc, ms))
     })
 }
 
@@ -105,14 +132,28 @@ mod tests {
         }
     }
 
-    /// The walk as first written: down the nodes, each location's tag overwriting its last.
+    /// A TTL of `ms` with no per-location limits.
+    fn plain(ms: u64) -> Ttl<'static> {
+        static NONE: std::sync::LazyLock<MaxAges> = std::sync::LazyLock::new(MaxAges::default);
+        Ttl { ms, ages: &NONE }
+    }
+
+    /// The walk as first written: down the nodes, each location's tag overwriting its last;
+    /// `ages` by location text.
     fn reference_walk(
         nodes: &[Option<Vec<u8>>],
         now: u64,
         ttl: u64,
+        ages: &[(String, u64)],
         k: usize,
     ) -> Vec<(Endpoint, usize)> {
-        let live_after = now.saturating_sub(ttl);
+        let live_after = |loc: &str| {
+            let limit = ages
+                .iter()
+                .find(|(l, _)| l == loc)
+                .map_or(ttl, |a| a.1.min(ttl));
+            now.saturating_sub(limit)
+        };
         let mut best: Vec<(String, usize, u64)> = Vec::new();
         for (depth, node) in nodes.iter().enumerate() {
             let Some(node) = node else { break };
@@ -122,7 +163,7 @@ mod tests {
                     continue;
                 };
                 let Ok(ms) = ms.parse::<u64>() else { continue };
-                if ms <= live_after {
+                if ms <= live_after(loc) {
                     continue;
                 }
                 live = true;
@@ -154,6 +195,7 @@ mod tests {
                 0..24,
             ),
             k in 0usize..8,
+            limits in proptest::collection::btree_map(0usize..7, 0u64..1500, 0..3),
         ) {
             let nodes: Vec<Option<Vec<u8>>> = nodes
                 .into_iter()
@@ -176,7 +218,14 @@ mod tests {
                 })
                 .collect();
             let refs: Vec<Option<&[u8]>> = nodes.iter().map(|n| n.as_deref()).collect();
-            proptest::prop_assert_eq!(walk(&refs, 2000, 1000, k), reference_walk(&nodes, 2000, 1000, k));
+            proptest::prop_assert_eq!(walk(&refs, 2000, plain(1000), k), reference_walk(&nodes, 2000, 1000, &[], k));
+            // per-location limits (`max_age_ms`), some beyond the TTL
+            let ages = MaxAges::new(limits.iter().map(|(l, &ms)| (format!("10.0.0.{l}:80").parse().unwrap(), ms)));
+            let named: Vec<(String, u64)> = limits.iter().map(|(l, &ms)| (format!("10.0.0.{l}:80"), ms)).collect();
+            proptest::prop_assert_eq!(
+                walk(&refs, 2000, Ttl { ms: 1000, ages: &ages }, k),
+                reference_walk(&nodes, 2000, 1000, &named, k)
+            );
         }
     }
 
@@ -197,17 +246,24 @@ mod tests {
             node("10.0.0.3:80=900"),
             node("10.0.0.1:80=2000"),
         ];
-        assert_eq!(walk(&nodes, 2000, 1000, 5), vec![(a, 3), (b, 1)]);
-        assert_eq!(walk(&nodes, 2000, 1000, 1), vec![(a, 3)]);
+        assert_eq!(walk(&nodes, 2000, plain(1000), 5), vec![(a, 3), (b, 1)]);
+        assert_eq!(walk(&nodes, 2000, plain(1000), 1), vec![(a, 3)]);
         // a missing node ends the walk as well
         assert_eq!(
             walk(
                 &[node("10.0.0.3:80=1800"), None, node("10.0.0.1:80=1900")],
                 2000,
-                1000,
+                plain(1000),
                 5
             ),
             vec![(c, 1)]
         );
+        // a's claims younger than 400 ms only (`max_age_ms`): its tag of 1500 is past that
+        let ages = MaxAges::new([(a, 400)]);
+        let ttl = Ttl {
+            ms: 1000,
+            ages: &ages,
+        };
+        assert_eq!(walk(&nodes, 2000, ttl, 5), vec![(a, 2), (b, 1)]);
     }
 }

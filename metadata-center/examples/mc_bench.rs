@@ -9,6 +9,8 @@
 //! `MC_BENCH_CPU=server:PID[+PID…][,redis:PID…]` adds, per named group of processes on this
 //! machine, the CPU time they spent per API call during each scenario (from
 //! `/proc/PID/task/*/schedstat`): steadier than calls/s when the machine is shared.
+//! `MC_BENCH_MAX_AGES=1` makes the cache queries carry `max_age_ms` for the 16 engines, as
+//! llmproxy's gateways send it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -471,17 +473,26 @@ async fn main() {
         .await;
     }
     // 4. Cache query on that tree: known conversation plus 8 new chunks; as fast as it goes,
-    //    then at half that rate (the latency of a lookup below saturation).
+    //    then at half that rate (the latency of a lookup below saturation). With
+    //    MC_BENCH_MAX_AGES=1 each query lists the 16 engines in `max_age_ms`, as llmproxy's
+    //    gateways do once they know the engines' cache residency (1 h each: the same answers).
     {
         let (c, b) = (client.clone(), pick.clone());
+        let ages = (std::env::var("MC_BENCH_MAX_AGES").as_deref() == Ok("1")).then(|| {
+            let limits = eps.iter().map(|ep| (ep.clone(), json!(3_600_000)));
+            serde_json::Value::Object(limits.collect())
+        });
         let query = move |w: usize, i: u64| {
-            let (c, b) = (c.clone(), b(w));
+            let (c, b, ages) = (c.clone(), b(w), ages.clone());
             async move {
                 let mut seed = i.wrapping_mul(0x2545f4914f6cdd1d) | 1;
                 let conv = rnd(&mut seed) % 5000;
                 let mut h = prompt(conv, 64);
                 h.extend((0..8).map(|k| rnd(&mut seed) ^ k));
-                let body = json!({"cluster":"bench","prompt_hash":h,"top_k":5});
+                let mut body = json!({"cluster":"bench","prompt_hash":h,"top_k":5});
+                if let Some(ages) = ages {
+                    body["max_age_ms"] = ages;
+                }
                 (
                     1,
                     send(

@@ -3,9 +3,10 @@
 //! is checked against. Decoding itself (gin's `ShouldBindJSON` behaviour) and the envelope are in
 //! `crate::envelope`; the handlers that use these types are in `crate::server`.
 
-use std::collections::HashMap;
+use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::cache::MaxAges;
 use crate::endpoint::Endpoint;
@@ -148,8 +149,8 @@ pub struct CacheQuery {
     /// Our extension: per location (`ip` as saved), claims saved longer ago than this many ms
     /// count as absent for this query (the asking gateway's estimate of how long each endpoint
     /// keeps a prefix in its KV cache); locations not listed: the cache TTL.
-    #[serde(default)]
-    pub max_age_ms: Option<HashMap<String, u64>>,
+    #[serde(default, deserialize_with = "pairs_of_object")]
+    pub max_age_ms: Option<Vec<(String, u64)>>,
 }
 
 impl CacheQuery {
@@ -162,10 +163,10 @@ impl CacheQuery {
             .min(10_000) as usize
     }
 
-    /// The per-location limits of `max_age_ms` (validated: every key is a location).
-    pub fn max_ages(&self) -> MaxAges {
-        let limits = self.max_age_ms.iter().flatten();
-        MaxAges::new(limits.filter_map(|(ip, &ms)| Some((ip.parse().ok()?, ms))))
+    /// Takes the per-location limits of `max_age_ms` (validated: every key is a location).
+    pub fn take_max_ages(&mut self) -> MaxAges {
+        let limits = self.max_age_ms.take().into_iter().flatten();
+        MaxAges::from_named(limits.filter_map(|(ip, ms)| Some((ip.parse().ok()?, ip, ms))))
     }
 }
 
@@ -184,8 +185,8 @@ impl WireRequest for CacheQuery {
     fn validate(&self, limits: &CacheLimits) -> Result<(), ApiError> {
         required(&self.cluster, Self::GO_STRUCT, "Cluster")?;
         check_hashes(&self.prompt_hash, Self::GO_STRUCT, limits)?;
-        let ages = self.max_age_ms.iter().flatten();
-        if ages.clone().count() > MAX_AGE_LOCATIONS {
+        let ages = self.max_age_ms.as_deref().unwrap_or_default();
+        if ages.len() > MAX_AGE_LOCATIONS {
             return Err(validation_error(Self::GO_STRUCT, "MaxAgeMs", "max"));
         }
         for (ip, _) in ages {
@@ -195,6 +196,32 @@ impl WireRequest for CacheQuery {
         }
         Ok(())
     }
+}
+
+/// A JSON object's entries in order, without building a map (`max_age_ms`: read once, looked
+/// up by [`MaxAges`]).
+fn pairs_of_object<'de, D>(de: D) -> Result<Option<Vec<(String, u64)>>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct Pairs;
+    impl<'de> Visitor<'de> for Pairs {
+        type Value = Option<Vec<(String, u64)>>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an object of numbers")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+            while let Some(pair) = map.next_entry()? {
+                pairs.push(pair);
+            }
+            Ok(Some(pairs))
+        }
+    }
+    de.deserialize_any(Pairs)
 }
 
 /// `POST /v1/cache/save`.

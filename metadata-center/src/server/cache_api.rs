@@ -16,17 +16,18 @@ pub(super) async fn cache_query(
     Extension(t): Extension<TraceId>,
     body: Bytes,
 ) -> Response {
-    let q: CacheQuery = match decode_with(&body, &st.cache_limits()) {
+    let mut q: CacheQuery = match decode_with(&body, &st.cache_limits()) {
         Ok(q) => q,
         Err(e) => return envelope::fail(&t.0, &e),
     };
+    let ages = q.take_max_ages();
     let found = st
         .store
         .cache_query(
             q.cluster.as_deref().unwrap_or_default(),
             q.prompt_hash.as_deref().unwrap_or_default(),
             q.k(),
-            &q.max_ages(),
+            &ages,
         )
         .await;
     let locations = found

@@ -146,8 +146,8 @@ pub struct CacheQuery {
     /// The aigw client sends `topk` (origin defect 2); accepted as well.
     #[serde(default)]
     pub topk: Option<i64>,
-    /// Our extension: per location (`ip` as saved), claims saved longer ago than this many ms
-    /// count as absent for this query (the asking gateway's estimate of how long each endpoint
+    /// Our extension: per location (in the canonical text the answers use), claims saved longer
+    /// ago than this many ms count as absent for this query (the asking gateway's estimate of how long each endpoint
     /// keeps a prefix in its KV cache); locations not listed: the cache TTL.
     #[serde(default, deserialize_with = "pairs_of_object")]
     pub max_age_ms: Option<Vec<(String, u64)>>,

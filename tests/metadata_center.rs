@@ -238,11 +238,12 @@ fn remote_cache_lookup_finds_the_endpoint_another_router_warmed() {
 
 #[test]
 fn remote_claims_older_than_the_endpoints_cache_residency_do_not_count() {
-    // One endpoint with a 1,000-token KV cache. Router a claims a document's prefix on it.
-    // Router b's own answers then write 50,000 tokens there within b's 2 s rate window, so
+    // One endpoint with a 1,000-token KV cache. Router a claims two documents' prefixes on
+    // it. Router b's own answers then write 50,000 tokens there within b's 2 s rate window, so
     // b expects whatever is older than ~40 ms to be evicted: its cache query asks only for
     // younger claims (`max_age_ms`) and a's, 2 s old, no longer counts. Router c, the same
-    // without cache_residency, takes the claim at its word.
+    // without cache_residency, takes a's claim at its word. (One document each: a pick claims
+    // its prompt's prefix at once, so b's and c's own picks must not meet.)
     let server = start_server();
     let router = |residency: bool| {
         let config = format!(
@@ -256,20 +257,37 @@ fn remote_claims_older_than_the_endpoints_cache_residency_do_not_count() {
         Router::from_json(config.as_bytes()).unwrap()
     };
     let (a, b, c) = (router(true), router(true), router(false));
-    let document = format!("{} question", "long shared document text. ".repeat(200));
+    let document = |n: u32| {
+        format!(
+            "document {n}: {}",
+            "long shared document text. ".repeat(200)
+        )
+    };
     let saves = server_saves(server.port);
-    a.pick(&[], &chat(&document)).finish(200);
-    wait_until("a's claim to land", || server_saves(server.port) > saves);
+    a.pick(&[], &chat(&document(1))).finish(200);
+    a.pick(&[], &chat(&document(2))).finish(200);
+    wait_until("a's claims to land", || {
+        server_saves(server.port) >= saves + 2
+    });
     let evicting = br#"{"choices":[{"index":0,"message":{"content":"ok"}}],"usage":{"prompt_tokens":50000,"completion_tokens":0,"prompt_tokens_details":{"cached_tokens":0}}}"#;
-    let mut p = b.pick(&[], &chat("an unrelated question"));
+    // a prompt of several chunks: its pick opens b's first rate window, before the write
+    let mut p = b.pick(&[], &chat(&"an unrelated question. ".repeat(100)));
     p.observe_response(evicting, true);
     p.finish(200);
     std::thread::sleep(Duration::from_millis(2_100));
-    let req = decided_after_lookup(&c, &chat(&document));
+    let req = decided_after_lookup(&c, &chat(&document(2)));
     assert!(req.cache_ratio() > 0.99, "c: ratio {}", req.cache_ratio());
     req.finish(200);
-    let req = decided_after_lookup(&b, &chat(&document));
-    assert_eq!(req.cache_ratio(), 0.0, "b: a's claim is past the residency");
+    let req = decided_after_lookup(&b, &chat(&document(1)));
+    let page = b.metrics_text();
+    let said: Vec<&str> = (page.lines())
+        .filter(|l| l.contains("residency_seconds{") || l.contains("remote_cache_lookups_total{"))
+        .collect();
+    assert_eq!(
+        req.cache_ratio(),
+        0.0,
+        "b: a's claim is past the residency: {said:?}"
+    );
     req.finish(200);
 }
 

@@ -454,16 +454,16 @@ fn a_query_with_max_age_ms_counts_each_locations_younger_claims_only() {
         r.json["data"]["locations"].clone()
     };
     save("10.0.0.1", json!([1, 2, 3]));
-    std::thread::sleep(Duration::from_millis(400));
+    std::thread::sleep(Duration::from_millis(600));
     save("10.0.0.2", json!([1, 2]));
     // the TTL (30 min) alone: both claims
     assert_eq!(
         q(json!({"cluster": "m", "prompt_hash": [1, 2, 3]})),
         json!([{"ip": "10.0.0.1", "length": 3}, {"ip": "10.0.0.2", "length": 2}])
     );
-    // 10.0.0.1's claims younger than 200 ms only: its save is 400 ms old; 10.0.0.2's limit
+    // 10.0.0.1's claims younger than 300 ms only: its save is 600 ms old; 10.0.0.2's limit
     // (and a location's that saved nothing) change nothing
-    let ages = json!({"10.0.0.1": 200, "10.0.0.2": 200, "10.0.0.9:80": 1});
+    let ages = json!({"10.0.0.1": 300, "10.0.0.2": 300, "10.0.0.9:80": 1});
     assert_eq!(
         q(json!({"cluster": "m", "prompt_hash": [1, 2, 3], "max_age_ms": ages})),
         json!([{"ip": "10.0.0.2", "length": 2}])

@@ -469,8 +469,18 @@ def check_cache_feedback(send, page, model):
     assert err_sum > 7 * 0.5, (errors, err_sum)
     # (per process: with several workers, the one that took the most of the 7 has ≤ (31/32)^4)
     assert min(trusts) < 0.9, "no endpoint's cache trust fell: %s" % trusts
-    ask(8, 10 ** 9)  # the engine had the whole prompt
-    wait_until(lambda: sum(measured()[3]) > sum(trusts), timeout=5, what="the cache trust to rise again")
+    # answers whose engine had the whole prompt raise it again. The trust is per process: with
+    # several workers an answer that lands on a worker none of the 8 reached (trust still 1)
+    # raises nothing, so ask until one lands where the trust fell (10 tries: a miss each time
+    # is 2^-10 with two workers)
+    for i in range(8, 18):
+        ask(i, 10 ** 9)
+        try:
+            wait_until(lambda: sum(measured()[3]) > sum(trusts), timeout=1.5, what="the cache trust to rise again")
+            return
+        except AssertionError:
+            continue
+    raise AssertionError("no answer with the whole prompt cached raised a cache trust: %s" % measured()[3])
 
 
 def request_log_lines(path, ids, timeout=10):

@@ -163,10 +163,20 @@ impl CacheQuery {
             .min(10_000) as usize
     }
 
-    /// Takes the per-location limits of `max_age_ms` (validated: every key is a location).
-    pub fn take_max_ages(&mut self) -> MaxAges {
-        let limits = self.max_age_ms.take().into_iter().flatten();
-        MaxAges::from_named(limits.filter_map(|(ip, ms)| Some((ip.parse().ok()?, ip, ms))))
+    /// Takes the per-location limits of `max_age_ms`; a key that is not a location is the
+    /// validation error of `MaxAgeMs` (checked here rather than in `validate`, so each key is
+    /// parsed once per query).
+    pub fn take_max_ages(&mut self) -> Result<MaxAges, ApiError> {
+        let limits = self.max_age_ms.take().unwrap_or_default();
+        let mut parsed = Vec::with_capacity(limits.len());
+        for (ip, ms) in limits {
+            let ep = (ip.len() <= MAX_ID_LEN)
+                .then(|| ip.parse::<Endpoint>().ok())
+                .flatten()
+                .ok_or_else(|| validation_error(Self::GO_STRUCT, "MaxAgeMs", "ip"))?;
+            parsed.push((ep, ip, ms));
+        }
+        Ok(MaxAges::from_named(parsed))
     }
 }
 
@@ -185,14 +195,13 @@ impl WireRequest for CacheQuery {
     fn validate(&self, limits: &CacheLimits) -> Result<(), ApiError> {
         required(&self.cluster, Self::GO_STRUCT, "Cluster")?;
         check_hashes(&self.prompt_hash, Self::GO_STRUCT, limits)?;
-        let ages = self.max_age_ms.as_deref().unwrap_or_default();
-        if ages.len() > MAX_AGE_LOCATIONS {
+        // the keys are checked where they are parsed (`take_max_ages`)
+        if self
+            .max_age_ms
+            .as_ref()
+            .is_some_and(|a| a.len() > MAX_AGE_LOCATIONS)
+        {
             return Err(validation_error(Self::GO_STRUCT, "MaxAgeMs", "max"));
-        }
-        for (ip, _) in ages {
-            if ip.len() > MAX_ID_LEN || ip.parse::<Endpoint>().is_err() {
-                return Err(validation_error(Self::GO_STRUCT, "MaxAgeMs", "ip"));
-            }
         }
         Ok(())
     }

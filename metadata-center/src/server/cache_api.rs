@@ -20,7 +20,10 @@ pub(super) async fn cache_query(
         Ok(q) => q,
         Err(e) => return envelope::fail(&t.0, &e),
     };
-    let ages = q.take_max_ages();
+    let ages = match q.take_max_ages() {
+        Ok(ages) => ages,
+        Err(e) => return envelope::fail(&t.0, &e),
+    };
     let found = st
         .store
         .cache_query(

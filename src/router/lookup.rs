@@ -142,11 +142,12 @@ impl Lookup for LookupJob {
             self.decide(None, true);
             return;
         }
+        let set = routed.cluster.snapshot();
         let query = CacheQuery {
             cluster: &routed.cluster.name,
             prompt_hash: &routed.prefix_hashes,
-            top_k: routed.cluster.snapshot().endpoints.len().max(1),
-            max_age_ms: self.router.remote_claim_max_ages(routed),
+            top_k: set.endpoints.len().max(1),
+            max_age_ms: self.router.remote_claim_max_ages(&set),
         };
         // One deadline for the whole lookup, counted from the pick: every replica tried
         // shares it, so the decision comes within `timeout_ms` of the pick.

@@ -282,12 +282,12 @@ impl RouterInner {
         depth
     }
 
-    /// Per endpoint of `r`'s cluster (its wire name), how long ago another gateway's claim
+    /// Per endpoint of `set` (its wire name), how long ago another gateway's claim
     /// may have been saved and still count, ms: the cache query's `max_age_ms`, the endpoint's
     /// residency ([`Endpoint::cache_horizon_ms`]), so the Metadata-Center's claims are aged as
     /// the local index's are. Endpoints whose residency is not known yet are left out (their
     /// claims count for the server's TTL, 30 min by default); empty with residency off.
-    pub(super) fn remote_claim_max_ages(&self, r: &Routed) -> BTreeMap<String, u64> {
+    pub(super) fn remote_claim_max_ages(&self, set: &EndpointSet) -> BTreeMap<String, u64> {
         let mut ages = BTreeMap::new();
         if !self.config.cache_residency {
             return ages;
@@ -295,7 +295,7 @@ impl RouterInner {
         let now = self.clock.now_ms();
         let capacity = self.config.cache_capacity_tokens;
         let identity = self.config.metadata_center.identity;
-        for e in &r.cluster.snapshot().endpoints {
+        for e in &set.endpoints {
             let horizon = e.cache_horizon_ms(now, capacity);
             if horizon != u64::MAX {
                 // endpoints named by their bare IP may share a name: the longest counts

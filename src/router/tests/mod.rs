@@ -588,7 +588,10 @@ fn a_prefix_past_its_endpoints_cache_residency_no_longer_counts() {
     for (_, r) in &routers {
         // no write rate yet: other gateways' claims are asked for up to the server's TTL
         let routed = r.inner.prepare(&[], &next).unwrap();
-        assert!(r.inner.remote_claim_max_ages(&routed).is_empty());
+        assert!(r
+            .inner
+            .remote_claim_max_ages(&routed.cluster.snapshot())
+            .is_empty());
         let mut p = r.pick(&[], &chat("m", &format!("{system} question 0")));
         p.observe_response(EVICTED_ANSWER, true);
         p.finish(200);
@@ -597,7 +600,7 @@ fn a_prefix_past_its_endpoints_cache_residency_no_longer_counts() {
     for (residency, r) in &routers {
         // the Metadata-Center's claims are aged like the index's (the cache query's max_age_ms)
         let routed = r.inner.prepare(&[], &next).unwrap();
-        let max_ages = r.inner.remote_claim_max_ages(&routed);
+        let max_ages = r.inner.remote_claim_max_ages(&routed.cluster.snapshot());
         let p = r.pick(&[], &next);
         let ratio = p.routed().unwrap().cache_ratio;
         if *residency {

@@ -377,11 +377,12 @@ fn endpoint_sets<'a>(page: &Page<'a>) -> Vec<(&'a str, Arc<EndpointSet>)> {
 fn render_answers(out: &mut String, sets: &[(&str, Arc<EndpointSet>)], page: &Page) {
     let model_names = page.model_names;
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let answered = || {
-        sets.iter().flat_map(|(c, set)| {
+    // every endpoint (`all`), or those whose answers reported usage in this process
+    let listed = |all: bool| {
+        sets.iter().flat_map(move |(c, set)| {
             set.endpoints
                 .iter()
-                .filter(|e| load(&e.answers.answers) > 0)
+                .filter(|e| all || load(&e.answers.answers) > 0)
                 .map(move |e| {
                     let labels =
                         format!("cluster=\"{}\",endpoint=\"{}\"", escape_label(c), e.address);
@@ -390,6 +391,7 @@ fn render_answers(out: &mut String, sets: &[(&str, Arc<EndpointSet>)], page: &Pa
                 .collect::<Vec<_>>()
         })
     };
+    let answered = || listed(false);
     let mut tokens = Vec::new();
     let mut chars = Vec::new();
     for (labels, e) in answered() {
@@ -472,13 +474,33 @@ fn render_answers(out: &mut String, sets: &[(&str, Arc<EndpointSet>)], page: &Pa
         out,
         "llmproxy_endpoint_cache_residency_seconds",
         "gauge",
-        "How long after its last use a prefix likely stays in the endpoint's KV cache: its capacity (engine metrics, cache_capacity_tokens, else learned from the answers) over the tokens its answers write per second. Listed once both are known.",
+        "How long after its last use a prefix likely stays in the endpoint's KV cache: its capacity (engine metrics, cache_capacity_tokens, else learned from the answers) over the tokens written there per second (the engine's counters with engine metrics, else this router's answers). Listed once both are known.",
     );
-    for (labels, e) in answered() {
+    for (labels, e) in listed(true) {
         if let Some(secs) = e.residency.horizon_secs(page.cache_capacity_tokens) {
             let _ = writeln!(
                 out,
                 "llmproxy_endpoint_cache_residency_seconds{{{labels}}} {secs}"
+            );
+        }
+    }
+    header(
+        out,
+        "llmproxy_endpoint_cache_write_tokens_per_second",
+        "gauge",
+        "Tokens written into the endpoint's KV cache per second, as the residency uses it: from the engine's own counters (source=engine, engine metrics) or from this router's answers (source=answers). Listed once measured.",
+    );
+    for (labels, e) in listed(true) {
+        if let Some(per_ms) = e.residency.write_rate() {
+            let source = if e.residency.rate_from_engine() {
+                "engine"
+            } else {
+                "answers"
+            };
+            let _ = writeln!(
+                out,
+                "llmproxy_endpoint_cache_write_tokens_per_second{{{labels},source=\"{source}\"}} {}",
+                per_ms * 1000.0
             );
         }
     }

@@ -36,6 +36,38 @@ fn metrics_server(page: Option<&'static str>) -> u16 {
     port
 }
 
+/// Serves vLLM's page of an engine with a 65,536-token KV cache whose token counters grow with
+/// time since it started: 30 prompt tokens per ms, 21 of them found cached, 1 generated (10
+/// tokens written per ms, by clients this router never sees). One request per connection.
+fn busy_cache_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = conn.read(&mut buf);
+            let ms = started.elapsed().as_millis() as u64;
+            let page = format!(
+                "vllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"4096\"}} 1.0\n\
+                 vllm:prompt_tokens_total{{model_name=\"m\"}} {}\n\
+                 vllm:prefix_cache_hits_total{{model_name=\"m\"}} {}\n\
+                 vllm:generation_tokens_total{{model_name=\"m\"}} {ms}\n",
+                30 * ms,
+                21 * ms
+            );
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+                page.len()
+            );
+        }
+    });
+    port
+}
+
 fn metric(r: &Router, line_prefix: &str) -> u64 {
     r.metrics_text()
         .lines()
@@ -144,4 +176,46 @@ fn the_engines_cache_capacity_sets_how_long_a_prefix_counts_as_cached() {
     r.pick(&[], &chat("another document")).finish(200);
     let secs = residency(&r).expect("capacity from the page, rate from the answer");
     assert!((0.05..0.5).contains(&secs), "residency {secs} s");
+}
+
+#[test]
+fn the_engines_token_counters_give_the_write_rate_of_traffic_this_router_never_sent() {
+    let engine = busy_cache_server();
+    let config = format!(
+        r#"{{"model_mapping_rule": {{"m": {{"rules": [{{"cluster": "pool", "backend": "vllm"}}]}}}},
+            "clusters": {{"pool": {{"endpoints": ["127.0.0.1:{engine}"]}}}},
+            "engine_metrics": {{"enabled": true, "period_ms": 100, "timeout_ms": 100}}}}"#
+    );
+    let r = Router::from_json(config.as_bytes()).unwrap();
+    let labels = format!("cluster=\"pool\",endpoint=\"127.0.0.1:{engine}\"");
+    let gauge = |r: &Router, name: &str| -> Option<f64> {
+        let prefix = format!("{name}{{{labels}}} ");
+        r.metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()).map(|v| v.parse().unwrap()))
+    };
+    // no request went through this router: the residency is the engine's capacity over what
+    // its own counters say it writes, 65,536 tokens at 10 per ms: 6.6 s (after a first 2 s
+    // window of reads)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let secs = loop {
+        if let Some(secs) = gauge(&r, "llmproxy_endpoint_cache_residency_seconds") {
+            break secs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no residency: {}",
+            r.metrics_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!((5.5..7.5).contains(&secs), "residency {secs} s");
+    let rate =
+        format!("llmproxy_endpoint_cache_write_tokens_per_second{{{labels},source=\"engine\"}} ");
+    let rate: f64 = r
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(rate.as_str()).map(|v| v.parse().unwrap()))
+        .expect("the engine's rate");
+    assert!((8_500.0..11_500.0).contains(&rate), "{rate} tokens/s");
 }

@@ -1,7 +1,9 @@
 //! The engine metrics reader (`engine_metrics`): a thread of its own reads every endpoint's
-//! Prometheus page each period and stores the requests its engine says it runs and queues
-//! beyond the router's own in the endpoint ([`crate::state::Endpoint::engine`]), which scoring
-//! reads without locks.
+//! Prometheus page each period and stores in the endpoint, for scoring to read without locks,
+//! the requests its engine says it runs and queues beyond the router's own
+//! ([`crate::state::Endpoint::engine`]), its KV cache capacity and the tokens it wrote into
+//! that cache ([`crate::state::Endpoint::residency`]: every client's writes, not only this
+//! router's).
 //!
 //! Every read has a deadline (`timeout_ms`: connect, request and answer; endpoints are IP
 //! literals, so no DNS), answers are read up to [`MAX_PAGE_BYTES`], and an endpoint that fails
@@ -79,10 +81,14 @@ impl EngineMetricsReader {
                     }
                     continue;
                 }
-                match self.read(&agent, e.addr) {
+                let reading = self.read(&agent, e.addr);
+                let now_ms = self.clock.now_ms();
+                let written = reading.as_ref().and_then(|r| r.written_tokens);
+                e.residency.engine_written(written, now_ms);
+                match reading {
                     Some(reading) => {
                         if let Some(requests) = reading.requests {
-                            e.engine.set(requests, e.in_flight(), self.clock.now_ms());
+                            e.engine.set(requests, e.in_flight(), now_ms);
                         }
                         if let Some(tokens) = reading.cache_tokens {
                             e.residency.set_capacity(tokens);
@@ -105,8 +111,8 @@ impl EngineMetricsReader {
         }
     }
 
-    /// One endpoint's page: its running + waiting requests and its KV cache capacity; `None`
-    /// when the page could not be read or names neither.
+    /// One endpoint's page: its running + waiting requests, its KV cache capacity and the
+    /// tokens it wrote there; `None` when the page could not be read or names none of them.
     fn read(&self, agent: &ureq::Agent, addr: SocketAddr) -> Option<Reading> {
         let url = format!("http://{addr}{}", self.settings.path);
         let mut answer = agent.get(&url).call().ok()?;
@@ -127,8 +133,12 @@ impl EngineMetricsReader {
         let reading = Reading {
             requests,
             cache_tokens: cache_capacity_tokens(&page),
+            written_tokens: written_tokens(&page, &self.settings),
         };
-        (reading.requests.is_some() || reading.cache_tokens.is_some()).then_some(reading)
+        let named = reading.requests.is_some()
+            || reading.cache_tokens.is_some()
+            || reading.written_tokens.is_some();
+        named.then_some(reading)
     }
 }
 
@@ -138,6 +148,18 @@ struct Reading {
     requests: Option<u64>,
     /// KV cache capacity, tokens.
     cache_tokens: Option<u64>,
+    /// Tokens written into the KV cache since the engine started.
+    written_tokens: Option<u64>,
+}
+
+/// The tokens the engine wrote into its KV cache since it started: prompt tokens it computed
+/// (processed minus found cached; none found cached when the page has no such counter) plus
+/// tokens generated; `None` unless the page has both the prompt and the generation counters.
+pub fn written_tokens(page: &str, settings: &EngineMetrics) -> Option<u64> {
+    let prompt = gauge_sum(page, &settings.prompt_tokens)?;
+    let generated = gauge_sum(page, &settings.generation_tokens)?;
+    let cached = gauge_sum(page, &settings.cached_tokens).unwrap_or(0.0);
+    Some(((prompt - cached.min(prompt)) + generated).round() as u64)
 }
 
 /// The engine's KV cache capacity in tokens: vLLM's `vllm:cache_config_info` (its labels
@@ -260,6 +282,46 @@ mod tests {
         ] {
             assert_eq!(cache_capacity_tokens(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn written_tokens_are_prompt_tokens_computed_plus_generated() {
+        let settings = EngineMetrics::default();
+        let vllm = "vllm:prompt_tokens_total{model_name=\"m\",engine=\"0\"} 10000.0\n\
+            vllm:prompt_tokens_total{model_name=\"m\",engine=\"1\"} 2000.0\n\
+            vllm:prompt_tokens_created{model_name=\"m\"} 1700000000.0\n\
+            vllm:prefix_cache_hits_total{model_name=\"m\"} 7000.0\n\
+            vllm:generation_tokens_total{model_name=\"m\"} 500.0\n";
+        assert_eq!(written_tokens(vllm, &settings), Some(12_000 - 7_000 + 500));
+        let sglang = "sglang:prompt_tokens_total{model_name=\"m\"} 300\n\
+            sglang:cached_tokens_total{model_name=\"m\"} 100\n\
+            sglang:generation_tokens_total{model_name=\"m\"} 40\n";
+        assert_eq!(written_tokens(sglang, &settings), Some(240));
+        // no prefix cache counter: every prompt token was computed
+        let no_cache = "vllm:prompt_tokens_total 300\nvllm:generation_tokens_total 40\n";
+        assert_eq!(written_tokens(no_cache, &settings), Some(340));
+        // a half page says nothing (nor does a hit counter above the prompt counter go negative)
+        assert_eq!(
+            written_tokens("vllm:prompt_tokens_total 300\n", &settings),
+            None
+        );
+        assert_eq!(
+            written_tokens("vllm:generation_tokens_total 40\n", &settings),
+            None
+        );
+        let odd = "vllm:prompt_tokens_total 300\nvllm:prefix_cache_hits_total 900\nvllm:generation_tokens_total 40\n";
+        assert_eq!(written_tokens(odd, &settings), Some(40));
+        // configured names replace the defaults
+        let custom = EngineMetrics {
+            prompt_tokens: names(&["trt:prompt"]),
+            generation_tokens: names(&["trt:gen"]),
+            ..EngineMetrics::default()
+        };
+        assert_eq!(written_tokens(vllm, &custom), None);
+        assert_eq!(
+            written_tokens("trt:prompt 5\ntrt:gen 6\n", &custom),
+            Some(11)
+        );
     }
 
     #[test]

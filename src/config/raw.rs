@@ -97,6 +97,12 @@ pub(super) struct RawEngineMetrics {
     pub(super) running: Option<Vec<String>>,
     #[serde(default)]
     pub(super) waiting: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) prompt_tokens: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) cached_tokens: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) generation_tokens: Option<Vec<String>>,
 }
 
 /// `metadata_center`: overrides of the settings from the environment.

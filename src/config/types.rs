@@ -312,6 +312,13 @@ pub struct EngineMetrics {
     pub running: Vec<String>,
     /// Gauges of requests waiting, summed likewise.
     pub waiting: Vec<String>,
+    /// Counters of prompt tokens processed (computed or found cached), summed likewise: with
+    /// `cached_tokens` and `generation_tokens`, what the engine wrote into its KV cache.
+    pub prompt_tokens: Vec<String>,
+    /// Counters of prompt tokens found in the prefix cache (absent: none were).
+    pub cached_tokens: Vec<String>,
+    /// Counters of tokens generated.
+    pub generation_tokens: Vec<String>,
 }
 
 impl Default for EngineMetrics {
@@ -329,6 +336,18 @@ impl Default for EngineMetrics {
             waiting: vec![
                 "vllm:num_requests_waiting".into(),
                 "sglang:num_queue_reqs".into(),
+            ],
+            prompt_tokens: vec![
+                "vllm:prompt_tokens_total".into(),
+                "sglang:prompt_tokens_total".into(),
+            ],
+            cached_tokens: vec![
+                "vllm:prefix_cache_hits_total".into(),
+                "sglang:cached_tokens_total".into(),
+            ],
+            generation_tokens: vec![
+                "vllm:generation_tokens_total".into(),
+                "sglang:generation_tokens_total".into(),
             ],
         }
     }

@@ -173,6 +173,13 @@ fn engine_metrics(raw: Option<RawEngineMetrics>) -> Result<EngineMetrics, Config
     for (field, names, target) in [
         ("running", r.running, &mut m.running),
         ("waiting", r.waiting, &mut m.waiting),
+        ("prompt_tokens", r.prompt_tokens, &mut m.prompt_tokens),
+        ("cached_tokens", r.cached_tokens, &mut m.cached_tokens),
+        (
+            "generation_tokens",
+            r.generation_tokens,
+            &mut m.generation_tokens,
+        ),
     ] {
         let Some(names) = names else { continue };
         if let Some(bad) = names
@@ -547,9 +554,14 @@ mod tests {
         assert!(c.engine_metrics.enabled);
         assert_eq!(c.engine_metrics.path, "/metrics");
         assert_eq!(c.engine_metrics.waiting[0], "vllm:num_requests_waiting");
+        assert_eq!(
+            c.engine_metrics.cached_tokens[1],
+            "sglang:cached_tokens_total"
+        );
         let c = Config::from_json(
             br#"{"engine_metrics": {"enabled": true, "path": "/m", "period_ms": 500, "timeout_ms": 300,
-                 "stale_ms": 2000, "running": ["trtllm:running"], "waiting": []}}"#,
+                 "stale_ms": 2000, "running": ["trtllm:running"], "waiting": [],
+                 "prompt_tokens": ["p"], "cached_tokens": [], "generation_tokens": ["g"]}}"#,
         )
         .unwrap();
         let m = &c.engine_metrics;
@@ -560,6 +572,14 @@ mod tests {
         assert_eq!(
             (m.running.clone(), m.waiting.len()),
             (vec!["trtllm:running".to_string()], 0)
+        );
+        assert_eq!(
+            (
+                &m.prompt_tokens[..],
+                m.cached_tokens.len(),
+                &m.generation_tokens[..]
+            ),
+            (&["p".to_string()][..], 0, &["g".to_string()][..])
         );
         assert!(!Config::from_json(b"{}").unwrap().engine_metrics.enabled);
         assert_errors(&[
@@ -582,6 +602,10 @@ mod tests {
             (
                 r#"{"engine_metrics": {"waiting": ["vllm:x{a=\"b\"}"]}}"#,
                 "config.engine_metrics.waiting: metric names without spaces or labels, got \"vllm:x{a=\\\"b\\\"}\"",
+            ),
+            (
+                r#"{"engine_metrics": {"generation_tokens": ["vllm:generation tokens"]}}"#,
+                "config.engine_metrics.generation_tokens: metric names without spaces or labels, got \"vllm:generation tokens\"",
             ),
         ]);
     }

@@ -51,10 +51,12 @@ pub struct Endpoint {
 /// seconds (Che's approximation of an LRU cache), so a prefix the index lists for the endpoint
 /// but last used longer ago than that has most likely been evicted. `C` comes from the
 /// engine's metrics page (`engine_metrics`) or the config (`cache_capacity_tokens`); `r` from
-/// what the answers wrote ([`Endpoint::cache_written`]: prompt tokens computed plus tokens
-/// generated), averaged over windows of [`RATE_WINDOW_MS`]. When neither the engine nor the
-/// config gives `C`, it is learned from the engine's answers ([`Residency::learn`]). Unknown
-/// capacity or no writes yet: no limit (the index is taken at its word, as before).
+/// the engine's own token counters when its metrics page has them (every gateway's and
+/// client's writes), else from what this router's answers wrote ([`Endpoint::cache_written`]:
+/// prompt tokens computed plus tokens generated), each averaged over windows of
+/// [`RATE_WINDOW_MS`]. When neither the engine nor the config gives `C`, it is learned from
+/// the engine's answers ([`Residency::learn`]). Unknown capacity or no writes yet: no limit
+/// (the index is taken at its word, as before).
 #[derive(Default)]
 pub struct Residency {
     /// KV cache capacity in tokens the engine reported; 0: not known.
@@ -62,12 +64,11 @@ pub struct Residency {
     /// Capacity in tokens learned from the answers ([`Residency::learn`]), `f64` bits; 0:
     /// nothing learned yet.
     learned_bits: AtomicU64,
-    /// Router ms when the current rate window opened; 0: never.
-    window_ms: AtomicU64,
-    /// The endpoint's written tokens when it opened.
-    window_tokens: AtomicU64,
-    /// Tokens written per ms, moving average (`f64` bits; 0: none measured).
-    rate_bits: AtomicU64,
+    /// What this router's answers wrote, per ms.
+    answers_rate: RateWindow,
+    /// What the engine's counters say it wrote (all its traffic), per ms; unset while the
+    /// metrics reader has no such counters for it.
+    engine_rate: RateWindow,
     /// Tokens written per answer that recompute an evicted claim, moving average
     /// ([`Residency::eviction_share`], `f64` bits).
     lost_bits: AtomicU64,
@@ -108,36 +109,25 @@ impl Residency {
         Some(self.capacity_tokens.load(Ordering::Relaxed)).filter(|&c| c > 0)
     }
 
-    /// Tokens written per ms, as last averaged; `None` before a first full window.
+    /// Tokens written per ms, as last averaged: the engine's counters' rate when known, else
+    /// the answers'; `None` before a first full window.
     pub fn write_rate(&self) -> Option<f64> {
-        Some(f64::from_bits(self.rate_bits.load(Ordering::Relaxed))).filter(|&r| r > 0.0)
+        self.engine_rate.rate().or_else(|| self.answers_rate.rate())
     }
 
-    /// Folds the writes since the window opened into the rate once the window is
-    /// [`RATE_WINDOW_MS`] long; `written` is the endpoint's written tokens now. Racing callers:
-    /// one wins the window, the others leave it.
-    fn advance(&self, written: u64, now_ms: u64) {
-        let opened = self.window_ms.load(Ordering::Relaxed);
-        if opened != 0 && now_ms.saturating_sub(opened) < RATE_WINDOW_MS {
-            return;
+    /// True while the write rate comes from the engine's own counters.
+    pub fn rate_from_engine(&self) -> bool {
+        self.engine_rate.rate().is_some()
+    }
+
+    /// Records the engine's written-tokens counter as its metrics page showed it `now_ms`
+    /// (`None`: the page had no such counters or could not be read, and the rate falls back to
+    /// the answers' until it has them again).
+    pub fn engine_written(&self, written: Option<u64>, now_ms: u64) {
+        match written {
+            Some(tokens) => self.engine_rate.advance(tokens, now_ms),
+            None => self.engine_rate.reset(),
         }
-        if self
-            .window_ms
-            .compare_exchange(opened, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-        {
-            return;
-        }
-        let before = self.window_tokens.swap(written, Ordering::Relaxed);
-        if opened == 0 || written < before {
-            return; // the first window, or the counters were reset: start over
-        }
-        let rate = (written - before) as f64 / (now_ms - opened) as f64;
-        let next = match self.write_rate() {
-            Some(old) => old + RATE_STEP * (rate - old),
-            None => rate,
-        };
-        self.rate_bits.store(next.to_bits(), Ordering::Relaxed);
     }
 
     /// The capacity learned from the answers, tokens; `None` before the first eviction seen.
@@ -237,9 +227,61 @@ impl Residency {
     /// `u64::MAX` when capacity or rate is unknown. `written` is the endpoint's written
     /// tokens now.
     pub fn horizon_ms(&self, written: u64, now_ms: u64, default_capacity: u64) -> u64 {
-        self.advance(written, now_ms);
+        self.answers_rate.advance(written, now_ms);
         self.current_ms(default_capacity)
             .map_or(u64::MAX, |ms| ms.min(u64::MAX as f64) as u64)
+    }
+}
+
+/// A write rate measured from a growing counter of written tokens: the counter's growth over
+/// windows of at least [`RATE_WINDOW_MS`], as a moving average.
+#[derive(Default)]
+struct RateWindow {
+    /// Router ms when the current window opened; 0: never.
+    window_ms: AtomicU64,
+    /// The counter when it opened.
+    window_tokens: AtomicU64,
+    /// Tokens written per ms, moving average (`f64` bits; 0: none measured).
+    rate_bits: AtomicU64,
+}
+
+impl RateWindow {
+    /// Tokens per ms as last averaged; `None` before a first full window.
+    fn rate(&self) -> Option<f64> {
+        Some(f64::from_bits(self.rate_bits.load(Ordering::Relaxed))).filter(|&r| r > 0.0)
+    }
+
+    /// Folds the growth since the window opened into the rate once the window is
+    /// [`RATE_WINDOW_MS`] long; `written` is the counter now. Racing callers: one wins the
+    /// window, the others leave it.
+    fn advance(&self, written: u64, now_ms: u64) {
+        let opened = self.window_ms.load(Ordering::Relaxed);
+        if opened != 0 && now_ms.saturating_sub(opened) < RATE_WINDOW_MS {
+            return;
+        }
+        if self
+            .window_ms
+            .compare_exchange(opened, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let before = self.window_tokens.swap(written, Ordering::Relaxed);
+        if opened == 0 || written < before {
+            return; // the first window, or the counter was reset: start over
+        }
+        let rate = (written - before) as f64 / (now_ms - opened) as f64;
+        let next = match self.rate() {
+            Some(old) => old + RATE_STEP * (rate - old),
+            None => rate,
+        };
+        self.rate_bits.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Forgets the rate and the window: the next [`RateWindow::advance`] opens a first one.
+    fn reset(&self) {
+        self.window_ms.store(0, Ordering::Relaxed);
+        self.rate_bits.store(0, Ordering::Relaxed);
     }
 }
 

@@ -209,6 +209,45 @@ mod tests {
     }
 
     #[test]
+    fn the_engines_write_counter_sets_the_rate_while_the_metrics_reader_has_it() {
+        let e = Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0);
+        let r = &e.residency;
+        // this router's answers: 5 tokens per ms; 60,000 tokens of capacity last 12 s
+        e.cache_horizon_ms(1_000, 60_000);
+        e.cache_written(10_000);
+        assert_eq!(e.cache_horizon_ms(3_000, 60_000), 12_000);
+        assert!(!r.rate_from_engine());
+        // the engine's counter grows 20 tokens per ms (other gateways write there too): its
+        // rate replaces the answers' once a first window closed
+        r.engine_written(Some(1_000_000), 3_000);
+        assert_eq!(
+            e.cache_horizon_ms(4_000, 60_000),
+            12_000,
+            "no engine window yet"
+        );
+        r.engine_written(Some(1_040_000), 5_000);
+        assert!(r.rate_from_engine());
+        assert_eq!(e.cache_horizon_ms(5_500, 60_000), 3_000);
+        // the counter went back (the engine restarted): a new window, the last rate kept
+        r.engine_written(Some(50), 7_000);
+        assert_eq!(e.cache_horizon_ms(7_500, 60_000), 3_000);
+        // the page lost its counters (or could not be read): back to the answers' rate
+        // (whose average fell meanwhile: two windows without answers, at 5.5 s and 7.5 s)
+        r.engine_written(None, 8_000);
+        assert!(!r.rate_from_engine());
+        let answers = r.horizon_secs(60_000).unwrap();
+        assert!(
+            (answers - 60.0 / (5.0 * 0.7 * 0.7)).abs() < 1e-9,
+            "{answers}"
+        );
+        // and a new first window before the engine counts again
+        r.engine_written(Some(2_000_000), 9_000);
+        assert_eq!(r.horizon_secs(60_000), Some(answers));
+        r.engine_written(Some(2_020_000), 11_000);
+        assert_eq!(r.horizon_secs(60_000), Some(6.0));
+    }
+
+    #[test]
     fn index_is_bounded_and_evicts_least_recently_used() {
         let idx = PrefixIndex::new(64);
         let n: u64 = if cfg!(miri) { 1_000 } else { 10_000 };

@@ -7,6 +7,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde::Serialize;
 
 pub const CODE_INVALID_PARAMS: i64 = 40001400;
@@ -118,13 +119,20 @@ pub fn decode_with<T: WireRequest>(body: &[u8], limits: &T::Limits) -> Result<T,
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(ApiError::invalid("EOF"));
     }
+    // the plain reader first; only a body it refuses is read again to learn the field's path
+    // (the same reader under `serde_path_to_error`, which costs every element a frame)
     let mut de = serde_json::Deserializer::from_slice(body);
-    let parsed: Result<Option<T>, _> = serde_path_to_error::deserialize(&mut de);
-    let value = match parsed {
+    let value = match Option::<T>::deserialize(&mut de) {
         Ok(v) => v.unwrap_or_default(),
-        Err(e) => {
-            let path = e.path().to_string();
-            return Err(map_json_error::<T>(body, &path, e.into_inner()));
+        Err(first) => {
+            let mut de = serde_json::Deserializer::from_slice(body);
+            return Err(
+                match serde_path_to_error::deserialize::<_, Option<T>>(&mut de) {
+                    Err(e) => map_json_error::<T>(body, &e.path().to_string(), e.into_inner()),
+                    // not expected (the same reader): the first error, without a path
+                    Ok(_) => map_json_error::<T>(body, "", first),
+                },
+            );
         }
     };
     value.validate(limits)?;

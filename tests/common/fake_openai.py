@@ -28,8 +28,9 @@ GET /v1/models and /health answer small JSON documents (with `received_headers`)
 is a 404 JSON naming the path and the method.
 
 GET /metrics is what the test made it with `POST /test/metrics` `{"mode", "page"}` to that
-server: `page` (200, text/plain, the page given), `garbage` (200, an HTML page), `hang` (never
-answers), `off` (404, as at start).
+server: `page` (200, text/plain, the page given), `growing` (the page given plus vLLM's prompt
+and generation token counters, growing by `tokens_per_ms` prompt tokens per ms since the mode was
+set), `garbage` (200, an HTML page), `hang` (never answers), `off` (404, as at start).
 
 The test controls the answer with request headers (CONTROL_HEADERS below):
 
@@ -174,11 +175,15 @@ def make_handler(name):
         out = Responder(name, writer)
         if req.path == "/test/metrics" and req.method == "POST":
             metrics.update(json.loads(req.body or b"{}"))
+            metrics["since"] = time.monotonic()
             return await out.json(200, {"served_by": name, "metrics": metrics})
         if req.path == "/metrics" and req.method == "GET" and metrics["mode"] != "off":
             if metrics["mode"] == "hang":
                 await asyncio.sleep(3600)
-            page = metrics["page"] if metrics["mode"] == "page" else "<html><body>no metrics</body></html>"
+            page = metrics["page"] if metrics["mode"] in ("page", "growing") else "<html><body>no metrics</body></html>"
+            if metrics["mode"] == "growing":
+                ms = (time.monotonic() - metrics["since"]) * 1000
+                page += "vllm:prompt_tokens_total %d\nvllm:generation_tokens_total 0\n" % (ms * metrics["tokens_per_ms"])
             await out.head(200, [("content-type", "text/plain; version=0.0.4"),
                                  ("content-length", str(len(page.encode())))])
             writer.write(page.encode())

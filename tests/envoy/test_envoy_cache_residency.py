@@ -158,3 +158,33 @@ def test_the_share_of_writes_that_recompute_evicted_prefixes_is_measured(pressur
         assert 0.9 < share <= 1.0, share
     else:
         assert share == 0.0, share
+
+
+@pytest.fixture()
+def busy_engine_gateway(module_built, servers, tmp_path_factory):
+    """A gateway to one engine with a 65,536-token KV cache (vLLM's page) whose prompt token
+    counter grows 10 per ms: traffic this gateway never sent."""
+    engine = POOLS["pool_a"][0]
+    status, _, data, _ = harness.request(servers.ports[engine], "POST", "/test/metrics", {
+        "mode": "growing", "tokens_per_ms": 10,
+        "page": 'vllm:cache_config_info{block_size="16",num_gpu_blocks="4096"} 1.0\n'})
+    assert status == 200, data
+    try:
+        yield from running_solo_gateway(servers, tmp_path_factory, None,
+                                        engine_metrics={"enabled": True, "period_ms": 100, "timeout_ms": 100})
+    finally:
+        set_metrics(servers, engine, "off")
+
+
+def test_the_write_rate_comes_from_the_engines_own_token_counters(busy_engine_gateway):
+    gw, _, engine = busy_engine_gateway
+
+    def residency():
+        return metrics(gw).select("llmproxy_endpoint_cache_residency_seconds", cluster="solo", endpoint=engine)
+    # no request through this gateway: 65,536 tokens of cache at 10,000 tokens/s, ~6.6 s,
+    # measured once the reader closed a first 2 s window
+    harness.wait_until(residency, timeout=10, what="a residency from the engine's counters")
+    [(_, secs)] = residency()
+    assert 5.5 < secs < 7.5, secs
+    [(labels, rate)] = metrics(gw).select("llmproxy_endpoint_cache_write_tokens_per_second", endpoint=engine)
+    assert labels["source"] == "engine" and 8_500 < rate < 11_500, (labels, rate)

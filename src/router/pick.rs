@@ -215,7 +215,7 @@ impl RouterInner {
             self.metrics.count_session(result as usize);
             self.index.bind(key, endpoint.id, now);
         }
-        r.claim = self.claim_to_learn_from(r, &endpoint, use_index, remote, now);
+        r.claim = self.claim_to_learn_from(r, &endpoint, use_index, now);
         self.account(r, &endpoint, depth[chosen], use_index, now);
         self.report(r, &endpoint, params.cache_aware);
         r.tried.push(endpoint.id);
@@ -381,14 +381,12 @@ impl RouterInner {
     /// ([`RouterInner::learns_capacity`], `Residency::learn`) or its eviction share
     /// (`eviction_pressure`, `Residency::note_writes`): only once the endpoint's answers report
     /// `cached_tokens` (an engine that never does costs no walk). Read before the pick records
-    /// the prompt (which makes every chunk fresh). The age is this router's last use, bounded
-    /// by what the Metadata-Center answered (`remote`, [`claim_age_bound`]).
+    /// the prompt (which makes every chunk fresh).
     fn claim_to_learn_from(
         &self,
         r: &Routed,
         endpoint: &Endpoint,
         use_index: bool,
-        remote: Option<&RemoteDepth>,
         now: u64,
     ) -> Option<(f64, u64)> {
         let reports_cache = endpoint.answers.prompt_chars.load(Ordering::Relaxed) > 0;
@@ -396,16 +394,7 @@ impl RouterInner {
         if !use_index || !reports_cache || !wanted {
             return None;
         }
-        let (chunks, mut age_ms) = self.index.claim_of(&r.prefix_hashes, endpoint.id, now);
-        let identity = self.config.metadata_center.identity;
-        // (with `cache_residency` off the query asked for the server's TTL: no bound)
-        let asked_within_horizon = remote.filter(|_| self.config.cache_residency);
-        if let Some(&remote_depth) =
-            asked_within_horizon.and_then(|m| m.get(&endpoint.wire_id(identity)))
-        {
-            let horizon = endpoint.cache_horizon_ms(now, self.config.cache_capacity_tokens);
-            age_ms = claim_age_bound(age_ms, chunks, remote_depth, horizon);
-        }
+        let (chunks, age_ms) = self.index.claim_of(&r.prefix_hashes, endpoint.id, now);
         let total_chunks = r.prefix_hashes.len().max(1) as f64;
         Some((chunks as f64 / total_chunks, age_ms))
     }
@@ -585,26 +574,6 @@ impl AnswerCorrections {
     }
 }
 
-/// The age to learn from for this router's claim of `chunks` leading chunks on an endpoint,
-/// last used here `age_ms` ago, when the Metadata-Center listed the endpoint at
-/// `remote_depth`: at least as deep means some gateway saved that prefix there within the
-/// `max_age_ms` this router asked with (the endpoint's residency, `horizon_ms`), so it was used
-/// at most that long ago, whatever this router's own last use says. Without that bound, a
-/// prefix another gateway keeps warm would look old here and, kept, teach a capacity too
-/// large (docs/usage.md).
-pub(super) fn claim_age_bound(
-    age_ms: u64,
-    chunks: usize,
-    remote_depth: usize,
-    horizon_ms: u64,
-) -> u64 {
-    if chunks > 0 && remote_depth >= chunks {
-        age_ms.min(horizon_ms)
-    } else {
-        age_ms
-    }
-}
-
 /// How other gateways' load (from the Metadata-Center, from the engines' metrics) counts in
 /// a pick.
 #[derive(Clone, Copy)]
@@ -668,20 +637,6 @@ fn loads_of(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_claim_another_gateway_holds_as_deep_is_at_most_the_residency_old() {
-        // listed at least as deep by the Metadata-Center (asked within a 5 s residency): at most 5 s old
-        assert_eq!(claim_age_bound(60_000, 4, 4, 5_000), 5_000);
-        assert_eq!(claim_age_bound(60_000, 4, 9, 5_000), 5_000);
-        // younger here than the bound: this router's own use stands
-        assert_eq!(claim_age_bound(2_000, 4, 4, 5_000), 2_000);
-        // listed shallower, or nothing claimed here: no word on this claim's deepest chunk
-        assert_eq!(claim_age_bound(60_000, 4, 3, 5_000), 60_000);
-        assert_eq!(claim_age_bound(60_000, 0, 3, 5_000), 60_000);
-        // residency unknown (the server's TTL was asked for): no bound
-        assert_eq!(claim_age_bound(60_000, 4, 4, u64::MAX), 60_000);
-    }
 
     #[test]
     fn a_session_moves_only_past_both_thresholds() {

@@ -675,50 +675,6 @@ fn an_endpoints_cache_capacity_is_learned_from_its_answers() {
 }
 
 #[test]
-fn a_claim_another_gateway_keeps_warm_teaches_with_the_residency_as_its_age() {
-    // A 10,000-token cache written 50,000 tokens in ~2 s: residency ~0.4 s. The prompt was
-    // last used here 2.1 s ago; when the Metadata-Center lists the endpoint as deep (another
-    // gateway saved it within the residency this router asked with), the claim the answer will
-    // teach from is at most the residency old, not 2.1 s. One router per case (a pick records
-    // the prompt, which makes the next claim fresh).
-    let system = "shared system prompt, ".repeat(40);
-    let cases = [None, Some(usize::MAX), Some(1)];
-    let routers: Vec<Router> = cases
-        .iter()
-        .map(|_| solo_router(r#""cache_capacity_tokens": 10000,"#))
-        .collect();
-    let prompt = chat("m", &format!("{system} question 0"));
-    for r in &routers {
-        let mut p = r.pick(&[], &prompt);
-        p.observe_response(EVICTED_ANSWER, true);
-        p.finish(200);
-    }
-    std::thread::sleep(std::time::Duration::from_millis(2_100));
-    let ages: Vec<u64> = routers
-        .iter()
-        .zip(cases)
-        .map(|(r, remote)| {
-            let mut routed = r.inner.prepare(&[], &prompt).unwrap();
-            let depth: super::pick::RemoteDepth = remote
-                .map(|d| [("127.0.0.1:1".to_string(), d)].into_iter().collect())
-                .unwrap_or_default();
-            r.inner.choose(&mut routed, remote.map(|_| &depth)).unwrap();
-            let (share, age) = routed.claim.expect("a claim to learn from");
-            assert!(share > 0.9, "{share}");
-            drop(
-                r.inner
-                    .finish_pick(Ok(routed), std::time::Instant::now(), None),
-            );
-            age
-        })
-        .collect();
-    // no word from the server, and listed shallower than the claim: this router's own use
-    assert!(ages[0] >= 2_000 && ages[2] >= 2_000, "{ages:?}");
-    // listed as deep: the residency (~0.4 s)
-    assert!((100..1_000).contains(&ages[1]), "{ages:?}");
-}
-
-#[test]
 fn an_endpoints_eviction_share_is_measured_from_its_answers_with_eviction_pressure() {
     // The capacity is given (nothing to learn), so only eviction_pressure walks the claim
     // (once the endpoint's answers report cached_tokens). The second prompt repeats the

@@ -13,19 +13,31 @@ use llmproxy::Router;
 /// Serves `page` as the answer to every request (one request per connection); `None`:
 /// accepts connections and never answers.
 fn metrics_server(page: Option<&'static str>) -> u16 {
+    match page {
+        Some(page) => page_server(move || page.to_string()),
+        None => {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            std::thread::spawn(move || {
+                // a hanging engine: connections held, never a byte back
+                let _held: Vec<TcpStream> = listener.incoming().flatten().collect();
+            });
+            port
+        }
+    }
+}
+
+/// Serves the page `page()` makes at each request (one request per connection).
+fn page_server(page: impl Fn() -> String + Send + 'static) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
-        let mut held: Vec<TcpStream> = Vec::new();
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
-            let Some(page) = page else {
-                held.push(conn); // a hanging engine: never a byte back
-                continue;
-            };
             let mut buf = [0u8; 4096];
             let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
             let _ = conn.read(&mut buf);
+            let page = page();
             let _ = write!(
                 conn,
                 "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
@@ -38,34 +50,20 @@ fn metrics_server(page: Option<&'static str>) -> u16 {
 
 /// Serves vLLM's page of an engine with a 65,536-token KV cache whose token counters grow with
 /// time since it started: 30 prompt tokens per ms, 21 of them found cached, 1 generated (10
-/// tokens written per ms, by clients this router never sees). One request per connection.
+/// tokens written per ms, by clients this router never sees).
 fn busy_cache_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
     let started = Instant::now();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let mut buf = [0u8; 4096];
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-            let _ = conn.read(&mut buf);
-            let ms = started.elapsed().as_millis() as u64;
-            let page = format!(
-                "vllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"4096\"}} 1.0\n\
-                 vllm:prompt_tokens_total{{model_name=\"m\"}} {}\n\
-                 vllm:prefix_cache_hits_total{{model_name=\"m\"}} {}\n\
-                 vllm:generation_tokens_total{{model_name=\"m\"}} {ms}\n",
-                30 * ms,
-                21 * ms
-            );
-            let _ = write!(
-                conn,
-                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
-                page.len()
-            );
-        }
-    });
-    port
+    page_server(move || {
+        let ms = started.elapsed().as_millis() as u64;
+        format!(
+            "vllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"4096\"}} 1.0\n\
+             vllm:prompt_tokens_total{{model_name=\"m\"}} {}\n\
+             vllm:prefix_cache_hits_total{{model_name=\"m\"}} {}\n\
+             vllm:generation_tokens_total{{model_name=\"m\"}} {ms}\n",
+            30 * ms,
+            21 * ms
+        )
+    })
 }
 
 fn metric(r: &Router, line_prefix: &str) -> u64 {

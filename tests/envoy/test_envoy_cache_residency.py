@@ -16,8 +16,9 @@ TINY_CACHE = ("# TYPE vllm:cache_config_info gauge\n"
               'vllm:cache_config_info{block_size="16",enable_prefix_caching="True",num_gpu_blocks="4"} 1.0\n')
 
 
-def set_metrics(servers, name, mode, page=""):
-    status, _, data, _ = harness.request(servers.ports[name], "POST", "/test/metrics", {"mode": mode, "page": page})
+def set_metrics(servers, name, mode, page="", **settings):
+    status, _, data, _ = harness.request(servers.ports[name], "POST", "/test/metrics",
+                                         {"mode": mode, "page": page, **settings})
     assert status == 200, data
 
 
@@ -165,10 +166,8 @@ def busy_engine_gateway(module_built, servers, tmp_path_factory):
     """A gateway to one engine with a 65,536-token KV cache (vLLM's page) whose prompt token
     counter grows 10 per ms: traffic this gateway never sent."""
     engine = POOLS["pool_a"][0]
-    status, _, data, _ = harness.request(servers.ports[engine], "POST", "/test/metrics", {
-        "mode": "growing", "tokens_per_ms": 10,
-        "page": 'vllm:cache_config_info{block_size="16",num_gpu_blocks="4096"} 1.0\n'})
-    assert status == 200, data
+    set_metrics(servers, engine, "growing", 'vllm:cache_config_info{block_size="16",num_gpu_blocks="4096"} 1.0\n',
+                tokens_per_ms=10)
     try:
         yield from running_solo_gateway(servers, tmp_path_factory, None,
                                         engine_metrics={"enabled": True, "period_ms": 100, "timeout_ms": 100})

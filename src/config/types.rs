@@ -298,7 +298,8 @@ impl Default for SessionAffinity {
 /// is more than this router knows of (other gateways', other clients' traffic).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineMetrics {
-    /// Off unless `engine_metrics.enabled`.
+    /// `engine_metrics.enabled`; when not given, on for `prefix_cost` with the Metadata-Center
+    /// enabled (several gateways: only the engines see all their writes), off otherwise.
     pub enabled: bool,
     /// Path of the metrics page on every endpoint (`/metrics`).
     pub path: String,

@@ -58,7 +58,10 @@ pub(super) fn validate(
     let ejection = ejection(raw.ejection)?;
     add_istio_dns_clusters(&models, &clusters, &mut dns_clusters);
     let metadata_center = env::metadata_center(raw.metadata_center, env)?;
-    let engine_metrics = engine_metrics(raw.engine_metrics)?;
+    // Behind several gateways sharing a Metadata-Center, only the engines see every
+    // gateway's writes: `prefix_cost` then reads their pages unless told not to.
+    let shared_prefix_cost = metadata_center.enabled && algorithm == Algorithm::PrefixCost;
+    let engine_metrics = engine_metrics(raw.engine_metrics, shared_prefix_cost)?;
     let session_affinity = session_affinity(raw.session_affinity, &cluster_header)?;
 
     Ok(Config {
@@ -141,11 +144,18 @@ fn session_affinity(
     Ok(Some(s))
 }
 
-/// `engine_metrics`: deadlines within bounds (the read's below its period), a path, names.
-fn engine_metrics(raw: Option<RawEngineMetrics>) -> Result<EngineMetrics, ConfigError> {
-    let mut m = EngineMetrics::default();
+/// `engine_metrics`: deadlines within bounds (the read's below its period), a path, names;
+/// `enabled` when not given: `on_by_default`.
+fn engine_metrics(
+    raw: Option<RawEngineMetrics>,
+    on_by_default: bool,
+) -> Result<EngineMetrics, ConfigError> {
+    let mut m = EngineMetrics {
+        enabled: on_by_default,
+        ..EngineMetrics::default()
+    };
     let Some(r) = raw else { return Ok(m) };
-    m.enabled = r.enabled.unwrap_or(false);
+    m.enabled = r.enabled.unwrap_or(on_by_default);
     if let Some(path) = r.path {
         if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err(err(
@@ -549,6 +559,35 @@ mod tests {
     }
 
     #[test]
+    fn engine_metrics_are_read_by_default_only_by_prefix_cost_sharing_a_metadata_center() {
+        let enabled = |json: &str, mc_env: bool| {
+            let env =
+                |name: &str| (mc_env && name == "METADATA_CENTER_ENABLED").then(|| "1".into());
+            let c = Config::from_json_with_env(json.as_bytes(), &env).unwrap();
+            c.engine_metrics.enabled
+        };
+        let shared = r#"{"metadata_center": {"enabled": true}}"#;
+        assert!(
+            enabled(shared, false),
+            "prefix_cost (the default) with a Metadata-Center"
+        );
+        assert!(
+            enabled("{}", true),
+            "the Metadata-Center enabled from the environment"
+        );
+        assert!(enabled(r#"{"engine_metrics": {"period_ms": 500}}"#, true));
+        assert!(!enabled("{}", false), "one gateway alone");
+        let off = r#"{"metadata_center": {"enabled": true}, "engine_metrics": {"enabled": false}}"#;
+        assert!(!enabled(off, false), "turned off explicitly");
+        for algorithm in ["inference_lb", "least_request", "round_robin"] {
+            let json = format!(r#"{{"algorithm": "{algorithm}"}}"#);
+            assert!(!enabled(&json, true), "{algorithm} keeps its inputs");
+        }
+        let origin = r#"{"algorithm": "inference_lb", "engine_metrics": {"enabled": true}}"#;
+        assert!(enabled(origin, true), "asked for explicitly");
+    }
+
+    #[test]
     fn engine_metrics_defaults_overrides_and_errors() {
         let c = Config::from_json(br#"{"engine_metrics": {"enabled": true}}"#).unwrap();
         assert!(c.engine_metrics.enabled);
@@ -581,7 +620,13 @@ mod tests {
             ),
             (&["p".to_string()][..], 0, &["g".to_string()][..])
         );
-        assert!(!Config::from_json(b"{}").unwrap().engine_metrics.enabled);
+        let no_env = |_: &str| None;
+        assert!(
+            !Config::from_json_with_env(b"{}", &no_env)
+                .unwrap()
+                .engine_metrics
+                .enabled
+        );
         assert_errors(&[
             (
                 r#"{"engine_metrics": {"path": "metrics"}}"#,

@@ -11,7 +11,8 @@ dynamic module; K=V pairs (numbers) go into its lb_mapping_rule, e.g.
 `learn_response_bytes`, `hash_chunk_bytes`, `prefix_index_capacity`, `cache_feedback`,
 `cache_capacity_tokens` and `cache_residency` (e.g.
 `pc-nolearn:prefix_cost:learn_response_bytes=0`, `pc-nofb:prefix_cost:cache_feedback=false`;
-`engine_metrics=true` reads every endpoint's Prometheus page; `session_affinity=true` keeps a
+`engine_metrics=true|false` reads every endpoint's Prometheus page or not (default: the
+library's, on for prefix_cost replicas sharing a metadata-center); `session_affinity=true` keeps a
 session on its endpoint by the `x-session-id` header, which `llmproxy-sim load --session-header
 x-session-id` sends).
 For each NAME it writes OUT_DIR/NAME.yaml (listeners on consecutive ports from LISTEN_BASE_PORT,
@@ -185,9 +186,9 @@ def main(argv):
             elif k == "session_affinity":
                 if value == "true":  # the load generator's --session-header x-session-id
                     top_extra += "                  session_affinity:\n                    header: x-session-id\n"
-            elif k == "engine_metrics":
-                if value == "true":  # each endpoint's own /metrics read every 250 ms
-                    top_extra += "                  engine_metrics:\n                    enabled: true\n"
+            elif k == "engine_metrics":  # each endpoint's own /metrics read every 250 ms
+                # (the library's default: on for prefix_cost with a metadata-center)
+                top_extra += f"                  engine_metrics:\n                    enabled: {value}\n"
             elif k in TOP_LEVEL_KEYS:
                 top_extra += f"                  {k}: {value}\n"
             else:

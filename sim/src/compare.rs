@@ -1,5 +1,6 @@
 //! Runs the same trace against several named targets (resetting the simulated fleet between
-//! runs), prints one side-by-side table, writes results.json / results.md and a TTFT CDF plot.
+//! runs), prints one side-by-side table, writes results.json / results.md, a TTFT CDF plot and
+//! every request's record (records/NAME.jsonl).
 
 use crate::load::{self, RunArgs, Summary};
 use crate::workload::{self, WorkloadArgs};
@@ -55,6 +56,24 @@ fn parse_target(s: &str) -> Result<(String, String), String> {
     Ok((n.to_string(), u.to_string()))
 }
 
+/// Writes every request's record of target `name` as one JSON line each to
+/// `OUT/records/NAME.jsonl` (session, turn, times, tokens, `served_by`: for analyses the
+/// summary does not make, such as how often a session changed servers).
+fn write_records(
+    out_dir: &std::path::Path,
+    name: &str,
+    records: &[load::Record],
+) -> Result<(), String> {
+    let dir = out_dir.join("records");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let mut lines = String::new();
+    for r in records {
+        lines += &serde_json::to_string(r).map_err(|e| e.to_string())?;
+        lines.push('\n');
+    }
+    write(&dir.join(format!("{name}.jsonl")), &lines)
+}
+
 pub async fn compare(a: CompareArgs) -> Result<(), String> {
     let trace = workload::generate(&a.workload)?;
     let client = load::http_client()?;
@@ -100,6 +119,7 @@ pub async fn compare(a: CompareArgs) -> Result<(), String> {
             .filter_map(|r| r.ttft_s)
             .collect();
         runs_json.push(json!({"summary": &s, "ttft_s": ttft}));
+        write_records(&a.out_dir, name, &out.records)?;
         summaries.push(s);
     }
     let table = load::table(&summaries);

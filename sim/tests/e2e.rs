@@ -252,6 +252,51 @@ fn compare_runs_a_trace_through_a_proxy_and_directly() {
     if plot_py.is_some() {
         assert!(std::fs::metadata(dir.join("ttft_cdf.png")).unwrap().len() > 10_000);
     }
+    // Every request's record, per target.
+    for (i, name) in ["rr", "direct"].iter().enumerate() {
+        let text = std::fs::read_to_string(dir.join(format!("records/{name}.jsonl"))).unwrap();
+        let records: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let s = &runs[i]["summary"];
+        assert_eq!(records.len() as u64, s["ok"].as_u64().unwrap(), "{name}");
+        assert!(records.iter().all(|r| r["served_by"].is_string()
+            && r["session"].is_u64()
+            && r["prompt_tokens"].as_u64().unwrap() >= r["cached_tokens"].as_u64().unwrap()));
+    }
+    if let Some(py) = &plot_py {
+        // The compute floor of each policy is below what it measured.
+        let records = ["rr", "direct"].map(|n| dir.join(format!("records/{n}.jsonl")));
+        let out = Command::new(py)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../scripts/ttft_floor.py"
+            ))
+            .args(&records)
+            .output()
+            .expect("run ttft_floor.py");
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for name in ["rr", "direct"] {
+            let row = table
+                .lines()
+                .find(|l| l.starts_with(&format!("| {name} | all |")))
+                .unwrap_or_else(|| panic!("no row of {name}: {table}"));
+            let cols: Vec<f64> = row
+                .split('|')
+                .filter_map(|c| c.trim().parse().ok())
+                .collect();
+            // n, TTFT mean, compute floor, the rest, best-of-all floor, prompt tokens
+            let (mean, floor, rest, best) = (cols[1], cols[2], cols[3], cols[4]);
+            assert!(floor > 5.0 && floor <= mean + 1.0, "{row}");
+            assert!((mean - floor - rest).abs() <= 1.0 && best <= floor, "{row}");
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

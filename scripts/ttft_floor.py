@@ -92,13 +92,14 @@ def main():
         for kind, rs in [("all", records)] + sorted(kinds.items()):
             ttft = statistics.mean(r["ttft_s"] * 1000 for r in rs)
             own = statistics.mean(floor_ms(uncached(r), a, b, budget) for r in rs)
-            shared = [floor_ms(best[k], a, b, budget)
-                      for k in ((r["session"], r["turn"]) for r in rs) if k in best]
-            shared = f"{statistics.mean(shared):.0f}" if shared else "–"
+            best_floors = [floor_ms(best[k], a, b, budget)
+                           for k in ((r["session"], r["turn"]) for r in rs) if k in best]
+            best_floor = f"{statistics.mean(best_floors):.0f}" if best_floors else "–"
             moves, lost_moves, stays, lost_stays = session_changes(rs)
             prompt = sum(r["prompt_tokens"] or 0 for r in rs)
             print(f"| {name} | {kind} | {len(rs)} | {ttft:.0f} | {own:.0f} | {ttft - own:.0f} "
-                  f"| {shared} | {moves} ({lost_moves}) | {stays} ({lost_stays}) | {prompt} |")
+                  f"| {best_floor} | {moves} ({lost_moves}) | {stays} ({lost_stays}) | {prompt} |")
+
 
 if __name__ == "__main__":
     main()

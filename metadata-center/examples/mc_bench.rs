@@ -10,7 +10,8 @@
 //! machine, the CPU time they spent per API call during each scenario (from
 //! `/proc/PID/task/*/schedstat`): steadier than calls/s when the machine is shared.
 //! `MC_BENCH_MAX_AGES=1` makes the cache queries carry `max_age_ms` for the 16 engines, as
-//! llmproxy's gateways send it.
+//! llmproxy's gateways send it. `MC_BENCH_SHARED_CHUNKS=N` (default 8) sets how many of each
+//! prompt's 64 chunks are a system prompt every conversation shares.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -31,13 +32,31 @@ fn rnd(seed: &mut u64) -> u64 {
     *seed
 }
 
-/// Prompt `conv` of a workload: 8 chunks of shared system prompt, then 56 chunks of the
-/// conversation; hashes are cumulative like the client's (each depends on all before it).
+/// Chunks of system prompt every conversation shares at the start of its prompt: 8, or
+/// `MC_BENCH_SHARED_CHUNKS` (at most 64).
+fn shared_chunks() -> usize {
+    static SHARED: OnceLock<usize> = OnceLock::new();
+    *SHARED.get_or_init(|| {
+        std::env::var("MC_BENCH_SHARED_CHUNKS")
+            .ok()
+            .map(|v| {
+                v.parse()
+                    .expect("MC_BENCH_SHARED_CHUNKS: a number of chunks")
+            })
+            .unwrap_or(8)
+            .min(64)
+    })
+}
+
+/// Prompt `conv` of a workload: the shared system prompt (8 chunks unless
+/// `MC_BENCH_SHARED_CHUNKS` says otherwise), then the conversation's own chunks; hashes are
+/// cumulative like the client's (each depends on all before it).
 fn prompt(conv: u64, len: usize) -> Vec<u64> {
     let mut h = 0xcbf29ce484222325u64;
+    let shared = shared_chunks();
     (0..len)
         .map(|i| {
-            let chunk = if i < 8 {
+            let chunk = if i < shared {
                 i as u64
             } else {
                 (conv << 16) | i as u64

@@ -400,7 +400,7 @@ impl Metrics {
             f.family(
                 "metadata_center_store_cache_query_pipelines_total",
                 "counter",
-                "Pipelines that carried the plain cache queries (several queries ready together share one)",
+                "Batches that carried the plain cache queries, one HMGET each (several queries ready together share one)",
                 &[("", r.counters.cache_query_pipelines())],
             );
         }

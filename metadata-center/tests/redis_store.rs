@@ -273,9 +273,9 @@ async fn redis_cache_query_with_max_ages_counts_only_younger_tags() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_cache_queries_ready_together_share_one_pipeline_and_survive_a_dropped_sender() {
+async fn redis_cache_queries_ready_together_share_one_read_and_survive_a_dropped_sender() {
     if !redis_available(
-        "redis_cache_queries_ready_together_share_one_pipeline_and_survive_a_dropped_sender",
+        "redis_cache_queries_ready_together_share_one_read_and_survive_a_dropped_sender",
     ) {
         return;
     }
@@ -289,7 +289,7 @@ async fn redis_cache_queries_ready_together_share_one_pipeline_and_survive_a_dro
     s.cache_save("m", &[1, 2, 3], a).await;
     s.cache_save("m", &[1, 7], b).await;
     s.cache_save("other", &[1], b).await;
-    // alone, each query is its own pipeline
+    // alone, each query is its own batch
     assert_eq!(
         s.cache_query("m", &[1, 2, 3, 4], 5).await,
         vec![(a, 3), (b, 1)]
@@ -300,8 +300,8 @@ async fn redis_cache_queries_ready_together_share_one_pipeline_and_survive_a_dro
     );
     assert_eq!((queries, pipelines), (1, 1));
 
-    // Four queries of "m" ready at once (and one of another cluster): one pipeline for "m",
-    // each query its own answer.
+    // Four queries of "m" ready at once (and one of another cluster): one `HMGET` for "m"
+    // (prefix 1, asked by three of them, read once), each query its own answer.
     let (q1, q2, q3, q4, q5) = tokio::join!(
         s.cache_query("m", &[1, 2, 3], 5),
         s.cache_query("m", &[1, 7, 9], 5),

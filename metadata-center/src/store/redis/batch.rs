@@ -1,7 +1,8 @@
 //! Cache queries sent together: the plain cache queries of one cluster that are ready in the
-//! same turn of the runtime go to Redis as one pipeline of `HMGET`s, so the connection carries
-//! one request (one write, one read, one in-flight entry) for all of them instead of one each,
-//! and Redis reads and answers them in one go.
+//! same turn of the runtime go to Redis as one `HMGET` of the distinct prefixes they ask for, so
+//! the connection carries one request (one write, one read, one in-flight entry) for all of them
+//! instead of one each, and a prefix several of them share (a system prompt) is read, sent and
+//! parsed once per batch instead of once per query.
 //!
 //! How a batch forms: a query joins its cluster's open batch (or opens one) and yields once to
 //! the runtime, so the other queries that are ready run and join too; the first of them to
@@ -15,8 +16,10 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use redis::Value;
 
-/// At most this many queries in one pipeline (a full batch is left to be sent, and the next
-/// query opens a new one): bounds a pipeline's size and the wait of its first query.
+use super::walk::bulk_string;
+
+/// At most this many queries in one batch (a full batch is left to be sent, and the next
+/// query opens a new one): bounds an `HMGET`'s size and the wait of its first query.
 pub const MAX_QUERIES_PER_BATCH: usize = 64;
 
 /// One batch: the queries that joined it and, once sent, Redis's answer to all of them.
@@ -25,15 +28,71 @@ pub struct QueryBatch {
     /// Each query's fields (its prefixes' digests), in the order they joined; no query joins
     /// once the batch is closed (taken out of `OpenBatches`).
     queries: Mutex<Vec<Vec<[u8; 16]>>>,
-    /// Redis's time when the batch was sent (ms) and one reply per query; `None` when Redis
-    /// did not answer.
-    pub answer: tokio::sync::OnceCell<Option<(u64, Vec<Value>)>>,
+    /// Redis's answer to the batch; `None` when Redis did not answer.
+    pub answer: tokio::sync::OnceCell<Option<BatchAnswer>>,
 }
 
 impl QueryBatch {
     /// The queries' fields, in joining order (read them once the batch is closed).
     pub fn queries(&self) -> parking_lot::MutexGuard<'_, Vec<Vec<[u8; 16]>>> {
         self.queries.lock()
+    }
+}
+
+/// The distinct fields of a batch's queries, in first-asked order, and for each query where
+/// its fields are in that list: what one `HMGET` for the whole batch asks, and how to read
+/// each query's nodes out of its reply.
+pub struct DistinctFields {
+    /// Every field asked by some query, once.
+    pub fields: Vec<[u8; 16]>,
+    /// Per query (joining order), the position in `fields` of each of its fields.
+    pub slots: Vec<Vec<u32>>,
+}
+
+impl DistinctFields {
+    /// The distinct fields of `queries`.
+    pub fn of(queries: &[Vec<[u8; 16]>]) -> Self {
+        let mut position: hashbrown::HashMap<[u8; 16], u32> = hashbrown::HashMap::new();
+        let mut fields = Vec::new();
+        let slots = queries
+            .iter()
+            .map(|query| {
+                query
+                    .iter()
+                    .map(|f| {
+                        *position.entry(*f).or_insert_with(|| {
+                            fields.push(*f);
+                            (fields.len() - 1) as u32
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        DistinctFields { fields, slots }
+    }
+}
+
+/// Redis's answer to a batch: its time when the batch was sent (ms), the `HMGET`'s values (one
+/// per distinct field) and where each query's fields are among them.
+pub struct BatchAnswer {
+    /// Redis's time when the batch was sent, ms.
+    pub now_ms: u64,
+    /// The `HMGET`'s reply, one value per distinct field (nil when absent).
+    pub values: Vec<Value>,
+    /// Per query, the positions of its fields in `values` ([`DistinctFields::slots`]).
+    pub slots: Vec<Vec<u32>>,
+}
+
+impl BatchAnswer {
+    /// Query `index`'s nodes, in its own field order (`None` for an absent one, as
+    /// [`bulk_string`] reads them); `None` when the reply is short of them (a reply Redis
+    /// would not send).
+    pub fn nodes_of(&self, index: usize) -> Option<Vec<Option<&[u8]>>> {
+        let slots = self.slots.get(index)?;
+        slots
+            .iter()
+            .map(|&i| self.values.get(i as usize).map(bulk_string))
+            .collect()
     }
 }
 
@@ -103,6 +162,52 @@ mod tests {
         batches.close("n", &other);
         assert_eq!(batches.open_count(), 0);
         assert_eq!(a.queries().len(), 2);
+    }
+
+    #[test]
+    fn a_field_several_queries_ask_for_is_asked_once_and_read_by_each() {
+        let queries = vec![
+            vec![[1; 16], [2; 16], [3; 16]],
+            vec![[1; 16], [2; 16], [4; 16]],
+            vec![[5; 16]],
+            vec![],
+        ];
+        let distinct = DistinctFields::of(&queries);
+        assert_eq!(
+            distinct.fields,
+            vec![[1; 16], [2; 16], [3; 16], [4; 16], [5; 16]]
+        );
+        assert_eq!(
+            distinct.slots,
+            vec![vec![0, 1, 2], vec![0, 1, 3], vec![4], vec![]]
+        );
+        let values: Vec<Value> = (1..=5u8).map(|i| Value::BulkString(vec![i])).collect();
+        let answer = BatchAnswer {
+            now_ms: 7,
+            values,
+            slots: distinct.slots,
+        };
+        let bytes = |i| {
+            answer.nodes_of(i).map(|nodes| {
+                nodes
+                    .iter()
+                    .map(|n| n.map_or(0, |b| b[0]))
+                    .collect::<Vec<u8>>()
+            })
+        };
+        assert_eq!(bytes(0), Some(vec![1, 2, 3]));
+        assert_eq!(bytes(1), Some(vec![1, 2, 4]));
+        assert_eq!(bytes(2), Some(vec![5]));
+        assert_eq!(bytes(3), Some(vec![]));
+        assert_eq!(bytes(4), None);
+        // a reply short of a query's values reads as no answer for it
+        let short = BatchAnswer {
+            now_ms: 7,
+            values: vec![Value::Nil],
+            slots: vec![vec![0], vec![0, 1]],
+        };
+        assert_eq!(short.nodes_of(0), Some(vec![None]));
+        assert!(short.nodes_of(1).is_none());
     }
 
     #[test]

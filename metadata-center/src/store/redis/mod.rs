@@ -8,7 +8,7 @@
 //! counted; the handler never waits longer than `op_timeout` (a query sharing another's call,
 //! a load query or a batch of cache queries, makes the call again when its maker goes away).
 //! The connection is `conn`, the key layout `keys`, the Lua scripts `scripts`, the gathering of
-//! concurrent cache queries into one pipeline `batch`, the reading of a cache query's reply
+//! concurrent cache queries into one `HMGET` `batch`, the reading of a cache query's reply
 //! `walk`.
 
 mod batch;
@@ -25,12 +25,12 @@ use std::time::Duration;
 
 use redis::{RedisResult, Value};
 
-use self::batch::{OpenBatches, QueryBatch};
+use self::batch::{BatchAnswer, DistinctFields, OpenBatches, QueryBatch};
 use self::conn::Conn;
 use self::keys::{digest_field, prefix_digests, request_index, ClusterKeys};
 use self::recent::{RecentSaves, SaveKeys};
 use self::scripts::Scripts;
-use self::walk::{bulk_string, parse_digits, walk, Ttl};
+use self::walk::{parse_digits, walk, Ttl};
 use super::StoreSpec;
 use crate::cache::MaxAges;
 use crate::endpoint::Endpoint;
@@ -118,7 +118,7 @@ pub struct StoreCounters {
     skipped_saves: AtomicU64,
     /// Cache queries sent as a plain `HMGET` (the Redis clock known), no script.
     plain_cache_queries: AtomicU64,
-    /// Pipelines that carried plain cache queries (each one or more of them).
+    /// Batches of plain cache queries sent (one `HMGET` each, for one or more queries).
     cache_query_pipelines: AtomicU64,
 }
 
@@ -144,8 +144,8 @@ impl StoreCounters {
         get(&self.plain_cache_queries)
     }
 
-    /// Pipelines that carried the plain cache queries (fewer than the queries when several
-    /// were sent together).
+    /// Batches that carried the plain cache queries, one `HMGET` each (fewer than the queries
+    /// when several were sent together).
     pub fn cache_query_pipelines(&self) -> u64 {
         get(&self.cache_query_pipelines)
     }
@@ -524,8 +524,8 @@ impl RedisStore {
     /// [`RedisStore::cache_query`] counting each location's tags older than its limit in
     /// `ages` (when shorter than the TTL) as absent: the asking gateway's `max_age_ms`.
     ///
-    /// With Redis's clock known, the query is a plain `HMGET`, sent in one pipeline with the
-    /// other queries of the cluster ready at the same moment (`batch`); otherwise the
+    /// With Redis's clock known, the query is read by one plain `HMGET` with the other queries
+    /// of the cluster ready at the same moment (`batch`); otherwise the
     /// `cache_query` script reads the clock with the nodes.
     pub async fn cache_query_within(
         &self,
@@ -553,8 +553,8 @@ impl RedisStore {
         }
     }
 
-    /// A plain cache query (Redis's clock known): an `HMGET` sent in one pipeline with the
-    /// other queries of `cluster` ready now; tags older than `ttl` allows count as absent.
+    /// A plain cache query (Redis's clock known): read by one `HMGET` with the other queries
+    /// of `cluster` ready now; tags older than `ttl` allows count as absent.
     async fn cache_query_batched(
         &self,
         cluster: &str,
@@ -569,14 +569,13 @@ impl RedisStore {
             .answer
             .get_or_init(|| self.send_query_batch(cluster, &batch))
             .await;
-        let Some((now_ms, replies)) = answer else {
+        let Some(answer) = answer else {
             return Vec::new();
         };
-        let Some(Value::Array(values)) = replies.get(index) else {
+        let Some(nodes) = answer.nodes_of(index) else {
             return Vec::new();
         };
-        let nodes: Vec<Option<&[u8]>> = values.iter().map(bulk_string).collect();
-        walk(&nodes, *now_ms, ttl, k)
+        walk(&nodes, answer.now_ms, ttl, k)
     }
 
     /// A cache query through the `cache_query` script, which also returns Redis's clock.
@@ -618,34 +617,49 @@ impl RedisStore {
         walk(&nodes, now_ms, ttl, k)
     }
 
-    /// Sends the plain cache queries of `batch` (of `cluster`) as one pipeline of `HMGET`s,
-    /// closing it first: Redis's time and one reply per query, `None` when Redis did not answer.
+    /// Sends the plain cache queries of `batch` (of `cluster`) as one `HMGET` of the distinct
+    /// prefixes they ask for, closing it first: Redis's time and the values, `None` when Redis
+    /// did not answer.
     async fn send_query_batch(
         &self,
         cluster: &str,
         batch: &Arc<QueryBatch>,
-    ) -> Option<(u64, Vec<Value>)> {
+    ) -> Option<BatchAnswer> {
         self.query_batches.close(cluster, batch);
-        let nodes_key = ClusterKeys::new(&self.cfg.key_prefix, cluster).nodes();
-        let mut pipe = redis::pipe();
-        let n = {
+        let (distinct, n) = {
             let queries = batch.queries();
-            for fields in queries.iter() {
-                pipe.cmd("HMGET").arg(&nodes_key);
-                for f in fields {
-                    pipe.arg(&f[..]);
-                }
-            }
-            queries.len() as u64
+            (DistinctFields::of(&queries), queries.len() as u64)
         };
         let c = &self.counters;
         c.plain_cache_queries.fetch_add(n, Ordering::Relaxed);
         c.cache_query_pipelines.fetch_add(1, Ordering::Relaxed);
+        if distinct.fields.is_empty() {
+            // nothing to read (no query of the batch has a prefix); an `HMGET` needs a field
+            return Some(BatchAnswer {
+                now_ms: 0,
+                values: Vec::new(),
+                slots: distinct.slots,
+            });
+        }
+        let nodes_key = ClusterKeys::new(&self.cfg.key_prefix, cluster).nodes();
+        let mut hmget = redis::cmd("HMGET");
+        hmget.arg(&nodes_key);
+        for f in &distinct.fields {
+            hmget.arg(&f[..]);
+        }
         // the clock was fresh when the queries joined, a moment ago
         let now_ms = self.clock.estimate_ms();
         let mut conn = self.conn.clone();
-        self.run_for(Op::CacheQuery, n, pipe.query_async::<Vec<Value>>(&mut conn))
-            .await
-            .map(|replies| (now_ms, replies))
+        self.run_for(
+            Op::CacheQuery,
+            n,
+            hmget.query_async::<Vec<Value>>(&mut conn),
+        )
+        .await
+        .map(|values| BatchAnswer {
+            now_ms,
+            values,
+            slots: distinct.slots,
+        })
     }
 }

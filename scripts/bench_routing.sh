@@ -20,7 +20,9 @@
 #   BENCH_NGINX_TARGETS    "NAME:WORKERS:MODE[:ALGO] ...": nginx + llmproxy started here, examples/nginx.conf
 #                          rendered by scripts/bench_nginx_configs.py; MODE = shared (one routing state for
 #                          all workers, as shipped) | local (shared_state = false: per-worker state);
-#                          ALGO [prefix_cost]; e.g. "nginx-1w:1:shared nginx-4w-local:4:local nginx-4w-shared:4:shared".
+#                          ALGO [prefix_cost]; e.g. "nginx-1w:1:shared nginx-4w-local:4:local nginx-4w-shared:4:shared";
+#                          K=V after a fourth colon as for Envoy, `replicas=N` and `store=redis` included
+#                          (e.g. "ngx-2gw:2:shared:prefix_cost:replicas=2").
 #                          Every request comes on its own connection (keepalive_timeout 0) so that
 #                          reuseport spreads them over the workers; results.md gets a per-worker table
 #                          from the access logs. Needs $NGINX [nginx] with the Lua module (make nginx-deps)
@@ -97,6 +99,30 @@ ready() {
   exit 1
 }
 
+# start_metadata_centers NAME DIR: the metadata-center(s) a target's gateway replicas share, one
+# per port listed in DIR/NAME.mc; with DIR/NAME.store saying `redis`, over one redis-server
+# started here (its port: the first metadata-center's + 5).
+start_metadata_centers() {
+  local name=$1 dir=$2 store_args=() rport r mc_port i
+  MC=${MC:-target/release/llmproxy-metadata-center}
+  [ -x "$MC" ] || { echo "missing $MC: run 'make build'" >&2; exit 1; }
+  if [ "$(cat "$dir/$name.store")" = redis ]; then  # one Redis shared by their replicas
+    command -v redis-server >/dev/null || { echo "store=redis needs redis-server (apt-get install redis-server)" >&2; exit 1; }
+    rport=$(( $(head -n 1 "$dir/$name.mc") + 5 ))
+    mkdir -p "$OUT/redis-$name"
+    start "$name-redis" redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no \
+      --dir "$(realpath "$OUT/redis-$name")"
+    for i in $(seq 1 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    redis-cli -p "$rport" ping >/dev/null || { echo "$name: redis-server on $rport did not start" >&2; exit 1; }
+    store_args=(--store "redis://127.0.0.1:$rport")
+  fi
+  r=0
+  while read -r mc_port; do
+    start "$name-mc$r" env POD_IP=127.0.0.1 "$MC" run --host 127.0.0.1 --port "$mc_port" "${store_args[@]}"
+    r=$((r + 1))
+  done < "$dir/$name.mc"
+}
+
 WORKERS=()
 for ((i = 0; i < SERVERS; i++)); do WORKERS+=("http://127.0.0.1:$((BASE + i))"); done
 start fleet "$SIM" serve --servers "$SERVERS" --base-port "$BASE" "${SERVE_ARGS[@]}"
@@ -123,26 +149,8 @@ if [ -n "${BENCH_ENVOY_TARGETS:-}" ]; then
   k=0
   for t in "${ENVOY_TARGETS[@]}"; do
     name=${t%%=*}
-    if [ -f "$OUT/envoy/$name.mc" ]; then  # gateway replicas: their metadata-center(s) first
-      MC=${MC:-target/release/llmproxy-metadata-center}
-      [ -x "$MC" ] || { echo "missing $MC: run 'make build'" >&2; exit 1; }
-      store_args=()
-      if [ "$(cat "$OUT/envoy/$name.store")" = redis ]; then  # one Redis shared by their replicas
-        command -v redis-server >/dev/null || { echo "store=redis needs redis-server (apt-get install redis-server)" >&2; exit 1; }
-        rport=$(( $(head -n 1 "$OUT/envoy/$name.mc") + 5 ))
-        mkdir -p "$OUT/redis-$name"
-        start "$name-redis" redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no \
-          --dir "$(realpath "$OUT/redis-$name")"
-        for i in $(seq 1 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
-        redis-cli -p "$rport" ping >/dev/null || { echo "$name: redis-server on $rport did not start" >&2; exit 1; }
-        store_args=(--store "redis://127.0.0.1:$rport")
-      fi
-      r=0
-      while read -r mc_port; do
-        start "$name-mc$r" env POD_IP=127.0.0.1 "$MC" run --host 127.0.0.1 --port "$mc_port" "${store_args[@]}"
-        r=$((r + 1))
-      done < "$OUT/envoy/$name.mc"
-    fi
+    # gateway replicas: their metadata-center(s) first
+    if [ -f "$OUT/envoy/$name.mc" ]; then start_metadata_centers "$name" "$OUT/envoy"; fi
     for y in "$OUT/envoy/$name.yaml" "$OUT/envoy/$name".r*.yaml; do
       [ -f "$y" ] || continue
       log=$(basename "$y" .yaml)
@@ -164,27 +172,38 @@ if [ -n "${BENCH_NGINX_TARGETS:-}" ]; then
   [ "${#NGINX_TARGETS[@]}" = "${#NGINX_SPECS[@]}" ] || { echo "bench_nginx_configs.py failed" >&2; exit 1; }
   for t in "${NGINX_TARGETS[@]}"; do
     name=${t%%=*}
-    prefix=$(realpath "$OUT/nginx/$name")/
-    # master and workers in the process group start() makes: cleanup stops them all by its id
-    start "$name" "$NGINX" -p "$prefix" -c "${prefix}nginx.conf" -g 'daemon off;'
+    # gateway replicas: their metadata-center(s) first
+    if [ -f "$OUT/nginx/$name.mc" ]; then start_metadata_centers "$name" "$OUT/nginx"; fi
+    while read -r prefix; do
+      # master and workers in the process group start() makes: cleanup stops them all by its id
+      start "$(basename "$prefix")" "$NGINX" -p "$prefix/" -c "$prefix/nginx.conf" -g 'daemon off;'
+    done < <(python3 scripts/bench_nginx_configs.py --prefixes "$OUT/nginx" "$name")
     TARGETS+=("$t")
     NGINX_NAMES+=("$name")
   done
 fi
 
-# nginx_ready NAME URL: every worker's router is up (llmproxy_nginx_workers = worker_processes), 30 s.
+# nginx_ready PREFIX URL: every worker's router of the nginx at PREFIX is up
+# (llmproxy_nginx_workers = worker_processes), 30 s.
 nginx_ready() {
-  local name=$1 url=$2 want i
-  want=$(sed -n 's/^worker_processes \([0-9]*\);/\1/p' "$OUT/nginx/$name/nginx.conf")
+  local prefix=$1 url=$2 want i
+  want=$(sed -n 's/^worker_processes \([0-9]*\);/\1/p' "$prefix/nginx.conf")
   for i in $(seq 1 150); do
     if curl -s -m 5 "$url/llmproxy/metrics" | grep -Eq "^llmproxy_nginx_workers(\{\})? $want\$"; then
       return 0
     fi
     sleep 0.2
   done
-  echo "$name: not $want workers after 30 s; log: $OUT/nginx/$name/build/nginx/error.log" >&2
-  tail -n 20 "$OUT/nginx/$name/build/nginx/error.log" >&2 || true
+  echo "$prefix: not $want workers after 30 s; log: $prefix/build/nginx/error.log" >&2
+  tail -n 20 "$prefix/build/nginx/error.log" >&2 || true
   exit 1
+}
+
+# nginx_each TARGET: "PREFIX URL" per gateway of an nginx target NAME=URL[,URL...], in order.
+nginx_each() {
+  local t=$1 urls
+  IFS=, read -r -a urls <<< "${t#*=}"
+  python3 scripts/bench_nginx_configs.py --prefixes "$OUT/nginx" "${t%%=*}" | paste -d' ' - <(printf '%s\n' "${urls[@]}")
 }
 
 add_proxy() {  # add_proxy NAME POLICY
@@ -255,7 +274,9 @@ for t in "${TARGETS[@]}"; do
   for u in "${urls[@]}"; do ready "${t%%=*}" "$u"; done
   ARGS+=(--target "$t")
 done
-for t in "${NGINX_TARGETS[@]}"; do nginx_ready "${t%%=*}" "${t#*=}"; done
+for t in "${NGINX_TARGETS[@]}"; do
+  while read -r prefix url; do nginx_ready "$prefix" "$url"; done < <(nginx_each "$t")
+done
 
 "$SIM" compare "${ARGS[@]}" --stats-url "${WORKERS[0]}" --duration "$DURATION" "${RATE_ARGS[@]}" \
   "${LOAD_ARGS[@]}" --out-dir "$OUT" --plot-python "$PY" --title "TTFT per routing policy ($SERVERS simulated servers)"
@@ -270,7 +291,9 @@ for t in "${ENVOY_TARGETS[@]}"; do
 done
 if [ "${#NGINX_NAMES[@]}" -gt 0 ]; then
   for t in "${NGINX_TARGETS[@]}"; do
-    curl -s -m 10 "${t#*=}/llmproxy/metrics" > "$OUT/logs/${t%%=*}.metrics" || true
+    while read -r prefix url; do
+      curl -s -m 10 "$url/llmproxy/metrics" > "$OUT/logs/$(basename "$prefix").metrics" || true
+    done < <(nginx_each "$t")
   done
   python3 scripts/bench_nginx_configs.py --summary "$OUT/nginx" "${NGINX_NAMES[@]}" | tee -a "$OUT/results.md"
 fi

@@ -13,8 +13,9 @@ counters, the mode before issue #15). ALGO is the llmproxy algorithm [prefix_cos
 `replicas=N` (N > 1) makes N nginx gateways of the target, each with its own prefix
 OUT_DIR/NAME.rR/ and port, sharing state through a metadata-center (remote cache lookups on, as
 bench_envoy_configs.py's replicas); `store=redis` gives each replica a metadata-center of its own
-over one Redis. As there, OUT_DIR/NAME.mc lists the metadata-center ports (LISTEN_BASE_PORT + 400
-+ 10 i [+ r]) and OUT_DIR/NAME.store the store, for the caller to start them.
+over one Redis; `shared=false` makes replicas that share nothing (no metadata-center). As there,
+OUT_DIR/NAME.mc lists the metadata-center ports (LISTEN_BASE_PORT + 400 + 10 i [+ r]) and
+OUT_DIR/NAME.store the store, for the caller to start them.
 
 For each NAME it makes the nginx prefix OUT_DIR/NAME/ (nginx.conf, llmproxy.json, a private copy
 of LIB as build/libllmproxy.so, openresty -> the repository's openresty/), listening on the next
@@ -97,8 +98,11 @@ def parse_spec(spec):
         if k == "store" and v in ("memory", "redis"):
             store = v
             continue
+        if k == "shared" and v in ("true", "false"):
+            store = None if v == "false" else store
+            continue
         if not eq or not k.isidentifier() or not v.lstrip("-").isdigit():
-            raise ValueError("bad parameter %r in %r: want KEY=INTEGER or store=memory|redis" % (kv, spec))
+            raise ValueError("bad parameter %r in %r: want KEY=INTEGER, store=memory|redis or shared=true|false" % (kv, spec))
         if k == "replicas":
             if int(v) < 1:
                 raise ValueError("bad %r in %r: replicas >= 1" % (kv, spec))
@@ -136,18 +140,27 @@ def write_targets(argv):
             print(e, file=sys.stderr)
             return 2
         root = Path(out).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        # nothing left of an earlier run's target of the same name (single or replicas)
+        for old in [root / name] + prefixes(out, name):
+            shutil.rmtree(old, ignore_errors=True)
+        for old in (root / ("%s.mc" % name), root / ("%s.store" % name)):
+            old.unlink(missing_ok=True)
         if replicas == 1:
             make_prefix(root / name, lib, next_port, workers, mode, library_config(algo, endpoints, extra))
             print("%s=http://127.0.0.1:%d" % (name, next_port))
             next_port += 1
             continue
-        # gateway replicas sharing state through metadata-center(s) the caller starts
-        if store == "redis":
+        # gateway replicas sharing state through metadata-center(s) the caller starts, or nothing
+        if store is None:
+            mc_ports = [None] * replicas
+        elif store == "redis":
             mc_ports = [listen + 400 + 10 * i + r for r in range(replicas)]
         else:
             mc_ports = [listen + 400 + 10 * i] * replicas
-        (root / ("%s.mc" % name)).write_text("".join("%d\n" % p for p in sorted(set(mc_ports))))
-        (root / ("%s.store" % name)).write_text(store + "\n")
+        if store is not None:
+            (root / ("%s.mc" % name)).write_text("".join("%d\n" % p for p in sorted(set(mc_ports))))
+            (root / ("%s.store" % name)).write_text(store + "\n")
         urls = []
         for r in range(replicas):
             config = library_config(algo, endpoints, extra, mc_ports[r])

@@ -57,7 +57,8 @@ TEST_TARGETS += test-sim
 ## sglang-router and vllm-router from PyPI (BENCH_PEERS=0: without them).
 ## Output: build/bench-routing/{results.md,results.json,ttft_cdf.png}.
 BENCH_ROUTING_ENVOY ?= envoy-round-robin:envoy_round_robin llmproxy-inference_lb:inference_lb llmproxy-prefix_cost:prefix_cost
-# nginx targets (NAME:WORKERS:shared|local[:ALGO], see scripts/bench_nginx_configs.py); empty: none.
+# nginx targets (NAME:WORKERS:shared|local[:ALGO[:K=V,...]], replicas=N included; see
+# scripts/bench_nginx_configs.py); empty: none.
 BENCH_ROUTING_NGINX ?= nginx-1w:1:shared nginx-4w-local:4:local nginx-4w-shared:4:shared
 bench-routing: sim sim-plot-deps envoy-module $(if $(BENCH_ROUTING_NGINX),nginx-deps) $(if $(filter 0,$(BENCH_PEERS)),,sim-peer-deps)
 	BENCH_REFS=$${BENCH_REFS:-0} BENCH_ENVOY_TARGETS="$(BENCH_ROUTING_ENVOY)" \

@@ -142,6 +142,28 @@ static_resources:
 """
 
 
+def replica_metadata_centers(out, name, replicas, shared, store, base_port):
+    """The metadata-center port of each of a target's `replicas` (None each when not `shared`):
+    one at `base_port` for all, or with `store` "redis" one per replica from `base_port` on.
+    Writes OUT/NAME.mc (the ports, one per line) and OUT/NAME.store for scripts/bench_routing.sh
+    to start them (and removes both when nothing is shared)."""
+    files = [os.path.join(out, f"{name}.{ext}") for ext in ("mc", "store")]
+    if not shared:
+        for path in files:
+            if os.path.exists(path):
+                os.remove(path)
+        return [None] * replicas
+    if store == "redis":
+        ports = [base_port + r for r in range(replicas)]
+    else:
+        ports = [base_port] * replicas
+    with open(files[0], "w") as f:
+        f.write("".join(f"{p}\n" for p in sorted(set(ports))))
+    with open(files[1], "w") as f:
+        f.write(f"{store}\n")
+    return ports
+
+
 def main(argv):
     if len(argv) < 6:
         print(__doc__.strip(), file=sys.stderr)
@@ -200,17 +222,7 @@ def main(argv):
             print(f"{name}=http://127.0.0.1:{port}")
             continue
         # gateway replicas sharing state through metadata-center(s) of their own, or nothing
-        if not shared:
-            mc_ports = [None] * replicas
-        elif store == "redis":
-            mc_ports = [listen + 200 + 10 * i + r for r in range(replicas)]
-        else:
-            mc_ports = [listen + 200 + 10 * i] * replicas
-        if shared:
-            with open(os.path.join(out, f"{name}.mc"), "w") as f:
-                f.write("".join(f"{p}\n" for p in sorted(set(mc_ports))))
-            with open(os.path.join(out, f"{name}.store"), "w") as f:
-                f.write(f"{store}\n")
+        mc_ports = replica_metadata_centers(out, name, replicas, shared, store, listen + 200 + 10 * i)
         urls = []
         for r in range(replicas):
             port, next_port = next_port, next_port + 1

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "nginx"))
 
 import harness  # noqa: E402  (tests/nginx/harness.py: render_example)
+from bench_envoy_configs import replica_metadata_centers  # noqa: E402  (the same .mc/.store files)
 
 MODEL = "sim-llama-3-8b"
 SHARED = 'shared_state = { size = "64m" }'
@@ -92,14 +93,14 @@ def parse_spec(spec):
     if len(parts) < 3 or not parts[0] or not parts[1].isdigit() or int(parts[1]) < 1 or parts[2] not in ("shared", "local"):
         raise ValueError("bad target %r: want NAME:WORKERS:shared|local[:ALGO[:K=V,...]]" % spec)
     algo = parts[3] if len(parts) > 3 and parts[3] else "prefix_cost"
-    extra, replicas, store = {}, 1, "memory"
+    extra, replicas, store, shared = {}, 1, "memory", True
     for kv in filter(None, (parts[4] if len(parts) > 4 else "").split(",")):
         k, eq, v = kv.partition("=")
         if k == "store" and v in ("memory", "redis"):
             store = v
             continue
         if k == "shared" and v in ("true", "false"):
-            store = None if v == "false" else store
+            shared = v == "true"
             continue
         if not eq or not k.isidentifier() or not v.lstrip("-").isdigit():
             raise ValueError("bad parameter %r in %r: want KEY=INTEGER, store=memory|redis or shared=true|false" % (kv, spec))
@@ -109,7 +110,7 @@ def parse_spec(spec):
             replicas = int(v)
         else:
             extra[k] = int(v)
-    return parts[0], int(parts[1]), parts[2], algo, extra, replicas, store
+    return parts[0], int(parts[1]), parts[2], algo, extra, replicas, store, shared
 
 
 def make_prefix(prefix, lib, port, workers, mode, config):
@@ -135,7 +136,7 @@ def write_targets(argv):
     next_port = listen
     for i, spec in enumerate(argv[5:]):
         try:
-            name, workers, mode, algo, extra, replicas, store = parse_spec(spec)
+            name, workers, mode, algo, extra, replicas, store, shared = parse_spec(spec)
         except ValueError as e:
             print(e, file=sys.stderr)
             return 2
@@ -144,23 +145,14 @@ def write_targets(argv):
         # nothing left of an earlier run's target of the same name (single or replicas)
         for old in [root / name] + prefixes(out, name):
             shutil.rmtree(old, ignore_errors=True)
-        for old in (root / ("%s.mc" % name), root / ("%s.store" % name)):
-            old.unlink(missing_ok=True)
         if replicas == 1:
+            replica_metadata_centers(str(root), name, 1, False, store, 0)  # removes stale files
             make_prefix(root / name, lib, next_port, workers, mode, library_config(algo, endpoints, extra))
             print("%s=http://127.0.0.1:%d" % (name, next_port))
             next_port += 1
             continue
         # gateway replicas sharing state through metadata-center(s) the caller starts, or nothing
-        if store is None:
-            mc_ports = [None] * replicas
-        elif store == "redis":
-            mc_ports = [listen + 400 + 10 * i + r for r in range(replicas)]
-        else:
-            mc_ports = [listen + 400 + 10 * i] * replicas
-        if store is not None:
-            (root / ("%s.mc" % name)).write_text("".join("%d\n" % p for p in sorted(set(mc_ports))))
-            (root / ("%s.store" % name)).write_text(store + "\n")
+        mc_ports = replica_metadata_centers(str(root), name, replicas, shared, store, listen + 400 + 10 * i)
         urls = []
         for r in range(replicas):
             config = library_config(algo, endpoints, extra, mc_ports[r])

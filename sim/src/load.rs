@@ -52,6 +52,27 @@ pub struct RunArgs {
     /// empty; the fleet's comes from `--stats-url`).
     #[arg(long)]
     pub no_stream_usage: bool,
+    /// Share of the sessions (0–1, chosen by session number) whose requests are not streamed
+    /// (`"stream": false`, one JSON answer), as the OpenAI SDKs send by default: the gateway
+    /// sees their first byte only when the answer is complete. Their TTFT is not observable
+    /// and is left out of the TTFT statistics; their e2e latency counts.
+    #[arg(long, default_value_t = 0.0, value_parser = share_arg)]
+    pub non_stream_share: f64,
+}
+
+/// A `--non-stream-share` value, checked to be within 0–1.
+fn share_arg(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("want a share within 0-1, got {s:?}")),
+    }
+}
+
+/// True when session `session` is one of the `share` of sessions that do not stream: a fixed
+/// hash of its number, so every target of a comparison gets the same sessions unstreamed.
+pub fn session_streams(session: usize, share: f64) -> bool {
+    let h = xxhash_rust::xxh3::xxh3_64(&(session as u64).to_le_bytes());
+    (h >> 11) as f64 / (1u64 << 53) as f64 >= share
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -133,6 +154,8 @@ struct Ctx {
     session_header: Option<HeaderName>,
     /// Ask for `usage` in every stream (not `--no-stream-usage`).
     stream_usage: bool,
+    /// `--non-stream-share`.
+    non_stream_share: f64,
 }
 
 /// The `--session-header` name, checked.
@@ -251,6 +274,7 @@ pub async fn run(
         progress: Progress::default(),
         session_header,
         stream_usage: !args.no_stream_usage,
+        non_stream_share: args.non_stream_share,
     });
     // With a warm-up, the fleet's counters are read again when it ends, so that the hit rate and
     // utilisation cover the measured part only.
@@ -373,6 +397,7 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
         messages.push(json!({"role": "system", "content": &**sys}));
     }
     let mut scheduled = ctx.t0 + Duration::from_secs_f64(s.start_s);
+    let stream = session_streams(s.id, ctx.non_stream_share);
     for (i, turn) in s.turns.iter().enumerate() {
         if i > 0 {
             scheduled = Instant::now() + Duration::from_secs_f64(turn.think_s);
@@ -386,9 +411,9 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
             "model": ctx.model,
             "messages": messages,
             "max_tokens": turn.max_tokens,
-            "stream": true,
+            "stream": stream,
         });
-        if ctx.stream_usage {
+        if stream && ctx.stream_usage {
             body["stream_options"] = json!({"include_usage": true});
         }
         let seq = ctx.sent_seq.fetch_add(1, Ordering::Relaxed);
@@ -401,7 +426,7 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
         ctx.progress.sent.fetch_add(1, Ordering::Relaxed);
         let res = tokio::time::timeout(
             ctx.timeout,
-            one_request(&ctx, &ctx.urls[gateway], &body, s.id),
+            one_request(&ctx, &ctx.urls[gateway], &body, s.id, stream),
         )
         .await;
         let e2e = sent.elapsed().as_secs_f64();
@@ -428,6 +453,7 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
             sent_s: since(sent),
             ttft_s: out
                 .first_token
+                .filter(|_| stream)
                 .map(|t| t.saturating_duration_since(sent).as_secs_f64()),
             e2e_s: e2e,
             ok,
@@ -461,6 +487,7 @@ async fn one_request(
     url: &str,
     body: &Value,
     session: usize,
+    stream: bool,
 ) -> Result<Streamed, (Streamed, String)> {
     let mut out = Streamed::default();
     let request = turn_request(&ctx.client, url, body, ctx.session_header.as_ref(), session);
@@ -479,6 +506,9 @@ async fn one_request(
         let mut text: String = text.chars().take(200).collect();
         text = text.replace('\n', " ");
         return Err((out, format!("HTTP {}: {text}", status.as_u16())));
+    }
+    if !stream {
+        return read_answer(resp, out).await;
     }
     let mut stream = resp.bytes_stream();
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
@@ -521,13 +551,7 @@ async fn one_request(
                     out.content.push_str(c);
                 }
             }
-            if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-                out.usage_prompt = u["prompt_tokens"].as_u64();
-                out.usage_completion = u["completion_tokens"].as_u64();
-                out.usage_cached = u
-                    .pointer("/prompt_tokens_details/cached_tokens")
-                    .and_then(Value::as_u64);
-            }
+            out.read_usage(&v);
         }
     }
     if !done {
@@ -536,6 +560,48 @@ async fn one_request(
     if out.first_token.is_none() {
         return Err((out, "no content in stream".into()));
     }
+    Ok(out)
+}
+
+impl Streamed {
+    /// Takes the token counts of an answer's (or a chunk's) `usage`, when it has one.
+    fn read_usage(&mut self, v: &Value) {
+        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+            self.usage_prompt = u["prompt_tokens"].as_u64();
+            self.usage_completion = u["completion_tokens"].as_u64();
+            self.usage_cached = u
+                .pointer("/prompt_tokens_details/cached_tokens")
+                .and_then(Value::as_u64);
+        }
+    }
+}
+
+/// Reads a non-streamed answer: one JSON document with the whole reply and its `usage`
+/// (`first_token` is the time it arrived).
+async fn read_answer(
+    resp: reqwest::Response,
+    mut out: Streamed,
+) -> Result<Streamed, (Streamed, String)> {
+    let bytes = match resp.bytes().await {
+        Ok(b) => b,
+        Err(e) => return Err((out, format!("answer: {}", short_err(&e)))),
+    };
+    out.first_token = Some(Instant::now());
+    let v: Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => return Err((out, format!("bad JSON answer: {e}"))),
+    };
+    let Some(content) = v
+        .pointer("/choices/0/message/content")
+        .or_else(|| v.pointer("/choices/0/text"))
+        .and_then(Value::as_str)
+        .filter(|c| !c.is_empty())
+    else {
+        return Err((out, "no content in answer".into()));
+    };
+    out.content = content.to_string();
+    out.read_usage(&v);
+    out.chunks = out.usage_completion.unwrap_or(1);
     Ok(out)
 }
 
@@ -588,5 +654,18 @@ mod tests {
         assert_eq!(h.len(), 1, "content-type only: {h:?}");
         let e = sent_headers(&["--session-header", "x session"]).unwrap_err();
         assert_eq!(e, "--session-header: not a header name: \"x session\"");
+    }
+
+    #[test]
+    fn the_non_streamed_share_picks_that_share_of_sessions_the_same_way_every_time() {
+        let parse = |v: &str| Cli::try_parse_from(["load", "--non-stream-share", v]).map(|c| c.run.non_stream_share);
+        assert_eq!(parse("0.25").unwrap(), 0.25);
+        assert!(parse("1.5").is_err() && parse("-0.1").is_err() && parse("x").is_err());
+        let unstreamed = |share| (0..10_000).filter(|&s| !session_streams(s, share)).count();
+        assert_eq!(unstreamed(0.0), 0, "the default streams every session");
+        assert_eq!(unstreamed(1.0), 10_000);
+        let quarter = unstreamed(0.25);
+        assert!((2_300..2_700).contains(&quarter), "{quarter} of 10,000");
+        assert!((0..10_000).all(|s| session_streams(s, 0.25) == session_streams(s, 0.25)));
     }
 }

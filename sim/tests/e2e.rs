@@ -439,15 +439,13 @@ fn load_json(args: &[&str]) -> (String, Value) {
     (stdout, doc)
 }
 
-#[test]
-fn agent_turns_resend_the_generated_replies() {
-    let (_fleet, line) = start(&["serve", "--servers", "1", "--base-port", "0"], "servers:");
-    let url = line.trim().to_string();
-    let (stdout, doc) = load_json(&[
+/// An agent trace of a few short sessions against one server at `url`, plus `extra` arguments.
+fn short_agent_run(url: &str, extra: &[&str]) -> (String, Value) {
+    let mut args = vec![
         "--target",
-        &url,
+        url,
         "--stats-url",
-        &url,
+        url,
         "--reset",
         "--mix",
         "agent=1",
@@ -469,9 +467,14 @@ fn agent_turns_resend_the_generated_replies() {
         "0.1",
         "--drain-timeout",
         "20",
-    ]);
-    assert!(stdout.contains("agent "), "{stdout}");
-    let records = doc["records"].as_array().unwrap();
+    ];
+    args.extend_from_slice(extra);
+    load_json(&args)
+}
+
+/// Every later turn of `records` found the previous turn's prompt and reply cached; returns
+/// how many later turns there were.
+fn later_turns_hit_the_previous_reply(records: &[Value]) -> usize {
     let get = |r: &Value, k: &str| r[k].as_u64().unwrap();
     let mut later_turns = 0;
     for r in records.iter().filter(|r| get(r, "turn") > 0) {
@@ -489,6 +492,17 @@ fn agent_turns_resend_the_generated_replies() {
         );
         later_turns += 1;
     }
+    later_turns
+}
+
+#[test]
+fn agent_turns_resend_the_generated_replies() {
+    let (_fleet, line) = start(&["serve", "--servers", "1", "--base-port", "0"], "servers:");
+    let url = line.trim().to_string();
+    let (stdout, doc) = short_agent_run(&url, &[]);
+    assert!(stdout.contains("agent "), "{stdout}");
+    let records = doc["records"].as_array().unwrap();
+    let later_turns = later_turns_hit_the_previous_reply(records);
     assert!(later_turns >= 4, "{later_turns} later turns");
     let s = &doc["summary"];
     assert_eq!(s["errors"], 0);
@@ -497,6 +511,22 @@ fn agent_turns_resend_the_generated_replies() {
         "{s}"
     );
     assert!(s["e2e_s"]["mean"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn sessions_that_do_not_stream_resend_the_whole_answer_and_have_no_ttft() {
+    let (_fleet, line) = start(&["serve", "--servers", "1", "--base-port", "0"], "servers:");
+    let url = line.trim().to_string();
+    let (_, doc) = short_agent_run(&url, &["--non-stream-share", "1"]);
+    let records = doc["records"].as_array().unwrap();
+    assert!(
+        records.iter().all(|r| r["ok"] == true && r["ttft_s"].is_null()),
+        "{doc}"
+    );
+    assert!(records.iter().all(|r| r["output_tokens"].as_u64() >= Some(30)));
+    let later_turns = later_turns_hit_the_previous_reply(records);
+    assert!(later_turns >= 4, "{later_turns} later turns");
+    assert!(doc["summary"]["e2e_s"]["mean"].as_f64().unwrap() > 0.0);
 }
 
 #[test]

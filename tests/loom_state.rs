@@ -34,7 +34,7 @@ fn concurrent_requests_return_every_counter_to_zero() {
             .map(|(prompt, uncached)| {
                 let ep = Arc::clone(&ep);
                 thread::spawn(move || {
-                    ep.acquire(prompt, uncached);
+                    ep.acquire(prompt, uncached, true);
                     ep.release_prefill(prompt, uncached);
                     ep.release_request();
                 })
@@ -72,7 +72,7 @@ fn releases_never_wrap_below_zero() {
                 ep.release_request();
             })
         };
-        ep.acquire(10, 10);
+        ep.acquire(10, 10, true);
         releaser.join().unwrap();
         assert!(ep.in_flight() <= 1);
         assert!(ep.prefill_chars() <= 10 && ep.uncached_prefill_chars() <= 10);

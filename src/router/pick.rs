@@ -15,7 +15,7 @@ use crate::error::PickError;
 use crate::hashing;
 use crate::request::{self, RequestKind};
 use crate::response::ResponseReader;
-use crate::state::{Cluster, Endpoint, EndpointSet};
+use crate::state::{Cluster, Endpoint, EndpointSet, PrefillHold};
 use crate::transcode::{self, Transcoder, UpstreamRequest};
 
 /// The routing part of a picked request: what `prepare` found and `choose` decided.
@@ -32,6 +32,8 @@ pub(super) struct Routed {
     pub(super) prompt_chars: u64,
     /// Prompt characters the chosen endpoint must compute (not expected in its cache).
     pub(super) uncached_chars: u64,
+    /// The prefill this request holds on its endpoint until its first token.
+    pub(super) prefill: PrefillHold,
     pub(super) prefix_hashes: Vec<u64>,
     /// The session's key in the prefix index (`session_affinity`, when the request names one).
     pub(super) session: Option<u64>,
@@ -148,6 +150,7 @@ impl RouterInner {
             stream: parsed.stream,
             prompt_chars: parsed.prompt_chars,
             uncached_chars: parsed.prompt_chars,
+            prefill: PrefillHold::default(),
             prefix_hashes,
             session,
             cache_ratio: 0.0,
@@ -422,7 +425,7 @@ impl RouterInner {
         r.cache_ratio = depth as f64 / total_chunks;
         r.expected_cache_ratio = r.cache_ratio * self.corrections().cache_trust(endpoint);
         r.uncached_chars = (r.prompt_chars as f64 * (1.0 - r.expected_cache_ratio)).round() as u64;
-        endpoint.acquire(r.prompt_chars, r.uncached_chars);
+        r.prefill = endpoint.acquire(r.prompt_chars, r.uncached_chars, r.stream);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         if use_index {
             self.index.record(&r.prefix_hashes, endpoint.id, now);
@@ -615,6 +618,7 @@ fn loads_of(
         .iter()
         .map(|&i| {
             let e = &set.endpoints[i];
+            e.sweep_prefill(); // non-streamed prefill a later first token has shown to be over
             let (rq, rl) = e.remote_load(now_ms, remote.stale_ms).unwrap_or((0, 0));
             let rl_uncached = (rl as f64 * remote.uncached_share).round() as u64;
             // Others' requests, as the Metadata-Center and as the engine saw them last: the
@@ -671,7 +675,7 @@ mod tests {
         assert!((uncached_share(1000, 800) - 0.2).abs() < 1e-12);
         assert_eq!(uncached_share(1000, 1200), 0.0, "never negative");
         let e = Arc::new(Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0));
-        e.acquire(500, 100); // this router: 500 chars in prefill, 100 of them uncached
+        e.acquire(500, 100, true); // this router: 500 chars in prefill, 100 of them uncached
         e.set_remote_load(4, 10_000, 50); // other gateways: 4 requests, 10,000 chars
         let set = EndpointSet::new(vec![e]);
         let remote = RemoteScale {
@@ -734,7 +738,7 @@ mod tests {
     #[test]
     fn engine_readings_count_only_what_the_router_does_not_know_and_only_while_fresh() {
         let e = Arc::new(Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0));
-        e.acquire(500, 100); // this router: 1 request
+        e.acquire(500, 100, true); // this router: 1 request
         e.set_remote_load(3, 0, 50); // other gateways through the Metadata-Center: 3
         let set = EndpointSet::new(vec![Arc::clone(&e)]);
         let on = RemoteScale {
@@ -759,7 +763,7 @@ mod tests {
         e.engine.set(10, e.in_flight(), 100);
         assert_eq!(in_flight(100, on), 10);
         // a pick of ours after the reading counts at once (the reading is not a ceiling)
-        e.acquire(500, 100);
+        e.acquire(500, 100, true);
         assert_eq!(in_flight(100, on), 11);
         e.release_prefill(500, 100);
         e.release_request();

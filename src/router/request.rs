@@ -231,7 +231,7 @@ impl PickedRequest {
                 });
             }
             if !first_token_seen {
-                old.release_prefill(r.prompt_chars, r.uncached_chars);
+                old.drop_prefill(r.prefill);
             }
             old.release_request();
             router.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -254,7 +254,7 @@ impl PickedRequest {
         self.first_token_at = Some(Instant::now());
         if let Ok(r) = &self.result {
             if let Some(e) = &r.endpoint {
-                e.release_prefill(r.prompt_chars, r.uncached_chars);
+                e.first_token(r.prefill);
                 if let Some(h) = e.ttft(r.model_slot) {
                     h.observe(self.picked_at.elapsed().as_secs_f64());
                 }
@@ -362,7 +362,7 @@ impl PickedRequest {
                     }
                 }
                 if !first_token_seen {
-                    e.release_prefill(r.prompt_chars, r.uncached_chars);
+                    e.drop_prefill(r.prefill);
                 }
                 e.release_request();
                 router.in_flight.fetch_sub(1, Ordering::Relaxed);

@@ -47,6 +47,9 @@ pub struct EndpointCounters {
     /// Tokens the endpoint's answers wrote into its KV cache (prompt tokens it computed plus
     /// generated tokens), ever: the cache's turnover (`Residency`), over every router.
     pub(super) cache_written_tokens: AtomicU64,
+    /// The highest pick number ([`EndpointCounters::picks`] after its pick) of a request whose
+    /// first token came: every request picked before it is past its prefill (`prefill.rs`).
+    pub(super) first_token_pick: AtomicU64,
 }
 
 impl EndpointCounters {
@@ -70,6 +73,7 @@ impl EndpointCounters {
             orphan_prefill: AtomicU64::new(0),
             orphaned_at_ms: AtomicU64::new(0),
             cache_written_tokens: AtomicU64::new(0),
+            first_token_pick: AtomicU64::new(0),
         }
     }
 }
@@ -153,6 +157,7 @@ impl EndpointCounters {
             &self.orphan_prefill,
             &self.orphaned_at_ms,
             &self.cache_written_tokens,
+            &self.first_token_pick,
         ] {
             a.store(0, Ordering::Relaxed);
         }

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use super::cells::{saturating_sub, EndpointCounters, Load};
+use super::prefill::{HiddenPrefill, PrefillHold};
 
 use crate::prometheus::Histogram;
 
@@ -44,6 +45,8 @@ pub struct Endpoint {
     pub engine: EngineReading,
     /// How long the engine's KV cache keeps a prefix (capacity and turnover).
     pub residency: Residency,
+    /// The prefill of this router's requests here whose answers are not streamed.
+    pub hidden_prefill: HiddenPrefill,
 }
 
 /// How long a prefix stays in the endpoint's KV cache after its last use: an LRU cache of `C`
@@ -443,6 +446,7 @@ impl Endpoint {
             answers: AnswerStats::new(models),
             engine: EngineReading::default(),
             residency: Residency::default(),
+            hidden_prefill: HiddenPrefill::default(),
         }
     }
 
@@ -535,15 +539,57 @@ impl Endpoint {
     }
 
     /// Accounts a new request with `prompt_chars` of prompt, `uncached_chars` of which the
-    /// endpoint must compute.
-    pub fn acquire(&self, prompt_chars: u64, uncached_chars: u64) {
-        self.c().picks.fetch_add(1, Ordering::Relaxed);
+    /// endpoint must compute; `streamed` when its answer is. Its prefill is held until
+    /// [`Endpoint::first_token`] or [`Endpoint::drop_prefill`] (or, not streamed, until a later
+    /// pick's first token: `prefill.rs`).
+    pub fn acquire(&self, prompt_chars: u64, uncached_chars: u64, streamed: bool) -> PrefillHold {
+        let pick = self.c().picks.fetch_add(1, Ordering::Relaxed) + 1;
         self.add(Load::InFlight, 1);
         self.add(Load::Prefill, prompt_chars);
         self.add(Load::Uncached, uncached_chars);
+        let hold = PrefillHold {
+            pick,
+            prompt_chars,
+            uncached_chars,
+            streamed,
+        };
+        if !streamed {
+            self.hidden_prefill.keep(hold);
+        }
+        hold
     }
 
-    /// Releases the prefill part of a request (first token seen).
+    /// The request of `hold` has its first token: its prefill is over, and so is that of
+    /// every non-streamed request picked here before it.
+    pub fn first_token(&self, hold: PrefillHold) {
+        self.drop_prefill(hold);
+        self.c()
+            .first_token_pick
+            .fetch_max(hold.pick, Ordering::Relaxed);
+        self.sweep_prefill();
+    }
+
+    /// The request of `hold` ends (or moves) before its first token: its prefill no longer
+    /// counts (a no-op when a later first token already released it).
+    pub fn drop_prefill(&self, hold: PrefillHold) {
+        if hold.streamed {
+            self.release_prefill(hold.prompt_chars, hold.uncached_chars);
+        } else if let Some(h) = self.hidden_prefill.take(hold.pick) {
+            self.release_prefill(h.prompt_chars, h.uncached_chars);
+        }
+    }
+
+    /// Releases the prefill of this router's non-streamed requests that a later pick's first
+    /// token (from any router sharing the counters) has shown to be over. Lock-free when
+    /// there is nothing to release.
+    pub fn sweep_prefill(&self) {
+        let done = self.c().first_token_pick.load(Ordering::Relaxed);
+        for h in self.hidden_prefill.take_up_to(done) {
+            self.release_prefill(h.prompt_chars, h.uncached_chars);
+        }
+    }
+
+    /// Releases prefill counted by [`Endpoint::acquire`].
     pub fn release_prefill(&self, prompt_chars: u64, uncached_chars: u64) {
         self.sub(Load::Prefill, prompt_chars);
         self.sub(Load::Uncached, uncached_chars);

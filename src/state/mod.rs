@@ -25,6 +25,7 @@ mod cells;
 mod clock;
 mod cluster;
 mod endpoint;
+mod prefill;
 mod prefix_index;
 pub mod shared;
 
@@ -32,6 +33,7 @@ pub use cells::EndpointCounters;
 pub use clock::{monotonic_ms, Clock};
 pub use cluster::{Cluster, Clusters, EndpointSet};
 pub use endpoint::{AnswerStats, Endpoint, TOKEN_KINDS};
+pub use prefill::{HiddenPrefill, PrefillHold};
 pub use prefix_index::PrefixIndex;
 pub use shared::{Attachment, SharedState, SharedStats};
 
@@ -307,7 +309,7 @@ mod tests {
         };
         c.replace(&[a, b, a], &mut make);
         assert_eq!(c.snapshot().endpoints.len(), 2, "duplicates dropped");
-        c.snapshot().endpoints[0].acquire(100, 60);
+        c.snapshot().endpoints[0].acquire(100, 60, true);
         c.replace(&[b, a], &mut make);
         let s = c.snapshot();
         assert_eq!(s.endpoints[1].addr, a);

@@ -44,7 +44,9 @@ def start_gateway(servers, tmp_path_factory):
                   "chat_template": "llama3"}],
         # only the down endpoint: every request fails to connect (the request log's test)
         "m-down": [{"scene_name": "chat-down", "cluster": "pool_down", "backend": "vllm"}],
-    }, clusters={"pool_down": [down]})
+        # one endpoint: every request of m-one meets the others there
+        "m-one": [{"scene_name": "chat-one", "cluster": "pool_one", "backend": "vllm"}],
+    }, clusters={"pool_down": [down], "pool_one": [servers.addr("b2")]})
     endpoints = {pool: c["endpoints"] for pool, c in llmproxy["clusters"].items()}
     clusters = [harness.static_cluster(pool, eps) for pool, eps in endpoints.items()]
     request_log = tmp_path_factory.mktemp("request-log") / "requests.log"

@@ -210,6 +210,52 @@ def test_sse_streams_incrementally_and_finishes(gateway):
     assert metrics(gateway)['llmproxy_finished_requests_total{status="2xx"}'] == finished_before + 1
 
 
+def test_an_answer_not_streamed_stops_counting_as_prefill_when_a_later_stream_starts(gateway):
+    # A non-streamed answer shows its first byte only when it is complete; its prompt must not
+    # count as prefill until then. A stream picked after it on the same endpoint that shows its
+    # first token says the engine is past the earlier prompt too.
+    endpoint = gateway.endpoints["pool_one"][0]
+    key = 'llmproxy_endpoint_prefill_chars{cluster="pool_one",endpoint="%s"}' % endpoint
+    whole_prompt = random_text(3000, seed=77)
+    done = {}
+
+    def whole():
+        done["whole"] = post(gateway, chat("m-one", whole_prompt), headers={"x-test-delay-ms": "4000"})
+
+    t = threading.Thread(target=whole)
+    t.start()
+    try:
+        deadline = time.monotonic() + 3
+        while metrics(gateway).by_key.get(key, 0) == 0:
+            assert time.monotonic() < deadline, "the non-streamed request never counted as prefill"
+            time.sleep(0.05)
+        c = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+        try:
+            c.request("POST", CHAT, body=json.dumps(chat("m-one", "a short stream", stream=True)),
+                      headers={"content-type": "application/json", "x-test-chunks": "3",
+                               "x-test-chunk-delay-ms": "300"})
+            r = c.getresponse()
+            assert r.status == 200
+            seen = {}
+
+            def first_event(events):
+                if len(events) == 1:
+                    seen["m"] = metrics(gateway)
+
+            harness.read_sse(r.readline, time.perf_counter(), first_event)
+        finally:
+            c.close()
+        assert "whole" not in done, "the slow answer came before the stream: nothing measured"
+        m = seen["m"]
+        assert m['llmproxy_endpoint_in_flight_requests{cluster="pool_one",endpoint="%s"}' % endpoint] == 2
+        assert m[key] == 0, "the non-streamed prompt still counted as prefill"
+    finally:
+        t.join()
+    assert done["whole"][0] == 200
+    wait_in_flight_zero(gateway)
+    assert metrics(gateway)[key] == 0
+
+
 def test_metrics_surface_in_flight_back_to_zero(gateway):
     before = metrics(gateway)
     with ThreadPoolExecutor(8) as ex:

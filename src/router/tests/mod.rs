@@ -256,6 +256,40 @@ fn first_token_and_finish_release_accounting() {
 }
 
 #[test]
+fn an_answer_not_streamed_leaves_prefill_when_a_later_streamed_one_starts() {
+    let r = router();
+    let gray = [(b"x-env".as_slice(), b"gray".as_slice())];
+    let body = |stream: bool, text: &str| {
+        serde_json::json!({"model": "m1", "stream": stream, "messages": [{"role": "user", "content": text}]})
+            .to_string()
+            .into_bytes()
+    };
+    let prefill = |r: &Router| {
+        let m = r.metrics_text();
+        let line = "llmproxy_endpoint_prefill_chars{cluster=\"gray\",endpoint=\"127.0.0.1:9101\"} ";
+        let at = m.find(line).unwrap_or_else(|| panic!("{m}")) + line.len();
+        m[at..].split('\n').next().unwrap().parse::<u64>().unwrap()
+    };
+    let mut whole = r.pick(&gray, &body(false, &"w".repeat(4000)));
+    let mut streamed = r.pick(&gray, &body(true, &"s".repeat(100)));
+    assert!(!whole.is_stream() && streamed.is_stream());
+    assert_eq!(prefill(&r), whole.prompt_chars() + streamed.prompt_chars());
+    streamed.first_token();
+    assert_eq!(prefill(&r), 0, "the one picked before is past its prefill too");
+    let mut later = r.pick(&gray, &body(false, &"l".repeat(1000)));
+    assert_eq!(prefill(&r), later.prompt_chars(), "a pick after the first token stays");
+    whole.first_token(); // its whole answer arrives: it was picked before `later`
+    assert_eq!(prefill(&r), later.prompt_chars());
+    later.first_token();
+    assert_eq!(prefill(&r), 0);
+    for p in [whole, streamed, later] {
+        p.finish(200);
+    }
+    assert_eq!(r.in_flight(), 0);
+    assert_eq!(prefill(&r), 0);
+}
+
+#[test]
 fn only_the_endpoints_own_failures_eject_it() {
     let r = Router::from_json(br#"{"algorithm": "round_robin", "ejection": {"consecutive_failures": 2, "eject_ms": 60000},
         "model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "vllm"}]}},

@@ -41,7 +41,7 @@ pub use ledger::LedgerEntry;
 use process::{process_alive, process_start_time};
 
 /// Version of the region layout; a region with another version is never read.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 const MAGIC: u64 = u64::from_le_bytes(*b"LLMPXSHM");
 /// Routers (worker processes) attached at once, old and new generation during a reload.
 pub const MAX_WORKERS: usize = 128;

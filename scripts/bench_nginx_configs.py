@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "nginx"))
 
 import harness  # noqa: E402  (tests/nginx/harness.py: render_example)
-from bench_envoy_configs import replica_metadata_centers  # noqa: E402  (the same .mc/.store files)
+from bench_envoy_configs import METADATA_CENTER_KEYS, replica_metadata_centers  # noqa: E402  (the same .mc/.store files)
 
 MODEL = "sim-llama-3-8b"
 SHARED = 'shared_state = { size = "64m" }'
@@ -74,7 +74,7 @@ def render(port, workers, mode, config_path, endpoints):
 
 def library_config(algo, endpoints, lb_extra, mc_port=None):
     lb = {"load_aware_enable": True, "cache_aware_enable": True}
-    lb.update(lb_extra)
+    lb.update({k: v for k, v in lb_extra.items() if k not in METADATA_CENTER_KEYS})
     cfg = {
         "protocol": "openai",
         "algorithm": algo,
@@ -85,6 +85,7 @@ def library_config(algo, endpoints, lb_extra, mc_port=None):
     }
     if mc_port:
         cfg["metadata_center"] = {"enabled": True, "host": "127.0.0.1", "port": mc_port, "cache_enabled": True}
+        cfg["metadata_center"].update({k: v for k, v in lb_extra.items() if k in METADATA_CENTER_KEYS})
     return cfg
 
 

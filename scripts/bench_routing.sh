@@ -17,6 +17,9 @@
 #                          metadata-center per replica over one redis-server started here; with
 #                          `shared=false` replicas that share nothing;
 #                          needs $ENVOY [.venv/bin/envoy] and $LLMPROXY_BUILD_DIR/libllmproxy_envoy.so
+#   BENCH_BASELINE_ENVOY_TARGETS  the same for Envoy instances that load the module of another build,
+#                          $BENCH_BASELINE_BUILD_DIR/libllmproxy_envoy.so (e.g. the commit before a change,
+#                          built in a git worktree): a before/after comparison in one run
 #   BENCH_NGINX_TARGETS    "NAME:WORKERS:MODE[:ALGO] ...": nginx + llmproxy started here, examples/nginx.conf
 #                          rendered by scripts/bench_nginx_configs.py; MODE = shared (one routing state for
 #                          all workers, as shipped) | local (shared_state = false: per-worker state);
@@ -138,28 +141,42 @@ TARGETS=("$@")
 port=$PBASE
 ENVOY_TARGETS=()
 
-if [ -n "${BENCH_ENVOY_TARGETS:-}" ]; then
+# start_envoy_targets SPECS MODULE_DIR LISTEN_BASE: the Envoy targets of SPECS ("NAME:ALGO ..."),
+# loading the module from MODULE_DIR, listeners from LISTEN_BASE on (admin +100, replicas'
+# metadata-centers +200 + 10 i), configs in $OUT/envoy.
+ENVOY_STARTED=0
+start_envoy_targets() {
+  local specs=$1 dir=$2 listen=$3 t name y log
   ENVOY=${ENVOY:-.venv/bin/envoy}
   [ -x "$ENVOY" ] || { echo "missing $ENVOY: run 'make venv'" >&2; exit 1; }
-  [ -f "$BUILD/libllmproxy_envoy.so" ] || { echo "missing $BUILD/libllmproxy_envoy.so: run 'make envoy-module'" >&2; exit 1; }
-  read -r -a ENVOY_SPECS <<< "$BENCH_ENVOY_TARGETS"
-  # Listeners at BENCH_PORT_BASE+50.., admin at +150..
-  mapfile -t ENVOY_TARGETS < <(python3 scripts/bench_envoy_configs.py "$OUT/envoy" "$BASE" "$SERVERS" \
-    "$((PBASE + 50))" "${ENVOY_SPECS[@]}")
-  k=0
-  for t in "${ENVOY_TARGETS[@]}"; do
+  [ -f "$dir/libllmproxy_envoy.so" ] || { echo "missing $dir/libllmproxy_envoy.so: run 'make envoy-module'" >&2; exit 1; }
+  local -a specs_a targets
+  read -r -a specs_a <<< "$specs"
+  mapfile -t targets < <(python3 scripts/bench_envoy_configs.py "$OUT/envoy" "$BASE" "$SERVERS" \
+    "$listen" "${specs_a[@]}")
+  [ "${#targets[@]}" = "${#specs_a[@]}" ] || { echo "bench_envoy_configs.py failed" >&2; exit 1; }
+  for t in "${targets[@]}"; do
     name=${t%%=*}
     # gateway replicas: their metadata-center(s) first
     if [ -f "$OUT/envoy/$name.mc" ]; then start_metadata_centers "$name" "$OUT/envoy"; fi
     for y in "$OUT/envoy/$name.yaml" "$OUT/envoy/$name".r*.yaml; do
       [ -f "$y" ] || continue
       log=$(basename "$y" .yaml)
-      ENVOY_DYNAMIC_MODULES_SEARCH_PATH="$BUILD" start "$log" "$ENVOY" -c "$y" \
-        --concurrency 2 --base-id "$(( ($$ % 1000) * 100 + k ))" -l warning
-      k=$((k + 1))
+      ENVOY_DYNAMIC_MODULES_SEARCH_PATH="$dir" start "$log" "$ENVOY" -c "$y" \
+        --concurrency 2 --base-id "$(( ($$ % 1000) * 100 + ENVOY_STARTED ))" -l warning
+      ENVOY_STARTED=$((ENVOY_STARTED + 1))
     done
     TARGETS+=("$t")
+    ENVOY_TARGETS+=("$t")
   done
+}
+# Listeners at BENCH_PORT_BASE+50.. (the baseline's at +65..: its metadata-center ports end in 5)
+if [ -n "${BENCH_ENVOY_TARGETS:-}" ]; then
+  start_envoy_targets "$BENCH_ENVOY_TARGETS" "$BUILD" "$((PBASE + 50))"
+fi
+if [ -n "${BENCH_BASELINE_ENVOY_TARGETS:-}" ]; then
+  [ -n "${BENCH_BASELINE_BUILD_DIR:-}" ] || { echo "BENCH_BASELINE_ENVOY_TARGETS needs BENCH_BASELINE_BUILD_DIR" >&2; exit 1; }
+  start_envoy_targets "$BENCH_BASELINE_ENVOY_TARGETS" "$(realpath "$BENCH_BASELINE_BUILD_DIR")" "$((PBASE + 65))"
 fi
 NGINX_NAMES=() NGINX_TARGETS=()
 if [ -n "${BENCH_NGINX_TARGETS:-}" ]; then
@@ -300,7 +317,7 @@ fi
 
 {
   echo
-  echo "- command: \`$0 $*\` (SIM_SERVERS=$SERVERS SIM_DURATION=$DURATION BENCH_ENVOY_TARGETS='${BENCH_ENVOY_TARGETS:-}' BENCH_NGINX_TARGETS='${BENCH_NGINX_TARGETS:-}' SIM_RATE=${SIM_RATE:-default} SIM_SERVE_ARGS='${SIM_SERVE_ARGS:-}' SIM_LOAD_ARGS='${SIM_LOAD_ARGS:-}')"
+  echo "- command: \`$0 $*\` (SIM_SERVERS=$SERVERS SIM_DURATION=$DURATION BENCH_ENVOY_TARGETS='${BENCH_ENVOY_TARGETS:-}'${BENCH_BASELINE_ENVOY_TARGETS:+ BENCH_BASELINE_ENVOY_TARGETS='$BENCH_BASELINE_ENVOY_TARGETS' BENCH_BASELINE_BUILD_DIR='$BENCH_BASELINE_BUILD_DIR'} BENCH_NGINX_TARGETS='${BENCH_NGINX_TARGETS:-}' SIM_RATE=${SIM_RATE:-default} SIM_SERVE_ARGS='${SIM_SERVE_ARGS:-}' SIM_LOAD_ARGS='${SIM_LOAD_ARGS:-}')"
   echo "- machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(uname -sr); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
   if [ "${#NGINX_NAMES[@]}" -gt 0 ]; then echo "- nginx: $("$NGINX" -v 2>&1 | sed 's/^nginx version: //')"; fi
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"

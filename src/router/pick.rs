@@ -30,9 +30,8 @@ pub(super) struct Routed {
     pub(super) model_slot: usize,
     pub(super) stream: bool,
     pub(super) prompt_chars: u64,
-    /// Prompt characters the chosen endpoint must compute (not expected in its cache).
-    pub(super) uncached_chars: u64,
-    /// The prefill this request holds on its endpoint until its first token.
+    /// The prefill this request holds on its endpoint until its first token: its prompt
+    /// characters and those the endpoint must compute (not expected in its cache).
     pub(super) prefill: PrefillHold,
     pub(super) prefix_hashes: Vec<u64>,
     /// The session's key in the prefix index (`session_affinity`, when the request names one).
@@ -149,7 +148,6 @@ impl RouterInner {
             subset,
             stream: parsed.stream,
             prompt_chars: parsed.prompt_chars,
-            uncached_chars: parsed.prompt_chars,
             prefill: PrefillHold::default(),
             prefix_hashes,
             session,
@@ -424,8 +422,8 @@ impl RouterInner {
         let total_chunks = r.prefix_hashes.len().max(1) as f64;
         r.cache_ratio = depth as f64 / total_chunks;
         r.expected_cache_ratio = r.cache_ratio * self.corrections().cache_trust(endpoint);
-        r.uncached_chars = (r.prompt_chars as f64 * (1.0 - r.expected_cache_ratio)).round() as u64;
-        r.prefill = endpoint.acquire(r.prompt_chars, r.uncached_chars, r.stream);
+        let uncached = (r.prompt_chars as f64 * (1.0 - r.expected_cache_ratio)).round() as u64;
+        r.prefill = endpoint.acquire(r.prompt_chars, uncached, r.stream);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         if use_index {
             self.index.record(&r.prefix_hashes, endpoint.id, now);

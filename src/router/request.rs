@@ -529,7 +529,7 @@ fn written_tokens(usage: Option<&crate::response::Usage>, r: &Routed, answered: 
             });
             u.prompt_tokens.saturating_sub(cached) + u.completion_tokens
         }
-        None if answered => r.uncached_chars / CHARS_PER_TOKEN,
+        None if answered => r.prefill.uncached_chars / CHARS_PER_TOKEN,
         None => 0,
     }
 }

@@ -46,7 +46,7 @@ pub struct Endpoint {
     /// How long the engine's KV cache keeps a prefix (capacity and turnover).
     pub residency: Residency,
     /// The prefill of this router's requests here whose answers are not streamed.
-    pub hidden_prefill: HiddenPrefill,
+    pub(super) hidden_prefill: HiddenPrefill,
 }
 
 /// How long a prefix stays in the endpoint's KV cache after its last use: an LRU cache of `C`

@@ -33,7 +33,7 @@ pub use cells::EndpointCounters;
 pub use clock::{monotonic_ms, Clock};
 pub use cluster::{Cluster, Clusters, EndpointSet};
 pub use endpoint::{AnswerStats, Endpoint, TOKEN_KINDS};
-pub use prefill::{HiddenPrefill, PrefillHold};
+pub use prefill::PrefillHold;
 pub use prefix_index::PrefixIndex;
 pub use shared::{Attachment, SharedState, SharedStats};
 

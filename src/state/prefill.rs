@@ -32,8 +32,8 @@ pub struct PrefillHold {
     pub streamed: bool,
 }
 
-/// The prefill of this router's non-streamed requests on one endpoint, oldest pick first.
-pub struct HiddenPrefill {
+/// The prefill of this router's non-streamed requests on one endpoint.
+pub(super) struct HiddenPrefill {
     /// Pick number of the oldest entry, `u64::MAX` when none: the pick path's lock-free check.
     oldest: AtomicU64,
     pending: Mutex<Vec<PrefillHold>>,
@@ -84,14 +84,10 @@ impl HiddenPrefill {
         over
     }
 
-    /// Entries waiting (for tests and metrics).
-    pub fn len(&self) -> usize {
+    /// Entries waiting.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
         self.lock().len()
-    }
-
-    /// True when no entry waits.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn store_oldest(&self, pending: &[PrefillHold]) {

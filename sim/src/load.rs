@@ -658,7 +658,9 @@ mod tests {
 
     #[test]
     fn the_non_streamed_share_picks_that_share_of_sessions_the_same_way_every_time() {
-        let parse = |v: &str| Cli::try_parse_from(["load", "--non-stream-share", v]).map(|c| c.run.non_stream_share);
+        let parse = |v: &str| {
+            Cli::try_parse_from(["load", "--non-stream-share", v]).map(|c| c.run.non_stream_share)
+        };
         assert_eq!(parse("0.25").unwrap(), 0.25);
         assert!(parse("1.5").is_err() && parse("-0.1").is_err() && parse("x").is_err());
         let unstreamed = |share| (0..10_000).filter(|&s| !session_streams(s, share)).count();

@@ -520,10 +520,14 @@ fn sessions_that_do_not_stream_resend_the_whole_answer_and_have_no_ttft() {
     let (_, doc) = short_agent_run(&url, &["--non-stream-share", "1"]);
     let records = doc["records"].as_array().unwrap();
     assert!(
-        records.iter().all(|r| r["ok"] == true && r["ttft_s"].is_null()),
+        records
+            .iter()
+            .all(|r| r["ok"] == true && r["ttft_s"].is_null()),
         "{doc}"
     );
-    assert!(records.iter().all(|r| r["output_tokens"].as_u64() >= Some(30)));
+    assert!(records
+        .iter()
+        .all(|r| r["output_tokens"].as_u64() >= Some(30)));
     let later_turns = later_turns_hit_the_previous_reply(records);
     assert!(later_turns >= 4, "{later_turns} later turns");
     assert!(doc["summary"]["e2e_s"]["mean"].as_f64().unwrap() > 0.0);

@@ -127,7 +127,11 @@ mod tests {
         let streamed = e.acquire(100, 100, true);
         assert_eq!(prefill(&e), (1_100, 500, 1));
         e.first_token(streamed);
-        assert_eq!(prefill(&e), (0, 0, 0), "picked before it: past its prefill too");
+        assert_eq!(
+            prefill(&e),
+            (0, 0, 0),
+            "picked before it: past its prefill too"
+        );
         e.drop_prefill(hidden); // its own end: nothing left to release
         assert_eq!(prefill(&e), (0, 0, 0));
         assert_eq!(e.in_flight(), 2, "the requests themselves still run");
@@ -168,7 +172,10 @@ mod tests {
         let eb = Endpoint::shared(addr(), 1, b.lease("c", addr()).unwrap());
         let hidden = ea.acquire(1_000, 400, false);
         let streamed = eb.acquire(100, 100, true);
-        assert_eq!((ea.prefill_chars(), eb.uncached_prefill_chars()), (1_100, 500));
+        assert_eq!(
+            (ea.prefill_chars(), eb.uncached_prefill_chars()),
+            (1_100, 500)
+        );
         eb.first_token(streamed);
         assert_eq!(prefill(&ea), (1_000, 400, 1), "worker a has not looked yet");
         ea.sweep_prefill();

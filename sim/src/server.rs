@@ -65,11 +65,39 @@ pub struct ServeArgs {
     pub speed: Vec<f64>,
     /// Leave `prompt_tokens_details.cached_tokens` out of `usage`, as vLLM does without
     /// `--enable-prompt-tokens-details` and SGLang without `--enable-cache-report`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cache_report_zeros")]
     pub no_cache_report: bool,
+    /// Report `prompt_tokens_details.cached_tokens` as 0 in every `usage`, whatever the engine
+    /// found cached: a server (or a proxy in front of it) that fills the field without
+    /// measuring it.
+    #[arg(long)]
+    pub cache_report_zeros: bool,
+}
+
+/// What `usage.prompt_tokens_details.cached_tokens` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheReport {
+    /// The prompt tokens the engine found cached.
+    Measured,
+    /// Nothing: no `prompt_tokens_details`.
+    Absent,
+    /// Always 0.
+    Zeros,
 }
 
 impl ServeArgs {
+    /// What the servers' `usage` says of their cache (`--no-cache-report`,
+    /// `--cache-report-zeros`).
+    pub fn cache_report(&self) -> CacheReport {
+        if self.no_cache_report {
+            CacheReport::Absent
+        } else if self.cache_report_zeros {
+            CacheReport::Zeros
+        } else {
+            CacheReport::Measured
+        }
+    }
+
     /// The engine of server `i`: [`ServeArgs::engine_config`] with its step times divided by
     /// its `--speed`.
     pub fn engine_config_of(&self, i: usize) -> EngineConfig {
@@ -118,8 +146,8 @@ pub struct Server {
     pub port: u16,
     model: String,
     default_max_tokens: usize,
-    /// Whether `usage` tells the prompt tokens found cached (`--no-cache-report`: no).
-    cache_report: bool,
+    /// What `usage` tells of the prompt tokens found cached.
+    cache_report: CacheReport,
     inner: Mutex<Inner>,
     notify: Notify,
 }
@@ -137,7 +165,7 @@ impl Server {
             port,
             model,
             default_max_tokens,
-            cache_report: true,
+            cache_report: CacheReport::Measured,
             inner: Mutex::new(Inner {
                 engine: Engine::new(cfg),
                 subs: HashMap::new(),
@@ -147,9 +175,9 @@ impl Server {
         }
     }
 
-    /// The same server, telling `cached_tokens` in `usage` or not.
-    pub fn with_cache_report(mut self, on: bool) -> Self {
-        self.cache_report = on;
+    /// The same server, telling `cached_tokens` in `usage` as `report` says.
+    pub fn with_cache_report(mut self, report: CacheReport) -> Self {
+        self.cache_report = report;
         self
     }
 
@@ -394,7 +422,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
                 args.default_max_tokens,
                 args.engine_config_of(i),
             )
-            .with_cache_report(!args.no_cache_report),
+            .with_cache_report(args.cache_report()),
         ));
     }
     let fleet = Arc::new(fleet);
@@ -468,11 +496,11 @@ mod tests {
     /// One server on an ephemeral 127.0.0.1 port, its engine and HTTP API running on the test's
     /// runtime (they stop with it).
     async fn start(cfg: EngineConfig) -> String {
-        start_reporting(cfg, true).await
+        start_reporting(cfg, CacheReport::Measured).await
     }
 
     /// [`start`], telling `cached_tokens` in `usage` or not.
-    async fn start_reporting(cfg: EngineConfig, cache_report: bool) -> String {
+    async fn start_reporting(cfg: EngineConfig, cache_report: CacheReport) -> String {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let s = Arc::new(
@@ -715,45 +743,52 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn without_cache_report_usage_has_no_prompt_tokens_details() {
-        let u = start_reporting(
-            EngineConfig {
-                step_base_s: 0.001,
-                ..EngineConfig::default()
-            },
-            false,
-        )
-        .await;
-        let c = client();
-        let chat = format!("{u}/v1/chat/completions");
-        let msgs =
-            json!([{"role": "system", "content": prompt(300)}, {"role": "user", "content": "hi"}]);
-        // twice: the second time the prompt is cached, and still nothing says so
-        for _ in 0..2 {
-            let r = post_json(&c, &chat, &json!({"messages": msgs, "max_tokens": 3})).await;
-            assert_eq!(r["usage"]["completion_tokens"], 3);
-            assert!(r["usage"].get("prompt_tokens_details").is_none(), "{r}");
+    async fn without_cache_report_usage_has_no_cached_tokens_or_zeros() {
+        // `--no-cache-report`: no prompt_tokens_details; `--cache-report-zeros`: always 0
+        for (report, expected) in [(CacheReport::Absent, None), (CacheReport::Zeros, Some(0))] {
+            let u = start_reporting(
+                EngineConfig {
+                    step_base_s: 0.001,
+                    ..EngineConfig::default()
+                },
+                report,
+            )
+            .await;
+            let c = client();
+            let chat = format!("{u}/v1/chat/completions");
+            let msgs = json!([{"role": "system", "content": prompt(300)}, {"role": "user", "content": "hi"}]);
+            let cached = |usage: &Value| {
+                usage
+                    .pointer("/prompt_tokens_details/cached_tokens")
+                    .map(|v| v.as_u64().unwrap())
+            };
+            // twice: the second time the prompt is cached, and still nothing says so
+            for _ in 0..2 {
+                let r = post_json(&c, &chat, &json!({"messages": msgs, "max_tokens": 3})).await;
+                assert_eq!(r["usage"]["completion_tokens"], 3);
+                assert_eq!(cached(&r["usage"]), expected, "{r}");
+                if expected.is_none() {
+                    assert!(r["usage"].get("prompt_tokens_details").is_none(), "{r}");
+                }
+            }
+            let body = json!({"messages": msgs, "max_tokens": 3, "stream": true, "stream_options": {"include_usage": true}});
+            let datas = sse(&c, &chat, &body).await;
+            let last: Value = serde_json::from_str(&datas[datas.len() - 2]).unwrap();
+            assert_eq!(last["usage"]["completion_tokens"], 3);
+            assert_eq!(cached(&last["usage"]), expected, "{last}");
+            // the engine did find the prompt cached: the fleet's counters say so
+            let stats: Value = c
+                .get(format!("{u}/sim/stats"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert!(
+                stats["totals"]["cached_tokens"].as_f64().unwrap() > 500.0,
+                "{stats}"
+            );
         }
-        let body = json!({"messages": msgs, "max_tokens": 3, "stream": true, "stream_options": {"include_usage": true}});
-        let datas = sse(&c, &chat, &body).await;
-        let last: Value = serde_json::from_str(&datas[datas.len() - 2]).unwrap();
-        assert_eq!(last["usage"]["completion_tokens"], 3);
-        assert!(
-            last["usage"].get("prompt_tokens_details").is_none(),
-            "{last}"
-        );
-        // the engine did find the prompt cached: the fleet's counters say so
-        let stats: Value = c
-            .get(format!("{u}/sim/stats"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert!(
-            stats["totals"]["cached_tokens"].as_f64().unwrap() > 500.0,
-            "{stats}"
-        );
     }
 }

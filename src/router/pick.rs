@@ -381,7 +381,7 @@ impl RouterInner {
     /// chunks, age of the deepest in ms), for the answer to teach the endpoint's capacity
     /// ([`RouterInner::learns_capacity`], `Residency::learn`) or its eviction share
     /// (`eviction_pressure`, `Residency::note_writes`): only once the endpoint's answers report
-    /// `cached_tokens` (an engine that never does costs no walk). Read before the pick records
+    /// cache hits (an engine that never does costs no walk). Read before the pick records
     /// the prompt (which makes every chunk fresh).
     fn claim_to_learn_from(
         &self,
@@ -390,7 +390,7 @@ impl RouterInner {
         use_index: bool,
         now: u64,
     ) -> Option<(f64, u64)> {
-        let reports_cache = endpoint.answers.prompt_chars.load(Ordering::Relaxed) > 0;
+        let reports_cache = endpoint.answers.reports_cache_hits();
         let wanted = self.learns_capacity(endpoint) || self.config.eviction_pressure;
         if !use_index || !reports_cache || !wanted {
             return None;

@@ -292,28 +292,31 @@ impl PickedRequest {
             // what the answer said of itself, beside what the pick expected (counted before
             // the log line is queued: a reader of the log finds the metrics already there)
             let usage = r.answer.capture().usage;
-            let written = written_tokens(usage.as_ref(), r, self.first_token_seen);
             if let Some(e) = &r.endpoint {
+                if let Some(usage) = &usage {
+                    e.answers.record(
+                        r.model_slot,
+                        usage,
+                        r.prompt_chars,
+                        (r.prompt_chars as f64 * r.expected_cache_ratio) as u64,
+                        self.first_token_at.map(|t| t.elapsed().as_secs_f64()),
+                    );
+                    if let Some(engine) = usage.cache_hit_ratio() {
+                        let error = (r.expected_cache_ratio - engine).abs();
+                        self.router.metrics.cache_prediction_error.observe(error);
+                    }
+                }
+                // what the engine says of its cache, once it has shown that it says it
+                let word = usage.map(|u| e.answers.cache_word(u));
+                let written = written_tokens(word.as_ref(), r, self.first_token_seen);
                 e.cache_written(written);
-            }
-            if let (Some(usage), Some(e)) = (usage, &r.endpoint) {
-                e.answers.record(
-                    r.model_slot,
-                    &usage,
-                    r.prompt_chars,
-                    (r.prompt_chars as f64 * r.expected_cache_ratio) as u64,
-                    self.first_token_at.map(|t| t.elapsed().as_secs_f64()),
-                );
-                // the engine's word on the cache, against what the pick expected
-                if let Some(engine) = usage.cache_hit_ratio() {
-                    let error = (r.expected_cache_ratio - engine).abs();
-                    self.router.metrics.cache_prediction_error.observe(error);
+                let engine_word = word.and_then(|u| Some((u.cache_hit_ratio()?, u.prompt_tokens)));
+                if let Some((engine, prompt)) = engine_word {
                     if self.router.config.cache_feedback {
                         e.answers.correct_cache_trust(r.cache_ratio, engine);
                     }
                     if let Some((claimed, age_ms)) = r.claim {
                         if self.router.config.eviction_pressure {
-                            let prompt = usage.prompt_tokens;
                             e.residency
                                 .note_writes(written, prompt, claimed, age_ms, engine);
                         }

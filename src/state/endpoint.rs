@@ -8,7 +8,7 @@
 //! read, so that a worker's death removes exactly its share.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use super::cells::{saturating_sub, EndpointCounters, Load};
@@ -342,6 +342,8 @@ pub struct AnswerStats {
     /// How far the prefix index's claims for this endpoint hold ([`Self::cache_trust`]), as
     /// `f64` bits.
     cache_trust: AtomicU64,
+    /// An answer reported `cached_tokens` above 0 ([`Self::reports_cache_hits`]).
+    reported_a_hit: AtomicBool,
 }
 
 /// An answer corrects the cache trust only when the index claimed at least this share of its
@@ -364,6 +366,31 @@ impl AnswerStats {
             predicted_cached_chars: AtomicU64::new(0),
             time_per_output_token: OnceLock::new(),
             cache_trust: AtomicU64::new(1f64.to_bits()),
+            reported_a_hit: AtomicBool::new(false),
+        }
+    }
+
+    /// True once an answer from this endpoint reported cached tokens (`cached_tokens` > 0).
+    /// Until then its `cached_tokens` are not taken as the engine's word on its cache: an
+    /// engine, fork, simulator or proxy that fills the field with 0 whatever it holds would
+    /// otherwise teach the router that the endpoint keeps nothing (trust, capacity and
+    /// eviction share all at their worst) and end cache-aware routing to it. An engine that
+    /// really keeps nothing never passes this test either and is routed as one that does
+    /// not report: its claims cost some affinity, not the fleet's cache.
+    pub fn reports_cache_hits(&self) -> bool {
+        self.reported_a_hit.load(Ordering::Relaxed)
+    }
+
+    /// `usage` as the engine's word on its cache: its `cached_tokens` only when the endpoint
+    /// [reports cache hits](Self::reports_cache_hits).
+    pub fn cache_word(&self, usage: crate::response::Usage) -> crate::response::Usage {
+        if self.reports_cache_hits() {
+            usage
+        } else {
+            crate::response::Usage {
+                cached_tokens: None,
+                ..usage
+            }
         }
     }
 
@@ -403,6 +430,9 @@ impl AnswerStats {
             t[0].fetch_add(usage.prompt_tokens, Ordering::Relaxed);
             t[1].fetch_add(usage.completion_tokens, Ordering::Relaxed);
             t[2].fetch_add(usage.cached_tokens.unwrap_or(0), Ordering::Relaxed);
+        }
+        if usage.cached_tokens.is_some_and(|t| t > 0) && !self.reports_cache_hits() {
+            self.reported_a_hit.store(true, Ordering::Relaxed);
         }
         if usage.cached_tokens.is_some() {
             self.prompt_chars.fetch_add(prompt_chars, Ordering::Relaxed);

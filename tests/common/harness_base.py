@@ -442,8 +442,11 @@ def check_cache_feedback(send, page, model):
     """`cache_feedback` (default on) through a gateway: `send(body, headers) -> (status, body
     bytes)` posts a chat request, `page()` is its metrics. Requests that share a long prefix stick
     to one endpoint whose engine reports (x-test-cached-tokens) that it had nothing cached: every
-    answer is measured in llmproxy_cache_prediction_error, and that endpoint's cache trust falls
-    below 1; an answer whose engine had the whole prompt cached raises it again."""
+    answer is measured in llmproxy_cache_prediction_error. As long as no answer ever reported a
+    cache hit, those zeros are not the engine's word (a server that fills the field without
+    measuring it) and every cache trust stays 1; once answers have reported hits, the endpoint's
+    cache trust falls below 1 with the zeros, and an answer whose engine had the whole prompt
+    cached raises it again. Needs a gateway none of whose answers reported cached tokens yet."""
     prefix = random_text(4000, seed=random.getrandbits(32))
 
     def ask(i, cached):
@@ -451,8 +454,23 @@ def check_cache_feedback(send, page, model):
         assert status == 200, data
         return json.loads(data)["served_by"]
 
-    before = page()
+    def trusts_now():
+        return [v for _, v in page().select("llmproxy_endpoint_cache_trust")]
+
+    start = page()
     served = {ask(i, 0) for i in range(8)}
+    assert len(served) == 1, "the shared prefix went to %s" % served
+    wait_until(lambda: page().total("llmproxy_cache_prediction_error_count")
+               - start.total("llmproxy_cache_prediction_error_count") >= 8,
+               timeout=5, what="8 answers in llmproxy_cache_prediction_error")
+    assert trusts_now() and all(t == 1.0 for t in trusts_now()), \
+        "zeros from an engine that never reported a hit lowered a trust: %s" % trusts_now()
+    # the engine reports hits (every process sees some: 16 answers, 2^-16 to miss a worker)
+    served |= {ask(i, 10 ** 9) for i in range(100, 116)}
+    assert len(served) == 1, "the shared prefix went to %s" % served
+
+    before = page()
+    served |= {ask(i, 0) for i in range(8)}
     assert len(served) == 1, "the shared prefix went to %s" % served
 
     def measured():
@@ -464,10 +482,10 @@ def check_cache_feedback(send, page, model):
     # (a native nginx page merges the other workers' routers as published each second)
     wait_until(lambda: measured()[1] >= 8, timeout=5, what="8 answers in llmproxy_cache_prediction_error")
     m, errors, err_sum, trusts = measured()
-    # 7 of the 8 were expected mostly cached (the index claimed ≥ 90 % of the prompt), the
-    # engine had none: a large error for each, and the endpoint's trust down by 1/32 per answer
+    # the 8 were expected mostly cached (the index claimed ≥ 90 % of the prompt), the engine
+    # had none: a large error for each, and the endpoint's trust down by 1/32 per answer
     assert err_sum > 7 * 0.5, (errors, err_sum)
-    # (per process: with several workers, the one that took the most of the 7 has ≤ (31/32)^4)
+    # (per process: with several workers, the one that took the most of the 8 has ≤ (31/32)^4)
     assert min(trusts) < 0.9, "no endpoint's cache trust fell: %s" % trusts
     # answers whose engine had the whole prompt raise it again. The trust is per process: with
     # several workers an answer that lands on a worker none of the 8 reached (trust still 1)

@@ -4,7 +4,7 @@
 //! endpoints. Each request is rendered to a prompt and handed to the server's engine task
 //! ([`super::Server`]); tokens come back over a channel.
 
-use super::{ratio, Ev, Server};
+use super::{ratio, CacheReport, Ev, Server};
 use crate::engine::Usage;
 use axum::body::Bytes;
 use axum::extract::{Request, State};
@@ -190,7 +190,7 @@ struct ChunkFmt {
     created: u64,
     model: String,
     object: &'static str,
-    cache_report: bool,
+    cache_report: CacheReport,
 }
 
 impl ChunkFmt {
@@ -222,14 +222,19 @@ impl ChunkFmt {
 }
 
 /// An OpenAI `usage` object; `prompt_tokens_details` only when the server reports its cache.
-fn usage_json(u: &Usage, cache_report: bool) -> Value {
+fn usage_json(u: &Usage, cache_report: CacheReport) -> Value {
     let mut usage = json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
     });
-    if cache_report {
-        usage["prompt_tokens_details"] = json!({"cached_tokens": u.cached_tokens});
+    let cached = match cache_report {
+        CacheReport::Measured => Some(u.cached_tokens),
+        CacheReport::Zeros => Some(0),
+        CacheReport::Absent => None,
+    };
+    if let Some(cached) = cached {
+        usage["prompt_tokens_details"] = json!({"cached_tokens": cached});
     }
     usage
 }
@@ -292,7 +297,7 @@ async fn collect_response(
     created: u64,
     model: String,
     object: &str,
-    cache_report: bool,
+    cache_report: CacheReport,
 ) -> Response {
     let mut text = String::new();
     let mut usage = Usage::default();

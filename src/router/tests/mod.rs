@@ -275,9 +275,17 @@ fn an_answer_not_streamed_leaves_prefill_when_a_later_streamed_one_starts() {
     assert!(!whole.is_stream() && streamed.is_stream());
     assert_eq!(prefill(&r), whole.prompt_chars() + streamed.prompt_chars());
     streamed.first_token();
-    assert_eq!(prefill(&r), 0, "the one picked before is past its prefill too");
+    assert_eq!(
+        prefill(&r),
+        0,
+        "the one picked before is past its prefill too"
+    );
     let mut later = r.pick(&gray, &body(false, &"l".repeat(1000)));
-    assert_eq!(prefill(&r), later.prompt_chars(), "a pick after the first token stays");
+    assert_eq!(
+        prefill(&r),
+        later.prompt_chars(),
+        "a pick after the first token stays"
+    );
     whole.first_token(); // its whole answer arrives: it was picked before `later`
     assert_eq!(prefill(&r), later.prompt_chars());
     later.first_token();
@@ -538,11 +546,14 @@ fn sample(page: &str, name: &str) -> f64 {
 
 #[test]
 fn answers_correct_what_the_index_claims_and_measure_its_error() {
-    // One endpoint whose engine keeps nothing: every answer reports 0 cached tokens while the
-    // index claims most of each prompt (a shared system prompt) after the first.
+    // One endpoint whose engine keeps nothing: every answer after the first reports 0 cached
+    // tokens while the index claims most of each prompt (a shared system prompt). The first
+    // reports one cached token (the engine says what it holds) — or, for an engine that fills
+    // the field with 0 whatever it holds, it too reports 0: its zeros are not its word.
     let answer = br#"{"choices":[{"index":0,"message":{"content":"ok"}}],"usage":{"prompt_tokens":200,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+    let a_hit = br#"{"choices":[{"index":0,"message":{"content":"ok"}}],"usage":{"prompt_tokens":200,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":1}}}"#;
     let system = "shared system prompt, ".repeat(40);
-    for feedback in [true, false] {
+    for (feedback, reports_hits) in [(true, true), (false, true), (true, false)] {
         let r = Router::from_json(
             format!(
                 r#"{{"hash_chunk_bytes": 64, "cache_feedback": {feedback},
@@ -556,7 +567,8 @@ fn answers_correct_what_the_index_claims_and_measure_its_error() {
         for i in 0..64 {
             let mut p = r.pick(&[], &chat("m", &format!("{system} question {i}")));
             last_expected = p.routed().unwrap().expected_cache_ratio;
-            p.observe_response(answer, true);
+            let first_hit = i == 0 && reports_hits;
+            p.observe_response(if first_hit { a_hit } else { answer }, true);
             p.finish(200);
         }
         let page = r.metrics_text();
@@ -570,7 +582,7 @@ fn answers_correct_what_the_index_claims_and_measure_its_error() {
             r#"llmproxy_cache_prediction_error_bucket{le="0.25"}"#,
         );
         assert_eq!(errors, 64.0, "every answer measured");
-        if feedback {
+        if feedback && reports_hits {
             // 63 answers at 0 kept: (1 − 1/32)^63 ≈ 0.14
             assert!((0.1..0.2).contains(&trust), "trust {trust}");
             assert!(last_expected < 0.2, "expected {last_expected}");
@@ -579,7 +591,10 @@ fn answers_correct_what_the_index_claims_and_measure_its_error() {
                 "the corrected prediction's errors shrink: {small}"
             );
         } else {
-            assert_eq!(trust, 1.0);
+            assert_eq!(
+                trust, 1.0,
+                "feedback {feedback}, reports hits {reports_hits}"
+            );
             assert!(
                 last_expected > 0.9,
                 "the index's claim as is: {last_expected}"
@@ -591,6 +606,10 @@ fn answers_correct_what_the_index_claims_and_measure_its_error() {
 
 /// An answer whose engine wrote 50,000 prompt tokens and had none of them cached.
 const EVICTED_ANSWER: &[u8] = br#"{"choices":[{"index":0,"message":{"content":"ok"}}],"usage":{"prompt_tokens":50000,"completion_tokens":0,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+
+/// An answer whose engine wrote 49,984 prompt tokens and had 16 cached: an engine that
+/// reports its hits, so that its later zeros count (`AnswerStats::reports_cache_hits`).
+const FIRST_ANSWER: &[u8] = br#"{"choices":[{"index":0,"message":{"content":"ok"}}],"usage":{"prompt_tokens":50000,"completion_tokens":0,"prompt_tokens_details":{"cached_tokens":16}}}"#;
 
 /// A router over one endpoint of cluster `c` for model `m`, 64-byte chunks, with `settings`
 /// (top-level keys, each followed by a comma).
@@ -660,15 +679,14 @@ fn an_endpoints_cache_capacity_is_learned_from_its_answers() {
     // second pick finds the first prompt's system prompt listed 2.1 s after its use and the
     // engine reports it evicted (cached_tokens 0): the capacity is about what was written
     // since, and from then on a prefix used longer ago than capacity / write rate no longer
-    // counts. Without cache_feedback nothing is learned and the index is taken at its word.
+    // counts. Without cache_feedback nothing is learned and the index is taken at its word;
+    // nor from an engine that has never reported a hit (its zeros are not its word).
     let system = "shared system prompt, ".repeat(40);
-    let routers: Vec<(bool, Router)> = [true, false]
+    let routers: Vec<(bool, bool, Router)> = [(true, true), (false, true), (true, false)]
         .into_iter()
-        .map(|feedback| {
-            (
-                feedback,
-                solo_router(&format!(r#""cache_feedback": {feedback},"#)),
-            )
+        .map(|(feedback, reports_hits)| {
+            let r = solo_router(&format!(r#""cache_feedback": {feedback},"#));
+            (feedback, reports_hits, r)
         })
         .collect();
     let learned = |r: &Router| {
@@ -676,18 +694,25 @@ fn an_endpoints_cache_capacity_is_learned_from_its_answers() {
         let name = r#"llmproxy_endpoint_learned_cache_capacity_tokens{cluster="c",endpoint="127.0.0.1:1"}"#;
         page.contains(name).then(|| sample(&page, name))
     };
-    for (_, r) in &routers {
+    for (_, reports_hits, r) in &routers {
         let mut p = r.pick(&[], &chat("m", &format!("{system} question 0")));
-        p.observe_response(EVICTED_ANSWER, true);
+        p.observe_response(
+            if *reports_hits {
+                FIRST_ANSWER
+            } else {
+                EVICTED_ANSWER
+            },
+            true,
+        );
         p.finish(200);
     }
     std::thread::sleep(std::time::Duration::from_millis(2_100));
-    for (feedback, r) in &routers {
+    for (feedback, reports_hits, r) in &routers {
         let mut p = r.pick(&[], &chat("m", &format!("{system} question 1")));
         assert!(p.routed().unwrap().cache_ratio > 0.8, "nothing learned yet");
         p.observe_response(EVICTED_ANSWER, true);
         p.finish(200);
-        if *feedback {
+        if *feedback && *reports_hits {
             // 2.1 s at about 50,000 tokens per 2.1 s
             let tokens = learned(r).expect("learned from the eviction");
             assert!((40_000.0..60_000.0).contains(&tokens), "{tokens}");
@@ -697,10 +722,10 @@ fn an_endpoints_cache_capacity_is_learned_from_its_answers() {
     }
     // 3 s later the second prompt's use is older than the learned horizon (~2.3 s)
     std::thread::sleep(std::time::Duration::from_millis(3_000));
-    for (feedback, r) in &routers {
+    for (feedback, reports_hits, r) in &routers {
         let p = r.pick(&[], &chat("m", &format!("{system} question 2")));
         let ratio = p.routed().unwrap().cache_ratio;
-        if *feedback {
+        if *feedback && *reports_hits {
             assert_eq!(ratio, 0.0, "evicted by what was written since");
         } else {
             assert!(ratio > 0.8, "the index at its word: {ratio}");
@@ -732,7 +757,7 @@ fn an_endpoints_eviction_share_is_measured_from_its_answers_with_eviction_pressu
         .collect();
     for (_, r) in &routers {
         let mut p = r.pick(&[], &chat("m", &format!("{system} question 0")));
-        p.observe_response(EVICTED_ANSWER, true);
+        p.observe_response(FIRST_ANSWER, true);
         p.finish(200);
         assert_eq!(
             share(r),

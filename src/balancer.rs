@@ -112,16 +112,34 @@ pub fn prefix_cost_scores(c: &[CandidateLoad], prompt_chars: u64, p: &LbParams) 
         .collect()
 }
 
-/// Picks an index with `prefix_cost`. `candidates` must not be empty.
+/// Picks an index with `prefix_cost`: the lowest cost, or one at random among the best
+/// `candidate_percent` % *whose cost is within `decode_cost_chars` (one more request in flight)
+/// of the lowest*. Costs are in the same unit for every candidate, so the second best of a
+/// large fleet may cost a whole prompt more (a holder of its prefix against an idle server
+/// that holds nothing): drawing uniformly among the best k, as `inference_lb` does, would
+/// throw that prefix away k − 1 times in k. `candidates` must not be empty.
 pub fn prefix_cost(
     candidates: &[CandidateLoad],
     prompt_chars: u64,
     p: &LbParams,
     rng: &mut fastrand::Rng,
 ) -> usize {
-    let s = prefix_cost_scores(candidates, prompt_chars, p);
+    let mut s = prefix_cost_scores(candidates, prompt_chars, p);
     let k = candidate_count(s.len(), p.candidate_percent);
-    pick_among_best(&s, k, rng)
+    if k <= 1 {
+        return pick_among_best(&s, 1, rng);
+    }
+    let best = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let near = best - p.decode_cost_chars.max(0.0);
+    let mut close = 0;
+    for x in &mut s {
+        if *x >= near {
+            close += 1;
+        } else {
+            *x = f64::NEG_INFINITY;
+        }
+    }
+    pick_among_best(&s, k.min(close), rng)
 }
 
 /// Picks an index with `inference_lb`. `candidates` must not be empty.
@@ -361,6 +379,42 @@ mod tests {
             ..p
         };
         assert_eq!(prefix_cost(&[a, b], 10_000, &no_cache, &mut rng), 1);
+    }
+
+    #[test]
+    fn prefix_cost_draws_only_among_candidates_close_to_the_cheapest() {
+        // 30 endpoints, candidate_percent 10: the best 3. One holds 90 % of a 10,000-char
+        // prompt; the others are idle and hold nothing (cost 10,000 against 1,000): the holder
+        // every time, where a draw among the best 3 would take it one time in 3.
+        let p = LbParams {
+            candidate_percent: 10.0,
+            ..LbParams::default()
+        };
+        let mut fleet = vec![load(0, 0, 0.0); 30];
+        fleet[7] = load(0, 0, 0.9);
+        let mut rng = fastrand::Rng::with_seed(5);
+        for _ in 0..300 {
+            assert_eq!(prefix_cost(&fleet, 10_000, &p, &mut rng), 7);
+        }
+        // costs within decode_cost_chars (128) of the cheapest share the draw, the best 3 of
+        // them: 5 endpoints at 1,000–1,100, the rest far behind
+        let mut fleet = vec![load(0, 0, 0.0); 30];
+        for (i, extra) in [(3, 0), (9, 50), (12, 100), (20, 110), (25, 120)] {
+            fleet[i] = load(0, extra, 0.9);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..300 {
+            seen.insert(prefix_cost(&fleet, 10_000, &p, &mut rng));
+        }
+        assert_eq!(seen, [3, 9, 12].into_iter().collect());
+        // nothing within reach of the best but itself: the best
+        let p_tight = LbParams {
+            decode_cost_chars: 0.0,
+            ..p
+        };
+        for _ in 0..100 {
+            assert_eq!(prefix_cost(&fleet, 10_000, &p_tight, &mut rng), 3);
+        }
     }
 
     #[test]

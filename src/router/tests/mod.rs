@@ -93,6 +93,35 @@ fn same_prefix_sticks_different_prefixes_spread() {
     assert_eq!(seen.len(), 4, "new prefixes spread over every endpoint");
 }
 
+#[test]
+fn a_prefix_sticks_in_a_fleet_large_enough_for_candidate_percent_to_draw() {
+    // 24 endpoints with the default candidate_percent (10 %: the best 2 share the draw): a
+    // prompt's holder against an idle server that must compute it all is no draw.
+    let endpoints: Vec<String> = (0..24)
+        .map(|i| format!("\"127.0.0.1:{}\"", 9200 + i))
+        .collect();
+    let r = Router::from_json(
+        format!(
+            r#"{{"algorithm": "prefix_cost",
+            "model_mapping_rule": {{"m": {{"rules": [{{"cluster": "c", "backend": "vllm"}}]}}}},
+            "clusters": {{"c": {{"endpoints": [{}]}}}}}}"#,
+            endpoints.join(",")
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let system = "You are a helpful assistant. ".repeat(100);
+    let served: std::collections::HashSet<String> = (0..40)
+        .map(|i| {
+            let p = r.pick(&[], &chat("m", &format!("{system} question {i}")));
+            let ep = p.endpoint().unwrap().to_string();
+            p.finish(200);
+            ep
+        })
+        .collect();
+    assert_eq!(served.len(), 1, "{served:?}");
+}
+
 /// A streamed answer carrying `text`, in events of 7 characters.
 fn sse_answer(text: &str) -> Vec<u8> {
     let mut out = String::new();

@@ -13,6 +13,10 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 /// Bytes reserved for the partial chunk when a prompt starts (its chunk size, at most this).
 const PENDING_RESERVE: usize = 4096;
 
+/// Characters of text in one token, about (English text, BPE tokenizers): the unit the router
+/// converts tokens to when it needs characters, and back.
+pub const CHARS_PER_TOKEN: u64 = 4;
+
 /// Incremental chained chunk hasher: feed the prompt in pieces, get one hash per chunk.
 pub struct PrefixHasher {
     /// The hash of the prompt up to its last full chunk (the model's hash before the first).
@@ -41,8 +45,22 @@ impl PrefixHasher {
     }
 
     /// Appends `bytes` to the prompt.
-    pub fn feed(&mut self, mut bytes: &[u8]) {
+    pub fn feed(&mut self, bytes: &[u8]) {
         self.chars += bytecount::num_chars(bytes) as u64;
+        self.push(bytes);
+    }
+
+    /// Appends a prompt given as token ids: each as its 4 bytes (little-endian), counted as
+    /// [`CHARS_PER_TOKEN`] characters (the router's loads are in characters of text).
+    pub fn feed_tokens(&mut self, tokens: &[u32]) {
+        self.chars += CHARS_PER_TOKEN * tokens.len() as u64;
+        for t in tokens {
+            self.push(&t.to_le_bytes());
+        }
+    }
+
+    /// Appends `bytes` to the chunks, without counting characters.
+    fn push(&mut self, mut bytes: &[u8]) {
         if self.pending.capacity() == 0 {
             // room for a whole chunk at once (up to 4 KiB: larger chunks grow as they fill)
             self.pending

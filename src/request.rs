@@ -1,15 +1,16 @@
 //! OpenAI request parsing: model, stream flag, and the canonical prompt.
 //!
 //! Two request kinds are understood: `/v1/chat/completions` (`messages`, with string content
-//! or content parts, of any role) and `/v1/completions` (`prompt`: a string or an array of
-//! strings). Only what routing needs is extracted; every other field is skipped without
-//! being copied.
+//! or content parts, of any role) and `/v1/completions` (`prompt`: a string, an array of
+//! strings, token ids or arrays of token ids). Only what routing needs is extracted; every
+//! other field is skipped without being copied.
 //!
 //! The prompt is not the raw JSON: it is a canonical rendering, so two clients that format
 //! the same conversation differently (key order, whitespace, escapes) hash the same. For chat:
 //! for every message `<|role|>\n`, then its text parts separated by `\n`, then the function
 //! name and arguments of each tool call, then `\n`. Non-text parts (images, audio) are not part
-//! of the prompt. For completions: the prompt string; several prompts are joined with `\n`.
+//! of the prompt. For completions: the prompt string; several prompts are joined with `\n`;
+//! token ids are each 4 bytes, little-endian ([`PrefixHasher::feed_tokens`]).
 //! The rendering is streamed straight into the prefix hasher; it is never materialised.
 //!
 //! Prompt length, used for prefill-load accounting, is the number of characters of that
@@ -197,10 +198,51 @@ impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
     }
 }
 
-/// Completions prompt: a string or an array of strings.
+/// Completions prompt: a string, an array of strings, token ids, or arrays of token ids (the
+/// four forms of the OpenAI API; vLLM and SGLang take them all).
 enum Prompt<'a> {
     One(Cow<'a, str>),
     Many(Vec<JsonStr<'a>>),
+    Tokens(Vec<u32>),
+    ManyTokens(Vec<Vec<u32>>),
+}
+
+/// One element of a prompt array: a string, a token id, or an array of token ids.
+enum PromptItem<'a> {
+    Text(JsonStr<'a>),
+    Token(u32),
+    Tokens(Vec<u32>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for PromptItem<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = PromptItem<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, a token id or an array of token ids")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(PromptItem::Text(JsonStr(Cow::Borrowed(v))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(PromptItem::Text(JsonStr(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(PromptItem::Text(JsonStr(Cow::Owned(v))))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                u32::try_from(v)
+                    .map(PromptItem::Token)
+                    .map_err(|_| E::custom(format!("token id {v} out of range")))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Vec::<u32>::deserialize(de::value::SeqAccessDeserializer::new(seq))
+                    .map(PromptItem::Tokens)
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for Prompt<'a> {
@@ -209,7 +251,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Prompt<'a> {
         impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
             type Value = Prompt<'a>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string or an array of strings")
+                f.write_str("a string, an array of strings, of token ids or of token id arrays")
             }
             fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
                 Ok(Prompt::One(Cow::Borrowed(v)))
@@ -221,11 +263,44 @@ impl<'de: 'a, 'a> Deserialize<'de> for Prompt<'a> {
                 Ok(Prompt::One(Cow::Owned(v)))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let mut all = Vec::new();
-                while let Some(s) = seq.next_element::<JsonStr<'a>>()? {
-                    all.push(s);
-                }
-                Ok(Prompt::Many(all))
+                // the first element says which array it is; the others must be alike
+                let mixed =
+                    || de::Error::custom("prompt array mixes strings, token ids and arrays");
+                let Some(first) = seq.next_element::<PromptItem<'a>>()? else {
+                    return Ok(Prompt::Many(Vec::new()));
+                };
+                Ok(match first {
+                    PromptItem::Text(t) => {
+                        let mut all = vec![t];
+                        while let Some(item) = seq.next_element::<PromptItem<'a>>()? {
+                            let PromptItem::Text(t) = item else {
+                                return Err(mixed());
+                            };
+                            all.push(t);
+                        }
+                        Prompt::Many(all)
+                    }
+                    PromptItem::Token(t) => {
+                        let mut all = vec![t];
+                        while let Some(item) = seq.next_element::<PromptItem<'a>>()? {
+                            let PromptItem::Token(t) = item else {
+                                return Err(mixed());
+                            };
+                            all.push(t);
+                        }
+                        Prompt::Tokens(all)
+                    }
+                    PromptItem::Tokens(ts) => {
+                        let mut all = vec![ts];
+                        while let Some(item) = seq.next_element::<PromptItem<'a>>()? {
+                            let PromptItem::Tokens(ts) = item else {
+                                return Err(mixed());
+                            };
+                            all.push(ts);
+                        }
+                        Prompt::ManyTokens(all)
+                    }
+                })
             }
         }
         d.deserialize_any(V(std::marker::PhantomData))
@@ -330,6 +405,24 @@ pub fn parse_with_tail(
                 }
                 // One answer per prompt: no single next turn extends them all.
                 extendable = ps.len() == 1;
+            }
+            // Token ids: hashed as tokens, so the same ids share a prefix. The answer comes
+            // back as text, which the next prompt's ids do not spell: nothing to learn.
+            Some(Prompt::Tokens(ts)) => {
+                hasher.feed_tokens(&ts);
+                extendable = false;
+            }
+            Some(Prompt::ManyTokens(tss)) => {
+                if tss.iter().any(Vec::is_empty) {
+                    return Err(PickError::bad_request(
+                        "prompt must not contain an empty token array",
+                        Some("prompt"),
+                    ));
+                }
+                for ts in &tss {
+                    hasher.feed_tokens(ts);
+                }
+                extendable = false;
             }
         },
     }
@@ -488,6 +581,49 @@ mod tests {
     }
 
     #[test]
+    fn completions_of_token_ids() {
+        // 300 token ids (1,200 bytes: two full 512-byte chunks), then another question
+        let ids = |tail: u32| {
+            let v: Vec<u32> = (0..300).chain([tail]).collect();
+            serde_json::to_string(&v).unwrap()
+        };
+        let tokens = |body: String| {
+            parse_with_tail(
+                body.as_bytes(),
+                None,
+                512,
+                Extract {
+                    tail: true,
+                    ..Extract::default()
+                },
+            )
+            .unwrap()
+        };
+        let (a, tail) = tokens(format!(r#"{{"model":"m","prompt":{}}}"#, ids(7)));
+        let (b, _) = tokens(format!(r#"{{"model":"m","prompt":{}}}"#, ids(8)));
+        assert_eq!(a.kind, RequestKind::Completions);
+        assert_eq!(a.prompt_chars, 301 * 4, "4 characters per token");
+        assert_eq!(a.prefix_hashes.len(), 3);
+        assert_eq!(
+            a.prefix_hashes[..2],
+            b.prefix_hashes[..2],
+            "the same ids, the same prefix"
+        );
+        assert_ne!(a.prefix_hashes[2], b.prefix_hashes[2]);
+        assert!(
+            tail.is_none(),
+            "an answer in text does not extend token ids"
+        );
+        // arrays of token arrays: one after the other, as the strings of an array are
+        let (many, _) = tokens(format!(r#"{{"model":"m","prompt":[{},[1,2]]}}"#, ids(7)));
+        assert_eq!(many.prompt_chars, (301 + 2) * 4);
+        assert_eq!(many.prefix_hashes[..2], a.prefix_hashes[..2]);
+        // the largest id
+        let max = p(r#"{"model":"m","prompt":[4294967295]}"#).unwrap();
+        assert_eq!((max.prompt_chars, max.prefix_hashes.len()), (4, 1));
+    }
+
+    #[test]
     fn the_user_field_only_when_asked_and_only_a_string() {
         let user = |body: &str| {
             let want = Extract {
@@ -575,6 +711,24 @@ mod tests {
                 "prompt must not be an empty array",
             ),
             (r#"{"model":"m","prompt":42}"#, "invalid JSON body"),
+            (
+                r#"{"model":"m","prompt":[1,"a"]}"#,
+                "invalid JSON body: prompt array mixes strings, token ids and arrays",
+            ),
+            (
+                r#"{"model":"m","prompt":["a",[1]]}"#,
+                "invalid JSON body: prompt array mixes",
+            ),
+            (r#"{"model":"m","prompt":[-1]}"#, "invalid JSON body"),
+            (
+                r#"{"model":"m","prompt":[4294967296]}"#,
+                "invalid JSON body: token id 4294967296 out of range",
+            ),
+            (r#"{"model":"m","prompt":[[1,"a"]]}"#, "invalid JSON body"),
+            (
+                r#"{"model":"m","prompt":[[1],[]]}"#,
+                "prompt must not contain an empty token array",
+            ),
         ];
         for (body, want) in cases {
             let e = p(body).unwrap_err();

@@ -518,9 +518,6 @@ impl Outcome {
     }
 }
 
-/// Characters per token where no answer says (the usual 4 of English text with BPE tokenizers).
-const CHARS_PER_TOKEN: u64 = 4;
-
 /// Tokens a finished attempt wrote into its endpoint's KV cache: the prompt tokens the engine
 /// computed (not cached) and those it generated, from the answer's `usage`; without usage,
 /// the prompt characters the pick expected it to compute, when the answer started at all.
@@ -532,7 +529,7 @@ fn written_tokens(usage: Option<&crate::response::Usage>, r: &Routed, answered: 
             });
             u.prompt_tokens.saturating_sub(cached) + u.completion_tokens
         }
-        None if answered => r.prefill.uncached_chars / CHARS_PER_TOKEN,
+        None if answered => r.prefill.uncached_chars / hashing::CHARS_PER_TOKEN,
         None => 0,
     }
 }

@@ -14,7 +14,7 @@ import pytest
 
 import harness
 from conftest import MAX_BODY, POOLS
-from harness import CHAT, chat, metrics, random_text, request_log_lines, wait_in_flight_zero
+from harness import CHAT, COMPLETIONS, chat, metrics, random_text, request_log_lines, wait_in_flight_zero
 
 
 def post(gw, body, headers=None, path=CHAT):
@@ -78,6 +78,25 @@ def test_prefix_stickiness_and_spreading(gateway):
         assert status == 200
         spread.add(json.loads(data)["served_by"])
     assert len(spread) >= 2, "distinct prefixes all went to %s" % spread
+
+
+def test_completions_of_token_ids_stick_by_their_prefix(gateway):
+    # The OpenAI API (and vLLM, SGLang) take a completion's prompt as token ids too: routed by
+    # the ids' prefix like text; a malformed id list is the gateway's 400, not the server's.
+    rnd = random.Random(7)
+    shared = [rnd.randrange(100_000) for _ in range(1500)]
+    first = None
+    for i in range(5):
+        status, _, data, _ = post(gateway, {"model": "m-a", "prompt": shared + [i, i + 1]}, path=COMPLETIONS)
+        assert status == 200, data
+        served = json.loads(data)["served_by"]
+        first = first or served
+        assert served == first, "token prompt %d with the shared ids went to %s, not %s" % (i, served, first)
+    status, _, data, _ = post(gateway, {"model": "m-a", "prompt": [shared, [1, 2]]}, path=COMPLETIONS)
+    assert status == 200 and json.loads(data)["served_by"] == first, data
+    status, hdrs, data, _ = post(gateway, {"model": "m-a", "prompt": [1, "two"]}, path=COMPLETIONS)
+    assert_our_error(status, hdrs, data, 400, "invalid_request")
+    assert "mixes strings, token ids and arrays" in json.loads(data)["error"]["message"]
 
 
 def test_invalid_json_400(gateway):

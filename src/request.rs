@@ -245,6 +245,22 @@ impl<'de: 'a, 'a> Deserialize<'de> for PromptItem<'a> {
     }
 }
 
+/// `first` and the rest of `seq`, each of the same form as `first` (`same` takes it out of
+/// the item, `None` for another form: the array mixes forms).
+fn alike<'de: 'a, 'a, A: SeqAccess<'de>, T>(
+    mut seq: A,
+    first: T,
+    same: impl Fn(PromptItem<'a>) -> Option<T>,
+) -> Result<Vec<T>, A::Error> {
+    let mut all = vec![first];
+    while let Some(item) = seq.next_element::<PromptItem<'a>>()? {
+        let item = same(item)
+            .ok_or_else(|| de::Error::custom("prompt array mixes strings, token ids and arrays"))?;
+        all.push(item);
+    }
+    Ok(all)
+}
+
 impl<'de: 'a, 'a> Deserialize<'de> for Prompt<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V<'a>(std::marker::PhantomData<&'a ()>);
@@ -264,42 +280,22 @@ impl<'de: 'a, 'a> Deserialize<'de> for Prompt<'a> {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 // the first element says which array it is; the others must be alike
-                let mixed =
-                    || de::Error::custom("prompt array mixes strings, token ids and arrays");
                 let Some(first) = seq.next_element::<PromptItem<'a>>()? else {
                     return Ok(Prompt::Many(Vec::new()));
                 };
                 Ok(match first {
-                    PromptItem::Text(t) => {
-                        let mut all = vec![t];
-                        while let Some(item) = seq.next_element::<PromptItem<'a>>()? {
-                            let PromptItem::Text(t) = item else {
-                                return Err(mixed());
-                            };
-                            all.push(t);
-                        }
-                        Prompt::Many(all)
-                    }
-                    PromptItem::Token(t) => {
-                        let mut all = vec![t];
-                        while let Some(item) = seq.next_element::<PromptItem<'a>>()? {
-                            let PromptItem::Token(t) = item else {
-                                return Err(mixed());
-                            };
-                            all.push(t);
-                        }
-                        Prompt::Tokens(all)
-                    }
-                    PromptItem::Tokens(ts) => {
-                        let mut all = vec![ts];
-                        while let Some(item) = seq.next_element::<PromptItem<'a>>()? {
-                            let PromptItem::Tokens(ts) = item else {
-                                return Err(mixed());
-                            };
-                            all.push(ts);
-                        }
-                        Prompt::ManyTokens(all)
-                    }
+                    PromptItem::Text(t) => Prompt::Many(alike(seq, t, |i| match i {
+                        PromptItem::Text(t) => Some(t),
+                        _ => None,
+                    })?),
+                    PromptItem::Token(t) => Prompt::Tokens(alike(seq, t, |i| match i {
+                        PromptItem::Token(t) => Some(t),
+                        _ => None,
+                    })?),
+                    PromptItem::Tokens(ts) => Prompt::ManyTokens(alike(seq, ts, |i| match i {
+                        PromptItem::Tokens(ts) => Some(ts),
+                        _ => None,
+                    })?),
                 })
             }
         }

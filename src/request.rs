@@ -142,8 +142,21 @@ struct ToolCall<'a> {
 struct FunctionCall<'a> {
     #[serde(borrow, default)]
     name: Option<JsonStr<'a>>,
+    /// A JSON-encoded string (OpenAI), or the arguments' JSON itself (some clients send an
+    /// object; vLLM takes both).
     #[serde(borrow, default)]
-    arguments: Option<JsonStr<'a>>,
+    arguments: Option<&'a serde_json::value::RawValue>,
+}
+
+impl FunctionCall<'_> {
+    /// The arguments as rendered: a string's text, any other value's JSON as sent.
+    fn arguments_text(&self) -> Result<Cow<'_, str>, serde_json::Error> {
+        match self.arguments.map(|a| a.get()) {
+            None => Ok(Cow::Borrowed("")),
+            Some(raw) if raw.starts_with('"') => serde_json::from_str::<JsonStr>(raw).map(|s| s.0),
+            Some(raw) => Ok(Cow::Borrowed(raw)),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -468,10 +481,13 @@ fn render_message(h: &mut PrefixHasher, m: &Message, index: usize) -> Result<(),
     }
     for call in m.tool_calls.iter().flatten() {
         if let Some(f) = &call.function {
+            let arguments = f.arguments_text().map_err(|e| {
+                PickError::bad_request(format!("invalid JSON body: {e}"), Some("messages"))
+            })?;
             tool_call(
                 h,
                 f.name.as_deref().unwrap_or("").as_bytes(),
-                f.arguments.as_deref().unwrap_or("").as_bytes(),
+                arguments.as_bytes(),
             );
         }
     }
@@ -545,6 +561,20 @@ mod tests {
         let a = p(r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"get","arguments":"{\"x\":1}"}}]},{"role":"tool","tool_call_id":"1","content":"42"}]}"#).unwrap();
         let b = p(r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"get","arguments":"{\"x\":2}"}}]},{"role":"tool","tool_call_id":"1","content":"42"}]}"#).unwrap();
         assert_ne!(a.prefix_hashes, b.prefix_hashes);
+        // arguments sent as the object itself (vLLM takes both): its JSON as sent, which is
+        // the encoded string's text when written alike
+        let object = p(r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"get","arguments":{"x":1}}}]},{"role":"tool","tool_call_id":"1","content":"42"}]}"#).unwrap();
+        assert_eq!(object.prefix_hashes, a.prefix_hashes);
+        assert_eq!(object.prompt_chars, a.prompt_chars);
+        let args = |args: &str| {
+            let body = format!(
+                r#"{{"model":"m","messages":[{{"role":"assistant","tool_calls":[{{"function":{{"name":"get"{args}}}}}]}}]}}"#
+            );
+            p(&body).unwrap().prefix_hashes
+        };
+        assert_eq!(args(""), args(r#","arguments":null"#));
+        assert_eq!(args(""), args(r#","arguments":"""#));
+        assert_ne!(args(""), args(r#","arguments":[1]"#));
     }
 
     #[test]

@@ -99,6 +99,18 @@ def test_completions_of_token_ids_stick_by_their_prefix(gateway):
     assert "mixes strings, token ids and arrays" in json.loads(data)["error"]["message"]
 
 
+def test_tool_call_arguments_sent_as_an_object_are_routed(gateway):
+    # OpenAI encodes a tool call's arguments as a JSON string; some clients send the object
+    # itself, which vLLM takes too: routed, not refused.
+    history = [{"role": "user", "content": "weather in Paris?"},
+               {"role": "assistant", "content": None,
+                "tool_calls": [{"id": "c1", "type": "function",
+                                "function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    status, _, data, _ = post(gateway, {"model": "m-a", "messages": history})
+    assert status == 200, data
+
+
 def test_invalid_json_400(gateway):
     status, hdrs, data, _ = post(gateway, b'{"model": "m-a", "messages": [')
     assert_our_error(status, hdrs, data, 400, "invalid_request")

@@ -8,7 +8,7 @@
 //! read, so that a worker's death removes exactly its share.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use super::cells::{saturating_sub, EndpointCounters, Load};
@@ -342,8 +342,6 @@ pub struct AnswerStats {
     /// How far the prefix index's claims for this endpoint hold ([`Self::cache_trust`]), as
     /// `f64` bits.
     cache_trust: AtomicU64,
-    /// An answer reported `cached_tokens` above 0 ([`Self::reports_cache_hits`]).
-    reported_a_hit: AtomicBool,
 }
 
 /// An answer corrects the cache trust only when the index claimed at least this share of its
@@ -366,7 +364,6 @@ impl AnswerStats {
             predicted_cached_chars: AtomicU64::new(0),
             time_per_output_token: OnceLock::new(),
             cache_trust: AtomicU64::new(1f64.to_bits()),
-            reported_a_hit: AtomicBool::new(false),
         }
     }
 
@@ -378,7 +375,8 @@ impl AnswerStats {
     /// really keeps nothing never passes this test either and is routed as one that does
     /// not report: its claims cost some affinity, not the fleet's cache.
     pub fn reports_cache_hits(&self) -> bool {
-        self.reported_a_hit.load(Ordering::Relaxed)
+        // the cached tokens counted per model (one slot per configured model: a few loads)
+        (self.tokens.iter()).any(|t| t[2].load(Ordering::Relaxed) > 0)
     }
 
     /// `usage` as the engine's word on its cache: its `cached_tokens` only when the endpoint
@@ -430,9 +428,6 @@ impl AnswerStats {
             t[0].fetch_add(usage.prompt_tokens, Ordering::Relaxed);
             t[1].fetch_add(usage.completion_tokens, Ordering::Relaxed);
             t[2].fetch_add(usage.cached_tokens.unwrap_or(0), Ordering::Relaxed);
-        }
-        if usage.cached_tokens.is_some_and(|t| t > 0) && !self.reports_cache_hits() {
-            self.reported_a_hit.store(true, Ordering::Relaxed);
         }
         if usage.cached_tokens.is_some() {
             self.prompt_chars.fetch_add(prompt_chars, Ordering::Relaxed);

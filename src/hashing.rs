@@ -54,8 +54,13 @@ impl PrefixHasher {
     /// [`CHARS_PER_TOKEN`] characters (the router's loads are in characters of text).
     pub fn feed_tokens(&mut self, tokens: &[u32]) {
         self.chars += CHARS_PER_TOKEN * tokens.len() as u64;
-        for t in tokens {
-            self.push(&t.to_le_bytes());
+        // 64 ids per push, not one: a long prompt of ids is chunked and hashed like text
+        let mut bytes = [0u8; 256];
+        for ids in tokens.chunks(bytes.len() / 4) {
+            for (b, id) in bytes.chunks_exact_mut(4).zip(ids) {
+                b.copy_from_slice(&id.to_le_bytes());
+            }
+            self.push(&bytes[..4 * ids.len()]);
         }
     }
 
@@ -163,6 +168,22 @@ pub fn prefix_hashes(model: &str, prompt: &[u8], chunk_bytes: usize) -> Vec<u64>
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn token_ids_hash_as_their_little_endian_bytes_at_four_characters_each() {
+        let ids: Vec<u32> = (0..1000u32)
+            .map(|i| i.wrapping_mul(2_654_435_761))
+            .collect();
+        let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+        let mut tokens = PrefixHasher::new("m", 512);
+        tokens.feed_tokens(&ids[..3]);
+        tokens.feed_tokens(&ids[3..]);
+        let (hashes, chars) = tokens.finish();
+        let mut text = PrefixHasher::new("m", 512);
+        text.feed(&bytes);
+        assert_eq!(hashes, text.finish().0);
+        assert_eq!(chars, 4_000);
+    }
 
     #[test]
     fn hash_i_chains_chunk_i_to_the_hash_before_it() {

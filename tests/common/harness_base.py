@@ -468,6 +468,10 @@ def check_cache_feedback(send, page, model):
     # the engine reports hits (every process sees some: 16 answers, 2^-16 to miss a worker)
     served |= {ask(i, 10 ** 9) for i in range(100, 116)}
     assert len(served) == 1, "the shared prefix went to %s" % served
+    # all 24 measured before the baseline (a native nginx page publishes each worker's each second)
+    wait_until(lambda: page().total("llmproxy_cache_prediction_error_count")
+               - start.total("llmproxy_cache_prediction_error_count") >= 24,
+               timeout=5, what="24 answers in llmproxy_cache_prediction_error")
 
     before = page()
     served |= {ask(i, 0) for i in range(8)}

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
 mod http;
+mod responses;
 
 use http::app;
 pub use http::render_chat;

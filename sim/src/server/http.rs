@@ -1,9 +1,11 @@
 //! The OpenAI-compatible HTTP API of one simulated server: chat and text completions
-//! (JSON or SSE, with `usage` and `prompt_tokens_details.cached_tokens`), the engine's
-//! Prometheus page in vLLM's names, SGLang's `/get_load`, and the simulator's own `/sim/*`
-//! endpoints. Each request is rendered to a prompt and handed to the server's engine task
+//! (JSON or SSE, with `usage` and `prompt_tokens_details.cached_tokens`), the Responses API
+//! (`POST /v1/responses`, in [`super::responses`], with this server's stored responses), the
+//! engine's Prometheus page in vLLM's names, SGLang's `/get_load`, and the simulator's own
+//! `/sim/*` endpoints. Each request is rendered to a prompt and handed to the server's engine task
 //! ([`super::Server`]); tokens come back over a channel.
 
+use super::responses::{self, Store};
 use super::{ratio, CacheReport, Ev, Server};
 use crate::engine::Usage;
 use axum::body::Bytes;
@@ -25,16 +27,20 @@ use tokio::sync::mpsc;
 struct AppState {
     server: Arc<Server>,
     fleet: Arc<Vec<Arc<Server>>>,
+    /// This server's stored responses (`previous_response_id`), not shared with the fleet.
+    responses: Arc<Store>,
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch.
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-fn error_response(status: StatusCode, message: &str) -> Response {
+/// An OpenAI error body (`{"error": {"message", "type", "param", "code"}}`) with `status`.
+pub(super) fn error_response(status: StatusCode, message: &str) -> Response {
     let kind = match status.as_u16() {
         400 => "BadRequestError",
         404 => "NotFoundError",
@@ -109,18 +115,23 @@ async fn completions(State(st): State<AppState>, body: Bytes) -> Response {
     generate(st, body, Api::Completions).await
 }
 
+async fn create_response(State(st): State<AppState>, body: Bytes) -> Response {
+    responses::create(&st.server, &st.responses, &body).await
+}
+
+/// The request body as a JSON object, or why not (to answer with a 400).
+pub(super) fn parse_object(body: &[u8]) -> Result<Value, String> {
+    match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err("request body must be a JSON object".into()),
+        Err(e) => Err(format!("invalid JSON body: {e}")),
+    }
+}
+
 async fn generate(st: AppState, body: Bytes, api: Api) -> Response {
-    let req: Value = match serde_json::from_slice(&body) {
-        Ok(v @ Value::Object(_)) => v,
-        Ok(_) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "request body must be a JSON object",
-            )
-        }
-        Err(e) => {
-            return error_response(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}"))
-        }
+    let req = match parse_object(&body) {
+        Ok(v) => v,
+        Err(msg) => return error_response(StatusCode::BAD_REQUEST, &msg),
     };
     let prompt = match api {
         Api::Chat => match req.get("messages").and_then(Value::as_array) {
@@ -414,10 +425,16 @@ async fn served_by(State(name): State<HeaderValue>, mut resp: Response) -> Respo
 pub(super) fn app(server: Arc<Server>, fleet: Arc<Vec<Arc<Server>>>) -> Router {
     let name =
         HeaderValue::from_str(&server.name).unwrap_or_else(|_| HeaderValue::from_static("sim"));
-    let st = AppState { server, fleet };
+    let responses = Arc::new(Store::new(server.port));
+    let st = AppState {
+        server,
+        fleet,
+        responses,
+    };
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(create_response))
         .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))

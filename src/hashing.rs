@@ -157,6 +157,16 @@ pub fn session_key(model: &str, session: &[u8]) -> u64 {
     xxh3_64_with_seed(session, seed).max(1)
 }
 
+/// Seed of the response keys' domain.
+const RESPONSE_SEED: u64 = 0x7e5b_0a5e_c4a1_2b3d;
+
+/// The prefix-index key of a Responses API answer's id: the endpoint that stored the answer
+/// is bound to it, and a request naming it as `previous_response_id` goes there. Ids are
+/// unique across models, so the key is the id's alone. Never 0.
+pub fn response_key(response_id: &str) -> u64 {
+    xxh3_64_with_seed(response_id.as_bytes(), RESPONSE_SEED).max(1)
+}
+
 /// Hashes a whole prompt at once (convenience for tests and tools).
 pub fn prefix_hashes(model: &str, prompt: &[u8], chunk_bytes: usize) -> Vec<u64> {
     let mut h = PrefixHasher::new(model, chunk_bytes);

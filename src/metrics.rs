@@ -25,6 +25,10 @@ pub const PICK_OUTCOMES: [&str; 6] = [
 /// [`RouterMetrics::session_affinity`].
 pub const SESSION_RESULTS: [&str; 3] = ["kept", "moved", "new"];
 
+/// `result` labels of `llmproxy_response_chains_total`, in the order of
+/// [`RouterMetrics::response_chains`].
+pub const CHAIN_RESULTS: [&str; 2] = ["pinned", "unknown"];
+
 /// Router-wide counters and histograms.
 pub struct RouterMetrics {
     /// Picks by outcome, indexed like `PICK_OUTCOMES`.
@@ -65,6 +69,10 @@ pub struct RouterMetrics {
     /// Choices for requests of a session (`session_affinity`), indexed like
     /// [`SESSION_RESULTS`]: kept on its endpoint, moved off it, or new.
     pub session_affinity: [AtomicU64; 3],
+    /// Responses API requests naming a `previous_response_id`, indexed like
+    /// [`CHAIN_RESULTS`]: sent to the endpoint that stored it, or that endpoint unknown here
+    /// (never answered through this gateway, forgotten, or not a candidate).
+    pub response_chains: [AtomicU64; 2],
 }
 
 impl Default for RouterMetrics {
@@ -88,6 +96,7 @@ impl Default for RouterMetrics {
             engine_reads_ok: AtomicU64::new(0),
             engine_reads_failed: AtomicU64::new(0),
             session_affinity: Default::default(),
+            response_chains: Default::default(),
         }
     }
 }
@@ -287,6 +296,18 @@ impl RouterMetrics {
             "counter",
             "Choices for requests of a session (session_affinity): kept on the session's endpoint, moved off it (overloaded, ejected, unavailable), new (no endpoint yet).",
             &sessions,
+        );
+        let chains: Vec<(String, u64)> = CHAIN_RESULTS
+            .iter()
+            .zip(&m.response_chains)
+            .map(|(r, c)| (format!("result=\"{r}\""), load(c)))
+            .collect();
+        family(
+            out,
+            "llmproxy_response_chains_total",
+            "counter",
+            "Responses API requests naming a previous_response_id: pinned to the endpoint that stored it, or unknown (not answered through this gateway, forgotten, or that endpoint unavailable).",
+            &chains,
         );
         family(
             out,

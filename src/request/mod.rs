@@ -1,16 +1,18 @@
 //! OpenAI request parsing: model, stream flag, and the canonical prompt.
 //!
-//! Two request kinds are understood: `/v1/chat/completions` (`messages`, with string content
-//! or content parts, of any role) and `/v1/completions` (`prompt`: a string, an array of
-//! strings, token ids or arrays of token ids). Only what routing needs is extracted; every
-//! other field is skipped without being copied.
+//! Three request kinds are understood: `/v1/chat/completions` (`messages`, with string content
+//! or content parts, of any role), `/v1/completions` (`prompt`: a string, an array of
+//! strings, token ids or arrays of token ids) and the Responses API's `/v1/responses`
+//! (`instructions`, `input`, `previous_response_id`: [`responses`]). Only what routing needs
+//! is extracted; every other field is skipped without being copied.
 //!
 //! The prompt is not the raw JSON: it is a canonical rendering, so two clients that format
 //! the same conversation differently (key order, whitespace, escapes) hash the same. For chat:
 //! for every message `<|role|>\n`, then its text parts separated by `\n`, then the function
 //! name and arguments of each tool call, then `\n`. Non-text parts (images, audio) are not part
 //! of the prompt. For completions: the prompt string; several prompts are joined with `\n`;
-//! token ids are each 4 bytes, little-endian ([`PrefixHasher::feed_tokens`]).
+//! token ids are each 4 bytes, little-endian ([`PrefixHasher::feed_tokens`]). A Responses
+//! request renders as the chat of the same conversation ([`responses`]).
 //! The rendering is streamed straight into the prefix hasher; it is never materialised.
 //!
 //! Prompt length, used for prefill-load accounting, is the number of characters of that
@@ -25,6 +27,8 @@ use serde::Deserialize;
 use crate::error::PickError;
 use crate::hashing::PrefixHasher;
 
+pub(crate) mod responses;
+
 /// Which OpenAI endpoint a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestKind {
@@ -32,6 +36,8 @@ pub enum RequestKind {
     Chat,
     /// `/v1/completions`
     Completions,
+    /// `/v1/responses` (the OpenAI Responses API)
+    Responses,
 }
 
 impl RequestKind {
@@ -41,6 +47,7 @@ impl RequestKind {
         match path.trim_end_matches('/') {
             p if p.ends_with("/chat/completions") => Some(Self::Chat),
             p if p.ends_with("/completions") => Some(Self::Completions),
+            p if p.ends_with("/responses") => Some(Self::Responses),
             _ => None,
         }
     }
@@ -53,7 +60,7 @@ pub struct ParsedRequest {
     pub model: String,
     /// The `stream` flag (false when absent).
     pub stream: bool,
-    /// Chat or completions.
+    /// Chat, completions or responses.
     pub kind: RequestKind,
     /// Cumulative prefix hashes of the canonical prompt.
     pub prefix_hashes: Vec<u64>,
@@ -61,6 +68,9 @@ pub struct ParsedRequest {
     pub prompt_chars: u64,
     /// The OpenAI `user` field, when it is a string and [`Extract::user`] asked for it.
     pub user: Option<String>,
+    /// Responses API: the `previous_response_id` this request continues (its engine holds
+    /// that conversation; no other does).
+    pub previous_response: Option<String>,
 }
 
 /// What [`parse_with_tail`] extracts beyond what every pick needs.
@@ -117,6 +127,15 @@ struct Body<'a> {
     messages: Option<Vec<Message<'a>>>,
     #[serde(borrow, default)]
     prompt: Option<Prompt<'a>>,
+    /// Responses API: the conversation's new items (or one user message).
+    #[serde(borrow, default)]
+    input: Option<responses::Input<'a>>,
+    /// Responses API: the system message.
+    #[serde(borrow, default)]
+    instructions: Option<JsonStr<'a>>,
+    /// Responses API: the stored answer this request continues.
+    #[serde(borrow, default)]
+    previous_response_id: Option<JsonStr<'a>>,
     /// Raw: read as a string only when asked ([`Extract::user`]); any other value is ignored.
     #[serde(borrow, default)]
     user: Option<&'a serde_json::value::RawValue>,
@@ -148,14 +167,14 @@ struct FunctionCall<'a> {
     arguments: Option<&'a serde_json::value::RawValue>,
 }
 
-impl FunctionCall<'_> {
-    /// The arguments as rendered: a string's text, any other value's JSON as sent.
-    fn arguments_text(&self) -> Result<Cow<'_, str>, serde_json::Error> {
-        match self.arguments.map(|a| a.get()) {
-            None => Ok(Cow::Borrowed("")),
-            Some(raw) if raw.starts_with('"') => serde_json::from_str::<JsonStr>(raw).map(|s| s.0),
-            Some(raw) => Ok(Cow::Borrowed(raw)),
-        }
+/// A tool call's arguments as rendered: a string's text, any other value's JSON as sent.
+fn arguments_text(
+    arguments: Option<&serde_json::value::RawValue>,
+) -> Result<Cow<'_, str>, serde_json::Error> {
+    match arguments.map(|a| a.get()) {
+        None => Ok(Cow::Borrowed("")),
+        Some(raw) if raw.starts_with('"') => serde_json::from_str::<JsonStr>(raw).map(|s| s.0),
+        Some(raw) => Ok(Cow::Borrowed(raw)),
     }
 }
 
@@ -378,6 +397,9 @@ pub fn parse_with_tail(
 
     let mut hasher = PrefixHasher::new(model, chunk_bytes);
     let mut extendable = true;
+    let previous_response = (parsed.previous_response_id)
+        .filter(|id| kind == RequestKind::Responses && !id.is_empty())
+        .map(|id| id.to_string());
     match kind {
         RequestKind::Chat => {
             let messages = parsed.messages.unwrap_or_default();
@@ -434,6 +456,12 @@ pub fn parse_with_tail(
                 extendable = false;
             }
         },
+        RequestKind::Responses => {
+            responses::render(&mut hasher, parsed.instructions.as_deref(), parsed.input)?;
+            // A client that names the previous answer sends only what is new: its next turn
+            // will too, and never extends this rendering.
+            extendable = previous_response.is_none();
+        }
     }
     let (prefix_hashes, prompt_chars) = hasher.take_hashes();
     let tail = (extract.tail && extendable).then_some(hasher);
@@ -447,6 +475,7 @@ pub fn parse_with_tail(
         prefix_hashes,
         prompt_chars,
         user,
+        previous_response,
     };
     Ok((parsed, tail))
 }
@@ -462,26 +491,10 @@ fn render_message(h: &mut PrefixHasher, m: &Message, index: usize) -> Result<(),
         }
     };
     open_message(h, role.as_bytes());
-    match &m.content {
-        Content::Empty => {}
-        Content::Text(t) => h.feed_str(t),
-        Content::Parts(parts) => {
-            let mut first = true;
-            for p in parts {
-                let is_text = matches!(p.kind.as_deref(), None | Some("text") | Some("input_text"));
-                if let (true, Some(t)) = (is_text, &p.text) {
-                    if !first {
-                        h.feed(b"\n");
-                    }
-                    h.feed_str(t);
-                    first = false;
-                }
-            }
-        }
-    }
+    render_content(h, &m.content);
     for call in m.tool_calls.iter().flatten() {
         if let Some(f) = &call.function {
-            let arguments = f.arguments_text().map_err(|e| {
+            let arguments = arguments_text(f.arguments).map_err(|e| {
                 PickError::bad_request(format!("invalid JSON body: {e}"), Some("messages"))
             })?;
             tool_call(
@@ -493,6 +506,31 @@ fn render_message(h: &mut PrefixHasher, m: &Message, index: usize) -> Result<(),
     }
     close_message(h);
     Ok(())
+}
+
+/// Renders a message's content: a string, or its text parts separated by `\n` (`text`, and
+/// the Responses API's `input_text` and `output_text`; images and audio are not text).
+fn render_content(h: &mut PrefixHasher, content: &Content) {
+    match content {
+        Content::Empty => {}
+        Content::Text(t) => h.feed_str(t),
+        Content::Parts(parts) => {
+            let mut first = true;
+            for p in parts {
+                let is_text = matches!(
+                    p.kind.as_deref(),
+                    None | Some("text") | Some("input_text") | Some("output_text")
+                );
+                if let (true, Some(t)) = (is_text, &p.text) {
+                    if !first {
+                        h.feed(b"\n");
+                    }
+                    h.feed_str(t);
+                    first = false;
+                }
+            }
+        }
+    }
 }
 
 /// Renders the start of a message of `role`: `<|role|>\n`. With [`tool_call`] and
@@ -518,273 +556,4 @@ pub(crate) fn close_message(h: &mut PrefixHasher) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn p(body: &str) -> Result<ParsedRequest, PickError> {
-        parse(body.as_bytes(), None, 512)
-    }
-
-    #[test]
-    fn chat_with_string_content() {
-        let r = p(r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hello"}]}"#)
-            .unwrap();
-        assert_eq!(r.model, "m");
-        assert!(r.stream);
-        assert_eq!(r.kind, RequestKind::Chat);
-        // "<|user|>\nhello\n"
-        assert_eq!(r.prompt_chars, 15);
-        assert_eq!(r.prefix_hashes.len(), 1);
-    }
-
-    #[test]
-    fn canonical_rendering_ignores_json_formatting() {
-        let a = p(r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"a\nb"}]}"#).unwrap();
-        let b = p("{ \"messages\" : [ {\"content\": \"be brief\", \"role\": \"system\", \"name\": \"x\"},\n {\"content\": [{\"type\":\"text\",\"text\":\"a\\u000ab\"}], \"role\":\"user\"} ],\n \"model\": \"m\", \"temperature\": 0.3 }").unwrap();
-        assert_eq!(a.prefix_hashes, b.prefix_hashes);
-        assert_eq!(a.prompt_chars, b.prompt_chars);
-    }
-
-    #[test]
-    fn image_parts_do_not_count_and_roles_do() {
-        let with_image = p(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}},{"type":"text","text":"what is this"}]}]}"#).unwrap();
-        let text_only =
-            p(r#"{"model":"m","messages":[{"role":"user","content":"what is this"}]}"#).unwrap();
-        assert_eq!(with_image.prefix_hashes, text_only.prefix_hashes);
-        let as_system =
-            p(r#"{"model":"m","messages":[{"role":"system","content":"what is this"}]}"#).unwrap();
-        assert_ne!(as_system.prefix_hashes, text_only.prefix_hashes);
-    }
-
-    #[test]
-    fn tool_calls_and_tool_messages_are_part_of_the_prompt() {
-        let a = p(r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"get","arguments":"{\"x\":1}"}}]},{"role":"tool","tool_call_id":"1","content":"42"}]}"#).unwrap();
-        let b = p(r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"get","arguments":"{\"x\":2}"}}]},{"role":"tool","tool_call_id":"1","content":"42"}]}"#).unwrap();
-        assert_ne!(a.prefix_hashes, b.prefix_hashes);
-        // arguments sent as the object itself (vLLM takes both): its JSON as sent, which is
-        // the encoded string's text when written alike
-        let object = p(r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"get","arguments":{"x":1}}}]},{"role":"tool","tool_call_id":"1","content":"42"}]}"#).unwrap();
-        assert_eq!(object.prefix_hashes, a.prefix_hashes);
-        assert_eq!(object.prompt_chars, a.prompt_chars);
-        let args = |args: &str| {
-            let body = format!(
-                r#"{{"model":"m","messages":[{{"role":"assistant","tool_calls":[{{"function":{{"name":"get"{args}}}}}]}}]}}"#
-            );
-            p(&body).unwrap().prefix_hashes
-        };
-        assert_eq!(args(""), args(r#","arguments":null"#));
-        assert_eq!(args(""), args(r#","arguments":"""#));
-        assert_ne!(args(""), args(r#","arguments":[1]"#));
-    }
-
-    #[test]
-    fn escaped_strings_read_like_plain_ones() {
-        let plain = p(r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
-        let escaped =
-            p(r#"{"model":"m\u0031","messages":[{"role":"\u0075ser","content":"hi"}]}"#).unwrap();
-        assert_eq!(escaped.model, "m1");
-        assert_eq!(escaped.prefix_hashes, plain.prefix_hashes);
-        let many = |b: &str| parse(b.as_bytes(), Some(RequestKind::Completions), 512).unwrap();
-        assert_eq!(
-            many(r#"{"model":"m","prompt":["a\n","b"]}"#).prefix_hashes,
-            many(r#"{"model":"m","prompt":["a\u000a","b"]}"#).prefix_hashes
-        );
-    }
-
-    #[test]
-    fn completions_string_and_array() {
-        let one = parse(
-            br#"{"model":"m","prompt":"once upon a time"}"#,
-            Some(RequestKind::Completions),
-            512,
-        )
-        .unwrap();
-        assert_eq!(one.kind, RequestKind::Completions);
-        assert_eq!(one.prompt_chars, 16);
-        let many = p(r#"{"model":"m","prompt":["once upon", "a time"]}"#).unwrap();
-        assert_eq!(many.kind, RequestKind::Completions);
-        assert_eq!(many.prompt_chars, 16);
-    }
-
-    #[test]
-    fn completions_of_token_ids() {
-        // 300 token ids (1,200 bytes: two full 512-byte chunks), then another question
-        let ids = |tail: u32| {
-            let v: Vec<u32> = (0..300).chain([tail]).collect();
-            serde_json::to_string(&v).unwrap()
-        };
-        let tokens = |body: String| {
-            parse_with_tail(
-                body.as_bytes(),
-                None,
-                512,
-                Extract {
-                    tail: true,
-                    ..Extract::default()
-                },
-            )
-            .unwrap()
-        };
-        let (a, tail) = tokens(format!(r#"{{"model":"m","prompt":{}}}"#, ids(7)));
-        let (b, _) = tokens(format!(r#"{{"model":"m","prompt":{}}}"#, ids(8)));
-        assert_eq!(a.kind, RequestKind::Completions);
-        assert_eq!(a.prompt_chars, 301 * 4, "4 characters per token");
-        assert_eq!(a.prefix_hashes.len(), 3);
-        assert_eq!(
-            a.prefix_hashes[..2],
-            b.prefix_hashes[..2],
-            "the same ids, the same prefix"
-        );
-        assert_ne!(a.prefix_hashes[2], b.prefix_hashes[2]);
-        assert!(
-            tail.is_none(),
-            "an answer in text does not extend token ids"
-        );
-        // arrays of token arrays: one after the other, as the strings of an array are
-        let (many, _) = tokens(format!(r#"{{"model":"m","prompt":[{},[1,2]]}}"#, ids(7)));
-        assert_eq!(many.prompt_chars, (301 + 2) * 4);
-        assert_eq!(many.prefix_hashes[..2], a.prefix_hashes[..2]);
-        // the largest id
-        let max = p(r#"{"model":"m","prompt":[4294967295]}"#).unwrap();
-        assert_eq!((max.prompt_chars, max.prefix_hashes.len()), (4, 1));
-    }
-
-    #[test]
-    fn the_user_field_only_when_asked_and_only_a_string() {
-        let user = |body: &str| {
-            let want = Extract {
-                user: true,
-                ..Extract::default()
-            };
-            parse_with_tail(body.as_bytes(), None, 512, want)
-                .unwrap()
-                .0
-                .user
-        };
-        let chat = r#"{"model":"m","user":"alice","messages":[{"role":"user","content":"x"}]}"#;
-        assert_eq!(user(chat).as_deref(), Some("alice"));
-        assert_eq!(p(chat).unwrap().user, None, "not asked");
-        assert_eq!(
-            user(r#"{"model":"m","prompt":"x","user":"b\u00f6b"}"#).as_deref(),
-            Some("böb")
-        );
-        // anything but a string is ignored, as it was before the field was read
-        for other in ["7", "null", "true", "[1, {\"a\": 2}]", "{\"id\": \"x\"}"] {
-            let body = format!(r#"{{"model":"m","user":{other},"prompt":"x"}}"#);
-            assert_eq!(user(&body), None, "{body}");
-            assert!(p(&body).is_ok(), "{body}");
-        }
-    }
-
-    #[test]
-    fn path_decides_the_kind() {
-        assert_eq!(
-            RequestKind::from_path("/v1/chat/completions?x=1"),
-            Some(RequestKind::Chat)
-        );
-        assert_eq!(
-            RequestKind::from_path("/v1/completions"),
-            Some(RequestKind::Completions)
-        );
-        assert_eq!(RequestKind::from_path("/v1/embeddings"), None);
-        // A chat body sent to /v1/completions lacks a prompt.
-        let e = parse(
-            br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#,
-            Some(RequestKind::Completions),
-            512,
-        )
-        .unwrap_err();
-        assert_eq!(e.http_status(), 400);
-    }
-
-    #[test]
-    fn bad_requests_are_400_with_reason() {
-        let cases = [
-            ("", "request body is empty"),
-            ("   ", "request body is empty"),
-            ("{\"model\":", "invalid JSON body"),
-            ("[1,2]", "invalid JSON body"),
-            (
-                r#"{"messages":[{"role":"user","content":"x"}]}"#,
-                "you must provide a model parameter",
-            ),
-            (
-                r#"{"model":"","messages":[{"role":"user","content":"x"}]}"#,
-                "you must provide a model parameter",
-            ),
-            (
-                r#"{"model":7,"messages":[]}"#,
-                "invalid JSON body: invalid type: integer",
-            ),
-            (
-                r#"{"model":"m","messages":[]}"#,
-                "messages must be a non-empty array",
-            ),
-            (
-                r#"{"model":"m"}"#,
-                "request has neither messages nor prompt",
-            ),
-            (
-                r#"{"model":"m","messages":[{"content":"x"}]}"#,
-                "messages[0].role is required",
-            ),
-            (
-                r#"{"model":"m","stream":"yes","messages":[{"role":"user","content":"x"}]}"#,
-                "invalid JSON body: invalid type: string",
-            ),
-            (
-                r#"{"model":"m","prompt":[]}"#,
-                "prompt must not be an empty array",
-            ),
-            (r#"{"model":"m","prompt":42}"#, "invalid JSON body"),
-            (
-                r#"{"model":"m","prompt":[1,"a"]}"#,
-                "invalid JSON body: prompt array mixes strings, token ids and arrays",
-            ),
-            (
-                r#"{"model":"m","prompt":["a",[1]]}"#,
-                "invalid JSON body: prompt array mixes",
-            ),
-            (r#"{"model":"m","prompt":[-1]}"#, "invalid JSON body"),
-            (
-                r#"{"model":"m","prompt":[4294967296]}"#,
-                "invalid JSON body: token id 4294967296 out of range",
-            ),
-            (r#"{"model":"m","prompt":[[1,"a"]]}"#, "invalid JSON body"),
-            (
-                r#"{"model":"m","prompt":[[1],[]]}"#,
-                "prompt must not contain an empty token array",
-            ),
-        ];
-        for (body, want) in cases {
-            let e = p(body).unwrap_err();
-            assert_eq!(e.http_status(), 400, "{body}");
-            assert!(e.to_string().starts_with(want), "{body}: {e}");
-        }
-    }
-
-    #[test]
-    fn invalid_utf8_and_deep_nesting_are_rejected_cleanly() {
-        let mut body = br#"{"model":"m","messages":[{"role":"user","content":""#.to_vec();
-        body.extend_from_slice(&[0xff, 0xfe]);
-        body.extend_from_slice(br#""}]}"#);
-        let e = parse(&body, None, 512).unwrap_err();
-        assert_eq!(e.http_status(), 400);
-        assert!(e.to_string().contains("not UTF-8 at byte 51"), "{e}");
-        // in a field routing ignores as well: JSON text is UTF-8 whatever the field
-        let mut body = br#"{"model":"m","name":""#.to_vec();
-        body.push(0xc3);
-        body.extend_from_slice(br#"","messages":[{"role":"user","content":"hi"}]}"#);
-        assert_eq!(parse(&body, None, 512).unwrap_err().http_status(), 400);
-
-        let deep = format!(
-            "{{\"model\":\"m\",\"x\":{}{}}}",
-            "[".repeat(100_000),
-            "]".repeat(100_000)
-        );
-        assert_eq!(
-            parse(deep.as_bytes(), None, 512).unwrap_err().http_status(),
-            400
-        );
-    }
-}
+mod tests;

@@ -10,6 +10,9 @@
 //! - `usage` (`prompt_tokens`, `completion_tokens`, `prompt_tokens_details.cached_tokens`),
 //!   the last one seen (OpenAI streams it in the final chunk).
 //!
+//! Answers of the Responses API (typed events, no `[DONE]`; an id the next turn may name)
+//! are read by [`responses_api`].
+//!
 //! Captured text is capped (`learn_response_bytes`); a capped answer is still a correct
 //! prefix of the next turn. Cost is linear in the response however it is cut: every input
 //! byte is scanned once for a line end and copied at most once into the current event (or,
@@ -27,6 +30,8 @@ use serde::Deserialize;
 
 use crate::hashing::PrefixHasher;
 use crate::request::{self, JsonStr, RequestKind};
+
+mod responses_api;
 
 /// Room for the JSON around the captured text (an event's other fields, a body's usage…).
 const SLACK_BYTES: usize = 64 * 1024;
@@ -84,6 +89,8 @@ pub struct Capture {
     pub complete: bool,
     /// The last `usage` seen.
     pub usage: Option<Usage>,
+    /// Responses API: the answer's id (what a next turn names as `previous_response_id`).
+    pub response_id: Option<String>,
 }
 
 /// The incremental reader: [`ResponseReader::feed`] every chunk, then
@@ -103,6 +110,10 @@ pub struct ResponseReader {
     ended: bool,
     /// A JSON answer beyond the bound: `line` keeps only its end, for the usage.
     json_too_long: bool,
+    /// Responses API: the answer's first bytes, until its id is found in them.
+    head: Vec<u8>,
+    /// Responses API, streamed: the `output_index` of each tool call, in `tool_calls` order.
+    call_outputs: Vec<u64>,
     out: Capture,
 }
 
@@ -182,13 +193,14 @@ struct Function<'a> {
     arguments: Option<JsonStr<'a>>,
 }
 
+/// A `usage` object, in the names of chat and completions or of the Responses API.
 #[derive(Deserialize)]
 struct RawUsage {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     prompt_tokens: Option<u64>,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     completion_tokens: Option<u64>,
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens_details")]
     prompt_tokens_details: Option<Details>,
 }
 
@@ -243,6 +255,8 @@ impl ResponseReader {
             finish_seen: false,
             ended: false,
             json_too_long: false,
+            head: Vec::new(),
+            call_outputs: Vec::new(),
             out: Capture {
                 kind: Some(kind),
                 ..Capture::default()
@@ -262,6 +276,9 @@ impl ResponseReader {
             return;
         }
         self.ended = end_of_stream;
+        if self.out.kind == Some(RequestKind::Responses) {
+            self.find_response_id(chunk);
+        }
         if self.mode == Mode::Detect {
             match chunk.iter().position(|b| !b.is_ascii_whitespace()) {
                 Some(i) => {
@@ -293,6 +310,21 @@ impl ResponseReader {
         &self.out
     }
 
+    /// Looks for the answer's id in its first [`responses_api::ID_HEAD_BYTES`].
+    fn find_response_id(&mut self, chunk: &[u8]) {
+        if self.out.response_id.is_some() || self.head.len() >= responses_api::ID_HEAD_BYTES {
+            return;
+        }
+        let take = chunk
+            .len()
+            .min(responses_api::ID_HEAD_BYTES - self.head.len());
+        self.head.extend_from_slice(&chunk[..take]);
+        self.out.response_id = responses_api::first_id(&self.head);
+        if self.out.response_id.is_some() || self.head.len() >= responses_api::ID_HEAD_BYTES {
+            self.head = Vec::new();
+        }
+    }
+
     fn fail(&mut self) {
         self.mode = Mode::Failed;
         self.out.complete = false;
@@ -320,7 +352,7 @@ impl ResponseReader {
             if self.json_too_long {
                 self.out.usage = usage_in_tail(&body).or(self.out.usage);
                 self.mode = Mode::Done;
-            } else if self.apply(&body) {
+            } else if self.apply(&body, true) {
                 self.out.complete = true;
                 self.mode = Mode::Done;
             }
@@ -411,17 +443,27 @@ impl ResponseReader {
         if self.cap == 0 && memchr::memmem::find(data, b"\"usage\"").is_none() {
             return; // reading only the usage: this chunk has none
         }
-        self.apply(data);
+        self.apply(data, false);
     }
 
-    /// Applies one JSON message (a streamed chunk or a whole answer); false (and capture
+    /// Applies one JSON message (a streamed chunk, or the `whole` answer); false (and capture
     /// stopped) when it is not one.
-    fn apply(&mut self, json: &[u8]) -> bool {
+    fn apply(&mut self, json: &[u8], whole: bool) -> bool {
         // UTF-8 checked once (SIMD), not string by string by serde_json.
-        let parsed = simdutf8::basic::from_utf8(json)
-            .ok()
-            .map(serde_json::from_str::<Message>);
-        let Some(Ok(m)) = parsed else {
+        let Ok(json) = simdutf8::basic::from_utf8(json) else {
+            self.fail();
+            return false;
+        };
+        if self.out.kind == Some(RequestKind::Responses) {
+            return match serde_json::from_str::<responses_api::Event>(json) {
+                Ok(e) => self.apply_responses(e, whole),
+                Err(_) => {
+                    self.fail();
+                    false
+                }
+            };
+        }
+        let Ok(m) = serde_json::from_str::<Message>(json) else {
             self.fail();
             return false;
         };
@@ -520,6 +562,23 @@ impl Capture {
                     request::tool_call(h, name, arguments);
                 }
                 request::close_message(h);
+            }
+            // each output item as the next turn resends it: the message, then each call
+            Some(RequestKind::Responses) => {
+                if !self.text.is_empty() {
+                    request::open_message(h, b"assistant");
+                    h.feed(&self.text);
+                    if self.capped {
+                        return;
+                    }
+                    request::close_message(h);
+                }
+                if self.capped {
+                    return; // a call is rendered only whole
+                }
+                for (name, arguments) in &self.tool_calls {
+                    request::responses::function_call(h, name, arguments);
+                }
             }
             None => {}
         }

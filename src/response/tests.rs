@@ -293,3 +293,128 @@ fn garbage_stops_the_capture_without_panicking() {
     assert!(!r.capture().learnable());
     assert!(r.line.capacity() == 0 && r.event.capacity() == 0);
 }
+
+/// A Responses API stream as vLLM sends it: typed events, a text, a function call, the usage
+/// in `response.completed`, no `[DONE]`.
+const RESPONSES_SSE: &str = concat!(
+    "event: response.created\n",
+    "data: {\"response\":{\"id\":\"resp_42\",\"object\":\"response\",\"status\":\"in_progress\",\"output\":[],\"usage\":null},\"sequence_number\":0,\"type\":\"response.created\"}\n\n",
+    "event: response.output_item.added\n",
+    "data: {\"type\":\"response.output_item.added\",\"output_index\":0,\"item\":{\"type\":\"message\",\"id\":\"msg_1\",\"role\":\"assistant\",\"content\":[]}}\n\n",
+    "data: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"let me \"}\n\n",
+    "data: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"check\"}\n\n",
+    "data: {\"type\":\"response.reasoning_text.delta\",\"output_index\":0,\"delta\":\"not text\"}\n\n",
+    "data: {\"type\":\"response.output_item.added\",\"output_index\":1,\"item\":{\"type\":\"function_call\",\"call_id\":\"c1\",\"name\":\"get\",\"arguments\":\"\"}}\n\n",
+    "data: {\"type\":\"response.function_call_arguments.delta\",\"output_index\":1,\"delta\":\"{\\\"x\\\"\"}\n\n",
+    "data: {\"type\":\"response.function_call_arguments.delta\",\"output_index\":1,\"delta\":\":1}\"}\n\n",
+    "event: response.completed\r\n",
+    "data: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_42\",\"status\":\"completed\",\"output\":[{\"type\":\"message\",\"content\":[{\"type\":\"output_text\",\"text\":\"let me check\"}]}],",
+    "\"usage\":{\"input_tokens\":12,\"input_tokens_details\":{\"cached_tokens\":8},\"output_tokens\":3,\"total_tokens\":15}}}\r\n\r\n",
+);
+
+const RESPONSES_USAGE: Option<Usage> = Some(Usage {
+    prompt_tokens: 12,
+    completion_tokens: 3,
+    cached_tokens: Some(8),
+});
+
+#[test]
+fn responses_streams_give_text_calls_usage_and_id_however_cut() {
+    let c = whole(RequestKind::Responses, 1024, RESPONSES_SSE.as_bytes());
+    assert_eq!(c.text, b"let me check");
+    assert_eq!(c.tool_calls, vec![(b"get".to_vec(), b"{\"x\":1}".to_vec())]);
+    assert_eq!(c.usage, RESPONSES_USAGE);
+    assert_eq!(c.response_id.as_deref(), Some("resp_42"));
+    assert!(c.complete && c.learnable());
+    let bytes = RESPONSES_SSE.as_bytes();
+    for cut in 0..bytes.len() {
+        let got = read(
+            RequestKind::Responses,
+            1024,
+            &[&bytes[..cut], &bytes[cut..]],
+        );
+        assert_eq!(got.text, c.text, "cut at {cut}");
+        assert_eq!(got.tool_calls, c.tool_calls, "cut at {cut}");
+        assert_eq!(got.usage, c.usage, "cut at {cut}");
+        assert_eq!(got.response_id, c.response_id, "cut at {cut}");
+        assert!(got.complete, "cut at {cut}");
+        // reading only the usage: the usage and the id all the same
+        let got = read(RequestKind::Responses, 0, &[&bytes[..cut], &bytes[cut..]]);
+        assert_eq!(
+            (got.usage, got.response_id),
+            (c.usage, c.response_id.clone())
+        );
+    }
+    // without its completed event the stream was cut: not complete, not learned
+    let end = RESPONSES_SSE.find("event: response.completed").unwrap();
+    let c = whole(RequestKind::Responses, 1024, &bytes[..end]);
+    assert!(!c.complete && !c.learnable());
+    assert_eq!(c.response_id.as_deref(), Some("resp_42"));
+}
+
+#[test]
+fn whole_responses_answers_and_failures() {
+    let body = br#"{"id":"resp_7","object":"response","status":"completed","error":null,
+        "output":[{"type":"reasoning","summary":[]},
+                  {"type":"message","role":"assistant","content":[{"type":"output_text","text":"let me check"}]},
+                  {"type":"function_call","call_id":"c1","name":"get","arguments":"{\"x\":1}"}],
+        "usage":{"input_tokens":12,"input_tokens_details":{"cached_tokens":8},"output_tokens":3}}"#;
+    let c = whole(RequestKind::Responses, 1024, body);
+    assert_eq!(c.text, b"let me check");
+    assert_eq!(c.tool_calls, vec![(b"get".to_vec(), b"{\"x\":1}".to_vec())]);
+    assert_eq!(
+        (c.usage, c.response_id.as_deref()),
+        (RESPONSES_USAGE, Some("resp_7"))
+    );
+    assert!(c.complete);
+    // a failed stream or an error answer is not learned (and an error has no id)
+    let failed = "data: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_8\"}}\n\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"x\"}\n\ndata: {\"type\":\"response.failed\",\"response\":{\"id\":\"resp_8\"}}\n\n";
+    let c = whole(RequestKind::Responses, 1024, failed.as_bytes());
+    assert!(!c.complete && !c.learnable());
+    let c = whole(RequestKind::Responses, 1024, br#"{"error":{"message":"Response with id 'resp_1' not found.","type":"invalid_request_error","code":404}}"#);
+    assert!(!c.complete && c.response_id.is_none());
+    // ids that are not plain are not taken
+    assert_eq!(
+        responses_api::first_id(br#"{"id": "resp_1"}"#).as_deref(),
+        Some("resp_1")
+    );
+    assert_eq!(responses_api::first_id(br#"{"id":"a\"b"}"#), None);
+    assert_eq!(responses_api::first_id(br#"{"id":""}"#), None);
+    let long = format!(r#"{{"id":"{}"}}"#, "r".repeat(300));
+    assert_eq!(responses_api::first_id(long.as_bytes()), None);
+    // an answer's id is found in its head even when the answer is far over the bound
+    let mut huge =
+        br#"{"id":"resp_9","output":[{"type":"message","content":[{"type":"output_text","text":""#
+            .to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 1 << 20));
+    huge.extend_from_slice(br#""}]}],"usage":{"input_tokens":5,"output_tokens":1}}"#);
+    let pieces: Vec<&[u8]> = huge.chunks(4096).collect();
+    let c = read(RequestKind::Responses, 0, &pieces);
+    assert_eq!(c.response_id.as_deref(), Some("resp_9"));
+    assert_eq!(c.usage.map(|u| u.prompt_tokens), Some(5));
+}
+
+#[test]
+fn responses_answers_render_as_the_next_turn_resends_them() {
+    let c = whole(RequestKind::Responses, 1024, RESPONSES_SSE.as_bytes());
+    let first = br#"{"model":"m","instructions":"be brief","input":"what is x?"}"#;
+    let next = br#"{"model":"m","instructions":"be brief","input":[
+        {"role":"user","content":"what is x?"},
+        {"type":"reasoning","summary":[]},
+        {"type":"message","role":"assistant","content":[{"type":"output_text","text":"let me check"}]},
+        {"type":"function_call","call_id":"c1","name":"get","arguments":"{\"x\":1}"},
+        {"type":"function_call_output","call_id":"c1","output":"42"}]}"#;
+    let kind = Some(RequestKind::Responses);
+    let next = request::parse(next, kind, 16).unwrap();
+    let learn = request::Extract {
+        tail: true,
+        ..Default::default()
+    };
+    let (first, tail) = request::parse_with_tail(first, kind, 16, learn).unwrap();
+    let before = first.prompt_chars as usize / 16;
+    let mut h = tail.unwrap();
+    c.render_next_turn(&mut h);
+    let learned = h.full_chunk_hashes();
+    assert!(learned.len() > 2);
+    assert_eq!(learned, &next.prefix_hashes[before..before + learned.len()]);
+}

@@ -36,6 +36,11 @@ pub(super) struct Routed {
     pub(super) prefix_hashes: Vec<u64>,
     /// The session's key in the prefix index (`session_affinity`, when the request names one).
     pub(super) session: Option<u64>,
+    /// Responses API: the key of the `previous_response_id` it continues
+    /// ([`hashing::response_key`]).
+    pub(super) chain: Option<u64>,
+    /// Responses API: the answer's id was bound to the endpoint ([`RouterInner::bind_response`]).
+    pub(super) response_bound: bool,
     /// Share of the prompt's chunks the prefix index lists for the chosen endpoint.
     pub(super) cache_ratio: f64,
     /// Share of the prompt the pick expected the endpoint's engine to have cached: the
@@ -136,6 +141,10 @@ impl RouterInner {
         let session = affinity
             .and_then(|a| session_name(a, headers, parsed.user.as_deref()))
             .map(|name| hashing::session_key(&parsed.model, name));
+        let chain = parsed
+            .previous_response
+            .as_deref()
+            .map(hashing::response_key);
         let upstream_model = upstream_model.to_string();
         Ok(Routed {
             rule: Arc::clone(rule),
@@ -151,6 +160,8 @@ impl RouterInner {
             prefill: PrefillHold::default(),
             prefix_hashes,
             session,
+            chain,
+            response_bound: false,
             cache_ratio: 0.0,
             expected_cache_ratio: 0.0,
             claim: None,
@@ -174,9 +185,12 @@ impl RouterInner {
     }
 
     /// Chooses an endpoint for `r` among those not tried yet, and accounts it. `remote`
-    /// holds cache matches from the Metadata-Center, when asked. A request of a session goes
-    /// where the session went last while that endpoint is a candidate and not overloaded
-    /// ([`RouterInner::session_overloaded`]); every other choice is the algorithm's.
+    /// holds cache matches from the Metadata-Center, when asked. A request continuing a stored
+    /// answer (`previous_response_id`) goes to the endpoint that stored it while that one is a
+    /// candidate, however loaded: no other engine has the conversation. A request of a
+    /// session goes where the session went last while that endpoint is a candidate and not
+    /// overloaded ([`RouterInner::session_overloaded`]); every other choice is the
+    /// algorithm's.
     pub(super) fn choose(
         &self,
         r: &mut Routed,
@@ -201,7 +215,13 @@ impl RouterInner {
         let kept = bound
             .flatten()
             .filter(|&at| !self.session_overloaded(&loads, at));
-        let at = match kept {
+        let pinned = r.chain.map(|key| {
+            let at = (self.index.bound(key, &set))
+                .and_then(|pos| candidates.iter().position(|&c| c == pos));
+            self.metrics.response_chains[at.is_none() as usize].fetch_add(1, Ordering::Relaxed);
+            at
+        });
+        let at = match pinned.flatten().or(kept) {
             Some(at) => at,
             None => self.select(r, &candidates, &loads, &params),
         };
@@ -222,6 +242,27 @@ impl RouterInner {
         r.tried.push(endpoint.id);
         r.endpoint = Some(endpoint);
         Ok(())
+    }
+
+    /// Binds a Responses answer's id to the endpoint answering it as soon as the answer's
+    /// first bytes show it: a next turn may name it (`previous_response_id`) and only this
+    /// engine stored it. Bound before the host forwards those bytes, so before the client can
+    /// name it, even when another worker or thread picks the next turn.
+    /// (`answer`, `endpoint` and `bound` are those of one [`Routed`].)
+    pub(super) fn bind_response(
+        &self,
+        answer: &ResponseReader,
+        endpoint: Option<&Endpoint>,
+        bound: &mut bool,
+    ) {
+        if *bound {
+            return;
+        }
+        if let (Some(id), Some(e)) = (&answer.capture().response_id, endpoint) {
+            self.index
+                .bind(hashing::response_key(id), e.id, self.clock.now_ms());
+            *bound = true;
+        }
     }
 
     /// Positions (in `set`) of the endpoints `r` may go to: not tried yet, serving its subset,

@@ -191,6 +191,8 @@ impl PickedRequest {
                 } else {
                     r.answer.feed(out.unwrap_or(chunk), end_of_stream);
                 }
+                self.router
+                    .bind_response(&r.answer, r.endpoint.as_deref(), &mut r.response_bound);
                 out
             }
             Err(_) => None,
@@ -207,6 +209,8 @@ impl PickedRequest {
         if let Ok(r) = &mut self.result {
             if !r.transcoder.needs_transcoding() {
                 r.answer.feed(chunk, end_of_stream);
+                self.router
+                    .bind_response(&r.answer, r.endpoint.as_deref(), &mut r.response_bound);
             }
         }
     }

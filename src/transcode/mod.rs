@@ -112,7 +112,8 @@ pub fn plan(body: &[u8], o: PlanOptions) -> Result<(UpstreamRequest, Transcoder)
                 Transcoder::triton(o.kind, o.stream, o.client_model),
             ))
         }
-        None if o.stream && o.force_stream_usage => {
+        // (a Responses stream always ends with its usage: nothing to ask for)
+        None if o.stream && o.force_stream_usage && o.kind != RequestKind::Responses => {
             let (body, strip) = force_usage(body, renamed)?;
             let transcoder = if strip {
                 Transcoder::strip_usage()
@@ -404,7 +405,8 @@ impl Transcoder {
                     "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
                 })
             }
-            RequestKind::Completions => json!({
+            // (a Responses request never reaches Triton: `build_request` refuses it)
+            RequestKind::Completions | RequestKind::Responses => json!({
                 "id": format!("cmpl-{}", self.id), "object": "text_completion",
                 "created": self.created, "model": self.client_model,
                 "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}],
@@ -421,7 +423,8 @@ impl Transcoder {
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": null, "finish_reason": "stop"}],
             }),
-            RequestKind::Completions => json!({
+            // (a Responses request never reaches Triton: `build_request` refuses it)
+            RequestKind::Completions | RequestKind::Responses => json!({
                 "id": format!("cmpl-{}", self.id), "object": "text_completion",
                 "created": self.created, "model": self.client_model,
                 "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "stop"}],

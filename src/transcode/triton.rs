@@ -28,6 +28,12 @@ pub fn build_request(
     template: ChatTemplate,
     stream: bool,
 ) -> Result<(String, Vec<u8>), PickError> {
+    if kind == RequestKind::Responses {
+        return Err(PickError::bad_request(
+            "the Responses API (/v1/responses) is not served by a triton backend: use /v1/chat/completions",
+            None,
+        ));
+    }
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| PickError::bad_request(format!("invalid JSON body: {e}"), None))?;
     let text_input = match kind {
@@ -44,7 +50,7 @@ pub fn build_request(
                 .collect();
             template.render(rendered)
         }
-        RequestKind::Completions => match v.get("prompt") {
+        RequestKind::Completions | RequestKind::Responses => match v.get("prompt") {
             Some(Value::String(p)) => p.clone(),
             Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
                 a[0].as_str().unwrap_or_default().to_string()

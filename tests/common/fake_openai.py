@@ -20,6 +20,16 @@ body the answer is Server-Sent Events instead, each flushed as its own HTTP chun
 the first one; when `stream_options.include_usage` is true (and only then) a last chunk with
 empty `choices` and the `usage`, as vLLM sends it; then `data: [DONE]`.
 
+POST /v1/responses answers like vLLM's Responses API, with a store of its own per server (as
+vLLM and SGLang keep stored answers in memory): a `previous_response_id` this server did not
+answer is a 404 (`invalid_request_error`, "Response with id '…' not found."); otherwise a
+response object (`id` "resp_<name>_<n>", `output` one message "hi from <name>", `usage` in the
+Responses names: input_tokens = body bytes / 4, `input_tokens_details` with
+x-test-cached-tokens, and the echo fields), or with "stream": true its typed events
+(`event: <type>` + `data:`): response.created, response.output_item.added,
+response.output_text.delta × x-test-chunks ("tok0 ", …), response.completed with the usage; no
+[DONE]. Unless `store` is false, the answer's id is stored at once.
+
 POST /v2/models/{model}/generate[_stream] answers like Triton's generate extension:
 `{"model_name", "model_version", "text_output": "hi from <name> (<n> chars in)"}`, or SSE events
 of it, `text_output` "tok0 ", "tok1 ", ...
@@ -76,7 +86,7 @@ TRITON_ERROR = "x-test-triton-error"
 TRITON_REQUEST = "x-test-triton-request"  # response header of a scripted Triton answer
 CONTROL_HEADERS = (DELAY_MS, STATUS, CLOSE, CHUNKS, CHUNK_DELAY_MS, CACHED_TOKENS, TRITON_SCRIPT, TRITON_ERROR)
 
-OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error", 502: "Bad Gateway",
            503: "Service Unavailable", 504: "Gateway Timeout"}
 
@@ -170,6 +180,7 @@ def close_now(writer, how):
 
 def make_handler(name):
     metrics = {"mode": "off", "page": ""}  # GET /metrics, set by POST /test/metrics
+    stored = set()  # ids of the Responses answers this server keeps (/v1/responses)
 
     async def handle(req, writer):
         out = Responder(name, writer)
@@ -212,7 +223,49 @@ def make_handler(name):
             payload = {}
         if triton:
             return await answer_triton(req, out, payload)
+        if req.path.startswith("/v1/responses"):
+            return await answer_responses(req, out, payload)
         return await answer_openai(req, out, payload)
+
+    async def answer_responses(req, out, payload):
+        previous = payload.get("previous_response_id")
+        if previous and previous not in stored:
+            return await out.json(404, {"error": {
+                "message": "Response with id '%s' not found." % previous, "type": "invalid_request_error",
+                "param": "previous_response_id", "code": 404}, "served_by": name})
+        rid = "resp_%s_%d" % (name, len(stored) + 1)
+        if payload.get("store", True):
+            stored.add(rid)
+        usage = {"input_tokens": max(1, len(req.body) // 4), "output_tokens": 3}
+        if req.headers.get(CACHED_TOKENS):
+            usage["input_tokens_details"] = {"cached_tokens": min(req.number(CACHED_TOKENS), usage["input_tokens"])}
+        usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+        message = {"type": "message", "id": "msg_" + rid, "role": "assistant", "status": "completed",
+                   "content": [{"type": "output_text", "text": "hi from " + name, "annotations": []}]}
+        response = {"id": rid, "object": "response", "created_at": int(time.time()), "model": payload.get("model", ""),
+                    "status": "completed", "output": [message], "usage": usage, "previous_response_id": previous,
+                    "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                    "served_by": name, "body_bytes": len(req.body), "received_headers": req.headers}
+        if not payload.get("stream"):
+            return await out.json(200, response)
+
+        async def event(kind, obj):
+            obj = dict(obj, type=kind)
+            await out.chunk(("event: %s\ndata: %s\n\n" % (kind, json.dumps(obj))).encode())
+
+        await out.start_stream()
+        await event("response.created", {"sequence_number": 0, "response": dict(
+            response, status="in_progress", output=[], usage=None)})
+        await event("response.output_item.added", {"output_index": 0, "item": dict(
+            message, status="in_progress", content=[])})
+        text = ""
+        for i in range(req.number(CHUNKS, 5)):
+            text += "tok%d " % i
+            await event("response.output_text.delta", {"item_id": message["id"], "output_index": 0,
+                                                        "content_index": 0, "delta": "tok%d " % i})
+        message["content"][0]["text"] = text
+        await event("response.completed", {"response": response})
+        await out.end_stream()
 
     async def answer_openai(req, out, payload):
         model = payload.get("model", "")

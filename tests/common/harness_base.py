@@ -29,6 +29,7 @@ METADATA_CENTER_BIN = Path(os.environ.get("LLMPROXY_METADATA_CENTER",
 FAKE_OPENAI = COMMON / "fake_openai.py"
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +437,48 @@ def check_forced_stream_usage(send, log_path, page, model):
                    for l in lines.values()) and m.total("llmproxy_tokens_total", model=model, kind="prompt") >= sum(
             l["prompt_tokens"] for l in lines.values())
     wait_until(counted, timeout=5, what="llmproxy_tokens_total of both answers")
+
+
+def responses_answer(data):
+    """(id, served_by) of a Responses answer: a response object, or the typed events of one
+    (the id and the echo in `response.created`; the stream must end with `response.completed`)."""
+    if not data.lstrip().startswith(b"event:") and not data.lstrip().startswith(b"data:"):
+        doc = json.loads(data)
+        return doc["id"], doc["served_by"]
+    events = [json.loads(line[5:]) for line in data.split(b"\n") if line.startswith(b"data:")]
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
+    created = events[0]["response"]
+    return created["id"], created["served_by"]
+
+
+def check_response_chains(send, page, model):
+    """The Responses API through a gateway: `send(body, headers, path) -> (status, body bytes)`,
+    `page()` its metrics. A conversation that names each previous answer (`previous_response_id`)
+    must go to the server that stored it: the fake upstream, like vLLM and SGLang, keeps its
+    answers per server and answers 404 for one it does not have. Eight turns, streamed and not,
+    with nothing else in common (a fresh input each), all on the first turn's server; an id no
+    server stored is the server's own 404."""
+    start = page()
+    previous, home = None, None
+    for i in range(8):
+        body = {"model": model, "input": random_text(200, seed=random.getrandbits(32)), "stream": i % 2 == 1}
+        if previous:
+            body["previous_response_id"] = previous
+        status, data = send(body, {}, RESPONSES)
+        assert status == 200, "turn %d: %s" % (i, data[:300])
+        previous, served = responses_answer(data)
+        home = home or served
+        assert served == home, "turn %d went to %s, the chain is on %s" % (i, served, home)
+
+    def chains(result):
+        return page().total("llmproxy_response_chains_total", result=result) \
+            - start.total("llmproxy_response_chains_total", result=result)
+    # (a native nginx page merges the other workers' routers as published each second)
+    wait_until(lambda: chains("pinned") >= 7, timeout=5, what="7 pinned turns")
+    status, data = send({"model": model, "input": "hi", "previous_response_id": "resp_nowhere"}, {}, RESPONSES)
+    assert status == 404 and "resp_nowhere" in json.loads(data)["error"]["message"], data
+    wait_until(lambda: chains("unknown") >= 1, timeout=5, what="1 unknown chain")
 
 
 def check_cache_feedback(send, page, model):

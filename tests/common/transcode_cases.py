@@ -81,6 +81,7 @@ def llmproxy_config(servers):
                 {"name": "green", "labels": {"color": "green"}, "weight": 1}]),
             "m-gold-blue": rule("gold-blue", "pool_color", "vllm", subset=[
                 {"name": "gold-blue", "labels": {"color": "blue", "tier": "gold"}}]),
+            "m-resp": rule("resp", "pool_color", "vllm"),
         },
         "clusters": {pool: {"endpoints": [endpoint(n) for n in names]} for pool, names in POOLS.items()},
     }
@@ -301,3 +302,35 @@ class TranscodeOpenAICases:
     def test_every_subset_label_must_match(self, gateway):
         served = self.served_counts(gateway, "m-gold-blue", 12)
         assert set(served) == {"c1"}, served
+
+    # -----------------------------------------------------------------------------------------
+    # (d) the Responses API: stored answers continued by id stay on the server that stored them
+
+    def test_responses_chain_with_the_openai_client(self, client):
+        raw = client.responses.with_raw_response.create(model="m-resp", input="Tell me a story",
+                                                        instructions="be brief")
+        home = self.served_by(raw, "pool_color")
+        r = raw.parse()
+        assert r.output_text == "hi from " + home and r.usage.input_tokens > 0
+        previous = r.id
+        for i in range(6):  # 5 servers, none of which has another's answers: 5^-6 by chance
+            stream = i % 2 == 0
+            raw = client.responses.with_raw_response.create(model="m-resp", input="go on %d" % i,
+                                                            previous_response_id=previous, stream=stream)
+            assert self.served_by(raw, "pool_color") == home, "turn %d" % i
+            if stream:
+                events = list(raw.parse())
+                assert [e.type for e in events][-1] == "response.completed"
+                assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == \
+                    "tok0 tok1 tok2 tok3 tok4 "
+                previous = events[-1].response.id
+            else:
+                previous = raw.parse().id
+        # a stored answer of no server: the server's own 404
+        with pytest.raises(openai.NotFoundError):
+            client.responses.create(model="m-resp", input="x", previous_response_id="resp_nowhere")
+
+    def test_responses_to_a_triton_backend_are_refused_by_the_gateway(self, client):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model="m-tri", input="x")
+        assert "not served by a triton backend" in e.value.message

@@ -464,8 +464,8 @@ def test_triton_generate_stream_is_transcoded(gateway):
 
 def sender(gw):
     """`send(body, headers) -> (status, body bytes)` through `gw`, for the shared checks."""
-    def send(body, headers):
-        status, _, data, _ = post(gw, body, headers)
+    def send(body, headers, path=CHAT):
+        status, _, data, _ = post(gw, body, headers, path)
         return status, data
     return send
 
@@ -476,6 +476,10 @@ def test_force_stream_usage_counts_streams_without_showing_clients_what_they_did
 
 def test_answers_usage_corrects_the_cache_model(gateway):
     harness.check_cache_feedback(sender(gateway), lambda: metrics(gateway), "m-b")
+
+
+def test_responses_api_chains_stay_on_the_server_that_stored_them(gateway):
+    harness.check_response_chains(sender(gateway), lambda: metrics(gateway), "m-b")
 
 
 def test_request_log_has_one_line_per_finished_request(gateway):

@@ -296,8 +296,8 @@ def test_reload_under_load(gw):
 
 def sender(g):
     """`send(body, headers) -> (status, body bytes)` through `g`, for the shared checks."""
-    def send(body, headers):
-        status, _, data = post(g, body, headers)
+    def send(body, headers, path=CHAT):
+        status, _, data = post(g, body, headers, path)
         return status, data
     return send
 
@@ -308,6 +308,10 @@ def test_force_stream_usage_counts_streams_without_showing_clients_what_they_did
 
 def test_answers_usage_corrects_the_cache_model(gw):
     harness.check_cache_feedback(sender(gw), lambda: metrics(gw.port), "m-b")
+
+
+def test_responses_api_chains_stay_on_the_server_that_stored_them(gw):
+    harness.check_response_chains(sender(gw), lambda: metrics(gw.port), "m-b")
 
 
 def test_request_log_has_one_line_per_finished_request(gw):

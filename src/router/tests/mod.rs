@@ -574,4 +574,5 @@ fn sample(page: &str, name: &str) -> f64 {
 }
 
 mod cache_feedback;
+mod responses;
 mod sessions;

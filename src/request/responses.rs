@@ -1,0 +1,158 @@
+//! The OpenAI Responses API (`/v1/responses`): its `instructions` and `input` rendered as the
+//! chat rendering of the same conversation.
+//!
+//! `instructions` is a system message first; `input` is a string (one user message) or an
+//! array of items: a message (`type` "message" or none) renders as a chat message (its
+//! `input_text` / `output_text` parts are text), a `function_call` as an assistant message
+//! holding that one tool call, a `function_call_output` as a `tool` message. Other items
+//! (reasoning, references to stored items, built-in tool calls) are not text the prompt
+//! shows and are skipped. A client that resends the whole conversation (`store: false`)
+//! therefore hashes turn after turn like a chat client, and the answer learned from the
+//! stream is rendered the same way ([`crate::response`]).
+//!
+//! A client that names `previous_response_id` sends only the new items: the engine that
+//! stored the previous answer prepends the conversation, and no other engine has it. That
+//! request is pinned by the router, not matched by its prefix.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::{arguments_text, close_message, open_message, render_content, tool_call, Content};
+use super::{JsonStr, PickError, PrefixHasher};
+
+/// The `input` field: one user message, or the conversation's items.
+pub(super) enum Input<'a> {
+    Text(Cow<'a, str>),
+    Items(Vec<Item<'a>>),
+}
+
+/// One input item: only the fields a rendering reads.
+#[derive(Deserialize)]
+pub(super) struct Item<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<JsonStr<'a>>,
+    #[serde(borrow, default)]
+    role: Option<JsonStr<'a>>,
+    #[serde(borrow, default)]
+    content: Content<'a>,
+    /// `function_call`: the function's name.
+    #[serde(borrow, default)]
+    name: Option<JsonStr<'a>>,
+    /// `function_call`: its arguments (a JSON-encoded string, or the JSON itself).
+    #[serde(borrow, default)]
+    arguments: Option<&'a serde_json::value::RawValue>,
+    /// `function_call_output`: a string or content parts.
+    #[serde(borrow, default)]
+    output: Content<'a>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Input<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Input<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or an array of input items")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Input::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Input::Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Input::Text(Cow::Owned(v)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(1));
+                while let Some(item) = seq.next_element::<Item<'a>>()? {
+                    items.push(item);
+                }
+                Ok(Input::Items(items))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// Renders a Responses request's prompt into `h`.
+pub(super) fn render(
+    h: &mut PrefixHasher,
+    instructions: Option<&str>,
+    input: Option<Input>,
+) -> Result<(), PickError> {
+    let Some(input) = input else {
+        return Err(PickError::bad_request(
+            "you must provide an input parameter",
+            Some("input"),
+        ));
+    };
+    if let Some(text) = instructions.filter(|t| !t.is_empty()) {
+        open_message(h, b"system");
+        h.feed_str(text);
+        close_message(h);
+    }
+    match input {
+        Input::Text(text) => {
+            open_message(h, b"user");
+            h.feed_str(&text);
+            close_message(h);
+        }
+        Input::Items(items) => {
+            if items.is_empty() {
+                return Err(PickError::bad_request(
+                    "input must not be an empty array",
+                    Some("input"),
+                ));
+            }
+            for (i, item) in items.iter().enumerate() {
+                render_item(h, item, i)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn render_item(h: &mut PrefixHasher, item: &Item, index: usize) -> Result<(), PickError> {
+    match item.kind.as_deref() {
+        None | Some("message") => {
+            let role = match item.role.as_deref() {
+                Some(r) if !r.is_empty() => r,
+                _ => {
+                    return Err(PickError::bad_request(
+                        format!("input[{index}].role is required"),
+                        Some("input"),
+                    ))
+                }
+            };
+            open_message(h, role.as_bytes());
+            render_content(h, &item.content);
+            close_message(h);
+        }
+        Some("function_call") => {
+            let arguments = arguments_text(item.arguments).map_err(|e| {
+                PickError::bad_request(format!("invalid JSON body: {e}"), Some("input"))
+            })?;
+            let name = item.name.as_deref().unwrap_or("");
+            function_call(h, name.as_bytes(), arguments.as_bytes());
+        }
+        Some("function_call_output") => {
+            open_message(h, b"tool");
+            render_content(h, &item.output);
+            close_message(h);
+        }
+        Some(_) => {}
+    }
+    Ok(())
+}
+
+/// Renders a `function_call` item: an assistant message holding that one call (also how an
+/// answer's function calls are rendered for the next turn).
+pub(crate) fn function_call(h: &mut PrefixHasher, name: &[u8], arguments: &[u8]) {
+    open_message(h, b"assistant");
+    tool_call(h, name, arguments);
+    close_message(h);
+}

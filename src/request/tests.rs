@@ -1,0 +1,370 @@
+//! Tests of request parsing and the canonical prompt rendering.
+
+use super::*;
+
+fn p(body: &str) -> Result<ParsedRequest, PickError> {
+    parse(body.as_bytes(), None, 512)
+}
+
+#[test]
+fn chat_with_string_content() {
+    let r =
+        p(r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hello"}]}"#).unwrap();
+    assert_eq!(r.model, "m");
+    assert!(r.stream);
+    assert_eq!(r.kind, RequestKind::Chat);
+    // "<|user|>\nhello\n"
+    assert_eq!(r.prompt_chars, 15);
+    assert_eq!(r.prefix_hashes.len(), 1);
+}
+
+#[test]
+fn canonical_rendering_ignores_json_formatting() {
+    let a = p(r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"a\nb"}]}"#).unwrap();
+    let b = p("{ \"messages\" : [ {\"content\": \"be brief\", \"role\": \"system\", \"name\": \"x\"},\n {\"content\": [{\"type\":\"text\",\"text\":\"a\\u000ab\"}], \"role\":\"user\"} ],\n \"model\": \"m\", \"temperature\": 0.3 }").unwrap();
+    assert_eq!(a.prefix_hashes, b.prefix_hashes);
+    assert_eq!(a.prompt_chars, b.prompt_chars);
+}
+
+#[test]
+fn image_parts_do_not_count_and_roles_do() {
+    let with_image = p(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}},{"type":"text","text":"what is this"}]}]}"#).unwrap();
+    let text_only =
+        p(r#"{"model":"m","messages":[{"role":"user","content":"what is this"}]}"#).unwrap();
+    assert_eq!(with_image.prefix_hashes, text_only.prefix_hashes);
+    let as_system =
+        p(r#"{"model":"m","messages":[{"role":"system","content":"what is this"}]}"#).unwrap();
+    assert_ne!(as_system.prefix_hashes, text_only.prefix_hashes);
+}
+
+#[test]
+fn tool_calls_and_tool_messages_are_part_of_the_prompt() {
+    let a = p(r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"get","arguments":"{\"x\":1}"}}]},{"role":"tool","tool_call_id":"1","content":"42"}]}"#).unwrap();
+    let b = p(r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"get","arguments":"{\"x\":2}"}}]},{"role":"tool","tool_call_id":"1","content":"42"}]}"#).unwrap();
+    assert_ne!(a.prefix_hashes, b.prefix_hashes);
+    // arguments sent as the object itself (vLLM takes both): its JSON as sent, which is
+    // the encoded string's text when written alike
+    let object = p(r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"get","arguments":{"x":1}}}]},{"role":"tool","tool_call_id":"1","content":"42"}]}"#).unwrap();
+    assert_eq!(object.prefix_hashes, a.prefix_hashes);
+    assert_eq!(object.prompt_chars, a.prompt_chars);
+    let args = |args: &str| {
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"assistant","tool_calls":[{{"function":{{"name":"get"{args}}}}}]}}]}}"#
+        );
+        p(&body).unwrap().prefix_hashes
+    };
+    assert_eq!(args(""), args(r#","arguments":null"#));
+    assert_eq!(args(""), args(r#","arguments":"""#));
+    assert_ne!(args(""), args(r#","arguments":[1]"#));
+}
+
+#[test]
+fn escaped_strings_read_like_plain_ones() {
+    let plain = p(r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+    let escaped =
+        p(r#"{"model":"m\u0031","messages":[{"role":"\u0075ser","content":"hi"}]}"#).unwrap();
+    assert_eq!(escaped.model, "m1");
+    assert_eq!(escaped.prefix_hashes, plain.prefix_hashes);
+    let many = |b: &str| parse(b.as_bytes(), Some(RequestKind::Completions), 512).unwrap();
+    assert_eq!(
+        many(r#"{"model":"m","prompt":["a\n","b"]}"#).prefix_hashes,
+        many(r#"{"model":"m","prompt":["a\u000a","b"]}"#).prefix_hashes
+    );
+}
+
+#[test]
+fn completions_string_and_array() {
+    let one = parse(
+        br#"{"model":"m","prompt":"once upon a time"}"#,
+        Some(RequestKind::Completions),
+        512,
+    )
+    .unwrap();
+    assert_eq!(one.kind, RequestKind::Completions);
+    assert_eq!(one.prompt_chars, 16);
+    let many = p(r#"{"model":"m","prompt":["once upon", "a time"]}"#).unwrap();
+    assert_eq!(many.kind, RequestKind::Completions);
+    assert_eq!(many.prompt_chars, 16);
+}
+
+#[test]
+fn completions_of_token_ids() {
+    // 300 token ids (1,200 bytes: two full 512-byte chunks), then another question
+    let ids = |tail: u32| {
+        let v: Vec<u32> = (0..300).chain([tail]).collect();
+        serde_json::to_string(&v).unwrap()
+    };
+    let tokens = |body: String| {
+        parse_with_tail(
+            body.as_bytes(),
+            None,
+            512,
+            Extract {
+                tail: true,
+                ..Extract::default()
+            },
+        )
+        .unwrap()
+    };
+    let (a, tail) = tokens(format!(r#"{{"model":"m","prompt":{}}}"#, ids(7)));
+    let (b, _) = tokens(format!(r#"{{"model":"m","prompt":{}}}"#, ids(8)));
+    assert_eq!(a.kind, RequestKind::Completions);
+    assert_eq!(a.prompt_chars, 301 * 4, "4 characters per token");
+    assert_eq!(a.prefix_hashes.len(), 3);
+    assert_eq!(
+        a.prefix_hashes[..2],
+        b.prefix_hashes[..2],
+        "the same ids, the same prefix"
+    );
+    assert_ne!(a.prefix_hashes[2], b.prefix_hashes[2]);
+    assert!(
+        tail.is_none(),
+        "an answer in text does not extend token ids"
+    );
+    // arrays of token arrays: one after the other, as the strings of an array are
+    let (many, _) = tokens(format!(r#"{{"model":"m","prompt":[{},[1,2]]}}"#, ids(7)));
+    assert_eq!(many.prompt_chars, (301 + 2) * 4);
+    assert_eq!(many.prefix_hashes[..2], a.prefix_hashes[..2]);
+    // the largest id
+    let max = p(r#"{"model":"m","prompt":[4294967295]}"#).unwrap();
+    assert_eq!((max.prompt_chars, max.prefix_hashes.len()), (4, 1));
+}
+
+#[test]
+fn the_user_field_only_when_asked_and_only_a_string() {
+    let user = |body: &str| {
+        let want = Extract {
+            user: true,
+            ..Extract::default()
+        };
+        parse_with_tail(body.as_bytes(), None, 512, want)
+            .unwrap()
+            .0
+            .user
+    };
+    let chat = r#"{"model":"m","user":"alice","messages":[{"role":"user","content":"x"}]}"#;
+    assert_eq!(user(chat).as_deref(), Some("alice"));
+    assert_eq!(p(chat).unwrap().user, None, "not asked");
+    assert_eq!(
+        user(r#"{"model":"m","prompt":"x","user":"b\u00f6b"}"#).as_deref(),
+        Some("böb")
+    );
+    // anything but a string is ignored, as it was before the field was read
+    for other in ["7", "null", "true", "[1, {\"a\": 2}]", "{\"id\": \"x\"}"] {
+        let body = format!(r#"{{"model":"m","user":{other},"prompt":"x"}}"#);
+        assert_eq!(user(&body), None, "{body}");
+        assert!(p(&body).is_ok(), "{body}");
+    }
+}
+
+#[test]
+fn path_decides_the_kind() {
+    assert_eq!(
+        RequestKind::from_path("/v1/chat/completions?x=1"),
+        Some(RequestKind::Chat)
+    );
+    assert_eq!(
+        RequestKind::from_path("/v1/completions"),
+        Some(RequestKind::Completions)
+    );
+    assert_eq!(RequestKind::from_path("/v1/embeddings"), None);
+    // A chat body sent to /v1/completions lacks a prompt.
+    let e = parse(
+        br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#,
+        Some(RequestKind::Completions),
+        512,
+    )
+    .unwrap_err();
+    assert_eq!(e.http_status(), 400);
+}
+
+#[test]
+fn bad_requests_are_400_with_reason() {
+    let cases = [
+        ("", "request body is empty"),
+        ("   ", "request body is empty"),
+        ("{\"model\":", "invalid JSON body"),
+        ("[1,2]", "invalid JSON body"),
+        (
+            r#"{"messages":[{"role":"user","content":"x"}]}"#,
+            "you must provide a model parameter",
+        ),
+        (
+            r#"{"model":"","messages":[{"role":"user","content":"x"}]}"#,
+            "you must provide a model parameter",
+        ),
+        (
+            r#"{"model":7,"messages":[]}"#,
+            "invalid JSON body: invalid type: integer",
+        ),
+        (
+            r#"{"model":"m","messages":[]}"#,
+            "messages must be a non-empty array",
+        ),
+        (
+            r#"{"model":"m"}"#,
+            "request has neither messages nor prompt",
+        ),
+        (
+            r#"{"model":"m","messages":[{"content":"x"}]}"#,
+            "messages[0].role is required",
+        ),
+        (
+            r#"{"model":"m","stream":"yes","messages":[{"role":"user","content":"x"}]}"#,
+            "invalid JSON body: invalid type: string",
+        ),
+        (
+            r#"{"model":"m","prompt":[]}"#,
+            "prompt must not be an empty array",
+        ),
+        (r#"{"model":"m","prompt":42}"#, "invalid JSON body"),
+        (
+            r#"{"model":"m","prompt":[1,"a"]}"#,
+            "invalid JSON body: prompt array mixes strings, token ids and arrays",
+        ),
+        (
+            r#"{"model":"m","prompt":["a",[1]]}"#,
+            "invalid JSON body: prompt array mixes",
+        ),
+        (r#"{"model":"m","prompt":[-1]}"#, "invalid JSON body"),
+        (
+            r#"{"model":"m","prompt":[4294967296]}"#,
+            "invalid JSON body: token id 4294967296 out of range",
+        ),
+        (r#"{"model":"m","prompt":[[1,"a"]]}"#, "invalid JSON body"),
+        (
+            r#"{"model":"m","prompt":[[1],[]]}"#,
+            "prompt must not contain an empty token array",
+        ),
+    ];
+    for (body, want) in cases {
+        let e = p(body).unwrap_err();
+        assert_eq!(e.http_status(), 400, "{body}");
+        assert!(e.to_string().starts_with(want), "{body}: {e}");
+    }
+}
+
+#[test]
+fn invalid_utf8_and_deep_nesting_are_rejected_cleanly() {
+    let mut body = br#"{"model":"m","messages":[{"role":"user","content":""#.to_vec();
+    body.extend_from_slice(&[0xff, 0xfe]);
+    body.extend_from_slice(br#""}]}"#);
+    let e = parse(&body, None, 512).unwrap_err();
+    assert_eq!(e.http_status(), 400);
+    assert!(e.to_string().contains("not UTF-8 at byte 51"), "{e}");
+    // in a field routing ignores as well: JSON text is UTF-8 whatever the field
+    let mut body = br#"{"model":"m","name":""#.to_vec();
+    body.push(0xc3);
+    body.extend_from_slice(br#"","messages":[{"role":"user","content":"hi"}]}"#);
+    assert_eq!(parse(&body, None, 512).unwrap_err().http_status(), 400);
+
+    let deep = format!(
+        "{{\"model\":\"m\",\"x\":{}{}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    assert_eq!(
+        parse(deep.as_bytes(), None, 512).unwrap_err().http_status(),
+        400
+    );
+}
+
+fn responses(body: &str) -> Result<ParsedRequest, PickError> {
+    parse(body.as_bytes(), Some(RequestKind::Responses), 16)
+}
+
+#[test]
+fn responses_render_as_the_chat_of_the_same_conversation() {
+    assert_eq!(
+        RequestKind::from_path("/v1/responses"),
+        Some(RequestKind::Responses)
+    );
+    // retrieving or cancelling a stored answer is not a request to route by its prompt
+    assert_eq!(RequestKind::from_path("/v1/responses/resp_1/cancel"), None);
+    let items = responses(
+        r#"{"model":"m","instructions":"be brief","stream":true,"input":[
+        {"role":"user","content":"what is x?"},
+        {"type":"reasoning","id":"rs_1","summary":[]},
+        {"type":"message","role":"assistant","content":[{"type":"output_text","text":"let me check","annotations":[]}]},
+        {"type":"function_call","call_id":"c1","name":"get","arguments":"{\"x\":1}"},
+        {"type":"function_call_output","call_id":"c1","output":"42"},
+        {"type":"message","role":"user","content":[{"type":"input_text","text":"thanks"},{"type":"input_image","image_url":"data:,"}]}
+    ]}"#,
+    )
+    .unwrap();
+    let chat = parse(
+        br#"{"model":"m","messages":[
+        {"role":"system","content":"be brief"},
+        {"role":"user","content":"what is x?"},
+        {"role":"assistant","content":"let me check"},
+        {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"get","arguments":"{\"x\":1}"}}]},
+        {"role":"tool","tool_call_id":"c1","content":"42"},
+        {"role":"user","content":[{"type":"text","text":"thanks"}]}
+    ]}"#,
+        None,
+        16,
+    )
+    .unwrap();
+    assert_eq!(items.kind, RequestKind::Responses);
+    assert!(items.stream);
+    assert_eq!(items.prefix_hashes, chat.prefix_hashes);
+    assert_eq!(items.prompt_chars, chat.prompt_chars);
+    assert_eq!(items.previous_response, None);
+    // a string input is one user message
+    let one = responses(r#"{"model":"m","input":"hello there, how are you"}"#).unwrap();
+    let chat =
+        br#"{"model":"m","messages":[{"role":"user","content":"hello there, how are you"}]}"#;
+    let chat = parse(chat, None, 16).unwrap();
+    assert_eq!(one.prefix_hashes, chat.prefix_hashes);
+}
+
+#[test]
+fn responses_name_the_answer_they_continue() {
+    let r = responses(r#"{"model":"m","previous_response_id":"resp_abc","input":"and then?"}"#)
+        .unwrap();
+    assert_eq!(r.previous_response.as_deref(), Some("resp_abc"));
+    let r = responses(r#"{"model":"m","previous_response_id":"","input":"x"}"#).unwrap();
+    assert_eq!(r.previous_response, None);
+    // only the Responses API has stored answers
+    let r = p(r#"{"model":"m","previous_response_id":"resp_abc","messages":[{"role":"user","content":"x"}]}"#)
+        .unwrap();
+    assert_eq!(r.previous_response, None);
+    // the next turn of a chained request does not extend its prompt: nothing to learn
+    let learn = Extract {
+        tail: true,
+        ..Extract::default()
+    };
+    let tail = |body: &str| {
+        parse_with_tail(body.as_bytes(), Some(RequestKind::Responses), 16, learn)
+            .unwrap()
+            .1
+    };
+    assert!(tail(r#"{"model":"m","previous_response_id":"resp_abc","input":"x"}"#).is_none());
+    assert!(tail(r#"{"model":"m","input":"x"}"#).is_some());
+}
+
+#[test]
+fn bad_responses_requests_are_400_with_reason() {
+    let cases = [
+        (r#"{"model":"m"}"#, "you must provide an input parameter"),
+        (
+            r#"{"model":"m","input":[]}"#,
+            "input must not be an empty array",
+        ),
+        (r#"{"model":"m","input":42}"#, "invalid JSON body"),
+        (
+            r#"{"model":"m","input":[{"type":"message","content":"x"}]}"#,
+            "input[0].role is required",
+        ),
+        (
+            r#"{"model":"m","instructions":7,"input":"x"}"#,
+            "invalid JSON body",
+        ),
+        (r#"{"model":"m","input":["x"]}"#, "invalid JSON body"),
+    ];
+    for (body, want) in cases {
+        let e = responses(body).unwrap_err();
+        assert_eq!(e.http_status(), 400, "{body}");
+        assert!(e.to_string().starts_with(want), "{body}: {e}");
+    }
+}

@@ -67,7 +67,7 @@ fn main() {
     let events = stream_events(100);
     let extract = Extract {
         tail: true,
-        user: false,
+        ..Extract::default()
     };
     for _ in 0..n {
         match step.as_str() {

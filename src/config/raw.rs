@@ -73,6 +73,8 @@ pub(super) struct RawSessionAffinity {
     pub(super) header: Option<String>,
     #[serde(default)]
     pub(super) user_field: Option<bool>,
+    #[serde(default)]
+    pub(super) cache_key_field: Option<bool>,
     #[serde(default, deserialize_with = "lenient_f64")]
     pub(super) max_load_ratio: Option<f64>,
     #[serde(default, deserialize_with = "lenient_u64")]

@@ -265,7 +265,8 @@ pub struct Config {
     pub session_affinity: Option<SessionAffinity>,
 }
 
-/// `session_affinity`: a request naming a session (a header, or the OpenAI `user` field) goes
+/// `session_affinity`: a request naming a session (a header, the OpenAI `prompt_cache_key` or
+/// `user` field) goes
 /// to the endpoint that session last went to, while that endpoint is a candidate (not ejected,
 /// not tried, serving the request's subset) and not overloaded: a session moves only when its
 /// endpoint has more than `max_extra_requests` more requests in flight than the least loaded
@@ -274,8 +275,12 @@ pub struct Config {
 pub struct SessionAffinity {
     /// The request header naming the session, lower-case (`x-session-id`; "" = none).
     pub header: String,
-    /// Also the body's `user` field (chat and completions) when the header is absent (false).
+    /// Also the body's `user` field when neither the header nor `prompt_cache_key` names one
+    /// (false).
     pub user_field: bool,
+    /// Also the body's `prompt_cache_key` field (OpenAI's routing hint for a shared prefix)
+    /// when the header is absent (true).
+    pub cache_key_field: bool,
     /// The load ratio to the least loaded candidate above which a session moves (1.5).
     pub max_load_ratio: f64,
     /// The extra requests over the least loaded candidate above which a session moves (8).
@@ -287,6 +292,7 @@ impl Default for SessionAffinity {
         Self {
             header: "x-session-id".into(),
             user_field: false,
+            cache_key_field: true,
             max_load_ratio: 1.5,
             max_extra_requests: 8,
         }

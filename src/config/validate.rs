@@ -121,10 +121,11 @@ fn session_affinity(
         s.header = header;
     }
     s.user_field = r.user_field.unwrap_or(s.user_field);
-    if s.header.is_empty() && !s.user_field {
+    s.cache_key_field = r.cache_key_field.unwrap_or(s.cache_key_field);
+    if s.header.is_empty() && !s.user_field && !s.cache_key_field {
         return Err(err(
             "session_affinity",
-            "names no session: give a \"header\" or set \"user_field\": true",
+            "names no session: give a \"header\" or set \"cache_key_field\" or \"user_field\": true",
         ));
     }
     if let Some(ratio) = r.max_load_ratio {
@@ -671,7 +672,7 @@ mod tests {
             (s.header.as_str(), s.user_field, s.max_load_ratio),
             ("x-session-id", false, 1.5)
         );
-        assert_eq!(s.max_extra_requests, 8);
+        assert_eq!((s.max_extra_requests, s.cache_key_field), (8, true));
         let s = parse(
             r#"{"session_affinity": {"header": "X-Conversation", "user_field": true,
                 "max_load_ratio": "2.5", "max_extra_requests": 0.0}}"#,
@@ -689,6 +690,14 @@ mod tests {
             .session_affinity
             .unwrap();
         assert_eq!((s.header.as_str(), s.user_field), ("", true));
+        let s = parse(r#"{"session_affinity": {"cache_key_field": false}}"#)
+            .unwrap()
+            .session_affinity
+            .unwrap();
+        assert_eq!(
+            (s.header.as_str(), s.cache_key_field),
+            ("x-session-id", false)
+        );
         assert_errors(&[
             (
                 r#"{"session_affinity": {"max_load_ratio": 0.5}}"#,
@@ -715,8 +724,12 @@ mod tests {
                 "config.session_affinity.header: \"x-pool\" is a routing header",
             ),
             (
-                r#"{"session_affinity": {"header": ""}}"#,
-                "config.session_affinity: names no session: give a \"header\" or set \"user_field\": true",
+                r#"{"session_affinity": {"header": "", "cache_key_field": false}}"#,
+                "config.session_affinity: names no session: give a \"header\" or set \"cache_key_field\" or \"user_field\": true",
+            ),
+            (
+                r#"{"session_affinity": {"cache_key_field": "yes"}}"#,
+                "config.session_affinity.cache_key_field: invalid type: string",
             ),
             (
                 r#"{"session_affinity": {"header_name": "x"}}"#,

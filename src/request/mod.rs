@@ -68,6 +68,9 @@ pub struct ParsedRequest {
     pub prompt_chars: u64,
     /// The OpenAI `user` field, when it is a string and [`Extract::user`] asked for it.
     pub user: Option<String>,
+    /// The OpenAI `prompt_cache_key` field, when it is a string and [`Extract::cache_key`]
+    /// asked for it.
+    pub cache_key: Option<String>,
     /// Responses API: the `previous_response_id` this request continues (its engine holds
     /// that conversation; no other does).
     pub previous_response: Option<String>,
@@ -80,6 +83,8 @@ pub struct Extract {
     pub tail: bool,
     /// The `user` field (`session_affinity.user_field`).
     pub user: bool,
+    /// The `prompt_cache_key` field (`session_affinity.cache_key_field`).
+    pub cache_key: bool,
 }
 
 /// A JSON string borrowed from the input when it has no escapes (copied only when it has).
@@ -139,6 +144,9 @@ struct Body<'a> {
     /// Raw: read as a string only when asked ([`Extract::user`]); any other value is ignored.
     #[serde(borrow, default)]
     user: Option<&'a serde_json::value::RawValue>,
+    /// Raw, like `user` ([`Extract::cache_key`]).
+    #[serde(borrow, default)]
+    prompt_cache_key: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -347,8 +355,8 @@ pub fn parse(
 
 /// [`parse`], also giving the hasher at the end of the prompt (see [`PrefixHasher::take_hashes`])
 /// when `extract.tail` and the next turn extends this prompt (a chat, or a completion of one
-/// prompt): to learn the answer ([`crate::response`]); and the `user` field when
-/// `extract.user`.
+/// prompt): to learn the answer ([`crate::response`]); and the `user` and `prompt_cache_key`
+/// fields when `extract` asks for them.
 pub fn parse_with_tail(
     body: &[u8],
     kind: Option<RequestKind>,
@@ -465,9 +473,12 @@ pub fn parse_with_tail(
     }
     let (prefix_hashes, prompt_chars) = hasher.take_hashes();
     let tail = (extract.tail && extendable).then_some(hasher);
-    let user = (parsed.user)
-        .filter(|_| extract.user)
-        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+    let string_if = |raw: Option<&serde_json::value::RawValue>, wanted: bool| {
+        raw.filter(|_| wanted)
+            .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+    };
+    let user = string_if(parsed.user, extract.user);
+    let cache_key = string_if(parsed.prompt_cache_key, extract.cache_key);
     let parsed = ParsedRequest {
         model: model.to_owned(),
         stream: parsed.stream.unwrap_or(false),
@@ -475,6 +486,7 @@ pub fn parse_with_tail(
         prefix_hashes,
         prompt_chars,
         user,
+        cache_key,
         previous_response,
     };
     Ok((parsed, tail))

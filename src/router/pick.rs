@@ -87,6 +87,7 @@ impl RouterInner {
         let extract = request::Extract {
             tail: learn_bytes > 0,
             user: affinity.is_some_and(|a| a.user_field),
+            cache_key: affinity.is_some_and(|a| a.cache_key_field),
         };
         let (parsed, tail) =
             request::parse_with_tail(body, kind, self.config.hash_chunk_bytes, extract)?;
@@ -139,7 +140,10 @@ impl RouterInner {
         }
         let answer = ResponseReader::new(parsed.kind, text_cap);
         let session = affinity
-            .and_then(|a| session_name(a, headers, parsed.user.as_deref()))
+            .and_then(|a| {
+                let fields = [parsed.cache_key.as_deref(), parsed.user.as_deref()];
+                session_name(a, headers, fields)
+            })
             .map(|name| hashing::session_key(&parsed.model, name));
         let chain = parsed
             .previous_response
@@ -527,18 +531,22 @@ enum SessionResult {
     New = 2,
 }
 
-/// The name of the request's session: the configured header's value, else (with
-/// `user_field`) the body's `user`; empty values name nothing.
+/// The name of the request's session: the configured header's value, else the body's
+/// `fields` in order (`prompt_cache_key`, `user`: each read only when configured); empty
+/// values name nothing.
 fn session_name<'a>(
     a: &SessionAffinity,
     headers: &[HeaderRef<'a>],
-    user: Option<&'a str>,
+    fields: [Option<&'a str>; 2],
 ) -> Option<&'a [u8]> {
     let header = (!a.header.is_empty())
         .then(|| find_header(headers, &a.header))
+        .flatten();
+    let fields = fields.into_iter().map(|f| f.map(str::as_bytes));
+    std::iter::once(header)
+        .chain(fields)
         .flatten()
-        .filter(|v| !v.is_empty());
-    header.or_else(|| user.map(str::as_bytes).filter(|u| !u.is_empty()))
+        .find(|name| !name.is_empty())
 }
 
 /// The session rule: the candidate at `at` is overloaded when it has more than

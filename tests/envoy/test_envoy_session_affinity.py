@@ -1,5 +1,5 @@
 """session_affinity through real Envoy: requests that name a session (the x-session-id header,
-or the OpenAI `user` field) stay on one upstream however different their prompts, the sessions
+the OpenAI `prompt_cache_key` or `user` field) stay on one upstream however different their prompts, the sessions
 spread over the pool, the header reaches the upstream untouched, and requests without a session
 go where the algorithm sends them (distinct prompts spread)."""
 
@@ -90,4 +90,24 @@ def test_the_user_field_names_a_session_and_the_header_wins(sessions_gateway):
         pytest.fail("32 sessions, all on %s" % alice)
     for _ in range(6):
         assert ask(gw, random_text(1500), {"x-session-id": sid}, user="alice")["served_by"] == home
+    wait_in_flight_zero(gw)
+
+
+def test_prompt_cache_key_names_a_session_before_the_user_field(sessions_gateway):
+    # OpenAI's routing hint (chat and the Responses API): on by default with sessions
+    gw = sessions_gateway
+    served = {ask(gw, random_text(1500), prompt_cache_key="thread-9")["served_by"] for _ in range(12)}
+    assert len(served) == 1, served
+    thread = served.pop()
+    for u in range(32):
+        user = "user-%d" % u
+        if ask(gw, random_text(1500), user=user)["served_by"] != thread:
+            break
+    else:
+        pytest.fail("32 users, all on %s" % thread)
+    for _ in range(6):
+        assert ask(gw, random_text(1500), prompt_cache_key="thread-9", user=user)["served_by"] == thread
+    status, _, data, _ = harness.request(gw.port, "POST", "/v1/responses",
+                                         {"model": "m-a", "input": random_text(1500), "prompt_cache_key": "thread-9"})
+    assert status == 200 and json.loads(data)["served_by"] == thread, data[:300]
     wait_in_flight_zero(gw)

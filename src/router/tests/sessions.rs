@@ -199,3 +199,70 @@ fn sessions_apply_to_every_algorithm() {
         assert!(eps.iter().all(|e| *e == eps[0]), "{algorithm}: {eps:?}");
     }
 }
+
+/// A chat body with the OpenAI `prompt_cache_key` field, and `user` when given.
+fn chat_of_cache_key(key: &str, user: Option<&str>, text: &str) -> Vec<u8> {
+    let mut body = serde_json::json!({"model": "m", "prompt_cache_key": key,
+        "messages": [{"role": "user", "content": text}]});
+    if let Some(user) = user {
+        body["user"] = user.into();
+    }
+    body.to_string().into_bytes()
+}
+
+#[test]
+fn prompt_cache_key_names_the_session_after_the_header_and_before_user() {
+    let r = session_router(r#""session_affinity": {"user_field": true},"#);
+    let pick = |headers: &[HeaderRef], body: Vec<u8>| {
+        let p = r.pick(headers, &body);
+        let ep = p.endpoint().unwrap().to_string();
+        p.finish(200);
+        ep
+    };
+    // OpenAI's routing hint for requests that share a prefix: on by default with sessions
+    let thread: Vec<String> = (0..20)
+        .map(|i| pick(&[], chat_of_cache_key("thread-7", None, &fresh_prompt(i))))
+        .collect();
+    assert!(thread.iter().all(|e| *e == thread[0]), "{thread:?}");
+    // it wins over `user`: a user bound elsewhere does not move the thread
+    let (user, user_home) = (0..64)
+        .map(|u| format!("u{u}"))
+        .find_map(|u| {
+            let ep = pick(&[], chat_of_user(&u, &fresh_prompt_of(&u, 0)));
+            (ep != thread[0]).then_some((u, ep))
+        })
+        .unwrap();
+    for i in 0..10 {
+        let body = chat_of_cache_key("thread-7", Some(&user), &fresh_prompt_of("x", i));
+        assert_eq!(pick(&[], body), thread[0]);
+    }
+    // an empty key names nothing: `user` decides
+    assert_eq!(
+        pick(
+            &[],
+            chat_of_cache_key("", Some(&user), &fresh_prompt_of("y", 0))
+        ),
+        user_home
+    );
+    // the header wins over both
+    let (session, home) = (0..64)
+        .map(|s| format!("h{s}"))
+        .find_map(|s| {
+            let ep = session_endpoints(&r, &s, 1).remove(0);
+            (ep != thread[0]).then_some((s, ep))
+        })
+        .unwrap();
+    let body = chat_of_cache_key("thread-7", None, &fresh_prompt_of("z", 0));
+    assert_eq!(pick(&[(b"x-session-id", session.as_bytes())], body), home);
+    // cache_key_field false: the key names nothing
+    let r = session_router(r#""session_affinity": {"cache_key_field": false},"#);
+    let seen: std::collections::HashSet<_> = (0..30)
+        .map(|i| {
+            let p = r.pick(&[], &chat_of_cache_key("thread-7", None, &fresh_prompt(i)));
+            let ep = p.endpoint().unwrap().to_string();
+            p.finish(200);
+            ep
+        })
+        .collect();
+    assert!(seen.len() > 1, "{seen:?}");
+}

@@ -33,7 +33,7 @@ impl LogContext {
         if !cfg.enabled {
             return None;
         }
-        let request_id = super::pick::find_header(headers, "x-request-id")
+        let request_id = super::find_header(headers, "x-request-id")
             .map(|v| String::from_utf8_lossy(&v[..v.len().min(256)]).into_owned());
         Some(Box::new(Self {
             time: SystemTime::now(),

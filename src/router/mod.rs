@@ -6,7 +6,8 @@
 //! [`PickedRequest::finish_with`] releases the request and feeds passive health. Dropping an
 //! unfinished request finishes it with "no response", so accounting can never leak from Rust
 //! code. Picks that wait for a remote cache lookup (`pick_async`, `pick_start`) live in
-//! `lookup.rs`.
+//! `lookup.rs`; what keeps a request on an endpoint whatever the algorithm says (sessions,
+//! Responses API chains) in `affinity.rs`.
 //!
 //! Nothing here does I/O or waits on a lock held across work: endpoint sets are swapped with
 //! `arc-swap`, counters are atomics, the prefix index takes short shard locks. The router
@@ -26,6 +27,7 @@ use crate::error::PickError;
 use crate::metrics::{Page, Part, RouterMetrics};
 use crate::state::{Attachment, Clock, Clusters, PrefixIndex, SharedState};
 
+mod affinity;
 mod log_line;
 mod lookup;
 mod pick;
@@ -396,6 +398,14 @@ impl RouterInner {
 fn failed_request(router: &Arc<RouterInner>, error: PickError) -> PickedRequest {
     router.metrics.count_pick(error.outcome());
     PickedRequest::new(router, Err(error), Instant::now(), None)
+}
+
+/// The value of header `name` (case-insensitive), if the host passed it.
+pub(super) fn find_header<'a>(headers: &[HeaderRef<'a>], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, v)| *v)
 }
 
 #[cfg(test)]

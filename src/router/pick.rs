@@ -7,10 +7,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{HeaderRef, RouterInner};
+use super::affinity::session_name;
+use super::{find_header, HeaderRef, RouterInner};
 use crate::background::{Event, RequestSync};
 use crate::balancer::{CandidateLoad, Selection};
-use crate::config::{Backend, LbParams, Rule, SessionAffinity, Subset};
+use crate::config::{Backend, LbParams, Rule, Subset};
 use crate::error::PickError;
 use crate::hashing;
 use crate::request::{self, RequestKind};
@@ -193,8 +194,7 @@ impl RouterInner {
     /// answer (`previous_response_id`) goes to the endpoint that stored it while that one is a
     /// candidate, however loaded: no other engine has the conversation. A request of a
     /// session goes where the session went last while that endpoint is a candidate and not
-    /// overloaded ([`RouterInner::session_overloaded`]); every other choice is the
-    /// algorithm's.
+    /// overloaded ([`super::affinity`]); every other choice is the algorithm's.
     pub(super) fn choose(
         &self,
         r: &mut Routed,
@@ -206,67 +206,27 @@ impl RouterInner {
         let params = self.config.lb_params(&r.model);
         let use_index = self.uses_cache_depth(r, &params);
         let depth = self.cache_depth(r, &set, use_index, remote, now);
-        // Where the session went last, when it is still a candidate.
-        let bound = r
-            .session
-            .and_then(|key| self.index.bound(key, &set))
-            .map(|pos| candidates.iter().position(|&c| c == pos));
-        let loads = if self.config.algorithm.uses_loads() || matches!(bound, Some(Some(_))) {
+        let session = self.session_endpoint(r.session, &set, &candidates);
+        let loads = if self.config.algorithm.uses_loads() || session.is_bound() {
             self.loads(r, &set, &candidates, &depth, now)
         } else {
             Vec::new()
         };
-        let kept = bound
-            .flatten()
-            .filter(|&at| !self.session_overloaded(&loads, at));
-        let pinned = r.chain.map(|key| {
-            let at = (self.index.bound(key, &set))
-                .and_then(|pos| candidates.iter().position(|&c| c == pos));
-            self.metrics.response_chains[at.is_none() as usize].fetch_add(1, Ordering::Relaxed);
-            at
-        });
-        let at = match pinned.flatten().or(kept) {
+        let kept = self.keeps_session(&session, &loads);
+        let pinned = self.chain_endpoint(r.chain, &set, &candidates);
+        let at = match pinned.or(kept) {
             Some(at) => at,
             None => self.select(r, &candidates, &loads, &params),
         };
         let chosen = candidates[at];
         let endpoint = Arc::clone(&set.endpoints[chosen]);
-        if let Some(key) = r.session {
-            let result = match (bound, kept) {
-                (_, Some(_)) => SessionResult::Kept,
-                (Some(_), None) => SessionResult::Moved,
-                (None, _) => SessionResult::New,
-            };
-            self.metrics.count_session(result as usize);
-            self.index.bind(key, endpoint.id, now);
-        }
+        self.bind_session(r.session, session, kept, &endpoint, now);
         r.claim = self.claim_to_learn_from(r, &endpoint, use_index, now);
         self.account(r, &endpoint, depth[chosen], use_index, now);
         self.report(r, &endpoint, params.cache_aware);
         r.tried.push(endpoint.id);
         r.endpoint = Some(endpoint);
         Ok(())
-    }
-
-    /// Binds a Responses answer's id to the endpoint answering it as soon as the answer's
-    /// first bytes show it: a next turn may name it (`previous_response_id`) and only this
-    /// engine stored it. Bound before the host forwards those bytes, so before the client can
-    /// name it, even when another worker or thread picks the next turn.
-    /// (`answer`, `endpoint` and `bound` are those of one [`Routed`].)
-    pub(super) fn bind_response(
-        &self,
-        answer: &ResponseReader,
-        endpoint: Option<&Endpoint>,
-        bound: &mut bool,
-    ) {
-        if *bound {
-            return;
-        }
-        if let (Some(id), Some(e)) = (&answer.capture().response_id, endpoint) {
-            self.index
-                .bind(hashing::response_key(id), e.id, self.clock.now_ms());
-            *bound = true;
-        }
     }
 
     /// Positions (in `set`) of the endpoints `r` may go to: not tried yet, serving its subset,
@@ -390,15 +350,6 @@ impl RouterInner {
         }
     }
 
-    /// True when the candidate at `at` (a session's endpoint) is too busy to keep the
-    /// session: by the thresholds of `session_affinity` over the least loaded candidate.
-    fn session_overloaded(&self, loads: &[CandidateLoad], at: usize) -> bool {
-        self.config
-            .session_affinity
-            .as_ref()
-            .is_some_and(|a| overloaded(loads, at, a))
-    }
-
     /// Runs the configured algorithm over the candidates (`loads`: theirs, when the
     /// algorithm reads them); returns a position in `candidates`.
     fn select(
@@ -509,53 +460,6 @@ impl RouterInner {
             r.sync = Some(req);
         }
     }
-}
-
-/// The value of header `name` (case-insensitive), if the host passed it.
-pub(super) fn find_header<'a>(headers: &[HeaderRef<'a>], name: &str) -> Option<&'a [u8]> {
-    headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-        .map(|(_, v)| *v)
-}
-
-/// What became of a session's request: the index of its `result` label in
-/// [`crate::metrics::SESSION_RESULTS`].
-#[derive(Clone, Copy)]
-enum SessionResult {
-    /// It went to the endpoint the session went to last.
-    Kept = 0,
-    /// That endpoint was no candidate (ejected, tried, not serving the subset) or overloaded.
-    Moved = 1,
-    /// The session has no endpoint among the cluster's (never seen, or forgotten).
-    New = 2,
-}
-
-/// The name of the request's session: the configured header's value, else the body's
-/// `fields` in order (`prompt_cache_key`, `user`: each read only when configured); empty
-/// values name nothing.
-fn session_name<'a>(
-    a: &SessionAffinity,
-    headers: &[HeaderRef<'a>],
-    fields: [Option<&'a str>; 2],
-) -> Option<&'a [u8]> {
-    let header = (!a.header.is_empty())
-        .then(|| find_header(headers, &a.header))
-        .flatten();
-    let fields = fields.into_iter().map(|f| f.map(str::as_bytes));
-    std::iter::once(header)
-        .chain(fields)
-        .flatten()
-        .find(|name| !name.is_empty())
-}
-
-/// The session rule: the candidate at `at` is overloaded when it has more than
-/// `max_extra_requests` requests in flight beyond the least loaded candidate and more than
-/// `max_load_ratio` times as many (both, as sglang-router's balance thresholds).
-fn overloaded(loads: &[CandidateLoad], at: usize, a: &SessionAffinity) -> bool {
-    let least = loads.iter().map(|l| l.in_flight).min().unwrap_or(0);
-    let own = loads[at].in_flight;
-    own > least.saturating_add(a.max_extra_requests) && own as f64 > a.max_load_ratio * least as f64
 }
 
 /// The first rule whose header conditions all hold (rules are sorted most specific first).
@@ -688,33 +592,6 @@ fn loads_of(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_session_moves_only_past_both_thresholds() {
-        let a = SessionAffinity {
-            max_load_ratio: 1.5,
-            max_extra_requests: 8,
-            ..SessionAffinity::default()
-        };
-        let l = |q| CandidateLoad {
-            in_flight: q,
-            ..CandidateLoad::default()
-        };
-        let at = |own: u64, least: u64| overloaded(&[l(own), l(least), l(least + 5)], 0, &a);
-        assert!(!at(8, 0), "8 beyond: not more than 8");
-        assert!(at(9, 0));
-        assert!(!at(28, 20), "8 beyond and 1.4 times");
-        assert!(!at(29, 20), "9 beyond but 1.45 times");
-        assert!(!at(30, 20), "10 beyond but exactly 1.5 times");
-        assert!(at(31, 20));
-        assert!(!at(0, 0), "the least loaded itself");
-        let ratio_only = SessionAffinity {
-            max_extra_requests: 0,
-            ..a.clone()
-        };
-        assert!(!overloaded(&[l(3), l(2)], 0, &ratio_only));
-        assert!(overloaded(&[l(4), l(2)], 0, &ratio_only));
-    }
 
     #[test]
     fn other_gateways_prefill_counts_at_this_routers_uncached_share() {

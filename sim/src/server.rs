@@ -14,9 +14,10 @@ use tokio::sync::{mpsc, Notify};
 
 mod http;
 mod responses;
+mod wire;
 
 use http::app;
-pub use http::render_chat;
+pub use wire::render_chat;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {

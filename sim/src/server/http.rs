@@ -6,6 +6,7 @@
 //! ([`super::Server`]); tokens come back over a channel.
 
 use super::responses::{self, Store};
+use super::wire::{error_response, parse_object, render_chat, unix_now};
 use super::{ratio, CacheReport, Ev, Server};
 use crate::engine::Usage;
 use axum::body::Bytes;
@@ -20,7 +21,6 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 #[derive(Clone)]
@@ -29,55 +29,6 @@ struct AppState {
     fleet: Arc<Vec<Arc<Server>>>,
     /// This server's stored responses (`previous_response_id`), not shared with the fleet.
     responses: Arc<Store>,
-}
-
-/// Seconds since the Unix epoch.
-pub(super) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// An OpenAI error body (`{"error": {"message", "type", "param", "code"}}`) with `status`.
-pub(super) fn error_response(status: StatusCode, message: &str) -> Response {
-    let kind = match status.as_u16() {
-        400 => "BadRequestError",
-        404 => "NotFoundError",
-        _ => "InternalServerError",
-    };
-    (
-        status,
-        Json(json!({"error": {"message": message, "type": kind, "param": null, "code": status.as_u16()}})),
-    )
-        .into_response()
-}
-
-/// The chat template of the simulated model (ChatML-like). Multi-turn conversations render to
-/// strings that extend the previous turn's rendering, as real templates do.
-pub fn render_chat(messages: &[Value]) -> String {
-    let mut out = String::new();
-    for m in messages {
-        let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
-        out.push_str("<|im_start|>");
-        out.push_str(role);
-        out.push('\n');
-        match m.get("content") {
-            Some(Value::String(s)) => out.push_str(s),
-            Some(Value::Array(parts)) => {
-                for p in parts {
-                    match p.get("text").and_then(Value::as_str) {
-                        Some(t) => out.push_str(t),
-                        None => out.push_str("<|media|>"),
-                    }
-                }
-            }
-            _ => {}
-        }
-        out.push_str("<|im_end|>\n");
-    }
-    out.push_str("<|im_start|>assistant\n");
-    out
 }
 
 fn completion_prompt(v: &Value) -> Option<String> {
@@ -117,15 +68,6 @@ async fn completions(State(st): State<AppState>, body: Bytes) -> Response {
 
 async fn create_response(State(st): State<AppState>, body: Bytes) -> Response {
     responses::create(&st.server, &st.responses, &body).await
-}
-
-/// The request body as a JSON object, or why not (to answer with a 400).
-pub(super) fn parse_object(body: &[u8]) -> Result<Value, String> {
-    match serde_json::from_slice(body) {
-        Ok(v @ Value::Object(_)) => Ok(v),
-        Ok(_) => Err("request body must be a JSON object".into()),
-        Err(e) => Err(format!("invalid JSON body: {e}")),
-    }
 }
 
 async fn generate(st: AppState, body: Bytes, api: Api) -> Response {

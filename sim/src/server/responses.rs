@@ -8,7 +8,7 @@
 //! the memory of the server that produced them, so a `previous_response_id` is only known to
 //! that server (404 elsewhere in the fleet).
 
-use super::http::{error_response, parse_object, render_chat, unix_now};
+use super::wire::{error_response, parse_object, render_chat, unix_now};
 use super::{CacheReport, Ev, Server};
 use crate::engine::Usage;
 use axum::http::StatusCode;

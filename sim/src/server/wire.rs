@@ -1,0 +1,66 @@
+//! The OpenAI wire shapes every simulated API shares: error bodies, the JSON body check, the
+//! clock of `created` fields, and the chat template that turns messages into a prompt.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Seconds since the Unix epoch.
+pub(super) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// An OpenAI error body (`{"error": {"message", "type", "param", "code"}}`) with `status`.
+pub(super) fn error_response(status: StatusCode, message: &str) -> Response {
+    let kind = match status.as_u16() {
+        400 => "BadRequestError",
+        404 => "NotFoundError",
+        _ => "InternalServerError",
+    };
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": kind, "param": null, "code": status.as_u16()}})),
+    )
+        .into_response()
+}
+
+/// The chat template of the simulated model (ChatML-like). Multi-turn conversations render to
+/// strings that extend the previous turn's rendering, as real templates do.
+pub fn render_chat(messages: &[Value]) -> String {
+    let mut out = String::new();
+    for m in messages {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+        out.push_str("<|im_start|>");
+        out.push_str(role);
+        out.push('\n');
+        match m.get("content") {
+            Some(Value::String(s)) => out.push_str(s),
+            Some(Value::Array(parts)) => {
+                for p in parts {
+                    match p.get("text").and_then(Value::as_str) {
+                        Some(t) => out.push_str(t),
+                        None => out.push_str("<|media|>"),
+                    }
+                }
+            }
+            _ => {}
+        }
+        out.push_str("<|im_end|>\n");
+    }
+    out.push_str("<|im_start|>assistant\n");
+    out
+}
+
+/// The request body as a JSON object, or why not (to answer with a 400).
+pub(super) fn parse_object(body: &[u8]) -> Result<Value, String> {
+    match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err("request body must be a JSON object".into()),
+        Err(e) => Err(format!("invalid JSON body: {e}")),
+    }
+}

@@ -12,7 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod responses;
 mod summary;
+
+pub use responses::Api;
 
 pub use summary::{kind_hits_string, share_string, summarize, table, Dist, ServerShare, Summary};
 
@@ -21,6 +24,11 @@ pub struct RunArgs {
     /// Path of the chat completions endpoint on the target.
     #[arg(long, default_value = "/v1/chat/completions")]
     pub path: String,
+    /// The API the sessions speak: chat completions (at `--path`), or the Responses API
+    /// (`/v1/responses`) resending the conversation (`responses`) or naming the previous
+    /// answer (`responses-chained`, `previous_response_id`).
+    #[arg(long, value_enum, default_value_t = Api::Chat)]
+    pub api: Api,
     /// Seconds allowed for one request.
     #[arg(long, default_value_t = 120.0)]
     pub request_timeout: f64,
@@ -156,6 +164,8 @@ struct Ctx {
     stream_usage: bool,
     /// `--non-stream-share`.
     non_stream_share: f64,
+    /// `--api`.
+    api: Api,
 }
 
 /// The `--session-header` name, checked.
@@ -262,7 +272,10 @@ pub async fn run(
         client: client.clone(),
         urls: target_urls(target)
             .iter()
-            .map(|u| format!("{u}{}", args.path))
+            .map(|u| match args.api {
+                Api::Chat => format!("{u}{}", args.path),
+                _ => format!("{u}{}", responses::PATH),
+            })
             .collect(),
         split: args.split,
         sent_seq: AtomicU64::new(0),
@@ -275,6 +288,7 @@ pub async fn run(
         session_header,
         stream_usage: !args.no_stream_usage,
         non_stream_share: args.non_stream_share,
+        api: args.api,
     });
     // With a warm-up, the fleet's counters are read again when it ends, so that the hit rate and
     // utilisation cover the measured part only.
@@ -398,6 +412,7 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
     }
     let mut scheduled = ctx.t0 + Duration::from_secs_f64(s.start_s);
     let stream = session_streams(s.id, ctx.non_stream_share);
+    let mut previous: Option<String> = None;
     for (i, turn) in s.turns.iter().enumerate() {
         if i > 0 {
             scheduled = Instant::now() + Duration::from_secs_f64(turn.think_s);
@@ -407,15 +422,33 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
         }
         tokio::time::sleep_until(scheduled.into()).await;
         messages.push(json!({"role": "user", "content": &turn.user}));
-        let mut body = json!({
-            "model": ctx.model,
-            "messages": messages,
-            "max_tokens": turn.max_tokens,
-            "stream": stream,
-        });
-        if stream && ctx.stream_usage {
-            body["stream_options"] = json!({"include_usage": true});
-        }
+        let body = if ctx.api == Api::Chat {
+            let mut body = json!({
+                "model": ctx.model,
+                "messages": messages,
+                "max_tokens": turn.max_tokens,
+                "stream": stream,
+            });
+            if stream && ctx.stream_usage {
+                body["stream_options"] = json!({"include_usage": true});
+            }
+            body
+        } else {
+            let system = s.system.is_some() as usize;
+            let instructions = s.system.as_deref();
+            let conversation = &messages[system..];
+            let previous = previous.as_deref();
+            let max = turn.max_tokens;
+            responses::body(
+                ctx.api,
+                &ctx.model,
+                instructions,
+                conversation,
+                previous,
+                max,
+                stream,
+            )
+        };
         let seq = ctx.sent_seq.fetch_add(1, Ordering::Relaxed);
         let gateway = pick_url(ctx.split, ctx.urls.len(), s.id, seq);
         let sent = Instant::now();
@@ -445,6 +478,7 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
         }
         let since = |t: Instant| t.saturating_duration_since(ctx.t0).as_secs_f64();
         let content = out.content;
+        previous = out.response_id;
         ctx.records.lock().unwrap().push(Record {
             kind: s.kind,
             session: s.id,
@@ -480,6 +514,8 @@ struct Streamed {
     usage_cached: Option<u64>,
     usage_completion: Option<u64>,
     served_by: Option<String>,
+    /// Responses API: the answer's id.
+    response_id: Option<String>,
 }
 
 async fn one_request(
@@ -535,6 +571,13 @@ async fn one_request(
                 Ok(v) => v,
                 Err(e) => return Err((out, format!("bad SSE chunk: {e}"))),
             };
+            if v.get("type").is_some() {
+                match responses::read_event(&mut out, &v) {
+                    Ok(end) => done |= end,
+                    Err(e) => return Err((out, e)),
+                }
+                continue;
+            }
             if let Some(err) = v.get("error") {
                 return Err((out, format!("error chunk: {err}")));
             }
@@ -555,7 +598,10 @@ async fn one_request(
         }
     }
     if !done {
-        return Err((out, "stream ended without [DONE]".into()));
+        return Err((
+            out,
+            "stream ended without [DONE] (or response.completed)".into(),
+        ));
     }
     if out.first_token.is_none() {
         return Err((out, "no content in stream".into()));
@@ -591,6 +637,15 @@ async fn read_answer(
         Ok(v) => v,
         Err(e) => return Err((out, format!("bad JSON answer: {e}"))),
     };
+    if v.get("output").is_some() {
+        return match responses::read_answer(&mut out, &v) {
+            Ok(()) => {
+                out.chunks = out.usage_completion.unwrap_or(1);
+                Ok(out)
+            }
+            Err(e) => Err((out, e)),
+        };
+    }
     let Some(content) = v
         .pointer("/choices/0/message/content")
         .or_else(|| v.pointer("/choices/0/text"))

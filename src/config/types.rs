@@ -440,8 +440,12 @@ pub const DEFAULT_CLUSTER_HEADER: &str = "x-llmproxy-cluster";
 /// Default `metrics_path`.
 pub const DEFAULT_METRICS_PATH: &str = "/llmproxy/metrics";
 /// Default `intercept_paths`.
-pub const DEFAULT_INTERCEPT_PATHS: [&str; 3] =
-    ["/v1/chat/completions", "/v1/completions", "/v1/responses"];
+pub const DEFAULT_INTERCEPT_PATHS: [&str; 4] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/messages",
+];
 
 /// A configuration error: where (JSON path) and why.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,18 +1,20 @@
 //! OpenAI request parsing: model, stream flag, and the canonical prompt.
 //!
-//! Three request kinds are understood: `/v1/chat/completions` (`messages`, with string content
+//! Four request kinds are understood: `/v1/chat/completions` (`messages`, with string content
 //! or content parts, of any role), `/v1/completions` (`prompt`: a string, an array of
-//! strings, token ids or arrays of token ids) and the Responses API's `/v1/responses`
-//! (`instructions`, `input`, `previous_response_id`: [`responses`]). Only what routing needs
-//! is extracted; every other field is skipped without being copied.
+//! strings, token ids or arrays of token ids), the Responses API's `/v1/responses`
+//! (`instructions`, `input`, `previous_response_id`: [`responses`]) and the Anthropic
+//! Messages API's `/v1/messages` (`system`, `messages` of content blocks: [`anthropic`]). Only
+//! what routing needs is extracted; every other field is skipped without being copied.
 //!
 //! The prompt is not the raw JSON: it is a canonical rendering, so two clients that format
 //! the same conversation differently (key order, whitespace, escapes) hash the same. For chat:
 //! for every message `<|role|>\n`, then its text parts separated by `\n`, then the function
 //! name and arguments of each tool call, then `\n`. Non-text parts (images, audio) are not part
 //! of the prompt. For completions: the prompt string; several prompts are joined with `\n`;
-//! token ids are each 4 bytes, little-endian ([`PrefixHasher::feed_tokens`]). A Responses
-//! request renders as the chat of the same conversation ([`responses`]).
+//! token ids are each 4 bytes, little-endian ([`PrefixHasher::feed_tokens`]). A Responses or
+//! Messages request renders as the chat of the same conversation ([`responses`],
+//! [`anthropic`]).
 //! The rendering is streamed straight into the prefix hasher; it is never materialised.
 //!
 //! Prompt length, used for prefill-load accounting, is the number of characters of that
@@ -27,6 +29,7 @@ use serde::Deserialize;
 use crate::error::PickError;
 use crate::hashing::PrefixHasher;
 
+pub(crate) mod anthropic;
 pub(crate) mod responses;
 
 /// Which OpenAI endpoint a request is for.
@@ -38,6 +41,8 @@ pub enum RequestKind {
     Completions,
     /// `/v1/responses` (the OpenAI Responses API)
     Responses,
+    /// `/v1/messages` (the Anthropic Messages API)
+    Messages,
 }
 
 impl RequestKind {
@@ -48,6 +53,7 @@ impl RequestKind {
             p if p.ends_with("/chat/completions") => Some(Self::Chat),
             p if p.ends_with("/completions") => Some(Self::Completions),
             p if p.ends_with("/responses") => Some(Self::Responses),
+            p if p.ends_with("/messages") => Some(Self::Messages),
             _ => None,
         }
     }
@@ -60,7 +66,7 @@ pub struct ParsedRequest {
     pub model: String,
     /// The `stream` flag (false when absent).
     pub stream: bool,
-    /// Chat, completions or responses.
+    /// Chat, completions, responses or messages.
     pub kind: RequestKind,
     /// Cumulative prefix hashes of the canonical prompt.
     pub prefix_hashes: Vec<u64>,
@@ -141,6 +147,9 @@ struct Body<'a> {
     /// Responses API: the stored answer this request continues.
     #[serde(borrow, default)]
     previous_response_id: Option<JsonStr<'a>>,
+    /// Messages API: the system prompt (a string or text blocks).
+    #[serde(borrow, default)]
+    system: Content<'a>,
     /// Raw: read as a string only when asked ([`Extract::user`]); any other value is ignored.
     #[serde(borrow, default)]
     user: Option<&'a serde_json::value::RawValue>,
@@ -186,12 +195,19 @@ fn arguments_text(
     }
 }
 
+/// A content part (chat, Responses), or a content block (Messages API).
 #[derive(Deserialize)]
 struct Part<'a> {
     #[serde(rename = "type", borrow, default)]
     kind: Option<JsonStr<'a>>,
     #[serde(borrow, default)]
     text: Option<JsonStr<'a>>,
+    /// Messages API `tool_use`: the tool's name.
+    #[serde(borrow, default)]
+    name: Option<JsonStr<'a>>,
+    /// Messages API `tool_result`: a string or text blocks.
+    #[serde(borrow, default)]
+    content: Content<'a>,
 }
 
 /// Message content: absent/null, a string, or an array of parts.
@@ -464,6 +480,7 @@ pub fn parse_with_tail(
                 extendable = false;
             }
         },
+        RequestKind::Messages => anthropic::render(&mut hasher, &parsed.system, parsed.messages)?,
         RequestKind::Responses => {
             responses::render(&mut hasher, parsed.instructions.as_deref(), parsed.input)?;
             // A client that names the previous answer sends only what is new: its next turn

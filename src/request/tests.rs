@@ -368,3 +368,69 @@ fn bad_responses_requests_are_400_with_reason() {
         assert!(e.to_string().starts_with(want), "{body}: {e}");
     }
 }
+
+fn messages(body: &str) -> Result<ParsedRequest, PickError> {
+    parse(body.as_bytes(), Some(RequestKind::Messages), 16)
+}
+
+#[test]
+fn anthropic_messages_render_as_the_chat_of_the_same_conversation() {
+    assert_eq!(
+        RequestKind::from_path("/v1/messages?beta=true"),
+        Some(RequestKind::Messages)
+    );
+    // Claude Code's shape: system blocks, tool_use with an object input, tool_result blocks
+    let blocks = messages(
+        r#"{"model":"m","max_tokens":64,"stream":true,
+        "system":[{"type":"text","text":"You are a coder.","cache_control":{"type":"ephemeral"}},{"type":"text","text":" Be brief."}],
+        "tools":[{"name":"read","input_schema":{"type":"object"}}],
+        "messages":[
+        {"role":"user","content":[{"type":"text","text":"fix a.py"},{"type":"image","source":{"type":"base64","data":"AAAA"}}]},
+        {"role":"assistant","content":[{"type":"thinking","thinking":"hmm","signature":"s"},{"type":"text","text":"reading"},{"type":"tool_use","id":"t1","name":"read","input":{"path":"a.py"}}]},
+        {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":[{"type":"text","text":"print(1)"}]}]}
+    ]}"#,
+    )
+    .unwrap();
+    assert!(blocks.stream && blocks.kind == RequestKind::Messages);
+    // the same conversation, by another client: strings, another input spelling
+    let strings = messages(
+        r#"{"model":"m","system":"You are a coder. Be brief.","messages":[
+        {"role":"user","content":"fix a.py"},
+        {"role":"assistant","content":[{"type":"text","text":"reading"},{"type":"tool_use","id":"t1","name":"read","input":{ "path" : "a.py" }}]},
+        {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"print(1)"}]}
+    ]}"#,
+    )
+    .unwrap();
+    assert_eq!(blocks.prefix_hashes, strings.prefix_hashes);
+    assert_eq!(blocks.prompt_chars, strings.prompt_chars);
+    // the tool result is part of the prompt
+    let other = messages(
+        r#"{"model":"m","system":"You are a coder. Be brief.","messages":[
+        {"role":"user","content":"fix a.py"},
+        {"role":"assistant","content":[{"type":"text","text":"reading"},{"type":"tool_use","id":"t1","name":"read","input":{}}]},
+        {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"print(2)"}]}
+    ]}"#,
+    )
+    .unwrap();
+    assert_ne!(other.prefix_hashes, strings.prefix_hashes);
+    assert_eq!(other.prompt_chars, strings.prompt_chars);
+    for (body, want) in [
+        (
+            r#"{"model":"m","messages":[]}"#,
+            "messages must be a non-empty array",
+        ),
+        (r#"{"model":"m"}"#, "messages must be a non-empty array"),
+        (
+            r#"{"model":"m","messages":[{"content":"x"}]}"#,
+            "messages[0].role is required",
+        ),
+        (
+            r#"{"model":"m","system":7,"messages":[{"role":"user","content":"x"}]}"#,
+            "invalid JSON body",
+        ),
+    ] {
+        let e = messages(body).unwrap_err();
+        assert_eq!(e.http_status(), 400, "{body}");
+        assert!(e.to_string().starts_with(want), "{body}: {e}");
+    }
+}

@@ -11,7 +11,7 @@
 //!   the last one seen (OpenAI streams it in the final chunk).
 //!
 //! Answers of the Responses API (typed events, no `[DONE]`; an id the next turn may name)
-//! are read by [`responses_api`].
+//! are read by [`responses_api`], those of the Anthropic Messages API by [`anthropic`].
 //!
 //! Captured text is capped (`learn_response_bytes`); a capped answer is still a correct
 //! prefix of the next turn. Cost is linear in the response however it is cut: every input
@@ -31,6 +31,7 @@ use serde::Deserialize;
 use crate::hashing::PrefixHasher;
 use crate::request::{self, JsonStr, RequestKind};
 
+mod anthropic;
 mod responses_api;
 
 /// Room for the JSON around the captured text (an event's other fields, a body's usage…).
@@ -112,7 +113,8 @@ pub struct ResponseReader {
     json_too_long: bool,
     /// Responses API: the answer's first bytes, until its id is found in them.
     head: Vec<u8>,
-    /// Responses API, streamed: the `output_index` of each tool call, in `tool_calls` order.
+    /// Responses and Messages APIs, streamed: the `output_index` (`index`) of each tool call,
+    /// in `tool_calls` order.
     call_outputs: Vec<u64>,
     out: Capture,
 }
@@ -454,15 +456,21 @@ impl ResponseReader {
             self.fail();
             return false;
         };
-        if self.out.kind == Some(RequestKind::Responses) {
-            return match serde_json::from_str::<responses_api::Event>(json) {
-                Ok(e) => self.apply_responses(e, whole),
-                Err(_) => {
-                    self.fail();
-                    false
-                }
-            };
-        }
+        let applied = match self.out.kind {
+            Some(RequestKind::Responses) => serde_json::from_str::<responses_api::Event>(json)
+                .map(|e| self.apply_responses(e, whole)),
+            Some(RequestKind::Messages) => serde_json::from_str::<anthropic::Event>(json)
+                .map(|e| self.apply_messages(e, whole)),
+            _ => return self.apply_openai(json),
+        };
+        applied.unwrap_or_else(|_| {
+            self.fail();
+            false
+        })
+    }
+
+    /// Applies one chat or completions chunk, or whole answer.
+    fn apply_openai(&mut self, json: &str) -> bool {
         let Ok(m) = serde_json::from_str::<Message>(json) else {
             self.fail();
             return false;
@@ -552,7 +560,8 @@ impl Capture {
     pub fn render_next_turn(&self, h: &mut PrefixHasher) {
         match self.kind {
             Some(RequestKind::Completions) => h.feed(&self.text),
-            Some(RequestKind::Chat) => {
+            // (a Messages API answer's tool calls have no arguments: `anthropic`)
+            Some(RequestKind::Chat | RequestKind::Messages) => {
                 request::open_message(h, b"assistant");
                 h.feed(&self.text);
                 if self.capped {

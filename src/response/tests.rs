@@ -418,3 +418,88 @@ fn responses_answers_render_as_the_next_turn_resends_them() {
     assert!(learned.len() > 2);
     assert_eq!(learned, &next.prefix_hashes[before..before + learned.len()]);
 }
+
+/// A Messages API stream as vLLM sends it: typed events with `event:` lines, a text block, a
+/// tool_use block whose input streams as partial JSON, the usage split over message_start and
+/// message_delta, then message_stop and `[DONE]`.
+const MESSAGES_SSE: &str = concat!(
+    "event: message_start\n",
+    "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"usage\":{\"input_tokens\":12,\"output_tokens\":0}}}\n\n",
+    "event: content_block_start\n",
+    "data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"thinking\",\"thinking\":\"\"}}\n\n",
+    "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"hmm\"}}\n\n",
+    "data: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+    "data: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"text_delta\",\"text\":\"read\"}}\n\n",
+    "data: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"text_delta\",\"text\":\"ing\"}}\n\n",
+    "data: {\"type\":\"content_block_stop\",\"index\":1}\n\n",
+    "data: {\"type\":\"content_block_start\",\"index\":2,\"content_block\":{\"type\":\"tool_use\",\"id\":\"t1\",\"name\":\"read\",\"input\":{}}}\n\n",
+    "data: {\"type\":\"content_block_delta\",\"index\":2,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"path\\\":\\\"a.py\\\"}\"}}\n\n",
+    "data: {\"type\":\"content_block_stop\",\"index\":2}\n\n",
+    "event: message_delta\n",
+    "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":3}}\n\n",
+    "event: message_stop\n",
+    "data: {\"type\":\"message_stop\"}\n\n",
+    "data: [DONE]\n\n",
+);
+
+#[test]
+fn messages_streams_give_text_tool_names_and_usage_however_cut() {
+    let want_usage = Some(Usage {
+        prompt_tokens: 12,
+        completion_tokens: 3,
+        cached_tokens: None,
+    });
+    let c = whole(RequestKind::Messages, 1024, MESSAGES_SSE.as_bytes());
+    assert_eq!(c.text, b"reading");
+    assert_eq!(c.tool_calls, vec![(b"read".to_vec(), Vec::new())]);
+    assert_eq!(c.usage, want_usage);
+    assert!(c.complete && c.learnable());
+    let bytes = MESSAGES_SSE.as_bytes();
+    for cut in 0..bytes.len() {
+        let got = read(RequestKind::Messages, 1024, &[&bytes[..cut], &bytes[cut..]]);
+        assert_eq!(
+            (&got.text, &got.tool_calls, got.usage),
+            (&c.text, &c.tool_calls, c.usage),
+            "cut at {cut}"
+        );
+        assert!(got.complete, "cut at {cut}");
+        let got = read(RequestKind::Messages, 0, &[&bytes[..cut], &bytes[cut..]]);
+        assert_eq!(got.usage, want_usage, "usage only, cut at {cut}");
+    }
+    // a whole answer; an error answer
+    let body = br#"{"id":"msg_2","type":"message","role":"assistant","content":[{"type":"text","text":"reading"},{"type":"tool_use","id":"t1","name":"read","input":{"path":"a.py"}}],"stop_reason":"tool_use","usage":{"input_tokens":12,"output_tokens":3,"cache_read_input_tokens":8}}"#;
+    let w = whole(RequestKind::Messages, 1024, body);
+    assert_eq!(
+        (&w.text, &w.tool_calls, w.usage),
+        (&c.text, &c.tool_calls, want_usage)
+    );
+    let e = whole(
+        RequestKind::Messages,
+        1024,
+        br#"{"type":"error","error":{"type":"overloaded_error","message":"busy"}}"#,
+    );
+    assert!(!e.complete && !e.learnable());
+}
+
+#[test]
+fn messages_answers_render_as_the_next_turn_resends_them() {
+    let c = whole(RequestKind::Messages, 1024, MESSAGES_SSE.as_bytes());
+    let kind = Some(RequestKind::Messages);
+    let first = br#"{"model":"m","system":"be brief","messages":[{"role":"user","content":"fix a.py please"}]}"#;
+    let next = br#"{"model":"m","system":[{"type":"text","text":"be brief"}],"messages":[
+        {"role":"user","content":[{"type":"text","text":"fix a.py please"}]},
+        {"role":"assistant","content":[{"type":"thinking","thinking":"hmm","signature":"x"},{"type":"text","text":"reading"},{"type":"tool_use","id":"t1","name":"read","input":{"path": "a.py"}}]},
+        {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"print(1)"}]}]}"#;
+    let next = request::parse(next, kind, 16).unwrap();
+    let learn = request::Extract {
+        tail: true,
+        ..Default::default()
+    };
+    let (first, tail) = request::parse_with_tail(first, kind, 16, learn).unwrap();
+    let before = first.prompt_chars as usize / 16;
+    let mut h = tail.unwrap();
+    c.render_next_turn(&mut h);
+    let learned = h.full_chunk_hashes();
+    assert!(learned.len() > 1);
+    assert_eq!(learned, &next.prefix_hashes[before..before + learned.len()]);
+}

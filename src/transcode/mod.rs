@@ -112,8 +112,11 @@ pub fn plan(body: &[u8], o: PlanOptions) -> Result<(UpstreamRequest, Transcoder)
                 Transcoder::triton(o.kind, o.stream, o.client_model),
             ))
         }
-        // (a Responses stream always ends with its usage: nothing to ask for)
-        None if o.stream && o.force_stream_usage && o.kind != RequestKind::Responses => {
+        // (Responses and Messages streams always carry their usage: nothing to ask for)
+        None if o.stream
+            && o.force_stream_usage
+            && matches!(o.kind, RequestKind::Chat | RequestKind::Completions) =>
+        {
             let (body, strip) = force_usage(body, renamed)?;
             let transcoder = if strip {
                 Transcoder::strip_usage()
@@ -405,8 +408,8 @@ impl Transcoder {
                     "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
                 })
             }
-            // (a Responses request never reaches Triton: `build_request` refuses it)
-            RequestKind::Completions | RequestKind::Responses => json!({
+            // (a Responses or Messages request never reaches Triton: `build_request` refuses it)
+            RequestKind::Completions | RequestKind::Responses | RequestKind::Messages => json!({
                 "id": format!("cmpl-{}", self.id), "object": "text_completion",
                 "created": self.created, "model": self.client_model,
                 "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}],
@@ -423,8 +426,8 @@ impl Transcoder {
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": null, "finish_reason": "stop"}],
             }),
-            // (a Responses request never reaches Triton: `build_request` refuses it)
-            RequestKind::Completions | RequestKind::Responses => json!({
+            // (a Responses or Messages request never reaches Triton: `build_request` refuses it)
+            RequestKind::Completions | RequestKind::Responses | RequestKind::Messages => json!({
                 "id": format!("cmpl-{}", self.id), "object": "text_completion",
                 "created": self.created, "model": self.client_model,
                 "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "stop"}],

@@ -30,6 +30,12 @@ x-test-cached-tokens, and the echo fields), or with "stream": true its typed eve
 response.output_text.delta × x-test-chunks ("tok0 ", …), response.completed with the usage; no
 [DONE]. Unless `store` is false, the answer's id is stored at once.
 
+POST /v1/messages answers like vLLM's Anthropic Messages API: a message (`content`: a text
+block "hi from <name>", `usage.input_tokens` = body bytes / 4, the echo fields), or with
+"stream": true its typed events: message_start (with the usage and the echo), one text block
+of x-test-chunks text_delta events ("tok0 ", …), message_delta (stop_reason, output_tokens),
+message_stop, then `data: [DONE]` as vLLM ends it.
+
 POST /v2/models/{model}/generate[_stream] answers like Triton's generate extension:
 `{"model_name", "model_version", "text_output": "hi from <name> (<n> chars in)"}`, or SSE events
 of it, `text_output` "tok0 ", "tok1 ", ...
@@ -86,7 +92,7 @@ TRITON_ERROR = "x-test-triton-error"
 TRITON_REQUEST = "x-test-triton-request"  # response header of a scripted Triton answer
 CONTROL_HEADERS = (DELAY_MS, STATUS, CLOSE, CHUNKS, CHUNK_DELAY_MS, CACHED_TOKENS, TRITON_SCRIPT, TRITON_ERROR)
 
-OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages")
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error", 502: "Bad Gateway",
            503: "Service Unavailable", 504: "Gateway Timeout"}
 
@@ -225,7 +231,34 @@ def make_handler(name):
             return await answer_triton(req, out, payload)
         if req.path.startswith("/v1/responses"):
             return await answer_responses(req, out, payload)
+        if req.path.startswith("/v1/messages"):
+            return await answer_messages(req, out, payload)
         return await answer_openai(req, out, payload)
+
+    async def answer_messages(req, out, payload):
+        usage = {"input_tokens": max(1, len(req.body) // 4), "output_tokens": 3}
+        echo = {"served_by": name, "body_bytes": len(req.body), "received_headers": req.headers}
+        message = {"id": "msg_%s" % name, "type": "message", "role": "assistant", "model": payload.get("model", ""),
+                   "content": [{"type": "text", "text": "hi from " + name}], "stop_reason": "end_turn",
+                   "usage": usage, **echo}
+        if not payload.get("stream"):
+            return await out.json(200, message)
+
+        async def event(kind, obj):
+            await out.chunk(("event: %s\ndata: %s\n\n" % (kind, json.dumps(dict(obj, type=kind)))).encode())
+
+        chunks = req.number(CHUNKS, 5)
+        await out.start_stream()
+        await event("message_start", {"message": dict(message, content=[], stop_reason=None,
+                                                      usage=dict(usage, output_tokens=0))})
+        await event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+        for i in range(chunks):
+            await event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "tok%d " % i}})
+        await event("content_block_stop", {"index": 0})
+        await event("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": chunks}})
+        await event("message_stop", {})
+        await out.event("[DONE]")
+        await out.end_stream()
 
     async def answer_responses(req, out, payload):
         previous = payload.get("previous_response_id")

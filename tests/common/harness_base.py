@@ -30,6 +30,7 @@ FAKE_OPENAI = COMMON / "fake_openai.py"
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 RESPONSES = "/v1/responses"
+MESSAGES = "/v1/messages"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +480,46 @@ def check_response_chains(send, page, model):
     status, data = send({"model": model, "input": "hi", "previous_response_id": "resp_nowhere"}, {}, RESPONSES)
     assert status == 404 and "resp_nowhere" in json.loads(data)["error"]["message"], data
     wait_until(lambda: chains("unknown") >= 1, timeout=5, what="1 unknown chain")
+
+
+def check_anthropic_messages(send, page, model):
+    """The Anthropic Messages API (`/v1/messages`, as Claude Code sends it) through a gateway:
+    `send(body, headers, path) -> (status, body bytes)`, `page()` its metrics. A conversation
+    of a long shared system prompt, whose every turn resends the previous answer (text and a
+    tool_use block) and a tool_result, stays on one server; a streamed answer is learned as the
+    next turn's prefix (`llmproxy_learned_response_chunks_total`); the usage is counted."""
+    start = page()
+    system = [{"type": "text", "text": random_text(3000, seed=random.getrandbits(32)),
+               "cache_control": {"type": "ephemeral"}}]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "fix the bug in a.py"}]}]
+    served = set()
+    for turn in range(6):
+        body = {"model": model, "max_tokens": 256, "system": system, "messages": messages, "stream": turn % 2 == 0,
+                "tools": [{"name": "read", "input_schema": {"type": "object"}}]}
+        status, data = send(body, {"x-test-chunks": "40"}, MESSAGES)
+        assert status == 200, data[:300]
+        if turn % 2 == 0:
+            events = [json.loads(line[5:]) for line in data.split(b"\n") if line.startswith(b"data: {")]
+            assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop", events
+            served.add(events[0]["message"]["served_by"])
+            text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
+        else:
+            answer = json.loads(data)
+            served.add(answer["served_by"])
+            text = answer["content"][0]["text"]
+        messages += [{"role": "assistant", "content": [
+                         {"type": "text", "text": text},
+                         {"type": "tool_use", "id": "t%d" % turn, "name": "read", "input": {"path": "a.py"}}]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t%d" % turn,
+                                                   "content": "line %d" % turn}]}]
+    assert len(served) == 1, "the conversation went to %s" % served
+
+    def grew(name):
+        return page().total(name) - start.total(name)
+    # (a native nginx page merges the other workers' routers as published each second)
+    wait_until(lambda: grew("llmproxy_learned_response_chunks_total") > 0, timeout=5, what="learned answers")
+    wait_until(lambda: page().total("llmproxy_tokens_total", kind="prompt")
+               - start.total("llmproxy_tokens_total", kind="prompt") > 6 * 700, timeout=5, what="6 prompts' tokens")
 
 
 def check_cache_feedback(send, page, model):

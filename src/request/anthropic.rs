@@ -1,0 +1,99 @@
+//! The Anthropic Messages API (`/v1/messages`, which vLLM and llama.cpp serve for Claude
+//! Code and the Anthropic SDKs): its `system` and `messages` rendered as the chat rendering of
+//! the same conversation.
+//!
+//! `system` (a string, or its text blocks joined) is a system message first; each message
+//! renders as a chat message of its role whose content is a string or blocks: its `text`
+//! blocks are its text (separated by `\n`), then each `tool_result` block (`\n<|tool_result|>`
+//! and its string or text blocks), then each `tool_use` block as a tool call of its `name`. A
+//! tool call's `input` is not rendered: a client resends it as a JSON object its own library
+//! serialises (spacing, escapes), which the engine's streamed `partial_json` does not spell
+//! the same, and an answer learned for the next turn must hash as the client will send it back
+//! ([`crate::response`]). Images, documents and `thinking` blocks are not text the prompt shows
+//! here and are skipped.
+//!
+//! The body is read by the chat body's types ([`super::Message`], whose content blocks keep
+//! the `name` and `content` fields these blocks need).
+
+use super::{close_message, open_message, tool_call, Content, Message, Part};
+use super::{PickError, PrefixHasher};
+
+/// Renders a Messages request's prompt into `h`.
+pub(super) fn render(
+    h: &mut PrefixHasher,
+    system: &Content,
+    messages: Option<Vec<Message>>,
+) -> Result<(), PickError> {
+    let messages = messages.unwrap_or_default();
+    if messages.is_empty() {
+        return Err(PickError::bad_request(
+            "messages must be a non-empty array",
+            Some("messages"),
+        ));
+    }
+    if !matches!(system, Content::Empty) {
+        open_message(h, b"system");
+        render_text(h, system, b"");
+        close_message(h);
+    }
+    for (i, m) in messages.iter().enumerate() {
+        let role = match m.role.as_deref() {
+            Some(r) if !r.is_empty() => r,
+            _ => {
+                return Err(PickError::bad_request(
+                    format!("messages[{i}].role is required"),
+                    Some("messages"),
+                ))
+            }
+        };
+        open_message(h, role.as_bytes());
+        let mut empty = render_text(h, &m.content, b"\n");
+        if let Content::Parts(blocks) = &m.content {
+            for b in blocks.iter().filter(|b| is(b, "tool_result")) {
+                if !empty {
+                    h.feed(b"\n");
+                }
+                h.feed(b"<|tool_result|>");
+                render_text(h, &b.content, b"\n");
+                empty = false;
+            }
+            for b in blocks.iter().filter(|b| is(b, "tool_use")) {
+                tool_use(h, b.name.as_deref().unwrap_or("").as_bytes());
+            }
+        }
+        close_message(h);
+    }
+    Ok(())
+}
+
+/// Renders the text of `content` (a string, or its `text` blocks separated by `separator`);
+/// true when it had none.
+fn render_text(h: &mut PrefixHasher, content: &Content, separator: &[u8]) -> bool {
+    match content {
+        Content::Empty => true,
+        Content::Text(t) => {
+            h.feed_str(t);
+            t.is_empty()
+        }
+        Content::Parts(blocks) => {
+            let mut empty = true;
+            for b in blocks.iter().filter(|b| is(b, "text")) {
+                if !empty {
+                    h.feed(separator);
+                }
+                h.feed_str(b.text.as_deref().unwrap_or(""));
+                empty = false;
+            }
+            empty
+        }
+    }
+}
+
+fn is(b: &Part, kind: &str) -> bool {
+    b.kind.as_deref() == Some(kind)
+}
+
+/// Renders a tool call as a `tool_use` block renders (its name only), also for an answer's.
+fn tool_use(h: &mut PrefixHasher, name: &[u8]) {
+    tool_call(h, name, b"");
+}

@@ -1000,3 +1000,46 @@ fn router_free_never_waits_for_stuck_threads() {
             .finish(200);
     }
 }
+
+#[test]
+fn another_router_sends_a_responses_chain_to_the_endpoint_that_stored_its_answer() {
+    // Router a answers Responses requests; each answer's id is saved on the server as its
+    // endpoint's. Router b, which never saw them, sends a request naming one
+    // (`previous_response_id`) to that endpoint: the only engine that has the conversation.
+    let server = start_server();
+    let a = Router::from_json(config(server.port, "").as_bytes()).unwrap();
+    let b = Router::from_json(
+        config(server.port, r#", "cache_enabled": true, "timeout_ms": 500"#).as_bytes(),
+    )
+    .unwrap();
+    let path: [(&[u8], &[u8]); 1] = [(b":path", b"/v1/responses")];
+    let body = |input: &str, previous: Option<&str>| {
+        let mut v = serde_json::json!({"model": "m", "input": input});
+        if let Some(id) = previous {
+            v["previous_response_id"] = id.into();
+        }
+        v.to_string().into_bytes()
+    };
+    for chain in 0..5 {
+        let id = format!("resp_chain_{chain}");
+        let saves = server_saves(server.port);
+        let mut p = a.pick(&path, &body(&format!("first turn {chain}"), None));
+        let home = p.endpoint().unwrap().to_string();
+        p.observe_response(format!(r#"{{"id":"{id}","output":[]}}"#).as_bytes(), true);
+        p.finish(200);
+        wait_until("the answer's id to land", || {
+            server_saves(server.port) > saves
+        });
+        let (tx, rx) = mpsc::channel();
+        let next = body("and then?", Some(&id));
+        let immediate = b.pick_async(&path, &next, Box::new(move |r| tx.send(r).unwrap()));
+        assert!(immediate.is_none(), "a chain b does not know is looked up");
+        let req = rx.recv_timeout(Duration::from_secs(3)).expect("decided");
+        assert_eq!(req.endpoint(), Some(home.as_str()), "chain {chain}");
+        req.finish(200);
+    }
+    assert_eq!(
+        metric(&b, "llmproxy_response_chains_total{result=\"pinned\"} "),
+        5
+    );
+}

@@ -7,17 +7,21 @@
 //!   is a candidate and not overloaded, and the session is bound to wherever it went;
 //! - a **Responses API chain**: a request naming a `previous_response_id` goes to the
 //!   endpoint that stored that answer, however loaded (no other engine has it); the answer's
-//!   id is bound to its endpoint from the answer's first bytes.
+//!   id is bound to its endpoint from the answer's first bytes. With the Metadata-Center's
+//!   cache, the binding is also saved there (as a one-hash prefix of that endpoint), and a
+//!   chain this gateway does not know is looked up there: another gateway answered it.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::pick::RemoteDepth;
 use super::{find_header, HeaderRef, RouterInner};
+use crate::background::Event;
 use crate::balancer::CandidateLoad;
 use crate::config::SessionAffinity;
 use crate::hashing;
 use crate::response::ResponseReader;
-use crate::state::{Endpoint, EndpointSet};
+use crate::state::{Cluster, Endpoint, EndpointSet};
 
 /// Where a request's session stands among the candidates of this choice.
 #[derive(Clone, Copy)]
@@ -105,38 +109,66 @@ impl RouterInner {
     }
 
     /// The endpoint that stored the answer a request continues (`chain`: the key of its
-    /// `previous_response_id`), when it is a candidate: its position in `candidates`.
-    /// Counted in `llmproxy_response_chains_total`.
+    /// `previous_response_id`), when it is a candidate: its position in `candidates`. Bound
+    /// here, or else where the Metadata-Center says (`remote`: its answer to the chain's
+    /// lookup). Counted in `llmproxy_response_chains_total`.
     pub(super) fn chain_endpoint(
         &self,
         chain: Option<u64>,
         set: &EndpointSet,
         candidates: &[usize],
+        remote: Option<&RemoteDepth>,
     ) -> Option<usize> {
         let key = chain?;
-        let at = (self.index.bound(key, set)).and_then(|pos| position(candidates, pos));
+        let identity = self.config.metadata_center.identity;
+        let elsewhere = || {
+            let remote = remote?;
+            let held = |&pos: &usize| {
+                let e = &set.endpoints[pos];
+                remote.get(&e.wire_id(identity)).is_some_and(|&d| d > 0)
+            };
+            candidates.iter().position(held)
+        };
+        let local = (self.index.bound(key, set)).and_then(|pos| position(candidates, pos));
+        let at = local.or_else(elsewhere);
         self.metrics.response_chains[at.is_none() as usize].fetch_add(1, Ordering::Relaxed);
         at
+    }
+
+    /// True when `chain` (a request's `previous_response_id` key) is bound to no endpoint of
+    /// `cluster` here and the Metadata-Center's cache can be asked: another gateway may have
+    /// answered it.
+    pub(super) fn wants_chain_lookup(&self, chain: Option<u64>, cluster: &Cluster) -> bool {
+        let Some(key) = chain else { return false };
+        self.lookups.get().is_some() && self.index.bound(key, &cluster.snapshot()).is_none()
     }
 
     /// Binds a Responses answer's id to the endpoint answering it as soon as the answer's
     /// first bytes show it: a next turn may name it (`previous_response_id`) and only this
     /// engine stored it. Bound before the host forwards those bytes, so before the client can
     /// name it, even when another worker or thread picks the next turn.
-    /// (`answer`, `endpoint` and `bound` are those of one routed request.)
+    /// With the Metadata-Center, the binding is saved there too, for the other gateways.
+    /// (`answer`, `cluster`, `endpoint` and `bound` are those of one routed request.)
     pub(super) fn bind_response(
         &self,
         answer: &ResponseReader,
-        endpoint: Option<&Endpoint>,
+        cluster: &Arc<Cluster>,
+        endpoint: Option<&Arc<Endpoint>>,
         bound: &mut bool,
     ) {
         if *bound {
             return;
         }
         if let (Some(id), Some(e)) = (&answer.capture().response_id, endpoint) {
-            self.index
-                .bind(hashing::response_key(id), e.id, self.clock.now_ms());
+            let key = hashing::response_key(id);
+            self.index.bind(key, e.id, self.clock.now_ms());
             *bound = true;
+            // (a no-op without the Metadata-Center)
+            self.send(Event::SaveCache {
+                cluster: Arc::clone(cluster),
+                endpoint: Arc::clone(e),
+                hashes: vec![key],
+            });
         }
     }
 }

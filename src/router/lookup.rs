@@ -31,7 +31,9 @@ impl Router {
             Ok(r) => r,
             Err(e) => return Some(self.inner.finish_pick(Err(e), started, log)),
         };
-        let wants_remote = inner.wants_cache_depth(&routed);
+        let mut routed = routed;
+        routed.chain_remote = inner.wants_chain_lookup(routed.chain, &routed.cluster);
+        let wants_remote = routed.chain_remote || inner.wants_cache_depth(&routed);
         let routed = match (wants_remote, inner.lookups.get()) {
             (true, Some(tx)) => {
                 let job = LookupJob {
@@ -143,11 +145,19 @@ impl Lookup for LookupJob {
             return;
         }
         let set = routed.cluster.snapshot();
+        // a chain's lookup asks who holds its answer's key, whatever the key's age
+        let chain = routed.chain.filter(|_| routed.chain_remote);
         let query = CacheQuery {
             cluster: &routed.cluster.name,
-            prompt_hash: &routed.prefix_hashes,
+            prompt_hash: match &chain {
+                Some(key) => std::slice::from_ref(key),
+                None => &routed.prefix_hashes,
+            },
             top_k: set.endpoints.len().max(1),
-            max_age_ms: self.router.remote_claim_max_ages(&set),
+            max_age_ms: match chain {
+                Some(_) => Default::default(),
+                None => self.router.remote_claim_max_ages(&set),
+            },
         };
         // One deadline for the whole lookup, counted from the pick: every replica tried
         // shares it, so the decision comes within `timeout_ms` of the pick.

@@ -42,6 +42,9 @@ pub(super) struct Routed {
     pub(super) chain: Option<u64>,
     /// Responses API: the answer's id was bound to the endpoint ([`RouterInner::bind_response`]).
     pub(super) response_bound: bool,
+    /// The Metadata-Center is asked where the chain's answer is (another gateway bound it),
+    /// not for the prompt's cache: its answer is read by [`RouterInner::chain_endpoint`].
+    pub(super) chain_remote: bool,
     /// Share of the prompt's chunks the prefix index lists for the chosen endpoint.
     pub(super) cache_ratio: f64,
     /// Share of the prompt the pick expected the endpoint's engine to have cached: the
@@ -167,6 +170,7 @@ impl RouterInner {
             session,
             chain,
             response_bound: false,
+            chain_remote: false,
             cache_ratio: 0.0,
             expected_cache_ratio: 0.0,
             claim: None,
@@ -205,6 +209,11 @@ impl RouterInner {
         let candidates = self.candidates(r, &set, now)?;
         let params = self.config.lb_params(&r.model);
         let use_index = self.uses_cache_depth(r, &params);
+        // a chain's lookup answers where its answer is, not what the prompt's cache holds
+        let (remote, remote_chain) = match r.chain_remote {
+            true => (None, remote),
+            false => (remote, None),
+        };
         let depth = self.cache_depth(r, &set, use_index, remote, now);
         let session = self.session_endpoint(r.session, &set, &candidates);
         let loads = if self.config.algorithm.uses_loads() || session.is_bound() {
@@ -213,7 +222,7 @@ impl RouterInner {
             Vec::new()
         };
         let kept = self.keeps_session(&session, &loads);
-        let pinned = self.chain_endpoint(r.chain, &set, &candidates);
+        let pinned = self.chain_endpoint(r.chain, &set, &candidates, remote_chain);
         let at = match pinned.or(kept) {
             Some(at) => at,
             None => self.select(r, &candidates, &loads, &params),

@@ -191,8 +191,12 @@ impl PickedRequest {
                 } else {
                     r.answer.feed(out.unwrap_or(chunk), end_of_stream);
                 }
-                self.router
-                    .bind_response(&r.answer, r.endpoint.as_deref(), &mut r.response_bound);
+                self.router.bind_response(
+                    &r.answer,
+                    &r.cluster,
+                    r.endpoint.as_ref(),
+                    &mut r.response_bound,
+                );
                 out
             }
             Err(_) => None,
@@ -209,8 +213,12 @@ impl PickedRequest {
         if let Ok(r) = &mut self.result {
             if !r.transcoder.needs_transcoding() {
                 r.answer.feed(chunk, end_of_stream);
-                self.router
-                    .bind_response(&r.answer, r.endpoint.as_deref(), &mut r.response_bound);
+                self.router.bind_response(
+                    &r.answer,
+                    &r.cluster,
+                    r.endpoint.as_ref(),
+                    &mut r.response_bound,
+                );
             }
         }
     }

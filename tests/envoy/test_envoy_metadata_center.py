@@ -22,6 +22,20 @@ def metadata_center():
 
 @pytest.fixture(scope="module")
 def mc_gateway(module_built, servers, metadata_center, tmp_path_factory):
+    gw = start_mc_gateway(servers, metadata_center, tmp_path_factory)
+    yield gw
+    gw.close()
+
+
+@pytest.fixture(scope="module")
+def mc_gateway_b(module_built, servers, metadata_center, tmp_path_factory):
+    """A second gateway sharing the Metadata-Center (another Envoy replica)."""
+    gw = start_mc_gateway(servers, metadata_center, tmp_path_factory)
+    yield gw
+    gw.close()
+
+
+def start_mc_gateway(servers, metadata_center, tmp_path_factory):
     def start():
         listen_port, admin_port = harness.free_ports(2)
         endpoints = [servers.addr(n) for n in POOLS["pool_a"]]
@@ -35,9 +49,7 @@ def mc_gateway(module_built, servers, metadata_center, tmp_path_factory):
                                        default_cluster="pool_a")
         return harness.Envoy(boot, tmp_path_factory.mktemp("envoy-mc"))
 
-    gw = harness.retry_on_port_clash(start)
-    yield gw
-    gw.close()
+    return harness.retry_on_port_clash(start)
 
 
 def test_remote_cache_lookups_resume_through_scheduler(mc_gateway):
@@ -99,3 +111,27 @@ def settled_saves(port, quiet=0.5, timeout=10):
             return now
         last = now
     raise AssertionError("the save count kept moving for %d s" % timeout)
+
+
+def test_a_responses_chain_continues_through_another_gateway(mc_gateway, mc_gateway_b):
+    """Turns of a Responses API conversation that names each previous answer, sent to two
+    gateway replicas in turn: the fake engines keep their answers per server (404 elsewhere,
+    as vLLM and SGLang), and a gateway that did not see an answer finds its server through the
+    Metadata-Center, where the other saved it."""
+    previous, home = None, None
+    for turn in range(6):
+        gw = (mc_gateway, mc_gateway_b)[turn % 2]
+        body = {"model": "m-a", "input": harness.random_text(300), "stream": turn % 3 == 1}
+        if previous:
+            body["previous_response_id"] = previous
+        status, _, data, _ = harness.request(gw.port, "POST", harness.RESPONSES, body)
+        assert status == 200, "turn %d: %s" % (turn, data[:300])
+        previous, served = harness.responses_answer(data)
+        home = home or served
+        assert served == home, "turn %d went to %s, the chain is on %s" % (turn, served, home)
+    # each gateway found three turns: two through the Metadata-Center (the other's answers)
+    for gw in (mc_gateway, mc_gateway_b):
+        harness.wait_until(lambda: metrics(gw).total("llmproxy_response_chains_total", result="pinned") >= 2,
+                           timeout=5, what="pinned chains")
+    wait_in_flight_zero(mc_gateway)
+    wait_in_flight_zero(mc_gateway_b)

@@ -404,19 +404,7 @@ fn responses_answers_render_as_the_next_turn_resends_them() {
         {"type":"message","role":"assistant","content":[{"type":"output_text","text":"let me check"}]},
         {"type":"function_call","call_id":"c1","name":"get","arguments":"{\"x\":1}"},
         {"type":"function_call_output","call_id":"c1","output":"42"}]}"#;
-    let kind = Some(RequestKind::Responses);
-    let next = request::parse(next, kind, 16).unwrap();
-    let learn = request::Extract {
-        tail: true,
-        ..Default::default()
-    };
-    let (first, tail) = request::parse_with_tail(first, kind, 16, learn).unwrap();
-    let before = first.prompt_chars as usize / 16;
-    let mut h = tail.unwrap();
-    c.render_next_turn(&mut h);
-    let learned = h.full_chunk_hashes();
-    assert!(learned.len() > 2);
-    assert_eq!(learned, &next.prefix_hashes[before..before + learned.len()]);
+    assert!(learned_as_next_turn(&c, RequestKind::Responses, first, next) > 2);
 }
 
 /// A Messages API stream as vLLM sends it: typed events with `event:` lines, a text block, a
@@ -484,22 +472,28 @@ fn messages_streams_give_text_tool_names_and_usage_however_cut() {
 #[test]
 fn messages_answers_render_as_the_next_turn_resends_them() {
     let c = whole(RequestKind::Messages, 1024, MESSAGES_SSE.as_bytes());
-    let kind = Some(RequestKind::Messages);
     let first = br#"{"model":"m","system":"be brief","messages":[{"role":"user","content":"fix a.py please"}]}"#;
     let next = br#"{"model":"m","system":[{"type":"text","text":"be brief"}],"messages":[
         {"role":"user","content":[{"type":"text","text":"fix a.py please"}]},
         {"role":"assistant","content":[{"type":"thinking","thinking":"hmm","signature":"x"},{"type":"text","text":"reading"},{"type":"tool_use","id":"t1","name":"read","input":{"path": "a.py"}}]},
         {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"print(1)"}]}]}"#;
-    let next = request::parse(next, kind, 16).unwrap();
+    assert!(learned_as_next_turn(&c, RequestKind::Messages, first, next) > 1);
+}
+
+/// Renders `c` (the answer to `first`) after `first`'s prompt as a learned next turn, checks
+/// that its full chunks are the chunks of `next` (the next turn's body) that follow `first`'s,
+/// and returns how many there are. 16-byte chunks.
+fn learned_as_next_turn(c: &Capture, kind: RequestKind, first: &[u8], next: &[u8]) -> usize {
+    let next = request::parse(next, Some(kind), 16).unwrap();
     let learn = request::Extract {
         tail: true,
         ..Default::default()
     };
-    let (first, tail) = request::parse_with_tail(first, kind, 16, learn).unwrap();
+    let (first, tail) = request::parse_with_tail(first, Some(kind), 16, learn).unwrap();
     let before = first.prompt_chars as usize / 16;
     let mut h = tail.unwrap();
     c.render_next_turn(&mut h);
     let learned = h.full_chunk_hashes();
-    assert!(learned.len() > 1);
     assert_eq!(learned, &next.prefix_hashes[before..before + learned.len()]);
+    learned.len()
 }

@@ -6,7 +6,7 @@
 //! ([`super::Server`]); tokens come back over a channel.
 
 use super::responses::{self, Store};
-use super::wire::{error_response, parse_object, render_chat, unix_now};
+use super::wire::{collect_tokens, error_response, parse_object, render_chat, unix_now};
 use super::{ratio, CacheReport, Ev, Server};
 use crate::engine::Usage;
 use axum::body::Bytes;
@@ -252,25 +252,9 @@ async fn collect_response(
     object: &str,
     cache_report: CacheReport,
 ) -> Response {
-    let mut text = String::new();
-    let mut usage = Usage::default();
-    let mut complete = false;
-    while let Some(Ev::Token {
-        text: t,
-        finished,
-        usage: u,
-    }) = rx.recv().await
-    {
-        text.push_str(&t);
-        usage = u;
-        if finished {
-            complete = true;
-            break;
-        }
-    }
-    if !complete {
+    let Some((text, usage)) = collect_tokens(&mut rx).await else {
         return error_response(StatusCode::INTERNAL_SERVER_ERROR, "request aborted");
-    }
+    };
     let choice = match api {
         Api::Chat => {
             json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": "length"})

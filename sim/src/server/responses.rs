@@ -8,7 +8,7 @@
 //! the memory of the server that produced them, so a `previous_response_id` is only known to
 //! that server (404 elsewhere in the fleet).
 
-use super::wire::{error_response, parse_object, render_chat, unix_now};
+use super::wire::{collect_tokens, error_response, parse_object, render_chat, unix_now};
 use super::{CacheReport, Ev, Server};
 use crate::engine::Usage;
 use axum::http::StatusCode;
@@ -381,25 +381,9 @@ async fn collect_response(
     meta: Meta,
     save: Option<Save>,
 ) -> Response {
-    let mut text = String::new();
-    let mut usage = Usage::default();
-    let mut complete = false;
-    while let Some(Ev::Token {
-        text: t,
-        finished,
-        usage: u,
-    }) = rx.recv().await
-    {
-        text.push_str(&t);
-        usage = u;
-        if finished {
-            complete = true;
-            break;
-        }
-    }
-    if !complete {
+    let Some((text, usage)) = collect_tokens(&mut rx).await else {
         return error_response(StatusCode::INTERNAL_SERVER_ERROR, "request aborted");
-    }
+    };
     if let Some(s) = save {
         s.save(&meta.id, &text);
     }

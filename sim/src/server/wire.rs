@@ -1,11 +1,16 @@
 //! The OpenAI wire shapes every simulated API shares: error bodies, the JSON body check, the
-//! clock of `created` fields, and the chat template that turns messages into a prompt.
+//! clock of `created` fields, the chat template that turns messages into a prompt, and a whole
+//! (unstreamed) answer collected from the engine's tokens.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+use super::Ev;
+use crate::engine::Usage;
 
 /// Seconds since the Unix epoch.
 pub(super) fn unix_now() -> u64 {
@@ -63,4 +68,24 @@ pub(super) fn parse_object(body: &[u8]) -> Result<Value, String> {
         Ok(_) => Err("request body must be a JSON object".into()),
         Err(e) => Err(format!("invalid JSON body: {e}")),
     }
+}
+
+/// The whole answer of one request: its text and usage, once the engine finished it; None when
+/// the engine ended the request early.
+pub(super) async fn collect_tokens(
+    rx: &mut mpsc::UnboundedReceiver<Ev>,
+) -> Option<(String, Usage)> {
+    let mut text = String::new();
+    while let Some(Ev::Token {
+        text: t,
+        finished,
+        usage,
+    }) = rx.recv().await
+    {
+        text.push_str(&t);
+        if finished {
+            return Some((text, usage));
+        }
+    }
+    None
 }

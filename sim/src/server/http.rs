@@ -181,12 +181,7 @@ fn usage_json(u: &Usage, cache_report: CacheReport) -> Value {
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
     });
-    let cached = match cache_report {
-        CacheReport::Measured => Some(u.cached_tokens),
-        CacheReport::Zeros => Some(0),
-        CacheReport::Absent => None,
-    };
-    if let Some(cached) = cached {
+    if let Some(cached) = cache_report.cached_tokens(u) {
         usage["prompt_tokens_details"] = json!({"cached_tokens": cached});
     }
     usage

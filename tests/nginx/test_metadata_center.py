@@ -295,3 +295,25 @@ def test_gateways_with_shared_state_see_only_other_gateways_as_remote(gateway_mc
     finally:
         close_streams(s_streams)
     wait_drained(shared, plain)
+
+
+def test_a_responses_chain_started_on_one_gateway_continues_on_another(gateway_mc, gateway_lookups):
+    """A Responses API conversation answered by gateway A, continued through gateway B by
+    naming A's answer (`previous_response_id`): the fake engines keep their answers per server
+    (404 elsewhere, as vLLM and SGLang), and B, which never saw the answer, finds its server
+    through the Metadata-Center where A saved it; then B's own answers keep the chain there."""
+    status, _, data = harness.request(gateway_mc.port, "POST", harness.RESPONSES,
+                                      {"model": "m-a", "input": harness.random_text(300)})
+    assert status == 200, data
+    previous, home = harness.responses_answer(data)
+    before = metrics(gateway_lookups.port)
+    for turn in range(4):
+        body = {"model": "m-a", "input": harness.random_text(300), "previous_response_id": previous,
+                "stream": turn % 2 == 0}
+        status, _, data = harness.request(gateway_lookups.port, "POST", harness.RESPONSES, body)
+        assert status == 200, "turn %d: %s" % (turn, data[:300])
+        previous, served = harness.responses_answer(data)
+        assert served == home, "turn %d went to %s, the chain is on %s" % (turn, served, home)
+    after = wait_settled(gateway_lookups.port)
+    assert after.total("llmproxy_response_chains_total", result="pinned") \
+        - before.total("llmproxy_response_chains_total", result="pinned") == 4

@@ -113,13 +113,17 @@ def settled_saves(port, quiet=0.5, timeout=10):
     raise AssertionError("the save count kept moving for %d s" % timeout)
 
 
-def test_a_responses_chain_continues_through_another_gateway(mc_gateway, mc_gateway_b):
+def test_a_responses_chain_continues_through_another_gateway(mc_gateway, mc_gateway_b, metadata_center):
     """Turns of a Responses API conversation that names each previous answer, sent to two
     gateway replicas in turn: the fake engines keep their answers per server (404 elsewhere,
     as vLLM and SGLang), and a gateway that did not see an answer finds its server through the
-    Metadata-Center, where the other saved it."""
+    Metadata-Center, where the other saved it. The save is sent from the answering gateway's
+    sync thread when the answer's first bytes pass: a client of these instant fake engines
+    sends its next turn before it lands, so each turn waits for the saves to settle (a real
+    engine's generation gives them its whole duration)."""
     previous, home = None, None
     for turn in range(6):
+        settled_saves(metadata_center)
         gw = (mc_gateway, mc_gateway_b)[turn % 2]
         body = {"model": "m-a", "input": harness.random_text(300), "stream": turn % 3 == 1}
         if previous:

@@ -297,7 +297,8 @@ def test_gateways_with_shared_state_see_only_other_gateways_as_remote(gateway_mc
     wait_drained(shared, plain)
 
 
-def test_a_responses_chain_started_on_one_gateway_continues_on_another(gateway_mc, gateway_lookups):
+def test_a_responses_chain_started_on_one_gateway_continues_on_another(gateway_mc, gateway_lookups,
+                                                                    metadata_center):
     """A Responses API conversation answered by gateway A, continued through gateway B by
     naming A's answer (`previous_response_id`): the fake engines keep their answers per server
     (404 elsewhere, as vLLM and SGLang), and B, which never saw the answer, finds its server
@@ -306,6 +307,15 @@ def test_a_responses_chain_started_on_one_gateway_continues_on_another(gateway_m
                                       {"model": "m-a", "input": harness.random_text(300)})
     assert status == 200, data
     previous, home = harness.responses_answer(data)
+    # A's sync thread saves the answer's id when its first bytes pass: let it land (these fake
+    # engines answer at once; a real one's generation gives it its whole duration)
+    saves = None
+    for _ in range(20):  # until the count holds for 0.5 s (10 s at most)
+        now = mc_metric(metadata_center.port, 'metadata_center_cache_ops_total{op="save"}')
+        if now == saves:
+            break
+        saves = now
+        time.sleep(0.5)
     before = metrics(gateway_lookups.port)
     for turn in range(4):
         body = {"model": "m-a", "input": harness.random_text(300), "previous_response_id": previous,

@@ -6,19 +6,19 @@
 //! ([`super::Server`]); tokens come back over a channel.
 
 use super::responses::{self, Store};
-use super::wire::{collect_tokens, error_response, parse_object, render_chat, unix_now};
+use super::wire::{
+    collect_tokens, error_response, parse_object, render_chat, token_stream, unix_now,
+};
 use super::{ratio, CacheReport, Ev, Server};
 use crate::engine::Usage;
 use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -187,55 +187,22 @@ fn usage_json(u: &Usage, cache_report: CacheReport) -> Value {
     usage
 }
 
-struct SseState {
-    rx: mpsc::UnboundedReceiver<Ev>,
-    fmt: ChunkFmt,
-    include_usage: bool,
-    pending: VecDeque<String>,
-    first: bool,
-    done: bool,
-}
-
+/// The chat or completions stream: a chunk per token (the role with the first), the usage
+/// chunk when asked, then `[DONE]`.
 fn sse_response(rx: mpsc::UnboundedReceiver<Ev>, fmt: ChunkFmt, include_usage: bool) -> Response {
-    let st = SseState {
-        rx,
-        fmt,
-        include_usage,
-        pending: VecDeque::new(),
-        first: true,
-        done: false,
-    };
-    let stream = futures_util::stream::unfold(st, |mut st| async move {
-        loop {
-            if let Some(data) = st.pending.pop_front() {
-                return Some((Ok::<_, Infallible>(Event::default().data(data)), st));
+    let data = |d: String| Event::default().data(d);
+    let mut first = true;
+    token_stream(rx, Vec::new(), fmt, move |fmt, text, finished, usage| {
+        let mut events = vec![data(fmt.token(text, first, finished))];
+        first = false;
+        if finished {
+            if include_usage {
+                events.push(data(fmt.usage(usage)));
             }
-            if st.done {
-                return None;
-            }
-            match st.rx.recv().await {
-                Some(Ev::Token {
-                    text,
-                    finished,
-                    usage,
-                }) => {
-                    st.pending
-                        .push_back(st.fmt.token(&text, st.first, finished));
-                    st.first = false;
-                    if finished {
-                        if st.include_usage {
-                            st.pending.push_back(st.fmt.usage(&usage));
-                        }
-                        st.pending.push_back("[DONE]".to_string());
-                        st.done = true;
-                    }
-                }
-                // The engine never drops a live subscriber; end the stream if it did.
-                None => st.done = true,
-            }
+            events.push(data("[DONE]".to_string()));
         }
-    });
-    Sse::new(stream).into_response()
+        events
+    })
 }
 
 async fn collect_response(

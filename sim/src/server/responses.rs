@@ -8,16 +8,17 @@
 //! the memory of the server that produced them, so a `previous_response_id` is only known to
 //! that server (404 elsewhere in the fleet).
 
-use super::wire::{collect_tokens, error_response, parse_object, render_chat, unix_now};
+use super::wire::{
+    collect_tokens, error_response, parse_object, render_chat, token_stream, unix_now,
+};
 use super::{CacheReport, Ev, Server};
 use crate::engine::Usage;
 use axum::http::StatusCode;
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
@@ -386,13 +387,12 @@ async fn collect_response(
 }
 
 struct StreamState {
-    rx: mpsc::UnboundedReceiver<Ev>,
     meta: Meta,
     save: Option<Save>,
     text: String,
     seq: u64,
-    pending: VecDeque<Event>,
-    done: bool,
+    /// Events made and not yet handed to the stream.
+    out: Vec<Event>,
 }
 
 impl StreamState {
@@ -401,8 +401,8 @@ impl StreamState {
         data["type"] = json!(kind);
         data["sequence_number"] = json!(self.seq);
         self.seq += 1;
-        self.pending
-            .push_back(Event::default().event(kind).data(data.to_string()));
+        self.out
+            .push(Event::default().event(kind).data(data.to_string()));
     }
 
     /// The events of the last token: the text, its part, its item and the response completed;
@@ -425,7 +425,6 @@ impl StreamState {
         if let Some(s) = self.save.take() {
             s.save(&self.meta.id, &self.text);
         }
-        self.done = true;
     }
 }
 
@@ -433,13 +432,11 @@ impl StreamState {
 /// `response.output_text.delta` per token, then [`StreamState::finish`]'s. No `[DONE]`.
 fn stream_response(rx: mpsc::UnboundedReceiver<Ev>, meta: Meta, save: Option<Save>) -> Response {
     let mut st = StreamState {
-        rx,
         meta,
         save,
         text: String::new(),
         seq: 0,
-        pending: VecDeque::new(),
-        done: false,
+        out: Vec::new(),
     };
     let start = st.meta.response("in_progress", json!([]), Value::Null);
     st.push("response.created", json!({"response": start.clone()}));
@@ -452,35 +449,18 @@ fn stream_response(rx: mpsc::UnboundedReceiver<Ev>, meta: Meta, save: Option<Sav
     let mut part = st.meta.part_ref();
     part["part"] = output_text("");
     st.push("response.content_part.added", part);
-    let stream = futures_util::stream::unfold(st, |mut st| async move {
-        loop {
-            if let Some(ev) = st.pending.pop_front() {
-                return Some((Ok::<_, Infallible>(ev), st));
-            }
-            if st.done {
-                return None;
-            }
-            match st.rx.recv().await {
-                Some(Ev::Token {
-                    text,
-                    finished,
-                    usage,
-                }) => {
-                    st.text.push_str(&text);
-                    let mut delta = st.meta.part_ref();
-                    delta["delta"] = json!(text);
-                    delta["logprobs"] = json!([]);
-                    st.push("response.output_text.delta", delta);
-                    if finished {
-                        st.finish(&usage);
-                    }
-                }
-                // The engine never drops a live subscriber; end the stream if it did.
-                None => st.done = true,
-            }
+    let first = std::mem::take(&mut st.out);
+    token_stream(rx, first, st, |st, text, finished, usage| {
+        st.text.push_str(text);
+        let mut delta = st.meta.part_ref();
+        delta["delta"] = json!(text);
+        delta["logprobs"] = json!([]);
+        st.push("response.output_text.delta", delta);
+        if finished {
+            st.finish(usage);
         }
-    });
-    Sse::new(stream).into_response()
+        std::mem::take(&mut st.out)
+    })
 }
 
 #[cfg(test)]

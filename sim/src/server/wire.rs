@@ -1,11 +1,14 @@
 //! The OpenAI wire shapes every simulated API shares: error bodies, the JSON body check, the
-//! clock of `created` fields, the chat template that turns messages into a prompt, and a whole
-//! (unstreamed) answer collected from the engine's tokens.
+//! clock of `created` fields, the chat template that turns messages into a prompt, and the
+//! engine's tokens of one request turned into a whole answer or into a stream of events.
 
 use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
@@ -88,4 +91,57 @@ pub(super) async fn collect_tokens(
         }
     }
     None
+}
+
+/// A server-sent event stream of one request: the `first` events, then for every token the
+/// engine sends the events `on_token(state, text, finished, usage)` makes of it; it ends after
+/// the finished token (or if the engine dropped the request).
+pub(super) fn token_stream<S, F>(
+    rx: mpsc::UnboundedReceiver<Ev>,
+    first: Vec<Event>,
+    state: S,
+    on_token: F,
+) -> Response
+where
+    S: Send + 'static,
+    F: FnMut(&mut S, &str, bool, &Usage) -> Vec<Event> + Send + 'static,
+{
+    struct Stream<S, F> {
+        rx: mpsc::UnboundedReceiver<Ev>,
+        pending: VecDeque<Event>,
+        done: bool,
+        state: S,
+        on_token: F,
+    }
+    let st = Stream {
+        rx,
+        pending: first.into(),
+        done: false,
+        state,
+        on_token,
+    };
+    let stream = futures_util::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(ev) = st.pending.pop_front() {
+                return Some((Ok::<_, Infallible>(ev), st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.rx.recv().await {
+                Some(Ev::Token {
+                    text,
+                    finished,
+                    usage,
+                }) => {
+                    let events = (st.on_token)(&mut st.state, &text, finished, &usage);
+                    st.pending.extend(events);
+                    st.done = finished;
+                }
+                // The engine never drops a live subscriber; end the stream if it did.
+                None => st.done = true,
+            }
+        }
+    });
+    Sse::new(stream).into_response()
 }

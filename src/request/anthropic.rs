@@ -15,7 +15,7 @@
 //! The body is read by the chat body's types ([`super::Message`], whose content blocks keep
 //! the `name` and `content` fields these blocks need).
 
-use super::{close_message, open_message, tool_call, Content, Message, Part};
+use super::{close_message, open_message, tool_call, Content, Message};
 use super::{PickError, PrefixHasher};
 
 /// Renders a Messages request's prompt into `h`.
@@ -49,7 +49,7 @@ pub(super) fn render(
         open_message(h, role.as_bytes());
         let mut empty = render_text(h, &m.content, b"\n");
         if let Content::Parts(blocks) = &m.content {
-            for b in blocks.iter().filter(|b| is(b, "tool_result")) {
+            for b in blocks.iter().filter(|b| b.is("tool_result")) {
                 if !empty {
                     h.feed(b"\n");
                 }
@@ -57,7 +57,7 @@ pub(super) fn render(
                 render_text(h, &b.content, b"\n");
                 empty = false;
             }
-            for b in blocks.iter().filter(|b| is(b, "tool_use")) {
+            for b in blocks.iter().filter(|b| b.is("tool_use")) {
                 tool_use(h, b.name.as_deref().unwrap_or("").as_bytes());
             }
         }
@@ -77,7 +77,7 @@ fn render_text(h: &mut PrefixHasher, content: &Content, separator: &[u8]) -> boo
         }
         Content::Parts(blocks) => {
             let mut empty = true;
-            for b in blocks.iter().filter(|b| is(b, "text")) {
+            for b in blocks.iter().filter(|b| b.is("text")) {
                 if !empty {
                     h.feed(separator);
                 }
@@ -87,10 +87,6 @@ fn render_text(h: &mut PrefixHasher, content: &Content, separator: &[u8]) -> boo
             empty
         }
     }
-}
-
-fn is(b: &Part, kind: &str) -> bool {
-    b.kind.as_deref() == Some(kind)
 }
 
 /// Renders a tool call as a `tool_use` block renders (its name only), also for an answer's.

@@ -195,19 +195,27 @@ fn arguments_text(
     }
 }
 
-/// A content part (chat, Responses), or a content block (Messages API).
+/// A content part (chat, Responses), or a content block (Messages API: also of an answer,
+/// and a streamed block's delta, [`crate::response`]).
 #[derive(Deserialize)]
-struct Part<'a> {
+pub(crate) struct Part<'a> {
     #[serde(rename = "type", borrow, default)]
-    kind: Option<JsonStr<'a>>,
+    pub(crate) kind: Option<JsonStr<'a>>,
     #[serde(borrow, default)]
-    text: Option<JsonStr<'a>>,
+    pub(crate) text: Option<JsonStr<'a>>,
     /// Messages API `tool_use`: the tool's name.
     #[serde(borrow, default)]
-    name: Option<JsonStr<'a>>,
+    pub(crate) name: Option<JsonStr<'a>>,
     /// Messages API `tool_result`: a string or text blocks.
     #[serde(borrow, default)]
     content: Content<'a>,
+}
+
+impl Part<'_> {
+    /// True when the part's `type` is `kind`.
+    pub(crate) fn is(&self, kind: &str) -> bool {
+        self.kind.as_deref() == Some(kind)
+    }
 }
 
 /// Message content: absent/null, a string, or an array of parts.

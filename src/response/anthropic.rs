@@ -17,7 +17,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use super::{RawUsage, ResponseReader, Usage};
-use crate::request::JsonStr;
+use crate::request::{JsonStr, Part};
 
 /// One streamed event, or a whole answer (a message object): only the fields read here.
 #[derive(Deserialize)]
@@ -26,7 +26,7 @@ pub(super) struct Event<'a> {
     kind: Option<JsonStr<'a>>,
     /// A whole answer's blocks.
     #[serde(borrow, default)]
-    content: Option<Vec<Block<'a>>>,
+    content: Option<Vec<Part<'a>>>,
     #[serde(default)]
     usage: Option<RawUsage>,
     #[serde(default)]
@@ -36,36 +36,19 @@ pub(super) struct Event<'a> {
     message: Option<StartedMessage>,
     /// `content_block_start`: the block.
     #[serde(borrow, default)]
-    content_block: Option<Block<'a>>,
+    content_block: Option<Part<'a>>,
     /// `content_block_start`, `content_block_delta`: the block's position.
     #[serde(default)]
     index: Option<u64>,
     /// `content_block_delta`: `{type, text | partial_json | thinking}`.
     #[serde(borrow, default)]
-    delta: Option<Block<'a>>,
+    delta: Option<Part<'a>>,
 }
 
 #[derive(Deserialize)]
 pub(super) struct StartedMessage {
     #[serde(default)]
     usage: Option<RawUsage>,
-}
-
-/// A content block, or a block's delta.
-#[derive(Deserialize)]
-pub(super) struct Block<'a> {
-    #[serde(rename = "type", borrow, default)]
-    kind: Option<JsonStr<'a>>,
-    #[serde(borrow, default)]
-    text: Option<JsonStr<'a>>,
-    #[serde(borrow, default)]
-    name: Option<JsonStr<'a>>,
-}
-
-impl Block<'_> {
-    fn is(&self, kind: &str) -> bool {
-        self.kind.as_deref() == Some(kind)
-    }
 }
 
 impl ResponseReader {
@@ -111,7 +94,7 @@ impl ResponseReader {
     }
 
     /// A text block's text, or a tool call (its name: the input is not rendered).
-    fn take_block(&mut self, b: &Block) {
+    fn take_block(&mut self, b: &Part) {
         if b.is("text") {
             self.take_text(b.text.as_deref().unwrap_or("").as_bytes());
         } else if b.is("tool_use") {

@@ -26,12 +26,11 @@ impl Router {
         let started = Instant::now();
         let inner = &self.inner;
         let log = LogContext::capture(inner, headers, body);
-        let prepared = inner.prepare(headers, body);
-        let routed = match prepared {
+        let mut routed = match inner.prepare(headers, body) {
             Ok(r) => r,
             Err(e) => return Some(self.inner.finish_pick(Err(e), started, log)),
         };
-        let mut routed = routed;
+        // a chain this gateway does not know: ask where its answer is
         routed.chain_remote = inner.wants_chain_lookup(routed.chain, &routed.cluster);
         let wants_remote = routed.chain_remote || inner.wants_cache_depth(&routed);
         let routed = match (wants_remote, inner.lookups.get()) {

@@ -170,6 +170,10 @@ class Responder:
         payload = obj if isinstance(obj, str) else json.dumps(obj)
         await self.chunk(("data: " + payload + "\n\n").encode())
 
+    async def typed_event(self, kind, obj):
+        """An event of the Responses or Messages APIs: `event: <kind>` and `obj` with its `type`."""
+        await self.chunk(("event: %s\ndata: %s\n\n" % (kind, json.dumps(dict(obj, type=kind)))).encode())
+
     async def end_stream(self):
         self.writer.write(b"0\r\n\r\n")
         await self.writer.drain()
@@ -244,9 +248,7 @@ def make_handler(name):
         if not payload.get("stream"):
             return await out.json(200, message)
 
-        async def event(kind, obj):
-            await out.chunk(("event: %s\ndata: %s\n\n" % (kind, json.dumps(dict(obj, type=kind)))).encode())
-
+        event = out.typed_event
         chunks = req.number(CHUNKS, 5)
         await out.start_stream()
         await event("message_start", {"message": dict(message, content=[], stop_reason=None,
@@ -282,10 +284,7 @@ def make_handler(name):
         if not payload.get("stream"):
             return await out.json(200, response)
 
-        async def event(kind, obj):
-            obj = dict(obj, type=kind)
-            await out.chunk(("event: %s\ndata: %s\n\n" % (kind, json.dumps(obj))).encode())
-
+        event = out.typed_event
         await out.start_stream()
         await event("response.created", {"sequence_number": 0, "response": dict(
             response, status="in_progress", output=[], usage=None)})

@@ -37,9 +37,6 @@ pub(super) struct Event<'a> {
     /// `content_block_start`: the block.
     #[serde(borrow, default)]
     content_block: Option<Part<'a>>,
-    /// `content_block_start`, `content_block_delta`: the block's position.
-    #[serde(default)]
-    index: Option<u64>,
     /// `content_block_delta`: `{type, text | partial_json | thinking}`.
     #[serde(borrow, default)]
     delta: Option<Part<'a>>,
@@ -71,9 +68,6 @@ impl ResponseReader {
             "message_start" => self.merge_usage(e.message.and_then(|m| m.usage)),
             "content_block_start" => {
                 if let Some(b) = &e.content_block {
-                    if b.is("tool_use") {
-                        self.call_outputs.push(e.index.unwrap_or(u64::MAX));
-                    }
                     self.take_block(b);
                 }
             }

@@ -113,8 +113,7 @@ pub struct ResponseReader {
     json_too_long: bool,
     /// Responses API: the answer's first bytes, until its id is found in them.
     head: Vec<u8>,
-    /// Responses and Messages APIs, streamed: the `output_index` (`index`) of each tool call,
-    /// in `tool_calls` order.
+    /// Responses API, streamed: the `output_index` of each tool call, in `tool_calls` order.
     call_outputs: Vec<u64>,
     out: Capture,
 }

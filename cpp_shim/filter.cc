@@ -239,6 +239,14 @@ Filter::PickResult Filter::decide(llmproxy_request *req, llmproxy_status st) {
 bool Filter::apply_decision(llmproxy_request *req) {
   req_ = req;
   const llmproxy_status st = llmproxy_request_status(req);
+  if (st == LLMPROXY_PASSTHROUGH) {
+    // Nothing to route (a stored Responses answer no one knows the endpoint of): proxied
+    // untouched, like a request the library does not intercept.
+    llmproxy_request_finish_outcome(std::exchange(req_, nullptr), 0, LLMPROXY_OUTCOME_LOCAL);
+    phase_ = Phase::Passthrough;
+    cfg_.counters.passthrough.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
   uint32_t http = llmproxy_request_http_status(req);
   if (st != LLMPROXY_OK || http != 200) {
     if (http < 400 || http > 599) http = error_status(st);

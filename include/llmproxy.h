@@ -57,6 +57,13 @@ typedef enum llmproxy_status {
    * An internal error, e.g. a caught panic (HTTP 500).
    */
   LLMPROXY_INTERNAL = 8,
+  /**
+   * Not routed, and nothing to answer: proxy the request untouched, as one
+   * `llmproxy_router_should_intercept` refuses (a request on a stored Responses answer
+   * whose endpoint neither this router nor the Metadata-Center knows). Finish the handle
+   * as any other (`llmproxy_request_finish`); HTTP status 0.
+   */
+  LLMPROXY_PASSTHROUGH = 9,
 } llmproxy_status;
 
 /**
@@ -279,7 +286,11 @@ uint64_t llmproxy_router_max_body_bytes(const struct llmproxy_router *router);
 uint64_t llmproxy_router_pick_deadline_ms(const struct llmproxy_router *router);
 
 /**
- * True when a request with this method and path (query ignored) must go through pick.
+ * True when a request with this method and path must go through pick: a POST to one of
+ * `intercept_paths` (query ignored), or a request on a stored Responses answer this router
+ * knows the endpoint of (`GET`/`DELETE /v1/responses/{id}`, `GET …/input_items`, `POST
+ * …/cancel`; no body: pick it with an empty one). The answer may change from one call to
+ * the next for the same stored answer (learned, forgotten).
  *
  * # Safety
  * Pointers must be valid for their lengths.
@@ -472,7 +483,8 @@ void llmproxy_pick_ticket_free(struct llmproxy_pick_ticket *ticket);
 enum llmproxy_status llmproxy_request_status(const struct llmproxy_request *req);
 
 /**
- * HTTP status for the client: 200 when routed, else 400/404/413/500/503 (500 for NULL).
+ * HTTP status for the client: 200 when routed, else 400/404/413/500/503 (500 for NULL); 0
+ * for `LLMPROXY_PASSTHROUGH` (nothing to answer).
  *
  * # Safety
  * `req` must be NULL or valid.

@@ -193,6 +193,8 @@ ngx_http_llmproxy_strip(ngx_http_request_t *r)
 static ngx_str_t  endpoint_header = ngx_string(LLMPROXY_ENDPOINT_HEADER);
 static ngx_str_t  scene_header = ngx_string(LLMPROXY_SCENE_HEADER);
 
+static void ngx_http_llmproxy_resume(ngx_http_request_t *r, ngx_http_llmproxy_ctx_t *ctx);
+
 
 ngx_int_t
 ngx_http_llmproxy_set_header(ngx_http_request_t *r, ngx_str_t *name, ngx_uint_t hash,
@@ -537,6 +539,16 @@ ngx_http_llmproxy_picked(ngx_http_request_t *r, ngx_http_llmproxy_ctx_t *ctx,
         return;
     }
 
+    if (st == LLMPROXY_PASSTHROUGH) {
+        /* nothing to route (a stored Responses answer no one knows the endpoint of): proxied
+         * untouched, to the block's round robin, like a request the library does not
+         * intercept (ctx->req stays NULL) */
+        llmproxy_request_finish_outcome(req, 0, LLMPROXY_OUTCOME_LOCAL);
+        llmproxy_count(passthrough, 1);
+        ngx_http_llmproxy_resume(r, ctx);
+        return;
+    }
+
     if (st != LLMPROXY_OK) {
         /* the library's own status and OpenAI JSON; the handle is finished at once */
         status = llmproxy_request_http_status(req);
@@ -620,7 +632,14 @@ ngx_http_llmproxy_picked(ngx_http_request_t *r, ngx_http_llmproxy_ctx_t *ctx,
         return;
     }
 
-    /* on to the content phase (proxy_pass) */
+    ngx_http_llmproxy_resume(r, ctx);
+}
+
+
+/* On to the content phase (proxy_pass) with the body read. */
+static void
+ngx_http_llmproxy_resume(ngx_http_request_t *r, ngx_http_llmproxy_ctx_t *ctx)
+{
     ctx->phase_rc = NGX_DECLINED;
     r->preserve_body = 1;
     r->write_event_handler = ngx_http_core_run_phases;

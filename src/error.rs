@@ -22,6 +22,13 @@ pub enum PickError {
         /// What is missing, for the client.
         message: String,
     },
+    /// Not routed, and no error: the host proxies the request untouched, as one
+    /// `should_intercept` refuses (a request on a stored Responses answer whose endpoint
+    /// neither this gateway nor the Metadata-Center knows). HTTP status 0: nothing to answer.
+    PassThrough {
+        /// Why, for the request log.
+        reason: String,
+    },
     /// The body is larger than `max_body_bytes` (413).
     PayloadTooLarge {
         /// Size of the body received.
@@ -55,6 +62,7 @@ impl PickError {
         match self {
             Self::BadRequest { .. } => 400,
             Self::ModelNotFound { .. } => 404,
+            Self::PassThrough { .. } => 0,
             Self::PayloadTooLarge { .. } => 413,
             Self::NoEndpoint { .. } => 503,
             Self::Internal { .. } => 500,
@@ -66,6 +74,7 @@ impl PickError {
         match self {
             Self::BadRequest { .. } => "bad_request",
             Self::ModelNotFound { .. } => "model_not_found",
+            Self::PassThrough { .. } => "passed_through",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::NoEndpoint { .. } => "no_endpoint",
             Self::Internal { .. } => "internal",
@@ -134,6 +143,7 @@ impl fmt::Display for PickError {
         match self {
             Self::BadRequest { message, .. } => f.write_str(message),
             Self::ModelNotFound { message } => f.write_str(message),
+            Self::PassThrough { reason } => write!(f, "passed through: {reason}"),
             Self::PayloadTooLarge { size, limit } => write!(
                 f,
                 "request body of {size} bytes is larger than the limit of {limit} bytes"

@@ -12,13 +12,14 @@ use std::sync::Arc;
 use crate::state::{Cluster, Endpoint, EndpointSet, PrefixIndex, TOKEN_KINDS};
 
 /// Outcomes of a pick, in the order of `PICK_OUTCOMES`.
-pub const PICK_OUTCOMES: [&str; 6] = [
+pub const PICK_OUTCOMES: [&str; 7] = [
     "routed",
     "bad_request",
     "model_not_found",
     "payload_too_large",
     "no_endpoint",
     "internal",
+    "passed_through",
 ];
 
 /// `result` labels of `llmproxy_session_affinity_total`, in the order of
@@ -32,7 +33,7 @@ pub const CHAIN_RESULTS: [&str; 2] = ["pinned", "unknown"];
 /// Router-wide counters and histograms.
 pub struct RouterMetrics {
     /// Picks by outcome, indexed like `PICK_OUTCOMES`.
-    pub picks: [AtomicU64; 6],
+    pub picks: [AtomicU64; 7],
     /// Time spent in pick (parse + hash + score + account), seconds.
     pub pick_duration: Histogram,
     /// Cache match ratio of the chosen endpoint, per routed request (inference_lb).
@@ -73,6 +74,10 @@ pub struct RouterMetrics {
     /// [`CHAIN_RESULTS`]: sent to the endpoint that stored it, or that endpoint unknown here
     /// (never answered through this gateway, forgotten, or not a candidate).
     pub response_chains: [AtomicU64; 2],
+    /// Requests on a stored Responses answer (retrieve, delete, input items, cancel), indexed
+    /// like [`CHAIN_RESULTS`]: sent to the endpoint that stored it, or passed through
+    /// untouched (an id this gateway does not know).
+    pub stored_answer_requests: [AtomicU64; 2],
 }
 
 impl Default for RouterMetrics {
@@ -97,6 +102,7 @@ impl Default for RouterMetrics {
             engine_reads_failed: AtomicU64::new(0),
             session_affinity: Default::default(),
             response_chains: Default::default(),
+            stored_answer_requests: Default::default(),
         }
     }
 }
@@ -308,6 +314,18 @@ impl RouterMetrics {
             "counter",
             "Responses API requests naming a previous_response_id: pinned to the endpoint that stored it, or unknown (not answered through this gateway, forgotten, or that endpoint unavailable).",
             &chains,
+        );
+        let stored: Vec<(String, u64)> = CHAIN_RESULTS
+            .iter()
+            .zip(&m.stored_answer_requests)
+            .map(|(r, c)| (format!("result=\"{r}\""), load(c)))
+            .collect();
+        family(
+            out,
+            "llmproxy_stored_response_requests_total",
+            "counter",
+            "Requests on a stored Responses answer (GET/DELETE /v1/responses/{id}, its input_items, POST .../cancel): pinned to the endpoint that stored it, or unknown here and passed through untouched.",
+            &stored,
         );
         family(
             out,

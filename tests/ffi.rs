@@ -88,6 +88,20 @@ fn pick(
     (st, req)
 }
 
+/// `llmproxy_router_should_intercept` for `method` and `path`.
+fn intercepts(r: &Router, method: &str, path: &str) -> bool {
+    let (m, p) = (method.as_bytes(), path.as_bytes());
+    unsafe {
+        llmproxy_router_should_intercept(
+            r.0,
+            m.as_ptr().cast(),
+            m.len(),
+            p.as_ptr().cast(),
+            p.len(),
+        )
+    }
+}
+
 fn chat(model: &str, text: &str) -> Vec<u8> {
     serde_json::json!({"model": model, "messages": [{"role": "user", "content": text}]})
         .to_string()
@@ -481,6 +495,47 @@ fn pick_start_without_remote_lookups_decides_at_once() {
 }
 
 #[test]
+fn a_stored_answer_is_routed_or_passed_through() {
+    // GET /v1/responses/{id}: pinned to the endpoint that made the answer; an id the router
+    // does not know is not intercepted, and picked anyway it is LLMPROXY_PASSTHROUGH (HTTP
+    // status 0, no endpoint): the host proxies it untouched.
+    let r = router(CONFIG).unwrap();
+    let intercepts = |m: &str, p: &str| intercepts(&r, m, p);
+    let responses = [header(":path", "/v1/responses")];
+    let (st, req) = pick(&r, &responses, br#"{"model": "llama", "input": "hello"}"#);
+    assert_eq!(st, LLMPROXY_OK);
+    let home = unsafe { text(llmproxy_request_endpoint, req) };
+    let answer = br#"{"id":"resp_ffi","output":[]}"#;
+    unsafe {
+        llmproxy_request_observe_response(req, answer.as_ptr(), answer.len(), true);
+        llmproxy_request_finish(req, 200);
+    }
+    assert!(intercepts("GET", "/v1/responses/resp_ffi"));
+    assert!(!intercepts("GET", "/v1/responses/resp_other"));
+    let poll = [
+        header(":method", "GET"),
+        header(":path", "/v1/responses/resp_ffi"),
+    ];
+    let (st, req) = pick(&r, &poll, b"");
+    assert_eq!(st, LLMPROXY_OK);
+    assert_eq!(unsafe { text(llmproxy_request_endpoint, req) }, home);
+    unsafe { llmproxy_request_finish(req, 200) };
+    let other = [
+        header(":method", "DELETE"),
+        header(":path", "/v1/responses/resp_other"),
+    ];
+    let (st, req) = pick(&r, &other, b"");
+    assert_eq!(st, LLMPROXY_PASSTHROUGH);
+    unsafe {
+        assert_eq!(llmproxy_request_status(req), LLMPROXY_PASSTHROUGH);
+        assert_eq!(llmproxy_request_http_status(req), 0);
+        assert_eq!(text(llmproxy_request_endpoint, req), "");
+        llmproxy_request_finish(req, 0);
+        assert_eq!(llmproxy_router_in_flight(r.0), 0);
+    }
+}
+
+#[test]
 fn router_options_for_hosts() {
     let r = router(r#"{"strict_endpoint_override": false, "cluster_header": "X-Target-Cluster", "intercept_paths": ["/v1/chat/completions"], "max_body_bytes": 2048}"#).unwrap();
     unsafe {
@@ -497,15 +552,7 @@ fn router_options_for_hosts() {
             std::slice::from_raw_parts(p.cast::<u8>(), len),
             b"/llmproxy/metrics"
         );
-        let yes = |m: &str, p: &str| {
-            llmproxy_router_should_intercept(
-                r.0,
-                m.as_ptr().cast(),
-                m.len(),
-                p.as_ptr().cast(),
-                p.len(),
-            )
-        };
+        let yes = |m: &str, p: &str| intercepts(&r, m, p);
         assert!(yes("POST", "/v1/chat/completions?stream=1"));
         assert!(!yes("POST", "/v1/completions"));
         assert!(!yes("GET", "/v1/chat/completions"));
@@ -715,11 +762,12 @@ fn every_status_maps_to_the_http_status_hosts_answer() {
         (LLMPROXY_PAYLOAD_TOO_LARGE, 413),
         (LLMPROXY_NO_ENDPOINT, 503),
         (LLMPROXY_INTERNAL, 500),
+        (LLMPROXY_PASSTHROUGH, 500),
     ];
     for (status, http) in cases {
         assert_eq!(llmproxy_status_http(status as u32), http, "{status:?}");
     }
-    assert_eq!(llmproxy_status_http(9), 500);
+    assert_eq!(llmproxy_status_http(10), 500);
     assert_eq!(llmproxy_status_http(u32::MAX), 500);
 }
 

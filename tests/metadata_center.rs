@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use llmproxy::{PickStart, PickedRequest, Router};
+use llmproxy::{PickError, PickStart, PickedRequest, Router};
 
 struct Server {
     child: Child,
@@ -1043,4 +1043,73 @@ fn another_router_sends_a_responses_chain_to_the_endpoint_that_stored_its_answer
         metric(&b, "llmproxy_response_chains_total{result=\"pinned\"} "),
         5
     );
+}
+
+#[test]
+fn another_router_sends_requests_on_a_stored_answer_to_the_endpoint_that_stored_it() {
+    // A client polls (GET /v1/responses/{id}) through router b an answer router a made: b asks
+    // the Metadata-Center, pins the request to a's endpoint and binds the id (the next poll
+    // needs no lookup). An id nobody stored passes through untouched.
+    let server = start_server();
+    let a = Router::from_json(config(server.port, "").as_bytes()).unwrap();
+    let b = Router::from_json(
+        config(server.port, r#", "cache_enabled": true, "timeout_ms": 500"#).as_bytes(),
+    )
+    .unwrap();
+    let saves = server_saves(server.port);
+    let path: [(&[u8], &[u8]); 1] = [(b":path", b"/v1/responses")];
+    let mut p = a.pick(
+        &path,
+        br#"{"model": "m", "input": "run in the background"}"#,
+    );
+    let home = p.endpoint().unwrap().to_string();
+    p.observe_response(br#"{"id":"resp_bg","status":"queued","output":[]}"#, true);
+    p.finish(200);
+    wait_until("the answer's id to land", || {
+        server_saves(server.port) >= saves + 2
+    });
+    let poll: [(&[u8], &[u8]); 2] = [(b":method", b"GET"), (b":path", b"/v1/responses/resp_bg")];
+    assert!(b.should_intercept(b"GET", b"/v1/responses/resp_bg"));
+    let decide = |headers: &[(&[u8], &[u8])]| {
+        let (tx, rx) = mpsc::channel();
+        match b.pick_async(headers, b"", Box::new(move |r| tx.send(r).unwrap())) {
+            Some(decided) => (decided, false),
+            None => (
+                rx.recv_timeout(Duration::from_secs(3)).expect("decided"),
+                true,
+            ),
+        }
+    };
+    let (first, looked_up) = decide(&poll);
+    assert!(looked_up, "an answer b does not know is looked up");
+    assert_eq!(first.endpoint(), Some(home.as_str()));
+    first.finish(200);
+    let (second, looked_up) = decide(&poll);
+    assert!(!looked_up, "found once, the answer is bound here");
+    assert_eq!(second.endpoint(), Some(home.as_str()));
+    second.finish(200);
+    let nowhere: [(&[u8], &[u8]); 2] = [
+        (b":method", b"DELETE"),
+        (b":path", b"/v1/responses/resp_no"),
+    ];
+    let (unknown, _) = decide(&nowhere);
+    assert_eq!(
+        unknown.http_status(),
+        0,
+        "passed through: {:?}",
+        unknown.error()
+    );
+    assert!(matches!(
+        unknown.error(),
+        Some(PickError::PassThrough { .. })
+    ));
+    unknown.finish(0);
+    let stored = |result: &str| {
+        metric(
+            &b,
+            &format!("llmproxy_stored_response_requests_total{{result=\"{result}\"}} "),
+        )
+    };
+    assert_eq!((stored("pinned"), stored("unknown")), (2, 1));
+    assert_eq!(b.in_flight(), 0);
 }

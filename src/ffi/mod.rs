@@ -70,6 +70,11 @@ pub enum llmproxy_status {
     LLMPROXY_NO_ENDPOINT = 7,
     /// An internal error, e.g. a caught panic (HTTP 500).
     LLMPROXY_INTERNAL = 8,
+    /// Not routed, and nothing to answer: proxy the request untouched, as one
+    /// `llmproxy_router_should_intercept` refuses (a request on a stored Responses answer
+    /// whose endpoint neither this router nor the Metadata-Center knows). Finish the handle
+    /// as any other (`llmproxy_request_finish`); HTTP status 0.
+    LLMPROXY_PASSTHROUGH = 9,
 }
 
 use llmproxy_status::*;
@@ -79,6 +84,7 @@ impl From<&PickError> for llmproxy_status {
         match e {
             PickError::BadRequest { .. } => LLMPROXY_BAD_REQUEST,
             PickError::ModelNotFound { .. } => LLMPROXY_MODEL_NOT_FOUND,
+            PickError::PassThrough { .. } => LLMPROXY_PASSTHROUGH,
             PickError::PayloadTooLarge { .. } => LLMPROXY_PAYLOAD_TOO_LARGE,
             PickError::NoEndpoint { .. } => LLMPROXY_NO_ENDPOINT,
             PickError::Internal { .. } => LLMPROXY_INTERNAL,

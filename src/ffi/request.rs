@@ -95,7 +95,8 @@ pub unsafe extern "C" fn llmproxy_request_status(req: *const llmproxy_request) -
     })
 }
 
-/// HTTP status for the client: 200 when routed, else 400/404/413/500/503 (500 for NULL).
+/// HTTP status for the client: 200 when routed, else 400/404/413/500/503 (500 for NULL); 0
+/// for `LLMPROXY_PASSTHROUGH` (nothing to answer).
 ///
 /// # Safety
 /// `req` must be NULL or valid.

@@ -305,7 +305,11 @@ pub unsafe extern "C" fn llmproxy_router_pick_deadline_ms(router: *const llmprox
     })
 }
 
-/// True when a request with this method and path (query ignored) must go through pick.
+/// True when a request with this method and path must go through pick: a POST to one of
+/// `intercept_paths` (query ignored), or a request on a stored Responses answer this router
+/// knows the endpoint of (`GET`/`DELETE /v1/responses/{id}`, `GET …/input_items`, `POST
+/// …/cancel`; no body: pick it with an empty one). The answer may change from one call to
+/// the next for the same stored answer (learned, forgotten).
 ///
 /// # Safety
 /// Pointers must be valid for their lengths.

@@ -156,3 +156,21 @@ pub(crate) fn function_call(h: &mut PrefixHasher, name: &[u8], arguments: &[u8])
     tool_call(h, name, arguments);
     close_message(h);
 }
+
+/// The answer id a request on a stored Responses answer names: `GET` or `DELETE
+/// {base}/{id}`, `GET {base}/{id}/input_items`, `POST {base}/{id}/cancel`, where `base` is
+/// the Responses path (`/v1/responses`); the query is ignored. None for every other method
+/// and path (creating an answer is a `POST {base}` with a body).
+pub fn stored_answer_id<'p>(method: &[u8], path: &'p [u8], base: &[u8]) -> Option<&'p str> {
+    let path = path.split(|&b| b == b'?').next().unwrap_or(path);
+    let rest = path.strip_prefix(base)?.strip_prefix(b"/")?;
+    let rest = std::str::from_utf8(rest).ok()?;
+    let (id, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let method_fits = match tail {
+        "" => method.eq_ignore_ascii_case(b"GET") || method.eq_ignore_ascii_case(b"DELETE"),
+        "input_items" => method.eq_ignore_ascii_case(b"GET"),
+        "cancel" => method.eq_ignore_ascii_case(b"POST"),
+        _ => false,
+    };
+    (method_fits && !id.is_empty()).then_some(id)
+}

@@ -434,3 +434,37 @@ fn anthropic_messages_render_as_the_chat_of_the_same_conversation() {
         assert!(e.to_string().starts_with(want), "{body}: {e}");
     }
 }
+
+#[test]
+fn requests_on_a_stored_answer_name_its_id() {
+    use super::responses::stored_answer_id;
+    fn id(method: &str, path: &'static str) -> Option<&'static str> {
+        stored_answer_id(method.as_bytes(), path.as_bytes(), b"/openai/v1/responses")
+    }
+    assert_eq!(id("GET", "/openai/v1/responses/resp_1"), Some("resp_1"));
+    assert_eq!(
+        id("get", "/openai/v1/responses/resp_1?stream=true"),
+        Some("resp_1")
+    );
+    assert_eq!(id("DELETE", "/openai/v1/responses/resp_1"), Some("resp_1"));
+    assert_eq!(
+        id("GET", "/openai/v1/responses/resp_1/input_items?limit=5"),
+        Some("resp_1")
+    );
+    assert_eq!(
+        id("POST", "/openai/v1/responses/resp_1/cancel"),
+        Some("resp_1")
+    );
+    for (method, path) in [
+        ("POST", "/openai/v1/responses/resp_1"),
+        ("DELETE", "/openai/v1/responses/resp_1/cancel"),
+        ("POST", "/openai/v1/responses/resp_1/input_items"),
+        ("GET", "/openai/v1/responses/resp_1/cancel/x"),
+        ("GET", "/openai/v1/responses/"),
+        ("GET", "/openai/v1/responses//cancel"),
+        ("GET", "/openai/v1/responsesX/resp_1"),
+        ("GET", "/v1/responses/resp_1"),
+    ] {
+        assert_eq!(id(method, path), None, "{method} {path}");
+    }
+}

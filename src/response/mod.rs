@@ -265,6 +265,15 @@ impl ResponseReader {
         }
     }
 
+    /// A reader that reads nothing: for a request on a stored answer, whose usage was counted
+    /// when the answer was made.
+    pub fn ignoring() -> Self {
+        let mut reader = Self::new(RequestKind::Responses, 0);
+        reader.out.kind = None;
+        reader.ended = true;
+        reader
+    }
+
     /// Largest SSE event or JSON body read.
     fn bound(&self) -> usize {
         self.cap.saturating_mul(2).saturating_add(SLACK_BYTES)

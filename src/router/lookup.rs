@@ -32,7 +32,8 @@ impl Router {
         };
         // a chain this gateway does not know: ask where its answer is
         routed.chain_remote = inner.wants_chain_lookup(routed.chain, &routed.cluster);
-        let wants_remote = routed.chain_remote || inner.wants_cache_depth(&routed);
+        let wants_remote =
+            routed.chain_remote || routed.stored_remote || inner.wants_cache_depth(&routed);
         let routed = match (wants_remote, inner.lookups.get()) {
             (true, Some(tx)) => {
                 let job = LookupJob {
@@ -133,14 +134,23 @@ impl LookupJob {
 
 impl Lookup for LookupJob {
     fn run(mut self, client: &mut Client) {
-        let Some((routed, _, _)) = &self.pending else {
-            return;
-        };
         // A job that waited a whole lookup timeout in the queue (lookups slower than the
         // request rate) decides from local data at once instead of waiting another timeout.
         let timeout = Duration::from_millis(self.router.config.metadata_center.timeout_ms);
         if self.started.elapsed() >= timeout {
             self.decide(None, true);
+            return;
+        }
+        // One deadline for the whole lookup, counted from the pick: every replica tried
+        // shares it, so the decision comes within `timeout_ms` of the pick.
+        let deadline = self.started + timeout;
+        let Some((routed, _, _)) = &mut self.pending else {
+            return;
+        };
+        if routed.stored_remote {
+            // where a stored answer is: found, it is bound here and `choose` pins to it
+            let answered = self.router.find_stored_answer(routed, client, deadline);
+            self.decide(answered.then(RemoteDepth::new).as_ref(), false);
             return;
         }
         let set = routed.cluster.snapshot();
@@ -158,9 +168,6 @@ impl Lookup for LookupJob {
                 None => self.router.remote_claim_max_ages(&set),
             },
         };
-        // One deadline for the whole lookup, counted from the pick: every replica tried
-        // shares it, so the decision comes within `timeout_ms` of the pick.
-        let deadline = self.started + timeout;
         let remote = client.query_cache(&query, deadline).ok().map(|locs| {
             locs.into_iter()
                 .map(|l| (l.ip, l.length))

@@ -7,7 +7,8 @@
 //! unfinished request finishes it with "no response", so accounting can never leak from Rust
 //! code. Picks that wait for a remote cache lookup (`pick_async`, `pick_start`) live in
 //! `lookup.rs`; what keeps a request on an endpoint whatever the algorithm says (sessions,
-//! Responses API chains) in `affinity.rs`.
+//! Responses API chains) in `affinity.rs`; requests on a stored Responses answer (`GET
+//! /v1/responses/{id}`, …: no body, pinned to the answer's endpoint) in `stored.rs`.
 //!
 //! Nothing here does I/O or waits on a lock held across work: endpoint sets are swapped with
 //! `arc-swap`, counters are atomics, the prefix index takes short shard locks. The router
@@ -32,6 +33,7 @@ mod log_line;
 mod lookup;
 mod pick;
 mod request;
+mod stored;
 
 use log_line::LogContext;
 pub(crate) use lookup::LookupJob;
@@ -299,17 +301,17 @@ impl Router {
         Duration::from_millis(self.inner.config.metadata_center.timeout_ms) + PENDING_SLACK
     }
 
-    /// True when a request with this method and path must go through `pick`.
+    /// True when a request with this method and path must go through `pick`: a POST to one
+    /// of `intercept_paths`, or a request on a stored Responses answer whose endpoint this
+    /// gateway knows ([`stored`]).
     pub fn should_intercept(&self, method: &[u8], path: &[u8]) -> bool {
         if !method.eq_ignore_ascii_case(b"POST") {
-            return false;
+            return self.inner.intercepts_stored_answer(method, path);
         }
-        let path = path.split(|&b| b == b'?').next().unwrap_or(path);
-        self.inner
-            .config
-            .intercept_paths
-            .iter()
-            .any(|p| p.as_bytes() == path)
+        let bare = path.split(|&b| b == b'?').next().unwrap_or(path);
+        let config = &self.inner.config;
+        config.intercept_paths.iter().any(|p| p.as_bytes() == bare)
+            || self.inner.intercepts_stored_answer(method, path)
     }
 
     /// Routes one request. Always returns a request handle; on error it carries the error.

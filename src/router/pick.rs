@@ -40,6 +40,12 @@ pub(super) struct Routed {
     /// Responses API: the key of the `previous_response_id` it continues
     /// ([`hashing::response_key`]).
     pub(super) chain: Option<u64>,
+    /// A request on a stored Responses answer (retrieve, delete, cancel): the key of its id,
+    /// to which it is pinned ([`super::stored`]); no prompt, no TTFT, its answer not read.
+    pub(super) stored_answer: Option<u64>,
+    /// The stored answer is bound to no endpoint here: the Metadata-Center is asked where
+    /// it is ([`RouterInner::find_stored_answer`]).
+    pub(super) stored_remote: bool,
     /// Responses API: the answer's id was bound to the endpoint ([`RouterInner::bind_response`]).
     pub(super) response_bound: bool,
     /// The Metadata-Center is asked where the chain's answer is (another gateway bound it),
@@ -86,6 +92,14 @@ impl RouterInner {
         let kind = find_header(headers, ":path")
             .and_then(|p| std::str::from_utf8(p).ok())
             .and_then(RequestKind::from_path);
+        // (a path of no API kind may name a stored answer)
+        if let Some(stored) = kind
+            .is_none()
+            .then(|| self.prepare_stored(headers))
+            .flatten()
+        {
+            return stored;
+        }
         let learn_bytes = self.config.learn_response_bytes;
         let affinity = self.config.session_affinity.as_ref();
         let extract = request::Extract {
@@ -169,6 +183,8 @@ impl RouterInner {
             prefix_hashes,
             session,
             chain,
+            stored_answer: None,
+            stored_remote: false,
             response_bound: false,
             chain_remote: false,
             cache_ratio: 0.0,
@@ -204,6 +220,9 @@ impl RouterInner {
         r: &mut Routed,
         remote: Option<&RemoteDepth>,
     ) -> Result<(), PickError> {
+        if let Some(key) = r.stored_answer {
+            return self.choose_stored(r, key);
+        }
         let set = r.cluster.snapshot();
         let now = self.clock.now_ms();
         let candidates = self.candidates(r, &set, now)?;

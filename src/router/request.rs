@@ -267,7 +267,8 @@ impl PickedRequest {
         if let Ok(r) = &self.result {
             if let Some(e) = &r.endpoint {
                 e.first_token(r.prefill);
-                if let Some(h) = e.ttft(r.model_slot) {
+                let timed = r.stored_answer.is_none(); // (a stored answer's bytes are no token)
+                if let Some(h) = timed.then(|| e.ttft(r.model_slot)).flatten() {
                     h.observe(self.picked_at.elapsed().as_secs_f64());
                 }
                 if let Some(req) = &r.sync {

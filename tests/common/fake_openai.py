@@ -28,7 +28,9 @@ Responses names: input_tokens = body bytes / 4, `input_tokens_details` with
 x-test-cached-tokens, and the echo fields), or with "stream": true its typed events
 (`event: <type>` + `data:`): response.created, response.output_item.added,
 response.output_text.delta × x-test-chunks ("tok0 ", …), response.completed with the usage; no
-[DONE]. Unless `store` is false, the answer's id is stored at once.
+[DONE]. Unless `store` is false, the answer is stored at once: GET /v1/responses/{id} returns it
+(with `served_by`), DELETE deletes it, GET …/input_items lists nothing, POST …/cancel returns it
+"cancelled"; an id this server did not store is a 404.
 
 POST /v1/messages answers like vLLM's Anthropic Messages API: a message (`content`: a text
 block "hi from <name>", `usage.input_tokens` = body bytes / 4, the echo fields), or with
@@ -190,7 +192,8 @@ def close_now(writer, how):
 
 def make_handler(name):
     metrics = {"mode": "off", "page": ""}  # GET /metrics, set by POST /test/metrics
-    stored = set()  # ids of the Responses answers this server keeps (/v1/responses)
+    stored = {}  # the Responses answers this server keeps, by id (/v1/responses)
+    made = [0]  # Responses answers made
 
     async def handle(req, writer):
         out = Responder(name, writer)
@@ -214,6 +217,8 @@ def make_handler(name):
                                         "served_by": name, "received_headers": req.headers})
         if req.method == "GET" and req.path.startswith("/health"):
             return await out.json(200, {"status": "ok", "served_by": name, "received_headers": req.headers})
+        if req.path.startswith("/v1/responses/"):
+            return await on_stored(req, out)
         triton = req.path.startswith("/v2/models/")
         if req.method != "POST" or not (triton or req.path.startswith(OPENAI_ROUTES)):
             return await out.json(404, {"error": {"message": "not found"}, "served_by": name,
@@ -262,15 +267,34 @@ def make_handler(name):
         await out.event("[DONE]")
         await out.end_stream()
 
+    async def on_stored(req, out):
+        """GET/DELETE /v1/responses/{id}, GET .../input_items, POST .../cancel: this server's own
+        stored answers only."""
+        rid, _, action = req.path.split("?")[0][len("/v1/responses/"):].partition("/")
+        echo = {"served_by": name, "method": req.method, "received_headers": req.headers}
+        if rid not in stored:
+            return await out.json(404, {"error": {
+                "message": "Response with id '%s' not found." % rid, "type": "invalid_request_error",
+                "param": "response_id", "code": 404}, **echo})
+        if (req.method, action) == ("GET", ""):
+            return await out.json(200, dict(stored[rid], **echo))
+        if (req.method, action) == ("DELETE", ""):
+            del stored[rid]
+            return await out.json(200, {"id": rid, "object": "response", "deleted": True, **echo})
+        if (req.method, action) == ("GET", "input_items"):
+            return await out.json(200, {"object": "list", "data": [], **echo})
+        if (req.method, action) == ("POST", "cancel"):
+            return await out.json(200, dict(stored[rid], status="cancelled", **echo))
+        return await out.json(405, {"error": {"message": "method not allowed"}, **echo})
+
     async def answer_responses(req, out, payload):
         previous = payload.get("previous_response_id")
         if previous and previous not in stored:
             return await out.json(404, {"error": {
                 "message": "Response with id '%s' not found." % previous, "type": "invalid_request_error",
                 "param": "previous_response_id", "code": 404}, "served_by": name})
-        rid = "resp_%s_%d" % (name, len(stored) + 1)
-        if payload.get("store", True):
-            stored.add(rid)
+        made[0] += 1
+        rid = "resp_%s_%d" % (name, made[0])
         usage = {"input_tokens": max(1, len(req.body) // 4), "output_tokens": 3}
         if req.headers.get(CACHED_TOKENS):
             usage["input_tokens_details"] = {"cached_tokens": min(req.number(CACHED_TOKENS), usage["input_tokens"])}
@@ -281,6 +305,8 @@ def make_handler(name):
                     "status": "completed", "output": [message], "usage": usage, "previous_response_id": previous,
                     "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
                     "served_by": name, "body_bytes": len(req.body), "received_headers": req.headers}
+        if payload.get("store", True):
+            stored[rid] = {k: response[k] for k in ("id", "object", "model", "status", "output", "usage")}
         if not payload.get("stream"):
             return await out.json(200, response)
 

@@ -293,6 +293,20 @@ def metadata_center_saves(port):
     return int(m.group(1)) if m else 0
 
 
+def settled_saves(port, quiet=0.5, timeout=10):
+    """The metadata-center's save count once it has not moved for `quiet` seconds (gateways
+    send their saves from a background thread)."""
+    deadline = time.time() + timeout
+    last = metadata_center_saves(port)
+    while time.time() < deadline:
+        time.sleep(quiet)
+        now = metadata_center_saves(port)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError("the save count kept moving for %d s" % timeout)
+
+
 # ---------------------------------------------------------------------------------------------
 # HTTP and JSON
 
@@ -459,7 +473,9 @@ def check_response_chains(send, page, model):
     must go to the server that stored it: the fake upstream, like vLLM and SGLang, keeps its
     answers per server and answers 404 for one it does not have. Eight turns, streamed and not,
     with nothing else in common (a fresh input each), all on the first turn's server; an id no
-    server stored is the server's own 404."""
+    server stored is the server's own 404. Then requests on the last stored answer (GET, its
+    input items, cancel, DELETE: `send(None, {}, path, method)`) on that same server; an id the
+    gateway never saw passes through."""
     start = page()
     previous, home = None, None
     for i in range(8):
@@ -480,6 +496,61 @@ def check_response_chains(send, page, model):
     status, data = send({"model": model, "input": "hi", "previous_response_id": "resp_nowhere"}, {}, RESPONSES)
     assert status == 404 and "resp_nowhere" in json.loads(data)["error"]["message"], data
     wait_until(lambda: chains("unknown") >= 1, timeout=5, what="1 unknown chain")
+
+    # Requests on the stored answer (a client polling a background answer, reading its items,
+    # cancelling, deleting it) go to the server that stored it; they have no body.
+    def stored(result):
+        return page().total("llmproxy_stored_response_requests_total", result=result) \
+            - start.total("llmproxy_stored_response_requests_total", result=result)
+
+    def on_answer(method, rid, suffix=""):
+        status, data = send(None, {}, "%s/%s%s" % (RESPONSES, rid, suffix), method)
+        return status, json.loads(data)
+    for _ in range(4):
+        status, got = on_answer("GET", previous)
+        assert (status, got["id"], got["served_by"]) == (200, previous, home), got
+    status, got = on_answer("GET", previous, "?stream=false")
+    assert (status, got["served_by"]) == (200, home), got
+    status, got = on_answer("GET", previous, "/input_items")
+    assert (status, got["object"], got["served_by"]) == (200, "list", home), got
+    status, got = on_answer("POST", previous, "/cancel")
+    assert (status, got["status"], got["served_by"]) == (200, "cancelled", home), got
+    status, got = on_answer("DELETE", previous)
+    assert (status, got["deleted"], got["served_by"]) == (200, True, home), got
+    # gone from its server, which says so itself
+    status, got = on_answer("GET", previous)
+    assert (status, got["served_by"]) == (404, home), got
+    wait_until(lambda: stored("pinned") >= 9, timeout=5, what="9 pinned requests on stored answers")
+    # an id this gateway never saw passes through untouched: a server's own 404
+    status, got = on_answer("GET", "resp_nowhere")
+    assert status == 404 and got["served_by"] and "resp_nowhere" in got["error"]["message"], got
+    wait_until(lambda: stored("unknown") >= 1, timeout=5, what="1 passed-through stored answer")
+
+
+def check_stored_answer_found_elsewhere(port_a, port_b, page_b, model, mc_port):
+    """A Responses answer made through gateway A (port `port_a`), then polled (GET
+    /v1/responses/{id}, no body) through gateway B (`port_b`, remote cache lookups on, `page_b()`
+    its metrics), which never saw it: B asks the Metadata-Center (on `mc_port`, where A saved the
+    id) and sends every poll to the server that stored the answer. An id no one knows passes
+    through B untouched: a server's own 404."""
+    status, _, data, _ = request(port_a, "POST", RESPONSES, {"model": model, "input": random_text(300),
+                                                              "background": True})
+    assert status == 200, data
+    rid, home = responses_answer(data)
+    settled_saves(mc_port)  # (A saves from its sync thread: instant fake engines outrun it)
+    start = page_b()
+
+    def stored(result):
+        return page_b().total("llmproxy_stored_response_requests_total", result=result) \
+            - start.total("llmproxy_stored_response_requests_total", result=result)
+    for _ in range(3):
+        status, _, data, _ = request(port_b, "GET", "%s/%s" % (RESPONSES, rid), close=True)
+        got = json.loads(data)
+        assert (status, got["id"], got["served_by"]) == (200, rid, home), got
+    wait_until(lambda: stored("pinned") >= 3, timeout=5, what="3 pinned polls")
+    status, _, data, _ = request(port_b, "GET", RESPONSES + "/resp_nowhere", close=True)
+    assert status == 404 and json.loads(data)["served_by"], data
+    wait_until(lambda: stored("unknown") >= 1, timeout=5, what="a passed-through poll")
 
 
 def check_anthropic_messages(send, page, model):

@@ -329,6 +329,13 @@ class TranscodeOpenAICases:
         # a stored answer of no server: the server's own 404
         with pytest.raises(openai.NotFoundError):
             client.responses.create(model="m-resp", input="x", previous_response_id="resp_nowhere")
+        # the client reads and deletes the stored answer: both on the server that stored it
+        for _ in range(3):
+            raw = client.responses.with_raw_response.retrieve(previous)
+            assert self.served_by(raw, "pool_color") == home and raw.parse().id == previous
+        client.responses.delete(previous)
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(previous)
 
     def test_responses_and_messages_to_a_triton_backend_are_refused_by_the_gateway(self, client, gateway):
         with pytest.raises(openai.BadRequestError) as e:

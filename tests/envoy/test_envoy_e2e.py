@@ -463,9 +463,10 @@ def test_triton_generate_stream_is_transcoded(gateway):
 
 
 def sender(gw):
-    """`send(body, headers) -> (status, body bytes)` through `gw`, for the shared checks."""
-    def send(body, headers, path=CHAT):
-        status, _, data, _ = post(gw, body, headers, path)
+    """`send(body, headers, path, method) -> (status, body bytes)` through `gw`, for the shared
+    checks."""
+    def send(body, headers, path=CHAT, method="POST"):
+        status, _, data, _ = harness.request(gw.port, method, path, body, headers)
         return status, data
     return send
 

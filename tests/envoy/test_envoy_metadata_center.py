@@ -79,7 +79,7 @@ def test_the_prefix_is_saved_at_the_pick_before_the_server_answers(mc_gateway, m
     """The prompt's prefix reaches the Metadata-Center at the pick (as the local index records
     it), not when the server first answers: another gateway routes the same document there
     while this request is still in its prefill, instead of computing it on a second server."""
-    before = settled_saves(metadata_center)  # the earlier tests' saves have all landed
+    before = harness.settled_saves(metadata_center)  # the earlier tests' saves have all landed
     body = chat("m-a", harness.random_text(3000, seed=4242 + stream), stream=stream)
     # a 2.5 s "prefill": the server sends nothing, not even its headers, before then
     headers = {"x-test-delay-ms": "2500", "x-test-chunks": "3"}
@@ -96,21 +96,7 @@ def test_the_prefix_is_saved_at_the_pick_before_the_server_answers(mc_gateway, m
         assert json.loads(data)["choices"], data[:200]
     # one claim per pick; the answer's end adds at most the learned next-turn chain
     wait_in_flight_zero(mc_gateway)
-    assert before + 1 <= settled_saves(metadata_center) <= before + 2
-
-
-def settled_saves(port, quiet=0.5, timeout=10):
-    """The metadata-center's save count once it has not moved for `quiet` seconds (the gateway
-    sends its saves from a background thread)."""
-    deadline = time.time() + timeout
-    last = harness.metadata_center_saves(port)
-    while time.time() < deadline:
-        time.sleep(quiet)
-        now = harness.metadata_center_saves(port)
-        if now == last:
-            return now
-        last = now
-    raise AssertionError("the save count kept moving for %d s" % timeout)
+    assert before + 1 <= harness.settled_saves(metadata_center) <= before + 2
 
 
 def test_a_responses_chain_continues_through_another_gateway(mc_gateway, mc_gateway_b, metadata_center):
@@ -123,7 +109,7 @@ def test_a_responses_chain_continues_through_another_gateway(mc_gateway, mc_gate
     engine's generation gives them its whole duration)."""
     previous, home = None, None
     for turn in range(6):
-        settled_saves(metadata_center)
+        harness.settled_saves(metadata_center)
         gw = (mc_gateway, mc_gateway_b)[turn % 2]
         body = {"model": "m-a", "input": harness.random_text(300), "stream": turn % 3 == 1}
         if previous:
@@ -137,5 +123,24 @@ def test_a_responses_chain_continues_through_another_gateway(mc_gateway, mc_gate
     for gw in (mc_gateway, mc_gateway_b):
         harness.wait_until(lambda: metrics(gw).total("llmproxy_response_chains_total", result="pinned") >= 2,
                            timeout=5, what="pinned chains")
+    # a client polls the last answer (GET /v1/responses/{id}, no body) through either gateway:
+    # both send it to its server; the one that did not answer it asks the Metadata-Center
+    harness.settled_saves(metadata_center)
+    for gw in (mc_gateway, mc_gateway_b, mc_gateway, mc_gateway_b):
+        status, _, data, _ = harness.request(gw.port, "GET", "%s/%s" % (harness.RESPONSES, previous))
+        got = json.loads(data)
+        assert (status, got["id"], got["served_by"]) == (200, previous, home), got
+    for gw in (mc_gateway, mc_gateway_b):
+        harness.wait_until(lambda: stored(gw, "pinned") >= 2, timeout=5, what="pinned polls")
+    # an id that neither gateway nor the Metadata-Center knows passes through untouched: a
+    # server's own 404, not the gateway's
+    status, _, data, _ = harness.request(mc_gateway_b.port, "GET", harness.RESPONSES + "/resp_nowhere")
+    assert status == 404 and json.loads(data)["served_by"], data
+    harness.wait_until(lambda: stored(mc_gateway_b, "unknown") >= 1, timeout=5, what="a passed-through poll")
     wait_in_flight_zero(mc_gateway)
     wait_in_flight_zero(mc_gateway_b)
+
+
+def stored(gw, result):
+    """`llmproxy_stored_response_requests_total{result}` of `gw`."""
+    return metrics(gw).total("llmproxy_stored_response_requests_total", result=result)

@@ -309,13 +309,7 @@ def test_a_responses_chain_started_on_one_gateway_continues_on_another(gateway_m
     previous, home = harness.responses_answer(data)
     # A's sync thread saves the answer's id when its first bytes pass: let it land (these fake
     # engines answer at once; a real one's generation gives it its whole duration)
-    saves = None
-    for _ in range(20):  # until the count holds for 0.5 s (10 s at most)
-        now = mc_metric(metadata_center.port, 'metadata_center_cache_ops_total{op="save"}')
-        if now == saves:
-            break
-        saves = now
-        time.sleep(0.5)
+    harness.settled_saves(metadata_center.port)
     before = metrics(gateway_lookups.port)
     for turn in range(4):
         body = {"model": "m-a", "input": harness.random_text(300), "previous_response_id": previous,
@@ -327,3 +321,14 @@ def test_a_responses_chain_started_on_one_gateway_continues_on_another(gateway_m
     after = wait_settled(gateway_lookups.port)
     assert after.total("llmproxy_response_chains_total", result="pinned") \
         - before.total("llmproxy_response_chains_total", result="pinned") == 4
+
+
+def test_a_stored_answer_made_on_one_gateway_is_polled_through_another(gateway_mc, gateway_lookups,
+                                                                      metadata_center):
+    """GET /v1/responses/{id} through gateway B (Lua, pick with lookups, yielding) for an answer
+    gateway A made: sent to the server that stored it; an unknown id passes through."""
+    harness.check_stored_answer_found_elsewhere(gateway_mc.port, gateway_lookups.port,
+                                                lambda: metrics(gateway_lookups.port), "m-a",
+                                                metadata_center.port)
+    wait_settled(gateway_lookups.port)
+

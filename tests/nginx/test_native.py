@@ -295,9 +295,10 @@ def test_reload_under_load(gw):
 
 
 def sender(g):
-    """`send(body, headers) -> (status, body bytes)` through `g`, for the shared checks."""
-    def send(body, headers, path=CHAT):
-        status, _, data = post(g, body, headers, path)
+    """`send(body, headers, path, method) -> (status, body bytes)` through `g`, for the shared
+    checks."""
+    def send(body, headers, path=CHAT, method="POST"):
+        status, _, data = request(g.port, method, path, body, headers)
         return status, data
     return send
 
@@ -566,6 +567,11 @@ def test_native_remote_cache_lookups_follow_another_gateway(servers, metadata_ce
         assert delta(before, after, "llmproxy_nginx_picks_total", event="routed") == 6
         print("\nnative remote cache lookups: 6 of 6 prompts where gateway A cached them (workers %s)"
               % sorted(workers))
+
+        # an answer A made, polled through B: on its server; an unknown id passes through
+        harness.check_stored_answer_found_elsewhere(a.port, b.port, lambda: metrics(b.port), "m-a",
+                                                    metadata_center.port)
+        settled(b)
     finally:
         b.close()
         a.close()

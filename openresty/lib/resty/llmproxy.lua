@@ -52,6 +52,7 @@ typedef enum llmproxy_status {
   LLMPROXY_PAYLOAD_TOO_LARGE = 6,
   LLMPROXY_NO_ENDPOINT = 7,
   LLMPROXY_INTERNAL = 8,
+  LLMPROXY_PASSTHROUGH = 9,
 } llmproxy_status;
 
 typedef enum llmproxy_outcome {
@@ -172,6 +173,7 @@ _M.MODEL_NOT_FOUND = 5
 _M.PAYLOAD_TOO_LARGE = 6
 _M.NO_ENDPOINT = 7
 _M.INTERNAL = 8
+_M.PASSTHROUGH = 9 -- not routed, nothing to answer: proxy the request untouched
 
 -- How a request ended, for the endpoint's passive health (d:finish(status, outcome)):
 -- UPSTREAM: `status` is the endpoint's own response (502-504 failures, 100-498 successes);
@@ -677,7 +679,9 @@ end
 ---   body:    the request body, a Lua string (or nil for none)
 ---   path:    the request path (decides chat vs completions), e.g. ngx.var.uri
 ---   method:  e.g. "POST" (optional)
---- Returns a Decision, or nil, http_status, json_error_body (the handle is already finished).
+--- Returns a Decision, or nil, http_status, json_error_body, status (the handle is already
+--- finished); status PASSTHROUGH (http_status 0): nothing to route or answer, proxy the
+--- request untouched (a stored Responses answer whose endpoint no one knows).
 --- With remote cache lookups and a `sleep` option, it may yield while the Metadata-Center
 --- answers (at most `lookup_wait` seconds; see new()).
 function Router:pick(headers, body, path, method)

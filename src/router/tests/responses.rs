@@ -128,3 +128,121 @@ fn an_answer_is_bound_from_its_first_bytes_before_it_is_finished() {
     next.finish(200);
     first.finish(200);
 }
+
+/// `llmproxy_stored_response_requests_total` by result: (pinned, unknown).
+fn stored_counts(r: &Router) -> (f64, f64) {
+    let page = r.metrics_text();
+    let n = |result: &str| {
+        let name = format!("llmproxy_stored_response_requests_total{{result=\"{result}\"}}");
+        sample(&page, &name)
+    };
+    (n("pinned"), n("unknown"))
+}
+
+/// The `:method` and `:path` headers of a request.
+fn on<'a>(method: &'a str, path: &'a str) -> [(&'a [u8], &'a [u8]); 2] {
+    [(b":method", method.as_bytes()), (b":path", path.as_bytes())]
+}
+
+#[test]
+fn requests_on_a_stored_answer_go_to_the_endpoint_that_stored_it() {
+    let r = router();
+    let first = r.pick(&PATH, &turn("stored", None));
+    let home = first.endpoint().unwrap().to_string();
+    answer(first, "resp_s", true);
+    // the home endpoint is the busiest: an algorithm would go elsewhere
+    let busy: Vec<PickedRequest> = (0..6)
+        .map(|i| r.pick(&[], &chat("m", &format!("load {i} {}", "z".repeat(2000)))))
+        .filter(|p| p.endpoint() == Some(home.as_str()))
+        .collect();
+    let requests = [
+        ("GET", "/v1/responses/resp_s"),
+        ("GET", "/v1/responses/resp_s?stream=true&starting_after=3"),
+        ("GET", "/v1/responses/resp_s/input_items"),
+        ("POST", "/v1/responses/resp_s/cancel"),
+        ("DELETE", "/v1/responses/resp_s"),
+    ];
+    for (method, path) in requests {
+        assert!(
+            r.should_intercept(method.as_bytes(), path.as_bytes()),
+            "{method} {path}"
+        );
+        let mut p = r.pick(&on(method, path), b"");
+        assert_eq!(p.error(), None, "{method} {path}");
+        assert_eq!(p.endpoint(), Some(home.as_str()), "{method} {path}");
+        assert_eq!(p.model(), Some("m"));
+        assert_eq!((p.upstream_path(), p.upstream_body()), (None, None));
+        assert!(!p.needs_transcoding());
+        // the stored answer comes back as it was made: not counted, not learned, not timed
+        p.first_token();
+        p.observe_response(br#"{"id":"resp_s","usage":{"input_tokens":9}}"#, true);
+        p.finish(200);
+    }
+    assert_eq!(stored_counts(&r), (5.0, 0.0));
+    let page = r.metrics_text();
+    let timed = page
+        .lines()
+        .filter(|l| l.starts_with("llmproxy_time_to_first_token_seconds_count"));
+    assert_eq!(timed.count(), 0, "{page}");
+    let prompt_tokens: f64 = page
+        .lines()
+        .filter(|l| l.starts_with("llmproxy_tokens_total{") && l.contains("kind=\"prompt\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(prompt_tokens, 9.0, "only the answer's own usage: {page}");
+    drop(busy);
+    assert_eq!(r.in_flight(), 0);
+    // other methods and paths are not requests on a stored answer
+    for (method, path) in [
+        ("PUT", "/v1/responses/resp_s"),
+        ("POST", "/v1/responses/resp_s"),
+        ("GET", "/v1/responses/resp_s/other"),
+        ("GET", "/v1/responses/"),
+        ("GET", "/v1/responses"),
+        ("GET", "/v1/chat/completions/resp_s"),
+    ] {
+        assert!(
+            !r.should_intercept(method.as_bytes(), path.as_bytes()),
+            "{method} {path}"
+        );
+    }
+}
+
+#[test]
+fn a_stored_answer_this_gateway_does_not_know_passes_through() {
+    let r = router();
+    assert!(!r.should_intercept(b"GET", b"/v1/responses/resp_nowhere"));
+    assert_eq!(stored_counts(&r), (0.0, 1.0));
+    // (forgotten between should_intercept and the pick) nothing to answer: the host proxies
+    // it untouched
+    let p = r.pick(&on("GET", "/v1/responses/resp_nowhere"), b"");
+    assert!(
+        matches!(p.error(), Some(PickError::PassThrough { .. })),
+        "{:?}",
+        p.error()
+    );
+    assert_eq!((p.http_status(), p.endpoint()), (0, None));
+    p.finish(200);
+    assert_eq!(stored_counts(&r), (0.0, 2.0));
+    assert_eq!(r.in_flight(), 0);
+    let page = r.metrics_text();
+    assert_eq!(
+        sample(&page, "llmproxy_picks_total{outcome=\"passed_through\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn a_stored_answer_is_not_retried_on_another_endpoint() {
+    // only its endpoint has it: a connect failure there is the client's 503, not another
+    // engine's 404
+    let r = router();
+    let first = r.pick(&PATH, &turn("once", None));
+    answer(first, "resp_once", false);
+    let mut p = r.pick(&on("GET", "/v1/responses/resp_once"), b"");
+    assert!(p.endpoint().is_some());
+    assert_eq!(p.retry().unwrap_err().http_status(), 503);
+    assert_eq!(p.endpoint(), None);
+    p.finish(0);
+    assert_eq!(r.in_flight(), 0);
+}

@@ -338,7 +338,12 @@ function _M.access()
     if not body then
         return send_json(500, error_json(500, berr))
     end
-    local d, status, err_body = r:pick(headers, body, uri, method)
+    local d, status, err_body, rc = r:pick(headers, body, uri, method)
+    if not d and rc == llmproxy.PASSTHROUGH then
+        -- nothing to route (a stored Responses answer no one knows): the passthrough upstream
+        counters.passthrough = counters.passthrough + 1
+        return
+    end
     if not d then
         counters.pick_errors = counters.pick_errors + 1
         return send_json(status, err_body)

@@ -691,7 +691,8 @@ void llmproxy_request_finish_outcome(struct llmproxy_request *req,
  * `LLMPROXY_BAD_REQUEST` and `LLMPROXY_INVALID_ARGUMENT`; 404, 413 and 503 for
  * `LLMPROXY_MODEL_NOT_FOUND`, `LLMPROXY_PAYLOAD_TOO_LARGE` and `LLMPROXY_NO_ENDPOINT`;
  * 500 for everything else (`LLMPROXY_INTERNAL`, `LLMPROXY_INVALID_CONFIG`,
- * `LLMPROXY_PENDING`, values outside the enum). `status` is an `llmproxy_status` value,
+ * `LLMPROXY_PENDING`, `LLMPROXY_PASSTHROUGH` — which a host proxies untouched instead —,
+ * values outside the enum). `status` is an `llmproxy_status` value,
  * passed as an integer so that any value is safe.
  */
 uint32_t llmproxy_status_http(uint32_t status);

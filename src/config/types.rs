@@ -440,11 +440,12 @@ pub const DEFAULT_CLUSTER_HEADER: &str = "x-llmproxy-cluster";
 /// Default `metrics_path`.
 pub const DEFAULT_METRICS_PATH: &str = "/llmproxy/metrics";
 /// Default `intercept_paths`.
-pub const DEFAULT_INTERCEPT_PATHS: [&str; 4] = [
+pub const DEFAULT_INTERCEPT_PATHS: [&str; 5] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/responses",
     "/v1/messages",
+    "/generate",
 ];
 
 /// A configuration error: where (JSON path) and why.

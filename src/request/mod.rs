@@ -1,11 +1,13 @@
 //! OpenAI request parsing: model, stream flag, and the canonical prompt.
 //!
-//! Four request kinds are understood: `/v1/chat/completions` (`messages`, with string content
+//! Five request kinds are understood: `/v1/chat/completions` (`messages`, with string content
 //! or content parts, of any role), `/v1/completions` (`prompt`: a string, an array of
 //! strings, token ids or arrays of token ids), the Responses API's `/v1/responses`
-//! (`instructions`, `input`, `previous_response_id`: [`responses`]) and the Anthropic
-//! Messages API's `/v1/messages` (`system`, `messages` of content blocks: [`anthropic`]). Only
-//! what routing needs is extracted; every other field is skipped without being copied.
+//! (`instructions`, `input`, `previous_response_id`: [`responses`]), the Anthropic
+//! Messages API's `/v1/messages` (`system`, `messages` of content blocks: [`anthropic`]) and
+//! SGLang's native `/generate` (`text` or `input_ids`, read as a completions prompt; `model`
+//! optional: the router's only model when absent). Only what routing needs is extracted;
+//! every other field is skipped without being copied.
 //!
 //! The prompt is not the raw JSON: it is a canonical rendering, so two clients that format
 //! the same conversation differently (key order, whitespace, escapes) hash the same. For chat:
@@ -43,6 +45,8 @@ pub enum RequestKind {
     Responses,
     /// `/v1/messages` (the Anthropic Messages API)
     Messages,
+    /// `/generate` (SGLang's native API: `text` or `input_ids`, no `model` needed)
+    Generate,
 }
 
 impl RequestKind {
@@ -54,6 +58,8 @@ impl RequestKind {
             p if p.ends_with("/completions") => Some(Self::Completions),
             p if p.ends_with("/responses") => Some(Self::Responses),
             p if p.ends_with("/messages") => Some(Self::Messages),
+            // (not Triton's /v2/models/{model}/generate, which only the gateway sends)
+            p if p.ends_with("/generate") && !p.contains("/models/") => Some(Self::Generate),
             _ => None,
         }
     }
@@ -84,7 +90,10 @@ pub struct ParsedRequest {
 
 /// What [`parse_with_tail`] extracts beyond what every pick needs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Extract {
+pub struct Extract<'m> {
+    /// The model of a `/generate` request that names none (SGLang's native API has no
+    /// `model` field): the router's only model, if it has one.
+    pub default_model: Option<&'m str>,
     /// The hasher at the end of the prompt, to learn the answer (`learn_response_bytes`).
     pub tail: bool,
     /// The `user` field (`session_affinity.user_field`).
@@ -156,6 +165,13 @@ struct Body<'a> {
     /// Raw, like `user` ([`Extract::cache_key`]).
     #[serde(borrow, default)]
     prompt_cache_key: Option<&'a serde_json::value::RawValue>,
+    /// `/generate`: the prompt (a string or strings). Raw: read as a prompt only for that
+    /// kind (a Responses request's `text` is an object of its own).
+    #[serde(borrow, default)]
+    text: Option<&'a serde_json::value::RawValue>,
+    /// `/generate`: the prompt as token ids (an array, or arrays). Raw, like `text`.
+    #[serde(borrow, default)]
+    input_ids: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -406,8 +422,16 @@ pub fn parse_with_tail(
     let parsed: Body = serde_json::from_str(text)
         .map_err(|e| PickError::bad_request(format!("invalid JSON body: {e}"), None))?;
 
-    let model = match &parsed.model {
-        Some(m) if !m.is_empty() => &**m,
+    let model = match (&parsed.model, kind, extract.default_model) {
+        (Some(m), _, _) if !m.is_empty() => &**m,
+        (None, Some(RequestKind::Generate), Some(default)) => default,
+        (None, Some(RequestKind::Generate), None) => {
+            return Err(PickError::bad_request(
+                "a /generate request that names no model needs a gateway that routes one \
+                 model: several are routed here, add \"model\" to the body",
+                Some("model"),
+            ))
+        }
         _ => {
             return Err(PickError::bad_request(
                 "you must provide a model parameter",
@@ -445,49 +469,22 @@ pub fn parse_with_tail(
                 render_message(&mut hasher, m, i)?;
             }
         }
-        RequestKind::Completions => match parsed.prompt {
-            None => {
-                return Err(PickError::bad_request(
-                    "you must provide a prompt parameter",
-                    Some("prompt"),
-                ))
-            }
-            Some(Prompt::One(p)) => hasher.feed_str(&p),
-            Some(Prompt::Many(ps)) => {
-                if ps.is_empty() {
-                    return Err(PickError::bad_request(
-                        "prompt must not be an empty array",
-                        Some("prompt"),
-                    ));
-                }
-                for (i, p) in ps.iter().enumerate() {
-                    if i > 0 {
-                        hasher.feed(b"\n");
-                    }
-                    hasher.feed_str(p);
-                }
-                // One answer per prompt: no single next turn extends them all.
-                extendable = ps.len() == 1;
-            }
-            // Token ids: hashed as tokens, so the same ids share a prefix. The answer comes
-            // back as text, which the next prompt's ids do not spell: nothing to learn.
-            Some(Prompt::Tokens(ts)) => {
-                hasher.feed_tokens(&ts);
-                extendable = false;
-            }
-            Some(Prompt::ManyTokens(tss)) => {
-                if tss.iter().any(Vec::is_empty) {
-                    return Err(PickError::bad_request(
-                        "prompt must not contain an empty token array",
-                        Some("prompt"),
-                    ));
-                }
-                for ts in &tss {
-                    hasher.feed_tokens(ts);
-                }
-                extendable = false;
-            }
-        },
+        RequestKind::Completions => {
+            extendable = render_prompt(&mut hasher, parsed.prompt, "prompt")?;
+        }
+        RequestKind::Generate => {
+            let (raw, param) = match (parsed.text, parsed.input_ids) {
+                (Some(text), _) => (Some(text), "text"),
+                (None, ids) => (ids, "input_ids"),
+            };
+            let prompt = raw
+                .map(|raw| serde_json::from_str::<Prompt>(raw.get()))
+                .transpose()
+                .map_err(|e| {
+                    PickError::bad_request(format!("invalid {param}: {e}"), Some(param))
+                })?;
+            extendable = render_prompt(&mut hasher, prompt.or(parsed.prompt), param)?;
+        }
         RequestKind::Messages => anthropic::render(&mut hasher, &parsed.system, parsed.messages)?,
         RequestKind::Responses => {
             responses::render(&mut hasher, parsed.instructions.as_deref(), parsed.input)?;
@@ -515,6 +512,59 @@ pub fn parse_with_tail(
         previous_response,
     };
     Ok((parsed, tail))
+}
+
+/// Renders a completions-style prompt (`param`: the field it came from, for errors); true
+/// when a next turn can extend it (one prompt of text: the answer's text follows it).
+fn render_prompt(
+    hasher: &mut PrefixHasher,
+    prompt: Option<Prompt>,
+    param: &'static str,
+) -> Result<bool, PickError> {
+    match prompt {
+        None => Err(PickError::bad_request(
+            format!("you must provide a {param} parameter"),
+            Some(param),
+        )),
+        Some(Prompt::One(p)) => {
+            hasher.feed_str(&p);
+            Ok(true)
+        }
+        Some(Prompt::Many(ps)) => {
+            if ps.is_empty() {
+                return Err(PickError::bad_request(
+                    format!("{param} must not be an empty array"),
+                    Some(param),
+                ));
+            }
+            for (i, p) in ps.iter().enumerate() {
+                if i > 0 {
+                    hasher.feed(b"\n");
+                }
+                hasher.feed_str(p);
+            }
+            // One answer per prompt: no single next turn extends them all.
+            Ok(ps.len() == 1)
+        }
+        // Token ids: hashed as tokens, so the same ids share a prefix. The answer comes back
+        // as text, which the next prompt's ids do not spell: nothing to learn.
+        Some(Prompt::Tokens(ts)) => {
+            hasher.feed_tokens(&ts);
+            Ok(false)
+        }
+        Some(Prompt::ManyTokens(tss)) => {
+            if tss.iter().any(Vec::is_empty) {
+                return Err(PickError::bad_request(
+                    format!("{param} must not contain an empty token array"),
+                    Some(param),
+                ));
+            }
+            for ts in &tss {
+                hasher.feed_tokens(ts);
+            }
+            Ok(false)
+        }
+    }
 }
 
 fn render_message(h: &mut PrefixHasher, m: &Message, index: usize) -> Result<(), PickError> {

@@ -468,3 +468,73 @@ fn requests_on_a_stored_answer_name_its_id() {
         assert_eq!(id(method, path), None, "{method} {path}");
     }
 }
+
+#[test]
+fn sglang_generate_reads_text_or_input_ids_and_may_name_no_model() {
+    let generate = |body: &str, default_model: Option<&str>| {
+        let extract = Extract {
+            default_model,
+            ..Extract::default()
+        };
+        parse_with_tail(body.as_bytes(), Some(RequestKind::Generate), 16, extract).map(|(p, _)| p)
+    };
+    // no model: the router's only one, hashed as the completion of the same text
+    let text = r#"{"text": "The capital of France is", "sampling_params": {"max_new_tokens": 8}, "stream": true}"#;
+    let g = generate(text, Some("m")).unwrap();
+    let completion = parse(
+        br#"{"model": "m", "prompt": "The capital of France is"}"#,
+        None,
+        16,
+    )
+    .unwrap();
+    assert_eq!(
+        (g.kind, g.model.as_str(), g.stream, &g.prefix_hashes),
+        (RequestKind::Generate, "m", true, &completion.prefix_hashes)
+    );
+    // a model in the body wins; token ids as a completion's
+    let ids = generate(
+        r#"{"model": "other", "input_ids": [[1, 2, 3], [1, 2, 4]]}"#,
+        Some("m"),
+    )
+    .unwrap();
+    let tokens = parse(
+        br#"{"model": "other", "prompt": [[1, 2, 3], [1, 2, 4]]}"#,
+        None,
+        16,
+    )
+    .unwrap();
+    assert_eq!(
+        (ids.model.as_str(), &ids.prefix_hashes),
+        ("other", &tokens.prefix_hashes)
+    );
+    // text wins over input_ids (SGLang takes one of them)
+    let both = generate(
+        r#"{"text": "The capital of France is", "input_ids": [9]}"#,
+        Some("m"),
+    )
+    .unwrap();
+    assert_eq!(both.prefix_hashes, completion.prefix_hashes);
+    // errors: several models and none named; no prompt; a prompt of the wrong type
+    let e = generate(r#"{"text": "x"}"#, None).unwrap_err();
+    assert!(e.to_string().contains("add \"model\""), "{e}");
+    let e = generate(r#"{"sampling_params": {}}"#, Some("m")).unwrap_err();
+    assert_eq!(
+        e,
+        PickError::bad_request("you must provide a input_ids parameter", Some("input_ids"))
+    );
+    let e = generate(r#"{"text": {"a": 1}}"#, Some("m")).unwrap_err();
+    assert!(e.to_string().starts_with("invalid text:"), "{e}");
+    // another API's `text` object is not a prompt (the Responses API's output format)
+    let r = parse_with_tail(
+        br#"{"model": "m", "input": "hi", "text": {"format": {"type": "text"}}}"#,
+        Some(RequestKind::Responses),
+        16,
+        Extract::default(),
+    );
+    assert!(r.is_ok(), "{:?}", r.err());
+    assert_eq!(
+        RequestKind::from_path("/generate"),
+        Some(RequestKind::Generate)
+    );
+    assert_eq!(RequestKind::from_path("/v2/models/m/generate"), None);
+}

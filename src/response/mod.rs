@@ -11,7 +11,8 @@
 //!   the last one seen (OpenAI streams it in the final chunk).
 //!
 //! Answers of the Responses API (typed events, no `[DONE]`; an id the next turn may name)
-//! are read by [`responses_api`], those of the Anthropic Messages API by [`anthropic`].
+//! are read by [`responses_api`], those of the Anthropic Messages API by [`anthropic`], those
+//! of SGLang's `/generate` (`text` and `meta_info`) by [`generate`].
 //!
 //! Captured text is capped (`learn_response_bytes`); a capped answer is still a correct
 //! prefix of the next turn. Cost is linear in the response however it is cut: every input
@@ -32,6 +33,7 @@ use crate::hashing::PrefixHasher;
 use crate::request::{self, JsonStr, RequestKind};
 
 mod anthropic;
+mod generate;
 mod responses_api;
 
 /// Room for the JSON around the captured text (an event's other fields, a body's usage…).
@@ -450,7 +452,11 @@ impl ResponseReader {
             self.event = Vec::new();
             return;
         }
-        if self.cap == 0 && memchr::memmem::find(data, b"\"usage\"").is_none() {
+        let usage_key: &[u8] = match self.out.kind {
+            Some(RequestKind::Generate) => b"\"meta_info\"",
+            _ => b"\"usage\"",
+        };
+        if self.cap == 0 && memchr::memmem::find(data, usage_key).is_none() {
             return; // reading only the usage: this chunk has none
         }
         self.apply(data, false);
@@ -469,6 +475,9 @@ impl ResponseReader {
                 .map(|e| self.apply_responses(e, whole)),
             Some(RequestKind::Messages) => serde_json::from_str::<anthropic::Event>(json)
                 .map(|e| self.apply_messages(e, whole)),
+            Some(RequestKind::Generate) => {
+                serde_json::from_str::<generate::Answer>(json).map(|a| self.apply_generate(a))
+            }
             _ => return self.apply_openai(json),
         };
         applied.unwrap_or_else(|_| {
@@ -567,7 +576,7 @@ impl Capture {
     /// it. A capped answer stops at what is known: the text, without what follows it.
     pub fn render_next_turn(&self, h: &mut PrefixHasher) {
         match self.kind {
-            Some(RequestKind::Completions) => h.feed(&self.text),
+            Some(RequestKind::Completions | RequestKind::Generate) => h.feed(&self.text),
             // (a Messages API answer's tool calls have no arguments: `anthropic`)
             Some(RequestKind::Chat | RequestKind::Messages) => {
                 request::open_message(h, b"assistant");

@@ -497,3 +497,67 @@ fn learned_as_next_turn(c: &Capture, kind: RequestKind, first: &[u8], next: &[u8
     assert_eq!(learned, &next.prefix_hashes[before..before + learned.len()]);
     learned.len()
 }
+
+/// SGLang's `/generate` stream: each event the whole text so far, then `[DONE]`.
+const GENERATE_SSE: &str = concat!(
+    "data: {\"text\":\"The\",\"meta_info\":{\"id\":\"a\",\"prompt_tokens\":12,\"completion_tokens\":1,\"cached_tokens\":8,\"finish_reason\":null}}\n\n",
+    "data: {\"text\":\"The capital\",\"meta_info\":{\"id\":\"a\",\"prompt_tokens\":12,\"completion_tokens\":2,\"cached_tokens\":8,\"finish_reason\":null}}\n\n",
+    "data: {\"text\":\"The capital is Paris.\",\"meta_info\":{\"id\":\"a\",\"prompt_tokens\":12,\"completion_tokens\":5,\"cached_tokens\":8,\"finish_reason\":{\"type\":\"stop\",\"matched\":2}}}\n\n",
+    "data: [DONE]\n\n",
+);
+
+#[test]
+fn generate_streams_and_answers_give_text_and_usage_however_cut() {
+    let want_usage = Some(Usage {
+        prompt_tokens: 12,
+        completion_tokens: 5,
+        cached_tokens: Some(8),
+    });
+    let c = whole(RequestKind::Generate, 1024, GENERATE_SSE.as_bytes());
+    assert_eq!(c.text, b"The capital is Paris.");
+    assert_eq!(c.usage, want_usage);
+    assert!(c.complete && c.learnable());
+    let bytes = GENERATE_SSE.as_bytes();
+    for cut in 0..bytes.len() {
+        let got = read(RequestKind::Generate, 1024, &[&bytes[..cut], &bytes[cut..]]);
+        assert_eq!((&got.text, got.usage), (&c.text, c.usage), "cut at {cut}");
+        assert!(got.complete, "cut at {cut}");
+        let got = read(RequestKind::Generate, 0, &[&bytes[..cut], &bytes[cut..]]);
+        assert_eq!(got.usage, want_usage, "usage only, cut at {cut}");
+    }
+    // --incremental-streaming-output: each event only the new text
+    let incremental = GENERATE_SSE
+        .replace("\"The capital is Paris.\"", "\" is Paris.\"")
+        .replace("\"The capital\"", "\" capital\"");
+    let i = whole(RequestKind::Generate, 1024, incremental.as_bytes());
+    assert_eq!((&i.text, i.usage), (&c.text, want_usage));
+    // capped: a prefix of the whole text, whichever way it streams
+    let capped = whole(RequestKind::Generate, 7, GENERATE_SSE.as_bytes());
+    assert_eq!(
+        (capped.text.as_slice(), capped.capped),
+        (&b"The cap"[..], true)
+    );
+    // a whole answer; an error answer
+    let body = br#"{"text":"The capital is Paris.","output_ids":[1,2,3],"meta_info":{"prompt_tokens":12,"completion_tokens":5,"cached_tokens":8,"finish_reason":{"type":"length","length":5}}}"#;
+    let w = whole(RequestKind::Generate, 1024, body);
+    assert_eq!((&w.text, w.usage), (&c.text, want_usage));
+    assert!(w.learnable());
+    let e = whole(
+        RequestKind::Generate,
+        1024,
+        br#"{"error":{"message":"bad"}}"#,
+    );
+    assert!(!e.complete && !e.learnable());
+}
+
+#[test]
+fn generate_answers_render_as_the_next_turn_resends_them() {
+    // a multi-turn client of /generate sends the whole text again: prompt, answer, new input
+    let c = whole(RequestKind::Generate, 1024, GENERATE_SSE.as_bytes());
+    let first = br#"{"text":"Q: what is the capital of France? A: ","model":"m"}"#;
+    let next = br#"{"text":"Q: what is the capital of France? A: The capital is Paris. Q: and of Italy? A: ","model":"m","sampling_params":{"max_new_tokens":8}}"#;
+    assert_eq!(
+        learned_as_next_turn(&c, RequestKind::Generate, first, next),
+        1
+    );
+}

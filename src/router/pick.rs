@@ -106,6 +106,10 @@ impl RouterInner {
             tail: learn_bytes > 0,
             user: affinity.is_some_and(|a| a.user_field),
             cache_key: affinity.is_some_and(|a| a.cache_key_field),
+            default_model: match self.model_names.as_slice() {
+                [only] => Some(only.as_str()),
+                _ => None,
+            },
         };
         let (parsed, tail) =
             request::parse_with_tail(body, kind, self.config.hash_chunk_bytes, extract)?;

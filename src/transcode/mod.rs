@@ -99,7 +99,9 @@ pub struct PlanOptions<'a> {
 
 /// Plans the upstream request for a backend.
 pub fn plan(body: &[u8], o: PlanOptions) -> Result<(UpstreamRequest, Transcoder), PickError> {
-    let renamed = (o.upstream_model != o.client_model).then_some(o.upstream_model);
+    // (SGLang's /generate reads no `model`: its body is never rewritten for one)
+    let renamed = (o.upstream_model != o.client_model && o.kind != RequestKind::Generate)
+        .then_some(o.upstream_model);
     match o.triton_template {
         Some(template) => {
             let (path, body) =
@@ -408,8 +410,12 @@ impl Transcoder {
                     "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
                 })
             }
-            // (a Responses or Messages request never reaches Triton: `build_request` refuses it)
-            RequestKind::Completions | RequestKind::Responses | RequestKind::Messages => json!({
+            // (a Responses, Messages or /generate request never reaches Triton: `build_request`
+            // refuses it)
+            RequestKind::Completions
+            | RequestKind::Responses
+            | RequestKind::Messages
+            | RequestKind::Generate => json!({
                 "id": format!("cmpl-{}", self.id), "object": "text_completion",
                 "created": self.created, "model": self.client_model,
                 "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}],
@@ -426,8 +432,12 @@ impl Transcoder {
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": null, "finish_reason": "stop"}],
             }),
-            // (a Responses or Messages request never reaches Triton: `build_request` refuses it)
-            RequestKind::Completions | RequestKind::Responses | RequestKind::Messages => json!({
+            // (a Responses, Messages or /generate request never reaches Triton: `build_request`
+            // refuses it)
+            RequestKind::Completions
+            | RequestKind::Responses
+            | RequestKind::Messages
+            | RequestKind::Generate => json!({
                 "id": format!("cmpl-{}", self.id), "object": "text_completion",
                 "created": self.created, "model": self.client_model,
                 "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "stop"}],

@@ -28,9 +28,12 @@ pub fn build_request(
     template: ChatTemplate,
     stream: bool,
 ) -> Result<(String, Vec<u8>), PickError> {
-    if matches!(kind, RequestKind::Responses | RequestKind::Messages) {
+    if matches!(
+        kind,
+        RequestKind::Responses | RequestKind::Messages | RequestKind::Generate
+    ) {
         return Err(PickError::bad_request(
-            "the Responses API (/v1/responses) and the Messages API (/v1/messages) are not served by a triton backend: use /v1/chat/completions",
+            "the Responses API (/v1/responses), the Messages API (/v1/messages) and SGLang's /generate are not served by a triton backend: use /v1/chat/completions",
             None,
         ));
     }
@@ -50,20 +53,21 @@ pub fn build_request(
                 .collect();
             template.render(rendered)
         }
-        RequestKind::Completions | RequestKind::Responses | RequestKind::Messages => {
-            match v.get("prompt") {
-                Some(Value::String(p)) => p.clone(),
-                Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
-                    a[0].as_str().unwrap_or_default().to_string()
-                }
-                _ => {
-                    return Err(PickError::bad_request(
-                        "the triton backend takes exactly one prompt string",
-                        Some("prompt"),
-                    ))
-                }
+        RequestKind::Completions
+        | RequestKind::Responses
+        | RequestKind::Messages
+        | RequestKind::Generate => match v.get("prompt") {
+            Some(Value::String(p)) => p.clone(),
+            Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+                a[0].as_str().unwrap_or_default().to_string()
             }
-        }
+            _ => {
+                return Err(PickError::bad_request(
+                    "the triton backend takes exactly one prompt string",
+                    Some("prompt"),
+                ))
+            }
+        },
     };
     let mut out = Map::new();
     out.insert("text_input".into(), Value::String(text_input));

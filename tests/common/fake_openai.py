@@ -38,6 +38,11 @@ block "hi from <name>", `usage.input_tokens` = body bytes / 4, the echo fields),
 of x-test-chunks text_delta events ("tok0 ", …), message_delta (stop_reason, output_tokens),
 message_stop, then `data: [DONE]` as vLLM ends it.
 
+POST /generate answers like SGLang's native API: `{"text": "hi from <name>", "output_ids", "meta_info":
+{prompt_tokens = body bytes / 4, completion_tokens, cached_tokens = x-test-cached-tokens, finish_reason},
+…the echo fields}`, or with "stream": true one `data:` event per x-test-chunks token, each with the whole
+text so far ("tok0 ", "tok0 tok1 ", …) and the echo, then `data: [DONE]`.
+
 POST /v2/models/{model}/generate[_stream] answers like Triton's generate extension:
 `{"model_name", "model_version", "text_output": "hi from <name> (<n> chars in)"}`, or SSE events
 of it, `text_output` "tok0 ", "tok1 ", ...
@@ -94,7 +99,8 @@ TRITON_ERROR = "x-test-triton-error"
 TRITON_REQUEST = "x-test-triton-request"  # response header of a scripted Triton answer
 CONTROL_HEADERS = (DELAY_MS, STATUS, CLOSE, CHUNKS, CHUNK_DELAY_MS, CACHED_TOKENS, TRITON_SCRIPT, TRITON_ERROR)
 
-OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages")
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
+                 "/generate")
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error", 502: "Bad Gateway",
            503: "Service Unavailable", 504: "Gateway Timeout"}
 
@@ -242,6 +248,8 @@ def make_handler(name):
             return await answer_responses(req, out, payload)
         if req.path.startswith("/v1/messages"):
             return await answer_messages(req, out, payload)
+        if req.path.startswith("/generate"):
+            return await answer_generate(req, out, payload)
         return await answer_openai(req, out, payload)
 
     async def answer_messages(req, out, payload):
@@ -286,6 +294,24 @@ def make_handler(name):
         if (req.method, action) == ("POST", "cancel"):
             return await out.json(200, dict(stored[rid], status="cancelled", **echo))
         return await out.json(405, {"error": {"message": "method not allowed"}, **echo})
+
+    async def answer_generate(req, out, payload):
+        meta = {"id": "gen_" + name, "prompt_tokens": max(1, len(req.body) // 4), "completion_tokens": 0,
+                "cached_tokens": req.number(CACHED_TOKENS), "finish_reason": None}
+        echo = {"served_by": name, "body_bytes": len(req.body), "received_headers": req.headers}
+        if not payload.get("stream"):
+            meta.update(completion_tokens=3, finish_reason={"type": "stop", "matched": 2})
+            return await out.json(200, {"text": "hi from " + name, "output_ids": [1, 2, 3], "meta_info": meta, **echo})
+        await out.start_stream()
+        text = ""
+        chunks = req.number(CHUNKS, 5)
+        for i in range(chunks):
+            text += "tok%d " % i  # each event carries the whole text so far, as SGLang streams it
+            last = i + 1 == chunks
+            meta.update(completion_tokens=i + 1, finish_reason={"type": "stop"} if last else None)
+            await out.event({"text": text, "meta_info": meta, **echo})
+        await out.event("[DONE]")
+        await out.end_stream()
 
     async def answer_responses(req, out, payload):
         previous = payload.get("previous_response_id")

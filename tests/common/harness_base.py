@@ -31,6 +31,7 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 RESPONSES = "/v1/responses"
 MESSAGES = "/v1/messages"
+GENERATE = "/generate"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,6 +592,46 @@ def check_anthropic_messages(send, page, model):
     wait_until(lambda: grew("llmproxy_learned_response_chunks_total") > 0, timeout=5, what="learned answers")
     wait_until(lambda: page().total("llmproxy_tokens_total", kind="prompt")
                - start.total("llmproxy_tokens_total", kind="prompt") > 6 * 700, timeout=5, what="6 prompts' tokens")
+
+
+def check_sglang_generate(send, page, model):
+    """SGLang's native `/generate` through a gateway: `send(body, headers, path) -> (status, body
+    bytes)`, `page()` its metrics. A multi-turn client (an RL rollout, an agent) resends the whole
+    text each turn: prompt, answer, new input; its turns stay on one server, streamed answers
+    (each event the whole text so far) are learned, the `meta_info` token counts are counted.
+    Token-id prompts that share a prefix go together. Without a model in the body, a gateway
+    routing several models answers 400."""
+    start = page()
+    text = random_text(3000, seed=random.getrandbits(32))
+    served = set()
+    for turn in range(6):
+        body = {"model": model, "text": text, "sampling_params": {"max_new_tokens": 64}, "stream": turn % 2 == 0}
+        status, data = send(body, {"x-test-chunks": "40"}, GENERATE)
+        assert status == 200, data[:300]
+        if body["stream"]:
+            events = [json.loads(line[5:]) for line in data.split(b"\n") if line.startswith(b"data: {")]
+            assert data.rstrip().endswith(b"data: [DONE]"), data[-200:]
+            answer = events[-1]
+        else:
+            answer = json.loads(data)
+        served.add(answer["served_by"])
+        text += answer["text"] + " next input %d: " % turn
+    assert len(served) == 1, "the conversation went to %s" % served
+    ids = [random.randrange(1, 50000) for _ in range(800)]
+    homes = set()
+    for i in range(4):
+        status, data = send({"model": model, "input_ids": ids + [i, i + 1]}, {}, GENERATE)
+        assert status == 200, data[:300]
+        homes.add(json.loads(data)["served_by"])
+    assert len(homes) == 1, "token prompts sharing 800 ids went to %s" % homes
+    status, data = send({"text": "which model?"}, {}, GENERATE)
+    assert status == 400 and "model" in json.loads(data)["error"]["message"], data
+
+    def grew(name, **labels):
+        return page().total(name, **labels) - start.total(name, **labels)
+    # (a native nginx page merges the other workers' routers as published each second)
+    wait_until(lambda: grew("llmproxy_learned_response_chunks_total") > 0, timeout=5, what="learned answers")
+    wait_until(lambda: grew("llmproxy_tokens_total", kind="prompt") > 6 * 700, timeout=5, what="6 prompts' tokens")
 
 
 def check_cache_feedback(send, page, model):

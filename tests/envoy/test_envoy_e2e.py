@@ -487,6 +487,10 @@ def test_anthropic_messages_follow_their_conversation(gateway):
     harness.check_anthropic_messages(sender(gateway), lambda: metrics(gateway), "m-b")
 
 
+def test_sglang_generate_follows_its_conversation(gateway):
+    harness.check_sglang_generate(sender(gateway), lambda: metrics(gateway), "m-b")
+
+
 def test_request_log_has_one_line_per_finished_request(gateway):
     """log.enabled with a path: the library's writer thread appends one JSON line per finished
     request, with the host's x-request-id, the decision, status, outcome and timings: a plain

@@ -319,6 +319,10 @@ def test_anthropic_messages_follow_their_conversation(gw):
     harness.check_anthropic_messages(sender(gw), lambda: metrics(gw.port), "m-b")
 
 
+def test_sglang_generate_follows_its_conversation(gw):
+    harness.check_sglang_generate(sender(gw), lambda: metrics(gw.port), "m-b")
+
+
 def test_request_log_has_one_line_per_finished_request(gw):
     """log.enabled with a path, both hosts, 2 workers appending to one file: one JSON line per
     finished request with the client's x-request-id: a plain answer, a stream, a 404 of the

@@ -44,6 +44,28 @@ fn routes_by_rule_and_header() {
 }
 
 #[test]
+fn sglang_generate_needs_no_model_when_one_is_routed() {
+    let one = Router::from_json(
+        br#"{"model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "sglang"}]}},
+            "clusters": {"c": {"endpoints": ["127.0.0.1:1", "127.0.0.1:2"]}}}"#,
+    )
+    .unwrap();
+    let generate: [(&[u8], &[u8]); 1] = [(b":path", b"/generate")];
+    let body = br#"{"text": "The capital of France is", "sampling_params": {"max_new_tokens": 8}}"#;
+    let p = one.pick(&generate, body);
+    assert_eq!((p.http_status(), p.model()), (200, Some("m")));
+    // the body goes as it came (SGLang reads no model from it)
+    assert_eq!(p.upstream_body(), None);
+    p.finish(200);
+    // several models routed: the request must name one
+    let p = router().pick(&generate, body);
+    assert_eq!(p.http_status(), 400);
+    assert!(p.error_body().unwrap().contains("model"));
+    let named = br#"{"model": "m1", "text": "The capital of France is"}"#;
+    assert_eq!(router().pick(&generate, named).cluster(), Some("prod"));
+}
+
+#[test]
 fn unknown_model_and_unmatched_rule_are_404() {
     let r = router();
     let p = r.pick(&[], &chat("nope", "hi"));

@@ -86,6 +86,9 @@ pub struct ParsedRequest {
     /// Responses API: the `previous_response_id` this request continues (its engine holds
     /// that conversation; no other does).
     pub previous_response: Option<String>,
+    /// `/generate` with one prompt of token ids (`input_ids`): the next turn resends them
+    /// followed by the answer's `output_ids`, which are what is learned.
+    pub token_prompt: bool,
 }
 
 /// What [`parse_with_tail`] extracts beyond what every pick needs.
@@ -453,6 +456,7 @@ pub fn parse_with_tail(
 
     let mut hasher = PrefixHasher::new(model, chunk_bytes);
     let mut extendable = true;
+    let mut token_prompt = false;
     let previous_response = (parsed.previous_response_id)
         .filter(|id| kind == RequestKind::Responses && !id.is_empty())
         .map(|id| id.to_string());
@@ -470,7 +474,9 @@ pub fn parse_with_tail(
             }
         }
         RequestKind::Completions => {
-            extendable = render_prompt(&mut hasher, parsed.prompt, "prompt")?;
+            // (token ids: the answer comes back as text, which the next prompt's ids do not
+            // spell: nothing to learn)
+            extendable = render_prompt(&mut hasher, parsed.prompt, "prompt")? == Some(false);
         }
         RequestKind::Generate => {
             let (raw, param) = match (parsed.text, parsed.input_ids) {
@@ -483,7 +489,10 @@ pub fn parse_with_tail(
                 .map_err(|e| {
                     PickError::bad_request(format!("invalid {param}: {e}"), Some(param))
                 })?;
-            extendable = render_prompt(&mut hasher, prompt.or(parsed.prompt), param)?;
+            // SGLang answers token ids with their `output_ids`: a next turn of ids extends them
+            let continued = render_prompt(&mut hasher, prompt.or(parsed.prompt), param)?;
+            extendable = continued.is_some();
+            token_prompt = continued == Some(true);
         }
         RequestKind::Messages => anthropic::render(&mut hasher, &parsed.system, parsed.messages)?,
         RequestKind::Responses => {
@@ -510,17 +519,19 @@ pub fn parse_with_tail(
         user,
         cache_key,
         previous_response,
+        token_prompt,
     };
     Ok((parsed, tail))
 }
 
-/// Renders a completions-style prompt (`param`: the field it came from, for errors); true
-/// when a next turn can extend it (one prompt of text: the answer's text follows it).
+/// Renders a completions-style prompt (`param`: the field it came from, for errors). When a
+/// next turn can extend it (one prompt: the answer follows it), whether that prompt is token
+/// ids: `Some(false)` for text, `Some(true)` for ids, None for several prompts.
 fn render_prompt(
     hasher: &mut PrefixHasher,
     prompt: Option<Prompt>,
     param: &'static str,
-) -> Result<bool, PickError> {
+) -> Result<Option<bool>, PickError> {
     match prompt {
         None => Err(PickError::bad_request(
             format!("you must provide a {param} parameter"),
@@ -528,7 +539,7 @@ fn render_prompt(
         )),
         Some(Prompt::One(p)) => {
             hasher.feed_str(&p);
-            Ok(true)
+            Ok(Some(false))
         }
         Some(Prompt::Many(ps)) => {
             if ps.is_empty() {
@@ -544,13 +555,12 @@ fn render_prompt(
                 hasher.feed_str(p);
             }
             // One answer per prompt: no single next turn extends them all.
-            Ok(ps.len() == 1)
+            Ok((ps.len() == 1).then_some(false))
         }
-        // Token ids: hashed as tokens, so the same ids share a prefix. The answer comes back
-        // as text, which the next prompt's ids do not spell: nothing to learn.
+        // Token ids: hashed as tokens, so the same ids share a prefix.
         Some(Prompt::Tokens(ts)) => {
             hasher.feed_tokens(&ts);
-            Ok(false)
+            Ok(Some(true))
         }
         Some(Prompt::ManyTokens(tss)) => {
             if tss.iter().any(Vec::is_empty) {
@@ -562,7 +572,7 @@ fn render_prompt(
             for ts in &tss {
                 hasher.feed_tokens(ts);
             }
-            Ok(false)
+            Ok(None)
         }
     }
 }

@@ -492,11 +492,18 @@ fn sglang_generate_reads_text_or_input_ids_and_may_name_no_model() {
         (RequestKind::Generate, "m", true, &completion.prefix_hashes)
     );
     // a model in the body wins; token ids as a completion's
+    let one = generate(r#"{"input_ids": [1, 2, 3]}"#, Some("m")).unwrap();
+    assert!(
+        one.token_prompt,
+        "one prompt of ids: its answer's output_ids are learned"
+    );
+    assert!(!g.token_prompt);
     let ids = generate(
         r#"{"model": "other", "input_ids": [[1, 2, 3], [1, 2, 4]]}"#,
         Some("m"),
     )
     .unwrap();
+    assert!(!ids.token_prompt, "a batch: no next turn extends it");
     let tokens = parse(
         br#"{"model": "other", "prompt": [[1, 2, 3], [1, 2, 4]]}"#,
         None,

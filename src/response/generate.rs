@@ -4,7 +4,9 @@
 //! far in every event (its default) or, with `--incremental-streaming-output`, only the new
 //! text: an event whose text extends the text captured so far is read as the whole text,
 //! any other as new text. (An incremental event that happens to repeat everything before it
-//! is taken for the whole text: rare, and it only shortens what is learned.)
+//! is taken for the whole text: rare, and it only shortens what is learned.) For a prompt of
+//! token ids the answer's `output_ids` are read the same way instead of its text: the next
+//! turn of an RL rollout or agent sends the ids back, followed by its own.
 
 use serde::de::IgnoredAny;
 use serde::Deserialize;
@@ -17,6 +19,9 @@ use crate::request::JsonStr;
 pub(super) struct Answer<'a> {
     #[serde(borrow, default)]
     text: Option<JsonStr<'a>>,
+    /// Parsed only when the ids are learned.
+    #[serde(borrow, default)]
+    output_ids: Option<&'a serde_json::value::RawValue>,
     #[serde(default)]
     meta_info: Option<MetaInfo>,
     #[serde(default)]
@@ -45,13 +50,20 @@ impl ResponseReader {
             self.fail();
             return false;
         }
-        if let Some(text) = &a.text {
-            let known = self.out.text.as_slice();
-            let new = match text.as_bytes().strip_prefix(known) {
-                Some(rest) if !known.is_empty() => rest,
-                _ => text.as_bytes(),
-            };
-            self.take_text(new);
+        if self.out.tokens {
+            let ids = a
+                .output_ids
+                .map(|raw| serde_json::from_str::<Vec<u32>>(raw.get()));
+            match ids {
+                Some(Ok(ids)) => self.take_token_ids(&ids),
+                Some(Err(_)) => {
+                    self.fail();
+                    return false;
+                }
+                None => {}
+            }
+        } else if let Some(text) = &a.text {
+            self.take_text(after_known(text.as_bytes(), &self.out.text));
         }
         if let Some(m) = a.meta_info {
             if let Some(prompt_tokens) = m.prompt_tokens {
@@ -66,5 +78,25 @@ impl ResponseReader {
             }
         }
         true
+    }
+
+    /// Takes the new ids of an event's `output_ids` (all so far, or only the new ones), 4
+    /// bytes each under the cap.
+    fn take_token_ids(&mut self, ids: &[u32]) {
+        if self.out.capped {
+            return;
+        }
+        let new = after_known(ids, &self.out.token_ids);
+        let take = self.budget(4 * new.len()) / 4;
+        self.out.token_ids.extend_from_slice(&new[..take]);
+    }
+}
+
+/// What `event` adds to `known`: its rest when it starts with all of `known` (the whole so
+/// far), else all of it (only the new part).
+fn after_known<'e, T: PartialEq>(event: &'e [T], known: &[T]) -> &'e [T] {
+    match event.strip_prefix(known) {
+        Some(rest) if !known.is_empty() => rest,
+        _ => event,
     }
 }

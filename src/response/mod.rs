@@ -94,6 +94,11 @@ pub struct Capture {
     pub usage: Option<Usage>,
     /// Responses API: the answer's id (what a next turn names as `previous_response_id`).
     pub response_id: Option<String>,
+    /// `/generate` of token ids: the answer's `output_ids` are captured (in `token_ids`, 4
+    /// bytes each under the cap) instead of its text.
+    pub tokens: bool,
+    /// `/generate` of token ids: the answer's token ids.
+    pub token_ids: Vec<u32>,
 }
 
 /// The incremental reader: [`ResponseReader::feed`] every chunk, then
@@ -265,6 +270,13 @@ impl ResponseReader {
                 ..Capture::default()
             },
         }
+    }
+
+    /// For a `/generate` request of token ids: captures the answer's `output_ids`, which the
+    /// next turn resends after the prompt's ids, instead of its text.
+    pub fn reading_token_ids(mut self) -> Self {
+        self.out.tokens = true;
+        self
     }
 
     /// A reader that reads nothing: for a request on a stored answer, whose usage was counted
@@ -569,13 +581,15 @@ impl Capture {
     /// True when the answer may be learned: it ended properly or was capped (a capped
     /// answer is still a correct prefix), and it has something to learn.
     pub fn learnable(&self) -> bool {
-        (self.complete || self.capped) && (!self.text.is_empty() || !self.tool_calls.is_empty())
+        let something = !self.text.is_empty() || !self.tool_calls.is_empty();
+        (self.complete || self.capped) && (something || !self.token_ids.is_empty())
     }
 
     /// Feeds `h` (the prompt's hasher at its end) with the answer as the next turn renders
     /// it. A capped answer stops at what is known: the text, without what follows it.
     pub fn render_next_turn(&self, h: &mut PrefixHasher) {
         match self.kind {
+            Some(RequestKind::Generate) if self.tokens => h.feed_tokens(&self.token_ids),
             Some(RequestKind::Completions | RequestKind::Generate) => h.feed(&self.text),
             // (a Messages API answer's tool calls have no arguments: `anthropic`)
             Some(RequestKind::Chat | RequestKind::Messages) => {

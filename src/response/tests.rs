@@ -561,3 +561,54 @@ fn generate_answers_render_as_the_next_turn_resends_them() {
         1
     );
 }
+
+#[test]
+fn generate_answers_to_token_prompts_are_learned_as_their_output_ids() {
+    // an RL rollout's next turn: the prompt's ids, the answer's output_ids, the tool's ids
+    let read_ids = |pieces: &[&[u8]], cap: usize| {
+        let mut r = ResponseReader::new(RequestKind::Generate, cap).reading_token_ids();
+        for (i, p) in pieces.iter().enumerate() {
+            r.feed(p, i + 1 == pieces.len());
+        }
+        std::mem::take(&mut r.out)
+    };
+    let whole_answer = br#"{"text":"ignored","output_ids":[7,8,9,10,11,12],"meta_info":{"prompt_tokens":40,"completion_tokens":6,"cached_tokens":0,"finish_reason":{"type":"stop"}}}"#;
+    let c = read_ids(&[whole_answer], 1024);
+    assert_eq!(
+        (c.token_ids.as_slice(), c.text.is_empty()),
+        (&[7, 8, 9, 10, 11, 12][..], true)
+    );
+    assert!(c.learnable());
+    // streamed, each event all the ids so far (or, incremental, only the new ones)
+    let cumulative = concat!(
+        "data: {\"text\":\"a\",\"output_ids\":[7,8],\"meta_info\":{\"prompt_tokens\":40,\"completion_tokens\":2,\"finish_reason\":null}}\n\n",
+        "data: {\"text\":\"ab\",\"output_ids\":[7,8,9,10,11,12],\"meta_info\":{\"prompt_tokens\":40,\"completion_tokens\":6,\"finish_reason\":{\"type\":\"stop\"}}}\n\n",
+        "data: [DONE]\n\n",
+    );
+    let incremental = cumulative.replace("[7,8,9,10,11,12]", "[9,10,11,12]");
+    for stream in [cumulative.to_string(), incremental] {
+        let bytes = stream.as_bytes();
+        for cut in 0..bytes.len() {
+            let got = read_ids(&[&bytes[..cut], &bytes[cut..]], 1024);
+            assert_eq!(got.token_ids, c.token_ids, "cut at {cut}: {stream}");
+            assert!(got.complete);
+        }
+    }
+    // capped: 4 bytes an id
+    assert_eq!(read_ids(&[whole_answer], 9).token_ids, vec![7, 8]);
+    // garbage ids stop the capture
+    let bad = read_ids(
+        &[br#"{"output_ids":["x"],"meta_info":{"prompt_tokens":1}}"#],
+        64,
+    );
+    assert!(!bad.learnable());
+    // the next turn: the prompt's ids, then the output's, then more
+    let prompt: Vec<u32> = (100..140).collect();
+    let first = serde_json::json!({"model": "m", "input_ids": prompt}).to_string();
+    let mut next_ids = prompt.clone();
+    next_ids.extend([7, 8, 9, 10, 11, 12, 500, 501, 502]);
+    let next = serde_json::json!({"model": "m", "input_ids": next_ids}).to_string();
+    let learned =
+        learned_as_next_turn(&c, RequestKind::Generate, first.as_bytes(), next.as_bytes());
+    assert!(learned >= 1, "{learned} chunks learned");
+}

@@ -160,7 +160,10 @@ impl RouterInner {
         if self.config.log.enabled && self.config.log.include_prompt {
             text_cap = text_cap.max(self.config.log.prompt_max_bytes);
         }
-        let answer = ResponseReader::new(parsed.kind, text_cap);
+        let mut answer = ResponseReader::new(parsed.kind, text_cap);
+        if parsed.token_prompt {
+            answer = answer.reading_token_ids();
+        }
         let session = affinity
             .and_then(|a| {
                 let fields = [parsed.cache_key.as_deref(), parsed.user.as_deref()];

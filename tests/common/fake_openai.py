@@ -38,10 +38,10 @@ block "hi from <name>", `usage.input_tokens` = body bytes / 4, the echo fields),
 of x-test-chunks text_delta events ("tok0 ", …), message_delta (stop_reason, output_tokens),
 message_stop, then `data: [DONE]` as vLLM ends it.
 
-POST /generate answers like SGLang's native API: `{"text": "hi from <name>", "output_ids", "meta_info":
+POST /generate answers like SGLang's native API: `{"text": "hi from <name>", "output_ids" (1..x-test-chunks), "meta_info":
 {prompt_tokens = body bytes / 4, completion_tokens, cached_tokens = x-test-cached-tokens, finish_reason},
 …the echo fields}`, or with "stream": true one `data:` event per x-test-chunks token, each with the whole
-text so far ("tok0 ", "tok0 tok1 ", …) and the echo, then `data: [DONE]`.
+text and output_ids so far ("tok0 ", "tok0 tok1 ", …; [1], [1, 2], …) and the echo, then `data: [DONE]`.
 
 POST /v2/models/{model}/generate[_stream] answers like Triton's generate extension:
 `{"model_name", "model_version", "text_output": "hi from <name> (<n> chars in)"}`, or SSE events
@@ -299,17 +299,18 @@ def make_handler(name):
         meta = {"id": "gen_" + name, "prompt_tokens": max(1, len(req.body) // 4), "completion_tokens": 0,
                 "cached_tokens": req.number(CACHED_TOKENS), "finish_reason": None}
         echo = {"served_by": name, "body_bytes": len(req.body), "received_headers": req.headers}
+        chunks = req.number(CHUNKS, 5)
         if not payload.get("stream"):
-            meta.update(completion_tokens=3, finish_reason={"type": "stop", "matched": 2})
-            return await out.json(200, {"text": "hi from " + name, "output_ids": [1, 2, 3], "meta_info": meta, **echo})
+            meta.update(completion_tokens=chunks, finish_reason={"type": "stop", "matched": 2})
+            return await out.json(200, {"text": "hi from " + name, "output_ids": list(range(1, chunks + 1)),
+                                        "meta_info": meta, **echo})
         await out.start_stream()
         text = ""
-        chunks = req.number(CHUNKS, 5)
         for i in range(chunks):
-            text += "tok%d " % i  # each event carries the whole text so far, as SGLang streams it
+            text += "tok%d " % i  # each event carries the whole text (and ids) so far, as SGLang streams
             last = i + 1 == chunks
             meta.update(completion_tokens=i + 1, finish_reason={"type": "stop"} if last else None)
-            await out.event({"text": text, "meta_info": meta, **echo})
+            await out.event({"text": text, "output_ids": list(range(1, i + 2)), "meta_info": meta, **echo})
         await out.event("[DONE]")
         await out.end_stream()
 

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod generate;
 mod responses;
 mod summary;
 
@@ -24,9 +25,10 @@ pub struct RunArgs {
     /// Path of the chat completions endpoint on the target.
     #[arg(long, default_value = "/v1/chat/completions")]
     pub path: String,
-    /// The API the sessions speak: chat completions (at `--path`), or the Responses API
+    /// The API the sessions speak: chat completions (at `--path`), the Responses API
     /// (`/v1/responses`) resending the conversation (`responses`) or naming the previous
-    /// answer (`responses-chained`, `previous_response_id`).
+    /// answer (`responses-chained`, `previous_response_id`), or SGLang's native `/generate`
+    /// with the conversation rendered as one text (`generate`).
     #[arg(long, value_enum, default_value_t = Api::Chat)]
     pub api: Api,
     /// Seconds allowed for one request.
@@ -274,7 +276,8 @@ pub async fn run(
             .iter()
             .map(|u| match args.api {
                 Api::Chat => format!("{u}{}", args.path),
-                _ => format!("{u}{}", responses::PATH),
+                Api::Generate => format!("{u}{}", generate::PATH),
+                Api::Responses | Api::ResponsesChained => format!("{u}{}", responses::PATH),
             })
             .collect(),
         split: args.split,
@@ -422,7 +425,9 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
         }
         tokio::time::sleep_until(scheduled.into()).await;
         messages.push(json!({"role": "user", "content": &turn.user}));
-        let body = if ctx.api == Api::Chat {
+        let body = if ctx.api == Api::Generate {
+            generate::body(&ctx.model, &messages, turn.max_tokens, stream)
+        } else if ctx.api == Api::Chat {
             let mut body = json!({
                 "model": ctx.model,
                 "messages": messages,
@@ -581,6 +586,10 @@ async fn one_request(
             if let Some(err) = v.get("error") {
                 return Err((out, format!("error chunk: {err}")));
             }
+            if v.get("meta_info").is_some() {
+                generate::read_event(&mut out, &v);
+                continue;
+            }
             if let Some(c) = v
                 .pointer("/choices/0/delta/content")
                 .and_then(Value::as_str)
@@ -639,6 +648,15 @@ async fn read_answer(
     };
     if v.get("output").is_some() {
         return match responses::read_answer(&mut out, &v) {
+            Ok(()) => {
+                out.chunks = out.usage_completion.unwrap_or(1);
+                Ok(out)
+            }
+            Err(e) => Err((out, e)),
+        };
+    }
+    if v.get("meta_info").is_some() {
+        return match generate::read_answer(&mut out, &v) {
             Ok(()) => {
                 out.chunks = out.usage_completion.unwrap_or(1);
                 Ok(out)

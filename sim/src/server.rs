@@ -1,4 +1,4 @@
-//! The simulated fleet: N OpenAI-compatible servers in one process, each with its own engine
+//! The simulated fleet: N OpenAI-compatible (and SGLang `/generate`) servers in one process, each with its own engine
 //! task that sleeps for every step's duration (wall-clock time, so latency is measurable from
 //! outside). This module owns the servers, their engine tasks, their counters and `serve`;
 //! [`http`] their HTTP API.
@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
+mod generate;
 mod http;
 mod responses;
 mod wire;

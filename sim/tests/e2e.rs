@@ -534,6 +534,35 @@ fn sessions_that_do_not_stream_resend_the_whole_answer_and_have_no_ttft() {
 }
 
 #[test]
+fn generate_sessions_resend_the_generated_replies_as_text() {
+    // `--api generate`: SGLang's /generate, the conversation as one text; streamed (cumulative
+    // events) and not.
+    let (_fleet, line) = start(&["serve", "--servers", "1", "--base-port", "0"], "servers:");
+    let url = line.trim().to_string();
+    for (extra, streamed) in [
+        (&["--api", "generate"][..], true),
+        (&["--api", "generate", "--non-stream-share", "1"][..], false),
+    ] {
+        let (_, doc) = short_agent_run(&url, extra);
+        let records = doc["records"].as_array().unwrap();
+        assert!(
+            records.iter().all(|r| r["ok"] == true
+                && r["ttft_s"].is_null() != streamed
+                && r["output_tokens"].as_u64() >= Some(30)),
+            "{doc}"
+        );
+        let later_turns = later_turns_hit_the_previous_reply(records);
+        assert!(later_turns >= 4, "{later_turns} later turns");
+        let s = &doc["summary"];
+        assert_eq!(s["errors"], 0, "{s}");
+        assert!(
+            s["per_kind_hit_rate"]["agent"].as_f64().unwrap() > 0.3,
+            "{s}"
+        );
+    }
+}
+
+#[test]
 fn one_trace_split_over_two_urls() {
     let (_fleet, line) = start(&["serve", "--servers", "2", "--base-port", "0"], "servers:");
     let urls: Vec<String> = line.split_whitespace().map(str::to_string).collect();

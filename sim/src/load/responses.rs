@@ -11,7 +11,7 @@ use super::Streamed;
 use serde_json::{json, Value};
 use std::time::Instant;
 
-/// Which OpenAI API the sessions speak.
+/// Which API the sessions speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Api {
@@ -21,6 +21,9 @@ pub enum Api {
     Responses,
     /// `/v1/responses`, the new message only, naming the previous answer.
     ResponsesChained,
+    /// SGLang's native `/generate`, the whole conversation rendered as one `text` every turn
+    /// (in [`super::generate`]).
+    Generate,
 }
 
 /// The path of the Responses API.
@@ -54,7 +57,7 @@ pub fn body(
                 body["previous_response_id"] = id.into();
             }
         }
-        Api::Responses | Api::Chat => {
+        Api::Responses | Api::Chat | Api::Generate => {
             body["input"] = Value::Array(conversation.to_vec());
             body["store"] = false.into();
         }

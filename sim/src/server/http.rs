@@ -1,13 +1,15 @@
-//! The OpenAI-compatible HTTP API of one simulated server: chat and text completions
-//! (JSON or SSE, with `usage` and `prompt_tokens_details.cached_tokens`), the Responses API
-//! (`POST /v1/responses`, in [`super::responses`], with this server's stored responses), the
-//! engine's Prometheus page in vLLM's names, SGLang's `/get_load`, and the simulator's own
-//! `/sim/*` endpoints. Each request is rendered to a prompt and handed to the server's engine task
-//! ([`super::Server`]); tokens come back over a channel.
+//! The HTTP API of one simulated server: OpenAI chat and text completions (JSON or SSE, with
+//! `usage` and `prompt_tokens_details.cached_tokens`), the Responses API (`POST /v1/responses`,
+//! in [`super::responses`], with this server's stored responses), SGLang's native
+//! `POST /generate` (in [`super::generate`]), the engine's Prometheus page in vLLM's names,
+//! SGLang's `/get_load`, and the simulator's own `/sim/*` endpoints. Each request is rendered to
+//! a prompt and handed to the server's engine task ([`super::Server`]); tokens come back over a
+//! channel.
 
 use super::responses::{self, Store};
 use super::wire::{
-    collect_tokens, error_response, parse_object, render_chat, token_stream, unix_now,
+    collect_tokens, error_response, parse_object, push_token_id, render_chat, token_stream,
+    unix_now,
 };
 use super::{ratio, CacheReport, Ev, Server};
 use crate::engine::Usage;
@@ -19,7 +21,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use std::fmt::Write as _;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -40,9 +41,7 @@ fn completion_prompt(v: &Value) -> Option<String> {
                 match it {
                     Value::String(s) => out.push_str(s),
                     // Token ids: one token each, rendered as CHARS_PER_TOKEN characters.
-                    Value::Number(n) => {
-                        let _ = write!(out, "{:04}", n.as_u64().unwrap_or(0) % 10_000);
-                    }
+                    Value::Number(n) => push_token_id(&mut out, n.as_u64().unwrap_or(0)),
                     _ => return None,
                 }
             }
@@ -229,6 +228,10 @@ async fn collect_response(
         .into_response()
 }
 
+async fn sglang_generate(State(st): State<AppState>, body: Bytes) -> Response {
+    super::generate::generate(&st.server, &body).await
+}
+
 async fn health() -> StatusCode {
     StatusCode::OK
 }
@@ -323,6 +326,7 @@ pub(super) fn app(server: Arc<Server>, fleet: Arc<Vec<Arc<Server>>>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/responses", post(create_response))
+        .route("/generate", post(sglang_generate))
         .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))

@@ -1,4 +1,5 @@
-//! Tests of the simulated servers: speeds, the metrics page, usage in answers.
+//! Tests of the simulated servers: speeds, the metrics page, usage in answers, SGLang's
+//! `/generate`.
 
 use super::*;
 
@@ -285,6 +286,15 @@ async fn without_cache_report_usage_has_no_cached_tokens_or_zeros() {
         let last: Value = serde_json::from_str(&datas[datas.len() - 2]).unwrap();
         assert_eq!(last["usage"]["completion_tokens"], 3);
         assert_eq!(cached(&last["usage"]), expected, "{last}");
+        // /generate's meta_info says the same
+        let text = render_chat(msgs.as_array().unwrap());
+        let body = json!({"text": text, "sampling_params": {"max_new_tokens": 3}});
+        let r = post_json(&c, &format!("{u}/generate"), &body).await;
+        assert_eq!(r["meta_info"]["completion_tokens"], 3);
+        let meta_cached = r["meta_info"]
+            .get("cached_tokens")
+            .map(|v| v.as_u64().unwrap());
+        assert_eq!(meta_cached, expected, "{r}");
         // the engine did find the prompt cached: the fleet's counters say so
         let stats: Value = c
             .get(format!("{u}/sim/stats"))
@@ -298,5 +308,144 @@ async fn without_cache_report_usage_has_no_cached_tokens_or_zeros() {
             stats["totals"]["cached_tokens"].as_f64().unwrap() > 500.0,
             "{stats}"
         );
+    }
+}
+
+/// POSTs `body` to `{u}/generate`: the status and the JSON answer.
+async fn generate(c: &reqwest::Client, u: &str, body: &Value) -> (u16, Value) {
+    let r = c
+        .post(format!("{u}/generate"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+fn fast() -> EngineConfig {
+    EngineConfig {
+        step_base_s: 0.001,
+        ..EngineConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_answers_text_ids_and_meta_info_and_caches_like_completions() {
+    let u = start(fast()).await;
+    let c = client();
+    let p1 = prompt(300);
+    let body = json!({"text": p1, "sampling_params": {"max_new_tokens": 5}, "model": "any"});
+    let (status, r) = generate(&c, &u, &body).await;
+    assert_eq!(status, 200, "{r}");
+    let text = r["text"].as_str().unwrap().to_string();
+    assert_eq!(text.len(), 5 * crate::engine::CHARS_PER_TOKEN, "{r}");
+    assert_eq!(r["output_ids"].as_array().unwrap().len(), 5, "{r}");
+    let meta = &r["meta_info"];
+    assert_eq!(
+        (&meta["prompt_tokens"], &meta["completion_tokens"]),
+        (&json!(300), &json!(5))
+    );
+    assert_eq!(meta["cached_tokens"], 0, "{r}");
+    assert_eq!(
+        meta["finish_reason"],
+        json!({"type": "length", "length": 5})
+    );
+    assert!(meta["e2e_latency"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(meta["id"].as_str().is_some_and(|id| !id.is_empty()), "{r}");
+    // The same engine path as a completion of the same prompt: the same reply.
+    let compl = json!({"prompt": p1, "max_tokens": 5});
+    let r = post_json(&c, &format!("{u}/v1/completions"), &compl).await;
+    assert_eq!(r["choices"][0]["text"], text.as_str());
+    // A text extending the first prompt and its reply finds them cached; no sampling_params:
+    // the server's default length.
+    let p2 = format!("{p1}{text}{}", prompt(40));
+    let (_, r) = generate(&c, &u, &json!({"text": p2})).await;
+    let meta = &r["meta_info"];
+    assert_eq!(meta["prompt_tokens"], 345);
+    assert_eq!(meta["completion_tokens"], 16);
+    let cached = meta["cached_tokens"].as_u64().unwrap();
+    assert!((300..345).contains(&cached), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_streams_the_whole_text_so_far_then_done() {
+    let u = start(fast()).await;
+    let c = client();
+    let body =
+        json!({"text": prompt(50), "sampling_params": {"max_new_tokens": 6}, "stream": true});
+    let r = c
+        .post(format!("{u}/generate"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    let datas = sse(&c, &format!("{u}/generate"), &body).await;
+    assert_eq!(datas.len(), 6 + 1, "{datas:?}");
+    assert_eq!(datas.last().unwrap(), "[DONE]");
+    let events: Vec<Value> = datas[..6]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let mut previous = String::new();
+    for (i, e) in events.iter().enumerate() {
+        let text = e["text"].as_str().unwrap();
+        assert!(
+            text.starts_with(&previous) && text.len() > previous.len(),
+            "event {i}: {text:?} after {previous:?}"
+        );
+        previous = text.to_string();
+        assert_eq!(e["output_ids"].as_array().unwrap().len(), i + 1, "{e}");
+        let meta = &e["meta_info"];
+        assert_eq!(meta["completion_tokens"], i + 1, "{e}");
+        assert_eq!(meta["prompt_tokens"], 50, "{e}");
+        let finish = &meta["finish_reason"];
+        if i < 5 {
+            assert!(finish.is_null(), "{e}");
+        } else {
+            assert_eq!(finish, &json!({"type": "length", "length": 6}), "{e}");
+        }
+    }
+    // The whole streamed answer is the non-streamed one, token ids included.
+    let mut unstreamed = body.clone();
+    unstreamed["stream"] = false.into();
+    let (_, r) = generate(&c, &u, &unstreamed).await;
+    assert_eq!(r["text"], events[5]["text"]);
+    assert_eq!(r["output_ids"], events[5]["output_ids"]);
+    assert!(
+        r["meta_info"]["cached_tokens"].as_u64().unwrap() >= 48,
+        "{r}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_takes_input_ids_and_rejects_requests_without_one_prompt() {
+    let u = start(fast()).await;
+    let c = client();
+    let ids: Vec<u64> = (0..40).map(|i| i * 37).collect();
+    let body = json!({"input_ids": ids, "sampling_params": {"max_new_tokens": 3}});
+    let (status, r) = generate(&c, &u, &body).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["meta_info"]["prompt_tokens"], 40, "{r}");
+    // Rendered as a completion's token-id prompt is: the same reply.
+    let compl = json!({"prompt": ids, "max_tokens": 3});
+    let r2 = post_json(&c, &format!("{u}/v1/completions"), &compl).await;
+    assert_eq!(r2["choices"][0]["text"], r["text"]);
+    for (body, msg) in [
+        (
+            json!({"sampling_params": {"max_new_tokens": 3}}),
+            "required",
+        ),
+        (json!({"text": null, "input_ids": []}), "input_ids"),
+        (json!({"text": ["a", "b"]}), "batch"),
+        (json!({"input_ids": [[1, 2], [3]]}), "batch"),
+        (json!({"text": 5}), "text"),
+        (json!([1, 2]), "JSON object"),
+    ] {
+        let (status, r) = generate(&c, &u, &body).await;
+        assert_eq!(status, 400, "{body}: {r}");
+        let m = r["error"]["message"].as_str().unwrap();
+        assert!(m.contains(msg), "{body}: {m}");
     }
 }

@@ -9,6 +9,7 @@ use axum::Json;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
@@ -62,6 +63,18 @@ pub fn render_chat(messages: &[Value]) -> String {
     }
     out.push_str("<|im_start|>assistant\n");
     out
+}
+
+/// Appends token id `id` to a prompt: one token, rendered as CHARS_PER_TOKEN digits (the
+/// `/v1/completions` token-id prompts and `/generate`'s `input_ids`).
+pub(super) fn push_token_id(out: &mut String, id: u64) {
+    let _ = write!(out, "{:04}", id % 10_000);
+}
+
+/// The id of one generated token (CHARS_PER_TOKEN characters), for `/generate`'s `output_ids`:
+/// a function of its text, below a Llama-3-sized vocabulary.
+pub(super) fn token_id(token: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(token.as_bytes()) % 128_256
 }
 
 /// The request body as a JSON object, or why not (to answer with a 400).

@@ -28,6 +28,8 @@ pub struct PrefixHasher {
     chars: u64,
     /// Full chunks completed since the start of the prompt.
     full_chunks: usize,
+    /// Media parts fed ([`PrefixHasher::feed_media`]).
+    media_parts: u64,
 }
 
 impl PrefixHasher {
@@ -41,6 +43,7 @@ impl PrefixHasher {
             hashes: Vec::new(),
             chars: 0,
             full_chunks: 0,
+            media_parts: 0,
         }
     }
 
@@ -101,6 +104,21 @@ impl PrefixHasher {
     /// Appends a string to the prompt.
     pub fn feed_str(&mut self, s: &str) {
         self.feed(s.as_bytes());
+    }
+
+    /// Appends a media part of the prompt (an image, audio clip or video), identified by
+    /// `reference` (its URL, data or file id): a marker and the reference's hash, so that
+    /// prompts showing different media differ from there on. Counted in
+    /// [`PrefixHasher::media_parts`], not in characters.
+    pub fn feed_media(&mut self, reference: &[u8]) {
+        self.media_parts += 1;
+        self.push(b"<|media|>");
+        self.push(&xxh3_64(reference).to_le_bytes());
+    }
+
+    /// Media parts fed so far.
+    pub fn media_parts(&self) -> u64 {
+        self.media_parts
     }
 
     /// Full chunks completed since the start of the prompt (also those before

@@ -43,6 +43,8 @@ pub(super) struct RawConfig {
     pub(super) prefix_index_capacity: Option<u64>,
     #[serde(default, deserialize_with = "lenient_u64")]
     pub(super) learn_response_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub(super) media_part_tokens: Option<u64>,
     #[serde(default)]
     pub(super) force_stream_usage: Option<bool>,
     #[serde(default)]

@@ -230,6 +230,11 @@ pub struct Config {
     /// (0 = off): the prefix index then also records the conversation as the next turn
     /// will render it, for the endpoint that answered.
     pub learn_response_bytes: usize,
+    /// Tokens a media part of a prompt (an image, audio clip or video: `image_url`,
+    /// `input_image`, an Anthropic `image` block, …) costs its engine's prefill, counted in the
+    /// prompt's length (the router's prefill load). Each media part is also part of the
+    /// prefix hashes, by a hash of its URL, data or file id.
+    pub media_part_tokens: u64,
     /// Sets `stream_options.include_usage` on streamed requests (so every answer reports its
     /// tokens) and drops that usage chunk again for clients that did not ask for it.
     pub force_stream_usage: bool,
@@ -429,6 +434,9 @@ pub struct MetadataCenter {
 pub const DEFAULT_LOOKUP_THREADS: usize = 2;
 /// Default `hash_chunk_bytes`.
 pub const DEFAULT_HASH_CHUNK_BYTES: usize = 512;
+/// Default `media_part_tokens`: a 336-pixel image of LLaVA-1.5 (576 tokens); vision models
+/// range from ~256 (a small tile) to thousands (a high-resolution image, a video).
+pub const DEFAULT_MEDIA_PART_TOKENS: u64 = 576;
 /// Default `learn_response_bytes` (64 KiB).
 pub const DEFAULT_LEARN_RESPONSE_BYTES: usize = 64 * 1024;
 /// Default `max_body_bytes` (8 MiB).

@@ -19,7 +19,7 @@ use super::types::{
     err, within, Algorithm, Config, ConfigError, Ejection, EndpointSpec, EngineMetrics, LbParams,
     RequestLog, Rule, SessionAffinity, DEFAULT_CLUSTER_HEADER, DEFAULT_HASH_CHUNK_BYTES,
     DEFAULT_INTERCEPT_PATHS, DEFAULT_LEARN_RESPONSE_BYTES, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_METRICS_PATH, DEFAULT_PREFIX_INDEX_CAPACITY,
+    DEFAULT_MEDIA_PART_TOKENS, DEFAULT_METRICS_PATH, DEFAULT_PREFIX_INDEX_CAPACITY,
 };
 
 /// Static endpoints and DNS names of the clusters.
@@ -53,6 +53,8 @@ pub(super) fn validate(
         .learn_response_bytes
         .unwrap_or(DEFAULT_LEARN_RESPONSE_BYTES as u64);
     let learn_response_bytes = within("learn_response_bytes", learn, 0..=64 << 20)?;
+    let media = raw.media_part_tokens.unwrap_or(DEFAULT_MEDIA_PART_TOKENS);
+    let media_part_tokens = within("media_part_tokens", media, 0..=1 << 20)?;
     let cache_capacity = raw.cache_capacity_tokens.unwrap_or(0);
     let cache_capacity_tokens = within("cache_capacity_tokens", cache_capacity, 0..=1 << 40)?;
     let ejection = ejection(raw.ejection)?;
@@ -77,6 +79,7 @@ pub(super) fn validate(
         metrics_path,
         prefix_index_capacity: prefix_index_capacity as usize,
         learn_response_bytes: learn_response_bytes as usize,
+        media_part_tokens,
         force_stream_usage: raw.force_stream_usage.unwrap_or(true),
         cache_feedback: raw.cache_feedback.unwrap_or(true),
         cache_capacity_tokens,
@@ -752,6 +755,10 @@ mod tests {
             (
                 r#"{"learn_response_bytes": 67108865}"#,
                 "config.learn_response_bytes: must be within 0–67108864, got 67108865",
+            ),
+            (
+                r#"{"media_part_tokens": 1048577}"#,
+                "config.media_part_tokens: must be within 0–1048576, got 1048577",
             ),
             (
                 r#"{"cache_capacity_tokens": 1099511627777}"#,

@@ -9,8 +9,8 @@
 //! tool call's `input` is not rendered: a client resends it as a JSON object its own library
 //! serialises (spacing, escapes), which the engine's streamed `partial_json` does not spell
 //! the same, and an answer learned for the next turn must hash as the client will send it back
-//! ([`crate::response`]). Images, documents and `thinking` blocks are not text the prompt shows
-//! here and are skipped.
+//! ([`crate::response`]). Image and document blocks render as media parts among the text (their
+//! `source`'s data or URL hashed); `thinking` blocks are skipped.
 //!
 //! The body is read by the chat body's types ([`super::Message`], whose content blocks keep
 //! the `name` and `content` fields these blocks need).
@@ -77,11 +77,18 @@ fn render_text(h: &mut PrefixHasher, content: &Content, separator: &[u8]) -> boo
         }
         Content::Parts(blocks) => {
             let mut empty = true;
-            for b in blocks.iter().filter(|b| b.is("text")) {
+            for b in blocks {
+                let medium = (!b.is("text")).then(|| b.media()).flatten();
+                if !b.is("text") && medium.is_none() {
+                    continue;
+                }
                 if !empty {
                     h.feed(separator);
                 }
-                h.feed_str(b.text.as_deref().unwrap_or(""));
+                match medium {
+                    Some(medium) => h.feed_media(medium.as_bytes()),
+                    None => h.feed_str(b.text.as_deref().unwrap_or("")),
+                }
                 empty = false;
             }
             empty

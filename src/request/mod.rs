@@ -12,11 +12,13 @@
 //! The prompt is not the raw JSON: it is a canonical rendering, so two clients that format
 //! the same conversation differently (key order, whitespace, escapes) hash the same. For chat:
 //! for every message `<|role|>\n`, then its text parts separated by `\n`, then the function
-//! name and arguments of each tool call, then `\n`. Non-text parts (images, audio) are not part
-//! of the prompt. For completions: the prompt string; several prompts are joined with `\n`;
-//! token ids are each 4 bytes, little-endian ([`PrefixHasher::feed_tokens`]). A Responses or
-//! Messages request renders as the chat of the same conversation ([`responses`],
-//! [`anthropic`]).
+//! name and arguments of each tool call, then `\n`. A media part (an image, audio clip or video:
+//! `image_url`, `input_audio`, `video_url`, a Responses `input_image`, an Anthropic `image` or
+//! `document` block) renders in its place as a marker and a hash of its URL, data or file id
+//! ([`PrefixHasher::feed_media`]), and adds `media_part_tokens` to the prompt's length. For
+//! completions: the prompt string; several prompts are joined with `\n`; token ids are each 4
+//! bytes, little-endian ([`PrefixHasher::feed_tokens`]). A Responses or Messages request
+//! renders as the chat of the same conversation ([`responses`], [`anthropic`]).
 //! The rendering is streamed straight into the prefix hasher; it is never materialised.
 //!
 //! Prompt length, used for prefill-load accounting, is the number of characters of that
@@ -29,7 +31,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use crate::error::PickError;
-use crate::hashing::PrefixHasher;
+use crate::hashing::{PrefixHasher, CHARS_PER_TOKEN};
 
 pub(crate) mod anthropic;
 pub(crate) mod responses;
@@ -97,6 +99,9 @@ pub struct Extract<'m> {
     /// The model of a `/generate` request that names none (SGLang's native API has no
     /// `model` field): the router's only model, if it has one.
     pub default_model: Option<&'m str>,
+    /// Tokens each media part (image, audio, video) adds to the prompt's length
+    /// (`media_part_tokens`).
+    pub media_part_tokens: u64,
     /// The hasher at the end of the prompt, to learn the answer (`learn_response_bytes`).
     pub tail: bool,
     /// The `user` field (`session_affinity.user_field`).
@@ -228,12 +233,78 @@ pub(crate) struct Part<'a> {
     /// Messages API `tool_result`: a string or text blocks.
     #[serde(borrow, default)]
     content: Content<'a>,
+    /// A chat `image_url` part's image (`{"url"}`), a Responses `input_image`'s (a string).
+    #[serde(borrow, default)]
+    image_url: Option<Media<'a>>,
+    /// A chat `video_url` part's video (vLLM).
+    #[serde(borrow, default)]
+    video_url: Option<Media<'a>>,
+    /// A chat `input_audio` part's audio (`{"data", "format"}`).
+    #[serde(borrow, default)]
+    input_audio: Option<Media<'a>>,
+    /// A Messages API `image` or `document` block's source (`{"data"}` or `{"url"}`).
+    #[serde(borrow, default)]
+    source: Option<Media<'a>>,
+    /// A Responses `input_image` or `input_file` given by file id.
+    #[serde(borrow, default)]
+    file_id: Option<JsonStr<'a>>,
 }
 
 impl Part<'_> {
     /// True when the part's `type` is `kind`.
     pub(crate) fn is(&self, kind: &str) -> bool {
         self.kind.as_deref() == Some(kind)
+    }
+
+    /// What identifies the medium of a media part (an image, audio clip, video or file): its
+    /// URL, data or file id. None for text and tool parts.
+    pub(crate) fn media(&self) -> Option<&str> {
+        [
+            &self.image_url,
+            &self.video_url,
+            &self.input_audio,
+            &self.source,
+        ]
+        .into_iter()
+        .find_map(|m| m.as_ref().and_then(|m| m.0.as_deref()))
+        .or(self.file_id.as_deref())
+    }
+}
+
+/// A media reference: a string (a URL), or an object whose `url`, `data` or `file_id` says
+/// which medium it is (its other fields, such as `detail` or `format`, do not).
+pub(crate) struct Media<'a>(Option<JsonStr<'a>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Media<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Media<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a URL or an object with a url, data or file_id")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Media(Some(JsonStr(Cow::Borrowed(v)))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Media(Some(JsonStr(Cow::Owned(v.to_owned())))))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Media(None))
+            }
+            fn visit_map<M: de::MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut found = None;
+                while let Some(key) = map.next_key::<JsonStr<'de>>()? {
+                    if found.is_none() && matches!(&*key, "url" | "data" | "file_id") {
+                        found = map.next_value::<Option<JsonStr<'a>>>()?;
+                    } else {
+                        map.next_value::<de::IgnoredAny>()?;
+                    }
+                }
+                Ok(Media(found))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
     }
 }
 
@@ -502,7 +573,9 @@ pub fn parse_with_tail(
             extendable = previous_response.is_none();
         }
     }
-    let (prefix_hashes, prompt_chars) = hasher.take_hashes();
+    let (prefix_hashes, text_chars) = hasher.take_hashes();
+    let media_chars = hasher.media_parts() * extract.media_part_tokens * CHARS_PER_TOKEN;
+    let prompt_chars = text_chars + media_chars;
     let tail = (extract.tail && extendable).then_some(hasher);
     let string_if = |raw: Option<&serde_json::value::RawValue>, wanted: bool| {
         raw.filter(|_| wanted)
@@ -618,13 +691,22 @@ fn render_content(h: &mut PrefixHasher, content: &Content) {
                     p.kind.as_deref(),
                     None | Some("text") | Some("input_text") | Some("output_text")
                 );
-                if let (true, Some(t)) = (is_text, &p.text) {
-                    if !first {
-                        h.feed(b"\n");
+                match (is_text, &p.text, p.media()) {
+                    (true, Some(t), _) => {
+                        if !first {
+                            h.feed(b"\n");
+                        }
+                        h.feed_str(t);
                     }
-                    h.feed_str(t);
-                    first = false;
+                    (false, _, Some(medium)) => {
+                        if !first {
+                            h.feed(b"\n");
+                        }
+                        h.feed_media(medium.as_bytes());
+                    }
+                    _ => continue,
                 }
+                first = false;
             }
         }
     }

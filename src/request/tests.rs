@@ -27,14 +27,98 @@ fn canonical_rendering_ignores_json_formatting() {
 }
 
 #[test]
-fn image_parts_do_not_count_and_roles_do() {
-    let with_image = p(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}},{"type":"text","text":"what is this"}]}]}"#).unwrap();
+fn roles_are_part_of_the_prompt() {
     let text_only =
         p(r#"{"model":"m","messages":[{"role":"user","content":"what is this"}]}"#).unwrap();
-    assert_eq!(with_image.prefix_hashes, text_only.prefix_hashes);
     let as_system =
         p(r#"{"model":"m","messages":[{"role":"system","content":"what is this"}]}"#).unwrap();
     assert_ne!(as_system.prefix_hashes, text_only.prefix_hashes);
+}
+
+#[test]
+fn media_parts_are_hashed_by_what_they_show_and_cost_their_tokens() {
+    // A long shared system prompt, then a user message of an image and a question: prompts
+    // with different images share the system prompt's chunks and differ from the image on.
+    let system = "s".repeat(64);
+    let chat = |image: &str| {
+        let body = serde_json::json!({"model": "m", "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": [
+                {"type": "image_url", "image_url": serde_json::from_str::<serde_json::Value>(image).unwrap()},
+                {"type": "text", "text": "what is this"}]}]});
+        let extract = Extract {
+            media_part_tokens: 576,
+            ..Extract::default()
+        };
+        parse_with_tail(body.to_string().as_bytes(), None, 16, extract)
+            .unwrap()
+            .0
+    };
+    let cat = chat(r#"{"url": "https://x/cat.png"}"#);
+    let dog = chat(r#"{"url": "https://x/dog.png"}"#);
+    let system_chunks = 64 / 16;
+    assert_eq!(
+        cat.prefix_hashes[..system_chunks],
+        dog.prefix_hashes[..system_chunks]
+    );
+    assert_ne!(
+        cat.prefix_hashes[system_chunks + 1..],
+        dog.prefix_hashes[system_chunks + 1..]
+    );
+    // the same image, however the client details it, is the same prefix
+    let cat_detailed = chat(r#"{"detail": "high", "url": "https://x/cat.png"}"#);
+    assert_eq!(cat.prefix_hashes, cat_detailed.prefix_hashes);
+    // an image costs its tokens' characters in the prompt's length
+    let text_only = parse_with_tail(
+        serde_json::json!({"model": "m", "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": [{"type": "text", "text": "what is this"}]}]})
+        .to_string()
+        .as_bytes(),
+        None,
+        16,
+        Extract::default(),
+    )
+    .unwrap()
+    .0;
+    // (and the separator between the image and the question)
+    assert_eq!(cat.prompt_chars, text_only.prompt_chars + 576 * 4 + 1);
+    // audio and video parts, a data URL, a Responses input_image, an Anthropic image block
+    let other = |body: &str, kind| {
+        let (parsed, _) =
+            parse_with_tail(body.as_bytes(), Some(kind), 16, Extract::default()).unwrap();
+        parsed.prefix_hashes
+    };
+    let audio = r#"{"model":"m","messages":[{"role":"user","content":[{"type":"input_audio","input_audio":{"data":"UklGR","format":"wav"}}]}]}"#;
+    let video = r#"{"model":"m","messages":[{"role":"user","content":[{"type":"video_url","video_url":{"url":"https://x/v.mp4"}}]}]}"#;
+    let data_url = r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}]}"#;
+    let empty = r#"{"model":"m","messages":[{"role":"user","content":[]}]}"#;
+    let empty = other(empty, RequestKind::Chat);
+    for body in [audio, video, data_url] {
+        assert_ne!(other(body, RequestKind::Chat), empty, "{body}");
+    }
+    let responses = |url: &str| {
+        other(
+            &format!(
+                r#"{{"model":"m","input":[{{"role":"user","content":[{{"type":"input_image","image_url":"{url}"}},{{"type":"input_text","text":"hi"}}]}}]}}"#
+            ),
+            RequestKind::Responses,
+        )
+    };
+    assert_ne!(
+        responses("https://x/cat.png"),
+        responses("https://x/dog.png")
+    );
+    let messages = |data: &str| {
+        other(
+            &format!(
+                r#"{{"model":"m","max_tokens":8,"messages":[{{"role":"user","content":[{{"type":"image","source":{{"type":"base64","media_type":"image/png","data":"{data}"}}}},{{"type":"text","text":"hi"}}]}}]}}"#
+            ),
+            RequestKind::Messages,
+        )
+    };
+    assert_ne!(messages("AAAA"), messages("BBBB"));
+    assert_eq!(messages("AAAA"), messages("AAAA"));
 }
 
 #[test]
@@ -299,7 +383,7 @@ fn responses_render_as_the_chat_of_the_same_conversation() {
         {"role":"assistant","content":"let me check"},
         {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"get","arguments":"{\"x\":1}"}}]},
         {"role":"tool","tool_call_id":"c1","content":"42"},
-        {"role":"user","content":[{"type":"text","text":"thanks"}]}
+        {"role":"user","content":[{"type":"text","text":"thanks"},{"type":"image_url","image_url":{"url":"data:,"}}]}
     ]}"#,
         None,
         16,
@@ -395,7 +479,7 @@ fn anthropic_messages_render_as_the_chat_of_the_same_conversation() {
     // the same conversation, by another client: strings, another input spelling
     let strings = messages(
         r#"{"model":"m","system":"You are a coder. Be brief.","messages":[
-        {"role":"user","content":"fix a.py"},
+        {"role":"user","content":[{"type":"text","text":"fix a.py"},{"type":"image","source":{"data":"AAAA","type":"base64"}}]},
         {"role":"assistant","content":[{"type":"text","text":"reading"},{"type":"tool_use","id":"t1","name":"read","input":{ "path" : "a.py" }}]},
         {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"print(1)"}]}
     ]}"#,
@@ -406,7 +490,7 @@ fn anthropic_messages_render_as_the_chat_of_the_same_conversation() {
     // the tool result is part of the prompt
     let other = messages(
         r#"{"model":"m","system":"You are a coder. Be brief.","messages":[
-        {"role":"user","content":"fix a.py"},
+        {"role":"user","content":[{"type":"text","text":"fix a.py"},{"type":"image","source":{"type":"base64","data":"AAAA"}}]},
         {"role":"assistant","content":[{"type":"text","text":"reading"},{"type":"tool_use","id":"t1","name":"read","input":{}}]},
         {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"print(2)"}]}
     ]}"#,

@@ -106,6 +106,7 @@ impl RouterInner {
             tail: learn_bytes > 0,
             user: affinity.is_some_and(|a| a.user_field),
             cache_key: affinity.is_some_and(|a| a.cache_key_field),
+            media_part_tokens: self.config.media_part_tokens,
             default_model: match self.model_names.as_slice() {
                 [only] => Some(only.as_str()),
                 _ => None,

@@ -651,6 +651,30 @@ def check_sglang_generate(send, page, model):
                - start.total("llmproxy_tokens_total", kind="prompt") > 6 * 700, timeout=5, what="6 prompts' tokens")
 
 
+def check_media_parts(send, page, model):
+    """Images, audio and video in a prompt (`image_url`, `input_audio`, `video_url` parts) through a
+    gateway: `send(body, headers, path)`, `page()` its metrics. Each media part counts
+    `media_part_tokens` (576 by default) tokens of prefill in the prompt's length
+    (`llmproxy_prompt_chars_total`, 4 characters a token); a request showing the same image again
+    goes where the first went."""
+    before = settled_total(page, "llmproxy_prompt_chars_total")
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 4000}}
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGR" + "B" * 2000, "format": "wav"}}
+    system = random_text(2000, seed=random.getrandbits(32))
+    body = {"model": model, "messages": [{"role": "system", "content": system},
+                                         {"role": "user", "content": [image, audio, {"type": "text", "text": "what?"}]}]}
+    status, data = send(body, {}, CHAT)
+    assert status == 200, data[:300]
+    first = json.loads(data)["served_by"]
+    # two media parts: 2 x 576 tokens of 4 characters, beside the text's ~2,000
+    wait_until(lambda: page().total("llmproxy_prompt_chars_total") - before >= 2 * 576 * 4 + 2000,
+               timeout=5, what="the media parts' tokens in the prompt's length")
+    assert page().total("llmproxy_prompt_chars_total") - before < 2 * 576 * 4 + 2200
+    for _ in range(3):
+        status, data = send(body, {}, CHAT)
+        assert status == 200 and json.loads(data)["served_by"] == first, data[:300]
+
+
 def settled_total(page, name, quiet=1.2, timeout=10):
     """The total of counter `name` on `page()` once it has not moved for `quiet` seconds (a native
     nginx page merges the other workers' routers as they publish them, each second)."""

@@ -487,6 +487,10 @@ def test_anthropic_messages_follow_their_conversation(gateway):
     harness.check_anthropic_messages(sender(gateway), lambda: metrics(gateway), "m-b")
 
 
+def test_media_parts_count_their_tokens(gateway):
+    harness.check_media_parts(sender(gateway), lambda: metrics(gateway), "m-b")
+
+
 def test_sglang_generate_follows_its_conversation(gateway):
     harness.check_sglang_generate(sender(gateway), lambda: metrics(gateway), "m-b")
 

@@ -14,7 +14,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::pick::RemoteDepth;
+use super::RemoteDepth;
 use super::{find_header, HeaderRef, RouterInner};
 use crate::background::Event;
 use crate::balancer::CandidateLoad;

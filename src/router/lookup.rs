@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::pick::RemoteDepth;
+use super::RemoteDepth;
 use super::{failed_request, HeaderRef, LogContext, PickedRequest, Routed, Router, RouterInner};
 use crate::background::client::{CacheQuery, Client};
 use crate::background::Lookup;

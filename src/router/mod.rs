@@ -44,6 +44,9 @@ pub use request::{Outcome, PickedRequest};
 /// A request header as the host hands it over (name matched case-insensitively).
 pub type HeaderRef<'a> = (&'a [u8], &'a [u8]);
 
+/// Cache matches from the Metadata-Center: endpoint wire id → leading chunks it holds.
+type RemoteDepth = std::collections::HashMap<String, usize>;
+
 struct ModelRoute {
     slot: usize,
     rules: Vec<Arc<Rule>>,

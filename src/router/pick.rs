@@ -3,12 +3,12 @@
 //! picks and accounts an endpoint (candidates → cache depth → select → account → report).
 //! Each step is a named function; nothing here does I/O or waits.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::affinity::session_name;
-use super::{find_header, HeaderRef, RouterInner};
+use super::{find_header, HeaderRef, RemoteDepth, RouterInner};
 use crate::background::{Event, RequestSync};
 use crate::balancer::{CandidateLoad, Selection};
 use crate::config::{Backend, LbParams, Rule, Subset};
@@ -75,9 +75,6 @@ pub(super) struct Routed {
     /// (`learn_response_bytes` > 0 and a next turn that extends this prompt).
     pub(super) learn_tail: Option<hashing::PrefixHasher>,
 }
-
-/// Cache matches from the Metadata-Center: endpoint wire id → leading chunks it holds.
-pub(super) type RemoteDepth = HashMap<String, usize>;
 
 impl RouterInner {
     /// Parses the request and matches its rule: everything but the endpoint choice.

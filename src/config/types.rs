@@ -448,12 +448,13 @@ pub const DEFAULT_CLUSTER_HEADER: &str = "x-llmproxy-cluster";
 /// Default `metrics_path`.
 pub const DEFAULT_METRICS_PATH: &str = "/llmproxy/metrics";
 /// Default `intercept_paths`.
-pub const DEFAULT_INTERCEPT_PATHS: [&str; 5] = [
+pub const DEFAULT_INTERCEPT_PATHS: [&str; 6] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/responses",
     "/v1/messages",
     "/generate",
+    "/completion",
 ];
 
 /// A configuration error: where (JSON path) and why.

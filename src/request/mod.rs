@@ -1,13 +1,14 @@
 //! OpenAI request parsing: model, stream flag, and the canonical prompt.
 //!
-//! Five request kinds are understood: `/v1/chat/completions` (`messages`, with string content
+//! Six request kinds are understood: `/v1/chat/completions` (`messages`, with string content
 //! or content parts, of any role), `/v1/completions` (`prompt`: a string, an array of
 //! strings, token ids or arrays of token ids), the Responses API's `/v1/responses`
 //! (`instructions`, `input`, `previous_response_id`: [`responses`]), the Anthropic
-//! Messages API's `/v1/messages` (`system`, `messages` of content blocks: [`anthropic`]) and
-//! SGLang's native `/generate` (`text` or `input_ids`, read as a completions prompt; `model`
-//! optional: the router's only model when absent). Only what routing needs is extracted;
-//! every other field is skipped without being copied.
+//! Messages API's `/v1/messages` (`system`, `messages` of content blocks: [`anthropic`]),
+//! SGLang's native `/generate` (`text` or `input_ids`, read as a completions prompt) and
+//! llama.cpp's native `/completion` (`prompt`); those two engines' own APIs need no `model`
+//! (the router's only model when absent). Only what routing needs is extracted; every other
+//! field is skipped without being copied.
 //!
 //! The prompt is not the raw JSON: it is a canonical rendering, so two clients that format
 //! the same conversation differently (key order, whitespace, escapes) hash the same. For chat:
@@ -49,6 +50,8 @@ pub enum RequestKind {
     Messages,
     /// `/generate` (SGLang's native API: `text` or `input_ids`, no `model` needed)
     Generate,
+    /// `/completion` (llama.cpp server's native API: `prompt`, no `model` needed)
+    LlamaCompletion,
 }
 
 impl RequestKind {
@@ -62,8 +65,15 @@ impl RequestKind {
             p if p.ends_with("/messages") => Some(Self::Messages),
             // (not Triton's /v2/models/{model}/generate, which only the gateway sends)
             p if p.ends_with("/generate") && !p.contains("/models/") => Some(Self::Generate),
+            p if p.ends_with("/completion") => Some(Self::LlamaCompletion),
             _ => None,
         }
+    }
+
+    /// An engine's own API, whose body names no model (the engine serves one): the router's
+    /// only model is the request's when it names none, and the body never has one written in.
+    pub fn is_engine_native(self) -> bool {
+        matches!(self, Self::Generate | Self::LlamaCompletion)
     }
 }
 
@@ -496,23 +506,23 @@ pub fn parse_with_tail(
     let parsed: Body = serde_json::from_str(text)
         .map_err(|e| PickError::bad_request(format!("invalid JSON body: {e}"), None))?;
 
-    let model = match (&parsed.model, kind, extract.default_model) {
-        (Some(m), _, _) if !m.is_empty() => &**m,
-        (None, Some(RequestKind::Generate), Some(default)) => default,
-        (None, Some(RequestKind::Generate), None) => {
-            return Err(PickError::bad_request(
-                "a /generate request that names no model needs a gateway that routes one \
-                 model: several are routed here, add \"model\" to the body",
+    let model =
+        match (&parsed.model, kind, extract.default_model) {
+            (Some(m), _, _) if !m.is_empty() => &**m,
+            (None, Some(k), Some(default)) if k.is_engine_native() => default,
+            (None, Some(k), None) if k.is_engine_native() => return Err(PickError::bad_request(
+                "a request of an engine's own API (/generate, /completion) that names no model \
+                 needs a gateway that routes one model: several are routed here, add \"model\" \
+                 to the body",
                 Some("model"),
-            ))
-        }
-        _ => {
-            return Err(PickError::bad_request(
-                "you must provide a model parameter",
-                Some("model"),
-            ))
-        }
-    };
+            )),
+            _ => {
+                return Err(PickError::bad_request(
+                    "you must provide a model parameter",
+                    Some("model"),
+                ))
+            }
+        };
     let kind = match kind {
         Some(k) => k,
         None if parsed.messages.is_some() => RequestKind::Chat,
@@ -544,7 +554,7 @@ pub fn parse_with_tail(
                 render_message(&mut hasher, m, i)?;
             }
         }
-        RequestKind::Completions => {
+        RequestKind::Completions | RequestKind::LlamaCompletion => {
             // (token ids: the answer comes back as text, which the next prompt's ids do not
             // spell: nothing to learn)
             extendable = render_prompt(&mut hasher, parsed.prompt, "prompt")? == Some(false);

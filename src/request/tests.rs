@@ -629,3 +629,37 @@ fn sglang_generate_reads_text_or_input_ids_and_may_name_no_model() {
     );
     assert_eq!(RequestKind::from_path("/v2/models/m/generate"), None);
 }
+
+#[test]
+fn llama_completion_reads_its_prompt_and_may_name_no_model() {
+    let kind = Some(RequestKind::LlamaCompletion);
+    let extract = Extract {
+        default_model: Some("m"),
+        ..Extract::default()
+    };
+    let body =
+        br#"{"prompt": "Once upon a time", "n_predict": 64, "stream": true, "cache_prompt": true}"#;
+    let (l, _) = parse_with_tail(body, kind, 16, extract).unwrap();
+    let completion = parse(br#"{"model": "m", "prompt": "Once upon a time"}"#, None, 16).unwrap();
+    assert_eq!(
+        (l.kind, l.model.as_str(), l.stream, &l.prefix_hashes),
+        (
+            RequestKind::LlamaCompletion,
+            "m",
+            true,
+            &completion.prefix_hashes
+        )
+    );
+    let e = parse_with_tail(br#"{"prompt": "x"}"#, kind, 16, Extract::default())
+        .map(|(p, _)| p)
+        .unwrap_err();
+    assert!(e.to_string().contains("add \"model\""), "{e}");
+    assert_eq!(
+        RequestKind::from_path("/completion"),
+        Some(RequestKind::LlamaCompletion)
+    );
+    assert_eq!(
+        RequestKind::from_path("/v1/completions"),
+        Some(RequestKind::Completions)
+    );
+}

@@ -12,7 +12,8 @@
 //!
 //! Answers of the Responses API (typed events, no `[DONE]`; an id the next turn may name)
 //! are read by [`responses_api`], those of the Anthropic Messages API by [`anthropic`], those
-//! of SGLang's `/generate` (`text` and `meta_info`) by [`generate`].
+//! of SGLang's `/generate` (`text` and `meta_info`) by [`generate`], those of llama.cpp's
+//! `/completion` (`content`, `timings`) by [`llama`].
 //!
 //! Captured text is capped (`learn_response_bytes`); a capped answer is still a correct
 //! prefix of the next turn. Cost is linear in the response however it is cut: every input
@@ -34,6 +35,7 @@ use crate::request::{self, JsonStr, RequestKind};
 
 mod anthropic;
 mod generate;
+mod llama;
 mod responses_api;
 
 /// Room for the JSON around the captured text (an event's other fields, a body's usage…).
@@ -466,6 +468,7 @@ impl ResponseReader {
         }
         let usage_key: &[u8] = match self.out.kind {
             Some(RequestKind::Generate) => b"\"meta_info\"",
+            Some(RequestKind::LlamaCompletion) => b"\"tokens_evaluated\"",
             _ => b"\"usage\"",
         };
         if self.cap == 0 && memchr::memmem::find(data, usage_key).is_none() {
@@ -489,6 +492,9 @@ impl ResponseReader {
                 .map(|e| self.apply_messages(e, whole)),
             Some(RequestKind::Generate) => {
                 serde_json::from_str::<generate::Answer>(json).map(|a| self.apply_generate(a))
+            }
+            Some(RequestKind::LlamaCompletion) => {
+                serde_json::from_str::<llama::Answer>(json).map(|a| self.apply_llama(a))
             }
             _ => return self.apply_openai(json),
         };
@@ -590,7 +596,9 @@ impl Capture {
     pub fn render_next_turn(&self, h: &mut PrefixHasher) {
         match self.kind {
             Some(RequestKind::Generate) if self.tokens => h.feed_tokens(&self.token_ids),
-            Some(RequestKind::Completions | RequestKind::Generate) => h.feed(&self.text),
+            Some(
+                RequestKind::Completions | RequestKind::Generate | RequestKind::LlamaCompletion,
+            ) => h.feed(&self.text),
             // (a Messages API answer's tool calls have no arguments: `anthropic`)
             Some(RequestKind::Chat | RequestKind::Messages) => {
                 request::open_message(h, b"assistant");

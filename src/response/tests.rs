@@ -612,3 +612,76 @@ fn generate_answers_to_token_prompts_are_learned_as_their_output_ids() {
         learned_as_next_turn(&c, RequestKind::Generate, first.as_bytes(), next.as_bytes());
     assert!(learned >= 1, "{learned} chunks learned");
 }
+
+/// llama.cpp's `/completion` stream: each event the new content, the last `stop` with the
+/// counts (no `[DONE]`).
+const LLAMA_SSE: &str = concat!(
+    "data: {\"content\":\"The\",\"stop\":false,\"id_slot\":0}\n\n",
+    "data: {\"content\":\" capital is Paris.\",\"stop\":false,\"id_slot\":0}\n\n",
+    "data: {\"content\":\"\",\"stop\":true,\"model\":\"m\",\"tokens_predicted\":5,\"tokens_evaluated\":12,",
+    "\"timings\":{\"cache_n\":8,\"prompt_n\":4,\"predicted_n\":5}}\n\n",
+);
+
+#[test]
+fn llama_completion_streams_and_answers_give_text_and_usage_however_cut() {
+    let want_usage = Some(Usage {
+        prompt_tokens: 12,
+        completion_tokens: 5,
+        cached_tokens: Some(8),
+    });
+    let c = whole(RequestKind::LlamaCompletion, 1024, LLAMA_SSE.as_bytes());
+    assert_eq!(
+        (c.text.as_slice(), c.usage),
+        (&b"The capital is Paris."[..], want_usage)
+    );
+    assert!(c.complete && c.learnable());
+    let bytes = LLAMA_SSE.as_bytes();
+    for cut in 0..bytes.len() {
+        let got = read(
+            RequestKind::LlamaCompletion,
+            1024,
+            &[&bytes[..cut], &bytes[cut..]],
+        );
+        assert_eq!((&got.text, got.usage), (&c.text, c.usage), "cut at {cut}");
+        assert!(got.complete, "cut at {cut}");
+        let got = read(
+            RequestKind::LlamaCompletion,
+            0,
+            &[&bytes[..cut], &bytes[cut..]],
+        );
+        assert_eq!(got.usage, want_usage, "usage only, cut at {cut}");
+    }
+    // cut before the last event: not complete, not learned
+    let cut = LLAMA_SSE
+        .find("data: {\"content\":\"\",\"stop\":true")
+        .unwrap();
+    let part = whole(RequestKind::LlamaCompletion, 1024, &bytes[..cut]);
+    assert!(!part.complete && !part.learnable());
+    // a whole answer (the prompt's tokens from the timings when tokens_evaluated is absent)
+    let body = br#"{"content":"The capital is Paris.","stop":true,"tokens_predicted":5,"timings":{"cache_n":8,"prompt_n":4,"predicted_n":5}}"#;
+    let w = whole(RequestKind::LlamaCompletion, 1024, body);
+    assert_eq!((&w.text, w.usage), (&c.text, want_usage));
+    let e = whole(
+        RequestKind::LlamaCompletion,
+        1024,
+        br#"{"error":{"code":500,"message":"slot unavailable","type":"server_error"}}"#,
+    );
+    assert!(!e.learnable());
+    // the next turn resends the prompt and the answer, then its own text
+    let first = br#"{"prompt":"Q: what is the capital of France? A:","n_predict":8}"#;
+    let next = br#"{"prompt":"Q: what is the capital of France? A:The capital is Paris. Q: and of Italy? A:","n_predict":8}"#;
+    let learn = request::Extract {
+        tail: true,
+        default_model: Some("m"),
+        ..Default::default()
+    };
+    let kind = Some(RequestKind::LlamaCompletion);
+    let next = request::parse_with_tail(next, kind, 16, learn).unwrap().0;
+    let (first, tail) = request::parse_with_tail(first, kind, 16, learn).unwrap();
+    let before = first.prompt_chars as usize / 16;
+    let mut h = tail.unwrap();
+    c.render_next_turn(&mut h);
+    let learned = h.full_chunk_hashes();
+    assert!(!learned.is_empty());
+    assert_eq!(learned, &next.prefix_hashes[before..before + learned.len()]);
+}

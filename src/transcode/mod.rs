@@ -99,8 +99,8 @@ pub struct PlanOptions<'a> {
 
 /// Plans the upstream request for a backend.
 pub fn plan(body: &[u8], o: PlanOptions) -> Result<(UpstreamRequest, Transcoder), PickError> {
-    // (SGLang's /generate reads no `model`: its body is never rewritten for one)
-    let renamed = (o.upstream_model != o.client_model && o.kind != RequestKind::Generate)
+    // (an engine's own API reads no `model`: its body is never rewritten for one)
+    let renamed = (o.upstream_model != o.client_model && !o.kind.is_engine_native())
         .then_some(o.upstream_model);
     match o.triton_template {
         Some(template) => {
@@ -415,7 +415,8 @@ impl Transcoder {
             RequestKind::Completions
             | RequestKind::Responses
             | RequestKind::Messages
-            | RequestKind::Generate => json!({
+            | RequestKind::Generate
+            | RequestKind::LlamaCompletion => json!({
                 "id": format!("cmpl-{}", self.id), "object": "text_completion",
                 "created": self.created, "model": self.client_model,
                 "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}],
@@ -437,7 +438,8 @@ impl Transcoder {
             RequestKind::Completions
             | RequestKind::Responses
             | RequestKind::Messages
-            | RequestKind::Generate => json!({
+            | RequestKind::Generate
+            | RequestKind::LlamaCompletion => json!({
                 "id": format!("cmpl-{}", self.id), "object": "text_completion",
                 "created": self.created, "model": self.client_model,
                 "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "stop"}],

@@ -30,10 +30,13 @@ pub fn build_request(
 ) -> Result<(String, Vec<u8>), PickError> {
     if matches!(
         kind,
-        RequestKind::Responses | RequestKind::Messages | RequestKind::Generate
+        RequestKind::Responses
+            | RequestKind::Messages
+            | RequestKind::Generate
+            | RequestKind::LlamaCompletion
     ) {
         return Err(PickError::bad_request(
-            "the Responses API (/v1/responses), the Messages API (/v1/messages) and SGLang's /generate are not served by a triton backend: use /v1/chat/completions",
+            "the Responses API (/v1/responses), the Messages API (/v1/messages), SGLang's /generate and llama.cpp's /completion are not served by a triton backend: use /v1/chat/completions",
             None,
         ));
     }
@@ -56,7 +59,8 @@ pub fn build_request(
         RequestKind::Completions
         | RequestKind::Responses
         | RequestKind::Messages
-        | RequestKind::Generate => match v.get("prompt") {
+        | RequestKind::Generate
+        | RequestKind::LlamaCompletion => match v.get("prompt") {
             Some(Value::String(p)) => p.clone(),
             Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
                 a[0].as_str().unwrap_or_default().to_string()

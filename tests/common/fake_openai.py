@@ -43,6 +43,11 @@ POST /generate answers like SGLang's native API: `{"text": "hi from <name>", "ou
 …the echo fields}`, or with "stream": true one `data:` event per x-test-chunks token, each with the whole
 text and output_ids so far ("tok0 ", "tok0 tok1 ", …; [1], [1, 2], …) and the echo, then `data: [DONE]`.
 
+POST /completion answers like llama.cpp server's native API: `{"content": "tok0 tok1 … ", "stop": true,
+"tokens_predicted", "tokens_evaluated" = body bytes / 4, "timings": {"cache_n" = x-test-cached-tokens, "prompt_n",
+"predicted_n"}, …the echo}`, or with "stream": true one event per token with only its text, then the last
+with `stop` and the counts (no [DONE]).
+
 POST /v2/models/{model}/generate[_stream] answers like Triton's generate extension:
 `{"model_name", "model_version", "text_output": "hi from <name> (<n> chars in)"}`, or SSE events
 of it, `text_output` "tok0 ", "tok1 ", ...
@@ -100,7 +105,7 @@ TRITON_REQUEST = "x-test-triton-request"  # response header of a scripted Triton
 CONTROL_HEADERS = (DELAY_MS, STATUS, CLOSE, CHUNKS, CHUNK_DELAY_MS, CACHED_TOKENS, TRITON_SCRIPT, TRITON_ERROR)
 
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
-                 "/generate")
+                 "/generate", "/completion")
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error", 502: "Bad Gateway",
            503: "Service Unavailable", 504: "Gateway Timeout"}
 
@@ -250,6 +255,8 @@ def make_handler(name):
             return await answer_messages(req, out, payload)
         if req.path.startswith("/generate"):
             return await answer_generate(req, out, payload)
+        if req.path == "/completion":
+            return await answer_llama(req, out, payload)
         return await answer_openai(req, out, payload)
 
     async def answer_messages(req, out, payload):
@@ -312,6 +319,21 @@ def make_handler(name):
             meta.update(completion_tokens=i + 1, finish_reason={"type": "stop"} if last else None)
             await out.event({"text": text, "output_ids": list(range(1, i + 2)), "meta_info": meta, **echo})
         await out.event("[DONE]")
+        await out.end_stream()
+
+    async def answer_llama(req, out, payload):
+        chunks = req.number(CHUNKS, 5)
+        prompt_tokens = max(1, len(req.body) // 4)
+        cached = min(req.number(CACHED_TOKENS), prompt_tokens)
+        last = {"stop": True, "tokens_predicted": chunks, "tokens_evaluated": prompt_tokens,
+                "timings": {"cache_n": cached, "prompt_n": prompt_tokens - cached, "predicted_n": chunks},
+                "served_by": name, "received_headers": req.headers}
+        if not payload.get("stream"):
+            return await out.json(200, dict(last, content="".join("tok%d " % i for i in range(chunks))))
+        await out.start_stream()
+        for i in range(chunks):  # each event only the new text, as llama.cpp streams it
+            await out.event({"content": "tok%d " % i, "stop": False, "served_by": name})
+        await out.event(dict(last, content=""))  # no [DONE] on this API
         await out.end_stream()
 
     async def answer_responses(req, out, payload):

@@ -32,6 +32,7 @@ COMPLETIONS = "/v1/completions"
 RESPONSES = "/v1/responses"
 MESSAGES = "/v1/messages"
 GENERATE = "/generate"
+LLAMA_COMPLETION = "/completion"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,6 +650,41 @@ def check_sglang_generate(send, page, model):
 
     wait_until(lambda: page().total("llmproxy_tokens_total", kind="prompt")
                - start.total("llmproxy_tokens_total", kind="prompt") > 6 * 700, timeout=5, what="6 prompts' tokens")
+
+
+def check_llama_completion(send, page, model):
+    """llama.cpp server's native `/completion` through a gateway: `send(body, headers, path)`,
+    `page()` its metrics. A multi-turn client resends the whole text (prompt, answer, new input)
+    each turn: its turns stay on one server, its answers (streamed: each event the new text, no
+    [DONE]) are learned, and their counts read (`tokens_evaluated`, `timings.cache_n` as cached
+    tokens: the engine's word feeds llmproxy_cache_prediction_error). Without a model in the body,
+    a gateway routing several models answers 400."""
+    start = page()
+    text = random_text(3000, seed=random.getrandbits(32))
+    served = set()
+    for turn in range(6):
+        body = {"model": model, "prompt": text, "n_predict": 64, "cache_prompt": True, "stream": turn % 2 == 0}
+        status, data = send(body, {"x-test-chunks": "40", "x-test-cached-tokens": "500"}, LLAMA_COMPLETION)
+        assert status == 200, data[:300]
+        if body["stream"]:
+            events = [json.loads(line[5:]) for line in data.split(b"\n") if line.startswith(b"data: {")]
+            assert events[-1]["stop"] and b"[DONE]" not in data, data[-200:]
+            answer = "".join(e["content"] for e in events)
+            served.add(events[-1]["served_by"])
+        else:
+            doc = json.loads(data)
+            answer = doc["content"]
+            served.add(doc["served_by"])
+        text += answer + " next input %d: " % turn
+    assert len(served) == 1, "the conversation went to %s" % served
+    status, data = send({"prompt": "which model?"}, {}, LLAMA_COMPLETION)
+    assert status == 400 and "model" in json.loads(data)["error"]["message"], data
+
+    def grew(name, **labels):
+        return page().total(name, **labels) - start.total(name, **labels)
+    wait_until(lambda: grew("llmproxy_learned_response_chunks_total") > 0, timeout=5, what="learned answers")
+    wait_until(lambda: grew("llmproxy_tokens_total", kind="cached") >= 6 * 500, timeout=5, what="6 answers' cached tokens")
+    wait_until(lambda: grew("llmproxy_cache_prediction_error_count") >= 6, timeout=5, what="6 answers' prediction errors")
 
 
 def check_media_parts(send, page, model):

@@ -337,12 +337,13 @@ class TranscodeOpenAICases:
         with pytest.raises(openai.NotFoundError):
             client.responses.retrieve(previous)
 
-    def test_responses_messages_and_generate_to_a_triton_backend_are_refused_by_the_gateway(self, client, gateway):
+    def test_responses_messages_and_engine_apis_to_a_triton_backend_are_refused_by_the_gateway(self, client, gateway):
         with pytest.raises(openai.BadRequestError) as e:
             client.responses.create(model="m-tri", input="x")
         assert "not served by a triton backend" in e.value.message
         status, _, data = self.post(gateway, "/v1/messages", {
             "model": "m-tri", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]})
         assert status == 400 and "not served by a triton backend" in json.loads(data)["error"]["message"], data
-        status, _, data = self.post(gateway, "/generate", {"model": "m-tri", "text": "x"})
-        assert status == 400 and "not served by a triton backend" in json.loads(data)["error"]["message"], data
+        for path, body in [("/generate", {"model": "m-tri", "text": "x"}), ("/completion", {"model": "m-tri", "prompt": "x"})]:
+            status, _, data = self.post(gateway, path, body)
+            assert status == 400 and "not served by a triton backend" in json.loads(data)["error"]["message"], data

@@ -491,6 +491,10 @@ def test_media_parts_count_their_tokens(gateway):
     harness.check_media_parts(sender(gateway), lambda: metrics(gateway), "m-b")
 
 
+def test_llama_completion_follows_its_conversation(gateway):
+    harness.check_llama_completion(sender(gateway), lambda: metrics(gateway), "m-b")
+
+
 def test_sglang_generate_follows_its_conversation(gateway):
     harness.check_sglang_generate(sender(gateway), lambda: metrics(gateway), "m-b")
 

@@ -44,7 +44,7 @@ fn routes_by_rule_and_header() {
 }
 
 #[test]
-fn sglang_generate_needs_no_model_when_one_is_routed() {
+fn engine_native_apis_need_no_model_when_one_is_routed() {
     let one = Router::from_json(
         br#"{"model_mapping_rule": {"m": {"rules": [{"cluster": "c", "backend": "sglang"}]}},
             "clusters": {"c": {"endpoints": ["127.0.0.1:1", "127.0.0.1:2"]}}}"#,
@@ -63,6 +63,16 @@ fn sglang_generate_needs_no_model_when_one_is_routed() {
     assert!(p.error_body().unwrap().contains("model"));
     let named = br#"{"model": "m1", "text": "The capital of France is"}"#;
     assert_eq!(router().pick(&generate, named).cluster(), Some("prod"));
+    // llama.cpp's /completion, the same
+    let completion: [(&[u8], &[u8]); 1] = [(b":path", b"/completion")];
+    let p = one.pick(
+        &completion,
+        br#"{"prompt": "Once upon a time", "n_predict": 8}"#,
+    );
+    assert_eq!(
+        (p.http_status(), p.model(), p.upstream_body()),
+        (200, Some("m"), None)
+    );
 }
 
 #[test]

@@ -766,7 +766,8 @@ def test_native_pending_lookups_under_valgrind(servers, metadata_center, tmp_pat
     """The pending-pick path under memcheck: remote cache lookups answered by a real
     Metadata-Center (the timer polls the ticket until decided), and against one that never
     answers (every lookup runs to its timeout), with a client that leaves while its pick is
-    pending (the pool cleanup frees the ticket); zero errors, nothing definitely lost."""
+    pending (the pool cleanup frees the ticket), and a poll of an unknown stored answer that
+    the pick passes through; zero errors, nothing definitely lost."""
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(64)  # the kernel completes the handshakes; nobody ever reads
@@ -783,6 +784,10 @@ def test_native_pending_lookups_under_valgrind(servers, metadata_center, tmp_pat
                     status, _, data = request(g.port, "POST", CHAT, chat("m-a", random_text(2000, seed=2300 + i)),
                                               timeout=60)
                     assert status == 200, data
+                # a poll of a stored answer nobody knows: looked up, then passed through
+                # untouched (LLMPROXY_PASSTHROUGH): a server's own 404
+                status, _, data = request(g.port, "GET", harness.RESPONSES + "/resp_nowhere", timeout=60)
+                assert status == 404 and json.loads(data)["served_by"], data
                 sock = raw_send(g.port, chat("m-a", random_text(2000, seed=2400)), "")
                 time.sleep(0.05)
                 sock.close()  # gone while pending (silent) or after its answer (real)

@@ -1052,10 +1052,21 @@ fn another_router_sends_requests_on_a_stored_answer_to_the_endpoint_that_stored_
     // needs no lookup). An id nobody stored passes through untouched.
     let server = start_server();
     let a = Router::from_json(config(server.port, "").as_bytes()).unwrap();
-    let b = Router::from_json(
-        config(server.port, r#", "cache_enabled": true, "timeout_ms": 500"#).as_bytes(),
-    )
-    .unwrap();
+    // b also has clusters no rule routes to, listed before the routed one: the answer is found
+    let spare: String = (0..4)
+        .map(|i| {
+            format!(
+                r#", "a-spare{i}": {{"endpoints": ["127.0.0.1:{}"]}}"#,
+                7100 + i
+            )
+        })
+        .collect();
+    let b_config = config(server.port, r#", "cache_enabled": true, "timeout_ms": 500"#).replace(
+        r#""127.0.0.1:7003"]}"#,
+        &format!(r#""127.0.0.1:7003"]}}{spare}"#),
+    );
+    assert!(b_config.contains("a-spare3"), "{b_config}");
+    let b = Router::from_json(b_config.as_bytes()).unwrap();
     let saves = server_saves(server.port);
     let path: [(&[u8], &[u8]); 1] = [(b":path", b"/v1/responses")];
     let mut p = a.pick(

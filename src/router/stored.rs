@@ -75,13 +75,13 @@ impl RouterInner {
         let key = hashing::response_key(id);
         let home = self.stored_answer_home(key);
         let remote = home.is_none() && self.lookups.get().is_some();
-        let routed = home
-            .or_else(|| {
-                remote
-                    .then(|| self.clusters.all().into_iter().next())
-                    .flatten()
-            })
-            .and_then(|cluster| self.stored_routed(cluster, key));
+        let routed = match home {
+            Some(cluster) => self.stored_routed(cluster, key),
+            // any routed cluster until the lookup finds the answer's
+            None if remote => (self.clusters.all().into_iter())
+                .find_map(|cluster| self.stored_routed(cluster, key)),
+            None => None,
+        };
         let Some(mut routed) = routed else {
             return Some(Err(self.pass_through()));
         };

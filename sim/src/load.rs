@@ -28,7 +28,9 @@ pub struct RunArgs {
     /// The API the sessions speak: chat completions (at `--path`), the Responses API
     /// (`/v1/responses`) resending the conversation (`responses`) or naming the previous
     /// answer (`responses-chained`, `previous_response_id`), or SGLang's native `/generate`
-    /// with the conversation rendered as one text (`generate`).
+    /// with the conversation rendered as one text (`generate`) or sent as token ids, each turn
+    /// the previous turn's ids and answer's `output_ids` then the new message's
+    /// (`generate-ids`).
     #[arg(long, value_enum, default_value_t = Api::Chat)]
     pub api: Api,
     /// Seconds allowed for one request.
@@ -276,7 +278,7 @@ pub async fn run(
             .iter()
             .map(|u| match args.api {
                 Api::Chat => format!("{u}{}", args.path),
-                Api::Generate => format!("{u}{}", generate::PATH),
+                Api::Generate | Api::GenerateIds => format!("{u}{}", generate::PATH),
                 Api::Responses | Api::ResponsesChained => format!("{u}{}", responses::PATH),
             })
             .collect(),
@@ -416,6 +418,8 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
     let mut scheduled = ctx.t0 + Duration::from_secs_f64(s.start_s);
     let stream = session_streams(s.id, ctx.non_stream_share);
     let mut previous: Option<String> = None;
+    // `--api generate-ids`: the conversation's token ids so far.
+    let mut ids: Vec<u64> = Vec::new();
     for (i, turn) in s.turns.iter().enumerate() {
         if i > 0 {
             scheduled = Instant::now() + Duration::from_secs_f64(turn.think_s);
@@ -427,6 +431,9 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
         messages.push(json!({"role": "user", "content": &turn.user}));
         let body = if ctx.api == Api::Generate {
             generate::body(&ctx.model, &messages, turn.max_tokens, stream)
+        } else if ctx.api == Api::GenerateIds {
+            generate::push_turn(&mut ids, &messages);
+            generate::ids_body(&ctx.model, &ids, turn.max_tokens, stream)
         } else if ctx.api == Api::Chat {
             let mut body = json!({
                 "model": ctx.model,
@@ -476,6 +483,10 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
                 Some(format!("timeout after {:?}", ctx.timeout)),
             ),
         };
+        let err = err.or_else(|| {
+            let no_ids = ctx.api == Api::GenerateIds && out.output_ids.is_empty();
+            no_ids.then(|| "no output_ids in answer".to_string())
+        });
         let ok = err.is_none();
         ctx.progress.done.fetch_add(1, Ordering::Relaxed);
         if !ok {
@@ -484,6 +495,9 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
         let since = |t: Instant| t.saturating_duration_since(ctx.t0).as_secs_f64();
         let content = out.content;
         previous = out.response_id;
+        if ctx.api == Api::GenerateIds {
+            ids.extend(&out.output_ids);
+        }
         ctx.records.lock().unwrap().push(Record {
             kind: s.kind,
             session: s.id,
@@ -521,6 +535,8 @@ struct Streamed {
     served_by: Option<String>,
     /// Responses API: the answer's id.
     response_id: Option<String>,
+    /// `/generate`: the answer's token ids (the last event's, cumulative).
+    output_ids: Vec<u64>,
 }
 
 async fn one_request(

@@ -18,7 +18,7 @@ mod responses;
 mod wire;
 
 use http::app;
-pub use wire::render_chat;
+pub use wire::{encode_ids, render_chat};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {

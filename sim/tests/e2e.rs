@@ -534,14 +534,20 @@ fn sessions_that_do_not_stream_resend_the_whole_answer_and_have_no_ttft() {
 }
 
 #[test]
-fn generate_sessions_resend_the_generated_replies_as_text() {
-    // `--api generate`: SGLang's /generate, the conversation as one text; streamed (cumulative
-    // events) and not.
+fn generate_sessions_resend_the_generated_replies_as_text_or_ids() {
+    // `--api generate`: SGLang's /generate, the conversation as one text; `--api generate-ids`:
+    // as input_ids, the previous answer's output_ids resent; streamed (cumulative events) and
+    // not.
     let (_fleet, line) = start(&["serve", "--servers", "1", "--base-port", "0"], "servers:");
     let url = line.trim().to_string();
     for (extra, streamed) in [
         (&["--api", "generate"][..], true),
         (&["--api", "generate", "--non-stream-share", "1"][..], false),
+        (&["--api", "generate-ids"][..], true),
+        (
+            &["--api", "generate-ids", "--non-stream-share", "1"][..],
+            false,
+        ),
     ] {
         let (_, doc) = short_agent_run(&url, extra);
         let records = doc["records"].as_array().unwrap();

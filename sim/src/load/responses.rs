@@ -24,6 +24,9 @@ pub enum Api {
     /// SGLang's native `/generate`, the whole conversation rendered as one `text` every turn
     /// (in [`super::generate`]).
     Generate,
+    /// SGLang's native `/generate` with `input_ids`: the previous turn's ids, its answer's
+    /// `output_ids`, then the new user message's ids, every turn (in [`super::generate`]).
+    GenerateIds,
 }
 
 /// The path of the Responses API.
@@ -57,7 +60,7 @@ pub fn body(
                 body["previous_response_id"] = id.into();
             }
         }
-        Api::Responses | Api::Chat | Api::Generate => {
+        Api::Responses | Api::Chat | Api::Generate | Api::GenerateIds => {
             body["input"] = Value::Array(conversation.to_vec());
             body["store"] = false.into();
         }

@@ -5,9 +5,14 @@
 //! one SSE event of that shape per token carrying the **whole text so far** (SGLang's default,
 //! cumulative), then `data: [DONE]`. `model` is ignored; a batch (`text` or `input_ids` an array
 //! of prompts) is a 400.
+//!
+//! `output_ids` pack each generated token's 4 ASCII characters into its id ([`token_id`]), and
+//! `input_ids` render such ids back as those characters ([`push_token_id`]): a rollout that
+//! resends `input_ids + output_ids + new ids` sends the prompt string of the previous turn
+//! followed by the generated text, so the prefix cache hits on both, as for a resent `text`.
 
 use super::wire::{
-    collect_tokens, error_response, parse_object, push_token_id, token_id, token_stream,
+    collect_tokens, encode_ids, error_response, parse_object, push_token_id, token_id, token_stream,
 };
 use super::{CacheReport, Server};
 use crate::engine::{Usage, CHARS_PER_TOKEN};
@@ -105,18 +110,14 @@ pub(super) async fn generate(srv: &Server, body: &[u8]) -> Response {
         let Some((text, usage)) = collect_tokens(&mut rx).await else {
             return error_response(StatusCode::INTERNAL_SERVER_ERROR, "request aborted");
         };
-        let ids: Vec<u64> = text
-            .as_bytes()
-            .chunks(CHARS_PER_TOKEN)
-            .map(|t| token_id(&String::from_utf8_lossy(t)))
-            .collect();
+        let ids = encode_ids(&text);
         return Json(meta.answer(&text, &ids, &usage, true)).into_response();
     }
     let state = (meta, String::new(), Vec::new());
     token_stream(rx, Vec::new(), state, |st, token, finished, usage| {
         let (meta, text, ids) = st;
         text.push_str(token);
-        ids.push(token_id(token));
+        ids.push(token_id(token.as_bytes()));
         let answer = meta.answer(text, ids, usage, finished);
         let mut events = vec![Event::default().data(answer.to_string())];
         if finished {

@@ -449,3 +449,46 @@ async fn generate_takes_input_ids_and_rejects_requests_without_one_prompt() {
         assert!(m.contains(msg), "{body}: {m}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_resending_input_ids_and_output_ids_hits_the_cache_on_the_generated_part() {
+    let u = start(fast()).await;
+    let c = client();
+    let ids_of = |v: &Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|id| id.as_u64().unwrap())
+            .collect()
+    };
+    // A tokenizing client's first turn: 300 ids of a text.
+    let text: String = (0..300).map(|i| format!("w{i:03}")).collect();
+    let ids1 = encode_ids(&text);
+    assert_eq!(ids1.len(), 300);
+    let body = json!({"input_ids": ids1, "sampling_params": {"max_new_tokens": 64}});
+    let (status, r) = generate(&c, &u, &body).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["meta_info"]["prompt_tokens"], 300, "{r}");
+    let out = ids_of(&r["output_ids"]);
+    assert_eq!(out.len(), 64, "{r}");
+    // Every output id packs its token's 4 characters.
+    assert_eq!(out, encode_ids(r["text"].as_str().unwrap()));
+    let more = encode_ids(&"next turn ".repeat(16)); // 40 ids
+    let turn2 = |middle: &[u64]| {
+        let ids = [&ids1[..], middle, &more[..]].concat();
+        json!({"input_ids": ids, "sampling_params": {"max_new_tokens": 1}})
+    };
+    // Resending the prompt with other ids in place of the answer: only the prompt is cached.
+    let other: Vec<u64> = (0..64).map(|i| 1_000 + i).collect();
+    let (_, r) = generate(&c, &u, &turn2(&other)).await;
+    assert_eq!(r["meta_info"]["prompt_tokens"], 404, "{r}");
+    let unrelated = r["meta_info"]["cached_tokens"].as_u64().unwrap();
+    assert!((288..=300).contains(&unrelated), "{r}");
+    // Resending input_ids + output_ids: the generated part is cached too (all but the last
+    // token's KV, never computed, and the last partial block).
+    let (_, r) = generate(&c, &u, &turn2(&out)).await;
+    assert_eq!(r["meta_info"]["prompt_tokens"], 404, "{r}");
+    let resent = r["meta_info"]["cached_tokens"].as_u64().unwrap();
+    assert!(resent >= 300 + 64 - 16, "{resent} cached: {r}");
+    assert!(resent >= unrelated + 48, "{resent} vs {unrelated}");
+}

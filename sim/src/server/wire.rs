@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 use super::Ev;
-use crate::engine::Usage;
+use crate::engine::{Usage, CHARS_PER_TOKEN};
 
 /// Seconds since the Unix epoch.
 pub(super) fn unix_now() -> u64 {
@@ -65,16 +65,45 @@ pub fn render_chat(messages: &[Value]) -> String {
     out
 }
 
-/// Appends token id `id` to a prompt: one token, rendered as CHARS_PER_TOKEN digits (the
-/// `/v1/completions` token-id prompts and `/generate`'s `input_ids`).
+/// Appends token id `id` to a prompt: one token, CHARS_PER_TOKEN characters (the
+/// `/v1/completions` token-id prompts and `/generate`'s `input_ids`). An id whose 4
+/// little-endian bytes are all printable ASCII (0x20..=0x7e, e.g. a generated token's
+/// [`token_id`]) renders as those 4 characters, so a resent answer's `output_ids` render as the
+/// text the engine generated (and cached); any other id (every id below 0x2000_0000, so every
+/// real vocabulary's) renders as 4 digits, `id % 10000`.
 pub(super) fn push_token_id(out: &mut String, id: u64) {
-    let _ = write!(out, "{:04}", id % 10_000);
+    match u32::try_from(id).map(u32::to_le_bytes) {
+        Ok(b) if b.iter().all(|c| (0x20..=0x7e).contains(c)) => {
+            out.extend(b.iter().map(|&c| c as char))
+        }
+        _ => {
+            let _ = write!(out, "{:04}", id % 10_000);
+        }
+    }
 }
 
-/// The id of one generated token (CHARS_PER_TOKEN characters), for `/generate`'s `output_ids`:
-/// a function of its text, below a Llama-3-sized vocabulary.
-pub(super) fn token_id(token: &str) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(token.as_bytes()) % 128_256
+/// The id of one token of at most CHARS_PER_TOKEN bytes (a generated token is exactly 4 ASCII
+/// characters, for `/generate`'s `output_ids`; a chunk of a text the load generator sends as
+/// `input_ids`): its bytes packed little-endian into a u32, a shorter token padded with spaces,
+/// so [`push_token_id`] renders it back when the bytes are printable ASCII. A longer token has a
+/// hash of its bytes below a Llama-3-sized vocabulary (rendered as digits).
+pub(super) fn token_id(token: &[u8]) -> u64 {
+    if token.len() > CHARS_PER_TOKEN {
+        return xxhash_rust::xxh3::xxh3_64(token) % 128_256;
+    }
+    let mut b = [b' '; CHARS_PER_TOKEN];
+    b[..token.len()].copy_from_slice(token);
+    u32::from_le_bytes(b) as u64
+}
+
+/// The token ids of `text`: CHARS_PER_TOKEN bytes per id ([`token_id`]), the last chunk padded
+/// with spaces; rendered back by [`push_token_id`] as `text` (padded) where it is printable
+/// ASCII.
+pub fn encode_ids(text: &str) -> Vec<u64> {
+    text.as_bytes()
+        .chunks(CHARS_PER_TOKEN)
+        .map(token_id)
+        .collect()
 }
 
 /// The request body as a JSON object, or why not (to answer with a 400).
@@ -157,4 +186,56 @@ where
         }
     });
     Sse::new(stream).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(ids: &[u64]) -> String {
+        let mut out = String::new();
+        for &id in ids {
+            push_token_id(&mut out, id);
+        }
+        out
+    }
+
+    #[test]
+    fn ascii_token_ids_render_back_to_their_characters_and_small_ids_to_digits() {
+        // A generated token (a space and three letters) packs into its id and renders back.
+        let id = token_id(b" abc");
+        assert_eq!(id, u32::from_le_bytes(*b" abc") as u64);
+        assert_eq!(render(&[id]), " abc");
+        assert_eq!(render(&[token_id(b"x~ Z")]), "x~ Z");
+        // A short token is padded with spaces; a long one hashes to a vocabulary-sized id.
+        assert_eq!(render(&[token_id(b"ab")]), "ab  ");
+        assert!(token_id(b"abcdefgh") < 128_256);
+        // Vocabulary-sized ids keep rendering as 4 digits.
+        assert_eq!(
+            render(&[1, 37, 9_999, 10_001, 50_000, 128_255]),
+            "000100379999000100008255"
+        );
+        // Ids with a byte outside printable ASCII (a newline, a high bit) or above u32: digits.
+        let newline = u32::from_le_bytes(*b"a\nbc") as u64;
+        assert_eq!(render(&[newline]), format!("{:04}", newline % 10_000));
+        assert_eq!(render(&[u32::MAX as u64]).len(), 4);
+        assert_eq!(render(&[1 << 40 | id]).len(), 4);
+        assert_ne!(render(&[1 << 40 | id]), " abc");
+    }
+
+    #[test]
+    fn encoded_text_renders_back_padded_and_resent_answers_extend_the_prompt() {
+        let ids = encode_ids("Hello, world!");
+        assert_eq!(ids.len(), 4);
+        assert_eq!(render(&ids), "Hello, world!   ");
+        // input_ids + output_ids render as the prompt followed by the generated text.
+        let generated = [" abc", " xyz"];
+        let out: Vec<u64> = generated.iter().map(|t| token_id(t.as_bytes())).collect();
+        let mut all = ids.clone();
+        all.extend(&out);
+        assert_eq!(
+            render(&all),
+            format!("{}{}", render(&ids), generated.concat())
+        );
+    }
 }

@@ -93,7 +93,9 @@ impl RouterInner {
     /// model served there (its cluster header and scene for the host, its model for the
     /// metrics); None when no rule routes to `cluster`.
     fn stored_routed(&self, cluster: Arc<Cluster>, key: u64) -> Option<Routed> {
-        let (model, route, rule) = self.models.iter().find_map(|(model, route)| {
+        // (models in the config's order: the same one every time)
+        let (model, route, rule) = self.model_names.iter().find_map(|model| {
+            let route = self.models.get(model)?;
             let rule = route
                 .rules
                 .iter()

@@ -246,3 +246,23 @@ fn a_stored_answer_is_not_retried_on_another_endpoint() {
     p.finish(0);
     assert_eq!(r.in_flight(), 0);
 }
+
+#[test]
+fn a_request_on_a_stored_answer_counts_under_the_first_model_of_its_cluster() {
+    // several models served by one cluster: always the config's first (not a hash map's draw)
+    let models: Vec<String> = (0..8)
+        .map(|i| format!(r#""m{i}": {{"rules": [{{"cluster": "c", "backend": "vllm"}}]}}"#))
+        .collect();
+    let config = format!(
+        r#"{{"model_mapping_rule": {{{}}}, "clusters": {{"c": {{"endpoints": ["127.0.0.1:1", "127.0.0.1:2"]}}}}}}"#,
+        models.join(",")
+    );
+    let r = Router::from_json(config.as_bytes()).unwrap();
+    let first = r.pick(&PATH, br#"{"model": "m5", "input": "hello"}"#);
+    answer(first, "resp_m5", false);
+    for _ in 0..3 {
+        let p = r.pick(&on("GET", "/v1/responses/resp_m5"), b"");
+        assert_eq!(p.model(), Some("m0"));
+        p.finish(200);
+    }
+}

@@ -295,18 +295,24 @@ def metadata_center_saves(port):
     return int(m.group(1)) if m else 0
 
 
-def settled_saves(port, quiet=0.5, timeout=10):
-    """The metadata-center's save count once it has not moved for `quiet` seconds (gateways
-    send their saves from a background thread)."""
+def steady_value(read, what, quiet, timeout=10):
+    """`read()` once it has not changed for `quiet` seconds (counters that other threads or
+    processes are still moving)."""
     deadline = time.time() + timeout
-    last = metadata_center_saves(port)
+    last = read()
     while time.time() < deadline:
         time.sleep(quiet)
-        now = metadata_center_saves(port)
+        now = read()
         if now == last:
             return now
         last = now
-    raise AssertionError("the save count kept moving for %d s" % timeout)
+    raise AssertionError("%s kept moving for %d s" % (what, timeout))
+
+
+def settled_saves(port, quiet=0.5, timeout=10):
+    """The metadata-center's save count once it has settled (gateways send their saves from a
+    background thread)."""
+    return steady_value(lambda: metadata_center_saves(port), "the save count", quiet, timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,17 +718,9 @@ def check_media_parts(send, page, model):
 
 
 def settled_total(page, name, quiet=1.2, timeout=10):
-    """The total of counter `name` on `page()` once it has not moved for `quiet` seconds (a native
-    nginx page merges the other workers' routers as they publish them, each second)."""
-    deadline = time.time() + timeout
-    last = page().total(name)
-    while time.time() < deadline:
-        time.sleep(quiet)
-        now = page().total(name)
-        if now == last:
-            return now
-        last = now
-    raise AssertionError("%s kept moving for %d s" % (name, timeout))
+    """The total of counter `name` on `page()` once it has settled (a native nginx page merges
+    the other workers' routers as they publish them, each second)."""
+    return steady_value(lambda: page().total(name), name, quiet, timeout)
 
 
 def check_cache_feedback(send, page, model):

@@ -557,7 +557,8 @@ pub fn parse_with_tail(
         RequestKind::Completions | RequestKind::LlamaCompletion => {
             // (token ids: the answer comes back as text, which the next prompt's ids do not
             // spell: nothing to learn)
-            extendable = render_prompt(&mut hasher, parsed.prompt, "prompt")? == Some(false);
+            let form = render_prompt(&mut hasher, parsed.prompt, "prompt")?;
+            extendable = form == PromptForm::OneText;
         }
         RequestKind::Generate => {
             let (raw, param) = match (parsed.text, parsed.input_ids) {
@@ -571,9 +572,9 @@ pub fn parse_with_tail(
                     PickError::bad_request(format!("invalid {param}: {e}"), Some(param))
                 })?;
             // SGLang answers token ids with their `output_ids`: a next turn of ids extends them
-            let continued = render_prompt(&mut hasher, prompt.or(parsed.prompt), param)?;
-            extendable = continued.is_some();
-            token_prompt = continued == Some(true);
+            let form = render_prompt(&mut hasher, prompt.or(parsed.prompt), param)?;
+            extendable = form != PromptForm::Several;
+            token_prompt = form == PromptForm::OneOfIds;
         }
         RequestKind::Messages => anthropic::render(&mut hasher, &parsed.system, parsed.messages)?,
         RequestKind::Responses => {
@@ -607,14 +608,24 @@ pub fn parse_with_tail(
     Ok((parsed, tail))
 }
 
-/// Renders a completions-style prompt (`param`: the field it came from, for errors). When a
-/// next turn can extend it (one prompt: the answer follows it), whether that prompt is token
-/// ids: `Some(false)` for text, `Some(true)` for ids, None for several prompts.
+/// What a completions-style prompt was: what a next turn can extend (one prompt, which its
+/// answer follows) and in which form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PromptForm {
+    /// One prompt of text.
+    OneText,
+    /// One prompt of token ids.
+    OneOfIds,
+    /// Several prompts (a batch): one answer each, no single next turn extends them.
+    Several,
+}
+
+/// Renders a completions-style prompt (`param`: the field it came from, for errors).
 fn render_prompt(
     hasher: &mut PrefixHasher,
     prompt: Option<Prompt>,
     param: &'static str,
-) -> Result<Option<bool>, PickError> {
+) -> Result<PromptForm, PickError> {
     match prompt {
         None => Err(PickError::bad_request(
             format!("you must provide a {param} parameter"),
@@ -622,7 +633,7 @@ fn render_prompt(
         )),
         Some(Prompt::One(p)) => {
             hasher.feed_str(&p);
-            Ok(Some(false))
+            Ok(PromptForm::OneText)
         }
         Some(Prompt::Many(ps)) => {
             if ps.is_empty() {
@@ -637,13 +648,15 @@ fn render_prompt(
                 }
                 hasher.feed_str(p);
             }
-            // One answer per prompt: no single next turn extends them all.
-            Ok((ps.len() == 1).then_some(false))
+            Ok(match ps.len() {
+                1 => PromptForm::OneText,
+                _ => PromptForm::Several,
+            })
         }
         // Token ids: hashed as tokens, so the same ids share a prefix.
         Some(Prompt::Tokens(ts)) => {
             hasher.feed_tokens(&ts);
-            Ok(Some(true))
+            Ok(PromptForm::OneOfIds)
         }
         Some(Prompt::ManyTokens(tss)) => {
             if tss.iter().any(Vec::is_empty) {
@@ -655,7 +668,7 @@ fn render_prompt(
             for ts in &tss {
                 hasher.feed_tokens(ts);
             }
-            Ok(None)
+            Ok(PromptForm::Several)
         }
     }
 }

@@ -2,7 +2,8 @@
 //! Code and the Anthropic SDKs): its `system` and `messages` rendered as the chat rendering of
 //! the same conversation.
 //!
-//! `system` (a string, or its text blocks joined) is a system message first; each message
+//! `system` (a string, or its text blocks joined) is a system message first, the `tools`
+//! definitions next (as sent, [`super::render_tools`]); each message
 //! renders as a chat message of its role whose content is a string or blocks: its `text`
 //! blocks are its text (separated by `\n`), then each `tool_result` block (`\n<|tool_result|>`
 //! and its string or text blocks), then each `tool_use` block as a tool call of its `name`. A
@@ -15,13 +16,14 @@
 //! The body is read by the chat body's types ([`super::Message`], whose content blocks keep
 //! the `name` and `content` fields these blocks need).
 
-use super::{close_message, open_message, tool_call, Content, Message};
+use super::{close_message, open_message, render_tools, tool_call, Content, Message};
 use super::{PickError, PrefixHasher};
 
 /// Renders a Messages request's prompt into `h`.
 pub(super) fn render(
     h: &mut PrefixHasher,
     system: &Content,
+    tools: Option<&str>,
     messages: Option<Vec<Message>>,
 ) -> Result<(), PickError> {
     let messages = messages.unwrap_or_default();
@@ -36,6 +38,7 @@ pub(super) fn render(
         render_text(h, system, b"");
         close_message(h);
     }
+    render_tools(h, tools);
     for (i, m) in messages.iter().enumerate() {
         let role = match m.role.as_deref() {
             Some(r) if !r.is_empty() => r,

@@ -13,7 +13,10 @@
 //! The prompt is not the raw JSON: it is a canonical rendering, so two clients that format
 //! the same conversation differently (key order, whitespace, escapes) hash the same. For chat:
 //! for every message `<|role|>\n`, then its text parts separated by `\n`, then the function
-//! name and arguments of each tool call, then `\n`. A media part (an image, audio clip or video:
+//! name and arguments of each tool call, then `\n`. The request's tool definitions (`tools`,
+//! or the older `functions`), which the engine's chat template renders into the prompt, come
+//! after the leading system messages as `<|tools|>\n`, their JSON as sent, `\n` (so agents
+//! with different tools part there, and their size counts in the prefill). A media part (an image, audio clip or video:
 //! `image_url`, `input_audio`, `video_url`, a Responses `input_image`, an Anthropic `image` or
 //! `document` block) renders in its place as a marker and a hash of its URL, data or file id
 //! ([`PrefixHasher::feed_media`]), and adds `media_part_tokens` to the prompt's length. For
@@ -190,6 +193,13 @@ struct Body<'a> {
     /// `/generate`: the prompt as token ids (an array, or arrays). Raw, like `text`.
     #[serde(borrow, default)]
     input_ids: Option<&'a serde_json::value::RawValue>,
+    /// Chat, Responses, Messages: the tool definitions, which the engine's chat template
+    /// renders into the prompt ([`tool_definitions`]). Raw: hashed as sent.
+    #[serde(borrow, default)]
+    tools: Option<&'a serde_json::value::RawValue>,
+    /// Chat: the deprecated `functions` (the tool definitions of older clients).
+    #[serde(borrow, default)]
+    functions: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -550,9 +560,15 @@ pub fn parse_with_tail(
                     Some("messages"),
                 ));
             }
+            // the tool definitions after the leading system messages, where templates put them
+            let mut tools = tool_definitions(parsed.tools.or(parsed.functions));
             for (i, m) in messages.iter().enumerate() {
+                if !m.role.as_deref().is_some_and(is_system_role) {
+                    render_tools(&mut hasher, tools.take());
+                }
                 render_message(&mut hasher, m, i)?;
             }
+            render_tools(&mut hasher, tools);
         }
         RequestKind::Completions | RequestKind::LlamaCompletion => {
             // (token ids: the answer comes back as text, which the next prompt's ids do not
@@ -576,9 +592,14 @@ pub fn parse_with_tail(
             extendable = form != PromptForm::Several;
             token_prompt = form == PromptForm::OneOfIds;
         }
-        RequestKind::Messages => anthropic::render(&mut hasher, &parsed.system, parsed.messages)?,
+        RequestKind::Messages => {
+            let tools = tool_definitions(parsed.tools);
+            anthropic::render(&mut hasher, &parsed.system, tools, parsed.messages)?
+        }
         RequestKind::Responses => {
-            responses::render(&mut hasher, parsed.instructions.as_deref(), parsed.input)?;
+            let tools = tool_definitions(parsed.tools);
+            let instructions = parsed.instructions.as_deref();
+            responses::render(&mut hasher, instructions, tools, parsed.input)?;
             // A client that names the previous answer sends only what is new: its next turn
             // will too, and never extends this rendering.
             extendable = previous_response.is_none();
@@ -732,6 +753,32 @@ fn render_content(h: &mut PrefixHasher, content: &Content) {
                 first = false;
             }
         }
+    }
+}
+
+/// True for the roles of system prompts (`system`, and `developer` of OpenAI's newer models),
+/// which a chat template renders before the tool definitions.
+pub(crate) fn is_system_role(role: &str) -> bool {
+    role == "system" || role == "developer"
+}
+
+/// A request's tool definitions (`tools`) as sent: `None` when absent, null or an empty
+/// array. Hashed as the client wrote them (a client sends the same definitions, spelt the
+/// same, every turn); not a JSON array, they are not definitions an engine would render.
+fn tool_definitions(tools: Option<&serde_json::value::RawValue>) -> Option<&str> {
+    let raw = tools?.get();
+    let inner = raw.strip_prefix('[')?.strip_suffix(']')?;
+    (!inner.trim_ascii().is_empty()).then_some(raw)
+}
+
+/// Renders the tool definitions, if any: `<|tools|>\n`, their JSON as sent, `\n`; placed
+/// after the system prompt and before the conversation, as chat templates place them (Qwen,
+/// Hermes, gpt-oss: in the system turn, after its text; the Anthropic API's caching order).
+pub(crate) fn render_tools(h: &mut PrefixHasher, tools: Option<&str>) {
+    if let Some(tools) = tools {
+        open_message(h, b"tools");
+        h.feed_str(tools);
+        close_message(h);
     }
 }
 

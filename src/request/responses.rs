@@ -1,7 +1,8 @@
 //! The OpenAI Responses API (`/v1/responses`): its `instructions` and `input` rendered as the
 //! chat rendering of the same conversation.
 //!
-//! `instructions` is a system message first; `input` is a string (one user message) or an
+//! `instructions` is a system message first, then the leading system messages of `input`, then
+//! the `tools` definitions (as sent, [`super::render_tools`]); `input` is a string (one user message) or an
 //! array of items: a message (`type` "message" or none) renders as a chat message (its
 //! `input_text` / `output_text` parts are text), a `function_call` as an assistant message
 //! holding that one tool call, a `function_call_output` as a `tool` message. Other items
@@ -20,7 +21,8 @@ use std::fmt;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::{arguments_text, close_message, open_message, render_content, tool_call, Content};
+use super::{arguments_text, close_message, is_system_role, open_message, render_content};
+use super::{render_tools, tool_call, Content};
 use super::{JsonStr, PickError, PrefixHasher};
 
 /// The `input` field: one user message, or the conversation's items.
@@ -82,6 +84,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Input<'a> {
 pub(super) fn render(
     h: &mut PrefixHasher,
     instructions: Option<&str>,
+    tools: Option<&str>,
     input: Option<Input>,
 ) -> Result<(), PickError> {
     let Some(input) = input else {
@@ -97,6 +100,7 @@ pub(super) fn render(
     }
     match input {
         Input::Text(text) => {
+            render_tools(h, tools);
             open_message(h, b"user");
             h.feed_str(&text);
             close_message(h);
@@ -108,9 +112,17 @@ pub(super) fn render(
                     Some("input"),
                 ));
             }
+            // the tool definitions after the leading system messages, as in a chat
+            let mut tools = tools;
             for (i, item) in items.iter().enumerate() {
+                let system = matches!(item.kind.as_deref(), None | Some("message"))
+                    && item.role.as_deref().is_some_and(is_system_role);
+                if !system {
+                    render_tools(h, tools.take());
+                }
                 render_item(h, item, i)?;
             }
+            render_tools(h, tools);
         }
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! Tests of request parsing and the canonical prompt rendering.
 
 use super::*;
+use crate::hashing::prefix_hashes;
 
 fn p(body: &str) -> Result<ParsedRequest, PickError> {
     parse(body.as_bytes(), None, 512)
@@ -140,6 +141,73 @@ fn tool_calls_and_tool_messages_are_part_of_the_prompt() {
     assert_eq!(args(""), args(r#","arguments":null"#));
     assert_eq!(args(""), args(r#","arguments":"""#));
     assert_ne!(args(""), args(r#","arguments":[1]"#));
+}
+
+/// Leading hashes two prompts share.
+fn shared(a: &ParsedRequest, b: &ParsedRequest) -> usize {
+    (a.prefix_hashes.iter())
+        .zip(&b.prefix_hashes)
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
+#[test]
+fn tool_definitions_are_part_of_the_prompt_after_the_system_messages() {
+    let tools = |name: &str| {
+        format!(
+            r#"[{{"type":"function","function":{{"name":"{name}","description":"{}","parameters":{{"type":"object"}}}}}}]"#,
+            "reads a file of the repository and returns its text ".repeat(4)
+        )
+    };
+    let chat = |tools: &str, user: &str| {
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"system","content":"You are an agent."}},{{"role":"developer","content":"Be careful."}},{{"role":"user","content":"{user}"}}]{tools}}}"#
+        );
+        parse(body.as_bytes(), None, 16).unwrap()
+    };
+    let read = tools("read_file");
+    let with = |user: &str| chat(&format!(r#","tools":{read}"#), user);
+    let a = with("fix a.py");
+    // rendered after the system and developer messages, as sent
+    let expected = format!(
+        "<|system|>\nYou are an agent.\n<|developer|>\nBe careful.\n<|tools|>\n{read}\n<|user|>\nfix a.py\n"
+    );
+    assert_eq!(a.prefix_hashes, prefix_hashes("m", expected.as_bytes(), 16));
+    assert_eq!(a.prompt_chars, expected.len() as u64);
+    // none, null and an empty array render nothing
+    let none = chat("", "fix a.py");
+    for empty in [r#","tools":null"#, r#","tools":[]"#, r#","tools":[ ]"#] {
+        let r = chat(empty, "fix a.py");
+        assert_eq!(r.prefix_hashes, none.prefix_hashes, "{empty}");
+        assert_eq!(r.prompt_chars, none.prompt_chars);
+    }
+    assert_eq!(a.prompt_chars, none.prompt_chars + 11 + read.len() as u64);
+    // another session of the agent shares the system prompt and the tools; an agent with other
+    // tools only the system prompt
+    let system = "<|system|>\nYou are an agent.\n<|developer|>\nBe careful.\n".len() / 16;
+    let tools_end = (system * 16 + 11 + read.len()) / 16;
+    assert!(shared(&a, &with("write b.py")) >= tools_end);
+    let other = chat(&format!(r#","tools":{}"#, tools("edit_file")), "fix a.py");
+    assert!(shared(&a, &other) < tools_end);
+    assert!(shared(&a, &other) >= system);
+    assert_eq!(shared(&a, &none), system);
+    // older clients' `functions` render as tools do
+    let functions = chat(&format!(r#","functions":{read}"#), "fix a.py");
+    assert_eq!(functions.prefix_hashes, a.prefix_hashes);
+    // the same definitions in a Responses request (after its instructions and system items)
+    // and in a Messages request (after its system prompt)
+    let responses_body = format!(
+        r#"{{"model":"m","instructions":"You are an agent.","tools":{read},"input":[{{"role":"developer","content":"Be careful."}},{{"role":"user","content":"fix a.py"}}]}}"#
+    );
+    let r = parse(responses_body.as_bytes(), Some(RequestKind::Responses), 16).unwrap();
+    assert_eq!(r.prefix_hashes, a.prefix_hashes);
+    let messages_body = format!(
+        r#"{{"model":"m","system":"You are an agent.","tools":{read},"messages":[{{"role":"user","content":"fix a.py"}}]}}"#
+    );
+    let m = parse(messages_body.as_bytes(), Some(RequestKind::Messages), 16).unwrap();
+    let expected =
+        format!("<|system|>\nYou are an agent.\n<|tools|>\n{read}\n<|user|>\nfix a.py\n");
+    assert_eq!(m.prefix_hashes, prefix_hashes("m", expected.as_bytes(), 16));
 }
 
 #[test]
@@ -478,7 +546,7 @@ fn anthropic_messages_render_as_the_chat_of_the_same_conversation() {
     assert!(blocks.stream && blocks.kind == RequestKind::Messages);
     // the same conversation, by another client: strings, another input spelling
     let strings = messages(
-        r#"{"model":"m","system":"You are a coder. Be brief.","messages":[
+        r#"{"model":"m","system":"You are a coder. Be brief.","tools":[{"name":"read","input_schema":{"type":"object"}}],"messages":[
         {"role":"user","content":[{"type":"text","text":"fix a.py"},{"type":"image","source":{"data":"AAAA","type":"base64"}}]},
         {"role":"assistant","content":[{"type":"text","text":"reading"},{"type":"tool_use","id":"t1","name":"read","input":{ "path" : "a.py" }}]},
         {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"print(1)"}]}
@@ -489,7 +557,7 @@ fn anthropic_messages_render_as_the_chat_of_the_same_conversation() {
     assert_eq!(blocks.prompt_chars, strings.prompt_chars);
     // the tool result is part of the prompt
     let other = messages(
-        r#"{"model":"m","system":"You are a coder. Be brief.","messages":[
+        r#"{"model":"m","system":"You are a coder. Be brief.","tools":[{"name":"read","input_schema":{"type":"object"}}],"messages":[
         {"role":"user","content":[{"type":"text","text":"fix a.py"},{"type":"image","source":{"type":"base64","data":"AAAA"}}]},
         {"role":"assistant","content":[{"type":"text","text":"reading"},{"type":"tool_use","id":"t1","name":"read","input":{}}]},
         {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"print(2)"}]}

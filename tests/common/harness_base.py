@@ -717,6 +717,46 @@ def check_media_parts(send, page, model):
         assert status == 200 and json.loads(data)["served_by"] == first, data[:300]
 
 
+def check_tool_definitions(send, page, model):
+    """Tool definitions (`tools`) through a gateway: `send(body, headers, path)`, `page()` its
+    metrics. The engine's chat template renders them into the prompt after the system prompt;
+    the gateway does too: their size counts in the prompt's length (`llmproxy_prompt_chars_total`),
+    a new session of an agent matches its tools where an earlier session left them
+    (`llmproxy_decision_cache_ratio`) and goes there, and an agent with other tools (the same
+    system prompt) matches nothing."""
+    ratio = "llmproxy_decision_cache_ratio"
+
+    def tools(seed):
+        return [{"type": "function", "function": {
+            "name": "tool_%d" % i, "description": random_text(1500, seed=seed + i),
+            "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}} for i in range(4)]
+
+    totals = lambda: [settled_total(page, n) for n in (ratio + "_sum", ratio + "_count", "llmproxy_prompt_chars_total")]
+    last = totals()
+
+    def ask(tools, user):
+        nonlocal last
+        body = {"model": model, "messages": [{"role": "system", "content": "You are a coding agent."},
+                                             {"role": "user", "content": user}], "tools": tools}
+        status, data = send(body, {}, CHAT)
+        assert status == 200, data[:300]
+        wait_until(lambda: page().total(ratio + "_count") >= last[1] + 1, timeout=5, what="the pick's cache ratio")
+        now = totals()
+        matched, chars = now[0] - last[0], now[2] - last[2]
+        last = now
+        return json.loads(data)["served_by"], matched, chars
+
+    mine = tools(random.getrandbits(32))
+    home, matched, chars = ask(mine, "fix a.py")
+    assert matched < 0.2, "a new agent's tools matched %.2f of its prompt" % matched
+    assert chars > len(json.dumps(mine)), "the prompt's length (%d) leaves its tools out" % chars
+    served, matched, _ = ask(mine, "now write the tests of b.py")
+    assert matched > 0.8, "a session of the same agent matched %.2f of its prompt" % matched
+    assert served == home, "a session of the same agent went to %s, its tools are on %s" % (served, home)
+    _, matched, _ = ask(tools(random.getrandbits(32)), "fix a.py")
+    assert matched < 0.2, "an agent with other tools matched %.2f of its prompt" % matched
+
+
 def settled_total(page, name, quiet=1.2, timeout=10):
     """The total of counter `name` on `page()` once it has settled (a native nginx page merges
     the other workers' routers as they publish them, each second)."""

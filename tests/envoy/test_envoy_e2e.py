@@ -491,6 +491,10 @@ def test_media_parts_count_their_tokens(gateway):
     harness.check_media_parts(sender(gateway), lambda: metrics(gateway), "m-b")
 
 
+def test_tool_definitions_are_part_of_the_prompt(gateway):
+    harness.check_tool_definitions(sender(gateway), lambda: metrics(gateway), "m-b")
+
+
 def test_llama_completion_follows_its_conversation(gateway):
     harness.check_llama_completion(sender(gateway), lambda: metrics(gateway), "m-b")
 

@@ -323,6 +323,10 @@ def test_media_parts_count_their_tokens(gw):
     harness.check_media_parts(sender(gw), lambda: metrics(gw.port), "m-b")
 
 
+def test_tool_definitions_are_part_of_the_prompt(gw):
+    harness.check_tool_definitions(sender(gw), lambda: metrics(gw.port), "m-b")
+
+
 def test_llama_completion_follows_its_conversation(gw):
     harness.check_llama_completion(sender(gw), lambda: metrics(gw.port), "m-b")
 

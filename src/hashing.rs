@@ -47,6 +47,18 @@ impl PrefixHasher {
         }
     }
 
+    /// Puts the prompt in a cache domain of its own before any of it is fed: `value` of the
+    /// request's `field` (vLLM's `cache_salt`, SGLang's `extra_key` or `lora_path`), which the
+    /// engine keeps the cache of apart from every other value's, so that the same prompt under
+    /// another value shares no hash with it.
+    pub fn isolate(&mut self, field: &[u8], value: &[u8]) {
+        debug_assert!(
+            self.full_chunks == 0 && self.pending.is_empty(),
+            "isolate before feeding"
+        );
+        self.chain = xxh3_64_with_seed(value, self.chain ^ xxh3_64(field));
+    }
+
     /// Appends `bytes` to the prompt.
     pub fn feed(&mut self, bytes: &[u8]) {
         self.chars += bytecount::num_chars(bytes) as u64;
@@ -154,8 +166,8 @@ impl PrefixHasher {
 /// Moves a prompt's hashes into the domain of the model the backend actually serves, when it
 /// differs from the client's model (a LoRA adapter, a `target_model` alias): another served
 /// model has KV caches of its own, so the same prompt must not match across them. The one
-/// place the hash domain is defined: seeded by the client model ([`PrefixHasher::new`]),
-/// salted by the served model here.
+/// place the hash domain is defined: seeded by the client model ([`PrefixHasher::new`]) and the
+/// request's cache isolation fields ([`PrefixHasher::isolate`]), salted by the served model here.
 pub fn salt_for_served_model(hashes: &mut [u64], client_model: &str, served_model: &str) {
     if served_model != client_model {
         let salt = xxh3_64(served_model.as_bytes());

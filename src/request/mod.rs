@@ -25,6 +25,10 @@
 //! renders as the chat of the same conversation ([`responses`], [`anthropic`]).
 //! The rendering is streamed straight into the prefix hasher; it is never materialised.
 //!
+//! A request that names a cache domain (vLLM's `cache_salt`, SGLang's `extra_key`) or a LoRA
+//! adapter (SGLang's `lora_path`) is hashed in that domain ([`PrefixHasher::isolate`]): the
+//! engine shares its KV cache with no request of another.
+//!
 //! Prompt length, used for prefill-load accounting, is the number of characters of that
 //! rendering (tokens ≈ characters / 4 where a token estimate is reported).
 
@@ -200,6 +204,16 @@ struct Body<'a> {
     /// Chat: the deprecated `functions` (the tool definitions of older clients).
     #[serde(borrow, default)]
     functions: Option<&'a serde_json::value::RawValue>,
+    /// vLLM: the cache domain of the request (its KV cache is shared only with requests of
+    /// the same salt). Raw: any value, as sent, is its domain.
+    #[serde(borrow, default)]
+    cache_salt: Option<&'a serde_json::value::RawValue>,
+    /// SGLang: the cache domain of the request (as vLLM's `cache_salt`).
+    #[serde(borrow, default)]
+    extra_key: Option<&'a serde_json::value::RawValue>,
+    /// SGLang: the LoRA adapter of the request (each adapter's KV cache is its own).
+    #[serde(borrow, default)]
+    lora_path: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -546,6 +560,17 @@ pub fn parse_with_tail(
     };
 
     let mut hasher = PrefixHasher::new(model, chunk_bytes);
+    // the engine keeps the caches of different salts and adapters apart: so do the hashes
+    let isolation = [
+        ("cache_salt", parsed.cache_salt),
+        ("extra_key", parsed.extra_key),
+        ("lora_path", parsed.lora_path),
+    ];
+    for (field, value) in isolation {
+        if let Some(value) = value {
+            hasher.isolate(field.as_bytes(), value.get().as_bytes());
+        }
+    }
     let mut extendable = true;
     let mut token_prompt = false;
     let previous_response = (parsed.previous_response_id)

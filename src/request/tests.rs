@@ -211,6 +211,55 @@ fn tool_definitions_are_part_of_the_prompt_after_the_system_messages() {
 }
 
 #[test]
+fn cache_salts_and_adapters_keep_the_same_prompt_apart() {
+    let chat = |extra: &str| {
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]{extra}}}"#,
+            "the same long question ".repeat(8)
+        );
+        parse(body.as_bytes(), None, 16).unwrap()
+    };
+    let plain = chat("");
+    let salted = chat(r#","cache_salt":"tenant-a""#);
+    // the same salt, spelt the same, is the same domain; null is none
+    assert_eq!(
+        chat(r#","cache_salt":"tenant-a""#).prefix_hashes,
+        salted.prefix_hashes
+    );
+    assert_eq!(
+        chat(r#","cache_salt":null"#).prefix_hashes,
+        plain.prefix_hashes
+    );
+    assert_eq!(salted.prompt_chars, plain.prompt_chars);
+    // another salt, or none, or another field of the same value: nothing shared
+    for other in [
+        chat(r#","cache_salt":"tenant-b""#),
+        plain.clone(),
+        chat(r#","extra_key":"tenant-a""#),
+        chat(r#","lora_path":"tenant-a""#),
+    ] {
+        assert_eq!(shared(&salted, &other), 0);
+    }
+    // /generate's adapter too
+    let generate = |extra: &str| {
+        let body = format!(r#"{{"text":"{}"{extra}}}"#, "a prompt ".repeat(8));
+        let extract = Extract {
+            default_model: Some("m"),
+            ..Extract::default()
+        };
+        parse_with_tail(body.as_bytes(), Some(RequestKind::Generate), 16, extract)
+            .unwrap()
+            .0
+    };
+    let adapter = generate(r#","lora_path":"sql-lora""#);
+    assert_eq!(shared(&adapter, &generate("")), 0);
+    assert_eq!(
+        adapter.prefix_hashes,
+        generate(r#","lora_path":"sql-lora""#).prefix_hashes
+    );
+}
+
+#[test]
 fn escaped_strings_read_like_plain_ones() {
     let plain = p(r#"{"model":"m1","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
     let escaped =

@@ -717,6 +717,29 @@ def check_media_parts(send, page, model):
         assert status == 200 and json.loads(data)["served_by"] == first, data[:300]
 
 
+class PickMeter:
+    """What each pick of a gateway matched and how long its prompt was, read from its metrics
+    (`page()`): `ask(send, body)` sends one chat request and answers (endpoint, share of the
+    prompt the pick found cached there, the prompt's length in characters)."""
+    RATIO = "llmproxy_decision_cache_ratio"
+
+    def __init__(self, page):
+        self.page = page
+        self.last = self.totals()
+
+    def totals(self):
+        return [settled_total(self.page, n) for n in (self.RATIO + "_sum", self.RATIO + "_count", "llmproxy_prompt_chars_total")]
+
+    def ask(self, send, body):
+        status, data = send(body, {}, CHAT)
+        assert status == 200, data[:300]
+        wait_until(lambda: self.page().total(self.RATIO + "_count") >= self.last[1] + 1, timeout=5, what="the pick's cache ratio")
+        now = self.totals()
+        matched, chars = now[0] - self.last[0], now[2] - self.last[2]
+        self.last = now
+        return json.loads(data)["served_by"], matched, chars
+
+
 def check_tool_definitions(send, page, model):
     """Tool definitions (`tools`) through a gateway: `send(body, headers, path)`, `page()` its
     metrics. The engine's chat template renders them into the prompt after the system prompt;
@@ -724,37 +747,44 @@ def check_tool_definitions(send, page, model):
     a new session of an agent matches its tools where an earlier session left them
     (`llmproxy_decision_cache_ratio`) and goes there, and an agent with other tools (the same
     system prompt) matches nothing."""
-    ratio = "llmproxy_decision_cache_ratio"
-
     def tools(seed):
         return [{"type": "function", "function": {
             "name": "tool_%d" % i, "description": random_text(1500, seed=seed + i),
             "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}} for i in range(4)]
 
-    totals = lambda: [settled_total(page, n) for n in (ratio + "_sum", ratio + "_count", "llmproxy_prompt_chars_total")]
-    last = totals()
-
-    def ask(tools, user):
-        nonlocal last
-        body = {"model": model, "messages": [{"role": "system", "content": "You are a coding agent."},
+    def body(tools, user):
+        return {"model": model, "messages": [{"role": "system", "content": "You are a coding agent."},
                                              {"role": "user", "content": user}], "tools": tools}
-        status, data = send(body, {}, CHAT)
-        assert status == 200, data[:300]
-        wait_until(lambda: page().total(ratio + "_count") >= last[1] + 1, timeout=5, what="the pick's cache ratio")
-        now = totals()
-        matched, chars = now[0] - last[0], now[2] - last[2]
-        last = now
-        return json.loads(data)["served_by"], matched, chars
 
+    meter = PickMeter(page)
     mine = tools(random.getrandbits(32))
-    home, matched, chars = ask(mine, "fix a.py")
+    home, matched, chars = meter.ask(send, body(mine, "fix a.py"))
     assert matched < 0.2, "a new agent's tools matched %.2f of its prompt" % matched
     assert chars > len(json.dumps(mine)), "the prompt's length (%d) leaves its tools out" % chars
-    served, matched, _ = ask(mine, "now write the tests of b.py")
+    served, matched, _ = meter.ask(send, body(mine, "now write the tests of b.py"))
     assert matched > 0.8, "a session of the same agent matched %.2f of its prompt" % matched
     assert served == home, "a session of the same agent went to %s, its tools are on %s" % (served, home)
-    _, matched, _ = ask(tools(random.getrandbits(32)), "fix a.py")
+    _, matched, _ = meter.ask(send, body(tools(random.getrandbits(32)), "fix a.py"))
     assert matched < 0.2, "an agent with other tools matched %.2f of its prompt" % matched
+
+
+def check_cache_salt(send, page, model):
+    """Cache domains through a gateway: `send(body, headers, path)`, `page()` its metrics. The
+    engine shares no KV cache between requests of different `cache_salt` (vLLM; SGLang's
+    `extra_key`), so the gateway matches a prompt only where the same prompt ran under the same
+    salt (`llmproxy_decision_cache_ratio`)."""
+    prompt = random_text(6000, seed=random.getrandbits(32))
+
+    def body(salt):
+        return {"model": model, "messages": [{"role": "user", "content": prompt}], "cache_salt": salt}
+
+    meter = PickMeter(page)
+    home, matched, _ = meter.ask(send, body("tenant-a"))
+    assert matched < 0.2, "a new prompt matched %.2f" % matched
+    served, matched, _ = meter.ask(send, body("tenant-a"))
+    assert matched > 0.8 and served == home, "the same prompt and salt matched %.2f on %s (first on %s)" % (matched, served, home)
+    _, matched, _ = meter.ask(send, body("tenant-b"))
+    assert matched < 0.2, "the same prompt under another salt matched %.2f" % matched
 
 
 def settled_total(page, name, quiet=1.2, timeout=10):

@@ -495,6 +495,10 @@ def test_tool_definitions_are_part_of_the_prompt(gateway):
     harness.check_tool_definitions(sender(gateway), lambda: metrics(gateway), "m-b")
 
 
+def test_cache_salts_keep_prompts_apart(gateway):
+    harness.check_cache_salt(sender(gateway), lambda: metrics(gateway), "m-b")
+
+
 def test_llama_completion_follows_its_conversation(gateway):
     harness.check_llama_completion(sender(gateway), lambda: metrics(gateway), "m-b")
 

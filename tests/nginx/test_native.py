@@ -327,6 +327,10 @@ def test_tool_definitions_are_part_of_the_prompt(gw):
     harness.check_tool_definitions(sender(gw), lambda: metrics(gw.port), "m-b")
 
 
+def test_cache_salts_keep_prompts_apart(gw):
+    harness.check_cache_salt(sender(gw), lambda: metrics(gw.port), "m-b")
+
+
 def test_llama_completion_follows_its_conversation(gw):
     harness.check_llama_completion(sender(gw), lambda: metrics(gw.port), "m-b")
 

@@ -3,13 +3,13 @@
 //! in [`super::responses`], with this server's stored responses), SGLang's native
 //! `POST /generate` (in [`super::generate`]), the engine's Prometheus page in vLLM's names,
 //! SGLang's `/get_load`, and the simulator's own `/sim/*` endpoints. Each request is rendered to
-//! a prompt and handed to the server's engine task ([`super::Server`]); tokens come back over a
-//! channel.
+//! a prompt (chat messages with the request's `tools` or legacy `functions`, by [`render_chat`])
+//! and handed to the server's engine task ([`super::Server`]); tokens come back over a channel.
 
 use super::responses::{self, Store};
 use super::wire::{
-    collect_tokens, error_response, parse_object, push_token_id, render_chat, token_stream,
-    unix_now,
+    collect_tokens, error_response, parse_object, push_token_id, render_chat, request_tools,
+    token_stream, unix_now,
 };
 use super::{ratio, CacheReport, Ev, Server};
 use crate::engine::Usage;
@@ -76,7 +76,7 @@ async fn generate(st: AppState, body: Bytes, api: Api) -> Response {
     };
     let prompt = match api {
         Api::Chat => match req.get("messages").and_then(Value::as_array) {
-            Some(msgs) if !msgs.is_empty() => render_chat(msgs),
+            Some(msgs) if !msgs.is_empty() => render_chat(msgs, request_tools(&req)),
             _ => {
                 return error_response(
                     StatusCode::BAD_REQUEST,

@@ -1,7 +1,8 @@
 //! The OpenAI Responses API of one simulated server (`POST /v1/responses`), shaped as vLLM
 //! answers it: the request's `instructions` and `input` items become chat messages rendered with
-//! [`render_chat`], so a conversation continued turn after turn extends its previous prompt and
-//! finds it in the engine's prefix cache; the answer is a `response` object (JSON) or the
+//! [`render_chat`] with the request's `tools` (as received, in the system turn), so a
+//! conversation continued turn after turn extends its previous prompt and finds it in the
+//! engine's prefix cache; the answer is a `response` object (JSON) or the
 //! Responses SSE events (`response.created` … `response.completed`, no `[DONE]`).
 //!
 //! This module owns the server's stored responses ([`Store`]): as in vLLM and SGLang they live in
@@ -343,7 +344,12 @@ pub(super) async fn create(srv: &Arc<Server>, store: &Arc<Store>, body: &[u8]) -
         .and_then(Value::as_str)
         .unwrap_or(&srv.model)
         .to_string();
-    let (_, rx) = match srv.submit(render_chat(&messages), max_output_tokens) {
+    // This request's tools render (a stored response's are not carried over either).
+    let tools = req
+        .get("tools")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice);
+    let (_, rx) = match srv.submit(render_chat(&messages, tools), max_output_tokens) {
         Ok(x) => x,
         Err(msg) => return bad(&msg),
     };

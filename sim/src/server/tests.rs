@@ -287,7 +287,7 @@ async fn without_cache_report_usage_has_no_cached_tokens_or_zeros() {
         assert_eq!(last["usage"]["completion_tokens"], 3);
         assert_eq!(cached(&last["usage"]), expected, "{last}");
         // /generate's meta_info says the same
-        let text = render_chat(msgs.as_array().unwrap());
+        let text = render_chat(msgs.as_array().unwrap(), None);
         let body = json!({"text": text, "sampling_params": {"max_new_tokens": 3}});
         let r = post_json(&c, &format!("{u}/generate"), &body).await;
         assert_eq!(r["meta_info"]["completion_tokens"], 3);
@@ -491,4 +491,65 @@ async fn generate_resending_input_ids_and_output_ids_hits_the_cache_on_the_gener
     let resent = r["meta_info"]["cached_tokens"].as_u64().unwrap();
     assert!(resent >= 300 + 64 - 16, "{resent} cached: {r}");
     assert!(resent >= unrelated + 48, "{resent} vs {unrelated}");
+}
+
+/// Chat-completions function tools whose descriptions are `tokens` tokens each.
+fn chat_tools(names: &[&str], tokens: usize) -> Vec<Value> {
+    names
+        .iter()
+        .map(|n| json!({"type": "function", "function": {"name": n, "description": prompt(tokens), "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_of_a_chat_request_are_part_of_its_prompt_and_of_the_cache() {
+    let u = start(fast()).await;
+    let c = client();
+    let chat = format!("{u}/v1/chat/completions");
+    let msgs =
+        json!([{"role": "system", "content": prompt(100)}, {"role": "user", "content": "hi"}]);
+    let msgs_slice = msgs.as_array().unwrap();
+    let tokens_of = |text: &str| text.len().div_ceil(crate::engine::CHARS_PER_TOKEN) as u64;
+    let prompt_tokens = |r: &Value| r["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = |r: &Value| {
+        r["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let plain = post_json(&c, &chat, &json!({"messages": msgs, "max_tokens": 2})).await;
+    assert_eq!(
+        prompt_tokens(&plain),
+        tokens_of(&render_chat(msgs_slice, None))
+    );
+    // The same messages with 2 tools of 300 tokens of description: the prompt grows by them
+    // (and their JSON), exactly as the template renders them.
+    let tools = chat_tools(&["read_file", "search"], 300);
+    let body = json!({"messages": msgs, "tools": tools, "max_tokens": 2});
+    let with = post_json(&c, &chat, &body).await;
+    let rendered = render_chat(msgs_slice, Some(&tools));
+    assert_eq!(prompt_tokens(&with), tokens_of(&rendered));
+    let grown = prompt_tokens(&with) - prompt_tokens(&plain);
+    assert!((600..700).contains(&grown), "{grown} tokens more");
+    // The system text is a cached prefix (the tools come after it); then the whole prompt is.
+    assert!((96..=104).contains(&cached(&with)), "{with}");
+    let again = post_json(&c, &chat, &body).await;
+    assert!(cached(&again) + 16 >= prompt_tokens(&with), "{again}");
+    // The legacy `functions` array renders the same way.
+    let functions: Vec<Value> = tools.iter().map(|t| t["function"].clone()).collect();
+    let body = json!({"messages": msgs, "functions": functions, "max_tokens": 2});
+    let r = post_json(&c, &chat, &body).await;
+    assert_eq!(
+        prompt_tokens(&r),
+        tokens_of(&render_chat(msgs_slice, Some(&functions)))
+    );
+    // A client rendering the same template for /generate sends the same prompt: all cached.
+    let (_, r) = generate(
+        &c,
+        &u,
+        &json!({"text": rendered, "sampling_params": {"max_new_tokens": 2}}),
+    )
+    .await;
+    assert_eq!(r["meta_info"]["prompt_tokens"], prompt_tokens(&with));
+    let hit = r["meta_info"]["cached_tokens"].as_u64().unwrap();
+    assert!(hit + 16 >= prompt_tokens(&with), "{r}");
 }

@@ -40,29 +40,71 @@ pub(super) fn error_response(status: StatusCode, message: &str) -> Response {
 
 /// The chat template of the simulated model (ChatML-like). Multi-turn conversations render to
 /// strings that extend the previous turn's rendering, as real templates do.
-pub fn render_chat(messages: &[Value]) -> String {
+///
+/// `tools` (a request's `tools`, or chat's legacy `functions`) render as Qwen2.5/3 and
+/// Hermes-style templates put them: inside the system turn, after the system text, under
+/// `# Tools`, one tool per line as compact JSON (`{system}\n\n# Tools\n{tool}\n{tool}`). A
+/// leading `developer` message counts as the system turn; without a leading system message a
+/// system turn holding only the tools comes first. No tools (None or empty): the rendering
+/// without them.
+pub fn render_chat(messages: &[Value], tools: Option<&[Value]>) -> String {
     let mut out = String::new();
-    for m in messages {
+    let mut rest = messages;
+    if let Some(tools) = tools.filter(|t| !t.is_empty()) {
+        out.push_str("<|im_start|>system\n");
+        if let Some((first, later)) = messages.split_first() {
+            let role = first.get("role").and_then(Value::as_str);
+            if matches!(role, Some("system" | "developer")) {
+                push_content(&mut out, first);
+                out.push_str("\n\n");
+                rest = later;
+            }
+        }
+        out.push_str("# Tools");
+        for t in tools {
+            out.push('\n');
+            out.push_str(&serde_json::to_string(t).unwrap_or_default());
+        }
+        out.push_str("<|im_end|>\n");
+    }
+    for m in rest {
         let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
         out.push_str("<|im_start|>");
         out.push_str(role);
         out.push('\n');
-        match m.get("content") {
-            Some(Value::String(s)) => out.push_str(s),
-            Some(Value::Array(parts)) => {
-                for p in parts {
-                    match p.get("text").and_then(Value::as_str) {
-                        Some(t) => out.push_str(t),
-                        None => out.push_str("<|media|>"),
-                    }
-                }
-            }
-            _ => {}
-        }
+        push_content(&mut out, m);
         out.push_str("<|im_end|>\n");
     }
     out.push_str("<|im_start|>assistant\n");
     out
+}
+
+/// Appends the text of message `m`'s `content` (a string, or parts whose non-text ones are
+/// `<|media|>`).
+fn push_content(out: &mut String, m: &Value) {
+    match m.get("content") {
+        Some(Value::String(s)) => out.push_str(s),
+        Some(Value::Array(parts)) => {
+            for p in parts {
+                match p.get("text").and_then(Value::as_str) {
+                    Some(t) => out.push_str(t),
+                    None => out.push_str("<|media|>"),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The tools a request declares: its `tools` array, else its legacy `functions` array (chat
+/// completions); None when neither is a non-empty array.
+pub(super) fn request_tools(req: &Value) -> Option<&[Value]> {
+    ["tools", "functions"].iter().find_map(|k| {
+        req.get(*k)
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .filter(|t| !t.is_empty())
+    })
 }
 
 /// Appends token id `id` to a prompt: one token, CHARS_PER_TOKEN characters (the
@@ -221,6 +263,95 @@ mod tests {
         assert_eq!(render(&[u32::MAX as u64]).len(), 4);
         assert_eq!(render(&[1 << 40 | id]).len(), 4);
         assert_ne!(render(&[1 << 40 | id]), " abc");
+    }
+
+    fn tool(name: &str) -> Value {
+        json!({"type": "function", "function": {"name": name, "description": "does it", "parameters": {"type": "object"}}})
+    }
+
+    #[test]
+    fn without_tools_the_chat_template_renders_as_before() {
+        let msgs = [
+            json!({"role": "system", "content": "sys"}),
+            json!({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}]}),
+            json!({"role": "assistant", "content": "b"}),
+            json!({"content": "c"}),
+        ];
+        let expected = "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\na<|media|><|im_end|>\n\
+            <|im_start|>assistant\nb<|im_end|>\n<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n";
+        assert_eq!(render_chat(&msgs, None), expected);
+        assert_eq!(render_chat(&msgs, Some(&[])), expected);
+        // Absent, null or empty tools (or functions) in a request: none.
+        for req in [
+            json!({}),
+            json!({"tools": null}),
+            json!({"tools": []}),
+            json!({"functions": []}),
+        ] {
+            assert_eq!(request_tools(&req), None, "{req}");
+        }
+    }
+
+    #[test]
+    fn tools_render_in_the_system_turn_after_its_text() {
+        let tools = [tool("read_file"), tool("search")];
+        let t0 = serde_json::to_string(&tools[0]).unwrap();
+        let t1 = serde_json::to_string(&tools[1]).unwrap();
+        assert!(
+            !t0.contains('\n') && t0.contains("\"name\":\"read_file\""),
+            "{t0}"
+        );
+        let user = json!({"role": "user", "content": "hi"});
+        let tail = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n";
+        for role in ["system", "developer"] {
+            let msgs = [json!({"role": role, "content": "Be brief."}), user.clone()];
+            assert_eq!(
+                render_chat(&msgs, Some(&tools)),
+                format!("<|im_start|>system\nBe brief.\n\n# Tools\n{t0}\n{t1}<|im_end|>\n{tail}")
+            );
+        }
+        // No leading system message: a system turn of the tools alone comes first.
+        let msgs = [user.clone(), json!({"role": "system", "content": "late"})];
+        let text = render_chat(&msgs, Some(&tools[..1]));
+        assert!(
+            text.starts_with(&format!(
+                "<|im_start|>system\n# Tools\n{t0}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("<|im_start|>system\nlate<|im_end|>\n"),
+            "{text}"
+        );
+        // A request's tools, else its legacy functions.
+        let functions = [json!({"name": "f", "parameters": {}})];
+        let req = json!({"tools": tools, "functions": functions});
+        assert_eq!(request_tools(&req), Some(&tools[..]));
+        let req = json!({"tools": [], "functions": functions});
+        assert_eq!(request_tools(&req), Some(&functions[..]));
+    }
+
+    #[test]
+    fn a_later_turn_with_the_same_tools_extends_the_earlier_rendering() {
+        let tools = [tool("read_file"), tool("run_tests")];
+        let mut msgs = vec![
+            json!({"role": "system", "content": "You are a coding agent."}),
+            json!({"role": "user", "content": "fix the bug"}),
+        ];
+        let first = render_chat(&msgs, Some(&tools));
+        msgs.push(json!({"role": "assistant", "content": " ok."}));
+        msgs.push(json!({"role": "user", "content": "tests pass"}));
+        let second = render_chat(&msgs, Some(&tools));
+        assert!(
+            second.starts_with(&format!("{first} ok.<|im_end|>\n")),
+            "{second}"
+        );
+        // Without a system message too.
+        let first = render_chat(&msgs[1..2], Some(&tools));
+        assert!(render_chat(&msgs[1..], Some(&tools)).starts_with(&first));
+        // Other tools change the system turn, so the prompt.
+        let other = render_chat(&msgs, Some(&tools[..1]));
+        assert!(!other.starts_with(&render_chat(&msgs[..2], Some(&tools))));
     }
 
     #[test]

@@ -296,3 +296,67 @@ async fn instructions_and_tool_items_are_accepted_and_bad_input_is_400() {
         assert_eq!(err["error"]["code"], 400);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tools_of_a_responses_request_render_in_its_prompt_chained_or_not() {
+    let urls = fleet(1).await;
+    let c = client();
+    let tool = |name: &str, tokens: usize| json!({"type": "function", "name": name, "description": long_text(tokens), "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}});
+    let tools = vec![tool("read_file", 200), tool("edit_file", 200)];
+    let tokens_of = |messages: &[Value], tools: Option<&[Value]>| {
+        render_chat(messages, tools)
+            .len()
+            .div_ceil(crate::engine::CHARS_PER_TOKEN) as u64
+    };
+    let input_tokens = |r: &Value| r["usage"]["input_tokens"].as_u64().unwrap();
+    let cached = |r: &Value| {
+        r["usage"]["input_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let system = json!({"role": "system", "content": "Use the tools."});
+    let user = json!({"role": "user", "content": long_text(100)});
+    // Without tools, then with them: they render in the system turn, after the instructions.
+    let body =
+        json!({"input": long_text(100), "instructions": "Use the tools.", "max_output_tokens": 3});
+    let (_, plain) = post(&c, &urls[0], &body).await;
+    assert_eq!(
+        input_tokens(&plain),
+        tokens_of(&[system.clone(), user.clone()], None)
+    );
+    let mut body = body;
+    body["tools"] = json!(tools);
+    let (status, r1) = post(&c, &urls[0], &body).await;
+    assert_eq!(status, 200, "{r1}");
+    let in1 = input_tokens(&r1);
+    assert_eq!(
+        in1,
+        tokens_of(&[system.clone(), user.clone()], Some(&tools))
+    );
+    assert!(in1 > input_tokens(&plain) + 400, "{r1}");
+    // Without instructions, a system turn of the tools alone.
+    let bare = json!({"input": long_text(100), "tools": tools, "max_output_tokens": 3});
+    let (_, r) = post(&c, &urls[0], &bare).await;
+    assert_eq!(
+        input_tokens(&r),
+        tokens_of(std::slice::from_ref(&user), Some(&tools))
+    );
+    // A chained turn renders the new request's tools before the stored conversation: the
+    // same tools extend the first prompt and find it cached.
+    let id = r1["id"].as_str().unwrap();
+    let reply = json!({"role": "assistant", "content": output_text_of(&r1)});
+    let next = json!({"role": "user", "content": "and then?"});
+    let conversation = [system.clone(), user.clone(), reply, next];
+    let chained = json!({"input": "and then?", "instructions": "Use the tools.", "tools": tools, "previous_response_id": id, "max_output_tokens": 2});
+    let (status, r2) = post(&c, &urls[0], &chained).await;
+    assert_eq!(status, 200, "{r2}");
+    assert_eq!(input_tokens(&r2), tokens_of(&conversation, Some(&tools)));
+    assert!(cached(&r2) + 16 >= in1, "{r2}");
+    // Other tools on a chained turn: those render (the stored turn's are not carried over).
+    let mut other = chained.clone();
+    other["tools"] = json!([tool("search", 10)]);
+    let (_, r3) = post(&c, &urls[0], &other).await;
+    let search = [tool("search", 10)];
+    assert_eq!(input_tokens(&r3), tokens_of(&conversation, Some(&search)));
+    assert!(cached(&r3) < in1 / 2, "{r3}");
+}

@@ -2,7 +2,7 @@
 //! (SSE), and measures TTFT, end-to-end latency, throughput, errors, per-server share, the
 //! fleet's prefix-cache hit rate (from the simulator's /sim/stats) and its own send lateness.
 
-use crate::workload::{Kind, Trace};
+use crate::workload::{Kind, Session, Tool, Trace};
 use futures_util::StreamExt;
 use reqwest::header::HeaderName;
 use serde::Serialize;
@@ -410,7 +410,113 @@ async fn progress_loop(ctx: Arc<Ctx>, label: String, total: usize, dur: f64) {
     }
 }
 
-async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
+/// The `tools` of a request of `api` (`--tools-field`), each with one required string
+/// parameter `path`: chat completions' shape (`{"type": "function", "function": {name,
+/// description, parameters}}`, which `--api generate` and `generate-ids` render into their
+/// text as the server would), or the Responses API's (`{"type": "function", name, description,
+/// parameters}`).
+pub fn tools_json(api: Api, tools: &[Tool]) -> Vec<Value> {
+    let parameters = json!({
+        "type": "object",
+        "properties": {"path": {"type": "string"}},
+        "required": ["path"],
+    });
+    tools
+        .iter()
+        .map(|t| {
+            let mut f =
+                json!({"name": t.name, "description": t.description, "parameters": parameters});
+            match api {
+                Api::Responses | Api::ResponsesChained => {
+                    f["type"] = "function".into();
+                    f
+                }
+                Api::Chat | Api::Generate | Api::GenerateIds => {
+                    json!({"type": "function", "function": f})
+                }
+            }
+        })
+        .collect()
+}
+
+/// The request bodies of one session's turns for `--api`: what they say besides the messages
+/// (model, streaming, the session's tools), and the conversation's token ids under
+/// `--api generate-ids`.
+struct Bodies<'a> {
+    api: Api,
+    model: &'a str,
+    stream: bool,
+    /// Ask for `usage` in the stream.
+    stream_usage: bool,
+    /// The session has a system message (first of the messages; the Responses APIs send it
+    /// as `instructions`).
+    system: bool,
+    /// The session's `tools` in `api`'s shape (`--tools-field`).
+    tools: Option<Vec<Value>>,
+    /// `--api generate-ids`: the conversation's token ids so far.
+    ids: Vec<u64>,
+}
+
+impl<'a> Bodies<'a> {
+    fn new(api: Api, model: &'a str, s: &Session, stream: bool, stream_usage: bool) -> Self {
+        Bodies {
+            api,
+            model,
+            stream,
+            stream_usage,
+            system: s.system.is_some(),
+            tools: s.tools.as_deref().map(|t| tools_json(api, t)),
+            ids: Vec::new(),
+        }
+    }
+
+    /// The body of the turn whose conversation so far is `messages` (the system message first,
+    /// this turn's user message last); `previous`: the previous answer's id (Responses).
+    fn turn(&mut self, messages: &[Value], previous: Option<&str>, max_tokens: u64) -> Value {
+        let tools = self.tools.as_deref();
+        let (model, stream) = (self.model, self.stream);
+        let mut body = match self.api {
+            Api::Generate => generate::body(model, messages, tools, max_tokens, stream),
+            Api::GenerateIds => {
+                generate::push_turn(&mut self.ids, messages, tools);
+                generate::ids_body(model, &self.ids, max_tokens, stream)
+            }
+            Api::Chat => {
+                let mut body = json!({
+                    "model": model,
+                    "messages": messages,
+                    "max_tokens": max_tokens,
+                    "stream": stream,
+                });
+                if stream && self.stream_usage {
+                    body["stream_options"] = json!({"include_usage": true});
+                }
+                body
+            }
+            Api::Responses | Api::ResponsesChained => {
+                let (instructions, conversation) = match messages.split_first() {
+                    Some((sys, rest)) if self.system => (sys["content"].as_str(), rest),
+                    _ => (None, messages),
+                };
+                responses::body(
+                    self.api,
+                    model,
+                    instructions,
+                    conversation,
+                    previous,
+                    max_tokens,
+                    stream,
+                )
+            }
+        };
+        if let (Some(t), Api::Chat | Api::Responses | Api::ResponsesChained) = (tools, self.api) {
+            body["tools"] = t.into();
+        }
+        body
+    }
+}
+
+async fn run_session(ctx: Arc<Ctx>, s: Session) {
     let mut messages: Vec<Value> = Vec::new();
     if let Some(sys) = &s.system {
         messages.push(json!({"role": "system", "content": &**sys}));
@@ -418,8 +524,7 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
     let mut scheduled = ctx.t0 + Duration::from_secs_f64(s.start_s);
     let stream = session_streams(s.id, ctx.non_stream_share);
     let mut previous: Option<String> = None;
-    // `--api generate-ids`: the conversation's token ids so far.
-    let mut ids: Vec<u64> = Vec::new();
+    let mut bodies = Bodies::new(ctx.api, &ctx.model, &s, stream, ctx.stream_usage);
     for (i, turn) in s.turns.iter().enumerate() {
         if i > 0 {
             scheduled = Instant::now() + Duration::from_secs_f64(turn.think_s);
@@ -429,38 +534,7 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
         }
         tokio::time::sleep_until(scheduled.into()).await;
         messages.push(json!({"role": "user", "content": &turn.user}));
-        let body = if ctx.api == Api::Generate {
-            generate::body(&ctx.model, &messages, turn.max_tokens, stream)
-        } else if ctx.api == Api::GenerateIds {
-            generate::push_turn(&mut ids, &messages);
-            generate::ids_body(&ctx.model, &ids, turn.max_tokens, stream)
-        } else if ctx.api == Api::Chat {
-            let mut body = json!({
-                "model": ctx.model,
-                "messages": messages,
-                "max_tokens": turn.max_tokens,
-                "stream": stream,
-            });
-            if stream && ctx.stream_usage {
-                body["stream_options"] = json!({"include_usage": true});
-            }
-            body
-        } else {
-            let system = s.system.is_some() as usize;
-            let instructions = s.system.as_deref();
-            let conversation = &messages[system..];
-            let previous = previous.as_deref();
-            let max = turn.max_tokens;
-            responses::body(
-                ctx.api,
-                &ctx.model,
-                instructions,
-                conversation,
-                previous,
-                max,
-                stream,
-            )
-        };
+        let body = bodies.turn(&messages, previous.as_deref(), turn.max_tokens);
         let seq = ctx.sent_seq.fetch_add(1, Ordering::Relaxed);
         let gateway = pick_url(ctx.split, ctx.urls.len(), s.id, seq);
         let sent = Instant::now();
@@ -496,7 +570,7 @@ async fn run_session(ctx: Arc<Ctx>, s: crate::workload::Session) {
         let content = out.content;
         previous = out.response_id;
         if ctx.api == Api::GenerateIds {
-            ids.extend(&out.output_ids);
+            bodies.ids.extend(&out.output_ids);
         }
         ctx.records.lock().unwrap().push(Record {
             kind: s.kind,
@@ -743,6 +817,137 @@ mod tests {
         assert_eq!(h.len(), 1, "content-type only: {h:?}");
         let e = sent_headers(&["--session-header", "x session"]).unwrap_err();
         assert_eq!(e, "--session-header: not a header name: \"x session\"");
+    }
+
+    /// A short-text agent trace (3 agent prompts) with `extra` workload arguments.
+    fn agent_trace(extra: &[&str]) -> Trace {
+        #[derive(Parser)]
+        struct W {
+            #[command(flatten)]
+            w: crate::workload::WorkloadArgs,
+        }
+        let mut v = vec!["x", "--mix", "agent=1", "--rate", "2", "--duration", "60"];
+        v.extend_from_slice(&["--agent-prompts", "3", "--agent-system-tokens", "200:400"]);
+        v.extend_from_slice(&[
+            "--agent-context-tokens",
+            "50:100",
+            "--agent-tool-tokens",
+            "20",
+        ]);
+        v.extend_from_slice(extra);
+        crate::workload::generate(&W::parse_from(v).w).unwrap()
+    }
+
+    /// The bodies of the first two turns of session `s` under `api` (the first answer: " abc",
+    /// id `resp_1`), and the conversation of each.
+    fn two_turns(api: Api, s: &Session) -> Vec<(Value, Vec<Value>)> {
+        let mut bodies = Bodies::new(api, "m", s, true, true);
+        let mut messages = vec![json!({"role": "system", "content": s.system.as_deref()})];
+        messages.push(json!({"role": "user", "content": s.turns[0].user}));
+        let b1 = bodies.turn(&messages, None, 8);
+        let first = messages.clone();
+        bodies.ids.extend(crate::server::encode_ids(" abc"));
+        messages.push(json!({"role": "assistant", "content": " abc"}));
+        messages.push(json!({"role": "user", "content": s.turns[1].user}));
+        let b2 = bodies.turn(&messages, Some("resp_1"), 8);
+        vec![(b1, first), (b2, messages)]
+    }
+
+    #[test]
+    fn the_tools_field_sends_the_agent_prompt_as_four_tools_on_every_api() {
+        use crate::server::{encode_ids, render_chat};
+        use crate::workload::{AGENT_TOOLS_SYSTEM, AGENT_TOOL_NAMES};
+        let plain = agent_trace(&[]);
+        let with = agent_trace(&["--tools-field"]);
+        let parameters = json!({"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]});
+        let mut systems = std::collections::BTreeSet::new();
+        let mut tool_sets = std::collections::BTreeSet::new();
+        for (p, w) in plain.sessions.iter().zip(&with.sessions) {
+            let words: Vec<&str> = p.system.as_deref().unwrap().split_whitespace().collect();
+            let words = words.join(" ");
+            let chat_tools = tools_json(Api::Chat, w.tools.as_deref().unwrap());
+            for (b, _) in two_turns(Api::Chat, w) {
+                systems.insert(b["messages"][0].to_string());
+                assert_eq!(b["messages"][0]["content"], AGENT_TOOLS_SYSTEM);
+                let tools = b["tools"].as_array().unwrap();
+                assert_eq!(tools, &chat_tools);
+                assert_eq!(tools.len(), 4);
+                let mut descriptions = Vec::new();
+                for (t, name) in tools.iter().zip(AGENT_TOOL_NAMES) {
+                    assert_eq!(t["type"], "function");
+                    let f = &t["function"];
+                    assert_eq!((&f["name"], &f["parameters"]), (&json!(name), &parameters));
+                    descriptions.push(f["description"].as_str().unwrap());
+                }
+                assert_eq!(descriptions.join(" "), words);
+                tool_sets.insert(b["tools"].to_string());
+            }
+            for api in [Api::Responses, Api::ResponsesChained] {
+                for (b, _) in two_turns(api, w) {
+                    assert_eq!(b["instructions"], AGENT_TOOLS_SYSTEM, "{api:?}");
+                    let tools = b["tools"].as_array().unwrap();
+                    let descriptions: Vec<&str> = tools
+                        .iter()
+                        .zip(AGENT_TOOL_NAMES)
+                        .map(|(t, name)| {
+                            assert_eq!(
+                                (&t["type"], &t["name"]),
+                                (&json!("function"), &json!(name))
+                            );
+                            assert_eq!(t["parameters"], parameters);
+                            assert!(t.get("function").is_none(), "{t}");
+                            t["description"].as_str().unwrap()
+                        })
+                        .collect();
+                    assert_eq!(descriptions.join(" "), words);
+                }
+            }
+            // /generate: the text the server's template makes of the chat request, tools
+            // included; each turn's text extends the previous one and its answer.
+            let turns = two_turns(Api::Generate, w);
+            for (b, messages) in &turns {
+                assert_eq!(b["text"], render_chat(messages, Some(&chat_tools)));
+                assert!(b.get("tools").is_none());
+            }
+            let t1 = turns[0].0["text"].as_str().unwrap();
+            assert!(turns[1].0["text"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{t1} abc")));
+            let ids = two_turns(Api::GenerateIds, w);
+            assert_eq!(ids[0].0["input_ids"], json!(encode_ids(t1)));
+            let ids2 = ids[1].0["input_ids"].as_array().unwrap();
+            assert!(ids2.starts_with(ids[0].0["input_ids"].as_array().unwrap()));
+            // Without the flag: the agent prompt is the system text, and no request has tools.
+            for api in [
+                Api::Chat,
+                Api::Responses,
+                Api::ResponsesChained,
+                Api::Generate,
+                Api::GenerateIds,
+            ] {
+                for (b, messages) in two_turns(api, p) {
+                    assert!(b.get("tools").is_none(), "{api:?}: {b}");
+                    assert_eq!(messages[0]["content"].as_str(), p.system.as_deref());
+                    if api == Api::Generate {
+                        assert_eq!(b["text"], render_chat(&messages, None));
+                    }
+                }
+            }
+            let (b, messages) = &two_turns(Api::Chat, p)[0];
+            let expected = json!({"model": "m", "messages": messages, "max_tokens": 8, "stream": true, "stream_options": {"include_usage": true}});
+            assert_eq!(b, &expected);
+        }
+        assert_eq!(
+            systems.len(),
+            1,
+            "one system message for every agent prompt"
+        );
+        assert_eq!(
+            tool_sets.len(),
+            3,
+            "the agent prompts differ in their tools"
+        );
     }
 
     #[test]

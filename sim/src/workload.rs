@@ -5,6 +5,16 @@
 //! and `burst` (many tenants with their own system prompts, plus episodes where one tenant's
 //! traffic exceeds what one server can prefill). The same arguments and seed always give the
 //! same trace; the default mix (no agent, no burst) gives the same trace as before they existed.
+//!
+//! `--tools-field` changes how agent sessions present their shared prompt, as real agent
+//! clients (OpenAI SDK agents, Claude Code, Codex, OpenHands) do: instead of the system text,
+//! the system message is one line common to every agent prompt ([`AGENT_TOOLS_SYSTEM`]) and the
+//! agent prompt's words travel in the request's `tools` ([`Session::tools`]): four function
+//! definitions (`read_file`, `edit_file`, `run_tests`, `search`) whose descriptions hold a
+//! quarter of the words each. The server's chat template renders them into the system turn, so
+//! the prompt is about as long as without the flag, but a router that reads only the messages
+//! no longer sees what tells the agent prompts apart. Off, traces and bodies are unchanged; the
+//! flag changes nothing in the other workloads.
 
 use crate::engine::CHARS_PER_TOKEN;
 use serde::Serialize;
@@ -63,6 +73,10 @@ pub struct Mix {
 
 fn is_zero(x: &f64) -> bool {
     *x == 0.0
+}
+
+fn is_false(x: &bool) -> bool {
+    !*x
 }
 
 impl Mix {
@@ -184,6 +198,16 @@ pub struct WorkloadArgs {
     /// Agent: mean pause between a reply and the next turn (tool execution, s, exponential).
     #[arg(long, default_value_t = 1.0)]
     pub agent_think_s: f64,
+    /// Agent: send the shared agent prompt in the request's `tools` field, as real agent
+    /// clients do, instead of as the system message's text: the system message becomes one
+    /// line common to every agent prompt, and every turn carries four function tools
+    /// (read_file, edit_file, run_tests, search) whose descriptions hold the agent prompt's
+    /// words (chat: `{"type":"function","function":{...}}`; responses APIs: the Responses
+    /// shape; generate APIs: rendered into the text as the server's chat template would). Other
+    /// workloads are unchanged.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pub tools_field: bool,
     /// Burst: number of tenants, each with its own system prompt.
     #[arg(long, default_value_t = 32)]
     pub burst_tenants: u64,
@@ -243,12 +267,44 @@ pub struct Turn {
     pub think_s: f64,
 }
 
+/// The system message of agent sessions under `--tools-field` (the same for every agent
+/// prompt: what differs is in the tools).
+pub const AGENT_TOOLS_SYSTEM: &str = "You are a coding agent. Use the tools to complete the task.";
+
+/// The names of the function tools of an agent prompt under `--tools-field`.
+pub const AGENT_TOOL_NAMES: [&str; 4] = ["read_file", "edit_file", "run_tests", "search"];
+
+/// A function tool a session declares in its requests' `tools` (`--tools-field`); its
+/// parameters are one required string, `path`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tool {
+    pub name: &'static str,
+    pub description: String,
+}
+
+/// The tools of an agent prompt `text` under `--tools-field`: [`AGENT_TOOL_NAMES`], the words of
+/// `text` split into four parts of (within one) the same number of words, in order.
+pub fn agent_tools(text: &str) -> Vec<Tool> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let n = AGENT_TOOL_NAMES.len();
+    AGENT_TOOL_NAMES
+        .iter()
+        .enumerate()
+        .map(|(k, &name)| Tool {
+            name,
+            description: words[k * words.len() / n..(k + 1) * words.len() / n].join(" "),
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone)]
 pub struct Session {
     pub id: usize,
     pub kind: Kind,
     pub start_s: f64,
     pub system: Option<Arc<str>>,
+    /// The tools every request of the session declares (agent sessions under `--tools-field`).
+    pub tools: Option<Arc<[Tool]>>,
     pub turns: Vec<Turn>,
     /// Tenant (chat, burst) or agent prompt (agent) index; None for rag and unique.
     pub tenant: Option<usize>,
@@ -362,6 +418,14 @@ pub fn generate(a: &WorkloadArgs) -> Result<Trace, String> {
     } else {
         Vec::new()
     };
+    // `--tools-field`: the agent prompts travel as tools under one common system line.
+    let agent_tool_sets: Option<Vec<Arc<[Tool]>>> = a.tools_field.then(|| {
+        agent_systems
+            .iter()
+            .map(|t| agent_tools(t).into())
+            .collect()
+    });
+    let tools_system: Arc<str> = Arc::from(AGENT_TOOLS_SYSTEM);
     let burst_systems: Vec<Arc<str>> = if a.mix.burst > 0.0 {
         let mut rb = fastrand::Rng::with_seed(a.seed ^ 0x6275_7273_745f_7379);
         (0..a.burst_tenants)
@@ -437,6 +501,7 @@ pub fn generate(a: &WorkloadArgs) -> Result<Trace, String> {
                     kind,
                     start_s: t,
                     system: Some(systems[tenant].clone()),
+                    tools: None,
                     turns,
                     tenant: Some(tenant),
                     episode: None,
@@ -455,6 +520,7 @@ pub fn generate(a: &WorkloadArgs) -> Result<Trace, String> {
                     kind,
                     start_s: t,
                     system: Some(rag_system.clone()),
+                    tools: None,
                     turns: vec![Turn {
                         user: format!("{}\n\nQuestion [{id}]: {q}?", docs[d]),
                         max_tokens: a.output_tokens.sample(&mut r).max(1),
@@ -469,6 +535,7 @@ pub fn generate(a: &WorkloadArgs) -> Result<Trace, String> {
                 kind,
                 start_s: t,
                 system: None,
+                tools: None,
                 turns: vec![Turn {
                     user: format!("[{id}] {}", text_of(&mut r, a.unique_tokens)),
                     max_tokens: a.output_tokens.sample(&mut r).max(1),
@@ -501,11 +568,16 @@ pub fn generate(a: &WorkloadArgs) -> Result<Trace, String> {
                         },
                     })
                     .collect();
+                let (system, tools) = match &agent_tool_sets {
+                    Some(sets) => (tools_system.clone(), Some(sets[prompt].clone())),
+                    None => (agent_systems[prompt].clone(), None),
+                };
                 Session {
                     id,
                     kind,
                     start_s: t,
-                    system: Some(agent_systems[prompt].clone()),
+                    system: Some(system),
+                    tools,
                     turns,
                     tenant: Some(prompt),
                     episode: None,
@@ -565,6 +637,7 @@ fn burst_session(
         kind: Kind::Burst,
         start_s,
         system: Some(systems[tenant].clone()),
+        tools: None,
         turns: vec![Turn {
             user: format!("[{id}] {}", text_of(r, a.burst_user_tokens)),
             max_tokens: a.output_tokens.sample(r).max(1),
@@ -722,6 +795,59 @@ mod tests {
             4,
             "the agent prompts are shared by the sessions"
         );
+    }
+
+    #[test]
+    fn agent_tools_split_the_prompt_words_into_four_parts_in_order() {
+        let tools = agent_tools("a b  c d e f g h i j");
+        let names: Vec<&str> = tools.iter().map(|t| t.name).collect();
+        assert_eq!(names, AGENT_TOOL_NAMES);
+        let parts: Vec<&str> = tools.iter().map(|t| t.description.as_str()).collect();
+        assert_eq!(parts, ["a b", "c d e", "f g", "h i j"]);
+        assert_eq!(agent_tools("x")[3].description, "x");
+        assert!(agent_tools("x")[..3]
+            .iter()
+            .all(|t| t.description.is_empty()));
+    }
+
+    #[test]
+    fn the_tools_field_moves_the_agent_prompts_into_tools_and_changes_nothing_else() {
+        let agent = ["--mix", "agent=1", "--rate", "4", "--duration", "120"];
+        let plain = generate(&args(&agent)).unwrap();
+        let with = generate(&args(&[&agent[..], &["--tools-field"]].concat())).unwrap();
+        assert_eq!(plain.sessions.len(), with.sessions.len());
+        for (p, w) in plain.sessions.iter().zip(&with.sessions) {
+            assert_eq!(
+                (p.start_s, p.tenant, p.turns.len()),
+                (w.start_s, w.tenant, w.turns.len())
+            );
+            assert!(p.turns.iter().zip(&w.turns).all(|(a, b)| a.user == b.user));
+            assert!(p.tools.is_none());
+            // One system line for every agent prompt; the prompt's words in the tools.
+            assert_eq!(w.system.as_deref(), Some(AGENT_TOOLS_SYSTEM));
+            let tools = w.tools.as_ref().unwrap();
+            assert_eq!(tools.len(), 4);
+            let text = p.system.as_deref().unwrap();
+            let words: Vec<&str> = text.split_whitespace().collect();
+            let descriptions: Vec<&str> = tools.iter().map(|t| t.description.as_str()).collect();
+            assert_eq!(descriptions.join(" "), words.join(" "));
+            let sizes: Vec<usize> = tools.iter().map(|t| t.description.len()).collect();
+            let (lo, hi) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+            assert!(hi - lo < text.len() / 10, "{sizes:?}");
+        }
+        // Other workloads: the same traces, no tools.
+        for mix in ["chat=0.5,rag=0.4,unique=0.1", "chat=0.4,burst=0.6"] {
+            let a = ["--mix", mix, "--duration", "60"];
+            let t = generate(&args(&a)).unwrap();
+            let f = generate(&args(&[&a[..], &["--tools-field"]].concat())).unwrap();
+            assert_eq!(fingerprint(&t), fingerprint(&f), "{mix}");
+            assert!(f.sessions.iter().all(|s| s.tools.is_none()));
+        }
+        // Off, it is left out of the workload's JSON (as it was before it existed).
+        let json = serde_json::to_value(args(&[])).unwrap();
+        assert!(json.get("tools_field").is_none(), "{json}");
+        let json = serde_json::to_value(args(&["--tools-field"])).unwrap();
+        assert_eq!(json["tools_field"], true);
     }
 
     #[test]

@@ -569,6 +569,54 @@ fn generate_sessions_resend_the_generated_replies_as_text_or_ids() {
 }
 
 #[test]
+fn agent_sessions_sending_their_prompt_as_tools_hit_the_cache_on_every_api() {
+    // `--tools-field`: the agent prompt travels in `tools` (chat and Responses shapes), or
+    // rendered into the text as the server's template does (/generate): every later turn still
+    // finds the previous prompt, tools included, and the reply cached.
+    let (_fleet, line) = start(&["serve", "--servers", "1", "--base-port", "0"], "servers:");
+    let url = line.trim().to_string();
+    let first_prompts = |doc: &Value| -> Vec<(u64, u64)> {
+        let records = doc["records"].as_array().unwrap();
+        let first = records.iter().filter(|r| r["turn"] == 0);
+        let mut v: Vec<(u64, u64)> = first
+            .map(|r| {
+                (
+                    r["session"].as_u64().unwrap(),
+                    r["prompt_tokens"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let (_, plain) = short_agent_run(&url, &[]);
+    for api in ["chat", "responses", "responses-chained", "generate-ids"] {
+        let (_, doc) = short_agent_run(&url, &["--tools-field", "--api", api]);
+        assert_eq!(doc["workload"]["tools_field"], true);
+        let records = doc["records"].as_array().unwrap();
+        assert!(records.iter().all(|r| r["ok"] == true), "{api}: {doc}");
+        let later_turns = later_turns_hit_the_previous_reply(records);
+        assert!(later_turns >= 4, "{api}: {later_turns} later turns");
+        let s = &doc["summary"];
+        assert!(
+            s["per_kind_hit_rate"]["agent"].as_f64().unwrap() > 0.3,
+            "{api}: {s}"
+        );
+        if api == "chat" {
+            // The same sessions' first prompts: the agent prompt's words plus the tools' JSON
+            // and the common system line (about 150 tokens).
+            let (p, w) = (first_prompts(&plain), first_prompts(&doc));
+            assert_eq!(p.len(), w.len());
+            for ((sp, tp), (sw, tw)) in p.iter().zip(&w) {
+                assert_eq!(sp, sw);
+                assert!((tp + 100..tp + 250).contains(tw), "{tp} vs {tw}");
+            }
+        }
+    }
+    assert!(plain["workload"].get("tools_field").is_none());
+}
+
+#[test]
 fn one_trace_split_over_two_urls() {
     let (_fleet, line) = start(&["serve", "--servers", "2", "--base-port", "0"], "servers:");
     let urls: Vec<String> = line.split_whitespace().map(str::to_string).collect();

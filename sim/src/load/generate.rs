@@ -6,7 +6,9 @@
 //! is sent as one `text`, rendered with the simulated model's chat template ([`render_chat`],
 //! ChatML-like, ending with the assistant's header): the same string `/v1/chat/completions`
 //! makes of the same messages, so each turn's text extends the previous turn's text and reply
-//! exactly, and the engine's prefix cache and a prefix-aware router see the shared prefix.
+//! exactly, and the engine's prefix cache and a prefix-aware router see the shared prefix. A
+//! session's tools (`--tools-field`) are rendered into the system turn of the text as the
+//! server's template renders a chat request's `tools`.
 //!
 //! `generate-ids`: as RL rollout frameworks and agents that tokenize themselves do, every turn
 //! sends `input_ids`: the previous turn's `input_ids`, the previous answer's `output_ids` as
@@ -22,15 +24,17 @@ use std::time::Instant;
 pub const PATH: &str = "/generate";
 
 /// The body of a `/generate` turn: `messages`, the conversation so far (system message first,
-/// this turn's user message last), rendered as one `text`.
-pub fn body(model: &str, messages: &[Value], max_tokens: u64, stream: bool) -> Value {
-    request(
-        model,
-        "text",
-        render_chat(messages).into(),
-        max_tokens,
-        stream,
-    )
+/// this turn's user message last), rendered as one `text` with the session's `tools` (chat
+/// completions' shape, `--tools-field`) where the server's chat template puts them.
+pub fn body(
+    model: &str,
+    messages: &[Value],
+    tools: Option<&[Value]>,
+    max_tokens: u64,
+    stream: bool,
+) -> Value {
+    let text = render_chat(messages, tools);
+    request(model, "text", text.into(), max_tokens, stream)
 }
 
 /// The body of a `/generate` turn of `--api generate-ids`: the conversation's `input_ids` (see
@@ -53,18 +57,16 @@ fn request(model: &str, field: &str, prompt: Value, max_tokens: u64, stream: boo
 /// Appends to a `--api generate-ids` conversation's ids (the previous turn's `input_ids`, then
 /// its answer's `output_ids`; empty on the first turn) the ids of the new user message, the last
 /// of `messages` (the conversation so far): on the first turn the chat template's text of all
-/// of `messages` (system message and user message), on later turns the text the template puts
+/// of `messages` (system message and user message) and of the session's `tools`, on later turns the text the template puts
 /// after the previous reply (`<|im_end|>` closing it, then the user message and the assistant's
 /// header), packed by [`encode_ids`]. Before padding, the ids' text is the chat template's text
 /// of the conversation with the replies as their ids.
-pub fn push_turn(ids: &mut Vec<u64>, messages: &[Value]) {
+pub fn push_turn(ids: &mut Vec<u64>, messages: &[Value], tools: Option<&[Value]>) {
     let text = if ids.is_empty() {
-        render_chat(messages)
+        render_chat(messages, tools)
     } else {
-        format!(
-            "<|im_end|>\n{}",
-            render_chat(&messages[messages.len() - 1..])
-        )
+        let last = render_chat(&messages[messages.len() - 1..], None);
+        format!("<|im_end|>\n{last}")
     };
     ids.extend(encode_ids(&text));
 }
@@ -115,7 +117,7 @@ mod tests {
             json!({"role": "system", "content": "You are terse."}),
             json!({"role": "user", "content": "first question"}),
         ];
-        let b1 = body("m", &messages, 8, true);
+        let b1 = body("m", &messages, None, 8, true);
         assert_eq!(
             (&b1["sampling_params"]["max_new_tokens"], &b1["stream"]),
             (&json!(8), &json!(true))
@@ -125,7 +127,7 @@ mod tests {
         let answer = " abc def ghi";
         messages.push(json!({"role": "assistant", "content": answer}));
         messages.push(json!({"role": "user", "content": "second question"}));
-        let b2 = body("m", &messages, 4, false);
+        let b2 = body("m", &messages, None, 4, false);
         let t2 = b2["text"].as_str().unwrap();
         assert!(t2.starts_with(&format!("{t1}{answer}")), "{t1:?}\n{t2:?}");
         assert!(t2.contains("second question") && t2.len() > t1.len() + answer.len());
@@ -170,7 +172,7 @@ mod tests {
             json!({"role": "user", "content": "first question"}),
         ];
         let mut ids = Vec::new();
-        push_turn(&mut ids, &messages);
+        push_turn(&mut ids, &messages, None);
         let b1 = ids_body("m", &ids, 8, true);
         assert_eq!(
             (&b1["sampling_params"]["max_new_tokens"], &b1["stream"]),
@@ -184,7 +186,7 @@ mod tests {
             .map(|v| v.as_u64().unwrap())
             .collect();
         // The first turn is the chat template's text packed 4 bytes per id.
-        assert_eq!(ids1, encode_ids(&render_chat(&messages)));
+        assert_eq!(ids1, encode_ids(&render_chat(&messages, None)));
         // The answer's ids, read from the last (cumulative) event, are resent as received.
         let mut out = Streamed::default();
         let meta = json!({"prompt_tokens": ids1.len(), "completion_tokens": 2});
@@ -200,7 +202,7 @@ mod tests {
         ids.extend(&out.output_ids);
         messages.push(json!({"role": "assistant", "content": out.content}));
         messages.push(json!({"role": "user", "content": "second question"}));
-        push_turn(&mut ids, &messages);
+        push_turn(&mut ids, &messages, None);
         let b2 = ids_body("m", &ids, 4, false);
         let ids2: Vec<u64> = b2["input_ids"]
             .as_array()

@@ -5,7 +5,8 @@
 //! `responses` resends the whole conversation as input items each turn (`store: false`, as
 //! Codex-style agents do); `responses-chained` sends only the new user message and names the
 //! previous answer (`previous_response_id`): the engine that stored it prepends the
-//! conversation, and any other engine answers 404.
+//! conversation, and any other engine answers 404. Agent sessions under `--tools-field` send
+//! their `tools` (the Responses shape) on every turn, chained ones included.
 
 use super::Streamed;
 use serde_json::{json, Value};

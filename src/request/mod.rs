@@ -5,7 +5,9 @@
 //! strings, token ids or arrays of token ids), the Responses API's `/v1/responses`
 //! (`instructions`, `input`, `previous_response_id`: [`responses`]), the Anthropic
 //! Messages API's `/v1/messages` (`system`, `messages` of content blocks: [`anthropic`]),
-//! SGLang's native `/generate` (`text` or `input_ids`, read as a completions prompt) and
+//! SGLang's native `/generate` (`text` or `input_ids`, read as a completions prompt; the
+//! `inputs` of Text Generation Inference's `/generate` and the `prompt` of vLLM's demo server
+//! alike) and
 //! llama.cpp's native `/completion` (`prompt`); those two engines' own APIs need no `model`
 //! (the router's only model when absent). Only what routing needs is extracted; every other
 //! field is skipped without being copied.
@@ -197,6 +199,9 @@ struct Body<'a> {
     /// `/generate`: the prompt as token ids (an array, or arrays). Raw, like `text`.
     #[serde(borrow, default)]
     input_ids: Option<&'a serde_json::value::RawValue>,
+    /// `/generate` of Text Generation Inference: the prompt (a string). Raw, like `text`.
+    #[serde(borrow, default)]
+    inputs: Option<&'a serde_json::value::RawValue>,
     /// Chat, Responses, Messages: the tool definitions, which the engine's chat template
     /// renders into the prompt ([`tool_definitions`]). Raw: hashed as sent.
     #[serde(borrow, default)]
@@ -602,9 +607,20 @@ pub fn parse_with_tail(
             extendable = form == PromptForm::OneText;
         }
         RequestKind::Generate => {
-            let (raw, param) = match (parsed.text, parsed.input_ids) {
-                (Some(text), _) => (Some(text), "text"),
-                (None, ids) => (ids, "input_ids"),
+            // SGLang's `text` or `input_ids`, Text Generation Inference's `inputs`, or the
+            // `prompt` of vLLM's demo API server, which all serve `/generate`
+            let (raw, param) = match (parsed.text, parsed.input_ids, parsed.inputs) {
+                (Some(text), _, _) => (Some(text), "text"),
+                (None, Some(ids), _) => (Some(ids), "input_ids"),
+                (None, None, Some(inputs)) => (Some(inputs), "inputs"),
+                (None, None, None) if parsed.prompt.is_some() => (None, "prompt"),
+                (None, None, None) => {
+                    return Err(PickError::bad_request(
+                        "a /generate request needs its prompt: text or input_ids (SGLang), \
+                         inputs (Text Generation Inference) or prompt",
+                        Some("text"),
+                    ))
+                }
             };
             let prompt = raw
                 .map(|raw| serde_json::from_str::<Prompt>(raw.get()))

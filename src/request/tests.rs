@@ -726,10 +726,28 @@ fn sglang_generate_reads_text_or_input_ids_and_may_name_no_model() {
     let e = generate(r#"{"text": "x"}"#, None).unwrap_err();
     assert!(e.to_string().contains("add \"model\""), "{e}");
     let e = generate(r#"{"sampling_params": {}}"#, Some("m")).unwrap_err();
-    assert_eq!(
-        e,
-        PickError::bad_request("you must provide a input_ids parameter", Some("input_ids"))
+    assert!(e.to_string().contains("text or input_ids"), "{e}");
+    assert!(
+        matches!(
+            e,
+            PickError::BadRequest {
+                param: Some("text"),
+                ..
+            }
+        ),
+        "{e:?}"
     );
+    // Text Generation Inference's `inputs` and vLLM's demo server's `prompt`: the same prompt
+    let tgi = generate(
+        r#"{"inputs": "The capital of France is", "parameters": {"max_new_tokens": 8}}"#,
+        Some("m"),
+    )
+    .unwrap();
+    assert_eq!(tgi.prefix_hashes, completion.prefix_hashes);
+    let demo = generate(r#"{"prompt": "The capital of France is"}"#, Some("m")).unwrap();
+    assert_eq!(demo.prefix_hashes, completion.prefix_hashes);
+    let e = generate(r#"{"inputs": 7}"#, Some("m")).unwrap_err();
+    assert!(e.to_string().starts_with("invalid inputs:"), "{e}");
     let e = generate(r#"{"text": {"a": 1}}"#, Some("m")).unwrap_err();
     assert!(e.to_string().starts_with("invalid text:"), "{e}");
     // another API's `text` object is not a prompt (the Responses API's output format)

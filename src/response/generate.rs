@@ -6,7 +6,9 @@
 //! any other as new text. (An incremental event that happens to repeat everything before it
 //! is taken for the whole text: rare, and it only shortens what is learned.) For a prompt of
 //! token ids the answer's `output_ids` are read the same way instead of its text: the next
-//! turn of an RL rollout or agent sends the ids back, followed by its own.
+//! turn of an RL rollout or agent sends the ids back, followed by its own. Text Generation
+//! Inference's `/generate` answers `{"generated_text", "details"}`: its text is read alike (it
+//! reports no cached tokens).
 
 use serde::de::IgnoredAny;
 use serde::Deserialize;
@@ -17,7 +19,8 @@ use crate::request::JsonStr;
 /// One streamed event, or the whole answer: only the fields read here.
 #[derive(Deserialize)]
 pub(super) struct Answer<'a> {
-    #[serde(borrow, default)]
+    /// The generated text (Text Generation Inference's `/generate` names it `generated_text`).
+    #[serde(borrow, default, alias = "generated_text")]
     text: Option<JsonStr<'a>>,
     /// Parsed only when the ids are learned.
     #[serde(borrow, default)]

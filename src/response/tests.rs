@@ -548,6 +548,11 @@ fn generate_streams_and_answers_give_text_and_usage_however_cut() {
         br#"{"error":{"message":"bad"}}"#,
     );
     assert!(!e.complete && !e.learnable());
+    // Text Generation Inference's answer
+    let tgi = br#"{"generated_text":"The capital is Paris.","details":{"finish_reason":"eos_token","generated_tokens":5}}"#;
+    let t = whole(RequestKind::Generate, 1024, tgi);
+    assert_eq!((&t.text, t.usage), (&c.text, None));
+    assert!(t.complete && t.learnable());
 }
 
 #[test]

@@ -653,6 +653,15 @@ def check_sglang_generate(send, page, model):
     assert matched > 0.9, "turns 1-3 matched %.2f of their prompt on average" % matched
     status, data = send({"text": "which model?"}, {}, GENERATE)
     assert status == 400 and "model" in json.loads(data)["error"]["message"], data
+    # Text Generation Inference's /generate (`inputs`; a gateway routing one model needs no
+    # `model`) is routed by its prompt as well, not refused
+    tgi = random_text(2000, seed=random.getrandbits(32))
+    homes = set()
+    for _ in range(3):
+        status, data = send({"model": model, "inputs": tgi, "parameters": {"max_new_tokens": 8}}, {}, GENERATE)
+        assert status == 200, data[:300]
+        homes.add(json.loads(data)["served_by"])
+    assert len(homes) == 1, "one TGI prompt went to %s" % homes
 
     wait_until(lambda: page().total("llmproxy_tokens_total", kind="prompt")
                - start.total("llmproxy_tokens_total", kind="prompt") > 6 * 700, timeout=5, what="6 prompts' tokens")

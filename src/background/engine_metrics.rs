@@ -266,6 +266,23 @@ mod tests {
     }
 
     #[test]
+    fn llama_cpp_and_tgi_pages_are_read_by_the_default_names() {
+        let settings = EngineMetrics::default();
+        let llama = "# TYPE llamacpp:requests_processing gauge\n\
+            llamacpp:prompt_tokens_total 5200\n\
+            llamacpp:tokens_predicted_total 800\n\
+            llamacpp:requests_processing 3\n\
+            llamacpp:requests_deferred 7\n";
+        assert_eq!(gauge_sum(llama, &settings.running), Some(3.0));
+        assert_eq!(gauge_sum(llama, &settings.waiting), Some(7.0));
+        // llama.cpp counts the prompt tokens it computed (no cache hit counter)
+        assert_eq!(written_tokens(llama, &settings), Some(6_000));
+        let tgi = "tgi_queue_size 4\ntgi_batch_current_size 12\n";
+        assert_eq!(gauge_sum(tgi, &settings.running), Some(12.0));
+        assert_eq!(gauge_sum(tgi, &settings.waiting), Some(4.0));
+    }
+
+    #[test]
     fn cache_capacity_from_vllm_config_info_or_sglang_gauge() {
         let vllm = "# TYPE vllm:cache_config_info gauge\n\
             vllm:cache_config_info{block_size=\"16\",cache_dtype=\"auto\",model=\"a\\\"b,c=\\\"\",num_gpu_blocks=\"4096\"} 1.0\n";

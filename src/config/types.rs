@@ -320,7 +320,8 @@ pub struct EngineMetrics {
     pub timeout_ms: u64,
     /// A reading older than this is ignored, ms (1000).
     pub stale_ms: u64,
-    /// Gauges of requests running, summed over their label sets (vLLM's and SGLang's names).
+    /// Gauges of requests running, summed over their label sets (vLLM's, SGLang's, llama.cpp
+    /// server's and Text Generation Inference's names).
     pub running: Vec<String>,
     /// Gauges of requests waiting, summed likewise.
     pub waiting: Vec<String>,
@@ -341,17 +342,25 @@ impl Default for EngineMetrics {
             period_ms: 250,
             timeout_ms: 200,
             stale_ms: 1000,
+            // vLLM, SGLang, llama.cpp server (`--metrics`), Text Generation Inference
             running: vec![
                 "vllm:num_requests_running".into(),
                 "sglang:num_running_reqs".into(),
+                "llamacpp:requests_processing".into(),
+                "tgi_batch_current_size".into(),
             ],
             waiting: vec![
                 "vllm:num_requests_waiting".into(),
                 "sglang:num_queue_reqs".into(),
+                "llamacpp:requests_deferred".into(),
+                "tgi_queue_size".into(),
             ],
+            // (llama.cpp counts only the prompt tokens it computed, and no cache hits: the
+            // same sum)
             prompt_tokens: vec![
                 "vllm:prompt_tokens_total".into(),
                 "sglang:prompt_tokens_total".into(),
+                "llamacpp:prompt_tokens_total".into(),
             ],
             cached_tokens: vec![
                 "vllm:prefix_cache_hits_total".into(),
@@ -360,6 +369,7 @@ impl Default for EngineMetrics {
             generation_tokens: vec![
                 "vllm:generation_tokens_total".into(),
                 "sglang:generation_tokens_total".into(),
+                "llamacpp:tokens_predicted_total".into(),
             ],
         }
     }

@@ -7,10 +7,9 @@
 //! Messages API's `/v1/messages` (`system`, `messages` of content blocks: [`anthropic`]),
 //! SGLang's native `/generate` (`text` or `input_ids`, read as a completions prompt; the
 //! `inputs` of Text Generation Inference's `/generate` and the `prompt` of vLLM's demo server
-//! alike) and
-//! llama.cpp's native `/completion` (`prompt`); those two engines' own APIs need no `model`
-//! (the router's only model when absent). Only what routing needs is extracted; every other
-//! field is skipped without being copied.
+//! alike) and llama.cpp's native `/completion` (`prompt`); those two engines' own APIs need no
+//! `model` (the router's only model when absent). Only what routing needs is extracted; every
+//! other field is skipped without being copied.
 //!
 //! The prompt is not the raw JSON: it is a canonical rendering, so two clients that format
 //! the same conversation differently (key order, whitespace, escapes) hash the same. For chat:
@@ -18,10 +17,11 @@
 //! name and arguments of each tool call, then `\n`. The request's tool definitions (`tools`,
 //! or the older `functions`), which the engine's chat template renders into the prompt, come
 //! after the leading system messages as `<|tools|>\n`, their JSON as sent, `\n` (so agents
-//! with different tools part there, and their size counts in the prefill). A media part (an image, audio clip or video:
-//! `image_url`, `input_audio`, `video_url`, a Responses `input_image`, an Anthropic `image` or
-//! `document` block) renders in its place as a marker and a hash of its URL, data or file id
-//! ([`PrefixHasher::feed_media`]), and adds `media_part_tokens` to the prompt's length. For
+//! with different tools part there, and their size counts in the prefill). A media part (an
+//! image, audio clip or video: `image_url`, `input_audio`, `video_url`, a Responses
+//! `input_image`, an Anthropic `image` or `document` block) renders in its place as a marker
+//! and a hash of its URL, data or file id ([`PrefixHasher::feed_media`]), and adds
+//! `media_part_tokens` to the prompt's length. For
 //! completions: the prompt string; several prompts are joined with `\n`; token ids are each 4
 //! bytes, little-endian ([`PrefixHasher::feed_tokens`]). A Responses or Messages request
 //! renders as the chat of the same conversation ([`responses`], [`anthropic`]).

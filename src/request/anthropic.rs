@@ -16,7 +16,8 @@
 //! The body is read by the chat body's types ([`super::Message`], whose content blocks keep
 //! the `name` and `content` fields these blocks need).
 
-use super::{close_message, open_message, render_tools, tool_call, Content, Message};
+use super::body::{Content, Message};
+use super::render::{close_message, open_message, render_tools, tool_call};
 use super::{PickError, PrefixHasher};
 
 /// Renders a Messages request's prompt into `h`.

@@ -21,9 +21,10 @@ use std::fmt;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::{arguments_text, close_message, is_system_role, open_message, render_content};
-use super::{render_tools, tool_call, Content};
-use super::{JsonStr, PickError, PrefixHasher};
+use super::body::{arguments_text, Content, JsonStr};
+use super::render::{close_message, is_system_role, open_message, render_content};
+use super::render::{render_tools, tool_call};
+use super::{PickError, PrefixHasher};
 
 /// The `input` field: one user message, or the conversation's items.
 pub(super) enum Input<'a> {

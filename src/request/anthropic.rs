@@ -3,7 +3,7 @@
 //! the same conversation.
 //!
 //! `system` (a string, or its text blocks joined) is a system message first, the `tools`
-//! definitions next (as sent, [`super::render_tools`]); each message
+//! definitions next (as sent, [`super::render::render_tools`]); each message
 //! renders as a chat message of its role whose content is a string or blocks: its `text`
 //! blocks are its text (separated by `\n`), then each `tool_result` block (`\n<|tool_result|>`
 //! and its string or text blocks), then each `tool_use` block as a tool call of its `name`. A
@@ -13,7 +13,7 @@
 //! ([`crate::response`]). Image and document blocks render as media parts among the text (their
 //! `source`'s data or URL hashed); `thinking` blocks are skipped.
 //!
-//! The body is read by the chat body's types ([`super::Message`], whose content blocks keep
+//! The body is read by the chat body's types ([`super::body::Message`], whose content blocks keep
 //! the `name` and `content` fields these blocks need).
 
 use super::body::{Content, Message};

@@ -67,10 +67,11 @@ pub(super) struct Body<'a> {
     /// Messages API: the system prompt (a string or text blocks).
     #[serde(borrow, default)]
     pub(super) system: Content<'a>,
-    /// Raw: read as a string only when asked ([`Extract::user`]); any other value is ignored.
+    /// Raw: read as a string only when asked ([`super::Extract::user`]); any other value is
+    /// ignored.
     #[serde(borrow, default)]
     pub(super) user: Option<&'a serde_json::value::RawValue>,
-    /// Raw, like `user` ([`Extract::cache_key`]).
+    /// Raw, like `user` ([`super::Extract::cache_key`]).
     #[serde(borrow, default)]
     pub(super) prompt_cache_key: Option<&'a serde_json::value::RawValue>,
     /// `/generate`: the prompt (a string or strings). Raw: read as a prompt only for that
@@ -84,7 +85,7 @@ pub(super) struct Body<'a> {
     #[serde(borrow, default)]
     pub(super) inputs: Option<&'a serde_json::value::RawValue>,
     /// Chat, Responses, Messages: the tool definitions, which the engine's chat template
-    /// renders into the prompt ([`tool_definitions`]). Raw: hashed as sent.
+    /// renders into the prompt ([`super::render::tool_definitions`]). Raw: hashed as sent.
     #[serde(borrow, default)]
     pub(super) tools: Option<&'a serde_json::value::RawValue>,
     /// Chat: the deprecated `functions` (the tool definitions of older clients).

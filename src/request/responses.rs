@@ -2,12 +2,12 @@
 //! chat rendering of the same conversation.
 //!
 //! `instructions` is a system message first, then the leading system messages of `input`, then
-//! the `tools` definitions (as sent, [`super::render_tools`]); `input` is a string (one user message) or an
-//! array of items: a message (`type` "message" or none) renders as a chat message (its
-//! `input_text` / `output_text` parts are text), a `function_call` as an assistant message
-//! holding that one tool call, a `function_call_output` as a `tool` message. Other items
-//! (reasoning, references to stored items, built-in tool calls) are not text the prompt
-//! shows and are skipped. A client that resends the whole conversation (`store: false`)
+//! the `tools` definitions (as sent, [`super::render::render_tools`]); `input` is a string (one
+//! user message) or an array of items: a message (`type` "message" or none) renders as a chat
+//! message (its `input_text` / `output_text` parts are text), a `function_call` as an
+//! assistant message holding that one tool call, a `function_call_output` as a `tool` message.
+//! Other items (reasoning, references to stored items, built-in tool calls) are not text the
+//! prompt shows and are skipped. A client that resends the whole conversation (`store: false`)
 //! therefore hashes turn after turn like a chat client, and the answer learned from the
 //! stream is rendered the same way ([`crate::response`]).
 //!

@@ -17,7 +17,7 @@
 //! the `name` and `content` fields these blocks need).
 
 use super::body::{Content, Message};
-use super::render::{close_message, open_message, render_tools, tool_call};
+use super::render::{close_message, open_message, render_tools, required_role, tool_call};
 use super::{PickError, PrefixHasher};
 
 /// Renders a Messages request's prompt into `h`.
@@ -41,15 +41,7 @@ pub(super) fn render(
     }
     render_tools(h, tools);
     for (i, m) in messages.iter().enumerate() {
-        let role = match m.role.as_deref() {
-            Some(r) if !r.is_empty() => r,
-            _ => {
-                return Err(PickError::bad_request(
-                    format!("messages[{i}].role is required"),
-                    Some("messages"),
-                ))
-            }
-        };
+        let role = required_role(m.role.as_deref(), "messages", i)?;
         open_message(h, role.as_bytes());
         let mut empty = render_text(h, &m.content, b"\n");
         if let Content::Parts(blocks) = &m.content {

@@ -72,20 +72,25 @@ pub(super) fn render_prompt(
     }
 }
 
+/// The role of element `index` of the array `field` (a chat message, a Responses input item):
+/// a 400 naming it when absent or empty.
+pub(super) fn required_role<'r>(
+    role: Option<&'r str>,
+    field: &'static str,
+    index: usize,
+) -> Result<&'r str, PickError> {
+    role.filter(|r| !r.is_empty()).ok_or_else(|| {
+        PickError::bad_request(format!("{field}[{index}].role is required"), Some(field))
+    })
+}
+
+/// Renders chat message `index` (its role, content and tool calls).
 pub(super) fn render_message(
     h: &mut PrefixHasher,
     m: &Message,
     index: usize,
 ) -> Result<(), PickError> {
-    let role = match m.role.as_deref() {
-        Some(r) if !r.is_empty() => r,
-        _ => {
-            return Err(PickError::bad_request(
-                format!("messages[{index}].role is required"),
-                Some("messages"),
-            ))
-        }
-    };
+    let role = required_role(m.role.as_deref(), "messages", index)?;
     open_message(h, role.as_bytes());
     render_content(h, &m.content);
     for call in m.tool_calls.iter().flatten() {

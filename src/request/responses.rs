@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use super::body::{arguments_text, Content, JsonStr};
 use super::render::{close_message, is_system_role, open_message, render_content};
-use super::render::{render_tools, tool_call};
+use super::render::{render_tools, required_role, tool_call};
 use super::{PickError, PrefixHasher};
 
 /// The `input` field: one user message, or the conversation's items.
@@ -132,15 +132,7 @@ pub(super) fn render(
 fn render_item(h: &mut PrefixHasher, item: &Item, index: usize) -> Result<(), PickError> {
     match item.kind.as_deref() {
         None | Some("message") => {
-            let role = match item.role.as_deref() {
-                Some(r) if !r.is_empty() => r,
-                _ => {
-                    return Err(PickError::bad_request(
-                        format!("input[{index}].role is required"),
-                        Some("input"),
-                    ))
-                }
-            };
+            let role = required_role(item.role.as_deref(), "input", index)?;
             open_message(h, role.as_bytes());
             render_content(h, &item.content);
             close_message(h);

@@ -6,6 +6,7 @@ pub mod engine;
 pub mod kv;
 pub mod load;
 pub mod proxy;
+pub mod replay;
 pub mod saturation;
 pub mod server;
 pub mod workload;

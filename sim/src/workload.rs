@@ -227,6 +227,26 @@ pub struct WorkloadArgs {
     /// Burst: length of one episode (s); burst-requests / burst-len-s is the hot tenant's rate.
     #[arg(long, default_value_t = 4.0)]
     pub burst_len_s: f64,
+    /// Replay a recorded trace in the Mooncake format (JSON lines of `timestamp` ms,
+    /// `input_length`, `output_length`, `hash_ids`) instead of generating one: its arrival
+    /// pattern with the clock scaled to `--rate`, its shared prefixes as shared filler text
+    /// (see `replay`). `--mix` and the workload options above are then ignored.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay: Option<std::path::PathBuf>,
+    /// Replay: prompt tokens per hash id in the trace (Mooncake's traces: 512).
+    #[arg(long, default_value_t = 512)]
+    pub replay_block_tokens: u64,
+    /// Replay: every length (blocks, prompts, outputs) times this, within (0, 1], to fit the
+    /// trace to the simulated servers' KV cache and context window.
+    #[arg(long, default_value_t = 1.0)]
+    pub replay_token_scale: f64,
+    /// Replay: longest prompt after scaling (tokens); the blocks past it are left out.
+    #[arg(long, default_value_t = 30_000)]
+    pub replay_max_prompt_tokens: u64,
+    /// Replay: skip the trace's first seconds (its own clock), e.g. to replay another window.
+    #[arg(long, default_value_t = 0.0)]
+    pub replay_start_s: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
@@ -237,15 +257,18 @@ pub enum Kind {
     Unique,
     Agent,
     Burst,
+    /// A request of a replayed trace (`--replay`).
+    Replay,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Chat,
         Kind::Rag,
         Kind::Unique,
         Kind::Agent,
         Kind::Burst,
+        Kind::Replay,
     ];
 
     pub fn name(self) -> &'static str {
@@ -255,6 +278,7 @@ impl Kind {
             Kind::Unique => "unique",
             Kind::Agent => "agent",
             Kind::Burst => "burst",
+            Kind::Replay => "replay",
         }
     }
 }
@@ -355,6 +379,9 @@ fn exp(r: &mut fastrand::Rng, mean: f64) -> f64 {
 }
 
 pub fn generate(a: &WorkloadArgs) -> Result<Trace, String> {
+    if a.replay.is_some() {
+        return crate::replay::trace(a);
+    }
     if !(a.rate > 0.0 && a.rate.is_finite()) {
         return Err("--rate must be > 0".into());
     }
@@ -583,7 +610,8 @@ pub fn generate(a: &WorkloadArgs) -> Result<Trace, String> {
                     episode: None,
                 }
             }
-            Kind::Burst => {
+            // (`Replay` is never drawn: replayed traces come from `replay`.)
+            Kind::Burst | Kind::Replay => {
                 let tenant = r.usize(0..burst_systems.len());
                 burst_session(a, &mut r, id, t, &burst_systems, tenant, None)
             }

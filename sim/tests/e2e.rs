@@ -762,3 +762,57 @@ fn saturation_finds_where_a_slow_server_stops_keeping_up() {
     assert_eq!(probes[1]["saturated"], true, "{}", probes[1]);
     assert!((doc["rate_75"].as_f64().unwrap() - 0.75 * 6.75).abs() < 1e-9);
 }
+
+#[test]
+fn a_recorded_trace_is_replayed_with_its_shared_prefixes() {
+    let (_fleet, line) = start(&["serve", "--servers", "1", "--base-port", "0"], "servers:");
+    let url = line.trim().to_string();
+    // Twelve requests 0.5 s apart in the trace's clock (Mooncake format): all share blocks 0 and
+    // 1 (two thirds of every prompt), the third block is each one's own.
+    let trace =
+        std::env::temp_dir().join(format!("llmproxy-sim-replay-{}.jsonl", std::process::id()));
+    let lines: Vec<String> = (0..12)
+        .map(|i| {
+            format!(
+                "{{\"timestamp\": {}, \"input_length\": 192, \"output_length\": 4, \"hash_ids\": [0, 1, {}]}}",
+                i * 500,
+                100 + i
+            )
+        })
+        .collect();
+    std::fs::write(&trace, lines.join("\n")).unwrap();
+    let trace_s = trace.to_string_lossy().to_string();
+    // At 6 req/s over 2 s: the trace's first 12 requests, its clock 3× faster.
+    let (_, doc) = load_json(&[
+        "--target",
+        &url,
+        "--stats-url",
+        &url,
+        "--reset",
+        "--replay",
+        &trace_s,
+        "--replay-block-tokens",
+        "64",
+        "--rate",
+        "6",
+        "--duration",
+        "2",
+    ]);
+    let _ = std::fs::remove_file(&trace);
+    let records = doc["records"].as_array().unwrap();
+    assert_eq!(records.len(), 12, "{doc}");
+    assert!(records.iter().all(|r| r["kind"] == "replay"), "{doc}");
+    let last_sent = records
+        .iter()
+        .map(|r| r["sent_s"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(
+        (1.7..2.2).contains(&last_sent),
+        "last request sent at {last_sent} s"
+    );
+    let s = &doc["summary"];
+    assert_eq!(s["errors"], 0);
+    // Every request after the first finds the two shared blocks in the server's cache.
+    let hit = s["per_kind_hit_rate"]["replay"].as_f64().unwrap();
+    assert!(hit > 0.55 && hit < 0.8, "replay hit rate {hit}: {s}");
+}

@@ -268,8 +268,12 @@ impl PickedRequest {
             if let Some(e) = &r.endpoint {
                 e.first_token(r.prefill);
                 let timed = r.stored_answer.is_none(); // (a stored answer's bytes are no token)
-                if let Some(h) = timed.then(|| e.ttft(r.model_slot)).flatten() {
-                    h.observe(self.picked_at.elapsed().as_secs_f64());
+                if timed {
+                    let waited = self.picked_at.elapsed().as_secs_f64();
+                    e.residency.note_first_token(waited * 1e3);
+                    if let Some(h) = e.ttft(r.model_slot) {
+                        h.observe(waited);
+                    }
                 }
                 if let Some(req) = &r.sync {
                     self.router.send(Event::PromptDone {

@@ -77,6 +77,10 @@ pub struct Residency {
     lost_bits: AtomicU64,
     /// Tokens written per answer, moving average over the same answers (`f64` bits).
     written_bits: AtomicU64,
+    /// Pick-to-first-token time of the recent requests here, a decaying maximum (ms, `f64`
+    /// bits): how long a claim made at a pick may still be computing
+    /// ([`Residency::settle_ms`]).
+    first_token_bits: AtomicU64,
 }
 
 /// The shortest window over which the write rate is measured, ms.
@@ -86,8 +90,13 @@ pub const RATE_WINDOW_MS: u64 = 2_000;
 const RATE_STEP: f64 = 0.3;
 
 /// A claim younger than this says nothing about the capacity: the request that made it may
-/// still be computing the prefix (the index records a prefix at the pick).
+/// still be computing the prefix (the index records a prefix at the pick). On a loaded
+/// endpoint the wait is longer: see [`Residency::settle_ms`].
 const LEARN_MIN_AGE_MS: u64 = 1_000;
+
+/// How much the decaying maximum of the pick-to-first-token time forgets per first token
+/// (about the last 64 requests count).
+const FIRST_TOKEN_DECAY: f64 = 1.0 / 64.0;
 
 /// The engine kept at least this share of a claim: the claim held.
 const LEARN_KEPT: f64 = 0.8;
@@ -133,6 +142,26 @@ impl Residency {
         }
     }
 
+    /// Records that a request picked here `ms` ago has its first token: its prompt's prefix
+    /// is computed. Races may lose an update: a routing hint, never unsafe.
+    pub fn note_first_token(&self, ms: f64) {
+        let recent = f64::from_bits(self.first_token_bits.load(Ordering::Relaxed));
+        let next = (recent * (1.0 - FIRST_TOKEN_DECAY)).max(ms);
+        self.first_token_bits
+            .store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    /// How old a claim must be to say whether the engine kept it, ms: the request that made
+    /// it (at its pick) may still be computing the prefix until its first token, which on a
+    /// loaded endpoint or for a long prompt comes seconds after the pick. At least
+    /// [`LEARN_MIN_AGE_MS`], else the recent pick-to-first-token times' decaying maximum: a
+    /// prompt that finds its prefix still being computed is a miss that evicted nothing, and
+    /// taken for an eviction it would set the learned capacity to a few seconds of writes.
+    pub fn settle_ms(&self) -> u64 {
+        let recent = f64::from_bits(self.first_token_bits.load(Ordering::Relaxed));
+        LEARN_MIN_AGE_MS.max(recent.ceil() as u64)
+    }
+
     /// The capacity learned from the answers, tokens; `None` before the first eviction seen.
     pub fn learned_capacity(&self) -> Option<f64> {
         Some(f64::from_bits(self.learned_bits.load(Ordering::Relaxed))).filter(|&c| c > 0.0)
@@ -146,13 +175,13 @@ impl Residency {
     /// `age_ms` × the write rate: a claim evicted after fewer writes than the estimate lowers
     /// it, one kept after more raises it, each a [`LEARN_STEP`] of the way; the first
     /// eviction sets it. Claims younger than [`LEARN_MIN_AGE_MS`], partly kept claims and
-    /// claims before a write rate is known teach nothing. Racing updates may lose one step:
-    /// a routing hint, never unsafe.
+    /// claims before a write rate is known teach nothing; "young" is [`Residency::settle_ms`].
+    /// Racing updates may lose one step: a routing hint, never unsafe.
     pub fn learn(&self, age_ms: u64, claimed: f64, engine: f64) {
         let Some(rate) = self.write_rate() else {
             return;
         };
-        if age_ms < LEARN_MIN_AGE_MS || !(claimed >= TRUST_MIN_CLAIM && engine.is_finite()) {
+        if age_ms < self.settle_ms() || !(claimed >= TRUST_MIN_CLAIM && engine.is_finite()) {
             return;
         }
         let kept = (engine / claimed).clamp(0.0, 1.0);
@@ -185,7 +214,7 @@ impl Residency {
     /// computed plus generated); its prompt had `prompt_tokens`, of which the index claimed
     /// the share `claimed` for this endpoint (0: nothing listed), last used there `age_ms`
     /// ago, and the engine had the share `engine` cached. A claim younger than
-    /// [`LEARN_MIN_AGE_MS`] may still have been computing: it counts as kept.
+    /// [`Residency::settle_ms`] may still have been computing: it counts as kept.
     pub fn note_writes(
         &self,
         written: u64,
@@ -194,7 +223,7 @@ impl Residency {
         age_ms: u64,
         engine: f64,
     ) {
-        let lost = if age_ms >= LEARN_MIN_AGE_MS && engine.is_finite() {
+        let lost = if age_ms >= self.settle_ms() && engine.is_finite() {
             (claimed - engine).max(0.0) * prompt_tokens as f64
         } else {
             0.0

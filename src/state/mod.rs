@@ -159,6 +159,41 @@ mod tests {
     }
 
     #[test]
+    fn a_claim_younger_than_the_recent_first_tokens_may_still_be_computing() {
+        let e = Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0);
+        let r = &e.residency;
+        e.cache_horizon_ms(1_000, 0);
+        e.cache_written(20_000);
+        e.cache_horizon_ms(3_000, 0); // 10 tokens written per ms
+        assert_eq!(r.settle_ms(), 1_000, "at least a second");
+        // a loaded endpoint: a request's first token came 4 s after its pick
+        r.note_first_token(4_000.0);
+        r.note_first_token(300.0);
+        assert_eq!(
+            r.settle_ms(),
+            3_938,
+            "a decaying maximum: {}",
+            r.settle_ms()
+        );
+        // a 3 s old claim the engine did not have may be a prefix still being computed: it
+        // neither sets the capacity to 30,000 tokens nor counts as recomputed
+        r.learn(3_000, 0.8, 0.0);
+        assert_eq!(r.learned_capacity(), None);
+        r.note_writes(1_000, 1_000, 0.8, 3_000, 0.0);
+        assert_eq!(r.eviction_share(), 0.0);
+        // older than the first tokens take: an eviction
+        r.learn(5_000, 0.8, 0.0);
+        assert_eq!(r.learned_capacity(), Some(50_000.0));
+        r.note_writes(1_000, 1_000, 0.8, 5_000, 0.0);
+        assert!(r.eviction_share() > 0.0);
+        // the maximum decays as faster first tokens come (about the last 64 count)
+        for _ in 0..400 {
+            r.note_first_token(200.0);
+        }
+        assert_eq!(r.settle_ms(), 1_000);
+    }
+
+    #[test]
     fn eviction_share_is_the_share_of_writes_that_recompute_an_evicted_claim() {
         let e = Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0);
         let r = &e.residency;

@@ -166,18 +166,11 @@ pub fn build(records: &[Record], a: &WorkloadArgs) -> Result<Trace, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct P {
-        #[command(flatten)]
-        w: WorkloadArgs,
-    }
 
     fn args(extra: &[&str]) -> WorkloadArgs {
-        let mut v = vec!["x", "--replay", "unused.jsonl"];
+        let mut v = vec!["--replay", "unused.jsonl"];
         v.extend_from_slice(extra);
-        P::parse_from(v).w
+        crate::workload::args_from(&v)
     }
 
     fn rec(ms: f64, input: u64, output: u64, ids: &[u64]) -> Record {

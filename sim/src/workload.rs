@@ -676,21 +676,24 @@ fn burst_session(
     }
 }
 
+/// The workload options of a command line `extra` (tests).
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) fn args_from(extra: &[&str]) -> WorkloadArgs {
     use clap::Parser;
-
     #[derive(Parser)]
     struct P {
         #[command(flatten)]
         w: WorkloadArgs,
     }
+    P::parse_from(std::iter::once("x").chain(extra.iter().copied())).w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn args(extra: &[&str]) -> WorkloadArgs {
-        let mut v = vec!["x"];
-        v.extend_from_slice(extra);
-        P::parse_from(v).w
+        args_from(extra)
     }
 
     #[test]

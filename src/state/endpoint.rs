@@ -174,8 +174,8 @@ impl Residency {
     /// prefix survives while fewer than `C` tokens were written after its last use, here about
     /// `age_ms` × the write rate: a claim evicted after fewer writes than the estimate lowers
     /// it, one kept after more raises it, each a [`LEARN_STEP`] of the way; the first
-    /// eviction sets it. Claims younger than [`LEARN_MIN_AGE_MS`], partly kept claims and
-    /// claims before a write rate is known teach nothing; "young" is [`Residency::settle_ms`].
+    /// eviction sets it. Claims younger than [`Residency::settle_ms`] (perhaps still being
+    /// computed), partly kept claims and claims before a write rate is known teach nothing.
     /// Racing updates may lose one step: a routing hint, never unsafe.
     pub fn learn(&self, age_ms: u64, claimed: f64, engine: f64) {
         let Some(rate) = self.write_rate() else {

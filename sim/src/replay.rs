@@ -13,11 +13,11 @@
 //! `--replay-token-scale` shrinks every length (blocks and outputs) to fit the simulated
 //! servers' KV cache and context window, keeping the shared fraction of every prompt.
 
+use crate::engine::CHARS_PER_TOKEN;
 use crate::workload::{words, Kind, Session, Trace, Turn, WorkloadArgs};
 use std::collections::HashMap;
 use std::io::BufRead;
 use std::path::Path;
-use std::sync::Arc;
 
 /// One line of a Mooncake-format trace.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -77,14 +77,9 @@ pub fn trace(a: &WorkloadArgs) -> Result<Trace, String> {
     build(&read_records(path)?, a)
 }
 
-/// Builds the trace from parsed records (the records need not be sorted by time).
+/// Builds the trace from parsed records (the records need not be sorted by time); `--rate`
+/// and `--duration` are checked by [`crate::workload::generate`].
 pub fn build(records: &[Record], a: &WorkloadArgs) -> Result<Trace, String> {
-    if !(a.rate > 0.0 && a.rate.is_finite()) {
-        return Err("--rate must be > 0".into());
-    }
-    if !(a.duration > 0.0 && a.duration.is_finite()) {
-        return Err("--duration must be > 0".into());
-    }
     if !(a.replay_token_scale > 0.0 && a.replay_token_scale <= 1.0) {
         return Err("--replay-token-scale must be within (0, 1]".into());
     }
@@ -116,7 +111,7 @@ pub fn build(records: &[Record], a: &WorkloadArgs) -> Result<Trace, String> {
         1.0
     };
 
-    let mut texts: HashMap<u64, Arc<str>> = HashMap::new();
+    let mut texts: HashMap<u64, String> = HashMap::new();
     let mut sessions = Vec::with_capacity(want);
     for r in order.iter() {
         let start_s = (r.timestamp - t0) / 1e3 * clock;
@@ -124,8 +119,7 @@ pub fn build(records: &[Record], a: &WorkloadArgs) -> Result<Trace, String> {
             break;
         }
         let prompt_tokens = scale(r.input_length).min(a.replay_max_prompt_tokens.max(1));
-        let mut user =
-            String::with_capacity(prompt_tokens as usize * crate::engine::CHARS_PER_TOKEN);
+        let mut user = String::with_capacity(prompt_tokens as usize * CHARS_PER_TOKEN);
         let mut left = prompt_tokens;
         for &id in &r.hash_ids {
             if left == 0 {
@@ -134,10 +128,10 @@ pub fn build(records: &[Record], a: &WorkloadArgs) -> Result<Trace, String> {
             let text = texts.entry(id).or_insert_with(|| {
                 let mut rng =
                     fastrand::Rng::with_seed(a.seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-                Arc::from(words(&mut rng, block))
+                words(&mut rng, block)
             });
             let take = left.min(block);
-            user.push_str(&text[..take as usize * crate::engine::CHARS_PER_TOKEN]);
+            user.push_str(&text[..take as usize * CHARS_PER_TOKEN]);
             left -= take;
         }
         let id = sessions.len();
@@ -201,7 +195,7 @@ mod tests {
         let t = build(&records, &a).unwrap();
         assert_eq!(t.sessions.len(), 4);
         let user = |i: usize| t.sessions[i].turns[0].user.clone();
-        let chars = crate::engine::CHARS_PER_TOKEN;
+        let chars = CHARS_PER_TOKEN;
         assert_eq!(user(0).len(), 1000 * chars);
         assert_eq!(user(1).len(), 1200 * chars);
         // Request 1 extends request 0: same first 1000 tokens (block 8 cut at 488 in request 0).
@@ -267,13 +261,10 @@ mod tests {
         )
         .unwrap();
         let s = &t.sessions[0];
-        assert_eq!(s.turns[0].user.len(), 200 * crate::engine::CHARS_PER_TOKEN);
+        assert_eq!(s.turns[0].user.len(), 200 * CHARS_PER_TOKEN);
         assert_eq!(s.turns[0].max_tokens, 100);
         let t = build(&records, &args(&["--replay-token-scale", "0.25"])).unwrap();
-        assert_eq!(
-            t.sessions[0].turns[0].user.len(),
-            250 * crate::engine::CHARS_PER_TOKEN
-        );
+        assert_eq!(t.sessions[0].turns[0].user.len(), 250 * CHARS_PER_TOKEN);
         assert!(build(&records, &args(&["--replay-token-scale", "0"])).is_err());
         assert!(build(&records, &args(&["--replay-token-scale", "2"])).is_err());
     }

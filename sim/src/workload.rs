@@ -379,14 +379,14 @@ fn exp(r: &mut fastrand::Rng, mean: f64) -> f64 {
 }
 
 pub fn generate(a: &WorkloadArgs) -> Result<Trace, String> {
-    if a.replay.is_some() {
-        return crate::replay::trace(a);
-    }
     if !(a.rate > 0.0 && a.rate.is_finite()) {
         return Err("--rate must be > 0".into());
     }
     if !(a.duration > 0.0 && a.duration.is_finite()) {
         return Err("--duration must be > 0".into());
+    }
+    if a.replay.is_some() {
+        return crate::replay::trace(a);
     }
     if a.mix.chat > 0.0 && (a.tenants == 0 || a.turns.lo == 0) {
         return Err("chat needs --tenants >= 1 and --turns >= 1".into());

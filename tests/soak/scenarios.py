@@ -232,6 +232,10 @@ def model_server_restart(workdir, connections=16, before_s=3.0, down_s=4.0, afte
 # 3. the metadata-center killed, black-holed (SIGSTOP) and restarted
 
 
+# The library's per-replica breaker cooldown (docs/usage.md, src/background/client.rs).
+BREAKER_COOLDOWN_S = 2.0
+
+
 def metadata_center_faults(workdir, connections=16, phase_s=3.0, rate=None):
     """rate: requests/s of the load (None: as fast as it goes, which overflows the library's
     event queue on this machine: drops are recorded)."""
@@ -261,7 +265,9 @@ def metadata_center_faults(workdir, connections=16, phase_s=3.0, rate=None):
             time.sleep(phase_s)
             mark("restarted")
             mc.start()  # same port
-            time.sleep(phase_s)
+            # A breaker opened while it was dead stays open up to its cooldown after the
+            # restart: the phase outlasts it, or "calls resume" races the half-open probe.
+            time.sleep(max(phase_s, BREAKER_COOLDOWN_S + 1.0))
             mark("stopped")
             os.kill(mc.proc.pid, signal.SIGSTOP)
             time.sleep(phase_s)

@@ -226,6 +226,17 @@ impl Algorithm {
         )
     }
 
+    /// Each candidate's score as this algorithm ranks them (higher is better; `prefix_cost`'s
+    /// is minus its cost in prompt characters), or `None` for an algorithm that scores nothing.
+    /// For the request log's view of a pick, not the pick itself.
+    pub fn scores(self, s: &Selection) -> Option<Vec<f64>> {
+        match self {
+            Algorithm::InferenceLb => Some(scores(s.loads, s.params)),
+            Algorithm::PrefixCost => Some(prefix_cost_scores(s.loads, s.prompt_chars, s.params)),
+            Algorithm::Random | Algorithm::RoundRobin | Algorithm::LeastRequest => None,
+        }
+    }
+
     /// Picks one candidate: an index below `s.candidates`.
     pub fn select(self, s: &Selection, rng: &mut fastrand::Rng) -> usize {
         match self {

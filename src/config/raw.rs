@@ -234,6 +234,8 @@ pub(super) struct RawLog {
     #[serde(default)]
     pub(super) prompt_max_bytes: Option<u64>,
     #[serde(default)]
+    pub(super) include_candidates: bool,
+    #[serde(default)]
     pub(super) queue_lines: Option<u64>,
 }
 

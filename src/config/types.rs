@@ -386,6 +386,9 @@ pub struct RequestLog {
     pub include_prompt: bool,
     /// Cut of the prompt and completion text when `include_prompt`.
     pub prompt_max_bytes: usize,
+    /// Add every candidate of the pick as the scoring saw it (load, cache, score) and what
+    /// decided it: why a request went where it went.
+    pub include_candidates: bool,
     /// Lines the queue to the writer holds; more are dropped and counted.
     pub queue_lines: usize,
 }

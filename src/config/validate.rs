@@ -408,6 +408,7 @@ fn request_log(raw: Option<RawLog>) -> Result<RequestLog, ConfigError> {
         path: raw.path,
         include_prompt: raw.include_prompt,
         prompt_max_bytes: prompt_max_bytes as usize,
+        include_candidates: raw.include_candidates,
         queue_lines: queue_lines as usize,
     })
 }

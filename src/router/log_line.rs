@@ -45,6 +45,41 @@ impl LogContext {
     }
 }
 
+/// How a pick decided (`log.include_candidates`): what chose the endpoint and every candidate
+/// as the scoring saw it. The last attempt's, when connect failures re-picked.
+#[derive(Serialize)]
+pub(crate) struct PickView {
+    /// `algorithm`, `session` (`session_affinity` kept it) or `chain` (a Responses API
+    /// conversation's endpoint).
+    pub decided_by: &'static str,
+    /// One entry per candidate, in the cluster's order.
+    pub candidates: Vec<CandidateView>,
+}
+
+/// One candidate of a pick, as the algorithm weighed it (the load fields are absent for an
+/// algorithm that reads no load).
+#[derive(Serialize)]
+pub(crate) struct CandidateView {
+    /// `ip:port`.
+    pub endpoint: String,
+    /// Share of the prompt the pick expected it to hold (prefix index × cache trust).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_ratio: Option<f64>,
+    /// Requests in flight there, this gateway's and the others' it knows of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<u64>,
+    /// Prompt characters in prefill there that it must compute.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uncached_prefill_chars: Option<u64>,
+    /// Share of its cache writes that recompute evicted prefixes (`eviction_pressure`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eviction_share: Option<f64>,
+    /// The algorithm's score (higher is better; `prefix_cost`: minus the cost in prompt
+    /// characters); absent for algorithms that score nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score: Option<f64>,
+}
+
 /// A finished request as the log shows it (absent fields are left out).
 #[derive(Serialize)]
 pub(crate) struct Line<'a> {
@@ -92,6 +127,9 @@ pub(crate) struct Line<'a> {
     /// The answer's text (choice 0), only with `include_prompt`, cut like the prompt.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub completion: Option<&'a str>,
+    /// Only with `include_candidates`, when a pick chose among candidates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pick: Option<&'a PickView>,
 }
 
 impl LogContext {
@@ -123,6 +161,7 @@ impl LogContext {
             error: None,
             prompt: self.prompt.as_deref(),
             completion: None,
+            pick: None,
         }
     }
 }
@@ -275,6 +314,7 @@ mod tests {
         assert_eq!(l["completion_tokens"], 2);
         assert_eq!(l["cached_tokens"], 4);
         assert!(l["time"].as_str().unwrap().ends_with('Z'));
+        assert!(l.get("pick").is_none(), "only with include_candidates");
         let e = &lines[1];
         assert_eq!(e["error"], "model_not_found");
         assert_eq!(e["status"], 404);
@@ -298,6 +338,61 @@ mod tests {
         assert!(text.contains(&line), "{line}");
         let line = format!("llmproxy_endpoint_time_per_output_token_seconds_count{{{labels}}} 1");
         assert!(text.contains(&line), "{line} not in\n{text}");
+        drop(router);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn include_candidates_logs_every_candidate_as_the_algorithm_weighed_it() {
+        let dir = std::env::temp_dir().join(format!("llmproxy-reqlog-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("llm.log");
+        let config = format!(
+            r#"{{"model_mapping_rule": {{"m": {{"rules": [{{"cluster": "c", "backend": "vllm"}}]}}}},
+                "clusters": {{"c": {{"endpoints": ["127.0.0.1:1", "127.0.0.1:2"]}}}},
+                "log": {{"enabled": true, "path": {:?}, "include_candidates": true}}}}"#,
+            path.to_str().unwrap()
+        );
+        let router = Router::from_json(config.as_bytes()).unwrap();
+        let text = "a long shared document ".repeat(40);
+        let body =
+            format!(r#"{{"model": "m", "messages": [{{"role": "user", "content": "{text}"}}]}}"#);
+        // the first is decoding (its prefill over) while the second is picked
+        let mut first = router.pick(&[], body.as_bytes());
+        let holder = first.endpoint().unwrap().to_string();
+        first.first_token();
+        let second = router.pick(&[], body.as_bytes());
+        assert_eq!(
+            second.endpoint().unwrap(),
+            holder,
+            "the prefix outweighs one request"
+        );
+        second.finish(200);
+        first.finish(200);
+
+        let lines = read_lines(&path, 2);
+        let pick = &lines[0]["pick"];
+        assert_eq!(pick["decided_by"], "algorithm");
+        let candidates = pick["candidates"].as_array().unwrap();
+        assert_eq!(candidates.len(), 2, "{pick}");
+        let prompt = lines[0]["prompt_chars"].as_f64().unwrap();
+        let get = |c: &Value, k: &str| c[k].as_f64().unwrap();
+        for c in candidates {
+            // the logged score is prefix_cost's, from the logged load (default weights)
+            let held = get(c, "cache_ratio");
+            let q = get(c, "in_flight");
+            let own = prompt * (1.0 - held) / (1.0 - get(c, "eviction_share")) * (1.0 + 0.5 * q);
+            let cost = own + get(c, "uncached_prefill_chars") + 128.0 * q;
+            assert!((get(c, "score") + cost).abs() < 0.01, "{c} against {cost}");
+            if c["endpoint"] == holder {
+                assert_eq!((held, q), (1.0, 1.0), "{c}");
+            } else {
+                assert_eq!((held, q), (0.0, 0.0), "{c}");
+            }
+        }
+        let scores: Vec<f64> = candidates.iter().map(|c| get(c, "score")).collect();
+        let best = candidates[if scores[0] > scores[1] { 0 } else { 1 }]["endpoint"].clone();
+        assert_eq!(best, holder, "the chosen one scored best");
         drop(router);
         std::fs::remove_dir_all(&dir).unwrap();
     }

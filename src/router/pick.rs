@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::affinity::session_name;
+use super::log_line::{CandidateView, PickView};
 use super::{find_header, HeaderRef, RemoteDepth, RouterInner};
 use crate::background::{Event, RequestSync};
 use crate::balancer::{CandidateLoad, Selection};
@@ -74,6 +75,8 @@ pub(super) struct Routed {
     /// The prompt's hasher at its end, to learn the next turn's prefix from the answer
     /// (`learn_response_bytes` > 0 and a next turn that extends this prompt).
     pub(super) learn_tail: Option<hashing::PrefixHasher>,
+    /// How the last pick decided, for the request log (`log.include_candidates`).
+    pub(super) pick_view: Option<Box<PickView>>,
 }
 
 impl RouterInner {
@@ -200,6 +203,7 @@ impl RouterInner {
             transcoder,
             answer,
             learn_tail: tail,
+            pick_view: None,
         })
     }
 
@@ -251,6 +255,14 @@ impl RouterInner {
             Some(at) => at,
             None => self.select(r, &candidates, &loads, &params),
         };
+        if self.config.log.enabled && self.config.log.include_candidates {
+            let decided_by = match (pinned, kept) {
+                (Some(_), _) => "chain",
+                (None, Some(_)) => "session",
+                (None, None) => "algorithm",
+            };
+            r.pick_view = Some(self.pick_view(r, &set, &candidates, &loads, &params, decided_by));
+        }
         let chosen = candidates[at];
         let endpoint = Arc::clone(&set.endpoints[chosen]);
         self.bind_session(r.session, session, kept, &endpoint, now);
@@ -404,6 +416,47 @@ impl RouterInner {
             rr_cursor: &r.cluster.rr_cursor,
         };
         algorithm.select(&selection, &mut rng)
+    }
+
+    /// The request log's view of a pick: every candidate's load, cache and score.
+    fn pick_view(
+        &self,
+        r: &Routed,
+        set: &EndpointSet,
+        candidates: &[usize],
+        loads: &[CandidateLoad],
+        params: &LbParams,
+        decided_by: &'static str,
+    ) -> Box<PickView> {
+        let selection = Selection {
+            loads,
+            candidates: candidates.len(),
+            prompt_chars: r.prompt_chars,
+            params,
+            rr_cursor: &r.cluster.rr_cursor,
+        };
+        let scores = match loads.len() == candidates.len() {
+            true => self.config.algorithm.scores(&selection),
+            false => None,
+        };
+        let round = |x: f64, scale: f64| (x * scale).round() / scale;
+        let candidates = (candidates.iter().enumerate())
+            .map(|(k, &i)| {
+                let load = loads.get(k);
+                CandidateView {
+                    endpoint: set.endpoints[i].address.clone(),
+                    cache_ratio: load.map(|l| round(l.cache_ratio, 1e4)),
+                    in_flight: load.map(|l| l.in_flight),
+                    uncached_prefill_chars: load.map(|l| l.uncached_prefill_chars),
+                    eviction_share: load.map(|l| round(l.eviction_share, 1e4)),
+                    score: scores.as_ref().map(|s| round(s[k], 1e2)),
+                }
+            })
+            .collect();
+        Box::new(PickView {
+            decided_by,
+            candidates,
+        })
     }
 
     /// The index's claim for the chosen endpoint, whatever its age (share of the prompt's

@@ -445,6 +445,7 @@ impl PickedRequest {
                     l.cache_ratio = r.cache_ratio;
                     l.stream = r.stream;
                     l.prompt_chars = r.prompt_chars;
+                    l.pick = r.pick_view.as_deref();
                     if r.endpoint.is_none() {
                         l.error = Some("no_endpoint");
                     }

@@ -130,6 +130,7 @@ impl RouterInner {
             transcoder: Transcoder::passthrough(),
             answer: ResponseReader::ignoring(),
             learn_tail: None,
+            pick_view: None,
         })
     }
 

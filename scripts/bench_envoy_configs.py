@@ -14,7 +14,8 @@ dynamic module; K=V pairs (numbers) go into its lb_mapping_rule, e.g.
 `engine_metrics=true|false` reads every endpoint's Prometheus page or not (default: the
 library's, on for prefix_cost replicas sharing a metadata-center); `session_affinity=true` keeps a
 session on its endpoint by the `x-session-id` header, which `llmproxy-sim load --session-header
-x-session-id` sends).
+x-session-id` sends); `decision_log=true` writes the request log with every pick's candidates
+(`log.include_candidates`) to OUT_DIR/NAME.requests.jsonl (a replica's to NAME.rR.requests.jsonl).
 For each NAME it writes OUT_DIR/NAME.yaml (listeners on consecutive ports from LISTEN_BASE_PORT,
 admin on the listener's + 100) and prints "NAME=http://127.0.0.1:PORT".
 
@@ -215,6 +216,11 @@ def main(argv):
             elif k == "engine_metrics":  # each endpoint's own /metrics read every 250 ms
                 # (the library's default: on for prefix_cost with a metadata-center)
                 top_extra += f"                  engine_metrics:\n                    enabled: {value}\n"
+            elif k == "decision_log":  # why each request went where it went
+                if value == "true":
+                    top_extra += "                  log:\n                    enabled: true\n"
+                    top_extra += "                    include_candidates: true\n"
+                    top_extra += "                    path: {log_path}\n"
             elif k in METADATA_CENTER_KEYS:  # the replicas' metadata_center block
                 mc_extra += f"                    {k}: {value}\n"
             elif k in TOP_LEVEL_KEYS:
@@ -224,7 +230,8 @@ def main(argv):
         if replicas == 1:
             port, next_port = next_port, next_port + 1
             with open(os.path.join(out, f"{name}.yaml"), "w") as f:
-                f.write(render(name, algo, port, port + 100, endpoints, lb_extra + top_extra))
+                log_path = os.path.abspath(os.path.join(out, f"{name}.requests.jsonl"))
+                f.write(render(name, algo, port, port + 100, endpoints, lb_extra + top_extra.replace("{log_path}", log_path)))
             print(f"{name}=http://127.0.0.1:{port}")
             continue
         # gateway replicas sharing state through metadata-center(s) of their own, or nothing
@@ -233,7 +240,9 @@ def main(argv):
         for r in range(replicas):
             port, next_port = next_port, next_port + 1
             with open(os.path.join(out, f"{name}.r{r}.yaml"), "w") as f:
-                f.write(render(f"{name} replica {r}", algo, port, port + 100, endpoints, lb_extra + top_extra, mc_ports[r], mc_extra))
+                log_path = os.path.abspath(os.path.join(out, f"{name}.r{r}.requests.jsonl"))
+                f.write(render(f"{name} replica {r}", algo, port, port + 100, endpoints,
+                               lb_extra + top_extra.replace("{log_path}", log_path), mc_ports[r], mc_extra))
             urls.append(f"http://127.0.0.1:{port}")
         print(f"{name}={','.join(urls)}")
     return 0

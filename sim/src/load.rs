@@ -181,16 +181,18 @@ fn session_header(arg: Option<&str>) -> Result<Option<HeaderName>, String> {
     .transpose()
 }
 
-/// The POST of one turn of session `session`: `body` as JSON, and the session's id in
-/// `session_header` when given.
+/// The POST of turn `turn` of session `session`: `body` as JSON, `x-request-id:
+/// SESSION-TURN` (a gateway's request log joins the run's records by it), and the session's id
+/// in `session_header` when given.
 fn turn_request(
     client: &reqwest::Client,
     url: &str,
     body: &Value,
     session_header: Option<&HeaderName>,
     session: usize,
+    turn: usize,
 ) -> reqwest::RequestBuilder {
-    let rb = client.post(url).json(body);
+    let rb = (client.post(url).json(body)).header("x-request-id", format!("{session}-{turn}"));
     match session_header {
         Some(name) => rb.header(name, session.to_string()),
         None => rb,
@@ -545,7 +547,7 @@ async fn run_session(ctx: Arc<Ctx>, s: Session) {
         ctx.progress.sent.fetch_add(1, Ordering::Relaxed);
         let res = tokio::time::timeout(
             ctx.timeout,
-            one_request(&ctx, &ctx.urls[gateway], &body, s.id, stream),
+            one_request(&ctx, &ctx.urls[gateway], &body, (s.id, i), stream),
         )
         .await;
         let e2e = sent.elapsed().as_secs_f64();
@@ -617,11 +619,12 @@ async fn one_request(
     ctx: &Ctx,
     url: &str,
     body: &Value,
-    session: usize,
+    (session, turn): (usize, usize),
     stream: bool,
 ) -> Result<Streamed, (Streamed, String)> {
     let mut out = Streamed::default();
-    let request = turn_request(&ctx.client, url, body, ctx.session_header.as_ref(), session);
+    let header = ctx.session_header.as_ref();
+    let request = turn_request(&ctx.client, url, body, header, session, turn);
     let resp = match request.send().await {
         Ok(r) => r,
         Err(e) => return Err((out, format!("connect: {}", short_err(&e)))),
@@ -802,6 +805,7 @@ mod tests {
             &body,
             name.as_ref(),
             42,
+            3,
         )
         .build()
         .map_err(|e| e.to_string())?;
@@ -809,12 +813,13 @@ mod tests {
     }
 
     #[test]
-    fn session_header_sends_the_session_id_and_is_off_by_default() {
+    fn session_header_sends_the_session_id_and_is_off_by_default_and_every_turn_has_an_id() {
         let h = sent_headers(&["--session-header", "X-Session-Id"]).unwrap();
         assert_eq!(h.get("x-session-id").unwrap(), "42");
         let h = sent_headers(&[]).unwrap();
         assert!(h.get("x-session-id").is_none(), "{h:?}");
-        assert_eq!(h.len(), 1, "content-type only: {h:?}");
+        assert_eq!(h.get("x-request-id").unwrap(), "42-3", "session-turn");
+        assert_eq!(h.len(), 2, "content-type and x-request-id only: {h:?}");
         let e = sent_headers(&["--session-header", "x session"]).unwrap_err();
         assert_eq!(e, "--session-header: not a header name: \"x session\"");
     }

@@ -117,7 +117,11 @@ def reason(line, holders, chosen):
         terms.append("more uncached prefill queued")
     if h["eviction_share"] > there["eviction_share"]:
         terms.append("higher eviction share")
-    return "saw the holder's cache, outweighed by: " + (", ".join(terms) or "nothing (a draw)")
+    margin = there.get("score", 0) - h.get("score", 0)
+    share = margin / max(line["prompt_chars"], 1)
+    band = "< 1 %" if share < 0.01 else "1-10 %" if share < 0.1 else ">= 10 %"
+    terms = ", ".join(terms) or "nothing (a draw)"
+    return f"saw the holder's cache, outweighed by: {terms} (by {band} of the prompt)"
 
 
 if __name__ == "__main__":

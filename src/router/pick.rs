@@ -408,13 +408,7 @@ impl RouterInner {
         let draw = self.rng_counter.fetch_add(1, Ordering::Relaxed);
         let mut rng =
             fastrand::Rng::with_seed(self.rng_seed ^ draw.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let selection = Selection {
-            loads,
-            candidates: candidates.len(),
-            prompt_chars: r.prompt_chars,
-            params,
-            rr_cursor: &r.cluster.rr_cursor,
-        };
+        let selection = selection_of(r, candidates.len(), loads, params);
         algorithm.select(&selection, &mut rng)
     }
 
@@ -428,13 +422,7 @@ impl RouterInner {
         params: &LbParams,
         decided_by: &'static str,
     ) -> Box<PickView> {
-        let selection = Selection {
-            loads,
-            candidates: candidates.len(),
-            prompt_chars: r.prompt_chars,
-            params,
-            rr_cursor: &r.cluster.rr_cursor,
-        };
+        let selection = selection_of(r, candidates.len(), loads, params);
         let scores = match loads.len() == candidates.len() {
             true => self.config.algorithm.scores(&selection),
             false => None,
@@ -545,6 +533,22 @@ impl RouterInner {
         }) {
             r.sync = Some(req);
         }
+    }
+}
+
+/// What the algorithm sees of `r`'s pick among `candidates` endpoints.
+fn selection_of<'a>(
+    r: &'a Routed,
+    candidates: usize,
+    loads: &'a [CandidateLoad],
+    params: &'a LbParams,
+) -> Selection<'a> {
+    Selection {
+        loads,
+        candidates,
+        prompt_chars: r.prompt_chars,
+        params,
+        rr_cursor: &r.cluster.rr_cursor,
     }
 }
 

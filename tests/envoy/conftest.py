@@ -50,7 +50,7 @@ def start_gateway(servers, tmp_path_factory):
     endpoints = {pool: c["endpoints"] for pool, c in llmproxy["clusters"].items()}
     clusters = [harness.static_cluster(pool, eps) for pool, eps in endpoints.items()]
     request_log = tmp_path_factory.mktemp("request-log") / "requests.log"
-    llmproxy["log"] = {"enabled": True, "path": str(request_log)}
+    llmproxy["log"] = {"enabled": True, "path": str(request_log), "include_candidates": True}
     # every stream here asks the server for usage; clients that did not ask never see it
     llmproxy["force_stream_usage"] = True
     bootstrap = harness.envoy_bootstrap(listen_port, admin_port, clusters, llmproxy, default_cluster="pool_a")

@@ -531,6 +531,15 @@ def test_request_log_has_one_line_per_finished_request(gateway):
     assert plain["algorithm"] == "inference_lb" and plain["bytes_in"] > 0 and plain["retries"] == 0
     assert plain["total_ms"] >= plain["ttft_ms"] >= 0
     assert "prompt" not in plain and "completion" not in plain, "no text without log.include_prompt"
+    # include_candidates: the pick as weighed, every endpoint of the pool with its inference_lb
+    # score, the served one among the best
+    pick = plain["pick"]
+    assert pick["decided_by"] == "algorithm", pick
+    weighed = {c["endpoint"]: c for c in pick["candidates"]}
+    assert set(weighed) == set(gateway.endpoints["pool_a"]), pick
+    assert all("in_flight" in c and "cache_ratio" in c for c in weighed.values()), pick
+    assert weighed[plain["endpoint"]]["score"] == max(c["score"] for c in weighed.values()), pick
+    assert "pick" not in lines[ids["unknown"]], "no pick, no candidates"
     assert plain["bytes_out"] > 0 and stream["bytes_out"] > plain["bytes_out"] // 2
     assert stream["stream"] is True and stream["status"] == 200 and stream["model"] == "m-b"
     assert lines[ids["unknown"]]["error"] == "model_not_found" and "endpoint" not in lines[ids["unknown"]]

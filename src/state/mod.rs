@@ -117,17 +117,23 @@ mod tests {
         assert_eq!(idx.claim_of(&[10, 11], 1, 900_000), (2, 899_000));
     }
 
+    /// Gives `e` a measured write rate of 10 tokens per ms (20,000 over the 2 s to router
+    /// time 3,000).
+    fn writes_10_tokens_per_ms(e: &Endpoint) {
+        e.cache_horizon_ms(1_000, 0);
+        e.cache_written(20_000);
+        e.cache_horizon_ms(3_000, 0);
+    }
+
     #[test]
     fn residency_capacity_is_learned_from_the_claims_the_engine_kept_or_evicted() {
         let e = Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0);
         let r = &e.residency;
         r.learn(5_000, 1.0, 0.0);
         assert_eq!(r.learned_capacity(), None, "no write rate yet");
-        e.cache_horizon_ms(1_000, 0);
-        e.cache_written(20_000);
-        e.cache_horizon_ms(3_000, 0); // 10 tokens written per ms
-                                      // a kept claim proves nothing before an eviction was seen; a young claim, a small one
-                                      // or one partly kept teaches nothing
+        writes_10_tokens_per_ms(&e);
+        // a kept claim proves nothing before an eviction was seen; a young claim, a small one
+        // or one partly kept teaches nothing
         r.learn(5_000, 1.0, 1.0);
         r.learn(500, 1.0, 0.0);
         r.learn(5_000, 0.1, 0.0);
@@ -162,9 +168,7 @@ mod tests {
     fn a_claim_younger_than_the_recent_first_tokens_may_still_be_computing() {
         let e = Endpoint::new(1, "127.0.0.1:1".parse().unwrap(), 0);
         let r = &e.residency;
-        e.cache_horizon_ms(1_000, 0);
-        e.cache_written(20_000);
-        e.cache_horizon_ms(3_000, 0); // 10 tokens written per ms
+        writes_10_tokens_per_ms(&e);
         assert_eq!(r.settle_ms(), 1_000, "at least a second");
         // a loaded endpoint: a request's first token came 4 s after its pick
         r.note_first_token(4_000.0);

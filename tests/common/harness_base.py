@@ -395,14 +395,20 @@ POOLS = {
 
 def pools_config(servers, dead, max_body, models, clusters=None):
     """The library config of the end-to-end suites: m-a (pool_a, vllm), m-b (pool_b, sglang), m-d
-    (pool_d, `dead` first) and the host's own `models` (name -> rule list); endpoints at
+    (pool_d, `dead` first), m-fb (pool_fb: pool_b's servers as a cluster of their own, for
+    `check_cache_feedback`) and the host's own `models` (name -> rule list); endpoints at
     servers.addr(name), and the host's own `clusters` (name -> endpoints)."""
     endpoints = {pool: [servers.addr(n) for n in names] for pool, names in POOLS.items()}
     endpoints["pool_d"].insert(0, dead)
+    # What check_cache_feedback teaches the gateway (an engine that evicts a prefix a second
+    # after its use: cache trust, learned capacity) belongs to a cluster's endpoints; on a
+    # cluster of its own it stays out of the affinity checks on m-b.
+    endpoints["pool_fb"] = list(endpoints["pool_b"])
     endpoints.update(clusters or {})
     rules = {"m-a": [{"scene_name": "chat-a", "cluster": "pool_a", "backend": "vllm"}],
              "m-b": [{"scene_name": "chat-b", "cluster": "pool_b", "backend": "sglang"}],
-             "m-d": [{"scene_name": "chat-d", "cluster": "pool_d", "backend": "vllm"}]}
+             "m-d": [{"scene_name": "chat-d", "cluster": "pool_d", "backend": "vllm"}],
+             "m-fb": [{"scene_name": "feedback", "cluster": "pool_fb", "backend": "sglang"}]}
     rules.update(models)
     return {
         "protocol": "openai",
@@ -748,6 +754,16 @@ class PickMeter:
         self.last = now
         return json.loads(data)["served_by"], matched, chars
 
+    def state(self):
+        """What the gateway's page shows that moves a pick away from a cached prefix: loads,
+        ejections, a cache trust below 1, a residency (for an assertion's message)."""
+        m = self.page()
+        shown = {"llmproxy_endpoint_in_flight_requests": bool, "llmproxy_endpoint_prefill_chars": bool,
+                 "llmproxy_endpoint_ejected": bool, "llmproxy_endpoint_cache_trust": lambda v: v != 1.0,
+                 "llmproxy_endpoint_cache_residency_seconds": lambda v: True}
+        return ["%s%s=%g" % (n[len("llmproxy_endpoint_"):], sorted(l.items()), v)
+                for n, l, v in m.samples if n in shown and shown[n](v)]
+
 
 def check_tool_definitions(send, page, model):
     """Tool definitions (`tools`) through a gateway: `send(body, headers, path)`, `page()` its
@@ -791,7 +807,8 @@ def check_cache_salt(send, page, model):
     home, matched, _ = meter.ask(send, body("tenant-a"))
     assert matched < 0.2, "a new prompt matched %.2f" % matched
     served, matched, _ = meter.ask(send, body("tenant-a"))
-    assert matched > 0.8 and served == home, "the same prompt and salt matched %.2f on %s (first on %s)" % (matched, served, home)
+    assert matched > 0.8 and served == home, "the same prompt and salt matched %.2f on %s (first on %s); %s" % (
+        matched, served, home, meter.state())
     _, matched, _ = meter.ask(send, body("tenant-b"))
     assert matched < 0.2, "the same prompt under another salt matched %.2f" % matched
 
@@ -810,7 +827,8 @@ def check_cache_feedback(send, page, model):
     cache hit, those zeros are not the engine's word (a server that fills the field without
     measuring it) and every cache trust stays 1; once answers have reported hits, the endpoint's
     cache trust falls below 1 with the zeros, and an answer whose engine had the whole prompt
-    cached raises it again. Needs a gateway none of whose answers reported cached tokens yet."""
+    cached raises it again. Needs a model (m-fb) whose endpoints no answer has reported cached
+    tokens for yet, and that no other check routes to: what it teaches stays with them."""
     prefix = random_text(4000, seed=random.getrandbits(32))
 
     def ask(i, cached):

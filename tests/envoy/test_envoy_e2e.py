@@ -476,7 +476,7 @@ def test_force_stream_usage_counts_streams_without_showing_clients_what_they_did
 
 
 def test_answers_usage_corrects_the_cache_model(gateway):
-    harness.check_cache_feedback(sender(gateway), lambda: metrics(gateway), "m-b")
+    harness.check_cache_feedback(sender(gateway), lambda: metrics(gateway), "m-fb")
 
 
 def test_responses_api_chains_stay_on_the_server_that_stored_them(gateway):

@@ -308,7 +308,7 @@ def test_force_stream_usage_counts_streams_without_showing_clients_what_they_did
 
 
 def test_answers_usage_corrects_the_cache_model(gw):
-    harness.check_cache_feedback(sender(gw), lambda: metrics(gw.port), "m-b")
+    harness.check_cache_feedback(sender(gw), lambda: metrics(gw.port), "m-fb")
 
 
 def test_responses_api_chains_stay_on_the_server_that_stored_them(gw):

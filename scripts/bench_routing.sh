@@ -49,6 +49,11 @@
 #   BENCH_SATURATION=1  instead: `llmproxy-sim saturation` through round robin (the reference proxy):
 #                       the rate where its queue grows, and 75 % / 95 % of it, for the trace of
 #                       SIM_LOAD_ARGS; SIM_SAT_ARGS [--from 4] more options; $OUT/saturation.json
+#   BENCH_SATURATION=targets  instead: the same search through every target of the run in turn
+#                       (Envoy, nginx, rr/least with BENCH_REFS=1, the peers): the rate each keeps
+#                       up with, one after the other on the same fleet (reset before each probe;
+#                       the routers' own state is not); $OUT/saturation-NAME.json each, a table in
+#                       $OUT/saturation.md. Targets of several replicas are left out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -294,6 +299,35 @@ done
 for t in "${NGINX_TARGETS[@]}"; do
   while read -r prefix url; do nginx_ready "$prefix" "$url"; done < <(nginx_each "$t")
 done
+
+if [ "${BENCH_SATURATION:-0}" = targets ]; then
+  read -r -a SAT_ARGS <<< "${SIM_SAT_ARGS:---from 4}"
+  for t in "${TARGETS[@]}"; do
+    name=${t%%=*}
+    if [[ ${t#*=} == *,* ]]; then echo "$name: several replicas, left out of the saturation search" >&2; continue; fi
+    echo "== $name"
+    "$SIM" saturation --target "${t#*=}" --stats-url "${WORKERS[0]}" --duration "$DURATION" \
+      "${LOAD_ARGS[@]}" "${SAT_ARGS[@]}" --json-out "$OUT/saturation-$name.json" --quiet
+  done
+  python3 - "$OUT" "${TARGETS[@]%%=*}" > "$OUT/saturation.md" <<'PY'
+import json, os, sys
+out, names = sys.argv[1], sys.argv[2:]
+print("| target | kept up at req/s | saturated at req/s | saturation ≈ req/s |")
+print("|---|---:|---:|---:|")
+for name in names:
+    path = os.path.join(out, "saturation-%s.json" % name)
+    if not os.path.exists(path):
+        continue
+    doc = json.load(open(path))
+    ok = [p["rate"] for p in doc["probes"] if not p["saturated"]]
+    bad = [p["rate"] for p in doc["probes"] if p["saturated"]]
+    fmt = lambda v: "%.2f" % v if v is not None else "-"
+    print("| %s | %s | %s | %s |" % (name, fmt(max(ok) if ok else None), fmt(min(bad) if bad else None),
+                                   fmt(doc.get("saturation_rate"))))
+PY
+  cat "$OUT/saturation.md"
+  exit 0
+fi
 
 "$SIM" compare "${ARGS[@]}" --stats-url "${WORKERS[0]}" --duration "$DURATION" "${RATE_ARGS[@]}" \
   "${LOAD_ARGS[@]}" --out-dir "$OUT" --plot-python "$PY" --title "TTFT per routing policy ($SERVERS simulated servers)"

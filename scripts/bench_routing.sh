@@ -302,6 +302,7 @@ done
 
 if [ "${BENCH_SATURATION:-0}" = targets ]; then
   read -r -a SAT_ARGS <<< "${SIM_SAT_ARGS:---from 4}"
+  rm -f "$OUT"/saturation-*.json  # an earlier run's would show in this run's table
   for t in "${TARGETS[@]}"; do
     name=${t%%=*}
     if [[ ${t#*=} == *,* ]]; then echo "$name: several replicas, left out of the saturation search" >&2; continue; fi

@@ -244,12 +244,19 @@ if [ "${BENCH_CALIBRATE:-0}" = 1 ]; then
   exit 0
 fi
 
+# saturate URL JSON: `llmproxy-sim saturation` through URL with the trace of SIM_LOAD_ARGS and
+# SIM_SAT_ARGS, its probes and rate written to JSON.
+saturate() {
+  local -a sat_args
+  read -r -a sat_args <<< "${SIM_SAT_ARGS:---from 4}"
+  "$SIM" saturation --target "$1" --stats-url "${WORKERS[0]}" --duration "$DURATION" \
+    "${LOAD_ARGS[@]}" "${sat_args[@]}" --json-out "$2" --quiet
+}
+
 if [ "${BENCH_SATURATION:-0}" = 1 ]; then
   add_proxy rr round-robin
   ready rr "${TARGETS[-1]#*=}"
-  read -r -a SAT_ARGS <<< "${SIM_SAT_ARGS:---from 4}"
-  "$SIM" saturation --target "${TARGETS[-1]#*=}" --stats-url "${WORKERS[0]}" --duration "$DURATION" \
-    "${LOAD_ARGS[@]}" "${SAT_ARGS[@]}" --json-out "$OUT/saturation.json" --quiet
+  saturate "${TARGETS[-1]#*=}" "$OUT/saturation.json"
   exit 0
 fi
 
@@ -301,14 +308,12 @@ for t in "${NGINX_TARGETS[@]}"; do
 done
 
 if [ "${BENCH_SATURATION:-0}" = targets ]; then
-  read -r -a SAT_ARGS <<< "${SIM_SAT_ARGS:---from 4}"
   rm -f "$OUT"/saturation-*.json  # an earlier run's would show in this run's table
   for t in "${TARGETS[@]}"; do
     name=${t%%=*}
     if [[ ${t#*=} == *,* ]]; then echo "$name: several replicas, left out of the saturation search" >&2; continue; fi
     echo "== $name"
-    "$SIM" saturation --target "${t#*=}" --stats-url "${WORKERS[0]}" --duration "$DURATION" \
-      "${LOAD_ARGS[@]}" "${SAT_ARGS[@]}" --json-out "$OUT/saturation-$name.json" --quiet
+    saturate "${t#*=}" "$OUT/saturation-$name.json"
   done
   python3 - "$OUT" "${TARGETS[@]%%=*}" > "$OUT/saturation.md" <<'PY'
 import json, os, sys

@@ -87,7 +87,13 @@ TEST_TARGETS += test-rust test-c
 
 ## test: the whole suite (what CI runs)
 test: build
-	@set -e; for t in $(TEST_TARGETS); do echo "==> $$t"; $(MAKE) --no-print-directory $$t; done
+	@set -e; total=$$(date +%s); times=""; \
+	for t in $(TEST_TARGETS); do \
+	  echo "==> $$t"; start=$$(date +%s); \
+	  $(MAKE) --no-print-directory $$t; \
+	  times="$$times $$t=$$(( $$(date +%s) - start ))s"; \
+	done; \
+	echo "==> every test passed in $$(( $$(date +%s) - total )) s:$$times"
 
 ## bench: criterion benchmarks of the hot path and the response transcoder (results go to
 ## docs/benchmarks.md by hand)

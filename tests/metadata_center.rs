@@ -93,6 +93,24 @@ fn http_get(port: u16, path: &str) -> serde_json::Value {
     serde_json::from_str(&http_get_text(port, path)).unwrap()
 }
 
+/// True when the server's cache holds `key` (a prefix hash or a response id's key) in
+/// `cluster` at some location: what another gateway's lookup of it would find.
+fn server_holds(port: u16, cluster: &str, key: u64) -> bool {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(2)))
+        .build()
+        .into();
+    let answer = agent
+        .post(format!("http://127.0.0.1:{port}/v1/cache/query"))
+        .header("content-type", "application/json")
+        .send(serde_json::json!({"cluster": cluster, "prompt_hash": [key], "top_k": 3}).to_string())
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    answer.contains(r#""length":1"#)
+}
+
 /// `/v1/cache/save` calls the server has handled (its /metrics).
 fn server_saves(port: u16) -> u64 {
     http_get_text(port, "/metrics")
@@ -1022,14 +1040,19 @@ fn another_router_sends_a_responses_chain_to_the_endpoint_that_stored_its_answer
     };
     for chain in 0..5 {
         let id = format!("resp_chain_{chain}");
-        let saves = server_saves(server.port);
+        let key = llmproxy::hashing::response_key(&id);
+        assert!(
+            !server_holds(server.port, "pool", key),
+            "chain {chain} saved too soon"
+        );
         let mut p = a.pick(&path, &body(&format!("first turn {chain}"), None));
         let home = p.endpoint().unwrap().to_string();
         p.observe_response(format!(r#"{{"id":"{id}","output":[]}}"#).as_bytes(), true);
         p.finish(200);
-        // the prompt's claim at the pick, then the answer's id when its first bytes pass
+        // saved when the answer's first bytes pass (waiting on the count of saves instead
+        // raced with b's own claim of the previous chain, still on its way)
         wait_until("the answer's id to land", || {
-            server_saves(server.port) >= saves + 2
+            server_holds(server.port, "pool", key)
         });
         let (tx, rx) = mpsc::channel();
         let next = body("and then?", Some(&id));

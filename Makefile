@@ -67,8 +67,12 @@ $(VENV)/.installed: tests/requirements.txt
 	$(VENV_PY) -m pip install -q --disable-pip-version-check -r tests/requirements.txt
 	@touch $@
 
-test-rust: build-lib
-	$(CARGO) test --release --workspace
+## test-rust: every Rust test of the workspace, compiled once: the library, the Metadata-Center
+## with its Redis store against real redis-server processes (LLMPROXY_REQUIRE_REDIS=1: fail
+## rather than skip without one), the simulator with its TTFT plot
+test-rust: build-lib redis-server sim-plot-deps
+	LLMPROXY_REQUIRE_REDIS=1 LLMPROXY_SIM_PLOT_PYTHON=$(abspath $(VENV_PY)) \
+	  $(CARGO) test --release --workspace
 
 ## sanitizer-deps: Debian's clang with its sanitizer runtimes, for the ASan+UBSan+LSan builds of
 ## the C test and the Envoy fake host (installed when root; without it they build with gcc's)

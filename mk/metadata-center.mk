@@ -3,12 +3,13 @@
 #   make run-metadata-center     serve on 127.0.0.1:8080 (MC_ARGS="--port 9000 --debug" to change)
 #   make bench-metadata-center   requests/s and latency of the API on this machine (not in CI)
 #   make compare-metadata-center MC_COMPARE="BIN_A BIN_B"   two (or more) server builds, in rounds
-#   make test-redis              the Redis store's tests against a real redis-server (in `make test`)
+#   make test-redis              the Redis store's tests alone against a real redis-server
 #
-# Its unit tests and HTTP wire tests run in `test-rust` (cargo test --release --workspace). The
-# Redis store's tests (tests/redis_*.rs) start their own redis-server processes on free
-# 127.0.0.1 ports; under `make test-redis` (LLMPROXY_REQUIRE_REDIS=1) they fail when
-# redis-server is missing instead of skipping.
+# Every test of the server, the Redis store's included, runs in `test-rust` (cargo test --release
+# --workspace, one build for the whole workspace). The Redis store's tests (tests/redis_*.rs)
+# start their own redis-server processes on free 127.0.0.1 ports; under `make test-rust` and
+# `make test-redis` (LLMPROXY_REQUIRE_REDIS=1) they fail when redis-server is missing instead
+# of skipping.
 
 MC_BIN        := $(RELEASE)/llmproxy-metadata-center
 MC_ARGS       ?=
@@ -46,11 +47,9 @@ compare-metadata-center: redis-server
 redis-server:
 	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || \
 	  scripts/apt-install.sh redis-server || \
-	  { echo "redis-server is required by test-redis: apt-get install redis-server" >&2; exit 1; }
+	  { echo "redis-server is required by the Redis store's tests: apt-get install redis-server" >&2; exit 1; }
 
-## test-redis: the Redis store against real Redis: data model, a 3-master Redis Cluster with
-## failover, two metadata-center replicas over one Redis
+## test-redis: the Redis store against real Redis alone: data model, a 3-master Redis Cluster with
+## failover, two metadata-center replicas over one Redis (in `make test` through test-rust)
 test-redis: redis-server
 	LLMPROXY_REQUIRE_REDIS=1 $(CARGO) test --release -p llmproxy-metadata-center $(MC_REDIS_TESTS)
-
-TEST_TARGETS += test-redis

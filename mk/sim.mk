@@ -3,6 +3,7 @@
 #   make sim                  build target/release/llmproxy-sim
 #   make test-sim             unit tests (KV cache, scheduler, workloads) + end-to-end smoke:
 #                             real `serve`, `proxy` and `compare` processes on 127.0.0.1, with the plot
+#                             (in `make test` through test-rust, which builds the workspace once)
 #   make sim-compare-demo     a short rr vs least-request comparison on a local fleet (no Envoy)
 #   make sim-saturation       round robin's saturation rate for the trace of SIM_LOAD_ARGS (minutes)
 #   make bench-routing-peers  fleet + Envoy (plain, llmproxy) + reference proxies + sglang-router
@@ -49,7 +50,6 @@ BENCH_ENVOY_TARGETS ?= envoy-rr:envoy_round_robin envoy-least:envoy_least_reques
 ## vllm-router from PyPI, on one simulated fleet (not in CI)
 bench-routing-peers: sim sim-plot-deps sim-peer-deps envoy-module
 	BENCH_ENVOY_TARGETS="$(BENCH_ENVOY_TARGETS)" bash scripts/bench_routing.sh $(BENCH_TARGETS)
-TEST_TARGETS += test-sim
 
 ## bench-routing: every policy on the same fleet and trace in one run (not in CI, ~13 min):
 ## plain Envoy round robin, Envoy + llmproxy (inference_lb, prefix_cost), nginx + llmproxy

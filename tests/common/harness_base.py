@@ -58,6 +58,22 @@ def free_port():
     return free_ports(1)[0]
 
 
+# Sockets holding the ports of refused_port(), open until the test process exits.
+_REFUSING = []
+
+
+def refused_port():
+    """A 127.0.0.1 port that refuses connections for the rest of the test process: bound by a
+    socket that never listens and stays open, so no server started later can take it. A port
+    only found free and released (free_port) may be handed again to the next process that
+    binds one, a gateway's listener say, which then answers for the "dead" endpoint: a request
+    sent there loops back into the gateway."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _REFUSING.append(s)
+    return s.getsockname()[1]
+
+
 class PortClash(RuntimeError):
     """A port chosen as free was taken by someone else before our process bound it."""
 

@@ -196,7 +196,8 @@ def test_patched_cluster_retries_through_the_llmproxy_policy_despite_the_destina
                     if any(m["headers"]["x-llmproxy-cluster"]["exact"] == name for m in h.get("match", [])))
 
     def start():
-        dead_port, listen_port, admin_port = harness.free_ports(3)
+        listen_port, admin_port = harness.free_ports(2)
+        dead_port = harness.refused_port()
         dead, live = "127.0.0.1:%d" % dead_port, servers.addr("live")
         cluster.update(harness.static_cluster(name, [dead, live]), lb_policy="LEAST_REQUEST")
         cluster.update(one("EnvoyFilter")["spec"]["configPatches"][1]["patch"]["value"])

@@ -36,7 +36,8 @@ def gateway(module_built, servers, tmp_path_factory):
 
 
 def start_gateway(servers, tmp_path_factory):
-    down_port, listen_port, admin_port = harness.free_ports(3)
+    listen_port, admin_port = harness.free_ports(2)
+    down_port = harness.refused_port()
     down = "127.0.0.1:%d" % down_port
     llmproxy = harness.pools_config(servers, down, MAX_BODY, {
         "m-t": [{"scene_name": "chat-t", "cluster": "pool_a", "backend": "vllm", "target_model": "served-t"}],

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "common"))
 
 # the shared part (tests/common/harness_base.py), re-exported as harness.<name>
 from harness_base import (BUILD_DIR, CHAT, COMPLETIONS, check_cache_feedback, check_forced_stream_usage, check_response_chains, check_stored_answer_found_elsewhere, check_anthropic_messages, check_sglang_generate, check_media_parts, check_llama_completion, check_tool_definitions, check_cache_salt, GENERATE, LLAMA_COMPLETION, settled_saves, responses_answer, RESPONSES, metadata_center_saves, POOLS, REPO, FakeUpstreams, LoggedProcess, MetadataCenter,  # noqa: E402,F401
-                          Metrics, PortClash, chat, free_ports, log_tails_on_failure, metrics, pools_config,
+                          Metrics, PortClash, chat, free_ports, refused_port, log_tails_on_failure, metrics, pools_config,
                           random_text, read_sse, request, request_log_lines, retry_on_port_clash, stop, wait_ready, wait_until)
 
 MODULE = BUILD_DIR / "libllmproxy_envoy.so"

@@ -44,7 +44,8 @@ def fleet(module_built, tmp_path_factory):
     victim = harness.FakeUpstreams(["v1"])
 
     def start():
-        dead1, dead2, listen_port, admin_port = harness.free_ports(4)
+        listen_port, admin_port = harness.free_ports(2)
+        dead1, dead2 = harness.refused_port(), harness.refused_port()
         pools = {
             "pool_r": [live.addr("l1"), live.addr("l2"), victim.addr("v1")],
             "pool_slow": [live.addr("s1")],

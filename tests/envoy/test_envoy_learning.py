@@ -17,7 +17,8 @@ from harness import CHAT, metrics, random_text
 
 def start_gateway(servers, tmp_path_factory, learn_bytes):
     def start():
-        down_port, listen_port, admin_port = harness.free_ports(3)
+        listen_port, admin_port = harness.free_ports(2)
+        down_port = harness.refused_port()
         llmproxy = harness.pools_config(servers, "127.0.0.1:%d" % down_port, MAX_BODY, {
             "m-l": [{"scene_name": "learn", "cluster": "pool_b", "backend": "vllm"}],
         })

@@ -37,8 +37,8 @@ def library_config(servers, dead):
 def servers():
     names = [n for pool in POOLS.values() for n in pool]
     with harness.FakeUpstreams(names) as s:
-        s.dead = "127.0.0.1:%d" % harness.free_port()  # nothing listens there
-        s.dead2 = "127.0.0.1:%d" % harness.free_port()
+        s.dead = "127.0.0.1:%d" % harness.refused_port()  # nothing listens there, ever
+        s.dead2 = "127.0.0.1:%d" % harness.refused_port()
         yield s
 
 

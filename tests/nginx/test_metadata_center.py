@@ -113,7 +113,7 @@ def test_a_dead_metadata_center_costs_lookups_nothing_but_their_timeout(servers)
     """Remote cache lookups against a port where nothing listens: every pick still answers
     (decided from local data), none waits longer than the lookup timeout."""
     cfg = library_config(servers, servers.dead)
-    cfg["metadata_center"] = {"enabled": True, "host": "127.0.0.1", "port": harness.free_port(),
+    cfg["metadata_center"] = {"enabled": True, "host": "127.0.0.1", "port": harness.refused_port(),
                               "cache_enabled": True, "timeout_ms": 100}
     gw = harness.Nginx(cfg, [servers.addr(n) for n in POOLS["pool_a"]], workers=1)
     try:

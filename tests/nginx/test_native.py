@@ -606,7 +606,7 @@ def test_native_dead_or_silent_metadata_center_costs_only_the_timeout(servers):
     silent.bind(("127.0.0.1", 0))
     silent.listen(64)  # the kernel completes the handshakes; nobody ever reads
     try:
-        for port, timeout_ms in ((harness.free_port(), 100), (silent.getsockname()[1], 400)):
+        for port, timeout_ms in ((harness.refused_port(), 100), (silent.getsockname()[1], 400)):
             g = native_mc(servers, port, workers=1, cache_enabled=True, timeout_ms=timeout_ms)
             try:
                 before = settled(g)

@@ -75,12 +75,16 @@ fn chat(text: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-fn http_get_text(port: u16, path: &str) -> String {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+/// A client for the test server's API, every call bounded by 2 s.
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(2)))
         .build()
-        .into();
-    agent
+        .into()
+}
+
+fn http_get_text(port: u16, path: &str) -> String {
+    agent()
         .get(format!("http://127.0.0.1:{port}{path}"))
         .call()
         .unwrap()
@@ -96,11 +100,7 @@ fn http_get(port: u16, path: &str) -> serde_json::Value {
 /// True when the server's cache holds `key` (a prefix hash or a response id's key) in
 /// `cluster` at some location: what another gateway's lookup of it would find.
 fn server_holds(port: u16, cluster: &str, key: u64) -> bool {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(2)))
-        .build()
-        .into();
-    let answer = agent
+    let answer = agent()
         .post(format!("http://127.0.0.1:{port}/v1/cache/query"))
         .header("content-type", "application/json")
         .send(serde_json::json!({"cluster": cluster, "prompt_hash": [key], "top_k": 3}).to_string())

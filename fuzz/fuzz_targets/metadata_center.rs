@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use llmproxy_metadata_center::cache::{CacheConfig, CachePool};
 use llmproxy_metadata_center::endpoint::Endpoint;
 use llmproxy_metadata_center::envelope::decode;
-use llmproxy_metadata_center::server::{CacheQuery, CacheSave, DeleteRequest, InferenceRequest};
+use llmproxy_metadata_center::wire::{CacheQuery, CacheSave, DeleteRequest, InferenceRequest};
 
 fn pool() -> &'static CachePool {
     static P: OnceLock<CachePool> = OnceLock::new();

@@ -82,6 +82,7 @@ impl MemoryBudget {
     }
 
     /// The load store reports its whole estimate (it has one lock, so it knows the total).
+    #[cfg(feature = "server")]
     pub(crate) fn set_load(&self, bytes: usize) {
         self.load.store(bytes as u64, Ordering::Relaxed);
     }

@@ -4,8 +4,11 @@
 //! Every JSON response is `{"status":"OK"|"ERROR","error":null|{code,message,reason},"data":…,
 //! "trace_id":…}`; the HTTP status of an error is `code / 100000`.
 
-use axum::http::{header, HeaderValue, StatusCode};
+#[cfg(feature = "server")]
 use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+#[cfg(feature = "server")]
+use http::{header, HeaderValue};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde::Serialize;
@@ -38,6 +41,7 @@ impl ApiError {
     }
 }
 
+#[cfg(feature = "server")]
 #[derive(Serialize)]
 struct Envelope<'a, T: Serialize> {
     status: &'static str,
@@ -47,6 +51,7 @@ struct Envelope<'a, T: Serialize> {
     trace_id: &'a str,
 }
 
+#[cfg(feature = "server")]
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     let mut resp = (status, body).into_response();
     resp.headers_mut().insert(
@@ -57,6 +62,7 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
 }
 
 /// HTTP 200, `status:"OK"`, `error:null`.
+#[cfg(feature = "server")]
 pub fn ok<T: Serialize>(trace_id: &str, data: T) -> Response {
     match serde_json::to_vec(&Envelope {
         status: "OK",
@@ -77,6 +83,7 @@ pub fn ok<T: Serialize>(trace_id: &str, data: T) -> Response {
 }
 
 /// Error envelope with HTTP status `code / 100000`.
+#[cfg(feature = "server")]
 pub fn fail(trace_id: &str, err: &ApiError) -> Response {
     let env = Envelope {
         status: "ERROR",
@@ -261,13 +268,14 @@ fn quote_char(c: Option<char>) -> String {
     }
 }
 
+#[cfg(feature = "server")]
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         fail("", &self)
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "server"))]
 mod tests {
     use super::*;
     use serde::Deserialize;

@@ -21,17 +21,31 @@
 //! * `replica`: replication to peers (bounded queues, DNS discovery).
 //! * `endpoint`: engine addresses (IPv4, IPv6, optional port).
 
+//!
+//! Without the `server` feature (on by default) only `wire`, `envelope`'s decoding, `cache/`,
+//! `budget` and `endpoint` are built: the fuzz targets' build.
+
 pub mod budget;
 pub mod cache;
-pub mod config;
 pub mod endpoint;
 pub mod envelope;
-pub mod listener;
-pub mod load;
-pub mod memory;
-pub mod metrics;
-pub mod replica;
-pub mod retry;
-pub mod server;
-pub mod store;
 pub mod wire;
+
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod listener;
+#[cfg(feature = "server")]
+pub mod load;
+#[cfg(feature = "server")]
+pub mod memory;
+#[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
+pub mod replica;
+#[cfg(feature = "server")]
+pub mod retry;
+#[cfg(feature = "server")]
+pub mod server;
+#[cfg(feature = "server")]
+pub mod store;

@@ -102,10 +102,15 @@ mod tests {
         Some((e.queued_req_num, e.prompt_length))
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn delete_before_add_is_retried_once_after_a_second() {
+    /// Real time (tokio's paused clock would need its `test-util` feature, which changes the
+    /// tokio every crate of the workspace is built with): a half-second delay, retried once.
+    /// Two worker threads, so the retry task runs beside the test and could act early.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delete_before_add_is_retried_once_after_its_delay() {
+        let delay = Duration::from_millis(500);
         let s = Arc::new(LoadStore::new(LoadConfig::default()));
-        let r = Retrier::start(s.clone(), 2, Duration::from_secs(1));
+        let r = Retrier::start(s.clone(), 2, delay);
+        let scheduled = std::time::Instant::now();
         assert!(!s.delete("late", Stamp::now()));
         r.schedule(RetryKind::Delete, "late");
         assert!(!s.delete_prompt("late2", Stamp::now()));
@@ -135,11 +140,17 @@ mod tests {
             },
             now,
         );
-        assert_eq!(only_engine(&s), Some((2, 30)));
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
+        assert_eq!(
+            only_engine(&s),
+            Some((2, 30)),
+            "nothing retried before the delay"
+        );
+        assert_eq!(r.retried_hit.load(Ordering::Relaxed), 0);
+        let deadline = scheduled + Duration::from_secs(10);
+        while r.retried_hit.load(Ordering::Relaxed) < 2 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        assert!(scheduled.elapsed() >= delay, "retried before its delay");
         assert_eq!(
             only_engine(&s),
             Some((1, 20 - 20)),

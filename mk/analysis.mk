@@ -13,7 +13,7 @@ MIRI_ENV := MIRIFLAGS="-Zmiri-disable-isolation"
 
 ## test-loom: loom explores every interleaving of concurrent endpoint counter updates
 test-loom:
-	RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=$(LOOM_TARGET_DIR) $(CARGO) test --release -p llmproxy --test loom_state
+	RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=$(LOOM_TARGET_DIR) $(CARGO) test --release -p llmproxy-loom --test state
 
 ## test-miri: the C ABI tests (threads included) and state unit tests interpreted by Miri
 test-miri:

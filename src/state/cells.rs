@@ -7,9 +7,9 @@
 use std::sync::atomic::AtomicU64 as StdAtomicU64;
 use std::sync::atomic::Ordering;
 
-// Built with `--cfg loom` (make test-loom, tests/loom_state.rs) the load and health counters are
-// loom's, so the model checker explores every interleaving of concurrent updates. The prefix
-// index's entries are always std's (a loom build never makes a shared region).
+// Built with `--cfg loom` (make test-loom, tests/loom/tests/state.rs) the load and health
+// counters are loom's, so the model checker explores every interleaving of concurrent updates.
+// The prefix index's entries are always std's (a loom build never makes a shared region).
 #[cfg(loom)]
 use loom::sync::atomic::{AtomicU32, AtomicU64};
 #[cfg(not(loom))]

@@ -670,7 +670,7 @@ impl Endpoint {
         }
         let until = c.ejected_until_ms.load(Ordering::Relaxed);
         // Of the failures racing past the threshold on different workers, one ejects
-        // (found by tests/loom_state.rs: a plain store ejected, and counted, once per worker).
+        // (found by tests/loom/tests/state.rs: a plain store ejected, and counted, once per worker).
         if until > now_ms
             || c.ejected_until_ms
                 .compare_exchange(

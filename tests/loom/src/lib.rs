@@ -1,0 +1,1 @@
+//! Empty: the model checks are `tests/state.rs`, built only with `--cfg loom` (`make test-loom`).

@@ -655,7 +655,7 @@ def check_sglang_generate(send, page, model):
     homes = set()
     for turn in range(4):
         if turn == 1:
-            before = (settled_total(page, ratio + "_sum"), settled_total(page, ratio + "_count"))
+            before = settled_totals(page, [ratio + "_sum", ratio + "_count"])
         body = {"model": model, "input_ids": ids, "stream": turn % 2 == 1}
         status, data = send(body, {"x-test-chunks": "300"}, GENERATE)
         assert status == 200, data[:300]
@@ -759,7 +759,7 @@ class PickMeter:
         self.last = self.totals()
 
     def totals(self):
-        return [settled_total(self.page, n) for n in (self.RATIO + "_sum", self.RATIO + "_count", "llmproxy_prompt_chars_total")]
+        return settled_totals(self.page, [self.RATIO + "_sum", self.RATIO + "_count", "llmproxy_prompt_chars_total"])
 
     def ask(self, send, body):
         status, data = send(body, {}, CHAT)
@@ -829,10 +829,16 @@ def check_cache_salt(send, page, model):
     assert matched < 0.2, "the same prompt under another salt matched %.2f" % matched
 
 
+def settled_totals(page, names, quiet=1.2, timeout=10):
+    """The totals of counters `names` on `page()` once none has moved for `quiet` seconds (a
+    native nginx page merges the other workers' routers as they publish them, each second):
+    one wait for all of them."""
+    return list(steady_value(lambda: tuple(page().total(n) for n in names), ", ".join(names), quiet, timeout))
+
+
 def settled_total(page, name, quiet=1.2, timeout=10):
-    """The total of counter `name` on `page()` once it has settled (a native nginx page merges
-    the other workers' routers as they publish them, each second)."""
-    return steady_value(lambda: page().total(name), name, quiet, timeout)
+    """The total of counter `name` on `page()` once it has settled (see `settled_totals`)."""
+    return settled_totals(page, [name], quiet, timeout)[0]
 
 
 def check_cache_feedback(send, page, model):

@@ -24,14 +24,15 @@ test-miri:
 	  $(MAKE) --no-print-directory -j2 --output-sync=target miri-ffi miri-state-and-swaps; \
 	else echo "SKIPPED test-miri: no Miri on this machine (see above)"; fi
 
-# test-miri's halves. The C ABI tests but the endpoint swaps, one seed:
+# test-miri's halves ('+': cargo gets make's jobserver, which MAKEFLAGS names). The C ABI
+# tests but the endpoint swaps, one seed:
 miri-ffi:
-	$(MIRI_ENV) $(CARGO) +nightly miri test -p llmproxy --test ffi -- --skip endpoint_swaps
+	+$(MIRI_ENV) $(CARGO) +nightly miri test -p llmproxy --test ffi -- --skip endpoint_swaps
 
 # The state unit tests, then the endpoint swaps under three seeds (three thread schedules):
 miri-state-and-swaps:
-	$(MIRI_ENV) $(CARGO) +nightly miri test -p llmproxy --lib -- state::
-	MIRIFLAGS="-Zmiri-disable-isolation -Zmiri-many-seeds=0..3" \
+	+$(MIRI_ENV) $(CARGO) +nightly miri test -p llmproxy --lib -- state::
+	+MIRIFLAGS="-Zmiri-disable-isolation -Zmiri-many-seeds=0..3" \
 	  $(CARGO) +nightly miri test -p llmproxy --test ffi -- endpoint_swaps
 
 ## miri: every library unit test (but the network-bound sync ones) under Miri (not in CI)

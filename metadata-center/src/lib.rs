@@ -20,7 +20,6 @@
 //! * `listener`: the TCP listener with its connection cap, idle timeout and header deadline.
 //! * `replica`: replication to peers (bounded queues, DNS discovery).
 //! * `endpoint`: engine addresses (IPv4, IPv6, optional port).
-
 //!
 //! Without the `server` feature (on by default) only `wire`, `envelope`'s decoding, `cache/`,
 //! `budget` and `endpoint` are built: the fuzz targets' build.

@@ -52,8 +52,10 @@ pub struct DistinctFields {
 impl DistinctFields {
     /// The distinct fields of `queries`.
     pub fn of(queries: &[Vec<[u8; 16]>]) -> Self {
-        let mut position: hashbrown::HashMap<[u8; 16], u32> = hashbrown::HashMap::new();
-        let mut fields = Vec::new();
+        let asked = queries.iter().map(Vec::len).sum();
+        let mut position: hashbrown::HashMap<[u8; 16], u32> =
+            hashbrown::HashMap::with_capacity(asked);
+        let mut fields = Vec::with_capacity(asked);
         let slots = queries
             .iter()
             .map(|query| {

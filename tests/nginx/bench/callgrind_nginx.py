@@ -70,7 +70,8 @@ def count(conf_text, prefix, port, reqs, out):
     # the module's snapshot timer (ngx_http_llmproxy_publish_handler, every
     # LLMPROXY_SNAPSHOT_MS) fires by the wall clock, and under callgrind a run of 600 requests
     # lasts long enough for several more than one of 100: left in, its metrics rendering would
-    # count as ~1,400 instructions per request that nginx does not spend per request
+    # count as ~1,400 instructions per request that nginx does not spend per request.
+    # --collect-atstart=yes must come after --toggle-collect, which turns it off
     p = subprocess.Popen([VALGRIND, "--tool=callgrind", "--callgrind-out-file=%s" % out,
                           "--toggle-collect=ngx_http_llmproxy_publish_handler", "--collect-atstart=yes",
                           NGINX, "-p", "%s/" % prefix, "-c", str(conf), "-g", "daemon off;"],

@@ -403,10 +403,19 @@ def test_client_abort_during_prefill_does_not_eject_endpoint(gateway):
                      + payload)
         time.sleep(0.15)  # forwarded, the server is still "prefilling"
         sock.close()  # the client gives up
-    wait_in_flight_zero(gateway)
+        # finished before the next pick (another Envoy worker may pick it): an abort still in
+        # flight would be queued prefill on the home, and the next request could fairly go
+        # elsewhere, so the home would not see four in a row
+        wait_in_flight_zero(gateway)
     after = metrics(gateway)
+    home_addr = gateway.servers.addr(home)
+    picks = after.total("llmproxy_endpoint_picks_total", endpoint=home_addr) - \
+        before.total("llmproxy_endpoint_picks_total", endpoint=home_addr)
+    assert picks == 4, "the aborted requests went to their prefix's endpoint"
     assert after['llmproxy_finished_requests_total{status="none"}'] == before['llmproxy_finished_requests_total{status="none"}']
     assert after['llmproxy_finished_requests_total{status="4xx"}'] >= before['llmproxy_finished_requests_total{status="4xx"}'] + 4
+    for name in ("llmproxy_endpoint_failures_total", "llmproxy_endpoint_ejections_total"):
+        assert after.total(name, endpoint=home_addr) == before.total(name, endpoint=home_addr), name
     status, _, data, _ = post(gateway, chat("m-a", prefix + " after the aborts"))
     assert status == 200
     assert json.loads(data)["served_by"] == home  # still sticky: not ejected
